@@ -1,0 +1,77 @@
+"""What every southbound driver shares: the Sample it emits, its health, and its call contract.
+
+Drivers know protocols, not business. A driver turns device reads into `Sample`s (driver name,
+tag name, value, source timestamp, quality) and hands them to the sink it was given. It never
+exits because a device is unreachable: it logs once that the device went away, retries with the
+shared backoff, and logs once when it is back.
+
+Call order: `__init__(config)` does no I/O; `run(sink)` connects, reads and reconnects until it
+is cancelled; `health` is updated in place and may be read at any time.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+TagValue = bool | int | float | str | None
+
+
+class Quality(enum.StrEnum):
+    """OPC UA style sample quality, carried to the rules."""
+
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One reading of one tag. `source_time` is Unix seconds from the device, or read time."""
+
+    driver: str
+    tag: str
+    value: TagValue
+    source_time: float
+    quality: Quality = Quality.GOOD
+
+    @property
+    def signal(self) -> str:
+        """The `driver.tag` name that machine configs refer to."""
+        return f"{self.driver}.{self.tag}"
+
+
+SampleSink = Callable[[Sequence[Sample]], Awaitable[None]]
+"""Where a driver delivers a batch of samples; awaiting it is the back-pressure."""
+
+
+@dataclass
+class DriverHealth:
+    """Counters a driver keeps up to date; read by health, metrics and status."""
+
+    connected: bool = False
+    last_sample_at: float | None = None
+    reads: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    def last_sample_age(self, now: float | None = None) -> float | None:
+        if self.last_sample_at is None:
+            return None
+        return (now if now is not None else time.time()) - self.last_sample_at
+
+
+class Driver(ABC):
+    """A southbound connection to one device or broker."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.health = DriverHealth()
+
+    @abstractmethod
+    async def run(self, sink: SampleSink) -> None:
+        """Connect, read and reconnect until cancelled. Never returns on a device error."""
