@@ -71,7 +71,7 @@ class Backoff:
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def ceiling(self, attempt: int) -> float:
-        return min(self.cap, self.base * (2 ** min(attempt, 32)))
+        return float(min(self.cap, self.base * 2.0 ** min(attempt, 32)))
 
     def next_delay(self) -> float:
         delay = self.rng.uniform(0, self.ceiling(self.attempt))

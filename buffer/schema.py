@@ -1,0 +1,76 @@
+"""The outbox schema and its migrations, applied in order at start.
+
+`PRAGMA user_version` holds the schema version. Each migration is a list of statements run in
+one transaction; a database newer than this code refuses to open rather than guess.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        # 1: events, per-destination deliveries, rule state, delivery journal.
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            type TEXT NOT NULL,
+            partition_key TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            payload BLOB NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE deliveries (
+            event_seq INTEGER NOT NULL REFERENCES events(seq),
+            destination TEXT NOT NULL,
+            partition_key TEXT NOT NULL,
+            priority INTEGER NOT NULL,
+            state INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            next_attempt_at REAL NOT NULL,
+            last_status INTEGER,
+            last_error TEXT,
+            dead_at REAL,
+            PRIMARY KEY (destination, event_seq)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX deliveries_heads ON deliveries(destination, state, partition_key,"
+        " event_seq)",
+        "CREATE INDEX deliveries_by_event ON deliveries(event_seq)",
+        """CREATE TABLE rule_state (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE journal (
+            event_id TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            delivered_at REAL NOT NULL,
+            attempts INTEGER NOT NULL,
+            status INTEGER,
+            reference TEXT
+        )""",
+        "CREATE INDEX journal_by_time ON journal(delivered_at)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring the database to SCHEMA_VERSION; return the version it had before."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the outbox database has schema version {version}, newer than this gateway's "
+            f"{SCHEMA_VERSION}: run the newer gateway, or move the database aside")
+    for number in range(version, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[number]:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number + 1}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return int(version)

@@ -1,0 +1,130 @@
+"""The local API on this box: `/healthz`, `/readyz`, `/status` and Prometheus `/metrics`.
+
+Metrics are collected at scrape time from the live objects (driver health, outbox counters,
+forwarder health) through one collector on a registry owned by the daemon: there is no second
+set of counters to keep in step, and no package-level metric state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+if TYPE_CHECKING:
+    from edge.daemon import Gateway
+
+
+class GatewayCollector(Collector):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Any]:
+        gw = self.gateway
+        now = time.time()
+        connected = GaugeMetricFamily("plantsync_driver_connected",
+                                      "1 when the driver is connected to its device",
+                                      labels=["driver"])
+        samples = CounterMetricFamily("plantsync_driver_samples",
+                                      "Samples received from the driver", labels=["driver"])
+        errors = CounterMetricFamily("plantsync_driver_errors",
+                                     "Read or connection errors of the driver", labels=["driver"])
+        age = GaugeMetricFamily("plantsync_driver_last_sample_age_seconds",
+                                "Seconds since the driver's last sample", labels=["driver"])
+        for driver in gw.drivers:
+            connected.add_metric([driver.name], 1.0 if driver.health.connected else 0.0)
+            samples.add_metric([driver.name], gw.pipeline.samples_by_driver[driver.name])
+            errors.add_metric([driver.name], driver.health.errors)
+            last = driver.health.last_sample_age(now)
+            if last is not None:
+                age.add_metric([driver.name], last)
+        yield from (connected, samples, errors, age)
+
+        events = CounterMetricFamily("plantsync_events", "Events committed to the outbox",
+                                     labels=["type"])
+        for event_type, count in sorted(gw.pipeline.events_by_type.items()):
+            events.add_metric([event_type], count)
+        yield events
+
+        stats = gw.outbox.stats
+        for name, value, text in (
+            ("delivered", stats.delivered, "Deliveries acknowledged by their destination"),
+            ("retries", stats.retries, "Delivery attempts that will be retried"),
+            ("dead_letters", stats.dead_lettered, "Deliveries moved to dead letters"),
+            ("duplicates_ignored", stats.duplicates_ignored,
+             "Events committed again with an id the outbox already held"),
+            ("transactions", stats.transactions, "Outbox transactions (group commits)"),
+        ):
+            yield CounterMetricFamily(f"plantsync_outbox_{name}", text, value=value)
+
+        depth = GaugeMetricFamily("plantsync_outbox_depth", "Deliveries held, by state",
+                                  labels=["destination", "state"])
+        oldest = GaugeMetricFamily("plantsync_outbox_oldest_pending_seconds",
+                                   "Age of the oldest pending delivery",
+                                   labels=["destination"])
+        for destination, counts in sorted(gw.outbox_counts.items()):
+            depth.add_metric([destination, "pending"], counts.pending)
+            depth.add_metric([destination, "retrying"], counts.retrying)
+            depth.add_metric([destination, "dead"], counts.dead)
+            if counts.oldest_pending_age is not None:
+                oldest.add_metric([destination], counts.oldest_pending_age)
+        yield from (depth, oldest)
+
+        reachable = GaugeMetricFamily("plantsync_destination_up",
+                                      "1 when the last delivery attempt succeeded",
+                                      labels=["destination"])
+        for forwarder in gw.forwarders:
+            reachable.add_metric([forwarder.name],
+                                 0.0 if forwarder.health.reachable is False else 1.0)
+        yield reachable
+        yield GaugeMetricFamily("plantsync_outbox_database_bytes", "Size of the outbox files",
+                                value=gw.database_bytes())
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(GatewayCollector(gateway))
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(request: Request) -> Response:
+        reasons = gateway.not_ready_reasons()
+        return JSONResponse({"ready": not reasons, "reasons": reasons},
+                            status_code=503 if reasons else 200)
+
+    async def status(request: Request) -> Response:
+        return JSONResponse(gateway.status())
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(routes=[
+        Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
+        Route("/metrics", metrics),
+    ])
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside our daemon: the daemon owns the signals, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def make_server(gateway: Gateway) -> EmbeddedServer:
+    api = gateway.config.api
+    config = uvicorn.Config(create_app(gateway), host=api.host, port=api.port,
+                            log_level="warning", access_log=False, lifespan="off")
+    return EmbeddedServer(config)

@@ -1,0 +1,156 @@
+"""`plantsync`: run the gateway, check a config, export schemas, start simulators, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from edge.config import ConfigError, PlantConfig, load_config
+from edge.logs import setup_logging
+
+log = logging.getLogger("plantsync")
+
+SIMULATORS = ("modbus", "erp")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "sim" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    match args.command:
+        case "run":
+            return _run(args)
+        case "check":
+            return _check(args.config)
+        case "schema":
+            return _schema(args.out)
+        case "sim":
+            return _sim(args.simulator, rest)
+        case "demo":
+            from edge.demo import run_demo
+            return run_demo(Path(args.config))
+    parser.print_help()
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plantsync", description=__doc__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the gateway")
+    run.add_argument("--config", "-c", required=True, type=Path, help="plant YAML file")
+    run.add_argument("--log-format", choices=("json", "text"), default="json",
+                     help="json lines for journald (default) or text for a terminal")
+    run.add_argument("--log-level", default="INFO",
+                     choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    check = commands.add_parser("check", help="validate a config file; exit 1 if invalid")
+    check.add_argument("--config", "-c", required=True, type=Path)
+
+    schema = commands.add_parser("schema", help="write the JSON Schemas of the events")
+    schema.add_argument("--out", "-o", type=Path, default=Path("schemas"),
+                        help="directory to write into (default: ./schemas)")
+
+    sim = commands.add_parser("sim", help="start a simulator: modbus (PLC) or erp (ERP API); "
+                              "options after the name go to the simulator (try --help)",
+                              add_help=False)
+    sim.add_argument("simulator", choices=SIMULATORS)
+
+    demo = commands.add_parser("demo", help="run the simulators and the gateway together")
+    demo.add_argument("--config", "-c", type=Path, default=Path("config/demo.yaml"))
+    return parser
+
+
+def _check(path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        count = len(exc.problems)
+        print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        return 1
+    print(f"{path}: OK (site {config.site}: {_plural(len(config.drivers), 'driver')}, "
+          f"{_plural(len(config.machines), 'machine')}, "
+          f"{_plural(len(config.destinations), 'destination')})")
+    return 0
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _schema(out: Path) -> int:
+    from edge.model import write_schemas
+    written = write_schemas(out)
+    print(f"Wrote {len(written)} JSON Schemas to {out}/")
+    return 0
+
+
+def _sim(name: str, rest: list[str]) -> int:
+    match name:
+        case "modbus":
+            from simulators import modbus_plc
+            return modbus_plc.main(rest)
+        case "erp":
+            from simulators import erp_api
+            return erp_api.main(rest)
+    return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_format, args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("Invalid config: %s", problem)
+        return 1
+    return run_until_signalled(_serve(config))
+
+
+async def _serve(config: PlantConfig) -> None:
+    from edge.daemon import serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    assert main_task is not None
+
+    def on_signal(signum: int) -> None:
+        if not stop.is_set():
+            log.info("Received %s; stopping", signal.Signals(signum).name)
+            stop.set()
+        else:
+            log.warning("Received %s again; aborting the shutdown",
+                        signal.Signals(signum).name)
+            main_task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await serve(config, stop)
+
+
+def run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner: Any = asyncio.run
+    else:
+        runner = uvloop.run
+    try:
+        runner(coroutine)
+    except asyncio.CancelledError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Config loading: the example documents every option, and every mistake names file:line:field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from edge.config import ConfigError, PlantConfig, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "plant.example.yaml"
+ENV = {"ERP_TOKEN": "t0ken"}
+
+GOOD = """\
+site: "1010"
+data_dir: /tmp/plantsync
+drivers:
+  - name: press-01
+    type: modbus
+    host: 127.0.0.1
+    tags:
+      - {name: good, address: 0, type: uint32}
+machines:
+  - id: press-01
+    signals: {processed: press-01.good}
+    order: {order_id: "42"}
+destinations:
+  erp: {base_url: "http://127.0.0.1:1", auth: {type: bearer, token: "${ERP_TOKEN}"}}
+routes:
+  production.confirmation: [erp]
+"""
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "plant.yaml", ENV if environ is None else environ)
+    return caught.value.problems
+
+
+def test_example_and_demo_configs_load() -> None:
+    example = load_config(EXAMPLE, ENV)
+    assert example.site == "1010"
+    assert example.machines[0].confirm.every == 900
+    assert example.destinations["erp"].auth.token.get_secret_value() == "t0ken"  # type: ignore[union-attr]
+    demo = load_config(ROOT / "config" / "demo.yaml", {})
+    assert demo.drivers[0].port == 5020
+
+
+def _models(model: type[BaseModel], seen: set[type[BaseModel]]) -> None:
+    if model in seen:
+        return
+    seen.add(model)
+    for field in model.model_fields.values():
+        stack: list[Any] = [field.annotation]
+        while stack:
+            annotation = stack.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                _models(annotation, seen)
+            stack.extend(typing.get_args(annotation))
+
+
+def _keys(data: Any) -> set[str]:
+    if isinstance(data, dict):
+        return set(data) | {k for v in data.values() for k in _keys(v)}
+    if isinstance(data, list):
+        return {k for v in data for k in _keys(v)}
+    return set()
+
+
+def test_example_names_every_option_the_models_know() -> None:
+    models: set[type[BaseModel]] = set()
+    _models(PlantConfig, models)
+    options = {name for model in models for name in model.model_fields}
+    written = _keys(yaml.safe_load(EXAMPLE.read_text()))
+    assert options - written == set(), "document these options in config/plant.example.yaml"
+
+
+def test_secrets_come_from_the_environment_and_are_not_printed() -> None:
+    config = parse_config(GOOD, "plant.yaml", {"ERP_TOKEN": "s3cret"})
+    auth = config.destinations["erp"].auth
+    assert auth.token.get_secret_value() == "s3cret"  # type: ignore[union-attr]
+    assert "s3cret" not in repr(config) and "s3cret" not in str(config.model_dump())
+    assert problems(GOOD, {}) == [
+        "plant.yaml:14: destinations.erp.auth.token: environment variable ERP_TOKEN is not set"]
+    with_default = GOOD.replace("${ERP_TOKEN}", "${ERP_TOKEN:-fallback}")
+    token = parse_config(with_default, "p", {}).destinations["erp"].auth.token  # type: ignore[union-attr]
+    assert token.get_secret_value() == "fallback"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("    host: 127.0.0.1\n", "    host: 127.0.0.1\n    poll_intervall: 1s\n"),
+     "plant.yaml:7: drivers[0].poll_intervall: unknown key (did you mean 'poll_interval'?)"),
+    (("type: uint32}", "type: uint33}"),
+     "plant.yaml:8: drivers[0].tags[0].type: must be one of 'uint16', 'int16', 'uint32', "
+     "'int32', 'float32'"),
+    (("address: 0", "address: zero"),
+     "plant.yaml:8: drivers[0].tags[0].address: input should be a valid integer"),
+    (("    type: modbus\n", "    type: profibus\n"),
+     "plant.yaml:5: drivers[0].type: must be one of 'modbus'"),
+    (('site: "1010"\n', ""), "plant.yaml:1: site: is required"),
+    (("press-01.good}", "press-01.goood}"),
+     "plant.yaml:11: machines[0].signals.processed: no driver tag named 'press-01.goood' "
+     "(did you mean 'press-01.good'?)"),
+    (("production.confirmation: [erp]", "production.confirmations: [erp]"),
+     "plant.yaml:16: routes.production.confirmations: unknown event type "
+     "(did you mean 'production.confirmation'?)"),
+    (("production.confirmation: [erp]", "production.confirmation: [qms]"),
+     "plant.yaml:16: routes.production.confirmation[0]: no destination named 'qms'"),
+    (("order: {order_id: \"42\"}", "order: {order_id: \"42\"}\n    confirm: {every: soon}"),
+     "plant.yaml:13: machines[0].confirm.every: 'soon' is not a duration"),
+    (("data_dir: /tmp/plantsync\n", "data_dir: /tmp/plantsync\nsite: \"2020\"\n"),
+     "plant.yaml:3: site: duplicate key"),
+])
+def test_each_mistake_names_file_line_and_field(change: tuple[str, str], expected: str) -> None:
+    old, new = change
+    assert old in GOOD
+    found = problems(GOOD.replace(old, new))
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    text = GOOD.replace("type: uint32}", "type: uint33}").replace("address: 0", "address: -1")
+    text = text.replace("site: \"1010\"", "site: \"10-10\"")
+    assert len(problems(text)) == 3
+
+
+def test_broken_yaml_names_the_line() -> None:
+    (problem,) = problems("site: '1010'\ndrivers: [\n  - {name: x\n")
+    assert problem.startswith("plant.yaml:") and "not valid YAML" in problem
+
+
+def test_plantsync_check_exit_codes(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("type: uint32}", "type: uint33}"))
+    env = {"ERP_TOKEN": "x", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(good)],
+                        capture_output=True, text=True, cwd=ROOT, env=env)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    failed = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(bad)],
+                            capture_output=True, text=True, cwd=ROOT, env=env)
+    assert failed.returncode == 1
+    assert f"{bad}:8: drivers[0].tags[0].type: must be one of" in failed.stderr
+    missing = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config",
+                              str(tmp_path / "nope.yaml")], capture_output=True, text=True,
+                             cwd=ROOT, env=env)
+    assert missing.returncode == 1 and "cannot read the config file" in missing.stderr
