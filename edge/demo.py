@@ -13,13 +13,11 @@ import json
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
 from edge.config import ConfigError, PlantConfig, load_config
-
-PLC_PORT = 5020
-ERP_PORT = 8480
 
 
 def run_demo(config_path: Path) -> int:
@@ -27,6 +25,10 @@ def run_demo(config_path: Path) -> int:
         config = load_config(config_path)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    if not config.drivers or "erp" not in config.destinations:
+        print(f"{config_path}: the demo needs a Modbus driver and a destination named erp",
+              file=sys.stderr)
         return 1
     return asyncio.run(_demo(config_path, config))
 
@@ -39,13 +41,17 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
+    # The simulators listen where the config points the gateway: one file says it all.
+    plc_port = config.drivers[0].port
+    erp_url = config.destinations["erp"].base_url.rstrip("/")
+    erp_port = urlsplit(erp_url).port or 80
     python = sys.executable
     children: list[tuple[str, asyncio.subprocess.Process]] = []
     try:
         for label, argv in (
-            ("plc", [python, "-m", "simulators.modbus_plc", "--port", str(PLC_PORT),
+            ("plc", [python, "-m", "simulators.modbus_plc", "--port", str(plc_port),
                      "--rate", "12", "--scrap-rate", "0.5"]),
-            ("erp", [python, "-m", "simulators.erp_api", "--port", str(ERP_PORT),
+            ("erp", [python, "-m", "simulators.erp_api", "--port", str(erp_port),
                      "--db", str(data_dir / "erp-simulator.db"), "--log-requests"]),
             ("gateway", [python, "-m", "edge.cli", "run", "--config", str(config_path),
                          "--log-format", "text"]),
@@ -55,13 +61,13 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
                 start_new_session=True)  # Ctrl-C reaches the demo only; it stops them in order
             children.append((label, process))
             await asyncio.sleep(0.5)
-        print(f"[demo] PLC simulator on 127.0.0.1:{PLC_PORT}, ERP simulator on "
-              f"http://127.0.0.1:{ERP_PORT}, gateway API on http://{config.api.listen}; "
+        print(f"[demo] PLC simulator on 127.0.0.1:{plc_port}, ERP simulator on {erp_url}, "
+              f"gateway API on http://{config.api.listen}; "
               "Ctrl-C stops everything", flush=True)
         async with asyncio.TaskGroup() as group:
             pumps = [group.create_task(_pump(label, process), name=f"pump-{label}")
                      for label, process in children]
-            report = group.create_task(_report(config), name="demo-report")
+            report = group.create_task(_report(config, erp_url), name="demo-report")
             exited = group.create_task(_first_exit(children), name="watch-children")
             waiting = group.create_task(stop.wait(), name="wait-for-ctrl-c")
             await asyncio.wait([exited, waiting], return_when=asyncio.FIRST_COMPLETED)
@@ -91,7 +97,7 @@ async def _first_exit(children: list[tuple[str, asyncio.subprocess.Process]]) ->
             print(f"[demo] {label} exited with code {process.returncode}", flush=True)
 
 
-async def _report(config: PlantConfig) -> None:
+async def _report(config: PlantConfig, erp_url: str) -> None:
     async with httpx.AsyncClient(timeout=2.0) as client:
         while True:
             await asyncio.sleep(5.0)
@@ -103,7 +109,7 @@ async def _report(config: PlantConfig) -> None:
                                    for name, d in status["destinations"].items())
                 print(f"[demo] gateway reads {reads} | {outbox}", flush=True)
             with contextlib.suppress(httpx.HTTPError, json.JSONDecodeError):
-                stats = (await client.get(f"http://127.0.0.1:{ERP_PORT}/stats")).json()
+                stats = (await client.get(f"{erp_url}/stats")).json()
                 print(f"[demo] ERP holds {stats['unique']} event(s), saw {stats['duplicates']} "
                       "duplicate(s)", flush=True)
 

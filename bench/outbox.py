@@ -1,0 +1,417 @@
+"""Outbox benchmark: how fast events become durable through `Outbox.commit`, and how fast a
+real `HttpForwarder` drains them to the ERP simulator, each against a bare baseline measured in
+the same run. Commits: many producers (one per machine, each committing what one poll produced:
+a single event) and then lists of 100 events per call, through the outbox's group commit, on a
+fresh SQLite file; the baseline is stdlib `sqlite3` with the same PRAGMAs and schema inserting
+the same rows in transactions of the batch size the outbox achieved on average. Drain: events
+pre-committed to one destination over ~50 partition keys, delivered by the forwarder to the
+simulator running as a subprocess on a free loopback port; the baseline is a bare httpx POST
+loop with the same concurrency, client settings and payloads against the same simulator.
+Prints one JSON line.
+
+Run it as `.venv/bin/python bench/outbox.py` (`--quick` for a smoke run, `--help` for sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from buffer.outbox import Outbox, OutboxEvent
+from buffer.schema import migrate
+from edge.config import DestinationConfig
+from edge.forward import HttpForwarder
+
+REPO = Path(__file__).resolve().parents[1]
+DESTINATION = "erp"
+EVENT_TYPE = "production.confirmation"
+MAX_IN_FLIGHT = 4
+SIMULATOR_START_TIMEOUT = 15.0
+SIMULATOR_STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    commit_events: int
+    drain_events: int
+    producers: int
+    batch: int
+    partition_keys: int
+    phase_time_limit: float
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one timed phase got through: `done` units in `seconds`, cut short or not."""
+
+    done: int
+    seconds: float
+    time_limited: bool
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def make_events(count: int, partition_keys: int, run: str) -> list[OutboxEvent]:
+    """Confirmation-shaped CloudEvents of realistic size, spread over `partition_keys` orders."""
+    events = []
+    for number in range(count):
+        order = f"order/{1000000 + number % partition_keys:012d}"
+        event_id = f"bench-{run}-{number:08d}"
+        cloud_event = {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": "urn:plantsync:1010:press-01",
+            "type": EVENT_TYPE,
+            "time": "2024-05-01T06:00:00.000Z",
+            "subject": f"{order}/0010",
+            "datacontenttype": "application/json",
+            "dataschema": f"urn:plantsync:schema:{EVENT_TYPE}:1",
+            "partitionkey": order,
+            "sequence": f"{number:020d}",
+            "data": {"good_count": 120, "lot_id": f"LOT-{number:08d}", "operation": "0010",
+                     "order_id": order[6:], "scrap_count": 2, "uom": "PCE",
+                     "work_center": "PRESS01"},
+        }
+        payload = json.dumps(cloud_event, separators=(",", ":")).encode()
+        events.append(OutboxEvent(id=event_id, type=EVENT_TYPE, partition_key=order,
+                                  payload=payload, destinations=(DESTINATION,)))
+    return events
+
+
+def chunks(events: Sequence[OutboxEvent], size: int) -> Iterator[Sequence[OutboxEvent]]:
+    for start in range(0, len(events), size):
+        yield events[start:start + size]
+
+
+# -- commits ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CommitRun:
+    phase: Phase
+    rows_per_transaction: float
+
+
+async def outbox_commits(path: Path, events: Sequence[OutboxEvent], *, producers: int,
+                         per_call: int, time_limit: float) -> CommitRun:
+    """`producers` tasks take the next `per_call` events from a shared queue of work and
+    commit them, each waiting for its own commit, until the work or the time runs out."""
+    outbox = await Outbox.open(path)
+    try:
+        work = chunks(events, per_call)
+        deadline = time.perf_counter() + time_limit
+
+        async def produce() -> None:
+            for chunk in work:
+                await outbox.commit(chunk)
+                if time.perf_counter() > deadline:
+                    return
+
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as tasks:
+            for number in range(producers):
+                tasks.create_task(produce(), name=f"bench-producer-{number}")
+        seconds = time.perf_counter() - started
+        stats = outbox.stats
+    finally:
+        await outbox.close()
+    if stats.duplicates_ignored:
+        raise RuntimeError(f"{stats.duplicates_ignored} events were unexpectedly duplicates")
+    phase = Phase(stats.committed, seconds, stats.committed < len(events))
+    return CommitRun(phase, stats.committed / max(1, stats.transactions))
+
+
+def raw_sqlite_inserts(path: Path, events: Sequence[OutboxEvent], *, rows_per_transaction: int,
+                       time_limit: float) -> Phase:
+    """The bare baseline: the outbox's PRAGMAs, schema and statements, no outbox around them."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        migrate(db)
+        done = 0
+        deadline = time.perf_counter() + time_limit
+        started = time.perf_counter()
+        for chunk in chunks(events, rows_per_transaction):
+            db.execute("BEGIN IMMEDIATE")
+            for event in chunk:
+                cursor = db.execute(
+                    "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                    (event.id, event.type, event.partition_key, event.priority, event.payload,
+                     time.time()))
+                db.executemany(
+                    "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
+                    " state, attempts, next_attempt_at) VALUES (?, ?, ?, ?, 0, 0, 0)",
+                    [(cursor.lastrowid, destination, event.partition_key, event.priority)
+                     for destination in event.destinations])
+            db.execute("COMMIT")
+            done += len(chunk)
+            if time.perf_counter() > deadline:
+                break
+        seconds = time.perf_counter() - started
+    finally:
+        db.close()
+    return Phase(done, seconds, done < len(events))
+
+
+# -- drain ------------------------------------------------------------------------------------
+
+
+def http_client() -> httpx.AsyncClient:
+    """The client settings of the daemon (edge.daemon.serve) for one destination."""
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=MAX_IN_FLIGHT))
+
+
+@contextlib.asynccontextmanager
+async def erp_simulator(directory: Path) -> AsyncIterator[str]:
+    """The real ERP simulator as a subprocess on a free loopback port; yields its base URL."""
+    errors_path = directory / "erp-api.stderr"
+    with errors_path.open("wb") as errors:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "simulators.erp_api", "--host", "127.0.0.1", "--port", "0",
+            "--db", str(directory / "erp.sqlite"),
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=errors)
+    try:
+        assert process.stdout is not None
+        try:
+            line = await asyncio.wait_for(process.stdout.readline(), SIMULATOR_START_TIMEOUT)
+        except TimeoutError:
+            line = b""
+        prefix = "erp-api listening on "
+        text = line.decode().strip()
+        if not text.startswith(prefix):
+            stderr_tail = errors_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the ERP simulator did not start: {text!r} {stderr_tail}")
+        yield text.removeprefix(prefix)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), SIMULATOR_STOP_TIMEOUT)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def reset_simulator(client: httpx.AsyncClient, base_url: str) -> None:
+    response = await client.post(f"{base_url}/_sim/reset")
+    response.raise_for_status()
+
+
+async def simulator_unique(client: httpx.AsyncClient, base_url: str) -> int:
+    response = await client.get(f"{base_url}/stats")
+    response.raise_for_status()
+    return int(response.json()["unique"])
+
+
+async def forwarder_drain(path: Path, events: Sequence[OutboxEvent], client: httpx.AsyncClient,
+                          base_url: str, *, time_limit: float) -> Phase:
+    """Pre-commit `events`, then time a real forwarder until it has delivered them all."""
+    outbox = await Outbox.open(path)
+    try:
+        for chunk in chunks(events, 500):
+            await outbox.commit(chunk)
+        config = DestinationConfig(base_url=base_url, path="/api/events",
+                                   max_in_flight=MAX_IN_FLIGHT)
+        forwarder = HttpForwarder(DESTINATION, config, outbox, client)
+        deadline = time.perf_counter() + time_limit
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(forwarder.run(), name=f"bench-forwarder-{DESTINATION}")
+            health = forwarder.health
+
+            def busy() -> bool:
+                return (health.delivered < len(events) and health.failures == 0
+                        and time.perf_counter() < deadline)
+
+            # The forwarder has no "empty" signal; poll its counters, which costs no I/O.
+            while busy():  # noqa: ASYNC110
+                await asyncio.sleep(0.002)
+            forwarder.drain()
+        seconds = time.perf_counter() - started
+        if forwarder.health.failures:
+            raise RuntimeError(f"delivery failed: {forwarder.health.last_error}")
+        left = sum(c.pending + c.dead for c in (await outbox.counts()).values())
+    finally:
+        await outbox.close()
+    delivered = forwarder.health.delivered
+    if delivered + left != len(events):
+        raise RuntimeError(f"{delivered} delivered and {left} left of {len(events)} events")
+    return Phase(delivered, seconds, left > 0)
+
+
+async def bare_posts(events: Sequence[OutboxEvent], client: httpx.AsyncClient, url: str, *,
+                     workers: int, time_limit: float) -> Phase:
+    """The bare baseline: `workers` tasks POSTing the same payloads, nothing else."""
+    queue = iter(events)
+    deadline = time.perf_counter() + time_limit
+    done = 0
+
+    async def post() -> None:
+        nonlocal done
+        for event in queue:
+            response = await client.post(
+                url, content=event.payload, timeout=10.0,
+                headers={"Content-Type": "application/cloudevents+json",
+                         "Idempotency-Key": event.id})
+            if response.status_code != 201:
+                raise RuntimeError(f"bare POST answered {response.status_code}: "
+                                   f"{response.text[:200]}")
+            done += 1
+            if time.perf_counter() > deadline:
+                return
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as tasks:
+        for number in range(workers):
+            tasks.create_task(post(), name=f"bench-bare-post-{number}")
+    return Phase(done, time.perf_counter() - started, done < len(events))
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+async def measure(directory: Path, sizes: Sizes) -> dict[str, Any]:
+    limit = sizes.phase_time_limit
+    figures: dict[str, Any] = {}
+    cut_short: list[str] = []
+
+    def note(name: str, phase: Phase) -> float:
+        if phase.time_limited:
+            cut_short.append(name)
+        return round(phase.rate, 1)
+
+    events = make_events(sizes.commit_events, sizes.partition_keys, "commit")
+    single = await outbox_commits(directory / "single.sqlite", events,
+                                  producers=sizes.producers, per_call=1, time_limit=limit)
+    batched = await outbox_commits(directory / "batch.sqlite", events,
+                                   producers=sizes.producers, per_call=sizes.batch,
+                                   time_limit=limit)
+    raw_rows = max(1, round(single.rows_per_transaction))
+    raw = raw_sqlite_inserts(directory / "raw.sqlite", events, rows_per_transaction=raw_rows,
+                             time_limit=limit)
+    raw_batched_rows = max(1, round(batched.rows_per_transaction))
+    raw_batched = raw_sqlite_inserts(directory / "raw-batch.sqlite", events,
+                                     rows_per_transaction=raw_batched_rows, time_limit=limit)
+    raw_single = raw_sqlite_inserts(directory / "raw-single.sqlite", events,
+                                    rows_per_transaction=1, time_limit=limit)
+
+    figures["outbox_commits_per_s"] = note("outbox_commits", single.phase)
+    figures["outbox_rows_per_transaction"] = round(single.rows_per_transaction, 1)
+    figures["raw_sqlite_rows_per_s"] = note("raw_sqlite", raw)
+    figures["raw_sqlite_rows_per_transaction"] = raw_rows
+    figures["ratio"] = round(single.phase.rate / raw.rate, 3)
+    figures[f"outbox_batch{sizes.batch}_events_per_s"] = note("outbox_batch", batched.phase)
+    figures[f"outbox_batch{sizes.batch}_rows_per_transaction"] = round(
+        batched.rows_per_transaction, 1)
+    figures[f"raw_sqlite_batch{sizes.batch}_rows_per_s"] = note("raw_sqlite_batch", raw_batched)
+    figures[f"batch{sizes.batch}_ratio"] = round(batched.phase.rate / raw_batched.rate, 3)
+    figures["raw_sqlite_commits_per_s_single_row"] = note("raw_sqlite_single_row", raw_single)
+
+    drain_events = make_events(sizes.drain_events, sizes.partition_keys, "drain")
+    async with erp_simulator(directory) as base_url, http_client() as client:
+        # Open the connections and let the simulator warm up, then start from an empty ERP.
+        warm_up = make_events(min(200, sizes.drain_events), sizes.partition_keys, "warm-up")
+        await bare_posts(warm_up, client, f"{base_url}/api/events", workers=MAX_IN_FLIGHT,
+                         time_limit=limit)
+        await reset_simulator(client, base_url)
+        drain = await forwarder_drain(directory / "drain.sqlite", drain_events, client,
+                                      base_url, time_limit=limit)
+        received = await simulator_unique(client, base_url)
+        if received != drain.done:
+            raise RuntimeError(f"the ERP stored {received} events, the forwarder "
+                               f"acknowledged {drain.done}")
+        await reset_simulator(client, base_url)
+        bare = await bare_posts(drain_events, client, f"{base_url}/api/events",
+                                workers=MAX_IN_FLIGHT, time_limit=limit)
+    figures["drain_events_per_s"] = note("drain", drain)
+    figures["bare_httpx_posts_per_s"] = note("bare_httpx", bare)
+    figures["drain_ratio"] = round(drain.rate / bare.rate, 3)
+    figures["time_limited"] = cut_short
+    return figures
+
+
+def event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """The daemon runs on uvloop when it is installed (edge.cli); measure on the same loop."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=20000,
+                        help="events per commit phase (default 20000)")
+    parser.add_argument("--drain-events", type=int, default=5000,
+                        help="events pre-committed and drained (default 5000)")
+    parser.add_argument("--producers", type=int, default=50,
+                        help="concurrent committing tasks (default 50)")
+    parser.add_argument("--batch", type=int, default=100, help="events per batched commit call")
+    parser.add_argument("--keys", type=int, default=50, help="distinct partition keys")
+    parser.add_argument("--time-limit", type=float, default=10.0,
+                        help="seconds any one phase may run before it is cut short")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where the temporary databases go (default: the system temp dir)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run to check it works")
+    args = parser.parse_args(argv)
+    sizes = Sizes(
+        commit_events=1000 if args.quick else args.events,
+        drain_events=200 if args.quick else args.drain_events,
+        producers=args.producers, batch=args.batch, partition_keys=args.keys,
+        phase_time_limit=args.time_limit)
+    with tempfile.TemporaryDirectory(prefix="bench-outbox-", dir=args.dir) as directory:
+        figures = event_loop_runner(args.loop)(measure(Path(directory), sizes))
+        filesystem = filesystem_type(Path(directory))
+    line = {"benchmark": "outbox", **figures,
+            "params": {"events": sizes.commit_events, "drain_events": sizes.drain_events,
+                       "producers": sizes.producers, "batch": sizes.batch,
+                       "partition_keys": sizes.partition_keys, "max_in_flight": MAX_IN_FLIGHT,
+                       **outbox_defaults(), "loop": args.loop,
+                       "filesystem": filesystem, "quick": args.quick}}
+    print(json.dumps(line), flush=True)
+    return 0
+
+
+def outbox_defaults() -> dict[str, Any]:
+    """The group-commit settings measured: `Outbox.open`'s defaults, read rather than copied."""
+    parameters = inspect.signature(Outbox.open).parameters
+    return {name: parameters[name].default for name in ("commit_interval", "commit_max_rows")}
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (fsync cost depends on it), from /proc/mounts."""
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError):
+        target = os.path.realpath(path)
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            mount = fields[1]
+            inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+            if len(fields) > 2 and inside and len(mount) >= len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
