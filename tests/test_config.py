@@ -153,3 +153,17 @@ def test_plantsync_check_exit_codes(tmp_path: Path) -> None:
                               str(tmp_path / "nope.yaml")], capture_output=True, text=True,
                              cwd=ROOT, env=env)
     assert missing.returncode == 1 and "cannot read the config file" in missing.stderr
+
+
+def test_plantsync_schema_writes_every_event_type(tmp_path: Path) -> None:
+    import json
+
+    from edge.model import EVENT_MODELS
+
+    done = subprocess.run([sys.executable, "-m", "edge.cli", "schema", "--out",
+                           str(tmp_path / "schemas")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    names = {p.name for p in (tmp_path / "schemas").iterdir()}
+    assert {f"{t}.v1.json" for t in EVENT_MODELS} | {"cloudevent.json"} == names
+    schema = json.loads((tmp_path / "schemas" / "production.confirmation.v1.json").read_text())
+    assert "yield_quantity" in schema["properties"]

@@ -1,0 +1,121 @@
+"""The forwarder against the real ERP simulator: outcome per response class, Retry-After, and
+dead letters that keep the response body."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from buffer.outbox import Outbox, OutboxEvent
+from edge.config import DestinationConfig
+from edge.forward import HttpForwarder, Outcome, classify, parse_retry_after
+from tests.conftest import ErpSim
+
+pytestmark = pytest.mark.integration
+
+
+def payload(n: int) -> OutboxEvent:
+    body = (f'{{"specversion":"1.0","id":"ev-{n}","source":"urn:test","type":'
+            f'"production.confirmation","subject":"1000123/0010","partitionkey":"1000123",'
+            f'"sequence":"{n:020d}","data":{{"n":{n}}}}}')
+    return OutboxEvent(id=f"ev-{n}", type="production.confirmation", partition_key="1000123",
+                       payload=body.encode(), destinations=("erp",))
+
+
+def test_responses_map_to_outcomes() -> None:
+    request = httpx.Request("POST", "http://x")
+    def outcome(status: int, **headers: str) -> Outcome:
+        return classify(httpx.Response(status, headers=headers, request=request)).outcome
+    assert outcome(201) is Outcome.DELIVERED
+    for status in (408, 409, 425, 429, 500, 502, 503):
+        assert outcome(status) is Outcome.RETRY
+    for status in (400, 401, 403, 404, 410, 422):
+        assert outcome(status) is Outcome.REJECTED
+    response = httpx.Response(429, headers={"Retry-After": "7"}, request=request)
+    assert parse_retry_after(response) == 7
+    dated = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
+                           request=request)
+    assert parse_retry_after(dated, now=1445412470.0) == pytest.approx(10.0)
+
+
+async def drain(outbox: Outbox, forwarder: HttpForwarder, until: float = 10.0) -> None:
+    import asyncio
+
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(forwarder.run(), name="forward")
+        deadline = time.monotonic() + until
+        while time.monotonic() < deadline:
+            counts = (await outbox.counts()).get("erp")
+            if counts is None or counts.pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        forwarder.drain()
+        await task
+
+
+async def test_delivers_in_order_with_idempotency_keys(erp_sim: ErpSim, tmp_path: Path) -> None:
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([payload(n) for n in range(20)])
+    config = DestinationConfig(base_url=erp_sim.url, path="/api/events")
+    async with httpx.AsyncClient() as client:
+        await drain(outbox, HttpForwarder("erp", config, outbox, client))
+    held = erp_sim.events()
+    assert [e["key"] for e in held] == [f"ev-{n}" for n in range(20)]  # commit order
+    journal = await outbox.journal()
+    assert [j["reference"] for j in journal][:2] == ["ERP-000001", "ERP-000002"]
+    await outbox.close()
+
+
+async def test_a_400_is_dead_lettered_with_the_body_and_the_key_moves_on(
+    erp_sim: ErpSim, tmp_path: Path
+) -> None:
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([OutboxEvent(id="broken", type="production.confirmation",
+                                     partition_key="1000123", payload=b"{not json",
+                                     destinations=("erp",)), payload(1)])
+    config = DestinationConfig(base_url=erp_sim.url, path="/api/events")
+    async with httpx.AsyncClient() as client:
+        await drain(outbox, HttpForwarder("erp", config, outbox, client))
+    (dead,) = await outbox.dead_letters()
+    assert dead["id"] == "broken" and dead["last_status"] == 400
+    assert "JSON" in dead["last_error"] or "json" in dead["last_error"]
+    assert [e["key"] for e in erp_sim.events()] == ["ev-1"]
+    await outbox.close()
+
+
+async def test_429_retry_after_is_honoured_and_persisted(erp_sim: ErpSim, tmp_path: Path) -> None:
+    erp_sim.set_faults(error_rate=1.0, error_status=429, retry_after=30)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([payload(1)])
+    config = DestinationConfig.model_validate(
+        {"base_url": erp_sim.url, "path": "/api/events", "retry": {"base": "100ms",
+                                                                   "cap": "1m"}})
+    async with httpx.AsyncClient() as client:
+        await drain(outbox, HttpForwarder("erp", config, outbox, client), until=1.0)
+    await outbox.close()
+    # The schedule is on disk: a restart does not hammer the target.
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    due = await outbox.next_due("erp")
+    assert due is not None and due > time.time() + 25
+    assert await outbox.lease("erp", 10) == []
+    counts = (await outbox.counts())["erp"]
+    assert (counts.pending, counts.retrying) == (1, 1)
+    await outbox.close()
+
+
+async def test_connection_refused_is_retried(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([payload(1)])
+    config = DestinationConfig(base_url=f"http://127.0.0.1:{free_port()}", path="/api/events")
+    async with httpx.AsyncClient() as client:
+        forwarder = HttpForwarder("erp", config, outbox, client)
+        await drain(outbox, forwarder, until=0.5)
+    assert forwarder.health.reachable is False
+    assert "ConnectError" in (forwarder.health.last_error or "")
+    assert (await outbox.counts())["erp"].pending == 1
+    await outbox.close()
