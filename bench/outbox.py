@@ -6,8 +6,9 @@ fresh SQLite file; the baseline is stdlib `sqlite3` with the same PRAGMAs and sc
 the same rows in transactions of the batch size the outbox achieved on average. Drain: events
 pre-committed to one destination over ~50 partition keys, delivered by the forwarder to the
 simulator running as a subprocess on a free loopback port; the baseline is a bare httpx POST
-loop with the same concurrency, client settings and payloads against the same simulator.
-Prints one JSON line.
+loop with the same concurrency, client settings and payloads against the same simulator (half
+of them before the drain, half after). Prints one JSON line: medians over rounds, the ratios,
+and under `samples` every measurement they came from.
 
 Run it as `.venv/bin/python bench/outbox.py` (`--quick` for a smoke run, `--help` for sizes).
 """
@@ -21,9 +22,11 @@ import inspect
 import json
 import os
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,7 @@ EVENT_TYPE = "production.confirmation"
 MAX_IN_FLIGHT = 4
 SIMULATOR_START_TIMEOUT = 15.0
 SIMULATOR_STOP_TIMEOUT = 10.0
+SINGLE_ROW_EVENTS = 5000
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Sizes:
     producers: int
     batch: int
     partition_keys: int
+    rounds: int
     phase_time_limit: float
 
 
@@ -146,12 +151,18 @@ def raw_sqlite_inserts(path: Path, events: Sequence[OutboxEvent], *, rows_per_tr
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA foreign_keys = ON")
         migrate(db)
+        # Since schema 2 the outbox first records every id in event_ids (duplicates are found
+        # there); the baseline does that work too whenever the schema has the table.
+        remembers_ids = remembers_event_ids(db)
         done = 0
         deadline = time.perf_counter() + time_limit
         started = time.perf_counter()
         for chunk in chunks(events, rows_per_transaction):
             db.execute("BEGIN IMMEDIATE")
             for event in chunk:
+                if remembers_ids:
+                    db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
+                               " ON CONFLICT(id) DO NOTHING", (event.id, time.time()))
                 cursor = db.execute(
                     "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
@@ -170,6 +181,21 @@ def raw_sqlite_inserts(path: Path, events: Sequence[OutboxEvent], *, rows_per_tr
     finally:
         db.close()
     return Phase(done, seconds, done < len(events))
+
+
+def remembers_event_ids(db: sqlite3.Connection) -> bool:
+    found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_ids'")
+    return found.fetchone() is not None
+
+
+def raw_baseline_tables() -> list[str]:
+    """The tables the raw baseline writes, as the current schema dictates (for the record)."""
+    db = sqlite3.connect(":memory:")
+    try:
+        migrate(db)
+        return [*(["event_ids"] if remembers_event_ids(db) else []), "events", "deliveries"]
+    finally:
+        db.close()
 
 
 # -- drain ------------------------------------------------------------------------------------
@@ -291,62 +317,82 @@ async def bare_posts(events: Sequence[OutboxEvent], client: httpx.AsyncClient, u
 
 async def measure(directory: Path, sizes: Sizes) -> dict[str, Any]:
     limit = sizes.phase_time_limit
-    figures: dict[str, Any] = {}
     cut_short: list[str] = []
+    samples: dict[str, list[float]] = defaultdict(list)
 
-    def note(name: str, phase: Phase) -> float:
-        if phase.time_limited:
+    def sample(name: str, phase: Phase) -> float:
+        if phase.time_limited and name not in cut_short:
             cut_short.append(name)
-        return round(phase.rate, 1)
+        samples[name].append(round(phase.rate, 1))
+        return phase.rate
 
+    # Each round measures the outbox and then its raw baseline at the batch size the outbox
+    # just achieved, on fresh files; medians over rounds damp a noisy neighbour on a small VM.
     events = make_events(sizes.commit_events, sizes.partition_keys, "commit")
-    single = await outbox_commits(directory / "single.sqlite", events,
-                                  producers=sizes.producers, per_call=1, time_limit=limit)
-    batched = await outbox_commits(directory / "batch.sqlite", events,
-                                   producers=sizes.producers, per_call=sizes.batch,
-                                   time_limit=limit)
-    raw_rows = max(1, round(single.rows_per_transaction))
-    raw = raw_sqlite_inserts(directory / "raw.sqlite", events, rows_per_transaction=raw_rows,
-                             time_limit=limit)
-    raw_batched_rows = max(1, round(batched.rows_per_transaction))
-    raw_batched = raw_sqlite_inserts(directory / "raw-batch.sqlite", events,
-                                     rows_per_transaction=raw_batched_rows, time_limit=limit)
-    raw_single = raw_sqlite_inserts(directory / "raw-single.sqlite", events,
-                                    rows_per_transaction=1, time_limit=limit)
+    batch = f"batch{sizes.batch}"
+    ratios: dict[str, list[float]] = defaultdict(list)
+    rows_per_transaction: dict[str, list[float]] = defaultdict(list)
+    for number in range(sizes.rounds):
+        for label, per_call in (("single", 1), (batch, sizes.batch)):
+            run = await outbox_commits(directory / f"outbox-{label}-{number}.sqlite", events,
+                                       producers=sizes.producers, per_call=per_call,
+                                       time_limit=limit)
+            rows = max(1, round(run.rows_per_transaction))
+            raw = raw_sqlite_inserts(directory / f"raw-{label}-{number}.sqlite", events,
+                                     rows_per_transaction=rows, time_limit=limit)
+            outbox_rate = sample(f"outbox_{label}", run.phase)
+            ratios[label].append(outbox_rate / sample(f"raw_sqlite_{label}", raw))
+            rows_per_transaction[label].append(run.rows_per_transaction)
+    raw_single_row = raw_sqlite_inserts(
+        directory / "raw-single-row.sqlite", events[:SINGLE_ROW_EVENTS],
+        rows_per_transaction=1, time_limit=limit)
+    sample("raw_sqlite_single_row", raw_single_row)
 
-    figures["outbox_commits_per_s"] = note("outbox_commits", single.phase)
-    figures["outbox_rows_per_transaction"] = round(single.rows_per_transaction, 1)
-    figures["raw_sqlite_rows_per_s"] = note("raw_sqlite", raw)
-    figures["raw_sqlite_rows_per_transaction"] = raw_rows
-    figures["ratio"] = round(single.phase.rate / raw.rate, 3)
-    figures[f"outbox_batch{sizes.batch}_events_per_s"] = note("outbox_batch", batched.phase)
-    figures[f"outbox_batch{sizes.batch}_rows_per_transaction"] = round(
-        batched.rows_per_transaction, 1)
-    figures[f"raw_sqlite_batch{sizes.batch}_rows_per_s"] = note("raw_sqlite_batch", raw_batched)
-    figures[f"batch{sizes.batch}_ratio"] = round(batched.phase.rate / raw_batched.rate, 3)
-    figures["raw_sqlite_commits_per_s_single_row"] = note("raw_sqlite_single_row", raw_single)
-
+    # The bare loop posts half the payloads before the drain and half after, so that drift on
+    # the machine hits both alike.
     drain_events = make_events(sizes.drain_events, sizes.partition_keys, "drain")
+    halves = iter((drain_events[:len(drain_events) // 2], drain_events[len(drain_events) // 2:]))
     async with erp_simulator(directory) as base_url, http_client() as client:
+        url = f"{base_url}/api/events"
         # Open the connections and let the simulator warm up, then start from an empty ERP.
         warm_up = make_events(min(200, sizes.drain_events), sizes.partition_keys, "warm-up")
-        await bare_posts(warm_up, client, f"{base_url}/api/events", workers=MAX_IN_FLIGHT,
-                         time_limit=limit)
-        await reset_simulator(client, base_url)
-        drain = await forwarder_drain(directory / "drain.sqlite", drain_events, client,
-                                      base_url, time_limit=limit)
-        received = await simulator_unique(client, base_url)
-        if received != drain.done:
-            raise RuntimeError(f"the ERP stored {received} events, the forwarder "
-                               f"acknowledged {drain.done}")
-        await reset_simulator(client, base_url)
-        bare = await bare_posts(drain_events, client, f"{base_url}/api/events",
-                                workers=MAX_IN_FLIGHT, time_limit=limit)
-    figures["drain_events_per_s"] = note("drain", drain)
-    figures["bare_httpx_posts_per_s"] = note("bare_httpx", bare)
-    figures["drain_ratio"] = round(drain.rate / bare.rate, 3)
-    figures["time_limited"] = cut_short
-    return figures
+        await bare_posts(warm_up, client, url, workers=MAX_IN_FLIGHT, time_limit=limit)
+        for step in ("bare", "drain", "bare"):
+            await reset_simulator(client, base_url)
+            if step == "bare":
+                sample("bare_httpx", await bare_posts(next(halves), client, url,
+                                                      workers=MAX_IN_FLIGHT, time_limit=limit))
+                continue
+            drain = await forwarder_drain(directory / "drain.sqlite", drain_events, client,
+                                          base_url, time_limit=limit)
+            received = await simulator_unique(client, base_url)
+            if received != drain.done:
+                raise RuntimeError(f"the ERP stored {received} events, the forwarder "
+                                   f"acknowledged {drain.done}")
+            sample("drain", drain)
+
+    def median_of(name: str) -> float:
+        return round(statistics.median(samples[name]), 1)
+
+    drain_rate, bare_rate = median_of("drain"), median_of("bare_httpx")
+    return {
+        "outbox_commits_per_s": median_of("outbox_single"),
+        "outbox_rows_per_transaction": round(statistics.median(rows_per_transaction["single"]),
+                                             1),
+        "raw_sqlite_rows_per_s": median_of("raw_sqlite_single"),
+        "ratio": round(statistics.median(ratios["single"]), 3),
+        f"outbox_{batch}_events_per_s": median_of(f"outbox_{batch}"),
+        f"outbox_{batch}_rows_per_transaction": round(
+            statistics.median(rows_per_transaction[batch]), 1),
+        f"raw_sqlite_{batch}_rows_per_s": median_of(f"raw_sqlite_{batch}"),
+        f"{batch}_ratio": round(statistics.median(ratios[batch]), 3),
+        "raw_sqlite_commits_per_s_single_row": median_of("raw_sqlite_single_row"),
+        "drain_events_per_s": drain_rate,
+        "bare_httpx_posts_per_s": bare_rate,
+        "drain_ratio": round(drain_rate / bare_rate, 3),
+        "time_limited": cut_short,
+        "samples": dict(samples),
+    }
 
 
 def event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
@@ -368,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="concurrent committing tasks (default 50)")
     parser.add_argument("--batch", type=int, default=100, help="events per batched commit call")
     parser.add_argument("--keys", type=int, default=50, help="distinct partition keys")
-    parser.add_argument("--time-limit", type=float, default=10.0,
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the commit phases; figures are medians over rounds")
+    parser.add_argument("--time-limit", type=float, default=20.0,
                         help="seconds any one phase may run before it is cut short")
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--dir", type=Path, default=None,
@@ -379,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
         commit_events=1000 if args.quick else args.events,
         drain_events=200 if args.quick else args.drain_events,
         producers=args.producers, batch=args.batch, partition_keys=args.keys,
+        rounds=1 if args.quick else args.rounds,
         phase_time_limit=args.time_limit)
     with tempfile.TemporaryDirectory(prefix="bench-outbox-", dir=args.dir) as directory:
         figures = event_loop_runner(args.loop)(measure(Path(directory), sizes))
@@ -386,8 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     line = {"benchmark": "outbox", **figures,
             "params": {"events": sizes.commit_events, "drain_events": sizes.drain_events,
                        "producers": sizes.producers, "batch": sizes.batch,
-                       "partition_keys": sizes.partition_keys, "max_in_flight": MAX_IN_FLIGHT,
-                       **outbox_defaults(), "loop": args.loop,
+                       "partition_keys": sizes.partition_keys, "rounds": sizes.rounds,
+                       "max_in_flight": MAX_IN_FLIGHT,
+                       **outbox_defaults(), "raw_baseline_tables": raw_baseline_tables(),
+                       "loop": args.loop,
                        "filesystem": filesystem, "quick": args.quick}}
     print(json.dumps(line), flush=True)
     return 0

@@ -2,16 +2,25 @@
 delivery to each destination, in one SQLite file.
 
 Everything that changes the database goes through one writer connection on one thread, and
-through group commit: callers queue their work, and the writer runs what has queued up within
-`commit_interval` (or `commit_max_rows` events) as one transaction with `synchronous=FULL`. A
+through group commit: callers queue their work, and the writer runs all that has queued up (at
+most `commit_max_rows` events, after an optional linger of `commit_interval`) as one transaction
+with `synchronous=FULL`; what arrives meanwhile makes the next transaction. A
 caller's `await` returns only once its work is durable, which is what lets a driver acknowledge
 its source after the commit and never before.
 
 An event routed to several destinations has one delivery row per destination. Deliveries leave
-in commit order per partition key: `lease` offers only the oldest pending delivery of each key,
-so a failing head holds back its own key and no other. A delivery row is deleted only on an
-acknowledged delivery or moved to dead letters by an explicit decision; the event row goes when
-no delivery needs it any more.
+in commit order per partition key: `lease` offers only the oldest owed delivery of each key (its
+head), so a failing head holds back its own key and no other. The heads are kept in memory,
+one entry per (destination, key), built at open with a skip scan of an index and moved by the
+same transactions that move the rows: leasing from a backlog of a million events costs what
+leasing from ten does. A delivery row is deleted only on an acknowledged delivery, or moved to
+dead letters by an explicit decision; the payload goes when no destination needs it, and a
+journal row stays for the audit.
+
+When the database reaches its disk budget, informational events are refused (and counted) and
+business events wait: `commit` does not return until there is room, which is the back-pressure
+that stops drivers from taking more input. A full disk is handled the same way. A database that
+fails its integrity check at open is moved aside and replaced, and the alarm stays raised.
 
 Why not aiosqlite: it hops to its thread once per statement. Here a whole group-committed
 transaction runs as one call on the writer thread, which is where SQLite's speed is.
@@ -24,9 +33,11 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +49,8 @@ T = TypeVar("T")
 
 PENDING = 0
 DEAD = 2
+INFORMATIONAL = 2
+"""Priority class whose events are refused first when the disk budget is reached."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +82,7 @@ class Delivery:
 class CommitResult:
     inserted: int
     duplicates: int
+    refused: int = 0
 
 
 @dataclass
@@ -85,10 +99,21 @@ class OutboxStats:
 
     committed: int = 0
     duplicates_ignored: int = 0
+    refused_informational: int = 0
     delivered: int = 0
     retries: int = 0
     dead_lettered: int = 0
+    dead_retried: int = 0
     transactions: int = 0
+    disk_full_waits: int = 0
+
+
+@dataclass(slots=True)
+class _Head:
+    seq: int
+    priority: int
+    due: float
+    attempts: int = 0
 
 
 @dataclass
@@ -98,34 +123,55 @@ class _Work:
     future: asyncio.Future[Any] = field(repr=False)
 
 
+class OutboxFull(Exception):
+    """Raised by `commit(..., wait=False)` when business events would have to wait."""
+
+
 class Outbox:
     """Open with `await Outbox.open(path)`; close with `await outbox.close()`."""
 
     def __init__(
         self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
-        commit_interval: float, commit_max_rows: int,
+        commit_interval: float, commit_max_rows: int, max_bytes: int | None,
+        heads: dict[str, dict[str, _Head]], counts: tuple[Counter[str], Counter[str]],
+        recovered_from: str | None,
     ) -> None:
         self._db = connection
         self._executor = executor
         self._commit_interval = commit_interval
         self._commit_max_rows = commit_max_rows
+        self._max_bytes = max_bytes
+        self._heads = heads
+        self._pending, self._dead = counts
         self._queue: asyncio.Queue[_Work] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._listeners: set[asyncio.Event] = set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.used_bytes = 0
+        self.disk_full = False
+        self.recovered_from = recovered_from
+        """Where a corrupt database was moved at open, if one was: an alarm, not an error."""
         self.stats = OutboxStats()
 
     @classmethod
     async def open(
-        cls, path: str | Path, *, commit_interval: float = 0.005, commit_max_rows: int = 500
+        cls, path: str | Path, *, commit_interval: float = 0.0, commit_max_rows: int = 500,
+        max_bytes: int | None = None,
     ) -> Outbox:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
-        connection = await loop.run_in_executor(executor, _connect, path)
+        connection, recovered_from = await loop.run_in_executor(executor, _open_checked, path)
+        heads = await loop.run_in_executor(executor, _load_heads, connection)
+        counts = await loop.run_in_executor(executor, _load_counts, connection)
         outbox = cls(connection, executor, commit_interval=commit_interval,
-                     commit_max_rows=commit_max_rows)
+                     commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=heads,
+                     counts=counts, recovered_from=recovered_from)
+        outbox.used_bytes = await loop.run_in_executor(executor, _used_bytes, connection)
+        outbox._update_room()
         outbox._writer = asyncio.create_task(outbox._write_loop(), name="outbox-writer")
         return outbox
 
@@ -143,7 +189,18 @@ class Outbox:
         await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
 
-    # -- change notification ------------------------------------------------------------------
+    # -- state for health and metrics ---------------------------------------------------------
+
+    @property
+    def back_pressure(self) -> str | None:
+        """Why new business events are being held back, or None when there is room."""
+        if self.disk_full:
+            return "the disk is full: input is paused until deliveries free space"
+        if self._max_bytes is not None and self.used_bytes >= self._max_bytes:
+            return (f"the outbox is at its disk budget ({self.used_bytes // 1_000_000} of "
+                    f"{self._max_bytes // 1_000_000} MB): informational events are refused "
+                    "and input is paused until deliveries free space")
+        return None
 
     def listener(self) -> asyncio.Event:
         """An event set after every commit that added deliveries; the forwarders wait on it."""
@@ -155,55 +212,94 @@ class Outbox:
         for event in self._listeners:
             event.set()
 
+    def _update_room(self) -> None:
+        had_room = self._room.is_set()
+        if self.back_pressure is None:
+            self._room.set()
+            if not had_room:
+                log.info("The outbox has room again; taking input")
+        else:
+            self._room.clear()
+            if had_room:
+                log.warning("Outbox back-pressure: %s", self.back_pressure)
+
     # -- writes (group committed) -------------------------------------------------------------
 
     async def commit(
-        self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None
+        self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None, *,
+        wait: bool = True,
     ) -> CommitResult:
         """Durably store new events and the rule state that produced them, atomically.
 
-        An event id already held is ignored (and counted): re-deriving events after a crash
-        gives the same ids. Returns once the transaction is on disk.
+        An event id committed before (still held, or delivered within the journal's
+        retention) is ignored and counted: re-deriving events after a crash gives the same
+        ids. Over the disk budget, informational events are refused and counted, and the call
+        waits for room before it commits business events (or raises OutboxFull when `wait`
+        is False). Returns once the transaction is on disk.
         """
-        rows = [(e.id, e.type, e.partition_key, e.priority, e.payload, time.time())
-                for e in events]
-        routes = [(e.id, e.destinations) for e in events]
+        refused = 0
+        if not self._room.is_set():
+            kept = [e for e in events if e.priority < INFORMATIONAL]
+            refused = len(events) - len(kept)
+            if refused:
+                self.stats.refused_informational += refused
+                log.warning("Refused %d informational event(s): %s", refused,
+                            self.back_pressure)
+            events = kept
+            if events or state:
+                if not wait:
+                    raise OutboxFull(self.back_pressure or "the outbox is full")
+                await self._room.wait()
+        now = time.time()
         state_rows = list((state or {}).items())
 
-        def run(db: sqlite3.Connection) -> CommitResult:
+        def run(db: sqlite3.Connection) -> tuple[int, list[tuple[str, str, int, int]]]:
             inserted = 0
-            for row, (_event_id, destinations) in zip(rows, routes, strict=True):
-                cursor = db.execute(
-                    "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING", row)
+            new_rows: list[tuple[str, str, int, int]] = []
+            for event in events:
+                cursor = db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
+                                    " ON CONFLICT(id) DO NOTHING", (event.id, now))
                 if cursor.rowcount == 0:
-                    continue
+                    continue  # held, delivered or routed nowhere before: the same event
                 inserted += 1
-                seq = cursor.lastrowid
+                if not event.destinations:
+                    continue
+                seq = db.execute(
+                    "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", (event.id, event.type, event.partition_key,
+                                                   event.priority, event.payload, now)
+                ).lastrowid
+                assert seq is not None
                 db.executemany(
                     "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
                     " state, attempts, next_attempt_at) VALUES (?, ?, ?, ?, 0, 0, 0)",
-                    [(seq, d, row[2], row[3]) for d in destinations])
-                if not destinations:
-                    db.execute("DELETE FROM events WHERE seq = ?", (seq,))
+                    [(seq, d, event.partition_key, event.priority) for d in event.destinations])
+                new_rows += [(d, event.partition_key, seq, event.priority)
+                             for d in event.destinations]
             if state_rows:
                 db.executemany(
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
-            return CommitResult(inserted, len(rows) - inserted)
+            return inserted, new_rows
 
-        result: CommitResult = await self._submit(run, max(1, len(rows)))
-        self.stats.committed += result.inserted
-        self.stats.duplicates_ignored += result.duplicates
-        if result.inserted:
+        inserted, new_rows = await self._submit(run, max(1, len(events)))
+        for destination, key, seq, priority in new_rows:
+            self._pending[destination] += 1
+            heads = self._heads.setdefault(destination, {})
+            if key not in heads:
+                heads[key] = _Head(seq, priority, 0.0)
+        duplicates = len(events) - inserted
+        self.stats.committed += inserted
+        self.stats.duplicates_ignored += duplicates
+        if new_rows:
             self._notify()
-        return result
+        return CommitResult(inserted, duplicates, refused)
 
     async def ack(
         self, delivery: Delivery, *, status: int | None, reference: str | None = None
     ) -> None:
         """The destination took the event: journal it and forget the delivery."""
-        def run(db: sqlite3.Connection) -> None:
+        def run(db: sqlite3.Connection) -> _Head | None:
             db.execute("DELETE FROM deliveries WHERE destination = ? AND event_seq = ?",
                        (delivery.destination, delivery.seq))
             db.execute(
@@ -212,8 +308,10 @@ class Outbox:
                 (delivery.event_id, delivery.event_type, delivery.destination, time.time(),
                  delivery.attempts + 1, status, reference))
             _drop_if_done(db, delivery.seq)
+            return _next_head(db, delivery.destination, delivery.partition_key)
 
-        await self._submit(run, 1)
+        self._move_head(delivery, await self._submit(run, 1))
+        self._pending[delivery.destination] -= 1
         self.stats.delivered += 1
 
     async def retry(
@@ -227,19 +325,85 @@ class Outbox:
                 (at, status, error[:2000], delivery.destination, delivery.seq))
 
         await self._submit(run, 1)
+        head = self._heads.get(delivery.destination, {}).get(delivery.partition_key)
+        if head is not None and head.seq == delivery.seq:
+            head.due = at
+            head.attempts += 1
         self.stats.retries += 1
 
     async def dead_letter(self, delivery: Delivery, *, status: int | None, reason: str) -> None:
         """A permanent rejection: park the delivery with its reason; its key moves on."""
-        def run(db: sqlite3.Connection) -> None:
+        def run(db: sqlite3.Connection) -> _Head | None:
             db.execute(
                 "UPDATE deliveries SET state = 2, attempts = attempts + 1, last_status = ?,"
                 " last_error = ?, dead_at = ? WHERE destination = ? AND event_seq = ?",
                 (status, reason[:2000], time.time(), delivery.destination, delivery.seq))
+            return _next_head(db, delivery.destination, delivery.partition_key)
 
-        await self._submit(run, 1)
+        self._move_head(delivery, await self._submit(run, 1))
+        self._pending[delivery.destination] -= 1
+        self._dead[delivery.destination] += 1
         self.stats.dead_lettered += 1
         self._notify()
+
+    def _move_head(self, delivery: Delivery, head: _Head | None) -> None:
+        heads = self._heads.get(delivery.destination, {})
+        current = heads.get(delivery.partition_key)
+        if current is not None and current.seq != delivery.seq:
+            return  # a head that is not this delivery's: someone else already moved it
+        if head is None:
+            heads.pop(delivery.partition_key, None)
+        else:
+            heads[delivery.partition_key] = head
+
+    async def retry_dead(self, event_id: str | None = None, destination: str | None = None
+                         ) -> int:
+        """Put dead letters back in line (one event, or all); returns how many. They go in
+        commit order with their key's other deliveries, and their attempts start over."""
+        def run(db: sqlite3.Connection) -> tuple[int, dict[str, dict[str, _Head]],
+                                                 tuple[Counter[str], Counter[str]]]:
+            where, args = _dead_filter(event_id, destination)
+            cursor = db.execute(
+                "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_at = 0,"
+                f" dead_at = NULL WHERE state = 2{where}", args)
+            return cursor.rowcount, _load_heads(db), _load_counts(db)
+
+        count, self._heads, (self._pending, self._dead) = await self._submit(run, 1)
+        self.stats.dead_retried += count
+        if count:
+            self._notify()
+        return int(count)
+
+    async def purge_dead(self, event_id: str | None = None, destination: str | None = None
+                         ) -> int:
+        """Delete dead letters for good (one event, or all); returns how many."""
+        def run(db: sqlite3.Connection) -> list[tuple[int, str]]:
+            where, args = _dead_filter(event_id, destination)
+            found: list[tuple[int, str]] = db.execute(
+                f"SELECT event_seq, destination FROM deliveries WHERE state = 2{where}",
+                args).fetchall()
+            db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?",
+                           found)
+            for seq, _ in found:
+                _drop_if_done(db, seq)
+            return found
+
+        purged = await self._submit(run, 1)
+        for _, name in purged:
+            self._dead[name] -= 1
+        return len(purged)
+
+    async def prune(self, retention: float, now: float | None = None) -> int:
+        """Forget journal rows and remembered ids older than `retention` seconds."""
+        cutoff = (time.time() if now is None else now) - retention
+
+        def run(db: sqlite3.Connection) -> int:
+            pruned = db.execute("DELETE FROM journal WHERE delivered_at < ?", (cutoff,)).rowcount
+            db.execute("DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN"
+                       " (SELECT id FROM events)", (cutoff,))
+            return int(pruned)
+
+        return int(await self._submit(run, 1))
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -255,76 +419,112 @@ class Outbox:
         `busy_keys`, most urgent priority class first, then commit order."""
         busy = set(busy_keys)
         when = time.time() if now is None else now
+        heads = self._heads.get(destination, {})
+        due = sorted((head.priority, head.seq) for key, head in heads.items()
+                     if head.due <= when and key not in busy)[:limit]
+        if not due:
+            return []
+        seqs = [seq for _, seq in due]
 
         def run(db: sqlite3.Connection) -> list[Delivery]:
-            found: list[Delivery] = []
-            cursor = db.execute(
-                "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts,"
-                " d.next_attempt_at FROM (SELECT partition_key, MIN(event_seq) AS seq"
-                "  FROM deliveries WHERE destination = ? AND state = 0 GROUP BY partition_key) h"
-                " JOIN deliveries d ON d.destination = ? AND d.event_seq = h.seq"
-                " JOIN events e ON e.seq = d.event_seq"
-                " WHERE d.next_attempt_at <= ? ORDER BY d.priority, d.event_seq",
-                (destination, destination, when))
-            for seq, event_id, event_type, key, payload, attempts, _ in cursor:
-                if key in busy:
-                    continue
-                found.append(Delivery(seq, destination, event_id, event_type, key, payload,
-                                      attempts))
-                if len(found) >= limit:
-                    break
-            return found
+            marks = ",".join("?" * len(seqs))
+            rows = {row[0]: row for row in db.execute(
+                "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
+                " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+                f" WHERE d.destination = ? AND d.state = 0 AND d.event_seq IN ({marks})",
+                (destination, *seqs))}
+            return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs if seq in rows]
 
         return await self._read(run)
 
     async def next_due(self, destination: str) -> float | None:
         """Unix time at which the earliest head of a key of `destination` is due."""
-        row = await self._read(lambda db: db.execute(
-            "SELECT MIN(d.next_attempt_at) FROM (SELECT partition_key, MIN(event_seq) AS seq"
-            "  FROM deliveries WHERE destination = ? AND state = 0 GROUP BY partition_key) h"
-            " JOIN deliveries d ON d.destination = ? AND d.event_seq = h.seq",
-            (destination, destination)).fetchone())
-        return None if row is None or row[0] is None else float(row[0])
+        heads = self._heads.get(destination)
+        return min((h.due for h in heads.values()), default=None) if heads else None
 
     async def counts(self) -> dict[str, DestinationCounts]:
+        """Per destination: owed deliveries, those retrying, dead letters, oldest age. Kept in
+        memory; only the oldest pending event's time is read."""
         now = time.time()
+        result: dict[str, DestinationCounts] = {}
+        oldest: dict[str, int] = {}
+        for destination in sorted(set(self._pending) | set(self._dead)):
+            pending, dead = self._pending[destination], self._dead[destination]
+            if not pending and not dead:
+                continue
+            heads = self._heads.get(destination, {}).values()
+            result[destination] = DestinationCounts(
+                pending=pending, dead=dead, retrying=sum(1 for h in heads if h.attempts))
+            if heads:
+                oldest[destination] = min(h.seq for h in heads)
 
-        def run(db: sqlite3.Connection) -> dict[str, DestinationCounts]:
-            result: dict[str, DestinationCounts] = {}
-            for destination, state, retrying, total, oldest in db.execute(
-                "SELECT d.destination, d.state, SUM(d.attempts > 0), COUNT(*),"
-                " MIN(e.created_at) FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                " GROUP BY d.destination, d.state"
-            ):
-                counts = result.setdefault(destination, DestinationCounts())
-                if state == DEAD:
-                    counts.dead = total
-                else:
-                    counts.pending = total
-                    counts.retrying = retrying
-                    counts.oldest_pending_age = now - oldest
-            return result
+        def run(db: sqlite3.Connection) -> dict[str, float]:
+            # A head may have been delivered since it was looked at: then it has no row.
+            found = {name: db.execute("SELECT created_at FROM events WHERE seq = ?",
+                                      (seq,)).fetchone() for name, seq in oldest.items()}
+            return {name: row[0] for name, row in found.items() if row is not None}
 
-        return await self._read(run)
+        if oldest:
+            for name, created in (await self._read(run)).items():
+                result[name].oldest_pending_age = now - created
+        return result
 
-    async def journal(self, since: float = 0.0) -> list[dict[str, Any]]:
+    async def journal(self, since: float = 0.0, limit: int | None = None
+                      ) -> list[dict[str, Any]]:
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            cursor = db.execute(
+            return _dicts(db.execute(
                 "SELECT event_id, event_type, destination, delivered_at, attempts, status,"
-                " reference FROM journal WHERE delivered_at >= ? ORDER BY delivered_at", (since,))
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor]
+                " reference FROM journal WHERE delivered_at >= ? ORDER BY rowid LIMIT ?",
+                (since, -1 if limit is None else limit)))
 
         return await self._read(run)
 
     async def dead_letters(self) -> list[dict[str, Any]]:
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            cursor = db.execute(
+            return _dicts(db.execute(
                 "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts, d.last_status,"
                 " d.last_error, d.dead_at FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                " WHERE d.state = 2 ORDER BY d.dead_at")
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor]
+                " WHERE d.state = 2 ORDER BY d.dead_at, d.event_seq"))
+
+        return await self._read(run)
+
+    async def deliveries(self, *, destination: str | None = None, state: str = "pending",
+                         limit: int = 100) -> list[dict[str, Any]]:
+        """Owed deliveries in commit order: state `pending`, `retrying` or `dead`."""
+        condition = {"pending": "d.state = 0", "retrying": "d.state = 0 AND d.attempts > 0",
+                     "dead": "d.state = 2"}[state]
+
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            return _dicts(db.execute(
+                "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts,"
+                " d.next_attempt_at, d.last_status, d.last_error, e.created_at"
+                " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+                f" WHERE {condition} AND (? IS NULL OR d.destination = ?)"
+                " ORDER BY d.event_seq LIMIT ?", (destination, destination, limit)))
+
+        return await self._read(run)
+
+    async def show(self, event_id: str) -> dict[str, Any] | None:
+        """One event: its payload, each destination's delivery, and its journal rows."""
+        def run(db: sqlite3.Connection) -> dict[str, Any] | None:
+            rows = _dicts(db.execute(
+                "SELECT seq, id, type, partition_key, priority, payload, created_at FROM events"
+                " WHERE id = ?", (event_id,)))
+            journal = _dicts(db.execute(
+                "SELECT destination, delivered_at, attempts, status, reference FROM journal"
+                " WHERE event_id = ? ORDER BY rowid", (event_id,)))
+            if not rows and not journal:
+                return None
+            found: dict[str, Any] = {"id": event_id, "journal": journal, "deliveries": []}
+            if rows:
+                event = rows[0]
+                event["payload"] = event["payload"].decode(errors="replace")
+                found |= event
+                found["deliveries"] = _dicts(db.execute(
+                    "SELECT destination, CASE state WHEN 2 THEN 'dead' ELSE 'pending' END AS"
+                    " state, attempts, next_attempt_at, last_status, last_error, dead_at"
+                    " FROM deliveries WHERE event_seq = ?", (event["seq"],)))
+            return found
 
         return await self._read(run)
 
@@ -345,30 +545,26 @@ class Outbox:
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # Take what has queued up, at once: whatever arrives while this transaction runs
+            # makes the next one. A linger (`commit_interval`) only helps on slow storage.
             first = await self._queue.get()
             batch = [first]
             rows = first.rows
             deadline = loop.time() + self._commit_interval
             while rows < self._commit_max_rows:
-                try:
-                    if self._queue.empty():
-                        timeout = deadline - loop.time()
-                        if timeout <= 0:
-                            break
+                if self._queue.empty():
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    try:
                         work = await asyncio.wait_for(self._queue.get(), timeout)
-                    else:
-                        work = self._queue.get_nowait()
-                except TimeoutError:
-                    break
+                    except TimeoutError:
+                        break
+                else:
+                    work = self._queue.get_nowait()
                 batch.append(work)
                 rows += work.rows
-            try:
-                outcomes = await loop.run_in_executor(self._executor, _transaction, self._db,
-                                                      batch)
-                self.stats.transactions += 1
-            except Exception as exc:  # the whole transaction rolled back: every caller hears it
-                log.error("Outbox transaction failed and was rolled back: %s", exc)
-                outcomes = [exc] * len(batch)
+            outcomes = await self._run_until_stored(batch)
             for work, outcome in zip(batch, outcomes, strict=True):
                 if not work.future.done():
                     if isinstance(outcome, BaseException):
@@ -377,10 +573,37 @@ class Outbox:
                         work.future.set_result(outcome)
                 self._queue.task_done()
 
+    async def _run_until_stored(self, batch: Sequence[_Work]) -> list[Any]:
+        """Run a batch as one transaction. A full disk is waited out, never dropped."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                outcomes, used = await loop.run_in_executor(self._executor, _transaction,
+                                                            self._db, batch)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                    log.error("Outbox transaction failed and was rolled back: %s", exc)
+                    return [exc] * len(batch)
+                if not self.disk_full:
+                    self.disk_full = True
+                    self.stats.disk_full_waits += 1
+                    self._update_room()
+                await asyncio.sleep(1.0)
+                continue
+            except Exception as exc:
+                log.error("Outbox transaction failed and was rolled back: %s", exc)
+                return [exc] * len(batch)
+            self.stats.transactions += 1
+            self.disk_full = False
+            self.used_bytes = used
+            self._update_room()
+            return outcomes
 
-def _transaction(db: sqlite3.Connection, batch: Sequence[_Work]) -> list[Any]:
+
+def _transaction(db: sqlite3.Connection, batch: Sequence[_Work]) -> tuple[list[Any], int]:
     """Run a group of callers' work in one transaction. Each caller's part sits in a savepoint,
-    so one caller's error undoes only its own part and is raised to that caller alone."""
+    so a caller whose work breaks a constraint gets its own error and the others commit; any
+    other error (a full disk, a broken file) rolls back all of it."""
     outcomes: list[Any] = []
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -388,9 +611,7 @@ def _transaction(db: sqlite3.Connection, batch: Sequence[_Work]) -> list[Any]:
             db.execute("SAVEPOINT work")
             try:
                 outcomes.append(work.run(db))
-            except sqlite3.DatabaseError as exc:
-                if not db.in_transaction:
-                    raise
+            except sqlite3.IntegrityError as exc:
                 db.execute("ROLLBACK TO work")
                 outcomes.append(exc)
             db.execute("RELEASE work")
@@ -399,7 +620,62 @@ def _transaction(db: sqlite3.Connection, batch: Sequence[_Work]) -> list[Any]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
-    return outcomes
+    return outcomes, _used_bytes(db)
+
+
+def _used_bytes(db: sqlite3.Connection) -> int:
+    (pages,) = db.execute("PRAGMA page_count").fetchone()
+    (free,) = db.execute("PRAGMA freelist_count").fetchone()
+    (size,) = db.execute("PRAGMA page_size").fetchone()
+    return int((pages - free) * size)
+
+
+def _next_head(db: sqlite3.Connection, destination: str, key: str) -> _Head | None:
+    row = db.execute(
+        "SELECT event_seq, priority, next_attempt_at, attempts FROM deliveries"
+        " WHERE destination = ? AND state = 0 AND partition_key = ? ORDER BY event_seq LIMIT 1",
+        (destination, key)).fetchone()
+    return None if row is None else _Head(*row)
+
+
+def _load_heads(db: sqlite3.Connection) -> dict[str, dict[str, _Head]]:
+    """The head of every (destination, key), by a skip scan of the indexes: a few probes per
+    key, however many events each key holds."""
+    heads: dict[str, dict[str, _Head]] = {}
+    destination = ""
+    while row := db.execute("SELECT destination FROM deliveries WHERE destination > ?"
+                            " ORDER BY destination LIMIT 1", (destination,)).fetchone():
+        destination = row[0]
+        key = ""
+        while row := db.execute(
+            "SELECT partition_key FROM deliveries WHERE destination = ? AND state = 0"
+            " AND partition_key > ? ORDER BY partition_key LIMIT 1", (destination, key)
+        ).fetchone():
+            key = row[0]
+            head = _next_head(db, destination, key)
+            assert head is not None
+            heads.setdefault(destination, {})[key] = head
+    return heads
+
+
+def _load_counts(db: sqlite3.Connection) -> tuple[Counter[str], Counter[str]]:
+    pending: Counter[str] = Counter()
+    dead: Counter[str] = Counter()
+    for destination, state, total in db.execute(
+            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"):
+        (dead if state == DEAD else pending)[destination] = total
+    return pending, dead
+
+
+def _dead_filter(event_id: str | None, destination: str | None) -> tuple[str, tuple[str, ...]]:
+    where, args = "", tuple[str, ...]()
+    if event_id is not None:
+        where += " AND event_seq = (SELECT seq FROM events WHERE id = ?)"
+        args += (event_id,)
+    if destination is not None:
+        where += " AND destination = ?"
+        args += (destination,)
+    return where, args
 
 
 def _drop_if_done(db: sqlite3.Connection, seq: int) -> None:
@@ -407,11 +683,40 @@ def _drop_if_done(db: sqlite3.Connection, seq: int) -> None:
                " (SELECT 1 FROM deliveries WHERE event_seq = ?)", (seq, seq))
 
 
+def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")
-    db.execute("PRAGMA foreign_keys = ON")
-    db.execute("PRAGMA busy_timeout = 5000")
-    migrate(db)
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA busy_timeout = 5000")
+        (check,) = db.execute("PRAGMA quick_check").fetchone()
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+        migrate(db)
+    except BaseException:
+        db.close()
+        raise
     return db
+
+
+def _open_checked(path: Path) -> tuple[sqlite3.Connection, str | None]:
+    """Open the database; one that is damaged is moved aside with a timestamp and replaced by
+    a fresh one, so that a bad file raises an alarm instead of a crash loop."""
+    try:
+        return _connect(path), None
+    except sqlite3.DatabaseError as exc:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{path}{suffix}")
+            if source.exists():
+                source.rename(Path(f"{aside}{suffix}"))
+        log.critical("The outbox database %s is damaged (%s); it was moved to %s and a fresh "
+                     "one was created. Events it held were not delivered: recover them from "
+                     "the moved file", path, exc, aside)
+        return _connect(path), f"{aside} ({exc})"

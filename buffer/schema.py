@@ -51,6 +51,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX journal_by_time ON journal(delivered_at)",
     ),
+    (
+        # 2: every id ever committed (within the journal's retention), so that an event
+        # committed again after it was delivered, or routed nowhere, is still a duplicate.
+        """CREATE TABLE event_ids (
+            id TEXT PRIMARY KEY,
+            committed_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "INSERT OR IGNORE INTO event_ids SELECT id, created_at FROM events",
+        "INSERT OR IGNORE INTO event_ids SELECT event_id, delivered_at FROM journal",
+        "CREATE INDEX event_ids_by_time ON event_ids(committed_at)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

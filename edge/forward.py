@@ -111,7 +111,7 @@ class HttpForwarder:
         try:
             async with asyncio.TaskGroup() as deliveries:
                 while not self._draining:
-                    free = self.config.max_in_flight - len(self._in_flight)
+                    free = self.config.max_in_flight - self.health.in_flight
                     leased: list[Delivery] = []
                     if free > 0:
                         self._wake.clear()
@@ -145,12 +145,17 @@ class HttpForwarder:
             await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def _deliver(self, delivery: Delivery) -> None:
+        # The request slot frees as soon as the answer is in; the key stays busy until the
+        # outcome is committed, so its next event cannot overtake this one.
         self.health.in_flight += 1
         try:
-            result = await self.send(delivery)
+            try:
+                result = await self.send(delivery)
+            finally:
+                self.health.in_flight -= 1
+                self._wake.set()
             await self._record(delivery, result)
         finally:
-            self.health.in_flight -= 1
             del self._in_flight[delivery.partition_key]
             self._wake.set()
 
