@@ -8,7 +8,9 @@ set of counters to keep in step, and no package-level metric state.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import time
+import typing
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from edge.operations import CHANGES, Operation, perform
 
 if TYPE_CHECKING:
     from edge.daemon import Gateway
@@ -64,6 +68,11 @@ class GatewayCollector(Collector):
             ("duplicates_ignored", stats.duplicates_ignored,
              "Events committed again with an id the outbox already held"),
             ("transactions", stats.transactions, "Outbox transactions (group commits)"),
+            ("refused_informational", stats.refused_informational,
+             "Informational events refused because the outbox was at its disk budget"),
+            ("dead_letters_retried", stats.dead_retried,
+             "Dead letters put back in line by hand (manual interventions)"),
+            ("disk_full_waits", stats.disk_full_waits, "Times the disk was full"),
         ):
             yield CounterMetricFamily(f"plantsync_outbox_{name}", text, value=value)
 
@@ -89,6 +98,15 @@ class GatewayCollector(Collector):
         yield reachable
         yield GaugeMetricFamily("plantsync_outbox_database_bytes", "Size of the outbox files",
                                 value=gw.database_bytes())
+        yield GaugeMetricFamily("plantsync_outbox_used_bytes",
+                                "Bytes the outbox's data uses, measured against max_size",
+                                value=gw.outbox.used_bytes)
+        yield GaugeMetricFamily("plantsync_outbox_back_pressure",
+                                "1 while input is paused because the outbox has no room",
+                                value=0.0 if gw.outbox.back_pressure is None else 1.0)
+        yield GaugeMetricFamily("plantsync_outbox_recovered_from_corruption",
+                                "1 when a damaged outbox database was moved aside at start",
+                                value=0.0 if gw.outbox.recovered_from is None else 1.0)
 
 
 def create_app(gateway: Gateway) -> Starlette:
@@ -100,7 +118,9 @@ def create_app(gateway: Gateway) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         reasons = gateway.not_ready_reasons()
-        return JSONResponse({"ready": not reasons, "reasons": reasons},
+        alarms = ([f"the outbox database was damaged at start and moved aside: "
+                   f"{gateway.outbox.recovered_from}"] if gateway.outbox.recovered_from else [])
+        return JSONResponse({"ready": not reasons, "reasons": reasons, "alarms": alarms},
                             status_code=503 if reasons else 200)
 
     async def status(request: Request) -> Response:
@@ -109,9 +129,27 @@ def create_app(gateway: Gateway) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def outbox(request: Request) -> Response:
+        operation = request.path_params["operation"]
+        if operation not in typing.get_args(Operation):
+            return JSONResponse({"error": f"unknown operation {operation!r}"}, status_code=404)
+        if operation in CHANGES:
+            offered = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if not secrets.compare_digest(offered.encode(), gateway.api_token.encode()):
+                return JSONResponse({"error": "this call changes the outbox: it needs the API "
+                                     "token (Authorization: Bearer ...)"}, status_code=401)
+        try:
+            args = await request.json() if await request.body() else {}
+            if not isinstance(args, dict):
+                raise ValueError("the body must be a JSON object")
+            result = await perform(gateway.outbox, operation, args)
+        except (ValueError, KeyError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(result)
+
     return Starlette(routes=[
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
-        Route("/metrics", metrics),
+        Route("/metrics", metrics), Route("/outbox/{operation}", outbox, methods=["POST"]),
     ])
 
 

@@ -36,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "demo":
             from edge.demo import run_demo
             return run_demo(Path(args.config))
+        case "outbox":
+            from edge.outbox_cli import run_outbox_command
+            return run_outbox_command(args)
     parser.print_help()
     return 2
 
@@ -65,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the simulators and the gateway together")
     demo.add_argument("--config", "-c", type=Path, default=Path("config/demo.yaml"))
+
+    from edge.outbox_cli import add_outbox_parser
+    add_outbox_parser(commands)
     return parser
 
 

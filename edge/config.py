@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
@@ -56,6 +57,13 @@ class ApiConfig(Strict):
         "default: the API is for this box and its plant systems, not the internet.",
         pattern=r"^[^:\s]+:\d{1,5}$",
     )
+    token: SecretStr | None = Field(
+        None,
+        description="Token that API calls which change something (retry, purge) must carry "
+        "as `Authorization: Bearer ...`. Without one, the daemon makes a random token at each "
+        "start and writes it to data_dir/api-token (readable by its user only), where the "
+        "plantsync CLI on this box finds it.",
+    )
 
     @property
     def host(self) -> str:
@@ -64,6 +72,12 @@ class ApiConfig(Strict):
     @property
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
+
+
+    @field_validator("token")
+    @classmethod
+    def _empty_is_none(cls, token: SecretStr | None) -> SecretStr | None:
+        return token if token is not None and token.get_secret_value() else None
 
 
 class OutboxConfig(Strict):
@@ -75,6 +89,18 @@ class OutboxConfig(Strict):
     )
     commit_max_rows: int = Field(
         500, ge=1, le=100_000, description="Most events committed in one transaction."
+    )
+    max_size: ByteSize = Field(
+        ByteSize(2_000_000_000),
+        description="Disk budget of the outbox (e.g. 500MB, 2GB). When it is reached, "
+        "informational events are refused (and counted) and business events wait: drivers "
+        "stop taking input until deliveries free space. Nothing business is dropped.",
+    )
+    journal_retention: Duration = Field(
+        30 * 86400.0,
+        description="How long the audit journal keeps a row per delivered event (id, type, "
+        "destination, time, attempts, status, receiver's reference), and how long a "
+        "delivered id is still recognised as a duplicate.",
     )
 
 

@@ -24,6 +24,7 @@ from drivers.base import Driver
 from edge.api import make_server
 from edge.config import PlantConfig
 from edge.forward import HttpForwarder
+from edge.operations import issue_token
 from edge.pipeline import Pipeline
 from edge.registry import create_driver
 
@@ -41,6 +42,7 @@ class Gateway:
                            for name, destination in config.destinations.items()]
         self.outbox_counts: dict[str, DestinationCounts] = {}
         self.started_at = time.time()
+        self.api_token = issue_token(config)
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
@@ -48,6 +50,7 @@ class Gateway:
         async with asyncio.TaskGroup() as downstream:
             api = downstream.create_task(self._serve_api(server), name="local-api")
             counts = downstream.create_task(self._refresh_counts(), name="outbox-counts")
+            upkeep = downstream.create_task(self._prune_journal(), name="journal-retention")
             forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
                           for f in self.forwarders]
             async with asyncio.TaskGroup() as upstream:
@@ -76,6 +79,7 @@ class Gateway:
                                 "they stay in the outbox", task.get_name())
                     task.cancel()
             counts.cancel()
+            upkeep.cancel()
             server.should_exit = True
             await api
         self.outbox_counts = await self.outbox.counts()
@@ -93,6 +97,13 @@ class Gateway:
             self.outbox_counts = await self.outbox.counts()
             await asyncio.sleep(2.0)
 
+    async def _prune_journal(self) -> None:
+        while True:
+            pruned = await self.outbox.prune(self.config.outbox.journal_retention)
+            if pruned:
+                log.info("Pruned %d journal row(s) older than the retention", pruned)
+            await asyncio.sleep(3600.0)
+
     def database_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal", "-shm"):
@@ -102,6 +113,8 @@ class Gateway:
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
+        if self.outbox.back_pressure is not None:
+            reasons.append(self.outbox.back_pressure)
         for forwarder in self.forwarders:
             counts = self.outbox_counts.get(forwarder.name)
             if forwarder.health.reachable is False and counts is not None:
@@ -136,6 +149,14 @@ class Gateway:
                  "unassigned": rule.state.unassigned}
                 for rule in self.pipeline.rules
             ],
+            "outbox": {
+                "back_pressure": self.outbox.back_pressure,
+                "used_bytes": self.outbox.used_bytes,
+                "max_bytes": int(self.config.outbox.max_size),
+                "recovered_from": self.outbox.recovered_from,
+                "refused_informational": self.outbox.stats.refused_informational,
+                "duplicates_ignored": self.outbox.stats.duplicates_ignored,
+            },
             "destinations": {
                 f.name: {"reachable": f.health.reachable, "delivered": f.health.delivered,
                          "in_flight": f.health.in_flight, "last_error": f.health.last_error,
@@ -160,7 +181,8 @@ async def serve(config: PlantConfig, stop: asyncio.Event) -> None:
     """Run the gateway until `stop` is set."""
     outbox = await Outbox.open(config.database_path,
                                commit_interval=config.outbox.commit_interval,
-                               commit_max_rows=config.outbox.commit_max_rows)
+                               commit_max_rows=config.outbox.commit_max_rows,
+                               max_bytes=int(config.outbox.max_size))
     try:
         saved = await outbox.load_state()
         limits = httpx.Limits(max_connections=sum(d.max_in_flight

@@ -127,3 +127,92 @@ async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(RuntimeError, match="newer than this gateway"):
         await Outbox.open(tmp_path / "outbox.db")
+
+
+def big(n: int, priority: int = 1, key: str = "order-1") -> OutboxEvent:
+    return OutboxEvent(id=f"big-{n}", type="production.confirmation", partition_key=key,
+                       payload=b"x" * 4000, destinations=("erp",), priority=priority)
+
+
+async def test_disk_budget_refuses_informational_and_holds_business_until_room(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    box = await Outbox.open(tmp_path / "outbox.db")
+    await box.commit([big(n, key=f"k{n % 50}") for n in range(1000)])
+    full_size = box.used_bytes
+    await box.close()
+
+    box = await Outbox.open(tmp_path / "outbox.db", max_bytes=full_size - 1_000_000)
+    assert box.back_pressure is not None and "disk budget" in box.back_pressure
+    informational = await box.commit([big(5000, priority=2)])
+    assert (informational.inserted, informational.refused) == (0, 1)
+    assert box.stats.refused_informational == 1
+    business = asyncio.create_task(box.commit([big(6000)], {"machine:m": "{}"}))
+    await asyncio.sleep(0.3)
+    assert not business.done()  # back-pressure: the caller waits, nothing is dropped
+    delivered = 0
+    while not business.done() and delivered < 1000:
+        for delivery in await box.lease("erp", 50):
+            await box.ack(delivery, status=201)
+            delivered += 1
+        await asyncio.sleep(0)
+    result = await asyncio.wait_for(business, 5)
+    assert result.inserted == 1 and box.back_pressure is None
+    assert await box.load_state() == {"machine:m": "{}"}
+    await box.close()
+
+
+async def test_a_full_disk_pauses_commits_until_space_returns(tmp_path: Path) -> None:
+    import asyncio
+
+    box = await Outbox.open(tmp_path / "outbox.db")
+    (pages,) = await box._read(lambda db: db.execute("PRAGMA page_count").fetchone())
+    # SQLite's own page limit makes it answer SQLITE_FULL, as a full disk does.
+    await box._read(lambda db: db.execute(f"PRAGMA max_page_count = {pages + 20}"))
+    filler = asyncio.create_task(box.commit([big(n) for n in range(200)]))
+    await asyncio.sleep(1.5)
+    assert not filler.done() and box.disk_full
+    assert box.back_pressure is not None and "disk is full" in box.back_pressure
+    await box._read(lambda db: db.execute("PRAGMA max_page_count = 1000000"))
+    result = await asyncio.wait_for(filler, 5)
+    assert result.inserted == 200 and not box.disk_full and box.stats.disk_full_waits == 1
+    await box.close()
+
+
+async def test_a_damaged_database_is_moved_aside_and_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    path.write_bytes(b"this is not a database" * 100)
+    box = await Outbox.open(path)
+    assert box.recovered_from is not None
+    moved = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(moved) == 1 and moved[0].read_bytes().startswith(b"this is not")
+    assert (await box.commit([event(1)])).inserted == 1  # and it works
+    await box.close()
+
+
+async def test_dead_letters_can_be_retried_and_purged(outbox: Outbox) -> None:
+    await outbox.commit([event(1, "A"), event(2, "A"), event(3, "B")])
+    for delivery in await outbox.lease("erp", 10):
+        await outbox.dead_letter(delivery, status=422, reason="HTTP 422: unknown order")
+    assert [d["id"] for d in await outbox.deliveries(state="dead")] == ["ev-1", "ev-3"]
+    shown = await outbox.show("ev-1")
+    assert shown is not None and shown["deliveries"][0]["state"] == "dead"
+    assert await outbox.retry_dead("ev-1") == 1
+    # Back in line ahead of ev-2: commit order per key holds.
+    assert [d.event_id for d in await outbox.lease("erp", 10)] == ["ev-1"]
+    assert await outbox.purge_dead() == 1
+    assert await outbox.show("ev-3") is None
+    counts = (await outbox.counts())["erp"]
+    assert (counts.pending, counts.dead) == (2, 0)
+
+
+async def test_journal_keeps_its_retention_and_ids_stay_known(outbox: Outbox) -> None:
+    await outbox.commit([event(1)])
+    (delivery,) = await outbox.lease("erp", 1)
+    await outbox.ack(delivery, status=201, reference="ERP-1")
+    assert (await outbox.commit([event(1)])).duplicates == 1  # delivered, still known
+    assert await outbox.prune(retention=3600) == 0
+    assert await outbox.prune(retention=3600, now=time.time() + 7200) == 1
+    assert await outbox.journal() == []

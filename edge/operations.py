@@ -1,0 +1,102 @@
+"""Outbox operations a technician runs: status, list, show, retry and purge dead letters, and
+the audit journal. The same functions serve the daemon's local API and the CLI.
+
+The CLI asks the running daemon over its local API (so the daemon's in-memory view stays true);
+when no daemon answers, it opens the database itself. Calls that change something carry the
+API token: the configured one, or the one the daemon wrote to `data_dir/api-token` at start.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from buffer.outbox import Outbox
+from edge.config import PlantConfig
+
+Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal"]
+CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead"})
+TOKEN_FILE = "api-token"
+
+
+async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any]) -> Any:
+    """Run one operation on an open outbox; the result is plain JSON-able data."""
+    match operation:
+        case "status":
+            counts = await outbox.counts()
+            return {
+                "destinations": {name: vars(c) for name, c in sorted(counts.items())},
+                "back_pressure": outbox.back_pressure,
+                "used_bytes": outbox.used_bytes,
+                "recovered_from": outbox.recovered_from,
+            }
+        case "list":
+            return await outbox.deliveries(destination=args.get("destination"),
+                                           state=args.get("state", "pending"),
+                                           limit=int(args.get("limit", 100)))
+        case "show":
+            return await outbox.show(str(args["id"]))
+        case "retry":
+            event_id = None if args.get("all_dead") else args.get("id")
+            if event_id is None and not args.get("all_dead"):
+                raise ValueError("say which event to retry, or all_dead")
+            return {"retried": await outbox.retry_dead(event_id, args.get("destination"))}
+        case "purge-dead":
+            return {"purged": await outbox.purge_dead(args.get("id"), args.get("destination"))}
+        case "journal":
+            return await outbox.journal(float(args.get("since", 0.0)),
+                                        limit=int(args.get("limit", 1000)))
+    raise ValueError(f"unknown operation {operation!r}")
+
+
+def api_token(config: PlantConfig) -> str | None:
+    """The token the CLI presents: configured, else the one the daemon wrote at start."""
+    if config.api.token is not None:
+        return config.api.token.get_secret_value()
+    try:
+        return (config.data_dir / TOKEN_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
+def issue_token(config: PlantConfig) -> str:
+    """The token the daemon requires; a fresh random one in data_dir unless configured."""
+    if config.api.token is not None:
+        return config.api.token.get_secret_value()
+    token = secrets.token_urlsafe(32)
+    path: Path = config.data_dir / TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(token + "\n")
+    return token
+
+
+class DaemonRefused(Exception):
+    """The running daemon answered with an error."""
+
+
+async def call(config: PlantConfig, operation: Operation, args: Mapping[str, Any]
+               ) -> tuple[Any, Literal["daemon", "database"]]:
+    """Run an operation through the running daemon, or on the database when none answers."""
+    url = f"http://{config.api.listen}/outbox/{operation}"
+    headers = {}
+    if operation in CHANGES and (token := api_token(config)):
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            response = await client.post(url, json=dict(args), headers=headers)
+    except httpx.ConnectError:
+        outbox = await Outbox.open(config.database_path)
+        try:
+            return await perform(outbox, operation, args), "database"
+        finally:
+            await outbox.close()
+    if response.status_code != 200:
+        raise DaemonRefused(f"the daemon answered {response.status_code}: {response.text}")
+    return response.json(), "daemon"
