@@ -153,6 +153,9 @@ class Outbox:
         self.disk_full = False
         self.recovered_from = recovered_from
         """Where a corrupt database was moved at open, if one was: an alarm, not an error."""
+        self.integrity_problem: str | None = None
+        """What the background integrity check found wrong, if anything: an alarm."""
+        self._checker: asyncio.Task[None] | None = None
         self.stats = OutboxStats()
 
     @classmethod
@@ -164,22 +167,41 @@ class Outbox:
         path.parent.mkdir(parents=True, exist_ok=True)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
-        connection, recovered_from = await loop.run_in_executor(executor, _open_checked, path)
-        heads = await loop.run_in_executor(executor, _load_heads, connection)
-        counts = await loop.run_in_executor(executor, _load_counts, connection)
-        outbox = cls(connection, executor, commit_interval=commit_interval,
-                     commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=heads,
-                     counts=counts, recovered_from=recovered_from)
-        outbox.used_bytes = await loop.run_in_executor(executor, _used_bytes, connection)
+        opened = await loop.run_in_executor(executor, _open_checked, path)
+        outbox = cls(opened.connection, executor, commit_interval=commit_interval,
+                     commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=opened.heads,
+                     counts=opened.counts, recovered_from=opened.recovered_from)
+        outbox.used_bytes = opened.used_bytes
         outbox._update_room()
         outbox._writer = asyncio.create_task(outbox._write_loop(), name="outbox-writer")
+        outbox._checker = asyncio.create_task(outbox._check_integrity(path),
+                                              name="outbox-integrity-check")
         return outbox
+
+    async def _check_integrity(self, path: Path) -> None:
+        """A full `quick_check` reads the whole file (seconds for a big backlog on a cold
+        cache), so it runs beside the gateway on a read-only connection of its own instead of
+        delaying the first delivery. A failure raises the alarm and marks the file, so the next
+        start moves it aside; this run goes on with what it can still read."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-check") as pool:
+            problem = await asyncio.get_running_loop().run_in_executor(pool, _check_and_mark,
+                                                                        path)
+        if problem is not None:
+            self.integrity_problem = problem
+            log.critical("The outbox database %s failed its integrity check: %s. The gateway "
+                         "keeps running; at the next start the file is moved aside and a fresh "
+                         "one created. Plan a restart and recover undelivered events from the "
+                         "moved file", path, problem)
 
     async def close(self) -> None:
         """Finish queued work, then close the database."""
         if self._closed:
             return
         self._closed = True
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
         if self._writer is not None:
             await self._queue.join()
             self._writer.cancel()
@@ -688,15 +710,16 @@ def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cursor]
 
 
+DAMAGED_MARK = ".damaged"
+"""Suffix of the file that marks a database found damaged while in use."""
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA busy_timeout = 5000")
-        (check,) = db.execute("PRAGMA quick_check").fetchone()
-        if check != "ok":
-            raise sqlite3.DatabaseError(f"integrity check failed: {check}")
         migrate(db)
     except BaseException:
         db.close()
@@ -704,11 +727,50 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _open_checked(path: Path) -> tuple[sqlite3.Connection, str | None]:
-    """Open the database; one that is damaged is moved aside with a timestamp and replaced by
-    a fresh one, so that a bad file raises an alarm instead of a crash loop."""
+def _check_and_mark(path: Path) -> str | None:
+    """Run `quick_check`; on damage, leave the mark the next start acts on, and say what."""
     try:
-        return _connect(path), None
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            rows = [row[0] for row in db.execute("PRAGMA quick_check(20)")]
+        finally:
+            db.close()
+        problem = None if rows == ["ok"] else "; ".join(rows)
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    if problem is not None:
+        Path(f"{path}{DAMAGED_MARK}").write_text(problem + "\n")
+    return problem
+
+
+@dataclass
+class _Opened:
+    connection: sqlite3.Connection
+    heads: dict[str, dict[str, _Head]]
+    counts: tuple[Counter[str], Counter[str]]
+    used_bytes: int
+    recovered_from: str | None
+
+
+def _load(path: Path) -> _Opened:
+    db = _connect(path)
+    try:
+        return _Opened(db, _load_heads(db), _load_counts(db), _used_bytes(db), None)
+    except BaseException:
+        db.close()
+        raise
+
+
+def _open_checked(path: Path) -> _Opened:
+    """Open the database and read what the gateway keeps in memory. A file that cannot be
+    read, or that the previous run found damaged, is moved aside with a timestamp and
+    replaced by a fresh one: a bad file raises an alarm, never a crash loop."""
+    mark = Path(f"{path}{DAMAGED_MARK}")
+    try:
+        if mark.exists():
+            raise sqlite3.DatabaseError(f"marked damaged by the last run: "
+                                        f"{mark.read_text().strip()}")
+        return _load(path)
     except sqlite3.DatabaseError as exc:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         aside = path.with_name(f"{path.name}.corrupt-{stamp}")
@@ -716,7 +778,10 @@ def _open_checked(path: Path) -> tuple[sqlite3.Connection, str | None]:
             source = Path(f"{path}{suffix}")
             if source.exists():
                 source.rename(Path(f"{aside}{suffix}"))
+        mark.unlink(missing_ok=True)
         log.critical("The outbox database %s is damaged (%s); it was moved to %s and a fresh "
                      "one was created. Events it held were not delivered: recover them from "
                      "the moved file", path, exc, aside)
-        return _connect(path), f"{aside} ({exc})"
+        opened = _load(path)
+        opened.recovered_from = f"{aside} ({exc})"
+        return opened

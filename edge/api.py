@@ -107,6 +107,9 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily("plantsync_outbox_recovered_from_corruption",
                                 "1 when a damaged outbox database was moved aside at start",
                                 value=0.0 if gw.outbox.recovered_from is None else 1.0)
+        yield GaugeMetricFamily("plantsync_outbox_integrity_problem",
+                                "1 when the integrity check found the database damaged",
+                                value=0.0 if gw.outbox.integrity_problem is None else 1.0)
 
 
 def create_app(gateway: Gateway) -> Starlette:
@@ -118,8 +121,7 @@ def create_app(gateway: Gateway) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         reasons = gateway.not_ready_reasons()
-        alarms = ([f"the outbox database was damaged at start and moved aside: "
-                   f"{gateway.outbox.recovered_from}"] if gateway.outbox.recovered_from else [])
+        alarms = gateway.alarms()
         return JSONResponse({"ready": not reasons, "reasons": reasons, "alarms": alarms},
                             status_code=503 if reasons else 200)
 

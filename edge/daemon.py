@@ -123,6 +123,17 @@ class Gateway:
                                "buffered")
         return reasons
 
+    def alarms(self) -> list[str]:
+        """What needs a person even though the gateway runs on."""
+        alarms = []
+        if self.outbox.recovered_from:
+            alarms.append("the outbox database was damaged at start and moved aside: "
+                          f"{self.outbox.recovered_from}")
+        if self.outbox.integrity_problem:
+            alarms.append("the outbox database failed its integrity check: "
+                          f"{self.outbox.integrity_problem}; it is moved aside at the next start")
+        return alarms
+
     def status(self) -> dict[str, Any]:
         now = time.time()
         return {
@@ -154,6 +165,7 @@ class Gateway:
                 "used_bytes": self.outbox.used_bytes,
                 "max_bytes": int(self.config.outbox.max_size),
                 "recovered_from": self.outbox.recovered_from,
+                "alarms": self.alarms(),
                 "refused_informational": self.outbox.stats.refused_informational,
                 "duplicates_ignored": self.outbox.stats.duplicates_ignored,
             },

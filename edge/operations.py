@@ -34,6 +34,7 @@ async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any])
                 "back_pressure": outbox.back_pressure,
                 "used_bytes": outbox.used_bytes,
                 "recovered_from": outbox.recovered_from,
+                "integrity_problem": outbox.integrity_problem,
             }
         case "list":
             return await outbox.deliveries(destination=args.get("destination"),

@@ -133,6 +133,9 @@ def _text(operation: Operation, result: Any, via: str) -> str:
             if result["recovered_from"]:
                 lines.append(f"ALARM: a damaged database was moved aside: "
                              f"{result['recovered_from']}")
+            if result.get("integrity_problem"):
+                lines.append(f"ALARM: the integrity check failed: {result['integrity_problem']}"
+                             "; the file is moved aside at the next start")
         case "list":
             for row in result:
                 reason = f"  {row['last_status'] or ''} {row['last_error'] or ''}".rstrip()

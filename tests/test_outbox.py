@@ -216,3 +216,33 @@ async def test_journal_keeps_its_retention_and_ids_stay_known(outbox: Outbox) ->
     assert await outbox.prune(retention=3600) == 0
     assert await outbox.prune(retention=3600, now=time.time() + 7200) == 1
     assert await outbox.journal() == []
+
+
+async def test_damage_found_while_running_raises_the_alarm_and_moves_the_file_next_start(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    path = tmp_path / "outbox.db"
+    box = await Outbox.open(path)
+    await box.commit([big(n, key=f"k{n}") for n in range(300)])
+    await box.close()
+    # Break a page in the middle of the file, leaving the header and schema readable.
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2 // 4096 * 4096
+    data[middle:middle + 4096] = b"\xff" * 4096
+    path.write_bytes(bytes(data))
+
+    box = await Outbox.open(path)
+    for _ in range(100):
+        if box.integrity_problem:
+            break
+        await asyncio.sleep(0.05)
+    assert box.integrity_problem  # the alarm, while the gateway keeps running
+    assert box.recovered_from is None
+    await box.close()
+
+    box = await Outbox.open(path)  # the next start moves it aside
+    assert box.recovered_from is not None and "marked damaged" in box.recovered_from
+    assert not Path(f"{path}.damaged").exists()
+    await box.close()
