@@ -66,6 +66,17 @@ class OutboxEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class RejectedInput:
+    """An input a driver received but could not use, kept with the reason (input dead letter)."""
+
+    source: str
+    topic: str
+    payload: bytes
+    reason: str
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One event leased for delivery to one destination."""
 
@@ -99,6 +110,7 @@ class OutboxStats:
 
     committed: int = 0
     duplicates_ignored: int = 0
+    rejected_inputs: int = 0
     refused_informational: int = 0
     delivered: int = 0
     retries: int = 0
@@ -249,9 +261,10 @@ class Outbox:
 
     async def commit(
         self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None, *,
-        wait: bool = True,
+        rejected: Sequence[RejectedInput] = (), wait: bool = True,
     ) -> CommitResult:
-        """Durably store new events and the rule state that produced them, atomically.
+        """Durably store new events, the rule state that produced them, and the inputs that
+        were rejected on the way, atomically.
 
         An event id committed before (still held, or delivered within the journal's
         retention) is ignored and counted: re-deriving events after a crash gives the same
@@ -268,7 +281,7 @@ class Outbox:
                 log.warning("Refused %d informational event(s): %s", refused,
                             self.back_pressure)
             events = kept
-            if events or state:
+            if events or state or rejected:
                 if not wait:
                     raise OutboxFull(self.back_pressure or "the outbox is full")
                 await self._room.wait()
@@ -302,9 +315,15 @@ class Outbox:
                 db.executemany(
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
+            if rejected:
+                db.executemany(
+                    "INSERT INTO rejected_inputs(source, topic, payload, reason, received_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(r.source, r.topic, r.payload, r.reason, r.received_at) for r in rejected])
             return inserted, new_rows
 
-        inserted, new_rows = await self._submit(run, max(1, len(events)))
+        inserted, new_rows = await self._submit(run, max(1, len(events) + len(rejected)))
+        self.stats.rejected_inputs += len(rejected)
         for destination, key, seq, priority in new_rows:
             self._pending[destination] += 1
             heads = self._heads.setdefault(destination, {})
@@ -416,13 +435,15 @@ class Outbox:
         return len(purged)
 
     async def prune(self, retention: float, now: float | None = None) -> int:
-        """Forget journal rows and remembered ids older than `retention` seconds."""
+        """Forget journal rows, remembered ids and input dead letters older than `retention`
+        seconds."""
         cutoff = (time.time() if now is None else now) - retention
 
         def run(db: sqlite3.Connection) -> int:
             pruned = db.execute("DELETE FROM journal WHERE delivered_at < ?", (cutoff,)).rowcount
             db.execute("DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN"
                        " (SELECT id FROM events)", (cutoff,))
+            db.execute("DELETE FROM rejected_inputs WHERE received_at < ?", (cutoff,))
             return int(pruned)
 
         return int(await self._submit(run, 1))
@@ -507,6 +528,19 @@ class Outbox:
                 "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts, d.last_status,"
                 " d.last_error, d.dead_at FROM deliveries d JOIN events e ON e.seq = d.event_seq"
                 " WHERE d.state = 2 ORDER BY d.dead_at, d.event_seq"))
+
+        return await self._read(run)
+
+    async def rejected_inputs(self, since: float = 0.0, limit: int = 100
+                              ) -> list[dict[str, Any]]:
+        """Input dead letters, newest first."""
+        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = _dicts(db.execute(
+                "SELECT id, source, topic, payload, reason, received_at FROM rejected_inputs"
+                " WHERE received_at >= ? ORDER BY id DESC LIMIT ?", (since, limit)))
+            for row in rows:
+                row["payload"] = row["payload"].decode(errors="replace")
+            return rows
 
         return await self._read(run)
 

@@ -62,6 +62,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT OR IGNORE INTO event_ids SELECT event_id, delivered_at FROM journal",
         "CREATE INDEX event_ids_by_time ON event_ids(committed_at)",
     ),
+    (
+        # 3: input dead letters: messages a driver received but could not use (malformed,
+        # invalid), kept with their reason and committed with the acknowledgement.
+        """CREATE TABLE rejected_inputs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            source TEXT NOT NULL,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            reason TEXT NOT NULL,
+            received_at REAL NOT NULL
+        )""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 TagValue = bool | int | float | str | None
 
@@ -44,8 +45,39 @@ class Sample:
         return f"{self.driver}.{self.tag}"
 
 
-SampleSink = Callable[[Sequence[Sample]], Awaitable[None]]
-"""Where a driver delivers a batch of samples; awaiting it is the back-pressure."""
+@dataclass(frozen=True, slots=True)
+class MesMessage:
+    """One MES event as a driver received it, its fields already mapped by the topic's field
+    mapping to the names of a canonical MES input `kind` (e.g. `material.consumed`). The
+    pipeline validates it against the canonical model; the driver only knows the protocol."""
+
+    driver: str
+    topic: str
+    kind: str
+    fields: Mapping[str, Any]
+    message_id: str
+    """Stable across redeliveries (the MES id, or a hash of the payload): the natural key."""
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedMessage:
+    """A message that cannot be used (not JSON, too large, a mapped field missing): kept as an
+    input dead letter with its reason, and acknowledged, so it never blocks the queue."""
+
+    driver: str
+    topic: str
+    payload: bytes
+    reason: str
+    received_at: float
+
+
+Reading = Sample | MesMessage | RejectedMessage
+
+SampleSink = Callable[[Sequence[Reading]], Awaitable[None]]
+"""Where a driver delivers a batch of readings. The await returns once whatever they produced
+is committed to the outbox: it is the back-pressure, and the moment a driver may acknowledge
+its source (an MQTT PUBACK), never earlier."""
 
 
 @dataclass

@@ -52,7 +52,12 @@ class GatewayCollector(Collector):
             last = driver.health.last_sample_age(now)
             if last is not None:
                 age.add_metric([driver.name], last)
-        yield from (connected, samples, errors, age)
+        rejected = CounterMetricFamily("plantsync_driver_rejected_messages",
+                                       "Messages kept as input dead letters (malformed or "
+                                       "invalid)", labels=["driver"])
+        for driver in gw.drivers:
+            rejected.add_metric([driver.name], gw.pipeline.rejected_by_driver[driver.name])
+        yield from (connected, samples, errors, age, rejected)
 
         events = CounterMetricFamily("plantsync_events", "Events committed to the outbox",
                                      labels=["type"])

@@ -57,7 +57,7 @@ class Gateway:
                 upstream_tasks = [upstream.create_task(self.pipeline.run_ticks(),
                                                        name="rule-time-triggers")]
                 upstream_tasks += [
-                    upstream.create_task(driver.run(self.pipeline.on_samples),
+                    upstream.create_task(driver.run(self.pipeline.on_readings),
                                          name=f"driver-{driver.name}")
                     for driver in self.drivers
                 ]

@@ -19,7 +19,7 @@ import httpx
 from buffer.outbox import Outbox
 from edge.config import PlantConfig
 
-Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal"]
+Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal", "rejected"]
 CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead"})
 TOKEN_FILE = "api-token"
 
@@ -52,6 +52,9 @@ async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any])
         case "journal":
             return await outbox.journal(float(args.get("since", 0.0)),
                                         limit=int(args.get("limit", 1000)))
+        case "rejected":
+            return await outbox.rejected_inputs(float(args.get("since", 0.0)),
+                                                limit=int(args.get("limit", 100)))
     raise ValueError(f"unknown operation {operation!r}")
 
 

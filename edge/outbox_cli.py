@@ -6,6 +6,7 @@
     plantsync outbox --config FILE retry EVENT_ID | --all-dead [--destination D]
     plantsync outbox --config FILE purge-dead [EVENT_ID] [--destination D]
     plantsync outbox --config FILE journal [--since 24h | 2026-11-29T06:00]
+    plantsync outbox --config FILE rejected [--since 24h]     (input dead letters)
 
 Each talks to the running daemon when there is one, else opens the database directly.
 """
@@ -49,6 +50,10 @@ def add_outbox_parser(commands: Any) -> None:
     journal.add_argument("--since", default="24h",
                          help="a duration back from now (24h, 7d) or an ISO time")
     journal.add_argument("--limit", type=int, default=1000)
+    rejected = actions.add_parser("rejected", help="input dead letters: messages that could "
+                                  "not be used, with the reason")
+    rejected.add_argument("--since", default="24h")
+    rejected.add_argument("--limit", type=int, default=100)
 
 
 def run_outbox_command(args: argparse.Namespace) -> int:
@@ -73,7 +78,7 @@ def run_outbox_command(args: argparse.Namespace) -> int:
                        "destination": args.destination}
         case "purge-dead":
             request = {"id": args.id, "destination": args.destination}
-        case "journal":
+        case "journal" | "rejected":
             try:
                 request = {"since": _since(args.since), "limit": args.limit}
             except ValueError as exc:
@@ -158,5 +163,11 @@ def _text(operation: Operation, result: Any, via: str) -> str:
                              f"ref={row['reference'] or '-'}")
             if not result:
                 lines.append("(nothing delivered in that window)")
+        case "rejected":
+            for row in result:
+                lines.append(f"{_when(row['received_at'])}  {row['source']}  {row['topic']}: "
+                             f"{row['reason']}\n    payload: {row['payload'][:200]}")
+            if not result:
+                lines.append("(no rejected input in that window)")
     lines.append(f"(from the {'running daemon' if via == 'daemon' else 'database directly'})")
     return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""The pipeline on a real outbox: MES messages become canonical events or input dead letters,
+in the same commit as the rules' state."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+from buffer.outbox import Outbox
+from drivers.base import MesMessage, RejectedMessage, Sample
+from edge.config import parse_config
+from edge.pipeline import Pipeline
+
+CONFIG = """
+site: "1010"
+data_dir: /tmp/unused
+drivers:
+  - {name: plc, type: modbus, host: 127.0.0.1, tags: [{name: good, address: 0, type: uint32}]}
+machines:
+  - {id: press-01, signals: {processed: plc.good}, order: {order_id: "42"},
+     confirm: {every_units: 10}}
+destinations:
+  erp: {base_url: "http://127.0.0.1:1"}
+routes:
+  production.confirmation: [erp]
+  material.consumed: [erp]
+"""
+
+
+def consumption(message_id: str, quantity: object = Decimal("12.5"), **extra: object
+                ) -> MesMessage:
+    fields = {"order_id": "42", "material": "RM-1", "lot_id": "L-7",
+              "quantity": {"value": quantity, "uom": "KGM"}, **extra}
+    return MesMessage("mes", "mes/1010/press-01/consumption", "material.consumed", fields,
+                      message_id, 1_800_000_000.0)
+
+
+async def test_mes_messages_become_events_or_input_dead_letters(tmp_path: Path) -> None:
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    pipeline = Pipeline(parse_config(CONFIG, "p", {}), outbox, {})
+    await pipeline.on_readings([
+        Sample("plc", "good", 0, 1.0),
+        consumption("m-1"),
+        consumption("m-2", quantity="-3"),
+        RejectedMessage("mes", "mes/1010/x/consumption", b"{not json", "not JSON: ...", 2.0),
+        Sample("plc", "good", 10, 2.0),
+    ])
+    (first,) = await outbox.lease("erp", 5)
+    assert first.event_type == "material.consumed"  # before the confirmation: commit order
+    event = json.loads(first.payload)
+    assert event["data"]["quantity"] == {"value": "12.5", "uom": "KGM"}
+    assert event["partitionkey"] == "42"
+    rejected = await outbox.rejected_inputs()
+    reasons = sorted(r["reason"] for r in rejected)
+    assert any("quantity.value" in r for r in reasons), reasons
+    assert any("not JSON" in r for r in reasons)
+    assert pipeline.rejected_by_driver["mes"] == 2
+    # A redelivered MES message derives the same id: the outbox ignores it.
+    await pipeline.on_readings([consumption("m-1")])
+    assert outbox.stats.duplicates_ignored == 1
+    await outbox.close()
+
+    # The MES sequence and rule state came back from the same commits.
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    saved = await outbox.load_state()
+    assert saved["pipeline:mes-sequence"] == "2"
+    assert json.loads(saved["machine:press-01"])["good"]["total"] == 10
+    await outbox.close()
