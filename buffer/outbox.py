@@ -77,6 +77,20 @@ class RejectedInput:
 
 
 @dataclass(frozen=True, slots=True)
+class LotStatus:
+    """A lot's quality status: `hold` until a disposition says `release` or `reject`."""
+
+    lot_id: str
+    status: str
+    since: float
+    source: str
+    order_id: str | None = None
+    material: str | None = None
+    decided: bool = True
+    """False for the status a produced lot starts with: it never overrides a decision."""
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One event leased for delivery to one destination."""
 
@@ -94,6 +108,8 @@ class CommitResult:
     inserted: int
     duplicates: int
     refused: int = 0
+    new_ids: frozenset[str] = frozenset()
+    """Ids of the events this commit added (not duplicates, not refused)."""
 
 
 @dataclass
@@ -261,7 +277,8 @@ class Outbox:
 
     async def commit(
         self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None, *,
-        rejected: Sequence[RejectedInput] = (), wait: bool = True,
+        rejected: Sequence[RejectedInput] = (), lots: Sequence[LotStatus] = (),
+        wait: bool = True,
     ) -> CommitResult:
         """Durably store new events, the rule state that produced them, and the inputs that
         were rejected on the way, atomically.
@@ -288,15 +305,15 @@ class Outbox:
         now = time.time()
         state_rows = list((state or {}).items())
 
-        def run(db: sqlite3.Connection) -> tuple[int, list[tuple[str, str, int, int]]]:
-            inserted = 0
+        def run(db: sqlite3.Connection) -> tuple[set[str], list[tuple[str, str, int, int]]]:
+            inserted: set[str] = set()
             new_rows: list[tuple[str, str, int, int]] = []
             for event in events:
                 cursor = db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
                                     " ON CONFLICT(id) DO NOTHING", (event.id, now))
                 if cursor.rowcount == 0:
                     continue  # held, delivered or routed nowhere before: the same event
-                inserted += 1
+                inserted.add(event.id)
                 if not event.destinations:
                     continue
                 seq = db.execute(
@@ -320,6 +337,15 @@ class Outbox:
                     "INSERT INTO rejected_inputs(source, topic, payload, reason, received_at)"
                     " VALUES (?, ?, ?, ?, ?)",
                     [(r.source, r.topic, r.payload, r.reason, r.received_at) for r in rejected])
+            for lot in lots:
+                db.execute(
+                    "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(lot_id) DO UPDATE SET"
+                    " status = excluded.status, since = excluded.since, source = excluded.source,"
+                    " order_id = COALESCE(excluded.order_id, order_id),"
+                    " material = COALESCE(excluded.material, material)"
+                    + ("" if lot.decided else " WHERE false"),
+                    (lot.lot_id, lot.status, lot.since, lot.source, lot.order_id, lot.material))
             return inserted, new_rows
 
         inserted, new_rows = await self._submit(run, max(1, len(events) + len(rejected)))
@@ -329,12 +355,12 @@ class Outbox:
             heads = self._heads.setdefault(destination, {})
             if key not in heads:
                 heads[key] = _Head(seq, priority, 0.0)
-        duplicates = len(events) - inserted
-        self.stats.committed += inserted
+        duplicates = len(events) - len(inserted)
+        self.stats.committed += len(inserted)
         self.stats.duplicates_ignored += duplicates
         if new_rows:
             self._notify()
-        return CommitResult(inserted, duplicates, refused)
+        return CommitResult(len(inserted), duplicates, refused, frozenset(inserted))
 
     async def ack(
         self, delivery: Delivery, *, status: int | None, reference: str | None = None
@@ -530,6 +556,12 @@ class Outbox:
                 " WHERE d.state = 2 ORDER BY d.dead_at, d.event_seq"))
 
         return await self._read(run)
+
+    async def lot_status(self, lot_id: str) -> LotStatus | None:
+        row = await self._read(lambda db: db.execute(
+            "SELECT lot_id, status, since, source, order_id, material FROM lot_status"
+            " WHERE lot_id = ?", (lot_id,)).fetchone())
+        return None if row is None else LotStatus(*row)
 
     async def rejected_inputs(self, since: float = 0.0, limit: int = 100
                               ) -> list[dict[str, Any]]:

@@ -74,6 +74,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             received_at REAL NOT NULL
         )""",
     ),
+    (
+        # 4: each lot's quality status as the gateway knows it, for GET /lots/{lot_id}.
+        """CREATE TABLE lot_status (
+            lot_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            since REAL NOT NULL,
+            source TEXT NOT NULL,
+            order_id TEXT,
+            material TEXT
+        ) WITHOUT ROWID""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

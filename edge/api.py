@@ -59,6 +59,18 @@ class GatewayCollector(Collector):
             rejected.add_metric([driver.name], gw.pipeline.rejected_by_driver[driver.name])
         yield from (connected, samples, errors, age, rejected)
 
+        unassigned = CounterMetricFamily("plantsync_unassigned_units",
+                                         "Units counted with no order bound (reported, not "
+                                         "posted)", labels=["machine"])
+        for rule in gw.pipeline.rules:
+            unassigned.add_metric([rule.machine.id], rule.state.unassigned)
+        yield unassigned
+        lots = [figure for figure in gw.pipeline.genealogy.figures().values()]
+        if lots:
+            complete = sum(f["complete"] for f in lots) / sum(f["lots"] for f in lots)
+            yield GaugeMetricFamily("plantsync_genealogy_completeness",
+                                    "Share of produced lots (recent orders) whose input lots "
+                                    "cover every required material", value=complete)
         events = CounterMetricFamily("plantsync_events", "Events committed to the outbox",
                                      labels=["type"])
         for event_type, count in sorted(gw.pipeline.events_by_type.items()):
@@ -154,9 +166,13 @@ def create_app(gateway: Gateway) -> Starlette:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(result)
 
+    async def lot(request: Request) -> Response:
+        return JSONResponse(await gateway.quality.lot_status(request.path_params["lot_id"]))
+
     return Starlette(routes=[
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
         Route("/metrics", metrics), Route("/outbox/{operation}", outbox, methods=["POST"]),
+        Route("/lots/{lot_id:path}", lot),
     ])
 
 

@@ -16,13 +16,13 @@ from edge.logs import setup_logging
 
 log = logging.getLogger("plantsync")
 
-SIMULATORS = ("modbus", "erp")
+SIMULATORS = ("modbus", "erp", "qms", "opcua", "mes")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "sim" and rest:
+    if args.command not in ("sim", "probe", "browse") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     match args.command:
         case "run":
@@ -33,9 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _schema(args.out)
         case "sim":
             return _sim(args.simulator, rest)
+        case "probe":
+            from drivers.modbus import probe_main
+            return probe_main(rest)
+        case "browse":
+            from drivers.opcua import browse_main
+            return browse_main(rest)
         case "demo":
             from edge.demo import run_demo
             return run_demo(Path(args.config))
+        case "record" | "replay":
+            return _offline(args)
         case "outbox":
             from edge.outbox_cli import run_outbox_command
             return run_outbox_command(args)
@@ -61,13 +69,31 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("--out", "-o", type=Path, default=Path("schemas"),
                         help="directory to write into (default: ./schemas)")
 
-    sim = commands.add_parser("sim", help="start a simulator: modbus (PLC) or erp (ERP API); "
-                              "options after the name go to the simulator (try --help)",
-                              add_help=False)
+    sim = commands.add_parser("sim", help="start a simulator: modbus (PLC), opcua (machine), "
+                              "mes (MQTT publisher), erp (ERP API) or qms (QMS API); options "
+                              "after the name go to the simulator (try --help)", add_help=False)
     sim.add_argument("simulator", choices=SIMULATORS)
+
+    probe = commands.add_parser("probe", help="read a Modbus block and show it decoded in every "
+                                "type and byte order (try: probe modbus --help)", add_help=False)
+    probe.add_argument("protocol", choices=("modbus",))
+
+    browse = commands.add_parser("browse", help="print an OPC UA server's address space "
+                                 "(try: browse opcua --help)", add_help=False)
+    browse.add_argument("protocol", choices=("opcua",))
 
     demo = commands.add_parser("demo", help="run the simulators and the gateway together")
     demo.add_argument("--config", "-c", type=Path, default=Path("config/demo.yaml"))
+
+    record = commands.add_parser("record", help="capture live samples and MES events to a "
+                                 "JSON lines file (for replay)")
+    record.add_argument("--config", "-c", required=True, type=Path)
+    record.add_argument("--out", "-o", required=True, type=Path)
+    record.add_argument("--duration", help="stop after this long (e.g. 8h); default: Ctrl-C")
+    replay = commands.add_parser("replay", help="run recorded input through the rules offline "
+                                 "and print the events")
+    replay.add_argument("--config", "-c", required=True, type=Path)
+    replay.add_argument("--input", "-i", required=True, type=Path)
 
     from edge.outbox_cli import add_outbox_parser
     add_outbox_parser(commands)
@@ -89,6 +115,26 @@ def _check(path: Path) -> int:
     return 0
 
 
+def _offline(args: argparse.Namespace) -> int:
+    from edge.replay import run_record, run_replay
+    from edge.timing import parse_duration
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    if args.command == "replay":
+        return run_replay(config, args.input)
+    setup_logging("text", "WARNING")
+    try:
+        duration = parse_duration(args.duration) if args.duration else None
+    except ValueError as exc:
+        print(f"--duration: {exc}", file=sys.stderr)
+        return 2
+    return run_record(config, args.out, duration)
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -108,6 +154,15 @@ def _sim(name: str, rest: list[str]) -> int:
         case "erp":
             from simulators import erp_api
             return erp_api.main(rest)
+        case "opcua":
+            from simulators import opcua_machine
+            return opcua_machine.main(rest)
+        case "mes":
+            from simulators import mes_publisher
+            return mes_publisher.main(rest)
+        case "qms":
+            from simulators import qms_api
+            return qms_api.main(rest)
     return 2
 
 

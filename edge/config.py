@@ -32,13 +32,14 @@ from pydantic import (
 )
 
 from drivers.modbus import ModbusConfig
+from drivers.mqtt import MqttConfig
+from drivers.opcua import OpcUaConfig
 from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS
 from edge.timing import Duration
 
 Loc = tuple[str | int, ...]
 
-# One member today; OPC UA and MQTT join as `Annotated[A | B | C, Field(discriminator="type")]`.
-DriverConfig = ModbusConfig
+DriverConfig = Annotated[ModbusConfig | OpcUaConfig | MqttConfig, Field(discriminator="type")]
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 SIGNAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*\.[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -115,6 +116,14 @@ class OrderBinding(Strict):
     lot_id: str | None = Field(None, description="Lot (batch) being produced.")
 
 
+PackMLState = Literal[
+    "Clearing", "Stopped", "Starting", "Idle", "Suspended", "Execute", "Stopping", "Aborting",
+    "Aborted", "Holding", "Held", "Unholding", "Suspending", "Unsuspending", "Resetting",
+    "Completing", "Complete",
+]
+"""PackML (ISA-TR88.00.02) state names; `state_map` maps a vendor's numbers onto them."""
+
+
 class MachineSignals(Strict):
     processed: str = Field(
         description="`driver.tag` of the accumulating good-count counter.",
@@ -126,7 +135,12 @@ class MachineSignals(Strict):
         pattern=SIGNAL_PATTERN,
     )
     state: str | None = Field(
-        None, description="`driver.tag` of the numeric machine state.", pattern=SIGNAL_PATTERN
+        None, description="`driver.tag` of the numeric machine state (needs state_map).",
+        pattern=SIGNAL_PATTERN,
+    )
+    stop_reason: str | None = Field(
+        None, description="`driver.tag` of the numeric stop reason code active when the "
+        "machine stops.", pattern=SIGNAL_PATTERN,
     )
 
 
@@ -136,15 +150,52 @@ class ConfirmPolicy(Strict):
     )
     every: Duration | None = Field(
         None,
-        description="Also confirm whatever was counted, at most this long after the last "
-        "confirmation (so a slow line still reports).",
+        description="Also confirm whatever is pending at each wall-clock boundary of this "
+        "period (every: 15m confirms at :00, :15, :30 and :45 UTC), so a slow line still "
+        "reports.",
     )
+    on_state_change: bool = Field(
+        False, description="Also confirm what is pending whenever the machine state changes.")
     uom: str = Field("C62", description="UN/ECE Rec 20 unit of the counted units.")
 
     @model_validator(mode="after")
     def _some_trigger(self) -> ConfirmPolicy:
         if self.every_units is None and self.every is None:
             raise ValueError("set every_units, every, or both: otherwise nothing is confirmed")
+        return self
+
+
+class LimitConfig(Strict):
+    """A process value that must stay within [low, high]; outside for longer than `for`, it
+    raises an inspection request (and a nonconformance where configured), once per excursion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    signal: str = Field(description="`driver.tag` of the process value.",
+                        pattern=SIGNAL_PATTERN)
+    characteristic: str | None = Field(
+        None, description="Inspection characteristic as the QMS knows it (default: signal).")
+    low: float | None = Field(None, description="Lower limit (none if absent).")
+    high: float | None = Field(None, description="Upper limit (none if absent).")
+    for_: Duration = Field(0.0, alias="for",
+                           description="How long the value must stay outside before it counts.")
+    hysteresis: float = Field(
+        0.0, ge=0, description="An excursion ends only once the value is this far back inside "
+        "the limits, so a value hovering at a limit does not flood the QMS.")
+    raise_: Literal["inspection", "nonconformance", "both"] = Field(
+        "inspection", alias="raise", description="What an excursion raises.")
+    uom: str = Field("C62", description="UN/ECE Rec 20 unit of the value (e.g. NEW, CEL, BAR).")
+    defect_code: str = Field("LIMIT", min_length=1, max_length=20,
+                             description="Defect code of the nonconformance.")
+    severity: Literal["minor", "major", "critical"] = Field(
+        "major", description="Severity of the nonconformance.")
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> LimitConfig:
+        if self.low is None and self.high is None:
+            raise ValueError("set low, high, or both")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError("low must not be above high")
         return self
 
 
@@ -159,6 +210,17 @@ class MachineConfig(Strict):
     counter_width: Literal[16, 32, 64] = Field(
         32, description="Bits of the counters, for rollover: a counter that wraps keeps counting."
     )
+    state_map: dict[int, PackMLState] = Field(
+        default_factory=dict,
+        description="The machine's state numbers to PackML state names (vendors differ).",
+        examples=[{2: "Stopped", 4: "Idle", 6: "Execute", 11: "Held", 17: "Complete"}],
+    )
+    debounce: Duration = Field(
+        0.0, description="A state must last this long to count; shorter ones are ignored.")
+    stop_reasons: dict[int, str] = Field(
+        default_factory=dict, description="Stop reason codes to text, for interruptions and "
+        "downtime.")
+    limits: list[LimitConfig] = Field(default_factory=list)
 
 
 class NoAuth(Strict):
@@ -176,7 +238,44 @@ class ApiKeyAuth(Strict):
     key: SecretStr = Field(description="API key; write `${ENV_VAR}`, never the key.")
 
 
-Auth = Annotated[NoAuth | BearerAuth | ApiKeyAuth, Field(discriminator="type")]
+class OAuth2ClientCredentials(Strict):
+    type: Literal["oauth2_client_credentials"]
+    token_url: str = Field(description="The token endpoint.", pattern=r"^https?://")
+    client_id: str = Field(description="Client id.")
+    client_secret: SecretStr = Field(
+        description="Client secret; write `${ENV_VAR}` or `${cred:NAME}` (a systemd "
+        "credential), never the secret.")
+    scope: str | None = Field(None, description="Scope to ask for, if the server wants one.")
+    refresh_before: Duration = Field(
+        60.0, description="Fetch a new token this long before the current one expires.")
+    timeout: Duration = Field(10.0, description="Timeout of a token request.")
+
+
+Auth = Annotated[NoAuth | BearerAuth | ApiKeyAuth | OAuth2ClientCredentials,
+                 Field(discriminator="type")]
+
+
+class TlsConfig(Strict):
+    verify: bool = Field(
+        True, description="Verify the server's certificate. Turning it off is logged as a "
+        "warning at every start: it lets anyone on the path read and change what is sent.")
+    ca_file: Path | None = Field(None, description="CA bundle to verify the server with "
+                                 "(a plant's own CA), instead of the system's.")
+    cert_file: Path | None = Field(None, description="Client certificate, for mutual TLS.")
+    key_file: Path | None = Field(None, description="Key of the client certificate.")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class CircuitBreaker(Strict):
+    failures: int = Field(5, ge=1, description="Consecutive failed attempts that open it.")
+    open_for: Duration = Field(
+        30.0, description="How long it stays open (no requests) before one probe is let "
+        "through; the probe's success closes it.")
 
 
 class RetryPolicy(Strict):
@@ -184,19 +283,69 @@ class RetryPolicy(Strict):
     cap: Duration = Field(300.0, description="Longest wait between two attempts.")
 
 
+Profile = Literal["canonical", "sap_s4hana", "qms_rest"]
+
+PROFILE_EVENT_TYPES: dict[str, frozenset[str] | None] = {
+    "canonical": None,  # every type
+    "sap_s4hana": frozenset({"production.confirmation", "material.consumed",
+                             "lot.disposition"}),
+    "qms_rest": frozenset({"inspection.requested", "inspection.result",
+                           "nonconformance.raised"}),
+}
+"""Which event types each profile can map (None: all of them)."""
+
+
 class DestinationConfig(Strict):
     base_url: str = Field(description="Base URL of the API.", pattern=r"^https?://")
-    profile: Literal["canonical"] = Field(
-        "canonical", description="How events are shaped for this target."
-    )
-    path: str = Field("/events", description="Path under base_url that takes one event.")
+    profile: Profile = Field(
+        "canonical", description="How events are shaped for this target: canonical "
+        "(CloudEvents JSON, Idempotency-Key), sap_s4hana (production order confirmation and "
+        "usage decision OData services), qms_rest (a generic REST QMS).")
+    path: str = Field("/events", description="canonical: path under base_url that takes one "
+                      "event; sap_s4hana and qms_rest know their own paths.")
+    batch_path: str | None = Field(
+        None, description="canonical: path that takes a batch "
+        "(application/cloudevents-batch+json); default: the same as path.")
+    batch_size: int = Field(
+        1, ge=1, le=1000, description="Events per request where the profile supports "
+        "batches (canonical). Batching is where the throughput is.")
     timeout: Duration = Field(10.0, description="Timeout of one request.")
     max_in_flight: int = Field(
         4, ge=1, le=64, description="Requests in flight at once. Keep it small: ERP APIs and "
         "HTTP clients both degrade with many concurrent requests."
     )
+    rate_limit: float | None = Field(
+        None, gt=0, description="Most events per second sent to this target (none: no limit).")
     auth: Auth = Field(default_factory=NoAuth)
+    tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
+
+
+class QualityConfig(Strict):
+    """The order-to-quality-release loop: lots wait for a QMS disposition before ERP may use
+    them, and the gateway answers "is lot X on hold?" on its local API."""
+
+    qms: str | None = Field(
+        None, description="Destination (profile qms_rest) whose dispositions are polled; "
+        "none when dispositions arrive over MQTT only.")
+    poll_interval: Duration = Field(5.0, description="How often the QMS is asked for new "
+                                    "dispositions.")
+    lookup_timeout: Duration = Field(
+        0.5, description="How long GET /lots/{lot_id} waits for the QMS when the gateway does "
+        "not know the lot.")
+    unknown_lot: Literal["hold", "release"] = Field(
+        "hold", description="What GET /lots/{lot_id} answers for a lot nobody knows: hold "
+        "(fail closed) unless you really mean otherwise.")
+    inspect_produced_lots: bool = Field(
+        True, description="Each produced lot raises inspection.requested (lot_completed) and "
+        "is on hold until its disposition arrives.")
+
+
+class ValidationConfig(Strict):
+    require_known_order: bool = Field(
+        True, description="Reject (as an input dead letter) MES consumption and lot events for "
+        "an order no machine has been bound to, instead of posting them.")
 
 
 class PlantConfig(Strict):
@@ -209,6 +358,8 @@ class PlantConfig(Strict):
         10.0, description="Longest a stop waits for in-flight deliveries before leaving them "
         "in the outbox for the next start.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]
+    quality: QualityConfig = Field(default_factory=QualityConfig)  # type: ignore[arg-type]
     uom_codes: list[str] = Field(
         default_factory=list,
         description="Units of measure accepted on top of the built-in UN/ECE Rec 20 list.",
@@ -259,7 +410,7 @@ class _Problem(Exception):
         self.message = message
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_REF = re.compile(r"\$\{(?:(cred|file):([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?)\}")
 
 
 class _Document:
@@ -295,7 +446,9 @@ class _Document:
 
     def _substitute(self, text: str, loc: Loc) -> str:
         def replace(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
+            kind, where, name, default = match.groups()
+            if kind is not None:
+                return self._read_secret(kind, where, loc)
             if name in self._environ:
                 return self._environ[name]
             if default is not None:
@@ -304,6 +457,25 @@ class _Document:
             return ""
 
         return _ENV_REF.sub(replace, text)
+
+    def _read_secret(self, kind: str, where: str, loc: Loc) -> str:
+        """`${file:/path}` or `${cred:NAME}` (a systemd credential, LoadCredential=): the
+        file's content without the trailing newline."""
+        if kind == "cred":
+            directory = self._environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                self.problems.append(_Problem(loc, f"${{cred:{where}}} needs systemd's "
+                                                   "CREDENTIALS_DIRECTORY (LoadCredential=)"))
+                return ""
+            path = Path(directory) / where
+        else:
+            path = Path(where)
+        try:
+            return path.read_text().rstrip("\n")
+        except OSError as exc:
+            self.problems.append(_Problem(loc, f"cannot read the secret file {path}: "
+                                               f"{exc.strerror}"))
+            return ""
 
     def line_of(self, loc: Loc) -> int:
         for end in range(len(loc), -1, -1):
@@ -418,7 +590,19 @@ def _message(error: Mapping[str, Any], loc: Loc, data: Any) -> str:
 
 
 def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
-    tags = {f"{d.name}.{t.name}" for d in config.drivers for t in d.tags}
+    tags = {f"{d.name}.{t.name}" for d in config.drivers for t in getattr(d, "tags", ())}
+
+    def unknown_signal(signal: str, loc: Loc) -> Iterator[_Problem]:
+        if signal not in tags:
+            known = difflib.get_close_matches(signal, sorted(tags), n=1)
+            hint = f" (did you mean {known[0]!r}?)" if known else ""
+            yield _Problem(loc, f"no driver tag named {signal!r}{hint}")
+
+    def unknown_uom(code: str, loc: Loc) -> Iterator[_Problem]:
+        if code not in config.all_uom_codes:
+            yield _Problem(loc, f"{code!r} is not a known UN/ECE Rec 20 unit code; add it to "
+                           "uom_codes if your ERP uses it")
+
     names: dict[str, int] = {}
     for i, driver in enumerate(config.drivers):
         if driver.name in names:
@@ -426,28 +610,42 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
         names[driver.name] = i
     machine_ids: set[str] = set()
     for i, machine in enumerate(config.machines):
+        at: Loc = ("machines", i)
         if machine.id in machine_ids:
-            yield _Problem(("machines", i, "id"), f"machine {machine.id!r} is defined twice")
+            yield _Problem((*at, "id"), f"machine {machine.id!r} is defined twice")
         machine_ids.add(machine.id)
         for key, signal in machine.signals.model_dump().items():
-            if signal is not None and signal not in tags:
-                known = difflib.get_close_matches(signal, sorted(tags), n=1)
-                hint = f" (did you mean {known[0]!r}?)" if known else ""
-                yield _Problem(("machines", i, "signals", key),
-                               f"no driver tag named {signal!r}{hint}")
-        if machine.confirm.uom not in config.all_uom_codes:
-            yield _Problem(("machines", i, "confirm", "uom"),
-                           f"{machine.confirm.uom!r} is not a known UN/ECE Rec 20 unit code; "
-                           "add it to uom_codes if your ERP uses it")
+            if signal is not None:
+                yield from unknown_signal(signal, (*at, "signals", key))
+        if machine.signals.state is not None and not machine.state_map:
+            yield _Problem((*at, "state_map"), "signals.state needs a state_map (the machine's "
+                           "state numbers to PackML names, e.g. {6: Execute, 11: Held})")
+        yield from unknown_uom(machine.confirm.uom, (*at, "confirm", "uom"))
+        for j, limit in enumerate(machine.limits):
+            yield from unknown_signal(limit.signal, (*at, "limits", j, "signal"))
+            yield from unknown_uom(limit.uom, (*at, "limits", j, "uom"))
+    qms = config.quality.qms
+    if qms is not None and (destination := config.destinations.get(qms)) is None:
+        yield _Problem(("quality", "qms"), f"no destination named {qms!r} under destinations")
+    elif qms is not None and destination is not None and destination.profile != "qms_rest":
+        yield _Problem(("quality", "qms"), f"destination {qms!r} has profile "
+                       f"{destination.profile}; dispositions are polled from a qms_rest one")
     for event_type, destinations in config.routes.items():
         if event_type not in EVENT_MODELS:
             close = difflib.get_close_matches(event_type, list(EVENT_MODELS), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             yield _Problem(("routes", event_type), f"unknown event type{hint}")
         for j, name in enumerate(destinations):
-            if name not in config.destinations:
+            destination = config.destinations.get(name)
+            if destination is None:
                 yield _Problem(("routes", event_type, j),
                                f"no destination named {name!r} under destinations")
+                continue
+            supported = PROFILE_EVENT_TYPES[destination.profile]
+            if supported is not None and event_type not in supported:
+                yield _Problem(("routes", event_type, j),
+                               f"destination {name!r} (profile {destination.profile}) cannot "
+                               f"take {event_type}; it takes {', '.join(sorted(supported))}")
 
 
 def parse_config(

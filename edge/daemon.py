@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import Driver
 from edge.api import make_server
@@ -26,20 +24,22 @@ from edge.config import PlantConfig
 from edge.forward import HttpForwarder
 from edge.operations import issue_token
 from edge.pipeline import Pipeline
+from edge.quality import QualityLink
 from edge.registry import create_driver
 
 log = logging.getLogger(__name__)
 
 
 class Gateway:
-    def __init__(self, config: PlantConfig, outbox: Outbox, saved_state: dict[str, str],
-                 client: httpx.AsyncClient) -> None:
+    def __init__(self, config: PlantConfig, outbox: Outbox, saved_state: dict[str, str]
+                 ) -> None:
         self.config = config
         self.outbox = outbox
         self.pipeline = Pipeline(config, outbox, saved_state)
         self.drivers: list[Driver] = [create_driver(d) for d in config.drivers]
-        self.forwarders = [HttpForwarder(name, destination, outbox, client)
+        self.forwarders = [HttpForwarder(name, destination, outbox)
                            for name, destination in config.destinations.items()]
+        self.quality = QualityLink(config, outbox, self.pipeline)
         self.outbox_counts: dict[str, DestinationCounts] = {}
         self.started_at = time.time()
         self.api_token = issue_token(config)
@@ -53,6 +53,7 @@ class Gateway:
             upkeep = downstream.create_task(self._prune_journal(), name="journal-retention")
             forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
                           for f in self.forwarders]
+            quality = downstream.create_task(self.quality.run(), name="quality-dispositions")
             async with asyncio.TaskGroup() as upstream:
                 upstream_tasks = [upstream.create_task(self.pipeline.run_ticks(),
                                                        name="rule-time-triggers")]
@@ -70,6 +71,7 @@ class Gateway:
                          "drain (at most %gs)", config.shutdown_timeout)
                 for task in upstream_tasks:
                     task.cancel()
+            quality.cancel()
             for forwarder in self.forwarders:
                 forwarder.drain()
             if forwarding:
@@ -153,13 +155,21 @@ class Gateway:
             },
             "machines": [
                 {"id": rule.machine.id,
-                 "order_id": rule.machine.order.order_id if rule.machine.order else None,
+                 "order_id": binding.order_id if binding else None,
+                 "operation": binding.operation if binding else None,
+                 "state": rule.state.machine_state,
                  "good_total": rule.state.good.total, "scrap_total": rule.state.scrap.total,
                  "good_pending": rule.state.good.pending,
                  "scrap_pending": rule.state.scrap.pending,
-                 "unassigned": rule.state.unassigned}
+                 "unassigned": rule.state.unassigned,
+                 "unassigned_scrap": rule.state.unassigned_scrap}
                 for rule in self.pipeline.rules
+                for binding in [rule.state.binding]
             ],
+            "genealogy": self.pipeline.genealogy.figures(),
+            "quality": {"qms": self.config.quality.qms, "reachable": self.quality.reachable,
+                        "decisions": self.quality.decisions,
+                        "cursor": self.pipeline.qms_cursor},
             "outbox": {
                 "back_pressure": self.outbox.back_pressure,
                 "used_bytes": self.outbox.used_bytes,
@@ -197,9 +207,6 @@ async def serve(config: PlantConfig, stop: asyncio.Event) -> None:
                                max_bytes=int(config.outbox.max_size))
     try:
         saved = await outbox.load_state()
-        limits = httpx.Limits(max_connections=sum(d.max_in_flight
-                                                  for d in config.destinations.values()) or 1)
-        async with httpx.AsyncClient(limits=limits) as client:
-            await Gateway(config, outbox, saved, client).run(stop)
+        await Gateway(config, outbox, saved).run(stop)
     finally:
         await outbox.close()

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from drivers.modbus import ModbusConfig
 from edge.config import ConfigError, PlantConfig, load_config
 
 
@@ -26,7 +27,8 @@ def run_demo(config_path: Path) -> int:
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
-    if not config.drivers or "erp" not in config.destinations:
+    if not any(isinstance(d, ModbusConfig) for d in config.drivers) or (
+            "erp" not in config.destinations):
         print(f"{config_path}: the demo needs a Modbus driver and a destination named erp",
               file=sys.stderr)
         return 1
@@ -42,7 +44,7 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     # The simulators listen where the config points the gateway: one file says it all.
-    plc_port = config.drivers[0].port
+    plc_port = next(d.port for d in config.drivers if isinstance(d, ModbusConfig))
     erp_url = config.destinations["erp"].base_url.rstrip("/")
     erp_port = urlsplit(erp_url).port or 80
     python = sys.executable

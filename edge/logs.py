@@ -47,4 +47,6 @@ def setup_logging(fmt: LogFormat = "json", level: str = "INFO") -> None:
     # Library chatter (pymodbus retries, httpx per request) is theirs; ours says what matters.
     for noisy in ("pymodbus", "httpx", "httpcore", "asyncua", "uvicorn"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # These two log every lost connection with a traceback; the drivers say it once, better.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)

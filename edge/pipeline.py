@@ -14,19 +14,25 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from pydantic import ValidationError
 
-from buffer.outbox import Outbox, OutboxEvent, RejectedInput
+from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
 from drivers.base import MesMessage, Reading, RejectedMessage, Sample
-from edge.aggregate import ConfirmationRule
+from edge.aggregate import MachineRule
 from edge.config import PlantConfig, format_loc
+from edge.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
 from edge.model import (
     EVENT_MODELS,
     UOM_CODES_CONTEXT_KEY,
     CloudEvent,
+    EventData,
+    InspectionRequested,
+    LotDisposition,
+    LotProduced,
     build_event,
     priority_of,
 )
@@ -34,22 +40,83 @@ from edge.model import (
 log = logging.getLogger(__name__)
 
 MES_SEQUENCE_KEY = "pipeline:mes-sequence"
+ORDERS_KEY = "pipeline:orders"
+GENEALOGY_KEY = "pipeline:genealogy"
+QMS_CURSOR_KEY = "quality:qms-cursor"
+KEEP_ORDERS = 500
+"""Orders remembered for validation and genealogy figures (the most recent ones)."""
+
+
+class Genealogy:
+    """Per order: the materials every produced lot must name an input lot of, and each
+    produced lot's completeness. Plain data, saved with the pipeline's state."""
+
+    def __init__(self, saved: str | None) -> None:
+        self.orders: dict[str, dict[str, Any]] = json.loads(saved) if saved else {}
+
+    def require(self, order_id: str, components: Sequence[str]) -> None:
+        entry = self.orders.setdefault(order_id, {"required": [], "lots": {}})
+        entry["required"] = sorted(set(entry["required"]) | set(components))
+        self._trim()
+
+    def produced(self, order_id: str | None, lot_id: str, inputs: Sequence[str]) -> bool:
+        if order_id is None:
+            return True
+        entry = self.orders.setdefault(order_id, {"required": [], "lots": {}})
+        if lot_id in entry["lots"]:
+            return bool(entry["lots"][lot_id])  # a redelivery: the first report stands
+        complete = set(entry["required"]) <= set(inputs)
+        entry["lots"][lot_id] = complete
+        self._trim()
+        return complete
+
+    def figures(self) -> dict[str, dict[str, Any]]:
+        result = {}
+        for order_id, entry in self.orders.items():
+            lots = entry["lots"]
+            if lots:
+                complete = sum(1 for ok in lots.values() if ok)
+                result[order_id] = {"lots": len(lots), "complete": complete,
+                                    "completeness": round(complete / len(lots), 4)}
+        return result
+
+    def dump(self) -> str:
+        return json.dumps(self.orders, separators=(",", ":"), sort_keys=True)
+
+    def _trim(self) -> None:
+        while len(self.orders) > KEEP_ORDERS:
+            self.orders.pop(next(iter(self.orders)))
 
 
 class Pipeline:
-    def __init__(self, config: PlantConfig, outbox: Outbox, saved: dict[str, str]) -> None:
+    """Call order: `on_readings` from drivers (concurrently is fine), `tick` from a timer.
+    `observer`, when given, sees each batch of events once it is committed."""
+
+    def __init__(self, config: PlantConfig, outbox: Outbox, saved: dict[str, str],
+                 observer: Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None]
+                 | None = None) -> None:
         self.config = config
         self.outbox = outbox
+        self._observer = observer
         self.rules = [
-            ConfirmationRule(config.site, machine, saved.get(f"machine:{machine.id}"),
-                             uom_codes=config.all_uom_codes)
+            MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
+                        uom_codes=config.all_uom_codes)
             for machine in config.machines
         ]
-        self._by_signal: dict[str, list[ConfirmationRule]] = {}
+        self._by_machine = {rule.machine.id: rule for rule in self.rules}
+        self._by_signal: dict[str, list[MachineRule]] = {}
         for rule in self.rules:
             for signal in rule.signals:
                 self._by_signal.setdefault(signal, []).append(rule)
         self._mes_sequence = int(saved.get(MES_SEQUENCE_KEY, "0"))
+        self.known_orders: dict[str, float] = json.loads(saved.get(ORDERS_KEY, "{}"))
+        for rule in self.rules:
+            if rule.order_id is not None:
+                self.known_orders.setdefault(rule.order_id, 0.0)
+        self.genealogy = Genealogy(saved.get(GENEALOGY_KEY))
+        self.qms_cursor = saved.get(QMS_CURSOR_KEY, "0")
+        self._lots: list[LotStatus] = []
+        self._followups: list[CloudEvent] = []
         self.samples_by_driver: Counter[str] = Counter()
         self.events_by_type: Counter[str] = Counter()
         self.rejected_by_driver: Counter[str] = Counter()
@@ -57,24 +124,23 @@ class Pipeline:
 
     async def on_readings(self, readings: Sequence[Reading]) -> None:
         events: list[CloudEvent] = []
-        touched: list[ConfirmationRule] = []
+        touched: list[MachineRule] = []
         rejected: list[RejectedInput] = []
+        polled: dict[MachineRule, list[Sample]] = {}
         for reading in readings:
             match reading:
                 case Sample():
                     self.samples_by_driver[reading.driver] += 1
                     self.last_sample[reading.signal] = reading
                     for rule in self._by_signal.get(reading.signal, ()):
-                        produced = rule.on_sample(reading)
-                        if produced or rule.needs_save:
-                            events.extend(produced)
-                            touched.append(rule)
+                        polled.setdefault(rule, []).append(reading)
                 case MesMessage():
                     self.samples_by_driver[reading.driver] += 1
-                    event, problem = self._mes_event(reading)
-                    if event is not None:
-                        events.append(event)
-                    else:
+                    produced, moved, problem = self._mes(reading)
+                    events.extend(produced)
+                    if moved is not None:
+                        touched.append(moved)
+                    if problem is not None:
                         rejected.append(RejectedInput(
                             reading.driver, reading.topic,
                             json.dumps(reading.fields, default=str).encode(), problem,
@@ -84,6 +150,11 @@ class Pipeline:
                     rejected.append(RejectedInput(reading.driver, reading.topic,
                                                   reading.payload, reading.reason,
                                                   reading.received_at))
+        for rule, samples in polled.items():
+            produced = rule.on_samples(samples)
+            if produced or rule.needs_save:
+                events.extend(produced)
+                touched.append(rule)
         for rejection in rejected:
             self.rejected_by_driver[rejection.source] += 1
             log.warning("Rejected a message from %s on %s: %s; kept as an input dead letter",
@@ -96,10 +167,10 @@ class Pipeline:
         """Run the time triggers of every rule once."""
         when = time.time() if now is None else now
         events: list[CloudEvent] = []
-        touched: list[ConfirmationRule] = []
+        touched: list[MachineRule] = []
         for rule in self.rules:
             produced = rule.on_tick(when)
-            if produced:
+            if produced or rule.needs_save:
                 events.extend(produced)
                 touched.append(rule)
         if touched:
@@ -110,34 +181,125 @@ class Pipeline:
             await asyncio.sleep(interval)
             await self.tick()
 
-    def _mes_event(self, message: MesMessage) -> tuple[CloudEvent | None, str]:
-        """The canonical event of an MES message, or why it cannot be one."""
+    def _mes(self, message: MesMessage
+             ) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
+        """What an MES message produces: events, the rule whose state it moved, or why it
+        cannot be used (it then becomes an input dead letter)."""
+        fields = {"occurred_at": datetime.fromtimestamp(message.received_at, UTC),
+                  **message.fields}
+        site = fields.setdefault("site", self.config.site)
+        if site != self.config.site:
+            return [], None, f"site {site!r} is not this plant ({self.config.site})"
+        if message.kind in MES_INPUT_MODELS:
+            return self._order_input(message, fields)
+        event, problem = self._mes_event(message, fields)
+        return ([event] if event else []), None, problem
+
+    def _order_input(self, message: MesMessage, fields: dict[str, Any]
+                     ) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
+        try:
+            order = MES_INPUT_MODELS[message.kind].model_validate(fields)
+        except ValidationError as exc:
+            return [], None, _problems(exc)
+        rule = self._by_machine.get(order.machine_id)
+        if rule is None:
+            return [], None, f"no machine {order.machine_id!r} is configured"
+        at = order.occurred_at.timestamp()
+        if isinstance(order, OrderStarted):
+            self.known_orders.setdefault(order.order_id, at)
+            while len(self.known_orders) > KEEP_ORDERS:
+                self.known_orders.pop(next(iter(self.known_orders)))
+            if order.components:
+                self.genealogy.require(order.order_id, order.components)
+            return rule.start_order(order.binding(), at), rule, None
+        assert isinstance(order, OrderEnded)
+        events, problem = rule.end_order(order.order_id, order.operation, at)
+        return events, rule, problem
+
+    def _mes_event(self, message: MesMessage, fields: dict[str, Any]
+                   ) -> tuple[CloudEvent | None, str | None]:
+        """The canonical event of an MES milestone message, or why it cannot be one."""
         model = EVENT_MODELS.get(message.kind)
         if model is None:
             return None, f"no canonical event type {message.kind!r}"
-        fields = {"site": self.config.site,
-                  "occurred_at": datetime.fromtimestamp(message.received_at, UTC),
-                  **message.fields}
         try:
             data = model.model_validate(
                 fields, context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes})
         except ValidationError as exc:
-            return None, "; ".join(f"{format_loc(tuple(e['loc']))}: {e['msg']}"
-                                   for e in exc.errors())
+            return None, _problems(exc)
+        if data.order_id is not None and data.order_id not in self.known_orders and (
+                self.config.validation.require_known_order):
+            return None, (f"order {data.order_id!r} is not known: no machine was bound to it "
+                          "(validation.require_known_order)")
+        if isinstance(data, LotProduced):
+            complete = self.genealogy.produced(
+                data.order_id, data.lot_id, [lot.material for lot in data.input_lots])
+            if not complete:
+                log.warning("Lot %s of order %s names no input lot of some required material: "
+                            "its genealogy is incomplete", data.lot_id, data.order_id,
+                            extra={"lot_id": data.lot_id, "order_id": data.order_id})
+        if isinstance(data, LotDisposition):
+            self._lots.append(LotStatus(data.lot_id, data.disposition,
+                                        data.occurred_at.timestamp(), data.disposition_source,
+                                        data.order_id, data.material))
         key = data.order_id or getattr(data, "lot_id", None) or message.driver
-        self._mes_sequence += 1
-        event = build_event(data, natural_key=(self.config.site, message.kind,
-                                               message.message_id),
-                            subject=key, partitionkey=key, sequence=self._mes_sequence,
-                            source=f"urn:plantsync:{self.config.site}:mes:{message.driver}")
-        return event, ""
+        event = self._build(data, (self.config.site, message.kind, message.message_id), key,
+                            f"mes:{message.driver}")
+        if isinstance(data, LotProduced):
+            self._lot_produced(data, event)
+        return event, None
 
-    async def _commit(self, events: Sequence[CloudEvent], rules: Iterable[ConfirmationRule],
+    def _build(self, data: EventData, natural_key: tuple[str | int, ...], key: str,
+               source: str) -> CloudEvent:
+        self._mes_sequence += 1
+        return build_event(data, natural_key=natural_key, subject=key, partitionkey=key,
+                           sequence=self._mes_sequence,
+                           source=f"urn:plantsync:{self.config.site}:{source}")
+
+    def _lot_produced(self, data: LotProduced, event: CloudEvent) -> None:
+        """A produced lot is on hold until quality decides; the QMS is asked to inspect it."""
+        if not self.config.quality.inspect_produced_lots:
+            return
+        at = data.occurred_at.timestamp()
+        self._lots.append(LotStatus(data.lot_id, "hold", at, "produced, awaiting quality",
+                                    data.order_id, data.material, decided=False))
+        request = InspectionRequested(
+            site=data.site, order_id=data.order_id, lot_id=data.lot_id, material=data.material,
+            occurred_at=data.occurred_at, trigger="lot_completed",
+            reason_text=f"lot {data.lot_id} completed")
+        self._followups.append(self._build(request, (self.config.site, "lot-inspection",
+                                                     data.lot_id), data.lot_id, "quality"))
+
+    async def dispositions(self, decisions: Sequence[LotDisposition], cursor: str) -> None:
+        """QMS decisions: lot.disposition events (to ERP), the lots' status and the feed's
+        cursor, in one commit: a crash re-reads the feed from where it was committed."""
+        events = []
+        for data in decisions:
+            self._lots.append(LotStatus(data.lot_id, data.disposition,
+                                        data.occurred_at.timestamp(), data.disposition_source,
+                                        data.order_id, data.material))
+            events.append(self._build(
+                data, (self.config.site, "disposition", data.lot_id, data.disposition,
+                       int(data.occurred_at.timestamp() * 1000)), data.lot_id, "quality"))
+        self.qms_cursor = cursor
+        await self._commit(events, ())
+
+    async def remember_lot(self, status: LotStatus) -> None:
+        """A lot's status learnt by asking the QMS directly."""
+        self._lots.append(status)
+        await self._commit([], ())
+
+    async def _commit(self, events: Sequence[CloudEvent], rules: Iterable[MachineRule],
                       rejected: Sequence[RejectedInput] = ()) -> None:
         # State is dumped now, synchronously with the events it produced: a later reading
         # cannot slip into this commit's state while we await the disk.
         state = {rule.state_key: rule.dump_state() for rule in rules}
         state[MES_SEQUENCE_KEY] = str(self._mes_sequence)
+        state[ORDERS_KEY] = json.dumps(self.known_orders, separators=(",", ":"))
+        state[GENEALOGY_KEY] = self.genealogy.dump()
+        state[QMS_CURSOR_KEY] = self.qms_cursor
+        events = [*events, *self._followups]
+        lots, self._lots, self._followups = self._lots, [], []
         rows = [
             OutboxEvent(
                 id=event.id, type=event.type, partition_key=event.partitionkey,
@@ -147,7 +309,10 @@ class Pipeline:
             )
             for event in events
         ]
-        result = await self.outbox.commit(rows, state, rejected=rejected)
+        result = await self.outbox.commit(rows, state, rejected=rejected, lots=lots)
+        events = [event for event in events if event.id in result.new_ids]
+        if self._observer is not None:
+            self._observer(events, rejected)
         for event in events:
             self.events_by_type[event.type] += 1
             log.info("Committed %s %s for %s (%s)", event.type, event.subject,
@@ -156,6 +321,11 @@ class Pipeline:
                             "lot_id": event.data.get("lot_id")})
         if result.duplicates:
             log.info("Ignored %d event(s) the outbox already held", result.duplicates)
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{format_loc(tuple(e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+                     for e in exc.errors())
 
 
 def _summary(event: CloudEvent) -> str:

@@ -1,42 +1,109 @@
 """ERP API simulator: a real HTTP peer that receives the gateway's CloudEvents offline.
 
-It answers like the central ERP endpoint the gateway delivers milestones to: one
-structured CloudEvent per ``POST /api/events`` with an ``Idempotency-Key`` header (or a
-CloudEvents batch on ``POST /api/events:batch``, keyed by each event's id), stored in
-SQLite with a sequential ERP reference. A repeated key is answered with the reference of
-the first delivery and counted as a duplicate, never stored twice, so tests and the demo
-can prove "no confirmation posted twice, none lost" by reading ``GET /events`` and
-``GET /stats``. Fault knobs (error rate and status, ``Retry-After``, latency) are set
-from the command line or at run time through ``/_sim/faults``, so retry and back-off
-paths meet a real server that misbehaves on purpose. Run it with
-``python -m simulators.erp_api --port 8480 --db erp.sqlite``.
+It answers like the central ERP the gateway delivers milestones to, in two northbound
+profiles, and misbehaves on purpose when told to, so retry, back-off, token refresh and
+lookup-before-retry paths meet a real server. Run it with
+``python -m simulators.erp_api --port 8480 --db erp.sqlite``; it prints
+``erp-api listening on http://HOST:PORT`` once it accepts connections. Everything is kept
+in the SQLite file (OAuth tokens and CSRF sessions live in memory only, like a restart of
+the real systems would forget sessions).
+
+Canonical profile: one structured CloudEvent per ``POST /api/events`` with an
+``Idempotency-Key`` header (201 ``{"reference", "duplicate": false}``; a repeated key
+answers 200 with the first reference and is counted, never stored twice), or a CloudEvents
+batch on ``POST /api/events:batch`` keyed by each event's id (200, one outcome per event).
+A new ``lot.produced`` event puts ``data.quantity`` of ``data.lot_id`` / ``data.material``
+into quality-inspection stock; a new ``lot.disposition`` applies ``data.disposition``
+(release: unrestricted, reject or hold: blocked) to that batch.
+
+SAP S/4HANA profile (OData v2, JSON, no idempotency header):
+
+- ``/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV``: ``POST /ProdnOrdConf2``
+  creates a production order confirmation (201 ``{"d": {...}}``) and posts its goods
+  movements (``to_ProdnOrdConfMatlDocItm``: 101 receipt, into quality inspection with
+  ``InventoryUsabilityCode`` "2", else unrestricted; 261 issue); ``GET /ProdnOrdConf2``
+  with ``$filter=ConfirmationText eq 'X'`` (or ``OrderID``, or any string property, joined
+  by ``and``) looks confirmations up; ``GET /ProdnOrdConf2(ConfirmationGroup='G',
+  ConfirmationCount='C')`` reads one. The same ConfirmationText posted twice makes two
+  confirmations (``sap_duplicate_texts`` in ``/stats``).
+- ``/sap/opu/odata/sap/API_INSPECTIONLOT_SRV``: ``POST /A_InspLotUsageDecision`` records a
+  usage decision (A: accept, releases the batch to unrestricted; R: reject and H: hold,
+  block it); ``GET /A_InspLotUsageDecision?$filter=...`` lists them.
+- CSRF like SAP Gateway: a GET (or HEAD) with ``X-CSRF-Token: Fetch`` answers the token
+  in ``X-CSRF-Token`` and a ``SAP_SESSIONID_S4H_100`` session cookie; a POST without that
+  session's token is refused 403 with ``X-CSRF-Token: Required``. Errors are OData
+  ``{"error": {"code", "message": {"lang": "en", "value"}}}`` bodies.
+
+OAuth2 client credentials: ``POST /oauth/token`` (form ``grant_type=client_credentials``
+with ``client_id``/``client_secret``, or HTTP Basic) answers ``{"access_token",
+"token_type": "Bearer", "expires_in"}``. With at least one ``--client ID:SECRET``, every
+``/api/*`` and ``/sap/*`` request needs a valid unexpired ``Authorization: Bearer`` token
+(401 with ``WWW-Authenticate: Bearer ...`` otherwise); without, nothing is checked.
+The token endpoint itself is never faulted (no latency, outage or scripted status).
+
+For tests (never behind a token or a fault): ``GET /events`` (``?type=``), ``GET /stats``
+(canonical received/unique/duplicates, fault and auth counters, SAP confirmations,
+``sap_duplicate_texts``, usage decisions, ``issues_from_unreleased_batches``),
+``GET /healthz``, ``GET /_sim/batches`` (``?material=``), ``GET /_sim/batches/{batch}``
+(``?material=``), ``GET /_sim/sap/confirmations``, ``GET /_sim/sap/usage-decisions``,
+``POST /_sim/reset`` (clears stored data and counters, not faults, tokens or sessions),
+and ``GET``/``POST /_sim/faults`` with a JSON object of knobs:
+
+- ``latency`` (s, every /api and /sap request), ``error_rate`` (0..1), ``error_status``,
+  ``retry_after`` (s, sent with injected 429 and 503);
+- ``outage_until`` (Unix time) or ``outage_seconds`` (from now): every /api and /sap
+  request answers 503 with ``Retry-After`` (seconds left) until then; 0 ends it;
+- ``status_sequence`` ([500, 429, 201, ...]): the next deliveries answer these statuses in
+  turn without being processed; a 2xx entry lets that delivery through normally;
+- ``drop_connection`` (N): the next N deliveries are cut off (connection closed, no answer,
+  nothing processed); ``drop_response`` (N): the next N deliveries are processed, then
+  the connection is closed without an answer (the ambiguous failure);
+- ``expire_tokens_now`` (true): revoke every issued access token;
+  ``invalidate_csrf`` (true): forget every CSRF session.
+
+A delivery is a POST to /api/events, /api/events:batch, ProdnOrdConf2 or
+A_InspLotUsageDecision; knobs are applied in this order: latency, outage, bearer token,
+CSRF token, drop_connection, status_sequence, error_rate. Command line settings:
+``--client ID:SECRET`` (repeatable), ``--token-ttl S``, ``--error-rate``, ``--error-status``,
+``--retry-after``, ``--latency``, ``--outage-seconds``, ``--status-sequence 500,429,201``,
+``--drop-connection N``, ``--drop-response N``, ``--log-requests``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import json
+import math
 import random
+import re
+import secrets
 import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from types import FrameType
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 JsonObject = dict[str, Any]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 EVENT_CONTENT_TYPES = frozenset({"application/json", "application/cloudevents+json"})
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
@@ -44,6 +111,34 @@ REQUIRED_ATTRIBUTES = ("id", "type")
 OPTIONAL_STRING_ATTRIBUTES = ("subject", "partitionkey")
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 SHUTDOWN_GRACE_SECONDS = 5
+
+SAP_ODATA = "/sap/opu/odata/sap"
+CONFIRMATION_SERVICE = f"{SAP_ODATA}/API_PROD_ORDER_CONFIRMATION_2_SRV"
+INSPECTION_SERVICE = f"{SAP_ODATA}/API_INSPECTIONLOT_SRV"
+CONFIRMATION_SET = "ProdnOrdConf2"
+MATERIAL_DOCUMENT_ITEMS = "to_ProdnOrdConfMatlDocItm"
+USAGE_DECISION_SET = "A_InspLotUsageDecision"
+SAP_SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
+CSRF_HEADER = "X-CSRF-Token"
+AUTH_REALM = "plantsync-erp-sim"
+DEFAULT_TOKEN_TTL = 3600
+DEFAULT_USER = "PLANTSYNC"
+
+STOCK_TYPES = ("unrestricted", "quality_inspection", "blocked")
+USABILITY_CODES = {
+    "": "unrestricted",
+    "2": "quality_inspection",
+    "X": "quality_inspection",
+    "3": "blocked",
+}
+DECISION_STATUS = {"A": "unrestricted", "R": "blocked", "H": "blocked"}
+DISPOSITION_CODES = {"release": "A", "reject": "R", "hold": "H"}
+SAP_DECIMAL = re.compile(r"^\d{1,10}(\.\d{1,3})?$")
+"""Edm.Decimal with precision 13 and scale 3, as SAP quantity fields are, written as a string."""
+CANONICAL_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
+FILTER_TERM = re.compile(r"\s*([A-Za-z_]\w*)\s+eq\s+'((?:[^']|'')*)'\s*")
+FILTER_AND = re.compile(r"and\s+")
+CONFIRMATION_KEY = re.compile(r"^ConfirmationGroup='(\d+)',ConfirmationCount='(\d+)'$")
 
 
 class StartupFailed(RuntimeError):
@@ -54,18 +149,30 @@ class InvalidEvent(ValueError):
     """A request body that is not an acceptable CloudEvent; the message is sent back."""
 
 
+class ODataError(Exception):
+    """A request the OData services refuse; answered as an OData v2 error body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
 @dataclass(frozen=True)
 class Faults:
-    """Misbehaviour the simulator applies to event deliveries, validated on creation."""
+    """Misbehaviour the simulator applies to requests, validated on creation."""
 
     error_rate: float = 0.0
-    """Probability (0..1) of answering ``error_status`` instead of processing."""
+    """Probability (0..1) of answering ``error_status`` instead of processing a delivery."""
     error_status: int = 503
     """HTTP status of an injected error (400..599)."""
     retry_after: int = 1
     """Seconds sent in ``Retry-After`` when the injected status is 429 or 503."""
     latency: float = 0.0
-    """Seconds added to each delivery before it is answered."""
+    """Seconds added to each /api and /sap request before it is answered."""
+    outage_until: float = 0.0
+    """Unix time until which every /api and /sap request answers 503 (0: no outage)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.error_rate <= 1.0:
@@ -76,6 +183,8 @@ class Faults:
             raise ValueError(f"retry_after must not be negative, got {self.retry_after}")
         if self.latency < 0:
             raise ValueError(f"latency must not be negative, got {self.latency}")
+        if self.outage_until < 0:
+            raise ValueError(f"outage_until must not be negative, got {self.outage_until}")
 
     def updated(self, changes: Mapping[str, object]) -> Faults:
         """Return these faults with ``changes`` (decoded JSON) applied, or raise ValueError."""
@@ -96,6 +205,167 @@ class Faults:
 
     def as_json(self) -> JsonObject:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FaultActions:
+    """The run-time knobs that act once or count down rather than stay set."""
+
+    outage_seconds: float | None = None
+    status_sequence: tuple[int, ...] | None = None
+    drop_connection: int | None = None
+    drop_response: int | None = None
+    expire_tokens_now: bool = False
+    invalidate_csrf: bool = False
+
+    NAMES = frozenset(
+        {
+            "outage_seconds",
+            "status_sequence",
+            "drop_connection",
+            "drop_response",
+            "expire_tokens_now",
+            "invalidate_csrf",
+        }
+    )
+
+    @classmethod
+    def parse(cls, changes: Mapping[str, object]) -> FaultActions:
+        """Validate the action knobs among ``changes`` (decoded JSON), or raise ValueError."""
+        actions: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in cls.NAMES:
+                continue
+            if name == "outage_seconds":
+                if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                    raise ValueError(f"outage_seconds must be a number >= 0, got {value!r}")
+                actions[name] = float(value)
+            elif name == "status_sequence":
+                actions[name] = status_sequence(value)
+            elif name in ("drop_connection", "drop_response"):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+                actions[name] = value
+            else:
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be true or false, got {value!r}")
+                actions[name] = value
+        return cls(**actions)
+
+
+def status_sequence(value: object) -> tuple[int, ...]:
+    """Validate a scripted status list: 2xx lets a delivery through, 4xx/5xx answers it."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"status_sequence must be a list of HTTP statuses, got {value!r}")
+    statuses = []
+    for status in value:
+        if (
+            isinstance(status, bool)
+            or not isinstance(status, int)
+            or not (200 <= status <= 299 or 400 <= status <= 599)
+        ):
+            raise ValueError(f"status_sequence entries must be 2xx, 4xx or 5xx, got {status!r}")
+        statuses.append(status)
+    return tuple(statuses)
+
+
+@dataclass
+class Counters:
+    """What the simulator counts in memory (stored data is counted from the database)."""
+
+    errors_injected: int = 0
+    outage_rejections: int = 0
+    connections_dropped: int = 0
+    responses_dropped: int = 0
+    tokens_issued: int = 0
+    token_requests_refused: int = 0
+    auth_rejections: int = 0
+    csrf_tokens_fetched: int = 0
+    csrf_rejections: int = 0
+
+
+@dataclass
+class TokenIssuer:
+    """OAuth2 client credentials: configured clients and the bearer tokens issued to them."""
+
+    clients: Mapping[str, str]
+    ttl: int = DEFAULT_TOKEN_TTL
+    _tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    @property
+    def required(self) -> bool:
+        return bool(self.clients)
+
+    def accepts(self, client_id: str, client_secret: str) -> bool:
+        if not self.clients:
+            return True
+        expected = self.clients.get(client_id)
+        return expected is not None and secrets.compare_digest(expected, client_secret)
+
+    def issue(self, client_id: str) -> str:
+        now = time.monotonic()
+        # Forget expired tokens so a long soak does not grow the table.
+        for token in [t for t, (_, expiry) in self._tokens.items() if expiry <= now]:
+            del self._tokens[token]
+        token = secrets.token_urlsafe(32)
+        self._tokens[token] = (client_id, now + self.ttl)
+        return token
+
+    def check(self, token: str) -> tuple[str | None, str]:
+        """Return (client id, "") for a valid token, else (None, why it is not)."""
+        known = self._tokens.get(token)
+        if known is None:
+            return None, "the access token is unknown or was revoked"
+        client_id, expiry = known
+        if expiry <= time.monotonic():
+            return None, "the access token expired"
+        return client_id, ""
+
+    def revoke_all(self) -> int:
+        revoked = len(self._tokens)
+        self._tokens.clear()
+        return revoked
+
+
+@dataclass
+class CsrfSessions:
+    """SAP Gateway CSRF protection: one token per session cookie."""
+
+    _tokens: dict[str, str] = field(default_factory=dict)
+
+    def fetch(self, session: str | None) -> tuple[str, str]:
+        """Return (session id, token): the session's own, or a new session's."""
+        if session is not None and session in self._tokens:
+            return session, self._tokens[session]
+        session = secrets.token_urlsafe(24)
+        token = base64.b64encode(secrets.token_bytes(18)).decode("ascii")
+        self._tokens[session] = token
+        return session, token
+
+    def valid(self, session: str | None, token: str | None) -> bool:
+        if session is None or token is None:
+            return False
+        expected = self._tokens.get(session)
+        return expected is not None and secrets.compare_digest(expected, token)
+
+    def clear(self) -> None:
+        self._tokens.clear()
+
+
+@dataclass
+class ScriptedFaults:
+    """Count-down knobs: scripted statuses and dropped connections for the next deliveries."""
+
+    statuses: deque[int] = field(default_factory=deque)
+    drop_connection: int = 0
+    drop_response: int = 0
+
+    def as_json(self) -> JsonObject:
+        return {
+            "status_sequence": list(self.statuses),
+            "drop_connection": self.drop_connection,
+            "drop_response": self.drop_response,
+        }
 
 
 @dataclass(frozen=True)
@@ -128,11 +398,302 @@ CREATE TABLE IF NOT EXISTS received_events (
     duplicates      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS received_events_type ON received_events (type, seq);
+CREATE TABLE IF NOT EXISTS sap_confirmation_groups (
+    order_id           TEXT NOT NULL,
+    operation          TEXT NOT NULL,
+    sequence           TEXT NOT NULL,
+    confirmation_group TEXT NOT NULL UNIQUE,
+    last_count         INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (order_id, operation, sequence)
+);
+CREATE TABLE IF NOT EXISTS sap_confirmations (
+    seq                INTEGER PRIMARY KEY,
+    confirmation_group TEXT NOT NULL,
+    confirmation_count TEXT NOT NULL,
+    order_id           TEXT NOT NULL,
+    confirmation_text  TEXT NOT NULL,
+    entity_json        TEXT NOT NULL,
+    UNIQUE (confirmation_group, confirmation_count)
+);
+CREATE INDEX IF NOT EXISTS sap_confirmations_text ON sap_confirmations (confirmation_text);
+CREATE INDEX IF NOT EXISTS sap_confirmations_order ON sap_confirmations (order_id);
+CREATE TABLE IF NOT EXISTS sap_usage_decisions (
+    seq         INTEGER PRIMARY KEY,
+    entity_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    material           TEXT NOT NULL,
+    batch              TEXT NOT NULL,
+    plant              TEXT,
+    unit               TEXT,
+    status             TEXT NOT NULL,
+    unrestricted       TEXT NOT NULL,
+    quality_inspection TEXT NOT NULL,
+    blocked            TEXT NOT NULL,
+    updated_at         TEXT NOT NULL,
+    PRIMARY KEY (material, batch)
+);
+CREATE TABLE IF NOT EXISTS batch_history (
+    seq        INTEGER PRIMARY KEY,
+    material   TEXT NOT NULL,
+    batch      TEXT NOT NULL,
+    entry_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batch_history_batch ON batch_history (material, batch, seq);
 """
+DATA_TABLES = (
+    "sap_confirmation_groups",
+    "sap_confirmations",
+    "sap_usage_decisions",
+    "batches",
+    "batch_history",
+)
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _odata_date(moment: float) -> str:
+    return f"/Date({int(moment * 1000)})/"
+
+
+def _decimal_text(value: Decimal) -> str:
+    """A plain decimal string without exponent or trailing zeros: "100", "12.5", "-3"."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "0") else text
+
+
+@dataclass
+class Batch:
+    """A batch of a material: its status and its stock per stock type."""
+
+    material: str
+    batch: str
+    plant: str | None = None
+    unit: str | None = None
+    status: str | None = None
+    stock: dict[str, Decimal] = field(
+        default_factory=lambda: {stock_type: Decimal(0) for stock_type in STOCK_TYPES}
+    )
+
+
+@dataclass(frozen=True)
+class Change:
+    """What moved a batch, for its history."""
+
+    source: str
+    """"sap" or "canonical"."""
+    action: str
+    """goods_receipt, goods_issue, usage_decision, lot.produced or lot.disposition."""
+    reference: str
+    """The confirmation, inspection lot or ERP reference that did it."""
+    text: str | None
+    """The sender's own reference: ConfirmationText, ChangedByText or the event id."""
+    at: str
+
+
+class Inventory:
+    """Batch status and stock inside one store transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def load(self, material: str, batch: str) -> Batch:
+        row = self._db.execute(
+            "SELECT plant, unit, status, unrestricted, quality_inspection, blocked"
+            " FROM batches WHERE material = ? AND batch = ?",
+            (material, batch),
+        ).fetchone()
+        if row is None:
+            return Batch(material, batch)
+        plant, unit, status, unrestricted, quality_inspection, blocked = row
+        stock = {
+            "unrestricted": Decimal(unrestricted),
+            "quality_inspection": Decimal(quality_inspection),
+            "blocked": Decimal(blocked),
+        }
+        return Batch(material, batch, plant, unit, status, stock)
+
+    def materials_of(self, batch: str) -> list[str]:
+        rows = self._db.execute(
+            "SELECT material FROM batches WHERE batch = ? ORDER BY material", (batch,)
+        ).fetchall()
+        return [material for (material,) in rows]
+
+    def receive(
+        self,
+        change: Change,
+        material: str,
+        batch: str,
+        quantity: Decimal,
+        stock_type: str,
+        *,
+        plant: str | None,
+        unit: str | None,
+    ) -> Batch:
+        """A goods receipt: quality-inspection receipts put the batch under inspection."""
+        state = self.load(material, batch)
+        before = state.status
+        state.stock[stock_type] += quantity
+        if stock_type == "blocked":
+            state.status = "blocked"
+        elif stock_type == "quality_inspection":
+            if state.status != "blocked":
+                state.status = "quality_inspection"
+        elif state.status is None:
+            state.status = "unrestricted"
+        self._save(
+            state,
+            change,
+            before,
+            plant=plant,
+            unit=unit,
+            detail={"quantity": _decimal_text(quantity), "stock_type": stock_type},
+        )
+        return state
+
+    def issue(
+        self,
+        change: Change,
+        material: str,
+        batch: str,
+        quantity: Decimal,
+        *,
+        plant: str | None,
+        unit: str | None,
+    ) -> Batch:
+        """A goods issue from unrestricted stock (it may go negative, as nothing checks it)."""
+        state = self.load(material, batch)
+        before = state.status
+        state.stock["unrestricted"] -= quantity
+        if state.status is None:
+            state.status = "unrestricted"
+        self._save(
+            state,
+            change,
+            before,
+            plant=plant,
+            unit=unit,
+            detail={"quantity": _decimal_text(-quantity), "stock_type": "unrestricted"},
+        )
+        return state
+
+    def decide(
+        self, change: Change, material: str, batch: str, code: str, *, plant: str | None
+    ) -> Batch:
+        """A usage decision: A releases all stock to unrestricted, R and H block all of it."""
+        state = self.load(material, batch)
+        before = state.status
+        target = DECISION_STATUS[code]
+        moved = Decimal(0)
+        for stock_type in STOCK_TYPES:
+            if stock_type != target and state.stock[stock_type] > 0:
+                moved += state.stock[stock_type]
+                state.stock[stock_type] = Decimal(0)
+        state.stock[target] += moved
+        state.status = target
+        self._save(
+            state,
+            change,
+            before,
+            plant=plant,
+            unit=None,
+            detail={"code": code, "quantity": _decimal_text(moved), "stock_type": target},
+        )
+        return state
+
+    def _save(
+        self,
+        state: Batch,
+        change: Change,
+        before: str | None,
+        *,
+        plant: str | None,
+        unit: str | None,
+        detail: JsonObject,
+    ) -> None:
+        state.plant = plant or state.plant
+        state.unit = unit or state.unit
+        assert state.status is not None
+        self._db.execute(
+            "INSERT INTO batches (material, batch, plant, unit, status, unrestricted,"
+            " quality_inspection, blocked, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (material, batch) DO UPDATE SET plant = excluded.plant,"
+            " unit = excluded.unit, status = excluded.status,"
+            " unrestricted = excluded.unrestricted,"
+            " quality_inspection = excluded.quality_inspection, blocked = excluded.blocked,"
+            " updated_at = excluded.updated_at",
+            (
+                state.material,
+                state.batch,
+                state.plant,
+                state.unit,
+                state.status,
+                str(state.stock["unrestricted"]),
+                str(state.stock["quality_inspection"]),
+                str(state.stock["blocked"]),
+                change.at,
+            ),
+        )
+        entry = {
+            "at": change.at,
+            "source": change.source,
+            "action": change.action,
+            "reference": change.reference,
+            "text": change.text,
+            **detail,
+            "unit": unit,
+            "status_before": before,
+            "status_after": state.status,
+        }
+        self._db.execute(
+            "INSERT INTO batch_history (material, batch, entry_json) VALUES (?, ?, ?)",
+            (state.material, state.batch, json.dumps(entry, ensure_ascii=False)),
+        )
+
+
+def _apply_canonical(inventory: Inventory, event: JsonObject, reference: str, at: str) -> None:
+    """Move stock for a new lot.produced or lot.disposition event; ignore what does not fit."""
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return
+    lot = data.get("lot_id")
+    material = data.get("material")
+    if not isinstance(lot, str) or not lot:
+        return
+    change = Change("canonical", event["type"], reference, event["id"], at)
+    if event["type"] == "lot.produced":
+        quantity = data.get("quantity")
+        if not isinstance(material, str) or not material or not isinstance(quantity, dict):
+            return
+        value, uom = quantity.get("value"), quantity.get("uom")
+        if not isinstance(value, str) or not CANONICAL_DECIMAL.match(value):
+            return
+        inventory.receive(
+            change,
+            material,
+            lot,
+            Decimal(value),
+            "quality_inspection",
+            plant=None,
+            unit=uom if isinstance(uom, str) else None,
+        )
+    elif event["type"] == "lot.disposition":
+        code = DISPOSITION_CODES.get(str(data.get("disposition")))
+        if code is None:
+            return
+        if isinstance(material, str) and material:
+            materials = [material]
+        else:
+            # Without a material, the decision is about every material with that batch number.
+            materials = inventory.materials_of(lot) or [""]
+        for each in materials:
+            inventory.decide(change, each, lot, code, plant=None)
 
 
 class EventStore:
-    """The ERP's SQLite table of received events, behind one guarded connection.
+    """The ERP's SQLite tables (events, SAP documents, batches) behind one guarded connection.
 
     The server runs on one event loop and never awaits inside a transaction, so the lock
     is uncontended in practice; it keeps the store correct if a caller ever uses it from
@@ -172,10 +733,14 @@ class EventStore:
             self._connection.execute("COMMIT")
 
     def record(self, deliveries: Sequence[Delivery]) -> list[Receipt]:
-        """Store each new key once, count repeats, all in one transaction."""
+        """Store each new key once, count repeats, all in one transaction.
+
+        A new lot.produced or lot.disposition event moves its batch in the same transaction.
+        """
         receipts = []
-        received_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        received_at = _now_text()
         with self._transaction() as db:
+            inventory = Inventory(db)
             for delivery in deliveries:
                 known = db.execute(
                     "SELECT reference FROM received_events WHERE idempotency_key = ?",
@@ -210,6 +775,7 @@ class EventStore:
                         received_at,
                     ),
                 )
+                _apply_canonical(inventory, event, reference, received_at)
                 receipts.append(Receipt(reference=reference, duplicate=False))
         return receipts
 
@@ -257,9 +823,232 @@ class EventStore:
             ).fetchone()
         return int(unique), int(duplicates)
 
-    def clear(self) -> int:
+    def sap_counts(self) -> JsonObject:
         with self._transaction() as db:
-            return db.execute("DELETE FROM received_events").rowcount
+            confirmations, distinct_texts, texted = db.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT NULLIF(confirmation_text, '')),"
+                " COUNT(NULLIF(confirmation_text, '')) FROM sap_confirmations"
+            ).fetchone()
+            (decisions,) = db.execute("SELECT COUNT(*) FROM sap_usage_decisions").fetchone()
+            histories = db.execute("SELECT entry_json FROM batch_history").fetchall()
+        unreleased_issues = 0
+        for (entry_json,) in histories:
+            entry = json.loads(entry_json)
+            if entry["action"] == "goods_issue" and entry["status_before"] in (
+                "quality_inspection",
+                "blocked",
+            ):
+                unreleased_issues += 1
+        return {
+            "sap_confirmations": int(confirmations),
+            "sap_duplicate_texts": int(texted) - int(distinct_texts),
+            "usage_decisions": int(decisions),
+            "issues_from_unreleased_batches": unreleased_issues,
+        }
+
+    def create_confirmation(self, fields: JsonObject, user: str) -> JsonObject:
+        """Create one confirmation with its goods movements; return the stored entity."""
+        moment = time.time()
+        at = _now_text()
+        with self._transaction() as db:
+            key = (fields["OrderID"], fields["OrderOperation"], fields["Sequence"])
+            row = db.execute(
+                "SELECT confirmation_group, last_count FROM sap_confirmation_groups"
+                " WHERE order_id = ? AND operation = ? AND sequence = ?",
+                key,
+            ).fetchone()
+            if row is None:
+                (groups,) = db.execute("SELECT COUNT(*) FROM sap_confirmation_groups").fetchone()
+                group, last_count = f"{groups + 1:010d}", 0
+                db.execute(
+                    "INSERT INTO sap_confirmation_groups (order_id, operation, sequence,"
+                    " confirmation_group) VALUES (?, ?, ?, ?)",
+                    (*key, group),
+                )
+            else:
+                group, last_count = row
+            count = f"{last_count + 1:08d}"
+            db.execute(
+                "UPDATE sap_confirmation_groups SET last_count = ? WHERE confirmation_group = ?",
+                (last_count + 1, group),
+            )
+            (seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM sap_confirmations"
+            ).fetchone()
+            items = fields[MATERIAL_DOCUMENT_ITEMS]
+            document = f"49{seq:08d}" if items else ""
+            year = str(datetime.fromtimestamp(moment, UTC).year) if items else ""
+            entity: JsonObject = {
+                "ConfirmationGroup": group,
+                "ConfirmationCount": count,
+                **{
+                    name: value for name, value in fields.items() if name != MATERIAL_DOCUMENT_ITEMS
+                },
+                "EnteredByUser": user,
+                "ConfirmationEntryDate": _odata_date(moment),
+                "MaterialDocument": document,
+                "MaterialDocumentYear": year,
+            }
+            inventory = Inventory(db)
+            change = Change("sap", "", f"{group}/{count}", fields["ConfirmationText"] or None, at)
+            stored_items = []
+            for number, item in enumerate(items, start=1):
+                stored_items.append(
+                    {
+                        "ConfirmationGroup": group,
+                        "ConfirmationCount": count,
+                        "MaterialDocument": document,
+                        "MaterialDocumentYear": year,
+                        "MaterialDocumentItem": f"{number:04d}",
+                        **item,
+                    }
+                )
+                quantity = Decimal(item["QuantityInEntryUnit"])
+                material, batch = item["Material"], item["Batch"]
+                plant, unit = item["Plant"], item["EntryUnit"]
+                if item["GoodsMovementType"] == "101":
+                    stock_type = USABILITY_CODES[item["InventoryUsabilityCode"]]
+                    inventory.receive(
+                        dataclasses.replace(change, action="goods_receipt"),
+                        material,
+                        batch,
+                        quantity,
+                        stock_type,
+                        plant=plant,
+                        unit=unit,
+                    )
+                else:
+                    inventory.issue(
+                        dataclasses.replace(change, action="goods_issue"),
+                        material,
+                        batch,
+                        quantity,
+                        plant=plant,
+                        unit=unit,
+                    )
+            entity[MATERIAL_DOCUMENT_ITEMS] = stored_items
+            db.execute(
+                "INSERT INTO sap_confirmations (seq, confirmation_group, confirmation_count,"
+                " order_id, confirmation_text, entity_json) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    seq,
+                    group,
+                    count,
+                    fields["OrderID"],
+                    fields["ConfirmationText"],
+                    json.dumps(entity, ensure_ascii=False),
+                ),
+            )
+        return entity
+
+    def confirmations(
+        self,
+        *,
+        text: str | None = None,
+        order_id: str | None = None,
+        key: tuple[str, str] | None = None,
+    ) -> list[JsonObject]:
+        """Stored confirmations in creation order, narrowed by the indexed columns given."""
+        clauses, parameters = [], []
+        if text is not None:
+            clauses.append("confirmation_text = ?")
+            parameters.append(text)
+        if order_id is not None:
+            clauses.append("order_id = ?")
+            parameters.append(order_id)
+        if key is not None:
+            clauses.append("confirmation_group = ? AND confirmation_count = ?")
+            parameters.extend(key)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT entity_json FROM sap_confirmations{where} ORDER BY seq", parameters
+            ).fetchall()
+        return [json.loads(entity_json) for (entity_json,) in rows]
+
+    def create_usage_decision(self, fields: JsonObject, user: str) -> JsonObject:
+        """Record a usage decision and apply it to its batch; return the stored entity."""
+        moment = time.time()
+        at = _now_text()
+        with self._transaction() as db:
+            (seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM sap_usage_decisions"
+            ).fetchone()
+            lot = fields["InspectionLot"] or f"89{seq:010d}"
+            entity: JsonObject = {
+                **fields,
+                "InspectionLot": lot,
+                "InspLotUsageDecidedBy": user,
+                "InspLotUsageDecidedOn": _odata_date(moment),
+            }
+            change = Change("sap", "usage_decision", lot, fields["ChangedByText"] or None, at)
+            Inventory(db).decide(
+                change,
+                fields["Material"],
+                fields["Batch"],
+                fields["InspLotUsageDecisionCode"],
+                plant=fields["Plant"],
+            )
+            db.execute(
+                "INSERT INTO sap_usage_decisions (seq, entity_json) VALUES (?, ?)",
+                (seq, json.dumps(entity, ensure_ascii=False)),
+            )
+        return entity
+
+    def usage_decisions(self) -> list[JsonObject]:
+        with self._transaction() as db:
+            rows = db.execute("SELECT entity_json FROM sap_usage_decisions ORDER BY seq").fetchall()
+        return [json.loads(entity_json) for (entity_json,) in rows]
+
+    def batches(self, *, material: str | None = None, batch: str | None = None) -> list[JsonObject]:
+        """Batches with status, stock per type and history, by material then batch."""
+        clauses, parameters = [], []
+        if material is not None:
+            clauses.append("material = ?")
+            parameters.append(material)
+        if batch is not None:
+            clauses.append("batch = ?")
+            parameters.append(batch)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT material, batch, plant, unit, status, unrestricted, quality_inspection,"
+                f" blocked, updated_at FROM batches{where} ORDER BY material, batch",
+                parameters,
+            ).fetchall()
+            listed = []
+            for material_, batch_, plant, unit, status, *stock, updated_at in rows:
+                history = db.execute(
+                    "SELECT entry_json FROM batch_history WHERE material = ? AND batch = ?"
+                    " ORDER BY seq",
+                    (material_, batch_),
+                ).fetchall()
+                listed.append(
+                    {
+                        "material": material_ or None,
+                        "batch": batch_,
+                        "plant": plant,
+                        "unit": unit,
+                        "status": status,
+                        "quantity": {
+                            stock_type: _decimal_text(Decimal(amount))
+                            for stock_type, amount in zip(STOCK_TYPES, stock, strict=True)
+                        },
+                        "updated_at": updated_at,
+                        "history": [json.loads(entry) for (entry,) in history],
+                    }
+                )
+        return listed
+
+    def clear(self) -> JsonObject:
+        """Delete everything stored; return how many events, confirmations... were cleared."""
+        with self._transaction() as db:
+            cleared = {"cleared": db.execute("DELETE FROM received_events").rowcount}
+            for table in DATA_TABLES:
+                count = db.execute(f"DELETE FROM {table}").rowcount
+                if table in ("sap_confirmations", "sap_usage_decisions", "batches"):
+                    cleared[table.removeprefix("sap_")] = count
+        return cleared
 
 
 def validate_event(candidate: object) -> JsonObject:
@@ -283,12 +1072,202 @@ def validate_event(candidate: object) -> JsonObject:
     return candidate
 
 
+CONFIRMATION_PROPERTIES = {
+    # name: (required, max length)
+    "OrderID": (True, 12),
+    "OrderOperation": (True, 4),
+    "Sequence": (False, 6),
+    "ConfirmationUnit": (True, 3),
+    "ConfirmationText": (False, 40),
+    "Plant": (False, 4),
+}
+CONFIRMATION_QUANTITIES = ("ConfirmationYieldQuantity", "ConfirmationScrapQuantity")
+MOVEMENT_PROPERTIES = {
+    "Material": (True, 40),
+    "Plant": (True, 4),
+    "StorageLocation": (False, 4),
+    "Batch": (True, 40),
+    "GoodsMovementType": (True, 3),
+    "EntryUnit": (True, 3),
+    "InventoryUsabilityCode": (False, 1),
+}
+USAGE_DECISION_PROPERTIES = {
+    "InspectionLot": (False, 12),
+    "Material": (True, 40),
+    "Batch": (True, 40),
+    "Plant": (True, 4),
+    "InspLotUsageDecisionCode": (True, 4),
+    "InspLotUsgeDcsnCodeGroup": (False, 8),
+    "ChangedByText": (False, 255),
+}
+
+
+def _bad_request(code: str, message: str) -> ODataError:
+    return ODataError(400, f"SIM/{code}", message)
+
+
+def _check_properties(body: JsonObject, allowed: Sequence[str], where: str) -> None:
+    unknown = sorted(set(body) - set(allowed) - {"__metadata"})
+    if unknown:
+        raise _bad_request("INVALID_PROPERTY", f"Property '{unknown[0]}' is invalid for {where}")
+
+
+def _strings(body: JsonObject, spec: Mapping[str, tuple[bool, int]], where: str) -> JsonObject:
+    checked: JsonObject = {}
+    for name, (required, max_length) in spec.items():
+        value = body.get(name)
+        if value is None or value == "":
+            if required:
+                raise _bad_request("MISSING_PROPERTY", f"{where}: property {name} is required")
+            checked[name] = ""
+            continue
+        if not isinstance(value, str):
+            raise _bad_request("INVALID_VALUE", f"{where}: property {name} must be a string")
+        if len(value) > max_length:
+            raise _bad_request(
+                "VALUE_TOO_LONG",
+                f"{where}: property {name} is longer than {max_length} characters ({value!r})",
+            )
+        checked[name] = value
+    return checked
+
+
+def _sap_decimal(body: JsonObject, name: str, where: str, *, required: bool) -> str:
+    value = body.get(name)
+    if value is None and not required:
+        return "0"
+    if value is None:
+        raise _bad_request("MISSING_PROPERTY", f"{where}: property {name} is required")
+    if not isinstance(value, str) or not SAP_DECIMAL.match(value):
+        raise _bad_request(
+            "INVALID_DECIMAL",
+            f"{where}: property {name} must be an Edm.Decimal string with at most 10 integer"
+            f" digits and 3 decimals, got {json.dumps(value)}",
+        )
+    return _decimal_text(Decimal(value))
+
+
+def parse_confirmation(body: object) -> JsonObject:
+    """Validate a ProdnOrdConf2 create body; return its normalised properties."""
+    where = CONFIRMATION_SET
+    if not isinstance(body, dict):
+        raise _bad_request("INVALID_BODY", "the request body must be a JSON object")
+    _check_properties(
+        body,
+        [
+            *CONFIRMATION_PROPERTIES,
+            *CONFIRMATION_QUANTITIES,
+            "IsFinalConfirmation",
+            MATERIAL_DOCUMENT_ITEMS,
+        ],
+        where,
+    )
+    fields = _strings(body, CONFIRMATION_PROPERTIES, where)
+    fields["Sequence"] = fields["Sequence"] or "0"
+    for name in CONFIRMATION_QUANTITIES:
+        fields[name] = _sap_decimal(body, name, where, required=False)
+    final = body.get("IsFinalConfirmation", False)
+    if not isinstance(final, bool):
+        raise _bad_request("INVALID_VALUE", f"{where}: IsFinalConfirmation must be true or false")
+    fields["IsFinalConfirmation"] = final
+    items = body.get(MATERIAL_DOCUMENT_ITEMS, [])
+    if isinstance(items, dict) and isinstance(items.get("results"), list):
+        items = items["results"]
+    if not isinstance(items, list):
+        raise _bad_request(
+            "INVALID_VALUE", f"{where}: {MATERIAL_DOCUMENT_ITEMS} must be a list of items"
+        )
+    fields[MATERIAL_DOCUMENT_ITEMS] = [
+        parse_movement(item, f"{MATERIAL_DOCUMENT_ITEMS}[{number}]")
+        for number, item in enumerate(items)
+    ]
+    return fields
+
+
+def parse_movement(item: object, where: str) -> JsonObject:
+    if not isinstance(item, dict):
+        raise _bad_request("INVALID_BODY", f"{where} must be a JSON object")
+    _check_properties(item, [*MOVEMENT_PROPERTIES, "QuantityInEntryUnit"], where)
+    fields = _strings(item, MOVEMENT_PROPERTIES, where)
+    if fields["GoodsMovementType"] not in ("101", "261"):
+        raise _bad_request(
+            "MOVEMENT_TYPE",
+            f"{where}: GoodsMovementType {fields['GoodsMovementType']!r} is not supported"
+            " (101 goods receipt or 261 goods issue)",
+        )
+    if fields["InventoryUsabilityCode"] not in USABILITY_CODES:
+        raise _bad_request(
+            "INVALID_VALUE",
+            f"{where}: InventoryUsabilityCode {fields['InventoryUsabilityCode']!r} is not"
+            " '' (unrestricted), '2' or 'X' (quality inspection) or '3' (blocked)",
+        )
+    fields["QuantityInEntryUnit"] = _sap_decimal(item, "QuantityInEntryUnit", where, required=True)
+    if Decimal(fields["QuantityInEntryUnit"]) == 0:
+        raise _bad_request("INVALID_DECIMAL", f"{where}: QuantityInEntryUnit must not be zero")
+    return fields
+
+
+def parse_usage_decision(body: object) -> JsonObject:
+    """Validate an A_InspLotUsageDecision create body; return its properties."""
+    where = USAGE_DECISION_SET
+    if not isinstance(body, dict):
+        raise _bad_request("INVALID_BODY", "the request body must be a JSON object")
+    _check_properties(body, list(USAGE_DECISION_PROPERTIES), where)
+    fields = _strings(body, USAGE_DECISION_PROPERTIES, where)
+    if fields["InspLotUsageDecisionCode"] not in DECISION_STATUS:
+        raise _bad_request(
+            "DECISION_CODE",
+            f"{where}: InspLotUsageDecisionCode {fields['InspLotUsageDecisionCode']!r} is not"
+            " A (accept), R (reject) or H (hold)",
+        )
+    return fields
+
+
+def parse_filter(expression: str) -> list[tuple[str, str]]:
+    """Parse ``Prop eq 'value' [and Prop eq 'value' ...]``, the only $filter form served."""
+    terms = []
+    position = 0
+    while True:
+        term = FILTER_TERM.match(expression, position)
+        if term is None:
+            raise _bad_request(
+                "INVALID_FILTER",
+                f"$filter {expression!r} is not understood here: use Property eq 'value',"
+                " joined by and",
+            )
+        terms.append((term.group(1), term.group(2).replace("''", "'")))
+        position = term.end()
+        if position == len(expression):
+            return terms
+        joined = FILTER_AND.match(expression, position)
+        if joined is None:
+            raise _bad_request("INVALID_FILTER", f"$filter {expression!r}: expected 'and'")
+        position = joined.end()
+
+
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _odata_headers(headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {"DataServiceVersion": "2.0", **(headers or {})}
+
+
+def _odata_response(
+    body: JsonObject, status: int = 200, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=_odata_headers(headers))
+
+
+def _odata_error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": {"lang": "en", "value": message}}}
+    return _odata_response(body, status, headers)
 
 
 async def _json_body(request: Request) -> object:
@@ -300,43 +1279,279 @@ async def _json_body(request: Request) -> object:
     return decoded
 
 
-class ErpSimulator:
-    """Request handlers over one event store, the current faults and counters."""
+async def _odata_body(request: Request) -> object:
+    if _media_type(request) != "application/json":
+        raise ODataError(
+            415, "SIM/UNSUPPORTED_MEDIA_TYPE", "send the entity as Content-Type application/json"
+        )
+    try:
+        return await _json_body(request)
+    except InvalidEvent as exc:
+        raise _bad_request("INVALID_JSON", str(exc)) from exc
 
-    def __init__(self, store: EventStore, faults: Faults, log_requests: bool) -> None:
+
+def _client_credentials(request: Request, form: Mapping[str, str]) -> tuple[str, str] | None:
+    """The client id and secret from HTTP Basic auth, else from the form; None if malformed."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        client_id, colon, secret = decoded.partition(":")
+        if not colon:
+            return None
+        # RFC 6749 2.3.1: both parts are form-urlencoded before being joined.
+        return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
+    return form.get("client_id", ""), form.get("client_secret", "")
+
+
+CONFIRMATION_FILTERABLE = frozenset(
+    {
+        *CONFIRMATION_PROPERTIES,
+        *CONFIRMATION_QUANTITIES,
+        "ConfirmationGroup",
+        "ConfirmationCount",
+        "EnteredByUser",
+        "MaterialDocument",
+    }
+)
+USAGE_DECISION_FILTERABLE = frozenset({*USAGE_DECISION_PROPERTIES, "InspLotUsageDecidedBy"})
+
+
+def _filtered(
+    entities: list[JsonObject], terms: Sequence[tuple[str, str]], allowed: frozenset[str]
+) -> list[JsonObject]:
+    for name, _ in terms:
+        if name not in allowed:
+            raise _bad_request("INVALID_FILTER", f"Property '{name}' cannot be filtered on here")
+    return [
+        entity
+        for entity in entities
+        if all(str(entity.get(name, "")) == value for name, value in terms)
+    ]
+
+
+def _paged(entities: list[JsonObject], request: Request) -> list[JsonObject]:
+    def number(option: str) -> int | None:
+        text = request.query_params.get(option)
+        if text is None:
+            return None
+        if not text.isdigit():
+            raise _bad_request("INVALID_OPTION", f"{option} must be a non-negative integer")
+        return int(text)
+
+    skip, top = number("$skip") or 0, number("$top")
+    return entities[skip:] if top is None else entities[skip : skip + top]
+
+
+def _check_format(request: Request) -> None:
+    wanted = request.query_params.get("$format", "json")
+    if wanted != "json":
+        raise _bad_request("INVALID_OPTION", f"$format={wanted} is not served here; use json")
+
+
+def _service_url(request: Request, service: str) -> str:
+    return str(request.base_url).rstrip("/") + service
+
+
+def _confirmation_payload(entity: JsonObject, base: str, *, expand: bool) -> JsonObject:
+    group, count = entity["ConfirmationGroup"], entity["ConfirmationCount"]
+    uri = f"{base}/{CONFIRMATION_SET}(ConfirmationGroup='{group}',ConfirmationCount='{count}')"
+    payload: JsonObject = {
+        "__metadata": {
+            "id": uri,
+            "uri": uri,
+            "type": "API_PROD_ORDER_CONFIRMATION_2_SRV.A_ProdnOrdConf2Type",
+        },
+        **{name: value for name, value in entity.items() if name != MATERIAL_DOCUMENT_ITEMS},
+    }
+    if not expand:
+        payload[MATERIAL_DOCUMENT_ITEMS] = {
+            "__deferred": {"uri": f"{uri}/{MATERIAL_DOCUMENT_ITEMS}"}
+        }
+        return payload
+    results = []
+    for item in entity[MATERIAL_DOCUMENT_ITEMS]:
+        item_uri = (
+            f"{base}/ProdnOrdConfMatlDocItm(ConfirmationGroup='{group}',"
+            f"ConfirmationCount='{count}',MaterialDocument='{item['MaterialDocument']}',"
+            f"MaterialDocumentItem='{item['MaterialDocumentItem']}',"
+            f"MaterialDocumentYear='{item['MaterialDocumentYear']}')"
+        )
+        metadata = {
+            "id": item_uri,
+            "uri": item_uri,
+            "type": "API_PROD_ORDER_CONFIRMATION_2_SRV.A_ProdnOrdConfMatlDocItmType",
+        }
+        results.append({"__metadata": metadata, **item})
+    payload[MATERIAL_DOCUMENT_ITEMS] = {"results": results}
+    return payload
+
+
+def _usage_decision_payload(entity: JsonObject, base: str) -> JsonObject:
+    uri = f"{base}/{USAGE_DECISION_SET}('{entity['InspectionLot']}')"
+    metadata = {"id": uri, "uri": uri, "type": "API_INSPECTIONLOT_SRV.A_InspLotUsageDecisionType"}
+    return {"__metadata": metadata, **entity}
+
+
+class ErpSimulator:
+    """Request handlers over one store, the current faults, tokens, sessions and counters."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        faults: Faults,
+        log_requests: bool,
+        *,
+        tokens: TokenIssuer | None = None,
+        scripted: ScriptedFaults | None = None,
+    ) -> None:
         self.store = store
         self.faults = faults
+        self.tokens = tokens or TokenIssuer({})
+        self.csrf = CsrfSessions()
+        self.scripted = scripted or ScriptedFaults()
+        self.counters = Counters()
+        self.connection_closer: Callable[[object], bool] | None = None
+        """Set by ``serve``: aborts the connection of an ASGI scope's client, if it is open."""
         self._log_requests = log_requests
-        self._errors_injected = 0
         self._random = random.Random()
 
-    async def _misbehave(self, request: Request) -> Response | None:
-        """Apply latency, then maybe answer an injected error instead of processing."""
-        faults = self.faults
-        if faults.latency > 0:
-            await asyncio.sleep(faults.latency)
-        if faults.error_rate <= 0 or self._random.random() >= faults.error_rate:
-            return None
-        self._errors_injected += 1
-        headers = {}
-        if faults.error_status in RETRY_AFTER_STATUSES:
-            headers["Retry-After"] = str(faults.retry_after)
+    def _say(self, line: str) -> None:
         if self._log_requests:
-            print(
-                f"ERP answered {faults.error_status} to {request.url.path} (injected fault)",
-                flush=True,
-            )
-        return _error(faults.error_status, f"injected fault {faults.error_status}", headers)
+            print(line, flush=True)
+
+    # -- the checks every /api and /sap request passes -------------------------------------
+
+    def guard(self, handler: Endpoint, *, odata: bool, delivery: bool) -> Endpoint:
+        """Wrap ``handler`` in latency, outage, bearer token, CSRF and delivery faults."""
+
+        async def endpoint(request: Request) -> Response:
+            if self.faults.latency > 0:
+                await asyncio.sleep(self.faults.latency)
+            try:
+                refused = self._outage(request, odata)
+                if refused is None:
+                    refused = self._authenticate(request, odata)
+                if refused is None and delivery and odata:
+                    refused = self._check_csrf(request)
+                if refused is None and delivery:
+                    refused = await self._delivery_faults(request, odata)
+                if refused is not None:
+                    return refused
+                response = await handler(request)
+            except ODataError as exc:
+                response = _odata_error(exc.status, exc.code, exc.message)
+            if odata and request.method in ("GET", "HEAD"):
+                self._hand_out_csrf(request, response)
+            if delivery and self.scripted.drop_response > 0:
+                self.scripted.drop_response -= 1
+                return await self._drop(request, "after processing it")
+            return response
+
+        return endpoint
+
+    def _refusal(
+        self, status: int, message: str, headers: Mapping[str, str], *, odata: bool
+    ) -> Response:
+        if odata:
+            return _odata_error(status, f"SIM/HTTP_{status}", message, headers)
+        return _error(status, message, headers)
+
+    def _outage(self, request: Request, odata: bool) -> Response | None:
+        remaining = self.faults.outage_until - time.time()
+        if remaining <= 0:
+            return None
+        self.counters.outage_rejections += 1
+        self._say(f"ERP answered 503 to {request.url.path} (outage)")
+        headers = {"Retry-After": str(max(1, math.ceil(remaining)))}
+        return self._refusal(503, "the ERP is unavailable (simulated outage)", headers, odata=odata)
+
+    def _authenticate(self, request: Request, odata: bool) -> Response | None:
+        request.state.user = DEFAULT_USER
+        if not self.tokens.required:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            # RFC 6750 3.1: no error code when the request carried no token at all.
+            challenge = f'Bearer realm="{AUTH_REALM}"'
+            message = "an OAuth2 bearer token is required (POST /oauth/token)"
+        else:
+            client_id, why = self.tokens.check(token)
+            if client_id is not None:
+                request.state.user = client_id
+                return None
+            challenge = f'Bearer error="invalid_token", error_description="{why}"'
+            message = why
+        self.counters.auth_rejections += 1
+        self._say(f"ERP answered 401 to {request.url.path} ({message})")
+        return self._refusal(401, message, {"WWW-Authenticate": challenge}, odata=odata)
+
+    def _check_csrf(self, request: Request) -> Response | None:
+        session = request.cookies.get(SAP_SESSION_COOKIE)
+        if self.csrf.valid(session, request.headers.get(CSRF_HEADER)):
+            return None
+        self.counters.csrf_rejections += 1
+        self._say(f"SAP answered 403 to {request.url.path} (CSRF token required)")
+        return PlainTextResponse(
+            "CSRF token validation failed", status_code=403, headers={CSRF_HEADER: "Required"}
+        )
+
+    def _hand_out_csrf(self, request: Request, response: Response) -> None:
+        if request.headers.get(CSRF_HEADER, "").lower() != "fetch" or response.status_code >= 400:
+            return
+        session, token = self.csrf.fetch(request.cookies.get(SAP_SESSION_COOKIE))
+        response.headers[CSRF_HEADER] = token
+        response.set_cookie(SAP_SESSION_COOKIE, session, path="/", httponly=True)
+        self.counters.csrf_tokens_fetched += 1
+
+    async def _delivery_faults(self, request: Request, odata: bool) -> Response | None:
+        if self.scripted.drop_connection > 0:
+            self.scripted.drop_connection -= 1
+            return await self._drop(request, "before processing it")
+        if self.scripted.statuses:
+            status = self.scripted.statuses.popleft()
+            if status < 300:
+                return None
+            return self._inject(request, status, "scripted", odata)
+        faults = self.faults
+        if faults.error_rate > 0 and self._random.random() < faults.error_rate:
+            return self._inject(request, faults.error_status, "injected", odata)
+        return None
+
+    def _inject(self, request: Request, status: int, how: str, odata: bool) -> Response:
+        self.counters.errors_injected += 1
+        headers = {}
+        if status in RETRY_AFTER_STATUSES:
+            headers["Retry-After"] = str(self.faults.retry_after)
+        self._say(f"ERP answered {status} to {request.url.path} ({how} fault)")
+        return self._refusal(status, f"{how} fault {status}", headers, odata=odata)
+
+    async def _drop(self, request: Request, when: str) -> Response:
+        closer = self.connection_closer
+        if closer is None or not closer(request.scope.get("client")):
+            return _error(502, "cannot drop this connection: run the simulator with uvicorn")
+        if when.startswith("after"):
+            self.counters.responses_dropped += 1
+        else:
+            self.counters.connections_dropped += 1
+        self._say(f"ERP dropped the connection of {request.url.path} {when} (injected fault)")
+        # Let the transport report the loss, so uvicorn discards what is sent below.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return Response(status_code=500)
+
+    # -- canonical profile -------------------------------------------------------------------
 
     def _log(self, delivery: Delivery, receipt: Receipt) -> None:
-        if not self._log_requests:
-            return
         event = delivery.event
         line = (
             f"ERP received {event['type']} subject={event.get('subject')} id={event['id']}"
             f" -> {receipt.reference}"
         )
-        print(line + (" (duplicate)" if receipt.duplicate else ""), flush=True)
+        self._say(line + (" (duplicate)" if receipt.duplicate else ""))
 
     def _accept(self, deliveries: Sequence[Delivery]) -> list[Receipt]:
         receipts = self.store.record(deliveries)
@@ -345,8 +1560,6 @@ class ErpSimulator:
         return receipts
 
     async def post_event(self, request: Request) -> Response:
-        if (injected := await self._misbehave(request)) is not None:
-            return injected
         key = request.headers.get("idempotency-key", "").strip()
         if not key:
             return _error(400, "Idempotency-Key header is required")
@@ -369,8 +1582,6 @@ class ErpSimulator:
         )
 
     async def post_batch(self, request: Request) -> Response:
-        if (injected := await self._misbehave(request)) is not None:
-            return injected
         media_type = _media_type(request)
         if media_type != BATCH_CONTENT_TYPE:
             return _error(415, f"content type {media_type or '(none)'} is not {BATCH_CONTENT_TYPE}")
@@ -408,6 +1619,113 @@ class ErpSimulator:
             )
         return JSONResponse(outcomes)
 
+    # -- OAuth2 --------------------------------------------------------------------------------
+
+    async def issue_token(self, request: Request) -> Response:
+        no_store = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+        def refuse(status: int, error: str, description: str) -> Response:
+            self.counters.token_requests_refused += 1
+            headers = dict(no_store)
+            if status == 401:
+                headers["WWW-Authenticate"] = f'Basic realm="{AUTH_REALM}"'
+            body = {"error": error, "error_description": description}
+            return JSONResponse(body, status_code=status, headers=headers)
+
+        if _media_type(request) != "application/x-www-form-urlencoded":
+            return refuse(400, "invalid_request", "send application/x-www-form-urlencoded")
+        body = (await request.body()).decode("utf-8", "replace")
+        form = dict(parse_qsl(body, keep_blank_values=True))
+        grant_type = form.get("grant_type", "")
+        if not grant_type:
+            return refuse(400, "invalid_request", "grant_type is required")
+        if grant_type != "client_credentials":
+            return refuse(400, "unsupported_grant_type", f"{grant_type} is not supported")
+        credentials = _client_credentials(request, form)
+        if credentials is None or not credentials[0] or not self.tokens.accepts(*credentials):
+            return refuse(401, "invalid_client", "unknown client or wrong secret")
+        token = self.tokens.issue(credentials[0])
+        self.counters.tokens_issued += 1
+        self._say(f"ERP issued an access token to {credentials[0]}")
+        return JSONResponse(
+            {"access_token": token, "token_type": "Bearer", "expires_in": self.tokens.ttl},
+            headers=no_store,
+        )
+
+    # -- SAP S/4HANA OData ---------------------------------------------------------------------
+
+    def service_document(self, *entity_sets: str) -> Endpoint:
+        async def document(request: Request) -> Response:
+            _check_format(request)
+            return _odata_response({"d": {"EntitySets": list(entity_sets)}})
+
+        return document
+
+    async def create_confirmation(self, request: Request) -> Response:
+        fields = parse_confirmation(await _odata_body(request))
+        entity = self.store.create_confirmation(fields, request.state.user)
+        self._say(
+            f"SAP confirmation {entity['ConfirmationGroup']}/{entity['ConfirmationCount']}"
+            f" order={entity['OrderID']} op={entity['OrderOperation']}"
+            f" yield={entity['ConfirmationYieldQuantity']}"
+            f" scrap={entity['ConfirmationScrapQuantity']} {entity['ConfirmationUnit']}"
+            f" text={entity['ConfirmationText']}"
+        )
+        payload = _confirmation_payload(
+            entity, _service_url(request, CONFIRMATION_SERVICE), expand=True
+        )
+        return _odata_response({"d": payload}, 201, {"Location": payload["__metadata"]["uri"]})
+
+    async def list_confirmations(self, request: Request) -> Response:
+        _check_format(request)
+        expression = request.query_params.get("$filter", "").strip()
+        terms = parse_filter(expression) if expression else []
+        indexed = dict(terms)
+        entities = self.store.confirmations(
+            text=indexed.get("ConfirmationText"), order_id=indexed.get("OrderID")
+        )
+        entities = _paged(_filtered(entities, terms, CONFIRMATION_FILTERABLE), request)
+        expand = MATERIAL_DOCUMENT_ITEMS in request.query_params.get("$expand", "").split(",")
+        base = _service_url(request, CONFIRMATION_SERVICE)
+        results = [_confirmation_payload(entity, base, expand=expand) for entity in entities]
+        return _odata_response({"d": {"results": results}})
+
+    async def get_confirmation(self, request: Request) -> Response:
+        _check_format(request)
+        key = CONFIRMATION_KEY.match(request.path_params["key"])
+        found = (
+            self.store.confirmations(key=(key.group(1), key.group(2))) if key is not None else []
+        )
+        if not found:
+            raise ODataError(404, "SIM/NOT_FOUND", "Resource not found for segment ProdnOrdConf2")
+        expand = MATERIAL_DOCUMENT_ITEMS in request.query_params.get("$expand", "").split(",")
+        base = _service_url(request, CONFIRMATION_SERVICE)
+        return _odata_response({"d": _confirmation_payload(found[0], base, expand=expand)})
+
+    async def create_usage_decision(self, request: Request) -> Response:
+        fields = parse_usage_decision(await _odata_body(request))
+        entity = self.store.create_usage_decision(fields, request.state.user)
+        self._say(
+            f"SAP usage decision {entity['InspLotUsageDecisionCode']} lot={entity['InspectionLot']}"
+            f" material={entity['Material']} batch={entity['Batch']}"
+            f" text={entity['ChangedByText']}"
+        )
+        payload = _usage_decision_payload(entity, _service_url(request, INSPECTION_SERVICE))
+        return _odata_response({"d": payload}, 201, {"Location": payload["__metadata"]["uri"]})
+
+    async def list_usage_decisions(self, request: Request) -> Response:
+        _check_format(request)
+        expression = request.query_params.get("$filter", "").strip()
+        terms = parse_filter(expression) if expression else []
+        entities = _paged(
+            _filtered(self.store.usage_decisions(), terms, USAGE_DECISION_FILTERABLE), request
+        )
+        base = _service_url(request, INSPECTION_SERVICE)
+        results = [_usage_decision_payload(entity, base) for entity in entities]
+        return _odata_response({"d": {"results": results}})
+
+    # -- for tests -------------------------------------------------------------------------------
+
     async def list_events(self, request: Request) -> Response:
         return JSONResponse(self.store.list_events(request.query_params.get("type")))
 
@@ -418,38 +1736,100 @@ class ErpSimulator:
                 "received": unique + duplicates,
                 "unique": unique,
                 "duplicates": duplicates,
-                "errors_injected": self._errors_injected,
+                **dataclasses.asdict(self.counters),
+                **self.store.sap_counts(),
             }
         )
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def list_batches(self, request: Request) -> Response:
+        return JSONResponse(self.store.batches(material=request.query_params.get("material")))
+
+    async def get_batch(self, request: Request) -> Response:
+        batch = request.path_params["batch"]
+        found = self.store.batches(material=request.query_params.get("material"), batch=batch)
+        if not found:
+            return _error(404, f"no batch {batch}")
+        if len(found) > 1:
+            materials = ", ".join(str(each["material"]) for each in found)
+            return _error(409, f"batch {batch} exists for materials {materials}: add ?material=")
+        return JSONResponse(found[0])
+
+    async def sap_confirmations(self, request: Request) -> Response:
+        return JSONResponse(self.store.confirmations())
+
+    async def sap_usage_decisions(self, request: Request) -> Response:
+        return JSONResponse(self.store.usage_decisions())
+
+    def _faults_json(self) -> JsonObject:
+        return {**self.faults.as_json(), **self.scripted.as_json()}
+
     async def get_faults(self, request: Request) -> Response:
-        return JSONResponse(self.faults.as_json())
+        return JSONResponse(self._faults_json())
 
     async def set_faults(self, request: Request) -> Response:
         try:
             changes = await _json_body(request)
             if not isinstance(changes, dict):
                 raise InvalidEvent("fault settings must be a JSON object")
-            self.faults = self.faults.updated(changes)
+            actions = FaultActions.parse(changes)
+            settings = {
+                name: value for name, value in changes.items() if name not in FaultActions.NAMES
+            }
+            if actions.outage_seconds is not None and "outage_until" in settings:
+                raise ValueError("set outage_until or outage_seconds, not both")
+            faults = self.faults.updated(settings)
         except ValueError as exc:  # InvalidEvent included
             return _error(400, str(exc))
-        return JSONResponse(self.faults.as_json())
+        if actions.outage_seconds is not None:
+            until = time.time() + actions.outage_seconds if actions.outage_seconds > 0 else 0.0
+            faults = dataclasses.replace(faults, outage_until=until)
+        self.faults = faults
+        if actions.status_sequence is not None:
+            self.scripted.statuses = deque(actions.status_sequence)
+        if actions.drop_connection is not None:
+            self.scripted.drop_connection = actions.drop_connection
+        if actions.drop_response is not None:
+            self.scripted.drop_response = actions.drop_response
+        if actions.expire_tokens_now:
+            revoked = self.tokens.revoke_all()
+            self._say(f"ERP revoked {revoked} access token(s) (injected fault)")
+        if actions.invalidate_csrf:
+            self.csrf.clear()
+            self._say("SAP forgot every CSRF session (injected fault)")
+        return JSONResponse(self._faults_json())
 
     async def reset(self, request: Request) -> Response:
         cleared = self.store.clear()
-        self._errors_injected = 0
-        return JSONResponse({"cleared": cleared})
+        self.counters = Counters()
+        return JSONResponse(cleared)
 
 
 def create_app(
-    db_path: str = ":memory:", faults: Faults | None = None, *, log_requests: bool = False
+    db_path: str = ":memory:",
+    faults: Faults | None = None,
+    *,
+    log_requests: bool = False,
+    clients: Mapping[str, str] | None = None,
+    token_ttl: int = DEFAULT_TOKEN_TTL,
+    scripted: ScriptedFaults | None = None,
 ) -> Starlette:
-    """Build the ERP simulator app; its store opens and closes with the app's lifespan."""
+    """Build the ERP simulator app; its store opens and closes with the app's lifespan.
+
+    ``clients`` maps OAuth2 client ids to secrets: when given, /api and /sap need tokens.
+    """
+    if token_ttl < 1:
+        raise ValueError(f"token_ttl must be at least 1 second, got {token_ttl}")
     store = EventStore(db_path)
-    simulator = ErpSimulator(store, faults or Faults(), log_requests)
+    simulator = ErpSimulator(
+        store,
+        faults or Faults(),
+        log_requests,
+        tokens=TokenIssuer(dict(clients or {}), token_ttl),
+        scripted=scripted,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -459,12 +1839,65 @@ def create_app(
         finally:
             store.close()
 
+    guard = simulator.guard
+    confirmations = f"{CONFIRMATION_SERVICE}/{CONFIRMATION_SET}"
+    decisions = f"{INSPECTION_SERVICE}/{USAGE_DECISION_SET}"
+    confirmation_document = guard(
+        simulator.service_document(CONFIRMATION_SET, "ProdnOrdConfMatlDocItm"),
+        odata=True,
+        delivery=False,
+    )
+    inspection_document = guard(
+        simulator.service_document(USAGE_DECISION_SET), odata=True, delivery=False
+    )
     routes = [
-        Route("/api/events", simulator.post_event, methods=["POST"]),
-        Route("/api/events:batch", simulator.post_batch, methods=["POST"]),
+        Route(
+            "/api/events",
+            guard(simulator.post_event, odata=False, delivery=True),
+            methods=["POST"],
+        ),
+        Route(
+            "/api/events:batch",
+            guard(simulator.post_batch, odata=False, delivery=True),
+            methods=["POST"],
+        ),
+        Route("/oauth/token", simulator.issue_token, methods=["POST"]),
+        Route(CONFIRMATION_SERVICE, confirmation_document, methods=["GET"]),
+        Route(f"{CONFIRMATION_SERVICE}/", confirmation_document, methods=["GET"]),
+        Route(
+            confirmations,
+            guard(simulator.list_confirmations, odata=True, delivery=False),
+            methods=["GET"],
+        ),
+        Route(
+            confirmations,
+            guard(simulator.create_confirmation, odata=True, delivery=True),
+            methods=["POST"],
+        ),
+        Route(
+            confirmations + "({key})",
+            guard(simulator.get_confirmation, odata=True, delivery=False),
+            methods=["GET"],
+        ),
+        Route(INSPECTION_SERVICE, inspection_document, methods=["GET"]),
+        Route(f"{INSPECTION_SERVICE}/", inspection_document, methods=["GET"]),
+        Route(
+            decisions,
+            guard(simulator.list_usage_decisions, odata=True, delivery=False),
+            methods=["GET"],
+        ),
+        Route(
+            decisions,
+            guard(simulator.create_usage_decision, odata=True, delivery=True),
+            methods=["POST"],
+        ),
         Route("/events", simulator.list_events, methods=["GET"]),
         Route("/stats", simulator.stats, methods=["GET"]),
         Route("/healthz", simulator.healthz, methods=["GET"]),
+        Route("/_sim/batches", simulator.list_batches, methods=["GET"]),
+        Route("/_sim/batches/{batch}", simulator.get_batch, methods=["GET"]),
+        Route("/_sim/sap/confirmations", simulator.sap_confirmations, methods=["GET"]),
+        Route("/_sim/sap/usage-decisions", simulator.sap_usage_decisions, methods=["GET"]),
         Route("/_sim/faults", simulator.get_faults, methods=["GET"]),
         Route("/_sim/faults", simulator.set_faults, methods=["POST"]),
         Route("/_sim/reset", simulator.reset, methods=["POST"]),
@@ -474,11 +1907,46 @@ def create_app(
     return app
 
 
+def _connection_closer(server: uvicorn.Server) -> Callable[[object], bool]:
+    """Abort the open connection of an ASGI client address; False if there is none.
+
+    The handler that asked then returns a response that uvicorn drops, as its connection
+    is gone, so the client sees the connection closed without an answer.
+    """
+
+    def close(client: object) -> bool:
+        for connection in list(server.server_state.connections):
+            if client is not None and getattr(connection, "client", None) == client:
+                transport = getattr(connection, "transport", None)
+                if transport is None:
+                    return False
+                transport.abort()
+                return True
+        return False
+
+    return close
+
+
 async def serve(
-    host: str, port: int, db_path: str, faults: Faults, *, log_requests: bool = False
+    host: str,
+    port: int,
+    db_path: str,
+    faults: Faults,
+    *,
+    log_requests: bool = False,
+    clients: Mapping[str, str] | None = None,
+    token_ttl: int = DEFAULT_TOKEN_TTL,
+    scripted: ScriptedFaults | None = None,
 ) -> None:
     """Serve the simulator until uvicorn is told to exit (SIGINT or SIGTERM)."""
-    app = create_app(db_path, faults, log_requests=log_requests)
+    app = create_app(
+        db_path,
+        faults,
+        log_requests=log_requests,
+        clients=clients,
+        token_ttl=token_ttl,
+        scripted=scripted,
+    )
     config = uvicorn.Config(
         app,
         host=host,
@@ -488,6 +1956,8 @@ async def serve(
         timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
     )
     server = uvicorn.Server(config)
+    simulator: ErpSimulator = app.state.simulator
+    simulator.connection_closer = _connection_closer(server)
     async with asyncio.TaskGroup() as tasks:
         serving = tasks.create_task(_serve_until_exit(server), name="erp-api-http")
         # uvicorn exposes readiness only as a flag, so poll it briefly.
@@ -515,19 +1985,49 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _client(text: str) -> tuple[str, str]:
+    client_id, colon, secret = text.partition(":")
+    if not colon or not client_id or not secret:
+        raise argparse.ArgumentTypeError(f"expected ID:SECRET, got {text!r}")
+    return client_id, secret
+
+
+def _statuses(text: str) -> tuple[int, ...]:
+    try:
+        return status_sequence([int(part) for part in text.split(",") if part.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.erp_api", description=__doc__.split("\n\n")[0]
+        prog="python -m simulators.erp_api",
+        description=__doc__.split("\n\n")[0],
+        epilog="Endpoints and fault knobs: see the module docstring (pydoc simulators.erp_api).",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8480, help="port (0 picks a free one)")
     parser.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
+    parser.add_argument(
+        "--client",
+        type=_client,
+        action="append",
+        default=[],
+        metavar="ID:SECRET",
+        help="an OAuth2 client (repeatable); with one, /api and /sap need a bearer token",
+    )
+    parser.add_argument(
+        "--token-ttl",
+        type=int,
+        default=DEFAULT_TOKEN_TTL,
+        help=f"seconds an access token lives (default {DEFAULT_TOKEN_TTL})",
+    )
     defaults = Faults()
     parser.add_argument(
         "--error-rate",
         type=float,
         default=defaults.error_rate,
-        help="probability 0..1 of answering --error-status instead",
+        help="probability 0..1 of answering --error-status to a delivery instead",
     )
     parser.add_argument(
         "--error-status", type=int, default=defaults.error_status, help="status of injected errors"
@@ -539,26 +2039,73 @@ def main(argv: list[str] | None = None) -> int:
         help="Retry-After seconds sent with injected 429 and 503",
     )
     parser.add_argument(
-        "--latency", type=float, default=defaults.latency, help="seconds added to each delivery"
+        "--latency",
+        type=float,
+        default=defaults.latency,
+        help="seconds added to each /api and /sap request",
+    )
+    parser.add_argument(
+        "--outage-seconds",
+        type=float,
+        default=0.0,
+        help="answer 503 with Retry-After to every /api and /sap request for this long",
+    )
+    parser.add_argument(
+        "--status-sequence",
+        type=_statuses,
+        default=(),
+        metavar="S,S,...",
+        help="statuses for the next deliveries in turn, e.g. 500,429,201 (2xx: let through)",
+    )
+    parser.add_argument(
+        "--drop-connection",
+        type=int,
+        default=0,
+        metavar="N",
+        help="close the connection of the next N deliveries without processing or answering",
+    )
+    parser.add_argument(
+        "--drop-response",
+        type=int,
+        default=0,
+        metavar="N",
+        help="process the next N deliveries, then close the connection without answering",
     )
     parser.add_argument(
         "--log-requests", action="store_true", help="print one line per received event"
     )
     args = parser.parse_args(argv)
+    if args.token_ttl < 1:
+        parser.error("--token-ttl must be at least 1 second")
+    if args.outage_seconds < 0 or args.drop_connection < 0 or args.drop_response < 0:
+        parser.error("--outage-seconds, --drop-connection and --drop-response must be >= 0")
     try:
         faults = Faults(
             error_rate=args.error_rate,
             error_status=args.error_status,
             retry_after=args.retry_after,
             latency=args.latency,
+            outage_until=time.time() + args.outage_seconds if args.outage_seconds > 0 else 0.0,
         )
     except ValueError as exc:
         parser.error(str(exc))
+    scripted = ScriptedFaults(deque(args.status_sequence), args.drop_connection, args.drop_response)
     # SIGTERM is treated like Ctrl-C, so a stop before uvicorn owns the signals (or after
     # it re-raises them) ends here with exit code 0 rather than death by signal.
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        asyncio.run(serve(args.host, args.port, args.db, faults, log_requests=args.log_requests))
+        asyncio.run(
+            serve(
+                args.host,
+                args.port,
+                args.db,
+                faults,
+                log_requests=args.log_requests,
+                clients=dict(args.client),
+                token_ttl=args.token_ttl,
+                scripted=scripted,
+            )
+        )
     except KeyboardInterrupt:
         pass
     except StartupFailed as exc:

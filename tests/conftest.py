@@ -34,12 +34,14 @@ class Peer:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 20.0) -> Peer:
+        # The log is appended to across restarts: wait for one more ready line than it has.
+        seen = self.output().count(self.ready_text) if self.ready_text else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if self.ready_text:
             deadline = time.monotonic() + timeout
-            while self.ready_text not in self.output():
+            while self.output().count(self.ready_text) <= seen:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.argv} exited early:\n{self.output()}")
                 if time.monotonic() > deadline:
@@ -99,14 +101,28 @@ class ErpSim:
         httpx.post(f"{self.url}/_sim/faults", json=faults, timeout=10).raise_for_status()
 
 
-@pytest.fixture
-def erp_sim(peers: list[Peer], tmp_path: Path) -> ErpSim:
+def start_erp(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
     port = free_port()
     peer = start_peer(
         peers, [sys.executable, "-m", "simulators.erp_api", "--port", str(port),
-                "--db", str(tmp_path / "erp.db")],
-        tmp_path / "erp.log", "erp-api listening")
+                "--db", str(tmp_path / f"erp-{port}.db"), *args],
+        tmp_path / f"erp-{port}.log", "erp-api listening")
     return ErpSim(peer, f"http://127.0.0.1:{port}")
+
+
+def start_qms(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
+    """The QMS simulator; same control surface (/stats, /_sim/faults) as the ERP one."""
+    port = free_port()
+    peer = start_peer(
+        peers, [sys.executable, "-m", "simulators.qms_api", "--port", str(port),
+                "--db", str(tmp_path / f"qms-{port}.db"), *args],
+        tmp_path / f"qms-{port}.log", "qms-api listening")
+    return ErpSim(peer, f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture
+def erp_sim(peers: list[Peer], tmp_path: Path) -> ErpSim:
+    return start_erp(peers, tmp_path)
 
 
 @dataclass
@@ -121,3 +137,110 @@ def start_plc(peers: list[Peer], tmp_path: Path, *args: str, port: int | None = 
         peers, [sys.executable, "-m", "simulators.modbus_plc", "--port", str(port), *args],
         tmp_path / f"plc-{port}.log", "modbus-plc listening")
     return PlcSim(peer, port)
+
+
+# --- a real MQTT broker ----------------------------------------------------------------------
+
+MOSQUITTO_SETTINGS = {
+    # Far above mosquitto's default of 1000: beyond it the broker silently drops QoS 1 messages
+    # queued for a client, and the burst and restart tests would measure the broker, not us.
+    "max_queued_messages": "100000",
+    # Unacknowledged messages in flight to an MQTT 3.1.1 client (MQTT 5 clients announce their
+    # own Receive Maximum): above the default 20, which would cap each commit at 20 messages,
+    # and still below batch_max (500), so the 3.1.1 tests run with a window smaller than a batch.
+    "max_inflight_messages": "100",
+}
+
+
+@dataclass
+class Mosquitto:
+    """A mosquitto broker on a free port whose sessions and queues persist in `directory`.
+
+    `stop()` ends it with SIGTERM, which makes mosquitto write its persistence file; `start()`
+    brings it back on the same port with the same file, sessions and queued messages intact.
+    `forget_sessions()` deletes the file while it is stopped (a broker that lost everything).
+    """
+
+    binary: str
+    directory: Path
+    port: int = field(default_factory=free_port)
+    listener_options: list[str] = field(default_factory=list)
+    """Lines for the listener, e.g. `certfile ...` for TLS."""
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    host = "127.0.0.1"
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "mosquitto.log"
+
+    def write_config(self) -> None:
+        lines = [
+            f"listener {self.port} {self.host}",
+            *self.listener_options,
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.directory}/",
+            *(f"{key} {value}" for key, value in MOSQUITTO_SETTINGS.items()),
+        ]
+        if os.geteuid() == 0:
+            # As root, mosquitto switches to the `mosquitto` user (or nobody), which cannot
+            # write into this test's directory: persistence would fail, logged only.
+            lines.append("user root")
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        self.write_config()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([self.binary, "-c", str(self.config_path)],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                socket.create_connection((self.host, self.port), timeout=1).close()
+                return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"mosquitto did not start on port {self.port}:\n"
+                                       f"{self.log_path.read_text(errors='replace')}") from None
+                time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def forget_sessions(self) -> None:
+        assert self.process is None or self.process.poll() is not None, "stop() first"
+        (self.directory / "mosquitto.db").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running mosquitto on a free port, killed at teardown."""
+    import shutil  # here, so that this section stays an addition to the module
+
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.access(binary, os.X_OK):
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto, or make mosquitto)")
+    directory = tmp_path / "mosquitto"
+    directory.mkdir()
+    broker = Mosquitto(binary, directory).start()
+    yield broker
+    broker.kill()

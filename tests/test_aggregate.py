@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.base import Quality, Sample
-from edge.aggregate import ConfirmationRule, Counter
+from edge.aggregate import Counter, MachineRule
 from edge.config import MachineConfig
 from edge.model import CloudEvent
 
@@ -38,7 +38,7 @@ def yields(events: list[CloudEvent]) -> int:
 
 
 def test_first_reading_is_the_baseline_and_must_be_saved() -> None:
-    rule = ConfirmationRule("1010", machine())
+    rule = MachineRule("1010", machine())
     assert rule.on_sample(good(500)) == []
     assert rule.needs_save  # else a restart would take a new baseline and lose the units
     rule.dump_state()
@@ -53,7 +53,7 @@ def test_first_reading_is_the_baseline_and_must_be_saved() -> None:
 
 
 def test_scrap_rides_with_the_next_confirmation() -> None:
-    rule = ConfirmationRule("1010", machine())
+    rule = MachineRule("1010", machine())
     rule.on_sample(good(0))
     rule.on_sample(bad(0))
     rule.on_sample(bad(3))
@@ -71,44 +71,44 @@ def test_rollover_keeps_counting_and_a_drop_is_a_reset() -> None:
 
 
 def test_bad_quality_and_non_numbers_are_not_counted() -> None:
-    rule = ConfirmationRule("1010", machine())
+    rule = MachineRule("1010", machine())
     rule.on_sample(good(0))
     assert rule.on_sample(good(None, quality=Quality.BAD)) == []
     assert rule.on_sample(Sample("plc", "good", "12", 1.0)) == []
     assert rule.state.good.total == 0
 
 
-def test_time_trigger_confirms_what_is_pending() -> None:
-    rule = ConfirmationRule("1010", machine(every_units=None, every="15m"))
-    rule.on_sample(good(100, at=1000.0))
+def test_time_trigger_confirms_at_wall_clock_boundaries() -> None:
+    rule = MachineRule("1010", machine(every_units=None, every="15m"))
+    rule.on_sample(good(100, at=1000.0))  # window [900, 1800)
     rule.on_sample(good(103, at=1010.0))
-    assert rule.on_tick(1000.0 + 899) == []
-    (event,) = rule.on_tick(1000.0 + 900)
+    assert rule.on_tick(1799.0) == []
+    (event,) = rule.on_tick(1800.0)  # :15 past the hour, aligned to the clock
     assert event.data["trigger"] == "time" and event.data["yield_quantity"]["value"] == "3"
-    assert rule.on_tick(1000.0 + 1800) == []  # nothing pending, nothing posted
+    assert rule.on_tick(2700.0) == []  # nothing pending, nothing posted
 
 
 def test_unbound_machine_counts_unassigned_production_and_posts_nothing() -> None:
-    rule = ConfirmationRule("1010", machine(order=False))
+    rule = MachineRule("1010", machine(order=False))
     rule.on_sample(good(0))
     assert rule.on_sample(good(25)) == []
     assert rule.state.unassigned == 25
 
 
 def test_plant_unit_codes_reach_the_quantities() -> None:
-    rule = ConfirmationRule("1010", machine(uom="ZCS"), uom_codes=frozenset({"ZCS"}))
+    rule = MachineRule("1010", machine(uom="ZCS"), uom_codes=frozenset({"ZCS"}))
     rule.on_sample(good(0))
     (event,) = rule.on_sample(good(10))
     assert event.data["yield_quantity"]["uom"] == "ZCS"
 
 
 def test_ids_are_derived_again_after_a_crash() -> None:
-    rule = ConfirmationRule("1010", machine())
+    rule = MachineRule("1010", machine())
     rule.on_sample(good(0))
     saved = rule.dump_state()
     first = rule.on_sample(good(10))
     # Crash before the commit: resume from the last saved state, read the same counter.
-    again = ConfirmationRule("1010", machine(), saved).on_sample(good(10))
+    again = MachineRule("1010", machine(), saved).on_sample(good(10))
     assert [e.id for e in first] == [e.id for e in again]
 
 
@@ -132,7 +132,7 @@ def test_confirmations_add_up_to_the_counter_advance(
     resumes from its last committed state; what it had not committed is lost): the committed
     confirmations tile the counter's real advance exactly, and no id repeats."""
     config = machine(every_units=every_units, every="60s", width=16)
-    rule = ConfirmationRule("1010", config)
+    rule = MachineRule("1010", config)
     raw, now, advance = start, 0.0, 0
     committed: list[CloudEvent] = []
     uncommitted: list[CloudEvent] = []
@@ -153,7 +153,7 @@ def test_confirmations_add_up_to_the_counter_advance(
             if amount:  # the pending commit made it to disk before the crash
                 commit_if_due(uncommitted)
             uncommitted = []
-            rule = ConfirmationRule("1010", config, saved)
+            rule = MachineRule("1010", config, saved)
             commit_if_due(rule.on_sample(good(raw, now)))  # the device kept its count
         elif kind == "tick":
             now += amount
@@ -175,3 +175,91 @@ def test_confirmations_add_up_to_the_counter_advance(
     assert rule.state.good.total == advance
     assert rule.state.good.pending == 0
     assert yields(committed) == position == advance
+
+
+def full_machine(every_units: int) -> MachineConfig:
+    return MachineConfig.model_validate({
+        "id": "press-01", "signals": {"processed": "plc.good", "state": "plc.state"},
+        "state_map": {4: "Idle", 6: "Execute", 11: "Held", 17: "Complete"},
+        "confirm": {"every_units": every_units, "every": "60s", "on_state_change": True},
+        "counter_width": 16,
+    })
+
+
+shift = st.lists(
+    st.one_of(
+        st.tuples(st.just("count"), st.integers(0, 40)),
+        st.tuples(st.just("reset"), st.integers(0, 5)),
+        st.tuples(st.just("state"), st.sampled_from([4, 6, 11, 17, 99])),
+        st.tuples(st.just("start"), st.sampled_from(["A", "B", "C"])),
+        st.tuples(st.just("end"), st.sampled_from(["A", "B", "C"])),
+        st.tuples(st.just("crash"), st.booleans()),
+        st.tuples(st.just("tick"), st.integers(0, 120)),
+    ),
+    max_size=100,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shift, st.integers(1, 30))
+def test_orders_states_and_crashes_never_lose_or_double_count(
+    steps: list[tuple[str, object]], every_units: int
+) -> None:
+    """Random shifts: counts, resets, rollovers, state changes, MES order starts and ends, and
+    crashes that lose what was not committed. Committed confirmations plus unassigned units
+    always equal the counter's real advance; counter ranges never overlap; ids never repeat."""
+    from edge.config import OrderBinding
+
+    config = full_machine(every_units)
+    rule = MachineRule("1010", config)
+    raw, now, advance = 65500, 0.0, 0
+    committed: list[CloudEvent] = []
+    uncommitted: list[CloudEvent] = []
+    saved = ""
+
+    def commit_if_due(produced: list[CloudEvent]) -> None:
+        nonlocal saved, uncommitted
+        uncommitted += produced
+        if produced or rule.needs_save:
+            committed.extend(uncommitted)
+            uncommitted = []
+            saved = rule.dump_state()
+
+    commit_if_due(rule.on_sample(good(raw, now)))
+    for kind, value in steps:
+        now += 1.0
+        if kind == "crash":
+            if value:
+                commit_if_due(uncommitted)
+            uncommitted = []
+            rule = MachineRule("1010", config, saved)
+            commit_if_due(rule.on_sample(good(raw, now)))
+        elif kind == "tick":
+            now += float(value)  # type: ignore[arg-type]
+            commit_if_due(rule.on_tick(now))
+        elif kind == "state":
+            commit_if_due(rule.on_sample(Sample("plc", "state", value, now)))  # type: ignore[arg-type]
+        elif kind == "start":
+            commit_if_due(rule.start_order(OrderBinding(order_id=str(value)), now))
+        elif kind == "end":
+            events, _problem = rule.end_order(str(value), None, now)
+            commit_if_due(events)
+        else:
+            amount = int(value)  # type: ignore[call-overload]
+            if kind == "reset" and raw < 32768 and amount < raw:
+                raw = amount
+            else:
+                raw = (raw + amount) % 65536
+            advance += amount
+            commit_if_due(rule.on_sample(good(raw, now)))
+    commit_if_due(rule.on_sample(good(raw, now + 1)))
+    ids = [e.id for e in committed]
+    assert len(ids) == len(set(ids))
+    confirmations = [e for e in committed if e.type == "production.confirmation"]
+    end = 0
+    for event in confirmations:
+        assert event.data["counter_from"] >= end  # ranges never overlap, always move on
+        end = event.data["counter_to"]
+    state = rule.state
+    assert state.good.total == advance
+    assert yields(confirmations) + state.unassigned + state.good.pending == advance

@@ -44,11 +44,15 @@ def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
     return caught.value.problems
 
 
-def test_example_and_demo_configs_load() -> None:
-    example = load_config(EXAMPLE, ENV)
+def test_example_and_demo_configs_load(tmp_path: Path) -> None:
+    (tmp_path / "erp_client_secret").write_text("s3cret\n")
+    environ = {**ENV, "FILLER_OPCUA_PASSWORD": "x", "MES_MQTT_PASSWORD": "y",
+               "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    example = load_config(EXAMPLE, environ)
+    secret = example.destinations["erp"].auth.client_secret  # type: ignore[union-attr]
+    assert secret.get_secret_value() == "s3cret"  # read from the credential, newline dropped
     assert example.site == "1010"
     assert example.machines[0].confirm.every == 900
-    assert example.destinations["erp"].auth.token.get_secret_value() == "t0ken"  # type: ignore[union-attr]
     demo = load_config(ROOT / "config" / "demo.yaml", {})
     assert demo.drivers[0].port == 5020
 
@@ -77,7 +81,8 @@ def _keys(data: Any) -> set[str]:
 def test_example_names_every_option_the_models_know() -> None:
     models: set[type[BaseModel]] = set()
     _models(PlantConfig, models)
-    options = {name for model in models for name in model.model_fields}
+    options = {field.alias or name for model in models
+               for name, field in model.model_fields.items()}
     written = _keys(yaml.safe_load(EXAMPLE.read_text()))
     assert options - written == set(), "document these options in config/plant.example.yaml"
 
@@ -103,7 +108,7 @@ def test_secrets_come_from_the_environment_and_are_not_printed() -> None:
     (("address: 0", "address: zero"),
      "plant.yaml:8: drivers[0].tags[0].address: input should be a valid integer"),
     (("    type: modbus\n", "    type: profibus\n"),
-     "plant.yaml:5: drivers[0].type: must be one of 'modbus'"),
+     "plant.yaml:4: drivers[0]: type must be one of 'modbus', 'opcua', 'mqtt'"),
     (('site: "1010"\n', ""), "plant.yaml:1: site: is required"),
     (("press-01.good}", "press-01.goood}"),
      "plant.yaml:11: machines[0].signals.processed: no driver tag named 'press-01.goood' "

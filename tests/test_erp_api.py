@@ -22,6 +22,9 @@ READY_LINE = re.compile(r"^erp-api listening on (http://127\.0\.0\.1:\d+)$")
 START_TIMEOUT_SECONDS = 10.0
 CLOUDEVENT = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
+CONFIRMATIONS = "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV"
+INSPECTIONS = "/sap/opu/odata/sap/API_INSPECTIONLOT_SRV"
+SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
 
 
 @dataclass
@@ -103,11 +106,133 @@ def post_event(
     return erp.client.post("/api/events", json=event, headers=headers)
 
 
-def set_faults(erp: RunningErp, **settings: float) -> dict[str, Any]:
+def set_faults(erp: RunningErp, **settings: object) -> dict[str, Any]:
     response = erp.client.post("/_sim/faults", json=settings)
     assert response.status_code == 200, response.text
     faults: dict[str, Any] = response.json()
     return faults
+
+
+def lot_produced(
+    event_id: str, lot_id: str, material: str = "FG-1", value: str = "100"
+) -> dict[str, Any]:
+    return {
+        **confirmation(event_id),
+        "type": "lot.produced",
+        "subject": f"lot/{lot_id}",
+        "data": {
+            "material": material,
+            "lot_id": lot_id,
+            "quantity": {"value": value, "uom": "H87"},
+        },
+    }
+
+
+def lot_disposition(
+    event_id: str, lot_id: str, disposition: str, material: str | None = "FG-1"
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "lot_id": lot_id,
+        "disposition": disposition,
+        "disposition_source": "qms",
+    }
+    if material is not None:
+        data["material"] = material
+    return {
+        **confirmation(event_id),
+        "type": "lot.disposition",
+        "subject": f"lot/{lot_id}",
+        "data": data,
+    }
+
+
+def sap_confirmation(
+    text: str, order_id: str = "1000123", operation: str = "0010", **changes: Any
+) -> dict[str, Any]:
+    return {
+        "OrderID": order_id,
+        "OrderOperation": operation,
+        "ConfirmationYieldQuantity": "100",
+        "ConfirmationScrapQuantity": "2.5",
+        "ConfirmationUnit": "ST",
+        "IsFinalConfirmation": False,
+        "ConfirmationText": text,
+        "Plant": "1010",
+        **changes,
+    }
+
+
+def receipt(batch: str, quantity: str = "100", usability: str | None = "2") -> dict[str, Any]:
+    item = {
+        "Material": "FG-1",
+        "Plant": "1010",
+        "StorageLocation": "0001",
+        "Batch": batch,
+        "GoodsMovementType": "101",
+        "EntryUnit": "ST",
+        "QuantityInEntryUnit": quantity,
+    }
+    if usability is not None:
+        item["InventoryUsabilityCode"] = usability
+    return item
+
+
+def fetch_csrf(erp: RunningErp, **headers: str) -> str:
+    """Fetch a CSRF token the SAP way; the client keeps the session cookie."""
+    response = erp.client.get(f"{CONFIRMATIONS}/", headers={"X-CSRF-Token": "Fetch", **headers})
+    assert response.status_code == 200, response.text
+    token: str = response.headers["X-CSRF-Token"]
+    return token
+
+
+def post_confirmation(
+    erp: RunningErp, body: dict[str, Any], csrf: str | None = None, **headers: str
+) -> httpx.Response:
+    if csrf is not None:
+        headers["X-CSRF-Token"] = csrf
+    return erp.client.post(f"{CONFIRMATIONS}/ProdnOrdConf2", json=body, headers=headers)
+
+
+def post_decision(
+    erp: RunningErp, csrf: str, batch: str, code: str, text: str = "evt-ud"
+) -> httpx.Response:
+    body = {
+        "Material": "FG-1",
+        "Batch": batch,
+        "Plant": "1010",
+        "InspLotUsageDecisionCode": code,
+        "InspLotUsgeDcsnCodeGroup": "QM01",
+        "ChangedByText": text,
+    }
+    return erp.client.post(
+        f"{INSPECTIONS}/A_InspLotUsageDecision", json=body, headers={"X-CSRF-Token": csrf}
+    )
+
+
+def lookup(erp: RunningErp, expression: str, **headers: str) -> httpx.Response:
+    return erp.client.get(
+        f"{CONFIRMATIONS}/ProdnOrdConf2",
+        params={"$filter": expression, "$format": "json"},
+        headers=headers,
+    )
+
+
+def batch_of(erp: RunningErp, batch: str) -> dict[str, Any]:
+    response = erp.client.get(f"/_sim/batches/{batch}")
+    assert response.status_code == 200, response.text
+    found: dict[str, Any] = response.json()
+    return found
+
+
+def get_token(erp: RunningErp, client_id: str = "gw", secret: str = "s3cret") -> httpx.Response:
+    return erp.client.post(
+        "/oauth/token",
+        data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
+    )
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 def test_stores_events_and_lists_them_in_arrival_order(erp: RunningErp) -> None:
@@ -151,12 +276,13 @@ def test_repeated_idempotency_key_answers_same_reference_and_stores_once(erp: Ru
     listed = erp.client.get("/events").json()
     assert len(listed) == 1
     assert listed[0]["duplicates"] == 2
-    assert erp.client.get("/stats").json() == {
+    stats = erp.client.get("/stats").json()
+    assert {name: stats[name] for name in ("received", "unique", "duplicates")} == {
         "received": 3,
         "unique": 1,
         "duplicates": 2,
-        "errors_injected": 0,
     }
+    assert stats["errors_injected"] == 0
 
 
 def test_missing_idempotency_key_is_rejected(erp: RunningErp) -> None:
@@ -225,6 +351,10 @@ def test_injected_429_carries_retry_after_and_is_counted(db_path: Path) -> None:
             "error_status": 429,
             "retry_after": 7,
             "latency": 0.0,
+            "outage_until": 0.0,
+            "status_sequence": [],
+            "drop_connection": 0,
+            "drop_response": 0,
         }
         assert post_event(erp, confirmation("evt-1"), key="evt-1").status_code == 201
         assert erp.client.get("/stats").json()["errors_injected"] == 1
@@ -289,6 +419,390 @@ def test_log_requests_prints_what_erp_received_and_sigterm_exits_cleanly(db_path
 def test_reset_clears_the_store(erp: RunningErp) -> None:
     post_event(erp, confirmation("evt-1"), key="evt-1")
 
-    assert erp.client.post("/_sim/reset").json() == {"cleared": 1}
+    post_event(erp, lot_produced("evt-2", "L-1"), key="evt-2")
+    assert post_confirmation(erp, sap_confirmation("evt-3"), fetch_csrf(erp)).status_code == 201
+
+    assert erp.client.post("/_sim/reset").json() == {
+        "cleared": 2,
+        "confirmations": 1,
+        "usage_decisions": 0,
+        "batches": 1,
+    }
+    assert erp.client.get("/_sim/batches").json() == []
+    assert erp.client.get("/stats").json()["sap_confirmations"] == 0
     assert erp.client.get("/stats").json()["received"] == 0
     assert post_event(erp, confirmation("evt-1"), key="evt-1").status_code == 201
+
+
+def test_oauth_client_credentials_guard_api_and_sap(db_path: Path) -> None:
+    erp = start_erp(db_path, "--client", "gw:s3cret", "--client", "qms:pw")
+    try:
+        missing = post_event(erp, confirmation("evt-1"), key="evt-1")
+        assert missing.status_code == 401
+        assert missing.headers["WWW-Authenticate"] == 'Bearer realm="plantsync-erp-sim"'
+        assert erp.client.get(f"{CONFIRMATIONS}/").status_code == 401
+
+        issued = get_token(erp)
+        assert issued.status_code == 200
+        assert issued.headers["Cache-Control"] == "no-store"
+        body = issued.json()
+        assert (body["token_type"], body["expires_in"]) == ("Bearer", 3600)
+        token = body["access_token"]
+        basic = erp.client.post(
+            "/oauth/token", data={"grant_type": "client_credentials"}, auth=("qms", "pw")
+        )
+        assert basic.status_code == 200
+        assert basic.json()["access_token"] != token
+
+        wrong = get_token(erp, secret="nope")
+        assert (wrong.status_code, wrong.json()["error"]) == (401, "invalid_client")
+        unsupported = erp.client.post("/oauth/token", data={"grant_type": "password"})
+        assert (unsupported.status_code, unsupported.json()["error"]) == (
+            400,
+            "unsupported_grant_type",
+        )
+
+        headers = {"Content-Type": CLOUDEVENT, "Idempotency-Key": "evt-1", **bearer(token)}
+        accepted = erp.client.post("/api/events", json=confirmation("evt-1"), headers=headers)
+        assert accepted.status_code == 201
+        csrf = fetch_csrf(erp, **bearer(token))
+        created = post_confirmation(erp, sap_confirmation("evt-2"), csrf, **bearer(token))
+        assert created.status_code == 201, created.text
+        assert created.json()["d"]["EnteredByUser"] == "gw"
+
+        invalid = erp.client.post("/api/events", json=confirmation("evt-3"), headers=bearer("nope"))
+        assert invalid.status_code == 401
+        assert invalid.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+        odata = lookup(erp, "ConfirmationText eq 'evt-2'", **bearer("nope"))
+        assert odata.status_code == 401
+        assert odata.json()["error"]["message"]["lang"] == "en"
+
+        stats = erp.client.get("/stats").json()  # test endpoints need no token
+        assert stats["tokens_issued"] == 2
+        assert stats["token_requests_refused"] == 2
+        assert stats["auth_rejections"] == 4
+    finally:
+        erp.stop()
+
+
+def test_tokens_expire_and_can_be_revoked_at_once(db_path: Path) -> None:
+    erp = start_erp(db_path, "--client", "gw:s3cret", "--token-ttl", "1")
+    try:
+        first = get_token(erp).json()
+        assert first["expires_in"] == 1
+        assert erp.client.get(f"{CONFIRMATIONS}/", headers=bearer(first["access_token"])).is_success
+
+        time.sleep(1.1)
+        expired = erp.client.get(f"{CONFIRMATIONS}/", headers=bearer(first["access_token"]))
+        assert expired.status_code == 401
+        challenge = expired.headers["WWW-Authenticate"]
+        assert 'error="invalid_token"' in challenge and "expired" in challenge
+
+        second = get_token(erp).json()["access_token"]
+        assert erp.client.get(f"{CONFIRMATIONS}/", headers=bearer(second)).is_success
+        set_faults(erp, expire_tokens_now=True)
+        revoked = erp.client.get(f"{CONFIRMATIONS}/", headers=bearer(second))
+        assert revoked.status_code == 401
+        assert 'error="invalid_token"' in revoked.headers["WWW-Authenticate"]
+        third = get_token(erp).json()["access_token"]
+        assert erp.client.get(f"{CONFIRMATIONS}/", headers=bearer(third)).is_success
+        assert erp.client.get("/stats").json()["tokens_issued"] == 3
+    finally:
+        erp.stop()
+
+
+def test_sap_csrf_token_is_fetched_per_session_and_required_for_posts(erp: RunningErp) -> None:
+    without = post_confirmation(erp, sap_confirmation("evt-1"))
+    assert without.status_code == 403
+    assert without.headers["X-CSRF-Token"] == "Required"
+    assert without.text == "CSRF token validation failed"
+
+    fetched = erp.client.get(f"{CONFIRMATIONS}/", headers={"X-CSRF-Token": "Fetch"})
+    assert fetched.status_code == 200
+    assert fetched.json() == {"d": {"EntitySets": ["ProdnOrdConf2", "ProdnOrdConfMatlDocItm"]}}
+    token = fetched.headers["X-CSRF-Token"]
+    assert SESSION_COOKIE in erp.client.cookies
+    assert erp.client.get(f"{CONFIRMATIONS}/").headers.get("X-CSRF-Token") is None
+    assert fetch_csrf(erp) == token  # same session, same token
+    assert post_confirmation(erp, sap_confirmation("evt-1"), token).status_code == 201
+
+    assert post_confirmation(erp, sap_confirmation("evt-2"), "forged").status_code == 403
+    with httpx.Client(base_url=str(erp.client.base_url)) as other:  # no session cookie
+        refused = other.post(
+            f"{CONFIRMATIONS}/ProdnOrdConf2",
+            json=sap_confirmation("evt-2"),
+            headers={"X-CSRF-Token": token},
+        )
+        assert (refused.status_code, refused.headers["X-CSRF-Token"]) == (403, "Required")
+
+    set_faults(erp, invalidate_csrf=True)
+    stale = post_confirmation(erp, sap_confirmation("evt-2"), token)
+    assert (stale.status_code, stale.headers["X-CSRF-Token"]) == (403, "Required")
+    renewed = fetch_csrf(erp)
+    assert renewed != token
+    assert post_confirmation(erp, sap_confirmation("evt-2"), renewed).status_code == 201
+    head = erp.client.head(f"{INSPECTIONS}/", headers={"X-CSRF-Token": "Fetch"})
+    assert head.headers["X-CSRF-Token"] == renewed
+
+    stats = erp.client.get("/stats").json()
+    assert (stats["csrf_rejections"], stats["sap_confirmations"]) == (4, 2)
+
+
+def test_confirmation_posts_goods_movements_and_answers_odata(erp: RunningErp) -> None:
+    csrf = fetch_csrf(erp)
+    issue = {**receipt("C-7", "25", usability=None), "Material": "RM-9", "GoodsMovementType": "261"}
+    body = sap_confirmation(
+        "evt-1", IsFinalConfirmation=True, to_ProdnOrdConfMatlDocItm=[receipt("L-1"), issue]
+    )
+
+    created = post_confirmation(erp, body, csrf)
+
+    assert created.status_code == 201, created.text
+    assert created.headers["DataServiceVersion"] == "2.0"
+    entity = created.json()["d"]
+    assert entity["ConfirmationGroup"] == "0000000001"
+    assert entity["ConfirmationCount"] == "00000001"
+    sent = {name: value for name, value in body.items() if name != "to_ProdnOrdConfMatlDocItm"}
+    assert {name: entity[name] for name in [*sent, "Sequence"]} == {**sent, "Sequence": "0"}
+    assert entity["EnteredByUser"] == "PLANTSYNC"
+    assert entity["ConfirmationEntryDate"].startswith("/Date(")
+    assert created.headers["Location"] == entity["__metadata"]["uri"]
+    assert entity["__metadata"]["uri"].endswith(
+        "ProdnOrdConf2(ConfirmationGroup='0000000001',ConfirmationCount='00000001')"
+    )
+    items = entity["to_ProdnOrdConfMatlDocItm"]["results"]
+    assert [(item["Batch"], item["MaterialDocumentItem"]) for item in items] == [
+        ("L-1", "0001"),
+        ("C-7", "0002"),
+    ]
+    assert items[0]["MaterialDocument"] == entity["MaterialDocument"] != ""
+
+    again = post_confirmation(erp, sap_confirmation("evt-2"), csrf).json()["d"]
+    assert (again["ConfirmationGroup"], again["ConfirmationCount"]) == ("0000000001", "00000002")
+    other_op = post_confirmation(erp, sap_confirmation("evt-3", operation="0020"), csrf).json()
+    assert other_op["d"]["ConfirmationGroup"] == "0000000002"
+
+    read = erp.client.get(entity["__metadata"]["uri"]).json()["d"]
+    assert read["ConfirmationText"] == "evt-1"
+    assert "__deferred" in read["to_ProdnOrdConfMatlDocItm"]
+    produced, consumed = batch_of(erp, "L-1"), batch_of(erp, "C-7")
+    assert (produced["status"], produced["quantity"]) == (
+        "quality_inspection",
+        {"unrestricted": "0", "quality_inspection": "100", "blocked": "0"},
+    )
+    assert produced["history"][0]["action"] == "goods_receipt"
+    assert produced["history"][0]["text"] == "evt-1"
+    assert consumed["material"] == "RM-9"
+    assert consumed["quantity"]["unrestricted"] == "-25"
+    assert len(erp.client.get("/_sim/sap/confirmations").json()) == 3
+
+
+def test_invalid_confirmations_answer_an_odata_error(erp: RunningErp) -> None:
+    csrf = fetch_csrf(erp)
+    good = sap_confirmation("evt-1")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({k: v for k, v in good.items() if k != "OrderID"}, "OrderID"),
+        ({**good, "OrderOperation": ""}, "OrderOperation"),
+        ({k: v for k, v in good.items() if k != "ConfirmationUnit"}, "ConfirmationUnit"),
+        ({**good, "ConfirmationYieldQuantity": "12,5"}, "ConfirmationYieldQuantity"),
+        ({**good, "ConfirmationScrapQuantity": 3}, "ConfirmationScrapQuantity"),
+        ({**good, "ConfirmationText": "x" * 41}, "ConfirmationText"),
+        ({**good, "Yield": "1"}, "Yield"),
+        (
+            {**good, "to_ProdnOrdConfMatlDocItm": [{**receipt("L-1"), "GoodsMovementType": "311"}]},
+            "GoodsMovementType",
+        ),
+        (
+            {**good, "to_ProdnOrdConfMatlDocItm": [{**receipt("L-1"), "QuantityInEntryUnit": "x"}]},
+            "QuantityInEntryUnit",
+        ),
+    ]
+    for body, mentioned in cases:
+        refused = post_confirmation(erp, body, csrf)
+        assert refused.status_code == 400, (body, refused.text)
+        error = refused.json()["error"]
+        assert isinstance(error["code"], str) and error["code"]
+        assert error["message"]["lang"] == "en"
+        assert mentioned in error["message"]["value"], error
+    not_json = erp.client.post(
+        f"{CONFIRMATIONS}/ProdnOrdConf2",
+        content=b"{oops",
+        headers={"X-CSRF-Token": csrf, "Content-Type": "application/json"},
+    )
+    assert not_json.status_code == 400
+    assert "error" in not_json.json()
+    assert erp.client.get("/stats").json()["sap_confirmations"] == 0
+
+
+def test_same_confirmation_text_twice_makes_two_and_filter_finds_them(erp: RunningErp) -> None:
+    csrf = fetch_csrf(erp)
+    for body in (
+        sap_confirmation("evt-1"),
+        sap_confirmation("evt-1"),
+        sap_confirmation("O'Brien", order_id="1000124"),
+    ):
+        assert post_confirmation(erp, body, csrf).status_code == 201
+
+    found = lookup(erp, "ConfirmationText eq 'evt-1'")
+    assert found.status_code == 200
+    results = found.json()["d"]["results"]
+    assert [r["ConfirmationCount"] for r in results] == ["00000001", "00000002"]
+    assert {r["ConfirmationText"] for r in results} == {"evt-1"}
+    assert lookup(erp, "ConfirmationText eq 'evt-9'").json() == {"d": {"results": []}}
+    by_order = lookup(erp, "OrderID eq '1000124'").json()["d"]["results"]
+    assert [r["ConfirmationText"] for r in by_order] == ["O'Brien"]
+    quoted = lookup(erp, "ConfirmationText eq 'O''Brien' and OrderID eq '1000124'")
+    assert len(quoted.json()["d"]["results"]) == 1
+    assert lookup(erp, "ConfirmationText eq 'evt-1' and OrderID eq '1000124'").json() == {
+        "d": {"results": []}
+    }
+    for bad in ("ConfirmationText = 'evt-1'", "substringof('evt', ConfirmationText)", "Foo eq 'x'"):
+        assert lookup(erp, bad).status_code == 400, bad
+
+    stats = erp.client.get("/stats").json()
+    assert (stats["sap_confirmations"], stats["sap_duplicate_texts"]) == (3, 1)
+
+
+def test_usage_decisions_release_or_block_the_batch(erp: RunningErp) -> None:
+    csrf = fetch_csrf(erp)
+    movements = [receipt("L-1", "60"), receipt("L-2", "40"), receipt("L-3", "5", usability=None)]
+    body = sap_confirmation("evt-1", to_ProdnOrdConfMatlDocItm=movements)
+    assert post_confirmation(erp, body, csrf).status_code == 201
+    assert batch_of(erp, "L-3")["status"] == "unrestricted"
+
+    accepted = post_decision(erp, csrf, "L-1", "A", text="evt-2")
+    assert accepted.status_code == 201, accepted.text
+    decision = accepted.json()["d"]
+    assert decision["InspLotUsageDecisionCode"] == "A"
+    assert decision["ChangedByText"] == "evt-2"
+    assert len(decision["InspectionLot"]) == 12
+    assert post_decision(erp, csrf, "L-2", "R", text="evt-3").status_code == 201
+    assert post_decision(erp, csrf, "L-9", "H", text="evt-4").status_code == 201
+    assert post_decision(erp, csrf, "L-2", "X").status_code == 400
+    assert post_decision(erp, "forged", "L-2", "A").status_code == 403
+
+    released, rejected, held = batch_of(erp, "L-1"), batch_of(erp, "L-2"), batch_of(erp, "L-9")
+    assert (released["status"], released["quantity"]["unrestricted"]) == ("unrestricted", "60")
+    assert released["quantity"]["quality_inspection"] == "0"
+    assert [(h["action"], h["status_after"]) for h in released["history"]] == [
+        ("goods_receipt", "quality_inspection"),
+        ("usage_decision", "unrestricted"),
+    ]
+    assert (rejected["status"], rejected["quantity"]["blocked"]) == ("blocked", "40")
+    assert held["status"] == "blocked"
+    assert [b["batch"] for b in erp.client.get("/_sim/batches").json()] == [
+        "L-1",
+        "L-2",
+        "L-3",
+        "L-9",
+    ]
+    assert erp.client.get("/_sim/batches/L-404").status_code == 404
+
+    listed = erp.client.get(
+        f"{INSPECTIONS}/A_InspLotUsageDecision",
+        params={"$filter": "ChangedByText eq 'evt-3'", "$format": "json"},
+    ).json()["d"]["results"]
+    assert [(d["Batch"], d["InspLotUsageDecisionCode"]) for d in listed] == [("L-2", "R")]
+    assert erp.client.get("/stats").json()["usage_decisions"] == 3
+
+
+def test_canonical_lot_events_set_batch_status(erp: RunningErp) -> None:
+    assert (
+        post_event(erp, lot_produced("evt-1", "L-1", value="12.500"), key="evt-1").status_code
+        == 201
+    )
+    assert post_event(erp, lot_produced("evt-2", "L-2"), key="evt-2").status_code == 201
+    produced = batch_of(erp, "L-1")
+    assert (produced["material"], produced["status"], produced["unit"]) == (
+        "FG-1",
+        "quality_inspection",
+        "H87",
+    )
+    assert produced["quantity"]["quality_inspection"] == "12.5"
+
+    release = lot_disposition("evt-3", "L-1", "release")
+    assert post_event(erp, release, key="evt-3").status_code == 201
+    assert post_event(erp, release, key="evt-3").status_code == 200  # a repeat moves nothing
+    batch = [lot_disposition("evt-4", "L-2", "reject", material=None)]
+    assert erp.client.post(
+        "/api/events:batch", json=batch, headers={"Content-Type": BATCH}
+    ).is_success
+    assert post_event(erp, lot_disposition("evt-5", "L-3", "hold"), key="evt-5").status_code == 201
+
+    released = batch_of(erp, "L-1")
+    assert (released["status"], released["quantity"]["unrestricted"]) == ("unrestricted", "12.5")
+    assert [h["action"] for h in released["history"]] == ["lot.produced", "lot.disposition"]
+    assert released["history"][1]["text"] == "evt-3"
+    rejected = batch_of(erp, "L-2")
+    assert (rejected["status"], rejected["quantity"]["blocked"]) == ("blocked", "100")
+    assert batch_of(erp, "L-3")["status"] == "blocked"
+
+
+def test_outage_answers_503_with_retry_after_until_it_ends(db_path: Path) -> None:
+    erp = start_erp(db_path, "--outage-seconds", "30")
+    try:
+        down = post_event(erp, confirmation("evt-1"), key="evt-1")
+        assert down.status_code == 503
+        assert 20 <= int(down.headers["Retry-After"]) <= 30
+        sap_down = erp.client.get(f"{CONFIRMATIONS}/", headers={"X-CSRF-Token": "Fetch"})
+        assert sap_down.status_code == 503
+        assert "outage" in sap_down.json()["error"]["message"]["value"]
+        assert "X-CSRF-Token" not in sap_down.headers
+        assert erp.client.get("/stats").json()["outage_rejections"] == 2
+
+        set_faults(erp, outage_seconds=0)
+        assert post_event(erp, confirmation("evt-1"), key="evt-1").status_code == 201
+        set_faults(erp, outage_until=time.time() + 5)
+        assert post_event(erp, confirmation("evt-2"), key="evt-2").status_code == 503
+        set_faults(erp, outage_until=time.time() - 1)
+        assert post_event(erp, confirmation("evt-2"), key="evt-2").status_code == 201
+        assert erp.client.post("/_sim/faults", json={"outage_seconds": -1}).status_code == 400
+    finally:
+        erp.stop()
+
+
+def test_status_sequence_scripts_the_next_deliveries(db_path: Path) -> None:
+    erp = start_erp(db_path, "--status-sequence", "500,429,201,503", "--retry-after", "3")
+    try:
+        statuses = [post_event(erp, confirmation(f"evt-{n}"), key=f"evt-{n}") for n in range(1, 6)]
+        assert [r.status_code for r in statuses] == [500, 429, 201, 503, 201]
+        assert "Retry-After" not in statuses[0].headers
+        assert statuses[1].headers["Retry-After"] == statuses[3].headers["Retry-After"] == "3"
+        assert [e["id"] for e in erp.client.get("/events").json()] == ["evt-3", "evt-5"]
+
+        set_faults(erp, status_sequence=[502, 201], latency=0.2)
+        started = time.monotonic()
+        csrf = fetch_csrf(erp)  # a GET is not a delivery: it consumes nothing
+        assert time.monotonic() - started >= 0.2
+        scripted = post_confirmation(erp, sap_confirmation("evt-6"), csrf)
+        assert scripted.status_code == 502
+        assert scripted.json()["error"]["message"]["lang"] == "en"
+        assert erp.client.get("/_sim/faults").json()["status_sequence"] == [201]
+        assert post_confirmation(erp, sap_confirmation("evt-6"), csrf).status_code == 201
+        assert erp.client.get("/stats").json()["errors_injected"] == 4
+        bad = erp.client.post("/_sim/faults", json={"status_sequence": [302]})
+        assert bad.status_code == 400
+    finally:
+        erp.stop()
+
+
+def test_dropped_connections_before_and_after_processing(db_path: Path) -> None:
+    erp = start_erp(db_path, "--drop-connection", "1")
+    try:
+        with pytest.raises(httpx.TransportError):
+            post_event(erp, confirmation("evt-1"), key="evt-1")
+        assert erp.client.get("/events").json() == []
+        assert post_event(erp, confirmation("evt-1"), key="evt-1").status_code == 201
+
+        csrf = fetch_csrf(erp)
+        set_faults(erp, drop_response=1)
+        with pytest.raises(httpx.TransportError):
+            post_confirmation(erp, sap_confirmation("evt-2"), csrf)
+        # The ambiguous failure: SAP has the confirmation the client never heard about.
+        assert len(lookup(erp, "ConfirmationText eq 'evt-2'").json()["d"]["results"]) == 1
+        stats = erp.client.get("/stats").json()
+        assert (stats["connections_dropped"], stats["responses_dropped"]) == (1, 1)
+    finally:
+        exit_code, output = erp.stop()
+    assert exit_code == 0
+    assert output == ""  # uvicorn took the drops without complaint

@@ -1,11 +1,15 @@
 """Modbus driver tests: config, read planning and decoding as pure units, the rest against the
-real PLC simulator, started as a subprocess on a free port and killed to prove reconnection."""
+real PLC simulator: as a subprocess on a free port (killed to prove reconnection), or in-process
+(`ModbusPlc`) where a test steers it or counts the requests it saw. The probe is run against the
+simulator's fixed block, which holds a known value for every type and byte order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import re
 import select
 import socket
 import subprocess
@@ -24,13 +28,27 @@ from drivers.modbus import (
     ModbusDriver,
     ModbusTag,
     decode,
+    decode_string,
+    plan_poll_groups,
     plan_reads,
+    probe_main,
     tag_value,
+)
+from simulators.modbus_plc import (
+    BIT_PATTERN,
+    COILS,
+    DISCRETE_INPUTS,
+    FIXED_BLOCK,
+    INPUT_ONLY_VALUE,
+    KNOWN_VALUES,
+    MachineState,
+    ModbusPlc,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEADY_GOOD_COUNT = 123_456_789  # 0x075B_CD15: both words non-zero, so word order shows
 EXECUTE, IDLE, COMPLETE = 6, 4, 17
+HAS_PYSERIAL = importlib.util.find_spec("serial") is not None
 
 
 # --- the simulator as a real peer ------------------------------------------------------------
@@ -107,6 +125,13 @@ def steady_plc() -> Iterator[int]:
         yield port
 
 
+@pytest.fixture
+async def press() -> AsyncIterator[ModbusPlc]:
+    """The same steady PLC in-process, to count the requests it saw or to steer it."""
+    async with ModbusPlc(rate=0, start=STEADY_GOOD_COUNT) as plc_in_process:
+        yield plc_in_process
+
+
 class Collector:
     """A sink that keeps every batch."""
 
@@ -117,7 +142,8 @@ class Collector:
         self.batches.append(list(samples))
 
     def latest(self) -> dict[str, Sample]:
-        return {sample.tag: sample for sample in self.batches[-1]}
+        """The newest sample of each tag (poll groups deliver separate batches)."""
+        return {sample.tag: sample for batch in self.batches for sample in batch}
 
     def values(self, tag: str) -> list[tuple[float, Any]]:
         return [(s.source_time, s.value) for batch in self.batches for s in batch if s.tag == tag]
@@ -177,20 +203,22 @@ def modbus_warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 # --- decoding against the real PLC ---------------------------------------------------------
 
 
-async def test_driver_decodes_every_type_and_word_order(steady_plc: int) -> None:
+async def test_driver_decodes_the_press_registers(steady_plc: int) -> None:
     tags: list[dict[str, Any]] = [
-        {"name": "good", "address": 0, "type": "uint32", "word_order": "big"},
+        {"name": "good", "address": 0, "type": "uint32", "byte_order": "ABCD"},
         {"name": "good_int32", "address": 0, "type": "int32"},
-        {"name": "good_read_little", "address": 0, "type": "uint32", "word_order": "little"},
-        {"name": "good_read_little_int32", "address": 0, "type": "int32", "word_order": "little"},
+        {"name": "good_read_cdab", "address": 0, "type": "uint32", "byte_order": "CDAB"},
+        {"name": "good_read_cdab_int32", "address": 0, "type": "int32", "byte_order": "CDAB"},
         {"name": "scrap", "address": 2, "type": "uint32"},
         {"name": "state", "address": 10, "type": "uint16"},
         {"name": "force", "address": 20, "type": "float32"},
         {"name": "temperature", "address": 30, "type": "int16"},
         {"name": "temperature_raw", "address": 30, "type": "uint16"},
         {"name": "temperature_f", "address": 30, "type": "int16", "scale": 1.8, "offset": 32},
-        {"name": "good_little", "address": 40, "type": "uint32", "word_order": "little"},
+        {"name": "good_cdab", "address": 40, "type": "uint32", "byte_order": "CDAB"},
         {"name": "good_input", "address": 0, "table": "input", "type": "uint32"},
+        {"name": "input_only", "address": 50, "table": "input", "type": "uint32"},
+        {"name": "input_only_in_holding", "address": 50, "type": "uint32"},
     ]
     driver = ModbusDriver(config(steady_plc, tags))
     collector = Collector()
@@ -208,18 +236,216 @@ async def test_driver_decodes_every_type_and_word_order(steady_plc: int) -> None
     assert values == {
         "good": STEADY_GOOD_COUNT,
         "good_int32": STEADY_GOOD_COUNT,
-        "good_read_little": swapped,
-        "good_read_little_int32": swapped - 2**32,
+        "good_read_cdab": swapped,
+        "good_read_cdab_int32": swapped - 2**32,
         "scrap": 0,
         "state": IDLE,
         "force": pytest.approx(13.5, abs=0.5),
         "temperature": -5,
         "temperature_raw": 65531,
         "temperature_f": pytest.approx(23.0),
-        "good_little": STEADY_GOOD_COUNT,
+        "good_cdab": STEADY_GOOD_COUNT,
         "good_input": STEADY_GOOD_COUNT,
+        "input_only": INPUT_ONLY_VALUE,
+        "input_only_in_holding": 0,
     }
     assert type(values["good"]) is int and type(values["force"]) is float
+
+
+def known_value_tags() -> list[dict[str, Any]]:
+    """One tag for each value of the simulator's fixed block, named after type, order, address."""
+    tags = []
+    for known in KNOWN_VALUES:
+        tag: dict[str, Any] = {
+            "name": f"{known.type}_{known.byte_order}_{known.address}",
+            "address": known.address,
+            "type": known.type,
+            "byte_order": known.byte_order,
+        }
+        if known.length:
+            tag["length"] = known.length
+        tags.append(tag)
+    return tags
+
+
+def expected_known_values() -> dict[str, Any]:
+    return {
+        f"{k.type}_{k.byte_order}_{k.address}": (
+            pytest.approx(k.value, rel=1e-7) if k.type == "float32" else k.value
+        )
+        for k in KNOWN_VALUES
+    }
+
+
+async def test_every_type_and_byte_order_decodes_to_the_known_value(steady_plc: int) -> None:
+    tags = known_value_tags()
+    orders_by_type: dict[str, set[str]] = {}
+    for tag in tags:
+        orders_by_type.setdefault(tag["type"], set()).add(tag["byte_order"])
+    for wide in ("int32", "uint32", "float32", "int64", "uint64", "float64", "string"):
+        assert orders_by_type[wide] == {"ABCD", "CDAB", "BADC", "DCBA"}, wide
+    assert {"int16", "uint16"} <= orders_by_type.keys()
+    driver = ModbusDriver(config(steady_plc, tags))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.batches)
+
+    batch = collector.batches[0]
+    assert all(s.quality is Quality.GOOD for s in batch)
+    values = {s.tag: s.value for s in batch}
+    assert values == expected_known_values()
+    assert type(values["float64_DCBA_182"]) is float and type(values["int64_BADC_158"]) is int
+    assert values["string_ABCD_220"] == "PLANTSYNC"  # trailing spaces dropped too
+
+
+async def test_bits_of_a_register_coils_and_discrete_inputs(steady_plc: int) -> None:
+    tags: list[dict[str, Any]] = [
+        *({"name": f"pattern_bit{bit}", "address": 192, "bit": bit} for bit in range(16)),
+        {"name": "swapped_bit0", "address": 192, "bit": 0, "byte_order": "BADC"},
+        *({"name": f"coil{n}", "address": n, "table": "coil"} for n in range(0, 64, 5)),
+        *({"name": f"di{n}", "address": n, "table": "discrete_input"} for n in range(1, 64, 7)),
+    ]
+    driver = ModbusDriver(config(steady_plc, tags))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.batches)
+
+    values = {s.tag: s.value for s in collector.batches[0]}
+    for bit in range(16):
+        assert values[f"pattern_bit{bit}"] is bool(BIT_PATTERN >> bit & 1)
+    assert values["swapped_bit0"] is bool(BIT_PATTERN >> 8 & 1)  # the low byte's bit 0 moved up
+    for n in range(0, 64, 5):
+        assert values[f"coil{n}"] is COILS[n]
+    for n in range(1, 64, 7):
+        assert values[f"di{n}"] is DISCRETE_INPUTS[n]
+    assert any(values[f"coil{n}"] for n in range(0, 64, 5))
+    assert not all(values[f"coil{n}"] for n in range(0, 64, 5))
+    # One register read for the bits, one read per bit table.
+    assert [(b.table, b.start, b.count) for b in driver.blocks] == [
+        ("holding", 192, 1),
+        ("coil", 0, 61),
+        ("discrete_input", 1, 57),
+    ]
+
+
+async def test_coalescing_reads_the_same_values_with_fewer_requests(press: ModbusPlc) -> None:
+    tags = [
+        *known_value_tags(),
+        *({"name": f"coil{n}", "address": n, "table": "coil"} for n in range(0, 40, 3)),
+        *({"name": f"bit{n}", "address": 192, "bit": n} for n in range(0, 16, 4)),
+    ]
+    seen: dict[bool, tuple[dict[str, Any], int]] = {}
+    for coalesce in (True, False):
+        driver = ModbusDriver(config(press.port, tags, coalesce=coalesce))
+        collector = Collector()
+        press.requests.clear()
+        async with running(driver, collector):
+            await wait_until(lambda: len(collector.batches) >= 3)  # noqa: B023
+        per_poll = len(driver.blocks)
+        sent, polls = driver.requests["default"], len(collector.batches)
+        # Requests go one at a time: at most one poll was cut short by the cancel, and at most
+        # one request of it did not reach the device.
+        assert polls * per_poll <= sent < (polls + 1) * per_poll
+        assert sent - 1 <= sum(press.requests.values()) <= sent
+        values = {s.tag: s.value for s in collector.batches[-1]}
+        assert all(s.quality is Quality.GOOD for s in collector.batches[-1])
+        seen[coalesce] = (values, per_poll)
+
+    (coalesced, coalesced_per_poll), (alone, alone_per_poll) = seen[True], seen[False]
+    assert coalesced == alone
+    assert {k: v for k, v in coalesced.items() if k in expected_known_values()} == (
+        expected_known_values()
+    )
+    assert alone_per_poll == len(tags)
+    # 100-225 is one register more than a read may take: two holding reads, one coil read.
+    assert coalesced_per_poll == 3
+
+
+async def test_poll_groups_poll_at_their_own_rates_over_one_connection(press: ModbusPlc) -> None:
+    tags: list[dict[str, Any]] = [
+        {"name": "good", "address": 0, "type": "uint32", "group": "fast"},
+        {"name": "scrap", "address": 2, "type": "uint32", "group": "fast"},
+        {"name": "temperature", "address": 30, "type": "int16"},
+        {"name": "state", "address": 10, "group": "slow"},
+    ]
+    settings = {"poll_interval": "250ms", "poll_groups": {"fast": "50ms", "slow": "1s"}}
+    driver = ModbusDriver(config(press.port, tags, **settings))
+    assert [(g.name, g.interval, len(g.blocks)) for g in driver.groups] == [
+        ("default", 0.25, 1),
+        ("fast", 0.05, 1),
+        ("slow", 1.0, 1),
+    ]
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: driver.health.connected)
+        started = time.monotonic()
+        await asyncio.sleep(2.0)
+        assert press.connections == 1
+        window = time.monotonic() - started
+
+    fast, default, slow = (driver.requests[name] for name in ("fast", "default", "slow"))
+    assert 0.5 * window / 0.05 <= fast <= window / 0.05 + 3
+    assert 0.5 * window / 0.25 <= default <= window / 0.25 + 2
+    assert 2 <= slow <= window / 1.0 + 2
+    assert fast > 2 * default > 2 * slow
+    # Each poll of a group is a batch of its own tags only.
+    assert {frozenset(s.tag for s in batch) for batch in collector.batches} == {
+        frozenset({"good", "scrap"}),
+        frozenset({"temperature"}),
+        frozenset({"state"}),
+    }
+    assert press.requests["holding"] >= fast + default + slow - 1
+
+
+async def test_rtu_frames_over_tcp() -> None:
+    async with ModbusPlc(rate=0, start=STEADY_GOOD_COUNT, framer="rtu") as rtu_gateway:
+        tags = [*COUNTER_TAGS, {"name": "coil3", "address": 3, "table": "coil"}]
+        driver = ModbusDriver(config(rtu_gateway.port, tags, transport="rtu_over_tcp"))
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: collector.batches)
+    values = {s.tag: s.value for s in collector.batches[0]}
+    assert values == {"good": STEADY_GOOD_COUNT, "scrap": 0, "state": IDLE, "coil3": True}
+
+
+SERIAL_DEVICE: dict[str, Any] = {
+    "name": "oven-02",
+    "type": "modbus",
+    "transport": "rtu",
+    "serial_port": "/dev/ttyUSB0",
+    "baudrate": 9600,
+    "parity": "none",
+    "stopbits": 2,
+    "bytesize": 8,
+    "unit": 3,
+    "tags": COUNTER_TAGS,
+}
+
+
+@pytest.mark.skipif(not HAS_PYSERIAL, reason="pyserial is not installed")
+def test_serial_rtu_builds_a_serial_client_without_touching_the_port() -> None:
+    from pymodbus.client import AsyncModbusSerialClient
+
+    driver = ModbusDriver(ModbusConfig.model_validate(SERIAL_DEVICE))
+    client = driver.new_client()
+    assert isinstance(client, AsyncModbusSerialClient)
+    params = client.comm_params
+    assert (params.host, params.baudrate, params.parity, params.stopbits, params.bytesize) == (
+        "/dev/ttyUSB0",
+        9600,
+        "N",
+        2,
+        8,
+    )
+    assert driver.endpoint == "/dev/ttyUSB0" and not client.connected
+
+
+@pytest.mark.skipif(HAS_PYSERIAL, reason="pyserial is installed")
+def test_serial_rtu_without_pyserial_refuses_to_start() -> None:
+    settings = ModbusConfig.model_validate(SERIAL_DEVICE)  # the config itself is fine
+    assert settings.parity == "none" and settings.host is None
+    with pytest.raises(RuntimeError, match="transport rtu needs the pyserial package"):
+        ModbusDriver(settings)
 
 
 async def test_exception_response_marks_only_its_block_bad(
@@ -278,6 +504,31 @@ async def test_stop_at_holds_the_count_and_completes() -> None:
     assert EXECUTE in {value for _, value in collector.values("state")}
 
 
+async def test_in_process_plc_is_steered_by_its_controls(press: ModbusPlc) -> None:
+    driver = ModbusDriver(config(press.port, COUNTER_TAGS, poll_interval="50ms"))
+    collector = Collector()
+
+    def now(tag: str) -> Any:
+        return collector.latest()[tag].value if collector.batches else None
+
+    async with running(driver, collector):
+        await wait_until(lambda: now("good") == STEADY_GOOD_COUNT and now("state") == IDLE)
+        press.set_counts(good=5000, defective=7)
+        await wait_until(lambda: now("good") == 5000 and now("scrap") == 7)
+        press.set_rate(200, scrap_rate=0)
+        await wait_until(lambda: now("state") == EXECUTE and now("good") > 5000)
+        press.set_state(MachineState.HELD)
+        await wait_until(lambda: now("state") == MachineState.HELD)
+        held_at = now("good")
+        await asyncio.sleep(0.3)
+        assert now("good") == held_at and now("state") == MachineState.HELD
+        press.set_state(None)
+        await wait_until(lambda: now("state") == EXECUTE and now("good") > held_at)
+        press.set_stop_at(now("good") + 20)
+        await wait_until(lambda: now("state") == COMPLETE)
+    assert press.requests["holding"] >= len(collector.batches)
+
+
 # --- reconnection -----------------------------------------------------------------------------
 
 
@@ -285,7 +536,9 @@ async def test_driver_reconnects_after_the_plc_dies(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.INFO, logger="drivers.modbus")
     port = free_port()
     proc = await asyncio.to_thread(start_plc, port, "--rate", "20")
-    driver = ModbusDriver(config(port, COUNTER_TAGS))
+    # Two poll groups: losing the connection must end both loops and reconnect once.
+    tags = [*COUNTER_TAGS[:2], {**COUNTER_TAGS[2], "group": "fast"}]
+    driver = ModbusDriver(config(port, tags, poll_groups={"fast": "50ms"}))
     collector = Collector()
     try:
         async with running(driver, collector):
@@ -298,12 +551,13 @@ async def test_driver_reconnects_after_the_plc_dies(caplog: pytest.LogCaptureFix
             await wait_until(lambda: driver.health.errors >= errors_at_loss + 2, within=10)
             assert not driver.health.connected
 
-            batches_before = len(collector.batches)
             proc = await asyncio.to_thread(start_plc, port, "--rate", "20", "--start", "5000")
-            await wait_until(lambda: len(collector.batches) > batches_before, within=15)
+            await wait_until(lambda: collector.latest()["good"].value >= 5000, within=15)
             assert driver.health.connected
-            assert collector.latest()["good"].value >= 5000
             assert collector.latest()["good"].quality is Quality.GOOD
+            batches_after = len(collector.batches)
+            await wait_until(lambda: len(collector.batches) >= batches_after + 4)
+            assert collector.latest()["state"].value == EXECUTE
     finally:
         stop_plc(proc)
 
@@ -335,21 +589,33 @@ async def test_unreachable_device_at_start_up_is_retried(
     assert len(modbus_warnings(caplog, "available again")) == 1
 
 
-async def test_silent_device_times_out_and_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("retries", [0, 1, 2])
+async def test_silent_device_times_out_after_its_retries_and_is_reconnected(
+    retries: int, caplog: pytest.LogCaptureFixture
+) -> None:
     # A fake peer, because the simulator cannot be made to accept and then stay silent.
+    requests_per_connection: list[int] = []
+
     async def accept_and_ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # until the driver gives up and closes
+        requests_per_connection.append(0)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:  # until the driver gives up and closes
+                await reader.readexactly(12)  # one Modbus TCP read request
+                requests_per_connection[-1] += 1
         writer.close()
 
     caplog.set_level(logging.INFO, logger="drivers.modbus")
     server = await asyncio.start_server(accept_and_ignore, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    driver = ModbusDriver(config(port, COUNTER_TAGS, timeout="300ms"))
+    driver = ModbusDriver(config(port, COUNTER_TAGS, timeout="200ms", retries=retries))
     collector = Collector()
     async with server, running(driver, collector):
         await wait_until(lambda: driver.health.errors >= 2)
     assert not collector.batches and not driver.health.connected
-    assert driver.health.last_error == "no valid response within 0.3s"
+    tries = f" (sent {retries + 1} times)" if retries else ""
+    assert driver.health.last_error == f"no valid response within 0.2s{tries}"
+    # The request is repeated `retries` times on the connection, then the connection is closed.
+    assert requests_per_connection[:2] == [retries + 1, retries + 1]
     assert len(modbus_warnings(caplog, "unavailable")) == 1
 
 
@@ -408,32 +674,153 @@ def test_reads_are_split_at_125_registers() -> None:
             assert block.start <= tag.address and tag.address + tag.width <= block.end
 
 
+def test_bits_are_read_up_to_2000_per_request() -> None:
+    coils = [ModbusTag(name=f"c{i}", address=i, table="coil") for i in range(2100)]
+    blocks = plan_reads(coils, 8)
+    assert [(b.table, b.start, b.count) for b in blocks] == [("coil", 0, 2000), ("coil", 2000, 100)]
+    inputs = [
+        ModbusTag(name="a", address=0, table="discrete_input"),
+        ModbusTag(name="b", address=9, table="discrete_input"),
+    ]
+    assert layout(inputs, max_gap=8) == [("discrete_input", 0, 10, ["a", "b"])]
+    assert len(plan_reads(inputs, max_gap=7)) == 2
+
+
+def test_coalescing_off_reads_every_tag_alone() -> None:
+    tags = tags_of(("state", 4, "uint16"), ("good", 0, "uint32"), ("scrap", 2, "uint32"))
+    blocks = plan_reads(tags, 8, coalesce=False)
+    assert [(b.start, b.count, [t.name for t in b.tags]) for b in blocks] == [
+        (0, 2, ["good"]),
+        (2, 2, ["scrap"]),
+        (4, 1, ["state"]),
+    ]
+
+
+def test_strings_and_64_bit_values_take_their_width() -> None:
+    tags = [
+        ModbusTag(name="recipe", address=10, type="string", length=8),
+        ModbusTag(name="energy", address=18, type="uint64"),
+        ModbusTag(name="flag", address=22, bit=3),
+    ]
+    assert [t.width for t in tags] == [8, 4, 1]
+    assert layout(tags) == [("holding", 10, 13, ["recipe", "energy", "flag"])]
+
+
+def test_poll_groups_are_planned_apart() -> None:
+    settings = config(
+        502,
+        [
+            {"name": "good", "address": 0, "type": "uint32", "group": "fast"},
+            {"name": "scrap", "address": 2, "type": "uint32"},
+            {"name": "state", "address": 10, "group": "fast"},
+            {"name": "idle", "address": 40, "group": "unused_soon"},
+        ],
+        poll_interval="2s",
+        poll_groups={"fast": "100ms", "slow": "10s", "unused_soon": "1m"},
+    )
+    groups = plan_poll_groups(settings)
+    assert [(g.name, g.interval, [(b.start, b.count) for b in g.blocks]) for g in groups] == [
+        ("default", 2.0, [(2, 2)]),
+        ("fast", 0.1, [(0, 11)]),
+        ("unused_soon", 60.0, [(40, 1)]),
+    ]  # `slow` has no tags: no loop polls it
+
+
 # --- decoding, pure ---------------------------------------------------------------------------
+
+# Each value in every byte order, as literal registers: the definition the driver and the
+# simulator are both held to.
+GOOD_COUNT_REGISTERS = {  # 123456789 = 0x075B_CD15
+    "ABCD": [0x075B, 0xCD15],
+    "CDAB": [0xCD15, 0x075B],
+    "BADC": [0x5B07, 0x15CD],
+    "DCBA": [0x15CD, 0x5B07],
+}
+UINT64_REGISTERS = {  # 0x0102_0304_0506_0708
+    "ABCD": [0x0102, 0x0304, 0x0506, 0x0708],
+    "CDAB": [0x0708, 0x0506, 0x0304, 0x0102],
+    "BADC": [0x0201, 0x0403, 0x0605, 0x0807],
+    "DCBA": [0x0807, 0x0605, 0x0403, 0x0201],
+}
 
 
 @pytest.mark.parametrize(
-    ("registers", "register_type", "word_order", "expected"),
+    ("registers", "register_type", "byte_order", "expected"),
     [
-        ([0x1234], "uint16", "big", 0x1234),
-        ([0xFFFB], "uint16", "big", 65531),
-        ([0xFFFB], "int16", "big", -5),
-        ([0x7FFF], "int16", "little", 32767),
-        ([0x0001, 0x0002], "uint32", "big", 0x0001_0002),
-        ([0x0001, 0x0002], "uint32", "little", 0x0002_0001),
-        ([0xFFFF, 0xFFFE], "int32", "big", -2),
-        ([0xFFFE, 0xFFFF], "int32", "little", -2),
-        ([0x4158, 0x0000], "float32", "big", 13.5),
-        ([0x0000, 0x4158], "float32", "little", 13.5),
-        ([0xC120, 0x0000], "float32", "big", -10.0),
+        ([0x1234], "uint16", "ABCD", 0x1234),
+        ([0xFFFB], "uint16", "ABCD", 65531),
+        ([0xFFFB], "int16", "ABCD", -5),
+        ([0x7FFF], "int16", "CDAB", 32767),  # one word: nothing to swap
+        ([0xFBFF], "int16", "BADC", -5),
+        ([0xFBFF], "int16", "DCBA", -5),
+        ([0x0001, 0x0002], "uint32", "ABCD", 0x0001_0002),
+        ([0x0001, 0x0002], "uint32", "CDAB", 0x0002_0001),
+        ([0xFFFF, 0xFFFE], "int32", "ABCD", -2),
+        ([0xFFFE, 0xFFFF], "int32", "CDAB", -2),
+        ([0xFFFF, 0xFEFF], "int32", "BADC", -2),
+        ([0xFEFF, 0xFFFF], "int32", "DCBA", -2),
+        ([0x4158, 0x0000], "float32", "ABCD", 13.5),
+        ([0x0000, 0x4158], "float32", "CDAB", 13.5),
+        ([0x5841, 0x0000], "float32", "BADC", 13.5),
+        ([0x0000, 0x5841], "float32", "DCBA", 13.5),
+        ([0xC120, 0x0000], "float32", "ABCD", -10.0),
+        ([0xFFFF, 0xFFFF, 0xFFFF, 0xFFFE], "int64", "ABCD", -2),
+        ([0xFFFE, 0xFFFF, 0xFFFF, 0xFFFF], "int64", "CDAB", -2),
+        ([0xFFFF, 0xFFFF, 0xFFFF, 0xFEFF], "int64", "BADC", -2),
+        ([0xFEFF, 0xFFFF, 0xFFFF, 0xFFFF], "int64", "DCBA", -2),
+        ([0xC004, 0, 0, 0], "float64", "ABCD", -2.5),
+        ([0, 0, 0, 0xC004], "float64", "CDAB", -2.5),
+        ([0x04C0, 0, 0, 0], "float64", "BADC", -2.5),
+        ([0, 0, 0, 0x04C0], "float64", "DCBA", -2.5),
+        *(
+            (registers, "uint32", order, 123_456_789)
+            for order, registers in GOOD_COUNT_REGISTERS.items()
+        ),
+        *(
+            (registers, "uint64", order, 0x0102_0304_0506_0708)
+            for order, registers in UINT64_REGISTERS.items()
+        ),
     ],
 )
-def test_decode(registers: list[int], register_type: Any, word_order: Any, expected: Any) -> None:
-    assert decode(registers, register_type, word_order) == expected
+def test_decode(registers: list[int], register_type: Any, byte_order: Any, expected: Any) -> None:
+    assert decode(registers, register_type, byte_order) == expected
+
+
+def test_the_simulator_lays_out_its_known_values_by_the_same_definition() -> None:
+    assert list(FIXED_BLOCK[100:108]) == [
+        word for order in ("ABCD", "CDAB", "BADC", "DCBA") for word in GOOD_COUNT_REGISTERS[order]
+    ]
+    assert FIXED_BLOCK[192] == BIT_PATTERN == 0xA5C3
+    assert list(FIXED_BLOCK[200:205]) == [0x504C, 0x414E, 0x5453, 0x594E, 0x4300]  # "PLANTSYNC"
+    assert list(FIXED_BLOCK[210:215]) == [0x4C50, 0x4E41, 0x5354, 0x4E59, 0x0043]
+
+
+def test_decode_strings() -> None:
+    plantsync = [0x504C, 0x414E, 0x5453, 0x594E, 0x4300]
+    assert decode_string(plantsync) == "PLANTSYNC"
+    assert decode_string(plantsync, "CDAB") == "PLANTSYNC"  # words stay in address order
+    swapped = [0x4C50, 0x4E41, 0x5354, 0x4E59, 0x0043]
+    assert decode_string(swapped, "BADC") == decode_string(swapped, "DCBA") == "PLANTSYNC"
+    assert decode_string([0x4F4B, 0x2020, 0x0000]) == "OK"  # trailing spaces and NULs
+    assert decode_string([0xC46E]) == "\xc4n"  # Latin-1, never an error
+    tag = ModbusTag(name="recipe", address=0, type="string", length=2)
+    assert tag_value(tag, [0x5231, 0x0000]) == "R1"
+
+
+def test_bit_of_a_register() -> None:
+    tags = [ModbusTag(name=f"b{bit}", address=192, bit=bit) for bit in range(16)]
+    assert all(tag.type == "bool" for tag in tags)
+    assert [tag_value(tag, [0xA5C3]) for tag in tags] == [
+        bool(0xA5C3 >> bit & 1) for bit in range(16)
+    ]
+    assert tag_value(tags[0], [0x0001]) is True and tag_value(tags[15], [0x8000]) is True
+    swapped = ModbusTag(name="s", address=0, bit=0, byte_order="BADC")
+    assert tag_value(swapped, [0x0100]) is True
 
 
 def test_decode_rejects_the_wrong_register_count() -> None:
     with pytest.raises(ValueError, match="needs 2 registers"):
-        decode([1], "uint32", "big")
+        decode([1], "uint32", "ABCD")
 
 
 def test_scaling_only_when_asked() -> None:
@@ -443,14 +830,170 @@ def test_scaling_only_when_asked() -> None:
     assert tag_value(scaled, [0xFFFB]) == pytest.approx(272.65)
 
 
+# --- the probe --------------------------------------------------------------------------------
+
+
+def probe(port: int, *args: str) -> int:
+    return probe_main(["--host", "127.0.0.1", "--port", str(port), *args])
+
+
+def probe_rows(
+    output: str,
+) -> tuple[dict[int, dict[str, str]], dict[tuple[int, str], dict[str, str]]]:
+    """Parse the probe's table: per address the raw columns, per (address, order) the values."""
+    lines = output.splitlines()
+    header_at = next(i for i, line in enumerate(lines) if line.split()[:2] == ["address", "raw"])
+    names = lines[header_at].split()
+    raw: dict[int, dict[str, str]] = {}
+    values: dict[tuple[int, str], dict[str, str]] = {}
+    address = -1
+    for line in lines[header_at + 1 :]:
+        cells = line.split()
+        if not cells:
+            break
+        if cells[0].isdigit():  # an address's first row: address, raw, int16, uint16, ...
+            address = int(cells[0])
+            raw[address] = dict(zip(names[:4], cells[:4], strict=True))
+            cells = cells[4:]
+        if cells:  # cells stay left-packed: a missing wider value is always at the end
+            values[(address, cells[0])] = dict(zip(names[5:], cells[1:], strict=False))
+    return raw, values
+
+
+@pytest.mark.parametrize(
+    ("address", "count", "type_name", "width", "shown"),
+    [
+        (100, 8, "uint32", 2, "123456789"),
+        (110, 8, "int32", 2, "-123456789"),
+        (120, 8, "float32", 2, "3.14159"),
+        (130, 16, "uint64", 4, "1234567890123"),
+        (150, 16, "int64", 4, "-1234567890123"),
+        (170, 16, "float64", 4, "3.14159"),
+    ],
+)
+def test_probe_shows_the_known_value_in_its_byte_order_column(
+    steady_plc: int,
+    capsys: pytest.CaptureFixture[str],
+    address: int,
+    count: int,
+    type_name: str,
+    width: int,
+    shown: str,
+) -> None:
+    assert probe(steady_plc, "--address", str(address), "--count", str(count)) == 0
+    output = capsys.readouterr().out
+    assert output.startswith(f"holding registers {address}-{address + count - 1} from 127.0.0.1")
+    raw, values = probe_rows(output)
+    assert sorted(raw) == list(range(address, address + count))
+    for index, order in enumerate(("ABCD", "CDAB", "BADC", "DCBA")):
+        start = address + index * width
+        assert values[(start, order)][type_name] == shown, (start, order)
+        for other in {"ABCD", "CDAB", "BADC", "DCBA"} - {order}:
+            assert values[(start, other)][type_name] != shown, (start, other)
+
+
+def test_probe_shows_16_bit_values_and_text(
+    steady_plc: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert probe(steady_plc, "--address", "190", "--count", "25") == 0
+    output = capsys.readouterr().out
+    raw, values = probe_rows(output)
+    assert raw[190] == {"address": "190", "raw": "CFC7", "int16": "-12345", "uint16": "53191"}
+    assert raw[191]["uint16"] == "54321" and raw[192]["raw"] == "A5C3"
+    assert (214, "ABCD") not in values  # the last register: nothing wider starts there
+    assert "int64" not in values[(212, "ABCD")]  # only three registers left
+    high_first = next(line for line in output.splitlines() if "high byte first" in line)
+    low_first = next(line for line in output.splitlines() if "low byte first" in line)
+    assert "PLANTSYNC" in high_first  # registers 200-204
+    assert "PLANTSYNC" in low_first  # registers 210-214, bytes swapped
+
+
+def test_probe_reads_input_registers(steady_plc: int, capsys: pytest.CaptureFixture[str]) -> None:
+    assert probe(steady_plc, "--address", "50", "--count", "2", "--table", "input") == 0
+    _, values = probe_rows(capsys.readouterr().out)
+    assert values[(50, "ABCD")]["uint32"] == str(INPUT_ONLY_VALUE)
+
+
+def test_probe_exits_1_on_an_exception_response(
+    steady_plc: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert probe(steady_plc, "--address", "1000", "--count", "4") == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "exception code 2 (illegal address) for holding registers 1000-1003" in captured.err
+
+
+def test_probe_exits_1_when_it_cannot_connect(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()  # nothing listens here
+    assert probe(port, "--address", "0", "--count", "2", "--timeout", "1s") == 1
+    assert f"cannot connect to 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_probe_refuses_more_than_125_registers(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        probe(502, "--address", "0", "--count", "126")
+    assert exited.value.code == 2
+    assert "--count must be 1..125" in capsys.readouterr().err
+
+
 # --- config -----------------------------------------------------------------------------------
 
 
 def test_config_parses_durations_and_defaults() -> None:
     parsed = config(502, COUNTER_TAGS, poll_interval="500ms", timeout="2s")
     assert parsed.poll_interval == 0.5 and parsed.timeout == 2.0
-    assert parsed.unit == 1 and parsed.max_gap == 8
+    assert parsed.unit == 1 and parsed.max_gap == 8 and parsed.retries == 1
+    assert parsed.coalesce and parsed.transport == "tcp" and parsed.poll_groups == {}
     assert parsed.tags[0].table == "holding" and parsed.tags[2].type == "uint16"
+    assert parsed.tags[0].byte_order == "ABCD" and parsed.tags[0].group == "default"
+
+
+def test_config_defaults_bits_to_bool_and_parses_poll_groups() -> None:
+    parsed = config(
+        502,
+        [
+            {"name": "lamp", "address": 3, "table": "coil"},
+            {"name": "guard", "address": 4, "table": "discrete_input", "group": "fast"},
+            {"name": "door", "address": 12, "bit": 15, "group": "slow"},
+            {"name": "recipe", "address": 100, "type": "string", "length": 8},
+        ],
+        poll_groups={"fast": "100ms", "slow": "10s"},
+    )
+    assert [tag.type for tag in parsed.tags] == ["bool", "bool", "bool", "string"]
+    assert parsed.poll_groups == {"fast": 0.1, "slow": 10.0}
+    assert parsed.model_dump(mode="json")["poll_groups"] == {"fast": "100ms", "slow": "10s"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"tags": [{"name": "good", "address": 0, "group": "fsat"}]},
+            "tag good names poll group 'fsat', which poll_groups does not define "
+            "(did you mean 'fast'?)",
+        ),
+        (
+            {"tags": [{"name": "good", "address": 0, "byte_order": "ADCB"}]},
+            "Input should be 'ABCD', 'CDAB', 'BADC' or 'DCBA'",
+        ),
+        (
+            {"tags": [{"name": "recipe", "address": 0, "type": "string"}]},
+            "a string tag needs length, its size in registers",
+        ),
+        (
+            {"tags": [{"name": "good", "address": 0, "word_order": "big"}]},
+            "word_order was replaced by byte_order: `big` is ABCD, `little` is CDAB",
+        ),
+        ({"poll_groups": {"default": "1s"}}, "set poll_interval instead"),
+        ({"baudrate": 9600}, "baudrate apply only to transport rtu"),
+        ({"transport": "rtu"}, "transport rtu needs serial_port"),
+        ({"coalesce": False, "max_gap": 4}, "max_gap has no effect with coalesce: false"),
+        ({"host": None}, "transport tcp needs host"),
+    ],
+)
+def test_invalid_config_says_what_is_wrong(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        config(502, COUNTER_TAGS, **({"poll_groups": {"fast": "1s"}} | change))
 
 
 @pytest.mark.parametrize(
@@ -458,11 +1001,34 @@ def test_config_parses_durations_and_defaults() -> None:
     [
         {"baud": 9600},  # unknown key
         {"type": "modbus-rtu"},  # wrong driver type
-        {"tags": [{"name": "good", "address": 0, "type": "float64"}]},  # wrong tag type
+        {"tags": [{"name": "good", "address": 0, "type": "float16"}]},  # wrong tag type
         {"tags": [{"name": "good", "address": 0, "scaling": 2}]},  # unknown tag key
         {"tags": [{"name": "good", "address": 0}, {"name": "good", "address": 2}]},  # repeated
         {"tags": []},
         {"tags": [{"name": "good", "address": 65535, "type": "uint32"}]},  # runs past 65535
+        {"tags": [{"name": "good", "address": 65533, "type": "uint64"}]},
+        {"tags": [{"name": "good", "address": 0, "table": "register"}]},
+        {"tags": [{"name": "good", "address": 0, "byte_order": "big"}]},  # the old spelling
+        {"tags": [{"name": "good", "address": 0, "group": "fast"}]},  # no such poll group
+        {"tags": [{"name": "good", "address": 0, "group": "two words"}]},
+        {"tags": [{"name": "good", "address": 0, "type": "string", "length": 0}]},
+        {"tags": [{"name": "good", "address": 0, "type": "string", "length": 126}]},
+        {"tags": [{"name": "good", "address": 0, "length": 4}]},  # length on a uint16
+        {"tags": [{"name": "good", "address": 0, "type": "bool"}]},  # a register bool, no bit
+        {"tags": [{"name": "good", "address": 0, "bit": 16}]},
+        {"tags": [{"name": "good", "address": 0, "type": "uint16", "bit": 1}]},
+        {"tags": [{"name": "good", "address": 0, "table": "coil", "type": "uint16"}]},
+        {"tags": [{"name": "good", "address": 0, "table": "coil", "bit": 1}]},
+        {"tags": [{"name": "good", "address": 0, "table": "coil", "scale": 2}]},
+        {"tags": [{"name": "good", "address": 0, "type": "string", "length": 2, "offset": 1}]},
+        {"poll_groups": {"fast": "0s"}},
+        {"poll_groups": {"fast lane": "1s"}},
+        {"poll_groups": {"fast": "soon"}},
+        {"retries": -1},
+        {"retries": 6},
+        {"transport": "serial"},
+        {"transport": "rtu", "serial_port": "/dev/ttyUSB0"},  # host and port given too
+        {"parity": "mark"},
         {"unit": 248},
         {"name": "press 01"},
         {"tags": [{"name": "good.count", "address": 0}]},  # a dot would break `driver.tag`

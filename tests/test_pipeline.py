@@ -67,3 +67,20 @@ async def test_mes_messages_become_events_or_input_dead_letters(tmp_path: Path) 
     assert saved["pipeline:mes-sequence"] == "2"
     assert json.loads(saved["machine:press-01"])["good"]["total"] == 10
     await outbox.close()
+
+
+async def test_genealogy_completeness_per_order(tmp_path: Path) -> None:
+    from edge.config import load_config
+    from edge.pipeline import GENEALOGY_KEY, Genealogy
+    from edge.replay import read_lines, replay
+
+    case = Path(__file__).parent / "cases" / "genealogy_and_consumption"
+    config = load_config(case / "config.yaml", {})
+    with (case / "input.jsonl").open() as source:
+        await replay(config, read_lines(source), tmp_path)
+    outbox = await Outbox.open(tmp_path / "replay-outbox.db")
+    genealogy = Genealogy((await outbox.load_state())[GENEALOGY_KEY])
+    await outbox.close()
+    # LOT-A names inputs of both required materials; LOT-B lacks RM-2; the redelivered LOT-A
+    # (without inputs) does not change the first report.
+    assert genealogy.figures() == {"4711": {"lots": 2, "complete": 1, "completeness": 0.5}}

@@ -1,0 +1,1094 @@
+"""OPC UA driver: subscribes to a server's variables and emits one Sample per data change.
+
+One session per driver, one subscription per session, one monitored item per tag. At every
+connect the driver resolves each tag's node id against the server's current namespace array (so
+`nsu=<namespace uri>;s=...` survives a server that renumbers its namespaces), subscribes, and
+then reads the current value of every tag and emits it, so a counter resumes from the server's
+current value after an outage: no gap, and no double count, because per tag a value older than
+the one already emitted in the session is dropped. Notifications leave asyncua's receive path at
+once for a buffer that a delivery task drains into the sink; when the sink falls far behind, the
+buffer keeps only the latest value per tag, which loses intermediate telemetry but never the
+latest reading of a counter. The driver owns its reconnection: a closed connection, a failed
+keep-alive read, a subscription the server ended, or no data change and no keep-alive for
+`stale_after` ends the session; it logs once that the server is unavailable, retries with the
+shared backoff, and logs once when it is back. A node that does not exist marks only its tag bad.
+
+`browse_main` is `plantsync browse opcua`: it prints a server's address space with node ids in
+the portable `nsu=` form, ready to copy into YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import logging
+import math
+import re
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TextIO, cast
+from urllib.parse import urlparse
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.client.ua_client import UaClientState
+from asyncua.common.subscription import (
+    DataChangeEvent,
+    OverflowPolicy,
+    StatusChangeEvent,
+    Subscription,
+)
+from asyncua.crypto import security_policies, uacrypto
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIdNames
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from cryptography import x509
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from drivers.base import Driver, Quality, Sample, SampleSink, TagValue
+from edge.timing import Backoff, Duration
+
+log = logging.getLogger(__name__)
+
+SecurityPolicyName = Literal["None", "Basic256Sha256"]
+SecurityModeName = Literal["None", "Sign", "SignAndEncrypt"]
+
+DEFAULT_APPLICATION_URI = "urn:plantsync:edge"
+"""The client's application URI when no client certificate names one."""
+
+MAX_PENDING_SAMPLES = 10_000
+"""Samples waiting for the sink before the buffer keeps only the latest value per tag."""
+
+SUBSCRIPTION_QUEUE = 10_000
+"""asyncua's per-subscription notification queue; the pump empties it as notifications come."""
+
+_MESSAGE_SECURITY_MODE: dict[SecurityModeName, ua.MessageSecurityMode] = {
+    "None": ua.MessageSecurityMode.None_,
+    "Sign": ua.MessageSecurityMode.Sign,
+    "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
+}
+
+_USER_REJECTED = {
+    StatusCodes.BadUserAccessDenied,
+    StatusCodes.BadIdentityTokenInvalid,
+    StatusCodes.BadIdentityTokenRejected,
+    StatusCodes.BadUserSignatureInvalid,
+}
+_SECURITY_REJECTED = {
+    StatusCodes.BadSecurityChecksFailed,
+    StatusCodes.BadSecurityPolicyRejected,
+    StatusCodes.BadSecurityModeRejected,
+    StatusCodes.BadCertificateInvalid,
+    StatusCodes.BadCertificateUntrusted,
+    StatusCodes.BadCertificateUriInvalid,
+    StatusCodes.BadCertificateTimeInvalid,
+    StatusCodes.BadCertificateRevoked,
+    StatusCodes.BadCertificateUseNotAllowed,
+}
+
+
+# --- node ids -------------------------------------------------------------------------------------
+
+_NODE_ID = re.compile(
+    r"(?:nsu=(?P<uri>[^;]+);|ns=(?P<index>\d+);)?(?P<kind>[isgb])=(?P<identifier>.+)", re.DOTALL
+)
+_KIND_TYPE = {
+    "i": ua.NodeIdType.Numeric,
+    "s": ua.NodeIdType.String,
+    "g": ua.NodeIdType.Guid,
+    "b": ua.NodeIdType.ByteString,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRef:
+    """A node id as written in YAML, before it meets a server.
+
+    `namespace` is a namespace URI (`nsu=`, portable across servers and restarts) or an index
+    (`ns=`, valid only for the server's current namespace array); no prefix means namespace 0.
+    """
+
+    namespace: str | int
+    kind: Literal["i", "s", "g", "b"]
+    identifier: int | str | uuid.UUID | bytes
+
+    @classmethod
+    def parse(cls, text: str) -> NodeRef:
+        """Parse `nsu=<uri>;s=...`, `ns=2;s=...`, `i=85`, `g=<uuid>` or `b=<base64>`."""
+        match = _NODE_ID.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(
+                f"{text!r} is not a node id such as nsu=urn:example;s=Line1.Speed, "
+                "ns=2;s=Line1.Speed or i=2258"
+            )
+        namespace: str | int = match["uri"] if match["uri"] else int(match["index"] or 0)
+        raw = match["identifier"]
+        identifier: int | str | uuid.UUID | bytes
+        match match["kind"]:
+            case "i":
+                if not raw.isdigit() or int(raw) > 0xFFFFFFFF:
+                    raise ValueError(f"{text!r}: a numeric identifier is 0 to 4294967295")
+                identifier = int(raw)
+            case "g":
+                try:
+                    identifier = uuid.UUID(raw)
+                except ValueError:
+                    raise ValueError(f"{text!r}: {raw!r} is not a GUID") from None
+            case "b":
+                try:
+                    identifier = base64.b64decode(raw, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ValueError(f"{text!r}: {raw!r} is not base64") from None
+            case _:
+                identifier = raw
+        return cls(namespace, match["kind"], identifier)  # type: ignore[arg-type]
+
+    def resolve(self, namespaces: Sequence[str]) -> ua.NodeId:
+        """The NodeId on a server with this namespace array; LookupError if the URI is absent."""
+        if isinstance(self.namespace, str):
+            try:
+                index = list(namespaces).index(self.namespace)
+            except ValueError:
+                raise LookupError(f"the server has no namespace {self.namespace!r}") from None
+        else:
+            index = self.namespace
+        return make_node_id(self.identifier, index, _KIND_TYPE[self.kind])
+
+
+def make_node_id(identifier: object, namespace_index: int, kind: ua.NodeIdType) -> ua.NodeId:
+    """A NodeId from plain Python values (asyncua annotates its own int and str subclasses)."""
+    return ua.NodeId(cast(Any, identifier), cast(Any, namespace_index), kind)
+
+
+def portable_node_id(node_id: ua.NodeId, namespaces: Sequence[str]) -> str:
+    """`nsu=<uri>;s=...` for a node outside namespace 0, `i=85` style inside it."""
+    local = make_node_id(node_id.Identifier, 0, node_id.NodeIdType).to_string()
+    index = node_id.NamespaceIndex
+    if index == 0:
+        return local
+    if index < len(namespaces):
+        return f"nsu={namespaces[index]};{local}"
+    return node_id.to_string()
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+class Deadband(BaseModel):
+    """A data change filter: the server reports a change only when it exceeds the deadband."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["absolute", "percent"] = Field(
+        description="`absolute`: in the variable's units. `percent`: of its EURange, which the "
+        "server must know; a server that cannot apply it refuses the tag, which is then bad.",
+    )
+    value: float = Field(ge=0, description="The deadband size.", examples=[0.5])
+
+    @model_validator(mode="after")
+    def _percent_range(self) -> Deadband:
+        if self.type == "percent" and self.value > 100:
+            raise ValueError("a percent deadband is at most 100")
+        return self
+
+
+class OpcUaTag(BaseModel):
+    """One variable on the server and how to monitor it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Tag name; samples are published as `<driver>.<name>`.",
+        examples=["state", "processed"],
+    )
+    node: str = Field(
+        description="Node id: `nsu=<namespace uri>;s=...` (preferred: survives namespace "
+        "renumbering), `ns=<index>;s=...`, or with `i=`, `g=` or `b=` identifiers. "
+        "`plantsync browse opcua` prints them.",
+        examples=["nsu=urn:plantsync:sim:machine;s=filler-02.Status.StateCurrent", "i=2258"],
+    )
+    sampling_interval: Duration | None = Field(
+        default=None,
+        ge=0,
+        description="How often the server samples the value; unset means the publishing "
+        "interval, 0 the fastest the server can.",
+        examples=["100ms"],
+    )
+    queue_size: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="Changes the server keeps per publishing interval, so a counter's "
+        "intermediate values are not lost between two publishes.",
+    )
+    deadband: Deadband | None = Field(
+        default=None, description="Report only changes larger than this (analog values)."
+    )
+
+    @field_validator("node")
+    @classmethod
+    def _node_id_parses(cls, node: str) -> str:
+        NodeRef.parse(node)
+        return node.strip()
+
+    @property
+    def node_ref(self) -> NodeRef:
+        return NodeRef.parse(self.node)
+
+
+class OpcUaSecurity(BaseModel):
+    """How the secure channel is protected, and the client's application instance certificate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: SecurityPolicyName = Field(
+        default="None", description="Security policy: `None` or `Basic256Sha256`."
+    )
+    mode: SecurityModeName = Field(
+        default="None",
+        description="Message security mode: `None` with policy None; `Sign` or "
+        "`SignAndEncrypt` with Basic256Sha256.",
+    )
+    certificate: Path | None = Field(
+        default=None,
+        description="Client certificate file (DER or PEM); its SubjectAltName URI becomes the "
+        "client's application URI. Required with Basic256Sha256.",
+        examples=["/etc/plantsync/opcua/client-cert.der"],
+    )
+    private_key: Path | None = Field(
+        default=None,
+        description="The client certificate's private key (PEM or DER). Required with "
+        "Basic256Sha256.",
+        examples=["/etc/plantsync/opcua/client-key.pem"],
+    )
+    server_certificate: Path | None = Field(
+        default=None,
+        description="Pin the server's certificate; unset means take it from the server's "
+        "endpoint list at each connect.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpcUaSecurity:
+        if self.policy == "None":
+            if self.mode != "None":
+                raise ValueError(f"mode {self.mode} needs policy Basic256Sha256, not None")
+            if self.certificate or self.private_key or self.server_certificate:
+                raise ValueError("certificates are used only with policy Basic256Sha256")
+            return self
+        if self.mode == "None":
+            raise ValueError(f"policy {self.policy} needs mode Sign or SignAndEncrypt")
+        if self.certificate is None or self.private_key is None:
+            raise ValueError(f"policy {self.policy} needs a certificate and a private_key")
+        return self
+
+
+class OpcUaConfig(BaseModel):
+    """An OPC UA server whose variables are monitored through one subscription."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Driver name, unique in the plant; the prefix of every signal it emits.",
+        examples=["filler-02"],
+    )
+    type: Literal["opcua"] = Field(description="Selects this driver.")
+    endpoint: str = Field(description="Server endpoint URL.", examples=["opc.tcp://10.0.0.30:4840"])
+    security: OpcUaSecurity = Field(
+        default_factory=OpcUaSecurity, description="Channel security; none by default."
+    )
+    username: str | None = Field(
+        default=None, min_length=1, description="User name; unset means anonymous."
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        description="Password for `username`; write `${ENV_VAR}` to keep it out of the file.",
+    )
+    publishing_interval: Duration = Field(
+        default=0.5,
+        gt=0,
+        description="How often the server sends the changes it has collected.",
+        examples=["500ms", "1s"],
+    )
+    keepalive: Duration = Field(
+        default=5.0,
+        gt=0,
+        description="With no change to send, the server sends a keep-alive this often; the "
+        "driver also reads the server state this often to check the session.",
+        examples=["5s"],
+    )
+    session_timeout: Duration = Field(
+        default=60.0,
+        ge=1,
+        description="How long the server keeps the session (and its subscription) for a "
+        "client that went silent.",
+        examples=["60s"],
+    )
+    timeout: Duration = Field(
+        default=5.0,
+        gt=0,
+        description="Timeout for connecting and for each request.",
+        examples=["5s"],
+    )
+    stale_after: Duration = Field(
+        default=30.0,
+        ge=0,
+        description="No data change and no keep-alive for this long means the session is dead: "
+        "reconnect. Must exceed `keepalive`; 0 disables the check.",
+        examples=["30s"],
+    )
+    tags: list[OpcUaTag] = Field(min_length=1, description="The variables to monitor.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _opc_tcp_url(cls, endpoint: str) -> str:
+        url = urlparse(endpoint)
+        if url.scheme != "opc.tcp" or not url.hostname:
+            raise ValueError(f"{endpoint!r} is not an endpoint URL such as opc.tcp://host:4840")
+        try:
+            url.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"{endpoint!r}: {exc}") from None
+        return endpoint
+
+    @field_validator("tags")
+    @classmethod
+    def _unique_tag_names(cls, tags: list[OpcUaTag]) -> list[OpcUaTag]:
+        names = [tag.name for tag in tags]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"tag names must be unique; repeated: {', '.join(duplicates)}")
+        return tags
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpcUaConfig:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("give both username and password, or neither")
+        if self.stale_after and self.stale_after <= self.keepalive:
+            raise ValueError(
+                f"stale_after ({self.stale_after:g}s) must exceed keepalive "
+                f"({self.keepalive:g}s), or be 0 to disable the check"
+            )
+        return self
+
+
+# --- values -----------------------------------------------------------------------------------
+
+
+def quality_of(status: ua.StatusCode | None) -> Quality:
+    """OPC UA severity bits to sample quality: Good, Uncertain, anything else Bad."""
+    if status is None or status.is_good():
+        return Quality.GOOD
+    if status.is_uncertain():
+        return Quality.UNCERTAIN
+    return Quality.BAD
+
+
+def plain_value(value: object) -> TagValue:
+    """An OPC UA value as a sample value: numbers, booleans and strings as they are, text
+    types as their text, timestamps in ISO 8601, anything else (arrays, structures) as text."""
+    if value is None or isinstance(value, bool | float | str):
+        return value
+    if isinstance(value, int):
+        return int(value)  # drops an IntEnum's class
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, ua.LocalizedText):
+        return value.Text
+    if isinstance(value, ua.QualifiedName | ua.NodeId):
+        return value.to_string()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def _epoch_seconds(stamp: datetime | None) -> float | None:
+    if stamp is None or stamp.year <= 1601:  # 1601 is OPC UA's "no timestamp"
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.timestamp()
+
+
+def sample_from(driver: str, tag: str, datavalue: ua.DataValue | None, now: float) -> Sample:
+    """The Sample for one DataValue: its source timestamp, else the server's, else `now`."""
+    if datavalue is None:
+        return Sample(driver, tag, None, now, Quality.BAD)
+    quality = quality_of(datavalue.StatusCode)
+    value = None
+    if quality is not Quality.BAD and datavalue.Value is not None:
+        value = plain_value(datavalue.Value.Value)
+    source_time = (
+        _epoch_seconds(datavalue.SourceTimestamp)
+        or _epoch_seconds(datavalue.ServerTimestamp)
+        or now
+    )
+    return Sample(driver, tag, value, source_time, quality)
+
+
+class PendingSamples:
+    """Samples on their way from asyncua's receive path to the sink.
+
+    `put` never blocks, so a slow sink cannot stall the OPC UA connection. Past `limit` samples
+    it keeps only the latest per tag: intermediate telemetry is dropped (and counted), the
+    latest value of every tag, and so a counter's total, is kept.
+    """
+
+    def __init__(self, limit: int = MAX_PENDING_SAMPLES) -> None:
+        self.limit = limit
+        self.dropped = 0
+        self._samples: list[Sample] = []
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def put(self, sample: Sample) -> int:
+        """Queue a sample; return how many older samples were dropped to make room."""
+        self._samples.append(sample)
+        self._ready.set()
+        if len(self._samples) <= self.limit:
+            return 0
+        latest: dict[str, Sample] = {}
+        for queued in self._samples:
+            latest.pop(queued.tag, None)  # re-insert, so the order is by latest arrival
+            latest[queued.tag] = queued
+        dropped = len(self._samples) - len(latest)
+        self._samples = list(latest.values())
+        self.dropped += dropped
+        return dropped
+
+    async def take(self) -> list[Sample]:
+        """Wait for samples and take them all, oldest first."""
+        await self._ready.wait()
+        batch, self._samples = self._samples, []
+        self._ready.clear()
+        return batch
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+async def _application_uri(certificate: Path) -> str:
+    """The URI in the certificate's SubjectAltName, which servers match against the client's."""
+    cert = await uacrypto.load_certificate(str(certificate))
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return DEFAULT_APPLICATION_URI
+    uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if uris else DEFAULT_APPLICATION_URI
+
+
+class SecuritySetupError(Exception):
+    """A client certificate, its key or a pinned server certificate does not load."""
+
+
+async def new_client(
+    endpoint: str,
+    security: OpcUaSecurity,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    request_timeout: float = 5.0,
+    session_timeout: float = 60.0,
+    keepalive: float = 5.0,
+    client_name: str = "PlantSync Edge",
+) -> Client:
+    """An asyncua client set up for `endpoint`, not yet connected.
+
+    With Basic256Sha256 and no pinned server certificate this asks the server for its endpoints
+    (network I/O), because the channel needs the server's certificate.
+    """
+    client = Client(endpoint, timeout=request_timeout, watchdog_intervall=keepalive)
+    client.name = client.description = client_name
+    client.product_uri = DEFAULT_APPLICATION_URI
+    client.application_uri = DEFAULT_APPLICATION_URI
+    client.session_timeout = int(session_timeout * 1000)
+    if username is not None:
+        client.set_user(username)
+        client.set_password(password or "")
+    if security.policy == "Basic256Sha256":
+        assert security.certificate is not None and security.private_key is not None
+        try:
+            client.application_uri = await _application_uri(security.certificate)
+            for path in (security.private_key, security.server_certificate):
+                if path is not None:
+                    await asyncio.to_thread(path.read_bytes)  # a clear error, before asyncua's
+        except (OSError, ValueError) as exc:
+            raise SecuritySetupError(f"cannot load the certificates or key: {exc}") from exc
+        await client.set_security(
+            security_policies.SecurityPolicyBasic256Sha256,
+            certificate=str(security.certificate),
+            private_key=str(security.private_key),
+            server_certificate=(
+                str(security.server_certificate) if security.server_certificate else None
+            ),
+            mode=_MESSAGE_SECURITY_MODE[security.mode],
+        )
+    return client
+
+
+def describe_error(
+    exc: BaseException,
+    timeout: float,
+    username: str | None = None,
+    security: OpcUaSecurity | None = None,
+) -> str:
+    """Why connecting or talking to a server failed, in words for a technician."""
+    if isinstance(exc, UaStatusCodeError):
+        name = ua.StatusCode(exc.code).name
+        if exc.code in _USER_REJECTED:
+            who = f"user {username!r}" if username else "anonymous access"
+            return f"the server rejected {who} ({name}): check the username and password"
+        if exc.code in _SECURITY_REJECTED:
+            return f"the server rejected the security settings or client certificate ({name})"
+        return f"the server answered {name}"
+    if isinstance(exc, SecuritySetupError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout:g}s"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError):
+        return f"connection failed ({exc.strerror or exc})"
+    if isinstance(exc, UaError):
+        # asyncua's words for a server without an endpoint of the client's policy and mode.
+        if "No matching endpoints" in str(exc):
+            wanted = f"{security.policy} {security.mode}" if security else "this security"
+            return f"the server offers no endpoint with security {wanted}"
+        return f"the connection failed ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _close(client: Client, *, within: float) -> None:
+    """End a session and stop asyncua's tasks for it (keep-alive, channel renewal, publish).
+
+    The server is told when the connection is still open, but not waited for longer than
+    `within`: one that stopped answering would hold up the reconnect for nothing.
+    """
+    protocol = client.uaclient.protocol
+    try:
+        async with asyncio.timeout(within):
+            if protocol is not None and not protocol.is_closed:
+                await client.disconnect()
+            else:
+                await client.close_session()
+    except (Exception, TimeoutError) as exc:
+        log.debug("Closing the OPC UA session did not finish cleanly: %s", exc)
+    finally:
+        client.disconnect_socket()  # also when cancelled mid-close: never leak the socket
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Monitored:
+    tag: OpcUaTag
+    node_id: ua.NodeId
+
+
+class OpcUaDriver(Driver):
+    """Subscribes to one OPC UA server and owns its reconnection."""
+
+    def __init__(self, config: OpcUaConfig) -> None:
+        super().__init__(config.name)
+        self.config = config
+        self.dropped_samples = 0
+        """Intermediate samples dropped because the sink fell behind (latest values kept)."""
+        self.backoff = Backoff(base=0.5, cap=30.0)
+        """Delays between reconnect attempts; the shared policy (tests may shorten it)."""
+        self._unavailable = False
+        self._bad_tags: dict[str, str] = {}
+        self._last_emitted: dict[str, Sample] = {}
+        self._overloaded = False
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint URL, as logs show it."""
+        return self.config.endpoint
+
+    async def run(self, sink: SampleSink) -> None:
+        """Connect, subscribe and reconnect until cancelled; server errors never end it."""
+        pending = PendingSamples()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._deliver(pending, sink), name=f"opcua-{self.name}-deliver")
+                tasks.create_task(self._sessions(pending), name=f"opcua-{self.name}-sessions")
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1:  # a failing sink: raise its error as it was
+                raise group.exceptions[0] from None
+            raise
+
+    async def _deliver(self, pending: PendingSamples, sink: SampleSink) -> None:
+        while True:
+            batch = await pending.take()
+            await sink(batch)
+
+    async def _sessions(self, pending: PendingSamples) -> None:
+        while True:
+            reason = await self._session(pending)
+            self.health.connected = False
+            self._record_error(reason)
+            if not self._unavailable:
+                self._unavailable = True
+                log.warning(
+                    "OPC UA server %s at %s is unavailable: %s. Retrying with backoff.",
+                    self.name,
+                    self.endpoint,
+                    reason,
+                    extra={"driver": self.name, "endpoint": self.endpoint, "reason": reason},
+                )
+            await asyncio.sleep(self.backoff.next_delay())
+
+    async def _session(self, pending: PendingSamples) -> str:
+        """One session from connect to loss; return why it ended."""
+        config = self.config
+        client: Client | None = None
+        try:
+            client = await new_client(
+                config.endpoint,
+                config.security,
+                username=config.username,
+                password=config.password.get_secret_value() if config.password else None,
+                request_timeout=config.timeout,
+                session_timeout=config.session_timeout,
+                keepalive=config.keepalive,
+                client_name=f"PlantSync Edge {self.name}",
+            )
+            await client.connect()
+            return await self._serve(client, pending)
+        except Exception as exc:
+            return describe_error(exc, config.timeout, config.username, config.security)
+        finally:
+            if client is not None:
+                await _close(client, within=config.timeout)
+
+    async def _serve(self, client: Client, pending: PendingSamples) -> str:
+        """Subscribe, read current values, then wait for the first sign the session is dead."""
+        lost: list[BaseException] = []
+
+        async def on_connection_lost(exc: Exception) -> None:
+            lost.append(exc)
+
+        client.connection_lost_callback = on_connection_lost
+        self._last_emitted.clear()
+        namespaces = await client.get_namespace_array()
+        monitored = self._resolve(namespaces, pending)
+        subscription, keepalive = await self._subscribe(client, monitored, pending)
+        await self._read_current(client, monitored, pending)
+        self._mark_available()
+
+        # The server may revise the keep-alive up; never call a subscription stale before two
+        # keep-alives could have come.
+        threshold = max(self.config.stale_after, 2 * keepalive) if self.config.stale_after else 0
+        async with asyncio.TaskGroup() as tasks:
+            watchers = [
+                tasks.create_task(
+                    self._watch_connection(client), name=f"opcua-{self.name}-connection"
+                ),
+                tasks.create_task(
+                    self._pump(subscription, monitored, pending), name=f"opcua-{self.name}-pump"
+                ),
+            ]
+            if threshold:
+                watchers.append(
+                    tasks.create_task(
+                        self._watch_staleness(subscription, threshold),
+                        name=f"opcua-{self.name}-staleness",
+                    )
+                )
+            done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+            for watcher in watchers:
+                watcher.cancel()
+        if client.state is not UaClientState.CONNECTED:
+            # asyncua also ends the subscription when it loses the connection; the loss is
+            # the reason, and a failed keep-alive read says more than a closed socket.
+            if lost and not isinstance(lost[-1], ConnectionError):
+                cause = describe_error(lost[-1], self.config.keepalive)
+                return f"the session keep-alive failed: {cause}"
+            return "the connection was closed"
+        return next(watcher.result() for watcher in watchers if watcher in done)
+
+    def _resolve(self, namespaces: Sequence[str], pending: PendingSamples) -> dict[int, _Monitored]:
+        """Node ids for this server's namespace array, by client handle; the rest marked bad."""
+        monitored: dict[int, _Monitored] = {}
+        for handle, tag in enumerate(self.config.tags, start=1):
+            try:
+                monitored[handle] = _Monitored(tag, tag.node_ref.resolve(namespaces))
+            except LookupError as exc:
+                self._tag_failed(tag, str(exc), pending)
+        return monitored
+
+    async def _subscribe(
+        self, client: Client, monitored: dict[int, _Monitored], pending: PendingSamples
+    ) -> tuple[Subscription, float]:
+        """Create the subscription and one monitored item per tag, dropping the refused ones;
+        return it with the keep-alive interval the server granted, in seconds."""
+        config = self.config
+        keepalive_count = max(1, math.ceil(config.keepalive / config.publishing_interval))
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=config.publishing_interval * 1000,
+            RequestedLifetimeCount=max(
+                3 * keepalive_count, math.ceil(config.session_timeout / config.publishing_interval)
+            ),
+            RequestedMaxKeepAliveCount=keepalive_count,
+            MaxNotificationsPerPublish=0,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        # Built directly rather than through client.create_subscription(), which registers it
+        # with asyncua's own stale watchdog and reconnect supervisor: this driver owns both.
+        subscription = Subscription(
+            client.uaclient.session,
+            params,
+            None,
+            queue_maxsize=SUBSCRIPTION_QUEUE,
+            overflow=OverflowPolicy.DROP_OLDEST,
+        )
+        granted = await subscription.init()
+        keepalive = granted.RevisedPublishingInterval * granted.RevisedMaxKeepAliveCount / 1000
+        if not monitored:
+            return subscription, keepalive
+        requests = [self._monitor_request(handle, item) for handle, item in monitored.items()]
+        results = await subscription.create_monitored_items(requests)
+        for (handle, item), result in zip(list(monitored.items()), results, strict=True):
+            if isinstance(result, ua.StatusCode):
+                del monitored[handle]
+                self._tag_failed(item.tag, _refusal(item, result), pending)
+        return subscription, keepalive
+
+    def _monitor_request(self, handle: int, item: _Monitored) -> ua.MonitoredItemCreateRequest:
+        tag = item.tag
+        parameters = ua.MonitoringParameters(
+            ClientHandle=handle,
+            # -1 asks for the publishing interval (OPC UA Part 4, 7.21).
+            SamplingInterval=(
+                tag.sampling_interval * 1000 if tag.sampling_interval is not None else -1.0
+            ),
+            QueueSize=tag.queue_size,
+            DiscardOldest=True,
+        )
+        if tag.deadband is not None:
+            parameters.Filter = ua.DataChangeFilter(
+                Trigger=ua.DataChangeTrigger.StatusValue,
+                DeadbandType=(
+                    ua.DeadbandType.Absolute
+                    if tag.deadband.type == "absolute"
+                    else ua.DeadbandType.Percent
+                ),
+                DeadbandValue=tag.deadband.value,
+            )
+        return ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(NodeId=item.node_id, AttributeId=AttributeIds.Value),
+            MonitoringMode=ua.MonitoringMode.Reporting,
+            RequestedParameters=parameters,
+        )
+
+    async def _read_current(
+        self, client: Client, monitored: dict[int, _Monitored], pending: PendingSamples
+    ) -> None:
+        """Read and emit every monitored tag's current value (the resume point for counters)."""
+        if not monitored:
+            return
+        items = list(monitored.values())
+        params = ua.ReadParameters(
+            MaxAge=0,
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            NodesToRead=[
+                ua.ReadValueId(NodeId=item.node_id, AttributeId=AttributeIds.Value)
+                for item in items
+            ],
+        )
+        values = await client.uaclient.read(params)
+        now = time.time()
+        for item, datavalue in zip(items, values, strict=True):
+            self._emit(item.tag, datavalue, now, pending)
+            if datavalue.StatusCode is None or not datavalue.StatusCode.is_bad():
+                self._tag_recovered(item.tag)
+
+    async def _pump(
+        self, subscription: Subscription, monitored: dict[int, _Monitored], pending: PendingSamples
+    ) -> str:
+        """Move notifications into the buffer as they come; return if the server ends them."""
+        async for event in subscription:
+            if isinstance(event, DataChangeEvent):
+                notification = event.data.monitored_item
+                item = monitored.get(notification.ClientHandle)
+                if item is not None:
+                    self.health.reads += 1
+                    self._emit(item.tag, notification.Value, time.time(), pending)
+            elif isinstance(event, StatusChangeEvent) and event.notification.Status.is_bad():
+                return f"the server ended the subscription ({event.notification.Status.name})"
+        return "the subscription was closed"
+
+    async def _watch_connection(self, client: Client) -> str:
+        """Return once asyncua sees the connection go: a closed socket or a failed keep-alive."""
+        async with client.subscribe_state() as states:
+            while client.state is UaClientState.CONNECTED:
+                await states.next_change()
+        return "the connection was closed"
+
+    async def _watch_staleness(self, subscription: Subscription, threshold: float) -> str:
+        """Return when neither a data change nor a keep-alive came for `threshold` seconds."""
+        started = time.monotonic()
+        while True:
+            last = max(subscription.last_publish_at or started, started)
+            quiet = time.monotonic() - last
+            if quiet >= threshold:
+                return f"no data change and no keep-alive for {threshold:g}s"
+            await asyncio.sleep(threshold - quiet)
+
+    def _emit(
+        self, tag: OpcUaTag, datavalue: ua.DataValue | None, now: float, pending: PendingSamples
+    ) -> None:
+        sample = sample_from(self.name, tag.name, datavalue, now)
+        last = self._last_emitted.get(tag.name)
+        # The subscription's first notification can arrive after the read that followed it;
+        # emitting the older value then would make a counter step back and count twice.
+        if last is not None and (sample.source_time < last.source_time or sample == last):
+            return
+        self._last_emitted[tag.name] = sample
+        if sample.quality is not Quality.BAD:
+            # Arrival, not source time: a value unchanged for hours is still fresh news.
+            self.health.last_sample_at = now
+        dropped = pending.put(sample)
+        if dropped:
+            self.dropped_samples += dropped
+            if not self._overloaded:
+                self._overloaded = True
+                log.warning(
+                    "OPC UA driver %s: the pipeline is behind; keeping only the latest value per "
+                    "tag until it catches up.",
+                    self.name,
+                    extra={"driver": self.name, "dropped": self.dropped_samples},
+                )
+        elif self._overloaded and len(pending) <= 1:
+            self._overloaded = False
+
+    def _tag_failed(self, tag: OpcUaTag, reason: str, pending: PendingSamples) -> None:
+        self._emit(tag, None, time.time(), pending)
+        self._record_error(f"tag {tag.name}: {reason}")
+        if self._bad_tags.get(tag.name) == reason:
+            return
+        self._bad_tags[tag.name] = reason
+        log.warning(
+            "OPC UA server %s at %s: tag %s (%s) is bad: %s.",
+            self.name,
+            self.endpoint,
+            tag.name,
+            tag.node,
+            reason,
+            extra={"driver": self.name, "endpoint": self.endpoint, "tag": tag.name},
+        )
+
+    def _tag_recovered(self, tag: OpcUaTag) -> None:
+        if self._bad_tags.pop(tag.name, None) is not None:
+            log.info(
+                "OPC UA server %s at %s: tag %s (%s) reads again.",
+                self.name,
+                self.endpoint,
+                tag.name,
+                tag.node,
+                extra={"driver": self.name, "endpoint": self.endpoint, "tag": tag.name},
+            )
+
+    def _mark_available(self) -> None:
+        self.health.connected = True
+        self.backoff.reset()
+        if self._unavailable:
+            self._unavailable = False
+            log.info(
+                "OPC UA server %s at %s is available again.",
+                self.name,
+                self.endpoint,
+                extra={"driver": self.name, "endpoint": self.endpoint},
+            )
+
+    def _record_error(self, message: str) -> None:
+        self.health.errors += 1
+        self.health.last_error = message
+
+
+def _refusal(item: _Monitored, status: ua.StatusCode) -> str:
+    if status.value in (StatusCodes.BadNodeIdUnknown, StatusCodes.BadNodeIdInvalid):
+        return f"the server has no node {item.node_id.to_string()} ({status.name})"
+    if status.value in (
+        StatusCodes.BadMonitoredItemFilterUnsupported,
+        StatusCodes.BadMonitoredItemFilterInvalid,
+        StatusCodes.BadFilterNotAllowed,
+        StatusCodes.BadDeadbandFilterInvalid,
+    ):
+        return f"the server cannot apply its deadband ({status.name})"
+    return f"the server refused to monitor it ({status.name})"
+
+
+# --- browse -------------------------------------------------------------------------------------
+
+
+def _browse_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plantsync browse opcua",
+        description="Print an OPC UA server's address space as a tree, with node ids in the "
+        "portable nsu= form to copy into the driver's tags.",
+    )
+    parser.add_argument("--endpoint", required=True, help="opc.tcp://host:port")
+    parser.add_argument("--depth", type=int, default=6, help="levels below the start node")
+    parser.add_argument("--start", default="i=85", help="start node id (default: Objects)")
+    parser.add_argument(
+        "--standard",
+        action="store_true",
+        help="also expand the server's own namespace-0 objects (Server, Aliases, ...)",
+    )
+    parser.add_argument("--username", help="user name (default: anonymous)")
+    parser.add_argument("--password", help="password for --username")
+    parser.add_argument("--policy", choices=("None", "Basic256Sha256"), default="None")
+    parser.add_argument("--mode", choices=("None", "Sign", "SignAndEncrypt"), default="None")
+    parser.add_argument("--certificate", type=Path, help="client certificate (DER or PEM)")
+    parser.add_argument("--private-key", type=Path, help="client private key")
+    parser.add_argument("--server-certificate", type=Path, help="pin the server certificate")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    return parser
+
+
+def browse_main(argv: list[str] | None = None) -> int:
+    """`plantsync browse opcua`: print the address space; 0, or 1 if it cannot connect."""
+    parser = _browse_parser()
+    args = parser.parse_args(argv)
+    if args.depth < 0:
+        parser.error("--depth must not be negative")
+    try:
+        security = OpcUaSecurity(
+            policy=args.policy,
+            mode=args.mode,
+            certificate=args.certificate,
+            private_key=args.private_key,
+            server_certificate=args.server_certificate,
+        )
+        start = NodeRef.parse(args.start)
+    except (ValidationError, ValueError) as exc:
+        problems = (
+            [str(error.get("ctx", {}).get("error", error["msg"])) for error in exc.errors()]
+            if isinstance(exc, ValidationError)
+            else [str(exc)]
+        )
+        parser.error("; ".join(problems))
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    return asyncio.run(_browse(args, security, start, sys.stdout))
+
+
+async def _browse(
+    args: argparse.Namespace, security: OpcUaSecurity, start: NodeRef, out: TextIO
+) -> int:
+    client: Client | None = None
+    try:
+        client = await new_client(
+            args.endpoint,
+            security,
+            username=args.username,
+            password=args.password,
+            request_timeout=args.timeout,
+            client_name="PlantSync Edge browse",
+        )
+        await client.connect()
+    except Exception as exc:
+        reason = describe_error(exc, args.timeout, args.username, security)
+        print(f"Cannot connect to {args.endpoint}: {reason}", file=sys.stderr)
+        if client is not None:
+            await _close(client, within=args.timeout)
+        return 1
+    try:
+        namespaces = await client.get_namespace_array()
+        tree = _Tree(client, namespaces, args.depth, args.standard, out)
+        await tree.print_node(start.resolve(namespaces))
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, LookupError) else describe_error(exc, args.timeout)
+        print(f"Browsing {args.endpoint} failed: {reason}", file=sys.stderr)
+        return 1
+    finally:
+        await _close(client, within=args.timeout)
+    return 0
+
+
+class _Tree:
+    """Prints one node per line: browse name, portable node id, class; for variables the data
+    type and current value. Indented two spaces per level."""
+
+    def __init__(
+        self,
+        client: Client,
+        namespaces: Sequence[str],
+        depth: int,
+        standard: bool,
+        out: TextIO,
+    ) -> None:
+        self.client = client
+        self.namespaces = namespaces
+        self.depth = depth
+        self.standard = standard
+        self.out = out
+        self._type_names: dict[ua.NodeId, str] = {}
+
+    async def print_node(self, node_id: ua.NodeId) -> None:
+        node = self.client.get_node(node_id)
+        name = await node.read_browse_name()
+        node_class = await node.read_node_class()
+        await self._print(node_id, name.Name, node_class, level=0)
+
+    async def _print(
+        self, node_id: ua.NodeId, name: str, node_class: ua.NodeClass, level: int
+    ) -> None:
+        line = f"{'  ' * level}{name}  {portable_node_id(node_id, self.namespaces)}  "
+        line += node_class.name
+        if node_class == ua.NodeClass.Variable:
+            line += await self._variable_details(node_id)
+        print(line, file=self.out)
+        if level >= self.depth or node_class not in (ua.NodeClass.Object, ua.NodeClass.Variable):
+            return
+        if level > 0 and node_id.NamespaceIndex == 0 and not self.standard:
+            return
+        children = await self.client.get_node(node_id).get_children_descriptions()
+        for child in children:
+            child_id = make_node_id(
+                child.NodeId.Identifier, child.NodeId.NamespaceIndex, child.NodeId.NodeIdType
+            )
+            await self._print(child_id, child.BrowseName.Name, child.NodeClass, level + 1)
+
+    async def _variable_details(self, node_id: ua.NodeId) -> str:
+        node = self.client.get_node(node_id)
+        try:
+            data_type = await self._type_name(await node.read_data_type())
+            value = await node.read_value()
+        except UaStatusCodeError as exc:
+            return f"  ({ua.StatusCode(exc.code).name})"
+        text = repr(plain_value(value))
+        if len(text) > 60:
+            text = text[:57] + "..."
+        return f"  {data_type} = {text}"
+
+    async def _type_name(self, data_type: ua.NodeId) -> str:
+        if data_type not in self._type_names:
+            if data_type.NamespaceIndex == 0 and isinstance(data_type.Identifier, int):
+                name = ObjectIdNames.get(data_type.Identifier, data_type.to_string())
+            else:
+                name = (await self.client.get_node(data_type).read_browse_name()).Name
+            self._type_names[data_type] = name
+        return self._type_names[data_type]

@@ -1,0 +1,244 @@
+"""Northbound delivery: one forwarder per destination, taking events from the outbox to its API.
+
+The forwarder owns the engine (profiles stay small): it leases due deliveries (the head of each
+partition key, so a key's events arrive in commit order), hands them to the destination's
+profile one request at a time or in batches, at most `max_in_flight` requests at once and at
+most `rate_limit` events per second, and reports each outcome to the outbox. A 2xx acknowledges
+(and only then is the delivery deleted); a retryable failure is scheduled again with
+exponential backoff and full jitter (honouring `Retry-After`), persisted; a permanent rejection
+goes to dead letters with the response body. After `circuit_breaker.failures` failed requests
+in a row the circuit opens: nothing is sent for `open_for`, then one probe decides whether it
+closes. A destination going down is logged once, and once when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from buffer.outbox import Delivery, Outbox
+from edge.config import DestinationConfig
+from edge.forward.auth import AuthError
+from edge.forward.outcome import Outcome, Result, transport_failure
+from edge.forward.profiles import Profile, create_profile
+from edge.forward.session import Session, make_client
+from edge.timing import Backoff
+
+log = logging.getLogger(__name__)
+
+
+class Circuit(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclass
+class ForwarderHealth:
+    reachable: bool | None = None
+    circuit: Circuit = Circuit.CLOSED
+    in_flight: int = 0
+    delivered: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    latency_sum: float = 0.0
+    requests: int = 0
+
+
+class TokenBucket:
+    """At most `rate` events per second, with bursts of up to one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.updated = time.monotonic()
+
+    async def take(self, count: int) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens >= count or (count > self.rate and self.tokens >= self.rate):
+                self.tokens -= count
+                return
+            await asyncio.sleep((min(count, self.rate) - self.tokens) / self.rate)
+
+
+class HttpForwarder:
+    """Delivers one destination's events. Call order: `run()` until cancelled, or `drain()`
+    to stop leasing and let `run()` return once what is in flight is settled."""
+
+    def __init__(self, name: str, config: DestinationConfig, outbox: Outbox,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.name = name
+        self.config = config
+        self._outbox = outbox
+        self._client = client
+        self._wake = outbox.listener()
+        self._busy_keys: set[str] = set()
+        self._draining = False
+        self._bucket = TokenBucket(config.rate_limit) if config.rate_limit else None
+        self._open_until = 0.0
+        self.profile: Profile | None = None
+        self.health = ForwarderHealth()
+
+    async def run(self) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            client = self._client
+            if client is None:
+                client = await stack.enter_async_context(make_client(self.name, self.config))
+            self.profile = create_profile(self.config, Session(self.config, client))
+            try:
+                await self._lease_loop(self.profile)
+            finally:
+                self.health.in_flight = 0
+
+    def drain(self) -> None:
+        """Stop leasing new deliveries; `run()` returns when in-flight requests are done."""
+        self._draining = True
+        self._wake.set()
+
+    async def _lease_loop(self, profile: Profile) -> None:
+        batch_size = profile.batch_size
+        async with asyncio.TaskGroup() as requests:
+            while not self._draining:
+                slots = self._free_slots()
+                leased: list[Delivery] = []
+                if slots > 0:
+                    self._wake.clear()
+                    leased = await self._outbox.lease(self.name, slots * batch_size,
+                                                      busy_keys=self._busy_keys)
+                    for start in range(0, len(leased), batch_size):
+                        batch = leased[start:start + batch_size]
+                        self._busy_keys.update(d.partition_key for d in batch)
+                        self.health.in_flight += 1
+                        if self.health.circuit is Circuit.OPEN:
+                            self._set_circuit(Circuit.HALF_OPEN)
+                        requests.create_task(self._deliver(profile, batch),
+                                             name=f"deliver-{self.name}-{batch[0].event_id}")
+                if not leased:
+                    await self._sleep()
+            while self._busy_keys:
+                self._wake.clear()
+                await self._wake.wait()
+
+    def _free_slots(self) -> int:
+        if self.health.circuit is Circuit.CLOSED:
+            return self.config.max_in_flight - self.health.in_flight
+        if time.monotonic() < self._open_until or self.health.in_flight:
+            return 0  # open, or its one probe is out
+        return 1
+
+    async def _sleep(self) -> None:
+        """Until new events, a free slot, the circuit's probe time, or a retry falls due."""
+        timeout = 1.0
+        next_due = await self._outbox.next_due(self.name)
+        if next_due is not None and next_due > time.time():
+            timeout = min(timeout, next_due - time.time())
+        if self.health.circuit is not Circuit.CLOSED:
+            timeout = min(timeout, max(0.0, self._open_until - time.monotonic()) + 0.01)
+        # A head that is due but was not leased has its key in flight: the end of that
+        # delivery sets the wake event.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _deliver(self, profile: Profile, batch: Sequence[Delivery]) -> None:
+        # The request slot frees as soon as the answers are in; the keys stay busy until the
+        # outcomes are committed, so a key's next event cannot overtake this one.
+        try:
+            try:
+                if self._bucket is not None:
+                    await self._bucket.take(len(batch))
+                started = time.monotonic()
+                results = await self._send(profile, batch)
+                self.health.latency_sum += time.monotonic() - started
+                self.health.requests += 1
+            finally:
+                self.health.in_flight -= 1
+                self._wake.set()
+            self._track(results)
+            for delivery, result in zip(batch, results, strict=True):
+                await self._record(delivery, result)
+        finally:
+            self._busy_keys.difference_update(d.partition_key for d in batch)
+            self._wake.set()
+
+    async def _send(self, profile: Profile, batch: Sequence[Delivery]) -> list[Result]:
+        try:
+            results = await profile.send(batch)
+        except AuthError as exc:
+            return [Result(Outcome.RETRY, None, f"authentication failed: {exc}")] * len(batch)
+        except httpx.HTTPError as exc:
+            return [transport_failure(exc, self.config.timeout)] * len(batch)
+        if len(results) != len(batch):  # a profile bug must not lose or mislabel events
+            return [Result(Outcome.RETRY, None, "the profile answered for the wrong number of "
+                                                "events")] * len(batch)
+        return results
+
+    def _track(self, results: Sequence[Result]) -> None:
+        """The circuit breaker and the once-down-once-back log, per request."""
+        failed = all(r.outcome is Outcome.RETRY for r in results)
+        if failed:
+            reason = results[0].reason
+            self.health.failures += 1
+            self.health.consecutive_failures += 1
+            if self.health.reachable is not False:
+                log.warning("Destination %s is failing (%s); events stay in the outbox and "
+                            "are retried with backoff", self.name, reason,
+                            extra={"destination": self.name})
+            self.health.reachable, self.health.last_error = False, reason
+            breaker = self.config.circuit_breaker
+            if self.health.circuit is Circuit.HALF_OPEN or (
+                    self.health.consecutive_failures >= breaker.failures):
+                self._open_until = time.monotonic() + breaker.open_for
+                self._set_circuit(Circuit.OPEN)
+            return
+        if self.health.reachable is False:
+            log.info("Destination %s is delivering again", self.name,
+                     extra={"destination": self.name})
+        self.health.reachable, self.health.last_error = True, None
+        self.health.consecutive_failures = 0
+        self._set_circuit(Circuit.CLOSED)
+
+    def _set_circuit(self, circuit: Circuit) -> None:
+        if circuit is self.health.circuit:
+            return
+        previous, self.health.circuit = self.health.circuit, circuit
+        if circuit is Circuit.OPEN and previous is Circuit.CLOSED:
+            log.warning("Circuit to %s is open after %d failed requests in a row: nothing is "
+                        "sent for %gs, then one probe", self.name,
+                        self.health.consecutive_failures, self.config.circuit_breaker.open_for,
+                        extra={"destination": self.name})
+        elif circuit is Circuit.CLOSED:
+            log.info("Circuit to %s is closed again", self.name,
+                     extra={"destination": self.name})
+
+    async def _record(self, delivery: Delivery, result: Result) -> None:
+        match result.outcome:
+            case Outcome.DELIVERED:
+                await self._outbox.ack(delivery, status=result.status,
+                                       reference=result.reference)
+                self.health.delivered += 1
+            case Outcome.RETRY:
+                backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
+                                  attempt=delivery.attempts)
+                delay = backoff.next_delay()
+                if result.retry_after is not None:
+                    delay = max(delay, min(result.retry_after, self.config.retry.cap))
+                await self._outbox.retry(delivery, at=time.time() + delay, status=result.status,
+                                         error=result.reason)
+            case Outcome.REJECTED:
+                await self._outbox.dead_letter(delivery, status=result.status,
+                                               reason=result.reason)
+                log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "
+                          "letters", self.name, delivery.event_id, delivery.event_type,
+                          delivery.partition_key, result.reason,
+                          extra={"event_id": delivery.event_id, "destination": self.name})

@@ -1,0 +1,72 @@
+"""canonical: the CloudEvents as they are, with an `Idempotency-Key` equal to the event id.
+
+One event per POST (structured mode, `application/cloudevents+json`), or, with `batch_size`
+above 1, a JSON array per POST (`application/cloudevents-batch+json`). A receiver that answers
+a batch with a per-event list (`[{"id", "status", "reference", "error"}]`) gets each event's own
+outcome; any other 2xx counts for the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from buffer.outbox import Delivery
+from edge.config import DestinationConfig
+from edge.forward.outcome import BODY_LIMIT, RETRYABLE_4XX, Outcome, Result, classify, delivered
+from edge.forward.profiles.base import Profile
+from edge.forward.session import Session
+
+
+class CanonicalProfile(Profile):
+    def __init__(self, config: DestinationConfig, session: Session) -> None:
+        super().__init__(config, session)
+        self.batch_size = config.batch_size
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Result]:
+        if len(deliveries) == 1 and self.batch_size == 1:
+            (delivery,) = deliveries
+            response = await self.session.request(
+                "POST", self.config.path, content=delivery.payload,
+                headers={"Content-Type": "application/cloudevents+json",
+                         "Idempotency-Key": delivery.event_id})
+            return [classify(response)]
+        body = b"[" + b",".join(d.payload for d in deliveries) + b"]"
+        response = await self.session.request(
+            "POST", self.config.batch_path or self.config.path, content=body,
+            headers={"Content-Type": "application/cloudevents-batch+json",
+                     "Idempotency-Key": "batch:" + ",".join(d.event_id for d in deliveries)})
+        whole = classify(response)
+        if whole.outcome is not Outcome.DELIVERED:
+            return [whole] * len(deliveries)
+        return _per_event(response, deliveries, whole)
+
+
+def _per_event(response: httpx.Response, deliveries: Sequence[Delivery], whole: Result
+               ) -> list[Result]:
+    try:
+        answers = response.json()
+    except ValueError:
+        return [whole] * len(deliveries)
+    if not isinstance(answers, list):
+        return [whole] * len(deliveries)
+    by_id: dict[str, dict[str, Any]] = {str(a.get("id")): a for a in answers
+                                        if isinstance(a, dict)}
+    results = []
+    for delivery in deliveries:
+        answer = by_id.get(delivery.event_id)
+        if answer is None:
+            results.append(Result(Outcome.RETRY, whole.status,
+                                  "the batch answer did not mention this event", ambiguous=True))
+            continue
+        status = int(answer.get("status", whole.status or 200))
+        reason = f"HTTP {status}: {str(answer.get('error') or '')[:BODY_LIMIT]}"
+        if 200 <= status < 300:
+            results.append(delivered(status, answer.get("reference")))
+        elif status in RETRYABLE_4XX or status >= 500:
+            results.append(Result(Outcome.RETRY, status, reason, ambiguous=status >= 500))
+        else:
+            results.append(Result(Outcome.REJECTED, status, reason))
+    return results

@@ -1,0 +1,63 @@
+"""One destination's HTTP session: its client (TLS settings), its authentication, and the one
+repeat after a 401 that a refreshed token deserves."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import httpx
+
+from edge.config import DestinationConfig
+from edge.forward.auth import Authenticator, authenticator
+
+log = logging.getLogger(__name__)
+
+
+def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
+    """An HTTP client with the destination's TLS settings (verification on unless turned off,
+    a plant CA bundle, a client certificate for mutual TLS)."""
+    tls = config.tls
+    verify: bool | ssl.SSLContext = tls.verify
+    if not tls.verify:
+        log.warning("TLS certificate verification is OFF for destination %s: anyone on the "
+                    "network path can read and change what is sent", name,
+                    extra={"destination": name})
+    elif tls.ca_file is not None or tls.cert_file is not None:
+        context = ssl.create_default_context(
+            cafile=str(tls.ca_file) if tls.ca_file is not None else None)
+        if tls.cert_file is not None and tls.key_file is not None:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        verify = context
+    limits = httpx.Limits(max_connections=config.max_in_flight + 1,
+                          max_keepalive_connections=config.max_in_flight + 1)
+    return httpx.AsyncClient(verify=verify, limits=limits, timeout=config.timeout)
+
+
+class Session:
+    def __init__(self, config: DestinationConfig, client: httpx.AsyncClient,
+                 auth: Authenticator | None = None) -> None:
+        self.config = config
+        self.client = client
+        self.auth = auth if auth is not None else authenticator(config.auth)
+        self.base_url = config.base_url.rstrip("/")
+
+    def url(self, path: str) -> str:
+        return path if path.startswith(("http://", "https://")) else (
+            f"{self.base_url}/{path.lstrip('/')}")
+
+    async def request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                      **kwargs: Any) -> httpx.Response:
+        """Send with credentials; on a 401, drop the cached token and try once more."""
+        response = await self._send(method, path, headers or {}, **kwargs)
+        if response.status_code == 401 and self.auth.invalidate():
+            response = await self._send(method, path, headers or {}, **kwargs)
+        return response
+
+    async def _send(self, method: str, path: str, headers: dict[str, str], **kwargs: Any
+                    ) -> httpx.Response:
+        credentials = await self.auth.headers(self.client)
+        return await self.client.request(method, self.url(path),
+                                         headers={**headers, **credentials},
+                                         timeout=self.config.timeout, **kwargs)

@@ -1,0 +1,580 @@
+"""An OPC UA machine for offline work: a filler with PackML states, counters and process values.
+
+It is a real peer (an asyncua server) for the OPC UA driver's tests, the demo plant and the
+scenario runner. Under Objects, each machine is an object whose variables have string node ids
+in the namespace `urn:plantsync:sim:machine`, e.g. `nsu=urn:plantsync:sim:machine;s=filler-02.
+Status.StateCurrent`:
+
+| variable                   | type    | content                                                   |
+|----------------------------|---------|-----------------------------------------------------------|
+| Status.StateCurrent        | Int32   | PackML state number (1 Clearing ... 6 Execute ... 17)     |
+| Admin.ProdProcessedCount   | UInt32  | units processed, good and defective, accumulating         |
+| Admin.ProdDefectiveCount   | UInt32  | defective units, accumulating                             |
+| Admin.StopReason           | Int32   | stop reason code, 0 = none                                |
+| Admin.StopReasonText       | String  | stop reason as text                                       |
+| Process.Temperature        | Double  | degrees Celsius, 72.0 with noise                          |
+| Process.Pressure           | Double  | bar, 4.2 with noise                                       |
+| Process.Speed              | Double  | units per minute: 60 x rate while in Execute, else 0      |
+
+A machine starts in Execute. Every 100 ms the counters advance at `rate` processed and
+`scrap_rate` defective units per second (fractions accumulate) while in Execute, and not in any
+other state. `OpcUaMachineServer` is the control API for tests and the scenario runner: change the
+state, the rate, add counts, pin a process value. The command line (`main`) prints
+`opcua-machine listening on opc.tcp://HOST:PORT` once it accepts connections, so a parent
+process can wait for that line. With `--security sign|encrypt` it offers only Basic256Sha256
+endpoints, with a self-signed server certificate made at start, and trusts any client
+certificate; with `--user USER:PASS` it accepts only that user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from asyncua import ua
+from asyncua.common.node import Node
+from asyncua.crypto import cert_gen
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.server import Server
+from asyncua.server.user_managers import UserManager
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_URI = "urn:plantsync:sim:machine"
+APPLICATION_URI = "urn:plantsync:sim:opcua-machine"
+TICK_SECONDS = 0.1
+DEFAULT_MACHINE = "filler-02"
+
+TEMPERATURE_NOMINAL, TEMPERATURE_NOISE = 72.0, 0.1
+PRESSURE_NOMINAL, PRESSURE_NOISE = 4.2, 0.02
+
+Security = Literal["none", "sign", "encrypt"]
+
+
+class PackMLState(enum.IntEnum):
+    """PackML (ISA-TR88.00.02) state numbers, as StateCurrent reports them."""
+
+    CLEARING = 1
+    STOPPED = 2
+    STARTING = 3
+    IDLE = 4
+    SUSPENDED = 5
+    EXECUTE = 6
+    STOPPING = 7
+    ABORTING = 8
+    ABORTED = 9
+    HOLDING = 10
+    HELD = 11
+    UNHOLDING = 12
+    SUSPENDING = 13
+    UNSUSPENDING = 14
+    RESETTING = 15
+    COMPLETING = 16
+    COMPLETE = 17
+
+    @classmethod
+    def of(cls, state: PackMLState | int | str) -> PackMLState:
+        """The state for a number or a name such as `Execute` or `held`."""
+        if isinstance(state, str) and not state.strip().isdigit():
+            try:
+                return cls[state.strip().upper()]
+            except KeyError:
+                raise ValueError(f"{state!r} is not a PackML state name") from None
+        return cls(int(state))
+
+
+VARIABLE_TYPES: dict[str, ua.VariantType] = {
+    "Status.StateCurrent": ua.VariantType.Int32,
+    "Admin.ProdProcessedCount": ua.VariantType.UInt32,
+    "Admin.ProdDefectiveCount": ua.VariantType.UInt32,
+    "Admin.StopReason": ua.VariantType.Int32,
+    "Admin.StopReasonText": ua.VariantType.String,
+    "Process.Temperature": ua.VariantType.Double,
+    "Process.Pressure": ua.VariantType.Double,
+    "Process.Speed": ua.VariantType.Double,
+}
+"""Every variable of a machine, by its path below the machine object."""
+
+UINT32_MAX = 2**32 - 1
+
+
+def node_id_string(machine: str, variable: str) -> str:
+    """The portable node id of a machine's variable, as the driver's YAML writes it."""
+    return f"nsu={NAMESPACE_URI};s={machine}.{variable}"
+
+
+@dataclass
+class Machine:
+    """One simulated machine: what its variables say, and how it moves on."""
+
+    name: str
+    rate: float = 10.0
+    scrap_rate: float = 0.0
+    state: PackMLState = PackMLState.EXECUTE
+    processed: float = 0.0
+    defective: float = 0.0
+    stop_reason: int = 0
+    stop_reason_text: str = ""
+    temperature: float = TEMPERATURE_NOMINAL
+    pressure: float = PRESSURE_NOMINAL
+    pinned: set[str] = field(default_factory=set)
+    """Process values set through the control API; the noise leaves them alone."""
+    rng: random.Random = field(default_factory=random.Random, repr=False)
+
+    @property
+    def processed_count(self) -> int:
+        """Admin.ProdProcessedCount as the server shows it."""
+        return int(self.processed) & UINT32_MAX
+
+    @property
+    def defective_count(self) -> int:
+        """Admin.ProdDefectiveCount as the server shows it."""
+        return int(self.defective) & UINT32_MAX
+
+    @property
+    def speed(self) -> float:
+        """Units per minute: the rate while in Execute, 0 otherwise."""
+        return self.rate * 60.0 if self.state is PackMLState.EXECUTE else 0.0
+
+    def advance(self, seconds: float) -> None:
+        """Let `seconds` of production pass."""
+        if "Process.Temperature" not in self.pinned:
+            self.temperature = TEMPERATURE_NOMINAL + self.rng.gauss(0.0, TEMPERATURE_NOISE)
+        if "Process.Pressure" not in self.pinned:
+            self.pressure = PRESSURE_NOMINAL + self.rng.gauss(0.0, PRESSURE_NOISE)
+        if self.state is PackMLState.EXECUTE:
+            self.processed += max(self.rate, 0.0) * seconds
+            self.defective += max(self.scrap_rate, 0.0) * seconds
+
+    def values(self) -> dict[str, Any]:
+        """Every variable's current value, by path."""
+        return {
+            "Status.StateCurrent": int(self.state),
+            "Admin.ProdProcessedCount": self.processed_count,
+            "Admin.ProdDefectiveCount": self.defective_count,
+            "Admin.StopReason": self.stop_reason,
+            "Admin.StopReasonText": self.stop_reason_text,
+            "Process.Temperature": self.temperature,
+            "Process.Pressure": self.pressure,
+            "Process.Speed": self.speed,
+        }
+
+
+class _OneUser(UserManager):
+    """An asyncua user manager that accepts exactly one username and password."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
+
+    def get_user(
+        self,
+        iserver: Any,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        if username == self.username and password == self.password:
+            return User(role=UserRole.User, name=username)
+        return None
+
+
+def make_self_signed_certificate(
+    certificate: Path,
+    private_key: Path,
+    application_uri: str,
+    usage: Sequence[x509.ObjectIdentifier],
+    host_name: str | None = None,
+) -> None:
+    """Write a self-signed application instance certificate (DER) and its key (PEM).
+
+    The certificate names `application_uri` and the host in its SubjectAltName, as OPC UA
+    peers expect. Used for the simulator's server certificate and for test client certificates.
+    """
+    key = cert_gen.generate_private_key()
+    names: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(application_uri),
+        x509.DNSName(host_name or socket.gethostname()),
+    ]
+    cert = cert_gen.generate_self_signed_app_certificate(
+        key, application_uri, {}, names, extended=list(usage), days=365
+    )
+    private_key.write_bytes(cert_gen.dump_private_key_as_pem(key))
+    certificate.write_bytes(cert.public_bytes(encoding=Encoding.DER))
+
+
+class OpcUaMachineServer:
+    """The simulator's server and its control API; `start()`/`stop()` or `async with`.
+
+    Control methods name a machine (`filler-02`) and take effect on the server at once, so a
+    subscribed client sees the change at its next publishing interval.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 4840,
+        *,
+        machines: Sequence[str] = (DEFAULT_MACHINE,),
+        rate: float = 10.0,
+        scrap_rate: float = 0.0,
+        start_count: int = 0,
+        security: Security = "none",
+        user: tuple[str, str] | None = None,
+        certificate: Path | None = None,
+        private_key: Path | None = None,
+        tick: float = TICK_SECONDS,
+    ) -> None:
+        if not machines:
+            raise ValueError("at least one machine is needed")
+        if len(set(machines)) != len(machines):
+            raise ValueError("machine names must be unique")
+        if (certificate is None) != (private_key is None):
+            raise ValueError("give both a certificate and a private key, or neither")
+        self.host = host
+        self.requested_port = port
+        self.security = security
+        self.user = user
+        self.certificate = certificate
+        self.private_key = private_key
+        self.tick = tick
+        self.machines: dict[str, Machine] = {
+            name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count))
+            for name in machines
+        }
+        self._server: Server | None = None
+        self._namespace = 0
+        self._nodes: dict[tuple[str, str], Node] = {}
+        self._written: dict[tuple[str, str], Any] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._temp_dir: tempfile.TemporaryDirectory[str] | None = None
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> OpcUaMachineServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound port (a free one was picked if 0 was asked for)."""
+        if self._server is None or self._server.bserver is None:
+            return self.requested_port
+        return int(self._server.bserver.port)
+
+    @property
+    def endpoint(self) -> str:
+        """`opc.tcp://host:port`, for clients."""
+        return f"opc.tcp://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Build the address space, start listening and start the production clock."""
+        server = Server(user_manager=_OneUser(*self.user) if self.user else None)
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{self.host}:{self.requested_port}")
+        server.set_server_name("PlantSync OPC UA machine simulator")
+        await server.set_application_uri(APPLICATION_URI)
+        await self._configure_security(server)
+        self._namespace = await server.register_namespace(NAMESPACE_URI)
+        for machine in self.machines.values():
+            await self._add_machine(server, machine)
+        await server.start()
+        self._server = server
+        self._ticker = asyncio.create_task(self._run_clock(), name="opcua-machine clock")
+
+    async def stop(self) -> None:
+        """Stop the clock and the server; clients see the connection close."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+        if self._temp_dir is not None:
+            self._temp_dir.cleanup()
+            self._temp_dir = None
+
+    async def serve_forever(self) -> None:
+        """Start, run until cancelled, then stop."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    async def _configure_security(self, server: Server) -> None:
+        anonymous_or_user = ua.UserNameIdentityToken if self.user else ua.AnonymousIdentityToken
+        server.set_identity_tokens([anonymous_or_user])
+        if self.security == "none":
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+            return
+        if self.certificate is None or self.private_key is None:
+            self._temp_dir = tempfile.TemporaryDirectory(prefix="opcua-machine-")
+            self.certificate = Path(self._temp_dir.name) / "server-cert.der"
+            self.private_key = Path(self._temp_dir.name) / "server-key.pem"
+            make_self_signed_certificate(
+                self.certificate,
+                self.private_key,
+                APPLICATION_URI,
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+            )
+        await server.load_certificate(str(self.certificate))
+        await server.load_private_key(str(self.private_key))
+        policy = (
+            ua.SecurityPolicyType.Basic256Sha256_Sign
+            if self.security == "sign"
+            else ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt
+        )
+        server.set_security_policy([policy])
+
+    async def _add_machine(self, server: Server, machine: Machine) -> None:
+        ns = self._namespace
+        root = await server.nodes.objects.add_object(f"ns={ns};s={machine.name}", machine.name)
+        groups: dict[str, Node] = {}
+        values = machine.values()
+        for path, variant_type in VARIABLE_TYPES.items():
+            group, name = path.split(".")
+            if group not in groups:
+                groups[group] = await root.add_object(
+                    f"ns={ns};s={machine.name}.{group}", f"{ns}:{group}"
+                )
+            node = await groups[group].add_variable(
+                f"ns={ns};s={machine.name}.{path}",
+                f"{ns}:{name}",
+                values[path],
+                variant_type,
+            )
+            self._nodes[(machine.name, path)] = node
+            self._written[(machine.name, path)] = values[path]
+
+    # --- the production clock -----------------------------------------------------------------
+
+    async def _run_clock(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.tick)
+            now = time.monotonic()
+            for machine in self.machines.values():
+                machine.advance(now - last)
+            last = now
+            await self._publish_all()
+
+    async def _publish_all(self) -> None:
+        """Write every value that changed since the last write, with a source timestamp."""
+        if self._server is None:
+            return
+        stamp = ua.DateTime.now(UTC)
+        for machine in self.machines.values():
+            for path, value in machine.values().items():
+                key = (machine.name, path)
+                if self._written.get(key) == value:
+                    continue
+                self._written[key] = value
+                datavalue = ua.DataValue(
+                    ua.Variant(value, VARIABLE_TYPES[path]),
+                    SourceTimestamp=stamp,
+                    ServerTimestamp=stamp,
+                )
+                await self._server.write_attribute_value(self._nodes[key].nodeid, datavalue)
+
+    # --- control API --------------------------------------------------------------------------
+
+    def machine(self, name: str) -> Machine:
+        """The machine called `name`; its properties read the counts and the state."""
+        try:
+            return self.machines[name]
+        except KeyError:
+            raise KeyError(f"no machine {name!r}; machines: {', '.join(self.machines)}") from None
+
+    def node_id(self, machine: str, variable: str) -> str:
+        """The portable node id of a variable: `node_id("filler-02", "Status.StateCurrent")`."""
+        self.machine(machine)
+        if variable not in VARIABLE_TYPES:
+            raise KeyError(f"no variable {variable!r}; variables: {', '.join(VARIABLE_TYPES)}")
+        return node_id_string(machine, variable)
+
+    async def set_state(
+        self,
+        machine: str,
+        state: PackMLState | int | str,
+        stop_reason: int = 0,
+        text: str = "",
+    ) -> None:
+        """Move the machine to a PackML state (number or name), with a stop reason if stopping."""
+        target = self.machine(machine)
+        target.state = PackMLState.of(state)
+        target.stop_reason = stop_reason
+        target.stop_reason_text = text
+        await self._publish_all()
+
+    async def set_rate(self, machine: str, rate: float, scrap_rate: float | None = None) -> None:
+        """Processed (and optionally defective) units per second while in Execute."""
+        target = self.machine(machine)
+        target.rate = rate
+        if scrap_rate is not None:
+            target.scrap_rate = scrap_rate
+        await self._publish_all()
+
+    async def add_counts(self, machine: str, good: int, scrap: int = 0) -> None:
+        """Count `good` good and `scrap` defective units at once (processed counts both)."""
+        target = self.machine(machine)
+        target.processed += good + scrap
+        target.defective += scrap
+        await self._publish_all()
+
+    async def set_value(self, machine: str, name: str, value: float) -> None:
+        """Set a process value (`Temperature`, `Pressure` or `Process.Temperature`...) and keep it.
+
+        The noise no longer moves a value set here.
+        """
+        target = self.machine(machine)
+        path = name if "." in name else f"Process.{name}"
+        if path == "Process.Temperature":
+            target.temperature = float(value)
+        elif path == "Process.Pressure":
+            target.pressure = float(value)
+        else:
+            raise KeyError(f"{name!r} is not a settable process value (Temperature, Pressure)")
+        target.pinned.add(path)
+        await self._publish_all()
+
+    @contextlib.asynccontextmanager
+    async def offline(self) -> AsyncIterator[None]:
+        """A network outage for the body: every client connection drops and new ones are
+        refused; then the server listens again on the same port. The machine goes on."""
+        if self._server is None or self._server.bserver is None:
+            raise RuntimeError("the server is not running")
+        listener = self._server.bserver
+        await listener.stop()
+        try:
+            yield
+        finally:
+            await listener.start()
+
+    async def drop_subscriptions(self) -> int:
+        """A fault: forget every client's subscriptions while their sessions stay up, as a server
+        that lost them would. Reads still work; data changes and keep-alives stop."""
+        if self._server is None:
+            return 0
+        service = self._server.iserver.subscription_service
+        ids = list(service.subscriptions)
+        await service.delete_subscriptions(ids)
+        return len(ids)
+
+
+def _user(text: str) -> tuple[str, str]:
+    username, colon, password = text.partition(":")
+    if not colon or not username:
+        raise argparse.ArgumentTypeError("expected USER:PASS")
+    return username, password
+
+
+async def _serve_until_signal(args: argparse.Namespace) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    names = [f"filler-{number:02d}" for number in range(2, 2 + args.machines)]
+    machine_server = OpcUaMachineServer(
+        args.host,
+        args.port,
+        machines=names,
+        rate=args.rate,
+        scrap_rate=args.scrap_rate,
+        start_count=args.start,
+        security=args.security,
+        user=args.user,
+        certificate=args.certificate,
+        private_key=args.private_key,
+    )
+    try:
+        await machine_server.start()
+        try:
+            print(f"opcua-machine listening on {machine_server.endpoint}", flush=True)
+            log.info(
+                "OPC UA machine simulator is listening on %s with %s, security %s.",
+                machine_server.endpoint,
+                ", ".join(names),
+                args.security,
+                extra={"endpoint": machine_server.endpoint},
+            )
+            await asyncio.Event().wait()
+        finally:
+            await machine_server.stop()
+    except asyncio.CancelledError:
+        log.info("OPC UA machine simulator stopped.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the simulator from the command line; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.opcua_machine",
+        description="OPC UA machine simulator: PackML state, counters and process values.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=4840, help="TCP port (0 picks a free one)")
+    parser.add_argument(
+        "--machines", type=int, default=1, help="number of machines: filler-02, filler-03, ..."
+    )
+    parser.add_argument(
+        "--rate", type=float, default=10.0, help="processed units per second in Execute"
+    )
+    parser.add_argument(
+        "--scrap-rate", type=float, default=0.0, help="defective units per second in Execute"
+    )
+    parser.add_argument("--start", type=int, default=0, help="initial processed count")
+    parser.add_argument(
+        "--security",
+        choices=("none", "sign", "encrypt"),
+        default="none",
+        help="none, or Basic256Sha256 with Sign or SignAndEncrypt",
+    )
+    parser.add_argument(
+        "--user", type=_user, default=None, metavar="USER:PASS", help="accept only this user"
+    )
+    parser.add_argument("--certificate", type=Path, help="server certificate (default: generated)")
+    parser.add_argument("--private-key", type=Path, help="server private key (default: generated)")
+    args = parser.parse_args(argv)
+    if args.machines < 1:
+        parser.error("--machines must be at least 1")
+    if (args.certificate is None) != (args.private_key is None):
+        parser.error("give both --certificate and --private-key, or neither")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # asyncua logs a refused login or a dropped client as an error; this simulator's own log
+    # says what matters.
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C before the handler is installed
+        asyncio.run(_serve_until_signal(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

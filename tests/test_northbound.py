@@ -1,0 +1,209 @@
+"""Northbound delivery against the real ERP and QMS simulators, one failure class at a time:
+5xx, 429 with Retry-After, timeouts, 400 with a body, an OAuth2 token expiring mid-run, a CSRF
+token invalidated, an ambiguous failure at a target without idempotency, the circuit breaker,
+and batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from buffer.outbox import Outbox, OutboxEvent
+from edge.config import DestinationConfig
+from edge.forward import Circuit, HttpForwarder
+from edge.model import ProductionConfirmation, Quantity, build_event
+from tests.conftest import ErpSim, Peer, start_erp, start_qms
+
+pytestmark = pytest.mark.integration
+
+
+def confirmation(n: int, order: str = "1000123") -> OutboxEvent:
+    data = ProductionConfirmation(
+        site="1010", machine_id="press-01", order_id=order, operation="0010",
+        material="FG-4711", lot_id="LOT-1", yield_quantity=Quantity.of(10, "C62"),
+        scrap_quantity=Quantity.of(1, "C62"), counter_from=10 * n, counter_to=10 * n + 10,
+        is_final=False, trigger="units", occurred_at="2026-11-30T10:00:00Z")  # type: ignore[arg-type]
+    event = build_event(data, natural_key=("test", order, n), subject=f"{order}/0010",
+                        partitionkey=order, sequence=n)
+    return OutboxEvent(event.id, event.type, event.partitionkey, event.to_json(), ("erp",))
+
+
+async def deliver(outbox: Outbox, config: dict[str, Any], *, until: float = 20.0,
+                  forwarder_out: list[HttpForwarder] | None = None) -> HttpForwarder:
+    """Run a forwarder until nothing is owed (or `until` seconds pass)."""
+    forwarder = HttpForwarder("erp", DestinationConfig.model_validate(config), outbox)
+    if forwarder_out is not None:
+        forwarder_out.append(forwarder)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(forwarder.run(), name="forward")
+        deadline = time.monotonic() + until
+        while time.monotonic() < deadline:
+            counts = (await outbox.counts()).get("erp")
+            if counts is None or counts.pending == 0:
+                break
+            await asyncio.sleep(0.05)
+        forwarder.drain()
+        await task
+    return forwarder
+
+
+def canonical(erp: ErpSim, **extra: Any) -> dict[str, Any]:
+    return {"base_url": erp.url, "path": "/api/events",
+            "retry": {"base": "50ms", "cap": "2s"}, **extra}
+
+
+async def test_5xx_and_429_are_retried_and_retry_after_is_honoured(
+    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
+) -> None:
+    erp_sim.set_faults(status_sequence=[500, 503, 429, 201], retry_after=1)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([confirmation(1)])
+    started = time.monotonic()
+    forwarder = await deliver(outbox, canonical(erp_sim))
+    assert time.monotonic() - started >= 2.0  # two Retry-After: 1 were waited out
+    assert len(erp_sim.events()) == 1 and forwarder.health.failures == 3
+    (journal,) = await outbox.journal()
+    assert journal["attempts"] == 4
+    await outbox.close()
+
+
+async def test_timeouts_are_retried(erp_sim: ErpSim, tmp_path: Path) -> None:
+    erp_sim.set_faults(latency=1.5)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([confirmation(1)])
+    tasks: list[HttpForwarder] = []
+    run = asyncio.create_task(deliver(outbox, canonical(erp_sim, timeout="500ms"), until=30,
+                                      forwarder_out=tasks))
+    await asyncio.sleep(2.0)
+    assert tasks[0].health.last_error is not None and "timed out" in tasks[0].health.last_error
+    erp_sim.set_faults(latency=0)
+    await run
+    # The slow first attempt may have landed too: the Idempotency-Key makes it one event.
+    assert len(erp_sim.events()) == 1
+    await outbox.close()
+
+
+async def test_oauth2_token_expiring_mid_run_is_refreshed(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    erp = start_erp(peers, tmp_path, "--client", "gw:s3cret", "--token-ttl", "2")
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(40)])
+    auth = {"type": "oauth2_client_credentials", "token_url": f"{erp.url}/oauth/token",
+            "client_id": "gw", "client_secret": "s3cret", "refresh_before": "0s"}
+    erp.set_faults(latency=0.1)
+    run = asyncio.create_task(deliver(outbox, canonical(erp, auth=auth, max_in_flight=2),
+                                      until=60))
+    await asyncio.sleep(1.0)
+    erp.set_faults(expire_tokens_now=True)  # revoked early: the next requests get a 401
+    await run
+    stats = erp.stats()
+    assert stats["unique"] == 40 and stats["tokens_issued"] >= 2
+    assert stats["auth_rejections"] >= 1
+    assert (await outbox.counts()) == {}
+    await outbox.close()
+
+
+async def test_sap_profile_csrf_lookup_before_retry_and_qi_stock(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    erp = start_erp(peers, tmp_path)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([confirmation(n) for n in range(3)])
+    # The first confirmation is processed by SAP but the answer is lost (ambiguous); then the
+    # CSRF token is invalidated mid-run.
+    erp.set_faults(drop_response=1)
+    run = asyncio.create_task(deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana",
+                                               "retry": {"base": "50ms", "cap": "1s"}}))
+    await asyncio.sleep(0.5)
+    erp.set_faults(invalidate_csrf=True)
+    await run
+    stats = erp.stats()
+    assert stats["sap_confirmations"] == 3 and stats["sap_duplicate_texts"] == 0
+    assert stats["csrf_tokens_fetched"] >= 1
+    confirmations = httpx.get(f"{erp.url}/_sim/sap/confirmations").json()
+    first = confirmations[0]
+    assert first["OrderID"] == "1000123" and first["ConfirmationYieldQuantity"] in ("10", "10.000")
+    batch = httpx.get(f"{erp.url}/_sim/batches/LOT-1").json()
+    assert batch["status"] == "quality_inspection"  # not usable before quality releases it
+    journal = await outbox.journal()
+    assert any("found by lookup" in (j["reference"] or "") for j in journal)
+    await outbox.close()
+
+
+async def test_400_with_a_body_is_dead_lettered_with_that_body(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    erp = start_erp(peers, tmp_path)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    bad = confirmation(1)
+    body = json.loads(bad.payload)
+    body["data"]["order_id"] = "X" * 20  # longer than SAP's 12 characters
+    await outbox.commit([OutboxEvent(bad.id, bad.type, bad.partition_key,
+                                     json.dumps(body).encode(), ("erp",))])
+    await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana"})
+    (dead,) = await outbox.dead_letters()
+    assert dead["last_status"] == 400 and "OrderID" in dead["last_error"]
+    await outbox.close()
+
+
+async def test_circuit_breaker_opens_and_recovers(peers: list[Peer], tmp_path: Path) -> None:
+    erp = start_erp(peers, tmp_path)
+    erp.set_faults(outage_seconds=3, retry_after=0)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(20)])
+    holder: list[HttpForwarder] = []
+    run = asyncio.create_task(deliver(
+        outbox, canonical(erp, circuit_breaker={"failures": 2, "open_for": "1s"},
+                          max_in_flight=1), until=30, forwarder_out=holder))
+    seen: set[Circuit] = set()
+    while not run.done():
+        if holder:
+            seen.add(holder[0].health.circuit)
+        await asyncio.sleep(0.02)
+    await run
+    assert Circuit.OPEN in seen and holder[0].health.circuit is Circuit.CLOSED
+    assert erp.stats()["unique"] == 20
+    # While open, only probes went out: far fewer failed requests than a request per event.
+    assert erp.stats()["outage_rejections"] < 15
+    await outbox.close()
+
+
+async def test_batches_go_in_one_request_each(peers: list[Peer], tmp_path: Path) -> None:
+    erp = start_erp(peers, tmp_path)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([confirmation(0, order=f"O-{n}") for n in range(200)])
+    forwarder = await deliver(outbox, canonical(erp, batch_path="/api/events:batch",
+                                                batch_size=50))
+    assert erp.stats()["unique"] == 200
+    assert forwarder.health.requests <= 8
+    await outbox.close()
+
+
+async def test_qms_rest_profile_posts_inspection_requests(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    from edge.model import InspectionRequested, SignedQuantity
+
+    qms = start_qms(peers, tmp_path, "--decision-delay", "0")
+    data = InspectionRequested(
+        site="1010", order_id="1000123", lot_id="LOT-1", trigger="limit_violation",
+        characteristic="PRESS-FORCE", measured_value=SignedQuantity.of("16", "NEW"),
+        upper_limit=SignedQuantity.of("15", "NEW"), occurred_at="2026-11-30T10:00:00Z")  # type: ignore[arg-type]
+    event = build_event(data, natural_key=("t", 1), subject="LOT-1", partitionkey="LOT-1",
+                        sequence=1)
+    outbox = await Outbox.open(tmp_path / "outbox.db")
+    await outbox.commit([OutboxEvent(event.id, event.type, "LOT-1", event.to_json(),
+                                     ("erp",))])
+    await deliver(outbox, {"base_url": f"{qms.url}/api/v1", "profile": "qms_rest"})
+    (journal,) = await outbox.journal()
+    assert journal["reference"].startswith("INS-")
+    lot = httpx.get(f"{qms.url}/api/v1/lots/LOT-1/disposition").json()
+    assert lot["disposition"] == "reject"  # out of spec: the QMS rejects the lot
+    await outbox.close()

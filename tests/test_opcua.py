@@ -1,0 +1,645 @@
+"""OPC UA driver tests against the real machine simulator: in-process (control API) where a test
+changes the machine, as a subprocess where it must be killed or frozen; config, node ids and the
+sample buffer as pure units."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from pydantic import ValidationError
+
+from drivers.base import Quality, Reading, Sample
+from drivers.opcua import (
+    NodeRef,
+    OpcUaConfig,
+    OpcUaDriver,
+    PendingSamples,
+    browse_main,
+    plain_value,
+    portable_node_id,
+    quality_of,
+)
+from edge.timing import Backoff
+from simulators.opcua_machine import (
+    NAMESPACE_URI,
+    OpcUaMachineServer,
+    PackMLState,
+    make_self_signed_certificate,
+    node_id_string,
+)
+from tests.conftest import Peer, free_port, start_peer
+
+MACHINE = "filler-02"
+
+
+def node(variable: str, machine: str = MACHINE) -> str:
+    return node_id_string(machine, variable)
+
+
+def counter_tags(machine: str) -> list[dict[str, Any]]:
+    return [
+        {"name": "state", "node": node("Status.StateCurrent", machine)},
+        {"name": "processed", "node": node("Admin.ProdProcessedCount", machine)},
+    ]
+
+
+COUNTER_TAGS = counter_tags(MACHINE)
+MISSING_TAGS: list[dict[str, Any]] = [
+    {"name": "missing", "node": node("Admin.NoSuchCount")},
+    {"name": "elsewhere", "node": "nsu=urn:no-such-namespace;s=anything"},
+]
+
+
+def config(endpoint: str, tags: list[dict[str, Any]], /, **options: Any) -> OpcUaConfig:
+    """A driver config for the simulator at `endpoint`; `options` override any key."""
+    document = {
+        "name": MACHINE,
+        "type": "opcua",
+        "endpoint": endpoint,
+        "publishing_interval": "100ms",
+        "keepalive": "1s",
+        "stale_after": "3s",
+        "timeout": "2s",
+        "tags": tags,
+    }
+    return OpcUaConfig.model_validate(document | options)
+
+
+def fast_driver(parsed: OpcUaConfig) -> OpcUaDriver:
+    """A driver that retries within a second, so outages in tests stay short."""
+    driver = OpcUaDriver(parsed)
+    driver.backoff = Backoff(base=0.2, cap=1.0)
+    return driver
+
+
+class Collector:
+    """A sink that keeps every sample."""
+
+    def __init__(self) -> None:
+        self.samples: list[Sample] = []
+
+    async def __call__(self, readings: Sequence[Reading]) -> None:
+        self.samples.extend(r for r in readings if isinstance(r, Sample))
+
+    def of(self, tag: str) -> list[Sample]:
+        return [sample for sample in self.samples if sample.tag == tag]
+
+    def values(self, tag: str) -> list[Any]:
+        return [sample.value for sample in self.of(tag)]
+
+    def latest(self, tag: str) -> Sample | None:
+        samples = self.of(tag)
+        return samples[-1] if samples else None
+
+
+async def wait_until(condition: Callable[[], object], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(driver: OpcUaDriver, sink: Collector) -> AsyncIterator[None]:
+    """Run the driver for the body; fail if it ended on its own, then cancel it."""
+    task = asyncio.create_task(driver.run(sink), name=f"driver {driver.name}")
+    try:
+        yield
+        await asyncio.sleep(0)
+        assert not task.done(), f"run() ended by itself: {task.exception()!r}"
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def machine(**options: Any) -> AsyncIterator[OpcUaMachineServer]:
+    async with OpcUaMachineServer("127.0.0.1", 0, **options) as server:
+        yield server
+
+
+in_plant_loop = pytest.mark.asyncio(loop_scope="module")
+"""For tests that use the shared `plant` server, which lives in the module's event loop."""
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def plant() -> AsyncIterator[OpcUaMachineServer]:
+    """One server for the tests that only read or change their own machine; server start-up
+    is the slow part of these tests. filler-02 stays untouched; rate 0 unless a test sets it."""
+    machines = ("filler-02", "filler-03", "filler-04", "filler-05")
+    async with OpcUaMachineServer("127.0.0.1", 0, machines=machines, rate=0) as server:
+        yield server
+
+
+def opcua_logs(caplog: pytest.LogCaptureFixture, text: str, level: int | None = None) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "drivers.opcua"
+        and text in record.getMessage()
+        and (level is None or record.levelno == level)
+    ]
+
+
+def start_machine(peers: list[Peer], tmp_path: Path, port: int, *args: str) -> Peer:
+    return start_peer(
+        peers,
+        [sys.executable, "-m", "simulators.opcua_machine", "--port", str(port), *args],
+        tmp_path / f"opcua-{port}-{len(peers)}.log",
+        f"opcua-machine listening on opc.tcp://127.0.0.1:{port}",
+    )
+
+
+def positive_deltas(values: Sequence[int]) -> int:
+    return sum(max(0, later - earlier) for earlier, later in itertools.pairwise(values))
+
+
+# --- subscription, node ids, quality ------------------------------------------------------------
+
+
+@in_plant_loop
+async def test_tags_resolved_by_namespace_uri_flow_with_source_timestamps(
+    plant: OpcUaMachineServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    await plant.add_counts("filler-03", 4321)
+    tags = [
+        *counter_tags("filler-03"),
+        {"name": "text", "node": node("Admin.StopReasonText", "filler-03")},
+        {"name": "pressure", "node": node("Process.Pressure", "filler-03")},
+    ]
+    driver = OpcUaDriver(config(plant.endpoint, [*tags, *MISSING_TAGS]))
+    collector = Collector()
+    before = time.time()
+    async with running(driver, collector):
+        await wait_until(lambda: all(collector.of(t["name"]) for t in tags))
+        await wait_until(lambda: len(collector.of("pressure")) >= 3)  # noise: changes flow
+        assert driver.health.connected
+    after = time.time()
+
+    good = [s for s in collector.samples if s.tag not in ("missing", "elsewhere")]
+    assert {s.driver for s in collector.samples} == {MACHINE}
+    assert all(s.quality is Quality.GOOD for s in good)
+    assert all(before - 5 <= s.source_time <= after for s in good)
+    assert collector.values("state")[0] == PackMLState.EXECUTE
+    assert type(collector.values("state")[0]) is int
+    assert collector.values("processed") == [4321]  # no change, no second sample
+    assert collector.values("text") == [""]
+    assert all(4.0 < value < 4.4 for value in collector.values("pressure"))
+    times = [s.source_time for s in collector.of("pressure")]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    assert driver.health.reads >= 3
+    assert driver.health.last_sample_age() is not None
+    # A node the server does not have, or a namespace it does not have: that tag is bad,
+    # said once, and the others flow.
+    for tag in ("missing", "elsewhere"):
+        assert {(s.value, s.quality) for s in collector.of(tag)} == {(None, Quality.BAD)}
+    assert driver.health.errors == 2
+    missing = opcua_logs(caplog, "tag missing", logging.WARNING)
+    assert len(missing) == 1 and "has no node ns=2;s=filler-02.Admin.NoSuchCount" in missing[0]
+    elsewhere = opcua_logs(caplog, "tag elsewhere", logging.WARNING)
+    assert len(elsewhere) == 1 and "no namespace 'urn:no-such-namespace'" in elsewhere[0]
+
+
+# --- the machine: states, counters, deadband ---------------------------------------------------
+
+
+@in_plant_loop
+async def test_state_changes_and_counters_follow_the_machine(plant: OpcUaMachineServer) -> None:
+    filler = "filler-04"
+    tags = [
+        *counter_tags(filler),
+        {"name": "defective", "node": node("Admin.ProdDefectiveCount", filler)},
+        {"name": "stop_reason", "node": node("Admin.StopReason", filler)},
+        {"name": "stop_text", "node": node("Admin.StopReasonText", filler)},
+        {"name": "speed", "node": node("Process.Speed", filler)},
+    ]
+    await plant.set_rate(filler, 40, scrap_rate=4)
+    driver = OpcUaDriver(config(plant.endpoint, tags))
+    collector = Collector()
+    counts = plant.machine(filler)
+    async with running(driver, collector):
+        await wait_until(lambda: len(set(collector.values("processed"))) >= 4)
+        await plant.set_state(filler, "Held", stop_reason=31, text="bottle jam")
+        await wait_until(lambda: collector.values("state")[-1] == PackMLState.HELD)
+        await wait_until(lambda: collector.values("stop_text")[-1] == "bottle jam")
+        held_count = counts.processed_count
+        await asyncio.sleep(0.5)
+        assert counts.processed_count == held_count  # no counting outside Execute
+        await wait_until(lambda: collector.values("processed")[-1] == held_count)
+
+        await plant.add_counts(filler, good=5, scrap=2)
+        await wait_until(lambda: collector.values("processed")[-1] == held_count + 7)
+        await plant.set_state(filler, PackMLState.EXECUTE)
+        await wait_until(lambda: collector.values("processed")[-1] > held_count + 7)
+
+    assert collector.values("state") == [6, 11, 6]
+    assert collector.values("stop_reason") == [0, 31, 0]
+    assert collector.values("speed") == [2400.0, 0.0, 2400.0]
+    processed = collector.values("processed")
+    assert processed == sorted(processed)
+    defective = collector.values("defective")
+    assert defective == sorted(defective) and defective[-1] >= 2
+    assert all(s.quality is Quality.GOOD for s in collector.samples)
+
+
+@in_plant_loop
+async def test_absolute_deadband_filters_small_changes(plant: OpcUaMachineServer) -> None:
+    filler = "filler-05"
+    temperature = node("Process.Temperature", filler)
+    deadband = {"type": "absolute", "value": 1}
+    tags: list[dict[str, Any]] = [
+        {"name": "temperature", "node": temperature},
+        {"name": "temperature_1", "node": temperature, "deadband": deadband},
+    ]
+    await plant.set_value(filler, "Temperature", 72.0)  # holds it: no more noise
+    driver = OpcUaDriver(config(plant.endpoint, tags))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.values("temperature_1") == [72.0])
+        await plant.set_value(filler, "Temperature", 72.4)  # a small step
+        await wait_until(lambda: collector.values("temperature")[-1] == 72.4)
+        await plant.set_value(filler, "Temperature", 75.0)  # a large step
+        await wait_until(lambda: collector.values("temperature")[-1] == 75.0)
+        await wait_until(lambda: collector.values("temperature_1")[-1] == 75.0)
+
+    assert collector.values("temperature") == [72.0, 72.4, 75.0]
+    assert collector.values("temperature_1") == [72.0, 75.0]
+
+
+# --- reconnection ---------------------------------------------------------------------------------
+
+
+async def test_reconnects_after_the_server_is_killed_and_counts_resume(
+    peers: list[Peer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}"
+    server = await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "20")
+    driver = fast_driver(config(endpoint, COUNTER_TAGS))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: len(set(collector.values("processed"))) >= 5)
+        await asyncio.to_thread(server.kill)
+        await wait_until(lambda: not driver.health.connected, within=5)
+        last_before = collector.values("processed")[-1]
+        processed_before = len(collector.of("processed"))
+
+        # The machine went on counting while its server was down: 500 more on restart.
+        restart_count = last_before + 500
+        await asyncio.to_thread(
+            start_machine, peers, tmp_path, port, "--rate", "20", "--start", str(restart_count)
+        )
+        await wait_until(lambda: driver.health.connected, within=15)
+        await wait_until(lambda: len(set(collector.values("processed")[processed_before:])) >= 5)
+
+    processed = collector.values("processed")
+    first_after = processed[processed_before]
+    assert restart_count <= first_after < restart_count + 100  # the server's current value
+    assert processed == sorted(processed), "a counter sample went back: it would count twice"
+    assert positive_deltas(processed) == processed[-1] - processed[0]
+    assert all(s.quality is Quality.GOOD for s in collector.samples)
+    assert len(opcua_logs(caplog, "is unavailable", logging.WARNING)) == 1
+    assert endpoint in opcua_logs(caplog, "is unavailable")[0]
+    assert len(opcua_logs(caplog, "available again", logging.INFO)) == 1
+
+
+async def test_counts_across_an_outage_are_counted_once() -> None:
+    # Exact bookkeeping: the machine counts only when told, so every unit is known.
+    async with machine(rate=0, start_count=100) as server:
+        driver = fast_driver(config(server.endpoint, COUNTER_TAGS))
+        collector = Collector()
+        added = 0
+
+        async def count(good: int) -> None:
+            nonlocal added
+            await server.add_counts(MACHINE, good)
+            added += good
+            await wait_until(lambda: collector.values("processed")[-1:] == [100 + added])
+
+        async with running(driver, collector):
+            await wait_until(lambda: collector.values("processed") == [100])
+            for good in (3, 5, 7):
+                await count(good)
+            async with server.offline():
+                await wait_until(lambda: not driver.health.connected)
+                await server.add_counts(MACHINE, 11)  # made while nobody could see it
+                added += 11
+            await wait_until(lambda: collector.values("processed")[-1:] == [100 + added])
+            for good in (2, 4):
+                await count(good)
+
+    assert positive_deltas(collector.values("processed")) == added == 32
+
+
+async def test_a_frozen_server_is_detected_and_reconnected(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    port = free_port()
+    server = await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "20")
+    assert server.process is not None
+    driver = fast_driver(config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: len(set(collector.values("processed"))) >= 3)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            await wait_until(lambda: not driver.health.connected, within=10)
+            samples_frozen = len(collector.samples)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        await wait_until(lambda: driver.health.connected, within=20)
+        await wait_until(lambda: len(set(collector.values("processed")[samples_frozen:])) >= 3)
+
+    assert driver.health.last_error is not None
+    assert driver.health.last_error.startswith(
+        ("the session keep-alive failed", "no data change and no keep-alive")
+    )
+    processed = collector.values("processed")
+    assert processed == sorted(processed)
+
+
+async def test_stale_watchdog_reconnects_when_publishing_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Reads still work here, so asyncua's keep-alive read is happy: only the stale-data
+    # watchdog sees that no data change and no keep-alive come any more.
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    async with machine(rate=20) as server:
+        tags = [*COUNTER_TAGS, MISSING_TAGS[0]]
+        driver = fast_driver(config(server.endpoint, tags, keepalive="500ms", stale_after="2s"))
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: len(set(collector.values("processed"))) >= 3)
+            assert await server.drop_subscriptions() == 1
+            await wait_until(lambda: not driver.health.connected, within=6)
+            assert driver.health.last_error == "no data change and no keep-alive for 2s"
+            samples_stale = len(collector.samples)
+            await wait_until(lambda: driver.health.connected)
+            await wait_until(lambda: len(set(collector.values("processed")[samples_stale:])) >= 3)
+
+    assert len(opcua_logs(caplog, "is unavailable")) == 1
+    assert len(opcua_logs(caplog, "available again")) == 1
+    # Bad again in the new session, but said only once.
+    assert len(collector.of("missing")) == 2
+    assert len(opcua_logs(caplog, "tag missing")) == 1
+
+
+# --- security -----------------------------------------------------------------------------------
+
+
+async def test_basic256sha256_sign_and_encrypt_with_a_user(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    certificate, private_key = tmp_path / "client-cert.der", tmp_path / "client-key.pem"
+    make_self_signed_certificate(
+        certificate, private_key, "urn:plantsync:test:edge", [ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
+    security = {
+        "policy": "Basic256Sha256",
+        "mode": "SignAndEncrypt",
+        "certificate": str(certificate),
+        "private_key": str(private_key),
+    }
+    async with machine(rate=20, security="encrypt", user=("operator", "s3cret")) as server:
+        good = OpcUaDriver(
+            config(
+                server.endpoint,
+                COUNTER_TAGS,
+                security=security,
+                username="operator",
+                password="s3cret",
+            )
+        )
+        wrong = fast_driver(
+            config(
+                server.endpoint,
+                COUNTER_TAGS,
+                name="filler-x",
+                security=security,
+                username="operator",
+                password="guess",
+            )
+        )
+        plain = fast_driver(config(server.endpoint, COUNTER_TAGS, name="filler-plain"))
+        good_samples, wrong_samples, plain_samples = Collector(), Collector(), Collector()
+        async with (
+            running(good, good_samples),
+            running(wrong, wrong_samples),
+            running(plain, plain_samples),
+        ):
+            await wait_until(lambda: len(set(good_samples.values("processed"))) >= 3)
+            await wait_until(lambda: wrong.health.errors >= 3 and plain.health.errors >= 2)
+            assert good.health.connected and not wrong.health.connected
+
+    assert all(s.quality is Quality.GOOD for s in good_samples.samples)
+    assert not wrong_samples.samples and not plain_samples.samples
+    assert wrong.health.last_error == (
+        "the server rejected user 'operator' (BadUserAccessDenied): check the username and password"
+    )
+    assert plain.health.last_error == "the server offers no endpoint with security None None"
+    unavailable = opcua_logs(caplog, "filler-x at", logging.WARNING)
+    assert len(unavailable) == 1 and "BadUserAccessDenied" in unavailable[0]
+
+
+# --- browse ---------------------------------------------------------------------------------------
+
+
+@in_plant_loop
+async def test_browse_prints_portable_node_ids(
+    plant: OpcUaMachineServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = await asyncio.to_thread(browse_main, ["--endpoint", plant.endpoint])
+    out = capsys.readouterr().out
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0] == "Objects  i=85  Object"
+    assert f"  {MACHINE}  nsu={NAMESPACE_URI};s={MACHINE}  Object" in lines
+    assert (
+        f"      ProdProcessedCount  {node('Admin.ProdProcessedCount')}  Variable  UInt32 = 0"
+        in lines
+    )
+    assert f"      StateCurrent  {node('Status.StateCurrent')}  Variable  Int32 = 6" in lines
+    assert f"      StopReasonText  {node('Admin.StopReasonText')}  Variable  String = ''" in lines
+    assert "  Server  i=2253  Object" in lines
+    assert not any("ServerStatus" in line for line in lines)  # namespace 0 stays folded
+
+
+def test_browse_reports_an_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    status = browse_main(["--endpoint", f"opc.tcp://127.0.0.1:{port}", "--timeout", "1"])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out == ""
+    assert f"Cannot connect to opc.tcp://127.0.0.1:{port}: connection refused" in captured.err
+
+
+# --- node ids, values, buffer: pure ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "namespace", "kind", "identifier"),
+    [
+        (
+            "nsu=urn:plantsync:sim:machine;s=filler-02.Status.StateCurrent",
+            "urn:plantsync:sim:machine",
+            "s",
+            "filler-02.Status.StateCurrent",
+        ),
+        ("nsu=http://example.com/UA/;i=1001", "http://example.com/UA/", "i", 1001),
+        ("ns=2;s=Line1;Speed=fast", 2, "s", "Line1;Speed=fast"),
+        ("i=2258", 0, "i", 2258),
+        (
+            "ns=3;g=72962b91-fa75-4ae6-8d28-b404dc7daf63",
+            3,
+            "g",
+            uuid.UUID("72962b91-fa75-4ae6-8d28-b404dc7daf63"),
+        ),
+        ("ns=1;b=AQID", 1, "b", b"\x01\x02\x03"),
+    ],
+)
+def test_node_ids_parse(text: str, namespace: Any, kind: str, identifier: Any) -> None:
+    parsed = NodeRef.parse(text)
+    assert (parsed.namespace, parsed.kind, parsed.identifier) == (namespace, kind, identifier)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "Status.StateCurrent", "ns=x;s=a", "i=abc", "g=not-a-guid", "b=***", "x=1", "nsu=;s=a"],
+)
+def test_invalid_node_ids_are_rejected(text: str) -> None:
+    with pytest.raises(ValueError):
+        NodeRef.parse(text)
+
+
+def test_namespace_uris_resolve_against_the_current_namespace_array() -> None:
+    ref = NodeRef.parse("nsu=urn:b;s=Speed")
+    assert ref.resolve(["http://opcfoundation.org/UA/", "urn:a", "urn:b"]).NamespaceIndex == 2
+    assert ref.resolve(["http://opcfoundation.org/UA/", "urn:b"]).NamespaceIndex == 1
+    with pytest.raises(LookupError, match="no namespace 'urn:b'"):
+        ref.resolve(["http://opcfoundation.org/UA/"])
+    namespaces = ["http://opcfoundation.org/UA/", "urn:a", "urn:b"]
+    for text in ("nsu=urn:b;s=Speed", "nsu=urn:a;i=7", "i=85", "nsu=urn:a;b=AQID"):
+        assert portable_node_id(NodeRef.parse(text).resolve(namespaces), namespaces) == text
+
+
+def test_status_codes_map_to_quality() -> None:
+    from asyncua import ua
+
+    assert quality_of(None) is Quality.GOOD
+    assert quality_of(ua.StatusCode(ua.UInt32(0))) is Quality.GOOD
+    assert quality_of(ua.StatusCode(ua.UInt32(0x40000000))) is Quality.UNCERTAIN
+    assert quality_of(ua.StatusCode(ua.UInt32(0x80340000))) is Quality.BAD  # BadNodeIdUnknown
+    assert plain_value(True) is True and plain_value(PackMLState.HELD) == 11
+    assert type(plain_value(PackMLState.HELD)) is int
+    assert plain_value(ua.LocalizedText("jam")) == "jam"
+    assert plain_value(b"\x01\xff") == "01ff"
+
+
+def test_pending_samples_keep_the_latest_value_per_tag_when_full() -> None:
+    pending = PendingSamples(limit=4)
+    for count in range(6):
+        pending.put(Sample("m", "processed", count, float(count)))
+    pending.put(Sample("m", "state", 6, 6.0))
+    batch = asyncio.run(pending.take())
+    # Over the limit, the queue shrank to the latest per tag; the latest value always survives.
+    assert [(s.tag, s.value) for s in batch] == [("processed", 4), ("processed", 5), ("state", 6)]
+    assert pending.dropped == 4 and len(pending) == 0
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_durations() -> None:
+    parsed = OpcUaConfig.model_validate(
+        {
+            "name": MACHINE,
+            "type": "opcua",
+            "endpoint": "opc.tcp://10.0.0.30:4840",
+            "tags": [
+                {"name": "state", "node": node("Status.StateCurrent"), "sampling_interval": "250ms"}
+            ],
+        }
+    )
+    assert parsed.publishing_interval == 0.5 and parsed.stale_after == 30.0
+    assert parsed.keepalive == 5.0 and parsed.timeout == 5.0
+    assert parsed.security.policy == "None" and parsed.security.mode == "None"
+    assert parsed.tags[0].queue_size == 10 and parsed.tags[0].sampling_interval == 0.25
+    assert parsed.tags[0].deadband is None
+
+
+def test_password_is_secret() -> None:
+    parsed = config("opc.tcp://h:4840", COUNTER_TAGS, username="operator", password="s3cret")
+    assert "s3cret" not in repr(parsed) and parsed.password is not None
+    assert parsed.password.get_secret_value() == "s3cret"
+
+
+SECURE = {
+    "policy": "Basic256Sha256",
+    "mode": "Sign",
+    "certificate": "c.der",
+    "private_key": "k.pem",
+}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"url": "opc.tcp://h:4840"},  # unknown key
+        {"type": "opc-ua"},
+        {"endpoint": "http://10.0.0.30:4840"},
+        {"endpoint": "opc.tcp://:4840"},
+        {"security": {"policy": "None", "mode": "Sign"}},
+        {
+            "security": {
+                "policy": "Basic256Sha256",
+                "mode": "None",
+                "certificate": "c.der",
+                "private_key": "k.pem",
+            }
+        },
+        {"security": {"policy": "Basic256Sha256", "mode": "SignAndEncrypt"}},  # no cert + key
+        {"security": {**SECURE, "private_key": None}},
+        {"security": {"policy": "None", "certificate": "c.der"}},
+        {"security": {**SECURE, "policy": "Basic128Rsa15"}},
+        {"security": {**SECURE, "trust_all": True}},  # unknown security key
+        {"username": "operator"},  # no password
+        {"password": "s3cret"},  # no username
+        {"stale_after": "1s", "keepalive": "5s"},  # stale before a keep-alive could come
+        {"publishing_interval": "0s"},
+        {"tags": []},
+        {"tags": [{"name": "a", "node": "i=85"}, {"name": "a", "node": "i=86"}]},
+        {"tags": [{"name": "a", "node": "Status.StateCurrent"}]},
+        {"tags": [{"name": "a.b", "node": "i=85"}]},
+        {"tags": [{"name": "a", "node": "i=85", "queue_size": 0}]},
+        {"tags": [{"name": "a", "node": "i=85", "deadband": {"type": "percent", "value": 120}}]},
+        {"tags": [{"name": "a", "node": "i=85", "deadband": {"type": "relative", "value": 1}}]},
+        {"tags": [{"name": "a", "node": "i=85", "sampling": "1s"}]},  # unknown tag key
+    ],
+)
+def test_invalid_config_is_rejected(change: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        config("opc.tcp://127.0.0.1:4840", COUNTER_TAGS, **change)
+
+
+def test_valid_security_combinations() -> None:
+    for mode in ("Sign", "SignAndEncrypt"):
+        parsed = config("opc.tcp://h:4840", COUNTER_TAGS, security={**SECURE, "mode": mode})
+        assert parsed.security.mode == mode
+    assert config("opc.tcp://h:4840", COUNTER_TAGS, stale_after=0).stale_after == 0
