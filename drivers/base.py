@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 TagValue = bool | int | float | str | None
 
@@ -73,6 +73,21 @@ class RejectedMessage:
 
 
 Reading = Sample | MesMessage | RejectedMessage
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
+"""Driver and tag names: they join as `driver.tag`, so no dots."""
+
+
+class Named(Protocol):
+    name: str
+
+
+def unique_names(items: Sequence[Named], what: str = "tag") -> None:
+    """Raise ValueError naming the repeated names, for a config validator."""
+    names = [item.name for item in items]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(repeated)}")
 
 SampleSink = Callable[[Sequence[Reading]], Awaitable[None]]
 """Where a driver delivers a batch of readings. The await returns once whatever they produced

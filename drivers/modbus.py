@@ -44,7 +44,7 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from drivers.base import Driver, Quality, Sample, SampleSink, TagValue
+from drivers.base import NAME_PATTERN, Driver, Quality, Sample, SampleSink, TagValue, unique_names
 from edge.timing import Backoff, Duration, parse_duration
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ _TCP_FRAMER: dict[Transport, FramerType] = {
     "rtu_over_tcp": FramerType.RTU,
 }
 
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]+$")]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Interval = Annotated[Duration, Field(gt=0)]
 
 
@@ -126,7 +126,7 @@ class ModbusTag(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=NAME_PATTERN,
         description="Tag name; samples are published as `<driver>.<name>`.",
         examples=["good", "state"],
     )
@@ -239,7 +239,7 @@ class ModbusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=NAME_PATTERN,
         description="Driver name, unique in the plant; the prefix of every signal it emits.",
         examples=["press-01"],
     )
@@ -313,10 +313,7 @@ class ModbusConfig(BaseModel):
     @field_validator("tags")
     @classmethod
     def _unique_tag_names(cls, tags: list[ModbusTag]) -> list[ModbusTag]:
-        names = [tag.name for tag in tags]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"tag names must be unique; repeated: {', '.join(duplicates)}")
+        unique_names(tags)
         return tags
 
     @model_validator(mode="after")

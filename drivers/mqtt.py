@@ -84,7 +84,7 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.base import Driver, MesMessage, Reading, RejectedMessage, SampleSink
+from drivers.base import NAME_PATTERN, Driver, MesMessage, Reading, RejectedMessage, SampleSink
 from edge.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
@@ -440,7 +440,7 @@ class MqttConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=NAME_PATTERN,
         description="Driver name, unique in the plant; MES messages carry it as their source.",
         examples=["mes"],
     )

@@ -61,7 +61,7 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.base import Driver, Quality, Sample, SampleSink, TagValue
+from drivers.base import NAME_PATTERN, Driver, Quality, Sample, SampleSink, TagValue, unique_names
 from edge.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class OpcUaTag(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=NAME_PATTERN,
         description="Tag name; samples are published as `<driver>.<name>`.",
         examples=["state", "processed"],
     )
@@ -305,7 +305,7 @@ class OpcUaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        pattern=r"^[A-Za-z0-9_-]+$",
+        pattern=NAME_PATTERN,
         description="Driver name, unique in the plant; the prefix of every signal it emits.",
         examples=["filler-02"],
     )
@@ -371,10 +371,7 @@ class OpcUaConfig(BaseModel):
     @field_validator("tags")
     @classmethod
     def _unique_tag_names(cls, tags: list[OpcUaTag]) -> list[OpcUaTag]:
-        names = [tag.name for tag in tags]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"tag names must be unique; repeated: {', '.join(duplicates)}")
+        unique_names(tags)
         return tags
 
     @model_validator(mode="after")
