@@ -184,6 +184,8 @@ class Outbox:
         self.integrity_problem: str | None = None
         """What the background integrity check found wrong, if anything: an alarm."""
         self._checker: asyncio.Task[None] | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_db: sqlite3.Connection | None = None
         self.stats = OutboxStats()
 
     @classmethod
@@ -200,6 +202,8 @@ class Outbox:
                      commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=opened.heads,
                      counts=opened.counts, recovered_from=opened.recovered_from)
         outbox.used_bytes = opened.used_bytes
+        outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
+        outbox._reader_db = await loop.run_in_executor(outbox._reader, _connect_reader, path)
         outbox._update_room()
         outbox._writer = asyncio.create_task(outbox._write_loop(), name="outbox-writer")
         outbox._checker = asyncio.create_task(outbox._check_integrity(path),
@@ -236,6 +240,9 @@ class Outbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         loop = asyncio.get_running_loop()
+        if self._reader is not None and self._reader_db is not None:
+            await loop.run_in_executor(self._reader, self._reader_db.close)
+            self._reader.shutdown(wait=True)
         await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown(wait=True)
 
@@ -619,9 +626,13 @@ class Outbox:
     # -- machinery ----------------------------------------------------------------------------
 
     async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
-        # Reads share the writer's thread and connection: one connection, one thread, no locks.
+        # Reads go to a read-only connection on a thread of their own (WAL lets them run beside
+        # the writer), so a lease never queues behind disk-synced commits. What they read was
+        # committed before the in-memory heads pointed at it.
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, run, self._db)
+        if self._reader is None or self._reader_db is None:
+            return await loop.run_in_executor(self._executor, run, self._db)
+        return await loop.run_in_executor(self._reader, run, self._reader_db)
 
     async def _submit(self, run: Callable[[sqlite3.Connection], T], rows: int) -> T:
         if self._closed:
@@ -790,6 +801,13 @@ def _connect(path: Path) -> sqlite3.Connection:
     except BaseException:
         db.close()
         raise
+    return db
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                         check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 5000")
     return db
 
 

@@ -275,12 +275,19 @@ class Pipeline:
         cursor, in one commit: a crash re-reads the feed from where it was committed."""
         events = []
         for data in decisions:
+            known = await self.outbox.lot_status(data.lot_id)
+            if known is not None and (data.order_id is None or data.material is None):
+                data = data.model_copy(update={"order_id": data.order_id or known.order_id,
+                                               "material": data.material or known.material})
             self._lots.append(LotStatus(data.lot_id, data.disposition,
                                         data.occurred_at.timestamp(), data.disposition_source,
                                         data.order_id, data.material))
+            # Keyed by the order the lot was produced for: the decision must not overtake
+            # the confirmations that put the lot into quality-inspection stock.
             events.append(self._build(
                 data, (self.config.site, "disposition", data.lot_id, data.disposition,
-                       int(data.occurred_at.timestamp() * 1000)), data.lot_id, "quality"))
+                       int(data.occurred_at.timestamp() * 1000)),
+                data.order_id or data.lot_id, "quality"))
         self.qms_cursor = cursor
         await self._commit(events, ())
 
@@ -334,6 +341,6 @@ def _summary(event: CloudEvent) -> str:
         return (f"yield {data['yield_quantity']['value']} {data['yield_quantity']['uom']}, "
                 f"scrap {data['scrap_quantity']['value']}, "
                 f"counter {data['counter_from']}..{data['counter_to']}")
-    if "quantity" in data:
+    if data.get("quantity"):
         return f"{data['quantity']['value']} {data['quantity']['uom']}"
     return event.id

@@ -64,6 +64,12 @@ class QualityLink:
                     self._set_reachable(False, f"{type(exc).__name__}: {exc}")
                     await asyncio.sleep(max(self.config.quality.poll_interval,
                                             backoff.next_delay()))
+                except Exception:
+                    # A bug must not end the daemon, nor spin: say it, wait, try again (the
+                    # cursor moves only with a committed page, so nothing is skipped).
+                    log.exception("Handling the QMS dispositions failed; retrying")
+                    await asyncio.sleep(max(self.config.quality.poll_interval,
+                                            backoff.next_delay()))
 
     async def _poll_once(self) -> bool:
         """Fetch one page of the feed; True when there may be more right away."""

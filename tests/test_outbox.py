@@ -169,13 +169,14 @@ async def test_a_full_disk_pauses_commits_until_space_returns(tmp_path: Path) ->
 
     box = await Outbox.open(tmp_path / "outbox.db")
     (pages,) = await box._read(lambda db: db.execute("PRAGMA page_count").fetchone())
-    # SQLite's own page limit makes it answer SQLITE_FULL, as a full disk does.
-    await box._read(lambda db: db.execute(f"PRAGMA max_page_count = {pages + 20}"))
+    # SQLite's own page limit (of the writer connection) makes it answer SQLITE_FULL, as a
+    # full disk does.
+    await box._submit(lambda db: db.execute(f"PRAGMA max_page_count = {pages + 20}"), 1)
     filler = asyncio.create_task(box.commit([big(n) for n in range(200)]))
     await asyncio.sleep(1.5)
     assert not filler.done() and box.disk_full
     assert box.back_pressure is not None and "disk is full" in box.back_pressure
-    await box._read(lambda db: db.execute("PRAGMA max_page_count = 1000000"))
+    box._db.execute("PRAGMA max_page_count = 1000000")  # the writer is stuck retrying
     result = await asyncio.wait_for(filler, 5)
     assert result.inserted == 200 and not box.disk_full and box.stats.disk_full_waits == 1
     await box.close()

@@ -84,7 +84,10 @@ class OAuth2Token(Authenticator):
         except (ValueError, KeyError, TypeError):
             raise AuthError(f"token endpoint {config.token_url} sent no access_token") from None
         self._token = token
-        self._expires_at = time.monotonic() + max(1.0, lifetime - config.refresh_before)
+        # Refresh `refresh_before` ahead of expiry, but never past half the token's life: a
+        # short-lived token is still used for most of it.
+        ahead = min(config.refresh_before, lifetime / 2)
+        self._expires_at = time.monotonic() + max(1.0, lifetime - ahead)
         self.fetched += 1
         log.debug("Fetched an OAuth2 token from %s, valid %gs", config.token_url, lifetime)
 

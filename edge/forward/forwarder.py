@@ -165,8 +165,9 @@ class HttpForwarder:
                 self.health.in_flight -= 1
                 self._wake.set()
             self._track(results)
-            for delivery, result in zip(batch, results, strict=True):
-                await self._record(delivery, result)
+            # Submitted together, the outcomes share one group-committed transaction.
+            await asyncio.gather(*(self._record(delivery, result)
+                                   for delivery, result in zip(batch, results, strict=True)))
         finally:
             self._busy_keys.difference_update(d.partition_key for d in batch)
             self._wake.set()
