@@ -187,7 +187,10 @@ class MachineRule:
         """One poll's samples of this machine. The unit trigger is checked once, after all of
         them, so a confirmation carries the good and the scrap counted in the same poll."""
         events: list[CloudEvent] = []
-        for sample in samples:
+        # A stop reason read in the same poll as a state change explains that change, in
+        # whatever order the device sent them.
+        reason = self.machine.signals.stop_reason
+        for sample in sorted(samples, key=lambda s: s.signal != reason):
             events += self._sample(sample)
         every_units = self.machine.confirm.every_units
         if samples and every_units is not None and self.state.good.pending >= every_units:

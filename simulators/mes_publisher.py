@@ -271,8 +271,12 @@ class MesPublisher:
         material: str = "FG-100",
         quantity: Quantityish = 100,
         uom: str = "H87",
+        lot_id: str | None = None,
+        components: Sequence[str] = (),
         occurred_at: datetime | None = None,
     ) -> Publication:
+        """The planned lot and the bill of materials (`components`) always travel, null and
+        [] when not given, so a field mapping can name them."""
         return self._event(
             "order/start",
             occurred_at,
@@ -281,6 +285,8 @@ class MesPublisher:
             material=material,
             quantity=self._quantity(quantity),
             uom=uom,
+            lot_id=lot_id,
+            components=list(components),
         )
 
     def order_end(

@@ -263,3 +263,20 @@ def test_orders_states_and_crashes_never_lose_or_double_count(
     state = rule.state
     assert state.good.total == advance
     assert yields(confirmations) + state.unassigned + state.good.pending == advance
+
+
+def test_a_stop_reason_in_the_same_poll_explains_the_state_change() -> None:
+    from edge.config import OrderBinding
+
+    config = MachineConfig.model_validate({
+        "id": "press-01", "signals": {"processed": "plc.good", "state": "plc.state",
+                                      "stop_reason": "plc.reason"},
+        "state_map": {6: "Execute", 11: "Held"}, "stop_reasons": {3: "Jam"}})
+    rule = MachineRule("1010", config)
+    rule.start_order(OrderBinding(order_id="4711"), 1.0)
+    rule.on_samples([Sample("plc", "state", 6, 2.0)])
+    rule.on_samples([Sample("plc", "state", 6, 3.0)])
+    # The device sent the state before the reason (OPC UA orders by first change).
+    events = rule.on_samples([Sample("plc", "state", 11, 4.0), Sample("plc", "reason", 3, 4.0)])
+    (interrupted,) = [e for e in events if e.type == "operation.interrupted"]
+    assert interrupted.data["reason_code"] == "3" and interrupted.data["reason_text"] == "Jam"

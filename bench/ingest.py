@@ -1,0 +1,682 @@
+"""Ingest benchmark: how fast readings get into the gateway through its three southbound
+drivers, each against a bare client of the same protocol measured in the same run.
+
+- OPC UA: data-change notifications per second through `OpcUaDriver` (its sink only counts)
+  against a bare asyncua client (a subscription in iterator mode, the cheapest asyncua path)
+  on the same variables of the same server: the machine simulator with many machines and a
+  fast production clock, in its own process, every counter and process value changing at
+  each tick. Phases alternate bare, driver, bare, driver...; each connects, subscribes, lets
+  a second pass, then counts for a fixed time. The Python server tops out near 5,000
+  notifications per second on a core, far below what either client takes, so the default
+  load stays under that (a steady offered load, the same for every phase) and the rates say
+  whether the driver keeps up (target: ratio >= 0.8). The CPU time this process spends per
+  notification says what the driver adds on top of asyncua, and so where its ceiling is.
+- MQTT: MES messages per second ingested by `MqttDriver` into a sink that commits them to a
+  real `Outbox` (temp file, `synchronous=FULL`), acknowledged after the commit, against a bare
+  paho subscriber (QoS 1, acknowledged on receipt) on the same broker, a mosquitto of our own
+  on a free port. Each phase has its own persistent session and topic: the session is made
+  (and proven by one probe message), the client goes away, the same burst of consumption
+  messages is published (MES publisher simulator, QoS 1) into the broker's queue, and the
+  clock runs from the client's connect to its last message (driver: committed). Same Receive
+  Maximum for both (target: ratio >= 0.6).
+- Modbus: registers per second read through `ModbusDriver` polling as fast as it can (one
+  poll group, a realistic tag list over holding, input, coil and discrete input tables)
+  against the PLC simulator in its own process, with coalescing on and off, against a bare
+  pymodbus client reading the driver's planned blocks back to back; and the requests per
+  poll that coalescing saves.
+
+Prints one JSON line: medians over rounds, the ratios, and under `samples` every measurement.
+Run it as `.venv/bin/python bench/ingest.py` (`--quick` for a smoke run, `--help` for sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from asyncua import Client
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pymodbus.client import AsyncModbusTcpClient
+
+from buffer.outbox import Outbox, OutboxEvent
+from drivers.base import MesMessage, Reading, Sample
+from drivers.modbus import ModbusConfig, ModbusDriver, ReadBlock
+from drivers.mqtt import MqttConfig, MqttDriver
+from drivers.opcua import SUBSCRIPTION_QUEUE, OpcUaConfig, OpcUaDriver
+from edge.logs import setup_logging
+from simulators.mes_publisher import MesPublisher
+from simulators.opcua_machine import NAMESPACE_URI, VARIABLE_TYPES, node_id_string
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 20.0
+OPCUA_PUBLISHING_MS = 100
+OPCUA_QUEUE_SIZE = 100
+MQTT_BATCH_MAX = 500
+MQTT_RECEIVE_MAXIMUM = 2 * MQTT_BATCH_MAX  # what the driver announces by default
+MQTT_DRAIN_TIMEOUT = 60.0
+
+PROTOCOLS = ("opcua", "mqtt", "modbus")
+TARGETS = {"opcua": 0.8, "mqtt": 0.6}
+"""The ratio each driver should reach against its bare client."""
+
+MODBUS_TAGS: list[dict[str, Any]] = [
+    # The press: counters, state, process values.
+    {"name": "good", "address": 0, "type": "uint32"},
+    {"name": "bad", "address": 2, "type": "uint32"},
+    {"name": "state", "address": 10, "type": "uint16"},
+    {"name": "force", "address": 20, "type": "float32"},
+    {"name": "temperature", "address": 30, "type": "int16", "scale": 0.1},
+    {"name": "good_low_word_first", "address": 40, "type": "uint32", "byte_order": "CDAB"},
+    # A recipe and status block, as PLC programmers lay them out: neighbours with small gaps.
+    {"name": "batch_size", "address": 100, "type": "uint32"},
+    {"name": "offset", "address": 110, "type": "int32"},
+    {"name": "setpoint", "address": 120, "type": "float32"},
+    {"name": "total_strokes", "address": 130, "type": "uint64"},
+    {"name": "energy", "address": 150, "type": "int64"},
+    {"name": "cycle_time", "address": 170, "type": "float64"},
+    {"name": "alarm_code", "address": 190, "type": "int16"},
+    {"name": "tool_id", "address": 191, "type": "uint16"},
+    {"name": "door_open", "address": 192, "bit": 3},
+    {"name": "recipe", "address": 200, "type": "string", "length": 5},
+    # Other tables.
+    {"name": "input_only", "address": 50, "table": "input", "type": "uint32"},
+    {"name": "hydraulics_on", "address": 0, "table": "coil"},
+    {"name": "guard_closed", "address": 1, "table": "discrete_input"},
+]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    opcua_machines: int
+    opcua_tick: float
+    opcua_seconds: float
+    mqtt_messages: int
+    modbus_seconds: float
+    rounds: int
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+@contextlib.contextmanager
+def child(argv: list[str], ready: str, log_path: Path) -> Any:
+    """A child process that prints `ready` once it serves; SIGTERM at the end."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while ready not in process.stdout.readline().decode(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv} did not start: {log_path.read_text()}")
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+# --- OPC UA ----------------------------------------------------------------------------------
+
+SERVE_OPCUA = "--serve-opcua"
+
+
+def serve_opcua(port: int, machines: int, tick: float) -> None:
+    """The server side, in its own process: machines counting fast on a fast clock."""
+    import logging
+
+    from simulators.opcua_machine import OpcUaMachineServer
+
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+
+    async def serve() -> None:
+        # Both counters move at every tick (rates far above 1 per tick), and the noise moves
+        # temperature and pressure: four changes per machine per tick.
+        server = OpcUaMachineServer("127.0.0.1", port, machines=machine_names(machines),
+                                    rate=1000.0, scrap_rate=500.0, tick=tick)
+        async with server:
+            print("opcua bench server listening", flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+def machine_names(count: int) -> list[str]:
+    return [f"m{number:03d}" for number in range(count)]
+
+
+def opcua_nodes(machines: int) -> list[str]:
+    return [node_id_string(name, variable) for name in machine_names(machines)
+            for variable in VARIABLE_TYPES]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """`count` units in `seconds` wall time, with `cpu` seconds of this process's CPU."""
+
+    count: int
+    seconds: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_us_per_unit(self) -> float:
+        return self.cpu / self.count * 1e6 if self.count else 0.0
+
+
+async def measure_window(counter: list[int], warmup: float, seconds: float) -> Measured:
+    """Let `warmup` pass, then count what `counter[0]` gains over `seconds`."""
+    await asyncio.sleep(warmup)
+    count, wall, cpu = counter[0], time.perf_counter(), time.process_time()
+    await asyncio.sleep(seconds)
+    return Measured(counter[0] - count, time.perf_counter() - wall, time.process_time() - cpu)
+
+
+async def opcua_bare(endpoint: str, machines: int, seconds: float) -> Measured:
+    client = Client(endpoint, timeout=10)
+    await client.connect()
+    try:
+        namespace = await client.get_namespace_index(NAMESPACE_URI)
+        nodes = [client.get_node(node.replace(f"nsu={NAMESPACE_URI}", f"ns={namespace}"))
+                 for node in opcua_nodes(machines)]
+        subscription = await client.create_subscription(
+            OPCUA_PUBLISHING_MS, None, queue_maxsize=SUBSCRIPTION_QUEUE)
+        await subscription.subscribe_data_change(nodes, queuesize=OPCUA_QUEUE_SIZE,
+                                                 sampling_interval=0)
+        counter = [0]
+
+        async def consume() -> None:
+            async for _ in subscription:
+                counter[0] += 1
+
+        async with asyncio.TaskGroup() as tasks:
+            consumer = tasks.create_task(consume(), name="bench-opcua-bare")
+            measured = await measure_window(counter, 1.0, seconds)
+            consumer.cancel()
+        return measured
+    finally:
+        await client.disconnect()
+
+
+async def opcua_driver(endpoint: str, machines: int, seconds: float) -> Measured:
+    config = OpcUaConfig.model_validate({
+        "name": "bench", "type": "opcua", "endpoint": endpoint,
+        "publishing_interval": f"{OPCUA_PUBLISHING_MS}ms",
+        "tags": [{"name": f"t{index}", "node": node, "queue_size": OPCUA_QUEUE_SIZE,
+                  "sampling_interval": 0}
+                 for index, node in enumerate(opcua_nodes(machines))],
+    })
+    driver = OpcUaDriver(config)
+    counter = [0]
+
+    async def count(readings: Sequence[Reading]) -> None:
+        counter[0] += len(readings)
+
+    async with asyncio.TaskGroup() as tasks:
+        running = tasks.create_task(driver.run(count), name="bench-opcua-driver")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not driver.health.connected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the OPC UA driver did not connect: {driver.health}")
+            await asyncio.sleep(0.05)
+        measured = await measure_window(counter, 1.0, seconds)
+        running.cancel()
+    if driver.dropped_samples:
+        raise RuntimeError(f"the driver dropped {driver.dropped_samples} samples")
+    return measured
+
+
+def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}"
+    argv = [sys.executable, str(Path(__file__).resolve()), SERVE_OPCUA, str(port),
+            str(sizes.opcua_machines), str(sizes.opcua_tick)]
+    bare: list[Measured] = []
+    driven: list[Measured] = []
+    with child(argv, "listening", scratch / "opcua-server.log"):
+        for _ in range(sizes.rounds):
+            bare.append(asyncio.run(opcua_bare(endpoint, sizes.opcua_machines,
+                                               sizes.opcua_seconds)))
+            driven.append(asyncio.run(opcua_driver(endpoint, sizes.opcua_machines,
+                                                   sizes.opcua_seconds)))
+        bare.append(asyncio.run(opcua_bare(endpoint, sizes.opcua_machines,
+                                           sizes.opcua_seconds)))
+    bare_rate = median([m.rate for m in bare])
+    driver_rate = median([m.rate for m in driven])
+    bare_cpu = median([m.cpu_us_per_unit for m in bare])
+    driver_cpu = median([m.cpu_us_per_unit for m in driven])
+    return {
+        "machines": sizes.opcua_machines,
+        "monitored_items": sizes.opcua_machines * len(VARIABLE_TYPES),
+        "tick_ms": round(sizes.opcua_tick * 1000),
+        "publishing_interval_ms": OPCUA_PUBLISHING_MS,
+        "driver_notifications_per_s": round(driver_rate),
+        "bare_notifications_per_s": round(bare_rate),
+        "ratio": round(driver_rate / bare_rate, 3) if bare_rate else None,
+        "driver_cpu_us_per_notification": round(driver_cpu, 1),
+        "bare_cpu_us_per_notification": round(bare_cpu, 1),
+        # What one core could take at that cost: the ceiling once the server is faster.
+        "driver_capacity_per_core": round(1e6 / driver_cpu) if driver_cpu else None,
+        "bare_capacity_per_core": round(1e6 / bare_cpu) if bare_cpu else None,
+        "capacity_ratio": round(bare_cpu / driver_cpu, 3) if driver_cpu else None,
+        "samples": {"driver": [_figures(m) for m in driven], "bare": [_figures(m) for m in bare]},
+    }
+
+
+def _figures(measured: Measured) -> dict[str, float]:
+    return {"count": measured.count, "seconds": round(measured.seconds, 3),
+            "rate": round(measured.rate), "cpu_us": round(measured.cpu_us_per_unit, 1)}
+
+
+# --- MQTT ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Broker:
+    """A mosquitto on a free port that queues generously (nothing dropped, big windows)."""
+
+    directory: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not os.access(binary, os.X_OK):
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = free_port()
+        config = self.directory / "mosquitto.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
+                 "max_queued_messages 1000000", f"max_inflight_messages {MQTT_RECEIVE_MAXIMUM}"]
+        if os.geteuid() == 0:
+            lines.append("user root")
+        config.write_text("\n".join(lines) + "\n")
+        with (self.directory / "mosquitto.log").open("wb") as log:
+            self.process = subprocess.Popen([binary, "-c", str(config)], stdout=log,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mosquitto did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def publish_burst(port: int, machine: str, count: int, *, first: int = 0) -> None:
+    """`count` MES consumption messages for `machine`, QoS 1, every PUBACK awaited."""
+    with MesPublisher("127.0.0.1", port, site="1010", machine=machine, run=f"bench-{first}",
+                      window=1000) as publisher:
+        for number in range(first, first + count):
+            publisher.consume(f"{4000000 + number // 100}", "RM-STEEL", f"RM-{number:08d}",
+                              Decimal("12.500"))
+        publisher.flush(MQTT_DRAIN_TIMEOUT)
+
+
+def mqtt_config(port: int, machine: str) -> MqttConfig:
+    return MqttConfig.model_validate({
+        "name": "mes", "type": "mqtt", "host": "127.0.0.1", "port": port,
+        "client_id": f"bench-driver-{machine}", "batch_max": MQTT_BATCH_MAX,
+        "receive_maximum": MQTT_RECEIVE_MAXIMUM,
+        "topics": [{"filter": f"mes/1010/{machine}/consumption", "event": "material.consumed",
+                    "fields": {"site": "site", "machine_id": "$topic[2]",
+                               "order_id": "order_id", "operation": "operation",
+                               "material": "material", "lot_id": "lot_id",
+                               "quantity.value": "quantity", "quantity.uom": "uom",
+                               "occurred_at": "occurred_at"}}],
+    })
+
+
+class CommittingSink:
+    """Each MES message becomes an outbox event; returns once the batch is committed."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.committed = 0
+        self.done = asyncio.Event()
+        self.target = 0
+        self.finished_at = 0.0
+
+    async def __call__(self, readings: Sequence[Reading]) -> None:
+        rows = []
+        for reading in readings:
+            if not isinstance(reading, MesMessage):
+                raise RuntimeError(f"unexpected reading {reading!r}")
+            payload = json.dumps(dict(reading.fields), default=str,
+                                 separators=(",", ":")).encode()
+            rows.append(OutboxEvent(id=reading.message_id, type=reading.kind,
+                                    partition_key=str(reading.fields.get("order_id")),
+                                    payload=payload, destinations=("erp",)))
+        result = await self.outbox.commit(rows)
+        self.committed += len(result.new_ids)
+        if self.target and self.committed >= self.target and not self.done.is_set():
+            self.finished_at = time.perf_counter()
+            self.done.set()
+
+
+async def mqtt_driver_phase(port: int, machine: str, count: int, outbox: Outbox
+                            ) -> tuple[Measured, float]:
+    """Make the session, publish the burst while the driver is away, then time the drain."""
+    config = mqtt_config(port, machine)
+    sink = CommittingSink(outbox)
+    sink.target = 1
+    async with asyncio.TaskGroup() as tasks:
+        running = tasks.create_task(MqttDriver(config).run(sink), name="bench-mqtt-setup")
+        async with asyncio.timeout(MQTT_DRAIN_TIMEOUT):
+            probe = 10_000_000
+            while not sink.done.is_set():  # until a probe comes through: subscribed
+                await asyncio.to_thread(publish_burst, port, machine, 1, first=probe)
+                probe += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sink.done.wait(), 0.5)
+        running.cancel()
+    await asyncio.to_thread(publish_burst, port, machine, count)
+
+    sink = CommittingSink(outbox)
+    sink.target = count
+    driver = MqttDriver(config)
+    async with asyncio.TaskGroup() as tasks:
+        started, cpu = time.perf_counter(), time.process_time()
+        running = tasks.create_task(driver.run(sink), name="bench-mqtt-driver")
+        async with asyncio.timeout(MQTT_DRAIN_TIMEOUT):
+            await sink.done.wait()
+        cpu = time.process_time() - cpu
+        running.cancel()
+    batches = sum(driver.batch_sizes.values())
+    return (Measured(sink.committed, sink.finished_at - started, cpu),
+            sink.committed / batches if batches else 0.0)
+
+
+def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
+    """The same with a bare paho client: QoS 1, acknowledged by paho as each message arrives."""
+    client_id = f"bench-bare-{machine}"
+    subscribed = threading.Event()
+    done = threading.Event()
+    received = [0]
+    finished_at = [0.0]
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                   properties: Any) -> None:
+        client.subscribe(f"mes/1010/{machine}/consumption", qos=1)
+
+    def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
+                     properties: Any) -> None:
+        subscribed.set()
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        received[0] += 1
+        if received[0] >= count:
+            finished_at[0] = time.perf_counter()
+            done.set()
+
+    def connect(subscribe: bool) -> mqtt.Client:
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                             client_id=client_id, protocol=mqtt.MQTTv5)
+        if subscribe:
+            client.on_connect = on_connect
+            client.on_subscribe = on_subscribe
+        client.on_message = on_message
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 3600
+        properties.ReceiveMaximum = MQTT_RECEIVE_MAXIMUM
+        client.connect("127.0.0.1", port, clean_start=False, properties=properties)
+        client.loop_start()
+        return client
+
+    setup = connect(subscribe=True)
+    if not subscribed.wait(START_TIMEOUT):
+        raise RuntimeError("the bare subscriber got no SUBACK")
+    setup.disconnect()
+    setup.loop_stop()
+    publish_burst(port, machine, count)
+
+    received[0] = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    client = connect(subscribe=False)
+    if not done.wait(MQTT_DRAIN_TIMEOUT):
+        raise RuntimeError(f"the bare subscriber got {received[0]} of {count}")
+    cpu = time.process_time() - cpu
+    client.disconnect()
+    client.loop_stop()
+    return Measured(received[0], finished_at[0] - started, cpu)
+
+
+async def mqtt_driver_rounds(port: int, sizes: Sizes, scratch: Path, round_number: int
+                             ) -> tuple[Measured, float]:
+    outbox = await Outbox.open(scratch / f"mqtt-outbox-{round_number}.db")
+    try:
+        return await mqtt_driver_phase(port, f"driver-r{round_number}", sizes.mqtt_messages,
+                                       outbox)
+    finally:
+        await outbox.close()
+
+
+def bench_mqtt(sizes: Sizes, scratch: Path) -> dict[str, Any]:
+    directory = scratch / "mosquitto"
+    directory.mkdir()
+    broker = Broker(directory)
+    broker.start()
+    bare: list[Measured] = []
+    driven: list[Measured] = []
+    batch_means: list[float] = []
+    try:
+        for number in range(sizes.rounds):
+            bare.append(mqtt_bare_phase(broker.port, f"bare-r{number}", sizes.mqtt_messages))
+            measured, mean_batch = asyncio.run(
+                mqtt_driver_rounds(broker.port, sizes, scratch, number))
+            driven.append(measured)
+            batch_means.append(mean_batch)
+        bare.append(mqtt_bare_phase(broker.port, f"bare-r{sizes.rounds}", sizes.mqtt_messages))
+    finally:
+        broker.stop()
+    bare_rate = median([m.rate for m in bare])
+    driver_rate = median([m.rate for m in driven])
+    return {
+        "messages": sizes.mqtt_messages,
+        "batch_max": MQTT_BATCH_MAX,
+        "receive_maximum": MQTT_RECEIVE_MAXIMUM,
+        "driver_committed_per_s": round(driver_rate),
+        "bare_received_per_s": round(bare_rate),
+        "ratio": round(driver_rate / bare_rate, 3) if bare_rate else None,
+        "driver_mean_batch": round(median(batch_means), 1),
+        "driver_cpu_us_per_message": round(median([m.cpu_us_per_unit for m in driven]), 1),
+        "bare_cpu_us_per_message": round(median([m.cpu_us_per_unit for m in bare]), 1),
+        "samples": {"driver": [_figures(m) for m in driven], "bare": [_figures(m) for m in bare]},
+    }
+
+
+# --- Modbus ----------------------------------------------------------------------------------
+
+
+def modbus_config(port: int, *, coalesce: bool) -> ModbusConfig:
+    return ModbusConfig.model_validate({
+        "name": "press", "type": "modbus", "host": "127.0.0.1", "port": port,
+        "poll_interval": "1ms", "timeout": "2s", "coalesce": coalesce, "tags": MODBUS_TAGS,
+    })
+
+
+async def modbus_driver_phase(config: ModbusConfig, seconds: float) -> dict[str, Any]:
+    driver = ModbusDriver(config)
+    blocks = driver.blocks
+    polls = [0]
+    bad = [0]
+
+    async def count(readings: Sequence[Reading]) -> None:
+        polls[0] += 1
+        bad[0] += sum(1 for r in readings if isinstance(r, Sample) and r.value is None)
+
+    async with asyncio.TaskGroup() as tasks:
+        running = tasks.create_task(driver.run(count), name="bench-modbus-driver")
+        measured = await measure_window(polls, 0.5, seconds)
+        running.cancel()
+    if bad[0]:
+        raise RuntimeError(f"{bad[0]} tag reads came back bad")
+    registers = sum(block.count for block in blocks if block.table in ("holding", "input"))
+    return {"requests_per_poll": len(blocks), "registers_per_poll": registers,
+            "polls_per_s": round(measured.rate, 1),
+            "registers_per_s": round(measured.rate * registers),
+            "tags_per_s": round(measured.rate * len(config.tags)),
+            "cpu_us_per_poll": round(measured.cpu_us_per_unit)}
+
+
+async def modbus_bare_phase(port: int, blocks: Sequence[ReadBlock], seconds: float
+                            ) -> dict[str, Any]:
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+    await client.connect()
+    try:
+        polls = 0
+        started, cpu = time.perf_counter(), time.process_time()
+        deadline = started + seconds
+        while time.perf_counter() < deadline:
+            for block in blocks:
+                match block.table:
+                    case "holding":
+                        await client.read_holding_registers(block.start, count=block.count)
+                    case "input":
+                        await client.read_input_registers(block.start, count=block.count)
+                    case "coil":
+                        await client.read_coils(block.start, count=block.count)
+                    case "discrete_input":
+                        await client.read_discrete_inputs(block.start, count=block.count)
+            polls += 1
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        client.close()
+    registers = sum(block.count for block in blocks if block.table in ("holding", "input"))
+    return {"polls_per_s": round(polls / elapsed, 1),
+            "registers_per_s": round(polls / elapsed * registers),
+            "cpu_us_per_poll": round(cpu / polls * 1e6) if polls else 0}
+
+
+def bench_modbus(sizes: Sizes, scratch: Path) -> dict[str, Any]:
+    port = free_port()
+    argv = [sys.executable, "-m", "simulators.modbus_plc", "--port", str(port)]
+    coalesced, separate, bare = [], [], []
+    with child(argv, "modbus-plc listening", scratch / "modbus-plc.log"):
+        on = modbus_config(port, coalesce=True)
+        off = modbus_config(port, coalesce=False)
+        blocks = ModbusDriver(on).blocks
+        for _ in range(sizes.rounds):
+            bare.append(asyncio.run(modbus_bare_phase(port, blocks, sizes.modbus_seconds)))
+            coalesced.append(asyncio.run(modbus_driver_phase(on, sizes.modbus_seconds)))
+            separate.append(asyncio.run(modbus_driver_phase(off, sizes.modbus_seconds)))
+
+    def figure(runs: list[dict[str, Any]], key: str) -> float:
+        return median([run[key] for run in runs])
+
+    driver_registers = figure(coalesced, "registers_per_s")
+    bare_registers = figure(bare, "registers_per_s")
+    return {
+        "tags": len(MODBUS_TAGS),
+        "requests_per_poll_coalesced": coalesced[0]["requests_per_poll"],
+        "requests_per_poll_uncoalesced": separate[0]["requests_per_poll"],
+        "requests_saved_per_poll": (separate[0]["requests_per_poll"]
+                                    - coalesced[0]["requests_per_poll"]),
+        "registers_per_poll_coalesced": coalesced[0]["registers_per_poll"],
+        "registers_per_poll_uncoalesced": separate[0]["registers_per_poll"],
+        "driver_registers_per_s": round(driver_registers),
+        "driver_polls_per_s": round(figure(coalesced, "polls_per_s")),
+        "driver_tags_per_s": round(figure(coalesced, "tags_per_s")),
+        "uncoalesced_polls_per_s": round(figure(separate, "polls_per_s")),
+        "uncoalesced_tags_per_s": round(figure(separate, "tags_per_s")),
+        "coalescing_speedup": round(figure(coalesced, "polls_per_s")
+                                    / figure(separate, "polls_per_s"), 2),
+        "bare_registers_per_s": round(bare_registers),
+        "ratio": round(driver_registers / bare_registers, 3) if bare_registers else None,
+        "driver_cpu_us_per_poll": round(figure(coalesced, "cpu_us_per_poll")),
+        "bare_cpu_us_per_poll": round(figure(bare, "cpu_us_per_poll")),
+        "samples": {"coalesced": coalesced, "uncoalesced": separate, "bare": bare},
+    }
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
+    parser.add_argument("--opcua-machines", type=int, default=40,
+                        help="machines on the OPC UA server (8 monitored items each, 4 of "
+                        "which change at every tick)")
+    parser.add_argument("--opcua-tick", type=float, default=0.05,
+                        help="the server's production clock, seconds per tick")
+    parser.add_argument("--opcua-seconds", type=float, default=3.0,
+                        help="measured seconds per OPC UA phase")
+    parser.add_argument("--mqtt-messages", type=int, default=20_000,
+                        help="messages in each MQTT burst")
+    parser.add_argument("--modbus-seconds", type=float, default=2.5,
+                        help="measured seconds per Modbus phase")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="driver phases per protocol (the bare ones get one more)")
+    parser.add_argument("--only", choices=PROTOCOLS, action="append",
+                        help="run only this protocol's part (repeatable)")
+    args = parser.parse_args()
+    if args.quick:
+        sizes = Sizes(opcua_machines=5, opcua_tick=0.05, opcua_seconds=1.0, mqtt_messages=500,
+                      modbus_seconds=0.5, rounds=1)
+    else:
+        sizes = Sizes(args.opcua_machines, args.opcua_tick, args.opcua_seconds,
+                      args.mqtt_messages, args.modbus_seconds, args.rounds)
+    setup_logging("text", "WARNING")  # as the daemon: library chatter off
+    started = time.perf_counter()
+    parts = {"opcua": bench_opcua, "mqtt": bench_mqtt, "modbus": bench_modbus}
+    figures: dict[str, Any] = {"benchmark": "ingest", "quick": args.quick}
+    with tempfile.TemporaryDirectory(prefix="plantsync-bench-ingest-") as scratch:
+        for protocol in args.only or PROTOCOLS:
+            part_started = time.perf_counter()
+            figures[protocol] = parts[protocol](sizes, Path(scratch))
+            figures[protocol]["seconds"] = round(time.perf_counter() - part_started, 1)
+    for protocol, target in TARGETS.items():
+        if protocol in figures:
+            ratio = figures[protocol]["ratio"]
+            figures[f"{protocol}_meets_target"] = bool(ratio and ratio >= target)
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == SERVE_OPCUA:
+        serve_opcua(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    else:
+        main()
