@@ -438,6 +438,7 @@ class MqttConfig(BaseModel):
     """An MQTT broker that MES systems publish events to."""
 
     model_config = ConfigDict(extra="forbid")
+    _matches: dict[str, MqttTopic | None] = PrivateAttr(default_factory=dict)
 
     name: str = Field(
         pattern=NAME_PATTERN,
@@ -546,11 +547,16 @@ class MqttConfig(BaseModel):
         return self.receive_maximum or min(65535, 2 * self.batch_max)
 
     def topic_for(self, topic: str) -> MqttTopic | None:
-        """The first configured topic whose filter matches `topic`."""
-        for candidate in self.topics:
-            if mqtt.topic_matches_sub(matching_filter(candidate.filter), topic):
-                return candidate
-        return None
+        """The first configured topic whose filter matches `topic` (remembered per topic:
+        paho builds a matcher on every call)."""
+        if topic in self._matches:
+            return self._matches[topic]
+        found = next((candidate for candidate in self.topics
+                      if mqtt.topic_matches_sub(matching_filter(candidate.filter), topic)), None)
+        if len(self._matches) >= 10_000:
+            self._matches.clear()
+        self._matches[topic] = found
+        return found
 
 
 # --- messages to readings --------------------------------------------------------------------
@@ -632,6 +638,10 @@ class _Connection:
         self.dropped_qos0 = 0
         self._closing = threading.Lock()
         self._closed = False
+        # Arrivals pass from paho's thread in bunches: one loop wake-up per burst, not per
+        # message (a cross-thread call per message is most of the cost at high rates).
+        self._incoming: list[_Arrival] = []
+        self._incoming_lock = threading.Lock()
         v5 = config.protocol == "5"
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -753,7 +763,17 @@ class _Connection:
             topic = message._topic.decode("utf-8", "replace")
         payload = bytes(message.payload)
         arrival = _Arrival(message.mid, message.qos, topic, payload, time.time())
-        self._post(self._arrived, arrival)
+        with self._incoming_lock:
+            first = not self._incoming
+            self._incoming.append(arrival)
+        if first:
+            self._post(self._take_incoming)
+
+    def _take_incoming(self) -> None:
+        with self._incoming_lock:
+            arrivals, self._incoming = self._incoming, []
+        for arrival in arrivals:
+            self._arrived(arrival)
 
     def _on_disconnect(
         self,
