@@ -95,6 +95,8 @@ MesKind = Literal[
 """The canonical MES input kinds a topic can carry."""
 
 CONNECT_TIMEOUT: Final = 10.0
+INBOX_BATCHES: Final = 4
+"""Messages received but not yet committed are bounded to this many batches."""
 """Seconds for the TCP and TLS handshake, and again for the broker's CONNACK."""
 
 CLOSE_TIMEOUT: Final = 5.0
@@ -763,6 +765,15 @@ class _Connection:
             topic = message._topic.decode("utf-8", "replace")
         payload = bytes(message.payload)
         arrival = _Arrival(message.mid, message.qos, topic, payload, time.time())
+        # Back-pressure on the socket: a broker that ignores our receive maximum (mosquitto
+        # 2.0 lets 10-18 times more through while acks flow) must not fill our memory. While
+        # the backlog is over its bound, paho's thread waits here, the socket stops being
+        # read, and the broker keeps the rest.
+        # (QoS 0 is not held: over its own bound it is dropped and counted, as QoS 0 allows.)
+        bound = INBOX_BATCHES * self.config.batch_max
+        while (message.qos == 1 and len(self.inbox) + len(self._incoming) >= bound
+               and not self._closed):
+            time.sleep(0.005)
         with self._incoming_lock:
             first = not self._incoming
             self._incoming.append(arrival)
