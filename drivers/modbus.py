@@ -501,6 +501,11 @@ async def _open(
         connected = await client.connect()
     except (ModbusException, OSError) as exc:
         return f"connection failed ({exc})"
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        # Python 3.11's wait_for (inside pymodbus's connect) can swallow a cancellation that
+        # arrives as the connection completes: honour it here, or a stop would hang.
+        raise asyncio.CancelledError
     if connected:
         return None
     # pymodbus reports a failed connect as False and logs the cause itself.

@@ -1,8 +1,12 @@
 """The local API on this box: `/healthz`, `/readyz`, `/status` and Prometheus `/metrics`.
 
 Metrics are collected at scrape time from the live objects (driver health, outbox counters,
-forwarder health) through one collector on a registry owned by the daemon: there is no second
-set of counters to keep in step, and no package-level metric state.
+forwarder health, the delivery KPIs' histograms) through one collector on a registry owned by
+the daemon: there is no second set of counters to keep in step, and no package-level metric
+state. `/healthz` says the process answers; `/readyz` says it does its job: the outbox open and
+taking input, every driver connected, every destination delivering or buffering within
+`api.ready_max_backlog_age`; it names each reason when it is not. Nothing it answers carries a
+secret: every body is scrubbed of the config's secret values.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge.operations import CHANGES, Operation, perform
+from edge.secrets import scrub
 
 if TYPE_CHECKING:
     from edge.daemon import Gateway
@@ -55,9 +60,15 @@ class GatewayCollector(Collector):
         rejected = CounterMetricFamily("plantsync_driver_rejected_messages",
                                        "Messages kept as input dead letters (malformed or "
                                        "invalid)", labels=["driver"])
+        dropped = CounterMetricFamily("plantsync_driver_dropped_messages",
+                                      "QoS 0 messages dropped while the outbox could not take "
+                                      "them", labels=["driver"])
         for driver in gw.drivers:
             rejected.add_metric([driver.name], gw.pipeline.rejected_by_driver[driver.name])
-        yield from (connected, samples, errors, age, rejected)
+            lost = getattr(driver, "dropped_qos0", None)
+            if isinstance(lost, int):
+                dropped.add_metric([driver.name], lost)
+        yield from (connected, samples, errors, age, rejected, dropped)
 
         unassigned = CounterMetricFamily("plantsync_unassigned_units",
                                          "Units counted with no order bound (reported, not "
@@ -113,6 +124,29 @@ class GatewayCollector(Collector):
             reachable.add_metric([forwarder.name],
                                  0.0 if forwarder.health.reachable is False else 1.0)
         yield reachable
+        delivered = CounterMetricFamily("plantsync_destination_delivered",
+                                        "Deliveries acknowledged since the daemon started "
+                                        "(from the journal)", labels=["destination"])
+        for name, count in sorted(gw.kpis.delivered.items()):
+            delivered.add_metric([name], count)
+        ratio = GaugeMetricFamily("plantsync_sync_success_ratio",
+                                  "Order sync success rate: acknowledged since start / "
+                                  "(acknowledged + dead letters parked now)",
+                                  labels=["destination"])
+        for name, share in gw.sync_success_ratio().items():
+            ratio.add_metric([name], share)
+        yield from (delivered, ratio)
+        yield from gw.kpis.collect()
+        yield CounterMetricFamily("plantsync_kpi_untracked",
+                                  "Events or lots that fell out of the KPI bounds unmeasured",
+                                  value=gw.kpis.untracked)
+        yield GaugeMetricFamily("plantsync_ready", "1 when /readyz answers ready",
+                                value=0.0 if gw.not_ready_reasons() else 1.0)
+        reloads = CounterMetricFamily("plantsync_config_reloads",
+                                      "Config reloads (SIGHUP) by outcome", labels=["outcome"])
+        for outcome, count in sorted(gw.control.reloads.items()):
+            reloads.add_metric([outcome], count)
+        yield reloads
         yield GaugeMetricFamily("plantsync_outbox_database_bytes", "Size of the outbox files",
                                 value=gw.database_bytes())
         yield GaugeMetricFamily("plantsync_outbox_used_bytes",
@@ -133,20 +167,24 @@ def create_app(gateway: Gateway) -> Starlette:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(GatewayCollector(gateway))
 
+    def answer(body: Any, status_code: int = 200) -> Response:
+        return JSONResponse(scrub(body, gateway.secrets), status_code=status_code)
+
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "alive"})
+        return answer({"status": "alive", "phase": str(gateway.phase)})
 
     async def readyz(request: Request) -> Response:
         reasons = gateway.not_ready_reasons()
-        alarms = gateway.alarms()
-        return JSONResponse({"ready": not reasons, "reasons": reasons, "alarms": alarms},
-                            status_code=503 if reasons else 200)
+        return answer({"ready": not reasons, "reasons": reasons,
+                       "degraded": gateway.degraded(), "alarms": gateway.alarms()},
+                      status_code=503 if reasons else 200)
 
     async def status(request: Request) -> Response:
-        return JSONResponse(gateway.status())
+        return answer(gateway.status())
 
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        text = scrub(generate_latest(registry).decode(), gateway.secrets)
+        return Response(text.encode(), media_type=CONTENT_TYPE_LATEST)
 
     async def outbox(request: Request) -> Response:
         operation = request.path_params["operation"]
@@ -164,10 +202,10 @@ def create_app(gateway: Gateway) -> Starlette:
             result = await perform(gateway.outbox, operation, args)
         except (ValueError, KeyError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
-        return JSONResponse(result)
+        return answer(result)
 
     async def lot(request: Request) -> Response:
-        return JSONResponse(await gateway.quality.lot_status(request.path_params["lot_id"]))
+        return answer(await gateway.quality.lot_status(request.path_params["lot_id"]))
 
     return Starlette(routes=[
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),

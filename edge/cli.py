@@ -1,4 +1,5 @@
-"""`plantsync`: run the gateway, check a config, export schemas, start simulators, run the demo."""
+"""`plantsync`: run the gateway, check a config, show its status, export schemas, start
+simulators, run the demo."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from typing import Any
 
 from edge.config import ConfigError, PlantConfig, load_config
 from edge.logs import setup_logging
+from edge.secrets import exposed_secrets
 
 log = logging.getLogger("plantsync")
 
-SIMULATORS = ("modbus", "erp", "qms", "opcua", "mes")
+SIMULATORS = ("modbus", "erp", "qms", "opcua", "mes", "scenario")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "outbox":
             from edge.outbox_cli import run_outbox_command
             return run_outbox_command(args)
+        case "status":
+            from edge.status_cli import run_status_command
+            return run_status_command(args)
     parser.print_help()
     return 2
 
@@ -70,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="directory to write into (default: ./schemas)")
 
     sim = commands.add_parser("sim", help="start a simulator: modbus (PLC), opcua (machine), "
-                              "mes (MQTT publisher), erp (ERP API) or qms (QMS API); options "
-                              "after the name go to the simulator (try --help)", add_help=False)
+                              "mes (MQTT publisher), erp (ERP API), qms (QMS API), or a whole "
+                              "plant from a scenario file (scenario FILE); options after the "
+                              "name go to the simulator (try --help)", add_help=False)
     sim.add_argument("simulator", choices=SIMULATORS)
 
     probe = commands.add_parser("probe", help="read a Modbus block and show it decoded in every "
@@ -97,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from edge.outbox_cli import add_outbox_parser
     add_outbox_parser(commands)
+    from edge.status_cli import add_status_parser
+    add_status_parser(commands)
     return parser
 
 
@@ -109,6 +117,8 @@ def _check(path: Path) -> int:
         count = len(exc.problems)
         print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return 1
+    for warning in exposed_secrets(path, config):
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: OK (site {config.site}: {_plural(len(config.drivers), 'driver')}, "
           f"{_plural(len(config.machines), 'machine')}, "
           f"{_plural(len(config.destinations), 'destination')})")
@@ -163,6 +173,9 @@ def _sim(name: str, rest: list[str]) -> int:
         case "qms":
             from simulators import qms_api
             return qms_api.main(rest)
+        case "scenario":
+            from simulators import scenario
+            return scenario.main(rest)
     return 2
 
 
@@ -174,29 +187,45 @@ def _run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             log.error("Invalid config: %s", problem)
         return 1
-    return run_until_signalled(_serve(config))
+    for warning in exposed_secrets(args.config, config):
+        log.warning("Secrets exposed: %s", warning)
+    return run_until_signalled(_serve(config, args.config))
 
 
-async def _serve(config: PlantConfig) -> None:
-    from edge.daemon import serve
+async def _serve(config: PlantConfig, path: Path) -> None:
+    from edge.daemon import Control, serve
 
-    stop = asyncio.Event()
+    control = Control()
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     assert main_task is not None
 
-    def on_signal(signum: int) -> None:
-        if not stop.is_set():
+    def on_stop(signum: int) -> None:
+        if not control.stop_requested:
             log.info("Received %s; stopping", signal.Signals(signum).name)
-            stop.set()
+            control.stop()
         else:
             log.warning("Received %s again; aborting the shutdown",
                         signal.Signals(signum).name)
             main_task.cancel()
 
+    def on_reload() -> None:
+        if control.stop_requested:
+            log.info("Received SIGHUP while stopping; ignored")
+        else:
+            log.info("Received SIGHUP; reloading %s", path)
+            control.reload()
+
+    def load() -> PlantConfig:
+        reloaded = load_config(path)
+        for warning in exposed_secrets(path, reloaded):
+            log.warning("Secrets exposed: %s", warning)
+        return reloaded
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    await serve(config, stop)
+        loop.add_signal_handler(signum, on_stop, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    await serve(config, control, load)
 
 
 def run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> int:

@@ -75,6 +75,10 @@ class ApiConfig(Strict):
         return int(self.listen.rsplit(":", 1)[1])
 
 
+    ready_max_backlog_age: Duration = Field(
+        600.0, description="/readyz says not ready when a destination's oldest pending delivery "
+        "is older than this; a shorter outage is buffering within budget.")
+
     @field_validator("token")
     @classmethod
     def _empty_is_none(cls, token: SecretStr | None) -> SecretStr | None:

@@ -1,41 +1,98 @@
-"""The gateway's lifetime: open the outbox, start forwarders, rules and drivers, and stop them
-in the reverse order.
+"""The gateway's lifetime: open the outbox, start forwarders, rules and drivers, stop them in the
+reverse order, and reload the config without losing anything.
 
 Start order is downstream first (outbox, forwarders, local API, rules, then drivers), so nothing
-is read before there is somewhere durable to put it. On stop, drivers go first; whatever they
-handed to the rules is committed (a driver's `await` on the pipeline is the commit); then the
+is read before there is somewhere durable to put it; then systemd hears READY=1. On stop,
+drivers go first; whatever they handed to the rules is committed (a driver's `await` on the
+pipeline is the commit, and a barrier commit makes sure the last of it is on disk); then the
 forwarders stop leasing and finish what is in flight, all within `shutdown_timeout`. Anything
-not delivered stays in the outbox for the next start.
+not delivered stays in the outbox for the next start. A second signal aborts the wait.
+
+A reload (SIGHUP) loads and validates the file again. An invalid file changes nothing: each
+problem is logged and the old config runs on. A valid one that differs is applied as an
+internal restart: the running gateway stops exactly as on SIGTERM (so every count the rules
+made is committed), and a new one starts with the new config on the same open outbox, its rules
+rebuilt from the committed state. Every driver, machine and destination restarts, changed or
+not: a pause of a second or so, in exchange for one code path that cannot lose a count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import Driver
+from edge.aggregate import MachineRule
 from edge.api import make_server
-from edge.config import PlantConfig
+from edge.config import ConfigError, PlantConfig
 from edge.forward import HttpForwarder
+from edge.kpis import DeliveryKpis
+from edge.logs import redact
 from edge.operations import issue_token
 from edge.pipeline import Pipeline
 from edge.quality import QualityLink
 from edge.registry import create_driver
+from edge.secrets import secret_values
+from edge.systemd import Notifier, Supervisor
 
 log = logging.getLogger(__name__)
 
 
+class Phase(enum.StrEnum):
+    STARTING = "starting"
+    RUNNING = "running"
+    RELOADING = "reloading"
+    STOPPING = "stopping"
+
+
+class Control:
+    """What signals ask of the daemon: stop (SIGTERM, SIGINT) or reload the config (SIGHUP).
+    Also counts the reloads, for the metrics."""
+
+    def __init__(self) -> None:
+        self.stop_requested = False
+        self.reload_requested = False
+        self.reloads: dict[str, int] = {"applied": 0, "refused": 0, "unchanged": 0}
+        self._wake = asyncio.Event()
+
+    def stop(self) -> None:
+        self.stop_requested = True
+        self._wake.set()
+
+    def reload(self) -> None:
+        if not self.stop_requested:
+            self.reload_requested = True
+            self._wake.set()
+
+    async def wait(self) -> None:
+        await self._wake.wait()
+        self._wake.clear()
+
+
+ConfigLoader = Callable[[], PlantConfig]
+"""Reads and validates the config file again (raises ConfigError)."""
+
+
 class Gateway:
-    def __init__(self, config: PlantConfig, outbox: Outbox, saved_state: dict[str, str]
-                 ) -> None:
+    def __init__(self, config: PlantConfig, outbox: Outbox, saved_state: dict[str, str], *,
+                 kpis: DeliveryKpis | None = None, notifier: Notifier | None = None,
+                 control: Control | None = None) -> None:
         self.config = config
         self.outbox = outbox
-        self.pipeline = Pipeline(config, outbox, saved_state)
+        self.kpis = kpis or DeliveryKpis()
+        self.notifier = notifier or Notifier(None)
+        self.control = control or Control()
+        self.pipeline = Pipeline(config, outbox, saved_state,
+                                 observer=self.kpis.observer(config.destinations_for))
         self.drivers: list[Driver] = [create_driver(d) for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
                            for name, destination in config.destinations.items()]
@@ -43,17 +100,32 @@ class Gateway:
         self.outbox_counts: dict[str, DestinationCounts] = {}
         self.started_at = time.time()
         self.api_token = issue_token(config)
+        self.secrets = secret_values(config) | {self.api_token}
+        self.phase = Phase.STARTING
 
-    async def run(self, stop: asyncio.Event) -> None:
+    @property
+    def ready_max_backlog_age(self) -> float:
+        return self.config.api.ready_max_backlog_age
+
+    async def run(self, control: Control | None = None, load: ConfigLoader | None = None
+                  ) -> PlantConfig | None:
+        """Run until asked to stop (returns None) or to apply a valid new config (returns
+        it, once this gateway has stopped and committed everything)."""
+        if control is not None:
+            self.control = control
         config = self.config
         server = make_server(self)
+        self.outbox_counts = await self.outbox.counts()
         async with asyncio.TaskGroup() as downstream:
             api = downstream.create_task(self._serve_api(server), name="local-api")
             counts = downstream.create_task(self._refresh_counts(), name="outbox-counts")
             upkeep = downstream.create_task(self._prune_journal(), name="journal-retention")
+            journal = downstream.create_task(self.kpis.follow(self.outbox),
+                                             name="delivery-kpis")
             forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
                           for f in self.forwarders]
             quality = downstream.create_task(self.quality.run(), name="quality-dispositions")
+            await _until_listening(server, api)
             async with asyncio.TaskGroup() as upstream:
                 upstream_tasks = [upstream.create_task(self.pipeline.run_ticks(),
                                                        name="rule-time-triggers")]
@@ -66,26 +138,100 @@ class Gateway:
                          "%d destination(s); local API on http://%s; outbox %s", config.site,
                          len(self.drivers), len(self.pipeline.rules), len(self.forwarders),
                          config.api.listen, config.database_path)
-                await stop.wait()
-                log.info("Stopping: drivers first, then the rules commit, then deliveries "
-                         "drain (at most %gs)", config.shutdown_timeout)
-                for task in upstream_tasks:
-                    task.cancel()
-            quality.cancel()
+                self._report_orphans()
+                self.phase = Phase.RUNNING
+                self.notifier.ready(self.status_line())
+                next_config = await self._until_stop_or_reload(load)
+                deadline = asyncio.get_running_loop().time() + config.shutdown_timeout
+                if next_config is None:
+                    self.phase = Phase.STOPPING
+                    self.notifier.stopping(self.status_line())
+                    log.info("Stopping: drivers first, then the rules commit, then deliveries "
+                             "drain (at most %gs)", config.shutdown_timeout)
+                else:
+                    self.phase = Phase.RELOADING
+                    log.info("Applying the new config: drivers stop, the rules commit and "
+                             "deliveries drain (at most %gs), then the gateway starts again on "
+                             "the same outbox", config.shutdown_timeout)
+                await _cancel_until_done(upstream_tasks, deadline)
+            await self._commit_barrier(deadline)
+            await _cancel_until_done([quality], deadline)
             for forwarder in self.forwarders:
                 forwarder.drain()
             if forwarding:
-                _, late = await asyncio.wait(forwarding, timeout=config.shutdown_timeout)
+                remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+                _, late = await asyncio.wait(forwarding, timeout=remaining)
                 for task in late:
                     log.warning("Deliveries of %s did not finish within the shutdown timeout; "
                                 "they stay in the outbox", task.get_name())
-                    task.cancel()
-            counts.cancel()
-            upkeep.cancel()
+                await _cancel_until_done(list(late), deadline)
+            await _cancel_until_done([counts, upkeep, journal], deadline)
             server.should_exit = True
             await api
         self.outbox_counts = await self.outbox.counts()
-        log.info("Stopped; outbox holds %s", _describe_counts(self.outbox_counts))
+        if next_config is None:
+            log.info("Stopped; outbox holds %s", _describe_counts(self.outbox_counts))
+        return next_config
+
+    async def _until_stop_or_reload(self, load: ConfigLoader | None) -> PlantConfig | None:
+        control = self.control
+        while True:
+            if control.stop_requested:
+                return None
+            if control.reload_requested:
+                control.reload_requested = False
+                self.notifier.reloading()
+                new_config = await self._reloaded(load)
+                if control.stop_requested:
+                    return None
+                if new_config is not None:
+                    control.reloads["applied"] += 1
+                    return new_config
+                self.notifier.ready(self.status_line())
+                continue
+            await control.wait()
+
+    async def _reloaded(self, load: ConfigLoader | None) -> PlantConfig | None:
+        """The new config if it is valid and differs; else None, with the reason logged."""
+        if load is None:
+            log.warning("Reload asked for, but this gateway was not started from a file")
+            self.control.reloads["refused"] += 1
+            return None
+        log.info("Reloading the config")
+        try:
+            new_config = await asyncio.to_thread(load)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("Reload refused: %s", problem)
+            log.error("Reload refused: the new config has %d problem(s); the gateway runs on "
+                      "with the config it has", len(exc.problems))
+            self.control.reloads["refused"] += 1
+            return None
+        changes = describe_changes(self.config, new_config, self.outbox_counts)
+        if not changes:
+            log.info("Reload: the config has not changed; nothing to do")
+            self.control.reloads["unchanged"] += 1
+            return None
+        for change in changes:
+            log.info("Reload: %s", change)
+        return new_config
+
+    async def _commit_barrier(self, deadline: float) -> None:
+        """Wait until everything the stopped drivers handed over is on disk: a commit queued
+        now is done only after every commit queued before it."""
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(self.outbox.commit([]), remaining)
+        except TimeoutError:
+            log.warning("The outbox did not finish its last commits within the shutdown "
+                        "timeout; they finish before it closes")
+
+    def _report_orphans(self) -> None:
+        for name, counts in self.orphaned().items():
+            log.warning("The outbox holds %d undelivered and %d dead event(s) for destination "
+                        "%s, which the config no longer names: they stay in the outbox until "
+                        "it is configured again (plantsync outbox list --destination %s)",
+                        counts.pending, counts.dead, name, name, extra={"destination": name})
 
     async def _serve_api(self, server: Any) -> None:
         try:
@@ -113,17 +259,50 @@ class Gateway:
                 total += Path(f"{self.config.database_path}{suffix}").stat().st_size
         return total
 
+    def orphaned(self) -> dict[str, DestinationCounts]:
+        """Undelivered events held for destinations the config no longer names."""
+        return {name: counts for name, counts in sorted(self.outbox_counts.items())
+                if name not in self.config.destinations}
+
     def not_ready_reasons(self) -> list[str]:
         reasons = []
+        if self.phase is not Phase.RUNNING:
+            reasons.append(f"the gateway is {self.phase}")
         if self.outbox.back_pressure is not None:
             reasons.append(self.outbox.back_pressure)
+        for driver in self.drivers:
+            if not driver.health.connected:
+                why = f" ({driver.health.last_error})" if driver.health.last_error else ""
+                reasons.append(f"driver {driver.name} is not connected{why}")
+        budget = self.ready_max_backlog_age
         for forwarder in self.forwarders:
             counts = self.outbox_counts.get(forwarder.name)
-            if forwarder.health.reachable is False and counts is not None:
-                reasons.append(f"destination {forwarder.name} is failing "
-                               f"({forwarder.health.last_error}); {counts.pending} event(s) "
-                               "buffered")
+            age = counts.oldest_pending_age if counts is not None else None
+            if counts is not None and age is not None and age > budget:
+                error = forwarder.health.last_error
+                reasons.append(
+                    f"destination {forwarder.name}: the oldest pending delivery is {age:.0f}s "
+                    f"old, over the {budget:g}s budget (api.ready_max_backlog_age); "
+                    f"{counts.pending} event(s) buffered"
+                    + (f"; last error: {error}" if error else ""))
         return reasons
+
+    def degraded(self) -> list[str]:
+        """What is wrong but still within budget: worth a look, not a reason to be unready."""
+        notes = []
+        budget = self.ready_max_backlog_age
+        for forwarder in self.forwarders:
+            counts = self.outbox_counts.get(forwarder.name, DestinationCounts())
+            age = counts.oldest_pending_age
+            if forwarder.health.reachable is False and (age is None or age <= budget):
+                notes.append(f"destination {forwarder.name} is failing "
+                             f"({forwarder.health.last_error}); {counts.pending} event(s) "
+                             "buffered, within budget")
+        for name, counts in self.orphaned().items():
+            notes.append(f"the outbox holds {counts.pending} undelivered and {counts.dead} "
+                         f"dead event(s) for destination {name}, which the config no longer "
+                         "names")
+        return notes
 
     def alarms(self) -> list[str]:
         """What needs a person even though the gateway runs on."""
@@ -136,11 +315,38 @@ class Gateway:
                           f"{self.outbox.integrity_problem}; it is moved aside at the next start")
         return alarms
 
+    def status_line(self) -> str:
+        """One line for `systemctl status`: drivers, outbox depth, dead letters, back-pressure."""
+        connected = sum(1 for d in self.drivers if d.health.connected)
+        counts = self.outbox_counts.values()
+        pending = sum(c.pending for c in counts)
+        retrying = sum(c.retrying for c in counts)
+        dead = sum(c.dead for c in counts)
+        pressure = "ON" if self.outbox.back_pressure is not None else "off"
+        phase = "" if self.phase in (Phase.RUNNING, Phase.STARTING) else f"{self.phase}: "
+        return (f"{phase}drivers {connected}/{len(self.drivers)} connected; outbox {pending} "
+                f"pending ({retrying} retrying), {dead} dead; back-pressure {pressure}")
+
+    def sync_success_ratio(self) -> dict[str, float]:
+        """Per destination: acknowledged / (acknowledged + dead letters parked now)."""
+        ratios = {}
+        for name in sorted(set(self.config.destinations) | set(self.outbox_counts)):
+            delivered = self.kpis.delivered[name]
+            dead = self.outbox_counts.get(name, DestinationCounts()).dead
+            if delivered + dead:
+                ratios[name] = delivered / (delivered + dead)
+        return ratios
+
     def status(self) -> dict[str, Any]:
         now = time.time()
+        reasons = self.not_ready_reasons()
         return {
             "site": self.config.site,
             "uptime_seconds": round(now - self.started_at, 1),
+            "phase": str(self.phase),
+            "ready": not reasons,
+            "not_ready_reasons": reasons,
+            "degraded": self.degraded(),
             "drivers": [
                 {"name": d.name, "connected": d.health.connected,
                  "last_sample_age": _round(d.health.last_sample_age(now)),
@@ -153,19 +359,7 @@ class Gateway:
                        "age": _round(now - sample.source_time)}
                 for name, sample in sorted(self.pipeline.last_sample.items())
             },
-            "machines": [
-                {"id": rule.machine.id,
-                 "order_id": binding.order_id if binding else None,
-                 "operation": binding.operation if binding else None,
-                 "state": rule.state.machine_state,
-                 "good_total": rule.state.good.total, "scrap_total": rule.state.scrap.total,
-                 "good_pending": rule.state.good.pending,
-                 "scrap_pending": rule.state.scrap.pending,
-                 "unassigned": rule.state.unassigned,
-                 "unassigned_scrap": rule.state.unassigned_scrap}
-                for rule in self.pipeline.rules
-                for binding in [rule.state.binding]
-            ],
+            "machines": [machine_status(rule) for rule in self.pipeline.rules],
             "genealogy": self.pipeline.genealogy.figures(),
             "quality": {"qms": self.config.quality.qms, "reachable": self.quality.reachable,
                         "decisions": self.quality.decisions,
@@ -178,6 +372,7 @@ class Gateway:
                 "alarms": self.alarms(),
                 "refused_informational": self.outbox.stats.refused_informational,
                 "duplicates_ignored": self.outbox.stats.duplicates_ignored,
+                "dead_letters_retried": self.outbox.stats.dead_retried,
             },
             "destinations": {
                 f.name: {"reachable": f.health.reachable, "delivered": f.health.delivered,
@@ -185,7 +380,108 @@ class Gateway:
                          **vars(self.outbox_counts.get(f.name, DestinationCounts()))}
                 for f in self.forwarders
             },
+            "unconfigured_destinations": {name: vars(counts)
+                                          for name, counts in self.orphaned().items()},
+            "sync_success_ratio": {name: round(ratio, 4)
+                                   for name, ratio in self.sync_success_ratio().items()},
+            "config_reloads": dict(self.control.reloads),
         }
+
+
+async def _until_listening(server: Any, api: asyncio.Task[None], limit: float = 5.0) -> None:
+    """Wait (briefly) for the local API to listen, so that READY=1 means it answers."""
+    # uvicorn sets a flag, not an event: look at it every 10 ms.
+    for _ in range(int(limit / 0.01)):
+        if server.started or api.done():
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _cancel_until_done(tasks: list[asyncio.Task[None]], deadline: float) -> None:
+    """Cancel the tasks and wait until they have ended.
+
+    A cancellation can be lost: on Python 3.11, `asyncio.wait_for` returns its inner result
+    when that completes at the moment the outer task is cancelled (pymodbus connects that way),
+    and a driver then goes on to its next reconnect. So a task still running is cancelled
+    again, every half second, until it ends; past the shutdown timeout, that is logged.
+    """
+    loop = asyncio.get_running_loop()
+    pending = {task for task in tasks if not task.done()}
+    late_logged = False
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+        if pending and not late_logged and loop.time() >= deadline:
+            log.warning("Still stopping %s after the shutdown timeout",
+                        ", ".join(sorted(task.get_name() for task in pending)))
+            late_logged = True
+
+
+def machine_status(rule: MachineRule) -> dict[str, Any]:
+    """What `/status` and `plantsync status` show of a machine: its order, state and counts."""
+    binding = rule.state.binding
+    return {"id": rule.machine.id,
+            "order_id": binding.order_id if binding else None,
+            "operation": binding.operation if binding else None,
+            "lot_id": binding.lot_id if binding else None,
+            "state": rule.state.machine_state,
+            "good_total": rule.state.good.total, "scrap_total": rule.state.scrap.total,
+            "good_pending": rule.state.good.pending,
+            "scrap_pending": rule.state.scrap.pending,
+            "unassigned": rule.state.unassigned,
+            "unassigned_scrap": rule.state.unassigned_scrap}
+
+
+def describe_changes(old: PlantConfig, new: PlantConfig,
+                     held: Mapping[str, DestinationCounts] | None = None) -> list[str]:
+    """What a reload changes, one line each, naming settings but never their values (some
+    are secrets)."""
+    changes: list[str] = []
+    for name in PlantConfig.model_fields:
+        before, after = getattr(old, name), getattr(new, name)
+        if before == after:
+            continue
+        match name:
+            case "drivers":
+                changes += _named_changes("driver", {d.name: d for d in before},
+                                          {d.name: d for d in after})
+            case "machines":
+                changes += _named_changes("machine", {m.id: m for m in before},
+                                          {m.id: m for m in after})
+            case "destinations":
+                changes += _named_changes("destination", before, after)
+                for gone in sorted(set(before) - set(after)):
+                    counts = (held or {}).get(gone)
+                    if counts is not None and (counts.pending or counts.dead):
+                        changes.append(f"the outbox keeps the {counts.pending} undelivered and "
+                                       f"{counts.dead} dead event(s) of removed destination "
+                                       f"{gone}")
+            case "routes":
+                changes += _named_changes("route of", before, after)
+            case _:
+                fields = _changed_fields(before, after)
+                changes.append(f"{name} changed" + (f" ({', '.join(fields)})" if fields else ""))
+    return changes
+
+
+def _named_changes(kind: str, before: Mapping[str, Any], after: Mapping[str, Any]
+                   ) -> list[str]:
+    changes = [f"{kind} {name} added" for name in after if name not in before]
+    changes += [f"{kind} {name} removed" for name in before if name not in after]
+    for name in before:
+        if name in after and before[name] != after[name]:
+            fields = _changed_fields(before[name], after[name])
+            changes.append(f"{kind} {name} changed" + (f" ({', '.join(fields)})" if fields
+                                                       else ""))
+    return changes
+
+
+def _changed_fields(before: Any, after: Any) -> list[str]:
+    if not isinstance(before, BaseModel) or type(before) is not type(after):
+        return []
+    return [name for name in type(before).model_fields
+            if getattr(before, name) != getattr(after, name)]
 
 
 def _round(value: float | None) -> float | None:
@@ -199,14 +495,44 @@ def _describe_counts(counts: dict[str, DestinationCounts]) -> str:
                      for name, c in sorted(counts.items()))
 
 
-async def serve(config: PlantConfig, stop: asyncio.Event) -> None:
-    """Run the gateway until `stop` is set."""
-    outbox = await Outbox.open(config.database_path,
-                               commit_interval=config.outbox.commit_interval,
-                               commit_max_rows=config.outbox.commit_max_rows,
-                               max_bytes=int(config.outbox.max_size))
+async def open_outbox(config: PlantConfig) -> Outbox:
+    return await Outbox.open(config.database_path,
+                             commit_interval=config.outbox.commit_interval,
+                             commit_max_rows=config.outbox.commit_max_rows,
+                             max_bytes=int(config.outbox.max_size))
+
+
+async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None = None
+                ) -> None:
+    """Run the gateway until `control` says stop, applying reloads on the way."""
+    notifier = Notifier.from_environment()
+    supervisor = Supervisor(notifier)
+    kpis = DeliveryKpis()
+    outbox = await open_outbox(config)
     try:
-        saved = await outbox.load_state()
-        await Gateway(config, outbox, saved).run(stop)
+        async with asyncio.TaskGroup() as tasks:
+            watching = tasks.create_task(supervisor.run(), name="systemd-supervisor")
+            try:
+                while True:
+                    gateway = Gateway(config, outbox, await outbox.load_state(), kpis=kpis,
+                                      notifier=notifier, control=control)
+                    redact(gateway.secrets)
+                    supervisor.watch(gateway)
+                    new_config = await gateway.run(control, load)
+                    if new_config is None or control.stop_requested:
+                        break
+                    if (new_config.database_path, new_config.outbox) != (
+                            config.database_path, config.outbox):
+                        # The outbox's settings are fixed at open: reopen it (everything the
+                        # old gateway made is committed by now).
+                        log.info("Reopening the outbox with the new settings at %s",
+                                 new_config.database_path)
+                        supervisor.watch(None)
+                        await outbox.close()
+                        outbox = await open_outbox(new_config)
+                    config = new_config
+            finally:
+                watching.cancel()
     finally:
         await outbox.close()
+        notifier.close()

@@ -1,6 +1,11 @@
 """Logging for a daemon under systemd: JSON lines on stdout (journald keeps them), or plain text
 for a person at a terminal. Structured fields passed with `extra=` (event_id, order_id, lot_id,
 destination, driver) appear as JSON keys.
+
+Secrets never reach the log: `redact(values)` gives the handler the config's secret values, and
+every line is scrubbed of them (a peer that echoes a token in an error body, a library that puts
+a password in an exception) before it is written. The values live on the handler's formatter,
+not in a module global.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Literal
 
 LogFormat = Literal["json", "text"]
@@ -17,8 +23,29 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
                                                                                 "asctime"}
 
 
-class JsonFormatter(logging.Formatter):
+REDACTED = "[redacted]"
+
+
+class RedactingFormatter(logging.Formatter):
+    """A formatter that replaces known secret values in whatever it writes."""
+
+    secrets: tuple[str, ...] = ()
+
     def format(self, record: logging.LogRecord) -> str:
+        return self.scrub(self.render(record))
+
+    def render(self, record: logging.LogRecord) -> str:
+        return super().format(record)
+
+    def scrub(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+
+class JsonFormatter(RedactingFormatter):
+    def render(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
@@ -39,8 +66,8 @@ def setup_logging(fmt: LogFormat = "json", level: str = "INFO") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: "
-                                               "%(message)s", "%H:%M:%S"))
+        handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: "
+                                                "%(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -50,3 +77,14 @@ def setup_logging(fmt: LogFormat = "json", level: str = "INFO") -> None:
     # These two log every lost connection with a traceback; the drivers say it once, better.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
+
+
+def redact(secrets: Iterable[str]) -> None:
+    """Scrub these values from every line the handlers set up here write (longest first, so a
+    secret that contains another is replaced whole)."""
+    # JSON lines escape quotes, backslashes and non-ASCII: scrub the escaped form as well.
+    forms = {form for s in secrets if s for form in (s, json.dumps(s)[1:-1])}
+    values = tuple(sorted(forms, key=len, reverse=True))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, RedactingFormatter):
+            handler.formatter.secrets = values

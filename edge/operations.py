@@ -8,6 +8,7 @@ API token: the configured one, or the one the daemon wrote to `data_dir/api-toke
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from edge.config import PlantConfig
 
 Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal", "rejected"]
 CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead"})
+
+log = logging.getLogger(__name__)
 TOKEN_FILE = "api-token"
 
 
@@ -46,9 +49,18 @@ async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any])
             event_id = None if args.get("all_dead") else args.get("id")
             if event_id is None and not args.get("all_dead"):
                 raise ValueError("say which event to retry, or all_dead")
-            return {"retried": await outbox.retry_dead(event_id, args.get("destination"))}
+            retried = await outbox.retry_dead(event_id, args.get("destination"))
+            log.info("Manual intervention: %d dead letter(s) put back in line (%s)", retried,
+                     _which(event_id, args.get("destination")),
+                     extra={"event_id": event_id, "destination": args.get("destination")})
+            return {"retried": retried}
         case "purge-dead":
-            return {"purged": await outbox.purge_dead(args.get("id"), args.get("destination"))}
+            purged = await outbox.purge_dead(args.get("id"), args.get("destination"))
+            log.warning("Manual intervention: %d dead letter(s) deleted for good (%s)", purged,
+                        _which(args.get("id"), args.get("destination")),
+                        extra={"event_id": args.get("id"),
+                               "destination": args.get("destination")})
+            return {"purged": purged}
         case "journal":
             return await outbox.journal(float(args.get("since", 0.0)),
                                         limit=int(args.get("limit", 1000)))
@@ -56,6 +68,11 @@ async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any])
             return await outbox.rejected_inputs(float(args.get("since", 0.0)),
                                                 limit=int(args.get("limit", 100)))
     raise ValueError(f"unknown operation {operation!r}")
+
+
+def _which(event_id: str | None, destination: str | None) -> str:
+    what = f"event {event_id}" if event_id else "all dead letters"
+    return what + (f" for {destination}" if destination else "")
 
 
 def api_token(config: PlantConfig) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from edge.config import ConfigError, load_config
 from edge.operations import DaemonRefused, Operation, call
+from edge.secrets import scrub, secret_values
 from edge.timing import parse_duration
 
 
@@ -89,6 +90,7 @@ def run_outbox_command(args: argparse.Namespace) -> int:
     except DaemonRefused as exc:
         print(exc, file=sys.stderr)
         return 1
+    result = scrub(result, secret_values(config))
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -112,7 +114,7 @@ def _when(stamp: float | None) -> str:
     return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _age(seconds: float | None) -> str:
+def format_age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -129,7 +131,7 @@ def _text(operation: Operation, result: Any, via: str) -> str:
                          f"{'oldest':>9}")
             for name, counts in result["destinations"].items():
                 lines.append(f"{name:<14}{counts['pending']:>9}{counts['retrying']:>10}"
-                             f"{counts['dead']:>7}{_age(counts['oldest_pending_age']):>9}")
+                             f"{counts['dead']:>7}{format_age(counts['oldest_pending_age']):>9}")
             if not result["destinations"]:
                 lines.append("(nothing owed to any destination)")
             lines.append(f"outbox uses {result['used_bytes'] / 1e6:.1f} MB")

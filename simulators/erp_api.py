@@ -82,17 +82,13 @@ import math
 import random
 import re
 import secrets
-import signal
 import sqlite3
-import sys
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -102,6 +98,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from simulators.http_common import (
+    DEFAULT_TOKEN_TTL,
+    TOKEN_RESPONSE_HEADERS,
+    FaultFlagHelp,
+    FaultKnobs,
+    SqliteStore,
+    TokenIssuer,
+    add_client_arguments,
+    add_fault_arguments,
+    add_listen_arguments,
+    bearer_token,
+    control_routes,
+    injected_status,
+    oauth_error,
+    read_json,
+    run_until_signalled,
+    uvicorn_server,
+)
+from simulators.http_common import serve as serve_until_stopped
+
 JsonObject = dict[str, Any]
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -109,8 +125,6 @@ EVENT_CONTENT_TYPES = frozenset({"application/json", "application/cloudevents+js
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 REQUIRED_ATTRIBUTES = ("id", "type")
 OPTIONAL_STRING_ATTRIBUTES = ("subject", "partitionkey")
-RETRY_AFTER_STATUSES = frozenset({429, 503})
-SHUTDOWN_GRACE_SECONDS = 5
 
 SAP_ODATA = "/sap/opu/odata/sap"
 CONFIRMATION_SERVICE = f"{SAP_ODATA}/API_PROD_ORDER_CONFIRMATION_2_SRV"
@@ -121,7 +135,6 @@ USAGE_DECISION_SET = "A_InspLotUsageDecision"
 SAP_SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
 CSRF_HEADER = "X-CSRF-Token"
 AUTH_REALM = "plantsync-erp-sim"
-DEFAULT_TOKEN_TTL = 3600
 DEFAULT_USER = "PLANTSYNC"
 
 STOCK_TYPES = ("unrestricted", "quality_inspection", "blocked")
@@ -141,10 +154,6 @@ FILTER_AND = re.compile(r"and\s+")
 CONFIRMATION_KEY = re.compile(r"^ConfirmationGroup='(\d+)',ConfirmationCount='(\d+)'$")
 
 
-class StartupFailed(RuntimeError):
-    """The HTTP server could not start (port taken, address invalid); uvicorn logged why."""
-
-
 class InvalidEvent(ValueError):
     """A request body that is not an acceptable CloudEvent; the message is sent back."""
 
@@ -160,51 +169,11 @@ class ODataError(Exception):
 
 
 @dataclass(frozen=True)
-class Faults:
-    """Misbehaviour the simulator applies to requests, validated on creation."""
+class Faults(FaultKnobs):
+    """Misbehaviour the simulator applies to /api and /sap requests, validated on creation."""
 
-    error_rate: float = 0.0
-    """Probability (0..1) of answering ``error_status`` instead of processing a delivery."""
-    error_status: int = 503
-    """HTTP status of an injected error (400..599)."""
-    retry_after: int = 1
-    """Seconds sent in ``Retry-After`` when the injected status is 429 or 503."""
-    latency: float = 0.0
-    """Seconds added to each /api and /sap request before it is answered."""
     outage_until: float = 0.0
     """Unix time until which every /api and /sap request answers 503 (0: no outage)."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"error_rate must be between 0 and 1, got {self.error_rate}")
-        if not 400 <= self.error_status <= 599:
-            raise ValueError(f"error_status must be an HTTP error status, got {self.error_status}")
-        if self.retry_after < 0:
-            raise ValueError(f"retry_after must not be negative, got {self.retry_after}")
-        if self.latency < 0:
-            raise ValueError(f"latency must not be negative, got {self.latency}")
-        if self.outage_until < 0:
-            raise ValueError(f"outage_until must not be negative, got {self.outage_until}")
-
-    def updated(self, changes: Mapping[str, object]) -> Faults:
-        """Return these faults with ``changes`` (decoded JSON) applied, or raise ValueError."""
-        known = {field.name: field.type for field in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - set(known))
-        if unknown:
-            raise ValueError(f"unknown fault setting(s): {', '.join(unknown)}")
-        checked: dict[str, Any] = {}
-        for name, value in changes.items():
-            # bool is an int in Python but never a sensible knob value in JSON.
-            wants_int = known[name] == "int"
-            valid = isinstance(value, int) if wants_int else isinstance(value, int | float)
-            if isinstance(value, bool) or not valid:
-                kind = "an integer" if wants_int else "a number"
-                raise ValueError(f"{name} must be {kind}, got {json.dumps(value)}")
-            checked[name] = value
-        return dataclasses.replace(self, **checked)
-
-    def as_json(self) -> JsonObject:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -282,49 +251,6 @@ class Counters:
     auth_rejections: int = 0
     csrf_tokens_fetched: int = 0
     csrf_rejections: int = 0
-
-
-@dataclass
-class TokenIssuer:
-    """OAuth2 client credentials: configured clients and the bearer tokens issued to them."""
-
-    clients: Mapping[str, str]
-    ttl: int = DEFAULT_TOKEN_TTL
-    _tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
-
-    @property
-    def required(self) -> bool:
-        return bool(self.clients)
-
-    def accepts(self, client_id: str, client_secret: str) -> bool:
-        if not self.clients:
-            return True
-        expected = self.clients.get(client_id)
-        return expected is not None and secrets.compare_digest(expected, client_secret)
-
-    def issue(self, client_id: str) -> str:
-        now = time.monotonic()
-        # Forget expired tokens so a long soak does not grow the table.
-        for token in [t for t, (_, expiry) in self._tokens.items() if expiry <= now]:
-            del self._tokens[token]
-        token = secrets.token_urlsafe(32)
-        self._tokens[token] = (client_id, now + self.ttl)
-        return token
-
-    def check(self, token: str) -> tuple[str | None, str]:
-        """Return (client id, "") for a valid token, else (None, why it is not)."""
-        known = self._tokens.get(token)
-        if known is None:
-            return None, "the access token is unknown or was revoked"
-        client_id, expiry = known
-        if expiry <= time.monotonic():
-            return None, "the access token expired"
-        return client_id, ""
-
-    def revoke_all(self) -> int:
-        revoked = len(self._tokens)
-        self._tokens.clear()
-        return revoked
 
 
 @dataclass
@@ -692,45 +618,11 @@ def _apply_canonical(inventory: Inventory, event: JsonObject, reference: str, at
             inventory.decide(change, each, lot, code, plant=None)
 
 
-class EventStore:
-    """The ERP's SQLite tables (events, SAP documents, batches) behind one guarded connection.
-
-    The server runs on one event loop and never awaits inside a transaction, so the lock
-    is uncontended in practice; it keeps the store correct if a caller ever uses it from
-    another thread (Starlette's test client runs the app on its own thread).
-    """
+class EventStore(SqliteStore):
+    """The ERP's SQLite tables (events, SAP documents, batches) behind one guarded connection."""
 
     def __init__(self, db_path: str) -> None:
-        self._db_path = db_path
-        self._connection: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
-
-    def open(self) -> None:
-        connection = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
-        if self._db_path != ":memory:":
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute("PRAGMA busy_timeout=5000")
-        connection.executescript(SCHEMA)
-        self._connection = connection
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        if self._connection is None:
-            raise RuntimeError("the ERP event store is not open (was the app lifespan run?)")
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._connection
-            except BaseException:
-                self._connection.execute("ROLLBACK")
-                raise
-            self._connection.execute("COMMIT")
+        super().__init__(db_path, SCHEMA, "ERP event store")
 
     def record(self, deliveries: Sequence[Delivery]) -> list[Receipt]:
         """Store each new key once, count repeats, all in one transaction.
@@ -1270,22 +1162,13 @@ def _odata_error(
     return _odata_response(body, status, headers)
 
 
-async def _json_body(request: Request) -> object:
-    body = await request.body()
-    try:
-        decoded: object = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent(f"body is not valid JSON: {exc}") from exc
-    return decoded
-
-
 async def _odata_body(request: Request) -> object:
     if _media_type(request) != "application/json":
         raise ODataError(
             415, "SIM/UNSUPPORTED_MEDIA_TYPE", "send the entity as Content-Type application/json"
         )
     try:
-        return await _json_body(request)
+        return await read_json(request, InvalidEvent)
     except InvalidEvent as exc:
         raise _bad_request("INVALID_JSON", str(exc)) from exc
 
@@ -1428,8 +1311,7 @@ class ErpSimulator:
         """Wrap ``handler`` in latency, outage, bearer token, CSRF and delivery faults."""
 
         async def endpoint(request: Request) -> Response:
-            if self.faults.latency > 0:
-                await asyncio.sleep(self.faults.latency)
+            await self.faults.apply_latency()
             try:
                 refused = self._outage(request, odata)
                 if refused is None:
@@ -1472,9 +1354,8 @@ class ErpSimulator:
         request.state.user = DEFAULT_USER
         if not self.tokens.required:
             return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(request)
+        if token is None:
             # RFC 6750 3.1: no error code when the request carried no token at all.
             challenge = f'Bearer realm="{AUTH_REALM}"'
             message = "an OAuth2 bearer token is required (POST /oauth/token)"
@@ -1511,21 +1392,13 @@ class ErpSimulator:
         if self.scripted.drop_connection > 0:
             self.scripted.drop_connection -= 1
             return await self._drop(request, "before processing it")
-        if self.scripted.statuses:
-            status = self.scripted.statuses.popleft()
-            if status < 300:
-                return None
-            return self._inject(request, status, "scripted", odata)
-        faults = self.faults
-        if faults.error_rate > 0 and self._random.random() < faults.error_rate:
-            return self._inject(request, faults.error_status, "injected", odata)
-        return None
-
-    def _inject(self, request: Request, status: int, how: str, odata: bool) -> Response:
+        injected = injected_status(self.scripted.statuses, self.faults, self._random)
+        if injected is None:
+            return None
+        status, cause = injected
+        how = "scripted" if cause == "status_sequence" else "injected"
         self.counters.errors_injected += 1
-        headers = {}
-        if status in RETRY_AFTER_STATUSES:
-            headers["Retry-After"] = str(self.faults.retry_after)
+        headers = self.faults.retry_after_headers(status)
         self._say(f"ERP answered {status} to {request.url.path} ({how} fault)")
         return self._refusal(status, f"{how} fault {status}", headers, odata=odata)
 
@@ -1572,7 +1445,7 @@ class ErpSimulator:
                 f" ({BATCH_CONTENT_TYPE} goes to /api/events:batch)",
             )
         try:
-            event = validate_event(await _json_body(request))
+            event = validate_event(await read_json(request, InvalidEvent))
         except InvalidEvent as exc:
             return _error(400, str(exc))
         (receipt,) = self._accept([Delivery(key=key, event=event)])
@@ -1586,7 +1459,7 @@ class ErpSimulator:
         if media_type != BATCH_CONTENT_TYPE:
             return _error(415, f"content type {media_type or '(none)'} is not {BATCH_CONTENT_TYPE}")
         try:
-            candidates = await _json_body(request)
+            candidates = await read_json(request, InvalidEvent)
         except InvalidEvent as exc:
             return _error(400, str(exc))
         if not isinstance(candidates, list):
@@ -1622,15 +1495,11 @@ class ErpSimulator:
     # -- OAuth2 --------------------------------------------------------------------------------
 
     async def issue_token(self, request: Request) -> Response:
-        no_store = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
         def refuse(status: int, error: str, description: str) -> Response:
             self.counters.token_requests_refused += 1
-            headers = dict(no_store)
-            if status == 401:
-                headers["WWW-Authenticate"] = f'Basic realm="{AUTH_REALM}"'
-            body = {"error": error, "error_description": description}
-            return JSONResponse(body, status_code=status, headers=headers)
+            return oauth_error(
+                status, error, description, realm=AUTH_REALM, headers=TOKEN_RESPONSE_HEADERS
+            )
 
         if _media_type(request) != "application/x-www-form-urlencoded":
             return refuse(400, "invalid_request", "send application/x-www-form-urlencoded")
@@ -1644,13 +1513,9 @@ class ErpSimulator:
         credentials = _client_credentials(request, form)
         if credentials is None or not credentials[0] or not self.tokens.accepts(*credentials):
             return refuse(401, "invalid_client", "unknown client or wrong secret")
-        token = self.tokens.issue(credentials[0])
         self.counters.tokens_issued += 1
         self._say(f"ERP issued an access token to {credentials[0]}")
-        return JSONResponse(
-            {"access_token": token, "token_type": "Bearer", "expires_in": self.tokens.ttl},
-            headers=no_store,
-        )
+        return self.tokens.grant(credentials[0])
 
     # -- SAP S/4HANA OData ---------------------------------------------------------------------
 
@@ -1741,9 +1606,6 @@ class ErpSimulator:
             }
         )
 
-    async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
     async def list_batches(self, request: Request) -> Response:
         return JSONResponse(self.store.batches(material=request.query_params.get("material")))
 
@@ -1771,7 +1633,7 @@ class ErpSimulator:
 
     async def set_faults(self, request: Request) -> Response:
         try:
-            changes = await _json_body(request)
+            changes = await read_json(request, InvalidEvent)
             if not isinstance(changes, dict):
                 raise InvalidEvent("fault settings must be a JSON object")
             actions = FaultActions.parse(changes)
@@ -1820,8 +1682,6 @@ def create_app(
 
     ``clients`` maps OAuth2 client ids to secrets: when given, /api and /sap need tokens.
     """
-    if token_ttl < 1:
-        raise ValueError(f"token_ttl must be at least 1 second, got {token_ttl}")
     store = EventStore(db_path)
     simulator = ErpSimulator(
         store,
@@ -1833,11 +1693,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store.open()
-        try:
+        with store.opened():
             yield
-        finally:
-            store.close()
 
     guard = simulator.guard
     confirmations = f"{CONFIRMATION_SERVICE}/{CONFIRMATION_SET}"
@@ -1892,15 +1749,11 @@ def create_app(
             methods=["POST"],
         ),
         Route("/events", simulator.list_events, methods=["GET"]),
-        Route("/stats", simulator.stats, methods=["GET"]),
-        Route("/healthz", simulator.healthz, methods=["GET"]),
         Route("/_sim/batches", simulator.list_batches, methods=["GET"]),
         Route("/_sim/batches/{batch}", simulator.get_batch, methods=["GET"]),
         Route("/_sim/sap/confirmations", simulator.sap_confirmations, methods=["GET"]),
         Route("/_sim/sap/usage-decisions", simulator.sap_usage_decisions, methods=["GET"]),
-        Route("/_sim/faults", simulator.get_faults, methods=["GET"]),
-        Route("/_sim/faults", simulator.set_faults, methods=["POST"]),
-        Route("/_sim/reset", simulator.reset, methods=["POST"]),
+        *control_routes(simulator),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.simulator = simulator
@@ -1947,49 +1800,10 @@ async def serve(
         token_ttl=token_ttl,
         scripted=scripted,
     )
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn_server(app, host, port)
     simulator: ErpSimulator = app.state.simulator
     simulator.connection_closer = _connection_closer(server)
-    async with asyncio.TaskGroup() as tasks:
-        serving = tasks.create_task(_serve_until_exit(server), name="erp-api-http")
-        # uvicorn exposes readiness only as a flag, so poll it briefly.
-        while not server.started and not serving.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        if server.started:
-            # Port 0 asks the kernel for a free port: announce the one actually bound.
-            bound_port = server.servers[0].sockets[0].getsockname()[1]
-            shown_host = f"[{host}]" if ":" in host else host
-            print(f"erp-api listening on http://{shown_host}:{bound_port}", flush=True)
-    if not server.started:
-        raise StartupFailed(f"erp-api could not start on {host}:{port}")
-
-
-async def _serve_until_exit(server: uvicorn.Server) -> None:
-    # After a graceful shutdown on SIGINT or SIGTERM, uvicorn raises the signal again for
-    # the previous handler; with main's handler that is a KeyboardInterrupt landing here,
-    # once the work is done, so it only means "stopped as asked". A failed start-up is a
-    # sys.exit() inside uvicorn after it logged the cause; serve() reports it instead.
-    with contextlib.suppress(KeyboardInterrupt, SystemExit):
-        await server.serve()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def _client(text: str) -> tuple[str, str]:
-    client_id, colon, secret = text.partition(":")
-    if not colon or not client_id or not secret:
-        raise argparse.ArgumentTypeError(f"expected ID:SECRET, got {text!r}")
-    return client_id, secret
+    await serve_until_stopped(server, "erp-api")
 
 
 def _statuses(text: str) -> tuple[int, ...]:
@@ -2005,57 +1819,26 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         epilog="Endpoints and fault knobs: see the module docstring (pydoc simulators.erp_api).",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8480, help="port (0 picks a free one)")
-    parser.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
-    parser.add_argument(
-        "--client",
-        type=_client,
-        action="append",
-        default=[],
-        metavar="ID:SECRET",
-        help="an OAuth2 client (repeatable); with one, /api and /sap need a bearer token",
+    add_listen_arguments(parser, default_port=8480)
+    add_client_arguments(
+        parser,
+        client_help="an OAuth2 client (repeatable); with one, /api and /sap need a bearer token",
+        token_ttl_help=f"seconds an access token lives (default {DEFAULT_TOKEN_TTL})",
     )
-    parser.add_argument(
-        "--token-ttl",
-        type=int,
-        default=DEFAULT_TOKEN_TTL,
-        help=f"seconds an access token lives (default {DEFAULT_TOKEN_TTL})",
-    )
-    defaults = Faults()
-    parser.add_argument(
-        "--error-rate",
-        type=float,
-        default=defaults.error_rate,
-        help="probability 0..1 of answering --error-status to a delivery instead",
-    )
-    parser.add_argument(
-        "--error-status", type=int, default=defaults.error_status, help="status of injected errors"
-    )
-    parser.add_argument(
-        "--retry-after",
-        type=int,
-        default=defaults.retry_after,
-        help="Retry-After seconds sent with injected 429 and 503",
-    )
-    parser.add_argument(
-        "--latency",
-        type=float,
-        default=defaults.latency,
-        help="seconds added to each /api and /sap request",
-    )
-    parser.add_argument(
-        "--outage-seconds",
-        type=float,
-        default=0.0,
-        help="answer 503 with Retry-After to every /api and /sap request for this long",
-    )
-    parser.add_argument(
-        "--status-sequence",
-        type=_statuses,
-        default=(),
-        metavar="S,S,...",
-        help="statuses for the next deliveries in turn, e.g. 500,429,201 (2xx: let through)",
+    add_fault_arguments(
+        parser,
+        _statuses,
+        FaultFlagHelp(
+            error_rate="probability 0..1 of answering --error-status to a delivery instead",
+            latency="seconds added to each /api and /sap request",
+            outage_seconds=(
+                "answer 503 with Retry-After to every /api and /sap request for this long"
+            ),
+            status_sequence=(
+                "statuses for the next deliveries in turn, e.g. 500,429,201 (2xx: let through)"
+            ),
+            status_metavar="S,S,...",
+        ),
     )
     parser.add_argument(
         "--drop-connection",
@@ -2090,31 +1873,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     scripted = ScriptedFaults(deque(args.status_sequence), args.drop_connection, args.drop_response)
-    # SIGTERM is treated like Ctrl-C, so a stop before uvicorn owns the signals (or after
-    # it re-raises them) ends here with exit code 0 rather than death by signal.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        asyncio.run(
-            serve(
-                args.host,
-                args.port,
-                args.db,
-                faults,
-                log_requests=args.log_requests,
-                clients=dict(args.client),
-                token_ttl=args.token_ttl,
-                scripted=scripted,
-            )
+    return run_until_signalled(
+        lambda: serve(
+            args.host,
+            args.port,
+            args.db,
+            faults,
+            log_requests=args.log_requests,
+            clients=dict(args.client),
+            token_ttl=args.token_ttl,
+            scripted=scripted,
         )
-    except KeyboardInterrupt:
-        pass
-    except StartupFailed as exc:
-        print(exc, file=sys.stderr, flush=True)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    )
 
 
 if __name__ == "__main__":

@@ -33,25 +33,39 @@ import hmac
 import json
 import math
 import random
-import secrets
-import signal
 import sqlite3
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from types import FrameType
 from typing import Any, Final, Literal, get_args
 from urllib.parse import parse_qs
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from simulators.http_common import (
+    DEFAULT_TOKEN_TTL,
+    FaultFlagHelp,
+    FaultKnobs,
+    SqliteStore,
+    TokenIssuer,
+    add_client_arguments,
+    add_fault_arguments,
+    add_listen_arguments,
+    bearer_token,
+    check_token_ttl,
+    control_routes,
+    injected_status,
+    oauth_error,
+    read_json,
+    run_until_signalled,
+    uvicorn_server,
+)
+from simulators.http_common import serve as serve_until_stopped
 
 JsonObject = dict[str, Any]
 Handler = Callable[[Request], Awaitable[Response]]
@@ -66,18 +80,11 @@ DISPOSITIONS: Final[tuple[Disposition, ...]] = get_args(Disposition)
 TRIGGERS: Final = ("limit_violation", "lot_completed", "periodic", "manual")
 VERDICTS: Final[tuple[Verdict, ...]] = get_args(Verdict)
 SEVERITIES: Final = ("minor", "major", "critical")
-RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
 DEFAULT_DECISION_DELAY: Final = 1.0
-DEFAULT_TOKEN_TTL: Final = 3600
 FEED_PAGE_DEFAULT: Final = 100
 FEED_PAGE_MAX: Final = 1000
 DECIDER_MAX_SLEEP: Final = 1.0
 """The decision task wakes at least this often (seconds), whatever it was told."""
-SHUTDOWN_GRACE_SECONDS: Final = 5
-
-
-class StartupFailed(RuntimeError):
-    """The HTTP server could not start (port taken, address invalid); uvicorn logged why."""
 
 
 class InvalidRequest(ValueError):
@@ -97,69 +104,33 @@ class InvalidRequest(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_number(value: object) -> bool:
-    # bool is an int in Python but never a sensible knob value in JSON.
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
-class Faults:
+class Faults(FaultKnobs):
     """Misbehaviour the simulator applies to ``/api/v1`` requests, validated on creation."""
 
-    error_rate: float = 0.0
-    """Probability (0..1) of answering ``error_status`` instead of processing."""
-    error_status: int = 503
-    """HTTP status of an injected error (400..599)."""
-    retry_after: int = 1
-    """Seconds sent in ``Retry-After`` with every injected 429 and 503."""
-    latency: float = 0.0
-    """Seconds added to each request before it is answered."""
     outage_seconds: float = 0.0
     """Answer 503 to every request for this long, counted from when it is set."""
     status_sequence: tuple[int, ...] = ()
     """Statuses for the next requests, one each, before the other knobs; a 2xx lets one through."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"error_rate must be between 0 and 1, got {self.error_rate}")
-        if not 400 <= self.error_status <= 599:
-            raise ValueError(f"error_status must be an HTTP error status, got {self.error_status}")
-        if self.retry_after < 0:
-            raise ValueError(f"retry_after must not be negative, got {self.retry_after}")
-        if self.latency < 0:
-            raise ValueError(f"latency must not be negative, got {self.latency}")
-        if self.outage_seconds < 0:
-            raise ValueError(f"outage_seconds must not be negative, got {self.outage_seconds}")
+        super().__post_init__()
         for status in self.status_sequence:
             if not (200 <= status <= 299 or 400 <= status <= 599):
                 raise ValueError(
                     f"status_sequence holds HTTP statuses 200..299 or 400..599, got {status}"
                 )
 
-    def updated(self, changes: Mapping[str, object]) -> Faults:
-        """Return these faults with ``changes`` (decoded JSON) applied, or raise ValueError."""
-        known = {field.name: field.type for field in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - set(known))
-        if unknown:
-            raise ValueError(f"unknown fault setting(s): {', '.join(unknown)}")
-        checked: dict[str, Any] = {}
-        for name, value in changes.items():
-            if name == "status_sequence":
-                if not isinstance(value, list) or not all(
-                    isinstance(status, int) and not isinstance(status, bool) for status in value
-                ):
-                    raise ValueError(
-                        f"status_sequence must be a list of HTTP statuses, got {json.dumps(value)}"
-                    )
-                checked[name] = tuple(value)
-                continue
-            wants_int = known[name] == "int"
-            valid = isinstance(value, int) if wants_int else _is_number(value)
-            if isinstance(value, bool) or not valid:
-                kind = "an integer" if wants_int else "a number"
-                raise ValueError(f"{name} must be {kind}, got {json.dumps(value)}")
-            checked[name] = value
-        return dataclasses.replace(self, **checked)
+    def _checked_knob(self, name: str, kind: str, value: object) -> Any:
+        if name != "status_sequence":
+            return super()._checked_knob(name, kind, value)
+        if not isinstance(value, list) or not all(
+            isinstance(status, int) and not isinstance(status, bool) for status in value
+        ):
+            raise ValueError(
+                f"status_sequence must be a list of HTTP statuses, got {json.dumps(value)}"
+            )
+        return tuple(value)
 
 
 class FaultInjector:
@@ -196,23 +167,18 @@ class FaultInjector:
     async def misbehave(self) -> JSONResponse | None:
         """Apply latency, then maybe answer an injected error instead of processing."""
         faults = self._faults
-        if faults.latency > 0:
-            await asyncio.sleep(faults.latency)
-        status: int | None = None
+        await faults.apply_latency()
         if time.monotonic() < self._outage_until:
             status, why = 503, "simulated outage"
-        elif self._pending:
-            scripted = self._pending.popleft()
-            if scripted >= 400:
-                status, why = scripted, "status_sequence"
-        elif faults.error_rate > 0 and self._random.random() < faults.error_rate:
-            status, why = faults.error_status, "error_rate"
-        if status is None:
+        elif (injected := injected_status(self._pending, faults, self._random)) is not None:
+            status, why = injected
+        else:
             return None
         self.injected += 1
-        headers = {"Retry-After": str(faults.retry_after)} if status in RETRY_AFTER_STATUSES else {}
         return JSONResponse(
-            {"error": f"injected fault {status} ({why})"}, status_code=status, headers=headers
+            {"error": f"injected fault {status} ({why})"},
+            status_code=status,
+            headers=faults.retry_after_headers(status),
         )
 
 
@@ -232,15 +198,12 @@ class Credentials:
     """Lifetime of an issued access token, seconds."""
 
     def __post_init__(self) -> None:
-        if self.token_ttl < 1:
-            raise ValueError(f"token_ttl must be at least 1 second, got {self.token_ttl}")
+        check_token_ttl(self.token_ttl)
 
 
-def _oauth_error(status: int, error: str, description: str, **headers: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": error, "error_description": description},
-        status_code=status,
-        headers={"Cache-Control": "no-store", **headers},
+def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
+    return oauth_error(
+        status, error, description, realm=REALM, headers={"Cache-Control": "no-store"}
     )
 
 
@@ -249,7 +212,7 @@ class Gatekeeper:
 
     def __init__(self, credentials: Credentials) -> None:
         self.credentials = credentials
-        self._tokens: dict[str, float] = {}
+        self.tokens = TokenIssuer(credentials.clients, credentials.token_ttl)
 
     async def issue_token(self, request: Request) -> Response:
         """OAuth2 client credentials grant (RFC 6749 section 4.4), form-encoded."""
@@ -275,18 +238,8 @@ class Gatekeeper:
                 )
             except (binascii.Error, UnicodeDecodeError):
                 client_id = client_secret = None
-        known_secret = clients.get(client_id or "")
-        if (
-            known_secret is None
-            or client_secret is None
-            or not hmac.compare_digest(known_secret.encode(), client_secret.encode())
-        ):
-            return _oauth_error(
-                401,
-                "invalid_client",
-                "unknown client or wrong secret",
-                **{"WWW-Authenticate": f'Basic realm="{REALM}"'},
-            )
+        if client_secret is None or not self.tokens.accepts(client_id or "", client_secret):
+            return _oauth_error(401, "invalid_client", "unknown client or wrong secret")
         grant_type = form.get("grant_type")
         if grant_type is None:
             return _oauth_error(400, "invalid_request", "grant_type is required")
@@ -294,15 +247,7 @@ class Gatekeeper:
             return _oauth_error(
                 400, "unsupported_grant_type", "only client_credentials is supported"
             )
-        now = time.monotonic()
-        self._tokens = {token: until for token, until in self._tokens.items() if until > now}
-        token = secrets.token_urlsafe(32)
-        ttl = self.credentials.token_ttl
-        self._tokens[token] = now + ttl
-        return JSONResponse(
-            {"access_token": token, "token_type": "Bearer", "expires_in": ttl},
-            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
-        )
+        return self.tokens.grant(client_id or "")
 
     def refusal(self, request: Request) -> JSONResponse | None:
         """None when the request may proceed, else the 401 to answer."""
@@ -315,9 +260,10 @@ class Gatekeeper:
         ):
             return None
         challenge = f'Bearer realm="{REALM}"' if credentials.clients else f'ApiKey realm="{REALM}"'
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if credentials.clients and scheme.lower() == "bearer" and token.strip():
-            if self._tokens.get(token.strip(), 0.0) > time.monotonic():
+        token = bearer_token(request)
+        if credentials.clients and token is not None:
+            client_id, _ = self.tokens.check(token)
+            if client_id is not None:
                 return None
             message = "invalid or expired access token"
             challenge += ', error="invalid_token"'
@@ -607,12 +553,10 @@ def _disposition_row(row: Sequence[Any]) -> JsonObject:
     return dict(zip(names, row, strict=True))
 
 
-class QualityStore:
+class QualityStore(SqliteStore):
     """The QMS's SQLite tables behind one guarded connection, and the decisions made on them.
 
-    Every change of state happens in one transaction with the reads it depends on. The server
-    runs on one event loop and never awaits inside a transaction, so the lock is uncontended;
-    it keeps the store correct if a caller ever uses it from another thread.
+    Every change of state happens in one transaction with the reads it depends on.
     """
 
     def __init__(
@@ -621,40 +565,20 @@ class QualityStore:
         policy: DecisionPolicy,
         on_decision: Callable[[JsonObject], None] | None = None,
     ) -> None:
+        super().__init__(db_path, SCHEMA, "QMS store")
         self.policy = policy
-        self._db_path = db_path
         self._on_decision = on_decision
-        self._connection: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
         self._decided: list[JsonObject] = []
-
-    def open(self) -> None:
-        connection = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
-        if self._db_path != ":memory:":
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute("PRAGMA busy_timeout=5000")
-        connection.executescript(SCHEMA)
-        self._connection = connection
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        if self._connection is None:
-            raise RuntimeError("the QMS store is not open (was the app lifespan run?)")
-        with self._lock:
-            self._connection.execute("BEGIN IMMEDIATE")
+        """A store transaction; the decisions it made are reported once it is committed."""
+        with super()._transaction() as db:
             try:
-                yield self._connection
+                yield db
             except BaseException:
-                self._connection.execute("ROLLBACK")
                 self._decided.clear()
                 raise
-            self._connection.execute("COMMIT")
             decided, self._decided = self._decided, []
         if self._on_decision is not None:
             for entry in decided:
@@ -998,11 +922,7 @@ class QualityStore:
 
 
 async def _json_object(request: Request) -> JsonObject:
-    body = await request.body()
-    try:
-        decoded: object = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"body is not valid JSON: {exc}") from exc
+    decoded = await read_json(request, InvalidRequest)
     if not isinstance(decoded, dict):
         raise InvalidRequest("body must be a JSON object")
     return decoded
@@ -1145,9 +1065,6 @@ class QmsSimulator:
     async def stats(self, request: Request) -> Response:
         return JSONResponse({**self.store.counts(), "errors_injected": self.faults.injected})
 
-    async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
     async def get_faults(self, request: Request) -> Response:
         return JSONResponse(self.faults.as_json())
 
@@ -1188,16 +1105,13 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store.open()
-        try:
+        with store.opened():
             async with asyncio.TaskGroup() as tasks:
                 deciding = tasks.create_task(simulator.run_decisions(), name="qms-api-decisions")
                 try:
                     yield
                 finally:
                     deciding.cancel()
-        finally:
-            store.close()
 
     api = simulator.api
     routes = [
@@ -1218,11 +1132,7 @@ def create_app(
         Route("/_sim/inspections", simulator.list_inspections, methods=["GET"]),
         Route("/_sim/lots", simulator.list_lots, methods=["GET"]),
         Route("/_sim/decide", simulator.decide, methods=["POST"]),
-        Route("/_sim/faults", simulator.get_faults, methods=["GET"]),
-        Route("/_sim/faults", simulator.set_faults, methods=["POST"]),
-        Route("/_sim/reset", simulator.reset, methods=["POST"]),
-        Route("/stats", simulator.stats, methods=["GET"]),
-        Route("/healthz", simulator.healthz, methods=["GET"]),
+        *control_routes(simulator),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.simulator = simulator
@@ -1243,47 +1153,7 @@ async def serve(
     app = create_app(
         db_path, policy=policy, credentials=credentials, faults=faults, log_requests=log_requests
     )
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
-    )
-    server = uvicorn.Server(config)
-    async with asyncio.TaskGroup() as tasks:
-        serving = tasks.create_task(_serve_until_exit(server), name="qms-api-http")
-        # uvicorn exposes readiness only as a flag, so poll it briefly.
-        while not server.started and not serving.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        if server.started:
-            # Port 0 asks the kernel for a free port: announce the one actually bound.
-            bound_port = server.servers[0].sockets[0].getsockname()[1]
-            shown_host = f"[{host}]" if ":" in host else host
-            print(f"qms-api listening on http://{shown_host}:{bound_port}", flush=True)
-    if not server.started:
-        raise StartupFailed(f"qms-api could not start on {host}:{port}")
-
-
-async def _serve_until_exit(server: uvicorn.Server) -> None:
-    # After a graceful shutdown on SIGINT or SIGTERM, uvicorn raises the signal again for
-    # the previous handler; with main's handler that is a KeyboardInterrupt landing here,
-    # once the work is done, so it only means "stopped as asked". A failed start-up is a
-    # sys.exit() inside uvicorn after it logged the cause; serve() reports it instead.
-    with contextlib.suppress(KeyboardInterrupt, SystemExit):
-        await server.serve()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def _client(text: str) -> tuple[str, str]:
-    client_id, colon, secret = text.partition(":")
-    if not colon or not client_id or not secret:
-        raise argparse.ArgumentTypeError(f"expected ID:SECRET, got {text!r}")
-    return client_id, secret
+    await serve_until_stopped(uvicorn_server(app, host, port), "qms-api")
 
 
 def _statuses(text: str) -> tuple[int, ...]:
@@ -1299,9 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m simulators.qms_api", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8490, help="port (0 picks a free one)")
-    parser.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
+    add_listen_arguments(parser, default_port=8490)
     parser.add_argument(
         "--decision-delay",
         type=float,
@@ -1314,54 +1182,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hold-lot", action="append", default=[], metavar="LOT", help="keep LOT on hold"
     )
-    parser.add_argument(
-        "--client",
-        type=_client,
-        action="append",
-        default=[],
-        metavar="ID:SECRET",
-        help="enable OAuth2 client credentials (POST /oauth/token) for this client",
-    )
-    parser.add_argument(
-        "--token-ttl",
-        type=int,
-        default=DEFAULT_TOKEN_TTL,
-        help="lifetime of issued access tokens, seconds",
+    add_client_arguments(
+        parser,
+        client_help="enable OAuth2 client credentials (POST /oauth/token) for this client",
+        token_ttl_help="lifetime of issued access tokens, seconds",
     )
     parser.add_argument(
         "--api-key", action="append", default=[], metavar="KEY", help="accept X-API-Key: KEY"
     )
-    defaults = Faults()
-    parser.add_argument(
-        "--error-rate",
-        type=float,
-        default=defaults.error_rate,
-        help="probability 0..1 of answering --error-status instead",
-    )
-    parser.add_argument(
-        "--error-status", type=int, default=defaults.error_status, help="status of injected errors"
-    )
-    parser.add_argument(
-        "--retry-after",
-        type=int,
-        default=defaults.retry_after,
-        help="Retry-After seconds sent with injected 429 and 503",
-    )
-    parser.add_argument(
-        "--latency", type=float, default=defaults.latency, help="seconds added to each request"
-    )
-    parser.add_argument(
-        "--outage-seconds",
-        type=float,
-        default=defaults.outage_seconds,
-        help="answer 503 to every API request for this long after start",
-    )
-    parser.add_argument(
-        "--status-sequence",
-        type=_statuses,
-        default=defaults.status_sequence,
-        metavar="S1,S2,...",
-        help="statuses for the first API requests, one each (2xx: process normally)",
+    add_fault_arguments(
+        parser,
+        _statuses,
+        FaultFlagHelp(
+            error_rate="probability 0..1 of answering --error-status instead",
+            latency="seconds added to each request",
+            outage_seconds="answer 503 to every API request for this long after start",
+            status_sequence="statuses for the first API requests, one each (2xx: process normally)",
+            status_metavar="S1,S2,...",
+        ),
     )
     parser.add_argument(
         "--log-requests", action="store_true", help="print one line per request and decision"
@@ -1386,30 +1224,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    # SIGTERM is treated like Ctrl-C, so a stop before uvicorn owns the signals (or after
-    # it re-raises them) ends here with exit code 0 rather than death by signal.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        asyncio.run(
-            serve(
-                args.host,
-                args.port,
-                args.db,
-                policy=policy,
-                credentials=credentials,
-                faults=faults,
-                log_requests=args.log_requests,
-            )
+    return run_until_signalled(
+        lambda: serve(
+            args.host,
+            args.port,
+            args.db,
+            policy=policy,
+            credentials=credentials,
+            faults=faults,
+            log_requests=args.log_requests,
         )
-    except KeyboardInterrupt:
-        pass
-    except StartupFailed as exc:
-        print(exc, file=sys.stderr, flush=True)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
+    )
 
 
 if __name__ == "__main__":

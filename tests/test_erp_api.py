@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import re
-import signal
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-READY_LINE = re.compile(r"^erp-api listening on (http://127\.0\.0\.1:\d+)$")
-START_TIMEOUT_SECONDS = 10.0
+from tests.sim_process import RunningSimulator, start_simulator
+
 CLOUDEVENT = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 CONFIRMATIONS = "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV"
@@ -27,48 +20,8 @@ INSPECTIONS = "/sap/opu/odata/sap/API_INSPECTIONLOT_SRV"
 SESSION_COOKIE = "SAP_SESSIONID_S4H_100"
 
 
-@dataclass
-class RunningErp:
-    process: subprocess.Popen[str]
-    client: httpx.Client
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM the simulator; return its exit code and the rest of its output."""
-        self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            remaining, _ = self.process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            remaining, _ = self.process.communicate()
-        return self.process.returncode, remaining
-
-
-def start_erp(db_path: Path, *options: str) -> RunningErp:
-    # Port 0 lets the kernel pick a free port; the ready line says which one.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "simulators.erp_api", "--port", "0", "--db", str(db_path), *options],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    # A simulator that hangs before its ready line is killed, which ends the reads below.
-    watchdog = threading.Timer(START_TIMEOUT_SECONDS, process.kill)
-    watchdog.start()
-    seen: list[str] = []
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if match := READY_LINE.match(line.strip()):
-                return RunningErp(process, httpx.Client(base_url=match.group(1), timeout=5.0))
-    finally:
-        watchdog.cancel()
-    process.kill()
-    process.wait()
-    pytest.fail("ERP simulator did not become ready:\n" + "".join(seen))
+def start_erp(db_path: Path, *options: str) -> RunningSimulator:
+    return start_simulator("erp-api", db_path, *options)
 
 
 @pytest.fixture
@@ -77,7 +30,7 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def erp(db_path: Path) -> Iterator[RunningErp]:
+def erp(db_path: Path) -> Iterator[RunningSimulator]:
     running = start_erp(db_path)
     yield running
     running.stop()
@@ -98,7 +51,10 @@ def confirmation(event_id: str, order_id: str = "4711", good_count: str = "100")
 
 
 def post_event(
-    erp: RunningErp, event: dict[str, Any], key: str | None = None, content_type: str = CLOUDEVENT
+    erp: RunningSimulator,
+    event: dict[str, Any],
+    key: str | None = None,
+    content_type: str = CLOUDEVENT,
 ) -> httpx.Response:
     headers = {"Content-Type": content_type}
     if key is not None:
@@ -106,7 +62,7 @@ def post_event(
     return erp.client.post("/api/events", json=event, headers=headers)
 
 
-def set_faults(erp: RunningErp, **settings: object) -> dict[str, Any]:
+def set_faults(erp: RunningSimulator, **settings: object) -> dict[str, Any]:
     response = erp.client.post("/_sim/faults", json=settings)
     assert response.status_code == 200, response.text
     faults: dict[str, Any] = response.json()
@@ -177,7 +133,7 @@ def receipt(batch: str, quantity: str = "100", usability: str | None = "2") -> d
     return item
 
 
-def fetch_csrf(erp: RunningErp, **headers: str) -> str:
+def fetch_csrf(erp: RunningSimulator, **headers: str) -> str:
     """Fetch a CSRF token the SAP way; the client keeps the session cookie."""
     response = erp.client.get(f"{CONFIRMATIONS}/", headers={"X-CSRF-Token": "Fetch", **headers})
     assert response.status_code == 200, response.text
@@ -186,7 +142,7 @@ def fetch_csrf(erp: RunningErp, **headers: str) -> str:
 
 
 def post_confirmation(
-    erp: RunningErp, body: dict[str, Any], csrf: str | None = None, **headers: str
+    erp: RunningSimulator, body: dict[str, Any], csrf: str | None = None, **headers: str
 ) -> httpx.Response:
     if csrf is not None:
         headers["X-CSRF-Token"] = csrf
@@ -194,7 +150,7 @@ def post_confirmation(
 
 
 def post_decision(
-    erp: RunningErp, csrf: str, batch: str, code: str, text: str = "evt-ud"
+    erp: RunningSimulator, csrf: str, batch: str, code: str, text: str = "evt-ud"
 ) -> httpx.Response:
     body = {
         "Material": "FG-1",
@@ -209,7 +165,7 @@ def post_decision(
     )
 
 
-def lookup(erp: RunningErp, expression: str, **headers: str) -> httpx.Response:
+def lookup(erp: RunningSimulator, expression: str, **headers: str) -> httpx.Response:
     return erp.client.get(
         f"{CONFIRMATIONS}/ProdnOrdConf2",
         params={"$filter": expression, "$format": "json"},
@@ -217,14 +173,16 @@ def lookup(erp: RunningErp, expression: str, **headers: str) -> httpx.Response:
     )
 
 
-def batch_of(erp: RunningErp, batch: str) -> dict[str, Any]:
+def batch_of(erp: RunningSimulator, batch: str) -> dict[str, Any]:
     response = erp.client.get(f"/_sim/batches/{batch}")
     assert response.status_code == 200, response.text
     found: dict[str, Any] = response.json()
     return found
 
 
-def get_token(erp: RunningErp, client_id: str = "gw", secret: str = "s3cret") -> httpx.Response:
+def get_token(
+    erp: RunningSimulator, client_id: str = "gw", secret: str = "s3cret"
+) -> httpx.Response:
     return erp.client.post(
         "/oauth/token",
         data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret},
@@ -235,7 +193,7 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_stores_events_and_lists_them_in_arrival_order(erp: RunningErp) -> None:
+def test_stores_events_and_lists_them_in_arrival_order(erp: RunningSimulator) -> None:
     first = post_event(erp, confirmation("evt-1"), key="evt-1")
     second = post_event(
         erp, confirmation("evt-2", order_id="4712"), key="evt-2", content_type="application/json"
@@ -264,7 +222,9 @@ def test_stores_events_and_lists_them_in_arrival_order(erp: RunningErp) -> None:
     assert erp.client.get("/healthz").status_code == 200
 
 
-def test_repeated_idempotency_key_answers_same_reference_and_stores_once(erp: RunningErp) -> None:
+def test_repeated_idempotency_key_answers_same_reference_and_stores_once(
+    erp: RunningSimulator,
+) -> None:
     event = confirmation("evt-1")
     created = post_event(erp, event, key="evt-1")
     repeats = [post_event(erp, event, key="evt-1") for _ in range(2)]
@@ -285,7 +245,7 @@ def test_repeated_idempotency_key_answers_same_reference_and_stores_once(erp: Ru
     assert stats["errors_injected"] == 0
 
 
-def test_missing_idempotency_key_is_rejected(erp: RunningErp) -> None:
+def test_missing_idempotency_key_is_rejected(erp: RunningSimulator) -> None:
     response = post_event(erp, confirmation("evt-1"))
 
     assert response.status_code == 400
@@ -304,7 +264,7 @@ def test_missing_idempotency_key_is_rejected(erp: RunningErp) -> None:
     ],
 )
 def test_malformed_requests_are_rejected_with_a_reason(
-    erp: RunningErp, body: bytes, content_type: str, status: int, message: str
+    erp: RunningSimulator, body: bytes, content_type: str, status: int, message: str
 ) -> None:
     response = erp.client.post(
         "/api/events",
@@ -317,7 +277,7 @@ def test_malformed_requests_are_rejected_with_a_reason(
     assert erp.client.get("/stats").json()["unique"] == 0
 
 
-def test_batch_answers_per_event_and_keys_on_event_id(erp: RunningErp) -> None:
+def test_batch_answers_per_event_and_keys_on_event_id(erp: RunningSimulator) -> None:
     assert post_event(erp, confirmation("evt-1"), key="evt-1").status_code == 201
     batch = [confirmation("evt-1"), confirmation("evt-2"), {"id": "evt-3"}, confirmation("evt-2")]
 
@@ -370,7 +330,7 @@ def test_injected_429_carries_retry_after_and_is_counted(db_path: Path) -> None:
         erp.stop()
 
 
-def test_latency_knob_delays_each_delivery(erp: RunningErp) -> None:
+def test_latency_knob_delays_each_delivery(erp: RunningSimulator) -> None:
     set_faults(erp, latency=0.3)
 
     started = time.monotonic()
@@ -416,7 +376,7 @@ def test_log_requests_prints_what_erp_received_and_sigterm_exits_cleanly(db_path
     ]
 
 
-def test_reset_clears_the_store(erp: RunningErp) -> None:
+def test_reset_clears_the_store(erp: RunningSimulator) -> None:
     post_event(erp, confirmation("evt-1"), key="evt-1")
 
     post_event(erp, lot_produced("evt-2", "L-1"), key="evt-2")
@@ -511,7 +471,9 @@ def test_tokens_expire_and_can_be_revoked_at_once(db_path: Path) -> None:
         erp.stop()
 
 
-def test_sap_csrf_token_is_fetched_per_session_and_required_for_posts(erp: RunningErp) -> None:
+def test_sap_csrf_token_is_fetched_per_session_and_required_for_posts(
+    erp: RunningSimulator,
+) -> None:
     without = post_confirmation(erp, sap_confirmation("evt-1"))
     assert without.status_code == 403
     assert without.headers["X-CSRF-Token"] == "Required"
@@ -548,7 +510,7 @@ def test_sap_csrf_token_is_fetched_per_session_and_required_for_posts(erp: Runni
     assert (stats["csrf_rejections"], stats["sap_confirmations"]) == (4, 2)
 
 
-def test_confirmation_posts_goods_movements_and_answers_odata(erp: RunningErp) -> None:
+def test_confirmation_posts_goods_movements_and_answers_odata(erp: RunningSimulator) -> None:
     csrf = fetch_csrf(erp)
     issue = {**receipt("C-7", "25", usability=None), "Material": "RM-9", "GoodsMovementType": "261"}
     body = sap_confirmation(
@@ -597,7 +559,7 @@ def test_confirmation_posts_goods_movements_and_answers_odata(erp: RunningErp) -
     assert len(erp.client.get("/_sim/sap/confirmations").json()) == 3
 
 
-def test_invalid_confirmations_answer_an_odata_error(erp: RunningErp) -> None:
+def test_invalid_confirmations_answer_an_odata_error(erp: RunningSimulator) -> None:
     csrf = fetch_csrf(erp)
     good = sap_confirmation("evt-1")
     cases: list[tuple[dict[str, Any], str]] = [
@@ -634,7 +596,9 @@ def test_invalid_confirmations_answer_an_odata_error(erp: RunningErp) -> None:
     assert erp.client.get("/stats").json()["sap_confirmations"] == 0
 
 
-def test_same_confirmation_text_twice_makes_two_and_filter_finds_them(erp: RunningErp) -> None:
+def test_same_confirmation_text_twice_makes_two_and_filter_finds_them(
+    erp: RunningSimulator,
+) -> None:
     csrf = fetch_csrf(erp)
     for body in (
         sap_confirmation("evt-1"),
@@ -663,7 +627,7 @@ def test_same_confirmation_text_twice_makes_two_and_filter_finds_them(erp: Runni
     assert (stats["sap_confirmations"], stats["sap_duplicate_texts"]) == (3, 1)
 
 
-def test_usage_decisions_release_or_block_the_batch(erp: RunningErp) -> None:
+def test_usage_decisions_release_or_block_the_batch(erp: RunningSimulator) -> None:
     csrf = fetch_csrf(erp)
     movements = [receipt("L-1", "60"), receipt("L-2", "40"), receipt("L-3", "5", usability=None)]
     body = sap_confirmation("evt-1", to_ProdnOrdConfMatlDocItm=movements)
@@ -706,7 +670,7 @@ def test_usage_decisions_release_or_block_the_batch(erp: RunningErp) -> None:
     assert erp.client.get("/stats").json()["usage_decisions"] == 3
 
 
-def test_canonical_lot_events_set_batch_status(erp: RunningErp) -> None:
+def test_canonical_lot_events_set_batch_status(erp: RunningSimulator) -> None:
     assert (
         post_event(erp, lot_produced("evt-1", "L-1", value="12.500"), key="evt-1").status_code
         == 201

@@ -3,68 +3,22 @@
 from __future__ import annotations
 
 import re
-import signal
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-READY_LINE = re.compile(r"^qms-api listening on (http://127\.0\.0\.1:\d+)$")
-START_TIMEOUT_SECONDS = 10.0
+from tests.sim_process import RunningSimulator, start_simulator
+
 WAIT_SECONDS = 5.0
 
 
-@dataclass
-class RunningQms:
-    process: subprocess.Popen[str]
-    client: httpx.Client
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM the simulator; return its exit code and the rest of its output."""
-        self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            remaining, _ = self.process.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            remaining, _ = self.process.communicate()
-        return self.process.returncode, remaining
-
-
-def start_qms(db_path: Path, *options: str) -> RunningQms:
-    # Port 0 lets the kernel pick a free port; the ready line says which one.
-    process = subprocess.Popen(
-        [sys.executable, "-m", "simulators.qms_api", "--port", "0", "--db", str(db_path), *options],
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    # A simulator that hangs before its ready line is killed, which ends the reads below.
-    watchdog = threading.Timer(START_TIMEOUT_SECONDS, process.kill)
-    watchdog.start()
-    seen: list[str] = []
-    try:
-        for line in process.stdout:
-            seen.append(line)
-            if match := READY_LINE.match(line.strip()):
-                return RunningQms(process, httpx.Client(base_url=match.group(1), timeout=5.0))
-    finally:
-        watchdog.cancel()
-    process.kill()
-    process.wait()
-    pytest.fail("QMS simulator did not become ready:\n" + "".join(seen))
+def start_qms(db_path: Path, *options: str) -> RunningSimulator:
+    return start_simulator("qms-api", db_path, *options)
 
 
 @pytest.fixture
@@ -73,7 +27,7 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def qms(db_path: Path) -> Iterator[RunningQms]:
+def qms(db_path: Path) -> Iterator[RunningSimulator]:
     """Decisions at once, no authentication."""
     running = start_qms(db_path, "--decision-delay", "0")
     yield running
@@ -81,7 +35,7 @@ def qms(db_path: Path) -> Iterator[RunningQms]:
 
 
 @pytest.fixture(scope="module")
-def shared_qms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningQms]:
+def shared_qms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSimulator]:
     """One simulator for many small cases, reset before each."""
     running = start_qms(tmp_path_factory.mktemp("qms") / "qms.sqlite", "--decision-delay", "0")
     yield running
@@ -130,14 +84,14 @@ def nonconformance(external_id: str, lot_id: str) -> dict[str, Any]:
 
 
 def post(
-    qms: RunningQms, path: str, body: dict[str, Any], key: str | None = None, **headers: str
+    qms: RunningSimulator, path: str, body: dict[str, Any], key: str | None = None, **headers: str
 ) -> httpx.Response:
     if key is not None:
         headers["Idempotency-Key"] = key
     return qms.client.post(f"/api/v1/{path}", json=body, headers=headers)
 
 
-def feed(qms: RunningQms, after: int = 0, **headers: str) -> dict[str, Any]:
+def feed(qms: RunningSimulator, after: int = 0, **headers: str) -> dict[str, Any]:
     response = qms.client.get("/api/v1/dispositions", params={"after": after}, headers=headers)
     assert response.status_code == 200, response.text
     page: dict[str, Any] = response.json()
@@ -153,7 +107,7 @@ def wait_for(check: Callable[[], Any], what: str) -> Any:
     return outcome
 
 
-def decisions(qms: RunningQms) -> list[tuple[str, str]]:
+def decisions(qms: RunningSimulator) -> list[tuple[str, str]]:
     return [(entry["lot_id"], entry["disposition"]) for entry in feed(qms)["dispositions"]]
 
 
@@ -203,7 +157,7 @@ def test_in_spec_request_passes_and_the_release_reaches_the_feed_after_the_delay
         qms.stop()
 
 
-def test_out_of_spec_fails_and_a_rejected_lot_stays_rejected(qms: RunningQms) -> None:
+def test_out_of_spec_fails_and_a_rejected_lot_stays_rejected(qms: RunningSimulator) -> None:
     # Decision delay 0: the inspection is decided within its own request.
     failed = post(qms, "inspections", inspection("evt-1", measured="15.4"), key="evt-1")
     assert failed.json() == {"inspection_id": "INS-000001", "status": "closed"}
@@ -253,7 +207,7 @@ def test_reject_and_hold_lists_and_forced_decisions(db_path: Path) -> None:
         qms.stop()
 
 
-def test_nonconformance_holds_a_lot_unless_it_is_rejected(qms: RunningQms) -> None:
+def test_nonconformance_holds_a_lot_unless_it_is_rejected(qms: RunningSimulator) -> None:
     created = post(qms, "nonconformances", nonconformance("nc-1", "L-1"), key="nc-1")
     assert (created.status_code, created.json()) == (201, {"nonconformance_id": "NC-000001"})
     post(qms, "inspections", inspection("evt-1", lot_id="L-2", measured="20"), key="evt-1")
@@ -307,7 +261,7 @@ def test_results_count_for_their_inspection_or_reject_the_lot(db_path: Path) -> 
         qms.stop()
 
 
-def test_idempotency_key_replays_the_first_answer(qms: RunningQms) -> None:
+def test_idempotency_key_replays_the_first_answer(qms: RunningSimulator) -> None:
     body = inspection("evt-1")
     first = post(qms, "inspections", body, key="evt-1")
     repeats = [post(qms, "inspections", body, key="evt-1") for _ in range(2)]
@@ -359,7 +313,7 @@ def test_idempotency_key_replays_the_first_answer(qms: RunningQms) -> None:
     ],
 )
 def test_invalid_inspection_requests_name_the_field(
-    shared_qms: RunningQms, change: dict[str, Any], field: str
+    shared_qms: RunningSimulator, change: dict[str, Any], field: str
 ) -> None:
     qms = shared_qms
     qms.client.post("/_sim/reset")
