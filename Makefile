@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults setup mosquitto clean
+.PHONY: demo test lint bench faults soak setup mosquitto clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -21,8 +21,14 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/run.py
 
+# Long fault runs (kill -9 twenty times, broker/OPC UA/Modbus outages, ERP down five minutes
+# then 429s, disk budget, corrupt database); each prints one JSON line of figures.
 faults: setup
-	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q -s -m slow
+
+# An hour at plant load; prints a JSON report (memory, files, threads; lost = 0).
+soak: setup
+	$(BIN)/python tests/soak.py
 
 setup: $(STAMP) mosquitto
 
