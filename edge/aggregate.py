@@ -73,7 +73,7 @@ class Counter:
         if delta < 0:
             modulus = 1 << width
             wrapped = raw + modulus - self.last_raw
-            if self.last_raw >= modulus // 2 and wrapped < modulus // 2:
+            if self.last_raw >= modulus // 2 and 0 <= wrapped < modulus // 2:
                 delta = wrapped
             else:
                 log.warning("Counter %s dropped from %d to %d: treated as a reset, counting on "
@@ -132,6 +132,8 @@ class RuleState:
     down_reason: int = 0
     excursions: dict[str, Excursion] = field(default_factory=dict)
     unassigned_excursions: int = 0
+    clock: float = 0.0
+    """The latest time seen: a device clock that steps back does not move milestones back."""
 
 
 class MachineRule:
@@ -194,21 +196,31 @@ class MachineRule:
             events += self._sample(sample)
         every_units = self.machine.confirm.every_units
         if samples and every_units is not None and self.state.good.pending >= every_units:
-            events += self._confirm(samples[-1].source_time, "units")
+            events += self._confirm(self.state.clock, "units")
         return events
 
+    def _now(self, at: float) -> float:
+        self.state.clock = max(self.state.clock, at)
+        return self.state.clock
+
     def _sample(self, sample: Sample) -> list[CloudEvent]:
-        events = self._advance_time(sample.source_time)
+        at = self._now(sample.source_time)
+        events = self._advance_time(at)
         if sample.quality is Quality.BAD or sample.value is None:
             return events
         value = sample.value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            log.warning("Signal %s sent a non-numeric value %r; ignored", sample.signal, value)
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            log.warning("Signal %s sent %r, not a finite number; ignored", sample.signal, value)
             return events
-        signal, at = sample.signal, sample.source_time
+        signal = sample.signal
         which = self._counters.get(signal)
         if which is not None:
-            events += self._count(which, int(value), at, signal)
+            if not 0 <= value < 1 << self.machine.counter_width:
+                log.warning("Counter %s sent %r, outside 0..2^%d; ignored", signal, value,
+                            self.machine.counter_width)
+            else:
+                events += self._count(which, int(value), at, signal)
         if signal == self.machine.signals.stop_reason:
             self._stop_reason(int(value))
         if signal == self.machine.signals.state:
@@ -222,7 +234,7 @@ class MachineRule:
 
     def on_tick(self, now: float) -> list[CloudEvent]:
         """Time passes: debounced states settle, periods end, limit timers run out."""
-        return self._advance_time(now)
+        return self._advance_time(self._now(now))
 
     def start_order(self, order: OrderBinding, at: float) -> list[CloudEvent]:
         """MES says the machine starts an operation of an order."""
@@ -230,6 +242,7 @@ class MachineRule:
         if binding and (binding.order_id, binding.operation) == (order.order_id,
                                                                  order.operation):
             return []  # a redelivered start: already bound
+        at = self._now(at)
         events = self._advance_time(at)
         if binding is not None:
             log.warning("Machine %s starts order %s/%s while %s/%s is bound: ending that one "
@@ -249,6 +262,7 @@ class MachineRule:
             bound = f"{binding.order_id}/{binding.operation}" if binding else "nothing"
             return [], (f"order {order_id}/{operation or '*'} is not bound to machine "
                         f"{self.machine.id} ({bound} is)")
+        at = self._now(at)
         events = self._advance_time(at)
         events += self._end_binding(at)
         return events, None
@@ -394,6 +408,7 @@ class MachineRule:
         assert state.down_since is not None
         since, code, down_state = state.down_since, state.down_reason, state.down_state
         state.down_since, state.down_state, state.down_reason = None, None, 0
+        at = max(at, since)  # device clocks step back; a stop never lasts less than nothing
         binding = state.binding
         data = DowntimeRecorded(
             site=self.site, machine_id=self.machine.id, work_center=self.machine.line,
@@ -464,6 +479,8 @@ class MachineRule:
 
     def _limit_sample(self, index: int, limit: LimitConfig, value: float, at: float
                       ) -> list[CloudEvent]:
+        if abs(value) >= 1e15:
+            return []  # not a process value: a quantity could not even carry it
         excursions = self.state.excursions
         excursion = excursions.get(str(index))
         low, high, band = limit.low, limit.high, limit.hysteresis

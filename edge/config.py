@@ -443,7 +443,11 @@ class _Document:
             return mapping
         if isinstance(node, yaml.SequenceNode):
             return [self._build(item, (*loc, i)) for i, item in enumerate(node.value)]
-        value = self._scalars.construct_object(node)
+        try:
+            value = self._scalars.construct_object(node)
+        except (ValueError, TypeError, OverflowError, yaml.YAMLError) as exc:  # `!!int 256KiB`
+            self.problems.append(_Problem(loc, f"cannot read this value: {exc}"))
+            return None
         if isinstance(value, str) and "${" in value:
             value = self._substitute(value, loc)
         return value
@@ -661,7 +665,16 @@ def parse_config(
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{filename}:{line}: not valid YAML: {exc.problem or exc}"]) from None
+        raise ConfigError([f"{filename}:{line}: (file): not valid YAML: "
+                           f"{exc.problem or exc}"]) from None
+    except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
+        position = getattr(exc, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
+        reason = str(getattr(exc, "reason", None) or exc).splitlines()[0]
+        raise ConfigError([f"{filename}:{line}: (file): not valid YAML: {reason}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{filename}:1: (file): not valid YAML: anchors nested too deep "
+                           "(a recursive alias?)"]) from None
     problems = list(document.problems)
     config: PlantConfig | None = None
     if not isinstance(document.data, dict):

@@ -136,7 +136,12 @@ class Pipeline:
                         polled.setdefault(rule, []).append(reading)
                 case MesMessage():
                     self.samples_by_driver[reading.driver] += 1
-                    produced, moved, problem = self._mes(reading)
+                    try:
+                        produced, moved, problem = self._mes(reading)
+                    except (ValueError, OverflowError, TypeError) as exc:
+                        # A payload the models accept but the rest cannot use (a date at the
+                        # edge of the calendar...): rejected with its reason, never a crash.
+                        produced, moved, problem = [], None, f"cannot be used: {exc}"
                     events.extend(produced)
                     if moved is not None:
                         touched.append(moved)
