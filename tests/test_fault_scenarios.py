@@ -1,0 +1,954 @@
+"""Fault scenarios: the real daemon against the real simulators while one part of the plant fails.
+
+Each scenario runs `plantsync run` as its own process against the simulators (mosquitto and the
+MES publisher, the OPC UA machine, the Modbus PLC, the ERP API), breaks one thing the way it
+breaks in a plant, lets it come back, and then checks the promise end to end:
+
+- nothing lost: every event the outbox committed, and every MES message the broker accepted,
+  is held by ERP (`lost` must be 0), and nothing is left owed in the outbox;
+- nothing twice: ERP honours `Idempotency-Key`, so its store must hold every id once
+  (`duplicates` must be 0); the redeliveries it absorbed are reported as
+  `duplicate_deliveries`, not asserted;
+- counters add up: per machine, the confirmations' counter ranges tile the counter's advance
+  from the gateway's first reading, with no gap and no overlap, across the fault.
+
+Each prints one JSON line (`capsys.disabled()`, so `make faults` shows it without `-s`): events
+expected, delivered (unique), duplicates, lost, recovery time (what "recovered" means is said
+per scenario) and the scenario's own figures.
+
+The scenarios, and what `recovery_time_s` measures in each:
+
+- broker restart: mosquitto stopped and started while MES messages flow (a short one runs in
+  `make test`); from the broker back until ERP holds every message published before it;
+- OPC UA restart: the server killed -9 and started again, its count carried on; from the new
+  server's start until the gateway reads it;
+- Modbus gone: the PLC killed for a minute and back with a higher count (it counted on
+  meanwhile); from the PLC back until the gateway reads it;
+- ERP outage: 503 for five minutes, then a storm of 429 with Retry-After; from the end of the
+  outage until ERP holds everything committed before it;
+- disk budget: `outbox.max_size` reached with ERP down (informational events refused, input
+  paused, business events wait); from ERP's return until everything is delivered;
+- corrupt outbox: garbage in outbox.db before the start (moved aside, alarm, and it keeps
+  working); from the start until the gateway is ready.
+
+All but the short broker restart are marked `slow` (`make faults`). `PLANTSYNC_FAULT_SCALE`
+(default 1) scales the long waits: the ERP outage (300 s), the Modbus absence (60 s) and the
+length of the 429 storm; `PLANTSYNC_FAULT_SCALE=0.1` runs them all in a few minutes. The kill -9
+runs of the gateway itself are in tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edge.model import EVENT_MODELS, event_id
+from simulators.mes_publisher import MesPublisher
+from simulators.modbus_plc import MachineState, ModbusPlc
+from tests.conftest import (
+    ErpSim,
+    Mosquitto,
+    Peer,
+    PlcSim,
+    free_port,
+    start_erp,
+    start_peer,
+    start_plc,
+)
+
+pytestmark = pytest.mark.integration
+
+READY_TEXT = "PlantSync Edge is running"
+SITE = "1010"
+SCALE = float(os.environ.get("PLANTSYNC_FAULT_SCALE") or 1.0)
+"""Multiplies the long waits (ERP outage, Modbus absence, 429 storm); 1 is the full size."""
+
+
+def scaled(seconds: float, minimum: float) -> float:
+    return max(minimum, seconds * SCALE)
+
+
+# -- the gateway ---------------------------------------------------------------------------------
+
+
+class Gateway:
+    """`plantsync run` on one config, started (and restarted) as a child process; each run has
+    its own log file. Reads its local API."""
+
+    def __init__(self, peers: list[Peer], config: Path, api_port: int, tmp_path: Path) -> None:
+        self.peers = peers
+        self.config = config
+        self.api = f"http://127.0.0.1:{api_port}"
+        self.tmp_path = tmp_path
+        self.runs: list[Peer] = []
+        self.started_at = time.monotonic()
+
+    @property
+    def current(self) -> Peer:
+        return self.runs[-1]
+
+    def start(self) -> Peer:
+        peer = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config),
+                     "--log-format", "text"],
+                    self.tmp_path / f"gateway-{len(self.runs):02d}.log", READY_TEXT)
+        self.peers.append(peer)
+        self.runs.append(peer)
+        return peer.start(timeout=60)
+
+    def stop(self) -> int | None:
+        return self.current.stop()
+
+    def output(self) -> str:
+        return "".join(run.output() for run in self.runs)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(f"{self.api}{path}", timeout=10)
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = self.get("/status").json()
+        return status
+
+    def metrics(self) -> dict[str, float]:
+        """Unlabelled samples of /metrics by name (counters without their `_total`)."""
+        found = {}
+        for line in self.get("/metrics").text.splitlines():
+            match = re.fullmatch(r"([a-z_]+?)(?:_total)?(?:\{[^}]*\})? ([-+0-9.eEinfa]+)", line)
+            if match and "{" not in line:
+                found[match[1]] = float(match[2])
+        return found
+
+    def signal(self, name: str) -> Any:
+        try:
+            signal_ = self.status()["signals"].get(name)
+        except httpx.HTTPError:
+            return None
+        return None if signal_ is None else signal_["value"]
+
+
+def write_plant(tmp_path: Path, erp: ErpSim, drivers: list[str], machines: list[str], *,
+                outbox: str = "", retry: str = "{base: 100ms, cap: 2s}",
+                breaker: str = "{failures: 5, open_for: 1s}") -> tuple[Path, int]:
+    """A plant config; every event type goes to ERP, so every id the outbox commits is owed
+    there and `lost` is simply committed minus held."""
+    api_port = free_port()
+    routes = "".join(f"\n  {event_type}: [erp]" for event_type in sorted(EVENT_MODELS))
+    config = tmp_path / "plant.yaml"
+    config.write_text(f"""
+site: "{SITE}"
+data_dir: {tmp_path / "data"}
+api: {{listen: "127.0.0.1:{api_port}"}}
+shutdown_timeout: 10s
+{outbox}
+drivers:{"".join(drivers)}
+machines:{"".join(machines)}
+destinations:
+  erp:
+    base_url: {erp.url}
+    path: /api/events
+    timeout: 5s
+    max_in_flight: 8
+    retry: {retry}
+    circuit_breaker: {breaker}
+routes:{routes}
+""")
+    return config, api_port
+
+
+def modbus_driver(name: str, port: int, unit: int, *, poll: str = "100ms") -> str:
+    return f"""
+  - name: {name}
+    type: modbus
+    host: 127.0.0.1
+    port: {port}
+    unit: {unit}
+    poll_interval: {poll}
+    timeout: 1s
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: state, address: 10, type: uint16}}"""
+
+
+def counting_machine(name: str, driver: str, order_id: str, *, every_units: int = 20,
+                     every: str = "2s", extra: str = "") -> str:
+    return f"""
+  - id: {name}
+    line: LINE-A
+    signals: {{processed: {driver}.good, state: {driver}.state}}
+    order: {{order_id: "{order_id}", operation: "0010", material: FG-4711}}
+    confirm: {{every_units: {every_units}, every: {every}{extra}}}
+    state_map: {{2: Stopped, 4: Idle, 6: Execute, 11: Held, 17: Complete}}"""
+
+
+# -- reading what happened -------------------------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             every: float = 0.25) -> float:
+    """Wait until `condition()` is true; return the seconds it took."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        try:
+            if condition():
+                return time.monotonic() - started
+        except (httpx.HTTPError, sqlite3.Error):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+def query(database: Path, sql: str) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def committed_ids(database: Path) -> set[str]:
+    return {row[0] for row in query(database, "SELECT id FROM event_ids")}
+
+
+def owed(database: Path) -> int:
+    ((count,),) = query(database, "SELECT COUNT(*) FROM deliveries")
+    return int(count)
+
+
+def rule_states(database: Path) -> dict[str, dict[str, Any]]:
+    return {key.removeprefix("machine:"): json.loads(value)
+            for key, value in query(database, "SELECT key, value FROM rule_state")
+            if key.startswith("machine:")}
+
+
+def erp_rows(erp: ErpSim, event_type: str | None = None) -> list[dict[str, Any]]:
+    suffix = f"?type={event_type}" if event_type else ""
+    response = httpx.get(f"{erp.url}/events{suffix}", timeout=120)
+    response.raise_for_status()
+    rows: list[dict[str, Any]] = response.json()
+    return rows
+
+
+def erp_ids(erp: ErpSim, event_type: str | None = None) -> set[str]:
+    return {row["id"] for row in erp_rows(erp, event_type)}
+
+
+def all_confirmed(database: Path, machines: list[str]) -> bool:
+    states = rule_states(database)
+    return all(name in states and states[name]["good"]["confirmed"] == states[name]["good"]["total"]
+               for name in machines)
+
+
+def settled(database: Path, erp: ErpSim, machines: list[str]) -> bool:
+    """Every machine's count confirmed, nothing owed, ERP holding at least what was committed
+    (read while the gateway runs: checked exactly after the graceful stop)."""
+    if not database.exists() or not all_confirmed(database, machines):
+        return False
+    return owed(database) == 0 and erp.stats()["unique"] >= len(committed_ids(database))
+
+
+@dataclass
+class Outcome:
+    """The end-to-end figures every scenario reports and asserts."""
+
+    expected: set[str]
+    received: list[str]
+    stats: dict[str, int]
+    pending: int
+
+    @property
+    def lost(self) -> set[str]:
+        return self.expected - set(self.received)
+
+    @property
+    def duplicates(self) -> int:
+        return len(self.received) - len(set(self.received))
+
+    def figures(self) -> dict[str, Any]:
+        return {"events_expected": len(self.expected),
+                "delivered_unique": len(set(self.received) & self.expected),
+                "duplicates": self.duplicates,
+                "duplicate_deliveries": self.stats["duplicates"],
+                "lost": len(self.lost), "owed_in_outbox": self.pending}
+
+    def check(self, tag: str) -> None:
+        assert not self.lost, f"{len(self.lost)} event(s) never reached ERP, " \
+                              f"e.g. {sorted(self.lost)[:5]} {tag}"
+        assert self.duplicates == 0, f"ERP holds {self.duplicates} id(s) twice {tag}"
+        assert self.pending == 0, f"{self.pending} delivery row(s) left in the outbox {tag}"
+
+
+def outcome(database: Path, erp: ErpSim, extra_expected: frozenset[str] | set[str] = frozenset()
+            ) -> Outcome:
+    """After the graceful stop: what the outbox committed (plus `extra_expected`, e.g. the MES
+    messages the broker accepted) against what ERP holds."""
+    rows = erp_rows(erp)
+    return Outcome(committed_ids(database) | set(extra_expected), [row["id"] for row in rows],
+                   erp.stats(), owed(database))
+
+
+def check_tiling(erp: ErpSim, database: Path, machines: list[str], tag: str,
+                 advance: dict[str, int] | None = None) -> dict[str, int]:
+    """Per machine: the confirmations ERP holds tile [0, good total) exactly; the total is the
+    advance from the first reading (or `advance[machine]`). Returns the totals."""
+    states = rule_states(database)
+    by_order: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in erp_rows(erp, "production.confirmation"):
+        by_order[row["event"]["data"]["order_id"]].append(row["event"]["data"])
+    totals = {}
+    for index, machine in enumerate(machines):
+        good = states[machine]["good"]
+        data = by_order[order_of(machine, index)]
+        ranges = sorted((d["counter_from"], d["counter_to"]) for d in data)
+        position = 0
+        for low, high in ranges:
+            assert low == position <= high, \
+                f"{machine}: gap or overlap at {position}: ({low}, {high}) {tag}"
+            position = high
+        assert position == good["total"] == good["confirmed"], \
+            f"{machine}: ranges end at {position}, state {good} {tag}"
+        assert sum(Decimal(d["yield_quantity"]["value"]) for d in data) == good["total"], tag
+        if advance is not None:
+            assert good["total"] == advance[machine], \
+                f"{machine}: counted {good['total']}, the counter advanced {advance[machine]} {tag}"
+        totals[machine] = good["total"]
+    return totals
+
+
+def order_of(machine: str, index: int) -> str:
+    return f"7100{index:04d}"
+
+
+def baselines(gateway: Gateway, signal_suffix: str = ".good") -> dict[str, int]:
+    """The first reading of each counter, from the gateway's log (one per counter, ever)."""
+    found: dict[str, list[int]] = defaultdict(list)
+    for driver, value in re.findall(r"Counter (\S+?)" + re.escape(signal_suffix)
+                                    + r": the first reading, (\d+), is the baseline",
+                                    gateway.output()):
+        found[driver].append(int(value))
+    for driver, values in found.items():
+        assert len(values) == 1, f"{driver} took a baseline {len(values)} times: {values}"
+    return {driver: values[0] for driver, values in found.items()}
+
+
+def report(capsys: pytest.CaptureFixture[str], figures: dict[str, Any]) -> None:
+    with capsys.disabled():
+        print(f"\n{json.dumps(figures)}", flush=True)
+
+
+def describe(tmp_path: Path) -> str:
+    return f"[logs in {tmp_path}]"
+
+
+# -- 1. MQTT broker restart while MES events flow -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerRun:
+    messages: int
+    rate: float
+    restarts: int
+    down_seconds: float
+
+
+BROKER_SHORT = BrokerRun(messages=300, rate=60.0, restarts=1, down_seconds=2.0)
+BROKER_FULL = BrokerRun(messages=4000, rate=100.0, restarts=3, down_seconds=5.0)
+
+
+class Publishing:
+    """The MES publisher in a thread: `count` consumption messages at `rate` per second."""
+
+    def __init__(self, broker: Mosquitto, count: int, rate: float) -> None:
+        self.publisher = MesPublisher(broker.host, broker.port, site=SITE, machine="press-01",
+                                      run=uuid.uuid4().hex[:12], window=5000)
+        self.publisher.connect()
+        self.count, self.rate = count, rate
+        self.message_ids: list[str] = []
+        self.thread = threading.Thread(target=self._run, name="mes-publisher", daemon=True)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        for number in range(self.count):
+            publication = self.publisher.consume("71000000", "RM-STEEL", f"RM-{number:06d}",
+                                                 Decimal("1.250"))
+            assert publication.message_id is not None
+            self.message_ids.append(publication.message_id)
+            time.sleep(max(0.0, started + (number + 1) / self.rate - time.monotonic()))
+
+    def expected(self, upto: int | None = None) -> set[str]:
+        ids = self.message_ids[:upto] if upto is not None else self.message_ids
+        return {event_id("material.consumed", SITE, "material.consumed", mid) for mid in ids}
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(BROKER_SHORT, id="short"),
+    pytest.param(BROKER_FULL, id="full", marks=pytest.mark.slow),
+])
+def test_broker_restart_while_mes_events_flow(
+    peers: list[Peer], mosquitto: Mosquitto, tmp_path: Path, size: BrokerRun,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tag = describe(tmp_path)
+    erp = start_erp(peers, tmp_path)
+    plc = start_plc(peers, tmp_path, "--rate", "10")
+    mes_driver = f"""
+  - name: mes
+    type: mqtt
+    host: {mosquitto.host}
+    port: {mosquitto.port}
+    client_id: plantsync-fault-{uuid.uuid4().hex[:8]}
+    protocol: "5"
+    keepalive: 5s
+    topics:
+      - filter: mes/{SITE}/+/consumption
+        event: material.consumed
+        fields: {{order_id: order_id, material: material, lot_id: lot_id,
+                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+    config, api_port = write_plant(
+        tmp_path, erp, [modbus_driver("press-01", plc.port, 1), mes_driver],
+        [counting_machine("press-01", "press-01", order_of("press-01", 0))])
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway.start()
+    # A new session: what is published before the gateway has subscribed is not queued for it.
+    wait_for(lambda: broker_log(gateway, "connected as") == 1, 30, f"the MQTT driver {tag}")
+
+    publishing = Publishing(mosquitto, size.messages, size.rate)
+    publishing.thread.start()
+    reconnects, recoveries = [], []
+    duration = size.messages / size.rate
+    for number in range(size.restarts):
+        # Restarts spread over the publishing time, while messages are in flight.
+        time.sleep(max(0.5, duration / (size.restarts + 1) - size.down_seconds))
+        mosquitto.stop()
+        time.sleep(size.down_seconds)
+        mosquitto.start()
+        back = time.monotonic()
+        published = len(publishing.message_ids)
+        reconnects.append(wait_for(
+            lambda: broker_log(gateway, "is available again") > number, 60,  # noqa: B023
+            f"the MQTT driver to reconnect after restart {number} {tag}", 0.05))
+        # Recovered: everything published before the broker came back is in ERP.
+        before = publishing.expected(published)
+        wait_for(lambda: before <= erp_ids(erp, "material.consumed"), 120,  # noqa: B023
+                 f"the messages published before restart {number} to reach ERP {tag}", 0.2)
+        recoveries.append(time.monotonic() - back)
+    publishing.thread.join(duration + 120)
+    publishing.publisher.flush(60)  # every message acknowledged by the broker
+    expected_mes = publishing.expected()
+    assert len(expected_mes) == size.messages
+    wait_for(lambda: expected_mes <= erp_ids(erp, "material.consumed"), 120,
+             f"every MES message to reach ERP {tag}")
+    database = tmp_path / "data" / "outbox.db"
+    wait_for(lambda: owed(database) == 0, 60, f"the outbox to drain {tag}")
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+    publishing.publisher.close(5)
+
+    result = outcome(database, erp, expected_mes)
+    rejected = query(database, "SELECT COUNT(*) FROM rejected_inputs")[0][0]
+    figures = {
+        "test": "fault-scenario", "scenario": "broker-restart",
+        "size": "full" if size is BROKER_FULL else "short", "scale": SCALE,
+        **result.figures(), "mes_messages": size.messages,
+        "mes_delivered": len(expected_mes & set(result.received)),
+        "restarts": size.restarts, "broker_down_s": size.down_seconds,
+        "recovery_time_s": round(max(recoveries), 3),
+        "reconnect_s": round(max(reconnects), 3), "input_dead_letters": rejected,
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    assert rejected == 0, f"{rejected} MES message(s) became input dead letters {tag}"
+    assert broker_log(gateway, "is unavailable") == size.restarts, \
+        f"the broker going away not logged once per restart {tag}"
+    assert broker_log(gateway, "is available again") == size.restarts, \
+        f"the broker's return not logged once per restart {tag}"
+    assert "did not keep the session" not in gateway.output(), f"the broker lost the session {tag}"
+
+
+def broker_log(gateway: Gateway, what: str) -> int:
+    return len(re.findall(rf"MQTT broker mes at \S+ {what}", gateway.output()))
+
+
+# -- 2. OPC UA server killed -9 and started again ------------------------------------------------
+
+
+OPCUA_MACHINES = ["filler-02", "filler-03", "filler-04"]
+OPCUA_RATE = 40.0
+
+
+def start_opcua(peers: list[Peer], tmp_path: Path, port: int, start: int) -> Peer:
+    return start_peer(
+        peers, [sys.executable, "-m", "simulators.opcua_machine", "--port", str(port),
+                "--machines", str(len(OPCUA_MACHINES)), "--rate", str(OPCUA_RATE),
+                "--start", str(start)],
+        tmp_path / f"opcua-{port}.log", "opcua-machine listening")
+
+
+@pytest.mark.slow
+def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
+    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    tag = describe(tmp_path)
+    erp = start_erp(peers, tmp_path)
+    port = free_port()
+    server = start_opcua(peers, tmp_path, port, 0)
+    namespace = "nsu=urn:plantsync:sim:machine;s="
+    tags = "".join(f"""
+      - {{name: {m}-good, node: "{namespace}{m}.Admin.ProdProcessedCount", queue_size: 50}}
+      - {{name: {m}-state, node: "{namespace}{m}.Status.StateCurrent"}}""" for m in OPCUA_MACHINES)
+    driver = f"""
+  - name: fillers
+    type: opcua
+    endpoint: "opc.tcp://127.0.0.1:{port}"
+    publishing_interval: 100ms
+    keepalive: 1s
+    timeout: 2s
+    stale_after: 4s
+    tags:{tags}"""
+    machines = "".join(f"""
+  - id: {m}
+    signals: {{processed: fillers.{m}-good, state: fillers.{m}-state}}
+    order: {{order_id: "{order_of(m, i)}", operation: "0010"}}
+    confirm: {{every_units: 25, every: 2s}}
+    state_map: {{2: Stopped, 4: Idle, 6: Execute, 11: Held, 17: Complete}}"""
+                       for i, m in enumerate(OPCUA_MACHINES))
+    config, api_port = write_plant(tmp_path, erp, [driver], [machines])
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway.start()
+    signals = [f"fillers.{m}-good" for m in OPCUA_MACHINES]
+    wait_for(lambda: all(gateway.signal(s) for s in signals), 30, f"first readings {tag}")
+
+    kills, down, recoveries = 3, 3.0, []
+    for _ in range(kills):
+        time.sleep(4.0)
+        seen = max(int(gateway.signal(s) or 0) for s in signals)
+        server.kill()
+        time.sleep(down)
+        # The machine went on counting while its server was down: the new server starts above
+        # anything the gateway saw, as the real counter would be.
+        restart_count = seen + int(OPCUA_RATE * (down + 2))
+        server = start_opcua(peers, tmp_path, port, restart_count)
+        back = time.monotonic()
+        wait_for(lambda: all(int(gateway.signal(s) or 0) >= restart_count for s in signals),  # noqa: B023
+                 60, f"readings from the restarted server {tag}", 0.1)
+        recoveries.append(time.monotonic() - back)
+    time.sleep(3.0)
+    server.stop()  # the counters stand still from here: the last reading is final
+    database = tmp_path / "data" / "outbox.db"
+    wait_for(lambda: settled(database, erp, OPCUA_MACHINES), 60, f"everything delivered {tag}")
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+
+    result = outcome(database, erp)
+    states = rule_states(database)
+    firsts = baselines(gateway, "-good")
+    advance = {m: states[m]["good"]["last_raw"] - firsts[f"fillers.{m}"] for m in OPCUA_MACHINES}
+    totals = check_tiling(erp, database, OPCUA_MACHINES, tag, advance)
+    figures = {
+        "test": "fault-scenario", "scenario": "opcua-restart", "scale": SCALE,
+        **result.figures(), "kills": kills, "server_down_s": down,
+        "recovery_time_s": round(max(recoveries), 3), "units_confirmed": sum(totals.values()),
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    assert "treated as a reset" not in gateway.output(), f"a counter reset was seen {tag}"
+
+
+# -- 3. Modbus device gone for a minute ----------------------------------------------------------
+
+
+MODBUS_MACHINES = [f"press-{i:02d}" for i in range(1, 6)]
+
+
+@pytest.mark.slow
+def test_modbus_device_gone_for_a_minute(
+    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    tag = describe(tmp_path)
+    rate, absent = 100, scaled(60.0, 5.0)
+    erp = start_erp(peers, tmp_path)
+    port = free_port()
+    plc = start_plc(peers, tmp_path, "--rate", str(rate), "--start", "0", port=port)
+    drivers = [modbus_driver(m, port, i + 1) for i, m in enumerate(MODBUS_MACHINES)]
+    machines = [counting_machine(m, m, order_of(m, i)) for i, m in enumerate(MODBUS_MACHINES)]
+    config, api_port = write_plant(tmp_path, erp, drivers, machines)
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway.start()
+    signals = [f"{m}.good" for m in MODBUS_MACHINES]
+    wait_for(lambda: all(gateway.signal(s) for s in signals), 30, f"first readings {tag}")
+    time.sleep(5.0)
+
+    seen = max(int(gateway.signal(s) or 0) for s in signals)
+    plc.peer.kill()
+    gone = time.monotonic()
+    time.sleep(absent)
+    restart_count = seen + int(rate * (absent + 5))  # it counted on, off the network
+    stop_at = restart_count + rate * 10
+    plc = start_plc(peers, tmp_path, "--rate", str(rate), "--start", str(restart_count),
+                    "--stop-at", str(stop_at), port=port)
+    back = time.monotonic()
+    reconnect = wait_for(lambda: all(int(gateway.signal(s) or 0) >= restart_count
+                                     for s in signals), 120,
+                         f"readings from the PLC after it came back {tag}", 0.1)
+    database = tmp_path / "data" / "outbox.db"
+    wait_for(lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE
+                         for m in MODBUS_MACHINES), 60, f"the PLC to complete {tag}")
+    wait_for(lambda: settled(database, erp, MODBUS_MACHINES), 60, f"everything delivered {tag}")
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+
+    result = outcome(database, erp)
+    firsts = baselines(gateway)
+    advance = {m: stop_at - firsts[m] for m in MODBUS_MACHINES}
+    totals = check_tiling(erp, database, MODBUS_MACHINES, tag, advance)
+    output = gateway.output()
+    figures = {
+        "test": "fault-scenario", "scenario": "modbus-gone", "scale": SCALE,
+        **result.figures(), "machines": len(MODBUS_MACHINES), "absent_s": round(absent, 1),
+        "recovery_time_s": round(reconnect, 3),
+        "down_to_back_s": round(back - gone, 1),
+        "units_confirmed": sum(totals.values()),
+        "units_counted_while_gone": rate * int(absent + 5),
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    for machine in MODBUS_MACHINES:
+        assert output.count(f"Modbus device {machine} at 127.0.0.1:{port} is unavailable") == 1, \
+            f"{machine}: the outage not logged exactly once {tag}"
+        assert output.count(f"Modbus device {machine} at 127.0.0.1:{port} is available again") \
+            == 1, f"{machine}: the return not logged exactly once {tag}"
+    assert "treated as a reset" not in output, f"a counter reset was seen {tag}"
+
+
+# -- 4. ERP down for five minutes, then a storm of 429 -------------------------------------------
+
+
+@pytest.mark.slow
+def test_erp_down_for_five_minutes_then_a_storm_of_429(
+    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    tag = describe(tmp_path)
+    rate, outage = 20, scaled(300.0, 20.0)
+    storm = int(max(20, 60 * SCALE))
+    erp = start_erp(peers, tmp_path)
+    port = free_port()
+    warmup, after = 5.0, 20.0
+    stop_at = int(rate * (warmup + outage + after))
+    start_plc(peers, tmp_path, "--rate", str(rate), "--start", "0", "--stop-at", str(stop_at),
+              port=port)
+    drivers = [modbus_driver(m, port, i + 1, poll="200ms") for i, m in enumerate(MODBUS_MACHINES)]
+    machines = [counting_machine(m, m, order_of(m, i), every_units=10, every="5s")
+                for i, m in enumerate(MODBUS_MACHINES)]
+    config, api_port = write_plant(tmp_path, erp, drivers, machines,
+                                   retry="{base: 500ms, cap: 60s}",
+                                   breaker="{failures: 5, open_for: 2s}")
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway.start()
+    database = tmp_path / "data" / "outbox.db"
+    wait_for(lambda: erp.stats()["unique"] >= 10, 30, f"first deliveries {tag}")
+    time.sleep(warmup)
+
+    # One call: 503 with Retry-After for `outage` seconds, then the next `storm` deliveries
+    # answer 429 with Retry-After: 1 (scripted statuses are not consumed during the outage).
+    erp.set_faults(outage_seconds=outage, status_sequence=[429] * storm, retry_after=1)
+    outage_ends = time.monotonic() + outage
+    wait_for(lambda: gateway.status()["destinations"]["erp"]["reachable"] is False, 30,
+             f"the gateway to see ERP down {tag}")
+    ready = gateway.get("/readyz")  # not ready, or degraded while the backlog is young
+    assert "destination erp is failing" in ready.text, ready.text
+    time.sleep(max(0.0, outage_ends - time.monotonic()))
+    backlog_ids = committed_ids(database)
+    backlog = owed(database)
+    storm_s = wait_for(lambda: not httpx.get(f"{erp.url}/_sim/faults", timeout=10).json()[
+        "status_sequence"], 600, f"the 429 storm to pass {tag}")
+    recovery = wait_for(lambda: backlog_ids <= erp_ids(erp), 600,
+                        f"the backlog of the outage to reach ERP {tag}", 0.5) + storm_s
+    wait_for(lambda: gateway.signal(f"{MODBUS_MACHINES[0]}.state") == MachineState.COMPLETE,
+             after + 60, f"the PLC to complete {tag}")
+    wait_for(lambda: settled(database, erp, MODBUS_MACHINES), 120, f"everything delivered {tag}")
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+
+    result = outcome(database, erp)
+    firsts = baselines(gateway)
+    totals = check_tiling(erp, database, MODBUS_MACHINES, tag,
+                          {m: stop_at - firsts[m] for m in MODBUS_MACHINES})
+    stats = result.stats
+    output = gateway.output()
+    figures = {
+        "test": "fault-scenario", "scenario": "erp-outage-then-429-storm", "scale": SCALE,
+        **result.figures(), "outage_s": round(outage, 1), "storm_429s": storm,
+        "backlog_at_outage_end": backlog, "outage_rejections": stats["outage_rejections"],
+        "errors_injected": stats["errors_injected"], "storm_s": round(storm_s, 1),
+        "recovery_time_s": round(recovery, 1), "units_confirmed": sum(totals.values()),
+        "circuit_opened": output.count("Circuit to erp is open"),
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    assert stats["errors_injected"] == storm, stats
+    # Retry-After and the breaker keep the outage from being hammered: at most one probe per
+    # open_for (2 s), plus the few requests that were in flight when it began.
+    assert stats["outage_rejections"] <= outage / 2 + 20, stats
+    assert output.count("Destination erp is failing") == 1, f"failing logged more than once {tag}"
+
+
+# -- 5. The outbox's disk budget reached while ERP is down ---------------------------------------
+
+
+class PlcThread:
+    """The PLC simulator in this process, on its own loop in a thread, so that the test can
+    change its state and count the requests that reach it."""
+
+    def __init__(self, **options: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="plc", daemon=True)
+        self.thread.start()
+        self.plc = ModbusPlc("127.0.0.1", 0, **options)
+        self.run(self.plc.start())
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        async def call() -> Any:
+            return function(*args)
+
+        return self.run(call())
+
+    @property
+    def port(self) -> int:
+        return self.plc.port
+
+    def requests(self) -> int:
+        return int(self.call(lambda: self.plc.requests["holding"]))
+
+    def good(self) -> int:
+        def read() -> int:
+            self.plc._catch_up()
+            return int(self.plc.press.good_count)
+
+        return int(self.call(read))
+
+    def stop(self) -> None:
+        self.run(self.plc.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def plc_thread() -> Iterator[Callable[..., PlcThread]]:
+    started: list[PlcThread] = []
+
+    def start(**options: Any) -> PlcThread:
+        started.append(PlcThread(**options))
+        return started[-1]
+
+    yield start
+    for plc in started:
+        plc.stop()
+
+
+DISK_MACHINES = ["press-01", "press-02", "press-03"]
+
+
+@pytest.mark.slow
+def test_disk_budget_reached_while_erp_is_down(
+    peers: list[Peer], tmp_path: Path, plc_thread: Callable[..., PlcThread],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tag = describe(tmp_path)
+    erp = start_erp(peers, tmp_path)
+    erp.set_faults(outage_seconds=3600)  # nothing drains: the outbox only grows
+    plc = plc_thread(rate=40.0)  # the counting machines: business events
+    # A machine that stops and runs again every few hundred ms and counts nothing: its events
+    # (operation.started, interrupted, resumed, downtime.recorded) are all informational, so
+    # the first commit it makes once the outbox is full is refused, then its input pauses too.
+    stopper = plc_thread(rate=0.0)
+    stopper.call(stopper.plc.set_state, MachineState.EXECUTE)
+    drivers = [modbus_driver(m, plc.port, i + 1) for i, m in enumerate(DISK_MACHINES)]
+    drivers.append(modbus_driver("stopper", stopper.port, 1))
+    machines = [counting_machine(m, m, order_of(m, i), every_units=5, every="2s")
+                for i, m in enumerate(DISK_MACHINES)]
+    machines.append(counting_machine("stopper", "stopper", "7199"))
+    config, api_port = write_plant(tmp_path, erp, drivers, machines,
+                                   outbox="outbox: {max_size: 300KB}",
+                                   retry="{base: 200ms, cap: 2s}")
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway.start()
+    database = tmp_path / "data" / "outbox.db"
+
+    toggling = threading.Event()
+    toggling.set()
+
+    def toggle() -> None:
+        held = False
+        while toggling.is_set():
+            held = not held
+            stopper.call(stopper.plc.set_state,
+                         MachineState.HELD if held else MachineState.EXECUTE)
+            time.sleep(0.3)
+
+    toggler = threading.Thread(target=toggle, name="toggle", daemon=True)
+    toggler.start()
+    try:
+        full_after = wait_for(lambda: gateway.metrics().get("plantsync_outbox_back_pressure")
+                              == 1.0, 180, f"the outbox to reach its disk budget {tag}")
+        ready = gateway.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        assert any("disk budget" in reason for reason in ready.json()["reasons"]), ready.text
+        time.sleep(3.0)  # drivers finish the poll they were in, then wait for room
+    finally:
+        toggling.clear()
+        toggler.join(10)
+    # Input is paused: no driver reads its device while its commit waits for room, though the
+    # device counts on.
+    requests_before = plc.requests() + stopper.requests()
+    good_before = plc.good()
+    time.sleep(5.0)
+    requests_during = plc.requests() + stopper.requests() - requests_before
+    good_during = plc.good() - good_before
+    refused = gateway.metrics().get("plantsync_outbox_refused_informational", 0.0)
+    status = gateway.status()
+    assert status["outbox"]["back_pressure"], status["outbox"]
+
+    erp.set_faults(outage_seconds=0)  # ERP is back: deliveries free space
+    back = time.monotonic()
+    room = wait_for(lambda: gateway.metrics().get("plantsync_outbox_back_pressure") == 0.0, 120,
+                    f"the outbox to have room again {tag}")
+    # Input resumes from where the device is now: the count it made meanwhile is counted.
+    resume = wait_for(lambda: plc.requests() + stopper.requests()
+                      > requests_before + requests_during + 10, 30,
+                      f"the drivers to read again {tag}")
+    stop_at = plc.good() + 100
+    plc.call(plc.plc.set_stop_at, stop_at)
+    wait_for(lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE
+                         for m in DISK_MACHINES), 60, f"the PLC to complete {tag}")
+    wait_for(lambda: settled(database, erp, DISK_MACHINES), 120, f"everything delivered {tag}")
+    recovery = time.monotonic() - back
+    metrics = gateway.metrics()
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+
+    result = outcome(database, erp)
+    firsts = baselines(gateway)
+    totals = check_tiling(erp, database, DISK_MACHINES, tag,
+                          {m: stop_at - firsts[m] for m in DISK_MACHINES})
+    business = {row["id"] for row in erp_rows(erp)
+                if row["type"] in ("production.confirmation", "operation.completed")}
+    figures = {
+        "test": "fault-scenario", "scenario": "disk-budget", "scale": SCALE,
+        **result.figures(), "business_delivered": len(business),
+        "max_size_bytes": 300_000, "budget_reached_after_s": round(full_after, 1),
+        "informational_refused": int(refused),
+        "plc_requests_while_paused": requests_during,
+        "units_counted_while_paused": good_during,
+        "room_again_after_s": round(room, 2), "input_resumed_after_s": round(room + resume, 2),
+        "recovery_time_s": round(recovery, 1), "units_confirmed": sum(totals.values()),
+        "disk_full_waits": int(metrics.get("plantsync_outbox_disk_full_waits", 0)),
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    assert refused >= 1, f"no informational event was refused at the budget {tag}"
+    assert requests_during == 0, f"{requests_during} polls while input was paused {tag}"
+    assert good_during > 0, "the device did not count on while input was paused"
+
+
+# -- 6. A corrupt outbox database at start -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "garbage-pages"])
+def test_corrupt_outbox_is_moved_aside_with_an_alarm_and_the_gateway_works_on(
+    peers: list[Peer], tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    tag = describe(tmp_path)
+    erp = start_erp(peers, tmp_path)
+    port = free_port()
+    machines = MODBUS_MACHINES[:2]
+    drivers = [modbus_driver(m, port, i + 1) for i, m in enumerate(machines)]
+    rules = [counting_machine(m, m, order_of(m, i)) for i, m in enumerate(machines)]
+    config, api_port = write_plant(tmp_path, erp, drivers, rules)
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    database = tmp_path / "data" / "outbox.db"
+    database.parent.mkdir(parents=True)
+    if damage == "garbage":
+        garbage = os.urandom(64 * 1024)
+        database.write_bytes(garbage)
+    else:
+        # A real outbox from an earlier run (ERP down, so it holds undelivered events), then
+        # its pages after the first overwritten: the header still says SQLite.
+        erp.set_faults(outage_seconds=3600)
+        plc: PlcSim = start_plc(peers, tmp_path, "--rate", "200", port=port)
+        gateway.start()
+        wait_for(lambda: owed(database) >= 200, 60, f"an outbox with a backlog {tag}")
+        assert gateway.stop() == 0
+        plc.peer.stop()
+        erp.set_faults(outage_seconds=0)
+        with database.open("r+b") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(4096)
+            file.write(os.urandom(size - 4096))
+        garbage = database.read_bytes()
+    started = time.monotonic()
+    stop_at = 3000
+    plc = start_plc(peers, tmp_path, "--rate", "150", "--start", "0", "--stop-at", str(stop_at),
+                    port=port)
+    gateway.start()
+    ready_s = time.monotonic() - started
+    # The damage is found either at the start (moved aside at once) or by the integrity check
+    # that runs beside the gateway (alarm now, moved aside at the next start).
+    alarm = wait_for(lambda: gateway.get("/readyz").json()["alarms"], 30,
+                     f"the alarm in /readyz {tag}")
+    metrics = gateway.metrics()
+    restarted_for_it = False
+    if not metrics.get("plantsync_outbox_recovered_from_corruption"):
+        assert metrics.get("plantsync_outbox_integrity_problem") == 1.0, metrics
+        assert gateway.stop() == 0, gateway.current.output()[-3000:]
+        gateway.start()
+        restarted_for_it = True
+        metrics = gateway.metrics()
+    readyz = gateway.get("/readyz").json()
+    assert metrics.get("plantsync_outbox_recovered_from_corruption") == 1.0, metrics
+    assert any("moved aside" in text for text in readyz["alarms"]), readyz
+    aside = sorted(database.parent.glob("outbox.db.corrupt-*"))
+    aside = [path for path in aside if not path.name.endswith(("-wal", "-shm"))]
+    assert len(aside) == 1, aside
+    if damage == "garbage":
+        assert aside[0].read_bytes() == garbage, "the damaged file was not kept as it was"
+
+    # It keeps working: the PLC counts to its stop value and ERP gets all of it.
+    wait_for(lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE
+                         for m in machines), 60, f"the PLC to complete {tag}")
+    wait_for(lambda: settled(database, erp, machines), 60, f"everything delivered {tag}")
+    metrics = gateway.metrics()
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+    result = outcome(database, erp)
+    totals = check_tiling(erp, database, machines, tag)
+    figures = {
+        "test": "fault-scenario", "scenario": f"corrupt-outbox-{damage}", "scale": SCALE,
+        **result.figures(), "ready_after_s": round(ready_s, 2),
+        "alarm_after_s": round(alarm, 2), "needed_a_second_start": restarted_for_it,
+        "moved_to": aside[0].name, "recovered_from_corruption_metric":
+            metrics.get("plantsync_outbox_recovered_from_corruption"),
+        "recovery_time_s": round(ready_s, 2), "units_confirmed": sum(totals.values()),
+        "run_s": round(time.monotonic() - started, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    assert "is damaged" in gateway.output()
