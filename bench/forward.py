@@ -29,32 +29,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import (
+    DESTINATION,
+    Phase,
+    chunks,
+    erp_simulator,
+    event_loop_runner,
+    make_events,
+    median,
+    reset_simulator,
+    simulator_unique,
+    until_delivered,
+)
 
 from buffer.outbox import Outbox, OutboxEvent
 from edge.config import DestinationConfig
 from edge.forward import HttpForwarder
 from edge.forward.session import make_client
 
-REPO = Path(__file__).resolve().parents[1]
-DESTINATION = "erp"
-EVENT_TYPE = "production.confirmation"
 EVENT_PATH = "/api/events"
 BATCH_PATH = "/api/events:batch"
-SIMULATOR_START_TIMEOUT = 15.0
-SIMULATOR_STOP_TIMEOUT = 10.0
 UNBATCHED_TARGET = 0.8
 BATCHED_TARGET = 10.0
 
@@ -71,104 +76,11 @@ class Sizes:
     budget: float
 
 
-@dataclass(frozen=True)
-class Phase:
-    """What one timed phase got through: `done` events in `seconds`, cut short or not."""
-
-    done: int
-    seconds: float
-    time_limited: bool
-    requests: int = 0
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
-
-
-def make_events(count: int, partition_keys: int, run: str) -> list[OutboxEvent]:
-    """Confirmation-shaped CloudEvents of realistic size, spread over `partition_keys` orders."""
-    events = []
-    for number in range(count):
-        order = f"order/{1000000 + number % partition_keys:012d}"
-        event_id = f"bench-{run}-{number:08d}"
-        cloud_event = {
-            "specversion": "1.0",
-            "id": event_id,
-            "source": "urn:plantsync:1010:press-01",
-            "type": EVENT_TYPE,
-            "time": "2024-05-01T06:00:00.000Z",
-            "subject": f"{order}/0010",
-            "datacontenttype": "application/json",
-            "dataschema": f"urn:plantsync:schema:{EVENT_TYPE}:1",
-            "partitionkey": order,
-            "sequence": f"{number:020d}",
-            "data": {"good_count": 120, "lot_id": f"LOT-{number:08d}", "operation": "0010",
-                     "order_id": order[6:], "scrap_count": 2, "uom": "PCE",
-                     "work_center": "PRESS01"},
-        }
-        payload = json.dumps(cloud_event, separators=(",", ":")).encode()
-        events.append(OutboxEvent(id=event_id, type=EVENT_TYPE, partition_key=order,
-                                  payload=payload, destinations=(DESTINATION,)))
-    return events
-
-
-def chunks(events: Sequence[OutboxEvent], size: int) -> Iterator[Sequence[OutboxEvent]]:
-    for start in range(0, len(events), size):
-        yield events[start:start + size]
-
-
 def destination(base_url: str, sizes: Sizes, *, batched: bool) -> DestinationConfig:
     return DestinationConfig.model_validate({
         "base_url": base_url, "path": EVENT_PATH, "max_in_flight": sizes.max_in_flight,
         "batch_size": sizes.batch_size if batched else 1,
         "batch_path": BATCH_PATH if batched else None})
-
-
-# -- the receiver -----------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def erp_simulator(directory: Path) -> AsyncIterator[str]:
-    """The real ERP simulator as a subprocess on a free loopback port; yields its base URL."""
-    errors_path = directory / "erp-api.stderr"
-    with errors_path.open("wb") as errors:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "simulators.erp_api", "--host", "127.0.0.1", "--port", "0",
-            "--db", str(directory / "erp.sqlite"),
-            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=errors)
-    try:
-        assert process.stdout is not None
-        try:
-            line = await asyncio.wait_for(process.stdout.readline(), SIMULATOR_START_TIMEOUT)
-        except TimeoutError:
-            line = b""
-        prefix = "erp-api listening on "
-        text = line.decode().strip()
-        if not text.startswith(prefix):
-            stderr_tail = errors_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the ERP simulator did not start: {text!r} {stderr_tail}")
-        yield text.removeprefix(prefix)
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), SIMULATOR_STOP_TIMEOUT)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-async def reset_simulator(base_url: str) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{base_url}/_sim/reset", timeout=30.0)
-        response.raise_for_status()
-
-
-async def simulator_unique(base_url: str) -> int:
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"{base_url}/stats", timeout=30.0)
-        response.raise_for_status()
-        return int(response.json()["unique"])
 
 
 # -- the phases -------------------------------------------------------------------------------
@@ -237,14 +149,7 @@ async def forwarder_phase(path: Path, events: Sequence[OutboxEvent], config: Des
             started = time.perf_counter()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(forwarder.run(), name=f"bench-forwarder-{DESTINATION}")
-
-                def busy() -> bool:
-                    return (health.delivered < len(events) and health.failures == 0
-                            and time.perf_counter() < deadline)
-
-                # The forwarder has no "empty" signal; poll its counters, which costs no I/O.
-                while busy():  # noqa: ASYNC110
-                    await asyncio.sleep(0.002)
+                await until_delivered(forwarder, len(events), deadline)
                 seconds = time.perf_counter() - started
                 forwarder.drain()
             if breakdown is not None:
@@ -312,71 +217,70 @@ async def measure(directory: Path, sizes: Sizes, profile: bool) -> dict[str, Any
     requests: dict[str, list[int]] = defaultdict(list)
     counter = iter(range(1_000_000))
 
-    async with erp_simulator(directory) as base_url:
-        unbatched = destination(base_url, sizes, batched=False)
-        batched = destination(base_url, sizes, batched=True)
+    with erp_simulator(directory) as base_url:
+        async with httpx.AsyncClient(timeout=30.0) as control:
+            unbatched = destination(base_url, sizes, batched=False)
+            batched = destination(base_url, sizes, batched=True)
 
-        async def timed(name: str, phase_of: Coroutine[Any, Any, Phase]) -> Phase:
-            """Reset the receiver, then run the phase (a coroutine not started yet)."""
-            await reset_simulator(base_url)
-            phase = await phase_of
-            received = await simulator_unique(base_url)
-            if received != phase.done:
-                raise RuntimeError(f"{name}: the ERP stored {received} events, {phase.done} "
-                                   "were acknowledged")
-            if phase.time_limited and name not in cut_short:
-                cut_short.append(name)
-            samples[name].append(round(phase.rate, 1))
-            requests[name].append(phase.requests)
-            return phase
+            async def timed(name: str, phase_of: Coroutine[Any, Any, Phase]) -> Phase:
+                """Reset the receiver, then run the phase (a coroutine not started yet)."""
+                await reset_simulator(control, base_url)
+                phase = await phase_of
+                received = await simulator_unique(control, base_url)
+                if received != phase.done:
+                    raise RuntimeError(f"{name}: the ERP stored {received} events, "
+                                       f"{phase.done} were acknowledged")
+                if phase.time_limited and name not in cut_short:
+                    cut_short.append(name)
+                samples[name].append(round(phase.rate, 1))
+                requests[name].append(phase.requests)
+                return phase
 
-        def fresh(count: int, label: str) -> list[OutboxEvent]:
-            return make_events(count, sizes.partition_keys, f"{label}{next(counter)}")
+            def fresh(count: int, label: str) -> list[OutboxEvent]:
+                return make_events(count, sizes.partition_keys, f"{label}{next(counter)}")
 
-        # Open the connections and let the simulator warm up (its first requests are slow).
-        await bare_phase(fresh(min(500, sizes.unbatched_events), "warm"), unbatched,
-                         batch_size=1, time_limit=limit)
-        await bare_phase(fresh(min(2000, sizes.batched_events), "warm"), batched,
-                         batch_size=sizes.batch_size, time_limit=limit)
-        budget_end = time.perf_counter() + sizes.budget
-        rounds_done = 0
-        for number in range(sizes.rounds):
-            round_started = time.perf_counter()
-            half = sizes.unbatched_events // 2
-            await timed("bare_unbatched", bare_phase(
-                fresh(half, "bare"), unbatched, batch_size=1, time_limit=limit))
-            await timed("forwarder_unbatched", forwarder_phase(
-                directory / f"unbatched-{number}.sqlite", fresh(sizes.unbatched_events, "fwd"),
-                unbatched, time_limit=limit))
-            await timed("bare_unbatched", bare_phase(
-                fresh(half, "bare"), unbatched, batch_size=1, time_limit=limit))
-            await timed("forwarder_batched", forwarder_phase(
-                directory / f"batched-{number}.sqlite", fresh(sizes.batched_events, "fwdb"),
-                batched, time_limit=limit))
-            await timed("bare_batched", bare_phase(
-                fresh(sizes.batched_events, "bareb"), batched, batch_size=sizes.batch_size,
-                time_limit=limit))
-            rounds_done = number + 1
-            # Bounded in time: no round is started that would likely end past the budget.
-            if time.perf_counter() + (time.perf_counter() - round_started) > budget_end:
-                break
-        profiles: dict[str, Any] = {}
-        if profile:
-            for name, config, count in (("forwarder_unbatched", unbatched,
-                                         sizes.unbatched_events),
-                                        ("forwarder_batched", batched, sizes.batched_events)):
-                await reset_simulator(base_url)
-                found: list[Breakdown] = []
-                phase = await forwarder_phase(directory / f"profile-{name}.sqlite",
-                                              fresh(count, "prof"), config, time_limit=limit,
-                                              breakdown=found)
-                profiles[name] = found[0].summary(phase)
+            # Open the connections and let the simulator warm up (its first requests are slow).
+            await bare_phase(fresh(min(500, sizes.unbatched_events), "warm"), unbatched,
+                             batch_size=1, time_limit=limit)
+            await bare_phase(fresh(min(2000, sizes.batched_events), "warm"), batched,
+                             batch_size=sizes.batch_size, time_limit=limit)
+            budget_end = time.perf_counter() + sizes.budget
+            rounds_done = 0
+            for number in range(sizes.rounds):
+                round_started = time.perf_counter()
+                half = sizes.unbatched_events // 2
+                await timed("bare_unbatched", bare_phase(
+                    fresh(half, "bare"), unbatched, batch_size=1, time_limit=limit))
+                await timed("forwarder_unbatched", forwarder_phase(
+                    directory / f"unbatched-{number}.sqlite",
+                    fresh(sizes.unbatched_events, "fwd"), unbatched, time_limit=limit))
+                await timed("bare_unbatched", bare_phase(
+                    fresh(half, "bare"), unbatched, batch_size=1, time_limit=limit))
+                await timed("forwarder_batched", forwarder_phase(
+                    directory / f"batched-{number}.sqlite", fresh(sizes.batched_events, "fwdb"),
+                    batched, time_limit=limit))
+                await timed("bare_batched", bare_phase(
+                    fresh(sizes.batched_events, "bareb"), batched, batch_size=sizes.batch_size,
+                    time_limit=limit))
+                rounds_done = number + 1
+                # Bounded in time: no round is started that would likely end past the budget.
+                if time.perf_counter() + (time.perf_counter() - round_started) > budget_end:
+                    break
+            profiles: dict[str, Any] = {}
+            if profile:
+                for name, config, count in (("forwarder_unbatched", unbatched,
+                                             sizes.unbatched_events),
+                                            ("forwarder_batched", batched, sizes.batched_events)):
+                    await reset_simulator(control, base_url)
+                    found: list[Breakdown] = []
+                    phase = await forwarder_phase(directory / f"profile-{name}.sqlite",
+                                                  fresh(count, "prof"), config, time_limit=limit,
+                                                  breakdown=found)
+                    profiles[name] = found[0].summary(phase)
 
-    def median_of(name: str) -> float:
-        return round(statistics.median(samples[name]), 1)
-
-    bare, forwarder = median_of("bare_unbatched"), median_of("forwarder_unbatched")
-    forwarder_batched, bare_batched = median_of("forwarder_batched"), median_of("bare_batched")
+    bare, forwarder = median(samples["bare_unbatched"]), median(samples["forwarder_unbatched"])
+    forwarder_batched = median(samples["forwarder_batched"])
+    bare_batched = median(samples["bare_batched"])
     ratio = round(forwarder / bare, 3)
     batched_ratio = round(forwarder_batched / bare, 2)
     line: dict[str, Any] = {
@@ -399,15 +303,6 @@ async def measure(directory: Path, sizes: Sizes, profile: bool) -> dict[str, Any
     if profiles:
         line["breakdown"] = profiles
     return line
-
-
-def event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
-    """The daemon runs on uvloop when it is installed (edge.cli); measure on the same loop."""
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.run
-    return asyncio.run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,28 +23,34 @@ import json
 import os
 import sqlite3
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import (
+    DESTINATION,
+    Phase,
+    chunks,
+    erp_simulator,
+    event_loop_runner,
+    make_events,
+    median,
+    reset_simulator,
+    simulator_unique,
+    until_delivered,
+)
 
 from buffer.outbox import Outbox, OutboxEvent
 from buffer.schema import migrate
 from edge.config import DestinationConfig
 from edge.forward import HttpForwarder
 
-REPO = Path(__file__).resolve().parents[1]
-DESTINATION = "erp"
-EVENT_TYPE = "production.confirmation"
 MAX_IN_FLIGHT = 4
-SIMULATOR_START_TIMEOUT = 15.0
-SIMULATOR_STOP_TIMEOUT = 10.0
 SINGLE_ROW_EVENTS = 5000
 
 
@@ -57,51 +63,6 @@ class Sizes:
     partition_keys: int
     rounds: int
     phase_time_limit: float
-
-
-@dataclass(frozen=True)
-class Phase:
-    """What one timed phase got through: `done` units in `seconds`, cut short or not."""
-
-    done: int
-    seconds: float
-    time_limited: bool
-
-    @property
-    def rate(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
-
-
-def make_events(count: int, partition_keys: int, run: str) -> list[OutboxEvent]:
-    """Confirmation-shaped CloudEvents of realistic size, spread over `partition_keys` orders."""
-    events = []
-    for number in range(count):
-        order = f"order/{1000000 + number % partition_keys:012d}"
-        event_id = f"bench-{run}-{number:08d}"
-        cloud_event = {
-            "specversion": "1.0",
-            "id": event_id,
-            "source": "urn:plantsync:1010:press-01",
-            "type": EVENT_TYPE,
-            "time": "2024-05-01T06:00:00.000Z",
-            "subject": f"{order}/0010",
-            "datacontenttype": "application/json",
-            "dataschema": f"urn:plantsync:schema:{EVENT_TYPE}:1",
-            "partitionkey": order,
-            "sequence": f"{number:020d}",
-            "data": {"good_count": 120, "lot_id": f"LOT-{number:08d}", "operation": "0010",
-                     "order_id": order[6:], "scrap_count": 2, "uom": "PCE",
-                     "work_center": "PRESS01"},
-        }
-        payload = json.dumps(cloud_event, separators=(",", ":")).encode()
-        events.append(OutboxEvent(id=event_id, type=EVENT_TYPE, partition_key=order,
-                                  payload=payload, destinations=(DESTINATION,)))
-    return events
-
-
-def chunks(events: Sequence[OutboxEvent], size: int) -> Iterator[Sequence[OutboxEvent]]:
-    for start in range(0, len(events), size):
-        yield events[start:start + size]
 
 
 # -- commits ----------------------------------------------------------------------------------
@@ -206,48 +167,6 @@ def http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=httpx.Limits(max_connections=MAX_IN_FLIGHT))
 
 
-@contextlib.asynccontextmanager
-async def erp_simulator(directory: Path) -> AsyncIterator[str]:
-    """The real ERP simulator as a subprocess on a free loopback port; yields its base URL."""
-    errors_path = directory / "erp-api.stderr"
-    with errors_path.open("wb") as errors:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "simulators.erp_api", "--host", "127.0.0.1", "--port", "0",
-            "--db", str(directory / "erp.sqlite"),
-            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=errors)
-    try:
-        assert process.stdout is not None
-        try:
-            line = await asyncio.wait_for(process.stdout.readline(), SIMULATOR_START_TIMEOUT)
-        except TimeoutError:
-            line = b""
-        prefix = "erp-api listening on "
-        text = line.decode().strip()
-        if not text.startswith(prefix):
-            stderr_tail = errors_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the ERP simulator did not start: {text!r} {stderr_tail}")
-        yield text.removeprefix(prefix)
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), SIMULATOR_STOP_TIMEOUT)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-async def reset_simulator(client: httpx.AsyncClient, base_url: str) -> None:
-    response = await client.post(f"{base_url}/_sim/reset")
-    response.raise_for_status()
-
-
-async def simulator_unique(client: httpx.AsyncClient, base_url: str) -> int:
-    response = await client.get(f"{base_url}/stats")
-    response.raise_for_status()
-    return int(response.json()["unique"])
-
-
 async def forwarder_drain(path: Path, events: Sequence[OutboxEvent], client: httpx.AsyncClient,
                           base_url: str, *, time_limit: float) -> Phase:
     """Pre-commit `events`, then time a real forwarder until it has delivered them all."""
@@ -262,15 +181,7 @@ async def forwarder_drain(path: Path, events: Sequence[OutboxEvent], client: htt
         started = time.perf_counter()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(forwarder.run(), name=f"bench-forwarder-{DESTINATION}")
-            health = forwarder.health
-
-            def busy() -> bool:
-                return (health.delivered < len(events) and health.failures == 0
-                        and time.perf_counter() < deadline)
-
-            # The forwarder has no "empty" signal; poll its counters, which costs no I/O.
-            while busy():  # noqa: ASYNC110
-                await asyncio.sleep(0.002)
+            await until_delivered(forwarder, len(events), deadline)
             forwarder.drain()
         seconds = time.perf_counter() - started
         if forwarder.health.failures:
@@ -352,56 +263,46 @@ async def measure(directory: Path, sizes: Sizes) -> dict[str, Any]:
     # the machine hits both alike.
     drain_events = make_events(sizes.drain_events, sizes.partition_keys, "drain")
     halves = iter((drain_events[:len(drain_events) // 2], drain_events[len(drain_events) // 2:]))
-    async with erp_simulator(directory) as base_url, http_client() as client:
-        url = f"{base_url}/api/events"
-        # Open the connections and let the simulator warm up, then start from an empty ERP.
-        warm_up = make_events(min(200, sizes.drain_events), sizes.partition_keys, "warm-up")
-        await bare_posts(warm_up, client, url, workers=MAX_IN_FLIGHT, time_limit=limit)
-        for step in ("bare", "drain", "bare"):
-            await reset_simulator(client, base_url)
-            if step == "bare":
-                sample("bare_httpx", await bare_posts(next(halves), client, url,
-                                                      workers=MAX_IN_FLIGHT, time_limit=limit))
-                continue
-            drain = await forwarder_drain(directory / "drain.sqlite", drain_events, client,
-                                          base_url, time_limit=limit)
-            received = await simulator_unique(client, base_url)
-            if received != drain.done:
-                raise RuntimeError(f"the ERP stored {received} events, the forwarder "
-                                   f"acknowledged {drain.done}")
-            sample("drain", drain)
+    with erp_simulator(directory) as base_url:
+        async with http_client() as client:
+            url = f"{base_url}/api/events"
+            # Open the connections and let the simulator warm up, then start from an empty ERP.
+            warm_up = make_events(min(200, sizes.drain_events), sizes.partition_keys, "warm-up")
+            await bare_posts(warm_up, client, url, workers=MAX_IN_FLIGHT, time_limit=limit)
+            for step in ("bare", "drain", "bare"):
+                await reset_simulator(client, base_url)
+                if step == "bare":
+                    bare = await bare_posts(next(halves), client, url, workers=MAX_IN_FLIGHT,
+                                            time_limit=limit)
+                    sample("bare_httpx", bare)
+                    continue
+                drain = await forwarder_drain(directory / "drain.sqlite", drain_events, client,
+                                              base_url, time_limit=limit)
+                received = await simulator_unique(client, base_url)
+                if received != drain.done:
+                    raise RuntimeError(f"the ERP stored {received} events, the forwarder "
+                                       f"acknowledged {drain.done}")
+                sample("drain", drain)
 
-    def median_of(name: str) -> float:
-        return round(statistics.median(samples[name]), 1)
-
-    drain_rate, bare_rate = median_of("drain"), median_of("bare_httpx")
+    drain_rate, bare_rate = median(samples["drain"]), median(samples["bare_httpx"])
     return {
-        "outbox_commits_per_s": median_of("outbox_single"),
+        "outbox_commits_per_s": median(samples["outbox_single"]),
         "outbox_rows_per_transaction": round(statistics.median(rows_per_transaction["single"]),
                                              1),
-        "raw_sqlite_rows_per_s": median_of("raw_sqlite_single"),
+        "raw_sqlite_rows_per_s": median(samples["raw_sqlite_single"]),
         "ratio": round(statistics.median(ratios["single"]), 3),
-        f"outbox_{batch}_events_per_s": median_of(f"outbox_{batch}"),
+        f"outbox_{batch}_events_per_s": median(samples[f"outbox_{batch}"]),
         f"outbox_{batch}_rows_per_transaction": round(
             statistics.median(rows_per_transaction[batch]), 1),
-        f"raw_sqlite_{batch}_rows_per_s": median_of(f"raw_sqlite_{batch}"),
+        f"raw_sqlite_{batch}_rows_per_s": median(samples[f"raw_sqlite_{batch}"]),
         f"{batch}_ratio": round(statistics.median(ratios[batch]), 3),
-        "raw_sqlite_commits_per_s_single_row": median_of("raw_sqlite_single_row"),
+        "raw_sqlite_commits_per_s_single_row": median(samples["raw_sqlite_single_row"]),
         "drain_events_per_s": drain_rate,
         "bare_httpx_posts_per_s": bare_rate,
         "drain_ratio": round(drain_rate / bare_rate, 3),
         "time_limited": cut_short,
         "samples": dict(samples),
     }
-
-
-def event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
-    """The daemon runs on uvloop when it is installed (edge.cli); measure on the same loop."""
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.run
-    return asyncio.run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,38 +23,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import select
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from _common import (
+    DESTINATION,
+    REPO,
+    confirmation_event,
+    erp_simulator,
+    event_loop_runner,
+    median,
+)
 
 from buffer.outbox import Outbox, OutboxEvent
 from buffer.schema import migrate
 from edge.config import DestinationConfig
 from edge.forward import HttpForwarder
 
-REPO = Path(__file__).resolve().parents[1]
-DESTINATION = "erp"
-EVENT_TYPE = "production.confirmation"
 EVENT_PATH = "/api/events"
 PRIORITY = 1
 FILL_BATCH = 50_000
 TARGET_FIRST_DELIVERY_S = 2.0
 TARGET_RSS_DELTA_MB = 20.0
-SIMULATOR_START_TIMEOUT = 15.0
-SIMULATOR_STOP_TIMEOUT = 10.0
 CHILD_DELIVERY_TIMEOUT = 60.0
 TIME_COLUMNS = frozenset({"committed_at", "created_at"})
 """Columns whose values are the commit time, which a fill cannot and need not reproduce."""
@@ -65,26 +64,8 @@ TIME_COLUMNS = frozenset({"committed_at", "created_at"})
 
 def event(number: int, partition_keys: int, run: str) -> OutboxEvent:
     """A confirmation-shaped CloudEvent of realistic size (~400 bytes), its key by number."""
-    order = f"order/{1000000 + number % partition_keys:012d}"
-    event_id = f"restart-{run}-{number:08d}"
-    cloud_event = {
-        "specversion": "1.0",
-        "id": event_id,
-        "source": "urn:plantsync:1010:press-01",
-        "type": EVENT_TYPE,
-        "time": "2024-05-01T06:00:00.000Z",
-        "subject": f"{order}/0010",
-        "datacontenttype": "application/json",
-        "dataschema": f"urn:plantsync:schema:{EVENT_TYPE}:1",
-        "partitionkey": order,
-        "sequence": f"{number:020d}",
-        "data": {"good_count": 120, "lot_id": f"LOT-{number:08d}", "operation": "0010",
-                 "order_id": order[6:], "scrap_count": 2, "uom": "PCE",
-                 "work_center": "PRESS01"},
-    }
-    payload = json.dumps(cloud_event, separators=(",", ":")).encode()
-    return OutboxEvent(id=event_id, type=EVENT_TYPE, partition_key=order, payload=payload,
-                       destinations=(DESTINATION,), priority=PRIORITY)
+    return confirmation_event(number, partition_keys, f"restart-{run}-{number:08d}",
+                              priority=PRIORITY)
 
 
 def fill(path: Path, count: int, *, start: int, partition_keys: int, run: str,
@@ -277,15 +258,6 @@ async def profile_open(path: Path) -> dict[str, float]:
     return {"total": round(total, 4), **{k: round(v, 4) for k, v in costs.items()}}
 
 
-def event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
-    """The daemon runs on uvloop when it is installed (edge.cli); measure on the same loop."""
-    if name == "uvloop":
-        import uvloop
-
-        return uvloop.run
-    return asyncio.run
-
-
 def child_main(args: argparse.Namespace) -> int:
     runner = event_loop_runner(args.loop)
     if args.profile_open:
@@ -311,34 +283,6 @@ def in_fresh_process(path: Path, *, url: str = "", loop: str, timeout: float,
 
 
 # -- the receiver -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def erp_simulator(directory: Path) -> Iterator[str]:
-    """The real ERP simulator as a subprocess on a free loopback port; yields its base URL."""
-    errors_path = directory / "erp-api.stderr"
-    with errors_path.open("wb") as errors:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "simulators.erp_api", "--host", "127.0.0.1", "--port", "0",
-             "--db", str(directory / "erp.sqlite")],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=errors)
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], SIMULATOR_START_TIMEOUT)
-        text = process.stdout.readline().decode().strip() if ready else ""
-        prefix = "erp-api listening on "
-        if not text.startswith(prefix):
-            stderr_tail = errors_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the ERP simulator did not start: {text!r} {stderr_tail}")
-        yield text.removeprefix(prefix)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(SIMULATOR_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def warm_up(base_url: str) -> None:
@@ -405,14 +349,15 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
     breakdown = in_fresh_process(backlog, loop=args.loop, timeout=args.child_timeout,
                                  profile_open=True)
 
-    def median(name: str, places: int = 3) -> float:
-        return round(statistics.median(samples[name]), places)
+    def median_of(name: str, places: int = 3) -> float:
+        return median(samples[name], places)
 
-    first, first_base = median("backlog_first_delivery_s"), median("baseline_first_delivery_s")
-    opened, opened_base = median("backlog_open_s"), median("baseline_open_s")
-    rss, rss_empty = (median("backlog_rss_mb_after_open", 1),
-                      median("baseline_rss_mb_after_open", 1))
-    peak, peak_empty = median("backlog_rss_peak_mb", 1), median("baseline_rss_peak_mb", 1)
+    first = median_of("backlog_first_delivery_s")
+    first_base = median_of("baseline_first_delivery_s")
+    opened, opened_base = median_of("backlog_open_s"), median_of("baseline_open_s")
+    rss, rss_empty = (median_of("backlog_rss_mb_after_open", 1),
+                      median_of("baseline_rss_mb_after_open", 1))
+    peak, peak_empty = median_of("backlog_rss_peak_mb", 1), median_of("baseline_rss_peak_mb", 1)
     return {
         "pending_events": filled,
         "open_s": opened,
@@ -421,15 +366,15 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
         "baseline_first_delivery_s": first_base,
         "open_ratio": round(opened / opened_base, 2),
         "first_delivery_ratio": round(first / first_base, 2),
-        "spawn_to_first_delivery_s": median("backlog_spawn_to_first_delivery_s"),
-        "baseline_spawn_to_first_delivery_s": median("baseline_spawn_to_first_delivery_s"),
+        "spawn_to_first_delivery_s": median_of("backlog_spawn_to_first_delivery_s"),
+        "baseline_spawn_to_first_delivery_s": median_of("baseline_spawn_to_first_delivery_s"),
         "rss_mb_empty": rss_empty,
         "rss_mb_1m": rss,
         "rss_delta_mb": round(rss - rss_empty, 1),
         "rss_ratio": round(rss / rss_empty, 3),
         "rss_delta_mb_after_first_delivery": round(
-            median("backlog_rss_mb_after_first_delivery", 1)
-            - median("baseline_rss_mb_after_first_delivery", 1), 1),
+            median_of("backlog_rss_mb_after_first_delivery", 1)
+            - median_of("baseline_rss_mb_after_first_delivery", 1), 1),
         "rss_peak_delta_mb": round(peak - peak_empty, 1),
         "meets_targets": {
             f"first_delivery_under_{TARGET_FIRST_DELIVERY_S:g}s":

@@ -37,7 +37,9 @@ class Outcome:
 
 
 def benchmarks() -> list[Path]:
-    return sorted(path for path in BENCH.glob("*.py") if path.resolve() != Path(__file__).resolve())
+    """Every bench/*.py but this runner and the modules they share (named with a leading _)."""
+    return sorted(path for path in BENCH.glob("*.py")
+                  if path.resolve() != Path(__file__).resolve() and not path.name.startswith("_"))
 
 
 def last_json_line(stdout: str) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from simulators.modbus_plc import (
     MachineState,
     ModbusPlc,
 )
+from tests.driver_harness import running, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEADY_GOOD_COUNT = 123_456_789  # 0x075B_CD15: both words non-zero, so word order shows
@@ -147,28 +148,6 @@ class Collector:
 
     def values(self, tag: str) -> list[tuple[float, Any]]:
         return [(s.source_time, s.value) for batch in self.batches for s in batch if s.tag == tag]
-
-
-async def wait_until(condition: Callable[[], object], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(driver: ModbusDriver, sink: Collector) -> AsyncIterator[None]:
-    """Run the driver for the body; fail if it ended on its own, then cancel it."""
-    task = asyncio.create_task(driver.run(sink), name=f"driver {driver.name}")
-    try:
-        yield
-        await asyncio.sleep(0)
-        assert not task.done(), f"run() ended by itself: {task.exception()!r}"
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 def config(port: int, tags: list[dict[str, Any]], /, **options: Any) -> ModbusConfig:

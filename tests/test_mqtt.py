@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from drivers.base import MesMessage, Reading, RejectedMessage
 from drivers.mqtt import SAMPLE_CONFIG, MqttConfig, MqttDriver, to_reading
 from simulators.mes_publisher import InputLot, MesPublisher
 from tests.conftest import Mosquitto
+from tests.driver_harness import running, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONSUMPTION = "mes/1010/press-01/consumption"
@@ -107,28 +108,6 @@ class Recorder:
 
     def rejected(self) -> list[RejectedMessage]:
         return [r for r in self.readings() if isinstance(r, RejectedMessage)]
-
-
-async def wait_until(condition: Callable[[], object], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(driver: MqttDriver, sink: Recorder) -> AsyncIterator[None]:
-    """Run the driver for the body; fail if it ended on its own, then cancel it."""
-    task = asyncio.create_task(driver.run(sink), name=f"driver {driver.name}")
-    try:
-        yield
-        await asyncio.sleep(0)
-        assert not task.done(), f"run() ended by itself: {task.exception()!r}"
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager

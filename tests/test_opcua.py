@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from simulators.opcua_machine import (
     node_id_string,
 )
 from tests.conftest import Peer, free_port, start_peer
+from tests.driver_harness import running, wait_until
 
 MACHINE = "filler-02"
 
@@ -103,28 +104,6 @@ class Collector:
     def latest(self, tag: str) -> Sample | None:
         samples = self.of(tag)
         return samples[-1] if samples else None
-
-
-async def wait_until(condition: Callable[[], object], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within}s")
-        await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def running(driver: OpcUaDriver, sink: Collector) -> AsyncIterator[None]:
-    """Run the driver for the body; fail if it ended on its own, then cancel it."""
-    task = asyncio.create_task(driver.run(sink), name=f"driver {driver.name}")
-    try:
-        yield
-        await asyncio.sleep(0)
-        assert not task.done(), f"run() ended by itself: {task.exception()!r}"
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
