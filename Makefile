@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults soak setup mosquitto clean
+.PHONY: demo test lint bench faults soak fuzz setup mosquitto clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -23,12 +23,20 @@ bench: setup
 
 # Long fault runs (kill -9 twenty times, broker/OPC UA/Modbus outages, ERP down five minutes
 # then 429s, disk budget, corrupt database); each prints one JSON line of figures.
+# FAULT_SCALE=0.1 shrinks the outages (the five-minute ERP outage becomes 30 s).
+FAULT_SCALE ?= 1
 faults: setup
-	$(BIN)/pytest -q -s -m slow
+	PLANTSYNC_FAULT_SCALE=$(FAULT_SCALE) $(BIN)/pytest -q -s -m slow
 
-# An hour at plant load; prints a JSON report (memory, files, threads; lost = 0).
+# An hour at plant load (SOAK_ARGS="--duration 300" for a short one); prints a JSON report
+# (memory, open files, threads; lost = 0) and fails if a target does.
+SOAK_ARGS ?=
 soak: setup
-	$(BIN)/python tests/soak.py
+	$(BIN)/python tests/soak.py $(SOAK_ARGS)
+
+# A longer Hypothesis hunt than make test's.
+fuzz: setup
+	PLANTSYNC_FUZZ_EXAMPLES=20 $(BIN)/pytest -q tests/test_fuzz.py
 
 setup: $(STAMP) mosquitto
 

@@ -231,9 +231,9 @@ class HttpForwarder:
             case Outcome.RETRY:
                 backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
                                   attempt=delivery.attempts)
-                delay = backoff.next_delay()
-                if result.retry_after is not None:
-                    delay = max(delay, min(result.retry_after, self.config.retry.cap))
+                # The target said when: believe it (capped). Otherwise back off with jitter.
+                delay = (min(result.retry_after, self.config.retry.cap)
+                         if result.retry_after is not None else backoff.next_delay())
                 await self._outbox.retry(delivery, at=time.time() + delay, status=result.status,
                                          error=result.reason)
             case Outcome.REJECTED:
