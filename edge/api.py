@@ -76,7 +76,7 @@ class GatewayCollector(Collector):
         for rule in gw.pipeline.rules:
             unassigned.add_metric([rule.machine.id], rule.state.unassigned)
         yield unassigned
-        lots = [figure for figure in gw.pipeline.genealogy.figures().values()]
+        lots = list(gw.pipeline.genealogy.figures().values())
         if lots:
             complete = sum(f["complete"] for f in lots) / sum(f["lots"] for f in lots)
             yield GaugeMetricFamily("plantsync_genealogy_completeness",

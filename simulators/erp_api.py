@@ -376,6 +376,13 @@ DATA_TABLES = (
 )
 
 
+def _where(**columns: str | None) -> tuple[str, list[str]]:
+    """A WHERE clause matching each column given a value (None: not filtered)."""
+    given = {name: value for name, value in columns.items() if value is not None}
+    clause = " AND ".join(f"{name} = ?" for name in given)
+    return (f" WHERE {clause}" if clause else ""), list(given.values())
+
+
 def _now_text() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -841,17 +848,9 @@ class EventStore(SqliteStore):
         key: tuple[str, str] | None = None,
     ) -> list[JsonObject]:
         """Stored confirmations in creation order, narrowed by the indexed columns given."""
-        clauses, parameters = [], []
-        if text is not None:
-            clauses.append("confirmation_text = ?")
-            parameters.append(text)
-        if order_id is not None:
-            clauses.append("order_id = ?")
-            parameters.append(order_id)
-        if key is not None:
-            clauses.append("confirmation_group = ? AND confirmation_count = ?")
-            parameters.extend(key)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        group, count = key if key is not None else (None, None)
+        where, parameters = _where(confirmation_text=text, order_id=order_id,
+                                   confirmation_group=group, confirmation_count=count)
         with self._transaction() as db:
             rows = db.execute(
                 f"SELECT entity_json FROM sap_confirmations{where} ORDER BY seq", parameters
@@ -894,14 +893,7 @@ class EventStore(SqliteStore):
 
     def batches(self, *, material: str | None = None, batch: str | None = None) -> list[JsonObject]:
         """Batches with status, stock per type and history, by material then batch."""
-        clauses, parameters = [], []
-        if material is not None:
-            clauses.append("material = ?")
-            parameters.append(material)
-        if batch is not None:
-            clauses.append("batch = ?")
-            parameters.append(batch)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        where, parameters = _where(material=material, batch=batch)
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT material, batch, plant, unit, status, unrestricted, quality_inspection,"
