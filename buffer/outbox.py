@@ -76,6 +76,16 @@ class RejectedInput:
     received_at: float
 
 
+def _storable(text: str) -> str:
+    """`text` as SQLite can store it: a lone surrogate (a topic no broker should pass, but one
+    Hypothesis found) is escaped rather than failing the whole commit."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class LotStatus:
     """A lot's quality status: `hold` until a disposition says `release` or `reject`."""
@@ -343,7 +353,8 @@ class Outbox:
                 db.executemany(
                     "INSERT INTO rejected_inputs(source, topic, payload, reason, received_at)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    [(r.source, r.topic, r.payload, r.reason, r.received_at) for r in rejected])
+                    [(_storable(r.source), _storable(r.topic), r.payload, _storable(r.reason),
+                      r.received_at) for r in rejected])
             for lot in lots:
                 db.execute(
                     "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
