@@ -12,7 +12,7 @@ demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
 
 test: setup
-	$(BIN)/pytest -q
+	PLANTSYNC_REQUIRE_PEERS=1 $(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check .

@@ -25,7 +25,7 @@ import yaml
 
 from edge.config import load_config
 from simulators.scenario import Scenario, load_scenario, main
-from tests.conftest import ROOT, ErpSim, Peer, free_port, start_erp, start_peer
+from tests.conftest import ROOT, ErpSim, Peer, free_port, missing_peer, start_erp, start_peer
 
 SCENARIOS = ROOT / "config" / "scenarios"
 
@@ -244,7 +244,7 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
     peers: list[Peer], scenario_processes: list[ScenarioProcess], tmp_path: Path
 ) -> None:
     if shutil.which("mosquitto") is None and not os.access("/usr/sbin/mosquitto", os.X_OK):
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        missing_peer("mosquitto is not installed (apt-get install mosquitto)")
     erp = start_erp(peers, tmp_path)
     scenario_path, gateway_path, api_port = shift_on_free_ports(tmp_path, erp)
     shift: Scenario = load_scenario(scenario_path)
