@@ -72,7 +72,24 @@ class RejectedMessage:
     received_at: float
 
 
-Reading = Sample | MesMessage | RejectedMessage
+@dataclass(frozen=True, slots=True)
+class DeviceRestarted:
+    """The device itself says it restarted since the driver last read it (OPC UA: a new
+    `ServerStatus.StartTime`; Modbus: the configured `restart_marker` register went back).
+
+    A device that restarts usually restarts its counters from 0, and after a long outage it may
+    already have counted past the last value the gateway saw, so no drop is visible. The rules
+    take this reading to mean: every counter of this driver read after `source_time` counts
+    from 0, not from the last value seen. Drivers emit it before the first sample they read
+    after the restart was detected."""
+
+    driver: str
+    source_time: float
+    reason: str
+    """What showed the restart, in words, for the log (e.g. "StartTime 06:00:01 -> 06:41:12")."""
+
+
+Reading = Sample | MesMessage | RejectedMessage | DeviceRestarted
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 """Driver and tag names: they join as `driver.tag`, so no dots."""

@@ -60,10 +60,22 @@ class Counter:
     last_raw: int | None = None
     total: int = 0
     confirmed: int = 0
+    restarted: bool = False
+    """The device said it restarted: the next reading counts from 0, whatever the last was."""
 
     def advance(self, raw: int, width: int, what: str) -> tuple[int, bool]:
         """Take a new raw reading; return the units it adds, and whether the state must be
         saved now even with no event (a new baseline or a reset would be lost otherwise)."""
+        if self.restarted and self.last_raw is not None:
+            # After a long outage the device may have counted past the last value we saw, so
+            # no drop shows: the device's own restart signal is what says it began at 0.
+            log.warning("Counter %s: the device restarted; its reading %d counts from 0 "
+                        "(the last reading before was %d)", what, raw, self.last_raw)
+            self.restarted = False
+            self.last_raw = raw
+            self.total += raw
+            return raw, True
+        self.restarted = False
         if self.last_raw is None:
             # First reading ever: it is the baseline, what came before is not ours to count.
             log.info("Counter %s: the first reading, %d, is the baseline", what, raw)
@@ -235,6 +247,15 @@ class MachineRule:
     def on_tick(self, now: float) -> list[CloudEvent]:
         """Time passes: debounced states settle, periods end, limit timers run out."""
         return self._advance_time(self._now(now))
+
+    def on_device_restarted(self, driver: str) -> None:
+        """A driver says its device restarted: this machine's counters read through that
+        driver count from 0 at their next reading."""
+        for signal, which in self._counters.items():
+            if signal.startswith(f"{driver}."):
+                counter = self.state.good if which == "good" else self.state.scrap
+                counter.restarted = True
+                self.needs_save = True
 
     def start_order(self, order: OrderBinding, at: float) -> list[CloudEvent]:
         """MES says the machine starts an operation of an order."""

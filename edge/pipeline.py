@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
-from drivers.base import MesMessage, Reading, RejectedMessage, Sample
+from drivers.base import DeviceRestarted, MesMessage, Reading, RejectedMessage, Sample
 from edge.aggregate import MachineRule
 from edge.config import PlantConfig, format_loc
 from edge.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
@@ -105,9 +105,12 @@ class Pipeline:
         ]
         self._by_machine = {rule.machine.id: rule for rule in self.rules}
         self._by_signal: dict[str, list[MachineRule]] = {}
+        self._by_driver: dict[str, list[MachineRule]] = {}
         for rule in self.rules:
             for signal in rule.signals:
                 self._by_signal.setdefault(signal, []).append(rule)
+            for driver in sorted({signal.partition(".")[0] for signal in rule.signals}):
+                self._by_driver.setdefault(driver, []).append(rule)
         self._mes_sequence = int(saved.get(MES_SEQUENCE_KEY, "0"))
         self.known_orders: dict[str, float] = json.loads(saved.get(ORDERS_KEY, "{}"))
         for rule in self.rules:
@@ -150,6 +153,18 @@ class Pipeline:
                             reading.driver, reading.topic,
                             json.dumps(reading.fields, default=str).encode(), problem,
                             reading.received_at))
+                case DeviceRestarted():
+                    log.warning("Driver %s says its device restarted (%s): its counters count "
+                                "from 0", reading.driver, reading.reason,
+                                extra={"driver": reading.driver})
+                    for rule in self._by_driver.get(reading.driver, ()):
+                        # Samples read before the restart are applied first, in their order.
+                        if rule in polled:
+                            produced = rule.on_samples(polled.pop(rule))
+                            events.extend(produced)
+                            touched.append(rule)
+                        rule.on_device_restarted(reading.driver)
+                        touched.append(rule)
                 case RejectedMessage():
                     self.samples_by_driver[reading.driver] += 1
                     rejected.append(RejectedInput(reading.driver, reading.topic,

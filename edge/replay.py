@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from buffer.outbox import Outbox, RejectedInput
-from drivers.base import MesMessage, Quality, Reading, RejectedMessage, Sample
+from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig
 from edge.config import DriverConfig, PlantConfig
 from edge.model import CloudEvent
@@ -69,6 +69,9 @@ def parse_line(entry: dict[str, Any]) -> Reading | None:
         mes = entry["mes"]
         return MesMessage(mes.get("driver", "mes"), mes.get("topic", ""), mes["kind"],
                           mes.get("fields", {}), str(mes["message_id"]), at)
+    if "device_restart" in entry:
+        restart = entry["device_restart"]
+        return DeviceRestarted(str(restart["driver"]), at, str(restart.get("reason", "")))
     if "rejected" in entry:
         rejected = entry["rejected"]
         return RejectedMessage(rejected.get("driver", "mes"), rejected.get("topic", ""),
@@ -86,6 +89,9 @@ def reading_line(reading: Reading) -> dict[str, Any]:
             return {"t": reading.received_at, "mes": {
                 "driver": reading.driver, "topic": reading.topic, "kind": reading.kind,
                 "message_id": reading.message_id, "fields": reading.fields}}
+        case DeviceRestarted():
+            return {"t": reading.source_time, "device_restart": {
+                "driver": reading.driver, "reason": reading.reason}}
         case RejectedMessage():
             return {"t": reading.received_at, "rejected": {
                 "driver": reading.driver, "topic": reading.topic, "reason": reading.reason,
