@@ -91,6 +91,16 @@ class DeviceRestarted:
 
 Reading = Sample | MesMessage | RejectedMessage | DeviceRestarted
 
+DEFAULT_RECONNECT_MAX_DELAY = 10.0
+"""Seconds: the most a driver waits between reconnect attempts. Short enough that a device
+which is back is read again within seconds (a long cap let a restarted device count past the
+last value seen before the gateway looked again), long enough not to hammer a device that is
+down: with full jitter the mean wait at the cap is half of it."""
+
+RECONNECT_MAX_DELAY_DOC = (
+    "Longest wait between reconnect attempts (exponential backoff with full jitter up to this "
+    "cap). Lower it to notice a returning device sooner; raise it to spare a flaky network.")
+
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 """Driver and tag names: they join as `driver.tag`, so no dots."""
 

@@ -44,7 +44,17 @@ from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOEx
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from drivers.base import NAME_PATTERN, Driver, Quality, Sample, SampleSink, TagValue, unique_names
+from drivers.base import (
+    DEFAULT_RECONNECT_MAX_DELAY,
+    NAME_PATTERN,
+    RECONNECT_MAX_DELAY_DOC,
+    Driver,
+    Quality,
+    Sample,
+    SampleSink,
+    TagValue,
+    unique_names,
+)
 from edge.timing import Backoff, Duration, parse_duration
 
 log = logging.getLogger(__name__)
@@ -243,6 +253,9 @@ class ModbusConfig(BaseModel):
         description="Driver name, unique in the plant; the prefix of every signal it emits.",
         examples=["press-01"],
     )
+    reconnect_max_delay: Duration = Field(
+        default=DEFAULT_RECONNECT_MAX_DELAY, gt=0, description=RECONNECT_MAX_DELAY_DOC,
+        examples=["10s"])
     type: Literal["modbus"] = Field(description="Selects this driver.")
     transport: Transport = Field(
         default="tcp",
@@ -572,7 +585,7 @@ class ModbusDriver(Driver):
         self.config = config
         self.groups = plan_poll_groups(config)
         self.requests: Counter[str] = Counter()
-        self._backoff = Backoff(base=0.5, cap=30.0)
+        self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         self._unavailable = False
         self._failing_blocks: set[tuple[str, Table, int]] = set()
 

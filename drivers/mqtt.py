@@ -84,7 +84,16 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.base import NAME_PATTERN, Driver, MesMessage, Reading, RejectedMessage, SampleSink
+from drivers.base import (
+    DEFAULT_RECONNECT_MAX_DELAY,
+    NAME_PATTERN,
+    RECONNECT_MAX_DELAY_DOC,
+    Driver,
+    MesMessage,
+    Reading,
+    RejectedMessage,
+    SampleSink,
+)
 from edge.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
@@ -447,6 +456,9 @@ class MqttConfig(BaseModel):
         description="Driver name, unique in the plant; MES messages carry it as their source.",
         examples=["mes"],
     )
+    reconnect_max_delay: Duration = Field(
+        default=DEFAULT_RECONNECT_MAX_DELAY, gt=0, description=RECONNECT_MAX_DELAY_DOC,
+        examples=["10s"])
     type: Literal["mqtt"] = Field(description="Selects this driver.")
     host: str = Field(
         min_length=1, description="Broker IP address or host name.", examples=["10.0.0.5"]
@@ -841,7 +853,7 @@ class MqttDriver(Driver):
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batches of each size went to the sink: shows bursts being absorbed."""
         self.dropped_qos0 = 0
-        self._backoff = Backoff(base=0.5, cap=30.0)
+        self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         self._unavailable = False
         self._ever_connected = False
         self._commit_failing = False

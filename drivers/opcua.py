@@ -61,7 +61,17 @@ from pydantic import (
     model_validator,
 )
 
-from drivers.base import NAME_PATTERN, Driver, Quality, Sample, SampleSink, TagValue, unique_names
+from drivers.base import (
+    DEFAULT_RECONNECT_MAX_DELAY,
+    NAME_PATTERN,
+    RECONNECT_MAX_DELAY_DOC,
+    Driver,
+    Quality,
+    Sample,
+    SampleSink,
+    TagValue,
+    unique_names,
+)
 from edge.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
@@ -309,6 +319,9 @@ class OpcUaConfig(BaseModel):
         description="Driver name, unique in the plant; the prefix of every signal it emits.",
         examples=["filler-02"],
     )
+    reconnect_max_delay: Duration = Field(
+        default=DEFAULT_RECONNECT_MAX_DELAY, gt=0, description=RECONNECT_MAX_DELAY_DOC,
+        examples=["10s"])
     type: Literal["opcua"] = Field(description="Selects this driver.")
     endpoint: str = Field(description="Server endpoint URL.", examples=["opc.tcp://10.0.0.30:4840"])
     security: OpcUaSecurity = Field(
@@ -611,7 +624,7 @@ class OpcUaDriver(Driver):
         self.config = config
         self.dropped_samples = 0
         """Intermediate samples dropped because the sink fell behind (latest values kept)."""
-        self.backoff = Backoff(base=0.5, cap=30.0)
+        self.backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         """Delays between reconnect attempts; the shared policy (tests may shorten it)."""
         self._unavailable = False
         self._bad_tags: dict[str, str] = {}
