@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults soak fuzz setup mosquitto clean
+.PHONY: demo test lint bench faults soak fuzz setup mosquitto peers clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -38,7 +38,7 @@ soak: setup
 fuzz: setup
 	PLANTSYNC_FUZZ_EXAMPLES=20 $(BIN)/pytest -q tests/test_fuzz.py
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,5 +59,23 @@ mosquitto:
 		exit 1; \
 	fi
 
+# Independent peers from npm (node-opcua's server...), pinned by tests/peers/package-lock.json.
+PEERS_STAMP := tests/peers/node_modules/.installed
+peers: $(PEERS_STAMP)
+
+$(PEERS_STAMP): tests/peers/package.json tests/peers/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing nodejs and npm (Debian packages)"; \
+			apt-get install -y -q nodejs npm >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get install -y -q nodejs npm >/dev/null; }; \
+		else \
+			echo "npm is not installed. Install it with: sudo apt-get install nodejs npm"; \
+			exit 1; \
+		fi; \
+	fi
+	cd tests/peers && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 clean:
-	rm -rf $(VENV) data schemas .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) tests/peers/node_modules data schemas .pytest_cache .mypy_cache .ruff_cache *.egg-info

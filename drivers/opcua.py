@@ -23,8 +23,11 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
+import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -47,7 +50,7 @@ from asyncua.common.subscription import (
 )
 from asyncua.crypto import security_policies, uacrypto
 from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.object_ids import ObjectIdNames
+from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
@@ -65,6 +68,7 @@ from drivers.base import (
     DEFAULT_RECONNECT_MAX_DELAY,
     NAME_PATTERN,
     RECONNECT_MAX_DELAY_DOC,
+    DeviceRestarted,
     Driver,
     Quality,
     Sample,
@@ -77,6 +81,20 @@ from edge.timing import Backoff, Duration
 log = logging.getLogger(__name__)
 
 SecurityPolicyName = Literal["None", "Basic256Sha256"]
+ServerRestart = Literal["counters_restart", "counters_continue"]
+
+DEFAULT_SESSION_TIMEOUT = 20.0
+"""Seconds. A session of a killed gateway stays on the server this long: a crash loop on a
+server allowing 10 sessions (node-opcua's default) locks everyone out only if it leaves 10
+within this time, and a restarted gateway waits at most this long for a free session."""
+
+FULL_SERVER_RETRY = 2.0
+"""Seconds between attempts while the server answers BadTooManySessions: it answers at once,
+and a session frees up when an orphan's timeout runs out, so waiting longer only delays us."""
+
+PORT_PROBE_INTERVAL = 0.5
+"""While a server is down, how often its TCP port is tried (a bare connect, no session), so that
+a server that is back is used at once rather than at the next backoff attempt."""
 SecurityModeName = Literal["None", "Sign", "SignAndEncrypt"]
 
 DEFAULT_APPLICATION_URI = "urn:plantsync:edge"
@@ -348,11 +366,22 @@ class OpcUaConfig(BaseModel):
         examples=["5s"],
     )
     session_timeout: Duration = Field(
-        default=60.0,
+        default=DEFAULT_SESSION_TIMEOUT,
         ge=1,
         description="How long the server keeps the session (and its subscription) for a "
-        "client that went silent.",
-        examples=["60s"],
+        "client that went silent. A gateway killed without closing its session leaves it on "
+        "the server this long, taking one of the server's sessions (often 10 or fewer): keep "
+        "it short. At least twice `keepalive`, whose reads keep the session alive.",
+        examples=["20s"],
+    )
+    server_restart: ServerRestart = Field(
+        default="counters_restart",
+        description="What a restart of the server (a new `ServerStatus.StartTime`) means for "
+        "its counters. `counters_restart`: the device restarted and its counters began again "
+        "at 0 (a PLC with an embedded server after a power cycle), so the rules count the next "
+        "reading from 0 even when it is above the last one seen. `counters_continue`: the "
+        "server is a separate program (an OPC UA gateway in front of the PLC) whose restart "
+        "leaves the counters as they were; the restart is only logged.",
     )
     timeout: Duration = Field(
         default=5.0,
@@ -391,6 +420,11 @@ class OpcUaConfig(BaseModel):
     def _consistent(self) -> OpcUaConfig:
         if (self.username is None) != (self.password is None):
             raise ValueError("give both username and password, or neither")
+        if self.session_timeout < 2 * self.keepalive:
+            raise ValueError(
+                f"session_timeout ({self.session_timeout:g}s) must be at least twice keepalive "
+                f"({self.keepalive:g}s): the keep-alive reads are what keep the session alive"
+            )
         if self.stale_after and self.stale_after <= self.keepalive:
             raise ValueError(
                 f"stale_after ({self.stale_after:g}s) must exceed keepalive "
@@ -464,28 +498,37 @@ class PendingSamples:
     def __init__(self, limit: int = MAX_PENDING_SAMPLES) -> None:
         self.limit = limit
         self.dropped = 0
-        self._samples: list[Sample] = []
+        self._samples: list[Sample | DeviceRestarted] = []
         self._ready = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._samples)
 
-    def put(self, sample: Sample) -> int:
-        """Queue a sample; return how many older samples were dropped to make room."""
+    def put(self, sample: Sample | DeviceRestarted) -> int:
+        """Queue a sample (or a restart notice, never dropped); return how many older samples
+        were dropped to make room."""
         self._samples.append(sample)
         self._ready.set()
         if len(self._samples) <= self.limit:
             return 0
-        latest: dict[str, Sample] = {}
+        latest: dict[tuple[int, str], Sample | DeviceRestarted] = {}
+        restarts = 0
         for queued in self._samples:
-            latest.pop(queued.tag, None)  # re-insert, so the order is by latest arrival
-            latest[queued.tag] = queued
+            # Samples are never merged across a restart notice: the last value read before
+            # the restart and the first after it both count.
+            if isinstance(queued, DeviceRestarted):
+                restarts += 1
+                latest[(restarts, "")] = queued
+                continue
+            key = (restarts, queued.tag)
+            latest.pop(key, None)  # re-insert, so the order is by latest arrival
+            latest[key] = queued
         dropped = len(self._samples) - len(latest)
         self._samples = list(latest.values())
         self.dropped += dropped
         return dropped
 
-    async def take(self) -> list[Sample]:
+    async def take(self) -> list[Sample | DeviceRestarted]:
         """Wait for samples and take them all, oldest first."""
         await self._ready.wait()
         batch, self._samples = self._samples, []
@@ -568,6 +611,13 @@ def describe_error(
         if exc.code in _USER_REJECTED:
             who = f"user {username!r}" if username else "anonymous access"
             return f"the server rejected {who} ({name}): check the username and password"
+        if exc.code == StatusCodes.BadTooManySessions:
+            return (
+                f"the server has no room for another session ({name}). Sessions of clients "
+                "that vanished without closing them (a gateway killed, an HMI crashed) stay "
+                "until their session timeout runs out; retrying. To fix it for good, raise the "
+                "server's session limit, or lower session_timeout in every client's config"
+            )
         if exc.code in _SECURITY_REJECTED:
             return f"the server rejected the security settings or client certificate ({name})"
         return f"the server answered {name}"
@@ -607,7 +657,48 @@ async def _close(client: Client, *, within: float) -> None:
         client.disconnect_socket()  # also when cancelled mid-close: never leak the socket
 
 
+async def _close_despite_cancel(client: Client, *, within: float) -> None:
+    """`_close`, finished even when the caller is cancelled meanwhile (a stopping daemon
+    cancels its drivers again every half second): an orderly stop must not leave the session
+    on the server, where it would hold one of its few sessions for the session timeout.
+    `_close` is bounded by `within`, so this is too; a cancellation is raised after it."""
+    closing = asyncio.ensure_future(_close(client, within=within))
+    cancelled = False
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+async def _port_open(host: str, port: int, within: float) -> bool:
+    """Whether a TCP connection to host:port opens (and is closed at once) within `within`."""
+    try:
+        async with asyncio.timeout(within):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 # --- the driver ---------------------------------------------------------------------------------
+
+
+SERVER_START_TIME = make_node_id(ObjectIds.Server_ServerStatus_StartTime, 0, ua.NodeIdType.Numeric)
+SERVER_STATE = make_node_id(ObjectIds.Server_ServerStatus_State, 0, ua.NodeIdType.Numeric)
+_START_TIME_HANDLE = 0x7FFF_0001
+_STATE_HANDLE = 0x7FFF_0002
+"""Client handles of the driver's own monitored items (ServerStatus), beyond any tag's."""
+
+
+class SessionEnded(Exception):
+    """The server said something that ends this session (it is shutting down, or not
+    running); the message says what, for the log."""
 
 
 @dataclass(slots=True)
@@ -616,25 +707,52 @@ class _Monitored:
     node_id: ua.NodeId
 
 
-class OpcUaDriver(Driver):
-    """Subscribes to one OPC UA server and owns its reconnection."""
+@dataclass(slots=True)
+class _Outcome:
+    """How a session ended: why, and whether the server could not be reached at all (then
+    its TCP port is watched while waiting, to go again as soon as it opens)."""
 
-    def __init__(self, config: OpcUaConfig) -> None:
+    reason: str
+    unreachable: bool = False
+    retry_after: float | None = None
+    """A fixed wait instead of the backoff (a full server answers at once, and frees up when
+    an orphaned session times out)."""
+
+
+class OpcUaDriver(Driver):
+    """Subscribes to one OPC UA server and owns its reconnection.
+
+    `data_dir` (the gateway's) is where the driver remembers the server's last StartTime, so
+    that a server restart during a gateway restart is still seen.
+    """
+
+    def __init__(self, config: OpcUaConfig, *, data_dir: Path | None = None) -> None:
         super().__init__(config.name)
         self.config = config
+        self.data_dir = data_dir
         self.dropped_samples = 0
         """Intermediate samples dropped because the sink fell behind (latest values kept)."""
         self.backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         """Delays between reconnect attempts; the shared policy (tests may shorten it)."""
+        self.restarts_seen = 0
+        """Server restarts detected (a new ServerStatus.StartTime)."""
         self._unavailable = False
         self._bad_tags: dict[str, str] = {}
         self._last_emitted: dict[str, Sample] = {}
         self._overloaded = False
+        self._server_start: datetime | None = None
+        self._start_to_save: datetime | None = None
 
     @property
     def endpoint(self) -> str:
         """The endpoint URL, as logs show it."""
         return self.config.endpoint
+
+    @property
+    def _server_start_file(self) -> Path | None:
+        if self.data_dir is None:
+            return None
+        return self.data_dir / "opcua" / f"{self.name}.server.json"
 
     async def run(self, sink: SampleSink) -> None:
         """Connect, subscribe and reconnect until cancelled; server errors never end it."""
@@ -652,24 +770,52 @@ class OpcUaDriver(Driver):
         while True:
             batch = await pending.take()
             await sink(batch)
+            if self._start_to_save is not None and any(
+                isinstance(reading, DeviceRestarted) for reading in batch
+            ):
+                # Only now: the rules have committed the restart, so a crash before this line
+                # announces it again rather than never.
+                await asyncio.to_thread(self._save_server_start, self._start_to_save)
+                self._start_to_save = None
 
     async def _sessions(self, pending: PendingSamples) -> None:
         while True:
-            reason = await self._session(pending)
+            outcome = await self._session(pending)
             self.health.connected = False
-            self._record_error(reason)
+            self._record_error(outcome.reason)
             if not self._unavailable:
                 self._unavailable = True
                 log.warning(
                     "OPC UA server %s at %s is unavailable: %s. Retrying with backoff.",
                     self.name,
                     self.endpoint,
-                    reason,
-                    extra={"driver": self.name, "endpoint": self.endpoint, "reason": reason},
+                    outcome.reason,
+                    extra={"driver": self.name, "endpoint": self.endpoint,
+                           "reason": outcome.reason},
                 )
-            await asyncio.sleep(self.backoff.next_delay())
+            await self._wait_to_retry(outcome)
 
-    async def _session(self, pending: PendingSamples) -> str:
+    async def _wait_to_retry(self, outcome: _Outcome) -> None:
+        """Wait the backoff delay; but while a server that could not be reached is away, try
+        its TCP port every PORT_PROBE_INTERVAL, and go at once when it opens, so a server that
+        is back is read within a second, not at the next backoff attempt."""
+        delay = self.backoff.next_delay()
+        if outcome.retry_after is not None:
+            delay = outcome.retry_after
+        if not outcome.unreachable:
+            await asyncio.sleep(delay)
+            return
+        url = urlparse(self.endpoint)
+        host, port = url.hostname or "", url.port or 4840
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            started = time.monotonic()
+            if await _port_open(host, port, min(left, self.config.timeout)):
+                return
+            await asyncio.sleep(max(0.0, min(PORT_PROBE_INTERVAL - (time.monotonic() - started),
+                                             deadline - time.monotonic())))
+
+    async def _session(self, pending: PendingSamples) -> _Outcome:
         """One session from connect to loss; return why it ended."""
         config = self.config
         client: Client | None = None
@@ -685,12 +831,17 @@ class OpcUaDriver(Driver):
                 client_name=f"PlantSync Edge {self.name}",
             )
             await client.connect()
-            return await self._serve(client, pending)
+            return _Outcome(await self._serve(client, pending))
+        except SessionEnded as exc:
+            return _Outcome(str(exc))
         except Exception as exc:
-            return describe_error(exc, config.timeout, config.username, config.security)
+            reason = describe_error(exc, config.timeout, config.username, config.security)
+            if isinstance(exc, UaStatusCodeError) and exc.code == StatusCodes.BadTooManySessions:
+                return _Outcome(reason, retry_after=FULL_SERVER_RETRY)
+            return _Outcome(reason, unreachable=isinstance(exc, OSError | TimeoutError))
         finally:
             if client is not None:
-                await _close(client, within=config.timeout)
+                await _close_despite_cancel(client, within=config.timeout)
 
     async def _serve(self, client: Client, pending: PendingSamples) -> str:
         """Subscribe, read current values, then wait for the first sign the session is dead."""
@@ -701,6 +852,9 @@ class OpcUaDriver(Driver):
 
         client.connection_lost_callback = on_connection_lost
         self._last_emitted.clear()
+        # Before any sample of this session: a restart must reach the rules before the first
+        # reading taken after it.
+        await self._check_server_status(client, pending)
         namespaces = await client.get_namespace_array()
         monitored = self._resolve(namespaces, pending)
         subscription, keepalive = await self._subscribe(client, monitored, pending)
@@ -737,6 +891,91 @@ class OpcUaDriver(Driver):
                 return f"the session keep-alive failed: {cause}"
             return "the connection was closed"
         return next(watcher.result() for watcher in watchers if watcher in done)
+
+    # --- server restarts -------------------------------------------------------------------
+
+    async def _check_server_status(self, client: Client, pending: PendingSamples) -> None:
+        """Read ServerStatus.StartTime and State at connect: a server not running ends the
+        session; a new StartTime is a restart."""
+        values = await client.uaclient.read(ua.ReadParameters(
+            MaxAge=0,
+            TimestampsToReturn=ua.TimestampsToReturn.Neither,
+            NodesToRead=[
+                ua.ReadValueId(NodeId=node_id, AttributeId=AttributeIds.Value)
+                for node_id in (SERVER_START_TIME, SERVER_STATE)
+            ],
+        ))
+        start, state = (value.Value.Value if value.Value is not None else None
+                        for value in values)
+        self._server_state_is(state)
+        self._server_started_at(start, pending)
+
+    def _server_state_is(self, state: object) -> None:
+        if state is None or state == ua.ServerState.Running:
+            return
+        try:
+            name = ua.ServerState(int(cast(int, state))).name
+        except ValueError:
+            name = str(state)
+        raise SessionEnded(f"the server says its state is {name}, not Running")
+
+    def _server_started_at(self, start: object, pending: PendingSamples) -> None:
+        """Compare the server's StartTime with the last one seen (in this process, or saved
+        in data_dir by an earlier one); a different one is a restart."""
+        if not isinstance(start, datetime) or _epoch_seconds(start) is None:
+            return  # a server that does not say when it started cannot tell us it restarted
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=UTC)
+        known = self._server_start
+        if known is None:
+            known = self._load_server_start()
+        self._server_start = start
+        if known is None or abs((start - known).total_seconds()) < 0.001:
+            if known is None:
+                self._save_server_start(start)
+            return
+        self.restarts_seen += 1
+        reason = (f"OPC UA server {self.name} at {self.endpoint} restarted: ServerStatus."
+                  f"StartTime {known.isoformat()} -> {start.isoformat()}")
+        if self.config.server_restart == "counters_continue":
+            log.info("%s; its counters carry on (server_restart: counters_continue).", reason,
+                     extra={"driver": self.name, "endpoint": self.endpoint})
+            self._save_server_start(start)
+            return
+        pending.put(DeviceRestarted(self.name, start.timestamp(), reason))
+        self._start_to_save = start
+
+    def _load_server_start(self) -> datetime | None:
+        path = self._server_start_file
+        if path is None:
+            return None
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("endpoint") != self.endpoint:
+                return None  # another server: its StartTime says nothing about this one
+            return datetime.fromisoformat(saved["start_time"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("OPC UA driver %s: cannot read %s (%s); a server restart while the "
+                        "gateway was down would go unseen.", self.name, path, exc,
+                        extra={"driver": self.name})
+            return None
+
+    def _save_server_start(self, start: datetime) -> None:
+        path = self._server_start_file
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(
+                {"endpoint": self.endpoint, "start_time": start.isoformat()}) + "\n")
+            os.replace(temporary, path)
+        except OSError as exc:
+            log.warning("OPC UA driver %s: cannot write %s (%s); a server restart while the "
+                        "gateway is down would go unseen.", self.name, path, exc,
+                        extra={"driver": self.name})
 
     def _resolve(self, namespaces: Sequence[str], pending: PendingSamples) -> dict[int, _Monitored]:
         """Node ids for this server's namespace array, by client handle; the rest marked bad."""
@@ -776,6 +1015,20 @@ class OpcUaDriver(Driver):
         )
         granted = await subscription.init()
         keepalive = granted.RevisedPublishingInterval * granted.RevisedMaxKeepAliveCount / 1000
+        # The server's own status, watched in the same subscription: a new StartTime while
+        # the session lives (a redundant server taking over) is a restart too, and a State
+        # other than Running (Shutdown announced) ends the session before the socket does.
+        status_items = [
+            ua.MonitoredItemCreateRequest(
+                ItemToMonitor=ua.ReadValueId(NodeId=node_id, AttributeId=AttributeIds.Value),
+                MonitoringMode=ua.MonitoringMode.Reporting,
+                RequestedParameters=ua.MonitoringParameters(
+                    ClientHandle=handle, SamplingInterval=-1.0, QueueSize=1, DiscardOldest=True),
+            )
+            for handle, node_id in ((_START_TIME_HANDLE, SERVER_START_TIME),
+                                    (_STATE_HANDLE, SERVER_STATE))
+        ]
+        await subscription.create_monitored_items(status_items)
         if not monitored:
             return subscription, keepalive
         requests = [self._monitor_request(handle, item) for handle, item in monitored.items()]
@@ -842,6 +1095,16 @@ class OpcUaDriver(Driver):
         async for event in subscription:
             if isinstance(event, DataChangeEvent):
                 notification = event.data.monitored_item
+                value = notification.Value.Value if notification.Value is not None else None
+                if notification.ClientHandle == _START_TIME_HANDLE:
+                    self._server_started_at(value.Value if value is not None else None, pending)
+                    continue
+                if notification.ClientHandle == _STATE_HANDLE:
+                    try:
+                        self._server_state_is(value.Value if value is not None else None)
+                    except SessionEnded as exc:
+                        return str(exc)
+                    continue
                 item = monitored.get(notification.ClientHandle)
                 if item is not None:
                     self.health.reads += 1

@@ -18,7 +18,8 @@ Status.StateCurrent`:
 
 A machine starts in Execute. Every 100 ms the counters advance at `rate` processed and
 `scrap_rate` defective units per second (fractions accumulate) while in Execute, and not in any
-other state. `OpcUaMachineServer` is the control API for tests and the scenario runner: change the
+other state; with `stop_at` a machine turns Complete when its processed count reaches it.
+`OpcUaMachineServer` is the control API for tests and the scenario runner: change the
 state, the rate, add counts, pin a process value. The command line (`main`) prints
 `opcua-machine listening on opc.tcp://HOST:PORT` once it accepts connections, so a parent
 process can wait for that line. With `--security sign|encrypt` it offers only Basic256Sha256
@@ -134,6 +135,8 @@ class Machine:
     stop_reason_text: str = ""
     temperature: float = TEMPERATURE_NOMINAL
     pressure: float = PRESSURE_NOMINAL
+    stop_at: int | None = None
+    """Processed count at which the machine turns Complete (the order is done)."""
     pinned: set[str] = field(default_factory=set)
     """Process values set through the control API; the noise leaves them alone."""
     rng: random.Random = field(default_factory=random.Random, repr=False)
@@ -162,6 +165,10 @@ class Machine:
         if self.state is PackMLState.EXECUTE:
             self.processed += max(self.rate, 0.0) * seconds
             self.defective += max(self.scrap_rate, 0.0) * seconds
+            if self.stop_at is not None and self.processed >= self.stop_at:
+                self.defective = min(self.defective, float(self.stop_at))
+                self.processed = float(self.stop_at)
+                self.state = PackMLState.COMPLETE
 
     def values(self) -> dict[str, Any]:
         """Every variable's current value, by path."""
@@ -236,6 +243,7 @@ class OpcUaMachineServer:
         rate: float = 10.0,
         scrap_rate: float = 0.0,
         start_count: int = 0,
+        stop_at: int | None = None,
         security: Security = "none",
         user: tuple[str, str] | None = None,
         certificate: Path | None = None,
@@ -256,7 +264,8 @@ class OpcUaMachineServer:
         self.private_key = private_key
         self.tick = tick
         self.machines: dict[str, Machine] = {
-            name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count))
+            name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count),
+                          stop_at=stop_at)
             for name in machines
         }
         self._server: Server | None = None
@@ -292,8 +301,11 @@ class OpcUaMachineServer:
         """`opc.tcp://host:port`, for clients."""
         return f"opc.tcp://{self.host}:{self.port}"
 
-    async def start(self) -> None:
-        """Build the address space, start listening and start the production clock."""
+    async def start(self, listen_after: float = 0.0) -> None:
+        """Build the address space, start the production clock and start listening.
+
+        `listen_after` seconds pass between the two, as on a PLC whose program runs (and
+        counts) before its OPC UA server is up."""
         server = Server(user_manager=_OneUser(*self.user) if self.user else None)
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.requested_port}")
@@ -303,9 +315,11 @@ class OpcUaMachineServer:
         self._namespace = await server.register_namespace(NAMESPACE_URI)
         for machine in self.machines.values():
             await self._add_machine(server, machine)
-        await server.start()
         self._server = server
         self._ticker = asyncio.create_task(self._run_clock(), name="opcua-machine clock")
+        if listen_after > 0:
+            await asyncio.sleep(listen_after)
+        await server.start()
 
     async def stop(self) -> None:
         """Stop the clock and the server; clients see the connection close."""
@@ -478,6 +492,14 @@ class OpcUaMachineServer:
         finally:
             await listener.start()
 
+    async def set_server_state(self, state: ua.ServerState) -> None:
+        """Set `Server.ServerStatus.State` (Shutdown, Suspended...), as a server announces
+        that it is going down or not serving."""
+        if self._server is None:
+            raise RuntimeError("the server is not running")
+        node = self._server.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State))
+        await node.write_value(ua.Variant(state, ua.VariantType.Int32))
+
     async def drop_subscriptions(self) -> int:
         """A fault: forget every client's subscriptions while their sessions stay up, as a server
         that lost them would. Reads still work; data changes and keep-alives stop."""
@@ -510,13 +532,14 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         rate=args.rate,
         scrap_rate=args.scrap_rate,
         start_count=args.start,
+        stop_at=args.stop_at,
         security=args.security,
         user=args.user,
         certificate=args.certificate,
         private_key=args.private_key,
     )
     try:
-        await machine_server.start()
+        await machine_server.start(listen_after=args.listen_after)
         try:
             print(f"opcua-machine listening on {machine_server.endpoint}", flush=True)
             log.info(
@@ -551,6 +574,13 @@ def main(argv: list[str] | None = None) -> int:
         "--scrap-rate", type=float, default=0.0, help="defective units per second in Execute"
     )
     parser.add_argument("--start", type=int, default=0, help="initial processed count")
+    parser.add_argument(
+        "--stop-at", type=int, default=None,
+        help="processed count at which each machine stops counting and turns Complete (17)")
+    parser.add_argument(
+        "--listen-after", type=float, default=0.0, metavar="SECONDS",
+        help="count this long before the server listens (a PLC whose program runs before "
+        "its OPC UA server is up)")
     parser.add_argument(
         "--security",
         choices=("none", "sign", "encrypt"),

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
+import random
 import signal
 import sys
 import time
@@ -18,10 +20,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from asyncua import ua
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import ValidationError
 
-from drivers.base import Quality, Reading, Sample
+from drivers.base import DeviceRestarted, Quality, Reading, Sample
 from drivers.opcua import (
     NodeRef,
     OpcUaConfig,
@@ -40,7 +43,7 @@ from simulators.opcua_machine import (
     make_self_signed_certificate,
     node_id_string,
 )
-from tests.conftest import Peer, free_port, start_peer
+from tests.conftest import Peer, free_port, start_erp, start_peer
 from tests.driver_harness import running, wait_until
 
 MACHINE = "filler-02"
@@ -87,13 +90,19 @@ def fast_driver(parsed: OpcUaConfig) -> OpcUaDriver:
 
 
 class Collector:
-    """A sink that keeps every sample."""
+    """A sink that keeps every sample, and every reading in its order."""
 
     def __init__(self) -> None:
         self.samples: list[Sample] = []
+        self.readings: list[Reading] = []
 
     async def __call__(self, readings: Sequence[Reading]) -> None:
+        self.readings.extend(readings)
         self.samples.extend(r for r in readings if isinstance(r, Sample))
+
+    @property
+    def restarts(self) -> list[DeviceRestarted]:
+        return [r for r in self.readings if isinstance(r, DeviceRestarted)]
 
     def of(self, tag: str) -> list[Sample]:
         return [sample for sample in self.samples if sample.tag == tag]
@@ -271,7 +280,7 @@ async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     port = free_port()
     endpoint = f"opc.tcp://127.0.0.1:{port}"
     server = await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "20")
-    driver = fast_driver(config(endpoint, COUNTER_TAGS))
+    driver = fast_driver(config(endpoint, COUNTER_TAGS, server_restart="counters_continue"))
     collector = Collector()
     async with running(driver, collector):
         await wait_until(lambda: len(set(collector.values("processed"))) >= 5)
@@ -297,6 +306,9 @@ async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     assert len(opcua_logs(caplog, "is unavailable", logging.WARNING)) == 1
     assert endpoint in opcua_logs(caplog, "is unavailable")[0]
     assert len(opcua_logs(caplog, "available again", logging.INFO)) == 1
+    # counters_continue: the restart is logged, and the rules are not told to count from 0.
+    assert driver.restarts_seen == 1 and not collector.restarts
+    assert len(opcua_logs(caplog, "its counters carry on", logging.INFO)) == 1
 
 
 async def test_counts_across_an_outage_are_counted_once() -> None:
@@ -325,6 +337,106 @@ async def test_counts_across_an_outage_are_counted_once() -> None:
                 await count(good)
 
     assert positive_deltas(collector.values("processed")) == added == 32
+
+
+# --- server restarts ------------------------------------------------------------------------------
+
+
+def split_at_restarts(readings: Sequence[Reading], tag: str) -> list[list[Any]]:
+    """A tag's values between restart notices: [[before the first], [after it], ...]."""
+    parts: list[list[Any]] = [[]]
+    for reading in readings:
+        if isinstance(reading, DeviceRestarted):
+            parts.append([])
+        elif isinstance(reading, Sample) and reading.tag == tag:
+            parts[-1].append(reading.value)
+    return parts
+
+
+async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    # The oracle is the simulator's own count: generation 1 stops at 33, generation 2 starts
+    # from 0 and has counted past 33 (to 50) before it listens, so no drop shows.
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}"
+    data_dir = tmp_path / "data"
+    server = await asyncio.to_thread(
+        start_machine, peers, tmp_path, port, "--rate", "50", "--stop-at", "33")
+    driver = fast_driver(config(endpoint, COUNTER_TAGS))
+    driver.data_dir = data_dir
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.values("processed")[-1:] == [33])
+        await asyncio.to_thread(server.kill)
+        await wait_until(lambda: not driver.health.connected, within=5)
+        await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "50",
+                                "--stop-at", "50", "--listen-after", "1.5")
+        await wait_until(lambda: collector.values("processed")[-1:] == [50], within=15)
+
+    before, after = split_at_restarts(collector.readings, "processed")
+    assert before[-1] == 33 and after == [50], collector.readings
+    [restart] = collector.restarts
+    assert restart.driver == MACHINE and "restarted: ServerStatus.StartTime" in restart.reason
+    assert endpoint in restart.reason
+    assert abs(restart.source_time - time.time()) < 30
+    assert driver.restarts_seen == 1
+
+    # The gateway itself restarted meanwhile (a new driver on the same data_dir): the server
+    # restarted while it was away, and that is still seen; without a server restart, nothing.
+    await asyncio.to_thread(peers[-1].kill)
+    await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "0", "--start", "7")
+    for expected_restarts in (1, 0):
+        again = fast_driver(config(endpoint, COUNTER_TAGS))
+        again.data_dir = data_dir
+        seen = Collector()
+        async with running(again, seen):
+            await wait_until(lambda: seen.values("processed") == [7])  # noqa: B023
+        assert len(seen.restarts) == expected_restarts
+        assert isinstance(seen.readings[0], DeviceRestarted) == bool(expected_restarts)
+
+
+async def test_a_server_announcing_shutdown_ends_the_session_until_it_runs_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    async with machine(rate=20) as server:
+        driver = fast_driver(config(server.endpoint, COUNTER_TAGS))
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: driver.health.connected)
+            await server.set_server_state(ua.ServerState.Shutdown)
+            await wait_until(lambda: not driver.health.connected, within=5)
+            await wait_until(lambda: driver.health.errors >= 2)  # reconnects: still Shutdown
+            assert not driver.health.connected
+            await server.set_server_state(ua.ServerState.Running)
+            await wait_until(lambda: driver.health.connected, within=5)
+    assert driver.health.last_error == "the server says its state is Shutdown, not Running"
+    assert not collector.restarts  # the same server: same StartTime
+    assert len(opcua_logs(caplog, "is unavailable: the server says its state is Shutdown")) == 1
+
+
+async def test_a_server_that_is_back_is_used_at_once_not_at_the_next_backoff_attempt(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    port = free_port()
+    server = await asyncio.to_thread(start_machine, peers, tmp_path, port)
+    driver = OpcUaDriver(config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS,
+                                reconnect_max_delay="60s"))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: driver.health.connected)
+        await asyncio.to_thread(server.kill)
+        await wait_until(lambda: not driver.health.connected, within=5)
+        # As after a long outage: the next attempts wait long (seeded: 57.4 s, then 56.9 s).
+        driver.backoff = Backoff(base=60, cap=60, rng=random.Random(2))
+        assert Backoff(base=60, cap=60, rng=random.Random(2)).next_delay() > 30
+        await wait_until(lambda: driver.health.errors >= 2)  # a refused attempt: waiting now
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(start_machine, peers, tmp_path, port)
+        back = time.monotonic()
+        await wait_until(lambda: driver.health.connected, within=10)
+    assert time.monotonic() - back < 10, "reconnected only at the next backoff attempt"
 
 
 async def test_a_frozen_server_is_detected_and_reconnected(
@@ -622,3 +734,82 @@ def test_valid_security_combinations() -> None:
         parsed = config("opc.tcp://h:4840", COUNTER_TAGS, security={**SECURE, "mode": mode})
         assert parsed.security.mode == mode
     assert config("opc.tcp://h:4840", COUNTER_TAGS, stale_after=0).stale_after == 0
+
+
+# --- the real daemon: a device restart during a long outage -----------------------------------
+
+
+@pytest.mark.integration
+def test_daemon_counts_every_unit_when_the_machine_restarts_during_a_long_outage(
+    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 12 item 2: the machine counts to 33; its server is killed and stays down longer
+    # than the old 30 s backoff cap; it comes back counting from 0 and has passed 33 before
+    # its server listens (its program runs first). The oracle is the simulator's own count:
+    # generation 1 stops at 33, generation 2 at 80, so the units are (33 - baseline) + 80.
+    from tests.test_daemon_drivers import (
+        Gateway,
+        baselines,
+        confirmations,
+        erp_destination,
+        wait_for,
+        yield_sum,
+    )
+
+    erp = start_erp(peers, tmp_path)
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}"
+    signal_name = f"{MACHINE}.processed"
+    gateway = Gateway(peers, tmp_path, f"""
+drivers:
+  - name: {MACHINE}
+    type: opcua
+    endpoint: "{endpoint}"
+    publishing_interval: 100ms
+    keepalive: 1s
+    timeout: 2s
+    tags:
+      - {{name: processed, node: "{node("Admin.ProdProcessedCount")}", queue_size: 50}}
+machines:
+  - id: {MACHINE}
+    signals: {{processed: {signal_name}}}
+    order: {{order_id: "2000789", operation: "0010", material: FG-300, lot_id: LOT-RST-1}}
+    confirm: {{every_units: 10, every: 1s}}
+{erp_destination(erp)}
+routes:
+  production.confirmation: [erp]
+""")
+    start_machine(peers, tmp_path, port, "--rate", "10", "--stop-at", "33")
+    gateway.start()
+    unavailable = f"OPC UA server {MACHINE} at {endpoint} is unavailable"
+    back = f"OPC UA server {MACHINE} at {endpoint} is available again"
+
+    wait_for(lambda: gateway.status()["signals"].get(signal_name, {}).get("value") == 33, 30,
+             "the gateway to read 33")
+    [baseline] = baselines(gateway, signal_name)
+    wait_for(lambda: yield_sum(confirmations(erp)) == 33 - baseline, 30, "33 confirmed")
+    peers[-2].kill()  # the machine's server (the gateway was started after it)
+    wait_for(lambda: unavailable in gateway.output(), 30, "the gateway to see the server gone")
+    time.sleep(31)  # longer than the old 30 s backoff cap
+    restarted = start_machine(peers, tmp_path, port, "--rate", "20", "--stop-at", "80",
+                              "--listen-after", "2")
+    listening = time.monotonic()
+    wait_for(lambda: back in gateway.output(), 30, "the gateway to reconnect")
+    reconnect_s = time.monotonic() - listening
+    expected = 33 - baseline + 80
+    wait_for(lambda: yield_sum(confirmations(erp)) >= expected, 30, f"{expected} confirmed")
+    time.sleep(1.5)  # a late confirmation beyond the expected would be a double count
+    delivered = int(yield_sum(confirmations(erp)))
+    logs = gateway.output()
+    with capsys.disabled():
+        print("\n" + json.dumps({
+            "test": "opcua-device-restart-long-outage", "outage_s": 31, "baseline": baseline,
+            "expected": expected, "delivered": delivered, "lost": expected - delivered,
+            "duplicates": erp.stats()["duplicates"], "reconnect_s": round(reconnect_s, 2)}))
+    assert restarted.process is not None and restarted.process.poll() is None
+    assert delivered == expected, f"lost {expected - delivered} units; logs in {tmp_path}"
+    assert f"OPC UA server {MACHINE} at {endpoint} restarted: ServerStatus.StartTime" in logs
+    assert "its reading" in logs and "counts from 0" in logs
+    # Promptly: the backoff had reached its cap (10 s), the server's port is what we watch.
+    assert reconnect_s < 5, f"reconnected {reconnect_s:.1f} s after the server listened"
+    assert gateway.current.stop() == 0
