@@ -52,6 +52,7 @@ from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.server import Server
 from asyncua.server.user_managers import UserManager
+from asyncua.ua.object_ids import ObjectIds
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -497,7 +498,7 @@ class OpcUaMachineServer:
         that it is going down or not serving."""
         if self._server is None:
             raise RuntimeError("the server is not running")
-        node = self._server.get_node(ua.NodeId(ua.ObjectIds.Server_ServerStatus_State))
+        node = self._server.get_node(f"i={ObjectIds.Server_ServerStatus_State}")
         await node.write_value(ua.Variant(state, ua.VariantType.Int32))
 
     async def drop_subscriptions(self) -> int:
