@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 
 SecurityPolicyName = Literal["None", "Basic256Sha256"]
 ServerRestart = Literal["counters_restart", "counters_continue"]
+TagRead = Literal["value", "packml_state"]
 
 DEFAULT_SESSION_TIMEOUT = 20.0
 """Seconds. A session of a killed gateway stays on the server this long: a crash loop on a
@@ -215,6 +216,72 @@ def portable_node_id(node_id: ua.NodeId, namespaces: Sequence[str]) -> str:
     return node_id.to_string()
 
 
+# --- structured values ----------------------------------------------------------------------------
+
+_SELECT_STEP = re.compile(
+    r"\[(?P<index>\d+)\]|\[(?P<field>[A-Za-z_]\w*)=(?P<match>[^\]]*)\]|\.?(?P<name>[A-Za-z_]\w*)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """A path into a structured value: array elements (`[0]`, `[ID=1]`) and fields (`.Count`)."""
+
+    text: str
+    steps: tuple[tuple[str, str, str], ...]
+    """Each step: ("index", "0", ""), ("match", field, value) or ("field", name, "")."""
+
+    @classmethod
+    def parse(cls, text: str) -> Selector:
+        steps: list[tuple[str, str, str]] = []
+        position = 0
+        while position < len(text):
+            step = _SELECT_STEP.match(text, position)
+            if step is None:
+                raise ValueError(f"select {text!r}: cannot read {text[position:]!r}; write "
+                                 "e.g. [0].AccCount, [ID=1].Count or Message")
+            if step["index"] is not None:
+                steps.append(("index", step["index"], ""))
+            elif step["field"] is not None:
+                steps.append(("match", step["field"], step["match"]))
+            else:
+                steps.append(("field", step["name"], ""))
+            position = step.end()
+        if not steps:
+            raise ValueError("select must not be empty")
+        return cls(text, tuple(steps))
+
+    def apply(self, value: object) -> object:
+        """The selected part; LookupError in words when the value has no such part."""
+        for kind, key, wanted in self.steps:
+            if isinstance(value, ua.ExtensionObject):
+                raise LookupError(
+                    f"select {self.text}: the server sent a structure of type "
+                    f"{value.TypeId.to_string()} that cannot be decoded (it publishes no "
+                    "definition of that data type)")
+            if kind == "field":
+                if not hasattr(value, "__dataclass_fields__") or not hasattr(value, key):
+                    fields = ", ".join(getattr(value, "__dataclass_fields__", {})) or "none"
+                    raise LookupError(f"select {self.text}: the value has no field {key!r} "
+                                      f"(fields: {fields})")
+                value = getattr(value, key)
+                continue
+            if not isinstance(value, list | tuple):
+                raise LookupError(f"select {self.text}: the value is not an array")
+            if kind == "index":
+                if int(key) >= len(value):
+                    raise LookupError(f"select {self.text}: the array has {len(value)} "
+                                      f"element(s), no [{key}]")
+                value = value[int(key)]
+                continue
+            found = [element for element in value
+                     if str(plain_value(getattr(element, key, None))) == wanted]
+            if not found:
+                raise LookupError(f"select {self.text}: no element with {key} = {wanted}")
+            value = found[0]
+        return value
+
+
 # --- config -----------------------------------------------------------------------------------
 
 
@@ -270,15 +337,49 @@ class OpcUaTag(BaseModel):
         default=None, description="Report only changes larger than this (analog values)."
     )
 
+    read: TagRead = Field(
+        default="value",
+        description="`value`: the variable's value. `packml_state`: `node` is an OPC 30050 "
+        "(PackML companion specification) machine's `BaseStateMachine`; the tag's value is the "
+        "ISA-TR88 number of the state it is in (6 Execute, 11 Held, 2 Stopped, 9 Aborted...), "
+        "the innermost CurrentState of its nested state machines (BaseStateMachine, "
+        "MachineState, ExecuteState), read through each CurrentState's Id.",
+    )
+    select: str | None = Field(
+        default=None,
+        description="One part of a structured value (an ExtensionObject, decoded with the data "
+        "type definitions the server publishes): `[0]` an array element, `[ID=1]` the element "
+        "whose field ID is 1, `.AccCount` (or `AccCount` first) a field; chained, e.g. "
+        "`[ID=1].AccCount` for OPC 30050's ProdProcessedCount, `ID` for its StopReason.",
+        examples=["[ID=1].AccCount", "Message"],
+    )
+
     @field_validator("node")
     @classmethod
     def _node_id_parses(cls, node: str) -> str:
         NodeRef.parse(node)
         return node.strip()
 
+    @field_validator("select")
+    @classmethod
+    def _selector_parses(cls, select: str | None) -> str | None:
+        if select is not None:
+            Selector.parse(select)
+        return select
+
+    @model_validator(mode="after")
+    def _select_a_value(self) -> OpcUaTag:
+        if self.read == "packml_state" and self.select is not None:
+            raise ValueError("select applies to read: value, not to a packml_state")
+        return self
+
     @property
     def node_ref(self) -> NodeRef:
         return NodeRef.parse(self.node)
+
+    @property
+    def selector(self) -> Selector | None:
+        return Selector.parse(self.select) if self.select is not None else None
 
 
 class OpcUaSecurity(BaseModel):
@@ -471,14 +572,22 @@ def _epoch_seconds(stamp: datetime | None) -> float | None:
     return stamp.timestamp()
 
 
-def sample_from(driver: str, tag: str, datavalue: ua.DataValue | None, now: float) -> Sample:
-    """The Sample for one DataValue: its source timestamp, else the server's, else `now`."""
+def sample_from(
+    driver: str,
+    tag: str,
+    datavalue: ua.DataValue | None,
+    now: float,
+    select: Selector | None = None,
+) -> Sample:
+    """The Sample for one DataValue (the part `select` picks of it): its source timestamp, else
+    the server's, else `now`. LookupError when `select` finds no such part."""
     if datavalue is None:
         return Sample(driver, tag, None, now, Quality.BAD)
     quality = quality_of(datavalue.StatusCode)
     value = None
     if quality is not Quality.BAD and datavalue.Value is not None:
-        value = plain_value(datavalue.Value.Value)
+        raw = datavalue.Value.Value
+        value = plain_value(select.apply(raw) if select is not None else raw)
     source_time = (
         _epoch_seconds(datavalue.SourceTimestamp)
         or _epoch_seconds(datavalue.ServerTimestamp)
@@ -696,6 +805,16 @@ _STATE_HANDLE = 0x7FFF_0002
 """Client handles of the driver's own monitored items (ServerStatus), beyond any tag's."""
 
 
+_LEVEL_HANDLES = 0x0100_0000
+"""A packml_state tag's items: the tag's handle plus this times (level + 1)."""
+
+PACKML_NAMESPACE_URI = "http://opcfoundation.org/UA/PackML/"
+PACKML_CLEARED = 19
+PACKML_RUNNING = 18
+"""OPC 30050's StateNumbers of the two states that hold a nested state machine (Cleared holds
+MachineState, Running holds ExecuteState); every other state is an ISA-TR88 number."""
+
+
 class SessionEnded(Exception):
     """The server said something that ends this session (it is shutting down, or not
     running); the message says what, for the log."""
@@ -705,6 +824,9 @@ class SessionEnded(Exception):
 class _Monitored:
     tag: OpcUaTag
     node_id: ua.NodeId
+    level: int | None = None
+    """For a packml_state tag: which nested state machine's CurrentState.Id this item is
+    (0 BaseStateMachine, 1 MachineState, 2 ExecuteState)."""
 
 
 @dataclass(slots=True)
@@ -741,6 +863,8 @@ class OpcUaDriver(Driver):
         self._last_emitted: dict[str, Sample] = {}
         self._overloaded = False
         self._server_start: datetime | None = None
+        self._state_levels: dict[str, list[ua.NodeId | None]] = {}
+        self._state_numbers: dict[ua.NodeId, int | None] = {}
         self._start_to_save: datetime | None = None
 
     @property
@@ -857,6 +981,7 @@ class OpcUaDriver(Driver):
         await self._check_server_status(client, pending)
         namespaces = await client.get_namespace_array()
         monitored = self._resolve(namespaces, pending)
+        await self._prepare_structures(client, namespaces, monitored, pending)
         subscription, keepalive = await self._subscribe(client, monitored, pending)
         await self._read_current(client, monitored, pending)
         self._mark_available()
@@ -870,7 +995,8 @@ class OpcUaDriver(Driver):
                     self._watch_connection(client), name=f"opcua-{self.name}-connection"
                 ),
                 tasks.create_task(
-                    self._pump(subscription, monitored, pending), name=f"opcua-{self.name}-pump"
+                    self._pump(client, subscription, monitored, pending),
+                    name=f"opcua-{self.name}-pump",
                 ),
             ]
             if threshold:
@@ -976,6 +1102,100 @@ class OpcUaDriver(Driver):
             log.warning("OPC UA driver %s: cannot write %s (%s); a server restart while the "
                         "gateway is down would go unseen.", self.name, path, exc,
                         extra={"driver": self.name})
+
+    # --- structured values and OPC 30050 state machines -------------------------------------
+
+    async def _prepare_structures(
+        self,
+        client: Client,
+        namespaces: Sequence[str],
+        monitored: dict[int, _Monitored],
+        pending: PendingSamples,
+    ) -> None:
+        """Load the server's structure definitions when a tag selects part of one, and put one
+        item per nested state machine in place of each packml_state tag."""
+        self._state_levels = {}
+        self._state_numbers = {}
+        if any(item.tag.select is not None for item in monitored.values()):
+            try:
+                # Makes asyncua decode the server's own structures (OPC 30050's count and
+                # alarm structures) instead of handing over their raw bytes.
+                await client.load_data_type_definitions()
+            except Exception as exc:  # a server with odd definitions: say so per tag, below
+                log.debug("OPC UA server %s: loading its data type definitions failed: %s",
+                          self.name, exc)
+        machines = [(handle, item) for handle, item in monitored.items()
+                    if item.tag.read == "packml_state"]
+        for handle, item in machines:
+            del monitored[handle]
+            if PACKML_NAMESPACE_URI not in namespaces:
+                self._tag_failed(item.tag, f"the server has no PackML namespace "
+                                 f"({PACKML_NAMESPACE_URI}): it is not an OPC 30050 machine",
+                                 pending)
+                continue
+            packml = list(namespaces).index(PACKML_NAMESPACE_URI)
+            machine = client.get_node(item.node_id)
+            prefix: list[str] = []
+            for level, name in enumerate(("", "MachineState", "ExecuteState")):
+                prefix += [f"{packml}:{name}"] if name else []
+                try:
+                    current_id = await machine.get_child([*prefix, "0:CurrentState", "0:Id"])
+                except UaStatusCodeError as exc:
+                    where = "/".join([*(step.split(":")[1] for step in prefix), "CurrentState",
+                                      "Id"])
+                    self._tag_failed(item.tag, f"{item.node_id.to_string()} is not a PackML "
+                                     f"BaseStateMachine: it has no {where} "
+                                     f"({ua.StatusCode(exc.code).name})", pending)
+                    for other in [h for h, i in monitored.items() if i.tag is item.tag]:
+                        del monitored[other]
+                    break
+                monitored[handle + (level + 1) * _LEVEL_HANDLES] = _Monitored(
+                    item.tag, current_id.nodeid, level)
+
+    async def _packml_state_changed(
+        self,
+        client: Client,
+        item: _Monitored,
+        datavalue: ua.DataValue | None,
+        now: float,
+        pending: PendingSamples,
+    ) -> None:
+        """One nested state machine's CurrentState.Id changed: emit the innermost state's
+        number once the machines agree (a server updates them one at a time)."""
+        assert item.level is not None
+        if datavalue is None or quality_of(datavalue.StatusCode) is Quality.BAD:
+            self._emit(item.tag, datavalue, now, pending)
+            return
+        levels = self._state_levels.setdefault(item.tag.name, [None, None, None])
+        state = datavalue.Value.Value if datavalue.Value is not None else None
+        levels[item.level] = state if isinstance(state, ua.NodeId) and not state.is_null() \
+            else None
+        number = None
+        for level, state_id in enumerate(levels):
+            if state_id is None:
+                return  # the machine containing this one says it is active: wait for it
+            number = await self._state_number(client, state_id)
+            if number is None:
+                return
+            if (level, number) not in ((0, PACKML_CLEARED), (1, PACKML_RUNNING)):
+                break  # no sub-machine of this state is active: this is the state
+        self._emit(item.tag, ua.DataValue(
+            ua.Variant(number, ua.VariantType.UInt32),
+            SourceTimestamp=datavalue.SourceTimestamp,
+            ServerTimestamp=datavalue.ServerTimestamp,
+        ), now, pending)
+
+    async def _state_number(self, client: Client, state_id: ua.NodeId) -> int | None:
+        """A state object's StateNumber (mandatory in OPC UA's StateType), read once."""
+        if state_id not in self._state_numbers:
+            try:
+                number = await client.get_node(state_id).get_child("0:StateNumber")
+                self._state_numbers[state_id] = int(await number.read_value())
+            except (UaStatusCodeError, TypeError, ValueError) as exc:
+                log.warning("OPC UA server %s: state %s has no readable StateNumber (%s).",
+                            self.name, state_id.to_string(), exc, extra={"driver": self.name})
+                self._state_numbers[state_id] = None
+        return self._state_numbers[state_id]
 
     def _resolve(self, namespaces: Sequence[str], pending: PendingSamples) -> dict[int, _Monitored]:
         """Node ids for this server's namespace array, by client handle; the rest marked bad."""
@@ -1084,12 +1304,17 @@ class OpcUaDriver(Driver):
         values = await client.uaclient.read(params)
         now = time.time()
         for item, datavalue in zip(items, values, strict=True):
-            self._emit(item.tag, datavalue, now, pending)
-            if datavalue.StatusCode is None or not datavalue.StatusCode.is_bad():
-                self._tag_recovered(item.tag)
+            if item.level is not None:
+                await self._packml_state_changed(client, item, datavalue, now, pending)
+            else:
+                self._emit(item.tag, datavalue, now, pending)
 
     async def _pump(
-        self, subscription: Subscription, monitored: dict[int, _Monitored], pending: PendingSamples
+        self,
+        client: Client,
+        subscription: Subscription,
+        monitored: dict[int, _Monitored],
+        pending: PendingSamples,
     ) -> str:
         """Move notifications into the buffer as they come; return if the server ends them."""
         async for event in subscription:
@@ -1106,7 +1331,11 @@ class OpcUaDriver(Driver):
                         return str(exc)
                     continue
                 item = monitored.get(notification.ClientHandle)
-                if item is not None:
+                if item is not None and item.level is not None:
+                    self.health.reads += 1
+                    await self._packml_state_changed(
+                        client, item, notification.Value, time.time(), pending)
+                elif item is not None:
                     self.health.reads += 1
                     self._emit(item.tag, notification.Value, time.time(), pending)
             elif isinstance(event, StatusChangeEvent) and event.notification.Status.is_bad():
@@ -1133,7 +1362,13 @@ class OpcUaDriver(Driver):
     def _emit(
         self, tag: OpcUaTag, datavalue: ua.DataValue | None, now: float, pending: PendingSamples
     ) -> None:
-        sample = sample_from(self.name, tag.name, datavalue, now)
+        try:
+            sample = sample_from(self.name, tag.name, datavalue, now, tag.selector)
+        except LookupError as exc:  # the structure has no such element or field
+            self._tag_failed(tag, str(exc), pending)
+            return
+        if sample.quality is not Quality.BAD and tag.name in self._bad_tags:
+            self._tag_recovered(tag)
         last = self._last_emitted.get(tag.name)
         # The subscription's first notification can arrive after the read that followed it;
         # emitting the older value then would make a counter step back and count twice.

@@ -41,12 +41,13 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 from asyncua import ua
+from asyncua.common.instantiate_util import instantiate
 from asyncua.common.node import Node
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
@@ -68,6 +69,20 @@ TEMPERATURE_NOMINAL, TEMPERATURE_NOISE = 72.0, 0.1
 PRESSURE_NOMINAL, PRESSURE_NOISE = 4.2, 0.02
 
 Security = Literal["none", "sign", "encrypt"]
+Model = Literal["plantsync", "opc30050"]
+
+PACKML_NAMESPACE_URI = "http://opcfoundation.org/UA/PackML/"
+PACKML_NODESET = Path(__file__).resolve().parent / "nodesets" / "Opc.Ua.PackML.NodeSet2.xml"
+"""OPC 30050's information model, as the OPC Foundation publishes it (see nodesets/README.md)."""
+NO_TIME = datetime(1601, 1, 1, tzinfo=UTC)
+"""OPC UA's "no time" (the DateTime epoch)."""
+PACKML_MATERIAL_ID = 1
+"""The ID of the one material each machine counts, in its PackMLCountDataType elements."""
+
+_OPC30050_MACHINE_STATES = frozenset({"STOPPED", "STOPPING", "RESETTING"})
+_OPC30050_BASE_STATES = frozenset({"ABORTED", "ABORTING", "CLEARING"})
+"""Where a PackML state lives among OPC 30050's nested state machines: BaseStateMachine (these,
+and Cleared), its MachineState (these, and Running), and that one's ExecuteState (the rest)."""
 
 
 class PackMLState(enum.IntEnum):
@@ -250,6 +265,7 @@ class OpcUaMachineServer:
         certificate: Path | None = None,
         private_key: Path | None = None,
         tick: float = TICK_SECONDS,
+        model: Model = "plantsync",
     ) -> None:
         if not machines:
             raise ValueError("at least one machine is needed")
@@ -264,6 +280,7 @@ class OpcUaMachineServer:
         self.certificate = certificate
         self.private_key = private_key
         self.tick = tick
+        self.model = model
         self.machines: dict[str, Machine] = {
             name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count),
                           stop_at=stop_at)
@@ -273,6 +290,9 @@ class OpcUaMachineServer:
         self._namespace = 0
         self._nodes: dict[tuple[str, str], Node] = {}
         self._written: dict[tuple[str, str], Any] = {}
+        self._packml = 0
+        self._packml_states: dict[tuple[int, str], ua.NodeId] = {}
+        """OPC 30050 state objects by (state machine level, state name): CurrentState.Id."""
         self._ticker: asyncio.Task[None] | None = None
         self._temp_dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -314,8 +334,15 @@ class OpcUaMachineServer:
         await server.set_application_uri(APPLICATION_URI)
         await self._configure_security(server)
         self._namespace = await server.register_namespace(NAMESPACE_URI)
+        if self.model == "opc30050":
+            await server.import_xml(str(PACKML_NODESET))
+            await server.load_data_type_definitions()
+            self._packml = await server.get_namespace_index(PACKML_NAMESPACE_URI)
         for machine in self.machines.values():
-            await self._add_machine(server, machine)
+            if self.model == "opc30050":
+                await self._add_packml_machine(server, machine)
+            else:
+                await self._add_machine(server, machine)
         self._server = server
         self._ticker = asyncio.create_task(self._run_clock(), name="opcua-machine clock")
         if listen_after > 0:
@@ -389,6 +416,80 @@ class OpcUaMachineServer:
             self._nodes[(machine.name, path)] = node
             self._written[(machine.name, path)] = values[path]
 
+    async def _add_packml_machine(self, server: Server, machine: Machine) -> None:
+        """An instance of OPC 30050's PackMLBaseObjectType, with the optional Admin variables a
+        counting machine has. Node ids: `<machine>.Admin.ProdProcessedCount`,
+        `<machine>.BaseStateMachine.MachineState.ExecuteState.CurrentState`, ..."""
+        ns, packml = self._namespace, self._packml
+        types = server.nodes.base_object_type
+        base_type = await types.get_child(f"{packml}:PackMLBaseObjectType")
+        [root, *_] = await instantiate(
+            server.nodes.objects, base_type, nodeid=ua.NodeId.from_string(f"ns={ns};s={machine.name}"),
+            bname=ua.QualifiedName(machine.name, ns), dname=ua.LocalizedText(machine.name))
+        admin = await root.get_child(f"{packml}:Admin")
+        for name, data_type in (("ProdProcessedCount", "PackMLCountDataType"),
+                                ("ProdDefectiveCount", "PackMLCountDataType"),
+                                ("StopReason", "PackMLAlarmDataType")):
+            type_node = await server.nodes.base_data_type.get_child(
+                ["0:Structure", f"{packml}:{data_type}"])
+            node = await admin.add_variable(
+                f"ns={ns};s={machine.name}.Admin.{name}", ua.QualifiedName(name, packml),
+                None, varianttype=ua.VariantType.ExtensionObject, datatype=type_node.nodeid)
+            if data_type == "PackMLCountDataType":
+                await node.write_value_rank(ua.ValueRank.OneDimension)
+                await node.write_array_dimensions([0])
+            self._nodes[(machine.name, f"Admin.{name}")] = node
+        status = await root.get_child(f"{packml}:Status")
+        self._nodes[(machine.name, "Status.CurMachSpeed")] = await status.get_child(
+            f"{packml}:CurMachSpeed")
+        path = [f"{packml}:BaseStateMachine"]
+        for level, type_name in enumerate(("PackMLBaseStateMachineType",
+                                           "PackMLMachineStateMachineType",
+                                           "PackMLExecuteStateMachineType")):
+            state_machine = await root.get_child(path)
+            self._nodes[(machine.name, f"StateMachine{level}")] = await state_machine.get_child(
+                "0:CurrentState")
+            self._nodes[(machine.name, f"StateMachine{level}.Id")] = await state_machine.get_child(
+                ["0:CurrentState", "0:Id"])
+            machine_type = await server.nodes.base_object_type.get_child(
+                ["0:StateMachineType", "0:FiniteStateMachineType", f"{packml}:{type_name}"])
+            for state in await machine_type.get_children():
+                self._packml_states[(level, (await state.read_browse_name()).Name)] = state.nodeid
+            path += [f"{packml}:MachineState", f"{packml}:ExecuteState"][level:level + 1]
+
+    def _packml_values(self, machine: Machine) -> dict[str, Any]:
+        """What an OPC 30050 machine's variables say, by the keys of `_nodes`."""
+        unit = ua.EUInformation(
+            NamespaceUri="http://www.opcfoundation.org/UA/units/un/cefact", UnitId=4532560,
+            DisplayName=ua.LocalizedText("PCE"), Description=ua.LocalizedText("piece"))
+
+        def counts(count: int) -> list[Any]:
+            return [ua.PackMLCountDataType(  # type: ignore[attr-defined]
+                ID=PACKML_MATERIAL_ID, Name="bottle 0.5 l", Unit=unit, Count=count,
+                AccCount=count)]
+
+        state = machine.state.name
+        if state in _OPC30050_BASE_STATES:
+            levels: list[str | None] = [state, None, None]
+        elif state in _OPC30050_MACHINE_STATES:
+            levels = ["CLEARED", state, None]
+        else:
+            levels = ["CLEARED", "RUNNING", state]
+        values: dict[str, Any] = {
+            "Admin.ProdProcessedCount": counts(machine.processed_count),
+            "Admin.ProdDefectiveCount": counts(machine.defective_count),
+            "Admin.StopReason": ua.PackMLAlarmDataType(  # type: ignore[attr-defined]
+                ID=machine.stop_reason, Value=0, Message=machine.stop_reason_text, Category=0,
+                DateTime=NO_TIME, AckDateTime=NO_TIME, Trigger=machine.stop_reason != 0),
+            "Status.CurMachSpeed": machine.speed,
+        }
+        for level, name in enumerate(levels):
+            title = name.title() if name else None
+            values[f"StateMachine{level}"] = ua.LocalizedText(title) if title else ua.LocalizedText()
+            values[f"StateMachine{level}.Id"] = (
+                self._packml_states[(level, title)] if title else ua.NodeId())
+        return values
+
     # --- the production clock -----------------------------------------------------------------
 
     async def _run_clock(self) -> None:
@@ -407,13 +508,17 @@ class OpcUaMachineServer:
             return
         stamp = ua.DateTime.now(UTC)
         for machine in self.machines.values():
-            for path, value in machine.values().items():
+            opc30050 = self.model == "opc30050"
+            values = self._packml_values(machine) if opc30050 else machine.values()
+            for path, value in values.items():
                 key = (machine.name, path)
                 if self._written.get(key) == value:
                     continue
                 self._written[key] = value
+                variant_type = (_opc30050_variant_type(path) if opc30050
+                                else VARIABLE_TYPES[path])
                 datavalue = ua.DataValue(
-                    ua.Variant(value, VARIABLE_TYPES[path]),
+                    ua.Variant(value, variant_type),
                     SourceTimestamp=stamp,
                     ServerTimestamp=stamp,
                 )
@@ -512,6 +617,16 @@ class OpcUaMachineServer:
         return len(ids)
 
 
+def _opc30050_variant_type(path: str) -> ua.VariantType:
+    if path.endswith(".Id"):
+        return ua.VariantType.NodeId
+    if path.startswith("StateMachine"):
+        return ua.VariantType.LocalizedText
+    if path == "Status.CurMachSpeed":
+        return ua.VariantType.Float
+    return ua.VariantType.ExtensionObject
+
+
 def _user(text: str) -> tuple[str, str]:
     username, colon, password = text.partition(":")
     if not colon or not username:
@@ -534,6 +649,7 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         scrap_rate=args.scrap_rate,
         start_count=args.start,
         stop_at=args.stop_at,
+        model=args.model,
         security=args.security,
         user=args.user,
         certificate=args.certificate,
@@ -575,6 +691,10 @@ def main(argv: list[str] | None = None) -> int:
         "--scrap-rate", type=float, default=0.0, help="defective units per second in Execute"
     )
     parser.add_argument("--start", type=int, default=0, help="initial processed count")
+    parser.add_argument(
+        "--model", choices=("plantsync", "opc30050"), default="plantsync",
+        help="plantsync: plain variables (Status.StateCurrent...); opc30050: the PackML "
+        "companion specification's types (count structures, nested state machines)")
     parser.add_argument(
         "--stop-at", type=int, default=None,
         help="processed count at which each machine stops counting and turns Complete (17)")

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -650,8 +651,22 @@ def test_pending_samples_keep_the_latest_value_per_tag_when_full() -> None:
     pending.put(Sample("m", "state", 6, 6.0))
     batch = asyncio.run(pending.take())
     # Over the limit, the queue shrank to the latest per tag; the latest value always survives.
-    assert [(s.tag, s.value) for s in batch] == [("processed", 4), ("processed", 5), ("state", 6)]
+    assert [(s.tag, s.value) for s in batch if isinstance(s, Sample)] == [
+        ("processed", 4), ("processed", 5), ("state", 6)]
     assert pending.dropped == 4 and len(pending) == 0
+
+
+def test_pending_samples_never_merge_across_a_restart_notice() -> None:
+    # The last value before a restart and the first after it both count; the notice stays.
+    pending = PendingSamples(limit=3)
+    for count in (31, 32, 33):
+        pending.put(Sample("m", "processed", count, float(count)))
+    restart = DeviceRestarted("m", 34.0, "StartTime moved")
+    pending.put(restart)
+    for count in (40, 45):
+        pending.put(Sample("m", "processed", count, float(count)))
+    batch = asyncio.run(pending.take())
+    assert [r.value if isinstance(r, Sample) else r for r in batch] == [33, restart, 45]
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -813,3 +828,58 @@ routes:
     # Promptly: the backoff had reached its cap (10 s), the server's port is what we watch.
     assert reconnect_s < 5, f"reconnected {reconnect_s:.1f} s after the server listened"
     assert gateway.current.stop() == 0
+
+
+# --- OPC 30050: the PackML companion specification's structures and state machines ----------
+
+
+def opc30050_tags(node_id: Any, machine_name: str = MACHINE) -> list[dict[str, Any]]:
+    """Tags for an OPC 30050 machine whose variables have the node ids `node_id(path)` gives."""
+    return [
+        {"name": "state", "node": node_id("BaseStateMachine"), "read": "packml_state"},
+        {"name": "processed", "node": node_id("Admin.ProdProcessedCount"),
+         "select": "[ID=1].AccCount"},
+        {"name": "job_count", "node": node_id("Admin.ProdProcessedCount"), "select": "[0].Count"},
+        {"name": "defective", "node": node_id("Admin.ProdDefectiveCount"),
+         "select": "[ID=1].AccCount"},
+        {"name": "stop_reason", "node": node_id("Admin.StopReason"), "select": "ID"},
+        {"name": "stop_text", "node": node_id("Admin.StopReason"), "select": ".Message"},
+        {"name": "other_material", "node": node_id("Admin.ProdProcessedCount"),
+         "select": "[ID=9].Count"},
+        {"name": "no_field", "node": node_id("Admin.StopReason"), "select": "Reason"},
+    ]
+
+
+async def test_an_opc30050_machine_is_read_through_its_structures_and_state_machines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The state numbers are ISA-TR88's, as OPC 30050's NodeSet gives each state object's
+    # StateNumber: the simulator only points CurrentState.Id at the state object.
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    async with machine(rate=0, start_count=120, model="opc30050") as server:
+        tags = opc30050_tags(lambda path: f"nsu={NAMESPACE_URI};s={MACHINE}.{path}")
+        driver = OpcUaDriver(config(server.endpoint, tags))
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: collector.values("processed") == [120])
+            await server.add_counts(MACHINE, good=5, scrap=2)
+            await wait_until(lambda: collector.values("processed")[-1:] == [127])
+            for state, reason, text, number in (
+                ("Held", 31, "bottle jam", 11), ("Stopped", 0, "", 2),
+                ("Aborted", 7, "guard open", 9), ("Execute", 0, "", 6),
+            ):
+                await server.set_state(MACHINE, state, stop_reason=reason, text=text)
+                await wait_until(partial(lambda n: collector.values("state")[-1:] == [n], number))
+
+    assert collector.values("state") == [6, 11, 2, 9, 6]
+    assert collector.values("processed") == [120, 127]
+    assert collector.values("job_count") == [120, 127]
+    assert collector.values("defective") == [0, 2]
+    assert collector.values("stop_reason") == [0, 31, 0, 7, 0]
+    assert collector.values("stop_text") == ["", "bottle jam", "", "guard open", ""]
+    assert all(type(value) is int for value in collector.values("state"))
+    for tag, problem in (("other_material", "no element with ID = 9"),
+                         ("no_field", "has no field 'Reason' (fields: ID, Value, Message")):
+        assert {(s.value, s.quality) for s in collector.of(tag)} == {(None, Quality.BAD)}
+        [said] = opcua_logs(caplog, f"tag {tag} ")
+        assert problem in said, said
