@@ -1117,13 +1117,19 @@ class OpcUaDriver(Driver):
         self._state_levels = {}
         self._state_numbers = {}
         if any(item.tag.select is not None for item in monitored.values()):
+            # Makes asyncua decode the server's own structures (OPC 30050's count and alarm
+            # structures) instead of handing over their raw bytes. asyncua warns of every
+            # namespace-0 enum a server defines a little differently: noise for us.
+            type_log = logging.getLogger("asyncua.ua.uatypes")
+            level = type_log.level
+            type_log.setLevel(logging.ERROR)
             try:
-                # Makes asyncua decode the server's own structures (OPC 30050's count and
-                # alarm structures) instead of handing over their raw bytes.
                 await client.load_data_type_definitions()
-            except Exception as exc:  # a server with odd definitions: say so per tag, below
+            except Exception as exc:  # a server with odd definitions: said per tag, below
                 log.debug("OPC UA server %s: loading its data type definitions failed: %s",
                           self.name, exc)
+            finally:
+                type_log.setLevel(level)
         machines = [(handle, item) for handle, item in monitored.items()
                     if item.tag.read == "packml_state"]
         for handle, item in machines:

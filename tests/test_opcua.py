@@ -10,11 +10,14 @@ import itertools
 import json
 import logging
 import random
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from simulators.opcua_machine import (
     make_self_signed_certificate,
     node_id_string,
 )
-from tests.conftest import Peer, free_port, start_erp, start_peer
+from tests.conftest import Peer, free_port, missing_peer, start_erp, start_peer
 from tests.driver_harness import running, wait_until
 
 MACHINE = "filler-02"
@@ -883,3 +886,121 @@ async def test_an_opc30050_machine_is_read_through_its_structures_and_state_mach
         assert {(s.value, s.quality) for s in collector.of(tag)} == {(None, Quality.BAD)}
         [said] = opcua_logs(caplog, f"tag {tag} ")
         assert problem in said, said
+
+
+# --- node-opcua: an independent server ----------------------------------------------------------
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+PACKML_PEER_NAMESPACE = "urn:plantsync:test:packml-peer"
+PEER_MACHINE = "filler-07"
+
+
+def peer_node(path: str) -> str:
+    """node-opcua names an instance's children `<parent>-<BrowseName>`."""
+    return f"nsu={PACKML_PEER_NAMESPACE};s={PEER_MACHINE}-{path.replace('.', '-')}"
+
+
+class PackMLPeer:
+    """`node tests/peers/packml_server.js`: node-opcua's server with OPC 30050's NodeSet,
+    steered through its stdin; killed and started again on the same port."""
+
+    def __init__(self, tmp_path: Path, port: int | None = None) -> None:
+        node = shutil.which("node")
+        if node is None or not (PEERS_DIR / "node_modules" / "node-opcua").is_dir():
+            missing_peer("node-opcua is not installed (make peers: npm ci in tests/peers; "
+                         "needs nodejs and npm)")
+        self.node = node or "node"
+        self.port = port or free_port()
+        self.log_path = tmp_path / f"packml-peer-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, *options: str) -> PackMLPeer:
+        ready = "packml-server listening on"
+        seen = self.output().count(ready)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.node, "packml_server.js", "--port", str(self.port), *options],
+                cwd=PEERS_DIR, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while self.output().count(ready) <= seen:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the node-opcua peer did not start:\n{self.output()}")
+            time.sleep(0.05)
+        return self
+
+    def command(self, line: str) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(f"{line}\n".encode())
+        self.process.stdin.flush()
+
+    def sessions(self) -> int:
+        """The server's own count of open sessions."""
+        before = len(re.findall(r"(?m)^sessions \d+$", self.output()))
+        self.command("sessions")
+        deadline = time.monotonic() + 10
+        while len(found := re.findall(r"(?m)^sessions (\d+)$", self.output())) <= before:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no session count from the peer:\n{self.output()}")
+            time.sleep(0.02)
+        return int(found[-1])
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def packml_peers(tmp_path: Path) -> Iterator[list[PackMLPeer]]:
+    started: list[PackMLPeer] = []
+    yield started
+    for peer in started:
+        peer.kill()
+
+
+async def test_node_opcua_packml_machine_read_subscribed_and_reconnected_after_a_kill(
+    packml_peers: list[PackMLPeer], tmp_path: Path
+) -> None:
+    # Another implementation's server, another namespace array (nsu= resolves it), the
+    # specification's own types; its process killed and started again with its count from 0.
+    peer = PackMLPeer(tmp_path)
+    packml_peers.append(peer)
+    await asyncio.to_thread(peer.start, "--rate", "0", "--start", "500")
+    driver = fast_driver(config(peer.endpoint, opc30050_tags(peer_node)[:6], name=PEER_MACHINE))
+    driver.data_dir = tmp_path / "data"
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.values("processed") == [500]
+                         and collector.values("state") == [6], within=20)
+        peer.command("count 5 2")
+        await wait_until(lambda: collector.values("processed")[-1:] == [507])
+        for command, number in (("state Held 31 bottle jam", 11), ("state Stopped", 2),
+                                ("state Aborted 7 guard open", 9), ("state Execute", 6)):
+            peer.command(command)
+            await wait_until(partial(lambda n: collector.values("state")[-1:] == [n], number))
+        samples_before = len(collector.readings)
+        await asyncio.to_thread(peer.kill)
+        await wait_until(lambda: not driver.health.connected, within=10)
+        await asyncio.to_thread(peer.start, "--rate", "0", "--start", "0")
+        await wait_until(lambda: driver.health.connected, within=20)
+        peer.command("count 3")
+        await wait_until(lambda: collector.values("processed")[-1:] == [3], within=10)
+
+    assert collector.values("state") == [6, 11, 2, 9, 6, 6]
+    assert collector.values("defective")[:2] == [0, 2]
+    assert collector.values("stop_reason")[:5] == [0, 31, 0, 7, 0]
+    assert collector.values("stop_text")[:3] == ["", "bottle jam", ""]
+    assert all(s.quality is Quality.GOOD for s in collector.samples)
+    # The restarted server has a new StartTime: the rules hear of it before its first sample.
+    after = collector.readings[samples_before:]
+    assert isinstance(after[0], DeviceRestarted), after[:3]
+    assert len(collector.restarts) == 1
+    assert collector.values("processed")[-2:] == [0, 3]

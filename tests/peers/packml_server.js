@@ -77,12 +77,13 @@ async function main() {
   const executeState = machineState.getComponentByName("ExecuteState", packml);
 
   const counts = { processed: opts.start, defective: 0, fraction: 0 };
-  let stopReason = { iD: 0, value: 0, message: "", category: 0 };
+  // Field names as node-opcua spells them: first letter lowered unless all capitals (ID).
+  let stopReason = { ID: 0, value: 0, message: "", category: 0 };
   let state = "Execute";
 
   function countStructure(count) {
     return addressSpace.constructExtensionObject(countType, {
-      iD: 1, name: "bottle 0.5 l", count, accCount: count,
+      ID: 1, name: "bottle 0.5 l", count, accCount: count,
       unit: { namespaceUri: "http://www.opcfoundation.org/UA/units/un/cefact",
               unitId: 4532560, displayName: { text: "PCE" }, description: { text: "piece" } },
     });
@@ -99,7 +100,7 @@ async function main() {
     stopReasonNode.setValueFromSource(new Variant({
       dataType: DataType.ExtensionObject,
       value: addressSpace.constructExtensionObject(alarmType, {
-        ...stopReason, dateTime: new Date(), ackDateTime: new Date(0), trigger: stopReason.iD !== 0,
+        ...stopReason, dateTime: new Date(), ackDateTime: new Date(0), trigger: stopReason.ID !== 0,
       }),
     }));
   }
@@ -155,7 +156,7 @@ async function main() {
     if (command === "state") {
       state = rest[0];
       const [id, ...message] = rest.slice(1);
-      stopReason = { iD: Number(id || 0), value: 0, message: message.join(" "), category: 0 };
+      stopReason = { ID: Number(id || 0), value: 0, message: message.join(" "), category: 0 };
       publishStopReason(); publishState();
     } else if (command === "count") {
       counts.processed += Number(rest[0] || 0) + Number(rest[1] || 0);
