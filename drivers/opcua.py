@@ -1185,6 +1185,9 @@ class OpcUaDriver(Driver):
                 return
             if (level, number) not in ((0, PACKML_CLEARED), (1, PACKML_RUNNING)):
                 break  # no sub-machine of this state is active: this is the state
+        last = self._last_emitted.get(item.tag.name)
+        if last is not None and last.value == number and last.quality is Quality.GOOD:
+            return  # another machine of the hierarchy moved, to the same innermost state
         self._emit(item.tag, ua.DataValue(
             ua.Variant(number, ua.VariantType.UInt32),
             SourceTimestamp=datavalue.SourceTimestamp,

@@ -424,7 +424,8 @@ class OpcUaMachineServer:
         types = server.nodes.base_object_type
         base_type = await types.get_child(f"{packml}:PackMLBaseObjectType")
         [root, *_] = await instantiate(
-            server.nodes.objects, base_type, nodeid=ua.NodeId.from_string(f"ns={ns};s={machine.name}"),
+            server.nodes.objects, base_type,
+            nodeid=ua.NodeId.from_string(f"ns={ns};s={machine.name}"),
             bname=ua.QualifiedName(machine.name, ns), dname=ua.LocalizedText(machine.name))
         admin = await root.get_child(f"{packml}:Admin")
         for name, data_type in (("ProdProcessedCount", "PackMLCountDataType"),
@@ -485,7 +486,7 @@ class OpcUaMachineServer:
         }
         for level, name in enumerate(levels):
             title = name.title() if name else None
-            values[f"StateMachine{level}"] = ua.LocalizedText(title) if title else ua.LocalizedText()
+            values[f"StateMachine{level}"] = ua.LocalizedText(title or None)
             values[f"StateMachine{level}.Id"] = (
                 self._packml_states[(level, title)] if title else ua.NodeId())
         return values

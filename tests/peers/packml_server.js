@@ -21,6 +21,7 @@
 const readline = require("readline");
 const {
   OPCUAServer, nodesets, DataType, Variant, LocalizedText, MessageSecurityMode, SecurityPolicy,
+  NodeId,
 } = require("node-opcua");
 
 function options(argv) {
@@ -109,10 +110,11 @@ async function main() {
   }
   function setCurrent(machineNode, name) {
     const current = machineNode.getComponentByName("CurrentState");
-    if (name === null) {
-      current.setValueFromSource(new Variant({ dataType: DataType.LocalizedText, value: null }));
+    if (name === null) {  // a state machine that is not active: no current state
+      current.setValueFromSource(new Variant({ dataType: DataType.LocalizedText,
+                                               value: new LocalizedText({}) }));
       current.getPropertyByName("Id").setValueFromSource(
-        new Variant({ dataType: DataType.NodeId, value: null }));
+        new Variant({ dataType: DataType.NodeId, value: NodeId.nullNodeId }));
       return;
     }
     const target = stateObject(machineNode, name);
