@@ -836,6 +836,8 @@ class _Outcome:
 
     reason: str
     unreachable: bool = False
+    port_was_closed: bool = False
+    """Seen closed while waiting: its opening is then news."""
     retry_after: float | None = None
     """A fixed wait instead of the backoff (a full server answers at once, and frees up when
     an orphaned session times out)."""
@@ -935,7 +937,13 @@ class OpcUaDriver(Driver):
         while (left := deadline - time.monotonic()) > 0:
             started = time.monotonic()
             if await _port_open(host, port, min(left, self.config.timeout)):
+                if outcome.port_was_closed:
+                    return  # it was closed and opens now: the server is back
+                # Open although the connection failed (a server refusing connections, or
+                # resetting them): the port says nothing new, so the backoff stands.
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
                 return
+            outcome.port_was_closed = True
             await asyncio.sleep(max(0.0, min(PORT_PROBE_INTERVAL - (time.monotonic() - started),
                                              deadline - time.monotonic())))
 
@@ -962,7 +970,8 @@ class OpcUaDriver(Driver):
             reason = describe_error(exc, config.timeout, config.username, config.security)
             if isinstance(exc, UaStatusCodeError) and exc.code == StatusCodes.BadTooManySessions:
                 return _Outcome(reason, retry_after=FULL_SERVER_RETRY)
-            return _Outcome(reason, unreachable=isinstance(exc, OSError | TimeoutError))
+            return _Outcome(reason, unreachable=isinstance(exc, OSError | TimeoutError),
+                            port_was_closed=isinstance(exc, ConnectionRefusedError))
         finally:
             if client is not None:
                 await _close_despite_cancel(client, within=config.timeout)

@@ -1004,3 +1004,102 @@ async def test_node_opcua_packml_machine_read_subscribed_and_reconnected_after_a
     assert isinstance(after[0], DeviceRestarted), after[:3]
     assert len(collector.restarts) == 1
     assert collector.values("processed")[-2:] == [0, 3]
+
+
+@pytest.mark.integration
+def test_node_opcua_sessions_orderly_stops_a_full_server_and_a_kill_loop(
+    packml_peers: list[PackMLPeer], peers: list[Peer], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 12 item 4, against node-opcua's server (10 sessions by default): orderly stops
+    # (SIGTERM, a reload) close their session at once; a server full of other clients' sessions
+    # is said to be full (BadTooManySessions, with what to change) and used as soon as a
+    # session frees up; a crash loop (kill -9 ten times) leaves the gateway connected within a
+    # bound (the default session timeout, 20 s, plus a retry).
+    from asyncua.sync import Client as BlockingClient
+
+    from tests.test_daemon_drivers import Gateway, wait_for
+
+    peer = PackMLPeer(tmp_path)
+    packml_peers.append(peer)
+    peer.start("--rate", "0")
+    body = f"""
+drivers:
+  - name: {PEER_MACHINE}
+    type: opcua
+    endpoint: "{peer.endpoint}"
+    publishing_interval: 500ms
+    tags:
+      - {{name: processed, node: "{peer_node("Admin.ProdProcessedCount")}",
+         select: "[ID=1].AccCount"}}
+"""
+    gateway = Gateway(peers, tmp_path, body)
+
+    def connected() -> bool:
+        return bool(gateway.status()["drivers"][0]["connected"])
+
+    def sessions_become(count: int, within: float = 5.0) -> None:
+        wait_for(lambda: peer.sessions() == count, within,
+                 f"the server to count {count} session(s), not {peer.sessions()}")
+
+    # Orderly: a reload that changes the driver replaces its session; SIGTERM ends it.
+    gateway.start()
+    wait_for(connected, 30, "the gateway to connect")
+    sessions_become(1)
+    gateway.config.write_text(gateway.config.read_text().replace("500ms", "250ms"))
+    assert gateway.current.process is not None
+    gateway.current.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "publishing_interval" in gateway.output() and connected(), 30,
+             "the reload to be applied")
+    sessions_become(1)
+    assert gateway.current.stop() == 0
+    sessions_become(0)
+
+    # A full server: ten HMIs hold every session.
+    hmis = [BlockingClient(peer.endpoint) for _ in range(10)]
+    try:
+        for hmi in hmis:
+            hmi.connect()
+        sessions_become(10)
+        gateway.start()
+        wait_for(lambda: "BadTooManySessions" in gateway.current.output(), 30,
+                 "the gateway to be refused a session")
+        assert not connected()
+        hmis.pop().disconnect()
+        freed = time.monotonic()
+        wait_for(connected, 30, "the gateway to take the freed session")
+        full_wait_s = time.monotonic() - freed
+    finally:
+        for hmi in hmis:
+            hmi.disconnect()
+    full_logs = gateway.current.output()
+    assert gateway.current.stop() == 0
+    sessions_become(0)
+
+    # A crash loop: each run killed -9 once it has its session.
+    for _ in range(10):
+        before = peer.sessions()
+        gateway.start()
+        wait_for(lambda: peer.sessions() > before, 30,  # noqa: B023
+                 "the new run to open its session")
+        gateway.kill()
+    orphans = peer.sessions()
+    gateway.start()
+    started = time.monotonic()
+    wait_for(connected, 60, "the gateway to connect after the crash loop")
+    ready_s = time.monotonic() - started
+    with capsys.disabled():
+        print("\n" + json.dumps({
+            "test": "opcua-sessions-node-opcua", "server_max_sessions": 10,
+            "session_timeout_s": 20, "full_server_wait_s": round(full_wait_s, 1),
+            "kills": 10, "orphans_after_kills": orphans, "ready_after_kills_s": round(ready_s, 1)}))
+    assert "the server has no room for another session (BadTooManySessions)" in full_logs
+    assert "raise the server's session limit, or lower session_timeout" in full_logs
+    assert full_logs.count("BadTooManySessions") == 1, "said once, not at every retry"
+    assert full_wait_s < 6, f"took the freed session only after {full_wait_s:.1f} s"
+    assert orphans == 10
+    assert ready_s < 20 + 2 + 8, f"ready only after {ready_s:.1f} s"
+    # Orphans of the killed runs may remain (until their timeout); the stopped one's may not.
+    open_sessions = peer.sessions()
+    assert gateway.current.stop() == 0
+    wait_for(lambda: peer.sessions() <= open_sessions - 1, 5, "the stopped run's session to go")

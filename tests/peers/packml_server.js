@@ -16,7 +16,8 @@
 //   count <processed> [<defective>]         count units at once
 //   sessions                                print "sessions <n>" (the server's session count)
 // It prints "packml-server listening on <endpoint>" once it accepts connections, and obeys
-// SIGTERM. The server allows 10 sessions unless --max-sessions says otherwise.
+// SIGTERM. The server allows 10 sessions (node-opcua's default) unless --max-sessions says
+// otherwise, and 10 more connections than sessions.
 "use strict";
 const readline = require("readline");
 const {
@@ -49,6 +50,9 @@ async function main() {
     hostname: "127.0.0.1",
     nodeset_filename: [nodesets.standard, nodesets.packML],
     serverCapabilities: { maxSessions: opts.maxSessions },
+    // More connections than sessions, so that a client beyond the session limit is told
+    // BadTooManySessions rather than refused at the socket.
+    maxConnectionsPerEndpoint: opts.maxSessions + 10,
     securityModes: [MessageSecurityMode.None],
     securityPolicies: [SecurityPolicy.None],
     allowAnonymous: true,
