@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -80,7 +82,8 @@ from edge.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
 
-SecurityPolicyName = Literal["None", "Basic256Sha256"]
+SecurityPolicyName = Literal[
+    "None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 ServerRestart = Literal["counters_restart", "counters_continue"]
 TagRead = Literal["value", "packml_state"]
 
@@ -106,6 +109,12 @@ MAX_PENDING_SAMPLES = 10_000
 
 SUBSCRIPTION_QUEUE = 10_000
 """asyncua's per-subscription notification queue; the pump empties it as notifications come."""
+
+_SECURITY_POLICY: dict[SecurityPolicyName, type[security_policies.SecurityPolicy]] = {
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
+    "Aes128_Sha256_RsaOaep": security_policies.SecurityPolicyAes128Sha256RsaOaep,
+    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+}
 
 _MESSAGE_SECURITY_MODE: dict[SecurityModeName, ua.MessageSecurityMode] = {
     "None": ua.MessageSecurityMode.None_,
@@ -388,38 +397,44 @@ class OpcUaSecurity(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     policy: SecurityPolicyName = Field(
-        default="None", description="Security policy: `None` or `Basic256Sha256`."
+        default="None",
+        description="Security policy: `None`, `Basic256Sha256`, or the newer "
+        "`Aes128_Sha256_RsaOaep` and `Aes256_Sha256_RsaPss` (OPC UA 1.04), which the "
+        "server must offer.",
     )
     mode: SecurityModeName = Field(
         default="None",
         description="Message security mode: `None` with policy None; `Sign` or "
-        "`SignAndEncrypt` with Basic256Sha256.",
+        "`SignAndEncrypt` with any other policy.",
     )
     certificate: Path | None = Field(
         default=None,
         description="Client certificate file (DER or PEM); its SubjectAltName URI becomes the "
-        "client's application URI. Required with Basic256Sha256.",
+        "client's application URI. Required with a policy other than None.",
         examples=["/etc/plantsync/opcua/client-cert.der"],
     )
     private_key: Path | None = Field(
         default=None,
-        description="The client certificate's private key (PEM or DER). Required with "
-        "Basic256Sha256.",
+        description="The client certificate's private key (PEM or DER). Required with a "
+        "policy other than None.",
         examples=["/etc/plantsync/opcua/client-key.pem"],
     )
     server_certificate: Path | None = Field(
         default=None,
-        description="Pin the server's certificate; unset means take it from the server's "
-        "endpoint list at each connect.",
+        description="Pin the server's certificate: only this one is accepted. Unset means the "
+        "server's certificate must be in the trust list, `data_dir/pki/trusted/` (an unknown "
+        "one is refused and saved in `data_dir/pki/rejected/`; `plantsync trust opcua` shows "
+        "and trusts it).",
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> OpcUaSecurity:
         if self.policy == "None":
             if self.mode != "None":
-                raise ValueError(f"mode {self.mode} needs policy Basic256Sha256, not None")
+                raise ValueError(f"mode {self.mode} needs a policy such as Basic256Sha256, "
+                                 "not None")
             if self.certificate or self.private_key or self.server_certificate:
-                raise ValueError("certificates are used only with policy Basic256Sha256")
+                raise ValueError("certificates are used only with a policy other than None")
             return self
         if self.mode == "None":
             raise ValueError(f"policy {self.policy} needs mode Sign or SignAndEncrypt")
@@ -663,6 +678,136 @@ class SecuritySetupError(Exception):
     """A client certificate, its key or a pinned server certificate does not load."""
 
 
+# --- the trust list -------------------------------------------------------------------------
+
+
+class UntrustedCertificate(Exception):
+    """The server's certificate is not in the trust list (or no longer valid); the message
+    says which file to move to trust it."""
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateFacts:
+    """What a technician checks before trusting a server certificate."""
+
+    thumbprint: str
+    """SHA-1 of the DER, upper-case hex: what UaExpert and most servers show."""
+    sha256: str
+    subject: str
+    issuer: str
+    application_uri: str | None
+    not_before: datetime
+    not_after: datetime
+
+    @classmethod
+    def of(cls, der: bytes) -> CertificateFacts:
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            uris = names.value.get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        return cls(
+            thumbprint=hashlib.sha1(der).hexdigest().upper(),  # a name, not a MAC
+            sha256=hashlib.sha256(der).hexdigest().upper(),
+            subject=cert.subject.rfc4514_string(),
+            issuer=cert.issuer.rfc4514_string(),
+            application_uri=uris[0] if uris else None,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+        )
+
+    @property
+    def file_name(self) -> str:
+        """`<common name> [<thumbprint>].der`, as UaExpert names its PKI files."""
+        common = self.subject.split("CN=", 1)[1].split(",", 1)[0] if "CN=" in self.subject \
+            else "server"
+        safe = re.sub(r"[^A-Za-z0-9._ -]", "_", common).strip(" .") or "server"
+        return f"{safe[:64]} [{self.thumbprint}].der"
+
+    def lines(self) -> list[str]:
+        return [
+            f"  subject:         {self.subject}",
+            f"  issuer:          {self.issuer}"
+            + ("  (self-signed)" if self.issuer == self.subject else ""),
+            f"  application URI: {self.application_uri or '(none)'}",
+            f"  valid:           {self.not_before:%Y-%m-%d %H:%M} to "
+            f"{self.not_after:%Y-%m-%d %H:%M} UTC",
+            f"  thumbprint:      {self.thumbprint} (SHA-1)",
+            f"  SHA-256:         {self.sha256}",
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class TrustList:
+    """Server certificates the gateway trusts, one file each (DER or PEM) in `trusted/`; one it
+    met and refused is saved in `rejected/` for a person to judge, as UaExpert and open62541
+    keep theirs. Moving a file from rejected/ to trusted/ is how a certificate is trusted."""
+
+    root: Path
+
+    @property
+    def trusted(self) -> Path:
+        return self.root / "trusted"
+
+    @property
+    def rejected(self) -> Path:
+        return self.root / "rejected"
+
+    def trusted_thumbprints(self) -> set[str]:
+        found: set[str] = set()
+        if not self.trusted.is_dir():
+            return found
+        for path in sorted(self.trusted.iterdir()):
+            try:
+                data = path.read_bytes()
+                der = (x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+                       if data.lstrip().startswith(b"-----") else data)
+                found.add(CertificateFacts.of(der).thumbprint)
+            except (OSError, ValueError) as exc:
+                log.warning("Trust list: %s is not a certificate (%s); ignored.", path, exc,
+                            extra={"path": str(path)})
+        return found
+
+    def check(self, der: bytes, endpoint: str) -> None:
+        """Return if `der` is trusted and valid now; else save it in rejected/ and raise."""
+        facts = CertificateFacts.of(der)
+        if facts.thumbprint in self.trusted_thumbprints():
+            now = datetime.now(UTC)
+            if not facts.not_before <= now <= facts.not_after:
+                raise UntrustedCertificate(
+                    f"the server's certificate {facts.thumbprint} ({facts.subject}) is trusted "
+                    f"but not valid now (valid {facts.not_before:%Y-%m-%d} to "
+                    f"{facts.not_after:%Y-%m-%d}): the server needs a new certificate")
+            return
+        saved = self.rejected / facts.file_name
+        try:
+            self.rejected.mkdir(parents=True, exist_ok=True)
+            if not saved.exists():
+                saved.write_bytes(der)
+        except OSError as exc:
+            saved_note = f"(could not save it in {self.rejected}: {exc})"
+        else:
+            saved_note = f"saved as {saved}"
+        raise UntrustedCertificate(
+            f"the server's certificate is not trusted: {facts.subject}, application URI "
+            f"{facts.application_uri or '(none)'}, thumbprint {facts.thumbprint}; {saved_note}. "
+            f"If this is the right server, move that file to {self.trusted}/ (or run: "
+            f"plantsync trust opcua --endpoint {endpoint}); if the server should not have a "
+            "new certificate, someone may be impersonating it")
+
+    def trust(self, der: bytes) -> Path:
+        """Put `der` in trusted/ (and out of rejected/); return its path."""
+        facts = CertificateFacts.of(der)
+        self.trusted.mkdir(parents=True, exist_ok=True)
+        path = self.trusted / facts.file_name
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(der)
+        os.replace(temporary, path)
+        (self.rejected / facts.file_name).unlink(missing_ok=True)
+        return path
+
+
 async def new_client(
     endpoint: str,
     security: OpcUaSecurity,
@@ -673,11 +818,14 @@ async def new_client(
     session_timeout: float = 60.0,
     keepalive: float = 5.0,
     client_name: str = "PlantSync Edge",
+    trust: TrustList | None = None,
 ) -> Client:
     """An asyncua client set up for `endpoint`, not yet connected.
 
-    With Basic256Sha256 and no pinned server certificate this asks the server for its endpoints
-    (network I/O), because the channel needs the server's certificate.
+    With a security policy and no pinned server certificate this asks the server for its
+    endpoints (network I/O), because the channel needs the server's certificate, and checks
+    that certificate against `trust` before anything else is sent: a server that is not
+    trusted never sees the user's password. UntrustedCertificate if it is not trusted.
     """
     client = Client(endpoint, timeout=request_timeout, watchdog_intervall=keepalive)
     client.name = client.description = client_name
@@ -687,8 +835,12 @@ async def new_client(
     if username is not None:
         client.set_user(username)
         client.set_password(password or "")
-    if security.policy == "Basic256Sha256":
+    if security.policy != "None":
         assert security.certificate is not None and security.private_key is not None
+        if security.server_certificate is None and trust is None:
+            raise SecuritySetupError(
+                "no trust list to check the server's certificate against: pin it "
+                "(server_certificate) or give a data directory (its pki/trusted)")
         try:
             client.application_uri = await _application_uri(security.certificate)
             for path in (security.private_key, security.server_certificate):
@@ -697,7 +849,7 @@ async def new_client(
         except (OSError, ValueError) as exc:
             raise SecuritySetupError(f"cannot load the certificates or key: {exc}") from exc
         await client.set_security(
-            security_policies.SecurityPolicyBasic256Sha256,
+            _SECURITY_POLICY[security.policy],
             certificate=str(security.certificate),
             private_key=str(security.private_key),
             server_certificate=(
@@ -705,6 +857,11 @@ async def new_client(
             ),
             mode=_MESSAGE_SECURITY_MODE[security.mode],
         )
+        if security.server_certificate is None and trust is not None:
+            peer = client.security_policy.peer_certificate
+            if not peer:
+                raise SecuritySetupError("the server sent no certificate in its endpoint list")
+            await asyncio.to_thread(trust.check, peer, endpoint)
     return client
 
 
@@ -730,7 +887,7 @@ def describe_error(
         if exc.code in _SECURITY_REJECTED:
             return f"the server rejected the security settings or client certificate ({name})"
         return f"the server answered {name}"
-    if isinstance(exc, SecuritySetupError):
+    if isinstance(exc, SecuritySetupError | UntrustedCertificate):
         return str(exc)
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:g}s"
@@ -838,6 +995,9 @@ class _Outcome:
     unreachable: bool = False
     port_was_closed: bool = False
     """Seen closed while waiting: its opening is then news."""
+    needs_person: bool = False
+    """Waiting will not fix it (an untrusted certificate, a rejected user): said in the log
+    even while the server is already known to be unavailable."""
     retry_after: float | None = None
     """A fixed wait instead of the backoff (a full server answers at once, and frees up when
     an orphaned session times out)."""
@@ -861,6 +1021,7 @@ class OpcUaDriver(Driver):
         self.restarts_seen = 0
         """Server restarts detected (a new ServerStatus.StartTime)."""
         self._unavailable = False
+        self._said_reason: str | None = None
         self._bad_tags: dict[str, str] = {}
         self._last_emitted: dict[str, Sample] = {}
         self._overloaded = False
@@ -909,8 +1070,10 @@ class OpcUaDriver(Driver):
             outcome = await self._session(pending)
             self.health.connected = False
             self._record_error(outcome.reason)
-            if not self._unavailable:
+            if not self._unavailable or (outcome.needs_person
+                                         and outcome.reason != self._said_reason):
                 self._unavailable = True
+                self._said_reason = outcome.reason
                 log.warning(
                     "OPC UA server %s at %s is unavailable: %s. Retrying with backoff.",
                     self.name,
@@ -961,6 +1124,7 @@ class OpcUaDriver(Driver):
                 session_timeout=config.session_timeout,
                 keepalive=config.keepalive,
                 client_name=f"PlantSync Edge {self.name}",
+                trust=TrustList(self.data_dir / "pki") if self.data_dir is not None else None,
             )
             await client.connect()
             return _Outcome(await self._serve(client, pending))
@@ -970,6 +1134,10 @@ class OpcUaDriver(Driver):
             reason = describe_error(exc, config.timeout, config.username, config.security)
             if isinstance(exc, UaStatusCodeError) and exc.code == StatusCodes.BadTooManySessions:
                 return _Outcome(reason, retry_after=FULL_SERVER_RETRY)
+            if isinstance(exc, UntrustedCertificate | SecuritySetupError) or (
+                    isinstance(exc, UaStatusCodeError)
+                    and exc.code in _USER_REJECTED | _SECURITY_REJECTED):
+                return _Outcome(reason, needs_person=True)
             return _Outcome(reason, unreachable=isinstance(exc, OSError | TimeoutError),
                             port_was_closed=isinstance(exc, ConnectionRefusedError))
         finally:
@@ -1440,6 +1608,7 @@ class OpcUaDriver(Driver):
     def _mark_available(self) -> None:
         self.health.connected = True
         self.backoff.reset()
+        self._said_reason = None
         if self._unavailable:
             self._unavailable = False
             log.info(
@@ -1486,11 +1655,15 @@ def _browse_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--username", help="user name (default: anonymous)")
     parser.add_argument("--password", help="password for --username")
-    parser.add_argument("--policy", choices=("None", "Basic256Sha256"), default="None")
+    parser.add_argument("--policy", choices=("None", *_SECURITY_POLICY), default="None")
     parser.add_argument("--mode", choices=("None", "Sign", "SignAndEncrypt"), default="None")
     parser.add_argument("--certificate", type=Path, help="client certificate (DER or PEM)")
     parser.add_argument("--private-key", type=Path, help="client private key")
     parser.add_argument("--server-certificate", type=Path, help="pin the server certificate")
+    parser.add_argument(
+        "--data-dir", type=Path,
+        help="the gateway's data_dir: with a security policy, the server's certificate must be "
+        "in its pki/trusted (plantsync trust opcua puts it there)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     return parser
 
@@ -1533,6 +1706,7 @@ async def _browse(
             password=args.password,
             request_timeout=args.timeout,
             client_name="PlantSync Edge browse",
+            trust=TrustList(args.data_dir / "pki") if args.data_dir else None,
         )
         await client.connect()
     except Exception as exc:
@@ -1618,3 +1792,106 @@ class _Tree:
                 name = (await self.client.get_node(data_type).read_browse_name()).Name
             self._type_names[data_type] = name
         return self._type_names[data_type]
+
+
+# --- trust ---------------------------------------------------------------------------------------
+
+
+def _trust_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plantsync trust opcua",
+        description="Show an OPC UA server's certificate (thumbprint, subject, application URI, "
+        "validity) and, on your yes, add it to the gateway's trust list (data_dir/pki/trusted). "
+        "Compare the thumbprint with the one the machine's own display or its builder gives "
+        "you before you say yes.",
+    )
+    parser.add_argument("--endpoint", required=True, help="opc.tcp://host:port")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", type=Path, help="the plant config (its data_dir is used)")
+    where.add_argument("--data-dir", type=Path, help="the gateway's data_dir")
+    parser.add_argument("--yes", action="store_true",
+                        help="trust without asking (only for a certificate checked already)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    return parser
+
+
+def trust_main(argv: list[str] | None = None, *, answer: TextIO | None = None) -> int:
+    """`plantsync trust opcua`: 0 when the server's certificate is trusted (now or already),
+    1 when it is not (declined, or the server cannot be reached)."""
+    parser = _trust_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        from edge.config import ConfigError, load_config  # the CLI's layer, not the driver's
+
+        try:
+            data_dir = load_config(args.config).data_dir
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return 1
+    else:
+        data_dir = args.data_dir
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    try:
+        certificates = asyncio.run(_server_certificates(args.endpoint, args.timeout))
+    except Exception as exc:
+        print(f"Cannot read the endpoints of {args.endpoint}: "
+              f"{describe_error(exc, args.timeout)}", file=sys.stderr)
+        return 1
+    if not certificates:
+        print(f"{args.endpoint} offers no endpoint with a certificate (security None only): "
+              "there is nothing to trust.", file=sys.stderr)
+        return 1
+    trust = TrustList(data_dir / "pki")
+    trusted = trust.trusted_thumbprints()
+    answer = answer or sys.stdin
+    status = 0
+    for der, offers in certificates.items():
+        facts = CertificateFacts.of(der)
+        print(f"Server certificate of {args.endpoint} (for {', '.join(offers)}):")
+        print("\n".join(facts.lines()))
+        if facts.thumbprint in trusted:
+            print(f"Already trusted (in {trust.trusted}).")
+            continue
+        if not args.yes:
+            print("Trust this certificate? Compare the thumbprint first. [y/N] ", end="",
+                  flush=True)
+            reply = answer.readline().strip().lower()
+            if reply not in ("y", "yes"):
+                print("Not trusted.")
+                status = 1
+                continue
+        path = trust.trust(der)
+        # TODO(sec): journal this as a hand action once the journal is on main.
+        print(f"Trusted: {path}")
+        log.info("Server certificate %s of %s trusted by hand.", facts.thumbprint,
+                 args.endpoint, extra={"endpoint": args.endpoint, "path": str(path)})
+    return status
+
+
+async def _server_certificates(endpoint: str, request_timeout: float) -> dict[bytes, list[str]]:
+    """The distinct certificates a server's endpoints carry, each with the policy and mode
+    of the endpoints that carry it. Asks with security None (GetEndpoints needs none)."""
+    client = Client(endpoint, timeout=request_timeout)
+    endpoints = await client.connect_and_get_server_endpoints()
+    found: dict[bytes, list[str]] = {}
+    for described in endpoints:
+        chain = described.ServerCertificate
+        if not chain:
+            continue
+        der = _first_certificate(chain)
+        offer = (f"{described.SecurityPolicyUri.rsplit('#', 1)[-1]} "
+                 f"{described.SecurityMode.name}")
+        found.setdefault(der, []).append(offer)
+    return found
+
+
+def _first_certificate(chain: bytes) -> bytes:
+    """The leaf certificate of a DER chain (certificates back to back): the first DER SEQUENCE,
+    its length read from its header."""
+    if len(chain) < 2 or chain[0] != 0x30:
+        return chain
+    if chain[1] & 0x80:
+        size = chain[1] & 0x7F
+        return chain[:2 + size + int.from_bytes(chain[2:2 + size], "big")]
+    return chain[:2 + chain[1]]

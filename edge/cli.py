@@ -24,7 +24,7 @@ SIMULATORS = ("modbus", "erp", "qms", "opcua", "mes", "scenario")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command not in ("sim", "probe", "browse") and rest:
+    if args.command not in ("sim", "probe", "browse", "trust") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     match args.command:
         case "run":
@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "browse":
             from drivers.opcua import browse_main
             return browse_main(rest)
+        case "trust":
+            from drivers.opcua import trust_main
+            return trust_main(rest)
         case "demo":
             from edge.demo import run_demo
             return run_demo(Path(args.config))
@@ -87,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     browse = commands.add_parser("browse", help="print an OPC UA server's address space "
                                  "(try: browse opcua --help)", add_help=False)
     browse.add_argument("protocol", choices=("opcua",))
+
+    trust = commands.add_parser("trust", help="show an OPC UA server's certificate and trust it "
+                                "on your yes (try: trust opcua --help)", add_help=False)
+    trust.add_argument("protocol", choices=("opcua",))
 
     demo = commands.add_parser("demo", help="run the simulators and the gateway together")
     demo.add_argument("--config", "-c", type=Path, default=Path("config/demo.yaml"))

@@ -22,8 +22,9 @@ other state; with `stop_at` a machine turns Complete when its processed count re
 `OpcUaMachineServer` is the control API for tests and the scenario runner: change the
 state, the rate, add counts, pin a process value. The command line (`main`) prints
 `opcua-machine listening on opc.tcp://HOST:PORT` once it accepts connections, so a parent
-process can wait for that line. With `--security sign|encrypt` it offers only Basic256Sha256
-endpoints, with a self-signed server certificate made at start, and trusts any client
+process can wait for that line. With `--security sign|encrypt` it offers only endpoints of one
+policy (`--policy`, Basic256Sha256 by default), with a self-signed server certificate made at
+start (or `--certificate`), and trusts any client
 certificate; with `--user USER:PASS` it accepts only that user.
 """
 
@@ -70,6 +71,7 @@ PRESSURE_NOMINAL, PRESSURE_NOISE = 4.2, 0.02
 
 Security = Literal["none", "sign", "encrypt"]
 Model = Literal["plantsync", "opc30050"]
+ServerPolicy = Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
 
 PACKML_NAMESPACE_URI = "http://opcfoundation.org/UA/PackML/"
 PACKML_NODESET = Path(__file__).resolve().parent / "nodesets" / "Opc.Ua.PackML.NodeSet2.xml"
@@ -214,8 +216,11 @@ class _OneUser(UserManager):
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
+        # Said in the log, so a test can tell whether a client ever sent its password here.
         if username == self.username and password == self.password:
+            log.info("Login of user %r accepted.", username)
             return User(role=UserRole.User, name=username)
+        log.info("Login of user %r refused.", username)
         return None
 
 
@@ -261,6 +266,7 @@ class OpcUaMachineServer:
         start_count: int = 0,
         stop_at: int | None = None,
         security: Security = "none",
+        policy: ServerPolicy = "Basic256Sha256",
         user: tuple[str, str] | None = None,
         certificate: Path | None = None,
         private_key: Path | None = None,
@@ -276,6 +282,7 @@ class OpcUaMachineServer:
         self.host = host
         self.requested_port = port
         self.security = security
+        self.policy = policy
         self.user = user
         self.certificate = certificate
         self.private_key = private_key
@@ -389,12 +396,9 @@ class OpcUaMachineServer:
             )
         await server.load_certificate(str(self.certificate))
         await server.load_private_key(str(self.private_key))
-        policy = (
-            ua.SecurityPolicyType.Basic256Sha256_Sign
-            if self.security == "sign"
-            else ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt
-        )
-        server.set_security_policy([policy])
+        mode = "Sign" if self.security == "sign" else "SignAndEncrypt"
+        name = self.policy.replace("_", "")
+        server.set_security_policy([ua.SecurityPolicyType[f"{name}_{mode}"]])
 
     async def _add_machine(self, server: Server, machine: Machine) -> None:
         ns = self._namespace
@@ -652,6 +656,7 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         stop_at=args.stop_at,
         model=args.model,
         security=args.security,
+        policy=args.policy,
         user=args.user,
         certificate=args.certificate,
         private_key=args.private_key,
@@ -709,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
         default="none",
         help="none, or Basic256Sha256 with Sign or SignAndEncrypt",
     )
+    parser.add_argument(
+        "--policy", choices=("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"),
+        default="Basic256Sha256", help="the security policy offered with --security")
     parser.add_argument(
         "--user", type=_user, default=None, metavar="USER:PASS", help="accept only this user"
     )

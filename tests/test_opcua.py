@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
 import json
 import logging
@@ -25,6 +26,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from asyncua import ua
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import ValidationError
 
@@ -38,9 +41,11 @@ from drivers.opcua import (
     plain_value,
     portable_node_id,
     quality_of,
+    trust_main,
 )
 from edge.timing import Backoff
 from simulators.opcua_machine import (
+    APPLICATION_URI,
     NAMESPACE_URI,
     OpcUaMachineServer,
     PackMLState,
@@ -499,40 +504,48 @@ async def test_stale_watchdog_reconnects_when_publishing_stops(
 # --- security -----------------------------------------------------------------------------------
 
 
-async def test_basic256sha256_sign_and_encrypt_with_a_user(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def client_security(tmp_path: Path, policy: str = "Basic256Sha256") -> dict[str, str]:
+    certificate, private_key = tmp_path / "client-cert.der", tmp_path / "client-key.pem"
+    if not certificate.exists():
+        make_self_signed_certificate(
+            certificate, private_key, "urn:plantsync:test:edge", [ExtendedKeyUsageOID.CLIENT_AUTH]
+        )
+    return {"policy": policy, "mode": "SignAndEncrypt", "certificate": str(certificate),
+            "private_key": str(private_key)}
+
+
+def server_certificate(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A server certificate and key for the simulator, as a machine builder would make them."""
+    certificate, private_key = tmp_path / f"{name}-cert.der", tmp_path / f"{name}-key.pem"
+    make_self_signed_certificate(
+        certificate, private_key, APPLICATION_URI,
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], host_name=name)
+    return certificate, private_key
+
+
+def trusting(data_dir: Path, certificate: Path) -> Path:
+    """data_dir whose trust list holds `certificate` (as `plantsync trust opcua` leaves it)."""
+    (data_dir / "pki" / "trusted").mkdir(parents=True, exist_ok=True)
+    shutil.copy(certificate, data_dir / "pki" / "trusted" / certificate.name)
+    return data_dir
+
+
+@pytest.mark.parametrize("policy", ["Basic256Sha256", "Aes128_Sha256_RsaOaep",
+                                    "Aes256_Sha256_RsaPss"])
+async def test_a_trusted_server_with_each_policy_and_a_user(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, policy: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="drivers.opcua")
-    certificate, private_key = tmp_path / "client-cert.der", tmp_path / "client-key.pem"
-    make_self_signed_certificate(
-        certificate, private_key, "urn:plantsync:test:edge", [ExtendedKeyUsageOID.CLIENT_AUTH]
-    )
-    security = {
-        "policy": "Basic256Sha256",
-        "mode": "SignAndEncrypt",
-        "certificate": str(certificate),
-        "private_key": str(private_key),
-    }
-    async with machine(rate=20, security="encrypt", user=("operator", "s3cret")) as server:
-        good = OpcUaDriver(
-            config(
-                server.endpoint,
-                COUNTER_TAGS,
-                security=security,
-                username="operator",
-                password="s3cret",
-            )
-        )
-        wrong = fast_driver(
-            config(
-                server.endpoint,
-                COUNTER_TAGS,
-                name="filler-x",
-                security=security,
-                username="operator",
-                password="guess",
-            )
-        )
+    security = client_security(tmp_path, policy)
+    certificate, private_key = server_certificate(tmp_path, "filler")
+    data_dir = trusting(tmp_path / "data", certificate)
+    async with machine(rate=20, security="encrypt", policy=policy, user=("operator", "s3cret"),
+                       certificate=certificate, private_key=private_key) as server:
+        good = OpcUaDriver(config(server.endpoint, COUNTER_TAGS, security=security,
+                                  username="operator", password="s3cret"), data_dir=data_dir)
+        wrong = fast_driver(config(server.endpoint, COUNTER_TAGS, name="filler-x",
+                                   security=security, username="operator", password="guess"))
+        wrong.data_dir = data_dir
         plain = fast_driver(config(server.endpoint, COUNTER_TAGS, name="filler-plain"))
         good_samples, wrong_samples, plain_samples = Collector(), Collector(), Collector()
         async with (
@@ -552,6 +565,92 @@ async def test_basic256sha256_sign_and_encrypt_with_a_user(
     assert plain.health.last_error == "the server offers no endpoint with security None None"
     unavailable = opcua_logs(caplog, "filler-x at", logging.WARNING)
     assert len(unavailable) == 1 and "BadUserAccessDenied" in unavailable[0]
+    assert not (data_dir / "pki" / "rejected").exists()
+
+
+async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
+    peers: list[Peer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The machine's server (certificate A, trusted) is replaced on the same endpoint by another
+    # server with its own certificate B that accepts any password: the gateway refuses B at
+    # the endpoint list, names the file to move, and B never sees a login. Moving that file to
+    # trusted/ (a technician who checked it) is what lets the gateway in.
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    port = free_port()
+    genuine, genuine_key = server_certificate(tmp_path, "genuine")
+    impostor, impostor_key = server_certificate(tmp_path, "impostor")
+    data_dir = trusting(tmp_path / "data", genuine)
+    security = client_security(tmp_path)
+    machine_args = ["--security", "encrypt", "--user", "operator:s3cret", "--rate", "20"]
+    server = await asyncio.to_thread(
+        start_machine, peers, tmp_path, port, *machine_args,
+        "--certificate", str(genuine), "--private-key", str(genuine_key))
+    driver = fast_driver(config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS, security=security,
+                                username="operator", password="s3cret"))
+    driver.data_dir = data_dir
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: driver.health.connected)
+        await asyncio.to_thread(server.kill)
+        await wait_until(lambda: not driver.health.connected, within=5)
+        attacker = await asyncio.to_thread(
+            start_machine, peers, tmp_path, port, *machine_args,
+            "--certificate", str(impostor), "--private-key", str(impostor_key))
+        rejected_dir = data_dir / "pki" / "rejected"
+        await wait_until(lambda: rejected_dir.exists() and any(rejected_dir.iterdir()))
+        await wait_until(lambda: "not trusted" in (driver.health.last_error or ""))
+        await asyncio.sleep(1.0)  # further attempts: refused the same way
+        assert not driver.health.connected
+        assert "Login of user" not in attacker.output(), "the impostor saw a login"
+        [rejected] = list(rejected_dir.iterdir())
+        assert rejected.read_bytes() == impostor.read_bytes()
+        # The technician moves the file: trusted from then on.
+        rejected.rename(data_dir / "pki" / "trusted" / rejected.name)
+        await wait_until(lambda: driver.health.connected, within=15)
+
+    error = opcua_logs(caplog, "is unavailable", logging.WARNING)[-1]
+    assert f"saved as {rejected}" in error
+    assert f"move that file to {data_dir / 'pki' / 'trusted'}/" in error
+    assert "thumbprint " in error and "application URI urn:plantsync:sim:opcua-machine" in error
+    assert "Login of user 'operator' accepted." in attacker.output()
+
+
+async def test_secure_policies_need_a_trust_list_or_a_pinned_certificate(tmp_path: Path) -> None:
+    async with machine(security="encrypt", user=("operator", "s3cret")) as server:
+        driver = fast_driver(config(server.endpoint, COUNTER_TAGS, security=client_security(
+            tmp_path), username="operator", password="s3cret"))  # no data_dir, no pin
+        async with running(driver, Collector()):
+            await wait_until(lambda: driver.health.errors >= 1)
+    assert driver.health.last_error is not None
+    assert driver.health.last_error.startswith("no trust list to check the server's certificate")
+
+
+@in_plant_loop
+async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    certificate, private_key = server_certificate(tmp_path, "filler")
+    async with machine(security="sign", certificate=certificate,
+                       private_key=private_key) as server:
+        args = ["--endpoint", server.endpoint, "--data-dir", str(tmp_path / "data")]
+        declined = await asyncio.to_thread(trust_main, args, answer=io.StringIO("n\n"))
+        shown = capsys.readouterr().out
+        accepted = await asyncio.to_thread(trust_main, args, answer=io.StringIO("yes\n"))
+        done = capsys.readouterr().out
+        again = await asyncio.to_thread(trust_main, args, answer=io.StringIO(""))
+        already = capsys.readouterr().out
+    cert = x509.load_der_x509_certificate(certificate.read_bytes())
+    thumbprint = cert.fingerprint(hashes.SHA1()).hex().upper()
+    assert declined == 1 and "Not trusted." in shown
+    assert f"thumbprint:      {thumbprint} (SHA-1)" in shown
+    assert "application URI: urn:plantsync:sim:opcua-machine" in shown
+    assert f"subject:         {cert.subject.rfc4514_string()}" in shown
+    assert f"valid:           {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to " in shown
+    assert "Basic256Sha256 Sign" in shown
+    assert accepted == 0 and f"[{thumbprint}].der" in done
+    [trusted] = list((tmp_path / "data" / "pki" / "trusted").iterdir())
+    assert trusted.read_bytes() == certificate.read_bytes()
+    assert again == 0 and "Already trusted" in already
 
 
 # --- browse ---------------------------------------------------------------------------------------
