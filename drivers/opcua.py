@@ -923,6 +923,22 @@ async def _close(client: Client, *, within: float) -> None:
         client.disconnect_socket()  # also when cancelled mid-close: never leak the socket
 
 
+async def _load_structures(client: Client, server: str) -> None:
+    """Make asyncua decode the server's own structures (OPC 30050's count and alarm structures)
+    instead of handing over their raw bytes. A failure leaves them undecoded; whoever selects
+    a field of one then says so."""
+    # asyncua warns of every namespace-0 enum a server defines a little differently: noise.
+    type_log = logging.getLogger("asyncua.ua.uatypes")
+    level = type_log.level
+    type_log.setLevel(logging.ERROR)
+    try:
+        await client.load_data_type_definitions()
+    except Exception as exc:  # a server with odd definitions
+        log.debug("OPC UA server %s: loading its data type definitions failed: %s", server, exc)
+    finally:
+        type_log.setLevel(level)
+
+
 async def _close_despite_cancel(client: Client, *, within: float) -> None:
     """`_close`, finished even when the caller is cancelled meanwhile (a stopping daemon
     cancels its drivers again every half second): an orderly stop must not leave the session
@@ -1294,19 +1310,7 @@ class OpcUaDriver(Driver):
         self._state_levels = {}
         self._state_numbers = {}
         if any(item.tag.select is not None for item in monitored.values()):
-            # Makes asyncua decode the server's own structures (OPC 30050's count and alarm
-            # structures) instead of handing over their raw bytes. asyncua warns of every
-            # namespace-0 enum a server defines a little differently: noise for us.
-            type_log = logging.getLogger("asyncua.ua.uatypes")
-            level = type_log.level
-            type_log.setLevel(logging.ERROR)
-            try:
-                await client.load_data_type_definitions()
-            except Exception as exc:  # a server with odd definitions: said per tag, below
-                log.debug("OPC UA server %s: loading its data type definitions failed: %s",
-                          self.name, exc)
-            finally:
-                type_log.setLevel(level)
+            await _load_structures(client, self.name)
         machines = [(handle, item) for handle, item in monitored.items()
                     if item.tag.read == "packml_state"]
         for handle, item in machines:
@@ -1717,6 +1721,7 @@ async def _browse(
         return 1
     try:
         namespaces = await client.get_namespace_array()
+        await _load_structures(client, args.endpoint)
         tree = _Tree(client, namespaces, args.depth, args.standard, out)
         await tree.print_node(start.resolve(namespaces))
     except Exception as exc:
@@ -1862,7 +1867,6 @@ def trust_main(argv: list[str] | None = None, *, answer: TextIO | None = None) -
                 status = 1
                 continue
         path = trust.trust(der)
-        # TODO(sec): journal this as a hand action once the journal is on main.
         print(f"Trusted: {path}")
         log.info("Server certificate %s of %s trusted by hand.", facts.thumbprint,
                  args.endpoint, extra={"endpoint": args.endpoint, "path": str(path)})
