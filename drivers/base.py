@@ -132,6 +132,10 @@ class DriverHealth:
     errors: int = 0
     last_error: str | None = None
     started_at: float = field(default_factory=time.monotonic)
+    degraded: dict[str, str] = field(default_factory=dict)
+    """What is wrong but does not stop the driver (a tag the device refuses, messages the
+    broker dropped): one sentence per problem, by a key of the driver's choosing; `/readyz`
+    and `/status` list them. A driver removes an entry when the problem is over."""
 
     def last_sample_age(self, now: float | None = None) -> float | None:
         if self.last_sample_at is None:

@@ -261,8 +261,13 @@ async def test_every_type_and_byte_order_decodes_to_the_known_value(steady_plc: 
     orders_by_type: dict[str, set[str]] = {}
     for tag in tags:
         orders_by_type.setdefault(tag["type"], set()).add(tag["byte_order"])
-    for wide in ("int32", "uint32", "float32", "int64", "uint64", "float64", "string"):
+    for wide in ("int32", "uint32", "float32", "string"):
         assert orders_by_type[wide] == {"ABCD", "CDAB", "BADC", "DCBA"}, wide
+    # 64-bit: the four orders, the halves swapped, and (for uint64) every eight-letter order.
+    for wide in ("int64", "float64"):
+        assert orders_by_type[wide] == {"ABCD", "CDAB", "BADC", "DCBA", "EFGHABCD"}, wide
+    assert orders_by_type["uint64"] == {"ABCD", "CDAB", "BADC", "DCBA", "EFGHABCD",
+                                        "CDABGHEF", "DCBAHGFE", "FEHGBADC"}
     assert {"int16", "uint16"} <= orders_by_type.keys()
     driver = ModbusDriver(config(steady_plc, tags))
     collector = Collector()
@@ -953,7 +958,7 @@ def test_config_defaults_bits_to_bool_and_parses_poll_groups() -> None:
         ),
         (
             {"tags": [{"name": "good", "address": 0, "byte_order": "ADCB"}]},
-            "Input should be 'ABCD', 'CDAB', 'BADC' or 'DCBA'",
+            "Input should be 'ABCD', 'CDAB', 'BADC', 'DCBA', 'ABCDEFGH'",
         ),
         (
             {"tags": [{"name": "recipe", "address": 0, "type": "string"}]},
