@@ -282,6 +282,19 @@ class ModbusTag(BaseModel):
         return self
 
 
+MODICON_BASE: dict[Table, int] = {"discrete_input": 10001, "input": 30001, "holding": 40001}
+"""Modicon numbering: register 40001 is holding register 0, 30001 input register 0, 10001
+discrete input 0 (coils start at 00001, which cannot be told from a 0-based address)."""
+
+
+def _modicon_table(address: int) -> Table | None:
+    """The table a five-digit Modicon number names, or None."""
+    for table, base in MODICON_BASE.items():
+        if base <= address <= base + 9998:
+            return table
+    return None
+
+
 RestartMarkerKind = Literal["uptime", "boot_count"]
 _INTEGER_TYPES = ("uint16", "int16", "uint32", "int32", "uint64", "int64")
 
@@ -400,6 +413,30 @@ class ModbusConfig(BaseModel):
     def _unique_tag_names(cls, tags: list[ModbusTag]) -> list[ModbusTag]:
         unique_names(tags)
         return tags
+
+    def address_warnings(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Addresses that look like Modicon register numbers (40001, 30001, 10001), each with
+        where it is (relative to this driver) and its 0-based equivalent: a warning for
+        `plantsync check`, not an error, because a device may really have such addresses."""
+        found: list[tuple[tuple[str | int, ...], str]] = []
+        for index, tag in enumerate(self.tags):
+            meant = _modicon_table(tag.address)
+            if meant is None or meant not in (tag.table, *(
+                    ("holding", "input") if tag.table in ("holding", "input") else ())):
+                continue
+            zero_based = tag.address - MODICON_BASE[meant]
+            name = TABLE_LABEL[meant].removesuffix("s")
+            if meant == tag.table:
+                where = f"address {zero_based}"
+                fix = f"address: {zero_based}"
+            else:
+                where = f"address {zero_based} of table {meant}"
+                fix = f"table: {meant}, address: {zero_based}"
+            found.append((("tags", index, "address"),
+                          f"{tag.address} looks like a Modicon register number: {name} "
+                          f"{tag.address} is {where} (0-based protocol address); if that is "
+                          f"what you mean, write {fix}"))
+        return found
 
     @model_validator(mode="after")
     def _marker_is_an_integer_tag(self) -> ModbusConfig:
@@ -619,11 +656,23 @@ def tag_value(tag: ModbusTag, registers: Sequence[int]) -> TagValue:
     return raw
 
 
+EXCEPTION_NAMES: dict[int, str] = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "server device failure",
+    5: "acknowledge",
+    6: "server device busy",
+    8: "memory parity error",
+    10: "gateway path unavailable",
+    11: "gateway target device failed to respond",
+}
+"""Exception codes by their names in the Modbus Application Protocol Specification V1.1b3,
+section 7."""
+
+
 def _exception_name(code: int) -> str:
-    try:
-        return ExcCodes(code).name.lower().replace("_", " ")
-    except ValueError:
-        return "unknown exception"
+    return EXCEPTION_NAMES.get(code, "unknown exception")
 
 
 def _response_problem(response: ModbusPDU, table: Table, count: int) -> str | None:
@@ -723,6 +772,7 @@ class ModbusDriver(Driver):
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         self._unavailable = False
         self._failing_blocks: set[tuple[str, int, Table, int]] = set()
+        self._joined: set[tuple[int, Table, int, int]] = set()
         marker = config.restart_marker
         self._marker = (None if marker is None
                         else next(tag for tag in config.tags if tag.name == marker.tag))
@@ -861,9 +911,9 @@ class ModbusDriver(Driver):
                     return
                 read_at = time.time()
                 for part, response in answered:
-                    reads.append(part)
                     readings.extend(self._samples(group.name, part, response, read_at))
-            if len(reads) != len(group.blocks):
+                reads.extend(self._narrowed(block, answered))
+            if reads != list(group.blocks):
                 self._replan(index, reads)
             self._mark_available()
             readings = self._restart_first(readings)
@@ -920,6 +970,29 @@ class ModbusDriver(Driver):
                 answered.extend(part)
             return answered
         return [(block, response)]
+
+    def _narrowed(
+        self, block: ReadBlock, answered: list[tuple[ReadBlock, ModbusPDU]]
+    ) -> list[ReadBlock]:
+        """The reads that replace a block the device refused: the parts that answered, joined
+        again where they touch (they then cover only addresses that were read), and the parts
+        it refused. A joined read refused later is not joined again."""
+        if len(answered) == 1:
+            return [block]
+        if (block.unit, block.table, block.start, block.count) in self._joined:
+            return [part for part, _ in answered]
+        reads: list[ReadBlock] = []
+        joinable = False
+        for part, response in answered:
+            works = _response_problem(response, part.table, part.count) is None
+            if works and joinable and part.start <= reads[-1].end:
+                reads[-1] = block_of([*reads[-1].tags, *part.tags], part.table, part.unit)
+                joined = reads[-1]
+                self._joined.add((joined.unit, joined.table, joined.start, joined.count))
+            else:
+                reads.append(part)
+            joinable = works
+        return reads
 
     def _replan(self, index: int, reads: list[ReadBlock]) -> None:
         """Remember how the group's refused reads were split, so that the next polls go
@@ -1044,6 +1117,8 @@ class ModbusDriver(Driver):
 
 _PROBE_32: tuple[NumberType, ...] = ("int32", "uint32", "float32")
 _PROBE_64: tuple[NumberType, ...] = ("int64", "uint64", "float64")
+_PROBE_ONLY_64: tuple[ByteOrder, ...] = tuple(
+    order for order in BYTE_ORDERS_64 if order not in _AS_64.values())
 _PROBE_COLUMNS = (
     "address",
     "raw",
@@ -1075,7 +1150,8 @@ def format_probe(registers: Sequence[int], start: int, heading: str) -> str:
     """A table of the block decoded at every start address, in every type and byte order.
 
     Per address: the raw register in hex and as int16/uint16, then one row per byte order with
-    the 32-bit (and, where four registers remain, 64-bit) values that start there. Below, the
+    the 32-bit (and, where four registers remain, 64-bit) values that start there, and rows for
+    the 64-bit orders only eight letters name (EFGHABCD: halves swapped...). Below, the
     whole block as text, both ways round. Non-printable bytes show as `.`.
     """
     rows: list[list[str]] = []
@@ -1092,6 +1168,11 @@ def format_probe(registers: Sequence[int], start: int, heading: str) -> str:
             if len(quad) == 4:
                 row += [_number_text(decode(quad, type_name, order)) for type_name in _PROBE_64]
             rows.append(row + [""] * (len(_PROBE_COLUMNS) - len(row)))
+        if len(quad) == 4:  # the 64-bit orders that no four-letter order names
+            for order in _PROBE_ONLY_64:
+                row = [""] * len(raw) + [order] + [""] * len(_PROBE_32)
+                row += [_number_text(decode(quad, type_name, order)) for type_name in _PROBE_64]
+                rows.append(row)
     widths = [
         max(len(text) for text in [name, *(row[i] for row in rows)])
         for i, name in enumerate(_PROBE_COLUMNS)
@@ -1156,7 +1237,8 @@ def probe_main(argv: list[str] | None = None) -> int:
         prog="plantsync probe modbus",
         description="Read one block of holding or input registers and print it decoded as "
         "int16/uint16 and, in each byte order ABCD/CDAB/BADC/DCBA, as int32/uint32/float32 and "
-        "int64/uint64/float64 from every start address, plus the block as text. Look for a "
+        "int64/uint64/float64 from every start address (64-bit also in EFGHABCD, halves "
+        "swapped, and the other eight-letter orders), plus the block as text. Look for a "
         "value you know (a counter, a set point) to see which type and byte order the device "
         "uses.",
     )

@@ -420,6 +420,14 @@ class ModbusPlc:
         self.press.forced_state = state
         self.press.advance(0.0)  # the new state shows on the next read, not after a while
 
+    def restart(self, good: int = 0) -> None:
+        """A warm restart of the PLC program with the connections kept: the uptime starts
+        again from 0, the boot count goes up, and the good count starts again from `good`."""
+        self._catch_up()
+        self.press.uptime = 0.0
+        self.press.boot_count += 1
+        self.press.good_count = float(good)
+
     def set_sensor_fault(self, fault: SensorFault | None) -> None:
         """The force sensor fails (it reads NaN, +Inf or -Inf), or None: it works again."""
         self._catch_up()
