@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from drivers.base import finite_json
 from edge.operations import CHANGES, Operation, perform
 from edge.secrets import scrub
 
@@ -168,7 +169,7 @@ def create_app(gateway: Gateway) -> Starlette:
     registry.register(GatewayCollector(gateway))
 
     def answer(body: Any, status_code: int = 200) -> Response:
-        return JSONResponse(scrub(body, gateway.secrets), status_code=status_code)
+        return JSONResponse(scrub(finite_json(body), gateway.secrets), status_code=status_code)
 
     async def healthz(request: Request) -> Response:
         return answer({"status": "alive", "phase": str(gateway.phase)})

@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.config import ConfigError, PlantConfig, load_config
+from edge.config import ConfigError, PlantConfig, config_warnings, load_config
 from edge.logs import setup_logging
 from edge.secrets import exposed_secrets
 
@@ -119,6 +119,8 @@ def _check(path: Path) -> int:
         return 1
     for warning in exposed_secrets(path, config):
         print(f"warning: {warning}", file=sys.stderr)
+    for doubt in config_warnings(config):
+        print(f"warning: {doubt}", file=sys.stderr)
     print(f"{path}: OK (site {config.site}: {_plural(len(config.drivers), 'driver')}, "
           f"{_plural(len(config.machines), 'machine')}, "
           f"{_plural(len(config.destinations), 'destination')})")
@@ -189,6 +191,8 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     for warning in exposed_secrets(args.config, config):
         log.warning("Secrets exposed: %s", warning)
+    for doubt in config_warnings(config):
+        log.warning("Config: %s", doubt)
     return run_until_signalled(_serve(config, args.config))
 
 

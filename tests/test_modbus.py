@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 import re
 import select
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -44,8 +46,10 @@ from simulators.modbus_plc import (
     MachineState,
     ModbusPlc,
 )
-from tests.conftest import missing_peer
+from tests.conftest import Peer, missing_peer
+from tests.conftest import start_plc as start_peer_plc
 from tests.driver_harness import running, wait_until
+from tests.test_daemon_drivers import Gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEADY_GOOD_COUNT = 123_456_789  # 0x075B_CD15: both words non-zero, so word order shows
@@ -1363,3 +1367,116 @@ def test_mbpoll_reads_the_simulators_register_map() -> None:
             str(int(n % 4 == 1)) for n in range(6)]
         refused = mbpoll(port, "-r", "257", "-c", "1", "-t", "4")
         assert refused.returncode != 0 and "Illegal data address" in refused.stderr
+
+
+# --- NaN and infinity through the real daemon: every JSON output stays JSON ----------------------
+
+
+def strict_json(text: str) -> Any:
+    """Parse as JSON proper: NaN, Infinity and -Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} in a JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_or_infinite_float_from_the_plc_is_null_in_every_json_output(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    faulty = {fault: start_peer_plc(peers, tmp_path, "--rate", "5", f"--sensor-fault={fault}")
+              for fault in ("nan", "inf", "-inf")}
+    drivers = "".join(f"""
+  - name: press-{name}
+    type: modbus
+    host: 127.0.0.1
+    port: {plc.port}
+    poll_interval: 100ms
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: force, address: 20, type: float32}}""" for name, plc in
+                      (("nan", faulty["nan"]), ("inf", faulty["inf"]), ("neginf", faulty["-inf"])))
+    gateway = Gateway(peers, tmp_path, f"""
+drivers:{drivers}
+machines:
+  - id: press-nan
+    signals: {{processed: press-nan.good}}
+    order: {{order_id: "1000123", operation: "0010"}}
+    confirm: {{every_units: 10}}
+    limits: [{{signal: press-nan.force, low: 12.0, high: 15.0, for: 1s, raise: inspection}}]
+destinations: {{}}
+routes: {{}}
+""")
+    gateway.start()
+    api = f"http://127.0.0.1:{gateway.api_port}"
+    expected = {"press-nan.force": "NaN", "press-inf.force": "Infinity",
+                "press-neginf.force": "-Infinity"}
+
+    def signals() -> dict[str, Any]:
+        response = httpx.get(f"{api}/status", timeout=10)
+        assert response.status_code == 200, response.text[:2000]
+        found: dict[str, Any] = strict_json(response.text)["signals"]
+        return found
+
+    deadline = time.monotonic() + 30
+    while not expected.keys() <= signals().keys():
+        assert time.monotonic() < deadline, "no readings of the faulty sensors"
+        time.sleep(0.2)
+    for _ in range(3):  # and on every call, not just the first
+        shown = signals()
+        for signal, name in expected.items():
+            assert shown[signal]["value"] is None and shown[signal]["quality"] == "bad"
+            assert shown[signal]["nonfinite"] == name
+        assert shown["press-nan.good"]["quality"] == "good"
+    ready = httpx.get(f"{api}/readyz", timeout=10)
+    strict_json(ready.text)
+    metrics = httpx.get(f"{api}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "plantsync_driver_samples" in metrics.text
+
+    status = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config",
+                             str(gateway.config), "--json"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT)
+    assert status.returncode == 0, status.stderr
+    assert strict_json(status.stdout)["signals"]["press-inf.force"]["nonfinite"] == "Infinity"
+    text = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config",
+                           str(gateway.config)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO_ROOT)
+    assert text.returncode == 0, text.stderr
+
+    recording = tmp_path / "shift.jsonl"
+    record = subprocess.run([sys.executable, "-m", "edge.cli", "record", "--config",
+                             str(gateway.config), "--out", str(recording), "--duration", "2s"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert record.returncode == 0, record.stderr
+    lines = [strict_json(line) for line in recording.read_text().splitlines()]
+    forces = {line["signal"]: line for line in lines if line.get("signal") in expected}
+    assert {signal: line["nonfinite"] for signal, line in forces.items()} == expected
+    assert all(line["value"] is None and line["quality"] == "bad" for line in forces.values())
+    replay = subprocess.run([sys.executable, "-m", "edge.cli", "replay", "--config",
+                             str(gateway.config), "--input", str(recording)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert replay.returncode == 0, replay.stderr
+    assert gateway.current.stop() == 0
+
+
+def test_check_warns_about_modicon_style_addresses_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+
+    plant = tmp_path / "plant.yaml"
+    plant.write_text(f"""site: "1010"
+data_dir: {tmp_path}
+drivers:
+  - name: press-01
+    type: modbus
+    host: 127.0.0.1
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: state, address: 40011}}
+""")
+    assert main(["check", "--config", str(plant)]) == 0  # valid: a warning, not an error
+    err = capsys.readouterr().err
+    assert (f"warning: {plant}:9: drivers[0].tags[1].address: 40011 looks like a Modicon "
+            "register number: holding register 40011 is address 10 (0-based protocol "
+            "address); if that is what you mean, write address: 10") in err
