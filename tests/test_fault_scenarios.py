@@ -715,11 +715,11 @@ class PlcThread:
     """The PLC simulator in this process, on its own loop in a thread, so that the test can
     change its state and count the requests that reach it."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, port: int = 0, **options: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="plc", daemon=True)
         self.thread.start()
-        self.plc = ModbusPlc("127.0.0.1", 0, **options)
+        self.plc = ModbusPlc("127.0.0.1", port, **options)
         self.run(self.plc.start())
 
     def run(self, coroutine: Any) -> Any:
@@ -746,6 +746,8 @@ class PlcThread:
         return int(self.call(read))
 
     def stop(self) -> None:
+        if not self.thread.is_alive():  # stopped by the test already
+            return
         self.run(self.plc.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -952,3 +954,103 @@ def test_corrupt_outbox_is_moved_aside_with_an_alarm_and_the_gateway_works_on(
     report(capsys, figures)
     result.check(tag)
     assert "is damaged" in gateway.output()
+
+
+# -- 7. A long device outage, and the device restarted its counter from 0 meanwhile ---------------
+
+
+@dataclass(frozen=True)
+class OutageRun:
+    outage_s: float
+    rate: float
+
+
+OUTAGE_SHORT = OutageRun(outage_s=4.0, rate=40.0)
+OUTAGE_FULL = OutageRun(outage_s=40.0, rate=40.0)
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(OUTAGE_SHORT, id="short"),
+    pytest.param(OUTAGE_FULL, id="full", marks=pytest.mark.slow),
+])
+def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
+    peers: list[Peer], tmp_path: Path, plc_thread: Callable[..., PlcThread], size: OutageRun,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The PLC goes away, restarts meanwhile (power cut) and counts from 0 past the last value
+    the gateway saw, before the gateway reconnects: no drop shows. Its uptime register (the
+    driver's `restart_marker`) is what tells. The oracle is the simulator's own counter: what
+    it had counted when it went away, plus what it counted after its restart."""
+    tag = describe(tmp_path)
+    outage = scaled(size.outage_s, 4.0) if size is OUTAGE_FULL else size.outage_s
+    erp = start_erp(peers, tmp_path)
+    before = plc_thread(rate=0.0, start=0, uptime=86_400.0)  # up for a day, idle at 0
+    driver = f"""
+  - name: press-01
+    type: modbus
+    host: 127.0.0.1
+    port: {before.port}
+    poll_interval: 100ms
+    timeout: 1s
+    restart_marker: {{tag: uptime, kind: uptime}}
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: state, address: 10, type: uint16}}
+      - {{name: uptime, address: 60, type: uint32}}"""
+    machine = counting_machine("press-01", "press-01", order_of("press-01", 0))
+    config, api_port = write_plant(tmp_path, erp, [driver], [machine])
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway.start()
+    wait_for(lambda: gateway.signal("press-01.good") == 0, 30, f"the first reading {tag}")
+    before.call(before.plc.set_rate, size.rate)
+    time.sleep(3.0)
+    # The machine holds (its count stands still), the gateway reads that, then the power goes.
+    before.call(before.plc.set_state, MachineState.HELD)
+    counted_before = before.good()
+    wait_for(lambda: gateway.signal("press-01.good") == counted_before
+             and gateway.signal("press-01.state") == MachineState.HELD, 30,
+             f"the gateway to read the count before the outage {tag}")
+    before.stop()
+    gone = time.monotonic()
+    # Back after the outage, restarted halfway through it, having counted from 0 past the
+    # old value while the gateway could not look.
+    restarted_ago = outage / 2
+    counted_since_restart = max(counted_before + 25, int(size.rate * restarted_ago))
+    time.sleep(max(0.0, gone + outage - time.monotonic()))
+    stop_at = counted_since_restart + int(size.rate * 3)
+    after = plc_thread(port=before.port, rate=size.rate, start=counted_since_restart,
+                       stop_at=stop_at, uptime=restarted_ago)
+    back = time.monotonic()
+    reconnect = wait_for(lambda: int(gateway.signal("press-01.good") or 0)
+                         >= counted_since_restart, 60,
+                         f"the gateway to read the restarted PLC {tag}", 0.05)
+    database = tmp_path / "data" / "outbox.db"
+    wait_for(lambda: gateway.signal("press-01.state") == MachineState.COMPLETE, 60,
+             f"the PLC to complete {tag}")
+    wait_for(lambda: settled(database, erp, ["press-01"]), 60, f"everything delivered {tag}")
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+    final = after.good()
+
+    result = outcome(database, erp)
+    expected_units = counted_before + final  # the simulator's own counts, from 0 each time
+    delivered_units = int(sum(Decimal(row["event"]["data"]["yield_quantity"]["value"])
+                              for row in erp_rows(erp, "production.confirmation")))
+    totals = check_tiling(erp, database, ["press-01"], tag)
+    output = gateway.output()
+    figures = {
+        "test": "fault-scenario", "scenario": "device-outage-counter-restart",
+        "size": "full" if size is OUTAGE_FULL else "short", "scale": SCALE,
+        **result.figures(), "units_expected": expected_units,
+        "units_delivered": delivered_units, "units_lost": expected_units - delivered_units,
+        "count_before_outage": counted_before, "count_after_restart": counted_since_restart,
+        "final_count": final, "outage_s": round(outage, 1),
+        "reconnect_after_back_s": round(reconnect, 2),
+        "restart_detected": output.count("says its device restarted"),
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    assert delivered_units == expected_units == totals["press-01"], \
+        f"{expected_units - delivered_units} unit(s) lost {tag}"
+    assert output.count("says its device restarted") == 1, f"the restart not logged once {tag}"
+    assert back - gone >= outage
