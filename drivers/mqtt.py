@@ -104,9 +104,38 @@ MesKind = Literal[
 """The canonical MES input kinds a topic can carry."""
 
 CONNECT_TIMEOUT: Final = 10.0
+"""Seconds for the TCP and TLS handshake, and again for the broker's CONNACK."""
 INBOX_BATCHES: Final = 4
 """Messages received but not yet committed are bounded to this many batches."""
-"""Seconds for the TCP and TLS handshake, and again for the broker's CONNACK."""
+
+DEFAULT_RECEIVE_MAXIMUM: Final = 65535
+"""The MQTT 5 Receive Maximum the driver announces unless told otherwise: the most the protocol
+allows. A broker counts the messages in flight to a client against it and queues the rest up to
+its own `max_queued_messages` (mosquitto: 1000), dropping beyond that without telling anyone:
+with 1000 here, a stock mosquitto lost half of a 20,000-message burst. Memory stays bounded all
+the same: the driver stops reading the socket while `INBOX_BATCHES` batches wait for their
+commit, and the broker holds the rest."""
+
+BROKER_FIGURES: Final[dict[str, str]] = {
+    "$SYS/broker/publish/messages/dropped": "dropped",
+    "$SYS/broker/store/messages/count": "stored_messages",
+    "$SYS/broker/store/messages/bytes": "stored_bytes",
+    "$SYS/broker/clients/connected": "clients_connected",
+    "$SYS/broker/uptime": "uptime",
+}
+"""The broker's own figures (mosquitto's `$SYS` tree, published every `sys_interval`, 10 s by
+default) that the driver follows, by the name it keeps them under. `dropped` counts the QoS 1
+and 2 messages the broker threw away because a client's queue was full, for all clients since
+it started: the only trace a stock broker leaves of lost MES events."""
+BROKER_VERSION_TOPIC: Final = "$SYS/broker/version"
+DROPS_LOG_EVERY: Final = 300.0
+"""Seconds: a broker that keeps dropping is logged at most this often (its count is in
+`/metrics` and `/readyz` all the time)."""
+
+QUEUE_ADVICE: Final = (
+    "in mosquitto.conf set max_queued_messages 0 and max_queued_bytes to what the broker may "
+    "hold for an offline gateway (e.g. 1000000000); the default max_queued_messages 1000 "
+    "drops the rest without telling anyone")
 
 CLOSE_TIMEOUT: Final = 5.0
 """Seconds to let paho's thread send DISCONNECT and end when a connection is closed."""
@@ -519,12 +548,15 @@ class MqttConfig(BaseModel):
         description="Most messages handed over in one commit. Everything that has arrived, up "
         "to this, shares one commit; acknowledgements follow it.",
     )
-    receive_maximum: int | None = Field(
-        default=None,
+    receive_maximum: int = Field(
+        default=DEFAULT_RECEIVE_MAXIMUM,
         ge=1,
         le=65535,
-        description="MQTT 5: most unacknowledged messages the broker may send at once. "
-        "Default: twice batch_max, so the next batch arrives while one commits. With MQTT "
+        description="MQTT 5: most unacknowledged messages the broker may send at once (its "
+        "in-flight window for the gateway). Keep the default, 65535: the broker queues what "
+        "does not fit up to its max_queued_messages and drops the rest silently (a stock "
+        "mosquitto lost half of a 20,000-message burst with 1000). Intake stays bounded all "
+        "the same: the gateway stops reading while 4 batches wait for their commit. With MQTT "
         "3.1.1 the broker's max_inflight_messages decides.",
     )
     topics: list[MqttTopic] = Field(min_length=1, description="Subscriptions, matched in order.")
@@ -558,7 +590,7 @@ class MqttConfig(BaseModel):
     @property
     def inflight_window(self) -> int:
         """The MQTT 5 Receive Maximum the driver announces."""
-        return self.receive_maximum or min(65535, 2 * self.batch_max)
+        return self.receive_maximum
 
     def topic_for(self, topic: str) -> MqttTopic | None:
         """The first configured topic whose filter matches `topic` (remembered per topic:
@@ -649,6 +681,12 @@ class _Connection:
         self.connack: asyncio.Future[_Connected | str] = loop.create_future()
         self.ended: str | None = None
         self.refused: list[tuple[str, str]] = []
+        self.broker: dict[str, float | str] = {}
+        """The broker's `$SYS` figures received on this connection (see BROKER_FIGURES), and
+        `version`; `sys_refused` when the broker did not let the driver read them."""
+        self.peak_backlog = 0
+        """The most messages received and not yet handed to the sink at once."""
+        self._sys_mid: int | None = None
         self.dropped_qos0 = 0
         self._closing = threading.Lock()
         self._closed = False
@@ -752,6 +790,10 @@ class _Connection:
             client.subscribe([(topic.filter, options) for topic in self.config.topics])
         else:
             client.subscribe([(topic.filter, 1) for topic in self.config.topics])
+        # The broker's own figures, at QoS 0 (nothing to acknowledge, nothing queued): how
+        # many messages it dropped is the only trace of MES events lost at a stock broker.
+        _, self._sys_mid = client.subscribe(
+            [(topic, 0) for topic in (*BROKER_FIGURES, BROKER_VERSION_TOPIC)])
         self._post(self._connack, _Connected(flags.session_present))
 
     def _on_subscribe(
@@ -762,6 +804,10 @@ class _Connection:
         reason_codes: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
+        if mid == self._sys_mid:
+            if all(code.is_failure for code in reason_codes):
+                self._post(self._broker_figure, "sys_refused", str(reason_codes[0]))
+            return
         refused = [
             (topic.filter, str(code))
             for topic, code in zip(self.config.topics, reason_codes, strict=False)
@@ -776,6 +822,9 @@ class _Connection:
         except UnicodeDecodeError:  # brokers refuse such topics; keep it visible if not
             topic = message._topic.decode("utf-8", "replace")
         payload = bytes(message.payload)
+        if topic.startswith("$SYS/"):
+            self._sys_message(topic, payload)
+            return
         arrival = _Arrival(message.mid, message.qos, topic, payload, time.time())
         # Back-pressure on the socket: a broker that ignores our receive maximum (mosquitto
         # 2.0 lets 10-18 times more through while acks flow) must not fill our memory. While
@@ -791,6 +840,17 @@ class _Connection:
             self._incoming.append(arrival)
         if first:
             self._post(self._take_incoming)
+
+    def _sys_message(self, topic: str, payload: bytes) -> None:
+        text = payload.decode("utf-8", "replace").strip()
+        if topic == BROKER_VERSION_TOPIC:
+            self._post(self._broker_figure, "version", text)
+            return
+        name = BROKER_FIGURES.get(topic)
+        number = text.split()[0] if text else ""  # "1234 seconds" for the uptime
+        with contextlib.suppress(ValueError):
+            if name is not None:
+                self._post(self._broker_figure, name, float(number))
 
     def _take_incoming(self) -> None:
         with self._incoming_lock:
@@ -826,6 +886,11 @@ class _Connection:
             self.dropped_qos0 += 1
             return
         self.inbox.append(arrival)
+        self.peak_backlog = max(self.peak_backlog, len(self.inbox))
+        self.changed.set()
+
+    def _broker_figure(self, name: str, value: float | str) -> None:
+        self.broker[name] = value
         self.changed.set()
 
     def _end(self, reason: str) -> None:
@@ -853,12 +918,19 @@ class MqttDriver(Driver):
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batches of each size went to the sink: shows bursts being absorbed."""
         self.dropped_qos0 = 0
+        self.broker: dict[str, float | str] = {}
+        """The broker's latest `$SYS` figures (BROKER_FIGURES' names, and `version`)."""
+        self.peak_backlog = 0
+        """The most messages received and not yet handed to the sink at once, ever: what the
+        in-flight window costs in memory (bounded by INBOX_BATCHES * batch_max)."""
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         self._unavailable = False
         self._ever_connected = False
         self._commit_failing = False
         self._dropping = False
         self._refused_logged: set[str] = set()
+        self._drops_logged_at: float | None = None
+        self._sys_refused_logged = False
 
     @property
     def endpoint(self) -> str:
@@ -946,7 +1018,9 @@ class MqttDriver(Driver):
             await connection.changed.wait()
             connection.changed.clear()
             self._note_refusals(connection)
+            self._note_broker(connection)
             while connection.inbox:
+                self.peak_backlog = max(self.peak_backlog, connection.peak_backlog)
                 batch = [
                     connection.inbox.popleft()
                     for _ in range(min(len(connection.inbox), self.config.batch_max))
@@ -1012,6 +1086,47 @@ class MqttDriver(Driver):
                     extra=self._log_extra(),
                 )
         connection.refused.clear()
+
+    def _note_broker(self, connection: _Connection) -> None:
+        """Take the broker's new `$SYS` figures; say so when its dropped count rises."""
+        self.peak_backlog = max(self.peak_backlog, connection.peak_backlog)
+        if not connection.broker:
+            return
+        figures, connection.broker = connection.broker, {}
+        if "sys_refused" in figures and not self._sys_refused_logged:
+            self._sys_refused_logged = True
+            log.warning(
+                "MQTT broker %s at %s does not let the gateway read $SYS (%s): messages it "
+                "drops for the gateway cannot be seen. Allow read on $SYS/broker/# in its ACL.",
+                self.name, self.endpoint, figures["sys_refused"], extra=self._log_extra())
+        before = self.broker.get("dropped")
+        self.broker.update(figures)
+        dropped = figures.get("dropped")
+        if not isinstance(dropped, float):
+            return
+        if isinstance(before, float) and dropped < before:
+            before = None  # the broker restarted: its count began again
+        if dropped <= 0:
+            self.health.degraded.pop("broker drops", None)
+            return
+        if isinstance(before, float) and dropped <= before:
+            return
+        count = int(dropped)
+        self.health.degraded["broker drops"] = (
+            f"the MQTT broker at {self.endpoint} has dropped {count} message(s) since it "
+            "started ($SYS/broker/publish/messages/dropped, all its clients): MES events for "
+            f"the gateway may be among them; {QUEUE_ADVICE}")
+        self._record_error(f"the broker has dropped {count} message(s)")
+        now = time.monotonic()
+        if self._drops_logged_at is None or now - self._drops_logged_at >= DROPS_LOG_EVERY:
+            self._drops_logged_at = now
+            rose = "" if before is None else f" (up {count - int(before)})"
+            log.warning(
+                "MQTT broker %s at %s has dropped %d message(s) since it started%s, by its "
+                "$SYS/broker/publish/messages/dropped (all clients): MES events for the "
+                "gateway may be lost there. To stop it, %s.",
+                self.name, self.endpoint, count, rose, QUEUE_ADVICE,
+                extra={**self._log_extra(), "broker_dropped": count})
 
     def _note_dropped(self, connection: _Connection) -> None:
         dropped, connection.dropped_qos0 = connection.dropped_qos0, 0

@@ -545,7 +545,7 @@ def test_config_defaults() -> None:
     assert settings.client_id == "plantsync-mes" and settings.persistent_session
     assert settings.port == 1883 and settings.protocol == "5" and settings.keepalive == 30
     assert settings.max_payload == 256 * 1024 and settings.batch_max == 500
-    assert settings.inflight_window == 1000 and settings.session_expiry == 7 * 86400
+    assert settings.inflight_window == 65535 and settings.session_expiry == 7 * 86400
     assert settings.topics[0].id_field == "message_id"
 
 
@@ -646,3 +646,76 @@ def test_publisher_message_ids_are_reproducible() -> None:
     ids = [first.next_message_id() for _ in range(3)]
     assert ids == [again.next_message_id() for _ in range(3)]
     assert len(set(ids)) == 3 and other.next_message_id() != ids[0]
+
+
+# --- a stock broker: its queue limit, and its $SYS figures --------------------------------------
+
+
+async def stock_burst(broker: Mosquitto, total: int, **options: Any
+                      ) -> tuple[MqttDriver, Recorder, list[str]]:
+    """`total` messages published as fast as the broker takes them, to a driver whose commits
+    take 200 ms a batch (a busy outbox): far more arrive than it takes in meanwhile."""
+    driver = MqttDriver(config(broker.port, **options))
+    sink = Recorder(latency=0.2)
+    async with running(driver, sink), publisher(broker, window=1000) as mes:
+        await wait_until(lambda: driver.health.connected)
+        await asyncio.sleep(0.3)  # the SUBACK
+
+        def burst() -> list[str]:
+            ids = [mes.consume("4711", "RM", f"L-{n}", n).message_id or "" for n in range(total)]
+            mes.flush(60)
+            return ids
+
+        published = await asyncio.to_thread(burst)
+        # Until everything published arrived, or the broker's own figures say it dropped
+        # some and nothing has come for a while.
+        last, quiet_since = -1, time.monotonic()
+        while len(set(sink.ids())) < total:
+            if len(sink.ids()) != last:
+                last, quiet_since = len(sink.ids()), time.monotonic()
+            if time.monotonic() - quiet_since > 3 and driver.broker.get("dropped", 0.0):
+                break
+            await asyncio.sleep(0.1)
+        await wait_until(lambda: "dropped" in driver.broker, within=5)
+    return driver, sink, published
+
+
+async def test_a_burst_at_a_stock_broker_loses_nothing_with_the_default_window(
+    stock_mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    total = 5000
+    driver, sink, published = await stock_burst(stock_mosquitto, total)
+    assert set(sink.ids()) == set(published), \
+        f"{total - len(set(sink.ids()))} of {total} lost at the broker"
+    assert driver.broker["dropped"] == 0.0 and not driver.health.degraded
+    # Intake stays bounded although the broker may send 65535 at once: the driver stops
+    # reading while 4 batches wait for their commit.
+    assert driver.peak_backlog <= 4 * 500 + 500, driver.peak_backlog
+    with capsys.disabled():
+        print(f"\nstock broker, burst of {total} with receive_maximum 65535: "
+              f"{len(set(sink.ids()))} received, peak backlog {driver.peak_backlog} messages, "
+              f"{len(sink.batches)} commits")
+
+
+async def test_the_broker_dropping_messages_is_seen_logged_and_degrades(
+    stock_mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.mqtt")
+    total = 5000
+    # The old default window: 1000 in flight plus the broker's 1000 queued, the rest dropped.
+    driver, sink, _ = await stock_burst(stock_mosquitto, total, receive_maximum=1000)
+    received = len(set(sink.ids()))
+    dropped = driver.broker["dropped"]
+    with capsys.disabled():
+        print(f"\nstock broker, burst of {total} with receive_maximum 1000: {received} "
+              f"received, the broker says it dropped {dropped:.0f}")
+    assert received < total and dropped == total - received
+    warnings = log_lines(caplog, "has dropped")
+    assert len(warnings) == 1, warnings  # once, not at every $SYS update
+    assert "$SYS/broker/publish/messages/dropped" in warnings[0]
+    assert "max_queued_messages 0" in warnings[0] and "max_queued_bytes" in warnings[0]
+    (note,) = driver.health.degraded.values()
+    assert f"has dropped {int(dropped)} message(s)" in note and "max_queued_messages" in note
+    assert isinstance(driver.broker.get("uptime"), float)
+    assert str(driver.broker.get("version", "")).startswith("mosquitto version")
