@@ -1054,3 +1054,147 @@ def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
         f"{expected_units - delivered_units} unit(s) lost {tag}"
     assert output.count("says its device restarted") == 1, f"the restart not logged once {tag}"
     assert back - gone >= outage
+
+
+# -- 8. A shift-change burst at a stock broker ---------------------------------------------------
+
+
+ADVISED_BROKER = {"max_queued_messages": "0", "max_queued_bytes": "1000000000",
+                  "autosave_interval": "100", "autosave_on_changes": "true"}
+"""The README's broker advice: no count limit on a client's queue, a byte limit instead, and
+persistence saved as it changes."""
+
+
+@dataclass(frozen=True)
+class BurstRun:
+    messages: int
+    rate: float
+    phases: tuple[str, ...]
+
+
+BURST_SHORT = BurstRun(messages=5000, rate=10_000.0, phases=("stock-running",))
+BURST_FULL = BurstRun(messages=20_000, rate=10_000.0,
+                      phases=("stock-running", "stock-stopped", "advised-stopped"))
+
+
+def driver_metric(gateway: Gateway, name: str, driver: str = "mes") -> float | None:
+    """A sample of /metrics labelled with the driver, or None when it is not there."""
+    match = re.search(rf'^{name}{{driver="{driver}"}} (\S+)$', gateway.get("/metrics").text,
+                      re.MULTILINE)
+    return None if match is None else float(match[1])
+
+
+def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
+                ) -> dict[str, Any]:
+    """One burst of `size.messages` consumption messages in about two seconds at a broker
+    (stock or as advised), with the gateway running through it or stopped during it; the
+    figures of what the broker accepted against what reached ERP."""
+    import shutil
+
+    workdir = tmp_path / phase
+    (workdir / "broker").mkdir(parents=True)
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    settings = {} if phase.startswith("stock") else dict(ADVISED_BROKER)
+    broker = Mosquitto(binary, workdir / "broker", settings=settings).start()
+    try:
+        tag = describe(workdir)
+        erp = start_erp(peers, workdir)
+        mes_driver = f"""
+  - name: mes
+    type: mqtt
+    host: {broker.host}
+    port: {broker.port}
+    client_id: plantsync-burst-{uuid.uuid4().hex[:8]}
+    protocol: "5"
+    keepalive: 5s
+    topics:
+      - filter: mes/{SITE}/+/consumption
+        event: material.consumed
+        fields: {{order_id: order_id, material: material, lot_id: lot_id,
+                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+        # No machine here: the MES messages are the load, so any order is taken.
+        config, api_port = write_plant(workdir, erp, [mes_driver], [" []"],
+                                       outbox="validation: {require_known_order: false}")
+        gateway = Gateway(peers, config, api_port, workdir)
+        gateway.start()
+        wait_for(lambda: broker_log(gateway, "connected as") == 1, 30, f"the MQTT driver {tag}")
+        publishing = Publishing(broker, size.messages, size.rate)
+        started = time.monotonic()
+        publishing.thread.start()
+        if phase.endswith("stopped"):
+            wait_for(lambda: len(publishing.message_ids) >= size.messages // 10, 30,
+                     f"the burst to begin {tag}", 0.01)
+            assert gateway.stop() == 0, gateway.current.output()[-3000:]
+        publishing.thread.join(120)
+        publishing.publisher.flush(120)  # every message accepted by the broker
+        burst_s = time.monotonic() - started
+        expected = publishing.expected()
+        if phase.endswith("stopped"):
+            gateway.start()
+        database = workdir / "data" / "outbox.db"
+
+        def consumed() -> set[str]:
+            return erp_ids(erp, "material.consumed") & expected
+
+        # Settled: everything arrived, or nothing more arrives and the broker's count of
+        # dropped messages has reached the gateway (mosquitto publishes $SYS every 10 s).
+        last, quiet_since, deadline = -1, time.monotonic(), time.monotonic() + 240
+        while time.monotonic() < deadline:
+            got = len(consumed())
+            if got == len(expected):
+                break
+            if got != last:
+                last, quiet_since = got, time.monotonic()
+            dropped = driver_metric(gateway, "plantsync_mqtt_broker_dropped_messages")
+            if time.monotonic() - quiet_since > 15 and got + (dropped or 0) >= len(expected):
+                break
+            time.sleep(0.5)
+        wait_for(lambda: owed(database) == 0, 120, f"the outbox to drain {tag}")
+        dropped = driver_metric(gateway, "plantsync_mqtt_broker_dropped_messages")
+        backlog = driver_metric(gateway, "plantsync_mqtt_backlog_peak_messages")
+        ready = gateway.get("/readyz").json()
+        assert gateway.stop() == 0, gateway.current.output()[-3000:]
+        publishing.publisher.close(5)
+        result = outcome(database, erp, expected)
+        delivered = len(consumed())
+        return {
+            "test": "fault-scenario", "scenario": f"broker-burst-{phase}",
+            "size": "full" if size is BURST_FULL else "short", **result.figures(),
+            "mes_messages": size.messages, "mes_delivered": delivered,
+            "mes_lost": len(expected) - delivered, "burst_s": round(burst_s, 2),
+            "broker_dropped": None if dropped is None else int(dropped),
+            "backlog_peak": None if backlog is None else int(backlog),
+            "drop_logged": gateway.output().count("has dropped"),
+            "readyz_degraded": [note for note in ready["degraded"] if "has dropped" in note],
+            "_result": result, "_tag": tag,
+        }
+    finally:
+        broker.kill()
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(BURST_SHORT, id="short"),
+    pytest.param(BURST_FULL, id="full", marks=pytest.mark.slow),
+])
+def test_shift_change_burst_at_a_stock_broker(
+    peers: list[Peer], tmp_path: Path, size: BurstRun, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """20,000 MES messages in about two seconds. With the gateway running, a stock broker
+    (max_queued_messages 1000) loses none: the gateway's window (receive_maximum 65535) takes
+    them in flight and its commits pace the intake. With the gateway stopped during the burst,
+    a stock broker keeps 1,000 and drops the rest whatever the gateway does: then what counts
+    is that the loss is not silent (its $SYS count in /metrics, a log line naming
+    max_queued_messages, /readyz degraded), and that the README's broker settings lose none."""
+    for phase in size.phases:
+        figures = burst_phase(peers, tmp_path, phase, size)
+        result, tag = figures.pop("_result"), figures.pop("_tag")
+        report(capsys, figures)
+        assert result.duplicates == 0 and result.pending == 0, tag
+        if phase == "stock-stopped":
+            assert figures["mes_lost"] > 0, f"a stock broker kept the whole burst? {tag}"
+            assert figures["broker_dropped"] == figures["mes_lost"], tag
+            assert figures["drop_logged"] >= 1 and figures["readyz_degraded"], tag
+        else:
+            result.check(tag)
+            assert figures["mes_lost"] == 0 and figures["broker_dropped"] == 0, tag
+            assert figures["backlog_peak"] is not None and figures["backlog_peak"] <= 2500, tag
