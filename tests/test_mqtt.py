@@ -719,3 +719,87 @@ async def test_the_broker_dropping_messages_is_seen_logged_and_degrades(
     assert f"has dropped {int(dropped)} message(s)" in note and "max_queued_messages" in note
     assert isinstance(driver.broker.get("uptime"), float)
     assert str(driver.broker.get("version", "")).startswith("mosquitto version")
+
+
+# --- plantsync doctor mqtt --------------------------------------------------------------------
+
+
+def plant_with_broker(tmp_path: Path, broker: Mosquitto) -> Path:
+    plant = tmp_path / "plant.yaml"
+    plant.write_text(f"""site: "1010"
+data_dir: {tmp_path / "data"}
+drivers:
+  - name: mes
+    type: mqtt
+    host: {broker.host}
+    port: {broker.port}
+    topics: [{{filter: "mes/1010/+/consumption", event: material.consumed}}]
+""")
+    return plant
+
+
+async def test_doctor_finds_a_stock_brokers_queue_limit_its_drops_and_its_autosave(
+    stock_mosquitto: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+
+    # A gateway's session, offline while 1,500 messages arrive: the stock broker keeps 1,000.
+    settings = config(stock_mosquitto.port)
+    async with running(MqttDriver(settings), Recorder()):
+        await asyncio.sleep(0.5)
+    async with publisher(stock_mosquitto, window=1000) as mes:
+        await asyncio.to_thread(lambda: [mes.consume("4711", "RM", f"L-{n}", n)
+                                         for n in range(1500)] and mes.flush(60))
+    plant = plant_with_broker(tmp_path, stock_mosquitto)
+    status = await asyncio.to_thread(main, [
+        "doctor", "mqtt", "--config", str(plant), "--broker-config",
+        str(stock_mosquitto.config_path), "--wait", "2500ms"])
+    report = capsys.readouterr().out
+    assert status == 1, report
+    assert f"MQTT broker mes at 127.0.0.1:{stock_mosquitto.port}" in report
+    assert "info: broker: mosquitto version 2." in report
+    assert "problem: the broker has dropped 500 message(s) since it started" in report
+    assert "problem: max_queued_messages 1000: beyond 1000 messages" in report
+    assert "problem: autosave_interval 1800 s" in report and "autosave_on_changes true" in report
+    assert f"ok: persistence_location {stock_mosquitto.directory} is writable by root" in report
+    assert "holds 1 session(s) of disconnected clients" in report
+
+
+def test_doctor_passes_a_broker_set_up_as_the_readme_advises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+    from tests.conftest import mosquitto_binary
+
+    directory = tmp_path / "advised"
+    directory.mkdir()
+    broker = Mosquitto(mosquitto_binary(), directory, settings={
+        "sys_interval": "1", "max_queued_messages": "0", "max_queued_bytes": "1000000000",
+        "autosave_interval": "100", "autosave_on_changes": "true",
+        "persistent_client_expiration": "14d"}).start()
+    try:
+        status = main(["doctor", "mqtt", "--config", str(plant_with_broker(tmp_path, broker)),
+                       "--broker-config", str(broker.config_path), "--wait", "1500ms"])
+    finally:
+        broker.kill()
+    report = capsys.readouterr().out
+    assert status == 0, report
+    assert "problem" not in report
+    assert "ok: max_queued_messages 0, max_queued_bytes 1000000000" in report
+    assert "ok: the broker has dropped no message since it started" in report
+
+
+def test_doctor_says_when_the_persistence_directory_is_not_the_brokers_to_write(
+    tmp_path: Path,
+) -> None:
+    from drivers.mqtt import check_broker_settings
+
+    location = tmp_path / "store"
+    location.mkdir(mode=0o755)  # root's, as `mkdir` by an installer running as root leaves it
+    found = check_broker_settings({"persistence": "true", "persistence_location": str(location),
+                                   "user": "nobody", "max_queued_messages": "0"})
+    problems = [f.text for f in found if f.level == "problem"]
+    assert any(f"persistence_location {location} is not writable by the broker's user nobody"
+               in text and f"chown nobody {location}" in text for text in problems), problems
+    off = check_broker_settings({})
+    assert any("persistence is off" in f.text for f in off if f.level == "problem")
