@@ -22,27 +22,10 @@ every connection gets a fresh client, so an acknowledgement can only ever reach 
 that delivered the message. MQTT packet ids are per connection, and a PUBACK sent late on a
 newer connection could otherwise acknowledge a different message that reused the id.
 
-Recommended broker settings (mosquitto 2.x, `mosquitto.conf`), because a stock broker silently
-drops QoS 1 messages for a client that falls behind:
-
-- `persistence true` with a `persistence_location` on durable storage that the broker's user
-  can write (started as root, mosquitto switches to the `mosquitto` user, and a failed save is
-  only logged), so a broker restart keeps the gateway's session, subscriptions and queued
-  messages. mosquitto writes them at shutdown and every `autosave_interval` (default 1800 s):
-  a broker *crash* loses what arrived since the last save. `autosave_on_changes true` with
-  `autosave_interval 100` saves after every 100 changes, at some disk cost.
-- `max_queued_messages 0` (no count limit) with `max_queued_bytes` set to what the broker may
-  hold for an offline gateway (for example 1 GB): beyond `max_queued_messages` (default 1000)
-  mosquitto drops further QoS 1 messages for that client without telling anyone, so a burst or
-  an outage of a few minutes loses MES events at the broker.
-- `max_inflight_messages` at least `batch_max` (for example 1000) when the driver speaks MQTT
-  3.1.1: it is about how many unacknowledged messages the broker sends before it waits, and
-  with acknowledgement after commit it bounds the intake per commit (the default 20 would
-  mean some 20 messages per commit; mosquitto 2.0 lets a few times more through while
-  acknowledgements flow, and holds it strictly when none do). With MQTT 5 the driver announces
-  `receive_maximum` in its CONNECT and mosquitto uses that instead, above or below the setting.
-- `persistent_client_expiration` (MQTT 3.1.1 sessions) longer than the longest outage to ride
-  out, for example `14d`. MQTT 5 sessions expire after the driver's `session_expiry`.
+The broker settings this relies on (persistence, queue limits, autosave) are in the README,
+"MQTT broker settings"; `plantsync doctor mqtt` (`doctor`, below) checks them. On every
+connection the driver also reads the broker's `$SYS` figures: a rise of its dropped-messages
+count is logged with the setting to change, shown in `/metrics` and degrades `/readyz`.
 
 Persistent sessions keep subscriptions too: a filter removed from the configuration stays
 subscribed on the broker until the session expires; its messages arrive as rejected ("matches
