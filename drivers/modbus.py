@@ -686,6 +686,25 @@ def _response_problem(response: ModbusPDU, table: Table, count: int) -> str | No
     return None
 
 
+RETURN_CHECK_INTERVAL = 1.0
+"""Seconds between two looks, during a reconnect wait, whether a device that was not there
+accepts TCP again."""
+_NOT_THERE = ("connection refused or host unreachable",)
+"""Failures that mean nothing answered at all (a connect that timed out says so too)."""
+
+
+async def _accepts_tcp(host: str, port: int, within: float) -> bool:
+    """Whether a TCP connection to host:port opens within `within` seconds (then closed)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 async def _open(
     client: ModbusBaseClient, answer_within: float, serial_port: str | None
 ) -> str | None:
@@ -849,7 +868,26 @@ class ModbusDriver(Driver):
                     reason,
                     extra={"driver": self.name, "endpoint": self.endpoint, "reason": reason},
                 )
-            await asyncio.sleep(self._backoff.next_delay())
+            await self._wait_to_reconnect(
+                not_there=reason in _NOT_THERE or reason.startswith("no answer to connect"))
+
+    async def _wait_to_reconnect(self, *, not_there: bool) -> None:
+        """Wait the backoff's delay before the next attempt. When the device was not there at
+        all (refused, unreachable, no answer to connect), look every second whether it accepts
+        TCP again, and end the wait as soon as it does: a device that is back is read again
+        within about a second, not after up to `reconnect_max_delay`. A device that accepts
+        but then fails waits the whole delay, so it is never hammered."""
+        delay = self._backoff.next_delay()
+        host = self.config.host
+        if not not_there or self.config.transport == "rtu" or host is None:
+            await asyncio.sleep(delay)
+            return
+        deadline = time.monotonic() + delay
+        while (remaining := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(RETURN_CHECK_INTERVAL, remaining))
+            if time.monotonic() < deadline and await _accepts_tcp(
+                    host, self.config.port, min(RETURN_CHECK_INTERVAL, self.config.timeout)):
+                return
 
     async def _poll(self, client: ModbusBaseClient, sink: SampleSink) -> str:
         """Poll every group on its own interval until the connection fails; return why."""

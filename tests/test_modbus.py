@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import json
 import logging
+import random
 import re
 import select
 import socket
@@ -36,6 +37,7 @@ from drivers.modbus import (
     probe_main,
     tag_value,
 )
+from edge.timing import Backoff
 from simulators.modbus_plc import (
     BIT_PATTERN,
     COILS,
@@ -1480,3 +1482,34 @@ drivers:
     assert (f"warning: {plant}:9: drivers[0].tags[1].address: 40011 looks like a Modicon "
             "register number: holding register 40011 is address 10 (0-based protocol "
             "address); if that is what you mean, write address: 10") in err
+
+
+class LongestWait(random.Random):
+    """Backoff jitter that always picks the longest wait, so the test knows the schedule."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_a_device_that_is_back_is_read_again_without_waiting_out_the_backoff() -> None:
+    port = free_port()
+    proc = await asyncio.to_thread(start_plc, port, "--rate", "0", "--start", "111")
+    driver = ModbusDriver(config(port, COUNTER_TAGS, reconnect_max_delay="60s"))
+    # Waits of 2, 4, 8, 16... s after the loss: the device returns during the 8 s one.
+    driver._backoff = Backoff(base=2.0, cap=60.0, rng=LongestWait())
+    collector = Collector()
+    try:
+        async with running(driver, collector):
+            await wait_until(lambda: collector.batches and driver.health.connected)
+            await asyncio.to_thread(kill_plc, proc)
+            lost_at = time.monotonic()
+            await wait_until(lambda: driver._backoff.attempt >= 3, within=15)  # in the 8 s wait
+            proc = await asyncio.to_thread(start_plc, port, "--rate", "0", "--start", "222")
+            back_at = time.monotonic()
+            await wait_until(lambda: collector.latest()["good"].value == 222, within=20)
+            read_after = time.monotonic() - back_at
+    finally:
+        stop_plc(proc)
+    # The 8 s wait began 6 s after the loss; without looking, the read would come at 14 s.
+    assert back_at - lost_at < 10
+    assert read_after < 5.0, f"read {read_after:.1f}s after the device was back"
