@@ -2,15 +2,30 @@
 emits one Sample per tag; `probe_main` is `plantsync probe modbus`.
 
 The device is reached over Modbus TCP, RTU frames over TCP (serial-to-Ethernet gateways) or a
-serial RTU line. Tags belong to a poll group; each group is polled on its own interval by its own
-loop, all on the one connection and one request at a time. Within a group, tags are planned into
-as few reads as possible (per table, sorted by address, at most 125 registers or 2000 bits per
-read, bridging gaps up to `max_gap`), decoded (bits, 16/32/64-bit integers and floats in any of
-the four byte orders, strings), scaled, and handed to the sink as one batch per group poll. The
-driver owns its reconnect loop: a lost connection, or a request unanswered after `retries`
+serial RTU line; tags may name their own unit id, read over the same connection. Tags belong to
+a poll group; each group is polled on its own interval by its own loop, all on the one
+connection and one request at a time. Within a group, tags are planned into as few reads as
+possible (per unit and table, sorted by address, at most 125 registers or 2000 bits per read,
+bridging gaps up to `max_gap`), decoded (bits, 16/32/64-bit integers and floats in any of the
+four byte orders, or for 64-bit values any of the eight-letter ones, strings), scaled, and
+handed to the sink as one batch per group poll. A float that decodes to NaN or an infinity is a
+sample of bad quality.
+
+A read the device refuses with exception 2 or 3 (illegal data address or value) is split in
+halves, down to the tag or the unmapped gap it refuses; the parts that answered are joined
+again where they touch, and the group keeps that plan. Only the refused tag is bad, and the log
+names its address. Other exceptions mark the read's tags bad; the others keep going.
+
+The driver owns its reconnect loop: a lost connection, or a request unanswered after `retries`
 repeats, closes the client, logs once that the device is unavailable, retries with the shared
-backoff and logs once when samples flow again. A Modbus exception response for one read marks
-only that read's tags bad; the others keep going. The probe reads one block and prints it decoded
+backoff and logs once when samples flow again. The device counts as connected from its first
+answer, not from an accepted TCP connection. While a device that was not there at all is
+waited for, the driver looks every second whether it accepts TCP again and reconnects at once.
+
+With a `restart_marker` (an uptime or boot-count register), a restart of the device shows even
+when it counted past the last value seen during an outage: the marker is read alone at every
+connection before any counter, and with its group at every poll, and a `DeviceRestarted` goes
+to the sink before the samples read after it. The probe reads one block and prints it decoded
 as every type in every byte order, to settle "which order is this PLC?" in a minute.
 """
 

@@ -1396,7 +1396,8 @@ def test_a_nan_or_infinite_float_from_the_plc_is_null_in_every_json_output(
     poll_interval: 100ms
     tags:
       - {{name: good, address: 0, type: uint32}}
-      - {{name: force, address: 20, type: float32}}""" for name, plc in
+      - {{name: force, address: 20, type: float32}}
+      - {{name: missing, address: 1000}}""" for name, plc in
                       (("nan", faulty["nan"]), ("inf", faulty["inf"]), ("neginf", faulty["-inf"])))
     gateway = Gateway(peers, tmp_path, f"""
 drivers:{drivers}
@@ -1430,8 +1431,10 @@ routes: {{}}
             assert shown[signal]["value"] is None and shown[signal]["quality"] == "bad"
             assert shown[signal]["nonfinite"] == name
         assert shown["press-nan.good"]["quality"] == "good"
-    ready = httpx.get(f"{api}/readyz", timeout=10)
-    strict_json(ready.text)
+    ready = strict_json(httpx.get(f"{api}/readyz", timeout=10).text)
+    # A tag the device refuses (it has no register 1000) shows, the others read on.
+    assert ("driver press-nan: tag missing is bad: the device answered exception code 2 "
+            "(illegal data address) for holding register 1000") in ready["degraded"], ready
     metrics = httpx.get(f"{api}/metrics", timeout=10)
     assert metrics.status_code == 200 and "plantsync_driver_samples" in metrics.text
 
