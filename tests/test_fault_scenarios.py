@@ -396,6 +396,23 @@ class Publishing:
         return {event_id("material.consumed", SITE, "material.consumed", mid) for mid in ids}
 
 
+def consumption_driver(broker: Mosquitto, purpose: str) -> str:
+    """An MQTT driver (MQTT 5, a session of its own) taking the MES publisher's consumptions."""
+    return f"""
+  - name: mes
+    type: mqtt
+    host: {broker.host}
+    port: {broker.port}
+    client_id: plantsync-{purpose}-{uuid.uuid4().hex[:8]}
+    protocol: "5"
+    keepalive: 5s
+    topics:
+      - filter: mes/{SITE}/+/consumption
+        event: material.consumed
+        fields: {{order_id: order_id, material: material, lot_id: lot_id,
+                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+
+
 @pytest.mark.parametrize("size", [
     pytest.param(BROKER_SHORT, id="short"),
     pytest.param(BROKER_FULL, id="full", marks=pytest.mark.slow),
@@ -407,19 +424,7 @@ def test_broker_restart_while_mes_events_flow(
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
     plc = start_plc(peers, tmp_path, "--rate", "10")
-    mes_driver = f"""
-  - name: mes
-    type: mqtt
-    host: {mosquitto.host}
-    port: {mosquitto.port}
-    client_id: plantsync-fault-{uuid.uuid4().hex[:8]}
-    protocol: "5"
-    keepalive: 5s
-    topics:
-      - filter: mes/{SITE}/+/consumption
-        event: material.consumed
-        fields: {{order_id: order_id, material: material, lot_id: lot_id,
-                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+    mes_driver = consumption_driver(mosquitto, "fault")
     config, api_port = write_plant(
         tmp_path, erp, [modbus_driver("press-01", plc.port, 1), mes_driver],
         [counting_machine("press-01", "press-01", order_of("press-01", 0))])
@@ -1099,19 +1104,7 @@ def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
     try:
         tag = describe(workdir)
         erp = start_erp(peers, workdir)
-        mes_driver = f"""
-  - name: mes
-    type: mqtt
-    host: {broker.host}
-    port: {broker.port}
-    client_id: plantsync-burst-{uuid.uuid4().hex[:8]}
-    protocol: "5"
-    keepalive: 5s
-    topics:
-      - filter: mes/{SITE}/+/consumption
-        event: material.consumed
-        fields: {{order_id: order_id, material: material, lot_id: lot_id,
-                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+        mes_driver = consumption_driver(broker, "burst")
         # No machine here: the MES messages are the load, so any order is taken.
         config, api_port = write_plant(workdir, erp, [mes_driver], [" []"],
                                        outbox="validation: {require_known_order: false}")

@@ -376,16 +376,8 @@ async def test_a_burst_is_absorbed_in_batches(
     total = 5000
     driver = MqttDriver(config(mosquitto.port, protocol=protocol))
     sink = Recorder(latency=0.002)  # a 2 ms commit per batch
-    async with running(driver, sink), publisher(mosquitto, window=1000) as mes:
-        await wait_until(lambda: driver.health.connected)
-        await asyncio.sleep(0.2)  # the SUBACK
-
-        def burst() -> list[str]:
-            ids = [mes.consume("4711", "RM", f"L-{n}", n).message_id or "" for n in range(total)]
-            mes.flush(60)
-            return ids
-
-        published = await asyncio.to_thread(burst)
+    async with running(driver, sink):
+        published = await publish_burst(mosquitto, driver, total)
         await wait_until(lambda: len(set(sink.ids())) >= total, within=30)
 
     assert set(sink.ids()) == set(published)
@@ -396,6 +388,21 @@ async def test_a_burst_is_absorbed_in_batches(
     with capsys.disabled():
         print(f"\nMQTT {protocol} burst of {total}: {len(sizes)} commits, batch sizes "
               f"min {min(sizes)} / median {sorted(sizes)[len(sizes) // 2]} / max {max(sizes)}")
+
+
+async def publish_burst(broker: Mosquitto, driver: MqttDriver, total: int) -> list[str]:
+    """Once the running driver is connected and subscribed: `total` consumption messages as
+    fast as the broker takes them, each acknowledged by the broker; their message ids."""
+    async with publisher(broker, window=1000) as mes:
+        await wait_until(lambda: driver.health.connected)
+        await asyncio.sleep(0.3)  # the SUBACK
+
+        def burst() -> list[str]:
+            ids = [mes.consume("4711", "RM", f"L-{n}", n).message_id or "" for n in range(total)]
+            mes.flush(60)
+            return ids
+
+        return await asyncio.to_thread(burst)
 
 
 # --- malformed payloads -----------------------------------------------------------------------
@@ -657,16 +664,8 @@ async def stock_burst(broker: Mosquitto, total: int, **options: Any
     take 200 ms a batch (a busy outbox): far more arrive than it takes in meanwhile."""
     driver = MqttDriver(config(broker.port, **options))
     sink = Recorder(latency=0.2)
-    async with running(driver, sink), publisher(broker, window=1000) as mes:
-        await wait_until(lambda: driver.health.connected)
-        await asyncio.sleep(0.3)  # the SUBACK
-
-        def burst() -> list[str]:
-            ids = [mes.consume("4711", "RM", f"L-{n}", n).message_id or "" for n in range(total)]
-            mes.flush(60)
-            return ids
-
-        published = await asyncio.to_thread(burst)
+    async with running(driver, sink):
+        published = await publish_burst(broker, driver, total)
         # Until everything published arrived, or the broker's own figures say it dropped
         # some and nothing has come for a while.
         last, quiet_since = -1, time.monotonic()
