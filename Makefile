@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults soak fuzz setup mosquitto peers clean
+.PHONY: demo test lint bench faults soak fuzz setup mosquitto peers mbpoll clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -59,11 +59,11 @@ mosquitto:
 		exit 1; \
 	fi
 
-# Independent peers from npm (node-opcua's server...), pinned by tests/peers/package-lock.json.
-PEERS_STAMP := tests/peers/node_modules/.installed
-peers: $(PEERS_STAMP)
+# Independent peers from npm (tests/peers/package.json, its lock file committed), installed
+# into tests/peers/node_modules; node and npm come from Debian when missing.
+peers: tests/peers/node_modules/.installed mbpoll
 
-$(PEERS_STAMP): tests/peers/package.json tests/peers/package-lock.json
+tests/peers/node_modules/.installed: tests/peers/package.json tests/peers/package-lock.json
 	@if ! command -v npm >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			echo "Installing nodejs and npm (Debian packages)"; \
@@ -74,8 +74,20 @@ $(PEERS_STAMP): tests/peers/package.json tests/peers/package-lock.json
 			exit 1; \
 		fi; \
 	fi
-	cd tests/peers && npm ci --no-audit --no-fund --loglevel=error
+	cd tests/peers && npm ci --omit=optional --no-audit --no-fund --silent
 	touch $@
+
+# mbpoll (Debian) reads the PLC simulator's register map as an independent Modbus client.
+mbpoll:
+	@if command -v mbpoll >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing mbpoll (Debian package)"; \
+		apt-get install -y -q mbpoll >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q mbpoll >/dev/null; }; \
+	else \
+		echo "mbpoll is not installed. Install it with: sudo apt-get install mbpoll"; \
+		exit 1; \
+	fi
 
 clean:
 	rm -rf $(VENV) tests/peers/node_modules data schemas .pytest_cache .mypy_cache .ruff_cache *.egg-info
