@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
 import logging
@@ -76,6 +75,7 @@ from drivers.base import (
     Sample,
     SampleSink,
     TagValue,
+    accepts_tcp,
     unique_names,
 )
 from edge.timing import Backoff, Duration
@@ -955,19 +955,6 @@ async def _close_despite_cancel(client: Client, *, within: float) -> None:
         raise asyncio.CancelledError
 
 
-async def _port_open(host: str, port: int, within: float) -> bool:
-    """Whether a TCP connection to host:port opens (and is closed at once) within `within`."""
-    try:
-        async with asyncio.timeout(within):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 # --- the driver ---------------------------------------------------------------------------------
 
 
@@ -1115,7 +1102,7 @@ class OpcUaDriver(Driver):
         deadline = time.monotonic() + delay
         while (left := deadline - time.monotonic()) > 0:
             started = time.monotonic()
-            if await _port_open(host, port, min(left, self.config.timeout)):
+            if await accepts_tcp(host, port, min(left, self.config.timeout)):
                 if outcome.port_was_closed:
                     return  # it was closed and opens now: the server is back
                 # Open although the connection failed (a server refusing connections, or
