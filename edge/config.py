@@ -15,6 +15,7 @@ import os
 import re
 import types
 import typing
+import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -289,6 +290,72 @@ class RetryPolicy(Strict):
 
 Profile = Literal["canonical", "sap_s4hana", "qms_rest"]
 
+
+class SapUsageDecision(Strict):
+    """One usage decision as the plant's QM catalogue spells it (catalog type 3, a selected
+    set of the plant, a code group and a code): SAP has no fixed codes for "release"."""
+
+    code: str = Field(description="InspectionLotUsageDecisionCode, e.g. A.", min_length=1)
+    code_group: str = Field(description="InspLotUsageDecisionCodeGroup.", min_length=1)
+    selected_set: str = Field(description="InspLotUsgeDcsnSelectedSet (the plant's selected "
+                              "set of usage decision codes).", min_length=1)
+    selected_set_plant: str | None = Field(
+        None, min_length=1, description="SelectedCodeSetPlant; default: the event's plant "
+        "(site).")
+    catalog: str = Field("3", min_length=1, description="InspLotUsageDecisionCatalog: the "
+                         "catalog type of usage decisions, 3 in a standard system.")
+
+
+class SapUnit(Strict):
+    """How SAP spells one canonical (UN/ECE Rec 20) unit."""
+
+    iso: str | None = Field(None, min_length=1, description="SAP's ISO code of the unit "
+                            "(T006-ISOCODE), sent in ConfirmationUnitISOCode / "
+                            "EntryUnitISOCode; e.g. PCE for piece.")
+    internal: str | None = Field(None, min_length=1, description="SAP's unit as the OData "
+                                 "service takes it in ConfirmationUnit / EntryUnit (T006, "
+                                 "e.g. PC or ST for piece, KG); the plant's ERP decides.")
+
+
+class SapConfig(Strict):
+    """What only a sap_s4hana destination needs: the plant's time zone, its units, its usage
+    decision codes and where produced goods are received."""
+
+    time_zone: str = Field(
+        "UTC", description="The plant's time zone (IANA name, e.g. Europe/Berlin): "
+        "PostingDate is the event's date there, so goods produced before midnight and sent "
+        "after an outage land in the day (and period) they were produced.")
+    unit_fields: Literal["iso", "internal", "both"] = Field(
+        "iso", description="Which SAP unit fields carry the unit: iso (ConfirmationUnitISOCode, "
+        "EntryUnitISOCode; the same on every SAP system), internal (ConfirmationUnit, "
+        "EntryUnit; as the plant's T006 spells them), or both. Material documents "
+        "(consumption) have only EntryUnit, so consumed units always need an internal code.")
+    units: dict[str, SapUnit] = Field(
+        default_factory=dict, description="Canonical Rec 20 unit to SAP unit, on top of the "
+        "defaults (README: destination table): e.g. {C62: {iso: PCE, internal: PC}}.")
+    usage_decisions: dict[Literal["release", "reject"], SapUsageDecision] = Field(
+        default_factory=dict, description="The usage decision posted for each QMS "
+        "disposition. Hold is no usage decision in SAP (the lot stays in quality-inspection "
+        "stock): nothing is posted for it.")
+    goods_receipt_storage_location: str | None = Field(
+        None, min_length=1, description="StorageLocation of the goods receipt (101) of "
+        "produced lots; none: the order's own receiving location.")
+    order_item: str = Field("0001", pattern=r"^\d{1,4}$",
+                            description="OrderItem the produced lot is received for.")
+    consumption: Literal["material_document"] = Field(
+        "material_document", description="How material.consumed is posted: a goods issue "
+        "(GoodsMovementCode 03, movement 261) through API_MATERIAL_DOCUMENT_SRV.")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{name!r} is not an IANA time zone (e.g. Europe/Berlin, "
+                             "America/Chicago, UTC)") from None
+        return name
+
 PROFILE_EVENT_TYPES: dict[str, frozenset[str] | None] = {
     "canonical": None,  # every type
     "sap_s4hana": frozenset({"production.confirmation", "material.consumed",
@@ -324,6 +391,7 @@ class DestinationConfig(Strict):
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
+    sap: SapConfig = Field(default_factory=SapConfig)  # type: ignore[arg-type]
 
 
 class QualityConfig(Strict):
