@@ -78,10 +78,11 @@ and ``GET``/``POST /_sim/faults`` with a JSON object of knobs:
 
 A delivery is a POST to /api/events, /api/events:batch, ProdnOrdConf2,
 A_MaterialDocumentHeader or A_InspLotUsageDecision; knobs are applied in this order: latency,
-outage, bearer token, CSRF token, drop_connection, status_sequence, error_rate. Command line settings:
-``--client ID:SECRET`` (repeatable), ``--token-ttl S``, ``--error-rate``, ``--error-status``,
-``--retry-after``, ``--latency``, ``--outage-seconds``, ``--status-sequence 500,429,201``,
-``--drop-connection N``, ``--drop-response N``, ``--log-requests``.
+outage, bearer token, CSRF token, drop_connection, status_sequence, error_rate. Command line
+settings: ``--client ID:SECRET`` (repeatable), ``--token-ttl S``, ``--error-rate``,
+``--error-status``, ``--retry-after``, ``--latency``, ``--outage-seconds``,
+``--status-sequence 500,429,201``, ``--drop-connection N``, ``--drop-response N``,
+``--log-requests``, ``--sap-metadata DIR``.
 """
 
 from __future__ import annotations
