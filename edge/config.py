@@ -706,6 +706,7 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
     elif qms is not None and destination is not None and destination.profile != "qms_rest":
         yield _Problem(("quality", "qms"), f"destination {qms!r} has profile "
                        f"{destination.profile}; dispositions are polled from a qms_rest one")
+    yield from _sap_problems(config)
     for event_type, destinations in config.routes.items():
         if event_type not in EVENT_MODELS:
             close = difflib.get_close_matches(event_type, list(EVENT_MODELS), n=1)
@@ -722,6 +723,56 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
                 yield _Problem(("routes", event_type, j),
                                f"destination {name!r} (profile {destination.profile}) cannot "
                                f"take {event_type}; it takes {', '.join(sorted(supported))}")
+
+
+def _sap_problems(config: PlantConfig) -> Iterator[_Problem]:
+    """Values in the file that a sap_s4hana destination would send and SAP would refuse:
+    longer than SAP's field, or settings SAP needs that are missing."""
+    # Imported here: the profile imports this module for its config types.
+    from edge.forward.profiles.sap_s4hana import CONFIG_LIMITS, FIELD_LIMITS
+
+    limits = {**FIELD_LIMITS, **CONFIG_LIMITS}
+    for name, destination in config.destinations.items():
+        at: Loc = ("destinations", name, "sap")
+        if destination.profile != "sap_s4hana":
+            if "sap" in destination.model_fields_set:
+                yield _Problem(at, f"sap settings apply to profile sap_s4hana, not "
+                               f"{destination.profile}")
+            continue
+
+        def too_long(value: str | None, field: str, loc: Loc,
+                     destination: str = name) -> Iterator[_Problem]:
+            limit = limits[field]
+            if value is not None and len(value) > limit.max_length:
+                yield _Problem(loc, f"{value!r} has {len(value)} characters; SAP's "
+                               f"{limit.name} takes at most {limit.max_length} (destination "
+                               f"{destination!r})")
+
+        yield from too_long(config.site, "site", ("site",))
+        for i, machine in enumerate(config.machines):
+            if machine.order is not None:
+                for field in ("order_id", "operation", "material", "lot_id"):
+                    yield from too_long(getattr(machine.order, field), field,
+                                        ("machines", i, "order", field))
+        sap = destination.sap
+        yield from too_long(sap.goods_receipt_storage_location,
+                            "goods_receipt_storage_location",
+                            (*at, "goods_receipt_storage_location"))
+        yield from too_long(sap.order_item, "order_item", (*at, "order_item"))
+        for disposition, decision in sap.usage_decisions.items():
+            for field in ("code", "code_group", "selected_set", "selected_set_plant",
+                          "catalog"):
+                yield from too_long(getattr(decision, field), field,
+                                    (*at, "usage_decisions", disposition, field))
+        for uom, unit in sap.units.items():
+            for field in ("iso", "internal"):
+                yield from too_long(getattr(unit, field), field, (*at, "units", uom, field))
+        if name in config.routes.get("lot.disposition", []):
+            for disposition in ("release", "reject"):
+                if disposition not in sap.usage_decisions:
+                    yield _Problem((*at, "usage_decisions"), f"lot.disposition goes to "
+                                   f"{name!r}: set the usage decision code, code_group and "
+                                   f"selected_set SAP posts for {disposition}")
 
 
 def parse_config(

@@ -428,7 +428,7 @@ class SapS4HanaProfile(Profile):
             return Result(Outcome.RETRY, 200,
                           f"SAP has no inspection lot (origin 04) yet for batch "
                           f"{data['lot_id']} of material {data['material']} in plant "
-                          f"{data['site']}")
+                          f"{data['site']}", not_ready=True)
         # The newest lot of the batch is the one its latest goods receipt opened.
         lot = max(str(entity.get("InspectionLot", "")) for entity in results)
         self._inspection_lots[key] = lot
