@@ -191,6 +191,10 @@ destinations:
       token_url: {erp.url}/oauth/token
       client_id: {ERP_CLIENT}
       client_secret: "${{ERP_SECRET}}"
+    sap:
+      usage_decisions:
+        release: {{code: A, code_group: "01", selected_set: "01"}}
+        reject: {{code: R, code_group: "01", selected_set: "01"}}
   qms:
     base_url: {qms.url}/api/v1
     profile: qms_rest
@@ -380,7 +384,8 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
         assert trail[-1] == ("usage_decision", decided), trail
         assert [action for action, _ in trail].count("usage_decision") == 1, trail
     decisions = get_json(f"{erp.url}/_sim/sap/usage-decisions")
-    assert sorted((d["Batch"], d["InspLotUsageDecisionCode"]) for d in decisions) == [
+    assert sorted((d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"])
+                  for d in decisions) == [
         ("LOT-A", "R"), ("LOT-B", "A")]
     stats = erp.stats()
     assert stats["sap_duplicate_texts"] == 0

@@ -177,11 +177,17 @@ def _time(event: Mapping[str, Any]) -> datetime:
 
 
 def _quantity(value: str) -> str:
-    """Edm.Decimal(13, 3) as SAP takes it: a string, at most 3 decimals."""
+    """Edm.Decimal(13, 3) as SAP takes it: a string, at most 10 digits before the point and 3
+    after (trailing zeros beyond the third place are dropped, never digits)."""
     number = Decimal(value)
-    if number.as_tuple().exponent < -3:  # type: ignore[operator]
-        raise UnmappedUnit(f"quantity {value} has more than 3 decimals; SAP keeps 3")
-    return format(number, "f")
+    trimmed = number.quantize(Decimal("0.001")) if number == number.quantize(
+        Decimal("0.001")) else number
+    digits = trimmed.as_tuple()
+    places = -int(digits.exponent) if isinstance(digits.exponent, int) else 0
+    if places > 3 or len(digits.digits) - places > 10:
+        raise UnmappedUnit(f"quantity {value} does not fit SAP's quantity fields (at most 10 "
+                           "digits before the point and 3 after)")
+    return format(trimmed.normalize() if places else trimmed, "f")
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +330,7 @@ def field_problems(event_type: str, data: Mapping[str, Any], sap: SapConfig) -> 
         if isinstance(quantity, Mapping) and isinstance(quantity.get("uom"), str):
             try:
                 unit_fields(quantity["uom"], sap, iso_field, internal_field)
+                _quantity(str(quantity.get("value")))
             except UnmappedUnit as exc:
                 problems.append(str(exc))
     if event_type == "lot.disposition" and data.get("disposition") in ("release", "reject") and (
@@ -358,18 +365,22 @@ class SapS4HanaProfile(Profile):
         if problems:
             return Result(Outcome.REJECTED, None, "; ".join(problems))
         retry = delivery.attempts > 0
-        match event["type"]:
-            case "production.confirmation":
-                return await self._create(confirmation_request(event, self.sap),
-                                          confirmation_lookup(event) if retry else None)
-            case "material.consumed":
-                return await self._create(consumption_request(event, self.sap),
-                                          consumption_lookup(event) if retry else None)
-            case "lot.disposition":
-                return await self._decide(data, retry)
-            case other:
-                return Result(Outcome.REJECTED, None,
-                              f"the sap_s4hana profile cannot map {other} events")
+        try:
+            match event["type"]:
+                case "production.confirmation":
+                    request = confirmation_request(event, self.sap)
+                    lookup = confirmation_lookup(event) if retry else None
+                case "material.consumed":
+                    request = consumption_request(event, self.sap)
+                    lookup = consumption_lookup(event) if retry else None
+                case "lot.disposition":
+                    return await self._decide(data, retry)
+                case other:
+                    return Result(Outcome.REJECTED, None,
+                                  f"the sap_s4hana profile cannot map {other} events")
+        except (UnmappedUnit, KeyError, ValueError) as exc:  # data SAP cannot be given
+            return Result(Outcome.REJECTED, None, f"cannot map this event for SAP: {exc!r}")
+        return await self._create(request, lookup)
 
     async def _create(self, request: SapRequest, lookup: SapRequest | None) -> Result:
         if lookup is not None:
