@@ -127,6 +127,7 @@ from simulators.http_common import (
     add_listen_arguments,
     bearer_token,
     control_routes,
+    idempotency_key,
     injected_status,
     oauth_error,
     read_json,
@@ -1762,7 +1763,10 @@ class ErpSimulator:
         return receipts
 
     async def post_event(self, request: Request) -> Response:
-        key = request.headers.get("idempotency-key", "").strip()
+        try:
+            key = idempotency_key(request)
+        except ValueError as exc:
+            return _error(400, str(exc))
         if not key:
             return _error(400, "Idempotency-Key header is required")
         media_type = _media_type(request)
