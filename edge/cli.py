@@ -117,7 +117,7 @@ def _check(path: Path) -> int:
         count = len(exc.problems)
         print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return 1
-    for warning in exposed_secrets(path, config):
+    for warning in [*config.notices, *exposed_secrets(path, config)]:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"{path}: OK (site {config.site}: {_plural(len(config.drivers), 'driver')}, "
           f"{_plural(len(config.machines), 'machine')}, "
@@ -189,6 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     for warning in exposed_secrets(args.config, config):
         log.warning("Secrets exposed: %s", warning)
+    for notice in config.notices:
+        log.warning("Config read with a change: %s", notice)
     return run_until_signalled(_serve(config, args.config))
 
 

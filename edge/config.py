@@ -26,6 +26,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -35,7 +36,7 @@ from pydantic import (
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
-from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS
+from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS, REC21_PACKAGE_CODES
 from edge.timing import Duration
 
 Loc = tuple[str | int, ...]
@@ -459,6 +460,14 @@ class PlantConfig(Strict):
     def database_path(self) -> Path:
         return self.data_dir / "outbox.db"
 
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notices(self) -> list[str]:
+        """What was read differently from how it is written (`file:line: field: why`): shown
+        as warnings by `check` and logged at start; the file still works."""
+        return list(self._notices)
+
     def destinations_for(self, event_type: str) -> list[str]:
         return self.routes.get(event_type, [])
 
@@ -775,6 +784,47 @@ def _sap_problems(config: PlantConfig) -> Iterator[_Problem]:
                                    f"selected_set SAP posts for {disposition}")
 
 
+def _rec20_units(data: Any) -> Iterator[tuple[Loc, str]]:
+    """Replace, in place, the Rec 21 package codes an earlier release took as units (BX, CT,
+    PF...) by their Rec 20 codes (XBX, XCT, XPX...), saying where."""
+    def replaced(code: object, loc: Loc) -> Iterator[tuple[Loc, str]]:
+        if isinstance(code, str) and code in REC21_PACKAGE_CODES:
+            yield loc, (f"{code!r} is a UN/ECE Rec 21 package code, not a Rec 20 unit; read as "
+                        f"{REC21_PACKAGE_CODES[code]!r}: write that")
+
+    if not isinstance(data, dict):
+        return
+    codes = data.get("uom_codes")
+    if isinstance(codes, list):
+        for i, code in enumerate(codes):
+            for found in replaced(code, ("uom_codes", i)):
+                codes[i] = REC21_PACKAGE_CODES[code]
+                yield found
+    machines = data.get("machines")
+    for i, machine in enumerate(machines if isinstance(machines, list) else []):
+        if not isinstance(machine, dict):
+            continue
+        confirm = machine.get("confirm")
+        if isinstance(confirm, dict):
+            for found in replaced(confirm.get("uom"), ("machines", i, "confirm", "uom")):
+                confirm["uom"] = REC21_PACKAGE_CODES[confirm["uom"]]
+                yield found
+        limits = machine.get("limits")
+        for j, limit in enumerate(limits if isinstance(limits, list) else []):
+            if isinstance(limit, dict):
+                for found in replaced(limit.get("uom"), ("machines", i, "limits", j, "uom")):
+                    limit["uom"] = REC21_PACKAGE_CODES[limit["uom"]]
+                    yield found
+    destinations = data.get("destinations")
+    for name, destination in (destinations.items() if isinstance(destinations, dict) else []):
+        units = destination.get("sap", {}).get("units") if isinstance(destination, dict) and (
+            isinstance(destination.get("sap"), dict)) else None
+        if isinstance(units, dict):
+            for code in [code for code in units if code in REC21_PACKAGE_CODES]:
+                yield from replaced(code, ("destinations", name, "sap", "units", code))
+                units[REC21_PACKAGE_CODES[code]] = units.pop(code)
+
+
 def parse_config(
     text: str, filename: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> PlantConfig:
@@ -795,6 +845,7 @@ def parse_config(
         raise ConfigError([f"{filename}:1: (file): not valid YAML: anchors nested too deep "
                            "(a recursive alias?)"]) from None
     problems = list(document.problems)
+    notices = list(_rec20_units(document.data))
     config: PlantConfig | None = None
     if not isinstance(document.data, dict):
         problems.append(_Problem((), "the file must be a mapping of settings (site: ..., ...)"))
@@ -820,6 +871,8 @@ def parse_config(
         )
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
     assert config is not None
+    config._notices = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
+                       for loc, message in notices]
     return config
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "BUILTIN_UOM_CODES",
     "EVENT_ID_NAMESPACE",
     "EVENT_MODELS",
+    "REC21_PACKAGE_CODES",
     "SEQUENCE_DIGITS",
     "UOM_CODES_CONTEXT_KEY",
     "CloudEvent",
@@ -197,15 +198,16 @@ BUILTIN_UOM_CODES: Final[frozenset[str]] = frozenset(
         "SET",  # set
         "PR",  # pair
         "DZN",  # dozen
-        "BX",  # box
-        "CT",  # carton
-        "CS",  # case
-        "PK",  # pack
-        "BG",  # bag
-        "BO",  # bottle
-        "DR",  # drum
-        "PF",  # pallet (lift)
-        "RO",  # roll
+        # packages: Rec 20 carries Rec 21's package codes with an X in front
+        "XBX",  # box
+        "XCT",  # carton
+        "XCS",  # case
+        "XPK",  # package
+        "XBG",  # bag
+        "XBO",  # bottle
+        "XDR",  # drum
+        "XPX",  # pallet
+        "XRO",  # roll
         # mass
         "KGM",  # kilogram
         "GRM",  # gram
@@ -260,6 +262,14 @@ BUILTIN_UOM_CODES: Final[frozenset[str]] = frozenset(
 )
 """UN/ECE Recommendation 20 common codes accepted without configuration."""
 
+REC21_PACKAGE_CODES: Final[Mapping[str, str]] = MappingProxyType({
+    "BX": "XBX", "CT": "XCT", "CS": "XCS", "PK": "XPK", "BG": "XBG", "BO": "XBO",
+    "DR": "XDR", "PF": "XPX", "RO": "XRO",
+})
+"""Rec 21 package codes an earlier release took as units, and their Rec 20 codes. They are no
+units of Rec 20: events never carry them; an old config is read with them replaced (and says
+so), an MES message that sends one is refused with the Rec 20 code to use."""
+
 _UOM_SHAPE = re.compile(r"[A-Z0-9]{2,3}")
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _MAX_INTEGER_DIGITS: Final = 28
@@ -284,6 +294,11 @@ def _check_uom(code: str, info: ValidationInfo) -> str:
     normalised = code.strip().upper()
     if not _UOM_SHAPE.fullmatch(normalised):
         raise ValueError(f"{code!r} is not a UN/ECE Rec 20 code (2 or 3 letters or digits)")
+    if normalised in REC21_PACKAGE_CODES and normalised not in _extra_uom_codes(info):
+        raise ValueError(
+            f"{normalised!r} is a UN/ECE Rec 21 package code, not a Rec 20 unit: send "
+            f"{REC21_PACKAGE_CODES[normalised]!r}"
+        )
     if normalised not in BUILTIN_UOM_CODES and normalised not in _extra_uom_codes(info):
         raise ValueError(
             f"unit {normalised!r} is not a known UN/ECE Rec 20 code; add it to the plant's "

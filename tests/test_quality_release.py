@@ -398,6 +398,11 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
     # The gateway: nothing dead-lettered anywhere, genealogy complete, the secret never logged.
     metrics = httpx.get(f"{api}/metrics", timeout=10).text
     assert _metric(metrics, "plantsync_outbox_dead_letters_total") == 0
+    # Renamed (a ratio says so); the old name is kept, the same value, for one release.
+    assert _metric(metrics, "plantsync_genealogy_completeness_ratio") == 1.0
+    assert _metric(metrics, "plantsync_genealogy_completeness") == 1.0
+    assert "plantsync_unassigned_production_total{" in metrics
+    assert "plantsync_unassigned_units_total{" in metrics
     status = get_json(f"{api}/status")
     assert status["quality"]["decisions"] == 2 and status["quality"]["reachable"] is True
     assert {order: figure["completeness"] for order, figure in status["genealogy"].items()} == {
