@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Final, Literal, Self
+from typing import Annotated, Any, ClassVar, Final, Literal, Self, get_args
 
 from pydantic import (
     AfterValidator,
@@ -41,6 +41,7 @@ from pydantic import (
 
 __all__ = [
     "BUILTIN_UOM_CODES",
+    "CLOUDEVENT_TYPE_PREFIX",
     "EVENT_ID_NAMESPACE",
     "EVENT_MODELS",
     "REC21_PACKAGE_CODES",
@@ -68,7 +69,9 @@ __all__ = [
     "UomCode",
     "UtcDateTime",
     "build_event",
+    "cloudevent_type",
     "event_id",
+    "event_type_of",
     "format_sequence",
     "json_schemas",
     "priority_of",
@@ -858,6 +861,39 @@ EVENT_MODELS: Final[Mapping[str, type[EventData]]] = MappingProxyType(
 # The envelope
 # --------------------------------------------------------------------------------------------
 
+CLOUDEVENT_TYPE_PREFIX: Final = "com.plantsync.edge."
+"""The reverse-DNS prefix of every CloudEvents `type` the gateway emits (CloudEvents 1.0: a
+type SHOULD be prefixed with a reverse-DNS name of the organisation that defines it)."""
+
+_CLOUDEVENT_TYPE = re.compile(rf"^{re.escape(CLOUDEVENT_TYPE_PREFIX)}(.+)\.v(\d+)$")
+
+
+def cloudevent_type(event_type: str) -> str:
+    """The CloudEvents `type` on the wire of an event type as the code and the config name it
+    (`production.confirmation` -> `com.plantsync.edge.production.confirmation.v1`). This and
+    `event_type_of` are the one place where the two spellings meet."""
+    model = EVENT_MODELS.get(event_type)
+    if model is None:
+        raise ValueError(f"unknown event type {event_type!r}")
+    return f"{CLOUDEVENT_TYPE_PREFIX}{event_type}.v{model.VERSION}"
+
+
+def event_type_of(value: object) -> object:
+    """The short event type (the config's and the code's name) of a CloudEvents `type`: the
+    current prefixed and versioned one, or the bare name earlier releases sent (still read).
+    Anything else is returned as it is, for the caller's validation to refuse."""
+    if not isinstance(value, str):
+        return value
+    match = _CLOUDEVENT_TYPE.match(value)
+    if match is None:
+        return value
+    name, version = match.groups()
+    model = EVENT_MODELS.get(name)
+    if model is None or int(version) != model.VERSION:
+        return value  # an unknown type or a version this release cannot read
+    return name
+
+
 
 def _canonical_json(value: Any, path: str = "data") -> Any:
     """Return `value` as plain JSON data with object keys sorted, or raise ValueError."""
@@ -897,7 +933,19 @@ class CloudEvent(BaseModel):
         description="URI-reference of the producer.",
         examples=["urn:plantsync:1010:press-01"],
     )
-    type: EventType = Field(description="Event type; selects the data model.")
+    type: Annotated[
+        EventType,
+        BeforeValidator(event_type_of),
+        PlainSerializer(cloudevent_type, return_type=str, when_used="json"),
+        WithJsonSchema({
+            "type": "string",
+            "enum": sorted(cloudevent_type(name) for name in get_args(EventType)),
+            "description": "Event type: a reverse-DNS prefix, the type and its version "
+            f"({CLOUDEVENT_TYPE_PREFIX}<type>.v<version>); selects the data model.",
+        }),
+    ] = Field(description="Event type; selects the data model. In Python it is the short name "
+              "(production.confirmation); in JSON it is the CloudEvents type "
+              "(com.plantsync.edge.production.confirmation.v1).")
     time: UtcDateTime = Field(description="When it happened (the data's occurred_at), UTC.")
     subject: str | None = Field(
         default=None,

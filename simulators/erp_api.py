@@ -54,7 +54,8 @@ with ``client_id``/``client_secret``, or HTTP Basic) answers ``{"access_token",
 (401 with ``WWW-Authenticate: Bearer ...`` otherwise); without, nothing is checked.
 The token endpoint itself is never faulted (no latency, outage or scripted status).
 
-For tests (never behind a token or a fault): ``GET /events`` (``?type=``), ``GET /stats``
+For tests (never behind a token or a fault): ``GET /events`` (``?type=``; each row's ``type``
+is the short name, ``lot.produced`` for ``com.plantsync.edge.lot.produced.v1``), ``GET /stats``
 (canonical received/unique/duplicates, fault and auth counters, SAP confirmations,
 ``sap_duplicate_texts``, usage decisions, ``issues_from_unreleased_batches``),
 ``GET /healthz``, ``GET /_sim/batches`` (``?material=``), ``GET /_sim/batches/{batch}``
@@ -173,6 +174,17 @@ CANONICAL_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 FILTER_TERM = re.compile(r"\s*([A-Za-z_]\w*)\s+eq\s+'((?:[^']|'')*)'\s*")
 FILTER_AND = re.compile(r"and\s+")
 CONFIRMATION_KEY = re.compile(r"^ConfirmationGroup='(\d+)',ConfirmationCount='(\d+)'$")
+
+
+GATEWAY_TYPE = re.compile(r"^com\.plantsync\.edge\.(.+)\.v\d+$")
+
+
+def short_type(cloudevent_type: str) -> str:
+    """A PlantSync CloudEvents type without its reverse-DNS prefix and version
+    (`com.plantsync.edge.lot.produced.v1` -> `lot.produced`); older gateways sent the short
+    name itself, and other types are kept as they are."""
+    match = GATEWAY_TYPE.match(cloudevent_type)
+    return match.group(1) if match else cloudevent_type
 
 
 class InvalidEvent(ValueError):
@@ -633,8 +645,9 @@ def _apply_canonical(inventory: Inventory, event: JsonObject, reference: str, at
     material = data.get("material")
     if not isinstance(lot, str) or not lot:
         return
-    change = Change("canonical", event["type"], reference, event["id"], at)
-    if event["type"] == "lot.produced":
+    event_type = short_type(event["type"])
+    change = Change("canonical", event_type, reference, event["id"], at)
+    if event_type == "lot.produced":
         quantity = data.get("quantity")
         if not isinstance(material, str) or not material or not isinstance(quantity, dict):
             return
@@ -650,7 +663,7 @@ def _apply_canonical(inventory: Inventory, event: JsonObject, reference: str, at
             plant=None,
             unit=uom if isinstance(uom, str) else None,
         )
-    elif event["type"] == "lot.disposition":
+    elif event_type == "lot.disposition":
         disposition = str(data.get("disposition"))
         target = DISPOSITION_STOCK.get(disposition)
         if target is None:
@@ -706,7 +719,7 @@ class EventStore(SqliteStore):
                         reference,
                         delivery.key,
                         event["id"],
-                        event["type"],
+                        short_type(event["type"]),
                         event.get("subject"),
                         event.get("partitionkey"),
                         json.dumps(event, ensure_ascii=False),
@@ -1959,7 +1972,8 @@ class ErpSimulator:
     # -- for tests -------------------------------------------------------------------------------
 
     async def list_events(self, request: Request) -> Response:
-        return JSONResponse(self.store.list_events(request.query_params.get("type")))
+        wanted = request.query_params.get("type")
+        return JSONResponse(self.store.list_events(None if wanted is None else short_type(wanted)))
 
     async def stats(self, request: Request) -> Response:
         unique, duplicates = self.store.counts()

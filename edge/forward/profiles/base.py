@@ -15,6 +15,7 @@ from buffer.outbox import Delivery
 from edge.config import DestinationConfig
 from edge.forward.outcome import Result
 from edge.forward.session import Session
+from edge.model import event_type_of
 
 
 class Profile(ABC):
@@ -47,5 +48,7 @@ def batch_idempotency_key(event_ids: Sequence[str]) -> str:
 
 
 def event_of(delivery: Delivery) -> dict[str, Any]:
+    """The delivery's CloudEvent as JSON data, its `type` in the short name profiles match on."""
     event: dict[str, Any] = json.loads(delivery.payload)
+    event["type"] = event_type_of(event.get("type"))
     return event
