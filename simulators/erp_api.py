@@ -1764,7 +1764,8 @@ class ErpSimulator:
     def _log(self, delivery: Delivery, receipt: Receipt) -> None:
         event = delivery.event
         line = (
-            f"ERP received {event['type']} subject={event.get('subject')} id={event['id']}"
+            f"ERP received {short_type(event['type'])} subject={event.get('subject')}"
+            f" id={event['id']}"
             f" -> {receipt.reference}"
         )
         self._say(line + (" (duplicate)" if receipt.duplicate else ""))

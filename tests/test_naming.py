@@ -44,7 +44,7 @@ def test_events_with_the_old_short_type_are_still_read() -> None:
 
 
 def test_rec21_package_codes_are_refused_in_events_with_the_rec20_code_to_use() -> None:
-    with pytest.raises(ValidationError, match="Rec 21 package code.*'XBX'"):
+    with pytest.raises(ValidationError, match=r"Rec 21 package code.*'XBX'"):
         Quantity.of(3, "BX")
     assert Quantity.of(3, "XBX").uom == "XBX"
     assert Quantity.of(3, "xpx").uom == "XPX"  # pallet
