@@ -333,3 +333,20 @@ def test_the_old_usage_decision_shape_is_what_sap_refuses() -> None:
            "InspLotUsageDecisionCode": "A", "ChangedByText": "evt"}
     problems = entity_problems(sap.INSPECTION_SERVICE, "A_InspLotUsageDecision", old)
     assert len(problems) == 5, problems
+
+
+def test_duplicate_lookups_are_spelled_as_sap_reads_them() -> None:
+    """By hand: the filter of the lookup before a retry, OData literals quoted (a quote
+    doubled) and every space %20 (SAP's gateway does not read + as a space)."""
+    event = {"id": "6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11", "time": "2026-03-01T10:00:00Z",
+             "data": {"site": "1010", "order_id": "O'1 2", "material": "FG 1",
+                      "lot_id": "L-1"}}
+    assert sap.confirmation_lookup(event).target == (
+        "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV/ProdnOrdConf2?$filter=OrderID%20eq"
+        "%20'O''1%202'%20and%20ConfirmationText%20eq%20'6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11'"
+        "&$format=json")
+    assert sap.inspection_lot_lookup(event["data"]).target == (
+        "/sap/opu/odata/sap/API_INSPECTIONLOT_SRV/A_InspectionLot?$filter=Material%20eq%20"
+        "'FG%201'%20and%20Batch%20eq%20'L-1'%20and%20Plant%20eq%20'1010'%20and%20"
+        "InspectionLotOrigin%20eq%20'04'%20and%20ManufacturingOrder%20eq%20'O''1%202'"
+        "&$format=json")
