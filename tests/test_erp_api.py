@@ -582,7 +582,8 @@ def test_invalid_confirmations_answer_an_odata_error(erp: RunningSimulator) -> N
         ({k: v for k, v in good.items() if k != "OrderID"}, "OrderID"),
         ({**good, "OrderOperation": ""}, "OrderOperation"),
         ({**good, "ConfirmationUnit": "C62"}, "C62"),
-        ({**good, "ConfirmationUnitISOCode": "H87"}, "H87"),
+        ({**{k: v for k, v in good.items() if k != "ConfirmationUnit"},
+          "ConfirmationUnitISOCode": "H87"}, "ISO code H87"),
         ({**good, "ConfirmationUnitISOCode": "KGM"}, "different units"),
         ({**good, "PostingDate": "2026-03-01"}, "PostingDate"),
         ({**good, "OrderID": "1" * 13}, "MaxLength 12"),
@@ -653,7 +654,9 @@ def test_same_confirmation_text_twice_makes_two_and_filter_finds_them(
     assert lookup(erp, "ConfirmationText eq 'evt-1' and OrderID eq '1000124'").json() == {
         "d": {"results": []}
     }
-    for bad in ("ConfirmationText = 'evt-1'", "substringof('evt', ConfirmationText)", "Foo eq 'x'"):
+    for bad in ("ConfirmationText = 'evt-1'", "substringof('evt', ConfirmationText)",
+                "Foo eq 'x'", f"ConfirmationText eq '{'x' * 41}'",
+                "ConfirmationYieldQuantity eq '1'"):
         assert lookup(erp, bad).status_code == 400, bad
 
     stats = erp.client.get("/stats").json()
