@@ -168,8 +168,6 @@ USABILITY_CODES = {
     "3": "blocked",
 }
 DISPOSITION_STOCK = {"release": "unrestricted", "reject": "blocked", "hold": "blocked"}
-SAP_DECIMAL = re.compile(r"^\d{1,10}(\.\d{1,3})?$")
-"""Edm.Decimal with precision 13 and scale 3, as SAP quantity fields are, written as a string."""
 CANONICAL_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 FILTER_TERM = re.compile(r"\s*([A-Za-z_]\w*)\s+eq\s+'((?:[^']|'')*)'\s*")
 FILTER_AND = re.compile(r"and\s+")
@@ -957,22 +955,12 @@ class EventStore(SqliteStore):
     ) -> list[JsonObject]:
         """Stored confirmations in creation order, narrowed by the indexed columns given."""
         group, count = key if key is not None else (None, None)
-        where, parameters = _where(confirmation_text=text, order_id=order_id,
-                                   confirmation_group=group, confirmation_count=count)
-        with self._transaction() as db:
-            rows = db.execute(
-                f"SELECT entity_json FROM sap_confirmations{where} ORDER BY seq", parameters
-            ).fetchall()
-        return [json.loads(entity_json) for (entity_json,) in rows]
+        return self._entities("sap_confirmations", "seq", confirmation_text=text,
+                              order_id=order_id, confirmation_group=group,
+                              confirmation_count=count)
 
     def inspection_lots(self, lot: str | None = None) -> list[JsonObject]:
-        where, parameters = _where(inspection_lot=lot)
-        with self._transaction() as db:
-            rows = db.execute(
-                f"SELECT entity_json FROM sap_inspection_lots{where} ORDER BY inspection_lot",
-                parameters,
-            ).fetchall()
-        return [json.loads(entity_json) for (entity_json,) in rows]
+        return self._entities("sap_inspection_lots", "inspection_lot", inspection_lot=lot)
 
     def create_usage_decision(
         self, fields: JsonObject, user: str, stock_target: str
@@ -1034,12 +1022,17 @@ class EventStore(SqliteStore):
             )
         return entity
 
-    def usage_decisions(self) -> list[JsonObject]:
+    def _entities(self, table: str, order: str, **columns: str | None) -> list[JsonObject]:
+        """The stored OData entities of one of our tables, narrowed by the columns given."""
+        where, parameters = _where(**columns)
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT entity_json FROM sap_lot_usage_decisions ORDER BY seq"
+                f"SELECT entity_json FROM {table}{where} ORDER BY {order}", parameters
             ).fetchall()
         return [json.loads(entity_json) for (entity_json,) in rows]
+
+    def usage_decisions(self) -> list[JsonObject]:
+        return self._entities("sap_lot_usage_decisions", "seq")
 
     def create_material_document(self, fields: JsonObject, user: str) -> JsonObject:
         """Post a goods issue (GoodsMovementCode 03) and return the stored header."""
@@ -1089,11 +1082,7 @@ class EventStore(SqliteStore):
         return header
 
     def material_documents(self) -> list[JsonObject]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT entity_json FROM sap_material_documents ORDER BY seq"
-            ).fetchall()
-        return [json.loads(entity_json) for (entity_json,) in rows]
+        return self._entities("sap_material_documents", "seq")
 
     def batches(self, *, material: str | None = None, batch: str | None = None) -> list[JsonObject]:
         """Batches with status, stock per type and history, by material then batch."""
@@ -2093,21 +2082,20 @@ def create_app(
             yield
 
     guard = simulator.guard
+
+    def odata(path: str, handler: Endpoint, method: str = "GET") -> Route:
+        """A SAP OData route: every POST is a delivery (CSRF, delivery faults)."""
+        return Route(path, guard(handler, odata=True, delivery=method == "POST"),
+                     methods=[method])
+
+    def service(root: str, *entity_sets: str) -> list[Route]:
+        """A service document, with and without its trailing slash (the CSRF fetch)."""
+        document = simulator.service_document(*entity_sets)
+        return [odata(root, document), odata(f"{root}/", document)]
+
     confirmations = f"{CONFIRMATION_SERVICE}/{CONFIRMATION_SET}"
     decisions = f"{INSPECTION_SERVICE}/{USAGE_DECISION_SET}"
-    confirmation_document = guard(
-        simulator.service_document(CONFIRMATION_SET, "ProdnOrdConfMatlDocItm"),
-        odata=True,
-        delivery=False,
-    )
-    inspection_document = guard(
-        simulator.service_document(INSPECTION_LOT_SET, USAGE_DECISION_SET), odata=True,
-        delivery=False,
-    )
-    material_document_document = guard(
-        simulator.service_document(MATERIAL_DOCUMENT_SET, MATERIAL_DOCUMENT_ITEM_SET),
-        odata=True, delivery=False,
-    )
+    documents = f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_SET}"
     routes = [
         Route(
             "/api/events",
@@ -2120,52 +2108,18 @@ def create_app(
             methods=["POST"],
         ),
         Route("/oauth/token", simulator.issue_token, methods=["POST"]),
-        Route(CONFIRMATION_SERVICE, confirmation_document, methods=["GET"]),
-        Route(f"{CONFIRMATION_SERVICE}/", confirmation_document, methods=["GET"]),
-        Route(
-            confirmations,
-            guard(simulator.list_confirmations, odata=True, delivery=False),
-            methods=["GET"],
-        ),
-        Route(
-            confirmations,
-            guard(simulator.create_confirmation, odata=True, delivery=True),
-            methods=["POST"],
-        ),
-        Route(
-            confirmations + "({key})",
-            guard(simulator.get_confirmation, odata=True, delivery=False),
-            methods=["GET"],
-        ),
-        Route(INSPECTION_SERVICE, inspection_document, methods=["GET"]),
-        Route(f"{INSPECTION_SERVICE}/", inspection_document, methods=["GET"]),
-        Route(
-            decisions,
-            guard(simulator.list_usage_decisions, odata=True, delivery=False),
-            methods=["GET"],
-        ),
-        Route(
-            decisions,
-            guard(simulator.create_usage_decision, odata=True, delivery=True),
-            methods=["POST"],
-        ),
-        Route(
-            f"{INSPECTION_SERVICE}/{INSPECTION_LOT_SET}",
-            guard(simulator.list_inspection_lots, odata=True, delivery=False),
-            methods=["GET"],
-        ),
-        Route(MATERIAL_DOCUMENT_SERVICE, material_document_document, methods=["GET"]),
-        Route(f"{MATERIAL_DOCUMENT_SERVICE}/", material_document_document, methods=["GET"]),
-        Route(
-            f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_SET}",
-            guard(simulator.create_material_document, odata=True, delivery=True),
-            methods=["POST"],
-        ),
-        Route(
-            f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
-            guard(simulator.list_material_document_items, odata=True, delivery=False),
-            methods=["GET"],
-        ),
+        *service(CONFIRMATION_SERVICE, CONFIRMATION_SET, "ProdnOrdConfMatlDocItm"),
+        odata(confirmations, simulator.list_confirmations),
+        odata(confirmations, simulator.create_confirmation, "POST"),
+        odata(confirmations + "({key})", simulator.get_confirmation),
+        *service(INSPECTION_SERVICE, INSPECTION_LOT_SET, USAGE_DECISION_SET),
+        odata(decisions, simulator.list_usage_decisions),
+        odata(decisions, simulator.create_usage_decision, "POST"),
+        odata(f"{INSPECTION_SERVICE}/{INSPECTION_LOT_SET}", simulator.list_inspection_lots),
+        *service(MATERIAL_DOCUMENT_SERVICE, MATERIAL_DOCUMENT_SET, MATERIAL_DOCUMENT_ITEM_SET),
+        odata(documents, simulator.create_material_document, "POST"),
+        odata(f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
+              simulator.list_material_document_items),
         Route("/events", simulator.list_events, methods=["GET"]),
         Route("/_sim/sap/inspection-lots", simulator.sap_inspection_lots, methods=["GET"]),
         Route("/_sim/sap/material-documents", simulator.sap_material_documents,

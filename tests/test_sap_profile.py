@@ -5,6 +5,7 @@ says, by the pipeline (input dead letters) for what the MES says."""
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,13 @@ def disposition(n: int, verdict: str, lot: str = "L-1") -> OutboxEvent:
         occurred_at="2026-03-02T09:00:00Z"), n)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    opened = await Outbox.open(tmp_path / "outbox.db")
+    yield opened
+    await opened.close()
+
+
 def sim(url: str, what: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = httpx.get(f"{url}/_sim/sap/{what}", timeout=10).json()
     return found
@@ -71,9 +79,8 @@ def sim(url: str, what: str) -> list[dict[str, Any]]:
 
 @pytest.mark.integration
 async def test_goods_receipt_consumption_and_usage_decisions_reach_sap(
-        peers: list[Peer], tmp_path: Path) -> None:
+        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
     erp = start_erp(peers, tmp_path)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
     await outbox.commit([produced(1, "L-1"), produced(2, "L-2"), consumed(3),
                          disposition(4, "release", "L-1"), disposition(5, "reject", "L-2"),
                          disposition(6, "hold", "L-1")])
@@ -101,17 +108,15 @@ async def test_goods_receipt_consumption_and_usage_decisions_reach_sap(
     journal = {row["event_id"]: row for row in await outbox.journal()}
     hold = journal[disposition(6, "hold", "L-1").id]
     assert "no usage decision" in hold["reference"]
-    await outbox.close()
 
 
 @pytest.mark.integration
 async def test_retries_ask_sap_first_for_every_kind_of_request(
-        peers: list[Peer], tmp_path: Path) -> None:
+        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
     """Each first POST is processed and its answer lost (the ambiguous failure): the retry
     finds it (confirmation by OrderID and ConfirmationText, goods issue by its item text, the
     usage decision by its inspection lot) and posts nothing twice."""
     erp = start_erp(peers, tmp_path)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
     for batch in ([produced(1)], [consumed(2)], [disposition(3, "release")]):
         await outbox.commit(batch)
         erp.set_faults(drop_response=1)
@@ -122,15 +127,13 @@ async def test_retries_ask_sap_first_for_every_kind_of_request(
     journal = await outbox.journal()
     assert sum("found by lookup" in (row["reference"] or "") for row in journal) == 3
     assert await outbox.dead_letters() == []
-    await outbox.close()
 
 
 @pytest.mark.integration
 async def test_a_disposition_before_its_goods_receipt_waits_for_the_inspection_lot(
-        peers: list[Peer], tmp_path: Path) -> None:
+        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
     """Not a failure of SAP: the circuit stays closed while the disposition waits."""
     erp = start_erp(peers, tmp_path)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
     await outbox.commit([disposition(1, "release", "L-9")])  # no goods receipt of L-9 yet
     forwarders: list[Any] = []
     await deliver(outbox, {"base_url": erp.url, **SAP}, until=1.0, forwarder_out=forwarders)
@@ -144,14 +147,12 @@ async def test_a_disposition_before_its_goods_receipt_waits_for_the_inspection_l
                                      ("erp",))])
     await deliver(outbox, {"base_url": erp.url, **SAP})
     assert [d["_lot"]["Batch"] for d in sim(erp.url, "usage-decisions")] == ["L-9"]
-    await outbox.close()
 
 
 @pytest.mark.integration
 async def test_sap_refusals_become_dead_letters_with_sap_s_reason(
-        peers: list[Peer], tmp_path: Path) -> None:
+        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
     erp = start_erp(peers, tmp_path)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
     # Percent has an ISO code in Rec 20 but none in this SAP's unit table.
     await outbox.commit([produced(1, uom="P1"), consumed(2, uom="HLT")])
     await deliver(outbox, {"base_url": erp.url, **SAP})
@@ -161,7 +162,6 @@ async def test_sap_refusals_become_dead_letters_with_sap_s_reason(
     # A material document has only EntryUnit: with no internal unit known, nothing is sent.
     assert "sap.units.HLT.internal" in dead[consumed(2, uom="HLT").id]["last_error"]
     assert erp.stats()["sap_material_documents"] == 0
-    await outbox.close()
 
 
 CHECKED = """
@@ -238,8 +238,7 @@ def mes(kind: str, message_id: str, **fields: Any) -> MesMessage:
                       1_800_000_000.0)
 
 
-async def test_mes_input_sap_would_refuse_becomes_an_input_dead_letter(tmp_path: Path) -> None:
-    outbox = await Outbox.open(tmp_path / "outbox.db")
+async def test_mes_input_sap_would_refuse_becomes_an_input_dead_letter(outbox: Outbox) -> None:
     pipeline = Pipeline(parse_config(PIPELINE, "p", {}), outbox, {})
     quantity = {"value": Decimal("2"), "uom": "KGM"}
     await pipeline.on_readings([
@@ -266,4 +265,3 @@ async def test_mes_input_sap_would_refuse_becomes_an_input_dead_letter(tmp_path:
     (sent,) = await outbox.lease("erp", 10)  # only the good consumption is owed to ERP
     assert json.loads(sent.payload)["data"]["storage_location"] == "0001"
     assert pipeline.rules[0].order_id == "1000124"  # the refused binding never took effect
-    await outbox.close()
