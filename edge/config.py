@@ -422,6 +422,9 @@ class ValidationConfig(Strict):
 
 
 class PlantConfig(Strict):
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    """What `parse_config` found doubtful but valid, as `file:line: field: message` lines."""
+
     site: str = Field(description="Plant code, as ERP knows it.", pattern=r"^[A-Za-z0-9]{1,10}$")
     data_dir: Path = Field(
         Path("/var/lib/plantsync"), description="Where the outbox database lives."
@@ -459,14 +462,6 @@ class PlantConfig(Strict):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "outbox.db"
-
-    _notices: list[str] = PrivateAttr(default_factory=list)
-
-    @property
-    def notices(self) -> list[str]:
-        """What was read differently from how it is written (`file:line: field: why`): shown
-        as warnings by `check` and logged at start; the file still works."""
-        return list(self._notices)
 
     def destinations_for(self, event_type: str) -> list[str]:
         return self.routes.get(event_type, [])
@@ -871,9 +866,24 @@ def parse_config(
         )
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
     assert config is not None
-    config._notices = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
-                       for loc, message in notices]
+    config._warnings = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
+                        for loc, message in [*notices, *_doubts(config)]]
     return config
+
+
+def config_warnings(config: PlantConfig) -> list[str]:
+    """Settings that are valid but probably not what was meant, one line each (`check`
+    prints them and `run` logs them): Modbus addresses written Modicon-style (40001), Rec 21
+    package codes read as their Rec 20 codes (BX as XBX)."""
+    return list(config._warnings)
+
+
+def _doubts(config: PlantConfig) -> Iterator[tuple[Loc, str]]:
+    for i, driver in enumerate(config.drivers):
+        address_warnings = getattr(driver, "address_warnings", None)
+        if address_warnings is not None:
+            for loc, message in address_warnings():
+                yield ("drivers", i, *loc), message
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> PlantConfig:

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from edge.cli import main
-from edge.config import parse_config
+from edge.config import config_warnings, parse_config
 from edge.model import CloudEvent, LotDisposition, Quantity, build_event
 
 WIRE = "com.plantsync.edge.lot.disposition.v1"
@@ -66,7 +66,7 @@ def test_an_old_config_with_rec21_codes_is_read_with_a_warning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = parse_config(OLD_CONFIG, "plant.yaml", {})
     assert config.machines[0].confirm.uom == "XBX"
-    assert config.notices == [
+    assert config_warnings(config) == [
         "plant.yaml:8: machines[0].confirm.uom: 'BX' is a UN/ECE Rec 21 package code, not a "
         "Rec 20 unit; read as 'XBX': write that"]
     path = tmp_path / "plant.yaml"
