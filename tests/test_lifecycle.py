@@ -486,7 +486,7 @@ machines:
     signals: {{processed: press-01.good}}
     confirm: {{every_units: {every_units}}}
 destinations:
-  erp: {{base_url: "http://erp", auth: {{type: bearer, token: "{token}"}}}}
+  erp: {{base_url: "https://erp", auth: {{type: bearer, token: "{token}"}}}}
 {destinations}
 routes:
   production.confirmation: [erp]

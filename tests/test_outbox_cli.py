@@ -4,6 +4,7 @@ against the database directly when the daemon is down."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def test_dead_letters_seen_retried_and_journalled(
     refused = httpx.post(f"http://127.0.0.1:{port}/outbox/retry", json={"all_dead": True})
     assert refused.status_code == 401
     erp_sim.set_faults(error_rate=0.0)
-    retried = outbox_cli(config, "retry", "--all-dead")
+    retried = outbox_cli(config, "retry", "--all-dead", "--reason", "ERP fixed the 422")
     assert retried.returncode == 0 and "put back in line" in retried.stdout, retried.stderr
     wait_for(lambda: dead_count() == 0 and len(erp_sim.events()) >= 2, 30, "redelivery")
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -63,4 +64,4 @@ def test_dead_letters_seen_retried_and_journalled(
     assert journal.returncode == 0
     assert "(from the database directly)" in journal.stdout
     assert journal.stdout.count("production.confirmation") == len(erp_sim.events())
-    assert "ref=ERP-" in journal.stdout
+    assert re.search(r"\s201\s+1\s+ERP-\d+$", journal.stdout, re.MULTILINE), journal.stdout

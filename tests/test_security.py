@@ -133,10 +133,10 @@ routes:
     assert f"Secrets exposed: {config} holds secrets" in gateway.output()
 
     # A change over the API needs the token; reads do not.
-    assert httpx.post(f"{base}/outbox/retry", json={"all_dead": True},
+    assert httpx.post(f"{base}/outbox/retry", json={"all_dead": True, "reason": "test"},
                       timeout=5).status_code == 401
-    retried = httpx.post(f"{base}/outbox/retry", json={"all_dead": True}, timeout=5,
-                         headers={"Authorization": f"Bearer {api_token}"})
+    retried = httpx.post(f"{base}/outbox/retry", json={"all_dead": True, "reason": "test"},
+                         timeout=5, headers={"Authorization": f"Bearer {api_token}"})
     assert retried.status_code == 200
 
     shown = {
@@ -160,7 +160,7 @@ routes:
     assert "(from the database directly)" in done.stdout
     shown["plantsync status (daemon down)"] = done.stdout + done.stderr
     shown["log"] = gateway.output()
-    assert "Manual intervention: 0 dead letter(s) put back in line" in shown["log"]
+    assert "Hand action by api token: 0 dead letter(s) put back in line" in shown["log"]
     for name, text in shown.items():
         for value in secrets:
             assert value not in text, f"a secret ({value[:8]}...) appears in {name}"
@@ -241,3 +241,313 @@ def test_log_lines_and_shown_data_are_scrubbed(capsys: pytest.CaptureFixture[str
 def test_the_local_api_listens_on_loopback_by_default() -> None:
     config = parse_config('site: "1010"\n')
     assert config.api.host == "127.0.0.1"
+
+
+# --- issue 11: the local API cannot be abused ----------------------------------------------------
+#
+# Each test below reproduces an attack or a mistake against the real daemon over HTTP on
+# loopback, and fails on the code before the fix (the mutation tried is in the notes).
+
+
+class Recorder:
+    """A real HTTP server on loopback that stands in for the QMS: it records every request
+    (raw path as sent, headers) and answers the disposition feed with nothing."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        recorder = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                recorder.requests.append(("GET", self.path, dict(self.headers)))
+                found = self.path.startswith("/api/v1/dispositions")
+                body = b'{"dispositions": []}' if found else b'{"error": "not found"}'
+                self.send_response(200 if found else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def small_plant(tmp_path: Path, *, api: str, plc: int | None = None, erp: str | None = None,
+                extra: str = "") -> Path:
+    """A config for the real daemon: optionally a Modbus press and an ERP destination."""
+    text = f'site: "1010"\ndata_dir: {tmp_path / "data"}\napi: {api}\nshutdown_timeout: 5s\n'
+    if plc is not None:
+        text += f"""drivers:
+  - name: press-01
+    type: modbus
+    host: 127.0.0.1
+    port: {plc}
+    poll_interval: 100ms
+    tags: [{{name: good, address: 0, type: uint32}}]
+machines:
+  - id: press-01
+    signals: {{processed: press-01.good}}
+    order: {{order_id: "1000123", operation: "0010"}}
+    confirm: {{every_units: 20}}
+"""
+    if erp is not None:
+        text += f"""destinations:
+  erp: {{base_url: {erp}, path: /api/events, retry: {{base: 100ms, cap: 1s}}}}
+routes:
+  production.confirmation: [erp]
+"""
+    config = tmp_path / "plant.yaml"
+    config.write_text(text + extra)
+    return config
+
+
+@pytest.mark.integration
+def test_lot_ids_cannot_steer_the_qms_lookup(
+    peers: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    qms = Recorder()
+    key = secret("qmskey")
+    monkeypatch.setenv("QMS_KEY", key)
+    port = free_port()
+    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}', extra=f"""
+destinations:
+  qms:
+    base_url: {qms.url}/api/v1
+    profile: qms_rest
+    auth: {{type: api_key, header: X-API-Key, key: "${{QMS_KEY}}"}}
+quality: {{qms: qms, poll_interval: 1s, lookup_timeout: 2s}}
+""")
+    try:
+        start_gateway(peers, config, tmp_path)
+        wait_for(lambda: any(p.startswith("/api/v1/dispositions") for _, p, _ in qms.requests),
+                 20, "the gateway to poll the QMS")
+        base = f"http://127.0.0.1:{port}"
+        # The attack of the report: a lot id that climbs out of /lots/ on the QMS host.
+        attack = httpx.get(f"{base}/lots/..%2F..%2F..%2Fadmin%2Fusers%3Fq%3D", timeout=5)
+        assert attack.status_code == 400, attack.text
+        assert "is not a lot number" in attack.json()["error"]
+        nul = httpx.get(f"{base}/lots/a%00b", timeout=5)
+        assert nul.status_code == 400, nul.text
+        too_long = httpx.get(f"{base}/lots/{'L' * 41}", timeout=5)
+        assert too_long.status_code == 400 and "at most 40" in too_long.json()["error"]
+        # An id the model allows, slashes and dots included, stays one path segment.
+        sly = httpx.get(f"{base}/lots/A%2F..%2F..%2Fadmin", timeout=5)
+        assert sly.status_code == 200 and sly.json()["status"] == "hold"
+        plain = httpx.get(f"{base}/lots/LOT-2026-0001", timeout=5)
+        assert plain.status_code == 200
+        lookups = [p for _, p, _ in qms.requests if not p.startswith("/api/v1/dispositions")]
+        assert lookups == ["/api/v1/lots/A%2F..%2F..%2Fadmin/disposition",
+                           "/api/v1/lots/LOT-2026-0001/disposition"], lookups
+        # The key went only where the QMS's API lives.
+        assert all(path.startswith("/api/v1/") for _, path, headers in qms.requests
+                   if headers.get("X-API-Key") == key)
+    finally:
+        qms.close()
+
+
+def raw_http(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes as they are and read the answer until the server closes or `timeout`."""
+    import socket
+
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer
+
+
+def resident_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.integration
+def test_a_large_body_is_refused_before_it_is_read(peers: list[Peer], tmp_path: Path) -> None:
+    import socket
+
+    port = free_port()
+    gateway = start_gateway(peers, small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}'),
+                            tmp_path)
+    assert gateway.process is not None
+    before = resident_kib(gateway.process.pid)
+    # A declared 400 MB: refused at once, without waiting for (or reading) a byte of it.
+    answer = raw_http(port, b"POST /outbox/show HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 400000000\r\n\r\n",
+                      timeout=5)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # The same amount streamed in chunks (no length declared): cut off after 64 KiB.
+    chunk = b"x" * 1_000_000
+    refused_after = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /outbox/show HTTP/1.1\r\nHost: x\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            for sent in range(400):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                refused_after = sent + 1
+        except OSError:
+            pass  # the server answered and closed: the rest is not read
+        answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert refused_after < 400, "the server read 400 MB"
+    grown = resident_kib(gateway.process.pid) - before
+    assert grown < 30_000, f"the daemon grew by {grown} KiB"
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.integration
+def test_slow_clients_cannot_take_the_api_down(
+    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path,
+) -> None:
+    """1,100 clients trickling a header line at a time, against a daemon whose file limit is
+    1,024 (the Debian default): /healthz answers all along, the driver reads and ERP receives,
+    and each slow client is closed by the API's request deadline or its connection cap."""
+    import resource
+    import socket
+    import time
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:  # this test's own sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    plc = start_plc(peers, tmp_path, "--rate", "50")
+    port = free_port()
+    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}", request_timeout: 2s}}',
+                         plc=plc.port, erp=erp_sim.url)
+    gateway = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+                   tmp_path / "gateway.log", "PlantSync Edge is running")
+    limit_files = subprocess.Popen  # the daemon runs with the plant box's default file limit
+
+    def start_limited(self: Peer, timeout: float = 20.0) -> Peer:
+        log = self.log_path.open("ab")
+        self.process = limit_files(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   preexec_fn=lambda: resource.setrlimit(
+                                       resource.RLIMIT_NOFILE, (1024, 1024)))
+        wait_for(lambda: "PlantSync Edge is running" in self.output(), timeout, "the gateway")
+        return self
+
+    start_limited(gateway)
+    peers.append(gateway)
+    assert gateway.process is not None
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: len(erp_sim.events()) >= 1, 30, "a first delivery")
+
+    slow: list[socket.socket] = []
+    for _ in range(1100):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.setblocking(False)
+        slow.append(sock)
+    closed: set[int] = set()
+    health: list[int] = []
+    delivered_before = len(erp_sim.events())
+    most_files = 0
+    started = time.monotonic()
+    line = 0
+    while time.monotonic() - started < 8:
+        for index, sock in enumerate(slow):
+            if index in closed:
+                continue
+            try:
+                sock.send(b"GET /healthz HTTP/1.1\r\n" if line == 0 else b"X-Slow: 1\r\n")
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                closed.add(index)
+        line += 1
+        most_files = max(most_files, len(os.listdir(f"/proc/{gateway.process.pid}/fd")))
+        try:
+            health.append(httpx.get(f"{base}/healthz", timeout=2).status_code)
+        except httpx.HTTPError:
+            health.append(0)
+        time.sleep(0.5)
+    status = httpx.get(f"{base}/status", timeout=5).json()
+    delivered_during = len(erp_sim.events()) - delivered_before
+    for sock in slow:
+        sock.close()
+    assert health and all(code == 200 for code in health), health
+    assert status["drivers"][0]["connected"] and status["drivers"][0]["last_sample_age"] < 2
+    assert delivered_during >= 2, "deliveries stalled during the flood"
+    assert most_files < 1024 - 200, f"the daemon held {most_files} files"
+    assert len(closed) > 1000, f"only {len(closed)} of 1100 slow clients were closed"
+    assert gateway.process.poll() is None
+
+
+@pytest.mark.integration
+def test_off_loopback_every_read_needs_the_bearer_token(
+    peers: list[Peer], tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = small_plant(tmp_path, api=f'{{listen: "0.0.0.0:{port}"}}')
+    # No token configured: check refuses the file, and the daemon refuses to start.
+    checked = cli(config, "check")
+    assert checked.returncode == 1
+    assert "is not a loopback address" in checked.stderr and "add api.token" in checked.stderr
+    refused = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert refused.returncode == 1 and "add api.token" in refused.stdout + refused.stderr
+
+    token = secret("token")
+    config.write_text(config.read_text().replace(
+        f'api: {{listen: "0.0.0.0:{port}"}}', f'api: {{listen: "0.0.0.0:{port}", '
+        f'token: "{token}"}}'))
+    gateway = start_gateway(peers, config, tmp_path)
+    assert "listens off loopback" in gateway.output()
+    base = f"http://127.0.0.1:{port}"
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(base + path, timeout=5).status_code in (200, 503), path
+    bearer = {"Authorization": f"Bearer {token}"}
+    for method, path in (("GET", "/status"), ("GET", "/lots/LOT-1"), ("POST", "/outbox/list"),
+                         ("POST", "/outbox/status")):
+        bare = httpx.request(method, base + path, timeout=5, json={} if method == "POST"
+                             else None)
+        assert bare.status_code == 401, (path, bare.text)
+        assert bare.headers["www-authenticate"] == "Bearer"
+        # The token alone, or in another header, is not the token.
+        for headers in ({"Authorization": token}, {"X-API-Token": token},
+                        {"Authorization": f"Basic {token}"}):
+            assert httpx.request(method, base + path, headers=headers, timeout=5,
+                                 json={} if method == "POST" else None).status_code == 401
+        assert httpx.request(method, base + path, headers=bearer, timeout=5,
+                             json={} if method == "POST" else None).status_code == 200, path
+    # The CLI on this box brings the token for reads too.
+    shown = cli(config, "status")
+    assert shown.returncode == 0 and "(from the running daemon)" in shown.stdout, shown.stderr
+
+
+@pytest.mark.integration
+def test_on_loopback_a_change_needs_the_token_as_bearer(
+    peers: list[Peer], tmp_path: Path,
+) -> None:
+    port = free_port()
+    token = secret("token")
+    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}", token: "{token}"}}')
+    start_gateway(peers, config, tmp_path)
+    url = f"http://127.0.0.1:{port}/outbox/retry"
+    body = {"all_dead": True, "reason": "test"}
+    assert httpx.post(url, json=body, timeout=5).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": token},
+                      timeout=5).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}x"},
+                      timeout=5).status_code == 401
+    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"},
+                      timeout=5).status_code == 200
+    # Reads stay open on loopback.
+    assert httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).status_code == 200
