@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -551,3 +552,117 @@ def test_on_loopback_a_change_needs_the_token_as_bearer(
                       timeout=5).status_code == 200
     # Reads stay open on loopback.
     assert httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).status_code == 200
+
+
+def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
+    """Run a CLI command with its stdin and stdout on a pseudo-terminal, type `answer`, and
+    return its exit status and what it printed."""
+    import pty
+    import select
+    import time
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT)
+    os.close(terminal)
+    output = b""
+    typed = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([controller], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+            if not typed and b"Type yes" in output:
+                os.write(controller, answer.encode() + b"\n")
+                typed = True
+        elif process.poll() is not None:
+            break
+    os.close(controller)
+    return process.wait(10), output.decode(errors="replace")
+
+
+@pytest.mark.integration
+def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_journalled(
+    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path,
+) -> None:
+    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "400")
+    erp_sim.set_faults(error_rate=1.0, error_status=422)
+    port = free_port()
+    token = secret("token")
+    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}", token: "{token}"}}',
+                         plc=plc.port, erp=erp_sim.url)
+    gateway = start_gateway(peers, config, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    bearer = {"Authorization": f"Bearer {token}"}
+
+    def dead() -> list[str]:
+        rows = httpx.post(f"{base}/outbox/list", json={"state": "dead", "limit": 1000},
+                          timeout=5).json()
+        return [row["id"] for row in rows]
+
+    def settled() -> bool:  # the PLC stopped, and every confirmation is a dead letter
+        status = httpx.get(f"{base}/status", timeout=5).json()
+        erp = status["destinations"]["erp"]
+        return bool(status["signals"]["press-01.good"]["value"] == 400
+                    and erp["pending"] == 0 and erp["dead"] >= 3)
+
+    wait_for(settled, 40, "every confirmation to be a dead letter")
+    first, second, *others = dead()
+    count = 2 + len(others)
+
+    # The misspelt field of the report: refused, nothing purged.
+    typo = httpx.post(f"{base}/outbox/purge-dead", headers=bearer, timeout=5,
+                      json={"event_id": first, "reason": "typo"})
+    assert typo.status_code == 400
+    assert "unknown field 'event_id' for purge-dead" in typo.json()["error"]
+    nothing = httpx.post(f"{base}/outbox/purge-dead", headers=bearer, timeout=5,
+                         json={"reason": "no target"})
+    assert nothing.status_code == 400 and "all: true" in nothing.json()["error"]
+    assert httpx.post(f"{base}/outbox/purge-dead", headers=bearer, timeout=5,
+                      json={"id": first}).status_code == 400  # no reason
+    # The CLI without an id does nothing either; --all wants a reason and, on a terminal, a yes.
+    bare = outbox_cli(config, "purge-dead")
+    assert bare.returncode == 2 and "give one EVENT_ID, or --all" in bare.stderr
+    assert outbox_cli(config, "purge-dead", "--all").returncode == 2  # no --reason, no tty
+    argv = [sys.executable, "-m", "edge.cli", "outbox", "--config", str(config), "purge-dead",
+            "--all", "--reason", "clean-up"]
+    code, shown = on_terminal(argv, "no")
+    assert code == 1 and "Nothing done" in shown, shown
+    assert len(dead()) == count
+
+    # One by one, with a reason, through the daemon; an id that is no dead letter is an error.
+    purged = outbox_cli(config, "purge-dead", first, "--reason", "duplicate of ERP doc 4711")
+    assert purged.returncode == 0 and "1 dead letter(s) deleted" in purged.stdout, purged.stderr
+    again = outbox_cli(config, "purge-dead", first, "--reason", "again")
+    assert again.returncode == 1 and f"no event {first!r}" in again.stderr
+    wrong = outbox_cli(config, "retry", "not-an-id", "--reason", "try")
+    assert wrong.returncode == 1 and "no event 'not-an-id'" in wrong.stderr, wrong.stdout
+    shown_event = outbox_cli(config, "show", second)
+    assert shown_event.returncode == 0
+    assert re.search(r"committed    \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d",
+                     shown_event.stdout), shown_event.stdout
+    assert '"type": "production.confirmation"' in shown_event.stdout  # JSON, not a string
+    assert '\\"' not in shown_event.stdout
+    as_json = json.loads(outbox_cli(config, "--json", "show", second).stdout)
+    assert as_json["payload"]["id"] == second
+    assert gateway.stop() == 0
+
+    # The daemon down: the same rules on the database; a yes on a terminal purges the rest.
+    code, shown = on_terminal(argv, "yes")
+    assert code == 0 and f"{count - 1} dead letter(s) deleted" in shown, shown
+    journal = json.loads(outbox_cli(config, "--json", "hand-actions").stdout)
+    import getpass
+
+    me = getpass.getuser()
+    assert [(row["action"], row["target"], row["affected"], row["reason"]) for row in journal] == [
+        ("purge-dead", f"event {first}", 1, "duplicate of ERP doc 4711"),
+        ("purge-dead", "all dead letters", count - 1, "clean-up")]
+    assert journal[0]["who"] == f"api token (os user {me}, as the CLI says)"
+    assert journal[1]["who"] == f"os user {me}"
+    text = outbox_cli(config, "hand-actions").stdout
+    assert "duplicate of ERP doc 4711" in text and "clean-up" in text
