@@ -7,6 +7,7 @@ file and its mode; the local API listens on loopback and wants the token for cha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -666,3 +667,145 @@ def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_jour
     assert journal[1]["who"] == f"os user {me}"
     text = outbox_cli(config, "hand-actions").stdout
     assert "duplicate of ERP doc 4711" in text and "clean-up" in text
+
+
+def test_secrets_in_cleartext_are_refused_unless_allowed_and_then_warned(tmp_path: Path) -> None:
+    config = tmp_path / "plant.yaml"
+    base = f'site: "1010"\ndata_dir: {tmp_path}\n'
+    mqtt = ("drivers:\n  - name: mes\n    type: mqtt\n    host: {host}\n    username: gw\n"
+            '    password: "a-broker-password"\n{extra}'
+            "    topics: [{{filter: mes/#, event: material.consumed}}]\n")
+    oauth = ("destinations:\n  erp:\n    base_url: https://erp.example\n{extra}"
+             "    auth: {{type: oauth2_client_credentials, token_url: '{url}',\n"
+             "           client_id: gw, client_secret: 'an-oauth-secret'}}\n")
+    config.write_text(base + mqtt.format(host="10.0.0.5", extra=""))
+    config.chmod(0o600)
+    refused = cli(config, "check")
+    assert refused.returncode == 1
+    assert ("drivers[0].password: driver mes's MQTT password would cross the network in "
+            "cleartext to 10.0.0.5: use TLS") in refused.stderr
+    config.write_text(base + mqtt.format(host="10.0.0.5", extra="    allow_insecure: true\n"))
+    allowed = cli(config, "check")
+    assert allowed.returncode == 0, allowed.stderr
+    assert ("warning: drivers[0].password: driver mes's MQTT password cross the network in "
+            "cleartext to 10.0.0.5 (allow_insecure: true)") in allowed.stderr
+    config.write_text(base + mqtt.format(host="127.0.0.1", extra=""))  # never leaves the box
+    local = cli(config, "check")
+    assert local.returncode == 0 and "warning" not in local.stderr, local.stderr
+
+    config.write_text(base + oauth.format(url="http://erp.example/oauth/token", extra=""))
+    refused = cli(config, "check")
+    assert refused.returncode == 1
+    assert ("destinations.erp.auth.token_url: destination erp's OAuth client secret would "
+            "cross the network in cleartext to erp.example") in refused.stderr
+    config.write_text(base + oauth.format(url="http://erp.example/oauth/token",
+                                          extra="    allow_insecure: true\n"))
+    assert "OAuth client secret cross the network" in cli(config, "check").stderr
+    for value in ("a-broker-password", "an-oauth-secret"):
+        assert value not in refused.stderr + allowed.stderr
+
+
+async def test_a_tls_failure_at_the_token_url_says_which_setting_fixes_it(
+    tmp_path: Path,
+) -> None:
+    """A real TLS server on loopback whose certificate this box does not trust."""
+    import shutil
+    import ssl
+    import threading
+
+    from edge.config import OAuth2ClientCredentials
+    from edge.forward.auth import AuthError, OAuth2Token
+    from tests.test_mqtt import make_certificates
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    files = make_certificates(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files["server.pem"], files["server.key"])
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), listener:
+            connection, _ = listener.accept()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                context.wrap_socket(connection, server_side=True).close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    auth = OAuth2Token(OAuth2ClientCredentials.model_validate({
+        "type": "oauth2_client_credentials", "token_url": f"https://localhost:{port}/token",
+        "client_id": "gw", "client_secret": "s3cret-value"}))
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(AuthError) as failed:
+            await auth.headers(client)
+    message = str(failed.value)
+    assert "certificate verify failed" in message and "set tls.ca_file" in message, message
+
+
+@pytest.mark.integration
+def test_stored_payloads_cannot_drive_the_terminal_and_data_at_rest_is_private(
+    peers: list[Peer], tmp_path: Path, mosquitto: Mosquitto,
+) -> None:
+    """An MES message with terminal escapes becomes an input dead letter; what the CLI prints
+    of it cannot clear the screen or set the window title. The daemon, run by hand with a
+    umask that leaves files readable, still makes its directory 0700 and its files 0600, and
+    keeps only the first 16 KiB of a rejected payload."""
+    import stat
+
+    from simulators.mes_publisher import MesPublisher
+
+    port = free_port()
+    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}', extra=f"""
+validation: {{require_known_order: false}}
+drivers:
+  - name: mes
+    type: mqtt
+    host: 127.0.0.1
+    port: {mosquitto.port}
+    client_id: plantsync-injection-{uuid.uuid4().hex[:8]}
+    topics:
+      - filter: mes/1010/+/consumption
+        event: material.consumed
+        fields: {{order_id: order_id, material: material, quantity.value: quantity,
+                  quantity.uom: uom}}
+""")
+    gateway = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+                   tmp_path / "gateway.log", "PlantSync Edge is running")
+    log = gateway.log_path.open("ab")
+    gateway.process = subprocess.Popen(gateway.argv, cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT, preexec_fn=lambda: os.umask(
+                                           0o022))
+    peers.append(gateway)
+    wait_for(lambda: "PlantSync Edge is running" in gateway.output(), 20, "the gateway")
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: httpx.get(f"{base}/status", timeout=5).json()["drivers"][0]["connected"],
+             20, "the MQTT driver")
+    hostile = b"x \x1b[2J\x1b]0;pwned\x07 \xe2\x80\xae"  # clear, set title, bell, bidi override
+    with MesPublisher("127.0.0.1", mosquitto.port) as mes:
+        mes.publish_raw("mes/1010/press-01/consumption", hostile)
+        mes.publish_raw("mes/1010/press-01/consumption", b"y" * 200_000)
+        mes.flush(10)
+    wait_for(lambda: httpx.get(f"{base}/status", timeout=5).json()["input_dead_letters"]
+             ["count"] >= 2, 20, "the input dead letters")
+
+    for args in (("rejected",), ("rejected", "--since", "1h")):
+        shown = outbox_cli(config, *args)
+        assert shown.returncode == 0, shown.stderr
+        out = shown.stdout
+        assert not any(ch in out for ch in "\x1b\x07\u202e"), repr(out)
+        assert "x \\x1b[2J\\x1b]0;pwned\\x07 \\u202e" in out
+    status = cli(config, "status")
+    assert "\x1b" not in status.stdout and "INPUT DEAD LETTERS (" in status.stdout
+    # --json stays exact (JSON escapes control characters itself).
+    rows = json.loads(outbox_cli(config, "--json", "rejected").stdout)
+    assert any(row["payload"] == hostile.decode(errors="replace") for row in rows)
+    big = next(row for row in rows if row["payload"].startswith("yyy"))
+    assert len(big["payload"]) == 16 * 1024
+    assert "payload of 200000 bytes; its first 16384 kept" in big["reason"]
+
+    data = tmp_path / "data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm", "api-token"):
+        assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
