@@ -17,7 +17,13 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.config import ConfigError, PlantConfig, load_config, unresolved_references
+from edge.config import (
+    ConfigError,
+    PlantConfig,
+    fully_validated,
+    load_config,
+    unresolved_references,
+)
 from edge.logs import setup_logging
 from edge.secrets import exposed_secrets
 
@@ -158,6 +164,9 @@ def _check(path: Path, *, offline: bool = False) -> int:
     if offline:
         left = (f"; not resolved, so not checked: {', '.join(unresolved)}" if unresolved
                 else "")
+        if not fully_validated(config):
+            left += ("; cross references not checked, as a section with an unresolved "
+                     "reference cannot be built without its value")
         print(f"{path}: OK offline ({summary}{left})")
     else:
         print(f"{path}: OK ({summary})")

@@ -790,6 +790,8 @@ def cleartext_secrets(config: PlantConfig) -> Iterator[tuple[Loc, str, str]]:
             yield (("drivers", i, "password"), f"driver {driver.name}'s MQTT password",
                    driver.host)
     for name, destination in config.destinations.items():
+        if not isinstance(destination, DestinationConfig):
+            continue  # offline, not built (see fully_validated)
         auth = destination.auth
         at: Loc = ("destinations", name)
         base = urlsplit(destination.base_url)
@@ -836,8 +838,13 @@ def _validated(document: _Document, filename: str) -> PlantConfig:
             bad_types = {loc[:-1] for loc, e in found
                          if loc and loc[-1] == "type" and e["type"] == "literal_error"
                          and _is_type_tag(loc, document.data)}
+            # A mapping with a merge key is missing what the merge would have brought: its
+            # one problem is the merge key.
+            merged = {p.loc[:-1] for p in document.problems if p.loc[-1:] == ("<<",)}
             for loc, error in found:
                 if any(loc[:len(p)] == p and loc != (*p, "type") for p in bad_types):
+                    continue
+                if any(loc[:len(m)] == m for m in merged):
                     continue
                 problems.append(_Problem(loc, _message(error, loc, document.data)))
     if config is not None:
@@ -850,8 +857,20 @@ def _validated(document: _Document, filename: str) -> PlantConfig:
             {(document.line_of(p.loc), format_loc(p.loc), p.message) for p in problems}
         )
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
-    assert config is not None
+    if config is None:
+        # Offline, a placeholder where a reference stands did not fit its field (a URL, a
+        # port): every other setting was checked, but no whole config can be built to
+        # cross-check. What the check can still say, it says from the raw settings.
+        return PlantConfig.model_construct(**document.data)
     return config
+
+
+def fully_validated(config: PlantConfig) -> bool:
+    """False for what an offline check returns when a reference's placeholder did not fit
+    its field: the settings were checked one by one, the cross references were not."""
+    sections: list[Any] = [config.api, *config.drivers, *config.machines,
+                           *config.destinations.values()]
+    return all(isinstance(section, BaseModel) for section in sections)
 
 
 def read_config_text(path: Path) -> str:

@@ -21,7 +21,14 @@ from typing import Any, Literal
 import httpx
 
 from buffer.outbox import DestinationCounts, Outbox
-from edge.config import ConfigError, LocalAccess, PlantConfig, load_config, load_local_access
+from edge.config import (
+    ConfigError,
+    LocalAccess,
+    PlantConfig,
+    fully_validated,
+    load_config,
+    load_local_access,
+)
 from edge.operations import DaemonRefused, api_token, call
 from edge.outbox_cli import format_age, local_time, shown_secrets, table
 from edge.secrets import scrub
@@ -91,9 +98,11 @@ def _machines_config(path: Path) -> PlantConfig | None:
     the secrets of this shell); None when it does not."""
     for offline in (False, True):
         try:
-            return load_config(path, offline=offline)
+            config = load_config(path, offline=offline)
         except ConfigError:
             continue
+        if fully_validated(config):
+            return config
     return None
 
 

@@ -253,3 +253,28 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(binary, directory).start()
     yield broker
     broker.kill()
+
+
+# --- a package index on loopback -------------------------------------------------------------
+
+
+@pytest.fixture
+def package_index() -> Iterator[str]:
+    """A package index on loopback that answers, as PyPI would, for `pip/` (for the install
+    script's check, without the network)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path.startswith("/simple/pip") else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    server.shutdown()
+    server.server_close()
