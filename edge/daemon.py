@@ -210,7 +210,7 @@ class Gateway:
             return None
         changes = describe_changes(self.config, new_config, self.outbox_counts)
         if not changes:
-            log.info("Reload: the config has not changed; nothing to do")
+            log.info("Reload: the config is unchanged; nothing restarts")
             self.control.reloads["unchanged"] += 1
             return None
         for change in changes:

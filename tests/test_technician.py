@@ -265,7 +265,7 @@ routes:
 def test_status_counts_input_dead_letters_and_readyz_names_dead_events_and_bad_tags(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path, mosquitto: Mosquitto,
 ) -> None:
-    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "200")
+    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "600")
     erp_sim.set_faults(error_rate=1.0, error_status=422)
     port = free_port()
     long_driver = "press-01-line-a-hall-7-north"
@@ -340,6 +340,13 @@ routes:
         return float(found.group(1))
 
     assert depth("dead") >= 2
+
+    def settled() -> bool:  # the PLC stopped, and every confirmation is a dead letter
+        status = httpx.get(f"{base}/status", timeout=5).json()
+        return bool(status["signals"][f"{long_driver}.good"]["value"] == 600
+                    and status["destinations"]["erp"]["pending"] == 0)
+
+    wait_for(settled, 30, "the PLC to stop and the last confirmation to be refused")
     purged = plantsync("outbox", "--config", str(config), "purge-dead", "--all", "--reason",
                        "test: the ERP refused these on purpose")
     assert purged.returncode == 0, purged.stderr
