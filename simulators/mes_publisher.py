@@ -217,7 +217,10 @@ class MesPublisher:
         self.client.loop_start()
         deadline = time.monotonic() + timeout
         while not self._connected.wait(0.1):
-            if time.monotonic() > deadline or self._stopping.is_set():
+            refused_for_good = self._connect_refusal is not None and any(
+                word in self._connect_refusal.lower() for word in ("not authorized",
+                                                                  "password", "banned"))
+            if time.monotonic() > deadline or self._stopping.is_set() or refused_for_good:
                 self.client.loop_stop()
                 reason = self._connect_refusal or "no connection"
                 raise ConnectionError(f"MQTT broker {self.host}:{self.port}: {reason}")
