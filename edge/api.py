@@ -6,7 +6,12 @@ the daemon: there is no second set of counters to keep in step, and no package-l
 state. `/healthz` says the process answers; `/readyz` says it does its job: the outbox open and
 taking input, every driver connected, every destination delivering or buffering within
 `api.ready_max_backlog_age`; it names each reason when it is not. Nothing it answers carries a
-secret: every body is scrubbed of the config's secret values.
+secret: every body is scrubbed of the config's secret values. The outbox's counts are read when
+`/metrics`, `/status` or `/readyz` answer, so none lags behind a purge or a delivery.
+
+Who may call what, how large and how slow a request may be, and how many connections the API
+holds are `edge/api_guard.py`'s business; a lot id is checked against the canonical model here
+before it goes anywhere.
 """
 
 from __future__ import annotations
