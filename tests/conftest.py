@@ -278,3 +278,17 @@ def package_index() -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_address[1]}/simple"
     server.shutdown()
     server.server_close()
+
+
+def mes_driver(broker_port: int, *, extra: str = "") -> str:
+    """A plant config's MQTT driver `mes` for the MES simulator's consumption topic, as one
+    item of `drivers:` (YAML text); `extra` adds settings (`"    keepalive: 30s\n"`). The
+    client id is fresh, so no earlier test's session is picked up."""
+    import uuid
+
+    return (f"  - name: mes\n    type: mqtt\n    host: 127.0.0.1\n    port: {broker_port}\n"
+            f"    client_id: plantsync-test-{uuid.uuid4().hex[:8]}\n{extra}"
+            "    topics:\n      - filter: mes/1010/+/consumption\n"
+            "        event: material.consumed\n"
+            "        fields: {order_id: order_id, material: material, quantity.value: quantity,\n"
+            "                 quantity.uom: uom}\n")

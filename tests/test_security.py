@@ -23,7 +23,16 @@ import pytest
 from edge.config import parse_config
 from edge.logs import redact, setup_logging
 from edge.secrets import exposed_secrets, scrub, secret_values
-from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, free_port, start_erp, start_plc
+from tests.conftest import (
+    ROOT,
+    ErpSim,
+    Mosquitto,
+    Peer,
+    free_port,
+    mes_driver,
+    start_erp,
+    start_plc,
+)
 from tests.test_gateway import start_gateway, wait_for
 
 
@@ -760,17 +769,7 @@ def test_stored_payloads_cannot_drive_the_terminal_and_data_at_rest_is_private(
     config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}', extra=f"""
 validation: {{require_known_order: false}}
 drivers:
-  - name: mes
-    type: mqtt
-    host: 127.0.0.1
-    port: {mosquitto.port}
-    client_id: plantsync-injection-{uuid.uuid4().hex[:8]}
-    topics:
-      - filter: mes/1010/+/consumption
-        event: material.consumed
-        fields: {{order_id: order_id, material: material, quantity.value: quantity,
-                  quantity.uom: uom}}
-""")
+{mes_driver(mosquitto.port)}""")
     gateway = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
                    tmp_path / "gateway.log", "PlantSync Edge is running")
     log = gateway.log_path.open("ab")

@@ -18,14 +18,13 @@ import socket
 import subprocess
 import sys
 import threading
-import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 
 from simulators.mes_publisher import MesPublisher
-from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, free_port, start_plc
+from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, free_port, mes_driver, start_plc
 from tests.test_gateway import start_gateway, wait_for
 
 EXAMPLE = ROOT / "config" / "plant.example.yaml"
@@ -211,23 +210,13 @@ def test_sighup_with_an_unchanged_file_restarts_nothing_and_a_change_is_named_tr
 ) -> None:
     port = free_port()
     config = tmp_path / "plant.yaml"
+    keepalive = "    keepalive: 30s\n"
     config.write_text(f"""site: "1010"
 data_dir: {tmp_path / "data"}
 api: {{listen: "127.0.0.1:{port}"}}
 validation: {{require_known_order: false}}
 drivers:
-  - name: mes
-    type: mqtt
-    host: 127.0.0.1
-    port: {mosquitto.port}
-    client_id: plantsync-reload-{uuid.uuid4().hex[:8]}
-    keepalive: 30s
-    topics:
-      - filter: mes/1010/+/consumption
-        event: material.consumed
-        fields: {{order_id: order_id, material: material, quantity.value: quantity,
-                  quantity.uom: uom}}
-destinations:
+{mes_driver(mosquitto.port, extra=keepalive)}destinations:
   erp: {{base_url: {erp_sim.url}, path: /api/events}}
 routes:
   material.consumed: [erp]
@@ -283,17 +272,7 @@ drivers:
     tags:
       - {{name: good, address: 0, type: uint32}}
       - {{name: missing-sensor, address: 1000, type: uint16}}
-  - name: mes
-    type: mqtt
-    host: 127.0.0.1
-    port: {mosquitto.port}
-    client_id: plantsync-status-{uuid.uuid4().hex[:8]}
-    topics:
-      - filter: mes/1010/+/consumption
-        event: material.consumed
-        fields: {{order_id: order_id, material: material, quantity.value: quantity,
-                  quantity.uom: uom}}
-machines:
+{mes_driver(mosquitto.port)}machines:
   - id: press-01-with-a-long-machine-id
     signals: {{processed: {long_driver}.good}}
     order: {{order_id: "1000123-LONG-ORDER-NUMBER", operation: "0010"}}
