@@ -28,6 +28,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -398,6 +399,9 @@ class ValidationConfig(Strict):
 
 
 class PlantConfig(Strict):
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    """What `parse_config` found doubtful but valid, as `file:line: field: message` lines."""
+
     site: str = Field(description="Plant code, as ERP knows it.", pattern=r"^[A-Za-z0-9]{1,10}$")
     data_dir: Path = Field(
         Path("/var/lib/plantsync"), description="Where the outbox database lives."
@@ -862,6 +866,8 @@ def _validated(document: _Document, filename: str) -> PlantConfig:
         # port): every other setting was checked, but no whole config can be built to
         # cross-check. What the check can still say, it says from the raw settings.
         return PlantConfig.model_construct(**document.data)
+    config._warnings = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
+                        for loc, message in _doubts(config)]
     return config
 
 
@@ -871,6 +877,20 @@ def fully_validated(config: PlantConfig) -> bool:
     sections: list[Any] = [config.api, *config.drivers, *config.machines,
                            *config.destinations.values()]
     return all(isinstance(section, BaseModel) for section in sections)
+
+
+def config_warnings(config: PlantConfig) -> list[str]:
+    """Settings that are valid but probably not what was meant, one line each (`check`
+    prints them and `run` logs them): Modbus addresses written Modicon-style (40001)."""
+    return list(config._warnings) if fully_validated(config) else []
+
+
+def _doubts(config: PlantConfig) -> Iterator[tuple[Loc, str]]:
+    for i, driver in enumerate(config.drivers):
+        address_warnings = getattr(driver, "address_warnings", None)
+        if address_warnings is not None:
+            for loc, message in address_warnings():
+                yield ("drivers", i, *loc), message
 
 
 def read_config_text(path: Path) -> str:

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import httpx
 
 from buffer.outbox import DestinationCounts, Outbox
+from drivers.base import finite_json
 from edge.config import (
     ConfigError,
     LocalAccess,
@@ -59,7 +60,8 @@ def run_status_command(args: argparse.Namespace) -> int:
         return 1
     report = scrub(report, shown_secrets(args.config, access))
     if args.json:
-        print(json.dumps({**report, "source": source}, indent=2, default=str))
+        print(json.dumps(finite_json({**report, "source": source}), indent=2, default=str,
+                         allow_nan=False))
     else:
         print(render(printable_data(report), source))
     return 0
