@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ErpSim, Peer, start_plc
+from tests.conftest import ROOT, ErpSim, Peer, PlcSim, free_port, start_plc
 from tests.test_gateway import _api_port, start_gateway, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -26,10 +26,13 @@ def outbox_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_dead_letters_seen_retried_and_journalled(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
 ) -> None:
-    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "200")
+    # The gateway first, then the PLC on the port it polls: on a loaded box the PLC would
+    # otherwise reach its stop value before the gateway's first reading (its baseline).
+    port = free_port()
     erp_sim.set_faults(error_rate=1.0, error_status=422)
-    config = write_config(tmp_path, plc, erp_sim, every_units=50)
+    config = write_config(tmp_path, PlcSim(None, port), erp_sim, every_units=50)  # type: ignore[arg-type]
     gateway = start_gateway(peers, config, tmp_path)
+    start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "200", port=port)
 
     def dead_count() -> int:
         done = outbox_cli(config, "--json", "status")
