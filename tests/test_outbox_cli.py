@@ -46,7 +46,7 @@ def test_dead_letters_seen_retried_and_journalled(
     dead = json.loads(listed.stdout)
     assert dead[0]["last_status"] == 422
     shown = outbox_cli(config, "show", dead[0]["id"])
-    assert '"production.confirmation"' in shown.stdout
+    assert "production.confirmation" in shown.stdout and '"yield_quantity": {' in shown.stdout
 
     # Changing anything over the API needs the token; the CLI finds the daemon's token file.
     port = _api_port(gateway)

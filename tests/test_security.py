@@ -656,7 +656,8 @@ def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_jour
     assert shown_event.returncode == 0
     assert re.search(r"committed    \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d",
                      shown_event.stdout), shown_event.stdout
-    assert '"type": "production.confirmation"' in shown_event.stdout  # JSON, not a string
+    assert re.search(r"^type +production\.confirmation$", shown_event.stdout, re.MULTILINE)
+    assert '    "yield_quantity": {' in shown_event.stdout  # the payload as JSON, not a string
     assert '\\"' not in shown_event.stdout
     as_json = json.loads(outbox_cli(config, "--json", "show", second).stdout)
     assert as_json["payload"]["id"] == second
