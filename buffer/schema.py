@@ -85,6 +85,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             material TEXT
         ) WITHOUT ROWID""",
     ),
+    (
+        # 5: the hand-action journal: every change a person made by hand (retry, purge,
+        # reingest, trust), with who and why, for the audit.
+        """CREATE TABLE hand_actions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            who TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            affected INTEGER NOT NULL
+        )""",
+        "CREATE INDEX hand_actions_by_time ON hand_actions(at)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -32,7 +32,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1803,23 +1803,37 @@ def _trust_parser() -> argparse.ArgumentParser:
     where.add_argument("--data-dir", type=Path, help="the gateway's data_dir")
     parser.add_argument("--yes", action="store_true",
                         help="trust without asking (only for a certificate checked already)")
+    parser.add_argument("--reason", default="",
+                        help="why, for the hand-action journal (e.g. the ticket, or 'thumbprint "
+                        "checked with the machine builder')")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     return parser
 
 
-def trust_main(argv: list[str] | None = None, *, answer: TextIO | None = None) -> int:
+TrustJournal = Callable[[Path, str, str], None]
+"""Records a certificate trusted by hand: (data_dir, what was trusted, why)."""
+
+
+def trust_main(
+    argv: list[str] | None = None,
+    *,
+    answer: TextIO | None = None,
+    data_dir_of: Callable[[Path], Path] | None = None,
+    journal: TrustJournal | None = None,
+) -> int:
     """`plantsync trust opcua`: 0 when the server's certificate is trusted (now or already),
-    1 when it is not (declined, or the server cannot be reached)."""
+    1 when it is not (declined, or the server cannot be reached). `data_dir_of` reads a plant
+    config's data_dir and `journal` records the hand action: both given by the CLI, whose
+    layer knows configs and the journal."""
     parser = _trust_parser()
     args = parser.parse_args(argv)
     if args.config is not None:
-        from edge.config import ConfigError, load_config  # the CLI's layer, not the driver's
-
+        if data_dir_of is None:
+            parser.error("--config needs the plantsync command; give --data-dir")
         try:
-            data_dir = load_config(args.config).data_dir
-        except ConfigError as exc:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
+            data_dir = data_dir_of(args.config)
+        except Exception as exc:  # the config's own error, said as it is
+            print(exc, file=sys.stderr)
             return 1
     else:
         data_dir = args.data_dir
@@ -1855,6 +1869,12 @@ def trust_main(argv: list[str] | None = None, *, answer: TextIO | None = None) -
                 continue
         path = trust.trust(der)
         print(f"Trusted: {path}")
+        if journal is not None:
+            try:
+                journal(data_dir, f"server certificate {facts.thumbprint} ({facts.subject}) of "
+                        f"{args.endpoint}", args.reason or "(no reason given)")
+            except Exception as exc:  # the trust stands; the journal says why it lacks it
+                print(f"Trusted, but not journaled as a hand action: {exc}", file=sys.stderr)
         log.info("Server certificate %s of %s trusted by hand.", facts.thumbprint,
                  args.endpoint, extra={"endpoint": args.endpoint, "path": str(path)})
     return status

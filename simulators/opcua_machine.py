@@ -679,10 +679,10 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         log.info("OPC UA machine simulator stopped.")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m simulators.opcua_machine") -> int:
     """Run the simulator from the command line; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.opcua_machine",
+        prog=prog,
         description="OPC UA machine simulator: PackML state, counters and process values.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -271,3 +271,42 @@ def stock_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(mosquitto_binary(), directory, settings={"sys_interval": "1"}).start()
     yield broker
     broker.kill()
+
+
+# --- a package index on loopback -------------------------------------------------------------
+
+
+@pytest.fixture
+def package_index() -> Iterator[str]:
+    """A package index on loopback that answers, as PyPI would, for `pip/` (for the install
+    script's check, without the network)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path.startswith("/simple/pip") else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    server.shutdown()
+    server.server_close()
+
+
+def mes_driver(broker_port: int, *, extra: str = "") -> str:
+    """A plant config's MQTT driver `mes` for the MES simulator's consumption topic, as one
+    item of `drivers:` (YAML text); `extra` adds settings (`"    keepalive: 30s\n"`). The
+    client id is fresh, so no earlier test's session is picked up."""
+    import uuid
+
+    return (f"  - name: mes\n    type: mqtt\n    host: 127.0.0.1\n    port: {broker_port}\n"
+            f"    client_id: plantsync-test-{uuid.uuid4().hex[:8]}\n{extra}"
+            "    topics:\n      - filter: mes/1010/+/consumption\n"
+            "        event: material.consumed\n"
+            "        fields: {order_id: order_id, material: material, quantity.value: quantity,\n"
+            "                 quantity.uom: uom}\n")

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -651,6 +652,33 @@ async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
     [trusted] = list((tmp_path / "data" / "pki" / "trusted").iterdir())
     assert trusted.read_bytes() == certificate.read_bytes()
     assert again == 0 and "Already trusted" in already
+
+
+@in_plant_loop
+async def test_plantsync_trust_opcua_journals_the_hand_action(tmp_path: Path) -> None:
+    certificate, private_key = server_certificate(tmp_path, "filler")
+    config_file = tmp_path / "plant.yaml"
+    config_file.write_text(f'site: "1010"\ndata_dir: {tmp_path / "data"}\n')
+    async with machine(security="sign", certificate=certificate,
+                       private_key=private_key) as server:
+        endpoint = server.endpoint
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edge.cli", "trust", "opcua", "--endpoint", endpoint,
+             "--config", str(config_file), "--reason", "thumbprint checked, ticket 42"],
+            input="y\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    thumbprint = x509.load_der_x509_certificate(certificate.read_bytes()).fingerprint(
+        hashes.SHA1()).hex().upper()
+    db = sqlite3.connect(tmp_path / "data" / "outbox.db")
+    try:
+        rows = db.execute("SELECT action, target, who, reason FROM hand_actions").fetchall()
+    finally:
+        db.close()
+    [(action, target, who, reason)] = rows
+    assert action == "trust opcua" and who.startswith("os user ")
+    assert target.startswith(f"server certificate {thumbprint} (") and endpoint in target
+    assert reason == "thumbprint checked, ticket 42"
 
 
 # --- browse ---------------------------------------------------------------------------------------

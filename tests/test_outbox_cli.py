@@ -4,6 +4,7 @@ against the database directly when the daemon is down."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ErpSim, Peer, start_plc
+from tests.conftest import ROOT, ErpSim, Peer, PlcSim, free_port, start_plc
 from tests.test_gateway import _api_port, start_gateway, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -25,10 +26,13 @@ def outbox_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_dead_letters_seen_retried_and_journalled(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
 ) -> None:
-    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "200")
+    # The gateway first, then the PLC on the port it polls: on a loaded box the PLC would
+    # otherwise reach its stop value before the gateway's first reading (its baseline).
+    port = free_port()
     erp_sim.set_faults(error_rate=1.0, error_status=422)
-    config = write_config(tmp_path, plc, erp_sim, every_units=50)
+    config = write_config(tmp_path, PlcSim(None, port), erp_sim, every_units=50)  # type: ignore[arg-type]
     gateway = start_gateway(peers, config, tmp_path)
+    start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "200", port=port)
 
     def dead_count() -> int:
         done = outbox_cli(config, "--json", "status")
@@ -42,14 +46,14 @@ def test_dead_letters_seen_retried_and_journalled(
     dead = json.loads(listed.stdout)
     assert dead[0]["last_status"] == 422
     shown = outbox_cli(config, "show", dead[0]["id"])
-    assert '"production.confirmation"' in shown.stdout
+    assert "production.confirmation" in shown.stdout and '"yield_quantity": {' in shown.stdout
 
     # Changing anything over the API needs the token; the CLI finds the daemon's token file.
     port = _api_port(gateway)
     refused = httpx.post(f"http://127.0.0.1:{port}/outbox/retry", json={"all_dead": True})
     assert refused.status_code == 401
     erp_sim.set_faults(error_rate=0.0)
-    retried = outbox_cli(config, "retry", "--all-dead")
+    retried = outbox_cli(config, "retry", "--all-dead", "--reason", "ERP fixed the 422")
     assert retried.returncode == 0 and "put back in line" in retried.stdout, retried.stderr
     wait_for(lambda: dead_count() == 0 and len(erp_sim.events()) >= 2, 30, "redelivery")
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -63,4 +67,4 @@ def test_dead_letters_seen_retried_and_journalled(
     assert journal.returncode == 0
     assert "(from the database directly)" in journal.stdout
     assert journal.stdout.count("production.confirmation") == len(erp_sim.events())
-    assert "ref=ERP-" in journal.stdout
+    assert re.search(r"\s201\s+1\s+ERP-\d+$", journal.stdout, re.MULTILINE), journal.stdout
