@@ -29,7 +29,7 @@ drivers:
       - {name: good, address: 0, type: uint32}
 machines:
   - id: press-01
-    signals: {processed: press-01.good}
+    signals: {good: press-01.good}
     order: {order_id: "42"}
 destinations:
   erp: {base_url: "http://127.0.0.1:1", auth: {type: bearer, token: "${ERP_TOKEN}"}}
@@ -111,7 +111,7 @@ def test_secrets_come_from_the_environment_and_are_not_printed() -> None:
      "plant.yaml:4: drivers[0]: type must be one of 'modbus', 'opcua', 'mqtt'"),
     (('site: "1010"\n', ""), "plant.yaml:1: site: is required"),
     (("press-01.good}", "press-01.goood}"),
-     "plant.yaml:11: machines[0].signals.processed: no driver tag named 'press-01.goood' "
+     "plant.yaml:11: machines[0].signals.good: no driver tag named 'press-01.goood' "
      "(did you mean 'press-01.good'?)"),
     (("production.confirmation: [erp]", "production.confirmations: [erp]"),
      "plant.yaml:16: routes.production.confirmations: unknown event type "
@@ -169,6 +169,6 @@ def test_plantsync_schema_writes_every_event_type(tmp_path: Path) -> None:
                            str(tmp_path / "schemas")], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     names = {p.name for p in (tmp_path / "schemas").iterdir()}
-    assert {f"{t}.v1.json" for t in EVENT_MODELS} | {"cloudevent.json"} == names
+    assert {m.schema_file_name() for m in EVENT_MODELS.values()} | {"cloudevent.json"} == names
     schema = json.loads((tmp_path / "schemas" / "production.confirmation.v1.json").read_text())
     assert "yield_quantity" in schema["properties"]

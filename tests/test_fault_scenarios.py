@@ -189,7 +189,7 @@ def counting_machine(name: str, driver: str, order_id: str, *, every_units: int 
     return f"""
   - id: {name}
     line: LINE-A
-    signals: {{processed: {driver}.good, state: {driver}.state}}
+    signals: {{good: {driver}.good, state: {driver}.state}}
     order: {{order_id: "{order_id}", operation: "0010", material: FG-4711}}
     confirm: {{every_units: {every_units}, every: {every}{extra}}}
     state_map: {{2: Stopped, 4: Idle, 6: Execute, 11: Held, 17: Complete}}"""
@@ -249,10 +249,16 @@ def erp_ids(erp: ErpSim, event_type: str | None = None) -> set[str]:
     return {row["id"] for row in erp_rows(erp, event_type)}
 
 
+def counted(state: dict[str, Any]) -> dict[str, Any]:
+    """The counter a machine's confirmations cover: processed where it counts processed."""
+    processed: dict[str, Any] = state.get("processed") or {}
+    return processed if processed.get("last_raw") is not None else dict(state["good"])
+
+
 def all_confirmed(database: Path, machines: list[str]) -> bool:
     states = rule_states(database)
-    return all(name in states and states[name]["good"]["confirmed"] == states[name]["good"]["total"]
-               for name in machines)
+    return all(name in states and counted(states[name])["confirmed"]
+               == counted(states[name])["total"] for name in machines)
 
 
 def settled(database: Path, erp: ErpSim, machines: list[str]) -> bool:
@@ -313,7 +319,7 @@ def check_tiling(erp: ErpSim, database: Path, machines: list[str], tag: str,
         by_order[row["event"]["data"]["order_id"]].append(row["event"]["data"])
     totals = {}
     for index, machine in enumerate(machines):
-        good = states[machine]["good"]
+        good = counted(states[machine])
         data = by_order[order_of(machine, index)]
         ranges = sorted((d["counter_from"], d["counter_to"]) for d in data)
         position = 0
@@ -557,7 +563,7 @@ def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
     result = outcome(database, erp)
     states = rule_states(database)
     firsts = baselines(gateway, "-good")
-    advance = {m: states[m]["good"]["last_raw"] - firsts[f"fillers.{m}"] for m in OPCUA_MACHINES}
+    advance = {m: counted(states[m])["last_raw"] - firsts[f"fillers.{m}"] for m in OPCUA_MACHINES}
     totals = check_tiling(erp, database, OPCUA_MACHINES, tag, advance)
     figures = {
         "test": "fault-scenario", "scenario": "opcua-restart", "scale": SCALE,
