@@ -19,8 +19,9 @@ Execute it resumes, and a downtime is recorded from leaving Execute to returning
 wait state the machine settled in (Held, Suspended, Stopped, Aborted, ...). Execute -> Completing
 -> Complete completes it (so does the MES end). A state shorter than `debounce` is ignored. A
 state change waits up to `settle` for the counters' last readings and applies with the counter
-values as of the change (by source timestamp): OPC UA samples each tag on its own timer, so the
-count of the last units before Complete can arrive after Complete itself.
+values as of the change: OPC UA samples each tag on its own timer, so the count of the last
+units before Complete can arrive (and be dated) after Complete itself; a machine out of Execute
+makes no more units, so what the counters read in the meantime counts before the change.
 
 When the state source has a gap (the device unreachable, the state tag bad or not a number, the
 gateway down), what is derived across it is flagged `uncertain` with the gap, and a downtime never
@@ -177,8 +178,6 @@ class StateChange:
     name: str
     at: float
     """When it happened: what its events are dated."""
-    source_time: float
-    """The device's timestamp, compared with the counters' source timestamps."""
     due: float
     """Applied once the rule's clock reaches this..."""
     wall_due: float | None
@@ -203,7 +202,6 @@ class RuleState:
     state_since: float | None = None
     candidate: str | None = None
     candidate_since: float | None = None
-    candidate_source_time: float | None = None
     candidate_gap: Gap | None = None
     changes: list[StateChange] = field(default_factory=list)
     stop_reason: int = 0
@@ -351,7 +349,7 @@ class MachineRule:
         signals = self.machine.signals
         which = self._counters.get(signal)
         if which is not None and value is not None:
-            events += self._count(which, int(value), sample.source_time, signal)
+            events += self._count(which, int(value), signal)
         if signal == signals.stop_reason and value is not None:
             self._stop_reason(int(value))
         if signal == signals.state:
@@ -448,11 +446,12 @@ class MachineRule:
 
     # -- counters and confirmations -----------------------------------------------------------
 
-    def _count(self, which: CounterName, raw: int, source_time: float, signal: str
-               ) -> list[CloudEvent]:
-        # A reading dated after a state change that waits for the counters: the change came
-        # first, and these units after it.
-        events = self._apply_changes(before=source_time)
+    def _count(self, which: CounterName, raw: int, signal: str) -> list[CloudEvent]:
+        # A reading that arrives while a state change waits for the counters counts before
+        # it, whatever its timestamp: a server that samples each tag on its own timer dates the
+        # count of the last units before Complete when it sampled it, after Complete, and a
+        # machine out of Execute makes no more units.
+        events: list[CloudEvent] = []
         counter = self._counter(which)
         added, notable = counter.advance(raw, self.machine.counter_width, signal)
         self.needs_save |= notable
@@ -584,7 +583,7 @@ class MachineRule:
         if state.gap_since is None:
             state.gap_since, state.gap_units = at, 0
             self.needs_save = True
-        state.candidate = state.candidate_since = state.candidate_source_time = None
+        state.candidate = state.candidate_since = None
         state.candidate_gap = None
 
     def _state_sample(self, raw: int, source_time: float, at: float) -> list[CloudEvent]:
@@ -607,19 +606,18 @@ class MachineRule:
             if latest is None:
                 gap = None  # the first state ever seen: nothing to be uncertain about
             elif name == latest:
-                state.candidate = state.candidate_since = state.candidate_source_time = None
+                state.candidate = state.candidate_since = None
                 if name != EXECUTE:
                     events += self._down_across_gap(name, gap, counted, source_time)
                 return events
             else:
                 when = _time_across_gap(source_time, gap, counted, latest, name)
         if name == latest:
-            state.candidate = state.candidate_since = state.candidate_source_time = None
+            state.candidate = state.candidate_since = None
             state.candidate_gap = None
             return events
         if name != state.candidate or gap is not None:
-            state.candidate, state.candidate_since = name, when
-            state.candidate_source_time, state.candidate_gap = source_time, gap
+            state.candidate, state.candidate_since, state.candidate_gap = name, when, gap
             self.needs_save = True
         if state.clock - (state.candidate_since or when) >= self.machine.debounce:
             events += self._accept()
@@ -631,30 +629,25 @@ class MachineRule:
         state = self.state
         name, at = state.candidate, state.candidate_since
         assert name is not None and at is not None
-        source_time = state.candidate_source_time if state.candidate_source_time is not None \
-            else at
         gap = state.candidate_gap
-        state.candidate = state.candidate_since = state.candidate_source_time = None
+        state.candidate = state.candidate_since = None
         state.candidate_gap = None
         self.needs_save = True
         if self.settle <= 0:
             return self._enter(name, at, gap)
         wall_due = state.last_tick + self.settle + 1.0 if state.last_tick is not None else None
-        state.changes.append(StateChange(name, at, source_time, state.clock + self.settle,
-                                         wall_due, gap))
+        state.changes.append(StateChange(name, at, state.clock + self.settle, wall_due, gap))
         return []
 
-    def _apply_changes(self, *, due_by: float | None = None, before: float | None = None,
-                       wall: float | None = None, everything: bool = False
-                       ) -> list[CloudEvent]:
+    def _apply_changes(self, *, due_by: float | None = None, wall: float | None = None,
+                       everything: bool = False) -> list[CloudEvent]:
         """Apply the waiting state changes, oldest first, that are due: `due_by` the rule's
-        clock, dated `before` a counter reading, due by a tick's `wall` time, or all."""
+        clock, due by a tick's `wall` time, or all."""
         events: list[CloudEvent] = []
         state = self.state
         while state.changes:
             change = state.changes[0]
             if not (everything or (due_by is not None and change.due <= due_by)
-                    or (before is not None and change.source_time < before)
                     or (wall is not None and change.wall_due is not None
                         and change.wall_due <= wall)):
                 break

@@ -271,9 +271,9 @@ class MachineConfig(Strict):
         0.0, description="A state must last this long to count; shorter ones are ignored.")
     settle: Duration | None = Field(
         None, description="How long a state change waits for the counters' last readings "
-        "(OPC UA samples each tag on its own timer, so a counter's final value can arrive "
-        "after the state change, e.g. Complete): counter readings dated up to the change count "
-        "before it. Unset: the OPC UA publishing interval plus the counters' sampling "
+        "(OPC UA samples each tag on its own timer, so the count of the last units before "
+        "Complete can arrive after Complete): what the counters read meanwhile counts before "
+        "the change. Unset: the OPC UA publishing interval plus the counters' sampling "
         "interval; 0 when one Modbus poll reads the counters with the state.")
     stop_reasons: dict[int, str] = Field(
         default_factory=dict, description="Stop reason codes to text, for interruptions and "

@@ -245,15 +245,20 @@ def test_the_last_count_arriving_after_complete_still_counts_for_the_order() -> 
     assert rule.state.unassigned == 0
 
 
-def test_a_count_dated_after_the_change_applies_the_change_first() -> None:
+def test_a_count_sampled_after_complete_but_while_it_waits_still_counts() -> None:
+    """A server that samples per tag dates the last count when it sampled it: after Complete.
+    A machine out of Execute makes no more units, so it is the count as of the change; what
+    comes after the wait is not."""
     rule = MachineRule("1010", packml_machine(), settle=1.0)
     rule.start_order(OrderBinding(order_id="4711"), T0)
     rule.on_samples([sample("state", 6, T0 + 1), sample("processed", 0, T0 + 1)])
     rule.on_sample(sample("processed", 10, T0 + 2))
     rule.on_sample(sample("state", 17, T0 + 3))
-    events = rule.on_sample(sample("processed", 12, T0 + 3.5))  # counted after Complete
-    assert of_type(events, "production.confirmation")[0]["yield_quantity"]["value"] == "10"
-    assert rule.state.unassigned == 2
+    events = rule.on_sample(sample("processed", 12, T0 + 3.5))  # sampled after Complete
+    events += rule.on_tick(T0 + 4.1)
+    assert of_type(events, "production.confirmation")[0]["yield_quantity"]["value"] == "12"
+    rule.on_sample(sample("processed", 13, T0 + 5))  # after the wait: not the order's
+    assert rule.state.unassigned == 1
 
 
 def test_counters_read_with_the_state_in_one_poll_come_first() -> None:
