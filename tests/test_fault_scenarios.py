@@ -67,9 +67,10 @@ import pytest
 from edge.model import EVENT_MODELS, event_id
 from simulators.mes_publisher import MesPublisher
 from simulators.modbus_plc import MachineState, ModbusPlc
-from simulators.opcua_machine import OpcUaMachineServer, node_id_string
+from simulators.opcua_machine import node_id_string
 from tests.conftest import (
     ErpSim,
+    MachineInThread,
     Mosquitto,
     Peer,
     PlcSim,
@@ -979,39 +980,6 @@ class RaceRun:
 
 RACE_SHORT = RaceRun(orders=12, rate=23.0)
 RACE_FULL = RaceRun(orders=60, rate=23.0)
-
-
-class MachineInThread:
-    """The OPC UA machine simulator on its own event loop in a thread: the test moves its state
-    at moments it picks and reads its own count (the oracle) while the gateway, a child
-    process, reads it over OPC UA."""
-
-    def __init__(self, **options: Any) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.server = OpcUaMachineServer("127.0.0.1", 0, **options)
-        self.thread = threading.Thread(target=self.loop.run_forever, name="opcua-machine",
-                                       daemon=True)
-
-    def __enter__(self) -> MachineInThread:
-        self.thread.start()
-        self.call(self.server.start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.call(self.server.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def call(self, work: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(work, self.loop).result(30)
-
-    def state_and_count(self, machine: str, state: str) -> int:
-        """Move the machine to `state`; its processed count as of that moment."""
-        async def move() -> int:
-            await self.server.set_state(machine, state)
-            return self.server.machine(machine).processed_count
-        count: int = self.call(move())
-        return count
 
 
 @pytest.mark.parametrize("size", [

@@ -18,6 +18,7 @@ It also checks that the config's state names and the OPC UA simulator's numbers 
 
 from __future__ import annotations
 
+import itertools
 import json
 import typing
 from collections import defaultdict
@@ -115,12 +116,12 @@ def journeys() -> list[list[str]]:
         raise AssertionError(f"no way from {start} to {goal}")
 
     walk([EXECUTE])
-    taken = {(a, b) for path in found for a, b in zip(path, path[1:], strict=False)}
+    taken = {(a, b) for path in found for a, b in itertools.pairwise(path)}
     for source, target, _cause in transitions():
         if (source, target) not in taken and source != EXECUTE:
             found.append(shortest(EXECUTE, source) + shortest(target, EXECUTE)
                          if target != EXECUTE else [*shortest(EXECUTE, source), target])
-            taken |= set(zip(found[-1], found[-1][1:], strict=False))
+            taken |= set(itertools.pairwise(found[-1]))
     return found
 
 
@@ -148,7 +149,7 @@ PATHS = journeys()
 def test_the_journeys_take_every_transition_of_the_table() -> None:
     simple = [path for path in PATHS if len(set(path)) == len(path) - 1]
     assert len(simple) == 30
-    taken = {(a, b) for path in PATHS for a, b in zip(path, path[1:], strict=False)}
+    taken = {(a, b) for path in PATHS for a, b in itertools.pairwise(path)}
     assert {(a, b) for a, b, _cause in transitions()} == taken
 
 
