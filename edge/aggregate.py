@@ -237,7 +237,8 @@ class MachineRule:
         """Save the state with the next commit even with no event: it cannot be read again."""
         self.dirty = False
         """The state moved in a way the next reading would move it again (a counter advance):
-        saved with whatever commits next, at the latest at the next tick."""
+        saved with the rule's next commit, at the latest at the next tick (a second), and at a
+        graceful stop. A commit per reading would cost a durable commit per poll."""
         signals = machine.signals
         self._counters: dict[str, CounterName] = {}
         for what, signal in signals.counters.items():

@@ -361,9 +361,7 @@ class Pipeline:
     async def _commit(self, events: Sequence[CloudEvent], rules: Iterable[MachineRule],
                       rejected: Sequence[RejectedInput] = ()) -> None:
         # State is dumped now, synchronously with the events it produced: a later reading
-        # cannot slip into this commit's state while we await the disk. Counter advances that
-        # made no event yet ride along with whatever commits.
-        rules = {*rules, *(rule for rule in self.rules if rule.dirty)}
+        # cannot slip into this commit's state while we await the disk.
         state = {rule.state_key: rule.dump_state() for rule in rules}
         state[MES_SEQUENCE_KEY] = str(self._mes_sequence)
         state[ORDERS_KEY] = json.dumps(self.known_orders, separators=(",", ":"))
