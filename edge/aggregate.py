@@ -279,11 +279,11 @@ class MachineRule:
         """Good and scrap units counted and not yet confirmed, for status pages."""
         state = self.state
         primary = self._counter(self._primary)
-        if self._part is None:
-            good_total, scrap_total = primary.total, 0
-        elif self._part == "scrap":
+        if self._primary == "good" or self._part is None:  # each counted on its own
+            good_total, scrap_total = primary.total, state.scrap.total
+        elif self._part == "scrap":  # processed and defective
             good_total, scrap_total = max(0, primary.total - state.scrap.total), state.scrap.total
-        else:
+        else:  # processed and good
             good_total, scrap_total = state.good.total, max(0, primary.total - state.good.total)
         good_pending, scrap_pending = self._split(final=False)
         return {"good_total": good_total, "scrap_total": scrap_total,

@@ -186,6 +186,24 @@ def test_a_defective_count_read_before_its_processed_count_waits_for_it() -> Non
     assert rule.state.scrap.pending == 0 and rule.state.processed.pending == 0
 
 
+@pytest.mark.parametrize(("signals", "readings", "totals"), [
+    ({"good": "plc.good", "defective": "plc.bad"}, {"good": 40, "bad": 3}, (40, 3)),
+    ({"processed": "plc.processed", "defective": "plc.bad"}, {"processed": 40, "bad": 3},
+     (37, 3)),
+    ({"processed": "plc.processed", "good": "plc.good"}, {"processed": 40, "good": 36},
+     (36, 4)),
+    ({"processed": "plc.processed"}, {"processed": 40}, (40, 0)),
+])
+def test_status_shows_good_and_scrap_whatever_the_counters(
+        signals: dict[str, str], readings: dict[str, int], totals: tuple[int, int]) -> None:
+    rule = MachineRule("1010", packml_machine(signals=signals))
+    rule.on_samples([sample(tag, 0, T0) for tag in readings])
+    rule.on_samples([sample(tag, value, T0 + 1) for tag, value in readings.items()])
+    counted = rule.totals()
+    assert (counted["good_total"], counted["scrap_total"]) == totals
+    assert (counted["good_pending"], counted["scrap_pending"]) == (0, 0)  # unassigned
+
+
 def test_good_and_processed_make_scrap_their_difference() -> None:
     config = packml_machine(signals={"good": "plc.good", "processed": "plc.processed"},
                             confirm={"every_units": 10})
