@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults soak fuzz setup mosquitto clean
+.PHONY: demo test lint bench faults soak fuzz setup mosquitto peers mbpoll clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -38,7 +38,7 @@ soak: setup
 fuzz: setup
 	PLANTSYNC_FUZZ_EXAMPLES=20 $(BIN)/pytest -q tests/test_fuzz.py
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,36 @@ mosquitto:
 		systemctl disable --now mosquitto >/dev/null 2>&1 || true; \
 	else \
 		echo "mosquitto is not installed. Install it with: sudo apt-get install mosquitto"; \
+		exit 1; \
+	fi
+
+# Independent peers from npm (tests/peers/package.json, its lock file committed), installed
+# into tests/peers/node_modules; node and npm come from Debian when missing.
+peers: tests/peers/node_modules/.installed mbpoll
+
+tests/peers/node_modules/.installed: tests/peers/package.json tests/peers/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing nodejs and npm (Debian packages)"; \
+			apt-get install -y -q nodejs npm >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get install -y -q nodejs npm >/dev/null; }; \
+		else \
+			echo "npm is not installed. Install it with: sudo apt-get install nodejs npm"; \
+			exit 1; \
+		fi; \
+	fi
+	cd tests/peers && npm ci --omit=optional --no-audit --no-fund --silent
+	touch $@
+
+# mbpoll (Debian) reads the PLC simulator's register map as an independent Modbus client.
+mbpoll:
+	@if command -v mbpoll >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing mbpoll (Debian package)"; \
+		apt-get install -y -q mbpoll >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q mbpoll >/dev/null; }; \
+	else \
+		echo "mbpoll is not installed. Install it with: sudo apt-get install mbpoll"; \
 		exit 1; \
 	fi
 
