@@ -411,6 +411,23 @@ class Publishing:
 
 def consumption_driver(broker: Mosquitto, purpose: str) -> str:
     """An MQTT driver (MQTT 5, a session of its own) taking the MES publisher's consumptions."""
+    return _mes_driver(broker, purpose, f"""
+      - filter: mes/{SITE}/+/consumption
+        event: material.consumed
+        fields: {{order_id: order_id, material: material, lot_id: lot_id,
+                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}""")
+
+
+def order_start_driver(broker: Mosquitto, purpose: str) -> str:
+    """An MQTT driver taking the MES publisher's order starts (binding orders to machines)."""
+    return _mes_driver(broker, purpose, f"""
+      - filter: mes/{SITE}/+/order/start
+        event: order.started
+        fields: {{machine_id: "$topic[2]", order_id: order_id, operation: operation,
+                 material: material, lot_id: lot_id, occurred_at: occurred_at}}""")
+
+
+def _mes_driver(broker: Mosquitto, purpose: str, topics: str) -> str:
     return f"""
   - name: mes
     type: mqtt
@@ -419,11 +436,24 @@ def consumption_driver(broker: Mosquitto, purpose: str) -> str:
     client_id: plantsync-{purpose}-{uuid.uuid4().hex[:8]}
     protocol: "5"
     keepalive: 5s
-    topics:
-      - filter: mes/{SITE}/+/consumption
-        event: material.consumed
-        fields: {{order_id: order_id, material: material, lot_id: lot_id,
-                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+    topics:{topics}"""
+
+
+def opcua_driver(name: str, endpoint: str, tags: dict[str, str]) -> str:
+    """An OPC UA driver for the simulator's machine `name`: tag name -> variable path."""
+    listed = "".join(f"""
+      - {{name: {tag}, node: "{node_id_string(name, variable)}"}}"""
+                     for tag, variable in tags.items())
+    return f"""
+  - name: {name}
+    type: opcua
+    endpoint: "{endpoint}"
+    publishing_interval: 100ms
+    keepalive: 1s
+    timeout: 2s
+    stale_after: 3s
+    reconnect_max_delay: 1s
+    tags:{listed}"""
 
 
 @pytest.mark.parametrize("size", [
@@ -1238,28 +1268,9 @@ def test_complete_race_the_last_units_before_complete_are_confirmed(
     machine_id = "filler-02"
     with MachineInThread(machines=[machine_id], rate=size.rate, sampling="per_tag") as sim:
         sim.state_and_count(machine_id, "Idle")
-        driver = f"""
-  - name: {machine_id}
-    type: opcua
-    endpoint: "{sim.server.endpoint}"
-    publishing_interval: 100ms
-    keepalive: 1s
-    tags:
-      - {{name: state, node: "{node_id_string(machine_id, "Status.StateCurrent")}"}}
-      - {{name: processed, node: "{node_id_string(machine_id, "Admin.ProdProcessedCount")}",
-         queue_size: 50}}"""
-        mes_driver = f"""
-  - name: mes
-    type: mqtt
-    host: {mosquitto.host}
-    port: {mosquitto.port}
-    client_id: plantsync-race-{uuid.uuid4().hex[:8]}
-    protocol: "5"
-    topics:
-      - filter: mes/{SITE}/+/order/start
-        event: order.started
-        fields: {{machine_id: "$topic[2]", order_id: order_id, operation: operation,
-                 material: material, occurred_at: occurred_at}}"""
+        driver = opcua_driver(machine_id, sim.server.endpoint, {
+            "state": "Status.StateCurrent", "processed": "Admin.ProdProcessedCount"})
+        mes_driver = order_start_driver(mosquitto, "race")
         machine = f"""
   - id: {machine_id}
     line: LINE-F

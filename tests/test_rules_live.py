@@ -25,13 +25,14 @@ from typing import Any
 import pytest
 
 from simulators.mes_publisher import MesPublisher
-from simulators.opcua_machine import node_id_string
 from tests.conftest import ErpSim, MachineInThread, Mosquitto, Peer, start_erp
 from tests.test_fault_scenarios import (
     SITE,
     Gateway,
     describe,
     erp_rows,
+    opcua_driver,
+    order_start_driver,
     report,
     wait_for,
     write_plant,
@@ -45,35 +46,19 @@ PACKML_MAP = ("{1: Clearing, 2: Stopped, 3: Starting, 4: Idle, 5: Suspended, 6: 
               "13: Suspending, 14: Unsuspending, 15: Resetting, 16: Completing, 17: Complete}")
 
 
-def opcua_driver(sim: MachineInThread, *tags: str) -> str:
-    listed = "".join(f"""
-      - {{name: {tag.split(".")[-1].lower()}, node: "{node_id_string(MACHINE, tag)}"}}"""
-                     for tag in tags)
-    return f"""
-  - name: {MACHINE}
-    type: opcua
-    endpoint: "{sim.server.endpoint}"
-    publishing_interval: 100ms
-    keepalive: 1s
-    timeout: 2s
-    stale_after: 3s
-    reconnect_max_delay: 1s
-    tags:{listed}"""
+def temperature_driver(sim: MachineInThread) -> str:
+    return opcua_driver(MACHINE, sim.server.endpoint, {
+        "processed": "Admin.ProdProcessedCount", "temperature": "Process.Temperature"})
 
 
-def mes_driver(broker: Mosquitto) -> str:
+def limited_machine(order: str, lasting: str) -> str:
+    """The machine with a temperature limit of 80 degrees for `lasting`, and `order` lines."""
     return f"""
-  - name: mes
-    type: mqtt
-    host: {broker.host}
-    port: {broker.port}
-    client_id: plantsync-rules-{uuid.uuid4().hex[:8]}
-    protocol: "5"
-    topics:
-      - filter: mes/{SITE}/+/order/start
-        event: order.started
-        fields: {{machine_id: "$topic[2]", order_id: order_id, operation: operation,
-                 material: material, lot_id: lot_id, occurred_at: occurred_at}}"""
+  - id: {MACHINE}
+    signals: {{processed: {MACHINE}.processed}}{order}
+    confirm: {{every_units: 1000}}
+    limits:
+      - {{signal: {MACHINE}.temperature, high: 80.0, for: {lasting}, uom: CEL}}"""
 
 
 def events_of(erp: ErpSim, event_type: str) -> list[dict[str, Any]]:
@@ -92,15 +77,16 @@ def test_a_downtime_across_a_connection_gap_ends_when_the_machine_ran_again(
     with MachineInThread(machines=[MACHINE], rate=20.0) as sim:
         machine = f"""
   - id: {MACHINE}
-    signals: {{processed: {MACHINE}.prodprocessedcount, state: {MACHINE}.statecurrent}}
+    signals: {{processed: {MACHINE}.processed, state: {MACHINE}.state}}
     order: {{order_id: "7300001", operation: "0010"}}
     confirm: {{every_units: 1000}}
     state_map: {PACKML_MAP}"""
-        driver = opcua_driver(sim, "Status.StateCurrent", "Admin.ProdProcessedCount")
+        driver = opcua_driver(MACHINE, sim.server.endpoint, {
+            "state": "Status.StateCurrent", "processed": "Admin.ProdProcessedCount"})
         config, api_port = write_plant(tmp_path, erp, [driver], [machine])
         gateway = Gateway(peers, config, api_port, tmp_path)
         gateway.start()
-        state = f"{MACHINE}.statecurrent"
+        state = f"{MACHINE}.state"
         wait_for(lambda: gateway.signal(state) == 6, 30, f"the machine in Execute {tag}")
         time.sleep(1.0)
         held_at = time.time()
@@ -146,15 +132,9 @@ def test_a_breach_before_the_order_is_raised_for_the_order_mes_binds(
     erp = start_erp(peers, tmp_path)
     with MachineInThread(machines=[MACHINE], rate=5.0) as sim:
         sim.call(sim.server.set_value(MACHINE, "Temperature", 90.0))
-        machine = f"""
-  - id: {MACHINE}
-    signals: {{processed: {MACHINE}.prodprocessedcount}}
-    confirm: {{every_units: 1000}}
-    limits:
-      - {{signal: {MACHINE}.temperature, high: 80.0, for: 1s, uom: CEL}}"""
-        driver = opcua_driver(sim, "Admin.ProdProcessedCount", "Process.Temperature")
-        config, api_port = write_plant(tmp_path, erp, [driver, mes_driver(mosquitto)],
-                                       [machine])
+        config, api_port = write_plant(tmp_path, erp, [temperature_driver(sim),
+                                                       order_start_driver(mosquitto, "rules")],
+                                       [limited_machine("", "1s")])
         gateway = Gateway(peers, config, api_port, tmp_path)
         gateway.start()
         wait_for(lambda: "outside its limits with no order bound" in gateway.output(), 30,
@@ -178,15 +158,9 @@ def test_a_sensor_reading_nan_is_neither_a_breach_nor_a_recovery(
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
     with MachineInThread(machines=[MACHINE], rate=5.0) as sim:
-        machine = f"""
-  - id: {MACHINE}
-    signals: {{processed: {MACHINE}.prodprocessedcount}}
-    order: {{order_id: "7300003", operation: "0010", lot_id: LOT-7300003}}
-    confirm: {{every_units: 1000}}
-    limits:
-      - {{signal: {MACHINE}.temperature, high: 80.0, for: 2s, uom: CEL}}"""
-        driver = opcua_driver(sim, "Admin.ProdProcessedCount", "Process.Temperature")
-        config, api_port = write_plant(tmp_path, erp, [driver], [machine])
+        order = '\n    order: {order_id: "7300003", operation: "0010", lot_id: LOT-7300003}'
+        config, api_port = write_plant(tmp_path, erp, [temperature_driver(sim)],
+                                       [limited_machine(order, "2s")])
         gateway = Gateway(peers, config, api_port, tmp_path)
         gateway.start()
         temperature = f"{MACHINE}.temperature"
