@@ -657,10 +657,22 @@ class MachineRule:
             events += self._enter(change.name, change.at, change.gap)
         return events
 
+    def _known_until(self) -> float:
+        """The latest moment the rule has dated anything by the state the machine was in (its
+        start, a binding or operation start under it): a change that comes later (after a
+        debounce, or first seen after a gap) is not dated before it."""
+        state = self.state
+        binding = state.binding
+        times = [state.state_since, state.down_since]
+        if binding is not None:
+            times += [binding.bound_at, binding.started_at, binding.interrupted_at]
+        return max((t for t in times if t is not None), default=-math.inf)
+
     def _enter(self, name: str, at: float, gap: Gap | None = None) -> list[CloudEvent]:
         """A state change that outlasted the debounce (and waited for the counters), dated
         when it began."""
         state = self.state
+        at = max(at, self._known_until())
         previous = state.machine_state
         state.machine_state, state.state_since = name, at
         self.needs_save = True
@@ -734,8 +746,9 @@ class MachineRule:
         if not counted:
             state.down_gap = _union(state.down_gap, gap)
             return []
-        again = source_time if gap[0] < source_time < gap[1] else gap[1]
-        return self._leave_down(gap[0], gap) + self._go_down(name, again, gap)
+        ran = max(gap[0], self._known_until())
+        again = max(source_time if gap[0] < source_time < gap[1] else gap[1], ran)
+        return self._leave_down(ran, gap) + self._go_down(name, again, gap)
 
     def _interrupted(self, binding: Binding, name: str, at: float, gap: Gap | None
                      ) -> list[CloudEvent]:
