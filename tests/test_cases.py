@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from edge.config import load_config
+from edge.model import event_type_of
 from edge.replay import read_lines, replay
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())
@@ -51,6 +52,7 @@ def facts(entry: dict[str, Any]) -> tuple[str, str, list[str]]:
     """An output line as (time, type, facts), in the words the derivations use."""
     if "rejected" in entry:
         return "-", "rejected", [entry["rejected"]["reason"]]
+    event_type = str(event_type_of(entry["type"]))  # the short name the derivations use
     data = entry["data"]
     found: list[str] = []
     if data.get("order_id"):
@@ -74,7 +76,7 @@ def facts(entry: dict[str, Any]) -> tuple[str, str, list[str]]:
         found.append(f"reason {data['reason_code']}")
     if data.get("reason_text") and "trigger" not in data:
         found.append(f"reason text {data['reason_text']}")
-    if "started_at" in data and entry["type"] == "downtime.recorded":
+    if "started_at" in data and event_type == "downtime.recorded":
         found.append(f"from {_clock(data['started_at'])}")
         found.append(f"to {_clock(data['ended_at'])}")
         found.append(f"{data['duration_seconds']:g} s")
@@ -95,7 +97,7 @@ def facts(entry: dict[str, Any]) -> tuple[str, str, list[str]]:
         found.append(f"inputs {len(data['input_lots'])}")
     if data.get("defect_code"):
         found.append(f"defect {data['defect_code']}")
-    return _clock(data.get("occurred_at")), entry["type"], found
+    return _clock(data.get("occurred_at")), event_type, found
 
 
 def derivation(case: Path) -> list[tuple[str, str, list[str]]]:
