@@ -1403,7 +1403,7 @@ def test_a_nan_or_infinite_float_from_the_plc_is_null_in_every_json_output(
 drivers:{drivers}
 machines:
   - id: press-nan
-    signals: {{processed: press-nan.good}}
+    signals: {{good: press-nan.good}}
     order: {{order_id: "1000123", operation: "0010"}}
     confirm: {{every_units: 10}}
     limits: [{{signal: press-nan.force, low: 12.0, high: 15.0, for: 1s, raise: inspection}}]
