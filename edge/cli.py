@@ -200,7 +200,22 @@ def _check(path: Path, *, offline: bool = False) -> int:
         print(f"{path}: OK offline ({summary}{left})")
     else:
         print(f"{path}: OK ({summary})")
+    _explain_machines(config)
     return 0
+
+
+def _explain_machines(config: PlantConfig) -> None:
+    """What each machine's counters make of yield and scrap, and how long its state changes
+    wait for them: the choices a technician should see before ERP books anything."""
+    from edge.aggregate import settle_for
+
+    for machine in config.machines:
+        waits = ""
+        if machine.signals.state is not None:
+            waits = f"; state changes wait {settle_for(config, machine):g}s for the counters"
+        print(f"  machine {machine.id}: {machine.signals.counting()}{waits}")
+        if note := machine.signals.migration_note():
+            print(f"    note: {note}")
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -172,14 +172,24 @@ PackMLState = Literal[
 
 
 class MachineSignals(Strict):
-    processed: str = Field(
-        description="`driver.tag` of the accumulating good-count counter.",
-        pattern=SIGNAL_PATTERN,
-        examples=["press-01.good"],
+    """Which tags say what the machine counts and what state it is in. Name each counter for
+    what it counts: `good` (good units only), `processed` (every unit processed, good and
+    defective: PackML's ProdProcessedCount), `defective` (PackML's ProdDefectiveCount). Two of
+    them say it all: yield is `good`, or `processed` - `defective`; scrap is `defective`, or
+    `processed` - `good`."""
+
+    good: str | None = Field(
+        None, description="`driver.tag` of the accumulating counter of good units.",
+        pattern=SIGNAL_PATTERN, examples=["press-01.good"],
+    )
+    processed: str | None = Field(
+        None, description="`driver.tag` of the accumulating counter of every unit processed, "
+        "good and defective alike (PackML ProdProcessedCount): yield = processed - defective.",
+        pattern=SIGNAL_PATTERN, examples=["filler-02.processed"],
     )
     defective: str | None = Field(
-        None, description="`driver.tag` of the accumulating scrap counter.",
-        pattern=SIGNAL_PATTERN,
+        None, description="`driver.tag` of the accumulating counter of defective (scrap) units "
+        "(PackML ProdDefectiveCount).", pattern=SIGNAL_PATTERN,
     )
     state: str | None = Field(
         None, description="`driver.tag` of the numeric machine state (needs state_map).",
@@ -190,10 +200,48 @@ class MachineSignals(Strict):
         "machine stops.", pattern=SIGNAL_PATTERN,
     )
 
+    @model_validator(mode="after")
+    def _counts_something(self) -> MachineSignals:
+        if self.good is None and self.processed is None:
+            raise ValueError("name the machine's counter: good (good units only) or processed "
+                             "(good and defective units, as PackML's ProdProcessedCount counts)")
+        if self.good is not None and self.processed is not None and self.defective is not None:
+            raise ValueError("good, processed and defective: name two of them, the third "
+                             "follows (processed = good + defective)")
+        return self
+
+    @property
+    def counters(self) -> dict[str, str]:
+        """The counter signals by what they count: `good`, `processed`, `defective`."""
+        named = {"good": self.good, "processed": self.processed, "defective": self.defective}
+        return {what: signal for what, signal in named.items() if signal is not None}
+
+    def counting(self) -> str:
+        """How yield and scrap follow from these counters, in words (for `check` and logs)."""
+        if self.good is not None:
+            scrap = (f"defective ({self.defective})" if self.defective else
+                     f"processed - good ({self.processed} - {self.good})" if self.processed else
+                     "0 (no defective counter)")
+            return f"yield = good ({self.good}); scrap = {scrap}"
+        if self.defective is None:
+            return f"yield = processed ({self.processed}); scrap = 0 (no defective counter)"
+        return (f"yield = processed - defective ({self.processed} - {self.defective}); "
+                f"scrap = defective ({self.defective})")
+
+    def migration_note(self) -> str | None:
+        """For the one combination whose meaning changed when counters were named for what
+        they count: `processed` with `defective` used to confirm processed as yield."""
+        if self.good is not None or self.processed is None or self.defective is None:
+            return None
+        return (f"{self.processed} must count good and defective units, as PackML's "
+                "ProdProcessedCount does. Before counters were named for what they count, "
+                "`processed` meant good units only: if it counts only those, name it `good`")
+
 
 class ConfirmPolicy(Strict):
     every_units: int | None = Field(
-        100, ge=1, description="Confirm each time this many good units have been counted."
+        100, ge=1, description="Confirm each time this many units have been counted (good "
+        "units; processed units where the machine counts processed)."
     )
     every: Duration | None = Field(
         None,
@@ -264,6 +312,12 @@ class MachineConfig(Strict):
     )
     debounce: Duration = Field(
         0.0, description="A state must last this long to count; shorter ones are ignored.")
+    settle: Duration | None = Field(
+        None, description="How long a state change waits for the counters' last readings "
+        "(OPC UA samples each tag on its own timer, so the count of the last units before "
+        "Complete can arrive after Complete): what the counters read meanwhile counts before "
+        "the change. Unset: the OPC UA publishing interval plus the counters' sampling "
+        "interval; 0 when one Modbus poll reads the counters with the state.")
     stop_reasons: dict[int, str] = Field(
         default_factory=dict, description="Stop reason codes to text, for interruptions and "
         "downtime.")

@@ -92,7 +92,8 @@ class Gateway:
         self.notifier = notifier or Notifier(None)
         self.control = control or Control()
         self.pipeline = Pipeline(config, outbox, saved_state,
-                                 observer=self.kpis.observer(config.destinations_for))
+                                 observer=self.kpis.observer(config.destinations_for),
+                                 connected=self._drivers_connected)
         self.drivers: list[Driver] = [create_driver(d, config.data_dir)
                                          for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
@@ -218,12 +219,15 @@ class Gateway:
             log.info("Reload: %s", change)
         return new_config
 
+    def _drivers_connected(self) -> dict[str, bool]:
+        return {driver.name: driver.health.connected for driver in self.drivers}
+
     async def _commit_barrier(self, deadline: float) -> None:
-        """Wait until everything the stopped drivers handed over is on disk: a commit queued
-        now is done only after every commit queued before it."""
+        """Wait until everything the stopped drivers handed over is on disk, with the rules'
+        last readings: a commit queued now is done only after every commit queued before it."""
         remaining = max(0.1, deadline - asyncio.get_running_loop().time())
         try:
-            await asyncio.wait_for(self.outbox.commit([]), remaining)
+            await asyncio.wait_for(self.pipeline.flush(), remaining)
         except TimeoutError:
             log.warning("The outbox did not finish its last commits within the shutdown "
                         "timeout; they finish before it closes")
@@ -472,9 +476,7 @@ def machine_status(rule: MachineRule) -> dict[str, Any]:
             "operation": binding.operation if binding else None,
             "lot_id": binding.lot_id if binding else None,
             "state": rule.state.machine_state,
-            "good_total": rule.state.good.total, "scrap_total": rule.state.scrap.total,
-            "good_pending": rule.state.good.pending,
-            "scrap_pending": rule.state.scrap.pending,
+            **rule.totals(),
             "unassigned": rule.state.unassigned,
             "unassigned_scrap": rule.state.unassigned_scrap}
 

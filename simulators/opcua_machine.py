@@ -19,6 +19,10 @@ Status.StateCurrent`:
 A machine starts in Execute. Every 100 ms the counters advance at `rate` processed and
 `scrap_rate` defective units per second (fractions accumulate) while in Execute, and not in any
 other state; with `stop_at` a machine turns Complete when its processed count reaches it.
+With `sampling="per_tag"` (`--sampling per-tag`) the server behaves like one that
+samples each variable on its own timer (node-opcua does): a state change counts the units made
+up to it and shows the new state at once, but the counters show their last values only at the
+next tick, so a subscriber can see Complete before the count of the last units before it.
 `OpcUaMachineServer` is the control API for tests and the scenario runner: change the
 state, the rate, add counts, pin a process value. The command line (`main`) prints
 `opcua-machine listening on opc.tcp://HOST:PORT` once it accepts connections, so a parent
@@ -85,6 +89,10 @@ _OPC30050_MACHINE_STATES = frozenset({"STOPPED", "STOPPING", "RESETTING"})
 _OPC30050_BASE_STATES = frozenset({"ABORTED", "ABORTING", "CLEARING"})
 """Where a PackML state lives among OPC 30050's nested state machines: BaseStateMachine (these,
 and Cleared), its MachineState (these, and Running), and that one's ExecuteState (the rest)."""
+Sampling = Literal["together", "per_tag"]
+STATE_VARIABLES = ("Status.StateCurrent", "Admin.StopReason", "Admin.StopReasonText",
+                   "Process.Speed")
+"""What a state change writes at once in `per_tag` sampling; the counters wait for the clock."""
 
 
 class PackMLState(enum.IntEnum):
@@ -272,6 +280,7 @@ class OpcUaMachineServer:
         private_key: Path | None = None,
         tick: float = TICK_SECONDS,
         model: Model = "plantsync",
+        sampling: Sampling = "together",
     ) -> None:
         if not machines:
             raise ValueError("at least one machine is needed")
@@ -288,6 +297,8 @@ class OpcUaMachineServer:
         self.private_key = private_key
         self.tick = tick
         self.model = model
+        self.sampling = sampling
+        self._last_advance = time.monotonic()
         self.machines: dict[str, Machine] = {
             name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count),
                           stop_at=stop_at)
@@ -498,17 +509,21 @@ class OpcUaMachineServer:
     # --- the production clock -----------------------------------------------------------------
 
     async def _run_clock(self) -> None:
-        last = time.monotonic()
+        self._last_advance = time.monotonic()
         while True:
             await asyncio.sleep(self.tick)
-            now = time.monotonic()
-            for machine in self.machines.values():
-                machine.advance(now - last)
-            last = now
+            self._advance()
             await self._publish_all()
 
-    async def _publish_all(self) -> None:
-        """Write every value that changed since the last write, with a source timestamp."""
+    def _advance(self) -> None:
+        now = time.monotonic()
+        for machine in self.machines.values():
+            machine.advance(now - self._last_advance)
+        self._last_advance = now
+
+    async def _publish_all(self, only: Sequence[str] | None = None) -> None:
+        """Write every value that changed since the last write (of the `only` variables, if
+        given), with a source timestamp."""
         if self._server is None:
             return
         stamp = ua.DateTime.now(UTC)
@@ -516,6 +531,8 @@ class OpcUaMachineServer:
             opc30050 = self.model == "opc30050"
             values = self._packml_values(machine) if opc30050 else machine.values()
             for path, value in values.items():
+                if only is not None and not opc30050 and path not in only:
+                    continue
                 key = (machine.name, path)
                 if self._written.get(key) == value:
                     continue
@@ -552,12 +569,17 @@ class OpcUaMachineServer:
         stop_reason: int = 0,
         text: str = "",
     ) -> None:
-        """Move the machine to a PackML state (number or name), with a stop reason if stopping."""
+        """Move the machine to a PackML state (number or name), with a stop reason if stopping.
+        In `per_tag` sampling the units made up to now are counted first, and shown with the
+        next tick; the state shows at once."""
         target = self.machine(machine)
+        per_tag = self.sampling == "per_tag"
+        if per_tag:
+            self._advance()
         target.state = PackMLState.of(state)
         target.stop_reason = stop_reason
         target.stop_reason_text = text
-        await self._publish_all()
+        await self._publish_all(STATE_VARIABLES if per_tag else None)
 
     async def set_rate(self, machine: str, rate: float, scrap_rate: float | None = None) -> None:
         """Processed (and optionally defective) units per second while in Execute."""
@@ -660,6 +682,7 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         user=args.user,
         certificate=args.certificate,
         private_key=args.private_key,
+        sampling="per_tag" if args.sampling == "per-tag" else "together",
     )
     try:
         await machine_server.start(listen_after=args.listen_after)
@@ -719,6 +742,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m simulators.opcua_
         default="Basic256Sha256", help="the security policy offered with --security")
     parser.add_argument(
         "--user", type=_user, default=None, metavar="USER:PASS", help="accept only this user"
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=("together", "per-tag"),
+        default="together",
+        help="per-tag: each variable shows changes on its own timer, so a state change can "
+        "show before the count of the units made just before it (as node-opcua servers do)",
     )
     parser.add_argument("--certificate", type=Path, help="server certificate (default: generated)")
     parser.add_argument("--private-key", type=Path, help="server private key (default: generated)")

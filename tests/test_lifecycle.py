@@ -501,7 +501,7 @@ drivers:
   - {{name: press-01, type: modbus, host: 127.0.0.1, tags: [{{name: good, address: 0}}]}}
 machines:
   - id: press-01
-    signals: {{processed: press-01.good}}
+    signals: {{good: press-01.good}}
     confirm: {{every_units: {every_units}}}
 destinations:
   erp: {{base_url: "https://erp", auth: {{type: bearer, token: "{token}"}}}}

@@ -98,7 +98,7 @@ drivers:
                   quantity.uom: uom}}
 machines:
   - id: press-01
-    signals: {{processed: press-01.good}}
+    signals: {{good: press-01.good}}
     order: {{order_id: "1000123", operation: "0010"}}
     confirm: {{every_units: 50}}
 destinations:
