@@ -76,6 +76,7 @@ from drivers.base import (
     SampleSink,
     TagValue,
     accepts_tcp,
+    honour_cancellation,
     unique_names,
 )
 from edge.timing import Backoff, Duration
@@ -1071,6 +1072,7 @@ class OpcUaDriver(Driver):
     async def _sessions(self, pending: PendingSamples) -> None:
         while True:
             outcome = await self._session(pending)
+            honour_cancellation()  # a stop asyncua swallowed must not start another session
             self.health.connected = False
             self._record_error(outcome.reason)
             if not self._unavailable or (outcome.needs_person
@@ -1130,6 +1132,7 @@ class OpcUaDriver(Driver):
                 trust=TrustList(self.data_dir / "pki") if self.data_dir is not None else None,
             )
             await client.connect()
+            honour_cancellation()  # asyncua awaits with wait_for, which can lose a stop (3.11)
             return _Outcome(await self._serve(client, pending))
         except SessionEnded as exc:
             return _Outcome(str(exc))
@@ -1164,6 +1167,9 @@ class OpcUaDriver(Driver):
         await self._prepare_structures(client, namespaces, monitored, pending)
         subscription, keepalive = await self._subscribe(client, monitored, pending)
         await self._read_current(client, monitored, pending)
+        # Each of these awaits asyncua's wait_for, which on Python 3.11 can swallow a stop; the
+        # watchers below would then run on, and a TaskGroup cancels its children only once.
+        honour_cancellation()
         self._mark_available()
 
         # The server may revise the keep-alive up; never call a subscription stale before two
@@ -1512,6 +1518,7 @@ class OpcUaDriver(Driver):
                     self.health.reads += 1
                     await self._packml_state_changed(
                         client, item, notification.Value, time.time(), pending)
+                    honour_cancellation()  # it reads the server through wait_for (3.11)
                 elif item is not None:
                     self.health.reads += 1
                     self._emit(item.tag, notification.Value, time.time(), pending)
