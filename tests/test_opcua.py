@@ -55,6 +55,7 @@ from simulators.opcua_machine import (
 )
 from tests.conftest import Peer, free_port, missing_peer, start_erp, start_peer
 from tests.driver_harness import running, wait_until
+from tests.opcua_child import MachineProcess
 
 MACHINE = "filler-02"
 
@@ -986,19 +987,20 @@ async def test_an_opc30050_machine_is_read_through_its_structures_and_state_mach
     # The state numbers are ISA-TR88's, as OPC 30050's NodeSet gives each state object's
     # StateNumber: the simulator only points CurrentState.Id at the state object.
     caplog.set_level(logging.INFO, logger="drivers.opcua")
-    async with machine(rate=0, start_count=120, model="opc30050") as server:
+    # In its own process: asyncua's type registries are module-wide (see tests/opcua_child.py).
+    with MachineProcess(rate=0, start_count=120, model="opc30050") as server:
         tags = opc30050_tags(lambda path: f"nsu={NAMESPACE_URI};s={MACHINE}.{path}")
         driver = OpcUaDriver(config(server.endpoint, tags))
         collector = Collector()
         async with running(driver, collector):
             await wait_until(lambda: collector.values("processed") == [120])
-            await server.add_counts(MACHINE, good=5, scrap=2)
+            await server.call("add_counts", MACHINE, good=5, scrap=2)
             await wait_until(lambda: collector.values("processed")[-1:] == [127])
             for state, reason, text, number in (
                 ("Held", 31, "bottle jam", 11), ("Stopped", 0, "", 2),
                 ("Aborted", 7, "guard open", 9), ("Execute", 0, "", 6),
             ):
-                await server.set_state(MACHINE, state, stop_reason=reason, text=text)
+                await server.call("set_state", MACHINE, state, stop_reason=reason, text=text)
                 await wait_until(partial(lambda n: collector.values("state")[-1:] == [n], number))
 
     assert collector.values("state") == [6, 11, 2, 9, 6]
