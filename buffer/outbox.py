@@ -22,6 +22,12 @@ business events wait: `commit` does not return until there is room, which is the
 that stops drivers from taking more input. A full disk is handled the same way. A database that
 fails its integrity check at open is moved aside and replaced, and the alarm stays raised.
 
+Each database has an `epoch`: random, made with the database and kept in it. The event ids the
+gateway derives from its own state (counter totals, a configured order bound at time 0) carry
+it, because that state starts again from nothing with a new database: without the epoch, a
+database moved aside or deleted would let the next one reissue ids that receivers already hold
+and would drop as duplicates.
+
 Why not aiosqlite: it hops to its thread once per statement. Here a whole group-committed
 transaction runs as one call on the writer thread, which is where SQLite's speed is.
 """
@@ -172,7 +178,7 @@ class Outbox:
         self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
         commit_interval: float, commit_max_rows: int, max_bytes: int | None,
         heads: dict[str, dict[str, _Head]], counts: tuple[Counter[str], Counter[str]],
-        recovered_from: str | None,
+        recovered_from: str | None, epoch: str,
     ) -> None:
         self._db = connection
         self._executor = executor
@@ -191,6 +197,8 @@ class Outbox:
         self.disk_full = False
         self.recovered_from = recovered_from
         """Where a corrupt database was moved at open, if one was: an alarm, not an error."""
+        self.epoch = epoch
+        """This database's random epoch (16 hex digits), made with it and never changed."""
         self.integrity_problem: str | None = None
         """What the background integrity check found wrong, if anything: an alarm."""
         self._checker: asyncio.Task[None] | None = None
@@ -210,7 +218,8 @@ class Outbox:
         opened = await loop.run_in_executor(executor, _open_checked, path)
         outbox = cls(opened.connection, executor, commit_interval=commit_interval,
                      commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=opened.heads,
-                     counts=opened.counts, recovered_from=opened.recovered_from)
+                     counts=opened.counts, recovered_from=opened.recovered_from,
+                     epoch=opened.epoch)
         outbox.used_bytes = opened.used_bytes
         outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         outbox._reader_db = await loop.run_in_executor(outbox._reader, _connect_reader, path)
@@ -845,12 +854,15 @@ class _Opened:
     counts: tuple[Counter[str], Counter[str]]
     used_bytes: int
     recovered_from: str | None
+    epoch: str
 
 
 def _load(path: Path) -> _Opened:
     db = _connect(path)
     try:
-        return _Opened(db, _load_heads(db), _load_counts(db), _used_bytes(db), None)
+        ((epoch,),) = db.execute("SELECT value FROM outbox_meta WHERE key = 'epoch'")
+        return _Opened(db, _load_heads(db), _load_counts(db), _used_bytes(db), None,
+                       str(epoch))
     except BaseException:
         db.close()
         raise

@@ -6,9 +6,12 @@ are exported so that ERP and QMS teams can check payloads without reading Python
 decimal strings with a UN/ECE Recommendation 20 unit code, never floats, so that ERP, MES and QMS
 add up to the same number. An event's id is a UUIDv5 over its natural key, never random and never
 time based: deriving it again after a crash gives the same id, which is what lets the outbox and
-the receivers drop duplicates. Nothing here does I/O except `write_schemas`, and nothing here
-keeps mutable state at package level: extra unit codes come from configuration through the
-pydantic validation context (key `UOM_CODES_CONTEXT_KEY`).
+the receivers drop duplicates. Natural keys come in two kinds (`source_key`, `state_key`): what
+a source system names (an MES message id, a lot id, a QMS decision) and what the gateway derives
+from its own state, which carries the outbox's epoch so that a new outbox never reissues an id.
+Nothing here does I/O except `write_schemas`, and nothing here keeps mutable state at package
+level: extra unit codes come from configuration through the pydantic validation context (key
+`UOM_CODES_CONTEXT_KEY`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "BUILTIN_UOM_CODES",
     "EVENT_ID_NAMESPACE",
     "EVENT_MODELS",
+    "OFFLINE_EPOCH",
     "SEQUENCE_DIGITS",
     "UOM_CODES_CONTEXT_KEY",
     "CloudEvent",
@@ -71,6 +75,8 @@ __all__ = [
     "format_sequence",
     "json_schemas",
     "priority_of",
+    "source_key",
+    "state_key",
     "validate_event_data",
     "write_schemas",
 ]
@@ -144,6 +150,34 @@ def event_id(event_type: str, *natural_key: str | int) -> str:
         raise ValueError("an event id needs a natural key of at least one part")
     name = "|".join([event_type, *(_escape_key_part(part) for part in natural_key)])
     return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
+
+
+NaturalKey = tuple[str | int, ...]
+
+OFFLINE_EPOCH: Final = "offline"
+"""The epoch of events derived offline (`plantsync replay`, the golden cases, unit tests): fixed,
+so that the same input gives the same ids on every run. A running gateway never uses it: its
+epoch is its outbox's (`Outbox.epoch`), random and made with the database."""
+
+
+def source_key(site: str, *names: str | int) -> NaturalKey:
+    """The natural key of an event that a source system identifies: an MES message id, a lot id
+    the MES named, a QMS decision on a lot. The same message or decision always gives the same
+    id, in any outbox, so a redelivery after the outbox was lost is still a duplicate."""
+    return (site, *names)
+
+
+def state_key(epoch: str, site: str, machine_id: str, *parts: str | int) -> NaturalKey:
+    """The natural key of an event the gateway derives from its own state: counter ranges and
+    totals, the time an order was bound (0 for an order fixed in the config), transition
+    times. That state starts from nothing when the outbox database is replaced (moved aside as
+    damaged, or deleted), so the key carries the outbox's `epoch`: without it the new
+    database would derive ids that receivers already hold for other units, and an idempotent
+    receiver would drop the new ones as duplicates. Within one outbox the epoch never
+    changes, so deriving an event again after a crash still gives the same id."""
+    if not epoch:
+        raise ValueError("a state key needs the outbox epoch")
+    return ("epoch", epoch, site, machine_id, *parts)
 
 
 def priority_of(event_type: str) -> int:

@@ -35,6 +35,7 @@ from edge.model import (
     LotProduced,
     build_event,
     priority_of,
+    source_key,
 )
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,15 @@ class Pipeline:
 
     def __init__(self, config: PlantConfig, outbox: Outbox, saved: dict[str, str],
                  observer: Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None]
-                 | None = None) -> None:
+                 | None = None, *, epoch: str | None = None) -> None:
         self.config = config
         self.outbox = outbox
         self._observer = observer
+        self.epoch = outbox.epoch if epoch is None else epoch
+        """Part of every id the rules derive: the outbox's, or a fixed one for a replay."""
         self.rules = [
             MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
-                        uom_codes=config.all_uom_codes)
+                        uom_codes=config.all_uom_codes, epoch=self.epoch)
             for machine in config.machines
         ]
         self._by_machine = {rule.machine.id: rule for rule in self.rules}
@@ -263,8 +266,8 @@ class Pipeline:
                                         data.occurred_at.timestamp(), data.disposition_source,
                                         data.order_id, data.material))
         key = data.order_id or getattr(data, "lot_id", None) or message.driver
-        event = self._build(data, (self.config.site, message.kind, message.message_id), key,
-                            f"mes:{message.driver}")
+        event = self._build(data, source_key(self.config.site, message.kind, message.message_id),
+                            key, f"mes:{message.driver}")
         if isinstance(data, LotProduced):
             self._lot_produced(data, event)
         return event, None
@@ -287,8 +290,9 @@ class Pipeline:
             site=data.site, order_id=data.order_id, lot_id=data.lot_id, material=data.material,
             occurred_at=data.occurred_at, trigger="lot_completed",
             reason_text=f"lot {data.lot_id} completed")
-        self._followups.append(self._build(request, (self.config.site, "lot-inspection",
-                                                     data.lot_id), data.lot_id, "quality"))
+        self._followups.append(self._build(request, source_key(self.config.site, "lot-inspection",
+                                                               data.lot_id), data.lot_id,
+                                           "quality"))
 
     async def dispositions(self, decisions: Sequence[LotDisposition], cursor: str) -> None:
         """QMS decisions: lot.disposition events (to ERP), the lots' status and the feed's
@@ -305,8 +309,8 @@ class Pipeline:
             # Keyed by the order the lot was produced for: the decision must not overtake
             # the confirmations that put the lot into quality-inspection stock.
             events.append(self._build(
-                data, (self.config.site, "disposition", data.lot_id, data.disposition,
-                       int(data.occurred_at.timestamp() * 1000)),
+                data, source_key(self.config.site, "disposition", data.lot_id, data.disposition,
+                                 int(data.occurred_at.timestamp() * 1000)),
                 data.order_id or data.lot_id, "quality"))
         self.qms_cursor = cursor
         await self._commit(events, ())

@@ -37,7 +37,7 @@ from buffer.outbox import Outbox, RejectedInput
 from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig
 from edge.config import DriverConfig, PlantConfig
-from edge.model import CloudEvent
+from edge.model import OFFLINE_EPOCH, CloudEvent
 from edge.pipeline import Pipeline
 from edge.registry import create_driver
 
@@ -111,14 +111,18 @@ async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: 
 
     outbox = await Outbox.open(scratch / "replay-outbox.db")
     try:
-        pipeline = Pipeline(config, outbox, await outbox.load_state(), observe)
+        # A fixed epoch: the same input gives the same ids on every replay (a scratch outbox
+        # would otherwise give new ones each time).
+        pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
+                            epoch=OFFLINE_EPOCH)
         for entry in lines:
             if entry.get("restart") or entry.get("crash"):
                 if entry.get("crash") and (reading := parse_line(entry)) is not None:
                     pipeline.outbox = _CrashingOutbox(outbox)  # type: ignore[assignment]
                     with contextlib.suppress(_Crash):
                         await pipeline.on_readings([reading])
-                pipeline = Pipeline(config, outbox, await outbox.load_state(), observe)
+                pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
+                                    epoch=OFFLINE_EPOCH)
                 continue
             reading = parse_line(entry)
             if reading is not None:

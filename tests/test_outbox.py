@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
-from buffer.schema import SCHEMA_VERSION
+from buffer.schema import MIGRATIONS, SCHEMA_VERSION
 
 
 def event(n: int, key: str = "order-1", destinations: tuple[str, ...] = ("erp",),
@@ -30,14 +31,18 @@ async def test_commit_is_durable_with_state_and_survives_reopen(tmp_path: Path) 
     box = await Outbox.open(tmp_path / "outbox.db")
     result = await box.commit([event(1), event(2)], {"machine:m1": '{"total": 7}'})
     assert (result.inserted, result.duplicates) == (2, 0)
-    await box.close()
 
-    # Another connection sees it: the commit was on disk when `commit` returned.
+    # Another connection sees it while the outbox is still open (no close() to flush anything):
+    # the transaction was committed when `commit` returned, not later.
     db = sqlite3.connect(tmp_path / "outbox.db")
-    assert db.execute("SELECT COUNT(*) FROM events").fetchone() == (2,)
+    assert db.execute("SELECT id, payload FROM events ORDER BY seq").fetchall() == [
+        ("ev-1", b'{"n": 1}'), ("ev-2", b'{"n": 2}')]
+    assert db.execute("SELECT value FROM rule_state WHERE key = 'machine:m1'").fetchone() == (
+        '{"total": 7}',)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     db.close()
+    await box.close()
 
     box = await Outbox.open(tmp_path / "outbox.db")
     assert await box.load_state() == {"machine:m1": '{"total": 7}'}
@@ -246,4 +251,52 @@ async def test_damage_found_while_running_raises_the_alarm_and_moves_the_file_ne
     box = await Outbox.open(path)  # the next start moves it aside
     assert box.recovered_from is not None and "marked damaged" in box.recovered_from
     assert not Path(f"{path}.damaged").exists()
+    await box.close()
+
+
+async def test_each_database_has_its_own_epoch_kept_for_its_life(tmp_path: Path) -> None:
+    """Issue 12 item 1: the epoch is made with the database and kept in it; a database moved
+    aside as damaged, or deleted, is replaced by one with a new epoch."""
+    path = tmp_path / "outbox.db"
+    box = await Outbox.open(path)
+    first = box.epoch
+    await box.commit([event(1)])
+    await box.close()
+    assert re.fullmatch(r"[0-9a-f]{16}", first), first
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM outbox_meta WHERE key = 'epoch'").fetchone() == (first,)
+    db.close()
+
+    box = await Outbox.open(path)
+    assert box.epoch == first  # a restart keeps it: ids derived again are the same ids
+    await box.close()
+
+    path.write_bytes(b"garbage" * 1000)  # damaged: moved aside at open, a new database
+    box = await Outbox.open(path)
+    second = box.epoch
+    assert box.recovered_from is not None and second != first
+    await box.close()
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    box = await Outbox.open(path)
+    assert box.epoch not in (first, second)
+    await box.close()
+
+
+async def test_a_database_from_before_the_epoch_gets_one_and_keeps_its_events(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for statement in (s for migration in MIGRATIONS[:4] for s in migration):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 4")
+    db.execute("INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+               " VALUES ('old-1', 'production.confirmation', 'k', 1, x'7b7d', 0)")
+    db.execute("INSERT INTO deliveries VALUES (1, 'erp', 'k', 1, 0, 0, 0, NULL, NULL, NULL)")
+    db.close()
+    box = await Outbox.open(path)
+    assert re.fullmatch(r"[0-9a-f]{16}", box.epoch)
+    assert [d.event_id for d in await box.lease("erp", 10)] == ["old-1"]
     await box.close()
