@@ -71,15 +71,25 @@ class OutboxEvent:
     priority: int = 1
 
 
+REJECTED_PAYLOAD_MAX = 1024 * 1024
+"""Bytes of a rejected input's payload an input dead letter keeps; the rest is cut."""
+
+
 @dataclass(frozen=True, slots=True)
 class RejectedInput:
-    """An input a driver received but could not use, kept with the reason (input dead letter)."""
+    """An input a driver received but could not use, kept with the reason (input dead letter):
+    the payload as it arrived (at most `REJECTED_PAYLOAD_MAX` bytes) and the source's message
+    id, so that it can be traced and run again once the config is fixed."""
 
     source: str
     topic: str
     payload: bytes
     reason: str
     received_at: float
+    message_id: str | None = None
+    replaces: int | None = None
+    """The id of the input dead letter this one is a new attempt at (a reingest rejected
+    again): that row gets the new reason instead of a second row being added."""
 
 
 def _storable(text: str) -> str:
@@ -304,10 +314,11 @@ class Outbox:
     async def commit(
         self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None, *,
         rejected: Sequence[RejectedInput] = (), lots: Sequence[LotStatus] = (),
-        wait: bool = True,
+        resolved_inputs: Sequence[int] = (), wait: bool = True,
     ) -> CommitResult:
         """Durably store new events, the rule state that produced them, and the inputs that
-        were rejected on the way, atomically.
+        were rejected on the way, atomically; forget the input dead letters in
+        `resolved_inputs` (reingested: what they produced is in this commit).
 
         An event id committed before (still held, or delivered within the journal's
         retention) is ignored and counted: re-deriving events after a crash gives the same
@@ -324,7 +335,7 @@ class Outbox:
                 log.warning("Refused %d informational event(s): %s", refused,
                             self.back_pressure)
             events = kept
-            if events or state or rejected:
+            if events or state or rejected or resolved_inputs:
                 if not wait:
                     raise OutboxFull(self.back_pressure or "the outbox is full")
                 await self._room.wait()
@@ -358,12 +369,20 @@ class Outbox:
                 db.executemany(
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
-            if rejected:
-                db.executemany(
-                    "INSERT INTO rejected_inputs(source, topic, payload, reason, received_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(_storable(r.source), _storable(r.topic), r.payload, _storable(r.reason),
-                      r.received_at) for r in rejected])
+            for r in rejected:
+                row = (_storable(r.source), _storable(r.topic), r.payload[:REJECTED_PAYLOAD_MAX],
+                       _storable(r.reason), r.received_at,
+                       None if r.message_id is None else _storable(r.message_id))
+                if r.replaces is None:
+                    db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
+                               " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
+                else:
+                    db.execute("UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
+                               " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
+                               (*row, r.replaces))
+            if resolved_inputs:
+                db.executemany("DELETE FROM rejected_inputs WHERE id = ?",
+                               [(number,) for number in resolved_inputs])
             for lot in lots:
                 db.execute(
                     "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
@@ -595,13 +614,25 @@ class Outbox:
         """Input dead letters, newest first."""
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = _dicts(db.execute(
-                "SELECT id, source, topic, payload, reason, received_at FROM rejected_inputs"
-                " WHERE received_at >= ? ORDER BY id DESC LIMIT ?", (since, limit)))
+                "SELECT id, source, topic, message_id, payload, reason, received_at"
+                " FROM rejected_inputs WHERE received_at >= ? ORDER BY id DESC LIMIT ?",
+                (since, limit)))
             for row in rows:
                 row["payload"] = row["payload"].decode(errors="replace")
             return rows
 
         return await self._read(run)
+
+    async def rejected_input(self, number: int) -> RejectedInput | None:
+        """One input dead letter as it was kept (payload as bytes), by its id."""
+        row = await self._read(lambda db: db.execute(
+            "SELECT source, topic, payload, reason, received_at, message_id"
+            " FROM rejected_inputs WHERE id = ?", (number,)).fetchone())
+        if row is None:
+            return None
+        source, topic, payload, reason, received_at, message_id = row
+        return RejectedInput(source, topic, payload, reason, received_at, message_id,
+                             replaces=number)
 
     async def deliveries(self, *, destination: str | None = None, state: str = "pending",
                          limit: int = 100) -> list[dict[str, Any]]:

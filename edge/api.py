@@ -199,7 +199,7 @@ def create_app(gateway: Gateway) -> Starlette:
             args = await request.json() if await request.body() else {}
             if not isinstance(args, dict):
                 raise ValueError("the body must be a JSON object")
-            result = await perform(gateway.outbox, operation, args)
+            result = await perform(gateway.outbox, operation, args, pipeline=gateway.pipeline)
         except (ValueError, KeyError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return answer(result)

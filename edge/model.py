@@ -44,6 +44,7 @@ from pydantic import (
 
 __all__ = [
     "BUILTIN_UOM_CODES",
+    "CLOUDEVENT_VERSION",
     "EVENT_ID_NAMESPACE",
     "EVENT_MODELS",
     "OFFLINE_EPOCH",
@@ -893,8 +894,15 @@ def _canonical_json(value: Any, path: str = "data") -> Any:
     raise ValueError(f"{path}: {type(value).__name__} is not JSON; dump models with mode='json'")
 
 
+CLOUDEVENT_VERSION: Final = 2
+"""Version of the envelope (its exported schema is `urn:plantsync:schema:cloudevent:<n>`).
+2 added the optional `sourcemessageid` extension; a receiver of version 1 ignores it, as the
+CloudEvents spec asks of unknown extensions."""
+
+
 class CloudEvent(BaseModel):
-    """A CloudEvents 1.0 event in structured JSON mode, with `partitionkey` and `sequence`.
+    """A CloudEvents 1.0 event in structured JSON mode, with `partitionkey` and `sequence`, and
+    `sourcemessageid` when a source system's message made it.
 
     `data` holds the JSON form of the type's data model (its keys are kept sorted so the bytes
     of an event do not depend on who built it); `validate_event_data` checks it against the
@@ -944,6 +952,15 @@ class CloudEvent(BaseModel):
         "digits, so lexical order is numeric order.",
         examples=["00000000000000000042"],
     )
+    sourcemessageid: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Extension (envelope version 2): the id of the source system's message this "
+        "event was made from (the MES message id), so a posting can be traced to the message. "
+        "Absent for events the gateway derives from machine signals.",
+        examples=["3f1c2a9e-8d7b-5c1e-9a4f-0b6d2e8c7a51"],
+    )
     data: dict[str, Any] = Field(description="The event data, per the type's data model.")
 
     @field_validator("data", mode="after")
@@ -953,10 +970,12 @@ class CloudEvent(BaseModel):
         return canonical
 
     def to_json(self) -> bytes:
-        """Compact UTF-8 JSON: attributes in spec order, `data` keys sorted, no null subject."""
+        """Compact UTF-8 JSON: attributes in spec order, `data` keys sorted, no null subject or
+        extension."""
         payload = self.model_dump(mode="json")
-        if payload["subject"] is None:
-            del payload["subject"]
+        for optional in ("subject", "sourcemessageid"):
+            if payload[optional] is None:
+                del payload[optional]
         return json.dumps(
             payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
@@ -975,12 +994,14 @@ def build_event(
     partitionkey: str,
     sequence: int,
     source: str | None = None,
+    source_message_id: str | None = None,
 ) -> CloudEvent:
     """Wrap `data` in its CloudEvent.
 
     The id is `event_id(type, *natural_key)`, the time is `data.occurred_at`, the source
     defaults to `urn:plantsync:<site>:<machine_id or "site">`, and `sequence` is rendered with
-    `format_sequence`.
+    `format_sequence`. `source_message_id` (the MES message it was made from, if any) becomes
+    the `sourcemessageid` extension.
     """
     if isinstance(natural_key, str):
         raise TypeError("natural_key must be a sequence of parts, not one string")
@@ -993,6 +1014,7 @@ def build_event(
         dataschema=data.dataschema(),
         partitionkey=partitionkey,
         sequence=format_sequence(sequence),
+        sourcemessageid=source_message_id,
         data=data.model_dump(mode="json"),
     )
 
@@ -1034,7 +1056,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         }
     schemas[CLOUDEVENT_SCHEMA_FILE] = {
         "$schema": SCHEMA_DIALECT,
-        "$id": "urn:plantsync:schema:cloudevent:1",
+        "$id": f"urn:plantsync:schema:cloudevent:{CLOUDEVENT_VERSION}",
         **CloudEvent.model_json_schema(),
     }
     return schemas

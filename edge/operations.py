@@ -1,5 +1,6 @@
-"""Outbox operations a technician runs: status, list, show, retry and purge dead letters, and
-the audit journal. The same functions serve the daemon's local API and the CLI.
+"""Outbox operations a technician runs: status, list, show, retry and purge dead letters, the
+audit journal, and input dead letters (list them; reingest one after a config fix). The same
+functions serve the daemon's local API and the CLI.
 
 The CLI asks the running daemon over its local API (so the daemon's in-memory view stays true);
 when no daemon answers, it opens the database itself. Calls that change something carry the
@@ -19,16 +20,20 @@ import httpx
 
 from buffer.outbox import Outbox
 from edge.config import PlantConfig
+from edge.pipeline import Pipeline
 
-Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal", "rejected"]
-CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead"})
+Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal", "rejected",
+                    "reingest"]
+CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead", "reingest"})
 
 log = logging.getLogger(__name__)
 TOKEN_FILE = "api-token"
 
 
-async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any]) -> Any:
-    """Run one operation on an open outbox; the result is plain JSON-able data."""
+async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any], *,
+                  pipeline: Pipeline | None = None) -> Any:
+    """Run one operation on an open outbox; the result is plain JSON-able data. `reingest`
+    needs the pipeline that owns the rules (the daemon's, or one made on the database)."""
     match operation:
         case "status":
             counts = await outbox.counts()
@@ -67,6 +72,10 @@ async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any])
         case "rejected":
             return await outbox.rejected_inputs(float(args.get("since", 0.0)),
                                                 limit=int(args.get("limit", 100)))
+        case "reingest":
+            if pipeline is None:
+                raise ValueError("reingest needs the gateway's pipeline")
+            return await pipeline.reingest(int(args["id"]))
     raise ValueError(f"unknown operation {operation!r}")
 
 
@@ -115,7 +124,9 @@ async def call(config: PlantConfig, operation: Operation, args: Mapping[str, Any
     except httpx.ConnectError:
         outbox = await Outbox.open(config.database_path)
         try:
-            return await perform(outbox, operation, args), "database"
+            pipeline = (Pipeline(config, outbox, await outbox.load_state())
+                        if operation == "reingest" else None)
+            return await perform(outbox, operation, args, pipeline=pipeline), "database"
         finally:
             await outbox.close()
     if response.status_code != 200:

@@ -7,6 +7,7 @@
     plantsync outbox --config FILE purge-dead [EVENT_ID] [--destination D]
     plantsync outbox --config FILE journal [--since 24h | 2026-11-29T06:00]
     plantsync outbox --config FILE rejected [--since 24h]     (input dead letters)
+    plantsync outbox --config FILE reingest ID                (run one again after a fix)
 
 Each talks to the running daemon when there is one, else opens the database directly.
 """
@@ -55,6 +56,9 @@ def add_outbox_parser(commands: Any) -> None:
                                   "not be used, with the reason")
     rejected.add_argument("--since", default="24h")
     rejected.add_argument("--limit", type=int, default=100)
+    reingest = actions.add_parser("reingest", help="run an input dead letter through the "
+                                  "current config again (after fixing what rejected it)")
+    reingest.add_argument("id", type=int, help="the input dead letter's id (see `rejected`)")
 
 
 def run_outbox_command(args: argparse.Namespace) -> int:
@@ -79,6 +83,8 @@ def run_outbox_command(args: argparse.Namespace) -> int:
                        "destination": args.destination}
         case "purge-dead":
             request = {"id": args.id, "destination": args.destination}
+        case "reingest":
+            request = {"id": args.id}
         case "journal" | "rejected":
             try:
                 request = {"since": _since(args.since), "limit": args.limit}
@@ -95,7 +101,9 @@ def run_outbox_command(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(_text(operation, result, via))
-    return 1 if operation == "show" and result is None else 0
+    failed = (operation == "show" and result is None) or (
+        operation == "reingest" and result["outcome"] != "accepted")
+    return 1 if failed else 0
 
 
 def _since(text: str) -> float:
@@ -167,9 +175,16 @@ def _text(operation: Operation, result: Any, via: str) -> str:
                 lines.append("(nothing delivered in that window)")
         case "rejected":
             for row in result:
-                lines.append(f"{_when(row['received_at'])}  {row['source']}  {row['topic']}: "
+                lines.append(f"#{row['id']}  {_when(row['received_at'])}  {row['source']}  "
+                             f"{row['topic']}  message {row.get('message_id') or '-'}: "
                              f"{row['reason']}\n    payload: {row['payload'][:200]}")
             if not result:
                 lines.append("(no rejected input in that window)")
+        case "reingest":
+            lines.append(f"input dead letter #{result['id']} (MES message "
+                         f"{result['message_id'] or '-'}): {result['outcome']}")
+            if result.get("reason"):
+                lines.append(f"    {result['reason']}")
+            lines += [f"    event {event_id}" for event_id in result["events"]]
     lines.append(f"(from the {'running daemon' if via == 'daemon' else 'database directly'})")
     return "\n".join(lines)

@@ -771,3 +771,21 @@ def test_write_schemas_is_repeatable(tmp_path: Path) -> None:
     first = {path.name: path.read_bytes() for path in write_schemas(tmp_path)}
     second = {path.name: path.read_bytes() for path in write_schemas(tmp_path)}
     assert first == second
+
+
+def test_the_source_message_id_rides_as_a_versioned_extension() -> None:
+    """Issue 12 item 10: an event made from an MES message names it (`sourcemessageid`,
+    envelope version 2); one made from machine signals has no such attribute at all."""
+    data = SAMPLES["material.consumed"]
+    event = build_event(data, natural_key=source_key("1010", "material.consumed", "m-1"),
+                        subject=None, partitionkey=f"order/{ORDER}", sequence=3,
+                        source_message_id="m-1")
+    document = json.loads(event.to_json())
+    assert document["sourcemessageid"] == "m-1"
+    assert list(document)[-1] == "data"
+    assert CloudEvent.from_json(event.to_json()) == event
+    assert "sourcemessageid" not in json.loads(wrap(data).to_json())
+    envelope = json_schemas()["cloudevent.json"]
+    assert envelope["$id"] == "urn:plantsync:schema:cloudevent:2"
+    assert "sourcemessageid" in envelope["properties"]
+    assert "sourcemessageid" not in envelope.get("required", [])
