@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults soak fuzz mutate setup mosquitto clean
+.PHONY: demo test lint bench faults soak fuzz mutate setup mosquitto socat clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -48,7 +48,7 @@ mutate: setup
 	$(BIN)/mutmut run --max-children 2 $(MUTATE_ARGS) > mutants.log 2>&1 || { tail -c 2000 mutants.log; exit 1; }
 	$(BIN)/python tests/mutation_report.py
 
-setup: $(STAMP) mosquitto
+setup: $(STAMP) mosquitto socat
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,18 @@ mosquitto:
 		systemctl disable --now mosquitto >/dev/null 2>&1 || true; \
 	else \
 		echo "mosquitto is not installed. Install it with: sudo apt-get install mosquitto"; \
+		exit 1; \
+	fi
+
+# The serial RTU test runs the driver over a real serial line: a socat pty pair.
+socat:
+	@if command -v socat >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing socat (Debian package)"; \
+		apt-get install -y -q socat >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q socat >/dev/null; }; \
+	else \
+		echo "socat is not installed. Install it with: sudo apt-get install socat"; \
 		exit 1; \
 	fi
 

@@ -706,8 +706,12 @@ class Outbox:
                     timeout = deadline - loop.time()
                     if timeout <= 0:
                         break
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+                    # cancellation that arrives as the queue hands over work, and the writer
+                    # then waits on, unstoppable (found by the crash model test).
                     try:
-                        work = await asyncio.wait_for(self._queue.get(), timeout)
+                        async with asyncio.timeout(timeout):
+                            work = await self._queue.get()
                     except TimeoutError:
                         break
                 else:
