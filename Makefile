@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults soak fuzz mutate setup mosquitto socat clean
+.PHONY: demo test lint bench faults soak fuzz mutate setup mosquitto peers mbpoll socat clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -48,7 +48,7 @@ mutate: setup
 	$(BIN)/mutmut run --max-children 2 $(MUTATE_ARGS) > mutants.log 2>&1 || { tail -c 2000 mutants.log; exit 1; }
 	$(BIN)/python tests/mutation_report.py
 
-setup: $(STAMP) mosquitto socat
+setup: $(STAMP) mosquitto peers socat
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,36 @@ mosquitto:
 		systemctl disable --now mosquitto >/dev/null 2>&1 || true; \
 	else \
 		echo "mosquitto is not installed. Install it with: sudo apt-get install mosquitto"; \
+		exit 1; \
+	fi
+
+# Independent peers from npm (tests/peers/package.json, its lock file committed), installed
+# into tests/peers/node_modules; node and npm come from Debian when missing.
+peers: tests/peers/node_modules/.installed mbpoll
+
+tests/peers/node_modules/.installed: tests/peers/package.json tests/peers/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "Installing nodejs and npm (Debian packages)"; \
+			apt-get install -y -q nodejs npm >/dev/null 2>&1 || \
+			{ apt-get update -q >/dev/null && apt-get install -y -q nodejs npm >/dev/null; }; \
+		else \
+			echo "npm is not installed. Install it with: sudo apt-get install nodejs npm"; \
+			exit 1; \
+		fi; \
+	fi
+	cd tests/peers && npm ci --omit=optional --no-audit --no-fund --silent
+	touch $@
+
+# mbpoll (Debian) reads the PLC simulator's register map as an independent Modbus client.
+mbpoll:
+	@if command -v mbpoll >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing mbpoll (Debian package)"; \
+		apt-get install -y -q mbpoll >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q mbpoll >/dev/null; }; \
+	else \
+		echo "mbpoll is not installed. Install it with: sudo apt-get install mbpoll"; \
 		exit 1; \
 	fi
 

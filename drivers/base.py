@@ -12,6 +12,7 @@ is cancelled; `health` is updated in place and may be read at any time.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -96,6 +97,35 @@ class DeviceRestarted:
 
 Reading = Sample | MesMessage | RejectedMessage | DeviceRestarted
 
+NONFINITE_NAMES: dict[str, float] = {
+    "NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+"""How a non-finite float is named where JSON cannot hold it (the spellings of JavaScript and
+of Python's own `json` module, which writes them although no JSON parser has to accept them)."""
+
+
+def json_value(value: TagValue) -> tuple[TagValue, str | None]:
+    """A reading's value as JSON can hold it, and the name of what it was when it could not:
+    a PLC's NaN or infinity (a failed sensor, an overflow) becomes None with "NaN",
+    "Infinity" or "-Infinity"; every other value is itself with None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if math.isnan(value):
+            return None, "NaN"
+        return None, "Infinity" if value > 0 else "-Infinity"
+    return value, None
+
+
+def finite_json(document: Any) -> Any:
+    """The document with every non-finite float replaced by None: what any JSON answer of
+    the gateway passes through last, so that a NaN that reached some figure can never make
+    an answer invalid JSON (or a 500)."""
+    if isinstance(document, float):
+        return document if math.isfinite(document) else None
+    if isinstance(document, dict):
+        return {key: finite_json(value) for key, value in document.items()}
+    if isinstance(document, list | tuple):
+        return [finite_json(value) for value in document]
+    return document
+
 DEFAULT_RECONNECT_MAX_DELAY = 10.0
 """Seconds: the most a driver waits between reconnect attempts. Short enough that a device
 which is back is read again within seconds (a long cap let a restarted device count past the
@@ -137,6 +167,10 @@ class DriverHealth:
     errors: int = 0
     last_error: str | None = None
     started_at: float = field(default_factory=time.monotonic)
+    degraded: dict[str, str] = field(default_factory=dict)
+    """What is wrong but does not stop the driver (a tag the device refuses, messages the
+    broker dropped): one sentence per problem, by a key of the driver's choosing; `/readyz`
+    and `/status` list them. A driver removes an entry when the problem is over."""
 
     def last_sample_age(self, now: float | None = None) -> float | None:
         if self.last_sample_at is None:

@@ -22,27 +22,10 @@ every connection gets a fresh client, so an acknowledgement can only ever reach 
 that delivered the message. MQTT packet ids are per connection, and a PUBACK sent late on a
 newer connection could otherwise acknowledge a different message that reused the id.
 
-Recommended broker settings (mosquitto 2.x, `mosquitto.conf`), because a stock broker silently
-drops QoS 1 messages for a client that falls behind:
-
-- `persistence true` with a `persistence_location` on durable storage that the broker's user
-  can write (started as root, mosquitto switches to the `mosquitto` user, and a failed save is
-  only logged), so a broker restart keeps the gateway's session, subscriptions and queued
-  messages. mosquitto writes them at shutdown and every `autosave_interval` (default 1800 s):
-  a broker *crash* loses what arrived since the last save. `autosave_on_changes true` with
-  `autosave_interval 100` saves after every 100 changes, at some disk cost.
-- `max_queued_messages 0` (no count limit) with `max_queued_bytes` set to what the broker may
-  hold for an offline gateway (for example 1 GB): beyond `max_queued_messages` (default 1000)
-  mosquitto drops further QoS 1 messages for that client without telling anyone, so a burst or
-  an outage of a few minutes loses MES events at the broker.
-- `max_inflight_messages` at least `batch_max` (for example 1000) when the driver speaks MQTT
-  3.1.1: it is about how many unacknowledged messages the broker sends before it waits, and
-  with acknowledgement after commit it bounds the intake per commit (the default 20 would
-  mean some 20 messages per commit; mosquitto 2.0 lets a few times more through while
-  acknowledgements flow, and holds it strictly when none do). With MQTT 5 the driver announces
-  `receive_maximum` in its CONNECT and mosquitto uses that instead, above or below the setting.
-- `persistent_client_expiration` (MQTT 3.1.1 sessions) longer than the longest outage to ride
-  out, for example `14d`. MQTT 5 sessions expire after the driver's `session_expiry`.
+The broker settings this relies on (persistence, queue limits, autosave) are in the README,
+"MQTT broker settings"; `plantsync doctor mqtt` (`doctor`, below) checks them. On every
+connection the driver also reads the broker's `$SYS` figures: a rise of its dropped-messages
+count is logged with the setting to change, shown in `/metrics` and degrades `/readyz`.
 
 Persistent sessions keep subscriptions too: a filter removed from the configuration stays
 subscribed on the broker until the session expires; its messages arrive as rejected ("matches
@@ -62,6 +45,7 @@ import re
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,9 +88,38 @@ MesKind = Literal[
 """The canonical MES input kinds a topic can carry."""
 
 CONNECT_TIMEOUT: Final = 10.0
+"""Seconds for the TCP and TLS handshake, and again for the broker's CONNACK."""
 INBOX_BATCHES: Final = 4
 """Messages received but not yet committed are bounded to this many batches."""
-"""Seconds for the TCP and TLS handshake, and again for the broker's CONNACK."""
+
+DEFAULT_RECEIVE_MAXIMUM: Final = 65535
+"""The MQTT 5 Receive Maximum the driver announces unless told otherwise: the most the protocol
+allows. A broker counts the messages in flight to a client against it and queues the rest up to
+its own `max_queued_messages` (mosquitto: 1000), dropping beyond that without telling anyone:
+with 1000 here, a stock mosquitto lost half of a 20,000-message burst. Memory stays bounded all
+the same: the driver stops reading the socket while `INBOX_BATCHES` batches wait for their
+commit, and the broker holds the rest."""
+
+BROKER_FIGURES: Final[dict[str, str]] = {
+    "$SYS/broker/publish/messages/dropped": "dropped",
+    "$SYS/broker/store/messages/count": "stored_messages",
+    "$SYS/broker/store/messages/bytes": "stored_bytes",
+    "$SYS/broker/clients/connected": "clients_connected",
+    "$SYS/broker/uptime": "uptime",
+}
+"""The broker's own figures (mosquitto's `$SYS` tree, published every `sys_interval`, 10 s by
+default) that the driver follows, by the name it keeps them under. `dropped` counts the QoS 1
+and 2 messages the broker threw away because a client's queue was full, for all clients since
+it started: the only trace a stock broker leaves of lost MES events."""
+BROKER_VERSION_TOPIC: Final = "$SYS/broker/version"
+DROPS_LOG_EVERY: Final = 300.0
+"""Seconds: a broker that keeps dropping is logged at most this often (its count is in
+`/metrics` and `/readyz` all the time)."""
+
+QUEUE_ADVICE: Final = (
+    "in mosquitto.conf set max_queued_messages 0 and max_queued_bytes to what the broker may "
+    "hold for an offline gateway (e.g. 1000000000); the default max_queued_messages 1000 "
+    "drops the rest without telling anyone")
 
 CLOSE_TIMEOUT: Final = 5.0
 """Seconds to let paho's thread send DISCONNECT and end when a connection is closed."""
@@ -519,12 +532,15 @@ class MqttConfig(BaseModel):
         description="Most messages handed over in one commit. Everything that has arrived, up "
         "to this, shares one commit; acknowledgements follow it.",
     )
-    receive_maximum: int | None = Field(
-        default=None,
+    receive_maximum: int = Field(
+        default=DEFAULT_RECEIVE_MAXIMUM,
         ge=1,
         le=65535,
-        description="MQTT 5: most unacknowledged messages the broker may send at once. "
-        "Default: twice batch_max, so the next batch arrives while one commits. With MQTT "
+        description="MQTT 5: most unacknowledged messages the broker may send at once (its "
+        "in-flight window for the gateway). Keep the default, 65535: the broker queues what "
+        "does not fit up to its max_queued_messages and drops the rest silently (a stock "
+        "mosquitto lost half of a 20,000-message burst with 1000). Intake stays bounded all "
+        "the same: the gateway stops reading while 4 batches wait for their commit. With MQTT "
         "3.1.1 the broker's max_inflight_messages decides.",
     )
     topics: list[MqttTopic] = Field(min_length=1, description="Subscriptions, matched in order.")
@@ -558,7 +574,7 @@ class MqttConfig(BaseModel):
     @property
     def inflight_window(self) -> int:
         """The MQTT 5 Receive Maximum the driver announces."""
-        return self.receive_maximum or min(65535, 2 * self.batch_max)
+        return self.receive_maximum
 
     def topic_for(self, topic: str) -> MqttTopic | None:
         """The first configured topic whose filter matches `topic` (remembered per topic:
@@ -657,6 +673,12 @@ class _Connection:
         self.connack: asyncio.Future[_Connected | str] = loop.create_future()
         self.ended: str | None = None
         self.refused: list[tuple[str, str]] = []
+        self.broker: dict[str, float | str] = {}
+        """The broker's `$SYS` figures received on this connection (see BROKER_FIGURES), and
+        `version`; `sys_refused` when the broker did not let the driver read them."""
+        self.peak_backlog = 0
+        """The most messages received and not yet handed to the sink at once."""
+        self._sys_mid: int | None = None
         self.dropped_qos0 = 0
         self._closing = threading.Lock()
         self._closed = False
@@ -760,6 +782,10 @@ class _Connection:
             client.subscribe([(topic.filter, options) for topic in self.config.topics])
         else:
             client.subscribe([(topic.filter, 1) for topic in self.config.topics])
+        # The broker's own figures, at QoS 0 (nothing to acknowledge, nothing queued): how
+        # many messages it dropped is the only trace of MES events lost at a stock broker.
+        _, self._sys_mid = client.subscribe(
+            [(topic, 0) for topic in (*BROKER_FIGURES, BROKER_VERSION_TOPIC)])
         self._post(self._connack, _Connected(flags.session_present))
 
     def _on_subscribe(
@@ -770,6 +796,10 @@ class _Connection:
         reason_codes: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
+        if mid == self._sys_mid:
+            if all(code.is_failure for code in reason_codes):
+                self._post(self._broker_figure, "sys_refused", str(reason_codes[0]))
+            return
         refused = [
             (topic.filter, str(code))
             for topic, code in zip(self.config.topics, reason_codes, strict=False)
@@ -784,6 +814,9 @@ class _Connection:
         except UnicodeDecodeError:  # brokers refuse such topics; keep it visible if not
             topic = message._topic.decode("utf-8", "replace")
         payload = bytes(message.payload)
+        if topic.startswith("$SYS/"):
+            self._sys_message(topic, payload)
+            return
         arrival = _Arrival(message.mid, message.qos, topic, payload, time.time())
         # Back-pressure on the socket: a broker that ignores our receive maximum (mosquitto
         # 2.0 lets 10-18 times more through while acks flow) must not fill our memory. While
@@ -799,6 +832,17 @@ class _Connection:
             self._incoming.append(arrival)
         if first:
             self._post(self._take_incoming)
+
+    def _sys_message(self, topic: str, payload: bytes) -> None:
+        text = payload.decode("utf-8", "replace").strip()
+        if topic == BROKER_VERSION_TOPIC:
+            self._post(self._broker_figure, "version", text)
+            return
+        name = BROKER_FIGURES.get(topic)
+        number = text.split()[0] if text else ""  # "1234 seconds" for the uptime
+        with contextlib.suppress(ValueError):
+            if name is not None:
+                self._post(self._broker_figure, name, float(number))
 
     def _take_incoming(self) -> None:
         with self._incoming_lock:
@@ -834,6 +878,11 @@ class _Connection:
             self.dropped_qos0 += 1
             return
         self.inbox.append(arrival)
+        self.peak_backlog = max(self.peak_backlog, len(self.inbox))
+        self.changed.set()
+
+    def _broker_figure(self, name: str, value: float | str) -> None:
+        self.broker[name] = value
         self.changed.set()
 
     def _end(self, reason: str) -> None:
@@ -861,12 +910,19 @@ class MqttDriver(Driver):
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         """How many batches of each size went to the sink: shows bursts being absorbed."""
         self.dropped_qos0 = 0
+        self.broker: dict[str, float | str] = {}
+        """The broker's latest `$SYS` figures (BROKER_FIGURES' names, and `version`)."""
+        self.peak_backlog = 0
+        """The most messages received and not yet handed to the sink at once, ever: what the
+        in-flight window costs in memory (bounded by INBOX_BATCHES * batch_max)."""
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         self._unavailable = False
         self._ever_connected = False
         self._commit_failing = False
         self._dropping = False
         self._refused_logged: set[str] = set()
+        self._drops_logged_at: float | None = None
+        self._sys_refused_logged = False
 
     @property
     def endpoint(self) -> str:
@@ -954,7 +1010,9 @@ class MqttDriver(Driver):
             await connection.changed.wait()
             connection.changed.clear()
             self._note_refusals(connection)
+            self._note_broker(connection)
             while connection.inbox:
+                self.peak_backlog = max(self.peak_backlog, connection.peak_backlog)
                 batch = [
                     connection.inbox.popleft()
                     for _ in range(min(len(connection.inbox), self.config.batch_max))
@@ -1021,6 +1079,47 @@ class MqttDriver(Driver):
                 )
         connection.refused.clear()
 
+    def _note_broker(self, connection: _Connection) -> None:
+        """Take the broker's new `$SYS` figures; say so when its dropped count rises."""
+        self.peak_backlog = max(self.peak_backlog, connection.peak_backlog)
+        if not connection.broker:
+            return
+        figures, connection.broker = connection.broker, {}
+        if "sys_refused" in figures and not self._sys_refused_logged:
+            self._sys_refused_logged = True
+            log.warning(
+                "MQTT broker %s at %s does not let the gateway read $SYS (%s): messages it "
+                "drops for the gateway cannot be seen. Allow read on $SYS/broker/# in its ACL.",
+                self.name, self.endpoint, figures["sys_refused"], extra=self._log_extra())
+        before = self.broker.get("dropped")
+        self.broker.update(figures)
+        dropped = figures.get("dropped")
+        if not isinstance(dropped, float):
+            return
+        if isinstance(before, float) and dropped < before:
+            before = None  # the broker restarted: its count began again
+        if dropped <= 0:
+            self.health.degraded.pop("broker drops", None)
+            return
+        if isinstance(before, float) and dropped <= before:
+            return
+        count = int(dropped)
+        self.health.degraded["broker drops"] = (
+            f"the MQTT broker at {self.endpoint} has dropped {count} message(s) since it "
+            "started ($SYS/broker/publish/messages/dropped, all its clients): MES events for "
+            f"the gateway may be among them; {QUEUE_ADVICE}")
+        self._record_error(f"the broker has dropped {count} message(s)")
+        now = time.monotonic()
+        if self._drops_logged_at is None or now - self._drops_logged_at >= DROPS_LOG_EVERY:
+            self._drops_logged_at = now
+            rose = "" if before is None else f" (up {count - int(before)})"
+            log.warning(
+                "MQTT broker %s at %s has dropped %d message(s) since it started%s, by its "
+                "$SYS/broker/publish/messages/dropped (all clients): MES events for the "
+                "gateway may be lost there. To stop it, %s.",
+                self.name, self.endpoint, count, rose, QUEUE_ADVICE,
+                extra={**self._log_extra(), "broker_dropped": count})
+
     def _note_dropped(self, connection: _Connection) -> None:
         dropped, connection.dropped_qos0 = connection.dropped_qos0, 0
         if not dropped:
@@ -1042,3 +1141,215 @@ class MqttDriver(Driver):
         self.health.errors += 1
         self.health.last_error = message
 
+
+
+# --- plantsync doctor mqtt --------------------------------------------------------------------
+
+BROKER_DEFAULTS: Final[dict[str, str]] = {
+    "persistence": "false",
+    "autosave_interval": "1800",
+    "autosave_on_changes": "false",
+    "max_queued_messages": "1000",
+    "max_queued_bytes": "0",
+    "max_inflight_messages": "20",
+    "persistent_client_expiration": "",
+    "user": "mosquitto",
+}
+"""mosquitto 2.x's defaults for the settings the doctor checks (mosquitto.conf(5))."""
+
+
+@dataclass
+class Finding:
+    """One line of the doctor's report: `ok`, `info` or a `problem` with what to do."""
+
+    level: Literal["ok", "info", "problem"]
+    text: str
+
+
+def read_sys_tree(config: MqttConfig, wait: float) -> dict[str, str]:
+    """Connect as a client of its own (a clean session: never the gateway's, which it would
+    take over), read the broker's `$SYS` tree for `wait` seconds and return it by topic.
+    Raises OSError or RuntimeError with the reason when the broker cannot be read."""
+    figures: dict[str, str] = {}
+    connected = threading.Event()
+    refused: list[str] = []
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
+                         client_id=f"plantsync-doctor-{uuid.uuid4().hex[:8]}",
+                         protocol=mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311)
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode,
+                   properties: Any) -> None:
+        if code.is_failure:
+            refused.append(f"the broker refused the connection ({code})")
+        else:
+            client.subscribe("$SYS/#", 0)
+        connected.set()
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        figures[message.topic] = bytes(message.payload).decode("utf-8", "replace")
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    if config.username is not None:
+        password = config.password.get_secret_value() if config.password else None
+        client.username_pw_set(config.username, password)
+    if config.tls is not None:
+        context = ssl.create_default_context(
+            cafile=str(config.tls.ca_file) if config.tls.ca_file else None)
+        if config.tls.cert_file is not None:
+            context.load_cert_chain(config.tls.cert_file, config.tls.key_file or None)
+        context.check_hostname = not config.tls.insecure
+        client.tls_set_context(context)
+    client.connect(config.host, config.port, keepalive=30)
+    client.loop_start()
+    try:
+        if not connected.wait(CONNECT_TIMEOUT):
+            raise RuntimeError(f"no CONNACK within {CONNECT_TIMEOUT:g}s")
+        if refused:
+            raise RuntimeError(refused[0])
+        time.sleep(wait)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return figures
+
+
+def read_broker_config(path: Path) -> dict[str, str]:
+    """The settings of a mosquitto.conf (the last of each wins), without its listeners."""
+    settings: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        words = line.strip().split(None, 1)
+        if words and not words[0].startswith("#"):
+            settings[words[0]] = words[1].strip() if len(words) > 1 else ""
+    return settings
+
+
+def diagnose(figures: dict[str, str], settings: dict[str, str] | None) -> list[Finding]:
+    """What the broker's `$SYS` tree (and its mosquitto.conf, when given) tell of the queue
+    limits and persistence the gateway relies on."""
+    found: list[Finding] = []
+    version = figures.get(BROKER_VERSION_TOPIC)
+    if not figures:
+        found.append(Finding("problem", "the broker sent no $SYS figures: it does not publish "
+                             "them (sys_interval 0) or its ACL hides $SYS/# from this user; "
+                             "dropped messages cannot be watched by the gateway"))
+    else:
+        found.append(Finding("info", f"broker: {version or 'version not published'}, up "
+                             f"{figures.get('$SYS/broker/uptime', '?')}"))
+
+    def number(topic: str) -> float | None:
+        with contextlib.suppress(ValueError, IndexError, KeyError):
+            return float(figures[topic].split()[0])
+        return None
+
+    dropped = number("$SYS/broker/publish/messages/dropped")
+    if dropped is not None and dropped > 0:
+        found.append(Finding("problem", f"the broker has dropped {int(dropped)} message(s) since "
+                             "it started: a client's queue was full (max_queued_messages or "
+                             f"max_queued_bytes); if the gateway was that client, MES events "
+                             f"are lost; {QUEUE_ADVICE}"))
+    elif dropped is not None:
+        found.append(Finding("ok", "the broker has dropped no message since it started"))
+    uptime = number("$SYS/broker/uptime")
+    offline = number("$SYS/broker/clients/disconnected")
+    if uptime is not None and offline is not None and offline > 0:
+        found.append(Finding("ok" if uptime < 3600 else "info",
+                             f"the broker holds {int(offline)} session(s) of disconnected "
+                             f"clients, {int(uptime)} s after its start"
+                             + (": they survived the start, so persistence works"
+                                if uptime < 3600 else "")))
+    if settings is None:
+        found.append(Finding("info", "queue limit and persistence settings are not in $SYS: "
+                             "run on the broker's host with --broker-config "
+                             "/etc/mosquitto/mosquitto.conf to check them"))
+        return found
+    found.extend(check_broker_settings(settings))
+    return found
+
+
+def check_broker_settings(settings: dict[str, str]) -> list[Finding]:
+    """The mosquitto.conf settings the gateway relies on, each as ok or a problem with the fix
+    (README, "MQTT broker settings")."""
+    value = {**BROKER_DEFAULTS, **settings}
+    found: list[Finding] = []
+    if "include_dir" in settings:
+        found.append(Finding("info", f"settings in include_dir {settings['include_dir']} are "
+                             "not read here; check them too"))
+    if value["persistence"] != "true":
+        found.append(Finding("problem", "persistence is off: a broker restart loses the "
+                             "gateway's session and every message queued for it; set "
+                             "persistence true"))
+    else:
+        location = Path(value.get("persistence_location") or "/var/lib/mosquitto/")
+        user = value["user"]
+        found.append(_writable_by(location, user))
+        if value["autosave_on_changes"] != "true" and float(value["autosave_interval"]) > 60:
+            found.append(Finding("problem", f"autosave_interval {value['autosave_interval']} s: "
+                                 "a broker crash loses what arrived since the last save; set "
+                                 "autosave_interval 100 with autosave_on_changes true (save "
+                                 "after every 100 changes)"))
+        else:
+            found.append(Finding("ok", f"autosave_interval {value['autosave_interval']}, "
+                                 f"autosave_on_changes {value['autosave_on_changes']}"))
+    queued = int(value["max_queued_messages"])
+    if queued != 0:
+        found.append(Finding("problem", f"max_queued_messages {queued}: beyond {queued} "
+                             "messages queued for the gateway the broker drops the rest "
+                             f"without telling anyone; {QUEUE_ADVICE}"))
+    elif int(value["max_queued_bytes"]) == 0:
+        found.append(Finding("info", "max_queued_messages 0 and max_queued_bytes 0: no limit "
+                             "at all; set max_queued_bytes to what the broker may hold"))
+    else:
+        found.append(Finding("ok", f"max_queued_messages 0, max_queued_bytes "
+                             f"{value['max_queued_bytes']}"))
+    if not value["persistent_client_expiration"]:
+        found.append(Finding("info", "persistent_client_expiration is not set: MQTT 3.1.1 "
+                             "sessions never expire (MQTT 5 ones after the gateway's "
+                             "session_expiry)"))
+    return found
+
+
+def _writable_by(location: Path, user: str) -> Finding:
+    import pwd
+
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return Finding("info", f"persistence_location {location}: no user {user!r} here to "
+                       "check it against")
+    try:
+        status = location.stat()
+    except OSError as exc:
+        return Finding("problem", f"persistence_location {location} cannot be read "
+                       f"({exc.strerror}): create it, owned by {user}")
+    if account.pw_uid == 0:
+        writable = True
+    elif status.st_uid == account.pw_uid:
+        writable = bool(status.st_mode & 0o200)
+    elif status.st_gid == account.pw_gid:
+        writable = bool(status.st_mode & 0o020)
+    else:
+        writable = bool(status.st_mode & 0o002)
+    if not writable:
+        return Finding("problem", f"persistence_location {location} is not writable by the "
+                       f"broker's user {user}: mosquitto only logs the failed save, and a "
+                       f"restart loses every session; chown {user} {location}")
+    return Finding("ok", f"persistence_location {location} is writable by {user}")
+
+
+def doctor(config: MqttConfig, broker_config: Path | None, wait: float) -> tuple[int, str]:
+    """`plantsync doctor mqtt` for one driver: the exit status and the report."""
+    lines = [f"MQTT broker {config.name} at {config.host}:{config.port}"]
+    try:
+        figures = read_sys_tree(config, wait)
+    except (OSError, ValueError, RuntimeError) as exc:
+        return 1, "\n".join([*lines, f"problem: cannot read the broker: {exc}"])
+    settings = None
+    if broker_config is not None:
+        try:
+            settings = read_broker_config(broker_config)
+        except OSError as exc:
+            lines.append(f"problem: cannot read {broker_config}: {exc.strerror}")
+    findings = diagnose(figures, settings)
+    lines += [f"{finding.level}: {finding.text}" for finding in findings]
+    return (1 if any(f.level == "problem" for f in findings) else 0), "\n".join(lines)

@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from drivers.base import finite_json
 from edge.operations import CHANGES, Operation, perform
 from edge.secrets import scrub
 
@@ -63,12 +64,33 @@ class GatewayCollector(Collector):
         dropped = CounterMetricFamily("plantsync_driver_dropped_messages",
                                       "QoS 0 messages dropped while the outbox could not take "
                                       "them", labels=["driver"])
+        broker = {
+            name: GaugeMetricFamily(f"plantsync_mqtt_broker_{name}", text, labels=["driver"])
+            for name, text in (
+                ("dropped_messages", "Messages the MQTT broker dropped since it started (its "
+                 "$SYS/broker/publish/messages/dropped, all clients): full client queues"),
+                ("stored_messages", "Messages the MQTT broker holds ($SYS store count)"),
+                ("uptime_seconds", "Seconds since the MQTT broker started ($SYS uptime)"),
+            )}
+        backlog = GaugeMetricFamily("plantsync_mqtt_backlog_peak_messages",
+                                    "Most MQTT messages received and not yet committed at "
+                                    "once (bounded by 4 batches)", labels=["driver"])
         for driver in gw.drivers:
             rejected.add_metric([driver.name], gw.pipeline.rejected_by_driver[driver.name])
             lost = getattr(driver, "dropped_qos0", None)
             if isinstance(lost, int):
                 dropped.add_metric([driver.name], lost)
-        yield from (connected, samples, errors, age, rejected, dropped)
+            figures = getattr(driver, "broker", None)
+            if isinstance(figures, dict):
+                for metric, figure in (("dropped_messages", "dropped"),
+                                       ("stored_messages", "stored_messages"),
+                                       ("uptime_seconds", "uptime")):
+                    if isinstance(figures.get(figure), float):
+                        broker[metric].add_metric([driver.name], figures[figure])
+            peak = getattr(driver, "peak_backlog", None)
+            if isinstance(peak, int):
+                backlog.add_metric([driver.name], peak)
+        yield from (connected, samples, errors, age, rejected, dropped, *broker.values(), backlog)
 
         unassigned = CounterMetricFamily("plantsync_unassigned_units",
                                          "Units counted with no order bound (reported, not "
@@ -168,7 +190,7 @@ def create_app(gateway: Gateway) -> Starlette:
     registry.register(GatewayCollector(gateway))
 
     def answer(body: Any, status_code: int = 200) -> Response:
-        return JSONResponse(scrub(body, gateway.secrets), status_code=status_code)
+        return JSONResponse(scrub(finite_json(body), gateway.secrets), status_code=status_code)
 
     async def healthz(request: Request) -> Response:
         return answer({"status": "alive", "phase": str(gateway.phase)})

@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.config import ConfigError, PlantConfig, load_config
+from edge.config import ConfigError, PlantConfig, config_warnings, load_config
 from edge.logs import setup_logging
 from edge.secrets import exposed_secrets
 
@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "browse":
             from drivers.opcua import browse_main
             return browse_main(rest)
+        case "doctor":
+            return _doctor(args)
         case "demo":
             from edge.demo import run_demo
             return run_demo(Path(args.config))
@@ -88,6 +90,23 @@ def _parser() -> argparse.ArgumentParser:
                                  "(try: browse opcua --help)", add_help=False)
     browse.add_argument("protocol", choices=("opcua",))
 
+    doctor = commands.add_parser(
+        "doctor", help="check a peer the gateway relies on: doctor mqtt reads the broker's "
+        "$SYS figures (dropped messages, sessions kept) and, with --broker-config, its "
+        "queue limit and persistence settings",
+        description="Connect to each MQTT broker of the config as a client of its own (never "
+        "the gateway's session), read its $SYS tree, and report what it tells of queue limits "
+        "and persistence; exit 1 when something needs fixing.")
+    doctor.add_argument("protocol", choices=("mqtt",))
+    doctor.add_argument("--config", "-c", required=True, type=Path)
+    doctor.add_argument("--driver", help="only the MQTT driver of this name")
+    doctor.add_argument("--broker-config", type=Path,
+                        help="the broker's mosquitto.conf, to check its queue and persistence "
+                        "settings (run on the broker's host)")
+    doctor.add_argument("--wait", default="11s",
+                        help="how long to read $SYS (mosquitto publishes it every sys_interval, "
+                        "10 s by default); default 11s")
+
     demo = commands.add_parser("demo", help="run the simulators and the gateway together")
     demo.add_argument("--config", "-c", type=Path, default=Path("config/demo.yaml"))
 
@@ -119,10 +138,39 @@ def _check(path: Path) -> int:
         return 1
     for warning in exposed_secrets(path, config):
         print(f"warning: {warning}", file=sys.stderr)
+    for doubt in config_warnings(config):
+        print(f"warning: {doubt}", file=sys.stderr)
     print(f"{path}: OK (site {config.site}: {_plural(len(config.drivers), 'driver')}, "
           f"{_plural(len(config.machines), 'machine')}, "
           f"{_plural(len(config.destinations), 'destination')})")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from drivers.mqtt import MqttConfig, doctor
+    from edge.timing import parse_duration
+
+    try:
+        config = load_config(args.config)
+        wait = parse_duration(args.wait)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"plantsync doctor: --wait: {exc}", file=sys.stderr)
+        return 2
+    brokers = [d for d in config.drivers if isinstance(d, MqttConfig)
+               and args.driver in (None, d.name)]
+    if not brokers:
+        which = f"named {args.driver!r} " if args.driver else ""
+        print(f"plantsync doctor: {args.config} has no MQTT driver {which}", file=sys.stderr)
+        return 2
+    status = 0
+    for broker in brokers:
+        code, report = doctor(broker, args.broker_config, wait)
+        print(report)
+        status = max(status, code)
+    return status
 
 
 def _offline(args: argparse.Namespace) -> int:
@@ -189,6 +237,8 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     for warning in exposed_secrets(args.config, config):
         log.warning("Secrets exposed: %s", warning)
+    for doubt in config_warnings(config):
+        log.warning("Config: %s", doubt)
     return run_until_signalled(_serve(config, args.config))
 
 

@@ -25,6 +25,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -353,6 +354,9 @@ class ValidationConfig(Strict):
 
 
 class PlantConfig(Strict):
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+    """What `parse_config` found doubtful but valid, as `file:line: field: message` lines."""
+
     site: str = Field(description="Plant code, as ERP knows it.", pattern=r"^[A-Za-z0-9]{1,10}$")
     data_dir: Path = Field(
         Path("/var/lib/plantsync"), description="Where the outbox database lives."
@@ -701,7 +705,23 @@ def parse_config(
         )
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
     assert config is not None
+    config._warnings = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
+                        for loc, message in _doubts(config)]
     return config
+
+
+def config_warnings(config: PlantConfig) -> list[str]:
+    """Settings that are valid but probably not what was meant, one line each (`check`
+    prints them and `run` logs them): Modbus addresses written Modicon-style (40001)."""
+    return list(config._warnings)
+
+
+def _doubts(config: PlantConfig) -> Iterator[tuple[Loc, str]]:
+    for i, driver in enumerate(config.drivers):
+        address_warnings = getattr(driver, "address_warnings", None)
+        if address_warnings is not None:
+            for loc, message in address_warnings():
+                yield ("drivers", i, *loc), message
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> PlantConfig:

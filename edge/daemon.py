@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from buffer.outbox import DestinationCounts, Outbox
-from drivers.base import Driver
+from drivers.base import Driver, Quality, Sample, json_value
 from edge.aggregate import MachineRule
 from edge.api import make_server
 from edge.config import ConfigError, PlantConfig
@@ -298,6 +298,9 @@ class Gateway:
                 notes.append(f"destination {forwarder.name} is failing "
                              f"({forwarder.health.last_error}); {counts.pending} event(s) "
                              "buffered, within budget")
+        for driver in self.drivers:
+            notes.extend(f"driver {driver.name}: {note}"
+                         for _, note in sorted(driver.health.degraded.items()))
         for name, counts in self.orphaned().items():
             notes.append(f"the outbox holds {counts.pending} undelivered and {counts.dead} "
                          f"dead event(s) for destination {name}, which the config no longer "
@@ -351,12 +354,12 @@ class Gateway:
                 {"name": d.name, "connected": d.health.connected,
                  "last_sample_age": _round(d.health.last_sample_age(now)),
                  "reads": d.health.reads, "errors": d.health.errors,
-                 "last_error": d.health.last_error}
+                 "last_error": d.health.last_error,
+                 "degraded": sorted(d.health.degraded.values())}
                 for d in self.drivers
             ],
             "signals": {
-                name: {"value": sample.value, "quality": str(sample.quality),
-                       "age": _round(now - sample.source_time)}
+                name: signal_status(sample, now)
                 for name, sample in sorted(self.pipeline.last_sample.items())
             },
             "machines": [machine_status(rule) for rule in self.pipeline.rules],
@@ -416,6 +419,18 @@ async def _cancel_until_done(tasks: list[asyncio.Task[None]], deadline: float) -
             log.warning("Still stopping %s after the shutdown timeout",
                         ", ".join(sorted(task.get_name() for task in pending)))
             late_logged = True
+
+
+def signal_status(sample: Sample, now: float) -> dict[str, Any]:
+    """What `/status` shows of a signal's last reading. A NaN or infinity from the device is
+    `null` with quality bad and its name in `nonfinite`: JSON has no such numbers."""
+    value, nonfinite = json_value(sample.value)
+    shown: dict[str, Any] = {"value": value, "quality": str(sample.quality),
+                             "age": _round(now - sample.source_time)}
+    if nonfinite is not None:
+        shown["quality"] = str(Quality.BAD)
+        shown["nonfinite"] = nonfinite
+    return shown
 
 
 def machine_status(rule: MachineRule) -> dict[str, Any]:

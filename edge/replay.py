@@ -34,7 +34,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from buffer.outbox import Outbox, RejectedInput
-from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
+from drivers.base import (
+    NONFINITE_NAMES,
+    DeviceRestarted,
+    MesMessage,
+    Quality,
+    Reading,
+    RejectedMessage,
+    Sample,
+    finite_json,
+    json_value,
+)
 from drivers.mqtt import MqttConfig
 from edge.config import DriverConfig, PlantConfig
 from edge.model import OFFLINE_EPOCH, CloudEvent
@@ -63,8 +73,10 @@ def parse_line(entry: dict[str, Any]) -> Reading | None:
     at = float(entry.get("t", 0.0))
     if "signal" in entry:
         driver, tag = str(entry["signal"]).split(".", 1)
-        return Sample(driver, tag, entry.get("value"), at,
-                      Quality(entry.get("quality", "good")))
+        value = entry.get("value")
+        if value is None and entry.get("nonfinite") in NONFINITE_NAMES:
+            value = NONFINITE_NAMES[entry["nonfinite"]]
+        return Sample(driver, tag, value, at, Quality(entry.get("quality", "good")))
     if "mes" in entry:
         mes = entry["mes"]
         return MesMessage(mes.get("driver", "mes"), mes.get("topic", ""), mes["kind"],
@@ -83,8 +95,13 @@ def parse_line(entry: dict[str, Any]) -> Reading | None:
 def reading_line(reading: Reading) -> dict[str, Any]:
     match reading:
         case Sample():
-            return {"t": reading.source_time, "signal": reading.signal, "value": reading.value,
+            # JSON has no NaN or infinity: null, with the name of what the device sent.
+            value, nonfinite = json_value(reading.value)
+            line = {"t": reading.source_time, "signal": reading.signal, "value": value,
                     "quality": str(reading.quality)}
+            if nonfinite is not None:
+                line["nonfinite"] = nonfinite
+            return line
         case MesMessage():
             return {"t": reading.received_at, "mes": {
                 "driver": reading.driver, "topic": reading.topic, "kind": reading.kind,
@@ -173,7 +190,8 @@ async def _record(config: PlantConfig, out: IO[str], duration: float | None) -> 
     async def write(readings: Sequence[Reading]) -> None:
         nonlocal written
         for reading in readings:
-            out.write(json.dumps(reading_line(reading), default=str) + "\n")
+            out.write(json.dumps(finite_json(reading_line(reading)), default=str,
+                                 allow_nan=False) + "\n")
         out.flush()
         written += len(readings)
 

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import httpx
 
 from buffer.outbox import DestinationCounts, Outbox
+from drivers.base import finite_json
 from edge.config import ConfigError, PlantConfig, load_config
 from edge.operations import DaemonRefused, call
 from edge.outbox_cli import format_age
@@ -49,7 +50,8 @@ def run_status_command(args: argparse.Namespace) -> int:
         return 1
     report = scrub(report, secret_values(config))
     if args.json:
-        print(json.dumps({**report, "source": source}, indent=2, default=str))
+        print(json.dumps(finite_json({**report, "source": source}), indent=2, default=str,
+                         allow_nan=False))
     else:
         print(render(report, source))
     return 0

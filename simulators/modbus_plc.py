@@ -20,6 +20,8 @@ tables are read-only, writes answer exception 2):
 | 20-21   | float32 | ABCD  | process value: press force in kN, 13.5 +/- noise           |
 | 30      | int16   |       | temperature in degrees Celsius, constant -5                |
 | 40-41   | uint32  | CDAB  | good count again, low word first                           |
+| 60-61   | uint32  | ABCD  | uptime: seconds since the PLC started (`--uptime` adds)     |
+| 62      | uint16  |       | boot count (`--boot-count`, default 1)                     |
 | 100-107 | uint32  | each  | 123456789 as ABCD at 100, CDAB 102, BADC 104, DCBA 106     |
 | 110-117 | int32   | each  | -123456789, same order of orders (110, 112, 114, 116)      |
 | 120-127 | float32 | each  | 3.14159 (120, 122, 124, 126)                               |
@@ -33,11 +35,20 @@ tables are read-only, writes answer exception 2):
 | 200-204 | string  | ABCD  | "PLANTSYNC", NUL padded ("PL" in 200)                      |
 | 210-214 | string  | BADC  | "PLANTSYNC", NUL padded, bytes swapped ("LP" in 210)       |
 | 220-225 | string  | ABCD  | "PLANTSYNC" padded with spaces to 12 characters            |
+| 230-241 | 64-bit  | EFGH- | halves swapped (EFGHABCD): uint64 at 230, int64 234, float64 |
+|         |         | ABCD  | 238, the values of 130, 150 and 170                        |
+| 242-253 | uint64  | each  | 1234567890123: CDABGHEF 242, DCBAHGFE 246, FEHGBADC 250     |
 
 Byte orders name the value's bytes, most significant first, as they appear in address order:
 ABCD is big-endian with the high word first, CDAB swaps the words, BADC swaps the bytes in each
-word, DCBA is little-endian. For 64-bit values CDAB reverses all four words. A string keeps its
-words in address order; only BADC/DCBA swap the two characters in each register.
+word, DCBA is little-endian. For 64-bit values CDAB reverses all four words; the eight-letter
+orders name all eight bytes (EFGHABCD: the low 32-bit half first, each half high word first). A
+string keeps its words in address order; only BADC/DCBA swap the two characters in each
+register.
+
+The press force (20-21) reads NaN, +Inf or -Inf with `--sensor-fault nan|inf|-inf`, as a PLC
+reports a failed sensor. A restart of the PLC shows in its uptime (60-61), which starts again
+from `--uptime` (default 0), and in its boot count (62), which a test sets with `--boot-count`.
 
 Input registers 0-255 mirror the holding registers, except 50-51: uint32 987654321 (ABCD), which
 the holding registers read as 0. Coils 0-63: coil n is on when n % 3 == 0. Discrete inputs 0-63:
@@ -81,6 +92,8 @@ PRESS_FORCE = 20
 TEMPERATURE = 30
 GOOD_COUNT_LITTLE = 40
 INPUT_ONLY = 50
+UPTIME = 60
+BOOT_COUNT = 62
 
 FORCE_NOMINAL = 13.5
 FORCE_NOISE = 0.05
@@ -97,6 +110,11 @@ INT16_VALUE = -12345
 UINT16_VALUE = 54321
 BIT_PATTERN = 0xA5C3
 STRING_VALUE = "PLANTSYNC"
+
+SensorFault = Literal["nan", "inf", "-inf"]
+"""What a failed force sensor reads as: NaN, or an overflow to +Inf or -Inf."""
+_FAULT_VALUE: dict[SensorFault, float] = {
+    "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 Framer = Literal["tcp", "rtu"]
 """How requests are framed on the TCP socket: Modbus TCP (MBAP header) or RTU frames (CRC), as
@@ -133,7 +151,14 @@ class KnownValue:
 
 
 def _ordered(big_endian: bytes, byte_order: str) -> list[int]:
-    """The registers that hold `big_endian` (most significant byte first) in `byte_order`."""
+    """The registers that hold `big_endian` (most significant byte first) in `byte_order`.
+
+    Written from the orders' definition, not from the driver's code: the letters name the
+    value's bytes (A the most significant) in address order; four letters on a 64-bit value
+    apply word by word to all four words."""
+    if len(byte_order) == 8:
+        raw = bytes(big_endian[ord(letter) - ord("A")] for letter in byte_order)
+        return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
     words = [big_endian[i : i + 2] for i in range(0, len(big_endian), 2)]
     if byte_order in ("CDAB", "DCBA"):
         words.reverse()
@@ -164,6 +189,14 @@ def _known_values() -> tuple[KnownValue, ...]:
     for base, type_name, value, width in numbers:
         for index, order in enumerate(BYTE_ORDERS):
             known.append(KnownValue(base + index * width, type_name, order, value))
+    known += [
+        KnownValue(230, "uint64", "EFGHABCD", UINT64_VALUE),
+        KnownValue(234, "int64", "EFGHABCD", INT64_VALUE),
+        KnownValue(238, "float64", "EFGHABCD", FLOAT_VALUE),
+        KnownValue(242, "uint64", "CDABGHEF", UINT64_VALUE),
+        KnownValue(246, "uint64", "DCBAHGFE", UINT64_VALUE),
+        KnownValue(250, "uint64", "FEHGBADC", UINT64_VALUE),
+    ]
     known += [
         KnownValue(190, "int16", "ABCD", INT16_VALUE),
         KnownValue(191, "uint16", "ABCD", UINT16_VALUE),
@@ -224,11 +257,19 @@ class Press:
     forced_state: MachineState | None = None
     """A state set from outside (a hold, a stop, a fault); the counters stand still in it."""
     force: float = FORCE_NOMINAL
+    uptime: float = 0.0
+    """Seconds since the PLC started; it runs whatever the state."""
+    boot_count: int = 1
+    sensor_fault: SensorFault | None = None
+    """The force sensor has failed and reads as this."""
     rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def advance(self, seconds: float) -> None:
         """Let `seconds` of production pass."""
+        self.uptime += seconds
         self.force = FORCE_NOMINAL + self.rng.gauss(0.0, FORCE_NOISE)
+        if self.sensor_fault is not None:
+            self.force = _FAULT_VALUE[self.sensor_fault]
         forced = self.forced_state
         if forced is not None and forced is not MachineState.EXECUTE:
             self.state = forced
@@ -257,6 +298,8 @@ class Press:
         image[MACHINE_STATE] = int(self.state)
         image[PRESS_FORCE : PRESS_FORCE + 2] = _ordered(struct.pack(">f", self.force), "ABCD")
         image[TEMPERATURE] = TEMPERATURE_CELSIUS & 0xFFFF
+        image[UPTIME : UPTIME + 2] = _ordered(_uint32_bytes(int(self.uptime)), "ABCD")
+        image[BOOT_COUNT] = self.boot_count & 0xFFFF
         return image
 
     def input_registers(self) -> list[int]:
@@ -292,6 +335,9 @@ class ModbusPlc:
         framer: Framer = "tcp",
         serial_port: str | None = None,
         baudrate: int = 19200,
+        uptime: float = 0.0,
+        boot_count: int = 1,
+        sensor_fault: SensorFault | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -300,7 +346,8 @@ class ModbusPlc:
         """A serial device (e.g. one end of a pty pair) to answer RTU on instead of TCP."""
         self.baudrate = baudrate
         self.press = Press(
-            rate=rate, scrap_rate=scrap_rate, good_count=float(start), stop_at=stop_at
+            rate=rate, scrap_rate=scrap_rate, good_count=float(start), stop_at=stop_at,
+            uptime=uptime, boot_count=boot_count, sensor_fault=sensor_fault,
         )
         self.requests: Counter[str] = Counter()
         self._last_advance: float | None = None
@@ -383,6 +430,20 @@ class ModbusPlc:
         self.press.forced_state = state
         self.press.advance(0.0)  # the new state shows on the next read, not after a while
 
+    def restart(self, good: int = 0) -> None:
+        """A warm restart of the PLC program with the connections kept: the uptime starts
+        again from 0, the boot count goes up, and the good count starts again from `good`."""
+        self._catch_up()
+        self.press.uptime = 0.0
+        self.press.boot_count += 1
+        self.press.good_count = float(good)
+
+    def set_sensor_fault(self, fault: SensorFault | None) -> None:
+        """The force sensor fails (it reads NaN, +Inf or -Inf), or None: it works again."""
+        self._catch_up()
+        self.press.sensor_fault = fault
+        self.press.advance(0.0)
+
     def set_stop_at(self, stop_at: int | None) -> None:
         """Complete when the good count reaches `stop_at`; None counts on forever."""
         self._catch_up()
@@ -431,10 +492,14 @@ async def serve(
     start: int = 0,
     stop_at: int | None = None,
     framer: Framer = "tcp",
+    uptime: float = 0.0,
+    boot_count: int = 1,
+    sensor_fault: SensorFault | None = None,
 ) -> None:
     """Serve the PLC on host:port until cancelled; port 0 picks a free port."""
     plc = ModbusPlc(
-        host, port, rate=rate, scrap_rate=scrap_rate, start=start, stop_at=stop_at, framer=framer
+        host, port, rate=rate, scrap_rate=scrap_rate, start=start, stop_at=stop_at, framer=framer,
+        uptime=uptime, boot_count=boot_count, sensor_fault=sensor_fault,
     )
     await plc.start()
     try:
@@ -466,6 +531,9 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
             start=args.start,
             stop_at=args.stop_at,
             framer=args.framer,
+            uptime=args.uptime,
+            boot_count=args.boot_count,
+            sensor_fault=args.sensor_fault,
         )
     except asyncio.CancelledError:
         log.info("Modbus PLC simulator stopped.")
@@ -489,6 +557,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=("tcp", "rtu"),
         default="tcp",
         help="frames on the socket: Modbus TCP (default) or RTU, as a serial gateway passes them",
+    )
+    parser.add_argument(
+        "--uptime", type=float, default=0.0,
+        help="seconds the PLC has been up at start (registers 60-61 count on from there)",
+    )
+    parser.add_argument(
+        "--boot-count", type=int, default=1, help="the boot count in register 62 (default 1)"
+    )
+    parser.add_argument(
+        "--sensor-fault", choices=("nan", "inf", "-inf"), default=None,
+        help="the force sensor (registers 20-21) has failed and reads NaN, +Inf or -Inf",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

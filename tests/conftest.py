@@ -198,6 +198,8 @@ class Mosquitto:
     port: int = field(default_factory=free_port)
     listener_options: list[str] = field(default_factory=list)
     """Lines for the listener, e.g. `certfile ...` for TLS."""
+    settings: dict[str, str] = field(default_factory=lambda: dict(MOSQUITTO_SETTINGS))
+    """Broker settings beyond listener and persistence; `{}` is a stock broker."""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     host = "127.0.0.1"
@@ -217,7 +219,7 @@ class Mosquitto:
             "allow_anonymous true",
             "persistence true",
             f"persistence_location {self.directory}/",
-            *(f"{key} {value}" for key, value in MOSQUITTO_SETTINGS.items()),
+            *(f"{key} {value}" for key, value in self.settings.items()),
         ]
         if os.geteuid() == 0:
             # As root, mosquitto switches to the `mosquitto` user (or nobody), which cannot
@@ -263,16 +265,32 @@ class Mosquitto:
         (self.directory / "mosquitto.db").unlink(missing_ok=True)
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A running mosquitto on a free port, killed at teardown."""
+def mosquitto_binary() -> str:
     import shutil  # here, so that this section stays an addition to the module
 
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not os.access(binary, os.X_OK):
         missing_peer("mosquitto is not installed (apt-get install mosquitto, or make mosquitto)")
+    return binary
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A running mosquitto on a free port, killed at teardown."""
     directory = tmp_path / "mosquitto"
     directory.mkdir()
-    broker = Mosquitto(binary, directory).start()
+    broker = Mosquitto(mosquitto_binary(), directory).start()
+    yield broker
+    broker.kill()
+
+
+@pytest.fixture
+def stock_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto with its stock settings, as a plant installs it (Debian's package: the
+    default max_queued_messages 1000 and max_inflight_messages 20; persistence on), except
+    that it reports its $SYS figures every second instead of every 10 s."""
+    directory = tmp_path / "stock-mosquitto"
+    directory.mkdir()
+    broker = Mosquitto(mosquitto_binary(), directory, settings={"sys_interval": "1"}).start()
     yield broker
     broker.kill()

@@ -30,6 +30,9 @@ The scenarios, and what `recovery_time_s` measures in each:
   paused, business events wait); from ERP's return until everything is delivered;
 - corrupt outbox: garbage in outbox.db before the start (moved aside, alarm, and it keeps
   working); from the start until the gateway is ready.
+- fresh outbox: outbox.db damaged or deleted between runs of the daemon (each run a new
+  database, a new epoch): no id of one database is derived again by the next, and ERP holds
+  every unit the PLC counted after each run's baseline (a short one runs in `make test`).
 
 All but the short broker restart are marked `slow` (`make faults`). `PLANTSYNC_FAULT_SCALE`
 (default 1) scales the long waits: the ERP outage (300 s), the Modbus absence (60 s) and the
@@ -396,6 +399,23 @@ class Publishing:
         return {event_id("material.consumed", SITE, "material.consumed", mid) for mid in ids}
 
 
+def consumption_driver(broker: Mosquitto, purpose: str) -> str:
+    """An MQTT driver (MQTT 5, a session of its own) taking the MES publisher's consumptions."""
+    return f"""
+  - name: mes
+    type: mqtt
+    host: {broker.host}
+    port: {broker.port}
+    client_id: plantsync-{purpose}-{uuid.uuid4().hex[:8]}
+    protocol: "5"
+    keepalive: 5s
+    topics:
+      - filter: mes/{SITE}/+/consumption
+        event: material.consumed
+        fields: {{order_id: order_id, material: material, lot_id: lot_id,
+                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+
+
 @pytest.mark.parametrize("size", [
     pytest.param(BROKER_SHORT, id="short"),
     pytest.param(BROKER_FULL, id="full", marks=pytest.mark.slow),
@@ -407,19 +427,7 @@ def test_broker_restart_while_mes_events_flow(
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
     plc = start_plc(peers, tmp_path, "--rate", "10")
-    mes_driver = f"""
-  - name: mes
-    type: mqtt
-    host: {mosquitto.host}
-    port: {mosquitto.port}
-    client_id: plantsync-fault-{uuid.uuid4().hex[:8]}
-    protocol: "5"
-    keepalive: 5s
-    topics:
-      - filter: mes/{SITE}/+/consumption
-        event: material.consumed
-        fields: {{order_id: order_id, material: material, lot_id: lot_id,
-                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}"""
+    mes_driver = consumption_driver(mosquitto, "fault")
     config, api_port = write_plant(
         tmp_path, erp, [modbus_driver("press-01", plc.port, 1), mes_driver],
         [counting_machine("press-01", "press-01", order_of("press-01", 0))])
@@ -715,11 +723,11 @@ class PlcThread:
     """The PLC simulator in this process, on its own loop in a thread, so that the test can
     change its state and count the requests that reach it."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, port: int = 0, **options: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="plc", daemon=True)
         self.thread.start()
-        self.plc = ModbusPlc("127.0.0.1", 0, **options)
+        self.plc = ModbusPlc("127.0.0.1", port, **options)
         self.run(self.plc.start())
 
     def run(self, coroutine: Any) -> Any:
@@ -746,6 +754,8 @@ class PlcThread:
         return int(self.call(read))
 
     def stop(self) -> None:
+        if not self.thread.is_alive():  # stopped by the test already
+            return
         self.run(self.plc.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
@@ -954,7 +964,239 @@ def test_corrupt_outbox_is_moved_aside_with_an_alarm_and_the_gateway_works_on(
     assert "is damaged" in gateway.output()
 
 
-# -- 7. A fresh outbox: the old one damaged and moved aside, or deleted --------------------------
+# -- 7. A long device outage, and the device restarted its counter from 0 meanwhile ---------------
+
+
+@dataclass(frozen=True)
+class OutageRun:
+    outage_s: float
+    rate: float
+
+
+OUTAGE_SHORT = OutageRun(outage_s=4.0, rate=40.0)
+OUTAGE_FULL = OutageRun(outage_s=40.0, rate=40.0)
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(OUTAGE_SHORT, id="short"),
+    pytest.param(OUTAGE_FULL, id="full", marks=pytest.mark.slow),
+])
+def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
+    peers: list[Peer], tmp_path: Path, plc_thread: Callable[..., PlcThread], size: OutageRun,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The PLC goes away, restarts meanwhile (power cut) and counts from 0 past the last value
+    the gateway saw, before the gateway reconnects: no drop shows. Its uptime register (the
+    driver's `restart_marker`) is what tells. The oracle is the simulator's own counter: what
+    it had counted when it went away, plus what it counted after its restart."""
+    tag = describe(tmp_path)
+    outage = scaled(size.outage_s, 4.0) if size is OUTAGE_FULL else size.outage_s
+    erp = start_erp(peers, tmp_path)
+    before = plc_thread(rate=0.0, start=0, uptime=86_400.0)  # up for a day, idle at 0
+    driver = f"""
+  - name: press-01
+    type: modbus
+    host: 127.0.0.1
+    port: {before.port}
+    poll_interval: 100ms
+    timeout: 1s
+    restart_marker: {{tag: uptime, kind: uptime}}
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: state, address: 10, type: uint16}}
+      - {{name: uptime, address: 60, type: uint32}}"""
+    machine = counting_machine("press-01", "press-01", order_of("press-01", 0))
+    config, api_port = write_plant(tmp_path, erp, [driver], [machine])
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway.start()
+    wait_for(lambda: gateway.signal("press-01.good") == 0, 30, f"the first reading {tag}")
+    before.call(before.plc.set_rate, size.rate)
+    time.sleep(3.0)
+    # The machine holds (its count stands still), the gateway reads that, then the power goes.
+    before.call(before.plc.set_state, MachineState.HELD)
+    counted_before = before.good()
+    wait_for(lambda: gateway.signal("press-01.good") == counted_before
+             and gateway.signal("press-01.state") == MachineState.HELD, 30,
+             f"the gateway to read the count before the outage {tag}")
+    before.stop()
+    gone = time.monotonic()
+    # Back after the outage, restarted halfway through it, having counted from 0 past the
+    # old value while the gateway could not look.
+    restarted_ago = outage / 2
+    counted_since_restart = max(counted_before + 25, int(size.rate * restarted_ago))
+    time.sleep(max(0.0, gone + outage - time.monotonic()))
+    stop_at = counted_since_restart + int(size.rate * 3)
+    after = plc_thread(port=before.port, rate=size.rate, start=counted_since_restart,
+                       stop_at=stop_at, uptime=restarted_ago)
+    back = time.monotonic()
+    reconnect = wait_for(lambda: int(gateway.signal("press-01.good") or 0)
+                         >= counted_since_restart, 60,
+                         f"the gateway to read the restarted PLC {tag}", 0.05)
+    database = tmp_path / "data" / "outbox.db"
+    wait_for(lambda: gateway.signal("press-01.state") == MachineState.COMPLETE, 60,
+             f"the PLC to complete {tag}")
+    wait_for(lambda: settled(database, erp, ["press-01"]), 60, f"everything delivered {tag}")
+    assert gateway.stop() == 0, gateway.current.output()[-3000:]
+    final = after.good()
+
+    result = outcome(database, erp)
+    expected_units = counted_before + final  # the simulator's own counts, from 0 each time
+    delivered_units = int(sum(Decimal(row["event"]["data"]["yield_quantity"]["value"])
+                              for row in erp_rows(erp, "production.confirmation")))
+    totals = check_tiling(erp, database, ["press-01"], tag)
+    output = gateway.output()
+    figures = {
+        "test": "fault-scenario", "scenario": "device-outage-counter-restart",
+        "size": "full" if size is OUTAGE_FULL else "short", "scale": SCALE,
+        **result.figures(), "units_expected": expected_units,
+        "units_delivered": delivered_units, "units_lost": expected_units - delivered_units,
+        "count_before_outage": counted_before, "count_after_restart": counted_since_restart,
+        "final_count": final, "outage_s": round(outage, 1),
+        "reconnect_after_back_s": round(reconnect, 2),
+        "restart_detected": output.count("says its device restarted"),
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    result.check(tag)
+    assert delivered_units == expected_units == totals["press-01"], \
+        f"{expected_units - delivered_units} unit(s) lost {tag}"
+    assert output.count("says its device restarted") == 1, f"the restart not logged once {tag}"
+    assert back - gone >= outage
+
+
+# -- 8. A shift-change burst at a stock broker ---------------------------------------------------
+
+
+ADVISED_BROKER = {"max_queued_messages": "0", "max_queued_bytes": "1000000000",
+                  "autosave_interval": "100", "autosave_on_changes": "true"}
+"""The README's broker advice: no count limit on a client's queue, a byte limit instead, and
+persistence saved as it changes."""
+
+
+@dataclass(frozen=True)
+class BurstRun:
+    messages: int
+    rate: float
+    phases: tuple[str, ...]
+
+
+BURST_SHORT = BurstRun(messages=5000, rate=10_000.0, phases=("stock-running",))
+BURST_FULL = BurstRun(messages=20_000, rate=10_000.0,
+                      phases=("stock-running", "stock-stopped", "advised-stopped"))
+
+
+def driver_metric(gateway: Gateway, name: str, driver: str = "mes") -> float | None:
+    """A sample of /metrics labelled with the driver, or None when it is not there."""
+    match = re.search(rf'^{name}{{driver="{driver}"}} (\S+)$', gateway.get("/metrics").text,
+                      re.MULTILINE)
+    return None if match is None else float(match[1])
+
+
+def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
+                ) -> dict[str, Any]:
+    """One burst of `size.messages` consumption messages in about two seconds at a broker
+    (stock or as advised), with the gateway running through it or stopped during it; the
+    figures of what the broker accepted against what reached ERP."""
+    import shutil
+
+    workdir = tmp_path / phase
+    (workdir / "broker").mkdir(parents=True)
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    settings = {} if phase.startswith("stock") else dict(ADVISED_BROKER)
+    broker = Mosquitto(binary, workdir / "broker", settings=settings).start()
+    try:
+        tag = describe(workdir)
+        erp = start_erp(peers, workdir)
+        mes_driver = consumption_driver(broker, "burst")
+        # No machine here: the MES messages are the load, so any order is taken.
+        config, api_port = write_plant(workdir, erp, [mes_driver], [" []"],
+                                       outbox="validation: {require_known_order: false}")
+        gateway = Gateway(peers, config, api_port, workdir)
+        gateway.start()
+        wait_for(lambda: broker_log(gateway, "connected as") == 1, 30, f"the MQTT driver {tag}")
+        publishing = Publishing(broker, size.messages, size.rate)
+        started = time.monotonic()
+        publishing.thread.start()
+        if phase.endswith("stopped"):
+            wait_for(lambda: len(publishing.message_ids) >= size.messages // 10, 30,
+                     f"the burst to begin {tag}", 0.01)
+            assert gateway.stop() == 0, gateway.current.output()[-3000:]
+        publishing.thread.join(120)
+        publishing.publisher.flush(120)  # every message accepted by the broker
+        burst_s = time.monotonic() - started
+        expected = publishing.expected()
+        if phase.endswith("stopped"):
+            gateway.start()
+        database = workdir / "data" / "outbox.db"
+
+        def consumed() -> set[str]:
+            return erp_ids(erp, "material.consumed") & expected
+
+        # Settled: everything arrived, or nothing more arrives and the broker's count of
+        # dropped messages has reached the gateway (mosquitto publishes $SYS every 10 s).
+        last, quiet_since, deadline = -1, time.monotonic(), time.monotonic() + 240
+        while time.monotonic() < deadline:
+            got = len(consumed())
+            if got == len(expected):
+                break
+            if got != last:
+                last, quiet_since = got, time.monotonic()
+            dropped = driver_metric(gateway, "plantsync_mqtt_broker_dropped_messages")
+            if time.monotonic() - quiet_since > 15 and got + (dropped or 0) >= len(expected):
+                break
+            time.sleep(0.5)
+        wait_for(lambda: owed(database) == 0, 120, f"the outbox to drain {tag}")
+        dropped = driver_metric(gateway, "plantsync_mqtt_broker_dropped_messages")
+        backlog = driver_metric(gateway, "plantsync_mqtt_backlog_peak_messages")
+        ready = gateway.get("/readyz").json()
+        assert gateway.stop() == 0, gateway.current.output()[-3000:]
+        publishing.publisher.close(5)
+        result = outcome(database, erp, expected)
+        delivered = len(consumed())
+        return {
+            "test": "fault-scenario", "scenario": f"broker-burst-{phase}",
+            "size": "full" if size is BURST_FULL else "short", **result.figures(),
+            "mes_messages": size.messages, "mes_delivered": delivered,
+            "mes_lost": len(expected) - delivered, "burst_s": round(burst_s, 2),
+            "broker_dropped": None if dropped is None else int(dropped),
+            "backlog_peak": None if backlog is None else int(backlog),
+            "drop_logged": gateway.output().count("has dropped"),
+            "readyz_degraded": [note for note in ready["degraded"] if "has dropped" in note],
+            "_result": result, "_tag": tag,
+        }
+    finally:
+        broker.kill()
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(BURST_SHORT, id="short"),
+    pytest.param(BURST_FULL, id="full", marks=pytest.mark.slow),
+])
+def test_shift_change_burst_at_a_stock_broker(
+    peers: list[Peer], tmp_path: Path, size: BurstRun, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """20,000 MES messages in about two seconds. With the gateway running, a stock broker
+    (max_queued_messages 1000) loses none: the gateway's window (receive_maximum 65535) takes
+    them in flight and its commits pace the intake. With the gateway stopped during the burst,
+    a stock broker keeps 1,000 and drops the rest whatever the gateway does: then what counts
+    is that the loss is not silent (its $SYS count in /metrics, a log line naming
+    max_queued_messages, /readyz degraded), and that the README's broker settings lose none."""
+    for phase in size.phases:
+        figures = burst_phase(peers, tmp_path, phase, size)
+        result, tag = figures.pop("_result"), figures.pop("_tag")
+        report(capsys, figures)
+        assert result.duplicates == 0 and result.pending == 0, tag
+        if phase == "stock-stopped":
+            assert figures["mes_lost"] > 0, f"a stock broker kept the whole burst? {tag}"
+            assert figures["broker_dropped"] == figures["mes_lost"], tag
+            assert figures["drop_logged"] >= 1 and figures["readyz_degraded"], tag
+        else:
+            result.check(tag)
+            assert figures["mes_lost"] == 0 and figures["broker_dropped"] == 0, tag
+            assert figures["backlog_peak"] is not None and figures["backlog_peak"] <= 2500, tag
+
+
+# -- 9. A fresh outbox: the old one damaged and moved aside, or deleted --------------------------
 
 
 @dataclass(frozen=True)

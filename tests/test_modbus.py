@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
+import random
 import re
 import select
 import socket
@@ -19,10 +21,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
-from drivers.base import Quality, Sample
+from drivers.base import DeviceRestarted, Quality, Reading, Sample
 from drivers.modbus import (
     ModbusConfig,
     ModbusDriver,
@@ -34,6 +37,7 @@ from drivers.modbus import (
     probe_main,
     tag_value,
 )
+from edge.timing import Backoff
 from simulators.modbus_plc import (
     BIT_PATTERN,
     COILS,
@@ -44,8 +48,10 @@ from simulators.modbus_plc import (
     MachineState,
     ModbusPlc,
 )
-from tests.conftest import missing_peer
+from tests.conftest import Peer, missing_peer
+from tests.conftest import start_plc as start_peer_plc
 from tests.driver_harness import running, wait_until
+from tests.test_daemon_drivers import Gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEADY_GOOD_COUNT = 123_456_789  # 0x075B_CD15: both words non-zero, so word order shows
@@ -135,13 +141,20 @@ async def press() -> AsyncIterator[ModbusPlc]:
 
 
 class Collector:
-    """A sink that keeps every batch."""
+    """A sink that keeps every batch of samples, and every reading in order."""
 
     def __init__(self) -> None:
         self.batches: list[list[Sample]] = []
+        self.readings: list[Reading] = []
 
-    async def __call__(self, samples: Sequence[Sample]) -> None:
-        self.batches.append(list(samples))
+    async def __call__(self, readings: Sequence[Reading]) -> None:
+        self.readings.extend(readings)
+        samples = [reading for reading in readings if isinstance(reading, Sample)]
+        if samples:
+            self.batches.append(samples)
+
+    def restarts(self) -> list[DeviceRestarted]:
+        return [r for r in self.readings if isinstance(r, DeviceRestarted)]
 
     def latest(self) -> dict[str, Sample]:
         """The newest sample of each tag (poll groups deliver separate batches)."""
@@ -262,8 +275,13 @@ async def test_every_type_and_byte_order_decodes_to_the_known_value(steady_plc: 
     orders_by_type: dict[str, set[str]] = {}
     for tag in tags:
         orders_by_type.setdefault(tag["type"], set()).add(tag["byte_order"])
-    for wide in ("int32", "uint32", "float32", "int64", "uint64", "float64", "string"):
+    for wide in ("int32", "uint32", "float32", "string"):
         assert orders_by_type[wide] == {"ABCD", "CDAB", "BADC", "DCBA"}, wide
+    # 64-bit: the four orders, the halves swapped, and (for uint64) every eight-letter order.
+    for wide in ("int64", "float64"):
+        assert orders_by_type[wide] == {"ABCD", "CDAB", "BADC", "DCBA", "EFGHABCD"}, wide
+    assert orders_by_type["uint64"] == {"ABCD", "CDAB", "BADC", "DCBA", "EFGHABCD",
+                                        "CDABGHEF", "DCBAHGFE", "FEHGBADC"}
     assert {"int16", "uint16"} <= orders_by_type.keys()
     driver = ModbusDriver(config(steady_plc, tags))
     collector = Collector()
@@ -947,7 +965,7 @@ def test_probe_exits_1_on_an_exception_response(
     assert probe(steady_plc, "--address", "1000", "--count", "4") == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert "exception code 2 (illegal address) for holding registers 1000-1003" in captured.err
+    assert "exception code 2 (illegal data address) for holding registers 1000-1003" in captured.err
 
 
 def test_probe_exits_1_when_it_cannot_connect(capsys: pytest.CaptureFixture[str]) -> None:
@@ -1001,7 +1019,7 @@ def test_config_defaults_bits_to_bool_and_parses_poll_groups() -> None:
         ),
         (
             {"tags": [{"name": "good", "address": 0, "byte_order": "ADCB"}]},
-            "Input should be 'ABCD', 'CDAB', 'BADC' or 'DCBA'",
+            "Input should be 'ABCD', 'CDAB', 'BADC', 'DCBA', 'ABCDEFGH'",
         ),
         (
             {"tags": [{"name": "recipe", "address": 0, "type": "string"}]},
@@ -1065,3 +1083,483 @@ def test_invalid_config_says_what_is_wrong(change: dict[str, Any], message: str)
 def test_invalid_config_is_rejected(change: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         config(502, COUNTER_TAGS, **change)  # an override replaces the valid value
+
+
+# --- a device restart, told by its restart marker ----------------------------------------------
+
+MARKED_TAGS: list[dict[str, Any]] = [
+    *COUNTER_TAGS,
+    {"name": "uptime", "address": 60, "type": "uint32"},
+    {"name": "boots", "address": 62, "type": "uint16"},
+]
+
+
+def first_index(readings: list[Reading], found: Any) -> int:
+    return next(i for i, reading in enumerate(readings) if found(reading))
+
+
+async def test_a_restart_marker_that_goes_back_is_told_before_the_samples_after_it() -> None:
+    # The PLC goes away with its count at 33 and comes back restarted (uptime 5 s, where it
+    # was an hour) having counted past it, at 45: no drop shows, the marker is what tells.
+    first = ModbusPlc(rate=0, start=33, uptime=3600.0)
+    await first.start()
+    port = first.port
+    driver = ModbusDriver(config(port, MARKED_TAGS, restart_marker={"tag": "uptime"}))
+    collector = Collector()
+    second = ModbusPlc(port=port, rate=0, start=45, uptime=5.0)
+    try:
+        async with running(driver, collector):
+            await wait_until(lambda: collector.batches and collector.latest()["good"].value == 33)
+            await first.stop()
+            await wait_until(lambda: not driver.health.connected)
+            await second.start()
+            await wait_until(lambda: collector.latest()["good"].value == 45, within=15)
+    finally:
+        await first.stop()
+        await second.stop()
+
+    readings = collector.readings
+    (restart,) = collector.restarts()
+    assert restart.driver == "press-01" and "uptime uptime went from 36" in restart.reason
+    at_restart = readings.index(restart)
+    assert at_restart == first_index(
+        readings, lambda r: isinstance(r, Sample) and r.tag == "good" and r.value == 45) - 1 \
+        or all(not (isinstance(r, Sample) and r.value == 45) for r in readings[:at_restart])
+    assert all(r.value == 33 for r in readings[:at_restart]
+               if isinstance(r, Sample) and r.tag == "good")
+    assert all(r.value == 45 for r in readings[at_restart:]
+               if isinstance(r, Sample) and r.tag == "good")
+
+
+@pytest.mark.parametrize("kind", ["uptime", "boot_count"])
+async def test_a_warm_restart_on_the_same_connection_leads_its_poll(
+    press: ModbusPlc, kind: str
+) -> None:
+    tag = "uptime" if kind == "uptime" else "boots"
+    press.set_counts(good=100)
+    press.press.uptime = 7200.0
+    driver = ModbusDriver(config(press.port, MARKED_TAGS,
+                                 restart_marker={"tag": tag, "kind": kind}))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.batches and collector.latest()["good"].value == 100)
+        connections = press.connections
+        press.restart(good=150)  # the program restarted; the TCP connection stays
+        await wait_until(lambda: collector.latest()["good"].value == 150)
+        await asyncio.sleep(0.3)  # more polls: the restart is told once
+        assert press.connections == connections
+    (restart,) = collector.restarts()
+    # It leads the batch of the poll that read 150 first.
+    batch_index = next(i for i, batch in enumerate(collector.batches)
+                       if batch and {s.tag: s.value for s in batch}["good"] == 150)
+    position = collector.readings.index(restart)
+    assert collector.readings[position + 1] is collector.batches[batch_index][0]
+    assert ("boot count boots went from 1 to 2" if kind == "boot_count"
+            else "uptime uptime went from 72") in restart.reason
+
+
+async def test_no_restart_is_told_while_the_marker_only_grows(press: ModbusPlc) -> None:
+    press.set_rate(100)
+    driver = ModbusDriver(config(press.port, MARKED_TAGS, poll_interval="50ms",
+                                 restart_marker={"tag": "uptime"}))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: len(collector.batches) >= 10)
+        press.set_counts(good=0)  # a reset the device does not call a restart
+        await wait_until(lambda: collector.latest()["good"].value < 50)
+    assert not collector.restarts()
+
+
+@pytest.mark.parametrize(("marker", "message"), [
+    ({"tag": "uptim"}, "restart_marker names tag 'uptim', which tags do not define (did you "
+                       "mean 'uptime'?)"),
+    ({"tag": "boots"}, "a 16-bit uptime wraps"),
+    ({"tag": "force", "kind": "boot_count"}, "must be an unscaled integer, not a float32"),
+    ({"tag": "uptime", "kind": "reboots"}, "Input should be 'uptime' or 'boot_count'"),
+])
+def test_a_restart_marker_must_name_an_integer_tag(marker: dict[str, Any], message: str) -> None:
+    tags = [*MARKED_TAGS, {"name": "force", "address": 20, "type": "float32"}]
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        config(5020, tags, restart_marker=marker)
+
+
+# --- an independent server: npm modbus-serial -----------------------------------------------------
+
+PEERS = REPO_ROOT / "tests" / "peers"
+
+
+@contextlib.contextmanager
+def modbus_serial_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    """`tests/peers/modbus_serial_server.js` (npm modbus-serial's ServerTCP) on a free port."""
+    import shutil
+
+    node = shutil.which("node")
+    if node is None or not (PEERS / "node_modules" / "modbus-serial").is_dir():
+        missing_peer("the npm package modbus-serial is not installed (make peers)")
+    assert node is not None
+    port = free_port()
+    proc = subprocess.Popen([node, str(PEERS / "modbus_serial_server.js"), str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == f"modbus-serial listening on 127.0.0.1:{port}", line
+        yield port, proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+
+
+def serial_peer_connections(proc: subprocess.Popen[str]) -> int:
+    """The connections the peer has reported so far (it prints a line for each)."""
+    assert proc.stdout is not None
+    seen = 0
+    while select.select([proc.stdout], [], [], 0.2)[0]:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("connections "):
+            seen = int(line.split()[1])
+    return seen
+
+
+async def test_an_illegal_address_marks_only_its_tag_bad_and_the_split_is_kept(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.modbus")
+    coils = [{"name": f"coil{n}", "address": n, "table": "coil"} for n in range(32)]
+    coils.append({"name": "coil40", "address": 40, "table": "coil"})  # the device has no 40
+    # 16 registers, an unmapped gap of 8 (16-23) bridged by max_gap, then 6 more.
+    registers = [{"name": f"hr{n}", "address": n} for n in [*range(16), *range(24, 30)]]
+    with modbus_serial_server() as (port, proc):
+        driver = ModbusDriver(config(port, coils + registers, max_gap=8, retries=0))
+        assert [b.label for b in driver.blocks] == ["holding registers 0-29", "coils 0-40"]
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: len(collector.batches) >= 4)
+            requests_before = sum(driver.requests.values())
+            await wait_until(lambda: len(collector.batches) >= 8)
+            requests_later = sum(driver.requests.values()) - requests_before
+            polls_later = len(collector.batches) - 4
+        connections = serial_peer_connections(proc)
+
+    for batch in collector.batches:
+        by_tag = {sample.tag: sample for sample in batch}
+        assert by_tag["coil40"].quality is Quality.BAD and by_tag["coil40"].value is None
+        assert {by_tag[f"coil{n}"].value for n in range(32)} != {None}
+        for n in range(32):
+            assert by_tag[f"coil{n}"].quality is Quality.GOOD, f"coil{n}"
+            assert by_tag[f"coil{n}"].value == (n % 3 == 0)
+        for n in [*range(16), *range(24, 30)]:
+            assert by_tag[f"hr{n}"].quality is Quality.GOOD, f"hr{n}"
+            assert by_tag[f"hr{n}"].value == 1000 + n
+    # The split is remembered: later polls go straight to the reads that work.
+    # The parts that answered are joined again where they touch: only addresses that were
+    # read, never the unmapped gap.
+    labels = [b.label for b in driver.blocks]
+    assert labels == ["holding registers 0-15", "holding registers 24-29", "coils 0-31",
+                      "coil 40"]
+    assert requests_later <= (polls_later + 1) * len(labels)
+    # The log names the refused address, once.
+    refused = [r for r in modbus_warnings(caplog, "answered exception code 2") if "coil 40" in r]
+    assert len(refused) == 1 and "tag coil40 is marked bad" in refused[0]
+    assert not [r for r in modbus_warnings(caplog, "answered") if "tags " in r]
+    assert len(modbus_warnings(caplog, "refused a read that spans")) == 1
+    assert driver.health.degraded == {
+        "tag coil40": "tag coil40 is bad: the device answered exception code 2 (illegal "
+                      "data address) for coil 40"}
+    assert connections == 1
+
+
+async def test_per_tag_units_and_64_bit_orders_against_modbus_serial() -> None:
+    tags = [
+        {"name": "unit1_hr0", "address": 0},
+        {"name": "unit2_hr0", "address": 0, "unit": 2},
+        {"name": "unit2_hr5", "address": 5, "unit": 2},
+        {"name": "unit2_in3", "address": 3, "table": "input", "unit": 2},
+        {"name": "energy_swapped", "address": 40, "type": "uint64", "byte_order": "EFGHABCD"},
+        {"name": "energy", "address": 44, "type": "uint64", "byte_order": "ABCDEFGH"},
+        {"name": "energy_read_as_cdab", "address": 40, "type": "uint64", "byte_order": "CDAB"},
+        {"name": "unit9_hr0", "address": 0, "unit": 9},  # nobody answers to unit 9
+    ]
+    with modbus_serial_server() as (port, proc):
+        driver = ModbusDriver(config(port, tags))
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: len(collector.batches) >= 3)
+        connections = serial_peer_connections(proc)
+    values = {tag: sample.value for tag, sample in collector.latest().items()}
+    assert values == {
+        "unit1_hr0": 1000, "unit2_hr0": 2000, "unit2_hr5": 2005, "unit2_in3": 203,
+        "energy_swapped": 1234567890123, "energy": 1234567890123,
+        # The halves swapped is not all four words reversed (CDAB): the peer's registers
+        # 71FB 04CB 0000 011F read as GHEFCDAB.
+        "energy_read_as_cdab": 0x011F_0000_04CB_71FB,
+        "unit9_hr0": None,
+    }
+    assert collector.latest()["unit9_hr0"].quality is Quality.BAD
+    assert "of unit 9" in (driver.health.last_error or "")
+    assert connections == 1, "every unit is read over the one connection"
+
+
+async def test_a_device_that_accepts_but_never_answers_is_not_connected() -> None:
+    accepted = asyncio.Event()
+
+    async def accept_and_ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                await reader.readexactly(12)
+        writer.close()
+
+    server = await asyncio.start_server(accept_and_ignore, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    driver = ModbusDriver(config(port, COUNTER_TAGS, timeout="1s", retries=0))
+    seen_connected = False
+
+    async def watch() -> None:
+        nonlocal seen_connected
+        while True:
+            seen_connected |= driver.health.connected
+            await asyncio.sleep(0.01)
+
+    collector = Collector()
+    async with server, running(driver, collector):
+        watcher = asyncio.create_task(watch())
+        await asyncio.wait_for(accepted.wait(), 10)
+        await wait_until(lambda: driver.health.errors >= 1)
+        watcher.cancel()
+    assert not seen_connected, "connected before the device ever answered"
+
+
+def test_modicon_style_addresses_are_warned_about_with_the_0_based_equivalent() -> None:
+    settings = config(5020, [
+        {"name": "good", "address": 40001, "type": "uint32"},
+        {"name": "level", "address": 30011, "table": "input"},
+        {"name": "state", "address": 10},
+        {"name": "in_holding", "address": 30005},
+    ])
+    assert settings.address_warnings() == [
+        (("tags", 0, "address"), "40001 looks like a Modicon register number: holding "
+         "register 40001 is address 0 (0-based protocol address); if that is what you mean, "
+         "write address: 0"),
+        (("tags", 1, "address"), "30011 looks like a Modicon register number: input register "
+         "30011 is address 10 (0-based protocol address); if that is what you mean, write "
+         "address: 10"),
+        (("tags", 3, "address"), "30005 looks like a Modicon register number: input register "
+         "30005 is address 4 of table input (0-based protocol address); if that is what you "
+         "mean, write table: input, address: 4"),
+    ]
+
+
+# --- NaN and infinity from a failed sensor --------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["nan", "inf", "-inf"])
+async def test_a_failed_sensor_reads_bad_quality(press: ModbusPlc, fault: Any) -> None:
+    press.set_sensor_fault(fault)
+    driver = ModbusDriver(config(press.port, [{"name": "force", "address": 20,
+                                               "type": "float32"}, *COUNTER_TAGS]))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.batches)
+    force = collector.latest()["force"]
+    assert force.quality is Quality.BAD and isinstance(force.value, float)
+    assert repr(force.value) == {"nan": "nan", "inf": "inf", "-inf": "-inf"}[fault]
+    assert collector.latest()["good"].quality is Quality.GOOD
+
+
+# --- mbpoll (Debian), an independent client, reads the simulator's map -------------------------
+
+
+def mbpoll(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    import shutil
+
+    binary = shutil.which("mbpoll")
+    if binary is None:
+        missing_peer("mbpoll is not installed (apt-get install mbpoll, or make mbpoll)")
+    assert binary is not None
+    return subprocess.run([binary, "-m", "tcp", "-1", "-p", str(port), *args, "127.0.0.1"],
+                          capture_output=True, text=True, timeout=20)
+
+
+def mbpoll_values(port: int, *args: str) -> list[str]:
+    """mbpoll's reads (`[ref]: value`), 1-based references as mbpoll prints them."""
+    result = mbpoll(port, *args)
+    assert result.returncode == 0, result.stderr
+    return re.findall(r"^\[\d+\]:\s+(\S+)", result.stdout, re.MULTILINE)
+
+
+def test_mbpoll_reads_the_simulators_register_map() -> None:
+    with plc("--rate", "0", "--start", str(STEADY_GOOD_COUNT), "--uptime", "100",
+             "--boot-count", "7") as port:
+        # mbpoll counts references from 1: reference r is protocol address r - 1.
+        assert mbpoll_values(port, "-r", "1", "-c", "1", "-t", "4:int", "-B") == [
+            str(STEADY_GOOD_COUNT)]
+        assert mbpoll_values(port, "-r", "11", "-c", "1", "-t", "4") == [str(IDLE)]
+        assert mbpoll_values(port, "-r", "41", "-c", "1", "-t", "4:int") == [
+            str(STEADY_GOOD_COUNT)]  # mbpoll's default word order is low word first: CDAB
+        assert mbpoll_values(port, "-r", "101", "-c", "1", "-t", "4:int", "-B") == ["123456789"]
+        assert mbpoll_values(port, "-r", "103", "-c", "1", "-t", "4:int") == ["123456789"]
+        assert mbpoll_values(port, "-r", "111", "-c", "1", "-t", "4:int", "-B") == ["-123456789"]
+        assert mbpoll_values(port, "-r", "121", "-c", "1", "-t", "4:float", "-B") == ["3.14159"]
+        assert mbpoll_values(port, "-r", "123", "-c", "1", "-t", "4:float") == ["3.14159"]
+        uptime = int(mbpoll_values(port, "-r", "61", "-c", "1", "-t", "4:int", "-B")[0])
+        assert 100 <= uptime < 160
+        assert mbpoll_values(port, "-r", "63", "-c", "1", "-t", "4") == ["7"]
+        assert mbpoll_values(port, "-r", "51", "-c", "1", "-t", "3:int", "-B") == [
+            str(INPUT_ONLY_VALUE)]
+        assert mbpoll_values(port, "-r", "1", "-c", "7", "-t", "0") == [
+            str(int(n % 3 == 0)) for n in range(7)]
+        assert mbpoll_values(port, "-r", "1", "-c", "6", "-t", "1") == [
+            str(int(n % 4 == 1)) for n in range(6)]
+        refused = mbpoll(port, "-r", "257", "-c", "1", "-t", "4")
+        assert refused.returncode != 0 and "Illegal data address" in refused.stderr
+
+
+# --- NaN and infinity through the real daemon: every JSON output stays JSON ----------------------
+
+
+def strict_json(text: str) -> Any:
+    """Parse as JSON proper: NaN, Infinity and -Infinity are not JSON."""
+
+    def refuse(name: str) -> Any:
+        raise AssertionError(f"{name} in a JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_nan_or_infinite_float_from_the_plc_is_null_in_every_json_output(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    faulty = {fault: start_peer_plc(peers, tmp_path, "--rate", "5", f"--sensor-fault={fault}")
+              for fault in ("nan", "inf", "-inf")}
+    drivers = "".join(f"""
+  - name: press-{name}
+    type: modbus
+    host: 127.0.0.1
+    port: {plc.port}
+    poll_interval: 100ms
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: force, address: 20, type: float32}}
+      - {{name: missing, address: 1000}}""" for name, plc in
+                      (("nan", faulty["nan"]), ("inf", faulty["inf"]), ("neginf", faulty["-inf"])))
+    gateway = Gateway(peers, tmp_path, f"""
+drivers:{drivers}
+machines:
+  - id: press-nan
+    signals: {{processed: press-nan.good}}
+    order: {{order_id: "1000123", operation: "0010"}}
+    confirm: {{every_units: 10}}
+    limits: [{{signal: press-nan.force, low: 12.0, high: 15.0, for: 1s, raise: inspection}}]
+destinations: {{}}
+routes: {{}}
+""")
+    gateway.start()
+    api = f"http://127.0.0.1:{gateway.api_port}"
+    expected = {"press-nan.force": "NaN", "press-inf.force": "Infinity",
+                "press-neginf.force": "-Infinity"}
+
+    def signals() -> dict[str, Any]:
+        response = httpx.get(f"{api}/status", timeout=10)
+        assert response.status_code == 200, response.text[:2000]
+        found: dict[str, Any] = strict_json(response.text)["signals"]
+        return found
+
+    deadline = time.monotonic() + 30
+    while not expected.keys() <= signals().keys():
+        assert time.monotonic() < deadline, "no readings of the faulty sensors"
+        time.sleep(0.2)
+    for _ in range(3):  # and on every call, not just the first
+        shown = signals()
+        for signal, name in expected.items():
+            assert shown[signal]["value"] is None and shown[signal]["quality"] == "bad"
+            assert shown[signal]["nonfinite"] == name
+        assert shown["press-nan.good"]["quality"] == "good"
+    ready = strict_json(httpx.get(f"{api}/readyz", timeout=10).text)
+    # A tag the device refuses (it has no register 1000) shows, the others read on.
+    assert ("driver press-nan: tag missing is bad: the device answered exception code 2 "
+            "(illegal data address) for holding register 1000") in ready["degraded"], ready
+    metrics = httpx.get(f"{api}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "plantsync_driver_samples" in metrics.text
+
+    status = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config",
+                             str(gateway.config), "--json"], capture_output=True, text=True,
+                            timeout=60, cwd=REPO_ROOT)
+    assert status.returncode == 0, status.stderr
+    assert strict_json(status.stdout)["signals"]["press-inf.force"]["nonfinite"] == "Infinity"
+    text = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config",
+                           str(gateway.config)], capture_output=True, text=True, timeout=60,
+                          cwd=REPO_ROOT)
+    assert text.returncode == 0, text.stderr
+
+    recording = tmp_path / "shift.jsonl"
+    record = subprocess.run([sys.executable, "-m", "edge.cli", "record", "--config",
+                             str(gateway.config), "--out", str(recording), "--duration", "2s"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert record.returncode == 0, record.stderr
+    lines = [strict_json(line) for line in recording.read_text().splitlines()]
+    forces = {line["signal"]: line for line in lines if line.get("signal") in expected}
+    assert {signal: line["nonfinite"] for signal, line in forces.items()} == expected
+    assert all(line["value"] is None and line["quality"] == "bad" for line in forces.values())
+    replay = subprocess.run([sys.executable, "-m", "edge.cli", "replay", "--config",
+                             str(gateway.config), "--input", str(recording)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert replay.returncode == 0, replay.stderr
+    assert gateway.current.stop() == 0
+
+
+def test_check_warns_about_modicon_style_addresses_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+
+    plant = tmp_path / "plant.yaml"
+    plant.write_text(f"""site: "1010"
+data_dir: {tmp_path}
+drivers:
+  - name: press-01
+    type: modbus
+    host: 127.0.0.1
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: state, address: 40011}}
+""")
+    assert main(["check", "--config", str(plant)]) == 0  # valid: a warning, not an error
+    err = capsys.readouterr().err
+    assert (f"warning: {plant}:9: drivers[0].tags[1].address: 40011 looks like a Modicon "
+            "register number: holding register 40011 is address 10 (0-based protocol "
+            "address); if that is what you mean, write address: 10") in err
+
+
+class LongestWait(random.Random):
+    """Backoff jitter that always picks the longest wait, so the test knows the schedule."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+async def test_a_device_that_is_back_is_read_again_without_waiting_out_the_backoff() -> None:
+    port = free_port()
+    proc = await asyncio.to_thread(start_plc, port, "--rate", "0", "--start", "111")
+    driver = ModbusDriver(config(port, COUNTER_TAGS, reconnect_max_delay="60s"))
+    # Waits of 2, 4, 8, 16... s after the loss: the device returns during the 8 s one.
+    driver._backoff = Backoff(base=2.0, cap=60.0, rng=LongestWait())
+    collector = Collector()
+    try:
+        async with running(driver, collector):
+            await wait_until(lambda: collector.batches and driver.health.connected)
+            await asyncio.to_thread(kill_plc, proc)
+            lost_at = time.monotonic()
+            await wait_until(lambda: driver._backoff.attempt >= 3, within=15)  # in the 8 s wait
+            proc = await asyncio.to_thread(start_plc, port, "--rate", "0", "--start", "222")
+            back_at = time.monotonic()
+            await wait_until(lambda: collector.latest()["good"].value == 222, within=20)
+            read_after = time.monotonic() - back_at
+    finally:
+        stop_plc(proc)
+    # The 8 s wait began 6 s after the loss; without looking, the read would come at 14 s.
+    assert back_at - lost_at < 10
+    assert read_after < 5.0, f"read {read_after:.1f}s after the device was back"

@@ -376,16 +376,8 @@ async def test_a_burst_is_absorbed_in_batches(
     total = 5000
     driver = MqttDriver(config(mosquitto.port, protocol=protocol))
     sink = Recorder(latency=0.002)  # a 2 ms commit per batch
-    async with running(driver, sink), publisher(mosquitto, window=1000) as mes:
-        await wait_until(lambda: driver.health.connected)
-        await asyncio.sleep(0.2)  # the SUBACK
-
-        def burst() -> list[str]:
-            ids = [mes.consume("4711", "RM", f"L-{n}", n).message_id or "" for n in range(total)]
-            mes.flush(60)
-            return ids
-
-        published = await asyncio.to_thread(burst)
+    async with running(driver, sink):
+        published = await publish_burst(mosquitto, driver, total)
         await wait_until(lambda: len(set(sink.ids())) >= total, within=30)
 
     assert set(sink.ids()) == set(published)
@@ -396,6 +388,21 @@ async def test_a_burst_is_absorbed_in_batches(
     with capsys.disabled():
         print(f"\nMQTT {protocol} burst of {total}: {len(sizes)} commits, batch sizes "
               f"min {min(sizes)} / median {sorted(sizes)[len(sizes) // 2]} / max {max(sizes)}")
+
+
+async def publish_burst(broker: Mosquitto, driver: MqttDriver, total: int) -> list[str]:
+    """Once the running driver is connected and subscribed: `total` consumption messages as
+    fast as the broker takes them, each acknowledged by the broker; their message ids."""
+    async with publisher(broker, window=1000) as mes:
+        await wait_until(lambda: driver.health.connected)
+        await asyncio.sleep(0.3)  # the SUBACK
+
+        def burst() -> list[str]:
+            ids = [mes.consume("4711", "RM", f"L-{n}", n).message_id or "" for n in range(total)]
+            mes.flush(60)
+            return ids
+
+        return await asyncio.to_thread(burst)
 
 
 # --- malformed payloads -----------------------------------------------------------------------
@@ -545,7 +552,7 @@ def test_config_defaults() -> None:
     assert settings.client_id == "plantsync-mes" and settings.persistent_session
     assert settings.port == 1883 and settings.protocol == "5" and settings.keepalive == 30
     assert settings.max_payload == 256 * 1024 and settings.batch_max == 500
-    assert settings.inflight_window == 1000 and settings.session_expiry == 7 * 86400
+    assert settings.inflight_window == 65535 and settings.session_expiry == 7 * 86400
     assert settings.topics[0].id_field == "message_id"
 
 
@@ -646,3 +653,152 @@ def test_publisher_message_ids_are_reproducible() -> None:
     ids = [first.next_message_id() for _ in range(3)]
     assert ids == [again.next_message_id() for _ in range(3)]
     assert len(set(ids)) == 3 and other.next_message_id() != ids[0]
+
+
+# --- a stock broker: its queue limit, and its $SYS figures --------------------------------------
+
+
+async def stock_burst(broker: Mosquitto, total: int, **options: Any
+                      ) -> tuple[MqttDriver, Recorder, list[str]]:
+    """`total` messages published as fast as the broker takes them, to a driver whose commits
+    take 200 ms a batch (a busy outbox): far more arrive than it takes in meanwhile."""
+    driver = MqttDriver(config(broker.port, **options))
+    sink = Recorder(latency=0.2)
+    async with running(driver, sink):
+        published = await publish_burst(broker, driver, total)
+        # Until everything published arrived, or the broker's own figures say it dropped
+        # some and nothing has come for a while.
+        last, quiet_since = -1, time.monotonic()
+        while len(set(sink.ids())) < total:
+            if len(sink.ids()) != last:
+                last, quiet_since = len(sink.ids()), time.monotonic()
+            if time.monotonic() - quiet_since > 3 and driver.broker.get("dropped", 0.0):
+                break
+            await asyncio.sleep(0.1)
+        await wait_until(lambda: "dropped" in driver.broker, within=5)
+    return driver, sink, published
+
+
+async def test_a_burst_at_a_stock_broker_loses_nothing_with_the_default_window(
+    stock_mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    total = 5000
+    driver, sink, published = await stock_burst(stock_mosquitto, total)
+    assert set(sink.ids()) == set(published), \
+        f"{total - len(set(sink.ids()))} of {total} lost at the broker"
+    assert driver.broker["dropped"] == 0.0 and not driver.health.degraded
+    # Intake stays bounded although the broker may send 65535 at once: the driver stops
+    # reading while 4 batches wait for their commit.
+    assert driver.peak_backlog <= 4 * 500 + 500, driver.peak_backlog
+    with capsys.disabled():
+        print(f"\nstock broker, burst of {total} with receive_maximum 65535: "
+              f"{len(set(sink.ids()))} received, peak backlog {driver.peak_backlog} messages, "
+              f"{len(sink.batches)} commits")
+
+
+async def test_the_broker_dropping_messages_is_seen_logged_and_degrades(
+    stock_mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.mqtt")
+    total = 5000
+    # The old default window: 1000 in flight plus the broker's 1000 queued, the rest dropped.
+    driver, sink, _ = await stock_burst(stock_mosquitto, total, receive_maximum=1000)
+    received = len(set(sink.ids()))
+    dropped = driver.broker["dropped"]
+    with capsys.disabled():
+        print(f"\nstock broker, burst of {total} with receive_maximum 1000: {received} "
+              f"received, the broker says it dropped {dropped:.0f}")
+    assert received < total and dropped == total - received
+    warnings = log_lines(caplog, "has dropped")
+    assert len(warnings) == 1, warnings  # once, not at every $SYS update
+    assert "$SYS/broker/publish/messages/dropped" in warnings[0]
+    assert "max_queued_messages 0" in warnings[0] and "max_queued_bytes" in warnings[0]
+    (note,) = driver.health.degraded.values()
+    assert f"has dropped {int(dropped)} message(s)" in note and "max_queued_messages" in note
+    assert isinstance(driver.broker.get("uptime"), float)
+    assert str(driver.broker.get("version", "")).startswith("mosquitto version")
+
+
+# --- plantsync doctor mqtt --------------------------------------------------------------------
+
+
+def plant_with_broker(tmp_path: Path, broker: Mosquitto) -> Path:
+    plant = tmp_path / "plant.yaml"
+    plant.write_text(f"""site: "1010"
+data_dir: {tmp_path / "data"}
+drivers:
+  - name: mes
+    type: mqtt
+    host: {broker.host}
+    port: {broker.port}
+    topics: [{{filter: "mes/1010/+/consumption", event: material.consumed}}]
+""")
+    return plant
+
+
+async def test_doctor_finds_a_stock_brokers_queue_limit_its_drops_and_its_autosave(
+    stock_mosquitto: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+
+    # A gateway's session, offline while 1,500 messages arrive: the stock broker keeps 1,000.
+    settings = config(stock_mosquitto.port)
+    async with running(MqttDriver(settings), Recorder()):
+        await asyncio.sleep(0.5)
+    async with publisher(stock_mosquitto, window=1000) as mes:
+        await asyncio.to_thread(lambda: [mes.consume("4711", "RM", f"L-{n}", n)
+                                         for n in range(1500)] and mes.flush(60))
+    plant = plant_with_broker(tmp_path, stock_mosquitto)
+    status = await asyncio.to_thread(main, [
+        "doctor", "mqtt", "--config", str(plant), "--broker-config",
+        str(stock_mosquitto.config_path), "--wait", "2500ms"])
+    report = capsys.readouterr().out
+    assert status == 1, report
+    assert f"MQTT broker mes at 127.0.0.1:{stock_mosquitto.port}" in report
+    assert "info: broker: mosquitto version 2." in report
+    assert "problem: the broker has dropped 500 message(s) since it started" in report
+    assert "problem: max_queued_messages 1000: beyond 1000 messages" in report
+    assert "problem: autosave_interval 1800 s" in report and "autosave_on_changes true" in report
+    assert f"ok: persistence_location {stock_mosquitto.directory} is writable by root" in report
+    assert "holds 1 session(s) of disconnected clients" in report
+
+
+def test_doctor_passes_a_broker_set_up_as_the_readme_advises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main
+    from tests.conftest import mosquitto_binary
+
+    directory = tmp_path / "advised"
+    directory.mkdir()
+    broker = Mosquitto(mosquitto_binary(), directory, settings={
+        "sys_interval": "1", "max_queued_messages": "0", "max_queued_bytes": "1000000000",
+        "autosave_interval": "100", "autosave_on_changes": "true",
+        "persistent_client_expiration": "14d"}).start()
+    try:
+        status = main(["doctor", "mqtt", "--config", str(plant_with_broker(tmp_path, broker)),
+                       "--broker-config", str(broker.config_path), "--wait", "1500ms"])
+    finally:
+        broker.kill()
+    report = capsys.readouterr().out
+    assert status == 0, report
+    assert "problem" not in report
+    assert "ok: max_queued_messages 0, max_queued_bytes 1000000000" in report
+    assert "ok: the broker has dropped no message since it started" in report
+
+
+def test_doctor_says_when_the_persistence_directory_is_not_the_brokers_to_write(
+    tmp_path: Path,
+) -> None:
+    from drivers.mqtt import check_broker_settings
+
+    location = tmp_path / "store"
+    location.mkdir(mode=0o755)  # root's, as `mkdir` by an installer running as root leaves it
+    found = check_broker_settings({"persistence": "true", "persistence_location": str(location),
+                                   "user": "nobody", "max_queued_messages": "0"})
+    problems = [f.text for f in found if f.level == "problem"]
+    assert any(f"persistence_location {location} is not writable by the broker's user nobody"
+               in text and f"chown nobody {location}" in text for text in problems), problems
+    off = check_broker_settings({})
+    assert any("persistence is off" in f.text for f in off if f.level == "problem")
