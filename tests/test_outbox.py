@@ -300,3 +300,150 @@ async def test_a_database_from_before_the_epoch_gets_one_and_keeps_its_events(
     assert re.fullmatch(r"[0-9a-f]{16}", box.epoch)
     assert [d.event_id for d in await box.lease("erp", 10)] == ["old-1"]
     await box.close()
+
+
+# -- what the technician reads: every field, exactly (these are the outbox's reports) -----------
+
+
+async def test_show_lists_payload_deliveries_and_journal_exactly(outbox: Outbox) -> None:
+    await outbox.commit([event(1, "K", destinations=("erp", "qms"), priority=0)])
+    before = time.time()
+    (to_erp,) = await outbox.lease("erp", 1)
+    await outbox.ack(to_erp, status=201, reference="ERP-1")
+    (to_qms,) = await outbox.lease("qms", 1)
+    await outbox.dead_letter(to_qms, status=422, reason="x" * 3000)
+    shown = await outbox.show("ev-1")
+    assert shown is not None
+    assert {k: shown[k] for k in ("id", "type", "partition_key", "priority", "payload")} == {
+        "id": "ev-1", "type": "production.confirmation", "partition_key": "K", "priority": 0,
+        "payload": '{"n": 1}'}
+    assert shown["seq"] == 1 and shown["created_at"] <= before
+    (delivery,) = shown["deliveries"]
+    assert delivery["destination"] == "qms" and delivery["state"] == "dead"
+    assert (delivery["attempts"], delivery["last_status"]) == (1, 422)
+    assert delivery["last_error"] == "x" * 2000  # the reason is cut, not the row dropped
+    assert delivery["dead_at"] >= before
+    (journal,) = shown["journal"]
+    assert {k: journal[k] for k in ("destination", "attempts", "status", "reference")} == {
+        "destination": "erp", "attempts": 1, "status": 201, "reference": "ERP-1"}
+    assert journal["delivered_at"] >= before
+    assert await outbox.show("ev-404") is None
+    # Delivered everywhere and forgotten: the journal still answers.
+    await outbox.purge_dead("ev-1")
+    gone = await outbox.show("ev-1")
+    assert gone == {"id": "ev-1", "journal": shown["journal"], "deliveries": []}
+
+
+async def test_deliveries_by_state_destination_and_limit(outbox: Outbox) -> None:
+    await outbox.commit([event(1, "A"), event(2, "B"), event(3, "C", destinations=("qms",))])
+    first, second = await outbox.lease("erp", 2)
+    await outbox.retry(first, at=time.time() + 60, status=503, error="e" * 3000)
+    await outbox.dead_letter(second, status=400, reason="bad")
+    assert [d["id"] for d in await outbox.deliveries()] == ["ev-1", "ev-3"]
+    assert [d["id"] for d in await outbox.deliveries(destination="erp")] == ["ev-1"]
+    assert [d["id"] for d in await outbox.deliveries(limit=1)] == ["ev-1"]
+    (retrying,) = await outbox.deliveries(state="retrying")
+    assert (retrying["id"], retrying["attempts"], retrying["last_status"]) == ("ev-1", 1, 503)
+    assert retrying["last_error"] == "e" * 2000 and retrying["next_attempt_at"] > time.time()
+    (dead,) = await outbox.deliveries(state="dead")
+    assert (dead["id"], dead["destination"], dead["last_error"]) == ("ev-2", "erp", "bad")
+    (listed,) = await outbox.dead_letters()
+    assert (listed["id"], listed["type"], listed["partition_key"], listed["attempts"],
+            listed["last_status"], listed["last_error"]) == (
+        "ev-2", "production.confirmation", "B", 1, 400, "bad")
+    assert outbox.stats.dead_lettered == 1 and outbox.stats.retries == 1
+
+
+async def test_dead_letters_are_retried_and_purged_by_event_and_by_destination(
+    outbox: Outbox,
+) -> None:
+    await outbox.commit([event(1, "A", destinations=("erp", "qms")), event(2, "B")])
+    for destination in ("erp", "qms"):
+        for delivery in await outbox.lease(destination, 10):
+            await outbox.dead_letter(delivery, status=400, reason="no")
+    assert await outbox.retry_dead("ev-1", "qms") == 1  # only that one
+    assert sorted((d["id"], d["destination"]) for d in await outbox.dead_letters()) == [
+        ("ev-1", "erp"), ("ev-2", "erp")]
+    assert await outbox.retry_dead(None, "erp") == 2
+    assert await outbox.dead_letters() == [] and outbox.stats.dead_retried == 3
+    assert (await outbox.counts())["erp"].pending == 2
+    for destination in ("erp", "qms"):
+        for delivery in await outbox.lease(destination, 10):
+            await outbox.dead_letter(delivery, status=400, reason="no")
+    assert await outbox.purge_dead("ev-404") == 0
+    assert await outbox.purge_dead("ev-1", "erp") == 1
+    assert sorted((d["id"], d["destination"]) for d in await outbox.dead_letters()) == [
+        ("ev-1", "qms"), ("ev-2", "erp")]
+    assert await outbox.purge_dead(None, "qms") == 1
+    assert (await outbox.show("ev-1")) is None  # no delivery left: the event is gone
+    counts = await outbox.counts()
+    assert (counts["erp"].pending, counts["erp"].dead) == (0, 1) and "qms" not in counts
+
+
+async def test_lot_status_kept_and_a_produced_lot_never_overrides_a_decision(
+    outbox: Outbox,
+) -> None:
+    from buffer.outbox import LotStatus
+
+    assert await outbox.lot_status("L-1") is None
+    await outbox.commit([], lots=[LotStatus("L-1", "hold", 10.0, "produced", "O-1", "FG",
+                                            decided=False)])
+    assert await outbox.lot_status("L-1") == LotStatus("L-1", "hold", 10.0, "produced", "O-1",
+                                                        "FG")
+    await outbox.commit([], lots=[LotStatus("L-1", "release", 20.0, "qms")])
+    # A decision without order or material keeps what was known of them.
+    assert await outbox.lot_status("L-1") == LotStatus("L-1", "release", 20.0, "qms", "O-1",
+                                                        "FG")
+    await outbox.commit([], lots=[LotStatus("L-1", "hold", 30.0, "produced", decided=False)])
+    assert (await outbox.lot_status("L-1")) == LotStatus("L-1", "release", 20.0, "qms", "O-1",
+                                                          "FG")
+
+
+async def test_input_dead_letters_kept_replaced_and_resolved(outbox: Outbox) -> None:
+    from buffer.outbox import REJECTED_PAYLOAD_MAX, RejectedInput
+
+    huge = b"{" + b"x" * (REJECTED_PAYLOAD_MAX + 10)
+    await outbox.commit([], rejected=[
+        RejectedInput("mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}', "unit ZCS", 100.0,
+                      "m-1"),
+        RejectedInput("mes", "mes/t\udcff", huge, "too big", 200.0)])
+    newest, oldest = await outbox.rejected_inputs()
+    assert (oldest["id"], oldest["source"], oldest["topic"], oldest["message_id"],
+            oldest["payload"], oldest["reason"], oldest["received_at"]) == (
+        1, "mes", "mes/1010/p/consumption", "m-1", '{"uom": "ZCS"}', "unit ZCS", 100.0)
+    assert newest["topic"] == "mes/t\\udcff"  # a lone surrogate is kept escaped
+    assert len(newest["payload"]) == REJECTED_PAYLOAD_MAX and newest["message_id"] is None
+    assert [r["id"] for r in await outbox.rejected_inputs(since=150.0)] == [2]
+    assert [r["id"] for r in await outbox.rejected_inputs(limit=1)] == [2]
+    assert outbox.stats.rejected_inputs == 2
+
+    kept = await outbox.rejected_input(1)
+    assert kept == RejectedInput("mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}',
+                                 "unit ZCS", 100.0, "m-1", replaces=1)
+    assert await outbox.rejected_input(99) is None
+    # Rejected again: the same row, the new reason; no second row.
+    await outbox.commit([], rejected=[RejectedInput(
+        kept.source, kept.topic, kept.payload, "still ZCS", kept.received_at, "m-1",
+        replaces=1)])
+    assert [(r["id"], r["reason"]) for r in await outbox.rejected_inputs()] == [
+        (2, "too big"), (1, "still ZCS")]
+    # Accepted: its events and its removal in one commit.
+    result = await outbox.commit([event(7)], resolved_inputs=[1])
+    assert result.inserted == 1
+    assert [r["id"] for r in await outbox.rejected_inputs()] == [2]
+    assert await outbox.prune(retention=60, now=259.0) == 0
+    assert [r["id"] for r in await outbox.rejected_inputs()] == [2]  # 200 >= 259 - 60
+    assert await outbox.prune(retention=60, now=261.0) == 0
+    assert await outbox.rejected_inputs() == []
+
+
+async def test_prune_forgets_old_ids_but_never_one_still_held(outbox: Outbox) -> None:
+    await outbox.commit([event(1), event(2, "B")])
+    (first, _) = await outbox.lease("erp", 2)
+    await outbox.ack(first, status=201)
+    later = time.time() + 7200
+    assert await outbox.prune(retention=3600, now=later) == 1  # one journal row
+    # ev-1 was delivered and is forgotten; ev-2 is still owed, so still a duplicate.
+    assert (await outbox.commit([event(1)])).inserted == 1
+    assert (await outbox.commit([event(2, "B")])).duplicates == 1
+    assert await outbox.load_state() == {}
