@@ -45,7 +45,7 @@ fuzz: setup
 MUTATE_ARGS ?=
 mutate: setup
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children 2 $(MUTATE_ARGS) > mutants.log 2>&1 || { tail -c 2000 mutants.log; exit 1; }
+	PLANTSYNC_MODEL_EXAMPLES=15 $(BIN)/mutmut run --max-children 2 $(MUTATE_ARGS) > mutants.log 2>&1 || { tail -c 2000 mutants.log; exit 1; }
 	$(BIN)/python tests/mutation_report.py
 
 setup: $(STAMP) mosquitto peers socat

@@ -17,6 +17,7 @@ are the first ones queued (the writer runs the queue in order).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -290,6 +291,8 @@ def _abandon(outbox: Outbox, callers: list[asyncio.Task[CommitResult]],
     outbox._closed = True
 
 
-OutboxMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
-                                           deadline=None)
+OutboxMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("PLANTSYNC_MODEL_EXAMPLES") or 60), stateful_step_count=40,
+    deadline=None)
+"""`make mutate` runs it with fewer examples (PLANTSYNC_MODEL_EXAMPLES): once per mutant."""
 TestOutboxAgainstModel = OutboxMachine.TestCase
