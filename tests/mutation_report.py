@@ -15,7 +15,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-KILLED = {1, 3, 24, -24, 36, 152, 255, 37}
+KILLED = {1, 3, 37}
+TIMED_OUT = {24, -24, 36, 152, 255}
 SURVIVED = {0}
 NO_TESTS = {5, 33}
 
@@ -37,6 +38,9 @@ def main() -> int:
         for name, code in codes.items():
             if code in KILLED:
                 counts["killed"] += 1
+            elif code in TIMED_OUT:
+                counts["killed"] += 1
+                counts["timeout"] += 1
             elif code in SURVIVED:
                 counts["survived"] += 1
                 survivors.append(name)
@@ -60,6 +64,7 @@ def main() -> int:
 def _line(module: str, counts: Counter[str], revision: str) -> dict[str, object]:
     judged = counts["killed"] + counts["survived"] + counts["no_tests"]
     return {"mutate": module, "revision": revision, "killed": counts["killed"],
+            "of_which_timeout": counts["timeout"],
             "survived": counts["survived"], "no_tests": counts["no_tests"],
             "not_judged": counts["other"],
             "score": round(counts["killed"] / judged, 3) if judged else None}

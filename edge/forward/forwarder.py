@@ -146,9 +146,11 @@ class HttpForwarder:
         if self.health.circuit is not Circuit.CLOSED:
             timeout = min(timeout, max(0.0, self._open_until - time.monotonic()) + 0.01)
         # A head that is due but was not leased has its key in flight: the end of that
-        # delivery sets the wake event.
+        # delivery sets the wake event. asyncio.timeout, not wait_for: on Python 3.11 wait_for
+        # can lose a cancellation that arrives as the event is set (the outbox writer hung so).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     async def _deliver(self, profile: Profile, batch: Sequence[Delivery]) -> None:
         # The request slot frees as soon as the answers are in; the keys stay busy until the
