@@ -114,3 +114,150 @@ def test_a_counter_wraps_only_when_the_wrapped_step_is_under_half_its_range() ->
     assert same.advance(7, 16, "c") == (0, False) and same.total == 3
     up = Counter(last_raw=7, total=3)
     assert up.advance(10, 16, "c") == (3, False) and (up.total, up.last_raw) == (6, 10)
+
+
+def counting(**extra: Any) -> MachineConfig:
+    return MachineConfig.model_validate({
+        "id": "press-01", "line": "LINE-A",
+        "signals": {"processed": "plc.good", "defective": "plc.bad", "state": "plc.state",
+                    "stop_reason": "plc.reason"},
+        "state_map": {4: "Idle", 6: "Execute", 11: "Held", 17: "Complete"},
+        "stop_reasons": {3: "Material shortage"},
+        "counter_width": 16,
+        **extra,
+    })
+
+
+def read(signal: str, value: Any, at: float, quality: str = "good") -> Sample:
+    from drivers.base import Quality
+
+    return Sample("plc", signal, value, T0 + at, Quality(quality))
+
+
+def confirmed(events: list[Any]) -> list[tuple[int, int, str, str]]:
+    return [(e.data["counter_from"], e.data["counter_to"], e.data["yield_quantity"]["value"],
+             e.data["trigger"]) for e in events if e.type == "production.confirmation"]
+
+
+def test_a_drop_from_the_upper_half_that_is_not_a_short_wrap_is_a_reset() -> None:
+    # 40000 -> 39000 would be a step of 64536 if it wrapped: more than half the range, so a
+    # reset counting 39000 (kills `last >= half or wrapped < half`).
+    assert Counter(last_raw=40000).advance(39000, 16, "c") == (39000, True)
+
+
+def test_after_a_device_restart_the_next_reading_counts_from_zero_once() -> None:
+    counter = Counter(last_raw=500, total=10, restarted=True)
+    assert counter.advance(700, 16, "c") == (700, True)  # counted from 0: 700, saved now
+    assert (counter.total, counter.last_raw, counter.restarted) == (710, 700, False)
+    assert counter.advance(705, 16, "c") == (5, False)  # then as usual
+    rule = MachineRule("1010", counting(order={"order_id": "42"}))
+    rule.on_samples([read("good", 100, 0), read("bad", 50, 0)])
+    rule.dump_state()
+    rule.on_device_restarted("plc")
+    assert rule.needs_save and rule.state.good.restarted and rule.state.scrap.restarted
+    rule.on_device_restarted("other")  # another driver's restart is not this machine's
+    assert rule.state.good.restarted
+
+
+def test_every_sample_of_a_poll_counts_and_bad_ones_do_not() -> None:
+    rule = MachineRule("1010", counting(order={"order_id": "42"},
+                                        confirm={"every_units": 10, "on_state_change": True}))
+    rule.on_samples([read("state", 6, 0), read("good", 0, 0), read("bad", 0, 0)])
+    # One poll: scrap and good together make one confirmation with both.
+    (event,) = rule.on_samples([read("bad", 2, 1), read("good", 10, 1)])
+    assert (event.data["yield_quantity"]["value"], event.data["scrap_quantity"]["value"]) == (
+        "10", "2")
+    # A BAD reading with a value, a value at 2^16 on a 16-bit counter: ignored.
+    assert rule.on_samples([read("good", 30, 2, "bad")]) == []
+    assert rule.on_samples([read("good", 65536, 3)]) == []
+    assert rule.state.good.last_raw == 10
+    # A poll whose first sample confirms by state change and whose second counts on: both.
+    events = rule.on_samples([read("good", 15, 4), read("state", 11, 4), read("good", 16, 4)])
+    assert [e.type for e in events] == ["production.confirmation", "operation.interrupted"]
+    assert confirmed(events) == [(10, 15, "5", "state_change")]
+    assert rule.state.good.total == 16
+
+
+def test_units_pending_at_exactly_every_units_confirm_before_a_state_change() -> None:
+    rule = MachineRule("1010", counting(order={"order_id": "42"},
+                                        confirm={"every_units": 10, "on_state_change": False}))
+    rule.on_samples([read("state", 6, 0), read("good", 0, 0)])
+    rule.on_sample(read("good", 9, 1))  # 9 pending: not yet
+    events = rule.on_samples([read("good", 10, 2)])
+    assert confirmed(events) == [(0, 10, "10", "units")]
+    rule.on_sample(read("good", 20, 3))  # 10 pending when the state sample comes
+    assert confirmed(rule.on_sample(read("state", 11, 3))) == []  # (confirmed by the poll)
+
+
+def test_unassigned_production_adds_up_good_and_scrap() -> None:
+    rule = MachineRule("1010", counting())
+    rule.on_samples([read("good", 0, 0), read("bad", 0, 0)])
+    rule.on_samples([read("good", 7, 1), read("bad", 2, 1)])
+    rule.on_samples([read("good", 9, 2), read("bad", 5, 2)])
+    assert (rule.state.unassigned, rule.state.unassigned_scrap) == (9, 5)
+
+
+def test_the_stop_reason_of_a_downtime_is_the_first_one_seen_while_down() -> None:
+    rule = MachineRule("1010", counting(order={"order_id": "42"}))
+    rule.on_samples([read("state", 6, 0), read("good", 0, 0)])
+    rule.on_sample(read("reason", 9, 1))  # while running: not a downtime's reason
+    rule.on_sample(read("state", 11, 2))
+    assert rule.state.down_reason == 9  # the reason active at the stop
+    rule.on_sample(read("reason", 0, 3))
+    rule.on_sample(read("reason", 3, 4))  # a later code does not replace it
+    events = rule.on_sample(read("state", 6, 10))
+    (downtime,) = [e for e in events if e.type == "downtime.recorded"]
+    assert (downtime.data["reason_code"], downtime.data["duration_seconds"]) == ("9", 8.0)
+    fresh = MachineRule("1010", counting(order={"order_id": "42"}))
+    fresh.on_samples([read("state", 6, 0), read("good", 0, 0)])
+    fresh.on_sample(read("state", 11, 1))
+    fresh.on_sample(read("reason", 3, 2))  # down with no reason yet: this one explains it
+    (downtime,) = [e for e in fresh.on_sample(read("state", 6, 5))
+                   if e.type == "downtime.recorded"]
+    assert (downtime.data["reason_code"], downtime.data["reason_text"]) == (
+        "3", "Material shortage")
+
+
+def test_an_order_ended_that_is_not_the_bound_one_is_refused() -> None:
+    from edge.config import OrderBinding
+
+    rule = MachineRule("1010", counting())
+    events, problem = rule.end_order("42", None, T0)
+    assert events == [] and problem == "order 42/* is not bound to machine press-01 (nothing is)"
+    rule.start_order(OrderBinding(order_id="42", operation="0010"), T0)
+    _, problem = rule.end_order("43", "0010", T0 + 1)
+    assert problem == "order 43/0010 is not bound to machine press-01 (42/0010 is)"
+    _, problem = rule.end_order("42", "0020", T0 + 1)
+    assert problem == "order 42/0020 is not bound to machine press-01 (42/0010 is)"
+    events, problem = rule.end_order("42", None, T0 + 2)
+    assert problem is None
+    assert [e.type for e in events] == ["production.confirmation", "operation.completed"]
+    assert events[0].data["is_final"] is True
+    assert rule.state.binding is None
+
+
+def test_a_new_order_while_one_is_bound_completes_it_first() -> None:
+    from edge.config import OrderBinding
+
+    rule = MachineRule("1010", counting(confirm={"every_units": 100}))
+    rule.on_samples([read("state", 6, 0), read("good", 0, 0)])
+    rule.start_order(OrderBinding(order_id="42", operation="0010"), T0 + 1)
+    rule.on_sample(read("good", 5, 2))
+    events = rule.start_order(OrderBinding(order_id="43", operation="0010"), T0 + 3)
+    assert [(e.type, e.data["order_id"]) for e in events] == [
+        ("production.confirmation", "42"), ("operation.completed", "42"),
+        ("operation.started", "43")]
+    assert confirmed(events) == [(0, 5, "5", "order_end")]
+    assert rule.state.binding is not None and rule.state.binding.source == "mes"
+    assert rule.start_order(OrderBinding(order_id="43", operation="0010"), T0 + 4) == []
+
+
+def test_an_unknown_state_number_is_logged_once_and_ignored(
+    caplog: Any,
+) -> None:
+    rule = MachineRule("1010", counting())
+    with caplog.at_level("WARNING"):
+        for at in range(3):
+            assert rule.on_sample(read("state", 99, at)) == []
+    assert caplog.text.count("state 99, which state_map does not name") == 1
+    assert rule.state.machine_state is None
