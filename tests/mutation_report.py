@@ -5,15 +5,26 @@ mutants/survivors.txt, to kill with a test or explain as equivalent (README, "Pr
 A mutant counts as killed when a test failed on it, or it made the tests time out (an endless
 loop is caught too); it survives when every test passed, and "no tests" means no test in the
 killer set reaches its function at all. Score = killed / (killed + survived + no tests).
+
+Some survivors cannot be killed because they change nothing: mutmut upper- or lower-cases
+string literals, and SQL keywords and identifiers, and codec names like "utf-8", are case
+insensitive. A survivor whose only change is the case of a string that is SQL or a codec name is
+counted as `equivalent` (listed apart in survivors.txt, not in the score's denominator: the
+`score_without_equivalent` figure); every other survivor needs a test or a written reason.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+
+SQL = re.compile(r"\b(select|insert|update|delete|from|where|order by|join|values|set|and)\b"
+                 r"|^\s*\w+\.\w+\s*(=|<|>)", re.IGNORECASE)
+CODEC = re.compile(r"^utf-?8$", re.IGNORECASE)
 
 KILLED = {1, 3, 37}
 TIMED_OUT = {24, -24, 36, 152, 255}
@@ -31,6 +42,7 @@ def main() -> int:
                               text=True, check=False).stdout.strip()
     totals: Counter[str] = Counter()
     survivors: list[str] = []
+    equivalent: list[str] = []
     for meta in metas:
         module = meta.relative_to(root).as_posix().removesuffix(".meta")
         codes = json.loads(meta.read_text())["exit_code_by_key"]
@@ -42,8 +54,12 @@ def main() -> int:
                 counts["killed"] += 1
                 counts["timeout"] += 1
             elif code in SURVIVED:
-                counts["survived"] += 1
-                survivors.append(name)
+                if _case_of_sql_or_codec(_diff(name)):
+                    counts["equivalent"] += 1
+                    equivalent.append(name)
+                else:
+                    counts["survived"] += 1
+                    survivors.append(name)
             elif code in NO_TESTS:
                 counts["no_tests"] += 1
                 survivors.append(name)
@@ -54,20 +70,53 @@ def main() -> int:
     print(json.dumps(_line("all", totals, revision)))
     with (root / "survivors.txt").open("w") as out:
         for name in survivors:
-            shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name],
-                                   capture_output=True, text=True, check=False)
-            out.write(f"## {name}\n{shown.stdout}\n")
-    print(f"{len(survivors)} survivor(s), diffs in {root / 'survivors.txt'}", file=sys.stderr)
+            out.write(f"## {name}\n{_diff(name)}\n")
+        out.write("# Equivalent: only the case of SQL or of a codec name changed\n")
+        for name in equivalent:
+            out.write(f"## {name}\n{_diff(name)}\n")
+    print(f"{len(survivors)} survivor(s), {len(equivalent)} equivalent, diffs in "
+          f"{root / 'survivors.txt'}", file=sys.stderr)
     return 0
+
+
+_DIFFS: dict[str, str] = {}
+
+
+def _diff(name: str) -> str:
+    if name not in _DIFFS:
+        shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name],
+                               capture_output=True, text=True, check=False)
+        _DIFFS[name] = shown.stdout
+    return _DIFFS[name]
+
+
+def _case_of_sql_or_codec(diff: str) -> bool:
+    removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and
+               not line.startswith("---")]
+    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and
+             not line.startswith("+++")]
+    if len(removed) != 1 or len(added) != 1 or removed == added:
+        return False
+    before, after = removed[0], added[0]
+    if before.lower() != after.lower():
+        return False
+    changed = [b for b, a in zip(_strings(before), _strings(after), strict=False) if b != a]
+    return bool(changed) and all(SQL.search(text) or CODEC.match(text) for text in changed)
+
+
+def _strings(line: str) -> list[str]:
+    return re.findall(r'"([^"]*)"', line)
 
 
 def _line(module: str, counts: Counter[str], revision: str) -> dict[str, object]:
     judged = counts["killed"] + counts["survived"] + counts["no_tests"]
-    return {"mutate": module, "revision": revision, "killed": counts["killed"],
-            "of_which_timeout": counts["timeout"],
+    everything = judged + counts["equivalent"]
+    return {"mutate": module, "revision": revision, "mutants": everything + counts["other"],
+            "killed": counts["killed"], "of_which_timeout": counts["timeout"],
             "survived": counts["survived"], "no_tests": counts["no_tests"],
-            "not_judged": counts["other"],
-            "score": round(counts["killed"] / judged, 3) if judged else None}
+            "equivalent": counts["equivalent"], "not_judged": counts["other"],
+            "score": round(counts["killed"] / everything, 3) if everything else None,
+            "score_without_equivalent": round(counts["killed"] / judged, 3) if judged else None}
 
 
 if __name__ == "__main__":
