@@ -112,8 +112,11 @@ class HttpForwarder:
             while not self._draining:
                 slots = self._free_slots()
                 leased: list[Delivery] = []
+                # Cleared on every turn, also with no free slot (an open circuit, everything in
+                # flight): a wake left set would make the wait below return at once, and the
+                # loop would spin until the circuit's probe time.
+                self._wake.clear()
                 if slots > 0:
-                    self._wake.clear()
                     leased = await self._outbox.lease(self.name, slots * batch_size,
                                                       busy_keys=self._busy_keys)
                     for start in range(0, len(leased), batch_size):
