@@ -92,18 +92,26 @@ class GatewayCollector(Collector):
                 backlog.add_metric([driver.name], peak)
         yield from (connected, samples, errors, age, rejected, dropped, *broker.values(), backlog)
 
-        unassigned = CounterMetricFamily("plantsync_unassigned_units",
-                                         "Units counted with no order bound (reported, not "
-                                         "posted)", labels=["machine"])
-        for rule in gw.pipeline.rules:
-            unassigned.add_metric([rule.machine.id], rule.state.unassigned)
-        yield unassigned
+        # Renamed in this release (a name ending in _units reads as a unit; a ratio says so);
+        # the old names stay, with the same values, for one release (README: metrics).
+        for name, deprecated in (("plantsync_unassigned_production", ""),
+                                 ("plantsync_unassigned_units", " (deprecated: "
+                                  "plantsync_unassigned_production_total)")):
+            unassigned = CounterMetricFamily(name, "Units counted with no order bound "
+                                             f"(reported, not posted){deprecated}",
+                                             labels=["machine"])
+            for rule in gw.pipeline.rules:
+                unassigned.add_metric([rule.machine.id], rule.state.unassigned)
+            yield unassigned
         lots = list(gw.pipeline.genealogy.figures().values())
         if lots:
             complete = sum(f["complete"] for f in lots) / sum(f["lots"] for f in lots)
-            yield GaugeMetricFamily("plantsync_genealogy_completeness",
-                                    "Share of produced lots (recent orders) whose input lots "
-                                    "cover every required material", value=complete)
+            for name, deprecated in (("plantsync_genealogy_completeness_ratio", ""),
+                                     ("plantsync_genealogy_completeness", " (deprecated: "
+                                      "plantsync_genealogy_completeness_ratio)")):
+                yield GaugeMetricFamily(name, "Share of produced lots (recent orders) whose "
+                                        "input lots cover every required material"
+                                        f"{deprecated}", value=complete)
         events = CounterMetricFamily("plantsync_events", "Events committed to the outbox",
                                      labels=["type"])
         for event_type, count in sorted(gw.pipeline.events_by_type.items()):

@@ -15,6 +15,7 @@ import os
 import re
 import types
 import typing
+import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -35,7 +36,7 @@ from pydantic import (
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
-from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS
+from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS, REC21_PACKAGE_CODES
 from edge.timing import Duration
 
 Loc = tuple[str | int, ...]
@@ -290,6 +291,72 @@ class RetryPolicy(Strict):
 
 Profile = Literal["canonical", "sap_s4hana", "qms_rest"]
 
+
+class SapUsageDecision(Strict):
+    """One usage decision as the plant's QM catalogue spells it (catalog type 3, a selected
+    set of the plant, a code group and a code): SAP has no fixed codes for "release"."""
+
+    code: str = Field(description="InspectionLotUsageDecisionCode, e.g. A.", min_length=1)
+    code_group: str = Field(description="InspLotUsageDecisionCodeGroup.", min_length=1)
+    selected_set: str = Field(description="InspLotUsgeDcsnSelectedSet (the plant's selected "
+                              "set of usage decision codes).", min_length=1)
+    selected_set_plant: str | None = Field(
+        None, min_length=1, description="SelectedCodeSetPlant; default: the event's plant "
+        "(site).")
+    catalog: str = Field("3", min_length=1, description="InspLotUsageDecisionCatalog: the "
+                         "catalog type of usage decisions, 3 in a standard system.")
+
+
+class SapUnit(Strict):
+    """How SAP spells one canonical (UN/ECE Rec 20) unit."""
+
+    iso: str | None = Field(None, min_length=1, description="SAP's ISO code of the unit "
+                            "(T006-ISOCODE), sent in ConfirmationUnitISOCode / "
+                            "EntryUnitISOCode; e.g. PCE for piece.")
+    internal: str | None = Field(None, min_length=1, description="SAP's unit as the OData "
+                                 "service takes it in ConfirmationUnit / EntryUnit (T006, "
+                                 "e.g. PC or ST for piece, KG); the plant's ERP decides.")
+
+
+class SapConfig(Strict):
+    """What only a sap_s4hana destination needs: the plant's time zone, its units, its usage
+    decision codes and where produced goods are received."""
+
+    time_zone: str = Field(
+        "UTC", description="The plant's time zone (IANA name, e.g. Europe/Berlin): "
+        "PostingDate is the event's date there, so goods produced before midnight and sent "
+        "after an outage land in the day (and period) they were produced.")
+    unit_fields: Literal["iso", "internal", "both"] = Field(
+        "iso", description="Which SAP unit fields carry the unit: iso (ConfirmationUnitISOCode, "
+        "EntryUnitISOCode; the same on every SAP system), internal (ConfirmationUnit, "
+        "EntryUnit; as the plant's T006 spells them), or both. Material documents "
+        "(consumption) have only EntryUnit, so consumed units always need an internal code.")
+    units: dict[str, SapUnit] = Field(
+        default_factory=dict, description="Canonical Rec 20 unit to SAP unit, on top of the "
+        "defaults (README: destination table): e.g. {C62: {iso: PCE, internal: PC}}.")
+    usage_decisions: dict[Literal["release", "reject"], SapUsageDecision] = Field(
+        default_factory=dict, description="The usage decision posted for each QMS "
+        "disposition. Hold is no usage decision in SAP (the lot stays in quality-inspection "
+        "stock): nothing is posted for it.")
+    goods_receipt_storage_location: str | None = Field(
+        None, min_length=1, description="StorageLocation of the goods receipt (101) of "
+        "produced lots; none: the order's own receiving location.")
+    order_item: str = Field("0001", pattern=r"^\d{1,4}$",
+                            description="OrderItem the produced lot is received for.")
+    consumption: Literal["material_document"] = Field(
+        "material_document", description="How material.consumed is posted: a goods issue "
+        "(GoodsMovementCode 03, movement 261) through API_MATERIAL_DOCUMENT_SRV.")
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{name!r} is not an IANA time zone (e.g. Europe/Berlin, "
+                             "America/Chicago, UTC)") from None
+        return name
+
 PROFILE_EVENT_TYPES: dict[str, frozenset[str] | None] = {
     "canonical": None,  # every type
     "sap_s4hana": frozenset({"production.confirmation", "material.consumed",
@@ -325,6 +392,7 @@ class DestinationConfig(Strict):
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
+    sap: SapConfig = Field(default_factory=SapConfig)  # type: ignore[arg-type]
 
 
 class QualityConfig(Strict):
@@ -642,6 +710,7 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
     elif qms is not None and destination is not None and destination.profile != "qms_rest":
         yield _Problem(("quality", "qms"), f"destination {qms!r} has profile "
                        f"{destination.profile}; dispositions are polled from a qms_rest one")
+    yield from _sap_problems(config)
     for event_type, destinations in config.routes.items():
         if event_type not in EVENT_MODELS:
             close = difflib.get_close_matches(event_type, list(EVENT_MODELS), n=1)
@@ -658,6 +727,97 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
                 yield _Problem(("routes", event_type, j),
                                f"destination {name!r} (profile {destination.profile}) cannot "
                                f"take {event_type}; it takes {', '.join(sorted(supported))}")
+
+
+def _sap_problems(config: PlantConfig) -> Iterator[_Problem]:
+    """Values in the file that a sap_s4hana destination would send and SAP would refuse:
+    longer than SAP's field, or settings SAP needs that are missing."""
+    # Imported here: the profile imports this module for its config types.
+    from edge.forward.profiles.sap_s4hana import CONFIG_LIMITS, FIELD_LIMITS
+
+    limits = {**FIELD_LIMITS, **CONFIG_LIMITS}
+    for name, destination in config.destinations.items():
+        at: Loc = ("destinations", name, "sap")
+        if destination.profile != "sap_s4hana":
+            if "sap" in destination.model_fields_set:
+                yield _Problem(at, f"sap settings apply to profile sap_s4hana, not "
+                               f"{destination.profile}")
+            continue
+
+        def too_long(value: str | None, field: str, loc: Loc,
+                     destination: str = name) -> Iterator[_Problem]:
+            limit = limits[field]
+            if value is not None and len(value) > limit.max_length:
+                yield _Problem(loc, f"{value!r} has {len(value)} characters; SAP's "
+                               f"{limit.name} takes at most {limit.max_length} (destination "
+                               f"{destination!r})")
+
+        yield from too_long(config.site, "site", ("site",))
+        for i, machine in enumerate(config.machines):
+            if machine.order is not None:
+                for field in ("order_id", "operation", "material", "lot_id"):
+                    yield from too_long(getattr(machine.order, field), field,
+                                        ("machines", i, "order", field))
+        sap = destination.sap
+        yield from too_long(sap.goods_receipt_storage_location,
+                            "goods_receipt_storage_location",
+                            (*at, "goods_receipt_storage_location"))
+        yield from too_long(sap.order_item, "order_item", (*at, "order_item"))
+        for disposition, decision in sap.usage_decisions.items():
+            for field in ("code", "code_group", "selected_set", "selected_set_plant",
+                          "catalog"):
+                yield from too_long(getattr(decision, field), field,
+                                    (*at, "usage_decisions", disposition, field))
+        for uom, unit in sap.units.items():
+            for field in ("iso", "internal"):
+                yield from too_long(getattr(unit, field), field, (*at, "units", uom, field))
+        if name in config.routes.get("lot.disposition", []):
+            for disposition in ("release", "reject"):
+                if disposition not in sap.usage_decisions:
+                    yield _Problem((*at, "usage_decisions"), f"lot.disposition goes to "
+                                   f"{name!r}: set the usage decision code, code_group and "
+                                   f"selected_set SAP posts for {disposition}")
+
+
+def _rec20_units(data: Any) -> Iterator[tuple[Loc, str]]:
+    """Replace, in place, the Rec 21 package codes an earlier release took as units (BX, CT,
+    PF...) by their Rec 20 codes (XBX, XCT, XPX...), saying where."""
+    def replaced(code: object, loc: Loc) -> Iterator[tuple[Loc, str]]:
+        if isinstance(code, str) and code in REC21_PACKAGE_CODES:
+            yield loc, (f"{code!r} is a UN/ECE Rec 21 package code, not a Rec 20 unit; read as "
+                        f"{REC21_PACKAGE_CODES[code]!r}: write that")
+
+    if not isinstance(data, dict):
+        return
+    codes = data.get("uom_codes")
+    if isinstance(codes, list):
+        for i, code in enumerate(codes):
+            for found in replaced(code, ("uom_codes", i)):
+                codes[i] = REC21_PACKAGE_CODES[code]
+                yield found
+    machines = data.get("machines")
+    for i, machine in enumerate(machines if isinstance(machines, list) else []):
+        if not isinstance(machine, dict):
+            continue
+        confirm = machine.get("confirm")
+        if isinstance(confirm, dict):
+            for found in replaced(confirm.get("uom"), ("machines", i, "confirm", "uom")):
+                confirm["uom"] = REC21_PACKAGE_CODES[confirm["uom"]]
+                yield found
+        limits = machine.get("limits")
+        for j, limit in enumerate(limits if isinstance(limits, list) else []):
+            if isinstance(limit, dict):
+                for found in replaced(limit.get("uom"), ("machines", i, "limits", j, "uom")):
+                    limit["uom"] = REC21_PACKAGE_CODES[limit["uom"]]
+                    yield found
+    destinations = data.get("destinations")
+    for name, destination in (destinations.items() if isinstance(destinations, dict) else []):
+        units = destination.get("sap", {}).get("units") if isinstance(destination, dict) and (
+            isinstance(destination.get("sap"), dict)) else None
+        if isinstance(units, dict):
+            for code in [code for code in units if code in REC21_PACKAGE_CODES]:
+                yield from replaced(code, ("destinations", name, "sap", "units", code))
+                units[REC21_PACKAGE_CODES[code]] = units.pop(code)
 
 
 def parse_config(
@@ -680,6 +840,7 @@ def parse_config(
         raise ConfigError([f"{filename}:1: (file): not valid YAML: anchors nested too deep "
                            "(a recursive alias?)"]) from None
     problems = list(document.problems)
+    notices = list(_rec20_units(document.data))
     config: PlantConfig | None = None
     if not isinstance(document.data, dict):
         problems.append(_Problem((), "the file must be a mapping of settings (site: ..., ...)"))
@@ -706,13 +867,14 @@ def parse_config(
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
     assert config is not None
     config._warnings = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
-                        for loc, message in _doubts(config)]
+                        for loc, message in [*notices, *_doubts(config)]]
     return config
 
 
 def config_warnings(config: PlantConfig) -> list[str]:
     """Settings that are valid but probably not what was meant, one line each (`check`
-    prints them and `run` logs them): Modbus addresses written Modicon-style (40001)."""
+    prints them and `run` logs them): Modbus addresses written Modicon-style (40001), Rec 21
+    package codes read as their Rec 20 codes (BX as XBX)."""
     return list(config._warnings)
 
 

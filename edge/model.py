@@ -26,7 +26,7 @@ from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Final, Literal, Self
+from typing import Annotated, Any, ClassVar, Final, Literal, Self, get_args
 
 from pydantic import (
     AfterValidator,
@@ -44,10 +44,12 @@ from pydantic import (
 
 __all__ = [
     "BUILTIN_UOM_CODES",
+    "CLOUDEVENT_TYPE_PREFIX",
     "CLOUDEVENT_VERSION",
     "EVENT_ID_NAMESPACE",
     "EVENT_MODELS",
     "OFFLINE_EPOCH",
+    "REC21_PACKAGE_CODES",
     "SEQUENCE_DIGITS",
     "UOM_CODES_CONTEXT_KEY",
     "CloudEvent",
@@ -72,7 +74,9 @@ __all__ = [
     "UomCode",
     "UtcDateTime",
     "build_event",
+    "cloudevent_type",
     "event_id",
+    "event_type_of",
     "format_sequence",
     "json_schemas",
     "priority_of",
@@ -232,15 +236,16 @@ BUILTIN_UOM_CODES: Final[frozenset[str]] = frozenset(
         "SET",  # set
         "PR",  # pair
         "DZN",  # dozen
-        "BX",  # box
-        "CT",  # carton
-        "CS",  # case
-        "PK",  # pack
-        "BG",  # bag
-        "BO",  # bottle
-        "DR",  # drum
-        "PF",  # pallet (lift)
-        "RO",  # roll
+        # packages: Rec 20 carries Rec 21's package codes with an X in front
+        "XBX",  # box
+        "XCT",  # carton
+        "XCS",  # case
+        "XPK",  # package
+        "XBG",  # bag
+        "XBO",  # bottle
+        "XDR",  # drum
+        "XPX",  # pallet
+        "XRO",  # roll
         # mass
         "KGM",  # kilogram
         "GRM",  # gram
@@ -295,6 +300,14 @@ BUILTIN_UOM_CODES: Final[frozenset[str]] = frozenset(
 )
 """UN/ECE Recommendation 20 common codes accepted without configuration."""
 
+REC21_PACKAGE_CODES: Final[Mapping[str, str]] = MappingProxyType({
+    "BX": "XBX", "CT": "XCT", "CS": "XCS", "PK": "XPK", "BG": "XBG", "BO": "XBO",
+    "DR": "XDR", "PF": "XPX", "RO": "XRO",
+})
+"""Rec 21 package codes an earlier release took as units, and their Rec 20 codes. They are no
+units of Rec 20: events never carry them; an old config is read with them replaced (and says
+so), an MES message that sends one is refused with the Rec 20 code to use."""
+
 _UOM_SHAPE = re.compile(r"[A-Z0-9]{2,3}")
 _DECIMAL_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _MAX_INTEGER_DIGITS: Final = 28
@@ -319,6 +332,11 @@ def _check_uom(code: str, info: ValidationInfo) -> str:
     normalised = code.strip().upper()
     if not _UOM_SHAPE.fullmatch(normalised):
         raise ValueError(f"{code!r} is not a UN/ECE Rec 20 code (2 or 3 letters or digits)")
+    if normalised in REC21_PACKAGE_CODES and normalised not in _extra_uom_codes(info):
+        raise ValueError(
+            f"{normalised!r} is a UN/ECE Rec 21 package code, not a Rec 20 unit: send "
+            f"{REC21_PACKAGE_CODES[normalised]!r}"
+        )
     if normalised not in BUILTIN_UOM_CODES and normalised not in _extra_uom_codes(info):
         raise ValueError(
             f"unit {normalised!r} is not a known UN/ECE Rec 20 code; add it to the plant's "
@@ -878,6 +896,39 @@ EVENT_MODELS: Final[Mapping[str, type[EventData]]] = MappingProxyType(
 # The envelope
 # --------------------------------------------------------------------------------------------
 
+CLOUDEVENT_TYPE_PREFIX: Final = "com.plantsync.edge."
+"""The reverse-DNS prefix of every CloudEvents `type` the gateway emits (CloudEvents 1.0: a
+type SHOULD be prefixed with a reverse-DNS name of the organisation that defines it)."""
+
+_CLOUDEVENT_TYPE = re.compile(rf"^{re.escape(CLOUDEVENT_TYPE_PREFIX)}(.+)\.v(\d+)$")
+
+
+def cloudevent_type(event_type: str) -> str:
+    """The CloudEvents `type` on the wire of an event type as the code and the config name it
+    (`production.confirmation` -> `com.plantsync.edge.production.confirmation.v1`). This and
+    `event_type_of` are the one place where the two spellings meet."""
+    model = EVENT_MODELS.get(event_type)
+    if model is None:
+        raise ValueError(f"unknown event type {event_type!r}")
+    return f"{CLOUDEVENT_TYPE_PREFIX}{event_type}.v{model.VERSION}"
+
+
+def event_type_of(value: object) -> object:
+    """The short event type (the config's and the code's name) of a CloudEvents `type`: the
+    current prefixed and versioned one, or the bare name earlier releases sent (still read).
+    Anything else is returned as it is, for the caller's validation to refuse."""
+    if not isinstance(value, str):
+        return value
+    match = _CLOUDEVENT_TYPE.match(value)
+    if match is None:
+        return value
+    name, version = match.groups()
+    model = EVENT_MODELS.get(name)
+    if model is None or int(version) != model.VERSION:
+        return value  # an unknown type or a version this release cannot read
+    return name
+
+
 
 def _canonical_json(value: Any, path: str = "data") -> Any:
     """Return `value` as plain JSON data with object keys sorted, or raise ValueError."""
@@ -924,7 +975,19 @@ class CloudEvent(BaseModel):
         description="URI-reference of the producer.",
         examples=["urn:plantsync:1010:press-01"],
     )
-    type: EventType = Field(description="Event type; selects the data model.")
+    type: Annotated[
+        EventType,
+        BeforeValidator(event_type_of),
+        PlainSerializer(cloudevent_type, return_type=str, when_used="json"),
+        WithJsonSchema({
+            "type": "string",
+            "enum": sorted(cloudevent_type(name) for name in get_args(EventType)),
+            "description": "Event type: a reverse-DNS prefix, the type and its version "
+            f"({CLOUDEVENT_TYPE_PREFIX}<type>.v<version>); selects the data model.",
+        }),
+    ] = Field(description="Event type; selects the data model. In Python it is the short name "
+              "(production.confirmation); in JSON it is the CloudEvents type "
+              "(com.plantsync.edge.production.confirmation.v1).")
     time: UtcDateTime = Field(description="When it happened (the data's occurred_at), UTC.")
     subject: str | None = Field(
         default=None,

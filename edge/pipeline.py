@@ -25,6 +25,7 @@ from drivers.base import DeviceRestarted, MesMessage, Reading, RejectedMessage, 
 from drivers.mqtt import MqttConfig, to_reading
 from edge.aggregate import MachineRule
 from edge.config import PlantConfig, format_loc
+from edge.forward.profiles import input_problems
 from edge.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
 from edge.model import (
     EVENT_MODELS,
@@ -271,6 +272,13 @@ class Pipeline:
         rule = self._by_machine.get(order.machine_id)
         if rule is None:
             return [], None, f"no machine {order.machine_id!r} is configured"
+        if isinstance(order, OrderStarted):
+            # The binding ends up in every confirmation of the order: refuse it now if the
+            # ERP would refuse those (a batch longer than SAP's 10 characters...).
+            problem = input_problems(self.config, "production.confirmation",
+                                     {"site": self.config.site, **order.binding().model_dump()})
+            if problem is not None:
+                return [], None, problem
         at = order.occurred_at.timestamp()
         if isinstance(order, OrderStarted):
             self.known_orders.setdefault(order.order_id, at)
@@ -294,6 +302,9 @@ class Pipeline:
                 fields, context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes})
         except ValidationError as exc:
             return None, _problems(exc)
+        problem = input_problems(self.config, message.kind, data.model_dump(mode="json"))
+        if problem is not None:
+            return None, problem
         if data.order_id is not None and data.order_id not in self.known_orders and (
                 self.config.validation.require_known_order):
             return None, (f"order {data.order_id!r} is not known: no machine was bound to it "

@@ -16,23 +16,36 @@ A new ``lot.produced`` event puts ``data.quantity`` of ``data.lot_id`` / ``data.
 into quality-inspection stock; a new ``lot.disposition`` applies ``data.disposition``
 (release: unrestricted, reject or hold: blocked) to that batch.
 
-SAP S/4HANA profile (OData v2, JSON, no idempotency header):
+SAP S/4HANA profile (OData v2, JSON, no idempotency header). Every request body and
+``$filter`` is checked against SAP's published metadata (``tests/fixtures/sap/*.json``, from
+SAP's generated clients on npm; ``--sap-metadata DIR``): a property the entity set does not
+have, a value of the wrong Edm type (a number for an Edm.Decimal string, a date not in
+``/Date(ms)/``), a string longer than its MaxLength or a decimal beyond its precision and
+scale answers 400 in SAP Gateway's error shape (``error.code``, ``error.message.value``,
+``error.innererror.errordetails``), before anything is stored. Units are checked against a
+standard unit table: ``ConfirmationUnit``/``EntryUnit`` take internal units (ST or PC, KG),
+``...ISOCode`` take ISO codes (PCE, KGM); C62 or H87 are neither.
 
-- ``/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV``: ``POST /ProdnOrdConf2``
-  creates a production order confirmation (201 ``{"d": {...}}``) and posts its goods
-  movements (``to_ProdnOrdConfMatlDocItm``: 101 receipt, into quality inspection with
-  ``InventoryUsabilityCode`` "2", else unrestricted; 261 issue); ``GET /ProdnOrdConf2``
-  with ``$filter=ConfirmationText eq 'X'`` (or ``OrderID``, or any string property, joined
-  by ``and``) looks confirmations up; ``GET /ProdnOrdConf2(ConfirmationGroup='G',
-  ConfirmationCount='C')`` reads one. The same ConfirmationText posted twice makes two
-  confirmations (``sap_duplicate_texts`` in ``/stats``).
-- ``/sap/opu/odata/sap/API_INSPECTIONLOT_SRV``: ``POST /A_InspLotUsageDecision`` records a
-  usage decision (A: accept, releases the batch to unrestricted; R: reject and H: hold,
-  block it); ``GET /A_InspLotUsageDecision?$filter=...`` lists them.
+- ``API_PROD_ORDER_CONFIRMATION_2_SRV``: ``POST /ProdnOrdConf2`` creates a production order
+  confirmation (201 ``{"d": {...}}``) and posts its goods movements
+  (``to_ProdnOrdConfMatlDocItm``: 101 receipt, which needs ``GoodsMovementRefDocType`` F and
+  a batch; into quality inspection with ``InventoryUsabilityCode`` "2", which opens an
+  inspection lot of origin 04 for the batch, or adds to its open one; 261 issue);
+  ``GET /ProdnOrdConf2?$filter=OrderID eq 'X' and ConfirmationText eq 'Y'`` (any string
+  property, joined by ``and``) looks confirmations up; ``GET /ProdnOrdConf2(ConfirmationGroup=
+  'G',ConfirmationCount='C')`` reads one. The same ConfirmationText posted twice makes two
+  confirmations (``sap_duplicate_texts`` in ``/stats``), as SAP would.
+- ``API_INSPECTIONLOT_SRV``: ``GET /A_InspectionLot?$filter=...`` finds inspection lots;
+  ``POST /A_InspLotUsageDecision`` records the usage decision of one (keyed by
+  ``InspectionLot``; catalog 3, selected set 01, code group 01, code A accepts and releases
+  the batch's stock to unrestricted, R rejects and blocks it; an unknown lot, a decided lot,
+  another plant or another code is a 400); ``GET /A_InspLotUsageDecision?$filter=...``.
+- ``API_MATERIAL_DOCUMENT_SRV``: ``POST /A_MaterialDocumentHeader`` with
+  ``GoodsMovementCode`` 03 and ``to_MaterialDocumentItem`` 261 items (order, internal
+  ``EntryUnit``) issues stock; ``GET /A_MaterialDocumentItem?$filter=...`` looks items up.
 - CSRF like SAP Gateway: a GET (or HEAD) with ``X-CSRF-Token: Fetch`` answers the token
   in ``X-CSRF-Token`` and a ``SAP_SESSIONID_S4H_100`` session cookie; a POST without that
-  session's token is refused 403 with ``X-CSRF-Token: Required``. Errors are OData
-  ``{"error": {"code", "message": {"lang": "en", "value"}}}`` bodies.
+  session's token is refused 403 with ``X-CSRF-Token: Required``.
 
 OAuth2 client credentials: ``POST /oauth/token`` (form ``grant_type=client_credentials``
 with ``client_id``/``client_secret``, or HTTP Basic) answers ``{"access_token",
@@ -41,11 +54,14 @@ with ``client_id``/``client_secret``, or HTTP Basic) answers ``{"access_token",
 (401 with ``WWW-Authenticate: Bearer ...`` otherwise); without, nothing is checked.
 The token endpoint itself is never faulted (no latency, outage or scripted status).
 
-For tests (never behind a token or a fault): ``GET /events`` (``?type=``), ``GET /stats``
+For tests (never behind a token or a fault): ``GET /events`` (``?type=``; each row's ``type``
+is the short name, ``lot.produced`` for ``com.plantsync.edge.lot.produced.v1``), ``GET /stats``
 (canonical received/unique/duplicates, fault and auth counters, SAP confirmations,
 ``sap_duplicate_texts``, usage decisions, ``issues_from_unreleased_batches``),
 ``GET /healthz``, ``GET /_sim/batches`` (``?material=``), ``GET /_sim/batches/{batch}``
-(``?material=``), ``GET /_sim/sap/confirmations``, ``GET /_sim/sap/usage-decisions``,
+(``?material=``), ``GET /_sim/sap/confirmations``, ``GET /_sim/sap/usage-decisions`` (each
+with its inspection lot's material, batch and plant under ``_lot``),
+``GET /_sim/sap/inspection-lots``, ``GET /_sim/sap/material-documents``,
 ``POST /_sim/reset`` (clears stored data and counters, not faults, tokens or sessions),
 and ``GET``/``POST /_sim/faults`` with a JSON object of knobs:
 
@@ -61,12 +77,13 @@ and ``GET``/``POST /_sim/faults`` with a JSON object of knobs:
 - ``expire_tokens_now`` (true): revoke every issued access token;
   ``invalidate_csrf`` (true): forget every CSRF session.
 
-A delivery is a POST to /api/events, /api/events:batch, ProdnOrdConf2 or
-A_InspLotUsageDecision; knobs are applied in this order: latency, outage, bearer token,
-CSRF token, drop_connection, status_sequence, error_rate. Command line settings:
-``--client ID:SECRET`` (repeatable), ``--token-ttl S``, ``--error-rate``, ``--error-status``,
-``--retry-after``, ``--latency``, ``--outage-seconds``, ``--status-sequence 500,429,201``,
-``--drop-connection N``, ``--drop-response N``, ``--log-requests``.
+A delivery is a POST to /api/events, /api/events:batch, ProdnOrdConf2,
+A_MaterialDocumentHeader or A_InspLotUsageDecision; knobs are applied in this order: latency,
+outage, bearer token, CSRF token, drop_connection, status_sequence, error_rate. Command line
+settings: ``--client ID:SECRET`` (repeatable), ``--token-ttl S``, ``--error-rate``,
+``--error-status``, ``--retry-after``, ``--latency``, ``--outage-seconds``,
+``--status-sequence 500,429,201``, ``--drop-connection N``, ``--drop-response N``,
+``--log-requests``, ``--sap-metadata DIR``.
 """
 
 from __future__ import annotations
@@ -89,6 +106,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -110,6 +128,7 @@ from simulators.http_common import (
     add_listen_arguments,
     bearer_token,
     control_routes,
+    idempotency_key,
     injected_status,
     oauth_error,
     read_json,
@@ -129,6 +148,10 @@ OPTIONAL_STRING_ATTRIBUTES = ("subject", "partitionkey")
 SAP_ODATA = "/sap/opu/odata/sap"
 CONFIRMATION_SERVICE = f"{SAP_ODATA}/API_PROD_ORDER_CONFIRMATION_2_SRV"
 INSPECTION_SERVICE = f"{SAP_ODATA}/API_INSPECTIONLOT_SRV"
+MATERIAL_DOCUMENT_SERVICE = f"{SAP_ODATA}/API_MATERIAL_DOCUMENT_SRV"
+MATERIAL_DOCUMENT_SET = "A_MaterialDocumentHeader"
+MATERIAL_DOCUMENT_ITEM_SET = "A_MaterialDocumentItem"
+INSPECTION_LOT_SET = "A_InspectionLot"
 CONFIRMATION_SET = "ProdnOrdConf2"
 MATERIAL_DOCUMENT_ITEMS = "to_ProdnOrdConfMatlDocItm"
 USAGE_DECISION_SET = "A_InspLotUsageDecision"
@@ -144,14 +167,22 @@ USABILITY_CODES = {
     "X": "quality_inspection",
     "3": "blocked",
 }
-DECISION_STATUS = {"A": "unrestricted", "R": "blocked", "H": "blocked"}
-DISPOSITION_CODES = {"release": "A", "reject": "R", "hold": "H"}
-SAP_DECIMAL = re.compile(r"^\d{1,10}(\.\d{1,3})?$")
-"""Edm.Decimal with precision 13 and scale 3, as SAP quantity fields are, written as a string."""
+DISPOSITION_STOCK = {"release": "unrestricted", "reject": "blocked", "hold": "blocked"}
 CANONICAL_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
 FILTER_TERM = re.compile(r"\s*([A-Za-z_]\w*)\s+eq\s+'((?:[^']|'')*)'\s*")
 FILTER_AND = re.compile(r"and\s+")
 CONFIRMATION_KEY = re.compile(r"^ConfirmationGroup='(\d+)',ConfirmationCount='(\d+)'$")
+
+
+GATEWAY_TYPE = re.compile(r"^com\.plantsync\.edge\.(.+)\.v\d+$")
+
+
+def short_type(cloudevent_type: str) -> str:
+    """A PlantSync CloudEvents type without its reverse-DNS prefix and version
+    (`com.plantsync.edge.lot.produced.v1` -> `lot.produced`); older gateways sent the short
+    name itself, and other types are kept as they are."""
+    match = GATEWAY_TYPE.match(cloudevent_type)
+    return match.group(1) if match else cloudevent_type
 
 
 class InvalidEvent(ValueError):
@@ -343,7 +374,21 @@ CREATE TABLE IF NOT EXISTS sap_confirmations (
 );
 CREATE INDEX IF NOT EXISTS sap_confirmations_text ON sap_confirmations (confirmation_text);
 CREATE INDEX IF NOT EXISTS sap_confirmations_order ON sap_confirmations (order_id);
-CREATE TABLE IF NOT EXISTS sap_usage_decisions (
+CREATE TABLE IF NOT EXISTS sap_lot_usage_decisions (
+    seq            INTEGER PRIMARY KEY,
+    inspection_lot TEXT NOT NULL UNIQUE,
+    entity_json    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sap_inspection_lots (
+    inspection_lot TEXT PRIMARY KEY,
+    material       TEXT NOT NULL,
+    batch          TEXT NOT NULL,
+    plant          TEXT NOT NULL,
+    has_decision   INTEGER NOT NULL,
+    entity_json    TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sap_inspection_lots_batch ON sap_inspection_lots (material, batch);
+CREATE TABLE IF NOT EXISTS sap_material_documents (
     seq         INTEGER PRIMARY KEY,
     entity_json TEXT NOT NULL
 );
@@ -370,7 +415,9 @@ CREATE INDEX IF NOT EXISTS batch_history_batch ON batch_history (material, batch
 DATA_TABLES = (
     "sap_confirmation_groups",
     "sap_confirmations",
-    "sap_usage_decisions",
+    "sap_lot_usage_decisions",
+    "sap_inspection_lots",
+    "sap_material_documents",
     "batches",
     "batch_history",
 )
@@ -513,12 +560,13 @@ class Inventory:
         return state
 
     def decide(
-        self, change: Change, material: str, batch: str, code: str, *, plant: str | None
+        self, change: Change, material: str, batch: str, code: str, target: str, *,
+        plant: str | None,
     ) -> Batch:
-        """A usage decision: A releases all stock to unrestricted, R and H block all of it."""
+        """A decision on the batch: all of its stock moves to `target` (unrestricted for an
+        accepting usage decision or a release; blocked for a rejection or a hold)."""
         state = self.load(material, batch)
         before = state.status
-        target = DECISION_STATUS[code]
         moved = Decimal(0)
         for stock_type in STOCK_TYPES:
             if stock_type != target and state.stock[stock_type] > 0:
@@ -595,8 +643,9 @@ def _apply_canonical(inventory: Inventory, event: JsonObject, reference: str, at
     material = data.get("material")
     if not isinstance(lot, str) or not lot:
         return
-    change = Change("canonical", event["type"], reference, event["id"], at)
-    if event["type"] == "lot.produced":
+    event_type = short_type(event["type"])
+    change = Change("canonical", event_type, reference, event["id"], at)
+    if event_type == "lot.produced":
         quantity = data.get("quantity")
         if not isinstance(material, str) or not material or not isinstance(quantity, dict):
             return
@@ -612,9 +661,10 @@ def _apply_canonical(inventory: Inventory, event: JsonObject, reference: str, at
             plant=None,
             unit=uom if isinstance(uom, str) else None,
         )
-    elif event["type"] == "lot.disposition":
-        code = DISPOSITION_CODES.get(str(data.get("disposition")))
-        if code is None:
+    elif event_type == "lot.disposition":
+        disposition = str(data.get("disposition"))
+        target = DISPOSITION_STOCK.get(disposition)
+        if target is None:
             return
         if isinstance(material, str) and material:
             materials = [material]
@@ -622,7 +672,7 @@ def _apply_canonical(inventory: Inventory, event: JsonObject, reference: str, at
             # Without a material, the decision is about every material with that batch number.
             materials = inventory.materials_of(lot) or [""]
         for each in materials:
-            inventory.decide(change, each, lot, code, plant=None)
+            inventory.decide(change, each, lot, disposition, target, plant=None)
 
 
 class EventStore(SqliteStore):
@@ -667,7 +717,7 @@ class EventStore(SqliteStore):
                         reference,
                         delivery.key,
                         event["id"],
-                        event["type"],
+                        short_type(event["type"]),
                         event.get("subject"),
                         event.get("partitionkey"),
                         json.dumps(event, ensure_ascii=False),
@@ -728,7 +778,8 @@ class EventStore(SqliteStore):
                 "SELECT COUNT(*), COUNT(DISTINCT NULLIF(confirmation_text, '')),"
                 " COUNT(NULLIF(confirmation_text, '')) FROM sap_confirmations"
             ).fetchone()
-            (decisions,) = db.execute("SELECT COUNT(*) FROM sap_usage_decisions").fetchone()
+            (decisions,) = db.execute("SELECT COUNT(*) FROM sap_lot_usage_decisions").fetchone()
+            (documents,) = db.execute("SELECT COUNT(*) FROM sap_material_documents").fetchone()
             histories = db.execute("SELECT entry_json FROM batch_history").fetchall()
         unreleased_issues = 0
         for (entry_json,) in histories:
@@ -742,11 +793,16 @@ class EventStore(SqliteStore):
             "sap_confirmations": int(confirmations),
             "sap_duplicate_texts": int(texted) - int(distinct_texts),
             "usage_decisions": int(decisions),
+            "sap_material_documents": int(documents),
             "issues_from_unreleased_batches": unreleased_issues,
         }
 
     def create_confirmation(self, fields: JsonObject, user: str) -> JsonObject:
-        """Create one confirmation with its goods movements; return the stored entity."""
+        """Create one confirmation with its goods movements; return the stored entity.
+
+        A 101 receipt into quality inspection opens an inspection lot (origin 04) for its
+        batch, or adds to the batch's open one (inspection lot control "one lot per batch").
+        """
         moment = time.time()
         at = _now_text()
         with self._transaction() as db:
@@ -785,8 +841,6 @@ class EventStore(SqliteStore):
                 },
                 "EnteredByUser": user,
                 "ConfirmationEntryDate": _odata_date(moment),
-                "MaterialDocument": document,
-                "MaterialDocumentYear": year,
             }
             inventory = Inventory(db)
             change = Change("sap", "", f"{group}/{count}", fields["ConfirmationText"] or None, at)
@@ -806,7 +860,7 @@ class EventStore(SqliteStore):
                 material, batch = item["Material"], item["Batch"]
                 plant, unit = item["Plant"], item["EntryUnit"]
                 if item["GoodsMovementType"] == "101":
-                    stock_type = USABILITY_CODES[item["InventoryUsabilityCode"]]
+                    stock_type = USABILITY_CODES[item.get("InventoryUsabilityCode", "")]
                     inventory.receive(
                         dataclasses.replace(change, action="goods_receipt"),
                         material,
@@ -816,6 +870,10 @@ class EventStore(SqliteStore):
                         plant=plant,
                         unit=unit,
                     )
+                    if stock_type == "quality_inspection":
+                        self._open_inspection_lot(
+                            db, item, fields["OrderID"], quantity, document, year, moment
+                        )
                 else:
                     inventory.issue(
                         dataclasses.replace(change, action="goods_issue"),
@@ -840,6 +898,54 @@ class EventStore(SqliteStore):
             )
         return entity
 
+    def _open_inspection_lot(
+        self,
+        db: sqlite3.Connection,
+        item: JsonObject,
+        order_id: str,
+        quantity: Decimal,
+        document: str,
+        year: str,
+        moment: float,
+    ) -> None:
+        row = db.execute(
+            "SELECT inspection_lot, entity_json FROM sap_inspection_lots WHERE material = ?"
+            " AND batch = ? AND plant = ? AND has_decision = 0 ORDER BY inspection_lot DESC",
+            (item["Material"], item["Batch"], item["Plant"]),
+        ).fetchone()
+        if row is not None:
+            lot, entity_json = row
+            entity = json.loads(entity_json)
+            total = Decimal(entity["InspectionLotQuantity"]) + quantity
+            entity["InspectionLotQuantity"] = _decimal_text(total)
+            db.execute(
+                "UPDATE sap_inspection_lots SET entity_json = ? WHERE inspection_lot = ?",
+                (json.dumps(entity), lot),
+            )
+            return
+        (lots,) = db.execute("SELECT COUNT(*) FROM sap_inspection_lots").fetchone()
+        lot = f"04{lots + 1:010d}"
+        entity = {
+            "InspectionLot": lot,
+            "Material": item["Material"],
+            "Batch": item["Batch"],
+            "Plant": item["Plant"],
+            "InspectionLotOrigin": "04",
+            "ManufacturingOrder": order_id,
+            "InspectionLotType": "04",
+            "InspectionLotQuantity": _decimal_text(quantity),
+            "InspectionLotQuantityUnit": item["EntryUnit"],
+            "MaterialDocument": document,
+            "MaterialDocumentYear": year,
+            "InspectionLotHasUsageDecision": False,
+            "InspectionLotCreatedOn": _odata_date(moment),
+        }
+        db.execute(
+            "INSERT INTO sap_inspection_lots (inspection_lot, material, batch, plant,"
+            " has_decision, entity_json) VALUES (?, ?, ?, ?, 0, ?)",
+            (lot, item["Material"], item["Batch"], item["Plant"], json.dumps(entity)),
+        )
+
     def confirmations(
         self,
         *,
@@ -849,47 +955,134 @@ class EventStore(SqliteStore):
     ) -> list[JsonObject]:
         """Stored confirmations in creation order, narrowed by the indexed columns given."""
         group, count = key if key is not None else (None, None)
-        where, parameters = _where(confirmation_text=text, order_id=order_id,
-                                   confirmation_group=group, confirmation_count=count)
+        return self._entities("sap_confirmations", "seq", confirmation_text=text,
+                              order_id=order_id, confirmation_group=group,
+                              confirmation_count=count)
+
+    def inspection_lots(self, lot: str | None = None) -> list[JsonObject]:
+        return self._entities("sap_inspection_lots", "inspection_lot", inspection_lot=lot)
+
+    def create_usage_decision(
+        self, fields: JsonObject, user: str, stock_target: str
+    ) -> JsonObject:
+        """Record the usage decision of an inspection lot and move its batch's stock;
+        return the stored entity. Raises ODataError for a lot that is unknown or decided."""
+        moment = time.time()
+        at = _now_text()
+        with self._transaction() as db:
+            lot = fields["InspectionLot"]
+            row = db.execute(
+                "SELECT has_decision, entity_json FROM sap_inspection_lots"
+                " WHERE inspection_lot = ?",
+                (lot,),
+            ).fetchone()
+            if row is None:
+                raise _bad_request("QA/NO_LOT", f"Inspection lot {lot} does not exist")
+            has_decision, lot_json = row
+            if has_decision:
+                raise _bad_request(
+                    "QA/DECIDED", f"A usage decision has already been made for inspection lot {lot}"
+                )
+            inspection_lot = json.loads(lot_json)
+            if fields.get("SelectedCodeSetPlant", inspection_lot["Plant"]) != inspection_lot[
+                "Plant"
+            ]:
+                raise _bad_request(
+                    "QA/PLANT",
+                    f"Selected set plant {fields['SelectedCodeSetPlant']} is not the plant"
+                    f" {inspection_lot['Plant']} of inspection lot {lot}",
+                )
+            (seq,) = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM sap_lot_usage_decisions"
+            ).fetchone()
+            entity: JsonObject = {
+                **fields,
+                "InspectionLotUsageDecidedBy": user,
+                "InspectionLotUsageDecidedOn": _odata_date(moment),
+            }
+            change = Change("sap", "usage_decision", lot, None, at)
+            Inventory(db).decide(
+                change,
+                inspection_lot["Material"],
+                inspection_lot["Batch"],
+                fields["InspectionLotUsageDecisionCode"],
+                stock_target,
+                plant=inspection_lot["Plant"],
+            )
+            inspection_lot["InspectionLotHasUsageDecision"] = True
+            db.execute(
+                "UPDATE sap_inspection_lots SET has_decision = 1, entity_json = ?"
+                " WHERE inspection_lot = ?",
+                (json.dumps(inspection_lot), lot),
+            )
+            db.execute(
+                "INSERT INTO sap_lot_usage_decisions (seq, inspection_lot, entity_json)"
+                " VALUES (?, ?, ?)",
+                (seq, lot, json.dumps(entity, ensure_ascii=False)),
+            )
+        return entity
+
+    def _entities(self, table: str, order: str, **columns: str | None) -> list[JsonObject]:
+        """The stored OData entities of one of our tables, narrowed by the columns given."""
+        where, parameters = _where(**columns)
         with self._transaction() as db:
             rows = db.execute(
-                f"SELECT entity_json FROM sap_confirmations{where} ORDER BY seq", parameters
+                f"SELECT entity_json FROM {table}{where} ORDER BY {order}", parameters
             ).fetchall()
         return [json.loads(entity_json) for (entity_json,) in rows]
 
-    def create_usage_decision(self, fields: JsonObject, user: str) -> JsonObject:
-        """Record a usage decision and apply it to its batch; return the stored entity."""
+    def usage_decisions(self) -> list[JsonObject]:
+        return self._entities("sap_lot_usage_decisions", "seq")
+
+    def create_material_document(self, fields: JsonObject, user: str) -> JsonObject:
+        """Post a goods issue (GoodsMovementCode 03) and return the stored header."""
         moment = time.time()
         at = _now_text()
         with self._transaction() as db:
             (seq,) = db.execute(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM sap_usage_decisions"
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM sap_material_documents"
             ).fetchone()
-            lot = fields["InspectionLot"] or f"89{seq:010d}"
-            entity: JsonObject = {
-                **fields,
-                "InspectionLot": lot,
-                "InspLotUsageDecidedBy": user,
-                "InspLotUsageDecidedOn": _odata_date(moment),
+            document = f"49{500000 + seq:08d}"
+            year = str(datetime.fromtimestamp(moment, UTC).year)
+            inventory = Inventory(db)
+            items = []
+            for number, item in enumerate(fields["to_MaterialDocumentItem"], start=1):
+                stored = {
+                    "MaterialDocumentYear": year,
+                    "MaterialDocument": document,
+                    "MaterialDocumentItem": f"{number:04d}",
+                    **item,
+                }
+                items.append(stored)
+                change = Change(
+                    "sap", "goods_issue", f"{document}/{year}",
+                    item.get("MaterialDocumentItemText") or None, at,
+                )
+                inventory.issue(
+                    change,
+                    item["Material"],
+                    item.get("Batch", ""),
+                    Decimal(item["QuantityInEntryUnit"]),
+                    plant=item["Plant"],
+                    unit=item["EntryUnit"],
+                )
+            header: JsonObject = {
+                "MaterialDocumentYear": year,
+                "MaterialDocument": document,
+                **{name: value for name, value in fields.items()
+                   if name != "to_MaterialDocumentItem"},
+                "CreatedByUser": user,
+                "CreationDate": _odata_date(moment),
+                "to_MaterialDocumentItem": items,
             }
-            change = Change("sap", "usage_decision", lot, fields["ChangedByText"] or None, at)
-            Inventory(db).decide(
-                change,
-                fields["Material"],
-                fields["Batch"],
-                fields["InspLotUsageDecisionCode"],
-                plant=fields["Plant"],
-            )
             db.execute(
-                "INSERT INTO sap_usage_decisions (seq, entity_json) VALUES (?, ?)",
-                (seq, json.dumps(entity, ensure_ascii=False)),
+                "INSERT INTO sap_material_documents (seq, entity_json) VALUES (?, ?)",
+                (seq, json.dumps(header, ensure_ascii=False)),
             )
-        return entity
+        return header
 
-    def usage_decisions(self) -> list[JsonObject]:
-        with self._transaction() as db:
-            rows = db.execute("SELECT entity_json FROM sap_usage_decisions ORDER BY seq").fetchall()
-        return [json.loads(entity_json) for (entity_json,) in rows]
+    def material_documents(self) -> list[JsonObject]:
+        return self._entities("sap_material_documents", "seq")
 
     def batches(self, *, material: str | None = None, batch: str | None = None) -> list[JsonObject]:
         """Batches with status, stock per type and history, by material then batch."""
@@ -930,8 +1123,8 @@ class EventStore(SqliteStore):
             cleared = {"cleared": db.execute("DELETE FROM received_events").rowcount}
             for table in DATA_TABLES:
                 count = db.execute(f"DELETE FROM {table}").rowcount
-                if table in ("sap_confirmations", "sap_usage_decisions", "batches"):
-                    cleared[table.removeprefix("sap_")] = count
+                if table in ("sap_confirmations", "sap_lot_usage_decisions", "batches"):
+                    cleared[table.removeprefix("sap_lot_").removeprefix("sap_")] = count
         return cleared
 
 
@@ -956,155 +1149,282 @@ def validate_event(candidate: object) -> JsonObject:
     return candidate
 
 
-CONFIRMATION_PROPERTIES = {
-    # name: (required, max length)
-    "OrderID": (True, 12),
-    "OrderOperation": (True, 4),
-    "Sequence": (False, 6),
-    "ConfirmationUnit": (True, 3),
-    "ConfirmationText": (False, 40),
-    "Plant": (False, 4),
+SAP_METADATA_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "sap"
+"""SAP's published metadata, extracted from its generated clients on npm (see extract.py)."""
+SYNTAX_ERROR = "/IWBEP/CM_MGW_RT/020"
+"""The SAP Gateway message a request body that does not fit the metadata is answered with."""
+ODATA_DATE = re.compile(r"^/Date\((-?\d+)\)/$")
+ODATA_DATE_OFFSET = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
+ISO_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?$")
+ODATA_TIME = re.compile(r"^PT(\d{1,2}H)?(\d{1,2}M)?(\d{1,2}(\.\d+)?S)?$")
+GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+DECIMAL_TEXT = re.compile(r"^[+-]?(\d*)(?:\.(\d*))?$")
+INTEGER_RANGES = {"Edm.Byte": (0, 255), "Edm.SByte": (-128, 127),
+                  "Edm.Int16": (-(2**15), 2**15 - 1), "Edm.Int32": (-(2**31), 2**31 - 1)}
+
+UNITS = {
+    # internal unit (T006-MSEHI, or its English commercial spelling) -> ISO code (T006-ISOCODE)
+    "ST": "PCE", "PC": "PCE", "EA": "EA", "KG": "KGM", "G": "GRM", "TO": "TNE",
+    "L": "LTR", "ML": "MLT", "M3": "MTQ", "M": "MTR", "MM": "MMT", "CM": "CMT", "M2": "MTK",
+    "H": "HUR", "MIN": "MIN", "S": "SEC", "KAR": "CT",
 }
-CONFIRMATION_QUANTITIES = ("ConfirmationYieldQuantity", "ConfirmationScrapQuantity")
-MOVEMENT_PROPERTIES = {
-    "Material": (True, 40),
-    "Plant": (True, 4),
-    "StorageLocation": (False, 4),
-    "Batch": (True, 40),
-    "GoodsMovementType": (True, 3),
-    "EntryUnit": (True, 3),
-    "InventoryUsabilityCode": (False, 1),
+"""A standard system's unit table, in part: an ISO code that no unit carries (C62, H87) or an
+internal unit that does not exist is refused, as SAP refuses it."""
+ISO_UNITS = frozenset(UNITS.values())
+
+USAGE_DECISION_CATALOG = {
+    # (selected set, code group, code) -> where the stock goes (the code's valuation)
+    ("01", "01", "A"): "unrestricted",
+    ("01", "01", "R"): "blocked",
 }
-USAGE_DECISION_PROPERTIES = {
-    "InspectionLot": (False, 12),
-    "Material": (True, 40),
-    "Batch": (True, 40),
-    "Plant": (True, 4),
-    "InspLotUsageDecisionCode": (True, 4),
-    "InspLotUsgeDcsnCodeGroup": (False, 8),
-    "ChangedByText": (False, 255),
-}
+"""The selected set the simulator's plants use for usage decisions (catalog type 3)."""
+GOODS_MOVEMENT_CODES = frozenset({"01", "02", "03", "04", "05", "06", "07"})
+
+
+class SapMetadata:
+    """The entity sets of SAP's services as facts, and the checks SAP Gateway applies with
+    them: an unknown property, a value of the wrong type or one longer than its MaxLength is
+    a 400 before any business logic runs."""
+
+    def __init__(self, directory: Path = SAP_METADATA_DIR) -> None:
+        self.services: dict[str, JsonObject] = {}
+        for file in sorted(directory.glob("*.json")):
+            facts = json.loads(file.read_text(encoding="utf-8"))
+            self.services[facts["service_path"]] = facts
+        if not self.services:
+            raise FileNotFoundError(f"no SAP metadata (*.json) in {directory}")
+
+    def entity_type(self, service: str, entity_set: str) -> JsonObject:
+        facts: JsonObject = self.services[service]["entity_sets"][entity_set]
+        return facts
+
+    def check_entity(self, service: str, entity_set: str, body: object, where: str) -> None:
+        if not isinstance(body, dict):
+            raise _bad_request("INVALID_BODY", f"{where} must be a JSON object")
+        facts = self.entity_type(service, entity_set)
+        for name, value in body.items():
+            if name == "__metadata":
+                continue
+            navigation = facts["navigation"].get(name)
+            if navigation is not None:
+                items = value.get("results") if isinstance(value, dict) and navigation[
+                    "many"] else value
+                if not navigation["many"]:
+                    items = [items]
+                if not isinstance(items, list):
+                    raise _bad_request(
+                        "INVALID_BODY", f"{where}: navigation property {name} must be a list")
+                for number, item in enumerate(items):
+                    self.check_entity(service, navigation["target"], item,
+                                      f"{where}.{name}[{number}]")
+                continue
+            fact = facts["properties"].get(name)
+            if fact is None:
+                raise ODataError(400, SYNTAX_ERROR,
+                                 f"Property '{name}' is invalid for entity set {entity_set}"
+                                 f" ({where})")
+            problem = _edm_problem(fact, value)
+            if problem is not None:
+                raise ODataError(400, SYNTAX_ERROR, f"{where}: property {name}: {problem}")
+
+    def check_filter(self, service: str, entity_set: str,
+                     terms: Sequence[tuple[str, str]]) -> None:
+        properties = self.entity_type(service, entity_set)["properties"]
+        for name, value in terms:
+            fact = properties.get(name)
+            if fact is None:
+                raise _bad_request(
+                    "INVALID_FILTER", f"Property '{name}' is not a property of {entity_set}")
+            if fact["type"] != "Edm.String":
+                raise _bad_request("INVALID_FILTER",
+                                   f"$filter: {name} is {fact['type']}, not a string literal")
+            if len(value) > fact.get("max_length", len(value)):
+                raise _bad_request(
+                    "INVALID_FILTER", f"$filter: '{value}' is longer than {name}"
+                    f" ({fact['max_length']} characters)")
+
+
+def _edm_problem(fact: Mapping[str, Any], value: object) -> str | None:
+    """Why `value` is not a valid OData V2 JSON value of the property, or None."""
+    edm = fact["type"]
+    if value is None:
+        return None if fact["nullable"] else "must not be null"
+    shown = json.dumps(value)
+    if edm == "Edm.String":
+        if not isinstance(value, str):
+            return f"Edm.String expects a string, got {shown}"
+        limit = fact.get("max_length")
+        if limit is not None and len(value) > limit:
+            return f"value '{value}' is longer than its MaxLength {limit}"
+        return None
+    if edm == "Edm.Decimal":
+        shape = DECIMAL_TEXT.match(value) if isinstance(value, str) else None
+        if shape is None or not (shape.group(1) or shape.group(2)):
+            return f"Edm.Decimal expects a decimal string, got {shown}"
+        integer, fraction = shape.group(1).lstrip("0"), (shape.group(2) or "").rstrip("0")
+        precision, scale = fact.get("precision", 38), fact.get("scale", 0)
+        if len(fraction) > scale or len(integer) > precision - scale:
+            return f"{value} does not fit Edm.Decimal(Precision={precision}, Scale={scale})"
+        return None
+    if edm in INTEGER_RANGES:
+        low, high = INTEGER_RANGES[edm]
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        return None if whole and low <= value <= high else (  # type: ignore[operator]
+            f"{edm} expects an integer in [{low}, {high}], got {shown}")
+    checks: dict[str, tuple[Callable[[object], bool], str]] = {
+        "Edm.Boolean": (lambda v: isinstance(v, bool), "true or false"),
+        "Edm.DateTime": (lambda v: isinstance(v, str) and bool(
+            ODATA_DATE.match(v) or ISO_DATE_TIME.match(v)), '"/Date(<ms>)/"'),
+        "Edm.DateTimeOffset": (lambda v: isinstance(v, str) and bool(
+            ODATA_DATE_OFFSET.match(v)), '"/Date(<ms>+0000)/"'),
+        "Edm.Time": (lambda v: isinstance(v, str) and bool(ODATA_TIME.match(v)),
+                     "PT<h>H<m>M<s>S"),
+        "Edm.Guid": (lambda v: isinstance(v, str) and bool(GUID.match(v)), "a GUID string"),
+        "Edm.Int64": (lambda v: isinstance(v, str) and v.lstrip("-").isdigit(),
+                      "a string of digits"),
+    }
+    check = checks.get(edm)
+    if check is None or check[0](value):
+        return None
+    return f"{edm} expects {check[1]}, got {shown}"
 
 
 def _bad_request(code: str, message: str) -> ODataError:
     return ODataError(400, f"SIM/{code}", message)
 
 
-def _check_properties(body: JsonObject, allowed: Sequence[str], where: str) -> None:
-    unknown = sorted(set(body) - set(allowed) - {"__metadata"})
-    if unknown:
-        raise _bad_request("INVALID_PROPERTY", f"Property '{unknown[0]}' is invalid for {where}")
+def _unit(body: JsonObject, internal: str, iso: str, where: str, *, required: bool) -> str | None:
+    """The unit of a quantity as SAP resolves it (its ISO code), from the internal unit, the
+    ISO code, or both when they agree."""
+    given_internal, given_iso = body.get(internal), body.get(iso)
+    if given_internal is not None and given_internal not in UNITS:
+        raise _bad_request("UNIT", f"{where}: unit {given_internal} is not defined ({internal}"
+                           " takes a unit of the unit table, e.g. PC or KG)")
+    if given_iso is not None and given_iso not in ISO_UNITS:
+        raise _bad_request("UNIT", f"{where}: ISO code {given_iso} is not assigned to any unit"
+                           f" ({iso})")
+    if given_internal is not None and given_iso is not None and UNITS[given_internal] != given_iso:
+        raise _bad_request("UNIT", f"{where}: {internal} {given_internal} and {iso} {given_iso}"
+                           " are different units")
+    if given_internal is None and given_iso is None:
+        if required:
+            raise _bad_request("UNIT", f"{where}: give the unit in {internal} or {iso}")
+        return None
+    return str(given_iso if given_iso is not None else UNITS[str(given_internal)])
 
 
-def _strings(body: JsonObject, spec: Mapping[str, tuple[bool, int]], where: str) -> JsonObject:
-    checked: JsonObject = {}
-    for name, (required, max_length) in spec.items():
-        value = body.get(name)
-        if value is None or value == "":
-            if required:
-                raise _bad_request("MISSING_PROPERTY", f"{where}: property {name} is required")
-            checked[name] = ""
-            continue
-        if not isinstance(value, str):
-            raise _bad_request("INVALID_VALUE", f"{where}: property {name} must be a string")
-        if len(value) > max_length:
-            raise _bad_request(
-                "VALUE_TOO_LONG",
-                f"{where}: property {name} is longer than {max_length} characters ({value!r})",
-            )
-        checked[name] = value
-    return checked
+def _required(body: JsonObject, names: Sequence[str], where: str) -> None:
+    for name in names:
+        if body.get(name) in (None, ""):
+            raise _bad_request("MISSING_PROPERTY", f"{where}: property {name} is required")
 
 
-def _sap_decimal(body: JsonObject, name: str, where: str, *, required: bool) -> str:
-    value = body.get(name)
-    if value is None and not required:
-        return "0"
-    if value is None:
-        raise _bad_request("MISSING_PROPERTY", f"{where}: property {name} is required")
-    if not isinstance(value, str) or not SAP_DECIMAL.match(value):
-        raise _bad_request(
-            "INVALID_DECIMAL",
-            f"{where}: property {name} must be an Edm.Decimal string with at most 10 integer"
-            f" digits and 3 decimals, got {json.dumps(value)}",
-        )
-    return _decimal_text(Decimal(value))
+def _items(body: JsonObject, name: str) -> list[JsonObject]:
+    items = body.get(name, [])
+    if isinstance(items, dict):
+        items = items.get("results", [])
+    return list(items)
 
 
-def parse_confirmation(body: object) -> JsonObject:
+def parse_confirmation(metadata: SapMetadata, body: object) -> JsonObject:
     """Validate a ProdnOrdConf2 create body; return its normalised properties."""
     where = CONFIRMATION_SET
-    if not isinstance(body, dict):
-        raise _bad_request("INVALID_BODY", "the request body must be a JSON object")
-    _check_properties(
-        body,
-        [
-            *CONFIRMATION_PROPERTIES,
-            *CONFIRMATION_QUANTITIES,
-            "IsFinalConfirmation",
-            MATERIAL_DOCUMENT_ITEMS,
-        ],
-        where,
-    )
-    fields = _strings(body, CONFIRMATION_PROPERTIES, where)
-    fields["Sequence"] = fields["Sequence"] or "0"
-    for name in CONFIRMATION_QUANTITIES:
-        fields[name] = _sap_decimal(body, name, where, required=False)
-    final = body.get("IsFinalConfirmation", False)
-    if not isinstance(final, bool):
-        raise _bad_request("INVALID_VALUE", f"{where}: IsFinalConfirmation must be true or false")
-    fields["IsFinalConfirmation"] = final
-    items = body.get(MATERIAL_DOCUMENT_ITEMS, [])
-    if isinstance(items, dict) and isinstance(items.get("results"), list):
-        items = items["results"]
-    if not isinstance(items, list):
-        raise _bad_request(
-            "INVALID_VALUE", f"{where}: {MATERIAL_DOCUMENT_ITEMS} must be a list of items"
-        )
-    fields[MATERIAL_DOCUMENT_ITEMS] = [
-        parse_movement(item, f"{MATERIAL_DOCUMENT_ITEMS}[{number}]")
-        for number, item in enumerate(items)
-    ]
+    metadata.check_entity(CONFIRMATION_SERVICE, CONFIRMATION_SET, body, where)
+    assert isinstance(body, dict)
+    _required(body, ("OrderID", "OrderOperation"), where)
+    fields = {name: value for name, value in body.items()
+              if name not in ("__metadata", MATERIAL_DOCUMENT_ITEMS)}
+    unit = _unit(body, "ConfirmationUnit", "ConfirmationUnitISOCode", where, required=False)
+    if unit is not None:
+        fields["ConfirmationUnitISOCode"] = unit
+    fields.setdefault("Sequence", "0")
+    fields.setdefault("ConfirmationText", "")
+    for name in ("ConfirmationYieldQuantity", "ConfirmationScrapQuantity"):
+        fields[name] = _decimal_text(Decimal(body.get(name) or "0"))
+    fields.setdefault("IsFinalConfirmation", False)
+    items = []
+    for number, item in enumerate(_items(body, MATERIAL_DOCUMENT_ITEMS)):
+        at = f"{MATERIAL_DOCUMENT_ITEMS}[{number}]"
+        _required(item, ("Material", "Plant", "GoodsMovementType", "QuantityInEntryUnit"), at)
+        movement = item["GoodsMovementType"]
+        if movement not in ("101", "261"):
+            raise _bad_request("MOVEMENT_TYPE", f"{at}: GoodsMovementType {movement!r} is not"
+                               " 101 (goods receipt) or 261 (goods issue)")
+        if movement == "101" and item.get("GoodsMovementRefDocType") != "F":
+            raise _bad_request("REF_DOC_TYPE", f"{at}: a 101 receipt for the order needs"
+                               " GoodsMovementRefDocType F")
+        if movement == "101":
+            _required(item, ("Batch",), at)
+        usability = item.get("InventoryUsabilityCode", "")
+        if usability not in USABILITY_CODES:
+            raise _bad_request("INVALID_VALUE", f"{at}: InventoryUsabilityCode {usability!r} is"
+                               " not '' (unrestricted), '2' or 'X' (quality inspection) or '3'")
+        quantity = Decimal(item["QuantityInEntryUnit"])
+        if quantity <= 0:
+            raise _bad_request("INVALID_DECIMAL", f"{at}: QuantityInEntryUnit must be positive")
+        unit = _unit(item, "EntryUnit", "EntryUnitISOCode", at, required=True)
+        items.append({**{k: v for k, v in item.items() if k != "__metadata"},
+                      "Batch": item.get("Batch", ""), "EntryUnitISOCode": unit,
+                      "EntryUnit": item.get("EntryUnit") or unit,
+                      "QuantityInEntryUnit": _decimal_text(quantity)})
+    fields[MATERIAL_DOCUMENT_ITEMS] = items
     return fields
 
 
-def parse_movement(item: object, where: str) -> JsonObject:
-    if not isinstance(item, dict):
-        raise _bad_request("INVALID_BODY", f"{where} must be a JSON object")
-    _check_properties(item, [*MOVEMENT_PROPERTIES, "QuantityInEntryUnit"], where)
-    fields = _strings(item, MOVEMENT_PROPERTIES, where)
-    if fields["GoodsMovementType"] not in ("101", "261"):
-        raise _bad_request(
-            "MOVEMENT_TYPE",
-            f"{where}: GoodsMovementType {fields['GoodsMovementType']!r} is not supported"
-            " (101 goods receipt or 261 goods issue)",
-        )
-    if fields["InventoryUsabilityCode"] not in USABILITY_CODES:
-        raise _bad_request(
-            "INVALID_VALUE",
-            f"{where}: InventoryUsabilityCode {fields['InventoryUsabilityCode']!r} is not"
-            " '' (unrestricted), '2' or 'X' (quality inspection) or '3' (blocked)",
-        )
-    fields["QuantityInEntryUnit"] = _sap_decimal(item, "QuantityInEntryUnit", where, required=True)
-    if Decimal(fields["QuantityInEntryUnit"]) == 0:
-        raise _bad_request("INVALID_DECIMAL", f"{where}: QuantityInEntryUnit must not be zero")
+def parse_material_document(metadata: SapMetadata, body: object) -> JsonObject:
+    """Validate an A_MaterialDocumentHeader create body (a goods issue to an order)."""
+    where = MATERIAL_DOCUMENT_SET
+    metadata.check_entity(MATERIAL_DOCUMENT_SERVICE, MATERIAL_DOCUMENT_SET, body, where)
+    assert isinstance(body, dict)
+    _required(body, ("GoodsMovementCode",), where)
+    code = body["GoodsMovementCode"]
+    if code not in GOODS_MOVEMENT_CODES:
+        raise _bad_request("GM_CODE", f"{where}: GoodsMovementCode {code!r} is not 01..07")
+    if code != "03":
+        raise _bad_request("GM_CODE", f"{where}: only goods issues (GoodsMovementCode 03) are"
+                           " simulated")
+    items = _items(body, "to_MaterialDocumentItem")
+    if not items:
+        raise _bad_request("NO_ITEMS", f"{where}: a material document needs at least one item")
+    checked = []
+    for number, item in enumerate(items):
+        at = f"to_MaterialDocumentItem[{number}]"
+        _required(item, ("Material", "Plant", "GoodsMovementType", "QuantityInEntryUnit",
+                         "EntryUnit"), at)
+        if item["GoodsMovementType"] != "261":
+            raise _bad_request("MOVEMENT_TYPE", f"{at}: GoodsMovementType"
+                               f" {item['GoodsMovementType']!r} is not 261 (issue to an order)")
+        _required(item, ("ManufacturingOrder",), at)
+        _unit(item, "EntryUnit", "", at, required=True)
+        quantity = Decimal(item["QuantityInEntryUnit"])
+        if quantity <= 0:
+            raise _bad_request("INVALID_DECIMAL", f"{at}: QuantityInEntryUnit must be positive")
+        checked.append({**{k: v for k, v in item.items() if k != "__metadata"},
+                        "QuantityInEntryUnit": _decimal_text(quantity)})
+    fields = {name: value for name, value in body.items()
+              if name not in ("__metadata", "to_MaterialDocumentItem")}
+    fields["to_MaterialDocumentItem"] = checked
     return fields
 
 
-def parse_usage_decision(body: object) -> JsonObject:
-    """Validate an A_InspLotUsageDecision create body; return its properties."""
+def parse_usage_decision(metadata: SapMetadata, body: object) -> tuple[JsonObject, str]:
+    """Validate an A_InspLotUsageDecision create body; return its properties and where the
+    stock goes (the code's valuation in the selected set)."""
     where = USAGE_DECISION_SET
-    if not isinstance(body, dict):
-        raise _bad_request("INVALID_BODY", "the request body must be a JSON object")
-    _check_properties(body, list(USAGE_DECISION_PROPERTIES), where)
-    fields = _strings(body, USAGE_DECISION_PROPERTIES, where)
-    if fields["InspLotUsageDecisionCode"] not in DECISION_STATUS:
-        raise _bad_request(
-            "DECISION_CODE",
-            f"{where}: InspLotUsageDecisionCode {fields['InspLotUsageDecisionCode']!r} is not"
-            " A (accept), R (reject) or H (hold)",
-        )
-    return fields
+    metadata.check_entity(INSPECTION_SERVICE, USAGE_DECISION_SET, body, where)
+    assert isinstance(body, dict)
+    _required(body, ("InspectionLot", "InspLotUsgeDcsnSelectedSet",
+                     "InspLotUsageDecisionCodeGroup", "InspectionLotUsageDecisionCode"), where)
+    if body.get("InspLotUsageDecisionCatalog", "3") != "3":
+        raise _bad_request("CATALOG", f"{where}: usage decisions are in catalog 3, not"
+                           f" {body['InspLotUsageDecisionCatalog']!r}")
+    key = (body["InspLotUsgeDcsnSelectedSet"], body["InspLotUsageDecisionCodeGroup"],
+           body["InspectionLotUsageDecisionCode"])
+    target = USAGE_DECISION_CATALOG.get(key)
+    if target is None:
+        raise _bad_request("UD_CODE", f"{where}: code {key[2]} of code group {key[1]} is not in"
+                           f" selected set {key[0]}")
+    return {name: value for name, value in body.items() if name != "__metadata"}, target
 
 
 def parse_filter(expression: str) -> list[tuple[str, str]]:
@@ -1150,7 +1470,13 @@ def _odata_response(
 def _odata_error(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
-    body = {"error": {"code": code, "message": {"lang": "en", "value": message}}}
+    # SAP Gateway's shape: code, message {lang, value}, and the details in innererror.
+    detail = {"code": code, "message": message, "propertyref": "", "severity": "error",
+              "target": ""}
+    body = {"error": {"code": code, "message": {"lang": "en", "value": message},
+                      "innererror": {"transactionid": secrets.token_hex(16).upper(),
+                                     "timestamp": datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+                                     "errordetails": [detail]}}}
     return _odata_response(body, status, headers)
 
 
@@ -1181,25 +1507,7 @@ def _client_credentials(request: Request, form: Mapping[str, str]) -> tuple[str,
     return form.get("client_id", ""), form.get("client_secret", "")
 
 
-CONFIRMATION_FILTERABLE = frozenset(
-    {
-        *CONFIRMATION_PROPERTIES,
-        *CONFIRMATION_QUANTITIES,
-        "ConfirmationGroup",
-        "ConfirmationCount",
-        "EnteredByUser",
-        "MaterialDocument",
-    }
-)
-USAGE_DECISION_FILTERABLE = frozenset({*USAGE_DECISION_PROPERTIES, "InspLotUsageDecidedBy"})
-
-
-def _filtered(
-    entities: list[JsonObject], terms: Sequence[tuple[str, str]], allowed: frozenset[str]
-) -> list[JsonObject]:
-    for name, _ in terms:
-        if name not in allowed:
-            raise _bad_request("INVALID_FILTER", f"Property '{name}' cannot be filtered on here")
+def _filtered(entities: list[JsonObject], terms: Sequence[tuple[str, str]]) -> list[JsonObject]:
     return [
         entity
         for entity in entities
@@ -1264,10 +1572,40 @@ def _confirmation_payload(entity: JsonObject, base: str, *, expand: bool) -> Jso
     return payload
 
 
-def _usage_decision_payload(entity: JsonObject, base: str) -> JsonObject:
-    uri = f"{base}/{USAGE_DECISION_SET}('{entity['InspectionLot']}')"
-    metadata = {"id": uri, "uri": uri, "type": "API_INSPECTIONLOT_SRV.A_InspLotUsageDecisionType"}
+def _keyed_payload(entity: JsonObject, base: str, entity_set: str, keys: Sequence[str],
+                   service: str) -> JsonObject:
+    predicate = ",".join(f"{key}='{entity[key]}'" for key in keys)
+    uri = f"{base}/{entity_set}({predicate})"
+    metadata = {"id": uri, "uri": uri, "type": f"{service}.{entity_set}Type"}
     return {"__metadata": metadata, **entity}
+
+
+def _usage_decision_payload(entity: JsonObject, base: str) -> JsonObject:
+    return _keyed_payload(entity, base, USAGE_DECISION_SET, ["InspectionLot"],
+                          "API_INSPECTIONLOT_SRV")
+
+
+def _inspection_lot_payload(entity: JsonObject, base: str) -> JsonObject:
+    return _keyed_payload(entity, base, INSPECTION_LOT_SET, ["InspectionLot"],
+                          "API_INSPECTIONLOT_SRV")
+
+
+DOCUMENT_KEYS = ("MaterialDocumentYear", "MaterialDocument")
+
+
+def _material_document_payload(entity: JsonObject, base: str) -> JsonObject:
+    header = {k: v for k, v in entity.items() if k != "to_MaterialDocumentItem"}
+    payload = _keyed_payload(header, base, MATERIAL_DOCUMENT_SET, DOCUMENT_KEYS,
+                             "API_MATERIAL_DOCUMENT_SRV")
+    payload["to_MaterialDocumentItem"] = {"results": [
+        _material_document_item_payload(item, base)
+        for item in entity["to_MaterialDocumentItem"]]}
+    return payload
+
+
+def _material_document_item_payload(item: JsonObject, base: str) -> JsonObject:
+    return _keyed_payload(item, base, MATERIAL_DOCUMENT_ITEM_SET,
+                          [*DOCUMENT_KEYS, "MaterialDocumentItem"], "API_MATERIAL_DOCUMENT_SRV")
 
 
 class ErpSimulator:
@@ -1281,8 +1619,10 @@ class ErpSimulator:
         *,
         tokens: TokenIssuer | None = None,
         scripted: ScriptedFaults | None = None,
+        metadata: SapMetadata | None = None,
     ) -> None:
         self.store = store
+        self.metadata = metadata or SapMetadata()
         self.faults = faults
         self.tokens = tokens or TokenIssuer({})
         self.csrf = CsrfSessions()
@@ -1413,7 +1753,8 @@ class ErpSimulator:
     def _log(self, delivery: Delivery, receipt: Receipt) -> None:
         event = delivery.event
         line = (
-            f"ERP received {event['type']} subject={event.get('subject')} id={event['id']}"
+            f"ERP received {short_type(event['type'])} subject={event.get('subject')}"
+            f" id={event['id']}"
             f" -> {receipt.reference}"
         )
         self._say(line + (" (duplicate)" if receipt.duplicate else ""))
@@ -1425,7 +1766,10 @@ class ErpSimulator:
         return receipts
 
     async def post_event(self, request: Request) -> Response:
-        key = request.headers.get("idempotency-key", "").strip()
+        try:
+            key = idempotency_key(request)
+        except ValueError as exc:
+            return _error(400, str(exc))
         if not key:
             return _error(400, "Idempotency-Key header is required")
         media_type = _media_type(request)
@@ -1518,15 +1862,23 @@ class ErpSimulator:
 
         return document
 
+    def _terms(self, request: Request, service: str, entity_set: str) -> list[tuple[str, str]]:
+        _check_format(request)
+        expression = request.query_params.get("$filter", "").strip()
+        terms = parse_filter(expression) if expression else []
+        self.metadata.check_filter(service, entity_set, terms)
+        return terms
+
     async def create_confirmation(self, request: Request) -> Response:
-        fields = parse_confirmation(await _odata_body(request))
+        fields = parse_confirmation(self.metadata, await _odata_body(request))
         entity = self.store.create_confirmation(fields, request.state.user)
         self._say(
             f"SAP confirmation {entity['ConfirmationGroup']}/{entity['ConfirmationCount']}"
             f" order={entity['OrderID']} op={entity['OrderOperation']}"
             f" yield={entity['ConfirmationYieldQuantity']}"
-            f" scrap={entity['ConfirmationScrapQuantity']} {entity['ConfirmationUnit']}"
-            f" text={entity['ConfirmationText']}"
+            f" scrap={entity['ConfirmationScrapQuantity']}"
+            f" {entity.get('ConfirmationUnitISOCode', '')}"
+            f" posting={entity.get('PostingDate', 'today')} text={entity['ConfirmationText']}"
         )
         payload = _confirmation_payload(
             entity, _service_url(request, CONFIRMATION_SERVICE), expand=True
@@ -1534,14 +1886,12 @@ class ErpSimulator:
         return _odata_response({"d": payload}, 201, {"Location": payload["__metadata"]["uri"]})
 
     async def list_confirmations(self, request: Request) -> Response:
-        _check_format(request)
-        expression = request.query_params.get("$filter", "").strip()
-        terms = parse_filter(expression) if expression else []
+        terms = self._terms(request, CONFIRMATION_SERVICE, CONFIRMATION_SET)
         indexed = dict(terms)
         entities = self.store.confirmations(
             text=indexed.get("ConfirmationText"), order_id=indexed.get("OrderID")
         )
-        entities = _paged(_filtered(entities, terms, CONFIRMATION_FILTERABLE), request)
+        entities = _paged(_filtered(entities, terms), request)
         expand = MATERIAL_DOCUMENT_ITEMS in request.query_params.get("$expand", "").split(",")
         base = _service_url(request, CONFIRMATION_SERVICE)
         results = [_confirmation_payload(entity, base, expand=expand) for entity in entities]
@@ -1559,32 +1909,61 @@ class ErpSimulator:
         base = _service_url(request, CONFIRMATION_SERVICE)
         return _odata_response({"d": _confirmation_payload(found[0], base, expand=expand)})
 
+    async def list_inspection_lots(self, request: Request) -> Response:
+        terms = self._terms(request, INSPECTION_SERVICE, INSPECTION_LOT_SET)
+        entities = _paged(_filtered(self.store.inspection_lots(), terms), request)
+        base = _service_url(request, INSPECTION_SERVICE)
+        return _odata_response(
+            {"d": {"results": [_inspection_lot_payload(entity, base) for entity in entities]}})
+
     async def create_usage_decision(self, request: Request) -> Response:
-        fields = parse_usage_decision(await _odata_body(request))
-        entity = self.store.create_usage_decision(fields, request.state.user)
+        fields, target = parse_usage_decision(self.metadata, await _odata_body(request))
+        entity = self.store.create_usage_decision(fields, request.state.user, target)
         self._say(
-            f"SAP usage decision {entity['InspLotUsageDecisionCode']} lot={entity['InspectionLot']}"
-            f" material={entity['Material']} batch={entity['Batch']}"
-            f" text={entity['ChangedByText']}"
+            f"SAP usage decision {entity['InspectionLotUsageDecisionCode']}"
+            f" (set {entity['InspLotUsgeDcsnSelectedSet']}, group"
+            f" {entity['InspLotUsageDecisionCodeGroup']}) inspection lot"
+            f" {entity['InspectionLot']}: stock {target}"
         )
         payload = _usage_decision_payload(entity, _service_url(request, INSPECTION_SERVICE))
         return _odata_response({"d": payload}, 201, {"Location": payload["__metadata"]["uri"]})
 
     async def list_usage_decisions(self, request: Request) -> Response:
-        _check_format(request)
-        expression = request.query_params.get("$filter", "").strip()
-        terms = parse_filter(expression) if expression else []
-        entities = _paged(
-            _filtered(self.store.usage_decisions(), terms, USAGE_DECISION_FILTERABLE), request
-        )
+        terms = self._terms(request, INSPECTION_SERVICE, USAGE_DECISION_SET)
+        entities = _paged(_filtered(self.store.usage_decisions(), terms), request)
         base = _service_url(request, INSPECTION_SERVICE)
         results = [_usage_decision_payload(entity, base) for entity in entities]
+        return _odata_response({"d": {"results": results}})
+
+    async def create_material_document(self, request: Request) -> Response:
+        fields = parse_material_document(self.metadata, await _odata_body(request))
+        entity = self.store.create_material_document(fields, request.state.user)
+        items = entity["to_MaterialDocumentItem"]
+        self._say(
+            f"SAP material document {entity['MaterialDocument']}/{entity['MaterialDocumentYear']}"
+            f" goods issue: "
+            + ", ".join(f"{item['QuantityInEntryUnit']} {item['EntryUnit']} {item['Material']}"
+                        f" batch {item.get('Batch') or '-'} to order {item['ManufacturingOrder']}"
+                        for item in items)
+        )
+        payload = _material_document_payload(
+            entity, _service_url(request, MATERIAL_DOCUMENT_SERVICE))
+        return _odata_response({"d": payload}, 201, {"Location": payload["__metadata"]["uri"]})
+
+    async def list_material_document_items(self, request: Request) -> Response:
+        terms = self._terms(request, MATERIAL_DOCUMENT_SERVICE, MATERIAL_DOCUMENT_ITEM_SET)
+        items = [item for header in self.store.material_documents()
+                 for item in header["to_MaterialDocumentItem"]]
+        base = _service_url(request, MATERIAL_DOCUMENT_SERVICE)
+        results = [_material_document_item_payload(item, base)
+                   for item in _paged(_filtered(items, terms), request)]
         return _odata_response({"d": {"results": results}})
 
     # -- for tests -------------------------------------------------------------------------------
 
     async def list_events(self, request: Request) -> Response:
-        return JSONResponse(self.store.list_events(request.query_params.get("type")))
+        wanted = request.query_params.get("type")
+        return JSONResponse(self.store.list_events(None if wanted is None else short_type(wanted)))
 
     async def stats(self, request: Request) -> Response:
         unique, duplicates = self.store.counts()
@@ -1615,7 +1994,19 @@ class ErpSimulator:
         return JSONResponse(self.store.confirmations())
 
     async def sap_usage_decisions(self, request: Request) -> Response:
-        return JSONResponse(self.store.usage_decisions())
+        # Each with its inspection lot's material, batch and plant, so a test can tell which
+        # batch was decided without a second query.
+        lots = {lot["InspectionLot"]: lot for lot in self.store.inspection_lots()}
+        return JSONResponse([
+            {**decision, "_lot": {name: lots[decision["InspectionLot"]][name]
+                                  for name in ("Material", "Batch", "Plant", "ManufacturingOrder")}}
+            for decision in self.store.usage_decisions()])
+
+    async def sap_inspection_lots(self, request: Request) -> Response:
+        return JSONResponse(self.store.inspection_lots())
+
+    async def sap_material_documents(self, request: Request) -> Response:
+        return JSONResponse(self.store.material_documents())
 
     def _faults_json(self) -> JsonObject:
         return {**self.faults.as_json(), **self.scripted.as_json()}
@@ -1669,6 +2060,7 @@ def create_app(
     clients: Mapping[str, str] | None = None,
     token_ttl: int = DEFAULT_TOKEN_TTL,
     scripted: ScriptedFaults | None = None,
+    sap_metadata: Path = SAP_METADATA_DIR,
 ) -> Starlette:
     """Build the ERP simulator app; its store opens and closes with the app's lifespan.
 
@@ -1681,6 +2073,7 @@ def create_app(
         log_requests,
         tokens=TokenIssuer(dict(clients or {}), token_ttl),
         scripted=scripted,
+        metadata=SapMetadata(sap_metadata),
     )
 
     @contextlib.asynccontextmanager
@@ -1689,16 +2082,20 @@ def create_app(
             yield
 
     guard = simulator.guard
+
+    def odata(path: str, handler: Endpoint, method: str = "GET") -> Route:
+        """A SAP OData route: every POST is a delivery (CSRF, delivery faults)."""
+        return Route(path, guard(handler, odata=True, delivery=method == "POST"),
+                     methods=[method])
+
+    def service(root: str, *entity_sets: str) -> list[Route]:
+        """A service document, with and without its trailing slash (the CSRF fetch)."""
+        document = simulator.service_document(*entity_sets)
+        return [odata(root, document), odata(f"{root}/", document)]
+
     confirmations = f"{CONFIRMATION_SERVICE}/{CONFIRMATION_SET}"
     decisions = f"{INSPECTION_SERVICE}/{USAGE_DECISION_SET}"
-    confirmation_document = guard(
-        simulator.service_document(CONFIRMATION_SET, "ProdnOrdConfMatlDocItm"),
-        odata=True,
-        delivery=False,
-    )
-    inspection_document = guard(
-        simulator.service_document(USAGE_DECISION_SET), odata=True, delivery=False
-    )
+    documents = f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_SET}"
     routes = [
         Route(
             "/api/events",
@@ -1711,36 +2108,22 @@ def create_app(
             methods=["POST"],
         ),
         Route("/oauth/token", simulator.issue_token, methods=["POST"]),
-        Route(CONFIRMATION_SERVICE, confirmation_document, methods=["GET"]),
-        Route(f"{CONFIRMATION_SERVICE}/", confirmation_document, methods=["GET"]),
-        Route(
-            confirmations,
-            guard(simulator.list_confirmations, odata=True, delivery=False),
-            methods=["GET"],
-        ),
-        Route(
-            confirmations,
-            guard(simulator.create_confirmation, odata=True, delivery=True),
-            methods=["POST"],
-        ),
-        Route(
-            confirmations + "({key})",
-            guard(simulator.get_confirmation, odata=True, delivery=False),
-            methods=["GET"],
-        ),
-        Route(INSPECTION_SERVICE, inspection_document, methods=["GET"]),
-        Route(f"{INSPECTION_SERVICE}/", inspection_document, methods=["GET"]),
-        Route(
-            decisions,
-            guard(simulator.list_usage_decisions, odata=True, delivery=False),
-            methods=["GET"],
-        ),
-        Route(
-            decisions,
-            guard(simulator.create_usage_decision, odata=True, delivery=True),
-            methods=["POST"],
-        ),
+        *service(CONFIRMATION_SERVICE, CONFIRMATION_SET, "ProdnOrdConfMatlDocItm"),
+        odata(confirmations, simulator.list_confirmations),
+        odata(confirmations, simulator.create_confirmation, "POST"),
+        odata(confirmations + "({key})", simulator.get_confirmation),
+        *service(INSPECTION_SERVICE, INSPECTION_LOT_SET, USAGE_DECISION_SET),
+        odata(decisions, simulator.list_usage_decisions),
+        odata(decisions, simulator.create_usage_decision, "POST"),
+        odata(f"{INSPECTION_SERVICE}/{INSPECTION_LOT_SET}", simulator.list_inspection_lots),
+        *service(MATERIAL_DOCUMENT_SERVICE, MATERIAL_DOCUMENT_SET, MATERIAL_DOCUMENT_ITEM_SET),
+        odata(documents, simulator.create_material_document, "POST"),
+        odata(f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
+              simulator.list_material_document_items),
         Route("/events", simulator.list_events, methods=["GET"]),
+        Route("/_sim/sap/inspection-lots", simulator.sap_inspection_lots, methods=["GET"]),
+        Route("/_sim/sap/material-documents", simulator.sap_material_documents,
+              methods=["GET"]),
         Route("/_sim/batches", simulator.list_batches, methods=["GET"]),
         Route("/_sim/batches/{batch}", simulator.get_batch, methods=["GET"]),
         Route("/_sim/sap/confirmations", simulator.sap_confirmations, methods=["GET"]),
@@ -1782,6 +2165,7 @@ async def serve(
     clients: Mapping[str, str] | None = None,
     token_ttl: int = DEFAULT_TOKEN_TTL,
     scripted: ScriptedFaults | None = None,
+    sap_metadata: Path = SAP_METADATA_DIR,
 ) -> None:
     """Serve the simulator until uvicorn is told to exit (SIGINT or SIGTERM)."""
     app = create_app(
@@ -1791,6 +2175,7 @@ async def serve(
         clients=clients,
         token_ttl=token_ttl,
         scripted=scripted,
+        sap_metadata=sap_metadata,
     )
     server = uvicorn_server(app, host, port)
     simulator: ErpSimulator = app.state.simulator
@@ -1849,6 +2234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--log-requests", action="store_true", help="print one line per received event"
     )
+    parser.add_argument(
+        "--sap-metadata", type=Path, default=SAP_METADATA_DIR, metavar="DIR",
+        help="SAP's metadata facts (*.json) the SAP services validate against"
+        " (default: tests/fixtures/sap of this checkout)",
+    )
     args = parser.parse_args(argv)
     if args.token_ttl < 1:
         parser.error("--token-ttl must be at least 1 second")
@@ -1875,6 +2265,7 @@ def main(argv: list[str] | None = None) -> int:
             clients=dict(args.client),
             token_ttl=args.token_ttl,
             scripted=scripted,
+            sap_metadata=args.sap_metadata,
         )
     )
 

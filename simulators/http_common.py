@@ -247,6 +247,39 @@ async def read_json(request: Request, invalid: Callable[[str], Exception]) -> ob
     return decoded
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key``, or None when it has none.
+
+    draft-ietf-httpapi-idempotency-key-header makes the value a Structured Field String
+    (RFC 8941 3.3.3: ``"..."``, printable ASCII, ``\\"`` and ``\\\\`` escaped); older clients
+    send the bare value, which is taken as it is. A quoted value that is not a valid String
+    raises ValueError with the reason.
+    """
+    raw = request.headers.get("idempotency-key", "").strip(" \t")
+    if not raw:
+        return None
+    if not raw.startswith('"'):
+        return raw
+    value, escaped = [], False
+    for position, char in enumerate(raw[1:], start=1):
+        if not " " <= char <= "~":
+            raise ValueError("Idempotency-Key: a String holds printable ASCII only")
+        if escaped:
+            if char not in '"\\':
+                raise ValueError(f"Idempotency-Key: \\{char} is not an escape of a String")
+            value.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            if position != len(raw) - 1:
+                raise ValueError("Idempotency-Key: text after the closing quote")
+            return "".join(value) or None
+        else:
+            value.append(char)
+    raise ValueError("Idempotency-Key: the String has no closing quote")
+
+
 class ControlSurface(Protocol):
     """The handlers behind the routes tests use to watch and steer any simulator."""
 

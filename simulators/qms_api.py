@@ -59,6 +59,7 @@ from simulators.http_common import (
     bearer_token,
     check_token_ttl,
     control_routes,
+    idempotency_key,
     injected_status,
     oauth_error,
     read_json,
@@ -1002,7 +1003,10 @@ class QmsSimulator:
         request: Request,
         create: Callable[[sqlite3.Connection, JsonObject], JsonObject],
     ) -> Response:
-        key = request.headers.get("idempotency-key", "").strip() or None
+        try:
+            key = idempotency_key(request)
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         body = await _json_object(request)
         answer = self.store.submit(key, request.url.path, body, create)
         self._wake.set()

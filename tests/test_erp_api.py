@@ -114,6 +114,7 @@ def sap_confirmation(
         "IsFinalConfirmation": False,
         "ConfirmationText": text,
         "Plant": "1010",
+        "PostingDate": "/Date(1772323200000)/",
         **changes,
     }
 
@@ -125,7 +126,10 @@ def receipt(batch: str, quantity: str = "100", usability: str | None = "2") -> d
         "StorageLocation": "0001",
         "Batch": batch,
         "GoodsMovementType": "101",
-        "EntryUnit": "ST",
+        "GoodsMovementRefDocType": "F",
+        "OrderID": "1000123",
+        "OrderItem": "0001",
+        "EntryUnitISOCode": "PCE",
         "QuantityInEntryUnit": quantity,
     }
     if usability is not None:
@@ -149,16 +153,27 @@ def post_confirmation(
     return erp.client.post(f"{CONFIRMATIONS}/ProdnOrdConf2", json=body, headers=headers)
 
 
+def inspection_lot_of(erp: RunningSimulator, batch: str) -> str:
+    found = erp.client.get(
+        f"{INSPECTIONS}/A_InspectionLot",
+        params={"$filter": f"Batch eq '{batch}' and InspectionLotOrigin eq '04'",
+                "$format": "json"},
+    ).json()["d"]["results"]
+    lot: str = found[-1]["InspectionLot"]
+    return lot
+
+
 def post_decision(
-    erp: RunningSimulator, csrf: str, batch: str, code: str, text: str = "evt-ud"
+    erp: RunningSimulator, csrf: str, inspection_lot: str, code: str, **changes: str
 ) -> httpx.Response:
     body = {
-        "Material": "FG-1",
-        "Batch": batch,
-        "Plant": "1010",
-        "InspLotUsageDecisionCode": code,
-        "InspLotUsgeDcsnCodeGroup": "QM01",
-        "ChangedByText": text,
+        "InspectionLot": inspection_lot,
+        "InspLotUsageDecisionCatalog": "3",
+        "InspLotUsgeDcsnSelectedSet": "01",
+        "SelectedCodeSetPlant": "1010",
+        "InspLotUsageDecisionCodeGroup": "01",
+        "InspectionLotUsageDecisionCode": code,
+        **changes,
     }
     return erp.client.post(
         f"{INSPECTIONS}/A_InspLotUsageDecision", json=body, headers={"X-CSRF-Token": csrf}
@@ -537,7 +552,8 @@ def test_confirmation_posts_goods_movements_and_answers_odata(erp: RunningSimula
         ("L-1", "0001"),
         ("C-7", "0002"),
     ]
-    assert items[0]["MaterialDocument"] == entity["MaterialDocument"] != ""
+    assert items[0]["MaterialDocument"] == items[1]["MaterialDocument"] != ""
+    assert "MaterialDocument" not in entity  # not a property of ProdnOrdConf2
 
     again = post_confirmation(erp, sap_confirmation("evt-2"), csrf).json()["d"]
     assert (again["ConfirmationGroup"], again["ConfirmationCount"]) == ("0000000001", "00000002")
@@ -565,7 +581,15 @@ def test_invalid_confirmations_answer_an_odata_error(erp: RunningSimulator) -> N
     cases: list[tuple[dict[str, Any], str]] = [
         ({k: v for k, v in good.items() if k != "OrderID"}, "OrderID"),
         ({**good, "OrderOperation": ""}, "OrderOperation"),
-        ({k: v for k, v in good.items() if k != "ConfirmationUnit"}, "ConfirmationUnit"),
+        ({**good, "ConfirmationUnit": "C62"}, "C62"),
+        ({**{k: v for k, v in good.items() if k != "ConfirmationUnit"},
+          "ConfirmationUnitISOCode": "H87"}, "ISO code H87"),
+        ({**good, "ConfirmationUnitISOCode": "KGM"}, "different units"),
+        ({**good, "PostingDate": "2026-03-01"}, "PostingDate"),
+        ({**good, "OrderID": "1" * 13}, "MaxLength 12"),
+        ({**good, "IsFinalConfirmation": "X"}, "IsFinalConfirmation"),
+        ({**good, "ConfirmationYieldQuantity": "1.2345"}, "Scale=3"),
+        ({**good, "ConfirmationYieldQuantity": "12345678901"}, "Precision=13"),
         ({**good, "ConfirmationYieldQuantity": "12,5"}, "ConfirmationYieldQuantity"),
         ({**good, "ConfirmationScrapQuantity": 3}, "ConfirmationScrapQuantity"),
         ({**good, "ConfirmationText": "x" * 41}, "ConfirmationText"),
@@ -578,6 +602,15 @@ def test_invalid_confirmations_answer_an_odata_error(erp: RunningSimulator) -> N
             {**good, "to_ProdnOrdConfMatlDocItm": [{**receipt("L-1"), "QuantityInEntryUnit": "x"}]},
             "QuantityInEntryUnit",
         ),
+        (
+            {**good, "to_ProdnOrdConfMatlDocItm": [{**receipt("LOT-2026-0001")}]},
+            "LOT-2026-0001",
+        ),
+        (
+            {**good, "to_ProdnOrdConfMatlDocItm": [
+                {k: v for k, v in receipt("L-1").items() if k != "GoodsMovementRefDocType"}]},
+            "GoodsMovementRefDocType",
+        ),
     ]
     for body, mentioned in cases:
         refused = post_confirmation(erp, body, csrf)
@@ -585,6 +618,7 @@ def test_invalid_confirmations_answer_an_odata_error(erp: RunningSimulator) -> N
         error = refused.json()["error"]
         assert isinstance(error["code"], str) and error["code"]
         assert error["message"]["lang"] == "en"
+        assert error["innererror"]["errordetails"][0]["message"] == error["message"]["value"]
         assert mentioned in error["message"]["value"], error
     not_json = erp.client.post(
         f"{CONFIRMATIONS}/ProdnOrdConf2",
@@ -620,54 +654,122 @@ def test_same_confirmation_text_twice_makes_two_and_filter_finds_them(
     assert lookup(erp, "ConfirmationText eq 'evt-1' and OrderID eq '1000124'").json() == {
         "d": {"results": []}
     }
-    for bad in ("ConfirmationText = 'evt-1'", "substringof('evt', ConfirmationText)", "Foo eq 'x'"):
+    for bad in ("ConfirmationText = 'evt-1'", "substringof('evt', ConfirmationText)",
+                "Foo eq 'x'", f"ConfirmationText eq '{'x' * 41}'",
+                "ConfirmationYieldQuantity eq '1'"):
         assert lookup(erp, bad).status_code == 400, bad
 
     stats = erp.client.get("/stats").json()
     assert (stats["sap_confirmations"], stats["sap_duplicate_texts"]) == (3, 1)
 
 
-def test_usage_decisions_release_or_block_the_batch(erp: RunningSimulator) -> None:
+def test_usage_decisions_release_or_block_the_inspection_lots_batch(
+    erp: RunningSimulator,
+) -> None:
     csrf = fetch_csrf(erp)
     movements = [receipt("L-1", "60"), receipt("L-2", "40"), receipt("L-3", "5", usability=None)]
     body = sap_confirmation("evt-1", to_ProdnOrdConfMatlDocItm=movements)
     assert post_confirmation(erp, body, csrf).status_code == 201
+    # A second receipt of the same batch adds to its open inspection lot.
+    again = sap_confirmation("evt-1b", to_ProdnOrdConfMatlDocItm=[receipt("L-1", "15")])
+    assert post_confirmation(erp, again, csrf).status_code == 201
     assert batch_of(erp, "L-3")["status"] == "unrestricted"
+    lots = erp.client.get("/_sim/sap/inspection-lots").json()
+    assert [(lot["Batch"], lot["InspectionLotQuantity"], lot["InspectionLotOrigin"])
+            for lot in lots] == [("L-1", "75", "04"), ("L-2", "40", "04")]
+    first, second = inspection_lot_of(erp, "L-1"), inspection_lot_of(erp, "L-2")
+    assert len(first) == 12 and first != second
 
-    accepted = post_decision(erp, csrf, "L-1", "A", text="evt-2")
+    accepted = post_decision(erp, csrf, first, "A")
     assert accepted.status_code == 201, accepted.text
     decision = accepted.json()["d"]
-    assert decision["InspLotUsageDecisionCode"] == "A"
-    assert decision["ChangedByText"] == "evt-2"
-    assert len(decision["InspectionLot"]) == 12
-    assert post_decision(erp, csrf, "L-2", "R", text="evt-3").status_code == 201
-    assert post_decision(erp, csrf, "L-9", "H", text="evt-4").status_code == 201
-    assert post_decision(erp, csrf, "L-2", "X").status_code == 400
-    assert post_decision(erp, "forged", "L-2", "A").status_code == 403
+    assert decision["InspectionLotUsageDecisionCode"] == "A"
+    assert decision["InspectionLot"] == first
+    assert decision["__metadata"]["uri"].endswith(
+        f"A_InspLotUsageDecision(InspectionLot='{first}')")
+    assert post_decision(erp, csrf, second, "R").status_code == 201
+    refusals = {
+        "decided": post_decision(erp, csrf, second, "A"),
+        "unknown lot": post_decision(erp, csrf, "049999999999", "A"),
+        "unknown code": post_decision(erp, csrf, second, "X"),
+        "old shape": erp.client.post(
+            f"{INSPECTIONS}/A_InspLotUsageDecision",
+            json={"Material": "FG-1", "Batch": "L-2", "Plant": "1010",
+                  "InspLotUsageDecisionCode": "A", "ChangedByText": "evt"},
+            headers={"X-CSRF-Token": csrf}),
+        "too long": post_decision(erp, csrf, "0" * 13, "A"),
+    }
+    for why, refused in refusals.items():
+        assert refused.status_code == 400, (why, refused.text)
+    assert "already" in refusals["decided"].json()["error"]["message"]["value"]
+    assert "'Material' is invalid" in refusals["old shape"].json()["error"]["message"]["value"]
+    assert post_decision(erp, "forged", second, "A").status_code == 403
 
-    released, rejected, held = batch_of(erp, "L-1"), batch_of(erp, "L-2"), batch_of(erp, "L-9")
-    assert (released["status"], released["quantity"]["unrestricted"]) == ("unrestricted", "60")
+    released, rejected = batch_of(erp, "L-1"), batch_of(erp, "L-2")
+    assert (released["status"], released["quantity"]["unrestricted"]) == ("unrestricted", "75")
     assert released["quantity"]["quality_inspection"] == "0"
     assert [(h["action"], h["status_after"]) for h in released["history"]] == [
+        ("goods_receipt", "quality_inspection"),
         ("goods_receipt", "quality_inspection"),
         ("usage_decision", "unrestricted"),
     ]
     assert (rejected["status"], rejected["quantity"]["blocked"]) == ("blocked", "40")
-    assert held["status"] == "blocked"
-    assert [b["batch"] for b in erp.client.get("/_sim/batches").json()] == [
-        "L-1",
-        "L-2",
-        "L-3",
-        "L-9",
-    ]
+    assert [b["batch"] for b in erp.client.get("/_sim/batches").json()] == ["L-1", "L-2", "L-3"]
     assert erp.client.get("/_sim/batches/L-404").status_code == 404
 
     listed = erp.client.get(
         f"{INSPECTIONS}/A_InspLotUsageDecision",
-        params={"$filter": "ChangedByText eq 'evt-3'", "$format": "json"},
+        params={"$filter": f"InspectionLot eq '{second}'", "$format": "json"},
     ).json()["d"]["results"]
-    assert [(d["Batch"], d["InspLotUsageDecisionCode"]) for d in listed] == [("L-2", "R")]
-    assert erp.client.get("/stats").json()["usage_decisions"] == 3
+    assert [d["InspectionLotUsageDecisionCode"] for d in listed] == ["R"]
+    decisions = erp.client.get("/_sim/sap/usage-decisions").json()
+    assert [(d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"]) for d in decisions] == [
+        ("L-1", "A"), ("L-2", "R")]
+    assert erp.client.get("/stats").json()["usage_decisions"] == 2
+
+
+MATERIAL_DOCUMENTS = "/sap/opu/odata/sap/API_MATERIAL_DOCUMENT_SRV"
+
+
+def goods_issue(text: str, **changes: Any) -> dict[str, Any]:
+    item = {"Material": "RM-9", "Plant": "1010", "StorageLocation": "0001", "Batch": "C-7",
+            "GoodsMovementType": "261", "ManufacturingOrder": "1000123", "EntryUnit": "KG",
+            "QuantityInEntryUnit": "25", "MaterialDocumentItemText": text, **changes}
+    return {"GoodsMovementCode": "03", "PostingDate": "/Date(1772323200000)/",
+            "to_MaterialDocumentItem": [item]}
+
+
+def test_goods_issue_material_documents_issue_stock_and_can_be_looked_up(
+    erp: RunningSimulator,
+) -> None:
+    csrf = fetch_csrf(erp)
+    created = erp.client.post(f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentHeader",
+                              json=goods_issue("evt-1"), headers={"X-CSRF-Token": csrf})
+    assert created.status_code == 201, created.text
+    header = created.json()["d"]
+    assert header["GoodsMovementCode"] == "03" and len(header["MaterialDocument"]) == 10
+    (item,) = header["to_MaterialDocumentItem"]["results"]
+    assert item["MaterialDocumentItem"] == "0001"
+    consumed = batch_of(erp, "C-7")
+    assert (consumed["material"], consumed["quantity"]["unrestricted"]) == ("RM-9", "-25")
+    found = erp.client.get(
+        f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentItem",
+        params={"$filter": "MaterialDocumentItemText eq 'evt-1' and ManufacturingOrder eq"
+                " '1000123'", "$format": "json"}).json()["d"]["results"]
+    assert [i["MaterialDocument"] for i in found] == [header["MaterialDocument"]]
+    for bad, mentioned in [
+        (goods_issue("e", EntryUnitISOCode="KGM"), "EntryUnitISOCode"),  # no such property
+        (goods_issue("e", EntryUnit="KGM"), "KGM"),  # an ISO code is no internal unit
+        (goods_issue("e", GoodsMovementType="101"), "261"),
+        ({**goods_issue("e"), "GoodsMovementCode": "3"}, "GoodsMovementCode"),
+        (goods_issue("e", ManufacturingOrder=""), "ManufacturingOrder"),
+        (goods_issue("e", QuantityInEntryUnit=25), "QuantityInEntryUnit"),
+    ]:
+        refused = erp.client.post(f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentHeader", json=bad,
+                                  headers={"X-CSRF-Token": csrf})
+        assert refused.status_code == 400, (bad, refused.text)
+        assert mentioned in refused.json()["error"]["message"]["value"], refused.text
+    assert erp.client.get("/stats").json()["sap_material_documents"] == 1
 
 
 def test_canonical_lot_events_set_batch_status(erp: RunningSimulator) -> None:

@@ -60,6 +60,7 @@ from tests.conftest import (
 )
 
 READY_TEXT = "PlantSync Edge is running"
+CONFIRMATION_TYPE = "com.plantsync.edge.production.confirmation.v1"  # as ERP receives it
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
     assert sorted(by_key) == sorted(_order_id(m) for m in machines), f"{sorted(by_key)} {tag}"
     for machine in machines:
         events = by_key[_order_id(machine)]
-        confirmations = [e for e in events if e["type"] == "production.confirmation"]
+        confirmations = [e for e in events if e["type"] == CONFIRMATION_TYPE]
         state = states[f"machine:{machine}"]
         good, scrap = state["good"], state["scrap"]
         where = f"machine {machine} {tag}"
@@ -221,7 +222,7 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
                 f"out of commit order: sequence {sequence} (id {event['id']}) arrived after "
                 f"{previous_sequence}, {where}")
             previous_sequence = sequence
-            if event["type"] == "production.confirmation":
+            if event["type"] == CONFIRMATION_TYPE:
                 low = event["data"]["counter_from"]
                 assert low == previous_to, (
                     f"out of commit order: counter {low}.. (id {event['id']}, sequence "

@@ -136,7 +136,7 @@ def test_confirmations_add_up_to_the_counter_advance(
     assert scrap == plc_scrap - scrap_baseline
     assert erp_sim.stats()["duplicates"] == 0
     event = events[0]
-    assert event["type"] == "production.confirmation"
+    assert event["type"] == "com.plantsync.edge.production.confirmation.v1"  # as ERP sees it
     assert event["partitionkey"] == "1000123"
     assert event["data"]["order_id"] == "1000123"  # type: ignore[index]
     assert gateway.stop() == 0

@@ -384,7 +384,8 @@ def test_build_event_source_for_site_level_events_and_override() -> None:
 
 STORED_CONFIRMATION = (
     b'{"specversion":"1.0","id":"cbc4350b-9ee1-52dc-81d9-1cd6c01f0d7f",'
-    b'"source":"urn:plantsync:1010:press-01","type":"production.confirmation",'
+    b'"source":"urn:plantsync:1010:press-01",'
+    b'"type":"com.plantsync.edge.production.confirmation.v1",'
     b'"time":"2024-05-01T10:00:00Z","subject":"lot/L24-0815",'
     b'"datacontenttype":"application/json",'
     b'"dataschema":"urn:plantsync:schema:production.confirmation:1",'
@@ -486,13 +487,13 @@ def test_validate_event_data_checks_schema_version_and_time() -> None:
 
 def test_validate_event_data_allows_configured_units() -> None:
     data = confirmation(
-        yield_quantity=Quantity.of(5, "XBX", uom_codes={"XBX"}),
-        scrap_quantity=Quantity.of(0, "XBX", uom_codes={"XBX"}),
+        yield_quantity=Quantity.of(5, "XCR", uom_codes={"XCR"}),
+        scrap_quantity=Quantity.of(0, "XCR", uom_codes={"XCR"}),
     )
     event = wrap(data)
-    with pytest.raises(ValidationError, match="XBX"):
+    with pytest.raises(ValidationError, match="XCR"):
         validate_event_data(event)
-    assert validate_event_data(event, uom_codes=frozenset({"XBX"})) == data
+    assert validate_event_data(event, uom_codes=frozenset({"XCR"})) == data
 
 
 # ---------------------------------------------------------------------------- quantities
@@ -591,10 +592,12 @@ def test_quantity_unit_is_upper_cased() -> None:
 def test_builtin_units_cover_what_plants_use() -> None:
     expected = {
         "C62", "H87", "EA", "KGM", "GRM", "MGM", "TNE", "LTR", "MLT", "MTQ", "MTR", "CMT",
-        "MMT", "MTK", "SET", "PR", "BX", "CT", "PK", "PF", "RO", "SEC", "MIN", "HUR", "DAY",
-        "KWH", "WHR", "CEL", "FAH", "BAR", "PAL", "NEW", "KMT",
+        "MMT", "MTK", "SET", "PR", "XBX", "XCT", "XPK", "XPX", "XRO", "SEC", "MIN", "HUR",
+        "DAY", "KWH", "WHR", "CEL", "FAH", "BAR", "PAL", "NEW", "KMT",
     }  # fmt: skip
     assert expected <= BUILTIN_UOM_CODES
+    # Rec 21 package codes are no Rec 20 units (Rec 20 carries them with an X in front).
+    assert not {"BX", "CT", "CS", "PK", "BG", "BO", "DR", "PF", "RO"} & BUILTIN_UOM_CODES
     assert len(BUILTIN_UOM_CODES) >= 40
     assert isinstance(BUILTIN_UOM_CODES, frozenset)
 
@@ -764,7 +767,8 @@ def test_schemas_describe_the_wire_format() -> None:
     envelope = schemas["cloudevent.json"]
     assert envelope["properties"]["time"]["format"] == "date-time"
     assert envelope["properties"]["sequence"]["pattern"] == r"^\d{20}$"
-    assert set(envelope["properties"]["type"]["enum"]) == set(EVENT_MODELS)
+    assert set(envelope["properties"]["type"]["enum"]) == {
+        f"com.plantsync.edge.{name}.v1" for name in EVENT_MODELS}
 
 
 def test_write_schemas_is_repeatable(tmp_path: Path) -> None:

@@ -174,12 +174,13 @@ async def test_400_with_a_body_is_dead_lettered_with_that_body(
     outbox = await Outbox.open(tmp_path / "outbox.db")
     bad = confirmation(1)
     body = json.loads(bad.payload)
-    body["data"]["order_id"] = "X" * 20  # longer than SAP's 12 characters
+    for quantity in ("yield_quantity", "scrap_quantity"):  # a unit this SAP does not know
+        body["data"][quantity]["uom"] = "P1"
     await outbox.commit([OutboxEvent(bad.id, bad.type, bad.partition_key,
                                      json.dumps(body).encode(), ("erp",))])
     await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana"})
     (dead,) = await outbox.dead_letters()
-    assert dead["last_status"] == 400 and "OrderID" in dead["last_error"]
+    assert dead["last_status"] == 400 and "ISO code P1" in dead["last_error"]
     await outbox.close()
 
 

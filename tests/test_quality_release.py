@@ -191,6 +191,10 @@ destinations:
       token_url: {erp.url}/oauth/token
       client_id: {ERP_CLIENT}
       client_secret: "${{ERP_SECRET}}"
+    sap:
+      usage_decisions:
+        release: {{code: A, code_group: "01", selected_set: "01"}}
+        reject: {{code: R, code_group: "01", selected_set: "01"}}
   qms:
     base_url: {qms.url}/api/v1
     profile: qms_rest
@@ -380,7 +384,8 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
         assert trail[-1] == ("usage_decision", decided), trail
         assert [action for action, _ in trail].count("usage_decision") == 1, trail
     decisions = get_json(f"{erp.url}/_sim/sap/usage-decisions")
-    assert sorted((d["Batch"], d["InspLotUsageDecisionCode"]) for d in decisions) == [
+    assert sorted((d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"])
+                  for d in decisions) == [
         ("LOT-A", "R"), ("LOT-B", "A")]
     stats = erp.stats()
     assert stats["sap_duplicate_texts"] == 0
@@ -393,6 +398,11 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
     # The gateway: nothing dead-lettered anywhere, genealogy complete, the secret never logged.
     metrics = httpx.get(f"{api}/metrics", timeout=10).text
     assert _metric(metrics, "plantsync_outbox_dead_letters_total") == 0
+    # Renamed (a ratio says so); the old name is kept, the same value, for one release.
+    assert _metric(metrics, "plantsync_genealogy_completeness_ratio") == 1.0
+    assert _metric(metrics, "plantsync_genealogy_completeness") == 1.0
+    assert "plantsync_unassigned_production_total{" in metrics
+    assert "plantsync_unassigned_units_total{" in metrics
     status = get_json(f"{api}/status")
     assert status["quality"]["decisions"] == 2 and status["quality"]["reachable"] is True
     assert {order: figure["completeness"] for order, figure in status["genealogy"].items()} == {

@@ -191,7 +191,7 @@ class HttpForwarder:
 
     def _track(self, results: Sequence[Result]) -> None:
         """The circuit breaker and the once-down-once-back log, per request."""
-        failed = all(r.outcome is Outcome.RETRY for r in results)
+        failed = all(r.outcome is Outcome.RETRY and not r.not_ready for r in results)
         if failed:
             reason = results[0].reason
             self.health.failures += 1

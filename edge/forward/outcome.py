@@ -34,6 +34,10 @@ class Result:
     ambiguous: bool = False
     """The request may have reached the target (a timeout after sending, a 5xx): a target
     without idempotency keys must be asked before the event is sent again."""
+    not_ready: bool = False
+    """The target answered, but this event cannot be posted yet (SAP has no inspection lot for
+    the batch before its goods receipt): retried with backoff, yet no failure of the target,
+    so it neither opens the circuit breaker nor marks the destination down."""
 
 
 def delivered(status: int | None, reference: str | None = None) -> Result:

@@ -5,6 +5,7 @@ retry for all of them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from buffer.outbox import Delivery
 from edge.config import DestinationConfig
 from edge.forward.outcome import Result
 from edge.forward.session import Session
+from edge.model import event_type_of
 
 
 class Profile(ABC):
@@ -28,6 +30,25 @@ class Profile(ABC):
         """Deliver; one Result per delivery, in order."""
 
 
+def idempotency_key(value: str) -> str:
+    """An `Idempotency-Key` header value: a Structured Field String (RFC 8941 3.3.3), as
+    draft-ietf-httpapi-idempotency-key-header defines it: quoted, `\\` and `"` escaped. A
+    String holds printable ASCII only: any other id (never one the gateway derives) is sent as
+    the SHA-256 of its UTF-8, the same on every retry."""
+    if not all(" " <= char <= "~" for char in value):
+        value = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def batch_idempotency_key(event_ids: Sequence[str]) -> str:
+    """One key for a batch, of fixed length whatever its size: the SHA-256 of its ids in order
+    (a key of every id would be 37 kB at 1,000 events, and proxies refuse headers over 8 kB)."""
+    digest = hashlib.sha256("\n".join(event_ids).encode()).hexdigest()
+    return idempotency_key(f"batch-sha256:{digest}")
+
+
 def event_of(delivery: Delivery) -> dict[str, Any]:
+    """The delivery's CloudEvent as JSON data, its `type` in the short name profiles match on."""
     event: dict[str, Any] = json.loads(delivery.payload)
+    event["type"] = event_type_of(event.get("type"))
     return event

@@ -1,9 +1,10 @@
 """canonical: the CloudEvents as they are, with an `Idempotency-Key` equal to the event id.
 
 One event per POST (structured mode, `application/cloudevents+json`), or, with `batch_size`
-above 1, a JSON array per POST (`application/cloudevents-batch+json`). A receiver that answers
-a batch with a per-event list (`[{"id", "status", "reference", "error"}]`) gets each event's own
-outcome; any other 2xx counts for the whole batch.
+above 1, a JSON array per POST (`application/cloudevents-batch+json`) keyed by the SHA-256 of
+its ids. Keys are Structured Field Strings (`Idempotency-Key: "<id>"`), as the IETF draft
+says. A receiver that answers a batch with a per-event list (`[{"id", "status", "reference",
+"error"}]`) gets each event's own outcome; any other 2xx counts for the whole batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import httpx
 from buffer.outbox import Delivery
 from edge.config import DestinationConfig
 from edge.forward.outcome import BODY_LIMIT, RETRYABLE_4XX, Outcome, Result, classify, delivered
-from edge.forward.profiles.base import Profile
+from edge.forward.profiles.base import Profile, batch_idempotency_key, idempotency_key
 from edge.forward.session import Session
 
 
@@ -31,13 +32,13 @@ class CanonicalProfile(Profile):
             response = await self.session.request(
                 "POST", self.config.path, content=delivery.payload,
                 headers={"Content-Type": "application/cloudevents+json",
-                         "Idempotency-Key": delivery.event_id})
+                         "Idempotency-Key": idempotency_key(delivery.event_id)})
             return [classify(response)]
         body = b"[" + b",".join(d.payload for d in deliveries) + b"]"
         response = await self.session.request(
             "POST", self.config.batch_path or self.config.path, content=body,
             headers={"Content-Type": "application/cloudevents-batch+json",
-                     "Idempotency-Key": "batch:" + ",".join(d.event_id for d in deliveries)})
+                     "Idempotency-Key": batch_idempotency_key([d.event_id for d in deliveries])})
         whole = classify(response)
         if whole.outcome is not Outcome.DELIVERED:
             return [whole] * len(deliveries)

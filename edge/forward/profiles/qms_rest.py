@@ -12,7 +12,7 @@ from typing import Any
 
 from buffer.outbox import Delivery
 from edge.forward.outcome import Outcome, Result, classify
-from edge.forward.profiles.base import Profile, event_of
+from edge.forward.profiles.base import Profile, event_of, idempotency_key
 
 
 class QmsRestProfile(Profile):
@@ -27,7 +27,8 @@ class QmsRestProfile(Profile):
                 continue
             path, body = mapped
             response = await self.session.request(
-                "POST", path, json=body, headers={"Idempotency-Key": delivery.event_id})
+                "POST", path, json=body,
+                headers={"Idempotency-Key": idempotency_key(delivery.event_id)})
             results.append(classify(response))
         return results
 
