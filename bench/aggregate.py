@@ -40,7 +40,7 @@ def plant(machines: int) -> PlantConfig:
             "{name: state, address: 10}, {name: force, address: 20, type: float32}, "
             "{name: temp, address: 30}]}")
         rules.append(
-            f"  - {{id: {name}, signals: {{processed: {name}.good, defective: {name}.bad, "
+            f"  - {{id: {name}, signals: {{good: {name}.good, defective: {name}.bad, "
             f"state: {name}.state}}, order: {{order_id: 'O-{n}'}}, "
             "state_map: {4: Idle, 6: Execute, 11: Held}, "
             "confirm: {every_units: 100, every: 15m, on_state_change: true}, "

@@ -90,13 +90,13 @@ def write_config(directory: Path, plc_port: int, background_port: int, backgroun
 
     drivers = [driver("measured", plc_port, 1)]
     machines = [f"""
-  - {{id: measured, signals: {{processed: measured.good}},
+  - {{id: measured, signals: {{good: measured.good}},
      order: {{order_id: "{ORDER}", operation: "0010"}}, confirm: {{every_units: 1}}}}"""]
     for number in range(background):
         name = f"load-{number:02d}"
         drivers.append(driver(name, background_port, number + 2))
         machines.append(f"""
-  - {{id: {name}, signals: {{processed: {name}.good}},
+  - {{id: {name}, signals: {{good: {name}.good}},
      order: {{order_id: "{9100000 + number}", operation: "0010"}},
      confirm: {{every_units: 10, every: 5s}}}}""")
     config = directory / "plant.yaml"

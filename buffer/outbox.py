@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections import Counter
@@ -71,14 +72,10 @@ class OutboxEvent:
     priority: int = 1
 
 
-REJECTED_PAYLOAD_MAX = 1024 * 1024
-"""Bytes of a rejected input's payload an input dead letter keeps; the rest is cut."""
-
-
 @dataclass(frozen=True, slots=True)
 class RejectedInput:
     """An input a driver received but could not use, kept with the reason (input dead letter):
-    the payload as it arrived (at most `REJECTED_PAYLOAD_MAX` bytes) and the source's message
+    the payload as it arrived (at most `REJECTED_PAYLOAD_LIMIT` bytes) and the source's message
     id, so that it can be traced and run again once the config is fixed."""
 
     source: str
@@ -92,6 +89,47 @@ class RejectedInput:
     again): that row gets the new reason instead of a second row being added."""
 
 
+REJECTED_PAYLOAD_LIMIT = 16 * 1024
+"""Bytes of a rejected input's payload that are kept: enough to see what was wrong, little
+enough that a flood of large bad messages (which may hold personal data) does not fill the disk."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandAction:
+    """A change a person made by hand, for the hand-action journal (`hand_actions`).
+
+    `action` names the command (`retry`, `purge-dead`, `reingest`, `trust opcua`), `target`
+    what it touched in words (`event <id>`, `all dead letters for erp`), `who` the person
+    (`os user alice`, or `api token` for a call over the local API), `reason` why, as given
+    with `--reason`. The row also holds the time and how many things the action affected.
+    """
+
+    action: str
+    target: str
+    who: str
+    reason: str
+
+
+def _journal_hand_action(db: sqlite3.Connection, action: HandAction, affected: int) -> None:
+    db.execute("INSERT INTO hand_actions(at, action, target, who, reason, affected)"
+               " VALUES (?, ?, ?, ?, ?, ?)",
+               (time.time(), _storable(action.action), _storable(action.target),
+                _storable(action.who), _storable(action.reason), affected))
+
+
+def journal_hand_action(path: str | Path, action: HandAction, affected: int = 1) -> None:
+    """Journal a hand action in the outbox database at `path` from a process that does not
+    hold the outbox open (a CLI command that works without the daemon). SQLite's locking
+    makes it safe beside a running daemon."""
+    db = _connect(Path(path))
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        _journal_hand_action(db, action, affected)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
 def _storable(text: str) -> str:
     """`text` as SQLite can store it: a lone surrogate (a topic no broker should pass, but one
     Hypothesis found) is escaped rather than failing the whole commit."""
@@ -100,6 +138,13 @@ def _storable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+def _cut_note(rejected: RejectedInput) -> str:
+    if len(rejected.payload) <= REJECTED_PAYLOAD_LIMIT:
+        return rejected.reason
+    return (f"{rejected.reason} (payload of {len(rejected.payload)} bytes; its first "
+            f"{REJECTED_PAYLOAD_LIMIT} kept)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +267,7 @@ class Outbox:
         max_bytes: int | None = None,
     ) -> Outbox:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        keep_private(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
         opened = await loop.run_in_executor(executor, _open_checked, path)
@@ -370,8 +415,8 @@ class Outbox:
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
             for r in rejected:
-                row = (_storable(r.source), _storable(r.topic), r.payload[:REJECTED_PAYLOAD_MAX],
-                       _storable(r.reason), r.received_at,
+                row = (_storable(r.source), _storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
+                       _storable(_cut_note(r)), r.received_at,
                        None if r.message_id is None else _storable(r.message_id))
                 if r.replaces is None:
                     db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
@@ -469,16 +514,19 @@ class Outbox:
         else:
             heads[delivery.partition_key] = head
 
-    async def retry_dead(self, event_id: str | None = None, destination: str | None = None
-                         ) -> int:
+    async def retry_dead(self, event_id: str | None = None, destination: str | None = None,
+                         *, hand: HandAction | None = None) -> int:
         """Put dead letters back in line (one event, or all); returns how many. They go in
-        commit order with their key's other deliveries, and their attempts start over."""
+        commit order with their key's other deliveries, and their attempts start over. `hand`
+        is journalled in the same transaction."""
         def run(db: sqlite3.Connection) -> tuple[int, dict[str, dict[str, _Head]],
                                                  tuple[Counter[str], Counter[str]]]:
             where, args = _dead_filter(event_id, destination)
             cursor = db.execute(
                 "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_at = 0,"
                 f" dead_at = NULL WHERE state = 2{where}", args)
+            if hand is not None:
+                _journal_hand_action(db, hand, cursor.rowcount)
             return cursor.rowcount, _load_heads(db), _load_counts(db)
 
         count, self._heads, (self._pending, self._dead) = await self._submit(run, 1)
@@ -487,9 +535,10 @@ class Outbox:
             self._notify()
         return int(count)
 
-    async def purge_dead(self, event_id: str | None = None, destination: str | None = None
-                         ) -> int:
-        """Delete dead letters for good (one event, or all); returns how many."""
+    async def purge_dead(self, event_id: str | None = None, destination: str | None = None,
+                         *, hand: HandAction | None = None) -> int:
+        """Delete dead letters for good (one event, or all); returns how many. `hand` is
+        journalled in the same transaction."""
         def run(db: sqlite3.Connection) -> list[tuple[int, str]]:
             where, args = _dead_filter(event_id, destination)
             found: list[tuple[int, str]] = db.execute(
@@ -499,6 +548,8 @@ class Outbox:
                            found)
             for seq, _ in found:
                 _drop_if_done(db, seq)
+            if hand is not None:
+                _journal_hand_action(db, hand, len(found))
             return found
 
         purged = await self._submit(run, 1)
@@ -506,9 +557,14 @@ class Outbox:
             self._dead[name] -= 1
         return len(purged)
 
+    async def record_hand_action(self, action: HandAction, affected: int = 1) -> None:
+        """Journal a hand action that changed nothing in the outbox itself (a trusted
+        certificate); one that does should journal in its own transaction (`hand=`)."""
+        await self._submit(lambda db: _journal_hand_action(db, action, affected), 1)
+
     async def prune(self, retention: float, now: float | None = None) -> int:
-        """Forget journal rows, remembered ids and input dead letters older than `retention`
-        seconds."""
+        """Forget journal rows, remembered ids, input dead letters and hand actions older
+        than `retention` seconds."""
         cutoff = (time.time() if now is None else now) - retention
 
         def run(db: sqlite3.Connection) -> int:
@@ -516,6 +572,7 @@ class Outbox:
             db.execute("DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN"
                        " (SELECT id FROM events)", (cutoff,))
             db.execute("DELETE FROM rejected_inputs WHERE received_at < ?", (cutoff,))
+            db.execute("DELETE FROM hand_actions WHERE at < ?", (cutoff,))
             return int(pruned)
 
         return int(await self._submit(run, 1))
@@ -633,6 +690,30 @@ class Outbox:
         source, topic, payload, reason, received_at, message_id = row
         return RejectedInput(source, topic, payload, reason, received_at, message_id,
                              replaces=number)
+
+    async def rejected_count(self) -> dict[str, int]:
+        """Input dead letters held, per source (driver)."""
+        return dict(await self._read(lambda db: db.execute(
+            "SELECT source, COUNT(*) FROM rejected_inputs GROUP BY source").fetchall()))
+
+    async def hand_actions(self, since: float = 0.0, limit: int = 100
+                           ) -> list[dict[str, Any]]:
+        """The hand-action journal, oldest first."""
+        return await self._read(lambda db: _dicts(db.execute(
+            "SELECT at, action, target, who, reason, affected FROM hand_actions"
+            " WHERE at >= ? ORDER BY id LIMIT ?", (since, limit))))
+
+    async def event_state(self, event_id: str) -> dict[str, str]:
+        """Per destination, where an event stands: `pending`, `dead` or `delivered`."""
+        def run(db: sqlite3.Connection) -> dict[str, str]:
+            found = {name: "delivered" for (name,) in db.execute(
+                "SELECT destination FROM journal WHERE event_id = ?", (event_id,))}
+            found |= {name: ("dead" if state == DEAD else "pending") for name, state in
+                      db.execute("SELECT d.destination, d.state FROM deliveries d JOIN events e"
+                                 " ON e.seq = d.event_seq WHERE e.id = ?", (event_id,))}
+            return found
+
+        return await self._read(run)
 
     async def deliveries(self, *, destination: str | None = None, state: str = "pending",
                          limit: int = 100) -> list[dict[str, Any]]:
@@ -846,6 +927,27 @@ DAMAGED_MARK = ".damaged"
 """Suffix of the file that marks a database found damaged while in use."""
 
 
+def keep_private(path: Path) -> None:
+    """The database holds event payloads and raw MES messages: its directory is made 0700 when
+    it is created here, and the files are 0600 whatever the umask (SQLite gives the -wal and
+    -shm files the mode of the database file). An existing directory others can read is not
+    changed (it may be shared, like /tmp), only reported."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
+    elif directory.stat().st_mode & 0o077:
+        log.warning("The outbox's directory %s can be read by others (mode %04o): the "
+                    "database holds event payloads and raw MES messages; make it 0700",
+                    directory, directory.stat().st_mode & 0o7777)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            file = Path(f"{path}{suffix}")
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
@@ -924,6 +1026,7 @@ def _open_checked(path: Path) -> _Opened:
         log.critical("The outbox database %s is damaged (%s); it was moved to %s and a fresh "
                      "one was created. Events it held were not delivered: recover them from "
                      "the moved file", path, exc, aside)
+        keep_private(path)
         opened = _load(path)
         opened.recovered_from = f"{aside} ({exc})"
         return opened

@@ -86,7 +86,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
     ),
     (
-        # 5: facts about this database itself. `epoch` is random and made with the database
+        # 5: the hand-action journal: every change a person made by hand (retry, purge,
+        # reingest, trust), with who and why, for the audit.
+        """CREATE TABLE hand_actions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            who TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            affected INTEGER NOT NULL
+        )""",
+        "CREATE INDEX hand_actions_by_time ON hand_actions(at)",
+    ),
+    (
+        # 6: facts about this database itself. `epoch` is random and made with the database
         # (or with this migration, for a database made before it): the event ids the gateway
         # derives from its own state carry it, so a database moved aside as damaged, or
         # deleted, never lets a new one reissue an id that was delivered before.
@@ -97,7 +111,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "INSERT INTO outbox_meta(key, value) VALUES ('epoch', lower(hex(randomblob(8))))",
     ),
     (
-        # 6: an input dead letter keeps the MES message id, so a rejected message can be
+        # 7: an input dead letter keeps the MES message id, so a rejected message can be
         # traced, and re-run (`outbox reingest`) once the config is fixed.
         "ALTER TABLE rejected_inputs ADD COLUMN message_id TEXT",
         "CREATE INDEX rejected_inputs_by_message ON rejected_inputs(message_id)",

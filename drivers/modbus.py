@@ -70,6 +70,7 @@ from drivers.base import (
     Sample,
     SampleSink,
     TagValue,
+    honour_cancellation,
     unique_names,
 )
 from edge.timing import Backoff, Duration, parse_duration
@@ -730,11 +731,7 @@ async def _open(
         connected = await client.connect()
     except (ModbusException, OSError) as exc:
         return f"connection failed ({exc})"
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        # Python 3.11's wait_for (inside pymodbus's connect) can swallow a cancellation that
-        # arrives as the connection completes: honour it here, or a stop would hang.
-        raise asyncio.CancelledError
+    honour_cancellation()  # pymodbus's connect may have swallowed a stop (Python 3.11)
     if connected:
         return None
     # pymodbus reports a failed connect as False and logs the cause itself.
@@ -1084,6 +1081,8 @@ class ModbusDriver(Driver):
         except (ModbusException, OSError) as exc:
             connection.drop(_request_failure(exc, self.config.timeout, self.config.retries))
             return None
+        finally:
+            honour_cancellation()  # pymodbus's wait_for may have swallowed a stop (Python 3.11)
         self.health.connected = True  # it answered: even an exception is an answer
         return response
 

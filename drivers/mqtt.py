@@ -519,6 +519,12 @@ class MqttConfig(BaseModel):
         description="Password for broker authentication; write `${ENV_VAR}`, never the password.",
     )
     tls: MqttTls | None = Field(default=None, description="TLS settings; plain TCP when omitted.")
+    allow_insecure: bool = Field(
+        default=False,
+        description="Accept sending the password without TLS to a broker off this box (it "
+        "crosses the network in cleartext); warned about at every start. Without it, such a "
+        "config is refused.",
+    )
     max_payload: ByteSize = Field(
         default=ByteSize(256 * 1024),
         gt=0,

@@ -6,33 +6,54 @@ the daemon: there is no second set of counters to keep in step, and no package-l
 state. `/healthz` says the process answers; `/readyz` says it does its job: the outbox open and
 taking input, every driver connected, every destination delivering or buffering within
 `api.ready_max_backlog_age`; it names each reason when it is not. Nothing it answers carries a
-secret: every body is scrubbed of the config's secret values.
+secret: every body is scrubbed of the config's secret values. The outbox's counts are read when
+`/metrics`, `/status` or `/readyz` answer, so none lags behind a purge or a delivery.
+
+Who may call what, how large and how slow a request may be, and how many connections the API
+holds are `edge/api_guard.py`'s business; a lot id is checked against the canonical model here
+before it goes anywhere.
 """
 
 from __future__ import annotations
 
 import contextlib
-import secrets
+import json
+import logging
 import time
 import typing
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from buffer.outbox import DestinationCounts
 from drivers.base import finite_json
-from edge.operations import CHANGES, Operation, perform
+from edge.api_guard import ApiGuard, ApiServerConfig, Asgi
+from edge.model import LotDisposition
+from edge.operations import (
+    API_TOKEN_WHO,
+    CHANGE_PATHS,
+    CLI_USER_HEADER,
+    NotFound,
+    Operation,
+    OperationError,
+    perform,
+)
 from edge.secrets import scrub
+from edge.terminal import printable
 
 if TYPE_CHECKING:
     from edge.daemon import Gateway
+
+log = logging.getLogger(__name__)
 
 
 class GatewayCollector(Collector):
@@ -139,7 +160,10 @@ class GatewayCollector(Collector):
         oldest = GaugeMetricFamily("plantsync_outbox_oldest_pending_seconds",
                                    "Age of the oldest pending delivery",
                                    labels=["destination"])
-        for destination, counts in sorted(gw.outbox_counts.items()):
+        # Every configured destination has its series, at 0 too: a series that vanishes
+        # when the outbox empties reads as "no data", not "nothing owed".
+        held = {name: DestinationCounts() for name in gw.config.destinations}
+        for destination, counts in sorted((held | gw.outbox_counts).items()):
             depth.add_metric([destination, "pending"], counts.pending)
             depth.add_metric([destination, "retrying"], counts.retrying)
             depth.add_metric([destination, "dead"], counts.dead)
@@ -193,7 +217,7 @@ class GatewayCollector(Collector):
                                 value=0.0 if gw.outbox.integrity_problem is None else 1.0)
 
 
-def create_app(gateway: Gateway) -> Starlette:
+def create_app(gateway: Gateway) -> Asgi:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(GatewayCollector(gateway))
 
@@ -204,15 +228,18 @@ def create_app(gateway: Gateway) -> Starlette:
         return answer({"status": "alive", "phase": str(gateway.phase)})
 
     async def readyz(request: Request) -> Response:
+        await gateway.refresh_counts()
         reasons = gateway.not_ready_reasons()
         return answer({"ready": not reasons, "reasons": reasons,
                        "degraded": gateway.degraded(), "alarms": gateway.alarms()},
                       status_code=503 if reasons else 200)
 
     async def status(request: Request) -> Response:
+        await gateway.refresh_counts()
         return answer(gateway.status())
 
     async def metrics(request: Request) -> Response:
+        await gateway.refresh_counts()
         text = scrub(generate_latest(registry).decode(), gateway.secrets)
         return Response(text.encode(), media_type=CONTENT_TYPE_LATEST)
 
@@ -220,28 +247,58 @@ def create_app(gateway: Gateway) -> Starlette:
         operation = request.path_params["operation"]
         if operation not in typing.get_args(Operation):
             return JSONResponse({"error": f"unknown operation {operation!r}"}, status_code=404)
-        if operation in CHANGES:
-            offered = request.headers.get("Authorization", "").removeprefix("Bearer ")
-            if not secrets.compare_digest(offered.encode(), gateway.api_token.encode()):
-                return JSONResponse({"error": "this call changes the outbox: it needs the API "
-                                     "token (Authorization: Bearer ...)"}, status_code=401)
+        # The token was checked by the guard where it is needed; the OS user is what the CLI
+        # says, journalled as such.
+        claimed = request.headers.get(CLI_USER_HEADER)
+        who = API_TOKEN_WHO + (f" ({printable(claimed[:100])}, as the CLI says)"
+                               if claimed else "")
         try:
-            args = await request.json() if await request.body() else {}
+            args = json.loads(await request.body() or b"{}")
             if not isinstance(args, dict):
-                raise ValueError("the body must be a JSON object")
-            result = await perform(gateway.outbox, operation, args, pipeline=gateway.pipeline)
-        except (ValueError, KeyError) as exc:
+                raise OperationError("the body must be a JSON object")
+            result = await perform(gateway.outbox, operation, args, who,
+                                   pipeline=gateway.pipeline)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
+        except OperationError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except NotFound as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
         return answer(result)
 
     async def lot(request: Request) -> Response:
-        return answer(await gateway.quality.lot_status(request.path_params["lot_id"]))
+        lot_id = request.path_params["lot_id"]
+        problem = lot_id_problem(lot_id)
+        if problem is not None:
+            return JSONResponse({"error": problem}, status_code=400)
+        return answer(await gateway.quality.lot_status(lot_id))
 
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
         Route("/metrics", metrics), Route("/outbox/{operation}", outbox, methods=["POST"]),
         Route("/lots/{lot_id:path}", lot),
     ])
+    return ApiGuard(app, token=lambda: gateway.api_token, changes=CHANGE_PATHS,
+                    on_loopback=gateway.config.api.on_loopback)
+
+
+_LOT_ID: TypeAdapter[str] = TypeAdapter(
+    Annotated[str, LotDisposition.model_fields["lot_id"]])  # the canonical model's rule
+
+
+def lot_id_problem(lot_id: str) -> str | None:
+    """Why `lot_id` cannot be a lot number of the canonical model, or None when it can. Checked
+    before the id goes anywhere (the outbox, the QMS)."""
+    try:
+        _LOT_ID.validate_python(lot_id)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        if error["type"] == "string_too_long":
+            return (f"lot_id is {len(lot_id)} characters long; a lot number has at most "
+                    f"{error['ctx']['max_length']}")
+        return (f"lot_id {printable(lot_id[:80])!r} is not a lot number: it must start with a "
+                "letter or digit and hold only letters, digits and . _ : / -")
+    return None
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -254,6 +311,12 @@ class EmbeddedServer(uvicorn.Server):
 
 def make_server(gateway: Gateway) -> EmbeddedServer:
     api = gateway.config.api
-    config = uvicorn.Config(create_app(gateway), host=api.host, port=api.port,
-                            log_level="warning", access_log=False, lifespan="off")
+    if not api.on_loopback:
+        log.warning("The local API listens off loopback, on %s: every call but /healthz, "
+                    "/readyz and /metrics needs the token (Authorization: Bearer ...)",
+                    api.listen)
+    config = ApiServerConfig(create_app(gateway), host=api.host, port=api.port,
+                             max_connections=api.max_connections,
+                             request_timeout=api.request_timeout,
+                             log_level="warning", access_log=False, lifespan="off")
     return EmbeddedServer(config)

@@ -1,18 +1,30 @@
 """`plantsync`: run the gateway, check a config, show its status, export schemas, start
-simulators, run the demo."""
+simulators, run the demo.
+
+Exit status, for every command: 0 done, 1 refused (an invalid config, a call the daemon turned
+down, nothing found), 2 a wrong command line. `--help` works on every command, including those
+that hand their options on (`sim`, `probe`, `browse`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.config import ConfigError, PlantConfig, config_warnings, load_config
+from edge.config import (
+    ConfigError,
+    PlantConfig,
+    config_warnings,
+    fully_validated,
+    load_config,
+    unresolved_references,
+)
 from edge.logs import setup_logging
 from edge.secrets import exposed_secrets
 
@@ -21,16 +33,27 @@ log = logging.getLogger("plantsync")
 SIMULATORS = ("modbus", "erp", "qms", "opcua", "mes", "scenario")
 
 
+PASS_ON = {"sim": "simulator", "probe": "protocol", "browse": "protocol"}
+"""Commands whose options after the first name belong to the tool they start."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command not in ("sim", "probe", "browse") and rest:
+    if args.command not in PASS_ON and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in PASS_ON and getattr(args, PASS_ON[args.command]) is None:
+        command = _subparser(parser, args.command)
+        if rest and rest[0] in ("-h", "--help"):
+            command.print_help()
+            return 0
+        command.error(f"say which {PASS_ON[args.command]}: "
+                      f"{', '.join(_choices(command, PASS_ON[args.command]))}")
     match args.command:
         case "run":
             return _run(args)
         case "check":
-            return _check(args.config)
+            return _check(args.config, offline=args.offline)
         case "schema":
             return _schema(args.out)
         case "sim":
@@ -71,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config file; exit 1 if invalid")
     check.add_argument("--config", "-c", required=True, type=Path)
+    check.add_argument("--offline", action="store_true",
+                       help="check everything but the values of ${ENV}, ${file:...} and "
+                       "${cred:...} references, which are not resolved (for a shell without "
+                       "the plant's secrets; the unit's ExecStartPre checks in full)")
 
     schema = commands.add_parser("schema", help="write the JSON Schemas of the events")
     schema.add_argument("--out", "-o", type=Path, default=Path("schemas"),
@@ -80,15 +107,15 @@ def _parser() -> argparse.ArgumentParser:
                               "mes (MQTT publisher), erp (ERP API), qms (QMS API), or a whole "
                               "plant from a scenario file (scenario FILE); options after the "
                               "name go to the simulator (try --help)", add_help=False)
-    sim.add_argument("simulator", choices=SIMULATORS)
+    sim.add_argument("simulator", choices=SIMULATORS, nargs="?")
 
     probe = commands.add_parser("probe", help="read a Modbus block and show it decoded in every "
                                 "type and byte order (try: probe modbus --help)", add_help=False)
-    probe.add_argument("protocol", choices=("modbus",))
+    probe.add_argument("protocol", choices=("modbus",), nargs="?")
 
     browse = commands.add_parser("browse", help="print an OPC UA server's address space "
                                  "(try: browse opcua --help)", add_help=False)
-    browse.add_argument("protocol", choices=("opcua",))
+    browse.add_argument("protocol", choices=("opcua",), nargs="?")
 
     doctor = commands.add_parser(
         "doctor", help="check a peer the gateway relies on: doctor mqtt reads the broker's "
@@ -127,9 +154,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(path: Path) -> int:
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise KeyError(name)  # pragma: no cover - names come from PASS_ON
+
+
+def _choices(parser: argparse.ArgumentParser, dest: str) -> list[str]:
+    return next(list(a.choices or ()) for a in parser._actions if a.dest == dest)
+
+
+def _check(path: Path, *, offline: bool = False) -> int:
     try:
-        config = load_config(path)
+        config = load_config(path, offline=offline)
+        unresolved = unresolved_references(path) if offline else []
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -140,10 +180,34 @@ def _check(path: Path) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for doubt in config_warnings(config):
         print(f"warning: {doubt}", file=sys.stderr)
-    print(f"{path}: OK (site {config.site}: {_plural(len(config.drivers), 'driver')}, "
-          f"{_plural(len(config.machines), 'machine')}, "
-          f"{_plural(len(config.destinations), 'destination')})")
+    summary = (f"site {config.site}: {_plural(len(config.drivers), 'driver')}, "
+               f"{_plural(len(config.machines), 'machine')}, "
+               f"{_plural(len(config.destinations), 'destination')}")
+    if offline:
+        left = (f"; not resolved, so not checked: {', '.join(unresolved)}" if unresolved
+                else "")
+        if not fully_validated(config):
+            left += ("; cross references not checked, as a section with an unresolved "
+                     "reference cannot be built without its value")
+        print(f"{path}: OK offline ({summary}{left})")
+    else:
+        print(f"{path}: OK ({summary})")
+    _explain_machines(config)
     return 0
+
+
+def _explain_machines(config: PlantConfig) -> None:
+    """What each machine's counters make of yield and scrap, and how long its state changes
+    wait for them: the choices a technician should see before ERP books anything."""
+    from edge.aggregate import settle_for
+
+    for machine in config.machines:
+        waits = ""
+        if machine.signals.state is not None:
+            waits = f"; state changes wait {settle_for(config, machine):g}s for the counters"
+        print(f"  machine {machine.id}: {machine.signals.counting()}{waits}")
+        if note := machine.signals.migration_note():
+            print(f"    note: {note}")
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -205,22 +269,23 @@ def _schema(out: Path) -> int:
 
 
 def _sim(name: str, rest: list[str]) -> int:
+    prog = f"plantsync sim {name}"
     match name:
         case "modbus":
             from simulators import modbus_plc
-            return modbus_plc.main(rest)
+            return modbus_plc.main(rest, prog)
         case "erp":
             from simulators import erp_api
-            return erp_api.main(rest)
+            return erp_api.main(rest, prog)
         case "opcua":
             from simulators import opcua_machine
-            return opcua_machine.main(rest)
+            return opcua_machine.main(rest, prog)
         case "mes":
             from simulators import mes_publisher
             return mes_publisher.main(rest)
         case "qms":
             from simulators import qms_api
-            return qms_api.main(rest)
+            return qms_api.main(rest, prog)
         case "scenario":
             from simulators import scenario
             return scenario.main(rest)
@@ -228,6 +293,9 @@ def _sim(name: str, rest: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # What the daemon writes (the outbox, the API token) is for its own user: without the
+    # unit's UMask= too, when someone runs it by hand.
+    os.umask(0o077)
     setup_logging(args.log_format, args.log_level)
     try:
         config = load_config(args.config)

@@ -11,14 +11,17 @@ reading the file: an unreachable device is the drivers' business, at run time.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import types
 import typing
 import zoneinfo
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -57,16 +60,28 @@ class ApiConfig(Strict):
     listen: str = Field(
         "127.0.0.1:8470",
         description="host:port of the local API (/healthz, /readyz, /metrics). Loopback by "
-        "default: the API is for this box and its plant systems, not the internet.",
+        "default: the API is for this box and its plant systems, not the internet. Off "
+        "loopback (e.g. 0.0.0.0:8470), every endpoint but /healthz, /readyz and /metrics needs "
+        "the token, and the daemon refuses to start without a configured one.",
         pattern=r"^[^:\s]+:\d{1,5}$",
     )
     token: SecretStr | None = Field(
         None,
-        description="Token that API calls which change something (retry, purge) must carry "
-        "as `Authorization: Bearer ...`. Without one, the daemon makes a random token at each "
-        "start and writes it to data_dir/api-token (readable by its user only), where the "
-        "plantsync CLI on this box finds it.",
+        description="Token that API calls must carry as `Authorization: Bearer ...`: calls "
+        "that change something (retry, purge) always, and every call but /healthz, /readyz "
+        "and /metrics when the API listens off loopback. Without one, the daemon makes a "
+        "random token at each start and writes it to data_dir/api-token (readable by its user "
+        "only), where the plantsync CLI on this box finds it; off loopback, set one.",
     )
+    max_connections: int = Field(
+        64, ge=4, le=1000, description="Most connections the local API holds at once. At the "
+        "limit, the connection that has waited longest for its request is closed to make "
+        "room, so a flood of idle or slow clients cannot shut out /healthz. Keep it well "
+        "below the file limit (LimitNOFILE= in the unit).")
+    request_timeout: Duration = Field(
+        10.0, gt=0, description="Longest a client may take to send a whole request (headers "
+        "and body) once connected, or after its previous answer: a slower one is closed "
+        "(408), so trickling clients cannot hold connections open.")
 
     @property
     def host(self) -> str:
@@ -76,6 +91,10 @@ class ApiConfig(Strict):
     def port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
 
+    @property
+    def on_loopback(self) -> bool:
+        """True when only this box can reach the API (127.0.0.0/8, ::1, localhost)."""
+        return is_loopback_host(self.host)
 
     ready_max_backlog_age: Duration = Field(
         600.0, description="/readyz says not ready when a destination's oldest pending delivery "
@@ -85,6 +104,28 @@ class ApiConfig(Strict):
     @classmethod
     def _empty_is_none(cls, token: SecretStr | None) -> SecretStr | None:
         return token if token is not None and token.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> ApiConfig:
+        if not self.on_loopback and self.token is None:
+            raise ValueError(
+                f"listen {self.listen!r} is not a loopback address, so every call but "
+                "/healthz, /readyz and /metrics needs a token, and none is set: add "
+                "api.token (e.g. token: \"${file:/etc/plantsync/api-token}\" with a long "
+                "random value in that file, mode 0600), or listen on 127.0.0.1")
+        return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """Lexically: an IP address in the loopback range, or `localhost` (no name lookup: config
+    validation does no I/O)."""
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
+            ".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class OutboxConfig(Strict):
@@ -131,14 +172,24 @@ PackMLState = Literal[
 
 
 class MachineSignals(Strict):
-    processed: str = Field(
-        description="`driver.tag` of the accumulating good-count counter.",
-        pattern=SIGNAL_PATTERN,
-        examples=["press-01.good"],
+    """Which tags say what the machine counts and what state it is in. Name each counter for
+    what it counts: `good` (good units only), `processed` (every unit processed, good and
+    defective: PackML's ProdProcessedCount), `defective` (PackML's ProdDefectiveCount). Two of
+    them say it all: yield is `good`, or `processed` - `defective`; scrap is `defective`, or
+    `processed` - `good`."""
+
+    good: str | None = Field(
+        None, description="`driver.tag` of the accumulating counter of good units.",
+        pattern=SIGNAL_PATTERN, examples=["press-01.good"],
+    )
+    processed: str | None = Field(
+        None, description="`driver.tag` of the accumulating counter of every unit processed, "
+        "good and defective alike (PackML ProdProcessedCount): yield = processed - defective.",
+        pattern=SIGNAL_PATTERN, examples=["filler-02.processed"],
     )
     defective: str | None = Field(
-        None, description="`driver.tag` of the accumulating scrap counter.",
-        pattern=SIGNAL_PATTERN,
+        None, description="`driver.tag` of the accumulating counter of defective (scrap) units "
+        "(PackML ProdDefectiveCount).", pattern=SIGNAL_PATTERN,
     )
     state: str | None = Field(
         None, description="`driver.tag` of the numeric machine state (needs state_map).",
@@ -149,10 +200,48 @@ class MachineSignals(Strict):
         "machine stops.", pattern=SIGNAL_PATTERN,
     )
 
+    @model_validator(mode="after")
+    def _counts_something(self) -> MachineSignals:
+        if self.good is None and self.processed is None:
+            raise ValueError("name the machine's counter: good (good units only) or processed "
+                             "(good and defective units, as PackML's ProdProcessedCount counts)")
+        if self.good is not None and self.processed is not None and self.defective is not None:
+            raise ValueError("good, processed and defective: name two of them, the third "
+                             "follows (processed = good + defective)")
+        return self
+
+    @property
+    def counters(self) -> dict[str, str]:
+        """The counter signals by what they count: `good`, `processed`, `defective`."""
+        named = {"good": self.good, "processed": self.processed, "defective": self.defective}
+        return {what: signal for what, signal in named.items() if signal is not None}
+
+    def counting(self) -> str:
+        """How yield and scrap follow from these counters, in words (for `check` and logs)."""
+        if self.good is not None:
+            scrap = (f"defective ({self.defective})" if self.defective else
+                     f"processed - good ({self.processed} - {self.good})" if self.processed else
+                     "0 (no defective counter)")
+            return f"yield = good ({self.good}); scrap = {scrap}"
+        if self.defective is None:
+            return f"yield = processed ({self.processed}); scrap = 0 (no defective counter)"
+        return (f"yield = processed - defective ({self.processed} - {self.defective}); "
+                f"scrap = defective ({self.defective})")
+
+    def migration_note(self) -> str | None:
+        """For the one combination whose meaning changed when counters were named for what
+        they count: `processed` with `defective` used to confirm processed as yield."""
+        if self.good is not None or self.processed is None or self.defective is None:
+            return None
+        return (f"{self.processed} must count good and defective units, as PackML's "
+                "ProdProcessedCount does. Before counters were named for what they count, "
+                "`processed` meant good units only: if it counts only those, name it `good`")
+
 
 class ConfirmPolicy(Strict):
     every_units: int | None = Field(
-        100, ge=1, description="Confirm each time this many good units have been counted."
+        100, ge=1, description="Confirm each time this many units have been counted (good "
+        "units; processed units where the machine counts processed)."
     )
     every: Duration | None = Field(
         None,
@@ -223,6 +312,12 @@ class MachineConfig(Strict):
     )
     debounce: Duration = Field(
         0.0, description="A state must last this long to count; shorter ones are ignored.")
+    settle: Duration | None = Field(
+        None, description="How long a state change waits for the counters' last readings "
+        "(OPC UA samples each tag on its own timer, so the count of the last units before "
+        "Complete can arrive after Complete): what the counters read meanwhile counts before "
+        "the change. Unset: the OPC UA publishing interval plus the counters' sampling "
+        "interval; 0 when one Modbus poll reads the counters with the state.")
     stop_reasons: dict[int, str] = Field(
         default_factory=dict, description="Stop reason codes to text, for interruptions and "
         "downtime.")
@@ -390,6 +485,10 @@ class DestinationConfig(Strict):
         None, gt=0, description="Most events per second sent to this target (none: no limit).")
     auth: Auth = Field(default_factory=NoAuth)
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
+    allow_insecure: bool = Field(
+        False, description="Accept sending this destination's credentials (token, API key, "
+        "OAuth client secret) over plain http:// to a host off this box, where anyone on the "
+        "path reads them; warned about at every start. Without it, such a config is refused.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
     sap: SapConfig = Field(default_factory=SapConfig)  # type: ignore[arg-type]
@@ -463,6 +562,10 @@ class PlantConfig(Strict):
     def database_path(self) -> Path:
         return self.data_dir / "outbox.db"
 
+    @property
+    def local_access(self) -> LocalAccess:
+        return LocalAccess(self.api, self.data_dir, self.site)
+
     def destinations_for(self, event_type: str) -> list[str]:
         return self.routes.get(event_type, [])
 
@@ -492,10 +595,14 @@ _ENV_REF = re.compile(r"\$\{(?:(cred|file):([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-
 class _Document:
     """YAML turned into plain data, remembering the line of each key and list item."""
 
-    def __init__(self, text: str, environ: Mapping[str, str]) -> None:
+    def __init__(self, text: str, environ: Mapping[str, str], *, offline: bool = False
+                 ) -> None:
         self.lines: dict[Loc, int] = {}
         self.problems: list[_Problem] = []
+        self.unresolved: dict[Loc, list[str]] = {}
+        """Offline: the references left unresolved, by where they are."""
         self._environ = environ
+        self._offline = offline
         self._scalars = yaml.SafeLoader("")
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         self.data: Any = {} if root is None else self._build(root, ())
@@ -505,8 +612,14 @@ class _Document:
         if isinstance(node, yaml.MappingNode):
             mapping: dict[str, Any] = {}
             for key_node, value_node in node.value:
-                key = self._scalars.construct_object(key_node)
-                key = str(key)
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    child = (*loc, "<<")
+                    self.lines[child] = key_node.start_mark.line + 1
+                    self.problems.append(_Problem(child, "YAML merge keys (<<: *name) are not "
+                                                  "supported: write the settings out in full "
+                                                  "(an anchor may still stand for a whole value)"))
+                    continue
+                key = str(self._scalars.construct_object(key_node))
                 child = (*loc, key)
                 self.lines[child] = key_node.start_mark.line + 1
                 if key in mapping:
@@ -527,6 +640,11 @@ class _Document:
     def _substitute(self, text: str, loc: Loc) -> str:
         def replace(match: re.Match[str]) -> str:
             kind, where, name, default = match.groups()
+            if self._offline:
+                if default is not None:
+                    return default
+                self.unresolved.setdefault(loc, []).append(match.group(0))
+                return OFFLINE_PLACEHOLDER
             if kind is not None:
                 return self._read_secret(kind, where, loc)
             if name in self._environ:
@@ -704,6 +822,11 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
         for j, limit in enumerate(machine.limits):
             yield from unknown_signal(limit.signal, (*at, "limits", j, "signal"))
             yield from unknown_uom(limit.uom, (*at, "limits", j, "uom"))
+    for loc, what, host in cleartext_secrets(config):
+        if not _allows_insecure(config, loc):
+            yield _Problem(loc, f"{what} would cross the network in cleartext to {host}: use "
+                           "TLS (https://, or tls: for a broker), or set allow_insecure: true "
+                           "in this section if the network is trusted")
     qms = config.quality.qms
     if qms is not None and (destination := config.destinations.get(qms)) is None:
         yield _Problem(("quality", "qms"), f"no destination named {qms!r} under destinations")
@@ -820,25 +943,105 @@ def _rec20_units(data: Any) -> Iterator[tuple[Loc, str]]:
                 units[REC21_PACKAGE_CODES[code]] = units.pop(code)
 
 
-def parse_config(
-    text: str, filename: str = "<config>", environ: Mapping[str, str] | None = None
-) -> PlantConfig:
-    """Validate YAML text; raise ConfigError with every problem, one line each."""
+OFFLINE_PLACEHOLDER = "offline-unresolved"
+"""What `check --offline` puts where a `${...}` reference would be resolved."""
+
+
+def _read_document(text: str, filename: str, environ: Mapping[str, str], *,
+                   offline: bool) -> _Document:
+    """The YAML as a document, or ConfigError with one line: file:line and what to do, in
+    plain words rather than the parser's."""
     try:
-        document = _Document(text, os.environ if environ is None else environ)
+        return _Document(text, environ, offline=offline)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{filename}:{line}: (file): not valid YAML: "
-                           f"{exc.problem or exc}"]) from None
+        raise ConfigError([f"{filename}:{line}: (file): {_yaml_hint(exc, text)}"]) from None
     except yaml.YAMLError as exc:  # e.g. a control character the reader refuses
         position = getattr(exc, "position", None)
         line = text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
         reason = str(getattr(exc, "reason", None) or exc).splitlines()[0]
-        raise ConfigError([f"{filename}:{line}: (file): not valid YAML: {reason}"]) from None
+        raise ConfigError([f"{filename}:{line}: (file): a character YAML does not allow "
+                           f"({reason}): remove it or put the value in quotes"]) from None
     except RecursionError:
-        raise ConfigError([f"{filename}:1: (file): not valid YAML: anchors nested too deep "
-                           "(a recursive alias?)"]) from None
+        raise ConfigError([f"{filename}:1: (file): anchors nested too deep (an alias that "
+                           "refers to itself?)"]) from None
+
+
+_INI_SECTION = re.compile(r"^\s*\[[^\]]+\]\s*$")
+_INI_SETTING = re.compile(r"^\s*[\w.-]+\s*=")
+
+
+def _yaml_hint(exc: yaml.MarkedYAMLError, text: str) -> str:
+    """What a YAML syntax error most likely means, for someone editing the file by hand."""
+    problem = str(exc.problem or "")
+    lines = [line for line in text.splitlines() if line.strip() and not
+             line.lstrip().startswith(("#", ";"))]
+    if lines and _INI_SECTION.match(lines[0]) and any(_INI_SETTING.match(x) for x in lines):
+        return ("this looks like an INI file ([section], key = value), but the config is "
+                "YAML (key: value, sections by indentation): start from "
+                "config/plant.example.yaml")
+    if "'\\t'" in problem or "\t" in problem:
+        return "a tab character: YAML indents with spaces only; replace the tab with spaces"
+    if "mapping values are not allowed" in problem:
+        return ("a 'key:' where none can start: the line is indented deeper than its "
+                "section's keys, or a value holds ': ' (put such a value in quotes)")
+    if "expected <block end>" in problem or "did not find expected key" in problem or (
+            "expected <block mapping start>" in problem):
+        return ("the indentation does not line up: keys of one section start in the same "
+                "column, list items (- ...) too, with spaces only")
+    if "end of stream" in problem and "quoted" in str(exc.context or ""):
+        start = exc.context_mark.line + 1 if exc.context_mark else None
+        return ("a quote is never closed" + (f" (it opens on line {start})" if start else "")
+                + ": close it, or drop the quotes")
+    if "found undefined alias" in problem:
+        return f"{problem}: define the anchor (&name) before its use (*name)"
+    return f"not valid YAML here ({problem or exc}); compare with config/plant.example.yaml"
+
+
+def cleartext_secrets(config: PlantConfig) -> Iterator[tuple[Loc, str, str]]:
+    """Secrets the config would send without TLS to a host off this box: where, what, to
+    which host. (On loopback, nothing crosses a network.)"""
+    for i, driver in enumerate(config.drivers):
+        if isinstance(driver, MqttConfig) and driver.password is not None and (
+                driver.tls is None and not is_loopback_host(driver.host)):
+            yield (("drivers", i, "password"), f"driver {driver.name}'s MQTT password",
+                   driver.host)
+    for name, destination in config.destinations.items():
+        if not isinstance(destination, DestinationConfig):
+            continue  # offline, not built (see fully_validated)
+        auth = destination.auth
+        at: Loc = ("destinations", name)
+        base = urlsplit(destination.base_url)
+        if not isinstance(auth, NoAuth) and base.scheme == "http" and not is_loopback_host(
+                base.hostname or ""):
+            yield ((*at, "base_url"), f"destination {name}'s {auth.type} credentials",
+                   base.hostname or "?")
+        if isinstance(auth, OAuth2ClientCredentials):
+            token = urlsplit(auth.token_url)
+            if token.scheme == "http" and not is_loopback_host(token.hostname or ""):
+                yield ((*at, "auth", "token_url"), f"destination {name}'s OAuth client secret",
+                       token.hostname or "?")
+
+
+def _allows_insecure(config: PlantConfig, loc: Loc) -> bool:
+    section: Any = config.drivers[int(loc[1])] if loc[0] == "drivers" else (
+        config.destinations[str(loc[1])])
+    return bool(getattr(section, "allow_insecure", False))
+
+
+def parse_config(
+    text: str, filename: str = "<config>", environ: Mapping[str, str] | None = None, *,
+    offline: bool = False,
+) -> PlantConfig:
+    """Validate YAML text; raise ConfigError with every problem, one line each. `offline`
+    checks everything but the values of `${ENV}`, `${file:...}` and `${cred:...}`, which it
+    does not resolve (`plantsync check --offline`, in a shell without the plant's secrets)."""
+    return _validated(_read_document(text, filename, os.environ if environ is None
+                                     else environ, offline=offline), filename)
+
+
+def _validated(document: _Document, filename: str) -> PlantConfig:
     problems = list(document.problems)
     notices = list(_rec20_units(document.data))
     config: PlantConfig | None = None
@@ -854,28 +1057,48 @@ def parse_config(
             bad_types = {loc[:-1] for loc, e in found
                          if loc and loc[-1] == "type" and e["type"] == "literal_error"
                          and _is_type_tag(loc, document.data)}
+            # A mapping with a merge key is missing what the merge would have brought: its
+            # one problem is the merge key.
+            merged = {p.loc[:-1] for p in document.problems if p.loc[-1:] == ("<<",)}
             for loc, error in found:
                 if any(loc[:len(p)] == p and loc != (*p, "type") for p in bad_types):
+                    continue
+                if any(loc[:len(m)] == m for m in merged):
                     continue
                 problems.append(_Problem(loc, _message(error, loc, document.data)))
     if config is not None:
         problems.extend(_cross_check(config))
+    if document.unresolved:  # offline: what a reference would give cannot be judged
+        problems = [p for p in problems if not any(
+            p.loc[:len(at)] == at for at in document.unresolved)]
     if problems:
         lines = sorted(
             {(document.line_of(p.loc), format_loc(p.loc), p.message) for p in problems}
         )
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
-    assert config is not None
+    if config is None:
+        # Offline, a placeholder where a reference stands did not fit its field (a URL, a
+        # port): every other setting was checked, but no whole config can be built to
+        # cross-check. What the check can still say, it says from the raw settings.
+        return PlantConfig.model_construct(**document.data)
     config._warnings = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
                         for loc, message in [*notices, *_doubts(config)]]
     return config
+
+
+def fully_validated(config: PlantConfig) -> bool:
+    """False for what an offline check returns when a reference's placeholder did not fit
+    its field: the settings were checked one by one, the cross references were not."""
+    sections: list[Any] = [config.api, *config.drivers, *config.machines,
+                           *config.destinations.values()]
+    return all(isinstance(section, BaseModel) for section in sections)
 
 
 def config_warnings(config: PlantConfig) -> list[str]:
     """Settings that are valid but probably not what was meant, one line each (`check`
     prints them and `run` logs them): Modbus addresses written Modicon-style (40001), Rec 21
     package codes read as their Rec 20 codes (BX as XBX)."""
-    return list(config._warnings)
+    return list(config._warnings) if fully_validated(config) else []
 
 
 def _doubts(config: PlantConfig) -> Iterator[tuple[Loc, str]]:
@@ -886,11 +1109,82 @@ def _doubts(config: PlantConfig) -> Iterator[tuple[Loc, str]]:
                 yield ("drivers", i, *loc), message
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> PlantConfig:
-    """Read and validate a config file; raise ConfigError naming file, line and field."""
-    path = Path(path)
+def read_config_text(path: Path) -> str:
+    """The file's text, or ConfigError saying in one line why it is not a config file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the config file: {exc.strerror}"]) from None
-    return parse_config(text, str(path), environ)
+    if b"\x00" in data:
+        raise ConfigError([f"{path}: (file): not a text file (it holds NUL bytes): is this "
+                           "the config? A plant config is YAML text"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{path}:{line}: (file): not UTF-8 text (byte 0x{data[exc.start]:02x}"
+                           "): save the file as UTF-8"]) from None
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
+                offline: bool = False) -> PlantConfig:
+    """Read and validate a config file; raise ConfigError naming file, line and field."""
+    path = Path(path)
+    return parse_config(read_config_text(path), str(path), environ, offline=offline)
+
+
+def unresolved_references(path: str | Path) -> list[str]:
+    """The `${...}` references an offline check leaves unresolved, in file order."""
+    path = Path(path)
+    document = _read_document(read_config_text(path), str(path), {}, offline=True)
+    found = sorted((document.line_of(loc), ref) for loc, refs in document.unresolved.items()
+                   for ref in refs)
+    return [ref for _, ref in found]
+
+
+@dataclass(frozen=True)
+class LocalAccess:
+    """What the technician's commands on this box (`status`, `outbox`) need of the config:
+    where the local API listens, its token, and the data directory. Read on their own, so that
+    these commands work in a shell without the plant's other secrets and after an edit that
+    broke another part of the file."""
+
+    api: ApiConfig
+    data_dir: Path
+    site: str | None = None
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "outbox.db"
+
+
+def load_local_access(path: str | Path, environ: Mapping[str, str] | None = None
+                      ) -> LocalAccess:
+    """`api`, `data_dir` and `site` of a config file, whatever the rest holds; ConfigError
+    (file:line: field: message) only for problems in those."""
+    path = Path(path)
+    filename = str(path)
+    document = _read_document(read_config_text(path), filename,
+                              os.environ if environ is None else environ, offline=False)
+    data = document.data if isinstance(document.data, dict) else {}
+    used = ("api", "data_dir", "site")
+    problems = [p for p in document.problems if p.loc and p.loc[0] in used]
+
+    class _Local(Strict):
+        model_config = ConfigDict(extra="ignore", frozen=True)
+        api: ApiConfig = Field(default_factory=ApiConfig)  # type: ignore[arg-type]
+        data_dir: Path = PlantConfig.model_fields["data_dir"].default
+        site: str | None = None
+
+    local: _Local | None = None
+    try:
+        local = _Local.model_validate({k: data[k] for k in used if k in data})
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = _data_loc(data, error["loc"])
+            problems.append(_Problem(loc, _message(error, loc, data)))
+    if problems or local is None:
+        lines = sorted({(document.line_of(p.loc), format_loc(p.loc), p.message)
+                        for p in problems})
+        raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
+    return LocalAccess(local.api, local.data_dir, local.site)

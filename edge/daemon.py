@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import Driver, Quality, Sample, json_value
@@ -92,14 +92,16 @@ class Gateway:
         self.notifier = notifier or Notifier(None)
         self.control = control or Control()
         self.pipeline = Pipeline(config, outbox, saved_state,
-                                 observer=self.kpis.observer(config.destinations_for))
+                                 observer=self.kpis.observer(config.destinations_for),
+                                 connected=self._drivers_connected)
         self.drivers: list[Driver] = [create_driver(d) for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
                            for name, destination in config.destinations.items()]
         self.quality = QualityLink(config, outbox, self.pipeline)
         self.outbox_counts: dict[str, DestinationCounts] = {}
+        self.input_dead_letters: dict[str, int] = {}
         self.started_at = time.time()
-        self.api_token = issue_token(config)
+        self.api_token = issue_token(config.local_access)
         self.secrets = secret_values(config) | {self.api_token}
         self.phase = Phase.STARTING
 
@@ -115,7 +117,7 @@ class Gateway:
             self.control = control
         config = self.config
         server = make_server(self)
-        self.outbox_counts = await self.outbox.counts()
+        await self.refresh_counts()
         async with asyncio.TaskGroup() as downstream:
             api = downstream.create_task(self._serve_api(server), name="local-api")
             counts = downstream.create_task(self._refresh_counts(), name="outbox-counts")
@@ -209,19 +211,22 @@ class Gateway:
             return None
         changes = describe_changes(self.config, new_config, self.outbox_counts)
         if not changes:
-            log.info("Reload: the config has not changed; nothing to do")
+            log.info("Reload: the config is unchanged; nothing restarts")
             self.control.reloads["unchanged"] += 1
             return None
         for change in changes:
             log.info("Reload: %s", change)
         return new_config
 
+    def _drivers_connected(self) -> dict[str, bool]:
+        return {driver.name: driver.health.connected for driver in self.drivers}
+
     async def _commit_barrier(self, deadline: float) -> None:
-        """Wait until everything the stopped drivers handed over is on disk: a commit queued
-        now is done only after every commit queued before it."""
+        """Wait until everything the stopped drivers handed over is on disk, with the rules'
+        last readings: a commit queued now is done only after every commit queued before it."""
         remaining = max(0.1, deadline - asyncio.get_running_loop().time())
         try:
-            await asyncio.wait_for(self.outbox.commit([]), remaining)
+            await asyncio.wait_for(self.pipeline.flush(), remaining)
         except TimeoutError:
             log.warning("The outbox did not finish its last commits within the shutdown "
                         "timeout; they finish before it closes")
@@ -240,9 +245,16 @@ class Gateway:
             log.error("The local API could not listen on %s; the gateway runs on without it",
                       self.config.api.listen)
 
+    async def refresh_counts(self) -> None:
+        """Read the outbox's counts now (what /metrics, /status and /readyz answer from)."""
+        self.outbox_counts = await self.outbox.counts()
+        self.input_dead_letters = await self.outbox.rejected_count()
+
     async def _refresh_counts(self) -> None:
+        # For the STATUS= line and the readiness between requests; every API answer reads
+        # them afresh, so none lags.
         while True:
-            self.outbox_counts = await self.outbox.counts()
+            await self.refresh_counts()
             await asyncio.sleep(2.0)
 
     async def _prune_journal(self) -> None:
@@ -305,7 +317,21 @@ class Gateway:
             notes.append(f"the outbox holds {counts.pending} undelivered and {counts.dead} "
                          f"dead event(s) for destination {name}, which the config no longer "
                          "names")
+        notes += [f"tag {signal} reads BAD: {why}" for signal, why in self.bad_tags()]
         return notes
+
+    def bad_tags(self) -> list[tuple[str, str]]:
+        """Configured tags whose latest reading has BAD quality: the device says the value
+        cannot be used (a sensor fault, a node that does not exist, a stale value). A tag its
+        driver already reports (`health.degraded`, e.g. one the Modbus device refuses) is
+        said once, by the driver."""
+        now = time.time()
+        told = {f"{driver.name}.{key.removeprefix('tag ')}" for driver in self.drivers
+                for key in driver.health.degraded}
+        return [(name, f"the device marks its value unusable "
+                       f"(for {now - sample.source_time:.0f}s)")
+                for name, sample in sorted(self.pipeline.last_sample.items())
+                if sample.quality is Quality.BAD and name not in told]
 
     def alarms(self) -> list[str]:
         """What needs a person even though the gateway runs on."""
@@ -316,6 +342,11 @@ class Gateway:
         if self.outbox.integrity_problem:
             alarms.append("the outbox database failed its integrity check: "
                           f"{self.outbox.integrity_problem}; it is moved aside at the next start")
+        for name, counts in sorted(self.outbox_counts.items()):
+            if counts.dead:
+                alarms.append(f"{counts.dead} business event(s) for destination {name} are dead "
+                              "letters (refused for good): look with plantsync outbox list "
+                              "--state dead, then retry or purge-dead them with --reason")
         return alarms
 
     def status_line(self) -> str:
@@ -387,6 +418,9 @@ class Gateway:
                                           for name, counts in self.orphaned().items()},
             "sync_success_ratio": {name: round(ratio, 4)
                                    for name, ratio in self.sync_success_ratio().items()},
+            "input_dead_letters": {"count": sum(self.input_dead_letters.values()),
+                                   "by_source": dict(sorted(self.input_dead_letters.items()))},
+            "alarms": self.alarms(),
             "config_reloads": dict(self.control.reloads),
         }
 
@@ -441,9 +475,7 @@ def machine_status(rule: MachineRule) -> dict[str, Any]:
             "operation": binding.operation if binding else None,
             "lot_id": binding.lot_id if binding else None,
             "state": rule.state.machine_state,
-            "good_total": rule.state.good.total, "scrap_total": rule.state.scrap.total,
-            "good_pending": rule.state.good.pending,
-            "scrap_pending": rule.state.scrap.pending,
+            **rule.totals(),
             "unassigned": rule.state.unassigned,
             "unassigned_scrap": rule.state.unassigned_scrap}
 
@@ -455,7 +487,7 @@ def describe_changes(old: PlantConfig, new: PlantConfig,
     changes: list[str] = []
     for name in PlantConfig.model_fields:
         before, after = getattr(old, name), getattr(new, name)
-        if before == after:
+        if same_value(before, after):
             continue
         match name:
             case "drivers":
@@ -485,7 +517,7 @@ def _named_changes(kind: str, before: Mapping[str, Any], after: Mapping[str, Any
     changes = [f"{kind} {name} added" for name in after if name not in before]
     changes += [f"{kind} {name} removed" for name in before if name not in after]
     for name in before:
-        if name in after and before[name] != after[name]:
+        if name in after and not same_value(before[name], after[name]):
             fields = _changed_fields(before[name], after[name])
             changes.append(f"{kind} {name} changed" + (f" ({', '.join(fields)})" if fields
                                                        else ""))
@@ -496,7 +528,28 @@ def _changed_fields(before: Any, after: Any) -> list[str]:
     if not isinstance(before, BaseModel) or type(before) is not type(after):
         return []
     return [name for name in type(before).model_fields
-            if getattr(before, name) != getattr(after, name)]
+            if not same_value(getattr(before, name), getattr(after, name))]
+
+
+def same_value(before: Any, after: Any) -> bool:
+    """Equal as settings. A model's `==` also compares its private attributes, which a running
+    driver fills (the MQTT driver's topic-match cache): the config it runs on then differs from
+    the same file loaded again. The settings alone are compared, secrets by their values."""
+    return bool(_settings(before) == _settings(after))
+
+
+def _settings(value: Any) -> Any:
+    match value:
+        case BaseModel():
+            return (type(value), {name: _settings(getattr(value, name))
+                                  for name in type(value).model_fields})
+        case list() | tuple():
+            return [_settings(item) for item in value]
+        case dict():
+            return {key: _settings(item) for key, item in value.items()}
+        case SecretStr():
+            return ("secret", value.get_secret_value())
+    return value
 
 
 def _round(value: float | None) -> float | None:

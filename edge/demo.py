@@ -2,7 +2,9 @@
 
 Starts the three as child processes with the demo config, prefixes each line they print with
 who said it, and every few seconds prints what the gateway reads and what ERP holds. Ctrl-C (or
-SIGTERM) stops the gateway first, then the simulators, and waits for each to exit.
+SIGTERM) stops the gateway first, then the simulators, and waits for each to exit. A port the
+demo needs that is taken is said in one line before anything starts, and any child that ends on
+its own makes the demo exit non-zero: `make demo` fails visibly.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,7 +35,37 @@ def run_demo(config_path: Path) -> int:
         print(f"{config_path}: the demo needs a Modbus driver and a destination named erp",
               file=sys.stderr)
         return 1
+    taken = busy_port(config, config_path)
+    if taken is not None:
+        print(taken, file=sys.stderr)
+        return 1
     return asyncio.run(_demo(config_path, config))
+
+
+def _ports(config: PlantConfig) -> list[tuple[str, str, int, str]]:
+    """What the demo listens on: who, host, port, and the setting that chooses it."""
+    index, plc = next((i, d) for i, d in enumerate(config.drivers)
+                      if isinstance(d, ModbusConfig))
+    erp = urlsplit(config.destinations["erp"].base_url)
+    return [("the PLC simulator", plc.host or "127.0.0.1", plc.port, f"drivers[{index}].port"),
+            ("the ERP simulator", erp.hostname or "127.0.0.1", erp.port or 80,
+             "destinations.erp.base_url"),
+            ("the gateway's local API", config.api.host, config.api.port, "api.listen")]
+
+
+def busy_port(config: PlantConfig, config_path: Path) -> str | None:
+    """One line naming the first port the demo needs that something else holds, or None."""
+    for who, host, port, setting in _ports(config):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                return (f"plantsync demo: port {port} on {host} ({who}, {setting} in "
+                        f"{config_path}) is in use ({exc.strerror}): stop what holds it, or "
+                        f"copy {config_path}, choose free ports there and run plantsync demo "
+                        "--config YOUR-COPY")
+    return None
 
 
 async def _demo(config_path: Path, config: PlantConfig) -> int:
@@ -49,6 +82,7 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
     erp_port = urlsplit(erp_url).port or 80
     python = sys.executable
     children: list[tuple[str, asyncio.subprocess.Process]] = []
+    exit_code = 0
     try:
         for label, argv in (
             ("plc", [python, "-m", "simulators.modbus_plc", "--port", str(plc_port),
@@ -73,6 +107,8 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
             exited = group.create_task(_first_exit(children), name="watch-children")
             waiting = group.create_task(stop.wait(), name="wait-for-ctrl-c")
             await asyncio.wait([exited, waiting], return_when=asyncio.FIRST_COMPLETED)
+            if exited.done() and not stop.is_set():
+                exit_code = 1  # a child ended on its own: the demo did not run
             report.cancel()
             exited.cancel()
             waiting.cancel()
@@ -82,7 +118,7 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
                 await pump
     finally:
         await _stop_all(children)
-    return 0
+    return exit_code
 
 
 async def _pump(label: str, process: asyncio.subprocess.Process) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "SEQUENCE_DIGITS",
     "UOM_CODES_CONTEXT_KEY",
     "CloudEvent",
+    "DataQuality",
     "DowntimeRecorded",
     "EventData",
     "EventType",
@@ -71,6 +72,7 @@ __all__ = [
     "ProductionConfirmation",
     "Quantity",
     "SignedQuantity",
+    "SourceGap",
     "UomCode",
     "UtcDateTime",
     "build_event",
@@ -581,6 +583,36 @@ class EventData(BaseModel):
         return f"{cls.EVENT_TYPE}.v{cls.VERSION}.json"
 
 
+class SourceGap(BaseModel):
+    """A time in which the gateway could not read the machine's state: the connection to the
+    device was lost, the state tag read bad, or the gateway itself was down."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    started_at: UtcDateTime = Field(description="Last moment the state was known, UTC.")
+    ended_at: UtcDateTime = Field(description="When the state was read again, UTC.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.ended_at < self.started_at:
+            raise ValueError("ended_at must not be before started_at")
+        return self
+
+
+DataQuality = Literal["good", "uncertain"]
+
+_DATA_QUALITY_DOC = (
+    "good: derived from an uninterrupted reading of the machine's state. uncertain: derived "
+    "across a gap in the state source (source_gap); what the machine did within the gap is not "
+    "known, so times may be off by up to the gap's length.")
+_SOURCE_GAP_DOC = "For uncertain data: the gap in the state source the event was derived across."
+
+
+def _quality_has_gap(data_quality: DataQuality, source_gap: SourceGap | None) -> None:
+    if (data_quality == "uncertain") != (source_gap is not None):
+        raise ValueError("data_quality is uncertain exactly when a source_gap is given")
+
+
 class _OperationEventData(EventData):
     """A milestone of one operation of one order on one machine."""
 
@@ -602,29 +634,48 @@ class OperationStarted(_OperationEventData):
 
 
 class OperationInterrupted(_OperationEventData):
-    """A running operation stopped before completion (held, suspended, stopped)."""
+    """A running operation stopped before completion: the machine left Execute for a state
+    that leads away from it (PackML Holding, Suspending, Stopping, Aborting...).
+
+    Version 2 added `data_quality` and `source_gap`.
+    """
 
     EVENT_TYPE: ClassVar[EventType] = "operation.interrupted"
+    VERSION: ClassVar[int] = 2
     PRIORITY: ClassVar[Priority] = Priority.INFORMATIONAL
 
     machine_state: Annotated[str | None, _MACHINE_STATE] = None
     reason_code: Annotated[str | None, _REASON_CODE] = None
     reason_text: Annotated[str | None, _REASON_TEXT] = None
+    data_quality: DataQuality = Field(default="good", description=_DATA_QUALITY_DOC)
+    source_gap: SourceGap | None = Field(default=None, description=_SOURCE_GAP_DOC)
+
+    @model_validator(mode="after")
+    def _quality(self) -> Self:
+        _quality_has_gap(self.data_quality, self.source_gap)
+        return self
 
 
 class OperationResumed(_OperationEventData):
-    """An interrupted operation is running again."""
+    """An interrupted operation is running again (the machine is back in Execute).
+
+    Version 2 added `data_quality` and `source_gap`.
+    """
 
     EVENT_TYPE: ClassVar[EventType] = "operation.resumed"
+    VERSION: ClassVar[int] = 2
     PRIORITY: ClassVar[Priority] = Priority.INFORMATIONAL
 
     interrupted_at: UtcDateTime | None = Field(
         default=None, description="When the interruption began, UTC, if known."
     )
+    data_quality: DataQuality = Field(default="good", description=_DATA_QUALITY_DOC)
+    source_gap: SourceGap | None = Field(default=None, description=_SOURCE_GAP_DOC)
 
     @model_validator(mode="after")
     def _interruption_before_resumption(self) -> Self:
         _not_after_occurrence(self.interrupted_at, self.occurred_at, what="interrupted_at")
+        _quality_has_gap(self.data_quality, self.source_gap)
         return self
 
 
@@ -730,9 +781,17 @@ class LotProduced(EventData):
 
 
 class DowntimeRecorded(EventData):
-    """A machine stood still for a closed period."""
+    """A machine stood still for a closed period: from leaving Execute until it was back in
+    Execute, labelled by the state it settled in (PackML Held, Suspended, Stopped...).
+
+    A period that spans a gap in the state source is `uncertain`, with the gap; it never spans
+    production the counters confirmed: when units were counted across the gap, the period ends
+    where the gap began (and a new one starts where it ended, if the machine was still down).
+    Version 2 added `data_quality` and `source_gap`.
+    """
 
     EVENT_TYPE: ClassVar[EventType] = "downtime.recorded"
+    VERSION: ClassVar[int] = 2
     PRIORITY: ClassVar[Priority] = Priority.INFORMATIONAL
 
     machine_id: Annotated[str, _MACHINE_ID]
@@ -749,6 +808,8 @@ class DowntimeRecorded(EventData):
     machine_state: Annotated[str | None, _MACHINE_STATE] = None
     reason_code: Annotated[str | None, _REASON_CODE] = None
     reason_text: Annotated[str | None, _REASON_TEXT] = None
+    data_quality: DataQuality = Field(default="good", description=_DATA_QUALITY_DOC)
+    source_gap: SourceGap | None = Field(default=None, description=_SOURCE_GAP_DOC)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -757,6 +818,7 @@ class DowntimeRecorded(EventData):
         expected = (self.ended_at - self.started_at).total_seconds()
         if not math.isclose(self.duration_seconds, expected, abs_tol=0.001):
             raise ValueError(f"duration_seconds must be ended_at - started_at ({expected})")
+        _quality_has_gap(self.data_quality, self.source_gap)
         return self
 
 

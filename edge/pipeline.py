@@ -14,16 +14,16 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
-from drivers.base import DeviceRestarted, MesMessage, Reading, RejectedMessage, Sample
+from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig, to_reading
-from edge.aggregate import MachineRule
+from edge.aggregate import MachineRule, settle_for
 from edge.config import PlantConfig, format_loc
 from edge.forward.profiles import input_problems
 from edge.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
@@ -92,22 +92,35 @@ class Genealogy:
 
 
 class Pipeline:
-    """Call order: `on_readings` from drivers (concurrently is fine), `tick` from a timer.
-    `observer`, when given, sees each batch of events once it is committed."""
+    """Call order: `on_readings` from drivers (concurrently is fine), `tick` from a timer,
+    `flush` once the drivers have stopped. `observer`, when given, sees each batch of events
+    once it is committed. `connected`, when given, says which drivers are connected now: a
+    driver that loses its device makes its signals bad (a gap the rules must know of)."""
 
     def __init__(self, config: PlantConfig, outbox: Outbox, saved: dict[str, str],
                  observer: Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None]
-                 | None = None, *, epoch: str | None = None) -> None:
+                 | None = None,
+                 connected: Callable[[], Mapping[str, bool]] | None = None, *,
+                 epoch: str | None = None) -> None:
         self.config = config
         self.outbox = outbox
         self._observer = observer
+        self._connected = connected
+        self._was_connected: dict[str, bool] = {}
         self.epoch = outbox.epoch if epoch is None else epoch
         """Part of every id the rules derive: the outbox's, or a fixed one for a replay."""
         self.rules = [
             MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
-                        uom_codes=config.all_uom_codes, epoch=self.epoch)
+                        uom_codes=config.all_uom_codes, settle=settle_for(config, machine),
+                        epoch=self.epoch)
             for machine in config.machines
         ]
+        for rule in self.rules:
+            signals = rule.machine.signals
+            note = signals.migration_note()
+            log.info("Machine %s counts %s; state changes wait %gs for the counters%s",
+                     rule.machine.id, signals.counting(), rule.settle,
+                     f". Note: {note}" if note else "", extra={"machine": rule.machine.id})
         self._by_machine = {rule.machine.id: rule for rule in self.rules}
         self._by_signal: dict[str, list[MachineRule]] = {}
         self._by_driver: dict[str, list[MachineRule]] = {}
@@ -232,14 +245,45 @@ class Pipeline:
         return outcome
 
     async def tick(self, now: float | None = None) -> None:
-        """Run the time triggers of every rule once."""
+        """Run the time triggers of every rule once; commit what moved since the last commit
+        (counter advances are saved at least this often)."""
         when = time.time() if now is None else now
+        await self._lost_drivers(when)
         events: list[CloudEvent] = []
         touched: list[MachineRule] = []
         for rule in self.rules:
             produced = rule.on_tick(when)
-            if produced or rule.needs_save:
+            if produced or rule.needs_save or rule.dirty:
                 events.extend(produced)
+                touched.append(rule)
+        if touched:
+            await self._commit(events, touched)
+
+    async def flush(self) -> None:
+        """Commit every rule's state that moved since its last commit (at a graceful stop, so
+        a restart resumes from the last reading, not the last event). Done once every commit
+        queued before it is."""
+        await self._commit([], [rule for rule in self.rules if rule.dirty or rule.needs_save])
+
+    async def _lost_drivers(self, now: float) -> None:
+        """A driver that lost its device since the last tick: its signals read bad from now, so
+        the rules see the gap (a state change seen at reconnect is dated with it in mind)."""
+        if self._connected is None:
+            return
+        lost = []
+        for driver, up in self._connected().items():
+            if self._was_connected.get(driver) and not up:
+                lost.append(driver)
+            self._was_connected[driver] = up
+        events: list[CloudEvent] = []
+        touched: list[MachineRule] = []
+        for driver in lost:
+            for rule in self._by_driver.get(driver, ()):
+                bad = [Sample(driver, signal.partition(".")[2], None, now, Quality.BAD)
+                       for signal in sorted(rule.signals) if signal.startswith(f"{driver}.")]
+                for sample in bad:
+                    self.last_sample[sample.signal] = sample
+                events += rule.on_samples(bad)
                 touched.append(rule)
         if touched:
             await self._commit(events, touched)

@@ -7,7 +7,9 @@ from the committed cursor, and the event ids (lot, decision, time) make that har
 
 `lot_status` answers "may lot X be used?" for the local API: from the gateway's own record; if
 it has none, by asking the QMS with a short timeout; and if nobody knows, with the configured
-default, `hold` (fail closed).
+default, `hold` (fail closed). The lot id comes from a local API caller: the API checks it
+against the canonical model first, and it goes into the QMS URL as one percent-encoded path
+segment, so no id can reach another path on the QMS host, which gets our credentials.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from buffer.outbox import LotStatus, Outbox
 from edge.config import DestinationConfig, PlantConfig
 from edge.forward.auth import AuthError
 from edge.forward.session import Session, make_client
+from edge.forward.urls import path
 from edge.model import LotDisposition
 from edge.pipeline import Pipeline
 from edge.timing import Backoff
@@ -126,7 +129,7 @@ class QualityLink:
         assert self._session is not None
         try:
             response = await asyncio.wait_for(
-                self._session.request("GET", f"lots/{lot_id}/disposition"),
+                self._session.request("GET", path("lots", lot_id, "disposition")),
                 self.config.quality.lookup_timeout)
         except (TimeoutError, httpx.HTTPError, AuthError):
             return None

@@ -15,8 +15,10 @@ One line per reading, time `t` in Unix seconds:
     {"restart": true}
     {"crash": true, "t": ..., "signal": ..., "value": ...}
 
-`tick` lets time pass with no reading; `restart` rebuilds the pipeline from what was committed;
-`crash` processes its reading and then dies before the commit, as a power cut would.
+`tick` lets time pass with no reading; `restart` stops the pipeline as the daemon does (the rules
+commit their last readings) and rebuilds it from what was committed; `crash` processes its
+reading and then dies before the commit, as a power cut would. Lines starting with `#` are
+comments (the golden cases explain themselves with them).
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: 
                     pipeline.outbox = _CrashingOutbox(outbox)  # type: ignore[assignment]
                     with contextlib.suppress(_Crash):
                         await pipeline.on_readings([reading])
+                elif entry.get("restart"):
+                    await pipeline.flush()
                 pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
                                     epoch=OFFLINE_EPOCH)
                 continue

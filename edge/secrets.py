@@ -2,10 +2,12 @@
 
 `secret_values(config)` lists every secret the loaded config holds (tokens, client secrets,
 passwords: every `SecretStr` field that is set), for the log redaction. `exposed_secrets(path,
-config)` warns about files that hold a secret and that group or others may read: the config
+config)` warns about files that hold a secret and that group or others may read (the config
 file itself when a secret is written in it literally, and every `${file:PATH}` a secret is read
-from. A secret given through `${ENV_VAR}` or `${cred:NAME}` (systemd's LoadCredential=, which
-only the service's user can read) puts nothing in a file, so the file's mode does not matter.
+from), and about secrets a section allows to cross the network without TLS
+(`allow_insecure: true`; without it such a config is refused). A secret given through
+`${ENV_VAR}` or `${cred:NAME}` (systemd's LoadCredential=, which only the service's user can
+read) puts nothing in a file, so the file's mode does not matter.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from edge.config import Loc, PlantConfig, format_loc
+from edge.config import Loc, PlantConfig, cleartext_secrets, format_loc
 
 _FILE_REF = re.compile(r"\$\{file:([^}]+)\}")
 
@@ -93,6 +95,9 @@ def exposed_secrets(path: Path, config: PlantConfig) -> list[str]:
         warning = _check_mode(file, f"holds the secret of {', '.join(fields)}")
         if warning:
             warnings.append(warning + "; make it readable by its owner only (chmod 0600)")
+    for loc, what, host in cleartext_secrets(config):  # refused unless allowed: these are
+        warnings.append(f"{format_loc(loc)}: {what} cross the network in cleartext to "
+                        f"{host} (allow_insecure: true); anyone on the path can read them")
     return warnings
 
 

@@ -2,9 +2,11 @@
 
 Drivers (connected, last sample age), machines (bound order, state, counts, unassigned
 production), the outbox per destination (pending, retrying, dead, oldest) and the most recent
-dead letters. It asks the running daemon (`/status` and the outbox operations on its local API);
-when no daemon answers, it reads the database itself: machines from the committed rule state,
-the outbox as it stands, and drivers as unknown.
+dead letters, and the input dead letters (MES messages that could not be used). It asks the
+running daemon (`/status` and the outbox operations on its local API); when no daemon answers,
+it reads the database itself: machines from the committed rule state, the outbox as it stands,
+and drivers as unknown. It needs only `api`, `data_dir` and the token of the config; when the
+rest does not load in this shell, machines and drivers are left out, and it says so.
 """
 
 from __future__ import annotations
@@ -20,10 +22,18 @@ import httpx
 
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import finite_json
-from edge.config import ConfigError, PlantConfig, load_config
-from edge.operations import DaemonRefused, call
-from edge.outbox_cli import format_age
-from edge.secrets import scrub, secret_values
+from edge.config import (
+    ConfigError,
+    LocalAccess,
+    PlantConfig,
+    fully_validated,
+    load_config,
+    load_local_access,
+)
+from edge.operations import DaemonRefused, api_token, call
+from edge.outbox_cli import format_age, local_time, shown_secrets, table
+from edge.secrets import scrub
+from edge.terminal import printable_data
 
 RECENT_DEAD = 5
 Source = Literal["daemon", "database"]
@@ -39,67 +49,91 @@ def add_status_parser(commands: Any) -> None:
 
 def run_status_command(args: argparse.Namespace) -> int:
     try:
-        config = load_config(args.config)
+        access = load_local_access(args.config)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
     try:
-        report, source = asyncio.run(gather(config))
+        report, source = asyncio.run(gather(access, args.config))
     except DaemonRefused as exc:
         print(exc, file=sys.stderr)
         return 1
-    report = scrub(report, secret_values(config))
+    report = scrub(report, shown_secrets(args.config, access))
     if args.json:
         print(json.dumps(finite_json({**report, "source": source}), indent=2, default=str,
                          allow_nan=False))
     else:
-        print(render(report, source))
+        print(render(printable_data(report), source))
     return 0
 
 
-async def gather(config: PlantConfig) -> tuple[dict[str, Any], Source]:
+async def gather(access: LocalAccess, path: Path) -> tuple[dict[str, Any], Source]:
     """The status, and the dead letters, from the daemon or else from the database."""
+    headers = {}
+    if not access.api.on_loopback and (token := api_token(access)):
+        headers["Authorization"] = f"Bearer {token}"
     try:
         async with httpx.AsyncClient(timeout=10.0) as client:
-            response = await client.get(f"http://{config.api.listen}/status")
+            response = await client.get(f"http://{access.api.listen}/status", headers=headers)
     except httpx.ConnectError:
-        return await from_database(config), "database"
+        return await from_database(access, path), "database"
     if response.status_code != 200:
-        raise DaemonRefused(f"the daemon answered {response.status_code}: {response.text}")
+        raise DaemonRefused(response.status_code,
+                            f"the daemon answered {response.status_code}: {response.text}")
     report: dict[str, Any] = response.json()
-    # /status holds counts refreshed every few seconds; the outbox's own are live, and match
-    # the dead letters listed below them.
-    live, _ = await call(config, "status", {})
+    # The outbox's own counts, read after /status, match the dead letters listed below them.
+    live, _ = await call(access, "status", {})
     nothing_owed = vars(DestinationCounts())
     for name, counts in {**{name: nothing_owed for name in report["destinations"]},
                          **live["destinations"]}.items():
         shown = report["destinations"].get(name) or report.setdefault(
             "unconfigured_destinations", {}).setdefault(name, {})
         shown.update(counts)
-    dead, _ = await call(config, "list", {"state": "dead", "limit": 1000})
+    dead, _ = await call(access, "list", {"state": "dead", "limit": 1000})
     report["dead_letters"] = dead
+    report["rejected"], _ = await call(access, "rejected", {"since": 0, "limit": RECENT_DEAD})
     return report, "daemon"
 
 
-async def from_database(config: PlantConfig) -> dict[str, Any]:
+def _machines_config(path: Path) -> PlantConfig | None:
+    """The whole config for the machines' rule state, when it loads here (with or without
+    the secrets of this shell); None when it does not."""
+    for offline in (False, True):
+        try:
+            config = load_config(path, offline=offline)
+        except ConfigError:
+            continue
+        if fully_validated(config):
+            return config
+    return None
+
+
+async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
     from edge.daemon import machine_status
     from edge.pipeline import Pipeline
 
-    outbox = await Outbox.open(config.database_path)
+    config = _machines_config(path)
+    outbox = await Outbox.open(access.database_path)
     try:
-        rules = Pipeline(config, outbox, await outbox.load_state()).rules
+        rules = Pipeline(config, outbox, await outbox.load_state()).rules if config else []
         counts = await outbox.counts()
         dead = await outbox.deliveries(state="dead", limit=1000)
+        rejected = await outbox.rejected_count()
         return {
-            "site": config.site,
+            "site": access.site,
             "drivers": [{"name": d.name, "connected": None, "last_sample_age": None,
-                         "errors": None, "last_error": None} for d in config.drivers],
+                         "errors": None, "last_error": None}
+                        for d in (config.drivers if config else [])],
             "machines": [machine_status(rule) for rule in rules],
+            "config_note": None if config else "the config does not load here (plantsync "
+            "check --config FILE says why): drivers and machines are not shown",
             "destinations": {name: vars(c) for name, c in sorted(counts.items())},
             "outbox": {"back_pressure": outbox.back_pressure, "used_bytes": outbox.used_bytes,
                        "alarms": [f"a damaged database was moved aside: {where}"
                                   for where in [outbox.recovered_from] if where]},
             "dead_letters": dead,
+            "input_dead_letters": {"count": sum(rejected.values()), "by_source": rejected},
+            "rejected": await outbox.rejected_inputs(0.0, limit=RECENT_DEAD),
         }
     finally:
         await outbox.close()
@@ -118,45 +152,50 @@ def _short(text: str | None, width: int = 60) -> str:
 
 def render(report: dict[str, Any], source: Source) -> str:
     lines: list[str] = []
+    site = report.get("site") or "?"
     if source == "daemon":
         state = "READY" if report.get("ready", True) else "NOT READY"
         uptime = format_age(report.get("uptime_seconds"))
-        lines.append(f"PlantSync Edge, site {report['site']}: {report.get('phase', 'running')} "
+        lines.append(f"PlantSync Edge, site {site}: {report.get('phase', 'running')} "
                      f"for {uptime}, {state}  (from the running daemon)")
     else:
-        lines.append(f"PlantSync Edge, site {report['site']}: the daemon is not answering  "
+        lines.append(f"PlantSync Edge, site {site}: the daemon is not answering  "
                      "(from the database directly)")
     lines += [f"  not ready: {reason}" for reason in report.get("not_ready_reasons", [])]
     lines += [f"  note: {note}" for note in report.get("degraded", [])]
-    lines += [f"  ALARM: {alarm}" for alarm in report.get("outbox", {}).get("alarms", [])]
+    alarms = report.get("alarms") or report.get("outbox", {}).get("alarms", [])
+    lines += [f"  ALARM: {alarm}" for alarm in alarms]
     if pressure := report.get("outbox", {}).get("back_pressure"):
         lines.append(f"  BACK-PRESSURE: {pressure}")
+    if report.get("config_note"):
+        lines.append(f"  note: {report['config_note']}")
 
-    lines += ["", f"{'DRIVERS':<16}{'connected':<11}{'last sample':>12}{'errors':>8}  last error"]
-    for driver in report["drivers"]:
-        connected = {True: "yes", False: "NO", None: "?"}[driver["connected"]]
-        lines.append(f"{driver['name']:<16}{connected:<11}"
-                     f"{format_age(driver['last_sample_age']):>12}"
-                     f"{_cell(driver['errors'], '?'):>8}  {_short(driver['last_error'])}")
+    lines.append("")
+    lines += table(["DRIVERS", "connected", "last sample", "errors", "last error"],
+                   [[driver["name"], {True: "yes", False: "NO", None: "?"}[driver["connected"]],
+                     format_age(driver["last_sample_age"]), _cell(driver["errors"], "?"),
+                     _short(driver["last_error"])] for driver in report["drivers"]],
+                   right=frozenset({2, 3}))
     if not report["drivers"]:
         lines.append("(no drivers configured)")
 
-    lines += ["", f"{'MACHINES':<16}{'order/op':<16}{'lot':<14}{'state':<11}{'good':>8}"
-                  f"{'scrap':>7}{'pending':>9}{'unassigned':>12}"]
+    lines.append("")
+    rows = []
     for machine in report["machines"]:
         order = (f"{machine['order_id']}/{machine['operation']}" if machine["order_id"]
                  else "(no order)")
-        pending = machine["good_pending"] + machine["scrap_pending"]
-        unassigned = machine["unassigned"] + machine["unassigned_scrap"]
-        lines.append(f"{machine['id']:<16}{order:<16}{_cell(machine.get('lot_id')):<14}"
-                     f"{_cell(machine['state']):<11}{machine['good_total']:>8}"
-                     f"{machine['scrap_total']:>7}{pending:>9}{unassigned:>12}")
+        rows.append([machine["id"], order, _cell(machine.get("lot_id")),
+                     _cell(machine["state"]), machine["good_total"], machine["scrap_total"],
+                     machine["good_pending"] + machine["scrap_pending"],
+                     machine["unassigned"] + machine["unassigned_scrap"]])
+    lines += table(["MACHINES", "order/op", "lot", "state", "good", "scrap", "pending",
+                    "unassigned"], rows, right=frozenset({4, 5, 6, 7}))
     if not report["machines"]:
         lines.append("(no machines configured)")
 
-    lines += ["", f"{'OUTBOX':<16}{'pending':>8}{'retrying':>10}{'dead':>7}{'oldest':>9}"
-                  "  destination"]
+    lines.append("")
     destinations = {**report["destinations"], **report.get("unconfigured_destinations", {})}
+    rows = []
     for name, counts in sorted(destinations.items()):
         if source == "daemon":
             reach = {True: "up", False: "FAILING", None: "not tried yet"}[counts.get("reachable")]
@@ -164,19 +203,28 @@ def render(report: dict[str, Any], source: Source) -> str:
                 reach = "NOT CONFIGURED: kept until it is"
         else:
             reach = "?"
-        lines.append(f"{name:<16}{counts['pending']:>8}{counts['retrying']:>10}"
-                     f"{counts['dead']:>7}{format_age(counts['oldest_pending_age']):>9}"
-                     f"  {reach}")
+        rows.append([name, counts["pending"], counts["retrying"], counts["dead"],
+                     format_age(counts["oldest_pending_age"]), reach])
+    lines += table(["OUTBOX", "pending", "retrying", "dead", "oldest", "destination"], rows,
+                   right=frozenset({1, 2, 3, 4}))
     if not destinations:
         lines.append("(nothing owed to any destination)")
 
     dead = report.get("dead_letters", [])
     lines += ["", f"RECENT DEAD LETTERS ({len(dead)} in all; "
                   "plantsync outbox --config FILE show|retry EVENT_ID)"]
-    for row in dead[-RECENT_DEAD:]:
-        lines.append(f"{row['id']}  {row['type']:<24} {row['destination']:<8} "
-                     f"key={row['partition_key']}  {_cell(row['last_status'])} "
-                     f"{_short(row['last_error'], 50)}")
-    if not dead:
-        lines.append("(none)")
+    lines += table(["event id", "type", "destination", "key", "status", "error"],
+                   [[row["id"], row["type"], row["destination"], row["partition_key"],
+                     _cell(row["last_status"]), _short(row["last_error"], 50)]
+                    for row in dead[-RECENT_DEAD:]]) if dead else ["(none)"]
+
+    rejected = report.get("input_dead_letters", {})
+    by_source = ", ".join(f"{name}: {count}" for name, count in
+                          rejected.get("by_source", {}).items())
+    lines += ["", f"INPUT DEAD LETTERS ({rejected.get('count', 0)} in all"
+                  + (f": {by_source}" if by_source else "")
+                  + "; plantsync outbox --config FILE rejected)"]
+    recent = report.get("rejected", [])
+    lines += [f"{local_time(row['received_at'])}  {row['source']}  {row['topic']}: "
+              f"{_short(row['reason'], 80)}" for row in recent] or ["(none)"]
     return "\n".join(lines)

@@ -1,9 +1,10 @@
 """Durations as technicians write them in YAML, and the one backoff policy every retry loop uses.
 
-A duration is written `500ms`, `15s`, `15m`, `2h`, `1h30m` or a bare number of seconds; it is
-held as float seconds. The backoff is exponential with full jitter and a cap (AWS architecture
-blog, "Exponential Backoff And Jitter"): drivers reconnecting and forwarders retrying share it so
-that a plant-wide outage does not turn into a synchronized storm when the peer returns.
+A duration is written `500ms`, `15s`, `15m`, `2h` or `1h30m` (a number needs its unit; only 0
+may go without); it is held as float seconds. The backoff is exponential with full jitter and
+a cap (AWS architecture blog, "Exponential Backoff And Jitter"): drivers reconnecting and
+forwarders retrying share it so that a plant-wide outage does not turn into a synchronized
+storm when the peer returns.
 """
 
 from __future__ import annotations
@@ -18,14 +19,22 @@ from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
+_NUMBER = re.compile(r"[+-]?\d+(?:\.\d*)?|[+-]?\.\d+")
 
 
 def parse_duration(value: Any) -> float:
-    """Return seconds for `500ms`, `15m`, `1h30m`, or a plain number of seconds."""
+    """Return seconds for `500ms`, `15m`, `1h30m`. A number without a unit is refused (is
+    `poll_interval: 500` half a second or eight minutes?), except 0, which is 0 in any unit."""
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 500ms, 15s, 15m or 1h30m")
-    if isinstance(value, int | float):
-        seconds = float(value)
+    if isinstance(value, int | float) or (
+            isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        number = float(value)
+        if number != 0:
+            shown = value.strip() if isinstance(value, str) else f"{value:g}"
+            raise ValueError(f"add a unit: {shown}ms or {shown}s ({shown} alone could be "
+                             "either)")
+        seconds = 0.0
     elif isinstance(value, str):
         text = value.strip().replace(" ", "")
         if not _WHOLE.fullmatch(text):

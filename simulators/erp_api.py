@@ -2190,9 +2190,9 @@ def _statuses(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m simulators.erp_api") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.erp_api",
+        prog=prog,
         description=__doc__.split("\n\n")[0],
         epilog="Endpoints and fault knobs: see the module docstring (pydoc simulators.erp_api).",
     )

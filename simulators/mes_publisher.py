@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import sys
@@ -56,6 +57,17 @@ MESSAGE_ID_NAMESPACE: Final = uuid.UUID("5d0c2a4e-8f1b-5c3a-9e7d-6b2f4a1c8e90")
 """Namespace of the simulator's message ids. Fixed, so ids are reproducible."""
 
 QuantityStyle = Literal["number", "string"]
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """TLS towards the broker: the CA to trust (the system's when None), a client certificate,
+    and whether to skip the check that the certificate names the host."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
 Quantityish = Decimal | int | str
 
 _NUMBER_MARK = "\x00number:"
@@ -162,6 +174,9 @@ class MesPublisher:
         client_id: str = "",
         quantities: QuantityStyle = "number",
         window: int = 1000,
+        username: str | None = None,
+        password: str | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.site, self.machine, self.run = site, machine, run
@@ -184,6 +199,12 @@ class MesPublisher:
         # paho reconnects by itself here, and sends what was not acknowledged again.
         self.client.reconnect_delay_set(1, 2)
         self.client.max_inflight_messages_set(min(window, 100))
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file,
+                                keyfile=tls.key_file)
+            self.client.tls_insecure_set(tls.insecure)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
@@ -196,7 +217,10 @@ class MesPublisher:
         self.client.loop_start()
         deadline = time.monotonic() + timeout
         while not self._connected.wait(0.1):
-            if time.monotonic() > deadline or self._stopping.is_set():
+            refused_for_good = self._connect_refusal is not None and any(
+                word in self._connect_refusal.lower() for word in ("not authorized",
+                                                                  "password", "banned"))
+            if time.monotonic() > deadline or self._stopping.is_set() or refused_for_good:
                 self.client.loop_stop()
                 reason = self._connect_refusal or "no connection"
                 raise ConnectionError(f"MQTT broker {self.host}:{self.port}: {reason}")
@@ -484,14 +508,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the same ids",
     )
     parser.add_argument("--quantities", choices=("number", "string"), default="number")
+    parser.add_argument("--username", help="user name, for a broker that wants one")
+    parser.add_argument("--password", default=os.environ.get("MES_MQTT_PASSWORD"),
+                        help="password (default: $MES_MQTT_PASSWORD; the environment keeps it "
+                        "out of the process list)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (port 8883 is "
+                        "usual); implied by the other --tls-* and --ca-file options")
+    parser.add_argument("--ca-file", help="PEM CA bundle that signs the broker's certificate "
+                        "(default: the system's)")
+    parser.add_argument("--cert-file", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--key-file", help="PEM key of --cert-file")
+    parser.add_argument("--tls-insecure", action="store_true",
+                        help="do not check that the certificate names --host")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.rate <= 0:
         parser.error("--rate must be positive")
+    if args.password and not args.username:
+        parser.error("--password needs --username")
+    tls = BrokerTls(args.ca_file, args.cert_file, args.key_file, args.tls_insecure) if (
+        args.tls or args.ca_file or args.cert_file or args.tls_insecure) else None
 
     stop = threading.Event()
     publisher = MesPublisher(
         args.host, args.port, site=args.site, machine=args.machine, run=args.run,
-        quantities=args.quantities,
+        quantities=args.quantities, username=args.username, password=args.password, tls=tls,
     )
 
     def on_stop(signum: int, frame: FrameType | None) -> None:

@@ -539,10 +539,10 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         log.info("Modbus PLC simulator stopped.")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m simulators.modbus_plc") -> int:
     """Run the simulator from the command line; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.modbus_plc",
+        prog=prog,
         description="Modbus TCP PLC simulator: a press counting good and scrap parts, plus a "
         "fixed block with a known value for every type and byte order (see the module doc).",
     )

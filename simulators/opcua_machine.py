@@ -18,7 +18,11 @@ Status.StateCurrent`:
 
 A machine starts in Execute. Every 100 ms the counters advance at `rate` processed and
 `scrap_rate` defective units per second (fractions accumulate) while in Execute, and not in any
-other state. `OpcUaMachineServer` is the control API for tests and the scenario runner: change the
+other state. With `sampling="per_tag"` (`--sampling per-tag`) the server behaves like one that
+samples each variable on its own timer (node-opcua does): a state change counts the units made
+up to it and shows the new state at once, but the counters show their last values only at the
+next tick, so a subscriber can see Complete before the count of the last units before it.
+`OpcUaMachineServer` is the control API for tests and the scenario runner: change the
 state, the rate, add counts, pin a process value. The command line (`main`) prints
 `opcua-machine listening on opc.tcp://HOST:PORT` once it accepts connections, so a parent
 process can wait for that line. With `--security sign|encrypt` it offers only Basic256Sha256
@@ -66,6 +70,10 @@ TEMPERATURE_NOMINAL, TEMPERATURE_NOISE = 72.0, 0.1
 PRESSURE_NOMINAL, PRESSURE_NOISE = 4.2, 0.02
 
 Security = Literal["none", "sign", "encrypt"]
+Sampling = Literal["together", "per_tag"]
+STATE_VARIABLES = ("Status.StateCurrent", "Admin.StopReason", "Admin.StopReasonText",
+                   "Process.Speed")
+"""What a state change writes at once in `per_tag` sampling; the counters wait for the clock."""
 
 
 class PackMLState(enum.IntEnum):
@@ -241,6 +249,7 @@ class OpcUaMachineServer:
         certificate: Path | None = None,
         private_key: Path | None = None,
         tick: float = TICK_SECONDS,
+        sampling: Sampling = "together",
     ) -> None:
         if not machines:
             raise ValueError("at least one machine is needed")
@@ -255,6 +264,8 @@ class OpcUaMachineServer:
         self.certificate = certificate
         self.private_key = private_key
         self.tick = tick
+        self.sampling = sampling
+        self._last_advance = time.monotonic()
         self.machines: dict[str, Machine] = {
             name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count))
             for name in machines
@@ -377,22 +388,28 @@ class OpcUaMachineServer:
     # --- the production clock -----------------------------------------------------------------
 
     async def _run_clock(self) -> None:
-        last = time.monotonic()
+        self._last_advance = time.monotonic()
         while True:
             await asyncio.sleep(self.tick)
-            now = time.monotonic()
-            for machine in self.machines.values():
-                machine.advance(now - last)
-            last = now
+            self._advance()
             await self._publish_all()
 
-    async def _publish_all(self) -> None:
-        """Write every value that changed since the last write, with a source timestamp."""
+    def _advance(self) -> None:
+        now = time.monotonic()
+        for machine in self.machines.values():
+            machine.advance(now - self._last_advance)
+        self._last_advance = now
+
+    async def _publish_all(self, only: Sequence[str] | None = None) -> None:
+        """Write every value that changed since the last write (of the `only` variables, if
+        given), with a source timestamp."""
         if self._server is None:
             return
         stamp = ua.DateTime.now(UTC)
         for machine in self.machines.values():
             for path, value in machine.values().items():
+                if only is not None and path not in only:
+                    continue
                 key = (machine.name, path)
                 if self._written.get(key) == value:
                     continue
@@ -427,12 +444,17 @@ class OpcUaMachineServer:
         stop_reason: int = 0,
         text: str = "",
     ) -> None:
-        """Move the machine to a PackML state (number or name), with a stop reason if stopping."""
+        """Move the machine to a PackML state (number or name), with a stop reason if stopping.
+        In `per_tag` sampling the units made up to now are counted first, and shown with the
+        next tick; the state shows at once."""
         target = self.machine(machine)
+        per_tag = self.sampling == "per_tag"
+        if per_tag:
+            self._advance()
         target.state = PackMLState.of(state)
         target.stop_reason = stop_reason
         target.stop_reason_text = text
-        await self._publish_all()
+        await self._publish_all(STATE_VARIABLES if per_tag else None)
 
     async def set_rate(self, machine: str, rate: float, scrap_rate: float | None = None) -> None:
         """Processed (and optionally defective) units per second while in Execute."""
@@ -514,6 +536,7 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         user=args.user,
         certificate=args.certificate,
         private_key=args.private_key,
+        sampling="per_tag" if args.sampling == "per-tag" else "together",
     )
     try:
         await machine_server.start()
@@ -533,10 +556,10 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         log.info("OPC UA machine simulator stopped.")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m simulators.opcua_machine") -> int:
     """Run the simulator from the command line; returns the exit status."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.opcua_machine",
+        prog=prog,
         description="OPC UA machine simulator: PackML state, counters and process values.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -559,6 +582,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--user", type=_user, default=None, metavar="USER:PASS", help="accept only this user"
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=("together", "per-tag"),
+        default="together",
+        help="per-tag: each variable shows changes on its own timer, so a state change can "
+        "show before the count of the units made just before it (as node-opcua servers do)",
     )
     parser.add_argument("--certificate", type=Path, help="server certificate (default: generated)")
     parser.add_argument("--private-key", type=Path, help="server private key (default: generated)")

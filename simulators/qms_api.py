@@ -1169,9 +1169,9 @@ def _statuses(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m simulators.qms_api") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.qms_api", description=__doc__.split("\n\n")[0]
+        prog=prog, description=__doc__.split("\n\n")[0]
     )
     add_listen_arguments(parser, default_port=8490)
     parser.add_argument(

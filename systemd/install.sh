@@ -65,6 +65,32 @@ elif [ "$(id -u)" != 0 ]; then
 fi
 test -f "$UNIT_SOURCE" || { echo "install.sh: $UNIT_SOURCE is missing" >&2; exit 1; }
 
+# What the install needs, checked before anything is changed (a dry run checks too), each
+# failure saying what to install or open.
+step "Checking $PYTHON and the package index"
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "install.sh: $PYTHON is not installed. On Debian: apt-get install python3 python3-venv" >&2
+    exit 1
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+    echo "install.sh: $PYTHON is older than Python 3.11, which PlantSync Edge needs" >&2
+    exit 1
+fi
+if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    echo "install.sh: $PYTHON cannot make a virtualenv (no venv or ensurepip module)." \
+        "On Debian: apt-get install python3-venv" >&2
+    exit 1
+fi
+INDEX=${PIP_INDEX_URL:-https://pypi.org/simple}
+if ! "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=15)' \
+        "${INDEX%/}/pip/" >/dev/null 2>&1; then
+    echo "install.sh: the package index $INDEX does not answer, and the install downloads" \
+        "PlantSync Edge's dependencies from it. Give this box access to it (a proxy:" \
+        "export https_proxy=http://proxy:3128), or set PIP_INDEX_URL to your plant's mirror" >&2
+    exit 1
+fi
+echo "  $($PYTHON --version 2>&1) with venv; package index $INDEX answers"
+
 step "Virtualenv $PREFIX with PlantSync Edge from $SOURCE"
 run "$PYTHON" -m venv "$PREFIX"
 run "$PREFIX/bin/python" -m pip install --quiet --upgrade pip
@@ -109,8 +135,9 @@ else
     printf '\nInstalled. Next:\n'
 fi
 cat <<EOF
-  1. Edit $CONFIG_DIR/plant.yaml, then check it:
-       sudo -u $SERVICE_USER $PREFIX/bin/plantsync check --config $CONFIG_DIR/plant.yaml
+  1. Edit $CONFIG_DIR/plant.yaml, then check it (--offline: everything but the secrets'
+     values, which this shell does not have; the service checks in full at each start):
+       sudo -u $SERVICE_USER $PREFIX/bin/plantsync check --offline --config $CONFIG_DIR/plant.yaml
   2. Secrets: \${ENV_VAR} values go in $CONFIG_DIR/plantsync.env (root, 0600);
      \${cred:NAME} values in $CREDSTORE/NAME (root, 0600), one LoadCredential=NAME each
      (systemctl edit plantsync).

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -294,3 +295,86 @@ def stock_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(mosquitto_binary(), directory, settings={"sys_interval": "1"}).start()
     yield broker
     broker.kill()
+
+
+# --- a package index on loopback -------------------------------------------------------------
+
+
+@pytest.fixture
+def package_index() -> Iterator[str]:
+    """A package index on loopback that answers, as PyPI would, for `pip/` (for the install
+    script's check, without the network)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path.startswith("/simple/pip") else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/simple"
+    server.shutdown()
+    server.server_close()
+
+
+def mes_driver(broker_port: int, *, extra: str = "") -> str:
+    """A plant config's MQTT driver `mes` for the MES simulator's consumption topic, as one
+    item of `drivers:` (YAML text); `extra` adds settings (`"    keepalive: 30s\n"`). The
+    client id is fresh, so no earlier test's session is picked up."""
+    import uuid
+
+    return (f"  - name: mes\n    type: mqtt\n    host: 127.0.0.1\n    port: {broker_port}\n"
+            f"    client_id: plantsync-test-{uuid.uuid4().hex[:8]}\n{extra}"
+            "    topics:\n      - filter: mes/1010/+/consumption\n"
+            "        event: material.consumed\n"
+            "        fields: {order_id: order_id, material: material, quantity.value: quantity,\n"
+            "                 quantity.uom: uom}\n")
+
+
+# --- the OPC UA machine simulator in this process ---------------------------------------------
+
+
+class MachineInThread:
+    """The OPC UA machine simulator on its own event loop in a thread: a test moves its state at
+    moments it picks and reads its own count (the oracle) while the gateway, a child process,
+    reads it over OPC UA; the test itself may block (waiting for the gateway) meanwhile."""
+
+    def __init__(self, **options: Any) -> None:
+        import asyncio
+        import threading
+
+        from simulators.opcua_machine import OpcUaMachineServer
+
+        self.loop = asyncio.new_event_loop()
+        self.server = OpcUaMachineServer("127.0.0.1", 0, **options)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="opcua-machine",
+                                       daemon=True)
+
+    def __enter__(self) -> MachineInThread:
+        self.thread.start()
+        self.call(self.server.start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.call(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+    def call(self, work: Any) -> Any:
+        """Run a coroutine on the simulator's loop and return its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(30)
+
+    def state_and_count(self, machine: str, state: str) -> int:
+        """Move the machine to `state`; its processed count as of that moment."""
+        async def move() -> int:
+            await self.server.set_state(machine, state)
+            return self.server.machine(machine).processed_count
+        count: int = self.call(move())
+        return count

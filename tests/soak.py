@@ -144,7 +144,7 @@ def write_config(directory: Path, plc_ports: list[int], opcua_port: int, broker:
         machines.append(f"""
   - id: {name}
     line: LINE-{number % 4}
-    signals: {{processed: {name}.good, defective: {name}.bad, state: {name}.state}}
+    signals: {{good: {name}.good, defective: {name}.bad, state: {name}.state}}
     order: {{order_id: "{order_of(name)}", operation: "0010", material: FG-4711}}
     confirm: {{every_units: 50, every: 1m}}
     state_map: {{4: Idle, 6: Execute, 11: Held, 17: Complete}}

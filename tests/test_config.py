@@ -30,7 +30,7 @@ drivers:
       - {name: good, address: 0, type: uint32}
 machines:
   - id: press-01
-    signals: {processed: press-01.good}
+    signals: {good: press-01.good}
     order: {order_id: "42"}
 destinations:
   erp: {base_url: "http://127.0.0.1:1", auth: {type: bearer, token: "${ERP_TOKEN}"}}
@@ -188,7 +188,7 @@ def test_secrets_come_from_the_environment_and_are_not_printed() -> None:
      "plant.yaml:4: drivers[0]: type must be one of 'modbus', 'opcua', 'mqtt'"),
     (('site: "1010"\n', ""), "plant.yaml:1: site: is required"),
     (("press-01.good}", "press-01.goood}"),
-     "plant.yaml:11: machines[0].signals.processed: no driver tag named 'press-01.goood' "
+     "plant.yaml:11: machines[0].signals.good: no driver tag named 'press-01.goood' "
      "(did you mean 'press-01.good'?)"),
     (("production.confirmation: [erp]", "production.confirmations: [erp]"),
      "plant.yaml:16: routes.production.confirmations: unknown event type "
@@ -246,6 +246,50 @@ def test_plantsync_schema_writes_every_event_type(tmp_path: Path) -> None:
                            str(tmp_path / "schemas")], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     names = {p.name for p in (tmp_path / "schemas").iterdir()}
-    assert {f"{t}.v1.json" for t in EVENT_MODELS} | {"cloudevent.json"} == names
+    assert {m.schema_file_name() for m in EVENT_MODELS.values()} | {"cloudevent.json"} == names
     schema = json.loads((tmp_path / "schemas" / "production.confirmation.v1.json").read_text())
     assert "yield_quantity" in schema["properties"]
+
+
+def test_check_says_what_each_machine_counts_and_notes_the_changed_meaning(
+        tmp_path: Path) -> None:
+    """`processed` with `defective` now means PackML's processed (good + defective); an old
+    config that meant good units by it still loads, and `check` says what it takes and how to
+    keep the old meaning."""
+    packml = GOOD.replace("      - {name: good, address: 0, type: uint32}\n",
+                          "      - {name: good, address: 0, type: uint32}\n"
+                          "      - {name: bad, address: 2, type: uint32}\n"
+                          "      - {name: state, address: 10}\n")
+    old_style = tmp_path / "old.yaml"
+    old_style.write_text(packml.replace(
+        "signals: {good: press-01.good}",
+        "signals: {processed: press-01.good, defective: press-01.bad, state: press-01.state}\n"
+        "    state_map: {6: Execute, 11: Held}"))
+    env = {"ERP_TOKEN": "x", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config",
+                           str(old_style)], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    assert ("machine press-01: yield = processed - defective (press-01.good - press-01.bad); "
+            "scrap = defective (press-01.bad); state changes wait 0s for the counters"
+            ) in done.stdout
+    assert "note: press-01.good must count good and defective units" in done.stdout
+    assert "name it `good`" in done.stdout
+    renamed = tmp_path / "new.yaml"
+    renamed.write_text(packml.replace("signals: {good: press-01.good}",
+                                      "signals: {good: press-01.good, defective: press-01.bad}"))
+    done = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config",
+                           str(renamed)], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert "yield = good (press-01.good); scrap = defective (press-01.bad)" in done.stdout
+    assert "note:" not in done.stdout
+
+
+@pytest.mark.parametrize(("signals", "expected"), [
+    ("{defective: press-01.good}", "name the machine's counter: good (good units only) or "
+     "processed"),
+    ("{good: press-01.good, processed: press-01.good, defective: press-01.good}",
+     "good, processed and defective: name two of them"),
+])
+def test_counters_must_say_what_they_count(signals: str, expected: str) -> None:
+    found = problems(GOOD.replace("signals: {good: press-01.good}", f"signals: {signals}"))
+    assert any(p.startswith("plant.yaml:11: machines[0].signals: ") and expected in p
+               for p in found), found

@@ -359,7 +359,7 @@ drivers:
 machines:
   - id: press-01
     line: LINE-A
-    signals: {{processed: {signal}}}
+    signals: {{good: {signal}}}
     order: {{order_id: "1000123", operation: "0010", material: FG-4711, lot_id: LOT-1}}
     confirm: {{every_units: 25, every: 1s}}
 {erp_destination(erp)}

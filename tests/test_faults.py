@@ -302,7 +302,7 @@ def write_config(tmp_path: Path, plc: PlcSim, erp: ErpSim, machines: int) -> Pat
         rules.append(f"""
   - id: {name}
     line: LINE-{i % 3}
-    signals: {{processed: {name}.good, defective: {name}.bad}}
+    signals: {{good: {name}.good, defective: {name}.bad}}
     order: {{order_id: "{_order_id(name)}", operation: "0010", material: FG-4711}}
     confirm: {{every_units: 1, every: 2s}}""")
     # Every event type goes to ERP, so that every id the outbox commits is owed to ERP.

@@ -156,10 +156,10 @@ drivers:
   - {name: plc, type: modbus, host: 127.0.0.1, tags: [{name: good, address: 0, type: uint32},
      {name: state, address: 10, type: uint16}]}
 machines:
-  - {id: press-01, signals: {processed: plc.good, state: plc.state},
+  - {id: press-01, signals: {good: plc.good, state: plc.state},
      state_map: {4: Idle, 6: Execute, 17: Complete},
      order: {order_id: "1000123"}, confirm: {every_units: 10}}
-  - {id: press-02, signals: {processed: plc.good}, confirm: {every_units: 5}}
+  - {id: press-02, signals: {good: plc.good}, confirm: {every_units: 5}}
 destinations:
   erp: {base_url: "http://127.0.0.1:1"}
 routes:
@@ -600,7 +600,7 @@ drivers:
      {name: reason, address: 11}, {name: force, address: 20, type: float32}]}
 machines:
   - id: press-01
-    signals: {processed: plc.good, defective: plc.bad, state: plc.state,
+    signals: {good: plc.good, defective: plc.bad, state: plc.state,
               stop_reason: plc.reason}
     order: {order_id: "1000123", material: FG-4711, lot_id: LOT-1}
     confirm: {every_units: 7, every: 5s, on_state_change: true}

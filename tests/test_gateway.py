@@ -52,7 +52,7 @@ drivers:
 machines:
   - id: press-01
     line: LINE-A
-    signals: {{processed: press-01.good, defective: press-01.bad, state: press-01.state}}
+    signals: {{good: press-01.good, defective: press-01.bad, state: press-01.state}}
     order: {{order_id: "1000123", operation: "0010", material: FG-4711, lot_id: LOT-1}}
     confirm: {{every_units: {every_units}, every: {every}}}
     state_map: {{4: Idle, 6: Execute, 17: Complete}}

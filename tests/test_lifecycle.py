@@ -446,8 +446,23 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     assert done.returncode == 0 and not complaints, done.stdout + done.stderr
     for setting in ("Type=notify", "WatchdogSec=", "ExecStartPre=", "Restart=on-failure",
                     "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=plantsync",
-                    "NoNewPrivileges=yes", "ProtectSystem=strict", "LoadCredential="):
+                    "NoNewPrivileges=yes", "ProtectSystem=strict", "LoadCredential=",
+                    "StateDirectoryMode=0700", "UMask=0077", "MemoryHigh=", "MemoryMax="):
         assert setting in unit
+
+
+def test_the_unit_file_limit_is_far_above_what_the_local_api_may_hold() -> None:
+    from edge.config import ApiConfig
+
+    unit = (ROOT / "systemd" / "plantsync.service").read_text()
+    files = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert files is not None, "LimitNOFILE= is missing"
+    most = ApiConfig.model_fields["max_connections"].metadata
+    ceiling = next(m.le for m in most if hasattr(m, "le"))
+    assert int(files.group(1)) >= 4 * ceiling  # the API at its most still leaves 3/4
+    high = re.search(r"^MemoryHigh=(\d+)M$", unit, re.MULTILINE)
+    top = re.search(r"^MemoryMax=(\d+)G$", unit, re.MULTILINE)
+    assert high and top and int(high.group(1)) < int(top.group(1)) * 1024
 
 
 def test_unit_stop_timeout_is_above_the_default_shutdown_timeout() -> None:
@@ -460,14 +475,17 @@ def test_unit_stop_timeout_is_above_the_default_shutdown_timeout() -> None:
     assert int(stop.group(1)) > default + 15
 
 
-def test_install_dry_run_prints_the_steps_and_changes_nothing(tmp_path: Path) -> None:
+def test_install_dry_run_prints_the_steps_and_changes_nothing(tmp_path: Path,
+                                                               package_index: str) -> None:
     prefix = tmp_path / "opt-plantsync"
     done = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run",
-                           "--prefix", str(prefix)], capture_output=True, text=True,
-                          timeout=60)
+                           "--prefix", str(prefix), "--python", sys.executable],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PIP_INDEX_URL": package_index})
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for expected in (f"-m venv {prefix}", f"{prefix}/bin/python -m pip install --quiet {ROOT}",
+    for expected in (f"{sys.executable} -m venv {prefix}",
+                     f"{prefix}/bin/python -m pip install --quiet {ROOT}",
                      "install -d -m 0750 -o root -g plantsync /etc/plantsync",
                      "/etc/systemd/system/plantsync.service", "systemctl daemon-reload",
                      "systemctl enable plantsync.service"):
@@ -491,10 +509,10 @@ drivers:
   - {{name: press-01, type: modbus, host: 127.0.0.1, tags: [{{name: good, address: 0}}]}}
 machines:
   - id: press-01
-    signals: {{processed: press-01.good}}
+    signals: {{good: press-01.good}}
     confirm: {{every_units: {every_units}}}
 destinations:
-  erp: {{base_url: "http://erp", auth: {{type: bearer, token: "{token}"}}}}
+  erp: {{base_url: "https://erp", auth: {{type: bearer, token: "{token}"}}}}
 {destinations}
 routes:
   production.confirmation: [erp]

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from edge.model import (
     BUILTIN_UOM_CODES,
+    CLOUDEVENT_VERSION,
     EVENT_ID_NAMESPACE,
     EVENT_MODELS,
     UOM_CODES_CONTEXT_KEY,
@@ -41,6 +42,7 @@ from edge.model import (
     SignedQuantity,
     build_event,
     event_id,
+    event_type_of,
     format_sequence,
     json_schemas,
     priority_of,
@@ -185,7 +187,16 @@ def test_event_type_literal_and_registry_agree() -> None:
     assert set(SAMPLES) == set(EVENT_MODELS)
     for event_type, model in EVENT_MODELS.items():
         assert event_type == model.EVENT_TYPE
-        assert model.VERSION == 1
+        assert DATA_MODEL_VERSIONS[event_type] == model.VERSION
+
+
+DATA_MODEL_VERSIONS = {
+    "operation.started": 1, "operation.interrupted": 2, "operation.resumed": 2,
+    "operation.completed": 1, "production.confirmation": 1, "material.consumed": 1,
+    "lot.produced": 1, "downtime.recorded": 2, "inspection.requested": 1,
+    "inspection.result": 1, "nonconformance.raised": 1, "lot.disposition": 1,
+}
+"""Pinned: a change to a data model must bump its version (v2: data_quality, source_gap)."""
 
 
 def test_registry_is_immutable() -> None:
@@ -681,6 +692,24 @@ def test_downtime_duration_must_match_its_period() -> None:
         )
 
 
+def test_uncertain_comes_with_its_gap_and_only_then() -> None:
+    gap = {"started_at": AT - timedelta(seconds=40), "ended_at": AT - timedelta(seconds=5)}
+    for event_type in ("downtime.recorded", "operation.interrupted", "operation.resumed"):
+        model = EVENT_MODELS[event_type]
+        sample = SAMPLES[event_type].model_dump()
+        assert model.model_validate(sample).data_quality == "good"  # type: ignore[attr-defined]
+        uncertain = model.model_validate(sample | {"data_quality": "uncertain",
+                                                   "source_gap": gap})
+        assert uncertain.model_dump(mode="json")["source_gap"]["started_at"].endswith("Z")
+        with pytest.raises(ValidationError, match="source_gap"):
+            model.model_validate(sample | {"data_quality": "uncertain"})
+        with pytest.raises(ValidationError, match="source_gap"):
+            model.model_validate(sample | {"source_gap": gap})
+        with pytest.raises(ValidationError, match="ended_at"):
+            model.model_validate(sample | {"data_quality": "uncertain", "source_gap": {
+                "started_at": gap["ended_at"], "ended_at": gap["started_at"]}})
+
+
 def test_quality_events_need_an_order_or_a_lot() -> None:
     sample = SAMPLES["nonconformance.raised"].model_dump()
     with pytest.raises(ValidationError, match="order_id or a lot_id"):
@@ -736,7 +765,8 @@ def test_genealogy_survives_the_round_trip() -> None:
 def test_every_type_has_a_schema_file(tmp_path: Path) -> None:
     written = write_schemas(tmp_path / "schemas")
     names = {path.name for path in written}
-    expected = {f"{event_type}.v1.json" for event_type in EVENT_MODELS} | {"cloudevent.json"}
+    expected = {f"{event_type}.v{DATA_MODEL_VERSIONS[event_type]}.json"
+                for event_type in EVENT_MODELS} | {"cloudevent.json"}
     assert names == expected
     assert written == sorted(written)
     for path in written:
@@ -746,8 +776,8 @@ def test_every_type_has_a_schema_file(tmp_path: Path) -> None:
         assert schema["properties"]
         assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
         assert text == json.dumps(schema, indent=2, sort_keys=True) + "\n"
-    for event_type, model in EVENT_MODELS.items():
-        schema = json.loads((tmp_path / "schemas" / f"{event_type}.v1.json").read_text())
+    for model in EVENT_MODELS.values():
+        schema = json.loads((tmp_path / "schemas" / model.schema_file_name()).read_text())
         assert schema["$id"] == model.dataschema()
         assert schema["additionalProperties"] is False
         assert set(schema["properties"]) == set(model.model_fields)
@@ -768,7 +798,31 @@ def test_schemas_describe_the_wire_format() -> None:
     assert envelope["properties"]["time"]["format"] == "date-time"
     assert envelope["properties"]["sequence"]["pattern"] == r"^\d{20}$"
     assert set(envelope["properties"]["type"]["enum"]) == {
-        f"com.plantsync.edge.{name}.v1" for name in EVENT_MODELS}
+        f"com.plantsync.edge.{name}.v{version}" for name, version in DATA_MODEL_VERSIONS.items()}
+
+
+def test_the_exported_schemas_accept_what_the_rules_emit_and_refuse_the_rest() -> None:
+    """The JSON Schemas are what ERP and QMS teams check payloads with: every event the golden
+    cases expect (v2 data quality included) validates against the schema its `dataschema`
+    names, and a v2 payload with an unknown quality does not."""
+    import jsonschema
+
+    by_id = {schema["$id"]: schema for schema in json_schemas().values()}
+    seen = set()
+    for expected in sorted((Path(__file__).parent / "cases").glob("*/expected.jsonl")):
+        for line in expected.read_text().splitlines():
+            event = json.loads(line)
+            if "data" not in event:
+                continue
+            jsonschema.validate(event["data"], by_id[event["dataschema"]])
+            jsonschema.validate({k: v for k, v in event.items() if k != "data"} | {"data": {}},
+                                by_id[f"urn:plantsync:schema:cloudevent:{CLOUDEVENT_VERSION}"])
+            seen.add((event_type_of(event["type"]), event["data"].get("data_quality")))
+    assert ("downtime.recorded", "uncertain") in seen, "a golden case with a gap is missing"
+    downtime = by_id[DowntimeRecorded.dataschema()]
+    sample = SAMPLES["downtime.recorded"].model_dump(mode="json")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(sample | {"data_quality": "probably"}, downtime)
 
 
 def test_write_schemas_is_repeatable(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ drivers:
   - {name: plc, type: modbus, host: 127.0.0.1, tags: [{name: good, address: 0, type: uint32}]}
 machines:
   - id: press-01
-    signals: {processed: plc.good}
+    signals: {good: plc.good}
     confirm: {every_units: 10, uom: BX}
 """
 

@@ -400,9 +400,9 @@ async def test_lot_status_kept_and_a_produced_lot_never_overrides_a_decision(
 
 
 async def test_input_dead_letters_kept_replaced_and_resolved(outbox: Outbox) -> None:
-    from buffer.outbox import REJECTED_PAYLOAD_MAX, RejectedInput
+    from buffer.outbox import REJECTED_PAYLOAD_LIMIT, RejectedInput
 
-    huge = b"{" + b"x" * (REJECTED_PAYLOAD_MAX + 10)
+    huge = b"{" + b"x" * (REJECTED_PAYLOAD_LIMIT + 10)
     await outbox.commit([], rejected=[
         RejectedInput("mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}', "unit ZCS", 100.0,
                       "m-1"),
@@ -412,7 +412,7 @@ async def test_input_dead_letters_kept_replaced_and_resolved(outbox: Outbox) -> 
             oldest["payload"], oldest["reason"], oldest["received_at"]) == (
         1, "mes", "mes/1010/p/consumption", "m-1", '{"uom": "ZCS"}', "unit ZCS", 100.0)
     assert newest["topic"] == "mes/t\\udcff"  # a lone surrogate is kept escaped
-    assert len(newest["payload"]) == REJECTED_PAYLOAD_MAX and newest["message_id"] is None
+    assert len(newest["payload"]) == REJECTED_PAYLOAD_LIMIT and newest["message_id"] is None
     assert [r["id"] for r in await outbox.rejected_inputs(since=150.0)] == [2]
     assert [r["id"] for r in await outbox.rejected_inputs(limit=1)] == [2]
     assert outbox.stats.rejected_inputs == 2
@@ -426,7 +426,7 @@ async def test_input_dead_letters_kept_replaced_and_resolved(outbox: Outbox) -> 
         kept.source, kept.topic, kept.payload, "still ZCS", kept.received_at, "m-1",
         replaces=1)])
     assert [(r["id"], r["reason"]) for r in await outbox.rejected_inputs()] == [
-        (2, "too big"), (1, "still ZCS")]
+        (2, "too big (payload of 16395 bytes; its first 16384 kept)"), (1, "still ZCS")]
     # Accepted: its events and its removal in one commit.
     result = await outbox.commit([event(7)], resolved_inputs=[1])
     assert result.inserted == 1

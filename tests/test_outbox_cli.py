@@ -4,6 +4,7 @@ against the database directly when the daemon is down."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -14,7 +15,7 @@ import pytest
 
 from edge.model import event_id
 from simulators.mes_publisher import MesPublisher
-from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, free_port, start_plc
+from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, PlcSim, free_port, start_plc
 from tests.test_gateway import _api_port, start_gateway, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -28,10 +29,13 @@ def outbox_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_dead_letters_seen_retried_and_journalled(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
 ) -> None:
-    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "200")
+    # The gateway first, then the PLC on the port it polls: on a loaded box the PLC would
+    # otherwise reach its stop value before the gateway's first reading (its baseline).
+    port = free_port()
     erp_sim.set_faults(error_rate=1.0, error_status=422)
-    config = write_config(tmp_path, plc, erp_sim, every_units=50)
+    config = write_config(tmp_path, PlcSim(None, port), erp_sim, every_units=50)  # type: ignore[arg-type]
     gateway = start_gateway(peers, config, tmp_path)
+    start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "200", port=port)
 
     def dead_count() -> int:
         done = outbox_cli(config, "--json", "status")
@@ -45,14 +49,14 @@ def test_dead_letters_seen_retried_and_journalled(
     dead = json.loads(listed.stdout)
     assert dead[0]["last_status"] == 422
     shown = outbox_cli(config, "show", dead[0]["id"])
-    assert '"production.confirmation"' in shown.stdout
+    assert "production.confirmation" in shown.stdout and '"yield_quantity": {' in shown.stdout
 
     # Changing anything over the API needs the token; the CLI finds the daemon's token file.
     port = _api_port(gateway)
     refused = httpx.post(f"http://127.0.0.1:{port}/outbox/retry", json={"all_dead": True})
     assert refused.status_code == 401
     erp_sim.set_faults(error_rate=0.0)
-    retried = outbox_cli(config, "retry", "--all-dead")
+    retried = outbox_cli(config, "retry", "--all-dead", "--reason", "ERP fixed the 422")
     assert retried.returncode == 0 and "put back in line" in retried.stdout, retried.stderr
     wait_for(lambda: dead_count() == 0 and len(erp_sim.events()) >= 2, 30, "redelivery")
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
@@ -66,7 +70,10 @@ def test_dead_letters_seen_retried_and_journalled(
     assert journal.returncode == 0
     assert "(from the database directly)" in journal.stdout
     assert journal.stdout.count("production.confirmation") == len(erp_sim.events())
-    assert "ref=ERP-" in journal.stdout
+    assert re.search(r"\s201\s+1\s+ERP-\d+$", journal.stdout, re.MULTILINE), journal.stdout
+
+
+FIXED = "ZCS added to uom_codes"
 
 
 def mes_plant(tmp_path: Path, broker: Mosquitto, erp: ErpSim, *, uom_codes: str = "[]") -> Path:
@@ -139,7 +146,7 @@ def test_a_rejected_mes_message_is_traced_and_reingested_after_the_fix(
     assert f"from MES message {accepted.message_id}" in output
 
     # Run again before the fix: rejected again, the dead letter stays (one row, new reason).
-    again = outbox_cli(config, "reingest", str(rows[0]["id"]))
+    again = outbox_cli(config, "reingest", str(rows[0]["id"]), "--reason", "ZCS not known yet")
     assert again.returncode == 1 and "rejected again" in again.stdout, again
     assert len(json.loads(outbox_cli(config, "--json", "rejected").stdout)) == 2
 
@@ -147,7 +154,7 @@ def test_a_rejected_mes_message_is_traced_and_reingested_after_the_fix(
     assert gateway.stop() == 0
     config.write_text(config.read_text().replace("uom_codes: []", "uom_codes: [ZCS]"))
     gateway = start_gateway(peers, config, tmp_path)
-    done = outbox_cli(config, "--json", "reingest", str(rows[0]["id"]))
+    done = outbox_cli(config, "--json", "reingest", str(rows[0]["id"]), "--reason", FIXED)
     assert done.returncode == 0, done
     first = json.loads(done.stdout)
     expected = [event_id("material.consumed", "1010", "material.consumed", str(p.message_id))
@@ -155,13 +162,16 @@ def test_a_rejected_mes_message_is_traced_and_reingested_after_the_fix(
     assert first == {"id": rows[0]["id"], "message_id": refused[0].message_id,
                      "outcome": "accepted", "events": [expected[0]]}
     assert "Manual intervention: input dead letter" in gateway.output()
-    twice = outbox_cli(config, "reingest", str(rows[0]["id"]))
+    hand = json.loads(outbox_cli(config, "--json", "hand-actions").stdout)
+    assert [(h["action"], h["reason"], h["affected"]) for h in hand] == [
+        ("reingest", "ZCS not known yet", 0), ("reingest", FIXED, 1)]
+    twice = outbox_cli(config, "reingest", str(rows[0]["id"]), "--reason", "ZCS not known yet")
     assert twice.returncode != 0 and "no input dead letter" in twice.stderr, twice
 
     # With no daemon running, the CLI runs the other one on the database itself; the next
     # start delivers it.
     assert gateway.stop() == 0
-    offline = outbox_cli(config, "reingest", str(rows[1]["id"]))
+    offline = outbox_cli(config, "reingest", str(rows[1]["id"]), "--reason", FIXED)
     assert offline.returncode == 0, offline
     assert "accepted" in offline.stdout and "(from the database directly)" in offline.stdout
     gateway = start_gateway(peers, config, tmp_path)

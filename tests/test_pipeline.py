@@ -18,7 +18,7 @@ data_dir: /tmp/unused
 drivers:
   - {name: plc, type: modbus, host: 127.0.0.1, tags: [{name: good, address: 0, type: uint32}]}
 machines:
-  - {id: press-01, signals: {processed: plc.good}, order: {order_id: "42"},
+  - {id: press-01, signals: {good: plc.good}, order: {order_id: "42"},
      confirm: {every_units: 10}}
 destinations:
   erp: {base_url: "http://127.0.0.1:1"}

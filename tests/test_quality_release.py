@@ -179,7 +179,7 @@ drivers:
 machines:
   - id: {MACHINE}
     line: LINE-A
-    signals: {{processed: {MACHINE}.good, defective: {MACHINE}.bad}}
+    signals: {{good: {MACHINE}.good, defective: {MACHINE}.bad}}
     confirm: {{every_units: 20, every: 1s}}
 destinations:
   erp:

@@ -145,39 +145,6 @@ def test_a_drop_from_the_upper_half_that_is_not_a_short_wrap_is_a_reset() -> Non
     assert Counter(last_raw=40000).advance(39000, 16, "c") == (39000, True)
 
 
-def test_after_a_device_restart_the_next_reading_counts_from_zero_once() -> None:
-    counter = Counter(last_raw=500, total=10, restarted=True)
-    assert counter.advance(700, 16, "c") == (700, True)  # counted from 0: 700, saved now
-    assert (counter.total, counter.last_raw, counter.restarted) == (710, 700, False)
-    assert counter.advance(705, 16, "c") == (5, False)  # then as usual
-    rule = MachineRule("1010", counting(order={"order_id": "42"}))
-    rule.on_samples([read("good", 100, 0), read("bad", 50, 0)])
-    rule.dump_state()
-    rule.on_device_restarted("plc")
-    assert rule.needs_save and rule.state.good.restarted and rule.state.scrap.restarted
-    rule.on_device_restarted("other")  # another driver's restart is not this machine's
-    assert rule.state.good.restarted
-
-
-def test_every_sample_of_a_poll_counts_and_bad_ones_do_not() -> None:
-    rule = MachineRule("1010", counting(order={"order_id": "42"},
-                                        confirm={"every_units": 10, "on_state_change": True}))
-    rule.on_samples([read("state", 6, 0), read("good", 0, 0), read("bad", 0, 0)])
-    # One poll: scrap and good together make one confirmation with both.
-    (event,) = rule.on_samples([read("bad", 2, 1), read("good", 10, 1)])
-    assert (event.data["yield_quantity"]["value"], event.data["scrap_quantity"]["value"]) == (
-        "10", "2")
-    # A BAD reading with a value, a value at 2^16 on a 16-bit counter: ignored.
-    assert rule.on_samples([read("good", 30, 2, "bad")]) == []
-    assert rule.on_samples([read("good", 65536, 3)]) == []
-    assert rule.state.good.last_raw == 10
-    # A poll whose first sample confirms by state change and whose second counts on: both.
-    events = rule.on_samples([read("good", 15, 4), read("state", 11, 4), read("good", 16, 4)])
-    assert [e.type for e in events] == ["production.confirmation", "operation.interrupted"]
-    assert confirmed(events) == [(10, 15, "5", "state_change")]
-    assert rule.state.good.total == 16
-
-
 def test_units_pending_at_exactly_every_units_confirm_before_a_state_change() -> None:
     rule = MachineRule("1010", counting(order={"order_id": "42"},
                                         confirm={"every_units": 10, "on_state_change": False}))
@@ -187,14 +154,6 @@ def test_units_pending_at_exactly_every_units_confirm_before_a_state_change() ->
     assert confirmed(events) == [(0, 10, "10", "units")]
     rule.on_sample(read("good", 20, 3))  # 10 pending when the state sample comes
     assert confirmed(rule.on_sample(read("state", 11, 3))) == []  # (confirmed by the poll)
-
-
-def test_unassigned_production_adds_up_good_and_scrap() -> None:
-    rule = MachineRule("1010", counting())
-    rule.on_samples([read("good", 0, 0), read("bad", 0, 0)])
-    rule.on_samples([read("good", 7, 1), read("bad", 2, 1)])
-    rule.on_samples([read("good", 9, 2), read("bad", 5, 2)])
-    assert (rule.state.unassigned, rule.state.unassigned_scrap) == (9, 5)
 
 
 def test_the_stop_reason_of_a_downtime_is_the_first_one_seen_while_down() -> None:

@@ -169,7 +169,7 @@ site: "10100"
 drivers:
   - {name: plc, type: modbus, host: 127.0.0.1, tags: [{name: good, address: 0, type: uint32}]}
 machines:
-  - {id: press-01, signals: {processed: plc.good},
+  - {id: press-01, signals: {good: plc.good},
      order: {order_id: "4711000000001", material: FG-1, lot_id: LOT-2026-0001}}
 destinations:
   erp:
@@ -224,7 +224,7 @@ data_dir: /tmp/unused
 drivers:
   - {name: plc, type: modbus, host: 127.0.0.1, tags: [{name: good, address: 0, type: uint32}]}
 machines:
-  - {id: press-01, signals: {processed: plc.good}, confirm: {every_units: 10}}
+  - {id: press-01, signals: {good: plc.good}, confirm: {every_units: 10}}
 destinations:
   erp: {base_url: "http://127.0.0.1:1", profile: sap_s4hana}
 routes:

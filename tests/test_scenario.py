@@ -276,8 +276,13 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
                        output)
     press = re.search(r"end: modbus press-01 state Complete, good (\d+), scrap (\d+)", output)
     assert filler and press, output
-    counts = {"1000123/0010": tuple(map(int, filler.groups())),
-              "1000124/0010": tuple(map(int, press.groups()))}
+    # The simulators' own counts are the oracle. The filler's ProdProcessedCount counts good
+    # and defective units (wired as `processed`): its yield is processed - defective and its
+    # counter ranges cover processed. The press counts good and scrap apart.
+    processed, defective = map(int, filler.groups())
+    good_count, scrap_count = map(int, press.groups())
+    counts = {"1000123/0010": (processed - defective, defective, processed),
+              "1000124/0010": (good_count, scrap_count, good_count)}
 
     def delivered() -> bool:
         return (len(events_of(erp, "operation.completed")) == 2
@@ -286,14 +291,14 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
 
     wait_for(delivered, 30, "ERP to receive the shift", gateway.output)
 
-    for subject, (good, scrap) in counts.items():
+    for subject, (good, scrap, counted) in counts.items():
         started = events_of(erp, "operation.started", subject)
         assert len(started) == 1, subject
         confirmations = events_of(erp, "production.confirmation", subject)
-        # Every unit counted during the order, once: the counter ranges tile 0..good.
+        # Every unit counted during the order, once: the counter ranges tile 0..counted.
         ranges = sorted((e["data"]["counter_from"], e["data"]["counter_to"])
                         for e in confirmations)
-        assert ranges[0][0] == 0 and ranges[-1][1] == good, ranges
+        assert ranges[0][0] == 0 and ranges[-1][1] == counted, ranges
         assert all(low == high for (_, high), (low, _) in itertools.pairwise(ranges))
         assert sum(quantity(e, "yield_quantity") for e in confirmations) == good
         assert sum(quantity(e, "scrap_quantity") for e in confirmations) == scrap

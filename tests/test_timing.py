@@ -10,7 +10,7 @@ from edge.timing import Backoff, Duration, format_duration, parse_duration
 
 @pytest.mark.parametrize(("text", "seconds"), [
     ("500ms", 0.5), ("15s", 15), ("15m", 900), ("2h", 7200), ("1h30m", 5400), ("1.5s", 1.5),
-    (3, 3.0), (0.25, 0.25), ("1d", 86400),
+    ("1d", 86400), (0, 0.0), ("0", 0.0),
 ])
 def test_durations_parse(text: str | float, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
@@ -20,6 +20,15 @@ def test_durations_parse(text: str | float, seconds: float) -> None:
 def test_bad_durations_are_rejected(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("number", [500, "500", 0.25, " 3 "])
+def test_a_number_without_a_unit_is_refused_with_both_readings(number: object) -> None:
+    # `poll_interval: 500` used to mean 500 s while "500" was refused: both are refused now,
+    # naming the two things the technician may have meant.
+    shown = str(number).strip()
+    with pytest.raises(ValueError, match=rf"^add a unit: {shown}ms or {shown}s "):
+        parse_duration(number)
 
 
 def test_duration_field_round_trips() -> None:

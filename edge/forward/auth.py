@@ -15,6 +15,7 @@ import time
 import httpx
 
 from edge.config import ApiKeyAuth, Auth, BearerAuth, NoAuth, OAuth2ClientCredentials
+from edge.forward.outcome import tls_hint
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class OAuth2Token(Authenticator):
             response = await client.post(config.token_url, data=form, timeout=config.timeout)
         except httpx.HTTPError as exc:
             raise AuthError(f"token endpoint {config.token_url} unreachable: "
-                            f"{type(exc).__name__}") from None
+                            f"{tls_hint(exc)}") from None
         if response.status_code != 200:
             raise AuthError(f"token endpoint {config.token_url} answered "
                             f"{response.status_code}: {response.text[:200]}")

@@ -60,10 +60,20 @@ def classify(response: httpx.Response, reference: str | None = None) -> Result:
 def transport_failure(exc: httpx.HTTPError, timeout: float) -> Result:
     """A request that got no answer. Only a failure to connect is sure not to have arrived."""
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return Result(Outcome.RETRY, None, f"{type(exc).__name__}: {exc}")
+        return Result(Outcome.RETRY, None, tls_hint(exc))
     if isinstance(exc, httpx.TimeoutException):
         return Result(Outcome.RETRY, None, f"timed out after {timeout:g}s", ambiguous=True)
     return Result(Outcome.RETRY, None, f"{type(exc).__name__}: {exc}", ambiguous=True)
+
+
+def tls_hint(exc: httpx.HTTPError) -> str:
+    """The error as a technician can act on it: a failed certificate check says which setting
+    fixes it."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (f"{text}; certificate verify failed: the server's certificate is not signed "
+                "by a CA this box trusts: set tls.ca_file to the plant's CA bundle")
+    return text
 
 
 def parse_retry_after(response: httpx.Response, now: float | None = None) -> float | None:
