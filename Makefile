@@ -44,7 +44,7 @@ fuzz: setup
 # diffs go to mutants/survivors.txt. MUTATE_ARGS="buffer.outbox*" runs one module.
 MUTATE_ARGS ?=
 mutate: setup
-	rm -rf mutants
+	rm -rf mutants && mkdir mutants && git rev-parse --short HEAD > mutants/REVISION
 	PLANTSYNC_MODEL_EXAMPLES=15 $(BIN)/mutmut run --max-children 2 $(MUTATE_ARGS) > mutants.log 2>&1 || { tail -c 2000 mutants.log; exit 1; }
 	$(BIN)/python tests/mutation_report.py
 

@@ -40,8 +40,10 @@ def main() -> int:
     if not metas:
         print("no mutmut results under mutants/: run `make mutate` first", file=sys.stderr)
         return 1
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False).stdout.strip()
+    recorded = root / "REVISION"  # the commit the run started on (make mutate writes it)
+    revision = recorded.read_text().strip() if recorded.exists() else subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        check=False).stdout.strip()
     totals: Counter[str] = Counter()
     survivors: list[str] = []
     equivalent: list[str] = []
