@@ -112,4 +112,4 @@ socat:
 	fi
 
 clean:
-	rm -rf $(VENV) data schemas mutants mutants.log .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) tests/peers/node_modules data schemas mutants mutants.log .pytest_cache .mypy_cache .ruff_cache *.egg-info

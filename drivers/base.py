@@ -12,6 +12,7 @@ is cancelled; `health` is updated in place and may be read at any time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import math
 import time
@@ -126,6 +127,20 @@ def finite_json(document: Any) -> Any:
     if isinstance(document, list | tuple):
         return [finite_json(value) for value in document]
     return document
+
+async def accepts_tcp(host: str, port: int, within: float) -> bool:
+    """Whether a TCP connection to host:port opens within `within` seconds (then closed at
+    once): how a driver waiting to reconnect sees that a device which was gone is back,
+    without opening a session on it."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
 
 DEFAULT_RECONNECT_MAX_DELAY = 10.0
 """Seconds: the most a driver waits between reconnect attempts. Short enough that a device

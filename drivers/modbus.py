@@ -70,6 +70,7 @@ from drivers.base import (
     Sample,
     SampleSink,
     TagValue,
+    accepts_tcp,
     honour_cancellation,
     unique_names,
 )
@@ -709,18 +710,6 @@ _NOT_THERE = ("connection refused or host unreachable",)
 """Failures that mean nothing answered at all (a connect that timed out says so too)."""
 
 
-async def _accepts_tcp(host: str, port: int, within: float) -> bool:
-    """Whether a TCP connection to host:port opens within `within` seconds (then closed)."""
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), within)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 async def _open(
     client: ModbusBaseClient, answer_within: float, serial_port: str | None
 ) -> str | None:
@@ -897,7 +886,7 @@ class ModbusDriver(Driver):
         deadline = time.monotonic() + delay
         while (remaining := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(RETURN_CHECK_INTERVAL, remaining))
-            if time.monotonic() < deadline and await _accepts_tcp(
+            if time.monotonic() < deadline and await accepts_tcp(
                     host, self.config.port, min(RETURN_CHECK_INTERVAL, self.config.timeout)):
                 return
 

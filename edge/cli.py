@@ -23,6 +23,7 @@ from edge.config import (
     config_warnings,
     fully_validated,
     load_config,
+    load_local_access,
     unresolved_references,
 )
 from edge.logs import setup_logging
@@ -33,7 +34,7 @@ log = logging.getLogger("plantsync")
 SIMULATORS = ("modbus", "erp", "qms", "opcua", "mes", "scenario")
 
 
-PASS_ON = {"sim": "simulator", "probe": "protocol", "browse": "protocol"}
+PASS_ON = {"sim": "simulator", "probe": "protocol", "browse": "protocol", "trust": "protocol"}
 """Commands whose options after the first name belong to the tool they start."""
 
 
@@ -64,6 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "browse":
             from drivers.opcua import browse_main
             return browse_main(rest)
+        case "trust":
+            from drivers.opcua import trust_main
+            return trust_main(rest, data_dir_of=lambda path: load_local_access(path).data_dir,
+                              journal=_journal_trust)
         case "doctor":
             return _doctor(args)
         case "demo":
@@ -117,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                                  "(try: browse opcua --help)", add_help=False)
     browse.add_argument("protocol", choices=("opcua",), nargs="?")
 
+    trust = commands.add_parser("trust", help="show an OPC UA server's certificate and trust it "
+                                "on your yes (try: trust opcua --help)", add_help=False)
+    trust.add_argument("protocol", choices=("opcua",), nargs="?")
     doctor = commands.add_parser(
         "doctor", help="check a peer the gateway relies on: doctor mqtt reads the broker's "
         "$SYS figures (dropped messages, sessions kept) and, with --broker-config, its "
@@ -358,6 +366,15 @@ def run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> int:
     except asyncio.CancelledError:
         return 1
     return 0
+
+
+def _journal_trust(data_dir: Path, target: str, reason: str) -> None:
+    """A server certificate trusted by hand goes into the hand-action journal."""
+    from buffer.outbox import HandAction, journal_hand_action
+    from edge.operations import os_user
+
+    journal_hand_action(data_dir / "outbox.db",
+                        HandAction("trust opcua", target, os_user(), reason))
 
 
 if __name__ == "__main__":

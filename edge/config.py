@@ -631,7 +631,10 @@ class _Document:
         try:
             value = self._scalars.construct_object(node)
         except (ValueError, TypeError, OverflowError, yaml.YAMLError) as exc:  # `!!int 256KiB`
-            self.problems.append(_Problem(loc, f"cannot read this value: {exc}"))
+            # PyYAML's own text goes on to quote the line with a caret: the problem already
+            # names file and line, and stays one line.
+            reason = str(exc).split("\n", 1)[0]
+            self.problems.append(_Problem(loc, f"cannot read this value: {reason}"))
             return None
         if isinstance(value, str) and "${" in value:
             value = self._substitute(value, loc)

@@ -94,7 +94,8 @@ class Gateway:
         self.pipeline = Pipeline(config, outbox, saved_state,
                                  observer=self.kpis.observer(config.destinations_for),
                                  connected=self._drivers_connected)
-        self.drivers: list[Driver] = [create_driver(d) for d in config.drivers]
+        self.drivers: list[Driver] = [create_driver(d, config.data_dir)
+                                         for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
                            for name, destination in config.destinations.items()]
         self.quality = QualityLink(config, outbox, self.pipeline)

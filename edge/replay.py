@@ -188,7 +188,7 @@ def run_replay(config: PlantConfig, input_path: Path) -> int:
 
 
 async def _record(config: PlantConfig, out: IO[str], duration: float | None) -> None:
-    drivers = [create_driver(_for_recording(d)) for d in config.drivers]
+    drivers = [create_driver(_for_recording(d), config.data_dir) for d in config.drivers]
     written = 0
 
     async def write(readings: Sequence[Reading]) -> None:

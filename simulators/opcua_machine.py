@@ -18,15 +18,17 @@ Status.StateCurrent`:
 
 A machine starts in Execute. Every 100 ms the counters advance at `rate` processed and
 `scrap_rate` defective units per second (fractions accumulate) while in Execute, and not in any
-other state. With `sampling="per_tag"` (`--sampling per-tag`) the server behaves like one that
+other state; with `stop_at` a machine turns Complete when its processed count reaches it.
+With `sampling="per_tag"` (`--sampling per-tag`) the server behaves like one that
 samples each variable on its own timer (node-opcua does): a state change counts the units made
 up to it and shows the new state at once, but the counters show their last values only at the
 next tick, so a subscriber can see Complete before the count of the last units before it.
 `OpcUaMachineServer` is the control API for tests and the scenario runner: change the
 state, the rate, add counts, pin a process value. The command line (`main`) prints
 `opcua-machine listening on opc.tcp://HOST:PORT` once it accepts connections, so a parent
-process can wait for that line. With `--security sign|encrypt` it offers only Basic256Sha256
-endpoints, with a self-signed server certificate made at start, and trusts any client
+process can wait for that line. With `--security sign|encrypt` it offers only endpoints of one
+policy (`--policy`, Basic256Sha256 by default), with a self-signed server certificate made at
+start (or `--certificate`), and trusts any client
 certificate; with `--user USER:PASS` it accepts only that user.
 """
 
@@ -44,17 +46,19 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 from asyncua import ua
+from asyncua.common.instantiate_util import instantiate
 from asyncua.common.node import Node
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.server import Server
 from asyncua.server.user_managers import UserManager
+from asyncua.ua.object_ids import ObjectIds
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -70,6 +74,21 @@ TEMPERATURE_NOMINAL, TEMPERATURE_NOISE = 72.0, 0.1
 PRESSURE_NOMINAL, PRESSURE_NOISE = 4.2, 0.02
 
 Security = Literal["none", "sign", "encrypt"]
+Model = Literal["plantsync", "opc30050"]
+ServerPolicy = Literal["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
+
+PACKML_NAMESPACE_URI = "http://opcfoundation.org/UA/PackML/"
+PACKML_NODESET = Path(__file__).resolve().parent / "nodesets" / "Opc.Ua.PackML.NodeSet2.xml"
+"""OPC 30050's information model, as the OPC Foundation publishes it (see nodesets/README.md)."""
+NO_TIME = datetime(1601, 1, 1, tzinfo=UTC)
+"""OPC UA's "no time" (the DateTime epoch)."""
+PACKML_MATERIAL_ID = 1
+"""The ID of the one material each machine counts, in its PackMLCountDataType elements."""
+
+_OPC30050_MACHINE_STATES = frozenset({"STOPPED", "STOPPING", "RESETTING"})
+_OPC30050_BASE_STATES = frozenset({"ABORTED", "ABORTING", "CLEARING"})
+"""Where a PackML state lives among OPC 30050's nested state machines: BaseStateMachine (these,
+and Cleared), its MachineState (these, and Running), and that one's ExecuteState (the rest)."""
 Sampling = Literal["together", "per_tag"]
 STATE_VARIABLES = ("Status.StateCurrent", "Admin.StopReason", "Admin.StopReasonText",
                    "Process.Speed")
@@ -142,6 +161,8 @@ class Machine:
     stop_reason_text: str = ""
     temperature: float = TEMPERATURE_NOMINAL
     pressure: float = PRESSURE_NOMINAL
+    stop_at: int | None = None
+    """Processed count at which the machine turns Complete (the order is done)."""
     pinned: set[str] = field(default_factory=set)
     """Process values set through the control API; the noise leaves them alone."""
     rng: random.Random = field(default_factory=random.Random, repr=False)
@@ -170,6 +191,10 @@ class Machine:
         if self.state is PackMLState.EXECUTE:
             self.processed += max(self.rate, 0.0) * seconds
             self.defective += max(self.scrap_rate, 0.0) * seconds
+            if self.stop_at is not None and self.processed >= self.stop_at:
+                self.defective = min(self.defective, float(self.stop_at))
+                self.processed = float(self.stop_at)
+                self.state = PackMLState.COMPLETE
 
     def values(self) -> dict[str, Any]:
         """Every variable's current value, by path."""
@@ -199,8 +224,11 @@ class _OneUser(UserManager):
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
+        # Said in the log, so a test can tell whether a client ever sent its password here.
         if username == self.username and password == self.password:
+            log.info("Login of user %r accepted.", username)
             return User(role=UserRole.User, name=username)
+        log.info("Login of user %r refused.", username)
         return None
 
 
@@ -244,11 +272,14 @@ class OpcUaMachineServer:
         rate: float = 10.0,
         scrap_rate: float = 0.0,
         start_count: int = 0,
+        stop_at: int | None = None,
         security: Security = "none",
+        policy: ServerPolicy = "Basic256Sha256",
         user: tuple[str, str] | None = None,
         certificate: Path | None = None,
         private_key: Path | None = None,
         tick: float = TICK_SECONDS,
+        model: Model = "plantsync",
         sampling: Sampling = "together",
     ) -> None:
         if not machines:
@@ -260,20 +291,26 @@ class OpcUaMachineServer:
         self.host = host
         self.requested_port = port
         self.security = security
+        self.policy = policy
         self.user = user
         self.certificate = certificate
         self.private_key = private_key
         self.tick = tick
+        self.model = model
         self.sampling = sampling
         self._last_advance = time.monotonic()
         self.machines: dict[str, Machine] = {
-            name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count))
+            name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count),
+                          stop_at=stop_at)
             for name in machines
         }
         self._server: Server | None = None
         self._namespace = 0
         self._nodes: dict[tuple[str, str], Node] = {}
         self._written: dict[tuple[str, str], Any] = {}
+        self._packml = 0
+        self._packml_states: dict[tuple[int, str], ua.NodeId] = {}
+        """OPC 30050 state objects by (state machine level, state name): CurrentState.Id."""
         self._ticker: asyncio.Task[None] | None = None
         self._temp_dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -303,8 +340,11 @@ class OpcUaMachineServer:
         """`opc.tcp://host:port`, for clients."""
         return f"opc.tcp://{self.host}:{self.port}"
 
-    async def start(self) -> None:
-        """Build the address space, start listening and start the production clock."""
+    async def start(self, listen_after: float = 0.0) -> None:
+        """Build the address space, start the production clock and start listening.
+
+        `listen_after` seconds pass between the two, as on a PLC whose program runs (and
+        counts) before its OPC UA server is up."""
         server = Server(user_manager=_OneUser(*self.user) if self.user else None)
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.requested_port}")
@@ -312,11 +352,20 @@ class OpcUaMachineServer:
         await server.set_application_uri(APPLICATION_URI)
         await self._configure_security(server)
         self._namespace = await server.register_namespace(NAMESPACE_URI)
+        if self.model == "opc30050":
+            await server.import_xml(str(PACKML_NODESET))
+            await server.load_data_type_definitions()
+            self._packml = await server.get_namespace_index(PACKML_NAMESPACE_URI)
         for machine in self.machines.values():
-            await self._add_machine(server, machine)
-        await server.start()
+            if self.model == "opc30050":
+                await self._add_packml_machine(server, machine)
+            else:
+                await self._add_machine(server, machine)
         self._server = server
         self._ticker = asyncio.create_task(self._run_clock(), name="opcua-machine clock")
+        if listen_after > 0:
+            await asyncio.sleep(listen_after)
+        await server.start()
 
     async def stop(self) -> None:
         """Stop the clock and the server; clients see the connection close."""
@@ -358,12 +407,9 @@ class OpcUaMachineServer:
             )
         await server.load_certificate(str(self.certificate))
         await server.load_private_key(str(self.private_key))
-        policy = (
-            ua.SecurityPolicyType.Basic256Sha256_Sign
-            if self.security == "sign"
-            else ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt
-        )
-        server.set_security_policy([policy])
+        mode = "Sign" if self.security == "sign" else "SignAndEncrypt"
+        name = self.policy.replace("_", "")
+        server.set_security_policy([ua.SecurityPolicyType[f"{name}_{mode}"]])
 
     async def _add_machine(self, server: Server, machine: Machine) -> None:
         ns = self._namespace
@@ -384,6 +430,81 @@ class OpcUaMachineServer:
             )
             self._nodes[(machine.name, path)] = node
             self._written[(machine.name, path)] = values[path]
+
+    async def _add_packml_machine(self, server: Server, machine: Machine) -> None:
+        """An instance of OPC 30050's PackMLBaseObjectType, with the optional Admin variables a
+        counting machine has. Node ids: `<machine>.Admin.ProdProcessedCount`,
+        `<machine>.BaseStateMachine.MachineState.ExecuteState.CurrentState`, ..."""
+        ns, packml = self._namespace, self._packml
+        types = server.nodes.base_object_type
+        base_type = await types.get_child(f"{packml}:PackMLBaseObjectType")
+        [root, *_] = await instantiate(
+            server.nodes.objects, base_type,
+            nodeid=ua.NodeId.from_string(f"ns={ns};s={machine.name}"),
+            bname=ua.QualifiedName(machine.name, ns), dname=ua.LocalizedText(machine.name))
+        admin = await root.get_child(f"{packml}:Admin")
+        for name, data_type in (("ProdProcessedCount", "PackMLCountDataType"),
+                                ("ProdDefectiveCount", "PackMLCountDataType"),
+                                ("StopReason", "PackMLAlarmDataType")):
+            type_node = await server.nodes.base_data_type.get_child(
+                ["0:Structure", f"{packml}:{data_type}"])
+            node = await admin.add_variable(
+                f"ns={ns};s={machine.name}.Admin.{name}", ua.QualifiedName(name, packml),
+                None, varianttype=ua.VariantType.ExtensionObject, datatype=type_node.nodeid)
+            if data_type == "PackMLCountDataType":
+                await node.write_value_rank(ua.ValueRank.OneDimension)
+                await node.write_array_dimensions([0])
+            self._nodes[(machine.name, f"Admin.{name}")] = node
+        status = await root.get_child(f"{packml}:Status")
+        self._nodes[(machine.name, "Status.CurMachSpeed")] = await status.get_child(
+            f"{packml}:CurMachSpeed")
+        path = [f"{packml}:BaseStateMachine"]
+        for level, type_name in enumerate(("PackMLBaseStateMachineType",
+                                           "PackMLMachineStateMachineType",
+                                           "PackMLExecuteStateMachineType")):
+            state_machine = await root.get_child(path)
+            self._nodes[(machine.name, f"StateMachine{level}")] = await state_machine.get_child(
+                "0:CurrentState")
+            self._nodes[(machine.name, f"StateMachine{level}.Id")] = await state_machine.get_child(
+                ["0:CurrentState", "0:Id"])
+            machine_type = await server.nodes.base_object_type.get_child(
+                ["0:StateMachineType", "0:FiniteStateMachineType", f"{packml}:{type_name}"])
+            for state in await machine_type.get_children():
+                self._packml_states[(level, (await state.read_browse_name()).Name)] = state.nodeid
+            path += [f"{packml}:MachineState", f"{packml}:ExecuteState"][level:level + 1]
+
+    def _packml_values(self, machine: Machine) -> dict[str, Any]:
+        """What an OPC 30050 machine's variables say, by the keys of `_nodes`."""
+        unit = ua.EUInformation(
+            NamespaceUri="http://www.opcfoundation.org/UA/units/un/cefact", UnitId=4532560,
+            DisplayName=ua.LocalizedText("PCE"), Description=ua.LocalizedText("piece"))
+
+        def counts(count: int) -> list[Any]:
+            return [ua.PackMLCountDataType(  # type: ignore[attr-defined]
+                ID=PACKML_MATERIAL_ID, Name="bottle 0.5 l", Unit=unit, Count=count,
+                AccCount=count)]
+
+        state = machine.state.name
+        if state in _OPC30050_BASE_STATES:
+            levels: list[str | None] = [state, None, None]
+        elif state in _OPC30050_MACHINE_STATES:
+            levels = ["CLEARED", state, None]
+        else:
+            levels = ["CLEARED", "RUNNING", state]
+        values: dict[str, Any] = {
+            "Admin.ProdProcessedCount": counts(machine.processed_count),
+            "Admin.ProdDefectiveCount": counts(machine.defective_count),
+            "Admin.StopReason": ua.PackMLAlarmDataType(  # type: ignore[attr-defined]
+                ID=machine.stop_reason, Value=0, Message=machine.stop_reason_text, Category=0,
+                DateTime=NO_TIME, AckDateTime=NO_TIME, Trigger=machine.stop_reason != 0),
+            "Status.CurMachSpeed": machine.speed,
+        }
+        for level, name in enumerate(levels):
+            title = name.title() if name else None
+            values[f"StateMachine{level}"] = ua.LocalizedText(title or None)
+            values[f"StateMachine{level}.Id"] = (
+                self._packml_states[(level, title)] if title else ua.NodeId())
+        return values
 
     # --- the production clock -----------------------------------------------------------------
 
@@ -407,15 +528,19 @@ class OpcUaMachineServer:
             return
         stamp = ua.DateTime.now(UTC)
         for machine in self.machines.values():
-            for path, value in machine.values().items():
-                if only is not None and path not in only:
+            opc30050 = self.model == "opc30050"
+            values = self._packml_values(machine) if opc30050 else machine.values()
+            for path, value in values.items():
+                if only is not None and not opc30050 and path not in only:
                     continue
                 key = (machine.name, path)
                 if self._written.get(key) == value:
                     continue
                 self._written[key] = value
+                variant_type = (_opc30050_variant_type(path) if opc30050
+                                else VARIABLE_TYPES[path])
                 datavalue = ua.DataValue(
-                    ua.Variant(value, VARIABLE_TYPES[path]),
+                    ua.Variant(value, variant_type),
                     SourceTimestamp=stamp,
                     ServerTimestamp=stamp,
                 )
@@ -500,6 +625,14 @@ class OpcUaMachineServer:
         finally:
             await listener.start()
 
+    async def set_server_state(self, state: ua.ServerState) -> None:
+        """Set `Server.ServerStatus.State` (Shutdown, Suspended...), as a server announces
+        that it is going down or not serving."""
+        if self._server is None:
+            raise RuntimeError("the server is not running")
+        node = self._server.get_node(f"i={ObjectIds.Server_ServerStatus_State}")
+        await node.write_value(ua.Variant(state, ua.VariantType.Int32))
+
     async def drop_subscriptions(self) -> int:
         """A fault: forget every client's subscriptions while their sessions stay up, as a server
         that lost them would. Reads still work; data changes and keep-alives stop."""
@@ -509,6 +642,16 @@ class OpcUaMachineServer:
         ids = list(service.subscriptions)
         await service.delete_subscriptions(ids)
         return len(ids)
+
+
+def _opc30050_variant_type(path: str) -> ua.VariantType:
+    if path.endswith(".Id"):
+        return ua.VariantType.NodeId
+    if path.startswith("StateMachine"):
+        return ua.VariantType.LocalizedText
+    if path == "Status.CurMachSpeed":
+        return ua.VariantType.Float
+    return ua.VariantType.ExtensionObject
 
 
 def _user(text: str) -> tuple[str, str]:
@@ -532,14 +675,17 @@ async def _serve_until_signal(args: argparse.Namespace) -> None:
         rate=args.rate,
         scrap_rate=args.scrap_rate,
         start_count=args.start,
+        stop_at=args.stop_at,
+        model=args.model,
         security=args.security,
+        policy=args.policy,
         user=args.user,
         certificate=args.certificate,
         private_key=args.private_key,
         sampling="per_tag" if args.sampling == "per-tag" else "together",
     )
     try:
-        await machine_server.start()
+        await machine_server.start(listen_after=args.listen_after)
         try:
             print(f"opcua-machine listening on {machine_server.endpoint}", flush=True)
             log.info(
@@ -575,11 +721,25 @@ def main(argv: list[str] | None = None, prog: str = "python -m simulators.opcua_
     )
     parser.add_argument("--start", type=int, default=0, help="initial processed count")
     parser.add_argument(
+        "--model", choices=("plantsync", "opc30050"), default="plantsync",
+        help="plantsync: plain variables (Status.StateCurrent...); opc30050: the PackML "
+        "companion specification's types (count structures, nested state machines)")
+    parser.add_argument(
+        "--stop-at", type=int, default=None,
+        help="processed count at which each machine stops counting and turns Complete (17)")
+    parser.add_argument(
+        "--listen-after", type=float, default=0.0, metavar="SECONDS",
+        help="count this long before the server listens (a PLC whose program runs before "
+        "its OPC UA server is up)")
+    parser.add_argument(
         "--security",
         choices=("none", "sign", "encrypt"),
         default="none",
         help="none, or Basic256Sha256 with Sign or SignAndEncrypt",
     )
+    parser.add_argument(
+        "--policy", choices=("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"),
+        default="Basic256Sha256", help="the security policy offered with --security")
     parser.add_argument(
         "--user", type=_user, default=None, metavar="USER:PASS", help="accept only this user"
     )

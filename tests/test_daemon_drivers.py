@@ -247,6 +247,7 @@ drivers:
   - name: filler-02
     type: opcua
     endpoint: "opc.tcp://127.0.0.1:{machine.port}"
+    server_restart: counters_continue  # the new server goes on from the old count
     publishing_interval: 100ms
     keepalive: 2s
     timeout: 5s

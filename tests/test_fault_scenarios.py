@@ -567,6 +567,7 @@ def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
   - name: fillers
     type: opcua
     endpoint: "opc.tcp://127.0.0.1:{port}"
+    server_restart: counters_continue  # the new server goes on from the old count
     publishing_interval: 100ms
     keepalive: 1s
     timeout: 2s

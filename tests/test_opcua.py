@@ -6,22 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import itertools
+import json
 import logging
+import random
+import re
+import shutil
 import signal
+import sqlite3
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from asyncua import ua
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import ValidationError
 
-from drivers.base import Quality, Reading, Sample
+from drivers.base import DeviceRestarted, Quality, Reading, Sample
 from drivers.opcua import (
     NodeRef,
     OpcUaConfig,
@@ -31,16 +42,18 @@ from drivers.opcua import (
     plain_value,
     portable_node_id,
     quality_of,
+    trust_main,
 )
 from edge.timing import Backoff
 from simulators.opcua_machine import (
+    APPLICATION_URI,
     NAMESPACE_URI,
     OpcUaMachineServer,
     PackMLState,
     make_self_signed_certificate,
     node_id_string,
 )
-from tests.conftest import Peer, free_port, start_peer
+from tests.conftest import Peer, free_port, missing_peer, start_erp, start_peer
 from tests.driver_harness import running, wait_until
 
 MACHINE = "filler-02"
@@ -87,13 +100,19 @@ def fast_driver(parsed: OpcUaConfig) -> OpcUaDriver:
 
 
 class Collector:
-    """A sink that keeps every sample."""
+    """A sink that keeps every sample, and every reading in its order."""
 
     def __init__(self) -> None:
         self.samples: list[Sample] = []
+        self.readings: list[Reading] = []
 
     async def __call__(self, readings: Sequence[Reading]) -> None:
+        self.readings.extend(readings)
         self.samples.extend(r for r in readings if isinstance(r, Sample))
+
+    @property
+    def restarts(self) -> list[DeviceRestarted]:
+        return [r for r in self.readings if isinstance(r, DeviceRestarted)]
 
     def of(self, tag: str) -> list[Sample]:
         return [sample for sample in self.samples if sample.tag == tag]
@@ -271,7 +290,7 @@ async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     port = free_port()
     endpoint = f"opc.tcp://127.0.0.1:{port}"
     server = await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "20")
-    driver = fast_driver(config(endpoint, COUNTER_TAGS))
+    driver = fast_driver(config(endpoint, COUNTER_TAGS, server_restart="counters_continue"))
     collector = Collector()
     async with running(driver, collector):
         await wait_until(lambda: len(set(collector.values("processed"))) >= 5)
@@ -297,6 +316,9 @@ async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     assert len(opcua_logs(caplog, "is unavailable", logging.WARNING)) == 1
     assert endpoint in opcua_logs(caplog, "is unavailable")[0]
     assert len(opcua_logs(caplog, "available again", logging.INFO)) == 1
+    # counters_continue: the restart is logged, and the rules are not told to count from 0.
+    assert driver.restarts_seen == 1 and not collector.restarts
+    assert len(opcua_logs(caplog, "its counters carry on", logging.INFO)) == 1
 
 
 async def test_counts_across_an_outage_are_counted_once() -> None:
@@ -325,6 +347,106 @@ async def test_counts_across_an_outage_are_counted_once() -> None:
                 await count(good)
 
     assert positive_deltas(collector.values("processed")) == added == 32
+
+
+# --- server restarts ------------------------------------------------------------------------------
+
+
+def split_at_restarts(readings: Sequence[Reading], tag: str) -> list[list[Any]]:
+    """A tag's values between restart notices: [[before the first], [after it], ...]."""
+    parts: list[list[Any]] = [[]]
+    for reading in readings:
+        if isinstance(reading, DeviceRestarted):
+            parts.append([])
+        elif isinstance(reading, Sample) and reading.tag == tag:
+            parts[-1].append(reading.value)
+    return parts
+
+
+async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    # The oracle is the simulator's own count: generation 1 stops at 33, generation 2 starts
+    # from 0 and has counted past 33 (to 50) before it listens, so no drop shows.
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}"
+    data_dir = tmp_path / "data"
+    server = await asyncio.to_thread(
+        start_machine, peers, tmp_path, port, "--rate", "50", "--stop-at", "33")
+    driver = fast_driver(config(endpoint, COUNTER_TAGS))
+    driver.data_dir = data_dir
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.values("processed")[-1:] == [33])
+        await asyncio.to_thread(server.kill)
+        await wait_until(lambda: not driver.health.connected, within=5)
+        await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "50",
+                                "--stop-at", "50", "--listen-after", "1.5")
+        await wait_until(lambda: collector.values("processed")[-1:] == [50], within=15)
+
+    before, after = split_at_restarts(collector.readings, "processed")
+    assert before[-1] == 33 and after == [50], collector.readings
+    [restart] = collector.restarts
+    assert restart.driver == MACHINE and "restarted: ServerStatus.StartTime" in restart.reason
+    assert endpoint in restart.reason
+    assert abs(restart.source_time - time.time()) < 30
+    assert driver.restarts_seen == 1
+
+    # The gateway itself restarted meanwhile (a new driver on the same data_dir): the server
+    # restarted while it was away, and that is still seen; without a server restart, nothing.
+    await asyncio.to_thread(peers[-1].kill)
+    await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "0", "--start", "7")
+    for expected_restarts in (1, 0):
+        again = fast_driver(config(endpoint, COUNTER_TAGS))
+        again.data_dir = data_dir
+        seen = Collector()
+        async with running(again, seen):
+            await wait_until(lambda: seen.values("processed") == [7])  # noqa: B023
+        assert len(seen.restarts) == expected_restarts
+        assert isinstance(seen.readings[0], DeviceRestarted) == bool(expected_restarts)
+
+
+async def test_a_server_announcing_shutdown_ends_the_session_until_it_runs_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    async with machine(rate=20) as server:
+        driver = fast_driver(config(server.endpoint, COUNTER_TAGS))
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: driver.health.connected)
+            await server.set_server_state(ua.ServerState.Shutdown)
+            await wait_until(lambda: not driver.health.connected, within=5)
+            await wait_until(lambda: driver.health.errors >= 2)  # reconnects: still Shutdown
+            assert not driver.health.connected
+            await server.set_server_state(ua.ServerState.Running)
+            await wait_until(lambda: driver.health.connected, within=5)
+    assert driver.health.last_error == "the server says its state is Shutdown, not Running"
+    assert not collector.restarts  # the same server: same StartTime
+    assert len(opcua_logs(caplog, "is unavailable: the server says its state is Shutdown")) == 1
+
+
+async def test_a_server_that_is_back_is_used_at_once_not_at_the_next_backoff_attempt(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    port = free_port()
+    server = await asyncio.to_thread(start_machine, peers, tmp_path, port)
+    driver = OpcUaDriver(config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS,
+                                reconnect_max_delay="60s"))
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: driver.health.connected)
+        await asyncio.to_thread(server.kill)
+        await wait_until(lambda: not driver.health.connected, within=5)
+        # As after a long outage: the next attempts wait long (seeded: 57.4 s, then 56.9 s).
+        driver.backoff = Backoff(base=60, cap=60, rng=random.Random(2))
+        assert Backoff(base=60, cap=60, rng=random.Random(2)).next_delay() > 30
+        await wait_until(lambda: driver.health.errors >= 2)  # a refused attempt: waiting now
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(start_machine, peers, tmp_path, port)
+        back = time.monotonic()
+        await wait_until(lambda: driver.health.connected, within=10)
+    assert time.monotonic() - back < 10, "reconnected only at the next backoff attempt"
 
 
 async def test_a_frozen_server_is_detected_and_reconnected(
@@ -383,40 +505,48 @@ async def test_stale_watchdog_reconnects_when_publishing_stops(
 # --- security -----------------------------------------------------------------------------------
 
 
-async def test_basic256sha256_sign_and_encrypt_with_a_user(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def client_security(tmp_path: Path, policy: str = "Basic256Sha256") -> dict[str, str]:
+    certificate, private_key = tmp_path / "client-cert.der", tmp_path / "client-key.pem"
+    if not certificate.exists():
+        make_self_signed_certificate(
+            certificate, private_key, "urn:plantsync:test:edge", [ExtendedKeyUsageOID.CLIENT_AUTH]
+        )
+    return {"policy": policy, "mode": "SignAndEncrypt", "certificate": str(certificate),
+            "private_key": str(private_key)}
+
+
+def server_certificate(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A server certificate and key for the simulator, as a machine builder would make them."""
+    certificate, private_key = tmp_path / f"{name}-cert.der", tmp_path / f"{name}-key.pem"
+    make_self_signed_certificate(
+        certificate, private_key, APPLICATION_URI,
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], host_name=name)
+    return certificate, private_key
+
+
+def trusting(data_dir: Path, certificate: Path) -> Path:
+    """data_dir whose trust list holds `certificate` (as `plantsync trust opcua` leaves it)."""
+    (data_dir / "pki" / "trusted").mkdir(parents=True, exist_ok=True)
+    shutil.copy(certificate, data_dir / "pki" / "trusted" / certificate.name)
+    return data_dir
+
+
+@pytest.mark.parametrize("policy", ["Basic256Sha256", "Aes128_Sha256_RsaOaep",
+                                    "Aes256_Sha256_RsaPss"])
+async def test_a_trusted_server_with_each_policy_and_a_user(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, policy: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="drivers.opcua")
-    certificate, private_key = tmp_path / "client-cert.der", tmp_path / "client-key.pem"
-    make_self_signed_certificate(
-        certificate, private_key, "urn:plantsync:test:edge", [ExtendedKeyUsageOID.CLIENT_AUTH]
-    )
-    security = {
-        "policy": "Basic256Sha256",
-        "mode": "SignAndEncrypt",
-        "certificate": str(certificate),
-        "private_key": str(private_key),
-    }
-    async with machine(rate=20, security="encrypt", user=("operator", "s3cret")) as server:
-        good = OpcUaDriver(
-            config(
-                server.endpoint,
-                COUNTER_TAGS,
-                security=security,
-                username="operator",
-                password="s3cret",
-            )
-        )
-        wrong = fast_driver(
-            config(
-                server.endpoint,
-                COUNTER_TAGS,
-                name="filler-x",
-                security=security,
-                username="operator",
-                password="guess",
-            )
-        )
+    security = client_security(tmp_path, policy)
+    certificate, private_key = server_certificate(tmp_path, "filler")
+    data_dir = trusting(tmp_path / "data", certificate)
+    async with machine(rate=20, security="encrypt", policy=policy, user=("operator", "s3cret"),
+                       certificate=certificate, private_key=private_key) as server:
+        good = OpcUaDriver(config(server.endpoint, COUNTER_TAGS, security=security,
+                                  username="operator", password="s3cret"), data_dir=data_dir)
+        wrong = fast_driver(config(server.endpoint, COUNTER_TAGS, name="filler-x",
+                                   security=security, username="operator", password="guess"))
+        wrong.data_dir = data_dir
         plain = fast_driver(config(server.endpoint, COUNTER_TAGS, name="filler-plain"))
         good_samples, wrong_samples, plain_samples = Collector(), Collector(), Collector()
         async with (
@@ -436,6 +566,119 @@ async def test_basic256sha256_sign_and_encrypt_with_a_user(
     assert plain.health.last_error == "the server offers no endpoint with security None None"
     unavailable = opcua_logs(caplog, "filler-x at", logging.WARNING)
     assert len(unavailable) == 1 and "BadUserAccessDenied" in unavailable[0]
+    assert not (data_dir / "pki" / "rejected").exists()
+
+
+async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
+    peers: list[Peer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The machine's server (certificate A, trusted) is replaced on the same endpoint by another
+    # server with its own certificate B that accepts any password: the gateway refuses B at
+    # the endpoint list, names the file to move, and B never sees a login. Moving that file to
+    # trusted/ (a technician who checked it) is what lets the gateway in.
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    port = free_port()
+    genuine, genuine_key = server_certificate(tmp_path, "genuine")
+    impostor, impostor_key = server_certificate(tmp_path, "impostor")
+    data_dir = trusting(tmp_path / "data", genuine)
+    security = client_security(tmp_path)
+    machine_args = ["--security", "encrypt", "--user", "operator:s3cret", "--rate", "20"]
+    server = await asyncio.to_thread(
+        start_machine, peers, tmp_path, port, *machine_args,
+        "--certificate", str(genuine), "--private-key", str(genuine_key))
+    driver = fast_driver(config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS, security=security,
+                                username="operator", password="s3cret"))
+    driver.data_dir = data_dir
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: driver.health.connected)
+        await asyncio.to_thread(server.kill)
+        await wait_until(lambda: not driver.health.connected, within=5)
+        attacker = await asyncio.to_thread(
+            start_machine, peers, tmp_path, port, *machine_args,
+            "--certificate", str(impostor), "--private-key", str(impostor_key))
+        rejected_dir = data_dir / "pki" / "rejected"
+        await wait_until(lambda: rejected_dir.exists() and any(rejected_dir.iterdir()))
+        await wait_until(lambda: "not trusted" in (driver.health.last_error or ""))
+        await asyncio.sleep(1.0)  # further attempts: refused the same way
+        assert not driver.health.connected
+        assert "Login of user" not in attacker.output(), "the impostor saw a login"
+        [rejected] = list(rejected_dir.iterdir())
+        assert rejected.read_bytes() == impostor.read_bytes()
+        # The technician moves the file: trusted from then on.
+        rejected.rename(data_dir / "pki" / "trusted" / rejected.name)
+        await wait_until(lambda: driver.health.connected, within=15)
+
+    error = opcua_logs(caplog, "is unavailable", logging.WARNING)[-1]
+    assert f"saved as {rejected}" in error
+    assert f"move that file to {data_dir / 'pki' / 'trusted'}/" in error
+    assert "thumbprint " in error and "application URI urn:plantsync:sim:opcua-machine" in error
+    assert "Login of user 'operator' accepted." in attacker.output()
+
+
+async def test_secure_policies_need_a_trust_list_or_a_pinned_certificate(tmp_path: Path) -> None:
+    async with machine(security="encrypt", user=("operator", "s3cret")) as server:
+        driver = fast_driver(config(server.endpoint, COUNTER_TAGS, security=client_security(
+            tmp_path), username="operator", password="s3cret"))  # no data_dir, no pin
+        async with running(driver, Collector()):
+            await wait_until(lambda: driver.health.errors >= 1)
+    assert driver.health.last_error is not None
+    assert driver.health.last_error.startswith("no trust list to check the server's certificate")
+
+
+@in_plant_loop
+async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    certificate, private_key = server_certificate(tmp_path, "filler")
+    async with machine(security="sign", certificate=certificate,
+                       private_key=private_key) as server:
+        args = ["--endpoint", server.endpoint, "--data-dir", str(tmp_path / "data")]
+        declined = await asyncio.to_thread(trust_main, args, answer=io.StringIO("n\n"))
+        shown = capsys.readouterr().out
+        accepted = await asyncio.to_thread(trust_main, args, answer=io.StringIO("yes\n"))
+        done = capsys.readouterr().out
+        again = await asyncio.to_thread(trust_main, args, answer=io.StringIO(""))
+        already = capsys.readouterr().out
+    cert = x509.load_der_x509_certificate(certificate.read_bytes())
+    thumbprint = cert.fingerprint(hashes.SHA1()).hex().upper()
+    assert declined == 1 and "Not trusted." in shown
+    assert f"thumbprint:      {thumbprint} (SHA-1)" in shown
+    assert "application URI: urn:plantsync:sim:opcua-machine" in shown
+    assert f"subject:         {cert.subject.rfc4514_string()}" in shown
+    assert f"valid:           {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to " in shown
+    assert "Basic256Sha256 Sign" in shown
+    assert accepted == 0 and f"[{thumbprint}].der" in done
+    [trusted] = list((tmp_path / "data" / "pki" / "trusted").iterdir())
+    assert trusted.read_bytes() == certificate.read_bytes()
+    assert again == 0 and "Already trusted" in already
+
+
+@in_plant_loop
+async def test_plantsync_trust_opcua_journals_the_hand_action(tmp_path: Path) -> None:
+    certificate, private_key = server_certificate(tmp_path, "filler")
+    config_file = tmp_path / "plant.yaml"
+    config_file.write_text(f'site: "1010"\ndata_dir: {tmp_path / "data"}\n')
+    async with machine(security="sign", certificate=certificate,
+                       private_key=private_key) as server:
+        endpoint = server.endpoint
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edge.cli", "trust", "opcua", "--endpoint", endpoint,
+             "--config", str(config_file), "--reason", "thumbprint checked, ticket 42"],
+            input="y\n", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    thumbprint = x509.load_der_x509_certificate(certificate.read_bytes()).fingerprint(
+        hashes.SHA1()).hex().upper()
+    db = sqlite3.connect(tmp_path / "data" / "outbox.db")
+    try:
+        rows = db.execute("SELECT action, target, who, reason FROM hand_actions").fetchall()
+    finally:
+        db.close()
+    [(action, target, who, reason)] = rows
+    assert action == "trust opcua" and who.startswith("os user ")
+    assert target.startswith(f"server certificate {thumbprint} (") and endpoint in target
+    assert reason == "thumbprint checked, ticket 42"
 
 
 # --- browse ---------------------------------------------------------------------------------------
@@ -538,8 +781,22 @@ def test_pending_samples_keep_the_latest_value_per_tag_when_full() -> None:
     pending.put(Sample("m", "state", 6, 6.0))
     batch = asyncio.run(pending.take())
     # Over the limit, the queue shrank to the latest per tag; the latest value always survives.
-    assert [(s.tag, s.value) for s in batch] == [("processed", 4), ("processed", 5), ("state", 6)]
+    assert [(s.tag, s.value) for s in batch if isinstance(s, Sample)] == [
+        ("processed", 4), ("processed", 5), ("state", 6)]
     assert pending.dropped == 4 and len(pending) == 0
+
+
+def test_pending_samples_never_merge_across_a_restart_notice() -> None:
+    # The last value before a restart and the first after it both count; the notice stays.
+    pending = PendingSamples(limit=3)
+    for count in (31, 32, 33):
+        pending.put(Sample("m", "processed", count, float(count)))
+    restart = DeviceRestarted("m", 34.0, "StartTime moved")
+    pending.put(restart)
+    for count in (40, 45):
+        pending.put(Sample("m", "processed", count, float(count)))
+    batch = asyncio.run(pending.take())
+    assert [r.value if isinstance(r, Sample) else r for r in batch] == [33, restart, 45]
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -622,3 +879,354 @@ def test_valid_security_combinations() -> None:
         parsed = config("opc.tcp://h:4840", COUNTER_TAGS, security={**SECURE, "mode": mode})
         assert parsed.security.mode == mode
     assert config("opc.tcp://h:4840", COUNTER_TAGS, stale_after=0).stale_after == 0
+
+
+# --- the real daemon: a device restart during a long outage -----------------------------------
+
+
+@pytest.mark.integration
+def test_daemon_counts_every_unit_when_the_machine_restarts_during_a_long_outage(
+    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Issue 12 item 2: the machine counts to 33; its server is killed and stays down longer
+    # than the old 30 s backoff cap; it comes back counting from 0 and has passed 33 before
+    # its server listens (its program runs first). The oracle is the simulator's own count:
+    # generation 1 stops at 33, generation 2 at 80, so the units are (33 - baseline) + 80.
+    from tests.test_daemon_drivers import (
+        Gateway,
+        baselines,
+        confirmations,
+        erp_destination,
+        wait_for,
+        yield_sum,
+    )
+
+    erp = start_erp(peers, tmp_path)
+    port = free_port()
+    endpoint = f"opc.tcp://127.0.0.1:{port}"
+    signal_name = f"{MACHINE}.processed"
+    gateway = Gateway(peers, tmp_path, f"""
+drivers:
+  - name: {MACHINE}
+    type: opcua
+    endpoint: "{endpoint}"
+    publishing_interval: 100ms
+    keepalive: 1s
+    timeout: 2s
+    tags:
+      - {{name: processed, node: "{node("Admin.ProdProcessedCount")}", queue_size: 50}}
+machines:
+  - id: {MACHINE}
+    signals: {{processed: {signal_name}}}
+    order: {{order_id: "2000789", operation: "0010", material: FG-300, lot_id: LOT-RST-1}}
+    confirm: {{every_units: 10, every: 1s}}
+{erp_destination(erp)}
+routes:
+  production.confirmation: [erp]
+""")
+    start_machine(peers, tmp_path, port, "--rate", "10", "--stop-at", "33")
+    gateway.start()
+    unavailable = f"OPC UA server {MACHINE} at {endpoint} is unavailable"
+    back = f"OPC UA server {MACHINE} at {endpoint} is available again"
+
+    wait_for(lambda: gateway.status()["signals"].get(signal_name, {}).get("value") == 33, 30,
+             "the gateway to read 33")
+    [baseline] = baselines(gateway, signal_name)
+    wait_for(lambda: yield_sum(confirmations(erp)) == 33 - baseline, 30, "33 confirmed")
+    peers[-2].kill()  # the machine's server (the gateway was started after it)
+    wait_for(lambda: unavailable in gateway.output(), 30, "the gateway to see the server gone")
+    time.sleep(31)  # longer than the old 30 s backoff cap
+    restarted = start_machine(peers, tmp_path, port, "--rate", "20", "--stop-at", "80",
+                              "--listen-after", "2")
+    listening = time.monotonic()
+    wait_for(lambda: back in gateway.output(), 30, "the gateway to reconnect")
+    reconnect_s = time.monotonic() - listening
+    expected = 33 - baseline + 80
+    wait_for(lambda: yield_sum(confirmations(erp)) >= expected, 30, f"{expected} confirmed")
+    time.sleep(1.5)  # a late confirmation beyond the expected would be a double count
+    delivered = int(yield_sum(confirmations(erp)))
+    logs = gateway.output()
+    with capsys.disabled():
+        print("\n" + json.dumps({
+            "test": "opcua-device-restart-long-outage", "outage_s": 31, "baseline": baseline,
+            "expected": expected, "delivered": delivered, "lost": expected - delivered,
+            "duplicates": erp.stats()["duplicates"], "reconnect_s": round(reconnect_s, 2)}))
+    assert restarted.process is not None and restarted.process.poll() is None
+    assert delivered == expected, f"lost {expected - delivered} units; logs in {tmp_path}"
+    assert f"OPC UA server {MACHINE} at {endpoint} restarted: ServerStatus.StartTime" in logs
+    assert "its reading" in logs and "counts from 0" in logs
+    # Promptly: the backoff had reached its cap (10 s), the server's port is what we watch.
+    assert reconnect_s < 5, f"reconnected {reconnect_s:.1f} s after the server listened"
+    assert gateway.current.stop() == 0
+
+
+# --- OPC 30050: the PackML companion specification's structures and state machines ----------
+
+
+def opc30050_tags(node_id: Any, machine_name: str = MACHINE) -> list[dict[str, Any]]:
+    """Tags for an OPC 30050 machine whose variables have the node ids `node_id(path)` gives."""
+    return [
+        {"name": "state", "node": node_id("BaseStateMachine"), "read": "packml_state"},
+        {"name": "processed", "node": node_id("Admin.ProdProcessedCount"),
+         "select": "[ID=1].AccCount"},
+        {"name": "job_count", "node": node_id("Admin.ProdProcessedCount"), "select": "[0].Count"},
+        {"name": "defective", "node": node_id("Admin.ProdDefectiveCount"),
+         "select": "[ID=1].AccCount"},
+        {"name": "stop_reason", "node": node_id("Admin.StopReason"), "select": "ID"},
+        {"name": "stop_text", "node": node_id("Admin.StopReason"), "select": ".Message"},
+        {"name": "other_material", "node": node_id("Admin.ProdProcessedCount"),
+         "select": "[ID=9].Count"},
+        {"name": "no_field", "node": node_id("Admin.StopReason"), "select": "Reason"},
+    ]
+
+
+async def test_an_opc30050_machine_is_read_through_its_structures_and_state_machines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The state numbers are ISA-TR88's, as OPC 30050's NodeSet gives each state object's
+    # StateNumber: the simulator only points CurrentState.Id at the state object.
+    caplog.set_level(logging.INFO, logger="drivers.opcua")
+    async with machine(rate=0, start_count=120, model="opc30050") as server:
+        tags = opc30050_tags(lambda path: f"nsu={NAMESPACE_URI};s={MACHINE}.{path}")
+        driver = OpcUaDriver(config(server.endpoint, tags))
+        collector = Collector()
+        async with running(driver, collector):
+            await wait_until(lambda: collector.values("processed") == [120])
+            await server.add_counts(MACHINE, good=5, scrap=2)
+            await wait_until(lambda: collector.values("processed")[-1:] == [127])
+            for state, reason, text, number in (
+                ("Held", 31, "bottle jam", 11), ("Stopped", 0, "", 2),
+                ("Aborted", 7, "guard open", 9), ("Execute", 0, "", 6),
+            ):
+                await server.set_state(MACHINE, state, stop_reason=reason, text=text)
+                await wait_until(partial(lambda n: collector.values("state")[-1:] == [n], number))
+
+    assert collector.values("state") == [6, 11, 2, 9, 6]
+    assert collector.values("processed") == [120, 127]
+    assert collector.values("job_count") == [120, 127]
+    assert collector.values("defective") == [0, 2]
+    assert collector.values("stop_reason") == [0, 31, 0, 7, 0]
+    assert collector.values("stop_text") == ["", "bottle jam", "", "guard open", ""]
+    assert all(type(value) is int for value in collector.values("state"))
+    for tag, problem in (("other_material", "no element with ID = 9"),
+                         ("no_field", "has no field 'Reason' (fields: ID, Value, Message")):
+        assert {(s.value, s.quality) for s in collector.of(tag)} == {(None, Quality.BAD)}
+        [said] = opcua_logs(caplog, f"tag {tag} ")
+        assert problem in said, said
+
+
+# --- node-opcua: an independent server ----------------------------------------------------------
+
+PEERS_DIR = Path(__file__).resolve().parent / "peers"
+PACKML_PEER_NAMESPACE = "urn:plantsync:test:packml-peer"
+PEER_MACHINE = "filler-07"
+
+
+def peer_node(path: str) -> str:
+    """node-opcua names an instance's children `<parent>-<BrowseName>`."""
+    return f"nsu={PACKML_PEER_NAMESPACE};s={PEER_MACHINE}-{path.replace('.', '-')}"
+
+
+class PackMLPeer:
+    """`node tests/peers/packml_server.js`: node-opcua's server with OPC 30050's NodeSet,
+    steered through its stdin; killed and started again on the same port."""
+
+    def __init__(self, tmp_path: Path, port: int | None = None) -> None:
+        node = shutil.which("node")
+        if node is None or not (PEERS_DIR / "node_modules" / "node-opcua").is_dir():
+            missing_peer("node-opcua is not installed (make peers: npm ci in tests/peers; "
+                         "needs nodejs and npm)")
+        self.node = node or "node"
+        self.port = port or free_port()
+        self.log_path = tmp_path / f"packml-peer-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, *options: str) -> PackMLPeer:
+        ready = "packml-server listening on"
+        seen = self.output().count(ready)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.node, "packml_server.js", "--port", str(self.port), *options],
+                cwd=PEERS_DIR, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while self.output().count(ready) <= seen:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the node-opcua peer did not start:\n{self.output()}")
+            time.sleep(0.05)
+        return self
+
+    def command(self, line: str) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(f"{line}\n".encode())
+        self.process.stdin.flush()
+
+    def sessions(self) -> int:
+        """The server's own count of open sessions."""
+        before = len(re.findall(r"(?m)^sessions \d+$", self.output()))
+        self.command("sessions")
+        deadline = time.monotonic() + 10
+        while len(found := re.findall(r"(?m)^sessions (\d+)$", self.output())) <= before:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no session count from the peer:\n{self.output()}")
+            time.sleep(0.02)
+        return int(found[-1])
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def packml_peers(tmp_path: Path) -> Iterator[list[PackMLPeer]]:
+    started: list[PackMLPeer] = []
+    yield started
+    for peer in started:
+        peer.kill()
+
+
+async def test_node_opcua_packml_machine_read_subscribed_and_reconnected_after_a_kill(
+    packml_peers: list[PackMLPeer], tmp_path: Path
+) -> None:
+    # Another implementation's server, another namespace array (nsu= resolves it), the
+    # specification's own types; its process killed and started again with its count from 0.
+    peer = PackMLPeer(tmp_path)
+    packml_peers.append(peer)
+    await asyncio.to_thread(peer.start, "--rate", "0", "--start", "500")
+    driver = fast_driver(config(peer.endpoint, opc30050_tags(peer_node)[:6], name=PEER_MACHINE))
+    driver.data_dir = tmp_path / "data"
+    collector = Collector()
+    async with running(driver, collector):
+        await wait_until(lambda: collector.values("processed") == [500]
+                         and collector.values("state") == [6], within=20)
+        peer.command("count 5 2")
+        await wait_until(lambda: collector.values("processed")[-1:] == [507])
+        for command, number in (("state Held 31 bottle jam", 11), ("state Stopped", 2),
+                                ("state Aborted 7 guard open", 9), ("state Execute", 6)):
+            peer.command(command)
+            await wait_until(partial(lambda n: collector.values("state")[-1:] == [n], number))
+        samples_before = len(collector.readings)
+        await asyncio.to_thread(peer.kill)
+        await wait_until(lambda: not driver.health.connected, within=10)
+        await asyncio.to_thread(peer.start, "--rate", "0", "--start", "0")
+        await wait_until(lambda: driver.health.connected, within=20)
+        peer.command("count 3")
+        await wait_until(lambda: collector.values("processed")[-1:] == [3], within=10)
+
+    assert collector.values("state") == [6, 11, 2, 9, 6, 6]
+    assert collector.values("defective")[:2] == [0, 2]
+    assert collector.values("stop_reason")[:5] == [0, 31, 0, 7, 0]
+    assert collector.values("stop_text")[:3] == ["", "bottle jam", ""]
+    assert all(s.quality is Quality.GOOD for s in collector.samples)
+    # The restarted server has a new StartTime: the rules hear of it before its first sample.
+    after = collector.readings[samples_before:]
+    assert isinstance(after[0], DeviceRestarted), after[:3]
+    assert len(collector.restarts) == 1
+    assert collector.values("processed")[-2:] == [0, 3]
+
+
+@pytest.mark.integration
+def test_node_opcua_sessions_orderly_stops_a_full_server_and_a_kill_loop(
+    packml_peers: list[PackMLPeer], peers: list[Peer], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Issue 12 item 4, against node-opcua's server (10 sessions by default): orderly stops
+    # (SIGTERM, a reload) close their session at once; a server full of other clients' sessions
+    # is said to be full (BadTooManySessions, with what to change) and used as soon as a
+    # session frees up; a crash loop (kill -9 ten times) leaves the gateway connected within a
+    # bound (the default session timeout, 20 s, plus a retry).
+    from asyncua.sync import Client as BlockingClient
+
+    from tests.test_daemon_drivers import Gateway, wait_for
+
+    peer = PackMLPeer(tmp_path)
+    packml_peers.append(peer)
+    peer.start("--rate", "0")
+    body = f"""
+drivers:
+  - name: {PEER_MACHINE}
+    type: opcua
+    endpoint: "{peer.endpoint}"
+    publishing_interval: 500ms
+    tags:
+      - {{name: processed, node: "{peer_node("Admin.ProdProcessedCount")}",
+         select: "[ID=1].AccCount"}}
+"""
+    gateway = Gateway(peers, tmp_path, body)
+
+    def connected() -> bool:
+        return bool(gateway.status()["drivers"][0]["connected"])
+
+    def sessions_become(count: int, within: float = 5.0) -> None:
+        wait_for(lambda: peer.sessions() == count, within,
+                 f"the server to count {count} session(s), not {peer.sessions()}")
+
+    # Orderly: a reload that changes the driver replaces its session; SIGTERM ends it.
+    gateway.start()
+    wait_for(connected, 30, "the gateway to connect")
+    sessions_become(1)
+    gateway.config.write_text(gateway.config.read_text().replace("500ms", "250ms"))
+    assert gateway.current.process is not None
+    gateway.current.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "publishing_interval" in gateway.output() and connected(), 30,
+             "the reload to be applied")
+    sessions_become(1)
+    assert gateway.current.stop() == 0
+    sessions_become(0)
+
+    # A full server: ten HMIs hold every session.
+    hmis = [BlockingClient(peer.endpoint) for _ in range(10)]
+    try:
+        for hmi in hmis:
+            hmi.connect()
+        sessions_become(10)
+        gateway.start()
+        wait_for(lambda: "BadTooManySessions" in gateway.current.output(), 30,
+                 "the gateway to be refused a session")
+        assert not connected()
+        hmis.pop().disconnect()
+        freed = time.monotonic()
+        wait_for(connected, 30, "the gateway to take the freed session")
+        full_wait_s = time.monotonic() - freed
+    finally:
+        for hmi in hmis:
+            hmi.disconnect()
+    full_logs = gateway.current.output()
+    assert gateway.current.stop() == 0
+    sessions_become(0)
+
+    # A crash loop: each run killed -9 once it has its session.
+    for _ in range(10):
+        before = peer.sessions()
+        gateway.start()
+        wait_for(lambda: peer.sessions() > before, 30,  # noqa: B023
+                 "the new run to open its session")
+        gateway.kill()
+    orphans = peer.sessions()
+    gateway.start()
+    started = time.monotonic()
+    wait_for(connected, 60, "the gateway to connect after the crash loop")
+    ready_s = time.monotonic() - started
+    with capsys.disabled():
+        print("\n" + json.dumps({
+            "test": "opcua-sessions-node-opcua", "server_max_sessions": 10,
+            "session_timeout_s": 20, "full_server_wait_s": round(full_wait_s, 1),
+            "kills": 10, "orphans_after_kills": orphans, "ready_after_kills_s": round(ready_s, 1)}))
+    assert "the server has no room for another session (BadTooManySessions)" in full_logs
+    assert "raise the server's session limit, or lower session_timeout" in full_logs
+    assert full_logs.count("BadTooManySessions") == 1, "said once, not at every retry"
+    assert full_wait_s < 6, f"took the freed session only after {full_wait_s:.1f} s"
+    assert orphans == 10
+    assert ready_s < 20 + 2 + 8, f"ready only after {ready_s:.1f} s"
+    # Orphans of the killed runs may remain (until their timeout); the stopped one's may not.
+    open_sessions = peer.sessions()
+    assert gateway.current.stop() == 0
+    wait_for(lambda: peer.sessions() <= open_sessions - 1, 5, "the stopped run's session to go")
