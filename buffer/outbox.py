@@ -22,6 +22,12 @@ business events wait: `commit` does not return until there is room, which is the
 that stops drivers from taking more input. A full disk is handled the same way. A database that
 fails its integrity check at open is moved aside and replaced, and the alarm stays raised.
 
+Each database has an `epoch`: random, made with the database and kept in it. The event ids the
+gateway derives from its own state (counter totals, a configured order bound at time 0) carry
+it, because that state starts again from nothing with a new database: without the epoch, a
+database moved aside or deleted would let the next one reissue ids that receivers already hold
+and would drop as duplicates.
+
 Why not aiosqlite: it hops to its thread once per statement. Here a whole group-committed
 transaction runs as one call on the writer thread, which is where SQLite's speed is.
 """
@@ -68,13 +74,19 @@ class OutboxEvent:
 
 @dataclass(frozen=True, slots=True)
 class RejectedInput:
-    """An input a driver received but could not use, kept with the reason (input dead letter)."""
+    """An input a driver received but could not use, kept with the reason (input dead letter):
+    the payload as it arrived (at most `REJECTED_PAYLOAD_LIMIT` bytes) and the source's message
+    id, so that it can be traced and run again once the config is fixed."""
 
     source: str
     topic: str
     payload: bytes
     reason: str
     received_at: float
+    message_id: str | None = None
+    replaces: int | None = None
+    """The id of the input dead letter this one is a new attempt at (a reingest rejected
+    again): that row gets the new reason instead of a second row being added."""
 
 
 REJECTED_PAYLOAD_LIMIT = 16 * 1024
@@ -221,7 +233,7 @@ class Outbox:
         self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
         commit_interval: float, commit_max_rows: int, max_bytes: int | None,
         heads: dict[str, dict[str, _Head]], counts: tuple[Counter[str], Counter[str]],
-        recovered_from: str | None,
+        recovered_from: str | None, epoch: str,
     ) -> None:
         self._db = connection
         self._executor = executor
@@ -240,6 +252,8 @@ class Outbox:
         self.disk_full = False
         self.recovered_from = recovered_from
         """Where a corrupt database was moved at open, if one was: an alarm, not an error."""
+        self.epoch = epoch
+        """This database's random epoch (16 hex digits), made with it and never changed."""
         self.integrity_problem: str | None = None
         """What the background integrity check found wrong, if anything: an alarm."""
         self._checker: asyncio.Task[None] | None = None
@@ -259,7 +273,8 @@ class Outbox:
         opened = await loop.run_in_executor(executor, _open_checked, path)
         outbox = cls(opened.connection, executor, commit_interval=commit_interval,
                      commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=opened.heads,
-                     counts=opened.counts, recovered_from=opened.recovered_from)
+                     counts=opened.counts, recovered_from=opened.recovered_from,
+                     epoch=opened.epoch)
         outbox.used_bytes = opened.used_bytes
         outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         outbox._reader_db = await loop.run_in_executor(outbox._reader, _connect_reader, path)
@@ -344,10 +359,11 @@ class Outbox:
     async def commit(
         self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None, *,
         rejected: Sequence[RejectedInput] = (), lots: Sequence[LotStatus] = (),
-        wait: bool = True,
+        resolved_inputs: Sequence[int] = (), wait: bool = True,
     ) -> CommitResult:
         """Durably store new events, the rule state that produced them, and the inputs that
-        were rejected on the way, atomically.
+        were rejected on the way, atomically; forget the input dead letters in
+        `resolved_inputs` (reingested: what they produced is in this commit).
 
         An event id committed before (still held, or delivered within the journal's
         retention) is ignored and counted: re-deriving events after a crash gives the same
@@ -364,7 +380,7 @@ class Outbox:
                 log.warning("Refused %d informational event(s): %s", refused,
                             self.back_pressure)
             events = kept
-            if events or state or rejected:
+            if events or state or rejected or resolved_inputs:
                 if not wait:
                     raise OutboxFull(self.back_pressure or "the outbox is full")
                 await self._room.wait()
@@ -398,13 +414,20 @@ class Outbox:
                 db.executemany(
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
-            if rejected:
-                db.executemany(
-                    "INSERT INTO rejected_inputs(source, topic, payload, reason, received_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(_storable(r.source), _storable(r.topic),
-                      r.payload[:REJECTED_PAYLOAD_LIMIT], _storable(_cut_note(r)),
-                      r.received_at) for r in rejected])
+            for r in rejected:
+                row = (_storable(r.source), _storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
+                       _storable(_cut_note(r)), r.received_at,
+                       None if r.message_id is None else _storable(r.message_id))
+                if r.replaces is None:
+                    db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
+                               " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
+                else:
+                    db.execute("UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
+                               " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
+                               (*row, r.replaces))
+            if resolved_inputs:
+                db.executemany("DELETE FROM rejected_inputs WHERE id = ?",
+                               [(number,) for number in resolved_inputs])
             for lot in lots:
                 db.execute(
                     "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
@@ -648,13 +671,25 @@ class Outbox:
         """Input dead letters, newest first."""
         def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
             rows = _dicts(db.execute(
-                "SELECT id, source, topic, payload, reason, received_at FROM rejected_inputs"
-                " WHERE received_at >= ? ORDER BY id DESC LIMIT ?", (since, limit)))
+                "SELECT id, source, topic, message_id, payload, reason, received_at"
+                " FROM rejected_inputs WHERE received_at >= ? ORDER BY id DESC LIMIT ?",
+                (since, limit)))
             for row in rows:
                 row["payload"] = row["payload"].decode(errors="replace")
             return rows
 
         return await self._read(run)
+
+    async def rejected_input(self, number: int) -> RejectedInput | None:
+        """One input dead letter as it was kept (payload as bytes), by its id."""
+        row = await self._read(lambda db: db.execute(
+            "SELECT source, topic, payload, reason, received_at, message_id"
+            " FROM rejected_inputs WHERE id = ?", (number,)).fetchone())
+        if row is None:
+            return None
+        source, topic, payload, reason, received_at, message_id = row
+        return RejectedInput(source, topic, payload, reason, received_at, message_id,
+                             replaces=number)
 
     async def rejected_count(self) -> dict[str, int]:
         """Input dead letters held, per source (driver)."""
@@ -752,8 +787,12 @@ class Outbox:
                     timeout = deadline - loop.time()
                     if timeout <= 0:
                         break
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+                    # cancellation that arrives as the queue hands over work, and the writer
+                    # then waits on, unstoppable (found by the crash model test).
                     try:
-                        work = await asyncio.wait_for(self._queue.get(), timeout)
+                        async with asyncio.timeout(timeout):
+                            work = await self._queue.get()
                     except TimeoutError:
                         break
                 else:
@@ -952,12 +991,15 @@ class _Opened:
     counts: tuple[Counter[str], Counter[str]]
     used_bytes: int
     recovered_from: str | None
+    epoch: str
 
 
 def _load(path: Path) -> _Opened:
     db = _connect(path)
     try:
-        return _Opened(db, _load_heads(db), _load_counts(db), _used_bytes(db), None)
+        ((epoch,),) = db.execute("SELECT value FROM outbox_meta WHERE key = 'epoch'")
+        return _Opened(db, _load_heads(db), _load_counts(db), _used_bytes(db), None,
+                       str(epoch))
     except BaseException:
         db.close()
         raise

@@ -99,6 +99,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX hand_actions_by_time ON hand_actions(at)",
     ),
+    (
+        # 6: facts about this database itself. `epoch` is random and made with the database
+        # (or with this migration, for a database made before it): the event ids the gateway
+        # derives from its own state carry it, so a database moved aside as damaged, or
+        # deleted, never lets a new one reissue an id that was delivered before.
+        """CREATE TABLE outbox_meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        "INSERT INTO outbox_meta(key, value) VALUES ('epoch', lower(hex(randomblob(8))))",
+    ),
+    (
+        # 7: an input dead letter keeps the MES message id, so a rejected message can be
+        # traced, and re-run (`outbox reingest`) once the config is fixed.
+        "ALTER TABLE rejected_inputs ADD COLUMN message_id TEXT",
+        "CREATE INDEX rejected_inputs_by_message ON rejected_inputs(message_id)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -61,6 +61,9 @@ class MesMessage:
     message_id: str
     """Stable across redeliveries (the MES id, or a hash of the payload): the natural key."""
     received_at: float
+    payload: bytes = b""
+    """The message as it arrived, kept in an input dead letter if the pipeline rejects it, so
+    that it can be run again (`plantsync outbox reingest`) once the config is fixed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,8 @@ class RejectedMessage:
     payload: bytes
     reason: str
     received_at: float
+    message_id: str | None = None
+    """The MES message id, when the payload could be read far enough to find it."""
 
 
 @dataclass(frozen=True, slots=True)

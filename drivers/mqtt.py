@@ -633,10 +633,18 @@ def to_reading(config: MqttConfig, topic: str, payload: bytes, received_at: floa
         return rejected(f"payload is {_json_kind(document)}, expected a JSON object")
     try:
         fields = subscription.map_fields(topic, document)
+    except _Unmappable as exc:
+        # Kept with its MES id where the id can be read, so the dead letter can be traced.
+        with contextlib.suppress(_Unmappable):
+            found = subscription.message_id(topic, payload, document)
+            return RejectedMessage(config.name, topic, payload, str(exc), received_at, found)
+        return rejected(str(exc))
+    try:
         message_id = subscription.message_id(topic, payload, document)
     except _Unmappable as exc:
         return rejected(str(exc))
-    return MesMessage(config.name, topic, subscription.event, fields, message_id, received_at)
+    return MesMessage(config.name, topic, subscription.event, fields, message_id, received_at,
+                      payload)
 
 
 # --- one connection --------------------------------------------------------------------------

@@ -33,7 +33,8 @@ is not a number (NaN, +-Inf, bad quality) is neither a breach nor a recovery.
 All time comes from the readings (source timestamps, or the tick's clock), so a replay of
 recorded input gives the same events. The rule's state is plain data; the pipeline commits it
 with the events it produced, and ids come from natural keys (counter ranges, binding and
-transition times), so a crash at any point yields neither a duplicate nor a gap.
+transition times, and the outbox's epoch: `edge.model.state_key`), so a crash at any point yields
+neither a duplicate nor a gap, and a new outbox never reissues an id.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from drivers.modbus import ModbusConfig
 from drivers.opcua import OpcUaConfig
 from edge.config import LimitConfig, MachineConfig, MachineSignals, OrderBinding, PlantConfig
 from edge.model import (
+    OFFLINE_EPOCH,
     CloudEvent,
     DowntimeRecorded,
     EventData,
@@ -65,6 +67,7 @@ from edge.model import (
     SignedQuantity,
     SourceGap,
     build_event,
+    state_key,
 )
 
 log = logging.getLogger(__name__)
@@ -227,8 +230,11 @@ class MachineRule:
     """Stateful per machine: samples, MES order events and ticks in; milestones out."""
 
     def __init__(self, site: str, machine: MachineConfig, saved: str | None = None, *,
-                 uom_codes: frozenset[str] = frozenset(), settle: float = 0.0) -> None:
+                 uom_codes: frozenset[str] = frozenset(), settle: float = 0.0,
+                 epoch: str = OFFLINE_EPOCH) -> None:
         self.site = site
+        self.epoch = epoch
+        """The outbox's epoch, part of every id this rule derives (`edge.model.state_key`)."""
         self.machine = machine
         self.uom_codes = uom_codes
         self.settle = settle if machine.signals.state is not None else 0.0
@@ -940,12 +946,14 @@ class MachineRule:
                ) -> CloudEvent:
         self.state.sequence += 1
         self.needs_save = True
+        # Every key here comes from the rule's own state, which starts from nothing with a new
+        # outbox: the epoch keeps those keys from meeting the ones of an outbox before it.
         if binding is not None:
-            natural = (self.site, self.machine.id, binding.order_id, binding.operation,
-                       _ms(binding.bound_at), *key)
+            natural = state_key(self.epoch, self.site, self.machine.id, binding.order_id,
+                                binding.operation, _ms(binding.bound_at), *key)
             subject, partition = f"{binding.order_id}/{binding.operation}", binding.order_id
         else:
-            natural = (self.site, self.machine.id, *key)
+            natural = state_key(self.epoch, self.site, self.machine.id, *key)
             subject = partition = self.machine.id
         return build_event(data, natural_key=natural, subject=subject, partitionkey=partition,
                            sequence=self.state.sequence)

@@ -256,7 +256,8 @@ def create_app(gateway: Gateway) -> Asgi:
             args = json.loads(await request.body() or b"{}")
             if not isinstance(args, dict):
                 raise OperationError("the body must be a JSON object")
-            result = await perform(gateway.outbox, operation, args, who)
+            result = await perform(gateway.outbox, operation, args, who,
+                                   pipeline=gateway.pipeline)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
         except OperationError as exc:

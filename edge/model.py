@@ -6,9 +6,12 @@ are exported so that ERP and QMS teams can check payloads without reading Python
 decimal strings with a UN/ECE Recommendation 20 unit code, never floats, so that ERP, MES and QMS
 add up to the same number. An event's id is a UUIDv5 over its natural key, never random and never
 time based: deriving it again after a crash gives the same id, which is what lets the outbox and
-the receivers drop duplicates. Nothing here does I/O except `write_schemas`, and nothing here
-keeps mutable state at package level: extra unit codes come from configuration through the
-pydantic validation context (key `UOM_CODES_CONTEXT_KEY`).
+the receivers drop duplicates. Natural keys come in two kinds (`source_key`, `state_key`): what
+a source system names (an MES message id, a lot id, a QMS decision) and what the gateway derives
+from its own state, which carries the outbox's epoch so that a new outbox never reissues an id.
+Nothing here does I/O except `write_schemas`, and nothing here keeps mutable state at package
+level: extra unit codes come from configuration through the pydantic validation context (key
+`UOM_CODES_CONTEXT_KEY`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ from pydantic import (
 __all__ = [
     "BUILTIN_UOM_CODES",
     "CLOUDEVENT_TYPE_PREFIX",
+    "CLOUDEVENT_VERSION",
     "EVENT_ID_NAMESPACE",
     "EVENT_MODELS",
+    "OFFLINE_EPOCH",
     "REC21_PACKAGE_CODES",
     "SEQUENCE_DIGITS",
     "UOM_CODES_CONTEXT_KEY",
@@ -77,6 +82,8 @@ __all__ = [
     "format_sequence",
     "json_schemas",
     "priority_of",
+    "source_key",
+    "state_key",
     "validate_event_data",
     "write_schemas",
 ]
@@ -150,6 +157,34 @@ def event_id(event_type: str, *natural_key: str | int) -> str:
         raise ValueError("an event id needs a natural key of at least one part")
     name = "|".join([event_type, *(_escape_key_part(part) for part in natural_key)])
     return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
+
+
+NaturalKey = tuple[str | int, ...]
+
+OFFLINE_EPOCH: Final = "offline"
+"""The epoch of events derived offline (`plantsync replay`, the golden cases, unit tests): fixed,
+so that the same input gives the same ids on every run. A running gateway never uses it: its
+epoch is its outbox's (`Outbox.epoch`), random and made with the database."""
+
+
+def source_key(site: str, *names: str | int) -> NaturalKey:
+    """The natural key of an event that a source system identifies: an MES message id, a lot id
+    the MES named, a QMS decision on a lot. The same message or decision always gives the same
+    id, in any outbox, so a redelivery after the outbox was lost is still a duplicate."""
+    return (site, *names)
+
+
+def state_key(epoch: str, site: str, machine_id: str, *parts: str | int) -> NaturalKey:
+    """The natural key of an event the gateway derives from its own state: counter ranges and
+    totals, the time an order was bound (0 for an order fixed in the config), transition
+    times. That state starts from nothing when the outbox database is replaced (moved aside as
+    damaged, or deleted), so the key carries the outbox's `epoch`: without it the new
+    database would derive ids that receivers already hold for other units, and an idempotent
+    receiver would drop the new ones as duplicates. Within one outbox the epoch never
+    changes, so deriving an event again after a crash still gives the same id."""
+    if not epoch:
+        raise ValueError("a state key needs the outbox epoch")
+    return ("epoch", epoch, site, machine_id, *parts)
 
 
 def priority_of(event_type: str) -> int:
@@ -972,8 +1007,15 @@ def _canonical_json(value: Any, path: str = "data") -> Any:
     raise ValueError(f"{path}: {type(value).__name__} is not JSON; dump models with mode='json'")
 
 
+CLOUDEVENT_VERSION: Final = 2
+"""Version of the envelope (its exported schema is `urn:plantsync:schema:cloudevent:<n>`).
+2 added the optional `sourcemessageid` extension; a receiver of version 1 ignores it, as the
+CloudEvents spec asks of unknown extensions."""
+
+
 class CloudEvent(BaseModel):
-    """A CloudEvents 1.0 event in structured JSON mode, with `partitionkey` and `sequence`.
+    """A CloudEvents 1.0 event in structured JSON mode, with `partitionkey` and `sequence`, and
+    `sourcemessageid` when a source system's message made it.
 
     `data` holds the JSON form of the type's data model (its keys are kept sorted so the bytes
     of an event do not depend on who built it); `validate_event_data` checks it against the
@@ -1035,6 +1077,15 @@ class CloudEvent(BaseModel):
         "digits, so lexical order is numeric order.",
         examples=["00000000000000000042"],
     )
+    sourcemessageid: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Extension (envelope version 2): the id of the source system's message this "
+        "event was made from (the MES message id), so a posting can be traced to the message. "
+        "Absent for events the gateway derives from machine signals.",
+        examples=["3f1c2a9e-8d7b-5c1e-9a4f-0b6d2e8c7a51"],
+    )
     data: dict[str, Any] = Field(description="The event data, per the type's data model.")
 
     @field_validator("data", mode="after")
@@ -1044,10 +1095,12 @@ class CloudEvent(BaseModel):
         return canonical
 
     def to_json(self) -> bytes:
-        """Compact UTF-8 JSON: attributes in spec order, `data` keys sorted, no null subject."""
+        """Compact UTF-8 JSON: attributes in spec order, `data` keys sorted, no null subject or
+        extension."""
         payload = self.model_dump(mode="json")
-        if payload["subject"] is None:
-            del payload["subject"]
+        for optional in ("subject", "sourcemessageid"):
+            if payload[optional] is None:
+                del payload[optional]
         return json.dumps(
             payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         ).encode()
@@ -1066,12 +1119,14 @@ def build_event(
     partitionkey: str,
     sequence: int,
     source: str | None = None,
+    source_message_id: str | None = None,
 ) -> CloudEvent:
     """Wrap `data` in its CloudEvent.
 
     The id is `event_id(type, *natural_key)`, the time is `data.occurred_at`, the source
     defaults to `urn:plantsync:<site>:<machine_id or "site">`, and `sequence` is rendered with
-    `format_sequence`.
+    `format_sequence`. `source_message_id` (the MES message it was made from, if any) becomes
+    the `sourcemessageid` extension.
     """
     if isinstance(natural_key, str):
         raise TypeError("natural_key must be a sequence of parts, not one string")
@@ -1084,6 +1139,7 @@ def build_event(
         dataschema=data.dataschema(),
         partitionkey=partitionkey,
         sequence=format_sequence(sequence),
+        sourcemessageid=source_message_id,
         data=data.model_dump(mode="json"),
     )
 
@@ -1125,7 +1181,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         }
     schemas[CLOUDEVENT_SCHEMA_FILE] = {
         "$schema": SCHEMA_DIALECT,
-        "$id": "urn:plantsync:schema:cloudevent:1",
+        "$id": f"urn:plantsync:schema:cloudevent:{CLOUDEVENT_VERSION}",
         **CloudEvent.model_json_schema(),
     }
     return schemas

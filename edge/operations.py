@@ -27,11 +27,12 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from buffer.outbox import HandAction, Outbox, journal_hand_action
-from edge.config import LocalAccess
+from edge.config import LocalAccess, PlantConfig
+from edge.pipeline import Pipeline
 
 Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal", "rejected",
-                    "hand-actions"]
-CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead"})
+                    "hand-actions", "reingest"]
+CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead", "reingest"})
 CHANGE_PATHS = frozenset(f"/outbox/{operation}" for operation in CHANGES)
 """The local API paths that change something (they always need the token)."""
 
@@ -103,10 +104,16 @@ class _PurgeArgs(_ChangeArgs):
         return self
 
 
+class _ReingestArgs(_Args):
+    id: int = Field(ge=1, description="The input dead letter (see `rejected`).")
+    reason: str = Field(min_length=1, max_length=500,
+                        description="Why, for the hand-action journal.")
+
+
 ARGUMENTS: dict[Operation, type[_Args]] = {
     "status": _NoArgs, "list": _ListArgs, "show": _ShowArgs, "retry": _RetryArgs,
     "purge-dead": _PurgeArgs, "journal": _SinceArgs, "rejected": _SinceArgs,
-    "hand-actions": _SinceArgs,
+    "hand-actions": _SinceArgs, "reingest": _ReingestArgs,
 }
 
 
@@ -133,11 +140,24 @@ def parse_arguments(operation: Operation, args: Mapping[str, Any]) -> _Args:
 
 
 async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any],
-                  who: str) -> Any:
+                  who: str, *, pipeline: Pipeline | None = None) -> Any:
     """Run one operation on an open outbox; the result is plain JSON-able data. `who` is the
-    person a change is journalled under."""
+    person a change is journalled under. `reingest` needs the pipeline that owns the rules
+    (the daemon's, or one made on the database)."""
     parsed = parse_arguments(operation, args)
     match parsed:
+        case _ReingestArgs():
+            if pipeline is None:
+                raise OperationError("reingest needs the gateway's pipeline")
+            try:
+                outcome = await pipeline.reingest(parsed.id)
+            except ValueError as exc:
+                raise NotFound(str(exc)) from None
+            await outbox.record_hand_action(
+                HandAction("reingest", f"input dead letter {parsed.id} (MES message "
+                           f"{outcome['message_id'] or '-'}): {outcome['outcome']}", who,
+                           parsed.reason), affected=1 if outcome["outcome"] == "accepted" else 0)
+            return outcome
         case _RetryArgs():
             hand = HandAction("retry", _which(parsed.id, parsed.destination), who,
                               parsed.reason)
@@ -251,8 +271,8 @@ class DaemonRefused(Exception):
         self.status = status
 
 
-async def call(access: LocalAccess, operation: Operation, args: Mapping[str, Any]
-               ) -> tuple[Any, Literal["daemon", "database"]]:
+async def call(access: LocalAccess, operation: Operation, args: Mapping[str, Any],
+               config: PlantConfig | None = None) -> tuple[Any, Literal["daemon", "database"]]:
     """Run an operation through the running daemon, or on the database when none answers."""
     parse_arguments(operation, args)  # a wrong call fails here, the same with or without it
     url = f"http://{access.api.listen}/outbox/{operation}"
@@ -265,7 +285,11 @@ async def call(access: LocalAccess, operation: Operation, args: Mapping[str, Any
     except httpx.ConnectError:
         outbox = await Outbox.open(access.database_path)
         try:
-            return await perform(outbox, operation, args, os_user()), "database"
+            # A reingest runs the message through the rules: a pipeline on the stored state.
+            pipeline = (Pipeline(config, outbox, await outbox.load_state())
+                        if operation == "reingest" and config is not None else None)
+            return await perform(outbox, operation, args, os_user(),
+                                 pipeline=pipeline), "database"
         finally:
             await outbox.close()
     if response.status_code != 200:

@@ -8,6 +8,7 @@
     plantsync outbox --config FILE journal [--since 24h | 2026-11-29T06:00]
     plantsync outbox --config FILE rejected [--since 24h]     (input dead letters)
     plantsync outbox --config FILE hand-actions [--since 30d]  (who changed what, and why)
+    plantsync outbox --config FILE reingest ID --reason WHY   (an input dead letter, again)
 
 Each talks to the running daemon when there is one, else opens the database directly. It needs
 only `api`, `data_dir` and the token of the config, so it works in a shell without the plant's
@@ -68,6 +69,12 @@ def add_outbox_parser(commands: Any) -> None:
                                   "not be used, with the reason")
     rejected.add_argument("--since", default="24h")
     rejected.add_argument("--limit", type=int, default=100)
+    reingest = actions.add_parser("reingest", help="run an input dead letter through the "
+                                  "current config again, after fixing what rejected it "
+                                  "(journalled)")
+    reingest.add_argument("id", type=int, help="the input dead letter's id (see `rejected`)")
+    reingest.add_argument("--reason", help="why, for the hand-action journal (asked for on a "
+                          "terminal when missing)")
     hand = actions.add_parser("hand-actions", help="the hand-action journal: every retry and "
                               "purge by hand, with who and why")
     hand.add_argument("--since", default="30d")
@@ -93,8 +100,16 @@ def run_outbox_command(args: argparse.Namespace) -> int:
     if request is None:
         print("Nothing done.", file=sys.stderr)
         return 1
+    # A reingest runs the message through the mapping and the rules: the whole config.
+    config = None
+    if operation == "reingest":
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print("\n".join(exc.problems), file=sys.stderr)
+            return 1
     try:
-        result, via = asyncio.run(call(access, operation, request))
+        result, via = asyncio.run(call(access, operation, request, config))
     except OperationError as exc:
         print(f"plantsync outbox {operation}: {exc}", file=sys.stderr)
         return 2
@@ -108,7 +123,9 @@ def run_outbox_command(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, default=str))
     else:
         print(_text(operation, result, via))
-    return 1 if operation == "show" and result is None else 0
+    failed = (operation == "show" and result is None) or (
+        operation == "reingest" and result["outcome"] != "accepted")
+    return 1 if failed else 0
 
 
 def shown_secrets(path: Path, access: LocalAccess) -> set[str]:
@@ -142,6 +159,8 @@ def _request(operation: Operation, args: argparse.Namespace) -> dict[str, Any] |
                 return None
             return {"id": args.id, "all": args.all, "destination": args.destination,
                     "reason": reason}
+        case "reingest":
+            return {"id": args.id, "reason": _reason(args.reason)}
         case "journal" | "rejected" | "hand-actions":
             try:
                 return {"since": _since(args.since), "limit": args.limit}
@@ -274,11 +293,17 @@ def _text(operation: Operation, result: Any, via: str) -> str:
                 lines = ["(nothing delivered in that window)"]
         case "rejected":
             for row in result:
-                lines.append(f"{local_time(row['received_at'])}  {row['source']}  "
-                             f"{row['topic']}: {row['reason']}\n"
-                             f"    payload: {row['payload'][:200]}")
+                lines.append(f"#{row['id']}  {local_time(row['received_at'])}  {row['source']}  "
+                             f"{row['topic']}  message {row.get('message_id') or '-'}: "
+                             f"{row['reason']}\n    payload: {row['payload'][:200]}")
             if not result:
                 lines.append("(no rejected input in that window)")
+        case "reingest":
+            lines.append(f"input dead letter #{result['id']} (MES message "
+                         f"{result['message_id'] or '-'}): {result['outcome']}")
+            if result.get("reason"):
+                lines.append(f"    {result['reason']}")
+            lines += [f"    event {event_id}" for event_id in result["events"]]
         case "hand-actions":
             lines += table(["when", "action", "affected", "what", "who", "why"],
                            [[local_time(row["at"]), row["action"], row["affected"],

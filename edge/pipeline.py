@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
 from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
+from drivers.mqtt import MqttConfig, to_reading
 from edge.aggregate import MachineRule, settle_for
 from edge.config import PlantConfig, format_loc
 from edge.forward.profiles import input_problems
@@ -36,6 +37,7 @@ from edge.model import (
     LotProduced,
     build_event,
     priority_of,
+    source_key,
 )
 
 log = logging.getLogger(__name__)
@@ -98,15 +100,19 @@ class Pipeline:
     def __init__(self, config: PlantConfig, outbox: Outbox, saved: dict[str, str],
                  observer: Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None]
                  | None = None,
-                 connected: Callable[[], Mapping[str, bool]] | None = None) -> None:
+                 connected: Callable[[], Mapping[str, bool]] | None = None, *,
+                 epoch: str | None = None) -> None:
         self.config = config
         self.outbox = outbox
         self._observer = observer
         self._connected = connected
         self._was_connected: dict[str, bool] = {}
+        self.epoch = outbox.epoch if epoch is None else epoch
+        """Part of every id the rules derive: the outbox's, or a fixed one for a replay."""
         self.rules = [
             MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
-                        uom_codes=config.all_uom_codes, settle=settle_for(config, machine))
+                        uom_codes=config.all_uom_codes, settle=settle_for(config, machine),
+                        epoch=self.epoch)
             for machine in config.machines
         ]
         for rule in self.rules:
@@ -138,6 +144,13 @@ class Pipeline:
         self.last_sample: dict[str, Sample] = {}
 
     async def on_readings(self, readings: Sequence[Reading]) -> None:
+        await self._ingest(readings)
+
+    async def _ingest(self, readings: Sequence[Reading], reingested: int | None = None
+                      ) -> tuple[list[CloudEvent], list[RejectedInput]]:
+        """Run readings through the rules and commit what they produced; return the new events
+        and the rejected inputs. `reingested` is the input dead letter the (single) reading
+        was made from: it goes in the same commit, updated if rejected again, else forgotten."""
         events: list[CloudEvent] = []
         touched: list[MachineRule] = []
         rejected: list[RejectedInput] = []
@@ -161,10 +174,12 @@ class Pipeline:
                     if moved is not None:
                         touched.append(moved)
                     if problem is not None:
+                        # The payload as it arrived, so that a reingest runs the message
+                        # itself through the fixed config (a reading made by hand has none).
+                        kept = reading.payload or json.dumps(reading.fields, default=str).encode()
                         rejected.append(RejectedInput(
-                            reading.driver, reading.topic,
-                            json.dumps(reading.fields, default=str).encode(), problem,
-                            reading.received_at))
+                            reading.driver, reading.topic, kept, problem, reading.received_at,
+                            reading.message_id, reingested))
                 case DeviceRestarted():
                     log.warning("Driver %s says its device restarted (%s): its counters count "
                                 "from 0", reading.driver, reading.reason,
@@ -181,7 +196,8 @@ class Pipeline:
                     self.samples_by_driver[reading.driver] += 1
                     rejected.append(RejectedInput(reading.driver, reading.topic,
                                                   reading.payload, reading.reason,
-                                                  reading.received_at))
+                                                  reading.received_at, reading.message_id,
+                                                  reingested))
         for rule, samples in polled.items():
             produced = rule.on_samples(samples)
             if produced or rule.needs_save:
@@ -189,11 +205,44 @@ class Pipeline:
                 touched.append(rule)
         for rejection in rejected:
             self.rejected_by_driver[rejection.source] += 1
-            log.warning("Rejected a message from %s on %s: %s; kept as an input dead letter",
-                        rejection.source, rejection.topic, rejection.reason,
-                        extra={"driver": rejection.source, "topic": rejection.topic})
-        if events or touched or rejected:
-            await self._commit(events, touched, rejected)
+            log.warning("Rejected MES message %s from %s on %s: %s; kept as an input dead "
+                        "letter", rejection.message_id or "(no id)", rejection.source,
+                        rejection.topic, rejection.reason,
+                        extra={"driver": rejection.source, "topic": rejection.topic,
+                               "message_id": rejection.message_id})
+        resolved = [reingested] if reingested is not None and not rejected else []
+        if events or touched or rejected or resolved:
+            events = await self._commit(events, touched, rejected, resolved)
+        return events, rejected
+
+    async def reingest(self, number: int) -> dict[str, Any]:
+        """Run input dead letter `number` through the current config (after a fix): the
+        message as it arrived goes through its driver's mapping and the rules again. What it
+        produces is committed with the dead letter's removal; rejected again, the dead letter
+        stays with the new reason. Ids come from the MES message id, so running one twice, or
+        one that was meanwhile redelivered, makes no second event."""
+        kept = await self.outbox.rejected_input(number)
+        if kept is None:
+            raise ValueError(f"there is no input dead letter {number}")
+        driver = next((d for d in self.config.drivers if d.name == kept.source), None)
+        if not isinstance(driver, MqttConfig):
+            raise ValueError(f"input dead letter {number} came from {kept.source!r}, which is "
+                             "not an MQTT driver of the current config: nothing can take it")
+        reading = to_reading(driver, kept.topic, kept.payload, kept.received_at)
+        events, rejected = await self._ingest([reading], reingested=number)
+        message_id = getattr(reading, "message_id", None) or kept.message_id
+        outcome: dict[str, Any] = {"id": number, "message_id": message_id,
+                                   "events": [event.id for event in events]}
+        if rejected:
+            outcome |= {"outcome": "rejected again", "reason": rejected[0].reason}
+        else:
+            outcome |= {"outcome": "accepted"}
+        log.warning("Manual intervention: input dead letter %d (MES message %s) run again "
+                    "through the current config: %s%s", number, message_id or "(no id)",
+                    outcome["outcome"], f" ({outcome['reason']})" if rejected else
+                    f", {len(events)} new event(s)",
+                    extra={"message_id": message_id, "rejected_input": number})
+        return outcome
 
     async def tick(self, now: float | None = None) -> None:
         """Run the time triggers of every rule once; commit what moved since the last commit
@@ -316,18 +365,19 @@ class Pipeline:
                                         data.occurred_at.timestamp(), data.disposition_source,
                                         data.order_id, data.material))
         key = data.order_id or getattr(data, "lot_id", None) or message.driver
-        event = self._build(data, (self.config.site, message.kind, message.message_id), key,
-                            f"mes:{message.driver}")
+        event = self._build(data, source_key(self.config.site, message.kind, message.message_id),
+                            key, f"mes:{message.driver}", message.message_id)
         if isinstance(data, LotProduced):
             self._lot_produced(data, event)
         return event, None
 
     def _build(self, data: EventData, natural_key: tuple[str | int, ...], key: str,
-               source: str) -> CloudEvent:
+               source: str, message_id: str | None = None) -> CloudEvent:
         self._mes_sequence += 1
         return build_event(data, natural_key=natural_key, subject=key, partitionkey=key,
                            sequence=self._mes_sequence,
-                           source=f"urn:plantsync:{self.config.site}:{source}")
+                           source=f"urn:plantsync:{self.config.site}:{source}",
+                           source_message_id=message_id)
 
     def _lot_produced(self, data: LotProduced, event: CloudEvent) -> None:
         """A produced lot is on hold until quality decides; the QMS is asked to inspect it."""
@@ -340,8 +390,9 @@ class Pipeline:
             site=data.site, order_id=data.order_id, lot_id=data.lot_id, material=data.material,
             occurred_at=data.occurred_at, trigger="lot_completed",
             reason_text=f"lot {data.lot_id} completed")
-        self._followups.append(self._build(request, (self.config.site, "lot-inspection",
-                                                     data.lot_id), data.lot_id, "quality"))
+        self._followups.append(self._build(request, source_key(self.config.site, "lot-inspection",
+                                                               data.lot_id), data.lot_id,
+                                           "quality", event.sourcemessageid))
 
     async def dispositions(self, decisions: Sequence[LotDisposition], cursor: str) -> None:
         """QMS decisions: lot.disposition events (to ERP), the lots' status and the feed's
@@ -358,8 +409,8 @@ class Pipeline:
             # Keyed by the order the lot was produced for: the decision must not overtake
             # the confirmations that put the lot into quality-inspection stock.
             events.append(self._build(
-                data, (self.config.site, "disposition", data.lot_id, data.disposition,
-                       int(data.occurred_at.timestamp() * 1000)),
+                data, source_key(self.config.site, "disposition", data.lot_id, data.disposition,
+                                 int(data.occurred_at.timestamp() * 1000)),
                 data.order_id or data.lot_id, "quality"))
         self.qms_cursor = cursor
         await self._commit(events, ())
@@ -370,7 +421,9 @@ class Pipeline:
         await self._commit([], ())
 
     async def _commit(self, events: Sequence[CloudEvent], rules: Iterable[MachineRule],
-                      rejected: Sequence[RejectedInput] = ()) -> None:
+                      rejected: Sequence[RejectedInput] = (), resolved: Sequence[int] = ()
+                      ) -> list[CloudEvent]:
+        """Commit; return the events that were new (not duplicates)."""
         # State is dumped now, synchronously with the events it produced: a later reading
         # cannot slip into this commit's state while we await the disk.
         state = {rule.state_key: rule.dump_state() for rule in rules}
@@ -389,18 +442,23 @@ class Pipeline:
             )
             for event in events
         ]
-        result = await self.outbox.commit(rows, state, rejected=rejected, lots=lots)
+        result = await self.outbox.commit(rows, state, rejected=rejected, lots=lots,
+                                          resolved_inputs=resolved)
         events = [event for event in events if event.id in result.new_ids]
         if self._observer is not None:
             self._observer(events, rejected)
         for event in events:
             self.events_by_type[event.type] += 1
-            log.info("Committed %s %s for %s (%s)", event.type, event.subject,
-                     event.source, _summary(event),
+            made_from = (f", from MES message {event.sourcemessageid}"
+                         if event.sourcemessageid else "")
+            log.info("Committed %s %s for %s (%s)%s", event.type, event.subject,
+                     event.source, _summary(event), made_from,
                      extra={"event_id": event.id, "order_id": event.data.get("order_id"),
-                            "lot_id": event.data.get("lot_id")})
+                            "lot_id": event.data.get("lot_id"),
+                            "message_id": event.sourcemessageid})
         if result.duplicates:
             log.info("Ignored %d event(s) the outbox already held", result.duplicates)
+        return events
 
 
 def _problems(exc: ValidationError) -> str:

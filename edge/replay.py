@@ -49,7 +49,7 @@ from drivers.base import (
 )
 from drivers.mqtt import MqttConfig
 from edge.config import DriverConfig, PlantConfig
-from edge.model import CloudEvent
+from edge.model import OFFLINE_EPOCH, CloudEvent
 from edge.pipeline import Pipeline
 from edge.registry import create_driver
 
@@ -130,7 +130,10 @@ async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: 
 
     outbox = await Outbox.open(scratch / "replay-outbox.db")
     try:
-        pipeline = Pipeline(config, outbox, await outbox.load_state(), observe)
+        # A fixed epoch: the same input gives the same ids on every replay (a scratch outbox
+        # would otherwise give new ones each time).
+        pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
+                            epoch=OFFLINE_EPOCH)
         for entry in lines:
             if entry.get("restart") or entry.get("crash"):
                 if entry.get("crash") and (reading := parse_line(entry)) is not None:
@@ -139,7 +142,8 @@ async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: 
                         await pipeline.on_readings([reading])
                 elif entry.get("restart"):
                     await pipeline.flush()
-                pipeline = Pipeline(config, outbox, await outbox.load_state(), observe)
+                pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
+                                    epoch=OFFLINE_EPOCH)
                 continue
             reading = parse_line(entry)
             if reading is not None:

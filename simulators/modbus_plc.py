@@ -77,7 +77,7 @@ from typing import Literal
 
 from pymodbus.constants import ExcCodes
 from pymodbus.framer import FramerType
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,8 @@ class ModbusPlc:
         start: int = 0,
         stop_at: int | None = None,
         framer: Framer = "tcp",
+        serial_port: str | None = None,
+        baudrate: int = 19200,
         uptime: float = 0.0,
         boot_count: int = 1,
         sensor_fault: SensorFault | None = None,
@@ -340,13 +342,16 @@ class ModbusPlc:
         self.host = host
         self.port = port
         self.framer = framer
+        self.serial_port = serial_port
+        """A serial device (e.g. one end of a pty pair) to answer RTU on instead of TCP."""
+        self.baudrate = baudrate
         self.press = Press(
             rate=rate, scrap_rate=scrap_rate, good_count=float(start), stop_at=stop_at,
             uptime=uptime, boot_count=boot_count, sensor_fault=sensor_fault,
         )
         self.requests: Counter[str] = Counter()
         self._last_advance: float | None = None
-        self._server: ModbusTcpServer | None = None
+        self._server: ModbusTcpServer | ModbusSerialServer | None = None
 
     async def start(self) -> None:
         """Listen; returns once connections are accepted."""
@@ -369,9 +374,14 @@ class ModbusPlc:
             ),
             action=self._on_request,
         )
-        server = ModbusTcpServer(
-            device, address=(self.host, self.port), framer=_FRAMER_TYPES[self.framer]
-        )
+        server: ModbusTcpServer | ModbusSerialServer
+        if self.serial_port is not None:
+            server = ModbusSerialServer(device, port=self.serial_port, framer=FramerType.RTU,
+                                        baudrate=self.baudrate, parity="N", stopbits=1)
+        else:
+            server = ModbusTcpServer(
+                device, address=(self.host, self.port), framer=_FRAMER_TYPES[self.framer]
+            )
         # background=True returns once listening; the foreground variant swallows cancellation.
         await server.serve_forever(background=True)
         self._server = server

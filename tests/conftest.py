@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -139,6 +140,28 @@ def erp_sim(peers: list[Peer], tmp_path: Path) -> ErpSim:
 class PlcSim:
     peer: Peer
     port: int
+
+    def counters(self) -> tuple[int, int]:
+        """The PLC's own good and scrap counts, read from it over Modbus (holding registers 0-3,
+        uint32 big-endian): the oracle a count test compares the gateway against."""
+        from pymodbus.client import ModbusTcpClient  # here: only the tests that ask need it
+
+        client = ModbusTcpClient("127.0.0.1", port=self.port, timeout=5)
+        try:
+            assert client.connect(), f"the PLC on port {self.port} does not answer"
+            response = client.read_holding_registers(0, count=4)
+            assert not response.isError(), response
+            high, low, scrap_high, scrap_low = response.registers
+            return (high << 16) | low, (scrap_high << 16) | scrap_low
+        finally:
+            client.close()
+
+
+def counter_baselines(log_text: str, signal: str) -> list[int]:
+    """Every baseline the gateway took for counter `signal` (its first reading with no earlier
+    state), in order, from its log: a gateway that resumes from its outbox takes one per run."""
+    return [int(value) for value in re.findall(
+        rf"Counter {re.escape(signal)}: the first reading, (\d+), is the baseline", log_text)]
 
 
 def start_plc(peers: list[Peer], tmp_path: Path, *args: str, port: int | None = None) -> PlcSim:

@@ -34,6 +34,9 @@ The scenarios, and what `recovery_time_s` measures in each:
   so the count of the last units before Complete arrives after Complete (issue 12, item 3);
   the oracle is the simulator's own count at each Execute and Complete; from Complete until ERP
   holds the order's completion.
+- fresh outbox: outbox.db damaged or deleted between runs of the daemon (each run a new
+  database, a new epoch): no id of one database is derived again by the next, and ERP holds
+  every unit the PLC counted after each run's baseline (a short one runs in `make test`).
 
 All but the short broker restart and the short Complete race are marked `slow` (`make
 faults`). `PLANTSYNC_FAULT_SCALE` (default 1) scales the long waits: the ERP outage (300 s), the
@@ -1346,3 +1349,125 @@ def bound_order(gateway: Gateway) -> str | None:
 
 def erp_completed(erp: ErpSim) -> set[str]:
     return {row["event"]["data"]["order_id"] for row in erp_rows(erp, "operation.completed")}
+
+
+# -- 10. A fresh outbox: the old one damaged and moved aside, or deleted --------------------------
+
+
+@dataclass(frozen=True)
+class FreshOutboxRun:
+    damages: tuple[str, ...]
+    """What happens to outbox.db before each run after the first."""
+    units_per_run: int
+    rate: int
+
+
+FRESH_SHORT = FreshOutboxRun(damages=("garbage", "deleted"), units_per_run=400, rate=200)
+FRESH_FULL = FreshOutboxRun(
+    damages=("garbage", "deleted", "garbage-pages", "marked-damaged", "deleted", "garbage"),
+    units_per_run=1500, rate=300)
+
+
+def replace_outbox(database: Path, damage: str) -> None:
+    """What a plant does to an outbox: damage that makes the next start move it aside (garbage
+    over the whole file, over every page but the first, or the mark the integrity check leaves
+    while running), or deleting it by hand."""
+    match damage:
+        case "garbage":
+            database.write_bytes(os.urandom(64 * 1024))
+        case "garbage-pages":
+            with database.open("r+b") as file:
+                size = file.seek(0, os.SEEK_END)
+                file.seek(4096)
+                file.write(os.urandom(max(4096, size - 4096)))
+        case "marked-damaged":
+            Path(f"{database}.damaged").write_text("quick_check: page 3 is never used\n")
+        case "deleted":
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{database}{suffix}").unlink(missing_ok=True)
+        case _:
+            raise ValueError(damage)
+
+
+@pytest.mark.parametrize("size", [
+    pytest.param(FRESH_SHORT, id="short"),
+    pytest.param(FRESH_FULL, id="full", marks=pytest.mark.slow),
+])
+def test_a_fresh_outbox_never_reissues_an_id(
+    peers: list[Peer], tmp_path: Path, size: FreshOutboxRun,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 12 item 1. Each run counts a known span of the PLC's counter on one outbox; between
+    runs the outbox is damaged (moved aside at the next start) or deleted, so the next run
+    starts with no rule state: counter totals from 0 and the configured order bound at time 0
+    again. Every id must be new, and ERP must hold every unit the PLC counted after each run's
+    baseline. Without the outbox epoch in the ids, the second run's first confirmations
+    (counter ranges [0, 20), [20, 40)...), its operation.started and operation.completed
+    repeated the first run's ids, and ERP dropped them as duplicates with their units."""
+    tag = describe(tmp_path)
+    erp = start_erp(peers, tmp_path)
+    port = free_port()
+    machine = "press-01"
+    config, api_port = write_plant(
+        tmp_path, erp, [modbus_driver(machine, port, 1)],
+        [counting_machine(machine, machine, order_of(machine, 0))])
+    database = tmp_path / "data" / "outbox.db"
+    gateway = Gateway(peers, config, api_port, tmp_path)
+    ids_by_run: list[set[str]] = []
+    epochs: list[str] = []
+    units_expected = 0
+    spans = []
+    for number, damage in enumerate(("fresh", *size.damages)):
+        if damage != "fresh":
+            replace_outbox(database, damage)
+        start = number * 10 * size.units_per_run  # the device counted on meanwhile
+        stop_at = start + size.units_per_run
+        plc = start_plc(peers, tmp_path, "--rate", str(size.rate), "--start", str(start),
+                        "--stop-at", str(stop_at), port=port)
+        run = gateway.start()
+        wait_for(lambda: gateway.signal(f"{machine}.state") == MachineState.COMPLETE, 60,
+                 f"the PLC to complete in run {number} {tag}")
+        wait_for(lambda: settled(database, erp, [machine]), 60,
+                 f"run {number} delivered {tag}")
+        assert gateway.stop() == 0, run.output()[-3000:]
+        plc.peer.stop()
+        # The oracle is the PLC: from this run's single baseline to its stop value.
+        found = re.findall(rf"Counter {machine}\.good: the first reading, (\d+), is the "
+                           "baseline", run.output())
+        assert len(found) == 1, f"run {number} took {len(found)} baselines: {found} {tag}"
+        baseline = int(found[0])
+        assert start <= baseline <= stop_at, f"baseline {baseline} of run {number} {tag}"
+        units_expected += stop_at - baseline
+        spans.append((baseline, stop_at))
+        ids_by_run.append(committed_ids(database))
+        ((epoch,),) = query(database, "SELECT value FROM outbox_meta WHERE key = 'epoch'")
+        epochs.append(epoch)
+        if damage != "fresh" and damage != "deleted":
+            assert "is damaged" in run.output(), f"run {number} did not move the file {tag}"
+
+    everything: set[str] = set().union(*ids_by_run)
+    reissued = sum(len(ids) for ids in ids_by_run) - len(everything)
+    rows = erp_rows(erp)
+    received = [row["id"] for row in rows]
+    stats = erp.stats()
+    confirmations = [row["event"]["data"] for row in rows
+                     if row["type"] == "production.confirmation"]
+    units_delivered = sum(int(Decimal(c["yield_quantity"]["value"])) for c in confirmations)
+    figures = {
+        "test": "fault-scenario", "scenario": "fresh-outbox",
+        "size": "full" if size is FRESH_FULL else "short", "runs": len(ids_by_run),
+        "damages": list(size.damages), "expected": len(everything),
+        "delivered": len(set(received) & everything),
+        "lost": len(everything - set(received)), "duplicates": stats["duplicates"],
+        "ids_reissued": reissued, "units_expected": units_expected,
+        "units_delivered": units_delivered, "units_lost": units_expected - units_delivered,
+        "epochs": len(set(epochs)),
+        "run_s": round(time.monotonic() - gateway.started_at, 1),
+    }
+    report(capsys, figures)
+    assert reissued == 0, f"{reissued} id(s) of an earlier outbox derived again {tag}"
+    assert stats["duplicates"] == 0, f"ERP took {stats['duplicates']} id(s) twice {tag}"
+    assert set(received) == everything, f"ERP holds {len(set(received))} ids, committed " \
+                                        f"{len(everything)} {tag}"
+    assert units_delivered == units_expected, f"{figures} {tag}"
+    assert len(set(epochs)) == len(epochs), f"an epoch was reused: {epochs} {tag}"

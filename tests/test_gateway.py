@@ -7,7 +7,6 @@ id twice, including across a graceful restart and a kill -9 of the gateway mid-r
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import time
@@ -18,7 +17,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ErpSim, Peer, PlcSim, free_port, start_peer, start_plc
+from tests.conftest import (
+    ErpSim,
+    Peer,
+    PlcSim,
+    counter_baselines,
+    free_port,
+    start_peer,
+    start_plc,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -117,10 +124,16 @@ def test_confirmations_add_up_to_the_counter_advance(
     machine = status["machines"][0]
     assert machine["good_pending"] == 0
     assert_exact_and_contiguous(events, 0, machine["good_total"])
-    first_read = 1600 - machine["good_total"]
-    assert 1000 <= first_read < 1600
-    _good, scrap = totals(events)
-    assert scrap == machine["scrap_total"]
+    # The oracle is the PLC: its own counters, less the gateway's one baseline per counter
+    # (its first reading), are what ERP holds, nothing pending.
+    plc_good, plc_scrap = plc.counters()
+    assert plc_good == 1600
+    (good_baseline,) = counter_baselines(gateway.output(), "press-01.good")
+    (scrap_baseline,) = counter_baselines(gateway.output(), "press-01.bad")
+    assert 1000 <= good_baseline < 1600
+    good, scrap = totals(events)
+    assert good == plc_good - good_baseline
+    assert scrap == plc_scrap - scrap_baseline
     assert erp_sim.stats()["duplicates"] == 0
     event = events[0]
     assert event["type"] == "com.plantsync.edge.production.confirmation.v1"  # as ERP sees it
@@ -154,10 +167,10 @@ def test_restart_mid_run_loses_nothing_and_duplicates_nothing(
     assert_exact_and_contiguous(events, 0, machine["good_total"])
     # Exactly one baseline over all runs (the restarts resumed from the committed state), and
     # everything the PLC counted after it was confirmed: nothing lost across the restarts.
-    baselines = re.findall(r"Counter press-01.good: the first reading, (\d+), is the baseline",
-                           gateway.output())
+    baselines = counter_baselines(gateway.output(), "press-01.good")
     assert len(baselines) == 1, baselines
-    assert machine["good_total"] == 2400 - int(baselines[0])
+    plc_good, _ = plc.counters()
+    assert totals(events)[0] == machine["good_total"] == plc_good - baselines[0]
     assert gateway.stop() == 0
 
 

@@ -26,7 +26,15 @@ import pytest
 
 from buffer.outbox import Outbox
 from edge.systemd import Notifier, Supervisor
-from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, start_erp, start_plc
+from tests.conftest import (
+    ROOT,
+    ErpSim,
+    Mosquitto,
+    Peer,
+    missing_peer,
+    start_erp,
+    start_plc,
+)
 from tests.test_gateway import (
     _api_port,
     _counter_stopped,
@@ -422,7 +430,7 @@ def test_status_cli_from_the_daemon_and_from_the_database(
 def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+        missing_peer("systemd-analyze is not installed (apt-get install systemd)")
     unit = (ROOT / "systemd" / "plantsync.service").read_text()
     # The unit names /opt/plantsync, which only the installer creates: verify a copy whose
     # commands point at this checkout's plantsync instead.

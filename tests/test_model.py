@@ -4,6 +4,7 @@ data models, priorities and the exported JSON Schemas."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from edge.model import (
     BUILTIN_UOM_CODES,
+    CLOUDEVENT_VERSION,
     EVENT_ID_NAMESPACE,
     EVENT_MODELS,
     UOM_CODES_CONTEXT_KEY,
@@ -44,6 +46,8 @@ from edge.model import (
     format_sequence,
     json_schemas,
     priority_of,
+    source_key,
+    state_key,
     validate_event_data,
     write_schemas,
 )
@@ -289,9 +293,43 @@ key_parts = st.lists(st.one_of(st.text(max_size=12), st.integers()), min_size=1,
 def test_event_id_is_deterministic_and_distinct(
     event_type: str, first: list[str | int], second: list[str | int]
 ) -> None:
-    assert event_id(event_type, *first) == event_id(event_type, *list(first))
+    # The oracle is the documented derivation, written out here: UUIDv5 under the stored
+    # namespace over "type|part|part", with "\\" and "|" inside a part escaped by a backslash.
+    assert event_id(event_type, *first) == by_hand(event_type, *first)
     same_key = [str(part) for part in first] == [str(part) for part in second]
     assert (event_id(event_type, *first) == event_id(event_type, *second)) == same_key
+
+
+STORED_NAMESPACE = uuid.UUID("2c271f3e-a0d6-5b13-92ec-d92edb3e29dd")
+"""The namespace every id ever sent was derived under, as stored in ERP: never derived from the
+code under test."""
+
+
+def by_hand(event_type: str, *parts: str | int) -> str:
+    escaped = [re.sub(r"([\\|])", r"\\\1", str(part)) for part in parts]
+    return str(uuid.uuid5(STORED_NAMESPACE, "|".join([event_type, *escaped])))
+
+
+def test_state_keys_carry_the_epoch_and_source_keys_do_not() -> None:
+    # A state key: what the rules derive from counters and bindings. Stored ids, derived by
+    # hand: the same counter range in another outbox (another epoch) is another event.
+    key = state_key("9f86d081884c7d65", "1010", "press-01", ORDER, "0010", 0,
+                    "confirmation", 0, 20, 0, 0, "partial")
+    assert event_id("production.confirmation", *key) == by_hand(
+        "production.confirmation", "epoch", "9f86d081884c7d65", "1010", "press-01", ORDER,
+        "0010", 0, "confirmation", 0, 20, 0, 0, "partial")
+    assert event_id("production.confirmation", *key) == "43d240fb-ee90-5c23-a290-5fe78e7afdd2"
+    other = state_key("0b7f1ad0e9e2c4d6", "1010", "press-01", ORDER, "0010", 0,
+                      "confirmation", 0, 20, 0, 0, "partial")
+    assert event_id("production.confirmation", *other) != event_id(
+        "production.confirmation", *key)
+    with pytest.raises(ValueError, match="epoch"):
+        state_key("", "1010", "press-01")
+    # A source key: the MES message id alone names the event, in any outbox.
+    assert source_key("1010", "material.consumed", "m-1") == ("1010", "material.consumed",
+                                                              "m-1")
+    assert event_id("material.consumed", *source_key("1010", "material.consumed", "m-1")) == \
+        by_hand("material.consumed", "1010", "material.consumed", "m-1")
 
 
 # ---------------------------------------------------------------------------- envelope
@@ -355,8 +393,28 @@ def test_build_event_source_for_site_level_events_and_override() -> None:
     assert custom.source == "urn:plantsync:1010:qms"
 
 
+STORED_CONFIRMATION = (
+    b'{"specversion":"1.0","id":"cbc4350b-9ee1-52dc-81d9-1cd6c01f0d7f",'
+    b'"source":"urn:plantsync:1010:press-01",'
+    b'"type":"com.plantsync.edge.production.confirmation.v1",'
+    b'"time":"2024-05-01T10:00:00Z","subject":"lot/L24-0815",'
+    b'"datacontenttype":"application/json",'
+    b'"dataschema":"urn:plantsync:schema:production.confirmation:1",'
+    b'"partitionkey":"order/000001000123","sequence":"00000000000000000007",'
+    b'"data":{"counter_from":0,"counter_to":102,"is_final":false,"lot_id":null,'
+    b'"machine_id":"press-01","material":"FG-4711","occurred_at":"2024-05-01T10:00:00Z",'
+    b'"operation":"0010","order_id":"000001000123",'
+    b'"scrap_quantity":{"uom":"H87","value":"2"},"site":"1010","trigger":"units",'
+    b'"work_center":"LINE-A","yield_quantity":{"uom":"H87","value":"100"}}}')
+"""The bytes of `wrap(confirmation())` as an earlier process wrote them to the outbox and ERP
+holds them: a crash and a rebuild in a new process must give exactly these, not only the same
+bytes twice in one process (which a clock or a random number in the id would also give)."""
+
+
 def test_rebuilding_after_a_crash_gives_the_same_bytes() -> None:
-    assert wrap(confirmation()).to_json() == wrap(confirmation()).to_json()
+    assert wrap(confirmation()).to_json() == STORED_CONFIRMATION
+    assert json.loads(STORED_CONFIRMATION)["id"] == by_hand(
+        "production.confirmation", "1010", "production.confirmation", "k-1")
 
 
 def test_time_keeps_microseconds_and_always_says_z() -> None:
@@ -758,7 +816,7 @@ def test_the_exported_schemas_accept_what_the_rules_emit_and_refuse_the_rest() -
                 continue
             jsonschema.validate(event["data"], by_id[event["dataschema"]])
             jsonschema.validate({k: v for k, v in event.items() if k != "data"} | {"data": {}},
-                                by_id["urn:plantsync:schema:cloudevent:1"])
+                                by_id[f"urn:plantsync:schema:cloudevent:{CLOUDEVENT_VERSION}"])
             seen.add((event_type_of(event["type"]), event["data"].get("data_quality")))
     assert ("downtime.recorded", "uncertain") in seen, "a golden case with a gap is missing"
     downtime = by_id[DowntimeRecorded.dataschema()]
@@ -771,3 +829,21 @@ def test_write_schemas_is_repeatable(tmp_path: Path) -> None:
     first = {path.name: path.read_bytes() for path in write_schemas(tmp_path)}
     second = {path.name: path.read_bytes() for path in write_schemas(tmp_path)}
     assert first == second
+
+
+def test_the_source_message_id_rides_as_a_versioned_extension() -> None:
+    """Issue 12 item 10: an event made from an MES message names it (`sourcemessageid`,
+    envelope version 2); one made from machine signals has no such attribute at all."""
+    data = SAMPLES["material.consumed"]
+    event = build_event(data, natural_key=source_key("1010", "material.consumed", "m-1"),
+                        subject=None, partitionkey=f"order/{ORDER}", sequence=3,
+                        source_message_id="m-1")
+    document = json.loads(event.to_json())
+    assert document["sourcemessageid"] == "m-1"
+    assert list(document)[-1] == "data"
+    assert CloudEvent.from_json(event.to_json()) == event
+    assert "sourcemessageid" not in json.loads(wrap(data).to_json())
+    envelope = json_schemas()["cloudevent.json"]
+    assert envelope["$id"] == "urn:plantsync:schema:cloudevent:2"
+    assert "sourcemessageid" in envelope["properties"]
+    assert "sourcemessageid" not in envelope.get("required", [])

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from drivers.base import MesMessage, Reading, RejectedMessage
 from drivers.mqtt import SAMPLE_CONFIG, MqttConfig, MqttDriver, to_reading
 from simulators.mes_publisher import InputLot, MesPublisher
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, missing_peer
 from tests.driver_harness import running, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -338,7 +338,7 @@ def make_certificates(directory: Path) -> dict[str, Path]:
 
 async def test_tls_verifies_the_broker_certificate(mosquitto: Mosquitto, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        missing_peer("openssl is not installed (apt-get install openssl)")
     directory = tmp_path / "tls"
     directory.mkdir()
     files = make_certificates(directory)

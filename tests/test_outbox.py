@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
-from buffer.schema import SCHEMA_VERSION
+from buffer.schema import MIGRATIONS, SCHEMA_VERSION
 
 
 def event(n: int, key: str = "order-1", destinations: tuple[str, ...] = ("erp",),
@@ -30,14 +31,18 @@ async def test_commit_is_durable_with_state_and_survives_reopen(tmp_path: Path) 
     box = await Outbox.open(tmp_path / "outbox.db")
     result = await box.commit([event(1), event(2)], {"machine:m1": '{"total": 7}'})
     assert (result.inserted, result.duplicates) == (2, 0)
-    await box.close()
 
-    # Another connection sees it: the commit was on disk when `commit` returned.
+    # Another connection sees it while the outbox is still open (no close() to flush anything):
+    # the transaction was committed when `commit` returned, not later.
     db = sqlite3.connect(tmp_path / "outbox.db")
-    assert db.execute("SELECT COUNT(*) FROM events").fetchone() == (2,)
+    assert db.execute("SELECT id, payload FROM events ORDER BY seq").fetchall() == [
+        ("ev-1", b'{"n": 1}'), ("ev-2", b'{"n": 2}')]
+    assert db.execute("SELECT value FROM rule_state WHERE key = 'machine:m1'").fetchone() == (
+        '{"total": 7}',)
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     db.close()
+    await box.close()
 
     box = await Outbox.open(tmp_path / "outbox.db")
     assert await box.load_state() == {"machine:m1": '{"total": 7}'}
@@ -247,3 +252,198 @@ async def test_damage_found_while_running_raises_the_alarm_and_moves_the_file_ne
     assert box.recovered_from is not None and "marked damaged" in box.recovered_from
     assert not Path(f"{path}.damaged").exists()
     await box.close()
+
+
+async def test_each_database_has_its_own_epoch_kept_for_its_life(tmp_path: Path) -> None:
+    """Issue 12 item 1: the epoch is made with the database and kept in it; a database moved
+    aside as damaged, or deleted, is replaced by one with a new epoch."""
+    path = tmp_path / "outbox.db"
+    box = await Outbox.open(path)
+    first = box.epoch
+    await box.commit([event(1)])
+    await box.close()
+    assert re.fullmatch(r"[0-9a-f]{16}", first), first
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM outbox_meta WHERE key = 'epoch'").fetchone() == (first,)
+    db.close()
+
+    box = await Outbox.open(path)
+    assert box.epoch == first  # a restart keeps it: ids derived again are the same ids
+    await box.close()
+
+    path.write_bytes(b"garbage" * 1000)  # damaged: moved aside at open, a new database
+    box = await Outbox.open(path)
+    second = box.epoch
+    assert box.recovered_from is not None and second != first
+    await box.close()
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    box = await Outbox.open(path)
+    assert box.epoch not in (first, second)
+    await box.close()
+
+
+async def test_a_database_from_before_the_epoch_gets_one_and_keeps_its_events(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for statement in (s for migration in MIGRATIONS[:4] for s in migration):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 4")
+    db.execute("INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+               " VALUES ('old-1', 'production.confirmation', 'k', 1, x'7b7d', 0)")
+    db.execute("INSERT INTO deliveries VALUES (1, 'erp', 'k', 1, 0, 0, 0, NULL, NULL, NULL)")
+    db.close()
+    box = await Outbox.open(path)
+    assert re.fullmatch(r"[0-9a-f]{16}", box.epoch)
+    assert [d.event_id for d in await box.lease("erp", 10)] == ["old-1"]
+    await box.close()
+
+
+# -- what the technician reads: every field, exactly (these are the outbox's reports) -----------
+
+
+async def test_show_lists_payload_deliveries_and_journal_exactly(outbox: Outbox) -> None:
+    await outbox.commit([event(1, "K", destinations=("erp", "qms"), priority=0)])
+    before = time.time()
+    (to_erp,) = await outbox.lease("erp", 1)
+    await outbox.ack(to_erp, status=201, reference="ERP-1")
+    (to_qms,) = await outbox.lease("qms", 1)
+    await outbox.dead_letter(to_qms, status=422, reason="x" * 3000)
+    shown = await outbox.show("ev-1")
+    assert shown is not None
+    assert {k: shown[k] for k in ("id", "type", "partition_key", "priority", "payload")} == {
+        "id": "ev-1", "type": "production.confirmation", "partition_key": "K", "priority": 0,
+        "payload": '{"n": 1}'}
+    assert shown["seq"] == 1 and shown["created_at"] <= before
+    (delivery,) = shown["deliveries"]
+    assert delivery["destination"] == "qms" and delivery["state"] == "dead"
+    assert (delivery["attempts"], delivery["last_status"]) == (1, 422)
+    assert delivery["last_error"] == "x" * 2000  # the reason is cut, not the row dropped
+    assert delivery["dead_at"] >= before
+    (journal,) = shown["journal"]
+    assert {k: journal[k] for k in ("destination", "attempts", "status", "reference")} == {
+        "destination": "erp", "attempts": 1, "status": 201, "reference": "ERP-1"}
+    assert journal["delivered_at"] >= before
+    assert await outbox.show("ev-404") is None
+    # Delivered everywhere and forgotten: the journal still answers.
+    await outbox.purge_dead("ev-1")
+    gone = await outbox.show("ev-1")
+    assert gone == {"id": "ev-1", "journal": shown["journal"], "deliveries": []}
+
+
+async def test_deliveries_by_state_destination_and_limit(outbox: Outbox) -> None:
+    await outbox.commit([event(1, "A"), event(2, "B"), event(3, "C", destinations=("qms",))])
+    first, second = await outbox.lease("erp", 2)
+    await outbox.retry(first, at=time.time() + 60, status=503, error="e" * 3000)
+    await outbox.dead_letter(second, status=400, reason="bad")
+    assert [d["id"] for d in await outbox.deliveries()] == ["ev-1", "ev-3"]
+    assert [d["id"] for d in await outbox.deliveries(destination="erp")] == ["ev-1"]
+    assert [d["id"] for d in await outbox.deliveries(limit=1)] == ["ev-1"]
+    (retrying,) = await outbox.deliveries(state="retrying")
+    assert (retrying["id"], retrying["attempts"], retrying["last_status"]) == ("ev-1", 1, 503)
+    assert retrying["last_error"] == "e" * 2000 and retrying["next_attempt_at"] > time.time()
+    (dead,) = await outbox.deliveries(state="dead")
+    assert (dead["id"], dead["destination"], dead["last_error"]) == ("ev-2", "erp", "bad")
+    (listed,) = await outbox.dead_letters()
+    assert (listed["id"], listed["type"], listed["partition_key"], listed["attempts"],
+            listed["last_status"], listed["last_error"]) == (
+        "ev-2", "production.confirmation", "B", 1, 400, "bad")
+    assert outbox.stats.dead_lettered == 1 and outbox.stats.retries == 1
+
+
+async def test_dead_letters_are_retried_and_purged_by_event_and_by_destination(
+    outbox: Outbox,
+) -> None:
+    await outbox.commit([event(1, "A", destinations=("erp", "qms")), event(2, "B")])
+    for destination in ("erp", "qms"):
+        for delivery in await outbox.lease(destination, 10):
+            await outbox.dead_letter(delivery, status=400, reason="no")
+    assert await outbox.retry_dead("ev-1", "qms") == 1  # only that one
+    assert sorted((d["id"], d["destination"]) for d in await outbox.dead_letters()) == [
+        ("ev-1", "erp"), ("ev-2", "erp")]
+    assert await outbox.retry_dead(None, "erp") == 2
+    assert await outbox.dead_letters() == [] and outbox.stats.dead_retried == 3
+    assert (await outbox.counts())["erp"].pending == 2
+    for destination in ("erp", "qms"):
+        for delivery in await outbox.lease(destination, 10):
+            await outbox.dead_letter(delivery, status=400, reason="no")
+    assert await outbox.purge_dead("ev-404") == 0
+    assert await outbox.purge_dead("ev-1", "erp") == 1
+    assert sorted((d["id"], d["destination"]) for d in await outbox.dead_letters()) == [
+        ("ev-1", "qms"), ("ev-2", "erp")]
+    assert await outbox.purge_dead(None, "qms") == 1
+    assert (await outbox.show("ev-1")) is None  # no delivery left: the event is gone
+    counts = await outbox.counts()
+    assert (counts["erp"].pending, counts["erp"].dead) == (0, 1) and "qms" not in counts
+
+
+async def test_lot_status_kept_and_a_produced_lot_never_overrides_a_decision(
+    outbox: Outbox,
+) -> None:
+    from buffer.outbox import LotStatus
+
+    assert await outbox.lot_status("L-1") is None
+    await outbox.commit([], lots=[LotStatus("L-1", "hold", 10.0, "produced", "O-1", "FG",
+                                            decided=False)])
+    assert await outbox.lot_status("L-1") == LotStatus("L-1", "hold", 10.0, "produced", "O-1",
+                                                        "FG")
+    await outbox.commit([], lots=[LotStatus("L-1", "release", 20.0, "qms")])
+    # A decision without order or material keeps what was known of them.
+    assert await outbox.lot_status("L-1") == LotStatus("L-1", "release", 20.0, "qms", "O-1",
+                                                        "FG")
+    await outbox.commit([], lots=[LotStatus("L-1", "hold", 30.0, "produced", decided=False)])
+    assert (await outbox.lot_status("L-1")) == LotStatus("L-1", "release", 20.0, "qms", "O-1",
+                                                          "FG")
+
+
+async def test_input_dead_letters_kept_replaced_and_resolved(outbox: Outbox) -> None:
+    from buffer.outbox import REJECTED_PAYLOAD_LIMIT, RejectedInput
+
+    huge = b"{" + b"x" * (REJECTED_PAYLOAD_LIMIT + 10)
+    await outbox.commit([], rejected=[
+        RejectedInput("mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}', "unit ZCS", 100.0,
+                      "m-1"),
+        RejectedInput("mes", "mes/t\udcff", huge, "too big", 200.0)])
+    newest, oldest = await outbox.rejected_inputs()
+    assert (oldest["id"], oldest["source"], oldest["topic"], oldest["message_id"],
+            oldest["payload"], oldest["reason"], oldest["received_at"]) == (
+        1, "mes", "mes/1010/p/consumption", "m-1", '{"uom": "ZCS"}', "unit ZCS", 100.0)
+    assert newest["topic"] == "mes/t\\udcff"  # a lone surrogate is kept escaped
+    assert len(newest["payload"]) == REJECTED_PAYLOAD_LIMIT and newest["message_id"] is None
+    assert [r["id"] for r in await outbox.rejected_inputs(since=150.0)] == [2]
+    assert [r["id"] for r in await outbox.rejected_inputs(limit=1)] == [2]
+    assert outbox.stats.rejected_inputs == 2
+
+    kept = await outbox.rejected_input(1)
+    assert kept == RejectedInput("mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}',
+                                 "unit ZCS", 100.0, "m-1", replaces=1)
+    assert await outbox.rejected_input(99) is None
+    # Rejected again: the same row, the new reason; no second row.
+    await outbox.commit([], rejected=[RejectedInput(
+        kept.source, kept.topic, kept.payload, "still ZCS", kept.received_at, "m-1",
+        replaces=1)])
+    assert [(r["id"], r["reason"]) for r in await outbox.rejected_inputs()] == [
+        (2, "too big (payload of 16395 bytes; its first 16384 kept)"), (1, "still ZCS")]
+    # Accepted: its events and its removal in one commit.
+    result = await outbox.commit([event(7)], resolved_inputs=[1])
+    assert result.inserted == 1
+    assert [r["id"] for r in await outbox.rejected_inputs()] == [2]
+    assert await outbox.prune(retention=60, now=259.0) == 0
+    assert [r["id"] for r in await outbox.rejected_inputs()] == [2]  # 200 >= 259 - 60
+    assert await outbox.prune(retention=60, now=261.0) == 0
+    assert await outbox.rejected_inputs() == []
+
+
+async def test_prune_forgets_old_ids_but_never_one_still_held(outbox: Outbox) -> None:
+    await outbox.commit([event(1), event(2, "B")])
+    (first, _) = await outbox.lease("erp", 2)
+    await outbox.ack(first, status=201)
+    later = time.time() + 7200
+    assert await outbox.prune(retention=3600, now=later) == 1  # one journal row
+    # ev-1 was delivered and is forgotten; ev-2 is still owed, so still a duplicate.
+    assert (await outbox.commit([event(1)])).inserted == 1
+    assert (await outbox.commit([event(2, "B")])).duplicates == 1
+    assert await outbox.load_state() == {}

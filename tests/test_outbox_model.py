@@ -1,17 +1,26 @@
 """The outbox checked against a simple in-memory model with random action sequences
-(commit, lease, ack, retry, dead-letter, restart, time passing), on a real SQLite file.
+(commit, concurrent commits, lease, ack, retry, dead-letter, restart, crash, time passing), on a
+real SQLite file.
 
-The model is the specification: an event is held once per id; each destination owes each
-routed event until it is acknowledged or dead-lettered; `lease` offers, per partition key, only
-the oldest owed delivery, when it is due and its key is not in flight, most urgent priority
-first, then commit order; everything that an `await` returned from survives a restart.
+The model is the specification: an event is held once per id, with the payload it was first
+committed with, byte for byte; each destination owes each routed event until it is acknowledged
+or dead-lettered; `lease` offers, per partition key, only the oldest owed delivery, when it is
+due and its key is not in flight, most urgent priority first, then commit order; commits queued
+together share one transaction (group commit); everything that an `await` returned from
+survives a restart and a crash. A crash abandons the outbox in the middle of concurrent commits,
+without `close()`: the writer stops taking work, what was queued is never run, the connections
+are left open as a dead process leaves them, and a new outbox opens the file beside them. Each
+commit that had not returned must then be there whole or not at all, and those that are there
+are the first ones queued (the writer runs the queue in order).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,11 +31,10 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     consumes,
     invariant,
-    precondition,
     rule,
 )
 
-from buffer.outbox import Delivery, Outbox, OutboxEvent
+from buffer.outbox import CommitResult, Delivery, Outbox, OutboxEvent
 
 DESTINATIONS = ("erp", "qms")
 KEYS = ("order-1", "order-2", "order-3", "lot-9")
@@ -46,6 +54,7 @@ class Owed:
 @dataclass
 class Model:
     ids: set[str] = field(default_factory=set)
+    payloads: dict[str, bytes] = field(default_factory=dict)
     owed: dict[str, list[Owed]] = field(default_factory=lambda: {d: [] for d in DESTINATIONS})
     journal: list[tuple[str, str]] = field(default_factory=list)
     next_seq: int = 0
@@ -63,11 +72,13 @@ class Model:
 
 
 events = st.builds(
-    lambda n, key, dests, priority: OutboxEvent(
+    lambda n, key, dests, priority, payload: OutboxEvent(
         id=f"ev-{n}", type="production.confirmation", partition_key=key,
-        payload=f'{{"n":{n}}}'.encode(), destinations=dests, priority=priority),
+        payload=payload, destinations=dests, priority=priority),
     st.integers(0, 40), st.sampled_from(KEYS),
-    st.sampled_from([("erp",), ("qms",), ("erp", "qms"), ()]), st.integers(0, 2))
+    st.sampled_from([("erp",), ("qms",), ("erp", "qms"), ()]), st.integers(0, 2),
+    st.binary(min_size=2, max_size=40))
+"""Payloads are arbitrary bytes (NUL, invalid UTF-8...): what comes back must be the same."""
 
 
 class OutboxMachine(RuleBasedStateMachine):
@@ -82,26 +93,93 @@ class OutboxMachine(RuleBasedStateMachine):
         self.model = Model()
         self.now = 1_000_000.0
         self.in_flight: dict[tuple[str, str], Delivery] = {}
+        self.state: dict[str, str] = {}
+        self.abandoned: list[Outbox] = []
+        self.crashes = 0
 
     def run(self, coroutine):  # type: ignore[no-untyped-def]
         return self.loop.run_until_complete(coroutine)
 
-    @rule(batch=st.lists(events, max_size=6), state=st.dictionaries(
-        st.sampled_from(["machine:a", "machine:b"]), st.text(max_size=5), max_size=2))
-    def commit(self, batch: list[OutboxEvent], state: dict[str, str]) -> None:
-        result = self.run(self.outbox.commit(batch, state))
+    def apply(self, batch: Sequence[OutboxEvent], state: dict[str, str]) -> int:
+        """The model's commit: new ids get deliveries in order; returns how many were new."""
         inserted = 0
         for event in batch:
             if event.id in self.model.ids:
                 continue
             self.model.ids.add(event.id)
+            self.model.payloads[event.id] = event.payload
             inserted += 1
             self.model.next_seq += 1
             for destination in event.destinations:
                 self.model.owed[destination].append(
                     Owed(self.model.next_seq, event.id, event.partition_key, event.priority))
+        self.state |= state
+        return inserted
+
+    @rule(batch=st.lists(events, max_size=6), state=st.dictionaries(
+        st.sampled_from(["machine:a", "machine:b"]), st.text(max_size=5), max_size=2))
+    def commit(self, batch: list[OutboxEvent], state: dict[str, str]) -> None:
+        result = self.run(self.outbox.commit(batch, state))
+        inserted = self.apply(batch, state)
         assert (result.inserted, result.duplicates) == (inserted, len(batch) - inserted)
-        self.state = getattr(self, "state", {}) | state
+
+    @rule(batches=st.lists(st.lists(events, min_size=1, max_size=4), min_size=2, max_size=6))
+    def commit_concurrently(self, batches: list[list[OutboxEvent]]) -> None:
+        """Several callers at once (drivers committing side by side): their work shares one
+        transaction, and each gets its own result, as if they had come one after another in
+        the order they queued."""
+        before = self.outbox.stats.transactions
+
+        async def together() -> list[CommitResult]:
+            return await asyncio.gather(*(self.outbox.commit(b, {f"caller:{i}": str(len(b))})
+                                          for i, b in enumerate(batches)))
+
+        results = self.run(together())
+        for number, (batch, result) in enumerate(zip(batches, results, strict=True)):
+            inserted = self.apply(batch, {f"caller:{number}": str(len(batch))})
+            assert (result.inserted, result.duplicates) == (inserted, len(batch) - inserted)
+        assert self.outbox.stats.transactions - before == 1, "the callers were not grouped"
+
+    @rule(batches=st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=6),
+          pauses=st.lists(st.floats(0, 0.004), min_size=6, max_size=6))
+    def crash(self, batches: list[list[OutboxEvent]], pauses: list[float]) -> None:
+        """Callers commit one after another, a pause after each (so some are written and
+        returned, one may be in the writer's thread, some still queued); then the process
+        dies: no close(), nothing queued is run any more."""
+        self.crashes += 1
+        outbox = self.outbox
+        tasks = []
+
+        async def callers() -> None:
+            for number, (batch, pause) in enumerate(zip(batches, pauses, strict=False)):
+                tasks.append(self.loop.create_task(
+                    outbox.commit(batch, {f"crash:{self.crashes}:{number}": "1"})))
+                await asyncio.sleep(pause)
+
+        self.run(callers())
+        returned = [task.done() and not task.cancelled() and task.exception() is None
+                    for task in tasks]
+        _abandon(outbox, tasks, self.loop)
+        self.abandoned.append(outbox)
+        self.outbox = self.run(Outbox.open(self.directory / "outbox.db",
+                                           commit_interval=0.0005))
+        self.in_flight.clear()
+        found = self.run(self.outbox.load_state())
+        written = [f"crash:{self.crashes}:{i}" in found for i in range(len(batches))]
+        # What returned is durable; what is there is a prefix of the queue, each batch whole.
+        assert all(w for w, r in zip(written, returned, strict=True) if r), (written, returned)
+        assert written == sorted(written, reverse=True), f"not a prefix of the queue: {written}"
+        for number, batch in enumerate(batches):
+            if written[number]:
+                self.apply(batch, {f"crash:{self.crashes}:{number}": "1"})
+        assert found == self.state
+        for event_id, payload in self.model.payloads.items():
+            self.check_payload(event_id, payload)
+
+    def check_payload(self, event_id: str, payload: bytes) -> None:
+        shown = self.run(self.outbox.show(event_id))
+        if shown is not None and "payload" in shown:
+            assert shown["payload"] == payload.decode(errors="replace"), event_id
 
     @rule(target=leased, destination=st.sampled_from(DESTINATIONS), limit=st.integers(1, 5))
     def lease(self, destination: str, limit: int):  # type: ignore[no-untyped-def]
@@ -109,6 +187,7 @@ class OutboxMachine(RuleBasedStateMachine):
         got = self.run(self.outbox.lease(destination, limit, busy_keys=busy, now=self.now))
         expected = self.model.heads(destination, self.now, busy)[:limit]
         assert [d.event_id for d in got] == [o.event_id for o in expected]
+        assert [d.payload for d in got] == [self.model.payloads[o.event_id] for o in expected]
         assert [d.attempts for d in got] == [o.attempts for o in expected]
         for delivery in got:
             self.in_flight[(destination, delivery.partition_key)] = delivery
@@ -154,15 +233,14 @@ class OutboxMachine(RuleBasedStateMachine):
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
 
-    @precondition(lambda self: True)
     @rule()
     def restart(self) -> None:
-        """A crash forgets what was in flight; everything awaited is still there."""
+        """An orderly stop and start forgets what was in flight; everything awaited is there."""
         self.run(self.outbox.close())
         self.outbox = self.run(Outbox.open(self.directory / "outbox.db",
                                            commit_interval=0.0005))
         self.in_flight.clear()
-        assert self.run(self.outbox.load_state()) == getattr(self, "state", {})
+        assert self.run(self.outbox.load_state()) == self.state
 
     @invariant()
     def counts_match(self) -> None:
@@ -189,10 +267,32 @@ class OutboxMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         self.run(self.outbox.close())
+        for outbox in self.abandoned:
+            outbox._db.close()
+            if outbox._reader_db is not None:
+                outbox._reader_db.close()
         self.loop.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-OutboxMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40,
-                                           deadline=None)
+def _abandon(outbox: Outbox, callers: list[asyncio.Task[CommitResult]],
+             loop: asyncio.AbstractEventLoop) -> None:
+    """What a killed process leaves: the writer stops where it is (a transaction already handed
+    to its thread finishes or not at all, as SQLite guarantees), nothing queued runs, no caller
+    hears back, and the connections are neither committed nor closed."""
+    assert outbox._writer is not None and outbox._checker is not None
+    for task in (outbox._writer, outbox._checker, *callers):
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(outbox._writer, outbox._checker, *callers,
+                                           return_exceptions=True))
+    outbox._executor.shutdown(wait=True)  # a transaction in the thread runs to its end
+    if outbox._reader is not None:
+        outbox._reader.shutdown(wait=True)
+    outbox._closed = True
+
+
+OutboxMachine.TestCase.settings = settings(
+    max_examples=int(os.environ.get("PLANTSYNC_MODEL_EXAMPLES") or 60), stateful_step_count=40,
+    deadline=None)
+"""`make mutate` runs it with fewer examples (PLANTSYNC_MODEL_EXAMPLES): once per mutant."""
 TestOutboxAgainstModel = OutboxMachine.TestCase

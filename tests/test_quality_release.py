@@ -422,3 +422,105 @@ def _metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match is not None, f"no {name} in /metrics"
     return float(match.group(1))
+
+
+# -- fail closed: what the local API answers for a lot the gateway does not know ----------------
+
+
+def lookup_config(tmp_path: Path, qms: ErpSim, api_port: int, unknown_lot: str) -> Path:
+    """A gateway with only a QMS: it polls the disposition feed once at start (then not for an
+    hour), so every lot decided after that is one only the QMS knows."""
+    config = tmp_path / f"plant-{unknown_lot}.yaml"
+    config.write_text(f"""
+site: "{SITE}"
+data_dir: {tmp_path / f"data-{unknown_lot}"}
+api: {{listen: "127.0.0.1:{api_port}"}}
+shutdown_timeout: 5s
+quality: {{qms: qms, poll_interval: 1h, lookup_timeout: 500ms, unknown_lot: {unknown_lot}}}
+destinations:
+  qms:
+    base_url: {qms.url}/api/v1
+    profile: qms_rest
+    retry: {{base: 100ms, cap: 1s}}
+routes:
+  inspection.requested: [qms]
+""")
+    return config
+
+
+def decide(qms: ErpSim, lot_id: str, disposition: str) -> None:
+    """A quality engineer decides in the QMS: the gateway does not hear of it (no poll)."""
+    httpx.post(f"{qms.url}/_sim/decide", json={"lot_id": lot_id, "disposition": disposition},
+               timeout=10).raise_for_status()
+
+
+def ask(api: str, lot_id: str) -> tuple[dict[str, Any], float]:
+    started = time.monotonic()
+    response = httpx.get(f"{api}/lots/{lot_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    found: dict[str, Any] = response.json()
+    return found, time.monotonic() - started
+
+
+@pytest.mark.parametrize("unknown_lot", ["hold", "release"])
+def test_lot_lookup_fails_closed(
+    peers: list[Peer], tmp_path: Path, unknown_lot: str
+) -> None:
+    """Issue 18 item 2. The oracle is the QMS's own decision (set in the QMS, never seen by the
+    gateway's feed) and the configured default: a lot only the QMS knows reads as the QMS
+    decided it, whatever the default; a lot nobody knows, or one the QMS cannot tell in time
+    (too slow, failing, down), reads as the configured default, never as a guess."""
+    qms = start_qms(peers, tmp_path, "--decision-delay", "0")
+    api_port = free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    config = lookup_config(tmp_path, qms, api_port, unknown_lot)
+    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
+                                 str(config)],
+                         tmp_path / f"gateway-{unknown_lot}.log", "PlantSync Edge is running")
+    wait_for(lambda: _listening(api), "the local API")
+    # The one poll of the feed is done (reachable is set by it): what is decided from now on,
+    # only the QMS knows.
+    wait_for(lambda: get_json(f"{api}/status")["quality"]["reachable"] is True, "the first poll")
+    default = {"status": unknown_lot, "source": "default (unknown lot)"}
+
+    # Lots only the QMS knows: every decision is answered as the QMS made it.
+    for lot_id, decided in (("QL-REL", "release"), ("QL-REJ", "reject"), ("QL-HLD", "hold")):
+        decide(qms, lot_id, decided)
+        answer, _ = ask(api, lot_id)
+        assert (answer["status"], answer["source"]) == (decided, "qms (asked)"), answer
+    # Asked once, then known: the second answer comes from the gateway's own record.
+    again, _ = ask(api, "QL-REJ")
+    assert again["status"] == "reject", again
+
+    # A lot nobody knows: the QMS answers 404.
+    answer, _ = ask(api, "QL-NOBODY")
+    assert {k: answer[k] for k in default} == default, answer
+
+    # A QMS slower than lookup_timeout: the default, within the timeout, not the late release.
+    decide(qms, "QL-SLOW", "release")
+    qms.set_faults(latency=3.0)
+    answer, took = ask(api, "QL-SLOW")
+    assert {k: answer[k] for k in default} == default, answer
+    assert took < 2.0, f"the lookup took {took:.1f}s, lookup_timeout is 0.5s"
+    qms.set_faults(latency=0.0)
+
+    # A QMS that fails (HTTP 500, then 503): the default, not its body's guess.
+    decide(qms, "QL-ERR", "release")
+    qms.set_faults(error_rate=1.0, error_status=500)
+    answer, _ = ask(api, "QL-ERR")
+    assert {k: answer[k] for k in default} == default, answer
+    qms.set_faults(error_status=503)
+    answer, _ = ask(api, "QL-ERR")
+    assert {k: answer[k] for k in default} == default, answer
+    qms.set_faults(error_rate=0.0)
+
+    # A QMS that is down: the default.
+    decide(qms, "QL-DOWN", "release")
+    qms.peer.stop()
+    answer, took = ask(api, "QL-DOWN")
+    assert {k: answer[k] for k in default} == default, answer
+    assert took < 2.0, took
+    # What it learnt while the QMS answered stays true while it is down.
+    assert ask(api, "QL-REJ")[0]["status"] == "reject"
+    assert ask(api, "QL-HLD")[0]["status"] == "hold"
+    assert gateway.stop() == 0

@@ -48,6 +48,25 @@ def test_backoff_has_full_jitter_under_an_exponential_cap() -> None:
     delays = [backoff.next_delay() for _ in range(10)]
     ceilings = [min(10.0, 2.0**n) for n in range(10)]
     assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    # The oracle is the policy as published (AWS, "Exponential Backoff And Jitter"): attempt n
+    # waits uniform(0, min(cap, base * 2**n)); the same seed gives exactly those draws, so a
+    # delay of 0, of the ceiling, or of a fixed step fails here.
+    oracle = random.Random(7)
+    assert delays == [oracle.uniform(0, ceiling) for ceiling in ceilings]
     assert backoff.attempt == 10
     backoff.reset()
     assert backoff.attempt == 0
+    assert Backoff(base=1.0, cap=10.0, rng=random.Random(7)).next_delay() == delays[0]
+
+
+def test_backoff_jitter_spreads_over_the_whole_window() -> None:
+    """Full jitter, not equal jitter or none: at each attempt the waits cover [0, ceiling)
+    evenly (mean about half the ceiling, some near 0, some near it), and never pass the cap."""
+    for attempt, ceiling in ((0, 0.5), (3, 4.0), (6, 30.0), (40, 30.0)):
+        waits = []
+        for seed in range(2000):
+            backoff = Backoff(base=0.5, cap=30.0, attempt=attempt, rng=random.Random(seed))
+            waits.append(backoff.next_delay())
+        assert max(waits) <= ceiling
+        assert 0.45 * ceiling < sum(waits) / len(waits) < 0.55 * ceiling, (attempt, ceiling)
+        assert min(waits) < 0.02 * ceiling and max(waits) > 0.98 * ceiling

@@ -112,8 +112,11 @@ class HttpForwarder:
             while not self._draining:
                 slots = self._free_slots()
                 leased: list[Delivery] = []
+                # Cleared on every turn, also with no free slot (an open circuit, everything in
+                # flight): a wake left set would make the wait below return at once, and the
+                # loop would spin until the circuit's probe time.
+                self._wake.clear()
                 if slots > 0:
-                    self._wake.clear()
                     leased = await self._outbox.lease(self.name, slots * batch_size,
                                                       busy_keys=self._busy_keys)
                     for start in range(0, len(leased), batch_size):
@@ -146,9 +149,11 @@ class HttpForwarder:
         if self.health.circuit is not Circuit.CLOSED:
             timeout = min(timeout, max(0.0, self._open_until - time.monotonic()) + 0.01)
         # A head that is due but was not leased has its key in flight: the end of that
-        # delivery sets the wake event.
+        # delivery sets the wake event. asyncio.timeout, not wait_for: on Python 3.11 wait_for
+        # can lose a cancellation that arrives as the event is set (the outbox writer hung so).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     async def _deliver(self, profile: Profile, batch: Sequence[Delivery]) -> None:
         # The request slot frees as soon as the answers are in; the keys stay busy until the
