@@ -31,6 +31,8 @@ from tests.conftest import (
     ErpSim,
     Mosquitto,
     Peer,
+    PlcSim,
+    free_port,
     missing_peer,
     start_erp,
     start_plc,
@@ -391,10 +393,13 @@ def status_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_status_cli_from_the_daemon_and_from_the_database(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
 ) -> None:
-    plc = start_plc(peers, tmp_path, "--rate", "200", "--stop-at", "400")
+    # The gateway first, then the PLC on the port it polls: on a loaded box the PLC would
+    # otherwise reach its stop value before the gateway's first reading (its baseline).
+    port = free_port()
     erp_sim.set_faults(error_rate=1.0, error_status=422)
-    config = write_config(tmp_path, plc, erp_sim, every_units=50)
+    config = write_config(tmp_path, PlcSim(None, port), erp_sim, every_units=50)  # type: ignore[arg-type]
     gateway = start_gateway(peers, config, tmp_path)
+    start_plc(peers, tmp_path, "--rate", "200", "--stop-at", "400", port=port)
     wait_for(lambda: _counter_stopped(gateway), 30, "the PLC to stop")
     wait_for(lambda: _status(gateway)["destinations"]["erp"]["dead"] >= 2, 30,  # type: ignore[index]
              "dead letters")
