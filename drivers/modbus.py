@@ -74,7 +74,7 @@ from drivers.base import (
     honour_cancellation,
     unique_names,
 )
-from edge.timing import Backoff, Duration, parse_duration
+from drivers.common.timing import Backoff, Duration, parse_duration
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ from drivers.base import (
     RejectedMessage,
     SampleSink,
 )
-from edge.timing import Backoff, Duration
+from drivers.common.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
 

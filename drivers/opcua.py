@@ -79,7 +79,7 @@ from drivers.base import (
     honour_cancellation,
     unique_names,
 )
-from edge.timing import Backoff, Duration
+from drivers.common.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
 

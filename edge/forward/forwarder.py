@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import httpx
 
 from buffer.outbox import Delivery, Outbox
+from drivers.common.timing import Backoff
 from edge.config import DestinationConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import Profile, create_profile
 from edge.forward.session import Session, make_client
-from edge.timing import Backoff
 
 log = logging.getLogger(__name__)
 
