@@ -189,7 +189,7 @@ def modbus_warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "drivers.modbus" and text in record.getMessage()
+        if record.name.startswith("drivers.modbus") and text in record.getMessage()
     ]
 
 
