@@ -133,7 +133,7 @@ def log_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "drivers.mqtt" and text in record.getMessage()
+        if record.name.startswith("drivers.mqtt") and text in record.getMessage()
     ]
 
 
