@@ -18,16 +18,12 @@ back. A node that does not exist marks only its tag bad.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
 from urllib.parse import urlparse
 
 from asyncua import ua
@@ -40,7 +36,6 @@ from asyncua.common.subscription import (
     Subscription,
 )
 from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaStatusCodeError
 
@@ -65,9 +60,18 @@ from drivers.opcua.client import (
     new_client,
 )
 from drivers.opcua.config import OpcUaConfig, OpcUaTag
-from drivers.opcua.nodes import make_node_id
+from drivers.opcua.restarts import (
+    SERVER_START_TIME,
+    SERVER_STATE,
+    START_TIME_HANDLE,
+    STATE_HANDLE,
+    ServerStarts,
+    SessionEnded,
+    check_running,
+    read_server_status,
+)
 from drivers.opcua.trust_list import TrustList, UntrustedCertificate
-from drivers.opcua.values import PendingSamples, epoch_seconds, quality_of, sample_from
+from drivers.opcua.values import PendingSamples, quality_of, sample_from
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +89,6 @@ SUBSCRIPTION_QUEUE = 10_000
 """asyncua's per-subscription notification queue; the pump empties it as notifications come."""
 
 
-SERVER_START_TIME = make_node_id(ObjectIds.Server_ServerStatus_StartTime, 0, ua.NodeIdType.Numeric)
-SERVER_STATE = make_node_id(ObjectIds.Server_ServerStatus_State, 0, ua.NodeIdType.Numeric)
-_START_TIME_HANDLE = 0x7FFF_0001
-_STATE_HANDLE = 0x7FFF_0002
-"""Client handles of the driver's own monitored items (ServerStatus), beyond any tag's."""
-
-
 _LEVEL_HANDLES = 0x0100_0000
 """A packml_state tag's items: the tag's handle plus this times (level + 1)."""
 
@@ -100,11 +97,6 @@ PACKML_CLEARED = 19
 PACKML_RUNNING = 18
 """OPC 30050's StateNumbers of the two states that hold a nested state machine (Cleared holds
 MachineState, Running holds ExecuteState); every other state is an ISA-TR88 number."""
-
-
-class SessionEnded(Exception):
-    """The server said something that ends this session (it is shutting down, or not
-    running); the message says what, for the log."""
 
 
 @dataclass(slots=True)
@@ -143,18 +135,18 @@ class OpcUaDriver(Driver):
         """Intermediate samples dropped because the sink fell behind (latest values kept)."""
         self.backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         """Delays between reconnect attempts; the shared policy (tests may shorten it)."""
-        self.restarts_seen = 0
-        """Server restarts detected (a new ServerStatus.StartTime)."""
+        self._starts = ServerStarts(
+            self.name, self.endpoint,
+            None if data_dir is None else data_dir / "opcua" / f"{self.name}.server.json",
+            config.server_restart)
         self.availability = Availability(
             f"OPC UA server {self.name} at {self.endpoint}", log, health=self.health,
             extra={"driver": self.name, "endpoint": self.endpoint})
         self._bad_tags: dict[str, str] = {}
         self._last_emitted: dict[str, Sample] = {}
         self._overloaded = False
-        self._server_start: datetime | None = None
         self._state_levels: dict[str, list[ua.NodeId | None]] = {}
         self._state_numbers: dict[ua.NodeId, int | None] = {}
-        self._start_to_save: datetime | None = None
 
     @property
     def endpoint(self) -> str:
@@ -162,10 +154,9 @@ class OpcUaDriver(Driver):
         return self.config.endpoint
 
     @property
-    def _server_start_file(self) -> Path | None:
-        if self.data_dir is None:
-            return None
-        return self.data_dir / "opcua" / f"{self.name}.server.json"
+    def restarts_seen(self) -> int:
+        """Server restarts detected (a new ServerStatus.StartTime)."""
+        return self._starts.restarts_seen
 
     async def run(self, sink: SampleSink) -> None:
         """Connect, subscribe and reconnect until cancelled; server errors never end it."""
@@ -186,13 +177,13 @@ class OpcUaDriver(Driver):
         while True:
             batch = await pending.take()
             await sink(batch)
-            if self._start_to_save is not None and any(
+            if self._starts.to_save is not None and any(
                 isinstance(reading, DeviceRestarted) for reading in batch
             ):
                 # Only now: the rules have committed the restart, so a crash before this line
                 # announces it again rather than never.
-                await asyncio.to_thread(self._save_server_start, self._start_to_save)
-                self._start_to_save = None
+                await asyncio.to_thread(self._starts.save, self._starts.to_save)
+                self._starts.to_save = None
 
     async def _wait_to_retry(self, outcome: _Outcome, delay: float) -> None:
         """Wait the backoff delay; but while a server that could not be reached is away, try
@@ -311,85 +302,14 @@ class OpcUaDriver(Driver):
     async def _check_server_status(self, client: Client, pending: PendingSamples) -> None:
         """Read ServerStatus.StartTime and State at connect: a server not running ends the
         session; a new StartTime is a restart."""
-        values = await client.uaclient.read(ua.ReadParameters(
-            MaxAge=0,
-            TimestampsToReturn=ua.TimestampsToReturn.Neither,
-            NodesToRead=[
-                ua.ReadValueId(NodeId=node_id, AttributeId=AttributeIds.Value)
-                for node_id in (SERVER_START_TIME, SERVER_STATE)
-            ],
-        ))
-        start, state = (value.Value.Value if value.Value is not None else None
-                        for value in values)
-        self._server_state_is(state)
+        start, state = await read_server_status(client)
+        check_running(state)
         self._server_started_at(start, pending)
 
-    def _server_state_is(self, state: object) -> None:
-        if state is None or state == ua.ServerState.Running:
-            return
-        try:
-            name = ua.ServerState(int(cast(int, state))).name
-        except ValueError:
-            name = str(state)
-        raise SessionEnded(f"the server says its state is {name}, not Running")
-
     def _server_started_at(self, start: object, pending: PendingSamples) -> None:
-        """Compare the server's StartTime with the last one seen (in this process, or saved
-        in data_dir by an earlier one); a different one is a restart."""
-        if not isinstance(start, datetime) or epoch_seconds(start) is None:
-            return  # a server that does not say when it started cannot tell us it restarted
-        if start.tzinfo is None:
-            start = start.replace(tzinfo=UTC)
-        known = self._server_start
-        if known is None:
-            known = self._load_server_start()
-        self._server_start = start
-        if known is None or abs((start - known).total_seconds()) < 0.001:
-            if known is None:
-                self._save_server_start(start)
-            return
-        self.restarts_seen += 1
-        reason = (f"OPC UA server {self.name} at {self.endpoint} restarted: ServerStatus."
-                  f"StartTime {known.isoformat()} -> {start.isoformat()}")
-        if self.config.server_restart == "counters_continue":
-            log.info("%s; its counters carry on (server_restart: counters_continue).", reason,
-                     extra={"driver": self.name, "endpoint": self.endpoint})
-            self._save_server_start(start)
-            return
-        pending.put(DeviceRestarted(self.name, start.timestamp(), reason))
-        self._start_to_save = start
-
-    def _load_server_start(self) -> datetime | None:
-        path = self._server_start_file
-        if path is None:
-            return None
-        try:
-            saved = json.loads(path.read_text())
-            if saved.get("endpoint") != self.endpoint:
-                return None  # another server: its StartTime says nothing about this one
-            return datetime.fromisoformat(saved["start_time"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("OPC UA driver %s: cannot read %s (%s); a server restart while the "
-                        "gateway was down would go unseen.", self.name, path, exc,
-                        extra={"driver": self.name})
-            return None
-
-    def _save_server_start(self, start: datetime) -> None:
-        path = self._server_start_file
-        if path is None:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(
-                {"endpoint": self.endpoint, "start_time": start.isoformat()}) + "\n")
-            os.replace(temporary, path)
-        except OSError as exc:
-            log.warning("OPC UA driver %s: cannot write %s (%s); a server restart while the "
-                        "gateway is down would go unseen.", self.name, path, exc,
-                        extra={"driver": self.name})
+        restarted = self._starts.seen(start)
+        if restarted is not None:
+            pending.put(restarted)
 
     # --- structured values and OPC 30050 state machines -------------------------------------
 
@@ -530,8 +450,8 @@ class OpcUaDriver(Driver):
                 RequestedParameters=ua.MonitoringParameters(
                     ClientHandle=handle, SamplingInterval=-1.0, QueueSize=1, DiscardOldest=True),
             )
-            for handle, node_id in ((_START_TIME_HANDLE, SERVER_START_TIME),
-                                    (_STATE_HANDLE, SERVER_STATE))
+            for handle, node_id in ((START_TIME_HANDLE, SERVER_START_TIME),
+                                    (STATE_HANDLE, SERVER_STATE))
         ]
         await subscription.create_monitored_items(status_items)
         if not monitored:
@@ -606,12 +526,12 @@ class OpcUaDriver(Driver):
             if isinstance(event, DataChangeEvent):
                 notification = event.data.monitored_item
                 value = notification.Value.Value if notification.Value is not None else None
-                if notification.ClientHandle == _START_TIME_HANDLE:
+                if notification.ClientHandle == START_TIME_HANDLE:
                     self._server_started_at(value.Value if value is not None else None, pending)
                     continue
-                if notification.ClientHandle == _STATE_HANDLE:
+                if notification.ClientHandle == STATE_HANDLE:
                     try:
-                        self._server_state_is(value.Value if value is not None else None)
+                        check_running(value.Value if value is not None else None)
                     except SessionEnded as exc:
                         return str(exc)
                     continue
