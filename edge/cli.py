@@ -219,8 +219,8 @@ def _explain_machines(config: PlantConfig) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from drivers.common.timing import parse_duration
     from drivers.mqtt import MqttConfig, doctor
-    from edge.timing import parse_duration
 
     try:
         config = load_config(args.config)
@@ -246,8 +246,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _offline(args: argparse.Namespace) -> int:
+    from drivers.common.timing import parse_duration
     from edge.replay import run_record, run_replay
-    from edge.timing import parse_duration
 
     try:
         config = load_config(args.config)
