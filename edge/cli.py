@@ -283,8 +283,8 @@ def _sim(name: str, rest: list[str]) -> int:
             from simulators import modbus_plc
             return modbus_plc.main(rest, prog)
         case "erp":
-            from simulators import erp_api
-            return erp_api.main(rest, prog)
+            from simulators.erp import app as erp
+            return erp.main(rest, prog)
         case "opcua":
             from simulators import opcua_machine
             return opcua_machine.main(rest, prog)
