@@ -15,6 +15,7 @@ after `ack_wait`.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -164,6 +165,8 @@ async def init_hub(js: JetStreamContext, config: HubConfig) -> InitReport:
 
 
 def _normal(value: object) -> object:
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, SubjectTransform):
         return (value.src, value.dest)
     if isinstance(value, float):
@@ -182,7 +185,7 @@ def _summary(config: StreamConfig) -> str:
 
 def _storage(config: StreamConfig) -> str:
     storage = config.storage
-    return f"{storage.value if storage is not None else '?'} storage"
+    return f"{getattr(storage, 'value', storage) or '?'} storage"
 
 
 def _duration(seconds: float) -> str:

