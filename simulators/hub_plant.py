@@ -62,20 +62,20 @@ def hub_destination(servers: Sequence[str], *, token: str | None = None,
                       "subject": subject}})
 
 
-async def run_plant(args: argparse.Namespace) -> dict[str, object]:
+async def run_plant(args: argparse.Namespace, site: str) -> dict[str, object]:
     destination = hub_destination(args.servers.split(","), token=args.token,
                                   batch_size=args.batch_size, stream=args.stream,
                                   subject=args.subject)
-    outbox = await Outbox.open(args.outbox)
+    outbox = await Outbox.open(args.outbox.replace("{site}", site))
     forwarder = HttpForwarder(DESTINATION, destination, outbox)
     started = time.monotonic()
     committed = 0
     try:
         async with asyncio.TaskGroup() as group:
-            forwarding = group.create_task(forwarder.run(), name="forward-hub")
+            forwarding = group.create_task(forwarder.run(), name=f"forward-hub-{site}")
             chunk = max(1, int(args.rate / 10)) if args.rate else args.events
             for start in range(0, args.events, chunk):
-                batch = [plant_event(args.site, n, args.orders)
+                batch = [plant_event(site, n, args.orders)
                          for n in range(start, min(args.events, start + chunk))]
                 result = await outbox.commit(batch)
                 committed += result.inserted
@@ -87,9 +87,17 @@ async def run_plant(args: argparse.Namespace) -> dict[str, object]:
             await forwarding
     finally:
         await outbox.close()
-    return {"site": args.site, "events": args.events, "committed_now": committed,
+    return {"site": site, "events": args.events, "committed_now": committed,
             "published_now": forwarder.health.delivered,
             "seconds": round(time.monotonic() - started, 3)}
+
+
+async def run_plants(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Each site a plant of its own (own outbox, engine and hub connection), side by side."""
+    async with asyncio.TaskGroup() as group:
+        plants = [group.create_task(run_plant(args, site), name=f"plant-{site}")
+                  for site in args.site.split(",")]
+    return [plant.result() for plant in plants]
 
 
 async def _owed(outbox: Outbox) -> int:
@@ -99,8 +107,10 @@ async def _owed(outbox: Outbox) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hub_plant", description=__doc__)
-    parser.add_argument("--site", required=True)
-    parser.add_argument("--outbox", required=True)
+    parser.add_argument("--site", required=True, help="plant code; several, comma-separated, "
+                        "run as plants side by side in this process")
+    parser.add_argument("--outbox", required=True, help="outbox file; {site} in it is "
+                        "replaced by the plant code (required with several sites)")
     parser.add_argument("--servers", required=True, help="comma-separated nats:// URLs")
     parser.add_argument("--events", type=int, default=500)
     parser.add_argument("--orders", type=int, default=20)
@@ -112,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--subject", default=DEFAULT_SUBJECT)
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        print(json.dumps(asyncio.run(run_plant(args))), flush=True)
+        if "," in args.site and "{site}" not in args.outbox:
+            parser.error("several sites need {site} in --outbox (one outbox per plant)")
+        for line in asyncio.run(run_plants(args)):
+            print(json.dumps(line), flush=True)
         return 0
     return 1
 

@@ -126,41 +126,110 @@ def test_plant_killed_repeatedly_while_publishing(cluster: Cluster, tmp_path: Pa
     assert stored == events
 
 
-def test_ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path,
-                                          peers: list[Peer]) -> None:
+def ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path, peers: list[Peer],
+                                     *, per_plant: int, processes: bool, stream: str) -> None:
     """Ten plants publish into one hub; two relays deliver to the ERP simulator; one relay is
     killed -9 mid-run. The ERP receiver has every event once by Idempotency-Key (repeats of
     the killed relay's unacked event counted, not stored), in order per order key."""
-    plants, per_plant = 10, 80
+    plants = 10
+    prefix = stream.lower()
     erp = start_erp(peers, tmp_path)
-    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="TENPLANTS",
-                         prefix="tenplants", erp_url=erp.url, partitions=6, ack_wait="2s")
+    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream=stream,
+                         prefix=prefix, erp_url=erp.url, partitions=6, ack_wait="2s")
     hub_init(hub)
     relays = [start_relay(peers, hub, f"r{i}", tmp_path) for i in (1, 2)]
-    running = [Peer(plant_argv(f"P{i:02d}", tmp_path / f"outbox-{i}.db", cluster.urls,
-                               per_plant, prefix="tenplants", stream="TENPLANTS", rate=200,
-                               orders=4), tmp_path / f"plant-{i}.log").start()
-               for i in range(plants)]
+    sites = [f"P{i:02d}" for i in range(plants)]
+    groups = [[site] for site in sites] if processes else [sites]
+    running = [Peer(plant_argv(",".join(group), tmp_path / "outbox-{site}.db", cluster.urls,
+                               per_plant, prefix=prefix, stream=stream, rate=200, orders=4),
+                    tmp_path / f"plant-{group[0]}.log").start()
+               for group in groups]
+    total = plants * per_plant
     try:
         async def some_delivered() -> bool:
-            return receiver_report(erp.url)["delivered_unique"] >= plants * per_plant // 4
+            return receiver_report(erp.url)["delivered_unique"] >= total // 4
         asyncio.run(wait_for(some_delivered, 60, "a quarter of the events at the ERP"))
         relays[0].kill()
         for plant in running:
-            assert plant.process is not None and plant.process.wait(120) == 0, plant.output()
+            assert plant.process is not None and plant.process.wait(300) == 0, plant.output()
     finally:
         for plant in running:
             plant.stop()
-    total = plants * per_plant
 
     async def all_delivered() -> bool:
         return receiver_report(erp.url)["delivered_unique"] >= total
-    asyncio.run(wait_for(all_delivered, 90, "every event at the ERP"))
-    stored = asyncio.run(stream_messages(cluster.urls, "TENPLANTS"))
+    asyncio.run(wait_for(all_delivered, 120, "every event at the ERP"))
+    stored = asyncio.run(stream_messages(cluster.urls, stream))
     received = receiver_report(erp.url)
     report("ten_plants_relay_killed", published=total, in_stream=stored, relays=2,
-           relays_killed=1, **received)
+           relays_killed=1, plant_processes=len(groups), **received)
     assert stored == total
     assert received["delivered_unique"] == total
     assert received["order_violations"] == 0
     assert relays[1].process is not None and relays[1].process.poll() is None
+
+
+def test_ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path,
+                                          peers: list[Peer]) -> None:
+    ten_plants_two_relays_one_killed(cluster, tmp_path, peers, per_plant=60, processes=False,
+                                     stream="TENPLANTS")
+
+
+@pytest.mark.slow
+def test_ten_plant_processes_two_relays_one_killed_long(cluster: Cluster, tmp_path: Path,
+                                                        peers: list[Peer]) -> None:
+    ten_plants_two_relays_one_killed(cluster, tmp_path, peers, per_plant=1000, processes=True,
+                                     stream="TENPLANTSLONG")
+
+
+def _metrics(relay: Peer) -> dict[str, float]:
+    import re
+
+    import httpx
+
+    port = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", relay.output())[-1]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_relay_retries_dead_letters_and_reports_in_metrics(cluster: Cluster, tmp_path: Path,
+                                                            peers: list[Peer]) -> None:
+    """The ERP answers 503 twice (retried: nak with backoff, redelivered in order), then 400
+    once (a dead letter in the DLQ stream, its partition moving on), then 2xx. /metrics shows
+    lag per partition, redeliveries and the dead letter depth."""
+    events = 60
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="RELAYDLQ",
+                         prefix="relaydlq", erp_url=erp.url, partitions=3)
+    hub_init(hub)
+    relay = start_relay(peers, hub, "solo", tmp_path)
+    erp.set_faults(status_sequence=[503, 503, 400])
+    run_plant(plant_argv("3030", tmp_path / "outbox.db", cluster.urls, events,
+                         prefix="relaydlq", stream="RELAYDLQ", orders=3), tmp_path / "plant.log")
+
+    async def settled() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= events - 1
+    asyncio.run(wait_for(settled, 60, "every event but the refused one at the ERP"))
+
+    async def metrics_caught_up() -> bool:
+        values = _metrics(relay)
+        return (values.get("plantsync_relay_dead_letter_depth") == 1 and sum(
+            v for k, v in values.items() if k.startswith("plantsync_relay_consumer_pending"))
+            == 0)
+    asyncio.run(wait_for(metrics_caught_up, 30, "lag 0 and one dead letter in /metrics"))
+    values = _metrics(relay)
+    received = receiver_report(erp.url)
+    report("relay_retry_dead_letter", published=events, **received,
+           dead_letters=values["plantsync_relay_dead_letter_depth"],
+           redeliveries=values['plantsync_relay_redeliveries_total{destination="erp"}'])
+    assert received["delivered_unique"] == events - 1
+    assert received["order_violations"] == 0
+    assert values['plantsync_relay_retries_total{destination="erp"}'] == 2
+    assert values['plantsync_relay_redeliveries_total{destination="erp"}'] >= 2
+    assert values['plantsync_relay_dead_lettered_total{destination="erp"}'] == 1
+    assert 'plantsync_relay_consumer_pending{destination="erp",partition="2"}' in values
