@@ -66,7 +66,8 @@ async def run_plant(args: argparse.Namespace, site: str) -> dict[str, object]:
     destination = hub_destination(args.servers.split(","), token=args.token,
                                   batch_size=args.batch_size, stream=args.stream,
                                   subject=args.subject)
-    outbox = await Outbox.open(args.outbox.replace("{site}", site))
+    outbox = await Outbox.open(args.outbox.replace("{site}", site),
+                               commit_interval=args.commit_interval)
     forwarder = HttpForwarder(DESTINATION, destination, outbox)
     started = time.monotonic()
     committed = 0
@@ -85,10 +86,12 @@ async def run_plant(args: argparse.Namespace, site: str) -> dict[str, object]:
                 await asyncio.sleep(0.05)
             forwarder.drain()
             await forwarding
+        journal = await outbox.journal()
     finally:
         await outbox.close()
     return {"site": site, "events": args.events, "committed_now": committed,
             "published_now": forwarder.health.delivered,
+            "duplicate_pubacks": sum("(duplicate)" in str(row.get("reference")) for row in journal),
             "seconds": round(time.monotonic() - started, 3)}
 
 
@@ -117,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=0.0, help="events/s committed (0: all "
                         "at once)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--commit-interval", type=float, default=0.0, help="the outbox's "
+                        "linger (s): a longer one widens the window between a PubAck and its "
+                        "settle, where a kill -9 makes the plant publish again")
     parser.add_argument("--token", default=None)
     parser.add_argument("--stream", default=DEFAULT_STREAM)
     parser.add_argument("--subject", default=DEFAULT_SUBJECT)

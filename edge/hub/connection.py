@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-import nats
 import nats.errors
 from nats.aio.client import Client
 
@@ -72,9 +71,10 @@ async def connect(name: str, servers: Sequence[str], tls: TlsConfig, auth: NatsA
     """Connected client, or HubUnavailable. `name` shows in the server's connection list."""
     hosts = ", ".join(urlsplit(url).netloc for url in servers)
     state = {"lost": False}
+    client = Client()
 
     async def disconnected() -> None:
-        if not state["lost"]:
+        if not state["lost"] and not client.is_closed:  # a close of ours is no loss
             state["lost"] = True
             log.warning("Lost the hub connection (%s); nats-py reconnects by itself", hosts,
                         extra={"client": name})
@@ -88,12 +88,13 @@ async def connect(name: str, servers: Sequence[str], tls: TlsConfig, auth: NatsA
         log.debug("Hub connection error: %s", exc, extra={"client": name})
 
     try:
-        return await nats.connect(
+        await client.connect(
             list(servers), name=name, tls=tls_context(servers, tls),
             connect_timeout=max(1, int(connect_timeout)), allow_reconnect=True,
             max_reconnect_attempts=-1, reconnect_time_wait=1,
             disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
             **auth_options(auth))
+        return client
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
         text = str(exc) or type(exc).__name__
         raise HubUnavailable(f"cannot connect to the hub ({hosts}): {text}") from None
