@@ -65,7 +65,7 @@ def hub_destination(servers: Sequence[str], *, token: str | None = None,
 async def run_plant(args: argparse.Namespace, site: str) -> dict[str, object]:
     destination = hub_destination(args.servers.split(","), token=args.token,
                                   batch_size=args.batch_size, stream=args.stream,
-                                  subject=args.subject)
+                                  subject=args.subject, timeout=args.timeout)
     outbox = await Outbox.open(args.outbox.replace("{site}", site),
                                commit_interval=args.commit_interval)
     forwarder = HttpForwarder(DESTINATION, destination, outbox)
@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "settle, where a kill -9 makes the plant publish again")
     parser.add_argument("--token", default=None)
     parser.add_argument("--stream", default=DEFAULT_STREAM)
+    parser.add_argument("--timeout", type=float, default=5.0, help="of a publish, seconds")
     parser.add_argument("--subject", default=DEFAULT_SUBJECT)
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):

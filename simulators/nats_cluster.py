@@ -106,8 +106,8 @@ class Cluster:
                 f"{auth}"
                 f'jetstream {{ store_dir: "{node.store}", max_memory_store: 64MB, '
                 "max_file_store: 2GB }\n"
-                f'cluster {{ name: "{CLUSTER_NAME}", listen: "127.0.0.1:{node.cluster_port}", '
-                f"routes: [{routes}] }}\n")
+                + (f'cluster {{ name: "{CLUSTER_NAME}", listen: "127.0.0.1:{node.cluster_port}", '
+                   f"routes: [{routes}] }}\n" if size > 1 else ""))
 
     @property
     def urls(self) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.nats_cluster import Cluster, server_binary
+from simulators.nats_cluster import Cluster, running_cluster, server_binary
 from tests.conftest import Peer, missing_peer, start_erp
 from tests.hub_harness import (
     PLANTSYNC,
@@ -234,6 +234,16 @@ def test_ten_plant_processes_two_relays_one_killed_long(cluster: Cluster, tmp_pa
                                      stream="TENPLANTSLONG")
 
 
+async def owed(path: Path) -> int:
+    from buffer.outbox import Outbox
+
+    outbox = await Outbox.open(path)
+    try:
+        return sum(counts.pending for counts in (await outbox.counts()).values())
+    finally:
+        await outbox.close()
+
+
 def _metrics(relay: Peer) -> dict[str, float]:
     import re
 
@@ -285,3 +295,25 @@ def test_relay_retries_dead_letters_and_reports_in_metrics(cluster: Cluster, tmp
     assert values['plantsync_relay_redeliveries_total{destination="erp"}'] >= 2
     assert values['plantsync_relay_dead_lettered_total{destination="erp"}'] == 1
     assert 'plantsync_relay_consumer_pending{destination="erp",partition="2"}' in values
+
+
+def test_a_token_protected_hub_takes_the_plant_with_its_token_only(tmp_path: Path) -> None:
+    """Secrets as for the other destinations: the token comes from the config (${ENV} in real
+    files); without it the real server refuses, and the plant says so and keeps its events."""
+    if server_binary() is None:
+        missing_peer("nats-server is not installed (make setup)")
+    token = "s3cret-hub-token"
+    with running_cluster(tmp_path / "nats", size=1, token=token) as hub:
+        hub_init(write_hub_yaml(tmp_path / "hub.yaml", hub.urls, stream="TOKEN",
+                                prefix="token", replicas=1, token=token))
+        refused = Peer([*plant_argv("4040", tmp_path / "refused.db", hub.urls, 5,
+                                    prefix="token", stream="TOKEN"), "--timeout", "1"],
+                       tmp_path / "refused.log", "Destination hub is failing").start()
+        refused.stop()
+        assert "Authorization Violation" in refused.output()
+        assert asyncio.run(owed(tmp_path / "refused.db")) == 5  # kept for when it is fixed
+        done = run_plant(plant_argv("4040", tmp_path / "outbox.db", hub.urls, 20,
+                                    prefix="token", stream="TOKEN", token=token),
+                         tmp_path / "plant.log")
+        assert '"published_now": 20' in done.stdout
+        assert asyncio.run(stream_messages(hub.urls, "TOKEN", token=token)) == 20

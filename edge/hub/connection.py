@@ -10,6 +10,8 @@ logged once each.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
@@ -70,7 +72,7 @@ async def connect(name: str, servers: Sequence[str], tls: TlsConfig, auth: NatsA
                   connect_timeout: float = 5.0) -> Client:
     """Connected client, or HubUnavailable. `name` shows in the server's connection list."""
     hosts = ", ".join(urlsplit(url).netloc for url in servers)
-    state = {"lost": False}
+    state: dict[str, bool | str] = {"lost": False}
     client = Client()
 
     async def disconnected() -> None:
@@ -85,16 +87,22 @@ async def connect(name: str, servers: Sequence[str], tls: TlsConfig, auth: NatsA
             log.info("Hub connection is back (%s)", hosts, extra={"client": name})
 
     async def error(exc: Exception) -> None:
+        state["error"] = str(exc) or type(exc).__name__
         log.debug("Hub connection error: %s", exc, extra={"client": name})
 
+    # nats-py's first connect tries the servers for as long as it may reconnect (forever
+    # here): bound it, so a wrong token or a hub that is away is a retry with backoff.
     try:
-        await client.connect(
-            list(servers), name=name, tls=tls_context(servers, tls),
-            connect_timeout=max(1, int(connect_timeout)), allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=1,
-            disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
-            **auth_options(auth))
+        async with asyncio.timeout(connect_timeout * len(servers) + 1):
+            await client.connect(
+                list(servers), name=name, tls=tls_context(servers, tls),
+                connect_timeout=max(1, int(connect_timeout)), allow_reconnect=True,
+                max_reconnect_attempts=-1, reconnect_time_wait=1,
+                disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
+                **auth_options(auth))
         return client
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
-        text = str(exc) or type(exc).__name__
+        with contextlib.suppress(nats.errors.Error, OSError):
+            await client.close()
+        text = state.get("error") or str(exc) or type(exc).__name__
         raise HubUnavailable(f"cannot connect to the hub ({hosts}): {text}") from None
