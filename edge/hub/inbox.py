@@ -70,6 +70,7 @@ class HubInbox:
         self._held: dict[int, _Held] = {}  # by stream sequence
         self._free = {p: asyncio.Event() for p in range(config.stream.partitions)}
         self._listeners: set[asyncio.Event] = set()
+        self._stopping = False
         self.stats = InboxStats()
 
     # -- the DeliveryQueue side, called by the engine --
@@ -149,18 +150,24 @@ class HubInbox:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
+            keep_alive = group.create_task(self._keep_alive(),
+                                           name=f"in-progress-{self.destination}")
+            fetchers = []
             for partition in range(self._config.stream.partitions):
                 self._free[partition].set()
-                group.create_task(self._fetch(partition),
-                                  name=f"fetch-{self.destination}-p{partition}")
-            group.create_task(self._keep_alive(), name=f"in-progress-{self.destination}")
+                fetchers.append(group.create_task(
+                    self._fetch(partition), name=f"fetch-{self.destination}-p{partition}"))
+            await asyncio.wait(fetchers)
+            keep_alive.cancel()
 
     async def _fetch(self, partition: int) -> None:
         stream = self._config.stream.name
         name = consumer_name(self.destination, partition)
         subscription = await self._js.pull_subscribe_bind(name, stream)
         free = self._free[partition]
-        while True:
+        # A flag, not only cancellation: nats-py's fetch (asyncio.wait_for on Python 3.11) can
+        # swallow a cancel that arrives as its answer does, and the loop would go on.
+        while not self._stopping:
             await free.wait()
             try:
                 messages = await subscription.fetch(1, timeout=FETCH_WAIT)
@@ -171,6 +178,9 @@ class HubInbox:
                 await asyncio.sleep(1.0)
                 continue
             for message in messages:
+                if self._stopping:  # fetched as we stopped: back to the hub at once
+                    await self._quietly(message.nak())
+                    continue
                 await self._take(message, partition)
 
     async def _take(self, message: Msg, partition: int) -> None:
@@ -234,8 +244,11 @@ class HubInbox:
             await request
 
     async def give_back(self) -> None:
-        """On stop: events held but not being delivered go back to the hub now (nak), for
-        another relay, instead of after ack_wait."""
+        """On stop: no more fetches (within FETCH_WAIT); events held but not being delivered
+        go back to the hub now (nak), for another relay, instead of after ack_wait."""
+        self._stopping = True
+        for event in self._free.values():
+            event.set()
         for held in list(self._held.values()):
             if not held.leased:
                 await self._quietly(held.message.nak())

@@ -137,12 +137,11 @@ class Relay:
                      self.config.relay.metrics_host, self.metrics_port)
             await self._stopping.wait()
             log.info("Relay %s stopping: finishing deliveries in flight", self.name)
-            for worker in workers:
-                worker.cancel()  # no new fetches
+            for inbox in self.inboxes.values():
+                await inbox.give_back()  # no new fetches; what waits goes back to the hub
             for forwarder in self.forwarders.values():
                 forwarder.drain()
-            for inbox in self.inboxes.values():
-                await inbox.give_back()
+            await asyncio.wait(workers)
             poller.cancel()
             server.should_exit = True
 
