@@ -61,7 +61,7 @@ def hub_config(urls: list[str], stream: str, erp_url: str | None, partitions: in
 async def create(urls: list[str], config: HubConfig) -> None:
     client = await nats.connect(urls)
     try:
-        report = await init_hub(client.jetstream(timeout=30), config)
+        report = await init_hub(client.jetstream(timeout=5), config)
         assert report.ok, report.lines
     finally:
         await client.close()

@@ -40,7 +40,7 @@ from nats.js.api import (
 from edge.hub.config import HubConfig, HubStream
 
 T = TypeVar("T")
-META_LEADER_WAIT = 30.0
+META_LEADER_WAIT = 60.0
 """A cluster just started elects its meta leader within seconds; requests time out until."""
 
 
