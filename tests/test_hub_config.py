@@ -113,3 +113,26 @@ def test_hub_yaml_problems_name_file_line_and_field(tmp_path: Path) -> None:
     assert f"{path}:2: nats.servers: " in text and "not a NATS server URL" in text
     assert f"{path}:4: stream.partitions: " in text
     assert f"{path}:5: stream.replica: unknown key" in text
+
+
+def test_systemd_analyze_accepts_the_relay_unit(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import missing_peer
+
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        missing_peer("systemd-analyze is not installed (apt-get install systemd)")
+    unit = (ROOT / "systemd" / "plantsync-relay@.service").read_text()
+    binary = Path(sys.executable).with_name("plantsync")
+    copy = tmp_path / "plantsync-relay@1.service"
+    copy.write_text(unit.replace("/opt/plantsync/bin/plantsync", str(binary))
+                    .replace("/etc/plantsync/hub.yaml", str(ROOT / "config" / "hub.example.yaml")))
+    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                          timeout=60)
+    complaints = [line for line in (done.stdout + done.stderr).splitlines()
+                  if "plantsync-relay" in line]
+    assert done.returncode == 0 and not complaints, done.stdout + done.stderr
+    assert "plantsync relay --config" in unit and "hub init --config" in unit
