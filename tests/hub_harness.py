@@ -31,6 +31,7 @@ def write_hub_yaml(path: Path, servers: Sequence[str], *, stream: str, prefix: s
             f"  partitions: {partitions}\n  replicas: {replicas}\n"
             f"  duplicate_window: {duplicate_window}\n  max_age: 1d\n"
             f"  dead_letter_stream: {stream}_DLQ\n  dead_letter_subject: {prefix}-dlq\n"
+            f"  journal_stream: {stream}_JOURNAL\n  journal_subject: {prefix}-journal\n"
             f"relay:\n  ack_wait: {ack_wait}\n  metrics_port: 0\n  stats_interval: 1s\n")
     if erp_url is not None:
         text += (f"destinations:\n  erp:\n    base_url: {erp_url}\n    path: /api/events\n"

@@ -61,6 +61,7 @@ def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_p
     assert "consumers: 4 created, 0 already there" in first  # 1 destination x 4 partitions
     again = hub_init(hub)
     assert "stream INIT: OK, as configured" in again and "0 created, 4 already there" in again
+    assert "stream INIT_DLQ: OK" in again and "stream INIT_JOURNAL: OK" in again
     plant = tmp_path / "plant.yaml"
     plant.write_text(
         "site: '1010'\n"
@@ -295,6 +296,8 @@ def test_relay_retries_dead_letters_and_reports_in_metrics(cluster: Cluster, tmp
     assert values['plantsync_relay_redeliveries_total{destination="erp"}'] >= 2
     assert values['plantsync_relay_dead_lettered_total{destination="erp"}'] == 1
     assert 'plantsync_relay_consumer_pending{destination="erp",partition="2"}' in values
+    # The journal: one record per delivered event, in the hub's journal stream.
+    assert asyncio.run(stream_messages(cluster.urls, "RELAYDLQ_JOURNAL")) == events - 1
 
 
 def test_a_token_protected_hub_takes_the_plant_with_its_token_only(tmp_path: Path) -> None:

@@ -98,6 +98,10 @@ def relay_main(args: argparse.Namespace) -> int:
     except HubUnavailable as exc:
         print(f"plantsync relay: {exc}", file=sys.stderr)
         return 1
+    except nats.js.errors.APIError as exc:
+        print(f"plantsync relay: the hub refused: {exc.description} (error {exc.err_code}); "
+              f"has plantsync hub init --config {args.config} been run?", file=sys.stderr)
+        return 1
 
 
 def doctor_main(path: Path) -> int:

@@ -78,6 +78,14 @@ class HubStream(_Section):
         "plantsync-dlq", pattern=r"^[A-Za-z0-9_-]+$", description="Dead letters go to "
         "<this>.<destination>; `nats stream view` shows them with their reason header.")
 
+    journal_stream: str = Field(f"{DEFAULT_STREAM}_JOURNAL", pattern=STREAM_NAME,
+                                description="Stream of the relays' delivery journal: one "
+                                "record per event delivered (id, type, destination, time, "
+                                "attempts, status, the receiver's reference, relay).")
+    journal_subject: str = Field(
+        "plantsync-journal", pattern=r"^[A-Za-z0-9_-]+$", description="Journal records go "
+        "to <this>.<destination>.")
+
     @field_validator("subject_pattern")
     @classmethod
     def _pattern(cls, text: str) -> str:

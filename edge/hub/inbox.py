@@ -49,6 +49,8 @@ class InboxStats:
     retried: int = 0
     dead_lettered: int = 0
     settle_failures: int = 0
+    journalled: int = 0
+    journal_failures: int = 0
 
 
 @dataclass
@@ -63,8 +65,10 @@ class _Held:
 class HubInbox:
     """Call order: `run()` in a task (fetching) while the engine leases and settles."""
 
-    def __init__(self, js: JetStreamContext, config: HubConfig, destination: str) -> None:
+    def __init__(self, js: JetStreamContext, config: HubConfig, destination: str,
+                 relay_name: str = "relay") -> None:
         self._js = js
+        self.relay_name = relay_name
         self._config = config
         self.destination = destination
         self._held: dict[int, _Held] = {}  # by stream sequence
@@ -100,6 +104,7 @@ class HubInbox:
         held = self._held.get(delivery.seq)
         if held is None:
             return
+        await self._journal(delivery, status, reference)
         try:
             await held.message.ack_sync(timeout=self._config.nats.timeout)
             self.stats.acked += 1
@@ -107,10 +112,33 @@ class HubInbox:
             # Delivered but not acked: the hub redelivers after ack_wait, and the receiver's
             # Idempotency-Key recognises the repeat.
             self._settle_failed(delivery, "ack", exc)
-        log.debug("Relayed event %s to %s (%s)", delivery.event_id, self.destination,
-                  reference, extra={"event_id": delivery.event_id,
-                                    "destination": self.destination})
         self._release(held)
+
+    async def _journal(self, delivery: Delivery, status: int | None,
+                       reference: str | None) -> None:
+        """The audit record of a delivery, in the hub's journal stream (stored R3 before the
+        event is acked). Its Nats-Msg-Id makes a redelivered event's second record a no-op
+        within two minutes; a journal the hub cannot take is logged, never a reason to
+        deliver again."""
+        stream = self._config.stream
+        record = {"event_id": delivery.event_id, "event_type": delivery.event_type,
+                  "destination": self.destination, "delivered_at": time.time(),
+                  "attempts": delivery.attempts + 1, "status": status,
+                  "reference": reference, "relay": self.relay_name,
+                  "partition_key": delivery.partition_key, "stream_seq": delivery.seq}
+        try:
+            await self._js.publish(
+                f"{stream.journal_subject}.{self.destination}",
+                json.dumps(record, separators=(",", ":")).encode(),
+                timeout=self._config.nats.timeout, stream=stream.journal_stream,
+                headers={"Nats-Msg-Id": f"{self.destination}:{delivery.event_id}"})
+            self.stats.journalled += 1
+        except nats.errors.Error as exc:
+            self.stats.journal_failures += 1
+            log.warning("Could not journal the delivery of event %s to %s (%s)",
+                        delivery.event_id, self.destination, exc or type(exc).__name__,
+                        extra={"event_id": delivery.event_id,
+                               "destination": self.destination})
 
     async def retry(self, delivery: Delivery, *, at: float, status: int | None,
                     error: str) -> None:

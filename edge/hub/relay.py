@@ -65,12 +65,16 @@ class RelayMetrics(Collector):
                                       "to the hub with a backoff delay", labels=["destination"])
         dead = CounterMetricFamily("plantsync_relay_dead_lettered", "Events this relay moved "
                                    "to the dead letter stream", labels=["destination"])
+        unjournalled = CounterMetricFamily(
+            "plantsync_relay_journal_failures", "Deliveries the hub's journal stream did not "
+            "take (delivered all the same)", labels=["destination"])
         for name, inbox in self.relay.inboxes.items():
             redelivered.add_metric([name], inbox.stats.redelivered)
             delivered.add_metric([name], inbox.stats.acked)
             retried.add_metric([name], inbox.stats.retried)
             dead.add_metric([name], inbox.stats.dead_lettered)
-        yield from (redelivered, delivered, retried, dead)
+            unjournalled.add_metric([name], inbox.stats.journal_failures)
+        yield from (redelivered, delivered, retried, dead, unjournalled)
         depth = GaugeMetricFamily("plantsync_relay_dead_letter_depth", "Events in the dead "
                                   "letter stream (all relays)")
         if self.relay.dead_letter_depth is not None:
@@ -124,7 +128,7 @@ class Relay:
             group.create_task(server.serve(), name="relay-metrics")
             workers = []
             for name, destination in self.config.destinations.items():
-                inbox = self.inboxes[name] = HubInbox(js, self.config, name)
+                inbox = self.inboxes[name] = HubInbox(js, self.config, name, self.name)
                 forwarder = self.forwarders[name] = HttpForwarder(name, destination, inbox)
                 workers.append(group.create_task(inbox.run(), name=f"inbox-{name}"))
                 group.create_task(forwarder.run(), name=f"forward-{name}")

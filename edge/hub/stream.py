@@ -63,6 +63,14 @@ def dead_letter_config(stream: HubStream) -> StreamConfig:
         description="PlantSync hub: events a target refused for good, with the reason")
 
 
+def journal_config(stream: HubStream) -> StreamConfig:
+    return StreamConfig(
+        name=stream.journal_stream, subjects=[f"{stream.journal_subject}.>"],
+        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+        num_replicas=stream.replicas, max_age=stream.max_age, duplicate_window=120.0,
+        description="PlantSync hub: the relays' delivery journal")
+
+
 def consumer_name(destination: str, partition: int) -> str:
     return f"relay_{destination}_p{partition}"
 
@@ -159,6 +167,7 @@ async def init_hub(js: JetStreamContext, config: HubConfig) -> InitReport:
     report = InitReport([])
     await ensure_stream(js, stream_config(config.stream), report)
     await ensure_stream(js, dead_letter_config(config.stream), report)
+    await ensure_stream(js, journal_config(config.stream), report)
     if report.ok:
         await ensure_consumers(js, config, report)
     return report
