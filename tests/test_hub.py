@@ -7,6 +7,7 @@ receiver, order violations). Short versions here; longer ones under `-m slow`.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from simulators.nats_cluster import Cluster, running_cluster, server_binary
@@ -248,8 +250,6 @@ async def owed(path: Path) -> int:
 def _metrics(relay: Peer) -> dict[str, float]:
     import re
 
-    import httpx
-
     port = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", relay.output())[-1]
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     values: dict[str, float] = {}
@@ -320,3 +320,64 @@ def test_a_token_protected_hub_takes_the_plant_with_its_token_only(tmp_path: Pat
                          tmp_path / "plant.log")
         assert '"published_now": 20' in done.stdout
         assert asyncio.run(stream_messages(hub.urls, "TOKEN", token=token)) == 20
+
+
+def test_a_plant_daemon_publishes_to_the_hub_and_a_relay_delivers_to_erp(
+        cluster: Cluster, tmp_path: Path, peers: list[Peer]) -> None:
+    """The whole path with the real daemon (`plantsync run`): PLC -> rules -> outbox ->
+    jetstream destination -> R3 stream -> relay -> ERP. The ERP's confirmations tile the PLC's
+    own counter advance with no gap or overlap (the PLC's count is the oracle)."""
+    from tests.conftest import start_plc
+    from tests.test_gateway import start_gateway
+
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="DAEMON",
+                         prefix="daemon", erp_url=erp.url, partitions=2)
+    hub_init(hub)
+    start_relay(peers, hub, "d1", tmp_path)
+    plc = start_plc(peers, tmp_path)
+    config = tmp_path / "plant.yaml"
+    config.write_text(f"""
+site: "1010"
+data_dir: {tmp_path / "data"}
+api: {{listen: "127.0.0.1:0"}}
+shutdown_timeout: 5s
+drivers:
+  - name: press-01
+    type: modbus
+    host: 127.0.0.1
+    port: {plc.port}
+    poll_interval: 100ms
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+      - {{name: bad, address: 2, type: uint32}}
+      - {{name: state, address: 10, type: uint16}}
+machines:
+  - id: press-01
+    signals: {{good: press-01.good, defective: press-01.bad, state: press-01.state}}
+    order: {{order_id: "1000123", operation: "0010", material: FG-4711, lot_id: LOT-1}}
+    confirm: {{every_units: 20, every: 1s}}
+    state_map: {{4: Idle, 6: Execute, 17: Complete}}
+destinations:
+  hub:
+    base_url: {cluster.urls[0]}
+    profile: jetstream
+    jetstream: {{servers: [{cluster.urls[1]}, {cluster.urls[2]}], stream: DAEMON,
+                 subject: "daemon.{{site}}.{{type}}.{{key}}"}}
+routes:
+  production.confirmation: [hub]
+""")
+    gateway = start_gateway(peers, config, tmp_path)
+
+    async def three_confirmations() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= 3
+    asyncio.run(wait_for(three_confirmations, 60, "three confirmations at the ERP via the hub"))
+    gateway.stop()
+    plc.peer.stop()
+    events = [r["event"] for r in httpx.get(f"{erp.url}/events", timeout=10).json()]
+    ranges = sorted((e["data"]["counter_from"], e["data"]["counter_to"]) for e in events)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges)), ranges
+    stored = asyncio.run(stream_messages(cluster.urls, "DAEMON"))
+    report("daemon_to_hub_to_erp", in_stream=stored, **receiver_report(erp.url))
+    assert stored >= len(events)
+    assert all(e["source"].startswith("urn:plantsync:1010:") for e in events)
