@@ -65,7 +65,7 @@ def run(events: int, rate: float, directory: Path) -> int:
     with running_cluster(directory / "nats") as cluster:
         print(f"hub: 3 nats-server nodes on {', '.join(cluster.urls)}", flush=True)
         erp_log = directory / "erp.log"
-        processes.append(_start([sys.executable, "-m", "simulators.erp_api", "--port", "0",
+        processes.append(_start([sys.executable, "-m", "simulators.erp", "--port", "0",
                                  "--db", str(directory / "erp.db")], erp_log))
         erp_url = re.findall(r"listening on (\S+)", _wait_for(erp_log, "listening on"))[0]
         print(f"erp: simulator on {erp_url}", flush=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
+from drivers.common.timing import Duration
 from edge.config import (
     PROFILE_EVENT_TYPES,
     ConfigError,
@@ -34,7 +35,6 @@ from edge.hub.settings import (
 )
 from edge.hub.subjects import SubjectPattern
 from edge.model import EVENT_MODELS
-from edge.timing import Duration
 
 
 class NatsConnection(_Section):

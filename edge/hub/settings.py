@@ -12,8 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from drivers.common.timing import Duration
 from edge.hub.subjects import SubjectPattern
-from edge.timing import Duration
 
 
 class _Section(BaseModel):
