@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 import nats
+import nats.errors
+import nats.js.errors
 
 from tests.conftest import Peer, free_port, start_peer
 
@@ -73,8 +75,15 @@ async def stream_messages(servers: Sequence[str], stream: str, token: str | None
     nothing doubled' (each event id is stored once)."""
     client = await nats.connect(list(servers), token=token)
     try:
-        info = await client.jetstream(timeout=10).stream_info(stream)
-        return int(info.state.messages)
+        for attempt in range(30):  # a node just restarted: the stream may be electing
+            try:
+                info = await client.jetstream(timeout=3).stream_info(stream)
+                return int(info.state.messages)
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError):
+                if attempt == 29:
+                    raise
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
     finally:
         await client.close()
 
