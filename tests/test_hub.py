@@ -383,3 +383,26 @@ routes:
     report("daemon_to_hub_to_erp", in_stream=stored, **receiver_report(erp.url))
     assert stored >= len(events)
     assert all(e["source"].startswith("urn:plantsync:1010:") for e in events)
+
+
+def test_a_relay_started_before_hub_init_waits_then_serves(cluster: Cluster, tmp_path: Path,
+                                                           peers: list[Peer]) -> None:
+    """A relay whose stream is not there yet says so once and retries with backoff (the shared
+    reconnect loop), then serves once `hub init` has run: it never exits on its own."""
+    from tests.conftest import start_peer
+
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="LATE", prefix="late",
+                         erp_url=erp.url, partitions=2)
+    relay = start_peer(peers, [PLANTSYNC, "relay", "--config", str(hub), "--name", "early",
+                               "--log-format", "text"], tmp_path / "relay.log",
+                       "has plantsync hub init run?")
+    hub_init(hub)
+    run_plant(plant_argv("5050", tmp_path / "outbox.db", cluster.urls, 10, prefix="late",
+                         stream="LATE"), tmp_path / "plant.log")
+
+    async def delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] == 10
+    asyncio.run(wait_for(delivered, 60, "the late relay's deliveries"))
+    assert relay.output().count("has plantsync hub init run?") == 1
+    assert relay.process is not None and relay.process.poll() is None

@@ -5,7 +5,7 @@
 creds file / NKey seed) and connects once: a failed first connection raises HubUnavailable
 with the reason, and the caller retries later (the forwarder engine does, with backoff).
 Once connected, nats-py reconnects by itself, forever; a lost and a regained connection are
-logged once each.
+said once each by the shared availability piece (drivers.common.availability).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import nats.errors
 from nats.aio.client import Client
 
+from drivers.common.availability import Availability
 from edge.config import TlsConfig
 from edge.hub.settings import (
     NatsAuth,
@@ -69,22 +70,22 @@ def auth_options(auth: NatsAuth) -> dict[str, Any]:
 
 
 async def connect(name: str, servers: Sequence[str], tls: TlsConfig, auth: NatsAuth, *,
-                  connect_timeout: float = 5.0) -> Client:
-    """Connected client, or HubUnavailable. `name` shows in the server's connection list."""
+                  connect_timeout: float = 5.0,
+                  availability: Availability | None = None) -> Client:
+    """Connected client, or HubUnavailable. `name` shows in the server's connection list;
+    `availability` (the shared lost/back piece) is told when nats-py loses and regains the
+    connection, so each is logged once."""
     hosts = ", ".join(urlsplit(url).netloc for url in servers)
-    state: dict[str, bool | str] = {"lost": False}
+    state: dict[str, str] = {}
     client = Client()
+    said = availability or Availability(f"The hub ({hosts})", log, extra={"client": name})
 
     async def disconnected() -> None:
-        if not state["lost"] and not client.is_closed:  # a close of ours is no loss
-            state["lost"] = True
-            log.warning("Lost the hub connection (%s); nats-py reconnects by itself", hosts,
-                        extra={"client": name})
+        if not client.is_closed:  # a close of ours is no loss
+            said.lost(state.get("error") or "connection lost; nats-py reconnects")
 
     async def reconnected() -> None:
-        if state["lost"]:
-            state["lost"] = False
-            log.info("Hub connection is back (%s)", hosts, extra={"client": name})
+        said.back()
 
     async def error(exc: Exception) -> None:
         state["error"] = str(exc) or type(exc).__name__

@@ -20,6 +20,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import nats.errors
 import nats.js.errors
@@ -33,9 +34,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from drivers.common.availability import Availability, Ended, reconnect_forever
+from drivers.common.timing import Backoff
 from edge.forward import HttpForwarder
 from edge.hub.config import HubConfig
-from edge.hub.connection import connect
+from edge.hub.connection import HubUnavailable, connect
 from edge.hub.inbox import HubInbox
 from edge.hub.stream import InitReport, consumer_name, ensure_consumers, patiently
 
@@ -108,19 +111,50 @@ class Relay:
         self._stopping.set()
 
     async def run(self) -> None:
+        """Connect (again, with backoff, while the hub is away) and serve until `stop()`."""
         nats_config = self.config.nats
-        client = await connect(f"plantsync-{self.name}", nats_config.servers, nats_config.tls,
-                               nats_config.auth, connect_timeout=nats_config.timeout)
-        try:
-            js = client.jetstream(timeout=nats_config.timeout)
-            report = InitReport([])
-            await ensure_consumers(js, self.config, report)
-            log.info("Relay %s serving stream %s: %s", self.name, self.config.stream.name,
-                     report.lines[-1])
-            self.started.set(time.time())
-            await self._serve(js)
-        finally:
-            await client.close()
+        hosts = ", ".join(urlsplit(url).netloc for url in nats_config.servers)
+        availability = Availability(f"The hub ({hosts})", log, extra={"relay": self.name})
+        finished = asyncio.Event()
+
+        async def connect_and_serve() -> Ended:
+            try:
+                client = await connect(f"plantsync-{self.name}", nats_config.servers,
+                                       nats_config.tls, nats_config.auth,
+                                       connect_timeout=nats_config.timeout,
+                                       availability=availability)
+            except HubUnavailable as exc:
+                if self._stopping.is_set():
+                    finished.set()
+                return Ended(str(exc))
+            try:
+                js = client.jetstream(timeout=nats_config.timeout)
+                report = InitReport([])
+                try:
+                    await ensure_consumers(js, self.config, report)
+                except nats.js.errors.APIError as exc:  # no stream yet: hub init may follow
+                    return Ended(f"the hub refused the relay's consumers: {exc.description} "
+                                 f"(error {exc.err_code}); has plantsync hub init run?",
+                                 say_again=True)
+                availability.back()  # connected and its consumers there: serving
+                log.info("Relay %s serving stream %s: %s", self.name, self.config.stream.name,
+                         report.lines[-1])
+                self.started.set(time.time())
+                await self._serve(js)
+            finally:
+                await client.close()
+            finished.set()  # _serve returns only once stopped
+            return Ended("stopped", peer_lost=False)
+
+        async with asyncio.TaskGroup() as group:
+            connection = group.create_task(
+                reconnect_forever(connect_and_serve, Backoff(base=1.0, cap=30.0), availability),
+                name=f"relay-{self.name}")
+            await self._stopping.wait()
+            if not self.inboxes:  # not connected yet: nothing to finish
+                finished.set()
+            await finished.wait()
+            connection.cancel()
 
     async def _serve(self, js: JetStreamContext) -> None:
         server = _metrics_server(self)
