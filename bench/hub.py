@@ -143,8 +143,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
     parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--relay-events", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--relay-events", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.quick:
         args.events, args.relay_events, args.rounds = 300, 300, 1

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from simulators.nats_cluster import Cluster, running_cluster, server_binary
 from tests.conftest import Peer, missing_peer, start_erp
@@ -330,7 +331,7 @@ def test_a_plant_daemon_publishes_to_the_hub_and_a_relay_delivers_to_erp(
     jetstream destination -> R3 stream -> relay -> ERP. The ERP's confirmations tile the PLC's
     own counter advance with no gap or overlap (the PLC's count is the oracle)."""
     from tests.conftest import start_plc
-    from tests.test_gateway import start_gateway
+    from tests.test_gateway import start_gateway, write_config
 
     erp = start_erp(peers, tmp_path)
     hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="DAEMON",
@@ -338,37 +339,15 @@ def test_a_plant_daemon_publishes_to_the_hub_and_a_relay_delivers_to_erp(
     hub_init(hub)
     start_relay(peers, hub, "d1", tmp_path)
     plc = start_plc(peers, tmp_path)
-    config = tmp_path / "plant.yaml"
-    config.write_text(f"""
-site: "1010"
-data_dir: {tmp_path / "data"}
-api: {{listen: "127.0.0.1:0"}}
-shutdown_timeout: 5s
-drivers:
-  - name: press-01
-    type: modbus
-    host: 127.0.0.1
-    port: {plc.port}
-    poll_interval: 100ms
-    tags:
-      - {{name: good, address: 0, type: uint32}}
-      - {{name: bad, address: 2, type: uint32}}
-      - {{name: state, address: 10, type: uint16}}
-machines:
-  - id: press-01
-    signals: {{good: press-01.good, defective: press-01.bad, state: press-01.state}}
-    order: {{order_id: "1000123", operation: "0010", material: FG-4711, lot_id: LOT-1}}
-    confirm: {{every_units: 20, every: 1s}}
-    state_map: {{4: Idle, 6: Execute, 17: Complete}}
-destinations:
-  hub:
-    base_url: {cluster.urls[0]}
-    profile: jetstream
-    jetstream: {{servers: [{cluster.urls[1]}, {cluster.urls[2]}], stream: DAEMON,
-                 subject: "daemon.{{site}}.{{type}}.{{key}}"}}
-routes:
-  production.confirmation: [hub]
-""")
+    # The gateway test's plant, its destination swapped for the hub.
+    config = write_config(tmp_path, plc, erp, every_units=20)
+    plant = yaml.safe_load(config.read_text())
+    plant["destinations"] = {"hub": {
+        "base_url": cluster.urls[0], "profile": "jetstream",
+        "jetstream": {"servers": cluster.urls[1:], "stream": "DAEMON",
+                      "subject": "daemon.{site}.{type}.{key}"}}}
+    plant["routes"] = {"production.confirmation": ["hub"]}
+    config.write_text(yaml.safe_dump(plant))
     gateway = start_gateway(peers, config, tmp_path)
 
     async def three_confirmations() -> bool:

@@ -32,6 +32,7 @@ from edge.hub.settings import (
     NatsAuth,
     NatsNoAuth,
     _Section,
+    nats_urls,
 )
 from edge.hub.subjects import SubjectPattern
 from edge.model import EVENT_MODELS
@@ -47,11 +48,7 @@ class NatsConnection(_Section):
     @field_validator("servers")
     @classmethod
     def _urls(cls, servers: list[str]) -> list[str]:
-        for url in servers:
-            if not url.startswith(("nats://", "tls://")):
-                raise ValueError(f"{url!r} is not a NATS server URL (nats://host:4222 or "
-                                 "tls://host:4222)")
-        return servers
+        return nats_urls(servers)
 
 
 class HubStream(_Section):

@@ -52,6 +52,15 @@ class NatsNKey(_Section):
 NatsAuth = Annotated[NatsNoAuth | NatsToken | NatsUserPassword | NatsCredentials | NatsNKey,
                      Field(discriminator="type")]
 
+def nats_urls(servers: list[str]) -> list[str]:
+    """NATS server URLs, or ValueError naming the one that is not."""
+    for url in servers:
+        if not url.startswith(("nats://", "tls://")):
+            raise ValueError(f"{url!r} is not a NATS server URL (nats://host:4222 or "
+                             "tls://host:4222)")
+    return servers
+
+
 DEFAULT_SUBJECT = "plantsync.{site}.{type}.{key}"
 DEFAULT_STREAM = "PLANTSYNC"
 STREAM_NAME = r"^[A-Za-z0-9_-]{1,64}$"
@@ -89,11 +98,7 @@ class JetStreamSettings(_Section):
     @field_validator("servers")
     @classmethod
     def _urls(cls, servers: list[str]) -> list[str]:
-        for url in servers:
-            if not url.startswith(("nats://", "tls://")):
-                raise ValueError(f"{url!r} is not a NATS server URL (nats://host:4222 or "
-                                 "tls://host:4222)")
-        return servers
+        return nats_urls(servers)
 
     @property
     def pattern(self) -> SubjectPattern:

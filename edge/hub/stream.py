@@ -56,19 +56,23 @@ def stream_config(stream: HubStream) -> StreamConfig:
 
 
 def dead_letter_config(stream: HubStream) -> StreamConfig:
-    return StreamConfig(
-        name=stream.dead_letter_stream, subjects=[f"{stream.dead_letter_subject}.>"],
-        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-        num_replicas=stream.replicas, max_age=stream.max_age, duplicate_window=120.0,
-        description="PlantSync hub: events a target refused for good, with the reason")
+    return _side_stream(stream, stream.dead_letter_stream, stream.dead_letter_subject,
+                        "PlantSync hub: events a target refused for good, with the reason")
 
 
 def journal_config(stream: HubStream) -> StreamConfig:
+    return _side_stream(stream, stream.journal_stream, stream.journal_subject,
+                        "PlantSync hub: the relays' delivery journal")
+
+
+def _side_stream(stream: HubStream, name: str, subject: str, description: str
+                 ) -> StreamConfig:
+    """A stream beside the hub stream, kept as long and as safely; two minutes of dedup are
+    enough for what relays write (a repeat comes within ack_wait)."""
     return StreamConfig(
-        name=stream.journal_stream, subjects=[f"{stream.journal_subject}.>"],
-        retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-        num_replicas=stream.replicas, max_age=stream.max_age, duplicate_window=120.0,
-        description="PlantSync hub: the relays' delivery journal")
+        name=name, subjects=[f"{subject}.>"], retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, num_replicas=stream.replicas, max_age=stream.max_age,
+        duplicate_window=120.0, description=description)
 
 
 def consumer_name(destination: str, partition: int) -> str:
