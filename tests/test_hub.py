@@ -206,7 +206,9 @@ def ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path, peers: li
     try:
         async def some_delivered() -> bool:
             return receiver_report(erp.url)["delivered_unique"] >= total // 4
-        asyncio.run(wait_for(some_delivered, 60, "a quarter of the events at the ERP"))
+        # The relays' pace on a loaded 2-core box is ~100 events/s (README).
+        asyncio.run(wait_for(some_delivered, 60 + total / 40, "a quarter of the events at "
+                             "the ERP"))
         relays[0].kill()
         for plant in running:
             assert plant.process is not None and plant.process.wait(300) == 0, plant.output()
@@ -216,7 +218,7 @@ def ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path, peers: li
 
     async def all_delivered() -> bool:
         return receiver_report(erp.url)["delivered_unique"] >= total
-    asyncio.run(wait_for(all_delivered, 120, "every event at the ERP"))
+    asyncio.run(wait_for(all_delivered, 120 + total / 20, "every event at the ERP"))
     stored = asyncio.run(stream_messages(cluster.urls, stream))
     received = receiver_report(erp.url)
     report("ten_plants_relay_killed", published=total, in_stream=stored, relays=2,
@@ -236,7 +238,7 @@ def test_ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path,
 @pytest.mark.slow
 def test_ten_plant_processes_two_relays_one_killed_long(cluster: Cluster, tmp_path: Path,
                                                         peers: list[Peer]) -> None:
-    ten_plants_two_relays_one_killed(cluster, tmp_path, peers, per_plant=1000, processes=True,
+    ten_plants_two_relays_one_killed(cluster, tmp_path, peers, per_plant=500, processes=True,
                                      stream="TENPLANTSLONG")
 
 
