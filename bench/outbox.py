@@ -47,7 +47,7 @@ from _common import (
 
 from buffer.outbox import Outbox, OutboxEvent
 from buffer.schema import migrate
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward import HttpForwarder
 
 MAX_IN_FLIGHT = 4

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from edge.config import load_config
-from edge.model import event_type_of
-from edge.replay import read_lines, replay
+from edge.cli.replay import read_lines, replay
+from edge.config.models import load_config
+from edge.model.events import event_type_of
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())
 

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edge.model import (
+from edge.model.events import (
     BUILTIN_UOM_CODES,
     CLOUDEVENT_VERSION,
     EVENT_ID_NAMESPACE,

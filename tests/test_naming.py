@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from edge.cli import main
-from edge.config import config_warnings, parse_config
-from edge.model import CloudEvent, LotDisposition, Quantity, build_event
+from edge.cli.main import main
+from edge.config.models import config_warnings, parse_config
+from edge.model.events import CloudEvent, LotDisposition, Quantity, build_event
 
 WIRE = "com.plantsync.edge.lot.disposition.v1"
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import httpx
 
 from buffer.outbox import Delivery, Outbox
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import Profile, create_profile

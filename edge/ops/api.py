@@ -36,9 +36,10 @@ from starlette.routing import Route
 
 from buffer.outbox import DestinationCounts
 from drivers.base import finite_json
-from edge.api_guard import ApiGuard, ApiServerConfig, Asgi
-from edge.model import LotDisposition
-from edge.operations import (
+from edge.config.secrets import scrub
+from edge.model.events import LotDisposition
+from edge.ops.api_guard import ApiGuard, ApiServerConfig, Asgi
+from edge.ops.operations import (
     API_TOKEN_WHO,
     CHANGE_PATHS,
     CLI_USER_HEADER,
@@ -47,11 +48,10 @@ from edge.operations import (
     OperationError,
     perform,
 )
-from edge.secrets import scrub
-from edge.terminal import printable
+from edge.ops.terminal import printable
 
 if TYPE_CHECKING:
-    from edge.daemon import Gateway
+    from edge.runtime.daemon import Gateway
 
 log = logging.getLogger(__name__)
 

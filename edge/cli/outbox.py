@@ -28,10 +28,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from edge.config import ConfigError, LocalAccess, load_config, load_local_access
-from edge.operations import DaemonRefused, NotFound, Operation, OperationError, call
-from edge.secrets import scrub, secret_values
-from edge.terminal import printable, printable_data
+from edge.config.models import ConfigError, LocalAccess, load_config, load_local_access
+from edge.config.secrets import scrub, secret_values
+from edge.ops.operations import DaemonRefused, NotFound, Operation, OperationError, call
+from edge.ops.terminal import printable, printable_data
 from edge.timing import parse_duration
 
 

@@ -23,11 +23,9 @@ from pydantic import ValidationError
 from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
 from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig, to_reading
-from edge.aggregate import MachineRule, settle_for
-from edge.config import PlantConfig, format_loc
+from edge.config.models import PlantConfig, format_loc
 from edge.forward.profiles import input_problems
-from edge.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
-from edge.model import (
+from edge.model.events import (
     EVENT_MODELS,
     UOM_CODES_CONTEXT_KEY,
     CloudEvent,
@@ -39,6 +37,8 @@ from edge.model import (
     priority_of,
     source_key,
 )
+from edge.rules.machine import MachineRule, settle_for
+from edge.rules.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
 
 log = logging.getLogger(__name__)
 

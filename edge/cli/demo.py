@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from drivers.modbus import ModbusConfig
-from edge.config import ConfigError, PlantConfig, load_config
+from edge.config.models import ConfigError, PlantConfig, load_config
 
 
 def run_demo(config_path: Path) -> int:

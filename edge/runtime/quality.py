@@ -23,12 +23,12 @@ import httpx
 from pydantic import ValidationError
 
 from buffer.outbox import LotStatus, Outbox
-from edge.config import DestinationConfig, PlantConfig
+from edge.config.models import DestinationConfig, PlantConfig
 from edge.forward.auth import AuthError
 from edge.forward.session import Session, make_client
 from edge.forward.urls import path
-from edge.model import LotDisposition
-from edge.pipeline import Pipeline
+from edge.model.events import LotDisposition
+from edge.runtime.pipeline import Pipeline
 from edge.timing import Backoff
 
 log = logging.getLogger(__name__)

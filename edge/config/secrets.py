@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from edge.config import Loc, PlantConfig, cleartext_secrets, format_loc
+from edge.config.models import Loc, PlantConfig, cleartext_secrets, format_loc
 
 _FILE_REF = re.compile(r"\$\{file:([^}]+)\}")
 

@@ -39,7 +39,7 @@ from pydantic import (
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
-from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS, REC21_PACKAGE_CODES
+from edge.model.events import BUILTIN_UOM_CODES, EVENT_MODELS, REC21_PACKAGE_CODES
 from edge.timing import Duration
 
 Loc = tuple[str | int, ...]

@@ -22,7 +22,8 @@ import httpx
 
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import finite_json
-from edge.config import (
+from edge.cli.outbox import format_age, local_time, shown_secrets, table
+from edge.config.models import (
     ConfigError,
     LocalAccess,
     PlantConfig,
@@ -30,10 +31,9 @@ from edge.config import (
     load_config,
     load_local_access,
 )
-from edge.operations import DaemonRefused, api_token, call
-from edge.outbox_cli import format_age, local_time, shown_secrets, table
-from edge.secrets import scrub
-from edge.terminal import printable_data
+from edge.config.secrets import scrub
+from edge.ops.operations import DaemonRefused, api_token, call
+from edge.ops.terminal import printable_data
 
 RECENT_DEAD = 5
 Source = Literal["daemon", "database"]
@@ -109,8 +109,8 @@ def _machines_config(path: Path) -> PlantConfig | None:
 
 
 async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
-    from edge.daemon import machine_status
-    from edge.pipeline import Pipeline
+    from edge.runtime.daemon import machine_status
+    from edge.runtime.pipeline import Pipeline
 
     config = _machines_config(path)
     outbox = await Outbox.open(access.database_path)

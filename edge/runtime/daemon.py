@@ -31,18 +31,18 @@ from pydantic import BaseModel, SecretStr
 
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import Driver, Quality, Sample, json_value
-from edge.aggregate import MachineRule
-from edge.api import make_server
-from edge.config import ConfigError, PlantConfig
+from edge.config.models import ConfigError, PlantConfig
+from edge.config.secrets import secret_values
 from edge.forward import HttpForwarder
-from edge.kpis import DeliveryKpis
-from edge.logs import redact
-from edge.operations import issue_token
-from edge.pipeline import Pipeline
-from edge.quality import QualityLink
-from edge.registry import create_driver
-from edge.secrets import secret_values
-from edge.systemd import Notifier, Supervisor
+from edge.ops.api import make_server
+from edge.ops.kpis import DeliveryKpis
+from edge.ops.logs import redact
+from edge.ops.operations import issue_token
+from edge.rules.machine import MachineRule
+from edge.runtime.pipeline import Pipeline
+from edge.runtime.quality import QualityLink
+from edge.runtime.registry import create_driver
+from edge.runtime.systemd import Notifier, Supervisor
 
 log = logging.getLogger(__name__)
 

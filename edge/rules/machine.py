@@ -50,8 +50,8 @@ from typing import Any, Literal
 from drivers.base import Quality, Sample
 from drivers.modbus import ModbusConfig
 from drivers.opcua import OpcUaConfig
-from edge.config import LimitConfig, MachineConfig, MachineSignals, OrderBinding, PlantConfig
-from edge.model import (
+from edge.config.models import LimitConfig, MachineConfig, MachineSignals, OrderBinding, PlantConfig
+from edge.model.events import (
     OFFLINE_EPOCH,
     CloudEvent,
     DowntimeRecorded,

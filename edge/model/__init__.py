@@ -1,0 +1,1 @@
+"""The canonical model: the one shape every business milestone takes between rules and targets."""
