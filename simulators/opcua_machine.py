@@ -362,6 +362,10 @@ class OpcUaMachineServer:
             else:
                 await self._add_machine(server, machine)
         self._server = server
+        # Every variable holds the machine's value before anyone can connect: an OPC 30050
+        # variable made by `add_variable(None, ...)` holds a null ExtensionObject (TypeId i=0)
+        # until written, which a client reading before the clock's first tick would get.
+        await self._publish_all()
         self._ticker = asyncio.create_task(self._run_clock(), name="opcua-machine clock")
         if listen_after > 0:
             await asyncio.sleep(listen_after)

@@ -1017,6 +1017,26 @@ async def test_an_opc30050_machine_is_read_through_its_structures_and_state_mach
         assert problem in said, said
 
 
+async def test_an_opc30050_machine_serves_its_values_to_a_client_faster_than_its_clock() -> None:
+    # A client that subscribes before the simulator's clock first ticks (here it never does)
+    # must see the machine's values, not the null structures its variables are made with.
+    # Oracle: the simulator's own count and the state it starts in (Execute, ISA-TR88 6).
+    async with machine(rate=0, start_count=120, model="opc30050", tick=3600) as server:
+        tags = opc30050_tags(lambda path: f"nsu={NAMESPACE_URI};s={MACHINE}.{path}")[:5]
+        collector = Collector()
+        async with running(OpcUaDriver(config(server.endpoint, tags)), collector):
+            await wait_until(lambda: {s.tag for s in collector.samples} >= {
+                "state", "processed", "job_count", "defective", "stop_reason"})
+            await server.add_counts(MACHINE, good=1)
+            await wait_until(lambda: collector.values("processed")[-1:] == [121])
+
+    assert [(s.value, s.quality) for s in collector.of("processed")] == [
+        (120, Quality.GOOD), (121, Quality.GOOD)]
+    assert collector.values("defective") == [0]
+    assert collector.values("stop_reason") == [0]
+    assert collector.values("state") == [6]
+
+
 # --- node-opcua: an independent server ----------------------------------------------------------
 
 PEERS_DIR = Path(__file__).resolve().parent / "peers"
