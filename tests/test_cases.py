@@ -26,7 +26,7 @@ import pytest
 
 from edge.cli.replay import read_lines, replay
 from edge.config.models import load_config
-from edge.model.events import event_type_of
+from edge.model.envelope import event_type_of
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())
 

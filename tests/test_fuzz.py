@@ -54,7 +54,7 @@ from drivers.modbus import REGISTER_WIDTH, ModbusTag, decode, decode_string, tag
 from drivers.mqtt import MqttConfig, to_reading
 from drivers.opcua import plain_value, sample_from
 from edge.config.models import ConfigError, PlantConfig, parse_config
-from edge.model.events import CloudEvent
+from edge.model.envelope import CloudEvent
 from edge.rules.machine import MachineRule
 from edge.runtime.pipeline import Pipeline
 from simulators.modbus_plc import _ordered

@@ -12,7 +12,9 @@ from pydantic import ValidationError
 
 from edge.cli.main import main
 from edge.config.models import config_warnings, parse_config
-from edge.model.events import CloudEvent, LotDisposition, Quantity, build_event
+from edge.model.envelope import CloudEvent, build_event
+from edge.model.events import LotDisposition
+from edge.model.quantities import Quantity
 
 WIRE = "com.plantsync.edge.lot.disposition.v1"
 

@@ -16,13 +16,9 @@ import pytest
 from buffer.outbox import Outbox, OutboxEvent
 from drivers.base import MesMessage
 from edge.config.models import ConfigError, parse_config
-from edge.model.events import (
-    LotDisposition,
-    MaterialConsumed,
-    ProductionConfirmation,
-    Quantity,
-    build_event,
-)
+from edge.model.envelope import build_event
+from edge.model.events import LotDisposition, MaterialConsumed, ProductionConfirmation
+from edge.model.quantities import Quantity
 from edge.runtime.pipeline import Pipeline
 from tests.conftest import Peer, start_erp
 from tests.test_northbound import deliver

@@ -270,7 +270,7 @@ def _plural(count: int, word: str) -> str:
 
 
 def _schema(out: Path) -> int:
-    from edge.model.events import write_schemas
+    from edge.model.schemas import write_schemas
     written = write_schemas(out)
     print(f"Wrote {len(written)} JSON Schemas to {out}/")
     return 0

@@ -49,7 +49,8 @@ from drivers.base import (
 )
 from drivers.mqtt import MqttConfig
 from edge.config.models import DriverConfig, PlantConfig
-from edge.model.events import OFFLINE_EPOCH, CloudEvent
+from edge.model.envelope import CloudEvent
+from edge.model.ids import OFFLINE_EPOCH
 from edge.runtime.pipeline import Pipeline
 from edge.runtime.registry import create_driver
 

@@ -39,7 +39,8 @@ from pydantic import (
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
-from edge.model.events import BUILTIN_UOM_CODES, EVENT_MODELS, REC21_PACKAGE_CODES
+from edge.model.codes import BUILTIN_UOM_CODES, REC21_PACKAGE_CODES
+from edge.model.events import EVENT_MODELS
 from edge.timing import Duration
 
 Loc = tuple[str | int, ...]

@@ -51,9 +51,8 @@ from drivers.base import Quality, Sample
 from drivers.modbus import ModbusConfig
 from drivers.opcua import OpcUaConfig
 from edge.config.models import LimitConfig, MachineConfig, MachineSignals, OrderBinding, PlantConfig
+from edge.model.envelope import CloudEvent, build_event
 from edge.model.events import (
-    OFFLINE_EPOCH,
-    CloudEvent,
     DowntimeRecorded,
     EventData,
     InspectionRequested,
@@ -63,12 +62,10 @@ from edge.model.events import (
     OperationResumed,
     OperationStarted,
     ProductionConfirmation,
-    Quantity,
-    SignedQuantity,
     SourceGap,
-    build_event,
-    state_key,
 )
+from edge.model.ids import OFFLINE_EPOCH, state_key
+from edge.model.quantities import Quantity, SignedQuantity
 
 log = logging.getLogger(__name__)
 

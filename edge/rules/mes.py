@@ -13,7 +13,7 @@ from typing import Annotated, Final
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from edge.config.models import OrderBinding
-from edge.model.events import Quantity
+from edge.model.quantities import Quantity
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 

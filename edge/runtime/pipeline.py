@@ -25,18 +25,17 @@ from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, Rejected
 from drivers.mqtt import MqttConfig, to_reading
 from edge.config.models import PlantConfig, format_loc
 from edge.forward.profiles import input_problems
+from edge.model.codes import UOM_CODES_CONTEXT_KEY
+from edge.model.envelope import CloudEvent, build_event
 from edge.model.events import (
     EVENT_MODELS,
-    UOM_CODES_CONTEXT_KEY,
-    CloudEvent,
     EventData,
     InspectionRequested,
     LotDisposition,
     LotProduced,
-    build_event,
     priority_of,
-    source_key,
 )
+from edge.model.ids import source_key
 from edge.rules.machine import MachineRule, settle_for
 from edge.rules.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
 

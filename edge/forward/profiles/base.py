@@ -15,7 +15,7 @@ from buffer.outbox import Delivery
 from edge.config.models import DestinationConfig
 from edge.forward.outcome import Result
 from edge.forward.session import Session
-from edge.model.events import event_type_of
+from edge.model.envelope import event_type_of
 
 
 class Profile(ABC):
