@@ -23,7 +23,8 @@ from pathlib import Path
 
 from buffer.outbox import Outbox
 from drivers.base import Sample
-from edge.config.models import PlantConfig, parse_config
+from edge.config.loader import parse_config
+from edge.config.models import PlantConfig
 from edge.rules.machine import MachineRule
 from edge.runtime.pipeline import Pipeline
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from edge.cli.replay import read_lines, replay
-from edge.config.models import load_config
+from edge.config.loader import load_config
 from edge.model.envelope import event_type_of
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())

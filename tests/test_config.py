@@ -13,7 +13,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from edge.config.models import ConfigError, PlantConfig, load_config, parse_config
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config, parse_config
+from edge.config.models import PlantConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "plant.example.yaml"

@@ -53,7 +53,9 @@ from drivers.base import MesMessage, Quality, RejectedMessage, Sample
 from drivers.modbus import REGISTER_WIDTH, ModbusTag, decode, decode_string, tag_value
 from drivers.mqtt import MqttConfig, to_reading
 from drivers.opcua import plain_value, sample_from
-from edge.config.models import ConfigError, PlantConfig, parse_config
+from edge.config.errors import ConfigError
+from edge.config.loader import parse_config
+from edge.config.models import PlantConfig
 from edge.model.envelope import CloudEvent
 from edge.rules.machine import MachineRule
 from edge.runtime.pipeline import Pipeline

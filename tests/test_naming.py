@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from edge.cli.main import main
-from edge.config.models import config_warnings, parse_config
+from edge.config.checks import config_warnings
+from edge.config.loader import parse_config
 from edge.model.envelope import CloudEvent, build_event
 from edge.model.events import LotDisposition
 from edge.model.quantities import Quantity

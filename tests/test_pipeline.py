@@ -9,7 +9,7 @@ from pathlib import Path
 
 from buffer.outbox import Outbox
 from drivers.base import MesMessage, RejectedMessage, Sample
-from edge.config.models import parse_config
+from edge.config.loader import parse_config
 from edge.runtime.pipeline import Pipeline
 
 CONFIG = """
@@ -71,7 +71,7 @@ async def test_mes_messages_become_events_or_input_dead_letters(tmp_path: Path) 
 
 async def test_genealogy_completeness_per_order(tmp_path: Path) -> None:
     from edge.cli.replay import read_lines, replay
-    from edge.config.models import load_config
+    from edge.config.loader import load_config
     from edge.runtime.pipeline import GENEALOGY_KEY, Genealogy
 
     case = Path(__file__).parent / "cases" / "genealogy_and_consumption"

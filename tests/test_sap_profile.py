@@ -15,7 +15,8 @@ import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
 from drivers.base import MesMessage
-from edge.config.models import ConfigError, parse_config
+from edge.config.errors import ConfigError
+from edge.config.loader import parse_config
 from edge.model.envelope import build_event
 from edge.model.events import LotDisposition, MaterialConsumed, ProductionConfirmation
 from edge.model.quantities import Quantity

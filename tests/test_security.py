@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge.config.models import parse_config
+from edge.config.loader import parse_config
 from edge.config.secrets import exposed_secrets, scrub, secret_values
 from edge.ops.logs import redact, setup_logging
 from tests.conftest import (

@@ -17,15 +17,10 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.config.models import (
-    ConfigError,
-    PlantConfig,
-    config_warnings,
-    fully_validated,
-    load_config,
-    load_local_access,
-    unresolved_references,
-)
+from edge.config.checks import config_warnings, fully_validated
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config, load_local_access, unresolved_references
+from edge.config.models import PlantConfig
 from edge.config.secrets import exposed_secrets
 from edge.ops.logs import setup_logging
 

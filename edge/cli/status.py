@@ -23,14 +23,10 @@ import httpx
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import finite_json
 from edge.cli.outbox import format_age, local_time, shown_secrets, table
-from edge.config.models import (
-    ConfigError,
-    LocalAccess,
-    PlantConfig,
-    fully_validated,
-    load_config,
-    load_local_access,
-)
+from edge.config.checks import fully_validated
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config, load_local_access
+from edge.config.models import LocalAccess, PlantConfig
 from edge.config.secrets import scrub
 from edge.ops.operations import DaemonRefused, api_token, call
 from edge.ops.terminal import printable_data

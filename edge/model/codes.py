@@ -101,4 +101,3 @@ REC21_PACKAGE_CODES: Final[Mapping[str, str]] = MappingProxyType({
 """Rec 21 package codes an earlier release took as units, and their Rec 20 codes. They are no
 units of Rec 20: events never carry them; an old config is read with them replaced (and says
 so), an MES message that sends one is refused with the Rec 20 code to use."""
-

@@ -69,7 +69,6 @@ def event_type_of(value: object) -> object:
     return name
 
 
-
 def _canonical_json(value: Any, path: str = "data") -> Any:
     """Return `value` as plain JSON data with object keys sorted, or raise ValueError."""
     if isinstance(value, Mapping):
@@ -239,5 +238,3 @@ def validate_event_data(event: CloudEvent, *, uom_codes: frozenset[str] = frozen
     if data.occurred_at != event.time:
         raise ValueError(f"event {event.id}: time is not the data's occurred_at")
     return data
-
-

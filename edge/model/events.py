@@ -525,4 +525,3 @@ def priority_of(event_type: str) -> int:
     if model is None:
         raise ValueError(f"unknown event type {event_type!r}")
     return int(model.PRIORITY)
-

@@ -34,8 +34,6 @@ __all__ = [
 ]
 
 
-
-
 def _to_utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC)
 
@@ -214,5 +212,3 @@ def _same_uom(*quantities: _QuantityBase | None) -> None:
     units = {quantity.uom for quantity in quantities if quantity is not None}
     if len(units) > 1:
         raise ValueError(f"quantities must share one unit, got {sorted(units)}")
-
-

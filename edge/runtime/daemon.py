@@ -31,7 +31,8 @@ from pydantic import BaseModel, SecretStr
 
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import Driver, Quality, Sample, json_value
-from edge.config.models import ConfigError, PlantConfig
+from edge.config.errors import ConfigError
+from edge.config.models import PlantConfig
 from edge.config.secrets import secret_values
 from edge.forward import HttpForwarder
 from edge.ops.api import make_server

@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
 from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig, to_reading
-from edge.config.models import PlantConfig, format_loc
+from edge.config.errors import format_loc
+from edge.config.models import PlantConfig
 from edge.forward.profiles import input_problems
 from edge.model.codes import UOM_CODES_CONTEXT_KEY
 from edge.model.envelope import CloudEvent, build_event
