@@ -29,7 +29,8 @@ import pytest
 
 from drivers.base import Sample
 from edge.config.models import MachineConfig, OrderBinding, PackMLState
-from edge.rules.machine import COMPLETION_PATH, EXECUTE, WAIT_STATES, MachineRule
+from edge.rules.machine import MachineRule
+from edge.rules.state import COMPLETION_PATH, EXECUTE, WAIT_STATES
 from simulators.opcua_machine import PackMLState as SimulatorState
 
 TABLE = json.loads((Path(__file__).parent / "fixtures" / "packml_isa_tr88.json").read_text())

@@ -11,7 +11,8 @@ from typing import Any
 
 from drivers.base import Sample
 from edge.config.models import MachineConfig
-from edge.rules.machine import Counter, MachineRule
+from edge.rules.machine import MachineRule
+from edge.rules.state import Counter
 
 T0 = 1_800_000_000.0
 
