@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from drivers.base import Quality, Sample
 from drivers.modbus import ModbusConfig
@@ -247,6 +247,17 @@ class MachineRule(PackMLStates, LimitWatch):
             if excursion is not None:
                 events += self._raise_if_due(index, limit, excursion, now)
         return events
+
+
+def machine_rules(config: PlantConfig, saved: Mapping[str, str], epoch: str = OFFLINE_EPOCH
+                  ) -> list[MachineRule]:
+    """One rule per configured machine, each from its committed state in `saved` (by
+    `MachineRule.state_key`): the pipeline's rules, and what `plantsync status` reads of the
+    machines when no daemon answers."""
+    return [MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
+                        uom_codes=config.all_uom_codes, settle=settle_for(config, machine),
+                        epoch=epoch)
+            for machine in config.machines]
 
 
 def settle_for(config: PlantConfig, machine: MachineConfig) -> float:

@@ -37,7 +37,7 @@ from edge.model.events import (
     priority_of,
 )
 from edge.model.ids import source_key
-from edge.rules.machine import MachineRule, settle_for
+from edge.rules.machine import MachineRule, machine_rules
 from edge.rules.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
 
 log = logging.getLogger(__name__)
@@ -109,12 +109,7 @@ class Pipeline:
         self._was_connected: dict[str, bool] = {}
         self.epoch = outbox.epoch if epoch is None else epoch
         """Part of every id the rules derive: the outbox's, or a fixed one for a replay."""
-        self.rules = [
-            MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
-                        uom_codes=config.all_uom_codes, settle=settle_for(config, machine),
-                        epoch=self.epoch)
-            for machine in config.machines
-        ]
+        self.rules = machine_rules(config, saved, self.epoch)
         for rule in self.rules:
             signals = rule.machine.signals
             note = signals.migration_note()
