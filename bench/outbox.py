@@ -163,7 +163,7 @@ def raw_baseline_tables() -> list[str]:
 
 
 def http_client() -> httpx.AsyncClient:
-    """The client settings of the daemon (edge.daemon.serve) for one destination."""
+    """The client settings of the daemon (edge.runtime.daemon.serve) for one destination."""
     return httpx.AsyncClient(limits=httpx.Limits(max_connections=MAX_IN_FLIGHT))
 
 
