@@ -1,6 +1,6 @@
 """Golden cases: `tests/cases/<name>/{config.yaml, input.jsonl, expected.jsonl, README.md}`.
 
-Each case replays its input through the real pipeline, rules and outbox (`edge.replay`), and
+Each case replays its input through the real pipeline, rules and outbox (`edge.cli.replay`), and
 the committed events (and rejected inputs) must equal `expected.jsonl`, line for line.
 
 `expected.jsonl` alone would compare the code with itself: it was written by the code. So every

@@ -28,13 +28,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from drivers.common.timing import parse_duration
 from edge.config.errors import ConfigError
 from edge.config.loader import load_config, load_local_access
 from edge.config.models import LocalAccess
 from edge.config.secrets import scrub, secret_values
 from edge.ops.operations import DaemonRefused, NotFound, Operation, OperationError, call
 from edge.ops.terminal import printable, printable_data
-from edge.timing import parse_duration
 
 
 def add_outbox_parser(commands: Any) -> None:

@@ -23,11 +23,11 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.common.timing import Duration
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
 from edge.model.codes import BUILTIN_UOM_CODES
-from edge.timing import Duration
 
 DriverConfig = Annotated[ModbusConfig | OpcUaConfig | MqttConfig, Field(discriminator="type")]
 
