@@ -10,7 +10,7 @@ secret: every body is scrubbed of the config's secret values. The outbox's count
 `/metrics`, `/status` or `/readyz` answer, so none lags behind a purge or a delivery.
 
 Who may call what, how large and how slow a request may be, and how many connections the API
-holds are `edge/api_guard.py`'s business; a lot id is checked against the canonical model here
+holds are `edge/ops/api_guard.py`'s business; a lot id is checked against the canonical model here
 before it goes anywhere.
 """
 
@@ -19,10 +19,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import time
 import typing
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -36,33 +35,38 @@ from starlette.routing import Route
 
 from buffer.outbox import DestinationCounts
 from drivers.base import finite_json
-from edge.api_guard import ApiGuard, ApiServerConfig, Asgi
-from edge.model import LotDisposition
-from edge.operations import (
+from edge.config.models import ApiConfig
+from edge.config.secrets import scrub
+from edge.model.events import LotDisposition
+from edge.ops.api_guard import ApiGuard, ApiServerConfig, Asgi
+from edge.ops.operations import (
     API_TOKEN_WHO,
     CHANGE_PATHS,
     CLI_USER_HEADER,
     NotFound,
     Operation,
     OperationError,
-    perform,
 )
-from edge.secrets import scrub
-from edge.terminal import printable
-
-if TYPE_CHECKING:
-    from edge.daemon import Gateway
+from edge.ops.status import (
+    GatewayView,
+    not_ready_reasons,
+    readiness,
+    status_report,
+    sync_success_ratio,
+)
+from edge.ops.terminal import printable
 
 log = logging.getLogger(__name__)
 
 
 class GatewayCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    """The gateway's metrics, collected at scrape time from one snapshot of it."""
+
+    def __init__(self, view: GatewayView) -> None:
+        self.view = view
 
     def collect(self) -> Iterator[Any]:
-        gw = self.gateway
-        now = time.time()
+        facts = self.view.facts()
         connected = GaugeMetricFamily("plantsync_driver_connected",
                                       "1 when the driver is connected to its device",
                                       labels=["driver"])
@@ -72,13 +76,12 @@ class GatewayCollector(Collector):
                                      "Read or connection errors of the driver", labels=["driver"])
         age = GaugeMetricFamily("plantsync_driver_last_sample_age_seconds",
                                 "Seconds since the driver's last sample", labels=["driver"])
-        for driver in gw.drivers:
-            connected.add_metric([driver.name], 1.0 if driver.health.connected else 0.0)
-            samples.add_metric([driver.name], gw.pipeline.samples_by_driver[driver.name])
-            errors.add_metric([driver.name], driver.health.errors)
-            last = driver.health.last_sample_age(now)
-            if last is not None:
-                age.add_metric([driver.name], last)
+        for driver in facts.drivers:
+            connected.add_metric([driver.name], 1.0 if driver.connected else 0.0)
+            samples.add_metric([driver.name], driver.samples)
+            errors.add_metric([driver.name], driver.errors or 0)
+            if driver.last_sample_age is not None:
+                age.add_metric([driver.name], driver.last_sample_age)
         rejected = CounterMetricFamily("plantsync_driver_rejected_messages",
                                        "Messages kept as input dead letters (malformed or "
                                        "invalid)", labels=["driver"])
@@ -96,21 +99,18 @@ class GatewayCollector(Collector):
         backlog = GaugeMetricFamily("plantsync_mqtt_backlog_peak_messages",
                                     "Most MQTT messages received and not yet committed at "
                                     "once (bounded by 4 batches)", labels=["driver"])
-        for driver in gw.drivers:
-            rejected.add_metric([driver.name], gw.pipeline.rejected_by_driver[driver.name])
-            lost = getattr(driver, "dropped_qos0", None)
-            if isinstance(lost, int):
-                dropped.add_metric([driver.name], lost)
-            figures = getattr(driver, "broker", None)
-            if isinstance(figures, dict):
-                for metric, figure in (("dropped_messages", "dropped"),
-                                       ("stored_messages", "stored_messages"),
-                                       ("uptime_seconds", "uptime")):
-                    if isinstance(figures.get(figure), float):
-                        broker[metric].add_metric([driver.name], figures[figure])
-            peak = getattr(driver, "peak_backlog", None)
-            if isinstance(peak, int):
-                backlog.add_metric([driver.name], peak)
+        for driver in facts.drivers:
+            rejected.add_metric([driver.name], driver.rejected)
+            if driver.dropped_qos0 is not None:
+                dropped.add_metric([driver.name], driver.dropped_qos0)
+            for metric, figure in (("dropped_messages", "dropped"),
+                                   ("stored_messages", "stored_messages"),
+                                   ("uptime_seconds", "uptime")):
+                value = driver.broker.get(figure)
+                if isinstance(value, float):
+                    broker[metric].add_metric([driver.name], value)
+            if driver.peak_backlog is not None:
+                backlog.add_metric([driver.name], driver.peak_backlog)
         yield from (connected, samples, errors, age, rejected, dropped, *broker.values(), backlog)
 
         # Renamed in this release (a name ending in _units reads as a unit; a ratio says so);
@@ -121,10 +121,10 @@ class GatewayCollector(Collector):
             unassigned = CounterMetricFamily(name, "Units counted with no order bound "
                                              f"(reported, not posted){deprecated}",
                                              labels=["machine"])
-            for rule in gw.pipeline.rules:
-                unassigned.add_metric([rule.machine.id], rule.state.unassigned)
+            for machine in facts.machines:
+                unassigned.add_metric([machine["id"]], machine["unassigned"])
             yield unassigned
-        lots = list(gw.pipeline.genealogy.figures().values())
+        lots = list(facts.genealogy.values())
         if lots:
             complete = sum(f["complete"] for f in lots) / sum(f["lots"] for f in lots)
             for name, deprecated in (("plantsync_genealogy_completeness_ratio", ""),
@@ -135,11 +135,11 @@ class GatewayCollector(Collector):
                                         f"{deprecated}", value=complete)
         events = CounterMetricFamily("plantsync_events", "Events committed to the outbox",
                                      labels=["type"])
-        for event_type, count in sorted(gw.pipeline.events_by_type.items()):
+        for event_type, count in sorted(facts.events_by_type.items()):
             events.add_metric([event_type], count)
         yield events
 
-        stats = gw.outbox.stats
+        stats = facts.outbox.stats
         for name, value, text in (
             ("delivered", stats.delivered, "Deliveries acknowledged by their destination"),
             ("retries", stats.retries, "Delivery attempts that will be retried"),
@@ -162,8 +162,8 @@ class GatewayCollector(Collector):
                                    labels=["destination"])
         # Every configured destination has its series, at 0 too: a series that vanishes
         # when the outbox empties reads as "no data", not "nothing owed".
-        held = {name: DestinationCounts() for name in gw.config.destinations}
-        for destination, counts in sorted((held | gw.outbox_counts).items()):
+        held = {name: DestinationCounts() for name in facts.configured_destinations or ()}
+        for destination, counts in sorted((held | dict(facts.counts)).items()):
             depth.add_metric([destination, "pending"], counts.pending)
             depth.add_metric([destination, "retrying"], counts.retrying)
             depth.add_metric([destination, "dead"], counts.dead)
@@ -174,50 +174,51 @@ class GatewayCollector(Collector):
         reachable = GaugeMetricFamily("plantsync_destination_up",
                                       "1 when the last delivery attempt succeeded",
                                       labels=["destination"])
-        for forwarder in gw.forwarders:
+        for forwarder in facts.destinations:
             reachable.add_metric([forwarder.name],
-                                 0.0 if forwarder.health.reachable is False else 1.0)
+                                 0.0 if forwarder.reachable is False else 1.0)
         yield reachable
         delivered = CounterMetricFamily("plantsync_destination_delivered",
                                         "Deliveries acknowledged since the daemon started "
                                         "(from the journal)", labels=["destination"])
-        for name, count in sorted(gw.kpis.delivered.items()):
+        for name, count in sorted(facts.delivered_since_start.items()):
             delivered.add_metric([name], count)
         ratio = GaugeMetricFamily("plantsync_sync_success_ratio",
                                   "Order sync success rate: acknowledged since start / "
                                   "(acknowledged + dead letters parked now)",
                                   labels=["destination"])
-        for name, share in gw.sync_success_ratio().items():
+        for name, share in sync_success_ratio(facts).items():
             ratio.add_metric([name], share)
         yield from (delivered, ratio)
-        yield from gw.kpis.collect()
+        yield from self.view.kpi_metrics()
         yield CounterMetricFamily("plantsync_kpi_untracked",
                                   "Events or lots that fell out of the KPI bounds unmeasured",
-                                  value=gw.kpis.untracked)
+                                  value=facts.kpi_untracked)
         yield GaugeMetricFamily("plantsync_ready", "1 when /readyz answers ready",
-                                value=0.0 if gw.not_ready_reasons() else 1.0)
+                                value=0.0 if not_ready_reasons(facts) else 1.0)
         reloads = CounterMetricFamily("plantsync_config_reloads",
                                       "Config reloads (SIGHUP) by outcome", labels=["outcome"])
-        for outcome, count in sorted(gw.control.reloads.items()):
+        for outcome, count in sorted(facts.reloads.items()):
             reloads.add_metric([outcome], count)
         yield reloads
+        outbox = facts.outbox
         yield GaugeMetricFamily("plantsync_outbox_database_bytes", "Size of the outbox files",
-                                value=gw.database_bytes())
+                                value=outbox.database_bytes)
         yield GaugeMetricFamily("plantsync_outbox_used_bytes",
                                 "Bytes the outbox's data uses, measured against max_size",
-                                value=gw.outbox.used_bytes)
+                                value=outbox.used_bytes)
         yield GaugeMetricFamily("plantsync_outbox_back_pressure",
                                 "1 while input is paused because the outbox has no room",
-                                value=0.0 if gw.outbox.back_pressure is None else 1.0)
+                                value=0.0 if outbox.back_pressure is None else 1.0)
         yield GaugeMetricFamily("plantsync_outbox_recovered_from_corruption",
                                 "1 when a damaged outbox database was moved aside at start",
-                                value=0.0 if gw.outbox.recovered_from is None else 1.0)
+                                value=0.0 if outbox.recovered_from is None else 1.0)
         yield GaugeMetricFamily("plantsync_outbox_integrity_problem",
                                 "1 when the integrity check found the database damaged",
-                                value=0.0 if gw.outbox.integrity_problem is None else 1.0)
+                                value=0.0 if outbox.integrity_problem is None else 1.0)
 
 
-def create_app(gateway: Gateway) -> Asgi:
+def create_app(gateway: GatewayView, api: ApiConfig) -> Asgi:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(GatewayCollector(gateway))
 
@@ -229,14 +230,12 @@ def create_app(gateway: Gateway) -> Asgi:
 
     async def readyz(request: Request) -> Response:
         await gateway.refresh_counts()
-        reasons = gateway.not_ready_reasons()
-        return answer({"ready": not reasons, "reasons": reasons,
-                       "degraded": gateway.degraded(), "alarms": gateway.alarms()},
-                      status_code=503 if reasons else 200)
+        body = readiness(gateway.facts())
+        return answer(body, status_code=200 if body["ready"] else 503)
 
     async def status(request: Request) -> Response:
         await gateway.refresh_counts()
-        return answer(gateway.status())
+        return answer(status_report(gateway.facts()))
 
     async def metrics(request: Request) -> Response:
         await gateway.refresh_counts()
@@ -256,8 +255,7 @@ def create_app(gateway: Gateway) -> Asgi:
             args = json.loads(await request.body() or b"{}")
             if not isinstance(args, dict):
                 raise OperationError("the body must be a JSON object")
-            result = await perform(gateway.outbox, operation, args, who,
-                                   pipeline=gateway.pipeline)
+            result = await gateway.perform(operation, args, who)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return JSONResponse({"error": f"the body is not JSON: {exc}"}, status_code=400)
         except OperationError as exc:
@@ -271,7 +269,7 @@ def create_app(gateway: Gateway) -> Asgi:
         problem = lot_id_problem(lot_id)
         if problem is not None:
             return JSONResponse({"error": problem}, status_code=400)
-        return answer(await gateway.quality.lot_status(lot_id))
+        return answer(await gateway.lot_status(lot_id))
 
     app = Starlette(routes=[
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
@@ -279,7 +277,7 @@ def create_app(gateway: Gateway) -> Asgi:
         Route("/lots/{lot_id:path}", lot),
     ])
     return ApiGuard(app, token=lambda: gateway.api_token, changes=CHANGE_PATHS,
-                    on_loopback=gateway.config.api.on_loopback)
+                    on_loopback=api.on_loopback)
 
 
 _LOT_ID: TypeAdapter[str] = TypeAdapter(
@@ -309,13 +307,12 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
-def make_server(gateway: Gateway) -> EmbeddedServer:
-    api = gateway.config.api
+def make_server(gateway: GatewayView, api: ApiConfig) -> EmbeddedServer:
     if not api.on_loopback:
         log.warning("The local API listens off loopback, on %s: every call but /healthz, "
                     "/readyz and /metrics needs the token (Authorization: Bearer ...)",
                     api.listen)
-    config = ApiServerConfig(create_app(gateway), host=api.host, port=api.port,
+    config = ApiServerConfig(create_app(gateway, api), host=api.host, port=api.port,
                              max_connections=api.max_connections,
                              request_timeout=api.request_timeout,
                              log_level="warning", access_log=False, lifespan="off")

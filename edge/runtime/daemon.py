@@ -20,29 +20,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import Metric
 from pydantic import BaseModel, SecretStr
 
 from buffer.outbox import DestinationCounts, Outbox
-from drivers.base import Driver, Quality, Sample, json_value
-from edge.aggregate import MachineRule
-from edge.api import make_server
-from edge.config import ConfigError, PlantConfig
+from drivers.base import Driver
+from drivers.mqtt import MqttDriver
+from edge.config.errors import ConfigError
+from edge.config.models import PlantConfig
+from edge.config.secrets import secret_values
 from edge.forward import HttpForwarder
-from edge.kpis import DeliveryKpis
-from edge.logs import redact
-from edge.operations import issue_token
-from edge.pipeline import Pipeline
-from edge.quality import QualityLink
-from edge.registry import create_driver
-from edge.secrets import secret_values
-from edge.systemd import Notifier, Supervisor
+from edge.ops import status
+from edge.ops.api import make_server
+from edge.ops.kpis import DeliveryKpis
+from edge.ops.logs import redact
+from edge.ops.operations import Operation, issue_token, perform
+from edge.runtime.pipeline import Pipeline
+from edge.runtime.quality import QualityLink
+from edge.runtime.registry import create_driver
+from edge.runtime.systemd import Notifier, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +121,7 @@ class Gateway:
         if control is not None:
             self.control = control
         config = self.config
-        server = make_server(self)
+        server = make_server(self, config.api)
         await self.refresh_counts()
         async with asyncio.TaskGroup() as downstream:
             api = downstream.create_task(self._serve_api(server), name="local-api")
@@ -274,156 +278,71 @@ class Gateway:
 
     def orphaned(self) -> dict[str, DestinationCounts]:
         """Undelivered events held for destinations the config no longer names."""
-        return {name: counts for name, counts in sorted(self.outbox_counts.items())
-                if name not in self.config.destinations}
+        return status.orphaned(self.facts())
 
-    def not_ready_reasons(self) -> list[str]:
-        reasons = []
-        if self.phase is not Phase.RUNNING:
-            reasons.append(f"the gateway is {self.phase}")
-        if self.outbox.back_pressure is not None:
-            reasons.append(self.outbox.back_pressure)
-        for driver in self.drivers:
-            if not driver.health.connected:
-                why = f" ({driver.health.last_error})" if driver.health.last_error else ""
-                reasons.append(f"driver {driver.name} is not connected{why}")
-        budget = self.ready_max_backlog_age
-        for forwarder in self.forwarders:
-            counts = self.outbox_counts.get(forwarder.name)
-            age = counts.oldest_pending_age if counts is not None else None
-            if counts is not None and age is not None and age > budget:
-                error = forwarder.health.last_error
-                reasons.append(
-                    f"destination {forwarder.name}: the oldest pending delivery is {age:.0f}s "
-                    f"old, over the {budget:g}s budget (api.ready_max_backlog_age); "
-                    f"{counts.pending} event(s) buffered"
-                    + (f"; last error: {error}" if error else ""))
-        return reasons
-
-    def degraded(self) -> list[str]:
-        """What is wrong but still within budget: worth a look, not a reason to be unready."""
-        notes = []
-        budget = self.ready_max_backlog_age
-        for forwarder in self.forwarders:
-            counts = self.outbox_counts.get(forwarder.name, DestinationCounts())
-            age = counts.oldest_pending_age
-            if forwarder.health.reachable is False and (age is None or age <= budget):
-                notes.append(f"destination {forwarder.name} is failing "
-                             f"({forwarder.health.last_error}); {counts.pending} event(s) "
-                             "buffered, within budget")
-        for driver in self.drivers:
-            notes.extend(f"driver {driver.name}: {note}"
-                         for _, note in sorted(driver.health.degraded.items()))
-        for name, counts in self.orphaned().items():
-            notes.append(f"the outbox holds {counts.pending} undelivered and {counts.dead} "
-                         f"dead event(s) for destination {name}, which the config no longer "
-                         "names")
-        notes += [f"tag {signal} reads BAD: {why}" for signal, why in self.bad_tags()]
-        return notes
-
-    def bad_tags(self) -> list[tuple[str, str]]:
-        """Configured tags whose latest reading has BAD quality: the device says the value
-        cannot be used (a sensor fault, a node that does not exist, a stale value). A tag its
-        driver already reports (`health.degraded`, e.g. one the Modbus device refuses) is
-        said once, by the driver."""
+    def facts(self) -> status.GatewayFacts:
+        """What every status answer (`/status`, `/readyz`, `/metrics`, `STATUS=`) is built
+        from: a read-only snapshot of the gateway now."""
         now = time.time()
-        told = {f"{driver.name}.{key.removeprefix('tag ')}" for driver in self.drivers
-                for key in driver.health.degraded}
-        return [(name, f"the device marks its value unusable "
-                       f"(for {now - sample.source_time:.0f}s)")
-                for name, sample in sorted(self.pipeline.last_sample.items())
-                if sample.quality is Quality.BAD and name not in told]
+        pipeline, outbox = self.pipeline, self.outbox
+        return status.GatewayFacts(
+            site=self.config.site,
+            phase=str(self.phase),
+            ready_max_backlog_age=self.ready_max_backlog_age,
+            drivers=[self._driver_facts(driver, now) for driver in self.drivers],
+            destinations=[status.DestinationFacts(
+                name=f.name, reachable=f.health.reachable, delivered=f.health.delivered,
+                in_flight=f.health.in_flight, last_error=f.health.last_error)
+                for f in self.forwarders],
+            counts=dict(self.outbox_counts),
+            outbox=status.OutboxFacts(
+                back_pressure=outbox.back_pressure, used_bytes=outbox.used_bytes,
+                max_bytes=int(self.config.outbox.max_size),
+                recovered_from=outbox.recovered_from,
+                integrity_problem=outbox.integrity_problem,
+                stats=dataclasses.replace(outbox.stats),
+                database_bytes=self.database_bytes()),
+            configured_destinations=frozenset(self.config.destinations),
+            uptime_seconds=now - self.started_at,
+            input_dead_letters=dict(self.input_dead_letters),
+            machines=[status.machine_status(rule) for rule in pipeline.rules],
+            signals=dict(pipeline.last_sample),
+            genealogy=pipeline.genealogy.figures(),
+            quality={"qms": self.config.quality.qms, "reachable": self.quality.reachable,
+                     "decisions": self.quality.decisions, "cursor": pipeline.qms_cursor},
+            events_by_type=dict(pipeline.events_by_type),
+            delivered_since_start=dict(self.kpis.delivered),
+            kpi_untracked=self.kpis.untracked,
+            reloads=dict(self.control.reloads),
+        )
 
-    def alarms(self) -> list[str]:
-        """What needs a person even though the gateway runs on."""
-        alarms = []
-        if self.outbox.recovered_from:
-            alarms.append("the outbox database was damaged at start and moved aside: "
-                          f"{self.outbox.recovered_from}")
-        if self.outbox.integrity_problem:
-            alarms.append("the outbox database failed its integrity check: "
-                          f"{self.outbox.integrity_problem}; it is moved aside at the next start")
-        for name, counts in sorted(self.outbox_counts.items()):
-            if counts.dead:
-                alarms.append(f"{counts.dead} business event(s) for destination {name} are dead "
-                              "letters (refused for good): look with plantsync outbox list "
-                              "--state dead, then retry or purge-dead them with --reason")
-        return alarms
+    def _driver_facts(self, driver: Driver, now: float) -> status.DriverFacts:
+        health = driver.health
+        mqtt = driver if isinstance(driver, MqttDriver) else None
+        return status.DriverFacts(
+            name=driver.name, connected=health.connected,
+            last_sample_age=health.last_sample_age(now), reads=health.reads,
+            errors=health.errors, last_error=health.last_error,
+            degraded=dict(health.degraded),
+            samples=self.pipeline.samples_by_driver[driver.name],
+            rejected=self.pipeline.rejected_by_driver[driver.name],
+            dropped_qos0=mqtt.dropped_qos0 if mqtt else None,
+            broker=dict(mqtt.broker) if mqtt else {},
+            peak_backlog=mqtt.peak_backlog if mqtt else None)
 
     def status_line(self) -> str:
-        """One line for `systemctl status`: drivers, outbox depth, dead letters, back-pressure."""
-        connected = sum(1 for d in self.drivers if d.health.connected)
-        counts = self.outbox_counts.values()
-        pending = sum(c.pending for c in counts)
-        retrying = sum(c.retrying for c in counts)
-        dead = sum(c.dead for c in counts)
-        pressure = "ON" if self.outbox.back_pressure is not None else "off"
-        phase = "" if self.phase in (Phase.RUNNING, Phase.STARTING) else f"{self.phase}: "
-        return (f"{phase}drivers {connected}/{len(self.drivers)} connected; outbox {pending} "
-                f"pending ({retrying} retrying), {dead} dead; back-pressure {pressure}")
+        """The systemd STATUS= line (see `edge.ops.status.status_line`)."""
+        return status.status_line(self.facts())
 
-    def sync_success_ratio(self) -> dict[str, float]:
-        """Per destination: acknowledged / (acknowledged + dead letters parked now)."""
-        ratios = {}
-        for name in sorted(set(self.config.destinations) | set(self.outbox_counts)):
-            delivered = self.kpis.delivered[name]
-            dead = self.outbox_counts.get(name, DestinationCounts()).dead
-            if delivered + dead:
-                ratios[name] = delivered / (delivered + dead)
-        return ratios
+    def kpi_metrics(self) -> Iterator[Metric]:
+        return self.kpis.collect()
 
-    def status(self) -> dict[str, Any]:
-        now = time.time()
-        reasons = self.not_ready_reasons()
-        return {
-            "site": self.config.site,
-            "uptime_seconds": round(now - self.started_at, 1),
-            "phase": str(self.phase),
-            "ready": not reasons,
-            "not_ready_reasons": reasons,
-            "degraded": self.degraded(),
-            "drivers": [
-                {"name": d.name, "connected": d.health.connected,
-                 "last_sample_age": _round(d.health.last_sample_age(now)),
-                 "reads": d.health.reads, "errors": d.health.errors,
-                 "last_error": d.health.last_error,
-                 "degraded": sorted(d.health.degraded.values())}
-                for d in self.drivers
-            ],
-            "signals": {
-                name: signal_status(sample, now)
-                for name, sample in sorted(self.pipeline.last_sample.items())
-            },
-            "machines": [machine_status(rule) for rule in self.pipeline.rules],
-            "genealogy": self.pipeline.genealogy.figures(),
-            "quality": {"qms": self.config.quality.qms, "reachable": self.quality.reachable,
-                        "decisions": self.quality.decisions,
-                        "cursor": self.pipeline.qms_cursor},
-            "outbox": {
-                "back_pressure": self.outbox.back_pressure,
-                "used_bytes": self.outbox.used_bytes,
-                "max_bytes": int(self.config.outbox.max_size),
-                "recovered_from": self.outbox.recovered_from,
-                "alarms": self.alarms(),
-                "refused_informational": self.outbox.stats.refused_informational,
-                "duplicates_ignored": self.outbox.stats.duplicates_ignored,
-                "dead_letters_retried": self.outbox.stats.dead_retried,
-            },
-            "destinations": {
-                f.name: {"reachable": f.health.reachable, "delivered": f.health.delivered,
-                         "in_flight": f.health.in_flight, "last_error": f.health.last_error,
-                         **vars(self.outbox_counts.get(f.name, DestinationCounts()))}
-                for f in self.forwarders
-            },
-            "unconfigured_destinations": {name: vars(counts)
-                                          for name, counts in self.orphaned().items()},
-            "sync_success_ratio": {name: round(ratio, 4)
-                                   for name, ratio in self.sync_success_ratio().items()},
-            "input_dead_letters": {"count": sum(self.input_dead_letters.values()),
-                                   "by_source": dict(sorted(self.input_dead_letters.items()))},
-            "alarms": self.alarms(),
-            "config_reloads": dict(self.control.reloads),
-        }
+    async def perform(self, operation: Operation, args: dict[str, Any], who: str) -> Any:
+        """An outbox operation asked for on the local API, journalled under `who`."""
+        return await perform(self.outbox, operation, args, who, pipeline=self.pipeline)
+
+    async def lot_status(self, lot_id: str) -> dict[str, Any]:
+        return await self.quality.lot_status(lot_id)
 
 
 async def _until_listening(server: Any, api: asyncio.Task[None], limit: float = 5.0) -> None:
@@ -454,31 +373,6 @@ async def _cancel_until_done(tasks: list[asyncio.Task[None]], deadline: float) -
             log.warning("Still stopping %s after the shutdown timeout",
                         ", ".join(sorted(task.get_name() for task in pending)))
             late_logged = True
-
-
-def signal_status(sample: Sample, now: float) -> dict[str, Any]:
-    """What `/status` shows of a signal's last reading. A NaN or infinity from the device is
-    `null` with quality bad and its name in `nonfinite`: JSON has no such numbers."""
-    value, nonfinite = json_value(sample.value)
-    shown: dict[str, Any] = {"value": value, "quality": str(sample.quality),
-                             "age": _round(now - sample.source_time)}
-    if nonfinite is not None:
-        shown["quality"] = str(Quality.BAD)
-        shown["nonfinite"] = nonfinite
-    return shown
-
-
-def machine_status(rule: MachineRule) -> dict[str, Any]:
-    """What `/status` and `plantsync status` show of a machine: its order, state and counts."""
-    binding = rule.state.binding
-    return {"id": rule.machine.id,
-            "order_id": binding.order_id if binding else None,
-            "operation": binding.operation if binding else None,
-            "lot_id": binding.lot_id if binding else None,
-            "state": rule.state.machine_state,
-            **rule.totals(),
-            "unassigned": rule.state.unassigned,
-            "unassigned_scrap": rule.state.unassigned_scrap}
 
 
 def describe_changes(old: PlantConfig, new: PlantConfig,
@@ -551,10 +445,6 @@ def _settings(value: Any) -> Any:
         case SecretStr():
             return ("secret", value.get_secret_value())
     return value
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def _describe_counts(counts: dict[str, DestinationCounts]) -> str:

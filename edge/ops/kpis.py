@@ -31,7 +31,7 @@ from prometheus_client import Histogram
 from prometheus_client.metrics_core import Metric
 
 from buffer.outbox import Outbox, RejectedInput
-from edge.model import CloudEvent
+from edge.model.envelope import CloudEvent
 
 log = logging.getLogger(__name__)
 

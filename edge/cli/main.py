@@ -17,17 +17,12 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge.config import (
-    ConfigError,
-    PlantConfig,
-    config_warnings,
-    fully_validated,
-    load_config,
-    load_local_access,
-    unresolved_references,
-)
-from edge.logs import setup_logging
-from edge.secrets import exposed_secrets
+from edge.config.checks import config_warnings, fully_validated
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config, load_local_access, unresolved_references
+from edge.config.models import PlantConfig
+from edge.config.secrets import exposed_secrets
+from edge.ops.logs import setup_logging
 
 log = logging.getLogger("plantsync")
 
@@ -72,15 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "doctor":
             return _doctor(args)
         case "demo":
-            from edge.demo import run_demo
+            from edge.cli.demo import run_demo
             return run_demo(Path(args.config))
         case "record" | "replay":
             return _offline(args)
         case "outbox":
-            from edge.outbox_cli import run_outbox_command
+            from edge.cli.outbox import run_outbox_command
             return run_outbox_command(args)
         case "status":
-            from edge.status_cli import run_status_command
+            from edge.cli.status import run_status_command
             return run_status_command(args)
     parser.print_help()
     return 2
@@ -155,9 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--config", "-c", required=True, type=Path)
     replay.add_argument("--input", "-i", required=True, type=Path)
 
-    from edge.outbox_cli import add_outbox_parser
+    from edge.cli.outbox import add_outbox_parser
     add_outbox_parser(commands)
-    from edge.status_cli import add_status_parser
+    from edge.cli.status import add_status_parser
     add_status_parser(commands)
     return parser
 
@@ -207,7 +202,7 @@ def _check(path: Path, *, offline: bool = False) -> int:
 def _explain_machines(config: PlantConfig) -> None:
     """What each machine's counters make of yield and scrap, and how long its state changes
     wait for them: the choices a technician should see before ERP books anything."""
-    from edge.aggregate import settle_for
+    from edge.rules.machine import settle_for
 
     for machine in config.machines:
         waits = ""
@@ -247,7 +242,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _offline(args: argparse.Namespace) -> int:
     from drivers.common.timing import parse_duration
-    from edge.replay import run_record, run_replay
+    from edge.cli.replay import run_record, run_replay
 
     try:
         config = load_config(args.config)
@@ -270,7 +265,7 @@ def _plural(count: int, word: str) -> str:
 
 
 def _schema(out: Path) -> int:
-    from edge.model import write_schemas
+    from edge.model.schemas import write_schemas
     written = write_schemas(out)
     print(f"Wrote {len(written)} JSON Schemas to {out}/")
     return 0
@@ -319,7 +314,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: PlantConfig, path: Path) -> None:
-    from edge.daemon import Control, serve
+    from edge.runtime.daemon import Control, serve
 
     control = Control()
     loop = asyncio.get_running_loop()
@@ -371,7 +366,7 @@ def run_until_signalled(coroutine: Coroutine[Any, Any, None]) -> int:
 def _journal_trust(data_dir: Path, target: str, reason: str) -> None:
     """A server certificate trusted by hand goes into the hand-action journal."""
     from buffer.outbox import HandAction, journal_hand_action
-    from edge.operations import os_user
+    from edge.ops.operations import os_user
 
     journal_hand_action(data_dir / "outbox.db",
                         HandAction("trust opcua", target, os_user(), reason))

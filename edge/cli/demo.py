@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from drivers.modbus import ModbusConfig
-from edge.config import ConfigError, PlantConfig, load_config
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config
+from edge.config.models import PlantConfig
 
 
 def run_demo(config_path: Path) -> int:

@@ -25,12 +25,12 @@ from pydantic import ValidationError
 from buffer.outbox import LotStatus, Outbox
 from drivers.common.availability import Availability, Ended, reconnect_forever
 from drivers.common.timing import Backoff
-from edge.config import DestinationConfig, PlantConfig
+from edge.config.models import DestinationConfig, PlantConfig
 from edge.forward.auth import AuthError
 from edge.forward.session import Session, make_client
 from edge.forward.urls import path
-from edge.model import LotDisposition
-from edge.pipeline import Pipeline
+from edge.model.events import LotDisposition
+from edge.runtime.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,11 @@ from drivers.base import (
     json_value,
 )
 from drivers.mqtt import MqttConfig
-from edge.config import DriverConfig, PlantConfig
-from edge.model import OFFLINE_EPOCH, CloudEvent
-from edge.pipeline import Pipeline
-from edge.registry import create_driver
+from edge.config.models import DriverConfig, PlantConfig
+from edge.model.envelope import CloudEvent
+from edge.model.ids import OFFLINE_EPOCH
+from edge.runtime.pipeline import Pipeline
+from edge.runtime.registry import create_driver
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from buffer.outbox import HandAction, Outbox, journal_hand_action
-from edge.config import LocalAccess, PlantConfig
-from edge.pipeline import Pipeline
+from edge.config.models import LocalAccess, PlantConfig
+from edge.runtime.pipeline import Pipeline
 
 Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal", "rejected",
                     "hand-actions", "reingest"]

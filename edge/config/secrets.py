@@ -21,7 +21,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from edge.config import Loc, PlantConfig, cleartext_secrets, format_loc
+from edge.config.checks import cleartext_secrets
+from edge.config.errors import Loc, format_loc
+from edge.config.models import PlantConfig
 
 _FILE_REF = re.compile(r"\$\{file:([^}]+)\}")
 

@@ -22,18 +22,24 @@ import httpx
 
 from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import finite_json
-from edge.config import (
-    ConfigError,
-    LocalAccess,
-    PlantConfig,
-    fully_validated,
-    load_config,
-    load_local_access,
+from edge.cli.outbox import format_age, local_time, shown_secrets, table
+from edge.config.checks import fully_validated
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config, load_local_access
+from edge.config.models import LocalAccess, PlantConfig
+from edge.config.secrets import scrub
+from edge.ops.operations import DaemonRefused, api_token, call
+from edge.ops.status import (
+    STOPPED,
+    DestinationFacts,
+    DriverFacts,
+    GatewayFacts,
+    OutboxFacts,
+    machine_status,
+    status_report,
 )
-from edge.operations import DaemonRefused, api_token, call
-from edge.outbox_cli import format_age, local_time, shown_secrets, table
-from edge.secrets import scrub
-from edge.terminal import printable_data
+from edge.ops.terminal import printable_data
+from edge.rules.machine import machine_rules
 
 RECENT_DEAD = 5
 Source = Literal["daemon", "database"]
@@ -109,30 +115,35 @@ def _machines_config(path: Path) -> PlantConfig | None:
 
 
 async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
-    from edge.daemon import machine_status
-    from edge.pipeline import Pipeline
-
+    """The status as the database tells it, in the daemon's words (`edge.ops.status`): what
+    only a running daemon knows (connections, reachability) is unknown."""
     config = _machines_config(path)
     outbox = await Outbox.open(access.database_path)
     try:
-        rules = Pipeline(config, outbox, await outbox.load_state()).rules if config else []
+        rules = machine_rules(config, await outbox.load_state()) if config else []
         counts = await outbox.counts()
-        dead = await outbox.deliveries(state="dead", limit=1000)
-        rejected = await outbox.rejected_count()
+        facts = GatewayFacts(
+            site=access.site, phase=STOPPED,
+            ready_max_backlog_age=access.api.ready_max_backlog_age,
+            drivers=[DriverFacts(d.name) for d in (config.drivers if config else [])],
+            # Without a config, every destination the outbox holds events for is shown.
+            destinations=[DestinationFacts(name) for name in
+                          (config.destinations if config else sorted(counts))],
+            counts=counts,
+            outbox=OutboxFacts(back_pressure=outbox.back_pressure,
+                               used_bytes=outbox.used_bytes,
+                               max_bytes=int(config.outbox.max_size) if config else None,
+                               recovered_from=outbox.recovered_from,
+                               integrity_problem=outbox.integrity_problem),
+            configured_destinations=frozenset(config.destinations) if config else None,
+            input_dead_letters=await outbox.rejected_count(),
+            machines=[machine_status(rule) for rule in rules],
+        )
         return {
-            "site": access.site,
-            "drivers": [{"name": d.name, "connected": None, "last_sample_age": None,
-                         "errors": None, "last_error": None}
-                        for d in (config.drivers if config else [])],
-            "machines": [machine_status(rule) for rule in rules],
+            **status_report(facts),
             "config_note": None if config else "the config does not load here (plantsync "
             "check --config FILE says why): drivers and machines are not shown",
-            "destinations": {name: vars(c) for name, c in sorted(counts.items())},
-            "outbox": {"back_pressure": outbox.back_pressure, "used_bytes": outbox.used_bytes,
-                       "alarms": [f"a damaged database was moved aside: {where}"
-                                  for where in [outbox.recovered_from] if where]},
-            "dead_letters": dead,
-            "input_dead_letters": {"count": sum(rejected.values()), "by_source": rejected},
+            "dead_letters": await outbox.deliveries(state="dead", limit=1000),
             "rejected": await outbox.rejected_inputs(0.0, limit=RECENT_DEAD),
         }
     finally:
@@ -161,10 +172,10 @@ def render(report: dict[str, Any], source: Source) -> str:
     else:
         lines.append(f"PlantSync Edge, site {site}: the daemon is not answering  "
                      "(from the database directly)")
-    lines += [f"  not ready: {reason}" for reason in report.get("not_ready_reasons", [])]
+    if source == "daemon":  # from the database, the header says the daemon is not running
+        lines += [f"  not ready: {reason}" for reason in report.get("not_ready_reasons", [])]
     lines += [f"  note: {note}" for note in report.get("degraded", [])]
-    alarms = report.get("alarms") or report.get("outbox", {}).get("alarms", [])
-    lines += [f"  ALARM: {alarm}" for alarm in alarms]
+    lines += [f"  ALARM: {alarm}" for alarm in report.get("alarms", [])]
     if pressure := report.get("outbox", {}).get("back_pressure"):
         lines.append(f"  BACK-PRESSURE: {pressure}")
     if report.get("config_note"):

@@ -8,7 +8,7 @@ from drivers.base import Driver
 from drivers.modbus import ModbusConfig, ModbusDriver
 from drivers.mqtt import MqttConfig, MqttDriver
 from drivers.opcua import OpcUaConfig, OpcUaDriver
-from edge.config import DriverConfig
+from edge.config.models import DriverConfig
 
 
 def create_driver(config: DriverConfig, data_dir: Path | None = None) -> Driver:

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from drivers.common.timing import parse_duration
-from edge.config import ConfigError, LocalAccess, load_config, load_local_access
-from edge.operations import DaemonRefused, NotFound, Operation, OperationError, call
-from edge.secrets import scrub, secret_values
-from edge.terminal import printable, printable_data
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config, load_local_access
+from edge.config.models import LocalAccess
+from edge.config.secrets import scrub, secret_values
+from edge.ops.operations import DaemonRefused, NotFound, Operation, OperationError, call
+from edge.ops.terminal import printable, printable_data
 
 
 def add_outbox_parser(commands: Any) -> None:

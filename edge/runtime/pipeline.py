@@ -23,22 +23,22 @@ from pydantic import ValidationError
 from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
 from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig, to_reading
-from edge.aggregate import MachineRule, settle_for
-from edge.config import PlantConfig, format_loc
+from edge.config.errors import format_loc
+from edge.config.models import PlantConfig
 from edge.forward.profiles import input_problems
-from edge.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
-from edge.model import (
+from edge.model.codes import UOM_CODES_CONTEXT_KEY
+from edge.model.envelope import CloudEvent, build_event
+from edge.model.events import (
     EVENT_MODELS,
-    UOM_CODES_CONTEXT_KEY,
-    CloudEvent,
     EventData,
     InspectionRequested,
     LotDisposition,
     LotProduced,
-    build_event,
     priority_of,
-    source_key,
 )
+from edge.model.ids import source_key
+from edge.rules.machine import MachineRule, machine_rules
+from edge.rules.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,7 @@ class Pipeline:
         self._was_connected: dict[str, bool] = {}
         self.epoch = outbox.epoch if epoch is None else epoch
         """Part of every id the rules derive: the outbox's, or a fixed one for a replay."""
-        self.rules = [
-            MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
-                        uom_codes=config.all_uom_codes, settle=settle_for(config, machine),
-                        epoch=self.epoch)
-            for machine in config.machines
-        ]
+        self.rules = machine_rules(config, saved, self.epoch)
         for rule in self.rules:
             signals = rule.machine.signals
             note = signals.migration_note()

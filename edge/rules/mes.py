@@ -12,8 +12,8 @@ from typing import Annotated, Final
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from edge.config import OrderBinding
-from edge.model import Quantity
+from edge.config.models import OrderBinding
+from edge.model.quantities import Quantity
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 
