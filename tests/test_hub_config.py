@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import ConfigError, parse_config
+from edge.config.errors import ConfigError
+from edge.config.loader import parse_config
 from edge.hub.config import load_hub_config
 from edge.hub.stream import stream_config
 from edge.hub.subjects import SubjectPattern, key_token

@@ -13,7 +13,9 @@ from pathlib import Path
 import nats.errors
 import nats.js.errors
 
-from edge.config import ConfigError, DestinationConfig, load_config
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config
+from edge.config.models import DestinationConfig
 from edge.hub.config import HubConfig, load_hub_config
 from edge.hub.connection import HubUnavailable, connect
 from edge.hub.stream import describe, init_hub, patiently
@@ -80,9 +82,9 @@ async def _init(config: HubConfig) -> int:
 
 
 def relay_main(args: argparse.Namespace) -> int:
-    from edge.cli import run_until_signalled
+    from edge.cli.main import run_until_signalled
     from edge.hub.relay import run_relay
-    from edge.logs import setup_logging
+    from edge.ops.logs import setup_logging
 
     setup_logging(args.log_format, args.log_level)
     config = _hub_config(args.config)

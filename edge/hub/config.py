@@ -15,16 +15,10 @@ from pathlib import Path
 from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
 from drivers.common.timing import Duration
-from edge.config import (
-    PROFILE_EVENT_TYPES,
-    ConfigError,
-    DestinationConfig,
-    TlsConfig,
-    _data_loc,
-    _read_document,
-    format_loc,
-    read_config_text,
-)
+from edge.config.document import read_config_text, read_document
+from edge.config.errors import ConfigError, format_loc
+from edge.config.loader import _data_loc
+from edge.config.models import PROFILE_EVENT_TYPES, DestinationConfig, TlsConfig
 from edge.hub.settings import (
     DEFAULT_STREAM,
     DEFAULT_SUBJECT,
@@ -35,7 +29,7 @@ from edge.hub.settings import (
     nats_urls,
 )
 from edge.hub.subjects import SubjectPattern
-from edge.model import EVENT_MODELS
+from edge.model.events import EVENT_MODELS
 
 
 class NatsConnection(_Section):
@@ -152,7 +146,7 @@ def load_hub_config(path: str | Path) -> HubConfig:
     import os
 
     path = Path(path)
-    document = _read_document(read_config_text(path), str(path), os.environ, offline=False)
+    document = read_document(read_config_text(path), str(path), os.environ, offline=False)
     problems = [(document.line_of(p.loc), format_loc(p.loc), p.message)
                 for p in document.problems]
     config: HubConfig | None = None

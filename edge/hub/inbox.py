@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from buffer.outbox import Delivery
 from edge.hub.config import HubConfig
 from edge.hub.stream import consumer_name
-from edge.model import event_type_of
+from edge.model.envelope import event_type_of
 
 log = logging.getLogger(__name__)
 FETCH_WAIT = 2.0
