@@ -47,6 +47,8 @@ from edge.operations import (
     OperationError,
     perform,
 )
+from edge.ops.exceptions import listing as exception_listing
+from edge.ops.watch import metrics as ops_metrics
 from edge.secrets import scrub
 from edge.terminal import printable
 
@@ -184,13 +186,15 @@ class GatewayCollector(Collector):
         for name, count in sorted(gw.kpis.delivered.items()):
             delivered.add_metric([name], count)
         ratio = GaugeMetricFamily("plantsync_sync_success_ratio",
-                                  "Order sync success rate: acknowledged since start / "
-                                  "(acknowledged + dead letters parked now)",
+                                  "Delivery success per destination: acknowledged since start "
+                                  "/ (acknowledged + dead letters parked now); the order sync "
+                                  "success rate is plantsync_order_sync_success_ratio",
                                   labels=["destination"])
         for name, share in gw.sync_success_ratio().items():
             ratio.add_metric([name], share)
         yield from (delivered, ratio)
         yield from gw.kpis.collect()
+        yield from ops_metrics(gw)
         yield CounterMetricFamily("plantsync_kpi_untracked",
                                   "Events or lots that fell out of the KPI bounds unmeasured",
                                   value=gw.kpis.untracked)
@@ -273,10 +277,31 @@ def create_app(gateway: Gateway) -> Asgi:
             return JSONResponse({"error": problem}, status_code=400)
         return answer(await gateway.quality.lot_status(lot_id))
 
+    async def exceptions(request: Request) -> Response:
+        state = request.query_params.get("state", "all")
+        if state not in ("open", "closed", "all"):
+            return JSONResponse({"error": "state must be open, closed or all"}, status_code=400)
+        try:
+            since = float(request.query_params.get("since", "0"))
+            limit = min(1000, int(request.query_params.get("limit", "200")))
+        except ValueError:
+            return JSONResponse({"error": "since is a Unix time, limit a number"},
+                                status_code=400)
+        rows = exception_listing(gateway.ledger.db, state, since, limit)
+        return answer({"exceptions": rows,
+                       "open": sum(1 for row in rows if row["state"] == "open")})
+
+    async def reconciliation(request: Request) -> Response:
+        last = gateway.reconciler.last
+        return answer({"last": None if last is None else last.as_json(),
+                       "runs": dict(gateway.reconciler.runs),
+                       "last_error": gateway.reconciler.last_error})
+
     app = Starlette(routes=[
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
         Route("/metrics", metrics), Route("/outbox/{operation}", outbox, methods=["POST"]),
-        Route("/lots/{lot_id:path}", lot),
+        Route("/lots/{lot_id:path}", lot), Route("/exceptions", exceptions),
+        Route("/reconciliation", reconciliation),
     ])
     return ApiGuard(app, token=lambda: gateway.api_token, changes=CHANGE_PATHS,
                     on_loopback=gateway.config.api.on_loopback)

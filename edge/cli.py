@@ -82,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "status":
             from edge.status_cli import run_status_command
             return run_status_command(args)
+        case "reconcile":
+            from edge.ops.reconcile_cli import run_reconcile_command
+            return run_reconcile_command(args)
     parser.print_help()
     return 2
 
@@ -159,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     add_outbox_parser(commands)
     from edge.status_cli import add_status_parser
     add_status_parser(commands)
+    from edge.ops.reconcile_cli import add_reconcile_parser
+    add_reconcile_parser(commands)
     return parser
 
 

@@ -40,6 +40,7 @@ from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
 from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS, REC21_PACKAGE_CODES
+from edge.ops.settings import ExceptionsConfig, ReconcileConfig
 from edge.timing import Duration
 
 Loc = tuple[str | int, ...]
@@ -545,6 +546,8 @@ class PlantConfig(Strict):
     routes: dict[str, list[str]] = Field(
         default_factory=dict, description="Event type to the destinations that receive it."
     )
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
+    exceptions: ExceptionsConfig = Field(default_factory=ExceptionsConfig)  # type: ignore[arg-type]
 
     @field_validator("uom_codes")
     @classmethod
@@ -837,6 +840,7 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
         yield _Problem(("quality", "qms"), f"destination {qms!r} has profile "
                        f"{destination.profile}; dispositions are polled from a qms_rest one")
     yield from _sap_problems(config)
+    yield from _ops_problems(config)
     for event_type, destinations in config.routes.items():
         if event_type not in EVENT_MODELS:
             close = difflib.get_close_matches(event_type, list(EVENT_MODELS), n=1)
@@ -853,6 +857,40 @@ def _cross_check(config: PlantConfig) -> Iterator[_Problem]:
                 yield _Problem(("routes", event_type, j),
                                f"destination {name!r} (profile {destination.profile}) cannot "
                                f"take {event_type}; it takes {', '.join(sorted(supported))}")
+
+
+def _ops_problems(config: PlantConfig) -> Iterator[_Problem]:
+    """Names the `reconcile:` and `exceptions:` sections refer to."""
+    erp = config.reconcile.erp
+    if erp is not None and erp not in config.destinations:
+        yield _Problem(("reconcile", "erp"), f"no destination named {erp!r} under destinations")
+    elif erp is not None and config.destinations[erp].profile not in ("sap_s4hana", "canonical"):
+        yield _Problem(("reconcile", "erp"), f"destination {erp!r} has profile "
+                       f"{config.destinations[erp].profile}; reconcile reads a sap_s4hana or "
+                       "canonical ERP")
+    roles = config.exceptions.roles
+    for kind, named in config.exceptions.routes.items():
+        for j, role in enumerate(named):
+            # With no roles configured, every role is heard through GET /exceptions and
+            # status only; once some are, a name that is none of them is a typo.
+            if roles and role not in roles:
+                yield _Problem(("exceptions", "routes", kind, j),
+                               f"no role named {role!r} under exceptions.roles")
+    for role, channels in roles.items():
+        for j, name in enumerate(channels.webhook):
+            destination = config.destinations.get(name)
+            if destination is None:
+                yield _Problem(("exceptions", "roles", role, "webhook", j),
+                               f"no destination named {name!r} under destinations")
+            elif destination.profile != "canonical":
+                yield _Problem(("exceptions", "roles", role, "webhook", j),
+                               f"destination {name!r} has profile {destination.profile}; a "
+                               "webhook is a canonical destination (JSON POST)")
+        if channels.mqtt is not None and not any(
+                isinstance(d, MqttConfig) and d.name == channels.mqtt.driver
+                for d in config.drivers):
+            yield _Problem(("exceptions", "roles", role, "mqtt", "driver"),
+                           f"no MQTT driver named {channels.mqtt.driver!r} under drivers")
 
 
 def _sap_problems(config: PlantConfig) -> Iterator[_Problem]:

@@ -23,13 +23,13 @@ import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from buffer.outbox import DestinationCounts, Outbox
+from buffer.outbox import DestinationCounts, Outbox, RejectedInput
 from drivers.base import Driver, Quality, Sample, json_value
 from edge.aggregate import MachineRule
 from edge.api import make_server
@@ -37,7 +37,14 @@ from edge.config import ConfigError, PlantConfig
 from edge.forward import HttpForwarder
 from edge.kpis import DeliveryKpis
 from edge.logs import redact
+from edge.mes import OrderEnded, OrderStarted
+from edge.model import CloudEvent
 from edge.operations import issue_token
+from edge.ops.exceptions import Condition, ExceptionBoard
+from edge.ops.ledger import MesOrderReport, OrderLedger
+from edge.ops.reconcile import Reconciler, Reconciliation
+from edge.ops.settings import ExceptionKind
+from edge.ops.watch import ExceptionWatch, scorecard
 from edge.pipeline import Pipeline
 from edge.quality import QualityLink
 from edge.registry import create_driver
@@ -85,15 +92,26 @@ ConfigLoader = Callable[[], PlantConfig]
 class Gateway:
     def __init__(self, config: PlantConfig, outbox: Outbox, saved_state: dict[str, str], *,
                  kpis: DeliveryKpis | None = None, notifier: Notifier | None = None,
-                 control: Control | None = None) -> None:
+                 control: Control | None = None, ledger: OrderLedger | None = None) -> None:
         self.config = config
         self.outbox = outbox
         self.kpis = kpis or DeliveryKpis()
+        self.ledger = ledger or OrderLedger.open(config.data_dir)
         self.notifier = notifier or Notifier(None)
         self.control = control or Control()
-        self.pipeline = Pipeline(config, outbox, saved_state,
-                                 observer=self.kpis.observer(config.destinations_for),
+        delivery_kpis = self.kpis.observer(config.destinations_for)
+
+        def observe(events: Sequence[CloudEvent], rejected: Sequence[RejectedInput]) -> None:
+            delivery_kpis(events, rejected)
+            self.ledger.record_events(events)
+
+        self.pipeline = Pipeline(config, outbox, saved_state, observer=observe,
                                  connected=self._drivers_connected)
+        self.pipeline.order_observer = self._mes_reports
+        self.exceptions = ExceptionBoard(config, self.ledger.db, outbox)
+        self.reconciler = Reconciler(config, self.ledger.db, config.database_path,
+                                     on_result=self._reconciled)
+        self.exception_watch = ExceptionWatch(self, self.exceptions, self.ledger.db)
         self.drivers: list[Driver] = [create_driver(d, config.data_dir)
                                          for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
@@ -125,6 +143,12 @@ class Gateway:
             upkeep = downstream.create_task(self._prune_journal(), name="journal-retention")
             journal = downstream.create_task(self.kpis.follow(self.outbox),
                                              name="delivery-kpis")
+            await asyncio.to_thread(self.ledger.backfill, config.database_path)
+            self.exceptions.start()
+            operations = [
+                downstream.create_task(self.exceptions.run(), name="exception-channels"),
+                downstream.create_task(self.exception_watch.run(), name="exception-watch"),
+                downstream.create_task(self.reconciler.run(), name="reconcile-ended-orders")]
             forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
                           for f in self.forwarders]
             quality = downstream.create_task(self.quality.run(), name="quality-dispositions")
@@ -168,7 +192,8 @@ class Gateway:
                     log.warning("Deliveries of %s did not finish within the shutdown timeout; "
                                 "they stay in the outbox", task.get_name())
                 await _cancel_until_done(list(late), deadline)
-            await _cancel_until_done([counts, upkeep, journal], deadline)
+            await _cancel_until_done([counts, upkeep, journal, *operations], deadline)
+            self.exceptions.stop()
             server.should_exit = True
             await api
         self.outbox_counts = await self.outbox.counts()
@@ -219,6 +244,47 @@ class Gateway:
             log.info("Reload: %s", change)
         return new_config
 
+    def _mes_reports(self, orders: Sequence[OrderStarted | OrderEnded]) -> None:
+        reports = []
+        for order in orders:
+            ended = isinstance(order, OrderEnded)
+            quantity = order.yield_quantity if isinstance(order, OrderEnded) else None
+            scrap = order.scrap_quantity if isinstance(order, OrderEnded) else None
+            either = quantity or scrap
+            reports.append(MesOrderReport(
+                order.order_id, order.operation or "", "ended" if ended else "started",
+                order.machine_id, order.occurred_at.timestamp(),
+                quantity.value if quantity else None, scrap.value if scrap else None,
+                either.uom if either else None))
+        self.ledger.record_reports(reports)
+
+    def _reconciled(self, result: Reconciliation) -> None:
+        """Each order with a mismatch is an exception until a run finds it reconciled."""
+        for order in result.orders:
+            subject = f"order {order.order_id}"
+            if order.mismatches:
+                kinds = sorted({m.kind for m in order.mismatches})
+                self.exceptions.raise_exception("reconciliation_mismatch", Condition(
+                    subject, f"order {order.order_id} does not reconcile: "
+                    f"{len(order.mismatches)} mismatch(es) ({', '.join(kinds)})",
+                    {"order_id": order.order_id},
+                    f"plantsync reconcile --config FILE --order {order.order_id}"))
+            else:
+                self.exceptions.clear_exception("reconciliation_mismatch", subject,
+                                                "the order reconciles")
+
+    def raise_exception(self, kind: ExceptionKind, subject: str, text: str, *,
+                        correlation: Mapping[str, str] | None = None,
+                        inspect: str | None = None) -> bool:
+        """For other parts of the gateway (order release: `blocked_order`, `unknown_order`):
+        raise an exception once; True if it was not open already."""
+        return self.exceptions.raise_exception(kind, Condition(subject, text, correlation or {},
+                                                               inspect))
+
+    def clear_exception(self, kind: ExceptionKind, subject: str, because: str) -> bool:
+        """Clear it once the condition ended; True if it was open."""
+        return self.exceptions.clear_exception(kind, subject, because)
+
     def _drivers_connected(self) -> dict[str, bool]:
         return {driver.name: driver.health.connected for driver in self.drivers}
 
@@ -261,6 +327,7 @@ class Gateway:
     async def _prune_journal(self) -> None:
         while True:
             pruned = await self.outbox.prune(self.config.outbox.journal_retention)
+            pruned += self.ledger.prune(self.config.outbox.journal_retention)
             if pruned:
                 log.info("Pruned %d journal row(s) older than the retention", pruned)
             await asyncio.sleep(3600.0)
@@ -423,6 +490,14 @@ class Gateway:
                                    "by_source": dict(sorted(self.input_dead_letters.items()))},
             "alarms": self.alarms(),
             "config_reloads": dict(self.control.reloads),
+            "exceptions": self.exceptions.open_exceptions(),
+            "kpis": scorecard(self, self.ledger.db, self.reconciler.last.error_ratio
+                              if self.reconciler.last is not None else None, now),
+            "reconciliation": None if self.reconciler.last is None else {
+                "at": self.reconciler.last.at,
+                "orders_reconciled": len(self.reconciler.last.orders),
+                "mismatches": len(self.reconciler.last.mismatches),
+                "failed": len(self.reconciler.last.failed)},
         }
 
 
@@ -578,13 +653,14 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
     supervisor = Supervisor(notifier)
     kpis = DeliveryKpis()
     outbox = await open_outbox(config)
+    ledger = OrderLedger.open(config.data_dir)
     try:
         async with asyncio.TaskGroup() as tasks:
             watching = tasks.create_task(supervisor.run(), name="systemd-supervisor")
             try:
                 while True:
                     gateway = Gateway(config, outbox, await outbox.load_state(), kpis=kpis,
-                                      notifier=notifier, control=control)
+                                      notifier=notifier, control=control, ledger=ledger)
                     redact(gateway.secrets)
                     supervisor.watch(gateway)
                     new_config = await gateway.run(control, load)
@@ -599,9 +675,12 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
                         supervisor.watch(None)
                         await outbox.close()
                         outbox = await open_outbox(new_config)
+                        ledger.close()
+                        ledger = OrderLedger.open(new_config.data_dir)
                     config = new_config
             finally:
                 watching.cancel()
     finally:
         await outbox.close()
+        ledger.close()
         notifier.close()

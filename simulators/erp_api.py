@@ -116,6 +116,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from simulators.erp_confirmed import confirmed_routes
 from simulators.http_common import (
     DEFAULT_TOKEN_TTL,
     TOKEN_RESPONSE_HEADERS,
@@ -2121,6 +2122,7 @@ def create_app(
         odata(f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
               simulator.list_material_document_items),
         Route("/events", simulator.list_events, methods=["GET"]),
+        *confirmed_routes(simulator, guard),  # reconciliation: simulators/erp_confirmed.py
         Route("/_sim/sap/inspection-lots", simulator.sap_inspection_lots, methods=["GET"]),
         Route("/_sim/sap/material-documents", simulator.sap_material_documents,
               methods=["GET"]),
