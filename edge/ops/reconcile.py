@@ -53,6 +53,8 @@ EXPECTED_STOCK: Mapping[str, StockStatus] = {
     "release": "unrestricted", "reject": "blocked", "hold": "quality_inspection"}
 """The ERP stock status that agrees with each QMS disposition."""
 MAX_PAGES = 100
+PRODUCED_LOT_EVENTS = frozenset({"production.confirmation", "lot.produced",
+                                 "inspection.requested", "lot.disposition"})
 
 
 class ReconcileError(Exception):
@@ -272,7 +274,8 @@ async def reconcile_order(order_id: str, ledger_db: sqlite3.Connection,
     lots: dict[str, str | None] = {}
     dispositions: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if row["lot_id"]:
+        # The order's own lots; a consumed lot is an input, another order's output.
+        if row["lot_id"] and row["event_type"] in PRODUCED_LOT_EVENTS:
             lots[row["lot_id"]] = row["material"] or lots.get(row["lot_id"])
         if row["event_type"] == "lot.disposition" and row["lot_id"]:
             dispositions[row["lot_id"]] = row  # committed in order: the newest wins
