@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from datetime import datetime
 from decimal import Decimal
