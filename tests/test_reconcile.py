@@ -331,3 +331,145 @@ def test_order_reconciles_then_a_confirmation_posted_by_hand_is_found(
     finally:
         watcher.stop()
     assert ERP_SECRET not in gateway.output()
+
+
+CANONICAL_ORDER = "2000001"
+
+
+def write_canonical_config(tmp_path: Path, *, plc: PlcSim, erp: ErpSim, hook: ErpSim,
+                           api_port: int) -> Path:
+    config = tmp_path / "canonical.yaml"
+    config.write_text(f"""
+site: "{SITE}"
+data_dir: {tmp_path / "data"}
+api: {{listen: "127.0.0.1:{api_port}"}}
+shutdown_timeout: 5s
+reconcile: {{every: 0s, orders_path: /api/orders}}
+exceptions:
+  check_every: 200ms
+  outage_after: 1s
+  roles:
+    integration: {{webhook: [hook]}}
+    supervisor: {{}}
+    quality: {{}}
+drivers:
+  - name: {MACHINE}
+    type: modbus
+    host: 127.0.0.1
+    port: {plc.port}
+    poll_interval: 100ms
+    tags:
+      - {{name: good, address: 0, type: uint32}}
+machines:
+  - id: {MACHINE}
+    signals: {{good: {MACHINE}.good}}
+    order: {{order_id: "{CANONICAL_ORDER}", operation: "0010", material: {MATERIAL}}}
+    confirm: {{every_units: 10}}
+destinations:
+  erp:
+    base_url: {erp.url}
+    path: /api/events
+    retry: {{base: 100ms, cap: 500ms}}
+    circuit_breaker: {{failures: 1000}}
+  hook:
+    base_url: {hook.url}
+    path: /api/events
+    retry: {{base: 100ms, cap: 500ms}}
+routes:
+  production.confirmation: [erp]
+""")
+    return config
+
+
+def hook_events(hook: ErpSim) -> list[tuple[str, str, str]]:
+    """(type, kind, subject) of each exception the webhook received, in order."""
+    return [(str(row["type"]), row["event"]["data"]["kind"], row["event"]["data"]["subject"])
+            for row in hook.events()]  # type: ignore[index]
+
+
+def test_exceptions_reach_the_webhook_once_each_and_hand_actions_count_per_order(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    erp = start_erp(peers, tmp_path)
+    hook = start_erp(peers, tmp_path)  # the integration team's webhook receiver
+    erp.set_faults(status_sequence=[422])  # ERP refuses the first confirmation for good
+    plc = start_plc(peers, tmp_path, "--rate", "40", "--stop-at", "120")
+    api_port = free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    config = write_canonical_config(tmp_path, plc=plc, erp=erp, hook=hook, api_port=api_port)
+    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
+                                 str(config)], tmp_path / "gateway.log",
+                         "PlantSync Edge is running")
+    wait_for(lambda: _listening(api), "the local API")
+
+    # The dead letter is an exception for integration support, with its correlation ids and
+    # the command that shows it; the webhook gets it once, however many checks (every 200 ms,
+    # for the seconds until the retry below) see it: the list at the end says so.
+    def open_of(kind: str) -> list[dict[str, Any]]:
+        return [row for row in get_json(f"{api}/exceptions?state=open")["exceptions"]
+                if row["kind"] == kind]
+    (dead,) = wait_for(lambda: open_of("dead_letter"), "the dead-letter exception")
+    event_id = dead["correlation"]["event_id"]
+    assert dead["correlation"] == {"event_id": event_id, "destination": "erp",
+                                   "partition_key": CANONICAL_ORDER,
+                                   "order_id": CANONICAL_ORDER}
+    assert dead["inspect"] == f"plantsync outbox --config FILE show {event_id}"
+    assert dead["roles"] == ["integration"] and "HTTP 422" in dead["text"]
+    wait_for(lambda: hook_events(hook), "the webhook")
+    assert hook_events(hook) == [("exception.raised", "dead_letter", f"event {event_id} to erp")]
+
+    # An ERP outage longer than outage_after is one outage exception, cleared when it ends.
+    erp.set_faults(outage_seconds=3)
+    wait_for(lambda: open_of("outage"), "the outage exception")
+    wait_for(lambda: not open_of("outage"), "the outage to clear", timeout=20)
+
+    # The technician retries the dead letter by hand: it is delivered, the exception clears,
+    # once; the hand action counts against the order.
+    retried = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "outbox", "--config", str(config), "retry",
+         event_id, "--reason", "ERP fixed the material master"], cwd=ROOT,
+        capture_output=True, text=True, timeout=60)
+    assert retried.returncode == 0, retried.stderr
+    wait_for(lambda: not open_of("dead_letter"), "the dead letter to clear")
+    wait_for(lambda: plc.counters()[0] == 120, "the PLC to finish")
+    wait_for(lambda: sum(c["pending"] for c in get_json(f"{api}/status")[
+        "destinations"].values()) == 0 and len(hook_events(hook)) == 4,
+        "every confirmation and exception delivered")
+    assert hook_events(hook) == [
+        ("exception.raised", "dead_letter", f"event {event_id} to erp"),
+        ("exception.raised", "outage", "destination erp"),
+        ("exception.cleared", "outage", "destination erp"),
+        ("exception.cleared", "dead_letter", f"event {event_id} to erp")]
+    kpis = get_json(f"{api}/status")["kpis"]
+    assert kpis["manual_interventions"] == 1
+    assert kpis["manual_interventions_by_order"] == {CANONICAL_ORDER: 1}
+    # Integration failure rate: the ERP simulator's own count of what it refused.
+    stats = erp.stats()
+    text = httpx.get(f"{api}/metrics", timeout=10).text
+    refused = metric(text, "plantsync_delivery_attempts_total",
+                     'destination="erp",outcome="retry"')
+    dead_lettered = metric(text, "plantsync_delivery_attempts_total",
+                           'destination="erp",outcome="dead_letter"')
+    delivered = metric(text, "plantsync_delivery_attempts_total",
+                       'destination="erp",outcome="delivered"')
+    assert (refused, dead_lettered) == (stats["outage_rejections"], 1)
+    assert delivered == stats["unique"]
+    assert metric(text, "plantsync_integration_failure_ratio", 'destination="erp"') == \
+        pytest.approx((refused + 1) / (refused + 1 + delivered), abs=1e-4)
+
+    # Canonical reconciliation: the confirmed-totals GET agrees with the gateway's ledger...
+    code, report = reconcile_cli(config, "--order", CANONICAL_ORDER)
+    assert (code, report["mismatches"]) == (0, 0), report
+    (order,) = report["orders"]
+    erp_total = sum(Decimal(e["event"]["data"]["yield_quantity"]["value"])  # type: ignore[index]
+                    for e in erp.events() if e["type"] == "production.confirmation")
+    assert Decimal(order["erp"]["yield"]) == Decimal(order["gateway"]["yield"]) == erp_total > 0
+    # ...until someone posts 3 by hand in ERP.
+    httpx.post(f"{erp.url}/_sim/orders/{CANONICAL_ORDER}/confirmations",
+               json={"yield": 3, "uom": "C62"}, timeout=10).raise_for_status()
+    code, report = reconcile_cli(config, "--order", CANONICAL_ORDER)
+    assert code == 1, report
+    (mismatch,) = report["orders"][0]["mismatches"]
+    assert (mismatch["kind"], mismatch["figures"]["erp"]["yield"],
+            mismatch["figures"]["erp"]["entered_by"]) == ("not_from_gateway", "3", "hand")
+    assert gateway.process is not None and gateway.process.poll() is None
