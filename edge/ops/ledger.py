@@ -13,13 +13,11 @@ it.
 What a row holds, per event about an order: its id, type, order, operation, lot, yield and
 scrap with their unit, the final flag, the MES message it was made from, when it happened and
 when it was committed. Per MES order report (`order.started`, `order.ended`): the order,
-operation, machine and the quantities the MES reported. Per released order (the `release`
-lane's orders from ERP): when it was released and when MES accepted it.
+operation, machine and the quantities the MES reported.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import time
@@ -73,11 +71,6 @@ _SCHEMA = (
         PRIMARY KEY (order_id, operation, kind)
     ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS mes_reports_by_time ON mes_reports(kind, occurred_at)",
-    """CREATE TABLE IF NOT EXISTS released_orders (
-        order_id TEXT PRIMARY KEY,
-        released_at REAL NOT NULL,
-        accepted_at REAL
-    ) WITHOUT ROWID""",
 )
 
 
@@ -171,36 +164,19 @@ class OrderLedger:
 
     def record_reports(self, reports: Sequence[MesOrderReport], now: float | None = None
                        ) -> None:
-        """MES order reports; a start also counts as the acceptance of a released order."""
+        """MES order reports (starts and ends)."""
         recorded_at = time.time() if now is None else now
         rows = [(r.order_id, r.operation, r.kind, r.machine_id, r.yield_value, r.scrap_value,
                  r.uom, r.occurred_at, recorded_at) for r in reports]
         if not rows:
             return
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO mes_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(order_id, operation, kind) DO UPDATE SET"
-                " machine_id = excluded.machine_id,"
-                " yield_value = COALESCE(excluded.yield_value, yield_value),"
-                " scrap_value = COALESCE(excluded.scrap_value, scrap_value),"
-                " uom = COALESCE(excluded.uom, uom), occurred_at = excluded.occurred_at", rows)
-            db.executemany(
-                "UPDATE released_orders SET accepted_at = ? WHERE order_id = ?"
-                " AND accepted_at IS NULL",
-                [(r.occurred_at, r.order_id) for r in reports if r.kind == "started"])
-
-    def order_released(self, order_id: str, released_at: float | None = None) -> None:
-        """An order ERP released was published to MES (the `release` lane calls this); an MES
-        start of it, before or after, is its acceptance."""
-        at = time.time() if released_at is None else released_at
-        with self._transaction() as db:
-            db.execute("INSERT INTO released_orders(order_id, released_at) VALUES (?, ?)"
-                       " ON CONFLICT(order_id) DO NOTHING", (order_id, at))
-            db.execute(
-                "UPDATE released_orders SET accepted_at = (SELECT MIN(occurred_at) FROM"
-                " mes_reports WHERE order_id = ? AND kind = 'started')"
-                " WHERE order_id = ? AND accepted_at IS NULL", (order_id, order_id))
+        self._write(
+            "INSERT INTO mes_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(order_id, operation, kind) DO UPDATE SET"
+            " machine_id = excluded.machine_id,"
+            " yield_value = COALESCE(excluded.yield_value, yield_value),"
+            " scrap_value = COALESCE(excluded.scrap_value, scrap_value),"
+            " uom = COALESCE(excluded.uom, uom), occurred_at = excluded.occurred_at", rows)
 
     def backfill(self, outbox_path: Path) -> int:
         """Read back the outbox's events committed since shortly before the ledger's newest
@@ -241,8 +217,6 @@ class OrderLedger:
             pruned = db.execute("DELETE FROM order_events WHERE committed_at < ?",
                                 (cutoff,)).rowcount
             pruned += db.execute("DELETE FROM mes_reports WHERE recorded_at < ?",
-                                 (cutoff,)).rowcount
-            pruned += db.execute("DELETE FROM released_orders WHERE released_at < ?",
                                  (cutoff,)).rowcount
         return int(pruned)
 
@@ -317,15 +291,3 @@ def orders_of_message(db: sqlite3.Connection, message_id: str) -> list[str]:
     return [order_id for (order_id,) in db.execute(
         "SELECT DISTINCT order_id FROM order_events WHERE message_id = ?"
         " AND order_id IS NOT NULL", (message_id,))]
-
-
-def release_figures(db: sqlite3.Connection, since: float) -> tuple[int, int]:
-    """Orders released since `since`, and how many of them MES accepted."""
-    released, accepted = db.execute(
-        "SELECT COUNT(*), COUNT(accepted_at) FROM released_orders WHERE released_at >= ?",
-        (since,)).fetchone()
-    return int(released), int(accepted)
-
-
-def payload_json(text: bytes | str) -> Any:
-    return json.loads(text)

@@ -3,8 +3,10 @@ level-triggered exceptions (`ExceptionWatch`), and the eight business KPIs (`sco
 read from the live gateway, the outbox, the order ledger and the last reconciliation.
 
 The KPIs, and where each comes from:
-- order sync success rate: orders released to MES (the order ledger's `released_orders`, fed
-  by the order release) that MES accepted (its `order.started`), within `reconcile.window`;
+- order sync success rate: orders released to MES that MES accepted (its `order.started`, or
+  its acknowledgement), / orders released: the order release's order book
+  (`gateway.order_book.figures()`, `plantsync_order_sync_success_ratio` is its metric); none
+  without an `orders:` section;
 - completion posting latency, inspection turnaround, lot hold to release: the delivery KPIs'
   histograms (`edge/kpis.py`), as mean and count;
 - genealogy completeness: the pipeline's genealogy figures;
@@ -194,7 +196,8 @@ def scorecard(gateway: Gateway, ledger_db: sqlite3.Connection, last_ratio: float
     """The eight KPIs, as `/status`, `plantsync status` and `/metrics` show them."""
     now = time.time() if now is None else now
     window = gateway.config.reconcile.window
-    released, accepted = ledger.release_figures(ledger_db, now - window)
+    book = getattr(gateway, "order_book", None)  # the order release's, with `orders:`
+    orders = book.figures(now) if book is not None else {}
     cycles = len(ledger.orders_ended_since(ledger_db, now - window, now))
     outbox_db = sqlite3.connect(f"file:{gateway.config.database_path}?mode=ro", uri=True)
     try:
@@ -211,8 +214,9 @@ def scorecard(gateway: Gateway, ledger_db: sqlite3.Connection, last_ratio: float
     kpis = gateway.kpis
     return {
         "window_seconds": window,
-        "order_sync_success_ratio": round(accepted / released, 4) if released else None,
-        "orders_released": released, "orders_accepted": accepted,
+        "order_sync_success_ratio": orders.get("sync_success_ratio"),
+        "orders_released": orders.get("released", 0),
+        "orders_accepted": orders.get("accepted", 0),
         "completion_posting_latency": _mean(kpis.completion_posting),
         "inspection_turnaround": _mean(kpis.inspection_turnaround),
         "lot_hold_to_release": _mean(kpis.hold_to_release),
@@ -267,16 +271,9 @@ def metrics(gateway: Gateway) -> Iterator[Metric]:
 
     card = scorecard(gateway, gateway.ledger.db,
                      last.error_ratio if last is not None else None)
-    if card["order_sync_success_ratio"] is not None:
-        yield GaugeMetricFamily(
-            "plantsync_order_sync_success_ratio", "Order sync success rate: orders released "
-            "to MES that MES accepted (order.started) / orders released, within "
-            "reconcile.window", value=card["order_sync_success_ratio"])
+    # The order sync success rate and its counts are the order release's metrics
+    # (plantsync_order_sync_success_ratio, plantsync_orders_released/_accepted).
     for name, figure, text in (
-            ("plantsync_orders_released", card["orders_released"],
-             "Orders released to MES within reconcile.window"),
-            ("plantsync_orders_accepted", card["orders_accepted"],
-             "Released orders MES accepted within reconcile.window"),
             ("plantsync_manual_interventions", card["manual_interventions"],
              "Hand actions (retry, purge, reingest, trust) within reconcile.window"),
             ("plantsync_production_cycles", card["production_cycles"],
