@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from buffer.outbox import Outbox
-from edge.config import parse_config
+from edge.config import ConfigError, parse_config
 from edge.model import NonconformanceRaised, build_event
 from edge.ops.exceptions import Condition, ExceptionBoard, listing
 from edge.ops.ledger import OrderLedger
@@ -89,3 +89,25 @@ def test_a_nonconformance_is_open_until_its_lot_is_decided(tmp_path: Path) -> No
                       " 'L1', 'reject', 101.0)")
     assert watch._nonconformances() == []
     ledger.close()
+
+
+def test_check_names_what_the_sections_refer_to(tmp_path: Path) -> None:
+    text = yaml.safe_dump({
+        "site": "1010", "data_dir": str(tmp_path),
+        "destinations": {"erp": {"base_url": "http://127.0.0.1:9", "profile": "qms_rest"}},
+        "reconcile": {"erp": "erpp"},
+        "exceptions": {"routes": {"held_lot": ["supervsor"]},
+                       "roles": {"supervisor": {"webhook": ["erp"],
+                                                "mqtt": {"driver": "mes", "topic": "t"}}}},
+    })
+    try:
+        parse_config(text, "plant.yaml")
+    except ConfigError as exc:
+        problems = "\n".join(exc.problems)
+    else:
+        raise AssertionError("the config was accepted")
+    assert "reconcile.erp: no destination named 'erpp'" in problems
+    assert "exceptions.routes.held_lot[0]: no role named 'supervsor'" in problems
+    assert ("exceptions.roles.supervisor.webhook[0]: destination 'erp' has profile qms_rest; a "
+            "webhook is a canonical destination") in problems
+    assert "exceptions.roles.supervisor.mqtt.driver: no MQTT driver named 'mes'" in problems
