@@ -115,7 +115,7 @@ class ErpSim:
 def start_erp(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
     port = free_port()
     peer = start_peer(
-        peers, [sys.executable, "-m", "simulators.erp_api", "--port", str(port),
+        peers, [sys.executable, "-m", "simulators.erp", "--port", str(port),
                 "--db", str(tmp_path / f"erp-{port}.db"), *args],
         tmp_path / f"erp-{port}.log", "erp-api listening")
     return ErpSim(peer, f"http://127.0.0.1:{port}")

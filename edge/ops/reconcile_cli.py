@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from drivers.common.timing import parse_duration
 from edge.config import ConfigError, load_config
 from edge.ops import ledger
 from edge.ops.reconcile import ReconcileError, open_databases, reconcile, render
 from edge.secrets import scrub, secret_values
 from edge.terminal import printable, printable_data
-from edge.timing import parse_duration
 
 
 def add_reconcile_parser(commands: Any) -> None:

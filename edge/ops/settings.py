@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edge.timing import Duration
+from drivers.common.timing import Duration
 
 ExceptionKind = Literal["dead_letter", "outage", "held_lot", "missing_inspection",
                         "unresolved_nonconformance", "blocked_order", "unknown_order",

@@ -14,8 +14,8 @@ confirmation as a person would post it in ERP's own screen: a JSON body
 ``{"operation", "yield", "scrap", "uom"}``, a reference of its own and no gateway event id.
 
 The SAP side needs nothing new: ``ProdnOrdConf2?$filter=OrderID eq '…'`` and the inspection lot
-services are in ``simulators/erp_api.py``; a confirmation posted by hand there is a POST of
-ProdnOrdConf2 with a ConfirmationText that is no gateway event id.
+services are in ``simulators/erp/sap_services.py``; a confirmation posted by hand there is a
+POST of ProdnOrdConf2 with a ConfirmationText that is no gateway event id.
 """
 
 from __future__ import annotations
@@ -24,23 +24,17 @@ import json
 import uuid
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-if TYPE_CHECKING:
-    from simulators.erp_api import ErpSimulator
+from simulators.erp.canonical import short_type
+from simulators.erp.store import EventStore
 
 Endpoint = Callable[[Request], Any]
 HAND_TYPE = "production.confirmation"
-
-
-def _short(type_: str) -> str:
-    from simulators.erp_api import short_type
-
-    return short_type(type_)
 
 
 def _decimal(value: Any) -> Decimal:
@@ -54,10 +48,8 @@ def _text(value: Decimal) -> str:
     return format(value.normalize(), "f") if value != value.to_integral() else str(int(value))
 
 
-def confirmed_routes(simulator: ErpSimulator,
-                     guard: Callable[..., Endpoint]) -> list[Route]:
-    """The routes to add to the ERP simulator app."""
-    store = simulator.store
+def confirmed_routes(store: EventStore, guard: Callable[..., Endpoint]) -> list[Route]:
+    """The routes to add to the ERP simulator app (`guard`: its auth and fault wrapper)."""
 
     def _hand_rows(order_id: str) -> list[dict[str, Any]]:
         with store._transaction() as db:
@@ -78,7 +70,7 @@ def confirmed_routes(simulator: ErpSimulator,
                 continue
             if data.get("lot_id"):
                 lots.setdefault(data["lot_id"], data.get("material"))
-            if _short(str(row["type"])) != HAND_TYPE:
+            if short_type(str(row["type"])) != HAND_TYPE:
                 continue
             confirmations.append({
                 "id": row["id"], "reference": row["reference"], "entered_by": "gateway",
