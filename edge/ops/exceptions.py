@@ -44,6 +44,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from buffer.outbox import Outbox, OutboxEvent
+from drivers.common.availability import Availability
 from drivers.mqtt import MqttConfig
 from edge.config import PlantConfig
 from edge.model import EVENT_ID_NAMESPACE
@@ -131,6 +132,25 @@ class MqttChannel:
             self.client.tls_set_context(context)
         self.client.reconnect_delay_set(1, int(driver.reconnect_max_delay) or 30)
         self.host, self.port = driver.host, driver.port
+        # paho reconnects by itself; the shared piece says once when the broker goes and once
+        # when it is back (from paho's thread: two log lines and a flag).
+        self.availability = Availability(f"MQTT broker {driver.host}:{driver.port} for "
+                                         f"exceptions on {topic}", log)
+        self._stopping = False
+        self.client.on_connect = self._connected
+        self.client.on_disconnect = self._disconnected
+
+    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any,
+                   properties: Any) -> None:
+        if code.is_failure:
+            self.availability.lost(f"the broker refused the connection ({code})")
+        else:
+            self.availability.back()
+
+    def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any,
+                      properties: Any) -> None:
+        if not self._stopping:  # our own disconnect at a stop is no outage
+            self.availability.lost(f"disconnected ({code}); what is published waits in memory")
 
     def start(self) -> None:
         # paho's own loop thread reconnects and resends what was queued while away.
@@ -141,6 +161,7 @@ class MqttChannel:
         self.client.publish(self.topic, json.dumps(document, default=str), qos=1)
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
