@@ -32,7 +32,6 @@ import asyncio
 import json
 import logging
 import sqlite3
-import ssl
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -45,7 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from buffer.outbox import Outbox, OutboxEvent
 from drivers.common.availability import Availability
-from drivers.mqtt import MqttConfig
+from drivers.mqtt import MqttConfig, set_credentials
 from edge.config import PlantConfig
 from edge.model import EVENT_ID_NAMESPACE
 from edge.ops.settings import EXCEPTION_KINDS, ExceptionKind
@@ -120,16 +119,7 @@ class MqttChannel:
                                   client_id=f"plantsync-exceptions-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5 if driver.protocol == "5"
                                   else mqtt.MQTTv311)
-        if driver.username is not None:
-            password = driver.password.get_secret_value() if driver.password else None
-            self.client.username_pw_set(driver.username, password)
-        if driver.tls is not None:
-            context = ssl.create_default_context(
-                cafile=str(driver.tls.ca_file) if driver.tls.ca_file else None)
-            if driver.tls.cert_file is not None:
-                context.load_cert_chain(driver.tls.cert_file, driver.tls.key_file or None)
-            context.check_hostname = not driver.tls.insecure
-            self.client.tls_set_context(context)
+        set_credentials(self.client, driver)
         self.client.reconnect_delay_set(1, int(driver.reconnect_max_delay) or 30)
         self.host, self.port = driver.host, driver.port
         # paho reconnects by itself; the shared piece says once when the broker goes and once
