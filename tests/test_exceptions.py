@@ -11,8 +11,10 @@ from pathlib import Path
 import yaml
 
 from buffer.outbox import Outbox
-from edge.config import ConfigError, parse_config
-from edge.model import NonconformanceRaised, build_event
+from edge.config.errors import ConfigError
+from edge.config.loader import parse_config
+from edge.model.envelope import build_event
+from edge.model.events import NonconformanceRaised
 from edge.ops.exceptions import Condition, ExceptionBoard, listing
 from edge.ops.ledger import OrderLedger
 from edge.ops.watch import ExceptionWatch

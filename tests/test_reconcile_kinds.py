@@ -18,7 +18,9 @@ from decimal import Decimal
 from pathlib import Path
 
 from buffer.outbox import Outbox, OutboxEvent
-from edge.model import CloudEvent, LotDisposition, ProductionConfirmation, Quantity, build_event
+from edge.model.envelope import CloudEvent, build_event
+from edge.model.events import LotDisposition, ProductionConfirmation
+from edge.model.quantities import Quantity
 from edge.ops.ledger import MesOrderReport, OrderLedger
 from edge.ops.reconcile import ErpConfirmation, ErpOrder, StockStatus, reconcile_order
 

@@ -45,8 +45,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from buffer.outbox import Outbox, OutboxEvent
 from drivers.common.availability import Availability
 from drivers.mqtt import MqttConfig, set_credentials
-from edge.config import PlantConfig
-from edge.model import EVENT_ID_NAMESPACE
+from edge.config.models import PlantConfig
+from edge.model.ids import EVENT_ID_NAMESPACE
 from edge.ops.settings import EXCEPTION_KINDS, ExceptionKind
 
 log = logging.getLogger(__name__)

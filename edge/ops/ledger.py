@@ -28,7 +28,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from edge.model import CloudEvent
+from edge.model.envelope import CloudEvent
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from edge.ops import ledger
 from edge.ops.exceptions import Condition, ExceptionBoard
 
 if TYPE_CHECKING:
-    from edge.daemon import Gateway
+    from edge.runtime.daemon import Gateway
 
 PRODUCED_AWAITING = "produced, awaiting quality"
 _EVENT_TARGET = re.compile(r"\bevent ([0-9a-f-]{36})\b")
