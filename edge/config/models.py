@@ -29,6 +29,7 @@ from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
 from edge.hub.settings import JetStreamSettings
 from edge.model.codes import BUILTIN_UOM_CODES
+from edge.ops.settings import ExceptionsConfig, ReconcileConfig
 
 DriverConfig = Annotated[ModbusConfig | OpcUaConfig | MqttConfig, Field(discriminator="type")]
 
@@ -547,6 +548,8 @@ class PlantConfig(Strict):
     routes: dict[str, list[str]] = Field(
         default_factory=dict, description="Event type to the destinations that receive it."
     )
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
+    exceptions: ExceptionsConfig = Field(default_factory=ExceptionsConfig)  # type: ignore[arg-type]
 
     @field_validator("uom_codes")
     @classmethod

@@ -54,6 +54,11 @@ class ForwarderHealth:
     last_error: str | None = None
     latency_sum: float = 0.0
     requests: int = 0
+    attempts: int = 0
+    """Deliveries attempted (one per event per try), for the integration failure rate."""
+    failed_attempts: int = 0
+    """Attempts that will be retried (timeouts, 5xx, 408/409/425/429, refused)."""
+    dead_lettered: int = 0
 
     @property
     def reachable(self) -> bool | None:
@@ -236,6 +241,7 @@ class HttpForwarder:
                      extra={"destination": self.name})
 
     async def _record(self, delivery: Delivery, result: Result) -> None:
+        self.health.attempts += 1
         match result.outcome:
             case Outcome.DELIVERED:
                 await self._outbox.ack(delivery, status=result.status,
@@ -245,11 +251,13 @@ class HttpForwarder:
                 backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
                                   attempt=delivery.attempts)
                 # The target said when: believe it (capped). Otherwise back off with jitter.
+                self.health.failed_attempts += 0 if result.not_ready else 1
                 delay = (min(result.retry_after, self.config.retry.cap)
                          if result.retry_after is not None else backoff.next_delay())
                 await self._outbox.retry(delivery, at=time.time() + delay, status=result.status,
                                          error=result.reason)
             case Outcome.REJECTED:
+                self.health.dead_lettered += 1
                 await self._outbox.dead_letter(delivery, status=result.status,
                                                reason=result.reason)
                 log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "
