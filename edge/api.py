@@ -191,6 +191,8 @@ class GatewayCollector(Collector):
             ratio.add_metric([name], share)
         yield from (delivered, ratio)
         yield from gw.kpis.collect()
+        if gw.order_book is not None:
+            yield from gw.order_book.collect()
         yield CounterMetricFamily("plantsync_kpi_untracked",
                                   "Events or lots that fell out of the KPI bounds unmeasured",
                                   value=gw.kpis.untracked)

@@ -33,11 +33,14 @@ from buffer.outbox import DestinationCounts, Outbox
 from drivers.base import Driver, Quality, Sample, json_value
 from edge.aggregate import MachineRule
 from edge.api import make_server
-from edge.config import ConfigError, PlantConfig
+from edge.config import ORDERS_DESTINATION, ConfigError, PlantConfig
 from edge.forward import HttpForwarder
 from edge.kpis import DeliveryKpis
 from edge.logs import redact
 from edge.operations import issue_token
+from edge.orders.book import OrderBook
+from edge.orders.publisher import MesOrderPublisher
+from edge.orders.release import OrderRelease
 from edge.pipeline import Pipeline
 from edge.quality import QualityLink
 from edge.registry import create_driver
@@ -98,6 +101,16 @@ class Gateway:
                                          for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
                            for name, destination in config.destinations.items()]
+        self.order_book: OrderBook | None = None
+        self.order_release: OrderRelease | None = None
+        if config.orders is not None:
+            book = OrderBook(saved_state, accept_within=config.orders.accept_within)
+            self.order_book = self.pipeline.order_book = book
+            self.order_release = OrderRelease(config, outbox, book)
+            self.forwarders.append(HttpForwarder(
+                ORDERS_DESTINATION, config.orders.mes, outbox,
+                sender=MesOrderPublisher.connected_to(config.orders.mes, config.site,
+                                                      self.pipeline.order_accepted)))
         self.quality = QualityLink(config, outbox, self.pipeline)
         self.outbox_counts: dict[str, DestinationCounts] = {}
         self.input_dead_letters: dict[str, int] = {}
@@ -128,6 +141,9 @@ class Gateway:
             forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
                           for f in self.forwarders]
             quality = downstream.create_task(self.quality.run(), name="quality-dispositions")
+            if self.order_release is not None:
+                orders = downstream.create_task(self.order_release.run(),
+                                                name="order-release-poller")
             await _until_listening(server, api)
             async with asyncio.TaskGroup() as upstream:
                 upstream_tasks = [upstream.create_task(self.pipeline.run_ticks(),
@@ -158,7 +174,8 @@ class Gateway:
                              "the same outbox", config.shutdown_timeout)
                 await _cancel_until_done(upstream_tasks, deadline)
             await self._commit_barrier(deadline)
-            await _cancel_until_done([quality], deadline)
+            await _cancel_until_done([quality] + ([orders] if self.order_release else []),
+                                     deadline)
             for forwarder in self.forwarders:
                 forwarder.drain()
             if forwarding:
@@ -274,8 +291,9 @@ class Gateway:
 
     def orphaned(self) -> dict[str, DestinationCounts]:
         """Undelivered events held for destinations the config no longer names."""
+        served = {forwarder.name for forwarder in self.forwarders}
         return {name: counts for name, counts in sorted(self.outbox_counts.items())
-                if name not in self.config.destinations}
+                if name not in served}
 
     def not_ready_reasons(self) -> list[str]:
         reasons = []
@@ -372,6 +390,16 @@ class Gateway:
                 ratios[name] = delivered / (delivered + dead)
         return ratios
 
+    def orders_status(self) -> dict[str, Any] | None:
+        """Released orders: the source's health and the order book's figures."""
+        if self.order_release is None or self.order_book is None:
+            return None
+        return {"source": self.order_release.orders.source,
+                "reachable": self.order_release.reachable,
+                "last_error": self.order_release.last_error,
+                "polls": self.order_release.polls, **self.order_book.figures(),
+                "issues": [issue.as_dict() for issue in list(self.order_book.issues)[-20:]]}
+
     def status(self) -> dict[str, Any]:
         now = time.time()
         reasons = self.not_ready_reasons()
@@ -396,6 +424,7 @@ class Gateway:
             },
             "machines": [machine_status(rule) for rule in self.pipeline.rules],
             "genealogy": self.pipeline.genealogy.figures(),
+            "orders": self.orders_status(),
             "quality": {"qms": self.config.quality.qms, "reachable": self.quality.reachable,
                         "decisions": self.quality.decisions,
                         "cursor": self.pipeline.qms_cursor},
