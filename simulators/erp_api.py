@@ -2076,9 +2076,15 @@ def create_app(
         metadata=SapMetadata(sap_metadata),
     )
 
+    # Released production orders live in their own module (simulators/erp_orders.py).
+    from simulators.erp_orders import ErpOrders, OrderStore, order_routes
+
+    order_store = OrderStore(db_path)
+    orders = ErpOrders(order_store, simulator.metadata, UNITS, _bad_request)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        with store.opened():
+        with store.opened(), order_store.opened():
             yield
 
     guard = simulator.guard
@@ -2128,6 +2134,7 @@ def create_app(
         Route("/_sim/batches/{batch}", simulator.get_batch, methods=["GET"]),
         Route("/_sim/sap/confirmations", simulator.sap_confirmations, methods=["GET"]),
         Route("/_sim/sap/usage-decisions", simulator.sap_usage_decisions, methods=["GET"]),
+        *order_routes(orders, guard),
         *control_routes(simulator),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
