@@ -157,8 +157,12 @@ def retained_now(port: int, wait: float = 1.5) -> dict[str, dict[str, Any]]:
         if message.retain and message.payload:
             found[message.topic.rsplit("/", 1)[-1]] = json.loads(message.payload)
 
+    def on_connect(client: mqtt.Client, *_: Any) -> None:
+        client.subscribe("mes/1010/orders/+", qos=1)
+        done.set()
+
     client.on_message = on_message
-    client.on_connect = lambda c, *_: (c.subscribe("mes/1010/orders/+", qos=1), done.set())
+    client.on_connect = on_connect
     client.connect("127.0.0.1", port)
     client.loop_start()
     done.wait(10)
