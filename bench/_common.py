@@ -86,7 +86,7 @@ def erp_simulator(directory: Path) -> Iterator[str]:
     errors_path = directory / "erp-api.stderr"
     with errors_path.open("wb") as errors:
         process = subprocess.Popen(
-            [sys.executable, "-m", "simulators.erp_api", "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, "-m", "simulators.erp", "--host", "127.0.0.1", "--port", "0",
              "--db", str(directory / "erp.sqlite")],
             cwd=REPO, stdout=subprocess.PIPE, stderr=errors)
     try:

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": {"events": sizes.unbatched_events, "batched_events": sizes.batched_events,
                        "batch_size": sizes.batch_size, "max_in_flight": sizes.max_in_flight,
                        "partition_keys": sizes.partition_keys, "rounds": sizes.rounds,
-                       "receiver": "simulators.erp_api (canonical, subprocess)",
+                       "receiver": "simulators.erp (canonical, subprocess)",
                        "loop": args.loop, "quick": args.quick,
                        "seconds": round(time.perf_counter() - started, 1)}}
     print(json.dumps(line), flush=True)

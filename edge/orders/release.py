@@ -32,6 +32,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from buffer.outbox import Outbox, OutboxEvent, RejectedInput
+from drivers.common.availability import Availability, Ended, reconnect_forever
+from drivers.common.timing import Backoff
 from edge.config import ORDERS_DESTINATION, DestinationConfig, PlantConfig, format_loc
 from edge.forward.session import Session, make_client
 from edge.model import (
@@ -50,7 +52,6 @@ from edge.orders.sources import (
     SapOrderSource,
     SourceUnavailable,
 )
-from edge.timing import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,12 @@ class OrderRelease:
         self.book = book
         self.destination: DestinationConfig = config.destinations[config.orders.source]
         self.plant = config.orders.plant or config.site
-        self.reachable: bool | None = None
+        self._backoff = Backoff(base=1.0, cap=max(60.0, config.orders.poll_interval))
+        self.availability = Availability(
+            "ERP", log, backoff=self._backoff, extra={"destination": config.orders.source},
+            lost_says="{peer} is not answering for released orders ({reason}); asking again "
+                      "with backoff",
+            back_says="{peer} answers for released orders again")
         self.last_error: str | None = None
         self.polls = 0
         self._on_commit = on_commit
@@ -85,27 +91,35 @@ class OrderRelease:
                 return CanonicalOrderSource(self.orders, self.destination, session,
                                             self.config.site)
 
+    @property
+    def reachable(self) -> bool | None:
+        """None before the first poll; then whether ERP answered the last one."""
+        return self.availability.available
+
     async def run(self) -> None:
-        # The shared availability piece (drivers/common) replaces this loop's log-once and
-        # backoff when it lands: `_set_reachable` and the Backoff below are the one place.
+        """Poll ERP until cancelled: the shared reconnect loop (log once, backoff) around
+        polls at `poll_interval` while ERP answers."""
         async with make_client(self.orders.source, self.destination) as client:
             source = self.source(Session(self.destination, client))
-            backoff = Backoff(base=1.0, cap=max(60.0, self.orders.poll_interval))
-            while True:
-                try:
-                    await self.poll_once(source)
-                    self._set_reachable(True, None)
-                    backoff.reset()
-                    delay = self.orders.poll_interval
-                except SourceUnavailable as exc:
-                    self._set_reachable(False, str(exc))
-                    delay = backoff.next_delay()
-                except Exception:
-                    # A bug must not end the daemon, nor spin: the cursor moves only with a
-                    # committed page, so nothing is skipped.
-                    log.exception("Reading released orders from ERP failed; trying again")
-                    delay = backoff.next_delay() + 1.0
-                await asyncio.sleep(delay)
+            await reconnect_forever(lambda: self._poll_until_failure(source), self._backoff,
+                                    self.availability)
+
+    async def _poll_until_failure(self, source: OrderSource) -> Ended:
+        while True:
+            try:
+                await self.poll_once(source)
+            except SourceUnavailable as exc:
+                self.last_error = str(exc)
+                return Ended(str(exc))
+            except Exception as exc:
+                # A bug must not end the daemon, nor spin: the cursor moves only with a
+                # committed page, so nothing is skipped.
+                log.exception("Reading released orders from ERP failed; trying again")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                return Ended(self.last_error, peer_lost=False)
+            self.last_error = None
+            self.availability.back()
+            await asyncio.sleep(self.orders.poll_interval)
 
     async def poll_once(self, source: OrderSource) -> int:
         """Read ERP from the cursor to its end, committing each page; the new events."""
@@ -205,13 +219,3 @@ class OrderRelease:
                                         order_id, version),
             subject=f"order/{order_id}", partitionkey=f"order/{order_id}",
             sequence=version, source=f"urn:plantsync:{self.config.site}:erp-orders")
-
-    def _set_reachable(self, reachable: bool, reason: str | None) -> None:
-        if self.reachable is not False and not reachable:
-            log.warning("ERP is not answering for released orders (%s); asking again with "
-                        "backoff", reason, extra={"destination": self.orders.source})
-        elif self.reachable is False and reachable:
-            log.info("ERP answers for released orders again",
-                     extra={"destination": self.orders.source})
-        self.reachable = reachable
-        self.last_error = reason

@@ -1,35 +1,10 @@
-"""The store-and-forward outbox: business events, the rule state that produced them, and their
-delivery to each destination, in one SQLite file.
+"""The outbox itself: `Outbox`, the one object the gateway commits to, leases from and settles
+deliveries with (the promises it keeps are the package's docstring, `buffer.outbox`).
 
-Everything that changes the database goes through one writer connection on one thread, and
-through group commit: callers queue their work, and the writer runs all that has queued up (at
-most `commit_max_rows` events, after an optional linger of `commit_interval`) as one transaction
-with `synchronous=FULL`; what arrives meanwhile makes the next transaction. A
-caller's `await` returns only once its work is durable, which is what lets a driver acknowledge
-its source after the commit and never before.
-
-An event routed to several destinations has one delivery row per destination. Deliveries leave
-in commit order per partition key: `lease` offers only the oldest owed delivery of each key (its
-head), so a failing head holds back its own key and no other. The heads are kept in memory,
-one entry per (destination, key), built at open with a skip scan of an index and moved by the
-same transactions that move the rows: leasing from a backlog of a million events costs what
-leasing from ten does. A delivery row is deleted only on an acknowledged delivery, or moved to
-dead letters by an explicit decision; the payload goes when no destination needs it, and a
-journal row stays for the audit.
-
-When the database reaches its disk budget, informational events are refused (and counted) and
-business events wait: `commit` does not return until there is room, which is the back-pressure
-that stops drivers from taking more input. A full disk is handled the same way. A database that
-fails its integrity check at open is moved aside and replaced, and the alarm stays raised.
-
-Each database has an `epoch`: random, made with the database and kept in it. The event ids the
-gateway derives from its own state (counter totals, a configured order bound at time 0) carry
-it, because that state starts again from nothing with a new database: without the epoch, a
-database moved aside or deleted would let the next one reissue ids that receivers already hold
-and would drop as duplicates.
-
-Why not aiosqlite: it hops to its thread once per statement. Here a whole group-committed
-transaction runs as one call on the writer thread, which is where SQLite's speed is.
+It keeps in memory what every lease and every metric needs (the heads of partition keys, owed
+and dead counts per destination, bytes in use) and moves it only after the transaction that
+moved the rows is on disk. Writes queue for the one writer thread and are group committed;
+reads run on a read-only connection of their own.
 """
 
 from __future__ import annotations
@@ -37,193 +12,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from buffer.schema import migrate
+from buffer.outbox import reports
+from buffer.outbox.database import (
+    Work,
+    check_and_mark,
+    connect_reader,
+    keep_private,
+    open_database,
+    storable,
+    transaction,
+    write_hand_action,
+)
+from buffer.outbox.heads import Head, dead_filter, drop_if_done, load_counts, load_heads, next_head
+from buffer.outbox.records import (
+    REJECTED_PAYLOAD_LIMIT,
+    CommitResult,
+    Delivery,
+    DeliveryState,
+    DestinationCounts,
+    HandAction,
+    LotStatus,
+    OutboxEvent,
+    OutboxFull,
+    OutboxStats,
+    Priority,
+    RejectedInput,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-PENDING = 0
-DEAD = 2
-INFORMATIONAL = 2
-"""Priority class whose events are refused first when the disk budget is reached."""
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxEvent:
-    """A business event as the outbox holds it: opaque payload plus what delivery needs."""
-
-    id: str
-    type: str
-    partition_key: str
-    payload: bytes
-    destinations: tuple[str, ...]
-    priority: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class RejectedInput:
-    """An input a driver received but could not use, kept with the reason (input dead letter):
-    the payload as it arrived (at most `REJECTED_PAYLOAD_LIMIT` bytes) and the source's message
-    id, so that it can be traced and run again once the config is fixed."""
-
-    source: str
-    topic: str
-    payload: bytes
-    reason: str
-    received_at: float
-    message_id: str | None = None
-    replaces: int | None = None
-    """The id of the input dead letter this one is a new attempt at (a reingest rejected
-    again): that row gets the new reason instead of a second row being added."""
-
-
-REJECTED_PAYLOAD_LIMIT = 16 * 1024
-"""Bytes of a rejected input's payload that are kept: enough to see what was wrong, little
-enough that a flood of large bad messages (which may hold personal data) does not fill the disk."""
-
-
-@dataclass(frozen=True, slots=True)
-class HandAction:
-    """A change a person made by hand, for the hand-action journal (`hand_actions`).
-
-    `action` names the command (`retry`, `purge-dead`, `reingest`, `trust opcua`), `target`
-    what it touched in words (`event <id>`, `all dead letters for erp`), `who` the person
-    (`os user alice`, or `api token` for a call over the local API), `reason` why, as given
-    with `--reason`. The row also holds the time and how many things the action affected.
-    """
-
-    action: str
-    target: str
-    who: str
-    reason: str
-
-
-def _journal_hand_action(db: sqlite3.Connection, action: HandAction, affected: int) -> None:
-    db.execute("INSERT INTO hand_actions(at, action, target, who, reason, affected)"
-               " VALUES (?, ?, ?, ?, ?, ?)",
-               (time.time(), _storable(action.action), _storable(action.target),
-                _storable(action.who), _storable(action.reason), affected))
-
-
-def journal_hand_action(path: str | Path, action: HandAction, affected: int = 1) -> None:
-    """Journal a hand action in the outbox database at `path` from a process that does not
-    hold the outbox open (a CLI command that works without the daemon). SQLite's locking
-    makes it safe beside a running daemon."""
-    db = _connect(Path(path))
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        _journal_hand_action(db, action, affected)
-        db.execute("COMMIT")
-    finally:
-        db.close()
-
-
-def _storable(text: str) -> str:
-    """`text` as SQLite can store it: a lone surrogate (a topic no broker should pass, but one
-    Hypothesis found) is escaped rather than failing the whole commit."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _cut_note(rejected: RejectedInput) -> str:
-    if len(rejected.payload) <= REJECTED_PAYLOAD_LIMIT:
-        return rejected.reason
-    return (f"{rejected.reason} (payload of {len(rejected.payload)} bytes; its first "
-            f"{REJECTED_PAYLOAD_LIMIT} kept)")
-
-
-@dataclass(frozen=True, slots=True)
-class LotStatus:
-    """A lot's quality status: `hold` until a disposition says `release` or `reject`."""
-
-    lot_id: str
-    status: str
-    since: float
-    source: str
-    order_id: str | None = None
-    material: str | None = None
-    decided: bool = True
-    """False for the status a produced lot starts with: it never overrides a decision."""
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One event leased for delivery to one destination."""
-
-    seq: int
-    destination: str
-    event_id: str
-    event_type: str
-    partition_key: str
-    payload: bytes
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    inserted: int
-    duplicates: int
-    refused: int = 0
-    new_ids: frozenset[str] = frozenset()
-    """Ids of the events this commit added (not duplicates, not refused)."""
-
-
-@dataclass
-class DestinationCounts:
-    pending: int = 0
-    retrying: int = 0
-    dead: int = 0
-    oldest_pending_age: float | None = None
-
-
-@dataclass
-class OutboxStats:
-    """Running counters since the outbox was opened (metrics read these)."""
-
-    committed: int = 0
-    duplicates_ignored: int = 0
-    rejected_inputs: int = 0
-    refused_informational: int = 0
-    delivered: int = 0
-    retries: int = 0
-    dead_lettered: int = 0
-    dead_retried: int = 0
-    transactions: int = 0
-    disk_full_waits: int = 0
-
-
-@dataclass(slots=True)
-class _Head:
-    seq: int
-    priority: int
-    due: float
-    attempts: int = 0
-
-
-@dataclass
-class _Work:
-    run: Callable[[sqlite3.Connection], Any]
-    rows: int
-    future: asyncio.Future[Any] = field(repr=False)
-
-
-class OutboxFull(Exception):
-    """Raised by `commit(..., wait=False)` when business events would have to wait."""
 
 
 class Outbox:
@@ -232,7 +58,7 @@ class Outbox:
     def __init__(
         self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
         commit_interval: float, commit_max_rows: int, max_bytes: int | None,
-        heads: dict[str, dict[str, _Head]], counts: tuple[Counter[str], Counter[str]],
+        heads: dict[str, dict[str, Head]], counts: tuple[Counter[str], Counter[str]],
         recovered_from: str | None, epoch: str,
     ) -> None:
         self._db = connection
@@ -242,7 +68,7 @@ class Outbox:
         self._max_bytes = max_bytes
         self._heads = heads
         self._pending, self._dead = counts
-        self._queue: asyncio.Queue[_Work] = asyncio.Queue()
+        self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._listeners: set[asyncio.Event] = set()
@@ -270,14 +96,14 @@ class Outbox:
         keep_private(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
-        opened = await loop.run_in_executor(executor, _open_checked, path)
+        opened = await loop.run_in_executor(executor, open_database, path)
         outbox = cls(opened.connection, executor, commit_interval=commit_interval,
                      commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=opened.heads,
                      counts=opened.counts, recovered_from=opened.recovered_from,
                      epoch=opened.epoch)
         outbox.used_bytes = opened.used_bytes
         outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
-        outbox._reader_db = await loop.run_in_executor(outbox._reader, _connect_reader, path)
+        outbox._reader_db = await loop.run_in_executor(outbox._reader, connect_reader, path)
         outbox._update_room()
         outbox._writer = asyncio.create_task(outbox._write_loop(), name="outbox-writer")
         outbox._checker = asyncio.create_task(outbox._check_integrity(path),
@@ -290,7 +116,7 @@ class Outbox:
         delaying the first delivery. A failure raises the alarm and marks the file, so the next
         start moves it aside; this run goes on with what it can still read."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-check") as pool:
-            problem = await asyncio.get_running_loop().run_in_executor(pool, _check_and_mark,
+            problem = await asyncio.get_running_loop().run_in_executor(pool, check_and_mark,
                                                                         path)
         if problem is not None:
             self.integrity_problem = problem
@@ -373,7 +199,7 @@ class Outbox:
         """
         refused = 0
         if not self._room.is_set():
-            kept = [e for e in events if e.priority < INFORMATIONAL]
+            kept = [e for e in events if e.priority < Priority.INFORMATIONAL]
             refused = len(events) - len(kept)
             if refused:
                 self.stats.refused_informational += refused
@@ -406,7 +232,8 @@ class Outbox:
                 assert seq is not None
                 db.executemany(
                     "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
-                    " state, attempts, next_attempt_at) VALUES (?, ?, ?, ?, 0, 0, 0)",
+                    " state, attempts, next_attempt_at)"
+                    f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
                     [(seq, d, event.partition_key, event.priority) for d in event.destinations])
                 new_rows += [(d, event.partition_key, seq, event.priority)
                              for d in event.destinations]
@@ -415,9 +242,9 @@ class Outbox:
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
             for r in rejected:
-                row = (_storable(r.source), _storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
-                       _storable(_cut_note(r)), r.received_at,
-                       None if r.message_id is None else _storable(r.message_id))
+                row = (storable(r.source), storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
+                       storable(r.kept_reason()), r.received_at,
+                       None if r.message_id is None else storable(r.message_id))
                 if r.replaces is None:
                     db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
                                " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
@@ -445,7 +272,7 @@ class Outbox:
             self._pending[destination] += 1
             heads = self._heads.setdefault(destination, {})
             if key not in heads:
-                heads[key] = _Head(seq, priority, 0.0)
+                heads[key] = Head(seq, priority, 0.0)
         duplicates = len(events) - len(inserted)
         self.stats.committed += len(inserted)
         self.stats.duplicates_ignored += duplicates
@@ -457,7 +284,7 @@ class Outbox:
         self, delivery: Delivery, *, status: int | None, reference: str | None = None
     ) -> None:
         """The destination took the event: journal it and forget the delivery."""
-        def run(db: sqlite3.Connection) -> _Head | None:
+        def run(db: sqlite3.Connection) -> Head | None:
             db.execute("DELETE FROM deliveries WHERE destination = ? AND event_seq = ?",
                        (delivery.destination, delivery.seq))
             db.execute(
@@ -465,8 +292,8 @@ class Outbox:
                 " status, reference) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (delivery.event_id, delivery.event_type, delivery.destination, time.time(),
                  delivery.attempts + 1, status, reference))
-            _drop_if_done(db, delivery.seq)
-            return _next_head(db, delivery.destination, delivery.partition_key)
+            drop_if_done(db, delivery.seq)
+            return next_head(db, delivery.destination, delivery.partition_key)
 
         self._move_head(delivery, await self._submit(run, 1))
         self._pending[delivery.destination] -= 1
@@ -491,12 +318,13 @@ class Outbox:
 
     async def dead_letter(self, delivery: Delivery, *, status: int | None, reason: str) -> None:
         """A permanent rejection: park the delivery with its reason; its key moves on."""
-        def run(db: sqlite3.Connection) -> _Head | None:
+        def run(db: sqlite3.Connection) -> Head | None:
             db.execute(
-                "UPDATE deliveries SET state = 2, attempts = attempts + 1, last_status = ?,"
-                " last_error = ?, dead_at = ? WHERE destination = ? AND event_seq = ?",
+                f"UPDATE deliveries SET state = {DeliveryState.DEAD:d},"
+                " attempts = attempts + 1, last_status = ?, last_error = ?, dead_at = ?"
+                " WHERE destination = ? AND event_seq = ?",
                 (status, reason[:2000], time.time(), delivery.destination, delivery.seq))
-            return _next_head(db, delivery.destination, delivery.partition_key)
+            return next_head(db, delivery.destination, delivery.partition_key)
 
         self._move_head(delivery, await self._submit(run, 1))
         self._pending[delivery.destination] -= 1
@@ -504,7 +332,7 @@ class Outbox:
         self.stats.dead_lettered += 1
         self._notify()
 
-    def _move_head(self, delivery: Delivery, head: _Head | None) -> None:
+    def _move_head(self, delivery: Delivery, head: Head | None) -> None:
         heads = self._heads.get(delivery.destination, {})
         current = heads.get(delivery.partition_key)
         if current is not None and current.seq != delivery.seq:
@@ -519,15 +347,16 @@ class Outbox:
         """Put dead letters back in line (one event, or all); returns how many. They go in
         commit order with their key's other deliveries, and their attempts start over. `hand`
         is journalled in the same transaction."""
-        def run(db: sqlite3.Connection) -> tuple[int, dict[str, dict[str, _Head]],
+        def run(db: sqlite3.Connection) -> tuple[int, dict[str, dict[str, Head]],
                                                  tuple[Counter[str], Counter[str]]]:
-            where, args = _dead_filter(event_id, destination)
+            where, args = dead_filter(event_id, destination)
             cursor = db.execute(
-                "UPDATE deliveries SET state = 0, attempts = 0, next_attempt_at = 0,"
-                f" dead_at = NULL WHERE state = 2{where}", args)
+                f"UPDATE deliveries SET state = {DeliveryState.PENDING:d}, attempts = 0,"
+                " next_attempt_at = 0, dead_at = NULL"
+                f" WHERE state = {DeliveryState.DEAD:d}{where}", args)
             if hand is not None:
-                _journal_hand_action(db, hand, cursor.rowcount)
-            return cursor.rowcount, _load_heads(db), _load_counts(db)
+                write_hand_action(db, hand, cursor.rowcount)
+            return cursor.rowcount, load_heads(db), load_counts(db)
 
         count, self._heads, (self._pending, self._dead) = await self._submit(run, 1)
         self.stats.dead_retried += count
@@ -540,16 +369,17 @@ class Outbox:
         """Delete dead letters for good (one event, or all); returns how many. `hand` is
         journalled in the same transaction."""
         def run(db: sqlite3.Connection) -> list[tuple[int, str]]:
-            where, args = _dead_filter(event_id, destination)
+            where, args = dead_filter(event_id, destination)
             found: list[tuple[int, str]] = db.execute(
-                f"SELECT event_seq, destination FROM deliveries WHERE state = 2{where}",
+                "SELECT event_seq, destination FROM deliveries"
+                f" WHERE state = {DeliveryState.DEAD:d}{where}",
                 args).fetchall()
             db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?",
                            found)
             for seq, _ in found:
-                _drop_if_done(db, seq)
+                drop_if_done(db, seq)
             if hand is not None:
-                _journal_hand_action(db, hand, len(found))
+                write_hand_action(db, hand, len(found))
             return found
 
         purged = await self._submit(run, 1)
@@ -560,7 +390,7 @@ class Outbox:
     async def record_hand_action(self, action: HandAction, affected: int = 1) -> None:
         """Journal a hand action that changed nothing in the outbox itself (a trusted
         certificate); one that does should journal in its own transaction (`hand=`)."""
-        await self._submit(lambda db: _journal_hand_action(db, action, affected), 1)
+        await self._submit(lambda db: write_hand_action(db, action, affected), 1)
 
     async def prune(self, retention: float, now: float | None = None) -> int:
         """Forget journal rows, remembered ids, input dead letters and hand actions older
@@ -603,7 +433,8 @@ class Outbox:
             rows = {row[0]: row for row in db.execute(
                 "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
                 " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                f" WHERE d.destination = ? AND d.state = 0 AND d.event_seq IN ({marks})",
+                " WHERE d.destination = ?"
+                f" AND d.state = {DeliveryState.PENDING:d} AND d.event_seq IN ({marks})",
                 (destination, *seqs))}
             return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs if seq in rows]
 
@@ -643,22 +474,12 @@ class Outbox:
 
     async def journal(self, since: float = 0.0, limit: int | None = None
                       ) -> list[dict[str, Any]]:
-        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            return _dicts(db.execute(
-                "SELECT event_id, event_type, destination, delivered_at, attempts, status,"
-                " reference FROM journal WHERE delivered_at >= ? ORDER BY rowid LIMIT ?",
-                (since, -1 if limit is None else limit)))
-
-        return await self._read(run)
+        """Deliveries made, oldest first, from the journal (kept for the retention)."""
+        return await self._read(lambda db: reports.journal(db, since, limit))
 
     async def dead_letters(self) -> list[dict[str, Any]]:
-        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            return _dicts(db.execute(
-                "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts, d.last_status,"
-                " d.last_error, d.dead_at FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                " WHERE d.state = 2 ORDER BY d.dead_at, d.event_seq"))
-
-        return await self._read(run)
+        """Dead letters of every destination, in the order they died."""
+        return await self._read(reports.dead_letters)
 
     async def lot_status(self, lot_id: str) -> LotStatus | None:
         row = await self._read(lambda db: db.execute(
@@ -669,16 +490,7 @@ class Outbox:
     async def rejected_inputs(self, since: float = 0.0, limit: int = 100
                               ) -> list[dict[str, Any]]:
         """Input dead letters, newest first."""
-        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            rows = _dicts(db.execute(
-                "SELECT id, source, topic, message_id, payload, reason, received_at"
-                " FROM rejected_inputs WHERE received_at >= ? ORDER BY id DESC LIMIT ?",
-                (since, limit)))
-            for row in rows:
-                row["payload"] = row["payload"].decode(errors="replace")
-            return rows
-
-        return await self._read(run)
+        return await self._read(lambda db: reports.rejected_inputs(db, since, limit))
 
     async def rejected_input(self, number: int) -> RejectedInput | None:
         """One input dead letter as it was kept (payload as bytes), by its id."""
@@ -699,61 +511,21 @@ class Outbox:
     async def hand_actions(self, since: float = 0.0, limit: int = 100
                            ) -> list[dict[str, Any]]:
         """The hand-action journal, oldest first."""
-        return await self._read(lambda db: _dicts(db.execute(
-            "SELECT at, action, target, who, reason, affected FROM hand_actions"
-            " WHERE at >= ? ORDER BY id LIMIT ?", (since, limit))))
+        return await self._read(lambda db: reports.hand_actions(db, since, limit))
 
     async def event_state(self, event_id: str) -> dict[str, str]:
         """Per destination, where an event stands: `pending`, `dead` or `delivered`."""
-        def run(db: sqlite3.Connection) -> dict[str, str]:
-            found = {name: "delivered" for (name,) in db.execute(
-                "SELECT destination FROM journal WHERE event_id = ?", (event_id,))}
-            found |= {name: ("dead" if state == DEAD else "pending") for name, state in
-                      db.execute("SELECT d.destination, d.state FROM deliveries d JOIN events e"
-                                 " ON e.seq = d.event_seq WHERE e.id = ?", (event_id,))}
-            return found
+        return await self._read(lambda db: reports.event_state(db, event_id))
 
-        return await self._read(run)
-
-    async def deliveries(self, *, destination: str | None = None, state: str = "pending",
-                         limit: int = 100) -> list[dict[str, Any]]:
+    async def deliveries(self, *, destination: str | None = None,
+                         state: reports.DeliveryFilter = "pending", limit: int = 100
+                         ) -> list[dict[str, Any]]:
         """Owed deliveries in commit order: state `pending`, `retrying` or `dead`."""
-        condition = {"pending": "d.state = 0", "retrying": "d.state = 0 AND d.attempts > 0",
-                     "dead": "d.state = 2"}[state]
-
-        def run(db: sqlite3.Connection) -> list[dict[str, Any]]:
-            return _dicts(db.execute(
-                "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts,"
-                " d.next_attempt_at, d.last_status, d.last_error, e.created_at"
-                " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                f" WHERE {condition} AND (? IS NULL OR d.destination = ?)"
-                " ORDER BY d.event_seq LIMIT ?", (destination, destination, limit)))
-
-        return await self._read(run)
+        return await self._read(lambda db: reports.deliveries(db, destination, state, limit))
 
     async def show(self, event_id: str) -> dict[str, Any] | None:
         """One event: its payload, each destination's delivery, and its journal rows."""
-        def run(db: sqlite3.Connection) -> dict[str, Any] | None:
-            rows = _dicts(db.execute(
-                "SELECT seq, id, type, partition_key, priority, payload, created_at FROM events"
-                " WHERE id = ?", (event_id,)))
-            journal = _dicts(db.execute(
-                "SELECT destination, delivered_at, attempts, status, reference FROM journal"
-                " WHERE event_id = ? ORDER BY rowid", (event_id,)))
-            if not rows and not journal:
-                return None
-            found: dict[str, Any] = {"id": event_id, "journal": journal, "deliveries": []}
-            if rows:
-                event = rows[0]
-                event["payload"] = event["payload"].decode(errors="replace")
-                found |= event
-                found["deliveries"] = _dicts(db.execute(
-                    "SELECT destination, CASE state WHEN 2 THEN 'dead' ELSE 'pending' END AS"
-                    " state, attempts, next_attempt_at, last_status, last_error, dead_at"
-                    " FROM deliveries WHERE event_seq = ?", (event["seq"],)))
-            return found
-
-        return await self._read(run)
+        return await self._read(lambda db: reports.show(db, event_id))
 
     # -- machinery ----------------------------------------------------------------------------
 
@@ -770,7 +542,7 @@ class Outbox:
         if self._closed:
             raise RuntimeError("the outbox is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Work(run, rows, future))
+        self._queue.put_nowait(Work(run, rows, future))
         return await future
 
     async def _write_loop(self) -> None:
@@ -808,12 +580,12 @@ class Outbox:
                         work.future.set_result(outcome)
                 self._queue.task_done()
 
-    async def _run_until_stored(self, batch: Sequence[_Work]) -> list[Any]:
+    async def _run_until_stored(self, batch: Sequence[Work]) -> list[Any]:
         """Run a batch as one transaction. A full disk is waited out, never dropped."""
         loop = asyncio.get_running_loop()
         while True:
             try:
-                outcomes, used = await loop.run_in_executor(self._executor, _transaction,
+                outcomes, used = await loop.run_in_executor(self._executor, transaction,
                                                             self._db, batch)
             except sqlite3.OperationalError as exc:
                 if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
@@ -834,199 +606,3 @@ class Outbox:
             self._update_room()
             return outcomes
 
-
-def _transaction(db: sqlite3.Connection, batch: Sequence[_Work]) -> tuple[list[Any], int]:
-    """Run a group of callers' work in one transaction. Each caller's part sits in a savepoint,
-    so a caller whose work breaks a constraint gets its own error and the others commit; any
-    other error (a full disk, a broken file) rolls back all of it."""
-    outcomes: list[Any] = []
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        for work in batch:
-            db.execute("SAVEPOINT work")
-            try:
-                outcomes.append(work.run(db))
-            except sqlite3.IntegrityError as exc:
-                db.execute("ROLLBACK TO work")
-                outcomes.append(exc)
-            db.execute("RELEASE work")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return outcomes, _used_bytes(db)
-
-
-def _used_bytes(db: sqlite3.Connection) -> int:
-    (pages,) = db.execute("PRAGMA page_count").fetchone()
-    (free,) = db.execute("PRAGMA freelist_count").fetchone()
-    (size,) = db.execute("PRAGMA page_size").fetchone()
-    return int((pages - free) * size)
-
-
-def _next_head(db: sqlite3.Connection, destination: str, key: str) -> _Head | None:
-    row = db.execute(
-        "SELECT event_seq, priority, next_attempt_at, attempts FROM deliveries"
-        " WHERE destination = ? AND state = 0 AND partition_key = ? ORDER BY event_seq LIMIT 1",
-        (destination, key)).fetchone()
-    return None if row is None else _Head(*row)
-
-
-def _load_heads(db: sqlite3.Connection) -> dict[str, dict[str, _Head]]:
-    """The head of every (destination, key), by a skip scan of the indexes: a few probes per
-    key, however many events each key holds."""
-    heads: dict[str, dict[str, _Head]] = {}
-    destination = ""
-    while row := db.execute("SELECT destination FROM deliveries WHERE destination > ?"
-                            " ORDER BY destination LIMIT 1", (destination,)).fetchone():
-        destination = row[0]
-        key = ""
-        while row := db.execute(
-            "SELECT partition_key FROM deliveries WHERE destination = ? AND state = 0"
-            " AND partition_key > ? ORDER BY partition_key LIMIT 1", (destination, key)
-        ).fetchone():
-            key = row[0]
-            head = _next_head(db, destination, key)
-            assert head is not None
-            heads.setdefault(destination, {})[key] = head
-    return heads
-
-
-def _load_counts(db: sqlite3.Connection) -> tuple[Counter[str], Counter[str]]:
-    pending: Counter[str] = Counter()
-    dead: Counter[str] = Counter()
-    for destination, state, total in db.execute(
-            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"):
-        (dead if state == DEAD else pending)[destination] = total
-    return pending, dead
-
-
-def _dead_filter(event_id: str | None, destination: str | None) -> tuple[str, tuple[str, ...]]:
-    where, args = "", tuple[str, ...]()
-    if event_id is not None:
-        where += " AND event_seq = (SELECT seq FROM events WHERE id = ?)"
-        args += (event_id,)
-    if destination is not None:
-        where += " AND destination = ?"
-        args += (destination,)
-    return where, args
-
-
-def _drop_if_done(db: sqlite3.Connection, seq: int) -> None:
-    db.execute("DELETE FROM events WHERE seq = ? AND NOT EXISTS"
-               " (SELECT 1 FROM deliveries WHERE event_seq = ?)", (seq, seq))
-
-
-def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
-    names = [column[0] for column in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor]
-
-
-DAMAGED_MARK = ".damaged"
-"""Suffix of the file that marks a database found damaged while in use."""
-
-
-def keep_private(path: Path) -> None:
-    """The database holds event payloads and raw MES messages: its directory is made 0700 when
-    it is created here, and the files are 0600 whatever the umask (SQLite gives the -wal and
-    -shm files the mode of the database file). An existing directory others can read is not
-    changed (it may be shared, like /tmp), only reported."""
-    directory = path.parent
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.chmod(0o700)
-    elif directory.stat().st_mode & 0o077:
-        log.warning("The outbox's directory %s can be read by others (mode %04o): the "
-                    "database holds event payloads and raw MES messages; make it 0700",
-                    directory, directory.stat().st_mode & 0o7777)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            file = Path(f"{path}{suffix}")
-            if file.stat().st_mode & 0o077:
-                file.chmod(0o600)
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA busy_timeout = 5000")
-        migrate(db)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _connect_reader(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                         check_same_thread=False)
-    db.execute("PRAGMA busy_timeout = 5000")
-    return db
-
-
-def _check_and_mark(path: Path) -> str | None:
-    """Run `quick_check`; on damage, leave the mark the next start acts on, and say what."""
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            rows = [row[0] for row in db.execute("PRAGMA quick_check(20)")]
-        finally:
-            db.close()
-        problem = None if rows == ["ok"] else "; ".join(rows)
-    except sqlite3.DatabaseError as exc:
-        problem = str(exc)
-    if problem is not None:
-        Path(f"{path}{DAMAGED_MARK}").write_text(problem + "\n")
-    return problem
-
-
-@dataclass
-class _Opened:
-    connection: sqlite3.Connection
-    heads: dict[str, dict[str, _Head]]
-    counts: tuple[Counter[str], Counter[str]]
-    used_bytes: int
-    recovered_from: str | None
-    epoch: str
-
-
-def _load(path: Path) -> _Opened:
-    db = _connect(path)
-    try:
-        ((epoch,),) = db.execute("SELECT value FROM outbox_meta WHERE key = 'epoch'")
-        return _Opened(db, _load_heads(db), _load_counts(db), _used_bytes(db), None,
-                       str(epoch))
-    except BaseException:
-        db.close()
-        raise
-
-
-def _open_checked(path: Path) -> _Opened:
-    """Open the database and read what the gateway keeps in memory. A file that cannot be
-    read, or that the previous run found damaged, is moved aside with a timestamp and
-    replaced by a fresh one: a bad file raises an alarm, never a crash loop."""
-    mark = Path(f"{path}{DAMAGED_MARK}")
-    try:
-        if mark.exists():
-            raise sqlite3.DatabaseError(f"marked damaged by the last run: "
-                                        f"{mark.read_text().strip()}")
-        return _load(path)
-    except sqlite3.DatabaseError as exc:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        aside = path.with_name(f"{path.name}.corrupt-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{path}{suffix}")
-            if source.exists():
-                source.rename(Path(f"{aside}{suffix}"))
-        mark.unlink(missing_ok=True)
-        log.critical("The outbox database %s is damaged (%s); it was moved to %s and a fresh "
-                     "one was created. Events it held were not delivered: recover them from "
-                     "the moved file", path, exc, aside)
-        keep_private(path)
-        opened = _load(path)
-        opened.recovered_from = f"{aside} ({exc})"
-        return opened
