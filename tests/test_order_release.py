@@ -196,6 +196,16 @@ async def test_a_restart_derives_the_same_ids(erp: ErpSim, outbox: Outbox,
     assert made == 0  # the outbox already holds that id
     assert len(held(tmp_path / "outbox.db")) == 1
     assert first.book.orders["1000200"]["version"] == again.book.orders["1000200"]["version"]
+    # A restart after a change: the book comes back from the saved state, so the next change
+    # is version 3, not a version whose id the outbox (and the MES) already hold.
+    change = f"{erp.url}/_sim/orders/1000200/change"
+    httpx.post(change, json={"quantity": "110"}, timeout=10).raise_for_status()
+    assert (await poll(config, outbox, again.book))[1] == 1
+    restarted = OrderBook(await outbox.load_state())
+    httpx.post(change, json={"quantity": "120"}, timeout=10).raise_for_status()
+    assert (await poll(config, outbox, restarted))[1] == 1
+    assert [(e["data"]["version"], e["data"]["quantity"]["value"])
+            for e in held(tmp_path / "outbox.db")] == [(1, "100"), (2, "110"), (3, "120")]
 
 
 # -- validation before anything reaches the MES ------------------------------------------------
