@@ -251,6 +251,8 @@ async def test_an_order_the_plant_cannot_run_is_a_dead_letter_with_its_reason(
     await poll(config, outbox, book)
     assert [(e["data"]["order_id"], e["data"]["version"])
             for e in held(tmp_path / "outbox.db")] == [("1000300", 1), ("1000302", 1)]
+    assert [(i.kind, i.order_id, i.cleared) for i in issues[len(BAD_ORDERS):]] == [
+        ("order.invalid", "1000302", True)]
 
 
 async def test_a_foreign_plant_in_the_canonical_feed_is_refused(

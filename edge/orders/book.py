@@ -57,6 +57,9 @@ class OrderIssue:
     """The MES message id, or ERP's change time of the order."""
     inspect: str = "plantsync outbox --config FILE rejected"
     """The command that shows the dead letter it made."""
+    cleared: bool = False
+    """True when the condition ended (ERP sent a valid version of an invalid order): the
+    exception of this kind and order is to be cleared, not raised."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,7 +139,10 @@ class OrderBook:
                   now: float) -> None:
         """Record what `decide` said, once its event is in the outbox (or nothing was due)."""
         entry = self.orders.setdefault(order_id, {})
-        entry.pop("rejected", None)
+        if entry.pop("rejected", None) is not None:
+            self.raise_issue(OrderIssue("order.invalid", "integration", order_id,
+                                        "ERP sent a version the plant can run", now,
+                                        cleared=True))
         entry["status"] = status
         entry["fingerprint"] = printed
         if decision.event_type is None:
