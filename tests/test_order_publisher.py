@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from buffer.outbox import Delivery
-from edge.config import OrdersMesConfig
+from edge.config.models import OrdersMesConfig
 from edge.forward.outcome import Outcome
 from edge.orders.publisher import MesOrderPublisher
 from tests.conftest import Mosquitto

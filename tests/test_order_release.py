@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from buffer.outbox import Outbox
-from edge.config import PlantConfig, parse_config
+from edge.config.loader import parse_config
+from edge.config.models import PlantConfig
 from edge.forward.session import Session, make_client
 from edge.orders.book import OrderBook
 from edge.orders.release import OrderRelease

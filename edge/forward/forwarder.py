@@ -27,7 +27,7 @@ import httpx
 from buffer.outbox import Delivery, Outbox
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
-from edge.config import DestinationConfig, OrdersMesConfig
+from edge.config.models import DestinationConfig, OrdersMesConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import create_profile

@@ -34,16 +34,13 @@ from pydantic import ValidationError
 from buffer.outbox import Outbox, OutboxEvent, RejectedInput
 from drivers.common.availability import Availability, Ended, reconnect_forever
 from drivers.common.timing import Backoff
-from edge.config import ORDERS_DESTINATION, DestinationConfig, PlantConfig, format_loc
+from edge.config.errors import format_loc
+from edge.config.models import ORDERS_DESTINATION, DestinationConfig, PlantConfig
 from edge.forward.session import Session, make_client
-from edge.model import (
-    ORDER_EVENT_MODELS,
-    UOM_CODES_CONTEXT_KEY,
-    CloudEvent,
-    build_event,
-    priority_of,
-    state_key,
-)
+from edge.model.codes import UOM_CODES_CONTEXT_KEY
+from edge.model.envelope import CloudEvent, build_event
+from edge.model.events import ORDER_EVENT_MODELS, priority_of
+from edge.model.ids import state_key
 from edge.orders.book import OrderBook, fingerprint
 from edge.orders.sources import (
     Candidate,

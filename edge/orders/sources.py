@@ -32,12 +32,12 @@ from typing import Any, Final
 
 import httpx
 
-from edge.config import DestinationConfig, OrdersConfig
+from edge.config.models import DestinationConfig, OrdersConfig
 from edge.forward.auth import AuthError
 from edge.forward.profiles.sap_s4hana import DEFAULT_UNITS, ODATA_ROOT
 from edge.forward.session import Session
 from edge.forward.urls import odata_string, path, query
-from edge.model import event_type_of
+from edge.model.envelope import event_type_of
 
 ORDER_SERVICE: Final = f"{ODATA_ROOT}/API_PRODUCTION_ORDER_2_SRV"
 ORDER_SET: Final = "A_ProductionOrder_2"
