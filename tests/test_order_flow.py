@@ -212,6 +212,31 @@ def test_released_orders_reach_the_mes_once_are_accepted_and_cleared_when_finish
     rejected = subprocess_rejected(plant)
     assert any("never released" in reason for reason in rejected)
     assert any("technically completed" in reason for reason in rejected)
+    # ... and exceptions for the supervisor, raised once each.
+    assert sorted((e["kind"], e["subject"], e["roles"][0]) for e in exceptions(plant, "open")
+                  ) == [("unknown_order", "order/1000001", "supervisor"),
+                        ("unknown_order", "order/4711000", "supervisor")]
+    # An order the plant cannot run (no BOM version): blocked, an exception, nothing to the
+    # MES; fixed in ERP, the exception is cleared and the order released.
+    release(plant.erp, order("1000003", production_version=""))
+    wait_for(lambda: any(e["kind"] == "blocked_order" for e in exceptions(plant, "open")), 20,
+             "the blocked order's exception", gateway.log_path)
+    assert plant.received("1000003") == []
+    httpx.post(f"{plant.erp.url}/_sim/orders/1000003/change",
+               json={"production_version": "0002"}, timeout=10).raise_for_status()
+    wait_for(lambda: "1000003" in plant.follower.started, 20, "the fixed order at the MES",
+             gateway.log_path)
+    wait_for(lambda: [e["subject"] for e in exceptions(plant, "closed")
+                      if e["kind"] == "blocked_order"] == ["order/1000003"], 20,
+             "the blocked order's exception cleared", gateway.log_path)
+
+
+def exceptions(plant: Plant, state: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"http://127.0.0.1:{plant.api_port}/exceptions",
+                       params={"state": state}, timeout=10)
+    answer.raise_for_status()
+    found: list[dict[str, Any]] = answer.json()["exceptions"]
+    return found
 
 
 def subprocess_rejected(plant: Plant) -> list[str]:

@@ -24,13 +24,14 @@ from typing import Protocol
 
 import httpx
 
-from buffer.outbox import Delivery, Outbox
+from buffer.outbox import Delivery
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
 from edge.config.models import DestinationConfig, OrdersMesConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import create_profile
+from edge.forward.queue import DeliveryQueue
 from edge.forward.session import Session, make_client
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class ForwarderHealth:
     last_error: str | None = None
     latency_sum: float = 0.0
     requests: int = 0
+    attempts: int = 0
+    """Deliveries attempted (one per event per try), for the integration failure rate."""
+    failed_attempts: int = 0
+    """Attempts that will be retried (timeouts, 5xx, 408/409/425/429, refused)."""
+    dead_lettered: int = 0
 
     @property
     def reachable(self) -> bool | None:
@@ -95,8 +101,8 @@ class HttpForwarder:
     `sender`, when given, is a non-HTTP destination (the MES order publisher): an async
     context manager that yields its Sender; the engine runs it like a profile."""
 
-    def __init__(self, name: str, config: DestinationConfig | OrdersMesConfig, outbox: Outbox,
-                 client: httpx.AsyncClient | None = None, *,
+    def __init__(self, name: str, config: DestinationConfig | OrdersMesConfig,
+                 outbox: DeliveryQueue, client: httpx.AsyncClient | None = None, *,
                  sender: contextlib.AbstractAsyncContextManager[Sender] | None = None) -> None:
         self.name = name
         self.config = config
@@ -128,9 +134,11 @@ class HttpForwarder:
             client = self._client
             if client is None:
                 client = await stack.enter_async_context(make_client(self.name, self.config))
-            self.profile = create_profile(self.config, Session(self.config, client))
+            profile = create_profile(self.config, Session(self.config, client))
+            self.profile = profile
+            stack.push_async_callback(profile.close)
             try:
-                await self._lease_loop(self.profile)
+                await self._lease_loop(profile)
             finally:
                 self.health.in_flight = 0
 
@@ -256,6 +264,7 @@ class HttpForwarder:
                      extra={"destination": self.name})
 
     async def _record(self, delivery: Delivery, result: Result) -> None:
+        self.health.attempts += 1
         match result.outcome:
             case Outcome.DELIVERED:
                 await self._outbox.ack(delivery, status=result.status,
@@ -265,11 +274,13 @@ class HttpForwarder:
                 backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
                                   attempt=delivery.attempts)
                 # The target said when: believe it (capped). Otherwise back off with jitter.
+                self.health.failed_attempts += 0 if result.not_ready else 1
                 delay = (min(result.retry_after, self.config.retry.cap)
                          if result.retry_after is not None else backoff.next_delay())
                 await self._outbox.retry(delivery, at=time.time() + delay, status=result.status,
                                          error=result.reason)
             case Outcome.REJECTED:
+                self.health.dead_lettered += 1
                 await self._outbox.dead_letter(delivery, status=result.status,
                                                reason=result.reason)
                 log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "

@@ -105,6 +105,8 @@ class OrderBook:
         """Orders from ERP that became dead letters since the daemon started."""
         self.refused_starts = 0
         """MES order starts refused since start (require_released_order)."""
+        self._refused: set[str] = set()
+        """Orders whose MES start was refused, until ERP releases them (this process only)."""
 
     # -- from ERP ----------------------------------------------------------------------------
 
@@ -152,6 +154,10 @@ class OrderBook:
         if decision.event_type == "order.released" and not entry.get("published"):
             entry["published"] = True
             entry["released_at"] = now
+            if order_id in self._refused:
+                self._refused.discard(order_id)
+                self.raise_issue(OrderIssue("order.not_released", "supervisor", order_id,
+                                            "ERP released the order", now, cleared=True))
         if status in FINISHED_ORDER_STATUSES:
             entry["finished_at"] = now
         self._trim()
@@ -173,6 +179,7 @@ class OrderBook:
                        "(validation.require_released_order)")
         if problem is not None and require_released:
             self.refused_starts += 1
+            self._refused.add(order_id)
             self.raise_issue(OrderIssue("order.not_released", "supervisor", order_id, problem,
                                         time.time(), message_id))
             return problem

@@ -84,7 +84,7 @@ class OrderRelease:
         match self.destination.profile:
             case "sap_s4hana":
                 return SapOrderSource(self.orders, self.destination, session, self.config.site)
-            case "canonical" | "qms_rest":
+            case _:  # canonical (check refuses any other profile as a source)
                 return CanonicalOrderSource(self.orders, self.destination, session,
                                             self.config.site)
 
