@@ -23,6 +23,7 @@ from edge.config.models import (
     PlantConfig,
     is_loopback_host,
 )
+from edge.hub.settings import NatsNoAuth
 from edge.model.codes import REC21_PACKAGE_CODES
 from edge.model.events import EVENT_MODELS
 
@@ -236,6 +237,14 @@ def cleartext_secrets(config: PlantConfig) -> Iterator[tuple[Loc, str, str]]:
                 base.hostname or ""):
             yield ((*at, "base_url"), f"destination {name}'s {auth.type} credentials",
                    base.hostname or "?")
+        if destination.profile == "jetstream" and not isinstance(
+                destination.jetstream.auth, NatsNoAuth):
+            for url in (destination.base_url, *destination.jetstream.servers):
+                server = urlsplit(url)
+                if server.scheme == "nats" and not is_loopback_host(server.hostname or ""):
+                    yield ((*at, "base_url"), f"destination {name}'s NATS "
+                           f"{destination.jetstream.auth.type}", server.hostname or "?")
+                    break
         if isinstance(auth, OAuth2ClientCredentials):
             token = urlsplit(auth.token_url)
             if token.scheme == "http" and not is_loopback_host(token.hostname or ""):

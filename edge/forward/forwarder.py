@@ -23,13 +23,14 @@ from dataclasses import dataclass
 
 import httpx
 
-from buffer.outbox import Delivery, Outbox
+from buffer.outbox import Delivery
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
 from edge.config.models import DestinationConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import Profile, create_profile
+from edge.forward.queue import DeliveryQueue
 from edge.forward.session import Session, make_client
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class HttpForwarder:
     """Delivers one destination's events. Call order: `run()` until cancelled, or `drain()`
     to stop leasing and let `run()` return once what is in flight is settled."""
 
-    def __init__(self, name: str, config: DestinationConfig, outbox: Outbox,
+    def __init__(self, name: str, config: DestinationConfig, outbox: DeliveryQueue,
                  client: httpx.AsyncClient | None = None) -> None:
         self.name = name
         self.config = config
@@ -112,6 +113,7 @@ class HttpForwarder:
             if client is None:
                 client = await stack.enter_async_context(make_client(self.name, self.config))
             self.profile = create_profile(self.config, Session(self.config, client))
+            stack.push_async_callback(self.profile.close)
             try:
                 await self._lease_loop(self.profile)
             finally:
