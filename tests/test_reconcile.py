@@ -336,7 +336,7 @@ def test_order_reconciles_then_a_confirmation_posted_by_hand_is_found(
 CANONICAL_ORDER = "2000001"
 
 
-def write_canonical_config(tmp_path: Path, *, plc: PlcSim, erp: ErpSim, hook: ErpSim,
+def write_canonical_config(tmp_path: Path, *, plc_port: int, erp: ErpSim, hook: ErpSim,
                            api_port: int) -> Path:
     config = tmp_path / "canonical.yaml"
     config.write_text(f"""
@@ -356,8 +356,9 @@ drivers:
   - name: {MACHINE}
     type: modbus
     host: 127.0.0.1
-    port: {plc.port}
+    port: {plc_port}
     poll_interval: 100ms
+    reconnect_max_delay: 500ms
     tags:
       - {{name: good, address: 0, type: uint32}}
 machines:
@@ -382,10 +383,11 @@ routes:
 
 
 def hook_events(hook: ErpSim) -> list[tuple[str, str, str]]:
-    """(type, kind, subject) of each exception the webhook received, in order."""
+    """(type, kind, subject) of each exception the webhook received, in order; but the press's
+    own outage, which a loaded box makes when the press starts a second after the gateway."""
     rows: list[dict[str, Any]] = hook.events()
     return [(str(row["type"]), row["event"]["data"]["kind"], row["event"]["data"]["subject"])
-            for row in rows]
+            for row in rows if row["event"]["data"]["subject"] != f"driver {MACHINE}"]
 
 
 def test_exceptions_reach_the_webhook_once_each_and_hand_actions_count_per_order(
@@ -394,14 +396,17 @@ def test_exceptions_reach_the_webhook_once_each_and_hand_actions_count_per_order
     erp = start_erp(peers, tmp_path)
     hook = start_erp(peers, tmp_path)  # the integration team's webhook receiver
     erp.set_faults(status_sequence=[422])  # ERP refuses the first confirmation for good
-    plc = start_plc(peers, tmp_path, "--rate", "40", "--stop-at", "120")
-    api_port = free_port()
+    plc_port, api_port = free_port(), free_port()
     api = f"http://127.0.0.1:{api_port}"
-    config = write_canonical_config(tmp_path, plc=plc, erp=erp, hook=hook, api_port=api_port)
+    config = write_canonical_config(tmp_path, plc_port=plc_port, erp=erp, hook=hook,
+                                    api_port=api_port)
     gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
                                  str(config)], tmp_path / "gateway.log",
                          "PlantSync Edge is running")
     wait_for(lambda: _listening(api), "the local API")
+    # The press counts once the gateway is up (on a loaded box the gateway can take longer to
+    # start than the press takes to finish).
+    plc = start_plc(peers, tmp_path, "--rate", "40", "--stop-at", "120", port=plc_port)
 
     # The dead letter is an exception for integration support, with its correlation ids and
     # the command that shows it; the webhook gets it once, however many checks (every 200 ms,
@@ -429,8 +434,12 @@ def test_exceptions_reach_the_webhook_once_each_and_hand_actions_count_per_order
          event_id, "--reason", "ERP fixed the material master"], cwd=ROOT,
         capture_output=True, text=True, timeout=60)
     assert retried.returncode == 0, retried.stderr
-    wait_for(lambda: open_of("outage"), "the outage exception")
-    wait_for(lambda: not open_of("outage"), "the outage to clear", timeout=20)
+    def outages() -> list[dict[str, Any]]:
+        return [row for row in get_json(f"{api}/exceptions")["exceptions"]
+                if row["kind"] == "outage" and row["subject"] == "destination erp"]
+    wait_for(outages, "the outage exception")
+    wait_for(lambda: [row["state"] for row in outages()] == ["closed"], "the outage to clear",
+             timeout=20)
     wait_for(lambda: not open_of("dead_letter"), "the dead letter to clear")
     wait_for(lambda: plc.counters()[0] == 120, "the PLC to finish")
     wait_for(lambda: sum(c["pending"] for c in get_json(f"{api}/status")[
