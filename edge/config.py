@@ -483,6 +483,10 @@ class DestinationConfig(Strict):
     )
     rate_limit: float | None = Field(
         None, gt=0, description="Most events per second sent to this target (none: no limit).")
+    http_transport: Literal["aiohttp", "httpcore"] = Field(
+        "aiohttp", description="What carries the requests under httpx's API: aiohttp's "
+        "connection pool and parser (about twice the requests per second of httpcore on this "
+        "gateway's hardware, see the README's benchmarks), or httpx's own httpcore.")
     auth: Auth = Field(default_factory=NoAuth)
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     allow_insecure: bool = Field(

@@ -11,6 +11,7 @@ import httpx
 
 from edge.config import DestinationConfig
 from edge.forward.auth import Authenticator, authenticator
+from edge.forward.transport import SafeAiohttpTransport
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,12 @@ def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
         verify = context
     limits = httpx.Limits(max_connections=config.max_in_flight + 1,
                           max_keepalive_connections=config.max_in_flight + 1)
-    return httpx.AsyncClient(verify=verify, limits=limits, timeout=config.timeout)
+    match config.http_transport:
+        case "aiohttp":
+            transport = SafeAiohttpTransport(verify=verify, limits=limits)
+            return httpx.AsyncClient(transport=transport, timeout=config.timeout)
+        case "httpcore":
+            return httpx.AsyncClient(verify=verify, limits=limits, timeout=config.timeout)
 
 
 class Session:
