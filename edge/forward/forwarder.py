@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from buffer.outbox import Delivery, Outbox
+from buffer.outbox import Delivery, Outbox, Settlement
 from edge.config import DestinationConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
@@ -118,9 +118,9 @@ class HttpForwarder:
                 self._wake.clear()
                 if slots > 0:
                     leased = await self._outbox.lease(self.name, slots * batch_size,
-                                                      busy_keys=self._busy_keys)
-                    for start in range(0, len(leased), batch_size):
-                        batch = leased[start:start + batch_size]
+                                                      busy_keys=self._busy_keys,
+                                                      per_key=profile.per_key)
+                    for batch in pack_runs(leased, batch_size)[:slots]:
                         self._busy_keys.update(d.partition_key for d in batch)
                         self.health.in_flight += 1
                         if self.health.circuit is Circuit.OPEN:
@@ -170,9 +170,11 @@ class HttpForwarder:
                 self.health.in_flight -= 1
                 self._wake.set()
             self._track(results)
-            # Submitted together, the outcomes share one group-committed transaction.
-            await asyncio.gather(*(self._record(delivery, result)
-                                   for delivery, result in zip(batch, results, strict=True)))
+            # All of a request's outcomes in one piece of work: one transaction (shared with
+            # other requests' by group commit), one statement per kind of outcome.
+            await self._outbox.settle([self._settlement(delivery, result)
+                                       for delivery, result in zip(batch, results, strict=True)])
+            self.health.delivered += sum(r.outcome is Outcome.DELIVERED for r in results)
         finally:
             self._busy_keys.difference_update(d.partition_key for d in batch)
             self._wake.set()
@@ -227,24 +229,39 @@ class HttpForwarder:
             log.info("Circuit to %s is closed again", self.name,
                      extra={"destination": self.name})
 
-    async def _record(self, delivery: Delivery, result: Result) -> None:
+    def _settlement(self, delivery: Delivery, result: Result) -> Settlement:
         match result.outcome:
             case Outcome.DELIVERED:
-                await self._outbox.ack(delivery, status=result.status,
-                                       reference=result.reference)
-                self.health.delivered += 1
+                return Settlement(delivery, "delivered", result.status,
+                                  reference=result.reference)
             case Outcome.RETRY:
                 backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
                                   attempt=delivery.attempts)
                 # The target said when: believe it (capped). Otherwise back off with jitter.
                 delay = (min(result.retry_after, self.config.retry.cap)
                          if result.retry_after is not None else backoff.next_delay())
-                await self._outbox.retry(delivery, at=time.time() + delay, status=result.status,
-                                         error=result.reason)
+                return Settlement(delivery, "retry", result.status, retry_at=time.time() + delay,
+                                  reason=result.reason)
             case Outcome.REJECTED:
-                await self._outbox.dead_letter(delivery, status=result.status,
-                                               reason=result.reason)
                 log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "
                           "letters", self.name, delivery.event_id, delivery.event_type,
                           delivery.partition_key, result.reason,
                           extra={"event_id": delivery.event_id, "destination": self.name})
+                return Settlement(delivery, "dead", result.status, reason=result.reason)
+
+
+def pack_runs(leased: Sequence[Delivery], batch_size: int) -> list[list[Delivery]]:
+    """Requests of at most `batch_size` deliveries, each key's run (consecutive deliveries of
+    one key, as `Outbox.lease` lists them) whole in one request: two requests in flight with
+    events of the same key could arrive in either order."""
+    batches: list[list[Delivery]] = []
+    run: list[Delivery] = []
+    for delivery in [*leased, None]:
+        if run and (delivery is None or delivery.partition_key != run[0].partition_key):
+            if not batches or len(batches[-1]) + len(run) > batch_size:
+                batches.append([])
+            batches[-1].extend(run)
+            run = []
+        if delivery is not None:
+            run.append(delivery)
+    return batches
