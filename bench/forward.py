@@ -111,8 +111,7 @@ class Breakdown:
         return {"events_per_s": round(phase.rate, 1), "requests": phase.requests,
                 "events_per_request": round(phase.done / max(1, phase.requests), 1),
                 "http_ms_per_request": mean_ms(self.http),
-                "ack_ms_per_event": mean_ms(self.acks),
-                "ack_ms_per_request": round(sum(self.acks) * 1000 / max(1, phase.requests), 2),
+                "settle_ms_per_request": mean_ms(self.acks),
                 "lease_ms_per_lease": mean_ms(self.leases), "leases": len(self.leases),
                 "outbox_transactions_per_event": round(self.transactions / max(1, phase.done),
                                                        3)}
@@ -120,7 +119,8 @@ class Breakdown:
 
 def instrument(forwarder: HttpForwarder, outbox: Outbox) -> Breakdown:
     """Time the forwarder's awaits on this instance only: HTTP (the profile's send), outbox
-    acks and leases (each goes through the outbox's one SQLite thread)."""
+    settles (one per request: its outcomes) and leases (each goes through one of the outbox's
+    SQLite threads)."""
     breakdown = Breakdown([], [], [])
 
     def timed(function: Callable[..., Coroutine[Any, Any, Any]], into: list[float]
@@ -134,7 +134,7 @@ def instrument(forwarder: HttpForwarder, outbox: Outbox) -> Breakdown:
         return wrapper
 
     forwarder._send = timed(forwarder._send, breakdown.http)  # type: ignore[method-assign]
-    outbox.ack = timed(outbox.ack, breakdown.acks)  # type: ignore[method-assign]
+    outbox.settle = timed(outbox.settle, breakdown.acks)  # type: ignore[method-assign]
     outbox.lease = timed(outbox.lease, breakdown.leases)  # type: ignore[method-assign]
     return breakdown
 

@@ -487,12 +487,23 @@ class Outbox:
         requests'), as one piece of work in one group-committed transaction, with one
         statement per kind of outcome rather than four per event: this is the acknowledgement
         side of group commit. Returns once it is durable. The head of each key touched moves
-        to its oldest delivery still owed, as read in the same transaction."""
+        to its oldest delivery still owed, as read in the same transaction.
+
+        Of one key's retries in one call (a run of its events in one request), only the first
+        counts as a failed attempt: the later ones are not due before it is delivered, so
+        they stay as they were (no attempt, no due time), waiting behind it. Only a key's head
+        ever holds attempts, which is what `counts().retrying` counts."""
         if not settlements:
             return
         now = time.time()
         done = [s for s in settlements if s.outcome == "delivered"]
-        retried = [s for s in settlements if s.outcome == "retry"]
+        retried = []
+        retrying_keys: set[tuple[str, str]] = set()
+        for s in sorted(settlements, key=lambda s: s.delivery.seq):
+            slot = (s.delivery.destination, s.delivery.partition_key)
+            if s.outcome == "retry" and slot not in retrying_keys:
+                retrying_keys.add(slot)
+                retried.append(s)
         dead = [s for s in settlements if s.outcome == "dead"]
         keys = {(s.delivery.destination, s.delivery.partition_key) for s in settlements}
 
