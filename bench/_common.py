@@ -86,7 +86,7 @@ def erp_simulator(directory: Path, server: str = "uvicorn") -> Iterator[str]:
     `server="hypercorn"`: its app on Hypercorn, which also speaks HTTP/2 (bench/_h2_receiver)."""
     errors_path = directory / f"erp-api-{server}.stderr"
     database = str(directory / f"erp-{server}.sqlite")
-    argv = ([sys.executable, "-m", "simulators.erp_api", "--host", "127.0.0.1", "--port", "0",
+    argv = ([sys.executable, "-m", "simulators.erp", "--host", "127.0.0.1", "--port", "0",
              "--db", database] if server == "uvicorn"
             else [sys.executable, str(REPO / "bench" / "_h2_receiver.py"), database])
     with errors_path.open("wb") as errors:

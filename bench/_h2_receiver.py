@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from simulators.erp_api import create_app
+from simulators.erp.app import create_app
 
 
 def main(database: str) -> None:

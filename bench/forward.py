@@ -234,7 +234,7 @@ async def http2_phases(directory: Path, sizes: Sizes) -> dict[str, Any]:
                 if number:
                     rates[client].append(round(phase.rate, 1))
     h1, h2 = median(rates["httpx"]), median(rates["httpx_h2"])
-    return {"receiver": "simulators.erp_api app on hypercorn (h2c prior knowledge and h1)",
+    return {"receiver": "simulators.erp app on hypercorn (h2c prior knowledge and h1)",
             "httpx_http1_posts_per_s": h1, "httpx_http2_posts_per_s": h2,
             "http2_vs_http1": round(h2 / h1, 3), "samples": dict(rates)}
 
@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "params": {"events": sizes.unbatched_events, "batched_events": sizes.batched_events,
                        "batch_size": sizes.batch_size, "max_in_flight": sizes.max_in_flight,
                        "partition_keys": sizes.partition_keys, "rounds": sizes.rounds,
-                       "receiver": "simulators.erp_api (canonical, subprocess)",
+                       "receiver": "simulators.erp (canonical, subprocess)",
                        "loop": args.loop, "quick": args.quick,
                        "seconds": round(time.perf_counter() - started, 1)}}
     print(json.dumps(line), flush=True)

@@ -165,7 +165,7 @@ def bare_posts(erp_url: str, template: dict[str, Any], count: int) -> list[float
 async def measure(directory: Path, changes: int, interval: float, background: int,
                   seed: int) -> dict[str, Any]:
     rng = random.Random(seed)
-    erp = Child([sys.executable, "-m", "simulators.erp_api", "--port", "0", "--db",
+    erp = Child([sys.executable, "-m", "simulators.erp", "--port", "0", "--db",
                  str(directory / "erp.db")], directory / "erp.log",
                 r"erp-api listening on (http://\S+)")
     erp_url = erp.match[1]

@@ -46,7 +46,7 @@ from _common import (
 )
 
 from buffer.outbox import Outbox, OutboxEvent
-from buffer.schema import migrate
+from buffer.outbox.schema import migrate
 from edge.config import DestinationConfig
 from edge.forward import HttpForwarder
 

@@ -45,7 +45,7 @@ from _common import (
 )
 
 from buffer.outbox import Outbox, OutboxEvent
-from buffer.schema import migrate
+from buffer.outbox.schema import migrate
 from edge.config import DestinationConfig
 from edge.forward import HttpForwarder
 
@@ -214,7 +214,7 @@ async def restart(path: Path, base_url: str, spawned_at: float) -> dict[str, Any
 
 
 async def profile_open(path: Path) -> dict[str, float]:
-    """Seconds of `Outbox.open` per SQL statement of `buffer.outbox._connect` and per other
+    """Seconds of `Outbox.open` per SQL statement of `buffer.outbox.database.connect` and per other
     function of buffer/ issuing statements (each statement runs until the next one starts),
     read from a trace callback on the connections it makes: the real open, nothing replayed."""
     costs: dict[str, float] = defaultdict(float)
@@ -231,7 +231,7 @@ async def profile_open(path: Path) -> dict[str, float]:
         while frame is not None and "/buffer/" not in frame.f_code.co_filename:
             frame = frame.f_back
         function = frame.f_code.co_name if frame is not None else "?"
-        if function == "_connect":
+        if function == "connect":
             charge(" ".join(sql.split()[:3]))
         else:
             charge(function)

@@ -74,7 +74,8 @@ from drivers.base import (
     honour_cancellation,
     unique_names,
 )
-from edge.timing import Backoff, Duration, parse_duration
+from drivers.common.availability import Availability, Ended, reconnect_forever
+from drivers.common.timing import Backoff, Duration, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -790,7 +791,9 @@ class ModbusDriver(Driver):
         by the narrower reads that it was split into, for the driver's lifetime."""
         self.requests: Counter[str] = Counter()
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
-        self._unavailable = False
+        self.availability = Availability(
+            f"Modbus device {self.name} at {self.endpoint}", log, health=self.health,
+            extra={"driver": self.name, "endpoint": self.endpoint})
         self._failing_blocks: set[tuple[str, int, Table, int]] = set()
         self._joined: set[tuple[int, Table, int, int]] = set()
         marker = config.restart_marker
@@ -845,40 +848,32 @@ class ModbusDriver(Driver):
 
     async def run(self, sink: SampleSink) -> None:
         """Connect, poll and reconnect until cancelled; device errors never end it."""
-        serial_port = self.config.serial_port if self.config.transport == "rtu" else None
-        while True:
-            # A fresh client per connection: pymodbus keeps per-connection state (transaction
-            # ids, a pending response future) that must not leak into the next attempt.
-            client = self.new_client()
-            try:
-                reason = await _open(client, self.config.timeout, serial_port)
-                if reason is None:
-                    # Not connected yet: a device that accepts TCP and never answers is not
-                    # "connected". `connected` turns true at the first answer.
-                    reason = await self._poll(client, sink)
-            finally:
-                client.close()
-                self.health.connected = False
-            self._record_error(reason)
-            if not self._unavailable:
-                self._unavailable = True
-                log.warning(
-                    "Modbus device %s at %s is unavailable: %s. Retrying with backoff.",
-                    self.name,
-                    self.endpoint,
-                    reason,
-                    extra={"driver": self.name, "endpoint": self.endpoint, "reason": reason},
-                )
-            await self._wait_to_reconnect(
-                not_there=reason in _NOT_THERE or reason.startswith("no answer to connect"))
+        await reconnect_forever(lambda: self._connect_and_poll(sink), self._backoff,
+                                self.availability, wait=self._wait_to_reconnect)
 
-    async def _wait_to_reconnect(self, *, not_there: bool) -> None:
+    async def _connect_and_poll(self, sink: SampleSink) -> Ended:
+        """One connection, from connect to its loss."""
+        serial_port = self.config.serial_port if self.config.transport == "rtu" else None
+        # A fresh client per connection: pymodbus keeps per-connection state (transaction
+        # ids, a pending response future) that must not leak into the next attempt.
+        client = self.new_client()
+        try:
+            reason = await _open(client, self.config.timeout, serial_port)
+            if reason is None:
+                # Not connected yet: a device that accepts TCP and never answers is not
+                # "connected". `connected` turns true at the first answer.
+                reason = await self._poll(client, sink)
+        finally:
+            client.close()
+        return Ended(reason)
+
+    async def _wait_to_reconnect(self, ended: Ended, delay: float) -> None:
         """Wait the backoff's delay before the next attempt. When the device was not there at
         all (refused, unreachable, no answer to connect), look every second whether it accepts
         TCP again, and end the wait as soon as it does: a device that is back is read again
         within about a second, not after up to `reconnect_max_delay`. A device that accepts
         but then fails waits the whole delay, so it is never hammered."""
-        delay = self._backoff.next_delay()
+        not_there = ended.reason in _NOT_THERE or ended.reason.startswith("no answer to connect")
         host = self.config.host
         if not not_there or self.config.transport == "rtu" or host is None:
             await asyncio.sleep(delay)
@@ -1072,7 +1067,7 @@ class ModbusDriver(Driver):
             return None
         finally:
             honour_cancellation()  # pymodbus's wait_for may have swallowed a stop (Python 3.11)
-        self.health.connected = True  # it answered: even an exception is an answer
+        self.availability.connected()  # it answered: even an exception is an answer
         return response
 
     def _samples(
@@ -1102,7 +1097,7 @@ class ModbusDriver(Driver):
 
     def _block_failed(self, group: str, block: ReadBlock, problem: str) -> None:
         where = self._where(block)
-        self._record_error(f"{where}: {problem}")
+        self.health.record_error(f"{where}: {problem}")
         tags = ", ".join(tag.name for tag in block.tags)
         for tag in block.tags:
             self.health.degraded[f"tag {tag.name}"] = (
@@ -1139,19 +1134,7 @@ class ModbusDriver(Driver):
     def _mark_available(self) -> None:
         # Availability means a full poll answered, not just an accepted TCP connection, so a
         # device that accepts and then drops does not log "back" on every attempt.
-        self._backoff.reset()
-        if self._unavailable:
-            self._unavailable = False
-            log.info(
-                "Modbus device %s at %s is available again.",
-                self.name,
-                self.endpoint,
-                extra={"driver": self.name, "endpoint": self.endpoint},
-            )
-
-    def _record_error(self, message: str) -> None:
-        self.health.errors += 1
-        self.health.last_error = message
+        self.availability.back()
 
 
 # --- plantsync probe modbus ---------------------------------------------------------------------

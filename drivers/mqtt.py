@@ -80,7 +80,8 @@ from drivers.base import (
     RejectedMessage,
     SampleSink,
 )
-from edge.timing import Backoff, Duration
+from drivers.common.availability import Availability, Ended, reconnect_forever
+from drivers.common.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
 
@@ -938,12 +939,6 @@ class _Connection:
 # --- the driver ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Ended:
-    reason: str
-    cause: Literal["broker", "commit"]
-
-
 class MqttDriver(Driver):
     """Consumes MES events from one broker and owns the reconnection."""
 
@@ -959,7 +954,9 @@ class MqttDriver(Driver):
         """The most messages received and not yet handed to the sink at once, ever: what the
         in-flight window costs in memory (bounded by INBOX_BATCHES * batch_max)."""
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
-        self._unavailable = False
+        self.availability = Availability(
+            f"MQTT broker {self.name} at {self.endpoint}", log, health=self.health,
+            extra=self._log_extra())
         self._ever_connected = False
         self._commit_failing = False
         self._dropping = False
@@ -978,54 +975,41 @@ class MqttDriver(Driver):
     async def run(self, sink: SampleSink) -> None:
         """Connect, consume and reconnect until cancelled; broker errors never end it."""
         loop = asyncio.get_running_loop()
-        while True:
-            connection = _Connection(self.config, loop)
-            try:
-                ended = await self._connect(connection)
-                if ended is None:
-                    ended = await self._consume(connection, sink)
-            finally:
-                self.health.connected = False
-                await connection.close()
-            self._record_error(ended.reason)
-            if ended.cause == "broker" and not self._unavailable:
-                self._unavailable = True
-                log.warning(
-                    "MQTT broker %s at %s is unavailable: %s. Retrying with backoff.",
-                    self.name,
-                    self.endpoint,
-                    ended.reason,
-                    extra={**self._log_extra(), "reason": ended.reason},
-                )
-            await asyncio.sleep(self._backoff.next_delay())
+        await reconnect_forever(lambda: self._connect_and_consume(loop, sink), self._backoff,
+                                self.availability)
 
-    async def _connect(self, connection: _Connection) -> _Ended | None:
+    async def _connect_and_consume(
+        self, loop: asyncio.AbstractEventLoop, sink: SampleSink
+    ) -> Ended:
+        """One connection, from connect to its end."""
+        connection = _Connection(self.config, loop)
+        try:
+            ended = await self._connect(connection)
+            if ended is None:
+                ended = await self._consume(connection, sink)
+        finally:
+            self.availability.disconnected()  # already while the connection closes
+            await connection.close()
+        return ended
+
+    async def _connect(self, connection: _Connection) -> Ended | None:
         """Connect and wait for the CONNACK; return why it failed, or None when connected."""
         try:
             await asyncio.to_thread(connection.open)
         except (OSError, ValueError) as exc:
-            return _Ended(f"connection failed ({exc or type(exc).__name__})", "broker")
+            return Ended(f"connection failed ({exc or type(exc).__name__})")
         try:
             result = await asyncio.wait_for(connection.connack, CONNECT_TIMEOUT)
         except TimeoutError:
-            return _Ended(f"no CONNACK within {CONNECT_TIMEOUT:g}s", "broker")
+            return Ended(f"no CONNACK within {CONNECT_TIMEOUT:g}s")
         if isinstance(result, str):
-            return _Ended(result, "broker")
-        self.health.connected = True
-        if not self._commit_failing:
-            self._backoff.reset()
+            return Ended(result)
         session = "session resumed" if result.session_present else "new session"
-        if self._unavailable:
-            self._unavailable = False
-            log.info(
-                "MQTT broker %s at %s is available again (%s); subscribing to %d filter(s).",
-                self.name,
-                self.endpoint,
-                session,
-                len(self.config.topics),
-                extra=self._log_extra(),
-            )
-        elif not self._ever_connected:
+        # While commits fail the backoff stands: the broker is fine, the gateway is not.
+        was_lost = self.availability.back(
+            f" ({session}); subscribing to {len(self.config.topics)} filter(s)",
+            reset_backoff=not self._commit_failing)
+        if not was_lost and not self._ever_connected:
             log.info(
                 "MQTT broker %s at %s connected as %s (%s).",
                 self.name,
@@ -1047,7 +1031,7 @@ class MqttDriver(Driver):
         self._ever_connected = True
         return None
 
-    async def _consume(self, connection: _Connection, sink: SampleSink) -> _Ended:
+    async def _consume(self, connection: _Connection, sink: SampleSink) -> Ended:
         """Hand over batches and acknowledge them after the sink returns, until the end."""
         while True:
             await connection.changed.wait()
@@ -1075,7 +1059,7 @@ class MqttDriver(Driver):
                 self._commit_recovered()
             self._note_dropped(connection)
             if connection.ended is not None:
-                return _Ended(connection.ended, "broker")
+                return Ended(connection.ended)
 
     def _count(self, readings: Sequence[Reading], batch: Sequence[_Arrival]) -> None:
         self.batch_sizes[len(batch)] += 1
@@ -1083,9 +1067,9 @@ class MqttDriver(Driver):
         self.health.last_sample_at = max(arrival.received_at for arrival in batch)
         for reading in readings:
             if isinstance(reading, RejectedMessage):
-                self._record_error(f"{reading.topic}: {reading.reason}")
+                self.health.record_error(f"{reading.topic}: {reading.reason}")
 
-    def _commit_failed(self, exc: Exception, count: int) -> _Ended:
+    def _commit_failed(self, exc: Exception, count: int) -> Ended:
         reason = f"the sink failed to commit {count} message(s): {exc!r}"
         if not self._commit_failing:
             self._commit_failing = True
@@ -1098,17 +1082,17 @@ class MqttDriver(Driver):
                 exc_info=exc,
                 extra=self._log_extra(),
             )
-        return _Ended(reason, "commit")
+        return Ended(reason, peer_lost=False)
 
     def _commit_recovered(self) -> None:
         if self._commit_failing:
             self._commit_failing = False
-            self._backoff.reset()
+            self.availability.back()  # connected all along: only the backoff starts again
             log.info("MQTT driver %s commits again.", self.name, extra=self._log_extra())
 
     def _note_refusals(self, connection: _Connection) -> None:
         for topic_filter, reason in connection.refused:
-            self._record_error(f"subscription to {topic_filter!r} refused ({reason})")
+            self.health.record_error(f"subscription to {topic_filter!r} refused ({reason})")
             if topic_filter not in self._refused_logged:
                 self._refused_logged.add(topic_filter)
                 log.warning(
@@ -1151,7 +1135,7 @@ class MqttDriver(Driver):
             f"the MQTT broker at {self.endpoint} has dropped {count} message(s) since it "
             "started ($SYS/broker/publish/messages/dropped, all its clients): MES events for "
             f"the gateway may be among them; {QUEUE_ADVICE}")
-        self._record_error(f"the broker has dropped {count} message(s)")
+        self.health.record_error(f"the broker has dropped {count} message(s)")
         now = time.monotonic()
         if self._drops_logged_at is None or now - self._drops_logged_at >= DROPS_LOG_EVERY:
             self._drops_logged_at = now
@@ -1169,7 +1153,7 @@ class MqttDriver(Driver):
             self._dropping = False
             return
         self.dropped_qos0 += dropped
-        self._record_error(f"dropped {dropped} QoS 0 message(s): the sink is behind")
+        self.health.record_error(f"dropped {dropped} QoS 0 message(s): the sink is behind")
         if not self._dropping:  # once per overload, not once per batch
             self._dropping = True
             log.warning(
@@ -1179,10 +1163,6 @@ class MqttDriver(Driver):
                 self.dropped_qos0,
                 extra=self._log_extra(),
             )
-
-    def _record_error(self, message: str) -> None:
-        self.health.errors += 1
-        self.health.last_error = message
 
 
 

@@ -79,7 +79,8 @@ from drivers.base import (
     honour_cancellation,
     unique_names,
 )
-from edge.timing import Backoff, Duration
+from drivers.common.availability import Availability, Ended, reconnect_forever
+from drivers.common.timing import Backoff, Duration
 
 log = logging.getLogger(__name__)
 
@@ -991,20 +992,15 @@ class _Monitored:
 
 
 @dataclass(slots=True)
-class _Outcome:
-    """How a session ended: why, and whether the server could not be reached at all (then
-    its TCP port is watched while waiting, to go again as soon as it opens)."""
+class _Outcome(Ended):
+    """How a session ended: why (`say_again`: waiting will not fix it, an untrusted
+    certificate, a rejected user; `retry_after`: a full server answers at once, and frees up
+    when an orphaned session times out), and whether the server could not be reached at all
+    (then its TCP port is watched while waiting, to go again as soon as it opens)."""
 
-    reason: str
     unreachable: bool = False
     port_was_closed: bool = False
     """Seen closed while waiting: its opening is then news."""
-    needs_person: bool = False
-    """Waiting will not fix it (an untrusted certificate, a rejected user): said in the log
-    even while the server is already known to be unavailable."""
-    retry_after: float | None = None
-    """A fixed wait instead of the backoff (a full server answers at once, and frees up when
-    an orphaned session times out)."""
 
 
 class OpcUaDriver(Driver):
@@ -1024,8 +1020,9 @@ class OpcUaDriver(Driver):
         """Delays between reconnect attempts; the shared policy (tests may shorten it)."""
         self.restarts_seen = 0
         """Server restarts detected (a new ServerStatus.StartTime)."""
-        self._unavailable = False
-        self._said_reason: str | None = None
+        self.availability = Availability(
+            f"OPC UA server {self.name} at {self.endpoint}", log, health=self.health,
+            extra={"driver": self.name, "endpoint": self.endpoint})
         self._bad_tags: dict[str, str] = {}
         self._last_emitted: dict[str, Sample] = {}
         self._overloaded = False
@@ -1051,7 +1048,10 @@ class OpcUaDriver(Driver):
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._deliver(pending, sink), name=f"opcua-{self.name}-deliver")
-                tasks.create_task(self._sessions(pending), name=f"opcua-{self.name}-sessions")
+                tasks.create_task(
+                    reconnect_forever(lambda: self._session(pending), self.backoff,
+                                      self.availability, wait=self._wait_to_retry),
+                    name=f"opcua-{self.name}-sessions")
         except BaseExceptionGroup as group:
             if len(group.exceptions) == 1:  # a failing sink: raise its error as it was
                 raise group.exceptions[0] from None
@@ -1069,33 +1069,10 @@ class OpcUaDriver(Driver):
                 await asyncio.to_thread(self._save_server_start, self._start_to_save)
                 self._start_to_save = None
 
-    async def _sessions(self, pending: PendingSamples) -> None:
-        while True:
-            outcome = await self._session(pending)
-            honour_cancellation()  # a stop asyncua swallowed must not start another session
-            self.health.connected = False
-            self._record_error(outcome.reason)
-            if not self._unavailable or (outcome.needs_person
-                                         and outcome.reason != self._said_reason):
-                self._unavailable = True
-                self._said_reason = outcome.reason
-                log.warning(
-                    "OPC UA server %s at %s is unavailable: %s. Retrying with backoff.",
-                    self.name,
-                    self.endpoint,
-                    outcome.reason,
-                    extra={"driver": self.name, "endpoint": self.endpoint,
-                           "reason": outcome.reason},
-                )
-            await self._wait_to_retry(outcome)
-
-    async def _wait_to_retry(self, outcome: _Outcome) -> None:
+    async def _wait_to_retry(self, outcome: _Outcome, delay: float) -> None:
         """Wait the backoff delay; but while a server that could not be reached is away, try
         its TCP port every PORT_PROBE_INTERVAL, and go at once when it opens, so a server that
         is back is read within a second, not at the next backoff attempt."""
-        delay = self.backoff.next_delay()
-        if outcome.retry_after is not None:
-            delay = outcome.retry_after
         if not outcome.unreachable:
             await asyncio.sleep(delay)
             return
@@ -1143,7 +1120,7 @@ class OpcUaDriver(Driver):
             if isinstance(exc, UntrustedCertificate | SecuritySetupError) or (
                     isinstance(exc, UaStatusCodeError)
                     and exc.code in _USER_REJECTED | _SECURITY_REJECTED):
-                return _Outcome(reason, needs_person=True)
+                return _Outcome(reason, say_again=True)
             return _Outcome(reason, unreachable=isinstance(exc, OSError | TimeoutError),
                             port_was_closed=isinstance(exc, ConnectionRefusedError))
         finally:
@@ -1170,7 +1147,7 @@ class OpcUaDriver(Driver):
         # Each of these awaits asyncua's wait_for, which on Python 3.11 can swallow a stop; the
         # watchers below would then run on, and a TaskGroup cancels its children only once.
         honour_cancellation()
-        self._mark_available()
+        self.availability.back()
 
         # The server may revise the keep-alive up; never call a subscription stale before two
         # keep-alives could have come.
@@ -1578,7 +1555,7 @@ class OpcUaDriver(Driver):
 
     def _tag_failed(self, tag: OpcUaTag, reason: str, pending: PendingSamples) -> None:
         self._emit(tag, None, time.time(), pending)
-        self._record_error(f"tag {tag.name}: {reason}")
+        self.health.record_error(f"tag {tag.name}: {reason}")
         if self._bad_tags.get(tag.name) == reason:
             return
         self._bad_tags[tag.name] = reason
@@ -1602,23 +1579,6 @@ class OpcUaDriver(Driver):
                 tag.node,
                 extra={"driver": self.name, "endpoint": self.endpoint, "tag": tag.name},
             )
-
-    def _mark_available(self) -> None:
-        self.health.connected = True
-        self.backoff.reset()
-        self._said_reason = None
-        if self._unavailable:
-            self._unavailable = False
-            log.info(
-                "OPC UA server %s at %s is available again.",
-                self.name,
-                self.endpoint,
-                extra={"driver": self.name, "endpoint": self.endpoint},
-            )
-
-    def _record_error(self, message: str) -> None:
-        self.health.errors += 1
-        self.health.last_error = message
 
 
 def _refusal(item: _Monitored, status: ua.StatusCode) -> str:

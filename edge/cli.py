@@ -219,8 +219,8 @@ def _explain_machines(config: PlantConfig) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
+    from drivers.common.timing import parse_duration
     from drivers.mqtt import MqttConfig, doctor
-    from edge.timing import parse_duration
 
     try:
         config = load_config(args.config)
@@ -246,8 +246,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _offline(args: argparse.Namespace) -> int:
+    from drivers.common.timing import parse_duration
     from edge.replay import run_record, run_replay
-    from edge.timing import parse_duration
 
     try:
         config = load_config(args.config)
@@ -283,8 +283,8 @@ def _sim(name: str, rest: list[str]) -> int:
             from simulators import modbus_plc
             return modbus_plc.main(rest, prog)
         case "erp":
-            from simulators import erp_api
-            return erp_api.main(rest, prog)
+            from simulators.erp import app as erp
+            return erp.main(rest, prog)
         case "opcua":
             from simulators import opcua_machine
             return opcua_machine.main(rest, prog)

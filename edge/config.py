@@ -36,11 +36,11 @@ from pydantic import (
     model_validator,
 )
 
+from drivers.common.timing import Duration
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
 from edge.model import BUILTIN_UOM_CODES, EVENT_MODELS, REC21_PACKAGE_CODES
-from edge.timing import Duration
 
 Loc = tuple[str | int, ...]
 

@@ -87,7 +87,7 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
         for label, argv in (
             ("plc", [python, "-m", "simulators.modbus_plc", "--port", str(plc_port),
                      "--rate", "12", "--scrap-rate", "0.5"]),
-            ("erp", [python, "-m", "simulators.erp_api", "--port", str(erp_port),
+            ("erp", [python, "-m", "simulators.erp", "--port", str(erp_port),
                      "--db", str(data_dir / "erp-simulator.db"), "--log-requests"]),
             ("gateway", [python, "-m", "edge.cli", "run", "--config", str(config_path),
                          "--log-format", "text"]),

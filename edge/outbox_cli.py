@@ -28,11 +28,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from drivers.common.timing import parse_duration
 from edge.config import ConfigError, LocalAccess, load_config, load_local_access
 from edge.operations import DaemonRefused, NotFound, Operation, OperationError, call
 from edge.secrets import scrub, secret_values
 from edge.terminal import printable, printable_data
-from edge.timing import parse_duration
 
 
 def add_outbox_parser(commands: Any) -> None:

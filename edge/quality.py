@@ -23,13 +23,14 @@ import httpx
 from pydantic import ValidationError
 
 from buffer.outbox import LotStatus, Outbox
+from drivers.common.availability import Availability, Ended, reconnect_forever
+from drivers.common.timing import Backoff
 from edge.config import DestinationConfig, PlantConfig
 from edge.forward.auth import AuthError
 from edge.forward.session import Session, make_client
 from edge.forward.urls import path
 from edge.model import LotDisposition
 from edge.pipeline import Pipeline
-from edge.timing import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,19 @@ class QualityLink:
         self.destination: DestinationConfig | None = (
             config.destinations[config.quality.qms] if config.quality.qms else None)
         self._session: Session | None = None
-        self.reachable: bool | None = None
+        self._backoff = Backoff(base=1.0, cap=60.0)
+        self.availability = Availability(
+            "The QMS", log, backoff=self._backoff,
+            lost_says="{peer} is not answering for dispositions ({reason}); asking again with "
+                      "backoff",
+            back_says="{peer} answers for dispositions again")
         self.polls = 0
         self.decisions = 0
+
+    @property
+    def reachable(self) -> bool | None:
+        """None before the first poll; then whether the QMS answered the last one."""
+        return self.availability.available
 
     async def run(self) -> None:
         """Poll the QMS for dispositions until cancelled (returns at once without a QMS)."""
@@ -55,24 +66,28 @@ class QualityLink:
         assert self.config.quality.qms is not None
         async with make_client(self.config.quality.qms, self.destination) as client:
             self._session = Session(self.destination, client)
-            backoff = Backoff(base=1.0, cap=60.0)
-            while True:
-                try:
-                    more = await self._poll_once()
-                    self._set_reachable(True, None)
-                    backoff.reset()
-                    if not more:
-                        await asyncio.sleep(self.config.quality.poll_interval)
-                except (httpx.HTTPError, AuthError, ValueError) as exc:
-                    self._set_reachable(False, f"{type(exc).__name__}: {exc}")
-                    await asyncio.sleep(max(self.config.quality.poll_interval,
-                                            backoff.next_delay()))
-                except Exception:
-                    # A bug must not end the daemon, nor spin: say it, wait, try again (the
-                    # cursor moves only with a committed page, so nothing is skipped).
-                    log.exception("Handling the QMS dispositions failed; retrying")
-                    await asyncio.sleep(max(self.config.quality.poll_interval,
-                                            backoff.next_delay()))
+            await reconnect_forever(self._poll_until_failure, self._backoff, self.availability,
+                                    wait=self._wait_to_poll_again)
+
+    async def _poll_until_failure(self) -> Ended:
+        """Poll page after page while the QMS answers; how it stopped answering."""
+        while True:
+            try:
+                more = await self._poll_once()
+            except (httpx.HTTPError, AuthError, ValueError) as exc:
+                return Ended(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                # A bug must not end the daemon, nor spin: say it, wait, try again (the
+                # cursor moves only with a committed page, so nothing is skipped).
+                log.exception("Handling the QMS dispositions failed; retrying")
+                return Ended(f"{type(exc).__name__}: {exc}", peer_lost=False)
+            self.availability.back()
+            if not more:
+                await asyncio.sleep(self.config.quality.poll_interval)
+
+    async def _wait_to_poll_again(self, ended: Ended, delay: float) -> None:
+        """Never sooner than the next regular poll would have been."""
+        await asyncio.sleep(max(self.config.quality.poll_interval, delay))
 
     async def _poll_once(self) -> bool:
         """Fetch one page of the feed; True when there may be more right away."""
@@ -142,11 +157,3 @@ class QualityLink:
                            "qms (asked)", decision.order_id, decision.material)
         await self.pipeline.remember_lot(status)
         return status
-
-    def _set_reachable(self, reachable: bool, reason: str | None) -> None:
-        if self.reachable is not False and not reachable:
-            log.warning("The QMS is not answering for dispositions (%s); asking again with "
-                        "backoff", reason)
-        elif self.reachable is False and reachable:
-            log.info("The QMS answers for dispositions again")
-        self.reachable = reachable

@@ -237,6 +237,16 @@ def oauth_error(
 # --------------------------------------------------------------------------------------------
 
 
+def media_type(request: Request) -> str:
+    """The request's media type, lower case, without parameters (`; charset=...`)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def json_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """A plain JSON error body, ``{"error": message}``."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 async def read_json(request: Request, invalid: Callable[[str], Exception]) -> object:
     """The decoded JSON body; ``invalid(reason)`` is raised when it is not JSON."""
     body = await request.body()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def missing_peer(what: str) -> None:
+def missing_peer(what: str) -> NoReturn:
     """A real peer (a broker, a server, a tool) the test needs is not installed: skip it in a
     quick local run, but fail under `make test` and CI (`PLANTSYNC_REQUIRE_PEERS=1`), where a
     skipped peer would turn a green run into a claim nobody checked."""
@@ -115,7 +115,7 @@ class ErpSim:
 def start_erp(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
     port = free_port()
     peer = start_peer(
-        peers, [sys.executable, "-m", "simulators.erp_api", "--port", str(port),
+        peers, [sys.executable, "-m", "simulators.erp", "--port", str(port),
                 "--db", str(tmp_path / f"erp-{port}.db"), *args],
         tmp_path / f"erp-{port}.log", "erp-api listening")
     return ErpSim(peer, f"http://127.0.0.1:{port}")

@@ -19,6 +19,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 10.0
+SIMULATOR_MODULES = {"erp-api": "simulators.erp", "qms-api": "simulators.qms_api"}
+"""The module `python -m` runs, by the name the simulator gives in its ready line."""
 
 
 @dataclass
@@ -40,8 +42,8 @@ class RunningSimulator:
 
 
 def start_simulator(name: str, db_path: Path, *options: str) -> RunningSimulator:
-    """Run ``python -m simulators.<name with _>`` (e.g. ``erp-api``) on a SQLite file."""
-    module = "simulators." + name.replace("-", "_")
+    """Run the simulator that calls itself `name` (``erp-api``, ``qms-api``) on a SQLite file."""
+    module = SIMULATOR_MODULES[name]
     ready_line = re.compile(rf"^{re.escape(name)} listening on (http://127\.0\.0\.1:\d+)$")
     process = subprocess.Popen(
         [sys.executable, "-m", module, "--port", "0", "--db", str(db_path), *options],

@@ -318,7 +318,7 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     gateway: Child | None = None
     try:
         erp_db = directory / "erp.db"
-        erp = Child("erp", [sys.executable, "-m", "simulators.erp_api", "--port", "0", "--db",
+        erp = Child("erp", [sys.executable, "-m", "simulators.erp", "--port", "0", "--db",
                             str(erp_db)], directory, r"erp-api listening on http://\S+")
         children.append(erp)
         erp_url = re.search(r"listening on (http://\S+)", erp.log.read_text())[1]  # type: ignore[index]

@@ -85,7 +85,7 @@ def erp_logging(peers: list[Peer], tmp_path: Path) -> ErpSim:
     the order of every copy it received can be checked, not only of the first ones."""
     port = free_port()
     peer = start_peer(
-        peers, [sys.executable, "-m", "simulators.erp_api", "--port", str(port),
+        peers, [sys.executable, "-m", "simulators.erp", "--port", str(port),
                 "--db", str(tmp_path / "erp.db"), "--log-requests"],
         tmp_path / "erp.log", "erp-api listening")
     return ErpSim(peer, f"http://127.0.0.1:{port}")

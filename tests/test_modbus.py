@@ -26,6 +26,7 @@ import pytest
 from pydantic import ValidationError
 
 from drivers.base import DeviceRestarted, Quality, Reading, Sample
+from drivers.common.timing import Backoff
 from drivers.modbus import (
     ModbusConfig,
     ModbusDriver,
@@ -37,7 +38,6 @@ from drivers.modbus import (
     probe_main,
     tag_value,
 )
-from edge.timing import Backoff
 from simulators.modbus_plc import (
     BIT_PATTERN,
     COILS,

@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import ValidationError
 
 from drivers.base import DeviceRestarted, Quality, Reading, Sample
+from drivers.common.timing import Backoff
 from drivers.opcua import (
     NodeRef,
     OpcUaConfig,
@@ -44,7 +45,6 @@ from drivers.opcua import (
     quality_of,
     trust_main,
 )
-from edge.timing import Backoff
 from simulators.opcua_machine import (
     APPLICATION_URI,
     NAMESPACE_URI,

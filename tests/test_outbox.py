@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
-from buffer.schema import MIGRATIONS, SCHEMA_VERSION
+from buffer.outbox.schema import MIGRATIONS, SCHEMA_VERSION
 
 
 def event(n: int, key: str = "order-1", destinations: tuple[str, ...] = ("erp",),

@@ -30,6 +30,7 @@ from tests.conftest import (
     Peer,
     free_port,
     mes_driver,
+    missing_peer,
     start_erp,
     start_plc,
 )
@@ -728,7 +729,7 @@ async def test_a_tls_failure_at_the_token_url_says_which_setting_fixes_it(
     from tests.test_mqtt import make_certificates
 
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+        missing_peer("openssl is not installed (apt-get install openssl)")
     files = make_certificates(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(files["server.pem"], files["server.key"])

@@ -25,7 +25,16 @@ import pytest
 import yaml
 
 from simulators.mes_publisher import MesPublisher
-from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, free_port, mes_driver, start_plc
+from tests.conftest import (
+    ROOT,
+    ErpSim,
+    Mosquitto,
+    Peer,
+    free_port,
+    mes_driver,
+    missing_peer,
+    start_plc,
+)
 from tests.test_gateway import start_gateway, wait_for
 
 EXAMPLE = ROOT / "config" / "plant.example.yaml"
@@ -382,7 +391,7 @@ def test_sim_mes_authenticates_to_a_broker_that_wants_a_password(
 ) -> None:
     passwd = shutil.which("mosquitto_passwd")
     if passwd is None:
-        pytest.skip("mosquitto_passwd is not installed (it comes with mosquitto)")
+        missing_peer("mosquitto_passwd is not installed (apt-get install mosquitto)")
     directory = tmp_path / "secured"
     directory.mkdir()
     (directory / "passwords").touch()

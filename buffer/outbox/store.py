@@ -1,0 +1,607 @@
+"""The outbox itself: `Outbox`, the one object the gateway commits to, leases from and settles
+deliveries with (the promises it keeps are the package's docstring, `buffer.outbox`).
+
+It keeps in memory what every lease and every metric needs (the heads of partition keys, owed
+and dead counts per destination, bytes in use) and moves it only after the transaction that
+moved the rows is on disk. Writes queue for the one writer thread and are group committed;
+reads run on a read-only connection of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from buffer.outbox import reports
+from buffer.outbox.database import (
+    Work,
+    check_and_mark,
+    connect_reader,
+    keep_private,
+    open_database,
+    storable,
+    transaction,
+    write_hand_action,
+)
+from buffer.outbox.heads import Head, dead_filter, drop_if_done, load_counts, load_heads
+from buffer.outbox.records import (
+    REJECTED_PAYLOAD_LIMIT,
+    CommitResult,
+    Delivery,
+    DeliveryState,
+    DestinationCounts,
+    HandAction,
+    LotStatus,
+    OutboxEvent,
+    OutboxFull,
+    OutboxStats,
+    Priority,
+    RejectedInput,
+    Settlement,
+)
+from buffer.outbox.settle import sort_settlements, write_settlements
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Outbox:
+    """Open with `await Outbox.open(path)`; close with `await outbox.close()`."""
+
+    def __init__(
+        self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
+        commit_interval: float, commit_max_rows: int, max_bytes: int | None,
+        heads: dict[str, dict[str, Head]], counts: tuple[Counter[str], Counter[str]],
+        recovered_from: str | None, epoch: str,
+    ) -> None:
+        self._db = connection
+        self._executor = executor
+        self._commit_interval = commit_interval
+        self._commit_max_rows = commit_max_rows
+        self._max_bytes = max_bytes
+        self._heads = heads
+        self._pending, self._dead = counts
+        self._queue: asyncio.Queue[Work] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._listeners: set[asyncio.Event] = set()
+        self._room = asyncio.Event()
+        self._room.set()
+        self.used_bytes = 0
+        self.disk_full = False
+        self.recovered_from = recovered_from
+        """Where a corrupt database was moved at open, if one was: an alarm, not an error."""
+        self.epoch = epoch
+        """This database's random epoch (16 hex digits), made with it and never changed."""
+        self.integrity_problem: str | None = None
+        """What the background integrity check found wrong, if anything: an alarm."""
+        self._checker: asyncio.Task[None] | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        self._reader_db: sqlite3.Connection | None = None
+        self.stats = OutboxStats()
+
+    @classmethod
+    async def open(
+        cls, path: str | Path, *, commit_interval: float = 0.0, commit_max_rows: int = 500,
+        max_bytes: int | None = None,
+    ) -> Outbox:
+        path = Path(path)
+        keep_private(path)
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
+        loop = asyncio.get_running_loop()
+        opened = await loop.run_in_executor(executor, open_database, path)
+        outbox = cls(opened.connection, executor, commit_interval=commit_interval,
+                     commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=opened.heads,
+                     counts=opened.counts, recovered_from=opened.recovered_from,
+                     epoch=opened.epoch)
+        outbox.used_bytes = opened.used_bytes
+        outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
+        outbox._reader_db = await loop.run_in_executor(outbox._reader, connect_reader, path)
+        outbox._update_room()
+        outbox._writer = asyncio.create_task(outbox._write_loop(), name="outbox-writer")
+        outbox._checker = asyncio.create_task(outbox._check_integrity(path),
+                                              name="outbox-integrity-check")
+        return outbox
+
+    async def _check_integrity(self, path: Path) -> None:
+        """A full `quick_check` reads the whole file (seconds for a big backlog on a cold
+        cache), so it runs beside the gateway on a read-only connection of its own instead of
+        delaying the first delivery. A failure raises the alarm and marks the file, so the next
+        start moves it aside; this run goes on with what it can still read."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-check") as pool:
+            problem = await asyncio.get_running_loop().run_in_executor(pool, check_and_mark,
+                                                                        path)
+        if problem is not None:
+            self.integrity_problem = problem
+            log.critical("The outbox database %s failed its integrity check: %s. The gateway "
+                         "keeps running; at the next start the file is moved aside and a fresh "
+                         "one created. Plan a restart and recover undelivered events from the "
+                         "moved file", path, problem)
+
+    async def close(self) -> None:
+        """Finish queued work, then close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        loop = asyncio.get_running_loop()
+        if self._reader is not None and self._reader_db is not None:
+            await loop.run_in_executor(self._reader, self._reader_db.close)
+            self._reader.shutdown(wait=True)
+        await loop.run_in_executor(self._executor, self._db.close)
+        self._executor.shutdown(wait=True)
+
+    # -- state for health and metrics ---------------------------------------------------------
+
+    @property
+    def back_pressure(self) -> str | None:
+        """Why new business events are being held back, or None when there is room."""
+        if self.disk_full:
+            return "the disk is full: input is paused until deliveries free space"
+        if self._max_bytes is not None and self.used_bytes >= self._max_bytes:
+            return (f"the outbox is at its disk budget ({self.used_bytes // 1_000_000} of "
+                    f"{self._max_bytes // 1_000_000} MB): informational events are refused "
+                    "and input is paused until deliveries free space")
+        return None
+
+    def listener(self) -> asyncio.Event:
+        """An event set after every commit that added deliveries; the forwarders wait on it."""
+        event = asyncio.Event()
+        self._listeners.add(event)
+        return event
+
+    def _notify(self) -> None:
+        for event in self._listeners:
+            event.set()
+
+    def _update_room(self) -> None:
+        had_room = self._room.is_set()
+        if self.back_pressure is None:
+            self._room.set()
+            if not had_room:
+                log.info("The outbox has room again; taking input")
+        else:
+            self._room.clear()
+            if had_room:
+                log.warning("Outbox back-pressure: %s", self.back_pressure)
+
+    # -- writes (group committed) -------------------------------------------------------------
+
+    async def commit(
+        self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None, *,
+        rejected: Sequence[RejectedInput] = (), lots: Sequence[LotStatus] = (),
+        resolved_inputs: Sequence[int] = (), wait: bool = True,
+    ) -> CommitResult:
+        """Durably store new events, the rule state that produced them, and the inputs that
+        were rejected on the way, atomically; forget the input dead letters in
+        `resolved_inputs` (reingested: what they produced is in this commit).
+
+        An event id committed before (still held, or delivered within the journal's
+        retention) is ignored and counted: re-deriving events after a crash gives the same
+        ids. Over the disk budget, informational events are refused and counted, and the call
+        waits for room before it commits business events (or raises OutboxFull when `wait`
+        is False). Returns once the transaction is on disk.
+        """
+        refused = 0
+        if not self._room.is_set():
+            kept = [e for e in events if e.priority < Priority.INFORMATIONAL]
+            refused = len(events) - len(kept)
+            if refused:
+                self.stats.refused_informational += refused
+                log.warning("Refused %d informational event(s): %s", refused,
+                            self.back_pressure)
+            events = kept
+            if events or state or rejected or resolved_inputs:
+                if not wait:
+                    raise OutboxFull(self.back_pressure or "the outbox is full")
+                await self._room.wait()
+        now = time.time()
+        state_rows = list((state or {}).items())
+
+        def run(db: sqlite3.Connection) -> tuple[set[str], list[tuple[str, str, int, int]]]:
+            inserted: set[str] = set()
+            new_rows: list[tuple[str, str, int, int]] = []
+            for event in events:
+                cursor = db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
+                                    " ON CONFLICT(id) DO NOTHING", (event.id, now))
+                if cursor.rowcount == 0:
+                    continue  # held, delivered or routed nowhere before: the same event
+                inserted.add(event.id)
+                if not event.destinations:
+                    continue
+                seq = db.execute(
+                    "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)", (event.id, event.type, event.partition_key,
+                                                   event.priority, event.payload, now)
+                ).lastrowid
+                assert seq is not None
+                db.executemany(
+                    "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
+                    " state, attempts, next_attempt_at)"
+                    f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
+                    [(seq, d, event.partition_key, event.priority) for d in event.destinations])
+                new_rows += [(d, event.partition_key, seq, event.priority)
+                             for d in event.destinations]
+            if state_rows:
+                db.executemany(
+                    "INSERT INTO rule_state(key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
+            for r in rejected:
+                row = (storable(r.source), storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
+                       storable(r.kept_reason()), r.received_at,
+                       None if r.message_id is None else storable(r.message_id))
+                if r.replaces is None:
+                    db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
+                               " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
+                else:
+                    db.execute("UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
+                               " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
+                               (*row, r.replaces))
+            if resolved_inputs:
+                db.executemany("DELETE FROM rejected_inputs WHERE id = ?",
+                               [(number,) for number in resolved_inputs])
+            for lot in lots:
+                db.execute(
+                    "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(lot_id) DO UPDATE SET"
+                    " status = excluded.status, since = excluded.since, source = excluded.source,"
+                    " order_id = COALESCE(excluded.order_id, order_id),"
+                    " material = COALESCE(excluded.material, material)"
+                    + ("" if lot.decided else " WHERE false"),
+                    (lot.lot_id, lot.status, lot.since, lot.source, lot.order_id, lot.material))
+            return inserted, new_rows
+
+        inserted, new_rows = await self._submit(run, max(1, len(events) + len(rejected)))
+        self.stats.rejected_inputs += len(rejected)
+        for destination, key, seq, priority in new_rows:
+            self._pending[destination] += 1
+            heads = self._heads.setdefault(destination, {})
+            if key not in heads:
+                heads[key] = Head(seq, priority, 0.0)
+        duplicates = len(events) - len(inserted)
+        self.stats.committed += len(inserted)
+        self.stats.duplicates_ignored += duplicates
+        if new_rows:
+            self._notify()
+        return CommitResult(len(inserted), duplicates, refused, frozenset(inserted))
+
+    async def ack(
+        self, delivery: Delivery, *, status: int | None, reference: str | None = None
+    ) -> None:
+        """The destination took the event: journal it and forget the delivery."""
+        await self.settle([Settlement(delivery, "delivered", status, reference=reference)])
+
+    async def retry(
+        self, delivery: Delivery, *, at: float, status: int | None, error: str
+    ) -> None:
+        """Keep the delivery, to be tried again at `at` (Unix time, persisted)."""
+        await self.settle([Settlement(delivery, "retry", status, retry_at=at, reason=error)])
+
+    async def dead_letter(self, delivery: Delivery, *, status: int | None, reason: str) -> None:
+        """A permanent rejection: park the delivery with its reason; its key moves on."""
+        await self.settle([Settlement(delivery, "dead", status, reason=reason)])
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Record what became of leased deliveries (one request's outcomes, or several), as
+        one piece of work in one group-committed transaction (buffer/outbox/settle.py says
+        how, and why a key's later retries in one call wait behind its first). Returns once
+        it is durable; each key touched then has its oldest delivery still owed as head."""
+        if not settlements:
+            return
+        settled = sort_settlements(settlements)
+        settled = await self._submit(lambda db: write_settlements(db, settled),
+                                     len(settlements))
+        ours = {(s.delivery.destination, s.delivery.seq) for s in settlements}
+        for (destination, key), head in settled.heads.items():
+            heads = self._heads.get(destination, {})
+            current = heads.get(key)
+            if current is not None and (destination, current.seq) not in ours:
+                continue  # a head that is not one of these: someone else already moved it
+            if head is None:
+                heads.pop(key, None)
+            else:
+                heads[key] = head
+        for done in (*settled.delivered, *settled.dead):
+            self._pending[done.delivery.destination] -= 1
+        for dead in settled.dead:
+            self._dead[dead.delivery.destination] += 1
+        self.stats.delivered += len(settled.delivered)
+        self.stats.retries += len(settled.retried)
+        self.stats.dead_lettered += len(settled.dead)
+        if settled.dead:
+            self._notify()
+
+    async def retry_dead(self, event_id: str | None = None, destination: str | None = None,
+                         *, hand: HandAction | None = None) -> int:
+        """Put dead letters back in line (one event, or all); returns how many. They go in
+        commit order with their key's other deliveries, and their attempts start over. `hand`
+        is journalled in the same transaction."""
+        def run(db: sqlite3.Connection) -> tuple[int, dict[str, dict[str, Head]],
+                                                 tuple[Counter[str], Counter[str]]]:
+            where, args = dead_filter(event_id, destination)
+            cursor = db.execute(
+                f"UPDATE deliveries SET state = {DeliveryState.PENDING:d}, attempts = 0,"
+                " next_attempt_at = 0, dead_at = NULL"
+                f" WHERE state = {DeliveryState.DEAD:d}{where}", args)
+            if hand is not None:
+                write_hand_action(db, hand, cursor.rowcount)
+            return cursor.rowcount, load_heads(db), load_counts(db)
+
+        count, self._heads, (self._pending, self._dead) = await self._submit(run, 1)
+        self.stats.dead_retried += count
+        if count:
+            self._notify()
+        return int(count)
+
+    async def purge_dead(self, event_id: str | None = None, destination: str | None = None,
+                         *, hand: HandAction | None = None) -> int:
+        """Delete dead letters for good (one event, or all); returns how many. `hand` is
+        journalled in the same transaction."""
+        def run(db: sqlite3.Connection) -> list[tuple[int, str]]:
+            where, args = dead_filter(event_id, destination)
+            found: list[tuple[int, str]] = db.execute(
+                "SELECT event_seq, destination FROM deliveries"
+                f" WHERE state = {DeliveryState.DEAD:d}{where}",
+                args).fetchall()
+            db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?",
+                           found)
+            for seq, _ in found:
+                drop_if_done(db, seq)
+            if hand is not None:
+                write_hand_action(db, hand, len(found))
+            return found
+
+        purged = await self._submit(run, 1)
+        for _, name in purged:
+            self._dead[name] -= 1
+        return len(purged)
+
+    async def record_hand_action(self, action: HandAction, affected: int = 1) -> None:
+        """Journal a hand action that changed nothing in the outbox itself (a trusted
+        certificate); one that does should journal in its own transaction (`hand=`)."""
+        await self._submit(lambda db: write_hand_action(db, action, affected), 1)
+
+    async def prune(self, retention: float, now: float | None = None) -> int:
+        """Forget journal rows, remembered ids, input dead letters and hand actions older
+        than `retention` seconds."""
+        cutoff = (time.time() if now is None else now) - retention
+
+        def run(db: sqlite3.Connection) -> int:
+            pruned = db.execute("DELETE FROM journal WHERE delivered_at < ?", (cutoff,)).rowcount
+            db.execute("DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN"
+                       " (SELECT id FROM events)", (cutoff,))
+            db.execute("DELETE FROM rejected_inputs WHERE received_at < ?", (cutoff,))
+            db.execute("DELETE FROM hand_actions WHERE at < ?", (cutoff,))
+            return int(pruned)
+
+        return int(await self._submit(run, 1))
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def load_state(self) -> dict[str, str]:
+        return dict(await self._read(lambda db: db.execute(
+            "SELECT key, value FROM rule_state").fetchall()))
+
+    async def lease(
+        self, destination: str, limit: int, *, busy_keys: Iterable[str] = (),
+        now: float | None = None, per_key: int = 1,
+    ) -> list[Delivery]:
+        """Up to `limit` deliveries that are due: the head of each partition key not in
+        `busy_keys`, most urgent priority class first, then commit order; with `per_key`
+        above 1, each head followed by up to `per_key - 1` of its key's next deliveries in
+        commit order (a run, kept together in the list), for a target that takes several
+        events of one key in one request and processes them in order. One read for all."""
+        busy = set(busy_keys)
+        when = time.time() if now is None else now
+        heads = self._heads.get(destination, {})
+        due = sorted((head.priority, head.seq, key) for key, head in heads.items()
+                     if head.due <= when and key not in busy)[:limit]
+        if not due:
+            return []
+        seqs = [seq for _, seq, _ in due]
+        select = ("SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
+                  " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+                  f" WHERE d.destination = ? AND d.state = {DeliveryState.PENDING:d}")
+
+        def run(db: sqlite3.Connection) -> list[Delivery]:
+            if per_key <= 1:
+                marks = ",".join("?" * len(seqs))
+                rows = {row[0]: row for row in db.execute(
+                    f"{select} AND d.event_seq IN ({marks})", (destination, *seqs))}
+                return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs
+                        if seq in rows]
+            leased: list[Delivery] = []
+            for _, seq, key in due:
+                room = min(per_key, limit - len(leased))
+                if room <= 0:
+                    break
+                leased += [Delivery(row[0], destination, *row[1:]) for row in db.execute(
+                    f"{select} AND d.partition_key = ? AND d.event_seq >= ?"
+                    " ORDER BY d.event_seq LIMIT ?", (destination, key, seq, room))]
+            return leased
+
+        return await self._read(run)
+
+    async def next_due(self, destination: str) -> float | None:
+        """Unix time at which the earliest head of a key of `destination` is due."""
+        heads = self._heads.get(destination)
+        return min((h.due for h in heads.values()), default=None) if heads else None
+
+    async def counts(self) -> dict[str, DestinationCounts]:
+        """Per destination: owed deliveries, those retrying, dead letters, oldest age. Kept in
+        memory; only the oldest pending event's time is read."""
+        now = time.time()
+        result: dict[str, DestinationCounts] = {}
+        oldest: dict[str, int] = {}
+        for destination in sorted(set(self._pending) | set(self._dead)):
+            pending, dead = self._pending[destination], self._dead[destination]
+            if not pending and not dead:
+                continue
+            heads = self._heads.get(destination, {}).values()
+            result[destination] = DestinationCounts(
+                pending=pending, dead=dead, retrying=sum(1 for h in heads if h.attempts))
+            if heads:
+                oldest[destination] = min(h.seq for h in heads)
+
+        def run(db: sqlite3.Connection) -> dict[str, float]:
+            # A head may have been delivered since it was looked at: then it has no row.
+            found = {name: db.execute("SELECT created_at FROM events WHERE seq = ?",
+                                      (seq,)).fetchone() for name, seq in oldest.items()}
+            return {name: row[0] for name, row in found.items() if row is not None}
+
+        if oldest:
+            for name, created in (await self._read(run)).items():
+                result[name].oldest_pending_age = now - created
+        return result
+
+    async def journal(self, since: float = 0.0, limit: int | None = None
+                      ) -> list[dict[str, Any]]:
+        """Deliveries made, oldest first, from the journal (kept for the retention)."""
+        return await self._read(lambda db: reports.journal(db, since, limit))
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Dead letters of every destination, in the order they died."""
+        return await self._read(reports.dead_letters)
+
+    async def lot_status(self, lot_id: str) -> LotStatus | None:
+        row = await self._read(lambda db: db.execute(
+            "SELECT lot_id, status, since, source, order_id, material FROM lot_status"
+            " WHERE lot_id = ?", (lot_id,)).fetchone())
+        return None if row is None else LotStatus(*row)
+
+    async def rejected_inputs(self, since: float = 0.0, limit: int = 100
+                              ) -> list[dict[str, Any]]:
+        """Input dead letters, newest first."""
+        return await self._read(lambda db: reports.rejected_inputs(db, since, limit))
+
+    async def rejected_input(self, number: int) -> RejectedInput | None:
+        """One input dead letter as it was kept (payload as bytes), by its id."""
+        row = await self._read(lambda db: db.execute(
+            "SELECT source, topic, payload, reason, received_at, message_id"
+            " FROM rejected_inputs WHERE id = ?", (number,)).fetchone())
+        if row is None:
+            return None
+        source, topic, payload, reason, received_at, message_id = row
+        return RejectedInput(source, topic, payload, reason, received_at, message_id,
+                             replaces=number)
+
+    async def rejected_count(self) -> dict[str, int]:
+        """Input dead letters held, per source (driver)."""
+        return dict(await self._read(lambda db: db.execute(
+            "SELECT source, COUNT(*) FROM rejected_inputs GROUP BY source").fetchall()))
+
+    async def hand_actions(self, since: float = 0.0, limit: int = 100
+                           ) -> list[dict[str, Any]]:
+        """The hand-action journal, oldest first."""
+        return await self._read(lambda db: reports.hand_actions(db, since, limit))
+
+    async def event_state(self, event_id: str) -> dict[str, str]:
+        """Per destination, where an event stands: `pending`, `dead` or `delivered`."""
+        return await self._read(lambda db: reports.event_state(db, event_id))
+
+    async def deliveries(self, *, destination: str | None = None,
+                         state: reports.DeliveryFilter = "pending", limit: int = 100
+                         ) -> list[dict[str, Any]]:
+        """Owed deliveries in commit order: state `pending`, `retrying` or `dead`."""
+        return await self._read(lambda db: reports.deliveries(db, destination, state, limit))
+
+    async def show(self, event_id: str) -> dict[str, Any] | None:
+        """One event: its payload, each destination's delivery, and its journal rows."""
+        return await self._read(lambda db: reports.show(db, event_id))
+
+    # -- machinery ----------------------------------------------------------------------------
+
+    async def _read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        # Reads go to a read-only connection on a thread of their own (WAL lets them run beside
+        # the writer), so a lease never queues behind disk-synced commits. What they read was
+        # committed before the in-memory heads pointed at it.
+        loop = asyncio.get_running_loop()
+        if self._reader is None or self._reader_db is None:
+            return await loop.run_in_executor(self._executor, run, self._db)
+        return await loop.run_in_executor(self._reader, run, self._reader_db)
+
+    async def _submit(self, run: Callable[[sqlite3.Connection], T], rows: int) -> T:
+        if self._closed:
+            raise RuntimeError("the outbox is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(Work(run, rows, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # Take what has queued up, at once: whatever arrives while this transaction runs
+            # makes the next one. A linger (`commit_interval`) only helps on slow storage.
+            first = await self._queue.get()
+            batch = [first]
+            rows = first.rows
+            deadline = loop.time() + self._commit_interval
+            while rows < self._commit_max_rows:
+                if self._queue.empty():
+                    timeout = deadline - loop.time()
+                    if timeout <= 0:
+                        break
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+                    # cancellation that arrives as the queue hands over work, and the writer
+                    # then waits on, unstoppable (found by the crash model test).
+                    try:
+                        async with asyncio.timeout(timeout):
+                            work = await self._queue.get()
+                    except TimeoutError:
+                        break
+                else:
+                    work = self._queue.get_nowait()
+                batch.append(work)
+                rows += work.rows
+            outcomes = await self._run_until_stored(batch)
+            for work, outcome in zip(batch, outcomes, strict=True):
+                if not work.future.done():
+                    if isinstance(outcome, BaseException):
+                        work.future.set_exception(outcome)
+                    else:
+                        work.future.set_result(outcome)
+                self._queue.task_done()
+
+    async def _run_until_stored(self, batch: Sequence[Work]) -> list[Any]:
+        """Run a batch as one transaction. A full disk is waited out, never dropped."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                outcomes, used = await loop.run_in_executor(self._executor, transaction,
+                                                            self._db, batch)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                    log.error("Outbox transaction failed and was rolled back: %s", exc)
+                    return [exc] * len(batch)
+                if not self.disk_full:
+                    self.disk_full = True
+                    self.stats.disk_full_waits += 1
+                    self._update_room()
+                await asyncio.sleep(1.0)
+                continue
+            except Exception as exc:
+                log.error("Outbox transaction failed and was rolled back: %s", exc)
+                return [exc] * len(batch)
+            self.stats.transactions += 1
+            self.disk_full = False
+            self.used_bytes = used
+            self._update_room()
+            return outcomes
+
