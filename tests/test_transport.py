@@ -9,6 +9,7 @@ import asyncio
 import socket
 
 import httpx
+import pytest
 
 from edge.config import DestinationConfig
 from edge.forward.outcome import Outcome, transport_failure
@@ -58,3 +59,13 @@ async def test_a_server_that_read_the_request_and_hung_up_is_ambiguous() -> None
             result = transport_failure(error, 5.0)
             assert (result.outcome, result.ambiguous) == (Outcome.RETRY, True), transport
     assert len(received) == 2 and all(r.startswith(b"POST /api/events") for r in received)
+
+
+def test_a_proxy_in_the_environment_is_named_when_the_transport_ignores_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.plant:3128")
+    make_client("erp", config("https://erp.example"))
+    assert "ignores the proxy in HTTPS_PROXY" in caplog.text
+    caplog.clear()
+    make_client("erp", config("https://erp.example", "httpcore"))
+    assert "proxy" not in caplog.text
