@@ -329,9 +329,11 @@ def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
 
 
 def _figures(measured: Measured) -> dict[str, float]:
-    return {"count": measured.count, "seconds": round(measured.seconds, 3),
-            "rate": round(measured.rate), "cpu_us": round(measured.cpu_us_per_unit, 1),
-            "rss_mb": round(measured.rss_after, 1)}
+    figures = {"count": measured.count, "seconds": round(measured.seconds, 3),
+               "rate": round(measured.rate), "cpu_us": round(measured.cpu_us_per_unit, 1)}
+    if measured.rss_after:
+        figures["rss_mb"] = round(measured.rss_after, 1)
+    return figures
 
 
 # --- MQTT ------------------------------------------------------------------------------------
