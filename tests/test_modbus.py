@@ -189,7 +189,7 @@ def modbus_warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "drivers.modbus" and text in record.getMessage()
+        if record.name.startswith("drivers.modbus") and text in record.getMessage()
     ]
 
 
@@ -1514,7 +1514,7 @@ routes: {{}}
 def test_check_warns_about_modicon_style_addresses_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from edge.cli import main
+    from edge.cli.main import main
 
     plant = tmp_path / "plant.yaml"
     plant.write_text(f"""site: "1010"

@@ -149,7 +149,7 @@ def opcua_logs(caplog: pytest.LogCaptureFixture, text: str, level: int | None = 
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "drivers.opcua"
+        if record.name.startswith("drivers.opcua")
         and text in record.getMessage()
         and (level is None or record.levelno == level)
     ]

@@ -27,7 +27,7 @@ import httpx
 from buffer.outbox import Delivery, Outbox, Settlement
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import Profile, create_profile
