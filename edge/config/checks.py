@@ -23,6 +23,7 @@ from edge.config.models import (
     PlantConfig,
     is_loopback_host,
 )
+from edge.hub.settings import NatsNoAuth
 from edge.model.codes import REC21_PACKAGE_CODES
 from edge.model.events import EVENT_MODELS
 
@@ -74,6 +75,7 @@ def cross_check(config: PlantConfig) -> Iterator[Problem]:
         yield Problem(("quality", "qms"), f"destination {qms!r} has profile "
                        f"{destination.profile}; dispositions are polled from a qms_rest one")
     yield from _sap_problems(config)
+    yield from _ops_problems(config)
     for event_type, destinations in config.routes.items():
         if event_type not in EVENT_MODELS:
             close = difflib.get_close_matches(event_type, list(EVENT_MODELS), n=1)
@@ -90,6 +92,40 @@ def cross_check(config: PlantConfig) -> Iterator[Problem]:
                 yield Problem(("routes", event_type, j),
                                f"destination {name!r} (profile {destination.profile}) cannot "
                                f"take {event_type}; it takes {', '.join(sorted(supported))}")
+
+
+def _ops_problems(config: PlantConfig) -> Iterator[Problem]:
+    """Names the `reconcile:` and `exceptions:` sections refer to."""
+    erp = config.reconcile.erp
+    if erp is not None and erp not in config.destinations:
+        yield Problem(("reconcile", "erp"), f"no destination named {erp!r} under destinations")
+    elif erp is not None and config.destinations[erp].profile not in ("sap_s4hana", "canonical"):
+        yield Problem(("reconcile", "erp"), f"destination {erp!r} has profile "
+                      f"{config.destinations[erp].profile}; reconcile reads a sap_s4hana or "
+                      "canonical ERP")
+    roles = config.exceptions.roles
+    for kind, named in config.exceptions.routes.items():
+        for j, role in enumerate(named):
+            # With no roles configured, every role is heard through GET /exceptions and
+            # status only; once some are, a name that is none of them is a typo.
+            if roles and role not in roles:
+                yield Problem(("exceptions", "routes", kind, j),
+                              f"no role named {role!r} under exceptions.roles")
+    for role, channels in roles.items():
+        for j, name in enumerate(channels.webhook):
+            destination = config.destinations.get(name)
+            if destination is None:
+                yield Problem(("exceptions", "roles", role, "webhook", j),
+                              f"no destination named {name!r} under destinations")
+            elif destination.profile != "canonical":
+                yield Problem(("exceptions", "roles", role, "webhook", j),
+                              f"destination {name!r} has profile {destination.profile}; a "
+                              "webhook is a canonical destination (JSON POST)")
+        if channels.mqtt is not None and not any(
+                isinstance(d, MqttConfig) and d.name == channels.mqtt.driver
+                for d in config.drivers):
+            yield Problem(("exceptions", "roles", role, "mqtt", "driver"),
+                          f"no MQTT driver named {channels.mqtt.driver!r} under drivers")
 
 
 def _sap_problems(config: PlantConfig) -> Iterator[Problem]:
@@ -201,6 +237,14 @@ def cleartext_secrets(config: PlantConfig) -> Iterator[tuple[Loc, str, str]]:
                 base.hostname or ""):
             yield ((*at, "base_url"), f"destination {name}'s {auth.type} credentials",
                    base.hostname or "?")
+        if destination.profile == "jetstream" and not isinstance(
+                destination.jetstream.auth, NatsNoAuth):
+            for url in (destination.base_url, *destination.jetstream.servers):
+                server = urlsplit(url)
+                if server.scheme == "nats" and not is_loopback_host(server.hostname or ""):
+                    yield ((*at, "base_url"), f"destination {name}'s NATS "
+                           f"{destination.jetstream.auth.type}", server.hostname or "?")
+                    break
         if isinstance(auth, OAuth2ClientCredentials):
             token = urlsplit(auth.token_url)
             if token.scheme == "http" and not is_loopback_host(token.hostname or ""):

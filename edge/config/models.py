@@ -27,7 +27,9 @@ from drivers.common.timing import Duration
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
 from drivers.opcua import OpcUaConfig
+from edge.hub.settings import JetStreamSettings
 from edge.model.codes import BUILTIN_UOM_CODES
+from edge.ops.settings import ExceptionsConfig, ReconcileConfig
 
 DriverConfig = Annotated[ModbusConfig | OpcUaConfig | MqttConfig, Field(discriminator="type")]
 
@@ -369,7 +371,7 @@ class RetryPolicy(Strict):
     cap: Duration = Field(300.0, description="Longest wait between two attempts.")
 
 
-Profile = Literal["canonical", "sap_s4hana", "qms_rest"]
+Profile = Literal["canonical", "sap_s4hana", "qms_rest", "jetstream"]
 
 
 class SapUsageDecision(Strict):
@@ -443,16 +445,20 @@ PROFILE_EVENT_TYPES: dict[str, frozenset[str] | None] = {
                              "lot.disposition"}),
     "qms_rest": frozenset({"inspection.requested", "inspection.result",
                            "nonconformance.raised"}),
+    "jetstream": None,  # the hub takes every type; its relays route them
 }
 """Which event types each profile can map (None: all of them)."""
 
 
 class DestinationConfig(Strict):
-    base_url: str = Field(description="Base URL of the API.", pattern=r"^https?://")
+    base_url: str = Field(description="Base URL of the API; for profile jetstream, a NATS "
+                          "server (nats://host:4222, tls://host:4222).",
+                          pattern=r"^(https?|nats|tls)://")
     profile: Profile = Field(
         "canonical", description="How events are shaped for this target: canonical "
         "(CloudEvents JSON, Idempotency-Key), sap_s4hana (production order confirmation and "
-        "usage decision OData services), qms_rest (a generic REST QMS).")
+        "usage decision OData services), qms_rest (a generic REST QMS), jetstream (the hub: "
+        "a NATS JetStream stream, README: Beyond one plant).")
     path: str = Field("/events", description="canonical: path under base_url that takes one "
                       "event; sap_s4hana and qms_rest know their own paths.")
     batch_path: str | None = Field(
@@ -483,6 +489,18 @@ class DestinationConfig(Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
     sap: SapConfig = Field(default_factory=SapConfig)  # type: ignore[arg-type]
+    jetstream: JetStreamSettings = Field(default_factory=JetStreamSettings)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _jetstream_url(self) -> DestinationConfig:
+        nats = self.base_url.startswith(("nats://", "tls://"))
+        if (self.profile == "jetstream") != nats:
+            raise ValueError("profile jetstream takes a nats:// or tls:// base_url, the "
+                             "other profiles an http(s):// one")
+        if self.profile == "jetstream" and not isinstance(self.auth, NoAuth):
+            raise ValueError("a jetstream destination's credentials go under jetstream.auth "
+                             "(token, user_password, creds, nkey)")
+        return self
 
 
 class QualityConfig(Strict):
@@ -536,6 +554,8 @@ class PlantConfig(Strict):
     routes: dict[str, list[str]] = Field(
         default_factory=dict, description="Event type to the destinations that receive it."
     )
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
+    exceptions: ExceptionsConfig = Field(default_factory=ExceptionsConfig)  # type: ignore[arg-type]
 
     @field_validator("uom_codes")
     @classmethod

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 
 import httpx
 
-from buffer.outbox import Delivery, Outbox, Settlement
+from buffer.outbox import Delivery, Settlement
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
 from edge.config.models import DestinationConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import Profile, create_profile
+from edge.forward.queue import DeliveryQueue
 from edge.forward.session import Session, make_client
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class ForwarderHealth:
     last_error: str | None = None
     latency_sum: float = 0.0
     requests: int = 0
+    attempts: int = 0
+    """Deliveries attempted (one per event per try), for the integration failure rate."""
+    failed_attempts: int = 0
+    """Attempts that will be retried (timeouts, 5xx, 408/409/425/429, refused)."""
+    dead_lettered: int = 0
 
     @property
     def reachable(self) -> bool | None:
@@ -84,7 +90,7 @@ class HttpForwarder:
     """Delivers one destination's events. Call order: `run()` until cancelled, or `drain()`
     to stop leasing and let `run()` return once what is in flight is settled."""
 
-    def __init__(self, name: str, config: DestinationConfig, outbox: Outbox,
+    def __init__(self, name: str, config: DestinationConfig, outbox: DeliveryQueue,
                  client: httpx.AsyncClient | None = None) -> None:
         self.name = name
         self.config = config
@@ -108,6 +114,7 @@ class HttpForwarder:
             if client is None:
                 client = await stack.enter_async_context(make_client(self.name, self.config))
             self.profile = create_profile(self.config, Session(self.config, client))
+            stack.push_async_callback(self.profile.close)
             try:
                 await self._lease_loop(self.profile)
             finally:
@@ -256,6 +263,7 @@ class HttpForwarder:
                      extra={"destination": self.name})
 
     def _settlement(self, delivery: Delivery, result: Result) -> Settlement:
+        self.health.attempts += 1
         match result.outcome:
             case Outcome.DELIVERED:
                 return Settlement(delivery, "delivered", result.status,
@@ -264,11 +272,13 @@ class HttpForwarder:
                 backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
                                   attempt=delivery.attempts)
                 # The target said when: believe it (capped). Otherwise back off with jitter.
+                self.health.failed_attempts += 0 if result.not_ready else 1
                 delay = (min(result.retry_after, self.config.retry.cap)
                          if result.retry_after is not None else backoff.next_delay())
                 return Settlement(delivery, "retry", result.status, retry_at=time.time() + delay,
                                   reason=result.reason)
             case Outcome.REJECTED:
+                self.health.dead_lettered += 1
                 log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "
                           "letters", self.name, delivery.event_id, delivery.event_type,
                           delivery.partition_key, result.reason,

@@ -104,6 +104,9 @@ class GatewayFacts:
     kpi_untracked: int = 0
     """Events or lots that fell out of the KPI bounds unmeasured."""
     reloads: Mapping[str, int] = field(default_factory=dict)
+    operations: Mapping[str, Any] = field(default_factory=dict)
+    """Open exceptions, the eight KPIs and the last reconciliation (`edge.ops.watch`); in
+    `plantsync status` from the database, the open exceptions only."""
 
 
 class GatewayView(Protocol):
@@ -128,6 +131,10 @@ class GatewayView(Protocol):
     async def perform(self, operation: Operation, args: dict[str, Any], who: str) -> Any: ...
 
     async def lot_status(self, lot_id: str) -> dict[str, Any]: ...
+
+    def exception_list(self, state: str, since: float, limit: int) -> list[dict[str, Any]]: ...
+
+    def reconciliation(self) -> dict[str, Any]: ...
 
 
 def orphaned(facts: GatewayFacts) -> dict[str, DestinationCounts]:
@@ -294,6 +301,7 @@ def status_report(facts: GatewayFacts) -> dict[str, Any]:
                                "by_source": dict(sorted(facts.input_dead_letters.items()))},
         "alarms": found,
         "config_reloads": dict(facts.reloads),
+        **facts.operations,
     }
 
 

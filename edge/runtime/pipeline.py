@@ -133,6 +133,9 @@ class Pipeline:
         self.qms_cursor = saved.get(QMS_CURSOR_KEY, "0")
         self._lots: list[LotStatus] = []
         self._followups: list[CloudEvent] = []
+        self.order_observer: Callable[[Sequence[OrderStarted | OrderEnded]], None] | None = None
+        """Sees the MES order starts and ends each commit carried (the order ledger)."""
+        self._order_inputs: list[OrderStarted | OrderEnded] = []
         self.samples_by_driver: Counter[str] = Counter()
         self.events_by_type: Counter[str] = Counter()
         self.rejected_by_driver: Counter[str] = Counter()
@@ -320,6 +323,7 @@ class Pipeline:
                 return [], None, problem
         at = order.occurred_at.timestamp()
         if isinstance(order, OrderStarted):
+            self._order_inputs.append(order)
             self.known_orders.setdefault(order.order_id, at)
             while len(self.known_orders) > KEEP_ORDERS:
                 self.known_orders.pop(next(iter(self.known_orders)))
@@ -328,6 +332,11 @@ class Pipeline:
             return rule.start_order(order.binding(), at), rule, None
         assert isinstance(order, OrderEnded)
         events, problem = rule.end_order(order.order_id, order.operation, at)
+        if problem is None:
+            # An end that names no operation ended the bound one: say which, for the ledger.
+            ended = order.operation or next((str(e.data["operation"]) for e in events
+                                             if e.data.get("operation")), None)
+            self._order_inputs.append(order.model_copy(update={"operation": ended}))
         return events, rule, problem
 
     def _mes_event(self, message: MesMessage, fields: dict[str, Any]
@@ -428,6 +437,7 @@ class Pipeline:
         state[QMS_CURSOR_KEY] = self.qms_cursor
         events = [*events, *self._followups]
         lots, self._lots, self._followups = self._lots, [], []
+        order_inputs, self._order_inputs = self._order_inputs, []
         rows = [
             OutboxEvent(
                 id=event.id, type=event.type, partition_key=event.partitionkey,
@@ -442,6 +452,8 @@ class Pipeline:
         events = [event for event in events if event.id in result.new_ids]
         if self._observer is not None:
             self._observer(events, rejected)
+        if self.order_observer is not None and order_inputs:
+            self.order_observer(order_inputs)
         for event in events:
             self.events_by_type[event.type] += 1
             made_from = (f", from MES message {event.sourcemessageid}"

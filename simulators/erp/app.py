@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 import simulators.erp
 from simulators.erp.canonical import CanonicalApi, InvalidEvent, short_type
+from simulators.erp.confirmed import confirmed_routes
 from simulators.erp.faults import Counters, FaultActions, Faults, ScriptedFaults, status_sequence
 from simulators.erp.sap_metadata import (
     CONFIRMATION_SERVICE,
@@ -427,6 +428,7 @@ def create_app(
         odata(f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
               sap.list_material_document_items),
         Route("/events", simulator.list_events, methods=["GET"]),
+        *confirmed_routes(store, guard),  # reconciliation: simulators/erp/confirmed.py
         Route("/_sim/sap/inspection-lots", simulator.sap_inspection_lots, methods=["GET"]),
         Route("/_sim/sap/material-documents", simulator.sap_material_documents,
               methods=["GET"]),
