@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from drivers.mqtt import MqttConfig
 from edge.config.errors import Loc, Problem
 from edge.config.models import (
+    ORDERS_DESTINATION,
     PROFILE_EVENT_TYPES,
     DestinationConfig,
     NoAuth,
@@ -74,6 +75,7 @@ def cross_check(config: PlantConfig) -> Iterator[Problem]:
     elif qms is not None and destination is not None and destination.profile != "qms_rest":
         yield Problem(("quality", "qms"), f"destination {qms!r} has profile "
                        f"{destination.profile}; dispositions are polled from a qms_rest one")
+    yield from _orders_problems(config)
     yield from _sap_problems(config)
     yield from _ops_problems(config)
     for event_type, destinations in config.routes.items():
@@ -93,6 +95,24 @@ def cross_check(config: PlantConfig) -> Iterator[Problem]:
                                f"destination {name!r} (profile {destination.profile}) cannot "
                                f"take {event_type}; it takes {', '.join(sorted(supported))}")
 
+
+def _orders_problems(config: PlantConfig) -> Iterator[Problem]:
+    orders = config.orders
+    if ORDERS_DESTINATION in config.destinations:
+        yield Problem(("destinations", ORDERS_DESTINATION), f"{ORDERS_DESTINATION!r} is the "
+                       "name of the released orders' MQTT destination: choose another name")
+    if orders is None:
+        if config.validation.require_released_order:
+            yield Problem(("validation", "require_released_order"),
+                           "needs the orders section (which orders ERP released)")
+        return
+    source = config.destinations.get(orders.source)
+    if source is None:
+        yield Problem(("orders", "source"), f"no destination named {orders.source!r} under "
+                       "destinations")
+    elif source.profile not in ("sap_s4hana", "canonical"):
+        yield Problem(("orders", "source"), f"destination {orders.source!r} has profile "
+                       f"{source.profile}; orders are polled from a sap_s4hana or canonical one")
 
 def _ops_problems(config: PlantConfig) -> Iterator[Problem]:
     """Names the `reconcile:` and `exceptions:` sections refer to."""
@@ -250,11 +270,16 @@ def cleartext_secrets(config: PlantConfig) -> Iterator[tuple[Loc, str, str]]:
             if token.scheme == "http" and not is_loopback_host(token.hostname or ""):
                 yield ((*at, "auth", "token_url"), f"destination {name}'s OAuth client secret",
                        token.hostname or "?")
+    mes = config.orders.mes if config.orders is not None else None
+    if mes is not None and mes.password is not None and mes.tls is None and (
+            not is_loopback_host(mes.host)):
+        yield (("orders", "mes", "password"), "the order publisher's MQTT password", mes.host)
 
 
 def _allows_insecure(config: PlantConfig, loc: Loc) -> bool:
     section: Any = config.drivers[int(loc[1])] if loc[0] == "drivers" else (
-        config.destinations[str(loc[1])])
+        config.orders.mes if loc[0] == "orders" and config.orders is not None
+        else config.destinations[str(loc[1])])
     return bool(getattr(section, "allow_insecure", False))
 
 

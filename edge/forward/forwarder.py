@@ -21,16 +21,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
 from buffer.outbox import Delivery, Settlement
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
-from edge.config.models import DestinationConfig
+from edge.config.models import DestinationConfig, OrdersMesConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
-from edge.forward.profiles import Profile, create_profile
+from edge.forward.profiles import create_profile
 from edge.forward.queue import DeliveryQueue
 from edge.forward.session import Session, make_client
 
@@ -86,22 +87,35 @@ class TokenBucket:
             await asyncio.sleep((min(count, self.rate) - self.tokens) / self.rate)
 
 
+class Sender(Protocol):
+    """What the engine needs of a profile: `send` as `Profile.send` promises it."""
+
+    batch_size: int
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Result]: ...
+
+
 class HttpForwarder:
     """Delivers one destination's events. Call order: `run()` until cancelled, or `drain()`
-    to stop leasing and let `run()` return once what is in flight is settled."""
+    to stop leasing and let `run()` return once what is in flight is settled.
 
-    def __init__(self, name: str, config: DestinationConfig, outbox: DeliveryQueue,
-                 client: httpx.AsyncClient | None = None) -> None:
+    `sender`, when given, is a non-HTTP destination (the MES order publisher): an async
+    context manager that yields its Sender; the engine runs it like a profile."""
+
+    def __init__(self, name: str, config: DestinationConfig | OrdersMesConfig,
+                 outbox: DeliveryQueue, client: httpx.AsyncClient | None = None, *,
+                 sender: contextlib.AbstractAsyncContextManager[Sender] | None = None) -> None:
         self.name = name
         self.config = config
         self._outbox = outbox
         self._client = client
+        self._sender = sender
         self._wake = outbox.listener()
         self._busy_keys: set[str] = set()
         self._draining = False
         self._bucket = TokenBucket(config.rate_limit) if config.rate_limit else None
         self._open_until = 0.0
-        self.profile: Profile | None = None
+        self.profile: Sender | None = None
         self.health = ForwarderHealth(Availability(
             name, log, extra={"destination": name},
             lost_says="Destination {peer} is failing ({reason}); events stay in the outbox and "
@@ -110,13 +124,22 @@ class HttpForwarder:
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
+            if self._sender is not None:
+                self.profile = await stack.enter_async_context(self._sender)
+                try:
+                    await self._lease_loop(self.profile)
+                finally:
+                    self.health.in_flight = 0
+                return
+            assert isinstance(self.config, DestinationConfig)
             client = self._client
             if client is None:
                 client = await stack.enter_async_context(make_client(self.name, self.config))
-            self.profile = create_profile(self.config, Session(self.config, client))
-            stack.push_async_callback(self.profile.close)
+            profile = create_profile(self.config, Session(self.config, client))
+            self.profile = profile
+            stack.push_async_callback(profile.close)
             try:
-                await self._lease_loop(self.profile)
+                await self._lease_loop(profile)
             finally:
                 self.health.in_flight = 0
 
@@ -125,7 +148,7 @@ class HttpForwarder:
         self._draining = True
         self._wake.set()
 
-    async def _lease_loop(self, profile: Profile) -> None:
+    async def _lease_loop(self, profile: Sender) -> None:
         batch_size = profile.batch_size
         # Requests leased ahead of a free slot, their keys busy: when a slot frees, the next
         # request starts at once, and the outbox read for the one after it overlaps the
@@ -193,7 +216,7 @@ class HttpForwarder:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    async def _deliver(self, profile: Profile, batch: Sequence[Delivery]) -> None:
+    async def _deliver(self, profile: Sender, batch: Sequence[Delivery]) -> None:
         # The request slot frees as soon as the answers are in; the keys stay busy until the
         # outcomes are committed, so a key's next event cannot overtake this one.
         try:
@@ -217,7 +240,7 @@ class HttpForwarder:
             self._busy_keys.difference_update(d.partition_key for d in batch)
             self._wake.set()
 
-    async def _send(self, profile: Profile, batch: Sequence[Delivery]) -> list[Result]:
+    async def _send(self, profile: Sender, batch: Sequence[Delivery]) -> list[Result]:
         try:
             results = await profile.send(batch)
         except AuthError as exc:

@@ -35,7 +35,7 @@ from buffer.outbox import DestinationCounts, Outbox, RejectedInput
 from drivers.base import Driver
 from drivers.mqtt import MqttDriver
 from edge.config.errors import ConfigError
-from edge.config.models import PlantConfig
+from edge.config.models import ORDERS_DESTINATION, PlantConfig
 from edge.config.secrets import secret_values
 from edge.forward import HttpForwarder
 from edge.model.envelope import CloudEvent
@@ -51,6 +51,9 @@ from edge.ops.reconcile import Reconciler, Reconciliation
 from edge.ops.settings import ExceptionKind
 from edge.ops.watch import ExceptionWatch, scorecard
 from edge.ops.watch import metrics as ops_metrics
+from edge.orders.book import OrderBook, OrderIssue
+from edge.orders.publisher import MesOrderPublisher
+from edge.orders.release import OrderRelease
 from edge.rules.mes import OrderEnded, OrderStarted
 from edge.runtime.pipeline import Pipeline
 from edge.runtime.quality import QualityLink
@@ -58,6 +61,11 @@ from edge.runtime.registry import create_driver
 from edge.runtime.systemd import Notifier, Supervisor
 
 log = logging.getLogger(__name__)
+
+
+ORDER_ISSUE_KINDS: dict[str, ExceptionKind] = {"order.invalid": "blocked_order",
+                                               "order.not_released": "unknown_order"}
+"""The order book's issue kinds as the exceptions module names them."""
 
 
 class Phase(enum.StrEnum):
@@ -118,11 +126,23 @@ class Gateway:
                                          for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
                            for name, destination in config.destinations.items()]
+        self.order_book: OrderBook | None = None
+        self.order_release: OrderRelease | None = None
+        if config.orders is not None:
+            book = OrderBook(saved_state, accept_within=config.orders.accept_within)
+            self.order_book = self.pipeline.order_book = book
+            self.order_release = OrderRelease(config, outbox, book)
+            self.forwarders.append(HttpForwarder(
+                ORDERS_DESTINATION, config.orders.mes, outbox,
+                sender=MesOrderPublisher.connected_to(config.orders.mes, config.site,
+                                                      self.pipeline.order_accepted)))
         self.quality = QualityLink(config, outbox, self.pipeline)
         self.exceptions = ExceptionBoard(config, self.ledger.db, outbox)
         self.reconciler = Reconciler(config, self.ledger.db, config.database_path,
                                      on_result=self._reconciled)
         self.exception_watch = ExceptionWatch(self, self.exceptions, self.ledger.db)
+        if self.order_book is not None:
+            self.order_book.listeners.append(self._order_issue)
         self.outbox_counts: dict[str, DestinationCounts] = {}
         self.input_dead_letters: dict[str, int] = {}
         self.started_at = time.time()
@@ -158,6 +178,9 @@ class Gateway:
             forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
                           for f in self.forwarders]
             quality = downstream.create_task(self.quality.run(), name="quality-dispositions")
+            if self.order_release is not None:
+                orders = downstream.create_task(self.order_release.run(),
+                                                name="order-release-poller")
             await _until_listening(server, api)
             async with asyncio.TaskGroup() as upstream:
                 upstream_tasks = [upstream.create_task(self.pipeline.run_ticks(),
@@ -188,7 +211,8 @@ class Gateway:
                              "the same outbox", config.shutdown_timeout)
                 await _cancel_until_done(upstream_tasks, deadline)
             await self._commit_barrier(deadline)
-            await _cancel_until_done([quality], deadline)
+            await _cancel_until_done([quality] + ([orders] if self.order_release else []),
+                                     deadline)
             for forwarder in self.forwarders:
                 forwarder.drain()
             if forwarding:
@@ -291,6 +315,21 @@ class Gateway:
         """Clear it once the condition ended; True if it was open."""
         return self.exceptions.clear_exception(kind, subject, because)
 
+    def _order_issue(self, issue: OrderIssue) -> None:
+        """The order release's issues as exceptions: an order ERP sent that the plant cannot
+        run (`blocked_order`), an MES start of an order ERP did not release (`unknown_order`);
+        each cleared once the order book says the condition ended."""
+        kind = ORDER_ISSUE_KINDS[issue.kind]
+        subject = f"order/{issue.order_id}"
+        if issue.cleared:
+            self.clear_exception(kind, subject, issue.reason)
+            return
+        correlation = {"order_id": issue.order_id}
+        if issue.correlation_id:
+            correlation["correlation_id"] = issue.correlation_id
+        self.raise_exception(kind, subject, issue.reason, correlation=correlation,
+                             inspect=issue.inspect)
+
     def _drivers_connected(self) -> dict[str, bool]:
         return {driver.name: driver.health.connected for driver in self.drivers}
 
@@ -371,7 +410,8 @@ class Gateway:
                 integrity_problem=outbox.integrity_problem,
                 stats=dataclasses.replace(outbox.stats),
                 database_bytes=self.database_bytes()),
-            configured_destinations=frozenset(self.config.destinations),
+            configured_destinations=frozenset(self.config.destinations) | (
+                {ORDERS_DESTINATION} if self.config.orders is not None else set()),
             uptime_seconds=now - self.started_at,
             input_dead_letters=dict(self.input_dead_letters),
             machines=[status.machine_status(rule) for rule in pipeline.rules],
@@ -383,6 +423,7 @@ class Gateway:
             delivered_since_start=dict(self.kpis.delivered),
             kpi_untracked=self.kpis.untracked,
             reloads=dict(self.control.reloads),
+            orders=self.orders_status(),
             operations=self._operations(now),
         )
 
@@ -418,7 +459,19 @@ class Gateway:
 
     def kpi_metrics(self) -> Iterator[Metric]:
         yield from self.kpis.collect()
+        if self.order_book is not None:
+            yield from self.order_book.collect()
         yield from ops_metrics(self)
+
+    def orders_status(self) -> dict[str, Any] | None:
+        """Released orders: the source's health and the order book's figures."""
+        if self.order_release is None or self.order_book is None:
+            return None
+        return {"source": self.order_release.orders.source,
+                "reachable": self.order_release.reachable,
+                "last_error": self.order_release.last_error,
+                "polls": self.order_release.polls, **self.order_book.figures(),
+                "issues": [issue.as_dict() for issue in list(self.order_book.issues)[-20:]]}
 
     def exception_list(self, state: str, since: float, limit: int) -> list[dict[str, Any]]:
         """`GET /exceptions`: newest first, `open`, `closed` or `all`."""
