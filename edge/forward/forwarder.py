@@ -91,6 +91,7 @@ class Sender(Protocol):
     """What the engine needs of a profile: `send` as `Profile.send` promises it."""
 
     batch_size: int
+    per_key: int
 
     async def send(self, deliveries: Sequence[Delivery]) -> list[Result]: ...
 
@@ -183,7 +184,7 @@ class HttpForwarder:
                 self._wake.clear()
                 await self._wake.wait()
 
-    def _start_ready(self, requests: asyncio.TaskGroup, profile: Profile,
+    def _start_ready(self, requests: asyncio.TaskGroup, profile: Sender,
                      ready: collections.deque[list[Delivery]]) -> None:
         """Send leased requests while there are free slots."""
         while ready and self._free_slots() > 0:
