@@ -54,9 +54,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_config(tmp_path: Path, *, plc_port: int, broker: Mosquitto, erp: ErpSim, qms: ErpSim,
-                 api_port: int) -> Path:
+                 api_port: int, orders: bool = False) -> Path:
+    """The plant; with `orders`, ERP's released orders go to the MES (and only those may
+    start), and the press confirms in H87, the unit the MES counts released orders in."""
+    released = f"""
+orders:
+  source: erp
+  poll_interval: 500ms
+  mes: {{host: {broker.host}, port: {broker.port}}}
+validation: {{require_released_order: true}}
+""" if orders else ""
     config = tmp_path / "plant.yaml"
-    config.write_text(f"""
+    config.write_text(released + f"""
 site: "{SITE}"
 data_dir: {tmp_path / "data"}
 api: {{listen: "127.0.0.1:{api_port}"}}
@@ -111,7 +120,7 @@ drivers:
 machines:
   - id: {MACHINE}
     signals: {{good: {MACHINE}.good, defective: {MACHINE}.bad}}
-    confirm: {{every_units: 20, every: 1s}}
+    confirm: {{every_units: 20, every: 1s, uom: {"H87" if orders else "C62"}}}
 destinations:
   erp:
     base_url: {erp.url}
