@@ -86,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "status":
             from edge.cli.status import run_status_command
             return run_status_command(args)
+        case "reconcile":
+            from edge.cli.reconcile import run_reconcile_command
+            return run_reconcile_command(args)
     parser.print_help()
     return 2
 
@@ -168,6 +171,8 @@ def _parser() -> argparse.ArgumentParser:
     add_status_parser(commands)
     from edge.hub.cli import add_hub_parsers
     add_hub_parsers(commands)
+    from edge.cli.reconcile import add_reconcile_parser
+    add_reconcile_parser(commands)
     return parser
 
 

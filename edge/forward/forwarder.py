@@ -14,22 +14,24 @@ closes. A destination going down is logged once, and once when it is back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
-from buffer.outbox import Delivery
+from buffer.outbox import Delivery, Settlement
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
-from edge.config.models import DestinationConfig
+from edge.config.models import DestinationConfig, OrdersMesConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
-from edge.forward.profiles import Profile, create_profile
+from edge.forward.profiles import create_profile
 from edge.forward.queue import DeliveryQueue
 from edge.forward.session import Session, make_client
 
@@ -54,6 +56,11 @@ class ForwarderHealth:
     last_error: str | None = None
     latency_sum: float = 0.0
     requests: int = 0
+    attempts: int = 0
+    """Deliveries attempted (one per event per try), for the integration failure rate."""
+    failed_attempts: int = 0
+    """Attempts that will be retried (timeouts, 5xx, 408/409/425/429, refused)."""
+    dead_lettered: int = 0
 
     @property
     def reachable(self) -> bool | None:
@@ -80,22 +87,36 @@ class TokenBucket:
             await asyncio.sleep((min(count, self.rate) - self.tokens) / self.rate)
 
 
+class Sender(Protocol):
+    """What the engine needs of a profile: `send` as `Profile.send` promises it."""
+
+    batch_size: int
+    per_key: int
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Result]: ...
+
+
 class HttpForwarder:
     """Delivers one destination's events. Call order: `run()` until cancelled, or `drain()`
-    to stop leasing and let `run()` return once what is in flight is settled."""
+    to stop leasing and let `run()` return once what is in flight is settled.
 
-    def __init__(self, name: str, config: DestinationConfig, outbox: DeliveryQueue,
-                 client: httpx.AsyncClient | None = None) -> None:
+    `sender`, when given, is a non-HTTP destination (the MES order publisher): an async
+    context manager that yields its Sender; the engine runs it like a profile."""
+
+    def __init__(self, name: str, config: DestinationConfig | OrdersMesConfig,
+                 outbox: DeliveryQueue, client: httpx.AsyncClient | None = None, *,
+                 sender: contextlib.AbstractAsyncContextManager[Sender] | None = None) -> None:
         self.name = name
         self.config = config
         self._outbox = outbox
         self._client = client
+        self._sender = sender
         self._wake = outbox.listener()
         self._busy_keys: set[str] = set()
         self._draining = False
         self._bucket = TokenBucket(config.rate_limit) if config.rate_limit else None
         self._open_until = 0.0
-        self.profile: Profile | None = None
+        self.profile: Sender | None = None
         self.health = ForwarderHealth(Availability(
             name, log, extra={"destination": name},
             lost_says="Destination {peer} is failing ({reason}); events stay in the outbox and "
@@ -104,13 +125,22 @@ class HttpForwarder:
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
+            if self._sender is not None:
+                self.profile = await stack.enter_async_context(self._sender)
+                try:
+                    await self._lease_loop(self.profile)
+                finally:
+                    self.health.in_flight = 0
+                return
+            assert isinstance(self.config, DestinationConfig)
             client = self._client
             if client is None:
                 client = await stack.enter_async_context(make_client(self.name, self.config))
-            self.profile = create_profile(self.config, Session(self.config, client))
-            stack.push_async_callback(self.profile.close)
+            profile = create_profile(self.config, Session(self.config, client))
+            self.profile = profile
+            stack.push_async_callback(profile.close)
             try:
-                await self._lease_loop(self.profile)
+                await self._lease_loop(profile)
             finally:
                 self.health.in_flight = 0
 
@@ -119,32 +149,51 @@ class HttpForwarder:
         self._draining = True
         self._wake.set()
 
-    async def _lease_loop(self, profile: Profile) -> None:
+    async def _lease_loop(self, profile: Sender) -> None:
         batch_size = profile.batch_size
+        # Requests leased ahead of a free slot, their keys busy: when a slot frees, the next
+        # request starts at once, and the outbox read for the one after it overlaps the
+        # requests in flight (one read per request was a fifth of an unbatched delivery's
+        # time). At most `max_in_flight` wait so, and only while the circuit is closed; an
+        # event more urgent than they are, committed meanwhile, goes after them.
+        ready: collections.deque[list[Delivery]] = collections.deque()
         async with asyncio.TaskGroup() as requests:
             while not self._draining:
-                slots = self._free_slots()
-                leased: list[Delivery] = []
                 # Cleared on every turn, also with no free slot (an open circuit, everything in
                 # flight): a wake left set would make the wait below return at once, and the
                 # loop would spin until the circuit's probe time.
                 self._wake.clear()
-                if slots > 0:
-                    leased = await self._outbox.lease(self.name, slots * batch_size,
-                                                      busy_keys=self._busy_keys)
-                    for start in range(0, len(leased), batch_size):
-                        batch = leased[start:start + batch_size]
+                self._start_ready(requests, profile, ready)
+                slots = self._free_slots()
+                wanted = slots + (self.config.max_in_flight - len(ready)
+                                  if self.health.circuit is Circuit.CLOSED else 0)
+                leased: list[Delivery] = []
+                if wanted > 0:
+                    leased = await self._outbox.lease(self.name, wanted * batch_size,
+                                                      busy_keys=self._busy_keys,
+                                                      per_key=profile.per_key)
+                    for batch in pack_runs(leased, batch_size)[:wanted]:
                         self._busy_keys.update(d.partition_key for d in batch)
-                        self.health.in_flight += 1
-                        if self.health.circuit is Circuit.OPEN:
-                            self._set_circuit(Circuit.HALF_OPEN)
-                        requests.create_task(self._deliver(profile, batch),
-                                             name=f"deliver-{self.name}-{batch[0].event_id}")
+                        ready.append(batch)
+                    self._start_ready(requests, profile, ready)
                 if not leased:
                     await self._sleep()
+            for batch in ready:  # leased, never sent: their keys are free again
+                self._busy_keys.difference_update(d.partition_key for d in batch)
             while self._busy_keys:
                 self._wake.clear()
                 await self._wake.wait()
+
+    def _start_ready(self, requests: asyncio.TaskGroup, profile: Sender,
+                     ready: collections.deque[list[Delivery]]) -> None:
+        """Send leased requests while there are free slots."""
+        while ready and self._free_slots() > 0:
+            batch = ready.popleft()
+            self.health.in_flight += 1
+            if self.health.circuit is Circuit.OPEN:
+                self._set_circuit(Circuit.HALF_OPEN)
+            requests.create_task(self._deliver(profile, batch),
+                                 name=f"deliver-{self.name}-{batch[0].event_id}")
 
     def _free_slots(self) -> int:
         if self.health.circuit is Circuit.CLOSED:
@@ -168,7 +217,7 @@ class HttpForwarder:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    async def _deliver(self, profile: Profile, batch: Sequence[Delivery]) -> None:
+    async def _deliver(self, profile: Sender, batch: Sequence[Delivery]) -> None:
         # The request slot frees as soon as the answers are in; the keys stay busy until the
         # outcomes are committed, so a key's next event cannot overtake this one.
         try:
@@ -183,14 +232,16 @@ class HttpForwarder:
                 self.health.in_flight -= 1
                 self._wake.set()
             self._track(results)
-            # Submitted together, the outcomes share one group-committed transaction.
-            await asyncio.gather(*(self._record(delivery, result)
-                                   for delivery, result in zip(batch, results, strict=True)))
+            # All of a request's outcomes in one piece of work: one transaction (shared with
+            # other requests' by group commit), one statement per kind of outcome.
+            await self._outbox.settle([self._settlement(delivery, result)
+                                       for delivery, result in zip(batch, results, strict=True)])
+            self.health.delivered += sum(r.outcome is Outcome.DELIVERED for r in results)
         finally:
             self._busy_keys.difference_update(d.partition_key for d in batch)
             self._wake.set()
 
-    async def _send(self, profile: Profile, batch: Sequence[Delivery]) -> list[Result]:
+    async def _send(self, profile: Sender, batch: Sequence[Delivery]) -> list[Result]:
         try:
             results = await profile.send(batch)
         except AuthError as exc:
@@ -235,24 +286,42 @@ class HttpForwarder:
             log.info("Circuit to %s is closed again", self.name,
                      extra={"destination": self.name})
 
-    async def _record(self, delivery: Delivery, result: Result) -> None:
+    def _settlement(self, delivery: Delivery, result: Result) -> Settlement:
+        self.health.attempts += 1
         match result.outcome:
             case Outcome.DELIVERED:
-                await self._outbox.ack(delivery, status=result.status,
-                                       reference=result.reference)
-                self.health.delivered += 1
+                return Settlement(delivery, "delivered", result.status,
+                                  reference=result.reference)
             case Outcome.RETRY:
                 backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
                                   attempt=delivery.attempts)
                 # The target said when: believe it (capped). Otherwise back off with jitter.
+                self.health.failed_attempts += 0 if result.not_ready else 1
                 delay = (min(result.retry_after, self.config.retry.cap)
                          if result.retry_after is not None else backoff.next_delay())
-                await self._outbox.retry(delivery, at=time.time() + delay, status=result.status,
-                                         error=result.reason)
+                return Settlement(delivery, "retry", result.status, retry_at=time.time() + delay,
+                                  reason=result.reason)
             case Outcome.REJECTED:
-                await self._outbox.dead_letter(delivery, status=result.status,
-                                               reason=result.reason)
+                self.health.dead_lettered += 1
                 log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "
                           "letters", self.name, delivery.event_id, delivery.event_type,
                           delivery.partition_key, result.reason,
                           extra={"event_id": delivery.event_id, "destination": self.name})
+                return Settlement(delivery, "dead", result.status, reason=result.reason)
+
+
+def pack_runs(leased: Sequence[Delivery], batch_size: int) -> list[list[Delivery]]:
+    """Requests of at most `batch_size` deliveries, each key's run (consecutive deliveries of
+    one key, as `Outbox.lease` lists them) whole in one request: two requests in flight with
+    events of the same key could arrive in either order."""
+    batches: list[list[Delivery]] = []
+    run: list[Delivery] = []
+    for delivery in [*leased, None]:
+        if run and (delivery is None or delivery.partition_key != run[0].partition_key):
+            if not batches or len(batches[-1]) + len(run) > batch_size:
+                batches.append([])
+            batches[-1].extend(run)
+            run = []
+        if delivery is not None:
+            run.append(delivery)
+    return batches
