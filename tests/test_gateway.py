@@ -109,9 +109,13 @@ def assert_exact_and_contiguous(events: list[dict[str, object]], start: int, end
 def test_confirmations_add_up_to_the_counter_advance(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
 ) -> None:
+    # The gateway first, then the PLC on the port it polls: on a loaded box the PLC would
+    # otherwise reach its stop value before the gateway's first reading (its baseline).
+    port = free_port()
+    config = write_config(tmp_path, PlcSim(None, port), erp_sim)  # type: ignore[arg-type]
+    gateway = start_gateway(peers, config, tmp_path)
     plc = start_plc(peers, tmp_path, "--rate", "200", "--scrap-rate", "10", "--start", "1000",
-                    "--stop-at", "1600")
-    gateway = start_gateway(peers, write_config(tmp_path, plc, erp_sim), tmp_path)
+                    "--stop-at", "1600", port=port)
     # The gateway's baseline is the first counter value it reads (it was not there before).
     wait_for(lambda: totals(confirmations(erp_sim))[0] >= 1, 30, "a first confirmation")
     events = confirmations(erp_sim)
@@ -177,9 +181,11 @@ def test_restart_mid_run_loses_nothing_and_duplicates_nothing(
 def test_erp_outage_is_retried_until_delivered(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
 ) -> None:
-    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "300")
     erp_sim.set_faults(error_rate=1.0, error_status=503, retry_after=0)
-    gateway = start_gateway(peers, write_config(tmp_path, plc, erp_sim), tmp_path)
+    port = free_port()  # the gateway first, then the PLC (as above)
+    config = write_config(tmp_path, PlcSim(None, port), erp_sim)  # type: ignore[arg-type]
+    gateway = start_gateway(peers, config, tmp_path)
+    start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "300", port=port)
     wait_for(lambda: _counter_stopped(gateway), 30, "the PLC to stop")
     wait_for(lambda: _status(gateway)["destinations"]["erp"]["reachable"] is False, 10,
              "the gateway to see ERP failing")

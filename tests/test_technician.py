@@ -265,9 +265,9 @@ routes:
 def test_status_counts_input_dead_letters_and_readyz_names_dead_events_and_bad_tags(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path, mosquitto: Mosquitto,
 ) -> None:
-    plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "600")
     erp_sim.set_faults(error_rate=1.0, error_status=422)
     port = free_port()
+    plc_port = free_port()  # the PLC starts after the gateway: see test_gateway
     long_driver = "press-01-line-a-hall-7-north"
     config = tmp_path / "plant.yaml"
     config.write_text(f"""site: "1010"
@@ -278,7 +278,7 @@ drivers:
   - name: {long_driver}
     type: modbus
     host: 127.0.0.1
-    port: {plc.port}
+    port: {plc_port}
     poll_interval: 100ms
     tags:
       - {{name: good, address: 0, type: uint32}}
@@ -294,6 +294,7 @@ routes:
   production.confirmation: [erp]
 """)
     start_gateway(peers, config, tmp_path)
+    start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "600", port=plc_port)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{base}/status", timeout=5).json()["drivers"][1]["connected"],
              20, "the MQTT driver")

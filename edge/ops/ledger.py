@@ -178,30 +178,13 @@ class OrderLedger:
             " scrap_value = COALESCE(excluded.scrap_value, scrap_value),"
             " uom = COALESCE(excluded.uom, uom), occurred_at = excluded.occurred_at", rows)
 
-    def backfill(self, outbox_path: Path) -> int:
-        """Read back the outbox's events committed since shortly before the ledger's newest
-        row (a crash between the two commits); return how many rows were added."""
+    def backfill_since(self) -> float:
+        """Where `read_back` starts: shortly before the ledger's newest row."""
         (newest,) = self._db.execute("SELECT MAX(committed_at) FROM order_events").fetchone()
-        since = 0.0 if newest is None else newest - BACKFILL_MARGIN
-        try:
-            outbox = sqlite3.connect(f"file:{outbox_path}?mode=ro", uri=True)
-        except sqlite3.Error:
-            return 0
-        try:
-            found = outbox.execute("SELECT payload, created_at FROM events WHERE created_at >= ?",
-                                   (since,)).fetchall()
-        except sqlite3.Error:
-            return 0
-        finally:
-            outbox.close()
-        rows = []
-        for payload, created_at in found:
-            try:
-                event = CloudEvent.model_validate_json(payload)
-            except ValueError:
-                continue
-            if (row := event_row(event, created_at)) is not None:
-                rows.append(row)
+        return 0.0 if newest is None else float(newest) - BACKFILL_MARGIN
+
+    def add_read_back(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Write what `read_back` found; return how many rows were added."""
         before = self._db.total_changes
         if rows:
             self._write("INSERT OR IGNORE INTO order_events VALUES "
@@ -210,6 +193,15 @@ class OrderLedger:
         if added:
             log.info("The order ledger read back %d event(s) from the outbox", added)
         return added
+
+    def backfill(self, outbox_path: Path) -> int:
+        """Read back the outbox's events committed since shortly before the ledger's newest
+        row (a crash between the two commits); return how many rows were added. All on the
+        caller's thread; the daemon reads the outbox on a worker thread (`read_back`) and
+        writes on the event loop's, the one thread that writes this connection (two threads
+        in transactions on one connection fail with "cannot start a transaction within a
+        transaction")."""
+        return self.add_read_back(read_back(outbox_path, self.backfill_since()))
 
     def prune(self, retention: float, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - retention
@@ -238,6 +230,31 @@ class _Transaction:
 
     def __exit__(self, kind: object, *_: object) -> None:
         self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
+
+
+def read_back(outbox_path: Path, since: float) -> list[tuple[Any, ...]]:
+    """The ledger rows of the outbox's events committed at or after `since` (its own read-only
+    connection: safe on any thread)."""
+    try:
+        outbox = sqlite3.connect(f"file:{outbox_path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return []
+    try:
+        found = outbox.execute("SELECT payload, created_at FROM events WHERE created_at >= ?",
+                               (since,)).fetchall()
+    except sqlite3.Error:
+        return []
+    finally:
+        outbox.close()
+    rows = []
+    for payload, created_at in found:
+        try:
+            event = CloudEvent.model_validate_json(payload)
+        except ValueError:
+            continue
+        if (row := event_row(event, created_at)) is not None:
+            rows.append(row)
+    return rows
 
 
 # -- reads (a connection of the daemon's ledger, or one the CLI opened read-only) -------------

@@ -43,7 +43,7 @@ from edge.ops.api import make_server
 from edge.ops.exceptions import Condition, ExceptionBoard
 from edge.ops.exceptions import listing as exception_listing
 from edge.ops.kpis import DeliveryKpis
-from edge.ops.ledger import MesOrderReport, OrderLedger
+from edge.ops.ledger import MesOrderReport, OrderLedger, read_back
 from edge.ops.logs import redact
 from edge.ops.operations import Operation, issue_token, perform
 from edge.ops.reconcile import Reconciler, Reconciliation
@@ -169,7 +169,10 @@ class Gateway:
             upkeep = downstream.create_task(self._prune_journal(), name="journal-retention")
             journal = downstream.create_task(self.kpis.follow(self.outbox),
                                              name="delivery-kpis")
-            await asyncio.to_thread(self.ledger.backfill, config.database_path)
+            # The outbox is read on a worker thread, the ledger written on this one: the only
+            # thread that writes the ledger's connection (the journal prune runs meanwhile).
+            self.ledger.add_read_back(await asyncio.to_thread(
+                read_back, config.database_path, self.ledger.backfill_since()))
             self.exceptions.start()
             operations = [
                 downstream.create_task(self.exceptions.run(), name="exception-channels"),
