@@ -113,8 +113,7 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
     from edge.pipeline import Pipeline
 
     config = _machines_config(path)
-    outbox = await Outbox.open(access.database_path)
-    try:
+    async with Outbox.open(access.database_path) as outbox:
         rules = Pipeline(config, outbox, await outbox.load_state()).rules if config else []
         counts = await outbox.counts()
         dead = await outbox.deliveries(state="dead", limit=1000)
@@ -135,8 +134,6 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
             "input_dead_letters": {"count": sum(rejected.values()), "by_source": rejected},
             "rejected": await outbox.rejected_inputs(0.0, limit=RECENT_DEAD),
         }
-    finally:
-        await outbox.close()
 
 
 def _cell(value: Any, missing: str = "-") -> str:

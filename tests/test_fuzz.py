@@ -48,7 +48,6 @@ from asyncua import ua
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from buffer.outbox import Outbox
 from drivers.base import MesMessage, Quality, RejectedMessage, Sample
 from drivers.modbus import REGISTER_WIDTH, ModbusTag, decode, decode_string, tag_value
 from drivers.mqtt import MqttConfig, to_reading
@@ -58,6 +57,7 @@ from edge.config import ConfigError, PlantConfig, parse_config
 from edge.model import CloudEvent
 from edge.pipeline import Pipeline
 from simulators.modbus_plc import _ordered
+from tests.held_outbox import HeldOutbox
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_TEXT = (ROOT / "config" / "plant.example.yaml").read_text()
@@ -246,7 +246,8 @@ class MesPipeline:
 
     def __init__(self, directory: Path) -> None:
         self.loop = asyncio.new_event_loop()
-        self.outbox = self.loop.run_until_complete(Outbox.open(directory / "outbox.db"))
+        self.held = HeldOutbox(self.loop, directory / "outbox.db")
+        self.outbox = self.held.outbox
         self.pipeline = Pipeline(parse_config(PIPELINE_CONFIG, "fuzz.yaml", {}), self.outbox, {})
         self.seen_rejections = 0
 
@@ -260,7 +261,7 @@ class MesPipeline:
         return fresh
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.outbox.close())
+        self.held.close()
         self.loop.close()
 
 

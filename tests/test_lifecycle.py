@@ -143,29 +143,28 @@ class _Watched:
 
 async def test_watchdog_pings_stop_while_the_outbox_is_wedged(tmp_path: Path) -> None:
     listener = NotifySocket(str(tmp_path / "notify.sock"))
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    supervisor = Supervisor(Notifier(listener.address, watchdog_usec=400_000), status_every=0.1)
-    supervisor.watch(_Watched(outbox))
-    running = asyncio.create_task(supervisor.run())
-    try:
-        await listener.listen(1.0)
-        assert supervisor.pings >= 3, "no pings while healthy"
-        # Another connection takes the write lock: the writer waits (busy_timeout), and the
-        # probe's commit cannot finish within its deadline.
-        blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        await listener.listen(0.5)  # a probe already in flight may still get through
-        wedged_at = supervisor.pings
-        await listener.listen(1.5)
-        assert supervisor.pings == wedged_at, "pinged while the outbox was wedged"
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        await listener.listen(1.5)
-        assert supervisor.pings > wedged_at, "no pings after the outbox recovered"
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        supervisor = Supervisor(Notifier(listener.address, watchdog_usec=400_000), status_every=0.1)
+        supervisor.watch(_Watched(outbox))
+        running = asyncio.create_task(supervisor.run())
+        try:
+            await listener.listen(1.0)
+            assert supervisor.pings >= 3, "no pings while healthy"
+            # Another connection takes the write lock: the writer waits (busy_timeout), and the
+            # probe's commit cannot finish within its deadline.
+            blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            await listener.listen(0.5)  # a probe already in flight may still get through
+            wedged_at = supervisor.pings
+            await listener.listen(1.5)
+            assert supervisor.pings == wedged_at, "pinged while the outbox was wedged"
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            await listener.listen(1.5)
+            assert supervisor.pings > wedged_at, "no pings after the outbox recovered"
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
     lines = listener.lines()
     assert "STATUS=drivers 0/0 connected" in lines
     assert lines.count("WATCHDOG=1") == supervisor.pings

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,7 +53,7 @@ T = TypeVar("T")
 
 
 class Outbox:
-    """Open with `await Outbox.open(path)`; close with `await outbox.close()`."""
+    """Open with `async with Outbox.open(path) as outbox:`; it closes when the block ends."""
 
     def __init__(
         self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
@@ -88,11 +88,38 @@ class Outbox:
         self.stats = OutboxStats()
 
     @classmethod
+    @contextlib.asynccontextmanager
     async def open(
         cls, path: str | Path, *, commit_interval: float = 0.0, commit_max_rows: int = 500,
         max_bytes: int | None = None,
-    ) -> Outbox:
-        path = Path(path)
+    ) -> AsyncIterator[Outbox]:
+        """The outbox at `path`, open for an `async with` block. Its writer and its background
+        integrity check are tasks of the block's own TaskGroup; leaving the block finishes the
+        queued work, then closes the database. A writer that fails ends the block with its
+        error; an error of the block itself comes out as it was raised."""
+        outbox = await cls._opened(Path(path), commit_interval=commit_interval,
+                                   commit_max_rows=commit_max_rows, max_bytes=max_bytes)
+        failure: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                outbox._writer = tasks.create_task(outbox._write_loop(), name="outbox-writer")
+                outbox._checker = tasks.create_task(outbox._check_integrity(Path(path)),
+                                                    name="outbox-integrity-check")
+                try:
+                    yield outbox
+                except BaseException as exc:
+                    # Kept and raised after the TaskGroup, which would wrap it in a group.
+                    failure = exc
+                finally:
+                    await outbox._close()
+        finally:
+            await outbox._close()  # the TaskGroup failed before the block ended
+        if failure is not None:
+            raise failure
+
+    @classmethod
+    async def _opened(cls, path: Path, *, commit_interval: float, commit_max_rows: int,
+                      max_bytes: int | None) -> Outbox:
         keep_private(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
@@ -105,9 +132,6 @@ class Outbox:
         outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         outbox._reader_db = await loop.run_in_executor(outbox._reader, connect_reader, path)
         outbox._update_room()
-        outbox._writer = asyncio.create_task(outbox._write_loop(), name="outbox-writer")
-        outbox._checker = asyncio.create_task(outbox._check_integrity(path),
-                                              name="outbox-integrity-check")
         return outbox
 
     async def _check_integrity(self, path: Path) -> None:
@@ -125,8 +149,8 @@ class Outbox:
                          "one created. Plan a restart and recover undelivered events from the "
                          "moved file", path, problem)
 
-    async def close(self) -> None:
-        """Finish queued work, then close the database."""
+    async def _close(self) -> None:
+        """Finish queued work (unless the writer is gone), then close the database."""
         if self._closed:
             return
         self._closed = True
@@ -135,7 +159,8 @@ class Outbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checker
         if self._writer is not None:
-            await self._queue.join()
+            if not self._writer.done():
+                await self._queue.join()
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
