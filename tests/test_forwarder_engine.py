@@ -53,6 +53,7 @@ async def test_tokens_never_pile_up_beyond_one_seconds_worth() -> None:
     assert bucket.tokens == pytest.approx(49.0, abs=0.5)
 
 
+@pytest.mark.integration
 async def test_an_open_circuit_waits_without_spinning(peers: Any, tmp_path: Path) -> None:
     """While the circuit is open the forwarder sleeps until its probe: it neither burns the
     CPU nor starves the event loop (a wake left set once made it spin, then freeze)."""

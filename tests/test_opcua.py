@@ -56,6 +56,7 @@ from simulators.opcua_machine import (
 from tests.conftest import Peer, free_port, missing_peer, start_erp, start_peer
 from tests.driver_harness import running, wait_until
 from tests.opcua_child import MachineProcess
+from tests.processes import run_process, spawn
 
 MACHINE = "filler-02"
 
@@ -284,6 +285,7 @@ async def test_absolute_deadband_filters_small_changes(plant: OpcUaMachineServer
 # --- reconnection ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     peers: list[Peer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -364,6 +366,7 @@ def split_at_restarts(readings: Sequence[Reading], tag: str) -> list[list[Any]]:
     return parts
 
 
+@pytest.mark.integration
 async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
     peers: list[Peer], tmp_path: Path
 ) -> None:
@@ -427,6 +430,7 @@ async def test_a_server_announcing_shutdown_ends_the_session_until_it_runs_again
     assert len(opcua_logs(caplog, "is unavailable: the server says its state is Shutdown")) == 1
 
 
+@pytest.mark.integration
 async def test_a_server_that_is_back_is_used_at_once_not_at_the_next_backoff_attempt(
     peers: list[Peer], tmp_path: Path
 ) -> None:
@@ -450,6 +454,7 @@ async def test_a_server_that_is_back_is_used_at_once_not_at_the_next_backoff_att
     assert time.monotonic() - back < 10, "reconnected only at the next backoff attempt"
 
 
+@pytest.mark.integration
 async def test_a_frozen_server_is_detected_and_reconnected(
     peers: list[Peer], tmp_path: Path
 ) -> None:
@@ -570,6 +575,7 @@ async def test_a_trusted_server_with_each_policy_and_a_user(
     assert not (data_dir / "pki" / "rejected").exists()
 
 
+@pytest.mark.integration
 async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
     peers: list[Peer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -655,6 +661,7 @@ async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
     assert again == 0 and "Already trusted" in already
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_plantsync_trust_opcua_journals_the_hand_action(tmp_path: Path) -> None:
     certificate, private_key = server_certificate(tmp_path, "filler")
@@ -664,7 +671,7 @@ async def test_plantsync_trust_opcua_journals_the_hand_action(tmp_path: Path) ->
                        private_key=private_key) as server:
         endpoint = server.endpoint
         done = await asyncio.to_thread(
-            subprocess.run,
+            run_process,
             [sys.executable, "-m", "edge.cli", "trust", "opcua", "--endpoint", endpoint,
              "--config", str(config_file), "--reason", "thumbprint checked, ticket 42"],
             input="y\n", capture_output=True, text=True, timeout=60)
@@ -981,6 +988,7 @@ def opc30050_tags(node_id: Any, machine_name: str = MACHINE) -> list[dict[str, A
     ]
 
 
+@pytest.mark.integration
 async def test_an_opc30050_machine_is_read_through_its_structures_and_state_machines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1074,7 +1082,7 @@ class PackMLPeer:
         ready = "packml-server listening on"
         seen = self.output().count(ready)
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
+            self.process = spawn(
                 [self.node, "packml_server.js", "--port", str(self.port), *options],
                 cwd=PEERS_DIR, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
