@@ -23,9 +23,10 @@ from pathlib import Path
 
 from buffer.outbox import Outbox
 from drivers.base import Sample
-from edge.aggregate import MachineRule
-from edge.config import PlantConfig, parse_config
-from edge.pipeline import Pipeline
+from edge.config.loader import parse_config
+from edge.config.models import PlantConfig
+from edge.rules.machine import MachineRule
+from edge.runtime.pipeline import Pipeline
 
 T0 = 1_796_032_800.0
 

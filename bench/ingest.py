@@ -62,7 +62,7 @@ from drivers.base import MesMessage, Reading, Sample
 from drivers.modbus import ModbusConfig, ModbusDriver, ReadBlock
 from drivers.mqtt import MqttConfig, MqttDriver
 from drivers.opcua import SUBSCRIPTION_QUEUE, OpcUaConfig, OpcUaDriver
-from edge.logs import setup_logging
+from edge.ops.logs import setup_logging
 from simulators.mes_publisher import MesPublisher
 from simulators.opcua_machine import NAMESPACE_URI, VARIABLE_TYPES, node_id_string
 

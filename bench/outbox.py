@@ -47,7 +47,7 @@ from _common import (
 
 from buffer.outbox import Outbox, OutboxEvent
 from buffer.outbox.schema import migrate
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward import HttpForwarder
 
 MAX_IN_FLIGHT = 4
@@ -160,7 +160,7 @@ def raw_baseline_tables() -> list[str]:
 
 
 def http_client() -> httpx.AsyncClient:
-    """The client settings of the daemon (edge.daemon.serve) for one destination."""
+    """The client settings of the daemon (edge.runtime.daemon.serve) for one destination."""
     return httpx.AsyncClient(limits=httpx.Limits(max_connections=MAX_IN_FLIGHT))
 
 

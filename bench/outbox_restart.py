@@ -46,7 +46,7 @@ from _common import (
 
 from buffer.outbox import Outbox, OutboxEvent
 from buffer.outbox.schema import migrate
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward import HttpForwarder
 
 EVENT_PATH = "/api/events"
@@ -166,7 +166,7 @@ def proc_status_mb(field: str) -> float:
 
 
 async def restart(path: Path, base_url: str, spawned_at: float) -> dict[str, Any]:
-    """What the daemon does at start (edge.daemon.serve), timed to the first acknowledged
+    """What the daemon does at start (edge.runtime.daemon.serve), timed to the first acknowledged
     delivery: open the outbox, load the rule state, make the client, run the forwarder."""
     rss_imports = proc_status_mb("VmRSS")
     started = time.perf_counter()

@@ -203,6 +203,11 @@ class DriverHealth:
     broker dropped): one sentence per problem, by a key of the driver's choosing; `/readyz`
     and `/status` list them. A driver removes an entry when the problem is over."""
 
+    def record_error(self, message: str) -> None:
+        """Count an error and keep its message as the last one."""
+        self.errors += 1
+        self.last_error = message
+
     def last_sample_age(self, now: float | None = None) -> float | None:
         if self.last_sample_at is None:
             return None

@@ -88,7 +88,7 @@ from pydantic import (
     model_validator,
 )
 
-from edge.timing import Duration
+from drivers.common.timing import Duration
 from simulators.mes_publisher import InputLot, MesPublisher, Publication
 from simulators.modbus_plc import MachineState, ModbusPlc
 from simulators.opcua_machine import OpcUaMachineServer, PackMLState

@@ -54,7 +54,8 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from edge.model import EVENT_MODELS, event_id  # noqa: E402
+from edge.model.events import EVENT_MODELS  # noqa: E402
+from edge.model.ids import event_id  # noqa: E402
 from simulators.mes_publisher import MesPublisher  # noqa: E402
 from tests.conftest import Mosquitto, free_port  # noqa: E402
 from tests.processes import spawn  # noqa: E402

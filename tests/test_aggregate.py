@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.base import Quality, Sample
-from edge.aggregate import Counter, MachineRule
-from edge.config import MachineConfig, OrderBinding
-from edge.model import CloudEvent
+from edge.config.models import MachineConfig, OrderBinding
+from edge.model.envelope import CloudEvent
+from edge.rules.machine import MachineRule
+from edge.rules.state import Counter
 
 T0 = 1_796_032_800.0  # 2026-11-30T10:00:00Z
 

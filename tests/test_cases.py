@@ -1,6 +1,6 @@
 """Golden cases: `tests/cases/<name>/{config.yaml, input.jsonl, expected.jsonl, README.md}`.
 
-Each case replays its input through the real pipeline, rules and outbox (`edge.replay`), and
+Each case replays its input through the real pipeline, rules and outbox (`edge.cli.replay`), and
 the committed events (and rejected inputs) must equal `expected.jsonl`, line for line.
 
 `expected.jsonl` alone would compare the code with itself: it was written by the code. So every
@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from edge.config import load_config
-from edge.model import event_type_of
-from edge.replay import read_lines, replay
+from edge.cli.replay import read_lines, replay
+from edge.config.loader import load_config
+from edge.model.envelope import event_type_of
 
 CASES = sorted(p for p in (Path(__file__).parent / "cases").iterdir() if p.is_dir())
 

@@ -12,7 +12,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from edge.config import ConfigError, PlantConfig, load_config, parse_config
+from edge.config.errors import ConfigError
+from edge.config.loader import load_config, parse_config
+from edge.config.models import PlantConfig
 from tests.processes import run_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,7 +244,7 @@ def test_plantsync_check_exit_codes(tmp_path: Path) -> None:
 def test_plantsync_schema_writes_every_event_type(tmp_path: Path) -> None:
     import json
 
-    from edge.model import EVENT_MODELS
+    from edge.model.events import EVENT_MODELS
 
     done = run_process([sys.executable, "-m", "edge.cli", "schema", "--out",
                            str(tmp_path / "schemas")], capture_output=True, text=True, cwd=ROOT)

@@ -46,7 +46,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edge.model import event_id
+from edge.model.ids import event_id
 from simulators.mes_publisher import MesPublisher, Publication
 from simulators.opcua_machine import node_id_string
 from tests.conftest import ErpSim, Mosquitto, Peer, free_port, start_erp, start_peer, start_plc

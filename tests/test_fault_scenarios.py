@@ -66,7 +66,8 @@ from typing import Any
 import httpx
 import pytest
 
-from edge.model import EVENT_MODELS, event_id
+from edge.model.events import EVENT_MODELS
+from edge.model.ids import event_id
 from simulators.mes_publisher import MesPublisher
 from simulators.modbus_plc import MachineState, ModbusPlc
 from simulators.opcua_machine import node_id_string

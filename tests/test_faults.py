@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 import pytest
 
-from edge.model import EVENT_MODELS
+from edge.model.events import EVENT_MODELS
 from tests.conftest import (
     ErpSim,
     Peer,

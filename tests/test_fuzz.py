@@ -52,10 +52,12 @@ from drivers.base import MesMessage, Quality, RejectedMessage, Sample
 from drivers.modbus import REGISTER_WIDTH, ModbusTag, decode, decode_string, tag_value
 from drivers.mqtt import MqttConfig, to_reading
 from drivers.opcua import plain_value, sample_from
-from edge.aggregate import MachineRule
-from edge.config import ConfigError, PlantConfig, parse_config
-from edge.model import CloudEvent
-from edge.pipeline import Pipeline
+from edge.config.errors import ConfigError
+from edge.config.loader import parse_config
+from edge.config.models import PlantConfig
+from edge.model.envelope import CloudEvent
+from edge.rules.machine import MachineRule
+from edge.runtime.pipeline import Pipeline
 from simulators.modbus_plc import _ordered
 from tests.held_outbox import HeldOutbox
 

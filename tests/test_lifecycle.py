@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from buffer.outbox import Outbox
-from edge.systemd import Notifier, Supervisor
+from edge.runtime.systemd import Notifier, Supervisor
 from tests.conftest import (
     ROOT,
     ErpSim,
@@ -452,7 +452,7 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
 
 
 def test_the_unit_file_limit_is_far_above_what_the_local_api_may_hold() -> None:
-    from edge.config import ApiConfig
+    from edge.config.models import ApiConfig
 
     unit = (ROOT / "systemd" / "plantsync.service").read_text()
     files = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
@@ -466,7 +466,7 @@ def test_the_unit_file_limit_is_far_above_what_the_local_api_may_hold() -> None:
 
 
 def test_unit_stop_timeout_is_above_the_default_shutdown_timeout() -> None:
-    from edge.config import PlantConfig
+    from edge.config.models import PlantConfig
 
     unit = (ROOT / "systemd" / "plantsync.service").read_text()
     stop = re.search(r"^TimeoutStopSec=(\d+)s$", unit, re.MULTILINE)
@@ -499,8 +499,8 @@ def test_install_dry_run_prints_the_steps_and_changes_nothing(tmp_path: Path,
 
 def test_reload_describes_changes_by_name_never_by_value() -> None:
     from buffer.outbox import DestinationCounts
-    from edge.config import parse_config
-    from edge.daemon import describe_changes
+    from edge.config.loader import parse_config
+    from edge.runtime.daemon import describe_changes
 
     def config(token: str, every_units: int, destinations: str) -> str:
         return f"""

@@ -26,6 +26,7 @@ import pytest
 from pydantic import ValidationError
 
 from drivers.base import DeviceRestarted, Quality, Reading, Sample
+from drivers.common.timing import Backoff
 from drivers.modbus import (
     ModbusConfig,
     ModbusDriver,
@@ -37,7 +38,6 @@ from drivers.modbus import (
     probe_main,
     tag_value,
 )
-from edge.timing import Backoff
 from simulators.modbus_plc import (
     BIT_PATTERN,
     COILS,
@@ -190,7 +190,7 @@ def modbus_warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "drivers.modbus" and text in record.getMessage()
+        if record.name.startswith("drivers.modbus") and text in record.getMessage()
     ]
 
 
@@ -1530,7 +1530,7 @@ routes: {{}}
 def test_check_warns_about_modicon_style_addresses_with_file_and_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from edge.cli import main
+    from edge.cli.main import main
 
     plant = tmp_path / "plant.yaml"
     plant.write_text(f"""site: "1010"

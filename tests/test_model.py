@@ -16,16 +16,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edge.model import (
-    BUILTIN_UOM_CODES,
+from edge.model.codes import BUILTIN_UOM_CODES, UOM_CODES_CONTEXT_KEY
+from edge.model.envelope import (
     CLOUDEVENT_VERSION,
-    EVENT_ID_NAMESPACE,
-    EVENT_MODELS,
-    UOM_CODES_CONTEXT_KEY,
     CloudEvent,
+    build_event,
+    event_type_of,
+    validate_event_data,
+)
+from edge.model.events import (
+    EVENT_MODELS,
     DowntimeRecorded,
     EventData,
-    EventType,
     InputLot,
     InspectionRequested,
     InspectionResult,
@@ -38,19 +40,18 @@ from edge.model import (
     OperationResumed,
     OperationStarted,
     ProductionConfirmation,
-    Quantity,
-    SignedQuantity,
-    build_event,
-    event_id,
-    event_type_of,
-    format_sequence,
-    json_schemas,
     priority_of,
+)
+from edge.model.ids import (
+    EVENT_ID_NAMESPACE,
+    EventType,
+    event_id,
+    format_sequence,
     source_key,
     state_key,
-    validate_event_data,
-    write_schemas,
 )
+from edge.model.quantities import Quantity, SignedQuantity
+from edge.model.schemas import json_schemas, write_schemas
 
 AT = datetime(2024, 5, 1, 10, 0, 0, tzinfo=UTC)
 ORDER = "000001000123"

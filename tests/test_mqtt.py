@@ -134,7 +134,7 @@ def log_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "drivers.mqtt" and text in record.getMessage()
+        if record.name.startswith("drivers.mqtt") and text in record.getMessage()
     ]
 
 
@@ -755,7 +755,7 @@ drivers:
 async def test_doctor_finds_a_stock_brokers_queue_limit_its_drops_and_its_autosave(
     stock_mosquitto: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from edge.cli import main
+    from edge.cli.main import main
 
     # A gateway's session, offline while 1,500 messages arrive: the stock broker keeps 1,000.
     settings = config(stock_mosquitto.port)
@@ -783,7 +783,7 @@ async def test_doctor_finds_a_stock_brokers_queue_limit_its_drops_and_its_autosa
 def test_doctor_passes_a_broker_set_up_as_the_readme_advises(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from edge.cli import main
+    from edge.cli.main import main
     from tests.conftest import mosquitto_binary
 
     directory = tmp_path / "advised"

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from edge.cli import main
-from edge.config import config_warnings, parse_config
-from edge.model import CloudEvent, LotDisposition, Quantity, build_event
+from edge.cli.main import main
+from edge.config.checks import config_warnings
+from edge.config.loader import parse_config
+from edge.model.envelope import CloudEvent, build_event
+from edge.model.events import LotDisposition
+from edge.model.quantities import Quantity
 
 WIRE = "com.plantsync.edge.lot.disposition.v1"
 

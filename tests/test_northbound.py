@@ -15,9 +15,11 @@ import httpx
 import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward import Circuit, HttpForwarder
-from edge.model import ProductionConfirmation, Quantity, build_event
+from edge.model.envelope import build_event
+from edge.model.events import ProductionConfirmation
+from edge.model.quantities import Quantity
 from tests.conftest import ErpSim, Peer, start_erp, start_qms
 
 pytestmark = pytest.mark.integration
@@ -213,7 +215,8 @@ async def test_batches_go_in_one_request_each(peers: list[Peer], tmp_path: Path)
 async def test_qms_rest_profile_posts_inspection_requests(
     peers: list[Peer], tmp_path: Path
 ) -> None:
-    from edge.model import InspectionRequested, SignedQuantity
+    from edge.model.events import InspectionRequested
+    from edge.model.quantities import SignedQuantity
 
     qms = start_qms(peers, tmp_path, "--decision-delay", "0")
     data = InspectionRequested(

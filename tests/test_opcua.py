@@ -33,6 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from pydantic import ValidationError
 
 from drivers.base import DeviceRestarted, Quality, Reading, Sample
+from drivers.common.timing import Backoff
 from drivers.opcua import (
     NodeRef,
     OpcUaConfig,
@@ -44,7 +45,6 @@ from drivers.opcua import (
     quality_of,
     trust_main,
 )
-from edge.timing import Backoff
 from simulators.opcua_machine import (
     APPLICATION_URI,
     NAMESPACE_URI,
@@ -150,7 +150,7 @@ def opcua_logs(caplog: pytest.LogCaptureFixture, text: str, level: int | None = 
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == "drivers.opcua"
+        if record.name.startswith("drivers.opcua")
         and text in record.getMessage()
         and (level is None or record.levelno == level)
     ]

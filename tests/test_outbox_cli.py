@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge.model import event_id
+from edge.model.ids import event_id
 from simulators.mes_publisher import MesPublisher
 from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, PlcSim, free_port, start_plc
 from tests.gateway_process import start_gateway

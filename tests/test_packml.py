@@ -28,8 +28,9 @@ from typing import Any
 import pytest
 
 from drivers.base import Sample
-from edge.aggregate import COMPLETION_PATH, EXECUTE, WAIT_STATES, MachineRule
-from edge.config import MachineConfig, OrderBinding, PackMLState
+from edge.config.models import MachineConfig, OrderBinding, PackMLState
+from edge.rules.machine import MachineRule
+from edge.rules.state import COMPLETION_PATH, EXECUTE, WAIT_STATES
 from simulators.opcua_machine import PackMLState as SimulatorState
 
 TABLE = json.loads((Path(__file__).parent / "fixtures" / "packml_isa_tr88.json").read_text())

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from buffer.outbox import Outbox
 from drivers.base import MesMessage, RejectedMessage, Sample
-from edge.config import parse_config
-from edge.pipeline import Pipeline
+from edge.config.loader import parse_config
+from edge.runtime.pipeline import Pipeline
 
 CONFIG = """
 site: "1010"
@@ -68,9 +68,9 @@ async def test_mes_messages_become_events_or_input_dead_letters(tmp_path: Path) 
 
 
 async def test_genealogy_completeness_per_order(tmp_path: Path) -> None:
-    from edge.config import load_config
-    from edge.pipeline import GENEALOGY_KEY, Genealogy
-    from edge.replay import read_lines, replay
+    from edge.cli.replay import read_lines, replay
+    from edge.config.loader import load_config
+    from edge.runtime.pipeline import GENEALOGY_KEY, Genealogy
 
     case = Path(__file__).parent / "cases" / "genealogy_and_consumption"
     config = load_config(case / "config.yaml", {})

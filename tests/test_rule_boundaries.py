@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from drivers.base import Sample
-from edge.aggregate import Counter, MachineRule
-from edge.config import MachineConfig
+from edge.config.models import MachineConfig
+from edge.rules.machine import MachineRule
+from edge.rules.state import Counter
 
 T0 = 1_800_000_000.0
 
@@ -178,7 +179,7 @@ def test_the_stop_reason_of_a_downtime_is_the_first_one_seen_while_down() -> Non
 
 
 def test_an_order_ended_that_is_not_the_bound_one_is_refused() -> None:
-    from edge.config import OrderBinding
+    from edge.config.models import OrderBinding
 
     rule = MachineRule("1010", counting())
     events, problem = rule.end_order("42", None, T0)
@@ -196,7 +197,7 @@ def test_an_order_ended_that_is_not_the_bound_one_is_refused() -> None:
 
 
 def test_a_new_order_while_one_is_bound_completes_it_first() -> None:
-    from edge.config import OrderBinding
+    from edge.config.models import OrderBinding
 
     rule = MachineRule("1010", counting(confirm={"every_units": 100}))
     rule.on_samples([read("state", 6, 0), read("good", 0, 0)])

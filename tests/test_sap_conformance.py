@@ -22,9 +22,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.config import SapConfig
+from edge.config.models import SapConfig
 from edge.forward.profiles import sap_s4hana as sap
-from edge.model import BUILTIN_UOM_CODES
+from edge.model.codes import BUILTIN_UOM_CODES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sap"
 SERVICES = {facts["service_path"]: facts for facts in (

@@ -15,15 +15,12 @@ import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
 from drivers.base import MesMessage
-from edge.config import ConfigError, parse_config
-from edge.model import (
-    LotDisposition,
-    MaterialConsumed,
-    ProductionConfirmation,
-    Quantity,
-    build_event,
-)
-from edge.pipeline import Pipeline
+from edge.config.errors import ConfigError
+from edge.config.loader import parse_config
+from edge.model.envelope import build_event
+from edge.model.events import LotDisposition, MaterialConsumed, ProductionConfirmation
+from edge.model.quantities import Quantity
+from edge.runtime.pipeline import Pipeline
 from tests.conftest import Peer, start_erp
 from tests.test_northbound import deliver
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from edge.config import load_config
+from edge.config.loader import load_config
 from simulators.scenario import Scenario, load_scenario, main
 from tests.conftest import ROOT, ErpSim, Peer, free_port, missing_peer, start_erp
 from tests.gateway_process import start_gateway

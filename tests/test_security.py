@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from edge.config import parse_config
-from edge.logs import redact, setup_logging
-from edge.secrets import exposed_secrets, scrub, secret_values
+from edge.config.loader import parse_config
+from edge.config.secrets import exposed_secrets, scrub, secret_values
+from edge.ops.logs import redact, setup_logging
 from tests.conftest import (
     ROOT,
     ErpSim,
@@ -717,7 +717,7 @@ async def test_a_tls_failure_at_the_token_url_says_which_setting_fixes_it(
     import ssl
     import threading
 
-    from edge.config import OAuth2ClientCredentials
+    from edge.config.models import OAuth2ClientCredentials
     from edge.forward.auth import AuthError, OAuth2Token
     from tests.test_mqtt import make_certificates
 

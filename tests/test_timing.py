@@ -5,7 +5,7 @@ import random
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from edge.timing import Backoff, Duration, format_duration, parse_duration
+from drivers.common.timing import Backoff, Duration, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

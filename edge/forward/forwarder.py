@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import httpx
 
 from buffer.outbox import Delivery, Outbox
-from edge.config import DestinationConfig
+from drivers.common.availability import Availability
+from drivers.common.timing import Backoff
+from edge.config.models import DestinationConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
 from edge.forward.profiles import Profile, create_profile
 from edge.forward.session import Session, make_client
-from edge.timing import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class Circuit(enum.StrEnum):
 
 @dataclass
 class ForwarderHealth:
-    reachable: bool | None = None
+    availability: Availability
+    """Whether the destination answers; says so once when it fails and once when it is back."""
     circuit: Circuit = Circuit.CLOSED
     in_flight: int = 0
     delivered: int = 0
@@ -51,6 +53,11 @@ class ForwarderHealth:
     last_error: str | None = None
     latency_sum: float = 0.0
     requests: int = 0
+
+    @property
+    def reachable(self) -> bool | None:
+        """None before the first answer; then whether the last request got one."""
+        return self.availability.available
 
 
 class TokenBucket:
@@ -88,7 +95,11 @@ class HttpForwarder:
         self._bucket = TokenBucket(config.rate_limit) if config.rate_limit else None
         self._open_until = 0.0
         self.profile: Profile | None = None
-        self.health = ForwarderHealth()
+        self.health = ForwarderHealth(Availability(
+            name, log, extra={"destination": name},
+            lost_says="Destination {peer} is failing ({reason}); events stay in the outbox and "
+                      "are retried with backoff",
+            back_says="Destination {peer} is delivering again"))
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -196,21 +207,16 @@ class HttpForwarder:
             reason = results[0].reason
             self.health.failures += 1
             self.health.consecutive_failures += 1
-            if self.health.reachable is not False:
-                log.warning("Destination %s is failing (%s); events stay in the outbox and "
-                            "are retried with backoff", self.name, reason,
-                            extra={"destination": self.name})
-            self.health.reachable, self.health.last_error = False, reason
+            self.health.availability.lost(reason)
+            self.health.last_error = reason
             breaker = self.config.circuit_breaker
             if self.health.circuit is Circuit.HALF_OPEN or (
                     self.health.consecutive_failures >= breaker.failures):
                 self._open_until = time.monotonic() + breaker.open_for
                 self._set_circuit(Circuit.OPEN)
             return
-        if self.health.reachable is False:
-            log.info("Destination %s is delivering again", self.name,
-                     extra={"destination": self.name})
-        self.health.reachable, self.health.last_error = True, None
+        self.health.availability.back()
+        self.health.last_error = None
         self.health.consecutive_failures = 0
         self._set_circuit(Circuit.CLOSED)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward.auth import Authenticator, authenticator
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edge.config import DestinationConfig, PlantConfig
+from edge.config.models import DestinationConfig, PlantConfig
 from edge.forward.profiles.base import Profile
 from edge.forward.profiles.canonical import CanonicalProfile
 from edge.forward.profiles.qms_rest import QmsRestProfile

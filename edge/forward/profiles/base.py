@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from buffer.outbox import Delivery
-from edge.config import DestinationConfig
+from edge.config.models import DestinationConfig
 from edge.forward.outcome import Result
 from edge.forward.session import Session
-from edge.model import event_type_of
+from edge.model.envelope import event_type_of
 
 
 class Profile(ABC):

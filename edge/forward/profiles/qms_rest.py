@@ -2,7 +2,7 @@
 
 `inspection.requested` → `POST inspections`, `inspection.result` → `POST results`,
 `nonconformance.raised` → `POST nonconformances`, each with `Idempotency-Key` and the event id
-as `external_id`. Dispositions come back the other way: see edge/quality.py.
+as `external_id`. Dispositions come back the other way: see edge/runtime/quality.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""`plantsync`: the command line of the gateway and of the technician."""

@@ -1,0 +1,1 @@
+"""The plant's YAML configuration: its models, how it is read, and what is said about it."""

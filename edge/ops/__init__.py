@@ -1,0 +1,1 @@
+"""Operating the gateway: the local API, status and metrics, outbox operations, logs."""

@@ -1,0 +1,1 @@
+"""The running gateway: its lifetime, the pipeline from readings to commits, systemd."""
