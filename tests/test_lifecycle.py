@@ -134,6 +134,7 @@ class _Watched:
         return "drivers 0/0 connected"
 
 
+@pytest.mark.integration
 async def test_watchdog_pings_stop_while_the_outbox_is_wedged(tmp_path: Path) -> None:
     listener = NotifySocket(str(tmp_path / "notify.sock"))
     async with Outbox.open(tmp_path / "outbox.db") as outbox:

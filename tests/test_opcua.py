@@ -172,6 +172,7 @@ def positive_deltas(values: Sequence[int]) -> int:
 # --- subscription, node ids, quality ------------------------------------------------------------
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_tags_resolved_by_namespace_uri_flow_with_source_timestamps(
     plant: OpcUaMachineServer, caplog: pytest.LogCaptureFixture
@@ -219,6 +220,7 @@ async def test_tags_resolved_by_namespace_uri_flow_with_source_timestamps(
 # --- the machine: states, counters, deadband ---------------------------------------------------
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_state_changes_and_counters_follow_the_machine(plant: OpcUaMachineServer) -> None:
     filler = "filler-04"
@@ -324,6 +326,7 @@ async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     assert len(opcua_logs(caplog, "its counters carry on", logging.INFO)) == 1
 
 
+@pytest.mark.integration
 async def test_counts_across_an_outage_are_counted_once() -> None:
     # Exact bookkeeping: the machine counts only when told, so every unit is known.
     async with machine(rate=0, start_count=100) as server:
@@ -410,6 +413,7 @@ async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
         assert isinstance(seen.readings[0], DeviceRestarted) == bool(expected_restarts)
 
 
+@pytest.mark.integration
 async def test_a_server_announcing_shutdown_ends_the_session_until_it_runs_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -482,6 +486,7 @@ async def test_a_frozen_server_is_detected_and_reconnected(
     assert processed == sorted(processed)
 
 
+@pytest.mark.integration
 async def test_stale_watchdog_reconnects_when_publishing_stops(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -537,6 +542,7 @@ def trusting(data_dir: Path, certificate: Path) -> Path:
     return data_dir
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", ["Basic256Sha256", "Aes128_Sha256_RsaOaep",
                                     "Aes256_Sha256_RsaPss"])
 async def test_a_trusted_server_with_each_policy_and_a_user(
@@ -623,6 +629,7 @@ async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
     assert "Login of user 'operator' accepted." in attacker.output()
 
 
+@pytest.mark.integration
 async def test_secure_policies_need_a_trust_list_or_a_pinned_certificate(tmp_path: Path) -> None:
     async with machine(security="encrypt", user=("operator", "s3cret")) as server:
         driver = fast_driver(config(server.endpoint, COUNTER_TAGS, security=client_security(
@@ -633,6 +640,7 @@ async def test_secure_policies_need_a_trust_list_or_a_pinned_certificate(tmp_pat
     assert driver.health.last_error.startswith("no trust list to check the server's certificate")
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -1025,6 +1033,7 @@ async def test_an_opc30050_machine_is_read_through_its_structures_and_state_mach
         assert problem in said, said
 
 
+@pytest.mark.integration
 async def test_an_opc30050_machine_serves_its_values_to_a_client_faster_than_its_clock() -> None:
     # A client that subscribes before the simulator's clock first ticks (here it never does)
     # must see the machine's values, not the null structures its variables are made with.

@@ -122,6 +122,7 @@ timeline:
     ]
 
 
+@pytest.mark.integration
 def test_a_timeline_without_hold_plays_to_the_end_and_exits_0(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
