@@ -27,13 +27,21 @@ from buffer.outbox.database import (
     connect_reader,
     keep_private,
     open_database,
-    storable,
     transaction,
     write_hand_action,
+    write_inputs_and_lots,
 )
-from buffer.outbox.heads import Head, dead_filter, drop_if_done, load_counts, load_heads, next_head
+from buffer.outbox.heads import (
+    Head,
+    NewDelivery,
+    dead_filter,
+    drop_if_done,
+    insert_events,
+    load_counts,
+    load_heads,
+    next_head,
+)
 from buffer.outbox.records import (
-    REJECTED_PAYLOAD_LIMIT,
     CommitResult,
     Delivery,
     DeliveryState,
@@ -238,57 +246,13 @@ class Outbox:
         now = time.time()
         state_rows = list((state or {}).items())
 
-        def run(db: sqlite3.Connection) -> tuple[set[str], list[tuple[str, str, int, int]]]:
-            inserted: set[str] = set()
-            new_rows: list[tuple[str, str, int, int]] = []
-            for event in events:
-                cursor = db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
-                                    " ON CONFLICT(id) DO NOTHING", (event.id, now))
-                if cursor.rowcount == 0:
-                    continue  # held, delivered or routed nowhere before: the same event
-                inserted.add(event.id)
-                if not event.destinations:
-                    continue
-                seq = db.execute(
-                    "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", (event.id, event.type, event.partition_key,
-                                                   event.priority, event.payload, now)
-                ).lastrowid
-                assert seq is not None
-                db.executemany(
-                    "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
-                    " state, attempts, next_attempt_at)"
-                    f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
-                    [(seq, d, event.partition_key, event.priority) for d in event.destinations])
-                new_rows += [(d, event.partition_key, seq, event.priority)
-                             for d in event.destinations]
+        def run(db: sqlite3.Connection) -> tuple[set[str], list[NewDelivery]]:
+            inserted, new_rows = insert_events(db, events, now)
             if state_rows:
                 db.executemany(
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
-            for r in rejected:
-                row = (storable(r.source), storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
-                       storable(r.kept_reason()), r.received_at,
-                       None if r.message_id is None else storable(r.message_id))
-                if r.replaces is None:
-                    db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
-                               " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
-                else:
-                    db.execute("UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
-                               " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
-                               (*row, r.replaces))
-            if resolved_inputs:
-                db.executemany("DELETE FROM rejected_inputs WHERE id = ?",
-                               [(number,) for number in resolved_inputs])
-            for lot in lots:
-                db.execute(
-                    "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(lot_id) DO UPDATE SET"
-                    " status = excluded.status, since = excluded.since, source = excluded.source,"
-                    " order_id = COALESCE(excluded.order_id, order_id),"
-                    " material = COALESCE(excluded.material, material)"
-                    + ("" if lot.decided else " WHERE false"),
-                    (lot.lot_id, lot.status, lot.since, lot.source, lot.order_id, lot.material))
+            write_inputs_and_lots(db, rejected, resolved_inputs, lots)
             return inserted, new_rows
 
         inserted, new_rows = await self._submit(run, max(1, len(events) + len(rejected)))
