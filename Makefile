@@ -11,6 +11,12 @@ STAMP := $(VENV)/.installed
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
 
+# The hub of many plants (README: Beyond one plant): 3 nats-server nodes, the ERP simulator,
+# hub init, a relay and two simulated plants; prints what arrives until every event has.
+.PHONY: demo-hub
+demo-hub: setup
+	$(BIN)/python -m simulators.hub_demo
+
 # The tests mostly wait on real processes, brokers and sockets, not on the CPU: four workers
 # (pytest-xdist) take the suite from about 11 minutes to about 4 on 2 cores. TEST_WORKERS=0 runs
 # it in one process.

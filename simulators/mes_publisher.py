@@ -17,7 +17,7 @@ Topics (`<site>` and `<machine>` from the command line) and payloads:
 | topic                                | payload fields                                          |
 |--------------------------------------|---------------------------------------------------------|
 | `mes/<site>/<machine>/order/start`   | order_id, operation, material, quantity, uom            |
-| `mes/<site>/<machine>/order/end`     | order_id, operation                                     |
+| `mes/<site>/<machine>/order/end`     | order_id, operation; good, scrap, uom (MES totals)      |
 | `mes/<site>/<machine>/consumption`   | order_id, operation, material, lot_id, quantity, uom    |
 | `mes/<site>/<machine>/lot/completed` | order_id, material, lot_id, quantity, uom, input_lots   |
 
@@ -314,9 +314,17 @@ class MesPublisher:
         )
 
     def order_end(
-        self, order_id: str, *, operation: str = "0010", occurred_at: datetime | None = None
+        self, order_id: str, *, operation: str = "0010", occurred_at: datetime | None = None,
+        good: Quantityish | None = None, scrap: Quantityish | None = None, uom: str = "H87",
     ) -> Publication:
-        return self._event("order/end", occurred_at, order_id=order_id, operation=operation)
+        """With `good` (and `scrap`), the MES's own totals of the order travel too (`good`,
+        `scrap`, `uom`): what reconciliation compares with ERP and the gateway."""
+        totals: dict[str, Any] = {}
+        if good is not None:
+            totals = {"good": self._quantity(good),
+                      "scrap": self._quantity(scrap if scrap is not None else 0), "uom": uom}
+        return self._event("order/end", occurred_at, order_id=order_id, operation=operation,
+                           **totals)
 
     def consume(
         self,

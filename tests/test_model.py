@@ -39,6 +39,11 @@ from edge.model.events import (
     OperationInterrupted,
     OperationResumed,
     OperationStarted,
+    OrderCancelled,
+    OrderChanged,
+    OrderComponent,
+    OrderOperation,
+    OrderReleased,
     ProductionConfirmation,
     priority_of,
 )
@@ -164,6 +169,17 @@ def sample_data() -> dict[str, EventData]:
             occurred_at=AT,
         ),
     ]
+    order = {"site": "1010", "order_id": ORDER, "material": "FG-4711",
+             "quantity": pieces(1000), "bom_version": "0001", "planned_lot": "L24-0815",
+             "operations": (OrderOperation(operation="0010", work_center="PRESS"),
+                            OrderOperation(operation="0020", work_center="PACK")),
+             "components": (OrderComponent(material="RM-100",
+                                           quantity=Quantity.of("12.5", "KGM"),
+                                           operation="0010"),),
+             "erp_changed_at": AT, "occurred_at": AT}
+    samples += [OrderReleased(**order, status="released", version=1),
+                OrderChanged(**order, status="locked", version=2),
+                OrderCancelled(**order, status="technically_completed", version=3)]
     return {sample.EVENT_TYPE: sample for sample in samples}
 
 
@@ -196,6 +212,7 @@ DATA_MODEL_VERSIONS = {
     "operation.completed": 1, "production.confirmation": 1, "material.consumed": 1,
     "lot.produced": 1, "downtime.recorded": 2, "inspection.requested": 1,
     "inspection.result": 1, "nonconformance.raised": 1, "lot.disposition": 1,
+    "order.released": 1, "order.changed": 1, "order.cancelled": 1,
 }
 """Pinned: a change to a data model must bump its version (v2: data_quality, source_gap)."""
 
@@ -235,6 +252,9 @@ def test_priorities() -> None:
         "operation.interrupted": 2,
         "operation.resumed": 2,
         "downtime.recorded": 2,
+        "order.released": 1,
+        "order.changed": 1,
+        "order.cancelled": 1,
     }
     assert {event_type: priority_of(event_type) for event_type in EVENT_MODELS} == expected
     assert all(type(priority_of(event_type)) is int for event_type in EVENT_MODELS)

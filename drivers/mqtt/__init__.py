@@ -5,6 +5,7 @@ reconnecting through the shared availability loop; `to_reading`) and `doctor`
 (`plantsync doctor mqtt`). What the registry, the pipeline, the CLI and the tests use is
 exported here."""
 
+from drivers.mqtt.client import set_credentials
 from drivers.mqtt.config import SAMPLE_CONFIG, MqttConfig
 from drivers.mqtt.doctor import check_broker_settings, doctor
 from drivers.mqtt.driver import MqttDriver, to_reading
@@ -15,5 +16,6 @@ __all__ = [
     "MqttDriver",
     "check_broker_settings",
     "doctor",
+    "set_credentials",
     "to_reading",
 ]

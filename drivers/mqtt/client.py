@@ -42,6 +42,21 @@ from drivers.mqtt.config import (
 )
 
 
+def set_credentials(client: mqtt.Client, config: MqttConfig) -> None:
+    """The broker's user, password and TLS settings of `config`, on any client that connects
+    to it (the driver's, the doctor's, the exceptions channel's)."""
+    if config.username is not None:
+        password = config.password.get_secret_value() if config.password else None
+        client.username_pw_set(config.username, password)
+    if config.tls is not None:
+        context = ssl.create_default_context(
+            cafile=str(config.tls.ca_file) if config.tls.ca_file else None)
+        if config.tls.cert_file is not None:
+            context.load_cert_chain(config.tls.cert_file, config.tls.key_file or None)
+        context.check_hostname = not config.tls.insecure
+        client.tls_set_context(context)
+
+
 @dataclass(frozen=True, slots=True)
 class Arrival:
     mid: int
@@ -105,19 +120,7 @@ class Connection:
         Raises OSError (refused, unreachable, TLS) or ValueError with the cause.
         """
         config = self.config
-        if config.username is not None:
-            password = config.password.get_secret_value() if config.password else None
-            self.client.username_pw_set(config.username, password)
-        if config.tls is not None:
-            context = ssl.create_default_context(
-                cafile=str(config.tls.ca_file) if config.tls.ca_file else None
-            )
-            if config.tls.cert_file is not None:
-                context.load_cert_chain(
-                    config.tls.cert_file, config.tls.key_file if config.tls.key_file else None
-                )
-            context.check_hostname = not config.tls.insecure
-            self.client.tls_set_context(context)
+        set_credentials(self.client, config)
         if config.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             persistent = config.persistent_session

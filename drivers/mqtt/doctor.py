@@ -6,7 +6,6 @@ persistence directory the broker can write) are missing, with the line to change
 from __future__ import annotations
 
 import contextlib
-import ssl
 import threading
 import time
 import uuid
@@ -18,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from drivers.mqtt.client import set_credentials
 from drivers.mqtt.config import BROKER_VERSION_TOPIC, CONNECT_TIMEOUT, QUEUE_ADVICE, MqttConfig
 
 BROKER_DEFAULTS: Final[dict[str, str]] = {
@@ -65,16 +65,7 @@ def read_sys_tree(config: MqttConfig, wait: float) -> dict[str, str]:
 
     client.on_connect = on_connect
     client.on_message = on_message
-    if config.username is not None:
-        password = config.password.get_secret_value() if config.password else None
-        client.username_pw_set(config.username, password)
-    if config.tls is not None:
-        context = ssl.create_default_context(
-            cafile=str(config.tls.ca_file) if config.tls.ca_file else None)
-        if config.tls.cert_file is not None:
-            context.load_cert_chain(config.tls.cert_file, config.tls.key_file or None)
-        context.check_hostname = not config.tls.insecure
-        client.tls_set_context(context)
+    set_credentials(client, config)
     client.connect(config.host, config.port, keepalive=30)
     client.loop_start()
     try:

@@ -130,15 +130,11 @@ class OpcUaDriver(Driver):
     def __init__(self, config: OpcUaConfig, *, data_dir: Path | None = None) -> None:
         super().__init__(config.name)
         self.config = config
-        self.data_dir = data_dir
         self.dropped_samples = 0
         """Intermediate samples dropped because the sink fell behind (latest values kept)."""
         self.backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         """Delays between reconnect attempts; the shared policy (tests may shorten it)."""
-        self._starts = ServerStarts(
-            self.name, self.endpoint,
-            None if data_dir is None else data_dir / "opcua" / f"{self.name}.server.json",
-            config.server_restart)
+        self._starts = ServerStarts(self.name, self.endpoint, data_dir, config.server_restart)
         self.availability = Availability(
             f"OPC UA server {self.name} at {self.endpoint}", log, health=self.health,
             extra={"driver": self.name, "endpoint": self.endpoint})
@@ -152,6 +148,15 @@ class OpcUaDriver(Driver):
     def endpoint(self) -> str:
         """The endpoint URL, as logs show it."""
         return self.config.endpoint
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The gateway's data_dir: the trust list and the server's last StartTime live there."""
+        return self._starts.data_dir
+
+    @data_dir.setter
+    def data_dir(self, data_dir: Path | None) -> None:
+        self._starts.data_dir = data_dir
 
     @property
     def restarts_seen(self) -> int:

@@ -68,17 +68,18 @@ def check_running(state: object) -> None:
 
 
 class ServerStarts:
-    """The server's last StartTime: seen in this process, or saved in `file` by an earlier one.
+    """The server's last StartTime: seen in this process, or saved under `data_dir` (the
+    gateway's; None: nowhere) by an earlier one.
 
     `seen(start)` returns the restart a new StartTime means; `to_save` is then the StartTime to
     write once the rules have committed that restart (a crash before announces it again rather
     than never)."""
 
-    def __init__(self, driver: str, endpoint: str, file: Path | None,
+    def __init__(self, driver: str, endpoint: str, data_dir: Path | None,
                  policy: ServerRestart) -> None:
         self.driver = driver
         self.endpoint = endpoint
-        self.file = file
+        self.data_dir = data_dir
         self.policy = policy
         self.known: datetime | None = None
         self.restarts_seen = 0
@@ -110,6 +111,12 @@ class ServerStarts:
             return None
         self.to_save = start
         return DeviceRestarted(self.driver, start.timestamp(), reason)
+
+    @property
+    def file(self) -> Path | None:
+        if self.data_dir is None:
+            return None
+        return self.data_dir / "opcua" / f"{self.driver}.server.json"
 
     def load(self) -> datetime | None:
         path = self.file

@@ -64,8 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from drivers.opcua import trust_main
             return trust_main(rest, data_dir_of=lambda path: load_local_access(path).data_dir,
                               journal=_journal_trust)
+        case "doctor" if args.protocol == "jetstream":
+            from edge.hub.cli import doctor_main
+            return doctor_main(args.config)
         case "doctor":
             return _doctor(args)
+        case "hub":
+            from edge.hub.cli import hub_main
+            return hub_main(args)
+        case "relay":
+            from edge.hub.cli import relay_main
+            return relay_main(args)
         case "demo":
             from edge.cli.demo import run_demo
             return run_demo(Path(args.config))
@@ -77,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         case "status":
             from edge.cli.status import run_status_command
             return run_status_command(args)
+        case "reconcile":
+            from edge.cli.reconcile import run_reconcile_command
+            return run_reconcile_command(args)
     parser.print_help()
     return 2
 
@@ -123,11 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor", help="check a peer the gateway relies on: doctor mqtt reads the broker's "
         "$SYS figures (dropped messages, sessions kept) and, with --broker-config, its "
-        "queue limit and persistence settings",
-        description="Connect to each MQTT broker of the config as a client of its own (never "
+        "queue limit and persistence settings; doctor jetstream reports the hub stream a "
+        "jetstream destination publishes to",
+        description="mqtt: connect to each MQTT broker of the config as a client of its own (never "
         "the gateway's session), read its $SYS tree, and report what it tells of queue limits "
-        "and persistence; exit 1 when something needs fixing.")
-    doctor.add_argument("protocol", choices=("mqtt",))
+        "and persistence. jetstream: report the hub stream (subjects, replicas, duplicate "
+        "window, limits) and warn when the duplicate window is shorter than the outage the "
+        "outbox may buffer. Exit 1 when something needs fixing.")
+    doctor.add_argument("protocol", choices=("mqtt", "jetstream"))
     doctor.add_argument("--config", "-c", required=True, type=Path)
     doctor.add_argument("--driver", help="only the MQTT driver of this name")
     doctor.add_argument("--broker-config", type=Path,
@@ -154,6 +169,10 @@ def _parser() -> argparse.ArgumentParser:
     add_outbox_parser(commands)
     from edge.cli.status import add_status_parser
     add_status_parser(commands)
+    from edge.hub.cli import add_hub_parsers
+    add_hub_parsers(commands)
+    from edge.cli.reconcile import add_reconcile_parser
+    add_reconcile_parser(commands)
     return parser
 
 

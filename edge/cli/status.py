@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -137,6 +138,7 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
             configured_destinations=frozenset(config.destinations) if config else None,
             input_dead_letters=await outbox.rejected_count(),
             machines=[machine_status(rule) for rule in rules],
+            operations={"exceptions": _open_exceptions(access)},
         )
         return {
             **status_report(facts),
@@ -145,6 +147,23 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
             "dead_letters": await outbox.deliveries(state="dead", limit=1000),
             "rejected": await outbox.rejected_inputs(0.0, limit=RECENT_DEAD),
         }
+
+
+def _open_exceptions(access: LocalAccess) -> list[dict[str, Any]]:
+    """The open exceptions as the operations database holds them (the daemon is down)."""
+    from edge.ops.exceptions import listing
+    from edge.ops.ledger import OPS_DATABASE, connect
+
+    path = access.data_dir / OPS_DATABASE
+    if not path.exists():
+        return []
+    db = connect(path, read_only=True)
+    try:
+        return listing(db, "open")
+    except sqlite3.Error:
+        return []
+    finally:
+        db.close()
 
 
 def _cell(value: Any, missing: str = "-") -> str:
@@ -235,4 +254,48 @@ def render(report: dict[str, Any], source: Source) -> str:
     recent = report.get("rejected", [])
     lines += [f"{local_time(row['received_at'])}  {row['source']}  {row['topic']}: "
               f"{_short(row['reason'], 80)}" for row in recent] or ["(none)"]
+
+    exceptions = report.get("exceptions", [])
+    lines += ["", f"OPEN EXCEPTIONS ({len(exceptions)}; GET /exceptions lists open and closed)"]
+    lines += table(["since", "kind", "roles", "subject", "what", "inspect"],
+                   [[local_time(row["raised_at"]), row["kind"], ",".join(row["roles"]) or "-",
+                     _short(row["subject"], 40), _short(row["text"], 60),
+                     _short(row["inspect"], 50)] for row in exceptions]) if exceptions else [
+        "(none)"]
+    if kpis := report.get("kpis"):
+        lines += ["", f"KPIS (ratios over the last {format_age(kpis['window_seconds'])}; "
+                      "latencies since the daemon started)"]
+        lines += [f"  {name}: {value}" for name, value in _kpi_lines(kpis)]
     return "\n".join(lines)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f} %"
+
+
+def _mean(figure: dict[str, Any]) -> str:
+    if not figure["count"]:
+        return "- (none measured)"
+    return f"{format_age(figure['mean_seconds'])} mean over {figure['count']}"
+
+
+def _kpi_lines(kpis: dict[str, Any]) -> list[tuple[str, str]]:
+    failure = ", ".join(f"{name} {_ratio(share)}" for name, share in
+                        sorted(kpis["integration_failure_ratio"].items())) or "-"
+    by_order = ", ".join(f"{order}: {count}" for order, count in
+                         kpis["manual_interventions_by_order"].items())
+    return [
+        ("order sync success", f"{_ratio(kpis['order_sync_success_ratio'])} "
+                               f"({kpis['orders_accepted']} of {kpis['orders_released']} "
+                               "released orders accepted by MES)"),
+        ("completion posting latency", _mean(kpis["completion_posting_latency"])),
+        ("inspection turnaround", _mean(kpis["inspection_turnaround"])),
+        ("lot hold to release", _mean(kpis["lot_hold_to_release"])),
+        ("genealogy completeness", _ratio(kpis["genealogy_completeness_ratio"])),
+        ("reconciliation error rate", _ratio(kpis["reconciliation_error_ratio"])),
+        ("integration failure rate", failure),
+        ("manual interventions per cycle",
+         f"{_cell(kpis['manual_interventions_per_cycle'])}"
+         f" ({kpis['manual_interventions']} hand action(s), {kpis['production_cycles']} "
+         f"order(s) ended){'; by order: ' + by_order if by_order else ''}"),
+    ]

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from drivers.mqtt import MqttConfig
 from edge.config.errors import Loc, Problem
 from edge.config.models import (
+    ORDERS_DESTINATION,
     PROFILE_EVENT_TYPES,
     DestinationConfig,
     NoAuth,
@@ -23,6 +24,7 @@ from edge.config.models import (
     PlantConfig,
     is_loopback_host,
 )
+from edge.hub.settings import NatsNoAuth
 from edge.model.codes import REC21_PACKAGE_CODES
 from edge.model.events import EVENT_MODELS
 
@@ -73,7 +75,9 @@ def cross_check(config: PlantConfig) -> Iterator[Problem]:
     elif qms is not None and destination is not None and destination.profile != "qms_rest":
         yield Problem(("quality", "qms"), f"destination {qms!r} has profile "
                        f"{destination.profile}; dispositions are polled from a qms_rest one")
+    yield from _orders_problems(config)
     yield from _sap_problems(config)
+    yield from _ops_problems(config)
     for event_type, destinations in config.routes.items():
         if event_type not in EVENT_MODELS:
             close = difflib.get_close_matches(event_type, list(EVENT_MODELS), n=1)
@@ -90,6 +94,58 @@ def cross_check(config: PlantConfig) -> Iterator[Problem]:
                 yield Problem(("routes", event_type, j),
                                f"destination {name!r} (profile {destination.profile}) cannot "
                                f"take {event_type}; it takes {', '.join(sorted(supported))}")
+
+
+def _orders_problems(config: PlantConfig) -> Iterator[Problem]:
+    orders = config.orders
+    if ORDERS_DESTINATION in config.destinations:
+        yield Problem(("destinations", ORDERS_DESTINATION), f"{ORDERS_DESTINATION!r} is the "
+                       "name of the released orders' MQTT destination: choose another name")
+    if orders is None:
+        if config.validation.require_released_order:
+            yield Problem(("validation", "require_released_order"),
+                           "needs the orders section (which orders ERP released)")
+        return
+    source = config.destinations.get(orders.source)
+    if source is None:
+        yield Problem(("orders", "source"), f"no destination named {orders.source!r} under "
+                       "destinations")
+    elif source.profile not in ("sap_s4hana", "canonical"):
+        yield Problem(("orders", "source"), f"destination {orders.source!r} has profile "
+                       f"{source.profile}; orders are polled from a sap_s4hana or canonical one")
+
+def _ops_problems(config: PlantConfig) -> Iterator[Problem]:
+    """Names the `reconcile:` and `exceptions:` sections refer to."""
+    erp = config.reconcile.erp
+    if erp is not None and erp not in config.destinations:
+        yield Problem(("reconcile", "erp"), f"no destination named {erp!r} under destinations")
+    elif erp is not None and config.destinations[erp].profile not in ("sap_s4hana", "canonical"):
+        yield Problem(("reconcile", "erp"), f"destination {erp!r} has profile "
+                      f"{config.destinations[erp].profile}; reconcile reads a sap_s4hana or "
+                      "canonical ERP")
+    roles = config.exceptions.roles
+    for kind, named in config.exceptions.routes.items():
+        for j, role in enumerate(named):
+            # With no roles configured, every role is heard through GET /exceptions and
+            # status only; once some are, a name that is none of them is a typo.
+            if roles and role not in roles:
+                yield Problem(("exceptions", "routes", kind, j),
+                              f"no role named {role!r} under exceptions.roles")
+    for role, channels in roles.items():
+        for j, name in enumerate(channels.webhook):
+            destination = config.destinations.get(name)
+            if destination is None:
+                yield Problem(("exceptions", "roles", role, "webhook", j),
+                              f"no destination named {name!r} under destinations")
+            elif destination.profile != "canonical":
+                yield Problem(("exceptions", "roles", role, "webhook", j),
+                              f"destination {name!r} has profile {destination.profile}; a "
+                              "webhook is a canonical destination (JSON POST)")
+        if channels.mqtt is not None and not any(
+                isinstance(d, MqttConfig) and d.name == channels.mqtt.driver
+                for d in config.drivers):
+            yield Problem(("exceptions", "roles", role, "mqtt", "driver"),
+                          f"no MQTT driver named {channels.mqtt.driver!r} under drivers")
 
 
 def _sap_problems(config: PlantConfig) -> Iterator[Problem]:
@@ -201,16 +257,29 @@ def cleartext_secrets(config: PlantConfig) -> Iterator[tuple[Loc, str, str]]:
                 base.hostname or ""):
             yield ((*at, "base_url"), f"destination {name}'s {auth.type} credentials",
                    base.hostname or "?")
+        if destination.profile == "jetstream" and not isinstance(
+                destination.jetstream.auth, NatsNoAuth):
+            for url in (destination.base_url, *destination.jetstream.servers):
+                server = urlsplit(url)
+                if server.scheme == "nats" and not is_loopback_host(server.hostname or ""):
+                    yield ((*at, "base_url"), f"destination {name}'s NATS "
+                           f"{destination.jetstream.auth.type}", server.hostname or "?")
+                    break
         if isinstance(auth, OAuth2ClientCredentials):
             token = urlsplit(auth.token_url)
             if token.scheme == "http" and not is_loopback_host(token.hostname or ""):
                 yield ((*at, "auth", "token_url"), f"destination {name}'s OAuth client secret",
                        token.hostname or "?")
+    mes = config.orders.mes if config.orders is not None else None
+    if mes is not None and mes.password is not None and mes.tls is None and (
+            not is_loopback_host(mes.host)):
+        yield (("orders", "mes", "password"), "the order publisher's MQTT password", mes.host)
 
 
 def _allows_insecure(config: PlantConfig, loc: Loc) -> bool:
     section: Any = config.drivers[int(loc[1])] if loc[0] == "drivers" else (
-        config.destinations[str(loc[1])])
+        config.orders.mes if loc[0] == "orders" and config.orders is not None
+        else config.destinations[str(loc[1])])
     return bool(getattr(section, "allow_insecure", False))
 
 

@@ -26,8 +26,11 @@ from pydantic import (
 from drivers.common.timing import Duration
 from drivers.modbus import ModbusConfig
 from drivers.mqtt import MqttConfig
+from drivers.mqtt.config import MqttTls
 from drivers.opcua import OpcUaConfig
+from edge.hub.settings import JetStreamSettings
 from edge.model.codes import BUILTIN_UOM_CODES
+from edge.ops.settings import ExceptionsConfig, ReconcileConfig
 
 DriverConfig = Annotated[ModbusConfig | OpcUaConfig | MqttConfig, Field(discriminator="type")]
 
@@ -369,7 +372,7 @@ class RetryPolicy(Strict):
     cap: Duration = Field(300.0, description="Longest wait between two attempts.")
 
 
-Profile = Literal["canonical", "sap_s4hana", "qms_rest"]
+Profile = Literal["canonical", "sap_s4hana", "qms_rest", "jetstream"]
 
 
 class SapUsageDecision(Strict):
@@ -443,16 +446,20 @@ PROFILE_EVENT_TYPES: dict[str, frozenset[str] | None] = {
                              "lot.disposition"}),
     "qms_rest": frozenset({"inspection.requested", "inspection.result",
                            "nonconformance.raised"}),
+    "jetstream": None,  # the hub takes every type; its relays route them
 }
 """Which event types each profile can map (None: all of them)."""
 
 
 class DestinationConfig(Strict):
-    base_url: str = Field(description="Base URL of the API.", pattern=r"^https?://")
+    base_url: str = Field(description="Base URL of the API; for profile jetstream, a NATS "
+                          "server (nats://host:4222, tls://host:4222).",
+                          pattern=r"^(https?|nats|tls)://")
     profile: Profile = Field(
         "canonical", description="How events are shaped for this target: canonical "
         "(CloudEvents JSON, Idempotency-Key), sap_s4hana (production order confirmation and "
-        "usage decision OData services), qms_rest (a generic REST QMS).")
+        "usage decision OData services), qms_rest (a generic REST QMS), jetstream (the hub: "
+        "a NATS JetStream stream, README: Beyond one plant).")
     path: str = Field("/events", description="canonical: path under base_url that takes one "
                       "event; sap_s4hana and qms_rest know their own paths.")
     batch_path: str | None = Field(
@@ -477,6 +484,18 @@ class DestinationConfig(Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
     sap: SapConfig = Field(default_factory=SapConfig)  # type: ignore[arg-type]
+    jetstream: JetStreamSettings = Field(default_factory=JetStreamSettings)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _jetstream_url(self) -> DestinationConfig:
+        nats = self.base_url.startswith(("nats://", "tls://"))
+        if (self.profile == "jetstream") != nats:
+            raise ValueError("profile jetstream takes a nats:// or tls:// base_url, the "
+                             "other profiles an http(s):// one")
+        if self.profile == "jetstream" and not isinstance(self.auth, NoAuth):
+            raise ValueError("a jetstream destination's credentials go under jetstream.auth "
+                             "(token, user_password, creds, nkey)")
+        return self
 
 
 class QualityConfig(Strict):
@@ -503,6 +522,81 @@ class ValidationConfig(Strict):
     require_known_order: bool = Field(
         True, description="Reject (as an input dead letter) MES consumption and lot events for "
         "an order no machine has been bound to, instead of posting them.")
+    require_released_order: bool = Field(
+        False, description="Reject (as an input dead letter) an MES order.started for an order "
+        "ERP never released to this gateway, or has ended (cancelled, technically completed, "
+        "closed, deleted) or locked. Needs the orders section.")
+
+
+ORDERS_DESTINATION = "mes-orders"
+"""The outbox destination of released orders on their way to the MES (`orders.mes`)."""
+
+
+class OrdersMesConfig(Strict):
+    """The MQTT broker released orders are published to, one retained QoS 1 message per
+    order."""
+
+    host: str = Field(description="MQTT broker of the MES.", min_length=1)
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 with TLS, usually).")
+    client_id: str | None = Field(
+        None, min_length=1, max_length=64, description="MQTT client id of the order publisher "
+        "(default plantsync-<site>-orders); not the one of the MES driver.")
+    username: str | None = Field(None, description="User name, if the broker wants one.")
+    password: SecretStr | None = Field(None, description="Password; write `${ENV_VAR}`.")
+    tls: MqttTls | None = Field(None, description="TLS settings; plain TCP when omitted.")
+    allow_insecure: bool = Field(
+        False, description="Accept sending the password without TLS to a broker off this box "
+        "(warned about at every start).")
+    keepalive: Duration = Field(30.0, description="MQTT keepalive.")
+    topic: str = Field(
+        "mes/{site}/orders/{order_id}", min_length=1, description="Topic of an order's "
+        "message: {site} and {order_id} are filled in; no wildcards.")
+    accepted_on: Literal["order_started", "ack_topic"] = Field(
+        "order_started", description="What counts as the MES accepting a released order: its "
+        "order.started (through the MQTT driver's mapping), or a message on ack_topic.")
+    ack_topic: str | None = Field(
+        None, description="accepted_on ack_topic: the topic filter the MES acknowledges "
+        "orders on, payload {order_id, version}; e.g. mes/1010/orders/+/ack.")
+    timeout: Duration = Field(10.0, description="Longest wait for the broker's PUBACK of one "
+                              "order message before it is retried.")
+    max_in_flight: int = Field(4, ge=1, le=64, description="Order messages awaiting PUBACK "
+                               "at once.")
+    rate_limit: float | None = Field(None, gt=0, description="Most order messages per "
+                                     "second (none: no limit).")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _topics(self) -> OrdersMesConfig:
+        if "{order_id}" not in self.topic:
+            raise ValueError("topic must contain {order_id}: one topic per order")
+        if any(char in self.topic for char in "+#"):
+            raise ValueError("topic is a topic, not a filter: no + or #")
+        if self.accepted_on == "ack_topic" and self.ack_topic is None:
+            raise ValueError("accepted_on ack_topic needs ack_topic")
+        return self
+
+
+class OrdersConfig(Strict):
+    """Released production orders from ERP to the MES: polled, validated, committed to the
+    outbox, published over MQTT (README: Orders from ERP to the MES)."""
+
+    source: str = Field(description="Destination (profile sap_s4hana or canonical) whose "
+                        "released orders are polled; its URL, auth and TLS are used.")
+    poll_interval: Duration = Field(30.0, description="How often ERP is asked for orders "
+                                    "changed since the last poll.")
+    page_size: int = Field(100, ge=1, le=1000, description="Orders asked for per request.")
+    path: str = Field("/orders", description="canonical: path of the order feed under the "
+                      "source's base_url (GET <path>?since=CURSOR).")
+    plant: str | None = Field(None, min_length=1, max_length=4, description="sap_s4hana: the "
+                              "ProductionPlant to ask for (default: site).")
+    blocked_materials: list[str] = Field(
+        default_factory=list, description="Materials the plant must not produce (blocked in "
+        "the material master): an order for one is a dead letter, never sent to the MES.")
+    accept_within: Duration = Field(
+        900.0, description="An order released this long ago and not accepted by the MES "
+        "counts in plantsync_orders_not_accepted.")
+    mes: OrdersMesConfig
 
 
 class PlantConfig(Strict):
@@ -520,6 +614,8 @@ class PlantConfig(Strict):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
     validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]
     quality: QualityConfig = Field(default_factory=QualityConfig)  # type: ignore[arg-type]
+    orders: OrdersConfig | None = Field(None, description="Released orders from ERP to the "
+                                        "MES; none: the gateway does not carry them.")
     uom_codes: list[str] = Field(
         default_factory=list,
         description="Units of measure accepted on top of the built-in UN/ECE Rec 20 list.",
@@ -530,6 +626,8 @@ class PlantConfig(Strict):
     routes: dict[str, list[str]] = Field(
         default_factory=dict, description="Event type to the destinations that receive it."
     )
+    reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
+    exceptions: ExceptionsConfig = Field(default_factory=ExceptionsConfig)  # type: ignore[arg-type]
 
     @field_validator("uom_codes")
     @classmethod

@@ -20,16 +20,18 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 
-from buffer.outbox import Delivery, Outbox
+from buffer.outbox import Delivery
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
-from edge.config.models import DestinationConfig
+from edge.config.models import DestinationConfig, OrdersMesConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure
-from edge.forward.profiles import Profile, create_profile
+from edge.forward.profiles import create_profile
+from edge.forward.queue import DeliveryQueue
 from edge.forward.session import Session, make_client
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,11 @@ class ForwarderHealth:
     last_error: str | None = None
     latency_sum: float = 0.0
     requests: int = 0
+    attempts: int = 0
+    """Deliveries attempted (one per event per try), for the integration failure rate."""
+    failed_attempts: int = 0
+    """Attempts that will be retried (timeouts, 5xx, 408/409/425/429, refused)."""
+    dead_lettered: int = 0
 
     @property
     def reachable(self) -> bool | None:
@@ -79,22 +86,35 @@ class TokenBucket:
             await asyncio.sleep((min(count, self.rate) - self.tokens) / self.rate)
 
 
+class Sender(Protocol):
+    """What the engine needs of a profile: `send` as `Profile.send` promises it."""
+
+    batch_size: int
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Result]: ...
+
+
 class HttpForwarder:
     """Delivers one destination's events. Call order: `run()` until cancelled, or `drain()`
-    to stop leasing and let `run()` return once what is in flight is settled."""
+    to stop leasing and let `run()` return once what is in flight is settled.
 
-    def __init__(self, name: str, config: DestinationConfig, outbox: Outbox,
-                 client: httpx.AsyncClient | None = None) -> None:
+    `sender`, when given, is a non-HTTP destination (the MES order publisher): an async
+    context manager that yields its Sender; the engine runs it like a profile."""
+
+    def __init__(self, name: str, config: DestinationConfig | OrdersMesConfig,
+                 outbox: DeliveryQueue, client: httpx.AsyncClient | None = None, *,
+                 sender: contextlib.AbstractAsyncContextManager[Sender] | None = None) -> None:
         self.name = name
         self.config = config
         self._outbox = outbox
         self._client = client
+        self._sender = sender
         self._wake = outbox.listener()
         self._busy_keys: set[str] = set()
         self._draining = False
         self._bucket = TokenBucket(config.rate_limit) if config.rate_limit else None
         self._open_until = 0.0
-        self.profile: Profile | None = None
+        self.profile: Sender | None = None
         self.health = ForwarderHealth(Availability(
             name, log, extra={"destination": name},
             lost_says="Destination {peer} is failing ({reason}); events stay in the outbox and "
@@ -103,12 +123,22 @@ class HttpForwarder:
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
+            if self._sender is not None:
+                self.profile = await stack.enter_async_context(self._sender)
+                try:
+                    await self._lease_loop(self.profile)
+                finally:
+                    self.health.in_flight = 0
+                return
+            assert isinstance(self.config, DestinationConfig)
             client = self._client
             if client is None:
                 client = await stack.enter_async_context(make_client(self.name, self.config))
-            self.profile = create_profile(self.config, Session(self.config, client))
+            profile = create_profile(self.config, Session(self.config, client))
+            self.profile = profile
+            stack.push_async_callback(profile.close)
             try:
-                await self._lease_loop(self.profile)
+                await self._lease_loop(profile)
             finally:
                 self.health.in_flight = 0
 
@@ -117,7 +147,7 @@ class HttpForwarder:
         self._draining = True
         self._wake.set()
 
-    async def _lease_loop(self, profile: Profile) -> None:
+    async def _lease_loop(self, profile: Sender) -> None:
         batch_size = profile.batch_size
         async with asyncio.TaskGroup() as requests:
             while not self._draining:
@@ -166,7 +196,7 @@ class HttpForwarder:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    async def _deliver(self, profile: Profile, batch: Sequence[Delivery]) -> None:
+    async def _deliver(self, profile: Sender, batch: Sequence[Delivery]) -> None:
         # The request slot frees as soon as the answers are in; the keys stay busy until the
         # outcomes are committed, so a key's next event cannot overtake this one.
         try:
@@ -188,7 +218,7 @@ class HttpForwarder:
             self._busy_keys.difference_update(d.partition_key for d in batch)
             self._wake.set()
 
-    async def _send(self, profile: Profile, batch: Sequence[Delivery]) -> list[Result]:
+    async def _send(self, profile: Sender, batch: Sequence[Delivery]) -> list[Result]:
         try:
             results = await profile.send(batch)
         except AuthError as exc:
@@ -234,6 +264,7 @@ class HttpForwarder:
                      extra={"destination": self.name})
 
     async def _record(self, delivery: Delivery, result: Result) -> None:
+        self.health.attempts += 1
         match result.outcome:
             case Outcome.DELIVERED:
                 await self._outbox.ack(delivery, status=result.status,
@@ -243,11 +274,13 @@ class HttpForwarder:
                 backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
                                   attempt=delivery.attempts)
                 # The target said when: believe it (capped). Otherwise back off with jitter.
+                self.health.failed_attempts += 0 if result.not_ready else 1
                 delay = (min(result.retry_after, self.config.retry.cap)
                          if result.retry_after is not None else backoff.next_delay())
                 await self._outbox.retry(delivery, at=time.time() + delay, status=result.status,
                                          error=result.reason)
             case Outcome.REJECTED:
+                self.health.dead_lettered += 1
                 await self._outbox.dead_letter(delivery, status=result.status,
                                                reason=result.reason)
                 log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "

@@ -40,6 +40,9 @@ EventType = Literal[
     "inspection.result",
     "nonconformance.raised",
     "lot.disposition",
+    "order.released",
+    "order.changed",
+    "order.cancelled",
 ]
 """Every CloudEvent `type` the gateway emits."""
 

@@ -184,8 +184,9 @@ class GatewayCollector(Collector):
         for name, count in sorted(facts.delivered_since_start.items()):
             delivered.add_metric([name], count)
         ratio = GaugeMetricFamily("plantsync_sync_success_ratio",
-                                  "Order sync success rate: acknowledged since start / "
-                                  "(acknowledged + dead letters parked now)",
+                                  "Delivery success per destination: acknowledged since start "
+                                  "/ (acknowledged + dead letters parked now); the order sync "
+                                  "success rate is plantsync_order_sync_success_ratio",
                                   labels=["destination"])
         for name, share in sync_success_ratio(facts).items():
             ratio.add_metric([name], share)
@@ -271,10 +272,28 @@ def create_app(gateway: GatewayView, api: ApiConfig) -> Asgi:
             return JSONResponse({"error": problem}, status_code=400)
         return answer(await gateway.lot_status(lot_id))
 
+    async def exceptions(request: Request) -> Response:
+        state = request.query_params.get("state", "all")
+        if state not in ("open", "closed", "all"):
+            return JSONResponse({"error": "state must be open, closed or all"}, status_code=400)
+        try:
+            since = float(request.query_params.get("since", "0"))
+            limit = min(1000, int(request.query_params.get("limit", "200")))
+        except ValueError:
+            return JSONResponse({"error": "since is a Unix time, limit a number"},
+                                status_code=400)
+        rows = gateway.exception_list(state, since, limit)
+        return answer({"exceptions": rows,
+                       "open": sum(1 for row in rows if row["state"] == "open")})
+
+    async def reconciliation(request: Request) -> Response:
+        return answer(gateway.reconciliation())
+
     app = Starlette(routes=[
         Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
         Route("/metrics", metrics), Route("/outbox/{operation}", outbox, methods=["POST"]),
-        Route("/lots/{lot_id:path}", lot),
+        Route("/lots/{lot_id:path}", lot), Route("/exceptions", exceptions),
+        Route("/reconciliation", reconciliation),
     ])
     return ApiGuard(app, token=lambda: gateway.api_token, changes=CHANGE_PATHS,
                     on_loopback=api.on_loopback)

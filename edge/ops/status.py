@@ -104,6 +104,12 @@ class GatewayFacts:
     kpi_untracked: int = 0
     """Events or lots that fell out of the KPI bounds unmeasured."""
     reloads: Mapping[str, int] = field(default_factory=dict)
+    orders: Mapping[str, Any] | None = None
+    """Released orders from ERP to the MES (with an `orders` section): the source's health
+    and the order book's figures and newest issues."""
+    operations: Mapping[str, Any] = field(default_factory=dict)
+    """Open exceptions, the eight KPIs and the last reconciliation (`edge.ops.watch`); in
+    `plantsync status` from the database, the open exceptions only."""
 
 
 class GatewayView(Protocol):
@@ -128,6 +134,10 @@ class GatewayView(Protocol):
     async def perform(self, operation: Operation, args: dict[str, Any], who: str) -> Any: ...
 
     async def lot_status(self, lot_id: str) -> dict[str, Any]: ...
+
+    def exception_list(self, state: str, since: float, limit: int) -> list[dict[str, Any]]: ...
+
+    def reconciliation(self) -> dict[str, Any]: ...
 
 
 def orphaned(facts: GatewayFacts) -> dict[str, DestinationCounts]:
@@ -269,6 +279,7 @@ def status_report(facts: GatewayFacts) -> dict[str, Any]:
                     for name, sample in sorted(facts.signals.items())},
         "machines": [dict(machine) for machine in facts.machines],
         "genealogy": dict(facts.genealogy),
+        "orders": dict(facts.orders) if facts.orders is not None else None,
         "quality": dict(facts.quality) if facts.quality is not None else None,
         "outbox": {
             "back_pressure": outbox.back_pressure,
@@ -294,6 +305,7 @@ def status_report(facts: GatewayFacts) -> dict[str, Any]:
                                "by_source": dict(sorted(facts.input_dead_letters.items()))},
         "alarms": found,
         "config_reloads": dict(facts.reloads),
+        **facts.operations,
     }
 
 

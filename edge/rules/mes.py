@@ -47,6 +47,11 @@ class OrderEnded(BaseModel):
     machine_id: Annotated[str, Field(pattern=_ID)]
     order_id: Annotated[str, Field(pattern=_ID, max_length=40)]
     operation: Annotated[str | None, Field(pattern=r"^\d{4}$")] = None
+    yield_quantity: Quantity | None = Field(
+        None, description="Good units MES counted for the operation (reconciliation compares "
+        "it with the machine's confirmations).")
+    scrap_quantity: Quantity | None = Field(
+        None, description="Scrap MES counted for the operation.")
     occurred_at: AwareDatetime
 
 

@@ -24,31 +24,48 @@ import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import Metric
 from pydantic import BaseModel, SecretStr
 
-from buffer.outbox import DestinationCounts, Outbox
+from buffer.outbox import DestinationCounts, Outbox, RejectedInput
 from drivers.base import Driver
 from drivers.mqtt import MqttDriver
 from edge.config.errors import ConfigError
-from edge.config.models import PlantConfig
+from edge.config.models import ORDERS_DESTINATION, PlantConfig
 from edge.config.secrets import secret_values
 from edge.forward import HttpForwarder
+from edge.model.envelope import CloudEvent
 from edge.ops import status
 from edge.ops.api import make_server
+from edge.ops.exceptions import Condition, ExceptionBoard
+from edge.ops.exceptions import listing as exception_listing
 from edge.ops.kpis import DeliveryKpis
+from edge.ops.ledger import MesOrderReport, OrderLedger
 from edge.ops.logs import redact
 from edge.ops.operations import Operation, issue_token, perform
+from edge.ops.reconcile import Reconciler, Reconciliation
+from edge.ops.settings import ExceptionKind
+from edge.ops.watch import ExceptionWatch, scorecard
+from edge.ops.watch import metrics as ops_metrics
+from edge.orders.book import OrderBook, OrderIssue
+from edge.orders.publisher import MesOrderPublisher
+from edge.orders.release import OrderRelease
+from edge.rules.mes import OrderEnded, OrderStarted
 from edge.runtime.pipeline import Pipeline
 from edge.runtime.quality import QualityLink
 from edge.runtime.registry import create_driver
 from edge.runtime.systemd import Notifier, Supervisor
 
 log = logging.getLogger(__name__)
+
+
+ORDER_ISSUE_KINDS: dict[str, ExceptionKind] = {"order.invalid": "blocked_order",
+                                               "order.not_released": "unknown_order"}
+"""The order book's issue kinds as the exceptions module names them."""
 
 
 class Phase(enum.StrEnum):
@@ -89,20 +106,43 @@ ConfigLoader = Callable[[], PlantConfig]
 class Gateway:
     def __init__(self, config: PlantConfig, outbox: Outbox, saved_state: dict[str, str], *,
                  kpis: DeliveryKpis | None = None, notifier: Notifier | None = None,
-                 control: Control | None = None) -> None:
+                 control: Control | None = None, ledger: OrderLedger | None = None) -> None:
         self.config = config
         self.outbox = outbox
         self.kpis = kpis or DeliveryKpis()
+        self.ledger = ledger or OrderLedger.open(config.data_dir)
         self.notifier = notifier or Notifier(None)
         self.control = control or Control()
-        self.pipeline = Pipeline(config, outbox, saved_state,
-                                 observer=self.kpis.observer(config.destinations_for),
+        delivery_kpis = self.kpis.observer(config.destinations_for)
+
+        def observe(events: Sequence[CloudEvent], rejected: Sequence[RejectedInput]) -> None:
+            delivery_kpis(events, rejected)
+            self.ledger.record_events(events)
+
+        self.pipeline = Pipeline(config, outbox, saved_state, observer=observe,
                                  connected=self._drivers_connected)
+        self.pipeline.order_observer = self._mes_reports
         self.drivers: list[Driver] = [create_driver(d, config.data_dir)
                                          for d in config.drivers]
         self.forwarders = [HttpForwarder(name, destination, outbox)
                            for name, destination in config.destinations.items()]
+        self.order_book: OrderBook | None = None
+        self.order_release: OrderRelease | None = None
+        if config.orders is not None:
+            book = OrderBook(saved_state, accept_within=config.orders.accept_within)
+            self.order_book = self.pipeline.order_book = book
+            self.order_release = OrderRelease(config, outbox, book)
+            self.forwarders.append(HttpForwarder(
+                ORDERS_DESTINATION, config.orders.mes, outbox,
+                sender=MesOrderPublisher.connected_to(config.orders.mes, config.site,
+                                                      self.pipeline.order_accepted)))
         self.quality = QualityLink(config, outbox, self.pipeline)
+        self.exceptions = ExceptionBoard(config, self.ledger.db, outbox)
+        self.reconciler = Reconciler(config, self.ledger.db, config.database_path,
+                                     on_result=self._reconciled)
+        self.exception_watch = ExceptionWatch(self, self.exceptions, self.ledger.db)
+        if self.order_book is not None:
+            self.order_book.listeners.append(self._order_issue)
         self.outbox_counts: dict[str, DestinationCounts] = {}
         self.input_dead_letters: dict[str, int] = {}
         self.started_at = time.time()
@@ -129,9 +169,18 @@ class Gateway:
             upkeep = downstream.create_task(self._prune_journal(), name="journal-retention")
             journal = downstream.create_task(self.kpis.follow(self.outbox),
                                              name="delivery-kpis")
+            await asyncio.to_thread(self.ledger.backfill, config.database_path)
+            self.exceptions.start()
+            operations = [
+                downstream.create_task(self.exceptions.run(), name="exception-channels"),
+                downstream.create_task(self.exception_watch.run(), name="exception-watch"),
+                downstream.create_task(self.reconciler.run(), name="reconcile-ended-orders")]
             forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
                           for f in self.forwarders]
             quality = downstream.create_task(self.quality.run(), name="quality-dispositions")
+            if self.order_release is not None:
+                orders = downstream.create_task(self.order_release.run(),
+                                                name="order-release-poller")
             await _until_listening(server, api)
             async with asyncio.TaskGroup() as upstream:
                 upstream_tasks = [upstream.create_task(self.pipeline.run_ticks(),
@@ -162,7 +211,8 @@ class Gateway:
                              "the same outbox", config.shutdown_timeout)
                 await _cancel_until_done(upstream_tasks, deadline)
             await self._commit_barrier(deadline)
-            await _cancel_until_done([quality], deadline)
+            await _cancel_until_done([quality] + ([orders] if self.order_release else []),
+                                     deadline)
             for forwarder in self.forwarders:
                 forwarder.drain()
             if forwarding:
@@ -172,7 +222,8 @@ class Gateway:
                     log.warning("Deliveries of %s did not finish within the shutdown timeout; "
                                 "they stay in the outbox", task.get_name())
                 await _cancel_until_done(list(late), deadline)
-            await _cancel_until_done([counts, upkeep, journal], deadline)
+            await _cancel_until_done([counts, upkeep, journal, *operations], deadline)
+            self.exceptions.stop()
             server.should_exit = True
             await api
         self.outbox_counts = await self.outbox.counts()
@@ -223,6 +274,62 @@ class Gateway:
             log.info("Reload: %s", change)
         return new_config
 
+    def _mes_reports(self, orders: Sequence[OrderStarted | OrderEnded]) -> None:
+        reports = []
+        for order in orders:
+            ended = isinstance(order, OrderEnded)
+            quantity = order.yield_quantity if isinstance(order, OrderEnded) else None
+            scrap = order.scrap_quantity if isinstance(order, OrderEnded) else None
+            either = quantity or scrap
+            reports.append(MesOrderReport(
+                order.order_id, order.operation or "", "ended" if ended else "started",
+                order.machine_id, order.occurred_at.timestamp(),
+                quantity.value if quantity else None, scrap.value if scrap else None,
+                either.uom if either else None))
+        self.ledger.record_reports(reports)
+
+    def _reconciled(self, result: Reconciliation) -> None:
+        """Each order with a mismatch is an exception until a run finds it reconciled."""
+        for order in result.orders:
+            subject = f"order {order.order_id}"
+            if order.mismatches:
+                kinds = sorted({m.kind for m in order.mismatches})
+                self.exceptions.raise_exception("reconciliation_mismatch", Condition(
+                    subject, f"order {order.order_id} does not reconcile: "
+                    f"{len(order.mismatches)} mismatch(es) ({', '.join(kinds)})",
+                    {"order_id": order.order_id},
+                    f"plantsync reconcile --config FILE --order {order.order_id}"))
+            else:
+                self.exceptions.clear_exception("reconciliation_mismatch", subject,
+                                                "the order reconciles")
+
+    def raise_exception(self, kind: ExceptionKind, subject: str, text: str, *,
+                        correlation: Mapping[str, str] | None = None,
+                        inspect: str | None = None) -> bool:
+        """For other parts of the gateway (order release: `blocked_order`, `unknown_order`):
+        raise an exception once; True if it was not open already."""
+        return self.exceptions.raise_exception(kind, Condition(subject, text, correlation or {},
+                                                               inspect))
+
+    def clear_exception(self, kind: ExceptionKind, subject: str, because: str) -> bool:
+        """Clear it once the condition ended; True if it was open."""
+        return self.exceptions.clear_exception(kind, subject, because)
+
+    def _order_issue(self, issue: OrderIssue) -> None:
+        """The order release's issues as exceptions: an order ERP sent that the plant cannot
+        run (`blocked_order`), an MES start of an order ERP did not release (`unknown_order`);
+        each cleared once the order book says the condition ended."""
+        kind = ORDER_ISSUE_KINDS[issue.kind]
+        subject = f"order/{issue.order_id}"
+        if issue.cleared:
+            self.clear_exception(kind, subject, issue.reason)
+            return
+        correlation = {"order_id": issue.order_id}
+        if issue.correlation_id:
+            correlation["correlation_id"] = issue.correlation_id
+        self.raise_exception(kind, subject, issue.reason, correlation=correlation,
+                             inspect=issue.inspect)
+
     def _drivers_connected(self) -> dict[str, bool]:
         return {driver.name: driver.health.connected for driver in self.drivers}
 
@@ -265,6 +372,7 @@ class Gateway:
     async def _prune_journal(self) -> None:
         while True:
             pruned = await self.outbox.prune(self.config.outbox.journal_retention)
+            pruned += self.ledger.prune(self.config.outbox.journal_retention)
             if pruned:
                 log.info("Pruned %d journal row(s) older than the retention", pruned)
             await asyncio.sleep(3600.0)
@@ -302,7 +410,8 @@ class Gateway:
                 integrity_problem=outbox.integrity_problem,
                 stats=dataclasses.replace(outbox.stats),
                 database_bytes=self.database_bytes()),
-            configured_destinations=frozenset(self.config.destinations),
+            configured_destinations=frozenset(self.config.destinations) | (
+                {ORDERS_DESTINATION} if self.config.orders is not None else set()),
             uptime_seconds=now - self.started_at,
             input_dead_letters=dict(self.input_dead_letters),
             machines=[status.machine_status(rule) for rule in pipeline.rules],
@@ -314,7 +423,21 @@ class Gateway:
             delivered_since_start=dict(self.kpis.delivered),
             kpi_untracked=self.kpis.untracked,
             reloads=dict(self.control.reloads),
+            orders=self.orders_status(),
+            operations=self._operations(now),
         )
+
+    def _operations(self, now: float) -> dict[str, Any]:
+        """Open exceptions, the eight KPIs and the last reconciliation, for `/status`."""
+        last = self.reconciler.last
+        return {
+            "exceptions": self.exceptions.open_exceptions(),
+            "kpis": scorecard(self, self.ledger.db,
+                              last.error_ratio if last is not None else None, now),
+            "reconciliation": None if last is None else {
+                "at": last.at, "orders_reconciled": len(last.orders),
+                "mismatches": len(last.mismatches), "failed": len(last.failed)},
+        }
 
     def _driver_facts(self, driver: Driver, now: float) -> status.DriverFacts:
         health = driver.health
@@ -335,7 +458,30 @@ class Gateway:
         return status.status_line(self.facts())
 
     def kpi_metrics(self) -> Iterator[Metric]:
-        return self.kpis.collect()
+        yield from self.kpis.collect()
+        if self.order_book is not None:
+            yield from self.order_book.collect()
+        yield from ops_metrics(self)
+
+    def orders_status(self) -> dict[str, Any] | None:
+        """Released orders: the source's health and the order book's figures."""
+        if self.order_release is None or self.order_book is None:
+            return None
+        return {"source": self.order_release.orders.source,
+                "reachable": self.order_release.reachable,
+                "last_error": self.order_release.last_error,
+                "polls": self.order_release.polls, **self.order_book.figures(),
+                "issues": [issue.as_dict() for issue in list(self.order_book.issues)[-20:]]}
+
+    def exception_list(self, state: str, since: float, limit: int) -> list[dict[str, Any]]:
+        """`GET /exceptions`: newest first, `open`, `closed` or `all`."""
+        return exception_listing(self.ledger.db, state, since, limit)
+
+    def reconciliation(self) -> dict[str, Any]:
+        """`GET /reconciliation`: the periodic job's last run."""
+        last = self.reconciler.last
+        return {"last": None if last is None else last.as_json(),
+                "runs": dict(self.reconciler.runs), "last_error": self.reconciler.last_error}
 
     async def perform(self, operation: Operation, args: dict[str, Any], who: str) -> Any:
         """An outbox operation asked for on the local API, journalled under `who`."""
@@ -470,12 +616,14 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
     # The outbox outlives a reload unless its settings change: held on a stack, reopened there.
     held = contextlib.AsyncExitStack()
     outbox = await held.enter_async_context(open_outbox(config))
+    ledger = OrderLedger.open(config.data_dir)
     try:
         async with asyncio.TaskGroup() as tasks:
             watching = tasks.create_task(supervisor.run(), name="systemd-supervisor")
             try:
                 while True:
                     gateway = Gateway(config, outbox, await outbox.load_state(), kpis=kpis,
+                                      ledger=ledger,
                                       notifier=notifier, control=control)
                     redact(gateway.secrets)
                     supervisor.watch(gateway)
@@ -491,9 +639,12 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
                         supervisor.watch(None)
                         await held.aclose()
                         outbox = await held.enter_async_context(open_outbox(new_config))
+                        ledger.close()
+                        ledger = OrderLedger.open(new_config.data_dir)
                     config = new_config
             finally:
                 watching.cancel()
     finally:
         await held.aclose()
+        ledger.close()
         notifier.close()

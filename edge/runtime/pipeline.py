@@ -37,6 +37,7 @@ from edge.model.events import (
     priority_of,
 )
 from edge.model.ids import source_key
+from edge.orders.book import OrderBook
 from edge.rules.machine import MachineRule, machine_rules
 from edge.rules.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
 
@@ -131,8 +132,15 @@ class Pipeline:
                 self.known_orders.setdefault(rule.order_id, 0.0)
         self.genealogy = Genealogy(saved.get(GENEALOGY_KEY))
         self.qms_cursor = saved.get(QMS_CURSOR_KEY, "0")
+        self.order_book: OrderBook | None = None
+        self._acceptance_unsaved = False
+        """Orders ERP released (set by the daemon with an `orders` section): an MES start
+        accepts one, or is refused by validation.require_released_order."""
         self._lots: list[LotStatus] = []
         self._followups: list[CloudEvent] = []
+        self.order_observer: Callable[[Sequence[OrderStarted | OrderEnded]], None] | None = None
+        """Sees the MES order starts and ends each commit carried (the order ledger)."""
+        self._order_inputs: list[OrderStarted | OrderEnded] = []
         self.samples_by_driver: Counter[str] = Counter()
         self.events_by_type: Counter[str] = Counter()
         self.rejected_by_driver: Counter[str] = Counter()
@@ -251,7 +259,8 @@ class Pipeline:
             if produced or rule.needs_save or rule.dirty:
                 events.extend(produced)
                 touched.append(rule)
-        if touched:
+        if touched or self._acceptance_unsaved:
+            self._acceptance_unsaved = False
             await self._commit(events, touched)
 
     async def flush(self) -> None:
@@ -319,7 +328,14 @@ class Pipeline:
             if problem is not None:
                 return [], None, problem
         at = order.occurred_at.timestamp()
+        if isinstance(order, OrderStarted) and self.order_book is not None:
+            problem = self.order_book.started(
+                order.order_id, at, message_id=message.message_id,
+                require_released=self.config.validation.require_released_order)
+            if problem is not None:
+                return [], None, problem
         if isinstance(order, OrderStarted):
+            self._order_inputs.append(order)
             self.known_orders.setdefault(order.order_id, at)
             while len(self.known_orders) > KEEP_ORDERS:
                 self.known_orders.pop(next(iter(self.known_orders)))
@@ -328,6 +344,11 @@ class Pipeline:
             return rule.start_order(order.binding(), at), rule, None
         assert isinstance(order, OrderEnded)
         events, problem = rule.end_order(order.order_id, order.operation, at)
+        if problem is None:
+            # An end that names no operation ended the bound one: say which, for the ledger.
+            ended = order.operation or next((str(e.data["operation"]) for e in events
+                                             if e.data.get("operation")), None)
+            self._order_inputs.append(order.model_copy(update={"operation": ended}))
         return events, rule, problem
 
     def _mes_event(self, message: MesMessage, fields: dict[str, Any]
@@ -410,6 +431,13 @@ class Pipeline:
         self.qms_cursor = cursor
         await self._commit(events, ())
 
+    def order_accepted(self, order_id: str) -> None:
+        """The MES acknowledged a released order on its ack topic: saved with the next
+        commit (at the latest the next second's tick)."""
+        if self.order_book is not None:
+            self.order_book.accepted(order_id)
+            self._acceptance_unsaved = True
+
     async def remember_lot(self, status: LotStatus) -> None:
         """A lot's status learnt by asking the QMS directly."""
         self._lots.append(status)
@@ -426,8 +454,11 @@ class Pipeline:
         state[ORDERS_KEY] = json.dumps(self.known_orders, separators=(",", ":"))
         state[GENEALOGY_KEY] = self.genealogy.dump()
         state[QMS_CURSOR_KEY] = self.qms_cursor
+        if self.order_book is not None:
+            state.update(self.order_book.acceptance_state())
         events = [*events, *self._followups]
         lots, self._lots, self._followups = self._lots, [], []
+        order_inputs, self._order_inputs = self._order_inputs, []
         rows = [
             OutboxEvent(
                 id=event.id, type=event.type, partition_key=event.partitionkey,
@@ -442,6 +473,8 @@ class Pipeline:
         events = [event for event in events if event.id in result.new_ids]
         if self._observer is not None:
             self._observer(events, rejected)
+        if self.order_observer is not None and order_inputs:
+            self.order_observer(order_inputs)
         for event in events:
             self.events_by_type[event.type] += 1
             made_from = (f", from MES message {event.sourcemessageid}"

@@ -28,7 +28,9 @@ from starlette.routing import Route
 
 import simulators.erp
 from simulators.erp.canonical import CanonicalApi, InvalidEvent, short_type
+from simulators.erp.confirmed import confirmed_routes
 from simulators.erp.faults import Counters, FaultActions, Faults, ScriptedFaults, status_sequence
+from simulators.erp.orders import ErpOrders, OrderStore, order_routes
 from simulators.erp.sap_metadata import (
     CONFIRMATION_SERVICE,
     CONFIRMATION_SET,
@@ -38,9 +40,11 @@ from simulators.erp.sap_metadata import (
     MATERIAL_DOCUMENT_SERVICE,
     MATERIAL_DOCUMENT_SET,
     SAP_METADATA_DIR,
+    UNITS,
     USAGE_DECISION_SET,
     ODataError,
     SapMetadata,
+    bad_request,
 )
 from simulators.erp.sap_services import (
     CSRF_HEADER,
@@ -380,9 +384,12 @@ def create_app(
         metadata=SapMetadata(sap_metadata),
     )
 
+    order_store = OrderStore(db_path)
+    orders = ErpOrders(order_store, simulator.metadata, UNITS, bad_request)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        with store.opened():
+        with store.opened(), order_store.opened():
             yield
 
     guard = simulator.guard
@@ -427,6 +434,7 @@ def create_app(
         odata(f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
               sap.list_material_document_items),
         Route("/events", simulator.list_events, methods=["GET"]),
+        *confirmed_routes(store, guard),  # reconciliation: simulators/erp/confirmed.py
         Route("/_sim/sap/inspection-lots", simulator.sap_inspection_lots, methods=["GET"]),
         Route("/_sim/sap/material-documents", simulator.sap_material_documents,
               methods=["GET"]),
@@ -434,6 +442,7 @@ def create_app(
         Route("/_sim/batches/{batch}", simulator.get_batch, methods=["GET"]),
         Route("/_sim/sap/confirmations", simulator.sap_confirmations, methods=["GET"]),
         Route("/_sim/sap/usage-decisions", simulator.sap_usage_decisions, methods=["GET"]),
+        *order_routes(orders, guard),
         *control_routes(simulator),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -9,6 +9,7 @@ from typing import Any
 from edge.config.models import DestinationConfig, PlantConfig
 from edge.forward.profiles.base import Profile
 from edge.forward.profiles.canonical import CanonicalProfile
+from edge.forward.profiles.jetstream import JetStreamProfile
 from edge.forward.profiles.qms_rest import QmsRestProfile
 from edge.forward.profiles.sap_s4hana import SapS4HanaProfile, field_problems
 from edge.forward.session import Session
@@ -22,6 +23,8 @@ def create_profile(config: DestinationConfig, session: Session) -> Profile:
             return SapS4HanaProfile(config, session)
         case "qms_rest":
             return QmsRestProfile(config, session)
+        case "jetstream":
+            return JetStreamProfile(config, session)
 
 
 def input_problems(config: PlantConfig, event_type: str, data: Mapping[str, Any]) -> str | None:
@@ -36,7 +39,7 @@ def input_problems(config: PlantConfig, event_type: str, data: Mapping[str, Any]
         match destination.profile:
             case "sap_s4hana":
                 found = field_problems(event_type, data, destination.sap)
-            case "canonical" | "qms_rest":
+            case "canonical" | "qms_rest" | "jetstream":
                 found = []
         problems += [f"{problem} (destination {name})" for problem in found]
     return "; ".join(problems) or None

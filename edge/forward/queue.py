@@ -1,0 +1,34 @@
+"""What the forwarder engine takes deliveries from and reports outcomes to: the plant's outbox
+(buffer.outbox.Outbox), or the hub's stream for a relay (edge.hub.inbox.HubInbox).
+
+Call-order contract: `lease` hands out the due head of each partition key not in `busy_keys`;
+each leased delivery gets exactly one of `ack` (the target took it), `retry` (again at `at`)
+or `dead_letter` (a permanent rejection); the event from `listener()` is set whenever new
+deliveries may be due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Protocol
+
+from buffer.outbox import Delivery
+
+
+class DeliveryQueue(Protocol):
+    def listener(self) -> asyncio.Event: ...
+
+    async def lease(self, destination: str, limit: int, *, busy_keys: Iterable[str] = ()
+                    ) -> list[Delivery]: ...
+
+    async def next_due(self, destination: str) -> float | None: ...
+
+    async def ack(self, delivery: Delivery, *, status: int | None,
+                  reference: str | None = None) -> None: ...
+
+    async def retry(self, delivery: Delivery, *, at: float, status: int | None,
+                    error: str) -> None: ...
+
+    async def dead_letter(self, delivery: Delivery, *, status: int | None,
+                          reason: str) -> None: ...

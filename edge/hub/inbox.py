@@ -1,0 +1,283 @@
+"""The hub stream as the forwarder engine's delivery queue for one destination of a relay:
+what the outbox is to a plant daemon (edge.forward.queue.DeliveryQueue).
+
+One fetch task per partition pulls from that partition's durable consumer, one event at a
+time (the consumer's `max_ack_pending: 1` lets no relay have a second one out), and holds it
+until the engine settles it:
+- `ack` (the target answered 2xx) acks it to JetStream, and waits for the server to confirm
+  the ack, before the partition's next event is fetched;
+- `retry` naks it with the engine's backoff as the delay: JetStream keeps it pending (no later
+  event of its partition overtakes it) and redelivers it, to this relay or another, when due;
+- `dead_letter` publishes it to the dead letter stream (awaiting that stream's PubAck) with
+  the reason in headers, then terminates it.
+An event the relay does not route to this destination is acked without delivery. While an
+event is held, `in_progress` is sent every third of `ack_wait`, so a slow target does not make
+the hub hand it to another relay. A relay killed mid-delivery loses nothing: its held event
+is redelivered after `ack_wait` (the receiver's Idempotency-Key catches a repeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from buffer.outbox import Delivery
+from edge.hub.config import HubConfig
+from edge.hub.stream import consumer_name
+from edge.model.envelope import event_type_of
+
+log = logging.getLogger(__name__)
+FETCH_WAIT = 2.0
+
+
+@dataclass
+class InboxStats:
+    fetched: int = 0
+    skipped: int = 0
+    redelivered: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    settle_failures: int = 0
+    journalled: int = 0
+    journal_failures: int = 0
+
+
+@dataclass
+class _Held:
+    message: Msg
+    delivery: Delivery
+    partition: int
+    held_since: float = field(default_factory=time.monotonic)
+    leased: bool = False
+
+
+class HubInbox:
+    """Call order: `run()` in a task (fetching) while the engine leases and settles."""
+
+    def __init__(self, js: JetStreamContext, config: HubConfig, destination: str,
+                 relay_name: str = "relay") -> None:
+        self._js = js
+        self.relay_name = relay_name
+        self._config = config
+        self.destination = destination
+        self._held: dict[int, _Held] = {}  # by stream sequence
+        self._free = {p: asyncio.Event() for p in range(config.stream.partitions)}
+        self._listeners: set[asyncio.Event] = set()
+        self._stopping = False
+        self.stats = InboxStats()
+
+    # -- the DeliveryQueue side, called by the engine --
+
+    def listener(self) -> asyncio.Event:
+        event = asyncio.Event()
+        self._listeners.add(event)
+        return event
+
+    async def lease(self, destination: str, limit: int, *, busy_keys: Iterable[str] = ()
+                    ) -> list[Delivery]:
+        busy = set(busy_keys)
+        leased: list[Delivery] = []
+        for held in sorted(self._held.values(), key=lambda h: h.delivery.seq):
+            if len(leased) >= limit:
+                break
+            if not held.leased and held.delivery.partition_key not in busy:
+                held.leased = True
+                leased.append(held.delivery)
+        return leased
+
+    async def next_due(self, destination: str) -> float | None:
+        return None  # retries wait in JetStream (nak with delay), not here
+
+    async def ack(self, delivery: Delivery, *, status: int | None,
+                  reference: str | None = None) -> None:
+        held = self._held.get(delivery.seq)
+        if held is None:
+            return
+        await self._journal(delivery, status, reference)
+        try:
+            await held.message.ack_sync(timeout=self._config.nats.timeout)
+            self.stats.acked += 1
+        except nats.errors.Error as exc:
+            # Delivered but not acked: the hub redelivers after ack_wait, and the receiver's
+            # Idempotency-Key recognises the repeat.
+            self._settle_failed(delivery, "ack", exc)
+        self._release(held)
+
+    async def _journal(self, delivery: Delivery, status: int | None,
+                       reference: str | None) -> None:
+        """The audit record of a delivery, in the hub's journal stream (stored R3 before the
+        event is acked). Its Nats-Msg-Id makes a redelivered event's second record a no-op
+        within two minutes; a journal the hub cannot take is logged, never a reason to
+        deliver again."""
+        stream = self._config.stream
+        record = {"event_id": delivery.event_id, "event_type": delivery.event_type,
+                  "destination": self.destination, "delivered_at": time.time(),
+                  "attempts": delivery.attempts + 1, "status": status,
+                  "reference": reference, "relay": self.relay_name,
+                  "partition_key": delivery.partition_key, "stream_seq": delivery.seq}
+        try:
+            await self._js.publish(
+                f"{stream.journal_subject}.{self.destination}",
+                json.dumps(record, separators=(",", ":")).encode(),
+                timeout=self._config.nats.timeout, stream=stream.journal_stream,
+                headers={"Nats-Msg-Id": f"{self.destination}:{delivery.event_id}"})
+            self.stats.journalled += 1
+        except nats.errors.Error as exc:
+            self.stats.journal_failures += 1
+            log.warning("Could not journal the delivery of event %s to %s (%s)",
+                        delivery.event_id, self.destination, exc or type(exc).__name__,
+                        extra={"event_id": delivery.event_id,
+                               "destination": self.destination})
+
+    async def retry(self, delivery: Delivery, *, at: float, status: int | None,
+                    error: str) -> None:
+        held = self._held.get(delivery.seq)
+        if held is None:
+            return
+        try:
+            await held.message.nak(delay=max(0.0, at - time.time()))
+            self.stats.retried += 1
+        except nats.errors.Error as exc:
+            self._settle_failed(delivery, "nak", exc)
+        self._release(held)
+
+    async def dead_letter(self, delivery: Delivery, *, status: int | None,
+                          reason: str) -> None:
+        held = self._held.get(delivery.seq)
+        if held is None:
+            return
+        stream = self._config.stream
+        try:
+            await self._js.publish(
+                f"{stream.dead_letter_subject}.{self.destination}", delivery.payload,
+                timeout=self._config.nats.timeout, stream=stream.dead_letter_stream,
+                headers={"Nats-Msg-Id": f"{self.destination}:{delivery.event_id}",
+                         "PlantSync-Destination": self.destination,
+                         "PlantSync-Status": str(status or ""),
+                         "PlantSync-Reason": " ".join(reason.split())[:1000]})
+            await held.message.term()
+            self.stats.dead_lettered += 1
+        except nats.errors.Error as exc:
+            # Not parked: nak it, so it is tried (and refused) again rather than lost.
+            self._settle_failed(delivery, "dead letter", exc)
+            await self._quietly(held.message.nak(delay=self._config.relay.ack_wait))
+        self._release(held)
+
+    # -- the fetching side --
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            keep_alive = group.create_task(self._keep_alive(),
+                                           name=f"in-progress-{self.destination}")
+            fetchers = []
+            for partition in range(self._config.stream.partitions):
+                self._free[partition].set()
+                fetchers.append(group.create_task(
+                    self._fetch(partition), name=f"fetch-{self.destination}-p{partition}"))
+            await asyncio.wait(fetchers)
+            keep_alive.cancel()
+
+    async def _fetch(self, partition: int) -> None:
+        stream = self._config.stream.name
+        name = consumer_name(self.destination, partition)
+        subscription = await self._js.pull_subscribe_bind(name, stream)
+        free = self._free[partition]
+        # A flag, not only cancellation: nats-py's fetch (asyncio.wait_for on Python 3.11) can
+        # swallow a cancel that arrives as its answer does, and the loop would go on.
+        while not self._stopping:
+            await free.wait()
+            try:
+                messages = await subscription.fetch(1, timeout=FETCH_WAIT)
+            except nats.errors.TimeoutError:
+                continue
+            except nats.errors.Error as exc:  # the connection is away; nats-py reconnects
+                log.debug("Fetch from %s failed: %s", name, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for message in messages:
+                if self._stopping:  # fetched as we stopped: back to the hub at once
+                    await self._quietly(message.nak())
+                    continue
+                await self._take(message, partition)
+
+    async def _take(self, message: Msg, partition: int) -> None:
+        metadata = message.metadata
+        self.stats.fetched += 1
+        if metadata.num_delivered > 1:
+            self.stats.redelivered += 1
+        try:
+            event = json.loads(message.data)
+            event_type = str(event_type_of(event.get("type")))
+            delivery = Delivery(
+                seq=metadata.sequence.stream, destination=self.destination,
+                event_id=str(event["id"]), event_type=event_type,
+                partition_key=str(event.get("partitionkey") or event["id"]),
+                payload=message.data, attempts=metadata.num_delivered - 1)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Not a CloudEvent: no target would take it. Parked, not dropped.
+            msg_id = (message.headers or {}).get("Nats-Msg-Id", f"seq-{metadata.sequence.stream}")
+            delivery = Delivery(seq=metadata.sequence.stream, destination=self.destination,
+                                event_id=msg_id, event_type="?", partition_key=msg_id,
+                                payload=message.data, attempts=metadata.num_delivered - 1)
+            self._hold(message, delivery, partition)
+            await self.dead_letter(delivery, status=None,
+                                   reason="not a CloudEvent in JSON (structured mode)")
+            return
+        if self.destination not in self._config.destinations_for(event_type):
+            self.stats.skipped += 1
+            # If this ack is lost, the event comes back after ack_wait and is skipped again.
+            await self._quietly(message.ack_sync(timeout=self._config.nats.timeout))
+            return
+        self._hold(message, delivery, partition)
+        for listener in self._listeners:
+            listener.set()
+
+    def _hold(self, message: Msg, delivery: Delivery, partition: int) -> None:
+        self._held[delivery.seq] = _Held(message, delivery, partition)
+        self._free[partition].clear()
+
+    async def _keep_alive(self) -> None:
+        period = max(1.0, self._config.relay.ack_wait / 3)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for held in list(self._held.values()):
+                if now - held.held_since >= period:
+                    await self._quietly(held.message.in_progress())
+
+    def _release(self, held: _Held) -> None:
+        self._held.pop(held.delivery.seq, None)
+        self._free[held.partition].set()
+
+    def _settle_failed(self, delivery: Delivery, what: str, exc: Exception) -> None:
+        self.stats.settle_failures += 1
+        log.warning("Could not %s event %s on the hub (%s); it comes back after ack_wait",
+                    what, delivery.event_id, exc or type(exc).__name__,
+                    extra={"event_id": delivery.event_id, "destination": self.destination})
+
+    @staticmethod
+    async def _quietly(request: Awaitable[object]) -> None:
+        with contextlib.suppress(nats.errors.Error):
+            await request
+
+    async def give_back(self) -> None:
+        """On stop: no more fetches (within FETCH_WAIT); events held but not being delivered
+        go back to the hub now (nak), for another relay, instead of after ack_wait."""
+        self._stopping = True
+        for event in self._free.values():
+            event.set()
+        for held in list(self._held.values()):
+            if not held.leased:
+                await self._quietly(held.message.nak())
+                self._release(held)
