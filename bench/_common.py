@@ -81,14 +81,16 @@ def chunks(events: Sequence[OutboxEvent], size: int) -> Iterator[Sequence[Outbox
 
 
 @contextlib.contextmanager
-def erp_simulator(directory: Path) -> Iterator[str]:
-    """The real ERP simulator as a subprocess on a free loopback port; yields its base URL."""
-    errors_path = directory / "erp-api.stderr"
+def erp_simulator(directory: Path, server: str = "uvicorn") -> Iterator[str]:
+    """The real ERP simulator as a subprocess on a free loopback port; yields its base URL.
+    `server="hypercorn"`: its app on Hypercorn, which also speaks HTTP/2 (bench/_h2_receiver)."""
+    errors_path = directory / f"erp-api-{server}.stderr"
+    database = str(directory / f"erp-{server}.sqlite")
+    argv = ([sys.executable, "-m", "simulators.erp", "--host", "127.0.0.1", "--port", "0",
+             "--db", database] if server == "uvicorn"
+            else [sys.executable, str(REPO / "bench" / "_h2_receiver.py"), database])
     with errors_path.open("wb") as errors:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "simulators.erp", "--host", "127.0.0.1", "--port", "0",
-             "--db", str(directory / "erp.sqlite")],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=errors)
+        process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=errors)
     try:
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], SIMULATOR_START_TIMEOUT)

@@ -6,20 +6,25 @@ Events are pre-committed to a fresh outbox (outside the measured time), confirma
 CloudEvents over ~50 partition keys; the clock runs from the forwarder's start until it has
 acknowledged the last one. Two forwarder phases:
 
-- unbatched: one event per POST to /api/events, `max_in_flight` requests at once; against the
-  bare loop, `max_in_flight` tasks POSTing the same payloads one by one with the same
-  headers and client settings (target: ratio >= 0.8);
+- unbatched: one event per POST to /api/events, `max_in_flight` requests at once, on the
+  forwarder's default transport (httpx on aiohttp) and once more on httpx's own httpcore;
+  against bare loops of `max_in_flight` tasks POSTing the same payloads one by one with the
+  same headers through each Python client worth considering (bench/_clients.py: httpx,
+  httpx on aiohttp, aiohttp), and the ratio is to the fastest of them (target: >= 0.8);
 - batched: `batch_size` events per POST to /api/events:batch (the receiver answers one
-  outcome per event); against the bare *unbatched* loop (target: >= 10x), and, to show where
-  the ceiling is, against a bare loop POSTing the same batches with the same concurrency.
+  outcome per event); against the forwarder's unbatched rate (target: >= 10x), and against a
+  bare loop POSTing the same batches with the same concurrency and client (target: >= 0.5);
+- HTTP/2 (leave out with `--no-http2`): httpx over HTTP/2 against httpx over HTTP/1.1 on one
+  Hypercorn receiver (uvicorn has no HTTP/2), to say what the protocol changes.
 
-The bare unbatched loop runs twice, before and after the forwarder's unbatched phase, so
-that drift on the machine hits both alike; the ERP simulator is reset (`POST /_sim/reset`)
-before every phase and must hold exactly what the phase delivered. The simulator runs as a
-subprocess on a free loopback port, so it and the forwarder do not share a CPU core's time
-slices more than the machine forces. With `--profile`, each forwarder phase runs once more,
-instrumented and outside the figures, and where its time went (HTTP per request, outbox acks
-and leases, transactions per event) is added to the line under `breakdown`.
+The bare unbatched loops run twice per round, before and after the forwarder's unbatched
+phases, in alternating order, so that drift on the machine hits all alike; the ERP
+simulator is reset (`POST /_sim/reset`) before every phase and must hold exactly what the
+phase delivered. The simulator runs as a subprocess on a free loopback port, so it and the
+forwarder do not share a CPU core's time slices more than the machine forces. With
+`--profile`, each forwarder phase runs once more, instrumented and outside the figures, and
+where its time went (HTTP per request, outbox acks and leases, transactions per event) is
+added to the line under `breakdown`.
 Prints one JSON line: medians over rounds, the ratios, and under `samples` every measurement.
 
 Run it as `.venv/bin/python bench/forward.py` (`--quick` for a smoke run, `--help` for sizes).
@@ -40,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _clients import CLIENTS, bare_loop
 from _common import (
     DESTINATION,
     Phase,
@@ -62,6 +68,7 @@ EVENT_PATH = "/api/events"
 BATCH_PATH = "/api/events:batch"
 UNBATCHED_TARGET = 0.8
 BATCHED_TARGET = 10.0
+BATCHED_VS_BARE_TARGET = 0.5
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,12 @@ class Sizes:
     budget: float
 
 
-def destination(base_url: str, sizes: Sizes, *, batched: bool) -> DestinationConfig:
+def destination(base_url: str, sizes: Sizes, *, batched: bool,
+                transport: str = "aiohttp") -> DestinationConfig:
     return DestinationConfig.model_validate({
         "base_url": base_url, "path": EVENT_PATH, "max_in_flight": sizes.max_in_flight,
         "batch_size": sizes.batch_size if batched else 1,
-        "batch_path": BATCH_PATH if batched else None})
+        "batch_path": BATCH_PATH if batched else None, "http_transport": transport})
 
 
 # -- the phases -------------------------------------------------------------------------------
@@ -103,8 +111,7 @@ class Breakdown:
         return {"events_per_s": round(phase.rate, 1), "requests": phase.requests,
                 "events_per_request": round(phase.done / max(1, phase.requests), 1),
                 "http_ms_per_request": mean_ms(self.http),
-                "ack_ms_per_event": mean_ms(self.acks),
-                "ack_ms_per_request": round(sum(self.acks) * 1000 / max(1, phase.requests), 2),
+                "settle_ms_per_request": mean_ms(self.acks),
                 "lease_ms_per_lease": mean_ms(self.leases), "leases": len(self.leases),
                 "outbox_transactions_per_event": round(self.transactions / max(1, phase.done),
                                                        3)}
@@ -112,7 +119,8 @@ class Breakdown:
 
 def instrument(forwarder: HttpForwarder, outbox: Outbox) -> Breakdown:
     """Time the forwarder's awaits on this instance only: HTTP (the profile's send), outbox
-    acks and leases (each goes through the outbox's one SQLite thread)."""
+    settles (one per request: its outcomes) and leases (each goes through one of the outbox's
+    SQLite threads)."""
     breakdown = Breakdown([], [], [])
 
     def timed(function: Callable[..., Coroutine[Any, Any, Any]], into: list[float]
@@ -126,7 +134,7 @@ def instrument(forwarder: HttpForwarder, outbox: Outbox) -> Breakdown:
         return wrapper
 
     forwarder._send = timed(forwarder._send, breakdown.http)  # type: ignore[method-assign]
-    outbox.ack = timed(outbox.ack, breakdown.acks)  # type: ignore[method-assign]
+    outbox.settle = timed(outbox.settle, breakdown.acks)  # type: ignore[method-assign]
     outbox.lease = timed(outbox.lease, breakdown.leases)  # type: ignore[method-assign]
     return breakdown
 
@@ -207,7 +215,29 @@ async def bare_phase(events: Sequence[OutboxEvent], config: DestinationConfig, *
 # -- the run ----------------------------------------------------------------------------------
 
 
-async def measure(directory: Path, sizes: Sizes, profile: bool) -> dict[str, Any]:
+async def http2_phases(directory: Path, sizes: Sizes) -> dict[str, Any]:
+    """httpx over HTTP/2 against httpx over HTTP/1.1, both on one Hypercorn receiver (uvicorn,
+    the simulator's server, has no HTTP/2), rounds interleaved: the ratio is the protocol's
+    effect for this client at the same in-flight."""
+    rates: dict[str, list[float]] = defaultdict(list)
+    with erp_simulator(directory, server="hypercorn") as base_url:
+        url = base_url + EVENT_PATH
+        for number in range(sizes.rounds + 1):  # the first round warms up, not counted
+            for client in ("httpx", "httpx_h2") if number % 2 else ("httpx_h2", "httpx"):
+                phase = await bare_loop(client, url, make_events(
+                    sizes.unbatched_events // 2, sizes.partition_keys, f"h2-{client}-{number}"),
+                    in_flight=sizes.max_in_flight, request_timeout=30.0,
+                    time_limit=sizes.phase_time_limit)
+                if number:
+                    rates[client].append(round(phase.rate, 1))
+    h1, h2 = median(rates["httpx"]), median(rates["httpx_h2"])
+    return {"receiver": "simulators.erp app on hypercorn (h2c prior knowledge and h1)",
+            "httpx_http1_posts_per_s": h1, "httpx_http2_posts_per_s": h2,
+            "http2_vs_http1": round(h2 / h1, 3), "samples": dict(rates)}
+
+
+async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
+                  ) -> dict[str, Any]:
     limit = sizes.phase_time_limit
     cut_short: list[str] = []
     samples: dict[str, list[float]] = defaultdict(list)
@@ -217,6 +247,8 @@ async def measure(directory: Path, sizes: Sizes, profile: bool) -> dict[str, Any
     with erp_simulator(directory) as base_url:
         async with httpx.AsyncClient(timeout=30.0) as control:
             unbatched = destination(base_url, sizes, batched=False)
+            unbatched_httpcore = destination(base_url, sizes, batched=False,
+                                             transport="httpcore")
             batched = destination(base_url, sizes, batched=True)
 
             async def timed(name: str, phase_of: Coroutine[Any, Any, Phase]) -> Phase:
@@ -243,16 +275,31 @@ async def measure(directory: Path, sizes: Sizes, profile: bool) -> dict[str, Any
                              batch_size=sizes.batch_size, time_limit=limit)
             budget_end = time.perf_counter() + sizes.budget
             rounds_done = 0
+            unbatched_url = base_url + EVENT_PATH
             for number in range(sizes.rounds):
                 round_started = time.perf_counter()
                 half = sizes.unbatched_events // 2
-                await timed("bare_unbatched", bare_phase(
-                    fresh(half, "bare"), unbatched, batch_size=1, time_limit=limit))
+                for client in CLIENTS[::-1] if number % 2 else CLIENTS:
+                    if client == "httpx_h2":
+                        continue  # uvicorn speaks HTTP/1.1 only: see http2_phases
+                    await timed(f"bare_{client}", bare_loop(
+                        client, unbatched_url, fresh(half, "bare"),
+                        in_flight=sizes.max_in_flight, request_timeout=unbatched.timeout,
+                        time_limit=limit))
                 await timed("forwarder_unbatched", forwarder_phase(
                     directory / f"unbatched-{number}.sqlite",
                     fresh(sizes.unbatched_events, "fwd"), unbatched, time_limit=limit))
-                await timed("bare_unbatched", bare_phase(
-                    fresh(half, "bare"), unbatched, batch_size=1, time_limit=limit))
+                await timed("forwarder_unbatched_httpcore", forwarder_phase(
+                    directory / f"unbatched-httpcore-{number}.sqlite",
+                    fresh(sizes.unbatched_events, "fwdc"), unbatched_httpcore,
+                    time_limit=limit))
+                for client in CLIENTS if number % 2 else CLIENTS[::-1]:
+                    if client == "httpx_h2":
+                        continue
+                    await timed(f"bare_{client}", bare_loop(
+                        client, unbatched_url, fresh(half, "bare"),
+                        in_flight=sizes.max_in_flight, request_timeout=unbatched.timeout,
+                        time_limit=limit))
                 await timed("forwarder_batched", forwarder_phase(
                     directory / f"batched-{number}.sqlite", fresh(sizes.batched_events, "fwdb"),
                     batched, time_limit=limit))
@@ -274,23 +321,35 @@ async def measure(directory: Path, sizes: Sizes, profile: bool) -> dict[str, Any
                                                   fresh(count, "prof"), config, time_limit=limit,
                                                   breakdown=found)
                     profiles[name] = found[0].summary(phase)
+    http2 = await http2_phases(directory, sizes) if with_http2 else {}
 
-    bare, forwarder = median(samples["bare_unbatched"]), median(samples["forwarder_unbatched"])
+    bare_by_client = {client: median(samples[f"bare_{client}"]) for client in CLIENTS
+                      if samples.get(f"bare_{client}")}
+    fastest = max(bare_by_client, key=bare_by_client.__getitem__)
+    bare, forwarder = bare_by_client[fastest], median(samples["forwarder_unbatched"])
     forwarder_batched = median(samples["forwarder_batched"])
     bare_batched = median(samples["bare_batched"])
     ratio = round(forwarder / bare, 3)
-    batched_ratio = round(forwarder_batched / bare, 2)
+    batched_ratio = round(forwarder_batched / forwarder, 2)
     line: dict[str, Any] = {
         "forwarder_unbatched_events_per_s": forwarder,
-        "bare_httpx_unbatched_posts_per_s": bare,
+        "fastest_bare_client": fastest,
+        "fastest_bare_unbatched_posts_per_s": bare,
         "ratio": ratio,
         "ratio_target": UNBATCHED_TARGET,
+        "bare_unbatched_posts_per_s": bare_by_client,
+        "bare_vs_bare_httpx": {client: round(rate / bare_by_client["httpx"], 2)
+                               for client, rate in bare_by_client.items()},
+        "forwarder_unbatched_httpcore_events_per_s": median(
+            samples["forwarder_unbatched_httpcore"]),
         "forwarder_batched_events_per_s": forwarder_batched,
-        "batched_vs_bare_unbatched": batched_ratio,
+        "batched_vs_unbatched": batched_ratio,
         "batched_target": BATCHED_TARGET,
-        "bare_httpx_batched_events_per_s": bare_batched,
+        "bare_batched_events_per_s": bare_batched,
         "batched_vs_bare_batched": round(forwarder_batched / bare_batched, 3),
-        "targets_met": ratio >= UNBATCHED_TARGET and batched_ratio >= BATCHED_TARGET,
+        "batched_vs_bare_batched_target": BATCHED_VS_BARE_TARGET,
+        "targets_met": (ratio >= UNBATCHED_TARGET and batched_ratio >= BATCHED_TARGET
+                        and forwarder_batched / bare_batched >= BATCHED_VS_BARE_TARGET),
         "requests_per_phase": {name: statistics.median(counts)
                                for name, counts in requests.items()},
         "rounds_done": rounds_done,
@@ -299,6 +358,8 @@ async def measure(directory: Path, sizes: Sizes, profile: bool) -> dict[str, Any
     }
     if profiles:
         line["breakdown"] = profiles
+    if http2:
+        line["http2"] = http2
     return line
 
 
@@ -324,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also run each forwarder phase once more, instrumented, and add "
                         "where its time went (HTTP, outbox acks, leases) to the line")
+    parser.add_argument("--no-http2", action="store_true",
+                        help="leave out the HTTP/2 phases (a Hypercorn receiver of their own)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the temporary databases go (default: the system temp dir)")
     parser.add_argument("--quick", action="store_true", help="a tiny run to check it works")
@@ -336,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         phase_time_limit=args.time_limit, budget=args.budget)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-forward-", dir=args.dir) as directory:
-        figures = event_loop_runner(args.loop)(measure(Path(directory), sizes, args.profile))
+        figures = event_loop_runner(args.loop)(measure(Path(directory), sizes, args.profile,
+                                                       not args.no_http2))
     line = {"benchmark": "forward", **figures,
             "params": {"events": sizes.unbatched_events, "batched_events": sizes.batched_events,
                        "batch_size": sizes.batch_size, "max_in_flight": sizes.max_in_flight,

@@ -50,6 +50,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import paho.mqtt.client as mqtt
 from asyncua import Client
 from paho.mqtt.enums import CallbackAPIVersion
@@ -70,6 +71,10 @@ REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
 OPCUA_PUBLISHING_MS = 100
 OPCUA_QUEUE_SIZE = 100
+OPCUA_WARMUP = 3.0
+"""Seconds between subscribing and counting: at 10,000 items the first publish carries every
+item's initial value, which is not the steady rate."""
+OPCUA_SUBSCRIBE_TIMEOUT = 180.0
 MQTT_BATCH_MAX = 500
 MQTT_RECEIVE_MAXIMUM = 2 * MQTT_BATCH_MAX  # what the driver announces by default
 MQTT_DRAIN_TIMEOUT = 60.0
@@ -125,14 +130,14 @@ def median(values: Sequence[float]) -> float:
 
 
 @contextlib.contextmanager
-def child(argv: list[str], ready: str, log_path: Path) -> Any:
+def child(argv: list[str], ready: str, log_path: Path, timeout: float = START_TIMEOUT) -> Any:
     """A child process that prints `ready` once it serves; SIGTERM at the end."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert process.stdout is not None
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + timeout
         while ready not in process.stdout.readline().decode(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{argv} did not start: {log_path.read_text()}")
@@ -181,13 +186,25 @@ def opcua_nodes(machines: int) -> list[str]:
             for variable in VARIABLE_TYPES]
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MB (VmRSS)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 @dataclass(frozen=True)
 class Measured:
-    """`count` units in `seconds` wall time, with `cpu` seconds of this process's CPU."""
+    """`count` units in `seconds` wall time, with `cpu` seconds of this process's CPU, and the
+    resident memory before the client connected and at the end of the window (MB)."""
 
     count: int
     seconds: float
     cpu: float
+    rss_before: float = 0.0
+    rss_after: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -198,16 +215,20 @@ class Measured:
         return self.cpu / self.count * 1e6 if self.count else 0.0
 
 
-async def measure_window(counter: list[int], warmup: float, seconds: float) -> Measured:
+async def measure_window(counter: list[int], warmup: float, seconds: float,
+                         rss_before: float = 0.0) -> Measured:
     """Let `warmup` pass, then count what `counter[0]` gains over `seconds`."""
     await asyncio.sleep(warmup)
     count, wall, cpu = counter[0], time.perf_counter(), time.process_time()
     await asyncio.sleep(seconds)
-    return Measured(counter[0] - count, time.perf_counter() - wall, time.process_time() - cpu)
+    return Measured(counter[0] - count, time.perf_counter() - wall, time.process_time() - cpu,
+                    rss_before, rss_mb())
 
 
-async def opcua_bare(endpoint: str, machines: int, seconds: float) -> Measured:
-    client = Client(endpoint, timeout=10)
+async def opcua_bare(endpoint: str, machines: int, seconds: float,
+                     warmup: float = OPCUA_WARMUP) -> Measured:
+    rss_before = rss_mb()
+    client = Client(endpoint, timeout=60)
     await client.connect()
     try:
         namespace = await client.get_namespace_index(NAMESPACE_URI)
@@ -225,14 +246,15 @@ async def opcua_bare(endpoint: str, machines: int, seconds: float) -> Measured:
 
         async with asyncio.TaskGroup() as tasks:
             consumer = tasks.create_task(consume(), name="bench-opcua-bare")
-            measured = await measure_window(counter, 1.0, seconds)
+            measured = await measure_window(counter, warmup, seconds, rss_before)
             consumer.cancel()
         return measured
     finally:
         await client.disconnect()
 
 
-async def opcua_driver(endpoint: str, machines: int, seconds: float) -> Measured:
+async def opcua_driver(endpoint: str, machines: int, seconds: float,
+                       warmup: float = OPCUA_WARMUP) -> Measured:
     config = OpcUaConfig.model_validate({
         "name": "bench", "type": "opcua", "endpoint": endpoint,
         "publishing_interval": f"{OPCUA_PUBLISHING_MS}ms",
@@ -240,6 +262,7 @@ async def opcua_driver(endpoint: str, machines: int, seconds: float) -> Measured
                   "sampling_interval": 0}
                  for index, node in enumerate(opcua_nodes(machines))],
     })
+    rss_before = rss_mb()
     driver = OpcUaDriver(config)
     counter = [0]
 
@@ -248,12 +271,12 @@ async def opcua_driver(endpoint: str, machines: int, seconds: float) -> Measured
 
     async with asyncio.TaskGroup() as tasks:
         running = tasks.create_task(driver.run(count), name="bench-opcua-driver")
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + OPCUA_SUBSCRIBE_TIMEOUT
         while not driver.health.connected:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the OPC UA driver did not connect: {driver.health}")
             await asyncio.sleep(0.05)
-        measured = await measure_window(counter, 1.0, seconds)
+        measured = await measure_window(counter, warmup, seconds, rss_before)
         running.cancel()
     if driver.dropped_samples:
         raise RuntimeError(f"the driver dropped {driver.dropped_samples} samples")
@@ -267,14 +290,18 @@ def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
             str(sizes.opcua_machines), str(sizes.opcua_tick)]
     bare: list[Measured] = []
     driven: list[Measured] = []
-    with child(argv, "listening", scratch / "opcua-server.log"):
+    # Two ticks before counting: the first publish (every item's value) is not the steady rate.
+    warmup = max(OPCUA_WARMUP, 2 * sizes.opcua_tick)
+    # Building the address space takes a while at thousands of machines.
+    with child(argv, "listening", scratch / "opcua-server.log",
+               START_TIMEOUT + sizes.opcua_machines * 0.1):
         for _ in range(sizes.rounds):
             bare.append(asyncio.run(opcua_bare(endpoint, sizes.opcua_machines,
-                                               sizes.opcua_seconds)))
+                                               sizes.opcua_seconds, warmup)))
             driven.append(asyncio.run(opcua_driver(endpoint, sizes.opcua_machines,
-                                                   sizes.opcua_seconds)))
+                                                   sizes.opcua_seconds, warmup)))
         bare.append(asyncio.run(opcua_bare(endpoint, sizes.opcua_machines,
-                                           sizes.opcua_seconds)))
+                                           sizes.opcua_seconds, warmup)))
     bare_rate = median([m.rate for m in bare])
     driver_rate = median([m.rate for m in driven])
     bare_cpu = median([m.cpu_us_per_unit for m in bare])
@@ -290,6 +317,10 @@ def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
         "driver_cpu_us_per_notification": round(driver_cpu, 1),
         "bare_cpu_us_per_notification": round(bare_cpu, 1),
         # What one core could take at that cost: the ceiling once the server is faster.
+        "driver_rss_mb": round(median([m.rss_after for m in driven]), 1),
+        "bare_rss_mb": round(median([m.rss_after for m in bare]), 1),
+        "driver_rss_growth_mb": round(median([m.rss_after - m.rss_before for m in driven]), 1),
+        "bare_rss_growth_mb": round(median([m.rss_after - m.rss_before for m in bare]), 1),
         "driver_capacity_per_core": round(1e6 / driver_cpu) if driver_cpu else None,
         "bare_capacity_per_core": round(1e6 / bare_cpu) if bare_cpu else None,
         "capacity_ratio": round(bare_cpu / driver_cpu, 3) if driver_cpu else None,
@@ -298,8 +329,11 @@ def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
 
 
 def _figures(measured: Measured) -> dict[str, float]:
-    return {"count": measured.count, "seconds": round(measured.seconds, 3),
-            "rate": round(measured.rate), "cpu_us": round(measured.cpu_us_per_unit, 1)}
+    figures = {"count": measured.count, "seconds": round(measured.seconds, 3),
+               "rate": round(measured.rate), "cpu_us": round(measured.cpu_us_per_unit, 1)}
+    if measured.rss_after:
+        figures["rss_mb"] = round(measured.rss_after, 1)
+    return figures
 
 
 # --- MQTT ------------------------------------------------------------------------------------
@@ -367,6 +401,12 @@ def mqtt_config(port: int, machine: str) -> MqttConfig:
     })
 
 
+FIELDS_JSON = msgspec.json.Encoder()
+"""The sink's serialiser: msgspec writes Decimal as a string, as `json.dumps(default=str)` did,
+without a Python callback per quantity (that callback was a seventh of the driver phase's CPU,
+a cost of this harness, not of the driver)."""
+
+
 class CommittingSink:
     """Each MES message becomes an outbox event; returns once the batch is committed."""
 
@@ -382,8 +422,7 @@ class CommittingSink:
         for reading in readings:
             if not isinstance(reading, MesMessage):
                 raise RuntimeError(f"unexpected reading {reading!r}")
-            payload = json.dumps(dict(reading.fields), default=str,
-                                 separators=(",", ":")).encode()
+            payload = FIELDS_JSON.encode(reading.fields)
             rows.append(OutboxEvent(id=reading.message_id, type=reading.kind,
                                     partition_key=str(reading.fields.get("order_id")),
                                     payload=payload, destinations=("erp",)))
@@ -636,6 +675,9 @@ def main() -> None:
     parser.add_argument("--opcua-machines", type=int, default=40,
                         help="machines on the OPC UA server (8 monitored items each, 4 of "
                         "which change at every tick)")
+    parser.add_argument("--opcua-items", type=int, default=None,
+                        help="monitored items on the OPC UA server (rounded up to whole "
+                        "machines of 8; overrides --opcua-machines), e.g. 10000 or 50000")
     parser.add_argument("--opcua-tick", type=float, default=0.05,
                         help="the server's production clock, seconds per tick")
     parser.add_argument("--opcua-seconds", type=float, default=3.0,
@@ -653,7 +695,9 @@ def main() -> None:
         sizes = Sizes(opcua_machines=5, opcua_tick=0.05, opcua_seconds=1.0, mqtt_messages=500,
                       modbus_seconds=0.5, rounds=1)
     else:
-        sizes = Sizes(args.opcua_machines, args.opcua_tick, args.opcua_seconds,
+        machines = (args.opcua_machines if args.opcua_items is None
+                    else -(-args.opcua_items // len(VARIABLE_TYPES)))
+        sizes = Sizes(machines, args.opcua_tick, args.opcua_seconds,
                       args.mqtt_messages, args.modbus_seconds, args.rounds)
     setup_logging("text", "WARNING")  # as the daemon: library chatter off
     started = time.perf_counter()

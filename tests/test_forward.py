@@ -114,3 +114,40 @@ async def test_connection_refused_is_retried(tmp_path: Path) -> None:
         assert forwarder.health.reachable is False
         assert "ConnectError" in (forwarder.health.last_error or "")
         assert (await outbox.counts())["erp"].pending == 1
+
+
+async def test_a_burst_on_one_order_goes_in_few_ordered_batches(
+        erp_sim: ErpSim, tmp_path: Path) -> None:
+    """Issue 17 item 2: the canonical batch is an ordered array, so 250 events of one order go
+    in 3 requests of up to 100, in commit order, instead of 250 one at a time. The oracle is
+    the receiver's own arrival order and its request count."""
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([payload(n) for n in range(250)])
+        config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
+                                   batch_path="/api/events:batch", batch_size=100, max_in_flight=4)
+        forwarder = HttpForwarder("erp", config, outbox)
+        await drain(outbox, forwarder)
+        held = erp_sim.events()
+        assert [e["key"] for e in held] == [f"ev-{n}" for n in range(250)]  # commit order
+        assert forwarder.health.requests == 3 and forwarder.health.delivered == 250
+        assert (await outbox.counts()) == {}
+
+
+async def test_a_rejected_event_in_a_run_is_dead_lettered_and_the_rest_delivered(
+        erp_sim: ErpSim, tmp_path: Path) -> None:
+    """Per-event outcomes of one key's run in one batch: the receiver refuses an invalid
+    event (400), takes the others; the refused one goes to dead letters, its key moves on."""
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        events = [payload(n) for n in range(5)]
+        broken = OutboxEvent(id="ev-2", type="production.confirmation", partition_key="1000123",
+                             payload=b'{"id":"ev-2"}', destinations=("erp",))
+        await outbox.commit([*events[:2], broken, *events[3:]])
+        config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
+                                   batch_path="/api/events:batch", batch_size=10)
+        forwarder = HttpForwarder("erp", config, outbox)
+        await drain(outbox, forwarder)
+        assert [e["key"] for e in erp_sim.events()] == ["ev-0", "ev-1", "ev-3", "ev-4"]
+        assert forwarder.health.requests == 1
+        (dead,) = await outbox.dead_letters()
+        assert dead["id"] == "ev-2" and "400" in str(dead["last_status"])
+        assert [j["event_id"] for j in await outbox.journal()] == ["ev-0", "ev-1", "ev-3", "ev-4"]

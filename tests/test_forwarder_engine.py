@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from edge.forward.forwarder import TokenBucket
+from buffer.outbox import Delivery
+from edge.forward.forwarder import TokenBucket, pack_runs
 
 
 async def test_a_full_bucket_lets_one_seconds_worth_through_at_once() -> None:
@@ -87,3 +88,19 @@ async def test_an_open_circuit_waits_without_spinning(peers: Any, tmp_path: Path
     assert forwarder.health.circuit is Circuit.OPEN
     assert ticks > 50, f"the event loop was starved: {ticks} ticks of 10 ms in a second"
     assert busy < 0.3, f"{busy:.2f}s of CPU in one second of an open circuit"
+
+
+def test_requests_keep_each_keys_run_whole() -> None:
+    """Two requests in flight with events of one key could arrive in either order: a run is
+    never split across requests, and a request holds at most batch_size deliveries."""
+    def run(key: str, first: int, count: int) -> list[Delivery]:
+        return [Delivery(seq, "erp", f"ev-{seq}", "t", key, b"{}", 0)
+                for seq in range(first, first + count)]
+
+    leased = [*run("a", 1, 3), *run("b", 10, 2), *run("c", 20, 4), *run("d", 30, 1)]
+    batches = pack_runs(leased, 5)
+    assert [[d.seq for d in batch] for batch in batches] == [
+        [1, 2, 3, 10, 11], [20, 21, 22, 23, 30]]
+    assert [[d.seq for d in b] for b in pack_runs(leased, 4)] == [
+        [1, 2, 3], [10, 11], [20, 21, 22, 23], [30]]
+    assert pack_runs([], 4) == []

@@ -501,7 +501,7 @@ def test_install_dry_run_prints_the_steps_and_changes_nothing(tmp_path: Path,
 def test_reload_describes_changes_by_name_never_by_value() -> None:
     from buffer.outbox import DestinationCounts
     from edge.config.loader import parse_config
-    from edge.runtime.daemon import describe_changes
+    from edge.runtime.reload import describe_changes
 
     def config(token: str, every_units: int, destinations: str) -> str:
         return f"""

@@ -35,7 +35,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from buffer.outbox import CommitResult, Delivery, Outbox, OutboxEvent
+from buffer.outbox import CommitResult, Delivery, Outbox, OutboxEvent, Settlement
 from tests.held_outbox import HeldOutbox
 
 DESTINATIONS = ("erp", "qms")
@@ -234,6 +234,47 @@ class OutboxMachine(RuleBasedStateMachine):
         owed = self.model.find(delivery.destination, delivery.event_id)
         owed.attempts += 1
         owed.dead = True
+
+    @rule(destination=st.sampled_from(DESTINATIONS), limit=st.integers(1, 6),
+          per_key=st.integers(2, 4), delay=st.floats(0, 100),
+          outcomes=st.lists(st.sampled_from(["delivered", "retry", "dead"]), min_size=6,
+                            max_size=6))
+    def lease_runs_and_settle(self, destination: str, limit: int, per_key: int, delay: float,
+                              outcomes: list[str]) -> None:
+        """Issue 17: a lease of runs (each due head and its key's next deliveries in commit
+        order, for a target that takes them in order), settled at once in one transaction
+        with mixed outcomes, as a batch request's answer is."""
+        busy = {key for (d, key) in self.in_flight if d == destination}
+        got = self.run(self.outbox.lease(destination, limit, busy_keys=busy, now=self.now,
+                                         per_key=per_key))
+        expected: list[Owed] = []
+        owed_in_order = sorted(self.model.owed[destination], key=lambda o: o.seq)
+        for head in self.model.heads(destination, self.now, busy)[:limit]:
+            room = min(per_key, limit - len(expected))
+            if room <= 0:
+                break
+            expected += [o for o in owed_in_order
+                         if o.key == head.key and not o.dead and o.seq >= head.seq][:room]
+        assert [d.event_id for d in got] == [o.event_id for o in expected]
+        assert [d.payload for d in got] == [self.model.payloads[o.event_id] for o in expected]
+        assert [d.attempts for d in got] == [o.attempts for o in expected]
+        settlements = [Settlement(d, outcome, 201 if outcome == "delivered" else 503,  # type: ignore[arg-type]
+                                  reference=f"R-{d.event_id}", retry_at=self.now + delay,
+                                  reason="down")
+                       for d, outcome in zip(got, outcomes, strict=False)]
+        self.run(self.outbox.settle(settlements))
+        retrying: set[str] = set()
+        for settled, owed in zip(settlements, expected, strict=False):
+            if settled.outcome == "delivered":
+                self.model.owed[destination].remove(owed)
+                self.model.journal.append((destination, owed.event_id))
+            elif settled.outcome == "dead":
+                owed.attempts += 1
+                owed.dead = True
+            elif owed.key not in retrying:  # a key's later retries wait behind its first
+                retrying.add(owed.key)
+                owed.attempts += 1
+                owed.due = self.now + delay
 
     @rule(seconds=st.floats(0, 60))
     def time_passes(self, seconds: float) -> None:

@@ -52,6 +52,7 @@ from buffer.outbox.records import (
     OutboxStats,
     Priority,
     RejectedInput,
+    Settlement,
 )
 from buffer.outbox.store import Outbox
 
@@ -70,5 +71,6 @@ __all__ = [
     "OutboxStats",
     "Priority",
     "RejectedInput",
+    "Settlement",
     "journal_hand_action",
 ]

@@ -128,6 +128,19 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class Settlement:
+    """What became of one leased delivery: `delivered` (journal it, forget it), `retry` (keep
+    it, due again at `retry_at`), or `dead` (park it as a dead letter with `reason`)."""
+
+    delivery: Delivery
+    outcome: Literal["delivered", "retry", "dead"]
+    status: int | None
+    reference: str | None = None
+    retry_at: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class CommitResult:
     inserted: int
     duplicates: int

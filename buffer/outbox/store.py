@@ -39,7 +39,6 @@ from buffer.outbox.heads import (
     insert_events,
     load_counts,
     load_heads,
-    next_head,
 )
 from buffer.outbox.records import (
     CommitResult,
@@ -53,7 +52,9 @@ from buffer.outbox.records import (
     OutboxStats,
     Priority,
     RejectedInput,
+    Settlement,
 )
+from buffer.outbox.settle import sort_settlements, write_settlements
 
 log = logging.getLogger(__name__)
 
@@ -273,63 +274,47 @@ class Outbox:
         self, delivery: Delivery, *, status: int | None, reference: str | None = None
     ) -> None:
         """The destination took the event: journal it and forget the delivery."""
-        def run(db: sqlite3.Connection) -> Head | None:
-            db.execute("DELETE FROM deliveries WHERE destination = ? AND event_seq = ?",
-                       (delivery.destination, delivery.seq))
-            db.execute(
-                "INSERT INTO journal(event_id, event_type, destination, delivered_at, attempts,"
-                " status, reference) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (delivery.event_id, delivery.event_type, delivery.destination, time.time(),
-                 delivery.attempts + 1, status, reference))
-            drop_if_done(db, delivery.seq)
-            return next_head(db, delivery.destination, delivery.partition_key)
-
-        self._move_head(delivery, await self._submit(run, 1))
-        self._pending[delivery.destination] -= 1
-        self.stats.delivered += 1
+        await self.settle([Settlement(delivery, "delivered", status, reference=reference)])
 
     async def retry(
         self, delivery: Delivery, *, at: float, status: int | None, error: str
     ) -> None:
         """Keep the delivery, to be tried again at `at` (Unix time, persisted)."""
-        def run(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?,"
-                " last_status = ?, last_error = ? WHERE destination = ? AND event_seq = ?",
-                (at, status, error[:2000], delivery.destination, delivery.seq))
-
-        await self._submit(run, 1)
-        head = self._heads.get(delivery.destination, {}).get(delivery.partition_key)
-        if head is not None and head.seq == delivery.seq:
-            head.due = at
-            head.attempts += 1
-        self.stats.retries += 1
+        await self.settle([Settlement(delivery, "retry", status, retry_at=at, reason=error)])
 
     async def dead_letter(self, delivery: Delivery, *, status: int | None, reason: str) -> None:
         """A permanent rejection: park the delivery with its reason; its key moves on."""
-        def run(db: sqlite3.Connection) -> Head | None:
-            db.execute(
-                f"UPDATE deliveries SET state = {DeliveryState.DEAD:d},"
-                " attempts = attempts + 1, last_status = ?, last_error = ?, dead_at = ?"
-                " WHERE destination = ? AND event_seq = ?",
-                (status, reason[:2000], time.time(), delivery.destination, delivery.seq))
-            return next_head(db, delivery.destination, delivery.partition_key)
+        await self.settle([Settlement(delivery, "dead", status, reason=reason)])
 
-        self._move_head(delivery, await self._submit(run, 1))
-        self._pending[delivery.destination] -= 1
-        self._dead[delivery.destination] += 1
-        self.stats.dead_lettered += 1
-        self._notify()
-
-    def _move_head(self, delivery: Delivery, head: Head | None) -> None:
-        heads = self._heads.get(delivery.destination, {})
-        current = heads.get(delivery.partition_key)
-        if current is not None and current.seq != delivery.seq:
-            return  # a head that is not this delivery's: someone else already moved it
-        if head is None:
-            heads.pop(delivery.partition_key, None)
-        else:
-            heads[delivery.partition_key] = head
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """Record what became of leased deliveries (one request's outcomes, or several), as
+        one piece of work in one group-committed transaction (buffer/outbox/settle.py says
+        how, and why a key's later retries in one call wait behind its first). Returns once
+        it is durable; each key touched then has its oldest delivery still owed as head."""
+        if not settlements:
+            return
+        settled = sort_settlements(settlements)
+        settled = await self._submit(lambda db: write_settlements(db, settled),
+                                     len(settlements))
+        ours = {(s.delivery.destination, s.delivery.seq) for s in settlements}
+        for (destination, key), head in settled.heads.items():
+            heads = self._heads.get(destination, {})
+            current = heads.get(key)
+            if current is not None and (destination, current.seq) not in ours:
+                continue  # a head that is not one of these: someone else already moved it
+            if head is None:
+                heads.pop(key, None)
+            else:
+                heads[key] = head
+        for done in (*settled.delivered, *settled.dead):
+            self._pending[done.delivery.destination] -= 1
+        for dead in settled.dead:
+            self._dead[dead.delivery.destination] += 1
+        self.stats.delivered += len(settled.delivered)
+        self.stats.retries += len(settled.retried)
+        self.stats.dead_lettered += len(settled.dead)
+        if settled.dead:
+            self._notify()
 
     async def retry_dead(self, event_id: str | None = None, destination: str | None = None,
                          *, hand: HandAction | None = None) -> int:
@@ -404,28 +389,41 @@ class Outbox:
 
     async def lease(
         self, destination: str, limit: int, *, busy_keys: Iterable[str] = (),
-        now: float | None = None,
+        now: float | None = None, per_key: int = 1,
     ) -> list[Delivery]:
         """Up to `limit` deliveries that are due: the head of each partition key not in
-        `busy_keys`, most urgent priority class first, then commit order."""
+        `busy_keys`, most urgent priority class first, then commit order; with `per_key`
+        above 1, each head followed by up to `per_key - 1` of its key's next deliveries in
+        commit order (a run, kept together in the list), for a target that takes several
+        events of one key in one request and processes them in order. One read for all."""
         busy = set(busy_keys)
         when = time.time() if now is None else now
         heads = self._heads.get(destination, {})
-        due = sorted((head.priority, head.seq) for key, head in heads.items()
+        due = sorted((head.priority, head.seq, key) for key, head in heads.items()
                      if head.due <= when and key not in busy)[:limit]
         if not due:
             return []
-        seqs = [seq for _, seq in due]
+        seqs = [seq for _, seq, _ in due]
+        select = ("SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
+                  " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+                  f" WHERE d.destination = ? AND d.state = {DeliveryState.PENDING:d}")
 
         def run(db: sqlite3.Connection) -> list[Delivery]:
-            marks = ",".join("?" * len(seqs))
-            rows = {row[0]: row for row in db.execute(
-                "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
-                " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                " WHERE d.destination = ?"
-                f" AND d.state = {DeliveryState.PENDING:d} AND d.event_seq IN ({marks})",
-                (destination, *seqs))}
-            return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs if seq in rows]
+            if per_key <= 1:
+                marks = ",".join("?" * len(seqs))
+                rows = {row[0]: row for row in db.execute(
+                    f"{select} AND d.event_seq IN ({marks})", (destination, *seqs))}
+                return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs
+                        if seq in rows]
+            leased: list[Delivery] = []
+            for _, seq, key in due:
+                room = min(per_key, limit - len(leased))
+                if room <= 0:
+                    break
+                leased += [Delivery(row[0], destination, *row[1:]) for row in db.execute(
+                    f"{select} AND d.partition_key = ? AND d.event_seq >= ?"
+                    " ORDER BY d.event_seq LIMIT ?", (destination, key, seq, room))]
+            return leased
 
         return await self._read(run)
 

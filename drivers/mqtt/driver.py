@@ -33,7 +33,9 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
+
+import msgspec
 
 from drivers.base import (
     Driver,
@@ -49,6 +51,12 @@ from drivers.mqtt.config import CONNECT_TIMEOUT, DROPS_LOG_EVERY, QUEUE_ADVICE, 
 from drivers.mqtt.topics import Unmappable, json_kind
 
 log = logging.getLogger(__name__)
+
+
+_FAST_JSON: Final = msgspec.json.Decoder(float_hook=decimal.Decimal)
+"""The MES payload decoder: msgspec (C, no intermediate objects) is about five times faster
+than `json.loads` with `parse_float`; floats become Decimal (12.345 stays 12.345), and NaN and
+Infinity are refused (they are not JSON)."""
 
 
 def _no_constants(name: str) -> Any:
@@ -74,14 +82,18 @@ def to_reading(config: MqttConfig, topic: str, payload: bytes, received_at: floa
     except UnicodeDecodeError as exc:
         return rejected(f"payload is not UTF-8: {exc}")
     try:
-        # Decimal keeps quantities exact (12.345 stays 12.345); NaN and Infinity are refused.
-        document = json.loads(
-            text, parse_float=decimal.Decimal, parse_constant=_no_constants
-        )
-    except RecursionError:
-        return rejected("payload is not JSON: nested too deeply")
-    except ValueError as exc:
-        return rejected(f"payload is not JSON: {exc}")
+        document = _FAST_JSON.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        # The fast decoder refused it: let the standard one say why, in the words the
+        # rejected-input journal has always used (NaN, nesting, where the syntax broke), and
+        # take what it alone accepts (a lone surrogate in a string) as before.
+        try:
+            document = json.loads(text, parse_float=decimal.Decimal,
+                                  parse_constant=_no_constants)
+        except RecursionError:
+            return rejected("payload is not JSON: nested too deeply")
+        except ValueError as exc:
+            return rejected(f"payload is not JSON: {exc}")
     if not isinstance(document, dict):
         return rejected(f"payload is {json_kind(document)}, expected a JSON object")
     try:

@@ -475,6 +475,12 @@ class DestinationConfig(Strict):
     )
     rate_limit: float | None = Field(
         None, gt=0, description="Most events per second sent to this target (none: no limit).")
+    http_transport: Literal["aiohttp", "httpcore"] = Field(
+        "aiohttp", description="What carries the requests under httpx's API: aiohttp's "
+        "connection pool and parser (about twice the requests per second of httpcore on this "
+        "gateway's hardware, see the README's benchmarks), or httpx's own httpcore. Behind a "
+        "proxy given by HTTPS_PROXY/HTTP_PROXY, choose httpcore: the aiohttp transport does "
+        "not read those variables.")
     auth: Auth = Field(default_factory=NoAuth)
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     allow_insecure: bool = Field(

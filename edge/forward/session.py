@@ -4,6 +4,7 @@ repeat after a 401 that a refreshed token deserves."""
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from typing import Any
 
@@ -11,8 +12,12 @@ import httpx
 
 from edge.config.models import DestinationConfig
 from edge.forward.auth import Authenticator, authenticator
+from edge.forward.transport import SafeAiohttpTransport
 
 log = logging.getLogger(__name__)
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                   "all_proxy")
 
 
 def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
@@ -32,7 +37,18 @@ def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
         verify = context
     limits = httpx.Limits(max_connections=config.max_in_flight + 1,
                           max_keepalive_connections=config.max_in_flight + 1)
-    return httpx.AsyncClient(verify=verify, limits=limits, timeout=config.timeout)
+    match config.http_transport:
+        case "aiohttp":
+            proxies = sorted(name for name in PROXY_VARIABLES if os.environ.get(name))
+            if proxies:
+                log.warning("Destination %s ignores the proxy in %s: its http_transport is "
+                            "aiohttp, which does not read proxy variables; set http_transport: "
+                            "httpcore to send through the proxy", name, ", ".join(proxies),
+                            extra={"destination": name})
+            transport = SafeAiohttpTransport(verify=verify, limits=limits)
+            return httpx.AsyncClient(transport=transport, timeout=config.timeout)
+        case "httpcore":
+            return httpx.AsyncClient(verify=verify, limits=limits, timeout=config.timeout)
 
 
 class Session:

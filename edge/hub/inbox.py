@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -31,7 +31,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from buffer.outbox import Delivery
+from buffer.outbox import Delivery, Settlement
 from edge.hub.config import HubConfig
 from edge.hub.stream import consumer_name
 from edge.model.envelope import event_type_of
@@ -84,8 +84,9 @@ class HubInbox:
         self._listeners.add(event)
         return event
 
-    async def lease(self, destination: str, limit: int, *, busy_keys: Iterable[str] = ()
-                    ) -> list[Delivery]:
+    async def lease(self, destination: str, limit: int, *, busy_keys: Iterable[str] = (),
+                    per_key: int = 1) -> list[Delivery]:
+        # `per_key` is a most: the relay hands out what JetStream holds, as before.
         busy = set(busy_keys)
         leased: list[Delivery] = []
         for held in sorted(self._held.values(), key=lambda h: h.delivery.seq):
@@ -98,6 +99,24 @@ class HubInbox:
 
     async def next_due(self, destination: str) -> float | None:
         return None  # retries wait in JetStream (nak with delay), not here
+
+    async def settle(self, settlements: Sequence[Settlement]) -> None:
+        """A request's outcomes, each its own ack, nak or term (JetStream has no bulk ack),
+        all at once as the engine sent them before it settled in bulk."""
+        await asyncio.gather(*(self._settle_one(settlement) for settlement in settlements))
+
+    async def _settle_one(self, settlement: Settlement) -> None:
+        delivery = settlement.delivery
+        match settlement.outcome:
+            case "delivered":
+                await self.ack(delivery, status=settlement.status,
+                               reference=settlement.reference)
+            case "retry":
+                await self.retry(delivery, at=settlement.retry_at, status=settlement.status,
+                                 error=settlement.reason)
+            case "dead":
+                await self.dead_letter(delivery, status=settlement.status,
+                                       reason=settlement.reason)
 
     async def ack(self, delivery: Delivery, *, status: int | None,
                   reference: str | None = None) -> None:

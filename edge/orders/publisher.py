@@ -44,6 +44,7 @@ class MesOrderPublisher:
     the forwarder engine; `topic_of` is pure."""
 
     batch_size = 1
+    per_key = 1
 
     def __init__(self, config: OrdersMesConfig, site: str,
                  on_ack: Callable[[str], None] | None = None) -> None:

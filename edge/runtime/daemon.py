@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import Metric
-from pydantic import BaseModel, SecretStr
 
 from buffer.outbox import DestinationCounts, Outbox, RejectedInput
 from drivers.base import Driver
@@ -58,6 +57,7 @@ from edge.rules.mes import OrderEnded, OrderStarted
 from edge.runtime.pipeline import Pipeline
 from edge.runtime.quality import QualityLink
 from edge.runtime.registry import create_driver
+from edge.runtime.reload import describe_changes
 from edge.runtime.systemd import Notifier, Supervisor
 
 log = logging.getLogger(__name__)
@@ -519,78 +519,6 @@ async def _cancel_until_done(tasks: list[asyncio.Task[None]], deadline: float) -
             log.warning("Still stopping %s after the shutdown timeout",
                         ", ".join(sorted(task.get_name() for task in pending)))
             late_logged = True
-
-
-def describe_changes(old: PlantConfig, new: PlantConfig,
-                     held: Mapping[str, DestinationCounts] | None = None) -> list[str]:
-    """What a reload changes, one line each, naming settings but never their values (some
-    are secrets)."""
-    changes: list[str] = []
-    for name in PlantConfig.model_fields:
-        before, after = getattr(old, name), getattr(new, name)
-        if same_value(before, after):
-            continue
-        match name:
-            case "drivers":
-                changes += _named_changes("driver", {d.name: d for d in before},
-                                          {d.name: d for d in after})
-            case "machines":
-                changes += _named_changes("machine", {m.id: m for m in before},
-                                          {m.id: m for m in after})
-            case "destinations":
-                changes += _named_changes("destination", before, after)
-                for gone in sorted(set(before) - set(after)):
-                    counts = (held or {}).get(gone)
-                    if counts is not None and (counts.pending or counts.dead):
-                        changes.append(f"the outbox keeps the {counts.pending} undelivered and "
-                                       f"{counts.dead} dead event(s) of removed destination "
-                                       f"{gone}")
-            case "routes":
-                changes += _named_changes("route of", before, after)
-            case _:
-                fields = _changed_fields(before, after)
-                changes.append(f"{name} changed" + (f" ({', '.join(fields)})" if fields else ""))
-    return changes
-
-
-def _named_changes(kind: str, before: Mapping[str, Any], after: Mapping[str, Any]
-                   ) -> list[str]:
-    changes = [f"{kind} {name} added" for name in after if name not in before]
-    changes += [f"{kind} {name} removed" for name in before if name not in after]
-    for name in before:
-        if name in after and not same_value(before[name], after[name]):
-            fields = _changed_fields(before[name], after[name])
-            changes.append(f"{kind} {name} changed" + (f" ({', '.join(fields)})" if fields
-                                                       else ""))
-    return changes
-
-
-def _changed_fields(before: Any, after: Any) -> list[str]:
-    if not isinstance(before, BaseModel) or type(before) is not type(after):
-        return []
-    return [name for name in type(before).model_fields
-            if not same_value(getattr(before, name), getattr(after, name))]
-
-
-def same_value(before: Any, after: Any) -> bool:
-    """Equal as settings. A model's `==` also compares its private attributes, which a running
-    driver fills (the MQTT driver's topic-match cache): the config it runs on then differs from
-    the same file loaded again. The settings alone are compared, secrets by their values."""
-    return bool(_settings(before) == _settings(after))
-
-
-def _settings(value: Any) -> Any:
-    match value:
-        case BaseModel():
-            return (type(value), {name: _settings(getattr(value, name))
-                                  for name in type(value).model_fields})
-        case list() | tuple():
-            return [_settings(item) for item in value]
-        case dict():
-            return {key: _settings(item) for key, item in value.items()}
-        case SecretStr():
-            return ("secret", value.get_secret_value())
-    return value
 
 
 def _describe_counts(counts: dict[str, DestinationCounts]) -> str:

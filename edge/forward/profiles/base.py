@@ -1,7 +1,7 @@
-"""The profile contract: `send` takes up to `batch_size` deliveries (each the head of its own
-partition key) and returns one Result per delivery, in the same order. It raises only for a
-failure of the whole request (httpx.HTTPError, AuthError); the forwarder turns that into a
-retry for all of them."""
+"""The profile contract: `send` takes up to `batch_size` deliveries (at most `per_key` of one
+partition key, consecutive and in commit order) and returns one Result per delivery, in the
+same order. It raises only for a failure of the whole request (httpx.HTTPError, AuthError);
+the forwarder turns that into a retry for all of them."""
 
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from edge.model.envelope import event_type_of
 
 class Profile(ABC):
     batch_size = 1
+    per_key = 1
+    """How many consecutive events of one partition key a request may carry: more than 1
+    only where the target processes a request's events in order (the canonical batch is an
+    ordered array); elsewhere a key's next event waits for the outcome of the one before."""
 
     def __init__(self, config: DestinationConfig, session: Session) -> None:
         self.config = config

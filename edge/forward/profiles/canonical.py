@@ -25,6 +25,9 @@ class CanonicalProfile(Profile):
     def __init__(self, config: DestinationConfig, session: Session) -> None:
         super().__init__(config, session)
         self.batch_size = config.batch_size
+        # The batch is a JSON array: the receiver takes its events in array order, so a key's
+        # consecutive events may share a request (a burst on one order is not serial).
+        self.per_key = config.batch_size
 
     async def send(self, deliveries: Sequence[Delivery]) -> list[Result]:
         if len(deliveries) == 1 and self.batch_size == 1:

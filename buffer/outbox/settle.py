@@ -1,0 +1,79 @@
+"""Settling leased deliveries in bulk: the SQL of `Outbox.settle`, run on the writer thread
+inside one group-committed transaction.
+
+A request's outcomes (or several requests') are written with one statement per kind of outcome
+(`executemany`), not four statements per event: acknowledgements get the group commit that
+inserts always had. Of one key's retries in one call (a run of its events in one request), only
+the first counts as a failed attempt: the later ones cannot be due before it is delivered, so
+they stay as they were (no attempt, no due time), waiting behind it. So only a key's head ever
+holds attempts, which is what `Outbox.counts().retrying` counts.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from buffer.outbox.heads import Head, next_head
+from buffer.outbox.records import DeliveryState, Settlement
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a settle changed, for the outbox's memory: the deliveries of each kind, and the
+    new head of every (destination, key) touched (None: the key owes nothing more)."""
+
+    delivered: Sequence[Settlement]
+    retried: Sequence[Settlement]
+    dead: Sequence[Settlement]
+    heads: dict[tuple[str, str], Head | None]
+
+
+def sort_settlements(settlements: Sequence[Settlement]) -> Settled:
+    """Split by outcome; a key's later retries in the same call are dropped (see above)."""
+    retrying: set[tuple[str, str]] = set()
+    retried = []
+    for settlement in sorted(settlements, key=lambda s: s.delivery.seq):
+        slot = (settlement.delivery.destination, settlement.delivery.partition_key)
+        if settlement.outcome == "retry" and slot not in retrying:
+            retrying.add(slot)
+            retried.append(settlement)
+    return Settled([s for s in settlements if s.outcome == "delivered"], retried,
+                   [s for s in settlements if s.outcome == "dead"],
+                   {(s.delivery.destination, s.delivery.partition_key): None
+                    for s in settlements})
+
+
+def write_settlements(db: sqlite3.Connection, settled: Settled) -> Settled:
+    """Record `settled` and read each touched key's new head, in the caller's transaction."""
+    now = time.time()
+    if settled.delivered:
+        done = [s.delivery for s in settled.delivered]
+        db.executemany("DELETE FROM deliveries WHERE destination = ? AND event_seq = ?",
+                       [(d.destination, d.seq) for d in done])
+        db.executemany(
+            "INSERT INTO journal(event_id, event_type, destination, delivered_at, attempts,"
+            " status, reference) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(s.delivery.event_id, s.delivery.event_type, s.delivery.destination, now,
+              s.delivery.attempts + 1, s.status, s.reference) for s in settled.delivered])
+        # The payload goes once no destination owes the event (its journal rows stay).
+        db.executemany("DELETE FROM events WHERE seq = ? AND NOT EXISTS"
+                       " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
+                       [(d.seq, d.seq) for d in done])
+    if settled.retried:
+        db.executemany(
+            "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?,"
+            " last_status = ?, last_error = ? WHERE destination = ? AND event_seq = ?",
+            [(s.retry_at, s.status, s.reason[:2000], s.delivery.destination, s.delivery.seq)
+             for s in settled.retried])
+    if settled.dead:
+        db.executemany(
+            f"UPDATE deliveries SET state = {DeliveryState.DEAD:d}, attempts = attempts + 1,"
+            " last_status = ?, last_error = ?, dead_at = ? WHERE destination = ?"
+            " AND event_seq = ?",
+            [(s.status, s.reason[:2000], now, s.delivery.destination, s.delivery.seq)
+             for s in settled.dead])
+    heads = {slot: next_head(db, *slot) for slot in settled.heads}
+    return Settled(settled.delivered, settled.retried, settled.dead, heads)
