@@ -117,6 +117,7 @@ def test_hub_yaml_problems_name_file_line_and_field(tmp_path: Path) -> None:
     assert f"{path}:5: stream.replica: unknown key" in text
 
 
+@pytest.mark.integration
 def test_systemd_analyze_accepts_the_relay_unit(tmp_path: Path) -> None:
     import shutil
     import sys

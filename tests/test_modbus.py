@@ -1238,6 +1238,7 @@ def serial_peer_connections(proc: subprocess.Popen[str]) -> int:
     return seen
 
 
+@pytest.mark.integration
 async def test_an_illegal_address_marks_only_its_tag_bad_and_the_split_is_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1286,6 +1287,7 @@ async def test_an_illegal_address_marks_only_its_tag_bad_and_the_split_is_kept(
     assert connections == 1
 
 
+@pytest.mark.integration
 async def test_per_tag_units_and_64_bit_orders_against_modbus_serial() -> None:
     tags = [
         {"name": "unit1_hr0", "address": 0},

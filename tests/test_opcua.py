@@ -1132,6 +1132,7 @@ def packml_peers(tmp_path: Path) -> Iterator[list[PackMLPeer]]:
         peer.kill()
 
 
+@pytest.mark.integration
 async def test_node_opcua_packml_machine_read_subscribed_and_reconnected_after_a_kill(
     packml_peers: list[PackMLPeer], tmp_path: Path
 ) -> None:
