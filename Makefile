@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench faults soak fuzz mutate setup mosquitto peers npm mbpoll socat clean
+.PHONY: demo test test-fast lint bench faults soak fuzz mutate setup mosquitto peers npm mbpoll socat clean
 
 demo: setup
 	$(BIN)/plantsync demo --config config/demo.yaml
@@ -23,6 +23,13 @@ demo-hub: setup
 TEST_WORKERS ?= 4
 test: setup
 	PLANTSYNC_REQUIRE_PEERS=1 $(BIN)/pytest -q -n $(TEST_WORKERS)
+
+# While editing: the unit tests only (no child process, no broker, no server; those are marked
+# `integration` and left to make test), a quarter of the Hypothesis examples, two workers. Needs
+# only the venv. A unit test that starts a process fails here (PLANTSYNC_UNIT_ONLY).
+test-fast: $(STAMP)
+	PLANTSYNC_UNIT_ONLY=1 PLANTSYNC_MODEL_EXAMPLES=15 PLANTSYNC_FUZZ_EXAMPLES=0.25 \
+		$(BIN)/pytest -q -n 2 -p no:cacheprovider -m 'not integration and not slow'
 
 lint: setup
 	$(BIN)/ruff check .

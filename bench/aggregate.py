@@ -98,14 +98,12 @@ def bench_bare(batches: list[list[Sample]]) -> float:
 
 async def bench_pipeline(config: PlantConfig, batches: list[list[Sample]], scratch: Path
                          ) -> float:
-    outbox = await Outbox.open(scratch / "outbox.db")
-    pipeline = Pipeline(config, outbox, {})
-    started = time.perf_counter()
-    for batch in batches:
-        await pipeline.on_readings(batch)
-    elapsed = time.perf_counter() - started
-    await outbox.close()
-    return elapsed
+    async with Outbox.open(scratch / "outbox.db") as outbox:
+        pipeline = Pipeline(config, outbox, {})
+        started = time.perf_counter()
+        for batch in batches:
+            await pipeline.on_readings(batch)
+        return time.perf_counter() - started
 
 
 def main() -> None:

@@ -61,9 +61,8 @@ async def drain(path: Path, config: DestinationConfig, count: int, time_limit: f
     """Open the outbox at `path` and deliver its `count` events; time and memory."""
     rss: list[tuple[float, float]] = [(0.0, proc_status_mb("VmRSS"))]
     started = time.perf_counter()
-    outbox = await Outbox.open(path)
     progress: list[tuple[float, int]] = []
-    try:
+    async with Outbox.open(path) as outbox:
         forwarder = HttpForwarder(DESTINATION, config, outbox)
         health = forwarder.health
         deadline = started + time_limit
@@ -79,8 +78,6 @@ async def drain(path: Path, config: DestinationConfig, count: int, time_limit: f
             forwarder.drain()
         if health.failures:
             raise RuntimeError(f"delivery failed: {health.last_error}")
-    finally:
-        await outbox.close()
     rss.append((time.perf_counter() - started, proc_status_mb("VmRSS")))
 
     def rate_between(low: float, high: float) -> float:
@@ -114,11 +111,10 @@ async def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
             for number in range(args.baseline_rounds):
                 await reset_simulator(control, base_url)
                 small = directory / f"baseline-{number}.sqlite"
-                outbox = await Outbox.open(small)
-                for chunk in chunks(make_events(args.baseline_events, args.keys,
-                                                f"base{number}"), 500):
-                    await outbox.commit(chunk)
-                await outbox.close()
+                async with Outbox.open(small) as outbox:
+                    for chunk in chunks(make_events(args.baseline_events, args.keys,
+                                                    f"base{number}"), 500):
+                        await outbox.commit(chunk)
                 baselines.append(await drain(small, config, args.baseline_events,
                                              args.time_limit))
             await reset_simulator(control, base_url)

@@ -143,8 +143,7 @@ async def forwarder_phase(path: Path, events: Sequence[OutboxEvent], config: Des
                           *, time_limit: float, breakdown: list[Breakdown] | None = None
                           ) -> Phase:
     """Pre-commit `events`, then time a real forwarder until it has delivered them all."""
-    outbox = await Outbox.open(path)
-    try:
+    async with Outbox.open(path) as outbox:
         for chunk in chunks(events, 500):
             await outbox.commit(chunk)
         async with make_client(DESTINATION, config) as client:
@@ -165,8 +164,6 @@ async def forwarder_phase(path: Path, events: Sequence[OutboxEvent], config: Des
         if health.failures:
             raise RuntimeError(f"delivery failed: {health.last_error}")
         left = sum(c.pending + c.dead for c in (await outbox.counts()).values())
-    finally:
-        await outbox.close()
     if health.delivered + left != len(events):
         raise RuntimeError(f"{health.delivered} delivered and {left} left of {len(events)}")
     return Phase(health.delivered, seconds, left > 0, health.requests)

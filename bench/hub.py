@@ -88,8 +88,7 @@ async def gateway_publish(urls: list[str], config: HubConfig, site: str, count: 
                           directory: Path) -> float:
     """The gateway: events pre-committed to a fresh outbox, clock from the forwarder's start
     to the settle of the last one."""
-    outbox = await Outbox.open(directory / f"outbox-{site}.db")
-    try:
+    async with Outbox.open(directory / f"outbox-{site}.db") as outbox:
         await outbox.commit([plant_event(site, n, 50) for n in range(count)])
         destination = hub_destination(urls, stream=config.stream.name,
                                       subject=config.stream.subject_pattern)
@@ -103,8 +102,6 @@ async def gateway_publish(urls: list[str], config: HubConfig, site: str, count: 
             forwarder.drain()
             await task
         return count / seconds
-    finally:
-        await outbox.close()
 
 
 def relay_rate(urls: list[str], erp_url: str, relays: int, count: int, directory: Path,

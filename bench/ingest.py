@@ -522,12 +522,9 @@ def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
 
 async def mqtt_driver_rounds(port: int, sizes: Sizes, scratch: Path, round_number: int
                              ) -> tuple[Measured, float]:
-    outbox = await Outbox.open(scratch / f"mqtt-outbox-{round_number}.db")
-    try:
+    async with Outbox.open(scratch / f"mqtt-outbox-{round_number}.db") as outbox:
         return await mqtt_driver_phase(port, f"driver-r{round_number}", sizes.mqtt_messages,
                                        outbox)
-    finally:
-        await outbox.close()
 
 
 def bench_mqtt(sizes: Sizes, scratch: Path) -> dict[str, Any]:

@@ -78,8 +78,7 @@ async def outbox_commits(path: Path, events: Sequence[OutboxEvent], *, producers
                          per_call: int, time_limit: float) -> CommitRun:
     """`producers` tasks take the next `per_call` events from a shared queue of work and
     commit them, each waiting for its own commit, until the work or the time runs out."""
-    outbox = await Outbox.open(path)
-    try:
+    async with Outbox.open(path) as outbox:
         work = chunks(events, per_call)
         deadline = time.perf_counter() + time_limit
 
@@ -95,8 +94,6 @@ async def outbox_commits(path: Path, events: Sequence[OutboxEvent], *, producers
                 tasks.create_task(produce(), name=f"bench-producer-{number}")
         seconds = time.perf_counter() - started
         stats = outbox.stats
-    finally:
-        await outbox.close()
     if stats.duplicates_ignored:
         raise RuntimeError(f"{stats.duplicates_ignored} events were unexpectedly duplicates")
     phase = Phase(stats.committed, seconds, stats.committed < len(events))
@@ -170,8 +167,7 @@ def http_client() -> httpx.AsyncClient:
 async def forwarder_drain(path: Path, events: Sequence[OutboxEvent], client: httpx.AsyncClient,
                           base_url: str, *, time_limit: float) -> Phase:
     """Pre-commit `events`, then time a real forwarder until it has delivered them all."""
-    outbox = await Outbox.open(path)
-    try:
+    async with Outbox.open(path) as outbox:
         for chunk in chunks(events, 500):
             await outbox.commit(chunk)
         config = DestinationConfig(base_url=base_url, path="/api/events",
@@ -187,8 +183,6 @@ async def forwarder_drain(path: Path, events: Sequence[OutboxEvent], client: htt
         if forwarder.health.failures:
             raise RuntimeError(f"delivery failed: {forwarder.health.last_error}")
         left = sum(c.pending + c.dead for c in (await outbox.counts()).values())
-    finally:
-        await outbox.close()
     delivered = forwarder.health.delivered
     if delivered + left != len(events):
         raise RuntimeError(f"{delivered} delivered and {left} left of {len(events)} events")

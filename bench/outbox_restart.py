@@ -134,11 +134,8 @@ def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 
 
 async def committed_through_outbox(path: Path, count: int, partition_keys: int) -> None:
-    outbox = await Outbox.open(path)
-    try:
+    async with Outbox.open(path) as outbox:
         await outbox.commit([event(number, partition_keys, "check") for number in range(count)])
-    finally:
-        await outbox.close()
 
 
 def check_fill(directory: Path, partition_keys: int) -> None:
@@ -173,10 +170,9 @@ async def restart(path: Path, base_url: str, spawned_at: float) -> dict[str, Any
     delivery: open the outbox, load the rule state, make the client, run the forwarder."""
     rss_imports = proc_status_mb("VmRSS")
     started = time.perf_counter()
-    outbox = await Outbox.open(path)
-    opened = time.perf_counter()
-    rss_open = proc_status_mb("VmRSS")
-    try:
+    async with Outbox.open(path) as outbox:
+        opened = time.perf_counter()
+        rss_open = proc_status_mb("VmRSS")
         await outbox.load_state()
         config = DestinationConfig(base_url=base_url, path=EVENT_PATH)
         limits = httpx.Limits(max_connections=config.max_in_flight)
@@ -198,8 +194,6 @@ async def restart(path: Path, base_url: str, spawned_at: float) -> dict[str, Any
                                f"{health.failures} failure(s), last error {health.last_error}")
         rss_delivered = proc_status_mb("VmRSS")
         left = sum(c.pending for c in (await outbox.counts()).values())
-    finally:
-        await outbox.close()
     return {
         "open_s": opened - started,
         "first_delivery_s": delivered_at - started,
@@ -248,12 +242,12 @@ async def profile_open(path: Path) -> dict[str, float]:
     try:
         started = time.perf_counter()
         last[:] = [None, started]
-        outbox = await Outbox.open(path)
-        charge(None)
-        total = time.perf_counter() - started
+        async with Outbox.open(path):
+            charge(None)
+            total = time.perf_counter() - started
+            sqlite3.connect = connect
     finally:
         sqlite3.connect = connect
-    await outbox.close()
     costs["rest"] = total - sum(costs.values())
     return {"total": round(total, 4), **{k: round(v, 4) for k, v in costs.items()}}
 

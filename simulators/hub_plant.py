@@ -66,12 +66,11 @@ async def run_plant(args: argparse.Namespace, site: str) -> dict[str, object]:
     destination = hub_destination(args.servers.split(","), token=args.token,
                                   batch_size=args.batch_size, stream=args.stream,
                                   subject=args.subject, timeout=args.timeout)
-    outbox = await Outbox.open(args.outbox.replace("{site}", site),
-                               commit_interval=args.commit_interval)
-    forwarder = HttpForwarder(DESTINATION, destination, outbox)
     started = time.monotonic()
     committed = 0
-    try:
+    async with Outbox.open(args.outbox.replace("{site}", site),
+                           commit_interval=args.commit_interval) as outbox:
+        forwarder = HttpForwarder(DESTINATION, destination, outbox)
         async with asyncio.TaskGroup() as group:
             forwarding = group.create_task(forwarder.run(), name=f"forward-hub-{site}")
             chunk = max(1, int(args.rate / 10)) if args.rate else args.events
@@ -87,8 +86,6 @@ async def run_plant(args: argparse.Namespace, site: str) -> dict[str, object]:
             forwarder.drain()
             await forwarding
         journal = await outbox.journal()
-    finally:
-        await outbox.close()
     return {"site": site, "events": args.events, "committed_now": committed,
             "published_now": forwarder.health.delivered,
             "duplicate_pubacks": sum("(duplicate)" in str(row.get("reference")) for row in journal),

@@ -9,13 +9,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
 import pytest
+
+from tests.processes import reap, spawn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,13 +45,18 @@ class Peer:
     log_path: Path
     ready_text: str | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)
+    """Added to this process's environment."""
+    preexec: Callable[[], object] | None = field(default=None, repr=False)
+    """Run in the child before it execs (a umask, a file limit)."""
 
     def start(self, timeout: float = 20.0) -> Peer:
         # The log is appended to across restarts: wait for one more ready line than it has.
         seen = self.output().count(self.ready_text) if self.ready_text else 0
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with self.log_path.open("ab") as log:
+            self.process = spawn(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                                 preexec=self.preexec)
         if self.ready_text:
             deadline = time.monotonic() + timeout
             while self.output().count(self.ready_text) <= seen:
@@ -84,6 +91,8 @@ def peers() -> Iterator[list[Peer]]:
     yield started
     for peer in reversed(started):
         peer.stop()
+        if peer.process is not None:
+            reap(peer.process)  # what it started in turn
 
 
 def start_peer(peers: list[Peer], argv: list[str], log_path: Path,
@@ -233,8 +242,8 @@ class Mosquitto:
             return self
         self.write_config()
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([self.binary, "-c", str(self.config_path)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = spawn([self.binary, "-c", str(self.config_path)],
+                                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:
             try:

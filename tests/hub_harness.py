@@ -19,6 +19,7 @@ import nats.errors
 import nats.js.errors
 
 from tests.conftest import Peer, free_port, start_peer
+from tests.processes import run_process
 
 PLANTSYNC = str(Path(sys.executable).parent / "plantsync")
 
@@ -61,9 +62,8 @@ def start_relay(peers: list[Peer], hub_yaml: Path, name: str, log_dir: Path) -> 
 
 
 def hub_init(hub_yaml: Path) -> str:
-    import subprocess
 
-    done = subprocess.run([PLANTSYNC, "hub", "init", "--config", str(hub_yaml)],
+    done = run_process([PLANTSYNC, "hub", "init", "--config", str(hub_yaml)],
                           capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout

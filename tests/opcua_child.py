@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 from simulators.opcua_machine import OpcUaMachineServer
+from tests.processes import spawn
 
 
 class MachineProcess:
@@ -24,7 +25,7 @@ class MachineProcess:
     and `await machine.call("set_state", "filler-02", "Held")`."""
 
     def __init__(self, **options: Any) -> None:
-        self.process = subprocess.Popen(
+        self.process = spawn(
             [sys.executable, "-m", "tests.opcua_child", json.dumps(options)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         assert self.process.stdout is not None

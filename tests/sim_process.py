@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.processes import spawn
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_SECONDS = 10.0
 SIMULATOR_MODULES = {"erp-api": "simulators.erp", "qms-api": "simulators.qms_api"}
@@ -45,7 +47,7 @@ def start_simulator(name: str, db_path: Path, *options: str) -> RunningSimulator
     """Run the simulator that calls itself `name` (``erp-api``, ``qms-api``) on a SQLite file."""
     module = SIMULATOR_MODULES[name]
     ready_line = re.compile(rf"^{re.escape(name)} listening on (http://127\.0\.0\.1:\d+)$")
-    process = subprocess.Popen(
+    process = spawn(
         [sys.executable, "-m", module, "--port", "0", "--db", str(db_path), *options],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,

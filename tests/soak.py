@@ -58,6 +58,7 @@ from edge.model.events import EVENT_MODELS  # noqa: E402
 from edge.model.ids import event_id  # noqa: E402
 from simulators.mes_publisher import MesPublisher  # noqa: E402
 from tests.conftest import Mosquitto, free_port  # noqa: E402
+from tests.processes import spawn  # noqa: E402
 
 SITE = "1010"
 MODBUS_MACHINES = 40
@@ -81,7 +82,7 @@ class Child:
         self.name = name
         self.log = directory / f"{name}.log"
         with self.log.open("ab") as out:
-            self.process = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            self.process = spawn(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + 90
         while not re.search(ready, self.log.read_text(errors="replace")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import types
 import typing
@@ -16,6 +15,7 @@ from pydantic import BaseModel
 from edge.config.errors import ConfigError
 from edge.config.loader import load_config, parse_config
 from edge.config.models import PlantConfig
+from tests.processes import run_process
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "plant.example.yaml"
@@ -220,31 +220,33 @@ def test_broken_yaml_names_the_line() -> None:
     assert problem.startswith("plant.yaml:") and "not valid YAML" in problem
 
 
+@pytest.mark.integration
 def test_plantsync_check_exit_codes(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("type: uint32}", "type: uint33}"))
     env = {"ERP_TOKEN": "x", "PATH": "/usr/bin:/bin"}
-    ok = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(good)],
+    ok = run_process([sys.executable, "-m", "edge.cli", "check", "--config", str(good)],
                         capture_output=True, text=True, cwd=ROOT, env=env)
     assert ok.returncode == 0 and "OK" in ok.stdout
-    failed = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(bad)],
+    failed = run_process([sys.executable, "-m", "edge.cli", "check", "--config", str(bad)],
                             capture_output=True, text=True, cwd=ROOT, env=env)
     assert failed.returncode == 1
     assert f"{bad}:8: drivers[0].tags[0].type: must be one of" in failed.stderr
-    missing = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config",
+    missing = run_process([sys.executable, "-m", "edge.cli", "check", "--config",
                               str(tmp_path / "nope.yaml")], capture_output=True, text=True,
                              cwd=ROOT, env=env)
     assert missing.returncode == 1 and "cannot read the config file" in missing.stderr
 
 
+@pytest.mark.integration
 def test_plantsync_schema_writes_every_event_type(tmp_path: Path) -> None:
     import json
 
     from edge.model.events import EVENT_MODELS
 
-    done = subprocess.run([sys.executable, "-m", "edge.cli", "schema", "--out",
+    done = run_process([sys.executable, "-m", "edge.cli", "schema", "--out",
                            str(tmp_path / "schemas")], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     names = {p.name for p in (tmp_path / "schemas").iterdir()}
@@ -253,6 +255,7 @@ def test_plantsync_schema_writes_every_event_type(tmp_path: Path) -> None:
     assert "yield_quantity" in schema["properties"]
 
 
+@pytest.mark.integration
 def test_check_says_what_each_machine_counts_and_notes_the_changed_meaning(
         tmp_path: Path) -> None:
     """`processed` with `defective` now means PackML's processed (good + defective); an old
@@ -268,7 +271,7 @@ def test_check_says_what_each_machine_counts_and_notes_the_changed_meaning(
         "signals: {processed: press-01.good, defective: press-01.bad, state: press-01.state}\n"
         "    state_map: {6: Execute, 11: Held}"))
     env = {"ERP_TOKEN": "x", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config",
+    done = run_process([sys.executable, "-m", "edge.cli", "check", "--config",
                            str(old_style)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr
     assert ("machine press-01: yield = processed - defective (press-01.good - press-01.bad); "
@@ -279,7 +282,7 @@ def test_check_says_what_each_machine_counts_and_notes_the_changed_meaning(
     renamed = tmp_path / "new.yaml"
     renamed.write_text(packml.replace("signals: {good: press-01.good}",
                                       "signals: {good: press-01.good, defective: press-01.bad}"))
-    done = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config",
+    done = run_process([sys.executable, "-m", "edge.cli", "check", "--config",
                            str(renamed)], capture_output=True, text=True, cwd=ROOT, env=env)
     assert "yield = good (press-01.good); scrap = defective (press-01.bad)" in done.stdout
     assert "note:" not in done.stdout

@@ -50,10 +50,10 @@ from edge.model.ids import event_id
 from simulators.mes_publisher import MesPublisher, Publication
 from simulators.opcua_machine import node_id_string
 from tests.conftest import ErpSim, Mosquitto, Peer, free_port, start_erp, start_peer, start_plc
+from tests.gateway_process import READY_TEXT, GatewayProcess
 
 pytestmark = pytest.mark.integration
 
-READY_TEXT = "PlantSync Edge is running"
 SITE = "1010"
 ORDERS = 8
 """MES consumptions go to this many orders (partition keys), so deliveries run in parallel."""
@@ -62,58 +62,23 @@ ORDERS = 8
 # --- the gateway -------------------------------------------------------------------------------
 
 
-class Gateway:
-    """The daemon on one config and outbox; every (re)start gets its own log file."""
+class Gateway(GatewayProcess):
+    """The daemon on a config written from `body` (drivers, machines, destinations), with
+    this test's site, data directory and API port."""
 
     def __init__(self, peers: list[Peer], tmp_path: Path, body: str) -> None:
-        self.peers = peers
-        self.tmp_path = tmp_path
-        self.api_port = free_port()
         self.database = tmp_path / "data" / "outbox.db"
-        self.config = tmp_path / "plant.yaml"
-        self.config.write_text(f"""
+        config = tmp_path / "plant.yaml"
+        config.write_text(f"""
 site: "{SITE}"
 data_dir: {tmp_path / "data"}
-api: {{listen: "127.0.0.1:{self.api_port}"}}
+api: {{listen: "127.0.0.1:{free_port()}"}}
 shutdown_timeout: 10s
 {body}""")
-        self.runs: list[Peer] = []
-        self.kills = 0
+        super().__init__(peers, config, tmp_path)
         self.client_id = ""
         """The MQTT client id, when the gateway has an MQTT driver."""
         self.created_at = time.monotonic()
-
-    @property
-    def current(self) -> Peer:
-        return self.runs[-1]
-
-    def start(self) -> Peer:
-        peer = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config),
-                     "--log-format", "text"],
-                    self.tmp_path / f"gateway-{len(self.runs):02d}.log", READY_TEXT)
-        self.peers.append(peer)
-        self.runs.append(peer)
-        peer.start(timeout=120)
-        return peer
-
-    def kill(self) -> None:
-        self.current.kill()
-        self.kills += 1
-
-    def output(self) -> str:
-        return "".join(run.output() for run in self.runs)
-
-    def status(self) -> dict[str, Any]:
-        response = httpx.get(f"http://127.0.0.1:{self.api_port}/status", timeout=10)
-        response.raise_for_status()
-        status: dict[str, Any] = response.json()
-        return status
-
-    def assert_alive(self, pid: int) -> None:
-        process = self.current.process
-        assert process is not None and process.pid == pid, "the gateway was restarted"
-        assert process.poll() is None, (
-            f"the gateway exited ({process.returncode}):\n{self.output()[-3000:]}")
 
 
 def erp_destination(erp: ErpSim) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.processes import reap, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def test_demo_delivers_within_30_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> 
     config.write_text(demo)
     log = tmp_path / "demo.log"
     with log.open("wb") as out:
-        process = subprocess.Popen(
+        process = spawn(
             [sys.executable, "-m", "edge.cli", "demo", "--config", str(config)],
             cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
         try:
@@ -40,6 +41,7 @@ def test_demo_delivers_within_30_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> 
         finally:
             if process.poll() is None:
                 process.kill()
+            reap(process)  # the simulators the demo started, if it left any
     output = log.read_text()
     assert "Stopped; outbox holds" in output
     assert re.search(r"\[erp\] ERP received production.confirmation .* -> ERP-000001", output)

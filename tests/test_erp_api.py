@@ -13,6 +13,8 @@ import pytest
 
 from tests.sim_process import RunningSimulator, start_simulator
 
+pytestmark = pytest.mark.integration  # every test runs the simulator as a process
+
 CLOUDEVENT = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 CONFIRMATIONS = "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV"

@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 import yaml
 
 from buffer.outbox import Outbox
@@ -31,12 +32,12 @@ def config_text(tmp_path: Path) -> str:
     })
 
 
+@pytest.mark.integration
 def test_raised_once_cleared_once_and_one_delivery_each(tmp_path: Path) -> None:
     config = parse_config(config_text(tmp_path))
 
     async def run() -> list[tuple[str, str]]:
-        outbox = await Outbox.open(tmp_path / "outbox.db")
-        try:
+        async with Outbox.open(tmp_path / "outbox.db") as outbox:
             ledger = OrderLedger.open(tmp_path)
             board = ExceptionBoard(config, ledger.db, outbox)
             lot = Condition("lot L1", "lot L1 is on hold (qms)", {"lot_id": "L1"})
@@ -63,8 +64,6 @@ def test_raised_once_cleared_once_and_one_delivery_each(tmp_path: Path) -> None:
             shown = [await outbox.show(str(row["id"])) for row in held]
             return [(json.loads(s["payload"])["type"], json.loads(s["payload"])["subject"])
                     for s in shown if s]
-        finally:
-            await outbox.close()
 
     # Only the integration role has a webhook: the dead letter's raise and clear, once each.
     assert asyncio.run(run()) == [

@@ -82,10 +82,10 @@ from tests.conftest import (
     start_peer,
     start_plc,
 )
+from tests.gateway_process import GatewayProcess
 
 pytestmark = pytest.mark.integration
 
-READY_TEXT = "PlantSync Edge is running"
 SITE = "1010"
 SCALE = float(os.environ.get("PLANTSYNC_FAULT_SCALE") or 1.0)
 """Multiplies the long waits (ERP outage, Modbus absence, 429 storm); 1 is the full size."""
@@ -98,63 +98,9 @@ def scaled(seconds: float, minimum: float) -> float:
 # -- the gateway ---------------------------------------------------------------------------------
 
 
-class Gateway:
-    """`plantsync run` on one config, started (and restarted) as a child process; each run has
-    its own log file. Reads its local API."""
-
-    def __init__(self, peers: list[Peer], config: Path, api_port: int, tmp_path: Path) -> None:
-        self.peers = peers
-        self.config = config
-        self.api = f"http://127.0.0.1:{api_port}"
-        self.tmp_path = tmp_path
-        self.runs: list[Peer] = []
-        self.started_at = time.monotonic()
-
-    @property
-    def current(self) -> Peer:
-        return self.runs[-1]
-
-    def start(self) -> Peer:
-        peer = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config),
-                     "--log-format", "text"],
-                    self.tmp_path / f"gateway-{len(self.runs):02d}.log", READY_TEXT)
-        self.peers.append(peer)
-        self.runs.append(peer)
-        return peer.start(timeout=60)
-
-    def stop(self) -> int | None:
-        return self.current.stop()
-
-    def output(self) -> str:
-        return "".join(run.output() for run in self.runs)
-
-    def get(self, path: str) -> httpx.Response:
-        return httpx.get(f"{self.api}{path}", timeout=10)
-
-    def status(self) -> dict[str, Any]:
-        status: dict[str, Any] = self.get("/status").json()
-        return status
-
-    def metrics(self) -> dict[str, float]:
-        """Unlabelled samples of /metrics by name (counters without their `_total`)."""
-        found = {}
-        for line in self.get("/metrics").text.splitlines():
-            match = re.fullmatch(r"([a-z_]+?)(?:_total)?(?:\{[^}]*\})? ([-+0-9.eEinfa]+)", line)
-            if match and "{" not in line:
-                found[match[1]] = float(match[2])
-        return found
-
-    def signal(self, name: str) -> Any:
-        try:
-            signal_ = self.status()["signals"].get(name)
-        except httpx.HTTPError:
-            return None
-        return None if signal_ is None else signal_["value"]
-
-
 def write_plant(tmp_path: Path, erp: ErpSim, drivers: list[str], machines: list[str], *,
                 outbox: str = "", retry: str = "{base: 100ms, cap: 2s}",
-                breaker: str = "{failures: 5, open_for: 1s}") -> tuple[Path, int]:
+                breaker: str = "{failures: 5, open_for: 1s}") -> Path:
     """A plant config; every event type goes to ERP, so every id the outbox commits is owed
     there and `lost` is simply committed minus held."""
     api_port = free_port()
@@ -178,7 +124,7 @@ destinations:
     circuit_breaker: {breaker}
 routes:{routes}
 """)
-    return config, api_port
+    return config
 
 
 def modbus_driver(name: str, port: int, unit: int, *, poll: str = "100ms") -> str:
@@ -352,7 +298,7 @@ def order_of(machine: str, index: int) -> str:
     return f"7100{index:04d}"
 
 
-def baselines(gateway: Gateway, signal_suffix: str = ".good") -> dict[str, int]:
+def baselines(gateway: GatewayProcess, signal_suffix: str = ".good") -> dict[str, int]:
     """The first reading of each counter, from the gateway's log (one per counter, ever)."""
     found: dict[str, list[int]] = defaultdict(list)
     for driver, value in re.findall(r"Counter (\S+?)" + re.escape(signal_suffix)
@@ -472,10 +418,10 @@ def test_broker_restart_while_mes_events_flow(
     erp = start_erp(peers, tmp_path)
     plc = start_plc(peers, tmp_path, "--rate", "10")
     mes_driver = consumption_driver(mosquitto, "fault")
-    config, api_port = write_plant(
+    config = write_plant(
         tmp_path, erp, [modbus_driver("press-01", plc.port, 1), mes_driver],
         [counting_machine("press-01", "press-01", order_of("press-01", 0))])
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     # A new session: what is published before the gateway has subscribed is not queued for it.
     wait_for(lambda: broker_log(gateway, "connected as") == 1, 30, f"the MQTT driver {tag}")
@@ -533,7 +479,7 @@ def test_broker_restart_while_mes_events_flow(
     assert "did not keep the session" not in gateway.output(), f"the broker lost the session {tag}"
 
 
-def broker_log(gateway: Gateway, what: str) -> int:
+def broker_log(gateway: GatewayProcess, what: str) -> int:
     return len(re.findall(rf"MQTT broker mes at \S+ {what}", gateway.output()))
 
 
@@ -581,8 +527,8 @@ def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
     confirm: {{every_units: 25, every: 2s}}
     state_map: {{2: Stopped, 4: Idle, 6: Execute, 11: Held, 17: Complete}}"""
                        for i, m in enumerate(OPCUA_MACHINES))
-    config, api_port = write_plant(tmp_path, erp, [driver], [machines])
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    config = write_plant(tmp_path, erp, [driver], [machines])
+    gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     signals = [f"fillers.{m}-good" for m in OPCUA_MACHINES]
     wait_for(lambda: all(gateway.signal(s) for s in signals), 30, f"first readings {tag}")
@@ -640,8 +586,8 @@ def test_modbus_device_gone_for_a_minute(
     plc = start_plc(peers, tmp_path, "--rate", str(rate), "--start", "0", port=port)
     drivers = [modbus_driver(m, port, i + 1) for i, m in enumerate(MODBUS_MACHINES)]
     machines = [counting_machine(m, m, order_of(m, i)) for i, m in enumerate(MODBUS_MACHINES)]
-    config, api_port = write_plant(tmp_path, erp, drivers, machines)
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    config = write_plant(tmp_path, erp, drivers, machines)
+    gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     signals = [f"{m}.good" for m in MODBUS_MACHINES]
     wait_for(lambda: all(gateway.signal(s) for s in signals), 30, f"first readings {tag}")
@@ -708,10 +654,10 @@ def test_erp_down_for_five_minutes_then_a_storm_of_429(
     drivers = [modbus_driver(m, port, i + 1, poll="200ms") for i, m in enumerate(MODBUS_MACHINES)]
     machines = [counting_machine(m, m, order_of(m, i), every_units=10, every="5s")
                 for i, m in enumerate(MODBUS_MACHINES)]
-    config, api_port = write_plant(tmp_path, erp, drivers, machines,
+    config = write_plant(tmp_path, erp, drivers, machines,
                                    retry="{base: 500ms, cap: 60s}",
                                    breaker="{failures: 5, open_for: 2s}")
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     database = tmp_path / "data" / "outbox.db"
     wait_for(lambda: erp.stats()["unique"] >= 10, 30, f"first deliveries {tag}")
@@ -841,10 +787,10 @@ def test_disk_budget_reached_while_erp_is_down(
     machines = [counting_machine(m, m, order_of(m, i), every_units=5, every="2s")
                 for i, m in enumerate(DISK_MACHINES)]
     machines.append(counting_machine("stopper", "stopper", "7199"))
-    config, api_port = write_plant(tmp_path, erp, drivers, machines,
+    config = write_plant(tmp_path, erp, drivers, machines,
                                    outbox="outbox: {max_size: 300KB}",
                                    retry="{base: 200ms, cap: 2s}")
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     database = tmp_path / "data" / "outbox.db"
 
@@ -938,8 +884,8 @@ def test_corrupt_outbox_is_moved_aside_with_an_alarm_and_the_gateway_works_on(
     machines = MODBUS_MACHINES[:2]
     drivers = [modbus_driver(m, port, i + 1) for i, m in enumerate(machines)]
     rules = [counting_machine(m, m, order_of(m, i)) for i, m in enumerate(machines)]
-    config, api_port = write_plant(tmp_path, erp, drivers, rules)
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    config = write_plant(tmp_path, erp, drivers, rules)
+    gateway = GatewayProcess(peers, config, tmp_path)
     database = tmp_path / "data" / "outbox.db"
     database.parent.mkdir(parents=True)
     if damage == "garbage":
@@ -1051,8 +997,8 @@ def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
       - {{name: state, address: 10, type: uint16}}
       - {{name: uptime, address: 60, type: uint32}}"""
     machine = counting_machine("press-01", "press-01", order_of("press-01", 0))
-    config, api_port = write_plant(tmp_path, erp, [driver], [machine])
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    config = write_plant(tmp_path, erp, [driver], [machine])
+    gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     wait_for(lambda: gateway.signal("press-01.good") == 0, 30, f"the first reading {tag}")
     before.call(before.plc.set_rate, size.rate)
@@ -1130,7 +1076,7 @@ BURST_FULL = BurstRun(messages=20_000, rate=10_000.0,
                       phases=("stock-running", "stock-stopped", "advised-stopped"))
 
 
-def driver_metric(gateway: Gateway, name: str, driver: str = "mes") -> float | None:
+def driver_metric(gateway: GatewayProcess, name: str, driver: str = "mes") -> float | None:
     """A sample of /metrics labelled with the driver, or None when it is not there."""
     match = re.search(rf'^{name}{{driver="{driver}"}} (\S+)$', gateway.get("/metrics").text,
                       re.MULTILINE)
@@ -1154,9 +1100,9 @@ def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
         erp = start_erp(peers, workdir)
         mes_driver = consumption_driver(broker, "burst")
         # No machine here: the MES messages are the load, so any order is taken.
-        config, api_port = write_plant(workdir, erp, [mes_driver], [" []"],
+        config = write_plant(workdir, erp, [mes_driver], [" []"],
                                        outbox="validation: {require_known_order: false}")
-        gateway = Gateway(peers, config, api_port, workdir)
+        gateway = GatewayProcess(peers, config, workdir)
         gateway.start()
         wait_for(lambda: broker_log(gateway, "connected as") == 1, 30, f"the MQTT driver {tag}")
         publishing = Publishing(broker, size.messages, size.rate)
@@ -1284,8 +1230,8 @@ def test_complete_race_the_last_units_before_complete_are_confirmed(
     state_map: {{1: Clearing, 2: Stopped, 3: Starting, 4: Idle, 5: Suspended, 6: Execute,
                 7: Stopping, 8: Aborting, 9: Aborted, 10: Holding, 11: Held, 12: Unholding,
                 13: Suspending, 14: Unsuspending, 15: Resetting, 16: Completing, 17: Complete}}"""
-        config, api_port = write_plant(tmp_path, erp, [driver, mes_driver], [machine])
-        gateway = Gateway(peers, config, api_port, tmp_path)
+        config = write_plant(tmp_path, erp, [driver, mes_driver], [machine])
+        gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
         wait_for(lambda: gateway.signal(f"{machine_id}.state") == 4, 30,
                  f"the machine's first reading {tag}")
@@ -1340,7 +1286,7 @@ def test_complete_race_the_last_units_before_complete_are_confirmed(
     assert not short, f"orders whose confirmations miss units (expected, delivered): {short} {tag}"
 
 
-def bound_order(gateway: Gateway) -> str | None:
+def bound_order(gateway: GatewayProcess) -> str | None:
     try:
         order: str | None = gateway.status()["machines"][0]["order_id"]
     except (httpx.HTTPError, KeyError, IndexError):
@@ -1409,11 +1355,11 @@ def test_a_fresh_outbox_never_reissues_an_id(
     erp = start_erp(peers, tmp_path)
     port = free_port()
     machine = "press-01"
-    config, api_port = write_plant(
+    config = write_plant(
         tmp_path, erp, [modbus_driver(machine, port, 1)],
         [counting_machine(machine, machine, order_of(machine, 0))])
     database = tmp_path / "data" / "outbox.db"
-    gateway = Gateway(peers, config, api_port, tmp_path)
+    gateway = GatewayProcess(peers, config, tmp_path)
     ids_by_run: list[set[str]] = []
     epochs: list[str] = []
     units_expected = 0

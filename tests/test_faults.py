@@ -58,8 +58,8 @@ from tests.conftest import (
     start_peer,
     start_plc,
 )
+from tests.gateway_process import GatewayProcess
 
-READY_TEXT = "PlantSync Edge is running"
 CONFIRMATION_TYPE = "com.plantsync.edge.production.confirmation.v1"  # as ERP receives it
 
 
@@ -114,7 +114,7 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
     config = write_config(tmp_path, plc, erp, size.machines)
     database = tmp_path / "data" / "outbox.db"
     machines = [f"m{i:02d}" for i in range(size.machines)]
-    runs = GatewayRuns(peers, config, tmp_path)
+    runs = GatewayProcess(peers, config, tmp_path)
 
     counting_until = time.monotonic() + size.counting_seconds
     runs.start()
@@ -175,7 +175,7 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
     # -- per machine: the PLC's own counters, less one baseline, are in ERP or pending --------
     plc_good, plc_scrap = plc.counters()
     assert plc_good == stop_at, f"the PLC stopped at {plc_good}, not {stop_at} {tag}"
-    logs = "".join(run.output() for run in runs.all)
+    logs = "".join(run.output() for run in runs.runs)
     by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_key[str(row["partitionkey"])].append(row["event"])
@@ -252,40 +252,6 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
 # -- the gateway, started and killed again and again --------------------------------------------
 
 
-class GatewayRuns:
-    """One gateway process after another on the same config and outbox; each run has its
-    own log file, so readiness is the ready line of that run."""
-
-    def __init__(self, peers: list[Peer], config: Path, tmp_path: Path) -> None:
-        self.peers = peers
-        self.config = config
-        self.tmp_path = tmp_path
-        self.all: list[Peer] = []
-        self.ready_times: list[float] = []
-        self.restarted_at = 0.0
-        self.kills = 0
-        self.started_at = time.monotonic()
-
-    @property
-    def current(self) -> Peer:
-        return self.all[-1]
-
-    def start(self) -> Peer:
-        peer = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(self.config),
-                     "--log-format", "text"],
-                    self.tmp_path / f"gateway-{len(self.all):02d}.log", READY_TEXT)
-        self.peers.append(peer)
-        self.all.append(peer)
-        self.restarted_at = time.monotonic()
-        peer.start(timeout=120)
-        self.ready_times.append(time.monotonic() - self.restarted_at)
-        return peer
-
-    def kill(self) -> None:
-        self.current.kill()
-        self.kills += 1
-
-
 def write_config(tmp_path: Path, plc: PlcSim, erp: ErpSim, machines: int) -> Path:
     drivers, rules = [], []
     for i in range(machines):
@@ -348,7 +314,7 @@ def _sleep_until(deadline: float) -> None:
     time.sleep(max(0.0, deadline - time.monotonic()))
 
 
-def _wait_first_delivery(erp: ErpSim, runs: GatewayRuns, deadline: float) -> float | None:
+def _wait_first_delivery(erp: ErpSim, runs: GatewayProcess, deadline: float) -> float | None:
     """Seconds from the last restart to ERP's first request from the new process, if it comes
     before `deadline` (requests of the killed process were answered before it started)."""
     before = _received(erp)

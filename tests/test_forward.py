@@ -57,68 +57,63 @@ async def drain(outbox: Outbox, forwarder: HttpForwarder, until: float = 10.0) -
 
 
 async def test_delivers_in_order_with_idempotency_keys(erp_sim: ErpSim, tmp_path: Path) -> None:
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([payload(n) for n in range(20)])
-    config = DestinationConfig(base_url=erp_sim.url, path="/api/events")
-    async with httpx.AsyncClient() as client:
-        await drain(outbox, HttpForwarder("erp", config, outbox, client))
-    held = erp_sim.events()
-    assert [e["key"] for e in held] == [f"ev-{n}" for n in range(20)]  # commit order
-    journal = await outbox.journal()
-    assert [j["reference"] for j in journal][:2] == ["ERP-000001", "ERP-000002"]
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([payload(n) for n in range(20)])
+        config = DestinationConfig(base_url=erp_sim.url, path="/api/events")
+        async with httpx.AsyncClient() as client:
+            await drain(outbox, HttpForwarder("erp", config, outbox, client))
+        held = erp_sim.events()
+        assert [e["key"] for e in held] == [f"ev-{n}" for n in range(20)]  # commit order
+        journal = await outbox.journal()
+        assert [j["reference"] for j in journal][:2] == ["ERP-000001", "ERP-000002"]
 
 
 async def test_a_400_is_dead_lettered_with_the_body_and_the_key_moves_on(
     erp_sim: ErpSim, tmp_path: Path
 ) -> None:
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([OutboxEvent(id="broken", type="production.confirmation",
-                                     partition_key="1000123", payload=b"{not json",
-                                     destinations=("erp",)), payload(1)])
-    config = DestinationConfig(base_url=erp_sim.url, path="/api/events")
-    async with httpx.AsyncClient() as client:
-        await drain(outbox, HttpForwarder("erp", config, outbox, client))
-    (dead,) = await outbox.dead_letters()
-    assert dead["id"] == "broken" and dead["last_status"] == 400
-    assert "JSON" in dead["last_error"] or "json" in dead["last_error"]
-    assert [e["key"] for e in erp_sim.events()] == ["ev-1"]
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([OutboxEvent(id="broken", type="production.confirmation",
+                                         partition_key="1000123", payload=b"{not json",
+                                         destinations=("erp",)), payload(1)])
+        config = DestinationConfig(base_url=erp_sim.url, path="/api/events")
+        async with httpx.AsyncClient() as client:
+            await drain(outbox, HttpForwarder("erp", config, outbox, client))
+        (dead,) = await outbox.dead_letters()
+        assert dead["id"] == "broken" and dead["last_status"] == 400
+        assert "JSON" in dead["last_error"] or "json" in dead["last_error"]
+        assert [e["key"] for e in erp_sim.events()] == ["ev-1"]
 
 
 async def test_429_retry_after_is_honoured_and_persisted(erp_sim: ErpSim, tmp_path: Path) -> None:
     erp_sim.set_faults(error_rate=1.0, error_status=429, retry_after=30)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([payload(1)])
-    config = DestinationConfig.model_validate(
-        {"base_url": erp_sim.url, "path": "/api/events", "retry": {"base": "100ms",
-                                                                   "cap": "1m"}})
-    async with httpx.AsyncClient() as client:
-        await drain(outbox, HttpForwarder("erp", config, outbox, client), until=1.0)
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([payload(1)])
+        config = DestinationConfig.model_validate(
+            {"base_url": erp_sim.url, "path": "/api/events", "retry": {"base": "100ms",
+                                                                       "cap": "1m"}})
+        async with httpx.AsyncClient() as client:
+            await drain(outbox, HttpForwarder("erp", config, outbox, client), until=1.0)
     # The schedule is on disk: a restart does not hammer the target.
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    due = await outbox.next_due("erp")
-    assert due is not None and due > time.time() + 25
-    assert await outbox.lease("erp", 10) == []
-    counts = (await outbox.counts())["erp"]
-    assert (counts.pending, counts.retrying) == (1, 1)
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        due = await outbox.next_due("erp")
+        assert due is not None and due > time.time() + 25
+        assert await outbox.lease("erp", 10) == []
+        counts = (await outbox.counts())["erp"]
+        assert (counts.pending, counts.retrying) == (1, 1)
 
 
 async def test_connection_refused_is_retried(tmp_path: Path) -> None:
     from tests.conftest import free_port
 
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([payload(1)])
-    config = DestinationConfig(base_url=f"http://127.0.0.1:{free_port()}", path="/api/events")
-    async with httpx.AsyncClient() as client:
-        forwarder = HttpForwarder("erp", config, outbox, client)
-        await drain(outbox, forwarder, until=0.5)
-    assert forwarder.health.reachable is False
-    assert "ConnectError" in (forwarder.health.last_error or "")
-    assert (await outbox.counts())["erp"].pending == 1
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([payload(1)])
+        config = DestinationConfig(base_url=f"http://127.0.0.1:{free_port()}", path="/api/events")
+        async with httpx.AsyncClient() as client:
+            forwarder = HttpForwarder("erp", config, outbox, client)
+            await drain(outbox, forwarder, until=0.5)
+        assert forwarder.health.reachable is False
+        assert "ConnectError" in (forwarder.health.last_error or "")
+        assert (await outbox.counts())["erp"].pending == 1
 
 
 async def test_a_burst_on_one_order_goes_in_few_ordered_batches(
@@ -126,35 +121,33 @@ async def test_a_burst_on_one_order_goes_in_few_ordered_batches(
     """Issue 17 item 2: the canonical batch is an ordered array, so 250 events of one order go
     in 3 requests of up to 100, in commit order, instead of 250 one at a time. The oracle is
     the receiver's own arrival order and its request count."""
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([payload(n) for n in range(250)])
-    config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
-                               batch_path="/api/events:batch", batch_size=100, max_in_flight=4)
-    forwarder = HttpForwarder("erp", config, outbox)
-    await drain(outbox, forwarder)
-    held = erp_sim.events()
-    assert [e["key"] for e in held] == [f"ev-{n}" for n in range(250)]  # commit order
-    assert forwarder.health.requests == 3 and forwarder.health.delivered == 250
-    assert (await outbox.counts()) == {}
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([payload(n) for n in range(250)])
+        config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
+                                   batch_path="/api/events:batch", batch_size=100, max_in_flight=4)
+        forwarder = HttpForwarder("erp", config, outbox)
+        await drain(outbox, forwarder)
+        held = erp_sim.events()
+        assert [e["key"] for e in held] == [f"ev-{n}" for n in range(250)]  # commit order
+        assert forwarder.health.requests == 3 and forwarder.health.delivered == 250
+        assert (await outbox.counts()) == {}
 
 
 async def test_a_rejected_event_in_a_run_is_dead_lettered_and_the_rest_delivered(
         erp_sim: ErpSim, tmp_path: Path) -> None:
     """Per-event outcomes of one key's run in one batch: the receiver refuses an invalid
     event (400), takes the others; the refused one goes to dead letters, its key moves on."""
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    events = [payload(n) for n in range(5)]
-    broken = OutboxEvent(id="ev-2", type="production.confirmation", partition_key="1000123",
-                         payload=b'{"id":"ev-2"}', destinations=("erp",))
-    await outbox.commit([*events[:2], broken, *events[3:]])
-    config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
-                               batch_path="/api/events:batch", batch_size=10)
-    forwarder = HttpForwarder("erp", config, outbox)
-    await drain(outbox, forwarder)
-    assert [e["key"] for e in erp_sim.events()] == ["ev-0", "ev-1", "ev-3", "ev-4"]
-    assert forwarder.health.requests == 1
-    (dead,) = await outbox.dead_letters()
-    assert dead["id"] == "ev-2" and "400" in str(dead["last_status"])
-    assert [j["event_id"] for j in await outbox.journal()] == ["ev-0", "ev-1", "ev-3", "ev-4"]
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        events = [payload(n) for n in range(5)]
+        broken = OutboxEvent(id="ev-2", type="production.confirmation", partition_key="1000123",
+                             payload=b'{"id":"ev-2"}', destinations=("erp",))
+        await outbox.commit([*events[:2], broken, *events[3:]])
+        config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
+                                   batch_path="/api/events:batch", batch_size=10)
+        forwarder = HttpForwarder("erp", config, outbox)
+        await drain(outbox, forwarder)
+        assert [e["key"] for e in erp_sim.events()] == ["ev-0", "ev-1", "ev-3", "ev-4"]
+        assert forwarder.health.requests == 1
+        (dead,) = await outbox.dead_letters()
+        assert dead["id"] == "ev-2" and "400" in str(dead["last_status"])
+        assert [j["event_id"] for j in await outbox.journal()] == ["ev-0", "ev-1", "ev-3", "ev-4"]

@@ -54,6 +54,7 @@ async def test_tokens_never_pile_up_beyond_one_seconds_worth() -> None:
     assert bucket.tokens == pytest.approx(49.0, abs=0.5)
 
 
+@pytest.mark.integration
 async def test_an_open_circuit_waits_without_spinning(peers: Any, tmp_path: Path) -> None:
     """While the circuit is open the forwarder sleeps until its probe: it neither burns the
     CPU nor starves the event loop (a wake left set once made it spin, then freeze)."""
@@ -64,27 +65,26 @@ async def test_an_open_circuit_waits_without_spinning(peers: Any, tmp_path: Path
 
     erp = start_erp(peers, tmp_path)
     erp.set_faults(outage_seconds=60, retry_after=0)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([OutboxEvent(f"ev-{n}", "production.confirmation", f"K{n}", b"{}",
-                                     ("erp",)) for n in range(3)])
-    forwarder = HttpForwarder("erp", DestinationConfig.model_validate({
-        "base_url": erp.url, "path": "/api/events", "retry": {"base": "10ms", "cap": "50ms"},
-        "circuit_breaker": {"failures": 1, "open_for": "3s"}}), outbox)
-    async with asyncio.TaskGroup() as group:
-        task = group.create_task(forwarder.run(), name="forward")
-        deadline = time.monotonic() + 10
-        while forwarder.health.circuit is not Circuit.OPEN:
-            assert time.monotonic() < deadline, "the circuit never opened"
-            await asyncio.sleep(0.01)
-        cpu, wall = time.process_time(), time.monotonic()
-        ticks = 0
-        while time.monotonic() - wall < 1.0:
-            await asyncio.sleep(0.01)
-            ticks += 1
-        busy = time.process_time() - cpu
-        forwarder.drain()
-        await asyncio.wait_for(task, 10)
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([OutboxEvent(f"ev-{n}", "production.confirmation", f"K{n}", b"{}",
+                                         ("erp",)) for n in range(3)])
+        forwarder = HttpForwarder("erp", DestinationConfig.model_validate({
+            "base_url": erp.url, "path": "/api/events", "retry": {"base": "10ms", "cap": "50ms"},
+            "circuit_breaker": {"failures": 1, "open_for": "3s"}}), outbox)
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(forwarder.run(), name="forward")
+            deadline = time.monotonic() + 10
+            while forwarder.health.circuit is not Circuit.OPEN:
+                assert time.monotonic() < deadline, "the circuit never opened"
+                await asyncio.sleep(0.01)
+            cpu, wall = time.process_time(), time.monotonic()
+            ticks = 0
+            while time.monotonic() - wall < 1.0:
+                await asyncio.sleep(0.01)
+                ticks += 1
+            busy = time.process_time() - cpu
+            forwarder.drain()
+            await asyncio.wait_for(task, 10)
     assert forwarder.health.circuit is Circuit.OPEN
     assert ticks > 50, f"the event loop was starved: {ticks} ticks of 10 ms in a second"
     assert busy < 0.3, f"{busy:.2f}s of CPU in one second of an open circuit"

@@ -22,8 +22,8 @@ checks the contract it promises:
 The inputs these properties found crashing the gateway (since fixed) are pinned with `@example`,
 so each runs every time as a regression case, not only when Hypothesis happens to draw it again.
 Every property runs in a few seconds (`make test`); `PLANTSYNC_FUZZ_EXAMPLES=10` multiplies the
-number of examples for a longer hunt, and `PLANTSYNC_FUZZ_SKIP_KNOWN=1` leaves the pinned cases
-out.
+number of examples for a longer hunt (`make test-fast` runs a quarter of them: 0.25), and
+`PLANTSYNC_FUZZ_SKIP_KNOWN=1` leaves the pinned cases out.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from asyncua import ua
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from buffer.outbox import Outbox
 from drivers.base import MesMessage, Quality, RejectedMessage, Sample
 from drivers.modbus import REGISTER_WIDTH, ModbusTag, decode, decode_string, tag_value
 from drivers.mqtt import MqttConfig, to_reading
@@ -60,12 +59,13 @@ from edge.model.envelope import CloudEvent
 from edge.rules.machine import MachineRule
 from edge.runtime.pipeline import Pipeline
 from simulators.modbus_plc import _ordered
+from tests.held_outbox import HeldOutbox
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_TEXT = (ROOT / "config" / "plant.example.yaml").read_text()
 EXAMPLE_DATA = yaml.safe_load(EXAMPLE_TEXT)
 
-SCALE = max(1, int(os.environ.get("PLANTSYNC_FUZZ_EXAMPLES", "1") or 1))
+SCALE = float(os.environ.get("PLANTSYNC_FUZZ_EXAMPLES") or 1)
 
 
 PHASES = tuple(Phase) if not os.environ.get("PLANTSYNC_FUZZ_SKIP_KNOWN") else tuple(
@@ -75,7 +75,7 @@ PHASES = tuple(Phase) if not os.environ.get("PLANTSYNC_FUZZ_SKIP_KNOWN") else tu
 
 def fuzz_settings(examples: int) -> settings:
     return settings(
-        max_examples=examples * SCALE, deadline=None, phases=PHASES,
+        max_examples=max(1, round(examples * SCALE)), deadline=None, phases=PHASES,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.filter_too_much])
 
@@ -248,7 +248,8 @@ class MesPipeline:
 
     def __init__(self, directory: Path) -> None:
         self.loop = asyncio.new_event_loop()
-        self.outbox = self.loop.run_until_complete(Outbox.open(directory / "outbox.db"))
+        self.held = HeldOutbox(self.loop, directory / "outbox.db")
+        self.outbox = self.held.outbox
         self.pipeline = Pipeline(parse_config(PIPELINE_CONFIG, "fuzz.yaml", {}), self.outbox, {})
         self.seen_rejections = 0
 
@@ -262,7 +263,7 @@ class MesPipeline:
         return fresh
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.outbox.close())
+        self.held.close()
         self.loop.close()
 
 

@@ -8,7 +8,6 @@ id twice, including across a graceful restart and a kill -9 of the gateway mid-r
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from collections.abc import Callable
 from decimal import Decimal
@@ -23,9 +22,9 @@ from tests.conftest import (
     PlcSim,
     counter_baselines,
     free_port,
-    start_peer,
     start_plc,
 )
+from tests.gateway_process import GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -65,11 +64,6 @@ routes:
   production.confirmation: [erp]
 """)
     return config
-
-
-def start_gateway(peers: list[Peer], config: Path, tmp_path: Path) -> Peer:
-    return start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
-                      tmp_path / "gateway.log", "PlantSync Edge is running")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -199,17 +193,11 @@ def test_erp_outage_is_retried_until_delivered(
     assert gateway.output().count("Destination erp is failing") == 1  # no storm in retries
 
 
-def _status(gateway: Peer) -> dict[str, object]:
-    port = _api_port(gateway)
-    return httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()  # type: ignore[no-any-return]
+def _status(gateway: GatewayProcess) -> dict[str, object]:
+    return gateway.get("/status").json()  # type: ignore[no-any-return]
 
 
-def _api_port(gateway: Peer) -> int:
-    config = Path(gateway.argv[gateway.argv.index("--config") + 1]).read_text()
-    return int(config.split('listen: "127.0.0.1:')[1].split('"')[0])
-
-
-def _counter_stopped(gateway: Peer) -> bool:
+def _counter_stopped(gateway: GatewayProcess) -> bool:
     try:
         status = _status(gateway)
     except httpx.HTTPError:
@@ -218,7 +206,7 @@ def _counter_stopped(gateway: Peer) -> bool:
     return state is not None and state["value"] == 17
 
 
-def _delivered_everything(erp: ErpSim, gateway: Peer) -> bool:
+def _delivered_everything(erp: ErpSim, gateway: GatewayProcess) -> bool:
     try:
         status = _status(gateway)
     except httpx.HTTPError:

@@ -32,6 +32,7 @@ from tests.hub_harness import (
     wait_for,
     write_hub_yaml,
 )
+from tests.processes import run_process
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def run_plant(argv: list[str], log: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    done = run_process(argv, capture_output=True, text=True, timeout=timeout)
     log.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     return done
@@ -74,7 +75,7 @@ def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_p
         "    jetstream: {stream: INIT, subject: 'init.{site}.{type}.{key}', "
         "longest_outage: 1h}\n"
         "routes:\n  production.confirmation: [hub]\n")
-    done = subprocess.run([PLANTSYNC, "doctor",
+    done = run_process([PLANTSYNC, "doctor",
                            "jetstream", "--config", str(plant)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -251,11 +252,8 @@ def test_ten_plant_processes_two_relays_one_killed_long(cluster: Cluster, tmp_pa
 async def owed(path: Path) -> int:
     from buffer.outbox import Outbox
 
-    outbox = await Outbox.open(path)
-    try:
+    async with Outbox.open(path) as outbox:
         return sum(counts.pending for counts in (await outbox.counts()).values())
-    finally:
-        await outbox.close()
 
 
 def _metrics(relay: Peer) -> dict[str, float]:

@@ -12,6 +12,7 @@ from edge.config.loader import parse_config
 from edge.hub.config import load_hub_config
 from edge.hub.stream import stream_config
 from edge.hub.subjects import SubjectPattern, key_token
+from tests.processes import run_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,9 +117,9 @@ def test_hub_yaml_problems_name_file_line_and_field(tmp_path: Path) -> None:
     assert f"{path}:5: stream.replica: unknown key" in text
 
 
+@pytest.mark.integration
 def test_systemd_analyze_accepts_the_relay_unit(tmp_path: Path) -> None:
     import shutil
-    import subprocess
     import sys
 
     from tests.conftest import missing_peer
@@ -131,7 +132,7 @@ def test_systemd_analyze_accepts_the_relay_unit(tmp_path: Path) -> None:
     copy = tmp_path / "plantsync-relay@1.service"
     copy.write_text(unit.replace("/opt/plantsync/bin/plantsync", str(binary))
                     .replace("/etc/plantsync/hub.yaml", str(ROOT / "config" / "hub.example.yaml")))
-    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+    done = run_process([analyze, "verify", str(copy)], capture_output=True, text=True,
                           timeout=60)
     complaints = [line for line in (done.stdout + done.stderr).splitlines()
                   if "plantsync-relay" in line]

@@ -21,7 +21,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from buffer.outbox import Outbox
@@ -37,19 +36,17 @@ from tests.conftest import (
     start_erp,
     start_plc,
 )
+from tests.gateway_process import READY_TEXT, start_gateway
+from tests.processes import run_process
 from tests.test_gateway import (
-    _api_port,
     _counter_stopped,
     _delivered_everything,
     _status,
     assert_exact_and_contiguous,
     confirmations,
-    start_gateway,
     wait_for,
     write_config,
 )
-
-READY_TEXT = "PlantSync Edge is running"
 
 
 class NotifySocket:
@@ -103,10 +100,6 @@ def metric(text: str, name: str) -> float | None:
     return None if match is None else float(match.group(1))
 
 
-def api(gateway: Peer, path: str) -> httpx.Response:
-    return httpx.get(f"http://127.0.0.1:{_api_port(gateway)}{path}", timeout=5)
-
-
 # --- sd_notify -----------------------------------------------------------------------------------
 
 
@@ -141,31 +134,31 @@ class _Watched:
         return "drivers 0/0 connected"
 
 
+@pytest.mark.integration
 async def test_watchdog_pings_stop_while_the_outbox_is_wedged(tmp_path: Path) -> None:
     listener = NotifySocket(str(tmp_path / "notify.sock"))
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    supervisor = Supervisor(Notifier(listener.address, watchdog_usec=400_000), status_every=0.1)
-    supervisor.watch(_Watched(outbox))
-    running = asyncio.create_task(supervisor.run())
-    try:
-        await listener.listen(1.0)
-        assert supervisor.pings >= 3, "no pings while healthy"
-        # Another connection takes the write lock: the writer waits (busy_timeout), and the
-        # probe's commit cannot finish within its deadline.
-        blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")
-        await listener.listen(0.5)  # a probe already in flight may still get through
-        wedged_at = supervisor.pings
-        await listener.listen(1.5)
-        assert supervisor.pings == wedged_at, "pinged while the outbox was wedged"
-        blocker.execute("ROLLBACK")
-        blocker.close()
-        await listener.listen(1.5)
-        assert supervisor.pings > wedged_at, "no pings after the outbox recovered"
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        supervisor = Supervisor(Notifier(listener.address, watchdog_usec=400_000), status_every=0.1)
+        supervisor.watch(_Watched(outbox))
+        running = asyncio.create_task(supervisor.run())
+        try:
+            await listener.listen(1.0)
+            assert supervisor.pings >= 3, "no pings while healthy"
+            # Another connection takes the write lock: the writer waits (busy_timeout), and the
+            # probe's commit cannot finish within its deadline.
+            blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            await listener.listen(0.5)  # a probe already in flight may still get through
+            wedged_at = supervisor.pings
+            await listener.listen(1.5)
+            assert supervisor.pings == wedged_at, "pinged while the outbox was wedged"
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            await listener.listen(1.5)
+            assert supervisor.pings > wedged_at, "no pings after the outbox recovered"
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
     lines = listener.lines()
     assert "STATUS=drivers 0/0 connected" in lines
     assert lines.count("WATCHDOG=1") == supervisor.pings
@@ -274,7 +267,7 @@ def test_sighup_refuses_an_invalid_config_and_applies_a_valid_one(
     config = write_config(tmp_path, plc, erp_sim, every_units=50, every="1h")
     monkeypatch.setenv("NOTIFY_SOCKET", notify_socket.address)
     gateway = start_gateway(peers, config, tmp_path)
-    port = _api_port(gateway)
+    port = gateway.api_port
     wait_for(lambda: len(confirmations(erp_sim)) >= 2, 30, "confirmations of 50")
     assert gateway.process is not None
     good_config = config.read_text()
@@ -289,21 +282,23 @@ def test_sighup_refuses_an_invalid_config_and_applies_a_valid_one(
     count = len(confirmations(erp_sim))
     wait_for(lambda: len(confirmations(erp_sim)) > count, 40, "confirmations to go on")
     assert gateway.output().count(READY_TEXT) == 1
-    metrics = api(gateway, "/metrics").text
+    metrics = gateway.get("/metrics").text
     assert metric(metrics, 'plantsync_config_reloads_total{outcome="refused"}') == 1.0
 
-    # A valid one: confirm every 20 units, and a second destination.
+    # A valid one: confirm every 20 units, a second destination, and new outbox settings (the
+    # outbox is closed and opened again under the running daemon).
     write_config(tmp_path, plc, erp_sim, every_units=20, every="1h", api_port=port)
     config.write_text(config.read_text().replace(
         "routes:\n  production.confirmation: [erp]",
         f"  archive:\n    base_url: {archive.url}\n    path: /api/events\n"
-        "routes:\n  production.confirmation: [erp, archive]"))
+        "routes:\n  production.confirmation: [erp, archive]") + "outbox: {commit_interval: 2ms}\n")
     gateway.process.send_signal(signal.SIGHUP)
     wait_for(lambda: gateway.output().count(READY_TEXT) == 2, 60, "the gateway to restart")
     output = gateway.output()
     assert "Reload: destination archive added" in output
     assert "Reload: machine press-01 changed (confirm)" in output
     assert "Reload: route of production.confirmation changed" in output
+    assert "Reopening the outbox with the new settings" in output
     notify_socket.wait_for("READY=1", count=3)  # start, after the refusal, after the reload
     lines = notify_socket.lines()
     assert lines.count("RELOADING=1") == 2
@@ -317,7 +312,7 @@ def test_sighup_refuses_an_invalid_config_and_applies_a_valid_one(
     machine = _status(gateway)["machines"][0]  # type: ignore[index]
     assert_exact_and_contiguous(confirmations(erp_sim), 0, machine["good_total"])
     assert gateway.output().count("is the baseline") == 2  # good and bad, once each
-    metrics = api(gateway, "/metrics").text
+    metrics = gateway.get("/metrics").text
     assert metric(metrics, 'plantsync_config_reloads_total{outcome="applied"}') == 1.0
     assert gateway.stop() == 0
 
@@ -359,23 +354,23 @@ routes:
     connected = 'plantsync_driver_connected{driver="mes"}'
 
     def driver_up() -> float | None:
-        return metric(api(gateway, "/metrics").text, connected)
+        return metric(gateway.get("/metrics").text, connected)
 
     wait_for(lambda: driver_up() == 1.0, 20, "the driver to connect")
-    wait_for(lambda: api(gateway, "/readyz").status_code == 200, 10, "ready")
-    assert metric(api(gateway, "/metrics").text, "plantsync_ready") == 1.0
+    wait_for(lambda: gateway.get("/readyz").status_code == 200, 10, "ready")
+    assert metric(gateway.get("/metrics").text, "plantsync_ready") == 1.0
 
     mosquitto.stop()
     wait_for(lambda: driver_up() == 0.0, 20, "the metric to show the outage")
-    readyz = api(gateway, "/readyz")
+    readyz = gateway.get("/readyz")
     assert readyz.status_code == 503
     assert any(reason.startswith("driver mes is not connected")
                for reason in readyz.json()["reasons"]), readyz.json()
-    assert metric(api(gateway, "/metrics").text, "plantsync_ready") == 0.0
+    assert metric(gateway.get("/metrics").text, "plantsync_ready") == 0.0
 
     mosquitto.start()
     wait_for(lambda: driver_up() == 1.0, 40, "the metric to show the recovery")
-    wait_for(lambda: api(gateway, "/readyz").status_code == 200, 10, "ready again")
+    wait_for(lambda: gateway.get("/readyz").status_code == 200, 10, "ready again")
     output = gateway.output()
     assert output.count("MQTT broker mes at") >= 2  # once down, once back
     assert gateway.stop() == 0
@@ -385,7 +380,7 @@ routes:
 
 
 def status_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", str(config),
+    return run_process([sys.executable, "-m", "edge.cli", "status", "--config", str(config),
                            *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
@@ -432,6 +427,7 @@ def test_status_cli_from_the_daemon_and_from_the_database(
 # --- the unit file and the installer -------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -444,7 +440,7 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     copy = tmp_path / "plantsync.service"
     copy.write_text(unit.replace("/opt/plantsync/bin/plantsync", str(binary))
                     .replace("/etc/plantsync/plant.yaml", str(ROOT / "config" / "demo.yaml")))
-    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+    done = run_process([analyze, "verify", str(copy)], capture_output=True, text=True,
                           timeout=60)
     complaints = [line for line in (done.stdout + done.stderr).splitlines()
                   if "plantsync.service" in line]
@@ -480,10 +476,11 @@ def test_unit_stop_timeout_is_above_the_default_shutdown_timeout() -> None:
     assert int(stop.group(1)) > default + 15
 
 
+@pytest.mark.integration
 def test_install_dry_run_prints_the_steps_and_changes_nothing(tmp_path: Path,
                                                                package_index: str) -> None:
     prefix = tmp_path / "opt-plantsync"
-    done = subprocess.run(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run",
+    done = run_process(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run",
                            "--prefix", str(prefix), "--python", sys.executable],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PIP_INDEX_URL": package_index})

@@ -51,6 +51,7 @@ from simulators.modbus_plc import (
 from tests.conftest import Peer, missing_peer
 from tests.conftest import start_plc as start_peer_plc
 from tests.driver_harness import running, wait_until
+from tests.processes import run_process, spawn
 from tests.test_daemon_drivers import Gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def free_port() -> int:
 
 def start_plc(port: int, *args: str, ready_within: float = 10.0) -> subprocess.Popen[str]:
     """Start `python -m simulators.modbus_plc` and return once it says it is listening."""
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "simulators.modbus_plc", "--port", str(port), *args],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
@@ -196,6 +197,7 @@ def modbus_warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 # --- decoding against the real PLC ---------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_driver_decodes_the_press_registers(steady_plc: int) -> None:
     tags: list[dict[str, Any]] = [
         {"name": "good", "address": 0, "type": "uint32", "byte_order": "ABCD"},
@@ -270,6 +272,7 @@ def expected_known_values() -> dict[str, Any]:
     }
 
 
+@pytest.mark.integration
 async def test_every_type_and_byte_order_decodes_to_the_known_value(steady_plc: int) -> None:
     tags = known_value_tags()
     orders_by_type: dict[str, set[str]] = {}
@@ -296,6 +299,7 @@ async def test_every_type_and_byte_order_decodes_to_the_known_value(steady_plc: 
     assert values["string_ABCD_220"] == "PLANTSYNC"  # trailing spaces dropped too
 
 
+@pytest.mark.integration
 async def test_bits_of_a_register_coils_and_discrete_inputs(steady_plc: int) -> None:
     tags: list[dict[str, Any]] = [
         *({"name": f"pattern_bit{bit}", "address": 192, "bit": bit} for bit in range(16)),
@@ -461,7 +465,7 @@ def serial_line(tmp_path: Path) -> Iterator[tuple[str, str]]:
     if socat is None:
         missing_peer("socat is not installed (apt-get install socat, or make setup)")
     plc_end, gateway_end = str(tmp_path / "ttyPLC"), str(tmp_path / "ttyGW")
-    process = subprocess.Popen([socat, "pty,raw,echo=0,link=" + plc_end,
+    process = spawn([socat, "pty,raw,echo=0,link=" + plc_end,
                                 "pty,raw,echo=0,link=" + gateway_end],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
@@ -473,6 +477,7 @@ def serial_line(tmp_path: Path) -> Iterator[tuple[str, str]]:
     process.wait(10)
 
 
+@pytest.mark.integration
 async def test_serial_rtu_reads_a_plc_over_a_real_serial_line(
     serial_line: tuple[str, str],
 ) -> None:
@@ -493,6 +498,7 @@ async def test_serial_rtu_reads_a_plc_over_a_real_serial_line(
     assert values == {"good": STEADY_GOOD_COUNT, "scrap": 0, "state": IDLE, "coil3": True}
 
 
+@pytest.mark.integration
 async def test_exception_response_marks_only_its_block_bad(
     steady_plc: int, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -520,6 +526,7 @@ async def test_exception_response_marks_only_its_block_bad(
 # --- the simulator's counters ---------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_good_count_advances_at_the_rate() -> None:
     with plc("--rate", "40") as port:
         driver = ModbusDriver(config(port, COUNTER_TAGS))
@@ -533,6 +540,7 @@ async def test_good_count_advances_at_the_rate() -> None:
     assert collector.latest()["scrap"].value == 0
 
 
+@pytest.mark.integration
 async def test_stop_at_holds_the_count_and_completes() -> None:
     with plc("--rate", "100", "--scrap-rate", "20", "--stop-at", "80") as port:
         driver = ModbusDriver(config(port, COUNTER_TAGS))
@@ -577,6 +585,7 @@ async def test_in_process_plc_is_steered_by_its_controls(press: ModbusPlc) -> No
 # --- reconnection -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_driver_reconnects_after_the_plc_dies(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="drivers.modbus")
     port = free_port()
@@ -614,6 +623,7 @@ async def test_driver_reconnects_after_the_plc_dies(caplog: pytest.LogCaptureFix
     assert record.levelno == logging.WARNING
 
 
+@pytest.mark.integration
 async def test_unreachable_device_at_start_up_is_retried(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -905,6 +915,7 @@ def probe_rows(
     return raw, values
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("address", "count", "type_name", "width", "shown"),
     [
@@ -937,6 +948,7 @@ def test_probe_shows_the_known_value_in_its_byte_order_column(
             assert values[(start, other)][type_name] != shown, (start, other)
 
 
+@pytest.mark.integration
 def test_probe_shows_16_bit_values_and_text(
     steady_plc: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -953,12 +965,14 @@ def test_probe_shows_16_bit_values_and_text(
     assert "PLANTSYNC" in low_first  # registers 210-214, bytes swapped
 
 
+@pytest.mark.integration
 def test_probe_reads_input_registers(steady_plc: int, capsys: pytest.CaptureFixture[str]) -> None:
     assert probe(steady_plc, "--address", "50", "--count", "2", "--table", "input") == 0
     _, values = probe_rows(capsys.readouterr().out)
     assert values[(50, "ABCD")]["uint32"] == str(INPUT_ONLY_VALUE)
 
 
+@pytest.mark.integration
 def test_probe_exits_1_on_an_exception_response(
     steady_plc: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -1198,7 +1212,7 @@ def modbus_serial_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
         missing_peer("the npm package modbus-serial is not installed (make peers)")
     assert node is not None
     port = free_port()
-    proc = subprocess.Popen([node, str(PEERS / "modbus_serial_server.js"), str(port)],
+    proc = spawn([node, str(PEERS / "modbus_serial_server.js"), str(port)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     try:
@@ -1224,6 +1238,7 @@ def serial_peer_connections(proc: subprocess.Popen[str]) -> int:
     return seen
 
 
+@pytest.mark.integration
 async def test_an_illegal_address_marks_only_its_tag_bad_and_the_split_is_kept(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1272,6 +1287,7 @@ async def test_an_illegal_address_marks_only_its_tag_bad_and_the_split_is_kept(
     assert connections == 1
 
 
+@pytest.mark.integration
 async def test_per_tag_units_and_64_bit_orders_against_modbus_serial() -> None:
     tags = [
         {"name": "unit1_hr0", "address": 0},
@@ -1380,7 +1396,7 @@ def mbpoll(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     if binary is None:
         missing_peer("mbpoll is not installed (apt-get install mbpoll, or make mbpoll)")
     assert binary is not None
-    return subprocess.run([binary, "-m", "tcp", "-1", "-p", str(port), *args, "127.0.0.1"],
+    return run_process([binary, "-m", "tcp", "-1", "-p", str(port), *args, "127.0.0.1"],
                           capture_output=True, text=True, timeout=20)
 
 
@@ -1391,6 +1407,7 @@ def mbpoll_values(port: int, *args: str) -> list[str]:
     return re.findall(r"^\[\d+\]:\s+(\S+)", result.stdout, re.MULTILINE)
 
 
+@pytest.mark.integration
 def test_mbpoll_reads_the_simulators_register_map() -> None:
     with plc("--rate", "0", "--start", str(STEADY_GOOD_COUNT), "--uptime", "100",
              "--boot-count", "7") as port:
@@ -1430,6 +1447,7 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.integration
 def test_a_nan_or_infinite_float_from_the_plc_is_null_in_every_json_output(
     peers: list[Peer], tmp_path: Path
 ) -> None:
@@ -1485,18 +1503,18 @@ routes: {{}}
     metrics = httpx.get(f"{api}/metrics", timeout=10)
     assert metrics.status_code == 200 and "plantsync_driver_samples" in metrics.text
 
-    status = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config",
+    status = run_process([sys.executable, "-m", "edge.cli", "status", "--config",
                              str(gateway.config), "--json"], capture_output=True, text=True,
                             timeout=60, cwd=REPO_ROOT)
     assert status.returncode == 0, status.stderr
     assert strict_json(status.stdout)["signals"]["press-inf.force"]["nonfinite"] == "Infinity"
-    text = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config",
+    text = run_process([sys.executable, "-m", "edge.cli", "status", "--config",
                            str(gateway.config)], capture_output=True, text=True, timeout=60,
                           cwd=REPO_ROOT)
     assert text.returncode == 0, text.stderr
 
     recording = tmp_path / "shift.jsonl"
-    record = subprocess.run([sys.executable, "-m", "edge.cli", "record", "--config",
+    record = run_process([sys.executable, "-m", "edge.cli", "record", "--config",
                              str(gateway.config), "--out", str(recording), "--duration", "2s"],
                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert record.returncode == 0, record.stderr
@@ -1504,7 +1522,7 @@ routes: {{}}
     forces = {line["signal"]: line for line in lines if line.get("signal") in expected}
     assert {signal: line["nonfinite"] for signal, line in forces.items()} == expected
     assert all(line["value"] is None and line["quality"] == "bad" for line in forces.values())
-    replay = subprocess.run([sys.executable, "-m", "edge.cli", "replay", "--config",
+    replay = run_process([sys.executable, "-m", "edge.cli", "replay", "--config",
                              str(gateway.config), "--input", str(recording)],
                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert replay.returncode == 0, replay.stderr
@@ -1541,6 +1559,7 @@ class LongestWait(random.Random):
         return b
 
 
+@pytest.mark.integration
 async def test_a_device_that_is_back_is_read_again_without_waiting_out_the_backoff() -> None:
     port = free_port()
     proc = await asyncio.to_thread(start_plc, port, "--rate", "0", "--start", "111")
@@ -1565,6 +1584,7 @@ async def test_a_device_that_is_back_is_read_again_without_waiting_out_the_backo
     assert read_after < 5.0, f"read {read_after:.1f}s after the device was back"
 
 
+@pytest.mark.integration
 async def test_a_busy_driver_stops_at_every_cancellation() -> None:
     """A stop must stop. Python 3.11's wait_for (inside every pymodbus request) loses a
     cancellation that arrives as the response does, and a TaskGroup cancels its poll loops

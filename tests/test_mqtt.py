@@ -29,6 +29,7 @@ from drivers.mqtt import SAMPLE_CONFIG, MqttConfig, MqttDriver, to_reading
 from simulators.mes_publisher import InputLot, MesPublisher
 from tests.conftest import Mosquitto, missing_peer
 from tests.driver_harness import running, wait_until
+from tests.processes import run_process, spawn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONSUMPTION = "mes/1010/press-01/consumption"
@@ -140,6 +141,7 @@ def log_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 # --- delivery and acknowledgement -------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_acknowledged_only_after_the_sink_returns(
     mosquitto: Mosquitto, protocol: str
@@ -200,6 +202,7 @@ async def _subscribe_once(settings: MqttConfig) -> None:
         await asyncio.sleep(0.2)  # the SUBACK
 
 
+@pytest.mark.integration
 async def test_without_a_persistent_session_nothing_is_kept(mosquitto: Mosquitto) -> None:
     settings = config(mosquitto.port, persistent_session=False)
     await _subscribe_once(settings)
@@ -208,6 +211,7 @@ async def test_without_a_persistent_session_nothing_is_kept(mosquitto: Mosquitto
     assert await nothing_pending(mosquitto, settings) == []
 
 
+@pytest.mark.integration
 async def test_a_failed_commit_is_not_acknowledged_and_comes_again(
     mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -234,6 +238,7 @@ async def test_a_failed_commit_is_not_acknowledged_and_comes_again(
 # --- reconnection -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_broker_restart_mid_stream_loses_nothing(
     mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -269,6 +274,7 @@ async def test_broker_restart_mid_stream_loses_nothing(
     assert not log_lines(caplog, "did not keep the session")
 
 
+@pytest.mark.integration
 async def test_resubscribes_when_the_broker_lost_the_session(
     mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -290,6 +296,7 @@ async def test_resubscribes_when_the_broker_lost_the_session(
     assert "new session" in log_lines(caplog, "available again")[0]
 
 
+@pytest.mark.integration
 async def test_unreachable_broker_at_start_up_is_retried(
     mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -308,6 +315,7 @@ async def test_unreachable_broker_at_start_up_is_retried(
     assert len(log_lines(caplog, "available again")) == 1
 
 
+@pytest.mark.integration
 async def test_tls_setup_errors_are_retried_not_raised(
     mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -324,7 +332,7 @@ async def test_tls_setup_errors_are_retried_not_raised(
 def make_certificates(directory: Path) -> dict[str, Path]:
     """A CA and a server certificate for DNS name `localhost` only, made with openssl."""
     def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+        run_process(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
@@ -336,6 +344,7 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     return {name: directory / f"{name}" for name in ("ca.pem", "server.pem", "server.key")}
 
 
+@pytest.mark.integration
 async def test_tls_verifies_the_broker_certificate(mosquitto: Mosquitto, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         missing_peer("openssl is not installed (apt-get install openssl)")
@@ -369,6 +378,7 @@ async def test_tls_verifies_the_broker_certificate(mosquitto: Mosquitto, tmp_pat
 # --- bursts -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_a_burst_is_absorbed_in_batches(
     mosquitto: Mosquitto, protocol: str, capsys: pytest.CaptureFixture[str]
@@ -408,6 +418,7 @@ async def publish_burst(broker: Mosquitto, driver: MqttDriver, total: int) -> li
 # --- malformed payloads -----------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_malformed_payloads_are_rejected_acknowledged_and_survived(
     mosquitto: Mosquitto,
 ) -> None:
@@ -609,6 +620,7 @@ def test_invalid_config_is_rejected(change: dict[str, Any], message: str) -> Non
 # --- the MES publisher ------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_publisher_command_line_publishes_and_stops_on_sigterm(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -620,7 +632,7 @@ async def test_publisher_command_line_publishes_and_stops_on_sigterm(
         await wait_until(lambda: driver.health.connected)
         await asyncio.sleep(0.2)
         counted = await asyncio.to_thread(
-            subprocess.run, [*argv, "--count", "10", "--rate", "500"], cwd=REPO_ROOT,
+            run_process, [*argv, "--count", "10", "--rate", "500"], cwd=REPO_ROOT,
             capture_output=True, text=True, timeout=60,
         )
         assert counted.returncode == 0, counted.stderr
@@ -630,7 +642,7 @@ async def test_publisher_command_line_publishes_and_stops_on_sigterm(
         # subscribes to consumption and lot completion.
         await wait_until(lambda: len(sink.ids()) == 6)
 
-        endless = subprocess.Popen([*argv, "--rate", "50", "--run", "t2"], cwd=REPO_ROOT,
+        endless = spawn([*argv, "--rate", "50", "--run", "t2"], cwd=REPO_ROOT,
                                    stdout=subprocess.PIPE, text=True)
         await wait_until(lambda: len(sink.ids()) >= 9)
         endless.send_signal(signal.SIGTERM)
@@ -679,6 +691,7 @@ async def stock_burst(broker: Mosquitto, total: int, **options: Any
     return driver, sink, published
 
 
+@pytest.mark.integration
 async def test_a_burst_at_a_stock_broker_loses_nothing_with_the_default_window(
     stock_mosquitto: Mosquitto, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -696,6 +709,7 @@ async def test_a_burst_at_a_stock_broker_loses_nothing_with_the_default_window(
               f"{len(sink.batches)} commits")
 
 
+@pytest.mark.integration
 async def test_the_broker_dropping_messages_is_seen_logged_and_degrades(
     stock_mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
@@ -737,6 +751,7 @@ drivers:
     return plant
 
 
+@pytest.mark.integration
 async def test_doctor_finds_a_stock_brokers_queue_limit_its_drops_and_its_autosave(
     stock_mosquitto: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -764,6 +779,7 @@ async def test_doctor_finds_a_stock_brokers_queue_limit_its_drops_and_its_autosa
     assert "holds 1 session(s) of disconnected clients" in report
 
 
+@pytest.mark.integration
 def test_doctor_passes_a_broker_set_up_as_the_readme_advises(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

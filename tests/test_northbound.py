@@ -64,74 +64,71 @@ async def test_5xx_and_429_are_retried_and_retry_after_is_honoured(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path
 ) -> None:
     erp_sim.set_faults(status_sequence=[500, 503, 429, 201], retry_after=1)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([confirmation(1)])
-    started = time.monotonic()
-    forwarder = await deliver(outbox, canonical(erp_sim))
-    assert time.monotonic() - started >= 2.0  # two Retry-After: 1 were waited out
-    assert len(erp_sim.events()) == 1 and forwarder.health.failures == 3
-    (journal,) = await outbox.journal()
-    assert journal["attempts"] == 4
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([confirmation(1)])
+        started = time.monotonic()
+        forwarder = await deliver(outbox, canonical(erp_sim))
+        assert time.monotonic() - started >= 2.0  # two Retry-After: 1 were waited out
+        assert len(erp_sim.events()) == 1 and forwarder.health.failures == 3
+        (journal,) = await outbox.journal()
+        assert journal["attempts"] == 4
 
 
 async def test_timeouts_are_retried(erp_sim: ErpSim, tmp_path: Path) -> None:
     erp_sim.set_faults(latency=1.5)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([confirmation(1)])
-    tasks: list[HttpForwarder] = []
-    run = asyncio.create_task(deliver(outbox, canonical(erp_sim, timeout="500ms"), until=30,
-                                      forwarder_out=tasks))
-    await asyncio.sleep(2.0)
-    assert tasks[0].health.last_error is not None and "timed out" in tasks[0].health.last_error
-    erp_sim.set_faults(latency=0)
-    await run
-    # The slow first attempt may have landed too: the Idempotency-Key makes it one event.
-    assert len(erp_sim.events()) == 1
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([confirmation(1)])
+        tasks: list[HttpForwarder] = []
+        run = asyncio.create_task(deliver(outbox, canonical(erp_sim, timeout="500ms"), until=30,
+                                          forwarder_out=tasks))
+        await asyncio.sleep(2.0)
+        assert tasks[0].health.last_error is not None and "timed out" in tasks[0].health.last_error
+        erp_sim.set_faults(latency=0)
+        await run
+        # The slow first attempt may have landed too: the Idempotency-Key makes it one event.
+        assert len(erp_sim.events()) == 1
 
 
 async def test_oauth2_token_expiring_mid_run_is_refreshed(
     peers: list[Peer], tmp_path: Path
 ) -> None:
     erp = start_erp(peers, tmp_path, "--client", "gw:s3cret", "--token-ttl", "2")
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(40)])
-    auth = {"type": "oauth2_client_credentials", "token_url": f"{erp.url}/oauth/token",
-            "client_id": "gw", "client_secret": "s3cret", "refresh_before": "0s"}
-    erp.set_faults(latency=0.1)
-    run = asyncio.create_task(deliver(outbox, canonical(erp, auth=auth, max_in_flight=2),
-                                      until=60))
-    await asyncio.sleep(1.0)
-    erp.set_faults(expire_tokens_now=True)  # revoked early: the next requests get a 401
-    await run
-    stats = erp.stats()
-    assert stats["unique"] == 40 and stats["tokens_issued"] >= 2
-    assert stats["auth_rejections"] >= 1
-    assert (await outbox.counts()) == {}
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(40)])
+        auth = {"type": "oauth2_client_credentials", "token_url": f"{erp.url}/oauth/token",
+                "client_id": "gw", "client_secret": "s3cret", "refresh_before": "0s"}
+        erp.set_faults(latency=0.1)
+        run = asyncio.create_task(deliver(outbox, canonical(erp, auth=auth, max_in_flight=2),
+                                          until=60))
+        await asyncio.sleep(1.0)
+        erp.set_faults(expire_tokens_now=True)  # revoked early: the next requests get a 401
+        await run
+        stats = erp.stats()
+        assert stats["unique"] == 40 and stats["tokens_issued"] >= 2
+        assert stats["auth_rejections"] >= 1
+        assert (await outbox.counts()) == {}
 
 
 async def test_sap_profile_lookup_before_retry_and_qi_stock(
     peers: list[Peer], tmp_path: Path
 ) -> None:
     erp = start_erp(peers, tmp_path)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([confirmation(n) for n in range(3)])
-    # The first confirmation is processed by SAP but the answer is lost (ambiguous).
-    erp.set_faults(drop_response=1)
-    await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana",
-                           "retry": {"base": "50ms", "cap": "1s"}})
-    stats = erp.stats()
-    assert stats["sap_confirmations"] == 3 and stats["sap_duplicate_texts"] == 0
-    confirmations = httpx.get(f"{erp.url}/_sim/sap/confirmations").json()
-    first = confirmations[0]
-    assert first["OrderID"] == "1000123" and first["ConfirmationYieldQuantity"] in ("10", "10.000")
-    batch = httpx.get(f"{erp.url}/_sim/batches/LOT-1").json()
-    assert batch["status"] == "quality_inspection"  # not usable before quality releases it
-    journal = await outbox.journal()
-    assert any("found by lookup" in (j["reference"] or "") for j in journal)
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([confirmation(n) for n in range(3)])
+        # The first confirmation is processed by SAP but the answer is lost (ambiguous).
+        erp.set_faults(drop_response=1)
+        await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana",
+                               "retry": {"base": "50ms", "cap": "1s"}})
+        stats = erp.stats()
+        assert stats["sap_confirmations"] == 3 and stats["sap_duplicate_texts"] == 0
+        confirmations = httpx.get(f"{erp.url}/_sim/sap/confirmations").json()
+        first = confirmations[0]
+        assert first["OrderID"] == "1000123"
+        assert first["ConfirmationYieldQuantity"] in ("10", "10.000")
+        batch = httpx.get(f"{erp.url}/_sim/batches/LOT-1").json()
+        assert batch["status"] == "quality_inspection"  # not usable before quality releases it
+        journal = await outbox.journal()
+        assert any("found by lookup" in (j["reference"] or "") for j in journal)
 
 
 async def test_sap_profile_refetches_the_csrf_token_invalidated_while_deliveries_are_due(
@@ -143,80 +140,76 @@ async def test_sap_profile_refetches_the_csrf_token_invalidated_while_deliveries
     one attempt (the refetch and repeat are part of it, not a failure)."""
     erp = start_erp(peers, tmp_path)
     erp.set_faults(latency=0.15)  # slow enough to invalidate between two deliveries
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([confirmation(n) for n in range(6)])
-    run = asyncio.create_task(deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana",
-                                               "retry": {"base": "50ms", "cap": "1s"}},
-                                      until=30))
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([confirmation(n) for n in range(6)])
+        run = asyncio.create_task(deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana",
+                                                   "retry": {"base": "50ms", "cap": "1s"}},
+                                          until=30))
 
-    def posted() -> int:
-        return len(httpx.get(f"{erp.url}/_sim/sap/confirmations").json())
+        def posted() -> int:
+            return len(httpx.get(f"{erp.url}/_sim/sap/confirmations").json())
 
-    deadline = time.monotonic() + 20
-    while posted() < 2:
-        assert time.monotonic() < deadline and not run.done(), "no deliveries"
-        await asyncio.sleep(0.02)
-    erp.set_faults(invalidate_csrf=True)
-    assert (await outbox.counts())["erp"].pending >= 3  # deliveries are due
-    await run
-    stats = erp.stats()
-    assert stats["sap_confirmations"] == 6 and stats["sap_duplicate_texts"] == 0
-    assert stats["csrf_tokens_fetched"] == 2, stats  # the first, and one after the 403
-    assert stats["csrf_rejections"] == 1, stats
-    journal = await outbox.journal()
-    assert len(journal) == 6 and all(j["attempts"] == 1 for j in journal), journal
-    assert await outbox.dead_letters() == []
-    await outbox.close()
+        deadline = time.monotonic() + 20
+        while posted() < 2:
+            assert time.monotonic() < deadline and not run.done(), "no deliveries"
+            await asyncio.sleep(0.02)
+        erp.set_faults(invalidate_csrf=True)
+        assert (await outbox.counts())["erp"].pending >= 3  # deliveries are due
+        await run
+        stats = erp.stats()
+        assert stats["sap_confirmations"] == 6 and stats["sap_duplicate_texts"] == 0
+        assert stats["csrf_tokens_fetched"] == 2, stats  # the first, and one after the 403
+        assert stats["csrf_rejections"] == 1, stats
+        journal = await outbox.journal()
+        assert len(journal) == 6 and all(j["attempts"] == 1 for j in journal), journal
+        assert await outbox.dead_letters() == []
 
 
 async def test_400_with_a_body_is_dead_lettered_with_that_body(
     peers: list[Peer], tmp_path: Path
 ) -> None:
     erp = start_erp(peers, tmp_path)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    bad = confirmation(1)
-    body = json.loads(bad.payload)
-    for quantity in ("yield_quantity", "scrap_quantity"):  # a unit this SAP does not know
-        body["data"][quantity]["uom"] = "P1"
-    await outbox.commit([OutboxEvent(bad.id, bad.type, bad.partition_key,
-                                     json.dumps(body).encode(), ("erp",))])
-    await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana"})
-    (dead,) = await outbox.dead_letters()
-    assert dead["last_status"] == 400 and "ISO code P1" in dead["last_error"]
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        bad = confirmation(1)
+        body = json.loads(bad.payload)
+        for quantity in ("yield_quantity", "scrap_quantity"):  # a unit this SAP does not know
+            body["data"][quantity]["uom"] = "P1"
+        await outbox.commit([OutboxEvent(bad.id, bad.type, bad.partition_key,
+                                         json.dumps(body).encode(), ("erp",))])
+        await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana"})
+        (dead,) = await outbox.dead_letters()
+        assert dead["last_status"] == 400 and "ISO code P1" in dead["last_error"]
 
 
 async def test_circuit_breaker_opens_and_recovers(peers: list[Peer], tmp_path: Path) -> None:
     erp = start_erp(peers, tmp_path)
     erp.set_faults(outage_seconds=3, retry_after=0)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(20)])
-    holder: list[HttpForwarder] = []
-    run = asyncio.create_task(deliver(
-        outbox, canonical(erp, circuit_breaker={"failures": 2, "open_for": "1s"},
-                          max_in_flight=1), until=30, forwarder_out=holder))
-    seen: set[Circuit] = set()
-    while not run.done():
-        if holder:
-            seen.add(holder[0].health.circuit)
-        await asyncio.sleep(0.02)
-    await run
-    assert Circuit.OPEN in seen and holder[0].health.circuit is Circuit.CLOSED
-    assert erp.stats()["unique"] == 20
-    # While open, only probes went out: far fewer failed requests than a request per event.
-    assert erp.stats()["outage_rejections"] < 15
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(20)])
+        holder: list[HttpForwarder] = []
+        run = asyncio.create_task(deliver(
+            outbox, canonical(erp, circuit_breaker={"failures": 2, "open_for": "1s"},
+                              max_in_flight=1), until=30, forwarder_out=holder))
+        seen: set[Circuit] = set()
+        while not run.done():
+            if holder:
+                seen.add(holder[0].health.circuit)
+            await asyncio.sleep(0.02)
+        await run
+        assert Circuit.OPEN in seen and holder[0].health.circuit is Circuit.CLOSED
+        assert erp.stats()["unique"] == 20
+        # While open, only probes went out: far fewer failed requests than a request per event.
+        assert erp.stats()["outage_rejections"] < 15
 
 
 async def test_batches_go_in_one_request_each(peers: list[Peer], tmp_path: Path) -> None:
     erp = start_erp(peers, tmp_path)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([confirmation(0, order=f"O-{n}") for n in range(200)])
-    forwarder = await deliver(outbox, canonical(erp, batch_path="/api/events:batch",
-                                                batch_size=50))
-    assert erp.stats()["unique"] == 200
-    assert forwarder.health.requests <= 8
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([confirmation(0, order=f"O-{n}") for n in range(200)])
+        forwarder = await deliver(outbox, canonical(erp, batch_path="/api/events:batch",
+                                                    batch_size=50))
+        assert erp.stats()["unique"] == 200
+        assert forwarder.health.requests <= 8
 
 
 async def test_qms_rest_profile_posts_inspection_requests(
@@ -232,12 +225,11 @@ async def test_qms_rest_profile_posts_inspection_requests(
         upper_limit=SignedQuantity.of("15", "NEW"), occurred_at="2026-11-30T10:00:00Z")  # type: ignore[arg-type]
     event = build_event(data, natural_key=("t", 1), subject="LOT-1", partitionkey="LOT-1",
                         sequence=1)
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    await outbox.commit([OutboxEvent(event.id, event.type, "LOT-1", event.to_json(),
-                                     ("erp",))])
-    await deliver(outbox, {"base_url": f"{qms.url}/api/v1", "profile": "qms_rest"})
-    (journal,) = await outbox.journal()
-    assert journal["reference"].startswith("INS-")
-    lot = httpx.get(f"{qms.url}/api/v1/lots/LOT-1/disposition").json()
-    assert lot["disposition"] == "reject"  # out of spec: the QMS rejects the lot
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([OutboxEvent(event.id, event.type, "LOT-1", event.to_json(),
+                                         ("erp",))])
+        await deliver(outbox, {"base_url": f"{qms.url}/api/v1", "profile": "qms_rest"})
+        (journal,) = await outbox.journal()
+        assert journal["reference"].startswith("INS-")
+        lot = httpx.get(f"{qms.url}/api/v1/lots/LOT-1/disposition").json()
+        assert lot["disposition"] == "reject"  # out of spec: the QMS rejects the lot

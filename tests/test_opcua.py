@@ -56,6 +56,7 @@ from simulators.opcua_machine import (
 from tests.conftest import Peer, free_port, missing_peer, start_erp, start_peer
 from tests.driver_harness import running, wait_until
 from tests.opcua_child import MachineProcess
+from tests.processes import run_process, spawn
 
 MACHINE = "filler-02"
 
@@ -171,6 +172,7 @@ def positive_deltas(values: Sequence[int]) -> int:
 # --- subscription, node ids, quality ------------------------------------------------------------
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_tags_resolved_by_namespace_uri_flow_with_source_timestamps(
     plant: OpcUaMachineServer, caplog: pytest.LogCaptureFixture
@@ -218,6 +220,7 @@ async def test_tags_resolved_by_namespace_uri_flow_with_source_timestamps(
 # --- the machine: states, counters, deadband ---------------------------------------------------
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_state_changes_and_counters_follow_the_machine(plant: OpcUaMachineServer) -> None:
     filler = "filler-04"
@@ -284,6 +287,7 @@ async def test_absolute_deadband_filters_small_changes(plant: OpcUaMachineServer
 # --- reconnection ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     peers: list[Peer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -322,6 +326,7 @@ async def test_reconnects_after_the_server_is_killed_and_counts_resume(
     assert len(opcua_logs(caplog, "its counters carry on", logging.INFO)) == 1
 
 
+@pytest.mark.integration
 async def test_counts_across_an_outage_are_counted_once() -> None:
     # Exact bookkeeping: the machine counts only when told, so every unit is known.
     async with machine(rate=0, start_count=100) as server:
@@ -364,6 +369,7 @@ def split_at_restarts(readings: Sequence[Reading], tag: str) -> list[list[Any]]:
     return parts
 
 
+@pytest.mark.integration
 async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
     peers: list[Peer], tmp_path: Path
 ) -> None:
@@ -407,6 +413,7 @@ async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
         assert isinstance(seen.readings[0], DeviceRestarted) == bool(expected_restarts)
 
 
+@pytest.mark.integration
 async def test_a_server_announcing_shutdown_ends_the_session_until_it_runs_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -427,6 +434,7 @@ async def test_a_server_announcing_shutdown_ends_the_session_until_it_runs_again
     assert len(opcua_logs(caplog, "is unavailable: the server says its state is Shutdown")) == 1
 
 
+@pytest.mark.integration
 async def test_a_server_that_is_back_is_used_at_once_not_at_the_next_backoff_attempt(
     peers: list[Peer], tmp_path: Path
 ) -> None:
@@ -450,6 +458,7 @@ async def test_a_server_that_is_back_is_used_at_once_not_at_the_next_backoff_att
     assert time.monotonic() - back < 10, "reconnected only at the next backoff attempt"
 
 
+@pytest.mark.integration
 async def test_a_frozen_server_is_detected_and_reconnected(
     peers: list[Peer], tmp_path: Path
 ) -> None:
@@ -477,6 +486,7 @@ async def test_a_frozen_server_is_detected_and_reconnected(
     assert processed == sorted(processed)
 
 
+@pytest.mark.integration
 async def test_stale_watchdog_reconnects_when_publishing_stops(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -532,6 +542,7 @@ def trusting(data_dir: Path, certificate: Path) -> Path:
     return data_dir
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("policy", ["Basic256Sha256", "Aes128_Sha256_RsaOaep",
                                     "Aes256_Sha256_RsaPss"])
 async def test_a_trusted_server_with_each_policy_and_a_user(
@@ -570,6 +581,7 @@ async def test_a_trusted_server_with_each_policy_and_a_user(
     assert not (data_dir / "pki" / "rejected").exists()
 
 
+@pytest.mark.integration
 async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
     peers: list[Peer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -617,6 +629,7 @@ async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
     assert "Login of user 'operator' accepted." in attacker.output()
 
 
+@pytest.mark.integration
 async def test_secure_policies_need_a_trust_list_or_a_pinned_certificate(tmp_path: Path) -> None:
     async with machine(security="encrypt", user=("operator", "s3cret")) as server:
         driver = fast_driver(config(server.endpoint, COUNTER_TAGS, security=client_security(
@@ -627,6 +640,7 @@ async def test_secure_policies_need_a_trust_list_or_a_pinned_certificate(tmp_pat
     assert driver.health.last_error.startswith("no trust list to check the server's certificate")
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -655,6 +669,7 @@ async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
     assert again == 0 and "Already trusted" in already
 
 
+@pytest.mark.integration
 @in_plant_loop
 async def test_plantsync_trust_opcua_journals_the_hand_action(tmp_path: Path) -> None:
     certificate, private_key = server_certificate(tmp_path, "filler")
@@ -664,7 +679,7 @@ async def test_plantsync_trust_opcua_journals_the_hand_action(tmp_path: Path) ->
                        private_key=private_key) as server:
         endpoint = server.endpoint
         done = await asyncio.to_thread(
-            subprocess.run,
+            run_process,
             [sys.executable, "-m", "edge.cli", "trust", "opcua", "--endpoint", endpoint,
              "--config", str(config_file), "--reason", "thumbprint checked, ticket 42"],
             input="y\n", capture_output=True, text=True, timeout=60)
@@ -981,6 +996,7 @@ def opc30050_tags(node_id: Any, machine_name: str = MACHINE) -> list[dict[str, A
     ]
 
 
+@pytest.mark.integration
 async def test_an_opc30050_machine_is_read_through_its_structures_and_state_machines(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1017,6 +1033,7 @@ async def test_an_opc30050_machine_is_read_through_its_structures_and_state_mach
         assert problem in said, said
 
 
+@pytest.mark.integration
 async def test_an_opc30050_machine_serves_its_values_to_a_client_faster_than_its_clock() -> None:
     # A client that subscribes before the simulator's clock first ticks (here it never does)
     # must see the machine's values, not the null structures its variables are made with.
@@ -1074,7 +1091,7 @@ class PackMLPeer:
         ready = "packml-server listening on"
         seen = self.output().count(ready)
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
+            self.process = spawn(
                 [self.node, "packml_server.js", "--port", str(self.port), *options],
                 cwd=PEERS_DIR, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -1115,6 +1132,7 @@ def packml_peers(tmp_path: Path) -> Iterator[list[PackMLPeer]]:
         peer.kill()
 
 
+@pytest.mark.integration
 async def test_node_opcua_packml_machine_read_subscribed_and_reconnected_after_a_kill(
     packml_peers: list[PackMLPeer], tmp_path: Path
 ) -> None:

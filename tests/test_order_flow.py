@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -29,9 +28,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from simulators.mes_orders import OrderFollower, Received
 from simulators.mes_publisher import MesPublisher
 from tests.conftest import ErpSim, Mosquitto, Peer, free_port, start_erp
+from tests.gateway_process import GatewayProcess
 from tests.test_order_release import order, release, set_status
 
-READY = "PlantSync Edge is running"
+pytestmark = pytest.mark.integration  # the daemon, the ERP simulator and a broker
+
 
 
 def write_config(tmp_path: Path, erp: ErpSim, broker: Mosquitto, api_port: int) -> Path:
@@ -84,7 +85,8 @@ class Plant:
         self.erp = start_erp(peers, tmp_path)
         self.api_port = free_port()
         self.config = write_config(tmp_path, self.erp, broker, self.api_port)
-        self.gateway: Peer | None = None
+        self.gateway = GatewayProcess(peers, self.config, tmp_path, log_format=None,
+                                      ready_timeout=40)
         self.mes = MesPublisher("127.0.0.1", broker.port, run=uuid.uuid4().hex[:6])
         self.mes.connect()
         self.follower = OrderFollower(self.mes, port=broker.port,
@@ -92,10 +94,7 @@ class Plant:
         self.follower.connect()
 
     def start_gateway(self) -> Peer:
-        self.gateway = Peer([sys.executable, "-m", "edge.cli", "run", "--config",
-                             str(self.config)], self.tmp_path / "gateway.log", READY).start(40)
-        self.peers.append(self.gateway)
-        return self.gateway
+        return self.gateway.start()
 
     def close(self) -> None:
         self.follower.close()

@@ -12,7 +12,6 @@ decision, the MES follower's own record of what it received and started.
 
 from __future__ import annotations
 
-import sys
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -28,10 +27,10 @@ from tests.conftest import (
     counter_baselines,
     free_port,
     start_erp,
-    start_peer,
     start_plc,
     start_qms,
 )
+from tests.gateway_process import start_gateway
 from tests.test_quality_release import _listening, batch, confirmations, get_json, wait_for
 from tests.test_reconcile import (
     COMPONENT,
@@ -61,9 +60,7 @@ def test_erp_release_to_quality_release_reconciles_and_a_hand_posting_is_found(
     config = write_config(tmp_path, plc_port=plc_port, broker=mosquitto, erp=erp, qms=qms,
                           api_port=api_port, orders=True)
     monkeypatch.setenv("ERP_SECRET", ERP_SECRET)
-    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
-                                 str(config)], tmp_path / "gateway.log",
-                         "PlantSync Edge is running")
+    gateway = start_gateway(peers, config, tmp_path)
     wait_for(lambda: _listening(api), "the local API")
     publisher = MesPublisher(mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE,
                              run=uuid.uuid4().hex)

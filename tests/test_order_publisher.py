@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from buffer.outbox import Delivery
@@ -57,6 +58,7 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.integration
 async def test_delivered_on_puback_retained_and_cleared(mosquitto: Mosquitto) -> None:
     config = OrdersMesConfig(host="127.0.0.1", port=mosquitto.port, timeout="3s",
                              accepted_on="ack_topic", ack_topic="mes/1010/orders/+/ack")
@@ -85,6 +87,7 @@ async def test_delivered_on_puback_retained_and_cleared(mosquitto: Mosquitto) ->
         await until(lambda: acked == ["1000123"])
 
 
+@pytest.mark.integration
 async def test_no_broker_is_a_retry_and_it_delivers_once_back(mosquitto: Mosquitto) -> None:
     config = OrdersMesConfig(host="127.0.0.1", port=mosquitto.port, timeout="2s")
     async with MesOrderPublisher.connected_to(config, "1010") as publisher:

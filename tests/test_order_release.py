@@ -74,9 +74,8 @@ def erp(peers: list[Peer], tmp_path: Path) -> ErpSim:
 
 @pytest.fixture
 async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
-    box = await Outbox.open(tmp_path / "outbox.db")
-    yield box
-    await box.close()
+    async with Outbox.open(tmp_path / "outbox.db") as box:
+        yield box
 
 
 async def poll(config: PlantConfig, outbox: Outbox, book: OrderBook | None = None
@@ -107,6 +106,7 @@ def rejected(database: Path) -> list[tuple[str, str, str]]:
 # -- the simulator is SAP as its metadata describes it ---------------------------------------
 
 
+@pytest.mark.integration
 def test_simulator_serves_orders_in_sap_shape_and_refuses_what_sap_refuses(erp: ErpSim) -> None:
     facts = json.loads(SAP_FIXTURE.read_text())["entity_sets"]
     assert release(erp, order()).status_code == 201
@@ -148,6 +148,7 @@ def test_simulator_serves_orders_in_sap_shape_and_refuses_what_sap_refuses(erp: 
 # -- sources ---------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("profile", ["sap_s4hana", "canonical"])
 async def test_released_changed_and_ended_orders_become_versioned_events(
         erp: ErpSim, outbox: Outbox, tmp_path: Path, profile: str) -> None:
@@ -185,6 +186,7 @@ async def test_released_changed_and_ended_orders_become_versioned_events(
     assert later[1]["data"]["status"] == "technically_completed"
 
 
+@pytest.mark.integration
 async def test_a_restart_derives_the_same_ids(erp: ErpSim, outbox: Outbox,
                                               tmp_path: Path) -> None:
     """The book and cursor move with the events: a poll whose commit is lost (a fresh book
@@ -225,6 +227,7 @@ BAD_ORDERS = [
 ]
 
 
+@pytest.mark.integration
 async def test_an_order_the_plant_cannot_run_is_a_dead_letter_with_its_reason(
         erp: ErpSim, outbox: Outbox, tmp_path: Path) -> None:
     config = config_for(erp, tmp_path, "sap_s4hana")
@@ -256,6 +259,7 @@ async def test_an_order_the_plant_cannot_run_is_a_dead_letter_with_its_reason(
         ("order.invalid", "1000302", True)]
 
 
+@pytest.mark.integration
 async def test_a_foreign_plant_in_the_canonical_feed_is_refused(
         erp: ErpSim, outbox: Outbox, tmp_path: Path) -> None:
     config = config_for(erp, tmp_path, "canonical")
@@ -265,6 +269,7 @@ async def test_a_foreign_plant_in_the_canonical_feed_is_refused(
     assert "plant '2020' is not this plant (1010)" in reason
 
 
+@pytest.mark.integration
 async def test_erp_down_is_retried_and_nothing_moves(erp: ErpSim, outbox: Outbox,
                                                      tmp_path: Path) -> None:
     config = config_for(erp, tmp_path, "sap_s4hana")

@@ -22,32 +22,29 @@ def event(n: int, key: str = "order-1", destinations: tuple[str, ...] = ("erp",)
 
 @pytest.fixture
 async def outbox(tmp_path: Path):  # type: ignore[no-untyped-def]
-    box = await Outbox.open(tmp_path / "outbox.db", commit_interval=0.001)
-    yield box
-    await box.close()
+    async with Outbox.open(tmp_path / "outbox.db", commit_interval=0.001) as box:
+        yield box
 
 
 async def test_commit_is_durable_with_state_and_survives_reopen(tmp_path: Path) -> None:
-    box = await Outbox.open(tmp_path / "outbox.db")
-    result = await box.commit([event(1), event(2)], {"machine:m1": '{"total": 7}'})
-    assert (result.inserted, result.duplicates) == (2, 0)
+    async with Outbox.open(tmp_path / "outbox.db") as box:
+        result = await box.commit([event(1), event(2)], {"machine:m1": '{"total": 7}'})
+        assert (result.inserted, result.duplicates) == (2, 0)
 
-    # Another connection sees it while the outbox is still open (no close() to flush anything):
-    # the transaction was committed when `commit` returned, not later.
-    db = sqlite3.connect(tmp_path / "outbox.db")
-    assert db.execute("SELECT id, payload FROM events ORDER BY seq").fetchall() == [
-        ("ev-1", b'{"n": 1}'), ("ev-2", b'{"n": 2}')]
-    assert db.execute("SELECT value FROM rule_state WHERE key = 'machine:m1'").fetchone() == (
-        '{"total": 7}',)
-    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    db.close()
-    await box.close()
+        # Another connection sees it while the outbox is still open (no close() to flush anything):
+        # the transaction was committed when `commit` returned, not later.
+        db = sqlite3.connect(tmp_path / "outbox.db")
+        assert db.execute("SELECT id, payload FROM events ORDER BY seq").fetchall() == [
+            ("ev-1", b'{"n": 1}'), ("ev-2", b'{"n": 2}')]
+        assert db.execute("SELECT value FROM rule_state WHERE key = 'machine:m1'").fetchone() == (
+            '{"total": 7}',)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        db.close()
 
-    box = await Outbox.open(tmp_path / "outbox.db")
-    assert await box.load_state() == {"machine:m1": '{"total": 7}'}
-    assert [d.event_id for d in await box.lease("erp", 10)] == ["ev-1"]
-    await box.close()
+    async with Outbox.open(tmp_path / "outbox.db") as box:
+        assert await box.load_state() == {"machine:m1": '{"total": 7}'}
+        assert [d.event_id for d in await box.lease("erp", 10)] == ["ev-1"]
 
 
 async def test_second_insert_of_an_id_is_ignored_and_counted(outbox: Outbox) -> None:
@@ -131,7 +128,8 @@ async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.close()
     with pytest.raises(RuntimeError, match="newer than this gateway"):
-        await Outbox.open(tmp_path / "outbox.db")
+        async with Outbox.open(tmp_path / "outbox.db"):
+            pass
 
 
 def big(n: int, priority: int = 1, key: str = "order-1") -> OutboxEvent:
@@ -144,58 +142,54 @@ async def test_disk_budget_refuses_informational_and_holds_business_until_room(
 ) -> None:
     import asyncio
 
-    box = await Outbox.open(tmp_path / "outbox.db")
-    await box.commit([big(n, key=f"k{n % 50}") for n in range(1000)])
-    full_size = box.used_bytes
-    await box.close()
+    async with Outbox.open(tmp_path / "outbox.db") as box:
+        await box.commit([big(n, key=f"k{n % 50}") for n in range(1000)])
+        full_size = box.used_bytes
 
-    box = await Outbox.open(tmp_path / "outbox.db", max_bytes=full_size - 1_000_000)
-    assert box.back_pressure is not None and "disk budget" in box.back_pressure
-    informational = await box.commit([big(5000, priority=2)])
-    assert (informational.inserted, informational.refused) == (0, 1)
-    assert box.stats.refused_informational == 1
-    business = asyncio.create_task(box.commit([big(6000)], {"machine:m": "{}"}))
-    await asyncio.sleep(0.3)
-    assert not business.done()  # back-pressure: the caller waits, nothing is dropped
-    delivered = 0
-    while not business.done() and delivered < 1000:
-        for delivery in await box.lease("erp", 50):
-            await box.ack(delivery, status=201)
-            delivered += 1
-        await asyncio.sleep(0)
-    result = await asyncio.wait_for(business, 5)
-    assert result.inserted == 1 and box.back_pressure is None
-    assert await box.load_state() == {"machine:m": "{}"}
-    await box.close()
+    async with Outbox.open(tmp_path / "outbox.db", max_bytes=full_size - 1_000_000) as box:
+        assert box.back_pressure is not None and "disk budget" in box.back_pressure
+        informational = await box.commit([big(5000, priority=2)])
+        assert (informational.inserted, informational.refused) == (0, 1)
+        assert box.stats.refused_informational == 1
+        business = asyncio.create_task(box.commit([big(6000)], {"machine:m": "{}"}))
+        await asyncio.sleep(0.3)
+        assert not business.done()  # back-pressure: the caller waits, nothing is dropped
+        delivered = 0
+        while not business.done() and delivered < 1000:
+            for delivery in await box.lease("erp", 50):
+                await box.ack(delivery, status=201)
+                delivered += 1
+            await asyncio.sleep(0)
+        result = await asyncio.wait_for(business, 5)
+        assert result.inserted == 1 and box.back_pressure is None
+        assert await box.load_state() == {"machine:m": "{}"}
 
 
 async def test_a_full_disk_pauses_commits_until_space_returns(tmp_path: Path) -> None:
     import asyncio
 
-    box = await Outbox.open(tmp_path / "outbox.db")
-    (pages,) = await box._read(lambda db: db.execute("PRAGMA page_count").fetchone())
-    # SQLite's own page limit (of the writer connection) makes it answer SQLITE_FULL, as a
-    # full disk does.
-    await box._submit(lambda db: db.execute(f"PRAGMA max_page_count = {pages + 20}"), 1)
-    filler = asyncio.create_task(box.commit([big(n) for n in range(200)]))
-    await asyncio.sleep(1.5)
-    assert not filler.done() and box.disk_full
-    assert box.back_pressure is not None and "disk is full" in box.back_pressure
-    box._db.execute("PRAGMA max_page_count = 1000000")  # the writer is stuck retrying
-    result = await asyncio.wait_for(filler, 5)
-    assert result.inserted == 200 and not box.disk_full and box.stats.disk_full_waits == 1
-    await box.close()
+    async with Outbox.open(tmp_path / "outbox.db") as box:
+        (pages,) = await box._read(lambda db: db.execute("PRAGMA page_count").fetchone())
+        # SQLite's own page limit (of the writer connection) makes it answer SQLITE_FULL, as a
+        # full disk does.
+        await box._submit(lambda db: db.execute(f"PRAGMA max_page_count = {pages + 20}"), 1)
+        filler = asyncio.create_task(box.commit([big(n) for n in range(200)]))
+        await asyncio.sleep(1.5)
+        assert not filler.done() and box.disk_full
+        assert box.back_pressure is not None and "disk is full" in box.back_pressure
+        box._db.execute("PRAGMA max_page_count = 1000000")  # the writer is stuck retrying
+        result = await asyncio.wait_for(filler, 5)
+        assert result.inserted == 200 and not box.disk_full and box.stats.disk_full_waits == 1
 
 
 async def test_a_damaged_database_is_moved_aside_and_replaced(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     path.write_bytes(b"this is not a database" * 100)
-    box = await Outbox.open(path)
-    assert box.recovered_from is not None
-    moved = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
-    assert len(moved) == 1 and moved[0].read_bytes().startswith(b"this is not")
-    assert (await box.commit([event(1)])).inserted == 1  # and it works
-    await box.close()
+    async with Outbox.open(path) as box:
+        assert box.recovered_from is not None
+        moved = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+        assert len(moved) == 1 and moved[0].read_bytes().startswith(b"this is not")
+        assert (await box.commit([event(1)])).inserted == 1  # and it works
 
 
 async def test_dead_letters_can_be_retried_and_purged(outbox: Outbox) -> None:
@@ -230,58 +224,51 @@ async def test_damage_found_while_running_raises_the_alarm_and_moves_the_file_ne
     import asyncio
 
     path = tmp_path / "outbox.db"
-    box = await Outbox.open(path)
-    await box.commit([big(n, key=f"k{n}") for n in range(300)])
-    await box.close()
+    async with Outbox.open(path) as box:
+        await box.commit([big(n, key=f"k{n}") for n in range(300)])
     # Break a page in the middle of the file, leaving the header and schema readable.
     data = bytearray(path.read_bytes())
     middle = len(data) // 2 // 4096 * 4096
     data[middle:middle + 4096] = b"\xff" * 4096
     path.write_bytes(bytes(data))
 
-    box = await Outbox.open(path)
-    for _ in range(100):
-        if box.integrity_problem:
-            break
-        await asyncio.sleep(0.05)
-    assert box.integrity_problem  # the alarm, while the gateway keeps running
-    assert box.recovered_from is None
-    await box.close()
+    async with Outbox.open(path) as box:
+        for _ in range(100):
+            if box.integrity_problem:
+                break
+            await asyncio.sleep(0.05)
+        assert box.integrity_problem  # the alarm, while the gateway keeps running
+        assert box.recovered_from is None
 
-    box = await Outbox.open(path)  # the next start moves it aside
-    assert box.recovered_from is not None and "marked damaged" in box.recovered_from
-    assert not Path(f"{path}.damaged").exists()
-    await box.close()
+    async with Outbox.open(path) as box:  # the next start moves it aside
+        assert box.recovered_from is not None and "marked damaged" in box.recovered_from
+        assert not Path(f"{path}.damaged").exists()
 
 
 async def test_each_database_has_its_own_epoch_kept_for_its_life(tmp_path: Path) -> None:
     """Issue 12 item 1: the epoch is made with the database and kept in it; a database moved
     aside as damaged, or deleted, is replaced by one with a new epoch."""
     path = tmp_path / "outbox.db"
-    box = await Outbox.open(path)
-    first = box.epoch
-    await box.commit([event(1)])
-    await box.close()
+    async with Outbox.open(path) as box:
+        first = box.epoch
+        await box.commit([event(1)])
     assert re.fullmatch(r"[0-9a-f]{16}", first), first
     db = sqlite3.connect(path)
     assert db.execute("SELECT value FROM outbox_meta WHERE key = 'epoch'").fetchone() == (first,)
     db.close()
 
-    box = await Outbox.open(path)
-    assert box.epoch == first  # a restart keeps it: ids derived again are the same ids
-    await box.close()
+    async with Outbox.open(path) as box:
+        assert box.epoch == first  # a restart keeps it: ids derived again are the same ids
 
     path.write_bytes(b"garbage" * 1000)  # damaged: moved aside at open, a new database
-    box = await Outbox.open(path)
-    second = box.epoch
-    assert box.recovered_from is not None and second != first
-    await box.close()
+    async with Outbox.open(path) as box:
+        second = box.epoch
+        assert box.recovered_from is not None and second != first
 
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
-    box = await Outbox.open(path)
-    assert box.epoch not in (first, second)
-    await box.close()
+    async with Outbox.open(path) as box:
+        assert box.epoch not in (first, second)
 
 
 async def test_a_database_from_before_the_epoch_gets_one_and_keeps_its_events(
@@ -296,10 +283,9 @@ async def test_a_database_from_before_the_epoch_gets_one_and_keeps_its_events(
                " VALUES ('old-1', 'production.confirmation', 'k', 1, x'7b7d', 0)")
     db.execute("INSERT INTO deliveries VALUES (1, 'erp', 'k', 1, 0, 0, 0, NULL, NULL, NULL)")
     db.close()
-    box = await Outbox.open(path)
-    assert re.fullmatch(r"[0-9a-f]{16}", box.epoch)
-    assert [d.event_id for d in await box.lease("erp", 10)] == ["old-1"]
-    await box.close()
+    async with Outbox.open(path) as box:
+        assert re.fullmatch(r"[0-9a-f]{16}", box.epoch)
+        assert [d.event_id for d in await box.lease("erp", 10)] == ["old-1"]
 
 
 # -- what the technician reads: every field, exactly (these are the outbox's reports) -----------

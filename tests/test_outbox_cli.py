@@ -16,13 +16,15 @@ import pytest
 from edge.model.ids import event_id
 from simulators.mes_publisher import MesPublisher
 from tests.conftest import ROOT, ErpSim, Mosquitto, Peer, PlcSim, free_port, start_plc
-from tests.test_gateway import _api_port, start_gateway, wait_for, write_config
+from tests.gateway_process import start_gateway
+from tests.processes import run_process
+from tests.test_gateway import wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
 
 def outbox_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge.cli", "outbox", "--config", str(config),
+    return run_process([sys.executable, "-m", "edge.cli", "outbox", "--config", str(config),
                            *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
@@ -52,7 +54,7 @@ def test_dead_letters_seen_retried_and_journalled(
     assert "production.confirmation" in shown.stdout and '"yield_quantity": {' in shown.stdout
 
     # Changing anything over the API needs the token; the CLI finds the daemon's token file.
-    port = _api_port(gateway)
+    port = gateway.api_port
     refused = httpx.post(f"http://127.0.0.1:{port}/outbox/retry", json={"all_dead": True})
     assert refused.status_code == 401
     erp_sim.set_faults(error_rate=0.0)

@@ -8,8 +8,9 @@ or dead-lettered; `lease` offers, per partition key, only the oldest owed delive
 due and its key is not in flight, most urgent priority first, then commit order; commits queued
 together share one transaction (group commit); everything that an `await` returned from
 survives a restart and a crash. A crash abandons the outbox in the middle of concurrent commits,
-without `close()`: the writer stops taking work, what was queued is never run, the connections
-are left open as a dead process leaves them, and a new outbox opens the file beside them. Each
+without leaving its `async with` block: the writer stops taking work, what was queued is never
+run, the connections are left open as a dead process leaves them, and a new outbox opens the
+file beside them. Each
 commit that had not returned must then be there whole or not at all, and those that are there
 are the first ones queued (the writer runs the queue in order).
 """
@@ -35,6 +36,7 @@ from hypothesis.stateful import (
 )
 
 from buffer.outbox import CommitResult, Delivery, Outbox, OutboxEvent, Settlement
+from tests.held_outbox import HeldOutbox
 
 DESTINATIONS = ("erp", "qms")
 KEYS = ("order-1", "order-2", "order-3", "lot-9")
@@ -88,8 +90,8 @@ class OutboxMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.directory = Path(tempfile.mkdtemp(prefix="outbox-model-"))
-        self.outbox = self.run(Outbox.open(self.directory / "outbox.db",
-                                           commit_interval=0.0005))
+        self.held = self.open()
+        self.outbox = self.held.outbox
         self.model = Model()
         self.now = 1_000_000.0
         self.in_flight: dict[tuple[str, str], Delivery] = {}
@@ -99,6 +101,9 @@ class OutboxMachine(RuleBasedStateMachine):
 
     def run(self, coroutine):  # type: ignore[no-untyped-def]
         return self.loop.run_until_complete(coroutine)
+
+    def open(self) -> HeldOutbox:
+        return HeldOutbox(self.loop, self.directory / "outbox.db", commit_interval=0.0005)
 
     def apply(self, batch: Sequence[OutboxEvent], state: dict[str, str]) -> int:
         """The model's commit: new ids get deliveries in order; returns how many were new."""
@@ -145,7 +150,7 @@ class OutboxMachine(RuleBasedStateMachine):
     def crash(self, batches: list[list[OutboxEvent]], pauses: list[float]) -> None:
         """Callers commit one after another, a pause after each (so some are written and
         returned, one may be in the writer's thread, some still queued); then the process
-        dies: no close(), nothing queued is run any more."""
+        dies: the outbox's block is never left, nothing queued is run any more."""
         self.crashes += 1
         outbox = self.outbox
         tasks = []
@@ -160,9 +165,10 @@ class OutboxMachine(RuleBasedStateMachine):
         returned = [task.done() and not task.cancelled() and task.exception() is None
                     for task in tasks]
         _abandon(outbox, tasks, self.loop)
+        self.held.forget()
         self.abandoned.append(outbox)
-        self.outbox = self.run(Outbox.open(self.directory / "outbox.db",
-                                           commit_interval=0.0005))
+        self.held = self.open()
+        self.outbox = self.held.outbox
         self.in_flight.clear()
         found = self.run(self.outbox.load_state())
         written = [f"crash:{self.crashes}:{i}" in found for i in range(len(batches))]
@@ -277,9 +283,9 @@ class OutboxMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         """An orderly stop and start forgets what was in flight; everything awaited is there."""
-        self.run(self.outbox.close())
-        self.outbox = self.run(Outbox.open(self.directory / "outbox.db",
-                                           commit_interval=0.0005))
+        self.held.close()
+        self.held = self.open()
+        self.outbox = self.held.outbox
         self.in_flight.clear()
         assert self.run(self.outbox.load_state()) == self.state
 
@@ -307,7 +313,7 @@ class OutboxMachine(RuleBasedStateMachine):
         assert [(j["destination"], j["event_id"]) for j in journal] == self.model.journal
 
     def teardown(self) -> None:
-        self.run(self.outbox.close())
+        self.held.close()
         for outbox in self.abandoned:
             outbox._db.close()
             if outbox._reader_db is not None:

@@ -37,36 +37,34 @@ def consumption(message_id: str, quantity: object = Decimal("12.5"), **extra: ob
 
 
 async def test_mes_messages_become_events_or_input_dead_letters(tmp_path: Path) -> None:
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    pipeline = Pipeline(parse_config(CONFIG, "p", {}), outbox, {})
-    await pipeline.on_readings([
-        Sample("plc", "good", 0, 1.0),
-        consumption("m-1"),
-        consumption("m-2", quantity="-3"),
-        RejectedMessage("mes", "mes/1010/x/consumption", b"{not json", "not JSON: ...", 2.0),
-        Sample("plc", "good", 10, 2.0),
-    ])
-    (first,) = await outbox.lease("erp", 5)
-    assert first.event_type == "material.consumed"  # before the confirmation: commit order
-    event = json.loads(first.payload)
-    assert event["data"]["quantity"] == {"value": "12.5", "uom": "KGM"}
-    assert event["partitionkey"] == "42"
-    rejected = await outbox.rejected_inputs()
-    reasons = sorted(r["reason"] for r in rejected)
-    assert any("quantity.value" in r for r in reasons), reasons
-    assert any("not JSON" in r for r in reasons)
-    assert pipeline.rejected_by_driver["mes"] == 2
-    # A redelivered MES message derives the same id: the outbox ignores it.
-    await pipeline.on_readings([consumption("m-1")])
-    assert outbox.stats.duplicates_ignored == 1
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        pipeline = Pipeline(parse_config(CONFIG, "p", {}), outbox, {})
+        await pipeline.on_readings([
+            Sample("plc", "good", 0, 1.0),
+            consumption("m-1"),
+            consumption("m-2", quantity="-3"),
+            RejectedMessage("mes", "mes/1010/x/consumption", b"{not json", "not JSON: ...", 2.0),
+            Sample("plc", "good", 10, 2.0),
+        ])
+        (first,) = await outbox.lease("erp", 5)
+        assert first.event_type == "material.consumed"  # before the confirmation: commit order
+        event = json.loads(first.payload)
+        assert event["data"]["quantity"] == {"value": "12.5", "uom": "KGM"}
+        assert event["partitionkey"] == "42"
+        rejected = await outbox.rejected_inputs()
+        reasons = sorted(r["reason"] for r in rejected)
+        assert any("quantity.value" in r for r in reasons), reasons
+        assert any("not JSON" in r for r in reasons)
+        assert pipeline.rejected_by_driver["mes"] == 2
+        # A redelivered MES message derives the same id: the outbox ignores it.
+        await pipeline.on_readings([consumption("m-1")])
+        assert outbox.stats.duplicates_ignored == 1
 
     # The MES sequence and rule state came back from the same commits.
-    outbox = await Outbox.open(tmp_path / "outbox.db")
-    saved = await outbox.load_state()
-    assert saved["pipeline:mes-sequence"] == "2"
-    assert json.loads(saved["machine:press-01"])["good"]["total"] == 10
-    await outbox.close()
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        saved = await outbox.load_state()
+        assert saved["pipeline:mes-sequence"] == "2"
+        assert json.loads(saved["machine:press-01"])["good"]["total"] == 10
 
 
 async def test_genealogy_completeness_per_order(tmp_path: Path) -> None:
@@ -78,9 +76,8 @@ async def test_genealogy_completeness_per_order(tmp_path: Path) -> None:
     config = load_config(case / "config.yaml", {})
     with (case / "input.jsonl").open() as source:
         await replay(config, read_lines(source), tmp_path)
-    outbox = await Outbox.open(tmp_path / "replay-outbox.db")
-    genealogy = Genealogy((await outbox.load_state())[GENEALOGY_KEY])
-    await outbox.close()
+    async with Outbox.open(tmp_path / "replay-outbox.db") as outbox:
+        genealogy = Genealogy((await outbox.load_state())[GENEALOGY_KEY])
     # LOT-A names inputs of both required materials; LOT-B lacks RM-2; the redelivered LOT-A
     # (without inputs) does not change the first report.
     assert genealogy.figures() == {"4711": {"lots": 2, "complete": 1, "completeness": 0.5}}

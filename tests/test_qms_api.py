@@ -14,6 +14,8 @@ import pytest
 
 from tests.sim_process import RunningSimulator, start_simulator
 
+pytestmark = pytest.mark.integration  # every test runs the simulator as a process
+
 WAIT_SECONDS = 5.0
 
 

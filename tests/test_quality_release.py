@@ -25,7 +25,6 @@ QMS.
 from __future__ import annotations
 
 import re
-import sys
 import threading
 import time
 import uuid
@@ -47,10 +46,10 @@ from tests.conftest import (
     PlcSim,
     free_port,
     start_erp,
-    start_peer,
     start_plc,
     start_qms,
 )
+from tests.gateway_process import GatewayProcess, start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -261,7 +260,7 @@ def order_start(mes: MesPublisher, order_id: str, lot_id: str) -> None:
     mes.publish_raw(mes.topic("order/start"), encode(document)).wait()
 
 
-def broken(gateway: Peer, watcher: LotWatcher) -> Abort:
+def broken(gateway: GatewayProcess, watcher: LotWatcher) -> Abort:
     def reason() -> str | None:
         if gateway.process is not None and gateway.process.poll() is not None:
             return (f"the gateway exited ({gateway.process.returncode}):\n"
@@ -320,9 +319,7 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
     config = write_config(tmp_path, plc=plc, broker=mosquitto, erp=erp, qms=qms,
                           api_port=api_port)
     monkeypatch.setenv("ERP_SECRET", ERP_SECRET)  # the secret comes from the environment
-    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
-                                 str(config)],
-                         tmp_path / "gateway.log", "PlantSync Edge is running")
+    gateway = start_gateway(peers, config, tmp_path)
     wait_for(lambda: _listening(api), "the local API")
     watcher = LotWatcher(api, ["LOT-A", "LOT-B"])
     watcher.start()
@@ -474,9 +471,7 @@ def test_lot_lookup_fails_closed(
     api_port = free_port()
     api = f"http://127.0.0.1:{api_port}"
     config = lookup_config(tmp_path, qms, api_port, unknown_lot)
-    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
-                                 str(config)],
-                         tmp_path / f"gateway-{unknown_lot}.log", "PlantSync Edge is running")
+    gateway = start_gateway(peers, config, tmp_path, log_name=f"gateway-{unknown_lot}")
     wait_for(lambda: _listening(api), "the local API")
     # The one poll of the feed is done (reachable is set by it): what is decided from now on,
     # only the QMS knows.

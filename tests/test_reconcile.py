@@ -11,7 +11,6 @@ counting since the order started on a machine that started counting after it, wo
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 import uuid
@@ -34,10 +33,11 @@ from tests.conftest import (
     counter_baselines,
     free_port,
     start_erp,
-    start_peer,
     start_plc,
     start_qms,
 )
+from tests.gateway_process import start_gateway
+from tests.processes import run_process
 from tests.test_quality_release import _listening, batch, confirmations, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -159,7 +159,7 @@ def publish(mes: MesPublisher, suffix: str, **fields: Any) -> None:
 
 
 def reconcile_cli(config: Path, *args: str) -> tuple[int, dict[str, Any]]:
-    done = subprocess.run([sys.executable, "-m", "edge.cli", "reconcile", "--config",
+    done = run_process([sys.executable, "-m", "edge.cli", "reconcile", "--config",
                            str(config), "--json", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert done.stdout, done.stderr
@@ -167,7 +167,7 @@ def reconcile_cli(config: Path, *args: str) -> tuple[int, dict[str, Any]]:
 
 
 def reconcile_text(config: Path, *args: str) -> tuple[int, str]:
-    done = subprocess.run([sys.executable, "-m", "edge.cli", "reconcile", "--config",
+    done = run_process([sys.executable, "-m", "edge.cli", "reconcile", "--config",
                            str(config), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)
     return done.returncode, done.stdout + done.stderr
@@ -230,9 +230,7 @@ def test_order_reconciles_then_a_confirmation_posted_by_hand_is_found(
                           api_port=api_port)
     monkeypatch.setenv("ERP_SECRET", ERP_SECRET)
     watcher = TopicWatcher(mosquitto, f"plantsync/{SITE}/exceptions/integration")
-    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
-                                 str(config)], tmp_path / "gateway.log",
-                         "PlantSync Edge is running")
+    gateway = start_gateway(peers, config, tmp_path)
     try:
         wait_for(lambda: _listening(api), "the local API")
         with MesPublisher(mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE,
@@ -333,7 +331,7 @@ def test_order_reconciles_then_a_confirmation_posted_by_hand_is_found(
         assert kpis["integration_failure_ratio"] == {"erp": 0.0, "qms": 0.0}
         assert kpis["genealogy_completeness_ratio"] == 1.0
         assert kpis["completion_posting_latency"]["count"] >= 1
-        shown = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config",
+        shown = run_process([sys.executable, "-m", "edge.cli", "status", "--config",
                                 str(config)], cwd=ROOT, capture_output=True, text=True,
                                timeout=60).stdout
         assert "OPEN EXCEPTIONS (1" in shown and "reconciliation error rate: 100.0 %" in shown
@@ -409,9 +407,7 @@ def test_exceptions_reach_the_webhook_once_each_and_hand_actions_count_per_order
     api = f"http://127.0.0.1:{api_port}"
     config = write_canonical_config(tmp_path, plc_port=plc_port, erp=erp, hook=hook,
                                     api_port=api_port)
-    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
-                                 str(config)], tmp_path / "gateway.log",
-                         "PlantSync Edge is running")
+    gateway = start_gateway(peers, config, tmp_path)
     wait_for(lambda: _listening(api), "the local API")
     # The press counts once the gateway is up (on a loaded box the gateway can take longer to
     # start than the press takes to finish).
@@ -438,7 +434,7 @@ def test_exceptions_reach_the_webhook_once_each_and_hand_actions_count_per_order
     # cleared when ERP answers again. The dead letter's exception clears (once) as soon as the
     # event is back in line. The hand action counts against the order.
     erp.set_faults(outage_seconds=3)
-    retried = subprocess.run(
+    retried = run_process(
         [sys.executable, "-m", "edge.cli", "outbox", "--config", str(config), "retry",
          event_id, "--reason", "ERP fixed the material master"], cwd=ROOT,
         capture_output=True, text=True, timeout=60)

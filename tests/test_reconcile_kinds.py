@@ -68,8 +68,7 @@ def test_every_mismatch_kind_names_each_side_and_a_cause(tmp_path: Path) -> None
     released = disposition("release")
 
     async def gateway_side() -> None:
-        outbox = await Outbox.open(tmp_path / "outbox.db")
-        try:
+        async with Outbox.open(tmp_path / "outbox.db") as outbox:
             events = [a, b, c, d, released, e, f]
             await outbox.commit([OutboxEvent(x.id, x.type, ORDER, x.to_json(), ("erp",))
                                  for x in events])
@@ -86,8 +85,6 @@ def test_every_mismatch_kind_names_each_side_and_a_cause(tmp_path: Path) -> None
                     await outbox.dead_letter(delivery, status=400, reason="no such material")
                 else:
                     await outbox.ack(delivery, status=201, reference=f"ERP-{x.id[:4]}")
-        finally:
-            await outbox.close()
 
     asyncio.run(gateway_side())
     erp = StubErp([in_erp(a, "10"), in_erp(b, "20", reversed_=True), in_erp(c, "33"),
@@ -135,10 +132,9 @@ def test_the_ledger_reads_back_what_a_crash_left_out(tmp_path: Path) -> None:
     events = [confirmation(n, 5) for n in range(1, 4)]
 
     async def commit() -> None:
-        outbox = await Outbox.open(tmp_path / "outbox.db")
-        await outbox.commit([OutboxEvent(x.id, x.type, ORDER, x.to_json(), ("erp",))
-                             for x in events])
-        await outbox.close()
+        async with Outbox.open(tmp_path / "outbox.db") as outbox:
+            await outbox.commit([OutboxEvent(x.id, x.type, ORDER, x.to_json(), ("erp",))
+                                 for x in events])
 
     asyncio.run(commit())
     ledger = OrderLedger.open(tmp_path)

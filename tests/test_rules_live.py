@@ -26,9 +26,9 @@ import pytest
 
 from simulators.mes_publisher import MesPublisher
 from tests.conftest import ErpSim, MachineInThread, Mosquitto, Peer, start_erp
+from tests.gateway_process import GatewayProcess
 from tests.test_fault_scenarios import (
     SITE,
-    Gateway,
     describe,
     erp_rows,
     opcua_driver,
@@ -83,8 +83,8 @@ def test_a_downtime_across_a_connection_gap_ends_when_the_machine_ran_again(
     state_map: {PACKML_MAP}"""
         driver = opcua_driver(MACHINE, sim.server.endpoint, {
             "state": "Status.StateCurrent", "processed": "Admin.ProdProcessedCount"})
-        config, api_port = write_plant(tmp_path, erp, [driver], [machine])
-        gateway = Gateway(peers, config, api_port, tmp_path)
+        config = write_plant(tmp_path, erp, [driver], [machine])
+        gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
         state = f"{MACHINE}.state"
         wait_for(lambda: gateway.signal(state) == 6, 30, f"the machine in Execute {tag}")
@@ -132,10 +132,10 @@ def test_a_breach_before_the_order_is_raised_for_the_order_mes_binds(
     erp = start_erp(peers, tmp_path)
     with MachineInThread(machines=[MACHINE], rate=5.0) as sim:
         sim.call(sim.server.set_value(MACHINE, "Temperature", 90.0))
-        config, api_port = write_plant(tmp_path, erp, [temperature_driver(sim),
+        config = write_plant(tmp_path, erp, [temperature_driver(sim),
                                                        order_start_driver(mosquitto, "rules")],
                                        [limited_machine("", "1s")])
-        gateway = Gateway(peers, config, api_port, tmp_path)
+        gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
         wait_for(lambda: "outside its limits with no order bound" in gateway.output(), 30,
                  f"the breach counted with no order {tag}")
@@ -159,9 +159,9 @@ def test_a_sensor_reading_nan_is_neither_a_breach_nor_a_recovery(
     erp = start_erp(peers, tmp_path)
     with MachineInThread(machines=[MACHINE], rate=5.0) as sim:
         order = '\n    order: {order_id: "7300003", operation: "0010", lot_id: LOT-7300003}'
-        config, api_port = write_plant(tmp_path, erp, [temperature_driver(sim)],
+        config = write_plant(tmp_path, erp, [temperature_driver(sim)],
                                        [limited_machine(order, "2s")])
-        gateway = Gateway(peers, config, api_port, tmp_path)
+        gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
         temperature = f"{MACHINE}.temperature"
         wait_for(lambda: gateway.signal(temperature) is not None, 30, f"a temperature {tag}")

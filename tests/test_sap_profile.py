@@ -64,9 +64,8 @@ def disposition(n: int, verdict: str, lot: str = "L-1") -> OutboxEvent:
 
 @pytest.fixture
 async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
-    opened = await Outbox.open(tmp_path / "outbox.db")
-    yield opened
-    await opened.close()
+    async with Outbox.open(tmp_path / "outbox.db") as opened:
+        yield opened
 
 
 def sim(url: str, what: str) -> list[dict[str, Any]]:

@@ -25,7 +25,9 @@ import yaml
 
 from edge.config.loader import load_config
 from simulators.scenario import Scenario, load_scenario, main
-from tests.conftest import ROOT, ErpSim, Peer, free_port, missing_peer, start_erp, start_peer
+from tests.conftest import ROOT, ErpSim, Peer, free_port, missing_peer, start_erp
+from tests.gateway_process import start_gateway
+from tests.processes import spawn
 
 SCENARIOS = ROOT / "config" / "scenarios"
 
@@ -120,6 +122,7 @@ timeline:
     ]
 
 
+@pytest.mark.integration
 def test_a_timeline_without_hold_plays_to_the_end_and_exits_0(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -165,7 +168,7 @@ class ScenarioProcess:
     def __init__(self, scenario: Path, log_path: Path, *args: str) -> None:
         self.log_path = log_path
         with log_path.open("wb") as log:
-            self.process = subprocess.Popen(
+            self.process = spawn(
                 [sys.executable, "-m", "simulators.scenario", str(scenario), *args],
                 cwd=ROOT, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -254,9 +257,7 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
                              "--hold", "--wait")
     scenario_processes.append(runner)
     runner.wait_for_line("scenario running: shift", 30)
-    gateway = start_peer(peers, [sys.executable, "-m", "edge.cli", "run", "--config",
-                                 str(gateway_path), "--log-format", "text"],
-                         tmp_path / "gateway.log", "PlantSync Edge is running")
+    gateway = start_gateway(peers, gateway_path, tmp_path, log_format="text")
 
     def all_connected() -> bool:
         try:  # the local API starts listening a moment after the ready line

@@ -34,7 +34,9 @@ from tests.conftest import (
     start_erp,
     start_plc,
 )
-from tests.test_gateway import start_gateway, wait_for
+from tests.gateway_process import start_gateway
+from tests.processes import run_process, spawn
+from tests.test_gateway import wait_for
 
 
 def secret(kind: str) -> str:
@@ -42,12 +44,12 @@ def secret(kind: str) -> str:
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge.cli", *args, "--config", str(config)],
+    return run_process([sys.executable, "-m", "edge.cli", *args, "--config", str(config)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
 def outbox_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge.cli", "outbox", "--config", str(config),
+    return run_process([sys.executable, "-m", "edge.cli", "outbox", "--config", str(config),
                            *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
@@ -178,6 +180,7 @@ routes:
             assert value not in text, f"a secret ({value[:8]}...) appears in {name}"
 
 
+@pytest.mark.integration
 def test_secret_files_readable_by_others_draw_a_warning(tmp_path: Path) -> None:
     token_file = tmp_path / "archive-token"
     token_file.write_text("archive-token-value\n")
@@ -209,7 +212,7 @@ def test_secret_files_readable_by_others_draw_a_warning(tmp_path: Path) -> None:
     assert "warning" not in check()
     config.write_text(base + 'api: {token: "${PLANTSYNC_TEST_TOKEN}"}\n')
     env = {**os.environ, "PLANTSYNC_TEST_TOKEN": "from-the-environment"}
-    done = subprocess.run([sys.executable, "-m", "edge.cli", "check", "--config", str(config)],
+    done = run_process([sys.executable, "-m", "edge.cli", "check", "--config", str(config)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
     assert done.returncode == 0 and "warning" not in done.stderr
     assert "from-the-environment" not in done.stdout + done.stderr
@@ -443,21 +446,9 @@ def test_slow_clients_cannot_take_the_api_down(
     port = free_port()
     config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}", request_timeout: 2s}}',
                          plc=plc.port, erp=erp_sim.url)
-    gateway = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
-                   tmp_path / "gateway.log", "PlantSync Edge is running")
-    limit_files = subprocess.Popen  # the daemon runs with the plant box's default file limit
-
-    def start_limited(self: Peer, timeout: float = 20.0) -> Peer:
-        log = self.log_path.open("ab")
-        self.process = limit_files(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                   preexec_fn=lambda: resource.setrlimit(
-                                       resource.RLIMIT_NOFILE, (1024, 1024)))
-        wait_for(lambda: "PlantSync Edge is running" in self.output(), timeout, "the gateway")
-        return self
-
-    start_limited(gateway)
-    peers.append(gateway)
+    # The daemon runs with the plant box's default file limit.
+    gateway = start_gateway(peers, config, tmp_path, preexec=lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (1024, 1024)))
     assert gateway.process is not None
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: len(erp_sim.events()) >= 1, 30, "a first delivery")
@@ -512,7 +503,7 @@ def test_off_loopback_every_read_needs_the_bearer_token(
     checked = cli(config, "check")
     assert checked.returncode == 1
     assert "is not a loopback address" in checked.stderr and "add api.token" in checked.stderr
-    refused = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+    refused = run_process([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
                              capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert refused.returncode == 1 and "add api.token" in refused.stdout + refused.stderr
 
@@ -573,7 +564,7 @@ def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int,
     import time
 
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(argv, stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT)
+    process = spawn(argv, stdin=terminal, stdout=terminal, stderr=terminal, cwd=ROOT)
     os.close(terminal)
     output = b""
     typed = False
@@ -680,6 +671,7 @@ def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_jour
     assert "duplicate of ERP doc 4711" in text and "clean-up" in text
 
 
+@pytest.mark.integration
 def test_secrets_in_cleartext_are_refused_unless_allowed_and_then_warned(tmp_path: Path) -> None:
     config = tmp_path / "plant.yaml"
     base = f'site: "1010"\ndata_dir: {tmp_path}\n'
@@ -716,6 +708,7 @@ def test_secrets_in_cleartext_are_refused_unless_allowed_and_then_warned(tmp_pat
         assert value not in refused.stderr + allowed.stderr
 
 
+@pytest.mark.integration
 async def test_a_tls_failure_at_the_token_url_says_which_setting_fixes_it(
     tmp_path: Path,
 ) -> None:
@@ -772,14 +765,7 @@ def test_stored_payloads_cannot_drive_the_terminal_and_data_at_rest_is_private(
 validation: {{require_known_order: false}}
 drivers:
 {mes_driver(mosquitto.port)}""")
-    gateway = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
-                   tmp_path / "gateway.log", "PlantSync Edge is running")
-    log = gateway.log_path.open("ab")
-    gateway.process = subprocess.Popen(gateway.argv, cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT, preexec_fn=lambda: os.umask(
-                                           0o022))
-    peers.append(gateway)
-    wait_for(lambda: "PlantSync Edge is running" in gateway.output(), 20, "the gateway")
+    start_gateway(peers, config, tmp_path, preexec=lambda: os.umask(0o022))
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: httpx.get(f"{base}/status", timeout=5).json()["drivers"][0]["connected"],
              20, "the MQTT driver")

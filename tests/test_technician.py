@@ -35,7 +35,9 @@ from tests.conftest import (
     missing_peer,
     start_plc,
 )
-from tests.test_gateway import start_gateway, wait_for
+from tests.gateway_process import start_gateway
+from tests.processes import run_process, spawn
+from tests.test_gateway import wait_for
 
 EXAMPLE = ROOT / "config" / "plant.example.yaml"
 BARE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"}
@@ -44,7 +46,7 @@ BARE_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexiste
 
 def plantsync(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
               ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True,
+    return run_process([sys.executable, "-m", "edge.cli", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=60,
                           env={**(env if env is not None else os.environ),
                                "PYTHONPATH": str(ROOT)})
@@ -53,6 +55,7 @@ def plantsync(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT
 # --- 9. check --offline; status and outbox need only what they use -------------------------------
 
 
+@pytest.mark.integration
 def test_check_offline_checks_the_example_in_a_shell_without_its_secrets(tmp_path: Path) -> None:
     full = plantsync("check", "--config", str(EXAMPLE), env=BARE_ENV)
     assert full.returncode == 1 and "environment variable MES_MQTT_PASSWORD is not set" in (
@@ -98,13 +101,7 @@ routes:
   production.confirmation: [erp]
 """
     config.write_text(good)
-    gateway = Peer([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
-                   tmp_path / "gateway.log", "PlantSync Edge is running")
-    gateway.process = subprocess.Popen(
-        gateway.argv, cwd=ROOT, stdout=gateway.log_path.open("ab"), stderr=subprocess.STDOUT,
-        env={**os.environ, "ERP_TOKEN": "a-bearer-token"})
-    peers.append(gateway)
-    wait_for(lambda: "PlantSync Edge is running" in gateway.output(), 20, "the gateway")
+    gateway = start_gateway(peers, config, tmp_path, env={"ERP_TOKEN": "a-bearer-token"})
     wait_for(lambda: len(erp_sim.events()) >= 1, 30, "a delivery")
     # A bad edit elsewhere in the file, in a shell without ERP_TOKEN.
     config.write_text(good.replace("type: uint32", "type: uint33"))
@@ -138,6 +135,7 @@ def _check_file(tmp_path: Path, content: bytes | str) -> subprocess.CompletedPro
     return plantsync("check", "--config", str(path))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("written", ["500", '"500"'])
 def test_a_duration_without_a_unit_is_refused(tmp_path: Path, written: str) -> None:
     done = _check_file(tmp_path, 'site: "1010"\ndrivers:\n  - name: press-01\n    type: modbus\n'
@@ -165,6 +163,7 @@ def test_a_duration_without_a_unit_is_refused(tmp_path: Path, written: str) -> N
      r":2: \(file\): not UTF-8 text \(byte 0xfc\): save the file"),
     (b"\x7fELF\x02\x01\x01\x00\x00\x00", r": \(file\): not a text file"),
 ])
+@pytest.mark.integration
 def test_a_broken_file_gets_one_line_with_its_place_and_a_hint(
     tmp_path: Path, content: bytes, expected: str,
 ) -> None:
@@ -193,12 +192,14 @@ def test_a_broken_file_gets_one_line_with_its_place_and_a_hint(
     (("probe", "modbus", "--help"), "usage: plantsync probe modbus"),
     (("browse", "opcua", "--help"), "usage: plantsync browse opcua"),
 ])
+@pytest.mark.integration
 def test_every_command_shows_its_help(args: tuple[str, ...], usage: str) -> None:
     done = plantsync(*args)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(usage), done.stdout[:200]
 
 
+@pytest.mark.integration
 def test_a_wrong_command_line_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "plant.yaml"
     config.write_text(f'site: "1010"\ndata_dir: {tmp_path / "data"}\napi: {{listen: '
@@ -348,6 +349,7 @@ routes:
 # --- 14. what a technician reads and runs -------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_the_readme_documents_every_topic_and_field_the_mes_simulator_publishes(
     mosquitto: Mosquitto,
 ) -> None:
@@ -387,6 +389,7 @@ def test_the_readme_documents_every_topic_and_field_the_mes_simulator_publishes(
     assert "`signals.processed`" in readme and "`signals.defective`" in readme
 
 
+@pytest.mark.integration
 def test_sim_mes_authenticates_to_a_broker_that_wants_a_password(
     tmp_path: Path, mosquitto: Mosquitto,
 ) -> None:
@@ -396,18 +399,18 @@ def test_sim_mes_authenticates_to_a_broker_that_wants_a_password(
     directory = tmp_path / "secured"
     directory.mkdir()
     (directory / "passwords").touch()
-    subprocess.run([passwd, "-b", str(directory / "passwords"), "mes", "s3cret-pw"], check=True)
+    run_process([passwd, "-b", str(directory / "passwords"), "mes", "s3cret-pw"], check=True)
     broker = Mosquitto(mosquitto.binary, directory, listener_options=[
         f"password_file {directory / 'passwords'}"]).start()
     broker.config_path.write_text(broker.config_path.read_text().replace(
         "allow_anonymous true", "allow_anonymous false"))
     broker.stop()
-    broker.process = subprocess.Popen([broker.binary, "-c", str(broker.config_path)],
+    broker.process = spawn([broker.binary, "-c", str(broker.config_path)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: _listening(broker.port), 10, "the secured broker")
     try:
         args = ("sim", "mes", "--port", str(broker.port), "--count", "1")
-        refused = subprocess.run([sys.executable, "-m", "edge.cli", *args], cwd=ROOT,
+        refused = run_process([sys.executable, "-m", "edge.cli", *args], cwd=ROOT,
                                  capture_output=True, text=True, timeout=60,
                                  env={**os.environ, "MES_MQTT_PASSWORD": ""})
         assert refused.returncode != 0
@@ -431,12 +434,13 @@ def _listening(port: int) -> bool:
     return True
 
 
+@pytest.mark.integration
 def test_install_checks_venv_and_the_package_index_first(tmp_path: Path, package_index: str
                                                          ) -> None:
     install = str(ROOT / "systemd" / "install.sh")
 
     def dry_run(python: str, index: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["bash", install, "--dry-run", "--prefix", str(tmp_path / "opt"),
+        return run_process(["bash", install, "--dry-run", "--prefix", str(tmp_path / "opt"),
                                "--python", python], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "PIP_INDEX_URL": index})
 
@@ -461,6 +465,7 @@ def test_install_checks_venv_and_the_package_index_first(tmp_path: Path, package
 # --- 15. make demo with a busy port ---------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_demo_with_a_busy_port_says_so_in_one_line_and_fails(tmp_path: Path) -> None:
     demo = (ROOT / "config" / "demo.yaml").read_text()
     plc, erp, api = free_port(), free_port(), free_port()
@@ -469,7 +474,7 @@ def test_demo_with_a_busy_port_says_so_in_one_line_and_fails(tmp_path: Path) -> 
     config = tmp_path / "demo.yaml"
     config.write_text(demo)
     with socket.create_server(("127.0.0.1", erp)):
-        done = subprocess.run([sys.executable, "-m", "edge.cli", "demo", "--config",
+        done = run_process([sys.executable, "-m", "edge.cli", "demo", "--config",
                                str(config)], capture_output=True, text=True, cwd=tmp_path,
                               timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 1

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from buffer.outbox.heads import Head, load_counts, load_heads
-from buffer.outbox.records import HandAction
+from buffer.outbox.records import REJECTED_PAYLOAD_LIMIT, HandAction, LotStatus, RejectedInput
 from buffer.outbox.schema import migrate
 
 log = logging.getLogger(__name__)
@@ -204,3 +204,33 @@ def open_database(path: Path) -> Opened:
         opened = _load(path)
         opened.recovered_from = f"{aside} ({exc})"
         return opened
+
+
+def write_inputs_and_lots(db: sqlite3.Connection, rejected: Sequence[RejectedInput],
+                          resolved_inputs: Sequence[int], lots: Sequence[LotStatus]) -> None:
+    """A commit's input dead letters (new, or a reingest rejected again), the ones it
+    resolved, and the lot statuses it set (a produced lot's first `hold` never overrides a
+    decision)."""
+    for r in rejected:
+        row = (storable(r.source), storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
+               storable(r.kept_reason()), r.received_at,
+               None if r.message_id is None else storable(r.message_id))
+        if r.replaces is None:
+            db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
+                       " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
+        else:
+            db.execute("UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
+                       " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
+                       (*row, r.replaces))
+    if resolved_inputs:
+        db.executemany("DELETE FROM rejected_inputs WHERE id = ?",
+                       [(number,) for number in resolved_inputs])
+    for lot in lots:
+        db.execute(
+            "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(lot_id) DO UPDATE SET"
+            " status = excluded.status, since = excluded.since, source = excluded.source,"
+            " order_id = COALESCE(excluded.order_id, order_id),"
+            " material = COALESCE(excluded.material, material)"
+            + ("" if lot.decided else " WHERE false"),
+            (lot.lot_id, lot.status, lot.since, lot.source, lot.order_id, lot.material))

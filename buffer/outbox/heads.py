@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from buffer.outbox.records import DeliveryState
+from buffer.outbox.records import DeliveryState, OutboxEvent
+
+NewDelivery = tuple[str, str, int, int]
+"""(destination, partition key, event seq, priority) of a delivery a commit added."""
 
 
 @dataclass(slots=True)
@@ -82,3 +86,33 @@ def drop_if_done(db: sqlite3.Connection, seq: int) -> None:
     """Forget an event's payload once no destination owes it (its journal rows stay)."""
     db.execute("DELETE FROM events WHERE seq = ? AND NOT EXISTS"
                " (SELECT 1 FROM deliveries WHERE event_seq = ?)", (seq, seq))
+
+
+def insert_events(db: sqlite3.Connection, events: Sequence[OutboxEvent], now: float
+                  ) -> tuple[set[str], list[NewDelivery]]:
+    """Insert each event whose id is new, and a delivery per destination; returns the new ids
+    and the deliveries added (for the heads)."""
+    inserted: set[str] = set()
+    new_rows: list[NewDelivery] = []
+    for event in events:
+        cursor = db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
+                            " ON CONFLICT(id) DO NOTHING", (event.id, now))
+        if cursor.rowcount == 0:
+            continue  # held, delivered or routed nowhere before: the same event
+        inserted.add(event.id)
+        if not event.destinations:
+            continue
+        seq = db.execute(
+            "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)", (event.id, event.type, event.partition_key,
+                                           event.priority, event.payload, now)
+        ).lastrowid
+        assert seq is not None
+        db.executemany(
+            "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
+            " state, attempts, next_attempt_at)"
+            f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
+            [(seq, d, event.partition_key, event.priority) for d in event.destinations])
+        new_rows += [(d, event.partition_key, seq, event.priority)
+                     for d in event.destinations]
+    return inserted, new_rows

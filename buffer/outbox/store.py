@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,13 +27,20 @@ from buffer.outbox.database import (
     connect_reader,
     keep_private,
     open_database,
-    storable,
     transaction,
     write_hand_action,
+    write_inputs_and_lots,
 )
-from buffer.outbox.heads import Head, dead_filter, drop_if_done, load_counts, load_heads
+from buffer.outbox.heads import (
+    Head,
+    NewDelivery,
+    dead_filter,
+    drop_if_done,
+    insert_events,
+    load_counts,
+    load_heads,
+)
 from buffer.outbox.records import (
-    REJECTED_PAYLOAD_LIMIT,
     CommitResult,
     Delivery,
     DeliveryState,
@@ -55,7 +62,7 @@ T = TypeVar("T")
 
 
 class Outbox:
-    """Open with `await Outbox.open(path)`; close with `await outbox.close()`."""
+    """Open with `async with Outbox.open(path) as outbox:`; it closes when the block ends."""
 
     def __init__(
         self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
@@ -90,11 +97,38 @@ class Outbox:
         self.stats = OutboxStats()
 
     @classmethod
+    @contextlib.asynccontextmanager
     async def open(
         cls, path: str | Path, *, commit_interval: float = 0.0, commit_max_rows: int = 500,
         max_bytes: int | None = None,
-    ) -> Outbox:
-        path = Path(path)
+    ) -> AsyncIterator[Outbox]:
+        """The outbox at `path`, open for an `async with` block. Its writer and its background
+        integrity check are tasks of the block's own TaskGroup; leaving the block finishes the
+        queued work, then closes the database. A writer that fails ends the block with its
+        error; an error of the block itself comes out as it was raised."""
+        outbox = await cls._opened(Path(path), commit_interval=commit_interval,
+                                   commit_max_rows=commit_max_rows, max_bytes=max_bytes)
+        failure: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                outbox._writer = tasks.create_task(outbox._write_loop(), name="outbox-writer")
+                outbox._checker = tasks.create_task(outbox._check_integrity(Path(path)),
+                                                    name="outbox-integrity-check")
+                try:
+                    yield outbox
+                except BaseException as exc:
+                    # Kept and raised after the TaskGroup, which would wrap it in a group.
+                    failure = exc
+                finally:
+                    await outbox._close()
+        finally:
+            await outbox._close()  # the TaskGroup failed before the block ended
+        if failure is not None:
+            raise failure
+
+    @classmethod
+    async def _opened(cls, path: Path, *, commit_interval: float, commit_max_rows: int,
+                      max_bytes: int | None) -> Outbox:
         keep_private(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
@@ -107,9 +141,6 @@ class Outbox:
         outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         outbox._reader_db = await loop.run_in_executor(outbox._reader, connect_reader, path)
         outbox._update_room()
-        outbox._writer = asyncio.create_task(outbox._write_loop(), name="outbox-writer")
-        outbox._checker = asyncio.create_task(outbox._check_integrity(path),
-                                              name="outbox-integrity-check")
         return outbox
 
     async def _check_integrity(self, path: Path) -> None:
@@ -127,8 +158,8 @@ class Outbox:
                          "one created. Plan a restart and recover undelivered events from the "
                          "moved file", path, problem)
 
-    async def close(self) -> None:
-        """Finish queued work, then close the database."""
+    async def _close(self) -> None:
+        """Finish queued work (unless the writer is gone), then close the database."""
         if self._closed:
             return
         self._closed = True
@@ -137,7 +168,8 @@ class Outbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checker
         if self._writer is not None:
-            await self._queue.join()
+            if not self._writer.done():
+                await self._queue.join()
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
@@ -215,57 +247,13 @@ class Outbox:
         now = time.time()
         state_rows = list((state or {}).items())
 
-        def run(db: sqlite3.Connection) -> tuple[set[str], list[tuple[str, str, int, int]]]:
-            inserted: set[str] = set()
-            new_rows: list[tuple[str, str, int, int]] = []
-            for event in events:
-                cursor = db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
-                                    " ON CONFLICT(id) DO NOTHING", (event.id, now))
-                if cursor.rowcount == 0:
-                    continue  # held, delivered or routed nowhere before: the same event
-                inserted.add(event.id)
-                if not event.destinations:
-                    continue
-                seq = db.execute(
-                    "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)", (event.id, event.type, event.partition_key,
-                                                   event.priority, event.payload, now)
-                ).lastrowid
-                assert seq is not None
-                db.executemany(
-                    "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
-                    " state, attempts, next_attempt_at)"
-                    f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
-                    [(seq, d, event.partition_key, event.priority) for d in event.destinations])
-                new_rows += [(d, event.partition_key, seq, event.priority)
-                             for d in event.destinations]
+        def run(db: sqlite3.Connection) -> tuple[set[str], list[NewDelivery]]:
+            inserted, new_rows = insert_events(db, events, now)
             if state_rows:
                 db.executemany(
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
-            for r in rejected:
-                row = (storable(r.source), storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
-                       storable(r.kept_reason()), r.received_at,
-                       None if r.message_id is None else storable(r.message_id))
-                if r.replaces is None:
-                    db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
-                               " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
-                else:
-                    db.execute("UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
-                               " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
-                               (*row, r.replaces))
-            if resolved_inputs:
-                db.executemany("DELETE FROM rejected_inputs WHERE id = ?",
-                               [(number,) for number in resolved_inputs])
-            for lot in lots:
-                db.execute(
-                    "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
-                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(lot_id) DO UPDATE SET"
-                    " status = excluded.status, since = excluded.since, source = excluded.source,"
-                    " order_id = COALESCE(excluded.order_id, order_id),"
-                    " material = COALESCE(excluded.material, material)"
-                    + ("" if lot.decided else " WHERE false"),
-                    (lot.lot_id, lot.status, lot.since, lot.source, lot.order_id, lot.material))
+            write_inputs_and_lots(db, rejected, resolved_inputs, lots)
             return inserted, new_rows
 
         inserted, new_rows = await self._submit(run, max(1, len(events) + len(rejected)))

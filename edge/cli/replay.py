@@ -129,8 +129,7 @@ async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: 
         output.extend({"rejected": {"source": r.source, "topic": r.topic, "reason": r.reason}}
                       for r in rejected)
 
-    outbox = await Outbox.open(scratch / "replay-outbox.db")
-    try:
+    async with Outbox.open(scratch / "replay-outbox.db") as outbox:
         # A fixed epoch: the same input gives the same ids on every replay (a scratch outbox
         # would otherwise give new ones each time).
         pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
@@ -151,8 +150,6 @@ async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: 
                 await pipeline.on_readings([reading])
             elif entry.get("tick"):
                 await pipeline.tick(float(entry["t"]))
-    finally:
-        await outbox.close()
     return output
 
 

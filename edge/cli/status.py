@@ -119,8 +119,7 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
     """The status as the database tells it, in the daemon's words (`edge.ops.status`): what
     only a running daemon knows (connections, reachability) is unknown."""
     config = _machines_config(path)
-    outbox = await Outbox.open(access.database_path)
-    try:
+    async with Outbox.open(access.database_path) as outbox:
         rules = machine_rules(config, await outbox.load_state()) if config else []
         counts = await outbox.counts()
         facts = GatewayFacts(
@@ -148,8 +147,6 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
             "dead_letters": await outbox.deliveries(state="dead", limit=1000),
             "rejected": await outbox.rejected_inputs(0.0, limit=RECENT_DEAD),
         }
-    finally:
-        await outbox.close()
 
 
 def _open_exceptions(access: LocalAccess) -> list[dict[str, Any]]:

@@ -283,15 +283,12 @@ async def call(access: LocalAccess, operation: Operation, args: Mapping[str, Any
         async with httpx.AsyncClient(timeout=10.0) as client:
             response = await client.post(url, json=dict(args), headers=headers)
     except httpx.ConnectError:
-        outbox = await Outbox.open(access.database_path)
-        try:
+        async with Outbox.open(access.database_path) as outbox:
             # A reingest runs the message through the rules: a pipeline on the stored state.
             pipeline = (Pipeline(config, outbox, await outbox.load_state())
                         if operation == "reingest" and config is not None else None)
             return await perform(outbox, operation, args, os_user(),
                                  pipeline=pipeline), "database"
-        finally:
-            await outbox.close()
     if response.status_code != 200:
         try:
             message = str(response.json()["error"])

@@ -531,11 +531,11 @@ def _describe_counts(counts: dict[str, DestinationCounts]) -> str:
                      for name, c in sorted(counts.items()))
 
 
-async def open_outbox(config: PlantConfig) -> Outbox:
-    return await Outbox.open(config.database_path,
-                             commit_interval=config.outbox.commit_interval,
-                             commit_max_rows=config.outbox.commit_max_rows,
-                             max_bytes=int(config.outbox.max_size))
+def open_outbox(config: PlantConfig) -> contextlib.AbstractAsyncContextManager[Outbox]:
+    return Outbox.open(config.database_path,
+                       commit_interval=config.outbox.commit_interval,
+                       commit_max_rows=config.outbox.commit_max_rows,
+                       max_bytes=int(config.outbox.max_size))
 
 
 async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None = None
@@ -544,7 +544,9 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
     notifier = Notifier.from_environment()
     supervisor = Supervisor(notifier)
     kpis = DeliveryKpis()
-    outbox = await open_outbox(config)
+    # The outbox outlives a reload unless its settings change: held on a stack, reopened there.
+    held = contextlib.AsyncExitStack()
+    outbox = await held.enter_async_context(open_outbox(config))
     ledger = OrderLedger.open(config.data_dir)
     try:
         async with asyncio.TaskGroup() as tasks:
@@ -566,14 +568,14 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
                         log.info("Reopening the outbox with the new settings at %s",
                                  new_config.database_path)
                         supervisor.watch(None)
-                        await outbox.close()
-                        outbox = await open_outbox(new_config)
+                        await held.aclose()
+                        outbox = await held.enter_async_context(open_outbox(new_config))
                         ledger.close()
                         ledger = OrderLedger.open(new_config.data_dir)
                     config = new_config
             finally:
                 watching.cancel()
     finally:
-        await outbox.close()
+        await held.aclose()
         ledger.close()
         notifier.close()
