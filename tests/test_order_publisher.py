@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from buffer.outbox import Delivery
-from edge.config.models import OrdersMesConfig
+from edge.config.orders import OrdersMesConfig
 from edge.forward.outcome import Outcome
 from edge.orders.publisher import MesOrderPublisher
 from tests.conftest import Mosquitto

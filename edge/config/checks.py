@@ -16,7 +16,6 @@ from pydantic import BaseModel
 from drivers.mqtt import MqttConfig
 from edge.config.errors import Loc, Problem
 from edge.config.models import (
-    ORDERS_DESTINATION,
     PROFILE_EVENT_TYPES,
     DestinationConfig,
     NoAuth,
@@ -24,6 +23,7 @@ from edge.config.models import (
     PlantConfig,
     is_loopback_host,
 )
+from edge.config.orders import ORDERS_DESTINATION
 from edge.hub.settings import NatsNoAuth
 from edge.model.codes import REC21_PACKAGE_CODES
 from edge.model.events import EVENT_MODELS

@@ -25,10 +25,11 @@ from pydantic import (
     ValidationError,
 )
 
+from edge.config.base import Strict
 from edge.config.checks import cross_check, doubts, rec20_units
 from edge.config.document import Document, read_config_text, read_document
 from edge.config.errors import ConfigError, Loc, Problem, format_loc
-from edge.config.models import ApiConfig, LocalAccess, PlantConfig, Strict
+from edge.config.models import ApiConfig, LocalAccess, PlantConfig
 
 
 def _data_loc(data: Any, loc: Sequence[Any]) -> Loc:

@@ -33,7 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from buffer.outbox import Delivery
-from edge.config.models import OrdersMesConfig
+from edge.config.orders import OrdersMesConfig
 from edge.forward.outcome import Outcome, Result
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,8 @@ from buffer.outbox import Outbox, OutboxEvent, RejectedInput
 from drivers.common.availability import Availability, Ended, reconnect_forever
 from drivers.common.timing import Backoff
 from edge.config.errors import format_loc
-from edge.config.models import ORDERS_DESTINATION, DestinationConfig, PlantConfig
+from edge.config.models import DestinationConfig, PlantConfig
+from edge.config.orders import ORDERS_DESTINATION
 from edge.forward.session import Session, make_client
 from edge.model.codes import UOM_CODES_CONTEXT_KEY
 from edge.model.envelope import CloudEvent, build_event

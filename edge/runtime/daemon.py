@@ -34,7 +34,8 @@ from buffer.outbox import DestinationCounts, Outbox, RejectedInput
 from drivers.base import Driver
 from drivers.mqtt import MqttDriver
 from edge.config.errors import ConfigError
-from edge.config.models import ORDERS_DESTINATION, PlantConfig
+from edge.config.models import PlantConfig
+from edge.config.orders import ORDERS_DESTINATION
 from edge.config.secrets import secret_values
 from edge.forward import HttpForwarder
 from edge.model.envelope import CloudEvent
