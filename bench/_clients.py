@@ -43,8 +43,15 @@ def _headers(event: OutboxEvent) -> dict[str, str]:
     return {"Content-Type": "application/cloudevents+json", "Idempotency-Key": event.id}
 
 
-async def bare_loop(name: str, url: str, events: Sequence[OutboxEvent], *, in_flight: int,
-                    request_timeout: float, time_limit: float) -> Phase:
+async def bare_loop(
+    name: str,
+    url: str,
+    events: Sequence[OutboxEvent],
+    *,
+    in_flight: int,
+    request_timeout: float,
+    time_limit: float,
+) -> Phase:
     """POST `events` one per request through client `name`, `in_flight` at once; fails on any
     answer but 201/200."""
     work = iter(events)

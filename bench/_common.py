@@ -45,8 +45,9 @@ class Phase:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
 
-def confirmation_event(number: int, partition_keys: int, event_id: str,
-                       priority: int = 1) -> OutboxEvent:
+def confirmation_event(
+    number: int, partition_keys: int, event_id: str, priority: int = 1
+) -> OutboxEvent:
     """A confirmation-shaped CloudEvent of realistic size (~400 bytes), its order by number."""
     order = f"order/{1000000 + number % partition_keys:012d}"
     cloud_event = {
@@ -60,24 +61,38 @@ def confirmation_event(number: int, partition_keys: int, event_id: str,
         "dataschema": f"urn:plantsync:schema:{EVENT_TYPE}:1",
         "partitionkey": order,
         "sequence": f"{number:020d}",
-        "data": {"good_count": 120, "lot_id": f"LOT-{number:08d}", "operation": "0010",
-                 "order_id": order[6:], "scrap_count": 2, "uom": "PCE",
-                 "work_center": "PRESS01"},
+        "data": {
+            "good_count": 120,
+            "lot_id": f"LOT-{number:08d}",
+            "operation": "0010",
+            "order_id": order[6:],
+            "scrap_count": 2,
+            "uom": "PCE",
+            "work_center": "PRESS01",
+        },
     }
     payload = json.dumps(cloud_event, separators=(",", ":")).encode()
-    return OutboxEvent(id=event_id, type=EVENT_TYPE, partition_key=order, payload=payload,
-                       destinations=(DESTINATION,), priority=priority)
+    return OutboxEvent(
+        id=event_id,
+        type=EVENT_TYPE,
+        partition_key=order,
+        payload=payload,
+        destinations=(DESTINATION,),
+        priority=priority,
+    )
 
 
 def make_events(count: int, partition_keys: int, run: str) -> list[OutboxEvent]:
     """`count` confirmation events spread over `partition_keys` orders, ids unique to `run`."""
-    return [confirmation_event(number, partition_keys, f"bench-{run}-{number:08d}")
-            for number in range(count)]
+    return [
+        confirmation_event(number, partition_keys, f"bench-{run}-{number:08d}")
+        for number in range(count)
+    ]
 
 
 def chunks(events: Sequence[OutboxEvent], size: int) -> Iterator[Sequence[OutboxEvent]]:
     for start in range(0, len(events), size):
-        yield events[start:start + size]
+        yield events[start : start + size]
 
 
 @contextlib.contextmanager
@@ -86,9 +101,21 @@ def erp_simulator(directory: Path, server: str = "uvicorn") -> Iterator[str]:
     `server="hypercorn"`: its app on Hypercorn, which also speaks HTTP/2 (bench/_h2_receiver)."""
     errors_path = directory / f"erp-api-{server}.stderr"
     database = str(directory / f"erp-{server}.sqlite")
-    argv = ([sys.executable, "-m", "simulators.erp", "--host", "127.0.0.1", "--port", "0",
-             "--db", database] if server == "uvicorn"
-            else [sys.executable, str(REPO / "bench" / "_h2_receiver.py"), database])
+    argv = (
+        [
+            sys.executable,
+            "-m",
+            "simulators.erp",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--db",
+            database,
+        ]
+        if server == "uvicorn"
+        else [sys.executable, str(REPO / "bench" / "_h2_receiver.py"), database]
+    )
     with errors_path.open("wb") as errors:
         process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=errors)
     try:
@@ -127,8 +154,9 @@ async def until_delivered(forwarder: HttpForwarder, count: int, deadline: float)
     (perf_counter) has passed."""
     health = forwarder.health
     # The forwarder has no "empty" signal; poll its counters, which costs no I/O.
-    while (health.delivered < count and health.failures == 0  # noqa: ASYNC110
-           and time.perf_counter() < deadline):
+    while (  # noqa: ASYNC110
+        health.delivered < count and health.failures == 0 and time.perf_counter() < deadline
+    ):
         await asyncio.sleep(0.002)
 
 

@@ -40,8 +40,9 @@ def main(database: str) -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.call_later(0.5, lambda: print(f"erp-api listening on http://127.0.0.1:{port}",
-                                           flush=True))
+        loop.call_later(
+            0.5, lambda: print(f"erp-api listening on http://127.0.0.1:{port}", flush=True)
+        )
         await serve(create_app(database), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
     import uvloop

@@ -39,18 +39,24 @@ def plant(machines: int) -> PlantConfig:
             f"  - {{name: {name}, type: modbus, host: 127.0.0.1, tags: ["
             "{name: good, address: 0, type: uint32}, {name: bad, address: 2, type: uint32}, "
             "{name: state, address: 10}, {name: force, address: 20, type: float32}, "
-            "{name: temp, address: 30}]}")
+            "{name: temp, address: 30}]}"
+        )
         rules.append(
             f"  - {{id: {name}, signals: {{good: {name}.good, defective: {name}.bad, "
             f"state: {name}.state}}, order: {{order_id: 'O-{n}'}}, "
             "state_map: {4: Idle, 6: Execute, 11: Held}, "
             "confirm: {every_units: 100, every: 15m, on_state_change: true}, "
             f"limits: [{{signal: {name}.force, low: 12.0, high: 15.0, for: 5s}}, "
-            f"{{signal: {name}.temp, high: 80, for: 10s}}]}}")
-    text = ("site: '1010'\ndata_dir: /tmp/unused\ndrivers:\n" + "\n".join(drivers)
-            + "\nmachines:\n" + "\n".join(rules)
-            + "\ndestinations: {erp: {base_url: 'http://127.0.0.1:1'}}\n"
-            "routes: {production.confirmation: [erp], inspection.requested: [erp]}\n")
+            f"{{signal: {name}.temp, high: 80, for: 10s}}]}}"
+        )
+    text = (
+        "site: '1010'\ndata_dir: /tmp/unused\ndrivers:\n"
+        + "\n".join(drivers)
+        + "\nmachines:\n"
+        + "\n".join(rules)
+        + "\ndestinations: {erp: {base_url: 'http://127.0.0.1:1'}}\n"
+        "routes: {production.confirmation: [erp], inspection.requested: [erp]}\n"
+    )
     return parse_config(text, "bench", {})
 
 
@@ -64,10 +70,15 @@ def polls(machines: int, count: int) -> list[list[Sample]]:
             name = f"m{n:02d}"
             state = 11 if (i + n) % 200 > 190 else 6
             force = 13.5 + (2.0 if (i + 3 * n) % 300 > 280 else 0.0) + (i % 7) * 0.05
-            batches.append([
-                Sample(name, "good", i * 3 + n, at), Sample(name, "bad", i // 10, at),
-                Sample(name, "state", state, at), Sample(name, "force", force, at),
-                Sample(name, "temp", 70 + i % 5, at)])
+            batches.append(
+                [
+                    Sample(name, "good", i * 3 + n, at),
+                    Sample(name, "bad", i // 10, at),
+                    Sample(name, "state", state, at),
+                    Sample(name, "force", force, at),
+                    Sample(name, "temp", 70 + i % 5, at),
+                ]
+            )
     return batches
 
 
@@ -96,8 +107,7 @@ def bench_bare(batches: list[list[Sample]]) -> float:
     return time.perf_counter() - started
 
 
-async def bench_pipeline(config: PlantConfig, batches: list[list[Sample]], scratch: Path
-                         ) -> float:
+async def bench_pipeline(config: PlantConfig, batches: list[list[Sample]], scratch: Path) -> float:
     async with Outbox.open(scratch / "outbox.db") as outbox:
         pipeline = Pipeline(config, outbox, {})
         started = time.perf_counter()
@@ -122,17 +132,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         pipeline_s = asyncio.run(bench_pipeline(config, batches, Path(scratch)))
     rules_rate = samples / rules_s
-    print(json.dumps({
-        "benchmark": "aggregate",
-        "machines": args.machines,
-        "samples": samples,
-        "events_produced": events,
-        "rules_samples_per_s": round(rules_rate),
-        "pipeline_samples_per_s": round(samples / pipeline_s),
-        "bare_loop_samples_per_s": round(samples / bare_s),
-        "ratio": round(rules_rate / (samples / bare_s), 3),
-        "meets_target_100k": rules_rate >= 100_000,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "aggregate",
+                "machines": args.machines,
+                "samples": samples,
+                "events_produced": events,
+                "rules_samples_per_s": round(rules_rate),
+                "pipeline_samples_per_s": round(samples / pipeline_s),
+                "bare_loop_samples_per_s": round(samples / bare_s),
+                "ratio": round(rules_rate / (samples / bare_s), 3),
+                "meets_target_100k": rules_rate >= 100_000,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

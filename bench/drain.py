@@ -51,13 +51,20 @@ RSS_EVERY = 0.5
 
 
 def destination(base_url: str, batch_size: int, max_in_flight: int) -> DestinationConfig:
-    return DestinationConfig.model_validate({
-        "base_url": base_url, "path": EVENT_PATH, "batch_path": BATCH_PATH,
-        "batch_size": batch_size, "max_in_flight": max_in_flight})
+    return DestinationConfig.model_validate(
+        {
+            "base_url": base_url,
+            "path": EVENT_PATH,
+            "batch_path": BATCH_PATH,
+            "batch_size": batch_size,
+            "max_in_flight": max_in_flight,
+        }
+    )
 
 
-async def drain(path: Path, config: DestinationConfig, count: int, time_limit: float
-                ) -> dict[str, Any]:
+async def drain(
+    path: Path, config: DestinationConfig, count: int, time_limit: float
+) -> dict[str, Any]:
     """Open the outbox at `path` and deliver its `count` events; time and memory."""
     rss: list[tuple[float, float]] = [(0.0, proc_status_mb("VmRSS"))]
     started = time.perf_counter()
@@ -68,8 +75,11 @@ async def drain(path: Path, config: DestinationConfig, count: int, time_limit: f
         deadline = started + time_limit
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(forwarder.run(), name="bench-drain-forwarder")
-            while health.delivered < count and health.failures == 0 and (
-                    time.perf_counter() < deadline):
+            while (
+                health.delivered < count
+                and health.failures == 0
+                and (time.perf_counter() < deadline)
+            ):
                 await asyncio.sleep(RSS_EVERY)
                 now = time.perf_counter() - started
                 rss.append((now, proc_status_mb("VmRSS")))
@@ -88,15 +98,24 @@ async def drain(path: Path, config: DestinationConfig, count: int, time_limit: f
         return round((inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]), 1)
 
     tail = [(t, m) for t, m in rss if t >= seconds / 2]
-    slope = ((tail[-1][1] - tail[0][1]) / (tail[-1][0] - tail[0][0]) * 60
-             if len(tail) > 1 and tail[-1][0] > tail[0][0] else 0.0)
-    return {"delivered": health.delivered, "seconds": round(seconds, 1),
-            "events_per_s": round(health.delivered / seconds, 1),
-            "first_tenth_events_per_s": rate_between(0.0, 0.1),
-            "last_tenth_events_per_s": rate_between(0.9, 1.0),
-            "requests": health.requests, "time_limited": health.delivered < count,
-            "rss_mb_start": rss[0][1], "rss_mb_peak": max(m for _, m in rss),
-            "rss_mb_end": rss[-1][1], "rss_mb_per_min_second_half": round(slope, 2)}
+    slope = (
+        (tail[-1][1] - tail[0][1]) / (tail[-1][0] - tail[0][0]) * 60
+        if len(tail) > 1 and tail[-1][0] > tail[0][0]
+        else 0.0
+    )
+    return {
+        "delivered": health.delivered,
+        "seconds": round(seconds, 1),
+        "events_per_s": round(health.delivered / seconds, 1),
+        "first_tenth_events_per_s": rate_between(0.0, 0.1),
+        "last_tenth_events_per_s": rate_between(0.9, 1.0),
+        "requests": health.requests,
+        "time_limited": health.delivered < count,
+        "rss_mb_start": rss[0][1],
+        "rss_mb_peak": max(m for _, m in rss),
+        "rss_mb_end": rss[-1][1],
+        "rss_mb_per_min_second_half": round(slope, 2),
+    }
 
 
 async def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -112,17 +131,18 @@ async def measure(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
                 await reset_simulator(control, base_url)
                 small = directory / f"baseline-{number}.sqlite"
                 async with Outbox.open(small) as outbox:
-                    for chunk in chunks(make_events(args.baseline_events, args.keys,
-                                                    f"base{number}"), 500):
+                    for chunk in chunks(
+                        make_events(args.baseline_events, args.keys, f"base{number}"), 500
+                    ):
                         await outbox.commit(chunk)
-                baselines.append(await drain(small, config, args.baseline_events,
-                                             args.time_limit))
+                baselines.append(await drain(small, config, args.baseline_events, args.time_limit))
             await reset_simulator(control, base_url)
             backlog_run = await drain(backlog, config, written, args.time_limit)
             received = await simulator_unique(control, base_url)
     if received != backlog_run["delivered"]:
-        raise RuntimeError(f"the ERP holds {received} events, {backlog_run['delivered']} "
-                           "were acknowledged")
+        raise RuntimeError(
+            f"the ERP holds {received} events, {backlog_run['delivered']} were acknowledged"
+        )
     baseline_rate = sorted(b["events_per_s"] for b in baselines)[len(baselines) // 2]
     return {
         "backlog_events": written,
@@ -147,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-in-flight", type=int, default=4)
     parser.add_argument("--baseline-events", type=int, default=20_000)
     parser.add_argument("--baseline-rounds", type=int, default=3)
-    parser.add_argument("--time-limit", type=float, default=1800.0,
-                        help="seconds the drain may take before it is cut short")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=1800.0,
+        help="seconds the drain may take before it is cut short",
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument("--quick", action="store_true", help="20,000 events, one baseline")
     args = parser.parse_args(argv)
@@ -157,11 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as directory:
         figures = event_loop_runner(args.loop)(measure(Path(directory), args))
-    line = {"benchmark": "drain", **figures,
-            "params": {"events": args.events, "keys": args.keys,
-                       "batch_size": args.batch_size, "max_in_flight": args.max_in_flight,
-                       "baseline_events": args.baseline_events, "loop": args.loop,
-                       "quick": args.quick, "seconds": round(time.perf_counter() - started, 1)}}
+    line = {
+        "benchmark": "drain",
+        **figures,
+        "params": {
+            "events": args.events,
+            "keys": args.keys,
+            "batch_size": args.batch_size,
+            "max_in_flight": args.max_in_flight,
+            "baseline_events": args.baseline_events,
+            "loop": args.loop,
+            "quick": args.quick,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
     print(json.dumps(line), flush=True)
     return 0
 

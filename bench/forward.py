@@ -83,12 +83,19 @@ class Sizes:
     budget: float
 
 
-def destination(base_url: str, sizes: Sizes, *, batched: bool,
-                transport: str = "aiohttp") -> DestinationConfig:
-    return DestinationConfig.model_validate({
-        "base_url": base_url, "path": EVENT_PATH, "max_in_flight": sizes.max_in_flight,
-        "batch_size": sizes.batch_size if batched else 1,
-        "batch_path": BATCH_PATH if batched else None, "http_transport": transport})
+def destination(
+    base_url: str, sizes: Sizes, *, batched: bool, transport: str = "aiohttp"
+) -> DestinationConfig:
+    return DestinationConfig.model_validate(
+        {
+            "base_url": base_url,
+            "path": EVENT_PATH,
+            "max_in_flight": sizes.max_in_flight,
+            "batch_size": sizes.batch_size if batched else 1,
+            "batch_path": BATCH_PATH if batched else None,
+            "http_transport": transport,
+        }
+    )
 
 
 # -- the phases -------------------------------------------------------------------------------
@@ -108,13 +115,16 @@ class Breakdown:
         def mean_ms(values: list[float]) -> float:
             return round(1000 * statistics.fmean(values), 2) if values else 0.0
 
-        return {"events_per_s": round(phase.rate, 1), "requests": phase.requests,
-                "events_per_request": round(phase.done / max(1, phase.requests), 1),
-                "http_ms_per_request": mean_ms(self.http),
-                "settle_ms_per_request": mean_ms(self.acks),
-                "lease_ms_per_lease": mean_ms(self.leases), "leases": len(self.leases),
-                "outbox_transactions_per_event": round(self.transactions / max(1, phase.done),
-                                                       3)}
+        return {
+            "events_per_s": round(phase.rate, 1),
+            "requests": phase.requests,
+            "events_per_request": round(phase.done / max(1, phase.requests), 1),
+            "http_ms_per_request": mean_ms(self.http),
+            "settle_ms_per_request": mean_ms(self.acks),
+            "lease_ms_per_lease": mean_ms(self.leases),
+            "leases": len(self.leases),
+            "outbox_transactions_per_event": round(self.transactions / max(1, phase.done), 3),
+        }
 
 
 def instrument(forwarder: HttpForwarder, outbox: Outbox) -> Breakdown:
@@ -123,14 +133,16 @@ def instrument(forwarder: HttpForwarder, outbox: Outbox) -> Breakdown:
     SQLite threads)."""
     breakdown = Breakdown([], [], [])
 
-    def timed(function: Callable[..., Coroutine[Any, Any, Any]], into: list[float]
-              ) -> Callable[..., Coroutine[Any, Any, Any]]:
+    def timed(
+        function: Callable[..., Coroutine[Any, Any, Any]], into: list[float]
+    ) -> Callable[..., Coroutine[Any, Any, Any]]:
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
                 return await function(*args, **kwargs)
             finally:
                 into.append(time.perf_counter() - started)
+
         return wrapper
 
     forwarder._send = timed(forwarder._send, breakdown.http)  # type: ignore[method-assign]
@@ -139,9 +151,14 @@ def instrument(forwarder: HttpForwarder, outbox: Outbox) -> Breakdown:
     return breakdown
 
 
-async def forwarder_phase(path: Path, events: Sequence[OutboxEvent], config: DestinationConfig,
-                          *, time_limit: float, breakdown: list[Breakdown] | None = None
-                          ) -> Phase:
+async def forwarder_phase(
+    path: Path,
+    events: Sequence[OutboxEvent],
+    config: DestinationConfig,
+    *,
+    time_limit: float,
+    breakdown: list[Breakdown] | None = None,
+) -> Phase:
     """Pre-commit `events`, then time a real forwarder until it has delivered them all."""
     async with Outbox.open(path) as outbox:
         for chunk in chunks(events, 500):
@@ -169,8 +186,9 @@ async def forwarder_phase(path: Path, events: Sequence[OutboxEvent], config: Des
     return Phase(health.delivered, seconds, left > 0, health.requests)
 
 
-async def bare_phase(events: Sequence[OutboxEvent], config: DestinationConfig, *,
-                     batch_size: int, time_limit: float) -> Phase:
+async def bare_phase(
+    events: Sequence[OutboxEvent], config: DestinationConfig, *, batch_size: int, time_limit: float
+) -> Phase:
     """The bare baseline: `max_in_flight` tasks POSTing the same payloads (one per request, or
     `batch_size` per request as the canonical profile builds them), nothing else."""
     url = config.base_url.rstrip("/") + (BATCH_PATH if batch_size > 1 else EVENT_PATH)
@@ -183,17 +201,21 @@ async def bare_phase(events: Sequence[OutboxEvent], config: DestinationConfig, *
         for chunk in work:
             if batch_size > 1:
                 body = b"[" + b",".join(e.payload for e in chunk) + b"]"
-                headers = {"Content-Type": "application/cloudevents-batch+json",
-                           "Idempotency-Key": "batch:" + ",".join(e.id for e in chunk)}
+                headers = {
+                    "Content-Type": "application/cloudevents-batch+json",
+                    "Idempotency-Key": "batch:" + ",".join(e.id for e in chunk),
+                }
             else:
                 body = chunk[0].payload
-                headers = {"Content-Type": "application/cloudevents+json",
-                           "Idempotency-Key": chunk[0].id}
-            response = await client.post(url, content=body, headers=headers,
-                                         timeout=config.timeout)
+                headers = {
+                    "Content-Type": "application/cloudevents+json",
+                    "Idempotency-Key": chunk[0].id,
+                }
+            response = await client.post(url, content=body, headers=headers, timeout=config.timeout)
             if response.status_code not in (200, 201):
-                raise RuntimeError(f"bare POST answered {response.status_code}: "
-                                   f"{response.text[:200]}")
+                raise RuntimeError(
+                    f"bare POST answered {response.status_code}: {response.text[:200]}"
+                )
             if batch_size > 1:
                 answers = response.json()
                 if len(answers) != len(chunk) or any(a["status"] != 201 for a in answers):
@@ -224,20 +246,29 @@ async def http2_phases(directory: Path, sizes: Sizes) -> dict[str, Any]:
         url = base_url + EVENT_PATH
         for number in range(sizes.rounds + 1):  # the first round warms up, not counted
             for client in ("httpx", "httpx_h2") if number % 2 else ("httpx_h2", "httpx"):
-                phase = await bare_loop(client, url, make_events(
-                    sizes.unbatched_events // 2, sizes.partition_keys, f"h2-{client}-{number}"),
-                    in_flight=sizes.max_in_flight, request_timeout=30.0,
-                    time_limit=sizes.phase_time_limit)
+                phase = await bare_loop(
+                    client,
+                    url,
+                    make_events(
+                        sizes.unbatched_events // 2, sizes.partition_keys, f"h2-{client}-{number}"
+                    ),
+                    in_flight=sizes.max_in_flight,
+                    request_timeout=30.0,
+                    time_limit=sizes.phase_time_limit,
+                )
                 if number:
                     rates[client].append(round(phase.rate, 1))
     h1, h2 = median(rates["httpx"]), median(rates["httpx_h2"])
-    return {"receiver": "simulators.erp app on hypercorn (h2c prior knowledge and h1)",
-            "httpx_http1_posts_per_s": h1, "httpx_http2_posts_per_s": h2,
-            "http2_vs_http1": round(h2 / h1, 3), "samples": dict(rates)}
+    return {
+        "receiver": "simulators.erp app on hypercorn (h2c prior knowledge and h1)",
+        "httpx_http1_posts_per_s": h1,
+        "httpx_http2_posts_per_s": h2,
+        "http2_vs_http1": round(h2 / h1, 3),
+        "samples": dict(rates),
+    }
 
 
-async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
-                  ) -> dict[str, Any]:
+async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool) -> dict[str, Any]:
     limit = sizes.phase_time_limit
     cut_short: list[str] = []
     samples: dict[str, list[float]] = defaultdict(list)
@@ -247,8 +278,7 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
     with erp_simulator(directory) as base_url:
         async with httpx.AsyncClient(timeout=30.0) as control:
             unbatched = destination(base_url, sizes, batched=False)
-            unbatched_httpcore = destination(base_url, sizes, batched=False,
-                                             transport="httpcore")
+            unbatched_httpcore = destination(base_url, sizes, batched=False, transport="httpcore")
             batched = destination(base_url, sizes, batched=True)
 
             async def timed(name: str, phase_of: Coroutine[Any, Any, Phase]) -> Phase:
@@ -257,8 +287,9 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
                 phase = await phase_of
                 received = await simulator_unique(control, base_url)
                 if received != phase.done:
-                    raise RuntimeError(f"{name}: the ERP stored {received} events, "
-                                       f"{phase.done} were acknowledged")
+                    raise RuntimeError(
+                        f"{name}: the ERP stored {received} events, {phase.done} were acknowledged"
+                    )
                 if phase.time_limited and name not in cut_short:
                     cut_short.append(name)
                 samples[name].append(round(phase.rate, 1))
@@ -269,10 +300,18 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
                 return make_events(count, sizes.partition_keys, f"{label}{next(counter)}")
 
             # Open the connections and let the simulator warm up (its first requests are slow).
-            await bare_phase(fresh(min(500, sizes.unbatched_events), "warm"), unbatched,
-                             batch_size=1, time_limit=limit)
-            await bare_phase(fresh(min(2000, sizes.batched_events), "warm"), batched,
-                             batch_size=sizes.batch_size, time_limit=limit)
+            await bare_phase(
+                fresh(min(500, sizes.unbatched_events), "warm"),
+                unbatched,
+                batch_size=1,
+                time_limit=limit,
+            )
+            await bare_phase(
+                fresh(min(2000, sizes.batched_events), "warm"),
+                batched,
+                batch_size=sizes.batch_size,
+                time_limit=limit,
+            )
             budget_end = time.perf_counter() + sizes.budget
             rounds_done = 0
             unbatched_url = base_url + EVENT_PATH
@@ -282,49 +321,94 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
                 for client in CLIENTS[::-1] if number % 2 else CLIENTS:
                     if client == "httpx_h2":
                         continue  # uvicorn speaks HTTP/1.1 only: see http2_phases
-                    await timed(f"bare_{client}", bare_loop(
-                        client, unbatched_url, fresh(half, "bare"),
-                        in_flight=sizes.max_in_flight, request_timeout=unbatched.timeout,
-                        time_limit=limit))
-                await timed("forwarder_unbatched", forwarder_phase(
-                    directory / f"unbatched-{number}.sqlite",
-                    fresh(sizes.unbatched_events, "fwd"), unbatched, time_limit=limit))
-                await timed("forwarder_unbatched_httpcore", forwarder_phase(
-                    directory / f"unbatched-httpcore-{number}.sqlite",
-                    fresh(sizes.unbatched_events, "fwdc"), unbatched_httpcore,
-                    time_limit=limit))
+                    await timed(
+                        f"bare_{client}",
+                        bare_loop(
+                            client,
+                            unbatched_url,
+                            fresh(half, "bare"),
+                            in_flight=sizes.max_in_flight,
+                            request_timeout=unbatched.timeout,
+                            time_limit=limit,
+                        ),
+                    )
+                await timed(
+                    "forwarder_unbatched",
+                    forwarder_phase(
+                        directory / f"unbatched-{number}.sqlite",
+                        fresh(sizes.unbatched_events, "fwd"),
+                        unbatched,
+                        time_limit=limit,
+                    ),
+                )
+                await timed(
+                    "forwarder_unbatched_httpcore",
+                    forwarder_phase(
+                        directory / f"unbatched-httpcore-{number}.sqlite",
+                        fresh(sizes.unbatched_events, "fwdc"),
+                        unbatched_httpcore,
+                        time_limit=limit,
+                    ),
+                )
                 for client in CLIENTS if number % 2 else CLIENTS[::-1]:
                     if client == "httpx_h2":
                         continue
-                    await timed(f"bare_{client}", bare_loop(
-                        client, unbatched_url, fresh(half, "bare"),
-                        in_flight=sizes.max_in_flight, request_timeout=unbatched.timeout,
-                        time_limit=limit))
-                await timed("forwarder_batched", forwarder_phase(
-                    directory / f"batched-{number}.sqlite", fresh(sizes.batched_events, "fwdb"),
-                    batched, time_limit=limit))
-                await timed("bare_batched", bare_phase(
-                    fresh(sizes.batched_events, "bareb"), batched, batch_size=sizes.batch_size,
-                    time_limit=limit))
+                    await timed(
+                        f"bare_{client}",
+                        bare_loop(
+                            client,
+                            unbatched_url,
+                            fresh(half, "bare"),
+                            in_flight=sizes.max_in_flight,
+                            request_timeout=unbatched.timeout,
+                            time_limit=limit,
+                        ),
+                    )
+                await timed(
+                    "forwarder_batched",
+                    forwarder_phase(
+                        directory / f"batched-{number}.sqlite",
+                        fresh(sizes.batched_events, "fwdb"),
+                        batched,
+                        time_limit=limit,
+                    ),
+                )
+                await timed(
+                    "bare_batched",
+                    bare_phase(
+                        fresh(sizes.batched_events, "bareb"),
+                        batched,
+                        batch_size=sizes.batch_size,
+                        time_limit=limit,
+                    ),
+                )
                 rounds_done = number + 1
                 # Bounded in time: no round is started that would likely end past the budget.
                 if time.perf_counter() + (time.perf_counter() - round_started) > budget_end:
                     break
             profiles: dict[str, Any] = {}
             if profile:
-                for name, config, count in (("forwarder_unbatched", unbatched,
-                                             sizes.unbatched_events),
-                                            ("forwarder_batched", batched, sizes.batched_events)):
+                for name, config, count in (
+                    ("forwarder_unbatched", unbatched, sizes.unbatched_events),
+                    ("forwarder_batched", batched, sizes.batched_events),
+                ):
                     await reset_simulator(control, base_url)
                     found: list[Breakdown] = []
-                    phase = await forwarder_phase(directory / f"profile-{name}.sqlite",
-                                                  fresh(count, "prof"), config, time_limit=limit,
-                                                  breakdown=found)
+                    phase = await forwarder_phase(
+                        directory / f"profile-{name}.sqlite",
+                        fresh(count, "prof"),
+                        config,
+                        time_limit=limit,
+                        breakdown=found,
+                    )
                     profiles[name] = found[0].summary(phase)
     http2 = await http2_phases(directory, sizes) if with_http2 else {}
 
-    bare_by_client = {client: median(samples[f"bare_{client}"]) for client in CLIENTS
-                      if samples.get(f"bare_{client}")}
+    bare_by_client = {
+        client: median(samples[f"bare_{client}"])
+        for client in CLIENTS
+        if samples.get(f"bare_{client}")
+    }
     fastest = max(bare_by_client, key=bare_by_client.__getitem__)
     bare, forwarder = bare_by_client[fastest], median(samples["forwarder_unbatched"])
     forwarder_batched = median(samples["forwarder_batched"])
@@ -338,20 +422,27 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
         "ratio": ratio,
         "ratio_target": UNBATCHED_TARGET,
         "bare_unbatched_posts_per_s": bare_by_client,
-        "bare_vs_bare_httpx": {client: round(rate / bare_by_client["httpx"], 2)
-                               for client, rate in bare_by_client.items()},
+        "bare_vs_bare_httpx": {
+            client: round(rate / bare_by_client["httpx"], 2)
+            for client, rate in bare_by_client.items()
+        },
         "forwarder_unbatched_httpcore_events_per_s": median(
-            samples["forwarder_unbatched_httpcore"]),
+            samples["forwarder_unbatched_httpcore"]
+        ),
         "forwarder_batched_events_per_s": forwarder_batched,
         "batched_vs_unbatched": batched_ratio,
         "batched_target": BATCHED_TARGET,
         "bare_batched_events_per_s": bare_batched,
         "batched_vs_bare_batched": round(forwarder_batched / bare_batched, 3),
         "batched_vs_bare_batched_target": BATCHED_VS_BARE_TARGET,
-        "targets_met": (ratio >= UNBATCHED_TARGET and batched_ratio >= BATCHED_TARGET
-                        and forwarder_batched / bare_batched >= BATCHED_VS_BARE_TARGET),
-        "requests_per_phase": {name: statistics.median(counts)
-                               for name, counts in requests.items()},
+        "targets_met": (
+            ratio >= UNBATCHED_TARGET
+            and batched_ratio >= BATCHED_TARGET
+            and forwarder_batched / bare_batched >= BATCHED_VS_BARE_TARGET
+        ),
+        "requests_per_phase": {
+            name: statistics.median(counts) for name, counts in requests.items()
+        },
         "rounds_done": rounds_done,
         "time_limited": cut_short,
         "samples": dict(samples),
@@ -365,49 +456,95 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=2000,
-                        help="events per unbatched forwarder phase (default 2000)")
-    parser.add_argument("--batched-events", type=int, default=10000,
-                        help="events per batched phase (default 10000)")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=2000,
+        help="events per unbatched forwarder phase (default 2000)",
+    )
+    parser.add_argument(
+        "--batched-events", type=int, default=10000, help="events per batched phase (default 10000)"
+    )
     parser.add_argument("--batch-size", type=int, default=100, help="events per batch")
-    parser.add_argument("--max-in-flight", type=int, default=4,
-                        help="forwarder max_in_flight, and the bare loops' concurrency")
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=4,
+        help="forwarder max_in_flight, and the bare loops' concurrency",
+    )
     parser.add_argument("--keys", type=int, default=50, help="distinct partition keys")
-    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 101),
-                        metavar="N",
-                        help="rounds of the phases; figures are medians over rounds")
-    parser.add_argument("--time-limit", type=float, default=5.0,
-                        help="seconds any one phase may run before it is cut short")
-    parser.add_argument("--budget", type=float, default=60.0,
-                        help="seconds of measuring rounds: no round starts that would likely "
-                        "end after it (the first always runs)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        choices=range(1, 101),
+        metavar="N",
+        help="rounds of the phases; figures are medians over rounds",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=5.0,
+        help="seconds any one phase may run before it is cut short",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="seconds of measuring rounds: no round starts that would likely "
+        "end after it (the first always runs)",
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    parser.add_argument("--profile", action="store_true",
-                        help="also run each forwarder phase once more, instrumented, and add "
-                        "where its time went (HTTP, outbox acks, leases) to the line")
-    parser.add_argument("--no-http2", action="store_true",
-                        help="leave out the HTTP/2 phases (a Hypercorn receiver of their own)")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where the temporary databases go (default: the system temp dir)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run each forwarder phase once more, instrumented, and add "
+        "where its time went (HTTP, outbox acks, leases) to the line",
+    )
+    parser.add_argument(
+        "--no-http2",
+        action="store_true",
+        help="leave out the HTTP/2 phases (a Hypercorn receiver of their own)",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where the temporary databases go (default: the system temp dir)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny run to check it works")
     args = parser.parse_args(argv)
     sizes = Sizes(
         unbatched_events=300 if args.quick else args.events,
         batched_events=2000 if args.quick else args.batched_events,
-        batch_size=args.batch_size, max_in_flight=args.max_in_flight,
-        partition_keys=args.keys, rounds=1 if args.quick else args.rounds,
-        phase_time_limit=args.time_limit, budget=args.budget)
+        batch_size=args.batch_size,
+        max_in_flight=args.max_in_flight,
+        partition_keys=args.keys,
+        rounds=1 if args.quick else args.rounds,
+        phase_time_limit=args.time_limit,
+        budget=args.budget,
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-forward-", dir=args.dir) as directory:
-        figures = event_loop_runner(args.loop)(measure(Path(directory), sizes, args.profile,
-                                                       not args.no_http2))
-    line = {"benchmark": "forward", **figures,
-            "params": {"events": sizes.unbatched_events, "batched_events": sizes.batched_events,
-                       "batch_size": sizes.batch_size, "max_in_flight": sizes.max_in_flight,
-                       "partition_keys": sizes.partition_keys, "rounds": sizes.rounds,
-                       "receiver": "simulators.erp (canonical, subprocess)",
-                       "loop": args.loop, "quick": args.quick,
-                       "seconds": round(time.perf_counter() - started, 1)}}
+        figures = event_loop_runner(args.loop)(
+            measure(Path(directory), sizes, args.profile, not args.no_http2)
+        )
+    line = {
+        "benchmark": "forward",
+        **figures,
+        "params": {
+            "events": sizes.unbatched_events,
+            "batched_events": sizes.batched_events,
+            "batch_size": sizes.batch_size,
+            "max_in_flight": sizes.max_in_flight,
+            "partition_keys": sizes.partition_keys,
+            "rounds": sizes.rounds,
+            "receiver": "simulators.erp (canonical, subprocess)",
+            "loop": args.loop,
+            "quick": args.quick,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    }
     print(json.dumps(line), flush=True)
     return 0
 

@@ -41,19 +41,24 @@ from simulators.nats_cluster import running_cluster  # noqa: E402
 PLANTSYNC = str(Path(sys.executable).parent / "plantsync")
 
 
-def hub_config(urls: list[str], stream: str, erp_url: str | None, partitions: int
-               ) -> HubConfig:
+def hub_config(urls: list[str], stream: str, erp_url: str | None, partitions: int) -> HubConfig:
     prefix = stream.lower()
     data: dict[str, Any] = {
         "nats": {"servers": urls},
-        "stream": {"name": stream, "subject_pattern": f"{prefix}.{{site}}.{{type}}.{{key}}",
-                   "partitions": partitions, "replicas": 3,
-                   "dead_letter_stream": f"{stream}_DLQ",
-                   "dead_letter_subject": f"{prefix}-dlq"},
-        "relay": {"ack_wait": "30s", "metrics_port": 0}}
+        "stream": {
+            "name": stream,
+            "subject_pattern": f"{prefix}.{{site}}.{{type}}.{{key}}",
+            "partitions": partitions,
+            "replicas": 3,
+            "dead_letter_stream": f"{stream}_DLQ",
+            "dead_letter_subject": f"{prefix}-dlq",
+        },
+        "relay": {"ack_wait": "30s", "metrics_port": 0},
+    }
     if erp_url is not None:
-        data["destinations"] = {"erp": {"base_url": erp_url, "path": "/api/events",
-                                        "max_in_flight": 16}}
+        data["destinations"] = {
+            "erp": {"base_url": erp_url, "path": "/api/events", "max_in_flight": 16}
+        }
         data["routes"] = {"production.confirmation": ["erp"]}
     return HubConfig.model_validate(data)
 
@@ -76,22 +81,26 @@ async def bare_publish(urls: list[str], config: HubConfig, site: str, count: int
         js = client.jetstream(timeout=10)
         started = time.perf_counter()
         for event in events:
-            await js.publish(pattern.subject(site=site, event_type=event.type,
-                                             key=event.partition_key), event.payload,
-                             headers={"Nats-Msg-Id": event.id})
+            await js.publish(
+                pattern.subject(site=site, event_type=event.type, key=event.partition_key),
+                event.payload,
+                headers={"Nats-Msg-Id": event.id},
+            )
         return count / (time.perf_counter() - started)
     finally:
         await client.close()
 
 
-async def gateway_publish(urls: list[str], config: HubConfig, site: str, count: int,
-                          directory: Path) -> float:
+async def gateway_publish(
+    urls: list[str], config: HubConfig, site: str, count: int, directory: Path
+) -> float:
     """The gateway: events pre-committed to a fresh outbox, clock from the forwarder's start
     to the settle of the last one."""
     async with Outbox.open(directory / f"outbox-{site}.db") as outbox:
         await outbox.commit([plant_event(site, n, 50) for n in range(count)])
-        destination = hub_destination(urls, stream=config.stream.name,
-                                      subject=config.stream.subject_pattern)
+        destination = hub_destination(
+            urls, stream=config.stream.name, subject=config.stream.subject_pattern
+        )
         forwarder = HttpForwarder(DESTINATION, destination, outbox)
         started = time.perf_counter()
         async with asyncio.TaskGroup() as group:
@@ -104,8 +113,9 @@ async def gateway_publish(urls: list[str], config: HubConfig, site: str, count: 
         return count / seconds
 
 
-def relay_rate(urls: list[str], erp_url: str, relays: int, count: int, directory: Path,
-               round_: int) -> float:
+def relay_rate(
+    urls: list[str], erp_url: str, relays: int, count: int, directory: Path, round_: int
+) -> float:
     stream = f"RELAY{relays}R{round_}"
     config = hub_config(urls, stream, erp_url, partitions=8)
     asyncio.run(create(urls, config))
@@ -113,10 +123,23 @@ def relay_rate(urls: list[str], erp_url: str, relays: int, count: int, directory
     asyncio.run(bare_publish(urls, config, f"R{relays}{round_}", count))
     hub_yaml = directory / f"{stream}.yaml"
     hub_yaml.write_text(json.dumps(config.model_dump(mode="json")))
-    processes = [subprocess.Popen([PLANTSYNC, "relay", "--config", str(hub_yaml), "--name",
-                                   f"bench-{i}", "--log-level", "WARNING"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for i in range(relays)]
+    processes = [
+        subprocess.Popen(
+            [
+                PLANTSYNC,
+                "relay",
+                "--config",
+                str(hub_yaml),
+                "--name",
+                f"bench-{i}",
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(relays)
+    ]
     try:
         marks: dict[float, float] = {}
         deadline = time.monotonic() + 600
@@ -145,36 +168,55 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.events, args.relay_events, args.rounds = 300, 300, 1
-    samples: dict[str, list[float]] = {"bare": [], "gateway": [], "relay_1": [],
-                                       "relay_2": [], "relay_3": []}
+    samples: dict[str, list[float]] = {
+        "bare": [],
+        "gateway": [],
+        "relay_1": [],
+        "relay_2": [],
+        "relay_3": [],
+    }
     with tempfile.TemporaryDirectory() as temp:
         directory = Path(temp)
-        with running_cluster(directory / "nats") as cluster, \
-                erp_simulator(directory) as erp_url:
+        with running_cluster(directory / "nats") as cluster, erp_simulator(directory) as erp_url:
             urls = cluster.urls
             for round_ in range(args.rounds):
                 config = hub_config(urls, f"PUB{round_}", None, partitions=8)
                 asyncio.run(create(urls, config))
-                samples["bare"].append(asyncio.run(
-                    bare_publish(urls, config, f"B{round_}", args.events)))
-                samples["gateway"].append(asyncio.run(
-                    gateway_publish(urls, config, f"G{round_}", args.events, directory)))
-                samples["bare"].append(asyncio.run(
-                    bare_publish(urls, config, f"C{round_}", args.events)))
+                samples["bare"].append(
+                    asyncio.run(bare_publish(urls, config, f"B{round_}", args.events))
+                )
+                samples["gateway"].append(
+                    asyncio.run(gateway_publish(urls, config, f"G{round_}", args.events, directory))
+                )
+                samples["bare"].append(
+                    asyncio.run(bare_publish(urls, config, f"C{round_}", args.events))
+                )
                 for relays in (1, 2, 3):
-                    samples[f"relay_{relays}"].append(relay_rate(
-                        urls, erp_url, relays, args.relay_events, directory, round_))
+                    samples[f"relay_{relays}"].append(
+                        relay_rate(urls, erp_url, relays, args.relay_events, directory, round_)
+                    )
     med = {name: round(statistics.median(values), 1) for name, values in samples.items()}
-    print(json.dumps({
-        "benchmark": "hub", "events": args.events, "relay_events": args.relay_events,
-        "replicas": 3, "partitions": 8,
-        "bare_publish_ack_per_s": med["bare"], "gateway_publish_per_s": med["gateway"],
-        "gateway_vs_bare": round(med["gateway"] / med["bare"], 2),
-        "relay_per_s": {str(k): med[f"relay_{k}"] for k in (1, 2, 3)},
-        "relay_scaling_vs_1": {str(k): round(med[f"relay_{k}"] / med["relay_1"], 2)
-                               for k in (2, 3)},
-        "samples": {name: [round(v, 1) for v in values] for name, values in samples.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "hub",
+                "events": args.events,
+                "relay_events": args.relay_events,
+                "replicas": 3,
+                "partitions": 8,
+                "bare_publish_ack_per_s": med["bare"],
+                "gateway_publish_per_s": med["gateway"],
+                "gateway_vs_bare": round(med["gateway"] / med["bare"], 2),
+                "relay_per_s": {str(k): med[f"relay_{k}"] for k in (1, 2, 3)},
+                "relay_scaling_vs_1": {
+                    str(k): round(med[f"relay_{k}"] / med["relay_1"], 2) for k in (2, 3)
+                },
+                "samples": {
+                    name: [round(v, 1) for v in values] for name, values in samples.items()
+                },
+            }
+        )
+    )
     return 0
 
 

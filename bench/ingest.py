@@ -133,8 +133,13 @@ def median(values: Sequence[float]) -> float:
 def child(argv: list[str], ready: str, log_path: Path, timeout: float = START_TIMEOUT) -> Any:
     """A child process that prints `ready` once it serves; SIGTERM at the end."""
     with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     try:
         assert process.stdout is not None
         deadline = time.monotonic() + timeout
@@ -167,8 +172,14 @@ def serve_opcua(port: int, machines: int, tick: float) -> None:
     async def serve() -> None:
         # Both counters move at every tick (rates far above 1 per tick), and the noise moves
         # temperature and pressure: four changes per machine per tick.
-        server = OpcUaMachineServer("127.0.0.1", port, machines=machine_names(machines),
-                                    rate=1000.0, scrap_rate=500.0, tick=tick)
+        server = OpcUaMachineServer(
+            "127.0.0.1",
+            port,
+            machines=machine_names(machines),
+            rate=1000.0,
+            scrap_rate=500.0,
+            tick=tick,
+        )
         async with server:
             print("opcua bench server listening", flush=True)
             await asyncio.Event().wait()
@@ -182,8 +193,11 @@ def machine_names(count: int) -> list[str]:
 
 
 def opcua_nodes(machines: int) -> list[str]:
-    return [node_id_string(name, variable) for name in machine_names(machines)
-            for variable in VARIABLE_TYPES]
+    return [
+        node_id_string(name, variable)
+        for name in machine_names(machines)
+        for variable in VARIABLE_TYPES
+    ]
 
 
 def rss_mb() -> float:
@@ -215,29 +229,40 @@ class Measured:
         return self.cpu / self.count * 1e6 if self.count else 0.0
 
 
-async def measure_window(counter: list[int], warmup: float, seconds: float,
-                         rss_before: float = 0.0) -> Measured:
+async def measure_window(
+    counter: list[int], warmup: float, seconds: float, rss_before: float = 0.0
+) -> Measured:
     """Let `warmup` pass, then count what `counter[0]` gains over `seconds`."""
     await asyncio.sleep(warmup)
     count, wall, cpu = counter[0], time.perf_counter(), time.process_time()
     await asyncio.sleep(seconds)
-    return Measured(counter[0] - count, time.perf_counter() - wall, time.process_time() - cpu,
-                    rss_before, rss_mb())
+    return Measured(
+        counter[0] - count,
+        time.perf_counter() - wall,
+        time.process_time() - cpu,
+        rss_before,
+        rss_mb(),
+    )
 
 
-async def opcua_bare(endpoint: str, machines: int, seconds: float,
-                     warmup: float = OPCUA_WARMUP) -> Measured:
+async def opcua_bare(
+    endpoint: str, machines: int, seconds: float, warmup: float = OPCUA_WARMUP
+) -> Measured:
     rss_before = rss_mb()
     client = Client(endpoint, timeout=60)
     await client.connect()
     try:
         namespace = await client.get_namespace_index(NAMESPACE_URI)
-        nodes = [client.get_node(node.replace(f"nsu={NAMESPACE_URI}", f"ns={namespace}"))
-                 for node in opcua_nodes(machines)]
+        nodes = [
+            client.get_node(node.replace(f"nsu={NAMESPACE_URI}", f"ns={namespace}"))
+            for node in opcua_nodes(machines)
+        ]
         subscription = await client.create_subscription(
-            OPCUA_PUBLISHING_MS, None, queue_maxsize=SUBSCRIPTION_QUEUE)
-        await subscription.subscribe_data_change(nodes, queuesize=OPCUA_QUEUE_SIZE,
-                                                 sampling_interval=0)
+            OPCUA_PUBLISHING_MS, None, queue_maxsize=SUBSCRIPTION_QUEUE
+        )
+        await subscription.subscribe_data_change(
+            nodes, queuesize=OPCUA_QUEUE_SIZE, sampling_interval=0
+        )
         counter = [0]
 
         async def consume() -> None:
@@ -253,15 +278,26 @@ async def opcua_bare(endpoint: str, machines: int, seconds: float,
         await client.disconnect()
 
 
-async def opcua_driver(endpoint: str, machines: int, seconds: float,
-                       warmup: float = OPCUA_WARMUP) -> Measured:
-    config = OpcUaConfig.model_validate({
-        "name": "bench", "type": "opcua", "endpoint": endpoint,
-        "publishing_interval": f"{OPCUA_PUBLISHING_MS}ms",
-        "tags": [{"name": f"t{index}", "node": node, "queue_size": OPCUA_QUEUE_SIZE,
-                  "sampling_interval": 0}
-                 for index, node in enumerate(opcua_nodes(machines))],
-    })
+async def opcua_driver(
+    endpoint: str, machines: int, seconds: float, warmup: float = OPCUA_WARMUP
+) -> Measured:
+    config = OpcUaConfig.model_validate(
+        {
+            "name": "bench",
+            "type": "opcua",
+            "endpoint": endpoint,
+            "publishing_interval": f"{OPCUA_PUBLISHING_MS}ms",
+            "tags": [
+                {
+                    "name": f"t{index}",
+                    "node": node,
+                    "queue_size": OPCUA_QUEUE_SIZE,
+                    "sampling_interval": 0,
+                }
+                for index, node in enumerate(opcua_nodes(machines))
+            ],
+        }
+    )
     rss_before = rss_mb()
     driver = OpcUaDriver(config)
     counter = [0]
@@ -286,22 +322,34 @@ async def opcua_driver(endpoint: str, machines: int, seconds: float,
 def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
     port = free_port()
     endpoint = f"opc.tcp://127.0.0.1:{port}"
-    argv = [sys.executable, str(Path(__file__).resolve()), SERVE_OPCUA, str(port),
-            str(sizes.opcua_machines), str(sizes.opcua_tick)]
+    argv = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        SERVE_OPCUA,
+        str(port),
+        str(sizes.opcua_machines),
+        str(sizes.opcua_tick),
+    ]
     bare: list[Measured] = []
     driven: list[Measured] = []
     # Two ticks before counting: the first publish (every item's value) is not the steady rate.
     warmup = max(OPCUA_WARMUP, 2 * sizes.opcua_tick)
     # Building the address space takes a while at thousands of machines.
-    with child(argv, "listening", scratch / "opcua-server.log",
-               START_TIMEOUT + sizes.opcua_machines * 0.1):
+    with child(
+        argv, "listening", scratch / "opcua-server.log", START_TIMEOUT + sizes.opcua_machines * 0.1
+    ):
         for _ in range(sizes.rounds):
-            bare.append(asyncio.run(opcua_bare(endpoint, sizes.opcua_machines,
-                                               sizes.opcua_seconds, warmup)))
-            driven.append(asyncio.run(opcua_driver(endpoint, sizes.opcua_machines,
-                                                   sizes.opcua_seconds, warmup)))
-        bare.append(asyncio.run(opcua_bare(endpoint, sizes.opcua_machines,
-                                           sizes.opcua_seconds, warmup)))
+            bare.append(
+                asyncio.run(opcua_bare(endpoint, sizes.opcua_machines, sizes.opcua_seconds, warmup))
+            )
+            driven.append(
+                asyncio.run(
+                    opcua_driver(endpoint, sizes.opcua_machines, sizes.opcua_seconds, warmup)
+                )
+            )
+        bare.append(
+            asyncio.run(opcua_bare(endpoint, sizes.opcua_machines, sizes.opcua_seconds, warmup))
+        )
     bare_rate = median([m.rate for m in bare])
     driver_rate = median([m.rate for m in driven])
     bare_cpu = median([m.cpu_us_per_unit for m in bare])
@@ -329,8 +377,12 @@ def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
 
 
 def _figures(measured: Measured) -> dict[str, float]:
-    figures = {"count": measured.count, "seconds": round(measured.seconds, 3),
-               "rate": round(measured.rate), "cpu_us": round(measured.cpu_us_per_unit, 1)}
+    figures = {
+        "count": measured.count,
+        "seconds": round(measured.seconds, 3),
+        "rate": round(measured.rate),
+        "cpu_us": round(measured.cpu_us_per_unit, 1),
+    }
     if measured.rss_after:
         figures["rss_mb"] = round(measured.rss_after, 1)
     return figures
@@ -353,14 +405,19 @@ class Broker:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
         self.port = free_port()
         config = self.directory / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true",
-                 "max_queued_messages 1000000", f"max_inflight_messages {MQTT_RECEIVE_MAXIMUM}"]
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "max_queued_messages 1000000",
+            f"max_inflight_messages {MQTT_RECEIVE_MAXIMUM}",
+        ]
         if os.geteuid() == 0:
             lines.append("user root")
         config.write_text("\n".join(lines) + "\n")
         with (self.directory / "mosquitto.log").open("wb") as log:
-            self.process = subprocess.Popen([binary, "-c", str(config)], stdout=log,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             try:
@@ -379,26 +436,45 @@ class Broker:
 
 def publish_burst(port: int, machine: str, count: int, *, first: int = 0) -> None:
     """`count` MES consumption messages for `machine`, QoS 1, every PUBACK awaited."""
-    with MesPublisher("127.0.0.1", port, site="1010", machine=machine, run=f"bench-{first}",
-                      window=1000) as publisher:
+    with MesPublisher(
+        "127.0.0.1", port, site="1010", machine=machine, run=f"bench-{first}", window=1000
+    ) as publisher:
         for number in range(first, first + count):
-            publisher.consume(f"{4000000 + number // 100}", "RM-STEEL", f"RM-{number:08d}",
-                              Decimal("12.500"))
+            publisher.consume(
+                f"{4000000 + number // 100}", "RM-STEEL", f"RM-{number:08d}", Decimal("12.500")
+            )
         publisher.flush(MQTT_DRAIN_TIMEOUT)
 
 
 def mqtt_config(port: int, machine: str) -> MqttConfig:
-    return MqttConfig.model_validate({
-        "name": "mes", "type": "mqtt", "host": "127.0.0.1", "port": port,
-        "client_id": f"bench-driver-{machine}", "batch_max": MQTT_BATCH_MAX,
-        "receive_maximum": MQTT_RECEIVE_MAXIMUM,
-        "topics": [{"filter": f"mes/1010/{machine}/consumption", "event": "material.consumed",
-                    "fields": {"site": "site", "machine_id": "$topic[2]",
-                               "order_id": "order_id", "operation": "operation",
-                               "material": "material", "lot_id": "lot_id",
-                               "quantity.value": "quantity", "quantity.uom": "uom",
-                               "occurred_at": "occurred_at"}}],
-    })
+    return MqttConfig.model_validate(
+        {
+            "name": "mes",
+            "type": "mqtt",
+            "host": "127.0.0.1",
+            "port": port,
+            "client_id": f"bench-driver-{machine}",
+            "batch_max": MQTT_BATCH_MAX,
+            "receive_maximum": MQTT_RECEIVE_MAXIMUM,
+            "topics": [
+                {
+                    "filter": f"mes/1010/{machine}/consumption",
+                    "event": "material.consumed",
+                    "fields": {
+                        "site": "site",
+                        "machine_id": "$topic[2]",
+                        "order_id": "order_id",
+                        "operation": "operation",
+                        "material": "material",
+                        "lot_id": "lot_id",
+                        "quantity.value": "quantity",
+                        "quantity.uom": "uom",
+                        "occurred_at": "occurred_at",
+                    },
+                }
+            ],
+        }
+    )
 
 
 FIELDS_JSON = msgspec.json.Encoder()
@@ -423,9 +499,15 @@ class CommittingSink:
             if not isinstance(reading, MesMessage):
                 raise RuntimeError(f"unexpected reading {reading!r}")
             payload = FIELDS_JSON.encode(reading.fields)
-            rows.append(OutboxEvent(id=reading.message_id, type=reading.kind,
-                                    partition_key=str(reading.fields.get("order_id")),
-                                    payload=payload, destinations=("erp",)))
+            rows.append(
+                OutboxEvent(
+                    id=reading.message_id,
+                    type=reading.kind,
+                    partition_key=str(reading.fields.get("order_id")),
+                    payload=payload,
+                    destinations=("erp",),
+                )
+            )
         result = await self.outbox.commit(rows)
         self.committed += len(result.new_ids)
         if self.target and self.committed >= self.target and not self.done.is_set():
@@ -433,8 +515,9 @@ class CommittingSink:
             self.done.set()
 
 
-async def mqtt_driver_phase(port: int, machine: str, count: int, outbox: Outbox
-                            ) -> tuple[Measured, float]:
+async def mqtt_driver_phase(
+    port: int, machine: str, count: int, outbox: Outbox
+) -> tuple[Measured, float]:
     """Make the session, publish the burst while the driver is away, then time the drain."""
     config = mqtt_config(port, machine)
     sink = CommittingSink(outbox)
@@ -462,8 +545,10 @@ async def mqtt_driver_phase(port: int, machine: str, count: int, outbox: Outbox
         cpu = time.process_time() - cpu
         running.cancel()
     batches = sum(driver.batch_sizes.values())
-    return (Measured(sink.committed, sink.finished_at - started, cpu),
-            sink.committed / batches if batches else 0.0)
+    return (
+        Measured(sink.committed, sink.finished_at - started, cpu),
+        sink.committed / batches if batches else 0.0,
+    )
 
 
 def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
@@ -474,12 +559,14 @@ def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
     received = [0]
     finished_at = [0.0]
 
-    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
-                   properties: Any) -> None:
+    def on_connect(
+        client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         client.subscribe(f"mes/1010/{machine}/consumption", qos=1)
 
-    def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, reasons: Any,
-                     properties: Any) -> None:
+    def on_subscribe(
+        client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
         subscribed.set()
 
     def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -489,8 +576,11 @@ def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
             done.set()
 
     def connect(subscribe: bool) -> mqtt.Client:
-        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                             client_id=client_id, protocol=mqtt.MQTTv5)
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
         if subscribe:
             client.on_connect = on_connect
             client.on_subscribe = on_subscribe
@@ -520,11 +610,11 @@ def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
     return Measured(received[0], finished_at[0] - started, cpu)
 
 
-async def mqtt_driver_rounds(port: int, sizes: Sizes, scratch: Path, round_number: int
-                             ) -> tuple[Measured, float]:
+async def mqtt_driver_rounds(
+    port: int, sizes: Sizes, scratch: Path, round_number: int
+) -> tuple[Measured, float]:
     async with Outbox.open(scratch / f"mqtt-outbox-{round_number}.db") as outbox:
-        return await mqtt_driver_phase(port, f"driver-r{round_number}", sizes.mqtt_messages,
-                                       outbox)
+        return await mqtt_driver_phase(port, f"driver-r{round_number}", sizes.mqtt_messages, outbox)
 
 
 def bench_mqtt(sizes: Sizes, scratch: Path) -> dict[str, Any]:
@@ -539,7 +629,8 @@ def bench_mqtt(sizes: Sizes, scratch: Path) -> dict[str, Any]:
         for number in range(sizes.rounds):
             bare.append(mqtt_bare_phase(broker.port, f"bare-r{number}", sizes.mqtt_messages))
             measured, mean_batch = asyncio.run(
-                mqtt_driver_rounds(broker.port, sizes, scratch, number))
+                mqtt_driver_rounds(broker.port, sizes, scratch, number)
+            )
             driven.append(measured)
             batch_means.append(mean_batch)
         bare.append(mqtt_bare_phase(broker.port, f"bare-r{sizes.rounds}", sizes.mqtt_messages))
@@ -565,10 +656,18 @@ def bench_mqtt(sizes: Sizes, scratch: Path) -> dict[str, Any]:
 
 
 def modbus_config(port: int, *, coalesce: bool) -> ModbusConfig:
-    return ModbusConfig.model_validate({
-        "name": "press", "type": "modbus", "host": "127.0.0.1", "port": port,
-        "poll_interval": "1ms", "timeout": "2s", "coalesce": coalesce, "tags": MODBUS_TAGS,
-    })
+    return ModbusConfig.model_validate(
+        {
+            "name": "press",
+            "type": "modbus",
+            "host": "127.0.0.1",
+            "port": port,
+            "poll_interval": "1ms",
+            "timeout": "2s",
+            "coalesce": coalesce,
+            "tags": MODBUS_TAGS,
+        }
+    )
 
 
 async def modbus_driver_phase(config: ModbusConfig, seconds: float) -> dict[str, Any]:
@@ -588,15 +687,19 @@ async def modbus_driver_phase(config: ModbusConfig, seconds: float) -> dict[str,
     if bad[0]:
         raise RuntimeError(f"{bad[0]} tag reads came back bad")
     registers = sum(block.count for block in blocks if block.table in ("holding", "input"))
-    return {"requests_per_poll": len(blocks), "registers_per_poll": registers,
-            "polls_per_s": round(measured.rate, 1),
-            "registers_per_s": round(measured.rate * registers),
-            "tags_per_s": round(measured.rate * len(config.tags)),
-            "cpu_us_per_poll": round(measured.cpu_us_per_unit)}
+    return {
+        "requests_per_poll": len(blocks),
+        "registers_per_poll": registers,
+        "polls_per_s": round(measured.rate, 1),
+        "registers_per_s": round(measured.rate * registers),
+        "tags_per_s": round(measured.rate * len(config.tags)),
+        "cpu_us_per_poll": round(measured.cpu_us_per_unit),
+    }
 
 
-async def modbus_bare_phase(port: int, blocks: Sequence[ReadBlock], seconds: float
-                            ) -> dict[str, Any]:
+async def modbus_bare_phase(
+    port: int, blocks: Sequence[ReadBlock], seconds: float
+) -> dict[str, Any]:
     client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
     await client.connect()
     try:
@@ -619,9 +722,11 @@ async def modbus_bare_phase(port: int, blocks: Sequence[ReadBlock], seconds: flo
     finally:
         client.close()
     registers = sum(block.count for block in blocks if block.table in ("holding", "input"))
-    return {"polls_per_s": round(polls / elapsed, 1),
-            "registers_per_s": round(polls / elapsed * registers),
-            "cpu_us_per_poll": round(cpu / polls * 1e6) if polls else 0}
+    return {
+        "polls_per_s": round(polls / elapsed, 1),
+        "registers_per_s": round(polls / elapsed * registers),
+        "cpu_us_per_poll": round(cpu / polls * 1e6) if polls else 0,
+    }
 
 
 def bench_modbus(sizes: Sizes, scratch: Path) -> dict[str, Any]:
@@ -646,8 +751,9 @@ def bench_modbus(sizes: Sizes, scratch: Path) -> dict[str, Any]:
         "tags": len(MODBUS_TAGS),
         "requests_per_poll_coalesced": coalesced[0]["requests_per_poll"],
         "requests_per_poll_uncoalesced": separate[0]["requests_per_poll"],
-        "requests_saved_per_poll": (separate[0]["requests_per_poll"]
-                                    - coalesced[0]["requests_per_poll"]),
+        "requests_saved_per_poll": (
+            separate[0]["requests_per_poll"] - coalesced[0]["requests_per_poll"]
+        ),
         "registers_per_poll_coalesced": coalesced[0]["registers_per_poll"],
         "registers_per_poll_uncoalesced": separate[0]["registers_per_poll"],
         "driver_registers_per_s": round(driver_registers),
@@ -655,8 +761,9 @@ def bench_modbus(sizes: Sizes, scratch: Path) -> dict[str, Any]:
         "driver_tags_per_s": round(figure(coalesced, "tags_per_s")),
         "uncoalesced_polls_per_s": round(figure(separate, "polls_per_s")),
         "uncoalesced_tags_per_s": round(figure(separate, "tags_per_s")),
-        "coalescing_speedup": round(figure(coalesced, "polls_per_s")
-                                    / figure(separate, "polls_per_s"), 2),
+        "coalescing_speedup": round(
+            figure(coalesced, "polls_per_s") / figure(separate, "polls_per_s"), 2
+        ),
         "bare_registers_per_s": round(bare_registers),
         "ratio": round(driver_registers / bare_registers, 3) if bare_registers else None,
         "driver_cpu_us_per_poll": round(figure(coalesced, "cpu_us_per_poll")),
@@ -669,36 +776,75 @@ def bench_modbus(sizes: Sizes, scratch: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
-    parser.add_argument("--opcua-machines", type=int, default=40,
-                        help="machines on the OPC UA server (8 monitored items each, 4 of "
-                        "which change at every tick)")
-    parser.add_argument("--opcua-items", type=int, default=None,
-                        help="monitored items on the OPC UA server (rounded up to whole "
-                        "machines of 8; overrides --opcua-machines), e.g. 10000 or 50000")
-    parser.add_argument("--opcua-tick", type=float, default=0.05,
-                        help="the server's production clock, seconds per tick")
-    parser.add_argument("--opcua-seconds", type=float, default=3.0,
-                        help="measured seconds per OPC UA phase")
-    parser.add_argument("--mqtt-messages", type=int, default=20_000,
-                        help="messages in each MQTT burst")
-    parser.add_argument("--modbus-seconds", type=float, default=2.5,
-                        help="measured seconds per Modbus phase")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="driver phases per protocol (the bare ones get one more)")
-    parser.add_argument("--only", choices=PROTOCOLS, action="append",
-                        help="run only this protocol's part (repeatable)")
+    parser.add_argument(
+        "--opcua-machines",
+        type=int,
+        default=40,
+        help="machines on the OPC UA server (8 monitored items each, 4 of "
+        "which change at every tick)",
+    )
+    parser.add_argument(
+        "--opcua-items",
+        type=int,
+        default=None,
+        help="monitored items on the OPC UA server (rounded up to whole "
+        "machines of 8; overrides --opcua-machines), e.g. 10000 or 50000",
+    )
+    parser.add_argument(
+        "--opcua-tick",
+        type=float,
+        default=0.05,
+        help="the server's production clock, seconds per tick",
+    )
+    parser.add_argument(
+        "--opcua-seconds", type=float, default=3.0, help="measured seconds per OPC UA phase"
+    )
+    parser.add_argument(
+        "--mqtt-messages", type=int, default=20_000, help="messages in each MQTT burst"
+    )
+    parser.add_argument(
+        "--modbus-seconds", type=float, default=2.5, help="measured seconds per Modbus phase"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="driver phases per protocol (the bare ones get one more)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=PROTOCOLS,
+        action="append",
+        help="run only this protocol's part (repeatable)",
+    )
     args = parser.parse_args()
     if args.quick:
-        sizes = Sizes(opcua_machines=5, opcua_tick=0.05, opcua_seconds=1.0, mqtt_messages=500,
-                      modbus_seconds=0.5, rounds=1)
+        sizes = Sizes(
+            opcua_machines=5,
+            opcua_tick=0.05,
+            opcua_seconds=1.0,
+            mqtt_messages=500,
+            modbus_seconds=0.5,
+            rounds=1,
+        )
     else:
-        machines = (args.opcua_machines if args.opcua_items is None
-                    else -(-args.opcua_items // len(VARIABLE_TYPES)))
-        sizes = Sizes(machines, args.opcua_tick, args.opcua_seconds,
-                      args.mqtt_messages, args.modbus_seconds, args.rounds)
+        machines = (
+            args.opcua_machines
+            if args.opcua_items is None
+            else -(-args.opcua_items // len(VARIABLE_TYPES))
+        )
+        sizes = Sizes(
+            machines,
+            args.opcua_tick,
+            args.opcua_seconds,
+            args.mqtt_messages,
+            args.modbus_seconds,
+            args.rounds,
+        )
     setup_logging("text", "WARNING")  # as the daemon: library chatter off
     started = time.perf_counter()
     parts = {"opcua": bench_opcua, "mqtt": bench_mqtt, "modbus": bench_modbus}

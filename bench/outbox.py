@@ -74,8 +74,9 @@ class CommitRun:
     rows_per_transaction: float
 
 
-async def outbox_commits(path: Path, events: Sequence[OutboxEvent], *, producers: int,
-                         per_call: int, time_limit: float) -> CommitRun:
+async def outbox_commits(
+    path: Path, events: Sequence[OutboxEvent], *, producers: int, per_call: int, time_limit: float
+) -> CommitRun:
     """`producers` tasks take the next `per_call` events from a shared queue of work and
     commit them, each waiting for its own commit, until the work or the time runs out."""
     async with Outbox.open(path) as outbox:
@@ -100,8 +101,9 @@ async def outbox_commits(path: Path, events: Sequence[OutboxEvent], *, producers
     return CommitRun(phase, stats.committed / max(1, stats.transactions))
 
 
-def raw_sqlite_inserts(path: Path, events: Sequence[OutboxEvent], *, rows_per_transaction: int,
-                       time_limit: float) -> Phase:
+def raw_sqlite_inserts(
+    path: Path, events: Sequence[OutboxEvent], *, rows_per_transaction: int, time_limit: float
+) -> Phase:
     """The bare baseline: the outbox's PRAGMAs, schema and statements, no outbox around them."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
@@ -119,18 +121,31 @@ def raw_sqlite_inserts(path: Path, events: Sequence[OutboxEvent], *, rows_per_tr
             db.execute("BEGIN IMMEDIATE")
             for event in chunk:
                 if remembers_ids:
-                    db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
-                               " ON CONFLICT(id) DO NOTHING", (event.id, time.time()))
+                    db.execute(
+                        "INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
+                        " ON CONFLICT(id) DO NOTHING",
+                        (event.id, time.time()),
+                    )
                 cursor = db.execute(
                     "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
-                    (event.id, event.type, event.partition_key, event.priority, event.payload,
-                     time.time()))
+                    (
+                        event.id,
+                        event.type,
+                        event.partition_key,
+                        event.priority,
+                        event.payload,
+                        time.time(),
+                    ),
+                )
                 db.executemany(
                     "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
                     " state, attempts, next_attempt_at) VALUES (?, ?, ?, ?, 0, 0, 0)",
-                    [(cursor.lastrowid, destination, event.partition_key, event.priority)
-                     for destination in event.destinations])
+                    [
+                        (cursor.lastrowid, destination, event.partition_key, event.priority)
+                        for destination in event.destinations
+                    ],
+                )
             db.execute("COMMIT")
             done += len(chunk)
             if time.perf_counter() > deadline:
@@ -164,14 +179,21 @@ def http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(limits=httpx.Limits(max_connections=MAX_IN_FLIGHT))
 
 
-async def forwarder_drain(path: Path, events: Sequence[OutboxEvent], client: httpx.AsyncClient,
-                          base_url: str, *, time_limit: float) -> Phase:
+async def forwarder_drain(
+    path: Path,
+    events: Sequence[OutboxEvent],
+    client: httpx.AsyncClient,
+    base_url: str,
+    *,
+    time_limit: float,
+) -> Phase:
     """Pre-commit `events`, then time a real forwarder until it has delivered them all."""
     async with Outbox.open(path) as outbox:
         for chunk in chunks(events, 500):
             await outbox.commit(chunk)
-        config = DestinationConfig(base_url=base_url, path="/api/events",
-                                   max_in_flight=MAX_IN_FLIGHT)
+        config = DestinationConfig(
+            base_url=base_url, path="/api/events", max_in_flight=MAX_IN_FLIGHT
+        )
         forwarder = HttpForwarder(DESTINATION, config, outbox, client)
         deadline = time.perf_counter() + time_limit
         started = time.perf_counter()
@@ -189,8 +211,14 @@ async def forwarder_drain(path: Path, events: Sequence[OutboxEvent], client: htt
     return Phase(delivered, seconds, left > 0)
 
 
-async def bare_posts(events: Sequence[OutboxEvent], client: httpx.AsyncClient, url: str, *,
-                     workers: int, time_limit: float) -> Phase:
+async def bare_posts(
+    events: Sequence[OutboxEvent],
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    workers: int,
+    time_limit: float,
+) -> Phase:
     """The bare baseline: `workers` tasks POSTing the same payloads, nothing else."""
     queue = iter(events)
     deadline = time.perf_counter() + time_limit
@@ -200,12 +228,18 @@ async def bare_posts(events: Sequence[OutboxEvent], client: httpx.AsyncClient, u
         nonlocal done
         for event in queue:
             response = await client.post(
-                url, content=event.payload, timeout=10.0,
-                headers={"Content-Type": "application/cloudevents+json",
-                         "Idempotency-Key": event.id})
+                url,
+                content=event.payload,
+                timeout=10.0,
+                headers={
+                    "Content-Type": "application/cloudevents+json",
+                    "Idempotency-Key": event.id,
+                },
+            )
             if response.status_code != 201:
-                raise RuntimeError(f"bare POST answered {response.status_code}: "
-                                   f"{response.text[:200]}")
+                raise RuntimeError(
+                    f"bare POST answered {response.status_code}: {response.text[:200]}"
+                )
             done += 1
             if time.perf_counter() > deadline:
                 return
@@ -239,24 +273,35 @@ async def measure(directory: Path, sizes: Sizes) -> dict[str, Any]:
     rows_per_transaction: dict[str, list[float]] = defaultdict(list)
     for number in range(sizes.rounds):
         for label, per_call in (("single", 1), (batch, sizes.batch)):
-            run = await outbox_commits(directory / f"outbox-{label}-{number}.sqlite", events,
-                                       producers=sizes.producers, per_call=per_call,
-                                       time_limit=limit)
+            run = await outbox_commits(
+                directory / f"outbox-{label}-{number}.sqlite",
+                events,
+                producers=sizes.producers,
+                per_call=per_call,
+                time_limit=limit,
+            )
             rows = max(1, round(run.rows_per_transaction))
-            raw = raw_sqlite_inserts(directory / f"raw-{label}-{number}.sqlite", events,
-                                     rows_per_transaction=rows, time_limit=limit)
+            raw = raw_sqlite_inserts(
+                directory / f"raw-{label}-{number}.sqlite",
+                events,
+                rows_per_transaction=rows,
+                time_limit=limit,
+            )
             outbox_rate = sample(f"outbox_{label}", run.phase)
             ratios[label].append(outbox_rate / sample(f"raw_sqlite_{label}", raw))
             rows_per_transaction[label].append(run.rows_per_transaction)
     raw_single_row = raw_sqlite_inserts(
-        directory / "raw-single-row.sqlite", events[:SINGLE_ROW_EVENTS],
-        rows_per_transaction=1, time_limit=limit)
+        directory / "raw-single-row.sqlite",
+        events[:SINGLE_ROW_EVENTS],
+        rows_per_transaction=1,
+        time_limit=limit,
+    )
     sample("raw_sqlite_single_row", raw_single_row)
 
     # The bare loop posts half the payloads before the drain and half after, so that drift on
     # the machine hits both alike.
     drain_events = make_events(sizes.drain_events, sizes.partition_keys, "drain")
-    halves = iter((drain_events[:len(drain_events) // 2], drain_events[len(drain_events) // 2:]))
+    halves = iter((drain_events[: len(drain_events) // 2], drain_events[len(drain_events) // 2 :]))
     with erp_simulator(directory) as base_url:
         async with http_client() as client:
             url = f"{base_url}/api/events"
@@ -266,28 +311,31 @@ async def measure(directory: Path, sizes: Sizes) -> dict[str, Any]:
             for step in ("bare", "drain", "bare"):
                 await reset_simulator(client, base_url)
                 if step == "bare":
-                    bare = await bare_posts(next(halves), client, url, workers=MAX_IN_FLIGHT,
-                                            time_limit=limit)
+                    bare = await bare_posts(
+                        next(halves), client, url, workers=MAX_IN_FLIGHT, time_limit=limit
+                    )
                     sample("bare_httpx", bare)
                     continue
-                drain = await forwarder_drain(directory / "drain.sqlite", drain_events, client,
-                                              base_url, time_limit=limit)
+                drain = await forwarder_drain(
+                    directory / "drain.sqlite", drain_events, client, base_url, time_limit=limit
+                )
                 received = await simulator_unique(client, base_url)
                 if received != drain.done:
-                    raise RuntimeError(f"the ERP stored {received} events, the forwarder "
-                                       f"acknowledged {drain.done}")
+                    raise RuntimeError(
+                        f"the ERP stored {received} events, the forwarder acknowledged {drain.done}"
+                    )
                 sample("drain", drain)
 
     drain_rate, bare_rate = median(samples["drain"]), median(samples["bare_httpx"])
     return {
         "outbox_commits_per_s": median(samples["outbox_single"]),
-        "outbox_rows_per_transaction": round(statistics.median(rows_per_transaction["single"]),
-                                             1),
+        "outbox_rows_per_transaction": round(statistics.median(rows_per_transaction["single"]), 1),
         "raw_sqlite_rows_per_s": median(samples["raw_sqlite_single"]),
         "ratio": round(statistics.median(ratios["single"]), 3),
         f"outbox_{batch}_events_per_s": median(samples[f"outbox_{batch}"]),
         f"outbox_{batch}_rows_per_transaction": round(
-            statistics.median(rows_per_transaction[batch]), 1),
+            statistics.median(rows_per_transaction[batch]), 1
+        ),
         f"raw_sqlite_{batch}_rows_per_s": median(samples[f"raw_sqlite_{batch}"]),
         f"{batch}_ratio": round(statistics.median(ratios[batch]), 3),
         "raw_sqlite_commits_per_s_single_row": median(samples["raw_sqlite_single_row"]),
@@ -301,40 +349,71 @@ async def measure(directory: Path, sizes: Sizes) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=20000,
-                        help="events per commit phase (default 20000)")
-    parser.add_argument("--drain-events", type=int, default=5000,
-                        help="events pre-committed and drained (default 5000)")
-    parser.add_argument("--producers", type=int, default=50,
-                        help="concurrent committing tasks (default 50)")
+    parser.add_argument(
+        "--events", type=int, default=20000, help="events per commit phase (default 20000)"
+    )
+    parser.add_argument(
+        "--drain-events",
+        type=int,
+        default=5000,
+        help="events pre-committed and drained (default 5000)",
+    )
+    parser.add_argument(
+        "--producers", type=int, default=50, help="concurrent committing tasks (default 50)"
+    )
     parser.add_argument("--batch", type=int, default=100, help="events per batched commit call")
     parser.add_argument("--keys", type=int, default=50, help="distinct partition keys")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of the commit phases; figures are medians over rounds")
-    parser.add_argument("--time-limit", type=float, default=20.0,
-                        help="seconds any one phase may run before it is cut short")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the commit phases; figures are medians over rounds",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=20.0,
+        help="seconds any one phase may run before it is cut short",
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where the temporary databases go (default: the system temp dir)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where the temporary databases go (default: the system temp dir)",
+    )
     parser.add_argument("--quick", action="store_true", help="a tiny run to check it works")
     args = parser.parse_args(argv)
     sizes = Sizes(
         commit_events=1000 if args.quick else args.events,
         drain_events=200 if args.quick else args.drain_events,
-        producers=args.producers, batch=args.batch, partition_keys=args.keys,
+        producers=args.producers,
+        batch=args.batch,
+        partition_keys=args.keys,
         rounds=1 if args.quick else args.rounds,
-        phase_time_limit=args.time_limit)
+        phase_time_limit=args.time_limit,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-outbox-", dir=args.dir) as directory:
         figures = event_loop_runner(args.loop)(measure(Path(directory), sizes))
         filesystem = filesystem_type(Path(directory))
-    line = {"benchmark": "outbox", **figures,
-            "params": {"events": sizes.commit_events, "drain_events": sizes.drain_events,
-                       "producers": sizes.producers, "batch": sizes.batch,
-                       "partition_keys": sizes.partition_keys, "rounds": sizes.rounds,
-                       "max_in_flight": MAX_IN_FLIGHT,
-                       **outbox_defaults(), "raw_baseline_tables": raw_baseline_tables(),
-                       "loop": args.loop,
-                       "filesystem": filesystem, "quick": args.quick}}
+    line = {
+        "benchmark": "outbox",
+        **figures,
+        "params": {
+            "events": sizes.commit_events,
+            "drain_events": sizes.drain_events,
+            "producers": sizes.producers,
+            "batch": sizes.batch,
+            "partition_keys": sizes.partition_keys,
+            "rounds": sizes.rounds,
+            "max_in_flight": MAX_IN_FLIGHT,
+            **outbox_defaults(),
+            "raw_baseline_tables": raw_baseline_tables(),
+            "loop": args.loop,
+            "filesystem": filesystem,
+            "quick": args.quick,
+        },
+    }
     print(json.dumps(line), flush=True)
     return 0
 

@@ -64,12 +64,20 @@ TIME_COLUMNS = frozenset({"committed_at", "created_at"})
 
 def event(number: int, partition_keys: int, run: str) -> OutboxEvent:
     """A confirmation-shaped CloudEvent of realistic size (~400 bytes), its key by number."""
-    return confirmation_event(number, partition_keys, f"restart-{run}-{number:08d}",
-                              priority=PRIORITY)
+    return confirmation_event(
+        number, partition_keys, f"restart-{run}-{number:08d}", priority=PRIORITY
+    )
 
 
-def fill(path: Path, count: int, *, start: int, partition_keys: int, run: str,
-         deadline: float = float("inf")) -> int:
+def fill(
+    path: Path,
+    count: int,
+    *,
+    start: int,
+    partition_keys: int,
+    run: str,
+    deadline: float = float("inf"),
+) -> int:
     """Write events `start`.. as pending deliveries to DESTINATION, the rows `Outbox.commit`
     writes (event_ids, events, deliveries), in transactions of FILL_BATCH events; stops at
     `deadline` (perf_counter). Returns how many were written."""
@@ -81,21 +89,28 @@ def fill(path: Path, count: int, *, start: int, partition_keys: int, run: str,
         migrate(db)
         done = 0
         while done < count and time.perf_counter() < deadline:
-            events = [event(start + done + n, partition_keys, run)
-                      for n in range(min(FILL_BATCH, count - done))]
+            events = [
+                event(start + done + n, partition_keys, run)
+                for n in range(min(FILL_BATCH, count - done))
+            ]
             now = time.time()
             db.execute("BEGIN IMMEDIATE")
             (last_seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()
-            db.executemany("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)",
-                           ((e.id, now) for e in events))
+            db.executemany(
+                "INSERT INTO event_ids(id, committed_at) VALUES (?, ?)",
+                ((e.id, now) for e in events),
+            )
             db.executemany(
                 "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                ((e.id, e.type, e.partition_key, e.priority, e.payload, now) for e in events))
+                ((e.id, e.type, e.partition_key, e.priority, e.payload, now) for e in events),
+            )
             db.execute(
                 "INSERT INTO deliveries(event_seq, destination, partition_key, priority, state,"
                 " attempts, next_attempt_at) SELECT seq, ?, partition_key, priority, 0, 0, 0"
-                " FROM events WHERE seq > ? ORDER BY seq", (DESTINATION, last_seq))
+                " FROM events WHERE seq > ? ORDER BY seq",
+                (DESTINATION, last_seq),
+            )
             db.execute("COMMIT")
             done += len(events)
     finally:
@@ -106,8 +121,9 @@ def fill(path: Path, count: int, *, start: int, partition_keys: int, run: str,
 def pending(path: Path) -> int:
     db = sqlite3.connect(path)
     try:
-        (count,) = db.execute("SELECT COUNT(*) FROM deliveries WHERE destination = ?"
-                              " AND state = 0", (DESTINATION,)).fetchone()
+        (count,) = db.execute(
+            "SELECT COUNT(*) FROM deliveries WHERE destination = ? AND state = 0", (DESTINATION,)
+        ).fetchone()
         return int(count)
     finally:
         db.close()
@@ -117,15 +133,21 @@ def table_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of every table but the commit times, for comparing two outbox files."""
     db = sqlite3.connect(path)
     try:
-        tables = [name for (name,) in db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        tables = [
+            name
+            for (name,) in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+            )
+        ]
         rows: dict[str, list[tuple[Any, ...]]] = {}
         for table in tables:
-            columns = [c[1] for c in db.execute(f"PRAGMA table_info({table})")
-                       if c[1] not in TIME_COLUMNS]
+            columns = [
+                c[1] for c in db.execute(f"PRAGMA table_info({table})") if c[1] not in TIME_COLUMNS
+            ]
             positions = ", ".join(str(n + 1) for n in range(len(columns)))
             rows[table] = db.execute(
-                f"SELECT {', '.join(columns)} FROM {table} ORDER BY {positions}").fetchall()
+                f"SELECT {', '.join(columns)} FROM {table} ORDER BY {positions}"
+            ).fetchall()
         (version,) = db.execute("PRAGMA user_version").fetchone()
         rows["user_version"] = [(version,)]
         return rows
@@ -141,17 +163,20 @@ async def committed_through_outbox(path: Path, count: int, partition_keys: int) 
 def check_fill(directory: Path, partition_keys: int) -> None:
     """The fill must write what `Outbox.commit` writes; the schema may change under it."""
     count = 2 * partition_keys + 3
-    asyncio.run(committed_through_outbox(directory / "check-commit.sqlite", count,
-                                         partition_keys))
-    fill(directory / "check-fill.sqlite", count, start=0, partition_keys=partition_keys,
-         run="check")
+    asyncio.run(committed_through_outbox(directory / "check-commit.sqlite", count, partition_keys))
+    fill(
+        directory / "check-fill.sqlite", count, start=0, partition_keys=partition_keys, run="check"
+    )
     committed = table_rows(directory / "check-commit.sqlite")
     filled = table_rows(directory / "check-fill.sqlite")
     if committed != filled:
-        differing = sorted(t for t in committed.keys() | filled.keys()
-                           if committed.get(t) != filled.get(t))
-        raise RuntimeError(f"the raw fill no longer writes what Outbox.commit writes (tables "
-                           f"{', '.join(differing)} differ): update fill() in {__file__}")
+        differing = sorted(
+            t for t in committed.keys() | filled.keys() if committed.get(t) != filled.get(t)
+        )
+        raise RuntimeError(
+            f"the raw fill no longer writes what Outbox.commit writes (tables "
+            f"{', '.join(differing)} differ): update fill() in {__file__}"
+        )
 
 
 # -- the measuring subprocess -----------------------------------------------------------------
@@ -182,16 +207,22 @@ async def restart(path: Path, base_url: str, spawned_at: float) -> dict[str, Any
             health = forwarder.health
             deadline = started + CHILD_DELIVERY_TIMEOUT
             # The forwarder has no "delivered" signal; poll its counter, which costs no I/O.
-            while (not health.delivered and not health.failures and not running.done()  # noqa: ASYNC110
-                   and time.perf_counter() < deadline):
+            while (  # noqa: ASYNC110
+                not health.delivered
+                and not health.failures
+                and not running.done()
+                and time.perf_counter() < deadline
+            ):
                 await asyncio.sleep(0.0005)
             delivered_at = time.perf_counter()
             wall_delivered_at = time.time()
             forwarder.drain()
             await asyncio.wait_for(running, CHILD_DELIVERY_TIMEOUT)
         if not health.delivered:
-            raise RuntimeError(f"no delivery within {CHILD_DELIVERY_TIMEOUT:g} s: "
-                               f"{health.failures} failure(s), last error {health.last_error}")
+            raise RuntimeError(
+                f"no delivery within {CHILD_DELIVERY_TIMEOUT:g} s: "
+                f"{health.failures} failure(s), last error {health.last_error}"
+            )
         rss_delivered = proc_status_mb("VmRSS")
         left = sum(c.pending for c in (await outbox.counts()).values())
     return {
@@ -262,16 +293,33 @@ def child_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def in_fresh_process(path: Path, *, url: str = "", loop: str, timeout: float,
-                     profile_open: bool = False) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--measure", str(path), "--url", url, "--loop", loop,
-               "--spawned-at", repr(time.time())]
-    finished = subprocess.run([*command, *(["--profile-open"] if profile_open else [])],
-                              cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+def in_fresh_process(
+    path: Path, *, url: str = "", loop: str, timeout: float, profile_open: bool = False
+) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        str(path),
+        "--url",
+        url,
+        "--loop",
+        loop,
+        "--spawned-at",
+        repr(time.time()),
+    ]
+    finished = subprocess.run(
+        [*command, *(["--profile-open"] if profile_open else [])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if finished.returncode != 0:
-        raise RuntimeError(f"the measuring process exited with {finished.returncode}: "
-                           f"{finished.stderr[-2000:]}")
+        raise RuntimeError(
+            f"the measuring process exited with {finished.returncode}: {finished.stderr[-2000:]}"
+        )
     figures: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
     return figures
 
@@ -282,9 +330,12 @@ def in_fresh_process(path: Path, *, url: str = "", loop: str, timeout: float,
 def warm_up(base_url: str) -> None:
     """One delivery before any measurement, so no measured process pays the server's first."""
     warm = event(0, 1, "warm-up")
-    response = httpx.post(f"{base_url}{EVENT_PATH}", content=warm.payload, timeout=10.0,
-                          headers={"Content-Type": "application/cloudevents+json",
-                                   "Idempotency-Key": warm.id})
+    response = httpx.post(
+        f"{base_url}{EVENT_PATH}",
+        content=warm.payload,
+        timeout=10.0,
+        headers={"Content-Type": "application/cloudevents+json", "Idempotency-Key": warm.id},
+    )
     response.raise_for_status()
 
 
@@ -302,13 +353,22 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
     check_fill(directory, keys)
     backlog, baseline = directory / "outbox-backlog.sqlite", directory / "outbox-baseline.sqlite"
     started = time.perf_counter()
-    filled = fill(backlog, events, start=0, partition_keys=keys, run="backlog",
-                  deadline=started + args.fill_time_limit)
+    filled = fill(
+        backlog,
+        events,
+        start=0,
+        partition_keys=keys,
+        run="backlog",
+        deadline=started + args.fill_time_limit,
+    )
     fill_s = time.perf_counter() - started
     time_limited = ["fill"] if filled < events else []
     if time_limited:
-        print(f"the fill was cut short after {fill_s:.0f} s at {filled} of {events} events "
-              f"(--fill-time-limit): measuring with what it wrote", file=sys.stderr)
+        print(
+            f"the fill was cut short after {fill_s:.0f} s at {filled} of {events} events "
+            f"(--fill-time-limit): measuring with what it wrote",
+            file=sys.stderr,
+        )
     fill(baseline, 1, start=0, partition_keys=keys, run="baseline")
     db_mb = backlog.stat().st_size / 2**20
     # Each restart delivers (and so removes) a few events: top up to the same count before
@@ -319,8 +379,9 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
 
     def top_up(path: Path) -> None:
         missing = targets[path] - pending(path)
-        next_number[path] += fill(path, missing, start=next_number[path], partition_keys=keys,
-                                  run=runs[path])
+        next_number[path] += fill(
+            path, missing, start=next_number[path], partition_keys=keys, run=runs[path]
+        )
 
     samples: dict[str, list[Any]] = defaultdict(list)
     delivered = 0
@@ -330,18 +391,21 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
             order = [(baseline, "baseline"), (backlog, "backlog")]
             for path, label in order if number % 2 == 0 else reversed(order):
                 top_up(path)
-                figures = in_fresh_process(path, url=base_url, loop=args.loop,
-                                           timeout=args.child_timeout)
+                figures = in_fresh_process(
+                    path, url=base_url, loop=args.loop, timeout=args.child_timeout
+                )
                 delivered += figures.pop("delivered")
                 for name, value in figures.items():
                     samples[f"{label}_{name}"].append(round(value, 4))
         stored = received(base_url) - 1
         if stored != delivered:
-            raise RuntimeError(f"the ERP stored {stored} events, the forwarders acknowledged "
-                               f"{delivered}")
+            raise RuntimeError(
+                f"the ERP stored {stored} events, the forwarders acknowledged {delivered}"
+            )
     top_up(backlog)
-    breakdown = in_fresh_process(backlog, loop=args.loop, timeout=args.child_timeout,
-                                 profile_open=True)
+    breakdown = in_fresh_process(
+        backlog, loop=args.loop, timeout=args.child_timeout, profile_open=True
+    )
 
     def median_of(name: str, places: int = 3) -> float:
         return median(samples[name], places)
@@ -349,8 +413,10 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
     first = median_of("backlog_first_delivery_s")
     first_base = median_of("baseline_first_delivery_s")
     opened, opened_base = median_of("backlog_open_s"), median_of("baseline_open_s")
-    rss, rss_empty = (median_of("backlog_rss_mb_after_open", 1),
-                      median_of("baseline_rss_mb_after_open", 1))
+    rss, rss_empty = (
+        median_of("backlog_rss_mb_after_open", 1),
+        median_of("baseline_rss_mb_after_open", 1),
+    )
     peak, peak_empty = median_of("backlog_rss_peak_mb", 1), median_of("baseline_rss_peak_mb", 1)
     return {
         "pending_events": filled,
@@ -368,11 +434,12 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
         "rss_ratio": round(rss / rss_empty, 3),
         "rss_delta_mb_after_first_delivery": round(
             median_of("backlog_rss_mb_after_first_delivery", 1)
-            - median_of("baseline_rss_mb_after_first_delivery", 1), 1),
+            - median_of("baseline_rss_mb_after_first_delivery", 1),
+            1,
+        ),
         "rss_peak_delta_mb": round(peak - peak_empty, 1),
         "meets_targets": {
-            f"first_delivery_under_{TARGET_FIRST_DELIVERY_S:g}s":
-                first < TARGET_FIRST_DELIVERY_S,
+            f"first_delivery_under_{TARGET_FIRST_DELIVERY_S:g}s": first < TARGET_FIRST_DELIVERY_S,
             f"rss_delta_under_{TARGET_RSS_DELTA_MB:g}mb": rss - rss_empty < TARGET_RSS_DELTA_MB,
         },
         "db_mb": round(db_mb, 1),
@@ -386,20 +453,40 @@ def measure(directory: Path, args: argparse.Namespace, events: int) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=1_000_000,
-                        help="pending events in the backlog (default 1000000)")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=1_000_000,
+        help="pending events in the backlog (default 1000000)",
+    )
     parser.add_argument("--keys", type=int, default=200, help="distinct partition keys")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="restarts of each outbox; figures are medians over rounds")
-    parser.add_argument("--fill-time-limit", type=float, default=300.0,
-                        help="seconds the fill may take before it is cut short")
-    parser.add_argument("--child-timeout", type=float, default=120.0,
-                        help="seconds one measuring process may take")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="restarts of each outbox; figures are medians over rounds",
+    )
+    parser.add_argument(
+        "--fill-time-limit",
+        type=float,
+        default=300.0,
+        help="seconds the fill may take before it is cut short",
+    )
+    parser.add_argument(
+        "--child-timeout", type=float, default=120.0, help="seconds one measuring process may take"
+    )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where the temporary databases go (default: the system temp dir)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small run to check it works (20000 events, one round)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where the temporary databases go (default: the system temp dir)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run to check it works (20000 events, one round)",
+    )
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--url", default="", help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -412,14 +499,24 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 1
     with tempfile.TemporaryDirectory(prefix="bench-restart-", dir=args.dir) as directory:
         figures = measure(Path(directory), args, events)
-    line = {"benchmark": "outbox_restart", **figures,
-            "params": {"events": events, "partition_keys": args.keys, "rounds": args.rounds,
-                       "destination_max_in_flight": DestinationConfig.model_fields[
-                           "max_in_flight"].default,
-                       "payload_bytes": len(event(0, args.keys, "backlog").payload),
-                       "targets": {"first_delivery_s": TARGET_FIRST_DELIVERY_S,
-                                   "rss_delta_mb": TARGET_RSS_DELTA_MB},
-                       "loop": args.loop, "cpu_count": os.cpu_count(), "quick": args.quick}}
+    line = {
+        "benchmark": "outbox_restart",
+        **figures,
+        "params": {
+            "events": events,
+            "partition_keys": args.keys,
+            "rounds": args.rounds,
+            "destination_max_in_flight": DestinationConfig.model_fields["max_in_flight"].default,
+            "payload_bytes": len(event(0, args.keys, "backlog").payload),
+            "targets": {
+                "first_delivery_s": TARGET_FIRST_DELIVERY_S,
+                "rss_delta_mb": TARGET_RSS_DELTA_MB,
+            },
+            "loop": args.loop,
+            "cpu_count": os.cpu_count(),
+            "quick": args.quick,
+        },
+    }
     print(json.dumps(line), flush=True)
     return 0
 

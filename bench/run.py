@@ -38,8 +38,11 @@ class Outcome:
 
 def benchmarks() -> list[Path]:
     """Every bench/*.py but this runner and the modules they share (named with a leading _)."""
-    return sorted(path for path in BENCH.glob("*.py")
-                  if path.resolve() != Path(__file__).resolve() and not path.name.startswith("_"))
+    return sorted(
+        path
+        for path in BENCH.glob("*.py")
+        if path.resolve() != Path(__file__).resolve() and not path.name.startswith("_")
+    )
 
 
 def last_json_line(stdout: str) -> dict[str, Any] | None:
@@ -57,20 +60,29 @@ def run_one(path: Path, extra_args: list[str], timeout: float) -> Outcome:
     started = time.perf_counter()
     try:
         finished = subprocess.run(
-            [sys.executable, str(path), *extra_args], cwd=REPO, capture_output=True, text=True,
-            timeout=timeout, check=False)
+            [sys.executable, str(path), *extra_args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        return Outcome(path.stem, None, time.perf_counter() - started,
-                       f"timed out after {timeout:g} s\n{tail(stderr)}")
+        return Outcome(
+            path.stem,
+            None,
+            time.perf_counter() - started,
+            f"timed out after {timeout:g} s\n{tail(stderr)}",
+        )
     seconds = time.perf_counter() - started
     figures = last_json_line(finished.stdout)
     if finished.returncode != 0:
-        return Outcome(path.stem, None, seconds,
-                       f"exited with {finished.returncode}\n{tail(finished.stderr)}")
+        return Outcome(
+            path.stem, None, seconds, f"exited with {finished.returncode}\n{tail(finished.stderr)}"
+        )
     if figures is None:
-        return Outcome(path.stem, None, seconds,
-                       f"printed no JSON line\n{tail(finished.stderr)}")
+        return Outcome(path.stem, None, seconds, f"printed no JSON line\n{tail(finished.stderr)}")
     return Outcome(path.stem, figures, seconds)
 
 
@@ -100,8 +112,14 @@ def machine() -> dict[str, Any]:
 def revision() -> str:
     """The commit measured, with `-dirty` when the tree had uncommitted changes."""
     try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
-                                   capture_output=True, text=True, timeout=10, check=True)
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return described.stdout.strip()
@@ -129,11 +147,18 @@ def shown(value: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny runs, to check they work")
-    parser.add_argument("--timeout", type=float, default=600.0,
-                        help="seconds one benchmark may take before it counts as failed")
-    parser.add_argument("--output", type=Path, default=None,
-                        help="where to write the results (default bench/results.json; "
-                             "with --quick, nowhere)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds one benchmark may take before it counts as failed",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="where to write the results (default bench/results.json; with --quick, nowhere)",
+    )
     args = parser.parse_args(argv)
     output = args.output or (None if args.quick else BENCH / "results.json")
     extra_args = ["--quick"] if args.quick else []
@@ -157,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         output.write_text(json.dumps(report, indent=2) + "\n")
     about = report["machine"]
     print(markdown_table(results))
-    print(f"\n{about['cpu_count']} CPUs ({about['cpu_model']}), {about['platform']}, "
-          f"Python {about['python']}, {about['date']}")
+    print(
+        f"\n{about['cpu_count']} CPUs ({about['cpu_model']}), {about['platform']}, "
+        f"Python {about['python']}, {about['date']}"
+    )
     if failures:
         print(f"{len(failures)} benchmark(s) failed: {', '.join(failures)}", file=sys.stderr)
         return 1

@@ -99,8 +99,7 @@ class DeviceRestarted:
 
 Reading = Sample | MesMessage | RejectedMessage | DeviceRestarted
 
-NONFINITE_NAMES: dict[str, float] = {
-    "NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+NONFINITE_NAMES: dict[str, float] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 """How a non-finite float is named where JSON cannot hold it (the spellings of JavaScript and
 of Python's own `json` module, which writes them although no JSON parser has to accept them)."""
 
@@ -128,6 +127,7 @@ def finite_json(document: Any) -> Any:
         return [finite_json(value) for value in document]
     return document
 
+
 async def accepts_tcp(host: str, port: int, within: float) -> bool:
     """Whether a TCP connection to host:port opens within `within` seconds (then closed at
     once): how a driver waiting to reconnect sees that a device which was gone is back,
@@ -150,7 +150,9 @@ down: with full jitter the mean wait at the cap is half of it."""
 
 RECONNECT_MAX_DELAY_DOC = (
     "Longest wait between reconnect attempts (exponential backoff with full jitter up to this "
-    "cap). Lower it to notice a returning device sooner; raise it to spare a flaky network.")
+    "cap). Lower it to notice a returning device sooner; raise it to spare a flaky network."
+)
+
 
 def honour_cancellation() -> None:
     """Raise CancelledError if this task was asked to stop while a library swallowed it.
@@ -181,6 +183,7 @@ def unique_names(items: Sequence[Named], what: str = "tag") -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"{what} names must be unique; repeated: {', '.join(repeated)}")
+
 
 SampleSink = Callable[[Sequence[Reading]], Awaitable[None]]
 """Where a driver delivers a batch of readings. The await returns once whatever they produced

@@ -56,8 +56,13 @@ async def _in_stream(urls: list[str]) -> int:
 
 def _lag(metrics_url: str) -> int:
     text = httpx.get(metrics_url, timeout=5).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("plantsync_relay_consumer_pending{")))
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("plantsync_relay_consumer_pending{")
+        )
+    )
 
 
 def run(events: int, rate: float, directory: Path) -> int:
@@ -65,38 +70,91 @@ def run(events: int, rate: float, directory: Path) -> int:
     with running_cluster(directory / "nats") as cluster:
         print(f"hub: 3 nats-server nodes on {', '.join(cluster.urls)}", flush=True)
         erp_log = directory / "erp.log"
-        processes.append(_start([sys.executable, "-m", "simulators.erp", "--port", "0",
-                                 "--db", str(directory / "erp.db")], erp_log))
+        processes.append(
+            _start(
+                [
+                    sys.executable,
+                    "-m",
+                    "simulators.erp",
+                    "--port",
+                    "0",
+                    "--db",
+                    str(directory / "erp.db"),
+                ],
+                erp_log,
+            )
+        )
         erp_url = re.findall(r"listening on (\S+)", _wait_for(erp_log, "listening on"))[0]
         print(f"erp: simulator on {erp_url}", flush=True)
         hub_yaml = directory / "hub.yaml"
-        example = (Path(__file__).resolve().parents[1] / "config" / "hub.example.yaml")
+        example = Path(__file__).resolve().parents[1] / "config" / "hub.example.yaml"
         hub_yaml.write_text(
             example.read_text()
-            .replace("[nats://127.0.0.1:4222, nats://127.0.0.1:4223, nats://127.0.0.1:4224]",
-                     "[" + ", ".join(cluster.urls) + "]")
-            .replace("http://127.0.0.1:8480", erp_url).replace("metrics_port: 9480",
-                                                              "metrics_port: 0")
-            .replace("stats_interval: 5s", "stats_interval: 1s"))
-        init = subprocess.run([PLANTSYNC, "hub", "init", "--config", str(hub_yaml)],
-                              capture_output=True, text=True, timeout=120)
+            .replace(
+                "[nats://127.0.0.1:4222, nats://127.0.0.1:4223, nats://127.0.0.1:4224]",
+                "[" + ", ".join(cluster.urls) + "]",
+            )
+            .replace("http://127.0.0.1:8480", erp_url)
+            .replace("metrics_port: 9480", "metrics_port: 0")
+            .replace("stats_interval: 5s", "stats_interval: 1s")
+        )
+        init = subprocess.run(
+            [PLANTSYNC, "hub", "init", "--config", str(hub_yaml)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         print(("hub init: " + init.stdout + init.stderr).strip(), flush=True)
         if init.returncode != 0:
             return 1
         relay_log = directory / "relay.log"
-        processes.append(_start([PLANTSYNC, "relay", "--config", str(hub_yaml), "--name",
-                                 "relay-1", "--log-format", "text"], relay_log))
-        port = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics",
-                          _wait_for(relay_log, "/metrics"))[0]
+        processes.append(
+            _start(
+                [
+                    PLANTSYNC,
+                    "relay",
+                    "--config",
+                    str(hub_yaml),
+                    "--name",
+                    "relay-1",
+                    "--log-format",
+                    "text",
+                ],
+                relay_log,
+            )
+        )
+        port = re.findall(
+            r"metrics on http://127\.0\.0\.1:(\d+)/metrics", _wait_for(relay_log, "/metrics")
+        )[0]
         metrics_url = f"http://127.0.0.1:{port}/metrics"
         print(f"relay: relay-1 delivering to the ERP, {metrics_url}", flush=True)
-        plants = [_start([sys.executable, "-m", "simulators.hub_plant", "--site", site,
-                          "--outbox", str(directory / f"outbox-{site}.db"), "--servers",
-                          ",".join(cluster.urls), "--events", str(events), "--rate",
-                          str(rate), "--orders", "5"], directory / f"plant-{site}.log")
-                  for site in SITES]
-        print(f"plants: {', '.join(SITES)} publishing {events} confirmations each at "
-              f"{rate:g}/s", flush=True)
+        plants = [
+            _start(
+                [
+                    sys.executable,
+                    "-m",
+                    "simulators.hub_plant",
+                    "--site",
+                    site,
+                    "--outbox",
+                    str(directory / f"outbox-{site}.db"),
+                    "--servers",
+                    ",".join(cluster.urls),
+                    "--events",
+                    str(events),
+                    "--rate",
+                    str(rate),
+                    "--orders",
+                    "5",
+                ],
+                directory / f"plant-{site}.log",
+            )
+            for site in SITES
+        ]
+        print(
+            f"plants: {', '.join(SITES)} publishing {events} confirmations each at {rate:g}/s",
+            flush=True,
+        )
         processes += plants
         total = events * len(SITES)
         try:
@@ -104,9 +162,17 @@ def run(events: int, rate: float, directory: Path) -> int:
                 time.sleep(2)
                 stats = httpx.get(f"{erp_url}/stats", timeout=5).json()
                 stored = asyncio.run(_in_stream(cluster.urls))
-                print(json.dumps({"in_stream": stored, "erp_unique": stats["unique"],
-                                  "erp_repeats": stats["duplicates"],
-                                  "relay_lag": _lag(metrics_url)}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "in_stream": stored,
+                            "erp_unique": stats["unique"],
+                            "erp_repeats": stats["duplicates"],
+                            "relay_lag": _lag(metrics_url),
+                        }
+                    ),
+                    flush=True,
+                )
                 if stats["unique"] >= total:
                     print(f"all {total} events arrived once at the ERP", flush=True)
                     return 0

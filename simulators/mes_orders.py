@@ -43,8 +43,16 @@ class Received:
 class OrderFollower:
     """Follows released orders for one machine; `start_orders` False only records them."""
 
-    def __init__(self, publisher: MesPublisher, *, host: str = "127.0.0.1", port: int = 1883,
-                 site: str = "1010", start_orders: bool = True, client_id: str = "") -> None:
+    def __init__(
+        self,
+        publisher: MesPublisher,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        site: str = "1010",
+        start_orders: bool = True,
+        client_id: str = "",
+    ) -> None:
         self.publisher = publisher
         self.site = site
         self.start_orders = start_orders
@@ -56,8 +64,11 @@ class OrderFollower:
         self.cleared: list[str] = []
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=client_id, protocol=mqtt.MQTTv5)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5,
+        )
         self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
@@ -78,20 +89,32 @@ class OrderFollower:
         """End the order's first operation with the MES's totals."""
         order = self.orders[order_id]
         operation = order["operations"][0]["operation"]
-        return self.publisher.order_end(order_id, operation=operation, good=good, scrap=scrap,
-                                        uom=order["quantity"]["uom"])
+        return self.publisher.order_end(
+            order_id, operation=operation, good=good, scrap=scrap, uom=order["quantity"]["uom"]
+        )
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                    reason_code: ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if not reason_code.is_failure:
             client.subscribe(self.filter, qos=1)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
-                      reason_codes: list[ReasonCode], properties: Properties | None) -> None:
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
         self.subscribed.set()
 
-    def _on_message(self, client: mqtt.Client, userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         order_id = message.topic.rsplit("/", 1)[-1]
         if not message.payload:
             with self._lock:
@@ -103,33 +126,45 @@ class OrderFollower:
             version = int(data["version"])
             kind = str(event["type"]).removeprefix("com.plantsync.edge.").rsplit(".v", 1)[0]
         except (ValueError, KeyError, TypeError):
-            print(f"mes-orders ignored a message on {message.topic} that is no order event",
-                  flush=True)
+            print(
+                f"mes-orders ignored a message on {message.topic} that is no order event",
+                flush=True,
+            )
             return
         with self._lock:
-            self.received.append(Received(order_id, version, str(event.get("id")), kind,
-                                          bool(message.retain)))
+            self.received.append(
+                Received(order_id, version, str(event.get("id")), kind, bool(message.retain))
+            )
             if version <= self.versions.get(order_id, 0):
                 return  # not newer than what this MES has: a repeat
             self.versions[order_id] = version
             self.orders[order_id] = data
-            first_start = (kind != "order.cancelled" and data.get("status") == "released"
-                           and order_id not in self.started)
+            first_start = (
+                kind != "order.cancelled"
+                and data.get("status") == "released"
+                and order_id not in self.started
+            )
             if first_start and self.start_orders:
                 self.started.append(order_id)
         if first_start and self.start_orders:
             operation = data["operations"][0]
             self.publisher.order_start(
-                order_id, operation=operation["operation"], material=data["material"],
-                quantity=data["quantity"]["value"], uom=data["quantity"]["uom"],
+                order_id,
+                operation=operation["operation"],
+                material=data["material"],
+                quantity=data["quantity"]["value"],
+                uom=data["quantity"]["uom"],
                 lot_id=data.get("planned_lot"),
-                components=sorted({item["material"] for item in data.get("components", [])}))
+                components=sorted({item["material"] for item in data.get("components", [])}),
+            )
             print(f"mes-orders started order {order_id} version {version}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulators.mes_orders",
-                                     description="MES: start the orders the gateway releases.")
+    parser = argparse.ArgumentParser(
+        prog="python -m simulators.mes_orders",
+        description="MES: start the orders the gateway releases.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--site", default="1010")
@@ -143,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    publisher = MesPublisher(args.host, args.port, site=args.site, machine=args.machine,
-                             run=args.run)
+    publisher = MesPublisher(
+        args.host, args.port, site=args.site, machine=args.machine, run=args.run
+    )
     publisher.connect()
     follower = OrderFollower(publisher, host=args.host, port=args.port, site=args.site)
     follower.connect()

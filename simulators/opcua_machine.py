@@ -90,8 +90,12 @@ _OPC30050_BASE_STATES = frozenset({"ABORTED", "ABORTING", "CLEARING"})
 """Where a PackML state lives among OPC 30050's nested state machines: BaseStateMachine (these,
 and Cleared), its MachineState (these, and Running), and that one's ExecuteState (the rest)."""
 Sampling = Literal["together", "per_tag"]
-STATE_VARIABLES = ("Status.StateCurrent", "Admin.StopReason", "Admin.StopReasonText",
-                   "Process.Speed")
+STATE_VARIABLES = (
+    "Status.StateCurrent",
+    "Admin.StopReason",
+    "Admin.StopReasonText",
+    "Process.Speed",
+)
 """What a state change writes at once in `per_tag` sampling; the counters wait for the clock."""
 
 
@@ -300,8 +304,13 @@ class OpcUaMachineServer:
         self.sampling = sampling
         self._last_advance = time.monotonic()
         self.machines: dict[str, Machine] = {
-            name: Machine(name, rate=rate, scrap_rate=scrap_rate, processed=float(start_count),
-                          stop_at=stop_at)
+            name: Machine(
+                name,
+                rate=rate,
+                scrap_rate=scrap_rate,
+                processed=float(start_count),
+                stop_at=stop_at,
+            )
             for name in machines
         }
         self._server: Server | None = None
@@ -443,50 +452,77 @@ class OpcUaMachineServer:
         types = server.nodes.base_object_type
         base_type = await types.get_child(f"{packml}:PackMLBaseObjectType")
         [root, *_] = await instantiate(
-            server.nodes.objects, base_type,
+            server.nodes.objects,
+            base_type,
             nodeid=ua.NodeId.from_string(f"ns={ns};s={machine.name}"),
-            bname=ua.QualifiedName(machine.name, ns), dname=ua.LocalizedText(machine.name))
+            bname=ua.QualifiedName(machine.name, ns),
+            dname=ua.LocalizedText(machine.name),
+        )
         admin = await root.get_child(f"{packml}:Admin")
-        for name, data_type in (("ProdProcessedCount", "PackMLCountDataType"),
-                                ("ProdDefectiveCount", "PackMLCountDataType"),
-                                ("StopReason", "PackMLAlarmDataType")):
+        for name, data_type in (
+            ("ProdProcessedCount", "PackMLCountDataType"),
+            ("ProdDefectiveCount", "PackMLCountDataType"),
+            ("StopReason", "PackMLAlarmDataType"),
+        ):
             type_node = await server.nodes.base_data_type.get_child(
-                ["0:Structure", f"{packml}:{data_type}"])
+                ["0:Structure", f"{packml}:{data_type}"]
+            )
             node = await admin.add_variable(
-                f"ns={ns};s={machine.name}.Admin.{name}", ua.QualifiedName(name, packml),
-                None, varianttype=ua.VariantType.ExtensionObject, datatype=type_node.nodeid)
+                f"ns={ns};s={machine.name}.Admin.{name}",
+                ua.QualifiedName(name, packml),
+                None,
+                varianttype=ua.VariantType.ExtensionObject,
+                datatype=type_node.nodeid,
+            )
             if data_type == "PackMLCountDataType":
                 await node.write_value_rank(ua.ValueRank.OneDimension)
                 await node.write_array_dimensions([0])
             self._nodes[(machine.name, f"Admin.{name}")] = node
         status = await root.get_child(f"{packml}:Status")
         self._nodes[(machine.name, "Status.CurMachSpeed")] = await status.get_child(
-            f"{packml}:CurMachSpeed")
+            f"{packml}:CurMachSpeed"
+        )
         path = [f"{packml}:BaseStateMachine"]
-        for level, type_name in enumerate(("PackMLBaseStateMachineType",
-                                           "PackMLMachineStateMachineType",
-                                           "PackMLExecuteStateMachineType")):
+        for level, type_name in enumerate(
+            (
+                "PackMLBaseStateMachineType",
+                "PackMLMachineStateMachineType",
+                "PackMLExecuteStateMachineType",
+            )
+        ):
             state_machine = await root.get_child(path)
             self._nodes[(machine.name, f"StateMachine{level}")] = await state_machine.get_child(
-                "0:CurrentState")
+                "0:CurrentState"
+            )
             self._nodes[(machine.name, f"StateMachine{level}.Id")] = await state_machine.get_child(
-                ["0:CurrentState", "0:Id"])
+                ["0:CurrentState", "0:Id"]
+            )
             machine_type = await server.nodes.base_object_type.get_child(
-                ["0:StateMachineType", "0:FiniteStateMachineType", f"{packml}:{type_name}"])
+                ["0:StateMachineType", "0:FiniteStateMachineType", f"{packml}:{type_name}"]
+            )
             for state in await machine_type.get_children():
                 self._packml_states[(level, (await state.read_browse_name()).Name)] = state.nodeid
-            path += [f"{packml}:MachineState", f"{packml}:ExecuteState"][level:level + 1]
+            path += [f"{packml}:MachineState", f"{packml}:ExecuteState"][level : level + 1]
 
     def _packml_values(self, machine: Machine) -> dict[str, Any]:
         """What an OPC 30050 machine's variables say, by the keys of `_nodes`."""
         unit = ua.EUInformation(
-            NamespaceUri="http://www.opcfoundation.org/UA/units/un/cefact", UnitId=4532560,
-            DisplayName=ua.LocalizedText("PCE"), Description=ua.LocalizedText("piece"))
+            NamespaceUri="http://www.opcfoundation.org/UA/units/un/cefact",
+            UnitId=4532560,
+            DisplayName=ua.LocalizedText("PCE"),
+            Description=ua.LocalizedText("piece"),
+        )
 
         def counts(count: int) -> list[Any]:
-            return [ua.PackMLCountDataType(  # type: ignore[attr-defined]
-                ID=PACKML_MATERIAL_ID, Name="bottle 0.5 l", Unit=unit, Count=count,
-                AccCount=count)]
+            return [
+                ua.PackMLCountDataType(  # type: ignore[attr-defined]
+                    ID=PACKML_MATERIAL_ID,
+                    Name="bottle 0.5 l",
+                    Unit=unit,
+                    Count=count,
+                    AccCount=count,
+                )
+            ]
 
         state = machine.state.name
         if state in _OPC30050_BASE_STATES:
@@ -499,15 +535,22 @@ class OpcUaMachineServer:
             "Admin.ProdProcessedCount": counts(machine.processed_count),
             "Admin.ProdDefectiveCount": counts(machine.defective_count),
             "Admin.StopReason": ua.PackMLAlarmDataType(  # type: ignore[attr-defined]
-                ID=machine.stop_reason, Value=0, Message=machine.stop_reason_text, Category=0,
-                DateTime=NO_TIME, AckDateTime=NO_TIME, Trigger=machine.stop_reason != 0),
+                ID=machine.stop_reason,
+                Value=0,
+                Message=machine.stop_reason_text,
+                Category=0,
+                DateTime=NO_TIME,
+                AckDateTime=NO_TIME,
+                Trigger=machine.stop_reason != 0,
+            ),
             "Status.CurMachSpeed": machine.speed,
         }
         for level, name in enumerate(levels):
             title = name.title() if name else None
             values[f"StateMachine{level}"] = ua.LocalizedText(title or None)
             values[f"StateMachine{level}.Id"] = (
-                self._packml_states[(level, title)] if title else ua.NodeId())
+                self._packml_states[(level, title)] if title else ua.NodeId()
+            )
         return values
 
     # --- the production clock -----------------------------------------------------------------
@@ -541,8 +584,7 @@ class OpcUaMachineServer:
                 if self._written.get(key) == value:
                     continue
                 self._written[key] = value
-                variant_type = (_opc30050_variant_type(path) if opc30050
-                                else VARIABLE_TYPES[path])
+                variant_type = _opc30050_variant_type(path) if opc30050 else VARIABLE_TYPES[path]
                 datavalue = ua.DataValue(
                     ua.Variant(value, variant_type),
                     SourceTimestamp=stamp,
@@ -725,16 +767,26 @@ def main(argv: list[str] | None = None, prog: str = "python -m simulators.opcua_
     )
     parser.add_argument("--start", type=int, default=0, help="initial processed count")
     parser.add_argument(
-        "--model", choices=("plantsync", "opc30050"), default="plantsync",
+        "--model",
+        choices=("plantsync", "opc30050"),
+        default="plantsync",
         help="plantsync: plain variables (Status.StateCurrent...); opc30050: the PackML "
-        "companion specification's types (count structures, nested state machines)")
+        "companion specification's types (count structures, nested state machines)",
+    )
     parser.add_argument(
-        "--stop-at", type=int, default=None,
-        help="processed count at which each machine stops counting and turns Complete (17)")
+        "--stop-at",
+        type=int,
+        default=None,
+        help="processed count at which each machine stops counting and turns Complete (17)",
+    )
     parser.add_argument(
-        "--listen-after", type=float, default=0.0, metavar="SECONDS",
+        "--listen-after",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
         help="count this long before the server listens (a PLC whose program runs before "
-        "its OPC UA server is up)")
+        "its OPC UA server is up)",
+    )
     parser.add_argument(
         "--security",
         choices=("none", "sign", "encrypt"),
@@ -742,8 +794,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m simulators.opcua_
         help="none, or Basic256Sha256 with Sign or SignAndEncrypt",
     )
     parser.add_argument(
-        "--policy", choices=("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"),
-        default="Basic256Sha256", help="the security policy offered with --security")
+        "--policy",
+        choices=("Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"),
+        default="Basic256Sha256",
+        help="the security policy offered with --security",
+    )
     parser.add_argument(
         "--user", type=_user, default=None, metavar="USER:PASS", help="accept only this user"
     )

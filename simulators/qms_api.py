@@ -1170,9 +1170,7 @@ def _statuses(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m simulators.qms_api") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__.split("\n\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_listen_arguments(parser, default_port=8490)
     parser.add_argument(
         "--decision-delay",

@@ -332,9 +332,11 @@ class ModbusCounts(_Model):
     scrap: int | None = Field(None, ge=0, description="New scrap count.")
 
     def describe(self) -> str:
-        parts = [f"{name} = {value}" for name, value in (("good", self.good),
-                                                          ("scrap", self.scrap))
-                 if value is not None]
+        parts = [
+            f"{name} = {value}"
+            for name, value in (("good", self.good), ("scrap", self.scrap))
+            if value is not None
+        ]
         return "counts " + (", ".join(parts) or "unchanged")
 
 
@@ -367,8 +369,10 @@ class MesOrderStart(_Model):
     )
 
     def describe(self) -> str:
-        text = (f"mes {self.machine} order_start {self.order_id}/{self.operation} "
-                f"{self.material} {self.quantity} {self.uom}")
+        text = (
+            f"mes {self.machine} order_start {self.order_id}/{self.operation} "
+            f"{self.material} {self.quantity} {self.uom}"
+        )
         if self.lot_id:
             text += f" lot {self.lot_id}"
         if self.components:
@@ -397,8 +401,10 @@ class MesConsume(_Model):
     uom: str = Field("KGM", description="UN/ECE Rec 20 unit.")
 
     def describe(self) -> str:
-        return (f"mes {self.machine} consume {self.quantity} {self.uom} {self.material} "
-                f"lot {self.lot_id} for {self.order_id}/{self.operation}")
+        return (
+            f"mes {self.machine} consume {self.quantity} {self.uom} {self.material} "
+            f"lot {self.lot_id} for {self.order_id}/{self.operation}"
+        )
 
 
 class MesLotCompleted(_Model):
@@ -415,8 +421,10 @@ class MesLotCompleted(_Model):
 
     def describe(self) -> str:
         inputs = ", ".join(lot.lot_id for lot in self.input_lots) or "no input lots"
-        return (f"mes {self.machine} lot_completed {self.lot_id} {self.quantity} {self.uom} "
-                f"{self.material} for {self.order_id} from {inputs}")
+        return (
+            f"mes {self.machine} lot_completed {self.lot_id} {self.quantity} {self.uom} "
+            f"{self.material} for {self.order_id} from {inputs}"
+        )
 
 
 OpcUaAction = OpcUaState | OpcUaRate | OpcUaCounts | OpcUaValue
@@ -425,8 +433,18 @@ MesAction = MesOrderStart | MesOrderEnd | MesConsume | MesLotCompleted
 Action = Annotated[OpcUaAction | ModbusAction | MesAction, Field(discriminator="kind")]
 
 ACTION_MODELS: tuple[type[_Model], ...] = (
-    OpcUaState, OpcUaRate, OpcUaCounts, OpcUaValue, ModbusStateAction, ModbusRate, ModbusCounts,
-    ModbusStopAt, MesOrderStart, MesOrderEnd, MesConsume, MesLotCompleted,
+    OpcUaState,
+    OpcUaRate,
+    OpcUaCounts,
+    OpcUaValue,
+    ModbusStateAction,
+    ModbusRate,
+    ModbusCounts,
+    ModbusStopAt,
+    MesOrderStart,
+    MesOrderEnd,
+    MesConsume,
+    MesLotCompleted,
 )
 ACTIONS: tuple[str, ...] = tuple(
     typing.get_args(model.model_fields["kind"].annotation)[0] for model in ACTION_MODELS
@@ -448,8 +466,9 @@ class Step(_Model):
         names = [key for key in data if key != "at"]
         if len(names) != 1:
             found = f"found {', '.join(map(repr, names))}" if names else "found none"
-            raise ValueError(f"a step has `at` and exactly one action ({found}); actions: "
-                             f"{', '.join(ACTIONS)}")
+            raise ValueError(
+                f"a step has `at` and exactly one action ({found}); actions: {', '.join(ACTIONS)}"
+            )
         name = names[0]
         if name not in ACTIONS:
             close = difflib.get_close_matches(name, ACTIONS, n=1)
@@ -525,8 +544,15 @@ def _compose(text: str) -> tuple[Any, dict[Loc, int]]:
 
 def _field_names() -> list[str]:
     models: list[type[BaseModel]] = [
-        Scenario, Simulators, BrokerSpec, OpcUaSpec, OpcUaMachineSpec, ModbusSpec, MesSpec,
-        InputLotSpec, *ACTION_MODELS,
+        Scenario,
+        Simulators,
+        BrokerSpec,
+        OpcUaSpec,
+        OpcUaMachineSpec,
+        ModbusSpec,
+        MesSpec,
+        InputLotSpec,
+        *ACTION_MODELS,
     ]
     return sorted({name for model in models for name in model.model_fields} - {"kind"})
 
@@ -566,25 +592,37 @@ def _cross_check(scenario: Scenario) -> Iterator[tuple[Loc, str]]:
         action = step.action
         at: Loc = ("timeline", index, action.kind)
         if step.at < previous:
-            yield ("timeline", index, "at"), (
-                f"{step.at:g}s is before the previous step's {previous:g}s: keep the timeline "
-                "in order")
+            yield (
+                ("timeline", index, "at"),
+                (
+                    f"{step.at:g}s is before the previous step's {previous:g}s: keep the timeline "
+                    "in order"
+                ),
+            )
         previous = max(previous, step.at)
         if isinstance(action, OpcUaAction):
             if simulators.opcua is None:
                 yield at, "needs simulators.opcua"
             elif action.machine not in opcua_machines:
                 close = difflib.get_close_matches(action.machine, opcua_machines, n=1)
-                hint = f"did you mean {close[0]!r}?" if close else (
-                    f"machines: {', '.join(opcua_machines)}")
+                hint = (
+                    f"did you mean {close[0]!r}?"
+                    if close
+                    else (f"machines: {', '.join(opcua_machines)}")
+                )
                 yield (*at, "machine"), f"no OPC UA machine {action.machine!r} ({hint})"
         elif isinstance(action, ModbusAction) and simulators.modbus is None:
             yield at, "needs simulators.modbus"
         elif isinstance(action, MesAction) and simulators.mes is None:
             yield at, "needs simulators.mes"
     if scenario.duration is not None and scenario.duration < previous:
-        yield ("duration",), (f"{scenario.duration:g}s is shorter than the timeline, whose last "
-                              f"step is at {previous:g}s")
+        yield (
+            ("duration",),
+            (
+                f"{scenario.duration:g}s is shorter than the timeline, whose last "
+                f"step is at {previous:g}s"
+            ),
+        )
     if scenario.repeat and scenario.length <= 0:
         yield ("repeat",), "a repeated timeline needs a duration above 0s"
 
@@ -674,8 +712,9 @@ class Broker:
         config = self.directory / "mosquitto.conf"
         config.write_text("\n".join(lines) + "\n")
         with self.log_path.open("ab") as output:
-            self.process = subprocess.Popen([binary, "-c", str(config)], stdout=output,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [binary, "-c", str(config)], stdout=output, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -685,9 +724,11 @@ class Broker:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
-                    raise StartError(f"broker: mosquitto did not start on "
-                                     f"{self.spec.host}:{self.spec.port}: "
-                                     f"{' / '.join(tail) or 'no output'}") from None
+                    raise StartError(
+                        f"broker: mosquitto did not start on "
+                        f"{self.spec.host}:{self.spec.port}: "
+                        f"{' / '.join(tail) or 'no output'}"
+                    ) from None
                 time.sleep(0.02)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -750,8 +791,10 @@ class Plant:
                 directory = Path(self._temp_dir.name)
             self.broker = Broker(simulators.broker, directory)
             await asyncio.to_thread(self.broker.start)
-            print(f"mosquitto listening on {simulators.broker.host}:{simulators.broker.port}",
-                  flush=True)
+            print(
+                f"mosquitto listening on {simulators.broker.host}:{simulators.broker.port}",
+                flush=True,
+            )
         if simulators.opcua is not None:
             await self._start_opcua(simulators.opcua)
         if simulators.modbus is not None:
@@ -760,8 +803,9 @@ class Plant:
             await self._connect_mes(simulators.mes)
 
     async def _start_opcua(self, spec: OpcUaSpec) -> None:
-        server = OpcUaMachineServer(spec.host, spec.port,
-                                    machines=[machine.name for machine in spec.machines])
+        server = OpcUaMachineServer(
+            spec.host, spec.port, machines=[machine.name for machine in spec.machines]
+        )
         for machine_spec in spec.machines:
             # Set before start, so the very first values served are the scenario's.
             machine = server.machine(machine_spec.name)
@@ -774,21 +818,28 @@ class Plant:
         try:
             await server.start()
         except OSError as exc:
-            raise StartError(f"opcua: cannot listen on {spec.host}:{spec.port}: "
-                             f"{exc.strerror or exc}") from None
+            raise StartError(
+                f"opcua: cannot listen on {spec.host}:{spec.port}: {exc.strerror or exc}"
+            ) from None
         names = ", ".join(machine.name for machine in spec.machines)
         print(f"opcua-machine listening on {server.endpoint} ({names})", flush=True)
 
     async def _start_modbus(self, spec: ModbusSpec) -> None:
-        plc = ModbusPlc(spec.host, spec.port, rate=spec.rate * self.speed,
-                        scrap_rate=spec.scrap_rate * self.speed, start=spec.start,
-                        stop_at=spec.stop_at)
+        plc = ModbusPlc(
+            spec.host,
+            spec.port,
+            rate=spec.rate * self.speed,
+            scrap_rate=spec.scrap_rate * self.speed,
+            start=spec.start,
+            stop_at=spec.stop_at,
+        )
         try:
             await plc.start()
         except (OSError, RuntimeError) as exc:  # pymodbus says RuntimeError and logs the cause
             reason = _bind_problem(spec.host, spec.port) or str(exc)
-            raise StartError(f"modbus: cannot listen on {spec.host}:{spec.port}: "
-                             f"{reason}") from None
+            raise StartError(
+                f"modbus: cannot listen on {spec.host}:{spec.port}: {reason}"
+            ) from None
         self.plc = plc
         if spec.state is not None:
             plc.set_state(spec.state)
@@ -799,8 +850,14 @@ class Plant:
         port = spec.port or (broker.port if broker is not None else 1883)
         run = spec.run or datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         for machine in self.scenario.mes_machines():
-            publisher = ScenarioMesPublisher(spec.host, port, site=spec.site, machine=machine,
-                                             run=run, quantities=spec.quantities)
+            publisher = ScenarioMesPublisher(
+                spec.host,
+                port,
+                site=spec.site,
+                machine=machine,
+                run=run,
+                quantities=spec.quantities,
+            )
             self.publishers[machine] = publisher
             try:
                 await asyncio.to_thread(publisher.connect, 15.0)
@@ -810,8 +867,10 @@ class Plant:
                 publisher.interrupt()  # the connecting thread gives up at once
                 raise
         if self.publishers:
-            print(f"mes-publisher connected to {spec.host}:{port} "
-                  f"({', '.join(self.publishers)})", flush=True)
+            print(
+                f"mes-publisher connected to {spec.host}:{port} ({', '.join(self.publishers)})",
+                flush=True,
+            )
 
     async def stop(self) -> None:
         """Stop everything that started, the broker last (publishers flush into it first)."""
@@ -841,10 +900,10 @@ class Plant:
                     # A machine names its stop reason as it stops, never after: the reason
                     # goes out first, so a subscriber has it when the new state arrives.
                     current = server.machine(action.machine).state
-                    await server.set_state(action.machine, current, action.stop_reason,
-                                           action.text)
-                await server.set_state(action.machine, action.state, action.stop_reason,
-                                       action.text)
+                    await server.set_state(action.machine, current, action.stop_reason, action.text)
+                await server.set_state(
+                    action.machine, action.state, action.stop_reason, action.text
+                )
             case OpcUaRate():
                 scrap = None if action.scrap_rate is None else action.scrap_rate * self.speed
                 await self._opcua().set_rate(action.machine, action.rate * self.speed, scrap)
@@ -863,20 +922,40 @@ class Plant:
                 self._plc().set_stop_at(action.good)
             case MesOrderStart():
                 await self._acknowledged(
-                    self.publishers[action.machine].order_start_with_lot(action))
+                    self.publishers[action.machine].order_start_with_lot(action)
+                )
             case MesOrderEnd():
-                await self._acknowledged(self.publishers[action.machine].order_end(
-                    action.order_id, operation=action.operation))
+                await self._acknowledged(
+                    self.publishers[action.machine].order_end(
+                        action.order_id, operation=action.operation
+                    )
+                )
             case MesConsume():
-                await self._acknowledged(self.publishers[action.machine].consume(
-                    action.order_id, action.material, action.lot_id, action.quantity,
-                    uom=action.uom, operation=action.operation))
+                await self._acknowledged(
+                    self.publishers[action.machine].consume(
+                        action.order_id,
+                        action.material,
+                        action.lot_id,
+                        action.quantity,
+                        uom=action.uom,
+                        operation=action.operation,
+                    )
+                )
             case MesLotCompleted():
-                lots = [InputLot(lot.lot_id, lot.material, lot.quantity, lot.uom)
-                        for lot in action.input_lots]
-                await self._acknowledged(self.publishers[action.machine].lot_completed(
-                    action.order_id, action.material, action.lot_id, action.quantity,
-                    uom=action.uom, input_lots=lots))
+                lots = [
+                    InputLot(lot.lot_id, lot.material, lot.quantity, lot.uom)
+                    for lot in action.input_lots
+                ]
+                await self._acknowledged(
+                    self.publishers[action.machine].lot_completed(
+                        action.order_id,
+                        action.material,
+                        action.lot_id,
+                        action.quantity,
+                        uom=action.uom,
+                        input_lots=lots,
+                    )
+                )
         if isinstance(action, ModbusAction):
             return f"modbus {self._modbus_name()} {action.describe()}"
         return action.describe()
@@ -886,14 +965,18 @@ class Plant:
         lines = []
         if self.opcua is not None:
             for machine in self.opcua.machines.values():
-                lines.append(f"opcua {machine.name} state {machine.state.name.title()}, "
-                             f"processed {machine.processed_count}, "
-                             f"defective {machine.defective_count}")
+                lines.append(
+                    f"opcua {machine.name} state {machine.state.name.title()}, "
+                    f"processed {machine.processed_count}, "
+                    f"defective {machine.defective_count}"
+                )
         if self.plc is not None:
             self.plc.set_counts()  # with no values: only brings the counters up to date
             press = self.plc.press
-            lines.append(f"modbus {self._modbus_name()} state {press.state.name.title()}, "
-                         f"good {int(press.good_count)}, scrap {int(press.defective_count)}")
+            lines.append(
+                f"modbus {self._modbus_name()} state {press.state.name.title()}, "
+                f"good {int(press.good_count)}, scrap {int(press.defective_count)}"
+            )
         return lines
 
     async def _acknowledged(self, publication: Publication) -> None:
@@ -956,8 +1039,9 @@ async def play(scenario: Scenario, plant: Plant, speed: float) -> None:
             try:
                 line = await plant.perform(step.action)
             except Exception as exc:
-                raise StepError(f"{_offset(step.at)} {step.action.kind} failed: "
-                                f"{exc or type(exc).__name__}") from exc
+                raise StepError(
+                    f"{_offset(step.at)} {step.action.kind} failed: {exc or type(exc).__name__}"
+                ) from exc
             print(f"{_offset(step.at)} {line}", flush=True)
         started += scenario.length / speed
         await asyncio.sleep(max(0.0, started - loop.time()))
@@ -971,8 +1055,11 @@ async def run(scenario: Scenario, *, speed: float, hold: bool, wait: bool) -> in
     try:
         await plant.start()
         steps = len(scenario.timeline)
-        print(f"scenario running: {scenario.name} ({steps} steps over "
-              f"{scenario.length:g}s at speed {speed:g})", flush=True)
+        print(
+            f"scenario running: {scenario.name} ({steps} steps over "
+            f"{scenario.length:g}s at speed {speed:g})",
+            flush=True,
+        )
         if wait:
             print("press Enter to start the timeline", flush=True)
             await _enter_pressed()
@@ -1012,12 +1099,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "broker) from one scenario file and play its timeline on them.",
     )
     parser.add_argument("scenario", type=Path, help="scenario YAML (config/scenarios/...)")
-    parser.add_argument("--speed", type=float, default=None,
-                        help="time factor (default: the file's speed)")
-    parser.add_argument("--hold", action="store_true",
-                        help="keep the simulators up after the timeline, until Ctrl-C")
-    parser.add_argument("--wait", action="store_true",
-                        help="start the timeline only when Enter is pressed (a line on stdin)")
+    parser.add_argument(
+        "--speed", type=float, default=None, help="time factor (default: the file's speed)"
+    )
+    parser.add_argument(
+        "--hold",
+        action="store_true",
+        help="keep the simulators up after the timeline, until Ctrl-C",
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="start the timeline only when Enter is pressed (a line on stdin)",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.speed is not None and not 0 < args.speed < float("inf"):
         parser.error("--speed must be above 0")

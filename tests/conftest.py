@@ -54,9 +54,14 @@ class Peer:
         # The log is appended to across restarts: wait for one more ready line than it has.
         seen = self.output().count(self.ready_text) if self.ready_text else 0
         with self.log_path.open("ab") as log:
-            self.process = spawn(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                                 preexec=self.preexec)
+            self.process = spawn(
+                self.argv,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                preexec=self.preexec,
+            )
         if self.ready_text:
             deadline = time.monotonic() + timeout
             while self.output().count(self.ready_text) <= seen:
@@ -95,8 +100,9 @@ def peers() -> Iterator[list[Peer]]:
             reap(peer.process)  # what it started in turn
 
 
-def start_peer(peers: list[Peer], argv: list[str], log_path: Path,
-               ready_text: str | None = None) -> Peer:
+def start_peer(
+    peers: list[Peer], argv: list[str], log_path: Path, ready_text: str | None = None
+) -> Peer:
     peer = Peer(argv, log_path, ready_text).start()
     peers.append(peer)
     return peer
@@ -124,9 +130,20 @@ class ErpSim:
 def start_erp(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
     port = free_port()
     peer = start_peer(
-        peers, [sys.executable, "-m", "simulators.erp", "--port", str(port),
-                "--db", str(tmp_path / f"erp-{port}.db"), *args],
-        tmp_path / f"erp-{port}.log", "erp-api listening")
+        peers,
+        [
+            sys.executable,
+            "-m",
+            "simulators.erp",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp_path / f"erp-{port}.db"),
+            *args,
+        ],
+        tmp_path / f"erp-{port}.log",
+        "erp-api listening",
+    )
     return ErpSim(peer, f"http://127.0.0.1:{port}")
 
 
@@ -134,9 +151,20 @@ def start_qms(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
     """The QMS simulator; same control surface (/stats, /_sim/faults) as the ERP one."""
     port = free_port()
     peer = start_peer(
-        peers, [sys.executable, "-m", "simulators.qms_api", "--port", str(port),
-                "--db", str(tmp_path / f"qms-{port}.db"), *args],
-        tmp_path / f"qms-{port}.log", "qms-api listening")
+        peers,
+        [
+            sys.executable,
+            "-m",
+            "simulators.qms_api",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp_path / f"qms-{port}.db"),
+            *args,
+        ],
+        tmp_path / f"qms-{port}.log",
+        "qms-api listening",
+    )
     return ErpSim(peer, f"http://127.0.0.1:{port}")
 
 
@@ -169,15 +197,22 @@ class PlcSim:
 def counter_baselines(log_text: str, signal: str) -> list[int]:
     """Every baseline the gateway took for counter `signal` (its first reading with no earlier
     state), in order, from its log: a gateway that resumes from its outbox takes one per run."""
-    return [int(value) for value in re.findall(
-        rf"Counter {re.escape(signal)}: the first reading, (\d+), is the baseline", log_text)]
+    return [
+        int(value)
+        for value in re.findall(
+            rf"Counter {re.escape(signal)}: the first reading, (\d+), is the baseline", log_text
+        )
+    ]
 
 
 def start_plc(peers: list[Peer], tmp_path: Path, *args: str, port: int | None = None) -> PlcSim:
     port = port or free_port()
     peer = start_peer(
-        peers, [sys.executable, "-m", "simulators.modbus_plc", "--port", str(port), *args],
-        tmp_path / f"plc-{port}.log", "modbus-plc listening")
+        peers,
+        [sys.executable, "-m", "simulators.modbus_plc", "--port", str(port), *args],
+        tmp_path / f"plc-{port}.log",
+        "modbus-plc listening",
+    )
     return PlcSim(peer, port)
 
 
@@ -242,8 +277,9 @@ class Mosquitto:
             return self
         self.write_config()
         with self.log_path.open("ab") as log:
-            self.process = spawn([self.binary, "-c", str(self.config_path)],
-                                 stdout=log, stderr=subprocess.STDOUT)
+            self.process = spawn(
+                [self.binary, "-c", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -252,8 +288,10 @@ class Mosquitto:
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.kill()
-                    raise RuntimeError(f"mosquitto did not start on port {self.port}:\n"
-                                       f"{self.log_path.read_text(errors='replace')}") from None
+                    raise RuntimeError(
+                        f"mosquitto did not start on port {self.port}:\n"
+                        f"{self.log_path.read_text(errors='replace')}"
+                    ) from None
                 time.sleep(0.02)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -337,12 +375,14 @@ def mes_driver(broker_port: int, *, extra: str = "") -> str:
     client id is fresh, so no earlier test's session is picked up."""
     import uuid
 
-    return (f"  - name: mes\n    type: mqtt\n    host: 127.0.0.1\n    port: {broker_port}\n"
-            f"    client_id: plantsync-test-{uuid.uuid4().hex[:8]}\n{extra}"
-            "    topics:\n      - filter: mes/1010/+/consumption\n"
-            "        event: material.consumed\n"
-            "        fields: {order_id: order_id, material: material, quantity.value: quantity,\n"
-            "                 quantity.uom: uom}\n")
+    return (
+        f"  - name: mes\n    type: mqtt\n    host: 127.0.0.1\n    port: {broker_port}\n"
+        f"    client_id: plantsync-test-{uuid.uuid4().hex[:8]}\n{extra}"
+        "    topics:\n      - filter: mes/1010/+/consumption\n"
+        "        event: material.consumed\n"
+        "        fields: {order_id: order_id, material: material, quantity.value: quantity,\n"
+        "                 quantity.uom: uom}\n"
+    )
 
 
 # --- the OPC UA machine simulator in this process ---------------------------------------------
@@ -361,8 +401,9 @@ class MachineInThread:
 
         self.loop = asyncio.new_event_loop()
         self.server = OpcUaMachineServer("127.0.0.1", 0, **options)
-        self.thread = threading.Thread(target=self.loop.run_forever, name="opcua-machine",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="opcua-machine", daemon=True
+        )
 
     def __enter__(self) -> MachineInThread:
         self.thread.start()
@@ -382,8 +423,10 @@ class MachineInThread:
 
     def state_and_count(self, machine: str, state: str) -> int:
         """Move the machine to `state`; its processed count as of that moment."""
+
         async def move() -> int:
             await self.server.set_state(machine, state)
             return self.server.machine(machine).processed_count
+
         count: int = self.call(move())
         return count

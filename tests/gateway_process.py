@@ -26,11 +26,18 @@ READY_TEXT = "PlantSync Edge is running"
 
 
 class GatewayProcess:
-    def __init__(self, peers: list[Peer], config: Path, tmp_path: Path, *,
-                 log_format: str | None = "text", log_name: str = "gateway",
-                 env: dict[str, str] | None = None,
-                 preexec: Callable[[], object] | None = None,
-                 ready_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        peers: list[Peer],
+        config: Path,
+        tmp_path: Path,
+        *,
+        log_format: str | None = "text",
+        log_name: str = "gateway",
+        env: dict[str, str] | None = None,
+        preexec: Callable[[], object] | None = None,
+        ready_timeout: float = 120.0,
+    ) -> None:
         self.peers = peers
         self.config = config
         self.tmp_path = tmp_path
@@ -81,8 +88,9 @@ class GatewayProcess:
         """Start a run and wait for its ready line; returns that run."""
         number = len(self.runs)
         name = self.log_name if number == 0 else f"{self.log_name}-{number:02d}"
-        peer = Peer(self.argv, self.tmp_path / f"{name}.log", READY_TEXT, env=self.env,
-                    preexec=self.preexec)
+        peer = Peer(
+            self.argv, self.tmp_path / f"{name}.log", READY_TEXT, env=self.env, preexec=self.preexec
+        )
         self.peers.append(peer)
         self.runs.append(peer)
         self.restarted_at = time.monotonic()
@@ -131,11 +139,13 @@ class GatewayProcess:
         process = self.current.process
         assert process is not None and process.pid == pid, "the gateway was restarted"
         assert process.poll() is None, (
-            f"the gateway exited ({process.returncode}):\n{self.output()[-3000:]}")
+            f"the gateway exited ({process.returncode}):\n{self.output()[-3000:]}"
+        )
 
 
-def start_gateway(peers: list[Peer], config: Path, tmp_path: Path, **options: Any
-                  ) -> GatewayProcess:
+def start_gateway(
+    peers: list[Peer], config: Path, tmp_path: Path, **options: Any
+) -> GatewayProcess:
     """The gateway on `config`, started and ready (the JSON log format unless told)."""
     options.setdefault("log_format", None)
     gateway = GatewayProcess(peers, config, tmp_path, **options)

@@ -22,16 +22,19 @@ class HeldOutbox:
         self._loop = loop
         self._release = asyncio.Event()
         opened: asyncio.Future[Outbox] = loop.create_future()
-        self._holder = loop.create_task(self._hold(path, settings, opened),
-                                        name=f"held-outbox {path.name}")
-        loop.run_until_complete(asyncio.wait([opened, self._holder],
-                                             return_when=asyncio.FIRST_COMPLETED))
+        self._holder = loop.create_task(
+            self._hold(path, settings, opened), name=f"held-outbox {path.name}"
+        )
+        loop.run_until_complete(
+            asyncio.wait([opened, self._holder], return_when=asyncio.FIRST_COMPLETED)
+        )
         if not opened.done():
             self._holder.result()  # the open failed: raise its error
         self.outbox = opened.result()
 
-    async def _hold(self, path: Path, settings: dict[str, Any],
-                    opened: asyncio.Future[Outbox]) -> None:
+    async def _hold(
+        self, path: Path, settings: dict[str, Any], opened: asyncio.Future[Outbox]
+    ) -> None:
         async with Outbox.open(path, **settings) as outbox:
             opened.set_result(outbox)
             await self._release.wait()

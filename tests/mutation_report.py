@@ -24,8 +24,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-SQL = re.compile(r"\b(select|insert|update|delete|from|where|order by|join|values|set|and)\b"
-                 r"|^\s*\w+\.\w+\s*(=|<|>)", re.IGNORECASE)
+SQL = re.compile(
+    r"\b(select|insert|update|delete|from|where|order by|join|values|set|and)\b"
+    r"|^\s*\w+\.\w+\s*(=|<|>)",
+    re.IGNORECASE,
+)
 CODEC = re.compile(r"^utf-?8$", re.IGNORECASE)
 
 KILLED = {1, 3, 37}
@@ -41,9 +44,13 @@ def main() -> int:
         print("no mutmut results under mutants/: run `make mutate` first", file=sys.stderr)
         return 1
     recorded = root / "REVISION"  # the commit the run started on (make mutate writes it)
-    revision = recorded.read_text().strip() if recorded.exists() else subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        check=False).stdout.strip()
+    revision = (
+        recorded.read_text().strip()
+        if recorded.exists()
+        else subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    )
     totals: Counter[str] = Counter()
     survivors: list[str] = []
     equivalent: list[str] = []
@@ -78,8 +85,11 @@ def main() -> int:
         out.write("# Equivalent: only the case of SQL or of a codec name changed\n")
         for name in equivalent:
             out.write(f"## {name}\n{_diff(name)}\n")
-    print(f"{len(survivors)} survivor(s), {len(equivalent)} equivalent, diffs in "
-          f"{root / 'survivors.txt'}", file=sys.stderr)
+    print(
+        f"{len(survivors)} survivor(s), {len(equivalent)} equivalent, diffs in "
+        f"{root / 'survivors.txt'}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -90,9 +100,15 @@ def _diff(name: str) -> str:
     """The mutant's diff, read from mutmut's mutated copy (one parse per file: `mutmut show`
     starts a process per mutant, minutes for a few hundred)."""
     if name not in _DIFFS:
-        _DIFFS[name] = _diff_from_copy(name) or subprocess.run(
-            [sys.executable, "-m", "mutmut", "show", name], capture_output=True, text=True,
-            check=False).stdout
+        _DIFFS[name] = (
+            _diff_from_copy(name)
+            or subprocess.run(
+                [sys.executable, "-m", "mutmut", "show", name],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+        )
     return _DIFFS[name]
 
 
@@ -109,7 +125,8 @@ def _diff_from_copy(name: str) -> str | None:
         found: dict[str, str] = {}
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and (
-                    "__mutmut_" in node.name):
+                "__mutmut_" in node.name
+            ):
                 found[node.name] = ast.get_source_segment(source, node) or ""
         _FUNCTIONS[path] = found
     functions = _FUNCTIONS[path]
@@ -118,15 +135,28 @@ def _diff_from_copy(name: str) -> str | None:
     if original is None or mutated is None:
         return None
     mutated = mutated.replace(function, function.rsplit("__mutmut_", 1)[0] + "__mutmut_orig", 1)
-    return "".join(difflib.unified_diff(original.splitlines(True), mutated.splitlines(True),
-                                        f"{path}", f"{path} ({function})", n=1))
+    return "".join(
+        difflib.unified_diff(
+            original.splitlines(True),
+            mutated.splitlines(True),
+            f"{path}",
+            f"{path} ({function})",
+            n=1,
+        )
+    )
 
 
 def _case_of_sql_or_codec(diff: str) -> bool:
-    removed = [line[1:] for line in diff.splitlines() if line.startswith("-") and
-               not line.startswith("---")]
-    added = [line[1:] for line in diff.splitlines() if line.startswith("+") and
-             not line.startswith("+++")]
+    removed = [
+        line[1:]
+        for line in diff.splitlines()
+        if line.startswith("-") and not line.startswith("---")
+    ]
+    added = [
+        line[1:]
+        for line in diff.splitlines()
+        if line.startswith("+") and not line.startswith("+++")
+    ]
     if len(removed) != 1 or len(added) != 1 or removed == added:
         return False
     before, after = removed[0], added[0]
@@ -143,12 +173,19 @@ def _strings(line: str) -> list[str]:
 def _line(module: str, counts: Counter[str], revision: str) -> dict[str, object]:
     judged = counts["killed"] + counts["survived"] + counts["no_tests"]
     everything = judged + counts["equivalent"]
-    return {"mutate": module, "revision": revision, "mutants": everything + counts["other"],
-            "killed": counts["killed"], "of_which_timeout": counts["timeout"],
-            "survived": counts["survived"], "no_tests": counts["no_tests"],
-            "equivalent": counts["equivalent"], "not_judged": counts["other"],
-            "score": round(counts["killed"] / everything, 3) if everything else None,
-            "score_without_equivalent": round(counts["killed"] / judged, 3) if judged else None}
+    return {
+        "mutate": module,
+        "revision": revision,
+        "mutants": everything + counts["other"],
+        "killed": counts["killed"],
+        "of_which_timeout": counts["timeout"],
+        "survived": counts["survived"],
+        "no_tests": counts["no_tests"],
+        "equivalent": counts["equivalent"],
+        "not_judged": counts["other"],
+        "score": round(counts["killed"] / everything, 3) if everything else None,
+        "score_without_equivalent": round(counts["killed"] / judged, 3) if judged else None,
+    }
 
 
 if __name__ == "__main__":

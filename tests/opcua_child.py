@@ -27,7 +27,11 @@ class MachineProcess:
     def __init__(self, **options: Any) -> None:
         self.process = spawn(
             [sys.executable, "-m", "tests.opcua_child", json.dumps(options)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         assert self.process.stdout is not None
         line = self.process.stdout.readline().strip()
         if not line.startswith("listening "):
@@ -37,8 +41,9 @@ class MachineProcess:
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> None:
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps({"call": method, "args": args, "kwargs": kwargs})
-                                 + "\n")
+        self.process.stdin.write(
+            json.dumps({"call": method, "args": args, "kwargs": kwargs}) + "\n"
+        )
         answer = await asyncio.to_thread(self.process.stdout.readline)
         if answer.strip() != "ok":
             raise RuntimeError(f"{method} failed in the simulator: {answer.strip()}")

@@ -47,25 +47,31 @@ def _tie_to(parent: int, then: Callable[[], object] | None) -> Callable[[], None
 
 def _unit_only(argv: list[str]) -> None:
     if os.environ.get("PLANTSYNC_UNIT_ONLY") == "1":
-        pytest.fail(f"this test starts a child process ({argv[0]}) under make test-fast: "
-                    "mark it @pytest.mark.integration")
+        pytest.fail(
+            f"this test starts a child process ({argv[0]}) under make test-fast: "
+            "mark it @pytest.mark.integration"
+        )
 
 
-def spawn(argv: list[str], *, preexec: Callable[[], object] | None = None,
-          **options: Any) -> subprocess.Popen[Any]:
+def spawn(
+    argv: list[str], *, preexec: Callable[[], object] | None = None, **options: Any
+) -> subprocess.Popen[Any]:
     """`subprocess.Popen(argv, **options)` tied to the test run; `preexec` runs in the child
     after the tie (a umask, a file limit)."""
     _unit_only(argv)
-    return subprocess.Popen(argv, preexec_fn=_tie_to(os.getpid(), preexec), process_group=0,
-                            **options)
+    return subprocess.Popen(
+        argv, preexec_fn=_tie_to(os.getpid(), preexec), process_group=0, **options
+    )
 
 
-def run_process(argv: list[str], *, preexec: Callable[[], object] | None = None,
-                **options: Any) -> subprocess.CompletedProcess[Any]:
+def run_process(
+    argv: list[str], *, preexec: Callable[[], object] | None = None, **options: Any
+) -> subprocess.CompletedProcess[Any]:
     """`subprocess.run(argv, **options)` tied to the test run."""
     _unit_only(argv)
-    return subprocess.run(argv, preexec_fn=_tie_to(os.getpid(), preexec), process_group=0,
-                          **options)
+    return subprocess.run(
+        argv, preexec_fn=_tie_to(os.getpid(), preexec), process_group=0, **options
+    )
 
 
 def reap(process: subprocess.Popen[Any]) -> None:

@@ -65,14 +65,23 @@ MODBUS_MACHINES = 40
 MODBUS_PLCS = 2
 OPCUA_MACHINES = 10
 EXTRA_REGISTERS = range(100, 218)  # 118 uint16 tags besides the press's own 5
-OPCUA_VARIABLES = ["Status.StateCurrent", "Admin.ProdProcessedCount", "Admin.ProdDefectiveCount",
-                   "Admin.StopReason", "Admin.StopReasonText", "Process.Temperature",
-                   "Process.Pressure", "Process.Speed"]
+OPCUA_VARIABLES = [
+    "Status.StateCurrent",
+    "Admin.ProdProcessedCount",
+    "Admin.ProdDefectiveCount",
+    "Admin.StopReason",
+    "Admin.StopReasonText",
+    "Process.Temperature",
+    "Process.Pressure",
+    "Process.Speed",
+]
 RSS_LIMIT_MB = 200.0
 FLAT = {"rss_mb": (10.0, 5.0), "open_files": (10.0, 3.0), "threads": (5.0, 2.0)}
 """Per series: (largest |slope| per hour, largest fitted change over the run) still flat."""
-TASKS_NOTE = ("asyncio tasks are not exposed by /metrics or /status; threads are counted "
-              "instead, from /proc/PID/status Threads")
+TASKS_NOTE = (
+    "asyncio tasks are not exposed by /metrics or /status; threads are counted "
+    "instead, from /proc/PID/status Threads"
+)
 
 
 class Child:
@@ -82,8 +91,13 @@ class Child:
         self.name = name
         self.log = directory / f"{name}.log"
         with self.log.open("ab") as out:
-            self.process = spawn(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = spawn(
+                argv,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         deadline = time.monotonic() + 90
         while not re.search(ready, self.log.read_text(errors="replace")):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -121,13 +135,20 @@ def order_of(machine: str) -> str:
     return f"{'72' if machine.startswith('press') else '73'}{int(digits):05d}"
 
 
-def write_config(directory: Path, plc_ports: list[int], opcua_port: int, broker: Mosquitto,
-                 erp_url: str, api_port: int) -> tuple[Path, int]:
+def write_config(
+    directory: Path,
+    plc_ports: list[int],
+    opcua_port: int,
+    broker: Mosquitto,
+    erp_url: str,
+    api_port: int,
+) -> tuple[Path, int]:
     drivers, machines, tags = [], [], 0
     for number in range(MODBUS_MACHINES):
         name = modbus_name(number)
-        extra = "".join(f"\n      - {{name: r{address}, address: {address}}}"
-                        for address in EXTRA_REGISTERS)
+        extra = "".join(
+            f"\n      - {{name: r{address}, address: {address}}}" for address in EXTRA_REGISTERS
+        )
         drivers.append(f"""
   - name: {name}
     type: modbus
@@ -156,8 +177,11 @@ def write_config(directory: Path, plc_ports: list[int], opcua_port: int, broker:
     opcua_tags = []
     for number in range(OPCUA_MACHINES):
         name = opcua_name(number)
-        opcua_tags += [f'\n      - {{name: {name}-{variable.replace(".", "-")}, '
-                       f'node: "{namespace}{name}.{variable}"}}' for variable in OPCUA_VARIABLES]
+        opcua_tags += [
+            f"\n      - {{name: {name}-{variable.replace('.', '-')}, "
+            f'node: "{namespace}{name}.{variable}"}}'
+            for variable in OPCUA_VARIABLES
+        ]
         tags += len(OPCUA_VARIABLES)
         machines.append(f"""
   - id: {name}
@@ -213,8 +237,14 @@ class MesTraffic:
     """Consumption messages at `rate` a second, round robin over the Modbus machines' orders."""
 
     def __init__(self, broker: Mosquitto, rate: float) -> None:
-        self.publisher = MesPublisher(broker.host, broker.port, site=SITE, machine="press-00",
-                                      run=uuid.uuid4().hex[:12], window=5000)
+        self.publisher = MesPublisher(
+            broker.host,
+            broker.port,
+            site=SITE,
+            machine="press-00",
+            run=uuid.uuid4().hex[:12],
+            window=5000,
+        )
         self.publisher.connect()
         self.rate = rate
         self.message_ids: list[str] = []
@@ -225,8 +255,9 @@ class MesTraffic:
         started, number = time.monotonic(), 0
         while not self.stopping.is_set():
             machine = modbus_name(number % MODBUS_MACHINES)
-            publication = self.publisher.consume(order_of(machine), "RM-STEEL",
-                                                 f"RM-{number:08d}", Decimal("2.500"))
+            publication = self.publisher.consume(
+                order_of(machine), "RM-STEEL", f"RM-{number:08d}", Decimal("2.500")
+            )
             assert publication.message_id is not None
             self.message_ids.append(publication.message_id)
             number += 1
@@ -238,8 +269,10 @@ class MesTraffic:
         self.publisher.close(60)
 
     def expected(self) -> set[str]:
-        return {event_id("material.consumed", SITE, "material.consumed", mid)
-                for mid in self.message_ids}
+        return {
+            event_id("material.consumed", SITE, "material.consumed", mid)
+            for mid in self.message_ids
+        }
 
 
 # -- sampling -----------------------------------------------------------------------------------
@@ -269,10 +302,14 @@ class Series:
 
     def summary(self, since: float, run_hours: float) -> dict[str, Any]:
         slope = self.slope_per_hour(since)
-        return {"start": round(self.values[0], 1), "end": round(self.values[-1], 1),
-                "max": round(max(self.values), 1), "min": round(min(self.values), 1),
-                "slope_per_hour": round(slope, 2),
-                "fitted_change_over_run": round(slope * run_hours, 2)}
+        return {
+            "start": round(self.values[0], 1),
+            "end": round(self.values[-1], 1),
+            "max": round(max(self.values), 1),
+            "min": round(min(self.values), 1),
+            "slope_per_hour": round(slope, 2),
+            "fitted_change_over_run": round(slope * run_hours, 2),
+        }
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -312,37 +349,82 @@ def query(database: Path, sql: str) -> list[tuple[Any, ...]]:
 
 def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     children: list[Child] = []
-    broker = Mosquitto(shutil.which("mosquitto") or "/usr/sbin/mosquitto",
-                       directory / "mosquitto")
+    broker = Mosquitto(shutil.which("mosquitto") or "/usr/sbin/mosquitto", directory / "mosquitto")
     broker.directory.mkdir(parents=True, exist_ok=True)
     broker.start()
     mes: MesTraffic | None = None
     gateway: Child | None = None
     try:
         erp_db = directory / "erp.db"
-        erp = Child("erp", [sys.executable, "-m", "simulators.erp", "--port", "0", "--db",
-                            str(erp_db)], directory, r"erp-api listening on http://\S+")
+        erp = Child(
+            "erp",
+            [sys.executable, "-m", "simulators.erp", "--port", "0", "--db", str(erp_db)],
+            directory,
+            r"erp-api listening on http://\S+",
+        )
         children.append(erp)
         erp_url = re.search(r"listening on (http://\S+)", erp.log.read_text())[1]  # type: ignore[index]
         plc_ports = []
         for number in range(MODBUS_PLCS):
             port = free_port()
-            children.append(Child(f"plc-{number}", [
-                sys.executable, "-m", "simulators.modbus_plc", "--port", str(port), "--rate",
-                str(args.rate), "--scrap-rate", str(args.rate / 25)], directory,
-                "modbus-plc listening"))
+            children.append(
+                Child(
+                    f"plc-{number}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "simulators.modbus_plc",
+                        "--port",
+                        str(port),
+                        "--rate",
+                        str(args.rate),
+                        "--scrap-rate",
+                        str(args.rate / 25),
+                    ],
+                    directory,
+                    "modbus-plc listening",
+                )
+            )
             plc_ports.append(port)
         opcua_port = free_port()
-        children.append(Child("opcua", [
-            sys.executable, "-m", "simulators.opcua_machine", "--port", str(opcua_port),
-            "--machines", str(OPCUA_MACHINES), "--rate", str(args.rate), "--scrap-rate",
-            str(args.rate / 25)], directory, "opcua-machine listening"))
+        children.append(
+            Child(
+                "opcua",
+                [
+                    sys.executable,
+                    "-m",
+                    "simulators.opcua_machine",
+                    "--port",
+                    str(opcua_port),
+                    "--machines",
+                    str(OPCUA_MACHINES),
+                    "--rate",
+                    str(args.rate),
+                    "--scrap-rate",
+                    str(args.rate / 25),
+                ],
+                directory,
+                "opcua-machine listening",
+            )
+        )
         api_port = free_port()
         config, tags = write_config(directory, plc_ports, opcua_port, broker, erp_url, api_port)
         api = f"http://127.0.0.1:{api_port}"
-        gateway = Child("gateway", [sys.executable, "-m", "edge.cli", "run", "--config",
-                                    str(config), "--log-format", "text"], directory,
-                        "PlantSync Edge is running")
+        gateway = Child(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "edge.cli",
+                "run",
+                "--config",
+                str(config),
+                "--log-format",
+                "text",
+            ],
+            directory,
+            "PlantSync Edge is running",
+        )
         deadline = time.monotonic() + 60
         while "connected as" not in gateway.log.read_text(errors="replace"):
             if time.monotonic() > deadline:
@@ -369,15 +451,20 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
                 figures = metrics(api)
             except httpx.HTTPError:
                 figures = {}
-            sample = {"t": round(elapsed, 1), "rss_mb": round(rss, 1), "open_files": files,
-                      "threads": threads,
-                      "cpu_percent": round(100 * (cpu_seconds(gateway.pid) - cpu_start)
-                                           / elapsed, 1) if elapsed >= 1 else None,
-                      "samples": int(figures.get("plantsync_driver_samples", 0)),
-                      "events": int(figures.get("plantsync_events", 0)),
-                      "delivered": int(figures.get("plantsync_outbox_delivered", 0)),
-                      "owed": int(figures.get("plantsync_outbox_depth", 0)),
-                      "mes_published": len(mes.message_ids)}
+            sample = {
+                "t": round(elapsed, 1),
+                "rss_mb": round(rss, 1),
+                "open_files": files,
+                "threads": threads,
+                "cpu_percent": round(100 * (cpu_seconds(gateway.pid) - cpu_start) / elapsed, 1)
+                if elapsed >= 1
+                else None,
+                "samples": int(figures.get("plantsync_driver_samples", 0)),
+                "events": int(figures.get("plantsync_events", 0)),
+                "delivered": int(figures.get("plantsync_outbox_delivered", 0)),
+                "owed": int(figures.get("plantsync_outbox_depth", 0)),
+                "mes_published": len(mes.message_ids),
+            }
             samples.append(sample)
             print(json.dumps({"soak_sample": sample}), file=sys.stderr, flush=True)
             if gateway.process.poll() is not None:
@@ -403,8 +490,9 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         committed = {row[0] for row in query(database, "SELECT id FROM event_ids")}
         owed = query(database, "SELECT COUNT(*) FROM deliveries")[0][0]
         held = [row[0] for row in query(erp_db, "SELECT event_id FROM received_events")]
-        duplicates_absorbed = query(erp_db, "SELECT COALESCE(SUM(duplicates), 0)"
-                                            " FROM received_events")[0][0]
+        duplicates_absorbed = query(
+            erp_db, "SELECT COALESCE(SUM(duplicates), 0) FROM received_events"
+        )[0][0]
         expected = committed | mes.expected()
         lost = expected - set(held)
         mes_lost = mes.expected() - set(held)
@@ -419,33 +507,56 @@ def run(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     hours = max(run_s - warmup, 1e-9) / 3600
     summaries = {name: s.summary(warmup, hours) for name, s in series.items()}
     for name, summary in summaries.items():
-        summary["flat_limits"] = {"slope_per_hour": FLAT[name][0],
-                                  "fitted_change_over_run": FLAT[name][1]}
-    flat = {name: abs(s["slope_per_hour"]) <= FLAT[name][0]
-            or abs(s["fitted_change_over_run"]) <= FLAT[name][1]
-            for name, s in summaries.items()}
+        summary["flat_limits"] = {
+            "slope_per_hour": FLAT[name][0],
+            "fitted_change_over_run": FLAT[name][1],
+        }
+    flat = {
+        name: abs(s["slope_per_hour"]) <= FLAT[name][0]
+        or abs(s["fitted_change_over_run"]) <= FLAT[name][1]
+        for name, s in summaries.items()
+    }
     targets = {
         "rss_under_200mb": summaries["rss_mb"]["max"] < RSS_LIMIT_MB,
         **{f"{name}_flat": ok for name, ok in flat.items()},
-        "nothing_lost": not lost, "nothing_held_twice": len(held) == len(set(held)),
-        "outbox_drained": owed == 0, "graceful_stop": stopped == 0,
+        "nothing_lost": not lost,
+        "nothing_held_twice": len(held) == len(set(held)),
+        "outbox_drained": owed == 0,
+        "graceful_stop": stopped == 0,
     }
     return {
-        "soak": {"duration_s": round(run_s, 1), "interval_s": args.interval,
-                 "warmup_s": warmup, "machines": MODBUS_MACHINES + OPCUA_MACHINES,
-                 "tags": tags, "modbus_poll": "1s", "opcua_publishing": "500ms",
-                 "counting_per_machine_per_s": args.rate, "mes_per_s": args.mes_rate},
-        "rss_mb": summaries["rss_mb"], "open_files": summaries["open_files"],
-        "threads": summaries["threads"], "tasks": TASKS_NOTE,
+        "soak": {
+            "duration_s": round(run_s, 1),
+            "interval_s": args.interval,
+            "warmup_s": warmup,
+            "machines": MODBUS_MACHINES + OPCUA_MACHINES,
+            "tags": tags,
+            "modbus_poll": "1s",
+            "opcua_publishing": "500ms",
+            "counting_per_machine_per_s": args.rate,
+            "mes_per_s": args.mes_rate,
+        },
+        "rss_mb": summaries["rss_mb"],
+        "open_files": summaries["open_files"],
+        "threads": summaries["threads"],
+        "tasks": TASKS_NOTE,
         "cpu_percent": round(cpu_percent, 1),
-        "tag_samples_per_s": round((samples[-1]["samples"] - samples[0]["samples"])
-                                   / max(samples[-1]["t"] - samples[0]["t"], 1e-9)),
-        "events_committed": len(committed), "mes_published": len(mes.message_ids),
-        "events_delivered": len(set(held) & expected), "lost": len(lost),
-        "mes_lost": len(mes_lost), "held_twice": len(held) - len(set(held)),
-        "duplicate_deliveries": int(duplicates_absorbed), "owed_at_end": owed,
-        "targets": targets, "ok": all(targets.values()),
-        "directory": str(directory), "samples": samples,
+        "tag_samples_per_s": round(
+            (samples[-1]["samples"] - samples[0]["samples"])
+            / max(samples[-1]["t"] - samples[0]["t"], 1e-9)
+        ),
+        "events_committed": len(committed),
+        "mes_published": len(mes.message_ids),
+        "events_delivered": len(set(held) & expected),
+        "lost": len(lost),
+        "mes_lost": len(mes_lost),
+        "held_twice": len(held) - len(set(held)),
+        "duplicate_deliveries": int(duplicates_absorbed),
+        "owed_at_end": owed,
+        "targets": targets,
+        "ok": all(targets.values()),
+        "directory": str(directory),
+        "samples": samples,
     }
 
 
@@ -453,10 +564,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=3600.0, help="seconds (default 3600)")
     parser.add_argument("--interval", type=float, default=30.0, help="seconds between samples")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds left out of the slopes (default: a fifth, at most 300)")
-    parser.add_argument("--rate", type=float, default=5.0,
-                        help="good units a second each machine counts")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds left out of the slopes (default: a fifth, at most 300)",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=5.0, help="good units a second each machine counts"
+    )
     parser.add_argument("--mes-rate", type=float, default=2.0, help="MES messages a second")
     parser.add_argument("--dir", type=Path, default=None, help="where logs and databases go")
     args = parser.parse_args(argv)
@@ -465,8 +581,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(args, directory)
     except Exception as exc:  # the run could not be made: say why, exit 2
-        print(json.dumps({"soak": "failed", "error": f"{type(exc).__name__}: {exc}",
-                          "directory": str(directory)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "soak": "failed",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "directory": str(directory),
+                }
+            ),
+            flush=True,
+        )
         return 2
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1

@@ -24,27 +24,55 @@ from edge.rules.state import Counter
 T0 = 1_796_032_800.0  # 2026-11-30T10:00:00Z
 
 
-def machine(every_units: int | None = 10, every: str | None = None, width: int = 32,
-            order: bool = True, uom: str = "C62", **extra: Any) -> MachineConfig:
-    return MachineConfig.model_validate({
-        "id": "press-01", "line": "LINE-A",
-        "signals": {"good": "plc.good", "defective": "plc.bad"},
-        "order": {"order_id": "1000123", "operation": "0010"} if order else None,
-        "confirm": {"every_units": every_units, "every": every, "uom": uom},
-        "counter_width": width, **extra,
-    })
+def machine(
+    every_units: int | None = 10,
+    every: str | None = None,
+    width: int = 32,
+    order: bool = True,
+    uom: str = "C62",
+    **extra: Any,
+) -> MachineConfig:
+    return MachineConfig.model_validate(
+        {
+            "id": "press-01",
+            "line": "LINE-A",
+            "signals": {"good": "plc.good", "defective": "plc.bad"},
+            "order": {"order_id": "1000123", "operation": "0010"} if order else None,
+            "confirm": {"every_units": every_units, "every": every, "uom": uom},
+            "counter_width": width,
+            **extra,
+        }
+    )
 
 
 def packml_machine(signals: dict[str, str] | None = None, **extra: Any) -> MachineConfig:
-    return MachineConfig.model_validate({
-        "id": "filler-02", "line": "LINE-F",
-        "signals": signals or {"processed": "plc.processed", "defective": "plc.defective",
-                               "state": "plc.state", "stop_reason": "plc.reason"},
-        "state_map": {2: "Stopped", 4: "Idle", 5: "Suspended", 6: "Execute", 10: "Holding",
-                      11: "Held", 12: "Unholding", 16: "Completing", 17: "Complete"},
-        "stop_reasons": {3: "Jam"},
-        "confirm": {"every_units": 1000}, **extra,
-    })
+    return MachineConfig.model_validate(
+        {
+            "id": "filler-02",
+            "line": "LINE-F",
+            "signals": signals
+            or {
+                "processed": "plc.processed",
+                "defective": "plc.defective",
+                "state": "plc.state",
+                "stop_reason": "plc.reason",
+            },
+            "state_map": {
+                2: "Stopped",
+                4: "Idle",
+                5: "Suspended",
+                6: "Execute",
+                10: "Holding",
+                11: "Held",
+                12: "Unholding",
+                16: "Completing",
+                17: "Complete",
+            },
+            "stop_reasons": {3: "Jam"},
+            "confirm": {"every_units": 1000},
+            **extra,
+        }
+    )
 
 
 def good(value: int | None, at: float = 1000.0, quality: Quality = Quality.GOOD) -> Sample:
@@ -60,13 +88,19 @@ def sample(tag: str, value: Any, at: float, quality: Quality = Quality.GOOD) -> 
 
 
 def yields(events: list[CloudEvent]) -> int:
-    return sum(int(Decimal(e.data["yield_quantity"]["value"])) for e in events
-               if e.type == "production.confirmation")
+    return sum(
+        int(Decimal(e.data["yield_quantity"]["value"]))
+        for e in events
+        if e.type == "production.confirmation"
+    )
 
 
 def scraps(events: list[CloudEvent]) -> int:
-    return sum(int(Decimal(e.data["scrap_quantity"]["value"])) for e in events
-               if e.type == "production.confirmation")
+    return sum(
+        int(Decimal(e.data["scrap_quantity"]["value"]))
+        for e in events
+        if e.type == "production.confirmation"
+    )
 
 
 def of_type(events: list[CloudEvent], event_type: str) -> list[dict[str, Any]]:
@@ -168,8 +202,10 @@ def test_processed_counts_good_and_defective_so_yield_is_their_difference() -> N
     assert confirmation["scrap_quantity"]["value"] == "10"
     assert (confirmation["counter_from"], confirmation["counter_to"]) == (0, 100)
     (completed,) = of_type(events, "operation.completed")
-    assert (completed["yield_quantity"]["value"], completed["scrap_quantity"]["value"]) == \
-        ("90", "10")
+    assert (completed["yield_quantity"]["value"], completed["scrap_quantity"]["value"]) == (
+        "90",
+        "10",
+    )
 
 
 def test_a_defective_count_read_before_its_processed_count_waits_for_it() -> None:
@@ -182,22 +218,31 @@ def test_a_defective_count_read_before_its_processed_count_waits_for_it() -> Non
     assert rule.on_sample(sample("defective", 7, T0 + 1)) == []  # processed has not caught up
     (first,) = of_type(rule.on_sample(sample("processed", 51, T0 + 2)), "production.confirmation")
     assert (first["yield_quantity"]["value"], first["scrap_quantity"]["value"]) == ("0", "1")
-    (second,) = of_type(rule.on_sample(sample("processed", 53, T0 + 3)),
-                        "production.confirmation")
+    (second,) = of_type(rule.on_sample(sample("processed", 53, T0 + 3)), "production.confirmation")
     assert (second["yield_quantity"]["value"], second["scrap_quantity"]["value"]) == ("1", "1")
     assert rule.state.scrap.pending == 0 and rule.state.processed.pending == 0
 
 
-@pytest.mark.parametrize(("signals", "readings", "totals"), [
-    ({"good": "plc.good", "defective": "plc.bad"}, {"good": 40, "bad": 3}, (40, 3)),
-    ({"processed": "plc.processed", "defective": "plc.bad"}, {"processed": 40, "bad": 3},
-     (37, 3)),
-    ({"processed": "plc.processed", "good": "plc.good"}, {"processed": 40, "good": 36},
-     (36, 4)),
-    ({"processed": "plc.processed"}, {"processed": 40}, (40, 0)),
-])
+@pytest.mark.parametrize(
+    ("signals", "readings", "totals"),
+    [
+        ({"good": "plc.good", "defective": "plc.bad"}, {"good": 40, "bad": 3}, (40, 3)),
+        (
+            {"processed": "plc.processed", "defective": "plc.bad"},
+            {"processed": 40, "bad": 3},
+            (37, 3),
+        ),
+        (
+            {"processed": "plc.processed", "good": "plc.good"},
+            {"processed": 40, "good": 36},
+            (36, 4),
+        ),
+        ({"processed": "plc.processed"}, {"processed": 40}, (40, 0)),
+    ],
+)
 def test_status_shows_good_and_scrap_whatever_the_counters(
-        signals: dict[str, str], readings: dict[str, int], totals: tuple[int, int]) -> None:
+    signals: dict[str, str], readings: dict[str, int], totals: tuple[int, int]
+) -> None:
     rule = MachineRule("1010", packml_machine(signals=signals))
     rule.on_samples([sample(tag, 0, T0) for tag in readings])
     rule.on_samples([sample(tag, value, T0 + 1) for tag, value in readings.items()])
@@ -207,14 +252,17 @@ def test_status_shows_good_and_scrap_whatever_the_counters(
 
 
 def test_good_and_processed_make_scrap_their_difference() -> None:
-    config = packml_machine(signals={"good": "plc.good", "processed": "plc.processed"},
-                            confirm={"every_units": 10})
+    config = packml_machine(
+        signals={"good": "plc.good", "processed": "plc.processed"}, confirm={"every_units": 10}
+    )
     rule = MachineRule("1010", config)
     rule.start_order(OrderBinding(order_id="4711"), T0)
     rule.on_samples([sample("processed", 0, T0), sample("good", 0, T0)])
     (event,) = rule.on_samples([sample("processed", 12, T0 + 1), sample("good", 9, T0 + 1)])
-    assert (event.data["yield_quantity"]["value"], event.data["scrap_quantity"]["value"]) == \
-        ("9", "3")
+    assert (event.data["yield_quantity"]["value"], event.data["scrap_quantity"]["value"]) == (
+        "9",
+        "3",
+    )
 
 
 def test_naming_all_three_counters_or_none_is_refused() -> None:
@@ -227,16 +275,37 @@ def test_naming_all_three_counters_or_none_is_refused() -> None:
 def test_state_saved_before_counters_were_named_loads_for_a_processed_machine() -> None:
     """An old config kept `processed:` (now: good and defective), and its saved state named
     that counter `good`: it continues where it was, baseline and binding included."""
-    old = {"good": {"last_raw": 500, "total": 120, "confirmed": 100, "restarted": False},
-           "scrap": {"last_raw": 7, "total": 7, "confirmed": 5, "restarted": False},
-           "sequence": 4, "window": None, "unassigned": 0, "unassigned_scrap": 0,
-           "binding": {"order_id": "4711", "operation": "0010", "material": None,
-                       "lot_id": None, "source": "mes", "bound_at": T0, "good_at_bind": 40,
-                       "scrap_at_bind": 1, "started_at": T0, "interrupted_at": None,
-                       "completed": False},
-           "machine_state": "Execute", "candidate": None, "candidate_since": None,
-           "stop_reason": 0, "down_since": None, "down_state": None, "down_reason": 0,
-           "excursions": {}, "unassigned_excursions": 0, "clock": T0 + 50}
+    old = {
+        "good": {"last_raw": 500, "total": 120, "confirmed": 100, "restarted": False},
+        "scrap": {"last_raw": 7, "total": 7, "confirmed": 5, "restarted": False},
+        "sequence": 4,
+        "window": None,
+        "unassigned": 0,
+        "unassigned_scrap": 0,
+        "binding": {
+            "order_id": "4711",
+            "operation": "0010",
+            "material": None,
+            "lot_id": None,
+            "source": "mes",
+            "bound_at": T0,
+            "good_at_bind": 40,
+            "scrap_at_bind": 1,
+            "started_at": T0,
+            "interrupted_at": None,
+            "completed": False,
+        },
+        "machine_state": "Execute",
+        "candidate": None,
+        "candidate_since": None,
+        "stop_reason": 0,
+        "down_since": None,
+        "down_state": None,
+        "down_reason": 0,
+        "excursions": {},
+        "unassigned_excursions": 0,
+        "clock": T0 + 50,
+    }
     rule = MachineRule("1010", packml_machine(), json.dumps(old))
     assert rule.state.processed.last_raw == 500 and rule.state.processed.total == 120
     assert rule.state.good.last_raw is None
@@ -252,8 +321,9 @@ def test_the_last_count_arriving_after_complete_still_counts_for_the_order() -> 
     the change) arrives after Complete. The change waits `settle` for it."""
     rule = MachineRule("1010", packml_machine(), settle=1.0)
     rule.start_order(OrderBinding(order_id="4711"), T0)
-    rule.on_samples([sample("state", 6, T0 + 1), sample("processed", 0, T0 + 1),
-                     sample("defective", 0, T0 + 1)])
+    rule.on_samples(
+        [sample("state", 6, T0 + 1), sample("processed", 0, T0 + 1), sample("defective", 0, T0 + 1)]
+    )
     rule.on_sample(sample("processed", 40, T0 + 5.0))
     assert rule.on_sample(sample("state", 17, T0 + 5.2)) == []  # waits for the counters
     events = rule.on_sample(sample("processed", 41, T0 + 5.1))  # the last unit, dated before
@@ -317,15 +387,21 @@ def test_hold_through_holding_interrupts_at_holding_and_labels_the_downtime_held
             events += rule.on_sample(sample("reason", 3, T0 + offset))
         events += rule.on_sample(sample("state", state, T0 + offset))
     assert [e.type for e in events] == [
-        "operation.started", "operation.interrupted", "downtime.recorded",
-        "operation.resumed"]
+        "operation.started",
+        "operation.interrupted",
+        "downtime.recorded",
+        "operation.resumed",
+    ]
     interrupted = of_type(events, "operation.interrupted")[0]
     assert interrupted["machine_state"] == "Holding" and interrupted["reason_code"] == "3"
     assert interrupted["occurred_at"] == "2026-11-30T10:00:10Z"
     downtime = of_type(events, "downtime.recorded")[0]
     assert downtime["machine_state"] == "Held" and downtime["reason_text"] == "Jam"
-    assert (downtime["started_at"], downtime["ended_at"], downtime["duration_seconds"]) == \
-        ("2026-11-30T10:00:10Z", "2026-11-30T10:00:43Z", 33.0)
+    assert (downtime["started_at"], downtime["ended_at"], downtime["duration_seconds"]) == (
+        "2026-11-30T10:00:10Z",
+        "2026-11-30T10:00:43Z",
+        33.0,
+    )
 
 
 def test_completing_is_no_interruption() -> None:
@@ -334,8 +410,11 @@ def test_completing_is_no_interruption() -> None:
     events: list[CloudEvent] = []
     for offset, state in [(1, 6), (10, 16), (12, 17)]:
         events += rule.on_sample(sample("state", state, T0 + offset))
-    assert [e.type for e in events] == ["operation.started", "production.confirmation",
-                                        "operation.completed"]
+    assert [e.type for e in events] == [
+        "operation.started",
+        "production.confirmation",
+        "operation.completed",
+    ]
 
 
 def test_a_change_is_never_dated_before_what_was_dated_under_the_state_before() -> None:
@@ -370,8 +449,9 @@ def lost(rule: MachineRule, at: float) -> list[CloudEvent]:
 def running_order(settle: float = 0.0) -> MachineRule:
     rule = MachineRule("1010", packml_machine(), settle=settle)
     rule.start_order(OrderBinding(order_id="4711"), T0)
-    rule.on_samples([sample("state", 6, T0 + 1), sample("processed", 0, T0 + 1),
-                     sample("defective", 0, T0 + 1)])
+    rule.on_samples(
+        [sample("state", 6, T0 + 1), sample("processed", 0, T0 + 1), sample("defective", 0, T0 + 1)]
+    )
     return rule
 
 
@@ -383,11 +463,15 @@ def test_a_downtime_never_spans_production_counted_across_a_gap() -> None:
     lost(rule, T0 + 15)
     events = rule.on_samples([sample("processed", 202, T0 + 50), sample("state", 6, T0 + 50)])
     (downtime,) = of_type(events, "downtime.recorded")
-    assert (downtime["started_at"], downtime["ended_at"]) == \
-        ("2026-11-30T10:00:10Z", "2026-11-30T10:00:15Z")
+    assert (downtime["started_at"], downtime["ended_at"]) == (
+        "2026-11-30T10:00:10Z",
+        "2026-11-30T10:00:15Z",
+    )
     assert downtime["data_quality"] == "uncertain"
-    assert downtime["source_gap"] == {"started_at": "2026-11-30T10:00:15Z",
-                                      "ended_at": "2026-11-30T10:00:50Z"}
+    assert downtime["source_gap"] == {
+        "started_at": "2026-11-30T10:00:15Z",
+        "ended_at": "2026-11-30T10:00:50Z",
+    }
     (resumed,) = of_type(events, "operation.resumed")
     assert resumed["data_quality"] == "uncertain"
 
@@ -429,12 +513,17 @@ def test_down_on_both_sides_of_a_gap_with_production_in_it_is_two_downtimes() ->
     rule.on_sample(sample("state", 11, T0 + 10))
     lost(rule, T0 + 20)
     events = rule.on_samples([sample("processed", 30, T0 + 60), sample("state", 11, T0 + 60)])
-    assert [e.type for e in events] == ["downtime.recorded", "operation.resumed",
-                                        "operation.interrupted"]
+    assert [e.type for e in events] == [
+        "downtime.recorded",
+        "operation.resumed",
+        "operation.interrupted",
+    ]
     events = rule.on_sample(sample("state", 6, T0 + 70))
     (second,) = of_type(events, "downtime.recorded")
-    assert (second["started_at"], second["ended_at"]) == ("2026-11-30T10:01:00Z",
-                                                          "2026-11-30T10:01:10Z")
+    assert (second["started_at"], second["ended_at"]) == (
+        "2026-11-30T10:01:00Z",
+        "2026-11-30T10:01:10Z",
+    )
     assert second["data_quality"] == "uncertain"
 
 
@@ -471,8 +560,15 @@ def test_a_redelivered_order_end_is_no_problem() -> None:
 
 
 def limited(order: bool = False) -> MachineRule:
-    return MachineRule("1010", machine(order=order, limits=[
-        {"signal": "plc.force", "low": 12.0, "high": 15.0, "for": "5s", "hysteresis": 0.2}]))
+    return MachineRule(
+        "1010",
+        machine(
+            order=order,
+            limits=[
+                {"signal": "plc.force", "low": 12.0, "high": 15.0, "for": "5s", "hysteresis": 0.2}
+            ],
+        ),
+    )
 
 
 def force(value: float | None, at: float, quality: Quality = Quality.GOOD) -> Sample:
@@ -503,7 +599,8 @@ def test_a_breach_that_ended_before_any_order_raises_nothing() -> None:
 
 @pytest.mark.parametrize("unreadable", [math.nan, math.inf, -math.inf, 1e300, None])
 def test_a_value_that_is_not_a_number_is_no_breach_and_no_recovery(
-        unreadable: float | None, caplog: pytest.LogCaptureFixture) -> None:
+    unreadable: float | None, caplog: pytest.LogCaptureFixture
+) -> None:
     rule = limited(order=True)
     quality = Quality.BAD if unreadable is None else Quality.GOOD
     # Not a breach: no excursion starts, however long it lasts.
@@ -517,8 +614,11 @@ def test_a_value_that_is_not_a_number_is_no_breach_and_no_recovery(
     (request,) = of_type(rule.on_sample(force(15.5, T0 + 41)), "inspection.requested")
     assert request["measured_value"]["value"] == "16"
     if unreadable is not None:  # said once per spell, not per reading
-        said = [r for r in caplog.records if "plc.force" in r.getMessage()
-                and r.levelno == logging.WARNING]
+        said = [
+            r
+            for r in caplog.records
+            if "plc.force" in r.getMessage() and r.levelno == logging.WARNING
+        ]
         assert len(said) == 2
 
 
@@ -529,8 +629,11 @@ def business(events: list[CloudEvent]) -> list[tuple[str, str, dict[str, Any]]]:
     """What ERP books: the id, the sequence and every field but the time. A state change first
     seen after a restart is dated with the gap in mind (the gateway did not see when it came),
     so a completion derived again may carry an earlier time, under the same id."""
-    return [(e.id, e.sequence, {k: v for k, v in e.data.items() if k != "occurred_at"})
-            for e in events if e.type in ("production.confirmation", "operation.completed")]
+    return [
+        (e.id, e.sequence, {k: v for k, v in e.data.items() if k != "occurred_at"})
+        for e in events
+        if e.type in ("production.confirmation", "operation.completed")
+    ]
 
 
 class Shift:
@@ -579,18 +682,22 @@ class Shift:
             fitted = self.problem is None
             again = apply(self.rule)
             assert {e.id for e in again} <= ids, "a redelivered input derived something new"
-            assert self.problem is None or not fitted, \
+            assert self.problem is None or not fitted, (
                 f"a redelivered MES message became a dead letter: {self.problem}"
+            )
             self.commit(again)
 
 
 outcomes = st.sampled_from(["ok", "ok", "ok", "lost", "unacked"])
 readings = st.lists(
-    st.tuples(st.one_of(
-        st.tuples(st.just("step"), st.integers(0, 40)),
-        st.tuples(st.just("reset"), st.integers(0, 5)),
-        st.tuples(st.just("tick"), st.integers(0, 120)),
-    ), outcomes),
+    st.tuples(
+        st.one_of(
+            st.tuples(st.just("step"), st.integers(0, 40)),
+            st.tuples(st.just("reset"), st.integers(0, 5)),
+            st.tuples(st.just("tick"), st.integers(0, 120)),
+        ),
+        outcomes,
+    ),
     max_size=80,
 )
 
@@ -615,8 +722,7 @@ def test_confirmations_add_up_to_the_counter_advance(
             continue
         # A reset only where it is unambiguous (a drop that cannot be a rollover); else
         # counting on, rolling over at 16 bits.
-        raw = amount if kind == "reset" and raw < 32768 and amount < raw \
-            else (raw + amount) % 65536
+        raw = amount if kind == "reset" and raw < 32768 and amount < raw else (raw + amount) % 65536
         advance += amount
         reading = good(raw, now)
         shift.step(lambda rule: rule.on_sample(reading), outcome)  # noqa: B023
@@ -633,24 +739,30 @@ def test_confirmations_add_up_to_the_counter_advance(
 
 
 def full_machine(every_units: int) -> MachineConfig:
-    return MachineConfig.model_validate({
-        "id": "press-01", "signals": {"good": "plc.good", "state": "plc.state"},
-        "state_map": {4: "Idle", 6: "Execute", 10: "Holding", 11: "Held", 17: "Complete"},
-        "confirm": {"every_units": every_units, "every": "60s", "on_state_change": True},
-        "counter_width": 16,
-    })
+    return MachineConfig.model_validate(
+        {
+            "id": "press-01",
+            "signals": {"good": "plc.good", "state": "plc.state"},
+            "state_map": {4: "Idle", 6: "Execute", 10: "Holding", 11: "Held", 17: "Complete"},
+            "confirm": {"every_units": every_units, "every": "60s", "on_state_change": True},
+            "counter_width": 16,
+        }
+    )
 
 
 shift_steps = st.lists(
-    st.tuples(st.one_of(
-        st.tuples(st.just("count"), st.integers(0, 40)),
-        st.tuples(st.just("reset"), st.integers(0, 5)),
-        st.tuples(st.just("state"), st.sampled_from([4, 6, 10, 11, 17, 99])),
-        st.tuples(st.just("lost"), st.just(0)),
-        st.tuples(st.just("start"), st.sampled_from(["A", "B", "C"])),
-        st.tuples(st.just("end"), st.sampled_from(["A", "B", "C"])),
-        st.tuples(st.just("tick"), st.integers(0, 120)),
-    ), outcomes),
+    st.tuples(
+        st.one_of(
+            st.tuples(st.just("count"), st.integers(0, 40)),
+            st.tuples(st.just("reset"), st.integers(0, 5)),
+            st.tuples(st.just("state"), st.sampled_from([4, 6, 10, 11, 17, 99])),
+            st.tuples(st.just("lost"), st.just(0)),
+            st.tuples(st.just("start"), st.sampled_from(["A", "B", "C"])),
+            st.tuples(st.just("end"), st.sampled_from(["A", "B", "C"])),
+            st.tuples(st.just("tick"), st.integers(0, 120)),
+        ),
+        outcomes,
+    ),
     max_size=100,
 )
 
@@ -726,10 +838,14 @@ def test_orders_states_and_crashes_never_lose_or_double_count(
 
 
 def test_a_stop_reason_in_the_same_poll_explains_the_state_change() -> None:
-    config = MachineConfig.model_validate({
-        "id": "press-01", "signals": {"good": "plc.good", "state": "plc.state",
-                                      "stop_reason": "plc.reason"},
-        "state_map": {6: "Execute", 11: "Held"}, "stop_reasons": {3: "Jam"}})
+    config = MachineConfig.model_validate(
+        {
+            "id": "press-01",
+            "signals": {"good": "plc.good", "state": "plc.state", "stop_reason": "plc.reason"},
+            "state_map": {6: "Execute", 11: "Held"},
+            "stop_reasons": {3: "Jam"},
+        }
+    )
     rule = MachineRule("1010", config)
     rule.start_order(OrderBinding(order_id="4711"), 1.0)
     rule.on_samples([Sample("plc", "state", 6, 2.0)])

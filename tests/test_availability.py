@@ -20,16 +20,24 @@ log = logging.getLogger("tests.availability")
 
 
 def said(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
-    return [(record.levelno, record.getMessage()) for record in caplog.records
-            if record.name == log.name]
+    return [
+        (record.levelno, record.getMessage())
+        for record in caplog.records
+        if record.name == log.name
+    ]
 
 
 def test_lost_and_back_are_each_said_once_per_change(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=log.name)
     health = DriverHealth()
     backoff = Backoff(base=1.0, cap=8.0)
-    peer = Availability("Modbus device press-01 at 10.0.0.21:502", log, health=health,
-                        backoff=backoff, extra={"driver": "press-01"})
+    peer = Availability(
+        "Modbus device press-01 at 10.0.0.21:502",
+        log,
+        health=health,
+        backoff=backoff,
+        extra={"driver": "press-01"},
+    )
     assert peer.available is None and not health.connected
     peer.lost("connection refused")
     peer.lost("connection refused")
@@ -41,11 +49,17 @@ def test_lost_and_back_are_each_said_once_per_change(caplog: pytest.LogCaptureFi
     assert peer.back() is False
     peer.lost("the connection was closed")
     assert said(caplog) == [
-        (logging.WARNING, "Modbus device press-01 at 10.0.0.21:502 is unavailable: "
-                          "connection refused. Retrying with backoff."),
+        (
+            logging.WARNING,
+            "Modbus device press-01 at 10.0.0.21:502 is unavailable: "
+            "connection refused. Retrying with backoff.",
+        ),
         (logging.INFO, "Modbus device press-01 at 10.0.0.21:502 is available again."),
-        (logging.WARNING, "Modbus device press-01 at 10.0.0.21:502 is unavailable: "
-                          "the connection was closed. Retrying with backoff."),
+        (
+            logging.WARNING,
+            "Modbus device press-01 at 10.0.0.21:502 is unavailable: "
+            "the connection was closed. Retrying with backoff.",
+        ),
     ]
     assert caplog.records[0].__dict__["reason"] == "connection refused"
     assert caplog.records[0].__dict__["driver"] == "press-01"
@@ -63,8 +77,7 @@ def test_a_reason_a_person_must_fix_is_said_again_when_it_is_new(
     peer.lost("the user was rejected", say_again=True)
     peer.back()
     peer.lost("the user was rejected", say_again=True)  # back in between: a new outage
-    reasons = [text.split(": ", 1)[1] for level, text in said(caplog)
-               if level == logging.WARNING]
+    reasons = [text.split(": ", 1)[1] for level, text in said(caplog) if level == logging.WARNING]
     assert reasons == [
         "connection refused. Retrying with backoff.",
         "the server does not trust us. Retrying with backoff.",
@@ -92,13 +105,19 @@ def test_connected_without_back_logs_nothing_and_keeps_the_backoff(
 
 def test_custom_sentences_for_a_destination(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger=log.name)
-    peer = Availability("erp", log, lost_says="Destination {peer} is failing ({reason})",
-                        back_says="Destination {peer} is delivering again")
+    peer = Availability(
+        "erp",
+        log,
+        lost_says="Destination {peer} is failing ({reason})",
+        back_says="Destination {peer} is delivering again",
+    )
     peer.back()  # the first answer is no return
     peer.lost("HTTP 503")
     peer.back()
     assert [text for _, text in said(caplog)] == [
-        "Destination erp is failing (HTTP 503)", "Destination erp is delivering again"]
+        "Destination erp is failing (HTTP 503)",
+        "Destination erp is delivering again",
+    ]
 
 
 class Script:
@@ -135,8 +154,16 @@ async def test_reconnect_forever_backs_off_resets_when_back_and_counts_errors(
     caplog.set_level(logging.INFO, logger=log.name)
     health = DriverHealth()
     peer = Availability("broker", log, health=health)
-    script = Script(peer, [Ended("refused"), Ended("refused"), None,
-                           Ended("full", retry_after=2.5), Ended("refused")])
+    script = Script(
+        peer,
+        [
+            Ended("refused"),
+            Ended("refused"),
+            None,
+            Ended("full", retry_after=2.5),
+            Ended("refused"),
+        ],
+    )
     backoff = Backoff(base=1.0, cap=3.0, rng=random.Random(7))
     with pytest.raises(asyncio.CancelledError):
         await reconnect_forever(script.connect_once, backoff, peer, wait=script.wait)
@@ -148,8 +175,10 @@ async def test_reconnect_forever_backs_off_resets_when_back_and_counts_errors(
     # refused (said), refused (not again), back, commit (not the broker's: not said), full
     # (said: the broker was back), refused (already said).
     assert [text.split(" is ")[1] for _, text in said(caplog)] == [
-        "unavailable: refused. Retrying with backoff.", "available again.",
-        "unavailable: full. Retrying with backoff."]
+        "unavailable: refused. Retrying with backoff.",
+        "available again.",
+        "unavailable: full. Retrying with backoff.",
+    ]
 
 
 async def test_a_stop_during_a_connection_leaves_it_disconnected() -> None:

@@ -107,12 +107,16 @@ def derivation(case: Path) -> list[tuple[str, str, list[str]]]:
     text = readme.read_text()
     heading = re.search(r"^## Expected, by hand\s*$", text, re.MULTILINE)
     assert heading, f"{readme}: no section '## Expected, by hand'"
-    assert len(text[:heading.start()].split()) >= 40, f"{readme}: the derivation is missing"
+    assert len(text[: heading.start()].split()) >= 40, f"{readme}: the derivation is missing"
     rows = []
-    for line in text[heading.end():].splitlines():
+    for line in text[heading.end() :].splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if not line.startswith("|") or len(cells) != 3 or cells[0] in ("at", "") or \
-                (set(cells[0]) <= {"-", ":"} and cells[1].startswith("-")):
+        if (
+            not line.startswith("|")
+            or len(cells) != 3
+            or cells[0] in ("at", "")
+            or (set(cells[0]) <= {"-", ":"} and cells[1].startswith("-"))
+        ):
             if line.startswith("## "):
                 break
             continue
@@ -130,13 +134,19 @@ def matches(row: tuple[str, str, list[str]], entry: dict[str, Any]) -> str | Non
     if at != when:
         return f"{event_type} at {when}, the derivation says {at}"
     if event_type == "rejected":
-        return None if all(fact in found[0] for fact in stated) else \
-            f"rejected for {found[0]!r}, the derivation says {stated}"
+        return (
+            None
+            if all(fact in found[0] for fact in stated)
+            else f"rejected for {found[0]!r}, the derivation says {stated}"
+        )
     missing = [fact for fact in stated if fact not in found]
     if missing:
         return f"{event_type} at {at} has {found}, not {missing}"
-    unstated = [word for word in REQUIRED.get(event_type, ())
-                if not any(fact.split(" ")[0] == word for fact in stated)]
+    unstated = [
+        word
+        for word in REQUIRED.get(event_type, ())
+        if not any(fact.split(" ")[0] == word for fact in stated)
+    ]
     if unstated:
         return f"the derivation of {event_type} at {at} must state {unstated}"
     return None
@@ -152,18 +162,23 @@ async def test_golden_case(case: Path, tmp_path: Path) -> None:
     expected_path = case / "expected.jsonl"
     if os.environ.get("UPDATE_GOLDENS"):
         expected_path.write_text("".join(line + "\n" for line in rendered))
-        pytest.fail(f"UPDATE_GOLDENS rewrote {expected_path}: read the diff against the "
-                    f"derivation by hand in {case / 'README.md'} before committing it (this "
-                    "run checked nothing)")
+        pytest.fail(
+            f"UPDATE_GOLDENS rewrote {expected_path}: read the diff against the "
+            f"derivation by hand in {case / 'README.md'} before committing it (this "
+            "run checked nothing)"
+        )
     expected = expected_path.read_text().splitlines()
     assert rendered == expected
     rows = derivation(case)
-    assert len(rows) == len(output), \
-        f"{case.name}: the derivation by hand has {len(rows)} rows, the rules made " \
+    assert len(rows) == len(output), (
+        f"{case.name}: the derivation by hand has {len(rows)} rows, the rules made "
         f"{len(output)} events: {[facts(entry)[:2] for entry in output]}"
-    problems = [f"row {number}: {why}" for number, (row, entry) in
-                enumerate(zip(rows, output, strict=True), 1)
-                if (why := matches(row, entry)) is not None]
+    )
+    problems = [
+        f"row {number}: {why}"
+        for number, (row, entry) in enumerate(zip(rows, output, strict=True), 1)
+        if (why := matches(row, entry)) is not None
+    ]
     assert not problems, f"{case.name}: " + "; ".join(problems)
 
 
@@ -173,14 +188,23 @@ def test_there_are_at_least_twelve_cases() -> None:
 
 def test_a_fact_the_code_does_not_derive_fails_the_case() -> None:
     """The oracle can fail: a row worked out wrong by hand is caught."""
-    entry = {"type": "production.confirmation", "data": {
-        "order_id": "4711", "occurred_at": "2026-11-30T10:00:51Z", "counter_from": 0,
-        "counter_to": 68, "is_final": False, "trigger": "units",
-        "yield_quantity": {"value": "68", "uom": "C62"},
-        "scrap_quantity": {"value": "0", "uom": "C62"}}}
+    entry = {
+        "type": "production.confirmation",
+        "data": {
+            "order_id": "4711",
+            "occurred_at": "2026-11-30T10:00:51Z",
+            "counter_from": 0,
+            "counter_to": 68,
+            "is_final": False,
+            "trigger": "units",
+            "yield_quantity": {"value": "68", "uom": "C62"},
+            "scrap_quantity": {"value": "0", "uom": "C62"},
+        },
+    }
     good = ("10:00:51", "production.confirmation", ["yield 68", "scrap 0", "counter 0..68"])
     assert matches(good, entry) is None
-    assert matches(("10:00:51", "production.confirmation",
-                    ["yield 67", "scrap 0", "counter 0..68"]), entry)
+    assert matches(
+        ("10:00:51", "production.confirmation", ["yield 67", "scrap 0", "counter 0..68"]), entry
+    )
     assert matches(("10:00:52", *good[1:]), entry)  # type: ignore[arg-type]
     assert matches(("10:00:51", "production.confirmation", ["yield 68"]), entry)

@@ -96,8 +96,9 @@ destinations:
 # --- waiting and reading -----------------------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.2) -> None:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.2
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -144,8 +145,9 @@ def count_upper_bound(start: int, rate: float, spawned_at: float) -> int:
     return start + math.ceil(rate * (time.monotonic() - spawned_at)) + 1
 
 
-def print_summary(capsys: pytest.CaptureFixture[str], gateway: Gateway,
-                  figures: dict[str, Any]) -> None:
+def print_summary(
+    capsys: pytest.CaptureFixture[str], gateway: Gateway, figures: dict[str, Any]
+) -> None:
     figures["run_s"] = round(time.monotonic() - gateway.created_at, 1)
     with capsys.disabled():
         print(f"\n{json.dumps(figures)}", flush=True)
@@ -160,8 +162,10 @@ def assert_tiles_the_advance(events: list[dict[str, Any]], advance: int, where: 
     for low, high in ranges:
         assert low == position < high, f"gap or overlap at {position}: ({low}, {high}) {where}"
         assert Decimal(high - low) == Decimal(
-            next(e for e in events if e["data"]["counter_from"] == low)
-            ["data"]["yield_quantity"]["value"]), f"range ({low}, {high}) != its yield {where}"
+            next(e for e in events if e["data"]["counter_from"] == low)["data"]["yield_quantity"][
+                "value"
+            ]
+        ), f"range ({low}, {high}) != its yield {where}"
         position = high
     assert position == advance, f"ranges end at {position}, the counter advanced {advance} {where}"
     total = yield_sum(events)
@@ -188,9 +192,20 @@ class OpcUaMachine:
         self.spawned_at = time.monotonic()
         self.peer = start_peer(
             self.peers,
-            [sys.executable, "-m", "simulators.opcua_machine", "--port", str(self.port),
-             "--rate", str(rate), "--start", str(start_count)],
-            self.tmp_path / f"opcua-{self.generation}.log", "opcua-machine listening")
+            [
+                sys.executable,
+                "-m",
+                "simulators.opcua_machine",
+                "--port",
+                str(self.port),
+                "--rate",
+                str(rate),
+                "--start",
+                str(start_count),
+            ],
+            self.tmp_path / f"opcua-{self.generation}.log",
+            "opcua-machine listening",
+        )
 
     def kill(self) -> int:
         """SIGKILL; returns an upper bound of the count it had reached."""
@@ -207,7 +222,10 @@ def test_opcua_server_killed_and_replaced_the_daemon_reconnects_and_counts_exact
     machine = OpcUaMachine(peers, tmp_path, free_port())
     machine.start(1000, rate=40)
     signal = "filler-02.processed"
-    gateway = Gateway(peers, tmp_path, f"""
+    gateway = Gateway(
+        peers,
+        tmp_path,
+        f"""
 drivers:
   - name: filler-02
     type: opcua
@@ -229,7 +247,8 @@ machines:
 {erp_destination(erp)}
 routes:
   production.confirmation: [erp]
-""")
+""",
+    )
     run = gateway.start()
     assert run.process is not None
     pid = run.process.pid
@@ -242,11 +261,17 @@ routes:
     for outage, (pause, next_rate) in enumerate([(2.0, 40.0), (1.0, 0.0)], start=1):
         # Counting (and confirmed) before the outage.
         before = len(confirmations(erp))
-        wait_for(partial(lambda n: len(confirmations(erp)) >= n, before + 3), 60,
-                 f"confirmations before outage {outage}")
+        wait_for(
+            partial(lambda n: len(confirmations(erp)) >= n, before + 3),
+            60,
+            f"confirmations before outage {outage}",
+        )
         bound = machine.kill()
-        wait_for(partial(lambda n: gateway.output().count(unavailable) >= n, outage), 30,
-                 f"the gateway to see the OPC UA server gone (outage {outage})")
+        wait_for(
+            partial(lambda n: gateway.output().count(unavailable) >= n, outage),
+            30,
+            f"the gateway to see the OPC UA server gone (outage {outage})",
+        )
         time.sleep(pause)
         # The machine kept counting while the network was down: the new server goes on from
         # beyond anything the old one can have shown. The last one stands still, so the final
@@ -254,8 +279,11 @@ routes:
         next_start = bound + 137 * outage
         machine.start(next_start, rate=next_rate)
         back_from = time.monotonic()
-        wait_for(partial(lambda n: gateway.output().count(back) >= n, outage), 60,
-                 f"the gateway to reconnect by itself (outage {outage})")
+        wait_for(
+            partial(lambda n: gateway.output().count(back) >= n, outage),
+            60,
+            f"the gateway to reconnect by itself (outage {outage})",
+        )
         reconnect_seconds.append(round(time.monotonic() - back_from, 2))
         gateway.assert_alive(pid)
         final_count = next_start
@@ -264,9 +292,13 @@ routes:
         status = gateway.status()
         reading = status["signals"].get(signal)
         rule = status["machines"][0]
-        return bool(reading is not None and reading["value"] == final_count
-                    and rule["good_pending"] == 0 and rule["scrap_pending"] == 0
-                    and yield_sum(confirmations(erp)) == rule["good_total"])
+        return bool(
+            reading is not None
+            and reading["value"] == final_count
+            and rule["good_pending"] == 0
+            and rule["scrap_pending"] == 0
+            and yield_sum(confirmations(erp)) == rule["good_total"]
+        )
 
     wait_for(settled, 60, f"the gateway to read {final_count} and ERP to hold every confirmation")
     gateway.assert_alive(pid)
@@ -279,18 +311,29 @@ routes:
     stats = erp.stats()
     rule = gateway.status()["machines"][0]
     advance = final_count - baseline
-    print_summary(capsys, gateway, {
-        "test": "opcua-server-killed", "outages": 2, "baseline": baseline,
-        "final_count": final_count, "units_expected": advance,
-        "units_delivered": int(yield_sum(events)), "confirmations": len(events),
-        "duplicates": stats["duplicates"], "lost": advance - int(yield_sum(events)),
-        "reconnect_s": reconnect_seconds, "gateway_runs": len(gateway.runs),
-    })
+    print_summary(
+        capsys,
+        gateway,
+        {
+            "test": "opcua-server-killed",
+            "outages": 2,
+            "baseline": baseline,
+            "final_count": final_count,
+            "units_expected": advance,
+            "units_delivered": int(yield_sum(events)),
+            "confirmations": len(events),
+            "duplicates": stats["duplicates"],
+            "lost": advance - int(yield_sum(events)),
+            "reconnect_s": reconnect_seconds,
+            "gateway_runs": len(gateway.runs),
+        },
+    )
     where = f"(baseline {baseline}, final {final_count}; logs in {tmp_path})"
     assert_tiles_the_advance(events, advance, where)
     assert rule["good_total"] == advance, where
-    assert all(e["data"]["order_id"] == "2000456" and e["data"]["lot_id"] == "LOT-OPC-1"
-               for e in events)
+    assert all(
+        e["data"]["order_id"] == "2000456" and e["data"]["lot_id"] == "LOT-OPC-1" for e in events
+    )
     assert stats["duplicates"] == 0, f"{stats} {where}"
     logs = gateway.output()
     assert logs.count(unavailable) == 2 and logs.count(back) == 2, where
@@ -310,7 +353,10 @@ def test_modbus_plc_killed_and_back_the_daemon_reconnects_and_counts_exactly(
     spawned_at = time.monotonic()
     plc = start_plc(peers, tmp_path, "--rate", str(rate), "--start", "0")
     signal = "press-01.good"
-    gateway = Gateway(peers, tmp_path, f"""
+    gateway = Gateway(
+        peers,
+        tmp_path,
+        f"""
 drivers:
   - name: press-01
     type: modbus
@@ -331,7 +377,8 @@ machines:
 {erp_destination(erp)}
 routes:
   production.confirmation: [erp]
-""")
+""",
+    )
     run = gateway.start()
     assert run.process is not None
     pid = run.process.pid
@@ -345,8 +392,17 @@ routes:
     time.sleep(3.0)  # the device is gone for a while; the press counts on meanwhile
     restart_at = bound + 400
     stop_at = restart_at + 600
-    start_plc(peers, tmp_path, "--rate", str(rate), "--start", str(restart_at),
-              "--stop-at", str(stop_at), port=plc.port)
+    start_plc(
+        peers,
+        tmp_path,
+        "--rate",
+        str(rate),
+        "--start",
+        str(restart_at),
+        "--stop-at",
+        str(stop_at),
+        port=plc.port,
+    )
     back_from = time.monotonic()
     wait_for(lambda: back in gateway.output(), 60, "the gateway to reconnect by itself")
     reconnect_seconds = round(time.monotonic() - back_from, 2)
@@ -356,10 +412,14 @@ routes:
         status = gateway.status()
         good, state = status["signals"].get(signal), status["signals"].get("press-01.state")
         rule = status["machines"][0]
-        return bool(good is not None and good["value"] == stop_at
-                    and state is not None and state["value"] == 17
-                    and rule["good_pending"] == 0
-                    and yield_sum(confirmations(erp)) == rule["good_total"])
+        return bool(
+            good is not None
+            and good["value"] == stop_at
+            and state is not None
+            and state["value"] == 17
+            and rule["good_pending"] == 0
+            and yield_sum(confirmations(erp)) == rule["good_total"]
+        )
 
     wait_for(settled, 60, f"the PLC to reach {stop_at} and ERP to hold every confirmation")
     gateway.assert_alive(pid)
@@ -371,13 +431,24 @@ routes:
     stats = erp.stats()
     rule = gateway.status()["machines"][0]
     advance = stop_at - baseline
-    print_summary(capsys, gateway, {
-        "test": "modbus-plc-killed", "outages": 1, "baseline": baseline,
-        "restart_count": restart_at, "final_count": stop_at, "units_expected": advance,
-        "units_delivered": int(yield_sum(events)), "confirmations": len(events),
-        "duplicates": stats["duplicates"], "lost": advance - int(yield_sum(events)),
-        "reconnect_s": reconnect_seconds, "gateway_runs": len(gateway.runs),
-    })
+    print_summary(
+        capsys,
+        gateway,
+        {
+            "test": "modbus-plc-killed",
+            "outages": 1,
+            "baseline": baseline,
+            "restart_count": restart_at,
+            "final_count": stop_at,
+            "units_expected": advance,
+            "units_delivered": int(yield_sum(events)),
+            "confirmations": len(events),
+            "duplicates": stats["duplicates"],
+            "lost": advance - int(yield_sum(events)),
+            "reconnect_s": reconnect_seconds,
+            "gateway_runs": len(gateway.runs),
+        },
+    )
     where = f"(baseline {baseline}, final {stop_at}; logs in {tmp_path})"
     assert_tiles_the_advance(events, advance, where)
     assert rule["good_total"] == advance, where
@@ -392,12 +463,22 @@ routes:
 # --- MQTT ----------------------------------------------------------------------------------------
 
 
-def mqtt_gateway(peers: list[Peer], tmp_path: Path, broker: Mosquitto, erp: ErpSim,
-                 *, batch_max: int, commit_interval: str = "0ms") -> Gateway:
+def mqtt_gateway(
+    peers: list[Peer],
+    tmp_path: Path,
+    broker: Mosquitto,
+    erp: ErpSim,
+    *,
+    batch_max: int,
+    commit_interval: str = "0ms",
+) -> Gateway:
     # The consumption mapping of drivers.mqtt.SAMPLE_CONFIG; no machine is bound to the
     # orders here, so validation.require_known_order is off.
     client_id = f"plantsync-{SITE}-mes-{uuid.uuid4().hex[:8]}"
-    gateway = Gateway(peers, tmp_path, f"""
+    gateway = Gateway(
+        peers,
+        tmp_path,
+        f"""
 outbox: {{commit_interval: {commit_interval}}}
 validation: {{require_known_order: false}}
 drivers:
@@ -423,7 +504,8 @@ drivers:
 {erp_destination(erp)}
 routes:
   material.consumed: [erp]
-""")
+""",
+    )
     gateway.client_id = client_id
     return gateway
 
@@ -437,8 +519,14 @@ class Publishing:
     """The MES publisher (in this process) publishing consumptions from a thread."""
 
     def __init__(self, broker: Mosquitto) -> None:
-        self.mes = MesPublisher(broker.host, broker.port, site=SITE, machine="press-01",
-                                run=uuid.uuid4().hex[:12], client_id=f"mes-{uuid.uuid4().hex[:8]}")
+        self.mes = MesPublisher(
+            broker.host,
+            broker.port,
+            site=SITE,
+            machine="press-01",
+            run=uuid.uuid4().hex[:12],
+            client_id=f"mes-{uuid.uuid4().hex[:8]}",
+        )
         self.mes.connect()
         self.publications: list[Publication] = []
         self.stop = threading.Event()
@@ -452,8 +540,14 @@ class Publishing:
         self.publications.append(publication)
         return publication
 
-    def run(self, *, burst: int = 0, steady_every: float = 0.005, at_least: int = 0,
-            at_most: int | None = None) -> None:
+    def run(
+        self,
+        *,
+        burst: int = 0,
+        steady_every: float = 0.005,
+        at_least: int = 0,
+        at_most: int | None = None,
+    ) -> None:
         """In a thread: `burst` as fast as the window allows, then one every `steady_every`
         seconds until `stop` is set (and at least `at_least` in all), or `at_most` in all."""
 
@@ -502,17 +596,24 @@ def delivered_consumptions(erp: ErpSim) -> list[dict[str, Any]]:
 
 def wait_subscribed(gateway: Gateway, publishing: Publishing, erp: ErpSim) -> None:
     """The gateway's session subscribed: a probe published now reaches ERP."""
-    wait_for(lambda: "MQTT broker mes at" in gateway.output() and "connected as"
-             in gateway.output(), 30, "the gateway to connect to the broker")
+    wait_for(
+        lambda: "MQTT broker mes at" in gateway.output() and "connected as" in gateway.output(),
+        30,
+        "the gateway to connect to the broker",
+    )
     time.sleep(0.5)  # the SUBACK follows the CONNACK
     probe = publishing.one("PROBE")
     probe.wait(30)
-    wait_for(lambda: erp.stats()["unique"] >= 1, 30,
-             "the probe to reach ERP (is the gateway subscribed?)")
+    wait_for(
+        lambda: erp.stats()["unique"] >= 1,
+        30,
+        "the probe to reach ERP (is the gateway subscribed?)",
+    )
 
 
-def assert_exactly_once(erp: ErpSim, expected: set[str], where: str
-                        ) -> tuple[list[dict[str, Any]], set[str], set[str]]:
+def assert_exactly_once(
+    erp: ErpSim, expected: set[str], where: str
+) -> tuple[list[dict[str, Any]], set[str], set[str]]:
     rows = delivered_consumptions(erp)
     received = [row["id"] for row in rows]
     lost = expected - set(received)
@@ -542,9 +643,11 @@ def test_mqtt_broker_restart_mid_stream_loses_no_mes_message(
         wait_subscribed(gateway, publishing, erp)
         total = 1500
         publishing.run(steady_every=0.005, at_most=total + 1)  # + the probe
-        wait_for(lambda: len(publishing.publications) >= 400 and erp.stats()["unique"] >= 50,
-                 60,
-                 "publications and deliveries before the broker restart")
+        wait_for(
+            lambda: len(publishing.publications) >= 400 and erp.stats()["unique"] >= 50,
+            60,
+            "publications and deliveries before the broker restart",
+        )
         assert publishing.running, "the publisher finished before the restart: publish longer"
         mosquitto.stop()
         wait_for(lambda: unavailable in gateway.output(), 30, "the gateway to see the broker gone")
@@ -558,24 +661,37 @@ def test_mqtt_broker_restart_mid_stream_loses_no_mes_message(
         publishing.close()
     expected = publishing.expected_ids()
     assert len(expected) == total + 1
-    wait_for(lambda: erp.stats()["unique"] >= len(expected), 90,
-             f"ERP to hold all {len(expected)} consumptions")
+    wait_for(
+        lambda: erp.stats()["unique"] >= len(expected),
+        90,
+        f"ERP to hold all {len(expected)} consumptions",
+    )
     gateway.assert_alive(pid)
     time.sleep(1.0)  # anything extra would arrive now
     where = f"(logs in {tmp_path})"
     rows, lost, invented = assert_exactly_once(erp, expected, where)
     stats = erp.stats()
     logs = gateway.output()
-    print_summary(capsys, gateway, {
-        "test": "mqtt-broker-restart", "events_expected": len(expected),
-        "delivered_unique": len(rows), "duplicates": stats["duplicates"], "lost": len(lost),
-        "invented": len(invented), "reconnect_s": reconnect_seconds,
-        "outbox_ignored_redeliveries": _ignored(logs),
-    })
+    print_summary(
+        capsys,
+        gateway,
+        {
+            "test": "mqtt-broker-restart",
+            "events_expected": len(expected),
+            "delivered_unique": len(rows),
+            "duplicates": stats["duplicates"],
+            "lost": len(lost),
+            "invented": len(invented),
+            "reconnect_s": reconnect_seconds,
+            "outbox_ignored_redeliveries": _ignored(logs),
+        },
+    )
     assert not lost, f"{len(lost)} MES message(s) never reached ERP {where}"
     assert not invented, f"ERP holds {len(invented)} event(s) nobody published {where}"
     assert {row["event"]["data"]["lot_id"] for row in rows} == {
-        "PROBE", *(f"L-{n:06d}" for n in range(1, total + 1))}
+        "PROBE",
+        *(f"L-{n:06d}" for n in range(1, total + 1)),
+    }
     assert stats["unique"] == len(expected) and stats["duplicates"] == 0, f"{stats} {where}"
     assert logs.count(unavailable) == 1, f"broker down logged {logs.count(unavailable)} times"
     assert logs.count(back) == 1, f"broker back logged {logs.count(back)} times"
@@ -622,8 +738,11 @@ def test_mqtt_gateway_killed_during_intake_loses_no_mes_message(
         for _ in range(kills):
             # Kill only a process that is taking messages in: once it has committed some.
             before = committed_count(gateway)
-            wait_for(partial(lambda n: committed_count(gateway) > n, before), 60,
-                     f"the gateway process {len(gateway.runs) - 1} to commit messages {where}")
+            wait_for(
+                partial(lambda n: committed_count(gateway) > n, before),
+                60,
+                f"the gateway process {len(gateway.runs) - 1} to commit messages {where}",
+            )
             time.sleep(rng.uniform(0.0, 0.5))
             intake_at_kill.append(committed_count(gateway))
             gateway.kill()
@@ -634,8 +753,12 @@ def test_mqtt_gateway_killed_during_intake_loses_no_mes_message(
         publishing.close()
     expected = publishing.expected_ids()
     assert len(expected) >= 2000
-    wait_for(lambda: erp.stats()["unique"] >= len(expected), 120,
-             f"ERP to hold all {len(expected)} consumptions {where}", interval=0.5)
+    wait_for(
+        lambda: erp.stats()["unique"] >= len(expected),
+        120,
+        f"ERP to hold all {len(expected)} consumptions {where}",
+        interval=0.5,
+    )
     time.sleep(1.0)  # anything extra would arrive now
     assert gateway.current.stop() == 0, f"the graceful stop failed {where}"
 
@@ -647,21 +770,32 @@ def test_mqtt_gateway_killed_during_intake_loses_no_mes_message(
     logs = gateway.output()
     unacknowledged = redelivered_after_each_kill(mosquitto, gateway.client_id)
     committed_not_acknowledged = _ignored(logs)
-    print_summary(capsys, gateway, {
-        "test": "mqtt-gateway-kill-9", "seed": seed, "kills": gateway.kills,
-        "events_expected": len(expected), "delivered_unique": len(rows),
-        "duplicates": stats["duplicates"], "lost": len(lost), "invented": len(invented),
-        "committed_at_each_kill": intake_at_kill,
-        "unacknowledged_at_each_kill": unacknowledged,
-        "committed_not_acknowledged": committed_not_acknowledged,
-        "uncommitted_at_kills": sum(unacknowledged) - committed_not_acknowledged,
-    })
-    assert not lost, (f"{len(lost)} MES message(s) never reached ERP, e.g. "
-                      f"{sorted(lost)[:3]} {where}")
+    print_summary(
+        capsys,
+        gateway,
+        {
+            "test": "mqtt-gateway-kill-9",
+            "seed": seed,
+            "kills": gateway.kills,
+            "events_expected": len(expected),
+            "delivered_unique": len(rows),
+            "duplicates": stats["duplicates"],
+            "lost": len(lost),
+            "invented": len(invented),
+            "committed_at_each_kill": intake_at_kill,
+            "unacknowledged_at_each_kill": unacknowledged,
+            "committed_not_acknowledged": committed_not_acknowledged,
+            "uncommitted_at_kills": sum(unacknowledged) - committed_not_acknowledged,
+        },
+    )
+    assert not lost, (
+        f"{len(lost)} MES message(s) never reached ERP, e.g. {sorted(lost)[:3]} {where}"
+    )
     assert not invented, f"ERP holds {len(invented)} event(s) nobody published {where}"
     assert committed_ids == expected, (
         f"the outbox committed {len(committed_ids - expected)} unknown and missed "
-        f"{len(expected - committed_ids)} {where}")
+        f"{len(expected - committed_ids)} {where}"
+    )
     assert stats["unique"] == len(expected), f"{stats} {where}"
     assert owed == 0, f"{owed} delivery row(s) left in the outbox {where}"
     assert rejected == 0, f"{rejected} input dead letter(s) {where}"
@@ -673,7 +807,8 @@ def test_mqtt_gateway_killed_during_intake_loses_no_mes_message(
     # not in the outbox either (they came again and were committed then, not ignored).
     assert len(unacknowledged) >= kills, (unacknowledged, where)
     assert sum(unacknowledged) > committed_not_acknowledged, (
-        f"no kill caught a message between its receipt and its commit {where}")
+        f"no kill caught a message between its receipt and its commit {where}"
+    )
 
 
 def redelivered_after_each_kill(broker: Mosquitto, client_id: str) -> list[int]:
@@ -692,5 +827,6 @@ def committed_count(gateway: Gateway) -> int:
 def _ignored(logs: str) -> int:
     """Events the outbox ignored because it already held them: redelivered messages that had
     been committed but not yet acknowledged when the connection (or the process) ended."""
-    return sum(int(n) for n in re.findall(r"Ignored (\d+) event\(s\) the outbox already held",
-                                          logs))
+    return sum(
+        int(n) for n in re.findall(r"Ignored (\d+) event\(s\) the outbox already held", logs)
+    )

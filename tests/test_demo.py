@@ -29,7 +29,10 @@ def test_demo_delivers_within_30_seconds_and_stops_on_ctrl_c(tmp_path: Path) -> 
     with log.open("wb") as out:
         process = spawn(
             [sys.executable, "-m", "edge.cli", "demo", "--config", str(config)],
-            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 30
             while "ERP received production.confirmation" not in log.read_text():

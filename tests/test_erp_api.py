@@ -158,8 +158,10 @@ def post_confirmation(
 def inspection_lot_of(erp: RunningSimulator, batch: str) -> str:
     found = erp.client.get(
         f"{INSPECTIONS}/A_InspectionLot",
-        params={"$filter": f"Batch eq '{batch}' and InspectionLotOrigin eq '04'",
-                "$format": "json"},
+        params={
+            "$filter": f"Batch eq '{batch}' and InspectionLotOrigin eq '04'",
+            "$format": "json",
+        },
     ).json()["d"]["results"]
     lot: str = found[-1]["InspectionLot"]
     return lot
@@ -584,8 +586,13 @@ def test_invalid_confirmations_answer_an_odata_error(erp: RunningSimulator) -> N
         ({k: v for k, v in good.items() if k != "OrderID"}, "OrderID"),
         ({**good, "OrderOperation": ""}, "OrderOperation"),
         ({**good, "ConfirmationUnit": "C62"}, "C62"),
-        ({**{k: v for k, v in good.items() if k != "ConfirmationUnit"},
-          "ConfirmationUnitISOCode": "H87"}, "ISO code H87"),
+        (
+            {
+                **{k: v for k, v in good.items() if k != "ConfirmationUnit"},
+                "ConfirmationUnitISOCode": "H87",
+            },
+            "ISO code H87",
+        ),
         ({**good, "ConfirmationUnitISOCode": "KGM"}, "different units"),
         ({**good, "PostingDate": "2026-03-01"}, "PostingDate"),
         ({**good, "OrderID": "1" * 13}, "MaxLength 12"),
@@ -609,8 +616,12 @@ def test_invalid_confirmations_answer_an_odata_error(erp: RunningSimulator) -> N
             "LOT-2026-0001",
         ),
         (
-            {**good, "to_ProdnOrdConfMatlDocItm": [
-                {k: v for k, v in receipt("L-1").items() if k != "GoodsMovementRefDocType"}]},
+            {
+                **good,
+                "to_ProdnOrdConfMatlDocItm": [
+                    {k: v for k, v in receipt("L-1").items() if k != "GoodsMovementRefDocType"}
+                ],
+            },
             "GoodsMovementRefDocType",
         ),
     ]
@@ -656,9 +667,13 @@ def test_same_confirmation_text_twice_makes_two_and_filter_finds_them(
     assert lookup(erp, "ConfirmationText eq 'evt-1' and OrderID eq '1000124'").json() == {
         "d": {"results": []}
     }
-    for bad in ("ConfirmationText = 'evt-1'", "substringof('evt', ConfirmationText)",
-                "Foo eq 'x'", f"ConfirmationText eq '{'x' * 41}'",
-                "ConfirmationYieldQuantity eq '1'"):
+    for bad in (
+        "ConfirmationText = 'evt-1'",
+        "substringof('evt', ConfirmationText)",
+        "Foo eq 'x'",
+        f"ConfirmationText eq '{'x' * 41}'",
+        "ConfirmationYieldQuantity eq '1'",
+    ):
         assert lookup(erp, bad).status_code == 400, bad
 
     stats = erp.client.get("/stats").json()
@@ -677,8 +692,9 @@ def test_usage_decisions_release_or_block_the_inspection_lots_batch(
     assert post_confirmation(erp, again, csrf).status_code == 201
     assert batch_of(erp, "L-3")["status"] == "unrestricted"
     lots = erp.client.get("/_sim/sap/inspection-lots").json()
-    assert [(lot["Batch"], lot["InspectionLotQuantity"], lot["InspectionLotOrigin"])
-            for lot in lots] == [("L-1", "75", "04"), ("L-2", "40", "04")]
+    assert [
+        (lot["Batch"], lot["InspectionLotQuantity"], lot["InspectionLotOrigin"]) for lot in lots
+    ] == [("L-1", "75", "04"), ("L-2", "40", "04")]
     first, second = inspection_lot_of(erp, "L-1"), inspection_lot_of(erp, "L-2")
     assert len(first) == 12 and first != second
 
@@ -688,7 +704,8 @@ def test_usage_decisions_release_or_block_the_inspection_lots_batch(
     assert decision["InspectionLotUsageDecisionCode"] == "A"
     assert decision["InspectionLot"] == first
     assert decision["__metadata"]["uri"].endswith(
-        f"A_InspLotUsageDecision(InspectionLot='{first}')")
+        f"A_InspLotUsageDecision(InspectionLot='{first}')"
+    )
     assert post_decision(erp, csrf, second, "R").status_code == 201
     refusals = {
         "decided": post_decision(erp, csrf, second, "A"),
@@ -696,9 +713,15 @@ def test_usage_decisions_release_or_block_the_inspection_lots_batch(
         "unknown code": post_decision(erp, csrf, second, "X"),
         "old shape": erp.client.post(
             f"{INSPECTIONS}/A_InspLotUsageDecision",
-            json={"Material": "FG-1", "Batch": "L-2", "Plant": "1010",
-                  "InspLotUsageDecisionCode": "A", "ChangedByText": "evt"},
-            headers={"X-CSRF-Token": csrf}),
+            json={
+                "Material": "FG-1",
+                "Batch": "L-2",
+                "Plant": "1010",
+                "InspLotUsageDecisionCode": "A",
+                "ChangedByText": "evt",
+            },
+            headers={"X-CSRF-Token": csrf},
+        ),
         "too long": post_decision(erp, csrf, "0" * 13, "A"),
     }
     for why, refused in refusals.items():
@@ -726,7 +749,9 @@ def test_usage_decisions_release_or_block_the_inspection_lots_batch(
     assert [d["InspectionLotUsageDecisionCode"] for d in listed] == ["R"]
     decisions = erp.client.get("/_sim/sap/usage-decisions").json()
     assert [(d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"]) for d in decisions] == [
-        ("L-1", "A"), ("L-2", "R")]
+        ("L-1", "A"),
+        ("L-2", "R"),
+    ]
     assert erp.client.get("/stats").json()["usage_decisions"] == 2
 
 
@@ -734,19 +759,34 @@ MATERIAL_DOCUMENTS = "/sap/opu/odata/sap/API_MATERIAL_DOCUMENT_SRV"
 
 
 def goods_issue(text: str, **changes: Any) -> dict[str, Any]:
-    item = {"Material": "RM-9", "Plant": "1010", "StorageLocation": "0001", "Batch": "C-7",
-            "GoodsMovementType": "261", "ManufacturingOrder": "1000123", "EntryUnit": "KG",
-            "QuantityInEntryUnit": "25", "MaterialDocumentItemText": text, **changes}
-    return {"GoodsMovementCode": "03", "PostingDate": "/Date(1772323200000)/",
-            "to_MaterialDocumentItem": [item]}
+    item = {
+        "Material": "RM-9",
+        "Plant": "1010",
+        "StorageLocation": "0001",
+        "Batch": "C-7",
+        "GoodsMovementType": "261",
+        "ManufacturingOrder": "1000123",
+        "EntryUnit": "KG",
+        "QuantityInEntryUnit": "25",
+        "MaterialDocumentItemText": text,
+        **changes,
+    }
+    return {
+        "GoodsMovementCode": "03",
+        "PostingDate": "/Date(1772323200000)/",
+        "to_MaterialDocumentItem": [item],
+    }
 
 
 def test_goods_issue_material_documents_issue_stock_and_can_be_looked_up(
     erp: RunningSimulator,
 ) -> None:
     csrf = fetch_csrf(erp)
-    created = erp.client.post(f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentHeader",
-                              json=goods_issue("evt-1"), headers={"X-CSRF-Token": csrf})
+    created = erp.client.post(
+        f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentHeader",
+        json=goods_issue("evt-1"),
+        headers={"X-CSRF-Token": csrf},
+    )
     assert created.status_code == 201, created.text
     header = created.json()["d"]
     assert header["GoodsMovementCode"] == "03" and len(header["MaterialDocument"]) == 10
@@ -756,8 +796,11 @@ def test_goods_issue_material_documents_issue_stock_and_can_be_looked_up(
     assert (consumed["material"], consumed["quantity"]["unrestricted"]) == ("RM-9", "-25")
     found = erp.client.get(
         f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentItem",
-        params={"$filter": "MaterialDocumentItemText eq 'evt-1' and ManufacturingOrder eq"
-                " '1000123'", "$format": "json"}).json()["d"]["results"]
+        params={
+            "$filter": "MaterialDocumentItemText eq 'evt-1' and ManufacturingOrder eq '1000123'",
+            "$format": "json",
+        },
+    ).json()["d"]["results"]
     assert [i["MaterialDocument"] for i in found] == [header["MaterialDocument"]]
     for bad, mentioned in [
         (goods_issue("e", EntryUnitISOCode="KGM"), "EntryUnitISOCode"),  # no such property
@@ -767,8 +810,11 @@ def test_goods_issue_material_documents_issue_stock_and_can_be_looked_up(
         (goods_issue("e", ManufacturingOrder=""), "ManufacturingOrder"),
         (goods_issue("e", QuantityInEntryUnit=25), "QuantityInEntryUnit"),
     ]:
-        refused = erp.client.post(f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentHeader", json=bad,
-                                  headers={"X-CSRF-Token": csrf})
+        refused = erp.client.post(
+            f"{MATERIAL_DOCUMENTS}/A_MaterialDocumentHeader",
+            json=bad,
+            headers={"X-CSRF-Token": csrf},
+        )
         assert refused.status_code == 400, (bad, refused.text)
         assert mentioned in refused.json()["error"]["message"]["value"], refused.text
     assert erp.client.get("/stats").json()["sap_material_documents"] == 1

@@ -24,12 +24,16 @@ WHEN = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)
 
 
 def config_text(tmp_path: Path) -> str:
-    return yaml.safe_dump({
-        "site": "1010", "data_dir": str(tmp_path),
-        "destinations": {"hook": {"base_url": "http://127.0.0.1:9", "path": "/hook"}},
-        "exceptions": {"roles": {"integration": {"webhook": ["hook"]}, "supervisor": {},
-                                 "quality": {}}},
-    })
+    return yaml.safe_dump(
+        {
+            "site": "1010",
+            "data_dir": str(tmp_path),
+            "destinations": {"hook": {"base_url": "http://127.0.0.1:9", "path": "/hook"}},
+            "exceptions": {
+                "roles": {"integration": {"webhook": ["hook"]}, "supervisor": {}, "quality": {}}
+            },
+        }
+    )
 
 
 @pytest.mark.integration
@@ -58,17 +62,23 @@ def test_raised_once_cleared_once_and_one_delivery_each(tmp_path: Path) -> None:
             await board.notify()
             rows = listing(ledger.db)
             assert [(r["kind"], r["state"], r["roles"]) for r in rows] == [
-                ("dead_letter", "closed", ["integration"]), ("held_lot", "open", ["supervisor"])]
+                ("dead_letter", "closed", ["integration"]),
+                ("held_lot", "open", ["supervisor"]),
+            ]
             ledger.close()
             held = await outbox.deliveries(destination="hook", limit=100)
             shown = [await outbox.show(str(row["id"])) for row in held]
-            return [(json.loads(s["payload"])["type"], json.loads(s["payload"])["subject"])
-                    for s in shown if s]
+            return [
+                (json.loads(s["payload"])["type"], json.loads(s["payload"])["subject"])
+                for s in shown
+                if s
+            ]
 
     # Only the integration role has a webhook: the dead letter's raise and clear, once each.
     assert asyncio.run(run()) == [
         ("com.plantsync.edge.exception.raised.v1", "event e1 to erp"),
-        ("com.plantsync.edge.exception.cleared.v1", "event e1 to erp")]
+        ("com.plantsync.edge.exception.cleared.v1", "event e1 to erp"),
+    ]
 
 
 def test_a_nonconformance_is_open_until_its_lot_is_decided(tmp_path: Path) -> None:
@@ -76,31 +86,48 @@ def test_a_nonconformance_is_open_until_its_lot_is_decided(tmp_path: Path) -> No
     ledger = OrderLedger.open(tmp_path)
     board = ExceptionBoard(config, ledger.db)
     watch = ExceptionWatch(None, board, ledger.db)  # type: ignore[arg-type]
-    raised = build_event(NonconformanceRaised(
-        site="1010", order_id="1000123", lot_id="L1", defect_code="LIM",
-        severity="major", occurred_at=WHEN), natural_key=("nc", 1), subject="L1",
-        partitionkey="1000123", sequence=1)
+    raised = build_event(
+        NonconformanceRaised(
+            site="1010",
+            order_id="1000123",
+            lot_id="L1",
+            defect_code="LIM",
+            severity="major",
+            occurred_at=WHEN,
+        ),
+        natural_key=("nc", 1),
+        subject="L1",
+        partitionkey="1000123",
+        sequence=1,
+    )
     ledger.record_events([raised], now=100.0)
     (open_one,) = watch._nonconformances()
     assert open_one.subject == f"nonconformance {raised.id}"
-    assert open_one.correlation == {"event_id": raised.id, "order_id": "1000123",
-                                    "lot_id": "L1"}
-    ledger.db.execute("INSERT INTO order_events(event_id, event_type, order_id, lot_id,"
-                      " disposition, committed_at) VALUES ('d1', 'lot.disposition', '1000123',"
-                      " 'L1', 'reject', 101.0)")
+    assert open_one.correlation == {"event_id": raised.id, "order_id": "1000123", "lot_id": "L1"}
+    ledger.db.execute(
+        "INSERT INTO order_events(event_id, event_type, order_id, lot_id,"
+        " disposition, committed_at) VALUES ('d1', 'lot.disposition', '1000123',"
+        " 'L1', 'reject', 101.0)"
+    )
     assert watch._nonconformances() == []
     ledger.close()
 
 
 def test_check_names_what_the_sections_refer_to(tmp_path: Path) -> None:
-    text = yaml.safe_dump({
-        "site": "1010", "data_dir": str(tmp_path),
-        "destinations": {"erp": {"base_url": "http://127.0.0.1:9", "profile": "qms_rest"}},
-        "reconcile": {"erp": "erpp"},
-        "exceptions": {"routes": {"held_lot": ["supervsor"]},
-                       "roles": {"supervisor": {"webhook": ["erp"],
-                                                "mqtt": {"driver": "mes", "topic": "t"}}}},
-    })
+    text = yaml.safe_dump(
+        {
+            "site": "1010",
+            "data_dir": str(tmp_path),
+            "destinations": {"erp": {"base_url": "http://127.0.0.1:9", "profile": "qms_rest"}},
+            "reconcile": {"erp": "erpp"},
+            "exceptions": {
+                "routes": {"held_lot": ["supervsor"]},
+                "roles": {
+                    "supervisor": {"webhook": ["erp"], "mqtt": {"driver": "mes", "topic": "t"}}
+                },
+            },
+        }
+    )
     try:
         parse_config(text, "plant.yaml")
     except ConfigError as exc:
@@ -109,6 +136,8 @@ def test_check_names_what_the_sections_refer_to(tmp_path: Path) -> None:
         raise AssertionError("the config was accepted")
     assert "reconcile.erp: no destination named 'erpp'" in problems
     assert "exceptions.routes.held_lot[0]: no role named 'supervsor'" in problems
-    assert ("exceptions.roles.supervisor.webhook[0]: destination 'erp' has profile qms_rest; a "
-            "webhook is a canonical destination") in problems
+    assert (
+        "exceptions.roles.supervisor.webhook[0]: destination 'erp' has profile qms_rest; a "
+        "webhook is a canonical destination"
+    ) in problems
     assert "exceptions.roles.supervisor.mqtt.driver: no MQTT driver named 'mes'" in problems

@@ -98,9 +98,16 @@ def scaled(seconds: float, minimum: float) -> float:
 # -- the gateway ---------------------------------------------------------------------------------
 
 
-def write_plant(tmp_path: Path, erp: ErpSim, drivers: list[str], machines: list[str], *,
-                outbox: str = "", retry: str = "{base: 100ms, cap: 2s}",
-                breaker: str = "{failures: 5, open_for: 1s}") -> Path:
+def write_plant(
+    tmp_path: Path,
+    erp: ErpSim,
+    drivers: list[str],
+    machines: list[str],
+    *,
+    outbox: str = "",
+    retry: str = "{base: 100ms, cap: 2s}",
+    breaker: str = "{failures: 5, open_for: 1s}",
+) -> Path:
     """A plant config; every event type goes to ERP, so every id the outbox commits is owed
     there and `lost` is simply committed minus held."""
     api_port = free_port()
@@ -141,8 +148,15 @@ def modbus_driver(name: str, port: int, unit: int, *, poll: str = "100ms") -> st
       - {{name: state, address: 10, type: uint16}}"""
 
 
-def counting_machine(name: str, driver: str, order_id: str, *, every_units: int = 20,
-                     every: str = "2s", extra: str = "") -> str:
+def counting_machine(
+    name: str,
+    driver: str,
+    order_id: str,
+    *,
+    every_units: int = 20,
+    every: str = "2s",
+    extra: str = "",
+) -> str:
     return f"""
   - id: {name}
     line: LINE-A
@@ -155,8 +169,9 @@ def counting_machine(name: str, driver: str, order_id: str, *, every_units: int 
 # -- reading what happened -------------------------------------------------------------------------
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             every: float = 0.25) -> float:
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, every: float = 0.25
+) -> float:
     """Wait until `condition()` is true; return the seconds it took."""
     started = time.monotonic()
     deadline = started + timeout
@@ -189,9 +204,11 @@ def owed(database: Path) -> int:
 
 
 def rule_states(database: Path) -> dict[str, dict[str, Any]]:
-    return {key.removeprefix("machine:"): json.loads(value)
-            for key, value in query(database, "SELECT key, value FROM rule_state")
-            if key.startswith("machine:")}
+    return {
+        key.removeprefix("machine:"): json.loads(value)
+        for key, value in query(database, "SELECT key, value FROM rule_state")
+        if key.startswith("machine:")
+    }
 
 
 def erp_rows(erp: ErpSim, event_type: str | None = None) -> list[dict[str, Any]]:
@@ -214,8 +231,10 @@ def counted(state: dict[str, Any]) -> dict[str, Any]:
 
 def all_confirmed(database: Path, machines: list[str]) -> bool:
     states = rule_states(database)
-    return all(name in states and counted(states[name])["confirmed"]
-               == counted(states[name])["total"] for name in machines)
+    return all(
+        name in states and counted(states[name])["confirmed"] == counted(states[name])["total"]
+        for name in machines
+    )
 
 
 def settled(database: Path, erp: ErpSim, machines: list[str]) -> bool:
@@ -244,30 +263,44 @@ class Outcome:
         return len(self.received) - len(set(self.received))
 
     def figures(self) -> dict[str, Any]:
-        return {"events_expected": len(self.expected),
-                "delivered_unique": len(set(self.received) & self.expected),
-                "duplicates": self.duplicates,
-                "duplicate_deliveries": self.stats["duplicates"],
-                "lost": len(self.lost), "owed_in_outbox": self.pending}
+        return {
+            "events_expected": len(self.expected),
+            "delivered_unique": len(set(self.received) & self.expected),
+            "duplicates": self.duplicates,
+            "duplicate_deliveries": self.stats["duplicates"],
+            "lost": len(self.lost),
+            "owed_in_outbox": self.pending,
+        }
 
     def check(self, tag: str) -> None:
-        assert not self.lost, f"{len(self.lost)} event(s) never reached ERP, " \
-                              f"e.g. {sorted(self.lost)[:5]} {tag}"
+        assert not self.lost, (
+            f"{len(self.lost)} event(s) never reached ERP, e.g. {sorted(self.lost)[:5]} {tag}"
+        )
         assert self.duplicates == 0, f"ERP holds {self.duplicates} id(s) twice {tag}"
         assert self.pending == 0, f"{self.pending} delivery row(s) left in the outbox {tag}"
 
 
-def outcome(database: Path, erp: ErpSim, extra_expected: frozenset[str] | set[str] = frozenset()
-            ) -> Outcome:
+def outcome(
+    database: Path, erp: ErpSim, extra_expected: frozenset[str] | set[str] = frozenset()
+) -> Outcome:
     """After the graceful stop: what the outbox committed (plus `extra_expected`, e.g. the MES
     messages the broker accepted) against what ERP holds."""
     rows = erp_rows(erp)
-    return Outcome(committed_ids(database) | set(extra_expected), [row["id"] for row in rows],
-                   erp.stats(), owed(database))
+    return Outcome(
+        committed_ids(database) | set(extra_expected),
+        [row["id"] for row in rows],
+        erp.stats(),
+        owed(database),
+    )
 
 
-def check_tiling(erp: ErpSim, database: Path, machines: list[str], tag: str,
-                 advance: dict[str, int] | None = None) -> dict[str, int]:
+def check_tiling(
+    erp: ErpSim,
+    database: Path,
+    machines: list[str],
+    tag: str,
+    advance: dict[str, int] | None = None,
+) -> dict[str, int]:
     """Per machine: the confirmations ERP holds tile [0, good total) exactly; the total is the
     advance from the first reading (or `advance[machine]`). Returns the totals."""
     states = rule_states(database)
@@ -281,15 +314,18 @@ def check_tiling(erp: ErpSim, database: Path, machines: list[str], tag: str,
         ranges = sorted((d["counter_from"], d["counter_to"]) for d in data)
         position = 0
         for low, high in ranges:
-            assert low == position <= high, \
+            assert low == position <= high, (
                 f"{machine}: gap or overlap at {position}: ({low}, {high}) {tag}"
+            )
             position = high
-        assert position == good["total"] == good["confirmed"], \
+        assert position == good["total"] == good["confirmed"], (
             f"{machine}: ranges end at {position}, state {good} {tag}"
+        )
         assert sum(Decimal(d["yield_quantity"]["value"]) for d in data) == good["total"], tag
         if advance is not None:
-            assert good["total"] == advance[machine], \
+            assert good["total"] == advance[machine], (
                 f"{machine}: counted {good['total']}, the counter advanced {advance[machine]} {tag}"
+            )
         totals[machine] = good["total"]
     return totals
 
@@ -301,9 +337,12 @@ def order_of(machine: str, index: int) -> str:
 def baselines(gateway: GatewayProcess, signal_suffix: str = ".good") -> dict[str, int]:
     """The first reading of each counter, from the gateway's log (one per counter, ever)."""
     found: dict[str, list[int]] = defaultdict(list)
-    for driver, value in re.findall(r"Counter (\S+?)" + re.escape(signal_suffix)
-                                    + r": the first reading, (\d+), is the baseline",
-                                    gateway.output()):
+    for driver, value in re.findall(
+        r"Counter (\S+?)"
+        + re.escape(signal_suffix)
+        + r": the first reading, (\d+), is the baseline",
+        gateway.output(),
+    ):
         found[driver].append(int(value))
     for driver, values in found.items():
         assert len(values) == 1, f"{driver} took a baseline {len(values)} times: {values}"
@@ -338,8 +377,14 @@ class Publishing:
     """The MES publisher in a thread: `count` consumption messages at `rate` per second."""
 
     def __init__(self, broker: Mosquitto, count: int, rate: float) -> None:
-        self.publisher = MesPublisher(broker.host, broker.port, site=SITE, machine="press-01",
-                                      run=uuid.uuid4().hex[:12], window=5000)
+        self.publisher = MesPublisher(
+            broker.host,
+            broker.port,
+            site=SITE,
+            machine="press-01",
+            run=uuid.uuid4().hex[:12],
+            window=5000,
+        )
         self.publisher.connect()
         self.count, self.rate = count, rate
         self.message_ids: list[str] = []
@@ -348,8 +393,9 @@ class Publishing:
     def _run(self) -> None:
         started = time.monotonic()
         for number in range(self.count):
-            publication = self.publisher.consume("71000000", "RM-STEEL", f"RM-{number:06d}",
-                                                 Decimal("1.250"))
+            publication = self.publisher.consume(
+                "71000000", "RM-STEEL", f"RM-{number:06d}", Decimal("1.250")
+            )
             assert publication.message_id is not None
             self.message_ids.append(publication.message_id)
             time.sleep(max(0.0, started + (number + 1) / self.rate - time.monotonic()))
@@ -361,20 +407,28 @@ class Publishing:
 
 def consumption_driver(broker: Mosquitto, purpose: str) -> str:
     """An MQTT driver (MQTT 5, a session of its own) taking the MES publisher's consumptions."""
-    return _mes_driver(broker, purpose, f"""
+    return _mes_driver(
+        broker,
+        purpose,
+        f"""
       - filter: mes/{SITE}/+/consumption
         event: material.consumed
         fields: {{order_id: order_id, material: material, lot_id: lot_id,
-                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}""")
+                 quantity.value: quantity, quantity.uom: uom, occurred_at: occurred_at}}""",
+    )
 
 
 def order_start_driver(broker: Mosquitto, purpose: str) -> str:
     """An MQTT driver taking the MES publisher's order starts (binding orders to machines)."""
-    return _mes_driver(broker, purpose, f"""
+    return _mes_driver(
+        broker,
+        purpose,
+        f"""
       - filter: mes/{SITE}/+/order/start
         event: order.started
         fields: {{machine_id: "$topic[2]", order_id: order_id, operation: operation,
-                 material: material, lot_id: lot_id, occurred_at: occurred_at}}""")
+                 material: material, lot_id: lot_id, occurred_at: occurred_at}}""",
+    )
 
 
 def _mes_driver(broker: Mosquitto, purpose: str, topics: str) -> str:
@@ -391,9 +445,11 @@ def _mes_driver(broker: Mosquitto, purpose: str, topics: str) -> str:
 
 def opcua_driver(name: str, endpoint: str, tags: dict[str, str]) -> str:
     """An OPC UA driver for the simulator's machine `name`: tag name -> variable path."""
-    listed = "".join(f"""
+    listed = "".join(
+        f"""
       - {{name: {tag}, node: "{node_id_string(name, variable)}"}}"""
-                     for tag, variable in tags.items())
+        for tag, variable in tags.items()
+    )
     return f"""
   - name: {name}
     type: opcua
@@ -406,12 +462,18 @@ def opcua_driver(name: str, endpoint: str, tags: dict[str, str]) -> str:
     tags:{listed}"""
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(BROKER_SHORT, id="short"),
-    pytest.param(BROKER_FULL, id="full", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(BROKER_SHORT, id="short"),
+        pytest.param(BROKER_FULL, id="full", marks=pytest.mark.slow),
+    ],
+)
 def test_broker_restart_while_mes_events_flow(
-    peers: list[Peer], mosquitto: Mosquitto, tmp_path: Path, size: BrokerRun,
+    peers: list[Peer],
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+    size: BrokerRun,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     tag = describe(tmp_path)
@@ -419,8 +481,11 @@ def test_broker_restart_while_mes_events_flow(
     plc = start_plc(peers, tmp_path, "--rate", "10")
     mes_driver = consumption_driver(mosquitto, "fault")
     config = write_plant(
-        tmp_path, erp, [modbus_driver("press-01", plc.port, 1), mes_driver],
-        [counting_machine("press-01", "press-01", order_of("press-01", 0))])
+        tmp_path,
+        erp,
+        [modbus_driver("press-01", plc.port, 1), mes_driver],
+        [counting_machine("press-01", "press-01", order_of("press-01", 0))],
+    )
     gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     # A new session: what is published before the gateway has subscribed is not queued for it.
@@ -438,20 +503,32 @@ def test_broker_restart_while_mes_events_flow(
         mosquitto.start()
         back = time.monotonic()
         published = len(publishing.message_ids)
-        reconnects.append(wait_for(
-            lambda: broker_log(gateway, "is available again") > number, 60,  # noqa: B023
-            f"the MQTT driver to reconnect after restart {number} {tag}", 0.05))
+        reconnects.append(
+            wait_for(
+                lambda: broker_log(gateway, "is available again") > number,  # noqa: B023
+                60,
+                f"the MQTT driver to reconnect after restart {number} {tag}",
+                0.05,
+            )
+        )
         # Recovered: everything published before the broker came back is in ERP.
         before = publishing.expected(published)
-        wait_for(lambda: before <= erp_ids(erp, "material.consumed"), 120,  # noqa: B023
-                 f"the messages published before restart {number} to reach ERP {tag}", 0.2)
+        wait_for(
+            lambda: before <= erp_ids(erp, "material.consumed"),  # noqa: B023
+            120,
+            f"the messages published before restart {number} to reach ERP {tag}",
+            0.2,
+        )
         recoveries.append(time.monotonic() - back)
     publishing.thread.join(duration + 120)
     publishing.publisher.flush(60)  # every message acknowledged by the broker
     expected_mes = publishing.expected()
     assert len(expected_mes) == size.messages
-    wait_for(lambda: expected_mes <= erp_ids(erp, "material.consumed"), 120,
-             f"every MES message to reach ERP {tag}")
+    wait_for(
+        lambda: expected_mes <= erp_ids(erp, "material.consumed"),
+        120,
+        f"every MES message to reach ERP {tag}",
+    )
     database = tmp_path / "data" / "outbox.db"
     wait_for(lambda: owed(database) == 0, 60, f"the outbox to drain {tag}")
     assert gateway.stop() == 0, gateway.current.output()[-3000:]
@@ -460,22 +537,29 @@ def test_broker_restart_while_mes_events_flow(
     result = outcome(database, erp, expected_mes)
     rejected = query(database, "SELECT COUNT(*) FROM rejected_inputs")[0][0]
     figures = {
-        "test": "fault-scenario", "scenario": "broker-restart",
-        "size": "full" if size is BROKER_FULL else "short", "scale": SCALE,
-        **result.figures(), "mes_messages": size.messages,
+        "test": "fault-scenario",
+        "scenario": "broker-restart",
+        "size": "full" if size is BROKER_FULL else "short",
+        "scale": SCALE,
+        **result.figures(),
+        "mes_messages": size.messages,
         "mes_delivered": len(expected_mes & set(result.received)),
-        "restarts": size.restarts, "broker_down_s": size.down_seconds,
+        "restarts": size.restarts,
+        "broker_down_s": size.down_seconds,
         "recovery_time_s": round(max(recoveries), 3),
-        "reconnect_s": round(max(reconnects), 3), "input_dead_letters": rejected,
+        "reconnect_s": round(max(reconnects), 3),
+        "input_dead_letters": rejected,
         "run_s": round(time.monotonic() - gateway.started_at, 1),
     }
     report(capsys, figures)
     result.check(tag)
     assert rejected == 0, f"{rejected} MES message(s) became input dead letters {tag}"
-    assert broker_log(gateway, "is unavailable") == size.restarts, \
+    assert broker_log(gateway, "is unavailable") == size.restarts, (
         f"the broker going away not logged once per restart {tag}"
-    assert broker_log(gateway, "is available again") == size.restarts, \
+    )
+    assert broker_log(gateway, "is available again") == size.restarts, (
         f"the broker's return not logged once per restart {tag}"
+    )
     assert "did not keep the session" not in gateway.output(), f"the broker lost the session {tag}"
 
 
@@ -492,24 +576,42 @@ OPCUA_RATE = 40.0
 
 def start_opcua(peers: list[Peer], tmp_path: Path, port: int, start: int) -> Peer:
     return start_peer(
-        peers, [sys.executable, "-m", "simulators.opcua_machine", "--port", str(port),
-                "--machines", str(len(OPCUA_MACHINES)), "--rate", str(OPCUA_RATE),
-                "--start", str(start)],
-        tmp_path / f"opcua-{port}.log", "opcua-machine listening")
+        peers,
+        [
+            sys.executable,
+            "-m",
+            "simulators.opcua_machine",
+            "--port",
+            str(port),
+            "--machines",
+            str(len(OPCUA_MACHINES)),
+            "--rate",
+            str(OPCUA_RATE),
+            "--start",
+            str(start),
+        ],
+        tmp_path / f"opcua-{port}.log",
+        "opcua-machine listening",
+    )
 
 
 @pytest.mark.slow
 def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
-    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    peers: list[Peer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
     port = free_port()
     server = start_opcua(peers, tmp_path, port, 0)
     namespace = "nsu=urn:plantsync:sim:machine;s="
-    tags = "".join(f"""
+    tags = "".join(
+        f"""
       - {{name: {m}-good, node: "{namespace}{m}.Admin.ProdProcessedCount", queue_size: 50}}
-      - {{name: {m}-state, node: "{namespace}{m}.Status.StateCurrent"}}""" for m in OPCUA_MACHINES)
+      - {{name: {m}-state, node: "{namespace}{m}.Status.StateCurrent"}}"""
+        for m in OPCUA_MACHINES
+    )
     driver = f"""
   - name: fillers
     type: opcua
@@ -520,13 +622,15 @@ def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
     timeout: 2s
     stale_after: 4s
     tags:{tags}"""
-    machines = "".join(f"""
+    machines = "".join(
+        f"""
   - id: {m}
     signals: {{processed: fillers.{m}-good, state: fillers.{m}-state}}
     order: {{order_id: "{order_of(m, i)}", operation: "0010"}}
     confirm: {{every_units: 25, every: 2s}}
     state_map: {{2: Stopped, 4: Idle, 6: Execute, 11: Held, 17: Complete}}"""
-                       for i, m in enumerate(OPCUA_MACHINES))
+        for i, m in enumerate(OPCUA_MACHINES)
+    )
     config = write_plant(tmp_path, erp, [driver], [machines])
     gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
@@ -544,8 +648,12 @@ def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
         restart_count = seen + int(OPCUA_RATE * (down + 2))
         server = start_opcua(peers, tmp_path, port, restart_count)
         back = time.monotonic()
-        wait_for(lambda: all(int(gateway.signal(s) or 0) >= restart_count for s in signals),  # noqa: B023
-                 60, f"readings from the restarted server {tag}", 0.1)
+        wait_for(
+            lambda: all(int(gateway.signal(s) or 0) >= restart_count for s in signals),  # noqa: B023
+            60,
+            f"readings from the restarted server {tag}",
+            0.1,
+        )
         recoveries.append(time.monotonic() - back)
     time.sleep(3.0)
     server.stop()  # the counters stand still from here: the last reading is final
@@ -559,9 +667,14 @@ def test_opcua_server_killed_and_restarted_with_its_count_carried_on(
     advance = {m: counted(states[m])["last_raw"] - firsts[f"fillers.{m}"] for m in OPCUA_MACHINES}
     totals = check_tiling(erp, database, OPCUA_MACHINES, tag, advance)
     figures = {
-        "test": "fault-scenario", "scenario": "opcua-restart", "scale": SCALE,
-        **result.figures(), "kills": kills, "server_down_s": down,
-        "recovery_time_s": round(max(recoveries), 3), "units_confirmed": sum(totals.values()),
+        "test": "fault-scenario",
+        "scenario": "opcua-restart",
+        "scale": SCALE,
+        **result.figures(),
+        "kills": kills,
+        "server_down_s": down,
+        "recovery_time_s": round(max(recoveries), 3),
+        "units_confirmed": sum(totals.values()),
         "run_s": round(time.monotonic() - gateway.started_at, 1),
     }
     report(capsys, figures)
@@ -577,7 +690,9 @@ MODBUS_MACHINES = [f"press-{i:02d}" for i in range(1, 6)]
 
 @pytest.mark.slow
 def test_modbus_device_gone_for_a_minute(
-    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    peers: list[Peer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     tag = describe(tmp_path)
     rate, absent = 100, scaled(60.0, 5.0)
@@ -599,15 +714,30 @@ def test_modbus_device_gone_for_a_minute(
     time.sleep(absent)
     restart_count = seen + int(rate * (absent + 5))  # it counted on, off the network
     stop_at = restart_count + rate * 10
-    plc = start_plc(peers, tmp_path, "--rate", str(rate), "--start", str(restart_count),
-                    "--stop-at", str(stop_at), port=port)
+    plc = start_plc(
+        peers,
+        tmp_path,
+        "--rate",
+        str(rate),
+        "--start",
+        str(restart_count),
+        "--stop-at",
+        str(stop_at),
+        port=port,
+    )
     back = time.monotonic()
-    reconnect = wait_for(lambda: all(int(gateway.signal(s) or 0) >= restart_count
-                                     for s in signals), 120,
-                         f"readings from the PLC after it came back {tag}", 0.1)
+    reconnect = wait_for(
+        lambda: all(int(gateway.signal(s) or 0) >= restart_count for s in signals),
+        120,
+        f"readings from the PLC after it came back {tag}",
+        0.1,
+    )
     database = tmp_path / "data" / "outbox.db"
-    wait_for(lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE
-                         for m in MODBUS_MACHINES), 60, f"the PLC to complete {tag}")
+    wait_for(
+        lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE for m in MODBUS_MACHINES),
+        60,
+        f"the PLC to complete {tag}",
+    )
     wait_for(lambda: settled(database, erp, MODBUS_MACHINES), 60, f"everything delivered {tag}")
     assert gateway.stop() == 0, gateway.current.output()[-3000:]
 
@@ -617,8 +747,12 @@ def test_modbus_device_gone_for_a_minute(
     totals = check_tiling(erp, database, MODBUS_MACHINES, tag, advance)
     output = gateway.output()
     figures = {
-        "test": "fault-scenario", "scenario": "modbus-gone", "scale": SCALE,
-        **result.figures(), "machines": len(MODBUS_MACHINES), "absent_s": round(absent, 1),
+        "test": "fault-scenario",
+        "scenario": "modbus-gone",
+        "scale": SCALE,
+        **result.figures(),
+        "machines": len(MODBUS_MACHINES),
+        "absent_s": round(absent, 1),
         "recovery_time_s": round(reconnect, 3),
         "down_to_back_s": round(back - gone, 1),
         "units_confirmed": sum(totals.values()),
@@ -628,10 +762,12 @@ def test_modbus_device_gone_for_a_minute(
     report(capsys, figures)
     result.check(tag)
     for machine in MODBUS_MACHINES:
-        assert output.count(f"Modbus device {machine} at 127.0.0.1:{port} is unavailable") == 1, \
+        assert output.count(f"Modbus device {machine} at 127.0.0.1:{port} is unavailable") == 1, (
             f"{machine}: the outage not logged exactly once {tag}"
-        assert output.count(f"Modbus device {machine} at 127.0.0.1:{port} is available again") \
-            == 1, f"{machine}: the return not logged exactly once {tag}"
+        )
+        assert (
+            output.count(f"Modbus device {machine} at 127.0.0.1:{port} is available again") == 1
+        ), f"{machine}: the return not logged exactly once {tag}"
     assert "treated as a reset" not in output, f"a counter reset was seen {tag}"
 
 
@@ -640,7 +776,9 @@ def test_modbus_device_gone_for_a_minute(
 
 @pytest.mark.slow
 def test_erp_down_for_five_minutes_then_a_storm_of_429(
-    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    peers: list[Peer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     tag = describe(tmp_path)
     rate, outage = 20, scaled(300.0, 20.0)
@@ -649,14 +787,22 @@ def test_erp_down_for_five_minutes_then_a_storm_of_429(
     port = free_port()
     warmup, after = 5.0, 20.0
     stop_at = int(rate * (warmup + outage + after))
-    start_plc(peers, tmp_path, "--rate", str(rate), "--start", "0", "--stop-at", str(stop_at),
-              port=port)
+    start_plc(
+        peers, tmp_path, "--rate", str(rate), "--start", "0", "--stop-at", str(stop_at), port=port
+    )
     drivers = [modbus_driver(m, port, i + 1, poll="200ms") for i, m in enumerate(MODBUS_MACHINES)]
-    machines = [counting_machine(m, m, order_of(m, i), every_units=10, every="5s")
-                for i, m in enumerate(MODBUS_MACHINES)]
-    config = write_plant(tmp_path, erp, drivers, machines,
-                                   retry="{base: 500ms, cap: 60s}",
-                                   breaker="{failures: 5, open_for: 2s}")
+    machines = [
+        counting_machine(m, m, order_of(m, i), every_units=10, every="5s")
+        for i, m in enumerate(MODBUS_MACHINES)
+    ]
+    config = write_plant(
+        tmp_path,
+        erp,
+        drivers,
+        machines,
+        retry="{base: 500ms, cap: 60s}",
+        breaker="{failures: 5, open_for: 2s}",
+    )
     gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     database = tmp_path / "data" / "outbox.db"
@@ -667,34 +813,58 @@ def test_erp_down_for_five_minutes_then_a_storm_of_429(
     # answer 429 with Retry-After: 1 (scripted statuses are not consumed during the outage).
     erp.set_faults(outage_seconds=outage, status_sequence=[429] * storm, retry_after=1)
     outage_ends = time.monotonic() + outage
-    wait_for(lambda: gateway.status()["destinations"]["erp"]["reachable"] is False, 30,
-             f"the gateway to see ERP down {tag}")
+    wait_for(
+        lambda: gateway.status()["destinations"]["erp"]["reachable"] is False,
+        30,
+        f"the gateway to see ERP down {tag}",
+    )
     ready = gateway.get("/readyz")  # not ready, or degraded while the backlog is young
     assert "destination erp is failing" in ready.text, ready.text
     time.sleep(max(0.0, outage_ends - time.monotonic()))
     backlog_ids = committed_ids(database)
     backlog = owed(database)
-    storm_s = wait_for(lambda: not httpx.get(f"{erp.url}/_sim/faults", timeout=10).json()[
-        "status_sequence"], 600, f"the 429 storm to pass {tag}")
-    recovery = wait_for(lambda: backlog_ids <= erp_ids(erp), 600,
-                        f"the backlog of the outage to reach ERP {tag}", 0.5) + storm_s
-    wait_for(lambda: gateway.signal(f"{MODBUS_MACHINES[0]}.state") == MachineState.COMPLETE,
-             after + 60, f"the PLC to complete {tag}")
+    storm_s = wait_for(
+        lambda: not httpx.get(f"{erp.url}/_sim/faults", timeout=10).json()["status_sequence"],
+        600,
+        f"the 429 storm to pass {tag}",
+    )
+    recovery = (
+        wait_for(
+            lambda: backlog_ids <= erp_ids(erp),
+            600,
+            f"the backlog of the outage to reach ERP {tag}",
+            0.5,
+        )
+        + storm_s
+    )
+    wait_for(
+        lambda: gateway.signal(f"{MODBUS_MACHINES[0]}.state") == MachineState.COMPLETE,
+        after + 60,
+        f"the PLC to complete {tag}",
+    )
     wait_for(lambda: settled(database, erp, MODBUS_MACHINES), 120, f"everything delivered {tag}")
     assert gateway.stop() == 0, gateway.current.output()[-3000:]
 
     result = outcome(database, erp)
     firsts = baselines(gateway)
-    totals = check_tiling(erp, database, MODBUS_MACHINES, tag,
-                          {m: stop_at - firsts[m] for m in MODBUS_MACHINES})
+    totals = check_tiling(
+        erp, database, MODBUS_MACHINES, tag, {m: stop_at - firsts[m] for m in MODBUS_MACHINES}
+    )
     stats = result.stats
     output = gateway.output()
     figures = {
-        "test": "fault-scenario", "scenario": "erp-outage-then-429-storm", "scale": SCALE,
-        **result.figures(), "outage_s": round(outage, 1), "storm_429s": storm,
-        "backlog_at_outage_end": backlog, "outage_rejections": stats["outage_rejections"],
-        "errors_injected": stats["errors_injected"], "storm_s": round(storm_s, 1),
-        "recovery_time_s": round(recovery, 1), "units_confirmed": sum(totals.values()),
+        "test": "fault-scenario",
+        "scenario": "erp-outage-then-429-storm",
+        "scale": SCALE,
+        **result.figures(),
+        "outage_s": round(outage, 1),
+        "storm_429s": storm,
+        "backlog_at_outage_end": backlog,
+        "outage_rejections": stats["outage_rejections"],
+        "errors_injected": stats["errors_injected"],
+        "storm_s": round(storm_s, 1),
+        "recovery_time_s": round(recovery, 1),
+        "units_confirmed": sum(totals.values()),
         "circuit_opened": output.count("Circuit to erp is open"),
         "run_s": round(time.monotonic() - gateway.started_at, 1),
     }
@@ -770,7 +940,9 @@ DISK_MACHINES = ["press-01", "press-02", "press-03"]
 
 @pytest.mark.slow
 def test_disk_budget_reached_while_erp_is_down(
-    peers: list[Peer], tmp_path: Path, plc_thread: Callable[..., PlcThread],
+    peers: list[Peer],
+    tmp_path: Path,
+    plc_thread: Callable[..., PlcThread],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     tag = describe(tmp_path)
@@ -784,12 +956,19 @@ def test_disk_budget_reached_while_erp_is_down(
     stopper.call(stopper.plc.set_state, MachineState.EXECUTE)
     drivers = [modbus_driver(m, plc.port, i + 1) for i, m in enumerate(DISK_MACHINES)]
     drivers.append(modbus_driver("stopper", stopper.port, 1))
-    machines = [counting_machine(m, m, order_of(m, i), every_units=5, every="2s")
-                for i, m in enumerate(DISK_MACHINES)]
+    machines = [
+        counting_machine(m, m, order_of(m, i), every_units=5, every="2s")
+        for i, m in enumerate(DISK_MACHINES)
+    ]
     machines.append(counting_machine("stopper", "stopper", "7199"))
-    config = write_plant(tmp_path, erp, drivers, machines,
-                                   outbox="outbox: {max_size: 300KB}",
-                                   retry="{base: 200ms, cap: 2s}")
+    config = write_plant(
+        tmp_path,
+        erp,
+        drivers,
+        machines,
+        outbox="outbox: {max_size: 300KB}",
+        retry="{base: 200ms, cap: 2s}",
+    )
     gateway = GatewayProcess(peers, config, tmp_path)
     gateway.start()
     database = tmp_path / "data" / "outbox.db"
@@ -801,15 +980,17 @@ def test_disk_budget_reached_while_erp_is_down(
         held = False
         while toggling.is_set():
             held = not held
-            stopper.call(stopper.plc.set_state,
-                         MachineState.HELD if held else MachineState.EXECUTE)
+            stopper.call(stopper.plc.set_state, MachineState.HELD if held else MachineState.EXECUTE)
             time.sleep(0.3)
 
     toggler = threading.Thread(target=toggle, name="toggle", daemon=True)
     toggler.start()
     try:
-        full_after = wait_for(lambda: gateway.metrics().get("plantsync_outbox_back_pressure")
-                              == 1.0, 180, f"the outbox to reach its disk budget {tag}")
+        full_after = wait_for(
+            lambda: gateway.metrics().get("plantsync_outbox_back_pressure") == 1.0,
+            180,
+            f"the outbox to reach its disk budget {tag}",
+        )
         ready = gateway.get("/readyz")
         assert ready.status_code == 503, ready.text
         assert any("disk budget" in reason for reason in ready.json()["reasons"]), ready.text
@@ -830,16 +1011,24 @@ def test_disk_budget_reached_while_erp_is_down(
 
     erp.set_faults(outage_seconds=0)  # ERP is back: deliveries free space
     back = time.monotonic()
-    room = wait_for(lambda: gateway.metrics().get("plantsync_outbox_back_pressure") == 0.0, 120,
-                    f"the outbox to have room again {tag}")
+    room = wait_for(
+        lambda: gateway.metrics().get("plantsync_outbox_back_pressure") == 0.0,
+        120,
+        f"the outbox to have room again {tag}",
+    )
     # Input resumes from where the device is now: the count it made meanwhile is counted.
-    resume = wait_for(lambda: plc.requests() + stopper.requests()
-                      > requests_before + requests_during + 10, 30,
-                      f"the drivers to read again {tag}")
+    resume = wait_for(
+        lambda: plc.requests() + stopper.requests() > requests_before + requests_during + 10,
+        30,
+        f"the drivers to read again {tag}",
+    )
     stop_at = plc.good() + 100
     plc.call(plc.plc.set_stop_at, stop_at)
-    wait_for(lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE
-                         for m in DISK_MACHINES), 60, f"the PLC to complete {tag}")
+    wait_for(
+        lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE for m in DISK_MACHINES),
+        60,
+        f"the PLC to complete {tag}",
+    )
     wait_for(lambda: settled(database, erp, DISK_MACHINES), 120, f"everything delivered {tag}")
     recovery = time.monotonic() - back
     metrics = gateway.metrics()
@@ -847,19 +1036,29 @@ def test_disk_budget_reached_while_erp_is_down(
 
     result = outcome(database, erp)
     firsts = baselines(gateway)
-    totals = check_tiling(erp, database, DISK_MACHINES, tag,
-                          {m: stop_at - firsts[m] for m in DISK_MACHINES})
-    business = {row["id"] for row in erp_rows(erp)
-                if row["type"] in ("production.confirmation", "operation.completed")}
+    totals = check_tiling(
+        erp, database, DISK_MACHINES, tag, {m: stop_at - firsts[m] for m in DISK_MACHINES}
+    )
+    business = {
+        row["id"]
+        for row in erp_rows(erp)
+        if row["type"] in ("production.confirmation", "operation.completed")
+    }
     figures = {
-        "test": "fault-scenario", "scenario": "disk-budget", "scale": SCALE,
-        **result.figures(), "business_delivered": len(business),
-        "max_size_bytes": 300_000, "budget_reached_after_s": round(full_after, 1),
+        "test": "fault-scenario",
+        "scenario": "disk-budget",
+        "scale": SCALE,
+        **result.figures(),
+        "business_delivered": len(business),
+        "max_size_bytes": 300_000,
+        "budget_reached_after_s": round(full_after, 1),
         "informational_refused": int(refused),
         "plc_requests_while_paused": requests_during,
         "units_counted_while_paused": good_during,
-        "room_again_after_s": round(room, 2), "input_resumed_after_s": round(room + resume, 2),
-        "recovery_time_s": round(recovery, 1), "units_confirmed": sum(totals.values()),
+        "room_again_after_s": round(room, 2),
+        "input_resumed_after_s": round(room + resume, 2),
+        "recovery_time_s": round(recovery, 1),
+        "units_confirmed": sum(totals.values()),
         "disk_full_waits": int(metrics.get("plantsync_outbox_disk_full_waits", 0)),
         "run_s": round(time.monotonic() - gateway.started_at, 1),
     }
@@ -876,7 +1075,10 @@ def test_disk_budget_reached_while_erp_is_down(
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "garbage-pages"])
 def test_corrupt_outbox_is_moved_aside_with_an_alarm_and_the_gateway_works_on(
-    peers: list[Peer], tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str],
+    peers: list[Peer],
+    tmp_path: Path,
+    damage: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
@@ -908,14 +1110,16 @@ def test_corrupt_outbox_is_moved_aside_with_an_alarm_and_the_gateway_works_on(
         garbage = database.read_bytes()
     started = time.monotonic()
     stop_at = 3000
-    plc = start_plc(peers, tmp_path, "--rate", "150", "--start", "0", "--stop-at", str(stop_at),
-                    port=port)
+    plc = start_plc(
+        peers, tmp_path, "--rate", "150", "--start", "0", "--stop-at", str(stop_at), port=port
+    )
     gateway.start()
     ready_s = time.monotonic() - started
     # The damage is found either at the start (moved aside at once) or by the integrity check
     # that runs beside the gateway (alarm now, moved aside at the next start).
-    alarm = wait_for(lambda: gateway.get("/readyz").json()["alarms"], 30,
-                     f"the alarm in /readyz {tag}")
+    alarm = wait_for(
+        lambda: gateway.get("/readyz").json()["alarms"], 30, f"the alarm in /readyz {tag}"
+    )
     metrics = gateway.metrics()
     restarted_for_it = False
     if not metrics.get("plantsync_outbox_recovered_from_corruption"):
@@ -934,20 +1138,30 @@ def test_corrupt_outbox_is_moved_aside_with_an_alarm_and_the_gateway_works_on(
         assert aside[0].read_bytes() == garbage, "the damaged file was not kept as it was"
 
     # It keeps working: the PLC counts to its stop value and ERP gets all of it.
-    wait_for(lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE
-                         for m in machines), 60, f"the PLC to complete {tag}")
+    wait_for(
+        lambda: all(gateway.signal(f"{m}.state") == MachineState.COMPLETE for m in machines),
+        60,
+        f"the PLC to complete {tag}",
+    )
     wait_for(lambda: settled(database, erp, machines), 60, f"everything delivered {tag}")
     metrics = gateway.metrics()
     assert gateway.stop() == 0, gateway.current.output()[-3000:]
     result = outcome(database, erp)
     totals = check_tiling(erp, database, machines, tag)
     figures = {
-        "test": "fault-scenario", "scenario": f"corrupt-outbox-{damage}", "scale": SCALE,
-        **result.figures(), "ready_after_s": round(ready_s, 2),
-        "alarm_after_s": round(alarm, 2), "needed_a_second_start": restarted_for_it,
-        "moved_to": aside[0].name, "recovered_from_corruption_metric":
-            metrics.get("plantsync_outbox_recovered_from_corruption"),
-        "recovery_time_s": round(ready_s, 2), "units_confirmed": sum(totals.values()),
+        "test": "fault-scenario",
+        "scenario": f"corrupt-outbox-{damage}",
+        "scale": SCALE,
+        **result.figures(),
+        "ready_after_s": round(ready_s, 2),
+        "alarm_after_s": round(alarm, 2),
+        "needed_a_second_start": restarted_for_it,
+        "moved_to": aside[0].name,
+        "recovered_from_corruption_metric": metrics.get(
+            "plantsync_outbox_recovered_from_corruption"
+        ),
+        "recovery_time_s": round(ready_s, 2),
+        "units_confirmed": sum(totals.values()),
         "run_s": round(time.monotonic() - started, 1),
     }
     report(capsys, figures)
@@ -968,12 +1182,18 @@ OUTAGE_SHORT = OutageRun(outage_s=4.0, rate=40.0)
 OUTAGE_FULL = OutageRun(outage_s=40.0, rate=40.0)
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(OUTAGE_SHORT, id="short"),
-    pytest.param(OUTAGE_FULL, id="full", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(OUTAGE_SHORT, id="short"),
+        pytest.param(OUTAGE_FULL, id="full", marks=pytest.mark.slow),
+    ],
+)
 def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
-    peers: list[Peer], tmp_path: Path, plc_thread: Callable[..., PlcThread], size: OutageRun,
+    peers: list[Peer],
+    tmp_path: Path,
+    plc_thread: Callable[..., PlcThread],
+    size: OutageRun,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The PLC goes away, restarts meanwhile (power cut) and counts from 0 past the last value
@@ -1006,9 +1226,14 @@ def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
     # The machine holds (its count stands still), the gateway reads that, then the power goes.
     before.call(before.plc.set_state, MachineState.HELD)
     counted_before = before.good()
-    wait_for(lambda: gateway.signal("press-01.good") == counted_before
-             and gateway.signal("press-01.state") == MachineState.HELD, 30,
-             f"the gateway to read the count before the outage {tag}")
+    wait_for(
+        lambda: (
+            gateway.signal("press-01.good") == counted_before
+            and gateway.signal("press-01.state") == MachineState.HELD
+        ),
+        30,
+        f"the gateway to read the count before the outage {tag}",
+    )
     before.stop()
     gone = time.monotonic()
     # Back after the outage, restarted halfway through it, having counted from 0 past the
@@ -1017,40 +1242,62 @@ def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
     counted_since_restart = max(counted_before + 25, int(size.rate * restarted_ago))
     time.sleep(max(0.0, gone + outage - time.monotonic()))
     stop_at = counted_since_restart + int(size.rate * 3)
-    after = plc_thread(port=before.port, rate=size.rate, start=counted_since_restart,
-                       stop_at=stop_at, uptime=restarted_ago)
+    after = plc_thread(
+        port=before.port,
+        rate=size.rate,
+        start=counted_since_restart,
+        stop_at=stop_at,
+        uptime=restarted_ago,
+    )
     back = time.monotonic()
-    reconnect = wait_for(lambda: int(gateway.signal("press-01.good") or 0)
-                         >= counted_since_restart, 60,
-                         f"the gateway to read the restarted PLC {tag}", 0.05)
+    reconnect = wait_for(
+        lambda: int(gateway.signal("press-01.good") or 0) >= counted_since_restart,
+        60,
+        f"the gateway to read the restarted PLC {tag}",
+        0.05,
+    )
     database = tmp_path / "data" / "outbox.db"
-    wait_for(lambda: gateway.signal("press-01.state") == MachineState.COMPLETE, 60,
-             f"the PLC to complete {tag}")
+    wait_for(
+        lambda: gateway.signal("press-01.state") == MachineState.COMPLETE,
+        60,
+        f"the PLC to complete {tag}",
+    )
     wait_for(lambda: settled(database, erp, ["press-01"]), 60, f"everything delivered {tag}")
     assert gateway.stop() == 0, gateway.current.output()[-3000:]
     final = after.good()
 
     result = outcome(database, erp)
     expected_units = counted_before + final  # the simulator's own counts, from 0 each time
-    delivered_units = int(sum(Decimal(row["event"]["data"]["yield_quantity"]["value"])
-                              for row in erp_rows(erp, "production.confirmation")))
+    delivered_units = int(
+        sum(
+            Decimal(row["event"]["data"]["yield_quantity"]["value"])
+            for row in erp_rows(erp, "production.confirmation")
+        )
+    )
     totals = check_tiling(erp, database, ["press-01"], tag)
     output = gateway.output()
     figures = {
-        "test": "fault-scenario", "scenario": "device-outage-counter-restart",
-        "size": "full" if size is OUTAGE_FULL else "short", "scale": SCALE,
-        **result.figures(), "units_expected": expected_units,
-        "units_delivered": delivered_units, "units_lost": expected_units - delivered_units,
-        "count_before_outage": counted_before, "count_after_restart": counted_since_restart,
-        "final_count": final, "outage_s": round(outage, 1),
+        "test": "fault-scenario",
+        "scenario": "device-outage-counter-restart",
+        "size": "full" if size is OUTAGE_FULL else "short",
+        "scale": SCALE,
+        **result.figures(),
+        "units_expected": expected_units,
+        "units_delivered": delivered_units,
+        "units_lost": expected_units - delivered_units,
+        "count_before_outage": counted_before,
+        "count_after_restart": counted_since_restart,
+        "final_count": final,
+        "outage_s": round(outage, 1),
         "reconnect_after_back_s": round(reconnect, 2),
         "restart_detected": output.count("says its device restarted"),
         "run_s": round(time.monotonic() - gateway.started_at, 1),
     }
     report(capsys, figures)
     result.check(tag)
-    assert delivered_units == expected_units == totals["press-01"], \
+    assert delivered_units == expected_units == totals["press-01"], (
         f"{expected_units - delivered_units} unit(s) lost {tag}"
+    )
     assert output.count("says its device restarted") == 1, f"the restart not logged once {tag}"
     assert back - gone >= outage
 
@@ -1058,8 +1305,12 @@ def test_long_device_outage_with_a_counter_restart_that_passes_the_old_value(
 # -- 8. A shift-change burst at a stock broker ---------------------------------------------------
 
 
-ADVISED_BROKER = {"max_queued_messages": "0", "max_queued_bytes": "1000000000",
-                  "autosave_interval": "100", "autosave_on_changes": "true"}
+ADVISED_BROKER = {
+    "max_queued_messages": "0",
+    "max_queued_bytes": "1000000000",
+    "autosave_interval": "100",
+    "autosave_on_changes": "true",
+}
 """The README's broker advice: no count limit on a client's queue, a byte limit instead, and
 persistence saved as it changes."""
 
@@ -1072,19 +1323,20 @@ class BurstRun:
 
 
 BURST_SHORT = BurstRun(messages=5000, rate=10_000.0, phases=("stock-running",))
-BURST_FULL = BurstRun(messages=20_000, rate=10_000.0,
-                      phases=("stock-running", "stock-stopped", "advised-stopped"))
+BURST_FULL = BurstRun(
+    messages=20_000, rate=10_000.0, phases=("stock-running", "stock-stopped", "advised-stopped")
+)
 
 
 def driver_metric(gateway: GatewayProcess, name: str, driver: str = "mes") -> float | None:
     """A sample of /metrics labelled with the driver, or None when it is not there."""
-    match = re.search(rf'^{name}{{driver="{driver}"}} (\S+)$', gateway.get("/metrics").text,
-                      re.MULTILINE)
+    match = re.search(
+        rf'^{name}{{driver="{driver}"}} (\S+)$', gateway.get("/metrics").text, re.MULTILINE
+    )
     return None if match is None else float(match[1])
 
 
-def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
-                ) -> dict[str, Any]:
+def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun) -> dict[str, Any]:
     """One burst of `size.messages` consumption messages in about two seconds at a broker
     (stock or as advised), with the gateway running through it or stopped during it; the
     figures of what the broker accepted against what reached ERP."""
@@ -1100,8 +1352,9 @@ def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
         erp = start_erp(peers, workdir)
         mes_driver = consumption_driver(broker, "burst")
         # No machine here: the MES messages are the load, so any order is taken.
-        config = write_plant(workdir, erp, [mes_driver], [" []"],
-                                       outbox="validation: {require_known_order: false}")
+        config = write_plant(
+            workdir, erp, [mes_driver], [" []"], outbox="validation: {require_known_order: false}"
+        )
         gateway = GatewayProcess(peers, config, workdir)
         gateway.start()
         wait_for(lambda: broker_log(gateway, "connected as") == 1, 30, f"the MQTT driver {tag}")
@@ -1109,8 +1362,12 @@ def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
         started = time.monotonic()
         publishing.thread.start()
         if phase.endswith("stopped"):
-            wait_for(lambda: len(publishing.message_ids) >= size.messages // 10, 30,
-                     f"the burst to begin {tag}", 0.01)
+            wait_for(
+                lambda: len(publishing.message_ids) >= size.messages // 10,
+                30,
+                f"the burst to begin {tag}",
+                0.01,
+            )
             assert gateway.stop() == 0, gateway.current.output()[-3000:]
         publishing.thread.join(120)
         publishing.publisher.flush(120)  # every message accepted by the broker
@@ -1145,26 +1402,37 @@ def burst_phase(peers: list[Peer], tmp_path: Path, phase: str, size: BurstRun
         result = outcome(database, erp, expected)
         delivered = len(consumed())
         return {
-            "test": "fault-scenario", "scenario": f"broker-burst-{phase}",
-            "size": "full" if size is BURST_FULL else "short", **result.figures(),
-            "mes_messages": size.messages, "mes_delivered": delivered,
-            "mes_lost": len(expected) - delivered, "burst_s": round(burst_s, 2),
+            "test": "fault-scenario",
+            "scenario": f"broker-burst-{phase}",
+            "size": "full" if size is BURST_FULL else "short",
+            **result.figures(),
+            "mes_messages": size.messages,
+            "mes_delivered": delivered,
+            "mes_lost": len(expected) - delivered,
+            "burst_s": round(burst_s, 2),
             "broker_dropped": None if dropped is None else int(dropped),
             "backlog_peak": None if backlog is None else int(backlog),
             "drop_logged": gateway.output().count("has dropped"),
             "readyz_degraded": [note for note in ready["degraded"] if "has dropped" in note],
-            "_result": result, "_tag": tag,
+            "_result": result,
+            "_tag": tag,
         }
     finally:
         broker.kill()
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(BURST_SHORT, id="short"),
-    pytest.param(BURST_FULL, id="full", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(BURST_SHORT, id="short"),
+        pytest.param(BURST_FULL, id="full", marks=pytest.mark.slow),
+    ],
+)
 def test_shift_change_burst_at_a_stock_broker(
-    peers: list[Peer], tmp_path: Path, size: BurstRun, capsys: pytest.CaptureFixture[str],
+    peers: list[Peer],
+    tmp_path: Path,
+    size: BurstRun,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """20,000 MES messages in about two seconds. With the gateway running, a stock broker
     (max_queued_messages 1000) loses none: the gateway's window (receive_maximum 65535) takes
@@ -1201,12 +1469,18 @@ RACE_SHORT = RaceRun(orders=12, rate=23.0)
 RACE_FULL = RaceRun(orders=60, rate=23.0)
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(RACE_SHORT, id="short"),
-    pytest.param(RACE_FULL, id="full", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(RACE_SHORT, id="short"),
+        pytest.param(RACE_FULL, id="full", marks=pytest.mark.slow),
+    ],
+)
 def test_complete_race_the_last_units_before_complete_are_confirmed(
-    peers: list[Peer], mosquitto: Mosquitto, tmp_path: Path, size: RaceRun,
+    peers: list[Peer],
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+    size: RaceRun,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Order after order: MES starts it, the machine runs a random while and completes. The
@@ -1219,8 +1493,11 @@ def test_complete_race_the_last_units_before_complete_are_confirmed(
     machine_id = "filler-02"
     with MachineInThread(machines=[machine_id], rate=size.rate, sampling="per_tag") as sim:
         sim.state_and_count(machine_id, "Idle")
-        driver = opcua_driver(machine_id, sim.server.endpoint, {
-            "state": "Status.StateCurrent", "processed": "Admin.ProdProcessedCount"})
+        driver = opcua_driver(
+            machine_id,
+            sim.server.endpoint,
+            {"state": "Status.StateCurrent", "processed": "Admin.ProdProcessedCount"},
+        )
         mes_driver = order_start_driver(mosquitto, "race")
         machine = f"""
   - id: {machine_id}
@@ -1233,12 +1510,19 @@ def test_complete_race_the_last_units_before_complete_are_confirmed(
         config = write_plant(tmp_path, erp, [driver, mes_driver], [machine])
         gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
-        wait_for(lambda: gateway.signal(f"{machine_id}.state") == 4, 30,
-                 f"the machine's first reading {tag}")
-        wait_for(lambda: "MQTT broker mes at" in gateway.output()
-                 and "connected as" in gateway.output(), 30, f"the MQTT driver {tag}")
-        publisher = MesPublisher(mosquitto.host, mosquitto.port, site=SITE, machine=machine_id,
-                                 run=uuid.uuid4().hex[:12])
+        wait_for(
+            lambda: gateway.signal(f"{machine_id}.state") == 4,
+            30,
+            f"the machine's first reading {tag}",
+        )
+        wait_for(
+            lambda: "MQTT broker mes at" in gateway.output() and "connected as" in gateway.output(),
+            30,
+            f"the MQTT driver {tag}",
+        )
+        publisher = MesPublisher(
+            mosquitto.host, mosquitto.port, site=SITE, machine=machine_id, run=uuid.uuid4().hex[:12]
+        )
         publisher.connect()
         expected: dict[str, int] = {}
         rng = random.Random(size.orders)
@@ -1246,15 +1530,23 @@ def test_complete_race_the_last_units_before_complete_are_confirmed(
         for number in range(size.orders):
             order_id = f"R{number:05d}"
             publisher.order_start(order_id, material="FG-RACE").wait(10)
-            wait_for(lambda: bound_order(gateway) == order_id, 30,  # noqa: B023
-                     f"{order_id} bound {tag}", 0.05)
+            wait_for(
+                lambda: bound_order(gateway) == order_id,  # noqa: B023
+                30,
+                f"{order_id} bound {tag}",
+                0.05,
+            )
             started = sim.state_and_count(machine_id, "Execute")
             time.sleep(rng.uniform(0.3, 1.0))
             completed = sim.state_and_count(machine_id, "Complete")
             done = time.monotonic()
             expected[order_id] = completed - started
-            wait_for(lambda: order_id in erp_completed(erp), 30,  # noqa: B023
-                     f"{order_id} completed in ERP {tag}", 0.05)
+            wait_for(
+                lambda: order_id in erp_completed(erp),  # noqa: B023
+                30,
+                f"{order_id} completed in ERP {tag}",
+                0.05,
+            )
             recoveries.append(time.monotonic() - done)
             sim.state_and_count(machine_id, "Idle")
         publisher.close(10)
@@ -1266,18 +1558,27 @@ def test_complete_race_the_last_units_before_complete_are_confirmed(
     delivered: dict[str, int] = defaultdict(int)
     for row in erp_rows(erp, "production.confirmation"):
         data = row["event"]["data"]
-        delivered[data["order_id"]] += int(Decimal(data["yield_quantity"]["value"])
-                                           + Decimal(data["scrap_quantity"]["value"]))
-    short = {order: (expected[order], delivered.get(order, 0)) for order in expected
-             if delivered.get(order, 0) != expected[order]}
+        delivered[data["order_id"]] += int(
+            Decimal(data["yield_quantity"]["value"]) + Decimal(data["scrap_quantity"]["value"])
+        )
+    short = {
+        order: (expected[order], delivered.get(order, 0))
+        for order in expected
+        if delivered.get(order, 0) != expected[order]
+    }
     lost = sum(max(0, want - got) for want, got in short.values())
     figures = {
-        "test": "fault-scenario", "scenario": "complete-race",
-        "size": "full" if size is RACE_FULL else "short", "orders": size.orders,
-        "expected": sum(expected.values()), "delivered": sum(delivered.values()),
-        "lost": lost, "duplicates": result.duplicates,
+        "test": "fault-scenario",
+        "scenario": "complete-race",
+        "size": "full" if size is RACE_FULL else "short",
+        "orders": size.orders,
+        "expected": sum(expected.values()),
+        "delivered": sum(delivered.values()),
+        "lost": lost,
+        "duplicates": result.duplicates,
         "duplicate_deliveries": result.stats["duplicates"],
-        "orders_short": len(short), "events_lost": len(result.lost),
+        "orders_short": len(short),
+        "events_lost": len(result.lost),
         "recovery_time_s": round(max(recoveries), 3),
         "run_s": round(time.monotonic() - gateway.started_at, 1),
     }
@@ -1312,7 +1613,9 @@ class FreshOutboxRun:
 FRESH_SHORT = FreshOutboxRun(damages=("garbage", "deleted"), units_per_run=400, rate=200)
 FRESH_FULL = FreshOutboxRun(
     damages=("garbage", "deleted", "garbage-pages", "marked-damaged", "deleted", "garbage"),
-    units_per_run=1500, rate=300)
+    units_per_run=1500,
+    rate=300,
+)
 
 
 def replace_outbox(database: Path, damage: str) -> None:
@@ -1336,12 +1639,17 @@ def replace_outbox(database: Path, damage: str) -> None:
             raise ValueError(damage)
 
 
-@pytest.mark.parametrize("size", [
-    pytest.param(FRESH_SHORT, id="short"),
-    pytest.param(FRESH_FULL, id="full", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(FRESH_SHORT, id="short"),
+        pytest.param(FRESH_FULL, id="full", marks=pytest.mark.slow),
+    ],
+)
 def test_a_fresh_outbox_never_reissues_an_id(
-    peers: list[Peer], tmp_path: Path, size: FreshOutboxRun,
+    peers: list[Peer],
+    tmp_path: Path,
+    size: FreshOutboxRun,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Issue 12 item 1. Each run counts a known span of the PLC's counter on one outbox; between
@@ -1356,8 +1664,11 @@ def test_a_fresh_outbox_never_reissues_an_id(
     port = free_port()
     machine = "press-01"
     config = write_plant(
-        tmp_path, erp, [modbus_driver(machine, port, 1)],
-        [counting_machine(machine, machine, order_of(machine, 0))])
+        tmp_path,
+        erp,
+        [modbus_driver(machine, port, 1)],
+        [counting_machine(machine, machine, order_of(machine, 0))],
+    )
     database = tmp_path / "data" / "outbox.db"
     gateway = GatewayProcess(peers, config, tmp_path)
     ids_by_run: list[set[str]] = []
@@ -1369,18 +1680,32 @@ def test_a_fresh_outbox_never_reissues_an_id(
             replace_outbox(database, damage)
         start = number * 10 * size.units_per_run  # the device counted on meanwhile
         stop_at = start + size.units_per_run
-        plc = start_plc(peers, tmp_path, "--rate", str(size.rate), "--start", str(start),
-                        "--stop-at", str(stop_at), port=port)
+        plc = start_plc(
+            peers,
+            tmp_path,
+            "--rate",
+            str(size.rate),
+            "--start",
+            str(start),
+            "--stop-at",
+            str(stop_at),
+            port=port,
+        )
         run = gateway.start()
-        wait_for(lambda: gateway.signal(f"{machine}.state") == MachineState.COMPLETE, 60,
-                 f"the PLC to complete in run {number} {tag}")
-        wait_for(lambda: settled(database, erp, [machine]), 60,
-                 f"run {number} delivered {tag}")
+        wait_for(
+            lambda: gateway.signal(f"{machine}.state") == MachineState.COMPLETE,
+            60,
+            f"the PLC to complete in run {number} {tag}",
+        )
+        wait_for(lambda: settled(database, erp, [machine]), 60, f"run {number} delivered {tag}")
         assert gateway.stop() == 0, run.output()[-3000:]
         plc.peer.stop()
         # The oracle is the PLC: from this run's single baseline to its stop value.
-        found = re.findall(rf"Counter {machine}\.good: the first reading, (\d+), is the "
-                           "baseline", run.output())
+        found = re.findall(
+            rf"Counter {machine}\.good: the first reading, (\d+), is the "
+            "baseline",
+            run.output(),
+        )
         assert len(found) == 1, f"run {number} took {len(found)} baselines: {found} {tag}"
         baseline = int(found[0])
         assert start <= baseline <= stop_at, f"baseline {baseline} of run {number} {tag}"
@@ -1397,24 +1722,32 @@ def test_a_fresh_outbox_never_reissues_an_id(
     rows = erp_rows(erp)
     received = [row["id"] for row in rows]
     stats = erp.stats()
-    confirmations = [row["event"]["data"] for row in rows
-                     if row["type"] == "production.confirmation"]
+    confirmations = [
+        row["event"]["data"] for row in rows if row["type"] == "production.confirmation"
+    ]
     units_delivered = sum(int(Decimal(c["yield_quantity"]["value"])) for c in confirmations)
     figures = {
-        "test": "fault-scenario", "scenario": "fresh-outbox",
-        "size": "full" if size is FRESH_FULL else "short", "runs": len(ids_by_run),
-        "damages": list(size.damages), "expected": len(everything),
+        "test": "fault-scenario",
+        "scenario": "fresh-outbox",
+        "size": "full" if size is FRESH_FULL else "short",
+        "runs": len(ids_by_run),
+        "damages": list(size.damages),
+        "expected": len(everything),
         "delivered": len(set(received) & everything),
-        "lost": len(everything - set(received)), "duplicates": stats["duplicates"],
-        "ids_reissued": reissued, "units_expected": units_expected,
-        "units_delivered": units_delivered, "units_lost": units_expected - units_delivered,
+        "lost": len(everything - set(received)),
+        "duplicates": stats["duplicates"],
+        "ids_reissued": reissued,
+        "units_expected": units_expected,
+        "units_delivered": units_delivered,
+        "units_lost": units_expected - units_delivered,
         "epochs": len(set(epochs)),
         "run_s": round(time.monotonic() - gateway.started_at, 1),
     }
     report(capsys, figures)
     assert reissued == 0, f"{reissued} id(s) of an earlier outbox derived again {tag}"
     assert stats["duplicates"] == 0, f"ERP took {stats['duplicates']} id(s) twice {tag}"
-    assert set(received) == everything, f"ERP holds {len(set(received))} ids, committed " \
-                                        f"{len(everything)} {tag}"
+    assert set(received) == everything, (
+        f"ERP holds {len(set(received))} ids, committed {len(everything)} {tag}"
+    )
     assert units_delivered == units_expected, f"{figures} {tag}"
     assert len(set(epochs)) == len(epochs), f"an epoch was reused: {epochs} {tag}"

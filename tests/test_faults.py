@@ -87,19 +87,36 @@ def erp_logging(peers: list[Peer], tmp_path: Path) -> ErpSim:
     the order of every copy it received can be checked, not only of the first ones."""
     port = free_port()
     peer = start_peer(
-        peers, [sys.executable, "-m", "simulators.erp", "--port", str(port),
-                "--db", str(tmp_path / "erp.db"), "--log-requests"],
-        tmp_path / "erp.log", "erp-api listening")
+        peers,
+        [
+            sys.executable,
+            "-m",
+            "simulators.erp",
+            "--port",
+            str(port),
+            "--db",
+            str(tmp_path / "erp.db"),
+            "--log-requests",
+        ],
+        tmp_path / "erp.log",
+        "erp-api listening",
+    )
     return ErpSim(peer, f"http://127.0.0.1:{port}")
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("size", [
-    pytest.param(SHORT, id="short"),
-    pytest.param(FULL, id="full", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(SHORT, id="short"),
+        pytest.param(FULL, id="full", marks=pytest.mark.slow),
+    ],
+)
 def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
-    peers: list[Peer], erp_logging: ErpSim, tmp_path: Path, size: Size,
+    peers: list[Peer],
+    erp_logging: ErpSim,
+    tmp_path: Path,
+    size: Size,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     erp = erp_logging
@@ -109,8 +126,18 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
 
     stop_at = int(size.rate * size.counting_seconds)
     erp.set_faults(latency=0.005)  # deliveries are in flight when the gateway is killed
-    plc = start_plc(peers, tmp_path, "--rate", str(size.rate), "--scrap-rate",
-                    str(size.scrap_rate), "--start", "0", "--stop-at", str(stop_at))
+    plc = start_plc(
+        peers,
+        tmp_path,
+        "--rate",
+        str(size.rate),
+        "--scrap-rate",
+        str(size.scrap_rate),
+        "--start",
+        "0",
+        "--stop-at",
+        str(stop_at),
+    )
     config = write_config(tmp_path, plc, erp, size.machines)
     database = tmp_path / "data" / "outbox.db"
     machines = [f"m{i:02d}" for i in range(size.machines)]
@@ -132,8 +159,11 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
 
     # No more kills: let the PLC reach its stop value and the gateway deliver everything,
     # then stop it gracefully so that the outbox is quiescent when it is read.
-    wait_for(lambda: _settled(database, erp, machines, stop_at),
-             size.counting_seconds + 300, f"the PLC to complete and ERP to hold everything {tag}")
+    wait_for(
+        lambda: _settled(database, erp, machines, stop_at),
+        size.counting_seconds + 300,
+        f"the PLC to complete and ERP to hold everything {tag}",
+    )
     gateway = runs.current
     assert gateway.stop() == 0, f"the graceful stop failed {tag}:\n{gateway.output()[-3000:]}"
 
@@ -149,11 +179,18 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
     duplicates = sum(int(row["duplicates"]) for row in rows)
 
     figures = {
-        "test": "kill-9", "size": "full" if size is FULL else "short", "seed": seed,
-        "machines": size.machines, "events_expected": len(committed),
-        "delivered_unique": len(received_set), "duplicates_seen_by_receiver": duplicates,
-        "received_total": stats["received"], "lost": len(lost), "invented": len(invented),
-        "kills": runs.kills, "kills_while_plc_counting": kills_while_counting,
+        "test": "kill-9",
+        "size": "full" if size is FULL else "short",
+        "seed": seed,
+        "machines": size.machines,
+        "events_expected": len(committed),
+        "delivered_unique": len(received_set),
+        "duplicates_seen_by_receiver": duplicates,
+        "received_total": stats["received"],
+        "lost": len(lost),
+        "invented": len(invented),
+        "kills": runs.kills,
+        "kills_while_plc_counting": kills_while_counting,
         "recovery_time_s": round(max(runs.ready_times[1:], default=0.0), 3),
         "first_delivery_after_restart_s": round(max(first_delivery, default=0.0), 3),
         "run_s": round(time.monotonic() - runs.started_at, 1),
@@ -161,10 +198,12 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
     with capsys.disabled():  # shown by `make faults` too, which does not pass -s
         print(f"\n{json.dumps(figures)}", flush=True)
 
-    assert not lost, (f"{len(lost)} committed event(s) never reached ERP, "
-                      f"e.g. {sorted(lost)[:5]} {tag}")
-    assert not invented, (f"ERP holds {len(invented)} event(s) never committed, "
-                          f"e.g. {sorted(invented)[:5]} {tag}")
+    assert not lost, (
+        f"{len(lost)} committed event(s) never reached ERP, e.g. {sorted(lost)[:5]} {tag}"
+    )
+    assert not invented, (
+        f"ERP holds {len(invented)} event(s) never committed, e.g. {sorted(invented)[:5]} {tag}"
+    )
     assert len(received) == len(received_set), f"ERP holds an event id twice {tag}"
     assert all(row["key"] == row["id"] for row in rows), f"Idempotency-Key is not the id {tag}"
     assert pending == 0, f"{pending} delivery row(s) left in the outbox {tag}"
@@ -190,29 +229,35 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
         scrap_baselines = counter_baselines(logs, f"{machine}.bad")
         assert len(good_baselines) == 1, (
             f"{len(good_baselines)} baselines of the good counter over {runs.kills} kills: "
-            f"{good_baselines}, {where}")
+            f"{good_baselines}, {where}"
+        )
         assert len(scrap_baselines) == 1, f"scrap baselines {scrap_baselines}, {where}"
         pending_good, pending_scrap = _pending_units(database, _order_id(machine), state)
         erp_good = sum(Decimal(e["data"]["yield_quantity"]["value"]) for e in confirmations)
         erp_scrap = sum(Decimal(e["data"]["scrap_quantity"]["value"]) for e in confirmations)
         assert plc_good - good_baselines[0] == erp_good + pending_good, (
             f"the PLC counted {plc_good - good_baselines[0]} good units after the baseline "
-            f"{good_baselines[0]}; ERP holds {erp_good}, {pending_good} pending, {where}")
+            f"{good_baselines[0]}; ERP holds {erp_good}, {pending_good} pending, {where}"
+        )
         assert plc_scrap - scrap_baselines[0] == erp_scrap + pending_scrap, (
             f"the PLC counted {plc_scrap - scrap_baselines[0]} scrap after the baseline "
-            f"{scrap_baselines[0]}; ERP holds {erp_scrap}, {pending_scrap} pending, {where}")
+            f"{scrap_baselines[0]}; ERP holds {erp_scrap}, {pending_scrap} pending, {where}"
+        )
         assert pending_good == pending_scrap == 0, f"settled, yet units pending {where}"
-        ranges = sorted((e["data"]["counter_from"], e["data"]["counter_to"])
-                        for e in confirmations)
+        ranges = sorted((e["data"]["counter_from"], e["data"]["counter_to"]) for e in confirmations)
         position = 0
         for low, high in ranges:
             assert low == position <= high, f"gap or overlap at {position}: ({low}, {high}) {where}"
             position = high
         assert position == good["total"], f"ranges end at {position}, not {good['total']} {where}"
-        assert sum(Decimal(e["data"]["yield_quantity"]["value"])
-                   for e in confirmations) == good["total"], where
-        assert sum(Decimal(e["data"]["scrap_quantity"]["value"])
-                   for e in confirmations) == scrap["total"], where
+        assert (
+            sum(Decimal(e["data"]["yield_quantity"]["value"]) for e in confirmations)
+            == good["total"]
+        ), where
+        assert (
+            sum(Decimal(e["data"]["scrap_quantity"]["value"]) for e in confirmations)
+            == scrap["total"]
+        ), where
         # The rule numbers its events 1, 2, ...: as many as it committed, all in ERP.
         assert len(events) == state["sequence"], f"{len(events)} events, state {state} {where}"
 
@@ -222,13 +267,15 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
             sequence = event["sequence"]
             assert sequence > previous_sequence, (
                 f"out of commit order: sequence {sequence} (id {event['id']}) arrived after "
-                f"{previous_sequence}, {where}")
+                f"{previous_sequence}, {where}"
+            )
             previous_sequence = sequence
             if event["type"] == CONFIRMATION_TYPE:
                 low = event["data"]["counter_from"]
                 assert low == previous_to, (
                     f"out of commit order: counter {low}.. (id {event['id']}, sequence "
-                    f"{sequence}) arrived after a confirmation up to {previous_to}, {where}")
+                    f"{sequence}) arrived after a confirmation up to {previous_to}, {where}"
+                )
                 previous_to = event["data"]["counter_to"]
 
     # -- order across retries: no copy of an event arrives after a later event of its key ----
@@ -239,14 +286,16 @@ def test_kill_9_loses_nothing_invents_nothing_and_keeps_order(
         assert sequence >= latest.get(key, ""), (
             f"request {number} to ERP ({'a redelivery' if duplicate else 'a first copy'}) "
             f"carried sequence {sequence} of key {key} (id {event_id}) after sequence "
-            f"{latest[key]} had arrived {tag}")
+            f"{latest[key]} had arrived {tag}"
+        )
         latest[key] = sequence
 
     assert "treated as a reset" not in logs, f"a counter reset was seen {tag}"
     assert runs.kills == size.kills
     assert len(committed) >= size.min_events, (
         f"only {len(committed)} events in the run, fewer than {size.min_events}: the machine "
-        f"was too slow to produce the load this size promises {tag}")
+        f"was too slow to produce the load this size promises {tag}"
+    )
 
 
 # -- the gateway, started and killed again and again --------------------------------------------
@@ -329,8 +378,9 @@ def _received(erp: ErpSim) -> int:
     return int(httpx.get(f"{erp.url}/stats", timeout=60).json()["received"])
 
 
-ARRIVAL = re.compile(r"^ERP received \S+ subject=\S* id=(\S+) -> \S+( \(duplicate\))?$",
-                     re.MULTILINE)
+ARRIVAL = re.compile(
+    r"^ERP received \S+ subject=\S* id=(\S+) -> \S+( \(duplicate\))?$", re.MULTILINE
+)
 
 
 def _arrivals(erp: ErpSim) -> list[tuple[str, bool]]:
@@ -379,8 +429,9 @@ def _pending_units(database: Path, order_id: str, state: dict[str, Any]) -> tupl
     and counted by the rule but not yet confirmed."""
     good = state["good"]["total"] - state["good"]["confirmed"]
     scrap = state["scrap"]["total"] - state["scrap"]["confirmed"]
-    for (payload,) in _query(database, "SELECT payload FROM events WHERE type ="
-                             " 'production.confirmation'"):
+    for (payload,) in _query(
+        database, "SELECT payload FROM events WHERE type = 'production.confirmation'"
+    ):
         data = json.loads(payload)["data"]
         if data["order_id"] == order_id:
             good += int(Decimal(data["yield_quantity"]["value"]))
@@ -391,7 +442,8 @@ def _pending_units(database: Path, order_id: str, state: dict[str, Any]) -> tupl
 def _read_outbox(database: Path) -> tuple[set[str], int, dict[str, dict[str, Any]]]:
     committed = {row[0] for row in _query(database, "SELECT id FROM event_ids")}
     ((pending,),) = _query(database, "SELECT COUNT(*) FROM deliveries")
-    states = {key: json.loads(value)
-              for key, value in _query(database, "SELECT key, value FROM rule_state")}
+    states = {
+        key: json.loads(value)
+        for key, value in _query(database, "SELECT key, value FROM rule_state")
+    }
     return committed, pending, states
-

@@ -18,17 +18,26 @@ pytestmark = pytest.mark.integration
 
 
 def payload(n: int) -> OutboxEvent:
-    body = (f'{{"specversion":"1.0","id":"ev-{n}","source":"urn:test","type":'
-            f'"production.confirmation","subject":"1000123/0010","partitionkey":"1000123",'
-            f'"sequence":"{n:020d}","data":{{"n":{n}}}}}')
-    return OutboxEvent(id=f"ev-{n}", type="production.confirmation", partition_key="1000123",
-                       payload=body.encode(), destinations=("erp",))
+    body = (
+        f'{{"specversion":"1.0","id":"ev-{n}","source":"urn:test","type":'
+        f'"production.confirmation","subject":"1000123/0010","partitionkey":"1000123",'
+        f'"sequence":"{n:020d}","data":{{"n":{n}}}}}'
+    )
+    return OutboxEvent(
+        id=f"ev-{n}",
+        type="production.confirmation",
+        partition_key="1000123",
+        payload=body.encode(),
+        destinations=("erp",),
+    )
 
 
 def test_responses_map_to_outcomes() -> None:
     request = httpx.Request("POST", "http://x")
+
     def outcome(status: int, **headers: str) -> Outcome:
         return classify(httpx.Response(status, headers=headers, request=request)).outcome
+
     assert outcome(201) is Outcome.DELIVERED
     for status in (408, 409, 425, 429, 500, 502, 503):
         assert outcome(status) is Outcome.RETRY
@@ -36,8 +45,9 @@ def test_responses_map_to_outcomes() -> None:
         assert outcome(status) is Outcome.REJECTED
     response = httpx.Response(429, headers={"Retry-After": "7"}, request=request)
     assert parse_retry_after(response) == 7
-    dated = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"},
-                           request=request)
+    dated = httpx.Response(
+        503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, request=request
+    )
     assert parse_retry_after(dated, now=1445412470.0) == pytest.approx(10.0)
 
 
@@ -72,9 +82,18 @@ async def test_a_400_is_dead_lettered_with_the_body_and_the_key_moves_on(
     erp_sim: ErpSim, tmp_path: Path
 ) -> None:
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
-        await outbox.commit([OutboxEvent(id="broken", type="production.confirmation",
-                                         partition_key="1000123", payload=b"{not json",
-                                         destinations=("erp",)), payload(1)])
+        await outbox.commit(
+            [
+                OutboxEvent(
+                    id="broken",
+                    type="production.confirmation",
+                    partition_key="1000123",
+                    payload=b"{not json",
+                    destinations=("erp",),
+                ),
+                payload(1),
+            ]
+        )
         config = DestinationConfig(base_url=erp_sim.url, path="/api/events")
         async with httpx.AsyncClient() as client:
             await drain(outbox, HttpForwarder("erp", config, outbox, client))
@@ -89,8 +108,12 @@ async def test_429_retry_after_is_honoured_and_persisted(erp_sim: ErpSim, tmp_pa
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([payload(1)])
         config = DestinationConfig.model_validate(
-            {"base_url": erp_sim.url, "path": "/api/events", "retry": {"base": "100ms",
-                                                                       "cap": "1m"}})
+            {
+                "base_url": erp_sim.url,
+                "path": "/api/events",
+                "retry": {"base": "100ms", "cap": "1m"},
+            }
+        )
         async with httpx.AsyncClient() as client:
             await drain(outbox, HttpForwarder("erp", config, outbox, client), until=1.0)
     # The schedule is on disk: a restart does not hammer the target.
@@ -117,14 +140,20 @@ async def test_connection_refused_is_retried(tmp_path: Path) -> None:
 
 
 async def test_a_burst_on_one_order_goes_in_few_ordered_batches(
-        erp_sim: ErpSim, tmp_path: Path) -> None:
+    erp_sim: ErpSim, tmp_path: Path
+) -> None:
     """Issue 17 item 2: the canonical batch is an ordered array, so 250 events of one order go
     in 3 requests of up to 100, in commit order, instead of 250 one at a time. The oracle is
     the receiver's own arrival order and its request count."""
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([payload(n) for n in range(250)])
-        config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
-                                   batch_path="/api/events:batch", batch_size=100, max_in_flight=4)
+        config = DestinationConfig(
+            base_url=erp_sim.url,
+            path="/api/events",
+            batch_path="/api/events:batch",
+            batch_size=100,
+            max_in_flight=4,
+        )
         forwarder = HttpForwarder("erp", config, outbox)
         await drain(outbox, forwarder)
         held = erp_sim.events()
@@ -134,16 +163,23 @@ async def test_a_burst_on_one_order_goes_in_few_ordered_batches(
 
 
 async def test_a_rejected_event_in_a_run_is_dead_lettered_and_the_rest_delivered(
-        erp_sim: ErpSim, tmp_path: Path) -> None:
+    erp_sim: ErpSim, tmp_path: Path
+) -> None:
     """Per-event outcomes of one key's run in one batch: the receiver refuses an invalid
     event (400), takes the others; the refused one goes to dead letters, its key moves on."""
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         events = [payload(n) for n in range(5)]
-        broken = OutboxEvent(id="ev-2", type="production.confirmation", partition_key="1000123",
-                             payload=b'{"id":"ev-2"}', destinations=("erp",))
+        broken = OutboxEvent(
+            id="ev-2",
+            type="production.confirmation",
+            partition_key="1000123",
+            payload=b'{"id":"ev-2"}',
+            destinations=("erp",),
+        )
         await outbox.commit([*events[:2], broken, *events[3:]])
-        config = DestinationConfig(base_url=erp_sim.url, path="/api/events",
-                                   batch_path="/api/events:batch", batch_size=10)
+        config = DestinationConfig(
+            base_url=erp_sim.url, path="/api/events", batch_path="/api/events:batch", batch_size=10
+        )
         forwarder = HttpForwarder("erp", config, outbox)
         await drain(outbox, forwarder)
         assert [e["key"] for e in erp_sim.events()] == ["ev-0", "ev-1", "ev-3", "ev-4"]

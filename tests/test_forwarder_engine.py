@@ -66,11 +66,24 @@ async def test_an_open_circuit_waits_without_spinning(peers: Any, tmp_path: Path
     erp = start_erp(peers, tmp_path)
     erp.set_faults(outage_seconds=60, retry_after=0)
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
-        await outbox.commit([OutboxEvent(f"ev-{n}", "production.confirmation", f"K{n}", b"{}",
-                                         ("erp",)) for n in range(3)])
-        forwarder = HttpForwarder("erp", DestinationConfig.model_validate({
-            "base_url": erp.url, "path": "/api/events", "retry": {"base": "10ms", "cap": "50ms"},
-            "circuit_breaker": {"failures": 1, "open_for": "3s"}}), outbox)
+        await outbox.commit(
+            [
+                OutboxEvent(f"ev-{n}", "production.confirmation", f"K{n}", b"{}", ("erp",))
+                for n in range(3)
+            ]
+        )
+        forwarder = HttpForwarder(
+            "erp",
+            DestinationConfig.model_validate(
+                {
+                    "base_url": erp.url,
+                    "path": "/api/events",
+                    "retry": {"base": "10ms", "cap": "50ms"},
+                    "circuit_breaker": {"failures": 1, "open_for": "3s"},
+                }
+            ),
+            outbox,
+        )
         async with asyncio.TaskGroup() as group:
             task = group.create_task(forwarder.run(), name="forward")
             deadline = time.monotonic() + 10
@@ -93,14 +106,23 @@ async def test_an_open_circuit_waits_without_spinning(peers: Any, tmp_path: Path
 def test_requests_keep_each_keys_run_whole() -> None:
     """Two requests in flight with events of one key could arrive in either order: a run is
     never split across requests, and a request holds at most batch_size deliveries."""
+
     def run(key: str, first: int, count: int) -> list[Delivery]:
-        return [Delivery(seq, "erp", f"ev-{seq}", "t", key, b"{}", 0)
-                for seq in range(first, first + count)]
+        return [
+            Delivery(seq, "erp", f"ev-{seq}", "t", key, b"{}", 0)
+            for seq in range(first, first + count)
+        ]
 
     leased = [*run("a", 1, 3), *run("b", 10, 2), *run("c", 20, 4), *run("d", 30, 1)]
     batches = pack_runs(leased, 5)
     assert [[d.seq for d in batch] for batch in batches] == [
-        [1, 2, 3, 10, 11], [20, 21, 22, 23, 30]]
+        [1, 2, 3, 10, 11],
+        [20, 21, 22, 23, 30],
+    ]
     assert [[d.seq for d in b] for b in pack_runs(leased, 4)] == [
-        [1, 2, 3], [10, 11], [20, 21, 22, 23], [30]]
+        [1, 2, 3],
+        [10, 11],
+        [20, 21, 22, 23],
+        [30],
+    ]
     assert pack_runs([], 4) == []

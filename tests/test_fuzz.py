@@ -68,16 +68,25 @@ EXAMPLE_DATA = yaml.safe_load(EXAMPLE_TEXT)
 SCALE = float(os.environ.get("PLANTSYNC_FUZZ_EXAMPLES") or 1)
 
 
-PHASES = tuple(Phase) if not os.environ.get("PLANTSYNC_FUZZ_SKIP_KNOWN") else tuple(
-    phase for phase in Phase if phase is not Phase.explicit)
+PHASES = (
+    tuple(Phase)
+    if not os.environ.get("PLANTSYNC_FUZZ_SKIP_KNOWN")
+    else tuple(phase for phase in Phase if phase is not Phase.explicit)
+)
 """`PLANTSYNC_FUZZ_SKIP_KNOWN=1` leaves out the pinned regression cases."""
 
 
 def fuzz_settings(examples: int) -> settings:
     return settings(
-        max_examples=max(1, round(examples * SCALE)), deadline=None, phases=PHASES,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                               HealthCheck.filter_too_much])
+        max_examples=max(1, round(examples * SCALE)),
+        deadline=None,
+        phases=PHASES,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.filter_too_much,
+        ],
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -94,62 +103,141 @@ def quiet_gateway_logs() -> Iterator[None]:
 
 # --- shared strategies -------------------------------------------------------------------------
 
-json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+)
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 """Decoded JSON, as Python values (NaN and infinities included: some encoders write them)."""
 
-OFFSETS = st.sampled_from([UTC, timezone(timedelta(hours=14)), timezone(timedelta(hours=-14)),
-                           timezone(timedelta(hours=5, minutes=30))])
+OFFSETS = st.sampled_from(
+    [
+        UTC,
+        timezone(timedelta(hours=14)),
+        timezone(timedelta(hours=-14)),
+        timezone(timedelta(hours=5, minutes=30)),
+    ]
+)
 timestamps = st.one_of(
-    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59),
-                 timezones=OFFSETS).map(lambda d: d.isoformat()),
-    st.sampled_from(["2026-03-01T06:00:00Z", "2026-03-01T06:00:00", "2026-13-01T00:00:00Z",
-                     "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00", "", "now",
-                     "1970-01-01T00:00:00Z"]),
-    st.integers(-(2**40), 2**70), st.floats(allow_nan=True), st.text(max_size=30),
+    st.datetimes(
+        min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59), timezones=OFFSETS
+    ).map(lambda d: d.isoformat()),
+    st.sampled_from(
+        [
+            "2026-03-01T06:00:00Z",
+            "2026-03-01T06:00:00",
+            "2026-13-01T00:00:00Z",
+            "0001-01-01T00:00:00+14:00",
+            "9999-12-31T23:59:59-14:00",
+            "",
+            "now",
+            "1970-01-01T00:00:00Z",
+        ]
+    ),
+    st.integers(-(2**40), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=30),
 )
 """occurred_at as an MES system might write it, well or badly."""
 
 quantities = st.one_of(
     st.decimals(allow_nan=False, allow_infinity=False, places=3),
-    st.sampled_from(["12.500", "-1", "0", "1e400", "NaN", "Infinity", "1,5", "", " 3 ",
-                     "99999999999999999999999999999999"]),
-    st.integers(-(2**70), 2**70), st.floats(allow_nan=True), json_values,
+    st.sampled_from(
+        [
+            "12.500",
+            "-1",
+            "0",
+            "1e400",
+            "NaN",
+            "Infinity",
+            "1,5",
+            "",
+            " 3 ",
+            "99999999999999999999999999999999",
+        ]
+    ),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    json_values,
 )
-identifiers = st.one_of(st.sampled_from(["1000123", "42", "RM-STEEL", "LOT-1", "press-01"]),
-                        st.text(max_size=50), json_values)
+identifiers = st.one_of(
+    st.sampled_from(["1000123", "42", "RM-STEEL", "LOT-1", "press-01"]),
+    st.text(max_size=50),
+    json_values,
+)
 
 
 # --- MQTT payloads through the driver and the pipeline ---------------------------------------
 
-MQTT = MqttConfig.model_validate({
-    "name": "mes", "type": "mqtt", "host": "127.0.0.1", "max_payload": "4KiB",
-    "topics": [
-        {"filter": "mes/1010/+/order/start", "event": "order.started",
-         "fields": {"machine_id": "$topic[2]", "order_id": "order_id",
-                    "operation": "operation", "material": "material", "lot_id": "lot_id",
-                    "components": "components", "occurred_at": "occurred_at"}},
-        {"filter": "mes/1010/+/order/end", "event": "order.ended",
-         "fields": {"machine_id": "$topic[2]", "order_id": "order_id",
-                    "operation": "operation", "occurred_at": "occurred_at"}},
-        {"filter": "mes/1010/+/consumption", "event": "material.consumed",
-         "fields": {"order_id": "order_id", "material": "material", "lot_id": "lot_id",
-                    "quantity.value": "quantity", "quantity.uom": "uom",
-                    "occurred_at": "occurred_at"}},
-        {"filter": "mes/1010/+/lot/completed", "event": "lot.produced",
-         "fields": {"order_id": "order_id", "material": "material", "lot_id": "lot_id",
-                    "quantity.value": "quantity", "quantity.uom": "uom",
-                    "input_lots": "input_lots", "occurred_at": "occurred_at"}},
-        # No mapping: the payload object is taken as it is; the id sits in a nested header.
-        {"filter": "mes/1010/raw/#", "event": "lot.disposition", "id_field": "header.id"},
-    ],
-})
+MQTT = MqttConfig.model_validate(
+    {
+        "name": "mes",
+        "type": "mqtt",
+        "host": "127.0.0.1",
+        "max_payload": "4KiB",
+        "topics": [
+            {
+                "filter": "mes/1010/+/order/start",
+                "event": "order.started",
+                "fields": {
+                    "machine_id": "$topic[2]",
+                    "order_id": "order_id",
+                    "operation": "operation",
+                    "material": "material",
+                    "lot_id": "lot_id",
+                    "components": "components",
+                    "occurred_at": "occurred_at",
+                },
+            },
+            {
+                "filter": "mes/1010/+/order/end",
+                "event": "order.ended",
+                "fields": {
+                    "machine_id": "$topic[2]",
+                    "order_id": "order_id",
+                    "operation": "operation",
+                    "occurred_at": "occurred_at",
+                },
+            },
+            {
+                "filter": "mes/1010/+/consumption",
+                "event": "material.consumed",
+                "fields": {
+                    "order_id": "order_id",
+                    "material": "material",
+                    "lot_id": "lot_id",
+                    "quantity.value": "quantity",
+                    "quantity.uom": "uom",
+                    "occurred_at": "occurred_at",
+                },
+            },
+            {
+                "filter": "mes/1010/+/lot/completed",
+                "event": "lot.produced",
+                "fields": {
+                    "order_id": "order_id",
+                    "material": "material",
+                    "lot_id": "lot_id",
+                    "quantity.value": "quantity",
+                    "quantity.uom": "uom",
+                    "input_lots": "input_lots",
+                    "occurred_at": "occurred_at",
+                },
+            },
+            # No mapping: the payload object is taken as it is; the id sits in a nested header.
+            {"filter": "mes/1010/raw/#", "event": "lot.disposition", "id_field": "header.id"},
+        ],
+    }
+)
 
 PIPELINE_CONFIG = """
 site: "1010"
@@ -174,34 +262,63 @@ routes:
 """
 
 TOPIC_KINDS = {
-    "order/start": "order.started", "order/end": "order.ended",
-    "consumption": "material.consumed", "lot/completed": "lot.produced",
+    "order/start": "order.started",
+    "order/end": "order.ended",
+    "consumption": "material.consumed",
+    "lot/completed": "lot.produced",
 }
 
 
 def valid_payload(suffix: str) -> dict[str, Any]:
     """A well-formed payload for `mes/1010/<machine>/<suffix>`, as the MES simulator sends."""
-    common = {"message_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "site": "1010",
-              "order_id": "1000123", "occurred_at": "2026-03-01T06:00:00.000Z"}
+    common = {
+        "message_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7",
+        "site": "1010",
+        "order_id": "1000123",
+        "occurred_at": "2026-03-01T06:00:00.000Z",
+    }
     if suffix == "order/start":
-        return {**common, "operation": "0010", "material": "FG-100", "lot_id": "LOT-9",
-                "components": ["RM-STEEL"]}
+        return {
+            **common,
+            "operation": "0010",
+            "material": "FG-100",
+            "lot_id": "LOT-9",
+            "components": ["RM-STEEL"],
+        }
     if suffix == "order/end":
         return {**common, "operation": "0010"}
     if suffix == "consumption":
-        return {**common, "material": "RM-STEEL", "lot_id": "RM-A-1", "quantity": "12.500",
-                "uom": "KGM"}
-    return {**common, "material": "FG-100", "lot_id": "FG-1", "quantity": 100, "uom": "H87",
-            "input_lots": [{"lot_id": "RM-A-1", "material": "RM-STEEL",
-                            "quantity": {"value": "12.5", "uom": "KGM"}}]}
+        return {
+            **common,
+            "material": "RM-STEEL",
+            "lot_id": "RM-A-1",
+            "quantity": "12.500",
+            "uom": "KGM",
+        }
+    return {
+        **common,
+        "material": "FG-100",
+        "lot_id": "FG-1",
+        "quantity": 100,
+        "uom": "H87",
+        "input_lots": [
+            {
+                "lot_id": "RM-A-1",
+                "material": "RM-STEEL",
+                "quantity": {"value": "12.5", "uom": "KGM"},
+            }
+        ],
+    }
 
 
 @st.composite
 def near_valid_messages(draw: st.DrawFn) -> tuple[str, bytes]:
     """A valid MES message with a few fields removed, replaced or added."""
     suffix = draw(st.sampled_from(sorted(TOPIC_KINDS)))
-    machine = draw(st.sampled_from(["press-01", "press-02", "press-99"])
-                   | st.text(alphabet=st.characters(exclude_characters="/+#\x00"), max_size=10))
+    machine = draw(
+        st.sampled_from(["press-01", "press-02", "press-99"])
+        | st.text(alphabet=st.characters(exclude_characters="/+#\x00"), max_size=10)
+    )
     document = valid_payload(suffix)
     for _ in range(draw(st.integers(0, 4))):
         key = draw(st.sampled_from(sorted(document)) | st.text(max_size=8))
@@ -213,8 +330,13 @@ def near_valid_messages(draw: st.DrawFn) -> tuple[str, bytes]:
         elif action == "quantity":
             document["quantity"] = draw(quantities)
         elif action == "identifier":
-            document[draw(st.sampled_from(["order_id", "material", "lot_id", "operation",
-                                           "site", "uom", "message_id"]))] = draw(identifiers)
+            document[
+                draw(
+                    st.sampled_from(
+                        ["order_id", "material", "lot_id", "operation", "site", "uom", "message_id"]
+                    )
+                )
+            ] = draw(identifiers)
         else:
             document[key] = draw(json_values)
     text = json.dumps(document, default=str, allow_nan=True)
@@ -222,17 +344,24 @@ def near_valid_messages(draw: st.DrawFn) -> tuple[str, bytes]:
 
 
 topics = st.one_of(
-    st.sampled_from([f"mes/1010/press-01/{suffix}" for suffix in TOPIC_KINDS]
-                    + ["mes/1010/raw/x", "mes/9999/press-01/consumption", "other/topic", ""]),
+    st.sampled_from(
+        [f"mes/1010/press-01/{suffix}" for suffix in TOPIC_KINDS]
+        + ["mes/1010/raw/x", "mes/9999/press-01/consumption", "other/topic", ""]
+    ),
     st.text(max_size=40),
 )
 arbitrary_json_payloads = json_values.map(
-    lambda value: json.dumps(value, allow_nan=True, default=str).encode())
+    lambda value: json.dumps(value, allow_nan=True, default=str).encode()
+)
 raw_disposition_payloads = st.fixed_dictionaries(
     {"header": st.fixed_dictionaries({"id": identifiers})},
-    optional={"lot_id": identifiers, "disposition": st.sampled_from(["release", "reject",
-                                                                      "hold", "maybe"]),
-              "occurred_at": timestamps, "site": identifiers, "order_id": identifiers},
+    optional={
+        "lot_id": identifiers,
+        "disposition": st.sampled_from(["release", "reject", "hold", "maybe"]),
+        "occurred_at": timestamps,
+        "site": identifiers,
+        "order_id": identifiers,
+    },
 ).map(lambda d: ("mes/1010/raw/qms", json.dumps(d, default=str, allow_nan=True).encode()))
 messages = st.one_of(
     st.tuples(topics, st.binary(max_size=600)),
@@ -279,12 +408,25 @@ def mes_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MesPipeli
 # Found by this property (a crash, fixed): an MES timestamp at the edge of the calendar (year
 # 1 east of UTC, year 9999 west of it) is valid for pydantic, but its Unix time overflowed in
 # the pipeline, and the MQTT driver retried the whole batch for ever.
-@example(message=("mes/1010/press-01/consumption", json.dumps(
-    {**valid_payload("consumption"), "occurred_at": "0001-01-01T00:00:00+14:00"}).encode()))
-@example(message=("mes/1010/press-01/order/start", json.dumps(
-    {**valid_payload("order/start"), "occurred_at": "9999-12-31T23:59:59-14:00"}).encode()))
+@example(
+    message=(
+        "mes/1010/press-01/consumption",
+        json.dumps(
+            {**valid_payload("consumption"), "occurred_at": "0001-01-01T00:00:00+14:00"}
+        ).encode(),
+    )
+)
+@example(
+    message=(
+        "mes/1010/press-01/order/start",
+        json.dumps(
+            {**valid_payload("order/start"), "occurred_at": "9999-12-31T23:59:59-14:00"}
+        ).encode(),
+    )
+)
 def test_mqtt_payloads_never_crash_and_every_rejection_has_a_reason(
-    mes_pipeline: MesPipeline, message: tuple[str, bytes],
+    mes_pipeline: MesPipeline,
+    message: tuple[str, bytes],
 ) -> None:
     topic, payload = message
     reading = to_reading(MQTT, topic, payload, 1_800_000_000.0)
@@ -307,8 +449,11 @@ def test_mqtt_payloads_never_crash_and_every_rejection_has_a_reason(
         assert rejected == 1
     committed = sum(mes_pipeline.pipeline.events_by_type.values()) - committed_before
     duplicate = mes_pipeline.outbox.stats.duplicates_ignored > duplicates_before
-    if isinstance(reading, MesMessage) and reading.kind in ("material.consumed", "lot.produced",
-                                                            "lot.disposition"):
+    if isinstance(reading, MesMessage) and reading.kind in (
+        "material.consumed",
+        "lot.produced",
+        "lot.disposition",
+    ):
         # A milestone message is an event (or a redelivery of one), or a dead letter.
         assert (rejected == 1) != (committed >= 1 or duplicate), (reading, rejected, committed)
 
@@ -322,8 +467,11 @@ PROBLEM_LINE = re.compile(r"plant\.yaml:(\d+): (.*?): (\S.*)")
 def config_environ(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     credentials = tmp_path_factory.mktemp("credentials")
     (credentials / "erp_client_secret").write_text("s3cret\n")
-    return {"FILLER_OPCUA_PASSWORD": "x", "MES_MQTT_PASSWORD": "y",
-            "CREDENTIALS_DIRECTORY": str(credentials)}
+    return {
+        "FILLER_OPCUA_PASSWORD": "x",
+        "MES_MQTT_PASSWORD": "y",
+        "CREDENTIALS_DIRECTORY": str(credentials),
+    }
 
 
 def _paths(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -344,9 +492,27 @@ def _parent(document: Any, path: tuple[Any, ...]) -> Any:
 
 
 config_values = st.one_of(
-    json_values, st.sampled_from(["500ms", "15m", "1h30m", "-1s", "2GB", "10 parsecs", "ABCD",
-                                  "uint32", "Execute", "${NOT_SET}", "${FILLER_OPCUA_PASSWORD}",
-                                  "opc.tcp://x", "http://", "0x10", "~", "yes"]),
+    json_values,
+    st.sampled_from(
+        [
+            "500ms",
+            "15m",
+            "1h30m",
+            "-1s",
+            "2GB",
+            "10 parsecs",
+            "ABCD",
+            "uint32",
+            "Execute",
+            "${NOT_SET}",
+            "${FILLER_OPCUA_PASSWORD}",
+            "opc.tcp://x",
+            "http://",
+            "0x10",
+            "~",
+            "yes",
+        ]
+    ),
 )
 
 
@@ -358,8 +524,11 @@ def mutated_example_configs(draw: st.DrawFn) -> str:
         paths = [p for p in _paths(document) if p]
         path = paths[draw(st.integers(0, len(paths) - 1))]
         parent = _parent(document, path)
-        action = draw(st.sampled_from(["delete", "wrong type", "unknown key", "typo",
-                                       "random string", "duplicate item"]))
+        action = draw(
+            st.sampled_from(
+                ["delete", "wrong type", "unknown key", "typo", "random string", "duplicate item"]
+            )
+        )
         if action == "delete":
             del parent[path[-1]]
         elif action == "wrong type":
@@ -369,16 +538,31 @@ def mutated_example_configs(draw: st.DrawFn) -> str:
         elif action == "unknown key" and isinstance(parent, dict):
             # A key with a line break in it ("\n", quoted) is printed as it is, which splits
             # its problem over two lines: left out here, noted in the report.
-            parent[draw(st.text(alphabet=st.characters(exclude_categories=["Cc", "Zl", "Zp", "Cs"]),
-                                min_size=1, max_size=12))] = draw(config_values)
-        elif action == "typo" and isinstance(parent, dict) and isinstance(path[-1], str) \
-                and len(path[-1]) > 1:
+            parent[
+                draw(
+                    st.text(
+                        alphabet=st.characters(exclude_categories=["Cc", "Zl", "Zp", "Cs"]),
+                        min_size=1,
+                        max_size=12,
+                    )
+                )
+            ] = draw(config_values)
+        elif (
+            action == "typo"
+            and isinstance(parent, dict)
+            and isinstance(path[-1], str)
+            and len(path[-1]) > 1
+        ):
             cut = draw(st.integers(0, len(path[-1]) - 1))
-            parent[path[-1][:cut] + path[-1][cut + 1:]] = parent.pop(path[-1])
+            parent[path[-1][:cut] + path[-1][cut + 1 :]] = parent.pop(path[-1])
         elif action == "duplicate item" and isinstance(parent, list):
             parent.append(copy.deepcopy(parent[path[-1]]))
-    return yaml.dump(document, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
-                     sort_keys=False, allow_unicode=True)
+    return yaml.dump(
+        document,
+        Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper),
+        sort_keys=False,
+        allow_unicode=True,
+    )
 
 
 @st.composite
@@ -388,10 +572,12 @@ def edited_example_text(draw: st.DrawFn) -> str:
     text = EXAMPLE_TEXT
     for _ in range(draw(st.integers(1, 3))):
         position = draw(st.integers(0, len(text)))
-        inserted = draw(st.text(max_size=3) | st.sampled_from([":", "- ", "\t", "  ", "\n",
-                                                                "{", "'", "&a", "*a", "!!"]))
+        inserted = draw(
+            st.text(max_size=3)
+            | st.sampled_from([":", "- ", "\t", "  ", "\n", "{", "'", "&a", "*a", "!!"])
+        )
         removed = draw(st.integers(0, 3))
-        text = text[:position] + inserted + text[position + removed:]
+        text = text[:position] + inserted + text[position + removed :]
     return text
 
 
@@ -412,7 +598,8 @@ def _check_config(text: str, environ: dict[str, str]) -> None:
 @fuzz_settings(150)
 @given(text=mutated_example_configs())
 def test_mutated_configs_load_or_name_every_problem(
-    config_environ: dict[str, str], text: str,
+    config_environ: dict[str, str],
+    text: str,
 ) -> None:
     _check_config(text, config_environ)
 
@@ -428,7 +615,8 @@ def test_mutated_configs_load_or_name_every_problem(
 # And an alias inside its own anchor (`&a [*a]`, legal YAML) recursed without end.
 @example(text=EXAMPLE_TEXT + "\nroutes: &loop {material.consumed: *loop}\n")
 def test_edited_config_text_loads_or_names_every_problem(
-    config_environ: dict[str, str], text: str,
+    config_environ: dict[str, str],
+    text: str,
 ) -> None:
     _check_config(text, config_environ)
 
@@ -436,16 +624,26 @@ def test_edited_config_text_loads_or_names_every_problem(
 def test_the_unedited_example_loads(config_environ: dict[str, str]) -> None:
     """The properties above start from a valid file: otherwise they would prove little."""
     assert isinstance(parse_config(EXAMPLE_TEXT, "plant.yaml", config_environ), PlantConfig)
-    assert isinstance(parse_config(yaml.safe_dump(yaml.safe_load(EXAMPLE_TEXT)), "plant.yaml",
-                                   config_environ), PlantConfig)
+    assert isinstance(
+        parse_config(yaml.safe_dump(yaml.safe_load(EXAMPLE_TEXT)), "plant.yaml", config_environ),
+        PlantConfig,
+    )
 
 
 # --- Modbus register decoding ------------------------------------------------------------------
 
 NUMBER_TYPES = sorted(REGISTER_WIDTH)
 BYTE_ORDERS = ["ABCD", "CDAB", "BADC", "DCBA"]
-STRUCT = {"uint16": ">H", "int16": ">h", "uint32": ">I", "int32": ">i", "float32": ">f",
-          "uint64": ">Q", "int64": ">q", "float64": ">d"}
+STRUCT = {
+    "uint16": ">H",
+    "int16": ">h",
+    "uint32": ">I",
+    "int32": ">i",
+    "float32": ">f",
+    "uint64": ">Q",
+    "int64": ">q",
+    "float64": ">d",
+}
 registers = st.lists(st.integers(0, 0xFFFF), max_size=10)
 
 
@@ -462,23 +660,30 @@ def test_decode_any_registers(kind: str, order: str, words: list[int]) -> None:
         assert isinstance(value, float)
     else:
         bits = 16 * width
-        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if kind.startswith("int") else (
-            0, 2**bits - 1)
+        low, high = (
+            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+            if kind.startswith("int")
+            else (0, 2**bits - 1)
+        )
         assert isinstance(value, int) and low <= value <= high
 
 
 @fuzz_settings(300)
 @given(data=st.data(), kind=st.sampled_from(NUMBER_TYPES), order=st.sampled_from(BYTE_ORDERS))
-def test_what_the_plc_simulator_encodes_decodes_back(data: st.DataObject, kind: str,
-                                                     order: str) -> None:
+def test_what_the_plc_simulator_encodes_decodes_back(
+    data: st.DataObject, kind: str, order: str
+) -> None:
     if kind.startswith("float"):
         width = 32 if kind == "float32" else 64
         value: int | float = data.draw(st.floats(width=width, allow_nan=False))
     else:
         bits = 16 * REGISTER_WIDTH[kind]  # type: ignore[index]
         signed = kind.startswith("int")
-        value = data.draw(st.integers(-(2 ** (bits - 1)) if signed else 0,
-                                      2 ** (bits - 1) - 1 if signed else 2**bits - 1))
+        value = data.draw(
+            st.integers(
+                -(2 ** (bits - 1)) if signed else 0, 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+            )
+        )
     words = _ordered(struct.pack(STRUCT[kind], value), order)
     assert decode(words, kind, order) == value  # type: ignore[arg-type]
 
@@ -494,8 +699,12 @@ def test_decode_string_any_registers(words: list[int], order: str) -> None:
 @st.composite
 def modbus_tags(draw: st.DrawFn) -> ModbusTag:
     kind = draw(st.sampled_from([*NUMBER_TYPES, "bool", "string"]))
-    spec: dict[str, Any] = {"name": "t", "address": draw(st.integers(0, 1000)), "type": kind,
-                            "byte_order": draw(st.sampled_from(BYTE_ORDERS))}
+    spec: dict[str, Any] = {
+        "name": "t",
+        "address": draw(st.integers(0, 1000)),
+        "type": kind,
+        "byte_order": draw(st.sampled_from(BYTE_ORDERS)),
+    }
     if kind == "bool":
         spec["bit"] = draw(st.integers(0, 15))
     elif kind == "string":
@@ -509,8 +718,11 @@ def modbus_tags(draw: st.DrawFn) -> ModbusTag:
 @fuzz_settings(500)
 @given(tag=modbus_tags(), data=st.data())
 def test_tag_value_any_registers(tag: ModbusTag, data: st.DataObject) -> None:
-    words = data.draw(st.one_of(st.lists(st.integers(0, 0xFFFF), min_size=tag.width,
-                                         max_size=tag.width), registers))
+    words = data.draw(
+        st.one_of(
+            st.lists(st.integers(0, 0xFFFF), min_size=tag.width, max_size=tag.width), registers
+        )
+    )
     try:
         value = tag_value(tag, words)
     except ValueError as exc:
@@ -524,8 +736,11 @@ def test_tag_value_any_registers(tag: ModbusTag, data: st.DataObject) -> None:
 # --- OPC UA values -----------------------------------------------------------------------------
 
 opcua_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=50),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=50),
     st.integers(0, 3).map(lambda n: "x" * (10 ** (n + 3))),  # up to a 1 MB string
     st.binary(max_size=50),
     st.datetimes(min_value=datetime(1601, 1, 1), max_value=datetime(9999, 12, 31)),
@@ -533,18 +748,19 @@ opcua_scalars = st.one_of(
     st.text(max_size=10).map(lambda text: ua.QualifiedName(text, 2)),
     st.integers(0, 2**32 - 1).map(lambda n: ua.NodeId(n, 2)),
 )
-opcua_values = st.recursive(opcua_scalars, lambda children: st.lists(children, max_size=4),
-                            max_leaves=10)
+opcua_values = st.recursive(
+    opcua_scalars, lambda children: st.lists(children, max_size=4), max_leaves=10
+)
 status_codes = st.one_of(
-    st.sampled_from([0, 0x40000000, 0x80000000, 0x80340000, 0x408F0000, 0x00960000,
-                     0xC0000000]),
+    st.sampled_from([0, 0x40000000, 0x80000000, 0x80340000, 0x408F0000, 0x00960000, 0xC0000000]),
     st.integers(0, 2**32 - 1),
 )
 opcua_times = st.one_of(
     st.none(),
     st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)),
-    st.datetimes(min_value=datetime(1601, 1, 2), max_value=datetime(9999, 12, 30),
-                 timezones=st.just(UTC)),
+    st.datetimes(
+        min_value=datetime(1601, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
 )
 
 
@@ -563,8 +779,12 @@ def data_values(draw: st.DrawFn) -> ua.DataValue | None:
             variant = ua.Variant(value)
         except Exception:  # asyncua refuses to wrap it: no such value on the wire
             variant = ua.Variant(str(value))
-    return ua.DataValue(variant, StatusCode=ua.StatusCode(draw(status_codes)),
-                        SourceTimestamp=draw(opcua_times), ServerTimestamp=draw(opcua_times))
+    return ua.DataValue(
+        variant,
+        StatusCode=ua.StatusCode(draw(status_codes)),
+        SourceTimestamp=draw(opcua_times),
+        ServerTimestamp=draw(opcua_times),
+    )
 
 
 def _check_sample(sample: Sample, datavalue: ua.DataValue | None, now: float) -> None:
@@ -595,7 +815,8 @@ def test_opcua_plain_value_of_anything(value: Any) -> None:
 
 # --- machine rules -----------------------------------------------------------------------------
 
-RULE_CONFIG = parse_config("""
+RULE_CONFIG = parse_config(
+    """
 site: "1010"
 drivers:
   - {name: plc, type: modbus, host: 127.0.0.1, tags: [{name: good, address: 0, type: uint32},
@@ -614,13 +835,20 @@ machines:
     limits:
       - {signal: plc.force, low: 12.0, high: 15.0, for: 1s, hysteresis: 0.2, raise: both,
          uom: NEW}
-""", "rule.yaml", {})
+""",
+    "rule.yaml",
+    {},
+)
 SIGNALS = ["good", "bad", "state", "reason", "force"]
 
 rule_values = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.integers(0, 2**16 + 10),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.integers(0, 2**16 + 10),
     st.sampled_from([2, 4, 5, 6, 11, 17, 99]),
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(10.0, 17.0),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(10.0, 17.0),
     st.text(max_size=5),
 )
 
@@ -658,8 +886,15 @@ def rule_samples(draw: st.DrawFn) -> list[Sample]:
     samples = []
     for _ in range(draw(st.integers(1, 40))):
         at += draw(st.floats(0.0, 30.0))
-        samples.append(Sample("plc", draw(st.sampled_from(SIGNALS)), draw(rule_values), at,
-                              draw(st.sampled_from(list(Quality)))))
+        samples.append(
+            Sample(
+                "plc",
+                draw(st.sampled_from(SIGNALS)),
+                draw(rule_values),
+                at,
+                draw(st.sampled_from(list(Quality))),
+            )
+        )
     return samples
 
 
@@ -671,8 +906,13 @@ def rule_samples(draw: st.DrawFn) -> list[Sample]:
 @example(samples=[Sample("plc", "state", math.inf, 1.8e9)])
 # A counter that drops to a negative value (a signed tag) was taken as a reset to it: the
 # total went down and the next confirmation had a negative quantity.
-@example(samples=[Sample("plc", "good", 100, 1.8e9), Sample("plc", "good", -5, 1.8e9 + 1),
-                  Sample("plc", "good", 50, 1.8e9 + 2)])
+@example(
+    samples=[
+        Sample("plc", "good", 100, 1.8e9),
+        Sample("plc", "good", -5, 1.8e9 + 1),
+        Sample("plc", "good", 50, 1.8e9 + 2),
+    ]
+)
 # A process value of +inf (a broken sensor's float) outside the limits could not be written
 # in the inspection request: the daemon died on it, and again at every start.
 @example(samples=[Sample("plc", "force", math.inf, 1.8e9), Sample("plc", "force", 5.0, 1.8e9 + 2)])
@@ -681,19 +921,21 @@ def test_machine_rule_random_values_and_qualities(samples: list[Sample]) -> None
 
 
 @fuzz_settings(300)
-@given(datavalues=st.lists(st.tuples(st.sampled_from(SIGNALS), data_values()), min_size=1,
-                           max_size=30))
+@given(
+    datavalues=st.lists(st.tuples(st.sampled_from(SIGNALS), data_values()), min_size=1, max_size=30)
+)
 # Found by this property (a crash, fixed): OPC UA source timestamps are the device's clock,
 # which can step back; a resume dated before the stop made a negative downtime.
-@example(datavalues=[
-    ("state", ua.DataValue(ua.Variant(6), SourceTimestamp=datetime(2026, 3, 1, 6, 0, 0))),
-    ("state", ua.DataValue(ua.Variant(11), SourceTimestamp=datetime(2026, 3, 1, 6, 0, 5))),
-    ("state", ua.DataValue(ua.Variant(11), SourceTimestamp=datetime(2026, 3, 1, 6, 0, 6))),
-    ("state", ua.DataValue(ua.Variant(6), SourceTimestamp=datetime(2026, 3, 1, 5, 59, 0))),
-    ("state", ua.DataValue(ua.Variant(6), SourceTimestamp=datetime(2026, 3, 1, 5, 59, 1))),
-])
-def test_machine_rule_fed_opcua_samples(datavalues: list[tuple[str, ua.DataValue | None]]
-                                        ) -> None:
+@example(
+    datavalues=[
+        ("state", ua.DataValue(ua.Variant(6), SourceTimestamp=datetime(2026, 3, 1, 6, 0, 0))),
+        ("state", ua.DataValue(ua.Variant(11), SourceTimestamp=datetime(2026, 3, 1, 6, 0, 5))),
+        ("state", ua.DataValue(ua.Variant(11), SourceTimestamp=datetime(2026, 3, 1, 6, 0, 6))),
+        ("state", ua.DataValue(ua.Variant(6), SourceTimestamp=datetime(2026, 3, 1, 5, 59, 0))),
+        ("state", ua.DataValue(ua.Variant(6), SourceTimestamp=datetime(2026, 3, 1, 5, 59, 1))),
+    ]
+)
+def test_machine_rule_fed_opcua_samples(datavalues: list[tuple[str, ua.DataValue | None]]) -> None:
     now = 1_800_000_000.0
     samples = [sample_from("plc", tag, datavalue, now) for tag, datavalue in datavalues]
     _feed_rule(samples)

@@ -29,8 +29,15 @@ from tests.gateway_process import GatewayProcess, start_gateway
 pytestmark = pytest.mark.integration
 
 
-def write_config(tmp_path: Path, plc: PlcSim, erp: ErpSim, *, every_units: int = 25,
-                 every: str = "1s", api_port: int | None = None) -> Path:
+def write_config(
+    tmp_path: Path,
+    plc: PlcSim,
+    erp: ErpSim,
+    *,
+    every_units: int = 25,
+    every: str = "1s",
+    api_port: int | None = None,
+) -> Path:
     config = tmp_path / "plant.yaml"
     config.write_text(f"""
 site: "1010"
@@ -79,18 +86,24 @@ def confirmations(erp: ErpSim) -> list[dict[str, object]]:
 
 
 def totals(events: list[dict[str, object]]) -> tuple[Decimal, Decimal]:
-    good = sum((Decimal(e["data"]["yield_quantity"]["value"]) for e in events),  # type: ignore[index]
-               Decimal(0))
-    scrap = sum((Decimal(e["data"]["scrap_quantity"]["value"]) for e in events),  # type: ignore[index]
-                Decimal(0))
+    good = sum(
+        (Decimal(e["data"]["yield_quantity"]["value"]) for e in events),  # type: ignore[index]
+        Decimal(0),
+    )
+    scrap = sum(
+        (Decimal(e["data"]["scrap_quantity"]["value"]) for e in events),  # type: ignore[index]
+        Decimal(0),
+    )
     return good, scrap
 
 
 def assert_exact_and_contiguous(events: list[dict[str, object]], start: int, end: int) -> None:
     ids = [e["id"] for e in events]
     assert len(ids) == len(set(ids)), "an event id reached ERP twice"
-    ranges = sorted((e["data"]["counter_from"], e["data"]["counter_to"])  # type: ignore[index]
-                    for e in events)
+    ranges = sorted(
+        (e["data"]["counter_from"], e["data"]["counter_to"])  # type: ignore[index]
+        for e in events
+    )
     # Counter ranges tile the advance: no gap, no overlap.
     position = 0
     for low, high in ranges:
@@ -108,8 +121,19 @@ def test_confirmations_add_up_to_the_counter_advance(
     port = free_port()
     config = write_config(tmp_path, PlcSim(None, port), erp_sim)  # type: ignore[arg-type]
     gateway = start_gateway(peers, config, tmp_path)
-    plc = start_plc(peers, tmp_path, "--rate", "200", "--scrap-rate", "10", "--start", "1000",
-                    "--stop-at", "1600", port=port)
+    plc = start_plc(
+        peers,
+        tmp_path,
+        "--rate",
+        "200",
+        "--scrap-rate",
+        "10",
+        "--start",
+        "1000",
+        "--stop-at",
+        "1600",
+        port=port,
+    )
     # The gateway's baseline is the first counter value it reads (it was not there before).
     wait_for(lambda: totals(confirmations(erp_sim))[0] >= 1, 30, "a first confirmation")
     events = confirmations(erp_sim)
@@ -140,8 +164,9 @@ def test_confirmations_add_up_to_the_counter_advance(
     assert gateway.stop() == 0
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL],
-                         ids=["graceful", "kill-9"])
+@pytest.mark.parametrize(
+    "stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["graceful", "kill-9"]
+)
 def test_restart_mid_run_loses_nothing_and_duplicates_nothing(
     peers: list[Peer], erp_sim: ErpSim, tmp_path: Path, stop_signal: int
 ) -> None:
@@ -181,8 +206,11 @@ def test_erp_outage_is_retried_until_delivered(
     gateway = start_gateway(peers, config, tmp_path)
     start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "300", port=port)
     wait_for(lambda: _counter_stopped(gateway), 30, "the PLC to stop")
-    wait_for(lambda: _status(gateway)["destinations"]["erp"]["reachable"] is False, 10,
-             "the gateway to see ERP failing")
+    wait_for(
+        lambda: _status(gateway)["destinations"]["erp"]["reachable"] is False,
+        10,
+        "the gateway to see ERP failing",
+    )
     assert confirmations(erp_sim) == []
     erp_sim.set_faults(error_rate=0.0)
     wait_for(lambda: _delivered_everything(erp_sim, gateway), 30, "ERP to hold everything")

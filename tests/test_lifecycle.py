@@ -112,8 +112,9 @@ def test_notifier_is_a_no_op_without_notify_socket() -> None:
 def test_notifier_reaches_path_and_abstract_sockets(tmp_path: Path) -> None:
     for address in (str(tmp_path / "notify.sock"), f"@plantsync-{uuid.uuid4().hex}"):
         listener = NotifySocket(address)
-        notifier = Notifier.from_environment({"NOTIFY_SOCKET": address,
-                                              "WATCHDOG_USEC": "30000000"})
+        notifier = Notifier.from_environment(
+            {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "30000000"}
+        )
         assert notifier.watchdog_interval == 15.0
         notifier.ready("drivers 1/1 connected")
         notifier.watchdog()
@@ -121,8 +122,9 @@ def test_notifier_reaches_path_and_abstract_sockets(tmp_path: Path) -> None:
         notifier.close()
         listener.close()
     # The watchdog belongs to another process: not ours to ping.
-    other = Notifier.from_environment({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000",
-                                       "WATCHDOG_PID": str(os.getpid() + 1)})
+    other = Notifier.from_environment(
+        {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)}
+    )
     assert other.watchdog_interval is None
 
 
@@ -167,7 +169,10 @@ async def test_watchdog_pings_stop_while_the_outbox_is_wedged(tmp_path: Path) ->
 
 @pytest.mark.integration
 def test_systemd_hears_ready_status_watchdog_and_stopping(
-    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path, notify_socket: NotifySocket,
+    peers: list[Peer],
+    erp_sim: ErpSim,
+    tmp_path: Path,
+    notify_socket: NotifySocket,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     plc = start_plc(peers, tmp_path, "--rate", "50")
@@ -176,15 +181,24 @@ def test_systemd_hears_ready_status_watchdog_and_stopping(
     gateway = start_gateway(peers, write_config(tmp_path, plc, erp_sim), tmp_path)
     notify_socket.wait_for("READY=1")
     notify_socket.wait_for("WATCHDOG=1", count=4, timeout=10)
-    wait_for(lambda: any(line.startswith("STATUS=drivers 1/1 connected; outbox ")
-                         for line in notify_socket.lines()), 20, "a STATUS= line")
+    wait_for(
+        lambda: any(
+            line.startswith("STATUS=drivers 1/1 connected; outbox ")
+            for line in notify_socket.lines()
+        ),
+        20,
+        "a STATUS= line",
+    )
     assert gateway.stop(signal.SIGTERM) == 0
     lines = notify_socket.lines()
     assert "STOPPING=1" in lines
     assert lines.index("READY=1") < lines.index("STOPPING=1")
     status = next(line for line in lines if line.startswith("STATUS=drivers"))
-    assert re.fullmatch(r"STATUS=drivers \d/1 connected; outbox \d+ pending \(\d+ retrying\), "
-                        r"\d+ dead; back-pressure off", status), status
+    assert re.fullmatch(
+        r"STATUS=drivers \d/1 connected; outbox \d+ pending \(\d+ retrying\), "
+        r"\d+ dead; back-pressure off",
+        status,
+    ), status
 
 
 # --- SIGTERM -------------------------------------------------------------------------------------
@@ -232,8 +246,11 @@ def test_a_second_sigterm_aborts_a_slow_drain(
     config.write_text(text.replace("    retry:", "    timeout: 120s\n    retry:"))
     erp_sim.set_faults(latency=60)  # ERP takes a minute per request
     gateway = start_gateway(peers, config, tmp_path)
-    wait_for(lambda: _status(gateway)["destinations"]["erp"]["in_flight"] >= 1, 30,  # type: ignore[index]
-             "a delivery in flight")
+    wait_for(
+        lambda: _status(gateway)["destinations"]["erp"]["in_flight"] >= 1,
+        30,  # type: ignore[index]
+        "a delivery in flight",
+    )
     assert gateway.process is not None
     gateway.process.send_signal(signal.SIGTERM)
     wait_for(lambda: "Stopping: drivers first" in gateway.output(), 10, "the stop to begin")
@@ -259,7 +276,10 @@ def test_a_second_sigterm_aborts_a_slow_drain(
 
 @pytest.mark.integration
 def test_sighup_refuses_an_invalid_config_and_applies_a_valid_one(
-    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path, notify_socket: NotifySocket,
+    peers: list[Peer],
+    erp_sim: ErpSim,
+    tmp_path: Path,
+    notify_socket: NotifySocket,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "2500")
@@ -275,10 +295,16 @@ def test_sighup_refuses_an_invalid_config_and_applies_a_valid_one(
     # An invalid file: every problem is logged, and the old config runs on.
     config.write_text(good_config.replace("poll_interval: 100ms", "poll_intervall: 100ms"))
     gateway.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: "Reload refused: the new config has 1 problem(s)" in gateway.output(), 40,
-             "the refusal")
-    assert re.search(r"Reload refused: .*plant\.yaml:\d+: drivers\[0\]\.poll_intervall: "
-                     r"unknown key \(did you mean 'poll_interval'\?\)", gateway.output())
+    wait_for(
+        lambda: "Reload refused: the new config has 1 problem(s)" in gateway.output(),
+        40,
+        "the refusal",
+    )
+    assert re.search(
+        r"Reload refused: .*plant\.yaml:\d+: drivers\[0\]\.poll_intervall: "
+        r"unknown key \(did you mean 'poll_interval'\?\)",
+        gateway.output(),
+    )
     count = len(confirmations(erp_sim))
     wait_for(lambda: len(confirmations(erp_sim)) > count, 40, "confirmations to go on")
     assert gateway.output().count(READY_TEXT) == 1
@@ -288,10 +314,14 @@ def test_sighup_refuses_an_invalid_config_and_applies_a_valid_one(
     # A valid one: confirm every 20 units, a second destination, and new outbox settings (the
     # outbox is closed and opened again under the running daemon).
     write_config(tmp_path, plc, erp_sim, every_units=20, every="1h", api_port=port)
-    config.write_text(config.read_text().replace(
-        "routes:\n  production.confirmation: [erp]",
-        f"  archive:\n    base_url: {archive.url}\n    path: /api/events\n"
-        "routes:\n  production.confirmation: [erp, archive]") + "outbox: {commit_interval: 2ms}\n")
+    config.write_text(
+        config.read_text().replace(
+            "routes:\n  production.confirmation: [erp]",
+            f"  archive:\n    base_url: {archive.url}\n    path: /api/events\n"
+            "routes:\n  production.confirmation: [erp, archive]",
+        )
+        + "outbox: {commit_interval: 2ms}\n"
+    )
     gateway.process.send_signal(signal.SIGHUP)
     wait_for(lambda: gateway.output().count(READY_TEXT) == 2, 60, "the gateway to restart")
     output = gateway.output()
@@ -303,8 +333,14 @@ def test_sighup_refuses_an_invalid_config_and_applies_a_valid_one(
     lines = notify_socket.lines()
     assert lines.count("RELOADING=1") == 2
     wait_for(lambda: len(confirmations(archive)) >= 2, 30, "the new destination to receive")
-    wait_for(lambda: any(e["data"]["yield_quantity"]["value"] == "20"  # type: ignore[index]
-                         for e in confirmations(erp_sim)), 30, "a confirmation of 20")
+    wait_for(
+        lambda: any(
+            e["data"]["yield_quantity"]["value"] == "20"  # type: ignore[index]
+            for e in confirmations(erp_sim)
+        ),
+        30,
+        "a confirmation of 20",
+    )
 
     # Nothing was lost or counted twice across the reload: one baseline, exact tiling.
     wait_for(lambda: _counter_stopped(gateway), 40, "the PLC to reach its stop value")
@@ -364,8 +400,9 @@ routes:
     wait_for(lambda: driver_up() == 0.0, 20, "the metric to show the outage")
     readyz = gateway.get("/readyz")
     assert readyz.status_code == 503
-    assert any(reason.startswith("driver mes is not connected")
-               for reason in readyz.json()["reasons"]), readyz.json()
+    assert any(
+        reason.startswith("driver mes is not connected") for reason in readyz.json()["reasons"]
+    ), readyz.json()
     assert metric(gateway.get("/metrics").text, "plantsync_ready") == 0.0
 
     mosquitto.start()
@@ -380,8 +417,13 @@ routes:
 
 
 def status_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_process([sys.executable, "-m", "edge.cli", "status", "--config", str(config),
-                           *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return run_process(
+        [sys.executable, "-m", "edge.cli", "status", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 @pytest.mark.integration
@@ -396,15 +438,17 @@ def test_status_cli_from_the_daemon_and_from_the_database(
     gateway = start_gateway(peers, config, tmp_path)
     start_plc(peers, tmp_path, "--rate", "200", "--stop-at", "400", port=port)
     wait_for(lambda: _counter_stopped(gateway), 30, "the PLC to stop")
-    wait_for(lambda: _status(gateway)["destinations"]["erp"]["dead"] >= 2, 30,  # type: ignore[index]
-             "dead letters")
+    wait_for(
+        lambda: _status(gateway)["destinations"]["erp"]["dead"] >= 2,
+        30,  # type: ignore[index]
+        "dead letters",
+    )
     shown = status_cli(config)
     assert shown.returncode == 0, shown.stderr
     text = shown.stdout
     assert "(from the running daemon)" in text
     assert re.search(r"^press-01\s+yes\s+\d", text, re.MULTILINE), text
-    assert re.search(r"^press-01\s+1000123/0010\s+LOT-1\s+Complete\s+\d+", text,
-                     re.MULTILINE), text
+    assert re.search(r"^press-01\s+1000123/0010\s+LOT-1\s+Complete\s+\d+", text, re.MULTILINE), text
     assert re.search(r"^erp\s+\d+\s+\d+\s+[1-9]\d*\s", text, re.MULTILINE), text
     assert re.search(r"RECENT DEAD LETTERS \([1-9]\d* in all", text), text
     assert "production.confirmation" in text and " 422 " in text
@@ -420,8 +464,9 @@ def test_status_cli_from_the_daemon_and_from_the_database(
     assert report["machines"][0]["good_total"] == good_total
     assert report["destinations"]["erp"]["dead"] >= 2
     text = status_cli(config).stdout
-    assert "(from the database directly)" in text and re.search(r"^press-01\s+\?", text,
-                                                                re.MULTILINE), text
+    assert "(from the database directly)" in text and re.search(
+        r"^press-01\s+\?", text, re.MULTILINE
+    ), text
 
 
 # --- the unit file and the installer -------------------------------------------------------------
@@ -438,17 +483,31 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
     binary = Path(sys.executable).with_name("plantsync")
     assert binary.exists()
     copy = tmp_path / "plantsync.service"
-    copy.write_text(unit.replace("/opt/plantsync/bin/plantsync", str(binary))
-                    .replace("/etc/plantsync/plant.yaml", str(ROOT / "config" / "demo.yaml")))
-    done = run_process([analyze, "verify", str(copy)], capture_output=True, text=True,
-                          timeout=60)
-    complaints = [line for line in (done.stdout + done.stderr).splitlines()
-                  if "plantsync.service" in line]
+    copy.write_text(
+        unit.replace("/opt/plantsync/bin/plantsync", str(binary)).replace(
+            "/etc/plantsync/plant.yaml", str(ROOT / "config" / "demo.yaml")
+        )
+    )
+    done = run_process([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    complaints = [
+        line for line in (done.stdout + done.stderr).splitlines() if "plantsync.service" in line
+    ]
     assert done.returncode == 0 and not complaints, done.stdout + done.stderr
-    for setting in ("Type=notify", "WatchdogSec=", "ExecStartPre=", "Restart=on-failure",
-                    "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=plantsync",
-                    "NoNewPrivileges=yes", "ProtectSystem=strict", "LoadCredential=",
-                    "StateDirectoryMode=0700", "UMask=0077", "MemoryHigh=", "MemoryMax="):
+    for setting in (
+        "Type=notify",
+        "WatchdogSec=",
+        "ExecStartPre=",
+        "Restart=on-failure",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=plantsync",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "LoadCredential=",
+        "StateDirectoryMode=0700",
+        "UMask=0077",
+        "MemoryHigh=",
+        "MemoryMax=",
+    ):
         assert setting in unit
 
 
@@ -477,24 +536,41 @@ def test_unit_stop_timeout_is_above_the_default_shutdown_timeout() -> None:
 
 
 @pytest.mark.integration
-def test_install_dry_run_prints_the_steps_and_changes_nothing(tmp_path: Path,
-                                                               package_index: str) -> None:
+def test_install_dry_run_prints_the_steps_and_changes_nothing(
+    tmp_path: Path, package_index: str
+) -> None:
     prefix = tmp_path / "opt-plantsync"
-    done = run_process(["bash", str(ROOT / "systemd" / "install.sh"), "--dry-run",
-                           "--prefix", str(prefix), "--python", sys.executable],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PIP_INDEX_URL": package_index})
+    done = run_process(
+        [
+            "bash",
+            str(ROOT / "systemd" / "install.sh"),
+            "--dry-run",
+            "--prefix",
+            str(prefix),
+            "--python",
+            sys.executable,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PIP_INDEX_URL": package_index},
+    )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    for expected in (f"{sys.executable} -m venv {prefix}",
-                     f"{prefix}/bin/python -m pip install --quiet {ROOT}",
-                     "install -d -m 0750 -o root -g plantsync /etc/plantsync",
-                     "/etc/systemd/system/plantsync.service", "systemctl daemon-reload",
-                     "systemctl enable plantsync.service"):
+    for expected in (
+        f"{sys.executable} -m venv {prefix}",
+        f"{prefix}/bin/python -m pip install --quiet {ROOT}",
+        "install -d -m 0750 -o root -g plantsync /etc/plantsync",
+        "/etc/systemd/system/plantsync.service",
+        "systemctl daemon-reload",
+        "systemctl enable plantsync.service",
+    ):
         assert expected in out, out
     assert "useradd --system" in out or "user plantsync exists" in out
-    assert ("config/plant.example.yaml /etc/plantsync/plant.yaml" in out
-            or "plant.yaml exists; kept" in out)
+    assert (
+        "config/plant.example.yaml /etc/plantsync/plant.yaml" in out
+        or "plant.yaml exists; kept" in out
+    )
     assert not prefix.exists()
 
 

@@ -283,8 +283,16 @@ async def test_every_type_and_byte_order_decodes_to_the_known_value(steady_plc: 
     # 64-bit: the four orders, the halves swapped, and (for uint64) every eight-letter order.
     for wide in ("int64", "float64"):
         assert orders_by_type[wide] == {"ABCD", "CDAB", "BADC", "DCBA", "EFGHABCD"}, wide
-    assert orders_by_type["uint64"] == {"ABCD", "CDAB", "BADC", "DCBA", "EFGHABCD",
-                                        "CDABGHEF", "DCBAHGFE", "FEHGBADC"}
+    assert orders_by_type["uint64"] == {
+        "ABCD",
+        "CDAB",
+        "BADC",
+        "DCBA",
+        "EFGHABCD",
+        "CDABGHEF",
+        "DCBAHGFE",
+        "FEHGBADC",
+    }
     assert {"int16", "uint16"} <= orders_by_type.keys()
     driver = ModbusDriver(config(steady_plc, tags))
     collector = Collector()
@@ -447,8 +455,11 @@ def test_serial_rtu_without_pyserial_refuses_to_start(monkeypatch: pytest.Monkey
     # pyserial is in the dev extra, so its absence is made here: no real install lacks it on
     # purpose, and the refusal must still be tested.
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "serial" else find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "serial" else find_spec(name, *args),
+    )
     settings = ModbusConfig.model_validate(SERIAL_DEVICE)  # the config itself is fine
     assert settings.parity == "none" and settings.host is None
     with pytest.raises(RuntimeError, match="transport rtu needs the pyserial package"):
@@ -465,9 +476,11 @@ def serial_line(tmp_path: Path) -> Iterator[tuple[str, str]]:
     if socat is None:
         missing_peer("socat is not installed (apt-get install socat, or make setup)")
     plc_end, gateway_end = str(tmp_path / "ttyPLC"), str(tmp_path / "ttyGW")
-    process = spawn([socat, "pty,raw,echo=0,link=" + plc_end,
-                                "pty,raw,echo=0,link=" + gateway_end],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = spawn(
+        [socat, "pty,raw,echo=0,link=" + plc_end, "pty,raw,echo=0,link=" + gateway_end],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 10
     while not (Path(plc_end).exists() and Path(gateway_end).exists()):
         assert process.poll() is None and time.monotonic() < deadline, "socat did not start"
@@ -487,9 +500,13 @@ async def test_serial_rtu_reads_a_plc_over_a_real_serial_line(
         missing_peer("pyserial is not installed (it is in the dev extra: make setup)")
     plc_end, gateway_end = serial_line
     async with ModbusPlc(rate=0, start=STEADY_GOOD_COUNT, serial_port=plc_end, baudrate=38400):
-        device = {**SERIAL_DEVICE, "serial_port": gateway_end, "baudrate": 38400,
-                  "stopbits": 1, "tags": [*COUNTER_TAGS,
-                                          {"name": "coil3", "address": 3, "table": "coil"}]}
+        device = {
+            **SERIAL_DEVICE,
+            "serial_port": gateway_end,
+            "baudrate": 38400,
+            "stopbits": 1,
+            "tags": [*COUNTER_TAGS, {"name": "coil3", "address": 3, "table": "coil"}],
+        }
         driver = ModbusDriver(ModbusConfig.model_validate(device))
         collector = Collector()
         async with running(driver, collector):
@@ -1137,12 +1154,14 @@ async def test_a_restart_marker_that_goes_back_is_told_before_the_samples_after_
     assert restart.driver == "press-01" and "uptime uptime went from 36" in restart.reason
     at_restart = readings.index(restart)
     assert at_restart == first_index(
-        readings, lambda r: isinstance(r, Sample) and r.tag == "good" and r.value == 45) - 1 \
-        or all(not (isinstance(r, Sample) and r.value == 45) for r in readings[:at_restart])
-    assert all(r.value == 33 for r in readings[:at_restart]
-               if isinstance(r, Sample) and r.tag == "good")
-    assert all(r.value == 45 for r in readings[at_restart:]
-               if isinstance(r, Sample) and r.tag == "good")
+        readings, lambda r: isinstance(r, Sample) and r.tag == "good" and r.value == 45
+    ) - 1 or all(not (isinstance(r, Sample) and r.value == 45) for r in readings[:at_restart])
+    assert all(
+        r.value == 33 for r in readings[:at_restart] if isinstance(r, Sample) and r.tag == "good"
+    )
+    assert all(
+        r.value == 45 for r in readings[at_restart:] if isinstance(r, Sample) and r.tag == "good"
+    )
 
 
 @pytest.mark.parametrize("kind", ["uptime", "boot_count"])
@@ -1152,8 +1171,9 @@ async def test_a_warm_restart_on_the_same_connection_leads_its_poll(
     tag = "uptime" if kind == "uptime" else "boots"
     press.set_counts(good=100)
     press.press.uptime = 7200.0
-    driver = ModbusDriver(config(press.port, MARKED_TAGS,
-                                 restart_marker={"tag": tag, "kind": kind}))
+    driver = ModbusDriver(
+        config(press.port, MARKED_TAGS, restart_marker={"tag": tag, "kind": kind})
+    )
     collector = Collector()
     async with running(driver, collector):
         await wait_until(lambda: collector.batches and collector.latest()["good"].value == 100)
@@ -1164,18 +1184,25 @@ async def test_a_warm_restart_on_the_same_connection_leads_its_poll(
         assert press.connections == connections
     (restart,) = collector.restarts()
     # It leads the batch of the poll that read 150 first.
-    batch_index = next(i for i, batch in enumerate(collector.batches)
-                       if batch and {s.tag: s.value for s in batch}["good"] == 150)
+    batch_index = next(
+        i
+        for i, batch in enumerate(collector.batches)
+        if batch and {s.tag: s.value for s in batch}["good"] == 150
+    )
     position = collector.readings.index(restart)
     assert collector.readings[position + 1] is collector.batches[batch_index][0]
-    assert ("boot count boots went from 1 to 2" if kind == "boot_count"
-            else "uptime uptime went from 72") in restart.reason
+    assert (
+        "boot count boots went from 1 to 2"
+        if kind == "boot_count"
+        else "uptime uptime went from 72"
+    ) in restart.reason
 
 
 async def test_no_restart_is_told_while_the_marker_only_grows(press: ModbusPlc) -> None:
     press.set_rate(100)
-    driver = ModbusDriver(config(press.port, MARKED_TAGS, poll_interval="50ms",
-                                 restart_marker={"tag": "uptime"}))
+    driver = ModbusDriver(
+        config(press.port, MARKED_TAGS, poll_interval="50ms", restart_marker={"tag": "uptime"})
+    )
     collector = Collector()
     async with running(driver, collector):
         await wait_until(lambda: len(collector.batches) >= 10)
@@ -1184,13 +1211,18 @@ async def test_no_restart_is_told_while_the_marker_only_grows(press: ModbusPlc) 
     assert not collector.restarts()
 
 
-@pytest.mark.parametrize(("marker", "message"), [
-    ({"tag": "uptim"}, "restart_marker names tag 'uptim', which tags do not define (did you "
-                       "mean 'uptime'?)"),
-    ({"tag": "boots"}, "a 16-bit uptime wraps"),
-    ({"tag": "force", "kind": "boot_count"}, "must be an unscaled integer, not a float32"),
-    ({"tag": "uptime", "kind": "reboots"}, "Input should be 'uptime' or 'boot_count'"),
-])
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        (
+            {"tag": "uptim"},
+            "restart_marker names tag 'uptim', which tags do not define (did you mean 'uptime'?)",
+        ),
+        ({"tag": "boots"}, "a 16-bit uptime wraps"),
+        ({"tag": "force", "kind": "boot_count"}, "must be an unscaled integer, not a float32"),
+        ({"tag": "uptime", "kind": "reboots"}, "Input should be 'uptime' or 'boot_count'"),
+    ],
+)
 def test_a_restart_marker_must_name_an_integer_tag(marker: dict[str, Any], message: str) -> None:
     tags = [*MARKED_TAGS, {"name": "force", "address": 20, "type": "float32"}]
     with pytest.raises(ValidationError, match=re.escape(message)):
@@ -1212,8 +1244,9 @@ def modbus_serial_server() -> Iterator[tuple[int, subprocess.Popen[str]]]:
         missing_peer("the npm package modbus-serial is not installed (make peers)")
     assert node is not None
     port = free_port()
-    proc = spawn([node, str(PEERS / "modbus_serial_server.js"), str(port)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = spawn(
+        [node, str(PEERS / "modbus_serial_server.js"), str(port)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     try:
         line = proc.stdout.readline()
@@ -1273,8 +1306,7 @@ async def test_an_illegal_address_marks_only_its_tag_bad_and_the_split_is_kept(
     # The parts that answered are joined again where they touch: only addresses that were
     # read, never the unmapped gap.
     labels = [b.label for b in driver.blocks]
-    assert labels == ["holding registers 0-15", "holding registers 24-29", "coils 0-31",
-                      "coil 40"]
+    assert labels == ["holding registers 0-15", "holding registers 24-29", "coils 0-31", "coil 40"]
     assert requests_later <= (polls_later + 1) * len(labels)
     # The log names the refused address, once.
     refused = [r for r in modbus_warnings(caplog, "answered exception code 2") if "coil 40" in r]
@@ -1283,7 +1315,8 @@ async def test_an_illegal_address_marks_only_its_tag_bad_and_the_split_is_kept(
     assert len(modbus_warnings(caplog, "refused a read that spans")) == 1
     assert driver.health.degraded == {
         "tag coil40": "tag coil40 is bad: the device answered exception code 2 (illegal "
-                      "data address) for coil 40"}
+        "data address) for coil 40"
+    }
     assert connections == 1
 
 
@@ -1307,8 +1340,12 @@ async def test_per_tag_units_and_64_bit_orders_against_modbus_serial() -> None:
         connections = serial_peer_connections(proc)
     values = {tag: sample.value for tag, sample in collector.latest().items()}
     assert values == {
-        "unit1_hr0": 1000, "unit2_hr0": 2000, "unit2_hr5": 2005, "unit2_in3": 203,
-        "energy_swapped": 1234567890123, "energy": 1234567890123,
+        "unit1_hr0": 1000,
+        "unit2_hr0": 2000,
+        "unit2_hr5": 2005,
+        "unit2_in3": 203,
+        "energy_swapped": 1234567890123,
+        "energy": 1234567890123,
         # The halves swapped is not all four words reversed (CDAB): the peer's registers
         # 71FB 04CB 0000 011F read as GHEFCDAB.
         "energy_read_as_cdab": 0x011F_0000_04CB_71FB,
@@ -1350,22 +1387,34 @@ async def test_a_device_that_accepts_but_never_answers_is_not_connected() -> Non
 
 
 def test_modicon_style_addresses_are_warned_about_with_the_0_based_equivalent() -> None:
-    settings = config(5020, [
-        {"name": "good", "address": 40001, "type": "uint32"},
-        {"name": "level", "address": 30011, "table": "input"},
-        {"name": "state", "address": 10},
-        {"name": "in_holding", "address": 30005},
-    ])
+    settings = config(
+        5020,
+        [
+            {"name": "good", "address": 40001, "type": "uint32"},
+            {"name": "level", "address": 30011, "table": "input"},
+            {"name": "state", "address": 10},
+            {"name": "in_holding", "address": 30005},
+        ],
+    )
     assert settings.address_warnings() == [
-        (("tags", 0, "address"), "40001 looks like a Modicon register number: holding "
-         "register 40001 is address 0 (0-based protocol address); if that is what you mean, "
-         "write address: 0"),
-        (("tags", 1, "address"), "30011 looks like a Modicon register number: input register "
-         "30011 is address 10 (0-based protocol address); if that is what you mean, write "
-         "address: 10"),
-        (("tags", 3, "address"), "30005 looks like a Modicon register number: input register "
-         "30005 is address 4 of table input (0-based protocol address); if that is what you "
-         "mean, write table: input, address: 4"),
+        (
+            ("tags", 0, "address"),
+            "40001 looks like a Modicon register number: holding "
+            "register 40001 is address 0 (0-based protocol address); if that is what you mean, "
+            "write address: 0",
+        ),
+        (
+            ("tags", 1, "address"),
+            "30011 looks like a Modicon register number: input register "
+            "30011 is address 10 (0-based protocol address); if that is what you mean, write "
+            "address: 10",
+        ),
+        (
+            ("tags", 3, "address"),
+            "30005 looks like a Modicon register number: input register "
+            "30005 is address 4 of table input (0-based protocol address); if that is what you "
+            "mean, write table: input, address: 4",
+        ),
     ]
 
 
@@ -1375,8 +1424,9 @@ def test_modicon_style_addresses_are_warned_about_with_the_0_based_equivalent() 
 @pytest.mark.parametrize("fault", ["nan", "inf", "-inf"])
 async def test_a_failed_sensor_reads_bad_quality(press: ModbusPlc, fault: Any) -> None:
     press.set_sensor_fault(fault)
-    driver = ModbusDriver(config(press.port, [{"name": "force", "address": 20,
-                                               "type": "float32"}, *COUNTER_TAGS]))
+    driver = ModbusDriver(
+        config(press.port, [{"name": "force", "address": 20, "type": "float32"}, *COUNTER_TAGS])
+    )
     collector = Collector()
     async with running(driver, collector):
         await wait_until(lambda: collector.batches)
@@ -1396,8 +1446,12 @@ def mbpoll(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     if binary is None:
         missing_peer("mbpoll is not installed (apt-get install mbpoll, or make mbpoll)")
     assert binary is not None
-    return run_process([binary, "-m", "tcp", "-1", "-p", str(port), *args, "127.0.0.1"],
-                          capture_output=True, text=True, timeout=20)
+    return run_process(
+        [binary, "-m", "tcp", "-1", "-p", str(port), *args, "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
 
 
 def mbpoll_values(port: int, *args: str) -> list[str]:
@@ -1409,14 +1463,17 @@ def mbpoll_values(port: int, *args: str) -> list[str]:
 
 @pytest.mark.integration
 def test_mbpoll_reads_the_simulators_register_map() -> None:
-    with plc("--rate", "0", "--start", str(STEADY_GOOD_COUNT), "--uptime", "100",
-             "--boot-count", "7") as port:
+    with plc(
+        "--rate", "0", "--start", str(STEADY_GOOD_COUNT), "--uptime", "100", "--boot-count", "7"
+    ) as port:
         # mbpoll counts references from 1: reference r is protocol address r - 1.
         assert mbpoll_values(port, "-r", "1", "-c", "1", "-t", "4:int", "-B") == [
-            str(STEADY_GOOD_COUNT)]
+            str(STEADY_GOOD_COUNT)
+        ]
         assert mbpoll_values(port, "-r", "11", "-c", "1", "-t", "4") == [str(IDLE)]
         assert mbpoll_values(port, "-r", "41", "-c", "1", "-t", "4:int") == [
-            str(STEADY_GOOD_COUNT)]  # mbpoll's default word order is low word first: CDAB
+            str(STEADY_GOOD_COUNT)
+        ]  # mbpoll's default word order is low word first: CDAB
         assert mbpoll_values(port, "-r", "101", "-c", "1", "-t", "4:int", "-B") == ["123456789"]
         assert mbpoll_values(port, "-r", "103", "-c", "1", "-t", "4:int") == ["123456789"]
         assert mbpoll_values(port, "-r", "111", "-c", "1", "-t", "4:int", "-B") == ["-123456789"]
@@ -1426,11 +1483,14 @@ def test_mbpoll_reads_the_simulators_register_map() -> None:
         assert 100 <= uptime < 160
         assert mbpoll_values(port, "-r", "63", "-c", "1", "-t", "4") == ["7"]
         assert mbpoll_values(port, "-r", "51", "-c", "1", "-t", "3:int", "-B") == [
-            str(INPUT_ONLY_VALUE)]
+            str(INPUT_ONLY_VALUE)
+        ]
         assert mbpoll_values(port, "-r", "1", "-c", "7", "-t", "0") == [
-            str(int(n % 3 == 0)) for n in range(7)]
+            str(int(n % 3 == 0)) for n in range(7)
+        ]
         assert mbpoll_values(port, "-r", "1", "-c", "6", "-t", "1") == [
-            str(int(n % 4 == 1)) for n in range(6)]
+            str(int(n % 4 == 1)) for n in range(6)
+        ]
         refused = mbpoll(port, "-r", "257", "-c", "1", "-t", "4")
         assert refused.returncode != 0 and "Illegal data address" in refused.stderr
 
@@ -1451,9 +1511,12 @@ def strict_json(text: str) -> Any:
 def test_a_nan_or_infinite_float_from_the_plc_is_null_in_every_json_output(
     peers: list[Peer], tmp_path: Path
 ) -> None:
-    faulty = {fault: start_peer_plc(peers, tmp_path, "--rate", "5", f"--sensor-fault={fault}")
-              for fault in ("nan", "inf", "-inf")}
-    drivers = "".join(f"""
+    faulty = {
+        fault: start_peer_plc(peers, tmp_path, "--rate", "5", f"--sensor-fault={fault}")
+        for fault in ("nan", "inf", "-inf")
+    }
+    drivers = "".join(
+        f"""
   - name: press-{name}
     type: modbus
     host: 127.0.0.1
@@ -1462,9 +1525,17 @@ def test_a_nan_or_infinite_float_from_the_plc_is_null_in_every_json_output(
     tags:
       - {{name: good, address: 0, type: uint32}}
       - {{name: force, address: 20, type: float32}}
-      - {{name: missing, address: 1000}}""" for name, plc in
-                      (("nan", faulty["nan"]), ("inf", faulty["inf"]), ("neginf", faulty["-inf"])))
-    gateway = Gateway(peers, tmp_path, f"""
+      - {{name: missing, address: 1000}}"""
+        for name, plc in (
+            ("nan", faulty["nan"]),
+            ("inf", faulty["inf"]),
+            ("neginf", faulty["-inf"]),
+        )
+    )
+    gateway = Gateway(
+        peers,
+        tmp_path,
+        f"""
 drivers:{drivers}
 machines:
   - id: press-nan
@@ -1474,11 +1545,15 @@ machines:
     limits: [{{signal: press-nan.force, low: 12.0, high: 15.0, for: 1s, raise: inspection}}]
 destinations: {{}}
 routes: {{}}
-""")
+""",
+    )
     gateway.start()
     api = f"http://127.0.0.1:{gateway.api_port}"
-    expected = {"press-nan.force": "NaN", "press-inf.force": "Infinity",
-                "press-neginf.force": "-Infinity"}
+    expected = {
+        "press-nan.force": "NaN",
+        "press-inf.force": "Infinity",
+        "press-neginf.force": "-Infinity",
+    }
 
     def signals() -> dict[str, Any]:
         response = httpx.get(f"{api}/status", timeout=10)
@@ -1498,33 +1573,71 @@ routes: {{}}
         assert shown["press-nan.good"]["quality"] == "good"
     ready = strict_json(httpx.get(f"{api}/readyz", timeout=10).text)
     # A tag the device refuses (it has no register 1000) shows, the others read on.
-    assert ("driver press-nan: tag missing is bad: the device answered exception code 2 "
-            "(illegal data address) for holding register 1000") in ready["degraded"], ready
+    assert (
+        "driver press-nan: tag missing is bad: the device answered exception code 2 "
+        "(illegal data address) for holding register 1000"
+    ) in ready["degraded"], ready
     metrics = httpx.get(f"{api}/metrics", timeout=10)
     assert metrics.status_code == 200 and "plantsync_driver_samples" in metrics.text
 
-    status = run_process([sys.executable, "-m", "edge.cli", "status", "--config",
-                             str(gateway.config), "--json"], capture_output=True, text=True,
-                            timeout=60, cwd=REPO_ROOT)
+    status = run_process(
+        [sys.executable, "-m", "edge.cli", "status", "--config", str(gateway.config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
     assert status.returncode == 0, status.stderr
     assert strict_json(status.stdout)["signals"]["press-inf.force"]["nonfinite"] == "Infinity"
-    text = run_process([sys.executable, "-m", "edge.cli", "status", "--config",
-                           str(gateway.config)], capture_output=True, text=True, timeout=60,
-                          cwd=REPO_ROOT)
+    text = run_process(
+        [sys.executable, "-m", "edge.cli", "status", "--config", str(gateway.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
     assert text.returncode == 0, text.stderr
 
     recording = tmp_path / "shift.jsonl"
-    record = run_process([sys.executable, "-m", "edge.cli", "record", "--config",
-                             str(gateway.config), "--out", str(recording), "--duration", "2s"],
-                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    record = run_process(
+        [
+            sys.executable,
+            "-m",
+            "edge.cli",
+            "record",
+            "--config",
+            str(gateway.config),
+            "--out",
+            str(recording),
+            "--duration",
+            "2s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
     assert record.returncode == 0, record.stderr
     lines = [strict_json(line) for line in recording.read_text().splitlines()]
     forces = {line["signal"]: line for line in lines if line.get("signal") in expected}
     assert {signal: line["nonfinite"] for signal, line in forces.items()} == expected
     assert all(line["value"] is None and line["quality"] == "bad" for line in forces.values())
-    replay = run_process([sys.executable, "-m", "edge.cli", "replay", "--config",
-                             str(gateway.config), "--input", str(recording)],
-                            capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    replay = run_process(
+        [
+            sys.executable,
+            "-m",
+            "edge.cli",
+            "replay",
+            "--config",
+            str(gateway.config),
+            "--input",
+            str(recording),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
     assert replay.returncode == 0, replay.stderr
     assert gateway.current.stop() == 0
 
@@ -1547,9 +1660,11 @@ drivers:
 """)
     assert main(["check", "--config", str(plant)]) == 0  # valid: a warning, not an error
     err = capsys.readouterr().err
-    assert (f"warning: {plant}:9: drivers[0].tags[1].address: 40011 looks like a Modicon "
-            "register number: holding register 40011 is address 10 (0-based protocol "
-            "address); if that is what you mean, write address: 10") in err
+    assert (
+        f"warning: {plant}:9: drivers[0].tags[1].address: 40011 looks like a Modicon "
+        "register number: holding register 40011 is address 10 (0-based protocol "
+        "address); if that is what you mean, write address: 10"
+    ) in err
 
 
 class LongestWait(random.Random):
@@ -1591,11 +1706,20 @@ async def test_a_busy_driver_stops_at_every_cancellation() -> None:
     only once: before `honour_cancellation`, about 1 stop in 10 of a driver polling as fast as
     it can never ended (31 of 300), and the daemon hung on shutdown. Oracle: the task ends."""
     with plc("--rate", "100") as port:
-        config = ModbusConfig.model_validate({
-            "name": "press", "type": "modbus", "host": "127.0.0.1", "port": port,
-            "poll_interval": "1ms", "poll_groups": {"fast": "1ms"},
-            "tags": [{"name": "good", "address": 0, "type": "uint32"},
-                     {"name": "state", "address": 10, "group": "fast"}]})
+        config = ModbusConfig.model_validate(
+            {
+                "name": "press",
+                "type": "modbus",
+                "host": "127.0.0.1",
+                "port": port,
+                "poll_interval": "1ms",
+                "poll_groups": {"fast": "1ms"},
+                "tags": [
+                    {"name": "good", "address": 0, "type": "uint32"},
+                    {"name": "state", "address": 10, "group": "fast"},
+                ],
+            }
+        )
         rng = random.Random(1234)
         hung = 0
         lost: list[asyncio.Task[None]] = []

@@ -169,17 +169,30 @@ def sample_data() -> dict[str, EventData]:
             occurred_at=AT,
         ),
     ]
-    order = {"site": "1010", "order_id": ORDER, "material": "FG-4711",
-             "quantity": pieces(1000), "bom_version": "0001", "planned_lot": "L24-0815",
-             "operations": (OrderOperation(operation="0010", work_center="PRESS"),
-                            OrderOperation(operation="0020", work_center="PACK")),
-             "components": (OrderComponent(material="RM-100",
-                                           quantity=Quantity.of("12.5", "KGM"),
-                                           operation="0010"),),
-             "erp_changed_at": AT, "occurred_at": AT}
-    samples += [OrderReleased(**order, status="released", version=1),
-                OrderChanged(**order, status="locked", version=2),
-                OrderCancelled(**order, status="technically_completed", version=3)]
+    order = {
+        "site": "1010",
+        "order_id": ORDER,
+        "material": "FG-4711",
+        "quantity": pieces(1000),
+        "bom_version": "0001",
+        "planned_lot": "L24-0815",
+        "operations": (
+            OrderOperation(operation="0010", work_center="PRESS"),
+            OrderOperation(operation="0020", work_center="PACK"),
+        ),
+        "components": (
+            OrderComponent(
+                material="RM-100", quantity=Quantity.of("12.5", "KGM"), operation="0010"
+            ),
+        ),
+        "erp_changed_at": AT,
+        "occurred_at": AT,
+    }
+    samples += [
+        OrderReleased(**order, status="released", version=1),
+        OrderChanged(**order, status="locked", version=2),
+        OrderCancelled(**order, status="technically_completed", version=3),
+    ]
     return {sample.EVENT_TYPE: sample for sample in samples}
 
 
@@ -208,11 +221,21 @@ def test_event_type_literal_and_registry_agree() -> None:
 
 
 DATA_MODEL_VERSIONS = {
-    "operation.started": 1, "operation.interrupted": 2, "operation.resumed": 2,
-    "operation.completed": 1, "production.confirmation": 1, "material.consumed": 1,
-    "lot.produced": 1, "downtime.recorded": 2, "inspection.requested": 1,
-    "inspection.result": 1, "nonconformance.raised": 1, "lot.disposition": 1,
-    "order.released": 1, "order.changed": 1, "order.cancelled": 1,
+    "operation.started": 1,
+    "operation.interrupted": 2,
+    "operation.resumed": 2,
+    "operation.completed": 1,
+    "production.confirmation": 1,
+    "material.consumed": 1,
+    "lot.produced": 1,
+    "downtime.recorded": 2,
+    "inspection.requested": 1,
+    "inspection.result": 1,
+    "nonconformance.raised": 1,
+    "lot.disposition": 1,
+    "order.released": 1,
+    "order.changed": 1,
+    "order.cancelled": 1,
 }
 """Pinned: a change to a data model must bump its version (v2: data_quality, source_gap)."""
 
@@ -334,23 +357,59 @@ def by_hand(event_type: str, *parts: str | int) -> str:
 def test_state_keys_carry_the_epoch_and_source_keys_do_not() -> None:
     # A state key: what the rules derive from counters and bindings. Stored ids, derived by
     # hand: the same counter range in another outbox (another epoch) is another event.
-    key = state_key("9f86d081884c7d65", "1010", "press-01", ORDER, "0010", 0,
-                    "confirmation", 0, 20, 0, 0, "partial")
+    key = state_key(
+        "9f86d081884c7d65",
+        "1010",
+        "press-01",
+        ORDER,
+        "0010",
+        0,
+        "confirmation",
+        0,
+        20,
+        0,
+        0,
+        "partial",
+    )
     assert event_id("production.confirmation", *key) == by_hand(
-        "production.confirmation", "epoch", "9f86d081884c7d65", "1010", "press-01", ORDER,
-        "0010", 0, "confirmation", 0, 20, 0, 0, "partial")
+        "production.confirmation",
+        "epoch",
+        "9f86d081884c7d65",
+        "1010",
+        "press-01",
+        ORDER,
+        "0010",
+        0,
+        "confirmation",
+        0,
+        20,
+        0,
+        0,
+        "partial",
+    )
     assert event_id("production.confirmation", *key) == "43d240fb-ee90-5c23-a290-5fe78e7afdd2"
-    other = state_key("0b7f1ad0e9e2c4d6", "1010", "press-01", ORDER, "0010", 0,
-                      "confirmation", 0, 20, 0, 0, "partial")
-    assert event_id("production.confirmation", *other) != event_id(
-        "production.confirmation", *key)
+    other = state_key(
+        "0b7f1ad0e9e2c4d6",
+        "1010",
+        "press-01",
+        ORDER,
+        "0010",
+        0,
+        "confirmation",
+        0,
+        20,
+        0,
+        0,
+        "partial",
+    )
+    assert event_id("production.confirmation", *other) != event_id("production.confirmation", *key)
     with pytest.raises(ValueError, match="epoch"):
         state_key("", "1010", "press-01")
     # A source key: the MES message id alone names the event, in any outbox.
-    assert source_key("1010", "material.consumed", "m-1") == ("1010", "material.consumed",
-                                                              "m-1")
-    assert event_id("material.consumed", *source_key("1010", "material.consumed", "m-1")) == \
-        by_hand("material.consumed", "1010", "material.consumed", "m-1")
+    assert source_key("1010", "material.consumed", "m-1") == ("1010", "material.consumed", "m-1")
+    assert event_id(
+        "material.consumed", *source_key("1010", "material.consumed", "m-1")
+    ) == by_hand("material.consumed", "1010", "material.consumed", "m-1")
 
 
 # ---------------------------------------------------------------------------- envelope
@@ -426,7 +485,8 @@ STORED_CONFIRMATION = (
     b'"machine_id":"press-01","material":"FG-4711","occurred_at":"2024-05-01T10:00:00Z",'
     b'"operation":"0010","order_id":"000001000123",'
     b'"scrap_quantity":{"uom":"H87","value":"2"},"site":"1010","trigger":"units",'
-    b'"work_center":"LINE-A","yield_quantity":{"uom":"H87","value":"100"}}}')
+    b'"work_center":"LINE-A","yield_quantity":{"uom":"H87","value":"100"}}}'
+)
 """The bytes of `wrap(confirmation())` as an earlier process wrote them to the outbox and ERP
 holds them: a crash and a rebuild in a new process must give exactly these, not only the same
 bytes twice in one process (which a clock or a random number in the id would also give)."""
@@ -435,7 +495,8 @@ bytes twice in one process (which a clock or a random number in the id would als
 def test_rebuilding_after_a_crash_gives_the_same_bytes() -> None:
     assert wrap(confirmation()).to_json() == STORED_CONFIRMATION
     assert json.loads(STORED_CONFIRMATION)["id"] == by_hand(
-        "production.confirmation", "1010", "production.confirmation", "k-1")
+        "production.confirmation", "1010", "production.confirmation", "k-1"
+    )
 
 
 def test_time_keeps_microseconds_and_always_says_z() -> None:
@@ -719,16 +780,20 @@ def test_uncertain_comes_with_its_gap_and_only_then() -> None:
         model = EVENT_MODELS[event_type]
         sample = SAMPLES[event_type].model_dump()
         assert model.model_validate(sample).data_quality == "good"  # type: ignore[attr-defined]
-        uncertain = model.model_validate(sample | {"data_quality": "uncertain",
-                                                   "source_gap": gap})
+        uncertain = model.model_validate(sample | {"data_quality": "uncertain", "source_gap": gap})
         assert uncertain.model_dump(mode="json")["source_gap"]["started_at"].endswith("Z")
         with pytest.raises(ValidationError, match="source_gap"):
             model.model_validate(sample | {"data_quality": "uncertain"})
         with pytest.raises(ValidationError, match="source_gap"):
             model.model_validate(sample | {"source_gap": gap})
         with pytest.raises(ValidationError, match="ended_at"):
-            model.model_validate(sample | {"data_quality": "uncertain", "source_gap": {
-                "started_at": gap["ended_at"], "ended_at": gap["started_at"]}})
+            model.model_validate(
+                sample
+                | {
+                    "data_quality": "uncertain",
+                    "source_gap": {"started_at": gap["ended_at"], "ended_at": gap["started_at"]},
+                }
+            )
 
 
 def test_quality_events_need_an_order_or_a_lot() -> None:
@@ -786,8 +851,9 @@ def test_genealogy_survives_the_round_trip() -> None:
 def test_every_type_has_a_schema_file(tmp_path: Path) -> None:
     written = write_schemas(tmp_path / "schemas")
     names = {path.name for path in written}
-    expected = {f"{event_type}.v{DATA_MODEL_VERSIONS[event_type]}.json"
-                for event_type in EVENT_MODELS} | {"cloudevent.json"}
+    expected = {
+        f"{event_type}.v{DATA_MODEL_VERSIONS[event_type]}.json" for event_type in EVENT_MODELS
+    } | {"cloudevent.json"}
     assert names == expected
     assert written == sorted(written)
     for path in written:
@@ -819,7 +885,8 @@ def test_schemas_describe_the_wire_format() -> None:
     assert envelope["properties"]["time"]["format"] == "date-time"
     assert envelope["properties"]["sequence"]["pattern"] == r"^\d{20}$"
     assert set(envelope["properties"]["type"]["enum"]) == {
-        f"com.plantsync.edge.{name}.v{version}" for name, version in DATA_MODEL_VERSIONS.items()}
+        f"com.plantsync.edge.{name}.v{version}" for name, version in DATA_MODEL_VERSIONS.items()
+    }
 
 
 def test_the_exported_schemas_accept_what_the_rules_emit_and_refuse_the_rest() -> None:
@@ -836,8 +903,10 @@ def test_the_exported_schemas_accept_what_the_rules_emit_and_refuse_the_rest() -
             if "data" not in event:
                 continue
             jsonschema.validate(event["data"], by_id[event["dataschema"]])
-            jsonschema.validate({k: v for k, v in event.items() if k != "data"} | {"data": {}},
-                                by_id[f"urn:plantsync:schema:cloudevent:{CLOUDEVENT_VERSION}"])
+            jsonschema.validate(
+                {k: v for k, v in event.items() if k != "data"} | {"data": {}},
+                by_id[f"urn:plantsync:schema:cloudevent:{CLOUDEVENT_VERSION}"],
+            )
             seen.add((event_type_of(event["type"]), event["data"].get("data_quality")))
     assert ("downtime.recorded", "uncertain") in seen, "a golden case with a gap is missing"
     downtime = by_id[DowntimeRecorded.dataschema()]
@@ -856,9 +925,14 @@ def test_the_source_message_id_rides_as_a_versioned_extension() -> None:
     """Issue 12 item 10: an event made from an MES message names it (`sourcemessageid`,
     envelope version 2); one made from machine signals has no such attribute at all."""
     data = SAMPLES["material.consumed"]
-    event = build_event(data, natural_key=source_key("1010", "material.consumed", "m-1"),
-                        subject=None, partitionkey=f"order/{ORDER}", sequence=3,
-                        source_message_id="m-1")
+    event = build_event(
+        data,
+        natural_key=source_key("1010", "material.consumed", "m-1"),
+        subject=None,
+        partitionkey=f"order/{ORDER}",
+        sequence=3,
+        source_message_id="m-1",
+    )
     document = json.loads(event.to_json())
     assert document["sourcemessageid"] == "m-1"
     assert list(document)[-1] == "data"

@@ -152,7 +152,11 @@ async def test_acknowledged_only_after_the_sink_returns(
         sent = [
             await asyncio.to_thread(mes.consume, "4711", "RM-STEEL", "RM-A-1", "12.500"),
             await asyncio.to_thread(
-                mes.lot_completed, "4711", "FG-100", "FG-1", 100,
+                mes.lot_completed,
+                "4711",
+                "FG-100",
+                "FG-1",
+                100,
                 input_lots=[InputLot("RM-A-1", "RM-STEEL", "12.500")],
             ),
         ]
@@ -186,8 +190,11 @@ async def test_acknowledged_only_after_the_sink_returns(
     assert str(consumed.fields["quantity"]["value"]) == "12.500"
     assert produced.kind == "lot.produced"
     assert produced.fields["input_lots"] == [
-        {"lot_id": "RM-A-1", "material": "RM-STEEL",
-         "quantity": {"value": Decimal("12.500"), "uom": "KGM"}}
+        {
+            "lot_id": "RM-A-1",
+            "material": "RM-STEEL",
+            "quantity": {"value": Decimal("12.500"), "uom": "KGM"},
+        }
     ]
 
     # Committed and acknowledged: a third connection gets nothing of it.
@@ -331,16 +338,43 @@ async def test_tls_setup_errors_are_retried_not_raised(
 
 def make_certificates(directory: Path) -> dict[str, Path]:
     """A CA and a server certificate for DNS name `localhost` only, made with openssl."""
+
     def openssl(*args: str) -> None:
         run_process(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=plantsync test CA")
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=plantsync test CA",
+    )
     openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
     (directory / "san.cnf").write_text("subjectAltName=DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.cnf")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.cnf",
+    )
     return {name: directory / f"{name}" for name in ("ca.pem", "server.pem", "server.key")}
 
 
@@ -351,12 +385,18 @@ async def test_tls_verifies_the_broker_certificate(mosquitto: Mosquitto, tmp_pat
     directory = tmp_path / "tls"
     directory.mkdir()
     files = make_certificates(directory)
-    broker = Mosquitto(mosquitto.binary, directory, listener_options=[
-        f"cafile {files['ca.pem']}", f"certfile {files['server.pem']}",
-        f"keyfile {files['server.key']}",
-    ]).start()
+    broker = Mosquitto(
+        mosquitto.binary,
+        directory,
+        listener_options=[
+            f"cafile {files['ca.pem']}",
+            f"certfile {files['server.pem']}",
+            f"keyfile {files['server.key']}",
+        ],
+    ).start()
     trusting = {"ca_file": str(files["ca.pem"])}
     try:
+
         async def connects(host: str, tls: dict[str, Any]) -> tuple[bool, str]:
             driver = MqttDriver(config(broker.port, host=host, tls=tls))
             async with running(driver, Recorder()):
@@ -396,8 +436,10 @@ async def test_a_burst_is_absorbed_in_batches(
     assert max(sizes) <= 500  # batch_max
     assert len(sizes) < total  # messages shared commits
     with capsys.disabled():
-        print(f"\nMQTT {protocol} burst of {total}: {len(sizes)} commits, batch sizes "
-              f"min {min(sizes)} / median {sorted(sizes)[len(sizes) // 2]} / max {max(sizes)}")
+        print(
+            f"\nMQTT {protocol} burst of {total}: {len(sizes)} commits, batch sizes "
+            f"min {min(sizes)} / median {sorted(sizes)[len(sizes) // 2]} / max {max(sizes)}"
+        )
 
 
 async def publish_burst(broker: Mosquitto, driver: MqttDriver, total: int) -> list[str]:
@@ -434,8 +476,8 @@ async def test_malformed_payloads_are_rejected_acknowledged_and_survived(
         b'{"quantity": NaN}': "payload is not JSON: NaN is not a JSON number",
         b'{"order_id": "\xff"}': "payload is not UTF-8",
         b"{" + b" " * 2000 + b"}": "payload of 2002 bytes exceeds max_payload (1024 bytes)",
-        good + b'"occurred_at": "2024-01-01T00:00:00Z", "message_id": [1]}':
-            "message id at 'message_id' must be a string or an integer, not an array",
+        good
+        + b'"occurred_at": "2024-01-01T00:00:00Z", "message_id": [1]}': "message id at 'message_id' must be a string or an integer, not an array",  # noqa: E501
     }
     async with running(driver, sink), publisher(mosquitto) as mes:
         await wait_until(lambda: driver.health.connected)
@@ -447,9 +489,7 @@ async def test_malformed_payloads_are_rejected_acknowledged_and_survived(
         await wait_until(lambda: valid.message_id in sink.ids())
 
     rejected = sink.rejected()
-    assert [r.payload for r in rejected] == [
-        p if len(p) <= 1024 else p[:1024] for p in cases
-    ]
+    assert [r.payload for r in rejected] == [p if len(p) <= 1024 else p[:1024] for p in cases]
     for reading, expected in zip(rejected, cases.values(), strict=True):
         assert expected in reading.reason, reading.reason
         assert reading.topic == CONSUMPTION and reading.driver == "mes"
@@ -462,27 +502,36 @@ async def test_malformed_payloads_are_rejected_acknowledged_and_survived(
 # --- field mapping, pure ----------------------------------------------------------------------
 
 
-def mapped(payload: bytes, fields: dict[str, str], topic: str = "mes/1010/press-01/x/y",
-           **topic_options: Any) -> Reading:
+def mapped(
+    payload: bytes,
+    fields: dict[str, str],
+    topic: str = "mes/1010/press-01/x/y",
+    **topic_options: Any,
+) -> Reading:
     settings = config(
-        topics=[{"filter": "mes/+/+/#", "event": "lot.produced", "fields": fields,
-                 **topic_options}]
+        topics=[{"filter": "mes/+/+/#", "event": "lot.produced", "fields": fields, **topic_options}]
     )
     return to_reading(settings, topic, payload, 1700000000.0)
 
 
 def test_mapping_from_topic_levels_literals_and_nested_paths() -> None:
-    payload = (b'{"header": {"id": "M-1", "site": "1010"}, "lot": {"no": "FG-1"},'
-               b' "qty": 12.340, "inputs": [{"lot": "RM-1"}, {"lot": "RM-2"}]}')
-    reading = mapped(payload, {
-        "machine_id": "$topic[2]",
-        "site": "$topic[1]",
-        "quantity.value": "qty",
-        "quantity.uom": "=KGM",
-        "lot_id": "lot.no",
-        "input_lots.first": "inputs.1.lot",
-        "note": "==literal",
-    }, id_field="header.id")
+    payload = (
+        b'{"header": {"id": "M-1", "site": "1010"}, "lot": {"no": "FG-1"},'
+        b' "qty": 12.340, "inputs": [{"lot": "RM-1"}, {"lot": "RM-2"}]}'
+    )
+    reading = mapped(
+        payload,
+        {
+            "machine_id": "$topic[2]",
+            "site": "$topic[1]",
+            "quantity.value": "qty",
+            "quantity.uom": "=KGM",
+            "lot_id": "lot.no",
+            "input_lots.first": "inputs.1.lot",
+            "note": "==literal",
+        },
+        id_field="header.id",
+    )
     assert isinstance(reading, MesMessage)
     assert reading.message_id == "M-1"
     assert reading.kind == "lot.produced"
@@ -510,8 +559,11 @@ def test_empty_mapping_takes_the_payload_as_it_is() -> None:
 @pytest.mark.parametrize(
     ("payload", "fields", "reason"),
     [
-        (b'{"lot": "x"}', {"lot_id": "lot.no"}, "field 'lot_id': 'lot' is a string, not an "
-         "object (source 'lot.no')"),
+        (
+            b'{"lot": "x"}',
+            {"lot_id": "lot.no"},
+            "field 'lot_id': 'lot' is a string, not an object (source 'lot.no')",
+        ),
         (b'{"inputs": []}', {"x": "inputs.0.lot"}, "field 'x': 'inputs' has only 0 items"),
         (b"{}", {"order_id": "order.id"}, "field 'order_id': the payload has no 'order'"),
         (b"{}", {"x": "$topic[9]"}, "field 'x': topic 'mes/1010/press-01/x/y' has no level 9"),
@@ -540,10 +592,12 @@ def test_message_id_without_an_id_field_is_a_hash_of_topic_and_payload() -> None
 
 
 def test_first_matching_topic_wins_and_unmatched_topics_are_rejected() -> None:
-    settings = config(topics=[
-        {"filter": "mes/+/+/consumption", "event": "material.consumed"},
-        {"filter": "mes/#", "event": "lot.produced"},
-    ])
+    settings = config(
+        topics=[
+            {"filter": "mes/+/+/consumption", "event": "material.consumed"},
+            {"filter": "mes/#", "event": "lot.produced"},
+        ]
+    )
     consumed = to_reading(settings, CONSUMPTION, b"{}", 0.0)
     produced = to_reading(settings, LOT_COMPLETED, b"{}", 0.0)
     stray = to_reading(settings, "erp/orders", b"{}", 0.0)
@@ -593,14 +647,30 @@ def test_valid_filters(topic_filter: str) -> None:
         ({"topics": [{"filter": "mes/#", "event": "mes.order"}]}, "material.consumed"),
         ({"topics": [{"filter": "mes/#", "event": "lot.produced", "qos": 2}]}, "qos"),
         ({"topics": []}, "at least 1"),
-        ({"topics": [{"filter": "a/b", "event": "lot.produced", "fields": {"x": "$topic[2]"}}]},
-         "past the last level"),
-        ({"topics": [{"filter": "a/b", "event": "lot.produced", "fields": {"x": "$host"}}]},
-         "$topic[2]"),
-        ({"topics": [{"filter": "a", "event": "lot.produced",
-                      "fields": {"quantity": "q", "quantity.uom": "u"}}]}, "both set"),
-        ({"topics": [{"filter": "a", "event": "lot.produced", "fields": {"x.": "q"}}]},
-         "dotted path"),
+        (
+            {"topics": [{"filter": "a/b", "event": "lot.produced", "fields": {"x": "$topic[2]"}}]},
+            "past the last level",
+        ),
+        (
+            {"topics": [{"filter": "a/b", "event": "lot.produced", "fields": {"x": "$host"}}]},
+            "$topic[2]",
+        ),
+        (
+            {
+                "topics": [
+                    {
+                        "filter": "a",
+                        "event": "lot.produced",
+                        "fields": {"quantity": "q", "quantity.uom": "u"},
+                    }
+                ]
+            },
+            "both set",
+        ),
+        (
+            {"topics": [{"filter": "a", "event": "lot.produced", "fields": {"x.": "q"}}]},
+            "dotted path",
+        ),
         ({"topics": [{"filter": "a", "event": "lot.produced"}] * 2}, "repeated: a"),
         ({"qos": 1}, "Extra inputs"),
         ({"protocol": "3.1"}, "'3.1.1' or '5'"),
@@ -626,14 +696,29 @@ async def test_publisher_command_line_publishes_and_stops_on_sigterm(
 ) -> None:
     driver = MqttDriver(config(mosquitto.port))
     sink = Recorder()
-    argv = [sys.executable, "-m", "simulators.mes_publisher", "--port", str(mosquitto.port),
-            "--site", "1010", "--machine", "press-07", "--run", "t1"]
+    argv = [
+        sys.executable,
+        "-m",
+        "simulators.mes_publisher",
+        "--port",
+        str(mosquitto.port),
+        "--site",
+        "1010",
+        "--machine",
+        "press-07",
+        "--run",
+        "t1",
+    ]
     async with running(driver, sink):
         await wait_until(lambda: driver.health.connected)
         await asyncio.sleep(0.2)
         counted = await asyncio.to_thread(
-            run_process, [*argv, "--count", "10", "--rate", "500"], cwd=REPO_ROOT,
-            capture_output=True, text=True, timeout=60,
+            run_process,
+            [*argv, "--count", "10", "--rate", "500"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert counted.returncode == 0, counted.stderr
         assert f"mes-publisher connected to 127.0.0.1:{mosquitto.port}" in counted.stdout
@@ -642,8 +727,9 @@ async def test_publisher_command_line_publishes_and_stops_on_sigterm(
         # subscribes to consumption and lot completion.
         await wait_until(lambda: len(sink.ids()) == 6)
 
-        endless = spawn([*argv, "--rate", "50", "--run", "t2"], cwd=REPO_ROOT,
-                                   stdout=subprocess.PIPE, text=True)
+        endless = spawn(
+            [*argv, "--rate", "50", "--run", "t2"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+        )
         await wait_until(lambda: len(sink.ids()) >= 9)
         endless.send_signal(signal.SIGTERM)
         output, _ = await asyncio.to_thread(endless.communicate, timeout=30)
@@ -651,11 +737,14 @@ async def test_publisher_command_line_publishes_and_stops_on_sigterm(
 
     kinds = [r.kind for r in sink.readings() if isinstance(r, MesMessage)][:6]
     assert kinds == ["material.consumed", "material.consumed", "lot.produced"] * 2
-    first_lot = next(r for r in sink.readings()
-                     if isinstance(r, MesMessage) and r.kind == "lot.produced")
+    first_lot = next(
+        r for r in sink.readings() if isinstance(r, MesMessage) and r.kind == "lot.produced"
+    )
     assert first_lot.fields["machine_id"] == "press-07"
     assert [lot["quantity"]["value"] for lot in first_lot.fields["input_lots"]] == [
-        Decimal("12.500"), Decimal("0.750")]
+        Decimal("12.500"),
+        Decimal("0.750"),
+    ]
 
 
 def test_publisher_message_ids_are_reproducible() -> None:
@@ -670,8 +759,9 @@ def test_publisher_message_ids_are_reproducible() -> None:
 # --- a stock broker: its queue limit, and its $SYS figures --------------------------------------
 
 
-async def stock_burst(broker: Mosquitto, total: int, **options: Any
-                      ) -> tuple[MqttDriver, Recorder, list[str]]:
+async def stock_burst(
+    broker: Mosquitto, total: int, **options: Any
+) -> tuple[MqttDriver, Recorder, list[str]]:
     """`total` messages published as fast as the broker takes them, to a driver whose commits
     take 200 ms a batch (a busy outbox): far more arrive than it takes in meanwhile."""
     driver = MqttDriver(config(broker.port, **options))
@@ -697,21 +787,25 @@ async def test_a_burst_at_a_stock_broker_loses_nothing_with_the_default_window(
 ) -> None:
     total = 5000
     driver, sink, published = await stock_burst(stock_mosquitto, total)
-    assert set(sink.ids()) == set(published), \
+    assert set(sink.ids()) == set(published), (
         f"{total - len(set(sink.ids()))} of {total} lost at the broker"
+    )
     assert driver.broker["dropped"] == 0.0 and not driver.health.degraded
     # Intake stays bounded although the broker may send 65535 at once: the driver stops
     # reading while 4 batches wait for their commit.
     assert driver.peak_backlog <= 4 * 500 + 500, driver.peak_backlog
     with capsys.disabled():
-        print(f"\nstock broker, burst of {total} with receive_maximum 65535: "
-              f"{len(set(sink.ids()))} received, peak backlog {driver.peak_backlog} messages, "
-              f"{len(sink.batches)} commits")
+        print(
+            f"\nstock broker, burst of {total} with receive_maximum 65535: "
+            f"{len(set(sink.ids()))} received, peak backlog {driver.peak_backlog} messages, "
+            f"{len(sink.batches)} commits"
+        )
 
 
 @pytest.mark.integration
 async def test_the_broker_dropping_messages_is_seen_logged_and_degrades(
-    stock_mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture,
+    stock_mosquitto: Mosquitto,
+    caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.INFO, logger="drivers.mqtt")
@@ -721,8 +815,10 @@ async def test_the_broker_dropping_messages_is_seen_logged_and_degrades(
     received = len(set(sink.ids()))
     dropped = driver.broker["dropped"]
     with capsys.disabled():
-        print(f"\nstock broker, burst of {total} with receive_maximum 1000: {received} "
-              f"received, the broker says it dropped {dropped:.0f}")
+        print(
+            f"\nstock broker, burst of {total} with receive_maximum 1000: {received} "
+            f"received, the broker says it dropped {dropped:.0f}"
+        )
     assert received < total and dropped == total - received
     warnings = log_lines(caplog, "has dropped")
     assert len(warnings) == 1, warnings  # once, not at every $SYS update
@@ -762,12 +858,23 @@ async def test_doctor_finds_a_stock_brokers_queue_limit_its_drops_and_its_autosa
     async with running(MqttDriver(settings), Recorder()):
         await asyncio.sleep(0.5)
     async with publisher(stock_mosquitto, window=1000) as mes:
-        await asyncio.to_thread(lambda: [mes.consume("4711", "RM", f"L-{n}", n)
-                                         for n in range(1500)] and mes.flush(60))
+        await asyncio.to_thread(
+            lambda: [mes.consume("4711", "RM", f"L-{n}", n) for n in range(1500)] and mes.flush(60)
+        )
     plant = plant_with_broker(tmp_path, stock_mosquitto)
-    status = await asyncio.to_thread(main, [
-        "doctor", "mqtt", "--config", str(plant), "--broker-config",
-        str(stock_mosquitto.config_path), "--wait", "2500ms"])
+    status = await asyncio.to_thread(
+        main,
+        [
+            "doctor",
+            "mqtt",
+            "--config",
+            str(plant),
+            "--broker-config",
+            str(stock_mosquitto.config_path),
+            "--wait",
+            "2500ms",
+        ],
+    )
     report = capsys.readouterr().out
     assert status == 1, report
     assert f"MQTT broker mes at 127.0.0.1:{stock_mosquitto.port}" in report
@@ -788,13 +895,31 @@ def test_doctor_passes_a_broker_set_up_as_the_readme_advises(
 
     directory = tmp_path / "advised"
     directory.mkdir()
-    broker = Mosquitto(mosquitto_binary(), directory, settings={
-        "sys_interval": "1", "max_queued_messages": "0", "max_queued_bytes": "1000000000",
-        "autosave_interval": "100", "autosave_on_changes": "true",
-        "persistent_client_expiration": "14d"}).start()
+    broker = Mosquitto(
+        mosquitto_binary(),
+        directory,
+        settings={
+            "sys_interval": "1",
+            "max_queued_messages": "0",
+            "max_queued_bytes": "1000000000",
+            "autosave_interval": "100",
+            "autosave_on_changes": "true",
+            "persistent_client_expiration": "14d",
+        },
+    ).start()
     try:
-        status = main(["doctor", "mqtt", "--config", str(plant_with_broker(tmp_path, broker)),
-                       "--broker-config", str(broker.config_path), "--wait", "1500ms"])
+        status = main(
+            [
+                "doctor",
+                "mqtt",
+                "--config",
+                str(plant_with_broker(tmp_path, broker)),
+                "--broker-config",
+                str(broker.config_path),
+                "--wait",
+                "1500ms",
+            ]
+        )
     finally:
         broker.kill()
     report = capsys.readouterr().out
@@ -811,10 +936,19 @@ def test_doctor_says_when_the_persistence_directory_is_not_the_brokers_to_write(
 
     location = tmp_path / "store"
     location.mkdir(mode=0o755)  # root's, as `mkdir` by an installer running as root leaves it
-    found = check_broker_settings({"persistence": "true", "persistence_location": str(location),
-                                   "user": "nobody", "max_queued_messages": "0"})
+    found = check_broker_settings(
+        {
+            "persistence": "true",
+            "persistence_location": str(location),
+            "user": "nobody",
+            "max_queued_messages": "0",
+        }
+    )
     problems = [f.text for f in found if f.level == "problem"]
-    assert any(f"persistence_location {location} is not writable by the broker's user nobody"
-               in text and f"chown nobody {location}" in text for text in problems), problems
+    assert any(
+        f"persistence_location {location} is not writable by the broker's user nobody" in text
+        and f"chown nobody {location}" in text
+        for text in problems
+    ), problems
     off = check_broker_settings({})
     assert any("persistence is off" in f.text for f in off if f.level == "problem")

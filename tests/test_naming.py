@@ -21,9 +21,13 @@ WIRE = "com.plantsync.edge.lot.disposition.v1"
 
 
 def disposition_event() -> CloudEvent:
-    data = LotDisposition(site="1010", lot_id="L-1", disposition="release",
-                          disposition_source="qms",
-                          occurred_at="2026-03-01T10:00:00Z")  # type: ignore[arg-type]
+    data = LotDisposition(
+        site="1010",
+        lot_id="L-1",
+        disposition="release",
+        disposition_source="qms",
+        occurred_at="2026-03-01T10:00:00Z",
+    )  # type: ignore[arg-type]
     return build_event(data, natural_key=("x",), subject="L-1", partitionkey="L-1", sequence=1)
 
 
@@ -39,8 +43,11 @@ def test_events_with_the_old_short_type_are_still_read() -> None:
     old = json.loads(disposition_event().to_json())
     old["type"] = "lot.disposition"
     assert CloudEvent.model_validate(old).type == "lot.disposition"
-    for unknown in ("com.plantsync.edge.lot.disposition.v2", "com.example.lot.disposition.v1",
-                    "lot.dispositions"):
+    for unknown in (
+        "com.plantsync.edge.lot.disposition.v2",
+        "com.example.lot.disposition.v1",
+        "lot.dispositions",
+    ):
         old["type"] = unknown
         with pytest.raises(ValidationError):
             CloudEvent.model_validate(old)
@@ -66,12 +73,14 @@ machines:
 
 
 def test_an_old_config_with_rec21_codes_is_read_with_a_warning(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = parse_config(OLD_CONFIG, "plant.yaml", {})
     assert config.machines[0].confirm.uom == "XBX"
     assert config_warnings(config) == [
         "plant.yaml:8: machines[0].confirm.uom: 'BX' is a UN/ECE Rec 21 package code, not a "
-        "Rec 20 unit; read as 'XBX': write that"]
+        "Rec 20 unit; read as 'XBX': write that"
+    ]
     path = tmp_path / "plant.yaml"
     path.write_text(OLD_CONFIG)
     path.chmod(0o600)

@@ -27,17 +27,37 @@ pytestmark = pytest.mark.integration
 
 def confirmation(n: int, order: str = "1000123") -> OutboxEvent:
     data = ProductionConfirmation(
-        site="1010", machine_id="press-01", order_id=order, operation="0010",
-        material="FG-4711", lot_id="LOT-1", yield_quantity=Quantity.of(10, "C62"),
-        scrap_quantity=Quantity.of(1, "C62"), counter_from=10 * n, counter_to=10 * n + 10,
-        is_final=False, trigger="units", occurred_at="2026-11-30T10:00:00Z")  # type: ignore[arg-type]
-    event = build_event(data, natural_key=("test", order, n), subject=f"{order}/0010",
-                        partitionkey=order, sequence=n)
+        site="1010",
+        machine_id="press-01",
+        order_id=order,
+        operation="0010",
+        material="FG-4711",
+        lot_id="LOT-1",
+        yield_quantity=Quantity.of(10, "C62"),
+        scrap_quantity=Quantity.of(1, "C62"),
+        counter_from=10 * n,
+        counter_to=10 * n + 10,
+        is_final=False,
+        trigger="units",
+        occurred_at="2026-11-30T10:00:00Z",
+    )  # type: ignore[arg-type]
+    event = build_event(
+        data,
+        natural_key=("test", order, n),
+        subject=f"{order}/0010",
+        partitionkey=order,
+        sequence=n,
+    )
     return OutboxEvent(event.id, event.type, event.partitionkey, event.to_json(), ("erp",))
 
 
-async def deliver(outbox: Outbox, config: dict[str, Any], *, until: float = 20.0,
-                  forwarder_out: list[HttpForwarder] | None = None) -> HttpForwarder:
+async def deliver(
+    outbox: Outbox,
+    config: dict[str, Any],
+    *,
+    until: float = 20.0,
+    forwarder_out: list[HttpForwarder] | None = None,
+) -> HttpForwarder:
     """Run a forwarder until nothing is owed (or `until` seconds pass)."""
     forwarder = HttpForwarder("erp", DestinationConfig.model_validate(config), outbox)
     if forwarder_out is not None:
@@ -56,8 +76,12 @@ async def deliver(outbox: Outbox, config: dict[str, Any], *, until: float = 20.0
 
 
 def canonical(erp: ErpSim, **extra: Any) -> dict[str, Any]:
-    return {"base_url": erp.url, "path": "/api/events",
-            "retry": {"base": "50ms", "cap": "2s"}, **extra}
+    return {
+        "base_url": erp.url,
+        "path": "/api/events",
+        "retry": {"base": "50ms", "cap": "2s"},
+        **extra,
+    }
 
 
 async def test_5xx_and_429_are_retried_and_retry_after_is_honoured(
@@ -79,8 +103,9 @@ async def test_timeouts_are_retried(erp_sim: ErpSim, tmp_path: Path) -> None:
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([confirmation(1)])
         tasks: list[HttpForwarder] = []
-        run = asyncio.create_task(deliver(outbox, canonical(erp_sim, timeout="500ms"), until=30,
-                                          forwarder_out=tasks))
+        run = asyncio.create_task(
+            deliver(outbox, canonical(erp_sim, timeout="500ms"), until=30, forwarder_out=tasks)
+        )
         await asyncio.sleep(2.0)
         assert tasks[0].health.last_error is not None and "timed out" in tasks[0].health.last_error
         erp_sim.set_faults(latency=0)
@@ -95,11 +120,17 @@ async def test_oauth2_token_expiring_mid_run_is_refreshed(
     erp = start_erp(peers, tmp_path, "--client", "gw:s3cret", "--token-ttl", "2")
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(40)])
-        auth = {"type": "oauth2_client_credentials", "token_url": f"{erp.url}/oauth/token",
-                "client_id": "gw", "client_secret": "s3cret", "refresh_before": "0s"}
+        auth = {
+            "type": "oauth2_client_credentials",
+            "token_url": f"{erp.url}/oauth/token",
+            "client_id": "gw",
+            "client_secret": "s3cret",
+            "refresh_before": "0s",
+        }
         erp.set_faults(latency=0.1)
-        run = asyncio.create_task(deliver(outbox, canonical(erp, auth=auth, max_in_flight=2),
-                                          until=60))
+        run = asyncio.create_task(
+            deliver(outbox, canonical(erp, auth=auth, max_in_flight=2), until=60)
+        )
         await asyncio.sleep(1.0)
         erp.set_faults(expire_tokens_now=True)  # revoked early: the next requests get a 401
         await run
@@ -117,8 +148,10 @@ async def test_sap_profile_lookup_before_retry_and_qi_stock(
         await outbox.commit([confirmation(n) for n in range(3)])
         # The first confirmation is processed by SAP but the answer is lost (ambiguous).
         erp.set_faults(drop_response=1)
-        await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana",
-                               "retry": {"base": "50ms", "cap": "1s"}})
+        await deliver(
+            outbox,
+            {"base_url": erp.url, "profile": "sap_s4hana", "retry": {"base": "50ms", "cap": "1s"}},
+        )
         stats = erp.stats()
         assert stats["sap_confirmations"] == 3 and stats["sap_duplicate_texts"] == 0
         confirmations = httpx.get(f"{erp.url}/_sim/sap/confirmations").json()
@@ -142,9 +175,17 @@ async def test_sap_profile_refetches_the_csrf_token_invalidated_while_deliveries
     erp.set_faults(latency=0.15)  # slow enough to invalidate between two deliveries
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([confirmation(n) for n in range(6)])
-        run = asyncio.create_task(deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana",
-                                                   "retry": {"base": "50ms", "cap": "1s"}},
-                                          until=30))
+        run = asyncio.create_task(
+            deliver(
+                outbox,
+                {
+                    "base_url": erp.url,
+                    "profile": "sap_s4hana",
+                    "retry": {"base": "50ms", "cap": "1s"},
+                },
+                until=30,
+            )
+        )
 
         def posted() -> int:
             return len(httpx.get(f"{erp.url}/_sim/sap/confirmations").json())
@@ -174,8 +215,9 @@ async def test_400_with_a_body_is_dead_lettered_with_that_body(
         body = json.loads(bad.payload)
         for quantity in ("yield_quantity", "scrap_quantity"):  # a unit this SAP does not know
             body["data"][quantity]["uom"] = "P1"
-        await outbox.commit([OutboxEvent(bad.id, bad.type, bad.partition_key,
-                                         json.dumps(body).encode(), ("erp",))])
+        await outbox.commit(
+            [OutboxEvent(bad.id, bad.type, bad.partition_key, json.dumps(body).encode(), ("erp",))]
+        )
         await deliver(outbox, {"base_url": erp.url, "profile": "sap_s4hana"})
         (dead,) = await outbox.dead_letters()
         assert dead["last_status"] == 400 and "ISO code P1" in dead["last_error"]
@@ -187,9 +229,14 @@ async def test_circuit_breaker_opens_and_recovers(peers: list[Peer], tmp_path: P
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([confirmation(n, order=f"O-{n}") for n in range(20)])
         holder: list[HttpForwarder] = []
-        run = asyncio.create_task(deliver(
-            outbox, canonical(erp, circuit_breaker={"failures": 2, "open_for": "1s"},
-                              max_in_flight=1), until=30, forwarder_out=holder))
+        run = asyncio.create_task(
+            deliver(
+                outbox,
+                canonical(erp, circuit_breaker={"failures": 2, "open_for": "1s"}, max_in_flight=1),
+                until=30,
+                forwarder_out=holder,
+            )
+        )
         seen: set[Circuit] = set()
         while not run.done():
             if holder:
@@ -206,8 +253,9 @@ async def test_batches_go_in_one_request_each(peers: list[Peer], tmp_path: Path)
     erp = start_erp(peers, tmp_path)
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([confirmation(0, order=f"O-{n}") for n in range(200)])
-        forwarder = await deliver(outbox, canonical(erp, batch_path="/api/events:batch",
-                                                    batch_size=50))
+        forwarder = await deliver(
+            outbox, canonical(erp, batch_path="/api/events:batch", batch_size=50)
+        )
         assert erp.stats()["unique"] == 200
         assert forwarder.health.requests <= 8
 
@@ -220,14 +268,20 @@ async def test_qms_rest_profile_posts_inspection_requests(
 
     qms = start_qms(peers, tmp_path, "--decision-delay", "0")
     data = InspectionRequested(
-        site="1010", order_id="1000123", lot_id="LOT-1", trigger="limit_violation",
-        characteristic="PRESS-FORCE", measured_value=SignedQuantity.of("16", "NEW"),
-        upper_limit=SignedQuantity.of("15", "NEW"), occurred_at="2026-11-30T10:00:00Z")  # type: ignore[arg-type]
-    event = build_event(data, natural_key=("t", 1), subject="LOT-1", partitionkey="LOT-1",
-                        sequence=1)
+        site="1010",
+        order_id="1000123",
+        lot_id="LOT-1",
+        trigger="limit_violation",
+        characteristic="PRESS-FORCE",
+        measured_value=SignedQuantity.of("16", "NEW"),
+        upper_limit=SignedQuantity.of("15", "NEW"),
+        occurred_at="2026-11-30T10:00:00Z",
+    )  # type: ignore[arg-type]
+    event = build_event(
+        data, natural_key=("t", 1), subject="LOT-1", partitionkey="LOT-1", sequence=1
+    )
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
-        await outbox.commit([OutboxEvent(event.id, event.type, "LOT-1", event.to_json(),
-                                         ("erp",))])
+        await outbox.commit([OutboxEvent(event.id, event.type, "LOT-1", event.to_json(), ("erp",))])
         await deliver(outbox, {"base_url": f"{qms.url}/api/v1", "profile": "qms_rest"})
         (journal,) = await outbox.journal()
         assert journal["reference"].startswith("INS-")

@@ -379,7 +379,8 @@ async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
     endpoint = f"opc.tcp://127.0.0.1:{port}"
     data_dir = tmp_path / "data"
     server = await asyncio.to_thread(
-        start_machine, peers, tmp_path, port, "--rate", "50", "--stop-at", "33")
+        start_machine, peers, tmp_path, port, "--rate", "50", "--stop-at", "33"
+    )
     driver = fast_driver(config(endpoint, COUNTER_TAGS))
     driver.data_dir = data_dir
     collector = Collector()
@@ -387,8 +388,18 @@ async def test_a_server_restart_is_announced_before_the_first_sample_after_it(
         await wait_until(lambda: collector.values("processed")[-1:] == [33])
         await asyncio.to_thread(server.kill)
         await wait_until(lambda: not driver.health.connected, within=5)
-        await asyncio.to_thread(start_machine, peers, tmp_path, port, "--rate", "50",
-                                "--stop-at", "50", "--listen-after", "1.5")
+        await asyncio.to_thread(
+            start_machine,
+            peers,
+            tmp_path,
+            port,
+            "--rate",
+            "50",
+            "--stop-at",
+            "50",
+            "--listen-after",
+            "1.5",
+        )
         await wait_until(lambda: collector.values("processed")[-1:] == [50], within=15)
 
     before, after = split_at_restarts(collector.readings, "processed")
@@ -440,8 +451,9 @@ async def test_a_server_that_is_back_is_used_at_once_not_at_the_next_backoff_att
 ) -> None:
     port = free_port()
     server = await asyncio.to_thread(start_machine, peers, tmp_path, port)
-    driver = OpcUaDriver(config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS,
-                                reconnect_max_delay="60s"))
+    driver = OpcUaDriver(
+        config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS, reconnect_max_delay="60s")
+    )
     collector = Collector()
     async with running(driver, collector):
         await wait_until(lambda: driver.health.connected)
@@ -522,16 +534,24 @@ def client_security(tmp_path: Path, policy: str = "Basic256Sha256") -> dict[str,
         make_self_signed_certificate(
             certificate, private_key, "urn:plantsync:test:edge", [ExtendedKeyUsageOID.CLIENT_AUTH]
         )
-    return {"policy": policy, "mode": "SignAndEncrypt", "certificate": str(certificate),
-            "private_key": str(private_key)}
+    return {
+        "policy": policy,
+        "mode": "SignAndEncrypt",
+        "certificate": str(certificate),
+        "private_key": str(private_key),
+    }
 
 
 def server_certificate(tmp_path: Path, name: str) -> tuple[Path, Path]:
     """A server certificate and key for the simulator, as a machine builder would make them."""
     certificate, private_key = tmp_path / f"{name}-cert.der", tmp_path / f"{name}-key.pem"
     make_self_signed_certificate(
-        certificate, private_key, APPLICATION_URI,
-        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], host_name=name)
+        certificate,
+        private_key,
+        APPLICATION_URI,
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+        host_name=name,
+    )
     return certificate, private_key
 
 
@@ -543,8 +563,9 @@ def trusting(data_dir: Path, certificate: Path) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("policy", ["Basic256Sha256", "Aes128_Sha256_RsaOaep",
-                                    "Aes256_Sha256_RsaPss"])
+@pytest.mark.parametrize(
+    "policy", ["Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
+)
 async def test_a_trusted_server_with_each_policy_and_a_user(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, policy: str
 ) -> None:
@@ -552,12 +573,34 @@ async def test_a_trusted_server_with_each_policy_and_a_user(
     security = client_security(tmp_path, policy)
     certificate, private_key = server_certificate(tmp_path, "filler")
     data_dir = trusting(tmp_path / "data", certificate)
-    async with machine(rate=20, security="encrypt", policy=policy, user=("operator", "s3cret"),
-                       certificate=certificate, private_key=private_key) as server:
-        good = OpcUaDriver(config(server.endpoint, COUNTER_TAGS, security=security,
-                                  username="operator", password="s3cret"), data_dir=data_dir)
-        wrong = fast_driver(config(server.endpoint, COUNTER_TAGS, name="filler-x",
-                                   security=security, username="operator", password="guess"))
+    async with machine(
+        rate=20,
+        security="encrypt",
+        policy=policy,
+        user=("operator", "s3cret"),
+        certificate=certificate,
+        private_key=private_key,
+    ) as server:
+        good = OpcUaDriver(
+            config(
+                server.endpoint,
+                COUNTER_TAGS,
+                security=security,
+                username="operator",
+                password="s3cret",
+            ),
+            data_dir=data_dir,
+        )
+        wrong = fast_driver(
+            config(
+                server.endpoint,
+                COUNTER_TAGS,
+                name="filler-x",
+                security=security,
+                username="operator",
+                password="guess",
+            )
+        )
         wrong.data_dir = data_dir
         plain = fast_driver(config(server.endpoint, COUNTER_TAGS, name="filler-plain"))
         good_samples, wrong_samples, plain_samples = Collector(), Collector(), Collector()
@@ -597,10 +640,25 @@ async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
     security = client_security(tmp_path)
     machine_args = ["--security", "encrypt", "--user", "operator:s3cret", "--rate", "20"]
     server = await asyncio.to_thread(
-        start_machine, peers, tmp_path, port, *machine_args,
-        "--certificate", str(genuine), "--private-key", str(genuine_key))
-    driver = fast_driver(config(f"opc.tcp://127.0.0.1:{port}", COUNTER_TAGS, security=security,
-                                username="operator", password="s3cret"))
+        start_machine,
+        peers,
+        tmp_path,
+        port,
+        *machine_args,
+        "--certificate",
+        str(genuine),
+        "--private-key",
+        str(genuine_key),
+    )
+    driver = fast_driver(
+        config(
+            f"opc.tcp://127.0.0.1:{port}",
+            COUNTER_TAGS,
+            security=security,
+            username="operator",
+            password="s3cret",
+        )
+    )
     driver.data_dir = data_dir
     collector = Collector()
     async with running(driver, collector):
@@ -608,8 +666,16 @@ async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
         await asyncio.to_thread(server.kill)
         await wait_until(lambda: not driver.health.connected, within=5)
         attacker = await asyncio.to_thread(
-            start_machine, peers, tmp_path, port, *machine_args,
-            "--certificate", str(impostor), "--private-key", str(impostor_key))
+            start_machine,
+            peers,
+            tmp_path,
+            port,
+            *machine_args,
+            "--certificate",
+            str(impostor),
+            "--private-key",
+            str(impostor_key),
+        )
         rejected_dir = data_dir / "pki" / "rejected"
         await wait_until(lambda: rejected_dir.exists() and any(rejected_dir.iterdir()))
         await wait_until(lambda: "not trusted" in (driver.health.last_error or ""))
@@ -632,8 +698,15 @@ async def test_a_man_in_the_middle_is_refused_before_it_sees_the_password(
 @pytest.mark.integration
 async def test_secure_policies_need_a_trust_list_or_a_pinned_certificate(tmp_path: Path) -> None:
     async with machine(security="encrypt", user=("operator", "s3cret")) as server:
-        driver = fast_driver(config(server.endpoint, COUNTER_TAGS, security=client_security(
-            tmp_path), username="operator", password="s3cret"))  # no data_dir, no pin
+        driver = fast_driver(
+            config(
+                server.endpoint,
+                COUNTER_TAGS,
+                security=client_security(tmp_path),
+                username="operator",
+                password="s3cret",
+            )
+        )  # no data_dir, no pin
         async with running(driver, Collector()):
             await wait_until(lambda: driver.health.errors >= 1)
     assert driver.health.last_error is not None
@@ -646,8 +719,7 @@ async def test_trust_opcua_shows_the_certificate_and_trusts_it_on_yes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     certificate, private_key = server_certificate(tmp_path, "filler")
-    async with machine(security="sign", certificate=certificate,
-                       private_key=private_key) as server:
+    async with machine(security="sign", certificate=certificate, private_key=private_key) as server:
         args = ["--endpoint", server.endpoint, "--data-dir", str(tmp_path / "data")]
         declined = await asyncio.to_thread(trust_main, args, answer=io.StringIO("n\n"))
         shown = capsys.readouterr().out
@@ -675,17 +747,35 @@ async def test_plantsync_trust_opcua_journals_the_hand_action(tmp_path: Path) ->
     certificate, private_key = server_certificate(tmp_path, "filler")
     config_file = tmp_path / "plant.yaml"
     config_file.write_text(f'site: "1010"\ndata_dir: {tmp_path / "data"}\n')
-    async with machine(security="sign", certificate=certificate,
-                       private_key=private_key) as server:
+    async with machine(security="sign", certificate=certificate, private_key=private_key) as server:
         endpoint = server.endpoint
         done = await asyncio.to_thread(
             run_process,
-            [sys.executable, "-m", "edge.cli", "trust", "opcua", "--endpoint", endpoint,
-             "--config", str(config_file), "--reason", "thumbprint checked, ticket 42"],
-            input="y\n", capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "edge.cli",
+                "trust",
+                "opcua",
+                "--endpoint",
+                endpoint,
+                "--config",
+                str(config_file),
+                "--reason",
+                "thumbprint checked, ticket 42",
+            ],
+            input="y\n",
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert done.returncode == 0, done.stderr
-    thumbprint = x509.load_der_x509_certificate(certificate.read_bytes()).fingerprint(
-        hashes.SHA1()).hex().upper()
+    thumbprint = (
+        x509.load_der_x509_certificate(certificate.read_bytes())
+        .fingerprint(hashes.SHA1())
+        .hex()
+        .upper()
+    )
     db = sqlite3.connect(tmp_path / "data" / "outbox.db")
     try:
         rows = db.execute("SELECT action, target, who, reason FROM hand_actions").fetchall()
@@ -798,7 +888,10 @@ def test_pending_samples_keep_the_latest_value_per_tag_when_full() -> None:
     batch = asyncio.run(pending.take())
     # Over the limit, the queue shrank to the latest per tag; the latest value always survives.
     assert [(s.tag, s.value) for s in batch if isinstance(s, Sample)] == [
-        ("processed", 4), ("processed", 5), ("state", 6)]
+        ("processed", 4),
+        ("processed", 5),
+        ("state", 6),
+    ]
     assert pending.dropped == 4 and len(pending) == 0
 
 
@@ -921,7 +1014,10 @@ def test_daemon_counts_every_unit_when_the_machine_restarts_during_a_long_outage
     port = free_port()
     endpoint = f"opc.tcp://127.0.0.1:{port}"
     signal_name = f"{MACHINE}.processed"
-    gateway = Gateway(peers, tmp_path, f"""
+    gateway = Gateway(
+        peers,
+        tmp_path,
+        f"""
 drivers:
   - name: {MACHINE}
     type: opcua
@@ -939,21 +1035,26 @@ machines:
 {erp_destination(erp)}
 routes:
   production.confirmation: [erp]
-""")
+""",
+    )
     start_machine(peers, tmp_path, port, "--rate", "10", "--stop-at", "33")
     gateway.start()
     unavailable = f"OPC UA server {MACHINE} at {endpoint} is unavailable"
     back = f"OPC UA server {MACHINE} at {endpoint} is available again"
 
-    wait_for(lambda: gateway.status()["signals"].get(signal_name, {}).get("value") == 33, 30,
-             "the gateway to read 33")
+    wait_for(
+        lambda: gateway.status()["signals"].get(signal_name, {}).get("value") == 33,
+        30,
+        "the gateway to read 33",
+    )
     [baseline] = baselines(gateway, signal_name)
     wait_for(lambda: yield_sum(confirmations(erp)) == 33 - baseline, 30, "33 confirmed")
     peers[-2].kill()  # the machine's server (the gateway was started after it)
     wait_for(lambda: unavailable in gateway.output(), 30, "the gateway to see the server gone")
     time.sleep(31)  # longer than the old 30 s backoff cap
-    restarted = start_machine(peers, tmp_path, port, "--rate", "20", "--stop-at", "80",
-                              "--listen-after", "2")
+    restarted = start_machine(
+        peers, tmp_path, port, "--rate", "20", "--stop-at", "80", "--listen-after", "2"
+    )
     listening = time.monotonic()
     wait_for(lambda: back in gateway.output(), 30, "the gateway to reconnect")
     reconnect_s = time.monotonic() - listening
@@ -963,10 +1064,21 @@ routes:
     delivered = int(yield_sum(confirmations(erp)))
     logs = gateway.output()
     with capsys.disabled():
-        print("\n" + json.dumps({
-            "test": "opcua-device-restart-long-outage", "outage_s": 31, "baseline": baseline,
-            "expected": expected, "delivered": delivered, "lost": expected - delivered,
-            "duplicates": erp.stats()["duplicates"], "reconnect_s": round(reconnect_s, 2)}))
+        print(
+            "\n"
+            + json.dumps(
+                {
+                    "test": "opcua-device-restart-long-outage",
+                    "outage_s": 31,
+                    "baseline": baseline,
+                    "expected": expected,
+                    "delivered": delivered,
+                    "lost": expected - delivered,
+                    "duplicates": erp.stats()["duplicates"],
+                    "reconnect_s": round(reconnect_s, 2),
+                }
+            )
+        )
     assert restarted.process is not None and restarted.process.poll() is None
     assert delivered == expected, f"lost {expected - delivered} units; logs in {tmp_path}"
     assert f"OPC UA server {MACHINE} at {endpoint} restarted: ServerStatus.StartTime" in logs
@@ -983,15 +1095,24 @@ def opc30050_tags(node_id: Any, machine_name: str = MACHINE) -> list[dict[str, A
     """Tags for an OPC 30050 machine whose variables have the node ids `node_id(path)` gives."""
     return [
         {"name": "state", "node": node_id("BaseStateMachine"), "read": "packml_state"},
-        {"name": "processed", "node": node_id("Admin.ProdProcessedCount"),
-         "select": "[ID=1].AccCount"},
+        {
+            "name": "processed",
+            "node": node_id("Admin.ProdProcessedCount"),
+            "select": "[ID=1].AccCount",
+        },
         {"name": "job_count", "node": node_id("Admin.ProdProcessedCount"), "select": "[0].Count"},
-        {"name": "defective", "node": node_id("Admin.ProdDefectiveCount"),
-         "select": "[ID=1].AccCount"},
+        {
+            "name": "defective",
+            "node": node_id("Admin.ProdDefectiveCount"),
+            "select": "[ID=1].AccCount",
+        },
         {"name": "stop_reason", "node": node_id("Admin.StopReason"), "select": "ID"},
         {"name": "stop_text", "node": node_id("Admin.StopReason"), "select": ".Message"},
-        {"name": "other_material", "node": node_id("Admin.ProdProcessedCount"),
-         "select": "[ID=9].Count"},
+        {
+            "name": "other_material",
+            "node": node_id("Admin.ProdProcessedCount"),
+            "select": "[ID=9].Count",
+        },
         {"name": "no_field", "node": node_id("Admin.StopReason"), "select": "Reason"},
     ]
 
@@ -1013,8 +1134,10 @@ async def test_an_opc30050_machine_is_read_through_its_structures_and_state_mach
             await server.call("add_counts", MACHINE, good=5, scrap=2)
             await wait_until(lambda: collector.values("processed")[-1:] == [127])
             for state, reason, text, number in (
-                ("Held", 31, "bottle jam", 11), ("Stopped", 0, "", 2),
-                ("Aborted", 7, "guard open", 9), ("Execute", 0, "", 6),
+                ("Held", 31, "bottle jam", 11),
+                ("Stopped", 0, "", 2),
+                ("Aborted", 7, "guard open", 9),
+                ("Execute", 0, "", 6),
             ):
                 await server.call("set_state", MACHINE, state, stop_reason=reason, text=text)
                 await wait_until(partial(lambda n: collector.values("state")[-1:] == [n], number))
@@ -1026,8 +1149,10 @@ async def test_an_opc30050_machine_is_read_through_its_structures_and_state_mach
     assert collector.values("stop_reason") == [0, 31, 0, 7, 0]
     assert collector.values("stop_text") == ["", "bottle jam", "", "guard open", ""]
     assert all(type(value) is int for value in collector.values("state"))
-    for tag, problem in (("other_material", "no element with ID = 9"),
-                         ("no_field", "has no field 'Reason' (fields: ID, Value, Message")):
+    for tag, problem in (
+        ("other_material", "no element with ID = 9"),
+        ("no_field", "has no field 'Reason' (fields: ID, Value, Message"),
+    ):
         assert {(s.value, s.quality) for s in collector.of(tag)} == {(None, Quality.BAD)}
         [said] = opcua_logs(caplog, f"tag {tag} ")
         assert problem in said, said
@@ -1042,13 +1167,19 @@ async def test_an_opc30050_machine_serves_its_values_to_a_client_faster_than_its
         tags = opc30050_tags(lambda path: f"nsu={NAMESPACE_URI};s={MACHINE}.{path}")[:5]
         collector = Collector()
         async with running(OpcUaDriver(config(server.endpoint, tags)), collector):
-            await wait_until(lambda: {s.tag for s in collector.samples} >= {
-                "state", "processed", "job_count", "defective", "stop_reason"})
+            await wait_until(
+                lambda: (
+                    {s.tag for s in collector.samples}
+                    >= {"state", "processed", "job_count", "defective", "stop_reason"}
+                )
+            )
             await server.add_counts(MACHINE, good=1)
             await wait_until(lambda: collector.values("processed")[-1:] == [121])
 
     assert [(s.value, s.quality) for s in collector.of("processed")] == [
-        (120, Quality.GOOD), (121, Quality.GOOD)]
+        (120, Quality.GOOD),
+        (121, Quality.GOOD),
+    ]
     assert collector.values("defective") == [0]
     assert collector.values("stop_reason") == [0]
     assert collector.values("state") == [6]
@@ -1073,8 +1204,10 @@ class PackMLPeer:
     def __init__(self, tmp_path: Path, port: int | None = None) -> None:
         node = shutil.which("node")
         if node is None or not (PEERS_DIR / "node_modules" / "node-opcua").is_dir():
-            missing_peer("node-opcua is not installed (make peers: npm ci in tests/peers; "
-                         "needs nodejs and npm)")
+            missing_peer(
+                "node-opcua is not installed (make peers: npm ci in tests/peers; "
+                "needs nodejs and npm)"
+            )
         self.node = node or "node"
         self.port = port or free_port()
         self.log_path = tmp_path / f"packml-peer-{self.port}.log"
@@ -1093,7 +1226,11 @@ class PackMLPeer:
         with self.log_path.open("ab") as log:
             self.process = spawn(
                 [self.node, "packml_server.js", "--port", str(self.port), *options],
-                cwd=PEERS_DIR, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT)
+                cwd=PEERS_DIR,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while self.output().count(ready) <= seen:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -1145,12 +1282,18 @@ async def test_node_opcua_packml_machine_read_subscribed_and_reconnected_after_a
     driver.data_dir = tmp_path / "data"
     collector = Collector()
     async with running(driver, collector):
-        await wait_until(lambda: collector.values("processed") == [500]
-                         and collector.values("state") == [6], within=20)
+        await wait_until(
+            lambda: collector.values("processed") == [500] and collector.values("state") == [6],
+            within=20,
+        )
         peer.command("count 5 2")
         await wait_until(lambda: collector.values("processed")[-1:] == [507])
-        for command, number in (("state Held 31 bottle jam", 11), ("state Stopped", 2),
-                                ("state Aborted 7 guard open", 9), ("state Execute", 6)):
+        for command, number in (
+            ("state Held 31 bottle jam", 11),
+            ("state Stopped", 2),
+            ("state Aborted 7 guard open", 9),
+            ("state Execute", 6),
+        ):
             peer.command(command)
             await wait_until(partial(lambda n: collector.values("state")[-1:] == [n], number))
         samples_before = len(collector.readings)
@@ -1175,7 +1318,9 @@ async def test_node_opcua_packml_machine_read_subscribed_and_reconnected_after_a
 
 @pytest.mark.integration
 def test_node_opcua_sessions_orderly_stops_a_full_server_and_a_kill_loop(
-    packml_peers: list[PackMLPeer], peers: list[Peer], tmp_path: Path,
+    packml_peers: list[PackMLPeer],
+    peers: list[Peer],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Issue 12 item 4, against node-opcua's server (10 sessions by default): orderly stops
@@ -1206,8 +1351,11 @@ drivers:
         return bool(gateway.status()["drivers"][0]["connected"])
 
     def sessions_become(count: int, within: float = 5.0) -> None:
-        wait_for(lambda: peer.sessions() == count, within,
-                 f"the server to count {count} session(s), not {peer.sessions()}")
+        wait_for(
+            lambda: peer.sessions() == count,
+            within,
+            f"the server to count {count} session(s), not {peer.sessions()}",
+        )
 
     # Orderly: a reload that changes the driver replaces its session; SIGTERM ends it.
     gateway.start()
@@ -1216,8 +1364,11 @@ drivers:
     gateway.config.write_text(gateway.config.read_text().replace("500ms", "250ms"))
     assert gateway.current.process is not None
     gateway.current.process.send_signal(signal.SIGHUP)
-    wait_for(lambda: "publishing_interval" in gateway.output() and connected(), 30,
-             "the reload to be applied")
+    wait_for(
+        lambda: "publishing_interval" in gateway.output() and connected(),
+        30,
+        "the reload to be applied",
+    )
     sessions_become(1)
     assert gateway.current.stop() == 0
     sessions_become(0)
@@ -1229,8 +1380,11 @@ drivers:
             hmi.connect()
         sessions_become(10)
         gateway.start()
-        wait_for(lambda: "BadTooManySessions" in gateway.current.output(), 30,
-                 "the gateway to be refused a session")
+        wait_for(
+            lambda: "BadTooManySessions" in gateway.current.output(),
+            30,
+            "the gateway to be refused a session",
+        )
         assert not connected()
         hmis.pop().disconnect()
         freed = time.monotonic()
@@ -1247,8 +1401,11 @@ drivers:
     for _ in range(10):
         before = peer.sessions()
         gateway.start()
-        wait_for(lambda: peer.sessions() > before, 30,  # noqa: B023
-                 "the new run to open its session")
+        wait_for(
+            lambda: peer.sessions() > before,  # noqa: B023
+            30,
+            "the new run to open its session",
+        )
         gateway.kill()
     orphans = peer.sessions()
     gateway.start()
@@ -1256,10 +1413,20 @@ drivers:
     wait_for(connected, 60, "the gateway to connect after the crash loop")
     ready_s = time.monotonic() - started
     with capsys.disabled():
-        print("\n" + json.dumps({
-            "test": "opcua-sessions-node-opcua", "server_max_sessions": 10,
-            "session_timeout_s": 20, "full_server_wait_s": round(full_wait_s, 1),
-            "kills": 10, "orphans_after_kills": orphans, "ready_after_kills_s": round(ready_s, 1)}))
+        print(
+            "\n"
+            + json.dumps(
+                {
+                    "test": "opcua-sessions-node-opcua",
+                    "server_max_sessions": 10,
+                    "session_timeout_s": 20,
+                    "full_server_wait_s": round(full_wait_s, 1),
+                    "kills": 10,
+                    "orphans_after_kills": orphans,
+                    "ready_after_kills_s": round(ready_s, 1),
+                }
+            )
+        )
     assert "the server has no room for another session (BadTooManySessions)" in full_logs
     assert "raise the server's session limit, or lower session_timeout" in full_logs
     assert full_logs.count("BadTooManySessions") == 1, "said once, not at every retry"

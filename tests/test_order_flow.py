@@ -34,7 +34,6 @@ from tests.test_order_release import order, release, set_status
 pytestmark = pytest.mark.integration  # the daemon, the ERP simulator and a broker
 
 
-
 def write_config(tmp_path: Path, erp: ErpSim, broker: Mosquitto, api_port: int) -> Path:
     client = f"plantsync-test-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "plant.yaml"
@@ -85,12 +84,14 @@ class Plant:
         self.erp = start_erp(peers, tmp_path)
         self.api_port = free_port()
         self.config = write_config(tmp_path, self.erp, broker, self.api_port)
-        self.gateway = GatewayProcess(peers, self.config, tmp_path, log_format=None,
-                                      ready_timeout=40)
+        self.gateway = GatewayProcess(
+            peers, self.config, tmp_path, log_format=None, ready_timeout=40
+        )
         self.mes = MesPublisher("127.0.0.1", broker.port, run=uuid.uuid4().hex[:6])
         self.mes.connect()
-        self.follower = OrderFollower(self.mes, port=broker.port,
-                                      client_id=f"mes-{uuid.uuid4().hex[:6]}")
+        self.follower = OrderFollower(
+            self.mes, port=broker.port, client_id=f"mes-{uuid.uuid4().hex[:6]}"
+        )
         self.follower.connect()
 
     def start_gateway(self) -> Peer:
@@ -118,8 +119,15 @@ class Plant:
             rows = db.execute("SELECT id FROM event_ids").fetchall()
             state = dict(db.execute("SELECT key, value FROM rule_state").fetchall())
         book = json.loads(state.get("orders:book", "{}"))
-        return [(order_id, str(entry.get("version"))) for order_id, entry in book.items()
-                if entry.get("published")] if rows else []
+        return (
+            [
+                (order_id, str(entry.get("version")))
+                for order_id, entry in book.items()
+                if entry.get("published")
+            ]
+            if rows
+            else []
+        )
 
 
 @pytest.fixture
@@ -129,8 +137,9 @@ def plant(peers: list[Peer], tmp_path: Path, mosquitto: Mosquitto) -> Iterator[P
     site.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str,
-             log: Path | None = None) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -172,14 +181,23 @@ def retained_now(port: int, wait: float = 1.5) -> dict[str, dict[str, Any]]:
 
 
 def test_released_orders_reach_the_mes_once_are_accepted_and_cleared_when_finished(
-        plant: Plant) -> None:
+    plant: Plant,
+) -> None:
     gateway = plant.start_gateway()
     for order_id in ("1000001", "1000002"):
         assert release(plant.erp, order(order_id)).status_code == 201
-    wait_for(lambda: {"1000001", "1000002"} <= set(plant.follower.started), 30,
-             "the MES to start both orders", gateway.log_path)
-    wait_for(lambda: plant.metrics().get("plantsync_orders_accepted") == 2, 20,
-             "both starts to count as accepted", gateway.log_path)
+    wait_for(
+        lambda: {"1000001", "1000002"} <= set(plant.follower.started),
+        30,
+        "the MES to start both orders",
+        gateway.log_path,
+    )
+    wait_for(
+        lambda: plant.metrics().get("plantsync_orders_accepted") == 2,
+        20,
+        "both starts to count as accepted",
+        gateway.log_path,
+    )
     figures = plant.metrics()
     assert figures["plantsync_orders_released"] == 2
     assert figures["plantsync_order_release_acceptance_seconds_count"] == 2
@@ -187,52 +205,84 @@ def test_released_orders_reach_the_mes_once_are_accepted_and_cleared_when_finish
     assert figures["plantsync_orders_not_accepted"] == 0
     for order_id in ("1000001", "1000002"):
         received = plant.received(order_id)
-        assert [(r.version, r.type, r.retained) for r in received] == [
-            (1, "order.released", False)]
+        assert [(r.version, r.type, r.retained) for r in received] == [(1, "order.released", False)]
     # What a reconnecting MES finds: both orders, retained, with their version.
     assert {k: v["data"]["version"] for k, v in retained_now(plant.broker.port).items()} == {
-        "1000001": 1, "1000002": 1}
+        "1000001": 1,
+        "1000002": 1,
+    }
     # Technically completed in ERP: the MES is told, and the retained message is cleared.
     set_status(plant.erp, "1000001", "technically_completed")
-    wait_for(lambda: "1000001" in plant.follower.cleared, 20, "the retained order cleared",
-             gateway.log_path)
+    wait_for(
+        lambda: "1000001" in plant.follower.cleared,
+        20,
+        "the retained order cleared",
+        gateway.log_path,
+    )
     assert [(r.version, r.type) for r in plant.received("1000001")] == [
-        (1, "order.released"), (2, "order.cancelled")]
+        (1, "order.released"),
+        (2, "order.cancelled"),
+    ]
     assert set(retained_now(plant.broker.port)) == {"1000002"}
     # MES starts of an order ERP never released, and of one it ended: input dead letters.
     plant.mes.order_start("4711000").wait()
     plant.mes.order_start("1000001").wait()
-    wait_for(lambda: plant.metrics().get("plantsync_order_starts_refused_total") == 2, 20,
-             "both starts refused", gateway.log_path)
+    wait_for(
+        lambda: plant.metrics().get("plantsync_order_starts_refused_total") == 2,
+        20,
+        "both starts refused",
+        gateway.log_path,
+    )
     status = httpx.get(f"http://127.0.0.1:{plant.api_port}/status", timeout=10).json()
     kinds = [(i["kind"], i["role"], i["order_id"]) for i in status["orders"]["issues"]]
-    assert kinds == [("order.not_released", "supervisor", "4711000"),
-                     ("order.not_released", "supervisor", "1000001")]
+    assert kinds == [
+        ("order.not_released", "supervisor", "4711000"),
+        ("order.not_released", "supervisor", "1000001"),
+    ]
     rejected = subprocess_rejected(plant)
     assert any("never released" in reason for reason in rejected)
     assert any("technically completed" in reason for reason in rejected)
     # ... and exceptions for the supervisor, raised once each.
-    assert sorted((e["kind"], e["subject"], e["roles"][0]) for e in exceptions(plant, "open")
-                  ) == [("unknown_order", "order/1000001", "supervisor"),
-                        ("unknown_order", "order/4711000", "supervisor")]
+    assert sorted((e["kind"], e["subject"], e["roles"][0]) for e in exceptions(plant, "open")) == [
+        ("unknown_order", "order/1000001", "supervisor"),
+        ("unknown_order", "order/4711000", "supervisor"),
+    ]
     # An order the plant cannot run (no BOM version): blocked, an exception, nothing to the
     # MES; fixed in ERP, the exception is cleared and the order released.
     release(plant.erp, order("1000003", production_version=""))
-    wait_for(lambda: any(e["kind"] == "blocked_order" for e in exceptions(plant, "open")), 20,
-             "the blocked order's exception", gateway.log_path)
+    wait_for(
+        lambda: any(e["kind"] == "blocked_order" for e in exceptions(plant, "open")),
+        20,
+        "the blocked order's exception",
+        gateway.log_path,
+    )
     assert plant.received("1000003") == []
-    httpx.post(f"{plant.erp.url}/_sim/orders/1000003/change",
-               json={"production_version": "0002"}, timeout=10).raise_for_status()
-    wait_for(lambda: "1000003" in plant.follower.started, 20, "the fixed order at the MES",
-             gateway.log_path)
-    wait_for(lambda: [e["subject"] for e in exceptions(plant, "closed")
-                      if e["kind"] == "blocked_order"] == ["order/1000003"], 20,
-             "the blocked order's exception cleared", gateway.log_path)
+    httpx.post(
+        f"{plant.erp.url}/_sim/orders/1000003/change",
+        json={"production_version": "0002"},
+        timeout=10,
+    ).raise_for_status()
+    wait_for(
+        lambda: "1000003" in plant.follower.started,
+        20,
+        "the fixed order at the MES",
+        gateway.log_path,
+    )
+    wait_for(
+        lambda: (
+            [e["subject"] for e in exceptions(plant, "closed") if e["kind"] == "blocked_order"]
+            == ["order/1000003"]
+        ),
+        20,
+        "the blocked order's exception cleared",
+        gateway.log_path,
+    )
 
 
 def exceptions(plant: Plant, state: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"http://127.0.0.1:{plant.api_port}/exceptions",
-                       params={"state": state}, timeout=10)
+    answer = httpx.get(
+        f"http://127.0.0.1:{plant.api_port}/exceptions", params={"state": state}, timeout=10
+    )
     answer.raise_for_status()
     found: list[dict[str, Any]] = answer.json()["exceptions"]
     return found
@@ -243,42 +293,54 @@ def subprocess_rejected(plant: Plant) -> list[str]:
         return [reason for (reason,) in db.execute("SELECT reason FROM rejected_inputs")]
 
 
-def test_erp_down_during_polling_releases_each_order_once_after_recovery(
-        plant: Plant) -> None:
+def test_erp_down_during_polling_releases_each_order_once_after_recovery(plant: Plant) -> None:
     gateway = plant.start_gateway()
     release(plant.erp, order("1000010"))
-    wait_for(lambda: "1000010" in plant.follower.started, 30, "the first order",
-             gateway.log_path)
+    wait_for(lambda: "1000010" in plant.follower.started, 30, "the first order", gateway.log_path)
     plant.erp.set_faults(outage_seconds=4)
     release(plant.erp, order("1000011"))  # released while ERP's API answers 503
-    httpx.post(f"{plant.erp.url}/_sim/orders/1000010/change", json={"quantity": "120"},
-               timeout=10).raise_for_status()
+    httpx.post(
+        f"{plant.erp.url}/_sim/orders/1000010/change", json={"quantity": "120"}, timeout=10
+    ).raise_for_status()
     time.sleep(2)
     assert plant.received("1000011") == []
-    wait_for(lambda: "ERP is not answering for released orders" in gateway.output(), 10,
-             "the outage to be logged")
-    wait_for(lambda: "1000011" in plant.follower.started, 30, "the order after the outage",
-             gateway.log_path)
+    wait_for(
+        lambda: "ERP is not answering for released orders" in gateway.output(),
+        10,
+        "the outage to be logged",
+    )
+    wait_for(
+        lambda: "1000011" in plant.follower.started,
+        30,
+        "the order after the outage",
+        gateway.log_path,
+    )
     wait_for(lambda: len(plant.received("1000010")) >= 2, 10, "the change")
     time.sleep(1.5)  # a few more polls: nothing may come twice
     assert gateway.output().count("ERP answers for released orders again") == 1
     assert [(r.version, r.retained) for r in plant.received("1000011")] == [(1, False)]
     assert [(r.version, r.type) for r in plant.received("1000010")] == [
-        (1, "order.released"), (2, "order.changed")]
+        (1, "order.released"),
+        (2, "order.changed"),
+    ]
 
 
 def test_broker_down_while_publishing_the_retained_order_reaches_the_mes_after(
-        plant: Plant) -> None:
+    plant: Plant,
+) -> None:
     gateway = plant.start_gateway()
     plant.follower.close()
     plant.broker.stop()
     release(plant.erp, order("1000020"))
-    wait_for(lambda: ("1000020", "1") in plant.held(), 20, "the order committed",
-             gateway.log_path)
+    wait_for(lambda: ("1000020", "1") in plant.held(), 20, "the order committed", gateway.log_path)
     time.sleep(1.5)  # publishing fails meanwhile, with backoff
     plant.broker.start()
-    wait_for(lambda: "1000020" in retained_now(plant.broker.port, 0.5), 30,
-             "the order retained at the broker", gateway.log_path)
+    wait_for(
+        lambda: "1000020" in retained_now(plant.broker.port, 0.5),
+        30,
+        "the order retained at the broker",
+        gateway.log_path,
+    )
     # An MES that connects only now finds it, and starts it.
     late = OrderFollower(plant.mes, port=plant.broker.port, client_id="mes-late")
     plant.follower = late
@@ -288,7 +350,8 @@ def test_broker_down_while_publishing_the_retained_order_reaches_the_mes_after(
 
 
 def test_kill_9_between_reading_erp_and_publishing_publishes_each_release_once(
-        plant: Plant) -> None:
+    plant: Plant,
+) -> None:
     """Deterministic first: the broker is down, so the gateway reads and commits but cannot
     publish; kill -9; the broker and the gateway come back: each order arrives once. Then
     random kills while ERP releases and changes orders."""
@@ -311,8 +374,11 @@ def test_kill_9_between_reading_erp_and_publishing_publishes_each_release_once(
         expected[order_id] = "100"
         if number % 3 == 2:
             changed = f"10004{number - 1:02d}"
-            httpx.post(f"{plant.erp.url}/_sim/orders/{changed}/change",
-                       json={"quantity": str(200 + number)}, timeout=10).raise_for_status()
+            httpx.post(
+                f"{plant.erp.url}/_sim/orders/{changed}/change",
+                json={"quantity": str(200 + number)},
+                timeout=10,
+            ).raise_for_status()
             expected[changed] = str(200 + number)
         time.sleep(rng.uniform(0.05, 0.4))
         if number in (3, 7, 10):
@@ -320,8 +386,11 @@ def test_kill_9_between_reading_erp_and_publishing_publishes_each_release_once(
             gateway = plant.start_gateway()
 
     def quantities() -> dict[str, str]:
-        return {o: plant.follower.orders[o]["quantity"]["value"]
-                for o in expected if o in plant.follower.orders}
+        return {
+            o: plant.follower.orders[o]["quantity"]["value"]
+            for o in expected
+            if o in plant.follower.orders
+        }
 
     try:
         wait_for(lambda: quantities() == expected, 60, "every order's latest version")

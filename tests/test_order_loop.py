@@ -57,63 +57,113 @@ def test_erp_release_to_quality_release_reconciles_and_a_hand_posting_is_found(
     qms = start_qms(peers, tmp_path, "--decision-delay", "1")
     plc_port, api_port = free_port(), free_port()
     api = f"http://127.0.0.1:{api_port}"
-    config = write_config(tmp_path, plc_port=plc_port, broker=mosquitto, erp=erp, qms=qms,
-                          api_port=api_port, orders=True)
+    config = write_config(
+        tmp_path,
+        plc_port=plc_port,
+        broker=mosquitto,
+        erp=erp,
+        qms=qms,
+        api_port=api_port,
+        orders=True,
+    )
     monkeypatch.setenv("ERP_SECRET", ERP_SECRET)
     gateway = start_gateway(peers, config, tmp_path)
     wait_for(lambda: _listening(api), "the local API")
-    publisher = MesPublisher(mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE,
-                             run=uuid.uuid4().hex)
+    publisher = MesPublisher(
+        mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE, run=uuid.uuid4().hex
+    )
     publisher.connect()
-    mes = OrderFollower(publisher, host=mosquitto.host, port=mosquitto.port, site=SITE,
-                        client_id=f"mes-{uuid.uuid4().hex[:8]}")
+    mes = OrderFollower(
+        publisher,
+        host=mosquitto.host,
+        port=mosquitto.port,
+        site=SITE,
+        client_id=f"mes-{uuid.uuid4().hex[:8]}",
+    )
     mes.connect()
     try:
-        wait_for(lambda: any(d["name"] == "mes" and d["connected"]
-                             for d in get_json(f"{api}/status")["drivers"]),
-                 "the gateway's MES subscription")
+        wait_for(
+            lambda: any(
+                d["name"] == "mes" and d["connected"] for d in get_json(f"{api}/status")["drivers"]
+            ),
+            "the gateway's MES subscription",
+        )
         # The planner releases the order in ERP.
-        released = httpx.post(f"{erp.url}/_sim/orders", timeout=10, json={
-            "order_id": ORDER, "material": MATERIAL, "quantity": str(STOP_AT), "unit": "PCE",
-            "production_version": "0001", "batch": LOT, "plant": SITE,
-            "operations": [{"operation": "0010", "work_center": "PRESS01", "text": "Press"}],
-            "components": [{"material": COMPONENT, "quantity": "12.5", "unit": "KGM",
-                            "operation": "0010"}]})
+        released = httpx.post(
+            f"{erp.url}/_sim/orders",
+            timeout=10,
+            json={
+                "order_id": ORDER,
+                "material": MATERIAL,
+                "quantity": str(STOP_AT),
+                "unit": "PCE",
+                "production_version": "0001",
+                "batch": LOT,
+                "plant": SITE,
+                "operations": [{"operation": "0010", "work_center": "PRESS01", "text": "Press"}],
+                "components": [
+                    {"material": COMPONENT, "quantity": "12.5", "unit": "KGM", "operation": "0010"}
+                ],
+            },
+        )
         assert released.status_code < 300, released.text
         # ... the gateway publishes it, the MES starts it, and it binds to the press.
         wait_for(lambda: ORDER in mes.started, "the MES to start the released order")
-        wait_for(lambda: get_json(f"{api}/status")["machines"][0]["order_id"] == ORDER,
-                 "the order bound to the press")
-        plc = start_plc(peers, tmp_path, "--rate", "40", "--stop-at", str(STOP_AT),
-                        port=plc_port)
+        wait_for(
+            lambda: get_json(f"{api}/status")["machines"][0]["order_id"] == ORDER,
+            "the order bound to the press",
+        )
+        plc = start_plc(peers, tmp_path, "--rate", "40", "--stop-at", str(STOP_AT), port=plc_port)
         wait_for(lambda: plc.counters()[0] == STOP_AT, "the PLC to finish counting")
-        wait_for(lambda: (get_json(f"{api}/status")["signals"].get(f"{MACHINE}.good")
-                          or {}).get("value") == STOP_AT, "the gateway to read it")
+        wait_for(
+            lambda: (
+                (get_json(f"{api}/status")["signals"].get(f"{MACHINE}.good") or {}).get("value")
+                == STOP_AT
+            ),
+            "the gateway to read it",
+        )
         (baseline,) = counter_baselines(gateway.output(), f"{MACHINE}.good")
         counted = STOP_AT - baseline
         publisher.consume(ORDER, COMPONENT, "RM-9", "12.5", uom="KGM").wait()
-        publisher.lot_completed(ORDER, MATERIAL, LOT, counted, uom="H87",
-                                input_lots=[InputLot("RM-9", COMPONENT, "12.5", "KGM")]).wait()
+        publisher.lot_completed(
+            ORDER,
+            MATERIAL,
+            LOT,
+            counted,
+            uom="H87",
+            input_lots=[InputLot("RM-9", COMPONENT, "12.5", "KGM")],
+        ).wait()
         mes.end(ORDER, good=counted).wait()
-        wait_for(lambda: any(c["IsFinalConfirmation"] for c in confirmations(erp, ORDER)),
-                 "the final confirmation in ERP")
-        wait_for(lambda: (batch(erp, LOT) or {}).get("status") == "unrestricted",
-                 "ERP to release the lot's stock after the QMS released it")
-        erp_yield = sum(Decimal(c["ConfirmationYieldQuantity"])
-                        for c in confirmations(erp, ORDER))
+        wait_for(
+            lambda: any(c["IsFinalConfirmation"] for c in confirmations(erp, ORDER)),
+            "the final confirmation in ERP",
+        )
+        wait_for(
+            lambda: (batch(erp, LOT) or {}).get("status") == "unrestricted",
+            "ERP to release the lot's stock after the QMS released it",
+        )
+        erp_yield = sum(Decimal(c["ConfirmationYieldQuantity"]) for c in confirmations(erp, ORDER))
         assert erp_yield == counted > 0
 
         code, report = reconcile_cli(config, "--order", ORDER)
         assert (code, report["mismatches"], report["failed"]) == (0, 0, {}), report
         (order,) = report["orders"]
         assert order["mes"]["yield"] == str(counted) and order["mes"]["uom"] == "H87"
-        assert order["lots"] == [{"lot_id": LOT, "material": MATERIAL, "qms": "release",
-                                  "erp_stock": "unrestricted"}]
+        assert order["lots"] == [
+            {"lot_id": LOT, "material": MATERIAL, "qms": "release", "erp_stock": "unrestricted"}
+        ]
         kpis = get_json(f"{api}/status")["kpis"]
-        assert (kpis["orders_released"], kpis["orders_accepted"],
-                kpis["order_sync_success_ratio"]) == (1, 1, 1.0)
-        assert metric(httpx.get(f"{api}/metrics", timeout=10).text,
-                      "plantsync_order_sync_success_ratio") == 1.0
+        assert (
+            kpis["orders_released"],
+            kpis["orders_accepted"],
+            kpis["order_sync_success_ratio"],
+        ) == (1, 1, 1.0)
+        assert (
+            metric(
+                httpx.get(f"{api}/metrics", timeout=10).text, "plantsync_order_sync_success_ratio"
+            )
+            == 1.0
+        )
 
         post_by_hand_in_sap(erp, "5")
         code, report = reconcile_cli(config, "--order", ORDER)

@@ -22,10 +22,16 @@ from tests.conftest import Mosquitto
 
 
 def delivery(order_id: str, version: int, event_type: str = "order.released") -> Delivery:
-    payload = json.dumps({"id": f"id-{order_id}-{version}", "type": event_type,
-                          "data": {"order_id": order_id, "version": version}}).encode()
-    return Delivery(1, "mes-orders", f"id-{order_id}-{version}", event_type,
-                    f"order/{order_id}", payload, 0)
+    payload = json.dumps(
+        {
+            "id": f"id-{order_id}-{version}",
+            "type": event_type,
+            "data": {"order_id": order_id, "version": version},
+        }
+    ).encode()
+    return Delivery(
+        1, "mes-orders", f"id-{order_id}-{version}", event_type, f"order/{order_id}", payload, 0
+    )
 
 
 def retained(port: int) -> dict[str, bytes]:
@@ -60,28 +66,37 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
 
 @pytest.mark.integration
 async def test_delivered_on_puback_retained_and_cleared(mosquitto: Mosquitto) -> None:
-    config = OrdersMesConfig(host="127.0.0.1", port=mosquitto.port, timeout="3s",
-                             accepted_on="ack_topic", ack_topic="mes/1010/orders/+/ack")
+    config = OrdersMesConfig(
+        host="127.0.0.1",
+        port=mosquitto.port,
+        timeout="3s",
+        accepted_on="ack_topic",
+        ack_topic="mes/1010/orders/+/ack",
+    )
     acked: list[str] = []
     async with MesOrderPublisher.connected_to(config, "1010", acked.append) as publisher:
         await until(lambda: publisher.connected)
         [result] = await publisher.send([delivery("1000123", 1)])
-        assert (result.outcome, result.reference) == (Outcome.DELIVERED,
-                                                      "mes/1010/orders/1000123 v1")
+        assert (result.outcome, result.reference) == (
+            Outcome.DELIVERED,
+            "mes/1010/orders/1000123 v1",
+        )
         found = await asyncio.to_thread(retained, mosquitto.port)
         assert json.loads(found["mes/1010/orders/1000123"])["data"]["version"] == 1
         [result] = await publisher.send([delivery("1000123", 2, "order.cancelled")])
         assert result.outcome is Outcome.DELIVERED
         assert "mes/1010/orders/1000123" not in await asyncio.to_thread(retained, mosquitto.port)
-        [bad] = await publisher.send([Delivery(2, "mes-orders", "x", "order.released",
-                                               "order/x", b"{}", 0)])
+        [bad] = await publisher.send(
+            [Delivery(2, "mes-orders", "x", "order.released", "order/x", b"{}", 0)]
+        )
         assert bad.outcome is Outcome.REJECTED
         # The MES acknowledges on its ack topic.
         sender = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2)
         sender.connect("127.0.0.1", mosquitto.port)
         sender.loop_start()
-        sender.publish("mes/1010/orders/1000123/ack",
-                       json.dumps({"order_id": "1000123", "version": 1}), qos=1).wait_for_publish()
+        sender.publish(
+            "mes/1010/orders/1000123/ack", json.dumps({"order_id": "1000123", "version": 1}), qos=1
+        ).wait_for_publish()
         sender.disconnect()
         sender.loop_stop()
         await until(lambda: acked == ["1000123"])

@@ -13,11 +13,17 @@ from buffer.outbox import Outbox, OutboxEvent
 from buffer.outbox.schema import MIGRATIONS, SCHEMA_VERSION
 
 
-def event(n: int, key: str = "order-1", destinations: tuple[str, ...] = ("erp",),
-          priority: int = 1) -> OutboxEvent:
-    return OutboxEvent(id=f"ev-{n}", type="production.confirmation", partition_key=key,
-                       payload=f'{{"n": {n}}}'.encode(), destinations=destinations,
-                       priority=priority)
+def event(
+    n: int, key: str = "order-1", destinations: tuple[str, ...] = ("erp",), priority: int = 1
+) -> OutboxEvent:
+    return OutboxEvent(
+        id=f"ev-{n}",
+        type="production.confirmation",
+        partition_key=key,
+        payload=f'{{"n": {n}}}'.encode(),
+        destinations=destinations,
+        priority=priority,
+    )
 
 
 @pytest.fixture
@@ -35,9 +41,12 @@ async def test_commit_is_durable_with_state_and_survives_reopen(tmp_path: Path) 
         # the transaction was committed when `commit` returned, not later.
         db = sqlite3.connect(tmp_path / "outbox.db")
         assert db.execute("SELECT id, payload FROM events ORDER BY seq").fetchall() == [
-            ("ev-1", b'{"n": 1}'), ("ev-2", b'{"n": 2}')]
+            ("ev-1", b'{"n": 1}'),
+            ("ev-2", b'{"n": 2}'),
+        ]
         assert db.execute("SELECT value FROM rule_state WHERE key = 'machine:m1'").fetchone() == (
-            '{"total": 7}',)
+            '{"total": 7}',
+        )
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         db.close()
@@ -103,14 +112,17 @@ async def test_each_destination_is_tracked_on_its_own(outbox: Outbox) -> None:
     assert to_qms.event_id == "ev-1"  # delivered to ERP, still owed to QMS
     await outbox.ack(to_qms, status=200)
     journal = await outbox.journal()
-    assert [(j["destination"], j["reference"]) for j in journal] == [("erp", "ERP-9"),
-                                                                       ("qms", None)]
+    assert [(j["destination"], j["reference"]) for j in journal] == [
+        ("erp", "ERP-9"),
+        ("qms", None),
+    ]
     assert await outbox.counts() == {}
 
 
 async def test_priority_class_goes_first_in_a_backlog(outbox: Outbox) -> None:
-    await outbox.commit([event(1, "A", priority=2), event(2, "B", priority=1),
-                         event(3, "C", priority=0)])
+    await outbox.commit(
+        [event(1, "A", priority=2), event(2, "B", priority=1), event(3, "C", priority=0)]
+    )
     assert [d.event_id for d in await outbox.lease("erp", 2)] == ["ev-3", "ev-2"]
 
 
@@ -133,8 +145,14 @@ async def test_a_newer_schema_refuses_to_open(tmp_path: Path) -> None:
 
 
 def big(n: int, priority: int = 1, key: str = "order-1") -> OutboxEvent:
-    return OutboxEvent(id=f"big-{n}", type="production.confirmation", partition_key=key,
-                       payload=b"x" * 4000, destinations=("erp",), priority=priority)
+    return OutboxEvent(
+        id=f"big-{n}",
+        type="production.confirmation",
+        partition_key=key,
+        payload=b"x" * 4000,
+        destinations=("erp",),
+        priority=priority,
+    )
 
 
 async def test_disk_budget_refuses_informational_and_holds_business_until_room(
@@ -229,7 +247,7 @@ async def test_damage_found_while_running_raises_the_alarm_and_moves_the_file_ne
     # Break a page in the middle of the file, leaving the header and schema readable.
     data = bytearray(path.read_bytes())
     middle = len(data) // 2 // 4096 * 4096
-    data[middle:middle + 4096] = b"\xff" * 4096
+    data[middle : middle + 4096] = b"\xff" * 4096
     path.write_bytes(bytes(data))
 
     async with Outbox.open(path) as box:
@@ -279,8 +297,10 @@ async def test_a_database_from_before_the_epoch_gets_one_and_keeps_its_events(
     for statement in (s for migration in MIGRATIONS[:4] for s in migration):
         db.execute(statement)
     db.execute("PRAGMA user_version = 4")
-    db.execute("INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
-               " VALUES ('old-1', 'production.confirmation', 'k', 1, x'7b7d', 0)")
+    db.execute(
+        "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+        " VALUES ('old-1', 'production.confirmation', 'k', 1, x'7b7d', 0)"
+    )
     db.execute("INSERT INTO deliveries VALUES (1, 'erp', 'k', 1, 0, 0, 0, NULL, NULL, NULL)")
     db.close()
     async with Outbox.open(path) as box:
@@ -301,8 +321,12 @@ async def test_show_lists_payload_deliveries_and_journal_exactly(outbox: Outbox)
     shown = await outbox.show("ev-1")
     assert shown is not None
     assert {k: shown[k] for k in ("id", "type", "partition_key", "priority", "payload")} == {
-        "id": "ev-1", "type": "production.confirmation", "partition_key": "K", "priority": 0,
-        "payload": '{"n": 1}'}
+        "id": "ev-1",
+        "type": "production.confirmation",
+        "partition_key": "K",
+        "priority": 0,
+        "payload": '{"n": 1}',
+    }
     assert shown["seq"] == 1 and shown["created_at"] <= before
     (delivery,) = shown["deliveries"]
     assert delivery["destination"] == "qms" and delivery["state"] == "dead"
@@ -311,7 +335,11 @@ async def test_show_lists_payload_deliveries_and_journal_exactly(outbox: Outbox)
     assert delivery["dead_at"] >= before
     (journal,) = shown["journal"]
     assert {k: journal[k] for k in ("destination", "attempts", "status", "reference")} == {
-        "destination": "erp", "attempts": 1, "status": 201, "reference": "ERP-1"}
+        "destination": "erp",
+        "attempts": 1,
+        "status": 201,
+        "reference": "ERP-1",
+    }
     assert journal["delivered_at"] >= before
     assert await outbox.show("ev-404") is None
     # Delivered everywhere and forgotten: the journal still answers.
@@ -334,9 +362,14 @@ async def test_deliveries_by_state_destination_and_limit(outbox: Outbox) -> None
     (dead,) = await outbox.deliveries(state="dead")
     assert (dead["id"], dead["destination"], dead["last_error"]) == ("ev-2", "erp", "bad")
     (listed,) = await outbox.dead_letters()
-    assert (listed["id"], listed["type"], listed["partition_key"], listed["attempts"],
-            listed["last_status"], listed["last_error"]) == (
-        "ev-2", "production.confirmation", "B", 1, 400, "bad")
+    assert (
+        listed["id"],
+        listed["type"],
+        listed["partition_key"],
+        listed["attempts"],
+        listed["last_status"],
+        listed["last_error"],
+    ) == ("ev-2", "production.confirmation", "B", 1, 400, "bad")
     assert outbox.stats.dead_lettered == 1 and outbox.stats.retries == 1
 
 
@@ -349,7 +382,9 @@ async def test_dead_letters_are_retried_and_purged_by_event_and_by_destination(
             await outbox.dead_letter(delivery, status=400, reason="no")
     assert await outbox.retry_dead("ev-1", "qms") == 1  # only that one
     assert sorted((d["id"], d["destination"]) for d in await outbox.dead_letters()) == [
-        ("ev-1", "erp"), ("ev-2", "erp")]
+        ("ev-1", "erp"),
+        ("ev-2", "erp"),
+    ]
     assert await outbox.retry_dead(None, "erp") == 2
     assert await outbox.dead_letters() == [] and outbox.stats.dead_retried == 3
     assert (await outbox.counts())["erp"].pending == 2
@@ -359,7 +394,9 @@ async def test_dead_letters_are_retried_and_purged_by_event_and_by_destination(
     assert await outbox.purge_dead("ev-404") == 0
     assert await outbox.purge_dead("ev-1", "erp") == 1
     assert sorted((d["id"], d["destination"]) for d in await outbox.dead_letters()) == [
-        ("ev-1", "qms"), ("ev-2", "erp")]
+        ("ev-1", "qms"),
+        ("ev-2", "erp"),
+    ]
     assert await outbox.purge_dead(None, "qms") == 1
     assert (await outbox.show("ev-1")) is None  # no delivery left: the event is gone
     counts = await outbox.counts()
@@ -372,31 +409,40 @@ async def test_lot_status_kept_and_a_produced_lot_never_overrides_a_decision(
     from buffer.outbox import LotStatus
 
     assert await outbox.lot_status("L-1") is None
-    await outbox.commit([], lots=[LotStatus("L-1", "hold", 10.0, "produced", "O-1", "FG",
-                                            decided=False)])
-    assert await outbox.lot_status("L-1") == LotStatus("L-1", "hold", 10.0, "produced", "O-1",
-                                                        "FG")
+    await outbox.commit(
+        [], lots=[LotStatus("L-1", "hold", 10.0, "produced", "O-1", "FG", decided=False)]
+    )
+    assert await outbox.lot_status("L-1") == LotStatus("L-1", "hold", 10.0, "produced", "O-1", "FG")
     await outbox.commit([], lots=[LotStatus("L-1", "release", 20.0, "qms")])
     # A decision without order or material keeps what was known of them.
-    assert await outbox.lot_status("L-1") == LotStatus("L-1", "release", 20.0, "qms", "O-1",
-                                                        "FG")
+    assert await outbox.lot_status("L-1") == LotStatus("L-1", "release", 20.0, "qms", "O-1", "FG")
     await outbox.commit([], lots=[LotStatus("L-1", "hold", 30.0, "produced", decided=False)])
-    assert (await outbox.lot_status("L-1")) == LotStatus("L-1", "release", 20.0, "qms", "O-1",
-                                                          "FG")
+    assert (await outbox.lot_status("L-1")) == LotStatus("L-1", "release", 20.0, "qms", "O-1", "FG")
 
 
 async def test_input_dead_letters_kept_replaced_and_resolved(outbox: Outbox) -> None:
     from buffer.outbox import REJECTED_PAYLOAD_LIMIT, RejectedInput
 
     huge = b"{" + b"x" * (REJECTED_PAYLOAD_LIMIT + 10)
-    await outbox.commit([], rejected=[
-        RejectedInput("mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}', "unit ZCS", 100.0,
-                      "m-1"),
-        RejectedInput("mes", "mes/t\udcff", huge, "too big", 200.0)])
+    await outbox.commit(
+        [],
+        rejected=[
+            RejectedInput(
+                "mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}', "unit ZCS", 100.0, "m-1"
+            ),
+            RejectedInput("mes", "mes/t\udcff", huge, "too big", 200.0),
+        ],
+    )
     newest, oldest = await outbox.rejected_inputs()
-    assert (oldest["id"], oldest["source"], oldest["topic"], oldest["message_id"],
-            oldest["payload"], oldest["reason"], oldest["received_at"]) == (
-        1, "mes", "mes/1010/p/consumption", "m-1", '{"uom": "ZCS"}', "unit ZCS", 100.0)
+    assert (
+        oldest["id"],
+        oldest["source"],
+        oldest["topic"],
+        oldest["message_id"],
+        oldest["payload"],
+        oldest["reason"],
+        oldest["received_at"],
+    ) == (1, "mes", "mes/1010/p/consumption", "m-1", '{"uom": "ZCS"}', "unit ZCS", 100.0)
     assert newest["topic"] == "mes/t\\udcff"  # a lone surrogate is kept escaped
     assert len(newest["payload"]) == REJECTED_PAYLOAD_LIMIT and newest["message_id"] is None
     assert [r["id"] for r in await outbox.rejected_inputs(since=150.0)] == [2]
@@ -404,15 +450,29 @@ async def test_input_dead_letters_kept_replaced_and_resolved(outbox: Outbox) -> 
     assert outbox.stats.rejected_inputs == 2
 
     kept = await outbox.rejected_input(1)
-    assert kept == RejectedInput("mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}',
-                                 "unit ZCS", 100.0, "m-1", replaces=1)
+    assert kept == RejectedInput(
+        "mes", "mes/1010/p/consumption", b'{"uom": "ZCS"}', "unit ZCS", 100.0, "m-1", replaces=1
+    )
     assert await outbox.rejected_input(99) is None
     # Rejected again: the same row, the new reason; no second row.
-    await outbox.commit([], rejected=[RejectedInput(
-        kept.source, kept.topic, kept.payload, "still ZCS", kept.received_at, "m-1",
-        replaces=1)])
+    await outbox.commit(
+        [],
+        rejected=[
+            RejectedInput(
+                kept.source,
+                kept.topic,
+                kept.payload,
+                "still ZCS",
+                kept.received_at,
+                "m-1",
+                replaces=1,
+            )
+        ],
+    )
     assert [(r["id"], r["reason"]) for r in await outbox.rejected_inputs()] == [
-        (2, "too big (payload of 16395 bytes; its first 16384 kept)"), (1, "still ZCS")]
+        (2, "too big (payload of 16395 bytes; its first 16384 kept)"),
+        (1, "still ZCS"),
+    ]
     # Accepted: its events and its removal in one commit.
     result = await outbox.commit([event(7)], resolved_inputs=[1])
     assert result.inserted == 1

@@ -24,8 +24,13 @@ pytestmark = pytest.mark.integration
 
 
 def outbox_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_process([sys.executable, "-m", "edge.cli", "outbox", "--config", str(config),
-                           *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return run_process(
+        [sys.executable, "-m", "edge.cli", "outbox", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 def test_dead_letters_seen_retried_and_journalled(
@@ -63,8 +68,16 @@ def test_dead_letters_seen_retried_and_journalled(
     wait_for(lambda: dead_count() == 0 and len(erp_sim.events()) >= 2, 30, "redelivery")
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert "plantsync_outbox_dead_letters_retried_total" in metrics
-    wait_for(lambda: json.loads(outbox_cli(config, "--json", "status").stdout)["destinations"]
-             .get("erp", {}).get("pending", 0) == 0, 30, "everything delivered")
+    wait_for(
+        lambda: (
+            json.loads(outbox_cli(config, "--json", "status").stdout)["destinations"]
+            .get("erp", {})
+            .get("pending", 0)
+            == 0
+        ),
+        30,
+        "everything delivered",
+    )
     assert gateway.stop() == 0
 
     # Daemon down: the CLI reads the database itself.
@@ -119,11 +132,11 @@ def test_a_rejected_mes_message_is_traced_and_reingested_after_the_fix(
     config = mes_plant(tmp_path, mosquitto, erp_sim)
     gateway = start_gateway(peers, config, tmp_path)
     wait_for(lambda: "connected as" in gateway.output(), 30, "the MQTT driver")
-    with MesPublisher(mosquitto.host, mosquitto.port, site="1010", machine="press-01",
-                      run=uuid.uuid4().hex) as mes:
+    with MesPublisher(
+        mosquitto.host, mosquitto.port, site="1010", machine="press-01", run=uuid.uuid4().hex
+    ) as mes:
         # The plant's ERP counts cases in ZCS, which the gateway does not know yet.
-        refused = [mes.consume("1000123", "RM-CASE", f"RM-{n}", "4", uom="ZCS")
-                   for n in (1, 2)]
+        refused = [mes.consume("1000123", "RM-CASE", f"RM-{n}", "4", uom="ZCS") for n in (1, 2)]
         accepted = mes.consume("1000123", "RM-STEEL", "RM-9", "12.5", uom="KGM")
         for publication in (*refused, accepted):
             publication.wait()
@@ -134,8 +147,9 @@ def test_a_rejected_mes_message_is_traced_and_reingested_after_the_fix(
     event = row["event"]
     assert isinstance(event, dict)
     assert event["sourcemessageid"] == accepted.message_id
-    assert event["id"] == event_id("material.consumed", "1010", "material.consumed",
-                                   str(accepted.message_id))
+    assert event["id"] == event_id(
+        "material.consumed", "1010", "material.consumed", str(accepted.message_id)
+    )
     listed = outbox_cli(config, "--json", "rejected")
     assert listed.returncode == 0, listed.stderr
     rows = sorted(json.loads(listed.stdout), key=lambda r: r["id"])
@@ -159,14 +173,22 @@ def test_a_rejected_mes_message_is_traced_and_reingested_after_the_fix(
     done = outbox_cli(config, "--json", "reingest", str(rows[0]["id"]), "--reason", FIXED)
     assert done.returncode == 0, done
     first = json.loads(done.stdout)
-    expected = [event_id("material.consumed", "1010", "material.consumed", str(p.message_id))
-                for p in refused]
-    assert first == {"id": rows[0]["id"], "message_id": refused[0].message_id,
-                     "outcome": "accepted", "events": [expected[0]]}
+    expected = [
+        event_id("material.consumed", "1010", "material.consumed", str(p.message_id))
+        for p in refused
+    ]
+    assert first == {
+        "id": rows[0]["id"],
+        "message_id": refused[0].message_id,
+        "outcome": "accepted",
+        "events": [expected[0]],
+    }
     assert "Manual intervention: input dead letter" in gateway.output()
     hand = json.loads(outbox_cli(config, "--json", "hand-actions").stdout)
     assert [(h["action"], h["reason"], h["affected"]) for h in hand] == [
-        ("reingest", "ZCS not known yet", 0), ("reingest", FIXED, 1)]
+        ("reingest", "ZCS not known yet", 0),
+        ("reingest", FIXED, 1),
+    ]
     twice = outbox_cli(config, "reingest", str(rows[0]["id"]), "--reason", "ZCS not known yet")
     assert twice.returncode != 0 and "no input dead letter" in twice.stderr, twice
 

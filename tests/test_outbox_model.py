@@ -66,8 +66,10 @@ class Model:
         for owed in sorted(self.owed[destination], key=lambda o: o.seq):
             if not owed.dead and owed.key not in first:
                 first[owed.key] = owed
-        return sorted((o for k, o in first.items() if o.due <= now and k not in busy),
-                      key=lambda o: (o.priority, o.seq))
+        return sorted(
+            (o for k, o in first.items() if o.due <= now and k not in busy),
+            key=lambda o: (o.priority, o.seq),
+        )
 
     def find(self, destination: str, event_id: str) -> Owed:
         return next(o for o in self.owed[destination] if o.event_id == event_id)
@@ -75,11 +77,19 @@ class Model:
 
 events = st.builds(
     lambda n, key, dests, priority, payload: OutboxEvent(
-        id=f"ev-{n}", type="production.confirmation", partition_key=key,
-        payload=payload, destinations=dests, priority=priority),
-    st.integers(0, 40), st.sampled_from(KEYS),
-    st.sampled_from([("erp",), ("qms",), ("erp", "qms"), ()]), st.integers(0, 2),
-    st.binary(min_size=2, max_size=40))
+        id=f"ev-{n}",
+        type="production.confirmation",
+        partition_key=key,
+        payload=payload,
+        destinations=dests,
+        priority=priority,
+    ),
+    st.integers(0, 40),
+    st.sampled_from(KEYS),
+    st.sampled_from([("erp",), ("qms",), ("erp", "qms"), ()]),
+    st.integers(0, 2),
+    st.binary(min_size=2, max_size=40),
+)
 """Payloads are arbitrary bytes (NUL, invalid UTF-8...): what comes back must be the same."""
 
 
@@ -117,12 +127,17 @@ class OutboxMachine(RuleBasedStateMachine):
             self.model.next_seq += 1
             for destination in event.destinations:
                 self.model.owed[destination].append(
-                    Owed(self.model.next_seq, event.id, event.partition_key, event.priority))
+                    Owed(self.model.next_seq, event.id, event.partition_key, event.priority)
+                )
         self.state |= state
         return inserted
 
-    @rule(batch=st.lists(events, max_size=6), state=st.dictionaries(
-        st.sampled_from(["machine:a", "machine:b"]), st.text(max_size=5), max_size=2))
+    @rule(
+        batch=st.lists(events, max_size=6),
+        state=st.dictionaries(
+            st.sampled_from(["machine:a", "machine:b"]), st.text(max_size=5), max_size=2
+        ),
+    )
     def commit(self, batch: list[OutboxEvent], state: dict[str, str]) -> None:
         result = self.run(self.outbox.commit(batch, state))
         inserted = self.apply(batch, state)
@@ -136,8 +151,12 @@ class OutboxMachine(RuleBasedStateMachine):
         before = self.outbox.stats.transactions
 
         async def together() -> list[CommitResult]:
-            return await asyncio.gather(*(self.outbox.commit(b, {f"caller:{i}": str(len(b))})
-                                          for i, b in enumerate(batches)))
+            return await asyncio.gather(
+                *(
+                    self.outbox.commit(b, {f"caller:{i}": str(len(b))})
+                    for i, b in enumerate(batches)
+                )
+            )
 
         results = self.run(together())
         for number, (batch, result) in enumerate(zip(batches, results, strict=True)):
@@ -145,8 +164,10 @@ class OutboxMachine(RuleBasedStateMachine):
             assert (result.inserted, result.duplicates) == (inserted, len(batch) - inserted)
         assert self.outbox.stats.transactions - before == 1, "the callers were not grouped"
 
-    @rule(batches=st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=6),
-          pauses=st.lists(st.floats(0, 0.004), min_size=6, max_size=6))
+    @rule(
+        batches=st.lists(st.lists(events, min_size=1, max_size=4), min_size=1, max_size=6),
+        pauses=st.lists(st.floats(0, 0.004), min_size=6, max_size=6),
+    )
     def crash(self, batches: list[list[OutboxEvent]], pauses: list[float]) -> None:
         """Callers commit one after another, a pause after each (so some are written and
         returned, one may be in the writer's thread, some still queued); then the process
@@ -157,13 +178,17 @@ class OutboxMachine(RuleBasedStateMachine):
 
         async def callers() -> None:
             for number, (batch, pause) in enumerate(zip(batches, pauses, strict=False)):
-                tasks.append(self.loop.create_task(
-                    outbox.commit(batch, {f"crash:{self.crashes}:{number}": "1"})))
+                tasks.append(
+                    self.loop.create_task(
+                        outbox.commit(batch, {f"crash:{self.crashes}:{number}": "1"})
+                    )
+                )
                 await asyncio.sleep(pause)
 
         self.run(callers())
-        returned = [task.done() and not task.cancelled() and task.exception() is None
-                    for task in tasks]
+        returned = [
+            task.done() and not task.cancelled() and task.exception() is None for task in tasks
+        ]
         _abandon(outbox, tasks, self.loop)
         self.held.forget()
         self.abandoned.append(outbox)
@@ -235,33 +260,46 @@ class OutboxMachine(RuleBasedStateMachine):
         owed.attempts += 1
         owed.dead = True
 
-    @rule(destination=st.sampled_from(DESTINATIONS), limit=st.integers(1, 6),
-          per_key=st.integers(2, 4), delay=st.floats(0, 100),
-          outcomes=st.lists(st.sampled_from(["delivered", "retry", "dead"]), min_size=6,
-                            max_size=6))
-    def lease_runs_and_settle(self, destination: str, limit: int, per_key: int, delay: float,
-                              outcomes: list[str]) -> None:
+    @rule(
+        destination=st.sampled_from(DESTINATIONS),
+        limit=st.integers(1, 6),
+        per_key=st.integers(2, 4),
+        delay=st.floats(0, 100),
+        outcomes=st.lists(st.sampled_from(["delivered", "retry", "dead"]), min_size=6, max_size=6),
+    )
+    def lease_runs_and_settle(
+        self, destination: str, limit: int, per_key: int, delay: float, outcomes: list[str]
+    ) -> None:
         """Issue 17: a lease of runs (each due head and its key's next deliveries in commit
         order, for a target that takes them in order), settled at once in one transaction
         with mixed outcomes, as a batch request's answer is."""
         busy = {key for (d, key) in self.in_flight if d == destination}
-        got = self.run(self.outbox.lease(destination, limit, busy_keys=busy, now=self.now,
-                                         per_key=per_key))
+        got = self.run(
+            self.outbox.lease(destination, limit, busy_keys=busy, now=self.now, per_key=per_key)
+        )
         expected: list[Owed] = []
         owed_in_order = sorted(self.model.owed[destination], key=lambda o: o.seq)
         for head in self.model.heads(destination, self.now, busy)[:limit]:
             room = min(per_key, limit - len(expected))
             if room <= 0:
                 break
-            expected += [o for o in owed_in_order
-                         if o.key == head.key and not o.dead and o.seq >= head.seq][:room]
+            expected += [
+                o for o in owed_in_order if o.key == head.key and not o.dead and o.seq >= head.seq
+            ][:room]
         assert [d.event_id for d in got] == [o.event_id for o in expected]
         assert [d.payload for d in got] == [self.model.payloads[o.event_id] for o in expected]
         assert [d.attempts for d in got] == [o.attempts for o in expected]
-        settlements = [Settlement(d, outcome, 201 if outcome == "delivered" else 503,  # type: ignore[arg-type]
-                                  reference=f"R-{d.event_id}", retry_at=self.now + delay,
-                                  reason="down")
-                       for d, outcome in zip(got, outcomes, strict=False)]
+        settlements = [
+            Settlement(
+                d,
+                outcome,
+                201 if outcome == "delivered" else 503,  # type: ignore[arg-type]
+                reference=f"R-{d.event_id}",
+                retry_at=self.now + delay,
+                reason="down",
+            )
+            for d, outcome in zip(got, outcomes, strict=False)
+        ]
         self.run(self.outbox.settle(settlements))
         retrying: set[str] = set()
         for settled, owed in zip(settlements, expected, strict=False):
@@ -308,7 +346,8 @@ class OutboxMachine(RuleBasedStateMachine):
     def dead_letters_and_journal_match(self) -> None:
         dead = self.run(self.outbox.dead_letters())
         assert sorted((d["destination"], d["id"]) for d in dead) == sorted(
-            (dest, o.event_id) for dest in DESTINATIONS for o in self.model.owed[dest] if o.dead)
+            (dest, o.event_id) for dest in DESTINATIONS for o in self.model.owed[dest] if o.dead
+        )
         journal = self.run(self.outbox.journal())
         assert [(j["destination"], j["event_id"]) for j in journal] == self.model.journal
 
@@ -322,16 +361,18 @@ class OutboxMachine(RuleBasedStateMachine):
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _abandon(outbox: Outbox, callers: list[asyncio.Task[CommitResult]],
-             loop: asyncio.AbstractEventLoop) -> None:
+def _abandon(
+    outbox: Outbox, callers: list[asyncio.Task[CommitResult]], loop: asyncio.AbstractEventLoop
+) -> None:
     """What a killed process leaves: the writer stops where it is (a transaction already handed
     to its thread finishes or not at all, as SQLite guarantees), nothing queued runs, no caller
     hears back, and the connections are neither committed nor closed."""
     assert outbox._writer is not None and outbox._checker is not None
     for task in (outbox._writer, outbox._checker, *callers):
         task.cancel()
-    loop.run_until_complete(asyncio.gather(outbox._writer, outbox._checker, *callers,
-                                           return_exceptions=True))
+    loop.run_until_complete(
+        asyncio.gather(outbox._writer, outbox._checker, *callers, return_exceptions=True)
+    )
     outbox._executor.shutdown(wait=True)  # a transaction in the thread runs to its end
     if outbox._reader is not None:
         outbox._reader.shutdown(wait=True)
@@ -339,7 +380,9 @@ def _abandon(outbox: Outbox, callers: list[asyncio.Task[CommitResult]],
 
 
 OutboxMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("PLANTSYNC_MODEL_EXAMPLES") or 60), stateful_step_count=40,
-    deadline=None)
+    max_examples=int(os.environ.get("PLANTSYNC_MODEL_EXAMPLES") or 60),
+    stateful_step_count=40,
+    deadline=None,
+)
 """`make mutate` runs it with fewer examples (PLANTSYNC_MODEL_EXAMPLES): once per mutant."""
 TestOutboxAgainstModel = OutboxMachine.TestCase

@@ -85,8 +85,12 @@ def test_retry_after_in_seconds_and_as_an_http_date() -> None:
     assert parse_retry_after(answer(503, **{"Retry-After": "-5"})) is None
     assert parse_retry_after(answer(503, **{"Retry-After": ""})) is None
     future = datetime.now(UTC).timestamp() + 3600
-    live = parse_retry_after(answer(503, **{"Retry-After": format_datetime(
-        datetime.fromtimestamp(future, UTC), usegmt=True)}))
+    live = parse_retry_after(
+        answer(
+            503,
+            **{"Retry-After": format_datetime(datetime.fromtimestamp(future, UTC), usegmt=True)},
+        )
+    )
     assert live is not None and 3590 < live <= 3600
 
 

@@ -72,8 +72,7 @@ def wait_states() -> set[str]:
     for source, _target, cause in transitions():
         if cause not in ("Stop", "Abort"):
             exits[source].append(cause)
-    return {state for state, causes in exits.items()
-            if state != EXECUTE and causes and all(causes)}
+    return {state for state, causes in exits.items() if state != EXECUTE and causes and all(causes)}
 
 
 def completion_path() -> set[str]:
@@ -120,8 +119,11 @@ def journeys() -> list[list[str]]:
     taken = {(a, b) for path in found for a, b in itertools.pairwise(path)}
     for source, target, _cause in transitions():
         if (source, target) not in taken and source != EXECUTE:
-            found.append(shortest(EXECUTE, source) + shortest(target, EXECUTE)
-                         if target != EXECUTE else [*shortest(EXECUTE, source), target])
+            found.append(
+                shortest(EXECUTE, source) + shortest(target, EXECUTE)
+                if target != EXECUTE
+                else [*shortest(EXECUTE, source), target]
+            )
             taken |= set(itertools.pairwise(found[-1]))
     return found
 
@@ -135,12 +137,16 @@ def test_the_table_is_the_published_one() -> None:
 def test_state_names_and_numbers_everywhere_are_the_tables() -> None:
     assert set(typing.get_args(PackMLState)) == set(NUMBER)
     assert {state.value: state.name for state in SimulatorState} == {
-        number: name.upper() for name, number in NUMBER.items()}
+        number: name.upper() for name, number in NUMBER.items()
+    }
 
 
 def test_the_rules_wait_states_and_completion_path_are_the_tables() -> None:
-    assert wait_states() == WAIT_STATES == {"Idle", "Suspended", "Held", "Complete", "Stopped",
-                                            "Aborted"}
+    assert (
+        wait_states()
+        == WAIT_STATES
+        == {"Idle", "Suspended", "Held", "Complete", "Stopped", "Aborted"}
+    )
     assert completion_path() == COMPLETION_PATH
 
 
@@ -166,16 +172,24 @@ def expected(path: list[str]) -> dict[str, Any]:
         if state not in completion and not completed and interrupted is None:
             interrupted = (second, state)
     label = next(state for state in path[1:-1] if state in wait_states())
-    return {"completed": completed, "interrupted": interrupted, "label": label,
-            "downtime": (1, len(path) - 1)}
+    return {
+        "completed": completed,
+        "interrupted": interrupted,
+        "label": label,
+        "downtime": (1, len(path) - 1),
+    }
 
 
 @pytest.mark.parametrize("path", PATHS, ids=["-".join(p[1:-1]) for p in PATHS])
 def test_a_journey_out_of_execute_and_back(path: list[str]) -> None:
-    config = MachineConfig.model_validate({
-        "id": "filler-02", "signals": {"good": "plc.good", "state": "plc.state"},
-        "state_map": {number: name for name, number in NUMBER.items()},
-        "confirm": {"every_units": 1000}})
+    config = MachineConfig.model_validate(
+        {
+            "id": "filler-02",
+            "signals": {"good": "plc.good", "state": "plc.state"},
+            "state_map": {number: name for name, number in NUMBER.items()},
+            "confirm": {"every_units": 1000},
+        }
+    )
     rule = MachineRule("1010", config)
     rule.start_order(OrderBinding(order_id="4711"), T0 - 1)
     events = rule.on_sample(Sample("plc", "state", NUMBER[EXECUTE], T0))
@@ -197,6 +211,9 @@ def test_a_journey_out_of_execute_and_back(path: list[str]) -> None:
     (downtime,) = by_type["downtime.recorded"]
     start, end = want["downtime"]
     assert (downtime["started_at"], downtime["ended_at"], downtime["machine_state"]) == (
-        at[start], at[end], want["label"])
+        at[start],
+        at[end],
+        want["label"],
+    )
     resumed = by_type["operation.resumed"]
     assert [r["occurred_at"] for r in resumed] == ([] if want["completed"] else [at[end]])

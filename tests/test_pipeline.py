@@ -28,24 +28,38 @@ routes:
 """
 
 
-def consumption(message_id: str, quantity: object = Decimal("12.5"), **extra: object
-                ) -> MesMessage:
-    fields = {"order_id": "42", "material": "RM-1", "lot_id": "L-7",
-              "quantity": {"value": quantity, "uom": "KGM"}, **extra}
-    return MesMessage("mes", "mes/1010/press-01/consumption", "material.consumed", fields,
-                      message_id, 1_800_000_000.0)
+def consumption(message_id: str, quantity: object = Decimal("12.5"), **extra: object) -> MesMessage:
+    fields = {
+        "order_id": "42",
+        "material": "RM-1",
+        "lot_id": "L-7",
+        "quantity": {"value": quantity, "uom": "KGM"},
+        **extra,
+    }
+    return MesMessage(
+        "mes",
+        "mes/1010/press-01/consumption",
+        "material.consumed",
+        fields,
+        message_id,
+        1_800_000_000.0,
+    )
 
 
 async def test_mes_messages_become_events_or_input_dead_letters(tmp_path: Path) -> None:
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         pipeline = Pipeline(parse_config(CONFIG, "p", {}), outbox, {})
-        await pipeline.on_readings([
-            Sample("plc", "good", 0, 1.0),
-            consumption("m-1"),
-            consumption("m-2", quantity="-3"),
-            RejectedMessage("mes", "mes/1010/x/consumption", b"{not json", "not JSON: ...", 2.0),
-            Sample("plc", "good", 10, 2.0),
-        ])
+        await pipeline.on_readings(
+            [
+                Sample("plc", "good", 0, 1.0),
+                consumption("m-1"),
+                consumption("m-2", quantity="-3"),
+                RejectedMessage(
+                    "mes", "mes/1010/x/consumption", b"{not json", "not JSON: ...", 2.0
+                ),
+                Sample("plc", "good", 10, 2.0),
+            ]
+        )
         (first,) = await outbox.lease("erp", 5)
         assert first.event_type == "material.consumed"  # before the confirmation: commit order
         event = json.loads(first.payload)

@@ -43,15 +43,15 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("tied", [True, False])
 def test_a_child_dies_with_the_test_process_that_started_it(tied: bool) -> None:
     script = KILLED_PARENT.format(root=str(ROOT), tied=tied)
-    done = run_process([sys.executable, "-c", script], capture_output=True, text=True,
-                       timeout=30)
+    done = run_process([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     child = int(done.stdout.split()[0])
     try:
         deadline = time.monotonic() + 5
         while _alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _alive(child) is not tied, (
-            "the child outlived its killed parent" if tied else "the untied child died too")
+            "the child outlived its killed parent" if tied else "the untied child died too"
+        )
     finally:
         if _alive(child):
             os.kill(child, 9)

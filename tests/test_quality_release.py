@@ -90,15 +90,17 @@ class LotWatcher(threading.Thread):
                     try:
                         response = client.get(f"{self.api}/lots/{lot_id}")
                         if response.status_code != 200:
-                            self.errors.append(f"{lot_id}: HTTP {response.status_code} "
-                                               f"{response.text[:200]!r}")
+                            self.errors.append(
+                                f"{lot_id}: HTTP {response.status_code} {response.text[:200]!r}"
+                            )
                             continue
                         body = response.json()
                     except (httpx.HTTPError, ValueError) as exc:
                         self.errors.append(f"{lot_id}: {type(exc).__name__}: {exc}")
                         continue
-                    self.answers.append(Answer(lot_id, asked_at, body["status"],
-                                               body.get("source")))
+                    self.answers.append(
+                        Answer(lot_id, asked_at, body["status"], body.get("source"))
+                    )
                 self._stop_event.wait(self.interval)
 
     def stop(self) -> None:
@@ -117,8 +119,9 @@ Abort = Callable[[], str | None]
 """Why waiting any longer is pointless (the gateway died, its API fails), or None."""
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT, *,
-             abort: Abort | None = None) -> Any:
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float = WAIT, *, abort: Abort | None = None
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -131,8 +134,9 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT, 
         time.sleep(0.1)
 
 
-def write_config(tmp_path: Path, *, plc: PlcSim, broker: Mosquitto, erp: ErpSim, qms: ErpSim,
-                 api_port: int) -> Path:
+def write_config(
+    tmp_path: Path, *, plc: PlcSim, broker: Mosquitto, erp: ErpSim, qms: ErpSim, api_port: int
+) -> Path:
     config = tmp_path / "plant.yaml"
     config.write_text(f"""
 site: "{SITE}"
@@ -223,17 +227,20 @@ def batch(erp: ErpSim, lot_id: str) -> dict[str, Any] | None:
 
 
 def confirmations(erp: ErpSim, order_id: str) -> list[dict[str, Any]]:
-    return [c for c in get_json(f"{erp.url}/_sim/sap/confirmations")
-            if c["OrderID"] == order_id]
+    return [c for c in get_json(f"{erp.url}/_sim/sap/confirmations") if c["OrderID"] == order_id]
 
 
 def received_into(erp: ErpSim, lot_id: str) -> Decimal:
     """What the confirmations' 101 goods receipts put into batch `lot_id`."""
-    return sum((Decimal(item["QuantityInEntryUnit"])
-                for confirmation in get_json(f"{erp.url}/_sim/sap/confirmations")
-                for item in confirmation["to_ProdnOrdConfMatlDocItm"]
-                if item["Batch"] == lot_id and item["GoodsMovementType"] == "101"),
-               Decimal(0))
+    return sum(
+        (
+            Decimal(item["QuantityInEntryUnit"])
+            for confirmation in get_json(f"{erp.url}/_sim/sap/confirmations")
+            for item in confirmation["to_ProdnOrdConfMatlDocItm"]
+            if item["Batch"] == lot_id and item["GoodsMovementType"] == "101"
+        ),
+        Decimal(0),
+    )
 
 
 def qms_decision(qms: ErpSim, lot_id: str) -> dict[str, Any] | None:
@@ -253,38 +260,67 @@ def order_start(mes: MesPublisher, order_id: str, lot_id: str) -> None:
     """MES starts operation 0010 of `order_id` on the press, producing `lot_id`. (The
     publisher's `order_start` has no lot; the payload is the same plus `lot_id` and the
     order's components.)"""
-    document = {"message_id": mes.next_message_id(), "site": SITE, "machine": MACHINE,
-                "order_id": order_id, "operation": "0010", "material": MATERIAL,
-                "lot_id": lot_id, "components": [COMPONENT], "quantity": 100, "uom": "C62",
-                "occurred_at": datetime.now().astimezone().isoformat(timespec="milliseconds")}
+    document = {
+        "message_id": mes.next_message_id(),
+        "site": SITE,
+        "machine": MACHINE,
+        "order_id": order_id,
+        "operation": "0010",
+        "material": MATERIAL,
+        "lot_id": lot_id,
+        "components": [COMPONENT],
+        "quantity": 100,
+        "uom": "C62",
+        "occurred_at": datetime.now().astimezone().isoformat(timespec="milliseconds"),
+    }
     mes.publish_raw(mes.topic("order/start"), encode(document)).wait()
 
 
 def broken(gateway: GatewayProcess, watcher: LotWatcher) -> Abort:
     def reason() -> str | None:
         if gateway.process is not None and gateway.process.poll() is not None:
-            return (f"the gateway exited ({gateway.process.returncode}):\n"
-                    f"{gateway.output()[-3000:]}")
+            return f"the gateway exited ({gateway.process.returncode}):\n{gateway.output()[-3000:]}"
         if watcher.errors:
             return f"the local API failed: {watcher.errors[:3]}"
         return None
+
     return reason
 
 
-def run_lot(mes: MesPublisher, erp: ErpSim, watcher: LotWatcher, abort: Abort, *,
-            order_id: str, lot_id: str, input_lot: str) -> None:
+def run_lot(
+    mes: MesPublisher,
+    erp: ErpSim,
+    watcher: LotWatcher,
+    abort: Abort,
+    *,
+    order_id: str,
+    lot_id: str,
+    input_lot: str,
+) -> None:
     """One order producing one lot, up to its final confirmation being in ERP."""
     order_start(mes, order_id, lot_id)
     # Counts become confirmations whose 101 receipts put the lot into quality inspection.
-    wait_for(lambda: (found := batch(erp, lot_id)) and found["status"] == "quality_inspection",
-             f"ERP to receive {lot_id} into quality-inspection stock", abort=abort)
+    wait_for(
+        lambda: (found := batch(erp, lot_id)) and found["status"] == "quality_inspection",
+        f"ERP to receive {lot_id} into quality-inspection stock",
+        abort=abort,
+    )
     assert watcher.latest(lot_id) == "hold"
     mes.consume(order_id, COMPONENT, input_lot, "12.5", uom="KGM").wait()
-    mes.lot_completed(order_id, MATERIAL, lot_id, 100, uom="C62",
-                      input_lots=[InputLot(input_lot, COMPONENT, "12.5", "KGM")]).wait()
+    mes.lot_completed(
+        order_id,
+        MATERIAL,
+        lot_id,
+        100,
+        uom="C62",
+        input_lots=[InputLot(input_lot, COMPONENT, "12.5", "KGM")],
+    ).wait()
     mes.order_end(order_id).wait()
-    wait_for(lambda: any(c["IsFinalConfirmation"] for c in confirmations(erp, order_id)),
-             f"the final confirmation of order {order_id} in ERP", abort=abort)
+    wait_for(
+        lambda: any(c["IsFinalConfirmation"] for c in confirmations(erp, order_id)),
+        f"the final confirmation of order {order_id} in ERP",
+        abort=abort,
+    )
 
 
 def check_answers(watcher: LotWatcher, lot_id: str, decided: str, decided_at: float) -> None:
@@ -295,29 +331,27 @@ def check_answers(watcher: LotWatcher, lot_id: str, decided: str, decided_at: fl
     first = statuses.index(decided)  # ValueError: never answered the decision
     assert all(s == "hold" for s in statuses[:first]), statuses
     assert all(s == decided for s in statuses[first:]), (
-        f"{lot_id} went back from {decided}: {statuses[first:]}")
+        f"{lot_id} went back from {decided}: {statuses[first:]}"
+    )
     # Every question asked before the QMS decided was answered hold: the gateway cannot have
     # known, and it must not guess. (decided_at is cut to the millisecond: never late.)
     before = [a for a in answers if a.asked_at < decided_at]
     assert before and all(a.status == "hold" for a in before)
     # And the hold came from the gateway's own record of the produced lot, not only from the
     # unknown-lot default: the lot was held while the QMS was deciding.
-    assert any(a.source == "produced, awaiting quality" for a in before), (
-        {a.source for a in before})
+    assert any(a.source == "produced, awaiting quality" for a in before), {a.source for a in before}
     assert answers[-1].source == "qms"
 
 
 def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
     peers: list[Peer], mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    erp = start_erp(peers, tmp_path, "--client", f"{ERP_CLIENT}:{ERP_SECRET}",
-                    "--token-ttl", "5")
+    erp = start_erp(peers, tmp_path, "--client", f"{ERP_CLIENT}:{ERP_SECRET}", "--token-ttl", "5")
     qms = start_qms(peers, tmp_path, "--decision-delay", "2", "--reject-lot", "LOT-A")
     plc = start_plc(peers, tmp_path, "--rate", "20")
     api_port = free_port()
     api = f"http://127.0.0.1:{api_port}"
-    config = write_config(tmp_path, plc=plc, broker=mosquitto, erp=erp, qms=qms,
-                          api_port=api_port)
+    config = write_config(tmp_path, plc=plc, broker=mosquitto, erp=erp, qms=qms, api_port=api_port)
     monkeypatch.setenv("ERP_SECRET", ERP_SECRET)  # the secret comes from the environment
     gateway = start_gateway(peers, config, tmp_path)
     wait_for(lambda: _listening(api), "the local API")
@@ -325,23 +359,34 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
     watcher.start()
     abort = broken(gateway, watcher)
     try:
-        with MesPublisher(mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE,
-                          run=uuid.uuid4().hex) as mes:
+        with MesPublisher(
+            mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE, run=uuid.uuid4().hex
+        ) as mes:
             # Lot A: the QMS rejects it; ERP ends with the batch blocked.
-            run_lot(mes, erp, watcher, abort, order_id="1000123", lot_id="LOT-A",
-                    input_lot="RM-1")
-            wait_for(lambda: watcher.latest("LOT-A") == "reject",
-                     "the local API to answer reject for LOT-A", abort=abort)
-            wait_for(lambda: (batch(erp, "LOT-A") or {}).get("status") == "blocked",
-                     "ERP to block LOT-A", abort=abort)
+            run_lot(mes, erp, watcher, abort, order_id="1000123", lot_id="LOT-A", input_lot="RM-1")
+            wait_for(
+                lambda: watcher.latest("LOT-A") == "reject",
+                "the local API to answer reject for LOT-A",
+                abort=abort,
+            )
+            wait_for(
+                lambda: (batch(erp, "LOT-A") or {}).get("status") == "blocked",
+                "ERP to block LOT-A",
+                abort=abort,
+            )
             # Lot B, of a second order: the QMS releases it; ERP ends with it unrestricted.
             assert watcher.latest("LOT-B") == "hold"
-            run_lot(mes, erp, watcher, abort, order_id="1000124", lot_id="LOT-B",
-                    input_lot="RM-2")
-            wait_for(lambda: watcher.latest("LOT-B") == "release",
-                     "the local API to answer release for LOT-B", abort=abort)
-            wait_for(lambda: (batch(erp, "LOT-B") or {}).get("status") == "unrestricted",
-                     "ERP to release LOT-B", abort=abort)
+            run_lot(mes, erp, watcher, abort, order_id="1000124", lot_id="LOT-B", input_lot="RM-2")
+            wait_for(
+                lambda: watcher.latest("LOT-B") == "release",
+                "the local API to answer release for LOT-B",
+                abort=abort,
+            )
+            wait_for(
+                lambda: (batch(erp, "LOT-B") or {}).get("status") == "unrestricted",
+                "ERP to release LOT-B",
+                abort=abort,
+            )
             time.sleep(0.5)  # a few more answers after the decisions
     finally:
         watcher.stop()
@@ -353,9 +398,12 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
     assert decision_a is not None and decision_a["disposition"] == "reject"
     assert decision_b is not None and decision_b["disposition"] == "release"
     inspections = get_json(f"{qms.url}/_sim/inspections")
-    assert sorted((i["lot_id"], i["trigger"], i["order_id"], i["material"])
-                  for i in inspections) == [("LOT-A", "lot_completed", "1000123", MATERIAL),
-                                            ("LOT-B", "lot_completed", "1000124", MATERIAL)]
+    assert sorted(
+        (i["lot_id"], i["trigger"], i["order_id"], i["material"]) for i in inspections
+    ) == [
+        ("LOT-A", "lot_completed", "1000123", MATERIAL),
+        ("LOT-B", "lot_completed", "1000124", MATERIAL),
+    ]
     assert get_json(f"{qms.url}/stats")["dispositions"] == 2
 
     # The local API: hold until each decision, the decision after.
@@ -381,9 +429,10 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
         assert trail[-1] == ("usage_decision", decided), trail
         assert [action for action, _ in trail].count("usage_decision") == 1, trail
     decisions = get_json(f"{erp.url}/_sim/sap/usage-decisions")
-    assert sorted((d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"])
-                  for d in decisions) == [
-        ("LOT-A", "R"), ("LOT-B", "A")]
+    assert sorted((d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"]) for d in decisions) == [
+        ("LOT-A", "R"),
+        ("LOT-B", "A"),
+    ]
     stats = erp.stats()
     assert stats["sap_duplicate_texts"] == 0
     assert stats["tokens_issued"] >= 2  # 5 s tokens over the run: refreshed, not failed
@@ -403,7 +452,9 @@ def test_rejected_lot_is_blocked_and_released_lot_is_unrestricted(
     status = get_json(f"{api}/status")
     assert status["quality"]["decisions"] == 2 and status["quality"]["reachable"] is True
     assert {order: figure["completeness"] for order, figure in status["genealogy"].items()} == {
-        "1000123": 1.0, "1000124": 1.0}
+        "1000123": 1.0,
+        "1000124": 1.0,
+    }
     assert ERP_SECRET not in gateway.output()
     assert ERP_SECRET not in config.read_text()
 
@@ -447,8 +498,9 @@ routes:
 
 def decide(qms: ErpSim, lot_id: str, disposition: str) -> None:
     """A quality engineer decides in the QMS: the gateway does not hear of it (no poll)."""
-    httpx.post(f"{qms.url}/_sim/decide", json={"lot_id": lot_id, "disposition": disposition},
-               timeout=10).raise_for_status()
+    httpx.post(
+        f"{qms.url}/_sim/decide", json={"lot_id": lot_id, "disposition": disposition}, timeout=10
+    ).raise_for_status()
 
 
 def ask(api: str, lot_id: str) -> tuple[dict[str, Any], float]:
@@ -460,9 +512,7 @@ def ask(api: str, lot_id: str) -> tuple[dict[str, Any], float]:
 
 
 @pytest.mark.parametrize("unknown_lot", ["hold", "release"])
-def test_lot_lookup_fails_closed(
-    peers: list[Peer], tmp_path: Path, unknown_lot: str
-) -> None:
+def test_lot_lookup_fails_closed(peers: list[Peer], tmp_path: Path, unknown_lot: str) -> None:
     """Issue 18 item 2. The oracle is the QMS's own decision (set in the QMS, never seen by the
     gateway's feed) and the configured default: a lot only the QMS knows reads as the QMS
     decided it, whatever the default; a lot nobody knows, or one the QMS cannot tell in time

@@ -18,13 +18,16 @@ T0 = 1_800_000_000.0
 
 
 def machine(**limit: Any) -> MachineConfig:
-    return MachineConfig.model_validate({
-        "id": "press-01", "line": "LINE-A",
-        "signals": {"processed": "plc.good"},
-        "order": {"order_id": "1000123", "operation": "0010"},
-        "confirm": {"every_units": 1000},
-        "limits": [{"signal": "plc.force", "uom": "NEW", **limit}],
-    })
+    return MachineConfig.model_validate(
+        {
+            "id": "press-01",
+            "line": "LINE-A",
+            "signals": {"processed": "plc.good"},
+            "order": {"order_id": "1000123", "operation": "0010"},
+            "confirm": {"every_units": 1000},
+            "limits": [{"signal": "plc.force", "uom": "NEW", **limit}],
+        }
+    )
 
 
 def force(value: float, at: float) -> Sample:
@@ -118,15 +121,22 @@ def test_a_counter_wraps_only_when_the_wrapped_step_is_under_half_its_range() ->
 
 
 def counting(**extra: Any) -> MachineConfig:
-    return MachineConfig.model_validate({
-        "id": "press-01", "line": "LINE-A",
-        "signals": {"processed": "plc.good", "defective": "plc.bad", "state": "plc.state",
-                    "stop_reason": "plc.reason"},
-        "state_map": {4: "Idle", 6: "Execute", 11: "Held", 17: "Complete"},
-        "stop_reasons": {3: "Material shortage"},
-        "counter_width": 16,
-        **extra,
-    })
+    return MachineConfig.model_validate(
+        {
+            "id": "press-01",
+            "line": "LINE-A",
+            "signals": {
+                "processed": "plc.good",
+                "defective": "plc.bad",
+                "state": "plc.state",
+                "stop_reason": "plc.reason",
+            },
+            "state_map": {4: "Idle", 6: "Execute", 11: "Held", 17: "Complete"},
+            "stop_reasons": {3: "Material shortage"},
+            "counter_width": 16,
+            **extra,
+        }
+    )
 
 
 def read(signal: str, value: Any, at: float, quality: str = "good") -> Sample:
@@ -136,8 +146,16 @@ def read(signal: str, value: Any, at: float, quality: str = "good") -> Sample:
 
 
 def confirmed(events: list[Any]) -> list[tuple[int, int, str, str]]:
-    return [(e.data["counter_from"], e.data["counter_to"], e.data["yield_quantity"]["value"],
-             e.data["trigger"]) for e in events if e.type == "production.confirmation"]
+    return [
+        (
+            e.data["counter_from"],
+            e.data["counter_to"],
+            e.data["yield_quantity"]["value"],
+            e.data["trigger"],
+        )
+        for e in events
+        if e.type == "production.confirmation"
+    ]
 
 
 def test_a_drop_from_the_upper_half_that_is_not_a_short_wrap_is_a_reset() -> None:
@@ -147,8 +165,10 @@ def test_a_drop_from_the_upper_half_that_is_not_a_short_wrap_is_a_reset() -> Non
 
 
 def test_units_pending_at_exactly_every_units_confirm_before_a_state_change() -> None:
-    rule = MachineRule("1010", counting(order={"order_id": "42"},
-                                        confirm={"every_units": 10, "on_state_change": False}))
+    rule = MachineRule(
+        "1010",
+        counting(order={"order_id": "42"}, confirm={"every_units": 10, "on_state_change": False}),
+    )
     rule.on_samples([read("state", 6, 0), read("good", 0, 0)])
     rule.on_sample(read("good", 9, 1))  # 9 pending: not yet
     events = rule.on_samples([read("good", 10, 2)])
@@ -172,10 +192,11 @@ def test_the_stop_reason_of_a_downtime_is_the_first_one_seen_while_down() -> Non
     fresh.on_samples([read("state", 6, 0), read("good", 0, 0)])
     fresh.on_sample(read("state", 11, 1))
     fresh.on_sample(read("reason", 3, 2))  # down with no reason yet: this one explains it
-    (downtime,) = [e for e in fresh.on_sample(read("state", 6, 5))
-                   if e.type == "downtime.recorded"]
+    (downtime,) = [e for e in fresh.on_sample(read("state", 6, 5)) if e.type == "downtime.recorded"]
     assert (downtime.data["reason_code"], downtime.data["reason_text"]) == (
-        "3", "Material shortage")
+        "3",
+        "Material shortage",
+    )
 
 
 def test_an_order_ended_that_is_not_the_bound_one_is_refused() -> None:
@@ -205,8 +226,10 @@ def test_a_new_order_while_one_is_bound_completes_it_first() -> None:
     rule.on_sample(read("good", 5, 2))
     events = rule.start_order(OrderBinding(order_id="43", operation="0010"), T0 + 3)
     assert [(e.type, e.data["order_id"]) for e in events] == [
-        ("production.confirmation", "42"), ("operation.completed", "42"),
-        ("operation.started", "43")]
+        ("production.confirmation", "42"),
+        ("operation.completed", "42"),
+        ("operation.started", "43"),
+    ]
     assert confirmed(events) == [(0, 5, "5", "order_end")]
     assert rule.state.binding is not None and rule.state.binding.source == "mes"
     assert rule.start_order(OrderBinding(order_id="43", operation="0010"), T0 + 4) == []

@@ -41,14 +41,19 @@ from tests.test_fault_scenarios import (
 pytestmark = pytest.mark.integration
 
 MACHINE = "filler-02"
-PACKML_MAP = ("{1: Clearing, 2: Stopped, 3: Starting, 4: Idle, 5: Suspended, 6: Execute, "
-              "7: Stopping, 8: Aborting, 9: Aborted, 10: Holding, 11: Held, 12: Unholding, "
-              "13: Suspending, 14: Unsuspending, 15: Resetting, 16: Completing, 17: Complete}")
+PACKML_MAP = (
+    "{1: Clearing, 2: Stopped, 3: Starting, 4: Idle, 5: Suspended, 6: Execute, "
+    "7: Stopping, 8: Aborting, 9: Aborted, 10: Holding, 11: Held, 12: Unholding, "
+    "13: Suspending, 14: Unsuspending, 15: Resetting, 16: Completing, 17: Complete}"
+)
 
 
 def temperature_driver(sim: MachineInThread) -> str:
-    return opcua_driver(MACHINE, sim.server.endpoint, {
-        "processed": "Admin.ProdProcessedCount", "temperature": "Process.Temperature"})
+    return opcua_driver(
+        MACHINE,
+        sim.server.endpoint,
+        {"processed": "Admin.ProdProcessedCount", "temperature": "Process.Temperature"},
+    )
 
 
 def limited_machine(order: str, lasting: str) -> str:
@@ -70,7 +75,9 @@ def seconds(stamp: str) -> float:
 
 
 def test_a_downtime_across_a_connection_gap_ends_when_the_machine_ran_again(
-    peers: list[Peer], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    peers: list[Peer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
@@ -81,8 +88,11 @@ def test_a_downtime_across_a_connection_gap_ends_when_the_machine_ran_again(
     order: {{order_id: "7300001", operation: "0010"}}
     confirm: {{every_units: 1000}}
     state_map: {PACKML_MAP}"""
-        driver = opcua_driver(MACHINE, sim.server.endpoint, {
-            "state": "Status.StateCurrent", "processed": "Admin.ProdProcessedCount"})
+        driver = opcua_driver(
+            MACHINE,
+            sim.server.endpoint,
+            {"state": "Status.StateCurrent", "processed": "Admin.ProdProcessedCount"},
+        )
         config = write_plant(tmp_path, erp, [driver], [machine])
         gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
@@ -95,8 +105,11 @@ def test_a_downtime_across_a_connection_gap_ends_when_the_machine_ran_again(
         outage = contextlib.AsyncExitStack()
         sim.call(outage.enter_async_context(sim.server.offline()))
         lost_at = time.time()
-        wait_for(lambda: not gateway.status()["drivers"][0]["connected"], 30,
-                 f"the gateway to lose the machine {tag}")
+        wait_for(
+            lambda: not gateway.status()["drivers"][0]["connected"],
+            30,
+            f"the gateway to lose the machine {tag}",
+        )
         time.sleep(2.0)  # and its tick to mark the state source lost
         resumed_at = time.time()
         during = sim.state_and_count(MACHINE, "Execute")
@@ -109,9 +122,16 @@ def test_a_downtime_across_a_connection_gap_ends_when_the_machine_ran_again(
 
     (downtime,) = events_of(erp, "downtime.recorded")
     (resumed,) = events_of(erp, "operation.resumed")
-    figures = {"test": "rules-live", "case": "downtime-across-a-gap", "held_at": held_at,
-               "lost_at": lost_at, "resumed_at": resumed_at, "back_at": back_at,
-               "units_in_the_gap": counted, "downtime": downtime}
+    figures = {
+        "test": "rules-live",
+        "case": "downtime-across-a-gap",
+        "held_at": held_at,
+        "lost_at": lost_at,
+        "resumed_at": resumed_at,
+        "back_at": back_at,
+        "units_in_the_gap": counted,
+        "downtime": downtime,
+    }
     report(capsys, figures)
     assert counted > 20, f"the machine did not run in the gap {tag}"
     assert downtime["data_quality"] == "uncertain" and resumed["data_quality"] == "uncertain"
@@ -126,25 +146,37 @@ def test_a_downtime_across_a_connection_gap_ends_when_the_machine_ran_again(
 
 
 def test_a_breach_before_the_order_is_raised_for_the_order_mes_binds(
-    peers: list[Peer], mosquitto: Mosquitto, tmp_path: Path,
+    peers: list[Peer],
+    mosquitto: Mosquitto,
+    tmp_path: Path,
 ) -> None:
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
     with MachineInThread(machines=[MACHINE], rate=5.0) as sim:
         sim.call(sim.server.set_value(MACHINE, "Temperature", 90.0))
-        config = write_plant(tmp_path, erp, [temperature_driver(sim),
-                                                       order_start_driver(mosquitto, "rules")],
-                                       [limited_machine("", "1s")])
+        config = write_plant(
+            tmp_path,
+            erp,
+            [temperature_driver(sim), order_start_driver(mosquitto, "rules")],
+            [limited_machine("", "1s")],
+        )
         gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
-        wait_for(lambda: "outside its limits with no order bound" in gateway.output(), 30,
-                 f"the breach counted with no order {tag}")
+        wait_for(
+            lambda: "outside its limits with no order bound" in gateway.output(),
+            30,
+            f"the breach counted with no order {tag}",
+        )
         wait_for(lambda: "connected as" in gateway.output(), 30, f"the MQTT driver {tag}")
-        with MesPublisher(mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE,
-                          run=uuid.uuid4().hex[:12]) as publisher:
+        with MesPublisher(
+            mosquitto.host, mosquitto.port, site=SITE, machine=MACHINE, run=uuid.uuid4().hex[:12]
+        ) as publisher:
             publisher.order_start("7300002", lot_id="LOT-7300002").wait(10)
-        wait_for(lambda: events_of(erp, "inspection.requested"), 30,
-                 f"an inspection request for the order {tag}")
+        wait_for(
+            lambda: events_of(erp, "inspection.requested"),
+            30,
+            f"an inspection request for the order {tag}",
+        )
         assert gateway.stop() == 0, gateway.current.output()[-3000:]
     (request,) = events_of(erp, "inspection.requested")
     assert (request["order_id"], request["lot_id"]) == ("7300002", "LOT-7300002")
@@ -153,14 +185,16 @@ def test_a_breach_before_the_order_is_raised_for_the_order_mes_binds(
 
 
 def test_a_sensor_reading_nan_is_neither_a_breach_nor_a_recovery(
-    peers: list[Peer], tmp_path: Path,
+    peers: list[Peer],
+    tmp_path: Path,
 ) -> None:
     tag = describe(tmp_path)
     erp = start_erp(peers, tmp_path)
     with MachineInThread(machines=[MACHINE], rate=5.0) as sim:
         order = '\n    order: {order_id: "7300003", operation: "0010", lot_id: LOT-7300003}'
-        config = write_plant(tmp_path, erp, [temperature_driver(sim)],
-                                       [limited_machine(order, "2s")])
+        config = write_plant(
+            tmp_path, erp, [temperature_driver(sim)], [limited_machine(order, "2s")]
+        )
         gateway = GatewayProcess(peers, config, tmp_path)
         gateway.start()
         temperature = f"{MACHINE}.temperature"
@@ -175,11 +209,15 @@ def test_a_sensor_reading_nan_is_neither_a_breach_nor_a_recovery(
         time.sleep(1.5)  # read within a publishing interval (100 ms); /status may hold a NaN
         sim.call(sim.server.set_value(MACHINE, "Temperature", math.inf))
         time.sleep(4.0)
-        assert events_of(erp, "inspection.requested") == [], \
+        assert events_of(erp, "inspection.requested") == [], (
             f"a breach was raised on a value nobody knows {tag}"
+        )
         sim.call(sim.server.set_value(MACHINE, "Temperature", 91.0))
-        wait_for(lambda: events_of(erp, "inspection.requested"), 30,
-                 f"the breach raised once a number says so {tag}")
+        wait_for(
+            lambda: events_of(erp, "inspection.requested"),
+            30,
+            f"the breach raised once a number says so {tag}",
+        )
         assert gateway.stop() == 0, gateway.current.output()[-3000:]
     (request,) = events_of(erp, "inspection.requested")
     assert request["measured_value"] == {"value": "95", "uom": "CEL"}  # the open excursion's

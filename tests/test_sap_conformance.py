@@ -27,8 +27,10 @@ from edge.forward.profiles import sap_s4hana as sap
 from edge.model.codes import BUILTIN_UOM_CODES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sap"
-SERVICES = {facts["service_path"]: facts for facts in (
-    json.loads(file.read_text()) for file in sorted(FIXTURES.glob("*.json")))}
+SERVICES = {
+    facts["service_path"]: facts
+    for facts in (json.loads(file.read_text()) for file in sorted(FIXTURES.glob("*.json")))
+}
 
 DATE = re.compile(r"^/Date\((-?\d+)\)/$")
 
@@ -38,7 +40,8 @@ def test_the_fixtures_name_their_source_and_hold_the_entity_sets_we_use() -> Non
         "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV",
         "/sap/opu/odata/sap/API_INSPECTIONLOT_SRV",
         "/sap/opu/odata/sap/API_MATERIAL_DOCUMENT_SRV",
-        "/sap/opu/odata/sap/API_PRODUCTION_ORDER_2_SRV"}
+        "/sap/opu/odata/sap/API_PRODUCTION_ORDER_2_SRV",
+    }
     for facts in SERVICES.values():
         source = facts["source"]
         assert source["package"].startswith("@sap/cloud-sdk-vdm-") and source["version"]
@@ -131,13 +134,23 @@ def request_problems(request: sap.SapRequest) -> list[str]:
 
 # -- every request the profile renders ---------------------------------------------------------
 
-SAP_CONFIG = SapConfig.model_validate({
-    "time_zone": "Europe/Berlin", "goods_receipt_storage_location": "0001",
-    "units": {"XBX": {"internal": "KAR"}, "KWH": {"internal": "KWH"}},
-    "usage_decisions": {
-        "release": {"code": "A", "code_group": "01", "selected_set": "01"},
-        "reject": {"code": "R", "code_group": "QM-UD-01", "selected_set": "UD-SET01",
-                   "selected_set_plant": "1010", "catalog": "3"}}})
+SAP_CONFIG = SapConfig.model_validate(
+    {
+        "time_zone": "Europe/Berlin",
+        "goods_receipt_storage_location": "0001",
+        "units": {"XBX": {"internal": "KAR"}, "KWH": {"internal": "KWH"}},
+        "usage_decisions": {
+            "release": {"code": "A", "code_group": "01", "selected_set": "01"},
+            "reject": {
+                "code": "R",
+                "code_group": "QM-UD-01",
+                "selected_set": "UD-SET01",
+                "selected_set_plant": "1010",
+                "catalog": "3",
+            },
+        },
+    }
+)
 
 
 def configured(**changes: Any) -> SapConfig:
@@ -145,41 +158,55 @@ def configured(**changes: Any) -> SapConfig:
 
 
 def text(max_size: int) -> st.SearchStrategy[str]:
-    return st.text(st.characters(codec="ascii", exclude_characters="\x00"),
-                   min_size=1, max_size=max_size)
+    return st.text(
+        st.characters(codec="ascii", exclude_characters="\x00"), min_size=1, max_size=max_size
+    )
 
 
 def quantity() -> st.SearchStrategy[str]:
-    return st.decimals(min_value=0, max_value=Decimal("9999999999.999"), places=3,
-                       allow_nan=False, allow_infinity=False).map(lambda d: format(d, "f"))
+    return st.decimals(
+        min_value=0,
+        max_value=Decimal("9999999999.999"),
+        places=3,
+        allow_nan=False,
+        allow_infinity=False,
+    ).map(lambda d: format(d, "f"))
 
 
 def data_common() -> st.SearchStrategy[dict[str, Any]]:
-    return st.fixed_dictionaries({
-        "site": text(4), "order_id": text(12), "material": text(40), "lot_id": text(10)})
+    return st.fixed_dictionaries(
+        {"site": text(4), "order_id": text(12), "material": text(40), "lot_id": text(10)}
+    )
 
 
 UNITS = sorted(BUILTIN_UOM_CODES)
 MAPPED = sorted({*sap.DEFAULT_UNITS, "XBX", "KWH"})
 EVENT_ID = st.uuids().map(str)
-TIME = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2099, 12, 31),
-                    timezones=st.just(UTC)).map(
-    lambda t: t.isoformat().replace("+00:00", "Z"))
+TIME = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2099, 12, 31), timezones=st.just(UTC)
+).map(lambda t: t.isoformat().replace("+00:00", "Z"))
 
 
 @st.composite
 def confirmations(draw: st.DrawFn) -> tuple[dict[str, Any], SapConfig]:
     data = draw(data_common())
     uom = draw(st.sampled_from(MAPPED))
-    data.update(operation=draw(st.from_regex(r"\A\d{4}\Z")), is_final=draw(st.booleans()),
-                yield_quantity={"value": draw(quantity()), "uom": uom},
-                scrap_quantity={"value": draw(quantity()), "uom": uom})
+    data.update(
+        operation=draw(st.from_regex(r"\A\d{4}\Z")),
+        is_final=draw(st.booleans()),
+        yield_quantity={"value": draw(quantity()), "uom": uom},
+        scrap_quantity={"value": draw(quantity()), "uom": uom},
+    )
     for optional in ("material", "lot_id"):
         if draw(st.booleans()):
             del data[optional]
     fields = draw(st.sampled_from(["iso", "internal", "both"]))
-    event = {"id": draw(EVENT_ID), "time": draw(TIME), "type": "production.confirmation",
-             "data": data}
+    event = {
+        "id": draw(EVENT_ID),
+        "time": draw(TIME),
+        "type": "production.confirmation",
+        "data": data,
+    }
     return event, configured(unit_fields=fields)
 
 
@@ -197,7 +224,8 @@ def consumptions(draw: st.DrawFn) -> dict[str, Any]:
 @settings(max_examples=150, deadline=None)
 @given(confirmations())
 def test_every_confirmation_and_its_lookup_fit_sap_metadata(
-        case: tuple[dict[str, Any], SapConfig]) -> None:
+    case: tuple[dict[str, Any], SapConfig],
+) -> None:
     event, config = case
     request = sap.confirmation_request(event, config)
     assert request_problems(request) == []
@@ -206,12 +234,19 @@ def test_every_confirmation_and_its_lookup_fit_sap_metadata(
     assert body is not None
     assert body["ConfirmationText"] == event["id"]
     items = body["to_ProdnOrdConfMatlDocItm"]
-    received = "lot_id" in event["data"] and "material" in event["data"] and Decimal(
-        event["data"]["yield_quantity"]["value"]) > 0
+    received = (
+        "lot_id" in event["data"]
+        and "material" in event["data"]
+        and Decimal(event["data"]["yield_quantity"]["value"]) > 0
+    )
     assert len(items) == (1 if received else 0)
     for item in items:  # the goods receipt as SAP's own clients send it
-        assert (item["GoodsMovementType"], item["GoodsMovementRefDocType"],
-                item["OrderItem"], item["StorageLocation"]) == ("101", "F", "0001", "0001")
+        assert (
+            item["GoodsMovementType"],
+            item["GoodsMovementRefDocType"],
+            item["OrderItem"],
+            item["StorageLocation"],
+        ) == ("101", "F", "0001", "0001")
 
 
 @settings(max_examples=100, deadline=None)
@@ -228,7 +263,8 @@ def test_every_goods_issue_and_its_lookup_fit_sap_metadata(event: dict[str, Any]
 @settings(max_examples=100, deadline=None)
 @given(data_common(), st.sampled_from(["release", "reject"]), text(12), st.booleans())
 def test_every_usage_decision_and_its_lookups_fit_sap_metadata(
-        data: dict[str, Any], disposition: str, inspection_lot: str, with_order: bool) -> None:
+    data: dict[str, Any], disposition: str, inspection_lot: str, with_order: bool
+) -> None:
     data["disposition"] = disposition
     if not with_order:
         del data["order_id"]
@@ -248,18 +284,26 @@ def test_the_profile_declares_the_lengths_sap_publishes() -> None:
     """FIELD_LIMITS and CONFIG_LIMITS are what the gateway enforces before sending; each must
     be SAP's MaxLength of that property wherever the profile sends it."""
     sent_in = {
-        "Plant": [("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm"),
-                  ("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem"),
-                  ("API_INSPECTIONLOT_SRV", "A_InspectionLot")],
+        "Plant": [
+            ("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm"),
+            ("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem"),
+            ("API_INSPECTIONLOT_SRV", "A_InspectionLot"),
+        ],
         "OrderID": [("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConf2")],
         "OrderOperation": [("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConf2")],
-        "Material": [("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm"),
-                     ("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem")],
-        "Batch": [("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm"),
-                  ("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem"),
-                  ("API_INSPECTIONLOT_SRV", "A_InspectionLot")],
-        "StorageLocation": [("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem"),
-                            ("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm")],
+        "Material": [
+            ("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm"),
+            ("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem"),
+        ],
+        "Batch": [
+            ("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm"),
+            ("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem"),
+            ("API_INSPECTIONLOT_SRV", "A_InspectionLot"),
+        ],
+        "StorageLocation": [
+            ("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem"),
+            ("API_PROD_ORDER_CONFIRMATION_2_SRV", "ProdnOrdConfMatlDocItm"),
+        ],
         "InspectionLotUsageDecisionCode": [("API_INSPECTIONLOT_SRV", "A_InspLotUsageDecision")],
         "InspLotUsageDecisionCodeGroup": [("API_INSPECTIONLOT_SRV", "A_InspLotUsageDecision")],
         "InspLotUsgeDcsnSelectedSet": [("API_INSPECTIONLOT_SRV", "A_InspLotUsageDecision")],
@@ -272,8 +316,10 @@ def test_the_profile_declares_the_lengths_sap_publishes() -> None:
         "MaterialDocumentItemText": [("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentItem")],
         "MaterialDocumentHeaderText": [("API_MATERIAL_DOCUMENT_SRV", "A_MaterialDocumentHeader")],
     }
-    declared = {limit.name: limit.max_length for limit in
-                (*sap.FIELD_LIMITS.values(), *sap.CONFIG_LIMITS.values())}
+    declared = {
+        limit.name: limit.max_length
+        for limit in (*sap.FIELD_LIMITS.values(), *sap.CONFIG_LIMITS.values())
+    }
     declared.update(sap.TEXT_LIMITS)
     assert set(declared) == set(sent_in)
     for name, places in sent_in.items():
@@ -285,12 +331,21 @@ def test_the_profile_declares_the_lengths_sap_publishes() -> None:
 def test_units_go_to_the_fields_sap_defines_for_them() -> None:
     """ConfirmationUnit takes SAP's internal unit, ConfirmationUnitISOCode the ISO code; piece
     is PCE in SAP, never C62 or H87 in either field."""
-    event = {"id": "6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11", "time": "2026-03-01T10:00:00Z",
-             "type": "production.confirmation",
-             "data": {"site": "1010", "order_id": "1000123", "operation": "0010",
-                      "material": "FG-1", "lot_id": "L-1", "is_final": False,
-                      "yield_quantity": {"value": "5", "uom": "C62"},
-                      "scrap_quantity": {"value": "0", "uom": "C62"}}}
+    event = {
+        "id": "6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11",
+        "time": "2026-03-01T10:00:00Z",
+        "type": "production.confirmation",
+        "data": {
+            "site": "1010",
+            "order_id": "1000123",
+            "operation": "0010",
+            "material": "FG-1",
+            "lot_id": "L-1",
+            "is_final": False,
+            "yield_quantity": {"value": "5", "uom": "C62"},
+            "scrap_quantity": {"value": "0", "uom": "C62"},
+        },
+    }
     both = configured(unit_fields="both")
     body = sap.confirmation_request(event, both).body
     assert body is not None
@@ -305,19 +360,30 @@ def test_units_go_to_the_fields_sap_defines_for_them() -> None:
     assert body is not None and body["ConfirmationUnit"] == "PC"
 
 
-@pytest.mark.parametrize(("time", "zone", "day"), [
-    # 23:30 UTC on 1 March is already 2 March in Berlin (UTC+1 in winter).
-    ("2026-03-01T23:30:00Z", "Europe/Berlin", "2026-03-02"),
-    ("2026-03-01T23:30:00Z", "UTC", "2026-03-01"),
-    # 03:00 UTC on 2 March is still 1 March in Chicago (UTC-6).
-    ("2026-03-02T03:00:00Z", "America/Chicago", "2026-03-01"),
-])
+@pytest.mark.parametrize(
+    ("time", "zone", "day"),
+    [
+        # 23:30 UTC on 1 March is already 2 March in Berlin (UTC+1 in winter).
+        ("2026-03-01T23:30:00Z", "Europe/Berlin", "2026-03-02"),
+        ("2026-03-01T23:30:00Z", "UTC", "2026-03-01"),
+        # 03:00 UTC on 2 March is still 1 March in Chicago (UTC-6).
+        ("2026-03-02T03:00:00Z", "America/Chicago", "2026-03-01"),
+    ],
+)
 def test_posting_date_is_the_production_day_in_the_plant(time: str, zone: str, day: str) -> None:
-    event = {"id": "6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11", "time": time,
-             "type": "production.confirmation",
-             "data": {"site": "1010", "order_id": "1000123", "operation": "0010",
-                      "is_final": False, "yield_quantity": {"value": "5", "uom": "KGM"},
-                      "scrap_quantity": {"value": "0", "uom": "KGM"}}}
+    event = {
+        "id": "6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11",
+        "time": time,
+        "type": "production.confirmation",
+        "data": {
+            "site": "1010",
+            "order_id": "1000123",
+            "operation": "0010",
+            "is_final": False,
+            "yield_quantity": {"value": "5", "uom": "KGM"},
+            "scrap_quantity": {"value": "0", "uom": "KGM"},
+        },
+    }
     body = sap.confirmation_request(event, configured(time_zone=zone)).body
     assert body is not None
     match = DATE.match(body["PostingDate"])
@@ -329,8 +395,13 @@ def test_posting_date_is_the_production_day_in_the_plant(time: str, zone: str, d
 
 def test_the_old_usage_decision_shape_is_what_sap_refuses() -> None:
     """The body the profile used to send, judged by the same checker: every name is wrong."""
-    old = {"Material": "FG-1", "Batch": "L-1", "Plant": "1010",
-           "InspLotUsageDecisionCode": "A", "ChangedByText": "evt"}
+    old = {
+        "Material": "FG-1",
+        "Batch": "L-1",
+        "Plant": "1010",
+        "InspLotUsageDecisionCode": "A",
+        "ChangedByText": "evt",
+    }
     problems = entity_problems(sap.INSPECTION_SERVICE, "A_InspLotUsageDecision", old)
     assert len(problems) == 5, problems
 
@@ -338,15 +409,19 @@ def test_the_old_usage_decision_shape_is_what_sap_refuses() -> None:
 def test_duplicate_lookups_are_spelled_as_sap_reads_them() -> None:
     """By hand: the filter of the lookup before a retry, OData literals quoted (a quote
     doubled) and every space %20 (SAP's gateway does not read + as a space)."""
-    event = {"id": "6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11", "time": "2026-03-01T10:00:00Z",
-             "data": {"site": "1010", "order_id": "O'1 2", "material": "FG 1",
-                      "lot_id": "L-1"}}
+    event = {
+        "id": "6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11",
+        "time": "2026-03-01T10:00:00Z",
+        "data": {"site": "1010", "order_id": "O'1 2", "material": "FG 1", "lot_id": "L-1"},
+    }
     assert sap.confirmation_lookup(event).target == (
         "/sap/opu/odata/sap/API_PROD_ORDER_CONFIRMATION_2_SRV/ProdnOrdConf2?$filter=OrderID%20eq"
         "%20'O''1%202'%20and%20ConfirmationText%20eq%20'6f1c3b8e-8d1c-5a57-9f7e-2b7f6f0a1c11'"
-        "&$format=json")
+        "&$format=json"
+    )
     assert sap.inspection_lot_lookup(event["data"]).target == (
         "/sap/opu/odata/sap/API_INSPECTIONLOT_SRV/A_InspectionLot?$filter=Material%20eq%20"
         "'FG%201'%20and%20Batch%20eq%20'L-1'%20and%20Plant%20eq%20'1010'%20and%20"
         "InspectionLotOrigin%20eq%20'04'%20and%20ManufacturingOrder%20eq%20'O''1%202'"
-        "&$format=json")
+        "&$format=json"
+    )

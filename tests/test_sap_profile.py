@@ -25,41 +25,75 @@ from tests.conftest import Peer, start_erp
 from tests.test_northbound import deliver
 
 SAP = {
-    "profile": "sap_s4hana", "retry": {"base": "50ms", "cap": "500ms"},
-    "sap": {"time_zone": "Europe/Berlin", "goods_receipt_storage_location": "0001",
-            "usage_decisions": {
-                "release": {"code": "A", "code_group": "01", "selected_set": "01"},
-                "reject": {"code": "R", "code_group": "01", "selected_set": "01"}}},
+    "profile": "sap_s4hana",
+    "retry": {"base": "50ms", "cap": "500ms"},
+    "sap": {
+        "time_zone": "Europe/Berlin",
+        "goods_receipt_storage_location": "0001",
+        "usage_decisions": {
+            "release": {"code": "A", "code_group": "01", "selected_set": "01"},
+            "reject": {"code": "R", "code_group": "01", "selected_set": "01"},
+        },
+    },
 }
 
 
 def outbox_event(data: Any, n: int, key: str = "1000123") -> OutboxEvent:
-    event = build_event(data, natural_key=("sap-test", n), subject=key, partitionkey=key,
-                        sequence=n)
+    event = build_event(
+        data, natural_key=("sap-test", n), subject=key, partitionkey=key, sequence=n
+    )
     return OutboxEvent(event.id, event.type, event.partitionkey, event.to_json(), ("erp",))
 
 
 def produced(n: int, lot: str = "L-1", value: int = 10, uom: str = "C62") -> OutboxEvent:
-    return outbox_event(ProductionConfirmation(
-        site="1010", machine_id="press-01", order_id="1000123", operation="0010",
-        material="FG-1", lot_id=lot, yield_quantity=Quantity.of(value, uom),
-        scrap_quantity=Quantity.of(1, uom), counter_from=10 * n, counter_to=10 * n + 10,
-        is_final=False, trigger="units",
-        occurred_at="2026-03-01T23:30:00Z"), n)  # type: ignore[arg-type]
+    return outbox_event(
+        ProductionConfirmation(
+            site="1010",
+            machine_id="press-01",
+            order_id="1000123",
+            operation="0010",
+            material="FG-1",
+            lot_id=lot,
+            yield_quantity=Quantity.of(value, uom),
+            scrap_quantity=Quantity.of(1, uom),
+            counter_from=10 * n,
+            counter_to=10 * n + 10,
+            is_final=False,
+            trigger="units",
+            occurred_at="2026-03-01T23:30:00Z",
+        ),
+        n,
+    )  # type: ignore[arg-type]
 
 
 def consumed(n: int, uom: str = "KGM") -> OutboxEvent:
-    return outbox_event(MaterialConsumed(
-        site="1010", order_id="1000123", material="RM-9", lot_id="C-7",
-        quantity=Quantity.of("2.5", uom), storage_location="0002",
-        occurred_at="2026-03-01T08:00:00Z"), n)  # type: ignore[arg-type]
+    return outbox_event(
+        MaterialConsumed(
+            site="1010",
+            order_id="1000123",
+            material="RM-9",
+            lot_id="C-7",
+            quantity=Quantity.of("2.5", uom),
+            storage_location="0002",
+            occurred_at="2026-03-01T08:00:00Z",
+        ),
+        n,
+    )  # type: ignore[arg-type]
 
 
 def disposition(n: int, verdict: str, lot: str = "L-1") -> OutboxEvent:
-    return outbox_event(LotDisposition(
-        site="1010", order_id="1000123", material="FG-1", lot_id=lot,
-        disposition=verdict, disposition_source="qms",  # type: ignore[arg-type]
-        occurred_at="2026-03-02T09:00:00Z"), n)  # type: ignore[arg-type]
+    return outbox_event(
+        LotDisposition(
+            site="1010",
+            order_id="1000123",
+            material="FG-1",
+            lot_id=lot,
+            disposition=verdict,
+            disposition_source="qms",  # type: ignore[arg-type]
+            occurred_at="2026-03-02T09:00:00Z",
+        ),
+        n,
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -75,30 +109,51 @@ def sim(url: str, what: str) -> list[dict[str, Any]]:
 
 @pytest.mark.integration
 async def test_goods_receipt_consumption_and_usage_decisions_reach_sap(
-        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
+    peers: list[Peer], tmp_path: Path, outbox: Outbox
+) -> None:
     erp = start_erp(peers, tmp_path)
-    await outbox.commit([produced(1, "L-1"), produced(2, "L-2"), consumed(3),
-                         disposition(4, "release", "L-1"), disposition(5, "reject", "L-2"),
-                         disposition(6, "hold", "L-1")])
+    await outbox.commit(
+        [
+            produced(1, "L-1"),
+            produced(2, "L-2"),
+            consumed(3),
+            disposition(4, "release", "L-1"),
+            disposition(5, "reject", "L-2"),
+            disposition(6, "hold", "L-1"),
+        ]
+    )
     await deliver(outbox, {"base_url": erp.url, **SAP})
     assert await outbox.dead_letters() == []
     (first, _) = sim(erp.url, "confirmations")
     # 23:30 UTC on 1 March is 2 March in Berlin: by hand, 2026-03-02T00:00Z in ms.
     assert first["PostingDate"] == "/Date(1772409600000)/"
     assert first["ConfirmationUnitISOCode"] == "PCE" and "ConfirmationUnit" not in {
-        k for k, v in first.items() if v == "C62"}
+        k for k, v in first.items() if v == "C62"
+    }
     (receipt,) = first["to_ProdnOrdConfMatlDocItm"]
-    assert (receipt["GoodsMovementRefDocType"], receipt["OrderID"], receipt["StorageLocation"],
-            receipt["EntryUnitISOCode"]) == ("F", "1000123", "0001", "PCE")
+    assert (
+        receipt["GoodsMovementRefDocType"],
+        receipt["OrderID"],
+        receipt["StorageLocation"],
+        receipt["EntryUnitISOCode"],
+    ) == ("F", "1000123", "0001", "PCE")
     (document,) = sim(erp.url, "material-documents")
     assert (document["GoodsMovementCode"], document["PostingDate"]) == (
-        "03", "/Date(1772323200000)/")
+        "03",
+        "/Date(1772323200000)/",
+    )
     (issue,) = document["to_MaterialDocumentItem"]
-    assert (issue["GoodsMovementType"], issue["EntryUnit"], issue["ManufacturingOrder"],
-            issue["StorageLocation"]) == ("261", "KG", "1000123", "0002")
+    assert (
+        issue["GoodsMovementType"],
+        issue["EntryUnit"],
+        issue["ManufacturingOrder"],
+        issue["StorageLocation"],
+    ) == ("261", "KG", "1000123", "0002")
     decisions = sim(erp.url, "usage-decisions")
-    assert sorted((d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"])
-                  for d in decisions) == [("L-1", "A"), ("L-2", "R")]  # nothing for the hold
+    assert sorted((d["_lot"]["Batch"], d["InspectionLotUsageDecisionCode"]) for d in decisions) == [
+        ("L-1", "A"),
+        ("L-2", "R"),
+    ]  # nothing for the hold
     batches = {b["batch"]: b for b in httpx.get(f"{erp.url}/_sim/batches").json()}
     assert (batches["L-1"]["status"], batches["L-2"]["status"]) == ("unrestricted", "blocked")
     journal = {row["event_id"]: row for row in await outbox.journal()}
@@ -108,7 +163,8 @@ async def test_goods_receipt_consumption_and_usage_decisions_reach_sap(
 
 @pytest.mark.integration
 async def test_retries_ask_sap_first_for_every_kind_of_request(
-        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
+    peers: list[Peer], tmp_path: Path, outbox: Outbox
+) -> None:
     """Each first POST is processed and its answer lost (the ambiguous failure): the retry
     finds it (confirmation by OrderID and ConfirmationText, goods issue by its item text, the
     usage decision by its inspection lot) and posts nothing twice."""
@@ -118,8 +174,12 @@ async def test_retries_ask_sap_first_for_every_kind_of_request(
         erp.set_faults(drop_response=1)
         await deliver(outbox, {"base_url": erp.url, **SAP})
     stats = erp.stats()
-    assert (stats["sap_confirmations"], stats["sap_material_documents"],
-            stats["usage_decisions"], stats["responses_dropped"]) == (1, 1, 1, 3)
+    assert (
+        stats["sap_confirmations"],
+        stats["sap_material_documents"],
+        stats["usage_decisions"],
+        stats["responses_dropped"],
+    ) == (1, 1, 1, 3)
     journal = await outbox.journal()
     assert sum("found by lookup" in (row["reference"] or "") for row in journal) == 3
     assert await outbox.dead_letters() == []
@@ -127,7 +187,8 @@ async def test_retries_ask_sap_first_for_every_kind_of_request(
 
 @pytest.mark.integration
 async def test_a_disposition_before_its_goods_receipt_waits_for_the_inspection_lot(
-        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
+    peers: list[Peer], tmp_path: Path, outbox: Outbox
+) -> None:
     """Not a failure of SAP: the circuit stays closed while the disposition waits."""
     erp = start_erp(peers, tmp_path)
     await outbox.commit([disposition(1, "release", "L-9")])  # no goods receipt of L-9 yet
@@ -139,15 +200,15 @@ async def test_a_disposition_before_its_goods_receipt_waits_for_the_inspection_l
     assert (await outbox.counts())["erp"].retrying == 1
     # The receipt arrives by another way (another key: a disposition holds back its own).
     receipt = produced(2, "L-9")
-    await outbox.commit([OutboxEvent(receipt.id, receipt.type, "other", receipt.payload,
-                                     ("erp",))])
+    await outbox.commit([OutboxEvent(receipt.id, receipt.type, "other", receipt.payload, ("erp",))])
     await deliver(outbox, {"base_url": erp.url, **SAP})
     assert [d["_lot"]["Batch"] for d in sim(erp.url, "usage-decisions")] == ["L-9"]
 
 
 @pytest.mark.integration
 async def test_sap_refusals_become_dead_letters_with_sap_s_reason(
-        peers: list[Peer], tmp_path: Path, outbox: Outbox) -> None:
+    peers: list[Peer], tmp_path: Path, outbox: Outbox
+) -> None:
     erp = start_erp(peers, tmp_path)
     # Percent has an ISO code in Rec 20 but none in this SAP's unit table.
     await outbox.commit([produced(1, uom="P1"), consumed(2, uom="HLT")])
@@ -190,8 +251,7 @@ def test_check_reports_config_values_longer_than_sap_s_fields() -> None:
         "plant.yaml:2: site: '10100' has 5 characters; SAP's Plant takes at most 4",
         "machines[0].order.order_id: '4711000000001' has 13 characters; SAP's OrderID takes "
         "at most 12",
-        "machines[0].order.lot_id: 'LOT-2026-0001' has 13 characters; SAP's Batch takes at "
-        "most 10",
+        "machines[0].order.lot_id: 'LOT-2026-0001' has 13 characters; SAP's Batch takes at most 10",
         "destinations.erp.sap.goods_receipt_storage_location: '00001' has 5 characters; "
         "SAP's StorageLocation takes at most 4",
         "destinations.erp.sap.units.C62.iso: 'PIECE' has 5 characters",
@@ -207,8 +267,9 @@ def test_check_reports_config_values_longer_than_sap_s_fields() -> None:
 
 
 def test_time_zone_must_be_a_real_one() -> None:
-    broken = CHECKED.replace("sap:\n      goods", "sap:\n      time_zone: Europe/Berlln\n"
-                             "      goods")
+    broken = CHECKED.replace(
+        "sap:\n      goods", "sap:\n      time_zone: Europe/Berlln\n      goods"
+    )
     with pytest.raises(ConfigError) as caught:
         parse_config(broken, "plant.yaml", {})
     assert any("'Europe/Berlln' is not an IANA time zone" in p for p in caught.value.problems)
@@ -230,29 +291,61 @@ routes:
 
 
 def mes(kind: str, message_id: str, **fields: Any) -> MesMessage:
-    return MesMessage("mes", f"mes/1010/press-01/{kind}", kind, fields, message_id,
-                      1_800_000_000.0)
+    return MesMessage("mes", f"mes/1010/press-01/{kind}", kind, fields, message_id, 1_800_000_000.0)
 
 
 async def test_mes_input_sap_would_refuse_becomes_an_input_dead_letter(outbox: Outbox) -> None:
     pipeline = Pipeline(parse_config(PIPELINE, "p", {}), outbox, {})
     quantity = {"value": Decimal("2"), "uom": "KGM"}
-    await pipeline.on_readings([
-        mes("order.started", "m-1", machine_id="press-01", order_id="1000123",
-            material="FG-1", lot_id="LOT-2026-0001"),
-        mes("order.started", "m-2", machine_id="press-01", order_id="1000124",
-            material="FG-1", lot_id="L-2026-01"),
-        mes("material.consumed", "m-3", order_id="1000124", material="RM-1", lot_id="C-1",
-            quantity=quantity, storage_location="00001"),
-        mes("material.consumed", "m-4", order_id="1000124", material="RM-1", lot_id="C-1",
-            quantity={"value": Decimal("2"), "uom": "HLT"}),
-        mes("material.consumed", "m-5", order_id="1000124", material="RM-1", lot_id="C-1",
-            quantity=quantity, storage_location="0001"),
-    ])
+    await pipeline.on_readings(
+        [
+            mes(
+                "order.started",
+                "m-1",
+                machine_id="press-01",
+                order_id="1000123",
+                material="FG-1",
+                lot_id="LOT-2026-0001",
+            ),
+            mes(
+                "order.started",
+                "m-2",
+                machine_id="press-01",
+                order_id="1000124",
+                material="FG-1",
+                lot_id="L-2026-01",
+            ),
+            mes(
+                "material.consumed",
+                "m-3",
+                order_id="1000124",
+                material="RM-1",
+                lot_id="C-1",
+                quantity=quantity,
+                storage_location="00001",
+            ),
+            mes(
+                "material.consumed",
+                "m-4",
+                order_id="1000124",
+                material="RM-1",
+                lot_id="C-1",
+                quantity={"value": Decimal("2"), "uom": "HLT"},
+            ),
+            mes(
+                "material.consumed",
+                "m-5",
+                order_id="1000124",
+                material="RM-1",
+                lot_id="C-1",
+                quantity=quantity,
+                storage_location="0001",
+            ),
+        ]
+    )
     reasons = sorted(r["reason"] for r in await outbox.rejected_inputs())
     assert reasons == [
-        "lot_id 'LOT-2026-0001' has 13 characters; SAP's Batch takes at most 10 "
-        "(destination erp)",
+        "lot_id 'LOT-2026-0001' has 13 characters; SAP's Batch takes at most 10 (destination erp)",
         "storage_location '00001' has 5 characters; SAP's StorageLocation takes at most 4 "
         "(destination erp)",
         "unit HLT has no SAP internal unit for EntryUnit: set sap.units.HLT.internal to the "

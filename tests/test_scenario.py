@@ -32,8 +32,12 @@ from tests.processes import spawn
 SCENARIOS = ROOT / "config" / "scenarios"
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             output: Callable[[], str] = lambda: "") -> None:
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float,
+    what: str,
+    output: Callable[[], str] = lambda: "",
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -57,8 +61,15 @@ def test_the_shift_and_its_gateway_config_fit_together() -> None:
     assert {m.name for m in simulators.opcua.machines} | {simulators.modbus.machine} == machines
     assert set(scenario.mes_machines()) == machines
     kinds = {step.action.kind for step in scenario.timeline}
-    assert {"mes.order_start", "opcua.state", "opcua.rate", "modbus.state", "mes.consume",
-            "mes.lot_completed", "mes.order_end"} <= kinds
+    assert {
+        "mes.order_start",
+        "opcua.state",
+        "opcua.rate",
+        "modbus.state",
+        "mes.consume",
+        "mes.lot_completed",
+        "mes.order_end",
+    } <= kinds
     assert 150 <= scenario.length <= 240  # one shift in about three minutes at speed 1
 
 
@@ -74,7 +85,9 @@ def test_problems_are_reported_with_file_line_and_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "broken.yaml"
-    problems = problems_of(path, """\
+    problems = problems_of(
+        path,
+        """\
 name: broken
 simulators:
   opcua: {port: 4841, machines: [filler-02]}
@@ -87,7 +100,9 @@ timeline:
   - at: 30s
     mes.order_end: {machine: filler-02}
   - {at: 40s}
-""", capsys)
+""",
+        capsys,
+    )
     assert problems[:3] == [
         ":4: simulators.modbus.scrap_rat: unknown key (did you mean 'scrap_rate'?)",
         ":7: timeline[0].opcua.state.state: 'Hold' is not a PackML state; states: Clearing, "
@@ -100,7 +115,9 @@ timeline:
     assert problems[5] == ": 5 problems"
 
     # Once every step is well formed: what the steps refer to, and their order.
-    problems = problems_of(path, """\
+    problems = problems_of(
+        path,
+        """\
 name: broken
 simulators:
   opcua: {port: 4841, machines: [filler-02]}
@@ -111,7 +128,9 @@ timeline:
     modbus.rate: {rate: 3}
   - at: 30s
     mes.order_end: {machine: filler-02, order_id: "1"}
-""", capsys)
+""",
+        capsys,
+    )
     assert problems == [
         ":6: timeline[0].opcua.state.machine: no OPC UA machine 'filler-03' (did you mean "
         "'filler-02'?)",
@@ -152,8 +171,7 @@ timeline:
     assert "t+2s modbus press-01 state Held" in lines
     assert lines[-3] == "scenario finished: short"
     # Counted while in Execute (about ten), plus the 7 + 2 counted at once; no scrap rate.
-    processed, defective = map(int, re.findall(r"processed (\d+), defective (\d+)",
-                                               lines[-2])[0])
+    processed, defective = map(int, re.findall(r"processed (\d+), defective (\d+)", lines[-2])[0])
     assert lines[-2].startswith("end: opcua filler-02 state Held")
     assert processed > 9 and defective == 2
     assert lines[-1].startswith("end: modbus press-01 state Held")
@@ -170,8 +188,12 @@ class ScenarioProcess:
         with log_path.open("wb") as log:
             self.process = spawn(
                 [sys.executable, "-m", "simulators.scenario", str(scenario), *args],
-                cwd=ROOT, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -180,6 +202,7 @@ class ScenarioProcess:
         def seen() -> bool:
             assert self.process.poll() is None or text in self.output(), self.output()
             return text in self.output()
+
         wait_for(seen, timeout, repr(text), self.output)
 
     def go(self) -> None:
@@ -233,9 +256,11 @@ def shift_on_free_ports(tmp_path: Path, erp: ErpSim) -> tuple[Path, Path, int]:
 
 
 def events_of(erp: ErpSim, event_type: str, subject: str | None = None) -> list[dict[str, Any]]:
-    return [entry["event"] for entry in erp.events()  # type: ignore[misc]
-            if entry["type"] == event_type
-            and (subject is None or entry["event"]["subject"] == subject)]  # type: ignore[index]
+    return [
+        entry["event"]
+        for entry in erp.events()  # type: ignore[misc]
+        if entry["type"] == event_type and (subject is None or entry["event"]["subject"] == subject)
+    ]  # type: ignore[index]
 
 
 def quantity(event: dict[str, Any], field: str) -> Decimal:
@@ -253,8 +278,9 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
     shift: Scenario = load_scenario(scenario_path)
     load_config(gateway_path)  # valid as moved
 
-    runner = ScenarioProcess(scenario_path, tmp_path / "scenario.log", "--speed", "10",
-                             "--hold", "--wait")
+    runner = ScenarioProcess(
+        scenario_path, tmp_path / "scenario.log", "--speed", "10", "--hold", "--wait"
+    )
     scenario_processes.append(runner)
     runner.wait_for_line("scenario running: shift", 30)
     gateway = start_gateway(peers, gateway_path, tmp_path, log_format="text")
@@ -273,8 +299,9 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
     runner.wait_for_line("scenario finished: shift", 60)
     output = runner.output()
     assert "t+60s opcua filler-02 state Held (stop reason 3 Jam)" in output
-    filler = re.search(r"end: opcua filler-02 state Complete, processed (\d+), defective (\d+)",
-                       output)
+    filler = re.search(
+        r"end: opcua filler-02 state Complete, processed (\d+), defective (\d+)", output
+    )
     press = re.search(r"end: modbus press-01 state Complete, good (\d+), scrap (\d+)", output)
     assert filler and press, output
     # The simulators' own counts are the oracle. The filler's ProdProcessedCount counts good
@@ -282,13 +309,17 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
     # counter ranges cover processed. The press counts good and scrap apart.
     processed, defective = map(int, filler.groups())
     good_count, scrap_count = map(int, press.groups())
-    counts = {"1000123/0010": (processed - defective, defective, processed),
-              "1000124/0010": (good_count, scrap_count, good_count)}
+    counts = {
+        "1000123/0010": (processed - defective, defective, processed),
+        "1000124/0010": (good_count, scrap_count, good_count),
+    }
 
     def delivered() -> bool:
-        return (len(events_of(erp, "operation.completed")) == 2
-                and len(events_of(erp, "lot.produced")) == 2
-                and len(events_of(erp, "material.consumed")) == 3)
+        return (
+            len(events_of(erp, "operation.completed")) == 2
+            and len(events_of(erp, "lot.produced")) == 2
+            and len(events_of(erp, "material.consumed")) == 3
+        )
 
     wait_for(delivered, 30, "ERP to receive the shift", gateway.output)
 
@@ -297,8 +328,7 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
         assert len(started) == 1, subject
         confirmations = events_of(erp, "production.confirmation", subject)
         # Every unit counted during the order, once: the counter ranges tile 0..counted.
-        ranges = sorted((e["data"]["counter_from"], e["data"]["counter_to"])
-                        for e in confirmations)
+        ranges = sorted((e["data"]["counter_from"], e["data"]["counter_to"]) for e in confirmations)
         assert ranges[0][0] == 0 and ranges[-1][1] == counted, ranges
         assert all(low == high for (_, high), (low, _) in itertools.pairwise(ranges))
         assert sum(quantity(e, "yield_quantity") for e in confirmations) == good
@@ -313,15 +343,26 @@ def test_one_scenario_file_drives_the_whole_chain_to_erp(
 
     jam = events_of(erp, "operation.interrupted", "1000123/0010")[0]["data"]
     assert (jam["reason_code"], jam["reason_text"]) == ("3", "Jam")
-    consumed = {(e["data"]["order_id"], e["data"]["material"], e["data"]["lot_id"],
-                 e["data"]["quantity"]["value"], e["data"]["quantity"]["uom"])
-                for e in events_of(erp, "material.consumed")}
-    assert consumed == {("1000123", "RM-SYRUP", "RM-SYRUP-0042", "180.500", "LTR"),
-                        ("1000123", "RM-BOTTLE", "RM-BOTTLE-0815", "520", "H87"),
-                        ("1000124", "RM-STEEL", "RM-STEEL-0007", "310.250", "KGM")}
+    consumed = {
+        (
+            e["data"]["order_id"],
+            e["data"]["material"],
+            e["data"]["lot_id"],
+            e["data"]["quantity"]["value"],
+            e["data"]["quantity"]["uom"],
+        )
+        for e in events_of(erp, "material.consumed")
+    }
+    assert consumed == {
+        ("1000123", "RM-SYRUP", "RM-SYRUP-0042", "180.500", "LTR"),
+        ("1000123", "RM-BOTTLE", "RM-BOTTLE-0815", "520", "H87"),
+        ("1000124", "RM-STEEL", "RM-STEEL-0007", "310.250", "KGM"),
+    }
     lots = {e["data"]["lot_id"]: e["data"] for e in events_of(erp, "lot.produced")}
     assert [lot["lot_id"] for lot in lots["LOT-FG-0001"]["input_lots"]] == [
-        "RM-SYRUP-0042", "RM-BOTTLE-0815"]
+        "RM-SYRUP-0042",
+        "RM-BOTTLE-0815",
+    ]
     assert [lot["lot_id"] for lot in lots["LOT-PR-0001"]["input_lots"]] == ["RM-STEEL-0007"]
     assert lots["LOT-FG-0001"]["order_id"] == "1000123"
     assert len(events_of(erp, "downtime.recorded")) == 2

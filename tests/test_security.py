@@ -44,18 +44,31 @@ def secret(kind: str) -> str:
 
 
 def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_process([sys.executable, "-m", "edge.cli", *args, "--config", str(config)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return run_process(
+        [sys.executable, "-m", "edge.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 def outbox_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_process([sys.executable, "-m", "edge.cli", "outbox", "--config", str(config),
-                           *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return run_process(
+        [sys.executable, "-m", "edge.cli", "outbox", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 @pytest.mark.integration
 def test_secrets_never_appear_in_logs_metrics_status_or_the_cli(
-    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path, mosquitto: Mosquitto,
+    peers: list[Peer],
+    erp_sim: ErpSim,
+    tmp_path: Path,
+    mosquitto: Mosquitto,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     api_token, bearer, oauth_secret = secret("apitoken"), secret("bearer"), secret("oauth")
@@ -132,25 +145,44 @@ routes:
     config.chmod(0o644)
     checked = cli(config, "check")
     assert checked.returncode == 0, checked.stderr
-    assert (f"warning: {config} holds secrets written in it (api.token, "
-            "destinations.erp_refused.auth.client_secret) and is readable by group and others "
-            "(mode 0644)") in checked.stderr
+    assert (
+        f"warning: {config} holds secrets written in it (api.token, "
+        "destinations.erp_refused.auth.client_secret) and is readable by group and others "
+        "(mode 0644)"
+    ) in checked.stderr
 
     gateway = start_gateway(peers, config, tmp_path)
     base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: len(erp_sim.events()) >= 2 and len(oauth_erp.events()) >= 2, 30,
-             "deliveries with the bearer token and the OAuth secret")
-    wait_for(lambda: "Destination erp_refused is failing" in gateway.output(), 30,
-             "the refused OAuth client to be logged")
-    wait_for(lambda: httpx.get(f"{base}/status", timeout=5).json()["drivers"][1]["connected"],
-             20, "the MQTT driver to connect with its password")
+    wait_for(
+        lambda: len(erp_sim.events()) >= 2 and len(oauth_erp.events()) >= 2,
+        30,
+        "deliveries with the bearer token and the OAuth secret",
+    )
+    wait_for(
+        lambda: "Destination erp_refused is failing" in gateway.output(),
+        30,
+        "the refused OAuth client to be logged",
+    )
+    wait_for(
+        lambda: httpx.get(f"{base}/status", timeout=5).json()["drivers"][1]["connected"],
+        20,
+        "the MQTT driver to connect with its password",
+    )
     assert f"Secrets exposed: {config} holds secrets" in gateway.output()
 
     # A change over the API needs the token; reads do not.
-    assert httpx.post(f"{base}/outbox/retry", json={"all_dead": True, "reason": "test"},
-                      timeout=5).status_code == 401
-    retried = httpx.post(f"{base}/outbox/retry", json={"all_dead": True, "reason": "test"},
-                         timeout=5, headers={"Authorization": f"Bearer {api_token}"})
+    assert (
+        httpx.post(
+            f"{base}/outbox/retry", json={"all_dead": True, "reason": "test"}, timeout=5
+        ).status_code
+        == 401
+    )
+    retried = httpx.post(
+        f"{base}/outbox/retry",
+        json={"all_dead": True, "reason": "test"},
+        timeout=5,
+        headers={"Authorization": f"Bearer {api_token}"},
+    )
     assert retried.status_code == 200
 
     shown = {
@@ -158,11 +190,15 @@ routes:
         "status": httpx.get(f"{base}/status", timeout=5).text,
         "readyz": httpx.get(f"{base}/readyz", timeout=5).text,
         "healthz": httpx.get(f"{base}/healthz", timeout=5).text,
-        "outbox list": httpx.post(f"{base}/outbox/list", json={"destination": "erp_refused"},
-                                  timeout=5).text,
+        "outbox list": httpx.post(
+            f"{base}/outbox/list", json={"destination": "erp_refused"}, timeout=5
+        ).text,
     }
-    for name, args in (("status", ("status",)), ("status --json", ("status", "--json")),
-                       ("check", ("check",))):
+    for name, args in (
+        ("status", ("status",)),
+        ("status --json", ("status", "--json")),
+        ("check", ("check",)),
+    ):
         done = cli(config, *args)
         shown[f"plantsync {name}"] = done.stdout + done.stderr
     for args in (("status",), ("--json", "list", "--destination", "erp_refused")):
@@ -196,8 +232,10 @@ def test_secret_files_readable_by_others_draw_a_warning(tmp_path: Path) -> None:
     config.write_text(literal)
     for mode, readers in ((0o644, "group and others"), (0o640, "group"), (0o604, "others")):
         config.chmod(mode)
-        assert (f"warning: {config} holds secrets written in it (api.token) and is readable "
-                f"by {readers} (mode {mode:04o})") in check()
+        assert (
+            f"warning: {config} holds secrets written in it (api.token) and is readable "
+            f"by {readers} (mode {mode:04o})"
+        ) in check()
     assert "literal-api-token" not in check()
     config.chmod(0o600)
     assert "warning" not in check()
@@ -206,23 +244,32 @@ def test_secret_files_readable_by_others_draw_a_warning(tmp_path: Path) -> None:
     config.write_text(base + f'api: {{token: "${{file:{token_file}}}"}}\n')
     config.chmod(0o644)
     token_file.chmod(0o640)
-    assert (f"warning: {token_file} holds the secret of api.token and is readable by group "
-            "(mode 0640)") in check()
+    assert (
+        f"warning: {token_file} holds the secret of api.token and is readable by group (mode 0640)"
+    ) in check()
     token_file.chmod(0o600)
     assert "warning" not in check()
     config.write_text(base + 'api: {token: "${PLANTSYNC_TEST_TOKEN}"}\n')
     env = {**os.environ, "PLANTSYNC_TEST_TOKEN": "from-the-environment"}
-    done = run_process([sys.executable, "-m", "edge.cli", "check", "--config", str(config)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    done = run_process(
+        [sys.executable, "-m", "edge.cli", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 0 and "warning" not in done.stderr
     assert "from-the-environment" not in done.stdout + done.stderr
 
 
 def test_exposed_secrets_names_fields_not_values(tmp_path: Path) -> None:
     config_path = tmp_path / "plant.yaml"
-    text = (f'site: "1010"\ndata_dir: {tmp_path}\n'
-            "destinations:\n  erp:\n    base_url: http://127.0.0.1:1\n"
-            '    auth: {type: api_key, key: "the-api-key-value"}\n')
+    text = (
+        f'site: "1010"\ndata_dir: {tmp_path}\n'
+        "destinations:\n  erp:\n    base_url: http://127.0.0.1:1\n"
+        '    auth: {type: api_key, key: "the-api-key-value"}\n'
+    )
     config_path.write_text(text)
     config_path.chmod(0o644)
     config = parse_config(text, str(config_path))
@@ -240,7 +287,8 @@ def test_log_lines_and_shown_data_are_scrubbed(capsys: pytest.CaptureFixture[str
             setup_logging(fmt, "INFO")
             redact({'pa"ss-word-1', "token-12345"})
             logging.getLogger("edge.test").warning(
-                "peer said: token-12345 rejected", extra={"detail": 'pa"ss-word-1'})
+                "peer said: token-12345 rejected", extra={"detail": 'pa"ss-word-1'}
+            )
             out = capsys.readouterr().out
             assert "token-12345" not in out and "[redacted]" in out
             assert 'pa\\"ss-word-1' not in out and 'pa"ss-word-1' not in out
@@ -248,8 +296,11 @@ def test_log_lines_and_shown_data_are_scrubbed(capsys: pytest.CaptureFixture[str
         root.handlers[:], level = saved
         root.setLevel(level)
     data = {"error": "401 for token-12345", "list": [{"x": "token-12345!"}], "n": 3}
-    assert scrub(data, {"token-12345"}) == {"error": "401 for [redacted]",
-                                            "list": [{"x": "[redacted]!"}], "n": 3}
+    assert scrub(data, {"token-12345"}) == {
+        "error": "401 for [redacted]",
+        "list": [{"x": "[redacted]!"}],
+        "n": 3,
+    }
     assert json.dumps(scrub(data, set())) == json.dumps(data)
 
 
@@ -299,8 +350,9 @@ class Recorder:
         self.server.server_close()
 
 
-def small_plant(tmp_path: Path, *, api: str, plc: int | None = None, erp: str | None = None,
-                extra: str = "") -> Path:
+def small_plant(
+    tmp_path: Path, *, api: str, plc: int | None = None, erp: str | None = None, extra: str = ""
+) -> Path:
     """A config for the real daemon: optionally a Modbus press and an ERP destination."""
     text = f'site: "1010"\ndata_dir: {tmp_path / "data"}\napi: {api}\nshutdown_timeout: 5s\n'
     if plc is not None:
@@ -330,24 +382,33 @@ routes:
 
 @pytest.mark.integration
 def test_lot_ids_cannot_steer_the_qms_lookup(
-    peers: list[Peer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    peers: list[Peer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     qms = Recorder()
     key = secret("qmskey")
     monkeypatch.setenv("QMS_KEY", key)
     port = free_port()
-    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}', extra=f"""
+    config = small_plant(
+        tmp_path,
+        api=f'{{listen: "127.0.0.1:{port}"}}',
+        extra=f"""
 destinations:
   qms:
     base_url: {qms.url}/api/v1
     profile: qms_rest
     auth: {{type: api_key, header: X-API-Key, key: "${{QMS_KEY}}"}}
 quality: {{qms: qms, poll_interval: 1s, lookup_timeout: 2s}}
-""")
+""",
+    )
     try:
         start_gateway(peers, config, tmp_path)
-        wait_for(lambda: any(p.startswith("/api/v1/dispositions") for _, p, _ in qms.requests),
-                 20, "the gateway to poll the QMS")
+        wait_for(
+            lambda: any(p.startswith("/api/v1/dispositions") for _, p, _ in qms.requests),
+            20,
+            "the gateway to poll the QMS",
+        )
         base = f"http://127.0.0.1:{port}"
         # The attack of the report: a lot id that climbs out of /lots/ on the QMS host.
         attack = httpx.get(f"{base}/lots/..%2F..%2F..%2Fadmin%2Fusers%3Fq%3D", timeout=5)
@@ -363,11 +424,16 @@ quality: {{qms: qms, poll_interval: 1s, lookup_timeout: 2s}}
         plain = httpx.get(f"{base}/lots/LOT-2026-0001", timeout=5)
         assert plain.status_code == 200
         lookups = [p for _, p, _ in qms.requests if not p.startswith("/api/v1/dispositions")]
-        assert lookups == ["/api/v1/lots/A%2F..%2F..%2Fadmin/disposition",
-                           "/api/v1/lots/LOT-2026-0001/disposition"], lookups
+        assert lookups == [
+            "/api/v1/lots/A%2F..%2F..%2Fadmin/disposition",
+            "/api/v1/lots/LOT-2026-0001/disposition",
+        ], lookups
         # The key went only where the QMS's API lives.
-        assert all(path.startswith("/api/v1/") for _, path, headers in qms.requests
-                   if headers.get("X-API-Key") == key)
+        assert all(
+            path.startswith("/api/v1/")
+            for _, path, headers in qms.requests
+            if headers.get("X-API-Key") == key
+        )
     finally:
         qms.close()
 
@@ -399,21 +465,24 @@ def test_a_large_body_is_refused_before_it_is_read(peers: list[Peer], tmp_path: 
     import socket
 
     port = free_port()
-    gateway = start_gateway(peers, small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}'),
-                            tmp_path)
+    gateway = start_gateway(
+        peers, small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}'), tmp_path
+    )
     assert gateway.process is not None
     before = resident_kib(gateway.process.pid)
     # A declared 400 MB: refused at once, without waiting for (or reading) a byte of it.
-    answer = raw_http(port, b"POST /outbox/show HTTP/1.1\r\nHost: x\r\n"
-                      b"Content-Type: application/json\r\nContent-Length: 400000000\r\n\r\n",
-                      timeout=5)
+    answer = raw_http(
+        port,
+        b"POST /outbox/show HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 400000000\r\n\r\n",
+        timeout=5,
+    )
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     # The same amount streamed in chunks (no length declared): cut off after 64 KiB.
     chunk = b"x" * 1_000_000
     refused_after = 0
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"POST /outbox/show HTTP/1.1\r\nHost: x\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(b"POST /outbox/show HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         try:
             for sent in range(400):
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -430,7 +499,9 @@ def test_a_large_body_is_refused_before_it_is_read(peers: list[Peer], tmp_path: 
 
 @pytest.mark.integration
 def test_slow_clients_cannot_take_the_api_down(
-    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path,
+    peers: list[Peer],
+    erp_sim: ErpSim,
+    tmp_path: Path,
 ) -> None:
     """1,100 clients trickling a header line at a time, against a daemon whose file limit is
     1,024 (the Debian default): /healthz answers all along, the driver reads and ERP receives,
@@ -444,11 +515,19 @@ def test_slow_clients_cannot_take_the_api_down(
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
     plc = start_plc(peers, tmp_path, "--rate", "50")
     port = free_port()
-    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}", request_timeout: 2s}}',
-                         plc=plc.port, erp=erp_sim.url)
+    config = small_plant(
+        tmp_path,
+        api=f'{{listen: "127.0.0.1:{port}", request_timeout: 2s}}',
+        plc=plc.port,
+        erp=erp_sim.url,
+    )
     # The daemon runs with the plant box's default file limit.
-    gateway = start_gateway(peers, config, tmp_path, preexec=lambda: resource.setrlimit(
-        resource.RLIMIT_NOFILE, (1024, 1024)))
+    gateway = start_gateway(
+        peers,
+        config,
+        tmp_path,
+        preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)),
+    )
     assert gateway.process is not None
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: len(erp_sim.events()) >= 1, 30, "a first delivery")
@@ -495,7 +574,8 @@ def test_slow_clients_cannot_take_the_api_down(
 
 @pytest.mark.integration
 def test_off_loopback_every_read_needs_the_bearer_token(
-    peers: list[Peer], tmp_path: Path,
+    peers: list[Peer],
+    tmp_path: Path,
 ) -> None:
     port = free_port()
     config = small_plant(tmp_path, api=f'{{listen: "0.0.0.0:{port}"}}')
@@ -503,33 +583,63 @@ def test_off_loopback_every_read_needs_the_bearer_token(
     checked = cli(config, "check")
     assert checked.returncode == 1
     assert "is not a loopback address" in checked.stderr and "add api.token" in checked.stderr
-    refused = run_process([sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    refused = run_process(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert refused.returncode == 1 and "add api.token" in refused.stdout + refused.stderr
 
     token = secret("token")
-    config.write_text(config.read_text().replace(
-        f'api: {{listen: "0.0.0.0:{port}"}}', f'api: {{listen: "0.0.0.0:{port}", '
-        f'token: "{token}"}}'))
+    config.write_text(
+        config.read_text().replace(
+            f'api: {{listen: "0.0.0.0:{port}"}}',
+            f'api: {{listen: "0.0.0.0:{port}", token: "{token}"}}',
+        )
+    )
     gateway = start_gateway(peers, config, tmp_path)
     assert "listens off loopback" in gateway.output()
     base = f"http://127.0.0.1:{port}"
     for path in ("/healthz", "/readyz", "/metrics"):
         assert httpx.get(base + path, timeout=5).status_code in (200, 503), path
     bearer = {"Authorization": f"Bearer {token}"}
-    for method, path in (("GET", "/status"), ("GET", "/lots/LOT-1"), ("POST", "/outbox/list"),
-                         ("POST", "/outbox/status")):
-        bare = httpx.request(method, base + path, timeout=5, json={} if method == "POST"
-                             else None)
+    for method, path in (
+        ("GET", "/status"),
+        ("GET", "/lots/LOT-1"),
+        ("POST", "/outbox/list"),
+        ("POST", "/outbox/status"),
+    ):
+        bare = httpx.request(method, base + path, timeout=5, json={} if method == "POST" else None)
         assert bare.status_code == 401, (path, bare.text)
         assert bare.headers["www-authenticate"] == "Bearer"
         # The token alone, or in another header, is not the token.
-        for headers in ({"Authorization": token}, {"X-API-Token": token},
-                        {"Authorization": f"Basic {token}"}):
-            assert httpx.request(method, base + path, headers=headers, timeout=5,
-                                 json={} if method == "POST" else None).status_code == 401
-        assert httpx.request(method, base + path, headers=bearer, timeout=5,
-                             json={} if method == "POST" else None).status_code == 200, path
+        for headers in (
+            {"Authorization": token},
+            {"X-API-Token": token},
+            {"Authorization": f"Basic {token}"},
+        ):
+            assert (
+                httpx.request(
+                    method,
+                    base + path,
+                    headers=headers,
+                    timeout=5,
+                    json={} if method == "POST" else None,
+                ).status_code
+                == 401
+            )
+        assert (
+            httpx.request(
+                method,
+                base + path,
+                headers=bearer,
+                timeout=5,
+                json={} if method == "POST" else None,
+            ).status_code
+            == 200
+        ), path
     # The CLI on this box brings the token for reads too.
     shown = cli(config, "status")
     assert shown.returncode == 0 and "(from the running daemon)" in shown.stdout, shown.stderr
@@ -537,7 +647,8 @@ def test_off_loopback_every_read_needs_the_bearer_token(
 
 @pytest.mark.integration
 def test_on_loopback_a_change_needs_the_token_as_bearer(
-    peers: list[Peer], tmp_path: Path,
+    peers: list[Peer],
+    tmp_path: Path,
 ) -> None:
     port = free_port()
     token = secret("token")
@@ -546,12 +657,21 @@ def test_on_loopback_a_change_needs_the_token_as_bearer(
     url = f"http://127.0.0.1:{port}/outbox/retry"
     body = {"all_dead": True, "reason": "test"}
     assert httpx.post(url, json=body, timeout=5).status_code == 401
-    assert httpx.post(url, json=body, headers={"Authorization": token},
-                      timeout=5).status_code == 401
-    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}x"},
-                      timeout=5).status_code == 401
-    assert httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"},
-                      timeout=5).status_code == 200
+    assert (
+        httpx.post(url, json=body, headers={"Authorization": token}, timeout=5).status_code == 401
+    )
+    assert (
+        httpx.post(
+            url, json=body, headers={"Authorization": f"Bearer {token}x"}, timeout=5
+        ).status_code
+        == 401
+    )
+    assert (
+        httpx.post(
+            url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=5
+        ).status_code
+        == 200
+    )
     # Reads stay open on loopback.
     assert httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).status_code == 200
 
@@ -590,49 +710,78 @@ def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int,
 
 @pytest.mark.integration
 def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_journalled(
-    peers: list[Peer], erp_sim: ErpSim, tmp_path: Path,
+    peers: list[Peer],
+    erp_sim: ErpSim,
+    tmp_path: Path,
 ) -> None:
     plc = start_plc(peers, tmp_path, "--rate", "100", "--stop-at", "400")
     erp_sim.set_faults(error_rate=1.0, error_status=422)
     port = free_port()
     token = secret("token")
-    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}", token: "{token}"}}',
-                         plc=plc.port, erp=erp_sim.url)
+    config = small_plant(
+        tmp_path,
+        api=f'{{listen: "127.0.0.1:{port}", token: "{token}"}}',
+        plc=plc.port,
+        erp=erp_sim.url,
+    )
     gateway = start_gateway(peers, config, tmp_path)
     base = f"http://127.0.0.1:{port}"
     bearer = {"Authorization": f"Bearer {token}"}
 
     def dead() -> list[str]:
-        rows = httpx.post(f"{base}/outbox/list", json={"state": "dead", "limit": 1000},
-                          timeout=5).json()
+        rows = httpx.post(
+            f"{base}/outbox/list", json={"state": "dead", "limit": 1000}, timeout=5
+        ).json()
         return [row["id"] for row in rows]
 
     def settled() -> bool:  # the PLC stopped, and every confirmation is a dead letter
         status = httpx.get(f"{base}/status", timeout=5).json()
         erp = status["destinations"]["erp"]
-        return bool(status["signals"]["press-01.good"]["value"] == 400
-                    and erp["pending"] == 0 and erp["dead"] >= 3)
+        return bool(
+            status["signals"]["press-01.good"]["value"] == 400
+            and erp["pending"] == 0
+            and erp["dead"] >= 3
+        )
 
     wait_for(settled, 40, "every confirmation to be a dead letter")
     first, second, *others = dead()
     count = 2 + len(others)
 
     # The misspelt field of the report: refused, nothing purged.
-    typo = httpx.post(f"{base}/outbox/purge-dead", headers=bearer, timeout=5,
-                      json={"event_id": first, "reason": "typo"})
+    typo = httpx.post(
+        f"{base}/outbox/purge-dead",
+        headers=bearer,
+        timeout=5,
+        json={"event_id": first, "reason": "typo"},
+    )
     assert typo.status_code == 400
     assert "unknown field 'event_id' for purge-dead" in typo.json()["error"]
-    nothing = httpx.post(f"{base}/outbox/purge-dead", headers=bearer, timeout=5,
-                         json={"reason": "no target"})
+    nothing = httpx.post(
+        f"{base}/outbox/purge-dead", headers=bearer, timeout=5, json={"reason": "no target"}
+    )
     assert nothing.status_code == 400 and "all: true" in nothing.json()["error"]
-    assert httpx.post(f"{base}/outbox/purge-dead", headers=bearer, timeout=5,
-                      json={"id": first}).status_code == 400  # no reason
+    assert (
+        httpx.post(
+            f"{base}/outbox/purge-dead", headers=bearer, timeout=5, json={"id": first}
+        ).status_code
+        == 400
+    )  # no reason
     # The CLI without an id does nothing either; --all wants a reason and, on a terminal, a yes.
     bare = outbox_cli(config, "purge-dead")
     assert bare.returncode == 2 and "give one EVENT_ID, or --all" in bare.stderr
     assert outbox_cli(config, "purge-dead", "--all").returncode == 2  # no --reason, no tty
-    argv = [sys.executable, "-m", "edge.cli", "outbox", "--config", str(config), "purge-dead",
-            "--all", "--reason", "clean-up"]
+    argv = [
+        sys.executable,
+        "-m",
+        "edge.cli",
+        "outbox",
+        "--config",
+        str(config),
+        "purge-dead",
+        "--all",
+        "--reason",
+        "clean-up",
+    ]
     code, shown = on_terminal(argv, "no")
     assert code == 1 and "Nothing done" in shown, shown
     assert len(dead()) == count
@@ -646,8 +795,9 @@ def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_jour
     assert wrong.returncode == 1 and "no event 'not-an-id'" in wrong.stderr, wrong.stdout
     shown_event = outbox_cli(config, "show", second)
     assert shown_event.returncode == 0
-    assert re.search(r"committed    \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d",
-                     shown_event.stdout), shown_event.stdout
+    assert re.search(
+        r"committed    \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", shown_event.stdout
+    ), shown_event.stdout
     assert re.search(r"^type +production\.confirmation$", shown_event.stdout, re.MULTILINE)
     assert '    "yield_quantity": {' in shown_event.stdout  # the payload as JSON, not a string
     assert '\\"' not in shown_event.stdout
@@ -664,7 +814,8 @@ def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_jour
     me = getpass.getuser()
     assert [(row["action"], row["target"], row["affected"], row["reason"]) for row in journal] == [
         ("purge-dead", f"event {first}", 1, "duplicate of ERP doc 4711"),
-        ("purge-dead", "all dead letters", count - 1, "clean-up")]
+        ("purge-dead", "all dead letters", count - 1, "clean-up"),
+    ]
     assert journal[0]["who"] == f"api token (os user {me}, as the CLI says)"
     assert journal[1]["who"] == f"os user {me}"
     text = outbox_cli(config, "hand-actions").stdout
@@ -675,23 +826,31 @@ def test_purge_dead_never_purges_everything_by_mistake_and_hand_actions_are_jour
 def test_secrets_in_cleartext_are_refused_unless_allowed_and_then_warned(tmp_path: Path) -> None:
     config = tmp_path / "plant.yaml"
     base = f'site: "1010"\ndata_dir: {tmp_path}\n'
-    mqtt = ("drivers:\n  - name: mes\n    type: mqtt\n    host: {host}\n    username: gw\n"
-            '    password: "a-broker-password"\n{extra}'
-            "    topics: [{{filter: mes/#, event: material.consumed}}]\n")
-    oauth = ("destinations:\n  erp:\n    base_url: https://erp.example\n{extra}"
-             "    auth: {{type: oauth2_client_credentials, token_url: '{url}',\n"
-             "           client_id: gw, client_secret: 'an-oauth-secret'}}\n")
+    mqtt = (
+        "drivers:\n  - name: mes\n    type: mqtt\n    host: {host}\n    username: gw\n"
+        '    password: "a-broker-password"\n{extra}'
+        "    topics: [{{filter: mes/#, event: material.consumed}}]\n"
+    )
+    oauth = (
+        "destinations:\n  erp:\n    base_url: https://erp.example\n{extra}"
+        "    auth: {{type: oauth2_client_credentials, token_url: '{url}',\n"
+        "           client_id: gw, client_secret: 'an-oauth-secret'}}\n"
+    )
     config.write_text(base + mqtt.format(host="10.0.0.5", extra=""))
     config.chmod(0o600)
     refused = cli(config, "check")
     assert refused.returncode == 1
-    assert ("drivers[0].password: driver mes's MQTT password would cross the network in "
-            "cleartext to 10.0.0.5: use TLS") in refused.stderr
+    assert (
+        "drivers[0].password: driver mes's MQTT password would cross the network in "
+        "cleartext to 10.0.0.5: use TLS"
+    ) in refused.stderr
     config.write_text(base + mqtt.format(host="10.0.0.5", extra="    allow_insecure: true\n"))
     allowed = cli(config, "check")
     assert allowed.returncode == 0, allowed.stderr
-    assert ("warning: drivers[0].password: driver mes's MQTT password cross the network in "
-            "cleartext to 10.0.0.5 (allow_insecure: true)") in allowed.stderr
+    assert (
+        "warning: drivers[0].password: driver mes's MQTT password cross the network in "
+        "cleartext to 10.0.0.5 (allow_insecure: true)"
+    ) in allowed.stderr
     config.write_text(base + mqtt.format(host="127.0.0.1", extra=""))  # never leaves the box
     local = cli(config, "check")
     assert local.returncode == 0 and "warning" not in local.stderr, local.stderr
@@ -699,10 +858,14 @@ def test_secrets_in_cleartext_are_refused_unless_allowed_and_then_warned(tmp_pat
     config.write_text(base + oauth.format(url="http://erp.example/oauth/token", extra=""))
     refused = cli(config, "check")
     assert refused.returncode == 1
-    assert ("destinations.erp.auth.token_url: destination erp's OAuth client secret would "
-            "cross the network in cleartext to erp.example") in refused.stderr
-    config.write_text(base + oauth.format(url="http://erp.example/oauth/token",
-                                          extra="    allow_insecure: true\n"))
+    assert (
+        "destinations.erp.auth.token_url: destination erp's OAuth client secret would "
+        "cross the network in cleartext to erp.example"
+    ) in refused.stderr
+    config.write_text(
+        base
+        + oauth.format(url="http://erp.example/oauth/token", extra="    allow_insecure: true\n")
+    )
     assert "OAuth client secret cross the network" in cli(config, "check").stderr
     for value in ("a-broker-password", "an-oauth-secret"):
         assert value not in refused.stderr + allowed.stderr
@@ -738,9 +901,16 @@ async def test_a_tls_failure_at_the_token_url_says_which_setting_fixes_it(
                 context.wrap_socket(connection, server_side=True).close()
 
     threading.Thread(target=serve, daemon=True).start()
-    auth = OAuth2Token(OAuth2ClientCredentials.model_validate({
-        "type": "oauth2_client_credentials", "token_url": f"https://localhost:{port}/token",
-        "client_id": "gw", "client_secret": "s3cret-value"}))
+    auth = OAuth2Token(
+        OAuth2ClientCredentials.model_validate(
+            {
+                "type": "oauth2_client_credentials",
+                "token_url": f"https://localhost:{port}/token",
+                "client_id": "gw",
+                "client_secret": "s3cret-value",
+            }
+        )
+    )
     async with httpx.AsyncClient() as client:
         with pytest.raises(AuthError) as failed:
             await auth.headers(client)
@@ -750,7 +920,9 @@ async def test_a_tls_failure_at_the_token_url_says_which_setting_fixes_it(
 
 @pytest.mark.integration
 def test_stored_payloads_cannot_drive_the_terminal_and_data_at_rest_is_private(
-    peers: list[Peer], tmp_path: Path, mosquitto: Mosquitto,
+    peers: list[Peer],
+    tmp_path: Path,
+    mosquitto: Mosquitto,
 ) -> None:
     """An MES message with terminal escapes becomes an input dead letter; what the CLI prints
     of it cannot clear the screen or set the window title. The daemon, run by hand with a
@@ -761,21 +933,31 @@ def test_stored_payloads_cannot_drive_the_terminal_and_data_at_rest_is_private(
     from simulators.mes_publisher import MesPublisher
 
     port = free_port()
-    config = small_plant(tmp_path, api=f'{{listen: "127.0.0.1:{port}"}}', extra=f"""
+    config = small_plant(
+        tmp_path,
+        api=f'{{listen: "127.0.0.1:{port}"}}',
+        extra=f"""
 validation: {{require_known_order: false}}
 drivers:
-{mes_driver(mosquitto.port)}""")
+{mes_driver(mosquitto.port)}""",
+    )
     start_gateway(peers, config, tmp_path, preexec=lambda: os.umask(0o022))
     base = f"http://127.0.0.1:{port}"
-    wait_for(lambda: httpx.get(f"{base}/status", timeout=5).json()["drivers"][0]["connected"],
-             20, "the MQTT driver")
+    wait_for(
+        lambda: httpx.get(f"{base}/status", timeout=5).json()["drivers"][0]["connected"],
+        20,
+        "the MQTT driver",
+    )
     hostile = b"x \x1b[2J\x1b]0;pwned\x07 \xe2\x80\xae"  # clear, set title, bell, bidi override
     with MesPublisher("127.0.0.1", mosquitto.port) as mes:
         mes.publish_raw("mes/1010/press-01/consumption", hostile)
         mes.publish_raw("mes/1010/press-01/consumption", b"y" * 200_000)
         mes.flush(10)
-    wait_for(lambda: httpx.get(f"{base}/status", timeout=5).json()["input_dead_letters"]
-             ["count"] >= 2, 20, "the input dead letters")
+    wait_for(
+        lambda: httpx.get(f"{base}/status", timeout=5).json()["input_dead_letters"]["count"] >= 2,
+        20,
+        "the input dead letters",
+    )
 
     for args in (("rejected",), ("rejected", "--since", "1h")):
         shown = outbox_cli(config, *args)

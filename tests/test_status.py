@@ -22,18 +22,23 @@ from edge.ops.status import (
 
 # The daemon's words, as the fault scenarios and the README's alarm table know them.
 MOVED_ASIDE = "the outbox database was damaged at start and moved aside: "
-DEAD = ("3 business event(s) for destination erp are dead letters (refused for good): look "
-        "with plantsync outbox list --state dead, then retry or purge-dead them with --reason")
+DEAD = (
+    "3 business event(s) for destination erp are dead letters (refused for good): look "
+    "with plantsync outbox list --state dead, then retry or purge-dead them with --reason"
+)
 
 
 def facts(**changes: object) -> GatewayFacts:
     base: dict[str, object] = dict(
-        site="1010", phase="running", ready_max_backlog_age=300.0,
+        site="1010",
+        phase="running",
+        ready_max_backlog_age=300.0,
         drivers=[DriverFacts("plc", connected=True)],
         destinations=[DestinationFacts("erp", reachable=True)],
         counts={"erp": DestinationCounts(pending=1, dead=3)},
         outbox=OutboxFacts(recovered_from="outbox.db.corrupt-1 (file is not a database)"),
-        configured_destinations=frozenset({"erp"}))
+        configured_destinations=frozenset({"erp"}),
+    )
     return GatewayFacts(**{**base, **changes})  # type: ignore[arg-type]
 
 
@@ -43,17 +48,22 @@ def test_every_answer_carries_the_same_alarms() -> None:
     expected = [MOVED_ASIDE + "outbox.db.corrupt-1 (file is not a database)", DEAD]
     assert report["alarms"] == report["outbox"]["alarms"] == ready["alarms"] == expected
     assert ready["ready"] and report["ready"]
-    assert status_line(seen) == ("drivers 1/1 connected; outbox 1 pending (0 retrying), 3 dead; "
-                                 "back-pressure off")
+    assert status_line(seen) == (
+        "drivers 1/1 connected; outbox 1 pending (0 retrying), 3 dead; back-pressure off"
+    )
 
 
 def test_unknown_is_not_called_down() -> None:
     """Seen from the database, a driver's connection and a destination's reachability are
     unknown: no reason says a driver is not connected, no note says a destination fails, and
     without a config no destination is called unconfigured."""
-    seen = facts(phase=STOPPED, drivers=[DriverFacts("plc")],
-                 destinations=[DestinationFacts("erp")], configured_destinations=None,
-                 counts={"erp": DestinationCounts(), "old": DestinationCounts(pending=2)})
+    seen = facts(
+        phase=STOPPED,
+        drivers=[DriverFacts("plc")],
+        destinations=[DestinationFacts("erp")],
+        configured_destinations=None,
+        counts={"erp": DestinationCounts(), "old": DestinationCounts(pending=2)},
+    )
     report = status_report(seen)
     assert report["not_ready_reasons"] == ["the gateway is stopped"]
     assert report["degraded"] == [] and report["unconfigured_destinations"] == {}

@@ -8,10 +8,20 @@ from pydantic import BaseModel, ValidationError
 from drivers.common.timing import Backoff, Duration, format_duration, parse_duration
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("500ms", 0.5), ("15s", 15), ("15m", 900), ("2h", 7200), ("1h30m", 5400), ("1.5s", 1.5),
-    ("1d", 86400), (0, 0.0), ("0", 0.0),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("15s", 15),
+        ("15m", 900),
+        ("2h", 7200),
+        ("1h30m", 5400),
+        ("1.5s", 1.5),
+        ("1d", 86400),
+        (0, 0.0),
+        ("0", 0.0),
+    ],
+)
 def test_durations_parse(text: str | float, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 

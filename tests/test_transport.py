@@ -17,8 +17,9 @@ from edge.forward.session import make_client
 
 
 def config(url: str, transport: str = "aiohttp") -> DestinationConfig:
-    return DestinationConfig.model_validate({"base_url": url, "http_transport": transport,
-                                             "timeout": "5s"})
+    return DestinationConfig.model_validate(
+        {"base_url": url, "http_transport": transport, "timeout": "5s"}
+    )
 
 
 async def post(url: str, transport: str = "aiohttp") -> httpx.HTTPError:
@@ -55,14 +56,17 @@ async def test_a_server_that_read_the_request_and_hung_up_is_ambiguous() -> None
         for transport in ("aiohttp", "httpcore"):
             error = await post(f"http://127.0.0.1:{port}", transport)
             assert not isinstance(error, httpx.ConnectError | httpx.ConnectTimeout), (
-                transport, error)
+                transport,
+                error,
+            )
             result = transport_failure(error, 5.0)
             assert (result.outcome, result.ambiguous) == (Outcome.RETRY, True), transport
     assert len(received) == 2 and all(r.startswith(b"POST /api/events") for r in received)
 
 
 def test_a_proxy_in_the_environment_is_named_when_the_transport_ignores_it(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.plant:3128")
     make_client("erp", config("https://erp.example"))
     assert "ignores the proxy in HTTPS_PROXY" in caplog.text

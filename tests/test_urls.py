@@ -7,7 +7,8 @@ from edge.forward.urls import UnsafeUrlPart, odata_string, path, query, segment
 
 def test_a_slash_inside_an_id_is_not_a_separator() -> None:
     assert path("lots", "../../admin/users?q=", "disposition") == (
-        "lots/..%2F..%2Fadmin%2Fusers%3Fq%3D/disposition")
+        "lots/..%2F..%2Fadmin%2Fusers%3Fq%3D/disposition"
+    )
 
 
 def test_prefix_is_kept_and_joined_once() -> None:
@@ -24,5 +25,6 @@ def test_odata_literal_doubles_quotes_and_query_encodes_spaces_as_percent_20() -
     literal = odata_string("it's")
     assert literal == "'it''s'"
     assert query({"$filter": f"ConfirmationText eq {literal}", "$format": "json"}) == (
-        "$filter=ConfirmationText%20eq%20'it''s'&$format=json")
+        "$filter=ConfirmationText%20eq%20'it''s'&$format=json"
+    )
     assert query({"$filter": "A eq 'x&y=z#'"}) == "$filter=A%20eq%20'x%26y%3Dz%23'"

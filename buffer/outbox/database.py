@@ -39,10 +39,18 @@ class Work:
 
 
 def write_hand_action(db: sqlite3.Connection, action: HandAction, affected: int) -> None:
-    db.execute("INSERT INTO hand_actions(at, action, target, who, reason, affected)"
-               " VALUES (?, ?, ?, ?, ?, ?)",
-               (time.time(), storable(action.action), storable(action.target),
-                storable(action.who), storable(action.reason), affected))
+    db.execute(
+        "INSERT INTO hand_actions(at, action, target, who, reason, affected)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            time.time(),
+            storable(action.action),
+            storable(action.target),
+            storable(action.who),
+            storable(action.reason),
+            affected,
+        ),
+    )
 
 
 def journal_hand_action(path: str | Path, action: HandAction, affected: int = 1) -> None:
@@ -112,9 +120,12 @@ def keep_private(path: Path) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.chmod(0o700)
     elif directory.stat().st_mode & 0o077:
-        log.warning("The outbox's directory %s can be read by others (mode %04o): the "
-                    "database holds event payloads and raw MES messages; make it 0700",
-                    directory, directory.stat().st_mode & 0o7777)
+        log.warning(
+            "The outbox's directory %s can be read by others (mode %04o): the "
+            "database holds event payloads and raw MES messages; make it 0700",
+            directory,
+            directory.stat().st_mode & 0o7777,
+        )
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
@@ -137,8 +148,9 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 def connect_reader(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                         check_same_thread=False)
+    db = sqlite3.connect(
+        f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+    )
     db.execute("PRAGMA busy_timeout = 5000")
     return db
 
@@ -186,8 +198,9 @@ def open_database(path: Path) -> Opened:
     mark = Path(f"{path}{DAMAGED_MARK}")
     try:
         if mark.exists():
-            raise sqlite3.DatabaseError(f"marked damaged by the last run: "
-                                        f"{mark.read_text().strip()}")
+            raise sqlite3.DatabaseError(
+                f"marked damaged by the last run: {mark.read_text().strip()}"
+            )
         return _load(path)
     except sqlite3.DatabaseError as exc:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -197,34 +210,54 @@ def open_database(path: Path) -> Opened:
             if source.exists():
                 source.rename(Path(f"{aside}{suffix}"))
         mark.unlink(missing_ok=True)
-        log.critical("The outbox database %s is damaged (%s); it was moved to %s and a fresh "
-                     "one was created. Events it held were not delivered: recover them from "
-                     "the moved file", path, exc, aside)
+        log.critical(
+            "The outbox database %s is damaged (%s); it was moved to %s and a fresh "
+            "one was created. Events it held were not delivered: recover them from "
+            "the moved file",
+            path,
+            exc,
+            aside,
+        )
         keep_private(path)
         opened = _load(path)
         opened.recovered_from = f"{aside} ({exc})"
         return opened
 
 
-def write_inputs_and_lots(db: sqlite3.Connection, rejected: Sequence[RejectedInput],
-                          resolved_inputs: Sequence[int], lots: Sequence[LotStatus]) -> None:
+def write_inputs_and_lots(
+    db: sqlite3.Connection,
+    rejected: Sequence[RejectedInput],
+    resolved_inputs: Sequence[int],
+    lots: Sequence[LotStatus],
+) -> None:
     """A commit's input dead letters (new, or a reingest rejected again), the ones it
     resolved, and the lot statuses it set (a produced lot's first `hold` never overrides a
     decision)."""
     for r in rejected:
-        row = (storable(r.source), storable(r.topic), r.payload[:REJECTED_PAYLOAD_LIMIT],
-               storable(r.kept_reason()), r.received_at,
-               None if r.message_id is None else storable(r.message_id))
+        row = (
+            storable(r.source),
+            storable(r.topic),
+            r.payload[:REJECTED_PAYLOAD_LIMIT],
+            storable(r.kept_reason()),
+            r.received_at,
+            None if r.message_id is None else storable(r.message_id),
+        )
         if r.replaces is None:
-            db.execute("INSERT INTO rejected_inputs(source, topic, payload, reason,"
-                       " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)", row)
+            db.execute(
+                "INSERT INTO rejected_inputs(source, topic, payload, reason,"
+                " received_at, message_id) VALUES (?, ?, ?, ?, ?, ?)",
+                row,
+            )
         else:
-            db.execute("UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
-                       " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
-                       (*row, r.replaces))
+            db.execute(
+                "UPDATE rejected_inputs SET source = ?, topic = ?, payload = ?,"
+                " reason = ?, received_at = ?, message_id = ? WHERE id = ?",
+                (*row, r.replaces),
+            )
     if resolved_inputs:
-        db.executemany("DELETE FROM rejected_inputs WHERE id = ?",
-                       [(number,) for number in resolved_inputs])
+        db.executemany(
+            "DELETE FROM rejected_inputs WHERE id = ?", [(number,) for number in resolved_inputs]
+        )
     for lot in lots:
         db.execute(
             "INSERT INTO lot_status(lot_id, status, since, source, order_id, material)"
@@ -233,4 +266,5 @@ def write_inputs_and_lots(db: sqlite3.Connection, rejected: Sequence[RejectedInp
             " order_id = COALESCE(excluded.order_id, order_id),"
             " material = COALESCE(excluded.material, material)"
             + ("" if lot.decided else " WHERE false"),
-            (lot.lot_id, lot.status, lot.since, lot.source, lot.order_id, lot.material))
+            (lot.lot_id, lot.status, lot.since, lot.source, lot.order_id, lot.material),
+        )

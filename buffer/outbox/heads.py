@@ -34,7 +34,9 @@ def next_head(db: sqlite3.Connection, destination: str, key: str) -> Head | None
     row = db.execute(
         "SELECT event_seq, priority, next_attempt_at, attempts FROM deliveries"
         f" WHERE destination = ? AND state = {DeliveryState.PENDING:d} AND partition_key = ?"
-        " ORDER BY event_seq LIMIT 1", (destination, key)).fetchone()
+        " ORDER BY event_seq LIMIT 1",
+        (destination, key),
+    ).fetchone()
     return None if row is None else Head(*row)
 
 
@@ -43,14 +45,17 @@ def load_heads(db: sqlite3.Connection) -> dict[str, dict[str, Head]]:
     key, however many events each key holds."""
     heads: dict[str, dict[str, Head]] = {}
     destination = ""
-    while row := db.execute("SELECT destination FROM deliveries WHERE destination > ?"
-                            " ORDER BY destination LIMIT 1", (destination,)).fetchone():
+    while row := db.execute(
+        "SELECT destination FROM deliveries WHERE destination > ? ORDER BY destination LIMIT 1",
+        (destination,),
+    ).fetchone():
         destination = row[0]
         key = ""
         while row := db.execute(
             "SELECT partition_key FROM deliveries WHERE destination = ?"
             f" AND state = {DeliveryState.PENDING:d} AND partition_key > ?"
-            " ORDER BY partition_key LIMIT 1", (destination, key)
+            " ORDER BY partition_key LIMIT 1",
+            (destination, key),
         ).fetchone():
             key = row[0]
             head = next_head(db, destination, key)
@@ -64,7 +69,8 @@ def load_counts(db: sqlite3.Connection) -> tuple[Counter[str], Counter[str]]:
     pending: Counter[str] = Counter()
     dead: Counter[str] = Counter()
     for destination, state, total in db.execute(
-            "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"):
+        "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY destination, state"
+    ):
         (dead if state == DeliveryState.DEAD else pending)[destination] = total
     return pending, dead
 
@@ -84,19 +90,25 @@ def dead_filter(event_id: str | None, destination: str | None) -> tuple[str, tup
 
 def drop_if_done(db: sqlite3.Connection, seq: int) -> None:
     """Forget an event's payload once no destination owes it (its journal rows stay)."""
-    db.execute("DELETE FROM events WHERE seq = ? AND NOT EXISTS"
-               " (SELECT 1 FROM deliveries WHERE event_seq = ?)", (seq, seq))
+    db.execute(
+        "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
+        (seq, seq),
+    )
 
 
-def insert_events(db: sqlite3.Connection, events: Sequence[OutboxEvent], now: float
-                  ) -> tuple[set[str], list[NewDelivery]]:
+def insert_events(
+    db: sqlite3.Connection, events: Sequence[OutboxEvent], now: float
+) -> tuple[set[str], list[NewDelivery]]:
     """Insert each event whose id is new, and a delivery per destination; returns the new ids
     and the deliveries added (for the heads)."""
     inserted: set[str] = set()
     new_rows: list[NewDelivery] = []
     for event in events:
-        cursor = db.execute("INSERT INTO event_ids(id, committed_at) VALUES (?, ?)"
-                            " ON CONFLICT(id) DO NOTHING", (event.id, now))
+        cursor = db.execute(
+            "INSERT INTO event_ids(id, committed_at) VALUES (?, ?) ON CONFLICT(id) DO NOTHING",
+            (event.id, now),
+        )
         if cursor.rowcount == 0:
             continue  # held, delivered or routed nowhere before: the same event
         inserted.add(event.id)
@@ -104,15 +116,15 @@ def insert_events(db: sqlite3.Connection, events: Sequence[OutboxEvent], now: fl
             continue
         seq = db.execute(
             "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)", (event.id, event.type, event.partition_key,
-                                           event.priority, event.payload, now)
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (event.id, event.type, event.partition_key, event.priority, event.payload, now),
         ).lastrowid
         assert seq is not None
         db.executemany(
             "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
             " state, attempts, next_attempt_at)"
             f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
-            [(seq, d, event.partition_key, event.priority) for d in event.destinations])
-        new_rows += [(d, event.partition_key, seq, event.priority)
-                     for d in event.destinations]
+            [(seq, d, event.partition_key, event.priority) for d in event.destinations],
+        )
+        new_rows += [(d, event.partition_key, seq, event.priority) for d in event.destinations]
     return inserted, new_rows

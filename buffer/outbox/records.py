@@ -80,8 +80,10 @@ class RejectedInput:
         """The reason as stored: it says so when the payload was cut to the limit."""
         if len(self.payload) <= REJECTED_PAYLOAD_LIMIT:
             return self.reason
-        return (f"{self.reason} (payload of {len(self.payload)} bytes; its first "
-                f"{REJECTED_PAYLOAD_LIMIT} kept)")
+        return (
+            f"{self.reason} (payload of {len(self.payload)} bytes; its first "
+            f"{REJECTED_PAYLOAD_LIMIT} kept)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

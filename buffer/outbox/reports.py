@@ -21,7 +21,7 @@ _CONDITIONS: dict[DeliveryFilter, str] = {
     "dead": f"d.state = {DeliveryState.DEAD:d}",
 }
 
-_STATE_NAME = (f"CASE state WHEN {DeliveryState.DEAD:d} THEN 'dead' ELSE 'pending' END")
+_STATE_NAME = f"CASE state WHEN {DeliveryState.DEAD:d} THEN 'dead' ELSE 'pending' END"
 
 
 def dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
@@ -30,61 +30,94 @@ def dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
 
 
 def journal(db: sqlite3.Connection, since: float, limit: int | None) -> list[dict[str, Any]]:
-    return dicts(db.execute(
-        "SELECT event_id, event_type, destination, delivered_at, attempts, status,"
-        " reference FROM journal WHERE delivered_at >= ? ORDER BY rowid LIMIT ?",
-        (since, -1 if limit is None else limit)))
+    return dicts(
+        db.execute(
+            "SELECT event_id, event_type, destination, delivered_at, attempts, status,"
+            " reference FROM journal WHERE delivered_at >= ? ORDER BY rowid LIMIT ?",
+            (since, -1 if limit is None else limit),
+        )
+    )
 
 
 def dead_letters(db: sqlite3.Connection) -> list[dict[str, Any]]:
-    return dicts(db.execute(
-        "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts, d.last_status,"
-        " d.last_error, d.dead_at FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-        f" WHERE d.state = {DeliveryState.DEAD:d} ORDER BY d.dead_at, d.event_seq"))
+    return dicts(
+        db.execute(
+            "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts, d.last_status,"
+            " d.last_error, d.dead_at FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            f" WHERE d.state = {DeliveryState.DEAD:d} ORDER BY d.dead_at, d.event_seq"
+        )
+    )
 
 
 def rejected_inputs(db: sqlite3.Connection, since: float, limit: int) -> list[dict[str, Any]]:
-    rows = dicts(db.execute(
-        "SELECT id, source, topic, message_id, payload, reason, received_at"
-        " FROM rejected_inputs WHERE received_at >= ? ORDER BY id DESC LIMIT ?",
-        (since, limit)))
+    rows = dicts(
+        db.execute(
+            "SELECT id, source, topic, message_id, payload, reason, received_at"
+            " FROM rejected_inputs WHERE received_at >= ? ORDER BY id DESC LIMIT ?",
+            (since, limit),
+        )
+    )
     for row in rows:
         row["payload"] = row["payload"].decode(errors="replace")
     return rows
 
 
 def hand_actions(db: sqlite3.Connection, since: float, limit: int) -> list[dict[str, Any]]:
-    return dicts(db.execute(
-        "SELECT at, action, target, who, reason, affected FROM hand_actions"
-        " WHERE at >= ? ORDER BY id LIMIT ?", (since, limit)))
+    return dicts(
+        db.execute(
+            "SELECT at, action, target, who, reason, affected FROM hand_actions"
+            " WHERE at >= ? ORDER BY id LIMIT ?",
+            (since, limit),
+        )
+    )
 
 
 def event_state(db: sqlite3.Connection, event_id: str) -> dict[str, str]:
-    found = {name: "delivered" for (name,) in db.execute(
-        "SELECT destination FROM journal WHERE event_id = ?", (event_id,))}
-    found |= {name: ("dead" if state == DeliveryState.DEAD else "pending") for name, state in
-              db.execute("SELECT d.destination, d.state FROM deliveries d JOIN events e"
-                         " ON e.seq = d.event_seq WHERE e.id = ?", (event_id,))}
+    found = {
+        name: "delivered"
+        for (name,) in db.execute("SELECT destination FROM journal WHERE event_id = ?", (event_id,))
+    }
+    found |= {
+        name: ("dead" if state == DeliveryState.DEAD else "pending")
+        for name, state in db.execute(
+            "SELECT d.destination, d.state FROM deliveries d JOIN events e"
+            " ON e.seq = d.event_seq WHERE e.id = ?",
+            (event_id,),
+        )
+    }
     return found
 
 
-def deliveries(db: sqlite3.Connection, destination: str | None, state: DeliveryFilter,
-               limit: int) -> list[dict[str, Any]]:
-    return dicts(db.execute(
-        "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts,"
-        " d.next_attempt_at, d.last_status, d.last_error, e.created_at"
-        " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-        f" WHERE {_CONDITIONS[state]} AND (? IS NULL OR d.destination = ?)"
-        " ORDER BY d.event_seq LIMIT ?", (destination, destination, limit)))
+def deliveries(
+    db: sqlite3.Connection, destination: str | None, state: DeliveryFilter, limit: int
+) -> list[dict[str, Any]]:
+    return dicts(
+        db.execute(
+            "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts,"
+            " d.next_attempt_at, d.last_status, d.last_error, e.created_at"
+            " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            f" WHERE {_CONDITIONS[state]} AND (? IS NULL OR d.destination = ?)"
+            " ORDER BY d.event_seq LIMIT ?",
+            (destination, destination, limit),
+        )
+    )
 
 
 def show(db: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
-    rows = dicts(db.execute(
-        "SELECT seq, id, type, partition_key, priority, payload, created_at FROM events"
-        " WHERE id = ?", (event_id,)))
-    journal_rows = dicts(db.execute(
-        "SELECT destination, delivered_at, attempts, status, reference FROM journal"
-        " WHERE event_id = ? ORDER BY rowid", (event_id,)))
+    rows = dicts(
+        db.execute(
+            "SELECT seq, id, type, partition_key, priority, payload, created_at FROM events"
+            " WHERE id = ?",
+            (event_id,),
+        )
+    )
+    journal_rows = dicts(
+        db.execute(
+            "SELECT destination, delivered_at, attempts, status, reference FROM journal"
+            " WHERE event_id = ? ORDER BY rowid",
+            (event_id,),
+        )
+    )
     if not rows and not journal_rows:
         return None
     found: dict[str, Any] = {"id": event_id, "journal": journal_rows, "deliveries": []}
@@ -92,8 +125,11 @@ def show(db: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
         event = rows[0]
         event["payload"] = event["payload"].decode(errors="replace")
         found |= event
-        found["deliveries"] = dicts(db.execute(
-            f"SELECT destination, {_STATE_NAME} AS state, attempts, next_attempt_at,"
-            " last_status, last_error, dead_at FROM deliveries WHERE event_seq = ?",
-            (event["seq"],)))
+        found["deliveries"] = dicts(
+            db.execute(
+                f"SELECT destination, {_STATE_NAME} AS state, attempts, next_attempt_at,"
+                " last_status, last_error, dead_at FROM deliveries WHERE event_seq = ?",
+                (event["seq"],),
+            )
+        )
     return found

@@ -33,8 +33,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             dead_at REAL,
             PRIMARY KEY (destination, event_seq)
         ) WITHOUT ROWID""",
-        "CREATE INDEX deliveries_heads ON deliveries(destination, state, partition_key,"
-        " event_seq)",
+        "CREATE INDEX deliveries_heads ON deliveries(destination, state, partition_key, event_seq)",
         "CREATE INDEX deliveries_by_event ON deliveries(event_seq)",
         """CREATE TABLE rule_state (
             key TEXT PRIMARY KEY,
@@ -127,7 +126,8 @@ def migrate(db: sqlite3.Connection) -> int:
     if version > SCHEMA_VERSION:
         raise RuntimeError(
             f"the outbox database has schema version {version}, newer than this gateway's "
-            f"{SCHEMA_VERSION}: run the newer gateway, or move the database aside")
+            f"{SCHEMA_VERSION}: run the newer gateway, or move the database aside"
+        )
     for number in range(version, SCHEMA_VERSION):
         db.execute("BEGIN IMMEDIATE")
         try:

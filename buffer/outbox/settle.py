@@ -40,10 +40,12 @@ def sort_settlements(settlements: Sequence[Settlement]) -> Settled:
         if settlement.outcome == "retry" and slot not in retrying:
             retrying.add(slot)
             retried.append(settlement)
-    return Settled([s for s in settlements if s.outcome == "delivered"], retried,
-                   [s for s in settlements if s.outcome == "dead"],
-                   {(s.delivery.destination, s.delivery.partition_key): None
-                    for s in settlements})
+    return Settled(
+        [s for s in settlements if s.outcome == "delivered"],
+        retried,
+        [s for s in settlements if s.outcome == "dead"],
+        {(s.delivery.destination, s.delivery.partition_key): None for s in settlements},
+    )
 
 
 def write_settlements(db: sqlite3.Connection, settled: Settled) -> Settled:
@@ -51,29 +53,50 @@ def write_settlements(db: sqlite3.Connection, settled: Settled) -> Settled:
     now = time.time()
     if settled.delivered:
         done = [s.delivery for s in settled.delivered]
-        db.executemany("DELETE FROM deliveries WHERE destination = ? AND event_seq = ?",
-                       [(d.destination, d.seq) for d in done])
+        db.executemany(
+            "DELETE FROM deliveries WHERE destination = ? AND event_seq = ?",
+            [(d.destination, d.seq) for d in done],
+        )
         db.executemany(
             "INSERT INTO journal(event_id, event_type, destination, delivered_at, attempts,"
             " status, reference) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(s.delivery.event_id, s.delivery.event_type, s.delivery.destination, now,
-              s.delivery.attempts + 1, s.status, s.reference) for s in settled.delivered])
+            [
+                (
+                    s.delivery.event_id,
+                    s.delivery.event_type,
+                    s.delivery.destination,
+                    now,
+                    s.delivery.attempts + 1,
+                    s.status,
+                    s.reference,
+                )
+                for s in settled.delivered
+            ],
+        )
         # The payload goes once no destination owes the event (its journal rows stay).
-        db.executemany("DELETE FROM events WHERE seq = ? AND NOT EXISTS"
-                       " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
-                       [(d.seq, d.seq) for d in done])
+        db.executemany(
+            "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
+            " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
+            [(d.seq, d.seq) for d in done],
+        )
     if settled.retried:
         db.executemany(
             "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?,"
             " last_status = ?, last_error = ? WHERE destination = ? AND event_seq = ?",
-            [(s.retry_at, s.status, s.reason[:2000], s.delivery.destination, s.delivery.seq)
-             for s in settled.retried])
+            [
+                (s.retry_at, s.status, s.reason[:2000], s.delivery.destination, s.delivery.seq)
+                for s in settled.retried
+            ],
+        )
     if settled.dead:
         db.executemany(
             f"UPDATE deliveries SET state = {DeliveryState.DEAD:d}, attempts = attempts + 1,"
             " last_status = ?, last_error = ?, dead_at = ? WHERE destination = ?"
             " AND event_seq = ?",
-            [(s.status, s.reason[:2000], now, s.delivery.destination, s.delivery.seq)
-             for s in settled.dead])
+            [
+                (s.status, s.reason[:2000], now, s.delivery.destination, s.delivery.seq)
+                for s in settled.dead
+            ],
+        )
     heads = {slot: next_head(db, *slot) for slot in settled.heads}
     return Settled(settled.delivered, settled.retried, settled.dead, heads)

@@ -65,10 +65,17 @@ class Outbox:
     """Open with `async with Outbox.open(path) as outbox:`; it closes when the block ends."""
 
     def __init__(
-        self, connection: sqlite3.Connection, executor: ThreadPoolExecutor, *,
-        commit_interval: float, commit_max_rows: int, max_bytes: int | None,
-        heads: dict[str, dict[str, Head]], counts: tuple[Counter[str], Counter[str]],
-        recovered_from: str | None, epoch: str,
+        self,
+        connection: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        *,
+        commit_interval: float,
+        commit_max_rows: int,
+        max_bytes: int | None,
+        heads: dict[str, dict[str, Head]],
+        counts: tuple[Counter[str], Counter[str]],
+        recovered_from: str | None,
+        epoch: str,
     ) -> None:
         self._db = connection
         self._executor = executor
@@ -99,21 +106,30 @@ class Outbox:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, path: str | Path, *, commit_interval: float = 0.0, commit_max_rows: int = 500,
+        cls,
+        path: str | Path,
+        *,
+        commit_interval: float = 0.0,
+        commit_max_rows: int = 500,
         max_bytes: int | None = None,
     ) -> AsyncIterator[Outbox]:
         """The outbox at `path`, open for an `async with` block. Its writer and its background
         integrity check are tasks of the block's own TaskGroup; leaving the block finishes the
         queued work, then closes the database. A writer that fails ends the block with its
         error; an error of the block itself comes out as it was raised."""
-        outbox = await cls._opened(Path(path), commit_interval=commit_interval,
-                                   commit_max_rows=commit_max_rows, max_bytes=max_bytes)
+        outbox = await cls._opened(
+            Path(path),
+            commit_interval=commit_interval,
+            commit_max_rows=commit_max_rows,
+            max_bytes=max_bytes,
+        )
         failure: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 outbox._writer = tasks.create_task(outbox._write_loop(), name="outbox-writer")
-                outbox._checker = tasks.create_task(outbox._check_integrity(Path(path)),
-                                                    name="outbox-integrity-check")
+                outbox._checker = tasks.create_task(
+                    outbox._check_integrity(Path(path)), name="outbox-integrity-check"
+                )
                 try:
                     yield outbox
                 except BaseException as exc:
@@ -127,16 +143,24 @@ class Outbox:
             raise failure
 
     @classmethod
-    async def _opened(cls, path: Path, *, commit_interval: float, commit_max_rows: int,
-                      max_bytes: int | None) -> Outbox:
+    async def _opened(
+        cls, path: Path, *, commit_interval: float, commit_max_rows: int, max_bytes: int | None
+    ) -> Outbox:
         keep_private(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-writer")
         loop = asyncio.get_running_loop()
         opened = await loop.run_in_executor(executor, open_database, path)
-        outbox = cls(opened.connection, executor, commit_interval=commit_interval,
-                     commit_max_rows=commit_max_rows, max_bytes=max_bytes, heads=opened.heads,
-                     counts=opened.counts, recovered_from=opened.recovered_from,
-                     epoch=opened.epoch)
+        outbox = cls(
+            opened.connection,
+            executor,
+            commit_interval=commit_interval,
+            commit_max_rows=commit_max_rows,
+            max_bytes=max_bytes,
+            heads=opened.heads,
+            counts=opened.counts,
+            recovered_from=opened.recovered_from,
+            epoch=opened.epoch,
+        )
         outbox.used_bytes = opened.used_bytes
         outbox._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         outbox._reader_db = await loop.run_in_executor(outbox._reader, connect_reader, path)
@@ -149,14 +173,17 @@ class Outbox:
         delaying the first delivery. A failure raises the alarm and marks the file, so the next
         start moves it aside; this run goes on with what it can still read."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-check") as pool:
-            problem = await asyncio.get_running_loop().run_in_executor(pool, check_and_mark,
-                                                                        path)
+            problem = await asyncio.get_running_loop().run_in_executor(pool, check_and_mark, path)
         if problem is not None:
             self.integrity_problem = problem
-            log.critical("The outbox database %s failed its integrity check: %s. The gateway "
-                         "keeps running; at the next start the file is moved aside and a fresh "
-                         "one created. Plan a restart and recover undelivered events from the "
-                         "moved file", path, problem)
+            log.critical(
+                "The outbox database %s failed its integrity check: %s. The gateway "
+                "keeps running; at the next start the file is moved aside and a fresh "
+                "one created. Plan a restart and recover undelivered events from the "
+                "moved file",
+                path,
+                problem,
+            )
 
     async def _close(self) -> None:
         """Finish queued work (unless the writer is gone), then close the database."""
@@ -188,9 +215,11 @@ class Outbox:
         if self.disk_full:
             return "the disk is full: input is paused until deliveries free space"
         if self._max_bytes is not None and self.used_bytes >= self._max_bytes:
-            return (f"the outbox is at its disk budget ({self.used_bytes // 1_000_000} of "
-                    f"{self._max_bytes // 1_000_000} MB): informational events are refused "
-                    "and input is paused until deliveries free space")
+            return (
+                f"the outbox is at its disk budget ({self.used_bytes // 1_000_000} of "
+                f"{self._max_bytes // 1_000_000} MB): informational events are refused "
+                "and input is paused until deliveries free space"
+            )
         return None
 
     def listener(self) -> asyncio.Event:
@@ -217,9 +246,14 @@ class Outbox:
     # -- writes (group committed) -------------------------------------------------------------
 
     async def commit(
-        self, events: Sequence[OutboxEvent], state: Mapping[str, str] | None = None, *,
-        rejected: Sequence[RejectedInput] = (), lots: Sequence[LotStatus] = (),
-        resolved_inputs: Sequence[int] = (), wait: bool = True,
+        self,
+        events: Sequence[OutboxEvent],
+        state: Mapping[str, str] | None = None,
+        *,
+        rejected: Sequence[RejectedInput] = (),
+        lots: Sequence[LotStatus] = (),
+        resolved_inputs: Sequence[int] = (),
+        wait: bool = True,
     ) -> CommitResult:
         """Durably store new events, the rule state that produced them, and the inputs that
         were rejected on the way, atomically; forget the input dead letters in
@@ -237,8 +271,7 @@ class Outbox:
             refused = len(events) - len(kept)
             if refused:
                 self.stats.refused_informational += refused
-                log.warning("Refused %d informational event(s): %s", refused,
-                            self.back_pressure)
+                log.warning("Refused %d informational event(s): %s", refused, self.back_pressure)
             events = kept
             if events or state or rejected or resolved_inputs:
                 if not wait:
@@ -252,7 +285,9 @@ class Outbox:
             if state_rows:
                 db.executemany(
                     "INSERT INTO rule_state(key, value) VALUES (?, ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value", state_rows)
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    state_rows,
+                )
             write_inputs_and_lots(db, rejected, resolved_inputs, lots)
             return inserted, new_rows
 
@@ -276,9 +311,7 @@ class Outbox:
         """The destination took the event: journal it and forget the delivery."""
         await self.settle([Settlement(delivery, "delivered", status, reference=reference)])
 
-    async def retry(
-        self, delivery: Delivery, *, at: float, status: int | None, error: str
-    ) -> None:
+    async def retry(self, delivery: Delivery, *, at: float, status: int | None, error: str) -> None:
         """Keep the delivery, to be tried again at `at` (Unix time, persisted)."""
         await self.settle([Settlement(delivery, "retry", status, retry_at=at, reason=error)])
 
@@ -294,8 +327,7 @@ class Outbox:
         if not settlements:
             return
         settled = sort_settlements(settlements)
-        settled = await self._submit(lambda db: write_settlements(db, settled),
-                                     len(settlements))
+        settled = await self._submit(lambda db: write_settlements(db, settled), len(settlements))
         ours = {(s.delivery.destination, s.delivery.seq) for s in settlements}
         for (destination, key), head in settled.heads.items():
             heads = self._heads.get(destination, {})
@@ -316,18 +348,27 @@ class Outbox:
         if settled.dead:
             self._notify()
 
-    async def retry_dead(self, event_id: str | None = None, destination: str | None = None,
-                         *, hand: HandAction | None = None) -> int:
+    async def retry_dead(
+        self,
+        event_id: str | None = None,
+        destination: str | None = None,
+        *,
+        hand: HandAction | None = None,
+    ) -> int:
         """Put dead letters back in line (one event, or all); returns how many. They go in
         commit order with their key's other deliveries, and their attempts start over. `hand`
         is journalled in the same transaction."""
-        def run(db: sqlite3.Connection) -> tuple[int, dict[str, dict[str, Head]],
-                                                 tuple[Counter[str], Counter[str]]]:
+
+        def run(
+            db: sqlite3.Connection,
+        ) -> tuple[int, dict[str, dict[str, Head]], tuple[Counter[str], Counter[str]]]:
             where, args = dead_filter(event_id, destination)
             cursor = db.execute(
                 f"UPDATE deliveries SET state = {DeliveryState.PENDING:d}, attempts = 0,"
                 " next_attempt_at = 0, dead_at = NULL"
-                f" WHERE state = {DeliveryState.DEAD:d}{where}", args)
+                f" WHERE state = {DeliveryState.DEAD:d}{where}",
+                args,
+            )
             if hand is not None:
                 write_hand_action(db, hand, cursor.rowcount)
             return cursor.rowcount, load_heads(db), load_counts(db)
@@ -338,18 +379,24 @@ class Outbox:
             self._notify()
         return int(count)
 
-    async def purge_dead(self, event_id: str | None = None, destination: str | None = None,
-                         *, hand: HandAction | None = None) -> int:
+    async def purge_dead(
+        self,
+        event_id: str | None = None,
+        destination: str | None = None,
+        *,
+        hand: HandAction | None = None,
+    ) -> int:
         """Delete dead letters for good (one event, or all); returns how many. `hand` is
         journalled in the same transaction."""
+
         def run(db: sqlite3.Connection) -> list[tuple[int, str]]:
             where, args = dead_filter(event_id, destination)
             found: list[tuple[int, str]] = db.execute(
                 "SELECT event_seq, destination FROM deliveries"
                 f" WHERE state = {DeliveryState.DEAD:d}{where}",
-                args).fetchall()
-            db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?",
-                           found)
+                args,
+            ).fetchall()
+            db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?", found)
             for seq, _ in found:
                 drop_if_done(db, seq)
             if hand is not None:
@@ -373,8 +420,11 @@ class Outbox:
 
         def run(db: sqlite3.Connection) -> int:
             pruned = db.execute("DELETE FROM journal WHERE delivered_at < ?", (cutoff,)).rowcount
-            db.execute("DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN"
-                       " (SELECT id FROM events)", (cutoff,))
+            db.execute(
+                "DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN"
+                " (SELECT id FROM events)",
+                (cutoff,),
+            )
             db.execute("DELETE FROM rejected_inputs WHERE received_at < ?", (cutoff,))
             db.execute("DELETE FROM hand_actions WHERE at < ?", (cutoff,))
             return int(pruned)
@@ -384,12 +434,18 @@ class Outbox:
     # -- reads --------------------------------------------------------------------------------
 
     async def load_state(self) -> dict[str, str]:
-        return dict(await self._read(lambda db: db.execute(
-            "SELECT key, value FROM rule_state").fetchall()))
+        return dict(
+            await self._read(lambda db: db.execute("SELECT key, value FROM rule_state").fetchall())
+        )
 
     async def lease(
-        self, destination: str, limit: int, *, busy_keys: Iterable[str] = (),
-        now: float | None = None, per_key: int = 1,
+        self,
+        destination: str,
+        limit: int,
+        *,
+        busy_keys: Iterable[str] = (),
+        now: float | None = None,
+        per_key: int = 1,
     ) -> list[Delivery]:
         """Up to `limit` deliveries that are due: the head of each partition key not in
         `busy_keys`, most urgent priority class first, then commit order; with `per_key`
@@ -399,30 +455,43 @@ class Outbox:
         busy = set(busy_keys)
         when = time.time() if now is None else now
         heads = self._heads.get(destination, {})
-        due = sorted((head.priority, head.seq, key) for key, head in heads.items()
-                     if head.due <= when and key not in busy)[:limit]
+        due = sorted(
+            (head.priority, head.seq, key)
+            for key, head in heads.items()
+            if head.due <= when and key not in busy
+        )[:limit]
         if not due:
             return []
         seqs = [seq for _, seq, _ in due]
-        select = ("SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
-                  " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                  f" WHERE d.destination = ? AND d.state = {DeliveryState.PENDING:d}")
+        select = (
+            "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
+            " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            f" WHERE d.destination = ? AND d.state = {DeliveryState.PENDING:d}"
+        )
 
         def run(db: sqlite3.Connection) -> list[Delivery]:
             if per_key <= 1:
                 marks = ",".join("?" * len(seqs))
-                rows = {row[0]: row for row in db.execute(
-                    f"{select} AND d.event_seq IN ({marks})", (destination, *seqs))}
-                return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs
-                        if seq in rows]
+                rows = {
+                    row[0]: row
+                    for row in db.execute(
+                        f"{select} AND d.event_seq IN ({marks})", (destination, *seqs)
+                    )
+                }
+                return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs if seq in rows]
             leased: list[Delivery] = []
             for _, seq, key in due:
                 room = min(per_key, limit - len(leased))
                 if room <= 0:
                     break
-                leased += [Delivery(row[0], destination, *row[1:]) for row in db.execute(
-                    f"{select} AND d.partition_key = ? AND d.event_seq >= ?"
-                    " ORDER BY d.event_seq LIMIT ?", (destination, key, seq, room))]
+                leased += [
+                    Delivery(row[0], destination, *row[1:])
+                    for row in db.execute(
+                        f"{select} AND d.partition_key = ? AND d.event_seq >= ?"
+                        " ORDER BY d.event_seq LIMIT ?",
+                        (destination, key, seq, room),
+                    )
+                ]
             return leased
 
         return await self._read(run)
@@ -444,14 +513,17 @@ class Outbox:
                 continue
             heads = self._heads.get(destination, {}).values()
             result[destination] = DestinationCounts(
-                pending=pending, dead=dead, retrying=sum(1 for h in heads if h.attempts))
+                pending=pending, dead=dead, retrying=sum(1 for h in heads if h.attempts)
+            )
             if heads:
                 oldest[destination] = min(h.seq for h in heads)
 
         def run(db: sqlite3.Connection) -> dict[str, float]:
             # A head may have been delivered since it was looked at: then it has no row.
-            found = {name: db.execute("SELECT created_at FROM events WHERE seq = ?",
-                                      (seq,)).fetchone() for name, seq in oldest.items()}
+            found = {
+                name: db.execute("SELECT created_at FROM events WHERE seq = ?", (seq,)).fetchone()
+                for name, seq in oldest.items()
+            }
             return {name: row[0] for name, row in found.items() if row is not None}
 
         if oldest:
@@ -459,8 +531,7 @@ class Outbox:
                 result[name].oldest_pending_age = now - created
         return result
 
-    async def journal(self, since: float = 0.0, limit: int | None = None
-                      ) -> list[dict[str, Any]]:
+    async def journal(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
         """Deliveries made, oldest first, from the journal (kept for the retention)."""
         return await self._read(lambda db: reports.journal(db, since, limit))
 
@@ -469,34 +540,46 @@ class Outbox:
         return await self._read(reports.dead_letters)
 
     async def lot_status(self, lot_id: str) -> LotStatus | None:
-        row = await self._read(lambda db: db.execute(
-            "SELECT lot_id, status, since, source, order_id, material FROM lot_status"
-            " WHERE lot_id = ?", (lot_id,)).fetchone())
+        row = await self._read(
+            lambda db: db.execute(
+                "SELECT lot_id, status, since, source, order_id, material FROM lot_status"
+                " WHERE lot_id = ?",
+                (lot_id,),
+            ).fetchone()
+        )
         return None if row is None else LotStatus(*row)
 
-    async def rejected_inputs(self, since: float = 0.0, limit: int = 100
-                              ) -> list[dict[str, Any]]:
+    async def rejected_inputs(self, since: float = 0.0, limit: int = 100) -> list[dict[str, Any]]:
         """Input dead letters, newest first."""
         return await self._read(lambda db: reports.rejected_inputs(db, since, limit))
 
     async def rejected_input(self, number: int) -> RejectedInput | None:
         """One input dead letter as it was kept (payload as bytes), by its id."""
-        row = await self._read(lambda db: db.execute(
-            "SELECT source, topic, payload, reason, received_at, message_id"
-            " FROM rejected_inputs WHERE id = ?", (number,)).fetchone())
+        row = await self._read(
+            lambda db: db.execute(
+                "SELECT source, topic, payload, reason, received_at, message_id"
+                " FROM rejected_inputs WHERE id = ?",
+                (number,),
+            ).fetchone()
+        )
         if row is None:
             return None
         source, topic, payload, reason, received_at, message_id = row
-        return RejectedInput(source, topic, payload, reason, received_at, message_id,
-                             replaces=number)
+        return RejectedInput(
+            source, topic, payload, reason, received_at, message_id, replaces=number
+        )
 
     async def rejected_count(self) -> dict[str, int]:
         """Input dead letters held, per source (driver)."""
-        return dict(await self._read(lambda db: db.execute(
-            "SELECT source, COUNT(*) FROM rejected_inputs GROUP BY source").fetchall()))
+        return dict(
+            await self._read(
+                lambda db: db.execute(
+                    "SELECT source, COUNT(*) FROM rejected_inputs GROUP BY source"
+                ).fetchall()
+            )
+        )
 
-    async def hand_actions(self, since: float = 0.0, limit: int = 100
-                           ) -> list[dict[str, Any]]:
+    async def hand_actions(self, since: float = 0.0, limit: int = 100) -> list[dict[str, Any]]:
         """The hand-action journal, oldest first."""
         return await self._read(lambda db: reports.hand_actions(db, since, limit))
 
@@ -504,9 +587,13 @@ class Outbox:
         """Per destination, where an event stands: `pending`, `dead` or `delivered`."""
         return await self._read(lambda db: reports.event_state(db, event_id))
 
-    async def deliveries(self, *, destination: str | None = None,
-                         state: reports.DeliveryFilter = "pending", limit: int = 100
-                         ) -> list[dict[str, Any]]:
+    async def deliveries(
+        self,
+        *,
+        destination: str | None = None,
+        state: reports.DeliveryFilter = "pending",
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
         """Owed deliveries in commit order: state `pending`, `retrying` or `dead`."""
         return await self._read(lambda db: reports.deliveries(db, destination, state, limit))
 
@@ -572,8 +659,9 @@ class Outbox:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                outcomes, used = await loop.run_in_executor(self._executor, transaction,
-                                                            self._db, batch)
+                outcomes, used = await loop.run_in_executor(
+                    self._executor, transaction, self._db, batch
+                )
             except sqlite3.OperationalError as exc:
                 if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
                     log.error("Outbox transaction failed and was rolled back: %s", exc)
@@ -592,4 +680,3 @@ class Outbox:
             self.used_bytes = used
             self._update_room()
             return outcomes
-

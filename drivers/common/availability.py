@@ -83,8 +83,10 @@ class Availability:
         with `say_again` when the reason is new."""
         self.disconnected()
         if self.available is not False or (say_again and reason != self._said_reason):
-            self.log.warning(self.lost_says.format(peer=self.peer, reason=reason, detail=""),
-                             extra={**self.extra, "reason": reason})
+            self.log.warning(
+                self.lost_says.format(peer=self.peer, reason=reason, detail=""),
+                extra={**self.extra, "reason": reason},
+            )
             self._said_reason = reason
         self.available = False
 
@@ -100,8 +102,9 @@ class Availability:
         was_lost = self.available is False
         self.available = True
         if was_lost:
-            self.log.info(self.back_says.format(peer=self.peer, reason="", detail=detail),
-                          extra=self.extra)
+            self.log.info(
+                self.back_says.format(peer=self.peer, reason="", detail=detail), extra=self.extra
+            )
         return was_lost
 
     def connected(self) -> None:

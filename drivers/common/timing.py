@@ -28,12 +28,12 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 500ms, 15s, 15m or 1h30m")
     if isinstance(value, int | float) or (
-            isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        isinstance(value, str) and _NUMBER.fullmatch(value.strip())
+    ):
         number = float(value)
         if number != 0:
             shown = value.strip() if isinstance(value, str) else f"{value:g}"
-            raise ValueError(f"add a unit: {shown}ms or {shown}s ({shown} alone could be "
-                             "either)")
+            raise ValueError(f"add a unit: {shown}ms or {shown}s ({shown} alone could be either)")
         seconds = 0.0
     elif isinstance(value, str):
         text = value.strip().replace(" ", "")
@@ -61,8 +61,13 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema({"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$",
-                    "examples": ["500ms", "15s", "15m", "1h30m"]}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$",
+            "examples": ["500ms", "15s", "15m", "1h30m"],
+        }
+    ),
 ]
 """Seconds, written in YAML as `500ms`, `15s`, `15m`, `2h` or `1h30m`."""
 

@@ -93,8 +93,10 @@ def split_block(block: ReadBlock) -> tuple[ReadBlock, ReadBlock]:
     """Two reads that cover the block's tags, half of them each (by address): how a read the
     device refuses is narrowed down to the tag, or the unmapped gap, it refuses."""
     half = len(block.tags) // 2
-    return (block_of(block.tags[:half], block.table, block.unit),
-            block_of(block.tags[half:], block.table, block.unit))
+    return (
+        block_of(block.tags[:half], block.table, block.unit),
+        block_of(block.tags[half:], block.table, block.unit),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,21 +123,24 @@ def plan_reads(
     for unit_id in units:
         for table in TABLES:
             in_table = sorted(
-                (tag for tag in tags
-                 if tag.table == table and (unit if tag.unit is None else tag.unit) == unit_id),
+                (
+                    tag
+                    for tag in tags
+                    if tag.table == table and (unit if tag.unit is None else tag.unit) == unit_id
+                ),
                 key=lambda tag: (tag.address, tag.name),
             )
             if not coalesce:
-                blocks.extend(ReadBlock(table, tag.address, tag.width, (tag,), unit_id)
-                              for tag in in_table)
+                blocks.extend(
+                    ReadBlock(table, tag.address, tag.width, (tag,), unit_id) for tag in in_table
+                )
                 continue
             limit = READ_LIMIT[table]
             start = end = 0
             members: list[ModbusTag] = []
             for tag in in_table:
                 tag_end = tag.address + tag.width
-                if (members and tag.address - end <= max_gap
-                        and max(end, tag_end) - start <= limit):
+                if members and tag.address - end <= max_gap and max(end, tag_end) - start <= limit:
                     members.append(tag)
                     end = max(end, tag_end)
                     continue
@@ -154,8 +159,7 @@ def plan_poll_groups(config: ModbusConfig) -> list[PollGroup]:
     for name, interval in intervals.items():
         members = [tag for tag in config.tags if tag.group == name]
         if members:
-            blocks = plan_reads(members, config.max_gap, coalesce=config.coalesce,
-                                unit=config.unit)
+            blocks = plan_reads(members, config.max_gap, coalesce=config.coalesce, unit=config.unit)
             groups.append(PollGroup(name, interval, tuple(blocks)))
     return groups
 

@@ -41,8 +41,18 @@ ValueType = Literal[
 ]
 NumberType = Literal["uint16", "int16", "uint32", "int32", "float32", "uint64", "int64", "float64"]
 ByteOrder = Literal[
-    "ABCD", "CDAB", "BADC", "DCBA",
-    "ABCDEFGH", "BADCFEHG", "CDABGHEF", "DCBAHGFE", "EFGHABCD", "FEHGBADC", "GHEFCDAB", "HGFEDCBA",
+    "ABCD",
+    "CDAB",
+    "BADC",
+    "DCBA",
+    "ABCDEFGH",
+    "BADCFEHG",
+    "CDABGHEF",
+    "DCBAHGFE",
+    "EFGHABCD",
+    "FEHGBADC",
+    "GHEFCDAB",
+    "HGFEDCBA",
 ]
 """The value's bytes (A most significant) in the order they appear in address order. Four
 letters name the orders of 16- and 32-bit values (and, for 64-bit values, the order applied to
@@ -56,12 +66,23 @@ BIT_TABLES: tuple[Table, ...] = ("coil", "discrete_input")
 BYTE_ORDERS: tuple[ByteOrder, ...] = ("ABCD", "CDAB", "BADC", "DCBA")
 """The four-letter orders, which apply to every width."""
 BYTE_ORDERS_64: tuple[ByteOrder, ...] = (
-    "ABCDEFGH", "BADCFEHG", "CDABGHEF", "DCBAHGFE", "EFGHABCD", "FEHGBADC", "GHEFCDAB", "HGFEDCBA",
+    "ABCDEFGH",
+    "BADCFEHG",
+    "CDABGHEF",
+    "DCBAHGFE",
+    "EFGHABCD",
+    "FEHGBADC",
+    "GHEFCDAB",
+    "HGFEDCBA",
 )
 """The eight-letter orders, for 64-bit values only: every combination of the 32-bit halves'
 order, the words' order within a half, and the bytes' order within a word."""
 AS_64: dict[str, str] = {
-    "ABCD": "ABCDEFGH", "CDAB": "GHEFCDAB", "BADC": "BADCFEHG", "DCBA": "HGFEDCBA"}
+    "ABCD": "ABCDEFGH",
+    "CDAB": "GHEFCDAB",
+    "BADC": "BADCFEHG",
+    "DCBA": "HGFEDCBA",
+}
 """What a four-letter order means for a 64-bit value: CDAB reverses all four words."""
 DEFAULT_GROUP = "default"
 """The poll group of tags that name none; it is polled every `poll_interval`."""
@@ -278,8 +299,11 @@ class ModbusConfig(BaseModel):
         examples=["press-01"],
     )
     reconnect_max_delay: Duration = Field(
-        default=DEFAULT_RECONNECT_MAX_DELAY, gt=0, description=RECONNECT_MAX_DELAY_DOC,
-        examples=["10s"])
+        default=DEFAULT_RECONNECT_MAX_DELAY,
+        gt=0,
+        description=RECONNECT_MAX_DELAY_DOC,
+        examples=["10s"],
+    )
     type: Literal["modbus"] = Field(description="Selects this driver.")
     transport: Transport = Field(
         default="tcp",
@@ -369,8 +393,10 @@ class ModbusConfig(BaseModel):
         found: list[tuple[tuple[str | int, ...], str]] = []
         for index, tag in enumerate(self.tags):
             meant = _modicon_table(tag.address)
-            if meant is None or meant not in (tag.table, *(
-                    ("holding", "input") if tag.table in ("holding", "input") else ())):
+            if meant is None or meant not in (
+                tag.table,
+                *(("holding", "input") if tag.table in ("holding", "input") else ()),
+            ):
                 continue
             zero_based = tag.address - MODICON_BASE[meant]
             name = TABLE_LABEL[meant].removesuffix("s")
@@ -380,10 +406,14 @@ class ModbusConfig(BaseModel):
             else:
                 where = f"address {zero_based} of table {meant}"
                 fix = f"table: {meant}, address: {zero_based}"
-            found.append((("tags", index, "address"),
-                          f"{tag.address} looks like a Modicon register number: {name} "
-                          f"{tag.address} is {where} (0-based protocol address); if that is "
-                          f"what you mean, write {fix}"))
+            found.append(
+                (
+                    ("tags", index, "address"),
+                    f"{tag.address} looks like a Modicon register number: {name} "
+                    f"{tag.address} is {where} (0-based protocol address); if that is "
+                    f"what you mean, write {fix}",
+                )
+            )
         return found
 
     @model_validator(mode="after")
@@ -396,15 +426,19 @@ class ModbusConfig(BaseModel):
             names = [tag.name for tag in self.tags]
             close = difflib.get_close_matches(marker.tag, names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"restart_marker names tag {marker.tag!r}, which tags do not "
-                             f"define{hint}")
+            raise ValueError(
+                f"restart_marker names tag {marker.tag!r}, which tags do not define{hint}"
+            )
         if tag.type not in _INTEGER_TYPES or tag.scale != 1.0 or tag.offset != 0.0:
-            raise ValueError(f"restart_marker tag {tag.name} must be an unscaled integer, "
-                             f"not a {tag.type}")
+            raise ValueError(
+                f"restart_marker tag {tag.name} must be an unscaled integer, not a {tag.type}"
+            )
         if marker.kind == "uptime" and tag.type in ("uint16", "int16"):
-            raise ValueError(f"restart_marker tag {tag.name}: a 16-bit uptime wraps within "
-                             "hours or days and would look like a restart; use a 32- or "
-                             "64-bit uptime, or kind boot_count")
+            raise ValueError(
+                f"restart_marker tag {tag.name}: a 16-bit uptime wraps within "
+                "hours or days and would look like a restart; use a 32- or "
+                "64-bit uptime, or kind boot_count"
+            )
         return self
 
     @model_validator(mode="after")

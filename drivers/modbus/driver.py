@@ -122,13 +122,17 @@ class ModbusDriver(Driver):
         self.requests: Counter[str] = Counter()
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         self.availability = Availability(
-            f"Modbus device {self.name} at {self.endpoint}", log, health=self.health,
-            extra={"driver": self.name, "endpoint": self.endpoint})
+            f"Modbus device {self.name} at {self.endpoint}",
+            log,
+            health=self.health,
+            extra={"driver": self.name, "endpoint": self.endpoint},
+        )
         self._failing_blocks: set[tuple[str, int, Table, int]] = set()
         self._joined: set[tuple[int, Table, int, int]] = set()
         marker = config.restart_marker
-        self._marker = (None if marker is None
-                        else next(tag for tag in config.tags if tag.name == marker.tag))
+        self._marker = (
+            None if marker is None else next(tag for tag in config.tags if tag.name == marker.tag)
+        )
         self._marker_value: TagValue = None
         """The restart marker's last good reading, kept across connections (not restarts of
         the gateway: the device's restarts while the gateway itself is down go unseen)."""
@@ -178,8 +182,12 @@ class ModbusDriver(Driver):
 
     async def run(self, sink: SampleSink) -> None:
         """Connect, poll and reconnect until cancelled; device errors never end it."""
-        await reconnect_forever(lambda: self._connect_and_poll(sink), self._backoff,
-                                self.availability, wait=self._wait_to_reconnect)
+        await reconnect_forever(
+            lambda: self._connect_and_poll(sink),
+            self._backoff,
+            self.availability,
+            wait=self._wait_to_reconnect,
+        )
 
     async def _connect_and_poll(self, sink: SampleSink) -> Ended:
         """One connection, from connect to its loss."""
@@ -212,7 +220,8 @@ class ModbusDriver(Driver):
         while (remaining := deadline - time.monotonic()) > 0:
             await asyncio.sleep(min(RETURN_CHECK_INTERVAL, remaining))
             if time.monotonic() < deadline and await accepts_tcp(
-                    host, self.config.port, min(RETURN_CHECK_INTERVAL, self.config.timeout)):
+                host, self.config.port, min(RETURN_CHECK_INTERVAL, self.config.timeout)
+            ):
                 return
 
     async def _poll(self, client: ModbusBaseClient, sink: SampleSink) -> str:
@@ -257,8 +266,11 @@ class ModbusDriver(Driver):
         assert isinstance(before, int | float) and isinstance(sample.value, int | float)
         if sample.value < before if kind == "uptime" else sample.value != before:
             what = "uptime" if kind == "uptime" else "boot count"
-            return DeviceRestarted(self.name, sample.source_time,
-                                   f"{what} {sample.tag} went from {before} to {sample.value}")
+            return DeviceRestarted(
+                self.name,
+                sample.source_time,
+                f"{what} {sample.tag} went from {before} to {sample.value}",
+            )
         return None
 
     async def _poll_group(self, connection: _Connection, index: int, sink: SampleSink) -> None:
@@ -281,8 +293,11 @@ class ModbusDriver(Driver):
                 self._replan(index, reads)
             self._mark_available()
             readings = self._restart_first(readings)
-            good = [r.source_time for r in readings
-                    if isinstance(r, Sample) and r.quality is Quality.GOOD]
+            good = [
+                r.source_time
+                for r in readings
+                if isinstance(r, Sample) and r.quality is Quality.GOOD
+            ]
             if good:
                 self.health.last_sample_at = max(good)
             await sink(readings)
@@ -304,8 +319,11 @@ class ModbusDriver(Driver):
         if self._marker is None:
             return readings
         for reading in readings:
-            if (isinstance(reading, Sample) and reading.tag == self._marker.name
-                    and reading.quality is Quality.GOOD):
+            if (
+                isinstance(reading, Sample)
+                and reading.tag == self._marker.name
+                and reading.quality is Quality.GOOD
+            ):
                 restarted = self._marker_reading(reading)
                 if restarted is not None:
                     return [restarted, *readings]
@@ -324,8 +342,11 @@ class ModbusDriver(Driver):
             response = await self._request(connection, group, block)
         if response is None:
             return None
-        if len(block.tags) > 1 and response.isError() and (
-                response.exception_code in SPLIT_ON_EXCEPTION):
+        if (
+            len(block.tags) > 1
+            and response.isError()
+            and (response.exception_code in SPLIT_ON_EXCEPTION)
+        ):
             answered: list[tuple[ReadBlock, ModbusPDU]] = []
             for half in split_block(block):
                 part = await self._read_narrowing(connection, group, half)
@@ -431,7 +452,8 @@ class ModbusDriver(Driver):
         tags = ", ".join(tag.name for tag in block.tags)
         for tag in block.tags:
             self.health.degraded[f"tag {tag.name}"] = (
-                f"tag {tag.name} is bad: the device answered {problem} for {where}")
+                f"tag {tag.name} is bad: the device answered {problem} for {where}"
+            )
         key = (group, block.unit, block.table, block.start)
         if key in self._failing_blocks:
             return
@@ -443,8 +465,14 @@ class ModbusDriver(Driver):
             problem,
             where,
             f"tag {tags} is" if len(block.tags) == 1 else f"tags {tags} are",
-            extra={"driver": self.name, "endpoint": self.endpoint, "poll_group": group,
-                   "address": block.start, "table": block.table, "unit": block.unit},
+            extra={
+                "driver": self.name,
+                "endpoint": self.endpoint,
+                "poll_group": group,
+                "address": block.start,
+                "table": block.table,
+                "unit": block.unit,
+            },
         )
 
     def _block_recovered(self, group: str, block: ReadBlock) -> None:

@@ -32,7 +32,8 @@ from drivers.modbus.config import (
 _PROBE_32: tuple[NumberType, ...] = ("int32", "uint32", "float32")
 _PROBE_64: tuple[NumberType, ...] = ("int64", "uint64", "float64")
 _PROBE_ONLY_64: tuple[ByteOrder, ...] = tuple(
-    order for order in BYTE_ORDERS_64 if order not in AS_64.values())
+    order for order in BYTE_ORDERS_64 if order not in AS_64.values()
+)
 _PROBE_COLUMNS = (
     "address",
     "raw",

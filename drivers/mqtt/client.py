@@ -50,7 +50,8 @@ def set_credentials(client: mqtt.Client, config: MqttConfig) -> None:
         client.username_pw_set(config.username, password)
     if config.tls is not None:
         context = ssl.create_default_context(
-            cafile=str(config.tls.ca_file) if config.tls.ca_file else None)
+            cafile=str(config.tls.ca_file) if config.tls.ca_file else None
+        )
         if config.tls.cert_file is not None:
             context.load_cert_chain(config.tls.cert_file, config.tls.key_file or None)
         context.check_hostname = not config.tls.insecure
@@ -186,7 +187,8 @@ class Connection:
         # The broker's own figures, at QoS 0 (nothing to acknowledge, nothing queued): how
         # many messages it dropped is the only trace of MES events lost at a stock broker.
         _, self._sys_mid = client.subscribe(
-            [(topic, 0) for topic in (*BROKER_FIGURES, BROKER_VERSION_TOPIC)])
+            [(topic, 0) for topic in (*BROKER_FIGURES, BROKER_VERSION_TOPIC)]
+        )
         self._post(self._connack, _Connected(flags.session_present))
 
     def _on_subscribe(
@@ -225,8 +227,9 @@ class Connection:
         # read, and the broker keeps the rest.
         # (QoS 0 is not held: over its own bound it is dropped and counted, as QoS 0 allows.)
         bound = INBOX_BATCHES * self.config.batch_max
-        while (message.qos == 1 and len(self.inbox) + len(self._incoming) >= bound
-               and not self._closed):
+        while (
+            message.qos == 1 and len(self.inbox) + len(self._incoming) >= bound and not self._closed
+        ):
             time.sleep(0.005)
         with self._incoming_lock:
             first = not self._incoming

@@ -80,7 +80,8 @@ DROPS_LOG_EVERY: Final = 300.0
 QUEUE_ADVICE: Final = (
     "in mosquitto.conf set max_queued_messages 0 and max_queued_bytes to what the broker may "
     "hold for an offline gateway (e.g. 1000000000); the default max_queued_messages 1000 "
-    "drops the rest without telling anyone")
+    "drops the rest without telling anyone"
+)
 
 CLOSE_TIMEOUT: Final = 5.0
 """Seconds to let paho's thread send DISCONNECT and end when a connection is closed."""
@@ -144,8 +145,7 @@ class MqttTls(BaseModel):
     )
     cert_file: Path | None = Field(
         default=None,
-        description="PEM client certificate, for brokers that authenticate clients by "
-        "certificate.",
+        description="PEM client certificate, for brokers that authenticate clients by certificate.",
     )
     key_file: Path | None = Field(
         default=None,
@@ -214,9 +214,7 @@ class MqttTopic(BaseModel):
         mapping = []
         for target, source_text in self.fields.items():
             source = parse_source(source_text)
-            if isinstance(source, TopicLevel) and "#" not in levels and source.index >= len(
-                levels
-            ):
+            if isinstance(source, TopicLevel) and "#" not in levels and source.index >= len(levels):
                 raise ValueError(
                     f"field {target!r}: {source_text} is past the last level of "
                     f"{self.filter!r} (levels 0 to {len(levels) - 1})"
@@ -257,8 +255,7 @@ class MqttTopic(BaseModel):
                     value_found: Any = lookup(document, source.parts)
                 except KeyError as exc:
                     raise Unmappable(
-                        f"field {field.target!r}: {exc.args[0]} (source "
-                        f"{field.source_text!r})"
+                        f"field {field.target!r}: {exc.args[0]} (source {field.source_text!r})"
                     ) from None
             elif type(source) is TopicLevel:
                 if topic_levels is None:
@@ -313,8 +310,11 @@ class MqttConfig(BaseModel):
         examples=["mes"],
     )
     reconnect_max_delay: Duration = Field(
-        default=DEFAULT_RECONNECT_MAX_DELAY, gt=0, description=RECONNECT_MAX_DELAY_DOC,
-        examples=["10s"])
+        default=DEFAULT_RECONNECT_MAX_DELAY,
+        gt=0,
+        description=RECONNECT_MAX_DELAY_DOC,
+        examples=["10s"],
+    )
     type: Literal["mqtt"] = Field(description="Selects this driver.")
     host: str = Field(
         min_length=1, description="Broker IP address or host name.", examples=["10.0.0.5"]
@@ -336,9 +336,7 @@ class MqttConfig(BaseModel):
         "away and sends unacknowledged ones again. false only for a recorder or a probe: "
         "nothing is kept for it, and what it has not acknowledged is lost at disconnection.",
     )
-    protocol: Literal["3.1.1", "5"] = Field(
-        default="5", description="MQTT protocol version."
-    )
+    protocol: Literal["3.1.1", "5"] = Field(default="5", description="MQTT protocol version.")
     keepalive: Duration = Field(
         default=30.0,
         ge=5,
@@ -431,8 +429,14 @@ class MqttConfig(BaseModel):
         matches = self.topic_matches
         if topic in matches:
             return matches[topic]
-        found = next((candidate for candidate in self.topics
-                      if mqtt.topic_matches_sub(matching_filter(candidate.filter), topic)), None)
+        found = next(
+            (
+                candidate
+                for candidate in self.topics
+                if mqtt.topic_matches_sub(matching_filter(candidate.filter), topic)
+            ),
+            None,
+        )
         if len(matches) >= 10_000:
             matches.clear()
         matches[topic] = found

@@ -48,12 +48,15 @@ def read_sys_tree(config: MqttConfig, wait: float) -> dict[str, str]:
     figures: dict[str, str] = {}
     connected = threading.Event()
     refused: list[str] = []
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                         client_id=f"plantsync-doctor-{uuid.uuid4().hex[:8]}",
-                         protocol=mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311)
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"plantsync-doctor-{uuid.uuid4().hex[:8]}",
+        protocol=mqtt.MQTTv5 if config.protocol == "5" else mqtt.MQTTv311,
+    )
 
-    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode,
-                   properties: Any) -> None:
+    def on_connect(
+        client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode, properties: Any
+    ) -> None:
         if code.is_failure:
             refused.append(f"the broker refused the connection ({code})")
         else:
@@ -96,12 +99,22 @@ def diagnose(figures: dict[str, str], settings: dict[str, str] | None) -> list[F
     found: list[Finding] = []
     version = figures.get(BROKER_VERSION_TOPIC)
     if not figures:
-        found.append(Finding("problem", "the broker sent no $SYS figures: it does not publish "
-                             "them (sys_interval 0) or its ACL hides $SYS/# from this user; "
-                             "dropped messages cannot be watched by the gateway"))
+        found.append(
+            Finding(
+                "problem",
+                "the broker sent no $SYS figures: it does not publish "
+                "them (sys_interval 0) or its ACL hides $SYS/# from this user; "
+                "dropped messages cannot be watched by the gateway",
+            )
+        )
     else:
-        found.append(Finding("info", f"broker: {version or 'version not published'}, up "
-                             f"{figures.get('$SYS/broker/uptime', '?')}"))
+        found.append(
+            Finding(
+                "info",
+                f"broker: {version or 'version not published'}, up "
+                f"{figures.get('$SYS/broker/uptime', '?')}",
+            )
+        )
 
     def number(topic: str) -> float | None:
         with contextlib.suppress(ValueError, IndexError, KeyError):
@@ -110,24 +123,37 @@ def diagnose(figures: dict[str, str], settings: dict[str, str] | None) -> list[F
 
     dropped = number("$SYS/broker/publish/messages/dropped")
     if dropped is not None and dropped > 0:
-        found.append(Finding("problem", f"the broker has dropped {int(dropped)} message(s) since "
-                             "it started: a client's queue was full (max_queued_messages or "
-                             f"max_queued_bytes); if the gateway was that client, MES events "
-                             f"are lost; {QUEUE_ADVICE}"))
+        found.append(
+            Finding(
+                "problem",
+                f"the broker has dropped {int(dropped)} message(s) since "
+                "it started: a client's queue was full (max_queued_messages or "
+                f"max_queued_bytes); if the gateway was that client, MES events "
+                f"are lost; {QUEUE_ADVICE}",
+            )
+        )
     elif dropped is not None:
         found.append(Finding("ok", "the broker has dropped no message since it started"))
     uptime = number("$SYS/broker/uptime")
     offline = number("$SYS/broker/clients/disconnected")
     if uptime is not None and offline is not None and offline > 0:
-        found.append(Finding("ok" if uptime < 3600 else "info",
-                             f"the broker holds {int(offline)} session(s) of disconnected "
-                             f"clients, {int(uptime)} s after its start"
-                             + (": they survived the start, so persistence works"
-                                if uptime < 3600 else "")))
+        found.append(
+            Finding(
+                "ok" if uptime < 3600 else "info",
+                f"the broker holds {int(offline)} session(s) of disconnected "
+                f"clients, {int(uptime)} s after its start"
+                + (": they survived the start, so persistence works" if uptime < 3600 else ""),
+            )
+        )
     if settings is None:
-        found.append(Finding("info", "queue limit and persistence settings are not in $SYS: "
-                             "run on the broker's host with --broker-config "
-                             "/etc/mosquitto/mosquitto.conf to check them"))
+        found.append(
+            Finding(
+                "info",
+                "queue limit and persistence settings are not in $SYS: "
+                "run on the broker's host with --broker-config "
+                "/etc/mosquitto/mosquitto.conf to check them",
+            )
+        )
         return found
     found.extend(check_broker_settings(settings))
     return found
@@ -139,39 +165,75 @@ def check_broker_settings(settings: dict[str, str]) -> list[Finding]:
     value = {**BROKER_DEFAULTS, **settings}
     found: list[Finding] = []
     if "include_dir" in settings:
-        found.append(Finding("info", f"settings in include_dir {settings['include_dir']} are "
-                             "not read here; check them too"))
+        found.append(
+            Finding(
+                "info",
+                f"settings in include_dir {settings['include_dir']} are "
+                "not read here; check them too",
+            )
+        )
     if value["persistence"] != "true":
-        found.append(Finding("problem", "persistence is off: a broker restart loses the "
-                             "gateway's session and every message queued for it; set "
-                             "persistence true"))
+        found.append(
+            Finding(
+                "problem",
+                "persistence is off: a broker restart loses the "
+                "gateway's session and every message queued for it; set "
+                "persistence true",
+            )
+        )
     else:
         location = Path(value.get("persistence_location") or "/var/lib/mosquitto/")
         user = value["user"]
         found.append(_writable_by(location, user))
         if value["autosave_on_changes"] != "true" and float(value["autosave_interval"]) > 60:
-            found.append(Finding("problem", f"autosave_interval {value['autosave_interval']} s: "
-                                 "a broker crash loses what arrived since the last save; set "
-                                 "autosave_interval 100 with autosave_on_changes true (save "
-                                 "after every 100 changes)"))
+            found.append(
+                Finding(
+                    "problem",
+                    f"autosave_interval {value['autosave_interval']} s: "
+                    "a broker crash loses what arrived since the last save; set "
+                    "autosave_interval 100 with autosave_on_changes true (save "
+                    "after every 100 changes)",
+                )
+            )
         else:
-            found.append(Finding("ok", f"autosave_interval {value['autosave_interval']}, "
-                                 f"autosave_on_changes {value['autosave_on_changes']}"))
+            found.append(
+                Finding(
+                    "ok",
+                    f"autosave_interval {value['autosave_interval']}, "
+                    f"autosave_on_changes {value['autosave_on_changes']}",
+                )
+            )
     queued = int(value["max_queued_messages"])
     if queued != 0:
-        found.append(Finding("problem", f"max_queued_messages {queued}: beyond {queued} "
-                             "messages queued for the gateway the broker drops the rest "
-                             f"without telling anyone; {QUEUE_ADVICE}"))
+        found.append(
+            Finding(
+                "problem",
+                f"max_queued_messages {queued}: beyond {queued} "
+                "messages queued for the gateway the broker drops the rest "
+                f"without telling anyone; {QUEUE_ADVICE}",
+            )
+        )
     elif int(value["max_queued_bytes"]) == 0:
-        found.append(Finding("info", "max_queued_messages 0 and max_queued_bytes 0: no limit "
-                             "at all; set max_queued_bytes to what the broker may hold"))
+        found.append(
+            Finding(
+                "info",
+                "max_queued_messages 0 and max_queued_bytes 0: no limit "
+                "at all; set max_queued_bytes to what the broker may hold",
+            )
+        )
     else:
-        found.append(Finding("ok", f"max_queued_messages 0, max_queued_bytes "
-                             f"{value['max_queued_bytes']}"))
+        found.append(
+            Finding("ok", f"max_queued_messages 0, max_queued_bytes {value['max_queued_bytes']}")
+        )
     if not value["persistent_client_expiration"]:
-        found.append(Finding("info", "persistent_client_expiration is not set: MQTT 3.1.1 "
-                             "sessions never expire (MQTT 5 ones after the gateway's "
-                             "session_expiry)"))
+        found.append(
+            Finding(
+                "info",
+                "persistent_client_expiration is not set: MQTT 3.1.1 "
+                "sessions never expire (MQTT 5 ones after the gateway's "
+                "session_expiry)",
+            )
+        )
     return found
 
 
@@ -181,13 +243,17 @@ def _writable_by(location: Path, user: str) -> Finding:
     try:
         account = pwd.getpwnam(user)
     except KeyError:
-        return Finding("info", f"persistence_location {location}: no user {user!r} here to "
-                       "check it against")
+        return Finding(
+            "info", f"persistence_location {location}: no user {user!r} here to check it against"
+        )
     try:
         status = location.stat()
     except OSError as exc:
-        return Finding("problem", f"persistence_location {location} cannot be read "
-                       f"({exc.strerror}): create it, owned by {user}")
+        return Finding(
+            "problem",
+            f"persistence_location {location} cannot be read "
+            f"({exc.strerror}): create it, owned by {user}",
+        )
     if account.pw_uid == 0:
         writable = True
     elif status.st_uid == account.pw_uid:
@@ -197,9 +263,12 @@ def _writable_by(location: Path, user: str) -> Finding:
     else:
         writable = bool(status.st_mode & 0o002)
     if not writable:
-        return Finding("problem", f"persistence_location {location} is not writable by the "
-                       f"broker's user {user}: mosquitto only logs the failed save, and a "
-                       f"restart loses every session; chown {user} {location}")
+        return Finding(
+            "problem",
+            f"persistence_location {location} is not writable by the "
+            f"broker's user {user}: mosquitto only logs the failed save, and a "
+            f"restart loses every session; chown {user} {location}",
+        )
     return Finding("ok", f"persistence_location {location} is writable by {user}")
 
 

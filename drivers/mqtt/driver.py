@@ -88,8 +88,7 @@ def to_reading(config: MqttConfig, topic: str, payload: bytes, received_at: floa
         # rejected-input journal has always used (NaN, nesting, where the syntax broke), and
         # take what it alone accepts (a lone surrogate in a string) as before.
         try:
-            document = json.loads(text, parse_float=decimal.Decimal,
-                                  parse_constant=_no_constants)
+            document = json.loads(text, parse_float=decimal.Decimal, parse_constant=_no_constants)
         except RecursionError:
             return rejected("payload is not JSON: nested too deeply")
         except ValueError as exc:
@@ -108,8 +107,9 @@ def to_reading(config: MqttConfig, topic: str, payload: bytes, received_at: floa
         message_id = subscription.message_id(topic, payload, document)
     except Unmappable as exc:
         return rejected(str(exc))
-    return MesMessage(config.name, topic, subscription.event, fields, message_id, received_at,
-                      payload)
+    return MesMessage(
+        config.name, topic, subscription.event, fields, message_id, received_at, payload
+    )
 
 
 class MqttDriver(Driver):
@@ -128,8 +128,11 @@ class MqttDriver(Driver):
         in-flight window costs in memory (bounded by INBOX_BATCHES * batch_max)."""
         self._backoff = Backoff(base=0.5, cap=config.reconnect_max_delay)
         self.availability = Availability(
-            f"MQTT broker {self.name} at {self.endpoint}", log, health=self.health,
-            extra=self._log_extra())
+            f"MQTT broker {self.name} at {self.endpoint}",
+            log,
+            health=self.health,
+            extra=self._log_extra(),
+        )
         self._ever_connected = False
         self._commit_failing = False
         self._dropping = False
@@ -148,8 +151,9 @@ class MqttDriver(Driver):
     async def run(self, sink: SampleSink) -> None:
         """Connect, consume and reconnect until cancelled; broker errors never end it."""
         loop = asyncio.get_running_loop()
-        await reconnect_forever(lambda: self._connect_and_consume(loop, sink), self._backoff,
-                                self.availability)
+        await reconnect_forever(
+            lambda: self._connect_and_consume(loop, sink), self._backoff, self.availability
+        )
 
     async def _connect_and_consume(
         self, loop: asyncio.AbstractEventLoop, sink: SampleSink
@@ -181,7 +185,8 @@ class MqttDriver(Driver):
         # While commits fail the backoff stands: the broker is fine, the gateway is not.
         was_lost = self.availability.back(
             f" ({session}); subscribing to {len(self.config.topics)} filter(s)",
-            reset_backoff=not self._commit_failing)
+            reset_backoff=not self._commit_failing,
+        )
         if not was_lost and not self._ever_connected:
             log.info(
                 "MQTT broker %s at %s connected as %s (%s).",
@@ -290,7 +295,11 @@ class MqttDriver(Driver):
             log.warning(
                 "MQTT broker %s at %s does not let the gateway read $SYS (%s): messages it "
                 "drops for the gateway cannot be seen. Allow read on $SYS/broker/# in its ACL.",
-                self.name, self.endpoint, figures["sys_refused"], extra=self._log_extra())
+                self.name,
+                self.endpoint,
+                figures["sys_refused"],
+                extra=self._log_extra(),
+            )
         before = self.broker.get("dropped")
         self.broker.update(figures)
         dropped = figures.get("dropped")
@@ -307,7 +316,8 @@ class MqttDriver(Driver):
         self.health.degraded["broker drops"] = (
             f"the MQTT broker at {self.endpoint} has dropped {count} message(s) since it "
             "started ($SYS/broker/publish/messages/dropped, all its clients): MES events for "
-            f"the gateway may be among them; {QUEUE_ADVICE}")
+            f"the gateway may be among them; {QUEUE_ADVICE}"
+        )
         self.health.record_error(f"the broker has dropped {count} message(s)")
         now = time.monotonic()
         if self._drops_logged_at is None or now - self._drops_logged_at >= DROPS_LOG_EVERY:
@@ -317,8 +327,13 @@ class MqttDriver(Driver):
                 "MQTT broker %s at %s has dropped %d message(s) since it started%s, by its "
                 "$SYS/broker/publish/messages/dropped (all clients): MES events for the "
                 "gateway may be lost there. To stop it, %s.",
-                self.name, self.endpoint, count, rose, QUEUE_ADVICE,
-                extra={**self._log_extra(), "broker_dropped": count})
+                self.name,
+                self.endpoint,
+                count,
+                rose,
+                QUEUE_ADVICE,
+                extra={**self._log_extra(), "broker_dropped": count},
+            )
 
     def _note_dropped(self, connection: Connection) -> None:
         dropped, connection.dropped_qos0 = connection.dropped_qos0, 0

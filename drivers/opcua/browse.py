@@ -55,9 +55,11 @@ def _browse_parser() -> argparse.ArgumentParser:
     parser.add_argument("--private-key", type=Path, help="client private key")
     parser.add_argument("--server-certificate", type=Path, help="pin the server certificate")
     parser.add_argument(
-        "--data-dir", type=Path,
+        "--data-dir",
+        type=Path,
         help="the gateway's data_dir: with a security policy, the server's certificate must be "
-        "in its pki/trusted (plantsync trust opcua puts it there)")
+        "in its pki/trusted (plantsync trust opcua puts it there)",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     return parser
 

@@ -105,7 +105,8 @@ async def new_client(
         if security.server_certificate is None and trust is None:
             raise SecuritySetupError(
                 "no trust list to check the server's certificate against: pin it "
-                "(server_certificate) or give a data directory (its pki/trusted)")
+                "(server_certificate) or give a data directory (its pki/trusted)"
+            )
         try:
             client.application_uri = await _application_uri(security.certificate)
             for path in (security.private_key, security.server_certificate):

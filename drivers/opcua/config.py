@@ -29,7 +29,8 @@ from drivers.opcua.nodes import NodeRef
 from drivers.opcua.values import Selector
 
 SecurityPolicyName = Literal[
-    "None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"]
+    "None", "Basic256Sha256", "Aes128_Sha256_RsaOaep", "Aes256_Sha256_RsaPss"
+]
 ServerRestart = Literal["counters_restart", "counters_continue"]
 TagRead = Literal["value", "packml_state"]
 
@@ -180,8 +181,9 @@ class OpcUaSecurity(BaseModel):
     def _consistent(self) -> OpcUaSecurity:
         if self.policy == "None":
             if self.mode != "None":
-                raise ValueError(f"mode {self.mode} needs a policy such as Basic256Sha256, "
-                                 "not None")
+                raise ValueError(
+                    f"mode {self.mode} needs a policy such as Basic256Sha256, not None"
+                )
             if self.certificate or self.private_key or self.server_certificate:
                 raise ValueError("certificates are used only with a policy other than None")
             return self
@@ -203,8 +205,11 @@ class OpcUaConfig(BaseModel):
         examples=["filler-02"],
     )
     reconnect_max_delay: Duration = Field(
-        default=DEFAULT_RECONNECT_MAX_DELAY, gt=0, description=RECONNECT_MAX_DELAY_DOC,
-        examples=["10s"])
+        default=DEFAULT_RECONNECT_MAX_DELAY,
+        gt=0,
+        description=RECONNECT_MAX_DELAY_DOC,
+        examples=["10s"],
+    )
     type: Literal["opcua"] = Field(description="Selects this driver.")
     endpoint: str = Field(description="Server endpoint URL.", examples=["opc.tcp://10.0.0.30:4840"])
     security: OpcUaSecurity = Field(

@@ -136,8 +136,11 @@ class OpcUaDriver(Driver):
         """Delays between reconnect attempts; the shared policy (tests may shorten it)."""
         self._starts = ServerStarts(self.name, self.endpoint, data_dir, config.server_restart)
         self.availability = Availability(
-            f"OPC UA server {self.name} at {self.endpoint}", log, health=self.health,
-            extra={"driver": self.name, "endpoint": self.endpoint})
+            f"OPC UA server {self.name} at {self.endpoint}",
+            log,
+            health=self.health,
+            extra={"driver": self.name, "endpoint": self.endpoint},
+        )
         self._bad_tags: dict[str, str] = {}
         self._last_emitted: dict[str, Sample] = {}
         self._overloaded = False
@@ -170,9 +173,14 @@ class OpcUaDriver(Driver):
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._deliver(pending, sink), name=f"opcua-{self.name}-deliver")
                 tasks.create_task(
-                    reconnect_forever(lambda: self._session(pending), self.backoff,
-                                      self.availability, wait=self._wait_to_retry),
-                    name=f"opcua-{self.name}-sessions")
+                    reconnect_forever(
+                        lambda: self._session(pending),
+                        self.backoff,
+                        self.availability,
+                        wait=self._wait_to_retry,
+                    ),
+                    name=f"opcua-{self.name}-sessions",
+                )
         except BaseExceptionGroup as group:
             if len(group.exceptions) == 1:  # a failing sink: raise its error as it was
                 raise group.exceptions[0] from None
@@ -210,8 +218,15 @@ class OpcUaDriver(Driver):
                 await asyncio.sleep(max(0.0, deadline - time.monotonic()))
                 return
             outcome.port_was_closed = True
-            await asyncio.sleep(max(0.0, min(PORT_PROBE_INTERVAL - (time.monotonic() - started),
-                                             deadline - time.monotonic())))
+            await asyncio.sleep(
+                max(
+                    0.0,
+                    min(
+                        PORT_PROBE_INTERVAL - (time.monotonic() - started),
+                        deadline - time.monotonic(),
+                    ),
+                )
+            )
 
     async def _session(self, pending: PendingSamples) -> _Outcome:
         """One session from connect to loss; return why it ended."""
@@ -239,11 +254,14 @@ class OpcUaDriver(Driver):
             if isinstance(exc, UaStatusCodeError) and exc.code == StatusCodes.BadTooManySessions:
                 return _Outcome(reason, retry_after=FULL_SERVER_RETRY)
             if isinstance(exc, UntrustedCertificate | SecuritySetupError) or (
-                    isinstance(exc, UaStatusCodeError)
-                    and exc.code in USER_REJECTED | SECURITY_REJECTED):
+                isinstance(exc, UaStatusCodeError) and exc.code in USER_REJECTED | SECURITY_REJECTED
+            ):
                 return _Outcome(reason, say_again=True)
-            return _Outcome(reason, unreachable=isinstance(exc, OSError | TimeoutError),
-                            port_was_closed=isinstance(exc, ConnectionRefusedError))
+            return _Outcome(
+                reason,
+                unreachable=isinstance(exc, OSError | TimeoutError),
+                port_was_closed=isinstance(exc, ConnectionRefusedError),
+            )
         finally:
             if client is not None:
                 await close_despite_cancel(client, within=config.timeout)
@@ -331,14 +349,18 @@ class OpcUaDriver(Driver):
         self._state_numbers = {}
         if any(item.tag.select is not None for item in monitored.values()):
             await load_structures(client, self.name)
-        machines = [(handle, item) for handle, item in monitored.items()
-                    if item.tag.read == "packml_state"]
+        machines = [
+            (handle, item) for handle, item in monitored.items() if item.tag.read == "packml_state"
+        ]
         for handle, item in machines:
             del monitored[handle]
             if PACKML_NAMESPACE_URI not in namespaces:
-                self._tag_failed(item.tag, f"the server has no PackML namespace "
-                                 f"({PACKML_NAMESPACE_URI}): it is not an OPC 30050 machine",
-                                 pending)
+                self._tag_failed(
+                    item.tag,
+                    f"the server has no PackML namespace "
+                    f"({PACKML_NAMESPACE_URI}): it is not an OPC 30050 machine",
+                    pending,
+                )
                 continue
             packml = list(namespaces).index(PACKML_NAMESPACE_URI)
             machine = client.get_node(item.node_id)
@@ -348,16 +370,22 @@ class OpcUaDriver(Driver):
                 try:
                     current_id = await machine.get_child([*prefix, "0:CurrentState", "0:Id"])
                 except UaStatusCodeError as exc:
-                    where = "/".join([*(step.split(":")[1] for step in prefix), "CurrentState",
-                                      "Id"])
-                    self._tag_failed(item.tag, f"{item.node_id.to_string()} is not a PackML "
-                                     f"BaseStateMachine: it has no {where} "
-                                     f"({ua.StatusCode(exc.code).name})", pending)
+                    where = "/".join(
+                        [*(step.split(":")[1] for step in prefix), "CurrentState", "Id"]
+                    )
+                    self._tag_failed(
+                        item.tag,
+                        f"{item.node_id.to_string()} is not a PackML "
+                        f"BaseStateMachine: it has no {where} "
+                        f"({ua.StatusCode(exc.code).name})",
+                        pending,
+                    )
                     for other in [h for h, i in monitored.items() if i.tag is item.tag]:
                         del monitored[other]
                     break
                 monitored[handle + (level + 1) * _LEVEL_HANDLES] = _Monitored(
-                    item.tag, current_id.nodeid, level)
+                    item.tag, current_id.nodeid, level
+                )
 
     async def _packml_state_changed(
         self,
@@ -375,8 +403,7 @@ class OpcUaDriver(Driver):
             return
         levels = self._state_levels.setdefault(item.tag.name, [None, None, None])
         state = datavalue.Value.Value if datavalue.Value is not None else None
-        levels[item.level] = state if isinstance(state, ua.NodeId) and not state.is_null() \
-            else None
+        levels[item.level] = state if isinstance(state, ua.NodeId) and not state.is_null() else None
         number = None
         for level, state_id in enumerate(levels):
             if state_id is None:
@@ -389,11 +416,16 @@ class OpcUaDriver(Driver):
         last = self._last_emitted.get(item.tag.name)
         if last is not None and last.value == number and last.quality is Quality.GOOD:
             return  # another machine of the hierarchy moved, to the same innermost state
-        self._emit(item.tag, ua.DataValue(
-            ua.Variant(number, ua.VariantType.UInt32),
-            SourceTimestamp=datavalue.SourceTimestamp,
-            ServerTimestamp=datavalue.ServerTimestamp,
-        ), now, pending)
+        self._emit(
+            item.tag,
+            ua.DataValue(
+                ua.Variant(number, ua.VariantType.UInt32),
+                SourceTimestamp=datavalue.SourceTimestamp,
+                ServerTimestamp=datavalue.ServerTimestamp,
+            ),
+            now,
+            pending,
+        )
 
     async def _state_number(self, client: Client, state_id: ua.NodeId) -> int | None:
         """A state object's StateNumber (mandatory in OPC UA's StateType), read once."""
@@ -402,8 +434,13 @@ class OpcUaDriver(Driver):
                 number = await client.get_node(state_id).get_child("0:StateNumber")
                 self._state_numbers[state_id] = int(await number.read_value())
             except (UaStatusCodeError, TypeError, ValueError) as exc:
-                log.warning("OPC UA server %s: state %s has no readable StateNumber (%s).",
-                            self.name, state_id.to_string(), exc, extra={"driver": self.name})
+                log.warning(
+                    "OPC UA server %s: state %s has no readable StateNumber (%s).",
+                    self.name,
+                    state_id.to_string(),
+                    exc,
+                    extra={"driver": self.name},
+                )
                 self._state_numbers[state_id] = None
         return self._state_numbers[state_id]
 
@@ -453,10 +490,13 @@ class OpcUaDriver(Driver):
                 ItemToMonitor=ua.ReadValueId(NodeId=node_id, AttributeId=AttributeIds.Value),
                 MonitoringMode=ua.MonitoringMode.Reporting,
                 RequestedParameters=ua.MonitoringParameters(
-                    ClientHandle=handle, SamplingInterval=-1.0, QueueSize=1, DiscardOldest=True),
+                    ClientHandle=handle, SamplingInterval=-1.0, QueueSize=1, DiscardOldest=True
+                ),
             )
-            for handle, node_id in ((START_TIME_HANDLE, SERVER_START_TIME),
-                                    (STATE_HANDLE, SERVER_STATE))
+            for handle, node_id in (
+                (START_TIME_HANDLE, SERVER_START_TIME),
+                (STATE_HANDLE, SERVER_STATE),
+            )
         ]
         await subscription.create_monitored_items(status_items)
         if not monitored:
@@ -544,7 +584,8 @@ class OpcUaDriver(Driver):
                 if item is not None and item.level is not None:
                     self.health.reads += 1
                     await self._packml_state_changed(
-                        client, item, notification.Value, time.time(), pending)
+                        client, item, notification.Value, time.time(), pending
+                    )
                     honour_cancellation()  # it reads the server through wait_for (3.11)
                 elif item is not None:
                     self.health.reads += 1

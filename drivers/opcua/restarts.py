@@ -44,14 +44,16 @@ class SessionEnded(Exception):
 
 async def read_server_status(client: Client) -> tuple[object, object]:
     """ServerStatus.StartTime and State, as the server answers them (None when it has none)."""
-    values = await client.uaclient.read(ua.ReadParameters(
-        MaxAge=0,
-        TimestampsToReturn=ua.TimestampsToReturn.Neither,
-        NodesToRead=[
-            ua.ReadValueId(NodeId=node_id, AttributeId=AttributeIds.Value)
-            for node_id in (SERVER_START_TIME, SERVER_STATE)
-        ],
-    ))
+    values = await client.uaclient.read(
+        ua.ReadParameters(
+            MaxAge=0,
+            TimestampsToReturn=ua.TimestampsToReturn.Neither,
+            NodesToRead=[
+                ua.ReadValueId(NodeId=node_id, AttributeId=AttributeIds.Value)
+                for node_id in (SERVER_START_TIME, SERVER_STATE)
+            ],
+        )
+    )
     start, state = (value.Value.Value if value.Value is not None else None for value in values)
     return start, state
 
@@ -75,8 +77,9 @@ class ServerStarts:
     write once the rules have committed that restart (a crash before announces it again rather
     than never)."""
 
-    def __init__(self, driver: str, endpoint: str, data_dir: Path | None,
-                 policy: ServerRestart) -> None:
+    def __init__(
+        self, driver: str, endpoint: str, data_dir: Path | None, policy: ServerRestart
+    ) -> None:
         self.driver = driver
         self.endpoint = endpoint
         self.data_dir = data_dir
@@ -102,11 +105,16 @@ class ServerStarts:
                 self.save(start)
             return None
         self.restarts_seen += 1
-        reason = (f"OPC UA server {self.driver} at {self.endpoint} restarted: ServerStatus."
-                  f"StartTime {known.isoformat()} -> {start.isoformat()}")
+        reason = (
+            f"OPC UA server {self.driver} at {self.endpoint} restarted: ServerStatus."
+            f"StartTime {known.isoformat()} -> {start.isoformat()}"
+        )
         if self.policy == "counters_continue":
-            log.info("%s; its counters carry on (server_restart: counters_continue).", reason,
-                     extra={"driver": self.driver, "endpoint": self.endpoint})
+            log.info(
+                "%s; its counters carry on (server_restart: counters_continue).",
+                reason,
+                extra={"driver": self.driver, "endpoint": self.endpoint},
+            )
             self.save(start)
             return None
         self.to_save = start
@@ -130,9 +138,14 @@ class ServerStarts:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("OPC UA driver %s: cannot read %s (%s); a server restart while the "
-                        "gateway was down would go unseen.", self.driver, path, exc,
-                        extra={"driver": self.driver})
+            log.warning(
+                "OPC UA driver %s: cannot read %s (%s); a server restart while the "
+                "gateway was down would go unseen.",
+                self.driver,
+                path,
+                exc,
+                extra={"driver": self.driver},
+            )
             return None
 
     def save(self, start: datetime) -> None:
@@ -142,10 +155,16 @@ class ServerStarts:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(
-                {"endpoint": self.endpoint, "start_time": start.isoformat()}) + "\n")
+            temporary.write_text(
+                json.dumps({"endpoint": self.endpoint, "start_time": start.isoformat()}) + "\n"
+            )
             os.replace(temporary, path)
         except OSError as exc:
-            log.warning("OPC UA driver %s: cannot write %s (%s); a server restart while the "
-                        "gateway is down would go unseen.", self.driver, path, exc,
-                        extra={"driver": self.driver})
+            log.warning(
+                "OPC UA driver %s: cannot write %s (%s); a server restart while the "
+                "gateway is down would go unseen.",
+                self.driver,
+                path,
+                exc,
+                extra={"driver": self.driver},
+            )

@@ -32,11 +32,17 @@ def _trust_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--config", type=Path, help="the plant config (its data_dir is used)")
     where.add_argument("--data-dir", type=Path, help="the gateway's data_dir")
-    parser.add_argument("--yes", action="store_true",
-                        help="trust without asking (only for a certificate checked already)")
-    parser.add_argument("--reason", default="",
-                        help="why, for the hand-action journal (e.g. the ticket, or 'thumbprint "
-                        "checked with the machine builder')")
+    parser.add_argument(
+        "--yes",
+        action="store_true",
+        help="trust without asking (only for a certificate checked already)",
+    )
+    parser.add_argument(
+        "--reason",
+        default="",
+        help="why, for the hand-action journal (e.g. the ticket, or 'thumbprint "
+        "checked with the machine builder')",
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     return parser
 
@@ -72,12 +78,17 @@ def trust_main(
     try:
         certificates = asyncio.run(_server_certificates(args.endpoint, args.timeout))
     except Exception as exc:
-        print(f"Cannot read the endpoints of {args.endpoint}: "
-              f"{describe_error(exc, args.timeout)}", file=sys.stderr)
+        print(
+            f"Cannot read the endpoints of {args.endpoint}: {describe_error(exc, args.timeout)}",
+            file=sys.stderr,
+        )
         return 1
     if not certificates:
-        print(f"{args.endpoint} offers no endpoint with a certificate (security None only): "
-              "there is nothing to trust.", file=sys.stderr)
+        print(
+            f"{args.endpoint} offers no endpoint with a certificate (security None only): "
+            "there is nothing to trust.",
+            file=sys.stderr,
+        )
         return 1
     trust = TrustList(data_dir / "pki")
     trusted = trust.trusted_thumbprints()
@@ -91,8 +102,9 @@ def trust_main(
             print(f"Already trusted (in {trust.trusted}).")
             continue
         if not args.yes:
-            print("Trust this certificate? Compare the thumbprint first. [y/N] ", end="",
-                  flush=True)
+            print(
+                "Trust this certificate? Compare the thumbprint first. [y/N] ", end="", flush=True
+            )
             reply = answer.readline().strip().lower()
             if reply not in ("y", "yes"):
                 print("Not trusted.")
@@ -102,12 +114,19 @@ def trust_main(
         print(f"Trusted: {path}")
         if journal is not None:
             try:
-                journal(data_dir, f"server certificate {facts.thumbprint} ({facts.subject}) of "
-                        f"{args.endpoint}", args.reason or "(no reason given)")
+                journal(
+                    data_dir,
+                    f"server certificate {facts.thumbprint} ({facts.subject}) of {args.endpoint}",
+                    args.reason or "(no reason given)",
+                )
             except Exception as exc:  # the trust stands; the journal says why it lacks it
                 print(f"Trusted, but not journaled as a hand action: {exc}", file=sys.stderr)
-        log.info("Server certificate %s of %s trusted by hand.", facts.thumbprint,
-                 args.endpoint, extra={"endpoint": args.endpoint, "path": str(path)})
+        log.info(
+            "Server certificate %s of %s trusted by hand.",
+            facts.thumbprint,
+            args.endpoint,
+            extra={"endpoint": args.endpoint, "path": str(path)},
+        )
     return status
 
 
@@ -122,8 +141,7 @@ async def _server_certificates(endpoint: str, request_timeout: float) -> dict[by
         if not chain:
             continue
         der = _first_certificate(chain)
-        offer = (f"{described.SecurityPolicyUri.rsplit('#', 1)[-1]} "
-                 f"{described.SecurityMode.name}")
+        offer = f"{described.SecurityPolicyUri.rsplit('#', 1)[-1]} {described.SecurityMode.name}"
         found.setdefault(der, []).append(offer)
     return found
 
@@ -135,5 +153,5 @@ def _first_certificate(chain: bytes) -> bytes:
         return chain
     if chain[1] & 0x80:
         size = chain[1] & 0x7F
-        return chain[:2 + size + int.from_bytes(chain[2:2 + size], "big")]
-    return chain[:2 + chain[1]]
+        return chain[: 2 + size + int.from_bytes(chain[2 : 2 + size], "big")]
+    return chain[: 2 + chain[1]]

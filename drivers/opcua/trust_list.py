@@ -58,8 +58,9 @@ class CertificateFacts:
     @property
     def file_name(self) -> str:
         """`<common name> [<thumbprint>].der`, as UaExpert names its PKI files."""
-        common = self.subject.split("CN=", 1)[1].split(",", 1)[0] if "CN=" in self.subject \
-            else "server"
+        common = (
+            self.subject.split("CN=", 1)[1].split(",", 1)[0] if "CN=" in self.subject else "server"
+        )
         safe = re.sub(r"[^A-Za-z0-9._ -]", "_", common).strip(" .") or "server"
         return f"{safe[:64]} [{self.thumbprint}].der"
 
@@ -99,12 +100,19 @@ class TrustList:
         for path in sorted(self.trusted.iterdir()):
             try:
                 data = path.read_bytes()
-                der = (x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
-                       if data.lstrip().startswith(b"-----") else data)
+                der = (
+                    x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+                    if data.lstrip().startswith(b"-----")
+                    else data
+                )
                 found.add(CertificateFacts.of(der).thumbprint)
             except (OSError, ValueError) as exc:
-                log.warning("Trust list: %s is not a certificate (%s); ignored.", path, exc,
-                            extra={"path": str(path)})
+                log.warning(
+                    "Trust list: %s is not a certificate (%s); ignored.",
+                    path,
+                    exc,
+                    extra={"path": str(path)},
+                )
         return found
 
     def check(self, der: bytes, endpoint: str) -> None:
@@ -116,7 +124,8 @@ class TrustList:
                 raise UntrustedCertificate(
                     f"the server's certificate {facts.thumbprint} ({facts.subject}) is trusted "
                     f"but not valid now (valid {facts.not_before:%Y-%m-%d} to "
-                    f"{facts.not_after:%Y-%m-%d}): the server needs a new certificate")
+                    f"{facts.not_after:%Y-%m-%d}): the server needs a new certificate"
+                )
             return
         saved = self.rejected / facts.file_name
         try:
@@ -132,7 +141,8 @@ class TrustList:
             f"{facts.application_uri or '(none)'}, thumbprint {facts.thumbprint}; {saved_note}. "
             f"If this is the right server, move that file to {self.trusted}/ (or run: "
             f"plantsync trust opcua --endpoint {endpoint}); if the server should not have a "
-            "new certificate, someone may be impersonating it")
+            "new certificate, someone may be impersonating it"
+        )
 
     def trust(self, der: bytes) -> Path:
         """Put `der` in trusted/ (and out of rejected/); return its path."""

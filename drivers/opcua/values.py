@@ -46,8 +46,10 @@ class Selector:
         while position < len(text):
             step = _SELECT_STEP.match(text, position)
             if step is None:
-                raise ValueError(f"select {text!r}: cannot read {text[position:]!r}; write "
-                                 "e.g. [0].AccCount, [ID=1].Count or Message")
+                raise ValueError(
+                    f"select {text!r}: cannot read {text[position:]!r}; write "
+                    "e.g. [0].AccCount, [ID=1].Count or Message"
+                )
             if step["index"] is not None:
                 steps.append(("index", step["index"], ""))
             elif step["field"] is not None:
@@ -66,24 +68,30 @@ class Selector:
                 raise LookupError(
                     f"select {self.text}: the server sent a structure of type "
                     f"{value.TypeId.to_string()} that cannot be decoded (it publishes no "
-                    "definition of that data type)")
+                    "definition of that data type)"
+                )
             if kind == "field":
                 if not hasattr(value, "__dataclass_fields__") or not hasattr(value, key):
                     fields = ", ".join(getattr(value, "__dataclass_fields__", {})) or "none"
-                    raise LookupError(f"select {self.text}: the value has no field {key!r} "
-                                      f"(fields: {fields})")
+                    raise LookupError(
+                        f"select {self.text}: the value has no field {key!r} (fields: {fields})"
+                    )
                 value = getattr(value, key)
                 continue
             if not isinstance(value, list | tuple):
                 raise LookupError(f"select {self.text}: the value is not an array")
             if kind == "index":
                 if int(key) >= len(value):
-                    raise LookupError(f"select {self.text}: the array has {len(value)} "
-                                      f"element(s), no [{key}]")
+                    raise LookupError(
+                        f"select {self.text}: the array has {len(value)} element(s), no [{key}]"
+                    )
                 value = value[int(key)]
                 continue
-            found = [element for element in value
-                     if str(plain_value(getattr(element, key, None))) == wanted]
+            found = [
+                element
+                for element in value
+                if str(plain_value(getattr(element, key, None))) == wanted
+            ]
             if not found:
                 raise LookupError(f"select {self.text}: no element with {key} = {wanted}")
             value = found[0]
@@ -142,9 +150,7 @@ def sample_from(
         raw = datavalue.Value.Value
         value = plain_value(select.apply(raw) if select is not None else raw)
     source_time = (
-        epoch_seconds(datavalue.SourceTimestamp)
-        or epoch_seconds(datavalue.ServerTimestamp)
-        or now
+        epoch_seconds(datavalue.SourceTimestamp) or epoch_seconds(datavalue.ServerTimestamp) or now
     )
     return Sample(driver, tag, value, source_time, quality)
 

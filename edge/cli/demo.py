@@ -33,9 +33,12 @@ def run_demo(config_path: Path) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return 1
     if not any(isinstance(d, ModbusConfig) for d in config.drivers) or (
-            "erp" not in config.destinations):
-        print(f"{config_path}: the demo needs a Modbus driver and a destination named erp",
-              file=sys.stderr)
+        "erp" not in config.destinations
+    ):
+        print(
+            f"{config_path}: the demo needs a Modbus driver and a destination named erp",
+            file=sys.stderr,
+        )
         return 1
     taken = busy_port(config, config_path)
     if taken is not None:
@@ -46,13 +49,18 @@ def run_demo(config_path: Path) -> int:
 
 def _ports(config: PlantConfig) -> list[tuple[str, str, int, str]]:
     """What the demo listens on: who, host, port, and the setting that chooses it."""
-    index, plc = next((i, d) for i, d in enumerate(config.drivers)
-                      if isinstance(d, ModbusConfig))
+    index, plc = next((i, d) for i, d in enumerate(config.drivers) if isinstance(d, ModbusConfig))
     erp = urlsplit(config.destinations["erp"].base_url)
-    return [("the PLC simulator", plc.host or "127.0.0.1", plc.port, f"drivers[{index}].port"),
-            ("the ERP simulator", erp.hostname or "127.0.0.1", erp.port or 80,
-             "destinations.erp.base_url"),
-            ("the gateway's local API", config.api.host, config.api.port, "api.listen")]
+    return [
+        ("the PLC simulator", plc.host or "127.0.0.1", plc.port, f"drivers[{index}].port"),
+        (
+            "the ERP simulator",
+            erp.hostname or "127.0.0.1",
+            erp.port or 80,
+            "destinations.erp.base_url",
+        ),
+        ("the gateway's local API", config.api.host, config.api.port, "api.listen"),
+    ]
 
 
 def busy_port(config: PlantConfig, config_path: Path) -> str | None:
@@ -63,10 +71,12 @@ def busy_port(config: PlantConfig, config_path: Path) -> str | None:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                return (f"plantsync demo: port {port} on {host} ({who}, {setting} in "
-                        f"{config_path}) is in use ({exc.strerror}): stop what holds it, or "
-                        f"copy {config_path}, choose free ports there and run plantsync demo "
-                        "--config YOUR-COPY")
+                return (
+                    f"plantsync demo: port {port} on {host} ({who}, {setting} in "
+                    f"{config_path}) is in use ({exc.strerror}): stop what holds it, or "
+                    f"copy {config_path}, choose free ports there and run plantsync demo "
+                    "--config YOUR-COPY"
+                )
     return None
 
 
@@ -87,24 +97,66 @@ async def _demo(config_path: Path, config: PlantConfig) -> int:
     exit_code = 0
     try:
         for label, argv in (
-            ("plc", [python, "-m", "simulators.modbus_plc", "--port", str(plc_port),
-                     "--rate", "12", "--scrap-rate", "0.5"]),
-            ("erp", [python, "-m", "simulators.erp", "--port", str(erp_port),
-                     "--db", str(data_dir / "erp-simulator.db"), "--log-requests"]),
-            ("gateway", [python, "-m", "edge.cli", "run", "--config", str(config_path),
-                         "--log-format", "text"]),
+            (
+                "plc",
+                [
+                    python,
+                    "-m",
+                    "simulators.modbus_plc",
+                    "--port",
+                    str(plc_port),
+                    "--rate",
+                    "12",
+                    "--scrap-rate",
+                    "0.5",
+                ],
+            ),
+            (
+                "erp",
+                [
+                    python,
+                    "-m",
+                    "simulators.erp",
+                    "--port",
+                    str(erp_port),
+                    "--db",
+                    str(data_dir / "erp-simulator.db"),
+                    "--log-requests",
+                ],
+            ),
+            (
+                "gateway",
+                [
+                    python,
+                    "-m",
+                    "edge.cli",
+                    "run",
+                    "--config",
+                    str(config_path),
+                    "--log-format",
+                    "text",
+                ],
+            ),
         ):
             process = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True)  # Ctrl-C reaches the demo only; it stops them in order
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )  # Ctrl-C reaches the demo only; it stops them in order
             children.append((label, process))
             await asyncio.sleep(0.5)
-        print(f"[demo] PLC simulator on 127.0.0.1:{plc_port}, ERP simulator on {erp_url}, "
-              f"gateway API on http://{config.api.listen}; "
-              "Ctrl-C stops everything", flush=True)
+        print(
+            f"[demo] PLC simulator on 127.0.0.1:{plc_port}, ERP simulator on {erp_url}, "
+            f"gateway API on http://{config.api.listen}; "
+            "Ctrl-C stops everything",
+            flush=True,
+        )
         async with asyncio.TaskGroup() as group:
-            pumps = [group.create_task(_pump(label, process), name=f"pump-{label}")
-                     for label, process in children]
+            pumps = [
+                group.create_task(_pump(label, process), name=f"pump-{label}")
+                for label, process in children
+            ]
             report = group.create_task(_report(config, erp_url), name="demo-report")
             exited = group.create_task(_first_exit(children), name="watch-children")
             waiting = group.create_task(stop.wait(), name="wait-for-ctrl-c")
@@ -130,8 +182,9 @@ async def _pump(label: str, process: asyncio.subprocess.Process) -> None:
 
 
 async def _first_exit(children: list[tuple[str, asyncio.subprocess.Process]]) -> None:
-    _done, _ = await asyncio.wait([asyncio.ensure_future(p.wait()) for _, p in children],
-                                 return_when=asyncio.FIRST_COMPLETED)
+    _done, _ = await asyncio.wait(
+        [asyncio.ensure_future(p.wait()) for _, p in children], return_when=asyncio.FIRST_COMPLETED
+    )
     for label, process in children:
         if process.returncode is not None:
             print(f"[demo] {label} exited with code {process.returncode}", flush=True)
@@ -143,15 +196,19 @@ async def _report(config: PlantConfig, erp_url: str) -> None:
             await asyncio.sleep(5.0)
             with contextlib.suppress(httpx.HTTPError, json.JSONDecodeError):
                 status = (await client.get(f"http://{config.api.listen}/status")).json()
-                reads = ", ".join(f"{name}={s['value']}"
-                                  for name, s in status["signals"].items())
-                outbox = ", ".join(f"{name}: {d['delivered']} delivered, {d['pending']} pending"
-                                   for name, d in status["destinations"].items())
+                reads = ", ".join(f"{name}={s['value']}" for name, s in status["signals"].items())
+                outbox = ", ".join(
+                    f"{name}: {d['delivered']} delivered, {d['pending']} pending"
+                    for name, d in status["destinations"].items()
+                )
                 print(f"[demo] gateway reads {reads} | {outbox}", flush=True)
             with contextlib.suppress(httpx.HTTPError, json.JSONDecodeError):
                 stats = (await client.get(f"{erp_url}/stats")).json()
-                print(f"[demo] ERP holds {stats['unique']} event(s), saw {stats['duplicates']} "
-                      "duplicate(s)", flush=True)
+                print(
+                    f"[demo] ERP holds {stats['unique']} event(s), saw {stats['duplicates']} "
+                    "duplicate(s)",
+                    flush=True,
+                )
 
 
 async def _stop_all(children: list[tuple[str, asyncio.subprocess.Process]]) -> None:

@@ -43,8 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest and rest[0] in ("-h", "--help"):
             command.print_help()
             return 0
-        command.error(f"say which {PASS_ON[args.command]}: "
-                      f"{', '.join(_choices(command, PASS_ON[args.command]))}")
+        command.error(
+            f"say which {PASS_ON[args.command]}: "
+            f"{', '.join(_choices(command, PASS_ON[args.command]))}"
+        )
     match args.command:
         case "run":
             return _run(args)
@@ -56,38 +58,51 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sim(args.simulator, rest)
         case "probe":
             from drivers.modbus import probe_main
+
             return probe_main(rest)
         case "browse":
             from drivers.opcua import browse_main
+
             return browse_main(rest)
         case "trust":
             from drivers.opcua import trust_main
-            return trust_main(rest, data_dir_of=lambda path: load_local_access(path).data_dir,
-                              journal=_journal_trust)
+
+            return trust_main(
+                rest,
+                data_dir_of=lambda path: load_local_access(path).data_dir,
+                journal=_journal_trust,
+            )
         case "doctor" if args.protocol == "jetstream":
             from edge.hub.cli import doctor_main
+
             return doctor_main(args.config)
         case "doctor":
             return _doctor(args)
         case "hub":
             from edge.hub.cli import hub_main
+
             return hub_main(args)
         case "relay":
             from edge.hub.cli import relay_main
+
             return relay_main(args)
         case "demo":
             from edge.cli.demo import run_demo
+
             return run_demo(Path(args.config))
         case "record" | "replay":
             return _offline(args)
         case "outbox":
             from edge.cli.outbox import run_outbox_command
+
             return run_outbox_command(args)
         case "status":
             from edge.cli.status import run_status_command
+
             return run_status_command(args)
         case "reconcile":
             from edge.cli.reconcile import run_reconcile_command
+
             return run_reconcile_command(args)
     parser.print_help()
     return 2
@@ -99,41 +114,68 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the gateway")
     run.add_argument("--config", "-c", required=True, type=Path, help="plant YAML file")
-    run.add_argument("--log-format", choices=("json", "text"), default="json",
-                     help="json lines for journald (default) or text for a terminal")
-    run.add_argument("--log-level", default="INFO",
-                     choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    run.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="json lines for journald (default) or text for a terminal",
+    )
+    run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     check = commands.add_parser("check", help="validate a config file; exit 1 if invalid")
     check.add_argument("--config", "-c", required=True, type=Path)
-    check.add_argument("--offline", action="store_true",
-                       help="check everything but the values of ${ENV}, ${file:...} and "
-                       "${cred:...} references, which are not resolved (for a shell without "
-                       "the plant's secrets; the unit's ExecStartPre checks in full)")
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check everything but the values of ${ENV}, ${file:...} and "
+        "${cred:...} references, which are not resolved (for a shell without "
+        "the plant's secrets; the unit's ExecStartPre checks in full)",
+    )
 
     schema = commands.add_parser("schema", help="write the JSON Schemas of the events")
-    schema.add_argument("--out", "-o", type=Path, default=Path("schemas"),
-                        help="directory to write into (default: ./schemas)")
+    schema.add_argument(
+        "--out",
+        "-o",
+        type=Path,
+        default=Path("schemas"),
+        help="directory to write into (default: ./schemas)",
+    )
 
-    sim = commands.add_parser("sim", help="start a simulator: modbus (PLC), opcua (machine), "
-                              "mes (MQTT publisher), erp (ERP API), qms (QMS API), or a whole "
-                              "plant from a scenario file (scenario FILE); options after the "
-                              "name go to the simulator (try --help)", add_help=False)
+    sim = commands.add_parser(
+        "sim",
+        help="start a simulator: modbus (PLC), opcua (machine), "
+        "mes (MQTT publisher), erp (ERP API), qms (QMS API), or a whole "
+        "plant from a scenario file (scenario FILE); options after the "
+        "name go to the simulator (try --help)",
+        add_help=False,
+    )
     sim.add_argument("simulator", choices=SIMULATORS, nargs="?")
 
-    probe = commands.add_parser("probe", help="read a Modbus block and show it decoded in every "
-                                "type and byte order (try: probe modbus --help)", add_help=False)
+    probe = commands.add_parser(
+        "probe",
+        help="read a Modbus block and show it decoded in every "
+        "type and byte order (try: probe modbus --help)",
+        add_help=False,
+    )
     probe.add_argument("protocol", choices=("modbus",), nargs="?")
 
-    browse = commands.add_parser("browse", help="print an OPC UA server's address space "
-                                 "(try: browse opcua --help)", add_help=False)
+    browse = commands.add_parser(
+        "browse",
+        help="print an OPC UA server's address space (try: browse opcua --help)",
+        add_help=False,
+    )
     browse.add_argument("protocol", choices=("opcua",), nargs="?")
 
-    trust = commands.add_parser("trust", help="show an OPC UA server's certificate and trust it "
-                                "on your yes (try: trust opcua --help)", add_help=False)
+    trust = commands.add_parser(
+        "trust",
+        help="show an OPC UA server's certificate and trust it "
+        "on your yes (try: trust opcua --help)",
+        add_help=False,
+    )
     trust.add_argument("protocol", choices=("opcua",), nargs="?")
     doctor = commands.add_parser(
-        "doctor", help="check a peer the gateway relies on: doctor mqtt reads the broker's "
+        "doctor",
+        help="check a peer the gateway relies on: doctor mqtt reads the broker's "
         "$SYS figures (dropped messages, sessions kept) and, with --broker-config, its "
         "queue limit and persistence settings; doctor jetstream reports the hub stream a "
         "jetstream destination publishes to",
@@ -141,37 +183,50 @@ def _parser() -> argparse.ArgumentParser:
         "the gateway's session), read its $SYS tree, and report what it tells of queue limits "
         "and persistence. jetstream: report the hub stream (subjects, replicas, duplicate "
         "window, limits) and warn when the duplicate window is shorter than the outage the "
-        "outbox may buffer. Exit 1 when something needs fixing.")
+        "outbox may buffer. Exit 1 when something needs fixing.",
+    )
     doctor.add_argument("protocol", choices=("mqtt", "jetstream"))
     doctor.add_argument("--config", "-c", required=True, type=Path)
     doctor.add_argument("--driver", help="only the MQTT driver of this name")
-    doctor.add_argument("--broker-config", type=Path,
-                        help="the broker's mosquitto.conf, to check its queue and persistence "
-                        "settings (run on the broker's host)")
-    doctor.add_argument("--wait", default="11s",
-                        help="how long to read $SYS (mosquitto publishes it every sys_interval, "
-                        "10 s by default); default 11s")
+    doctor.add_argument(
+        "--broker-config",
+        type=Path,
+        help="the broker's mosquitto.conf, to check its queue and persistence "
+        "settings (run on the broker's host)",
+    )
+    doctor.add_argument(
+        "--wait",
+        default="11s",
+        help="how long to read $SYS (mosquitto publishes it every sys_interval, "
+        "10 s by default); default 11s",
+    )
 
     demo = commands.add_parser("demo", help="run the simulators and the gateway together")
     demo.add_argument("--config", "-c", type=Path, default=Path("config/demo.yaml"))
 
-    record = commands.add_parser("record", help="capture live samples and MES events to a "
-                                 "JSON lines file (for replay)")
+    record = commands.add_parser(
+        "record", help="capture live samples and MES events to a JSON lines file (for replay)"
+    )
     record.add_argument("--config", "-c", required=True, type=Path)
     record.add_argument("--out", "-o", required=True, type=Path)
     record.add_argument("--duration", help="stop after this long (e.g. 8h); default: Ctrl-C")
-    replay = commands.add_parser("replay", help="run recorded input through the rules offline "
-                                 "and print the events")
+    replay = commands.add_parser(
+        "replay", help="run recorded input through the rules offline and print the events"
+    )
     replay.add_argument("--config", "-c", required=True, type=Path)
     replay.add_argument("--input", "-i", required=True, type=Path)
 
     from edge.cli.outbox import add_outbox_parser
+
     add_outbox_parser(commands)
     from edge.cli.status import add_status_parser
+
     add_status_parser(commands)
     from edge.hub.cli import add_hub_parsers
+
     add_hub_parsers(commands)
     from edge.cli.reconcile import add_reconcile_parser
+
     add_reconcile_parser(commands)
     return parser
 
@@ -202,15 +257,18 @@ def _check(path: Path, *, offline: bool = False) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     for doubt in config_warnings(config):
         print(f"warning: {doubt}", file=sys.stderr)
-    summary = (f"site {config.site}: {_plural(len(config.drivers), 'driver')}, "
-               f"{_plural(len(config.machines), 'machine')}, "
-               f"{_plural(len(config.destinations), 'destination')}")
+    summary = (
+        f"site {config.site}: {_plural(len(config.drivers), 'driver')}, "
+        f"{_plural(len(config.machines), 'machine')}, "
+        f"{_plural(len(config.destinations), 'destination')}"
+    )
     if offline:
-        left = (f"; not resolved, so not checked: {', '.join(unresolved)}" if unresolved
-                else "")
+        left = f"; not resolved, so not checked: {', '.join(unresolved)}" if unresolved else ""
         if not fully_validated(config):
-            left += ("; cross references not checked, as a section with an unresolved "
-                     "reference cannot be built without its value")
+            left += (
+                "; cross references not checked, as a section with an unresolved "
+                "reference cannot be built without its value"
+            )
         print(f"{path}: OK offline ({summary}{left})")
     else:
         print(f"{path}: OK ({summary})")
@@ -245,8 +303,9 @@ def _doctor(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"plantsync doctor: --wait: {exc}", file=sys.stderr)
         return 2
-    brokers = [d for d in config.drivers if isinstance(d, MqttConfig)
-               and args.driver in (None, d.name)]
+    brokers = [
+        d for d in config.drivers if isinstance(d, MqttConfig) and args.driver in (None, d.name)
+    ]
     if not brokers:
         which = f"named {args.driver!r} " if args.driver else ""
         print(f"plantsync doctor: {args.config} has no MQTT driver {which}", file=sys.stderr)
@@ -285,6 +344,7 @@ def _plural(count: int, word: str) -> str:
 
 def _schema(out: Path) -> int:
     from edge.model.schemas import write_schemas
+
     written = write_schemas(out)
     print(f"Wrote {len(written)} JSON Schemas to {out}/")
     return 0
@@ -295,21 +355,27 @@ def _sim(name: str, rest: list[str]) -> int:
     match name:
         case "modbus":
             from simulators import modbus_plc
+
             return modbus_plc.main(rest, prog)
         case "erp":
             from simulators.erp import app as erp
+
             return erp.main(rest, prog)
         case "opcua":
             from simulators import opcua_machine
+
             return opcua_machine.main(rest, prog)
         case "mes":
             from simulators import mes_publisher
+
             return mes_publisher.main(rest)
         case "qms":
             from simulators import qms_api
+
             return qms_api.main(rest, prog)
         case "scenario":
             from simulators import scenario
+
             return scenario.main(rest)
     return 2
 
@@ -345,8 +411,7 @@ async def _serve(config: PlantConfig, path: Path) -> None:
             log.info("Received %s; stopping", signal.Signals(signum).name)
             control.stop()
         else:
-            log.warning("Received %s again; aborting the shutdown",
-                        signal.Signals(signum).name)
+            log.warning("Received %s again; aborting the shutdown", signal.Signals(signum).name)
             main_task.cancel()
 
     def on_reload() -> None:
@@ -387,8 +452,9 @@ def _journal_trust(data_dir: Path, target: str, reason: str) -> None:
     from buffer.outbox import HandAction, journal_hand_action
     from edge.ops.operations import os_user
 
-    journal_hand_action(data_dir / "outbox.db",
-                        HandAction("trust opcua", target, os_user(), reason))
+    journal_hand_action(
+        data_dir / "outbox.db", HandAction("trust opcua", target, os_user(), reason)
+    )
 
 
 if __name__ == "__main__":

@@ -51,34 +51,48 @@ def add_outbox_parser(commands: Any) -> None:
     show.add_argument("id")
     retry = actions.add_parser("retry", help="put dead letters back in line (journalled)")
     retry.add_argument("id", nargs="?", help="the dead letter's event id")
-    retry.add_argument("--all-dead", action="store_true", help="every dead letter (of "
-                       "--destination, if given)")
+    retry.add_argument(
+        "--all-dead", action="store_true", help="every dead letter (of --destination, if given)"
+    )
     retry.add_argument("--destination")
-    retry.add_argument("--reason", help="why, for the hand-action journal (asked for on a "
-                       "terminal when missing)")
+    retry.add_argument(
+        "--reason", help="why, for the hand-action journal (asked for on a terminal when missing)"
+    )
     purge = actions.add_parser("purge-dead", help="delete dead letters for good (journalled)")
     purge.add_argument("id", nargs="?", help="the dead letter's event id")
-    purge.add_argument("--all", action="store_true", help="every dead letter (of "
-                       "--destination, if given); asks for confirmation on a terminal")
+    purge.add_argument(
+        "--all",
+        action="store_true",
+        help="every dead letter (of --destination, if given); asks for confirmation on a terminal",
+    )
     purge.add_argument("--destination")
-    purge.add_argument("--reason", help="why, for the hand-action journal (asked for on a "
-                       "terminal when missing)")
+    purge.add_argument(
+        "--reason", help="why, for the hand-action journal (asked for on a terminal when missing)"
+    )
     journal = actions.add_parser("journal", help="delivered events, for audit")
-    journal.add_argument("--since", default="24h",
-                         help="a duration back from now (24h, 7d) or an ISO time")
+    journal.add_argument(
+        "--since", default="24h", help="a duration back from now (24h, 7d) or an ISO time"
+    )
     journal.add_argument("--limit", type=int, default=1000)
-    rejected = actions.add_parser("rejected", help="input dead letters: messages that could "
-                                  "not be used, with the reason")
+    rejected = actions.add_parser(
+        "rejected", help="input dead letters: messages that could not be used, with the reason"
+    )
     rejected.add_argument("--since", default="24h")
     rejected.add_argument("--limit", type=int, default=100)
-    reingest = actions.add_parser("reingest", help="run an input dead letter through the "
-                                  "current config again, after fixing what rejected it "
-                                  "(journalled)")
+    reingest = actions.add_parser(
+        "reingest",
+        help="run an input dead letter through the "
+        "current config again, after fixing what rejected it "
+        "(journalled)",
+    )
     reingest.add_argument("id", type=int, help="the input dead letter's id (see `rejected`)")
-    reingest.add_argument("--reason", help="why, for the hand-action journal (asked for on a "
-                          "terminal when missing)")
-    hand = actions.add_parser("hand-actions", help="the hand-action journal: every retry and "
-                              "purge by hand, with who and why")
+    reingest.add_argument(
+        "--reason", help="why, for the hand-action journal (asked for on a terminal when missing)"
+    )
+    hand = actions.add_parser(
+        "hand-actions",
+        help="the hand-action journal: every retry and purge by hand, with who and why",
+    )
     hand.add_argument("--since", default="30d")
     hand.add_argument("--limit", type=int, default=1000)
 
@@ -126,7 +140,8 @@ def run_outbox_command(args: argparse.Namespace) -> int:
     else:
         print(_text(operation, result, via))
     failed = (operation == "show" and result is None) or (
-        operation == "reingest" and result["outcome"] != "accepted")
+        operation == "reingest" and result["outcome"] != "accepted"
+    )
     return 1 if failed else 0
 
 
@@ -149,18 +164,23 @@ def _request(operation: Operation, args: argparse.Namespace) -> dict[str, Any] |
         case "retry":
             if bool(args.id) == bool(args.all_dead):
                 raise _Usage("give one EVENT_ID, or --all-dead")
-            request = {"id": args.id, "all_dead": args.all_dead,
-                       "destination": args.destination}
+            request = {"id": args.id, "all_dead": args.all_dead, "destination": args.destination}
             return {**request, "reason": _reason(args.reason)}
         case "purge-dead":
             if bool(args.id) == bool(args.all):
-                raise _Usage("give one EVENT_ID, or --all to delete every dead letter"
-                             + (f" of {args.destination}" if args.destination else ""))
+                raise _Usage(
+                    "give one EVENT_ID, or --all to delete every dead letter"
+                    + (f" of {args.destination}" if args.destination else "")
+                )
             reason = _reason(args.reason)
             if args.all and not _confirmed(args.destination):
                 return None
-            return {"id": args.id, "all": args.all, "destination": args.destination,
-                    "reason": reason}
+            return {
+                "id": args.id,
+                "all": args.all,
+                "destination": args.destination,
+                "reason": reason,
+            }
         case "reingest":
             return {"id": args.id, "reason": _reason(args.reason)}
         case "journal" | "rejected" | "hand-actions":
@@ -178,16 +198,20 @@ def _reason(given: str | None) -> str:
         typed = input("Why? (kept in the hand-action journal): ").strip()
         if typed:
             return typed
-    raise _Usage("say why with --reason '...': every change by hand is journalled with who "
-                 "made it and why")
+    raise _Usage(
+        "say why with --reason '...': every change by hand is journalled with who made it and why"
+    )
 
 
 def _confirmed(destination: str | None) -> bool:
     """Purging every dead letter cannot be undone: on a terminal, the person types yes."""
     if not sys.stdin.isatty():
         return True  # a script that wrote --all meant it
-    which = f"every dead letter of {destination}" if destination else (
-        "every dead letter of every destination")
+    which = (
+        f"every dead letter of {destination}"
+        if destination
+        else ("every dead letter of every destination")
+    )
     answer = input(f"Delete {which} for good? Type yes to go on: ")
     return answer.strip().lower() == "yes"
 
@@ -199,8 +223,9 @@ def _since(text: str) -> float:
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
-            raise ValueError(f"{text!r} is neither a duration (24h, 7d) nor an ISO time "
-                             "(2026-11-29T06:00)") from None
+            raise ValueError(
+                f"{text!r} is neither a duration (24h, 7d) nor an ISO time (2026-11-29T06:00)"
+            ) from None
         if moment.tzinfo is None:
             moment = moment.astimezone()
         return moment.timestamp()
@@ -222,15 +247,18 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds:.1f}s"
 
 
-def table(header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()
-          ) -> list[str]:
+def table(
+    header: list[str], rows: list[list[str]], right: frozenset[int] = frozenset()
+) -> list[str]:
     """Columns as wide as their widest cell, two spaces apart: nothing runs into its
     neighbour, however long a name is. `right` aligns those columns right (numbers)."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
-        cells = [str(cell).rjust(widths[i]) if i in right else str(cell).ljust(widths[i])
-                 for i, cell in enumerate(row)]
+        cells = [
+            str(cell).rjust(widths[i]) if i in right else str(cell).ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
         lines.append("  ".join(cells).rstrip())
     return lines
 
@@ -249,68 +277,125 @@ def _text(operation: Operation, result: Any, via: str) -> str:
         result = printable_data(result)
     match operation:
         case "status":
-            lines += table(["destination", "pending", "retrying", "dead", "oldest"],
-                           [[name, counts["pending"], counts["retrying"], counts["dead"],
-                             format_age(counts["oldest_pending_age"])]
-                            for name, counts in result["destinations"].items()],
-                           right=frozenset({1, 2, 3, 4}))
+            lines += table(
+                ["destination", "pending", "retrying", "dead", "oldest"],
+                [
+                    [
+                        name,
+                        counts["pending"],
+                        counts["retrying"],
+                        counts["dead"],
+                        format_age(counts["oldest_pending_age"]),
+                    ]
+                    for name, counts in result["destinations"].items()
+                ],
+                right=frozenset({1, 2, 3, 4}),
+            )
             if not result["destinations"]:
                 lines.append("(nothing owed to any destination)")
             rejected = result.get("input_dead_letters", {})
-            lines.append(f"input dead letters: {sum(rejected.values())}"
-                         + (f" ({', '.join(f'{k}: {v}' for k, v in rejected.items())}; "
-                            "plantsync outbox rejected)" if rejected else ""))
+            lines.append(
+                f"input dead letters: {sum(rejected.values())}"
+                + (
+                    f" ({', '.join(f'{k}: {v}' for k, v in rejected.items())}; "
+                    "plantsync outbox rejected)"
+                    if rejected
+                    else ""
+                )
+            )
             lines.append(f"outbox uses {result['used_bytes'] / 1e6:.1f} MB")
             if result["back_pressure"]:
                 lines.append(f"BACK-PRESSURE: {result['back_pressure']}")
             if result["recovered_from"]:
-                lines.append(f"ALARM: a damaged database was moved aside: "
-                             f"{result['recovered_from']}")
+                lines.append(
+                    f"ALARM: a damaged database was moved aside: {result['recovered_from']}"
+                )
             if result.get("integrity_problem"):
-                lines.append(f"ALARM: the integrity check failed: {result['integrity_problem']}"
-                             "; the file is moved aside at the next start")
+                lines.append(
+                    f"ALARM: the integrity check failed: {result['integrity_problem']}"
+                    "; the file is moved aside at the next start"
+                )
         case "list":
-            lines += table(["event id", "type", "destination", "key", "attempts", "last error"],
-                           [[row["id"], row["type"], row["destination"], row["partition_key"],
-                             row["attempts"],
-                             f"{row['last_status'] or ''} {row['last_error'] or ''}".strip()]
-                            for row in result], right=frozenset({4}))
+            lines += table(
+                ["event id", "type", "destination", "key", "attempts", "last error"],
+                [
+                    [
+                        row["id"],
+                        row["type"],
+                        row["destination"],
+                        row["partition_key"],
+                        row["attempts"],
+                        f"{row['last_status'] or ''} {row['last_error'] or ''}".strip(),
+                    ]
+                    for row in result
+                ],
+                right=frozenset({4}),
+            )
             if not result:
                 lines = ["(none)"]
         case "show":
             lines += _show(result)
         case "retry":
-            lines.append(f"{result['retried']} dead letter(s) put back in line "
-                         "(journalled: plantsync outbox hand-actions)")
+            lines.append(
+                f"{result['retried']} dead letter(s) put back in line "
+                "(journalled: plantsync outbox hand-actions)"
+            )
         case "purge-dead":
-            lines.append(f"{result['purged']} dead letter(s) deleted "
-                         "(journalled: plantsync outbox hand-actions)")
+            lines.append(
+                f"{result['purged']} dead letter(s) deleted "
+                "(journalled: plantsync outbox hand-actions)"
+            )
         case "journal":
-            lines += table(["delivered", "event id", "type", "destination", "status",
-                            "attempts", "reference"],
-                           [[local_time(row["delivered_at"]), row["event_id"],
-                             row["event_type"], row["destination"], row["status"],
-                             row["attempts"], row["reference"] or "-"] for row in result])
+            lines += table(
+                ["delivered", "event id", "type", "destination", "status", "attempts", "reference"],
+                [
+                    [
+                        local_time(row["delivered_at"]),
+                        row["event_id"],
+                        row["event_type"],
+                        row["destination"],
+                        row["status"],
+                        row["attempts"],
+                        row["reference"] or "-",
+                    ]
+                    for row in result
+                ],
+            )
             if not result:
                 lines = ["(nothing delivered in that window)"]
         case "rejected":
             for row in result:
-                lines.append(f"#{row['id']}  {local_time(row['received_at'])}  {row['source']}  "
-                             f"{row['topic']}  message {row.get('message_id') or '-'}: "
-                             f"{row['reason']}\n    payload: {row['payload'][:200]}")
+                lines.append(
+                    f"#{row['id']}  {local_time(row['received_at'])}  {row['source']}  "
+                    f"{row['topic']}  message {row.get('message_id') or '-'}: "
+                    f"{row['reason']}\n    payload: {row['payload'][:200]}"
+                )
             if not result:
                 lines.append("(no rejected input in that window)")
         case "reingest":
-            lines.append(f"input dead letter #{result['id']} (MES message "
-                         f"{result['message_id'] or '-'}): {result['outcome']}")
+            lines.append(
+                f"input dead letter #{result['id']} (MES message "
+                f"{result['message_id'] or '-'}): {result['outcome']}"
+            )
             if result.get("reason"):
                 lines.append(f"    {result['reason']}")
             lines += [f"    event {event_id}" for event_id in result["events"]]
         case "hand-actions":
-            lines += table(["when", "action", "affected", "what", "who", "why"],
-                           [[local_time(row["at"]), row["action"], row["affected"],
-                             row["target"], row["who"], row["reason"]] for row in result],
-                           right=frozenset({2}))
+            lines += table(
+                ["when", "action", "affected", "what", "who", "why"],
+                [
+                    [
+                        local_time(row["at"]),
+                        row["action"],
+                        row["affected"],
+                        row["target"],
+                        row["who"],
+                        row["reason"],
+                    ]
+                    for row in result
+                ],
+                right=frozenset({2}),
+            )
             if not result:
                 lines = ["(no hand actions in that window)"]
     lines.append(f"(from the {'running daemon' if via == 'daemon' else 'database directly'})")
@@ -323,27 +408,38 @@ def _show(raw: dict[str, Any] | None) -> list[str]:
     found = printable_data({key: value for key, value in raw.items() if key != "payload"})
     lines = [f"event        {found['id']}"]
     if "type" in found:
-        lines += [f"type         {found['type']}", f"key          {found['partition_key']}",
-                  f"committed    {local_time(found['created_at'])}"]
+        lines += [
+            f"type         {found['type']}",
+            f"key          {found['partition_key']}",
+            f"committed    {local_time(found['created_at'])}",
+        ]
     for delivery in found["deliveries"]:
         state = delivery["state"]
-        detail = (f"dead since {local_time(delivery['dead_at'])}" if state == "dead" else
-                  f"next attempt {local_time(delivery['next_attempt_at']) or 'now'}")
+        detail = (
+            f"dead since {local_time(delivery['dead_at'])}"
+            if state == "dead"
+            else f"next attempt {local_time(delivery['next_attempt_at']) or 'now'}"
+        )
         error = f"{delivery['last_status'] or ''} {delivery['last_error'] or ''}".strip()
-        lines.append(f"delivery     {delivery['destination']}: {state}, "
-                     f"{delivery['attempts']} attempt(s), {detail}"
-                     + (f"; last: {error}" if error else ""))
+        lines.append(
+            f"delivery     {delivery['destination']}: {state}, "
+            f"{delivery['attempts']} attempt(s), {detail}" + (f"; last: {error}" if error else "")
+        )
     for row in found["journal"]:
-        lines.append(f"delivered    {row['destination']}: {local_time(row['delivered_at'])}, "
-                     f"HTTP {row['status']}, {row['attempts']} attempt(s), "
-                     f"ref {row['reference'] or '-'}")
+        lines.append(
+            f"delivered    {row['destination']}: {local_time(row['delivered_at'])}, "
+            f"HTTP {row['status']}, {row['attempts']} attempt(s), "
+            f"ref {row['reference'] or '-'}"
+        )
     if "payload" in raw:
         lines.append("payload")
         if isinstance(raw["payload"], str):  # not JSON: shown as text
             lines.append(f"  {printable(raw['payload'])}")
         else:  # JSON escapes control characters and, ASCII-only, every bidi one too
-            lines += ["  " + line for line in json.dumps(raw["payload"], indent=2,
-                                                          ensure_ascii=True).splitlines()]
+            lines += [
+                "  " + line
+                for line in json.dumps(raw["payload"], indent=2, ensure_ascii=True).splitlines()
+            ]
     else:
         lines.append("payload      (delivered everywhere: only the journal keeps its trace)")
     return lines

@@ -30,15 +30,20 @@ from edge.ops.terminal import printable, printable_data
 
 def add_reconcile_parser(commands: Any) -> None:
     command = commands.add_parser(
-        "reconcile", help="compare, per order, what the gateway confirmed with what ERP holds, "
+        "reconcile",
+        help="compare, per order, what the gateway confirmed with what ERP holds, "
         "what MES reported and each lot's QMS disposition with ERP's stock; exit 1 on any "
-        "mismatch")
+        "mismatch",
+    )
     command.add_argument("--config", "-c", required=True, type=Path)
     which = command.add_mutually_exclusive_group()
-    which.add_argument("--order", action="append", metavar="ID",
-                       help="this order (again for more)")
-    which.add_argument("--since", default="24h", metavar="DURATION",
-                       help="orders that ended within this long (default 24h)")
+    which.add_argument("--order", action="append", metavar="ID", help="this order (again for more)")
+    which.add_argument(
+        "--since",
+        default="24h",
+        metavar="DURATION",
+        help="orders that ended within this long (default 24h)",
+    )
     command.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
@@ -69,10 +74,8 @@ def run_reconcile_command(args: argparse.Namespace) -> int:
         outbox_db.close()
     secrets = secret_values(config)
     if args.json:
-        print(json.dumps(printable_data(scrub(result.as_json(), secrets)), indent=2,
-                         default=str))
+        print(json.dumps(printable_data(scrub(result.as_json(), secrets)), indent=2, default=str))
     else:
         # ERP's texts come from outside: shown with their control characters escaped.
-        print("\n".join(printable(line) for line in
-                        scrub(render(result), secrets).splitlines()))
+        print("\n".join(printable(line) for line in scrub(render(result), secrets).splitlines()))
     return 1 if result.mismatches or result.failed else 0

@@ -82,16 +82,26 @@ def parse_line(entry: dict[str, Any]) -> Reading | None:
         return Sample(driver, tag, value, at, Quality(entry.get("quality", "good")))
     if "mes" in entry:
         mes = entry["mes"]
-        return MesMessage(mes.get("driver", "mes"), mes.get("topic", ""), mes["kind"],
-                          mes.get("fields", {}), str(mes["message_id"]), at)
+        return MesMessage(
+            mes.get("driver", "mes"),
+            mes.get("topic", ""),
+            mes["kind"],
+            mes.get("fields", {}),
+            str(mes["message_id"]),
+            at,
+        )
     if "device_restart" in entry:
         restart = entry["device_restart"]
         return DeviceRestarted(str(restart["driver"]), at, str(restart.get("reason", "")))
     if "rejected" in entry:
         rejected = entry["rejected"]
-        return RejectedMessage(rejected.get("driver", "mes"), rejected.get("topic", ""),
-                               str(rejected.get("payload", "")).encode(), rejected["reason"],
-                               at)
+        return RejectedMessage(
+            rejected.get("driver", "mes"),
+            rejected.get("topic", ""),
+            str(rejected.get("payload", "")).encode(),
+            rejected["reason"],
+            at,
+        )
     return None
 
 
@@ -100,40 +110,61 @@ def reading_line(reading: Reading) -> dict[str, Any]:
         case Sample():
             # JSON has no NaN or infinity: null, with the name of what the device sent.
             value, nonfinite = json_value(reading.value)
-            line = {"t": reading.source_time, "signal": reading.signal, "value": value,
-                    "quality": str(reading.quality)}
+            line = {
+                "t": reading.source_time,
+                "signal": reading.signal,
+                "value": value,
+                "quality": str(reading.quality),
+            }
             if nonfinite is not None:
                 line["nonfinite"] = nonfinite
             return line
         case MesMessage():
-            return {"t": reading.received_at, "mes": {
-                "driver": reading.driver, "topic": reading.topic, "kind": reading.kind,
-                "message_id": reading.message_id, "fields": reading.fields}}
+            return {
+                "t": reading.received_at,
+                "mes": {
+                    "driver": reading.driver,
+                    "topic": reading.topic,
+                    "kind": reading.kind,
+                    "message_id": reading.message_id,
+                    "fields": reading.fields,
+                },
+            }
         case DeviceRestarted():
-            return {"t": reading.source_time, "device_restart": {
-                "driver": reading.driver, "reason": reading.reason}}
+            return {
+                "t": reading.source_time,
+                "device_restart": {"driver": reading.driver, "reason": reading.reason},
+            }
         case RejectedMessage():
-            return {"t": reading.received_at, "rejected": {
-                "driver": reading.driver, "topic": reading.topic, "reason": reading.reason,
-                "payload": reading.payload.decode(errors="replace")}}
+            return {
+                "t": reading.received_at,
+                "rejected": {
+                    "driver": reading.driver,
+                    "topic": reading.topic,
+                    "reason": reading.reason,
+                    "payload": reading.payload.decode(errors="replace"),
+                },
+            }
 
 
-async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: Path
-                 ) -> list[dict[str, Any]]:
+async def replay(
+    config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: Path
+) -> list[dict[str, Any]]:
     """Run input lines through the rules; return what was committed, in commit order: each
     event's CloudEvent JSON, and `{"rejected": ...}` for each rejected input."""
     output: list[dict[str, Any]] = []
 
     def observe(events: Sequence[CloudEvent], rejected: Sequence[RejectedInput]) -> None:
         output.extend(json.loads(event.to_json()) for event in events)
-        output.extend({"rejected": {"source": r.source, "topic": r.topic, "reason": r.reason}}
-                      for r in rejected)
+        output.extend(
+            {"rejected": {"source": r.source, "topic": r.topic, "reason": r.reason}}
+            for r in rejected
+        )
 
     async with Outbox.open(scratch / "replay-outbox.db") as outbox:
         # A fixed epoch: the same input gives the same ids on every replay (a scratch outbox
         # would otherwise give new ones each time).
-        pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
-                            epoch=OFFLINE_EPOCH)
+        pipeline = Pipeline(config, outbox, await outbox.load_state(), observe, epoch=OFFLINE_EPOCH)
         for entry in lines:
             if entry.get("restart") or entry.get("crash"):
                 if entry.get("crash") and (reading := parse_line(entry)) is not None:
@@ -142,8 +173,9 @@ async def replay(config: PlantConfig, lines: Iterable[dict[str, Any]], scratch: 
                         await pipeline.on_readings([reading])
                 elif entry.get("restart"):
                     await pipeline.flush()
-                pipeline = Pipeline(config, outbox, await outbox.load_state(), observe,
-                                    epoch=OFFLINE_EPOCH)
+                pipeline = Pipeline(
+                    config, outbox, await outbox.load_state(), observe, epoch=OFFLINE_EPOCH
+                )
                 continue
             reading = parse_line(entry)
             if reading is not None:
@@ -192,8 +224,9 @@ async def _record(config: PlantConfig, out: IO[str], duration: float | None) -> 
     async def write(readings: Sequence[Reading]) -> None:
         nonlocal written
         for reading in readings:
-            out.write(json.dumps(finite_json(reading_line(reading)), default=str,
-                                 allow_nan=False) + "\n")
+            out.write(
+                json.dumps(finite_json(reading_line(reading)), default=str, allow_nan=False) + "\n"
+            )
         out.flush()
         written += len(readings)
 
@@ -209,8 +242,7 @@ async def _record(config: PlantConfig, out: IO[str], duration: float | None) -> 
             await asyncio.wait_for(asyncio.shield(waiting), duration)
         for task in [*tasks, waiting]:
             task.cancel()
-    print(f"Recorded {written} reading(s) in {time.monotonic() - started:.0f}s",
-          file=sys.stderr)
+    print(f"Recorded {written} reading(s) in {time.monotonic() - started:.0f}s", file=sys.stderr)
 
 
 def _for_recording(driver: DriverConfig) -> DriverConfig:
@@ -218,8 +250,9 @@ def _for_recording(driver: DriverConfig) -> DriverConfig:
     own client id and a session that does not persist (no stolen or piled-up messages)."""
     match driver:
         case MqttConfig():
-            return driver.model_copy(update={"client_id": f"{driver.client_id}-record",
-                                             "persistent_session": False})
+            return driver.model_copy(
+                update={"client_id": f"{driver.client_id}-record", "persistent_session": False}
+            )
     return driver
 
 
@@ -227,4 +260,3 @@ def run_record(config: PlantConfig, out_path: Path, duration: float | None) -> i
     with out_path.open("a") as out:
         asyncio.run(_record(config, out, duration))
     return 0
-

@@ -47,9 +47,12 @@ Source = Literal["daemon", "database"]
 
 
 def add_status_parser(commands: Any) -> None:
-    status = commands.add_parser("status", help="drivers, machines, outbox and recent dead "
-                                 "letters on one screen (from the daemon, or the database "
-                                 "when it is down)")
+    status = commands.add_parser(
+        "status",
+        help="drivers, machines, outbox and recent dead "
+        "letters on one screen (from the daemon, or the database "
+        "when it is down)",
+    )
     status.add_argument("--config", "-c", required=True, type=Path)
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -67,8 +70,11 @@ def run_status_command(args: argparse.Namespace) -> int:
         return 1
     report = scrub(report, shown_secrets(args.config, access))
     if args.json:
-        print(json.dumps(finite_json({**report, "source": source}), indent=2, default=str,
-                         allow_nan=False))
+        print(
+            json.dumps(
+                finite_json({**report, "source": source}), indent=2, default=str, allow_nan=False
+            )
+        )
     else:
         print(render(printable_data(report), source))
     return 0
@@ -85,16 +91,20 @@ async def gather(access: LocalAccess, path: Path) -> tuple[dict[str, Any], Sourc
     except httpx.ConnectError:
         return await from_database(access, path), "database"
     if response.status_code != 200:
-        raise DaemonRefused(response.status_code,
-                            f"the daemon answered {response.status_code}: {response.text}")
+        raise DaemonRefused(
+            response.status_code, f"the daemon answered {response.status_code}: {response.text}"
+        )
     report: dict[str, Any] = response.json()
     # The outbox's own counts, read after /status, match the dead letters listed below them.
     live, _ = await call(access, "status", {})
     nothing_owed = vars(DestinationCounts())
-    for name, counts in {**{name: nothing_owed for name in report["destinations"]},
-                         **live["destinations"]}.items():
+    for name, counts in {
+        **{name: nothing_owed for name in report["destinations"]},
+        **live["destinations"],
+    }.items():
         shown = report["destinations"].get(name) or report.setdefault(
-            "unconfigured_destinations", {}).setdefault(name, {})
+            "unconfigured_destinations", {}
+        ).setdefault(name, {})
         shown.update(counts)
     dead, _ = await call(access, "list", {"state": "dead", "limit": 1000})
     report["dead_letters"] = dead
@@ -123,18 +133,23 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
         rules = machine_rules(config, await outbox.load_state()) if config else []
         counts = await outbox.counts()
         facts = GatewayFacts(
-            site=access.site, phase=STOPPED,
+            site=access.site,
+            phase=STOPPED,
             ready_max_backlog_age=access.api.ready_max_backlog_age,
             drivers=[DriverFacts(d.name) for d in (config.drivers if config else [])],
             # Without a config, every destination the outbox holds events for is shown.
-            destinations=[DestinationFacts(name) for name in
-                          (config.destinations if config else sorted(counts))],
+            destinations=[
+                DestinationFacts(name)
+                for name in (config.destinations if config else sorted(counts))
+            ],
             counts=counts,
-            outbox=OutboxFacts(back_pressure=outbox.back_pressure,
-                               used_bytes=outbox.used_bytes,
-                               max_bytes=int(config.outbox.max_size) if config else None,
-                               recovered_from=outbox.recovered_from,
-                               integrity_problem=outbox.integrity_problem),
+            outbox=OutboxFacts(
+                back_pressure=outbox.back_pressure,
+                used_bytes=outbox.used_bytes,
+                max_bytes=int(config.outbox.max_size) if config else None,
+                recovered_from=outbox.recovered_from,
+                integrity_problem=outbox.integrity_problem,
+            ),
             configured_destinations=frozenset(config.destinations) if config else None,
             input_dead_letters=await outbox.rejected_count(),
             machines=[machine_status(rule) for rule in rules],
@@ -142,7 +157,9 @@ async def from_database(access: LocalAccess, path: Path) -> dict[str, Any]:
         )
         return {
             **status_report(facts),
-            "config_note": None if config else "the config does not load here (plantsync "
+            "config_note": None
+            if config
+            else "the config does not load here (plantsync "
             "check --config FILE says why): drivers and machines are not shown",
             "dead_letters": await outbox.deliveries(state="dead", limit=1000),
             "rejected": await outbox.rejected_inputs(0.0, limit=RECENT_DEAD),
@@ -174,7 +191,7 @@ def _short(text: str | None, width: int = 60) -> str:
     if not text:
         return "-"
     text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def render(report: dict[str, Any], source: Source) -> str:
@@ -183,11 +200,15 @@ def render(report: dict[str, Any], source: Source) -> str:
     if source == "daemon":
         state = "READY" if report.get("ready", True) else "NOT READY"
         uptime = format_age(report.get("uptime_seconds"))
-        lines.append(f"PlantSync Edge, site {site}: {report.get('phase', 'running')} "
-                     f"for {uptime}, {state}  (from the running daemon)")
+        lines.append(
+            f"PlantSync Edge, site {site}: {report.get('phase', 'running')} "
+            f"for {uptime}, {state}  (from the running daemon)"
+        )
     else:
-        lines.append(f"PlantSync Edge, site {site}: the daemon is not answering  "
-                     "(from the database directly)")
+        lines.append(
+            f"PlantSync Edge, site {site}: the daemon is not answering  "
+            "(from the database directly)"
+        )
     if source == "daemon":  # from the database, the header says the daemon is not running
         lines += [f"  not ready: {reason}" for reason in report.get("not_ready_reasons", [])]
     lines += [f"  note: {note}" for note in report.get("degraded", [])]
@@ -198,25 +219,46 @@ def render(report: dict[str, Any], source: Source) -> str:
         lines.append(f"  note: {report['config_note']}")
 
     lines.append("")
-    lines += table(["DRIVERS", "connected", "last sample", "errors", "last error"],
-                   [[driver["name"], {True: "yes", False: "NO", None: "?"}[driver["connected"]],
-                     format_age(driver["last_sample_age"]), _cell(driver["errors"], "?"),
-                     _short(driver["last_error"])] for driver in report["drivers"]],
-                   right=frozenset({2, 3}))
+    lines += table(
+        ["DRIVERS", "connected", "last sample", "errors", "last error"],
+        [
+            [
+                driver["name"],
+                {True: "yes", False: "NO", None: "?"}[driver["connected"]],
+                format_age(driver["last_sample_age"]),
+                _cell(driver["errors"], "?"),
+                _short(driver["last_error"]),
+            ]
+            for driver in report["drivers"]
+        ],
+        right=frozenset({2, 3}),
+    )
     if not report["drivers"]:
         lines.append("(no drivers configured)")
 
     lines.append("")
     rows = []
     for machine in report["machines"]:
-        order = (f"{machine['order_id']}/{machine['operation']}" if machine["order_id"]
-                 else "(no order)")
-        rows.append([machine["id"], order, _cell(machine.get("lot_id")),
-                     _cell(machine["state"]), machine["good_total"], machine["scrap_total"],
-                     machine["good_pending"] + machine["scrap_pending"],
-                     machine["unassigned"] + machine["unassigned_scrap"]])
-    lines += table(["MACHINES", "order/op", "lot", "state", "good", "scrap", "pending",
-                    "unassigned"], rows, right=frozenset({4, 5, 6, 7}))
+        order = (
+            f"{machine['order_id']}/{machine['operation']}" if machine["order_id"] else "(no order)"
+        )
+        rows.append(
+            [
+                machine["id"],
+                order,
+                _cell(machine.get("lot_id")),
+                _cell(machine["state"]),
+                machine["good_total"],
+                machine["scrap_total"],
+                machine["good_pending"] + machine["scrap_pending"],
+                machine["unassigned"] + machine["unassigned_scrap"],
+            ]
+        )
+    lines += table(
+        ["MACHINES", "order/op", "lot", "state", "good", "scrap", "pending", "unassigned"],
+        rows,
+        right=frozenset({4, 5, 6, 7}),
+    )
     if not report["machines"]:
         lines.append("(no machines configured)")
 
@@ -230,41 +272,92 @@ def render(report: dict[str, Any], source: Source) -> str:
                 reach = "NOT CONFIGURED: kept until it is"
         else:
             reach = "?"
-        rows.append([name, counts["pending"], counts["retrying"], counts["dead"],
-                     format_age(counts["oldest_pending_age"]), reach])
-    lines += table(["OUTBOX", "pending", "retrying", "dead", "oldest", "destination"], rows,
-                   right=frozenset({1, 2, 3, 4}))
+        rows.append(
+            [
+                name,
+                counts["pending"],
+                counts["retrying"],
+                counts["dead"],
+                format_age(counts["oldest_pending_age"]),
+                reach,
+            ]
+        )
+    lines += table(
+        ["OUTBOX", "pending", "retrying", "dead", "oldest", "destination"],
+        rows,
+        right=frozenset({1, 2, 3, 4}),
+    )
     if not destinations:
         lines.append("(nothing owed to any destination)")
 
     dead = report.get("dead_letters", [])
-    lines += ["", f"RECENT DEAD LETTERS ({len(dead)} in all; "
-                  "plantsync outbox --config FILE show|retry EVENT_ID)"]
-    lines += table(["event id", "type", "destination", "key", "status", "error"],
-                   [[row["id"], row["type"], row["destination"], row["partition_key"],
-                     _cell(row["last_status"]), _short(row["last_error"], 50)]
-                    for row in dead[-RECENT_DEAD:]]) if dead else ["(none)"]
+    lines += [
+        "",
+        f"RECENT DEAD LETTERS ({len(dead)} in all; "
+        "plantsync outbox --config FILE show|retry EVENT_ID)",
+    ]
+    lines += (
+        table(
+            ["event id", "type", "destination", "key", "status", "error"],
+            [
+                [
+                    row["id"],
+                    row["type"],
+                    row["destination"],
+                    row["partition_key"],
+                    _cell(row["last_status"]),
+                    _short(row["last_error"], 50),
+                ]
+                for row in dead[-RECENT_DEAD:]
+            ],
+        )
+        if dead
+        else ["(none)"]
+    )
 
     rejected = report.get("input_dead_letters", {})
-    by_source = ", ".join(f"{name}: {count}" for name, count in
-                          rejected.get("by_source", {}).items())
-    lines += ["", f"INPUT DEAD LETTERS ({rejected.get('count', 0)} in all"
-                  + (f": {by_source}" if by_source else "")
-                  + "; plantsync outbox --config FILE rejected)"]
+    by_source = ", ".join(
+        f"{name}: {count}" for name, count in rejected.get("by_source", {}).items()
+    )
+    lines += [
+        "",
+        f"INPUT DEAD LETTERS ({rejected.get('count', 0)} in all"
+        + (f": {by_source}" if by_source else "")
+        + "; plantsync outbox --config FILE rejected)",
+    ]
     recent = report.get("rejected", [])
-    lines += [f"{local_time(row['received_at'])}  {row['source']}  {row['topic']}: "
-              f"{_short(row['reason'], 80)}" for row in recent] or ["(none)"]
+    lines += [
+        f"{local_time(row['received_at'])}  {row['source']}  {row['topic']}: "
+        f"{_short(row['reason'], 80)}"
+        for row in recent
+    ] or ["(none)"]
 
     exceptions = report.get("exceptions", [])
     lines += ["", f"OPEN EXCEPTIONS ({len(exceptions)}; GET /exceptions lists open and closed)"]
-    lines += table(["since", "kind", "roles", "subject", "what", "inspect"],
-                   [[local_time(row["raised_at"]), row["kind"], ",".join(row["roles"]) or "-",
-                     _short(row["subject"], 40), _short(row["text"], 60),
-                     _short(row["inspect"], 50)] for row in exceptions]) if exceptions else [
-        "(none)"]
+    lines += (
+        table(
+            ["since", "kind", "roles", "subject", "what", "inspect"],
+            [
+                [
+                    local_time(row["raised_at"]),
+                    row["kind"],
+                    ",".join(row["roles"]) or "-",
+                    _short(row["subject"], 40),
+                    _short(row["text"], 60),
+                    _short(row["inspect"], 50),
+                ]
+                for row in exceptions
+            ],
+        )
+        if exceptions
+        else ["(none)"]
+    )
     if kpis := report.get("kpis"):
-        lines += ["", f"KPIS (ratios over the last {format_age(kpis['window_seconds'])}; "
-                      "latencies since the daemon started)"]
+        lines += [
+            "",
+            f"KPIS (ratios over the last {format_age(kpis['window_seconds'])}; "
+            "latencies since the daemon started)",
+        ]
         lines += [f"  {name}: {value}" for name, value in _kpi_lines(kpis)]
     return "\n".join(lines)
 
@@ -280,22 +373,33 @@ def _mean(figure: dict[str, Any]) -> str:
 
 
 def _kpi_lines(kpis: dict[str, Any]) -> list[tuple[str, str]]:
-    failure = ", ".join(f"{name} {_ratio(share)}" for name, share in
-                        sorted(kpis["integration_failure_ratio"].items())) or "-"
-    by_order = ", ".join(f"{order}: {count}" for order, count in
-                         kpis["manual_interventions_by_order"].items())
+    failure = (
+        ", ".join(
+            f"{name} {_ratio(share)}"
+            for name, share in sorted(kpis["integration_failure_ratio"].items())
+        )
+        or "-"
+    )
+    by_order = ", ".join(
+        f"{order}: {count}" for order, count in kpis["manual_interventions_by_order"].items()
+    )
     return [
-        ("order sync success", f"{_ratio(kpis['order_sync_success_ratio'])} "
-                               f"({kpis['orders_accepted']} of {kpis['orders_released']} "
-                               "released orders accepted by MES)"),
+        (
+            "order sync success",
+            f"{_ratio(kpis['order_sync_success_ratio'])} "
+            f"({kpis['orders_accepted']} of {kpis['orders_released']} "
+            "released orders accepted by MES)",
+        ),
         ("completion posting latency", _mean(kpis["completion_posting_latency"])),
         ("inspection turnaround", _mean(kpis["inspection_turnaround"])),
         ("lot hold to release", _mean(kpis["lot_hold_to_release"])),
         ("genealogy completeness", _ratio(kpis["genealogy_completeness_ratio"])),
         ("reconciliation error rate", _ratio(kpis["reconciliation_error_ratio"])),
         ("integration failure rate", failure),
-        ("manual interventions per cycle",
-         f"{_cell(kpis['manual_interventions_per_cycle'])}"
-         f" ({kpis['manual_interventions']} hand action(s), {kpis['production_cycles']} "
-         f"order(s) ended){'; by order: ' + by_order if by_order else ''}"),
+        (
+            "manual interventions per cycle",
+            f"{_cell(kpis['manual_interventions_per_cycle'])}"
+            f" ({kpis['manual_interventions']} hand action(s), {kpis['production_cycles']} "
+            f"order(s) ended){'; by order: ' + by_order if by_order else ''}",
+        ),
     ]

@@ -17,8 +17,10 @@ class Strict(BaseModel):
 class CircuitBreaker(Strict):
     failures: int = Field(5, ge=1, description="Consecutive failed attempts that open it.")
     open_for: Duration = Field(
-        30.0, description="How long it stays open (no requests) before one probe is let "
-        "through; the probe's success closes it.")
+        30.0,
+        description="How long it stays open (no requests) before one probe is let "
+        "through; the probe's success closes it.",
+    )
 
 
 class RetryPolicy(Strict):

@@ -20,8 +20,7 @@ _ENV_REF = re.compile(r"\$\{(?:(cred|file):([^}]+)|([A-Za-z_][A-Za-z0-9_]*)(?::-
 class Document:
     """YAML turned into plain data, remembering the line of each key and list item."""
 
-    def __init__(self, text: str, environ: Mapping[str, str], *, offline: bool = False
-                 ) -> None:
+    def __init__(self, text: str, environ: Mapping[str, str], *, offline: bool = False) -> None:
         self.lines: dict[Loc, int] = {}
         self.problems: list[Problem] = []
         self.unresolved: dict[Loc, list[str]] = {}
@@ -40,9 +39,14 @@ class Document:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     child = (*loc, "<<")
                     self.lines[child] = key_node.start_mark.line + 1
-                    self.problems.append(Problem(child, "YAML merge keys (<<: *name) are not "
-                                                  "supported: write the settings out in full "
-                                                  "(an anchor may still stand for a whole value)"))
+                    self.problems.append(
+                        Problem(
+                            child,
+                            "YAML merge keys (<<: *name) are not "
+                            "supported: write the settings out in full "
+                            "(an anchor may still stand for a whole value)",
+                        )
+                    )
                     continue
                 key = str(self._scalars.construct_object(key_node))
                 child = (*loc, key)
@@ -90,8 +94,13 @@ class Document:
         if kind == "cred":
             directory = self._environ.get("CREDENTIALS_DIRECTORY")
             if not directory:
-                self.problems.append(Problem(loc, f"${{cred:{where}}} needs systemd's "
-                                                   "CREDENTIALS_DIRECTORY (LoadCredential=)"))
+                self.problems.append(
+                    Problem(
+                        loc,
+                        f"${{cred:{where}}} needs systemd's "
+                        "CREDENTIALS_DIRECTORY (LoadCredential=)",
+                    )
+                )
                 return ""
             path = Path(directory) / where
         else:
@@ -99,8 +108,9 @@ class Document:
         try:
             return path.read_text().rstrip("\n")
         except OSError as exc:
-            self.problems.append(Problem(loc, f"cannot read the secret file {path}: "
-                                               f"{exc.strerror}"))
+            self.problems.append(
+                Problem(loc, f"cannot read the secret file {path}: {exc.strerror}")
+            )
             return ""
 
     def line_of(self, loc: Loc) -> int:
@@ -115,8 +125,9 @@ OFFLINE_PLACEHOLDER = "offline-unresolved"
 """What `check --offline` puts where a `${...}` reference would be resolved."""
 
 
-def read_document(text: str, filename: str, environ: Mapping[str, str], *,
-                   offline: bool) -> Document:
+def read_document(
+    text: str, filename: str, environ: Mapping[str, str], *, offline: bool
+) -> Document:
     """The YAML as a document, or ConfigError with one line: file:line and what to do, in
     plain words rather than the parser's."""
     try:
@@ -129,11 +140,16 @@ def read_document(text: str, filename: str, environ: Mapping[str, str], *,
         position = getattr(exc, "position", None)
         line = text.count("\n", 0, position) + 1 if isinstance(position, int) else 1
         reason = str(getattr(exc, "reason", None) or exc).splitlines()[0]
-        raise ConfigError([f"{filename}:{line}: (file): a character YAML does not allow "
-                           f"({reason}): remove it or put the value in quotes"]) from None
+        raise ConfigError(
+            [
+                f"{filename}:{line}: (file): a character YAML does not allow "
+                f"({reason}): remove it or put the value in quotes"
+            ]
+        ) from None
     except RecursionError:
-        raise ConfigError([f"{filename}:1: (file): anchors nested too deep (an alias that "
-                           "refers to itself?)"]) from None
+        raise ConfigError(
+            [f"{filename}:1: (file): anchors nested too deep (an alias that refers to itself?)"]
+        ) from None
 
 
 _INI_SECTION = re.compile(r"^\s*\[[^\]]+\]\s*$")
@@ -143,25 +159,40 @@ _INI_SETTING = re.compile(r"^\s*[\w.-]+\s*=")
 def _yaml_hint(exc: yaml.MarkedYAMLError, text: str) -> str:
     """What a YAML syntax error most likely means, for someone editing the file by hand."""
     problem = str(exc.problem or "")
-    lines = [line for line in text.splitlines() if line.strip() and not
-             line.lstrip().startswith(("#", ";"))]
+    lines = [
+        line
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith(("#", ";"))
+    ]
     if lines and _INI_SECTION.match(lines[0]) and any(_INI_SETTING.match(x) for x in lines):
-        return ("this looks like an INI file ([section], key = value), but the config is "
-                "YAML (key: value, sections by indentation): start from "
-                "config/plant.example.yaml")
+        return (
+            "this looks like an INI file ([section], key = value), but the config is "
+            "YAML (key: value, sections by indentation): start from "
+            "config/plant.example.yaml"
+        )
     if "'\\t'" in problem or "\t" in problem:
         return "a tab character: YAML indents with spaces only; replace the tab with spaces"
     if "mapping values are not allowed" in problem:
-        return ("a 'key:' where none can start: the line is indented deeper than its "
-                "section's keys, or a value holds ': ' (put such a value in quotes)")
-    if "expected <block end>" in problem or "did not find expected key" in problem or (
-            "expected <block mapping start>" in problem):
-        return ("the indentation does not line up: keys of one section start in the same "
-                "column, list items (- ...) too, with spaces only")
+        return (
+            "a 'key:' where none can start: the line is indented deeper than its "
+            "section's keys, or a value holds ': ' (put such a value in quotes)"
+        )
+    if (
+        "expected <block end>" in problem
+        or "did not find expected key" in problem
+        or ("expected <block mapping start>" in problem)
+    ):
+        return (
+            "the indentation does not line up: keys of one section start in the same "
+            "column, list items (- ...) too, with spaces only"
+        )
     if "end of stream" in problem and "quoted" in str(exc.context or ""):
         start = exc.context_mark.line + 1 if exc.context_mark else None
-        return ("a quote is never closed" + (f" (it opens on line {start})" if start else "")
-                + ": close it, or drop the quotes")
+        return (
+            "a quote is never closed"
+            + (f" (it opens on line {start})" if start else "")
+            + ": close it, or drop the quotes"
+        )
     if "found undefined alias" in problem:
         return f"{problem}: define the anchor (&name) before its use (*name)"
     return f"not valid YAML here ({problem or exc}); compare with config/plant.example.yaml"
@@ -174,11 +205,19 @@ def read_config_text(path: Path) -> str:
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read the config file: {exc.strerror}"]) from None
     if b"\x00" in data:
-        raise ConfigError([f"{path}: (file): not a text file (it holds NUL bytes): is this "
-                           "the config? A plant config is YAML text"])
+        raise ConfigError(
+            [
+                f"{path}: (file): not a text file (it holds NUL bytes): is this "
+                "the config? A plant config is YAML text"
+            ]
+        )
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError([f"{path}:{line}: (file): not UTF-8 text (byte 0x{data[exc.start]:02x}"
-                           "): save the file as UTF-8"]) from None
+        raise ConfigError(
+            [
+                f"{path}:{line}: (file): not UTF-8 text (byte 0x{data[exc.start]:02x}"
+                "): save the file as UTF-8"
+            ]
+        ) from None

@@ -73,12 +73,19 @@ def _model_at(loc: Loc, data: Any) -> type[BaseModel] | None:
         else:  # dict[str, X]
             args = typing.get_args(annotation)
             annotation = args[-1] if args else None
-        node = node.get(part) if isinstance(node, dict) else (
-            node[part] if isinstance(node, list) and isinstance(part, int)
-            and part < len(node) else None)
+        node = (
+            node.get(part)
+            if isinstance(node, dict)
+            else (
+                node[part]
+                if isinstance(node, list) and isinstance(part, int) and part < len(node)
+                else None
+            )
+        )
     annotation = _pick_model(annotation, node)
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) \
-        else None
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
 
 
 def _pick_model(annotation: Any, node: Any) -> Any:
@@ -91,12 +98,13 @@ def _pick_model(annotation: Any, node: Any) -> Any:
         models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
         for model in models:
             tag = model.model_fields.get("type")
-            if tag is not None and isinstance(node, dict) and node.get("type") in typing.get_args(
-                tag.annotation
+            if (
+                tag is not None
+                and isinstance(node, dict)
+                and node.get("type") in typing.get_args(tag.annotation)
             ):
                 return model
-        return models[0] if len(models) == 1 else (members[0] if len(members) == 1
-                                                   else annotation)
+        return models[0] if len(models) == 1 else (members[0] if len(members) == 1 else annotation)
     return annotation
 
 
@@ -120,8 +128,11 @@ def _message(error: Mapping[str, Any], loc: Loc, data: Any) -> str:
         hint = ""
         if model is not None:
             close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else (
-                f" (known keys: {', '.join(model.model_fields)})")
+            hint = (
+                f" (did you mean {close[0]!r}?)"
+                if close
+                else (f" (known keys: {', '.join(model.model_fields)})")
+            )
         return f"unknown key{hint}"
     if kind == "missing":
         return "is required"
@@ -130,14 +141,19 @@ def _message(error: Mapping[str, Any], loc: Loc, data: Any) -> str:
 
 
 def parse_config(
-    text: str, filename: str = "<config>", environ: Mapping[str, str] | None = None, *,
+    text: str,
+    filename: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    *,
     offline: bool = False,
 ) -> PlantConfig:
     """Validate YAML text; raise ConfigError with every problem, one line each. `offline`
     checks everything but the values of `${ENV}`, `${file:...}` and `${cred:...}`, which it
     does not resolve (`plantsync check --offline`, in a shell without the plant's secrets)."""
-    return _validated(read_document(text, filename, os.environ if environ is None
-                                     else environ, offline=offline), filename)
+    return _validated(
+        read_document(text, filename, os.environ if environ is None else environ, offline=offline),
+        filename,
+    )
 
 
 def _validated(document: Document, filename: str) -> PlantConfig:
@@ -153,40 +169,47 @@ def _validated(document: Document, filename: str) -> PlantConfig:
             found = [(_data_loc(document.data, e["loc"]), e) for e in exc.errors()]
             # A section whose `type` is wrong gets that one message, not one per field that
             # the wrong type's model happens to miss.
-            bad_types = {loc[:-1] for loc, e in found
-                         if loc and loc[-1] == "type" and e["type"] == "literal_error"
-                         and _is_type_tag(loc, document.data)}
+            bad_types = {
+                loc[:-1]
+                for loc, e in found
+                if loc
+                and loc[-1] == "type"
+                and e["type"] == "literal_error"
+                and _is_type_tag(loc, document.data)
+            }
             # A mapping with a merge key is missing what the merge would have brought: its
             # one problem is the merge key.
             merged = {p.loc[:-1] for p in document.problems if p.loc[-1:] == ("<<",)}
             for loc, error in found:
-                if any(loc[:len(p)] == p and loc != (*p, "type") for p in bad_types):
+                if any(loc[: len(p)] == p and loc != (*p, "type") for p in bad_types):
                     continue
-                if any(loc[:len(m)] == m for m in merged):
+                if any(loc[: len(m)] == m for m in merged):
                     continue
                 problems.append(Problem(loc, _message(error, loc, document.data)))
     if config is not None:
         problems.extend(cross_check(config))
     if document.unresolved:  # offline: what a reference would give cannot be judged
-        problems = [p for p in problems if not any(
-            p.loc[:len(at)] == at for at in document.unresolved)]
+        problems = [
+            p for p in problems if not any(p.loc[: len(at)] == at for at in document.unresolved)
+        ]
     if problems:
-        lines = sorted(
-            {(document.line_of(p.loc), format_loc(p.loc), p.message) for p in problems}
-        )
+        lines = sorted({(document.line_of(p.loc), format_loc(p.loc), p.message) for p in problems})
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
     if config is None:
         # Offline, a placeholder where a reference stands did not fit its field (a URL, a
         # port): every other setting was checked, but no whole config can be built to
         # cross-check. What the check can still say, it says from the raw settings.
         return PlantConfig.model_construct(**document.data)
-    config._warnings = [f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
-                        for loc, message in [*notices, *doubts(config)]]
+    config._warnings = [
+        f"{filename}:{document.line_of(loc)}: {format_loc(loc)}: {message}"
+        for loc, message in [*notices, *doubts(config)]
+    ]
     return config
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None, *,
-                offline: bool = False) -> PlantConfig:
+def load_config(
+    path: str | Path, environ: Mapping[str, str] | None = None, *, offline: bool = False
+) -> PlantConfig:
     """Read and validate a config file; raise ConfigError naming file, line and field."""
     path = Path(path)
     return parse_config(read_config_text(path), str(path), environ, offline=offline)
@@ -196,19 +219,20 @@ def unresolved_references(path: str | Path) -> list[str]:
     """The `${...}` references an offline check leaves unresolved, in file order."""
     path = Path(path)
     document = read_document(read_config_text(path), str(path), {}, offline=True)
-    found = sorted((document.line_of(loc), ref) for loc, refs in document.unresolved.items()
-                   for ref in refs)
+    found = sorted(
+        (document.line_of(loc), ref) for loc, refs in document.unresolved.items() for ref in refs
+    )
     return [ref for _, ref in found]
 
 
-def load_local_access(path: str | Path, environ: Mapping[str, str] | None = None
-                      ) -> LocalAccess:
+def load_local_access(path: str | Path, environ: Mapping[str, str] | None = None) -> LocalAccess:
     """`api`, `data_dir` and `site` of a config file, whatever the rest holds; ConfigError
     (file:line: field: message) only for problems in those."""
     path = Path(path)
     filename = str(path)
-    document = read_document(read_config_text(path), filename,
-                              os.environ if environ is None else environ, offline=False)
+    document = read_document(
+        read_config_text(path), filename, os.environ if environ is None else environ, offline=False
+    )
     data = document.data if isinstance(document.data, dict) else {}
     used = ("api", "data_dir", "site")
     problems = [p for p in document.problems if p.loc and p.loc[0] in used]
@@ -227,7 +251,6 @@ def load_local_access(path: str | Path, environ: Mapping[str, str] | None = None
             loc = _data_loc(data, error["loc"])
             problems.append(Problem(loc, _message(error, loc, data)))
     if problems or local is None:
-        lines = sorted({(document.line_of(p.loc), format_loc(p.loc), p.message)
-                        for p in problems})
+        lines = sorted({(document.line_of(p.loc), format_loc(p.loc), p.message) for p in problems})
         raise ConfigError([f"{filename}:{line}: {where}: {what}" for line, where, what in lines])
     return LocalAccess(local.api, local.data_dir, local.site)

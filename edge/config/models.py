@@ -38,9 +38,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
 SIGNAL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*\.[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-
-
-
 class ApiConfig(Strict):
     listen: str = Field(
         "127.0.0.1:8470",
@@ -59,14 +56,21 @@ class ApiConfig(Strict):
         "only), where the plantsync CLI on this box finds it; off loopback, set one.",
     )
     max_connections: int = Field(
-        64, ge=4, le=1000, description="Most connections the local API holds at once. At the "
+        64,
+        ge=4,
+        le=1000,
+        description="Most connections the local API holds at once. At the "
         "limit, the connection that has waited longest for its request is closed to make "
         "room, so a flood of idle or slow clients cannot shut out /healthz. Keep it well "
-        "below the file limit (LimitNOFILE= in the unit).")
+        "below the file limit (LimitNOFILE= in the unit).",
+    )
     request_timeout: Duration = Field(
-        10.0, gt=0, description="Longest a client may take to send a whole request (headers "
+        10.0,
+        gt=0,
+        description="Longest a client may take to send a whole request (headers "
         "and body) once connected, or after its previous answer: a slower one is closed "
-        "(408), so trickling clients cannot hold connections open.")
+        "(408), so trickling clients cannot hold connections open.",
+    )
 
     @property
     def host(self) -> str:
@@ -82,8 +86,10 @@ class ApiConfig(Strict):
         return is_loopback_host(self.host)
 
     ready_max_backlog_age: Duration = Field(
-        600.0, description="/readyz says not ready when a destination's oldest pending delivery "
-        "is older than this; a shorter outage is buffering within budget.")
+        600.0,
+        description="/readyz says not ready when a destination's oldest pending delivery "
+        "is older than this; a shorter outage is buffering within budget.",
+    )
 
     @field_validator("token")
     @classmethod
@@ -96,8 +102,9 @@ class ApiConfig(Strict):
             raise ValueError(
                 f"listen {self.listen!r} is not a loopback address, so every call but "
                 "/healthz, /readyz and /metrics needs a token, and none is set: add "
-                "api.token (e.g. token: \"${file:/etc/plantsync/api-token}\" with a long "
-                "random value in that file, mode 0600), or listen on 127.0.0.1")
+                'api.token (e.g. token: "${file:/etc/plantsync/api-token}" with a long '
+                "random value in that file, mode 0600), or listen on 127.0.0.1"
+            )
         return self
 
 
@@ -105,7 +112,8 @@ def is_loopback_host(host: str) -> bool:
     """Lexically: an IP address in the loopback range, or `localhost` (no name lookup: config
     validation does no I/O)."""
     if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(
-            ".localhost"):
+        ".localhost"
+    ):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
@@ -149,9 +157,23 @@ class OrderBinding(Strict):
 
 
 PackMLState = Literal[
-    "Clearing", "Stopped", "Starting", "Idle", "Suspended", "Execute", "Stopping", "Aborting",
-    "Aborted", "Holding", "Held", "Unholding", "Suspending", "Unsuspending", "Resetting",
-    "Completing", "Complete",
+    "Clearing",
+    "Stopped",
+    "Starting",
+    "Idle",
+    "Suspended",
+    "Execute",
+    "Stopping",
+    "Aborting",
+    "Aborted",
+    "Holding",
+    "Held",
+    "Unholding",
+    "Suspending",
+    "Unsuspending",
+    "Resetting",
+    "Completing",
+    "Complete",
 ]
 """PackML (ISA-TR88.00.02) state names; `state_map` maps a vendor's numbers onto them."""
 
@@ -164,35 +186,47 @@ class MachineSignals(Strict):
     `processed` - `good`."""
 
     good: str | None = Field(
-        None, description="`driver.tag` of the accumulating counter of good units.",
-        pattern=SIGNAL_PATTERN, examples=["press-01.good"],
+        None,
+        description="`driver.tag` of the accumulating counter of good units.",
+        pattern=SIGNAL_PATTERN,
+        examples=["press-01.good"],
     )
     processed: str | None = Field(
-        None, description="`driver.tag` of the accumulating counter of every unit processed, "
+        None,
+        description="`driver.tag` of the accumulating counter of every unit processed, "
         "good and defective alike (PackML ProdProcessedCount): yield = processed - defective.",
-        pattern=SIGNAL_PATTERN, examples=["filler-02.processed"],
+        pattern=SIGNAL_PATTERN,
+        examples=["filler-02.processed"],
     )
     defective: str | None = Field(
-        None, description="`driver.tag` of the accumulating counter of defective (scrap) units "
-        "(PackML ProdDefectiveCount).", pattern=SIGNAL_PATTERN,
+        None,
+        description="`driver.tag` of the accumulating counter of defective (scrap) units "
+        "(PackML ProdDefectiveCount).",
+        pattern=SIGNAL_PATTERN,
     )
     state: str | None = Field(
-        None, description="`driver.tag` of the numeric machine state (needs state_map).",
+        None,
+        description="`driver.tag` of the numeric machine state (needs state_map).",
         pattern=SIGNAL_PATTERN,
     )
     stop_reason: str | None = Field(
-        None, description="`driver.tag` of the numeric stop reason code active when the "
-        "machine stops.", pattern=SIGNAL_PATTERN,
+        None,
+        description="`driver.tag` of the numeric stop reason code active when the machine stops.",
+        pattern=SIGNAL_PATTERN,
     )
 
     @model_validator(mode="after")
     def _counts_something(self) -> MachineSignals:
         if self.good is None and self.processed is None:
-            raise ValueError("name the machine's counter: good (good units only) or processed "
-                             "(good and defective units, as PackML's ProdProcessedCount counts)")
+            raise ValueError(
+                "name the machine's counter: good (good units only) or processed "
+                "(good and defective units, as PackML's ProdProcessedCount counts)"
+            )
         if self.good is not None and self.processed is not None and self.defective is not None:
-            raise ValueError("good, processed and defective: name two of them, the third "
-                             "follows (processed = good + defective)")
+            raise ValueError(
+                "good, processed and defective: name two of them, the third "
+                "follows (processed = good + defective)"
+            )
         return self
 
     @property
@@ -204,29 +238,39 @@ class MachineSignals(Strict):
     def counting(self) -> str:
         """How yield and scrap follow from these counters, in words (for `check` and logs)."""
         if self.good is not None:
-            scrap = (f"defective ({self.defective})" if self.defective else
-                     f"processed - good ({self.processed} - {self.good})" if self.processed else
-                     "0 (no defective counter)")
+            scrap = (
+                f"defective ({self.defective})"
+                if self.defective
+                else f"processed - good ({self.processed} - {self.good})"
+                if self.processed
+                else "0 (no defective counter)"
+            )
             return f"yield = good ({self.good}); scrap = {scrap}"
         if self.defective is None:
             return f"yield = processed ({self.processed}); scrap = 0 (no defective counter)"
-        return (f"yield = processed - defective ({self.processed} - {self.defective}); "
-                f"scrap = defective ({self.defective})")
+        return (
+            f"yield = processed - defective ({self.processed} - {self.defective}); "
+            f"scrap = defective ({self.defective})"
+        )
 
     def migration_note(self) -> str | None:
         """For the one combination whose meaning changed when counters were named for what
         they count: `processed` with `defective` used to confirm processed as yield."""
         if self.good is not None or self.processed is None or self.defective is None:
             return None
-        return (f"{self.processed} must count good and defective units, as PackML's "
-                "ProdProcessedCount does. Before counters were named for what they count, "
-                "`processed` meant good units only: if it counts only those, name it `good`")
+        return (
+            f"{self.processed} must count good and defective units, as PackML's "
+            "ProdProcessedCount does. Before counters were named for what they count, "
+            "`processed` meant good units only: if it counts only those, name it `good`"
+        )
 
 
 class ConfirmPolicy(Strict):
     every_units: int | None = Field(
-        100, ge=1, description="Confirm each time this many units have been counted (good "
-        "units; processed units where the machine counts processed)."
+        100,
+        ge=1,
+        description="Confirm each time this many units have been counted (good "
+        "units; processed units where the machine counts processed).",
     )
     every: Duration | None = Field(
         None,
@@ -235,7 +279,8 @@ class ConfirmPolicy(Strict):
         "reports.",
     )
     on_state_change: bool = Field(
-        False, description="Also confirm what is pending whenever the machine state changes.")
+        False, description="Also confirm what is pending whenever the machine state changes."
+    )
     uom: str = Field("C62", description="UN/ECE Rec 20 unit of the counted units.")
 
     @model_validator(mode="after")
@@ -251,24 +296,31 @@ class LimitConfig(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    signal: str = Field(description="`driver.tag` of the process value.",
-                        pattern=SIGNAL_PATTERN)
+    signal: str = Field(description="`driver.tag` of the process value.", pattern=SIGNAL_PATTERN)
     characteristic: str | None = Field(
-        None, description="Inspection characteristic as the QMS knows it (default: signal).")
+        None, description="Inspection characteristic as the QMS knows it (default: signal)."
+    )
     low: float | None = Field(None, description="Lower limit (none if absent).")
     high: float | None = Field(None, description="Upper limit (none if absent).")
-    for_: Duration = Field(0.0, alias="for",
-                           description="How long the value must stay outside before it counts.")
+    for_: Duration = Field(
+        0.0, alias="for", description="How long the value must stay outside before it counts."
+    )
     hysteresis: float = Field(
-        0.0, ge=0, description="An excursion ends only once the value is this far back inside "
-        "the limits, so a value hovering at a limit does not flood the QMS.")
+        0.0,
+        ge=0,
+        description="An excursion ends only once the value is this far back inside "
+        "the limits, so a value hovering at a limit does not flood the QMS.",
+    )
     raise_: Literal["inspection", "nonconformance", "both"] = Field(
-        "inspection", alias="raise", description="What an excursion raises.")
+        "inspection", alias="raise", description="What an excursion raises."
+    )
     uom: str = Field("C62", description="UN/ECE Rec 20 unit of the value (e.g. NEW, CEL, BAR).")
-    defect_code: str = Field("LIMIT", min_length=1, max_length=20,
-                             description="Defect code of the nonconformance.")
+    defect_code: str = Field(
+        "LIMIT", min_length=1, max_length=20, description="Defect code of the nonconformance."
+    )
     severity: Literal["minor", "major", "critical"] = Field(
-        "major", description="Severity of the nonconformance.")
+        "major", description="Severity of the nonconformance."
+    )
 
     @model_validator(mode="after")
     def _some_limit(self) -> LimitConfig:
@@ -296,16 +348,20 @@ class MachineConfig(Strict):
         examples=[{2: "Stopped", 4: "Idle", 6: "Execute", 11: "Held", 17: "Complete"}],
     )
     debounce: Duration = Field(
-        0.0, description="A state must last this long to count; shorter ones are ignored.")
+        0.0, description="A state must last this long to count; shorter ones are ignored."
+    )
     settle: Duration | None = Field(
-        None, description="How long a state change waits for the counters' last readings "
+        None,
+        description="How long a state change waits for the counters' last readings "
         "(OPC UA samples each tag on its own timer, so the count of the last units before "
         "Complete can arrive after Complete): what the counters read meanwhile counts before "
         "the change. Unset: the OPC UA publishing interval plus the counters' sampling "
-        "interval; 0 when one Modbus poll reads the counters with the state.")
+        "interval; 0 when one Modbus poll reads the counters with the state.",
+    )
     stop_reasons: dict[int, str] = Field(
-        default_factory=dict, description="Stop reason codes to text, for interruptions and "
-        "downtime.")
+        default_factory=dict,
+        description="Stop reason codes to text, for interruptions and downtime.",
+    )
     limits: list[LimitConfig] = Field(default_factory=list)
 
 
@@ -330,23 +386,31 @@ class OAuth2ClientCredentials(Strict):
     client_id: str = Field(description="Client id.")
     client_secret: SecretStr = Field(
         description="Client secret; write `${ENV_VAR}` or `${cred:NAME}` (a systemd "
-        "credential), never the secret.")
+        "credential), never the secret."
+    )
     scope: str | None = Field(None, description="Scope to ask for, if the server wants one.")
     refresh_before: Duration = Field(
-        60.0, description="Fetch a new token this long before the current one expires.")
+        60.0, description="Fetch a new token this long before the current one expires."
+    )
     timeout: Duration = Field(10.0, description="Timeout of a token request.")
 
 
-Auth = Annotated[NoAuth | BearerAuth | ApiKeyAuth | OAuth2ClientCredentials,
-                 Field(discriminator="type")]
+Auth = Annotated[
+    NoAuth | BearerAuth | ApiKeyAuth | OAuth2ClientCredentials, Field(discriminator="type")
+]
 
 
 class TlsConfig(Strict):
     verify: bool = Field(
-        True, description="Verify the server's certificate. Turning it off is logged as a "
-        "warning at every start: it lets anyone on the path read and change what is sent.")
-    ca_file: Path | None = Field(None, description="CA bundle to verify the server with "
-                                 "(a plant's own CA), instead of the system's.")
+        True,
+        description="Verify the server's certificate. Turning it off is logged as a "
+        "warning at every start: it lets anyone on the path read and change what is sent.",
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="CA bundle to verify the server with "
+        "(a plant's own CA), instead of the system's.",
+    )
     cert_file: Path | None = Field(None, description="Client certificate, for mutual TLS.")
     key_file: Path | None = Field(None, description="Key of the client certificate.")
 
@@ -366,24 +430,39 @@ class SapUsageDecision(Strict):
 
     code: str = Field(description="InspectionLotUsageDecisionCode, e.g. A.", min_length=1)
     code_group: str = Field(description="InspLotUsageDecisionCodeGroup.", min_length=1)
-    selected_set: str = Field(description="InspLotUsgeDcsnSelectedSet (the plant's selected "
-                              "set of usage decision codes).", min_length=1)
+    selected_set: str = Field(
+        description="InspLotUsgeDcsnSelectedSet (the plant's selected "
+        "set of usage decision codes).",
+        min_length=1,
+    )
     selected_set_plant: str | None = Field(
-        None, min_length=1, description="SelectedCodeSetPlant; default: the event's plant "
-        "(site).")
-    catalog: str = Field("3", min_length=1, description="InspLotUsageDecisionCatalog: the "
-                         "catalog type of usage decisions, 3 in a standard system.")
+        None, min_length=1, description="SelectedCodeSetPlant; default: the event's plant (site)."
+    )
+    catalog: str = Field(
+        "3",
+        min_length=1,
+        description="InspLotUsageDecisionCatalog: the "
+        "catalog type of usage decisions, 3 in a standard system.",
+    )
 
 
 class SapUnit(Strict):
     """How SAP spells one canonical (UN/ECE Rec 20) unit."""
 
-    iso: str | None = Field(None, min_length=1, description="SAP's ISO code of the unit "
-                            "(T006-ISOCODE), sent in ConfirmationUnitISOCode / "
-                            "EntryUnitISOCode; e.g. PCE for piece.")
-    internal: str | None = Field(None, min_length=1, description="SAP's unit as the OData "
-                                 "service takes it in ConfirmationUnit / EntryUnit (T006, "
-                                 "e.g. PC or ST for piece, KG); the plant's ERP decides.")
+    iso: str | None = Field(
+        None,
+        min_length=1,
+        description="SAP's ISO code of the unit "
+        "(T006-ISOCODE), sent in ConfirmationUnitISOCode / "
+        "EntryUnitISOCode; e.g. PCE for piece.",
+    )
+    internal: str | None = Field(
+        None,
+        min_length=1,
+        description="SAP's unit as the OData "
+        "service takes it in ConfirmationUnit / EntryUnit (T006, "
+        "e.g. PC or ST for piece, KG); the plant's ERP decides.",
+    )
 
 
 class SapConfig(Strict):
@@ -391,29 +470,43 @@ class SapConfig(Strict):
     decision codes and where produced goods are received."""
 
     time_zone: str = Field(
-        "UTC", description="The plant's time zone (IANA name, e.g. Europe/Berlin): "
+        "UTC",
+        description="The plant's time zone (IANA name, e.g. Europe/Berlin): "
         "PostingDate is the event's date there, so goods produced before midnight and sent "
-        "after an outage land in the day (and period) they were produced.")
+        "after an outage land in the day (and period) they were produced.",
+    )
     unit_fields: Literal["iso", "internal", "both"] = Field(
-        "iso", description="Which SAP unit fields carry the unit: iso (ConfirmationUnitISOCode, "
+        "iso",
+        description="Which SAP unit fields carry the unit: iso (ConfirmationUnitISOCode, "
         "EntryUnitISOCode; the same on every SAP system), internal (ConfirmationUnit, "
         "EntryUnit; as the plant's T006 spells them), or both. Material documents "
-        "(consumption) have only EntryUnit, so consumed units always need an internal code.")
+        "(consumption) have only EntryUnit, so consumed units always need an internal code.",
+    )
     units: dict[str, SapUnit] = Field(
-        default_factory=dict, description="Canonical Rec 20 unit to SAP unit, on top of the "
-        "defaults (README: destination table): e.g. {C62: {iso: PCE, internal: PC}}.")
+        default_factory=dict,
+        description="Canonical Rec 20 unit to SAP unit, on top of the "
+        "defaults (README: destination table): e.g. {C62: {iso: PCE, internal: PC}}.",
+    )
     usage_decisions: dict[Literal["release", "reject"], SapUsageDecision] = Field(
-        default_factory=dict, description="The usage decision posted for each QMS "
+        default_factory=dict,
+        description="The usage decision posted for each QMS "
         "disposition. Hold is no usage decision in SAP (the lot stays in quality-inspection "
-        "stock): nothing is posted for it.")
+        "stock): nothing is posted for it.",
+    )
     goods_receipt_storage_location: str | None = Field(
-        None, min_length=1, description="StorageLocation of the goods receipt (101) of "
-        "produced lots; none: the order's own receiving location.")
-    order_item: str = Field("0001", pattern=r"^\d{1,4}$",
-                            description="OrderItem the produced lot is received for.")
+        None,
+        min_length=1,
+        description="StorageLocation of the goods receipt (101) of "
+        "produced lots; none: the order's own receiving location.",
+    )
+    order_item: str = Field(
+        "0001", pattern=r"^\d{1,4}$", description="OrderItem the produced lot is received for."
+    )
     consumption: Literal["material_document"] = Field(
-        "material_document", description="How material.consumed is posted: a goods issue "
-        "(GoodsMovementCode 03, movement 261) through API_MATERIAL_DOCUMENT_SRV.")
+        "material_document",
+        description="How material.consumed is posted: a goods issue "
+        "(GoodsMovementCode 03, movement 261) through API_MATERIAL_DOCUMENT_SRV.",
+    )
 
     @field_validator("time_zone")
     @classmethod
@@ -421,57 +514,78 @@ class SapConfig(Strict):
         try:
             zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"{name!r} is not an IANA time zone (e.g. Europe/Berlin, "
-                             "America/Chicago, UTC)") from None
+            raise ValueError(
+                f"{name!r} is not an IANA time zone (e.g. Europe/Berlin, America/Chicago, UTC)"
+            ) from None
         return name
+
 
 PROFILE_EVENT_TYPES: dict[str, frozenset[str] | None] = {
     "canonical": None,  # every type
-    "sap_s4hana": frozenset({"production.confirmation", "material.consumed",
-                             "lot.disposition"}),
-    "qms_rest": frozenset({"inspection.requested", "inspection.result",
-                           "nonconformance.raised"}),
+    "sap_s4hana": frozenset({"production.confirmation", "material.consumed", "lot.disposition"}),
+    "qms_rest": frozenset({"inspection.requested", "inspection.result", "nonconformance.raised"}),
     "jetstream": None,  # the hub takes every type; its relays route them
 }
 """Which event types each profile can map (None: all of them)."""
 
 
 class DestinationConfig(Strict):
-    base_url: str = Field(description="Base URL of the API; for profile jetstream, a NATS "
-                          "server (nats://host:4222, tls://host:4222).",
-                          pattern=r"^(https?|nats|tls)://")
+    base_url: str = Field(
+        description="Base URL of the API; for profile jetstream, a NATS "
+        "server (nats://host:4222, tls://host:4222).",
+        pattern=r"^(https?|nats|tls)://",
+    )
     profile: Profile = Field(
-        "canonical", description="How events are shaped for this target: canonical "
+        "canonical",
+        description="How events are shaped for this target: canonical "
         "(CloudEvents JSON, Idempotency-Key), sap_s4hana (production order confirmation and "
         "usage decision OData services), qms_rest (a generic REST QMS), jetstream (the hub: "
-        "a NATS JetStream stream, README: Beyond one plant).")
-    path: str = Field("/events", description="canonical: path under base_url that takes one "
-                      "event; sap_s4hana and qms_rest know their own paths.")
+        "a NATS JetStream stream, README: Beyond one plant).",
+    )
+    path: str = Field(
+        "/events",
+        description="canonical: path under base_url that takes one "
+        "event; sap_s4hana and qms_rest know their own paths.",
+    )
     batch_path: str | None = Field(
-        None, description="canonical: path that takes a batch "
-        "(application/cloudevents-batch+json); default: the same as path.")
+        None,
+        description="canonical: path that takes a batch "
+        "(application/cloudevents-batch+json); default: the same as path.",
+    )
     batch_size: int = Field(
-        1, ge=1, le=1000, description="Events per request where the profile supports "
-        "batches (canonical). Batching is where the throughput is.")
+        1,
+        ge=1,
+        le=1000,
+        description="Events per request where the profile supports "
+        "batches (canonical). Batching is where the throughput is.",
+    )
     timeout: Duration = Field(10.0, description="Timeout of one request.")
     max_in_flight: int = Field(
-        4, ge=1, le=64, description="Requests in flight at once. Keep it small: ERP APIs and "
-        "HTTP clients both degrade with many concurrent requests."
+        4,
+        ge=1,
+        le=64,
+        description="Requests in flight at once. Keep it small: ERP APIs and "
+        "HTTP clients both degrade with many concurrent requests.",
     )
     rate_limit: float | None = Field(
-        None, gt=0, description="Most events per second sent to this target (none: no limit).")
+        None, gt=0, description="Most events per second sent to this target (none: no limit)."
+    )
     http_transport: Literal["aiohttp", "httpcore"] = Field(
-        "aiohttp", description="What carries the requests under httpx's API: aiohttp's "
+        "aiohttp",
+        description="What carries the requests under httpx's API: aiohttp's "
         "connection pool and parser (about twice the requests per second of httpcore on this "
         "gateway's hardware, see the README's benchmarks), or httpx's own httpcore. Behind a "
         "proxy given by HTTPS_PROXY/HTTP_PROXY, choose httpcore: the aiohttp transport does "
-        "not read those variables.")
+        "not read those variables.",
+    )
     auth: Auth = Field(default_factory=NoAuth)
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     allow_insecure: bool = Field(
-        False, description="Accept sending this destination's credentials (token, API key, "
+        False,
+        description="Accept sending this destination's credentials (token, API key, "
         "OAuth client secret) over plain http:// to a host off this box, where anyone on the "
-        "path reads them; warned about at every start. Without it, such a config is refused.")
+        "path reads them; warned about at every start. Without it, such a config is refused.",
+    )
     retry: RetryPolicy = Field(default_factory=RetryPolicy)  # type: ignore[arg-type]
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)  # type: ignore[arg-type]
     sap: SapConfig = Field(default_factory=SapConfig)  # type: ignore[arg-type]
@@ -481,11 +595,15 @@ class DestinationConfig(Strict):
     def _jetstream_url(self) -> DestinationConfig:
         nats = self.base_url.startswith(("nats://", "tls://"))
         if (self.profile == "jetstream") != nats:
-            raise ValueError("profile jetstream takes a nats:// or tls:// base_url, the "
-                             "other profiles an http(s):// one")
+            raise ValueError(
+                "profile jetstream takes a nats:// or tls:// base_url, the "
+                "other profiles an http(s):// one"
+            )
         if self.profile == "jetstream" and not isinstance(self.auth, NoAuth):
-            raise ValueError("a jetstream destination's credentials go under jetstream.auth "
-                             "(token, user_password, creds, nkey)")
+            raise ValueError(
+                "a jetstream destination's credentials go under jetstream.auth "
+                "(token, user_password, creds, nkey)"
+            )
         return self
 
 
@@ -494,29 +612,42 @@ class QualityConfig(Strict):
     them, and the gateway answers "is lot X on hold?" on its local API."""
 
     qms: str | None = Field(
-        None, description="Destination (profile qms_rest) whose dispositions are polled; "
-        "none when dispositions arrive over MQTT only.")
-    poll_interval: Duration = Field(5.0, description="How often the QMS is asked for new "
-                                    "dispositions.")
+        None,
+        description="Destination (profile qms_rest) whose dispositions are polled; "
+        "none when dispositions arrive over MQTT only.",
+    )
+    poll_interval: Duration = Field(
+        5.0, description="How often the QMS is asked for new dispositions."
+    )
     lookup_timeout: Duration = Field(
-        0.5, description="How long GET /lots/{lot_id} waits for the QMS when the gateway does "
-        "not know the lot.")
+        0.5,
+        description="How long GET /lots/{lot_id} waits for the QMS when the gateway does "
+        "not know the lot.",
+    )
     unknown_lot: Literal["hold", "release"] = Field(
-        "hold", description="What GET /lots/{lot_id} answers for a lot nobody knows: hold "
-        "(fail closed) unless you really mean otherwise.")
+        "hold",
+        description="What GET /lots/{lot_id} answers for a lot nobody knows: hold "
+        "(fail closed) unless you really mean otherwise.",
+    )
     inspect_produced_lots: bool = Field(
-        True, description="Each produced lot raises inspection.requested (lot_completed) and "
-        "is on hold until its disposition arrives.")
+        True,
+        description="Each produced lot raises inspection.requested (lot_completed) and "
+        "is on hold until its disposition arrives.",
+    )
 
 
 class ValidationConfig(Strict):
     require_known_order: bool = Field(
-        True, description="Reject (as an input dead letter) MES consumption and lot events for "
-        "an order no machine has been bound to, instead of posting them.")
+        True,
+        description="Reject (as an input dead letter) MES consumption and lot events for "
+        "an order no machine has been bound to, instead of posting them.",
+    )
     require_released_order: bool = Field(
-        False, description="Reject (as an input dead letter) an MES order.started for an order "
+        False,
+        description="Reject (as an input dead letter) an MES order.started for an order "
         "ERP never released to this gateway, or has ended (cancelled, technically completed, "
-        "closed, deleted) or locked. Needs the orders section.")
+        "closed, deleted) or locked. Needs the orders section.",
+    )
 
 
 class PlantConfig(Strict):
@@ -529,13 +660,17 @@ class PlantConfig(Strict):
     )
     api: ApiConfig = Field(default_factory=ApiConfig)  # type: ignore[arg-type]
     shutdown_timeout: Duration = Field(
-        10.0, description="Longest a stop waits for in-flight deliveries before leaving them "
-        "in the outbox for the next start.")
+        10.0,
+        description="Longest a stop waits for in-flight deliveries before leaving them "
+        "in the outbox for the next start.",
+    )
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)  # type: ignore[arg-type]
     validation: ValidationConfig = Field(default_factory=ValidationConfig)  # type: ignore[arg-type]
     quality: QualityConfig = Field(default_factory=QualityConfig)  # type: ignore[arg-type]
-    orders: OrdersConfig | None = Field(None, description="Released orders from ERP to the "
-                                        "MES; none: the gateway does not carry them.")
+    orders: OrdersConfig | None = Field(
+        None,
+        description="Released orders from ERP to the MES; none: the gateway does not carry them.",
+    )
     uom_codes: list[str] = Field(
         default_factory=list,
         description="Units of measure accepted on top of the built-in UN/ECE Rec 20 list.",

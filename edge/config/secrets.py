@@ -49,14 +49,18 @@ def _secrets(value: Any, loc: Loc) -> Iterator[tuple[Loc, SecretStr]]:
 
 def secret_values(config: PlantConfig) -> set[str]:
     """Every secret value the config holds (long enough to be told apart from plain words)."""
-    return {secret.get_secret_value() for _, secret in _secrets(config, ())
-            if len(secret.get_secret_value()) >= MIN_REDACTED_LENGTH}
+    return {
+        secret.get_secret_value()
+        for _, secret in _secrets(config, ())
+        if len(secret.get_secret_value()) >= MIN_REDACTED_LENGTH
+    }
 
 
 def _raw_at(data: Any, loc: Loc) -> Any:
     for part in loc:
         found = (isinstance(data, dict) and part in data) or (
-            isinstance(data, list) and isinstance(part, int) and part < len(data))
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
+        )
         if not found:
             return None
         data = data[part]
@@ -90,16 +94,20 @@ def exposed_secrets(path: Path, config: PlantConfig) -> list[str]:
     if literal:
         warning = _check_mode(path, f"holds secrets written in it ({', '.join(literal)})")
         if warning:
-            warnings.append(warning + "; make it readable by its owner only (chmod 0600), or "
-                            "move the secrets out with ${cred:NAME} (systemd LoadCredential=) "
-                            "or ${ENV_VAR}")
+            warnings.append(
+                warning + "; make it readable by its owner only (chmod 0600), or "
+                "move the secrets out with ${cred:NAME} (systemd LoadCredential=) "
+                "or ${ENV_VAR}"
+            )
     for file, fields in sorted(referenced.items()):
         warning = _check_mode(file, f"holds the secret of {', '.join(fields)}")
         if warning:
             warnings.append(warning + "; make it readable by its owner only (chmod 0600)")
     for loc, what, host in cleartext_secrets(config):  # refused unless allowed: these are
-        warnings.append(f"{format_loc(loc)}: {what} cross the network in cleartext to "
-                        f"{host} (allow_insecure: true); anyone on the path can read them")
+        warnings.append(
+            f"{format_loc(loc)}: {what} cross the network in cleartext to "
+            f"{host} (allow_insecure: true); anyone on the path can read them"
+        )
     return warnings
 
 

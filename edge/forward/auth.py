@@ -66,18 +66,24 @@ class OAuth2Token(Authenticator):
 
     async def _fetch(self, client: httpx.AsyncClient) -> None:
         config = self.config
-        form = {"grant_type": "client_credentials", "client_id": config.client_id,
-                "client_secret": config.client_secret.get_secret_value()}
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": config.client_id,
+            "client_secret": config.client_secret.get_secret_value(),
+        }
         if config.scope:
             form["scope"] = config.scope
         try:
             response = await client.post(config.token_url, data=form, timeout=config.timeout)
         except httpx.HTTPError as exc:
-            raise AuthError(f"token endpoint {config.token_url} unreachable: "
-                            f"{tls_hint(exc)}") from None
+            raise AuthError(
+                f"token endpoint {config.token_url} unreachable: {tls_hint(exc)}"
+            ) from None
         if response.status_code != 200:
-            raise AuthError(f"token endpoint {config.token_url} answered "
-                            f"{response.status_code}: {response.text[:200]}")
+            raise AuthError(
+                f"token endpoint {config.token_url} answered "
+                f"{response.status_code}: {response.text[:200]}"
+            )
         try:
             body = response.json()
             token = str(body["access_token"])

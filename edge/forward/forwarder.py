@@ -104,9 +104,15 @@ class HttpForwarder:
     `sender`, when given, is a non-HTTP destination (the MES order publisher): an async
     context manager that yields its Sender; the engine runs it like a profile."""
 
-    def __init__(self, name: str, config: DestinationConfig | OrdersMesConfig,
-                 outbox: DeliveryQueue, client: httpx.AsyncClient | None = None, *,
-                 sender: contextlib.AbstractAsyncContextManager[Sender] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: DestinationConfig | OrdersMesConfig,
+        outbox: DeliveryQueue,
+        client: httpx.AsyncClient | None = None,
+        *,
+        sender: contextlib.AbstractAsyncContextManager[Sender] | None = None,
+    ) -> None:
         self.name = name
         self.config = config
         self._outbox = outbox
@@ -118,11 +124,16 @@ class HttpForwarder:
         self._bucket = TokenBucket(config.rate_limit) if config.rate_limit else None
         self._open_until = 0.0
         self.profile: Sender | None = None
-        self.health = ForwarderHealth(Availability(
-            name, log, extra={"destination": name},
-            lost_says="Destination {peer} is failing ({reason}); events stay in the outbox and "
-                      "are retried with backoff",
-            back_says="Destination {peer} is delivering again"))
+        self.health = ForwarderHealth(
+            Availability(
+                name,
+                log,
+                extra={"destination": name},
+                lost_says="Destination {peer} is failing ({reason}); events stay in the outbox and "
+                "are retried with backoff",
+                back_says="Destination {peer} is delivering again",
+            )
+        )
 
     async def run(self) -> None:
         async with contextlib.AsyncExitStack() as stack:
@@ -166,13 +177,19 @@ class HttpForwarder:
                 self._wake.clear()
                 self._start_ready(requests, profile, ready)
                 slots = self._free_slots()
-                wanted = slots + (self.config.max_in_flight - len(ready)
-                                  if self.health.circuit is Circuit.CLOSED else 0)
+                wanted = slots + (
+                    self.config.max_in_flight - len(ready)
+                    if self.health.circuit is Circuit.CLOSED
+                    else 0
+                )
                 leased: list[Delivery] = []
                 if wanted > 0:
-                    leased = await self._outbox.lease(self.name, wanted * batch_size,
-                                                      busy_keys=self._busy_keys,
-                                                      per_key=profile.per_key)
+                    leased = await self._outbox.lease(
+                        self.name,
+                        wanted * batch_size,
+                        busy_keys=self._busy_keys,
+                        per_key=profile.per_key,
+                    )
                     for batch in pack_runs(leased, batch_size)[:wanted]:
                         self._busy_keys.update(d.partition_key for d in batch)
                         ready.append(batch)
@@ -185,16 +202,18 @@ class HttpForwarder:
                 self._wake.clear()
                 await self._wake.wait()
 
-    def _start_ready(self, requests: asyncio.TaskGroup, profile: Sender,
-                     ready: collections.deque[list[Delivery]]) -> None:
+    def _start_ready(
+        self, requests: asyncio.TaskGroup, profile: Sender, ready: collections.deque[list[Delivery]]
+    ) -> None:
         """Send leased requests while there are free slots."""
         while ready and self._free_slots() > 0:
             batch = ready.popleft()
             self.health.in_flight += 1
             if self.health.circuit is Circuit.OPEN:
                 self._set_circuit(Circuit.HALF_OPEN)
-            requests.create_task(self._deliver(profile, batch),
-                                 name=f"deliver-{self.name}-{batch[0].event_id}")
+            requests.create_task(
+                self._deliver(profile, batch), name=f"deliver-{self.name}-{batch[0].event_id}"
+            )
 
     def _free_slots(self) -> int:
         if self.health.circuit is Circuit.CLOSED:
@@ -235,8 +254,12 @@ class HttpForwarder:
             self._track(results)
             # All of a request's outcomes in one piece of work: one transaction (shared with
             # other requests' by group commit), one statement per kind of outcome.
-            await self._outbox.settle([self._settlement(delivery, result)
-                                       for delivery, result in zip(batch, results, strict=True)])
+            await self._outbox.settle(
+                [
+                    self._settlement(delivery, result)
+                    for delivery, result in zip(batch, results, strict=True)
+                ]
+            )
             self.health.delivered += sum(r.outcome is Outcome.DELIVERED for r in results)
         finally:
             self._busy_keys.difference_update(d.partition_key for d in batch)
@@ -250,8 +273,9 @@ class HttpForwarder:
         except httpx.HTTPError as exc:
             return [transport_failure(exc, self.config.timeout)] * len(batch)
         if len(results) != len(batch):  # a profile bug must not lose or mislabel events
-            return [Result(Outcome.RETRY, None, "the profile answered for the wrong number of "
-                                                "events")] * len(batch)
+            return [
+                Result(Outcome.RETRY, None, "the profile answered for the wrong number of events")
+            ] * len(batch)
         return results
 
     def _track(self, results: Sequence[Result]) -> None:
@@ -265,7 +289,8 @@ class HttpForwarder:
             self.health.last_error = reason
             breaker = self.config.circuit_breaker
             if self.health.circuit is Circuit.HALF_OPEN or (
-                    self.health.consecutive_failures >= breaker.failures):
+                self.health.consecutive_failures >= breaker.failures
+            ):
                 self._open_until = time.monotonic() + breaker.open_for
                 self._set_circuit(Circuit.OPEN)
             return
@@ -279,35 +304,53 @@ class HttpForwarder:
             return
         previous, self.health.circuit = self.health.circuit, circuit
         if circuit is Circuit.OPEN and previous is Circuit.CLOSED:
-            log.warning("Circuit to %s is open after %d failed requests in a row: nothing is "
-                        "sent for %gs, then one probe", self.name,
-                        self.health.consecutive_failures, self.config.circuit_breaker.open_for,
-                        extra={"destination": self.name})
+            log.warning(
+                "Circuit to %s is open after %d failed requests in a row: nothing is "
+                "sent for %gs, then one probe",
+                self.name,
+                self.health.consecutive_failures,
+                self.config.circuit_breaker.open_for,
+                extra={"destination": self.name},
+            )
         elif circuit is Circuit.CLOSED:
-            log.info("Circuit to %s is closed again", self.name,
-                     extra={"destination": self.name})
+            log.info("Circuit to %s is closed again", self.name, extra={"destination": self.name})
 
     def _settlement(self, delivery: Delivery, result: Result) -> Settlement:
         self.health.attempts += 1
         match result.outcome:
             case Outcome.DELIVERED:
-                return Settlement(delivery, "delivered", result.status,
-                                  reference=result.reference)
+                return Settlement(delivery, "delivered", result.status, reference=result.reference)
             case Outcome.RETRY:
-                backoff = Backoff(base=self.config.retry.base, cap=self.config.retry.cap,
-                                  attempt=delivery.attempts)
+                backoff = Backoff(
+                    base=self.config.retry.base,
+                    cap=self.config.retry.cap,
+                    attempt=delivery.attempts,
+                )
                 # The target said when: believe it (capped). Otherwise back off with jitter.
                 self.health.failed_attempts += 0 if result.not_ready else 1
-                delay = (min(result.retry_after, self.config.retry.cap)
-                         if result.retry_after is not None else backoff.next_delay())
-                return Settlement(delivery, "retry", result.status, retry_at=time.time() + delay,
-                                  reason=result.reason)
+                delay = (
+                    min(result.retry_after, self.config.retry.cap)
+                    if result.retry_after is not None
+                    else backoff.next_delay()
+                )
+                return Settlement(
+                    delivery,
+                    "retry",
+                    result.status,
+                    retry_at=time.time() + delay,
+                    reason=result.reason,
+                )
             case Outcome.REJECTED:
                 self.health.dead_lettered += 1
-                log.error("Destination %s rejected event %s (%s, key %s): %s; moved to dead "
-                          "letters", self.name, delivery.event_id, delivery.event_type,
-                          delivery.partition_key, result.reason,
-                          extra={"event_id": delivery.event_id, "destination": self.name})
+                log.error(
+                    "Destination %s rejected event %s (%s, key %s): %s; moved to dead letters",
+                    self.name,
+                    delivery.event_id,
+                    delivery.event_type,
+                    delivery.partition_key,
+                    result.reason,
+                    extra={"event_id": delivery.event_id, "destination": self.name},
+                )
                 return Settlement(delivery, "dead", result.status, reason=result.reason)
 
 

@@ -52,8 +52,13 @@ def classify(response: httpx.Response, reference: str | None = None) -> Result:
     body = response.text[:BODY_LIMIT]
     reason = f"HTTP {status}: {body}" if body else f"HTTP {status}"
     if status in RETRYABLE_4XX or status >= 500:
-        return Result(Outcome.RETRY, status, reason, retry_after=parse_retry_after(response),
-                      ambiguous=status >= 500)
+        return Result(
+            Outcome.RETRY,
+            status,
+            reason,
+            retry_after=parse_retry_after(response),
+            ambiguous=status >= 500,
+        )
     return Result(Outcome.REJECTED, status, reason)
 
 
@@ -71,8 +76,10 @@ def tls_hint(exc: httpx.HTTPError) -> str:
     fixes it."""
     text = f"{type(exc).__name__}: {exc}"
     if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return (f"{text}; certificate verify failed: the server's certificate is not signed "
-                "by a CA this box trusts: set tls.ca_file to the plant's CA bundle")
+        return (
+            f"{text}; certificate verify failed: the server's certificate is not signed "
+            "by a CA this box trusts: set tls.ca_file to the plant's CA bundle"
+        )
     return text
 
 

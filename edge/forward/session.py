@@ -16,8 +16,14 @@ from edge.forward.transport import SafeAiohttpTransport
 
 log = logging.getLogger(__name__)
 
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                   "all_proxy")
+PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
@@ -26,25 +32,34 @@ def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
     tls = config.tls
     verify: bool | ssl.SSLContext = tls.verify
     if not tls.verify:
-        log.warning("TLS certificate verification is OFF for destination %s: anyone on the "
-                    "network path can read and change what is sent", name,
-                    extra={"destination": name})
+        log.warning(
+            "TLS certificate verification is OFF for destination %s: anyone on the "
+            "network path can read and change what is sent",
+            name,
+            extra={"destination": name},
+        )
     elif tls.ca_file is not None or tls.cert_file is not None:
         context = ssl.create_default_context(
-            cafile=str(tls.ca_file) if tls.ca_file is not None else None)
+            cafile=str(tls.ca_file) if tls.ca_file is not None else None
+        )
         if tls.cert_file is not None and tls.key_file is not None:
             context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
         verify = context
-    limits = httpx.Limits(max_connections=config.max_in_flight + 1,
-                          max_keepalive_connections=config.max_in_flight + 1)
+    limits = httpx.Limits(
+        max_connections=config.max_in_flight + 1, max_keepalive_connections=config.max_in_flight + 1
+    )
     match config.http_transport:
         case "aiohttp":
             proxies = sorted(name for name in PROXY_VARIABLES if os.environ.get(name))
             if proxies:
-                log.warning("Destination %s ignores the proxy in %s: its http_transport is "
-                            "aiohttp, which does not read proxy variables; set http_transport: "
-                            "httpcore to send through the proxy", name, ", ".join(proxies),
-                            extra={"destination": name})
+                log.warning(
+                    "Destination %s ignores the proxy in %s: its http_transport is "
+                    "aiohttp, which does not read proxy variables; set http_transport: "
+                    "httpcore to send through the proxy",
+                    name,
+                    ", ".join(proxies),
+                    extra={"destination": name},
+                )
             transport = SafeAiohttpTransport(verify=verify, limits=limits)
             return httpx.AsyncClient(transport=transport, timeout=config.timeout)
         case "httpcore":
@@ -52,28 +67,41 @@ def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
 
 
 class Session:
-    def __init__(self, config: DestinationConfig, client: httpx.AsyncClient,
-                 auth: Authenticator | None = None) -> None:
+    def __init__(
+        self,
+        config: DestinationConfig,
+        client: httpx.AsyncClient,
+        auth: Authenticator | None = None,
+    ) -> None:
         self.config = config
         self.client = client
         self.auth = auth if auth is not None else authenticator(config.auth)
         self.base_url = config.base_url.rstrip("/")
 
     def url(self, path: str) -> str:
-        return path if path.startswith(("http://", "https://")) else (
-            f"{self.base_url}/{path.lstrip('/')}")
+        return (
+            path
+            if path.startswith(("http://", "https://"))
+            else (f"{self.base_url}/{path.lstrip('/')}")
+        )
 
-    async def request(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                      **kwargs: Any) -> httpx.Response:
+    async def request(
+        self, method: str, path: str, *, headers: dict[str, str] | None = None, **kwargs: Any
+    ) -> httpx.Response:
         """Send with credentials; on a 401, drop the cached token and try once more."""
         response = await self._send(method, path, headers or {}, **kwargs)
         if response.status_code == 401 and self.auth.invalidate():
             response = await self._send(method, path, headers or {}, **kwargs)
         return response
 
-    async def _send(self, method: str, path: str, headers: dict[str, str], **kwargs: Any
-                    ) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, headers: dict[str, str], **kwargs: Any
+    ) -> httpx.Response:
         credentials = await self.auth.headers(self.client)
-        return await self.client.request(method, self.url(path),
-                                         headers={**headers, **credentials},
-                                         timeout=self.config.timeout, **kwargs)
+        return await self.client.request(
+            method,
+            self.url(path),
+            headers={**headers, **credentials},
+            timeout=self.config.timeout,
+            **kwargs,
+        )

@@ -46,5 +46,7 @@ def odata_string(value: str) -> str:
 
 def query(params: Mapping[str, str]) -> str:
     """A query string, each name and value percent-encoded with spaces as `%20`."""
-    return "&".join(f"{quote(name, safe='$')}={quote(value, safe=_QUERY_SAFE)}"
-                    for name, value in params.items())
+    return "&".join(
+        f"{quote(name, safe='$')}={quote(value, safe=_QUERY_SAFE)}"
+        for name, value in params.items()
+    )

@@ -23,24 +23,28 @@ from edge.hub.stream import describe, init_hub, patiently
 
 def add_hub_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hub = commands.add_parser(
-        "hub", help="the plants' hub (NATS JetStream): hub init creates or checks the stream, "
+        "hub",
+        help="the plants' hub (NATS JetStream): hub init creates or checks the stream, "
         "its dead letter stream and the relays' consumers",
         description="Create the hub stream, dead letter stream and relay consumers from "
         "hub.yaml, or check that they match it; safe to run again. Exit 1 when the hub's "
-        "stream differs in a way that cannot be changed in place.")
+        "stream differs in a way that cannot be changed in place.",
+    )
     hub.add_argument("action", choices=("init",))
     hub.add_argument("--config", "-c", required=True, type=Path, help="hub YAML file")
     relay = commands.add_parser(
-        "relay", help="deliver the hub's events to ERP and QMS (run N of them anywhere)",
+        "relay",
+        help="deliver the hub's events to ERP and QMS (run N of them anywhere)",
         description="Consume the hub stream's partitions and deliver to hub.yaml's "
         "destinations with the gateway's profiles, retries and dead letters; /metrics shows "
-        "consumer lag per partition, redeliveries and dead letter depth.")
+        "consumer lag per partition, redeliveries and dead letter depth.",
+    )
     relay.add_argument("--config", "-c", required=True, type=Path, help="hub YAML file")
-    relay.add_argument("--name", default=None,
-                       help="this relay's name in logs and the hub (default: host-pid)")
+    relay.add_argument(
+        "--name", default=None, help="this relay's name in logs and the hub (default: host-pid)"
+    )
     relay.add_argument("--log-format", choices=("json", "text"), default="json")
-    relay.add_argument("--log-level", default="INFO",
-                       choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    relay.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
 def _hub_config(path: Path) -> HubConfig | None:
@@ -60,20 +64,30 @@ def hub_main(args: argparse.Namespace) -> int:
 
 async def _init(config: HubConfig) -> int:
     try:
-        client = await connect("plantsync-hub-init", config.nats.servers, config.nats.tls,
-                               config.nats.auth, connect_timeout=config.nats.timeout)
+        client = await connect(
+            "plantsync-hub-init",
+            config.nats.servers,
+            config.nats.tls,
+            config.nats.auth,
+            connect_timeout=config.nats.timeout,
+        )
     except HubUnavailable as exc:
         print(f"plantsync hub init: {exc}", file=sys.stderr)
         return 1
     try:
         report = await init_hub(client.jetstream(timeout=config.nats.timeout), config)
     except nats.js.errors.APIError as exc:
-        print(f"plantsync hub init: the hub refused: {exc.description} (error "
-              f"{exc.err_code})", file=sys.stderr)
+        print(
+            f"plantsync hub init: the hub refused: {exc.description} (error {exc.err_code})",
+            file=sys.stderr,
+        )
         return 1
     except nats.errors.TimeoutError:
-        print("plantsync hub init: the hub did not answer (no JetStream meta leader: are a "
-              "majority of its servers up?)", file=sys.stderr)
+        print(
+            "plantsync hub init: the hub did not answer (no JetStream meta leader: are a "
+            "majority of its servers up?)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         await client.close()
@@ -91,8 +105,7 @@ def relay_main(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     if not config.destinations:
-        print(f"plantsync relay: {args.config} has no destinations to deliver to",
-              file=sys.stderr)
+        print(f"plantsync relay: {args.config} has no destinations to deliver to", file=sys.stderr)
         return 2
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
     try:
@@ -101,8 +114,11 @@ def relay_main(args: argparse.Namespace) -> int:
         print(f"plantsync relay: {exc}", file=sys.stderr)
         return 1
     except nats.js.errors.APIError as exc:
-        print(f"plantsync relay: the hub refused: {exc.description} (error {exc.err_code}); "
-              f"has plantsync hub init --config {args.config} been run?", file=sys.stderr)
+        print(
+            f"plantsync relay: the hub refused: {exc.description} (error {exc.err_code}); "
+            f"has plantsync hub init --config {args.config} been run?",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -114,8 +130,9 @@ def doctor_main(path: Path) -> int:
         return 1
     hubs = {name: d for name, d in config.destinations.items() if d.profile == "jetstream"}
     if not hubs:
-        print(f"plantsync doctor: {path} has no destination with profile jetstream",
-              file=sys.stderr)
+        print(
+            f"plantsync doctor: {path} has no destination with profile jetstream", file=sys.stderr
+        )
         return 2
     status = 0
     for name, destination in hubs.items():
@@ -129,8 +146,13 @@ async def _doctor_one(name: str, destination: DestinationConfig) -> tuple[int, l
     settings = destination.jetstream
     servers = [destination.base_url, *settings.servers]
     try:
-        client = await connect("plantsync-doctor", servers, destination.tls, settings.auth,
-                               connect_timeout=destination.timeout)
+        client = await connect(
+            "plantsync-doctor",
+            servers,
+            destination.tls,
+            settings.auth,
+            connect_timeout=destination.timeout,
+        )
     except HubUnavailable as exc:
         return 1, [f"destination {name}: {exc}"]
     url = client.connected_url
@@ -140,15 +162,21 @@ async def _doctor_one(name: str, destination: DestinationConfig) -> tuple[int, l
         try:
             info = await patiently(lambda: js.stream_info(settings.stream))
         except nats.js.errors.NotFoundError:
-            return 1, [*lines, f"  stream {settings.stream} does not exist: create it with "
-                               "plantsync hub init --config hub.yaml"]
+            return 1, [
+                *lines,
+                f"  stream {settings.stream} does not exist: create it with "
+                "plantsync hub init --config hub.yaml",
+            ]
         lines += ["  " + line for line in describe(info)]
         code = 0
-        sample = settings.pattern.subject(site="SITE", event_type="production.confirmation",
-                                          key="KEY")
+        sample = settings.pattern.subject(
+            site="SITE", event_type="production.confirmation", key="KEY"
+        )
         if not any(_matches(subject, sample) for subject in info.config.subjects or []):
-            lines.append(f"  PROBLEM: the stream's subjects do not take {settings.subject} "
-                         f"(e.g. {sample}): the plant's pattern and the hub's differ")
+            lines.append(
+                f"  PROBLEM: the stream's subjects do not take {settings.subject} "
+                f"(e.g. {sample}): the plant's pattern and the hub's differ"
+            )
             code = 1
         window = info.config.duplicate_window or 0
         if window < settings.longest_outage:
@@ -157,10 +185,13 @@ async def _doctor_one(name: str, destination: DestinationConfig) -> tuple[int, l
                 f"this plant may buffer (jetstream.longest_outage, {settings.longest_outage:g}"
                 "s): a publish retried after the window is stored twice; then the relay "
                 "delivers it twice and the receiver's Idempotency-Key is what drops the "
-                "repeat. Raise stream.duplicate_window in hub.yaml and run hub init.")
+                "repeat. Raise stream.duplicate_window in hub.yaml and run hub init."
+            )
         if (info.config.num_replicas or 1) < 3:
-            lines.append(f"  WARNING: {info.config.num_replicas} replica(s): losing one server "
-                         "loses (or stops) the stream; use 3")
+            lines.append(
+                f"  WARNING: {info.config.num_replicas} replica(s): losing one server "
+                "loses (or stops) the stream; use 3"
+            )
         return code, lines
     except nats.errors.Error as exc:
         return 1, [*lines, f"  the hub did not answer: {exc or type(exc).__name__}"]

@@ -33,8 +33,10 @@ from edge.model.events import EVENT_MODELS
 
 
 class NatsConnection(_Section):
-    servers: list[str] = Field(min_length=1, description="The hub cluster's servers "
-                               "(nats://host:4222, or tls://host:4222 for TLS).")
+    servers: list[str] = Field(
+        min_length=1,
+        description="The hub cluster's servers (nats://host:4222, or tls://host:4222 for TLS).",
+    )
     tls: TlsConfig = Field(default_factory=TlsConfig)  # type: ignore[arg-type]
     auth: NatsAuth = Field(default_factory=NatsNoAuth)
     timeout: Duration = Field(10.0, description="Timeout of one request to the hub.")
@@ -48,34 +50,59 @@ class NatsConnection(_Section):
 class HubStream(_Section):
     name: str = Field(DEFAULT_STREAM, pattern=STREAM_NAME, description="Stream name.")
     subject_pattern: str = Field(
-        DEFAULT_SUBJECT, description="The plants' subject pattern (their jetstream.subject): "
-        "the stream takes every subject it can make and partitions by its {key}.")
+        DEFAULT_SUBJECT,
+        description="The plants' subject pattern (their jetstream.subject): "
+        "the stream takes every subject it can make and partitions by its {key}.",
+    )
     partitions: int = Field(
-        8, ge=1, le=1024, description="Partitions of the stream (by order/lot key): the most "
+        8,
+        ge=1,
+        le=1024,
+        description="Partitions of the stream (by order/lot key): the most "
         "events delivered at once per destination, whatever the number of relays. Fixed once "
-        "events flow: changing it moves keys between partitions.")
-    replicas: int = Field(3, ge=1, le=5, description="Copies of each event on different "
-                          "servers; 3 survives the loss of one server.")
+        "events flow: changing it moves keys between partitions.",
+    )
+    replicas: int = Field(
+        3,
+        ge=1,
+        le=5,
+        description="Copies of each event on different servers; 3 survives the loss of one server.",
+    )
     duplicate_window: Duration = Field(
-        86400.0, description="How long the stream remembers a Nats-Msg-Id (the event id) and "
-        "drops a repeat: longer than the longest outage a plant must ride out.")
-    max_age: Duration = Field(30 * 86400.0, description="Events older than this are removed "
-                              "(the replay horizon).")
-    max_bytes: ByteSize | None = Field(None, description="Most bytes the stream keeps (none: "
-                                       "no limit but the servers' own).")
-    dead_letter_stream: str = Field(f"{DEFAULT_STREAM}_DLQ", pattern=STREAM_NAME,
-                                    description="Stream of the relays' dead letters.")
+        86400.0,
+        description="How long the stream remembers a Nats-Msg-Id (the event id) and "
+        "drops a repeat: longer than the longest outage a plant must ride out.",
+    )
+    max_age: Duration = Field(
+        30 * 86400.0, description="Events older than this are removed (the replay horizon)."
+    )
+    max_bytes: ByteSize | None = Field(
+        None, description="Most bytes the stream keeps (none: no limit but the servers' own)."
+    )
+    dead_letter_stream: str = Field(
+        f"{DEFAULT_STREAM}_DLQ",
+        pattern=STREAM_NAME,
+        description="Stream of the relays' dead letters.",
+    )
     dead_letter_subject: str = Field(
-        "plantsync-dlq", pattern=r"^[A-Za-z0-9_-]+$", description="Dead letters go to "
-        "<this>.<destination>; `nats stream view` shows them with their reason header.")
+        "plantsync-dlq",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Dead letters go to "
+        "<this>.<destination>; `nats stream view` shows them with their reason header.",
+    )
 
-    journal_stream: str = Field(f"{DEFAULT_STREAM}_JOURNAL", pattern=STREAM_NAME,
-                                description="Stream of the relays' delivery journal: one "
-                                "record per event delivered (id, type, destination, time, "
-                                "attempts, status, the receiver's reference, relay).")
+    journal_stream: str = Field(
+        f"{DEFAULT_STREAM}_JOURNAL",
+        pattern=STREAM_NAME,
+        description="Stream of the relays' delivery journal: one "
+        "record per event delivered (id, type, destination, time, "
+        "attempts, status, the receiver's reference, relay).",
+    )
     journal_subject: str = Field(
-        "plantsync-journal", pattern=r"^[A-Za-z0-9_-]+$", description="Journal records go "
-        "to <this>.<destination>.")
+        "plantsync-journal",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Journal records go to <this>.<destination>.",
+    )
 
     @field_validator("subject_pattern")
     @classmethod
@@ -90,13 +117,16 @@ class HubStream(_Section):
 
 class RelaySettings(_Section):
     ack_wait: Duration = Field(
-        60.0, description="How long the hub waits for a relay's answer before giving the "
+        60.0,
+        description="How long the hub waits for a relay's answer before giving the "
         "event to another relay (a killed relay's partitions move after this). The relay "
-        "extends it while a delivery is still retrying.")
+        "extends it while a delivery is still retrying.",
+    )
     metrics_host: str = Field("127.0.0.1", description="Where /metrics listens.")
     metrics_port: int = Field(9480, ge=0, le=65535, description="Port of /metrics (0: any).")
-    stats_interval: Duration = Field(5.0, description="How often consumer lag and dead letter "
-                                     "depth are read from the hub.")
+    stats_interval: Duration = Field(
+        5.0, description="How often consumer lag and dead letter depth are read from the hub."
+    )
 
 
 class HubConfig(_Section):
@@ -104,21 +134,28 @@ class HubConfig(_Section):
     stream: HubStream = Field(default_factory=HubStream)  # type: ignore[arg-type]
     relay: RelaySettings = Field(default_factory=RelaySettings)  # type: ignore[arg-type]
     destinations: dict[str, DestinationConfig] = Field(
-        default_factory=dict, description="Where relays deliver: the plant daemon's "
-        "destination settings (canonical, sap_s4hana, qms_rest).")
+        default_factory=dict,
+        description="Where relays deliver: the plant daemon's "
+        "destination settings (canonical, sap_s4hana, qms_rest).",
+    )
     routes: dict[str, list[str]] = Field(
-        default_factory=dict, description="Event type to the destinations that receive it.")
+        default_factory=dict, description="Event type to the destinations that receive it."
+    )
 
     @model_validator(mode="after")
     def _routes(self) -> HubConfig:
         problems = []
         for name, destination in self.destinations.items():
             if destination.profile == "jetstream":
-                problems.append(f"destination {name}: a relay delivers out of the hub; "
-                                "profile jetstream would publish back into it")
+                problems.append(
+                    f"destination {name}: a relay delivers out of the hub; "
+                    "profile jetstream would publish back into it"
+                )
             if not name.replace("-", "").replace("_", "").isalnum():
-                problems.append(f"destination {name!r}: letters, digits, - and _ only (it "
-                                "names the hub's consumers)")
+                problems.append(
+                    f"destination {name!r}: letters, digits, - and _ only (it "
+                    "names the hub's consumers)"
+                )
         for event_type, names in self.routes.items():
             if event_type not in EVENT_MODELS:
                 close = difflib.get_close_matches(event_type, list(EVENT_MODELS), n=1)
@@ -131,8 +168,10 @@ class HubConfig(_Section):
                     continue
                 supported = PROFILE_EVENT_TYPES[target.profile]
                 if supported is not None and event_type not in supported:
-                    problems.append(f"routes.{event_type}: destination {name!r} (profile "
-                                    f"{target.profile}) cannot take {event_type}")
+                    problems.append(
+                        f"routes.{event_type}: destination {name!r} (profile "
+                        f"{target.profile}) cannot take {event_type}"
+                    )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -147,12 +186,12 @@ def load_hub_config(path: str | Path) -> HubConfig:
 
     path = Path(path)
     document = read_document(read_config_text(path), str(path), os.environ, offline=False)
-    problems = [(document.line_of(p.loc), format_loc(p.loc), p.message)
-                for p in document.problems]
+    problems = [(document.line_of(p.loc), format_loc(p.loc), p.message) for p in document.problems]
     config: HubConfig | None = None
     if not isinstance(document.data, dict):
-        problems.append((1, "(top level)", "the file must be a mapping of settings "
-                                           "(nats: ..., stream: ...)"))
+        problems.append(
+            (1, "(top level)", "the file must be a mapping of settings (nats: ..., stream: ...)")
+        )
     else:
         try:
             config = HubConfig.model_validate(document.data)
@@ -166,6 +205,7 @@ def load_hub_config(path: str | Path) -> HubConfig:
                     message = "is required"
                 problems.append((document.line_of(loc), format_loc(loc), message))
     if problems or config is None:
-        raise ConfigError([f"{path}:{line}: {where}: {what}"
-                           for line, where, what in sorted(set(problems))])
+        raise ConfigError(
+            [f"{path}:{line}: {where}: {what}" for line, where, what in sorted(set(problems))]
+        )
     return config

@@ -45,7 +45,8 @@ def tls_context(servers: Sequence[str], tls: TlsConfig) -> ssl.SSLContext | None
     if not wanted:
         return None
     context = ssl.create_default_context(
-        cafile=str(tls.ca_file) if tls.ca_file is not None else None)
+        cafile=str(tls.ca_file) if tls.ca_file is not None else None
+    )
     if tls.cert_file is not None and tls.key_file is not None:
         context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     if not tls.verify:
@@ -69,9 +70,15 @@ def auth_options(auth: NatsAuth) -> dict[str, Any]:
     raise ValueError(f"no NATS authentication for {auth!r}")  # pragma: no cover
 
 
-async def connect(name: str, servers: Sequence[str], tls: TlsConfig, auth: NatsAuth, *,
-                  connect_timeout: float = 5.0,
-                  availability: Availability | None = None) -> Client:
+async def connect(
+    name: str,
+    servers: Sequence[str],
+    tls: TlsConfig,
+    auth: NatsAuth,
+    *,
+    connect_timeout: float = 5.0,
+    availability: Availability | None = None,
+) -> Client:
     """Connected client, or HubUnavailable. `name` shows in the server's connection list;
     `availability` (the shared lost/back piece) is told when nats-py loses and regains the
     connection, so each is logged once."""
@@ -96,11 +103,18 @@ async def connect(name: str, servers: Sequence[str], tls: TlsConfig, auth: NatsA
     try:
         async with asyncio.timeout(connect_timeout * len(servers) + 1):
             await client.connect(
-                list(servers), name=name, tls=tls_context(servers, tls),
-                connect_timeout=max(1, int(connect_timeout)), allow_reconnect=True,
-                max_reconnect_attempts=-1, reconnect_time_wait=1,
-                disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
-                **auth_options(auth))
+                list(servers),
+                name=name,
+                tls=tls_context(servers, tls),
+                connect_timeout=max(1, int(connect_timeout)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
+                error_cb=error,
+                **auth_options(auth),
+            )
         return client
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError) as exc:
         with contextlib.suppress(nats.errors.Error, OSError):

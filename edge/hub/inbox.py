@@ -65,8 +65,9 @@ class _Held:
 class HubInbox:
     """Call order: `run()` in a task (fetching) while the engine leases and settles."""
 
-    def __init__(self, js: JetStreamContext, config: HubConfig, destination: str,
-                 relay_name: str = "relay") -> None:
+    def __init__(
+        self, js: JetStreamContext, config: HubConfig, destination: str, relay_name: str = "relay"
+    ) -> None:
         self._js = js
         self.relay_name = relay_name
         self._config = config
@@ -84,8 +85,9 @@ class HubInbox:
         self._listeners.add(event)
         return event
 
-    async def lease(self, destination: str, limit: int, *, busy_keys: Iterable[str] = (),
-                    per_key: int = 1) -> list[Delivery]:
+    async def lease(
+        self, destination: str, limit: int, *, busy_keys: Iterable[str] = (), per_key: int = 1
+    ) -> list[Delivery]:
         # `per_key` is a most: the relay hands out what JetStream holds, as before.
         busy = set(busy_keys)
         leased: list[Delivery] = []
@@ -109,17 +111,20 @@ class HubInbox:
         delivery = settlement.delivery
         match settlement.outcome:
             case "delivered":
-                await self.ack(delivery, status=settlement.status,
-                               reference=settlement.reference)
+                await self.ack(delivery, status=settlement.status, reference=settlement.reference)
             case "retry":
-                await self.retry(delivery, at=settlement.retry_at, status=settlement.status,
-                                 error=settlement.reason)
+                await self.retry(
+                    delivery,
+                    at=settlement.retry_at,
+                    status=settlement.status,
+                    error=settlement.reason,
+                )
             case "dead":
-                await self.dead_letter(delivery, status=settlement.status,
-                                       reason=settlement.reason)
+                await self.dead_letter(delivery, status=settlement.status, reason=settlement.reason)
 
-    async def ack(self, delivery: Delivery, *, status: int | None,
-                  reference: str | None = None) -> None:
+    async def ack(
+        self, delivery: Delivery, *, status: int | None, reference: str | None = None
+    ) -> None:
         held = self._held.get(delivery.seq)
         if held is None:
             return
@@ -133,34 +138,44 @@ class HubInbox:
             self._settle_failed(delivery, "ack", exc)
         self._release(held)
 
-    async def _journal(self, delivery: Delivery, status: int | None,
-                       reference: str | None) -> None:
+    async def _journal(self, delivery: Delivery, status: int | None, reference: str | None) -> None:
         """The audit record of a delivery, in the hub's journal stream (stored R3 before the
         event is acked). Its Nats-Msg-Id makes a redelivered event's second record a no-op
         within two minutes; a journal the hub cannot take is logged, never a reason to
         deliver again."""
         stream = self._config.stream
-        record = {"event_id": delivery.event_id, "event_type": delivery.event_type,
-                  "destination": self.destination, "delivered_at": time.time(),
-                  "attempts": delivery.attempts + 1, "status": status,
-                  "reference": reference, "relay": self.relay_name,
-                  "partition_key": delivery.partition_key, "stream_seq": delivery.seq}
+        record = {
+            "event_id": delivery.event_id,
+            "event_type": delivery.event_type,
+            "destination": self.destination,
+            "delivered_at": time.time(),
+            "attempts": delivery.attempts + 1,
+            "status": status,
+            "reference": reference,
+            "relay": self.relay_name,
+            "partition_key": delivery.partition_key,
+            "stream_seq": delivery.seq,
+        }
         try:
             await self._js.publish(
                 f"{stream.journal_subject}.{self.destination}",
                 json.dumps(record, separators=(",", ":")).encode(),
-                timeout=self._config.nats.timeout, stream=stream.journal_stream,
-                headers={"Nats-Msg-Id": f"{self.destination}:{delivery.event_id}"})
+                timeout=self._config.nats.timeout,
+                stream=stream.journal_stream,
+                headers={"Nats-Msg-Id": f"{self.destination}:{delivery.event_id}"},
+            )
             self.stats.journalled += 1
         except nats.errors.Error as exc:
             self.stats.journal_failures += 1
-            log.warning("Could not journal the delivery of event %s to %s (%s)",
-                        delivery.event_id, self.destination, exc or type(exc).__name__,
-                        extra={"event_id": delivery.event_id,
-                               "destination": self.destination})
+            log.warning(
+                "Could not journal the delivery of event %s to %s (%s)",
+                delivery.event_id,
+                self.destination,
+                exc or type(exc).__name__,
+                extra={"event_id": delivery.event_id, "destination": self.destination},
+            )
 
-    async def retry(self, delivery: Delivery, *, at: float, status: int | None,
-                    error: str) -> None:
+    async def retry(self, delivery: Delivery, *, at: float, status: int | None, error: str) -> None:
         held = self._held.get(delivery.seq)
         if held is None:
             return
@@ -171,20 +186,24 @@ class HubInbox:
             self._settle_failed(delivery, "nak", exc)
         self._release(held)
 
-    async def dead_letter(self, delivery: Delivery, *, status: int | None,
-                          reason: str) -> None:
+    async def dead_letter(self, delivery: Delivery, *, status: int | None, reason: str) -> None:
         held = self._held.get(delivery.seq)
         if held is None:
             return
         stream = self._config.stream
         try:
             await self._js.publish(
-                f"{stream.dead_letter_subject}.{self.destination}", delivery.payload,
-                timeout=self._config.nats.timeout, stream=stream.dead_letter_stream,
-                headers={"Nats-Msg-Id": f"{self.destination}:{delivery.event_id}",
-                         "PlantSync-Destination": self.destination,
-                         "PlantSync-Status": str(status or ""),
-                         "PlantSync-Reason": " ".join(reason.split())[:1000]})
+                f"{stream.dead_letter_subject}.{self.destination}",
+                delivery.payload,
+                timeout=self._config.nats.timeout,
+                stream=stream.dead_letter_stream,
+                headers={
+                    "Nats-Msg-Id": f"{self.destination}:{delivery.event_id}",
+                    "PlantSync-Destination": self.destination,
+                    "PlantSync-Status": str(status or ""),
+                    "PlantSync-Reason": " ".join(reason.split())[:1000],
+                },
+            )
             await held.message.term()
             self.stats.dead_lettered += 1
         except nats.errors.Error as exc:
@@ -197,13 +216,17 @@ class HubInbox:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
-            keep_alive = group.create_task(self._keep_alive(),
-                                           name=f"in-progress-{self.destination}")
+            keep_alive = group.create_task(
+                self._keep_alive(), name=f"in-progress-{self.destination}"
+            )
             fetchers = []
             for partition in range(self._config.stream.partitions):
                 self._free[partition].set()
-                fetchers.append(group.create_task(
-                    self._fetch(partition), name=f"fetch-{self.destination}-p{partition}"))
+                fetchers.append(
+                    group.create_task(
+                        self._fetch(partition), name=f"fetch-{self.destination}-p{partition}"
+                    )
+                )
             await asyncio.wait(fetchers)
             keep_alive.cancel()
 
@@ -239,19 +262,30 @@ class HubInbox:
             event = json.loads(message.data)
             event_type = str(event_type_of(event.get("type")))
             delivery = Delivery(
-                seq=metadata.sequence.stream, destination=self.destination,
-                event_id=str(event["id"]), event_type=event_type,
+                seq=metadata.sequence.stream,
+                destination=self.destination,
+                event_id=str(event["id"]),
+                event_type=event_type,
                 partition_key=str(event.get("partitionkey") or event["id"]),
-                payload=message.data, attempts=metadata.num_delivered - 1)
+                payload=message.data,
+                attempts=metadata.num_delivered - 1,
+            )
         except (ValueError, KeyError, TypeError, AttributeError):
             # Not a CloudEvent: no target would take it. Parked, not dropped.
             msg_id = (message.headers or {}).get("Nats-Msg-Id", f"seq-{metadata.sequence.stream}")
-            delivery = Delivery(seq=metadata.sequence.stream, destination=self.destination,
-                                event_id=msg_id, event_type="?", partition_key=msg_id,
-                                payload=message.data, attempts=metadata.num_delivered - 1)
+            delivery = Delivery(
+                seq=metadata.sequence.stream,
+                destination=self.destination,
+                event_id=msg_id,
+                event_type="?",
+                partition_key=msg_id,
+                payload=message.data,
+                attempts=metadata.num_delivered - 1,
+            )
             self._hold(message, delivery, partition)
-            await self.dead_letter(delivery, status=None,
-                                   reason="not a CloudEvent in JSON (structured mode)")
+            await self.dead_letter(
+                delivery, status=None, reason="not a CloudEvent in JSON (structured mode)"
+            )
             return
         if self.destination not in self._config.destinations_for(event_type):
             self.stats.skipped += 1
@@ -281,9 +315,13 @@ class HubInbox:
 
     def _settle_failed(self, delivery: Delivery, what: str, exc: Exception) -> None:
         self.stats.settle_failures += 1
-        log.warning("Could not %s event %s on the hub (%s); it comes back after ack_wait",
-                    what, delivery.event_id, exc or type(exc).__name__,
-                    extra={"event_id": delivery.event_id, "destination": self.destination})
+        log.warning(
+            "Could not %s event %s on the hub (%s); it comes back after ack_wait",
+            what,
+            delivery.event_id,
+            exc or type(exc).__name__,
+            extra={"event_id": delivery.event_id, "destination": self.destination},
+        )
 
     @staticmethod
     async def _quietly(request: Awaitable[object]) -> None:

@@ -53,24 +53,40 @@ class RelayMetrics(Collector):
         self.relay = relay
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        lag = GaugeMetricFamily("plantsync_relay_consumer_pending", "Events of a partition "
-                                "not yet acked by any relay (num_pending + num_ack_pending)",
-                                labels=["destination", "partition"])
+        lag = GaugeMetricFamily(
+            "plantsync_relay_consumer_pending",
+            "Events of a partition not yet acked by any relay (num_pending + num_ack_pending)",
+            labels=["destination", "partition"],
+        )
         for (destination, partition), pending in sorted(self.relay.lag.items()):
             lag.add_metric([destination, str(partition)], pending)
         yield lag
         redelivered = CounterMetricFamily(
-            "plantsync_relay_redeliveries", "Events this relay got again (another relay or "
-            "this one did not ack in time, or a retry)", labels=["destination"])
-        delivered = CounterMetricFamily("plantsync_relay_delivered", "Events this relay "
-                                        "delivered (2xx, then acked)", labels=["destination"])
-        retried = CounterMetricFamily("plantsync_relay_retries", "Failed attempts handed back "
-                                      "to the hub with a backoff delay", labels=["destination"])
-        dead = CounterMetricFamily("plantsync_relay_dead_lettered", "Events this relay moved "
-                                   "to the dead letter stream", labels=["destination"])
+            "plantsync_relay_redeliveries",
+            "Events this relay got again (another relay or "
+            "this one did not ack in time, or a retry)",
+            labels=["destination"],
+        )
+        delivered = CounterMetricFamily(
+            "plantsync_relay_delivered",
+            "Events this relay delivered (2xx, then acked)",
+            labels=["destination"],
+        )
+        retried = CounterMetricFamily(
+            "plantsync_relay_retries",
+            "Failed attempts handed back to the hub with a backoff delay",
+            labels=["destination"],
+        )
+        dead = CounterMetricFamily(
+            "plantsync_relay_dead_lettered",
+            "Events this relay moved to the dead letter stream",
+            labels=["destination"],
+        )
         unjournalled = CounterMetricFamily(
-            "plantsync_relay_journal_failures", "Deliveries the hub's journal stream did not "
-            "take (delivered all the same)", labels=["destination"])
+            "plantsync_relay_journal_failures",
+            "Deliveries the hub's journal stream did not take (delivered all the same)",
+            labels=["destination"],
+        )
         for name, inbox in self.relay.inboxes.items():
             redelivered.add_metric([name], inbox.stats.redelivered)
             delivered.add_metric([name], inbox.stats.acked)
@@ -78,13 +94,17 @@ class RelayMetrics(Collector):
             dead.add_metric([name], inbox.stats.dead_lettered)
             unjournalled.add_metric([name], inbox.stats.journal_failures)
         yield from (redelivered, delivered, retried, dead, unjournalled)
-        depth = GaugeMetricFamily("plantsync_relay_dead_letter_depth", "Events in the dead "
-                                  "letter stream (all relays)")
+        depth = GaugeMetricFamily(
+            "plantsync_relay_dead_letter_depth", "Events in the dead letter stream (all relays)"
+        )
         if self.relay.dead_letter_depth is not None:
             depth.add_metric([], self.relay.dead_letter_depth)
         yield depth
-        up = GaugeMetricFamily("plantsync_relay_destination_up", "1 when the destination's "
-                               "last request succeeded", labels=["destination"])
+        up = GaugeMetricFamily(
+            "plantsync_relay_destination_up",
+            "1 when the destination's last request succeeded",
+            labels=["destination"],
+        )
         for name, forwarder in self.relay.forwarders.items():
             up.add_metric([name], 0 if forwarder.health.reachable is False else 1)
         yield up
@@ -100,10 +120,12 @@ class Relay:
         self.dead_letter_depth: int | None = None
         self.registry = CollectorRegistry()
         self.registry.register(RelayMetrics(self))
-        self.stats_read = Counter("plantsync_relay_stats_reads", "Hub stats reads",
-                                  registry=self.registry)
-        self.started = Gauge("plantsync_relay_start_time_seconds", "When this relay started",
-                             registry=self.registry)
+        self.stats_read = Counter(
+            "plantsync_relay_stats_reads", "Hub stats reads", registry=self.registry
+        )
+        self.started = Gauge(
+            "plantsync_relay_start_time_seconds", "When this relay started", registry=self.registry
+        )
         self.metrics_port: int | None = None
         self._stopping = asyncio.Event()
 
@@ -119,10 +141,14 @@ class Relay:
 
         async def connect_and_serve() -> Ended:
             try:
-                client = await connect(f"plantsync-{self.name}", nats_config.servers,
-                                       nats_config.tls, nats_config.auth,
-                                       connect_timeout=nats_config.timeout,
-                                       availability=availability)
+                client = await connect(
+                    f"plantsync-{self.name}",
+                    nats_config.servers,
+                    nats_config.tls,
+                    nats_config.auth,
+                    connect_timeout=nats_config.timeout,
+                    availability=availability,
+                )
             except HubUnavailable as exc:
                 if self._stopping.is_set():
                     finished.set()
@@ -133,12 +159,18 @@ class Relay:
                 try:
                     await ensure_consumers(js, self.config, report)
                 except nats.js.errors.APIError as exc:  # no stream yet: hub init may follow
-                    return Ended(f"the hub refused the relay's consumers: {exc.description} "
-                                 f"(error {exc.err_code}); has plantsync hub init run?",
-                                 say_again=True)
+                    return Ended(
+                        f"the hub refused the relay's consumers: {exc.description} "
+                        f"(error {exc.err_code}); has plantsync hub init run?",
+                        say_again=True,
+                    )
                 availability.back()  # connected and its consumers there: serving
-                log.info("Relay %s serving stream %s: %s", self.name, self.config.stream.name,
-                         report.lines[-1])
+                log.info(
+                    "Relay %s serving stream %s: %s",
+                    self.name,
+                    self.config.stream.name,
+                    report.lines[-1],
+                )
                 self.started.set(time.time())
                 await self._serve(js)
             finally:
@@ -149,7 +181,8 @@ class Relay:
         async with asyncio.TaskGroup() as group:
             connection = group.create_task(
                 reconnect_forever(connect_and_serve, Backoff(base=1.0, cap=30.0), availability),
-                name=f"relay-{self.name}")
+                name=f"relay-{self.name}",
+            )
             await self._stopping.wait()
             if not self.inboxes:  # not connected yet: nothing to finish
                 finished.set()
@@ -171,8 +204,12 @@ class Relay:
             while not server.started:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             self.metrics_port = server.servers[0].sockets[0].getsockname()[1]
-            log.info("Relay %s metrics on http://%s:%d/metrics", self.name,
-                     self.config.relay.metrics_host, self.metrics_port)
+            log.info(
+                "Relay %s metrics on http://%s:%d/metrics",
+                self.name,
+                self.config.relay.metrics_host,
+                self.metrics_port,
+            )
             await self._stopping.wait()
             log.info("Relay %s stopping: finishing deliveries in flight", self.name)
             for inbox in self.inboxes.values():
@@ -189,10 +226,12 @@ class Relay:
             with contextlib.suppress(nats.errors.Error):
                 for destination in self.config.destinations:
                     for partition in range(stream.partitions):
-                        info = await js.consumer_info(stream.name,
-                                                      consumer_name(destination, partition))
-                        self.lag[destination, partition] = (
-                            (info.num_pending or 0) + (info.num_ack_pending or 0))
+                        info = await js.consumer_info(
+                            stream.name, consumer_name(destination, partition)
+                        )
+                        self.lag[destination, partition] = (info.num_pending or 0) + (
+                            info.num_ack_pending or 0
+                        )
                 dead = await js.stream_info(stream.dead_letter_stream)
                 self.dead_letter_depth = dead.state.messages
                 self.stats_read.inc()
@@ -209,17 +248,25 @@ class _QuietServer(uvicorn.Server):
 
 def _metrics_server(relay: Relay) -> _QuietServer:
     async def metrics(request: Request) -> Response:
-        return Response(generate_latest(relay.registry),
-                        media_type="text/plain; version=0.0.4; charset=utf-8")
+        return Response(
+            generate_latest(relay.registry), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
 
     async def healthz(request: Request) -> Response:
         return Response("ok\n", media_type="text/plain")
 
     app = Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz)])
     settings = relay.config.relay
-    return _QuietServer(uvicorn.Config(app, host=settings.metrics_host,
-                                       port=settings.metrics_port, log_level="warning",
-                                       access_log=False, lifespan="off"))
+    return _QuietServer(
+        uvicorn.Config(
+            app,
+            host=settings.metrics_host,
+            port=settings.metrics_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+    )
 
 
 async def run_relay(config: HubConfig, name: str) -> None:

@@ -26,38 +26,49 @@ class NatsNoAuth(_Section):
 
 class NatsToken(_Section):
     type: Literal["token"]
-    token: SecretStr = Field(description="The server's authorization token; write "
-                             "`${ENV_VAR}` or `${cred:NAME}`, never the token.")
+    token: SecretStr = Field(
+        description="The server's authorization token; write "
+        "`${ENV_VAR}` or `${cred:NAME}`, never the token."
+    )
 
 
 class NatsUserPassword(_Section):
     type: Literal["user_password"]
     user: str = Field(description="NATS user name.")
-    password: SecretStr = Field(description="Its password; write `${ENV_VAR}` or "
-                                "`${cred:NAME}`, never the password.")
+    password: SecretStr = Field(
+        description="Its password; write `${ENV_VAR}` or `${cred:NAME}`, never the password."
+    )
 
 
 class NatsCredentials(_Section):
     type: Literal["creds"]
-    file: Path = Field(description="A `.creds` file (user JWT and NKey seed, as `nsc` "
-                       "writes it); keep it readable by the service user only.")
+    file: Path = Field(
+        description="A `.creds` file (user JWT and NKey seed, as `nsc` "
+        "writes it); keep it readable by the service user only."
+    )
 
 
 class NatsNKey(_Section):
     type: Literal["nkey"]
-    seed_file: Path = Field(description="File holding the user's NKey seed (SU...); keep "
-                            "it readable by the service user only.")
+    seed_file: Path = Field(
+        description="File holding the user's NKey seed (SU...); keep "
+        "it readable by the service user only."
+    )
 
 
-NatsAuth = Annotated[NatsNoAuth | NatsToken | NatsUserPassword | NatsCredentials | NatsNKey,
-                     Field(discriminator="type")]
+NatsAuth = Annotated[
+    NatsNoAuth | NatsToken | NatsUserPassword | NatsCredentials | NatsNKey,
+    Field(discriminator="type"),
+]
+
 
 def nats_urls(servers: list[str]) -> list[str]:
     """NATS server URLs, or ValueError naming the one that is not."""
     for url in servers:
         if not url.startswith(("nats://", "tls://")):
-            raise ValueError(f"{url!r} is not a NATS server URL (nats://host:4222 or "
-                             "tls://host:4222)")
+            raise ValueError(
+                f"{url!r} is not a NATS server URL (nats://host:4222 or tls://host:4222)"
+            )
     return servers
 
 
@@ -73,21 +84,31 @@ class JetStreamSettings(_Section):
     at start."""
 
     servers: list[str] = Field(
-        default_factory=list, description="More servers of the hub cluster (nats:// or "
-        "tls://), tried when base_url's is down.")
-    stream: str = Field(DEFAULT_STREAM, pattern=STREAM_NAME, description="The hub stream: a "
-                        "publish is settled only on this stream's PubAck (stored with its "
-                        "replicas), never on another stream's.")
+        default_factory=list,
+        description="More servers of the hub cluster (nats:// or "
+        "tls://), tried when base_url's is down.",
+    )
+    stream: str = Field(
+        DEFAULT_STREAM,
+        pattern=STREAM_NAME,
+        description="The hub stream: a "
+        "publish is settled only on this stream's PubAck (stored with its "
+        "replicas), never on another stream's.",
+    )
     subject: str = Field(
-        DEFAULT_SUBJECT, description="Subject pattern of each event: literal tokens and "
+        DEFAULT_SUBJECT,
+        description="Subject pattern of each event: literal tokens and "
         "{site}, {type} (the event type with . written _), {key} (its partition key, last: "
-        "the hub partitions by it). Must match the hub stream's subject_pattern.")
+        "the hub partitions by it). Must match the hub stream's subject_pattern.",
+    )
     auth: NatsAuth = Field(default_factory=NatsNoAuth)
     longest_outage: Duration = Field(
-        86400.0, description="Longest hub outage this plant must ride out (the outbox keeps "
+        86400.0,
+        description="Longest hub outage this plant must ride out (the outbox keeps "
         "events meanwhile); `doctor jetstream` warns when the stream's duplicate window is "
         "shorter, as a publish retried after the window is stored twice (the relay and the "
-        "receiver's Idempotency-Key then catch it).")
+        "receiver's Idempotency-Key then catch it).",
+    )
 
     @field_validator("subject")
     @classmethod

@@ -47,32 +47,51 @@ META_LEADER_WAIT = 60.0
 def stream_config(stream: HubStream) -> StreamConfig:
     source, destination = stream.pattern.partition_transform(stream.partitions)
     return StreamConfig(
-        name=stream.name, subjects=[source], retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE, num_replicas=stream.replicas, discard=DiscardPolicy.OLD,
-        duplicate_window=stream.duplicate_window, max_age=stream.max_age,
+        name=stream.name,
+        subjects=[source],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=stream.replicas,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=stream.duplicate_window,
+        max_age=stream.max_age,
         max_bytes=int(stream.max_bytes) if stream.max_bytes is not None else -1,
         subject_transform=SubjectTransform(src=source, dest=destination),
-        description="PlantSync hub: plant events, partitioned by order/lot key")
+        description="PlantSync hub: plant events, partitioned by order/lot key",
+    )
 
 
 def dead_letter_config(stream: HubStream) -> StreamConfig:
-    return _side_stream(stream, stream.dead_letter_stream, stream.dead_letter_subject,
-                        "PlantSync hub: events a target refused for good, with the reason")
+    return _side_stream(
+        stream,
+        stream.dead_letter_stream,
+        stream.dead_letter_subject,
+        "PlantSync hub: events a target refused for good, with the reason",
+    )
 
 
 def journal_config(stream: HubStream) -> StreamConfig:
-    return _side_stream(stream, stream.journal_stream, stream.journal_subject,
-                        "PlantSync hub: the relays' delivery journal")
+    return _side_stream(
+        stream,
+        stream.journal_stream,
+        stream.journal_subject,
+        "PlantSync hub: the relays' delivery journal",
+    )
 
 
-def _side_stream(stream: HubStream, name: str, subject: str, description: str
-                 ) -> StreamConfig:
+def _side_stream(stream: HubStream, name: str, subject: str, description: str) -> StreamConfig:
     """A stream beside the hub stream, kept as long and as safely; two minutes of dedup are
     enough for what relays write (a repeat comes within ack_wait)."""
     return StreamConfig(
-        name=name, subjects=[f"{subject}.>"], retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE, num_replicas=stream.replicas, max_age=stream.max_age,
-        duplicate_window=120.0, description=description)
+        name=name,
+        subjects=[f"{subject}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=stream.replicas,
+        max_age=stream.max_age,
+        duplicate_window=120.0,
+        description=description,
+    )
 
 
 def consumer_name(destination: str, partition: int) -> str:
@@ -83,10 +102,14 @@ def consumer_config(config: HubConfig, destination: str, partition: int) -> Cons
     return ConsumerConfig(
         durable_name=consumer_name(destination, partition),
         description=f"PlantSync relay to {destination}, partition {partition}",
-        deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=config.relay.ack_wait, max_deliver=-1, max_ack_pending=1,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=config.relay.ack_wait,
+        max_deliver=-1,
+        max_ack_pending=1,
         filter_subject=config.stream.pattern.partition_filter(partition),
-        num_replicas=config.stream.replicas)
+        num_replicas=config.stream.replicas,
+    )
 
 
 async def patiently(request: Callable[[], Awaitable[T]]) -> T:
@@ -102,10 +125,16 @@ async def patiently(request: Callable[[], Awaitable[T]]) -> T:
 
 
 # What `hub init` compares, by the name `nats stream info` shows.
-_COMPARED = {"subjects": "subjects", "num_replicas": "replicas", "storage": "storage",
-             "duplicate_window": "duplicate window", "max_age": "max age",
-             "max_bytes": "max bytes", "subject_transform": "subject transform",
-             "retention": "retention"}
+_COMPARED = {
+    "subjects": "subjects",
+    "num_replicas": "replicas",
+    "storage": "storage",
+    "duplicate_window": "duplicate window",
+    "max_age": "max age",
+    "max_bytes": "max bytes",
+    "subject_transform": "subject transform",
+    "retention": "retention",
+}
 _FIXED = {"storage", "retention"}
 """Settings a stream cannot change once made (NATS refuses the update)."""
 
@@ -116,8 +145,9 @@ class InitReport:
     ok: bool = True
 
 
-async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, report: InitReport
-                        ) -> StreamInfo | None:
+async def ensure_stream(
+    js: JetStreamContext, wanted: StreamConfig, report: InitReport
+) -> StreamInfo | None:
     name = wanted.name or "?"
     try:
         info = await patiently(lambda: js.stream_info(name))
@@ -126,8 +156,9 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, report: Init
         report.lines.append(f"stream {name}: created ({_summary(info.config)})")
         return info
     have = info.config
-    changes = [key for key in _COMPARED
-               if _normal(getattr(have, key)) != _normal(getattr(wanted, key))]
+    changes = [
+        key for key in _COMPARED if _normal(getattr(have, key)) != _normal(getattr(wanted, key))
+    ]
     if not changes:
         report.lines.append(f"stream {name}: OK, as configured ({_summary(have)})")
         return info
@@ -137,14 +168,21 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, report: Init
         why = ", ".join(_COMPARED[k] for k in changes)
         report.lines.append(
             f"stream {name}: differs in {why}, which cannot be changed in place"
-            + (" (a new partition count moves keys between partitions: events of one order "
-               "could overtake each other)" if transform else "")
-            + ": create a new stream, or set the file back to what the stream has")
+            + (
+                " (a new partition count moves keys between partitions: events of one order "
+                "could overtake each other)"
+                if transform
+                else ""
+            )
+            + ": create a new stream, or set the file back to what the stream has"
+        )
         report.ok = False
         return info
     info = await patiently(lambda: js.update_stream(wanted))
-    report.lines.append(f"stream {name}: updated {', '.join(_COMPARED[k] for k in changes)} "
-                        f"({_summary(info.config)})")
+    report.lines.append(
+        f"stream {name}: updated {', '.join(_COMPARED[k] for k in changes)} "
+        f"({_summary(info.config)})"
+    )
     return info
 
 
@@ -162,9 +200,11 @@ async def ensure_consumers(js: JetStreamContext, config: HubConfig, report: Init
             # Creating a durable with the same config again is a no-op; a changed ack_wait is
             # applied (NATS updates consumers in place).
             await patiently(partial(js.add_consumer, config.stream.name, wanted))
-    report.lines.append(f"consumers: {made} created, {kept} already there "
-                        f"({len(config.destinations)} destinations x "
-                        f"{config.stream.partitions} partitions)")
+    report.lines.append(
+        f"consumers: {made} created, {kept} already there "
+        f"({len(config.destinations)} destinations x "
+        f"{config.stream.partitions} partitions)"
+    )
 
 
 async def init_hub(js: JetStreamContext, config: HubConfig) -> InitReport:
@@ -190,10 +230,12 @@ def _normal(value: object) -> object:
 
 
 def _summary(config: StreamConfig) -> str:
-    return (f"subjects {', '.join(config.subjects or [])}, {config.num_replicas} replicas, "
-            f"{_storage(config)}, duplicate window {_duration(config.duplicate_window)}, "
-            f"max age {_duration(config.max_age or 0)}, max bytes "
-            f"{'unlimited' if (config.max_bytes or -1) < 0 else config.max_bytes}")
+    return (
+        f"subjects {', '.join(config.subjects or [])}, {config.num_replicas} replicas, "
+        f"{_storage(config)}, duplicate window {_duration(config.duplicate_window)}, "
+        f"max age {_duration(config.max_age or 0)}, max bytes "
+        f"{'unlimited' if (config.max_bytes or -1) < 0 else config.max_bytes}"
+    )
 
 
 def _storage(config: StreamConfig) -> str:
@@ -215,15 +257,18 @@ def describe(info: StreamInfo) -> list[str]:
     config = info.config
     lines = [f"stream {config.name}: {_summary(config)}"]
     if config.subject_transform is not None:
-        lines.append(f"  partitions: {config.subject_transform.src} -> "
-                     f"{config.subject_transform.dest}")
+        lines.append(
+            f"  partitions: {config.subject_transform.src} -> {config.subject_transform.dest}"
+        )
     state = info.state
-    lines.append(f"  holds {state.messages} events, {state.bytes} bytes, "
-                 f"{state.consumer_count} consumers")
+    lines.append(
+        f"  holds {state.messages} events, {state.bytes} bytes, {state.consumer_count} consumers"
+    )
     cluster = info.cluster
     if cluster is not None:
         replicas = ", ".join(
-            f"{r.name} ({'current' if r.current else 'behind'}"
-            f"{', offline' if r.offline else ''})" for r in cluster.replicas or [])
+            f"{r.name} ({'current' if r.current else 'behind'}{', offline' if r.offline else ''})"
+            for r in cluster.replicas or []
+        )
         lines.append(f"  leader {cluster.leader or 'none'}; replicas {replicas or 'none'}")
     return lines

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 PLACEHOLDERS = ("{site}", "{type}", "{key}")
 _LITERAL = re.compile(r"[A-Za-z0-9_-]+")
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-                  "-_/:=+@#!$&'()[]{},;~^|<>?")
+_SAFE = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_/:=+@#!$&'()[]{},;~^|<>?"
+)
 _UNSAFE_KEY = frozenset(".*>")
 
 
@@ -55,21 +56,29 @@ class SubjectPattern:
             elif not _LITERAL.fullmatch(token):
                 raise ValueError(
                     f"token {position} of {text!r} ({token!r}) is neither a literal (letters, "
-                    "digits, _ and -) nor one of " + ", ".join(PLACEHOLDERS))
+                    "digits, _ and -) nor one of " + ", ".join(PLACEHOLDERS)
+                )
         if tokens[-1] != "{key}":
-            raise ValueError(f"{text!r} must end with {{key}}: the hub partitions by the "
-                             "event's key (order, lot), e.g. plantsync.{site}.{type}.{key}")
+            raise ValueError(
+                f"{text!r} must end with {{key}}: the hub partitions by the "
+                "event's key (order, lot), e.g. plantsync.{site}.{type}.{key}"
+            )
         if tokens[0] in PLACEHOLDERS:
-            raise ValueError(f"{text!r} must start with a literal token (e.g. plantsync), so "
-                             "the hub stream's subjects do not catch other traffic")
+            raise ValueError(
+                f"{text!r} must start with a literal token (e.g. plantsync), so "
+                "the hub stream's subjects do not catch other traffic"
+            )
         return cls(tokens)
 
     def __str__(self) -> str:
         return ".".join(self.tokens)
 
     def subject(self, *, site: str, event_type: str, key: str) -> str:
-        values = {"{site}": key_token(site), "{type}": type_token(event_type),
-                  "{key}": key_token(key)}
+        values = {
+            "{site}": key_token(site),
+            "{type}": type_token(event_type),
+            "{key}": key_token(key),
+        }
         return ".".join(values.get(token, token) for token in self.tokens)
 
     @property
@@ -82,8 +91,9 @@ class SubjectPattern:
         with the partition number of its key appended as one more token."""
         wildcards = [t for t in self.tokens if t in PLACEHOLDERS]
         numbered = iter(range(1, len(wildcards) + 1))
-        dest = [f"{{{{wildcard({next(numbered)})}}}}" if t in PLACEHOLDERS else t
-                for t in self.tokens]
+        dest = [
+            f"{{{{wildcard({next(numbered)})}}}}" if t in PLACEHOLDERS else t for t in self.tokens
+        ]
         key_position = wildcards.index("{key}") + 1
         return self.filter, ".".join([*dest, f"{{{{partition({partitions},{key_position})}}}}"])
 

@@ -94,10 +94,19 @@ BUILTIN_UOM_CODES: Final[frozenset[str]] = frozenset(
 )
 """UN/ECE Recommendation 20 common codes accepted without configuration."""
 
-REC21_PACKAGE_CODES: Final[Mapping[str, str]] = MappingProxyType({
-    "BX": "XBX", "CT": "XCT", "CS": "XCS", "PK": "XPK", "BG": "XBG", "BO": "XBO",
-    "DR": "XDR", "PF": "XPX", "RO": "XRO",
-})
+REC21_PACKAGE_CODES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "BX": "XBX",
+        "CT": "XCT",
+        "CS": "XCS",
+        "PK": "XPK",
+        "BG": "XBG",
+        "BO": "XBO",
+        "DR": "XDR",
+        "PF": "XPX",
+        "RO": "XRO",
+    }
+)
 """Rec 21 package codes an earlier release took as units, and their Rec 20 codes. They are no
 units of Rec 20: events never carry them; an old config is read with them replaced (and says
 so), an MES message that sends one is refused with the Rec 20 code to use."""

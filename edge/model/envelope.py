@@ -118,15 +118,19 @@ class CloudEvent(BaseModel):
         EventType,
         BeforeValidator(event_type_of),
         PlainSerializer(cloudevent_type, return_type=str, when_used="json"),
-        WithJsonSchema({
-            "type": "string",
-            "enum": sorted(cloudevent_type(name) for name in get_args(EventType)),
-            "description": "Event type: a reverse-DNS prefix, the type and its version "
-            f"({CLOUDEVENT_TYPE_PREFIX}<type>.v<version>); selects the data model.",
-        }),
-    ] = Field(description="Event type; selects the data model. In Python it is the short name "
-              "(production.confirmation); in JSON it is the CloudEvents type "
-              "(com.plantsync.edge.production.confirmation.v1).")
+        WithJsonSchema(
+            {
+                "type": "string",
+                "enum": sorted(cloudevent_type(name) for name in get_args(EventType)),
+                "description": "Event type: a reverse-DNS prefix, the type and its version "
+                f"({CLOUDEVENT_TYPE_PREFIX}<type>.v<version>); selects the data model.",
+            }
+        ),
+    ] = Field(
+        description="Event type; selects the data model. In Python it is the short name "
+        "(production.confirmation); in JSON it is the CloudEvents type "
+        "(com.plantsync.edge.production.confirmation.v1)."
+    )
     time: UtcDateTime = Field(description="When it happened (the data's occurred_at), UTC.")
     subject: str | None = Field(
         default=None,

@@ -168,7 +168,8 @@ DataQuality = Literal["good", "uncertain"]
 _DATA_QUALITY_DOC = (
     "good: derived from an uninterrupted reading of the machine's state. uncertain: derived "
     "across a gap in the state source (source_gap); what the machine did within the gap is not "
-    "known, so times may be off by up to the gap's length.")
+    "known, so times may be off by up to the gap's length."
+)
 _SOURCE_GAP_DOC = "For uncertain data: the gap in the state source the event was derived across."
 
 
@@ -517,8 +518,9 @@ class OrderOperation(BaseModel):
     operation: Annotated[str, _OPERATION]
     work_center: Annotated[str | None, _WORK_CENTER] = None
     description: Annotated[str | None, Field(min_length=1, max_length=80)] = None
-    quantity: Quantity | None = Field(default=None, description="Planned quantity of the "
-                                      "operation, when ERP gives one.")
+    quantity: Quantity | None = Field(
+        default=None, description="Planned quantity of the operation, when ERP gives one."
+    )
 
 
 class OrderComponent(BaseModel):
@@ -539,34 +541,48 @@ class _OrderData(EventData):
     order_id: Annotated[str, _ORDER_ID]
     material: Annotated[str, _MATERIAL]
     quantity: Quantity = Field(description="Total quantity to produce (positive).")
-    bom_version: Annotated[str, Field(
-        min_length=1, max_length=40, description="Version of the bill of materials or recipe "
-        "the order was exploded with (SAP: ProductionVersion).")]
+    bom_version: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=40,
+            description="Version of the bill of materials or recipe "
+            "the order was exploded with (SAP: ProductionVersion).",
+        ),
+    ]
     planned_lot: Annotated[str | None, _LOT_ID] = None
     operations: tuple[OrderOperation, ...] = Field(
-        min_length=1, description="The routing's operations, numbers strictly ascending.")
+        min_length=1, description="The routing's operations, numbers strictly ascending."
+    )
     components: tuple[OrderComponent, ...] = Field(
-        default=(), description="The bill of materials: what the order consumes.")
+        default=(), description="The bill of materials: what the order consumes."
+    )
     status: OrderStatus = Field(description="The order's state in ERP.")
-    version: int = Field(ge=1, description="Release version of this order: 1 at its "
-                         "release, one more at every change the MES must see. A consumer "
-                         "keeps the highest and ignores what is not higher.")
+    version: int = Field(
+        ge=1,
+        description="Release version of this order: 1 at its "
+        "release, one more at every change the MES must see. A consumer "
+        "keeps the highest and ignores what is not higher.",
+    )
     erp_changed_at: UtcDateTime = Field(description="ERP's last change time of the order.")
 
     @model_validator(mode="after")
     def _routing(self) -> Self:
         numbers = [op.operation for op in self.operations]
         if numbers != sorted(set(numbers)):
-            raise ValueError(f"operations must be unique and in ascending order, got "
-                             f"{', '.join(numbers)}")
+            raise ValueError(
+                f"operations must be unique and in ascending order, got {', '.join(numbers)}"
+            )
         if self.quantity.as_decimal() <= 0:
             raise ValueError("quantity must be positive")
         for component in self.components:
             if component.quantity.as_decimal() <= 0:
                 raise ValueError(f"component {component.material}: quantity must be positive")
             if component.operation is not None and component.operation not in numbers:
-                raise ValueError(f"component {component.material} names operation "
-                                 f"{component.operation}, which the routing does not have")
+                raise ValueError(
+                    f"component {component.material} names operation "
+                    f"{component.operation}, which the routing does not have"
+                )
         return self
 
 
@@ -590,7 +606,8 @@ class OrderCancelled(_OrderData):
 
 
 ORDER_EVENT_MODELS: Final[Mapping[str, type[_OrderData]]] = MappingProxyType(
-    {model.EVENT_TYPE: model for model in (OrderReleased, OrderChanged, OrderCancelled)})
+    {model.EVENT_TYPE: model for model in (OrderReleased, OrderChanged, OrderCancelled)}
+)
 
 
 EVENT_MODELS: Final[Mapping[str, type[EventData]]] = MappingProxyType(

@@ -67,45 +67,64 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         facts = self.view.facts()
-        connected = GaugeMetricFamily("plantsync_driver_connected",
-                                      "1 when the driver is connected to its device",
-                                      labels=["driver"])
-        samples = CounterMetricFamily("plantsync_driver_samples",
-                                      "Samples received from the driver", labels=["driver"])
-        errors = CounterMetricFamily("plantsync_driver_errors",
-                                     "Read or connection errors of the driver", labels=["driver"])
-        age = GaugeMetricFamily("plantsync_driver_last_sample_age_seconds",
-                                "Seconds since the driver's last sample", labels=["driver"])
+        connected = GaugeMetricFamily(
+            "plantsync_driver_connected",
+            "1 when the driver is connected to its device",
+            labels=["driver"],
+        )
+        samples = CounterMetricFamily(
+            "plantsync_driver_samples", "Samples received from the driver", labels=["driver"]
+        )
+        errors = CounterMetricFamily(
+            "plantsync_driver_errors", "Read or connection errors of the driver", labels=["driver"]
+        )
+        age = GaugeMetricFamily(
+            "plantsync_driver_last_sample_age_seconds",
+            "Seconds since the driver's last sample",
+            labels=["driver"],
+        )
         for driver in facts.drivers:
             connected.add_metric([driver.name], 1.0 if driver.connected else 0.0)
             samples.add_metric([driver.name], driver.samples)
             errors.add_metric([driver.name], driver.errors or 0)
             if driver.last_sample_age is not None:
                 age.add_metric([driver.name], driver.last_sample_age)
-        rejected = CounterMetricFamily("plantsync_driver_rejected_messages",
-                                       "Messages kept as input dead letters (malformed or "
-                                       "invalid)", labels=["driver"])
-        dropped = CounterMetricFamily("plantsync_driver_dropped_messages",
-                                      "QoS 0 messages dropped while the outbox could not take "
-                                      "them", labels=["driver"])
+        rejected = CounterMetricFamily(
+            "plantsync_driver_rejected_messages",
+            "Messages kept as input dead letters (malformed or invalid)",
+            labels=["driver"],
+        )
+        dropped = CounterMetricFamily(
+            "plantsync_driver_dropped_messages",
+            "QoS 0 messages dropped while the outbox could not take them",
+            labels=["driver"],
+        )
         broker = {
             name: GaugeMetricFamily(f"plantsync_mqtt_broker_{name}", text, labels=["driver"])
             for name, text in (
-                ("dropped_messages", "Messages the MQTT broker dropped since it started (its "
-                 "$SYS/broker/publish/messages/dropped, all clients): full client queues"),
+                (
+                    "dropped_messages",
+                    "Messages the MQTT broker dropped since it started (its "
+                    "$SYS/broker/publish/messages/dropped, all clients): full client queues",
+                ),
                 ("stored_messages", "Messages the MQTT broker holds ($SYS store count)"),
                 ("uptime_seconds", "Seconds since the MQTT broker started ($SYS uptime)"),
-            )}
-        backlog = GaugeMetricFamily("plantsync_mqtt_backlog_peak_messages",
-                                    "Most MQTT messages received and not yet committed at "
-                                    "once (bounded by 4 batches)", labels=["driver"])
+            )
+        }
+        backlog = GaugeMetricFamily(
+            "plantsync_mqtt_backlog_peak_messages",
+            "Most MQTT messages received and not yet committed at once (bounded by 4 batches)",
+            labels=["driver"],
+        )
         for driver in facts.drivers:
             rejected.add_metric([driver.name], driver.rejected)
             if driver.dropped_qos0 is not None:
                 dropped.add_metric([driver.name], driver.dropped_qos0)
-            for metric, figure in (("dropped_messages", "dropped"),
-                                   ("stored_messages", "stored_messages"),
-                                   ("uptime_seconds", "uptime")):
+            for metric, figure in (
+                ("dropped_messages", "dropped"),
+                ("stored_messages", "stored_messages"),
+                ("uptime_seconds", "uptime"),
+            ):
                 value = driver.broker.get(figure)
                 if isinstance(value, float):
                     broker[metric].add_metric([driver.name], value)
@@ -115,26 +134,38 @@ class GatewayCollector(Collector):
 
         # Renamed in this release (a name ending in _units reads as a unit; a ratio says so);
         # the old names stay, with the same values, for one release (README: metrics).
-        for name, deprecated in (("plantsync_unassigned_production", ""),
-                                 ("plantsync_unassigned_units", " (deprecated: "
-                                  "plantsync_unassigned_production_total)")):
-            unassigned = CounterMetricFamily(name, "Units counted with no order bound "
-                                             f"(reported, not posted){deprecated}",
-                                             labels=["machine"])
+        for name, deprecated in (
+            ("plantsync_unassigned_production", ""),
+            ("plantsync_unassigned_units", " (deprecated: plantsync_unassigned_production_total)"),
+        ):
+            unassigned = CounterMetricFamily(
+                name,
+                f"Units counted with no order bound (reported, not posted){deprecated}",
+                labels=["machine"],
+            )
             for machine in facts.machines:
                 unassigned.add_metric([machine["id"]], machine["unassigned"])
             yield unassigned
         lots = list(facts.genealogy.values())
         if lots:
             complete = sum(f["complete"] for f in lots) / sum(f["lots"] for f in lots)
-            for name, deprecated in (("plantsync_genealogy_completeness_ratio", ""),
-                                     ("plantsync_genealogy_completeness", " (deprecated: "
-                                      "plantsync_genealogy_completeness_ratio)")):
-                yield GaugeMetricFamily(name, "Share of produced lots (recent orders) whose "
-                                        "input lots cover every required material"
-                                        f"{deprecated}", value=complete)
-        events = CounterMetricFamily("plantsync_events", "Events committed to the outbox",
-                                     labels=["type"])
+            for name, deprecated in (
+                ("plantsync_genealogy_completeness_ratio", ""),
+                (
+                    "plantsync_genealogy_completeness",
+                    " (deprecated: plantsync_genealogy_completeness_ratio)",
+                ),
+            ):
+                yield GaugeMetricFamily(
+                    name,
+                    "Share of produced lots (recent orders) whose "
+                    "input lots cover every required material"
+                    f"{deprecated}",
+                    value=complete,
+                )
+        events = CounterMetricFamily(
+            "plantsync_events", "Events committed to the outbox", labels=["type"]
+        )
         for event_type, count in sorted(facts.events_by_type.items()):
             events.add_metric([event_type], count)
         yield events
@@ -144,22 +175,34 @@ class GatewayCollector(Collector):
             ("delivered", stats.delivered, "Deliveries acknowledged by their destination"),
             ("retries", stats.retries, "Delivery attempts that will be retried"),
             ("dead_letters", stats.dead_lettered, "Deliveries moved to dead letters"),
-            ("duplicates_ignored", stats.duplicates_ignored,
-             "Events committed again with an id the outbox already held"),
+            (
+                "duplicates_ignored",
+                stats.duplicates_ignored,
+                "Events committed again with an id the outbox already held",
+            ),
             ("transactions", stats.transactions, "Outbox transactions (group commits)"),
-            ("refused_informational", stats.refused_informational,
-             "Informational events refused because the outbox was at its disk budget"),
-            ("dead_letters_retried", stats.dead_retried,
-             "Dead letters put back in line by hand (manual interventions)"),
+            (
+                "refused_informational",
+                stats.refused_informational,
+                "Informational events refused because the outbox was at its disk budget",
+            ),
+            (
+                "dead_letters_retried",
+                stats.dead_retried,
+                "Dead letters put back in line by hand (manual interventions)",
+            ),
             ("disk_full_waits", stats.disk_full_waits, "Times the disk was full"),
         ):
             yield CounterMetricFamily(f"plantsync_outbox_{name}", text, value=value)
 
-        depth = GaugeMetricFamily("plantsync_outbox_depth", "Deliveries held, by state",
-                                  labels=["destination", "state"])
-        oldest = GaugeMetricFamily("plantsync_outbox_oldest_pending_seconds",
-                                   "Age of the oldest pending delivery",
-                                   labels=["destination"])
+        depth = GaugeMetricFamily(
+            "plantsync_outbox_depth", "Deliveries held, by state", labels=["destination", "state"]
+        )
+        oldest = GaugeMetricFamily(
+            "plantsync_outbox_oldest_pending_seconds",
+            "Age of the oldest pending delivery",
+            labels=["destination"],
+        )
         # Every configured destination has its series, at 0 too: a series that vanishes
         # when the outbox empties reads as "no data", not "nothing owed".
         held = {name: DestinationCounts() for name in facts.configured_destinations or ()}
@@ -171,52 +214,74 @@ class GatewayCollector(Collector):
                 oldest.add_metric([destination], counts.oldest_pending_age)
         yield from (depth, oldest)
 
-        reachable = GaugeMetricFamily("plantsync_destination_up",
-                                      "1 when the last delivery attempt succeeded",
-                                      labels=["destination"])
+        reachable = GaugeMetricFamily(
+            "plantsync_destination_up",
+            "1 when the last delivery attempt succeeded",
+            labels=["destination"],
+        )
         for forwarder in facts.destinations:
-            reachable.add_metric([forwarder.name],
-                                 0.0 if forwarder.reachable is False else 1.0)
+            reachable.add_metric([forwarder.name], 0.0 if forwarder.reachable is False else 1.0)
         yield reachable
-        delivered = CounterMetricFamily("plantsync_destination_delivered",
-                                        "Deliveries acknowledged since the daemon started "
-                                        "(from the journal)", labels=["destination"])
+        delivered = CounterMetricFamily(
+            "plantsync_destination_delivered",
+            "Deliveries acknowledged since the daemon started (from the journal)",
+            labels=["destination"],
+        )
         for name, count in sorted(facts.delivered_since_start.items()):
             delivered.add_metric([name], count)
-        ratio = GaugeMetricFamily("plantsync_sync_success_ratio",
-                                  "Delivery success per destination: acknowledged since start "
-                                  "/ (acknowledged + dead letters parked now); the order sync "
-                                  "success rate is plantsync_order_sync_success_ratio",
-                                  labels=["destination"])
+        ratio = GaugeMetricFamily(
+            "plantsync_sync_success_ratio",
+            "Delivery success per destination: acknowledged since start "
+            "/ (acknowledged + dead letters parked now); the order sync "
+            "success rate is plantsync_order_sync_success_ratio",
+            labels=["destination"],
+        )
         for name, share in sync_success_ratio(facts).items():
             ratio.add_metric([name], share)
         yield from (delivered, ratio)
         yield from self.view.kpi_metrics()
-        yield CounterMetricFamily("plantsync_kpi_untracked",
-                                  "Events or lots that fell out of the KPI bounds unmeasured",
-                                  value=facts.kpi_untracked)
-        yield GaugeMetricFamily("plantsync_ready", "1 when /readyz answers ready",
-                                value=0.0 if not_ready_reasons(facts) else 1.0)
-        reloads = CounterMetricFamily("plantsync_config_reloads",
-                                      "Config reloads (SIGHUP) by outcome", labels=["outcome"])
+        yield CounterMetricFamily(
+            "plantsync_kpi_untracked",
+            "Events or lots that fell out of the KPI bounds unmeasured",
+            value=facts.kpi_untracked,
+        )
+        yield GaugeMetricFamily(
+            "plantsync_ready",
+            "1 when /readyz answers ready",
+            value=0.0 if not_ready_reasons(facts) else 1.0,
+        )
+        reloads = CounterMetricFamily(
+            "plantsync_config_reloads", "Config reloads (SIGHUP) by outcome", labels=["outcome"]
+        )
         for outcome, count in sorted(facts.reloads.items()):
             reloads.add_metric([outcome], count)
         yield reloads
         outbox = facts.outbox
-        yield GaugeMetricFamily("plantsync_outbox_database_bytes", "Size of the outbox files",
-                                value=outbox.database_bytes)
-        yield GaugeMetricFamily("plantsync_outbox_used_bytes",
-                                "Bytes the outbox's data uses, measured against max_size",
-                                value=outbox.used_bytes)
-        yield GaugeMetricFamily("plantsync_outbox_back_pressure",
-                                "1 while input is paused because the outbox has no room",
-                                value=0.0 if outbox.back_pressure is None else 1.0)
-        yield GaugeMetricFamily("plantsync_outbox_recovered_from_corruption",
-                                "1 when a damaged outbox database was moved aside at start",
-                                value=0.0 if outbox.recovered_from is None else 1.0)
-        yield GaugeMetricFamily("plantsync_outbox_integrity_problem",
-                                "1 when the integrity check found the database damaged",
-                                value=0.0 if outbox.integrity_problem is None else 1.0)
+        yield GaugeMetricFamily(
+            "plantsync_outbox_database_bytes",
+            "Size of the outbox files",
+            value=outbox.database_bytes,
+        )
+        yield GaugeMetricFamily(
+            "plantsync_outbox_used_bytes",
+            "Bytes the outbox's data uses, measured against max_size",
+            value=outbox.used_bytes,
+        )
+        yield GaugeMetricFamily(
+            "plantsync_outbox_back_pressure",
+            "1 while input is paused because the outbox has no room",
+            value=0.0 if outbox.back_pressure is None else 1.0,
+        )
+        yield GaugeMetricFamily(
+            "plantsync_outbox_recovered_from_corruption",
+            "1 when a damaged outbox database was moved aside at start",
+            value=0.0 if outbox.recovered_from is None else 1.0,
+        )
+        yield GaugeMetricFamily(
+            "plantsync_outbox_integrity_problem",
+            "1 when the integrity check found the database damaged",
+            value=0.0 if outbox.integrity_problem is None else 1.0,
+        )
 
 
 def create_app(gateway: GatewayView, api: ApiConfig) -> Asgi:
@@ -250,8 +315,7 @@ def create_app(gateway: GatewayView, api: ApiConfig) -> Asgi:
         # The token was checked by the guard where it is needed; the OS user is what the CLI
         # says, journalled as such.
         claimed = request.headers.get(CLI_USER_HEADER)
-        who = API_TOKEN_WHO + (f" ({printable(claimed[:100])}, as the CLI says)"
-                               if claimed else "")
+        who = API_TOKEN_WHO + (f" ({printable(claimed[:100])}, as the CLI says)" if claimed else "")
         try:
             args = json.loads(await request.body() or b"{}")
             if not isinstance(args, dict):
@@ -280,27 +344,35 @@ def create_app(gateway: GatewayView, api: ApiConfig) -> Asgi:
             since = float(request.query_params.get("since", "0"))
             limit = min(1000, int(request.query_params.get("limit", "200")))
         except ValueError:
-            return JSONResponse({"error": "since is a Unix time, limit a number"},
-                                status_code=400)
+            return JSONResponse({"error": "since is a Unix time, limit a number"}, status_code=400)
         rows = gateway.exception_list(state, since, limit)
-        return answer({"exceptions": rows,
-                       "open": sum(1 for row in rows if row["state"] == "open")})
+        return answer(
+            {"exceptions": rows, "open": sum(1 for row in rows if row["state"] == "open")}
+        )
 
     async def reconciliation(request: Request) -> Response:
         return answer(gateway.reconciliation())
 
-    app = Starlette(routes=[
-        Route("/healthz", healthz), Route("/readyz", readyz), Route("/status", status),
-        Route("/metrics", metrics), Route("/outbox/{operation}", outbox, methods=["POST"]),
-        Route("/lots/{lot_id:path}", lot), Route("/exceptions", exceptions),
-        Route("/reconciliation", reconciliation),
-    ])
-    return ApiGuard(app, token=lambda: gateway.api_token, changes=CHANGE_PATHS,
-                    on_loopback=api.on_loopback)
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/status", status),
+            Route("/metrics", metrics),
+            Route("/outbox/{operation}", outbox, methods=["POST"]),
+            Route("/lots/{lot_id:path}", lot),
+            Route("/exceptions", exceptions),
+            Route("/reconciliation", reconciliation),
+        ]
+    )
+    return ApiGuard(
+        app, token=lambda: gateway.api_token, changes=CHANGE_PATHS, on_loopback=api.on_loopback
+    )
 
 
 _LOT_ID: TypeAdapter[str] = TypeAdapter(
-    Annotated[str, LotDisposition.model_fields["lot_id"]])  # the canonical model's rule
+    Annotated[str, LotDisposition.model_fields["lot_id"]]
+)  # the canonical model's rule
 
 
 def lot_id_problem(lot_id: str) -> str | None:
@@ -311,10 +383,14 @@ def lot_id_problem(lot_id: str) -> str | None:
     except ValidationError as exc:
         error = exc.errors()[0]
         if error["type"] == "string_too_long":
-            return (f"lot_id is {len(lot_id)} characters long; a lot number has at most "
-                    f"{error['ctx']['max_length']}")
-        return (f"lot_id {printable(lot_id[:80])!r} is not a lot number: it must start with a "
-                "letter or digit and hold only letters, digits and . _ : / -")
+            return (
+                f"lot_id is {len(lot_id)} characters long; a lot number has at most "
+                f"{error['ctx']['max_length']}"
+            )
+        return (
+            f"lot_id {printable(lot_id[:80])!r} is not a lot number: it must start with a "
+            "letter or digit and hold only letters, digits and . _ : / -"
+        )
     return None
 
 
@@ -328,11 +404,19 @@ class EmbeddedServer(uvicorn.Server):
 
 def make_server(gateway: GatewayView, api: ApiConfig) -> EmbeddedServer:
     if not api.on_loopback:
-        log.warning("The local API listens off loopback, on %s: every call but /healthz, "
-                    "/readyz and /metrics needs the token (Authorization: Bearer ...)",
-                    api.listen)
-    config = ApiServerConfig(create_app(gateway, api), host=api.host, port=api.port,
-                             max_connections=api.max_connections,
-                             request_timeout=api.request_timeout,
-                             log_level="warning", access_log=False, lifespan="off")
+        log.warning(
+            "The local API listens off loopback, on %s: every call but /healthz, "
+            "/readyz and /metrics needs the token (Authorization: Bearer ...)",
+            api.listen,
+        )
+    config = ApiServerConfig(
+        create_app(gateway, api),
+        host=api.host,
+        port=api.port,
+        max_connections=api.max_connections,
+        request_timeout=api.request_timeout,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
     return EmbeddedServer(config)

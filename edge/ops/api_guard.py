@@ -51,17 +51,19 @@ Send = Callable[[Message], Awaitable[None]]
 Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _TIMED_OUT_BODY = b'{"error": "the request took too long to arrive"}'
-_TIMED_OUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-              b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-              % (len(_TIMED_OUT_BODY), _TIMED_OUT_BODY))
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMED_OUT_BODY), _TIMED_OUT_BODY)
+)
 _LOG_EVERY = 60.0
 
 
 class ApiServerConfig(uvicorn.Config):
     """uvicorn's config plus the two bounds the guarded protocol enforces."""
 
-    def __init__(self, app: Any, *, max_connections: int, request_timeout: float,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, app: Any, *, max_connections: int, request_timeout: float, **kwargs: Any
+    ) -> None:
         super().__init__(app, http=GuardedH11Protocol, **kwargs)
         self.max_connections = max_connections
         self.request_timeout = request_timeout
@@ -77,8 +79,11 @@ class GuardedH11Protocol(H11Protocol):
         self.waiting_since: float | None = None
         self._deadline: asyncio.TimerHandle | None = None
         if len(self.connections) >= self.config.max_connections and not self._make_room():
-            self._warn("the local API is at its connection limit (%d) and every connection "
-                       "is being answered; refused a new one", self.config.max_connections)
+            self._warn(
+                "the local API is at its connection limit (%d) and every connection "
+                "is being answered; refused a new one",
+                self.config.max_connections,
+            )
             transport.abort()
             return
         super().connection_made(transport)
@@ -125,13 +130,21 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
     def _make_room(self) -> bool:
-        waiting = [c for c in self.connections if isinstance(c, GuardedH11Protocol)
-                   and c.waiting_since is not None and not c.transport.is_closing()]
+        waiting = [
+            c
+            for c in self.connections
+            if isinstance(c, GuardedH11Protocol)
+            and c.waiting_since is not None
+            and not c.transport.is_closing()
+        ]
         if not waiting:
             return False
         oldest = min(waiting, key=lambda c: c.waiting_since or 0.0)
-        self._warn("the local API is at its connection limit (%d): closing the connections "
-                   "that waited longest for their request", self.config.max_connections)
+        self._warn(
+            "the local API is at its connection limit (%d): closing the connections "
+            "that waited longest for their request",
+            self.config.max_connections,
+        )
         oldest.close_waiting()
         self.connections.discard(oldest)
         return True
@@ -165,8 +178,15 @@ def bearer_matches(authorization: str | None, token: str) -> bool:
 class ApiGuard:
     """ASGI middleware: the token where it is needed, then a body of at most BODY_LIMIT."""
 
-    def __init__(self, app: Asgi, *, token: Callable[[], str], changes: frozenset[str],
-                 on_loopback: bool, body_limit: int = BODY_LIMIT) -> None:
+    def __init__(
+        self,
+        app: Asgi,
+        *,
+        token: Callable[[], str],
+        changes: frozenset[str],
+        on_loopback: bool,
+        body_limit: int = BODY_LIMIT,
+    ) -> None:
         self.app = app
         self.token = token
         self.changes = changes
@@ -177,20 +197,34 @@ class ApiGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1")
-                   for name, value in scope["headers"]}
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in scope["headers"]
+        }
         if token_required(scope["path"], self.changes, on_loopback=self.on_loopback) and (
-                not bearer_matches(headers.get("authorization"), self.token())):
-            why = ("this call changes the outbox" if self.on_loopback else
-                   "the API listens off loopback, where every call but /healthz, /readyz and "
-                   "/metrics")
-            await _answer(send, 401, f"{why}: it needs the API token as "
-                          "Authorization: Bearer ...", {"www-authenticate": "Bearer"})
+            not bearer_matches(headers.get("authorization"), self.token())
+        ):
+            why = (
+                "this call changes the outbox"
+                if self.on_loopback
+                else "the API listens off loopback, where every call but /healthz, /readyz and "
+                "/metrics"
+            )
+            await _answer(
+                send,
+                401,
+                f"{why}: it needs the API token as Authorization: Bearer ...",
+                {"www-authenticate": "Bearer"},
+            )
             return
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.body_limit):
-            await _answer(send, 413, f"the body is larger than {self.body_limit} bytes",
-                          {"connection": "close"})
+            await _answer(
+                send,
+                413,
+                f"the body is larger than {self.body_limit} bytes",
+                {"connection": "close"},
+            )
             return
         body = bytearray()
         more = scope["method"] not in ("GET", "HEAD")
@@ -201,8 +235,12 @@ class ApiGuard:
             body += message.get("body", b"")
             more = bool(message.get("more_body"))
             if len(body) > self.body_limit:
-                await _answer(send, 413, f"the body is larger than {self.body_limit} bytes",
-                              {"connection": "close"})
+                await _answer(
+                    send,
+                    413,
+                    f"the body is larger than {self.body_limit} bytes",
+                    {"connection": "close"},
+                )
                 return
         delivered = False
 
@@ -218,8 +256,10 @@ class ApiGuard:
 
 async def _answer(send: Send, status: int, error: str, extra: dict[str, str]) -> None:
     body = json.dumps({"error": error}).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()),
-               *((name.encode(), value.encode()) for name, value in extra.items())]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.encode(), value.encode()) for name, value in extra.items()),
+    ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -98,15 +98,17 @@ def _row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> dict[str, Any]:
     return found
 
 
-def listing(db: sqlite3.Connection, state: str = "all", since: float = 0.0,
-            limit: int = 200) -> list[dict[str, Any]]:
+def listing(
+    db: sqlite3.Connection, state: str = "all", since: float = 0.0, limit: int = 200
+) -> list[dict[str, Any]]:
     """Exceptions newest first: `open`, `closed` or `all`; closed ones since `since`."""
-    where = {"open": "cleared_at IS NULL", "closed": "cleared_at IS NOT NULL",
-             "all": "1"}[state]
+    where = {"open": "cleared_at IS NULL", "closed": "cleared_at IS NOT NULL", "all": "1"}[state]
     cursor = db.execute(
         f"SELECT id, kind, subject, roles, text, correlation, inspect, raised_at, cleared_at,"
         f" cleared_because, notified FROM exceptions WHERE {where} AND"
-        f" (cleared_at IS NULL OR cleared_at >= ?) ORDER BY id DESC LIMIT ?", (since, limit))
+        f" (cleared_at IS NULL OR cleared_at >= ?) ORDER BY id DESC LIMIT ?",
+        (since, limit),
+    )
     return [_row(cursor, row) for row in cursor.fetchall()]
 
 
@@ -115,30 +117,34 @@ class MqttChannel:
 
     def __init__(self, driver: MqttConfig, topic: str) -> None:
         self.topic = topic
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
-                                  client_id=f"plantsync-exceptions-{uuid.uuid4().hex[:8]}",
-                                  protocol=mqtt.MQTTv5 if driver.protocol == "5"
-                                  else mqtt.MQTTv311)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"plantsync-exceptions-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5 if driver.protocol == "5" else mqtt.MQTTv311,
+        )
         set_credentials(self.client, driver)
         self.client.reconnect_delay_set(1, int(driver.reconnect_max_delay) or 30)
         self.host, self.port = driver.host, driver.port
         # paho reconnects by itself; the shared piece says once when the broker goes and once
         # when it is back (from paho's thread: two log lines and a flag).
-        self.availability = Availability(f"MQTT broker {driver.host}:{driver.port} for "
-                                         f"exceptions on {topic}", log)
+        self.availability = Availability(
+            f"MQTT broker {driver.host}:{driver.port} for exceptions on {topic}", log
+        )
         self._stopping = False
         self.client.on_connect = self._connected
         self.client.on_disconnect = self._disconnected
 
-    def _connected(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any,
-                   properties: Any) -> None:
+    def _connected(
+        self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any
+    ) -> None:
         if code.is_failure:
             self.availability.lost(f"the broker refused the connection ({code})")
         else:
             self.availability.back()
 
-    def _disconnected(self, client: mqtt.Client, userdata: Any, flags: Any, code: Any,
-                      properties: Any) -> None:
+    def _disconnected(
+        self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any
+    ) -> None:
         if not self._stopping:  # our own disconnect at a stop is no outage
             self.availability.lost(f"disconnected ({code}); what is published waits in memory")
 
@@ -161,8 +167,9 @@ class ExceptionBoard:
     and `sync` from anywhere in the event loop, `run()` as a task (it hands raises and clears to
     the channels), `stop()`."""
 
-    def __init__(self, config: PlantConfig, db: sqlite3.Connection,
-                 outbox: Outbox | None = None) -> None:
+    def __init__(
+        self, config: PlantConfig, db: sqlite3.Connection, outbox: Outbox | None = None
+    ) -> None:
         self.config = config
         self.db = db
         self.outbox = outbox
@@ -181,8 +188,9 @@ class ExceptionBoard:
 
     # -- raise and clear ---------------------------------------------------------------------
 
-    def raise_exception(self, kind: ExceptionKind, condition: Condition,
-                        now: float | None = None) -> bool:
+    def raise_exception(
+        self, kind: ExceptionKind, condition: Condition, now: float | None = None
+    ) -> bool:
         """Raise unless an exception of this kind and subject is open; True if raised."""
         at = time.time() if now is None else now
         roles = self.roles_for(kind)
@@ -190,42 +198,59 @@ class ExceptionBoard:
             self._write(
                 "INSERT INTO exceptions(kind, subject, roles, text, correlation, inspect,"
                 " raised_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (kind, condition.subject, json.dumps(roles), condition.text,
-                 json.dumps(dict(condition.correlation)), condition.inspect, at))
+                (
+                    kind,
+                    condition.subject,
+                    json.dumps(roles),
+                    condition.text,
+                    json.dumps(dict(condition.correlation)),
+                    condition.inspect,
+                    at,
+                ),
+            )
         except sqlite3.IntegrityError:
             return False  # open already: raised once
         self.raised[kind] += 1
-        log.warning("Exception raised for %s: %s: %s", ", ".join(roles) or "no role",
-                    condition.subject, condition.text,
-                    extra={"exception_kind": kind, **dict(condition.correlation)})
+        log.warning(
+            "Exception raised for %s: %s: %s",
+            ", ".join(roles) or "no role",
+            condition.subject,
+            condition.text,
+            extra={"exception_kind": kind, **dict(condition.correlation)},
+        )
         self._wake.set()
         return True
 
-    def clear_exception(self, kind: ExceptionKind, subject: str, because: str = "it ended",
-                        now: float | None = None) -> bool:
+    def clear_exception(
+        self, kind: ExceptionKind, subject: str, because: str = "it ended", now: float | None = None
+    ) -> bool:
         """Clear the open exception of this kind and subject; True if one was open."""
         at = time.time() if now is None else now
         changed = self._write(
             "UPDATE exceptions SET cleared_at = ?, cleared_because = ? WHERE kind = ? AND"
-            " subject = ? AND cleared_at IS NULL", (at, because, kind, subject))
+            " subject = ? AND cleared_at IS NULL",
+            (at, because, kind, subject),
+        )
         if not changed:
             return False
         self.cleared[kind] += 1
-        log.info("Exception cleared: %s (%s): %s", subject, kind, because,
-                 extra={"exception_kind": kind})
+        log.info(
+            "Exception cleared: %s (%s): %s", subject, kind, because, extra={"exception_kind": kind}
+        )
         self._wake.set()
         return True
 
-    def sync(self, kind: ExceptionKind, current: Sequence[Condition],
-             now: float | None = None) -> None:
+    def sync(
+        self, kind: ExceptionKind, current: Sequence[Condition], now: float | None = None
+    ) -> None:
         """Level-triggered kinds: raise each condition not open yet, clear each open one that
         is no longer among `current`."""
         seen = {condition.subject for condition in current}
         for condition in current:
             self.raise_exception(kind, condition, now)
         for (subject,) in self.db.execute(
-                "SELECT subject FROM exceptions WHERE kind = ? AND cleared_at IS NULL",
-                (kind,)).fetchall():
+            "SELECT subject FROM exceptions WHERE kind = ? AND cleared_at IS NULL", (kind,)
+        ).fetchall():
             if subject not in seen:
                 self.clear_exception(kind, subject, "the condition ended", now)
 
@@ -235,7 +260,8 @@ class ExceptionBoard:
     def open_counts(self) -> dict[str, int]:
         counts: dict[str, int] = dict.fromkeys(EXCEPTION_KINDS, 0)
         for kind, count in self.db.execute(
-                "SELECT kind, COUNT(*) FROM exceptions WHERE cleared_at IS NULL GROUP BY kind"):
+            "SELECT kind, COUNT(*) FROM exceptions WHERE cleared_at IS NULL GROUP BY kind"
+        ):
             counts[kind] = count
         return counts
 
@@ -271,7 +297,8 @@ class ExceptionBoard:
         due = self.db.execute(
             "SELECT id, kind, subject, roles, text, correlation, inspect, raised_at,"
             " cleared_at, cleared_because, notified FROM exceptions WHERE notified = 'none'"
-            " OR (notified = 'raised' AND cleared_at IS NOT NULL) ORDER BY id")
+            " OR (notified = 'raised' AND cleared_at IS NOT NULL) ORDER BY id"
+        )
         rows = [_row(due, row) for row in due.fetchall()]
         for row in rows:
             steps = ["raised", "cleared"] if row["notified"] == "none" else ["cleared"]
@@ -279,14 +306,20 @@ class ExceptionBoard:
                 steps = ["raised"]
             for step in steps:
                 document = self.cloudevent(row, step)
-                webhooks = sorted({name for role in row["roles"]
-                                   for name in self._webhooks(role)})
+                webhooks = sorted({name for role in row["roles"] for name in self._webhooks(role)})
                 if webhooks and self.outbox is not None:
-                    await self.outbox.commit([OutboxEvent(
-                        id=document["id"], type=f"exception.{step}",
-                        partition_key=document["partitionkey"],
-                        payload=json.dumps(document).encode(), destinations=tuple(webhooks),
-                        priority=NOTIFY_PRIORITY)])
+                    await self.outbox.commit(
+                        [
+                            OutboxEvent(
+                                id=document["id"],
+                                type=f"exception.{step}",
+                                partition_key=document["partitionkey"],
+                                payload=json.dumps(document).encode(),
+                                destinations=tuple(webhooks),
+                                priority=NOTIFY_PRIORITY,
+                            )
+                        ]
+                    )
                 for role in row["roles"]:
                     if role in self.mqtt:
                         self.mqtt[role].publish(document)
@@ -295,8 +328,11 @@ class ExceptionBoard:
 
     def _webhooks(self, role: str) -> list[str]:
         channels = self.config.exceptions.roles.get(role)
-        return [] if channels is None else [name for name in channels.webhook
-                                            if name in self.config.destinations]
+        return (
+            []
+            if channels is None
+            else [name for name in channels.webhook if name in self.config.destinations]
+        )
 
     def cloudevent(self, row: Mapping[str, Any], step: str) -> dict[str, Any]:
         """The CloudEvent a webhook receives for a raise or a clear."""
@@ -306,20 +342,39 @@ class ExceptionBoard:
             "specversion": "1.0",
             # Derived, as every event id: a raise handed on again after a crash is the same
             # event, which the outbox ignores.
-            "id": str(uuid.uuid5(EVENT_ID_NAMESPACE, "|".join(
-                (f"exception.{step}", self.config.site, row["kind"], row["subject"],
-                 str(int(row["raised_at"] * 1000)))))),
+            "id": str(
+                uuid.uuid5(
+                    EVENT_ID_NAMESPACE,
+                    "|".join(
+                        (
+                            f"exception.{step}",
+                            self.config.site,
+                            row["kind"],
+                            row["subject"],
+                            str(int(row["raised_at"] * 1000)),
+                        )
+                    ),
+                )
+            ),
             "source": f"urn:plantsync:{self.config.site}:exceptions",
             "type": RAISED_TYPE if step == "raised" else CLEARED_TYPE,
-            "time": datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z"),
+            "time": datetime.fromtimestamp(at, UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "subject": row["subject"],
             "datacontenttype": "application/json",
             "partitionkey": key,
-            "data": {"exception_id": row["id"], "kind": row["kind"], "state":
-                     "open" if step == "raised" else "closed", "roles": row["roles"],
-                     "subject": row["subject"], "text": row["text"],
-                     "correlation": row["correlation"], "inspect": row["inspect"],
-                     "raised_at": row["raised_at"], "cleared_at": row["cleared_at"],
-                     "cleared_because": row["cleared_because"]},
+            "data": {
+                "exception_id": row["id"],
+                "kind": row["kind"],
+                "state": "open" if step == "raised" else "closed",
+                "roles": row["roles"],
+                "subject": row["subject"],
+                "text": row["text"],
+                "correlation": row["correlation"],
+                "inspect": row["inspect"],
+                "raised_at": row["raised_at"],
+                "cleared_at": row["cleared_at"],
+                "cleared_because": row["cleared_because"],
+            },
         }

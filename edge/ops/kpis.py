@@ -35,10 +35,36 @@ from edge.model.envelope import CloudEvent
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-                   3600.0, 14400.0, 86400.0)
-TURNAROUND_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
-                      259200.0, 604800.0)
+LATENCY_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    14400.0,
+    86400.0,
+)
+TURNAROUND_BUCKETS = (
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    28800.0,
+    86400.0,
+    259200.0,
+    604800.0,
+)
 MAX_TRACKED_EVENTS = 100_000
 MAX_TRACKED_LOTS = 20_000
 JOURNAL_PAGE = 1000
@@ -69,22 +95,38 @@ class DeliveryKpis:
     """Call order: `on_committed` from the pipeline (its observer), `follow(outbox)` as a task;
     `collect()` and `delivered` may be read at any time."""
 
-    def __init__(self, *, max_events: int = MAX_TRACKED_EVENTS,
-                 max_lots: int = MAX_TRACKED_LOTS) -> None:
+    def __init__(
+        self, *, max_events: int = MAX_TRACKED_EVENTS, max_lots: int = MAX_TRACKED_LOTS
+    ) -> None:
         self.latency = Histogram(
-            "plantsync_delivery_latency_seconds", "From the outbox commit to the destination's "
-            "acknowledgement", ["destination"], buckets=LATENCY_BUCKETS, registry=None)
+            "plantsync_delivery_latency_seconds",
+            "From the outbox commit to the destination's acknowledgement",
+            ["destination"],
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
         self.completion_posting = Histogram(
-            "plantsync_completion_posting_seconds", "Completions (operation.completed, final "
+            "plantsync_completion_posting_seconds",
+            "Completions (operation.completed, final "
             "production.confirmation): from occurred_at on the shop floor to the destination's "
-            "acknowledgement", ["destination"], buckets=LATENCY_BUCKETS, registry=None)
+            "acknowledgement",
+            ["destination"],
+            buckets=LATENCY_BUCKETS,
+            registry=None,
+        )
         self.inspection_turnaround = Histogram(
-            "plantsync_inspection_turnaround_seconds", "From the QMS acknowledging a lot's "
-            "inspection request to the lot's disposition arriving", buckets=TURNAROUND_BUCKETS,
-            registry=None)
+            "plantsync_inspection_turnaround_seconds",
+            "From the QMS acknowledging a lot's "
+            "inspection request to the lot's disposition arriving",
+            buckets=TURNAROUND_BUCKETS,
+            registry=None,
+        )
         self.hold_to_release = Histogram(
-            "plantsync_lot_hold_to_release_seconds", "From a lot going on hold to its release",
-            buckets=TURNAROUND_BUCKETS, registry=None)
+            "plantsync_lot_hold_to_release_seconds",
+            "From a lot going on hold to its release",
+            buckets=TURNAROUND_BUCKETS,
+            registry=None,
+        )
         self.delivered: Counter[str] = Counter()
         """Deliveries acknowledged since the daemon started, per destination (journal)."""
         self.untracked = 0
@@ -99,8 +141,12 @@ class DeliveryKpis:
 
     # -- what the pipeline commits ------------------------------------------------------------
 
-    def on_committed(self, events: Sequence[CloudEvent], routes: Callable[[str], list[str]],
-                     now: float | None = None) -> None:
+    def on_committed(
+        self,
+        events: Sequence[CloudEvent],
+        routes: Callable[[str], list[str]],
+        now: float | None = None,
+    ) -> None:
         committed_at = time.time() if now is None else now
         for event in events:
             data = event.data
@@ -108,10 +154,16 @@ class DeliveryKpis:
             destinations = set(routes(event.type))
             if destinations:
                 completion = event.type == "operation.completed" or (
-                    event.type == "production.confirmation" and bool(data.get("is_final")))
-                self._owed[event.id] = _Owed(event.type, committed_at,
-                                             _timestamp(data.get("occurred_at")), lot_id,
-                                             completion, destinations)
+                    event.type == "production.confirmation" and bool(data.get("is_final"))
+                )
+                self._owed[event.id] = _Owed(
+                    event.type,
+                    committed_at,
+                    _timestamp(data.get("occurred_at")),
+                    lot_id,
+                    completion,
+                    destinations,
+                )
                 self._bound(self._owed, self._max_events)
             if not isinstance(lot_id, str):
                 continue
@@ -122,16 +174,17 @@ class DeliveryKpis:
             elif event.type == "lot.disposition":
                 self._disposition(lot_id, str(data.get("disposition")), occurred, committed_at)
 
-    def observer(self, routes: Callable[[str], list[str]]
-                 ) -> Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None]:
+    def observer(
+        self, routes: Callable[[str], list[str]]
+    ) -> Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None]:
         """The pipeline's observer, routing by `routes` (the config of the moment)."""
+
         def observe(events: Sequence[CloudEvent], rejected: Sequence[RejectedInput]) -> None:
             self.on_committed(events, routes)
 
         return observe
 
-    def _disposition(self, lot_id: str, disposition: str, occurred: float,
-                     received: float) -> None:
+    def _disposition(self, lot_id: str, disposition: str, occurred: float, received: float) -> None:
         acked = self._inspection_acked.pop(lot_id, None)
         if acked is not None:
             self.inspection_turnaround.observe(max(0.0, received - acked))
@@ -156,7 +209,8 @@ class DeliveryKpis:
         self.latency.labels(destination).observe(max(0.0, delivered_at - owed.committed_at))
         if owed.completion and owed.occurred_at is not None:
             self.completion_posting.labels(destination).observe(
-                max(0.0, delivered_at - owed.occurred_at))
+                max(0.0, delivered_at - owed.occurred_at)
+            )
         if owed.type == "inspection.requested" and owed.lot_id is not None:
             self._inspection_acked.setdefault(owed.lot_id, delivered_at)
             self._bound(self._inspection_acked, self._max_lots)
@@ -196,6 +250,10 @@ class DeliveryKpis:
     # -- metrics ------------------------------------------------------------------------------
 
     def collect(self) -> Iterator[Metric]:
-        for histogram in (self.latency, self.completion_posting, self.inspection_turnaround,
-                          self.hold_to_release):
+        for histogram in (
+            self.latency,
+            self.completion_posting,
+            self.inspection_turnaround,
+            self.hold_to_release,
+        ):
             yield from histogram.collect()

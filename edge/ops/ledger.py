@@ -92,8 +92,9 @@ class MesOrderReport:
 def connect(path: Path, *, read_only: bool = False) -> sqlite3.Connection:
     """The operations database at `path` (created with its tables unless `read_only`)."""
     if read_only:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                             check_same_thread=False)
+        db = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
         db.execute("PRAGMA busy_timeout = 5000")
         return db
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +130,22 @@ def event_row(event: CloudEvent, committed_at: float) -> tuple[Any, ...] | None:
         return None
     yield_value, uom = _quantity(data.get("yield_quantity") or data.get("quantity"))
     scrap_value, scrap_uom = _quantity(data.get("scrap_quantity"))
-    return (event.id, event.type, order_id, data.get("operation"), lot_id, data.get("material"),
-            yield_value, scrap_value, uom or scrap_uom, 1 if data.get("is_final") else 0,
-            data.get("disposition"), event.sourcemessageid,
-            _timestamp(data.get("occurred_at")), committed_at)
+    return (
+        event.id,
+        event.type,
+        order_id,
+        data.get("operation"),
+        lot_id,
+        data.get("material"),
+        yield_value,
+        scrap_value,
+        uom or scrap_uom,
+        1 if data.get("is_final") else 0,
+        data.get("disposition"),
+        event.sourcemessageid,
+        _timestamp(data.get("occurred_at")),
+        committed_at,
+    )
 
 
 class OrderLedger:
@@ -159,15 +172,29 @@ class OrderLedger:
         committed_at = time.time() if now is None else now
         rows = [row for event in events if (row := event_row(event, committed_at)) is not None]
         if rows:
-            self._write("INSERT OR IGNORE INTO order_events VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._write(
+                "INSERT OR IGNORE INTO order_events VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
-    def record_reports(self, reports: Sequence[MesOrderReport], now: float | None = None
-                       ) -> None:
+    def record_reports(self, reports: Sequence[MesOrderReport], now: float | None = None) -> None:
         """MES order reports (starts and ends)."""
         recorded_at = time.time() if now is None else now
-        rows = [(r.order_id, r.operation, r.kind, r.machine_id, r.yield_value, r.scrap_value,
-                 r.uom, r.occurred_at, recorded_at) for r in reports]
+        rows = [
+            (
+                r.order_id,
+                r.operation,
+                r.kind,
+                r.machine_id,
+                r.yield_value,
+                r.scrap_value,
+                r.uom,
+                r.occurred_at,
+                recorded_at,
+            )
+            for r in reports
+        ]
         if not rows:
             return
         self._write(
@@ -176,7 +203,9 @@ class OrderLedger:
             " machine_id = excluded.machine_id,"
             " yield_value = COALESCE(excluded.yield_value, yield_value),"
             " scrap_value = COALESCE(excluded.scrap_value, scrap_value),"
-            " uom = COALESCE(excluded.uom, uom), occurred_at = excluded.occurred_at", rows)
+            " uom = COALESCE(excluded.uom, uom), occurred_at = excluded.occurred_at",
+            rows,
+        )
 
     def backfill_since(self) -> float:
         """Where `read_back` starts: shortly before the ledger's newest row."""
@@ -187,8 +216,11 @@ class OrderLedger:
         """Write what `read_back` found; return how many rows were added."""
         before = self._db.total_changes
         if rows:
-            self._write("INSERT OR IGNORE INTO order_events VALUES "
-                        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._write(
+                "INSERT OR IGNORE INTO order_events VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
         added = self._db.total_changes - before
         if added:
             log.info("The order ledger read back %d event(s) from the outbox", added)
@@ -206,10 +238,12 @@ class OrderLedger:
     def prune(self, retention: float, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - retention
         with self._transaction() as db:
-            pruned = db.execute("DELETE FROM order_events WHERE committed_at < ?",
-                                (cutoff,)).rowcount
-            pruned += db.execute("DELETE FROM mes_reports WHERE recorded_at < ?",
-                                 (cutoff,)).rowcount
+            pruned = db.execute(
+                "DELETE FROM order_events WHERE committed_at < ?", (cutoff,)
+            ).rowcount
+            pruned += db.execute(
+                "DELETE FROM mes_reports WHERE recorded_at < ?", (cutoff,)
+            ).rowcount
         return int(pruned)
 
     def _write(self, statement: str, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -240,8 +274,9 @@ def read_back(outbox_path: Path, since: float) -> list[tuple[Any, ...]]:
     except sqlite3.Error:
         return []
     try:
-        found = outbox.execute("SELECT payload, created_at FROM events WHERE created_at >= ?",
-                               (since,)).fetchall()
+        found = outbox.execute(
+            "SELECT payload, created_at FROM events WHERE created_at >= ?", (since,)
+        ).fetchall()
     except sqlite3.Error:
         return []
     finally:
@@ -259,6 +294,7 @@ def read_back(outbox_path: Path, since: float) -> list[tuple[Any, ...]]:
 
 # -- reads (a connection of the daemon's ledger, or one the CLI opened read-only) -------------
 
+
 def decimal_of(text: str | None) -> Decimal:
     try:
         return Decimal(text) if text is not None else Decimal(0)
@@ -266,28 +302,32 @@ def decimal_of(text: str | None) -> Decimal:
         return Decimal(0)
 
 
-def orders_ended_since(db: sqlite3.Connection, since: float, until: float | None = None
-                       ) -> list[str]:
+def orders_ended_since(
+    db: sqlite3.Connection, since: float, until: float | None = None
+) -> list[str]:
     """Orders whose operation MES ended, or the gateway completed, within the window."""
     until = time.time() if until is None else until
     rows = db.execute(
         "SELECT order_id FROM mes_reports WHERE kind = 'ended' AND occurred_at BETWEEN ? AND ?"
         " UNION SELECT order_id FROM order_events WHERE event_type = 'operation.completed'"
         " AND order_id IS NOT NULL AND COALESCE(occurred_at, committed_at) BETWEEN ? AND ?",
-        (since, until, since, until)).fetchall()
+        (since, until, since, until),
+    ).fetchall()
     return sorted(order_id for (order_id,) in rows)
 
 
 def order_events(db: sqlite3.Connection, order_id: str) -> list[dict[str, Any]]:
-    cursor = db.execute("SELECT * FROM order_events WHERE order_id = ?"
-                        " ORDER BY committed_at, event_id", (order_id,))
+    cursor = db.execute(
+        "SELECT * FROM order_events WHERE order_id = ? ORDER BY committed_at, event_id", (order_id,)
+    )
     names = [column[0] for column in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def mes_reports(db: sqlite3.Connection, order_id: str) -> list[dict[str, Any]]:
-    cursor = db.execute("SELECT * FROM mes_reports WHERE order_id = ? ORDER BY operation, kind",
-                        (order_id,))
+    cursor = db.execute(
+        "SELECT * FROM mes_reports WHERE order_id = ? ORDER BY operation, kind", (order_id,)
+    )
     names = [column[0] for column in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
@@ -296,15 +336,24 @@ def orders_of_events(db: sqlite3.Connection, event_ids: Sequence[str]) -> dict[s
     """Event id -> order id, for the events the ledger knows."""
     found: dict[str, str] = {}
     for start in range(0, len(event_ids), 500):
-        chunk = list(event_ids[start:start + 500])
+        chunk = list(event_ids[start : start + 500])
         marks = ",".join("?" * len(chunk))
-        found.update(db.execute(
-            f"SELECT event_id, order_id FROM order_events WHERE event_id IN ({marks})"
-            " AND order_id IS NOT NULL", chunk).fetchall())
+        found.update(
+            db.execute(
+                f"SELECT event_id, order_id FROM order_events WHERE event_id IN ({marks})"
+                " AND order_id IS NOT NULL",
+                chunk,
+            ).fetchall()
+        )
     return found
 
 
 def orders_of_message(db: sqlite3.Connection, message_id: str) -> list[str]:
-    return [order_id for (order_id,) in db.execute(
-        "SELECT DISTINCT order_id FROM order_events WHERE message_id = ?"
-        " AND order_id IS NOT NULL", (message_id,))]
+    return [
+        order_id
+        for (order_id,) in db.execute(
+            "SELECT DISTINCT order_id FROM order_events WHERE message_id = ?"
+            " AND order_id IS NOT NULL",
+            (message_id,),
+        )
+    ]

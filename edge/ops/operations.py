@@ -30,8 +30,17 @@ from buffer.outbox import HandAction, Outbox, journal_hand_action
 from edge.config.models import LocalAccess, PlantConfig
 from edge.runtime.pipeline import Pipeline
 
-Operation = Literal["status", "list", "show", "retry", "purge-dead", "journal", "rejected",
-                    "hand-actions", "reingest"]
+Operation = Literal[
+    "status",
+    "list",
+    "show",
+    "retry",
+    "purge-dead",
+    "journal",
+    "rejected",
+    "hand-actions",
+    "reingest",
+]
 CHANGES: frozenset[Operation] = frozenset({"retry", "purge-dead", "reingest"})
 CHANGE_PATHS = frozenset(f"/outbox/{operation}" for operation in CHANGES)
 """The local API paths that change something (they always need the token)."""
@@ -78,8 +87,9 @@ class _SinceArgs(_Args):
 class _ChangeArgs(_Args):
     id: str | None = Field(None, min_length=1, max_length=128)
     destination: str | None = None
-    reason: str = Field(min_length=1, max_length=500,
-                        description="Why, for the hand-action journal.")
+    reason: str = Field(
+        min_length=1, max_length=500, description="Why, for the hand-action journal."
+    )
 
 
 class _RetryArgs(_ChangeArgs):
@@ -98,22 +108,31 @@ class _PurgeArgs(_ChangeArgs):
     @model_validator(mode="after")
     def _one_or_all(self) -> _PurgeArgs:
         if (self.id is None) == (not self.all):
-            raise ValueError("give one event id, or all: true to purge every dead letter"
-                             + (" of that destination" if self.destination else "")
-                             + " (not both)")
+            raise ValueError(
+                "give one event id, or all: true to purge every dead letter"
+                + (" of that destination" if self.destination else "")
+                + " (not both)"
+            )
         return self
 
 
 class _ReingestArgs(_Args):
     id: int = Field(ge=1, description="The input dead letter (see `rejected`).")
-    reason: str = Field(min_length=1, max_length=500,
-                        description="Why, for the hand-action journal.")
+    reason: str = Field(
+        min_length=1, max_length=500, description="Why, for the hand-action journal."
+    )
 
 
 ARGUMENTS: dict[Operation, type[_Args]] = {
-    "status": _NoArgs, "list": _ListArgs, "show": _ShowArgs, "retry": _RetryArgs,
-    "purge-dead": _PurgeArgs, "journal": _SinceArgs, "rejected": _SinceArgs,
-    "hand-actions": _SinceArgs, "reingest": _ReingestArgs,
+    "status": _NoArgs,
+    "list": _ListArgs,
+    "show": _ShowArgs,
+    "retry": _RetryArgs,
+    "purge-dead": _PurgeArgs,
+    "journal": _SinceArgs,
+    "rejected": _SinceArgs,
+    "hand-actions": _SinceArgs,
+    "reingest": _ReingestArgs,
 }
 
 
@@ -130,17 +149,24 @@ def parse_arguments(operation: Operation, args: Mapping[str, Any]) -> _Args:
                 known = ", ".join(model.model_fields) or "none"
                 problems.append(f"unknown field {field!r} for {operation} (it takes: {known})")
             elif error["type"] == "missing":
-                problems.append(f"{field} is required for {operation}"
-                                + (" (why: it goes in the hand-action journal)"
-                                   if field == "reason" else ""))
+                problems.append(
+                    f"{field} is required for {operation}"
+                    + (" (why: it goes in the hand-action journal)" if field == "reason" else "")
+                )
             else:
                 message = str(error["msg"]).removeprefix("Value error, ")
                 problems.append(f"{field}: {message}" if field else message)
         raise OperationError("; ".join(problems)) from None
 
 
-async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any],
-                  who: str, *, pipeline: Pipeline | None = None) -> Any:
+async def perform(
+    outbox: Outbox,
+    operation: Operation,
+    args: Mapping[str, Any],
+    who: str,
+    *,
+    pipeline: Pipeline | None = None,
+) -> Any:
     """Run one operation on an open outbox; the result is plain JSON-able data. `who` is the
     person a change is journalled under. `reingest` needs the pipeline that owns the rules
     (the daemon's, or one made on the database)."""
@@ -154,31 +180,48 @@ async def perform(outbox: Outbox, operation: Operation, args: Mapping[str, Any],
             except ValueError as exc:
                 raise NotFound(str(exc)) from None
             await outbox.record_hand_action(
-                HandAction("reingest", f"input dead letter {parsed.id} (MES message "
-                           f"{outcome['message_id'] or '-'}): {outcome['outcome']}", who,
-                           parsed.reason), affected=1 if outcome["outcome"] == "accepted" else 0)
+                HandAction(
+                    "reingest",
+                    f"input dead letter {parsed.id} (MES message "
+                    f"{outcome['message_id'] or '-'}): {outcome['outcome']}",
+                    who,
+                    parsed.reason,
+                ),
+                affected=1 if outcome["outcome"] == "accepted" else 0,
+            )
             return outcome
         case _RetryArgs():
-            hand = HandAction("retry", _which(parsed.id, parsed.destination), who,
-                              parsed.reason)
+            hand = HandAction("retry", _which(parsed.id, parsed.destination), who, parsed.reason)
             await _must_be_dead(outbox, parsed.id, parsed.destination)
             retried = await outbox.retry_dead(parsed.id, parsed.destination, hand=hand)
-            log.info("Hand action by %s: %d dead letter(s) put back in line (%s), because: %s",
-                     who, retried, hand.target, parsed.reason,
-                     extra={"event_id": parsed.id, "destination": parsed.destination})
+            log.info(
+                "Hand action by %s: %d dead letter(s) put back in line (%s), because: %s",
+                who,
+                retried,
+                hand.target,
+                parsed.reason,
+                extra={"event_id": parsed.id, "destination": parsed.destination},
+            )
             return {"retried": retried}
         case _PurgeArgs():
-            hand = HandAction("purge-dead", _which(parsed.id, parsed.destination), who,
-                              parsed.reason)
+            hand = HandAction(
+                "purge-dead", _which(parsed.id, parsed.destination), who, parsed.reason
+            )
             await _must_be_dead(outbox, parsed.id, parsed.destination)
             purged = await outbox.purge_dead(parsed.id, parsed.destination, hand=hand)
-            log.warning("Hand action by %s: %d dead letter(s) deleted for good (%s), "
-                        "because: %s", who, purged, hand.target, parsed.reason,
-                        extra={"event_id": parsed.id, "destination": parsed.destination})
+            log.warning(
+                "Hand action by %s: %d dead letter(s) deleted for good (%s), because: %s",
+                who,
+                purged,
+                hand.target,
+                parsed.reason,
+                extra={"event_id": parsed.id, "destination": parsed.destination},
+            )
             return {"purged": purged}
         case _ListArgs():
-            return await outbox.deliveries(destination=parsed.destination, state=parsed.state,
-                                           limit=parsed.limit)
+            return await outbox.deliveries(
+                destination=parsed.destination, state=parsed.state, limit=parsed.limit
+            )
         case _ShowArgs():
             return await outbox.show(parsed.id)
         case _SinceArgs() if operation == "journal":
@@ -209,9 +252,11 @@ async def _must_be_dead(outbox: Outbox, event_id: str | None, destination: str |
     if "dead" in where.values():
         return
     if not where:
-        raise NotFound(f"no event {event_id!r} in the outbox"
-                       + (f" for destination {destination}" if destination else "")
-                       + " (plantsync outbox list --state dead shows the dead letters)")
+        raise NotFound(
+            f"no event {event_id!r} in the outbox"
+            + (f" for destination {destination}" if destination else "")
+            + " (plantsync outbox list --state dead shows the dead letters)"
+        )
     states = ", ".join(f"{state} for {name}" for name, state in sorted(where.items()))
     raise NotFound(f"event {event_id} is not a dead letter ({states})")
 
@@ -236,8 +281,13 @@ def record_hand_action(access: LocalAccess, action: HandAction, affected: int = 
     """Journal a hand action from a command that changed something outside the outbox (a
     trusted certificate): straight into the outbox database, daemon running or not."""
     journal_hand_action(access.database_path, action, affected)
-    log.info("Hand action by %s: %s %s, because: %s", action.who, action.action, action.target,
-             action.reason)
+    log.info(
+        "Hand action by %s: %s %s, because: %s",
+        action.who,
+        action.action,
+        action.target,
+        action.reason,
+    )
 
 
 def api_token(access: LocalAccess) -> str | None:
@@ -271,8 +321,12 @@ class DaemonRefused(Exception):
         self.status = status
 
 
-async def call(access: LocalAccess, operation: Operation, args: Mapping[str, Any],
-               config: PlantConfig | None = None) -> tuple[Any, Literal["daemon", "database"]]:
+async def call(
+    access: LocalAccess,
+    operation: Operation,
+    args: Mapping[str, Any],
+    config: PlantConfig | None = None,
+) -> tuple[Any, Literal["daemon", "database"]]:
     """Run an operation through the running daemon, or on the database when none answers."""
     parse_arguments(operation, args)  # a wrong call fails here, the same with or without it
     url = f"http://{access.api.listen}/outbox/{operation}"
@@ -285,15 +339,18 @@ async def call(access: LocalAccess, operation: Operation, args: Mapping[str, Any
     except httpx.ConnectError:
         async with Outbox.open(access.database_path) as outbox:
             # A reingest runs the message through the rules: a pipeline on the stored state.
-            pipeline = (Pipeline(config, outbox, await outbox.load_state())
-                        if operation == "reingest" and config is not None else None)
-            return await perform(outbox, operation, args, os_user(),
-                                 pipeline=pipeline), "database"
+            pipeline = (
+                Pipeline(config, outbox, await outbox.load_state())
+                if operation == "reingest" and config is not None
+                else None
+            )
+            return await perform(outbox, operation, args, os_user(), pipeline=pipeline), "database"
     if response.status_code != 200:
         try:
             message = str(response.json()["error"])
         except (ValueError, KeyError, TypeError):
             message = response.text
-        raise DaemonRefused(response.status_code,
-                            f"the daemon answered {response.status_code}: {message}")
+        raise DaemonRefused(
+            response.status_code, f"the daemon answered {response.status_code}: {message}"
+        )
     return response.json(), "daemon"

@@ -50,11 +50,15 @@ log = logging.getLogger(__name__)
 
 StockStatus = Literal["unrestricted", "quality_inspection", "blocked", "unknown"]
 EXPECTED_STOCK: Mapping[str, StockStatus] = {
-    "release": "unrestricted", "reject": "blocked", "hold": "quality_inspection"}
+    "release": "unrestricted",
+    "reject": "blocked",
+    "hold": "quality_inspection",
+}
 """The ERP stock status that agrees with each QMS disposition."""
 MAX_PAGES = 100
-PRODUCED_LOT_EVENTS = frozenset({"production.confirmation", "lot.produced",
-                                 "inspection.requested", "lot.disposition"})
+PRODUCED_LOT_EVENTS = frozenset(
+    {"production.confirmation", "lot.produced", "inspection.requested", "lot.disposition"}
+)
 
 
 class ReconcileError(Exception):
@@ -111,10 +115,12 @@ class ErpReader(Protocol):
 
 # -- ERP readers --------------------------------------------------------------------------------
 
+
 def _results(response: httpx.Response, what: str) -> tuple[list[dict[str, Any]], str | None]:
     if response.status_code != 200:
-        raise ReconcileError(f"ERP answered {response.status_code} to {what}: "
-                             f"{response.text[:300]}")
+        raise ReconcileError(
+            f"ERP answered {response.status_code} to {what}: {response.text[:300]}"
+        )
     try:
         body = response.json()["d"]
         results = body["results"] if isinstance(body, dict) and "results" in body else body
@@ -137,8 +143,9 @@ class SapErpReader:
     async def _list(self, target: str, what: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
         for _ in range(MAX_PAGES):  # server-side paging: follow __next
-            response = await self.session.request("GET", target,
-                                                  headers={"Accept": "application/json"})
+            response = await self.session.request(
+                "GET", target, headers={"Accept": "application/json"}
+            )
             results, next_link = _results(response, what)
             found += results
             if not next_link:
@@ -147,25 +154,36 @@ class SapErpReader:
         raise ReconcileError(f"{what}: more than {MAX_PAGES} pages")
 
     async def order(self, order_id: str, lots: Mapping[str, str | None]) -> ErpOrder:
-        target = path("ProdnOrdConf2", prefix=CONFIRMATION_SERVICE) + "?" + query(
-            {"$filter": f"OrderID eq {odata_string(order_id)}", "$format": "json"})
+        target = (
+            path("ProdnOrdConf2", prefix=CONFIRMATION_SERVICE)
+            + "?"
+            + query({"$filter": f"OrderID eq {odata_string(order_id)}", "$format": "json"})
+        )
         rows = await self._list(target, f"the confirmations of order {order_id}")
-        confirmations = [ErpConfirmation(
-            reference=f"{row.get('ConfirmationGroup')}/{row.get('ConfirmationCount')}",
-            event_id=str(row.get("ConfirmationText") or "") or None,
-            operation=row.get("OrderOperation"),
-            yield_value=decimal_of(row.get("ConfirmationYieldQuantity")),
-            scrap_value=decimal_of(row.get("ConfirmationScrapQuantity")),
-            uom=row.get("ConfirmationUnitISOCode") or row.get("ConfirmationUnit"),
-            reversed=bool(row.get("IsReversed") or row.get("IsReversal")),
-            entered_by=row.get("EnteredByUser")) for row in rows]
-        statuses = {lot_id: await self._lot(order_id, lot_id, material)
-                    for lot_id, material in lots.items() if material}
+        confirmations = [
+            ErpConfirmation(
+                reference=f"{row.get('ConfirmationGroup')}/{row.get('ConfirmationCount')}",
+                event_id=str(row.get("ConfirmationText") or "") or None,
+                operation=row.get("OrderOperation"),
+                yield_value=decimal_of(row.get("ConfirmationYieldQuantity")),
+                scrap_value=decimal_of(row.get("ConfirmationScrapQuantity")),
+                uom=row.get("ConfirmationUnitISOCode") or row.get("ConfirmationUnit"),
+                reversed=bool(row.get("IsReversed") or row.get("IsReversal")),
+                entered_by=row.get("EnteredByUser"),
+            )
+            for row in rows
+        ]
+        statuses = {
+            lot_id: await self._lot(order_id, lot_id, material)
+            for lot_id, material in lots.items()
+            if material
+        }
         return ErpOrder(confirmations, statuses)
 
     async def _lot(self, order_id: str, lot_id: str, material: str) -> StockStatus:
-        request = inspection_lot_lookup({"material": material, "lot_id": lot_id,
-                                         "site": self.site, "order_id": order_id})
+        request = inspection_lot_lookup(
+            {"material": material, "lot_id": lot_id, "site": self.site, "order_id": order_id}
+        )
         inspection_lots = await self._list(request.target, f"the inspection lots of {lot_id}")
         if not inspection_lots:
             return "unknown"
@@ -173,11 +191,12 @@ class SapErpReader:
         if not newest.get("InspectionLotHasUsageDecision"):
             return "quality_inspection"
         decision_request = usage_decision_lookup(str(newest["InspectionLot"]))
-        decisions = await self._list(decision_request.target,
-                                     f"the usage decision of {lot_id}")
+        decisions = await self._list(decision_request.target, f"the usage decision of {lot_id}")
         codes = {d.get("InspectionLotUsageDecisionCode") for d in decisions}
-        release, reject = self.sap.usage_decisions.get("release"), self.sap.usage_decisions.get(
-            "reject")
+        release, reject = (
+            self.sap.usage_decisions.get("release"),
+            self.sap.usage_decisions.get("reject"),
+        )
         if release is not None and release.code in codes:
             return "unrestricted"
         if reject is not None and reject.code in codes:
@@ -194,26 +213,32 @@ class CanonicalErpReader:
 
     async def order(self, order_id: str, lots: Mapping[str, str | None]) -> ErpOrder:
         target = path(order_id, "confirmed", prefix=self.orders_path)
-        response = await self.session.request("GET", target,
-                                              headers={"Accept": "application/json"})
+        response = await self.session.request("GET", target, headers={"Accept": "application/json"})
         if response.status_code == 404:
             return ErpOrder([])
         if response.status_code != 200:
-            raise ReconcileError(f"ERP answered {response.status_code} to GET {target}: "
-                                 f"{response.text[:300]}")
+            raise ReconcileError(
+                f"ERP answered {response.status_code} to GET {target}: {response.text[:300]}"
+            )
         try:
             body = response.json()
-            confirmations = [ErpConfirmation(
-                reference=str(row.get("reference") or row["id"]), event_id=row.get("id"),
-                operation=row.get("operation"),
-                yield_value=decimal_of((row.get("yield_quantity") or {}).get("value")),
-                scrap_value=decimal_of((row.get("scrap_quantity") or {}).get("value")),
-                uom=(row.get("yield_quantity") or {}).get("uom"),
-                reversed=bool(row.get("reversed")), entered_by=row.get("entered_by"))
-                for row in body["confirmations"]]
+            confirmations = [
+                ErpConfirmation(
+                    reference=str(row.get("reference") or row["id"]),
+                    event_id=row.get("id"),
+                    operation=row.get("operation"),
+                    yield_value=decimal_of((row.get("yield_quantity") or {}).get("value")),
+                    scrap_value=decimal_of((row.get("scrap_quantity") or {}).get("value")),
+                    uom=(row.get("yield_quantity") or {}).get("uom"),
+                    reversed=bool(row.get("reversed")),
+                    entered_by=row.get("entered_by"),
+                )
+                for row in body["confirmations"]
+            ]
             statuses: dict[str, StockStatus] = {
                 str(lot["lot_id"]): lot.get("stock_status", "unknown")
-                for lot in body.get("lots", [])}
+                for lot in body.get("lots", [])
+            }
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ReconcileError(f"ERP's answer to GET {target} cannot be read: {exc}") from exc
         return ErpOrder(confirmations, {lot_id: statuses.get(lot_id, "unknown") for lot_id in lots})
@@ -222,14 +247,18 @@ class CanonicalErpReader:
 def erp_destination(config: PlantConfig) -> tuple[str, DestinationConfig] | None:
     name = config.reconcile.erp
     if name is None:
-        routed = [n for n in config.destinations_for("production.confirmation")
-                  if config.destinations[n].profile in ("sap_s4hana", "canonical")]
+        routed = [
+            n
+            for n in config.destinations_for("production.confirmation")
+            if config.destinations[n].profile in ("sap_s4hana", "canonical")
+        ]
         name = routed[0] if routed else None
     return None if name is None else (name, config.destinations[name])
 
 
-def erp_reader(config: PlantConfig, name: str, destination: DestinationConfig,
-               client: httpx.AsyncClient) -> ErpReader:
+def erp_reader(
+    config: PlantConfig, name: str, destination: DestinationConfig, client: httpx.AsyncClient
+) -> ErpReader:
     session = Session(destination, client)
     if destination.profile == "sap_s4hana":
         return SapErpReader(session, destination, config.site)
@@ -238,20 +267,26 @@ def erp_reader(config: PlantConfig, name: str, destination: DestinationConfig,
 
 # -- the gateway's side -------------------------------------------------------------------------
 
-def delivery_states(outbox: sqlite3.Connection, destination: str, event_ids: Sequence[str]
-                    ) -> dict[str, tuple[str, str | None]]:
+
+def delivery_states(
+    outbox: sqlite3.Connection, destination: str, event_ids: Sequence[str]
+) -> dict[str, tuple[str, str | None]]:
     """Per event id: (`delivered` | `pending` | `dead` | `not routed`, ERP's reference)."""
     found: dict[str, tuple[str, str | None]] = {}
     for start in range(0, len(event_ids), 500):
-        chunk = list(event_ids[start:start + 500])
+        chunk = list(event_ids[start : start + 500])
         marks = ",".join("?" * len(chunk))
         for event_id, reference in outbox.execute(
-                f"SELECT event_id, reference FROM journal WHERE destination = ? AND event_id IN"
-                f" ({marks})", [destination, *chunk]):
+            f"SELECT event_id, reference FROM journal WHERE destination = ? AND event_id IN"
+            f" ({marks})",
+            [destination, *chunk],
+        ):
             found[event_id] = ("delivered", reference)
         for event_id, state in outbox.execute(
-                f"SELECT e.id, d.state FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-                f" WHERE d.destination = ? AND e.id IN ({marks})", [destination, *chunk]):
+            f"SELECT e.id, d.state FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            f" WHERE d.destination = ? AND e.id IN ({marks})",
+            [destination, *chunk],
+        ):
             found[event_id] = ("dead" if state == 2 else "pending", None)
     return {event_id: found.get(event_id, ("not routed", None)) for event_id in event_ids}
 
@@ -265,9 +300,13 @@ def _show(event_id: str) -> str:
     return f"plantsync outbox --config FILE show {event_id}"
 
 
-async def reconcile_order(order_id: str, ledger_db: sqlite3.Connection,
-                          outbox_db: sqlite3.Connection, destination: str, reader: ErpReader
-                          ) -> OrderReconciliation:
+async def reconcile_order(
+    order_id: str,
+    ledger_db: sqlite3.Connection,
+    outbox_db: sqlite3.Connection,
+    destination: str,
+    reader: ErpReader,
+) -> OrderReconciliation:
     rows = ledger.order_events(ledger_db, order_id)
     confirmations = [r for r in rows if r["event_type"] == "production.confirmation"]
     states = delivery_states(outbox_db, destination, [r["event_id"] for r in confirmations])
@@ -292,66 +331,125 @@ async def reconcile_order(order_id: str, ledger_db: sqlite3.Connection,
     held = Counter(c.event_id for c in counted if c.event_id in ours)
 
     for confirmation in erp.confirmations:
-        figures = {"erp": {"reference": confirmation.reference,
-                           "yield": _text(confirmation.yield_value),
-                           "scrap": _text(confirmation.scrap_value), "uom": confirmation.uom,
-                           "text": confirmation.event_id, "entered_by": confirmation.entered_by},
-                   "gateway": None}
+        figures = {
+            "erp": {
+                "reference": confirmation.reference,
+                "yield": _text(confirmation.yield_value),
+                "scrap": _text(confirmation.scrap_value),
+                "uom": confirmation.uom,
+                "text": confirmation.event_id,
+                "entered_by": confirmation.entered_by,
+            },
+            "gateway": None,
+        }
         match = ours.get(confirmation.event_id or "")
         if confirmation.reversed:
-            mismatches.append(Mismatch(
-                "reversed_in_erp", order_id, figures, "the confirmation was reversed (or is a "
-                "reversal) in ERP: its quantity is left out of ERP's total",
-                event_id=confirmation.event_id if match else None))
+            mismatches.append(
+                Mismatch(
+                    "reversed_in_erp",
+                    order_id,
+                    figures,
+                    "the confirmation was reversed (or is a "
+                    "reversal) in ERP: its quantity is left out of ERP's total",
+                    event_id=confirmation.event_id if match else None,
+                )
+            )
         elif match is None:
-            mismatches.append(Mismatch(
-                "not_from_gateway", order_id, figures,
-                "ERP holds a confirmation the gateway did not send: posted by hand in ERP, or "
-                "by another system"))
+            mismatches.append(
+                Mismatch(
+                    "not_from_gateway",
+                    order_id,
+                    figures,
+                    "ERP holds a confirmation the gateway did not send: posted by hand in ERP, or "
+                    "by another system",
+                )
+            )
         elif (decimal_of(match["yield_value"]), decimal_of(match["scrap_value"])) != (
-                confirmation.yield_value, confirmation.scrap_value):
-            figures["gateway"] = {"event_id": match["event_id"], "yield": match["yield_value"],
-                                  "scrap": match["scrap_value"], "uom": match["uom"]}
-            mismatches.append(Mismatch(
-                "quantity_changed_in_erp", order_id, figures, "ERP holds the gateway's "
-                "confirmation with another quantity: changed in ERP after it was posted",
-                _show(match["event_id"]), event_id=match["event_id"]))
+            confirmation.yield_value,
+            confirmation.scrap_value,
+        ):
+            figures["gateway"] = {
+                "event_id": match["event_id"],
+                "yield": match["yield_value"],
+                "scrap": match["scrap_value"],
+                "uom": match["uom"],
+            }
+            mismatches.append(
+                Mismatch(
+                    "quantity_changed_in_erp",
+                    order_id,
+                    figures,
+                    "ERP holds the gateway's "
+                    "confirmation with another quantity: changed in ERP after it was posted",
+                    _show(match["event_id"]),
+                    event_id=match["event_id"],
+                )
+            )
     for event_id, times in held.items():
         if event_id is not None and times > 1:
             mine = ours[event_id]
-            mismatches.append(Mismatch(
-                "posted_twice", order_id,
-                {"gateway": {"event_id": event_id, "yield": mine["yield_value"]},
-                 "erp": {"times": times}},
-                "ERP holds the same gateway confirmation more than once: a retry reached ERP "
-                "after the first attempt had arrived", _show(event_id), event_id=event_id))
+            mismatches.append(
+                Mismatch(
+                    "posted_twice",
+                    order_id,
+                    {
+                        "gateway": {"event_id": event_id, "yield": mine["yield_value"]},
+                        "erp": {"times": times},
+                    },
+                    "ERP holds the same gateway confirmation more than once: a retry reached ERP "
+                    "after the first attempt had arrived",
+                    _show(event_id),
+                    event_id=event_id,
+                )
+            )
     for event_id, mine in ours.items():
         state, reference = states[event_id]
         if held[event_id]:
             continue
-        figures = {"gateway": {"event_id": event_id, "yield": mine["yield_value"],
-                               "scrap": mine["scrap_value"], "uom": mine["uom"],
-                               "delivery": state, "erp_reference": reference},
-                   "erp": None}
+        figures = {
+            "gateway": {
+                "event_id": event_id,
+                "yield": mine["yield_value"],
+                "scrap": mine["scrap_value"],
+                "uom": mine["uom"],
+                "delivery": state,
+                "erp_reference": reference,
+            },
+            "erp": None,
+        }
         cause = {
             "delivered": "ERP acknowledged it (the journal holds its reference) but does not "
-                         "hold it now: reversed or deleted in ERP",
+            "hold it now: reversed or deleted in ERP",
             "pending": "not delivered yet: it waits in the outbox (ERP unreachable, or "
-                       "behind other events of the order)",
+            "behind other events of the order)",
             "dead": "ERP refused it for good: it is a dead letter; fix the cause, then retry "
-                    "it, or post it by hand and purge it",
+            "it, or post it by hand and purge it",
             "not routed": "the gateway never sent it to this ERP destination (routes), or the "
-                          "journal row is past its retention",
+            "journal row is past its retention",
         }[state]
-        mismatches.append(Mismatch(f"gateway_{state.replace(' ', '_')}", order_id, figures,
-                                   cause, _show(event_id), event_id=event_id))
+        mismatches.append(
+            Mismatch(
+                f"gateway_{state.replace(' ', '_')}",
+                order_id,
+                figures,
+                cause,
+                _show(event_id),
+                event_id=event_id,
+            )
+        )
     if (erp_yield, erp_scrap) != (gateway_yield, gateway_scrap) and not mismatches:
-        mismatches.append(Mismatch(
-            "totals", order_id,
-            {"gateway": {"yield": _text(gateway_yield), "scrap": _text(gateway_scrap)},
-             "erp": {"yield": _text(erp_yield), "scrap": _text(erp_scrap)}},
-            "the totals differ although every confirmation matches: ERP sums confirmations "
-            "this ERP does not identify"))
+        mismatches.append(
+            Mismatch(
+                "totals",
+                order_id,
+                {
+                    "gateway": {"yield": _text(gateway_yield), "scrap": _text(gateway_scrap)},
+                    "erp": {"yield": _text(erp_yield), "scrap": _text(erp_scrap)},
+                },
+                "the totals differ although every confirmation matches: ERP sums confirmations "
+                "this ERP does not identify",
+            )
+        )
 
     reports = ledger.mes_reports(ledger_db, order_id)
     mes: dict[str, Any] = {"reported": False}
@@ -364,61 +462,104 @@ async def reconcile_order(order_id: str, ledger_db: sqlite3.Connection,
         our_scrap = sum((decimal_of(r["scrap_value"]) for r in of_operation), Decimal(0))
         mes_yield = decimal_of(report["yield_value"])
         mes_scrap = decimal_of(report["scrap_value"]) if report["scrap_value"] else None
-        mes = {"reported": True, "operation": operation, "yield": _text(mes_yield),
-               "scrap": None if mes_scrap is None else _text(mes_scrap), "uom": report["uom"]}
+        mes = {
+            "reported": True,
+            "operation": operation,
+            "yield": _text(mes_yield),
+            "scrap": None if mes_scrap is None else _text(mes_scrap),
+            "uom": report["uom"],
+        }
         units = {r["uom"] for r in of_operation if r["uom"]}
         if report["uom"] and units and units != {report["uom"]}:
-            cause = (f"MES counts in {report['uom']}, the machine's confirmations in "
-                     f"{', '.join(sorted(units))}: the units differ")
+            cause = (
+                f"MES counts in {report['uom']}, the machine's confirmations in "
+                f"{', '.join(sorted(units))}: the units differ"
+            )
         elif our_yield < mes_yield:
-            cause = ("the machine's counters confirmed less than MES reported: units counted "
-                     "before the order was bound (unassigned production), a counter reset "
-                     "while the gateway could not read it, or an MES count by hand")
+            cause = (
+                "the machine's counters confirmed less than MES reported: units counted "
+                "before the order was bound (unassigned production), a counter reset "
+                "while the gateway could not read it, or an MES count by hand"
+            )
         else:
-            cause = ("MES reported less than the machine's counters confirmed: units counted "
-                     "after MES ended the order, or scrap MES booked that the machine counted "
-                     "as good")
+            cause = (
+                "MES reported less than the machine's counters confirmed: units counted "
+                "after MES ended the order, or scrap MES booked that the machine counted "
+                "as good"
+            )
         if our_yield != mes_yield or (mes_scrap is not None and our_scrap != mes_scrap):
-            mismatches.append(Mismatch(
-                "mes_vs_gateway", order_id,
-                {"mes": mes, "gateway": {"operation": operation, "yield": _text(our_yield),
-                                         "scrap": _text(our_scrap)}}, cause))
+            mismatches.append(
+                Mismatch(
+                    "mes_vs_gateway",
+                    order_id,
+                    {
+                        "mes": mes,
+                        "gateway": {
+                            "operation": operation,
+                            "yield": _text(our_yield),
+                            "scrap": _text(our_scrap),
+                        },
+                    },
+                    cause,
+                )
+            )
 
     lot_rows = []
     for lot_id, material in sorted(lots.items()):
         decided = dispositions.get(lot_id)
         qms = decided["disposition"] if decided else None
         stock = erp.lots.get(lot_id, "unknown")
-        lot_rows.append({"lot_id": lot_id, "material": material, "qms": qms or "none yet",
-                         "erp_stock": stock})
+        lot_rows.append(
+            {"lot_id": lot_id, "material": material, "qms": qms or "none yet", "erp_stock": stock}
+        )
         if decided is None or EXPECTED_STOCK.get(qms or "") == stock:
             continue
         state, _ = delivery_states(outbox_db, destination, [decided["event_id"]])[
-            decided["event_id"]]
+            decided["event_id"]
+        ]
         cause = {
             "pending": "the disposition waits in the outbox: not in ERP yet",
             "dead": "ERP refused the disposition for good: it is a dead letter",
             "delivered": "ERP acknowledged the disposition, and its stock status is another "
-                         "now: changed by hand in ERP (usage decision or stock transfer)",
+            "now: changed by hand in ERP (usage decision or stock transfer)",
             "not routed": "lot.disposition is not routed to this ERP destination",
         }[state]
         if stock == "unknown":
-            cause = ("ERP has no inspection lot or stock status for this batch: the goods "
-                     "receipt was not posted, or posted under another material or plant")
-        mismatches.append(Mismatch(
-            "lot_status", order_id, {"qms": qms, "erp": stock,
-                                     "expected_erp": EXPECTED_STOCK.get(qms or "")}, cause,
-            _show(decided["event_id"]), lot_id=lot_id, event_id=decided["event_id"]))
+            cause = (
+                "ERP has no inspection lot or stock status for this batch: the goods "
+                "receipt was not posted, or posted under another material or plant"
+            )
+        mismatches.append(
+            Mismatch(
+                "lot_status",
+                order_id,
+                {"qms": qms, "erp": stock, "expected_erp": EXPECTED_STOCK.get(qms or "")},
+                cause,
+                _show(decided["event_id"]),
+                lot_id=lot_id,
+                event_id=decided["event_id"],
+            )
+        )
 
     return OrderReconciliation(
         order_id,
-        gateway={"yield": _text(gateway_yield), "scrap": _text(gateway_scrap),
-                 "uom": next((r["uom"] for r in confirmations if r["uom"]), None),
-                 "confirmations": len(confirmations), **dict(sorted(by_state.items()))},
-        erp={"yield": _text(erp_yield), "scrap": _text(erp_scrap),
-             "confirmations": len(erp.confirmations),
-             "reversed": len(erp.confirmations) - len(counted)},
-        mes=mes, lots=lot_rows, mismatches=mismatches)
+        gateway={
+            "yield": _text(gateway_yield),
+            "scrap": _text(gateway_scrap),
+            "uom": next((r["uom"] for r in confirmations if r["uom"]), None),
+            "confirmations": len(confirmations),
+            **dict(sorted(by_state.items())),
+        },
+        erp={
+            "yield": _text(erp_yield),
+            "scrap": _text(erp_scrap),
+            "confirmations": len(erp.confirmations),
+            "reversed": len(erp.confirmations) - len(counted),
+        },
+        mes=mes,
+        lots=lot_rows,
+        mismatches=mismatches,
+    )
 
 
 @dataclass(slots=True)
@@ -442,21 +583,32 @@ class Reconciliation:
         return sum(1 for order in self.orders if order.mismatches) / len(self.orders)
 
     def as_json(self) -> dict[str, Any]:
-        return {"at": self.at, "orders_reconciled": len(self.orders),
-                "orders_with_mismatches": sum(1 for o in self.orders if o.mismatches),
-                "mismatches": len(self.mismatches), "error_ratio": self.error_ratio,
-                "failed": self.failed, "orders": [o.as_json() for o in self.orders]}
+        return {
+            "at": self.at,
+            "orders_reconciled": len(self.orders),
+            "orders_with_mismatches": sum(1 for o in self.orders if o.mismatches),
+            "mismatches": len(self.mismatches),
+            "error_ratio": self.error_ratio,
+            "failed": self.failed,
+            "orders": [o.as_json() for o in self.orders],
+        }
 
 
-async def reconcile(config: PlantConfig, ledger_db: sqlite3.Connection,
-                    outbox_db: sqlite3.Connection, order_ids: Sequence[str],
-                    client: httpx.AsyncClient | None = None) -> Reconciliation:
+async def reconcile(
+    config: PlantConfig,
+    ledger_db: sqlite3.Connection,
+    outbox_db: sqlite3.Connection,
+    order_ids: Sequence[str],
+    client: httpx.AsyncClient | None = None,
+) -> Reconciliation:
     """Reconcile `order_ids` against the configured ERP destination. Raises ReconcileError
     when no ERP destination is configured."""
     found = erp_destination(config)
     if found is None:
-        raise ReconcileError("no ERP destination to reconcile against: set reconcile.erp, or "
-                             "route production.confirmation to a sap_s4hana or canonical one")
+        raise ReconcileError(
+            "no ERP destination to reconcile against: set reconcile.erp, or "
+            "route production.confirmation to a sap_s4hana or canonical one"
+        )
     name, destination = found
     own_client = client is None
     http = client or make_client(name, destination)
@@ -465,8 +617,9 @@ async def reconcile(config: PlantConfig, ledger_db: sqlite3.Connection,
         reader = erp_reader(config, name, destination, http)
         for order_id in order_ids:
             try:
-                result.orders.append(await reconcile_order(order_id, ledger_db, outbox_db,
-                                                           name, reader))
+                result.orders.append(
+                    await reconcile_order(order_id, ledger_db, outbox_db, name, reader)
+                )
             except (ReconcileError, httpx.HTTPError, UnsafeUrlPart) as exc:
                 result.failed[order_id] = str(exc) or type(exc).__name__
     finally:
@@ -480,10 +633,12 @@ def open_databases(data_dir: Path) -> tuple[sqlite3.Connection, sqlite3.Connecti
     ops_path, outbox_path = data_dir / ledger.OPS_DATABASE, data_dir / "outbox.db"
     for needed in (ops_path, outbox_path):
         if not needed.exists():
-            raise ReconcileError(f"{needed} does not exist: has the gateway run with this "
-                                 "data_dir?")
+            raise ReconcileError(
+                f"{needed} does not exist: has the gateway run with this data_dir?"
+            )
     return ledger.connect(ops_path, read_only=True), sqlite3.connect(
-        f"file:{outbox_path}?mode=ro", uri=True, check_same_thread=False)
+        f"file:{outbox_path}?mode=ro", uri=True, check_same_thread=False
+    )
 
 
 class Reconciler:
@@ -491,9 +646,13 @@ class Reconciler:
     `reconcile.window` and `reconcile.settle` ago. Its last run is what `/metrics`,
     `/status` and `GET /reconciliation` show; `on_result` hands it to the exceptions."""
 
-    def __init__(self, config: PlantConfig, ledger_db: sqlite3.Connection,
-                 outbox_path: Path,
-                 on_result: Callable[[Reconciliation], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: PlantConfig,
+        ledger_db: sqlite3.Connection,
+        outbox_path: Path,
+        on_result: Callable[[Reconciliation], None] | None = None,
+    ) -> None:
         self.config = config
         self.ledger_db = ledger_db
         self.outbox_path = outbox_path
@@ -513,10 +672,12 @@ class Reconciler:
     async def once(self, now: float | None = None) -> Reconciliation | None:
         settings = self.config.reconcile
         now = time.time() if now is None else now
-        orders = ledger.orders_ended_since(self.ledger_db, now - settings.window,
-                                           now - settings.settle)
-        outbox_db = sqlite3.connect(f"file:{self.outbox_path}?mode=ro", uri=True,
-                                    check_same_thread=False)
+        orders = ledger.orders_ended_since(
+            self.ledger_db, now - settings.window, now - settings.settle
+        )
+        outbox_db = sqlite3.connect(
+            f"file:{self.outbox_path}?mode=ro", uri=True, check_same_thread=False
+        )
         try:
             result = await reconcile(self.config, self.ledger_db, outbox_db, orders)
         except ReconcileError as exc:
@@ -529,16 +690,22 @@ class Reconciler:
         if result.failed:
             first = next(iter(result.failed.items()))
             if self.last_error is None:
-                log.warning("Reconciliation could not ask ERP about %d order(s) (order %s: %s)",
-                            len(result.failed), *first)
+                log.warning(
+                    "Reconciliation could not ask ERP about %d order(s) (order %s: %s)",
+                    len(result.failed),
+                    *first,
+                )
             self.last_error = f"order {first[0]}: {first[1]}"
         else:
             self.last_error = None
         if result.mismatches:
-            log.warning("Reconciliation found %d mismatch(es) in %d of %d order(s): "
-                        "plantsync reconcile --config FILE shows them",
-                        len(result.mismatches),
-                        sum(1 for o in result.orders if o.mismatches), len(result.orders))
+            log.warning(
+                "Reconciliation found %d mismatch(es) in %d of %d order(s): "
+                "plantsync reconcile --config FILE shows them",
+                len(result.mismatches),
+                sum(1 for o in result.orders if o.mismatches),
+                len(result.orders),
+            )
         self.last = result
         if self.on_result is not None:
             self.on_result(result)
@@ -550,17 +717,24 @@ class Reconciler:
 
 def render(result: Reconciliation) -> str:
     """The text `plantsync reconcile` prints."""
-    lines = [f"Reconciled {len(result.orders)} order(s): {len(result.mismatches)} mismatch(es)"
-             + (f"; ERP could not be asked about {len(result.failed)}" if result.failed else "")]
+    lines = [
+        f"Reconciled {len(result.orders)} order(s): {len(result.mismatches)} mismatch(es)"
+        + (f"; ERP could not be asked about {len(result.failed)}" if result.failed else "")
+    ]
     for order in result.orders:
         g, e, m = order.gateway, order.erp, order.mes
-        mes = (f"MES yield {m['yield']} scrap {m['scrap'] or '-'}" if m.get("reported")
-               else "MES reported no quantities")
+        mes = (
+            f"MES yield {m['yield']} scrap {m['scrap'] or '-'}"
+            if m.get("reported")
+            else "MES reported no quantities"
+        )
         lines.append("")
-        lines.append(f"order {order.order_id}: gateway yield {g['yield']} scrap {g['scrap']} "
-                     f"{g['uom'] or ''} ({g['confirmations']} confirmation(s)); ERP yield "
-                     f"{e['yield']} scrap {e['scrap']} ({e['confirmations']}); {mes}"
-                     + ("  OK" if not order.mismatches else ""))
+        lines.append(
+            f"order {order.order_id}: gateway yield {g['yield']} scrap {g['scrap']} "
+            f"{g['uom'] or ''} ({g['confirmations']} confirmation(s)); ERP yield "
+            f"{e['yield']} scrap {e['scrap']} ({e['confirmations']}); {mes}"
+            + ("  OK" if not order.mismatches else "")
+        )
         for lot in order.lots:
             lines.append(f"  lot {lot['lot_id']}: QMS {lot['qms']}, ERP stock {lot['erp_stock']}")
         for mismatch in order.mismatches:

@@ -144,8 +144,11 @@ def orphaned(facts: GatewayFacts) -> dict[str, DestinationCounts]:
     """Undelivered events held for destinations the config no longer names."""
     if facts.configured_destinations is None:
         return {}
-    return {name: counts for name, counts in sorted(facts.counts.items())
-            if name not in facts.configured_destinations}
+    return {
+        name: counts
+        for name, counts in sorted(facts.counts.items())
+        if name not in facts.configured_destinations
+    }
 
 
 def not_ready_reasons(facts: GatewayFacts) -> list[str]:
@@ -167,8 +170,8 @@ def not_ready_reasons(facts: GatewayFacts) -> list[str]:
             reasons.append(
                 f"destination {destination.name}: the oldest pending delivery is {age:.0f}s "
                 f"old, over the {budget:g}s budget (api.ready_max_backlog_age); "
-                f"{counts.pending} event(s) buffered"
-                + (f"; last error: {error}" if error else ""))
+                f"{counts.pending} event(s) buffered" + (f"; last error: {error}" if error else "")
+            )
     return reasons
 
 
@@ -180,16 +183,19 @@ def degraded(facts: GatewayFacts) -> list[str]:
         counts = facts.counts.get(destination.name, DestinationCounts())
         age = counts.oldest_pending_age
         if destination.reachable is False and (age is None or age <= budget):
-            notes.append(f"destination {destination.name} is failing "
-                         f"({destination.last_error}); {counts.pending} event(s) "
-                         "buffered, within budget")
+            notes.append(
+                f"destination {destination.name} is failing "
+                f"({destination.last_error}); {counts.pending} event(s) "
+                "buffered, within budget"
+            )
     for driver in facts.drivers:
-        notes.extend(f"driver {driver.name}: {note}"
-                     for _, note in sorted(driver.degraded.items()))
+        notes.extend(f"driver {driver.name}: {note}" for _, note in sorted(driver.degraded.items()))
     for name, counts in orphaned(facts).items():
-        notes.append(f"the outbox holds {counts.pending} undelivered and {counts.dead} "
-                     f"dead event(s) for destination {name}, which the config no longer "
-                     "names")
+        notes.append(
+            f"the outbox holds {counts.pending} undelivered and {counts.dead} "
+            f"dead event(s) for destination {name}, which the config no longer "
+            "names"
+        )
     notes += [f"tag {signal} reads BAD: {why}" for signal, why in bad_tags(facts)]
     return notes
 
@@ -200,36 +206,50 @@ def bad_tags(facts: GatewayFacts) -> list[tuple[str, str]]:
     driver already reports (`health.degraded`, e.g. one the Modbus device refuses) is
     said once, by the driver."""
     now = time.time()
-    told = {f"{driver.name}.{key.removeprefix('tag ')}" for driver in facts.drivers
-            for key in driver.degraded}
-    return [(name, f"the device marks its value unusable "
-                   f"(for {now - sample.source_time:.0f}s)")
-            for name, sample in sorted(facts.signals.items())
-            if sample.quality is Quality.BAD and name not in told]
+    told = {
+        f"{driver.name}.{key.removeprefix('tag ')}"
+        for driver in facts.drivers
+        for key in driver.degraded
+    }
+    return [
+        (name, f"the device marks its value unusable (for {now - sample.source_time:.0f}s)")
+        for name, sample in sorted(facts.signals.items())
+        if sample.quality is Quality.BAD and name not in told
+    ]
 
 
 def alarms(facts: GatewayFacts) -> list[str]:
     """What needs a person even though the gateway runs on."""
     found = []
     if facts.outbox.recovered_from:
-        found.append("the outbox database was damaged at start and moved aside: "
-                     f"{facts.outbox.recovered_from}")
+        found.append(
+            "the outbox database was damaged at start and moved aside: "
+            f"{facts.outbox.recovered_from}"
+        )
     if facts.outbox.integrity_problem:
-        found.append("the outbox database failed its integrity check: "
-                     f"{facts.outbox.integrity_problem}; it is moved aside at the next start")
+        found.append(
+            "the outbox database failed its integrity check: "
+            f"{facts.outbox.integrity_problem}; it is moved aside at the next start"
+        )
     for name, counts in sorted(facts.counts.items()):
         if counts.dead:
-            found.append(f"{counts.dead} business event(s) for destination {name} are dead "
-                         "letters (refused for good): look with plantsync outbox list "
-                         "--state dead, then retry or purge-dead them with --reason")
+            found.append(
+                f"{counts.dead} business event(s) for destination {name} are dead "
+                "letters (refused for good): look with plantsync outbox list "
+                "--state dead, then retry or purge-dead them with --reason"
+            )
     return found
 
 
 def readiness(facts: GatewayFacts) -> dict[str, Any]:
     """The body of `/readyz`."""
     reasons = not_ready_reasons(facts)
-    return {"ready": not reasons, "reasons": reasons, "degraded": degraded(facts),
-            "alarms": alarms(facts)}
+    return {
+        "ready": not reasons,
+        "reasons": reasons,
+        "degraded": degraded(facts),
+        "alarms": alarms(facts),
+    }
 
 
 def status_line(facts: GatewayFacts) -> str:
@@ -241,8 +261,10 @@ def status_line(facts: GatewayFacts) -> str:
     dead = sum(c.dead for c in counts)
     pressure = "ON" if facts.outbox.back_pressure is not None else "off"
     phase = "" if facts.phase in (RUNNING, "starting") else f"{facts.phase}: "
-    return (f"{phase}drivers {connected}/{len(facts.drivers)} connected; outbox {pending} "
-            f"pending ({retrying} retrying), {dead} dead; back-pressure {pressure}")
+    return (
+        f"{phase}drivers {connected}/{len(facts.drivers)} connected; outbox {pending} "
+        f"pending ({retrying} retrying), {dead} dead; back-pressure {pressure}"
+    )
 
 
 def sync_success_ratio(facts: GatewayFacts) -> dict[str, float]:
@@ -270,13 +292,20 @@ def status_report(facts: GatewayFacts) -> dict[str, Any]:
         "not_ready_reasons": reasons,
         "degraded": degraded(facts),
         "drivers": [
-            {"name": d.name, "connected": d.connected, "last_sample_age": _round(
-                d.last_sample_age), "reads": d.reads, "errors": d.errors,
-             "last_error": d.last_error, "degraded": sorted(d.degraded.values())}
+            {
+                "name": d.name,
+                "connected": d.connected,
+                "last_sample_age": _round(d.last_sample_age),
+                "reads": d.reads,
+                "errors": d.errors,
+                "last_error": d.last_error,
+                "degraded": sorted(d.degraded.values()),
+            }
             for d in facts.drivers
         ],
-        "signals": {name: signal_status(sample, now)
-                    for name, sample in sorted(facts.signals.items())},
+        "signals": {
+            name: signal_status(sample, now) for name, sample in sorted(facts.signals.items())
+        },
         "machines": [dict(machine) for machine in facts.machines],
         "genealogy": dict(facts.genealogy),
         "orders": dict(facts.orders) if facts.orders is not None else None,
@@ -292,17 +321,25 @@ def status_report(facts: GatewayFacts) -> dict[str, Any]:
             "dead_letters_retried": outbox.stats.dead_retried,
         },
         "destinations": {
-            d.name: {"reachable": d.reachable, "delivered": d.delivered,
-                     "in_flight": d.in_flight, "last_error": d.last_error,
-                     **vars(facts.counts.get(d.name, DestinationCounts()))}
+            d.name: {
+                "reachable": d.reachable,
+                "delivered": d.delivered,
+                "in_flight": d.in_flight,
+                "last_error": d.last_error,
+                **vars(facts.counts.get(d.name, DestinationCounts())),
+            }
             for d in facts.destinations
         },
-        "unconfigured_destinations": {name: vars(counts)
-                                      for name, counts in orphaned(facts).items()},
-        "sync_success_ratio": {name: round(ratio, 4)
-                               for name, ratio in sync_success_ratio(facts).items()},
-        "input_dead_letters": {"count": sum(facts.input_dead_letters.values()),
-                               "by_source": dict(sorted(facts.input_dead_letters.items()))},
+        "unconfigured_destinations": {
+            name: vars(counts) for name, counts in orphaned(facts).items()
+        },
+        "sync_success_ratio": {
+            name: round(ratio, 4) for name, ratio in sync_success_ratio(facts).items()
+        },
+        "input_dead_letters": {
+            "count": sum(facts.input_dead_letters.values()),
+            "by_source": dict(sorted(facts.input_dead_letters.items())),
+        },
         "alarms": found,
         "config_reloads": dict(facts.reloads),
         **facts.operations,
@@ -313,8 +350,11 @@ def signal_status(sample: Sample, now: float) -> dict[str, Any]:
     """What `/status` shows of a signal's last reading. A NaN or infinity from the device is
     `null` with quality bad and its name in `nonfinite`: JSON has no such numbers."""
     value, nonfinite = json_value(sample.value)
-    shown: dict[str, Any] = {"value": value, "quality": str(sample.quality),
-                             "age": _round(now - sample.source_time)}
+    shown: dict[str, Any] = {
+        "value": value,
+        "quality": str(sample.quality),
+        "age": _round(now - sample.source_time),
+    }
     if nonfinite is not None:
         shown["quality"] = str(Quality.BAD)
         shown["nonfinite"] = nonfinite
@@ -324,14 +364,16 @@ def signal_status(sample: Sample, now: float) -> dict[str, Any]:
 def machine_status(rule: MachineRule) -> dict[str, Any]:
     """What `/status` and `plantsync status` show of a machine: its order, state and counts."""
     binding = rule.state.binding
-    return {"id": rule.machine.id,
-            "order_id": binding.order_id if binding else None,
-            "operation": binding.operation if binding else None,
-            "lot_id": binding.lot_id if binding else None,
-            "state": rule.state.machine_state,
-            **rule.totals(),
-            "unassigned": rule.state.unassigned,
-            "unassigned_scrap": rule.state.unassigned_scrap}
+    return {
+        "id": rule.machine.id,
+        "order_id": binding.order_id if binding else None,
+        "operation": binding.operation if binding else None,
+        "lot_id": binding.lot_id if binding else None,
+        "state": rule.state.machine_state,
+        **rule.totals(),
+        "unassigned": rule.state.unassigned,
+        "unassigned_scrap": rule.state.unassigned_scrap,
+    }
 
 
 def _round(value: float | None) -> float | None:

@@ -50,8 +50,9 @@ def _show(event_id: str) -> str:
 class ExceptionWatch:
     """Every `exceptions.check_every`, the level-triggered conditions, synced to the board."""
 
-    def __init__(self, gateway: Gateway, board: ExceptionBoard,
-                 ledger_db: sqlite3.Connection) -> None:
+    def __init__(
+        self, gateway: Gateway, board: ExceptionBoard, ledger_db: sqlite3.Connection
+    ) -> None:
         self.gateway = gateway
         self.board = board
         self.ledger_db = ledger_db
@@ -76,15 +77,23 @@ class ExceptionWatch:
         orders = ledger.orders_of_events(self.ledger_db, [str(r["id"]) for r in rows])
         found = []
         for row in rows:
-            correlation = {"event_id": row["id"], "destination": row["destination"],
-                           "partition_key": row["partition_key"]}
+            correlation = {
+                "event_id": row["id"],
+                "destination": row["destination"],
+                "partition_key": row["partition_key"],
+            }
             if row["id"] in orders:
                 correlation["order_id"] = orders[row["id"]]
-            found.append(Condition(
-                f"event {row['id']} to {row['destination']}",
-                f"{row['type']} for {row['partition_key']} was refused by "
-                f"{row['destination']} (HTTP {row['last_status']}): "
-                f"{str(row['last_error'] or '')[:300]}", correlation, _show(row["id"])))
+            found.append(
+                Condition(
+                    f"event {row['id']} to {row['destination']}",
+                    f"{row['type']} for {row['partition_key']} was refused by "
+                    f"{row['destination']} (HTTP {row['last_status']}): "
+                    f"{str(row['last_error'] or '')[:300]}",
+                    correlation,
+                    _show(row["id"]),
+                )
+            )
         return found
 
     def _outages(self, now: float) -> list[Condition]:
@@ -97,18 +106,22 @@ class ExceptionWatch:
                     f"deliveries to {forwarder.name} fail: {forwarder.health.last_error}",
                     {"destination": forwarder.name},
                     f"plantsync outbox --config FILE status; plantsync outbox --config FILE "
-                    f"list --destination {forwarder.name}")
+                    f"list --destination {forwarder.name}",
+                )
         for driver in gateway.drivers:
             if not driver.health.connected:
                 down[f"driver {driver.name}"] = (
                     f"driver {driver.name} is not connected to its device"
                     + (f": {driver.health.last_error}" if driver.health.last_error else ""),
-                    {"driver": driver.name}, "plantsync status --config FILE")
+                    {"driver": driver.name},
+                    "plantsync status --config FILE",
+                )
         if gateway.config.quality.qms is not None and gateway.quality.reachable is False:
-            down["quality feed"] = (f"the QMS disposition feed ({gateway.config.quality.qms}) "
-                                    "cannot be read", {"destination":
-                                                       gateway.config.quality.qms},
-                                    "plantsync status --config FILE")
+            down["quality feed"] = (
+                f"the QMS disposition feed ({gateway.config.quality.qms}) cannot be read",
+                {"destination": gateway.config.quality.qms},
+                "plantsync status --config FILE",
+            )
         for subject in list(self._down_since):
             if subject not in down:
                 del self._down_since[subject]
@@ -116,16 +129,18 @@ class ExceptionWatch:
         for subject, (text, correlation, inspect) in down.items():
             since = self._down_since.setdefault(subject, now)
             if now - since >= after:
-                found.append(Condition(subject, f"{text} (for {now - since:.0f}s)",
-                                       correlation, inspect))
+                found.append(
+                    Condition(subject, f"{text} (for {now - since:.0f}s)", correlation, inspect)
+                )
         return found
 
     def _lots(self, now: float) -> tuple[list[Condition], list[Condition]]:
         path = self.gateway.config.database_path
         outbox = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            rows = outbox.execute("SELECT lot_id, since, source, order_id FROM lot_status"
-                                  " WHERE status = 'hold'").fetchall()
+            rows = outbox.execute(
+                "SELECT lot_id, since, source, order_id FROM lot_status WHERE status = 'hold'"
+            ).fetchall()
         finally:
             outbox.close()
         after = self.gateway.config.exceptions.missing_inspection_after
@@ -135,13 +150,21 @@ class ExceptionWatch:
             inspect = f"curl http://{self.gateway.config.api.listen}/lots/{lot_id}"
             if source == PRODUCED_AWAITING:
                 if now - since >= after:
-                    missing.append(Condition(
-                        f"lot {lot_id}", f"lot {lot_id} was produced {now - since:.0f}s ago "
-                        "and the QMS has decided nothing yet: is its inspection missing?",
-                        correlation, inspect))
+                    missing.append(
+                        Condition(
+                            f"lot {lot_id}",
+                            f"lot {lot_id} was produced {now - since:.0f}s ago "
+                            "and the QMS has decided nothing yet: is its inspection missing?",
+                            correlation,
+                            inspect,
+                        )
+                    )
             elif not source.startswith("default"):
-                held.append(Condition(f"lot {lot_id}", f"lot {lot_id} is on hold ({source})",
-                                      correlation, inspect))
+                held.append(
+                    Condition(
+                        f"lot {lot_id}", f"lot {lot_id} is on hold ({source})", correlation, inspect
+                    )
+                )
         return held, missing
 
     def _nonconformances(self) -> list[Condition]:
@@ -154,11 +177,19 @@ class ExceptionWatch:
         found = []
         for event_id, order_id, lot_id in rows:
             about = f"lot {lot_id}" if lot_id else f"order {order_id}"
-            correlation = {"event_id": event_id, **({"order_id": order_id} if order_id else {}),
-                           **({"lot_id": lot_id} if lot_id else {})}
-            found.append(Condition(f"nonconformance {event_id}",
-                                   f"a nonconformance on {about} has no disposition yet",
-                                   correlation, _show(event_id)))
+            correlation = {
+                "event_id": event_id,
+                **({"order_id": order_id} if order_id else {}),
+                **({"lot_id": lot_id} if lot_id else {}),
+            }
+            found.append(
+                Condition(
+                    f"nonconformance {event_id}",
+                    f"a nonconformance on {about} has no disposition yet",
+                    correlation,
+                    _show(event_id),
+                )
+            )
         return found
 
 
@@ -174,12 +205,12 @@ def _mean(histogram: Histogram) -> dict[str, Any]:
     return {"mean_seconds": round(total / count, 3) if count else None, "count": int(count)}
 
 
-def interventions(outbox_db: sqlite3.Connection, ledger_db: sqlite3.Connection,
-                  since: float) -> tuple[int, Counter[str]]:
+def interventions(
+    outbox_db: sqlite3.Connection, ledger_db: sqlite3.Connection, since: float
+) -> tuple[int, Counter[str]]:
     """Hand actions since `since`, and per order those that name an event or MES message of
     it (a `retry --all-dead` names none: it counts in the total only)."""
-    rows = outbox_db.execute("SELECT target FROM hand_actions WHERE at >= ?",
-                             (since,)).fetchall()
+    rows = outbox_db.execute("SELECT target FROM hand_actions WHERE at >= ?", (since,)).fetchall()
     per_order: Counter[str] = Counter()
     for (target,) in rows:
         orders: set[str] = set()
@@ -191,8 +222,12 @@ def interventions(outbox_db: sqlite3.Connection, ledger_db: sqlite3.Connection,
     return len(rows), per_order
 
 
-def scorecard(gateway: Gateway, ledger_db: sqlite3.Connection, last_ratio: float | None,
-              now: float | None = None) -> dict[str, Any]:
+def scorecard(
+    gateway: Gateway,
+    ledger_db: sqlite3.Connection,
+    last_ratio: float | None,
+    now: float | None = None,
+) -> dict[str, Any]:
     """The eight KPIs, as `/status`, `plantsync status` and `/metrics` show them."""
     now = time.time() if now is None else now
     window = gateway.config.reconcile.window
@@ -209,7 +244,8 @@ def scorecard(gateway: Gateway, ledger_db: sqlite3.Connection, last_ratio: float
         health = forwarder.health
         if health.attempts:
             failure[forwarder.name] = round(
-                (health.failed_attempts + health.dead_lettered) / health.attempts, 4)
+                (health.failed_attempts + health.dead_lettered) / health.attempts, 4
+            )
     lots = list(gateway.pipeline.genealogy.figures().values())
     kpis = gateway.kpis
     return {
@@ -221,11 +257,14 @@ def scorecard(gateway: Gateway, ledger_db: sqlite3.Connection, last_ratio: float
         "inspection_turnaround": _mean(kpis.inspection_turnaround),
         "lot_hold_to_release": _mean(kpis.hold_to_release),
         "genealogy_completeness_ratio": round(
-            sum(f["complete"] for f in lots) / sum(f["lots"] for f in lots), 4)
-        if lots else None,
+            sum(f["complete"] for f in lots) / sum(f["lots"] for f in lots), 4
+        )
+        if lots
+        else None,
         "reconciliation_error_ratio": None if last_ratio is None else round(last_ratio, 4),
         "integration_failure_ratio": failure,
-        "manual_interventions": hand, "production_cycles": cycles,
+        "manual_interventions": hand,
+        "production_cycles": cycles,
         "manual_interventions_per_cycle": round(hand / cycles, 4) if cycles else None,
         "manual_interventions_by_order": dict(per_order.most_common(20)),
     }
@@ -235,61 +274,90 @@ def metrics(gateway: Gateway) -> Iterator[Metric]:
     """The reconciliation, exception and KPI series of `/metrics`."""
     reconciler = gateway.reconciler
     mismatches = GaugeMetricFamily(
-        "plantsync_reconciliation_mismatches", "Mismatches the last reconciliation of recently "
-        "ended orders found, by kind", labels=["kind"])
+        "plantsync_reconciliation_mismatches",
+        "Mismatches the last reconciliation of recently ended orders found, by kind",
+        labels=["kind"],
+    )
     for kind, count in sorted(reconciler.mismatch_counts().items()):
         mismatches.add_metric([kind], count)
     yield mismatches
     last = reconciler.last
     if last is not None:
-        yield GaugeMetricFamily("plantsync_reconciliation_orders", "Orders the last "
-                                "reconciliation compared", value=len(last.orders))
+        yield GaugeMetricFamily(
+            "plantsync_reconciliation_orders",
+            "Orders the last reconciliation compared",
+            value=len(last.orders),
+        )
         if last.error_ratio is not None:
             yield GaugeMetricFamily(
-                "plantsync_reconciliation_error_ratio", "Reconciliation error rate: orders "
+                "plantsync_reconciliation_error_ratio",
+                "Reconciliation error rate: orders "
                 "with at least one mismatch / orders reconciled (last run)",
-                value=last.error_ratio)
-        yield GaugeMetricFamily("plantsync_reconciliation_last_run_timestamp_seconds",
-                                "When the last reconciliation ran", value=last.at)
-    runs = CounterMetricFamily("plantsync_reconciliation_runs", "Periodic reconciliations, by "
-                               "outcome (failed: ERP could not be asked about some order)",
-                               labels=["outcome"])
+                value=last.error_ratio,
+            )
+        yield GaugeMetricFamily(
+            "plantsync_reconciliation_last_run_timestamp_seconds",
+            "When the last reconciliation ran",
+            value=last.at,
+        )
+    runs = CounterMetricFamily(
+        "plantsync_reconciliation_runs",
+        "Periodic reconciliations, by outcome (failed: ERP could not be asked about some order)",
+        labels=["outcome"],
+    )
     for outcome in ("done", "failed"):
         runs.add_metric([outcome], reconciler.runs[outcome])
     yield runs
 
     board = gateway.exceptions
-    open_now = GaugeMetricFamily("plantsync_exceptions_open", "Exceptions open now, by kind",
-                                 labels=["kind"])
+    open_now = GaugeMetricFamily(
+        "plantsync_exceptions_open", "Exceptions open now, by kind", labels=["kind"]
+    )
     for kind, count in board.open_counts().items():
         open_now.add_metric([kind], count)
-    raised = CounterMetricFamily("plantsync_exceptions_raised", "Exceptions raised since "
-                                 "the daemon started, by kind", labels=["kind"])
+    raised = CounterMetricFamily(
+        "plantsync_exceptions_raised",
+        "Exceptions raised since the daemon started, by kind",
+        labels=["kind"],
+    )
     for kind, count in board.raised.items():
         raised.add_metric([kind], count)
     yield from (open_now, raised)
 
-    card = scorecard(gateway, gateway.ledger.db,
-                     last.error_ratio if last is not None else None)
+    card = scorecard(gateway, gateway.ledger.db, last.error_ratio if last is not None else None)
     # The order sync success rate and its counts are the order release's metrics
     # (plantsync_order_sync_success_ratio, plantsync_orders_released/_accepted).
     for name, figure, text in (
-            ("plantsync_manual_interventions", card["manual_interventions"],
-             "Hand actions (retry, purge, reingest, trust) within reconcile.window"),
-            ("plantsync_production_cycles", card["production_cycles"],
-             "Orders ended (MES order.ended or operation.completed) within reconcile.window")):
+        (
+            "plantsync_manual_interventions",
+            card["manual_interventions"],
+            "Hand actions (retry, purge, reingest, trust) within reconcile.window",
+        ),
+        (
+            "plantsync_production_cycles",
+            card["production_cycles"],
+            "Orders ended (MES order.ended or operation.completed) within reconcile.window",
+        ),
+    ):
         yield GaugeMetricFamily(name, text, value=figure)
     if card["manual_interventions_per_cycle"] is not None:
         yield GaugeMetricFamily(
-            "plantsync_manual_interventions_per_cycle", "Manual interventions per production "
+            "plantsync_manual_interventions_per_cycle",
+            "Manual interventions per production "
             "cycle: hand actions / orders ended, within reconcile.window",
-            value=card["manual_interventions_per_cycle"])
+            value=card["manual_interventions_per_cycle"],
+        )
     failure = GaugeMetricFamily(
-        "plantsync_integration_failure_ratio", "Integration failure rate: (failed delivery "
-        "attempts + dead letters) / attempts, since the daemon started", labels=["destination"])
+        "plantsync_integration_failure_ratio",
+        "Integration failure rate: (failed delivery "
+        "attempts + dead letters) / attempts, since the daemon started",
+        labels=["destination"],
+    )
     attempts = CounterMetricFamily(
-        "plantsync_delivery_attempts", "Delivery attempts (per event), by outcome",
-        labels=["destination", "outcome"])
+        "plantsync_delivery_attempts",
+        "Delivery attempts (per event), by outcome",
+        labels=["destination", "outcome"],
+    )
     for forwarder in gateway.forwarders:
         health = forwarder.health
         if health.attempts:

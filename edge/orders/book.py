@@ -36,8 +36,7 @@ ACCEPTED_KEY: Final = "orders:accepted"
 KEEP_ORDERS: Final = 5000
 """Orders remembered; the oldest finished ones are forgotten first."""
 KEEP_ISSUES: Final = 500
-ACCEPTANCE_BUCKETS: Final = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0,
-                             86400.0)
+ACCEPTANCE_BUCKETS: Final = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0)
 
 Role = Literal["integration", "supervisor"]
 
@@ -76,8 +75,11 @@ class Decision:
 
 def fingerprint(fields: Mapping[str, Any]) -> str:
     """What the MES must see of an order, hashed: a re-read that hashes the same is no change."""
-    shown = {name: value for name, value in fields.items()
-             if name not in ("version", "occurred_at", "erp_changed_at")}
+    shown = {
+        name: value
+        for name, value in fields.items()
+        if name not in ("version", "occurred_at", "erp_changed_at")
+    }
     text = json.dumps(shown, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -98,9 +100,12 @@ class OrderBook:
         self.issues: deque[OrderIssue] = deque(maxlen=KEEP_ISSUES)
         self.listeners: list[Callable[[OrderIssue], None]] = []
         self.acceptance = Histogram(
-            "plantsync_order_release_acceptance_seconds", "From the order's release being "
+            "plantsync_order_release_acceptance_seconds",
+            "From the order's release being "
             "committed for the MES to the MES accepting it (order.started or its ack)",
-            buckets=ACCEPTANCE_BUCKETS, registry=None)
+            buckets=ACCEPTANCE_BUCKETS,
+            registry=None,
+        )
         self.rejected = 0
         """Orders from ERP that became dead letters since the daemon started."""
         self.refused_starts = 0
@@ -115,13 +120,13 @@ class OrderBook:
         the newest second again at every poll: one dead letter, not one per poll)."""
         return bool(self.orders.get(order_id, {}).get("rejected") == raw_hash)
 
-    def reject(self, order_id: str, raw_hash: str, reason: str, correlation: str | None
-               ) -> None:
+    def reject(self, order_id: str, raw_hash: str, reason: str, correlation: str | None) -> None:
         entry = self.orders.setdefault(order_id, {})
         entry["rejected"] = raw_hash
         self.rejected += 1
-        self.raise_issue(OrderIssue("order.invalid", "integration", order_id, reason,
-                                    time.time(), correlation))
+        self.raise_issue(
+            OrderIssue("order.invalid", "integration", order_id, reason, time.time(), correlation)
+        )
         self._trim()
 
     def decide(self, order_id: str, status: str, printed: str) -> Decision:
@@ -137,14 +142,22 @@ class OrderBook:
             return Decision(None, version)
         return Decision("order.cancelled" if finished else "order.changed", version + 1)
 
-    def committed(self, order_id: str, status: str, printed: str, decision: Decision,
-                  now: float) -> None:
+    def committed(
+        self, order_id: str, status: str, printed: str, decision: Decision, now: float
+    ) -> None:
         """Record what `decide` said, once its event is in the outbox (or nothing was due)."""
         entry = self.orders.setdefault(order_id, {})
         if entry.pop("rejected", None) is not None:
-            self.raise_issue(OrderIssue("order.invalid", "integration", order_id,
-                                        "ERP sent a version the plant can run", now,
-                                        cleared=True))
+            self.raise_issue(
+                OrderIssue(
+                    "order.invalid",
+                    "integration",
+                    order_id,
+                    "ERP sent a version the plant can run",
+                    now,
+                    cleared=True,
+                )
+            )
         entry["status"] = status
         entry["fingerprint"] = printed
         if decision.event_type is None:
@@ -156,32 +169,48 @@ class OrderBook:
             entry["released_at"] = now
             if order_id in self._refused:
                 self._refused.discard(order_id)
-                self.raise_issue(OrderIssue("order.not_released", "supervisor", order_id,
-                                            "ERP released the order", now, cleared=True))
+                self.raise_issue(
+                    OrderIssue(
+                        "order.not_released",
+                        "supervisor",
+                        order_id,
+                        "ERP released the order",
+                        now,
+                        cleared=True,
+                    )
+                )
         if status in FINISHED_ORDER_STATUSES:
             entry["finished_at"] = now
         self._trim()
 
     # -- from the MES ------------------------------------------------------------------------
 
-    def started(self, order_id: str, at: float, *, require_released: bool,
-                message_id: str | None = None) -> str | None:
+    def started(
+        self, order_id: str, at: float, *, require_released: bool, message_id: str | None = None
+    ) -> str | None:
         """The MES started the order: it accepts the release. Returns why the start is refused
         (`require_released`), or None."""
         entry = self.orders.get(order_id)
         status = entry.get("status") if entry else None
         problem = None
         if entry is None or not entry.get("published"):
-            problem = (f"order {order_id!r} was never released by ERP to this gateway "
-                       "(validation.require_released_order)")
+            problem = (
+                f"order {order_id!r} was never released by ERP to this gateway "
+                "(validation.require_released_order)"
+            )
         elif status in FINISHED_ORDER_STATUSES or status == "locked":
-            problem = (f"order {order_id!r} is {str(status).replace('_', ' ')} in ERP "
-                       "(validation.require_released_order)")
+            problem = (
+                f"order {order_id!r} is {str(status).replace('_', ' ')} in ERP "
+                "(validation.require_released_order)"
+            )
         if problem is not None and require_released:
             self.refused_starts += 1
             self._refused.add(order_id)
-            self.raise_issue(OrderIssue("order.not_released", "supervisor", order_id, problem,
-                                        time.time(), message_id))
+            self.raise_issue(
+                OrderIssue(
+                    "order.not_released", "supervisor", order_id, problem, time.time(), message_id
+                )
+            )
             return problem
         self.accepted(order_id)
         return None
@@ -202,8 +231,10 @@ class OrderBook:
 
     def release_state(self) -> dict[str, str]:
         """The poller's part of the saved state: the book and the cursor."""
-        return {BOOK_KEY: json.dumps(self.orders, separators=(",", ":"), sort_keys=True),
-                CURSOR_KEY: self.cursor}
+        return {
+            BOOK_KEY: json.dumps(self.orders, separators=(",", ":"), sort_keys=True),
+            CURSOR_KEY: self.cursor,
+        }
 
     def acceptance_state(self) -> dict[str, str]:
         """The pipeline's part: when the MES accepted which order."""
@@ -228,40 +259,65 @@ class OrderBook:
             released += 1
             if order_id in self.acceptances:
                 accepted += 1
-            elif (entry.get("status") not in FINISHED_ORDER_STATUSES
-                  and when - float(entry.get("released_at", when)) > self.accept_within):
+            elif (
+                entry.get("status") not in FINISHED_ORDER_STATUSES
+                and when - float(entry.get("released_at", when)) > self.accept_within
+            ):
                 late += 1
-        return {"released": released, "accepted": accepted, "not_accepted_in_time": late,
-                "sync_success_ratio": round(accepted / released, 4) if released else None,
-                "rejected_since_start": self.rejected,
-                "refused_starts_since_start": self.refused_starts, "cursor": self.cursor}
+        return {
+            "released": released,
+            "accepted": accepted,
+            "not_accepted_in_time": late,
+            "sync_success_ratio": round(accepted / released, 4) if released else None,
+            "rejected_since_start": self.rejected,
+            "refused_starts_since_start": self.refused_starts,
+            "cursor": self.cursor,
+        }
 
     def collect(self) -> Iterator[Metric]:
         figures = self.figures()
-        yield GaugeMetricFamily("plantsync_orders_released", "Orders released to the MES "
-                                "(remembered)", value=figures["released"])
-        yield GaugeMetricFamily("plantsync_orders_accepted", "Released orders the MES "
-                                "accepted", value=figures["accepted"])
-        yield GaugeMetricFamily("plantsync_orders_not_accepted", "Orders released longer than "
-                                "orders.accept_within ago and not accepted by the MES",
-                                value=figures["not_accepted_in_time"])
+        yield GaugeMetricFamily(
+            "plantsync_orders_released",
+            "Orders released to the MES (remembered)",
+            value=figures["released"],
+        )
+        yield GaugeMetricFamily(
+            "plantsync_orders_accepted",
+            "Released orders the MES accepted",
+            value=figures["accepted"],
+        )
+        yield GaugeMetricFamily(
+            "plantsync_orders_not_accepted",
+            "Orders released longer than orders.accept_within ago and not accepted by the MES",
+            value=figures["not_accepted_in_time"],
+        )
         if figures["sync_success_ratio"] is not None:
-            yield GaugeMetricFamily("plantsync_order_sync_success_ratio", "Released orders "
-                                    "the MES accepted / released orders",
-                                    value=figures["sync_success_ratio"])
-        yield CounterMetricFamily("plantsync_orders_rejected", "Orders from ERP that became "
-                                  "dead letters (invalid), since start", value=self.rejected)
-        yield CounterMetricFamily("plantsync_order_starts_refused", "MES order starts refused "
-                                  "by validation.require_released_order, since start",
-                                  value=self.refused_starts)
+            yield GaugeMetricFamily(
+                "plantsync_order_sync_success_ratio",
+                "Released orders the MES accepted / released orders",
+                value=figures["sync_success_ratio"],
+            )
+        yield CounterMetricFamily(
+            "plantsync_orders_rejected",
+            "Orders from ERP that became dead letters (invalid), since start",
+            value=self.rejected,
+        )
+        yield CounterMetricFamily(
+            "plantsync_order_starts_refused",
+            "MES order starts refused by validation.require_released_order, since start",
+            value=self.refused_starts,
+        )
         yield from self.acceptance.collect()
 
     def _trim(self) -> None:
         if len(self.orders) <= KEEP_ORDERS:
             return
-        finished = [order_id for order_id, entry in self.orders.items()
-                    if entry.get("finished_at") or "version" not in entry]
-        for order_id in finished[:len(self.orders) - KEEP_ORDERS]:
+        finished = [
+            order_id
+            for order_id, entry in self.orders.items()
+            if entry.get("finished_at") or "version" not in entry
+        ]
+        for order_id in finished[: len(self.orders) - KEEP_ORDERS]:
             del self.orders[order_id]
         while len(self.orders) > KEEP_ORDERS:
             self.orders.pop(next(iter(self.orders)))

@@ -46,8 +46,9 @@ class MesOrderPublisher:
     batch_size = 1
     per_key = 1
 
-    def __init__(self, config: OrdersMesConfig, site: str,
-                 on_ack: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, config: OrdersMesConfig, site: str, on_ack: Callable[[str], None] | None = None
+    ) -> None:
         self.config = config
         self.site = site
         self._on_ack = on_ack
@@ -58,7 +59,8 @@ class MesOrderPublisher:
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.client_id or f"plantsync-{site}-orders",
-            protocol=mqtt.MQTTv5)
+            protocol=mqtt.MQTTv5,
+        )
         # paho reconnects by itself; what was in flight is retried by the engine, keyed by
         # the order's version, never lost.
         self.client.reconnect_delay_set(1, 10)
@@ -72,9 +74,9 @@ class MesOrderPublisher:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connected_to(cls, config: OrdersMesConfig, site: str,
-                           on_ack: Callable[[str], None] | None = None
-                           ) -> AsyncIterator[MesOrderPublisher]:
+    async def connected_to(
+        cls, config: OrdersMesConfig, site: str, on_ack: Callable[[str], None] | None = None
+    ) -> AsyncIterator[MesOrderPublisher]:
         publisher = cls(config, site, on_ack)
         await publisher.open()
         try:
@@ -91,8 +93,7 @@ class MesOrderPublisher:
             self.client.username_pw_set(config.username, password)
         if config.tls is not None:
             tls = config.tls
-            context = ssl.create_default_context(
-                cafile=str(tls.ca_file) if tls.ca_file else None)
+            context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
             if tls.cert_file is not None:
                 context.load_cert_chain(tls.cert_file, tls.key_file if tls.key_file else None)
             context.check_hostname = not tls.insecure
@@ -119,8 +120,11 @@ class MesOrderPublisher:
         except (ValueError, KeyError, TypeError) as exc:
             return Result(Outcome.REJECTED, None, f"not an order event: {exc}")
         if not self.connected:
-            return Result(Outcome.RETRY, None, f"not connected to the MES broker "
-                          f"{self.config.host}:{self.config.port}")
+            return Result(
+                Outcome.RETRY,
+                None,
+                f"not connected to the MES broker {self.config.host}:{self.config.port}",
+            )
         topic = self.topic_of(order_id)
         finished = delivery.event_type == "order.cancelled"
         # A finished order: told once to whoever listens, then its retained message cleared.
@@ -135,8 +139,9 @@ class MesOrderPublisher:
         assert self._loop is not None
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return Result(Outcome.RETRY, None, f"publish to {topic} failed: "
-                          f"{mqtt.error_string(info.rc)}")
+            return Result(
+                Outcome.RETRY, None, f"publish to {topic} failed: {mqtt.error_string(info.rc)}"
+            )
         future = self._pending.get(info.mid)
         if future is None:
             future = self._loop.create_future()
@@ -149,8 +154,12 @@ class MesOrderPublisher:
             async with asyncio.timeout(self.config.timeout):
                 code = await future
         except TimeoutError:
-            return Result(Outcome.RETRY, None, f"no PUBACK for {topic} within "
-                          f"{self.config.timeout:g}s", ambiguous=True)
+            return Result(
+                Outcome.RETRY,
+                None,
+                f"no PUBACK for {topic} within {self.config.timeout:g}s",
+                ambiguous=True,
+            )
         finally:
             self._pending.pop(info.mid, None)
         if code.is_failure:
@@ -164,8 +173,14 @@ class MesOrderPublisher:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(callback, *args)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
-                    reason_code: ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason_code.is_failure:
             self._post(self._set_connected, False, f"refused: {reason_code}")
             return
@@ -173,21 +188,35 @@ class MesOrderPublisher:
             client.subscribe(self.config.ack_topic, qos=1)
         self._post(self._set_connected, True, None)
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: mqtt.DisconnectFlags,
-                       reason_code: ReasonCode, properties: Properties | None) -> None:
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         self._post(self._set_connected, False, str(reason_code))
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int,
-                    reason_code: ReasonCode, properties: Properties) -> None:
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
         self._post(self._acknowledged, mid, reason_code)
 
-    def _on_message(self, client: mqtt.Client, userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             order_id = str(json.loads(message.payload)["order_id"])
         except (ValueError, KeyError, TypeError):
-            self._post(log.warning, "Ignored an MES order acknowledgement on %s that names no "
-                       "order_id", message.topic)
+            self._post(
+                log.warning,
+                "Ignored an MES order acknowledgement on %s that names no order_id",
+                message.topic,
+            )
             return
         if self._on_ack is not None:
             self._post(self._on_ack, order_id)
@@ -196,8 +225,11 @@ class MesOrderPublisher:
 
     def _set_connected(self, connected: bool, reason: str | None) -> None:
         if connected and not self.connected:
-            log.info("Connected to the MES broker %s:%d for released orders",
-                     self.config.host, self.config.port)
+            log.info(
+                "Connected to the MES broker %s:%d for released orders",
+                self.config.host,
+                self.config.port,
+            )
         self.connected = connected
 
     def _acknowledged(self, mid: int, reason_code: ReasonCode) -> None:

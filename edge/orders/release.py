@@ -61,8 +61,13 @@ class OrderRelease:
     """Call order: `run()` as a task until cancelled. `book` is shared with the pipeline (MES
     starts) and read by /status and /metrics at any time."""
 
-    def __init__(self, config: PlantConfig, outbox: Outbox, book: OrderBook,
-                 on_commit: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: PlantConfig,
+        outbox: Outbox,
+        book: OrderBook,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
         assert config.orders is not None
         self.config = config
         self.orders = config.orders
@@ -72,10 +77,14 @@ class OrderRelease:
         self.plant = config.orders.plant or config.site
         self._backoff = Backoff(base=1.0, cap=max(60.0, config.orders.poll_interval))
         self.availability = Availability(
-            "ERP", log, backoff=self._backoff, extra={"destination": config.orders.source},
+            "ERP",
+            log,
+            backoff=self._backoff,
+            extra={"destination": config.orders.source},
             lost_says="{peer} is not answering for released orders ({reason}); asking again "
-                      "with backoff",
-            back_says="{peer} answers for released orders again")
+            "with backoff",
+            back_says="{peer} answers for released orders again",
+        )
         self.last_error: str | None = None
         self.polls = 0
         self._on_commit = on_commit
@@ -86,8 +95,9 @@ class OrderRelease:
             case "sap_s4hana":
                 return SapOrderSource(self.orders, self.destination, session, self.config.site)
             case _:  # canonical (check refuses any other profile as a source)
-                return CanonicalOrderSource(self.orders, self.destination, session,
-                                            self.config.site)
+                return CanonicalOrderSource(
+                    self.orders, self.destination, session, self.config.site
+                )
 
     @property
     def reachable(self) -> bool | None:
@@ -99,8 +109,9 @@ class OrderRelease:
         polls at `poll_interval` while ERP answers."""
         async with make_client(self.orders.source, self.destination) as client:
             source = self.source(Session(self.destination, client))
-            await reconnect_forever(lambda: self._poll_until_failure(source), self._backoff,
-                                    self.availability)
+            await reconnect_forever(
+                lambda: self._poll_until_failure(source), self._backoff, self.availability
+            )
 
     async def _poll_until_failure(self, source: OrderSource) -> Ended:
         while True:
@@ -150,12 +161,24 @@ class OrderRelease:
                 if self.book.known_rejection(candidate.order_id, raw_hash):
                     continue
                 correlation = str(candidate.fields.get("erp_changed_at") or "") or None
-                rejected.append(RejectedInput(REJECTED_SOURCE, f"order/{candidate.order_id}",
-                                              candidate.raw, problem, now, correlation))
+                rejected.append(
+                    RejectedInput(
+                        REJECTED_SOURCE,
+                        f"order/{candidate.order_id}",
+                        candidate.raw,
+                        problem,
+                        now,
+                        correlation,
+                    )
+                )
                 self.book.reject(candidate.order_id, raw_hash, problem, correlation)
-                log.warning("Refused order %s from ERP: %s; kept as an input dead letter, "
-                            "nothing sent to the MES", candidate.order_id, problem,
-                            extra={"order_id": candidate.order_id})
+                log.warning(
+                    "Refused order %s from ERP: %s; kept as an input dead letter, "
+                    "nothing sent to the MES",
+                    candidate.order_id,
+                    problem,
+                    extra={"order_id": candidate.order_id},
+                )
                 continue
             printed = fingerprint(fields)
             decision = self.book.decide(candidate.order_id, fields["status"], printed)
@@ -165,16 +188,27 @@ class OrderRelease:
         for order_id, status, printed, decision in decided:
             self.book.committed(order_id, status, printed, decision, now)
         self.book.cursor = cursor
-        rows = [OutboxEvent(id=event.id, type=event.type, partition_key=event.partitionkey,
-                            payload=event.to_json(), destinations=(ORDERS_DESTINATION,),
-                            priority=priority_of(event.type))
-                for event in events]
+        rows = [
+            OutboxEvent(
+                id=event.id,
+                type=event.type,
+                partition_key=event.partitionkey,
+                payload=event.to_json(),
+                destinations=(ORDERS_DESTINATION,),
+                priority=priority_of(event.type),
+            )
+            for event in events
+        ]
         result = await self.outbox.commit(rows, self.book.release_state(), rejected=rejected)
         for event in events:
             if event.id in result.new_ids:
-                log.info("Committed %s %s version %s for the MES", event.type,
-                         event.data["order_id"], event.data["version"],
-                         extra={"event_id": event.id, "order_id": event.data["order_id"]})
+                log.info(
+                    "Committed %s %s version %s for the MES",
+                    event.type,
+                    event.data["order_id"],
+                    event.data["version"],
+                    extra={"event_id": event.id, "order_id": event.data["order_id"]},
+                )
         if self._on_commit is not None:
             self._on_commit()
         return len(result.new_ids)
@@ -189,31 +223,44 @@ class OrderRelease:
             return {}, f"plant {plant!r} is not this plant ({self.plant})"
         order_id = str(fields.get("order_id") or "")
         if "/" in order_id or "+" in order_id or "#" in order_id:
-            return {}, (f"order id {order_id!r} cannot be one MQTT topic level (/, + and # "
-                        "are not allowed)")
+            return {}, (
+                f"order id {order_id!r} cannot be one MQTT topic level (/, + and # are not allowed)"
+            )
         material = fields.get("material")
         if material in self.orders.blocked_materials:
             return {}, f"material {material!r} is blocked (orders.blocked_materials)"
-        data = {**fields, "site": self.config.site, "version": 1,
-                "occurred_at": fields.get("erp_changed_at")}
+        data = {
+            **fields,
+            "site": self.config.site,
+            "version": 1,
+            "occurred_at": fields.get("erp_changed_at"),
+        }
         try:
             model = ORDER_EVENT_MODELS["order.released"].model_validate(
-                data, context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes})
+                data, context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes}
+            )
         except ValidationError as exc:
             return {}, "; ".join(
                 f"{format_loc(tuple(error['loc'])) or 'order'}: "
                 f"{str(error['msg']).removeprefix('Value error, ')}"
-                for error in exc.errors())
+                for error in exc.errors()
+            )
         return model.model_dump(mode="json", exclude={"version"}), None
 
     def _event(self, event_type: str, fields: dict[str, Any], version: int) -> CloudEvent:
         data = ORDER_EVENT_MODELS[event_type].model_validate(
             {**fields, "version": version},
-            context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes})
+            context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes},
+        )
         self._sequence += 1
         order_id = data.order_id
         return build_event(
-            data, natural_key=state_key(self.outbox.epoch, self.config.site, "erp-orders",
-                                        order_id, version),
-            subject=f"order/{order_id}", partitionkey=f"order/{order_id}",
-            sequence=version, source=f"urn:plantsync:{self.config.site}:erp-orders")
+            data,
+            natural_key=state_key(
+                self.outbox.epoch, self.config.site, "erp-orders", order_id, version
+            ),
+            subject=f"order/{order_id}",
+            partitionkey=f"order/{order_id}",
+            sequence=version,
+            source=f"urn:plantsync:{self.config.site}:erp-orders",
+        )

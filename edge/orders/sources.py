@@ -42,8 +42,11 @@ from edge.model.envelope import event_type_of
 
 ORDER_SERVICE: Final = f"{ODATA_ROOT}/API_PRODUCTION_ORDER_2_SRV"
 ORDER_SET: Final = "A_ProductionOrder_2"
-ORDER_EXPAND: Final = ("to_ProductionOrderOperation", "to_ProductionOrderComponent",
-                       "to_ProductionOrderItem")
+ORDER_EXPAND: Final = (
+    "to_ProductionOrderOperation",
+    "to_ProductionOrderComponent",
+    "to_ProductionOrderItem",
+)
 SAP_TIME_FORMAT: Final = "%Y%m%d%H%M%S"
 
 
@@ -72,8 +75,9 @@ class Page:
 class OrderSource:
     """Call order: `pages(cursor)` once per poll, committing each page before the next."""
 
-    def __init__(self, config: OrdersConfig, destination: DestinationConfig, session: Session,
-                 site: str) -> None:
+    def __init__(
+        self, config: OrdersConfig, destination: DestinationConfig, session: Session, site: str
+    ) -> None:
         self.config = config
         self.destination = destination
         self.session = session
@@ -84,29 +88,36 @@ class OrderSource:
 
     async def _get_json(self, target: str) -> Any:
         try:
-            response = await self.session.request("GET", target,
-                                                  headers={"Accept": "application/json"})
+            response = await self.session.request(
+                "GET", target, headers={"Accept": "application/json"}
+            )
         except (httpx.HTTPError, AuthError) as exc:
             raise SourceUnavailable(f"{type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
-            raise SourceUnavailable(f"ERP answered {response.status_code} to GET {target}: "
-                                    f"{response.text[:300]}")
+            raise SourceUnavailable(
+                f"ERP answered {response.status_code} to GET {target}: {response.text[:300]}"
+            )
         try:
             return response.json()
         except ValueError as exc:
-            raise SourceUnavailable(f"ERP answered GET {target} with a body that is not "
-                                    f"JSON: {response.text[:200]!r}") from exc
+            raise SourceUnavailable(
+                f"ERP answered GET {target} with a body that is not JSON: {response.text[:200]!r}"
+            ) from exc
 
 
 class CanonicalOrderSource(OrderSource):
     async def pages(self, cursor: str) -> AsyncIterator[Page]:
         while True:
-            target = (path(*[part for part in self.config.path.split("/") if part])
-                      + "?" + query({"since": cursor, "limit": str(self.config.page_size)}))
+            target = (
+                path(*[part for part in self.config.path.split("/") if part])
+                + "?"
+                + query({"since": cursor, "limit": str(self.config.page_size)})
+            )
             body = await self._get_json(target)
             if not isinstance(body, dict) or not isinstance(body.get("events"), list):
-                raise SourceUnavailable(f"the order feed answered without an events list: "
-                                        f"{str(body)[:200]}")
+                raise SourceUnavailable(
+                    f"the order feed answered without an events list: {str(body)[:200]}"
+                )
             events: list[Any] = body["events"]
             following = str(body.get("next") or cursor)
             yield Page([canonical_candidate(event) for event in events], following)
@@ -115,8 +126,11 @@ class CanonicalOrderSource(OrderSource):
             cursor = following
 
 
-_FEED_STATUS: Final = {"order.released": "released", "order.changed": "released",
-                       "order.cancelled": "deleted"}
+_FEED_STATUS: Final = {
+    "order.released": "released",
+    "order.changed": "released",
+    "order.cancelled": "deleted",
+}
 
 
 def canonical_candidate(event: Any) -> Candidate:
@@ -129,8 +143,12 @@ def canonical_candidate(event: Any) -> Candidate:
     order_id = str(data.get("order_id") or "?")
     kind = event_type_of(event.get("type"))
     if kind not in _FEED_STATUS:
-        return Candidate(order_id, raw, problem=f"type {event.get('type')!r} is not "
-                         "order.released, order.changed or order.cancelled")
+        return Candidate(
+            order_id,
+            raw,
+            problem=f"type {event.get('type')!r} is not "
+            "order.released, order.changed or order.cancelled",
+        )
     data.setdefault("status", _FEED_STATUS[str(kind)])
     data.setdefault("erp_changed_at", event.get("time"))
     data["plant"] = data.pop("site", None)
@@ -143,23 +161,26 @@ class SapOrderSource(OrderSource):
         skip = 0
         size = self.config.page_size
         while True:
-            terms = [f"ProductionPlant eq {odata_string(self.plant)}",
-                     "OrderIsReleased eq 'X'"]
+            terms = [f"ProductionPlant eq {odata_string(self.plant)}", "OrderIsReleased eq 'X'"]
             if cursor:
                 terms.append(f"LastChangeDateTime ge {odata_string(cursor)}")
-            params = {"$filter": " and ".join(terms),
-                      "$expand": ",".join(ORDER_EXPAND),
-                      "$orderby": "LastChangeDateTime,ManufacturingOrder",
-                      "$top": str(size), "$skip": str(skip), "$format": "json"}
-            body = await self._get_json(path(ORDER_SET, prefix=ORDER_SERVICE) + "?"
-                                        + query(params))
+            params = {
+                "$filter": " and ".join(terms),
+                "$expand": ",".join(ORDER_EXPAND),
+                "$orderby": "LastChangeDateTime,ManufacturingOrder",
+                "$top": str(size),
+                "$skip": str(skip),
+                "$format": "json",
+            }
+            body = await self._get_json(path(ORDER_SET, prefix=ORDER_SERVICE) + "?" + query(params))
             try:
                 results = body["d"]["results"]
                 if not isinstance(results, list):
                     raise TypeError("d.results is not a list")
             except (KeyError, TypeError) as exc:
-                raise SourceUnavailable(f"SAP answered without d.results ({exc}): "
-                                        f"{str(body)[:200]}") from exc
+                raise SourceUnavailable(
+                    f"SAP answered without d.results ({exc}): {str(body)[:200]}"
+                ) from exc
             candidates = [sap_candidate(entity, self.destination) for entity in results]
             for entity in results:
                 changed = entity.get("LastChangeDateTime") if isinstance(entity, dict) else None
@@ -184,34 +205,56 @@ def sap_candidate(entity: Any, destination: DestinationConfig) -> Candidate:
     try:
         units = _iso_to_rec20(destination)
         operations = sorted(
-            (op for op in _expanded(entity, "to_ProductionOrderOperation")
-             if op.get("OperationIsDeleted") != "X"
-             and not op.get("ManufacturingOrderSubOperation")),
-            key=lambda op: (str(op.get("ManufacturingOrderSequence", "")),
-                            str(op.get("OrderIntBillOfOperationsItem", ""))))
+            (
+                op
+                for op in _expanded(entity, "to_ProductionOrderOperation")
+                if op.get("OperationIsDeleted") != "X"
+                and not op.get("ManufacturingOrderSubOperation")
+            ),
+            key=lambda op: (
+                str(op.get("ManufacturingOrderSequence", "")),
+                str(op.get("OrderIntBillOfOperationsItem", "")),
+            ),
+        )
         items = _expanded(entity, "to_ProductionOrderItem")
         fields: dict[str, Any] = {
             "order_id": order_id,
             "plant": entity.get("ProductionPlant"),
             "material": entity.get("Material") or None,
-            "quantity": _quantity(entity, "TotalQuantity", "ProductionUnitISOCode",
-                                  "ProductionUnit", units),
+            "quantity": _quantity(
+                entity, "TotalQuantity", "ProductionUnitISOCode", "ProductionUnit", units
+            ),
             "bom_version": entity.get("ProductionVersion") or None,
             "planned_lot": next((item["Batch"] for item in items if item.get("Batch")), None),
             "operations": [
-                {"operation": op.get("ManufacturingOrderOperation"),
-                 "work_center": op.get("WorkCenter") or None,
-                 "description": op.get("MfgOrderOperationText") or None,
-                 "quantity": (_quantity(op, "OpPlannedTotalQuantity", "OperationUnitISOCode",
-                                        "OperationUnit", units)
-                              if op.get("OpPlannedTotalQuantity") not in (None, "") else None)}
-                for op in operations],
+                {
+                    "operation": op.get("ManufacturingOrderOperation"),
+                    "work_center": op.get("WorkCenter") or None,
+                    "description": op.get("MfgOrderOperationText") or None,
+                    "quantity": (
+                        _quantity(
+                            op,
+                            "OpPlannedTotalQuantity",
+                            "OperationUnitISOCode",
+                            "OperationUnit",
+                            units,
+                        )
+                        if op.get("OpPlannedTotalQuantity") not in (None, "")
+                        else None
+                    ),
+                }
+                for op in operations
+            ],
             "components": [
-                {"material": component.get("Material"),
-                 "quantity": _quantity(component, "RequiredQuantity", "BaseUnitISOCode",
-                                       "BaseUnit", units),
-                 "operation": component.get("ManufacturingOrderOperation") or None}
-                for component in _expanded(entity, "to_ProductionOrderComponent")],
+                {
+                    "material": component.get("Material"),
+                    "quantity": _quantity(
+                        component, "RequiredQuantity", "BaseUnitISOCode", "BaseUnit", units
+                    ),
+                    "operation": component.get("ManufacturingOrderOperation") or None,
+                }
+                for component in _expanded(entity, "to_ProductionOrderComponent")
+            ],
             "status": sap_status(entity),
             "erp_changed_at": sap_time(str(entity.get("LastChangeDateTime", ""))),
         }
@@ -263,13 +306,17 @@ def _iso_to_rec20(destination: DestinationConfig) -> dict[str, str]:
     return table
 
 
-def _quantity(entity: Mapping[str, Any], value_field: str, iso_field: str,
-              internal_field: str, units: Mapping[str, str]) -> dict[str, Any]:
+def _quantity(
+    entity: Mapping[str, Any],
+    value_field: str,
+    iso_field: str,
+    internal_field: str,
+    units: Mapping[str, str],
+) -> dict[str, Any]:
     value = entity.get(value_field)
     iso = entity.get(iso_field) or None
     internal = entity.get(internal_field) or None
     spelled = iso or internal
     if spelled is None:
-        raise ValueError(f"{value_field} has no unit ({iso_field} and {internal_field} are "
-                         "empty)")
+        raise ValueError(f"{value_field} has no unit ({iso_field} and {internal_field} are empty)")
     return {"value": value, "uom": units.get(spelled, spelled)}

@@ -21,9 +21,16 @@ from edge.rules.state import Binding, Counter, CounterName, load_state, ms, utc
 class RuleCore:
     """The state and the event builder the parts of a machine rule share."""
 
-    def __init__(self, site: str, machine: MachineConfig, saved: str | None = None, *,
-                 uom_codes: frozenset[str] = frozenset(), settle: float = 0.0,
-                 epoch: str = OFFLINE_EPOCH) -> None:
+    def __init__(
+        self,
+        site: str,
+        machine: MachineConfig,
+        saved: str | None = None,
+        *,
+        uom_codes: frozenset[str] = frozenset(),
+        settle: float = 0.0,
+        epoch: str = OFFLINE_EPOCH,
+    ) -> None:
         self.site = site
         self.epoch = epoch
         """The outbox's epoch, part of every id this rule derives (`edge.model.ids.state_key`)."""
@@ -44,8 +51,8 @@ class RuleCore:
         self._primary: CounterName = "processed" if signals.processed else "good"
         """The counter the confirmations' ranges cover: processed where the machine counts it."""
         self._part: CounterName | None = (
-            "scrap" if signals.defective else "good" if signals.good and signals.processed
-            else None)
+            "scrap" if signals.defective else "good" if signals.good and signals.processed else None
+        )
         """The counter that splits the primary into yield and scrap, if any."""
         self._limits: dict[str, list[tuple[int, LimitConfig]]] = {}
         for index, limit in enumerate(machine.limits):
@@ -81,30 +88,53 @@ class RuleCore:
 
     def _counter(self, which: CounterName) -> Counter:
         state = self.state
-        return state.good if which == "good" else state.processed if which == "processed" \
+        return (
+            state.good
+            if which == "good"
+            else state.processed
+            if which == "processed"
             else state.scrap
+        )
 
     def dump_state(self) -> str:
         self.needs_save = self.dirty = False
         return json.dumps(asdict(self.state), separators=(",", ":"), sort_keys=True)
 
     def _operation_fields(self, binding: Binding, at: float) -> dict[str, Any]:
-        return {"site": self.site, "machine_id": self.machine.id,
-                "work_center": self.machine.line, "order_id": binding.order_id,
-                "operation": binding.operation, "occurred_at": utc(at)}
+        return {
+            "site": self.site,
+            "machine_id": self.machine.id,
+            "work_center": self.machine.line,
+            "order_id": binding.order_id,
+            "operation": binding.operation,
+            "occurred_at": utc(at),
+        }
 
-    def _event(self, data: EventData, binding: Binding | None, key: tuple[str | int, ...]
-               ) -> CloudEvent:
+    def _event(
+        self, data: EventData, binding: Binding | None, key: tuple[str | int, ...]
+    ) -> CloudEvent:
         self.state.sequence += 1
         self.needs_save = True
         # Every key here comes from the rule's own state, which starts from nothing with a new
         # outbox: the epoch keeps those keys from meeting the ones of an outbox before it.
         if binding is not None:
-            natural = state_key(self.epoch, self.site, self.machine.id, binding.order_id,
-                                binding.operation, ms(binding.bound_at), *key)
+            natural = state_key(
+                self.epoch,
+                self.site,
+                self.machine.id,
+                binding.order_id,
+                binding.operation,
+                ms(binding.bound_at),
+                *key,
+            )
             subject, partition = f"{binding.order_id}/{binding.operation}", binding.order_id
         else:
             natural = state_key(self.epoch, self.site, self.machine.id, *key)
             subject = partition = self.machine.id
-        return build_event(data, natural_key=natural, subject=subject, partitionkey=partition,
-                           sequence=self.state.sequence)
+        return build_event(
+            data,
+            natural_key=natural,
+            subject=subject,
+            partitionkey=partition,
+            sequence=self.state.sequence,
+        )

@@ -54,12 +54,17 @@ class Counting(RuleCore):
             return primary, part
         covered = min(part, primary)
         if final and part > primary:
-            log.warning("Machine %s: %s counted %d units beyond %s at the end of the order; "
-                        "they are left to the processed count that catches up",
-                        self.machine.id, "defective" if self._part == "scrap" else "good",
-                        part - primary, "processed")
-        return (primary - covered, covered) if self._part == "scrap" else (covered,
-                                                                           primary - covered)
+            log.warning(
+                "Machine %s: %s counted %d units beyond %s at the end of the order; "
+                "they are left to the processed count that catches up",
+                self.machine.id,
+                "defective" if self._part == "scrap" else "good",
+                part - primary,
+                "processed",
+            )
+        return (
+            (primary - covered, covered) if self._part == "scrap" else (covered, primary - covered)
+        )
 
     def _take(self, good: int, scrap: int) -> tuple[int, int, int, int]:
         """Mark `good` and `scrap` confirmed; return the primary counter's range and the
@@ -75,8 +80,7 @@ class Counting(RuleCore):
                 part.confirmed = part.total
         return first, last, part_first, part.confirmed
 
-    def _confirm(self, at: float, trigger: Trigger, *, final: bool = False
-                 ) -> list[CloudEvent]:
+    def _confirm(self, at: float, trigger: Trigger, *, final: bool = False) -> list[CloudEvent]:
         binding = self._open_binding()
         good, scrap = self._split(final)
         if binding is None:
@@ -103,6 +107,5 @@ class Counting(RuleCore):
             is_final=final,
             trigger=trigger,
         )
-        key = ("confirmation", first, last, part_first, part_last,
-               "final" if final else "partial")
+        key = ("confirmation", first, last, part_first, part_last, "final" if final else "partial")
         return [self._event(data, binding, key)]

@@ -59,9 +59,16 @@ log = logging.getLogger(__name__)
 class MachineRule(PackMLStates, LimitWatch):
     """Stateful per machine: samples, MES order events and ticks in; milestones out."""
 
-    def __init__(self, site: str, machine: MachineConfig, saved: str | None = None, *,
-                 uom_codes: frozenset[str] = frozenset(), settle: float = 0.0,
-                 epoch: str = OFFLINE_EPOCH) -> None:
+    def __init__(
+        self,
+        site: str,
+        machine: MachineConfig,
+        saved: str | None = None,
+        *,
+        uom_codes: frozenset[str] = frozenset(),
+        settle: float = 0.0,
+        epoch: str = OFFLINE_EPOCH,
+    ) -> None:
         super().__init__(site, machine, saved, uom_codes=uom_codes, settle=settle, epoch=epoch)
         if machine.order is not None:
             self._bind_from_config(machine.order)
@@ -77,8 +84,12 @@ class MachineRule(PackMLStates, LimitWatch):
         else:  # processed and good
             good_total, scrap_total = state.good.total, max(0, primary.total - state.good.total)
         good_pending, scrap_pending = self._split(final=False)
-        return {"good_total": good_total, "scrap_total": scrap_total,
-                "good_pending": good_pending, "scrap_pending": scrap_pending}
+        return {
+            "good_total": good_total,
+            "scrap_total": scrap_total,
+            "good_pending": good_pending,
+            "scrap_pending": scrap_pending,
+        }
 
     def on_sample(self, sample: Sample) -> list[CloudEvent]:
         return self.on_samples((sample,))
@@ -161,9 +172,13 @@ class MachineRule(PackMLStates, LimitWatch):
     def _not_a_number(self, signal: str, what: str) -> None:
         if signal not in self._no_number:
             self._no_number.add(signal)
-            log.warning("Signal %s sent %s: taken as bad quality (not counted, neither a limit "
-                        "breach nor a recovery, a gap in a state) until it reads a number "
-                        "again", signal, what)
+            log.warning(
+                "Signal %s sent %s: taken as bad quality (not counted, neither a limit "
+                "breach nor a recovery, a gap in a state) until it reads a number "
+                "again",
+                signal,
+                what,
+            )
 
     def on_tick(self, now: float) -> list[CloudEvent]:
         """Time passes: debounced states settle, periods end, limit timers run out."""
@@ -183,35 +198,45 @@ class MachineRule(PackMLStates, LimitWatch):
     def start_order(self, order: OrderBinding, at: float) -> list[CloudEvent]:
         """MES says the machine starts an operation of an order."""
         binding = self.state.binding
-        if binding and (binding.order_id, binding.operation) == (order.order_id,
-                                                                 order.operation):
+        if binding and (binding.order_id, binding.operation) == (order.order_id, order.operation):
             return []  # a redelivered start: already bound
         at = self._now(at)
         # State changes waiting for the counters apply now: they belong to what is bound.
         events = self._advance_time(at) + self._apply_changes(everything=True)
         if binding is not None:
             if not binding.completed:
-                log.warning("Machine %s starts order %s/%s while %s/%s is bound: ending that "
-                            "one first", self.machine.id, order.order_id, order.operation,
-                            binding.order_id, binding.operation)
+                log.warning(
+                    "Machine %s starts order %s/%s while %s/%s is bound: ending that one first",
+                    self.machine.id,
+                    order.order_id,
+                    order.operation,
+                    binding.order_id,
+                    binding.operation,
+                )
             events += self._end_binding(at)
         events += self._bind(order, "mes", at)
         # Bound while running: started now; a breach still open raises for this order.
         return events + self._advance_time(at)
 
-    def end_order(self, order_id: str, operation: str | None, at: float
-                  ) -> tuple[list[CloudEvent], str | None]:
+    def end_order(
+        self, order_id: str, operation: str | None, at: float
+    ) -> tuple[list[CloudEvent], str | None]:
         """MES says the operation ended: the final confirmation, completion, unbinding.
         Returns the events, or why the message does not fit (an order not bound here)."""
         binding = self.state.binding
-        if binding is None or binding.order_id != order_id or (
-                operation is not None and binding.operation != operation):
+        if (
+            binding is None
+            or binding.order_id != order_id
+            or (operation is not None and binding.operation != operation)
+        ):
             ended = self.state.last_ended
             if ended is not None and ended[0] == order_id and operation in (None, ended[1]):
                 return [], None  # redelivered (its commit made it, its acknowledgement not)
             bound = f"{binding.order_id}/{binding.operation}" if binding else "nothing"
-            return [], (f"order {order_id}/{operation or '*'} is not bound to machine "
-                        f"{self.machine.id} ({bound} is)")
+            return [], (
+                f"order {order_id}/{operation or '*'} is not bound to machine "
+                f"{self.machine.id} ({bound} is)"
+            )
         at = self._now(at)
         events = self._advance_time(at) + self._apply_changes(everything=True)
         events += self._end_binding(at)
@@ -220,8 +245,11 @@ class MachineRule(PackMLStates, LimitWatch):
     def _advance_time(self, now: float) -> list[CloudEvent]:
         events: list[CloudEvent] = []
         state = self.state
-        if state.candidate is not None and state.candidate_since is not None and (
-                now - state.candidate_since >= self.machine.debounce):
+        if (
+            state.candidate is not None
+            and state.candidate_since is not None
+            and (now - state.candidate_since >= self.machine.debounce)
+        ):
             events += self._accept()
         events += self._apply_changes(due_by=now)
         every = self.machine.confirm.every
@@ -237,8 +265,7 @@ class MachineRule(PackMLStates, LimitWatch):
                 self.dirty = True
                 events += self._confirm(boundary, "time")
         binding = self._open_binding()
-        if binding is not None and binding.started_at is None and (
-                state.machine_state == EXECUTE):
+        if binding is not None and binding.started_at is None and (state.machine_state == EXECUTE):
             # Bound while running, or Execute seen first after a debounce: started when both
             # were true.
             events += self._started(binding, max(binding.bound_at, state.state_since or now))
@@ -249,15 +276,23 @@ class MachineRule(PackMLStates, LimitWatch):
         return events
 
 
-def machine_rules(config: PlantConfig, saved: Mapping[str, str], epoch: str = OFFLINE_EPOCH
-                  ) -> list[MachineRule]:
+def machine_rules(
+    config: PlantConfig, saved: Mapping[str, str], epoch: str = OFFLINE_EPOCH
+) -> list[MachineRule]:
     """One rule per configured machine, each from its committed state in `saved` (by
     `MachineRule.state_key`): the pipeline's rules, and what `plantsync status` reads of the
     machines when no daemon answers."""
-    return [MachineRule(config.site, machine, saved.get(f"machine:{machine.id}"),
-                        uom_codes=config.all_uom_codes, settle=settle_for(config, machine),
-                        epoch=epoch)
-            for machine in config.machines]
+    return [
+        MachineRule(
+            config.site,
+            machine,
+            saved.get(f"machine:{machine.id}"),
+            uom_codes=config.all_uom_codes,
+            settle=settle_for(config, machine),
+            epoch=epoch,
+        )
+        for machine in config.machines
+    ]
 
 
 def settle_for(config: PlantConfig, machine: MachineConfig) -> float:
@@ -279,13 +314,15 @@ def settle_for(config: PlantConfig, machine: MachineConfig) -> float:
         match drivers.get(driver_name):
             case OpcUaConfig() as opcua:
                 tag = next((t for t in opcua.tags if t.name == tag_name), None)
-                sampling = tag.sampling_interval if tag is not None and (
-                    tag.sampling_interval is not None) else opcua.publishing_interval
+                sampling = (
+                    tag.sampling_interval
+                    if tag is not None and (tag.sampling_interval is not None)
+                    else opcua.publishing_interval
+                )
                 lag = max(lag, opcua.publishing_interval + sampling)
             case ModbusConfig() as modbus:
                 group = next((t.group for t in modbus.tags if t.name == tag_name), "default")
-                polls[(driver_name, group)] = modbus.poll_groups.get(group,
-                                                                     modbus.poll_interval)
+                polls[(driver_name, group)] = modbus.poll_groups.get(group, modbus.poll_interval)
     if len(polls) > 1:
         lag = max(lag, *polls.values())
     return lag

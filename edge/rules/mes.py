@@ -30,13 +30,19 @@ class OrderStarted(BaseModel):
     lot_id: Annotated[str | None, Field(pattern=_ID, max_length=40)] = None
     planned_quantity: Quantity | None = None
     components: tuple[Annotated[str, Field(pattern=_ID)], ...] = Field(
-        default=(), description="Materials every lot of this order must consume (its bill of "
-        "materials): genealogy is complete when a produced lot names an input lot of each.")
+        default=(),
+        description="Materials every lot of this order must consume (its bill of "
+        "materials): genealogy is complete when a produced lot names an input lot of each.",
+    )
     occurred_at: AwareDatetime
 
     def binding(self) -> OrderBinding:
-        return OrderBinding(order_id=self.order_id, operation=self.operation,
-                            material=self.material, lot_id=self.lot_id)
+        return OrderBinding(
+            order_id=self.order_id,
+            operation=self.operation,
+            material=self.material,
+            lot_id=self.lot_id,
+        )
 
 
 class OrderEnded(BaseModel):
@@ -48,12 +54,16 @@ class OrderEnded(BaseModel):
     order_id: Annotated[str, Field(pattern=_ID, max_length=40)]
     operation: Annotated[str | None, Field(pattern=r"^\d{4}$")] = None
     yield_quantity: Quantity | None = Field(
-        None, description="Good units MES counted for the operation (reconciliation compares "
-        "it with the machine's confirmations).")
+        None,
+        description="Good units MES counted for the operation (reconciliation compares "
+        "it with the machine's confirmations).",
+    )
     scrap_quantity: Quantity | None = Field(
-        None, description="Scrap MES counted for the operation.")
+        None, description="Scrap MES counted for the operation."
+    )
     occurred_at: AwareDatetime
 
 
 MES_INPUT_MODELS: Final[Mapping[str, type[OrderStarted] | type[OrderEnded]]] = MappingProxyType(
-    {"order.started": OrderStarted, "order.ended": OrderEnded})
+    {"order.started": OrderStarted, "order.ended": OrderEnded}
+)

@@ -55,8 +55,11 @@ class PackMLStates(Orders):
         if name is None:
             if raw not in self._unknown_states:
                 self._unknown_states.add(raw)
-                log.warning("Machine %s reports state %d, which state_map does not name; "
-                            "ignored", self.machine.id, raw)
+                log.warning(
+                    "Machine %s reports state %d, which state_map does not name; ignored",
+                    self.machine.id,
+                    raw,
+                )
             return []
         state = self.state
         events: list[CloudEvent] = []
@@ -103,17 +106,20 @@ class PackMLStates(Orders):
         state.changes.append(StateChange(name, at, state.clock + self.settle, wall_due, gap))
         return []
 
-    def _apply_changes(self, *, due_by: float | None = None, wall: float | None = None,
-                       everything: bool = False) -> list[CloudEvent]:
+    def _apply_changes(
+        self, *, due_by: float | None = None, wall: float | None = None, everything: bool = False
+    ) -> list[CloudEvent]:
         """Apply the waiting state changes, oldest first, that are due: `due_by` the rule's
         clock, due by a tick's `wall` time, or all."""
         events: list[CloudEvent] = []
         state = self.state
         while state.changes:
             change = state.changes[0]
-            if not (everything or (due_by is not None and change.due <= due_by)
-                    or (wall is not None and change.wall_due is not None
-                        and change.wall_due <= wall)):
+            if not (
+                everything
+                or (due_by is not None and change.due <= due_by)
+                or (wall is not None and change.wall_due is not None and change.wall_due <= wall)
+            ):
                 break
             state.changes.pop(0)
             self.needs_save = True
@@ -161,9 +167,15 @@ class PackMLStates(Orders):
             if state.down_state is None and name in WAIT_STATES:
                 state.down_state = name
             state.down_gap = _union(state.down_gap, gap)
-            if binding is not None and binding.started_at is not None and (
-                    binding.interrupted_at is None and previous in COMPLETION_PATH
-                    and name not in COMPLETION_PATH):
+            if (
+                binding is not None
+                and binding.started_at is not None
+                and (
+                    binding.interrupted_at is None
+                    and previous in COMPLETION_PATH
+                    and name not in COMPLETION_PATH
+                )
+            ):
                 # Off the completion path (Completing -> Stopping): it did not complete.
                 events += self._interrupted(binding, name, at, gap)
         if name == COMPLETE and binding is not None:
@@ -177,8 +189,7 @@ class PackMLStates(Orders):
         state.down_state = name if name in WAIT_STATES else None
         state.down_reason, state.down_gap = state.stop_reason, gap
         binding = self._open_binding()
-        if binding is not None and binding.started_at is not None and (
-                name not in COMPLETION_PATH):
+        if binding is not None and binding.started_at is not None and (name not in COMPLETION_PATH):
             return self._interrupted(binding, name, at, gap)
         return []
 
@@ -189,17 +200,28 @@ class PackMLStates(Orders):
         if self.state.down_since is not None:
             events += self._downtime(at, gap)
         binding = self._open_binding()
-        if binding is not None and binding.started_at is not None and (
-                binding.interrupted_at is not None):
-            events.append(self._event(OperationResumed(
-                **self._operation_fields(binding, at),
-                interrupted_at=utc(min(binding.interrupted_at, at)), **_quality(gap)),
-                binding, ("resumed", ms(at))))
+        if (
+            binding is not None
+            and binding.started_at is not None
+            and (binding.interrupted_at is not None)
+        ):
+            events.append(
+                self._event(
+                    OperationResumed(
+                        **self._operation_fields(binding, at),
+                        interrupted_at=utc(min(binding.interrupted_at, at)),
+                        **_quality(gap),
+                    ),
+                    binding,
+                    ("resumed", ms(at)),
+                )
+            )
             binding.interrupted_at = None
         return events
 
-    def _down_across_gap(self, name: str, gap: Gap, counted: bool, source_time: float
-                         ) -> list[CloudEvent]:
+    def _down_across_gap(
+        self, name: str, gap: Gap, counted: bool, source_time: float
+    ) -> list[CloudEvent]:
         """Down before the gap and down after it in the same state. Units counted across the
         gap say the machine ran in it: the stop before ends where the gap began, and a new one
         starts where it ended (or at the device's timestamp of the state, inside the gap)."""
@@ -213,15 +235,24 @@ class PackMLStates(Orders):
         again = max(source_time if gap[0] < source_time < gap[1] else gap[1], ran)
         return self._leave_down(ran, gap) + self._go_down(name, again, gap)
 
-    def _interrupted(self, binding: Binding, name: str, at: float, gap: Gap | None
-                     ) -> list[CloudEvent]:
+    def _interrupted(
+        self, binding: Binding, name: str, at: float, gap: Gap | None
+    ) -> list[CloudEvent]:
         binding.interrupted_at = at
         code = self.state.stop_reason
-        return [self._event(OperationInterrupted(
-            **self._operation_fields(binding, at), machine_state=name,
-            reason_code=str(code) if code else None,
-            reason_text=self.machine.stop_reasons.get(code) if code else None,
-            **_quality(gap)), binding, ("interrupted", ms(at)))]
+        return [
+            self._event(
+                OperationInterrupted(
+                    **self._operation_fields(binding, at),
+                    machine_state=name,
+                    reason_code=str(code) if code else None,
+                    reason_text=self.machine.stop_reasons.get(code) if code else None,
+                    **_quality(gap),
+                ),
+                binding,
+                ("interrupted", ms(at)),
+            )
+        ]
 
     def _downtime(self, at: float, gap: Gap | None) -> list[CloudEvent]:
         state = self.state
@@ -234,11 +265,16 @@ class PackMLStates(Orders):
         at = max(at, since)  # device clocks step back; a stop never lasts less than nothing
         binding = state.binding
         data = DowntimeRecorded(
-            site=self.site, machine_id=self.machine.id, work_center=self.machine.line,
+            site=self.site,
+            machine_id=self.machine.id,
+            work_center=self.machine.line,
             order_id=binding.order_id if binding else None,
             operation=binding.operation if binding else None,
-            occurred_at=utc(at), started_at=utc(since), ended_at=utc(at),
-            duration_seconds=(ms(at) - ms(since)) / 1000, machine_state=label,
+            occurred_at=utc(at),
+            started_at=utc(since),
+            ended_at=utc(at),
+            duration_seconds=(ms(at) - ms(since)) / 1000,
+            machine_state=label,
             reason_code=str(code) if code else None,
             reason_text=self.machine.stop_reasons.get(code) if code else None,
             **_quality(gaps),
@@ -246,8 +282,7 @@ class PackMLStates(Orders):
         return [self._event(data, binding, ("downtime", ms(since)))]
 
 
-def _time_across_gap(source_time: float, gap: Gap, counted: bool, before: str, after: str
-                     ) -> float:
+def _time_across_gap(source_time: float, gap: Gap, counted: bool, before: str, after: str) -> float:
     """When a state change seen first after a gap happened. A device timestamp inside the gap
     says it (OPC UA reads the time the value changed); otherwise the gap's end or start,
     whichever keeps a downtime off the production counted across the gap: stopped late if it
@@ -271,5 +306,7 @@ def _union(first: Gap | None, second: Gap | None) -> Gap | None:
 def _quality(gap: Gap | None) -> dict[str, Any]:
     if gap is None:
         return {}
-    return {"data_quality": "uncertain",
-            "source_gap": SourceGap(started_at=utc(gap[0]), ended_at=utc(max(gap)))}
+    return {
+        "data_quality": "uncertain",
+        "source_gap": SourceGap(started_at=utc(gap[0]), ended_at=utc(max(gap))),
+    }

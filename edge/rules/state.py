@@ -64,8 +64,13 @@ class Counter:
         if self.restarted and self.last_raw is not None:
             # After a long outage the device may have counted past the last value we saw, so
             # no drop shows: the device's own restart signal is what says it began at 0.
-            log.warning("Counter %s: the device restarted; its reading %d counts from 0 "
-                        "(the last reading before was %d)", what, raw, self.last_raw)
+            log.warning(
+                "Counter %s: the device restarted; its reading %d counts from 0 "
+                "(the last reading before was %d)",
+                what,
+                raw,
+                self.last_raw,
+            )
             self.restarted = False
             self.last_raw = raw
             self.total += raw
@@ -83,8 +88,13 @@ class Counter:
             if self.last_raw >= modulus // 2 and 0 <= wrapped < modulus // 2:
                 delta = wrapped
             else:
-                log.warning("Counter %s dropped from %d to %d: treated as a reset, counting on "
-                            "from %d", what, self.last_raw, raw, raw)
+                log.warning(
+                    "Counter %s dropped from %d to %d: treated as a reset, counting on from %d",
+                    what,
+                    self.last_raw,
+                    raw,
+                    raw,
+                )
                 self.last_raw = raw
                 self.total += raw
                 return raw, True
@@ -200,8 +210,9 @@ def load_state(saved: str | None, signals: MachineSignals) -> RuleState:
     if not saved:
         return RuleState()
     raw = json.loads(saved)
-    counters = {name: Counter(**raw.pop(name)) for name in ("good", "processed", "scrap")
-                if name in raw}
+    counters = {
+        name: Counter(**raw.pop(name)) for name in ("good", "processed", "scrap") if name in raw
+    }
     if "processed" not in counters and signals.good is None:
         # Saved before counters were named for what they count: `good` then followed the
         # signal named `processed`.

@@ -64,8 +64,10 @@ from edge.runtime.systemd import Notifier, Supervisor
 log = logging.getLogger(__name__)
 
 
-ORDER_ISSUE_KINDS: dict[str, ExceptionKind] = {"order.invalid": "blocked_order",
-                                               "order.not_released": "unknown_order"}
+ORDER_ISSUE_KINDS: dict[str, ExceptionKind] = {
+    "order.invalid": "blocked_order",
+    "order.not_released": "unknown_order",
+}
 """The order book's issue kinds as the exceptions module names them."""
 
 
@@ -105,9 +107,17 @@ ConfigLoader = Callable[[], PlantConfig]
 
 
 class Gateway:
-    def __init__(self, config: PlantConfig, outbox: Outbox, saved_state: dict[str, str], *,
-                 kpis: DeliveryKpis | None = None, notifier: Notifier | None = None,
-                 control: Control | None = None, ledger: OrderLedger | None = None) -> None:
+    def __init__(
+        self,
+        config: PlantConfig,
+        outbox: Outbox,
+        saved_state: dict[str, str],
+        *,
+        kpis: DeliveryKpis | None = None,
+        notifier: Notifier | None = None,
+        control: Control | None = None,
+        ledger: OrderLedger | None = None,
+    ) -> None:
         self.config = config
         self.outbox = outbox
         self.kpis = kpis or DeliveryKpis()
@@ -120,27 +130,36 @@ class Gateway:
             delivery_kpis(events, rejected)
             self.ledger.record_events(events)
 
-        self.pipeline = Pipeline(config, outbox, saved_state, observer=observe,
-                                 connected=self._drivers_connected)
+        self.pipeline = Pipeline(
+            config, outbox, saved_state, observer=observe, connected=self._drivers_connected
+        )
         self.pipeline.order_observer = self._mes_reports
-        self.drivers: list[Driver] = [create_driver(d, config.data_dir)
-                                         for d in config.drivers]
-        self.forwarders = [HttpForwarder(name, destination, outbox)
-                           for name, destination in config.destinations.items()]
+        self.drivers: list[Driver] = [create_driver(d, config.data_dir) for d in config.drivers]
+        self.forwarders = [
+            HttpForwarder(name, destination, outbox)
+            for name, destination in config.destinations.items()
+        ]
         self.order_book: OrderBook | None = None
         self.order_release: OrderRelease | None = None
         if config.orders is not None:
             book = OrderBook(saved_state, accept_within=config.orders.accept_within)
             self.order_book = self.pipeline.order_book = book
             self.order_release = OrderRelease(config, outbox, book)
-            self.forwarders.append(HttpForwarder(
-                ORDERS_DESTINATION, config.orders.mes, outbox,
-                sender=MesOrderPublisher.connected_to(config.orders.mes, config.site,
-                                                      self.pipeline.order_accepted)))
+            self.forwarders.append(
+                HttpForwarder(
+                    ORDERS_DESTINATION,
+                    config.orders.mes,
+                    outbox,
+                    sender=MesOrderPublisher.connected_to(
+                        config.orders.mes, config.site, self.pipeline.order_accepted
+                    ),
+                )
+            )
         self.quality = QualityLink(config, outbox, self.pipeline)
         self.exceptions = ExceptionBoard(config, self.ledger.db, outbox)
-        self.reconciler = Reconciler(config, self.ledger.db, config.database_path,
-                                     on_result=self._reconciled)
+        self.reconciler = Reconciler(
+            config, self.ledger.db, config.database_path, on_result=self._reconciled
+        )
         self.exception_watch = ExceptionWatch(self, self.exceptions, self.ledger.db)
         if self.order_book is not None:
             self.order_book.listeners.append(self._order_issue)
@@ -155,8 +174,9 @@ class Gateway:
     def ready_max_backlog_age(self) -> float:
         return self.config.api.ready_max_backlog_age
 
-    async def run(self, control: Control | None = None, load: ConfigLoader | None = None
-                  ) -> PlantConfig | None:
+    async def run(
+        self, control: Control | None = None, load: ConfigLoader | None = None
+    ) -> PlantConfig | None:
         """Run until asked to stop (returns None) or to apply a valid new config (returns
         it, once this gateway has stopped and committed everything)."""
         if control is not None:
@@ -168,36 +188,49 @@ class Gateway:
             api = downstream.create_task(self._serve_api(server), name="local-api")
             counts = downstream.create_task(self._refresh_counts(), name="outbox-counts")
             upkeep = downstream.create_task(self._prune_journal(), name="journal-retention")
-            journal = downstream.create_task(self.kpis.follow(self.outbox),
-                                             name="delivery-kpis")
+            journal = downstream.create_task(self.kpis.follow(self.outbox), name="delivery-kpis")
             # The outbox is read on a worker thread, the ledger written on this one: the only
             # thread that writes the ledger's connection (the journal prune runs meanwhile).
-            self.ledger.add_read_back(await asyncio.to_thread(
-                read_back, config.database_path, self.ledger.backfill_since()))
+            self.ledger.add_read_back(
+                await asyncio.to_thread(
+                    read_back, config.database_path, self.ledger.backfill_since()
+                )
+            )
             self.exceptions.start()
             operations = [
                 downstream.create_task(self.exceptions.run(), name="exception-channels"),
                 downstream.create_task(self.exception_watch.run(), name="exception-watch"),
-                downstream.create_task(self.reconciler.run(), name="reconcile-ended-orders")]
-            forwarding = [downstream.create_task(f.run(), name=f"forward-{f.name}")
-                          for f in self.forwarders]
+                downstream.create_task(self.reconciler.run(), name="reconcile-ended-orders"),
+            ]
+            forwarding = [
+                downstream.create_task(f.run(), name=f"forward-{f.name}") for f in self.forwarders
+            ]
             quality = downstream.create_task(self.quality.run(), name="quality-dispositions")
             if self.order_release is not None:
-                orders = downstream.create_task(self.order_release.run(),
-                                                name="order-release-poller")
+                orders = downstream.create_task(
+                    self.order_release.run(), name="order-release-poller"
+                )
             await _until_listening(server, api)
             async with asyncio.TaskGroup() as upstream:
-                upstream_tasks = [upstream.create_task(self.pipeline.run_ticks(),
-                                                       name="rule-time-triggers")]
+                upstream_tasks = [
+                    upstream.create_task(self.pipeline.run_ticks(), name="rule-time-triggers")
+                ]
                 upstream_tasks += [
-                    upstream.create_task(driver.run(self.pipeline.on_readings),
-                                         name=f"driver-{driver.name}")
+                    upstream.create_task(
+                        driver.run(self.pipeline.on_readings), name=f"driver-{driver.name}"
+                    )
                     for driver in self.drivers
                 ]
-                log.info("PlantSync Edge is running for site %s: %d driver(s), %d machine(s), "
-                         "%d destination(s); local API on http://%s; outbox %s", config.site,
-                         len(self.drivers), len(self.pipeline.rules), len(self.forwarders),
-                         config.api.listen, config.database_path)
+                log.info(
+                    "PlantSync Edge is running for site %s: %d driver(s), %d machine(s), "
+                    "%d destination(s); local API on http://%s; outbox %s",
+                    config.site,
+                    len(self.drivers),
+                    len(self.pipeline.rules),
+                    len(self.forwarders),
+                    config.api.listen,
+                    config.database_path,
+                )
                 self._report_orphans()
                 self.phase = Phase.RUNNING
                 self.notifier.ready(self.status_line())
@@ -206,25 +239,33 @@ class Gateway:
                 if next_config is None:
                     self.phase = Phase.STOPPING
                     self.notifier.stopping(self.status_line())
-                    log.info("Stopping: drivers first, then the rules commit, then deliveries "
-                             "drain (at most %gs)", config.shutdown_timeout)
+                    log.info(
+                        "Stopping: drivers first, then the rules commit, then deliveries "
+                        "drain (at most %gs)",
+                        config.shutdown_timeout,
+                    )
                 else:
                     self.phase = Phase.RELOADING
-                    log.info("Applying the new config: drivers stop, the rules commit and "
-                             "deliveries drain (at most %gs), then the gateway starts again on "
-                             "the same outbox", config.shutdown_timeout)
+                    log.info(
+                        "Applying the new config: drivers stop, the rules commit and "
+                        "deliveries drain (at most %gs), then the gateway starts again on "
+                        "the same outbox",
+                        config.shutdown_timeout,
+                    )
                 await _cancel_until_done(upstream_tasks, deadline)
             await self._commit_barrier(deadline)
-            await _cancel_until_done([quality] + ([orders] if self.order_release else []),
-                                     deadline)
+            await _cancel_until_done([quality] + ([orders] if self.order_release else []), deadline)
             for forwarder in self.forwarders:
                 forwarder.drain()
             if forwarding:
                 remaining = max(0.0, deadline - asyncio.get_running_loop().time())
                 _, late = await asyncio.wait(forwarding, timeout=remaining)
                 for task in late:
-                    log.warning("Deliveries of %s did not finish within the shutdown timeout; "
-                                "they stay in the outbox", task.get_name())
+                    log.warning(
+                        "Deliveries of %s did not finish within the shutdown timeout; "
+                        "they stay in the outbox",
+                        task.get_name(),
+                    )
                 await _cancel_until_done(list(late), deadline)
             await _cancel_until_done([counts, upkeep, journal, *operations], deadline)
             self.exceptions.stop()
@@ -265,8 +306,11 @@ class Gateway:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("Reload refused: %s", problem)
-            log.error("Reload refused: the new config has %d problem(s); the gateway runs on "
-                      "with the config it has", len(exc.problems))
+            log.error(
+                "Reload refused: the new config has %d problem(s); the gateway runs on "
+                "with the config it has",
+                len(exc.problems),
+            )
             self.control.reloads["refused"] += 1
             return None
         changes = describe_changes(self.config, new_config, self.outbox_counts)
@@ -285,11 +329,18 @@ class Gateway:
             quantity = order.yield_quantity if isinstance(order, OrderEnded) else None
             scrap = order.scrap_quantity if isinstance(order, OrderEnded) else None
             either = quantity or scrap
-            reports.append(MesOrderReport(
-                order.order_id, order.operation or "", "ended" if ended else "started",
-                order.machine_id, order.occurred_at.timestamp(),
-                quantity.value if quantity else None, scrap.value if scrap else None,
-                either.uom if either else None))
+            reports.append(
+                MesOrderReport(
+                    order.order_id,
+                    order.operation or "",
+                    "ended" if ended else "started",
+                    order.machine_id,
+                    order.occurred_at.timestamp(),
+                    quantity.value if quantity else None,
+                    scrap.value if scrap else None,
+                    either.uom if either else None,
+                )
+            )
         self.ledger.record_reports(reports)
 
     def _reconciled(self, result: Reconciliation) -> None:
@@ -298,22 +349,35 @@ class Gateway:
             subject = f"order {order.order_id}"
             if order.mismatches:
                 kinds = sorted({m.kind for m in order.mismatches})
-                self.exceptions.raise_exception("reconciliation_mismatch", Condition(
-                    subject, f"order {order.order_id} does not reconcile: "
-                    f"{len(order.mismatches)} mismatch(es) ({', '.join(kinds)})",
-                    {"order_id": order.order_id},
-                    f"plantsync reconcile --config FILE --order {order.order_id}"))
+                self.exceptions.raise_exception(
+                    "reconciliation_mismatch",
+                    Condition(
+                        subject,
+                        f"order {order.order_id} does not reconcile: "
+                        f"{len(order.mismatches)} mismatch(es) ({', '.join(kinds)})",
+                        {"order_id": order.order_id},
+                        f"plantsync reconcile --config FILE --order {order.order_id}",
+                    ),
+                )
             else:
-                self.exceptions.clear_exception("reconciliation_mismatch", subject,
-                                                "the order reconciles")
+                self.exceptions.clear_exception(
+                    "reconciliation_mismatch", subject, "the order reconciles"
+                )
 
-    def raise_exception(self, kind: ExceptionKind, subject: str, text: str, *,
-                        correlation: Mapping[str, str] | None = None,
-                        inspect: str | None = None) -> bool:
+    def raise_exception(
+        self,
+        kind: ExceptionKind,
+        subject: str,
+        text: str,
+        *,
+        correlation: Mapping[str, str] | None = None,
+        inspect: str | None = None,
+    ) -> bool:
         """For other parts of the gateway (order release: `blocked_order`, `unknown_order`):
         raise an exception once; True if it was not open already."""
-        return self.exceptions.raise_exception(kind, Condition(subject, text, correlation or {},
-                                                               inspect))
+        return self.exceptions.raise_exception(
+            kind, Condition(subject, text, correlation or {}, inspect)
+        )
 
     def clear_exception(self, kind: ExceptionKind, subject: str, because: str) -> bool:
         """Clear it once the condition ended; True if it was open."""
@@ -331,8 +395,9 @@ class Gateway:
         correlation = {"order_id": issue.order_id}
         if issue.correlation_id:
             correlation["correlation_id"] = issue.correlation_id
-        self.raise_exception(kind, subject, issue.reason, correlation=correlation,
-                             inspect=issue.inspect)
+        self.raise_exception(
+            kind, subject, issue.reason, correlation=correlation, inspect=issue.inspect
+        )
 
     def _drivers_connected(self) -> dict[str, bool]:
         return {driver.name: driver.health.connected for driver in self.drivers}
@@ -344,22 +409,32 @@ class Gateway:
         try:
             await asyncio.wait_for(self.pipeline.flush(), remaining)
         except TimeoutError:
-            log.warning("The outbox did not finish its last commits within the shutdown "
-                        "timeout; they finish before it closes")
+            log.warning(
+                "The outbox did not finish its last commits within the shutdown "
+                "timeout; they finish before it closes"
+            )
 
     def _report_orphans(self) -> None:
         for name, counts in self.orphaned().items():
-            log.warning("The outbox holds %d undelivered and %d dead event(s) for destination "
-                        "%s, which the config no longer names: they stay in the outbox until "
-                        "it is configured again (plantsync outbox list --destination %s)",
-                        counts.pending, counts.dead, name, name, extra={"destination": name})
+            log.warning(
+                "The outbox holds %d undelivered and %d dead event(s) for destination "
+                "%s, which the config no longer names: they stay in the outbox until "
+                "it is configured again (plantsync outbox list --destination %s)",
+                counts.pending,
+                counts.dead,
+                name,
+                name,
+                extra={"destination": name},
+            )
 
     async def _serve_api(self, server: Any) -> None:
         try:
             await server.serve()
         except SystemExit:
-            log.error("The local API could not listen on %s; the gateway runs on without it",
-                      self.config.api.listen)
+            log.error(
+                "The local API could not listen on %s; the gateway runs on without it",
+                self.config.api.listen,
+            )
 
     async def refresh_counts(self) -> None:
         """Read the outbox's counts now (what /metrics, /status and /readyz answer from)."""
@@ -402,27 +477,39 @@ class Gateway:
             phase=str(self.phase),
             ready_max_backlog_age=self.ready_max_backlog_age,
             drivers=[self._driver_facts(driver, now) for driver in self.drivers],
-            destinations=[status.DestinationFacts(
-                name=f.name, reachable=f.health.reachable, delivered=f.health.delivered,
-                in_flight=f.health.in_flight, last_error=f.health.last_error)
-                for f in self.forwarders],
+            destinations=[
+                status.DestinationFacts(
+                    name=f.name,
+                    reachable=f.health.reachable,
+                    delivered=f.health.delivered,
+                    in_flight=f.health.in_flight,
+                    last_error=f.health.last_error,
+                )
+                for f in self.forwarders
+            ],
             counts=dict(self.outbox_counts),
             outbox=status.OutboxFacts(
-                back_pressure=outbox.back_pressure, used_bytes=outbox.used_bytes,
+                back_pressure=outbox.back_pressure,
+                used_bytes=outbox.used_bytes,
                 max_bytes=int(self.config.outbox.max_size),
                 recovered_from=outbox.recovered_from,
                 integrity_problem=outbox.integrity_problem,
                 stats=dataclasses.replace(outbox.stats),
-                database_bytes=self.database_bytes()),
-            configured_destinations=frozenset(self.config.destinations) | (
-                {ORDERS_DESTINATION} if self.config.orders is not None else set()),
+                database_bytes=self.database_bytes(),
+            ),
+            configured_destinations=frozenset(self.config.destinations)
+            | ({ORDERS_DESTINATION} if self.config.orders is not None else set()),
             uptime_seconds=now - self.started_at,
             input_dead_letters=dict(self.input_dead_letters),
             machines=[status.machine_status(rule) for rule in pipeline.rules],
             signals=dict(pipeline.last_sample),
             genealogy=pipeline.genealogy.figures(),
-            quality={"qms": self.config.quality.qms, "reachable": self.quality.reachable,
-                     "decisions": self.quality.decisions, "cursor": pipeline.qms_cursor},
+            quality={
+                "qms": self.config.quality.qms,
+                "reachable": self.quality.reachable,
+                "decisions": self.quality.decisions,
+                "cursor": pipeline.qms_cursor,
+            },
             events_by_type=dict(pipeline.events_by_type),
             delivered_since_start=dict(self.kpis.delivered),
             kpi_untracked=self.kpis.untracked,
@@ -436,26 +523,36 @@ class Gateway:
         last = self.reconciler.last
         return {
             "exceptions": self.exceptions.open_exceptions(),
-            "kpis": scorecard(self, self.ledger.db,
-                              last.error_ratio if last is not None else None, now),
-            "reconciliation": None if last is None else {
-                "at": last.at, "orders_reconciled": len(last.orders),
-                "mismatches": len(last.mismatches), "failed": len(last.failed)},
+            "kpis": scorecard(
+                self, self.ledger.db, last.error_ratio if last is not None else None, now
+            ),
+            "reconciliation": None
+            if last is None
+            else {
+                "at": last.at,
+                "orders_reconciled": len(last.orders),
+                "mismatches": len(last.mismatches),
+                "failed": len(last.failed),
+            },
         }
 
     def _driver_facts(self, driver: Driver, now: float) -> status.DriverFacts:
         health = driver.health
         mqtt = driver if isinstance(driver, MqttDriver) else None
         return status.DriverFacts(
-            name=driver.name, connected=health.connected,
-            last_sample_age=health.last_sample_age(now), reads=health.reads,
-            errors=health.errors, last_error=health.last_error,
+            name=driver.name,
+            connected=health.connected,
+            last_sample_age=health.last_sample_age(now),
+            reads=health.reads,
+            errors=health.errors,
+            last_error=health.last_error,
             degraded=dict(health.degraded),
             samples=self.pipeline.samples_by_driver[driver.name],
             rejected=self.pipeline.rejected_by_driver[driver.name],
             dropped_qos0=mqtt.dropped_qos0 if mqtt else None,
             broker=dict(mqtt.broker) if mqtt else {},
-            peak_backlog=mqtt.peak_backlog if mqtt else None)
+            peak_backlog=mqtt.peak_backlog if mqtt else None,
+        )
 
     def status_line(self) -> str:
         """The systemd STATUS= line (see `edge.ops.status.status_line`)."""
@@ -471,11 +568,14 @@ class Gateway:
         """Released orders: the source's health and the order book's figures."""
         if self.order_release is None or self.order_book is None:
             return None
-        return {"source": self.order_release.orders.source,
-                "reachable": self.order_release.reachable,
-                "last_error": self.order_release.last_error,
-                "polls": self.order_release.polls, **self.order_book.figures(),
-                "issues": [issue.as_dict() for issue in list(self.order_book.issues)[-20:]]}
+        return {
+            "source": self.order_release.orders.source,
+            "reachable": self.order_release.reachable,
+            "last_error": self.order_release.last_error,
+            "polls": self.order_release.polls,
+            **self.order_book.figures(),
+            "issues": [issue.as_dict() for issue in list(self.order_book.issues)[-20:]],
+        }
 
     def exception_list(self, state: str, since: float, limit: int) -> list[dict[str, Any]]:
         """`GET /exceptions`: newest first, `open`, `closed` or `all`."""
@@ -484,8 +584,11 @@ class Gateway:
     def reconciliation(self) -> dict[str, Any]:
         """`GET /reconciliation`: the periodic job's last run."""
         last = self.reconciler.last
-        return {"last": None if last is None else last.as_json(),
-                "runs": dict(self.reconciler.runs), "last_error": self.reconciler.last_error}
+        return {
+            "last": None if last is None else last.as_json(),
+            "runs": dict(self.reconciler.runs),
+            "last_error": self.reconciler.last_error,
+        }
 
     async def perform(self, operation: Operation, args: dict[str, Any], who: str) -> Any:
         """An outbox operation asked for on the local API, journalled under `who`."""
@@ -520,27 +623,31 @@ async def _cancel_until_done(tasks: list[asyncio.Task[None]], deadline: float) -
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=0.5)
         if pending and not late_logged and loop.time() >= deadline:
-            log.warning("Still stopping %s after the shutdown timeout",
-                        ", ".join(sorted(task.get_name() for task in pending)))
+            log.warning(
+                "Still stopping %s after the shutdown timeout",
+                ", ".join(sorted(task.get_name() for task in pending)),
+            )
             late_logged = True
 
 
 def _describe_counts(counts: dict[str, DestinationCounts]) -> str:
     if not counts:
         return "nothing undelivered"
-    return "; ".join(f"{name}: {c.pending} pending, {c.dead} dead"
-                     for name, c in sorted(counts.items()))
+    return "; ".join(
+        f"{name}: {c.pending} pending, {c.dead} dead" for name, c in sorted(counts.items())
+    )
 
 
 def open_outbox(config: PlantConfig) -> contextlib.AbstractAsyncContextManager[Outbox]:
-    return Outbox.open(config.database_path,
-                       commit_interval=config.outbox.commit_interval,
-                       commit_max_rows=config.outbox.commit_max_rows,
-                       max_bytes=int(config.outbox.max_size))
+    return Outbox.open(
+        config.database_path,
+        commit_interval=config.outbox.commit_interval,
+        commit_max_rows=config.outbox.commit_max_rows,
+        max_bytes=int(config.outbox.max_size),
+    )
 
 
-async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None = None
-                ) -> None:
+async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None = None) -> None:
     """Run the gateway until `control` says stop, applying reloads on the way."""
     notifier = Notifier.from_environment()
     supervisor = Supervisor(notifier)
@@ -554,20 +661,30 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
             watching = tasks.create_task(supervisor.run(), name="systemd-supervisor")
             try:
                 while True:
-                    gateway = Gateway(config, outbox, await outbox.load_state(), kpis=kpis,
-                                      ledger=ledger,
-                                      notifier=notifier, control=control)
+                    gateway = Gateway(
+                        config,
+                        outbox,
+                        await outbox.load_state(),
+                        kpis=kpis,
+                        ledger=ledger,
+                        notifier=notifier,
+                        control=control,
+                    )
                     redact(gateway.secrets)
                     supervisor.watch(gateway)
                     new_config = await gateway.run(control, load)
                     if new_config is None or control.stop_requested:
                         break
                     if (new_config.database_path, new_config.outbox) != (
-                            config.database_path, config.outbox):
+                        config.database_path,
+                        config.outbox,
+                    ):
                         # The outbox's settings are fixed at open: reopen it (everything the
                         # old gateway made is committed by now).
-                        log.info("Reopening the outbox with the new settings at %s",
-                                 new_config.database_path)
+                        log.info(
+                            "Reopening the outbox with the new settings at %s",
+                            new_config.database_path,
+                        )
                         supervisor.watch(None)
                         await held.aclose()
                         outbox = await held.enter_async_context(open_outbox(new_config))

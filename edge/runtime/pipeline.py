@@ -80,8 +80,11 @@ class Genealogy:
             lots = entry["lots"]
             if lots:
                 complete = sum(1 for ok in lots.values() if ok)
-                result[order_id] = {"lots": len(lots), "complete": complete,
-                                    "completeness": round(complete / len(lots), 4)}
+                result[order_id] = {
+                    "lots": len(lots),
+                    "complete": complete,
+                    "completeness": round(complete / len(lots), 4),
+                }
         return result
 
     def dump(self) -> str:
@@ -98,11 +101,16 @@ class Pipeline:
     once it is committed. `connected`, when given, says which drivers are connected now: a
     driver that loses its device makes its signals bad (a gap the rules must know of)."""
 
-    def __init__(self, config: PlantConfig, outbox: Outbox, saved: dict[str, str],
-                 observer: Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None]
-                 | None = None,
-                 connected: Callable[[], Mapping[str, bool]] | None = None, *,
-                 epoch: str | None = None) -> None:
+    def __init__(
+        self,
+        config: PlantConfig,
+        outbox: Outbox,
+        saved: dict[str, str],
+        observer: Callable[[Sequence[CloudEvent], Sequence[RejectedInput]], None] | None = None,
+        connected: Callable[[], Mapping[str, bool]] | None = None,
+        *,
+        epoch: str | None = None,
+    ) -> None:
         self.config = config
         self.outbox = outbox
         self._observer = observer
@@ -114,9 +122,14 @@ class Pipeline:
         for rule in self.rules:
             signals = rule.machine.signals
             note = signals.migration_note()
-            log.info("Machine %s counts %s; state changes wait %gs for the counters%s",
-                     rule.machine.id, signals.counting(), rule.settle,
-                     f". Note: {note}" if note else "", extra={"machine": rule.machine.id})
+            log.info(
+                "Machine %s counts %s; state changes wait %gs for the counters%s",
+                rule.machine.id,
+                signals.counting(),
+                rule.settle,
+                f". Note: {note}" if note else "",
+                extra={"machine": rule.machine.id},
+            )
         self._by_machine = {rule.machine.id: rule for rule in self.rules}
         self._by_signal: dict[str, list[MachineRule]] = {}
         self._by_driver: dict[str, list[MachineRule]] = {}
@@ -149,8 +162,9 @@ class Pipeline:
     async def on_readings(self, readings: Sequence[Reading]) -> None:
         await self._ingest(readings)
 
-    async def _ingest(self, readings: Sequence[Reading], reingested: int | None = None
-                      ) -> tuple[list[CloudEvent], list[RejectedInput]]:
+    async def _ingest(
+        self, readings: Sequence[Reading], reingested: int | None = None
+    ) -> tuple[list[CloudEvent], list[RejectedInput]]:
         """Run readings through the rules and commit what they produced; return the new events
         and the rejected inputs. `reingested` is the input dead letter the (single) reading
         was made from: it goes in the same commit, updated if rejected again, else forgotten."""
@@ -180,13 +194,24 @@ class Pipeline:
                         # The payload as it arrived, so that a reingest runs the message
                         # itself through the fixed config (a reading made by hand has none).
                         kept = reading.payload or json.dumps(reading.fields, default=str).encode()
-                        rejected.append(RejectedInput(
-                            reading.driver, reading.topic, kept, problem, reading.received_at,
-                            reading.message_id, reingested))
+                        rejected.append(
+                            RejectedInput(
+                                reading.driver,
+                                reading.topic,
+                                kept,
+                                problem,
+                                reading.received_at,
+                                reading.message_id,
+                                reingested,
+                            )
+                        )
                 case DeviceRestarted():
-                    log.warning("Driver %s says its device restarted (%s): its counters count "
-                                "from 0", reading.driver, reading.reason,
-                                extra={"driver": reading.driver})
+                    log.warning(
+                        "Driver %s says its device restarted (%s): its counters count from 0",
+                        reading.driver,
+                        reading.reason,
+                        extra={"driver": reading.driver},
+                    )
                     for rule in self._by_driver.get(reading.driver, ()):
                         # Samples read before the restart are applied first, in their order.
                         if rule in polled:
@@ -197,10 +222,17 @@ class Pipeline:
                         touched.append(rule)
                 case RejectedMessage():
                     self.samples_by_driver[reading.driver] += 1
-                    rejected.append(RejectedInput(reading.driver, reading.topic,
-                                                  reading.payload, reading.reason,
-                                                  reading.received_at, reading.message_id,
-                                                  reingested))
+                    rejected.append(
+                        RejectedInput(
+                            reading.driver,
+                            reading.topic,
+                            reading.payload,
+                            reading.reason,
+                            reading.received_at,
+                            reading.message_id,
+                            reingested,
+                        )
+                    )
         for rule, samples in polled.items():
             produced = rule.on_samples(samples)
             if produced or rule.needs_save:
@@ -208,11 +240,18 @@ class Pipeline:
                 touched.append(rule)
         for rejection in rejected:
             self.rejected_by_driver[rejection.source] += 1
-            log.warning("Rejected MES message %s from %s on %s: %s; kept as an input dead "
-                        "letter", rejection.message_id or "(no id)", rejection.source,
-                        rejection.topic, rejection.reason,
-                        extra={"driver": rejection.source, "topic": rejection.topic,
-                               "message_id": rejection.message_id})
+            log.warning(
+                "Rejected MES message %s from %s on %s: %s; kept as an input dead letter",
+                rejection.message_id or "(no id)",
+                rejection.source,
+                rejection.topic,
+                rejection.reason,
+                extra={
+                    "driver": rejection.source,
+                    "topic": rejection.topic,
+                    "message_id": rejection.message_id,
+                },
+            )
         resolved = [reingested] if reingested is not None and not rejected else []
         if events or touched or rejected or resolved:
             events = await self._commit(events, touched, rejected, resolved)
@@ -229,22 +268,31 @@ class Pipeline:
             raise ValueError(f"there is no input dead letter {number}")
         driver = next((d for d in self.config.drivers if d.name == kept.source), None)
         if not isinstance(driver, MqttConfig):
-            raise ValueError(f"input dead letter {number} came from {kept.source!r}, which is "
-                             "not an MQTT driver of the current config: nothing can take it")
+            raise ValueError(
+                f"input dead letter {number} came from {kept.source!r}, which is "
+                "not an MQTT driver of the current config: nothing can take it"
+            )
         reading = to_reading(driver, kept.topic, kept.payload, kept.received_at)
         events, rejected = await self._ingest([reading], reingested=number)
         message_id = getattr(reading, "message_id", None) or kept.message_id
-        outcome: dict[str, Any] = {"id": number, "message_id": message_id,
-                                   "events": [event.id for event in events]}
+        outcome: dict[str, Any] = {
+            "id": number,
+            "message_id": message_id,
+            "events": [event.id for event in events],
+        }
         if rejected:
             outcome |= {"outcome": "rejected again", "reason": rejected[0].reason}
         else:
             outcome |= {"outcome": "accepted"}
-        log.warning("Manual intervention: input dead letter %d (MES message %s) run again "
-                    "through the current config: %s%s", number, message_id or "(no id)",
-                    outcome["outcome"], f" ({outcome['reason']})" if rejected else
-                    f", {len(events)} new event(s)",
-                    extra={"message_id": message_id, "rejected_input": number})
+        log.warning(
+            "Manual intervention: input dead letter %d (MES message %s) run again "
+            "through the current config: %s%s",
+            number,
+            message_id or "(no id)",
+            outcome["outcome"],
+            f" ({outcome['reason']})" if rejected else f", {len(events)} new event(s)",
+            extra={"message_id": message_id, "rejected_input": number},
+        )
         return outcome
 
     async def tick(self, now: float | None = None) -> None:
@@ -283,8 +331,11 @@ class Pipeline:
         touched: list[MachineRule] = []
         for driver in lost:
             for rule in self._by_driver.get(driver, ()):
-                bad = [Sample(driver, signal.partition(".")[2], None, now, Quality.BAD)
-                       for signal in sorted(rule.signals) if signal.startswith(f"{driver}.")]
+                bad = [
+                    Sample(driver, signal.partition(".")[2], None, now, Quality.BAD)
+                    for signal in sorted(rule.signals)
+                    if signal.startswith(f"{driver}.")
+                ]
                 for sample in bad:
                     self.last_sample[sample.signal] = sample
                 events += rule.on_samples(bad)
@@ -297,12 +348,10 @@ class Pipeline:
             await asyncio.sleep(interval)
             await self.tick()
 
-    def _mes(self, message: MesMessage
-             ) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
+    def _mes(self, message: MesMessage) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
         """What an MES message produces: events, the rule whose state it moved, or why it
         cannot be used (it then becomes an input dead letter)."""
-        fields = {"occurred_at": datetime.fromtimestamp(message.received_at, UTC),
-                  **message.fields}
+        fields = {"occurred_at": datetime.fromtimestamp(message.received_at, UTC), **message.fields}
         site = fields.setdefault("site", self.config.site)
         if site != self.config.site:
             return [], None, f"site {site!r} is not this plant ({self.config.site})"
@@ -311,8 +360,9 @@ class Pipeline:
         event, problem = self._mes_event(message, fields)
         return ([event] if event else []), None, problem
 
-    def _order_input(self, message: MesMessage, fields: dict[str, Any]
-                     ) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
+    def _order_input(
+        self, message: MesMessage, fields: dict[str, Any]
+    ) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
         try:
             order = MES_INPUT_MODELS[message.kind].model_validate(fields)
         except ValidationError as exc:
@@ -323,15 +373,21 @@ class Pipeline:
         if isinstance(order, OrderStarted):
             # The binding ends up in every confirmation of the order: refuse it now if the
             # ERP would refuse those (a batch longer than SAP's 10 characters...).
-            problem = input_problems(self.config, "production.confirmation",
-                                     {"site": self.config.site, **order.binding().model_dump()})
+            problem = input_problems(
+                self.config,
+                "production.confirmation",
+                {"site": self.config.site, **order.binding().model_dump()},
+            )
             if problem is not None:
                 return [], None, problem
         at = order.occurred_at.timestamp()
         if isinstance(order, OrderStarted) and self.order_book is not None:
             problem = self.order_book.started(
-                order.order_id, at, message_id=message.message_id,
-                require_released=self.config.validation.require_released_order)
+                order.order_id,
+                at,
+                message_id=message.message_id,
+                require_released=self.config.validation.require_released_order,
+            )
             if problem is not None:
                 return [], None, problem
         if isinstance(order, OrderStarted):
@@ -346,69 +402,125 @@ class Pipeline:
         events, problem = rule.end_order(order.order_id, order.operation, at)
         if problem is None:
             # An end that names no operation ended the bound one: say which, for the ledger.
-            ended = order.operation or next((str(e.data["operation"]) for e in events
-                                             if e.data.get("operation")), None)
+            ended = order.operation or next(
+                (str(e.data["operation"]) for e in events if e.data.get("operation")), None
+            )
             self._order_inputs.append(order.model_copy(update={"operation": ended}))
         return events, rule, problem
 
-    def _mes_event(self, message: MesMessage, fields: dict[str, Any]
-                   ) -> tuple[CloudEvent | None, str | None]:
+    def _mes_event(
+        self, message: MesMessage, fields: dict[str, Any]
+    ) -> tuple[CloudEvent | None, str | None]:
         """The canonical event of an MES milestone message, or why it cannot be one."""
         model = EVENT_MODELS.get(message.kind)
         if model is None:
             return None, f"no canonical event type {message.kind!r}"
         try:
             data = model.model_validate(
-                fields, context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes})
+                fields, context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes}
+            )
         except ValidationError as exc:
             return None, _problems(exc)
         problem = input_problems(self.config, message.kind, data.model_dump(mode="json"))
         if problem is not None:
             return None, problem
-        if data.order_id is not None and data.order_id not in self.known_orders and (
-                self.config.validation.require_known_order):
-            return None, (f"order {data.order_id!r} is not known: no machine was bound to it "
-                          "(validation.require_known_order)")
+        if (
+            data.order_id is not None
+            and data.order_id not in self.known_orders
+            and (self.config.validation.require_known_order)
+        ):
+            return None, (
+                f"order {data.order_id!r} is not known: no machine was bound to it "
+                "(validation.require_known_order)"
+            )
         if isinstance(data, LotProduced):
             complete = self.genealogy.produced(
-                data.order_id, data.lot_id, [lot.material for lot in data.input_lots])
+                data.order_id, data.lot_id, [lot.material for lot in data.input_lots]
+            )
             if not complete:
-                log.warning("Lot %s of order %s names no input lot of some required material: "
-                            "its genealogy is incomplete", data.lot_id, data.order_id,
-                            extra={"lot_id": data.lot_id, "order_id": data.order_id})
+                log.warning(
+                    "Lot %s of order %s names no input lot of some required material: "
+                    "its genealogy is incomplete",
+                    data.lot_id,
+                    data.order_id,
+                    extra={"lot_id": data.lot_id, "order_id": data.order_id},
+                )
         if isinstance(data, LotDisposition):
-            self._lots.append(LotStatus(data.lot_id, data.disposition,
-                                        data.occurred_at.timestamp(), data.disposition_source,
-                                        data.order_id, data.material))
+            self._lots.append(
+                LotStatus(
+                    data.lot_id,
+                    data.disposition,
+                    data.occurred_at.timestamp(),
+                    data.disposition_source,
+                    data.order_id,
+                    data.material,
+                )
+            )
         key = data.order_id or getattr(data, "lot_id", None) or message.driver
-        event = self._build(data, source_key(self.config.site, message.kind, message.message_id),
-                            key, f"mes:{message.driver}", message.message_id)
+        event = self._build(
+            data,
+            source_key(self.config.site, message.kind, message.message_id),
+            key,
+            f"mes:{message.driver}",
+            message.message_id,
+        )
         if isinstance(data, LotProduced):
             self._lot_produced(data, event)
         return event, None
 
-    def _build(self, data: EventData, natural_key: tuple[str | int, ...], key: str,
-               source: str, message_id: str | None = None) -> CloudEvent:
+    def _build(
+        self,
+        data: EventData,
+        natural_key: tuple[str | int, ...],
+        key: str,
+        source: str,
+        message_id: str | None = None,
+    ) -> CloudEvent:
         self._mes_sequence += 1
-        return build_event(data, natural_key=natural_key, subject=key, partitionkey=key,
-                           sequence=self._mes_sequence,
-                           source=f"urn:plantsync:{self.config.site}:{source}",
-                           source_message_id=message_id)
+        return build_event(
+            data,
+            natural_key=natural_key,
+            subject=key,
+            partitionkey=key,
+            sequence=self._mes_sequence,
+            source=f"urn:plantsync:{self.config.site}:{source}",
+            source_message_id=message_id,
+        )
 
     def _lot_produced(self, data: LotProduced, event: CloudEvent) -> None:
         """A produced lot is on hold until quality decides; the QMS is asked to inspect it."""
         if not self.config.quality.inspect_produced_lots:
             return
         at = data.occurred_at.timestamp()
-        self._lots.append(LotStatus(data.lot_id, "hold", at, "produced, awaiting quality",
-                                    data.order_id, data.material, decided=False))
+        self._lots.append(
+            LotStatus(
+                data.lot_id,
+                "hold",
+                at,
+                "produced, awaiting quality",
+                data.order_id,
+                data.material,
+                decided=False,
+            )
+        )
         request = InspectionRequested(
-            site=data.site, order_id=data.order_id, lot_id=data.lot_id, material=data.material,
-            occurred_at=data.occurred_at, trigger="lot_completed",
-            reason_text=f"lot {data.lot_id} completed")
-        self._followups.append(self._build(request, source_key(self.config.site, "lot-inspection",
-                                                               data.lot_id), data.lot_id,
-                                           "quality", event.sourcemessageid))
+            site=data.site,
+            order_id=data.order_id,
+            lot_id=data.lot_id,
+            material=data.material,
+            occurred_at=data.occurred_at,
+            trigger="lot_completed",
+            reason_text=f"lot {data.lot_id} completed",
+        )
+        self._followups.append(
+            self._build(
+                request,
+                source_key(self.config.site, "lot-inspection", data.lot_id),
+                data.lot_id,
+                "quality",
+                event.sourcemessageid,
+            )
+        )
 
     async def dispositions(self, decisions: Sequence[LotDisposition], cursor: str) -> None:
         """QMS decisions: lot.disposition events (to ERP), the lots' status and the feed's
@@ -417,17 +529,38 @@ class Pipeline:
         for data in decisions:
             known = await self.outbox.lot_status(data.lot_id)
             if known is not None and (data.order_id is None or data.material is None):
-                data = data.model_copy(update={"order_id": data.order_id or known.order_id,
-                                               "material": data.material or known.material})
-            self._lots.append(LotStatus(data.lot_id, data.disposition,
-                                        data.occurred_at.timestamp(), data.disposition_source,
-                                        data.order_id, data.material))
+                data = data.model_copy(
+                    update={
+                        "order_id": data.order_id or known.order_id,
+                        "material": data.material or known.material,
+                    }
+                )
+            self._lots.append(
+                LotStatus(
+                    data.lot_id,
+                    data.disposition,
+                    data.occurred_at.timestamp(),
+                    data.disposition_source,
+                    data.order_id,
+                    data.material,
+                )
+            )
             # Keyed by the order the lot was produced for: the decision must not overtake
             # the confirmations that put the lot into quality-inspection stock.
-            events.append(self._build(
-                data, source_key(self.config.site, "disposition", data.lot_id, data.disposition,
-                                 int(data.occurred_at.timestamp() * 1000)),
-                data.order_id or data.lot_id, "quality"))
+            events.append(
+                self._build(
+                    data,
+                    source_key(
+                        self.config.site,
+                        "disposition",
+                        data.lot_id,
+                        data.disposition,
+                        int(data.occurred_at.timestamp() * 1000),
+                    ),
+                    data.order_id or data.lot_id,
+                    "quality",
+                )
+            )
         self.qms_cursor = cursor
         await self._commit(events, ())
 
@@ -443,9 +576,13 @@ class Pipeline:
         self._lots.append(status)
         await self._commit([], ())
 
-    async def _commit(self, events: Sequence[CloudEvent], rules: Iterable[MachineRule],
-                      rejected: Sequence[RejectedInput] = (), resolved: Sequence[int] = ()
-                      ) -> list[CloudEvent]:
+    async def _commit(
+        self,
+        events: Sequence[CloudEvent],
+        rules: Iterable[MachineRule],
+        rejected: Sequence[RejectedInput] = (),
+        resolved: Sequence[int] = (),
+    ) -> list[CloudEvent]:
         """Commit; return the events that were new (not duplicates)."""
         # State is dumped now, synchronously with the events it produced: a later reading
         # cannot slip into this commit's state while we await the disk.
@@ -461,15 +598,18 @@ class Pipeline:
         order_inputs, self._order_inputs = self._order_inputs, []
         rows = [
             OutboxEvent(
-                id=event.id, type=event.type, partition_key=event.partitionkey,
+                id=event.id,
+                type=event.type,
+                partition_key=event.partitionkey,
                 payload=event.to_json(),
                 destinations=tuple(self.config.destinations_for(event.type)),
                 priority=priority_of(event.type),
             )
             for event in events
         ]
-        result = await self.outbox.commit(rows, state, rejected=rejected, lots=lots,
-                                          resolved_inputs=resolved)
+        result = await self.outbox.commit(
+            rows, state, rejected=rejected, lots=lots, resolved_inputs=resolved
+        )
         events = [event for event in events if event.id in result.new_ids]
         if self._observer is not None:
             self._observer(events, rejected)
@@ -477,29 +617,43 @@ class Pipeline:
             self.order_observer(order_inputs)
         for event in events:
             self.events_by_type[event.type] += 1
-            made_from = (f", from MES message {event.sourcemessageid}"
-                         if event.sourcemessageid else "")
-            log.info("Committed %s %s for %s (%s)%s", event.type, event.subject,
-                     event.source, _summary(event), made_from,
-                     extra={"event_id": event.id, "order_id": event.data.get("order_id"),
-                            "lot_id": event.data.get("lot_id"),
-                            "message_id": event.sourcemessageid})
+            made_from = (
+                f", from MES message {event.sourcemessageid}" if event.sourcemessageid else ""
+            )
+            log.info(
+                "Committed %s %s for %s (%s)%s",
+                event.type,
+                event.subject,
+                event.source,
+                _summary(event),
+                made_from,
+                extra={
+                    "event_id": event.id,
+                    "order_id": event.data.get("order_id"),
+                    "lot_id": event.data.get("lot_id"),
+                    "message_id": event.sourcemessageid,
+                },
+            )
         if result.duplicates:
             log.info("Ignored %d event(s) the outbox already held", result.duplicates)
         return events
 
 
 def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{format_loc(tuple(e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
-                     for e in exc.errors())
+    return "; ".join(
+        f"{format_loc(tuple(e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
 
 
 def _summary(event: CloudEvent) -> str:
     data = event.data
     if event.type == "production.confirmation":
-        return (f"yield {data['yield_quantity']['value']} {data['yield_quantity']['uom']}, "
-                f"scrap {data['scrap_quantity']['value']}, "
-                f"counter {data['counter_from']}..{data['counter_to']}")
+        return (
+            f"yield {data['yield_quantity']['value']} {data['yield_quantity']['uom']}, "
+            f"scrap {data['scrap_quantity']['value']}, "
+            f"counter {data['counter_from']}..{data['counter_to']}"
+        )
     if data.get("quantity"):
         return f"{data['quantity']['value']} {data['quantity']['uom']}"
     return event.id

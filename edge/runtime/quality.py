@@ -43,14 +43,18 @@ class QualityLink:
         self.outbox = outbox
         self.pipeline = pipeline
         self.destination: DestinationConfig | None = (
-            config.destinations[config.quality.qms] if config.quality.qms else None)
+            config.destinations[config.quality.qms] if config.quality.qms else None
+        )
         self._session: Session | None = None
         self._backoff = Backoff(base=1.0, cap=60.0)
         self.availability = Availability(
-            "The QMS", log, backoff=self._backoff,
+            "The QMS",
+            log,
+            backoff=self._backoff,
             lost_says="{peer} is not answering for dispositions ({reason}); asking again with "
-                      "backoff",
-            back_says="{peer} answers for dispositions again")
+            "backoff",
+            back_says="{peer} answers for dispositions again",
+        )
         self.polls = 0
         self.decisions = 0
 
@@ -66,8 +70,12 @@ class QualityLink:
         assert self.config.quality.qms is not None
         async with make_client(self.config.quality.qms, self.destination) as client:
             self._session = Session(self.destination, client)
-            await reconnect_forever(self._poll_until_failure, self._backoff, self.availability,
-                                    wait=self._wait_to_poll_again)
+            await reconnect_forever(
+                self._poll_until_failure,
+                self._backoff,
+                self.availability,
+                wait=self._wait_to_poll_again,
+            )
 
     async def _poll_until_failure(self) -> Ended:
         """Poll page after page while the QMS answers; how it stopped answering."""
@@ -93,7 +101,8 @@ class QualityLink:
         """Fetch one page of the feed; True when there may be more right away."""
         assert self._session is not None
         response = await self._session.request(
-            "GET", "dispositions", params={"after": self.pipeline.qms_cursor, "limit": PAGE})
+            "GET", "dispositions", params={"after": self.pipeline.qms_cursor, "limit": PAGE}
+        )
         if response.status_code != 200:
             raise ValueError(f"the QMS answered {response.status_code}: {response.text[:200]}")
         body = response.json()
@@ -109,22 +118,33 @@ class QualityLink:
         await self.pipeline.dispositions(decisions, str(body.get("next", entries[-1]["cursor"])))
         self.decisions += len(decisions)
         for decision in decisions:
-            log.info("QMS decided lot %s: %s", decision.lot_id, decision.disposition,
-                     extra={"lot_id": decision.lot_id, "order_id": decision.order_id})
+            log.info(
+                "QMS decided lot %s: %s",
+                decision.lot_id,
+                decision.disposition,
+                extra={"lot_id": decision.lot_id, "order_id": decision.order_id},
+            )
         return len(entries) >= PAGE
 
     def _decision(self, entry: dict[str, Any]) -> LotDisposition | None:
         try:
             return LotDisposition(
-                site=self.config.site, lot_id=entry["lot_id"],
-                disposition=entry["disposition"], disposition_source="qms",
-                order_id=entry.get("order_id"), material=entry.get("material"),
+                site=self.config.site,
+                lot_id=entry["lot_id"],
+                disposition=entry["disposition"],
+                disposition_source="qms",
+                order_id=entry.get("order_id"),
+                material=entry.get("material"),
                 inspection_id=entry.get("inspection_id"),
                 reason_text=entry.get("reason") or None,
-                occurred_at=datetime.fromisoformat(entry["decided_at"].replace("Z", "+00:00")))
+                occurred_at=datetime.fromisoformat(entry["decided_at"].replace("Z", "+00:00")),
+            )
         except (KeyError, ValueError, ValidationError) as exc:
-            log.error("Skipped a disposition the QMS sent that does not fit the canonical "
-                      "model (%s): %s", exc, entry)
+            log.error(
+                "Skipped a disposition the QMS sent that does not fit the canonical model (%s): %s",
+                exc,
+                entry,
+            )
             return None
 
     async def lot_status(self, lot_id: str) -> dict[str, Any]:
@@ -133,19 +153,28 @@ class QualityLink:
         if known is None and self._session is not None:
             known = await self._ask_qms(lot_id)
         if known is None:
-            return {"lot_id": lot_id, "status": self.config.quality.unknown_lot, "since": None,
-                    "source": "default (unknown lot)"}
-        return {"lot_id": lot_id, "status": known.status,
-                "since": datetime.fromtimestamp(known.since).astimezone().isoformat(),
-                "source": known.source, "order_id": known.order_id,
-                "material": known.material}
+            return {
+                "lot_id": lot_id,
+                "status": self.config.quality.unknown_lot,
+                "since": None,
+                "source": "default (unknown lot)",
+            }
+        return {
+            "lot_id": lot_id,
+            "status": known.status,
+            "since": datetime.fromtimestamp(known.since).astimezone().isoformat(),
+            "source": known.source,
+            "order_id": known.order_id,
+            "material": known.material,
+        }
 
     async def _ask_qms(self, lot_id: str) -> LotStatus | None:
         assert self._session is not None
         try:
             response = await asyncio.wait_for(
                 self._session.request("GET", path("lots", lot_id, "disposition")),
-                self.config.quality.lookup_timeout)
+                self.config.quality.lookup_timeout,
+            )
         except (TimeoutError, httpx.HTTPError, AuthError):
             return None
         if response.status_code != 200:
@@ -153,7 +182,13 @@ class QualityLink:
         decision = self._decision(response.json())
         if decision is None:
             return None
-        status = LotStatus(lot_id, decision.disposition, decision.occurred_at.timestamp(),
-                           "qms (asked)", decision.order_id, decision.material)
+        status = LotStatus(
+            lot_id,
+            decision.disposition,
+            decision.occurred_at.timestamp(),
+            "qms (asked)",
+            decision.order_id,
+            decision.material,
+        )
         await self.pipeline.remember_lot(status)
         return status

@@ -70,8 +70,9 @@ class Notifier:
         message = "\n".join(assignments).encode()
         try:
             if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX,
-                                             socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                )
                 self._socket.setblocking(False)
             self._socket.sendto(message, target)
         except OSError as exc:
@@ -152,8 +153,9 @@ class Supervisor:
             return
         async with asyncio.TaskGroup() as tasks:
             if self.notifier.watchdog_interval is not None:
-                tasks.create_task(self._watchdog(self.notifier.watchdog_interval),
-                                  name="systemd-watchdog")
+                tasks.create_task(
+                    self._watchdog(self.notifier.watchdog_interval), name="systemd-watchdog"
+                )
             tasks.create_task(self._status(), name="systemd-status")
 
     async def _watchdog(self, interval: float) -> None:
@@ -178,17 +180,25 @@ class Supervisor:
         try:
             await asyncio.wait_for(probe_outbox(gateway.outbox), deadline)
         except Exception as exc:  # any failure withholds the ping, whatever it is
-            reason = (f"no answer within {deadline:g}s" if isinstance(exc, TimeoutError)
-                      else f"{type(exc).__name__}: {exc}")
+            reason = (
+                f"no answer within {deadline:g}s"
+                if isinstance(exc, TimeoutError)
+                else f"{type(exc).__name__}: {exc}"
+            )
             if not self._probe_failing:
-                log.error("The outbox writer failed the watchdog probe (%s): not telling "
-                          "systemd the daemon is alive; it restarts the daemon if this lasts "
-                          "WatchdogSec", reason)
+                log.error(
+                    "The outbox writer failed the watchdog probe (%s): not telling "
+                    "systemd the daemon is alive; it restarts the daemon if this lasts "
+                    "WatchdogSec",
+                    reason,
+                )
                 self._probe_failing = True
             return False
         if self._probe_failing:
-            log.info("The outbox writer answers the watchdog probe again (in %.2fs)",
-                     time.monotonic() - started)
+            log.info(
+                "The outbox writer answers the watchdog probe again (in %.2fs)",
+                time.monotonic() - started,
+            )
             self._probe_failing = False
         return True
 

@@ -277,7 +277,8 @@ class ErpSimulator:
         if len(found) > 1:
             materials = ", ".join(str(each["material"]) for each in found)
             return json_error(
-                409, f"batch {batch} exists for materials {materials}: add ?material=")
+                409, f"batch {batch} exists for materials {materials}: add ?material="
+            )
         return JSONResponse(found[0])
 
     async def sap_confirmations(self, request: Request) -> Response:
@@ -287,10 +288,18 @@ class ErpSimulator:
         # Each with its inspection lot's material, batch and plant, so a test can tell which
         # batch was decided without a second query.
         lots = {lot["InspectionLot"]: lot for lot in self.store.inspection_lots()}
-        return JSONResponse([
-            {**decision, "_lot": {name: lots[decision["InspectionLot"]][name]
-                                  for name in ("Material", "Batch", "Plant", "ManufacturingOrder")}}
-            for decision in self.store.usage_decisions()])
+        return JSONResponse(
+            [
+                {
+                    **decision,
+                    "_lot": {
+                        name: lots[decision["InspectionLot"]][name]
+                        for name in ("Material", "Batch", "Plant", "ManufacturingOrder")
+                    },
+                }
+                for decision in self.store.usage_decisions()
+            ]
+        )
 
     async def sap_inspection_lots(self, request: Request) -> Response:
         return JSONResponse(self.store.inspection_lots())
@@ -340,8 +349,6 @@ class ErpSimulator:
         cleared = self.store.clear()
         self.counters = Counters()
         return JSONResponse(cleared)
-
-
 
 
 def _client_credentials(request: Request, form: Mapping[str, str]) -> tuple[str, str] | None:
@@ -398,8 +405,7 @@ def create_app(
 
     def odata(path: str, handler: Endpoint, method: str = "GET") -> Route:
         """A SAP OData route: every POST is a delivery (CSRF, delivery faults)."""
-        return Route(path, guard(handler, odata=True, delivery=method == "POST"),
-                     methods=[method])
+        return Route(path, guard(handler, odata=True, delivery=method == "POST"), methods=[method])
 
     def service(root: str, *entity_sets: str) -> list[Route]:
         """A service document, with and without its trailing slash (the CSRF fetch)."""
@@ -431,13 +437,14 @@ def create_app(
         odata(f"{INSPECTION_SERVICE}/{INSPECTION_LOT_SET}", sap.list_inspection_lots),
         *service(MATERIAL_DOCUMENT_SERVICE, MATERIAL_DOCUMENT_SET, MATERIAL_DOCUMENT_ITEM_SET),
         odata(documents, sap.create_material_document, "POST"),
-        odata(f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
-              sap.list_material_document_items),
+        odata(
+            f"{MATERIAL_DOCUMENT_SERVICE}/{MATERIAL_DOCUMENT_ITEM_SET}",
+            sap.list_material_document_items,
+        ),
         Route("/events", simulator.list_events, methods=["GET"]),
         *confirmed_routes(store, guard),  # reconciliation: simulators/erp/confirmed.py
         Route("/_sim/sap/inspection-lots", simulator.sap_inspection_lots, methods=["GET"]),
-        Route("/_sim/sap/material-documents", simulator.sap_material_documents,
-              methods=["GET"]),
+        Route("/_sim/sap/material-documents", simulator.sap_material_documents, methods=["GET"]),
         Route("/_sim/batches", simulator.list_batches, methods=["GET"]),
         Route("/_sim/batches/{batch}", simulator.get_batch, methods=["GET"]),
         Route("/_sim/sap/confirmations", simulator.sap_confirmations, methods=["GET"]),
@@ -550,7 +557,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m simulators.erp") 
         "--log-requests", action="store_true", help="print one line per received event"
     )
     parser.add_argument(
-        "--sap-metadata", type=Path, default=SAP_METADATA_DIR, metavar="DIR",
+        "--sap-metadata",
+        type=Path,
+        default=SAP_METADATA_DIR,
+        metavar="DIR",
         help="SAP's metadata facts (*.json) the SAP services validate against"
         " (default: tests/fixtures/sap of this checkout)",
     )

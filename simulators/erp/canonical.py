@@ -47,7 +47,6 @@ class InvalidEvent(ValueError):
     """A request body that is not an acceptable CloudEvent; the message is sent back."""
 
 
-
 @dataclass(frozen=True)
 class Receipt:
     """What the ERP answers for one accepted delivery."""
@@ -62,7 +61,6 @@ class Delivery:
 
     key: str
     event: JsonObject
-
 
 
 def validate_event(candidate: object) -> JsonObject:
@@ -84,8 +82,6 @@ def validate_event(candidate: object) -> JsonObject:
         if value is not None and not isinstance(value, str):
             raise InvalidEvent(f"event attribute {name} must be a string")
     return candidate
-
-
 
 
 class CanonicalApi:
@@ -139,7 +135,8 @@ class CanonicalApi:
         content_type = media_type(request)
         if content_type != BATCH_CONTENT_TYPE:
             return json_error(
-                415, f"content type {content_type or '(none)'} is not {BATCH_CONTENT_TYPE}")
+                415, f"content type {content_type or '(none)'} is not {BATCH_CONTENT_TYPE}"
+            )
         try:
             candidates = await read_json(request, InvalidEvent)
         except InvalidEvent as exc:

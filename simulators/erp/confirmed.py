@@ -53,10 +53,14 @@ def confirmed_routes(store: EventStore, guard: Callable[..., Endpoint]) -> list[
 
     def _hand_rows(order_id: str) -> list[dict[str, Any]]:
         with store._transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS hand_confirmations (seq INTEGER PRIMARY KEY,"
-                       " order_id TEXT NOT NULL, entity_json TEXT NOT NULL)")
-            rows = db.execute("SELECT entity_json FROM hand_confirmations WHERE order_id = ?"
-                              " ORDER BY seq", (order_id,)).fetchall()
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS hand_confirmations (seq INTEGER PRIMARY KEY,"
+                " order_id TEXT NOT NULL, entity_json TEXT NOT NULL)"
+            )
+            rows = db.execute(
+                "SELECT entity_json FROM hand_confirmations WHERE order_id = ? ORDER BY seq",
+                (order_id,),
+            ).fetchall()
         return [json.loads(text) for (text,) in rows]
 
     async def confirmed(request: Request) -> Response:
@@ -72,11 +76,18 @@ def confirmed_routes(store: EventStore, guard: Callable[..., Endpoint]) -> list[
                 lots.setdefault(data["lot_id"], data.get("material"))
             if short_type(str(row["type"])) != HAND_TYPE:
                 continue
-            confirmations.append({
-                "id": row["id"], "reference": row["reference"], "entered_by": "gateway",
-                "operation": data.get("operation"), "yield_quantity": data.get("yield_quantity"),
-                "scrap_quantity": data.get("scrap_quantity"),
-                "is_final": bool(data.get("is_final")), "reversed": False})
+            confirmations.append(
+                {
+                    "id": row["id"],
+                    "reference": row["reference"],
+                    "entered_by": "gateway",
+                    "operation": data.get("operation"),
+                    "yield_quantity": data.get("yield_quantity"),
+                    "scrap_quantity": data.get("scrap_quantity"),
+                    "is_final": bool(data.get("is_final")),
+                    "reversed": False,
+                }
+            )
         confirmations += _hand_rows(order_id)
         totals: dict[str, dict[str, Decimal]] = {}
         for confirmation in confirmations:
@@ -88,35 +99,55 @@ def confirmed_routes(store: EventStore, guard: Callable[..., Endpoint]) -> list[
         for lot_id, material in sorted(lots.items()):
             found = store.batches(material=material, batch=lot_id) if material else []
             found = found or store.batches(batch=lot_id)
-            stock.append({"lot_id": lot_id, "material": material,
-                          "stock_status": found[0]["status"] if found else "unknown"})
-        return JSONResponse({
-            "order_id": order_id, "confirmations": confirmations,
-            "totals": [{"uom": uom, "yield": _text(t["yield"]), "scrap": _text(t["scrap"])}
-                       for uom, t in sorted(totals.items())],
-            "lots": stock})
+            stock.append(
+                {
+                    "lot_id": lot_id,
+                    "material": material,
+                    "stock_status": found[0]["status"] if found else "unknown",
+                }
+            )
+        return JSONResponse(
+            {
+                "order_id": order_id,
+                "confirmations": confirmations,
+                "totals": [
+                    {"uom": uom, "yield": _text(t["yield"]), "scrap": _text(t["scrap"])}
+                    for uom, t in sorted(totals.items())
+                ],
+                "lots": stock,
+            }
+        )
 
     async def post_by_hand(request: Request) -> Response:
         order_id = request.path_params["order_id"]
         try:
             body = json.loads(await request.body())
             uom = str(body.get("uom", "C62"))
-            entity = {"id": None, "reference": f"HAND-{uuid.uuid4().hex[:8]}",
-                      "entered_by": "hand", "operation": str(body.get("operation", "0010")),
-                      "yield_quantity": {"value": _text(_decimal(body["yield"])), "uom": uom},
-                      "scrap_quantity": {"value": _text(_decimal(body.get("scrap", 0))),
-                                         "uom": uom},
-                      "is_final": bool(body.get("is_final", False)), "reversed": False}
+            entity = {
+                "id": None,
+                "reference": f"HAND-{uuid.uuid4().hex[:8]}",
+                "entered_by": "hand",
+                "operation": str(body.get("operation", "0010")),
+                "yield_quantity": {"value": _text(_decimal(body["yield"])), "uom": uom},
+                "scrap_quantity": {"value": _text(_decimal(body.get("scrap", 0))), "uom": uom},
+                "is_final": bool(body.get("is_final", False)),
+                "reversed": False,
+            }
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return JSONResponse({"error": f"body: {exc}"}, status_code=400)
         _hand_rows(order_id)  # makes the table
         with store._transaction() as db:
-            db.execute("INSERT INTO hand_confirmations(order_id, entity_json) VALUES (?, ?)",
-                       (order_id, json.dumps(entity)))
+            db.execute(
+                "INSERT INTO hand_confirmations(order_id, entity_json) VALUES (?, ?)",
+                (order_id, json.dumps(entity)),
+            )
         return JSONResponse(entity, status_code=201)
 
     return [
-        Route("/api/orders/{order_id}/confirmed", guard(confirmed, odata=False, delivery=False),
-              methods=["GET"]),
+        Route(
+            "/api/orders/{order_id}/confirmed",
+            guard(confirmed, odata=False, delivery=False),
+            methods=["GET"],
+        ),
         Route("/_sim/orders/{order_id}/confirmations", post_by_hand, methods=["POST"]),
     ]

@@ -106,7 +106,6 @@ class Counters:
     csrf_rejections: int = 0
 
 
-
 @dataclass
 class ScriptedFaults:
     """Count-down knobs: scripted statuses and dropped connections for the next deliveries."""

@@ -155,7 +155,13 @@ class Inventory:
         return state
 
     def decide(
-        self, change: Change, material: str, batch: str, code: str, target: str, *,
+        self,
+        change: Change,
+        material: str,
+        batch: str,
+        code: str,
+        target: str,
+        *,
         plant: str | None,
     ) -> Batch:
         """A decision on the batch: all of its stock moves to `target` (unrestricted for an

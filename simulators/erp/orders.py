@@ -48,21 +48,32 @@ Guard = Callable[..., Any]
 
 ORDER_SERVICE: Final = "/sap/opu/odata/sap/API_PRODUCTION_ORDER_2_SRV"
 ORDER_SET: Final = "A_ProductionOrder_2"
-EXPANDABLE: Final = {"to_ProductionOrderOperation": "A_ProductionOrderOperation_2",
-                     "to_ProductionOrderComponent": "A_ProductionOrderComponent_2",
-                     "to_ProductionOrderItem": "A_ProductionOrderItem_2"}
-STATUS_FLAGS: Final = {"locked": "OrderIsLocked",
-                       "technically_completed": "OrderIsTechnicallyCompleted",
-                       "closed": "OrderIsClosed", "deleted": "OrderIsMarkedForDeletion"}
+EXPANDABLE: Final = {
+    "to_ProductionOrderOperation": "A_ProductionOrderOperation_2",
+    "to_ProductionOrderComponent": "A_ProductionOrderComponent_2",
+    "to_ProductionOrderItem": "A_ProductionOrderItem_2",
+}
+STATUS_FLAGS: Final = {
+    "locked": "OrderIsLocked",
+    "technically_completed": "OrderIsTechnicallyCompleted",
+    "closed": "OrderIsClosed",
+    "deleted": "OrderIsMarkedForDeletion",
+}
 FINISHED: Final = frozenset({"technically_completed", "closed", "deleted"})
 FILTER_TERM: Final = re.compile(r"\s*([A-Za-z_]\w*)\s+(eq|ne|gt|ge|lt|le)\s+'((?:[^']|'')*)'\s*")
 FILTER_AND: Final = re.compile(r"and\s+")
 ORDERBY_TERM: Final = re.compile(r"^\s*([A-Za-z_]\w*)(?:\s+(asc|desc))?\s*$")
-SERVED_OPTIONS: Final = frozenset({"$filter", "$expand", "$orderby", "$top", "$skip",
-                                   "$format", "$inlinecount"})
+SERVED_OPTIONS: Final = frozenset(
+    {"$filter", "$expand", "$orderby", "$top", "$skip", "$format", "$inlinecount"}
+)
 COMPARE: Final[dict[str, Callable[[str, str], bool]]] = {
-    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "gt": lambda a, b: a > b,
-    "ge": lambda a, b: a >= b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b}
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+}
 
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS erp_orders (
@@ -83,21 +94,31 @@ class OrderStore(SqliteStore):
     def __init__(self, db_path: str) -> None:
         super().__init__(db_path, SCHEMA, "ERP order store")
 
-    def put(self, order_id: str, request: JsonObject, entity: JsonObject, feed_type: str,
-            data: JsonObject) -> None:
+    def put(
+        self,
+        order_id: str,
+        request: JsonObject,
+        entity: JsonObject,
+        feed_type: str,
+        data: JsonObject,
+    ) -> None:
         with self._transaction() as db:
-            db.execute("INSERT INTO erp_orders(order_id, request, entity) VALUES (?, ?, ?)"
-                       " ON CONFLICT(order_id) DO UPDATE SET request = excluded.request,"
-                       " entity = excluded.entity",
-                       (order_id, json.dumps(request), json.dumps(entity)))
-            db.execute("INSERT INTO erp_order_feed(type, order_id, data, time)"
-                       " VALUES (?, ?, ?, ?)",
-                       (feed_type, order_id, json.dumps(data), data["erp_changed_at"]))
+            db.execute(
+                "INSERT INTO erp_orders(order_id, request, entity) VALUES (?, ?, ?)"
+                " ON CONFLICT(order_id) DO UPDATE SET request = excluded.request,"
+                " entity = excluded.entity",
+                (order_id, json.dumps(request), json.dumps(entity)),
+            )
+            db.execute(
+                "INSERT INTO erp_order_feed(type, order_id, data, time) VALUES (?, ?, ?, ?)",
+                (feed_type, order_id, json.dumps(data), data["erp_changed_at"]),
+            )
 
     def get(self, order_id: str) -> tuple[JsonObject, JsonObject] | None:
         with self._transaction() as db:
-            row = db.execute("SELECT request, entity FROM erp_orders WHERE order_id = ?",
-                             (order_id,)).fetchone()
+            row = db.execute(
+                "SELECT request, entity FROM erp_orders WHERE order_id = ?", (order_id,)
+            ).fetchone()
         return None if row is None else (json.loads(row[0]), json.loads(row[1]))
 
     def entities(self) -> list[JsonObject]:
@@ -107,8 +128,11 @@ class OrderStore(SqliteStore):
 
     def feed(self, since: int, limit: int) -> list[tuple[int, str, JsonObject, str]]:
         with self._transaction() as db:
-            rows = db.execute("SELECT seq, type, data, time FROM erp_order_feed WHERE seq > ?"
-                              " ORDER BY seq LIMIT ?", (since, limit)).fetchall()
+            rows = db.execute(
+                "SELECT seq, type, data, time FROM erp_order_feed WHERE seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (since, limit),
+            ).fetchall()
         return [(seq, kind, json.loads(data), at) for seq, kind, data, at in rows]
 
 
@@ -117,8 +141,12 @@ def _sap_time(moment: float) -> str:
 
 
 def _iso_time(sap: str) -> str:
-    return datetime.strptime(sap, "%Y%m%d%H%M%S").replace(tzinfo=UTC).isoformat().replace(
-        "+00:00", "Z")
+    return (
+        datetime.strptime(sap, "%Y%m%d%H%M%S")
+        .replace(tzinfo=UTC)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
 
 
 def _rec20(iso: str) -> str:
@@ -129,8 +157,13 @@ class ErpOrders:
     """The handlers; `metadata` checks entities and queries, `units` is SAP's unit table
     (internal -> ISO)."""
 
-    def __init__(self, store: OrderStore, metadata: Any, units: dict[str, str],
-                 odata_error: Callable[[str, str], Exception]) -> None:
+    def __init__(
+        self,
+        store: OrderStore,
+        metadata: Any,
+        units: dict[str, str],
+        odata_error: Callable[[str, str], Exception],
+    ) -> None:
         self.store = store
         self.metadata = metadata
         self.units = units
@@ -145,8 +178,9 @@ class ErpOrders:
                 return internal
         raise OrderRefused(f"{where}: ISO code {iso!r} is not assigned to any unit")
 
-    def build(self, request: JsonObject, status: str, changed: str) -> tuple[JsonObject,
-                                                                             JsonObject]:
+    def build(
+        self, request: JsonObject, status: str, changed: str
+    ) -> tuple[JsonObject, JsonObject]:
         """The SAP entity (with its expansions) and the canonical data of a planner's
         request."""
         try:
@@ -161,56 +195,104 @@ class ErpOrders:
         routing = f"{zlib.crc32(order_id.encode()) % 10**10:010d}"
         flags = {flag: "X" if name == status else "" for name, flag in STATUS_FLAGS.items()}
         entity: JsonObject = {
-            "ManufacturingOrder": order_id, "ManufacturingOrderCategory": "10",
-            "ManufacturingOrderType": "PP01", "OrderIsCreated": "X", "OrderIsReleased": "X",
-            "OrderIsDeleted": "", **flags, "LastChangeDateTime": changed,
-            "Material": request.get("material", ""), "ProductionPlant": plant, "Plant": plant,
+            "ManufacturingOrder": order_id,
+            "ManufacturingOrderCategory": "10",
+            "ManufacturingOrderType": "PP01",
+            "OrderIsCreated": "X",
+            "OrderIsReleased": "X",
+            "OrderIsDeleted": "",
+            **flags,
+            "LastChangeDateTime": changed,
+            "Material": request.get("material", ""),
+            "ProductionPlant": plant,
+            "Plant": plant,
             "ProductionVersion": request.get("production_version", ""),
             "OrderInternalBillOfOperations": routing,
             "ProductionUnit": self._internal(unit, "ProductionUnitISOCode"),
-            "ProductionUnitISOCode": unit, "TotalQuantity": quantity,
+            "ProductionUnitISOCode": unit,
+            "TotalQuantity": quantity,
         }
-        entity["to_ProductionOrderOperation"] = {"results": [
-            {"OrderInternalBillOfOperations": routing,
-             "OrderIntBillOfOperationsItem": f"{number:08d}", "ManufacturingOrder": order_id,
-             "ManufacturingOrderSequence": "0",
-             "ManufacturingOrderOperation": str(op.get("operation", "")),
-             "ManufacturingOrderSubOperation": "",
-             "MfgOrderOperationText": str(op.get("text", "")),
-             "WorkCenter": str(op.get("work_center", "")), "ProductionPlant": plant,
-             "OperationIsReleased": "X", "OperationIsDeleted": "",
-             "OperationUnit": self._internal(unit, "OperationUnitISOCode"),
-             "OperationUnitISOCode": unit, "OpPlannedTotalQuantity": quantity}
-            for number, op in enumerate(operations, start=1)]}
-        entity["to_ProductionOrderComponent"] = {"results": [
-            {"Reservation": routing,
-             "ReservationItem": f"{number:04d}", "Material": str(item.get("material", "")),
-             "Plant": plant, "ManufacturingOrder": order_id,
-             "ManufacturingOrderOperation": str(item.get("operation", "")),
-             "RequiredQuantity": str(item.get("quantity", "")),
-             "BaseUnit": self._internal(item.get("unit", "KGM"), "BaseUnitISOCode"),
-             "BaseUnitISOCode": item.get("unit", "KGM")}
-            for number, item in enumerate(components, start=1)]}
-        entity["to_ProductionOrderItem"] = {"results": [
-            {"ManufacturingOrder": order_id, "ManufacturingOrderItem": "0001",
-             "Material": request.get("material", ""), "ProductionPlant": plant,
-             "Plant": plant, "Batch": request.get("batch") or "",
-             "ProductionUnit": self._internal(unit, "ProductionUnitISOCode"),
-             "ProductionUnitISOCode": unit, "MfgOrderItemPlannedTotalQty": quantity}]}
+        entity["to_ProductionOrderOperation"] = {
+            "results": [
+                {
+                    "OrderInternalBillOfOperations": routing,
+                    "OrderIntBillOfOperationsItem": f"{number:08d}",
+                    "ManufacturingOrder": order_id,
+                    "ManufacturingOrderSequence": "0",
+                    "ManufacturingOrderOperation": str(op.get("operation", "")),
+                    "ManufacturingOrderSubOperation": "",
+                    "MfgOrderOperationText": str(op.get("text", "")),
+                    "WorkCenter": str(op.get("work_center", "")),
+                    "ProductionPlant": plant,
+                    "OperationIsReleased": "X",
+                    "OperationIsDeleted": "",
+                    "OperationUnit": self._internal(unit, "OperationUnitISOCode"),
+                    "OperationUnitISOCode": unit,
+                    "OpPlannedTotalQuantity": quantity,
+                }
+                for number, op in enumerate(operations, start=1)
+            ]
+        }
+        entity["to_ProductionOrderComponent"] = {
+            "results": [
+                {
+                    "Reservation": routing,
+                    "ReservationItem": f"{number:04d}",
+                    "Material": str(item.get("material", "")),
+                    "Plant": plant,
+                    "ManufacturingOrder": order_id,
+                    "ManufacturingOrderOperation": str(item.get("operation", "")),
+                    "RequiredQuantity": str(item.get("quantity", "")),
+                    "BaseUnit": self._internal(item.get("unit", "KGM"), "BaseUnitISOCode"),
+                    "BaseUnitISOCode": item.get("unit", "KGM"),
+                }
+                for number, item in enumerate(components, start=1)
+            ]
+        }
+        entity["to_ProductionOrderItem"] = {
+            "results": [
+                {
+                    "ManufacturingOrder": order_id,
+                    "ManufacturingOrderItem": "0001",
+                    "Material": request.get("material", ""),
+                    "ProductionPlant": plant,
+                    "Plant": plant,
+                    "Batch": request.get("batch") or "",
+                    "ProductionUnit": self._internal(unit, "ProductionUnitISOCode"),
+                    "ProductionUnitISOCode": unit,
+                    "MfgOrderItemPlannedTotalQty": quantity,
+                }
+            ]
+        }
         data: JsonObject = {
-            "site": plant, "order_id": order_id, "material": request.get("material"),
+            "site": plant,
+            "order_id": order_id,
+            "material": request.get("material"),
             "quantity": {"value": quantity, "uom": _rec20(unit)},
             "bom_version": request.get("production_version") or None,
             "planned_lot": request.get("batch") or None,
-            "operations": [{"operation": op.get("operation"),
-                            "work_center": op.get("work_center") or None,
-                            "description": op.get("text") or None} for op in operations],
-            "components": [{"material": item.get("material"),
-                            "quantity": {"value": str(item.get("quantity")),
-                                         "uom": _rec20(item.get("unit", "KGM"))},
-                            "operation": item.get("operation") or None}
-                           for item in components],
-            "status": status, "erp_changed_at": _iso_time(changed)}
+            "operations": [
+                {
+                    "operation": op.get("operation"),
+                    "work_center": op.get("work_center") or None,
+                    "description": op.get("text") or None,
+                }
+                for op in operations
+            ],
+            "components": [
+                {
+                    "material": item.get("material"),
+                    "quantity": {
+                        "value": str(item.get("quantity")),
+                        "uom": _rec20(item.get("unit", "KGM")),
+                    },
+                    "operation": item.get("operation") or None,
+                }
+                for item in components
+            ],
+            "status": status,
+            "erp_changed_at": _iso_time(changed),
+        }
         return entity, data
 
     def _store(self, request: JsonObject, status: str, feed_type: str) -> JsonObject:
@@ -219,8 +301,9 @@ class ErpOrders:
             self.metadata.check_entity(ORDER_SERVICE, ORDER_SET, entity, "order")
         except Exception as exc:  # the simulator's ODataError: SAP would not hold it
             raise OrderRefused(str(getattr(exc, "message", exc))) from exc
-        self.store.put(str(request["order_id"]), {**request, "status": status}, entity,
-                       feed_type, data)
+        self.store.put(
+            str(request["order_id"]), {**request, "status": status}, entity, feed_type, data
+        )
         return entity
 
     # -- test controls -----------------------------------------------------------------------
@@ -247,8 +330,9 @@ class ErpOrders:
         merged = {**known[0], **body, "order_id": known[0]["order_id"]}
         status = str(merged.pop("status", "released"))
         try:
-            entity = self._store(merged, status, "order.cancelled" if status in FINISHED
-                                 else "order.changed")
+            entity = self._store(
+                merged, status, "order.cancelled" if status in FINISHED else "order.changed"
+            )
         except OrderRefused as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse(entity)
@@ -260,10 +344,15 @@ class ErpOrders:
         body = await read_json(request, OrderRefused)
         status = body.get("status") if isinstance(body, dict) else None
         if status not in (*STATUS_FLAGS, "released"):
-            return JSONResponse({"error": f"status must be one of released, "
-                                 f"{', '.join(STATUS_FLAGS)}"}, status_code=400)
-        entity = self._store({**known[0], "status": status}, str(status),
-                             "order.cancelled" if status in FINISHED else "order.changed")
+            return JSONResponse(
+                {"error": f"status must be one of released, {', '.join(STATUS_FLAGS)}"},
+                status_code=400,
+            )
+        entity = self._store(
+            {**known[0], "status": status},
+            str(status),
+            "order.cancelled" if status in FINISHED else "order.changed",
+        )
         return JSONResponse(entity)
 
     async def list_orders(self, request: Request) -> Response:
@@ -273,8 +362,9 @@ class ErpOrders:
 
     async def sap_orders(self, request: Request) -> Response:
         params = request.query_params
-        unknown = sorted(name for name in params if name.startswith("$")
-                         and name not in SERVED_OPTIONS)
+        unknown = sorted(
+            name for name in params if name.startswith("$") and name not in SERVED_OPTIONS
+        )
         if unknown:
             raise self._refuse("INVALID_OPTION", f"{', '.join(unknown)} is not served here")
         if params.get("$format", "json") != "json":
@@ -284,21 +374,27 @@ class ErpOrders:
         expand = [name.strip() for name in params.get("$expand", "").split(",") if name.strip()]
         for name in expand:
             if name not in self.metadata.entity_type(ORDER_SERVICE, ORDER_SET)["navigation"]:
-                raise self._refuse("INVALID_EXPAND", f"Property '{name}' is not a navigation "
-                                   f"property of {ORDER_SET}")
-        entities = [entity for entity in self.store.entities()
-                    if all(COMPARE[op](str(entity.get(name, "")), value)
-                           for name, op, value in terms)]
+                raise self._refuse(
+                    "INVALID_EXPAND",
+                    f"Property '{name}' is not a navigation property of {ORDER_SET}",
+                )
+        entities = [
+            entity
+            for entity in self.store.entities()
+            if all(COMPARE[op](str(entity.get(name, "")), value) for name, op, value in terms)
+        ]
         for term in reversed([t for t in params.get("$orderby", "").split(",") if t.strip()]):
             match = ORDERBY_TERM.match(term)
             if match is None or match.group(1) not in properties:
-                raise self._refuse("INVALID_ORDERBY", f"$orderby {term!r}: not a property of "
-                                   f"{ORDER_SET}")
+                raise self._refuse(
+                    "INVALID_ORDERBY", f"$orderby {term!r}: not a property of {ORDER_SET}"
+                )
             key = match.group(1)
-            entities.sort(key=lambda entity: str(entity.get(key, "")),
-                          reverse=match.group(2) == "desc")
+            entities.sort(
+                key=lambda entity: str(entity.get(key, "")), reverse=match.group(2) == "desc"
+            )
         skip, top = self._number(params.get("$skip")) or 0, self._number(params.get("$top"))
-        entities = entities[skip:] if top is None else entities[skip:skip + top]
+        entities = entities[skip:] if top is None else entities[skip : skip + top]
         base = str(request.base_url).rstrip("/") + ORDER_SERVICE
         results = []
         for entity in entities:
@@ -307,8 +403,9 @@ class ErpOrders:
             shown: JsonObject = {"__metadata": {"id": uri, "uri": uri, "type": kind}}
             for name, value in entity.items():
                 if name in EXPANDABLE:
-                    shown[name] = value if name in expand else {
-                        "__deferred": {"uri": f"{uri}/{name}"}}
+                    shown[name] = (
+                        value if name in expand else {"__deferred": {"uri": f"{uri}/{name}"}}
+                    )
                 else:
                     shown[name] = value
             results.append(shown)
@@ -321,19 +418,26 @@ class ErpOrders:
         while expression.strip():
             term = FILTER_TERM.match(expression, position)
             if term is None:
-                raise self._refuse("INVALID_FILTER", f"$filter {expression!r} is not "
-                                   "understood here: Property op 'value', joined by and")
+                raise self._refuse(
+                    "INVALID_FILTER",
+                    f"$filter {expression!r} is not "
+                    "understood here: Property op 'value', joined by and",
+                )
             name, op, value = term.group(1), term.group(2), term.group(3).replace("''", "'")
             fact = properties.get(name)
             if fact is None:
-                raise self._refuse("INVALID_FILTER", f"Property '{name}' is not a property "
-                                   f"of {ORDER_SET}")
+                raise self._refuse(
+                    "INVALID_FILTER", f"Property '{name}' is not a property of {ORDER_SET}"
+                )
             if fact["type"] != "Edm.String":
-                raise self._refuse("INVALID_FILTER", f"$filter: {name} is {fact['type']}, "
-                                   "not a string literal")
+                raise self._refuse(
+                    "INVALID_FILTER", f"$filter: {name} is {fact['type']}, not a string literal"
+                )
             if len(value) > fact.get("max_length", len(value)):
-                raise self._refuse("INVALID_FILTER", f"$filter: '{value}' is longer than "
-                                   f"{name} ({fact['max_length']} characters)")
+                raise self._refuse(
+                    "INVALID_FILTER",
+                    f"$filter: '{value}' is longer than {name} ({fact['max_length']} characters)",
+                )
             terms.append((name, op, value))
             position = term.end()
             if position == len(expression):
@@ -357,26 +461,42 @@ class ErpOrders:
         since_text = request.query_params.get("since") or "0"
         limit_text = request.query_params.get("limit") or "100"
         if not (since_text.isdigit() and limit_text.isdigit() and 1 <= int(limit_text) <= 1000):
-            return JSONResponse({"error": "since is a cursor this feed gave (digits); limit "
-                                 "is 1..1000"}, status_code=400)
+            return JSONResponse(
+                {"error": "since is a cursor this feed gave (digits); limit is 1..1000"},
+                status_code=400,
+            )
         rows = self.store.feed(int(since_text), int(limit_text))
-        events = [{"specversion": "1.0", "id": f"erp-order-{seq}", "source": "urn:erp:orders",
-                   "type": kind, "time": at, "subject": data["order_id"],
-                   "datacontenttype": "application/json", "data": data}
-                  for seq, kind, data, at in rows]
+        events = [
+            {
+                "specversion": "1.0",
+                "id": f"erp-order-{seq}",
+                "source": "urn:erp:orders",
+                "type": kind,
+                "time": at,
+                "subject": data["order_id"],
+                "datacontenttype": "application/json",
+                "data": data,
+            }
+            for seq, kind, data, at in rows
+        ]
         self.reads["canonical"] += 1
-        return JSONResponse({"events": events,
-                             "next": str(rows[-1][0]) if rows else since_text})
+        return JSONResponse({"events": events, "next": str(rows[-1][0]) if rows else since_text})
 
 
 def order_routes(orders: ErpOrders, guard: Guard) -> Sequence[Route]:
     """The routes, the APIs behind the simulator's guard (outages, tokens) and the controls
     not."""
     return [
-        Route(f"{ORDER_SERVICE}/{ORDER_SET}",
-              guard(orders.sap_orders, odata=True, delivery=False), methods=["GET"]),
-        Route("/api/orders", guard(orders.canonical_feed, odata=False, delivery=False),
-              methods=["GET"]),
+        Route(
+            f"{ORDER_SERVICE}/{ORDER_SET}",
+            guard(orders.sap_orders, odata=True, delivery=False),
+            methods=["GET"],
+        ),
+        Route(
+            "/api/orders",
+            guard(orders.canonical_feed, odata=False, delivery=False),
+            methods=["GET"],
+        ),
         Route("/_sim/orders", orders.release, methods=["POST"]),
         Route("/_sim/orders", orders.list_orders, methods=["GET"]),
         Route("/_sim/orders/{order_id}/change", orders.change, methods=["POST"]),

@@ -37,7 +37,6 @@ FILTER_AND = re.compile(r"and\s+")
 CONFIRMATION_KEY = re.compile(r"^ConfirmationGroup='(\d+)',ConfirmationCount='(\d+)'$")
 
 
-
 class ODataError(Exception):
     """A request the OData services refuse; answered as an OData v2 error body."""
 
@@ -46,8 +45,6 @@ class ODataError(Exception):
         self.status = status
         self.code = code
         self.message = message
-
-
 
 
 SAP_METADATA_DIR = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "sap"
@@ -60,14 +57,32 @@ ISO_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?$")
 ODATA_TIME = re.compile(r"^PT(\d{1,2}H)?(\d{1,2}M)?(\d{1,2}(\.\d+)?S)?$")
 GUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 DECIMAL_TEXT = re.compile(r"^[+-]?(\d*)(?:\.(\d*))?$")
-INTEGER_RANGES = {"Edm.Byte": (0, 255), "Edm.SByte": (-128, 127),
-                  "Edm.Int16": (-(2**15), 2**15 - 1), "Edm.Int32": (-(2**31), 2**31 - 1)}
+INTEGER_RANGES = {
+    "Edm.Byte": (0, 255),
+    "Edm.SByte": (-128, 127),
+    "Edm.Int16": (-(2**15), 2**15 - 1),
+    "Edm.Int32": (-(2**31), 2**31 - 1),
+}
 
 UNITS = {
     # internal unit (T006-MSEHI, or its English commercial spelling) -> ISO code (T006-ISOCODE)
-    "ST": "PCE", "PC": "PCE", "EA": "EA", "KG": "KGM", "G": "GRM", "TO": "TNE",
-    "L": "LTR", "ML": "MLT", "M3": "MTQ", "M": "MTR", "MM": "MMT", "CM": "CMT", "M2": "MTK",
-    "H": "HUR", "MIN": "MIN", "S": "SEC", "KAR": "CT",
+    "ST": "PCE",
+    "PC": "PCE",
+    "EA": "EA",
+    "KG": "KGM",
+    "G": "GRM",
+    "TO": "TNE",
+    "L": "LTR",
+    "ML": "MLT",
+    "M3": "MTQ",
+    "M": "MTR",
+    "MM": "MMT",
+    "CM": "CMT",
+    "M2": "MTK",
+    "H": "HUR",
+    "MIN": "MIN",
+    "S": "SEC",
+    "KAR": "CT",
 }
 """A standard system's unit table, in part: an ISO code that no unit carries (C62, H87) or an
 internal unit that does not exist is refused, as SAP refuses it."""
@@ -108,41 +123,50 @@ class SapMetadata:
                 continue
             navigation = facts["navigation"].get(name)
             if navigation is not None:
-                items = value.get("results") if isinstance(value, dict) and navigation[
-                    "many"] else value
+                items = (
+                    value.get("results")
+                    if isinstance(value, dict) and navigation["many"]
+                    else value
+                )
                 if not navigation["many"]:
                     items = [items]
                 if not isinstance(items, list):
                     raise bad_request(
-                        "INVALID_BODY", f"{where}: navigation property {name} must be a list")
+                        "INVALID_BODY", f"{where}: navigation property {name} must be a list"
+                    )
                 for number, item in enumerate(items):
-                    self.check_entity(service, navigation["target"], item,
-                                      f"{where}.{name}[{number}]")
+                    self.check_entity(
+                        service, navigation["target"], item, f"{where}.{name}[{number}]"
+                    )
                 continue
             fact = facts["properties"].get(name)
             if fact is None:
-                raise ODataError(400, SYNTAX_ERROR,
-                                 f"Property '{name}' is invalid for entity set {entity_set}"
-                                 f" ({where})")
+                raise ODataError(
+                    400,
+                    SYNTAX_ERROR,
+                    f"Property '{name}' is invalid for entity set {entity_set} ({where})",
+                )
             problem = _edm_problem(fact, value)
             if problem is not None:
                 raise ODataError(400, SYNTAX_ERROR, f"{where}: property {name}: {problem}")
 
-    def check_filter(self, service: str, entity_set: str,
-                     terms: Sequence[tuple[str, str]]) -> None:
+    def check_filter(self, service: str, entity_set: str, terms: Sequence[tuple[str, str]]) -> None:
         properties = self.entity_type(service, entity_set)["properties"]
         for name, value in terms:
             fact = properties.get(name)
             if fact is None:
                 raise bad_request(
-                    "INVALID_FILTER", f"Property '{name}' is not a property of {entity_set}")
+                    "INVALID_FILTER", f"Property '{name}' is not a property of {entity_set}"
+                )
             if fact["type"] != "Edm.String":
-                raise bad_request("INVALID_FILTER",
-                                   f"$filter: {name} is {fact['type']}, not a string literal")
+                raise bad_request(
+                    "INVALID_FILTER", f"$filter: {name} is {fact['type']}, not a string literal"
+                )
             if len(value) > fact.get("max_length", len(value)):
                 raise bad_request(
-                    "INVALID_FILTER", f"$filter: '{value}' is longer than {name}"
-                    f" ({fact['max_length']} characters)")
+                    "INVALID_FILTER",
+                    f"$filter: '{value}' is longer than {name} ({fact['max_length']} characters)",
+                )
 
 
 def _edm_problem(fact: Mapping[str, Any], value: object) -> str | None:
@@ -170,19 +194,25 @@ def _edm_problem(fact: Mapping[str, Any], value: object) -> str | None:
     if edm in INTEGER_RANGES:
         low, high = INTEGER_RANGES[edm]
         whole = isinstance(value, int) and not isinstance(value, bool)
-        return None if whole and low <= value <= high else (  # type: ignore[operator]
-            f"{edm} expects an integer in [{low}, {high}], got {shown}")
+        if whole and low <= value <= high:  # type: ignore[operator]
+            return None
+        return f"{edm} expects an integer in [{low}, {high}], got {shown}"
     checks: dict[str, tuple[Callable[[object], bool], str]] = {
         "Edm.Boolean": (lambda v: isinstance(v, bool), "true or false"),
-        "Edm.DateTime": (lambda v: isinstance(v, str) and bool(
-            ODATA_DATE.match(v) or ISO_DATE_TIME.match(v)), '"/Date(<ms>)/"'),
-        "Edm.DateTimeOffset": (lambda v: isinstance(v, str) and bool(
-            ODATA_DATE_OFFSET.match(v)), '"/Date(<ms>+0000)/"'),
-        "Edm.Time": (lambda v: isinstance(v, str) and bool(ODATA_TIME.match(v)),
-                     "PT<h>H<m>M<s>S"),
+        "Edm.DateTime": (
+            lambda v: isinstance(v, str) and bool(ODATA_DATE.match(v) or ISO_DATE_TIME.match(v)),
+            '"/Date(<ms>)/"',
+        ),
+        "Edm.DateTimeOffset": (
+            lambda v: isinstance(v, str) and bool(ODATA_DATE_OFFSET.match(v)),
+            '"/Date(<ms>+0000)/"',
+        ),
+        "Edm.Time": (lambda v: isinstance(v, str) and bool(ODATA_TIME.match(v)), "PT<h>H<m>M<s>S"),
         "Edm.Guid": (lambda v: isinstance(v, str) and bool(GUID.match(v)), "a GUID string"),
-        "Edm.Int64": (lambda v: isinstance(v, str) and v.lstrip("-").isdigit(),
-                      "a string of digits"),
+        "Edm.Int64": (
+            lambda v: isinstance(v, str) and v.lstrip("-").isdigit(),
+            "a string of digits",
+        ),
     }
     check = checks.get(edm)
     if check is None or check[0](value):
@@ -199,14 +229,20 @@ def _unit(body: JsonObject, internal: str, iso: str, where: str, *, required: bo
     ISO code, or both when they agree."""
     given_internal, given_iso = body.get(internal), body.get(iso)
     if given_internal is not None and given_internal not in UNITS:
-        raise bad_request("UNIT", f"{where}: unit {given_internal} is not defined ({internal}"
-                           " takes a unit of the unit table, e.g. PC or KG)")
+        raise bad_request(
+            "UNIT",
+            f"{where}: unit {given_internal} is not defined ({internal}"
+            " takes a unit of the unit table, e.g. PC or KG)",
+        )
     if given_iso is not None and given_iso not in ISO_UNITS:
-        raise bad_request("UNIT", f"{where}: ISO code {given_iso} is not assigned to any unit"
-                           f" ({iso})")
+        raise bad_request(
+            "UNIT", f"{where}: ISO code {given_iso} is not assigned to any unit ({iso})"
+        )
     if given_internal is not None and given_iso is not None and UNITS[given_internal] != given_iso:
-        raise bad_request("UNIT", f"{where}: {internal} {given_internal} and {iso} {given_iso}"
-                           " are different units")
+        raise bad_request(
+            "UNIT",
+            f"{where}: {internal} {given_internal} and {iso} {given_iso} are different units",
+        )
     if given_internal is None and given_iso is None:
         if required:
             raise bad_request("UNIT", f"{where}: give the unit in {internal} or {iso}")
@@ -233,8 +269,11 @@ def parse_confirmation(metadata: SapMetadata, body: object) -> JsonObject:
     metadata.check_entity(CONFIRMATION_SERVICE, CONFIRMATION_SET, body, where)
     assert isinstance(body, dict)
     _required(body, ("OrderID", "OrderOperation"), where)
-    fields = {name: value for name, value in body.items()
-              if name not in ("__metadata", MATERIAL_DOCUMENT_ITEMS)}
+    fields = {
+        name: value
+        for name, value in body.items()
+        if name not in ("__metadata", MATERIAL_DOCUMENT_ITEMS)
+    }
     unit = _unit(body, "ConfirmationUnit", "ConfirmationUnitISOCode", where, required=False)
     if unit is not None:
         fields["ConfirmationUnitISOCode"] = unit
@@ -249,25 +288,37 @@ def parse_confirmation(metadata: SapMetadata, body: object) -> JsonObject:
         _required(item, ("Material", "Plant", "GoodsMovementType", "QuantityInEntryUnit"), at)
         movement = item["GoodsMovementType"]
         if movement not in ("101", "261"):
-            raise bad_request("MOVEMENT_TYPE", f"{at}: GoodsMovementType {movement!r} is not"
-                               " 101 (goods receipt) or 261 (goods issue)")
+            raise bad_request(
+                "MOVEMENT_TYPE",
+                f"{at}: GoodsMovementType {movement!r} is not"
+                " 101 (goods receipt) or 261 (goods issue)",
+            )
         if movement == "101" and item.get("GoodsMovementRefDocType") != "F":
-            raise bad_request("REF_DOC_TYPE", f"{at}: a 101 receipt for the order needs"
-                               " GoodsMovementRefDocType F")
+            raise bad_request(
+                "REF_DOC_TYPE", f"{at}: a 101 receipt for the order needs GoodsMovementRefDocType F"
+            )
         if movement == "101":
             _required(item, ("Batch",), at)
         usability = item.get("InventoryUsabilityCode", "")
         if usability not in USABILITY_CODES:
-            raise bad_request("INVALID_VALUE", f"{at}: InventoryUsabilityCode {usability!r} is"
-                               " not '' (unrestricted), '2' or 'X' (quality inspection) or '3'")
+            raise bad_request(
+                "INVALID_VALUE",
+                f"{at}: InventoryUsabilityCode {usability!r} is"
+                " not '' (unrestricted), '2' or 'X' (quality inspection) or '3'",
+            )
         quantity = Decimal(item["QuantityInEntryUnit"])
         if quantity <= 0:
             raise bad_request("INVALID_DECIMAL", f"{at}: QuantityInEntryUnit must be positive")
         unit = _unit(item, "EntryUnit", "EntryUnitISOCode", at, required=True)
-        items.append({**{k: v for k, v in item.items() if k != "__metadata"},
-                      "Batch": item.get("Batch", ""), "EntryUnitISOCode": unit,
-                      "EntryUnit": item.get("EntryUnit") or unit,
-                      "QuantityInEntryUnit": decimal_text(quantity)})
+        items.append(
+            {
+                **{k: v for k, v in item.items() if k != "__metadata"},
+                "Batch": item.get("Batch", ""),
+                "EntryUnitISOCode": unit,
+                "EntryUnit": item.get("EntryUnit") or unit,
+                "QuantityInEntryUnit": decimal_text(quantity),
+            }
+        )
     fields[MATERIAL_DOCUMENT_ITEMS] = items
     return fields
 
@@ -282,28 +333,40 @@ def parse_material_document(metadata: SapMetadata, body: object) -> JsonObject:
     if code not in GOODS_MOVEMENT_CODES:
         raise bad_request("GM_CODE", f"{where}: GoodsMovementCode {code!r} is not 01..07")
     if code != "03":
-        raise bad_request("GM_CODE", f"{where}: only goods issues (GoodsMovementCode 03) are"
-                           " simulated")
+        raise bad_request(
+            "GM_CODE", f"{where}: only goods issues (GoodsMovementCode 03) are simulated"
+        )
     items = _items(body, "to_MaterialDocumentItem")
     if not items:
         raise bad_request("NO_ITEMS", f"{where}: a material document needs at least one item")
     checked = []
     for number, item in enumerate(items):
         at = f"to_MaterialDocumentItem[{number}]"
-        _required(item, ("Material", "Plant", "GoodsMovementType", "QuantityInEntryUnit",
-                         "EntryUnit"), at)
+        _required(
+            item, ("Material", "Plant", "GoodsMovementType", "QuantityInEntryUnit", "EntryUnit"), at
+        )
         if item["GoodsMovementType"] != "261":
-            raise bad_request("MOVEMENT_TYPE", f"{at}: GoodsMovementType"
-                               f" {item['GoodsMovementType']!r} is not 261 (issue to an order)")
+            raise bad_request(
+                "MOVEMENT_TYPE",
+                f"{at}: GoodsMovementType"
+                f" {item['GoodsMovementType']!r} is not 261 (issue to an order)",
+            )
         _required(item, ("ManufacturingOrder",), at)
         _unit(item, "EntryUnit", "", at, required=True)
         quantity = Decimal(item["QuantityInEntryUnit"])
         if quantity <= 0:
             raise bad_request("INVALID_DECIMAL", f"{at}: QuantityInEntryUnit must be positive")
-        checked.append({**{k: v for k, v in item.items() if k != "__metadata"},
-                        "QuantityInEntryUnit": decimal_text(quantity)})
-    fields = {name: value for name, value in body.items()
-              if name not in ("__metadata", "to_MaterialDocumentItem")}
+        checked.append(
+            {
+                **{k: v for k, v in item.items() if k != "__metadata"},
+                "QuantityInEntryUnit": decimal_text(quantity),
+            }
+        )
+    fields = {
+        name: value
+        for name, value in body.items()
+        if name not in ("__metadata", "to_MaterialDocumentItem")
+    }
     fields["to_MaterialDocumentItem"] = checked
     return fields
 
@@ -314,17 +377,33 @@ def parse_usage_decision(metadata: SapMetadata, body: object) -> tuple[JsonObjec
     where = USAGE_DECISION_SET
     metadata.check_entity(INSPECTION_SERVICE, USAGE_DECISION_SET, body, where)
     assert isinstance(body, dict)
-    _required(body, ("InspectionLot", "InspLotUsgeDcsnSelectedSet",
-                     "InspLotUsageDecisionCodeGroup", "InspectionLotUsageDecisionCode"), where)
+    _required(
+        body,
+        (
+            "InspectionLot",
+            "InspLotUsgeDcsnSelectedSet",
+            "InspLotUsageDecisionCodeGroup",
+            "InspectionLotUsageDecisionCode",
+        ),
+        where,
+    )
     if body.get("InspLotUsageDecisionCatalog", "3") != "3":
-        raise bad_request("CATALOG", f"{where}: usage decisions are in catalog 3, not"
-                           f" {body['InspLotUsageDecisionCatalog']!r}")
-    key = (body["InspLotUsgeDcsnSelectedSet"], body["InspLotUsageDecisionCodeGroup"],
-           body["InspectionLotUsageDecisionCode"])
+        raise bad_request(
+            "CATALOG",
+            f"{where}: usage decisions are in catalog 3, not"
+            f" {body['InspLotUsageDecisionCatalog']!r}",
+        )
+    key = (
+        body["InspLotUsgeDcsnSelectedSet"],
+        body["InspLotUsageDecisionCodeGroup"],
+        body["InspectionLotUsageDecisionCode"],
+    )
     target = USAGE_DECISION_CATALOG.get(key)
     if target is None:
-        raise bad_request("UD_CODE", f"{where}: code {key[2]} of code group {key[1]} is not in"
-                           f" selected set {key[0]}")
+        raise bad_request(
+            "UD_CODE",
+            f"{where}: code {key[2]} of code group {key[1]} is not in selected set {key[0]}",
+        )
     return {name: value for name, value in body.items() if name != "__metadata"}, target
 
 

@@ -74,8 +74,6 @@ class CsrfSessions:
         self._tokens.clear()
 
 
-
-
 def _odata_headers(headers: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"DataServiceVersion": "2.0", **(headers or {})}
 
@@ -90,12 +88,24 @@ def odata_error(
     status: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     # SAP Gateway's shape: code, message {lang, value}, and the details in innererror.
-    detail = {"code": code, "message": message, "propertyref": "", "severity": "error",
-              "target": ""}
-    body = {"error": {"code": code, "message": {"lang": "en", "value": message},
-                      "innererror": {"transactionid": secrets.token_hex(16).upper(),
-                                     "timestamp": datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
-                                     "errordetails": [detail]}}}
+    detail = {
+        "code": code,
+        "message": message,
+        "propertyref": "",
+        "severity": "error",
+        "target": "",
+    }
+    body = {
+        "error": {
+            "code": code,
+            "message": {"lang": "en", "value": message},
+            "innererror": {
+                "transactionid": secrets.token_hex(16).upper(),
+                "timestamp": datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+                "errordetails": [detail],
+            },
+        }
+    }
     return _odata_response(body, status, headers)
 
 
@@ -175,8 +185,9 @@ def _confirmation_payload(entity: JsonObject, base: str, *, expand: bool) -> Jso
     return payload
 
 
-def _keyed_payload(entity: JsonObject, base: str, entity_set: str, keys: Sequence[str],
-                   service: str) -> JsonObject:
+def _keyed_payload(
+    entity: JsonObject, base: str, entity_set: str, keys: Sequence[str], service: str
+) -> JsonObject:
     predicate = ",".join(f"{key}='{entity[key]}'" for key in keys)
     uri = f"{base}/{entity_set}({predicate})"
     metadata = {"id": uri, "uri": uri, "type": f"{service}.{entity_set}Type"}
@@ -184,13 +195,15 @@ def _keyed_payload(entity: JsonObject, base: str, entity_set: str, keys: Sequenc
 
 
 def _usage_decision_payload(entity: JsonObject, base: str) -> JsonObject:
-    return _keyed_payload(entity, base, USAGE_DECISION_SET, ["InspectionLot"],
-                          "API_INSPECTIONLOT_SRV")
+    return _keyed_payload(
+        entity, base, USAGE_DECISION_SET, ["InspectionLot"], "API_INSPECTIONLOT_SRV"
+    )
 
 
 def _inspection_lot_payload(entity: JsonObject, base: str) -> JsonObject:
-    return _keyed_payload(entity, base, INSPECTION_LOT_SET, ["InspectionLot"],
-                          "API_INSPECTIONLOT_SRV")
+    return _keyed_payload(
+        entity, base, INSPECTION_LOT_SET, ["InspectionLot"], "API_INSPECTIONLOT_SRV"
+    )
 
 
 DOCUMENT_KEYS = ("MaterialDocumentYear", "MaterialDocument")
@@ -198,26 +211,34 @@ DOCUMENT_KEYS = ("MaterialDocumentYear", "MaterialDocument")
 
 def _material_document_payload(entity: JsonObject, base: str) -> JsonObject:
     header = {k: v for k, v in entity.items() if k != "to_MaterialDocumentItem"}
-    payload = _keyed_payload(header, base, MATERIAL_DOCUMENT_SET, DOCUMENT_KEYS,
-                             "API_MATERIAL_DOCUMENT_SRV")
-    payload["to_MaterialDocumentItem"] = {"results": [
-        _material_document_item_payload(item, base)
-        for item in entity["to_MaterialDocumentItem"]]}
+    payload = _keyed_payload(
+        header, base, MATERIAL_DOCUMENT_SET, DOCUMENT_KEYS, "API_MATERIAL_DOCUMENT_SRV"
+    )
+    payload["to_MaterialDocumentItem"] = {
+        "results": [
+            _material_document_item_payload(item, base)
+            for item in entity["to_MaterialDocumentItem"]
+        ]
+    }
     return payload
 
 
 def _material_document_item_payload(item: JsonObject, base: str) -> JsonObject:
-    return _keyed_payload(item, base, MATERIAL_DOCUMENT_ITEM_SET,
-                          [*DOCUMENT_KEYS, "MaterialDocumentItem"], "API_MATERIAL_DOCUMENT_SRV")
-
-
+    return _keyed_payload(
+        item,
+        base,
+        MATERIAL_DOCUMENT_ITEM_SET,
+        [*DOCUMENT_KEYS, "MaterialDocumentItem"],
+        "API_MATERIAL_DOCUMENT_SRV",
+    )
 
 
 class SapServices:
     """The SAP services' request handlers over the simulator's store."""
 
-    def __init__(self, store: EventStore, metadata: SapMetadata,
-                 say: Callable[[str], None]) -> None:
+    def __init__(
+        self, store: EventStore, metadata: SapMetadata, say: Callable[[str], None]
+    ) -> None:
         self.store = store
         self.metadata = metadata
         self._say = say
@@ -281,7 +302,8 @@ class SapServices:
         entities = _paged(_filtered(self.store.inspection_lots(), terms), request)
         base = _service_url(request, INSPECTION_SERVICE)
         return _odata_response(
-            {"d": {"results": [_inspection_lot_payload(entity, base) for entity in entities]}})
+            {"d": {"results": [_inspection_lot_payload(entity, base) for entity in entities]}}
+        )
 
     async def create_usage_decision(self, request: Request) -> Response:
         fields, target = parse_usage_decision(self.metadata, await _odata_body(request))
@@ -309,19 +331,27 @@ class SapServices:
         self._say(
             f"SAP material document {entity['MaterialDocument']}/{entity['MaterialDocumentYear']}"
             f" goods issue: "
-            + ", ".join(f"{item['QuantityInEntryUnit']} {item['EntryUnit']} {item['Material']}"
-                        f" batch {item.get('Batch') or '-'} to order {item['ManufacturingOrder']}"
-                        for item in items)
+            + ", ".join(
+                f"{item['QuantityInEntryUnit']} {item['EntryUnit']} {item['Material']}"
+                f" batch {item.get('Batch') or '-'} to order {item['ManufacturingOrder']}"
+                for item in items
+            )
         )
         payload = _material_document_payload(
-            entity, _service_url(request, MATERIAL_DOCUMENT_SERVICE))
+            entity, _service_url(request, MATERIAL_DOCUMENT_SERVICE)
+        )
         return _odata_response({"d": payload}, 201, {"Location": payload["__metadata"]["uri"]})
 
     async def list_material_document_items(self, request: Request) -> Response:
         terms = self._terms(request, MATERIAL_DOCUMENT_SERVICE, MATERIAL_DOCUMENT_ITEM_SET)
-        items = [item for header in self.store.material_documents()
-                 for item in header["to_MaterialDocumentItem"]]
+        items = [
+            item
+            for header in self.store.material_documents()
+            for item in header["to_MaterialDocumentItem"]
+        ]
         base = _service_url(request, MATERIAL_DOCUMENT_SERVICE)
-        results = [_material_document_item_payload(item, base)
-                   for item in _paged(_filtered(items, terms), request)]
+        results = [
+            _material_document_item_payload(item, base)
+            for item in _paged(_filtered(items, terms), request)
+        ]
         return _odata_response({"d": {"results": results}})

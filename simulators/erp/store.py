@@ -132,7 +132,6 @@ def _odata_date(moment: float) -> str:
     return f"/Date({int(moment * 1000)})/"
 
 
-
 class EventStore(SqliteStore):
     """The ERP's SQLite tables (events, SAP documents, batches) behind one guarded connection."""
 
@@ -413,16 +412,19 @@ class EventStore(SqliteStore):
     ) -> list[JsonObject]:
         """Stored confirmations in creation order, narrowed by the indexed columns given."""
         group, count = key if key is not None else (None, None)
-        return self._entities("sap_confirmations", "seq", confirmation_text=text,
-                              order_id=order_id, confirmation_group=group,
-                              confirmation_count=count)
+        return self._entities(
+            "sap_confirmations",
+            "seq",
+            confirmation_text=text,
+            order_id=order_id,
+            confirmation_group=group,
+            confirmation_count=count,
+        )
 
     def inspection_lots(self, lot: str | None = None) -> list[JsonObject]:
         return self._entities("sap_inspection_lots", "inspection_lot", inspection_lot=lot)
 
-    def create_usage_decision(
-        self, fields: JsonObject, user: str, stock_target: str
-    ) -> JsonObject:
+    def create_usage_decision(self, fields: JsonObject, user: str, stock_target: str) -> JsonObject:
         """Record the usage decision of an inspection lot and move its batch's stock;
         return the stored entity. Raises ODataError for a lot that is unknown or decided."""
         moment = time.time()
@@ -442,9 +444,10 @@ class EventStore(SqliteStore):
                     "QA/DECIDED", f"A usage decision has already been made for inspection lot {lot}"
                 )
             inspection_lot = json.loads(lot_json)
-            if fields.get("SelectedCodeSetPlant", inspection_lot["Plant"]) != inspection_lot[
-                "Plant"
-            ]:
+            if (
+                fields.get("SelectedCodeSetPlant", inspection_lot["Plant"])
+                != inspection_lot["Plant"]
+            ):
                 raise bad_request(
                     "QA/PLANT",
                     f"Selected set plant {fields['SelectedCodeSetPlant']} is not the plant"
@@ -513,8 +516,11 @@ class EventStore(SqliteStore):
                 }
                 items.append(stored)
                 change = Change(
-                    "sap", "goods_issue", f"{document}/{year}",
-                    item.get("MaterialDocumentItemText") or None, at,
+                    "sap",
+                    "goods_issue",
+                    f"{document}/{year}",
+                    item.get("MaterialDocumentItemText") or None,
+                    at,
                 )
                 inventory.issue(
                     change,
@@ -527,8 +533,11 @@ class EventStore(SqliteStore):
             header: JsonObject = {
                 "MaterialDocumentYear": year,
                 "MaterialDocument": document,
-                **{name: value for name, value in fields.items()
-                   if name != "to_MaterialDocumentItem"},
+                **{
+                    name: value
+                    for name, value in fields.items()
+                    if name != "to_MaterialDocumentItem"
+                },
                 "CreatedByUser": user,
                 "CreationDate": _odata_date(moment),
                 "to_MaterialDocumentItem": items,

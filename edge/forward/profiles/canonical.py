@@ -33,37 +33,53 @@ class CanonicalProfile(Profile):
         if len(deliveries) == 1 and self.batch_size == 1:
             (delivery,) = deliveries
             response = await self.session.request(
-                "POST", self.config.path, content=delivery.payload,
-                headers={"Content-Type": "application/cloudevents+json",
-                         "Idempotency-Key": idempotency_key(delivery.event_id)})
+                "POST",
+                self.config.path,
+                content=delivery.payload,
+                headers={
+                    "Content-Type": "application/cloudevents+json",
+                    "Idempotency-Key": idempotency_key(delivery.event_id),
+                },
+            )
             return [classify(response)]
         body = b"[" + b",".join(d.payload for d in deliveries) + b"]"
         response = await self.session.request(
-            "POST", self.config.batch_path or self.config.path, content=body,
-            headers={"Content-Type": "application/cloudevents-batch+json",
-                     "Idempotency-Key": batch_idempotency_key([d.event_id for d in deliveries])})
+            "POST",
+            self.config.batch_path or self.config.path,
+            content=body,
+            headers={
+                "Content-Type": "application/cloudevents-batch+json",
+                "Idempotency-Key": batch_idempotency_key([d.event_id for d in deliveries]),
+            },
+        )
         whole = classify(response)
         if whole.outcome is not Outcome.DELIVERED:
             return [whole] * len(deliveries)
         return _per_event(response, deliveries, whole)
 
 
-def _per_event(response: httpx.Response, deliveries: Sequence[Delivery], whole: Result
-               ) -> list[Result]:
+def _per_event(
+    response: httpx.Response, deliveries: Sequence[Delivery], whole: Result
+) -> list[Result]:
     try:
         answers = response.json()
     except ValueError:
         return [whole] * len(deliveries)
     if not isinstance(answers, list):
         return [whole] * len(deliveries)
-    by_id: dict[str, dict[str, Any]] = {str(a.get("id")): a for a in answers
-                                        if isinstance(a, dict)}
+    by_id: dict[str, dict[str, Any]] = {str(a.get("id")): a for a in answers if isinstance(a, dict)}
     results = []
     for delivery in deliveries:
         answer = by_id.get(delivery.event_id)
         if answer is None:
-            results.append(Result(Outcome.RETRY, whole.status,
-                                  "the batch answer did not mention this event", ambiguous=True))
+            results.append(
+                Result(
+                    Outcome.RETRY,
+                    whole.status,
+                    "the batch answer did not mention this event",
+                    ambiguous=True,
+                )
+            )
             continue
         status = int(answer.get("status", whole.status or 200))
         reason = f"HTTP {status}: {str(answer.get('error') or '')[:BODY_LIMIT]}"

@@ -59,38 +59,60 @@ class JetStreamProfile(Profile):
             if self._client is None:
                 self._client = await connect(
                     f"plantsync-{self.config.jetstream.stream}",
-                    [self.config.base_url, *self.settings.servers], self.config.tls,
-                    self.settings.auth, connect_timeout=self.config.timeout)
+                    [self.config.base_url, *self.settings.servers],
+                    self.config.tls,
+                    self.settings.auth,
+                    connect_timeout=self.config.timeout,
+                )
             return self._client.jetstream(timeout=self.config.timeout)
 
     def subject_of(self, delivery: Delivery) -> str:
         event = json.loads(delivery.payload)
         data = event.get("data") if isinstance(event, dict) else None
-        site = str(data.get("site")) if isinstance(data, dict) and data.get("site") else (
-            _site_of_source(str(event.get("source", ""))))
-        return self.pattern.subject(site=site, event_type=delivery.event_type,
-                                    key=delivery.partition_key)
+        site = (
+            str(data.get("site"))
+            if isinstance(data, dict) and data.get("site")
+            else (_site_of_source(str(event.get("source", ""))))
+        )
+        return self.pattern.subject(
+            site=site, event_type=delivery.event_type, key=delivery.partition_key
+        )
 
     async def _publish(self, stream: JetStreamContext, delivery: Delivery) -> Result:
         subject = self.subject_of(delivery)
         try:
             ack = await stream.publish(
-                subject, delivery.payload, timeout=self.config.timeout,
+                subject,
+                delivery.payload,
+                timeout=self.config.timeout,
                 stream=self.settings.stream,
-                headers={"Nats-Msg-Id": delivery.event_id,
-                         "Content-Type": "application/cloudevents+json"})
+                headers={
+                    "Nats-Msg-Id": delivery.event_id,
+                    "Content-Type": "application/cloudevents+json",
+                },
+            )
         except nats.js.errors.NoStreamResponseError:
-            return Result(Outcome.RETRY, None, f"no stream takes subject {subject}: create "
-                          f"it with plantsync hub init (stream {self.settings.stream})")
+            return Result(
+                Outcome.RETRY,
+                None,
+                f"no stream takes subject {subject}: create "
+                f"it with plantsync hub init (stream {self.settings.stream})",
+            )
         except nats.js.errors.APIError as exc:
-            reason = f"stream {self.settings.stream} refused {subject}: {exc.description} " \
-                     f"(error {exc.err_code})"
+            reason = (
+                f"stream {self.settings.stream} refused {subject}: {exc.description} "
+                f"(error {exc.err_code})"
+            )
             if exc.err_code == MAX_PAYLOAD_EXCEEDED:
                 return Result(Outcome.REJECTED, exc.code, reason)
             return Result(Outcome.RETRY, exc.code, reason)
         except nats.errors.TimeoutError:
-            return Result(Outcome.RETRY, None, f"no PubAck from stream {self.settings.stream} "
-                          f"within {self.config.timeout:g}s", ambiguous=True)
+            return Result(
+                Outcome.RETRY,
+                None,
+                f"no PubAck from stream {self.settings.stream} within {self.config.timeout:g}s",
+                ambiguous=True,
+            )
         except nats.errors.Error as exc:
             return Result(Outcome.RETRY, None, f"{type(exc).__name__}: {exc}", ambiguous=True)
         reference = f"{ack.stream}/{ack.seq}" + (" (duplicate)" if ack.duplicate else "")

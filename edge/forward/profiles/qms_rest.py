@@ -22,38 +22,61 @@ class QmsRestProfile(Profile):
             event = event_of(delivery)
             mapped = qms_request(event)
             if mapped is None:
-                results.append(Result(Outcome.REJECTED, None,
-                                      f"the qms_rest profile cannot map {event['type']} events"))
+                results.append(
+                    Result(
+                        Outcome.REJECTED,
+                        None,
+                        f"the qms_rest profile cannot map {event['type']} events",
+                    )
+                )
                 continue
             path, body = mapped
             response = await self.session.request(
-                "POST", path, json=body,
-                headers={"Idempotency-Key": idempotency_key(delivery.event_id)})
+                "POST",
+                path,
+                json=body,
+                headers={"Idempotency-Key": idempotency_key(delivery.event_id)},
+            )
             results.append(classify(response))
         return results
 
 
 def qms_request(event: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     data = event["data"]
-    common = {"external_id": event["id"], "site": data["site"],
-              "order_id": data.get("order_id"), "lot_id": data.get("lot_id"),
-              "material": data.get("material"), "machine_id": data.get("machine_id")}
+    common = {
+        "external_id": event["id"],
+        "site": data["site"],
+        "order_id": data.get("order_id"),
+        "lot_id": data.get("lot_id"),
+        "material": data.get("material"),
+        "machine_id": data.get("machine_id"),
+    }
     match event["type"]:
         case "inspection.requested":
             return "inspections", {
-                **common, "trigger": data["trigger"],
+                **common,
+                "trigger": data["trigger"],
                 "characteristic": data.get("characteristic"),
                 "measured_value": data.get("measured_value"),
-                "lower_limit": data.get("lower_limit"), "upper_limit": data.get("upper_limit"),
-                "reason": data.get("reason_text"), "requested_at": data["occurred_at"]}
+                "lower_limit": data.get("lower_limit"),
+                "upper_limit": data.get("upper_limit"),
+                "reason": data.get("reason_text"),
+                "requested_at": data["occurred_at"],
+            }
         case "inspection.result":
             return "results", {
-                **common, "inspection_id": data.get("inspection_id"),
+                **common,
+                "inspection_id": data.get("inspection_id"),
                 "characteristic": data["characteristic"],
-                "measured_value": data.get("measured_value"), "result": data["result"]}
+                "measured_value": data.get("measured_value"),
+                "result": data["result"],
+            }
         case "nonconformance.raised":
             return "nonconformances", {
-                **common, "defect_code": data["defect_code"], "severity": data["severity"],
+                **common,
+                "defect_code": data["defect_code"],
+                "severity": data["severity"],
                 "affected_quantity": data.get("affected_quantity"),
-                "description": data.get("description_text")}
+                "description": data.get("description_text"),
+            }
     return None

@@ -141,12 +141,17 @@ def sap_unit(uom: str, sap: SapConfig) -> SapUnit:
     configured = sap.units.get(uom)
     if configured is None:
         return default
-    return SapUnit(iso=configured.iso or default.iso,
-                   internal=configured.internal or default.internal)
+    return SapUnit(
+        iso=configured.iso or default.iso, internal=configured.internal or default.internal
+    )
 
 
-def unit_fields(uom: str, sap: SapConfig, iso_field: str, internal_field: str | None,
-                ) -> dict[str, str]:
+def unit_fields(
+    uom: str,
+    sap: SapConfig,
+    iso_field: str,
+    internal_field: str | None,
+) -> dict[str, str]:
     """The unit properties of one quantity, as `sap.unit_fields` says (an entity without an ISO
     field, `internal_field` only, always takes the internal unit)."""
     spelled = sap_unit(uom, sap)
@@ -156,7 +161,8 @@ def unit_fields(uom: str, sap: SapConfig, iso_field: str, internal_field: str | 
         if spelled.internal is None:
             raise UnmappedUnit(
                 f"unit {uom} has no SAP internal unit for {internal_field}: set "
-                f"sap.units.{uom}.internal to the unit the plant's ERP uses")
+                f"sap.units.{uom}.internal to the unit the plant's ERP uses"
+            )
         fields[internal_field] = spelled.internal
     if wanted in ("iso", "both") and iso_field:
         assert spelled.iso is not None
@@ -180,13 +186,16 @@ def _quantity(value: str) -> str:
     """Edm.Decimal(13, 3) as SAP takes it: a string, at most 10 digits before the point and 3
     after (trailing zeros beyond the third place are dropped, never digits)."""
     number = Decimal(value)
-    trimmed = number.quantize(Decimal("0.001")) if number == number.quantize(
-        Decimal("0.001")) else number
+    trimmed = (
+        number.quantize(Decimal("0.001")) if number == number.quantize(Decimal("0.001")) else number
+    )
     digits = trimmed.as_tuple()
     places = -int(digits.exponent) if isinstance(digits.exponent, int) else 0
     if places > 3 or len(digits.digits) - places > 10:
-        raise UnmappedUnit(f"quantity {value} does not fit SAP's quantity fields (at most 10 "
-                           "digits before the point and 3 after)")
+        raise UnmappedUnit(
+            f"quantity {value} does not fit SAP's quantity fields (at most 10 "
+            "digits before the point and 3 after)"
+        )
     return format(trimmed.normalize() if places else trimmed, "f")
 
 
@@ -231,9 +240,13 @@ def confirmation_request(event: Mapping[str, Any], sap: SapConfig) -> SapRequest
     items = []
     if data.get("material") and data.get("lot_id") and Decimal(data["yield_quantity"]["value"]):
         item = {
-            "Material": data["material"], "Plant": data["site"], "Batch": data["lot_id"],
-            "GoodsMovementType": "101", "GoodsMovementRefDocType": ORDER_REFERENCE,
-            "OrderID": data["order_id"], "OrderItem": sap.order_item,
+            "Material": data["material"],
+            "Plant": data["site"],
+            "Batch": data["lot_id"],
+            "GoodsMovementType": "101",
+            "GoodsMovementRefDocType": ORDER_REFERENCE,
+            "OrderID": data["order_id"],
+            "OrderItem": sap.order_item,
             "InventoryUsabilityCode": QUALITY_INSPECTION_STOCK,
             "QuantityInEntryUnit": _quantity(data["yield_quantity"]["value"]),
             **unit_fields(uom, sap, "EntryUnitISOCode", "EntryUnit"),
@@ -248,8 +261,9 @@ def confirmation_request(event: Mapping[str, Any], sap: SapConfig) -> SapRequest
 def confirmation_lookup(event: Mapping[str, Any]) -> SapRequest:
     """Did a confirmation with this event's id arrive? (`OrderID` narrows it to the order, as
     ConfirmationText alone is not indexed in SAP.)"""
-    text = _eq("OrderID", event["data"]["order_id"]) + " and " + _eq(
-        "ConfirmationText", event["id"])
+    text = (
+        _eq("OrderID", event["data"]["order_id"]) + " and " + _eq("ConfirmationText", event["id"])
+    )
     return _get(CONFIRMATION_SERVICE, "ProdnOrdConf2", {"$filter": text, "$format": "json"})
 
 
@@ -260,7 +274,9 @@ def consumption_request(event: Mapping[str, Any], sap: SapConfig) -> SapRequest:
     item: dict[str, Any] = {
         # No GoodsMovementRefDocType: "F" marks a receipt for an order; an issue to an order
         # is a movement without reference whose account assignment is the order.
-        "Material": data["material"], "Plant": data["site"], "GoodsMovementType": "261",
+        "Material": data["material"],
+        "Plant": data["site"],
+        "GoodsMovementType": "261",
         "ManufacturingOrder": data["order_id"],
         "QuantityInEntryUnit": _quantity(quantity["value"]),
         **unit_fields(quantity["uom"], sap, "", "EntryUnit"),
@@ -271,36 +287,53 @@ def consumption_request(event: Mapping[str, Any], sap: SapConfig) -> SapRequest:
     if data.get("storage_location"):
         item["StorageLocation"] = data["storage_location"]
     date = odata_date(moment, ZoneInfo(sap.time_zone))
-    body = {"GoodsMovementCode": GOODS_ISSUE, "PostingDate": date, "DocumentDate": date,
-            "MaterialDocumentHeaderText": f"PlantSync {data['order_id']}"[:25],
-            "to_MaterialDocumentItem": [item]}
+    body = {
+        "GoodsMovementCode": GOODS_ISSUE,
+        "PostingDate": date,
+        "DocumentDate": date,
+        "MaterialDocumentHeaderText": f"PlantSync {data['order_id']}"[:25],
+        "to_MaterialDocumentItem": [item],
+    }
     return _post(MATERIAL_DOCUMENT_SERVICE, "A_MaterialDocumentHeader", body)
 
 
 def consumption_lookup(event: Mapping[str, Any]) -> SapRequest:
-    text = _eq("MaterialDocumentItemText", event["id"]) + " and " + _eq(
-        "ManufacturingOrder", event["data"]["order_id"])
-    return _get(MATERIAL_DOCUMENT_SERVICE, "A_MaterialDocumentItem",
-                {"$filter": text, "$format": "json"})
+    text = (
+        _eq("MaterialDocumentItemText", event["id"])
+        + " and "
+        + _eq("ManufacturingOrder", event["data"]["order_id"])
+    )
+    return _get(
+        MATERIAL_DOCUMENT_SERVICE, "A_MaterialDocumentItem", {"$filter": text, "$format": "json"}
+    )
 
 
 def inspection_lot_lookup(data: Mapping[str, Any]) -> SapRequest:
     """The inspection lots that goods receipts of this batch opened (origin 04)."""
-    terms = [_eq("Material", data["material"]), _eq("Batch", data["lot_id"]),
-             _eq("Plant", data["site"]), _eq("InspectionLotOrigin", GOODS_RECEIPT_FROM_PRODUCTION)]
+    terms = [
+        _eq("Material", data["material"]),
+        _eq("Batch", data["lot_id"]),
+        _eq("Plant", data["site"]),
+        _eq("InspectionLotOrigin", GOODS_RECEIPT_FROM_PRODUCTION),
+    ]
     if data.get("order_id"):
         terms.append(_eq("ManufacturingOrder", data["order_id"]))
-    return _get(INSPECTION_SERVICE, "A_InspectionLot",
-                {"$filter": " and ".join(terms), "$format": "json"})
+    return _get(
+        INSPECTION_SERVICE, "A_InspectionLot", {"$filter": " and ".join(terms), "$format": "json"}
+    )
 
 
 def usage_decision_lookup(inspection_lot: str) -> SapRequest:
-    return _get(INSPECTION_SERVICE, "A_InspLotUsageDecision",
-                {"$filter": _eq("InspectionLot", inspection_lot), "$format": "json"})
+    return _get(
+        INSPECTION_SERVICE,
+        "A_InspLotUsageDecision",
+        {"$filter": _eq("InspectionLot", inspection_lot), "$format": "json"},
+    )
 
 
-def usage_decision_request(inspection_lot: str, data: Mapping[str, Any], sap: SapConfig
-                           ) -> SapRequest:
+def usage_decision_request(
+    inspection_lot: str, data: Mapping[str, Any], sap: SapConfig
+) -> SapRequest:
     decision = sap.usage_decisions[data["disposition"]]
     body = {
         "InspectionLot": inspection_lot,
@@ -320,10 +353,16 @@ def field_problems(event_type: str, data: Mapping[str, Any], sap: SapConfig) -> 
         f"{name} {value!r} has {len(value)} characters; SAP's {limit.name} takes at most "
         f"{limit.max_length}"
         for name, limit in FIELD_LIMITS.items()
-        if isinstance(value := data.get(name), str) and len(value) > limit.max_length]
-    quantities = {"production.confirmation": ("yield_quantity", "ConfirmationUnitISOCode",
-                                              "ConfirmationUnit"),
-                  "material.consumed": ("quantity", "", "EntryUnit")}
+        if isinstance(value := data.get(name), str) and len(value) > limit.max_length
+    ]
+    quantities = {
+        "production.confirmation": (
+            "yield_quantity",
+            "ConfirmationUnitISOCode",
+            "ConfirmationUnit",
+        ),
+        "material.consumed": ("quantity", "", "EntryUnit"),
+    }
     if event_type in quantities:
         name, iso_field, internal_field = quantities[event_type]
         quantity = data.get(name)
@@ -333,10 +372,15 @@ def field_problems(event_type: str, data: Mapping[str, Any], sap: SapConfig) -> 
                 _quantity(str(quantity.get("value")))
             except UnmappedUnit as exc:
                 problems.append(str(exc))
-    if event_type == "lot.disposition" and data.get("disposition") in ("release", "reject") and (
-            data["disposition"] not in sap.usage_decisions):
-        problems.append(f"no usage decision is configured for {data['disposition']} "
-                        f"(sap.usage_decisions.{data['disposition']})")
+    if (
+        event_type == "lot.disposition"
+        and data.get("disposition") in ("release", "reject")
+        and (data["disposition"] not in sap.usage_decisions)
+    ):
+        problems.append(
+            f"no usage decision is configured for {data['disposition']} "
+            f"(sap.usage_decisions.{data['disposition']})"
+        )
     return problems
 
 
@@ -376,8 +420,9 @@ class SapS4HanaProfile(Profile):
                 case "lot.disposition":
                     return await self._decide(data, retry)
                 case other:
-                    return Result(Outcome.REJECTED, None,
-                                  f"the sap_s4hana profile cannot map {other} events")
+                    return Result(
+                        Outcome.REJECTED, None, f"the sap_s4hana profile cannot map {other} events"
+                    )
         except (UnmappedUnit, KeyError, ValueError) as exc:  # data SAP cannot be given
             return Result(Outcome.REJECTED, None, f"cannot map this event for SAP: {exc!r}")
         return await self._create(request, lookup)
@@ -392,8 +437,9 @@ class SapS4HanaProfile(Profile):
 
     async def _decide(self, data: Mapping[str, Any], retry: bool) -> Result:
         if data["disposition"] == "hold":
-            return delivered(None, "hold: no usage decision in SAP; the lot stays in "
-                                   "quality-inspection stock")
+            return delivered(
+                None, "hold: no usage decision in SAP; the lot stays in quality-inspection stock"
+            )
         lot = await self._inspection_lot(data)
         if isinstance(lot, Result):
             return lot
@@ -403,43 +449,62 @@ class SapS4HanaProfile(Profile):
             if results:
                 return self._existing_decision(lot, results[0], data)
         response = await self._post(usage_decision_request(lot, data, self.sap))
-        return classify(response, reference=f"inspection lot {lot}"
-                        if 200 <= response.status_code < 300 else None)
+        return classify(
+            response,
+            reference=f"inspection lot {lot}" if 200 <= response.status_code < 300 else None,
+        )
 
-    def _existing_decision(self, lot: str, entity: Mapping[str, Any],
-                           data: Mapping[str, Any]) -> Result:
+    def _existing_decision(
+        self, lot: str, entity: Mapping[str, Any], data: Mapping[str, Any]
+    ) -> Result:
         wanted = self.sap.usage_decisions[data["disposition"]]
         code = entity.get("InspectionLotUsageDecisionCode")
         if code == wanted.code and entity.get("InspLotUsageDecisionCodeGroup") in (
-                wanted.code_group, None):
+            wanted.code_group,
+            None,
+        ):
             return delivered(200, f"inspection lot {lot} (found by lookup)")
-        return Result(Outcome.REJECTED, 200,
-                      f"inspection lot {lot} already has usage decision {code} "
-                      f"(by {entity.get('InspectionLotUsageDecidedBy') or 'someone'}); "
-                      f"{data['disposition']} was not posted: change it in SAP (QA12)")
+        return Result(
+            Outcome.REJECTED,
+            200,
+            f"inspection lot {lot} already has usage decision {code} "
+            f"(by {entity.get('InspectionLotUsageDecidedBy') or 'someone'}); "
+            f"{data['disposition']} was not posted: change it in SAP (QA12)",
+        )
 
     async def _inspection_lot(self, data: Mapping[str, Any]) -> str | Result:
         """The inspection lot of the disposition's batch, from the cache or from SAP. A batch
         with no inspection lot yet is retried: its goods receipt may not be posted yet."""
-        key = (data["site"], str(data.get("material") or ""), data["lot_id"],
-               str(data.get("order_id") or ""))
+        key = (
+            data["site"],
+            str(data.get("material") or ""),
+            data["lot_id"],
+            str(data.get("order_id") or ""),
+        )
         cached = self._inspection_lots.get(key)
         if cached is not None:
             self._inspection_lots.move_to_end(key)
             return cached
         if not data.get("material"):
-            return Result(Outcome.REJECTED, None,
-                          f"lot {data['lot_id']}: SAP finds inspection lots by material and "
-                          "batch, and this disposition names no material")
+            return Result(
+                Outcome.REJECTED,
+                None,
+                f"lot {data['lot_id']}: SAP finds inspection lots by material and "
+                "batch, and this disposition names no material",
+            )
         response = await self._get(inspection_lot_lookup(data))
         if response.status_code != 200:
             return classify(response)
         results = _results(response)
         if not results:
-            return Result(Outcome.RETRY, 200,
-                          f"SAP has no inspection lot (origin 04) yet for batch "
-                          f"{data['lot_id']} of material {data['material']} in plant "
-                          f"{data['site']}", not_ready=True)
+            return Result(
+                Outcome.RETRY,
+                200,
+                f"SAP has no inspection lot (origin 04) yet for batch "
+                f"{data['lot_id']} of material {data['material']} in plant "
+                f"{data['site']}",
+                not_ready=True,
+            )
         # The newest lot of the batch is the one its latest goods receipt opened.
         lot = max(str(entity.get("InspectionLot", "")) for entity in results)
         self._inspection_lots[key] = lot
@@ -455,19 +520,27 @@ class SapS4HanaProfile(Profile):
         return delivered(200, f"{_entity_reference(results[0])} (found by lookup)")
 
     async def _get(self, request: SapRequest) -> httpx.Response:
-        return await self.session.request("GET", request.target,
-                                          headers={"Accept": "application/json"})
+        return await self.session.request(
+            "GET", request.target, headers={"Accept": "application/json"}
+        )
 
     async def _post(self, request: SapRequest) -> httpx.Response:
         for attempt in (1, 2):
             if self._csrf is None:
                 await self._fetch_csrf()
             response = await self.session.request(
-                "POST", request.target, content=json.dumps(request.body).encode(),
-                headers={"X-CSRF-Token": self._csrf or "", "Accept": "application/json",
-                         "Content-Type": "application/json"})
+                "POST",
+                request.target,
+                content=json.dumps(request.body).encode(),
+                headers={
+                    "X-CSRF-Token": self._csrf or "",
+                    "Accept": "application/json",
+                    "Content-Type": "application/json",
+                },
+            )
             if response.status_code == 403 and (
-                    response.headers.get("X-CSRF-Token", "").lower() == "required"):
+                response.headers.get("X-CSRF-Token", "").lower() == "required"
+            ):
                 self._csrf = None  # expired or invalidated: fetch a new one and repeat once
                 if attempt == 1:
                     continue
@@ -476,13 +549,17 @@ class SapS4HanaProfile(Profile):
 
     async def _fetch_csrf(self) -> None:
         response = await self.session.request(
-            "GET", f"{CONFIRMATION_SERVICE}/",
-            headers={"X-CSRF-Token": "Fetch", "Accept": "application/json"})
+            "GET",
+            f"{CONFIRMATION_SERVICE}/",
+            headers={"X-CSRF-Token": "Fetch", "Accept": "application/json"},
+        )
         token = response.headers.get("X-CSRF-Token")
         if response.status_code >= 400 or not token or token.lower() == "required":
             raise httpx.HTTPStatusError(
                 f"no CSRF token from {CONFIRMATION_SERVICE} (HTTP {response.status_code})",
-                request=response.request, response=response)
+                request=response.request,
+                response=response,
+            )
         self._csrf = token
 
 
