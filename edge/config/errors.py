@@ -13,8 +13,20 @@ class ConfigError(Exception):
     """A config file that cannot be used; `problems` holds one line per problem."""
 
     def __init__(self, problems: Sequence[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+        lines = [one_line(problem) for problem in problems]
+        super().__init__("\n".join(lines))
+        self.problems = lines
+
+
+def one_line(text: str) -> str:
+    """A problem stays one line whatever the file held: a key or value with a line break or
+    another control character in it is shown escaped (`\\n`), never as a second line."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() or char == " " else char.encode("unicode_escape").decode()
+        for char in text
+    )
 
 
 class Problem(Exception):
