@@ -448,7 +448,11 @@ def test_a_token_protected_hub_takes_the_plant_with_its_token_only(tmp_path: Pat
             "Destination hub is failing",
         ).start()
         refused.stop()
-        assert "Authorization Violation" in refused.output()
+        # nats-server answers a wrong token with -ERR 'Authorization Violation' and closes at
+        # once; when the client's next write meets the closed socket, the reset can discard
+        # that unread line (seen once in a full run): then the refusal reads as a reset.
+        output = refused.output()
+        assert "Authorization Violation" in output or "Connection reset by peer" in output
         assert asyncio.run(owed(tmp_path / "refused.db")) == 5  # kept for when it is fixed
         done = run_plant(
             plant_argv(
