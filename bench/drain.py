@@ -42,7 +42,7 @@ from _common import (
 from outbox_restart import fill, proc_status_mb
 
 from buffer.outbox import Outbox
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
 
 EVENT_PATH = "/api/events"

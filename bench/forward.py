@@ -60,7 +60,7 @@ from _common import (
 )
 
 from buffer.outbox import Outbox, OutboxEvent
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
 from edge.forward.session import make_client
 

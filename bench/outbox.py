@@ -47,7 +47,7 @@ from _common import (
 
 from buffer.outbox import Outbox, OutboxEvent
 from buffer.outbox.schema import migrate
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
 
 MAX_IN_FLIGHT = 4

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from buffer.outbox import Outbox, OutboxEvent
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
 from edge.hub.settings import DEFAULT_STREAM, DEFAULT_SUBJECT
 from edge.model.envelope import cloudevent_type

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder, Outcome, classify, parse_retry_after
 from tests.conftest import ErpSim
 

@@ -59,7 +59,7 @@ async def test_an_open_circuit_waits_without_spinning(peers: Any, tmp_path: Path
     """While the circuit is open the forwarder sleeps until its probe: it neither burns the
     CPU nor starves the event loop (a wake left set once made it spin, then freeze)."""
     from buffer.outbox import Outbox, OutboxEvent
-    from edge.config.models import DestinationConfig
+    from edge.config.destinations import DestinationConfig
     from edge.forward import Circuit, HttpForwarder
     from tests.conftest import start_erp
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from buffer.outbox import Outbox, OutboxEvent
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward import Circuit, HttpForwarder
 from edge.model.envelope import build_event
 from edge.model.events import ProductionConfirmation

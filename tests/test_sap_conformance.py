@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.config.models import SapConfig
+from edge.config.destinations import SapConfig
 from edge.forward.profiles import sap_s4hana as sap
 from edge.model.codes import BUILTIN_UOM_CODES
 

@@ -880,7 +880,7 @@ async def test_a_tls_failure_at_the_token_url_says_which_setting_fixes_it(
     import ssl
     import threading
 
-    from edge.config.models import OAuth2ClientCredentials
+    from edge.config.destinations import OAuth2ClientCredentials
     from edge.forward.auth import AuthError, OAuth2Token
     from tests.test_mqtt import make_certificates
 

@@ -11,7 +11,7 @@ import socket
 import httpx
 import pytest
 
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward.outcome import Outcome, transport_failure
 from edge.forward.session import make_client
 

@@ -14,15 +14,14 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel
 
 from drivers.mqtt import MqttConfig
-from edge.config.errors import Loc, Problem
-from edge.config.models import (
+from edge.config.destinations import (
     PROFILE_EVENT_TYPES,
     DestinationConfig,
     NoAuth,
     OAuth2ClientCredentials,
-    PlantConfig,
-    is_loopback_host,
 )
+from edge.config.errors import Loc, Problem
+from edge.config.models import PlantConfig, is_loopback_host
 from edge.config.orders import ORDERS_DESTINATION
 from edge.hub.settings import NatsNoAuth
 from edge.model.codes import REC21_PACKAGE_CODES

@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from edge.config.models import ApiKeyAuth, Auth, BearerAuth, NoAuth, OAuth2ClientCredentials
+from edge.config.destinations import ApiKeyAuth, Auth, BearerAuth, NoAuth, OAuth2ClientCredentials
 from edge.forward.outcome import tls_hint
 
 log = logging.getLogger(__name__)

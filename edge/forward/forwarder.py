@@ -28,7 +28,7 @@ import httpx
 from buffer.outbox import Delivery, Settlement
 from drivers.common.availability import Availability
 from drivers.common.timing import Backoff
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.config.orders import OrdersMesConfig
 from edge.forward.auth import AuthError
 from edge.forward.outcome import Outcome, Result, transport_failure

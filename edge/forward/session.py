@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward.auth import Authenticator, authenticator
 from edge.forward.transport import SafeAiohttpTransport
 

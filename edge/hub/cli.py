@@ -13,9 +13,9 @@ from pathlib import Path
 import nats.errors
 import nats.js.errors
 
+from edge.config.destinations import DestinationConfig
 from edge.config.errors import ConfigError
 from edge.config.loader import load_config
-from edge.config.models import DestinationConfig
 from edge.hub.config import HubConfig, load_hub_config
 from edge.hub.connection import HubUnavailable, connect
 from edge.hub.stream import describe, init_hub, patiently

@@ -15,10 +15,10 @@ from pathlib import Path
 from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
 from drivers.common.timing import Duration
+from edge.config.destinations import PROFILE_EVENT_TYPES, DestinationConfig, TlsConfig
 from edge.config.document import read_config_text, read_document
 from edge.config.errors import ConfigError, format_loc
 from edge.config.loader import _data_loc
-from edge.config.models import PROFILE_EVENT_TYPES, DestinationConfig, TlsConfig
 from edge.hub.settings import (
     DEFAULT_STREAM,
     DEFAULT_SUBJECT,

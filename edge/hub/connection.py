@@ -22,7 +22,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from drivers.common.availability import Availability
-from edge.config.models import TlsConfig
+from edge.config.destinations import TlsConfig
 from edge.hub.settings import (
     NatsAuth,
     NatsCredentials,

@@ -35,7 +35,8 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
-from edge.config.models import DestinationConfig, PlantConfig
+from edge.config.destinations import DestinationConfig
+from edge.config.models import PlantConfig
 from edge.forward.profiles.sap_s4hana import (
     CONFIRMATION_SERVICE,
     inspection_lot_lookup,

@@ -34,8 +34,9 @@ from pydantic import ValidationError
 from buffer.outbox import Outbox, OutboxEvent, RejectedInput
 from drivers.common.availability import Availability, Ended, reconnect_forever
 from drivers.common.timing import Backoff
+from edge.config.destinations import DestinationConfig
 from edge.config.errors import format_loc
-from edge.config.models import DestinationConfig, PlantConfig
+from edge.config.models import PlantConfig
 from edge.config.orders import ORDERS_DESTINATION
 from edge.forward.session import Session, make_client
 from edge.model.codes import UOM_CODES_CONTEXT_KEY

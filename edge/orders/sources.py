@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import httpx
 
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.config.orders import OrdersConfig
 from edge.forward.auth import AuthError
 from edge.forward.profiles.sap_s4hana import DEFAULT_UNITS, ODATA_ROOT

@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from buffer.outbox import LotStatus, Outbox
 from drivers.common.availability import Availability, Ended, reconnect_forever
 from drivers.common.timing import Backoff
-from edge.config.models import DestinationConfig, PlantConfig
+from edge.config.destinations import DestinationConfig
+from edge.config.models import PlantConfig
 from edge.forward.auth import AuthError
 from edge.forward.session import Session, make_client
 from edge.forward.urls import path

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edge.config.models import DestinationConfig, PlantConfig
+from edge.config.destinations import DestinationConfig
+from edge.config.models import PlantConfig
 from edge.forward.profiles.base import Profile
 from edge.forward.profiles.canonical import CanonicalProfile
 from edge.forward.profiles.jetstream import JetStreamProfile

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from buffer.outbox import Delivery
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward.outcome import Result
 from edge.forward.session import Session
 from edge.model.envelope import event_type_of

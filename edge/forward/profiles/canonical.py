@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from buffer.outbox import Delivery
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward.outcome import BODY_LIMIT, RETRYABLE_4XX, Outcome, Result, classify, delivered
 from edge.forward.profiles.base import Profile, batch_idempotency_key, idempotency_key
 from edge.forward.session import Session

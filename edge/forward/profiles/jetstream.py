@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from buffer.outbox import Delivery
-from edge.config.models import DestinationConfig
+from edge.config.destinations import DestinationConfig
 from edge.forward.outcome import Outcome, Result, delivered
 from edge.forward.profiles.base import Profile
 from edge.forward.session import Session

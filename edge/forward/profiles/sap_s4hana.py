@@ -45,7 +45,7 @@ from zoneinfo import ZoneInfo
 import httpx
 
 from buffer.outbox import Delivery
-from edge.config.models import DestinationConfig, SapConfig, SapUnit
+from edge.config.destinations import DestinationConfig, SapConfig, SapUnit
 from edge.forward.outcome import Outcome, Result, classify, delivered
 from edge.forward.profiles.base import Profile, event_of
 from edge.forward.session import Session
