@@ -24,10 +24,10 @@ from edge.model.envelope import (
     event_type_of,
     validate_event_data,
 )
+from edge.model.event_data import EventData
 from edge.model.events import (
     EVENT_MODELS,
     DowntimeRecorded,
-    EventData,
     InputLot,
     InspectionRequested,
     InspectionResult,
@@ -39,11 +39,6 @@ from edge.model.events import (
     OperationInterrupted,
     OperationResumed,
     OperationStarted,
-    OrderCancelled,
-    OrderChanged,
-    OrderComponent,
-    OrderOperation,
-    OrderReleased,
     ProductionConfirmation,
     priority_of,
 )
@@ -54,6 +49,13 @@ from edge.model.ids import (
     format_sequence,
     source_key,
     state_key,
+)
+from edge.model.order_events import (
+    OrderCancelled,
+    OrderChanged,
+    OrderComponent,
+    OrderOperation,
+    OrderReleased,
 )
 from edge.model.quantities import Quantity, SignedQuantity
 from edge.model.schemas import json_schemas, write_schemas

@@ -22,7 +22,8 @@ from edge.model.envelope import CloudEvent, build_event
 from edge.model.events import LotDisposition, ProductionConfirmation
 from edge.model.quantities import Quantity
 from edge.ops.ledger import MesOrderReport, OrderLedger
-from edge.ops.reconcile import ErpConfirmation, ErpOrder, StockStatus, reconcile_order
+from edge.ops.reconcile import reconcile_order
+from edge.ops.reconcile_erp import ErpConfirmation, ErpOrder, StockStatus
 
 ORDER = "3000001"
 WHEN = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)

@@ -24,7 +24,9 @@ from edge.config.errors import ConfigError
 from edge.config.loader import load_config
 from edge.config.secrets import scrub, secret_values
 from edge.ops import ledger
-from edge.ops.reconcile import ReconcileError, open_databases, reconcile, render
+from edge.ops.reconcile import open_databases, reconcile
+from edge.ops.reconcile_erp import ReconcileError
+from edge.ops.reconcile_report import render
 from edge.ops.terminal import printable, printable_data
 
 

@@ -21,7 +21,8 @@ from pydantic import (
 )
 
 from edge.model.codes import UOM_CODES_CONTEXT_KEY
-from edge.model.events import EVENT_MODELS, EventData
+from edge.model.event_data import EventData
+from edge.model.events import EVENT_MODELS
 from edge.model.ids import SEQUENCE_DIGITS, EventType, event_id, format_sequence
 from edge.model.quantities import UtcDateTime
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from datetime import datetime
 from types import MappingProxyType
 from typing import Annotated, ClassVar, Final, Literal, Self
 
@@ -17,14 +16,29 @@ from pydantic import (
     model_validator,
 )
 
+from edge.model.event_data import (
+    _CHARACTERISTIC,
+    _INSPECTION_ID,
+    _LOT_ID,
+    _MACHINE_ID,
+    _MACHINE_STATE,
+    _MATERIAL,
+    _OPERATION,
+    _ORDER_ID,
+    _REASON_CODE,
+    _REASON_TEXT,
+    EventData,
+    _not_after_occurrence,
+    _require_order_or_lot,
+)
 from edge.model.ids import EventType, Priority
+from edge.model.order_events import OrderCancelled, OrderChanged, OrderReleased
 from edge.model.quantities import Quantity, SignedQuantity, UtcDateTime, _same_uom
 
 __all__ = [
     "EVENT_MODELS",
     "DataQuality",
     "DowntimeRecorded",
-    "EventData",
     "InputLot",
     "InspectionRequested",
     "InspectionResult",
@@ -40,111 +54,6 @@ __all__ = [
     "SourceGap",
     "priority_of",
 ]
-
-
-_IDENTIFIER = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
-
-_SITE = Field(
-    description="Plant code as ERP knows it.", pattern=r"^[A-Za-z0-9]{1,10}$", examples=["1010"]
-)
-_MACHINE_ID = Field(
-    description="Machine (equipment) name as configured in the gateway.",
-    pattern=_IDENTIFIER,
-    max_length=64,
-    examples=["press-01"],
-)
-_WORK_CENTER = Field(
-    description="Work center or line the machine belongs to.",
-    min_length=1,
-    max_length=40,
-    examples=["LINE-A"],
-)
-_ORDER_ID = Field(
-    description="Production (process) order number from ERP.",
-    pattern=_IDENTIFIER,
-    max_length=40,
-    examples=["000001000123"],
-)
-_OPERATION = Field(
-    description="Operation (activity) number in the order's routing.",
-    pattern=r"^\d{4}$",
-    examples=["0010"],
-)
-_MATERIAL = Field(
-    description="Material (article) number.",
-    pattern=_IDENTIFIER,
-    max_length=40,
-    examples=["FG-4711"],
-)
-_LOT_ID = Field(
-    description="Lot (batch) number.", pattern=_IDENTIFIER, max_length=40, examples=["L24-0815"]
-)
-_REASON_CODE = Field(
-    description="Reason code from the plant's catalogue.",
-    min_length=1,
-    max_length=20,
-    examples=["MAT-SHORT"],
-)
-_REASON_TEXT = Field(
-    description="Free text from the operator or the source system.", min_length=1, max_length=500
-)
-_MACHINE_STATE = Field(
-    description="Machine state when it happened, e.g. a PackML state name.",
-    min_length=1,
-    max_length=40,
-    examples=["Held", "Stopped"],
-)
-_CHARACTERISTIC = Field(
-    description="Inspection characteristic (what is measured), e.g. the signal name.",
-    min_length=1,
-    max_length=80,
-    examples=["press-01.force"],
-)
-_INSPECTION_ID = Field(
-    description="Inspection lot number in the QMS, once it has one.",
-    pattern=_IDENTIFIER,
-    max_length=40,
-)
-_OCCURRED_AT = Field(
-    description="When it happened at the source (machine or MES clock), UTC; the event's `time`."
-)
-
-
-def _require_order_or_lot(order_id: str | None, lot_id: str | None) -> None:
-    if order_id is None and lot_id is None:
-        raise ValueError("needs an order_id or a lot_id to say what it is about")
-
-
-def _not_after_occurrence(moment: datetime | None, occurred_at: datetime, *, what: str) -> None:
-    if moment is not None and moment > occurred_at:
-        raise ValueError(f"{what} must not be after occurred_at")
-
-
-class EventData(BaseModel):
-    """Fields common to every milestone; subclasses are the versioned `data` of one type."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    EVENT_TYPE: ClassVar[EventType]
-    VERSION: ClassVar[int] = 1
-    PRIORITY: ClassVar[Priority]
-
-    site: Annotated[str, _SITE]
-    machine_id: Annotated[str | None, _MACHINE_ID] = None
-    work_center: Annotated[str | None, _WORK_CENTER] = None
-    order_id: Annotated[str | None, _ORDER_ID] = None
-    operation: Annotated[str | None, _OPERATION] = None
-    occurred_at: Annotated[UtcDateTime, _OCCURRED_AT]
-
-    @classmethod
-    def dataschema(cls) -> str:
-        """The CloudEvents `dataschema` of this type and version."""
-        return f"urn:plantsync:schema:{cls.EVENT_TYPE}:{cls.VERSION}"
-
-    @classmethod
-    def schema_file_name(cls) -> str:
-        """File name of this model's exported JSON Schema."""
-        return f"{cls.EVENT_TYPE}.v{cls.VERSION}.json"
 
 
 class SourceGap(BaseModel):
@@ -496,118 +405,6 @@ class LotDisposition(_QualityEventData):
     )
     reason_code: Annotated[str | None, _REASON_CODE] = None
     reason_text: Annotated[str | None, _REASON_TEXT] = None
-
-
-# --------------------------------------------------------------------------------------------
-# Orders released by ERP, on their way to the MES
-# --------------------------------------------------------------------------------------------
-
-OrderStatus = Literal["released", "locked", "technically_completed", "closed", "deleted"]
-"""An order's state in ERP as the plant needs it: released (MES may run it), locked (ERP
-blocked it: MES must not start it), or one of the ends (technically completed, closed,
-deleted or marked for deletion): MES must stop and forget it."""
-
-FINISHED_ORDER_STATUSES: Final = frozenset({"technically_completed", "closed", "deleted"})
-
-
-class OrderOperation(BaseModel):
-    """One operation of a released order's routing, in sequence."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    operation: Annotated[str, _OPERATION]
-    work_center: Annotated[str | None, _WORK_CENTER] = None
-    description: Annotated[str | None, Field(min_length=1, max_length=80)] = None
-    quantity: Quantity | None = Field(
-        default=None, description="Planned quantity of the operation, when ERP gives one."
-    )
-
-
-class OrderComponent(BaseModel):
-    """One component (bill of materials item) the order consumes."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    material: Annotated[str, _MATERIAL]
-    quantity: Quantity = Field(description="Required quantity for the whole order.")
-    operation: Annotated[str | None, _OPERATION] = None
-
-
-class _OrderData(EventData):
-    """A production order as ERP released it, with its routing and bill of materials."""
-
-    PRIORITY: ClassVar[Priority] = Priority.BUSINESS
-
-    order_id: Annotated[str, _ORDER_ID]
-    material: Annotated[str, _MATERIAL]
-    quantity: Quantity = Field(description="Total quantity to produce (positive).")
-    bom_version: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=40,
-            description="Version of the bill of materials or recipe "
-            "the order was exploded with (SAP: ProductionVersion).",
-        ),
-    ]
-    planned_lot: Annotated[str | None, _LOT_ID] = None
-    operations: tuple[OrderOperation, ...] = Field(
-        min_length=1, description="The routing's operations, numbers strictly ascending."
-    )
-    components: tuple[OrderComponent, ...] = Field(
-        default=(), description="The bill of materials: what the order consumes."
-    )
-    status: OrderStatus = Field(description="The order's state in ERP.")
-    version: int = Field(
-        ge=1,
-        description="Release version of this order: 1 at its "
-        "release, one more at every change the MES must see. A consumer "
-        "keeps the highest and ignores what is not higher.",
-    )
-    erp_changed_at: UtcDateTime = Field(description="ERP's last change time of the order.")
-
-    @model_validator(mode="after")
-    def _routing(self) -> Self:
-        numbers = [op.operation for op in self.operations]
-        if numbers != sorted(set(numbers)):
-            raise ValueError(
-                f"operations must be unique and in ascending order, got {', '.join(numbers)}"
-            )
-        if self.quantity.as_decimal() <= 0:
-            raise ValueError("quantity must be positive")
-        for component in self.components:
-            if component.quantity.as_decimal() <= 0:
-                raise ValueError(f"component {component.material}: quantity must be positive")
-            if component.operation is not None and component.operation not in numbers:
-                raise ValueError(
-                    f"component {component.material} names operation "
-                    f"{component.operation}, which the routing does not have"
-                )
-        return self
-
-
-class OrderReleased(_OrderData):
-    """ERP released a production order: MES may start it."""
-
-    EVENT_TYPE: ClassVar[EventType] = "order.released"
-
-
-class OrderChanged(_OrderData):
-    """ERP changed a released order (quantity, routing, components, a lock...)."""
-
-    EVENT_TYPE: ClassVar[EventType] = "order.changed"
-
-
-class OrderCancelled(_OrderData):
-    """ERP ended a released order (technically completed, closed, deleted): MES must not
-    start it, and stops it if it runs."""
-
-    EVENT_TYPE: ClassVar[EventType] = "order.cancelled"
-
-
-ORDER_EVENT_MODELS: Final[Mapping[str, type[_OrderData]]] = MappingProxyType(
-    {model.EVENT_TYPE: model for model in (OrderReleased, OrderChanged, OrderCancelled)}
-)
 
 
 EVENT_MODELS: Final[Mapping[str, type[EventData]]] = MappingProxyType(

@@ -31,59 +31,34 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import httpx
 
-from edge.config.destinations import DestinationConfig
 from edge.config.models import PlantConfig
-from edge.forward.profiles.sap_s4hana import (
-    CONFIRMATION_SERVICE,
-    inspection_lot_lookup,
-    usage_decision_lookup,
-)
-from edge.forward.session import Session, make_client
-from edge.forward.urls import UnsafeUrlPart, odata_string, path, query
+from edge.forward.session import make_client
+from edge.forward.urls import UnsafeUrlPart
 from edge.ops import ledger
 from edge.ops.ledger import decimal_of
+from edge.ops.reconcile_erp import (
+    ErpReader,
+    ReconcileError,
+    StockStatus,
+    erp_destination,
+    erp_reader,
+)
 
 log = logging.getLogger(__name__)
 
-StockStatus = Literal["unrestricted", "quality_inspection", "blocked", "unknown"]
 EXPECTED_STOCK: Mapping[str, StockStatus] = {
     "release": "unrestricted",
     "reject": "blocked",
     "hold": "quality_inspection",
 }
 """The ERP stock status that agrees with each QMS disposition."""
-MAX_PAGES = 100
 PRODUCED_LOT_EVENTS = frozenset(
     {"production.confirmation", "lot.produced", "inspection.requested", "lot.disposition"}
 )
-
-
-class ReconcileError(Exception):
-    """ERP could not be asked (unreachable, refused, an answer that cannot be read)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ErpConfirmation:
-    reference: str
-    """ERP's own key (SAP: ConfirmationGroup/ConfirmationCount; canonical: its reference)."""
-    event_id: str | None
-    """The gateway's event id it carries (SAP: ConfirmationText), None if it carries none."""
-    operation: str | None
-    yield_value: Decimal
-    scrap_value: Decimal
-    uom: str | None
-    reversed: bool
-    entered_by: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ErpOrder:
-    confirmations: list[ErpConfirmation]
-    lots: dict[str, StockStatus] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -108,162 +83,6 @@ class OrderReconciliation:
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "mismatches": [asdict(m) for m in self.mismatches]}
-
-
-class ErpReader(Protocol):
-    async def order(self, order_id: str, lots: Mapping[str, str | None]) -> ErpOrder: ...
-
-
-# -- ERP readers --------------------------------------------------------------------------------
-
-
-def _results(response: httpx.Response, what: str) -> tuple[list[dict[str, Any]], str | None]:
-    if response.status_code != 200:
-        raise ReconcileError(
-            f"ERP answered {response.status_code} to {what}: {response.text[:300]}"
-        )
-    try:
-        body = response.json()["d"]
-        results = body["results"] if isinstance(body, dict) and "results" in body else body
-        if not isinstance(results, list):
-            raise TypeError("no result list")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ReconcileError(f"ERP's answer to {what} is not an OData list: {exc}") from exc
-    next_link = body.get("__next") if isinstance(body, dict) else None
-    return [r for r in results if isinstance(r, dict)], next_link
-
-
-class SapErpReader:
-    """SAP S/4HANA: an order's confirmations, and each lot's inspection lot and usage decision."""
-
-    def __init__(self, session: Session, destination: DestinationConfig, site: str) -> None:
-        self.session = session
-        self.sap = destination.sap
-        self.site = site
-
-    async def _list(self, target: str, what: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        for _ in range(MAX_PAGES):  # server-side paging: follow __next
-            response = await self.session.request(
-                "GET", target, headers={"Accept": "application/json"}
-            )
-            results, next_link = _results(response, what)
-            found += results
-            if not next_link:
-                return found
-            target = next_link
-        raise ReconcileError(f"{what}: more than {MAX_PAGES} pages")
-
-    async def order(self, order_id: str, lots: Mapping[str, str | None]) -> ErpOrder:
-        target = (
-            path("ProdnOrdConf2", prefix=CONFIRMATION_SERVICE)
-            + "?"
-            + query({"$filter": f"OrderID eq {odata_string(order_id)}", "$format": "json"})
-        )
-        rows = await self._list(target, f"the confirmations of order {order_id}")
-        confirmations = [
-            ErpConfirmation(
-                reference=f"{row.get('ConfirmationGroup')}/{row.get('ConfirmationCount')}",
-                event_id=str(row.get("ConfirmationText") or "") or None,
-                operation=row.get("OrderOperation"),
-                yield_value=decimal_of(row.get("ConfirmationYieldQuantity")),
-                scrap_value=decimal_of(row.get("ConfirmationScrapQuantity")),
-                uom=row.get("ConfirmationUnitISOCode") or row.get("ConfirmationUnit"),
-                reversed=bool(row.get("IsReversed") or row.get("IsReversal")),
-                entered_by=row.get("EnteredByUser"),
-            )
-            for row in rows
-        ]
-        statuses = {
-            lot_id: await self._lot(order_id, lot_id, material)
-            for lot_id, material in lots.items()
-            if material
-        }
-        return ErpOrder(confirmations, statuses)
-
-    async def _lot(self, order_id: str, lot_id: str, material: str) -> StockStatus:
-        request = inspection_lot_lookup(
-            {"material": material, "lot_id": lot_id, "site": self.site, "order_id": order_id}
-        )
-        inspection_lots = await self._list(request.target, f"the inspection lots of {lot_id}")
-        if not inspection_lots:
-            return "unknown"
-        newest = max(inspection_lots, key=lambda row: str(row.get("InspectionLot")))
-        if not newest.get("InspectionLotHasUsageDecision"):
-            return "quality_inspection"
-        decision_request = usage_decision_lookup(str(newest["InspectionLot"]))
-        decisions = await self._list(decision_request.target, f"the usage decision of {lot_id}")
-        codes = {d.get("InspectionLotUsageDecisionCode") for d in decisions}
-        release, reject = (
-            self.sap.usage_decisions.get("release"),
-            self.sap.usage_decisions.get("reject"),
-        )
-        if release is not None and release.code in codes:
-            return "unrestricted"
-        if reject is not None and reject.code in codes:
-            return "blocked"
-        return "unknown"
-
-
-class CanonicalErpReader:
-    """The canonical ERP: `GET <orders_path>/<order_id>/confirmed` (README: *Reconciliation*)."""
-
-    def __init__(self, session: Session, orders_path: str) -> None:
-        self.session = session
-        self.orders_path = orders_path
-
-    async def order(self, order_id: str, lots: Mapping[str, str | None]) -> ErpOrder:
-        target = path(order_id, "confirmed", prefix=self.orders_path)
-        response = await self.session.request("GET", target, headers={"Accept": "application/json"})
-        if response.status_code == 404:
-            return ErpOrder([])
-        if response.status_code != 200:
-            raise ReconcileError(
-                f"ERP answered {response.status_code} to GET {target}: {response.text[:300]}"
-            )
-        try:
-            body = response.json()
-            confirmations = [
-                ErpConfirmation(
-                    reference=str(row.get("reference") or row["id"]),
-                    event_id=row.get("id"),
-                    operation=row.get("operation"),
-                    yield_value=decimal_of((row.get("yield_quantity") or {}).get("value")),
-                    scrap_value=decimal_of((row.get("scrap_quantity") or {}).get("value")),
-                    uom=(row.get("yield_quantity") or {}).get("uom"),
-                    reversed=bool(row.get("reversed")),
-                    entered_by=row.get("entered_by"),
-                )
-                for row in body["confirmations"]
-            ]
-            statuses: dict[str, StockStatus] = {
-                str(lot["lot_id"]): lot.get("stock_status", "unknown")
-                for lot in body.get("lots", [])
-            }
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ReconcileError(f"ERP's answer to GET {target} cannot be read: {exc}") from exc
-        return ErpOrder(confirmations, {lot_id: statuses.get(lot_id, "unknown") for lot_id in lots})
-
-
-def erp_destination(config: PlantConfig) -> tuple[str, DestinationConfig] | None:
-    name = config.reconcile.erp
-    if name is None:
-        routed = [
-            n
-            for n in config.destinations_for("production.confirmation")
-            if config.destinations[n].profile in ("sap_s4hana", "canonical")
-        ]
-        name = routed[0] if routed else None
-    return None if name is None else (name, config.destinations[name])
-
-
-def erp_reader(
-    config: PlantConfig, name: str, destination: DestinationConfig, client: httpx.AsyncClient
-) -> ErpReader:
-    session = Session(destination, client)
-    if destination.profile == "sap_s4hana":
-        return SapErpReader(session, destination, config.site)
-    return CanonicalErpReader(session, config.reconcile.orders_path)
 
 
 # -- the gateway's side -------------------------------------------------------------------------
@@ -714,47 +533,3 @@ class Reconciler:
 
     def mismatch_counts(self) -> Counter[str]:
         return Counter(m.kind for m in self.last.mismatches) if self.last else Counter()
-
-
-def render(result: Reconciliation) -> str:
-    """The text `plantsync reconcile` prints."""
-    lines = [
-        f"Reconciled {len(result.orders)} order(s): {len(result.mismatches)} mismatch(es)"
-        + (f"; ERP could not be asked about {len(result.failed)}" if result.failed else "")
-    ]
-    for order in result.orders:
-        g, e, m = order.gateway, order.erp, order.mes
-        mes = (
-            f"MES yield {m['yield']} scrap {m['scrap'] or '-'}"
-            if m.get("reported")
-            else "MES reported no quantities"
-        )
-        lines.append("")
-        lines.append(
-            f"order {order.order_id}: gateway yield {g['yield']} scrap {g['scrap']} "
-            f"{g['uom'] or ''} ({g['confirmations']} confirmation(s)); ERP yield "
-            f"{e['yield']} scrap {e['scrap']} ({e['confirmations']}); {mes}"
-            + ("  OK" if not order.mismatches else "")
-        )
-        for lot in order.lots:
-            lines.append(f"  lot {lot['lot_id']}: QMS {lot['qms']}, ERP stock {lot['erp_stock']}")
-        for mismatch in order.mismatches:
-            where = f" lot {mismatch.lot_id}" if mismatch.lot_id else ""
-            lines.append(f"  MISMATCH {mismatch.kind}{where}: {_figures(mismatch.figures)}")
-            lines.append(f"    likely cause: {mismatch.cause}")
-            if mismatch.inspect:
-                lines.append(f"    inspect: {mismatch.inspect}")
-    for order_id, why in sorted(result.failed.items()):
-        lines.append(f"\norder {order_id}: not reconciled: {why}")
-    return "\n".join(lines)
-
-
-def _figures(figures: Mapping[str, Any]) -> str:
-    parts = []
-    for side, figure in figures.items():
-        if isinstance(figure, Mapping):
-            shown = ", ".join(f"{k} {v}" for k, v in figure.items() if v is not None)
-            parts.append(f"{side}: {shown or '-'}")
-        else:
-            parts.append(f"{side}: {'nothing' if figure is None else figure}")
-    return "; ".join(parts)

@@ -26,7 +26,7 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from edge.model.events import FINISHED_ORDER_STATUSES
+from edge.model.order_events import FINISHED_ORDER_STATUSES
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,9 @@ from edge.config.orders import ORDERS_DESTINATION
 from edge.forward.session import Session, make_client
 from edge.model.codes import UOM_CODES_CONTEXT_KEY
 from edge.model.envelope import CloudEvent, build_event
-from edge.model.events import ORDER_EVENT_MODELS, priority_of
+from edge.model.events import priority_of
 from edge.model.ids import state_key
+from edge.model.order_events import ORDER_EVENT_MODELS
 from edge.orders.book import OrderBook, fingerprint
 from edge.orders.sources import (
     Candidate,

@@ -13,7 +13,7 @@ from typing import Any
 
 from edge.config.models import LimitConfig, MachineConfig
 from edge.model.envelope import CloudEvent, build_event
-from edge.model.events import EventData
+from edge.model.event_data import EventData
 from edge.model.ids import OFFLINE_EPOCH, state_key
 from edge.rules.state import Binding, Counter, CounterName, load_state, ms, utc
 

@@ -28,9 +28,9 @@ from edge.config.models import PlantConfig
 from edge.forward.profiles import input_problems
 from edge.model.codes import UOM_CODES_CONTEXT_KEY
 from edge.model.envelope import CloudEvent, build_event
+from edge.model.event_data import EventData
 from edge.model.events import (
     EVENT_MODELS,
-    EventData,
     InspectionRequested,
     LotDisposition,
     LotProduced,
