@@ -84,7 +84,8 @@ async def test_mes_messages_become_events_or_input_dead_letters(tmp_path: Path) 
 async def test_genealogy_completeness_per_order(tmp_path: Path) -> None:
     from edge.cli.replay import read_lines, replay
     from edge.config.loader import load_config
-    from edge.runtime.pipeline import GENEALOGY_KEY, Genealogy
+    from edge.runtime.mes_intake import Genealogy
+    from edge.runtime.pipeline import GENEALOGY_KEY
 
     case = Path(__file__).parent / "cases" / "genealogy_and_consumption"
     config = load_config(case / "config.yaml", {})

@@ -5,7 +5,7 @@ Every place that says how the gateway is reads it from here, in the same words: 
 (from the running daemon, or from the database when no daemon answers). They all start from a
 `GatewayFacts`: a read-only snapshot of what one look at the gateway sees (drivers,
 destinations, the outbox and its counts, machines, signals). The running gateway takes one on
-every request (`edge.runtime.daemon.Gateway.facts`); `plantsync status` builds one from the
+every request (`Gateway.facts`, in `edge.runtime.reporting`); `plantsync status` builds one from the
 database, where what only a running daemon knows (a driver's connection, a destination's
 reachability) is None: unknown, never guessed.
 

@@ -5,6 +5,7 @@ the rules' state and the inputs that had to be rejected, in one transaction.
 Drivers await `on_readings`; it returns once everything those readings produced is durable in
 the outbox. That await is the back-pressure: a driver cannot read faster than the outbox
 commits, and a driver that acknowledges a source (MQTT) does so only after it returns.
+What an MES message becomes, and the per-order genealogy, are `edge.runtime.mes_intake`'s.
 """
 
 from __future__ import annotations
@@ -15,31 +16,22 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
-
-from pydantic import ValidationError
 
 from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
 from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig, to_reading
-from edge.config.errors import format_loc
 from edge.config.models import PlantConfig
-from edge.forward.profiles import input_problems
-from edge.model.codes import UOM_CODES_CONTEXT_KEY
-from edge.model.envelope import CloudEvent, build_event
-from edge.model.event_data import EventData
+from edge.model.envelope import CloudEvent
 from edge.model.events import (
-    EVENT_MODELS,
-    InspectionRequested,
     LotDisposition,
-    LotProduced,
     priority_of,
 )
 from edge.model.ids import source_key
 from edge.orders.book import OrderBook
 from edge.rules.machine import MachineRule, machine_rules
-from edge.rules.mes import MES_INPUT_MODELS, OrderEnded, OrderStarted
+from edge.rules.mes import OrderEnded, OrderStarted
+from edge.runtime.mes_intake import Genealogy, MesIntake
 
 log = logging.getLogger(__name__)
 
@@ -47,55 +39,9 @@ MES_SEQUENCE_KEY = "pipeline:mes-sequence"
 ORDERS_KEY = "pipeline:orders"
 GENEALOGY_KEY = "pipeline:genealogy"
 QMS_CURSOR_KEY = "quality:qms-cursor"
-KEEP_ORDERS = 500
-"""Orders remembered for validation and genealogy figures (the most recent ones)."""
 
 
-class Genealogy:
-    """Per order: the materials every produced lot must name an input lot of, and each
-    produced lot's completeness. Plain data, saved with the pipeline's state."""
-
-    def __init__(self, saved: str | None) -> None:
-        self.orders: dict[str, dict[str, Any]] = json.loads(saved) if saved else {}
-
-    def require(self, order_id: str, components: Sequence[str]) -> None:
-        entry = self.orders.setdefault(order_id, {"required": [], "lots": {}})
-        entry["required"] = sorted(set(entry["required"]) | set(components))
-        self._trim()
-
-    def produced(self, order_id: str | None, lot_id: str, inputs: Sequence[str]) -> bool:
-        if order_id is None:
-            return True
-        entry = self.orders.setdefault(order_id, {"required": [], "lots": {}})
-        if lot_id in entry["lots"]:
-            return bool(entry["lots"][lot_id])  # a redelivery: the first report stands
-        complete = set(entry["required"]) <= set(inputs)
-        entry["lots"][lot_id] = complete
-        self._trim()
-        return complete
-
-    def figures(self) -> dict[str, dict[str, Any]]:
-        result = {}
-        for order_id, entry in self.orders.items():
-            lots = entry["lots"]
-            if lots:
-                complete = sum(1 for ok in lots.values() if ok)
-                result[order_id] = {
-                    "lots": len(lots),
-                    "complete": complete,
-                    "completeness": round(complete / len(lots), 4),
-                }
-        return result
-
-    def dump(self) -> str:
-        return json.dumps(self.orders, separators=(",", ":"), sort_keys=True)
-
-    def _trim(self) -> None:
-        while len(self.orders) > KEEP_ORDERS:
-            self.orders.pop(next(iter(self.orders)))
-
-
-class Pipeline:
+class Pipeline(MesIntake):
     """Call order: `on_readings` from drivers (concurrently is fine), `tick` from a timer,
     `flush` once the drivers have stopped. `observer`, when given, sees each batch of events
     once it is committed. `connected`, when given, says which drivers are connected now: a
@@ -348,180 +294,6 @@ class Pipeline:
             await asyncio.sleep(interval)
             await self.tick()
 
-    def _mes(self, message: MesMessage) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
-        """What an MES message produces: events, the rule whose state it moved, or why it
-        cannot be used (it then becomes an input dead letter)."""
-        fields = {"occurred_at": datetime.fromtimestamp(message.received_at, UTC), **message.fields}
-        site = fields.setdefault("site", self.config.site)
-        if site != self.config.site:
-            return [], None, f"site {site!r} is not this plant ({self.config.site})"
-        if message.kind in MES_INPUT_MODELS:
-            return self._order_input(message, fields)
-        event, problem = self._mes_event(message, fields)
-        return ([event] if event else []), None, problem
-
-    def _order_input(
-        self, message: MesMessage, fields: dict[str, Any]
-    ) -> tuple[list[CloudEvent], MachineRule | None, str | None]:
-        try:
-            order = MES_INPUT_MODELS[message.kind].model_validate(fields)
-        except ValidationError as exc:
-            return [], None, _problems(exc)
-        rule = self._by_machine.get(order.machine_id)
-        if rule is None:
-            return [], None, f"no machine {order.machine_id!r} is configured"
-        if isinstance(order, OrderStarted):
-            # The binding ends up in every confirmation of the order: refuse it now if the
-            # ERP would refuse those (a batch longer than SAP's 10 characters...).
-            problem = input_problems(
-                self.config,
-                "production.confirmation",
-                {"site": self.config.site, **order.binding().model_dump()},
-            )
-            if problem is not None:
-                return [], None, problem
-        at = order.occurred_at.timestamp()
-        if isinstance(order, OrderStarted) and self.order_book is not None:
-            problem = self.order_book.started(
-                order.order_id,
-                at,
-                message_id=message.message_id,
-                require_released=self.config.validation.require_released_order,
-            )
-            if problem is not None:
-                return [], None, problem
-        if isinstance(order, OrderStarted):
-            self._order_inputs.append(order)
-            self.known_orders.setdefault(order.order_id, at)
-            while len(self.known_orders) > KEEP_ORDERS:
-                self.known_orders.pop(next(iter(self.known_orders)))
-            if order.components:
-                self.genealogy.require(order.order_id, order.components)
-            return rule.start_order(order.binding(), at), rule, None
-        assert isinstance(order, OrderEnded)
-        events, problem = rule.end_order(order.order_id, order.operation, at)
-        if problem is None:
-            # An end that names no operation ended the bound one: say which, for the ledger.
-            ended = order.operation or next(
-                (str(e.data["operation"]) for e in events if e.data.get("operation")), None
-            )
-            self._order_inputs.append(order.model_copy(update={"operation": ended}))
-        return events, rule, problem
-
-    def _mes_event(
-        self, message: MesMessage, fields: dict[str, Any]
-    ) -> tuple[CloudEvent | None, str | None]:
-        """The canonical event of an MES milestone message, or why it cannot be one."""
-        model = EVENT_MODELS.get(message.kind)
-        if model is None:
-            return None, f"no canonical event type {message.kind!r}"
-        try:
-            data = model.model_validate(
-                fields, context={UOM_CODES_CONTEXT_KEY: self.config.all_uom_codes}
-            )
-        except ValidationError as exc:
-            return None, _problems(exc)
-        problem = input_problems(self.config, message.kind, data.model_dump(mode="json"))
-        if problem is not None:
-            return None, problem
-        if (
-            data.order_id is not None
-            and data.order_id not in self.known_orders
-            and (self.config.validation.require_known_order)
-        ):
-            return None, (
-                f"order {data.order_id!r} is not known: no machine was bound to it "
-                "(validation.require_known_order)"
-            )
-        if isinstance(data, LotProduced):
-            complete = self.genealogy.produced(
-                data.order_id, data.lot_id, [lot.material for lot in data.input_lots]
-            )
-            if not complete:
-                log.warning(
-                    "Lot %s of order %s names no input lot of some required material: "
-                    "its genealogy is incomplete",
-                    data.lot_id,
-                    data.order_id,
-                    extra={"lot_id": data.lot_id, "order_id": data.order_id},
-                )
-        if isinstance(data, LotDisposition):
-            self._lots.append(
-                LotStatus(
-                    data.lot_id,
-                    data.disposition,
-                    data.occurred_at.timestamp(),
-                    data.disposition_source,
-                    data.order_id,
-                    data.material,
-                )
-            )
-        key = data.order_id or getattr(data, "lot_id", None) or message.driver
-        event = self._build(
-            data,
-            source_key(self.config.site, message.kind, message.message_id),
-            key,
-            f"mes:{message.driver}",
-            message.message_id,
-        )
-        if isinstance(data, LotProduced):
-            self._lot_produced(data, event)
-        return event, None
-
-    def _build(
-        self,
-        data: EventData,
-        natural_key: tuple[str | int, ...],
-        key: str,
-        source: str,
-        message_id: str | None = None,
-    ) -> CloudEvent:
-        self._mes_sequence += 1
-        return build_event(
-            data,
-            natural_key=natural_key,
-            subject=key,
-            partitionkey=key,
-            sequence=self._mes_sequence,
-            source=f"urn:plantsync:{self.config.site}:{source}",
-            source_message_id=message_id,
-        )
-
-    def _lot_produced(self, data: LotProduced, event: CloudEvent) -> None:
-        """A produced lot is on hold until quality decides; the QMS is asked to inspect it."""
-        if not self.config.quality.inspect_produced_lots:
-            return
-        at = data.occurred_at.timestamp()
-        self._lots.append(
-            LotStatus(
-                data.lot_id,
-                "hold",
-                at,
-                "produced, awaiting quality",
-                data.order_id,
-                data.material,
-                decided=False,
-            )
-        )
-        request = InspectionRequested(
-            site=data.site,
-            order_id=data.order_id,
-            lot_id=data.lot_id,
-            material=data.material,
-            occurred_at=data.occurred_at,
-            trigger="lot_completed",
-            reason_text=f"lot {data.lot_id} completed",
-        )
-        self._followups.append(
-            self._build(
-                request,
-                source_key(self.config.site, "lot-inspection", data.lot_id),
-                data.lot_id,
-                "quality",
-                event.sourcemessageid,
-            )
-        )
-
     async def dispositions(self, decisions: Sequence[LotDisposition], cursor: str) -> None:
         """QMS decisions: lot.disposition events (to ERP), the lots' status and the feed's
         cursor, in one commit: a crash re-reads the feed from where it was committed."""
@@ -637,13 +409,6 @@ class Pipeline:
         if result.duplicates:
             log.info("Ignored %d event(s) the outbox already held", result.duplicates)
         return events
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{format_loc(tuple(e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
-        for e in exc.errors()
-    )
 
 
 def _summary(event: CloudEvent) -> str:
