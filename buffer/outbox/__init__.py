@@ -34,7 +34,8 @@ transaction runs as one call on the writer thread, which is where SQLite's speed
 The package, by job: `store` (`Outbox`: commit, lease, settle, the counts metrics read),
 `records` (what goes in and comes out, and the stored enums), `heads` (the heads of partition
 keys and the delivery-row SQL), `database` (opening, checking and recovering the file; one
-group's transaction), `reports` (what the CLI and API show people), `schema` (migrations).
+group's transaction), `queries` (the row SQL of the store's other writes and reads), `reports`
+(what the CLI and API show people), `schema` (migrations).
 """
 
 from buffer.outbox.database import journal_hand_action

@@ -1,7 +1,7 @@
 """The outbox's SQLite file: how it is opened (private modes, WAL, `synchronous=FULL`, the
 schema migrated), checked (a background `quick_check` that marks a damaged file) and recovered
 (a damaged file moved aside and replaced at the next open), and how one group of callers' work
-runs as one transaction on the writer thread.
+is gathered and runs as one transaction on the writer thread.
 
 The hand-action journal can also be written here without an open `Outbox`, for a CLI command
 that works while the daemon is stopped: SQLite's locking makes that safe beside a running one.
@@ -97,6 +97,37 @@ def transaction(db: sqlite3.Connection, batch: Sequence[Work]) -> tuple[list[Any
             db.execute("ROLLBACK")
         raise
     return outcomes, bytes_in_use(db)
+
+
+async def take_batch(
+    queue: asyncio.Queue[Work], commit_interval: float, commit_max_rows: int
+) -> list[Work]:
+    """The writer's next group of work: the first to come, then whatever has queued up."""
+    loop = asyncio.get_running_loop()
+    # Take what has queued up, at once: whatever arrives while this transaction runs
+    # makes the next one. A linger (`commit_interval`) only helps on slow storage.
+    first = await queue.get()
+    batch = [first]
+    rows = first.rows
+    deadline = loop.time() + commit_interval
+    while rows < commit_max_rows:
+        if queue.empty():
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+            # cancellation that arrives as the queue hands over work, and the writer
+            # then waits on, unstoppable (found by the crash model test).
+            try:
+                async with asyncio.timeout(timeout):
+                    work = await queue.get()
+            except TimeoutError:
+                break
+        else:
+            work = queue.get_nowait()
+        batch.append(work)
+        rows += work.rows
+    return batch
 
 
 def bytes_in_use(db: sqlite3.Connection) -> int:

@@ -20,30 +20,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from buffer.outbox import reports
+from buffer.outbox import queries, reports
 from buffer.outbox.database import (
     Work,
     check_and_mark,
     connect_reader,
     keep_private,
     open_database,
+    take_batch,
     transaction,
     write_hand_action,
-    write_inputs_and_lots,
 )
-from buffer.outbox.heads import (
-    Head,
-    NewDelivery,
-    dead_filter,
-    drop_if_done,
-    insert_events,
-    load_counts,
-    load_heads,
-)
+from buffer.outbox.heads import Head
 from buffer.outbox.records import (
     CommitResult,
     Delivery,
-    DeliveryState,
     DestinationCounts,
     HandAction,
     LotStatus,
@@ -280,18 +271,12 @@ class Outbox:
         now = time.time()
         state_rows = list((state or {}).items())
 
-        def run(db: sqlite3.Connection) -> tuple[set[str], list[NewDelivery]]:
-            inserted, new_rows = insert_events(db, events, now)
-            if state_rows:
-                db.executemany(
-                    "INSERT INTO rule_state(key, value) VALUES (?, ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    state_rows,
-                )
-            write_inputs_and_lots(db, rejected, resolved_inputs, lots)
-            return inserted, new_rows
-
-        inserted, new_rows = await self._submit(run, max(1, len(events) + len(rejected)))
+        inserted, new_rows = await self._submit(
+            lambda db: queries.write_commit(
+                db, events, now, state_rows, rejected, resolved_inputs, lots
+            ),
+            max(1, len(events) + len(rejected)),
+        )
         self.stats.rejected_inputs += len(rejected)
         for destination, key, seq, priority in new_rows:
             self._pending[destination] += 1
@@ -358,22 +343,9 @@ class Outbox:
         """Put dead letters back in line (one event, or all); returns how many. They go in
         commit order with their key's other deliveries, and their attempts start over. `hand`
         is journalled in the same transaction."""
-
-        def run(
-            db: sqlite3.Connection,
-        ) -> tuple[int, dict[str, dict[str, Head]], tuple[Counter[str], Counter[str]]]:
-            where, args = dead_filter(event_id, destination)
-            cursor = db.execute(
-                f"UPDATE deliveries SET state = {DeliveryState.PENDING:d}, attempts = 0,"
-                " next_attempt_at = 0, dead_at = NULL"
-                f" WHERE state = {DeliveryState.DEAD:d}{where}",
-                args,
-            )
-            if hand is not None:
-                write_hand_action(db, hand, cursor.rowcount)
-            return cursor.rowcount, load_heads(db), load_counts(db)
-
-        count, self._heads, (self._pending, self._dead) = await self._submit(run, 1)
+        count, self._heads, (self._pending, self._dead) = await self._submit(
+            lambda db: queries.retry_dead(db, event_id, destination, hand), 1
+        )
         self.stats.dead_retried += count
         if count:
             self._notify()
@@ -388,22 +360,9 @@ class Outbox:
     ) -> int:
         """Delete dead letters for good (one event, or all); returns how many. `hand` is
         journalled in the same transaction."""
-
-        def run(db: sqlite3.Connection) -> list[tuple[int, str]]:
-            where, args = dead_filter(event_id, destination)
-            found: list[tuple[int, str]] = db.execute(
-                "SELECT event_seq, destination FROM deliveries"
-                f" WHERE state = {DeliveryState.DEAD:d}{where}",
-                args,
-            ).fetchall()
-            db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?", found)
-            for seq, _ in found:
-                drop_if_done(db, seq)
-            if hand is not None:
-                write_hand_action(db, hand, len(found))
-            return found
-
-        purged = await self._submit(run, 1)
+        purged = await self._submit(
+            lambda db: queries.purge_dead(db, event_id, destination, hand), 1
+        )
         for _, name in purged:
             self._dead[name] -= 1
         return len(purged)
@@ -417,26 +376,12 @@ class Outbox:
         """Forget journal rows, remembered ids, input dead letters and hand actions older
         than `retention` seconds."""
         cutoff = (time.time() if now is None else now) - retention
-
-        def run(db: sqlite3.Connection) -> int:
-            pruned = db.execute("DELETE FROM journal WHERE delivered_at < ?", (cutoff,)).rowcount
-            db.execute(
-                "DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN"
-                " (SELECT id FROM events)",
-                (cutoff,),
-            )
-            db.execute("DELETE FROM rejected_inputs WHERE received_at < ?", (cutoff,))
-            db.execute("DELETE FROM hand_actions WHERE at < ?", (cutoff,))
-            return int(pruned)
-
-        return int(await self._submit(run, 1))
+        return int(await self._submit(lambda db: queries.prune(db, cutoff), 1))
 
     # -- reads --------------------------------------------------------------------------------
 
     async def load_state(self) -> dict[str, str]:
-        return dict(
-            await self._read(lambda db: db.execute("SELECT key, value FROM rule_state").fetchall())
-        )
+        return dict(await self._read(queries.load_state))
 
     async def lease(
         self,
@@ -462,39 +407,7 @@ class Outbox:
         )[:limit]
         if not due:
             return []
-        seqs = [seq for _, seq, _ in due]
-        select = (
-            "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
-            " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-            f" WHERE d.destination = ? AND d.state = {DeliveryState.PENDING:d}"
-        )
-
-        def run(db: sqlite3.Connection) -> list[Delivery]:
-            if per_key <= 1:
-                marks = ",".join("?" * len(seqs))
-                rows = {
-                    row[0]: row
-                    for row in db.execute(
-                        f"{select} AND d.event_seq IN ({marks})", (destination, *seqs)
-                    )
-                }
-                return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs if seq in rows]
-            leased: list[Delivery] = []
-            for _, seq, key in due:
-                room = min(per_key, limit - len(leased))
-                if room <= 0:
-                    break
-                leased += [
-                    Delivery(row[0], destination, *row[1:])
-                    for row in db.execute(
-                        f"{select} AND d.partition_key = ? AND d.event_seq >= ?"
-                        " ORDER BY d.event_seq LIMIT ?",
-                        (destination, key, seq, room),
-                    )
-                ]
-            return leased
-
-        return await self._read(run)
+        return await self._read(lambda db: queries.lease(db, destination, due, limit, per_key))
 
     async def next_due(self, destination: str) -> float | None:
         """Unix time at which the earliest head of a key of `destination` is due."""
@@ -517,18 +430,10 @@ class Outbox:
             )
             if heads:
                 oldest[destination] = min(h.seq for h in heads)
-
-        def run(db: sqlite3.Connection) -> dict[str, float]:
-            # A head may have been delivered since it was looked at: then it has no row.
-            found = {
-                name: db.execute("SELECT created_at FROM events WHERE seq = ?", (seq,)).fetchone()
-                for name, seq in oldest.items()
-            }
-            return {name: row[0] for name, row in found.items() if row is not None}
-
         if oldest:
-            for name, created in (await self._read(run)).items():
-                result[name].oldest_pending_age = now - created
+            created = await self._read(lambda db: queries.created_at(db, oldest))
+            for name, created_at in created.items():
+                result[name].oldest_pending_age = now - created_at
         return result
 
     async def journal(self, since: float = 0.0, limit: int | None = None) -> list[dict[str, Any]]:
@@ -540,13 +445,7 @@ class Outbox:
         return await self._read(reports.dead_letters)
 
     async def lot_status(self, lot_id: str) -> LotStatus | None:
-        row = await self._read(
-            lambda db: db.execute(
-                "SELECT lot_id, status, since, source, order_id, material FROM lot_status"
-                " WHERE lot_id = ?",
-                (lot_id,),
-            ).fetchone()
-        )
+        row = await self._read(lambda db: queries.lot_status(db, lot_id))
         return None if row is None else LotStatus(*row)
 
     async def rejected_inputs(self, since: float = 0.0, limit: int = 100) -> list[dict[str, Any]]:
@@ -555,13 +454,7 @@ class Outbox:
 
     async def rejected_input(self, number: int) -> RejectedInput | None:
         """One input dead letter as it was kept (payload as bytes), by its id."""
-        row = await self._read(
-            lambda db: db.execute(
-                "SELECT source, topic, payload, reason, received_at, message_id"
-                " FROM rejected_inputs WHERE id = ?",
-                (number,),
-            ).fetchone()
-        )
+        row = await self._read(lambda db: queries.rejected_input(db, number))
         if row is None:
             return None
         source, topic, payload, reason, received_at, message_id = row
@@ -571,13 +464,7 @@ class Outbox:
 
     async def rejected_count(self) -> dict[str, int]:
         """Input dead letters held, per source (driver)."""
-        return dict(
-            await self._read(
-                lambda db: db.execute(
-                    "SELECT source, COUNT(*) FROM rejected_inputs GROUP BY source"
-                ).fetchall()
-            )
-        )
+        return dict(await self._read(queries.rejected_count))
 
     async def hand_actions(self, since: float = 0.0, limit: int = 100) -> list[dict[str, Any]]:
         """The hand-action journal, oldest first."""
@@ -620,31 +507,8 @@ class Outbox:
         return await future
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            # Take what has queued up, at once: whatever arrives while this transaction runs
-            # makes the next one. A linger (`commit_interval`) only helps on slow storage.
-            first = await self._queue.get()
-            batch = [first]
-            rows = first.rows
-            deadline = loop.time() + self._commit_interval
-            while rows < self._commit_max_rows:
-                if self._queue.empty():
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
-                    # cancellation that arrives as the queue hands over work, and the writer
-                    # then waits on, unstoppable (found by the crash model test).
-                    try:
-                        async with asyncio.timeout(timeout):
-                            work = await self._queue.get()
-                    except TimeoutError:
-                        break
-                else:
-                    work = self._queue.get_nowait()
-                batch.append(work)
-                rows += work.rows
+            batch = await take_batch(self._queue, self._commit_interval, self._commit_max_rows)
             outcomes = await self._run_until_stored(batch)
             for work, outcome in zip(batch, outcomes, strict=True):
                 if not work.future.done():

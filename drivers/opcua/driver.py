@@ -19,24 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.client.ua_client import UaClientState
 from asyncua.common.subscription import (
     DataChangeEvent,
-    OverflowPolicy,
     StatusChangeEvent,
     Subscription,
 )
 from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaStatusCodeError
 
 from drivers.base import (
@@ -45,24 +40,19 @@ from drivers.base import (
     Quality,
     Sample,
     SampleSink,
-    accepts_tcp,
     honour_cancellation,
 )
-from drivers.common.availability import Availability, Ended, reconnect_forever
+from drivers.common.availability import Availability, reconnect_forever
 from drivers.common.timing import Backoff
 from drivers.opcua.client import (
-    SECURITY_REJECTED,
-    USER_REJECTED,
-    SecuritySetupError,
     close_despite_cancel,
     describe_error,
     load_structures,
     new_client,
 )
 from drivers.opcua.config import OpcUaConfig, OpcUaTag
+from drivers.opcua.outcome import Outcome, outcome_of, wait_to_retry
 from drivers.opcua.restarts import (
-    SERVER_START_TIME,
-    SERVER_STATE,
     START_TIME_HANDLE,
     STATE_HANDLE,
     ServerStarts,
@@ -70,23 +60,18 @@ from drivers.opcua.restarts import (
     check_running,
     read_server_status,
 )
-from drivers.opcua.trust_list import TrustList, UntrustedCertificate
+from drivers.opcua.subscription import (
+    Monitored,
+    create_subscription,
+    monitor_request,
+    refusal,
+    watch_connection,
+    watch_staleness,
+)
+from drivers.opcua.trust_list import TrustList
 from drivers.opcua.values import PendingSamples, quality_of, sample_from
 
 log = logging.getLogger(__name__)
-
-
-FULL_SERVER_RETRY = 2.0
-"""Seconds between attempts while the server answers BadTooManySessions: it answers at once,
-and a session frees up when an orphan's timeout runs out, so waiting longer only delays us."""
-
-PORT_PROBE_INTERVAL = 0.5
-"""While a server is down, how often its TCP port is tried (a bare connect, no session), so that
-a server that is back is used at once rather than at the next backoff attempt."""
-
-
-SUBSCRIPTION_QUEUE = 10_000
-"""asyncua's per-subscription notification queue; the pump empties it as notifications come."""
 
 
 _LEVEL_HANDLES = 0x0100_0000
@@ -97,27 +82,6 @@ PACKML_CLEARED = 19
 PACKML_RUNNING = 18
 """OPC 30050's StateNumbers of the two states that hold a nested state machine (Cleared holds
 MachineState, Running holds ExecuteState); every other state is an ISA-TR88 number."""
-
-
-@dataclass(slots=True)
-class _Monitored:
-    tag: OpcUaTag
-    node_id: ua.NodeId
-    level: int | None = None
-    """For a packml_state tag: which nested state machine's CurrentState.Id this item is
-    (0 BaseStateMachine, 1 MachineState, 2 ExecuteState)."""
-
-
-@dataclass(slots=True)
-class _Outcome(Ended):
-    """How a session ended: why (`say_again`: waiting will not fix it, an untrusted
-    certificate, a rejected user; `retry_after`: a full server answers at once, and frees up
-    when an orphaned session times out), and whether the server could not be reached at all
-    (then its TCP port is watched while waiting, to go again as soon as it opens)."""
-
-    unreachable: bool = False
-    port_was_closed: bool = False
-    """Seen closed while waiting: its opening is then news."""
 
 
 class OpcUaDriver(Driver):
@@ -198,37 +162,11 @@ class OpcUaDriver(Driver):
                 await asyncio.to_thread(self._starts.save, self._starts.to_save)
                 self._starts.to_save = None
 
-    async def _wait_to_retry(self, outcome: _Outcome, delay: float) -> None:
-        """Wait the backoff delay; but while a server that could not be reached is away, try
-        its TCP port every PORT_PROBE_INTERVAL, and go at once when it opens, so a server that
-        is back is read within a second, not at the next backoff attempt."""
-        if not outcome.unreachable:
-            await asyncio.sleep(delay)
-            return
-        url = urlparse(self.endpoint)
-        host, port = url.hostname or "", url.port or 4840
-        deadline = time.monotonic() + delay
-        while (left := deadline - time.monotonic()) > 0:
-            started = time.monotonic()
-            if await accepts_tcp(host, port, min(left, self.config.timeout)):
-                if outcome.port_was_closed:
-                    return  # it was closed and opens now: the server is back
-                # Open although the connection failed (a server refusing connections, or
-                # resetting them): the port says nothing new, so the backoff stands.
-                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-                return
-            outcome.port_was_closed = True
-            await asyncio.sleep(
-                max(
-                    0.0,
-                    min(
-                        PORT_PROBE_INTERVAL - (time.monotonic() - started),
-                        deadline - time.monotonic(),
-                    ),
-                )
-            )
+    async def _wait_to_retry(self, outcome: Outcome, delay: float) -> None:
+        """Wait the backoff delay, or less once a closed port opens (`outcome.wait_to_retry`)."""
+        await wait_to_retry(outcome, delay, self.endpoint, self.config.timeout)
 
-    async def _session(self, pending: PendingSamples) -> _Outcome:
+    async def _session(self, pending: PendingSamples) -> Outcome:
         """One session from connect to loss; return why it ended."""
         config = self.config
         client: Client | None = None
@@ -246,22 +184,11 @@ class OpcUaDriver(Driver):
             )
             await client.connect()
             honour_cancellation()  # asyncua awaits with wait_for, which can lose a stop (3.11)
-            return _Outcome(await self._serve(client, pending))
+            return Outcome(await self._serve(client, pending))
         except SessionEnded as exc:
-            return _Outcome(str(exc))
+            return Outcome(str(exc))
         except Exception as exc:
-            reason = describe_error(exc, config.timeout, config.username, config.security)
-            if isinstance(exc, UaStatusCodeError) and exc.code == StatusCodes.BadTooManySessions:
-                return _Outcome(reason, retry_after=FULL_SERVER_RETRY)
-            if isinstance(exc, UntrustedCertificate | SecuritySetupError) or (
-                isinstance(exc, UaStatusCodeError) and exc.code in USER_REJECTED | SECURITY_REJECTED
-            ):
-                return _Outcome(reason, say_again=True)
-            return _Outcome(
-                reason,
-                unreachable=isinstance(exc, OSError | TimeoutError),
-                port_was_closed=isinstance(exc, ConnectionRefusedError),
-            )
+            return outcome_of(exc, config)
         finally:
             if client is not None:
                 await close_despite_cancel(client, within=config.timeout)
@@ -293,9 +220,7 @@ class OpcUaDriver(Driver):
         threshold = max(self.config.stale_after, 2 * keepalive) if self.config.stale_after else 0
         async with asyncio.TaskGroup() as tasks:
             watchers = [
-                tasks.create_task(
-                    self._watch_connection(client), name=f"opcua-{self.name}-connection"
-                ),
+                tasks.create_task(watch_connection(client), name=f"opcua-{self.name}-connection"),
                 tasks.create_task(
                     self._pump(client, subscription, monitored, pending),
                     name=f"opcua-{self.name}-pump",
@@ -304,7 +229,7 @@ class OpcUaDriver(Driver):
             if threshold:
                 watchers.append(
                     tasks.create_task(
-                        self._watch_staleness(subscription, threshold),
+                        watch_staleness(subscription, threshold),
                         name=f"opcua-{self.name}-staleness",
                     )
                 )
@@ -340,7 +265,7 @@ class OpcUaDriver(Driver):
         self,
         client: Client,
         namespaces: Sequence[str],
-        monitored: dict[int, _Monitored],
+        monitored: dict[int, Monitored],
         pending: PendingSamples,
     ) -> None:
         """Load the server's structure definitions when a tag selects part of one, and put one
@@ -383,14 +308,14 @@ class OpcUaDriver(Driver):
                     for other in [h for h, i in monitored.items() if i.tag is item.tag]:
                         del monitored[other]
                     break
-                monitored[handle + (level + 1) * _LEVEL_HANDLES] = _Monitored(
+                monitored[handle + (level + 1) * _LEVEL_HANDLES] = Monitored(
                     item.tag, current_id.nodeid, level
                 )
 
     async def _packml_state_changed(
         self,
         client: Client,
-        item: _Monitored,
+        item: Monitored,
         datavalue: ua.DataValue | None,
         now: float,
         pending: PendingSamples,
@@ -444,100 +369,34 @@ class OpcUaDriver(Driver):
                 self._state_numbers[state_id] = None
         return self._state_numbers[state_id]
 
-    def _resolve(self, namespaces: Sequence[str], pending: PendingSamples) -> dict[int, _Monitored]:
+    def _resolve(self, namespaces: Sequence[str], pending: PendingSamples) -> dict[int, Monitored]:
         """Node ids for this server's namespace array, by client handle; the rest marked bad."""
-        monitored: dict[int, _Monitored] = {}
+        monitored: dict[int, Monitored] = {}
         for handle, tag in enumerate(self.config.tags, start=1):
             try:
-                monitored[handle] = _Monitored(tag, tag.node_ref.resolve(namespaces))
+                monitored[handle] = Monitored(tag, tag.node_ref.resolve(namespaces))
             except LookupError as exc:
                 self._tag_failed(tag, str(exc), pending)
         return monitored
 
     async def _subscribe(
-        self, client: Client, monitored: dict[int, _Monitored], pending: PendingSamples
+        self, client: Client, monitored: dict[int, Monitored], pending: PendingSamples
     ) -> tuple[Subscription, float]:
         """Create the subscription and one monitored item per tag, dropping the refused ones;
         return it with the keep-alive interval the server granted, in seconds."""
-        config = self.config
-        keepalive_count = max(1, math.ceil(config.keepalive / config.publishing_interval))
-        params = ua.CreateSubscriptionParameters(
-            RequestedPublishingInterval=config.publishing_interval * 1000,
-            RequestedLifetimeCount=max(
-                3 * keepalive_count, math.ceil(config.session_timeout / config.publishing_interval)
-            ),
-            RequestedMaxKeepAliveCount=keepalive_count,
-            MaxNotificationsPerPublish=0,
-            PublishingEnabled=True,
-            Priority=0,
-        )
-        # Built directly rather than through client.create_subscription(), which registers it
-        # with asyncua's own stale watchdog and reconnect supervisor: this driver owns both.
-        subscription = Subscription(
-            client.uaclient.session,
-            params,
-            None,
-            queue_maxsize=SUBSCRIPTION_QUEUE,
-            overflow=OverflowPolicy.DROP_OLDEST,
-        )
-        granted = await subscription.init()
-        keepalive = granted.RevisedPublishingInterval * granted.RevisedMaxKeepAliveCount / 1000
-        # The server's own status, watched in the same subscription: a new StartTime while
-        # the session lives (a redundant server taking over) is a restart too, and a State
-        # other than Running (Shutdown announced) ends the session before the socket does.
-        status_items = [
-            ua.MonitoredItemCreateRequest(
-                ItemToMonitor=ua.ReadValueId(NodeId=node_id, AttributeId=AttributeIds.Value),
-                MonitoringMode=ua.MonitoringMode.Reporting,
-                RequestedParameters=ua.MonitoringParameters(
-                    ClientHandle=handle, SamplingInterval=-1.0, QueueSize=1, DiscardOldest=True
-                ),
-            )
-            for handle, node_id in (
-                (START_TIME_HANDLE, SERVER_START_TIME),
-                (STATE_HANDLE, SERVER_STATE),
-            )
-        ]
-        await subscription.create_monitored_items(status_items)
+        subscription, keepalive = await create_subscription(client, self.config)
         if not monitored:
             return subscription, keepalive
-        requests = [self._monitor_request(handle, item) for handle, item in monitored.items()]
+        requests = [monitor_request(handle, item) for handle, item in monitored.items()]
         results = await subscription.create_monitored_items(requests)
         for (handle, item), result in zip(list(monitored.items()), results, strict=True):
             if isinstance(result, ua.StatusCode):
                 del monitored[handle]
-                self._tag_failed(item.tag, _refusal(item, result), pending)
+                self._tag_failed(item.tag, refusal(item, result), pending)
         return subscription, keepalive
 
-    def _monitor_request(self, handle: int, item: _Monitored) -> ua.MonitoredItemCreateRequest:
-        tag = item.tag
-        parameters = ua.MonitoringParameters(
-            ClientHandle=handle,
-            # -1 asks for the publishing interval (OPC UA Part 4, 7.21).
-            SamplingInterval=(
-                tag.sampling_interval * 1000 if tag.sampling_interval is not None else -1.0
-            ),
-            QueueSize=tag.queue_size,
-            DiscardOldest=True,
-        )
-        if tag.deadband is not None:
-            parameters.Filter = ua.DataChangeFilter(
-                Trigger=ua.DataChangeTrigger.StatusValue,
-                DeadbandType=(
-                    ua.DeadbandType.Absolute
-                    if tag.deadband.type == "absolute"
-                    else ua.DeadbandType.Percent
-                ),
-                DeadbandValue=tag.deadband.value,
-            )
-        return ua.MonitoredItemCreateRequest(
-            ItemToMonitor=ua.ReadValueId(NodeId=item.node_id, AttributeId=AttributeIds.Value),
-            MonitoringMode=ua.MonitoringMode.Reporting,
-            RequestedParameters=parameters,
-        )
-
     async def _read_current(
-        self, client: Client, monitored: dict[int, _Monitored], pending: PendingSamples
+        self, client: Client, monitored: dict[int, Monitored], pending: PendingSamples
     ) -> None:
         """Read and emit every monitored tag's current value (the resume point for counters)."""
         if not monitored:
@@ -563,7 +422,7 @@ class OpcUaDriver(Driver):
         self,
         client: Client,
         subscription: Subscription,
-        monitored: dict[int, _Monitored],
+        monitored: dict[int, Monitored],
         pending: PendingSamples,
     ) -> str:
         """Move notifications into the buffer as they come; return if the server ends them."""
@@ -593,23 +452,6 @@ class OpcUaDriver(Driver):
             elif isinstance(event, StatusChangeEvent) and event.notification.Status.is_bad():
                 return f"the server ended the subscription ({event.notification.Status.name})"
         return "the subscription was closed"
-
-    async def _watch_connection(self, client: Client) -> str:
-        """Return once asyncua sees the connection go: a closed socket or a failed keep-alive."""
-        async with client.subscribe_state() as states:
-            while client.state is UaClientState.CONNECTED:
-                await states.next_change()
-        return "the connection was closed"
-
-    async def _watch_staleness(self, subscription: Subscription, threshold: float) -> str:
-        """Return when neither a data change nor a keep-alive came for `threshold` seconds."""
-        started = time.monotonic()
-        while True:
-            last = max(subscription.last_publish_at or started, started)
-            quiet = time.monotonic() - last
-            if quiet >= threshold:
-                return f"no data change and no keep-alive for {threshold:g}s"
-            await asyncio.sleep(threshold - quiet)
 
     def _emit(
         self, tag: OpcUaTag, datavalue: ua.DataValue | None, now: float, pending: PendingSamples
@@ -670,16 +512,3 @@ class OpcUaDriver(Driver):
                 tag.node,
                 extra={"driver": self.name, "endpoint": self.endpoint, "tag": tag.name},
             )
-
-
-def _refusal(item: _Monitored, status: ua.StatusCode) -> str:
-    if status.value in (StatusCodes.BadNodeIdUnknown, StatusCodes.BadNodeIdInvalid):
-        return f"the server has no node {item.node_id.to_string()} ({status.name})"
-    if status.value in (
-        StatusCodes.BadMonitoredItemFilterUnsupported,
-        StatusCodes.BadMonitoredItemFilterInvalid,
-        StatusCodes.BadFilterNotAllowed,
-        StatusCodes.BadDeadbandFilterInvalid,
-    ):
-        return f"the server cannot apply its deadband ({status.name})"
-    return f"the server refused to monitor it ({status.name})"
