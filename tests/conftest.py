@@ -103,9 +103,10 @@ def peers() -> Iterator[list[Peer]]:
 def start_peer(
     peers: list[Peer], argv: list[str], log_path: Path, ready_text: str | None = None
 ) -> Peer:
-    peer = Peer(argv, log_path, ready_text).start()
+    peer = Peer(argv, log_path, ready_text)
+    # Listed before it starts: a peer that is not ready in time is still stopped at teardown.
     peers.append(peer)
-    return peer
+    return peer.start()
 
 
 @dataclass
