@@ -25,7 +25,7 @@ from tests.conftest import (
     Mosquitto,
     Peer,
     counter_baselines,
-    free_port,
+    free_ports,
     start_erp,
     start_plc,
     start_qms,
@@ -55,7 +55,7 @@ def test_erp_release_to_quality_release_reconciles_and_a_hand_posting_is_found(
 ) -> None:
     erp = start_erp(peers, tmp_path, "--client", f"{ERP_CLIENT}:{ERP_SECRET}")
     qms = start_qms(peers, tmp_path, "--decision-delay", "1")
-    plc_port, api_port = free_port(), free_port()
+    plc_port, api_port = free_ports(2)
     api = f"http://127.0.0.1:{api_port}"
     config = write_config(
         tmp_path,

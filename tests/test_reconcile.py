@@ -31,7 +31,7 @@ from tests.conftest import (
     Peer,
     PlcSim,
     counter_baselines,
-    free_port,
+    free_ports,
     start_erp,
     start_plc,
     start_qms,
@@ -266,7 +266,7 @@ def test_order_reconciles_then_a_confirmation_posted_by_hand_is_found(
 ) -> None:
     erp = start_erp(peers, tmp_path, "--client", f"{ERP_CLIENT}:{ERP_SECRET}")
     qms = start_qms(peers, tmp_path, "--decision-delay", "3")
-    plc_port, api_port = free_port(), free_port()
+    plc_port, api_port = free_ports(2)
     api = f"http://127.0.0.1:{api_port}"
     config = write_config(
         tmp_path, plc_port=plc_port, broker=mosquitto, erp=erp, qms=qms, api_port=api_port
@@ -512,7 +512,7 @@ def test_exceptions_reach_the_webhook_once_each_and_hand_actions_count_per_order
     erp = start_erp(peers, tmp_path)
     hook = start_erp(peers, tmp_path)  # the integration team's webhook receiver
     erp.set_faults(status_sequence=[422])  # ERP refuses the first confirmation for good
-    plc_port, api_port = free_port(), free_port()
+    plc_port, api_port = free_ports(2)
     api = f"http://127.0.0.1:{api_port}"
     config = write_canonical_config(
         tmp_path, plc_port=plc_port, erp=erp, hook=hook, api_port=api_port

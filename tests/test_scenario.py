@@ -25,7 +25,7 @@ import yaml
 
 from edge.config.loader import load_config
 from simulators.scenario import Scenario, load_scenario, main
-from tests.conftest import ROOT, ErpSim, Peer, free_port, missing_peer, start_erp
+from tests.conftest import ROOT, ErpSim, Peer, free_port, free_ports, missing_peer, start_erp
 from tests.gateway_process import start_gateway
 from tests.processes import spawn
 
@@ -230,7 +230,7 @@ def scenario_processes() -> Iterator[list[ScenarioProcess]]:
 
 def shift_on_free_ports(tmp_path: Path, erp: ErpSim) -> tuple[Path, Path, int]:
     """The shipped scenario and gateway config, moved to free ports and into tmp_path."""
-    opcua_port, modbus_port, broker_port, api_port = (free_port() for _ in range(4))
+    opcua_port, modbus_port, broker_port, api_port = free_ports(4)
     scenario: dict[str, Any] = yaml.safe_load((SCENARIOS / "shift.yaml").read_text())
     simulators = scenario["simulators"]
     simulators["broker"] = {"port": broker_port, "directory": str(tmp_path / "broker")}

@@ -31,6 +31,7 @@ from tests.conftest import (
     Mosquitto,
     Peer,
     free_port,
+    free_ports,
     mes_driver,
     missing_peer,
     start_plc,
@@ -578,7 +579,7 @@ def test_install_checks_venv_and_the_package_index_first(
 @pytest.mark.integration
 def test_demo_with_a_busy_port_says_so_in_one_line_and_fails(tmp_path: Path) -> None:
     demo = (ROOT / "config" / "demo.yaml").read_text()
-    plc, erp, api = free_port(), free_port(), free_port()
+    plc, erp, api = free_ports(3)
     demo = (
         demo.replace("port: 5020", f"port: {plc}")
         .replace("127.0.0.1:8480", f"127.0.0.1:{erp}")

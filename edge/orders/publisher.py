@@ -54,7 +54,6 @@ class MesOrderPublisher:
         self._on_ack = on_ack
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[ReasonCode]] = {}
-        self._early: dict[int, ReasonCode] = {}
         self.connected = False
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -142,14 +141,10 @@ class MesOrderPublisher:
             return Result(
                 Outcome.RETRY, None, f"publish to {topic} failed: {mqtt.error_string(info.rc)}"
             )
-        future = self._pending.get(info.mid)
-        if future is None:
-            future = self._loop.create_future()
-            early = self._early.pop(info.mid, None)
-            if early is not None:
-                future.set_result(early)
-            else:
-                self._pending[info.mid] = future
+        # Registered before this coroutine yields: the PUBACK is handed to the event loop
+        # (call_soon_threadsafe), so it cannot be handled before this line has run.
+        future = self._loop.create_future()
+        self._pending[info.mid] = future
         try:
             async with asyncio.timeout(self.config.timeout):
                 code = await future
@@ -233,10 +228,8 @@ class MesOrderPublisher:
         self.connected = connected
 
     def _acknowledged(self, mid: int, reason_code: ReasonCode) -> None:
+        # A PUBACK nobody waits for any more (its publish timed out and is retried) is dropped:
+        # kept, it would answer a later publish that reuses its message id.
         future = self._pending.get(mid)
-        if future is None:
-            self._early[mid] = reason_code  # the PUBACK beat us to registering the mid
-            while len(self._early) > 1000:
-                self._early.pop(next(iter(self._early)))
-        elif not future.done():
+        if future is not None and not future.done():
             future.set_result(reason_code)

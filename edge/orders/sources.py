@@ -25,6 +25,7 @@ becomes a dead letter like an invalid one.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,6 +49,8 @@ ORDER_EXPAND: Final = (
     "to_ProductionOrderItem",
 )
 SAP_TIME_FORMAT: Final = "%Y%m%d%H%M%S"
+
+log = logging.getLogger(__name__)
 
 
 class SourceUnavailable(Exception):
@@ -160,6 +163,13 @@ class SapOrderSource(OrderSource):
         newest = cursor
         skip = 0
         size = self.config.page_size
+        # Pages are read by offset ($skip). An order changed during the scan moves to the end of
+        # the ordering and shifts the rest left by one, so the first row of the next page is
+        # never read; the cursor must then stay where it was (the next poll reads the span
+        # again; the order book makes rows read twice harmless). A shift shows as an order
+        # seen twice in one scan.
+        seen: set[str] = set()
+        shifted = False
         while True:
             terms = [f"ProductionPlant eq {odata_string(self.plant)}", "OrderIsReleased eq 'X'"]
             if cursor:
@@ -186,10 +196,20 @@ class SapOrderSource(OrderSource):
                 changed = entity.get("LastChangeDateTime") if isinstance(entity, dict) else None
                 if isinstance(changed, str) and changed > newest:
                     newest = changed
+                order_id = entity.get("ManufacturingOrder") if isinstance(entity, dict) else None
+                if isinstance(order_id, str):
+                    shifted |= order_id in seen
+                    seen.add(order_id)
             last = len(results) < size
+            if last and shifted:
+                log.info(
+                    "An order changed in ERP while its released orders were read page by page; "
+                    "the next poll reads them again from %s",
+                    cursor or "the start",
+                )
             # The cursor moves only once the whole result set is read: a crash in between
             # reads it again from the start, and unchanged orders make no events.
-            yield Page(candidates, newest if last else cursor)
+            yield Page(candidates, newest if last and not shifted else cursor)
             if last:
                 return
             skip += size
