@@ -315,10 +315,9 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
             budget_end = time.perf_counter() + sizes.budget
             rounds_done = 0
             unbatched_url = base_url + EVENT_PATH
-            for number in range(sizes.rounds):
-                round_started = time.perf_counter()
-                half = sizes.unbatched_events // 2
-                for client in CLIENTS[::-1] if number % 2 else CLIENTS:
+
+            async def bare_clients(clients: Sequence[str], events: int, limit: float) -> None:
+                for client in clients:
                     if client == "httpx_h2":
                         continue  # uvicorn speaks HTTP/1.1 only: see http2_phases
                     await timed(
@@ -326,12 +325,19 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
                         bare_loop(
                             client,
                             unbatched_url,
-                            fresh(half, "bare"),
+                            fresh(events, "bare"),
                             in_flight=sizes.max_in_flight,
                             request_timeout=unbatched.timeout,
                             time_limit=limit,
                         ),
                     )
+
+            for number in range(sizes.rounds):
+                round_started = time.perf_counter()
+                half = sizes.unbatched_events // 2
+                # Half the bare events before the forwarder phases, half after, in mirrored
+                # client order (ABBA), so drift in the box's load falls on both sides alike.
+                await bare_clients(CLIENTS[::-1] if number % 2 else CLIENTS, half, limit)
                 await timed(
                     "forwarder_unbatched",
                     forwarder_phase(
@@ -350,20 +356,7 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
                         time_limit=limit,
                     ),
                 )
-                for client in CLIENTS if number % 2 else CLIENTS[::-1]:
-                    if client == "httpx_h2":
-                        continue
-                    await timed(
-                        f"bare_{client}",
-                        bare_loop(
-                            client,
-                            unbatched_url,
-                            fresh(half, "bare"),
-                            in_flight=sizes.max_in_flight,
-                            request_timeout=unbatched.timeout,
-                            time_limit=limit,
-                        ),
-                    )
+                await bare_clients(CLIENTS if number % 2 else CLIENTS[::-1], half, limit)
                 await timed(
                     "forwarder_batched",
                     forwarder_phase(
