@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -113,11 +115,54 @@ async def gateway_publish(
         return count / seconds
 
 
+class CpuCap:
+    """Each relay process in a cgroup of its own with a CPU quota (a fraction of one core):
+    a small machine each, so N relays on this box show what N relays on N machines do rather
+    than N processes sharing the two cores with the servers. Root and a writable cgroup file
+    system (v2 `cpu.max` or v1 `cpu.cfs_quota_us`) are needed; otherwise it says so."""
+
+    def __init__(self, fraction: float | None) -> None:
+        self.fraction = fraction
+        self.made: list[Path] = []
+        root = Path("/sys/fs/cgroup")
+        self.v2 = (root / "cgroup.controllers").exists()
+        self.base = root if self.v2 else root / "cpu"
+        self.available = fraction is not None and os.access(self.base, os.W_OK)
+
+    def place(self, pid: int, name: str) -> None:
+        if not self.available or self.fraction is None:
+            return
+        group = self.base / f"plantsync-bench-{name}-{os.getpid()}"
+        group.mkdir(exist_ok=True)
+        self.made.append(group)
+        period = 100_000
+        quota = int(self.fraction * period)
+        if self.v2:
+            (group / "cpu.max").write_text(f"{quota} {period}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(quota))
+        (group / "cgroup.procs").write_text(str(pid))
+
+    def remove(self) -> None:
+        for group in self.made:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        self.made.clear()
+
+
 def relay_rate(
-    urls: list[str], erp_url: str, relays: int, count: int, directory: Path, round_: int
+    urls: list[str],
+    erp_url: str,
+    relays: int,
+    count: int,
+    directory: Path,
+    round_: int,
+    partitions: int,
+    cap: CpuCap,
 ) -> float:
     stream = f"RELAY{relays}R{round_}"
-    config = hub_config(urls, stream, erp_url, partitions=8)
+    config = hub_config(urls, stream, erp_url, partitions=partitions)
     asyncio.run(create(urls, config))
     httpx.post(f"{erp_url}/_sim/reset", timeout=10).raise_for_status()
     asyncio.run(bare_publish(urls, config, f"R{relays}{round_}", count))
@@ -140,6 +185,8 @@ def relay_rate(
         )
         for i in range(relays)
     ]
+    for i, process in enumerate(processes):
+        cap.place(process.pid, f"relay{i}")
     try:
         marks: dict[float, float] = {}
         deadline = time.monotonic() + 600
@@ -157,6 +204,7 @@ def relay_rate(
             process.terminate()
         for process in processes:
             process.wait(30)
+        cap.remove()
 
 
 def main() -> int:
@@ -165,6 +213,13 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=5000)
     parser.add_argument("--relay-events", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument(
+        "--relay-cpu",
+        type=float,
+        default=0.25,
+        help="each relay's CPU quota in cores (cgroups, root); 0 for none",
+    )
     args = parser.parse_args()
     if args.quick:
         args.events, args.relay_events, args.rounds = 300, 300, 1
@@ -175,6 +230,7 @@ def main() -> int:
         "relay_2": [],
         "relay_3": [],
     }
+    cap = CpuCap(args.relay_cpu or None)
     with tempfile.TemporaryDirectory() as temp:
         directory = Path(temp)
         with running_cluster(directory / "nats") as cluster, erp_simulator(directory) as erp_url:
@@ -193,7 +249,16 @@ def main() -> int:
                 )
                 for relays in (1, 2, 3):
                     samples[f"relay_{relays}"].append(
-                        relay_rate(urls, erp_url, relays, args.relay_events, directory, round_)
+                        relay_rate(
+                            urls,
+                            erp_url,
+                            relays,
+                            args.relay_events,
+                            directory,
+                            round_,
+                            args.partitions,
+                            cap,
+                        )
                     )
     med = {name: round(statistics.median(values), 1) for name, values in samples.items()}
     print(
@@ -203,7 +268,8 @@ def main() -> int:
                 "events": args.events,
                 "relay_events": args.relay_events,
                 "replicas": 3,
-                "partitions": 8,
+                "partitions": args.partitions,
+                "relay_cpu_cap_cores": args.relay_cpu if cap.available else None,
                 "bare_publish_ack_per_s": med["bare"],
                 "gateway_publish_per_s": med["gateway"],
                 "gateway_vs_bare": round(med["gateway"] / med["bare"], 2),
