@@ -96,3 +96,33 @@ async def test_genealogy_completeness_per_order(tmp_path: Path) -> None:
     # LOT-A names inputs of both required materials; LOT-B lacks RM-2; the redelivered LOT-A
     # (without inputs) does not change the first report.
     assert genealogy.figures() == {"4711": {"lots": 2, "complete": 1, "completeness": 0.5}}
+
+
+def test_genealogy_holds_a_bounded_number_of_lots_per_order() -> None:
+    """An order that produces lots for months: memory and the state dumped with every commit
+    stay bounded, and the figures still count every lot (soak-mem)."""
+    from edge.runtime.mes_intake import KEEP_LOTS_PER_ORDER, Genealogy
+
+    genealogy = Genealogy(None)
+    genealogy.require("4711", ["RM-1", "RM-2"])
+    produced = KEEP_LOTS_PER_ORDER * 3 + 7
+    for number in range(produced):  # every third lot lacks RM-2
+        inputs = ["RM-1"] if number % 3 == 0 else ["RM-1", "RM-2"]
+        genealogy.produced("4711", f"LOT-{number:06d}", inputs)
+    lots = genealogy.orders["4711"]["lots"]
+    assert len(lots) <= KEEP_LOTS_PER_ORDER
+    # Counted by hand: lots 0, 3, 6, ... are incomplete.
+    incomplete = len(range(0, produced, 3))
+    expected = {
+        "lots": produced,
+        "complete": produced - incomplete,
+        "completeness": round((produced - incomplete) / produced, 4),
+    }
+    assert genealogy.figures() == {"4711": expected}
+    # The newest lot is still known one by one: its redelivery keeps the first verdict.
+    last = produced - 1
+    assert genealogy.produced("4711", f"LOT-{last:06d}", []) is bool(last % 3)
+    assert genealogy.figures() == {"4711": expected}
+    # Saved and read back (a restart): the same figures, and a dump no bigger than its bound.
+    assert Genealogy(genealogy.dump()).figures() == {"4711": expected}
+    assert len(genealogy.dump()) < 40 * KEEP_LOTS_PER_ORDER

@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 KEEP_ORDERS = 500
 """Orders remembered for validation and genealogy figures (the most recent ones)."""
+KEEP_LOTS_PER_ORDER = 1000
+"""Produced lots remembered one by one per order (the most recent ones; after a restart, the
+last in the saved, sorted order), for a redelivered report to keep the first one's verdict.
+An order that runs for months (a repetitive or process order) would otherwise hold every lot
+it ever produced, in memory and in the state dumped with every commit; older lots are folded
+into the order's counts instead."""
 
 
 class Genealogy:
@@ -61,7 +67,15 @@ class Genealogy:
         if lot_id in entry["lots"]:
             return bool(entry["lots"][lot_id])  # a redelivery: the first report stands
         complete = set(entry["required"]) <= set(inputs)
-        entry["lots"][lot_id] = complete
+        lots = entry["lots"]
+        lots[lot_id] = complete
+        if len(lots) > KEEP_LOTS_PER_ORDER:
+            # The oldest lot's verdict goes into the order's counts ("folded": lots,
+            # complete), so the figures stay exact; only its redelivery would count again.
+            folded = entry.setdefault("folded", [0, 0])
+            oldest = next(iter(lots))
+            folded[0] += 1
+            folded[1] += bool(lots.pop(oldest))
         self._trim()
         return complete
 
@@ -69,12 +83,14 @@ class Genealogy:
         result = {}
         for order_id, entry in self.orders.items():
             lots = entry["lots"]
-            if lots:
-                complete = sum(1 for ok in lots.values() if ok)
+            folded_lots, folded_complete = entry.get("folded", (0, 0))
+            count = len(lots) + folded_lots
+            if count:
+                complete = sum(1 for ok in lots.values() if ok) + folded_complete
                 result[order_id] = {
-                    "lots": len(lots),
+                    "lots": count,
                     "complete": complete,
-                    "completeness": round(complete / len(lots), 4),
+                    "completeness": round(complete / count, 4),
                 }
         return result
 
