@@ -18,10 +18,12 @@ from buffer.outbox import Delivery
 from edge.config.destinations import DestinationConfig
 from edge.forward.outcome import BODY_LIMIT, RETRYABLE_4XX, Outcome, Result, classify, delivered
 from edge.forward.profiles.base import Profile, batch_idempotency_key, idempotency_key
-from edge.forward.session import Session
+from edge.forward.session import CookieUse, Session
 
 
 class CanonicalProfile(Profile):
+    cookies: CookieUse = "none"  # everything a request needs is in its headers
+
     def __init__(self, config: DestinationConfig, session: Session) -> None:
         super().__init__(config, session)
         self.batch_size = config.batch_size
