@@ -12,8 +12,10 @@ import httpx
 import pytest
 from aiohttp import web
 
+from buffer.outbox import Delivery
 from edge.config.destinations import DestinationConfig
 from edge.forward.auth import StaticHeader
+from edge.forward.outcome import Outcome
 from edge.forward.profiles import create_profile
 from edge.forward.session import Session, make_client
 
@@ -31,8 +33,20 @@ async def receiver() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
         response.set_cookie("SAP_SESSIONID_S4H_100", "session-1")
         return response
 
+    async def take_batch(request: web.Request) -> web.Response:
+        """A receiver that answers a batch with one object (`?answer=object`), or with a
+        per-event list that leaves out the last event."""
+        events = await request.json()
+        seen.append({name.lower(): value for name, value in request.headers.items()})
+        if request.query.get("answer") == "object":
+            return web.json_response({"reference": "BATCH-1"}, status=201)
+        return web.json_response(
+            [{"id": e["id"], "status": 201, "reference": f"R-{e['id']}"} for e in events[:-1]]
+        )
+
     app = web.Application()
     app.router.add_post("/api/events", take)
+    app.router.add_post("/api/events:batch", take_batch)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -111,3 +125,37 @@ async def test_a_refused_connection_on_the_short_path_is_the_same_httpx_error() 
         create_profile(session.config, session)
         with pytest.raises(httpx.ConnectError):
             await session.request("POST", "/api/events", content=b"{}")
+
+
+async def test_a_batch_answer_counts_per_event_or_for_the_whole_batch(
+    receiver: tuple[str, list[dict[str, str]]],
+) -> None:
+    """A per-event list gives each event its own outcome (one it leaves out is retried, and may
+    have arrived); any other 2xx body counts for the whole batch, with its reference."""
+    url, _ = receiver
+    deliveries = [
+        Delivery(n, "erp", f"ev-{n}", "production.confirmation", "K", b'{"id":"ev-%d"}' % n, 0)
+        for n in range(3)
+    ]
+    outcomes = {}
+    for answer in ("list", "object"):
+        config = DestinationConfig.model_validate(
+            {
+                "base_url": url,
+                "path": "/api/events",
+                "batch_path": f"/api/events:batch?answer={answer}",
+                "batch_size": 3,
+            }
+        )
+        async with make_client("erp", config) as client:
+            profile = create_profile(config, Session(config, client))
+            outcomes[answer] = await profile.send(deliveries)
+    listed = outcomes["list"]
+    assert [(r.outcome, r.reference) for r in listed[:2]] == [
+        (Outcome.DELIVERED, "R-ev-0"),
+        (Outcome.DELIVERED, "R-ev-1"),
+    ]
+    assert (listed[2].outcome, listed[2].ambiguous, listed[2].status) == (Outcome.RETRY, True, 200)
+    assert [(r.outcome, r.reference, r.status) for r in outcomes["object"]] == [
+        (Outcome.DELIVERED, "BATCH-1", 201)
+    ] * 3
