@@ -240,7 +240,10 @@ class HttpForwarder:
     async def _sleep(self) -> None:
         """Until new events, a free slot, the circuit's probe time, or a retry falls due."""
         timeout = 1.0
-        next_due = await self._outbox.next_due(self.name)
+        # With every slot taken nothing could be sent anyway, and the end of a request wakes
+        # this: the earliest due time (a pass over every key's head) is only worth finding
+        # with a slot free.
+        next_due = await self._outbox.next_due(self.name) if self._free_slots() > 0 else None
         if next_due is not None and next_due > time.time():
             timeout = min(timeout, next_due - time.time())
         if self.health.circuit is not Circuit.CLOSED:
