@@ -172,11 +172,11 @@ class HttpForwarder:
         # Requests leased ahead of a free slot, their keys busy: when a slot frees, the next
         # request starts at once, and the outbox read for the one after it overlaps the
         # requests in flight (one read per request was a fifth of an unbatched delivery's
-        # time). At most `max_in_flight` wait so, and only while the circuit is closed; an
-        # event more urgent than they are, committed meanwhile, goes after them. A request
-        # that gets its answer starts the next one itself (`_deliver`): this loop may be
-        # awaiting a read then, and a slot left free until it returns was a quarter of the
-        # time with nothing in flight (profiled, /work/notes/fwd-speed.md).
+        # time). At most `READ_AHEAD * max_in_flight` wait so, topped up once half are gone,
+        # and only while the circuit is closed; an event more urgent than they are, committed
+        # meanwhile, goes after them. A request that gets its answer starts the next one
+        # itself (`_deliver`): this loop may be awaiting a read then, and slots left free
+        # until it returned meant nothing in flight 12-32 % of an unbatched run (profiled).
         ready = self._ready
         async with asyncio.TaskGroup() as requests:
             self._requests = requests

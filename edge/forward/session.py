@@ -69,8 +69,8 @@ def make_client(name: str, config: DestinationConfig) -> httpx.AsyncClient:
 
 CookieUse = Literal["kept", "none"]
 """Whether a destination's cookies are kept between requests (httpx's cookie jar): SAP's CSRF
-token belongs to the session its cookies name; the canonical and QMS APIs carry everything a
-request needs in its headers, so their profiles say `none`."""
+token belongs to the session its cookies name; the canonical API carries everything a request
+needs in its headers, so its profile says `none` (the others keep httpx's default, `kept`)."""
 
 
 class Session:
