@@ -14,13 +14,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
 
 from simulators.nats_cluster import Cluster, running_cluster, server_binary
-from tests.conftest import Peer, missing_peer, start_erp
+from tests.conftest import Peer, missing_peer, start_erp, start_peer
 from tests.hub_harness import (
     PLANTSYNC,
     hub_init,
@@ -558,3 +559,176 @@ def test_a_relay_started_before_hub_init_waits_then_serves(
     asyncio.run(wait_for(delivered, 60, "the late relay's deliveries"))
     assert relay.output().count("has plantsync hub init run?") == 1
     assert relay.process is not None and relay.process.poll() is None
+
+
+def _status(relay: Peer) -> dict[str, Any]:
+    import re
+
+    port = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", relay.output())[-1]
+    status: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()
+    return status
+
+
+def _shared_out(relays: list[Peer], partitions: int) -> bool:
+    """Every relay sees the same members, one per relay, and their owned partitions are
+    disjoint and cover all: the relays' own word (/status)."""
+    statuses = [_status(relay) for relay in relays]
+    members = {s["member"] for s in statuses}
+    owned = [set(s["owned"]["erp"]) for s in statuses]
+    return (
+        all(set(s["members"]) == members for s in statuses)
+        and len(members) == len(relays)
+        and sum(len(o) for o in owned) == partitions
+        and set().union(*owned) == set(range(partitions))
+    )
+
+
+async def _waiting(servers: list[str], stream: str, partitions: int) -> list[int]:
+    """Pull requests waiting at each partition's consumer: the server's own count."""
+    import nats
+
+    client = await nats.connect(servers)
+    try:
+        js = client.jetstream(timeout=5)
+        return [
+            int((await js.consumer_info(stream, f"relay_erp_p{p}")).num_waiting or 0)
+            for p in range(partitions)
+        ]
+    finally:
+        await client.close()
+
+
+def test_three_relays_own_disjoint_partitions_and_a_stopped_one_hands_over_at_once(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """Three relays share six partitions out: disjoint and complete by their /status, and the
+    server sees at most one pull request waiting per partition consumer (before ownership
+    each relay asked every partition: three). A relay stopped with SIGTERM leaves the members
+    bucket, so the two others take its partitions well before its key's ttl (30 s here)."""
+    partitions = 6
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="OWN",
+        prefix="own",
+        erp_url=erp.url,
+        partitions=partitions,
+        member_ttl="30s",
+    )
+    hub_init(hub)
+    relays = [start_relay(peers, hub, name, tmp_path) for name in ("o1", "o2")]
+    relays.append(  # a second relay with the same --name is a member of its own
+        start_peer(
+            peers,
+            [PLANTSYNC, "relay", "--config", str(hub), "--name", "o2", "--log-format", "text"],
+            tmp_path / "relay-o2-again.log",
+            "metrics on http",
+        )
+    )
+
+    async def shared() -> bool:
+        return _shared_out(relays, partitions)
+
+    asyncio.run(wait_for(shared, 20, "three relays sharing the partitions out"))
+
+    async def handed_over() -> bool:  # a lost partition's last fetch lasts up to FETCH_WAIT
+        return max(await _waiting(cluster.urls, "OWN", partitions)) <= 1
+
+    asyncio.run(wait_for(handed_over, 10, "one pull request at most per partition consumer"))
+    samples = []
+    for _ in range(8):  # idle: each owner keeps one fetch waiting at its partitions
+        samples.append(asyncio.run(_waiting(cluster.urls, "OWN", partitions)))
+        time.sleep(0.25)
+    report("relays_own_partitions", relays=3, partitions=partitions, num_waiting=samples)
+    assert max(max(sample) for sample in samples) <= 1, samples
+    assert all(any(sample[p] == 1 for sample in samples) for p in range(partitions)), samples
+    stopped = time.monotonic()
+    relays[2].stop()
+
+    async def two_share() -> bool:
+        return _shared_out(relays[:2], partitions)
+
+    asyncio.run(wait_for(two_share, 10, "the two left sharing the partitions out"))
+    assert time.monotonic() - stopped < 10  # far below the 30 s ttl: it left, not expired
+    metrics = _metrics(relays[0])
+    assert metrics["plantsync_relay_members"] == 2
+    assert metrics["plantsync_relay_ownership"] == 1
+    assert (
+        sum(
+            _metrics(relay)['plantsync_relay_partitions_owned{destination="erp"}']
+            for relay in relays[:2]
+        )
+        == partitions
+    )
+
+
+def test_three_relays_one_killed_the_two_left_take_its_partitions(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """One of three relays killed -9 mid-run: its key expires after the ttl (1.5 s), the two
+    left cover every partition, its held events come back after ack_wait (2 s), and the ERP
+    has every event once (by Idempotency-Key), in order per order key."""
+    partitions, events = 6, 240
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="OWNKILL",
+        prefix="ownkill",
+        erp_url=erp.url,
+        partitions=partitions,
+        ack_wait="2s",
+    )
+    hub_init(hub)
+    relays = [start_relay(peers, hub, f"k{i}", tmp_path) for i in (1, 2, 3)]
+
+    async def shared() -> bool:
+        return _shared_out(relays, partitions)
+
+    asyncio.run(wait_for(shared, 20, "three relays sharing the partitions out"))
+    plant = Peer(
+        plant_argv(
+            "7070",
+            tmp_path / "outbox.db",
+            cluster.urls,
+            events,
+            prefix="ownkill",
+            stream="OWNKILL",
+            rate=100,
+            orders=6,
+        ),
+        tmp_path / "plant.log",
+    ).start()
+    peers.append(plant)
+
+    async def some_delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= events // 4
+
+    asyncio.run(wait_for(some_delivered, 60, "a quarter of the events at the ERP"))
+    relays[0].kill()
+    killed = time.monotonic()
+
+    async def two_share() -> bool:
+        return _shared_out(relays[1:], partitions)
+
+    asyncio.run(wait_for(two_share, 1.5 + 5, "the two left covering every partition"))
+    took_over = time.monotonic() - killed
+    assert plant.process is not None and plant.process.wait(120) == 0, plant.output()
+
+    async def all_delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= events
+
+    asyncio.run(wait_for(all_delivered, 60, "every event at the ERP"))
+    received = receiver_report(erp.url)
+    report(
+        "three_relays_one_killed",
+        published=events,
+        relays=3,
+        relays_killed=1,
+        takeover_s=round(took_over, 1),
+        **received,
+    )
+    assert asyncio.run(stream_messages(cluster.urls, "OWNKILL")) == events
+    assert received["delivered_unique"] == events
+    assert received["order_violations"] == 0
