@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import nats
-from _common import erp_simulator
+from _common import erp_simulator, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -151,6 +151,18 @@ class CpuCap:
         self.made.clear()
 
 
+def partitions_owned(ports: list[int]) -> list[int | None]:
+    """How many partitions each relay fetched from, by its own /status (None: no answer)."""
+    counts: list[int | None] = []
+    for port in ports:
+        try:
+            status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+            counts.append(sum(len(owned) for owned in status["owned"].values()))
+        except (httpx.HTTPError, ValueError, KeyError):
+            counts.append(None)
+    return counts
+
+
 def relay_rate(
     urls: list[str],
     erp_url: str,
@@ -160,21 +172,25 @@ def relay_rate(
     round_: int,
     partitions: int,
     cap: CpuCap,
+    owned: dict[int, list[list[int | None]]],
 ) -> float:
     stream = f"RELAY{relays}R{round_}"
     config = hub_config(urls, stream, erp_url, partitions=partitions)
     asyncio.run(create(urls, config))
     httpx.post(f"{erp_url}/_sim/reset", timeout=10).raise_for_status()
     asyncio.run(bare_publish(urls, config, f"R{relays}{round_}", count))
-    hub_yaml = directory / f"{stream}.yaml"
-    hub_yaml.write_text(json.dumps(config.model_dump(mode="json")))
+    ports = free_ports(relays)
+    for i, port in enumerate(ports):  # a /metrics port each, to ask it what it owns
+        settings = config.model_dump(mode="json")
+        settings["relay"]["metrics_port"] = port
+        (directory / f"{stream}-{i}.yaml").write_text(json.dumps(settings))
     processes = [
         subprocess.Popen(
             [
                 PLANTSYNC,
                 "relay",
                 "--config",
-                str(hub_yaml),
+                str(directory / f"{stream}-{i}.yaml"),
                 "--name",
                 f"bench-{i}",
                 "--log-level",
@@ -192,9 +208,11 @@ def relay_rate(
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             unique = httpx.get(f"{erp_url}/stats", timeout=10).json()["unique"]
-            for share in (0.1, 0.9):
+            for share in (0.1, 0.5, 0.9):
                 if share not in marks and unique >= share * count:
                     marks[share] = time.perf_counter()
+                    if share == 0.5:
+                        owned[relays].append(partitions_owned(ports))
             if 0.9 in marks:
                 break
             time.sleep(0.05)
@@ -231,6 +249,7 @@ def main() -> int:
         "relay_3": [],
     }
     cap = CpuCap(args.relay_cpu or None)
+    owned: dict[int, list[list[int | None]]] = {1: [], 2: [], 3: []}
     with tempfile.TemporaryDirectory() as temp:
         directory = Path(temp)
         with running_cluster(directory / "nats") as cluster, erp_simulator(directory) as erp_url:
@@ -258,6 +277,7 @@ def main() -> int:
                             round_,
                             args.partitions,
                             cap,
+                            owned,
                         )
                     )
     med = {name: round(statistics.median(values), 1) for name, values in samples.items()}
@@ -277,6 +297,7 @@ def main() -> int:
                 "relay_scaling_vs_1": {
                     str(k): round(med[f"relay_{k}"] / med["relay_1"], 2) for k in (2, 3)
                 },
+                "partitions_owned_at_half": {str(k): v for k, v in owned.items()},
                 "samples": {
                     name: [round(v, 1) for v in values] for name, values in samples.items()
                 },

@@ -71,8 +71,10 @@ def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_p
     first = hub_init(hub)
     assert "stream INIT: created" in first and "3 replicas" in first
     assert "consumers: 4 created, 0 already there" in first  # 1 destination x 4 partitions
+    assert "relay members bucket INIT_RELAYS: created (ttl 1.5s)" in first
     again = hub_init(hub)
     assert "stream INIT: OK, as configured" in again and "0 created, 4 already there" in again
+    assert "relay members bucket INIT_RELAYS: OK, as configured" in again
     assert "stream INIT_DLQ: OK" in again and "stream INIT_JOURNAL: OK" in again
     plant = tmp_path / "plant.yaml"
     plant.write_text(
