@@ -734,3 +734,75 @@ def test_three_relays_one_killed_the_two_left_take_its_partitions(
     assert asyncio.run(stream_messages(cluster.urls, "OWNKILL")) == events
     assert received["delivered_unique"] == events
     assert received["order_violations"] == 0
+
+
+def test_relays_fetch_every_partition_while_the_members_bucket_refuses_then_share_again(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """The members bucket's stream exists but takes no put (full, discard new: what a hub
+    out of space or a broken bucket does): both relays say so once, fetch from every
+    partition (safe: one event in flight per partition) and deliver; the stream removed,
+    the next heartbeat makes the bucket again and they share the partitions out."""
+    import nats
+    from nats.js.api import DiscardPolicy, StreamConfig
+
+    partitions = 4
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="NOBUCKET",
+        prefix="nobucket",
+        erp_url=erp.url,
+        partitions=partitions,
+    )
+    hub_init(hub)
+
+    async def break_bucket(broken: bool) -> None:
+        client = await nats.connect(cluster.urls)
+        try:
+            js = client.jetstream(timeout=5)
+            await js.delete_stream("KV_NOBUCKET_RELAYS")
+            if broken:
+                subject = "$KV.NOBUCKET_RELAYS.>"
+                await js.add_stream(
+                    StreamConfig(
+                        name="KV_NOBUCKET_RELAYS",
+                        subjects=[subject],
+                        max_msgs=1,
+                        discard=DiscardPolicy.NEW,
+                        num_replicas=3,
+                    )
+                )
+                await js.publish("$KV.NOBUCKET_RELAYS.squatter", b"{}")
+        finally:
+            await client.close()
+
+    asyncio.run(break_bucket(True))
+    relays = [start_relay(peers, hub, f"b{i}", tmp_path) for i in (1, 2)]
+    unavailable = "relay members bucket NOBUCKET_RELAYS is unavailable"
+    for relay in relays:
+        status = _status(relay)
+        assert status["ownership"] == "every partition (bucket away)", status
+        assert status["owned"]["erp"] == list(range(partitions)), status
+    run_plant(
+        plant_argv(
+            "8080", tmp_path / "outbox.db", cluster.urls, 20, prefix="nobucket", stream="NOBUCKET"
+        ),
+        tmp_path / "plant.log",
+    )
+
+    async def delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] == 20
+
+    asyncio.run(wait_for(delivered, 60, "every event at the ERP with the bucket away"))
+    asyncio.run(break_bucket(False))
+
+    async def shared() -> bool:
+        return _shared_out(relays, partitions)
+
+    asyncio.run(wait_for(shared, 20, "the relays sharing the partitions out again"))
+    for relay in relays:
+        assert relay.output().count(unavailable) == 1, relay.output()
+        assert relay.output().count("NOBUCKET_RELAYS is available again") == 1
+    assert receiver_report(erp.url)["order_violations"] == 0

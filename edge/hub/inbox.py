@@ -74,9 +74,6 @@ class HubInbox:
         self._config = config
         self.destination = destination
         self._held: dict[int, _Held] = {}  # by stream sequence
-        self._free = {p: asyncio.Event() for p in range(config.stream.partitions)}
-        for free in self._free.values():
-            free.set()  # set while nothing of the partition is held
         self._listeners: set[asyncio.Event] = set()
         self._stopping = False
         self.owned: frozenset[int] = frozenset(range(config.stream.partitions))
@@ -263,14 +260,15 @@ class HubInbox:
         stream = self._config.stream.name
         name = consumer_name(self.destination, partition)
         subscription = await self._js.pull_subscribe_bind(name, stream)
-        free = self._free[partition]
         try:
             # A flag, not only cancellation: nats-py's fetch (asyncio.wait_for on Python 3.11)
             # can swallow a cancel that arrives as its answer does, and the loop would go on.
+            # The next pull request waits at the hub while this partition's event is being
+            # delivered (the hub holds it back until the ack: max_ack_pending 1), so the next
+            # event comes with the ack's answer, not a round trip later. Before relays owned
+            # partitions another relay's waiting request hid that round trip; without it two
+            # relays of 32 partitions each delivered less than one relay of 64 (bench/hub.py).
             while self._fetching(partition):
-                await free.wait()
-                if not self._fetching(partition):
-                    break
                 try:
                     messages = await subscription.fetch(1, timeout=FETCH_WAIT)
                 except nats.errors.TimeoutError:
@@ -293,6 +291,12 @@ class HubInbox:
         self.stats.fetched += 1
         if metadata.num_delivered > 1:
             self.stats.redelivered += 1
+        held = self._held.get(metadata.sequence.stream)
+        if held is not None:
+            # Our own held event again (its ack_wait ran out mid-delivery, in_progress lost):
+            # settle it through the newest delivery, and deliver it only once from here.
+            held.message = message
+            return
         try:
             event = json.loads(message.data)
             event_type = str(event_type_of(event.get("type")))
@@ -333,7 +337,6 @@ class HubInbox:
 
     def _hold(self, message: Msg, delivery: Delivery, partition: int) -> None:
         self._held[delivery.seq] = _Held(message, delivery, partition)
-        self._free[partition].clear()
 
     async def _keep_alive(self) -> None:
         period = max(1.0, self._config.relay.ack_wait / 3)
@@ -346,7 +349,6 @@ class HubInbox:
 
     def _release(self, held: _Held) -> None:
         self._held.pop(held.delivery.seq, None)
-        self._free[held.partition].set()
 
     def _settle_failed(self, delivery: Delivery, what: str, exc: Exception) -> None:
         self.stats.settle_failures += 1
@@ -368,8 +370,6 @@ class HubInbox:
         go back to the hub now (nak), for another relay, instead of after ack_wait."""
         self._stopping = True
         self._changed.set()
-        for event in self._free.values():
-            event.set()
         for held in list(self._held.values()):
             if not held.leased:
                 await self._quietly(held.message.nak())
