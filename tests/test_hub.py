@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from simulators.nats_cluster import Cluster, running_cluster, server_binary
-from tests.conftest import Peer, missing_peer, start_erp, start_peer
+from tests.conftest import ErpSim, Peer, missing_peer, start_erp, start_peer
 from tests.hub_harness import (
     PLANTSYNC,
     hub_init,
@@ -600,6 +600,46 @@ async def _waiting(servers: list[str], stream: str, partitions: int) -> list[int
         await client.close()
 
 
+def owning_relays(
+    cluster: Cluster,
+    tmp_path: Path,
+    peers: list[Peer],
+    stream: str,
+    names: list[str],
+    partitions: int,
+    **settings: str,
+) -> tuple[ErpSim, Path, list[Peer]]:
+    """The ERP simulator, a hub of `partitions` and relays of these names (a name twice: two
+    relays of one name), once they share the partitions out."""
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream=stream,
+        prefix=stream.lower(),
+        erp_url=erp.url,
+        partitions=partitions,
+        **settings,  # type: ignore[arg-type]
+    )
+    hub_init(hub)
+    relays = []
+    for n, name in enumerate(names):
+        relays.append(
+            start_peer(
+                peers,
+                [PLANTSYNC, "relay", "--config", str(hub), "--name", name, "--log-format", "text"],
+                tmp_path / f"relay-{n}-{name}.log",
+                "metrics on http",
+            )
+        )
+
+    async def shared() -> bool:
+        return _shared_out(relays, partitions)
+
+    asyncio.run(wait_for(shared, 20, f"{len(names)} relays sharing the partitions out"))
+    return erp, hub, relays
+
+
 def test_three_relays_own_disjoint_partitions_and_a_stopped_one_hands_over_at_once(
     cluster: Cluster, tmp_path: Path, peers: list[Peer]
 ) -> None:
@@ -608,31 +648,10 @@ def test_three_relays_own_disjoint_partitions_and_a_stopped_one_hands_over_at_on
     each relay asked every partition: three). A relay stopped with SIGTERM leaves the members
     bucket, so the two others take its partitions well before its key's ttl (30 s here)."""
     partitions = 6
-    erp = start_erp(peers, tmp_path)
-    hub = write_hub_yaml(
-        tmp_path / "hub.yaml",
-        cluster.urls,
-        stream="OWN",
-        prefix="own",
-        erp_url=erp.url,
-        partitions=partitions,
-        member_ttl="30s",
+    # Two relays of one --name are two members.
+    _, _, relays = owning_relays(
+        cluster, tmp_path, peers, "OWN", ["o1", "o2", "o2"], partitions, member_ttl="30s"
     )
-    hub_init(hub)
-    relays = [start_relay(peers, hub, name, tmp_path) for name in ("o1", "o2")]
-    relays.append(  # a second relay with the same --name is a member of its own
-        start_peer(
-            peers,
-            [PLANTSYNC, "relay", "--config", str(hub), "--name", "o2", "--log-format", "text"],
-            tmp_path / "relay-o2-again.log",
-            "metrics on http",
-        )
-    )
-
-    async def shared() -> bool:
-        return _shared_out(relays, partitions)
-
-    asyncio.run(wait_for(shared, 20, "three relays sharing the partitions out"))
 
     async def handed_over() -> bool:  # a lost partition's last fetch lasts up to FETCH_WAIT
         return max(await _waiting(cluster.urls, "OWN", partitions)) <= 1
@@ -672,23 +691,9 @@ def test_three_relays_one_killed_the_two_left_take_its_partitions(
     left cover every partition, its held events come back after ack_wait (2 s), and the ERP
     has every event once (by Idempotency-Key), in order per order key."""
     partitions, events = 6, 240
-    erp = start_erp(peers, tmp_path)
-    hub = write_hub_yaml(
-        tmp_path / "hub.yaml",
-        cluster.urls,
-        stream="OWNKILL",
-        prefix="ownkill",
-        erp_url=erp.url,
-        partitions=partitions,
-        ack_wait="2s",
+    erp, _, relays = owning_relays(
+        cluster, tmp_path, peers, "OWNKILL", ["k1", "k2", "k3"], partitions, ack_wait="2s"
     )
-    hub_init(hub)
-    relays = [start_relay(peers, hub, f"k{i}", tmp_path) for i in (1, 2, 3)]
-
-    async def shared() -> bool:
-        return _shared_out(relays, partitions)
-
-    asyncio.run(wait_for(shared, 20, "three relays sharing the partitions out"))
     plant = Peer(
         plant_argv(
             "7070",
