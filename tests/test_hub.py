@@ -76,6 +76,9 @@ def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_p
     assert "stream INIT: OK, as configured" in again and "0 created, 4 already there" in again
     assert "relay members bucket INIT_RELAYS: OK, as configured" in again
     assert "stream INIT_DLQ: OK" in again and "stream INIT_JOURNAL: OK" in again
+    hub.write_text(hub.read_text().replace("member_ttl: 1500ms", "member_ttl: 4s"))
+    assert "relay members bucket INIT_RELAYS: updated (ttl 4s)" in hub_init(hub)
+    assert "relay members bucket INIT_RELAYS: OK, as configured" in hub_init(hub)
     plant = tmp_path / "plant.yaml"
     plant.write_text(
         "site: '1010'\n"
