@@ -216,9 +216,6 @@ class Membership:
                 extra={"relay": self.name, "member": self.member},
             )
 
-    def owned(self, units: Iterable[str]) -> list[str]:
-        return [unit for unit in units if self.owns(unit)]
-
     def snapshot(self) -> Mapping[str, object]:
         return {
             "member": self.member,
