@@ -59,7 +59,9 @@ def run_plant(argv: list[str], log: Path, timeout: float = 120) -> subprocess.Co
     return done
 
 
-def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_path: Path) -> None:
+def test_hub_init_creates_then_checks_and_doctor_reports(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
     hub = write_hub_yaml(
         tmp_path / "hub.yaml",
         cluster.urls,
@@ -79,6 +81,18 @@ def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_p
     hub.write_text(hub.read_text().replace("member_ttl: 1500ms", "member_ttl: 4s"))
     assert "relay members bucket INIT_RELAYS: updated (ttl 4s)" in hub_init(hub)
     assert "relay members bucket INIT_RELAYS: OK, as configured" in hub_init(hub)
+    # A relay whose heartbeat the bucket's ttl does not cover twice says so.
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(
+        hub.read_text()
+        .replace("heartbeat: 500ms", "heartbeat: 3s")
+        .replace("member_ttl: 4s", "member_ttl: 9s")
+    )
+    relay = start_relay(peers, slow, "slow", tmp_path)
+    assert "forgets a relay after 4s, less than two of this relay's heartbeats (3s)" in (
+        relay.output()
+    )
+    relay.stop()
     plant = tmp_path / "plant.yaml"
     plant.write_text(
         "site: '1010'\n"

@@ -135,6 +135,7 @@ class Membership:
             "partitions.",
         )
         self._leaving = False
+        self._short_ttl_said = False
 
     @property
     def ownership(self) -> bool:
@@ -199,6 +200,19 @@ class Membership:
 
     async def _live(self) -> list[str]:
         info = await self._js.stream_info(self._stream, subjects_filter=f"{self._prefix}>")
+        ttl = info.config.max_age or 0.0
+        if 0 < ttl < 2 * self._settings.heartbeat and not self._short_ttl_said:
+            # The bucket was made from another hub.yaml: this relay's key would lapse between
+            # its beats and its partitions would flap between relays.
+            self._short_ttl_said = True
+            log.warning(
+                "The relay members bucket forgets a relay after %gs, less than two of this "
+                "relay's heartbeats (%gs): rerun plantsync hub init with this hub.yaml, or "
+                "give every relay the same relay.heartbeat and relay.member_ttl",
+                ttl,
+                self._settings.heartbeat,
+                extra={"relay": self.name, "member": self.member},
+            )
         return [subject.removeprefix(self._prefix) for subject in info.state.subjects or {}]
 
     async def leave(self) -> None:
