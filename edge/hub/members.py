@@ -173,7 +173,7 @@ class Membership:
         if (self.ownership, self.members) != before:
             if self.ownership and before[1] != self.members:
                 log.info(
-                    "Relay %s: %d relays live (%s)",
+                    "Relay %s sees the live relays: %d (%s)",
                     self.member,
                     len(self.members),
                     ", ".join(self.members),
