@@ -7,7 +7,8 @@
 - relay: events per second delivered from the stream to the ERP simulator by 1, 2 and 3
   relay processes (`plantsync relay`, started and serving before the events are published),
   measured between 10 % and 90 % of the events having arrived (tail excluded), the scaling
-  ratio to one relay, and how many partitions each relay owned at half the run.
+  ratio to one relay, how many partitions each relay owned at half the run, and the relays'
+  CPU time per event delivered (all relays together, from /proc).
 
 Prints one JSON line. Run it as `.venv/bin/python bench/hub.py` (`--quick` for a smoke run).
 """
@@ -165,6 +166,13 @@ def partitions_owned(ports: list[int]) -> list[int | None]:
     return counts
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process used so far (user + system, /proc): the relays' cost per event,
+    which the box's load does not inflate as it does wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ready(ports: list[int], relays: int) -> None:
     """Until every relay serves (/healthz) and, where it shares partitions out (/status has
     members), sees all the others: the rate is then the relays' steady state, not their
@@ -196,6 +204,7 @@ def relay_rate(
     partitions: int,
     cap: CpuCap,
     owned: dict[int, list[list[int | None]]],
+    cpu_per_event: dict[int, list[float]],
 ) -> float:
     stream = f"RELAY{relays}R{round_}"
     config = hub_config(urls, stream, erp_url, partitions=partitions)
@@ -227,6 +236,7 @@ def relay_rate(
         cap.place(process.pid, f"relay{i}")
     try:
         ready(ports, relays)
+        cpu_before = sum(cpu_seconds(process.pid) for process in processes)
         # Published while the relays deliver (a thread: the clock below starts at once); the
         # publisher (~2,000/s) outruns the relays, so the rate is theirs.
         publisher = threading.Thread(
@@ -248,6 +258,9 @@ def relay_rate(
                 break
             time.sleep(0.05)
         publisher.join()
+        delivered = httpx.get(f"{erp_url}/stats", timeout=10).json()["unique"]
+        cpu = sum(cpu_seconds(process.pid) for process in processes) - cpu_before
+        cpu_per_event[relays].append(1000 * cpu / max(1, delivered))
         return 0.8 * count / (marks[0.9] - marks[0.1])
     finally:
         for process in processes:
@@ -282,6 +295,7 @@ def main() -> int:
     }
     cap = CpuCap(args.relay_cpu or None)
     owned: dict[int, list[list[int | None]]] = {1: [], 2: [], 3: []}
+    cpu_per_event: dict[int, list[float]] = {1: [], 2: [], 3: []}
     with tempfile.TemporaryDirectory() as temp:
         directory = Path(temp)
         with running_cluster(directory / "nats") as cluster, erp_simulator(directory) as erp_url:
@@ -310,6 +324,7 @@ def main() -> int:
                             args.partitions,
                             cap,
                             owned,
+                            cpu_per_event,
                         )
                     )
     med = {name: round(statistics.median(values), 1) for name, values in samples.items()}
@@ -330,6 +345,9 @@ def main() -> int:
                     str(k): round(med[f"relay_{k}"] / med["relay_1"], 2) for k in (2, 3)
                 },
                 "partitions_owned_at_half": {str(k): v for k, v in owned.items()},
+                "relay_cpu_ms_per_event": {
+                    str(k): round(statistics.median(v), 2) for k, v in cpu_per_event.items() if v
+                },
                 "samples": {
                     name: [round(v, 1) for v in values] for name, values in samples.items()
                 },
