@@ -44,7 +44,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -285,7 +285,11 @@ class OpcUaMachineServer:
         tick: float = TICK_SECONDS,
         model: Model = "plantsync",
         sampling: Sampling = "together",
+        on_publish: Callable[[datetime, int], None] | None = None,
     ) -> None:
+        """`on_publish`, if given, hears of every round of writes: its source timestamp and
+        how many values it changed (one data change per subscribed item each), so a benchmark
+        or test counts what a client should get from the server's own count."""
         if not machines:
             raise ValueError("at least one machine is needed")
         if len(set(machines)) != len(machines):
@@ -302,6 +306,7 @@ class OpcUaMachineServer:
         self.tick = tick
         self.model = model
         self.sampling = sampling
+        self.on_publish = on_publish
         self._last_advance = time.monotonic()
         self.machines: dict[str, Machine] = {
             name: Machine(
@@ -574,6 +579,7 @@ class OpcUaMachineServer:
         if self._server is None:
             return
         stamp = ua.DateTime.now(UTC)
+        written = 0
         for machine in self.machines.values():
             opc30050 = self.model == "opc30050"
             values = self._packml_values(machine) if opc30050 else machine.values()
@@ -591,6 +597,9 @@ class OpcUaMachineServer:
                     ServerTimestamp=stamp,
                 )
                 await self._server.write_attribute_value(self._nodes[key].nodeid, datavalue)
+                written += 1
+        if written and self.on_publish is not None:
+            self.on_publish(stamp, written)
 
     # --- control API --------------------------------------------------------------------------
 
