@@ -153,15 +153,25 @@ def sample_from(
     the server's, else `now`. LookupError when `select` finds no such part."""
     if datavalue is None:
         return Sample(driver, tag, None, now, Quality.BAD)
-    quality = quality_of(datavalue.StatusCode)
+    status = datavalue.StatusCode
+    # Runs for every notification: the common case (Good, a plain value, a source timestamp
+    # from asyncua, which decodes them timezone-aware) without the general functions' calls.
+    quality = Quality.GOOD if status is None or not status.value >> 30 else quality_of(status)
     value = None
     variant = datavalue.Value
     if quality is not Quality.BAD and variant is not None:
         raw = variant.Value
-        value = plain_value(select.apply(raw) if select is not None else raw)
-    source_time = (
-        epoch_seconds(datavalue.SourceTimestamp) or epoch_seconds(datavalue.ServerTimestamp) or now
-    )
+        if select is not None:
+            value = plain_value(select.apply(raw))
+        elif raw is None or type(raw) in _PLAIN_TYPES:
+            value = raw
+        else:
+            value = plain_value(raw)
+    stamp = datavalue.SourceTimestamp
+    if stamp is not None and stamp.tzinfo is not None and stamp.year > 1601:
+        source_time = stamp.timestamp() or epoch_seconds(datavalue.ServerTimestamp) or now
+    else:
+        source_time = epoch_seconds(stamp) or epoch_seconds(datavalue.ServerTimestamp) or now
     return Sample(driver, tag, value, source_time, quality)
 
 
