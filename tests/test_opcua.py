@@ -297,7 +297,11 @@ async def test_a_publish_larger_than_any_queue_reaches_the_sink_value_by_value()
         {"name": "defective", "node": node("Admin.ProdDefectiveCount", filler), "queue_size": 8000},
     ]
     async with machine(machines=(filler,), rate=0) as server:
-        driver = OpcUaDriver(config(server.endpoint, tags, publishing_interval="500ms"))
+        # The burst below holds the event loop the server and the driver share for seconds on
+        # a loaded box: keep-alives that wait that long must not end the session.
+        options = {"keepalive": "10s", "session_timeout": "60s", "stale_after": "30s"}
+        parsed = config(server.endpoint, tags, publishing_interval="500ms", **options)
+        driver = OpcUaDriver(parsed)
         collector = Collector()
         counts = server.machine(filler)
         async with running(driver, collector):
