@@ -36,6 +36,8 @@ def write_hub_yaml(
     ack_wait: str = "3s",
     duplicate_window: str = "1h",
     token: str | None = None,
+    heartbeat: str = "500ms",
+    member_ttl: str = "1500ms",
 ) -> Path:
     auth = f"{{type: token, token: {token}}}" if token else "{type: none}"
     text = (
@@ -46,6 +48,8 @@ def write_hub_yaml(
         f"  dead_letter_stream: {stream}_DLQ\n  dead_letter_subject: {prefix}-dlq\n"
         f"  journal_stream: {stream}_JOURNAL\n  journal_subject: {prefix}-journal\n"
         f"relay:\n  ack_wait: {ack_wait}\n  metrics_port: 0\n  stats_interval: 1s\n"
+        f"  members_bucket: {stream}_RELAYS\n  heartbeat: {heartbeat}\n"
+        f"  member_ttl: {member_ttl}\n"
     )
     if erp_url is not None:
         text += (
