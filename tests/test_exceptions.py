@@ -19,6 +19,7 @@ from edge.model.events import NonconformanceRaised
 from edge.ops.exceptions import Condition, ExceptionBoard, listing
 from edge.ops.ledger import OrderLedger
 from edge.ops.watch import ExceptionWatch
+from tests.conftest import Mosquitto
 
 WHEN = datetime(2026, 12, 4, 6, 0, tzinfo=UTC)
 
@@ -141,3 +142,68 @@ def test_check_names_what_the_sections_refer_to(tmp_path: Path) -> None:
         "webhook is a canonical destination"
     ) in problems
     assert "exceptions.roles.supervisor.mqtt.driver: no MQTT driver named 'mes'" in problems
+
+
+@pytest.mark.integration
+async def test_an_mqtt_exception_is_handed_on_only_once_the_broker_acknowledged_it(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """The broker is away when an exception is raised, and the gateway stops before it is
+    back: the raise stays due in the board's file, and the next board publishes it once the
+    broker is there. The oracle is a separate subscriber's record of what the broker sent."""
+    from tests.test_reconcile import TopicWatcher
+
+    topic = "plantsync/1010/exceptions/integration"
+    text = yaml.safe_dump(
+        {
+            "site": "1010",
+            "data_dir": str(tmp_path),
+            "drivers": [
+                {
+                    "name": "mes",
+                    "type": "mqtt",
+                    "host": mosquitto.host,
+                    "port": mosquitto.port,
+                    "topics": [{"filter": "mes/#", "event": "material.consumed"}],
+                }
+            ],
+            "exceptions": {
+                "roles": {
+                    "integration": {"mqtt": {"driver": "mes", "topic": topic}},
+                    "supervisor": {},
+                    "quality": {},
+                }
+            },
+        }
+    )
+    config = parse_config(text)
+    mosquitto.stop()
+    ledger = OrderLedger.open(tmp_path)
+    board = ExceptionBoard(config, ledger.db)
+    board.start()
+    board.raise_exception("dead_letter", Condition("event e1 to erp", "refused by erp"))
+    await board.notify()
+    assert board.unpublished == 1
+    board.stop()  # the gateway stops while the broker is away
+    ledger.close()
+
+    mosquitto.start()
+    watcher = TopicWatcher(mosquitto, topic)
+    ledger = OrderLedger.open(tmp_path)
+    board = ExceptionBoard(config, ledger.db)
+    board.start()
+    try:
+        async with asyncio.timeout(30):
+            async with asyncio.TaskGroup() as group:
+                task = group.create_task(board.run(), name="exceptions")
+                while not watcher.messages:
+                    await asyncio.sleep(0.05)
+                task.cancel()
+        assert board.unpublished == 0
+    finally:
+        board.stop()
+        watcher.stop()
+        ledger.close()
+    (message,) = watcher.messages
+    assert message["type"] == "com.plantsync.edge.exception.raised.v1"
+    assert message["data"]["subject"] == "event e1 to erp"

@@ -347,6 +347,11 @@ def test_broker_down_while_publishing_the_retained_order_reaches_the_mes_after(
     late.connect()
     wait_for(lambda: "1000020" in late.started, 20, "the MES to start the order")
     assert [(r.version, r.retained) for r in late.received] == [(1, True)]
+    # The order publisher's outage is said once when it begins and once when it ends.
+    peer = f"MQTT broker 127.0.0.1:{plant.broker.port} for released orders"
+    output = gateway.output()
+    assert output.count(f"{peer} is unavailable") == 1, output
+    assert output.count(f"{peer} is available again") == 1, output
 
 
 def test_kill_9_between_reading_erp_and_publishing_publishes_each_release_once(

@@ -8,6 +8,7 @@ validation list for what is refused."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -324,3 +325,41 @@ async def test_erp_down_is_retried_and_nothing_moves(
     erp.set_faults(outage_seconds=0)
     _, made = await poll(config, outbox)
     assert made == 1
+
+
+@pytest.mark.integration
+async def test_an_order_changed_mid_scan_does_not_make_sap_paging_skip_another(
+    erp: ErpSim, outbox: Outbox, tmp_path: Path
+) -> None:
+    """SAP is read by offset pages ($top 2, $skip) ordered by LastChangeDateTime. An order
+    read on the first page and changed before the second page is read moves to the end of
+    that ordering: the rows after it shift left by one, and the first row of the second page
+    is not read in this scan. The scan must then keep its cursor, so that the next poll reads
+    the order it skipped. The oracle: the five orders released, each read by a scan."""
+    config = config_for(erp, tmp_path, "sap_s4hana")
+    orders = [f"10002{n:02d}" for n in range(5)]
+    for order_id in orders:
+        assert release(erp, order(order_id)).status_code == 201
+    release_ = OrderRelease(config, outbox, OrderBook(await outbox.load_state()))
+    destination = config.destinations["erp"]
+    read: list[str] = []
+    async with make_client("erp", destination) as client:
+        source = release_.source(Session(destination, client))
+        pages = source.pages("")
+        first = await anext(pages)
+        read += [c.order_id for c in first.candidates]
+        assert read == orders[:2]
+        await asyncio.sleep(1.1)  # SAP's time stamps have whole seconds: a later one
+        httpx.post(
+            f"{erp.url}/_sim/orders/{orders[0]}/change", json={"quantity": "150"}, timeout=10
+        ).raise_for_status()
+        last = first
+        async for page in pages:
+            read += [c.order_id for c in page.candidates]
+            last = page
+        # The shift: orders[2] was skipped and orders[0] read again at the end.
+        assert orders[2] not in read and read.count(orders[0]) == 2
+        assert last.cursor == ""  # not moved past what was skipped
+        async for page in source.pages(last.cursor):
+            read += [c.order_id for c in page.candidates]
+    assert set(read) == set(orders)

@@ -22,13 +22,17 @@ A webhook is a destination of the existing delivery engine: each raise and each 
 committed to the outbox as a CloudEvent (`com.plantsync.edge.exception.raised.v1` /
 `...cleared.v1`, id derived from kind, subject and raise time), so it is retried, ordered per
 exception, dead-lettered and journalled like any delivery. The MQTT topic gets the same JSON at
-QoS 1 through a client of its own (paho keeps what is published while the broker is away, in
-memory: a gateway restart loses what was not yet sent, which the webhook does not).
+QoS 1 through a client of its own. A raise or clear counts as handed on only when the broker
+acknowledged it (PUBACK); until then the board keeps it due in its database and tries again
+every `MQTT_RETRY` seconds, also after a restart. So nothing is lost to a broker that is away
+or a gateway that stops; a subscriber may see one twice (the same CloudEvent id), when a PUBACK
+was lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -112,11 +116,22 @@ def listing(
     return [_row(cursor, row) for row in cursor.fetchall()]
 
 
+MQTT_RETRY = 5.0
+"""Seconds between tries of exceptions an MQTT broker has not acknowledged."""
+PUBACK_WAIT = 10.0
+"""Seconds to wait for the broker's PUBACK before a publication counts as not handed on."""
+QUEUE_BOUND = 1000
+"""At most this many publications waiting in paho's memory (the database keeps the rest)."""
+
+
 class MqttChannel:
     """Publishes exceptions of one role to an MQTT topic, at QoS 1, through its own client."""
 
     def __init__(self, driver: MqttConfig, topic: str) -> None:
         self.topic = topic
+        self.connected = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[int, asyncio.Future[bool]] = {}
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"plantsync-exceptions-{uuid.uuid4().hex[:8]}",
@@ -131,8 +146,10 @@ class MqttChannel:
             f"MQTT broker {driver.host}:{driver.port} for exceptions on {topic}", log
         )
         self._stopping = False
+        self.client.max_queued_messages_set(QUEUE_BOUND)
         self.client.on_connect = self._connected
         self.client.on_disconnect = self._disconnected
+        self.client.on_publish = self._published
 
     def _connected(
         self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any
@@ -140,21 +157,57 @@ class MqttChannel:
         if code.is_failure:
             self.availability.lost(f"the broker refused the connection ({code})")
         else:
+            self.connected = True
             self.availability.back()
 
     def _disconnected(
         self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any
     ) -> None:
+        self.connected = False
         if not self._stopping:  # our own disconnect at a stop is no outage
-            self.availability.lost(f"disconnected ({code}); what is published waits in memory")
+            self.availability.lost(
+                f"disconnected ({code}); exceptions wait in the database until it is back"
+            )
+
+    def _published(
+        self, client: mqtt.Client, userdata: Any, mid: int, code: Any, properties: Any
+    ) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(self._acknowledged, mid, not code.is_failure)
+
+    def _acknowledged(self, mid: int, accepted: bool) -> None:
+        # A PUBACK nobody waits for any more (its wait timed out; the exception is tried
+        # again) is dropped: kept, it would answer a later publication reusing its id.
+        future = self._pending.get(mid)
+        if future is not None and not future.done():
+            future.set_result(accepted)
 
     def start(self) -> None:
-        # paho's own loop thread reconnects and resends what was queued while away.
+        # paho's own loop thread reconnects; what it had not sent is tried again by the board.
         self.client.connect_async(self.host, self.port, keepalive=30)
         self.client.loop_start()
 
-    def publish(self, document: Mapping[str, Any]) -> None:
-        self.client.publish(self.topic, json.dumps(document, default=str), qos=1)
+    async def publish(self, document: Mapping[str, Any]) -> bool:
+        """True once the broker acknowledged the document; False when it is away, refused it
+        or sent no PUBACK within PUBACK_WAIT (the caller tries again later)."""
+        if not self.connected:
+            return False
+        self._loop = asyncio.get_running_loop()
+        info = self.client.publish(self.topic, json.dumps(document, default=str), qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        # Registered before this coroutine yields: the PUBACK reaches the event loop through
+        # call_soon_threadsafe, so it cannot be handled before this line has run.
+        future: asyncio.Future[bool] = self._loop.create_future()
+        self._pending[info.mid] = future
+        try:
+            async with asyncio.timeout(PUBACK_WAIT):
+                return await future
+        except TimeoutError:
+            return False
+        finally:
+            self._pending.pop(info.mid, None)
 
     def stop(self) -> None:
         self._stopping = True
@@ -178,6 +231,8 @@ class ExceptionBoard:
         self.raised: dict[str, int] = dict.fromkeys(EXCEPTION_KINDS, 0)
         self.cleared: dict[str, int] = dict.fromkeys(EXCEPTION_KINDS, 0)
         self.mqtt: dict[str, MqttChannel] = {}
+        self.unpublished = 0
+        """Raises and clears an MQTT broker has not acknowledged yet, at the last notify."""
         drivers = {d.name: d for d in config.drivers if isinstance(d, MqttConfig)}
         for role, channels in config.exceptions.roles.items():
             if channels.mqtt is not None and channels.mqtt.driver in drivers:
@@ -290,7 +345,11 @@ class ExceptionBoard:
         cancelled (also those a crash left: the outbox ignores an id it holds)."""
         while True:
             await self.notify()
-            await self._wake.wait()
+            # What an MQTT broker has not acknowledged is due again after MQTT_RETRY.
+            timeout = MQTT_RETRY if self.unpublished else None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def notify(self) -> int:
@@ -300,6 +359,7 @@ class ExceptionBoard:
             " OR (notified = 'raised' AND cleared_at IS NOT NULL) ORDER BY id"
         )
         rows = [_row(due, row) for row in due.fetchall()]
+        self.unpublished = 0
         for row in rows:
             steps = ["raised", "cleared"] if row["notified"] == "none" else ["cleared"]
             if row["cleared_at"] is None:
@@ -320,9 +380,14 @@ class ExceptionBoard:
                             )
                         ]
                     )
+                published = True
                 for role in row["roles"]:
                     if role in self.mqtt:
-                        self.mqtt[role].publish(document)
+                        published = await self.mqtt[role].publish(document) and published
+                if not published:
+                    # Still due: tried again, to every role (one that had it may see it twice).
+                    self.unpublished += 1
+                    break
                 self._write("UPDATE exceptions SET notified = ? WHERE id = ?", (step, row["id"]))
         return len(rows)
 

@@ -33,6 +33,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from buffer.outbox import Delivery
+from drivers.common.availability import Availability
 from edge.config.orders import OrdersMesConfig
 from edge.forward.outcome import Outcome, Result
 
@@ -55,6 +56,12 @@ class MesOrderPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: dict[int, asyncio.Future[ReasonCode]] = {}
         self.connected = False
+        self._stopping = False
+        # Said once when the broker goes (with the reason) and once when it is back; the
+        # first connection is logged as before.
+        self.availability = Availability(
+            f"MQTT broker {config.host}:{config.port} for released orders", log
+        )
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.client_id or f"plantsync-{site}-orders",
@@ -101,6 +108,7 @@ class MesOrderPublisher:
         self.client.loop_start()
 
     async def close(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.to_thread(self.client.loop_stop), 5.0)
@@ -219,11 +227,17 @@ class MesOrderPublisher:
     # the asyncio loop ----------------------------------------------------------------------
 
     def _set_connected(self, connected: bool, reason: str | None) -> None:
-        if connected and not self.connected:
+        if connected and not self.connected and self.availability.available is None:
             log.info(
                 "Connected to the MES broker %s:%d for released orders",
                 self.config.host,
                 self.config.port,
+            )
+        if connected:
+            self.availability.back()
+        elif not self._stopping:  # our own disconnect at a stop is no outage
+            self.availability.lost(
+                f"{reason or 'disconnected'}; released orders wait in the outbox until it is back"
             )
         self.connected = connected
 
