@@ -168,10 +168,13 @@ class Certificates:
     ca_file: Path
     cert_file: Path
     key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
 
 
 def certificates(directory: Path, name: str = "hub") -> Certificates:
-    """A CA of its own and a server certificate it signed for 127.0.0.1 and localhost."""
+    """A CA of its own, a server certificate it signed for 127.0.0.1 and localhost, and a
+    client certificate (for mutual TLS)."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -203,10 +206,42 @@ def certificates(directory: Path, name: str = "hub") -> Certificates:
         )
         .sign(ca_key, hashes.SHA256())
     )
+    key, cert = _leaf(ca_key, ca, f"{name}.test", x509.oid.ExtendedKeyUsageOID.SERVER_AUTH)
+    client_key, client = _leaf(ca_key, ca, "plant-7070", x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
+    files = Certificates(
+        directory / f"{name}-ca.pem",
+        directory / f"{name}.pem",
+        directory / f"{name}-key.pem",
+        directory / "client.pem",
+        directory / "client-key.pem",
+    )
+    files.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for path, certificate in ((files.cert_file, cert), (files.client_cert_file, client)):
+        path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    for path, private in ((files.key_file, key), (files.client_key_file, client_key)):
+        path.write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        path.chmod(0o600)
+    return files
+
+
+def _leaf(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    common: str,
+    usage: x509.ObjectIdentifier,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A key and its certificate signed by the CA, for 127.0.0.1 and localhost."""
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(f"{name}.test"))
+        .subject_name(_name(common))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -218,26 +253,11 @@ def certificates(directory: Path, name: str = "hub") -> Certificates:
             ),
             critical=False,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
-    files = Certificates(
-        directory / f"{name}-ca.pem", directory / f"{name}.pem", directory / f"{name}-key.pem"
-    )
-    files.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    files.key_file.chmod(0o600)
-    return files
+    return key, cert

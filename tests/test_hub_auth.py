@@ -288,6 +288,40 @@ def test_tls_with_the_plants_ca_and_a_wrong_ca_refused(
     assert hub.stored() == 25
 
 
+def test_mutual_tls_the_plant_proves_itself_with_its_certificate(
+    hub_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that verifies clients (`tls { verify: true }`): the plant's `tls: {cert_file,
+    key_file}` is its identity; without them the server refuses the handshake."""
+    certs = certificates(tmp_path / "pki")
+    hub = hub_server(
+        f'tls {{ cert_file: "{certs.cert_file}", key_file: "{certs.key_file}", '
+        f'ca_file: "{certs.ca_file}", verify: true }}\n',
+        scheme="tls",
+    )
+    mine = {
+        "ca_file": str(certs.ca_file),
+        "cert_file": str(certs.client_cert_file),
+        "key_file": str(certs.client_key_file),
+    }
+    init_stream(
+        hub,
+        tmp_path,
+        "{type: none}",
+        tls=f"{{ca_file: {certs.ca_file}, cert_file: {certs.client_cert_file}, "
+        f"key_file: {certs.client_key_file}}}",
+    )
+    none: dict[str, Any] = {"type": "none"}
+    line = refused(
+        caplog, tmp_path / "anonymous.db", hub.urls, none, tls={"ca_file": mine["ca_file"]}
+    )
+    assert f"cannot connect to the hub (127.0.0.1:{hub.cluster.nodes[0].port})" in line
+    assert "alert certificate required" in line  # the server said so in the handshake
+    assert hub.stored() == 0
+    assert publish(tmp_path / "outbox.db", hub.urls, none, events=20, tls=mine) == 0
+    assert hub.stored() == 20
+
+
 def test_a_tls_url_to_a_server_without_tls_gets_no_credentials(
     hub_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
