@@ -27,6 +27,7 @@ from simulators.nats_cluster import Cluster, server_binary
 from tests.conftest import Peer, free_port, missing_peer, start_erp, start_peer
 from tests.hub_harness import PLANTSYNC, hub_init, receiver_report, wait_for, write_hub_yaml
 from tests.nats_secrets import Certificates, Operator, certificates, user_nkey
+from tests.processes import run_process
 from tests.test_hub_config import plant as plant_problems
 
 pytestmark = pytest.mark.integration
@@ -339,6 +340,38 @@ def test_a_tls_url_to_a_server_without_tls_gets_no_credentials(
     trace = hub.cluster.nodes[0].log_path.read_text()
     assert "Client connection created" in trace  # the plant did reach it
     assert "CONNECT" not in trace
+
+
+def test_a_hub_key_file_readable_by_others_draws_a_warning(tmp_path: Path) -> None:
+    """A seed or creds file is a secret named by its path: `plantsync check` warns when it
+    is readable beyond its owner, as for `${file:...}` secrets."""
+    seed = secret_file(tmp_path / "hub.nk", user_nkey().seed)
+    config = tmp_path / "plant.yaml"
+    config.write_text(
+        f'site: "1010"\ndata_dir: {tmp_path}\ndestinations:\n  hub:\n'
+        "    base_url: nats://127.0.0.1:4222\n    profile: jetstream\n"
+        f"    jetstream: {{auth: {{type: nkey, seed_file: {seed}}}}}\n"
+        "routes:\n  production.confirmation: [hub]\n"
+    )
+    config.chmod(0o600)
+
+    def check() -> str:
+        done = run_process(
+            [PLANTSYNC, "check", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    seed.chmod(0o644)
+    assert (
+        f"warning: {seed} holds the secret of destinations.hub.jetstream.auth.seed_file and "
+        "is readable by group and others (mode 0644)"
+    ) in check()
+    seed.chmod(0o600)
+    assert "warning" not in check()
 
 
 @pytest.mark.parametrize(
