@@ -11,6 +11,7 @@ each test (tests/nats_secrets.py)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.integration
 
 STREAM = "AUTH"
 PREFIX = "auth"
+SUBJECT = f"{PREFIX}.{{site}}.{{type}}.{{key}}"
 
 
 @dataclass
@@ -120,7 +122,7 @@ def publish(
         tls=tls,
         timeout=1.0,
         stream=STREAM,
-        subject=f"{PREFIX}.{{site}}.{{type}}.{{key}}",
+        subject=SUBJECT,
     )
 
     async def run() -> int:
@@ -224,6 +226,55 @@ def test_an_authenticated_hub_takes_the_plant_with_its_secret_only(
     # The refused plant, given the right secret, publishes what it kept.
     assert publish(tmp_path / "refused.db", hub.urls, mode.right, events=0) == 0
     assert hub.stored() == 25
+
+
+def test_the_plant_reconnects_after_the_hub_dropped_it_for_its_credentials(
+    hub_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub's users change under a connected plant (its password is changed, then put
+    back: a reload, SIGHUP): the server drops the plant with 'Authorization Violation', and
+    nats-py closes that connection for good. The plant keeps its events meanwhile and, once
+    the hub takes its password again, publishes them on a new connection (it had retried
+    the closed one forever, 'connection closed', until restarted)."""
+    hub = hub_server('authorization { users = [ {user: plant, password: "pw-1"} ] }\n')
+    init_stream(hub, tmp_path, '{type: user_password, user: plant, password: "pw-1"}')
+    node = hub.cluster.nodes[0]
+    settings = node.config_path.read_text()
+    auth = {"type": "user_password", "user": "plant", "password": "pw-1"}
+    destination = hub_destination(hub.urls, auth=auth, timeout=1.0, stream=STREAM, subject=SUBJECT)
+
+    def reload(password: str) -> None:
+        node.config_path.write_text(settings.replace('"pw-1"', f'"{password}"'))
+        assert node.process is not None
+        node.process.send_signal(signal.SIGHUP)
+
+    async def owed_is(store: Outbox, count: int, what: str) -> None:
+        async def reached() -> bool:
+            return await _owed(store) == count
+
+        await wait_for(reached, 30, what)
+
+    async def run() -> None:
+        async with Outbox.open(str(tmp_path / "outbox.db")) as store:
+            forwarder = HttpForwarder(DESTINATION, destination, store)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(forwarder.run(), name="forward-hub")
+                await store.commit([plant_event("7070", n, 5) for n in range(5)])
+                await owed_is(store, 0, "the first 5 published")
+                assert hub.stored() == 5
+                reload("pw-changed")
+                await asyncio.sleep(1)  # the server has dropped the plant
+                await store.commit([plant_event("7070", n, 5) for n in range(5, 10)])
+                await asyncio.sleep(3)
+                assert await _owed(store) == 5
+                reload("pw-1")
+                await owed_is(store, 0, "the kept 5 published after the hub took pw-1 again")
+                forwarder.drain()
+
+    asyncio.run(run())
+    assert hub.stored() == 10
+    said = [record.getMessage() for record in caplog.records]
+    assert any("Authorization Violation" in line for line in said), said
 
 
 def test_a_bad_key_file_is_named_and_the_events_are_kept(
