@@ -173,7 +173,9 @@ async def connect(
         said.back()
 
     async def error(exc: Exception) -> None:
-        state["error"] = str(exc) or type(exc).__name__
+        text = state["error"] = str(exc) or type(exc).__name__
+        if isinstance(exc, nats.errors.AuthorizationError) or text.startswith("nats: '"):
+            state["refusal"] = text  # the server's own words (-ERR)
         log.debug("Hub connection error: %s", exc, extra={"client": name})
 
     # nats-py's first connect tries the servers for as long as it may reconnect (forever
@@ -198,5 +200,8 @@ async def connect(
     except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError, nkeys.NkeysError) as exc:
         with contextlib.suppress(nats.errors.Error, OSError):
             await client.close()
-        text = state.get("error") or str(exc) or type(exc).__name__
+        # A server that refuses says why (-ERR) and closes at once, with the client's PING
+        # still unread: the reset that follows can discard that line, so an attempt ends as
+        # "Connection reset by peer". The refusal of any attempt is the reason to give.
+        text = state.get("refusal") or state.get("error") or str(exc) or type(exc).__name__
         raise HubUnavailable(f"cannot connect to the hub ({hosts}): {text}") from None
