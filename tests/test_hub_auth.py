@@ -20,9 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import TypeAdapter
 
 from buffer.outbox import Outbox
+from edge.config.destinations import TlsConfig
 from edge.forward import HttpForwarder
+from edge.hub.connection import HubUnavailable, connect
+from edge.hub.settings import NatsAuth
 from simulators.hub_plant import DESTINATION, hub_destination, plant_event
 from simulators.nats_cluster import Cluster, server_binary
 from tests.conftest import Peer, free_port, missing_peer, start_erp, start_peer
@@ -32,6 +36,8 @@ from tests.processes import run_process
 from tests.test_hub_config import plant as plant_problems
 
 pytestmark = pytest.mark.integration
+
+auth_model: TypeAdapter[NatsAuth] = TypeAdapter(NatsAuth)
 
 STREAM = "AUTH"
 PREFIX = "auth"
@@ -221,6 +227,12 @@ def test_an_authenticated_hub_takes_the_plant_with_its_secret_only(
     assert f"cannot connect to the hub (127.0.0.1:{hub.cluster.nodes[0].port})" in line
     assert "Authorization Violation" in line
     assert hub.stored() == 0
+    # Said as soon as every server refused, not after the first connect's bound (6 s here).
+    started = time.monotonic()
+    with pytest.raises(HubUnavailable, match="Authorization Violation"):
+        wrong = auth_model.validate_python(mode.wrong)
+        asyncio.run(connect("wrong", hub.urls, TlsConfig(), wrong, connect_timeout=5))
+    assert time.monotonic() - started < 3
     assert publish(tmp_path / "outbox.db", hub.urls, mode.right, events=20) == 0
     assert hub.stored() == 20
     # The refused plant, given the right secret, publishes what it kept.

@@ -47,6 +47,10 @@ class HubUnavailable(Exception):
     """No connection to any server of the hub; says why, without secrets."""
 
 
+class _Refused(Exception):
+    """Every server refused the first connect: raised out of nats-py's connect loop."""
+
+
 class _Client(Client):
     """nats-py's client, refusing to send CONNECT over plain TCP to a tls:// server."""
 
@@ -162,6 +166,7 @@ async def connect(
     except ValueError as exc:
         raise HubUnavailable(f"cannot connect to the hub ({hosts}): {exc}") from None
     state: dict[str, str] = {}
+    refusals = {"first connect": 0}
     client = _Client()
     said = availability or Availability(f"The hub ({hosts})", log, extra={"client": name})
 
@@ -174,9 +179,16 @@ async def connect(
 
     async def error(exc: Exception) -> None:
         text = state["error"] = str(exc) or type(exc).__name__
+        log.debug("Hub connection error: %s", exc, extra={"client": name})
         if isinstance(exc, nats.errors.AuthorizationError) or text.startswith("nats: '"):
             state["refusal"] = text  # the server's own words (-ERR)
-        log.debug("Hub connection error: %s", exc, extra={"client": name})
+            if "connected" not in state:
+                refusals["first connect"] += 1
+                # A refusal is the hub's answer, not an outage: once each server has given
+                # it, more tries within this connect only delay saying it (by up to the
+                # bound, 31 s for three servers at a 10 s timeout).
+                if refusals["first connect"] >= len(servers):
+                    raise _Refused(text)
 
     # nats-py's first connect tries the servers for as long as it may reconnect (forever
     # here): bound it, so a wrong token or a hub that is away is a retry with backoff.
@@ -195,9 +207,17 @@ async def connect(
                 error_cb=error,
                 **auth_options(auth),
             )
+        state["connected"] = "yes"
         return client
     # nkeys.NkeysError: a key file changed between the check and nats-py's read of it.
-    except (nats.errors.Error, OSError, TimeoutError, ssl.SSLError, nkeys.NkeysError) as exc:
+    except (
+        nats.errors.Error,
+        OSError,
+        TimeoutError,
+        ssl.SSLError,
+        nkeys.NkeysError,
+        _Refused,
+    ) as exc:
         with contextlib.suppress(nats.errors.Error, OSError):
             await client.close()
         # A server that refuses says why (-ERR) and closes at once, with the client's PING
