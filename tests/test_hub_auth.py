@@ -341,6 +341,13 @@ def test_tls_with_the_plants_ca_and_a_wrong_ca_refused(
         caplog, tmp_path / "wrong.db", hub.urls, auth, tls={"ca_file": str(wrong.ca_file)}
     )
     assert time.monotonic() - started < 15
+    # A wrong password over TLS: the refusal ends the connect at once (no hang on the TLS
+    # transport it leaves behind).
+    started = time.monotonic()
+    with pytest.raises(HubUnavailable, match="Authorization Violation"):
+        wrong_password = auth_model.validate_python({**auth, "password": "pw-nope"})
+        asyncio.run(connect("t", hub.urls, TlsConfig(ca_file=certs.ca_file), wrong_password))
+    assert time.monotonic() - started < 3
     assert f"cannot connect to the hub (127.0.0.1:{hub.cluster.nodes[0].port})" in line
     assert "CERTIFICATE_VERIFY_FAILED" in line and "certificate verify failed" in line
     assert hub.stored() == 0
