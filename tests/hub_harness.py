@@ -38,6 +38,8 @@ def write_hub_yaml(
     token: str | None = None,
     auth: str | None = None,
     tls: str = "{}",
+    heartbeat: str = "500ms",
+    member_ttl: str = "1500ms",
 ) -> Path:
     """`auth` (a nats.auth section in YAML flow style) wins over `token`."""
     auth = auth or (f"{{type: token, token: {token}}}" if token else "{type: none}")
@@ -50,6 +52,8 @@ def write_hub_yaml(
         f"  dead_letter_stream: {stream}_DLQ\n  dead_letter_subject: {prefix}-dlq\n"
         f"  journal_stream: {stream}_JOURNAL\n  journal_subject: {prefix}-journal\n"
         f"relay:\n  ack_wait: {ack_wait}\n  metrics_port: 0\n  stats_interval: 1s\n"
+        f"  members_bucket: {stream}_RELAYS\n  heartbeat: {heartbeat}\n"
+        f"  member_ttl: {member_ttl}\n"
     )
     if erp_url is not None:
         text += (
