@@ -36,12 +36,16 @@ def write_hub_yaml(
     ack_wait: str = "3s",
     duplicate_window: str = "1h",
     token: str | None = None,
+    auth: str | None = None,
+    tls: str = "{}",
     heartbeat: str = "500ms",
     member_ttl: str = "1500ms",
 ) -> Path:
-    auth = f"{{type: token, token: {token}}}" if token else "{type: none}"
+    """`auth` (a nats.auth section in YAML flow style) wins over `token`."""
+    auth = auth or (f"{{type: token, token: {token}}}" if token else "{type: none}")
     text = (
-        f"nats:\n  servers: [{', '.join(servers)}]\n  auth: {auth}\n  timeout: 5s\n"
+        f"nats:\n  servers: [{', '.join(servers)}]\n  auth: {auth}\n  tls: {tls}\n"
+        "  timeout: 5s\n"
         f"stream:\n  name: {stream}\n  subject_pattern: {prefix}.{{site}}.{{type}}.{{key}}\n"
         f"  partitions: {partitions}\n  replicas: {replicas}\n"
         f"  duplicate_window: {duplicate_window}\n  max_age: 1d\n"
