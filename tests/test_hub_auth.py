@@ -502,3 +502,55 @@ def test_a_relay_connects_with_its_password_from_the_environment(
         return receiver_report(erp.url)["delivered_unique"] == 10
 
     asyncio.run(wait_for(delivered, 60, "the relay's 10 deliveries"))
+
+
+def test_a_relay_whose_connection_the_hub_closed_for_good_connects_again(
+    hub_server: Any, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """The hub refuses the relay's password for a moment (its config reloaded with another
+    one, then back): nats-py closes the relay's connection for good. The relay says so once,
+    connects again with backoff and delivers what comes next (the ERP simulator's count by
+    Idempotency-Key is the oracle). Before, it fetched from the closed connection forever,
+    saying nothing, and delivered nothing more."""
+    hub = hub_server(
+        "authorization { users = [ {user: plant, password: pw-plant}, "
+        '{user: relay, password: "pw-relay"} ] }\n'
+    )
+    node = hub.cluster.nodes[0]
+    settings = node.config_path.read_text()
+    erp = start_erp(peers, tmp_path)
+    hub_yaml = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        hub.urls,
+        stream=STREAM,
+        prefix=PREFIX,
+        replicas=1,
+        partitions=2,
+        erp_url=erp.url,
+        auth="{type: user_password, user: relay, password: pw-relay}",
+    )
+    hub_init(hub_yaml)
+    plant = {"type": "user_password", "user": "plant", "password": "pw-plant"}
+    argv = [PLANTSYNC, "relay", "--config", str(hub_yaml), "--log-format", "text", "--name", "r"]
+    relay = start_peer(peers, argv, tmp_path / "relay.log", "metrics on http")
+    assert publish(tmp_path / "a.db", hub.urls, plant, events=5) == 0
+
+    def arrived(count: int) -> None:
+        async def enough() -> bool:
+            return receiver_report(erp.url)["delivered_unique"] == count
+
+        asyncio.run(wait_for(enough, 60, f"{count} deliveries at the ERP"))
+
+    arrived(5)
+    assert node.process is not None
+    node.config_path.write_text(settings.replace('"pw-relay"', '"changed"'))
+    node.process.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    node.config_path.write_text(settings)
+    node.process.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert publish(tmp_path / "b.db", hub.urls, plant, events=5, first=5) == 0
+    arrived(10)
+    output = relay.output()
+    assert output.count("the hub closed the relay's connection; connecting again") == 1, output
+    assert receiver_report(erp.url)["duplicates_at_receiver"] == 0

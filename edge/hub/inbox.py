@@ -33,12 +33,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from buffer.outbox import Delivery, Settlement
+from drivers.common.timing import Backoff
 from edge.hub.config import HubConfig
 from edge.hub.stream import consumer_name
 from edge.model.envelope import event_type_of
 
 log = logging.getLogger(__name__)
 FETCH_WAIT = 2.0
+FETCH_RETRY_CAP = 10.0
+"""The longest wait before a failed fetch is tried again (backoff with jitter)."""
 
 
 @dataclass
@@ -52,6 +55,7 @@ class InboxStats:
     settle_failures: int = 0
     journalled: int = 0
     journal_failures: int = 0
+    fetch_failures: int = 0
 
 
 @dataclass
@@ -268,15 +272,39 @@ class HubInbox:
             # event comes with the ack's answer, not a round trip later. Before relays owned
             # partitions another relay's waiting request hid that round trip; without it two
             # relays of 32 partitions each delivered less than one relay of 64 (bench/hub.py).
+            backoff = Backoff(base=0.5, cap=FETCH_RETRY_CAP)
+            failing: str | None = None
             while self._fetching(partition):
                 try:
                     messages = await subscription.fetch(1, timeout=FETCH_WAIT)
                 except nats.errors.TimeoutError:
+                    messages = []
+                except nats.errors.Error as exc:
+                    # The connection is away (nats-py reconnects; the relay connects again if
+                    # nats-py gives up) or the hub refuses this consumer (deleted by hand):
+                    # said once per failure, tried again with backoff and jitter.
+                    reason = str(exc) or type(exc).__name__
+                    if failing is None:
+                        log.warning(
+                            "Relay %s cannot fetch from %s (%s); trying again with backoff",
+                            self.relay_name,
+                            name,
+                            reason,
+                            extra={"destination": self.destination, "consumer": name},
+                        )
+                    failing = reason
+                    self.stats.fetch_failures += 1
+                    await self._pause(backoff.next_delay())
                     continue
-                except nats.errors.Error as exc:  # the connection is away; nats-py reconnects
-                    log.debug("Fetch from %s failed: %s", name, exc)
-                    await asyncio.sleep(1.0)
-                    continue
+                if failing is not None:
+                    failing = None
+                    backoff.reset()
+                    log.info(
+                        "Relay %s fetches from %s again",
+                        self.relay_name,
+                        name,
+                        extra={"destination": self.destination, "consumer": name},
+                    )
                 for message in messages:
                     if not self._fetching(partition):  # stopped or lost meanwhile: back now
                         await self._quietly(message.nak())
@@ -285,6 +313,12 @@ class HubInbox:
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await subscription.unsubscribe()
+
+    async def _pause(self, seconds: float) -> None:
+        """A wait that a stop or a change of partitions ends early."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._changed.wait()
 
     async def _take(self, message: Msg, partition: int) -> None:
         metadata = message.metadata

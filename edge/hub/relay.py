@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import nats.errors
 import nats.js.errors
 import uvicorn
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -47,6 +48,8 @@ from edge.hub.members import Membership
 from edge.hub.stream import InitReport, consumer_name, ensure_consumers, patiently
 
 log = logging.getLogger(__name__)
+CLOSED_CHECK = 1.0
+"""Seconds between looks at whether nats-py closed the relay's connection for good."""
 
 
 class RelayMetrics(Collector):
@@ -200,10 +203,13 @@ class Relay:
                     report.lines[-1],
                 )
                 self.started.set(time.time())
-                await self._serve(js)
+                if not await self._serve(js, client):
+                    # nats-py gave the connection up (it does when the hub refuses the relay's
+                    # credentials on a reconnect): connect again, with backoff, said once.
+                    return Ended("the hub closed the relay's connection; connecting again")
             finally:
                 await client.close()
-            finished.set()  # _serve returns only once stopped
+            finished.set()
             return Ended("stopped", peer_lost=False)
 
         async with asyncio.TaskGroup() as group:
@@ -217,7 +223,18 @@ class Relay:
             await finished.wait()
             connection.cancel()
 
-    async def _serve(self, js: JetStreamContext) -> None:
+    async def _until_stopped_or_closed(self, client: Client) -> bool:
+        """True once stopped; False when nats-py closed the connection for good."""
+        while not self._stopping.is_set():
+            if client.is_closed:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSED_CHECK):
+                    await self._stopping.wait()
+        return True
+
+    async def _serve(self, js: JetStreamContext, client: Client) -> bool:
+        """Serve until stopped (True) or until the connection is closed for good (False)."""
         server = _metrics_server(self)
         membership = self.membership = Membership(js, self.config, self.name, self._reassign)
         partitions = range(self.config.stream.partitions)
@@ -246,11 +263,13 @@ class Relay:
                 self.config.relay.metrics_host,
                 self.metrics_port,
             )
-            await self._stopping.wait()
-            log.info("Relay %s stopping: finishing deliveries in flight", self.name)
+            stopped = await self._until_stopped_or_closed(client)
+            if stopped:
+                log.info("Relay %s stopping: finishing deliveries in flight", self.name)
             heartbeat.cancel()
             await asyncio.wait([heartbeat])
-            await membership.leave()  # the others take its partitions at their next beat
+            if stopped:
+                await membership.leave()  # the others take its partitions at their next beat
             for inbox in self.inboxes.values():
                 await inbox.give_back()  # no new fetches; what waits goes back to the hub
             for forwarder in self.forwarders.values():
@@ -258,6 +277,7 @@ class Relay:
             await asyncio.wait(workers)
             poller.cancel()
             server.should_exit = True
+        return stopped
 
     def _owned(self, destination: str) -> frozenset[int]:
         assert self.membership is not None
