@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import select
+import socket
 import statistics
 import subprocess
 import sys
@@ -171,3 +172,15 @@ def event_loop_runner(name: str) -> Callable[[Coroutine[Any, Any, Any]], Any]:
 
         return uvloop.run
     return asyncio.run
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free loopback ports (the sockets are held until all are picked)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [
+            stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            for _ in range(count)
+        ]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]

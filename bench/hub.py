@@ -4,9 +4,15 @@
   jetstream: each event with its Nats-Msg-Id, settled on the R3 stream's PubAck) against a
   bare nats-py loop publishing the same payloads and awaiting each PubAck, in the same run
   (bare, gateway, bare: drift hits both alike). Target: ratio >= 0.8.
-- relay: events per second delivered from the stream to the ERP simulator by 1, 2 and 3
-  relay processes (`plantsync relay`), measured between 10 % and 90 % of the events having
-  arrived (start-up and tail excluded), and the scaling ratio to one relay.
+- relay: events per second delivered from the stream to the ERP simulator by 1, 2 and 3 relay
+  processes (`plantsync relay`), each in a cgroup of its own with a CPU quota (`--relay-cpu`, a
+  small machine each). Once every relay serves and sees the others, a backlog is published at
+  once (256 PubAcks awaited together); the clock runs from then until 90 % of it has arrived
+  (start-up and tail not counted). Reported: the rates, the scaling ratio to one relay, how many
+  partitions each relay owned at half the run, and the relays' CPU time per event delivered (all
+  relays together, from /proc). A relay is CPU-bound at its quota; the ratio then shows whether
+  N relays add up, as long as the servers and the ERP simulator (on the same two cores) keep up:
+  pick a quota well under their ceiling (the uncapped one-relay rate).
 
 Prints one JSON line. Run it as `.venv/bin/python bench/hub.py` (`--quick` for a smoke run).
 """
@@ -28,7 +34,7 @@ from typing import Any
 
 import httpx
 import nats
-from _common import erp_simulator
+from _common import erp_simulator, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -93,6 +99,29 @@ async def bare_publish(urls: list[str], config: HubConfig, site: str, count: int
         await client.close()
 
 
+async def backlog_publish(urls: list[str], config: HubConfig, site: str, count: int) -> None:
+    """A relay bench's backlog, as fast as the stream takes it (256 PubAcks awaited at once:
+    the order within a key does not matter to a rate)."""
+    pattern = config.stream.pattern
+    events = [plant_event(site, n, 50) for n in range(count)]
+    client = await nats.connect(urls)
+    try:
+        js = client.jetstream(timeout=30)
+        for start in range(0, count, 256):
+            await asyncio.gather(
+                *(
+                    js.publish(
+                        pattern.subject(site=site, event_type=e.type, key=e.partition_key),
+                        e.payload,
+                        headers={"Nats-Msg-Id": e.id},
+                    )
+                    for e in events[start : start + 256]
+                )
+            )
+    finally:
+        await client.close()
+
+
 async def gateway_publish(
     urls: list[str], config: HubConfig, site: str, count: int, directory: Path
 ) -> float:
@@ -151,6 +180,46 @@ class CpuCap:
         self.made.clear()
 
 
+def partitions_owned(ports: list[int]) -> list[int | None]:
+    """How many partitions each relay fetched from, by its own /status (None: no answer)."""
+    counts: list[int | None] = []
+    for port in ports:
+        try:
+            status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+            counts.append(sum(len(owned) for owned in status["owned"].values()))
+        except (httpx.HTTPError, ValueError, KeyError):
+            counts.append(None)
+    return counts
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process used so far (user + system, /proc): the relays' cost per event,
+    which the box's load does not inflate as it does wall time."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ready(ports: list[int], relays: int) -> None:
+    """Until every relay serves (/healthz) and, where it shares partitions out (/status has
+    members), sees all the others: the rate is then the relays' steady state, not their
+    start-up under a CPU quota (seconds of imports at a quarter core)."""
+    deadline = time.monotonic() + 120
+    waiting = list(ports)
+    while waiting:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"relays on ports {waiting} did not come up")
+        port = waiting[0]
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).raise_for_status()
+            status = httpx.get(f"http://127.0.0.1:{port}/status", timeout=5)
+            if status.status_code == 404 or len(status.json().get("members", [])) == relays:
+                waiting.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
 def relay_rate(
     urls: list[str],
     erp_url: str,
@@ -160,21 +229,25 @@ def relay_rate(
     round_: int,
     partitions: int,
     cap: CpuCap,
+    owned: dict[int, list[list[int | None]]],
+    cpu_per_event: dict[int, list[float]],
 ) -> float:
     stream = f"RELAY{relays}R{round_}"
     config = hub_config(urls, stream, erp_url, partitions=partitions)
     asyncio.run(create(urls, config))
     httpx.post(f"{erp_url}/_sim/reset", timeout=10).raise_for_status()
-    asyncio.run(bare_publish(urls, config, f"R{relays}{round_}", count))
-    hub_yaml = directory / f"{stream}.yaml"
-    hub_yaml.write_text(json.dumps(config.model_dump(mode="json")))
+    ports = free_ports(relays)
+    for i, port in enumerate(ports):  # a /metrics port each, to ask it what it owns
+        settings = config.model_dump(mode="json")
+        settings["relay"]["metrics_port"] = port
+        (directory / f"{stream}-{i}.yaml").write_text(json.dumps(settings))
     processes = [
         subprocess.Popen(
             [
                 PLANTSYNC,
                 "relay",
                 "--config",
-                str(hub_yaml),
+                str(directory / f"{stream}-{i}.yaml"),
                 "--name",
                 f"bench-{i}",
                 "--log-level",
@@ -188,17 +261,25 @@ def relay_rate(
     for i, process in enumerate(processes):
         cap.place(process.pid, f"relay{i}")
     try:
-        marks: dict[float, float] = {}
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            unique = httpx.get(f"{erp_url}/stats", timeout=10).json()["unique"]
-            for share in (0.1, 0.9):
-                if share not in marks and unique >= share * count:
-                    marks[share] = time.perf_counter()
-            if 0.9 in marks:
-                break
+        ready(ports, relays)
+        # Once every relay serves and sees the others, the backlog goes into the stream in a
+        # few hundred milliseconds; the clock runs from then until 90 % of it has arrived.
+        asyncio.run(backlog_publish(urls, config, f"R{relays}{round_}", count))
+        started_at = time.perf_counter()
+        at_start = httpx.get(f"{erp_url}/stats", timeout=10).json()["unique"]
+        cpu_before = sum(cpu_seconds(process.pid) for process in processes)
+        half = (at_start + 0.9 * count) / 2
+        deadline = time.monotonic() + 900
+        unique = at_start
+        while time.monotonic() < deadline and unique < 0.9 * count:
             time.sleep(0.05)
-        return 0.8 * count / (marks[0.9] - marks[0.1])
+            unique = httpx.get(f"{erp_url}/stats", timeout=10).json()["unique"]
+            if unique >= half and len(owned[relays]) <= round_:
+                owned[relays].append(partitions_owned(ports))
+        seconds = time.perf_counter() - started_at
+        cpu = sum(cpu_seconds(process.pid) for process in processes) - cpu_before
+        cpu_per_event[relays].append(1000 * cpu / max(1, unique - at_start))
+        return (unique - at_start) / seconds
     finally:
         for process in processes:
             process.terminate()
@@ -211,7 +292,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run")
     parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--relay-events", type=int, default=2000)
+    parser.add_argument("--relay-events", type=int, default=6000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument(
@@ -222,7 +303,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.quick:
-        args.events, args.relay_events, args.rounds = 300, 300, 1
+        args.events, args.relay_events, args.rounds = 300, 1000, 1
     samples: dict[str, list[float]] = {
         "bare": [],
         "gateway": [],
@@ -231,6 +312,8 @@ def main() -> int:
         "relay_3": [],
     }
     cap = CpuCap(args.relay_cpu or None)
+    owned: dict[int, list[list[int | None]]] = {1: [], 2: [], 3: []}
+    cpu_per_event: dict[int, list[float]] = {1: [], 2: [], 3: []}
     with tempfile.TemporaryDirectory() as temp:
         directory = Path(temp)
         with running_cluster(directory / "nats") as cluster, erp_simulator(directory) as erp_url:
@@ -258,6 +341,8 @@ def main() -> int:
                             round_,
                             args.partitions,
                             cap,
+                            owned,
+                            cpu_per_event,
                         )
                     )
     med = {name: round(statistics.median(values), 1) for name, values in samples.items()}
@@ -276,6 +361,10 @@ def main() -> int:
                 "relay_per_s": {str(k): med[f"relay_{k}"] for k in (1, 2, 3)},
                 "relay_scaling_vs_1": {
                     str(k): round(med[f"relay_{k}"] / med["relay_1"], 2) for k in (2, 3)
+                },
+                "partitions_owned_at_half": {str(k): v for k, v in owned.items()},
+                "relay_cpu_ms_per_event": {
+                    str(k): round(statistics.median(v), 2) for k, v in cpu_per_event.items() if v
                 },
                 "samples": {
                     name: [round(v, 1) for v in values] for name, values in samples.items()

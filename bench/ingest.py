@@ -1,15 +1,16 @@
 """Ingest benchmark: how fast readings get into the gateway through its three southbound
 drivers, each against a bare client of the same protocol measured in the same run.
 
-- OPC UA: data-change notifications per second through `OpcUaDriver` (its sink only counts)
-  against a bare asyncua client (a subscription in iterator mode, the cheapest asyncua path)
-  on the same variables of the same server: the machine simulator with many machines and a
-  fast production clock, in its own process, every counter and process value changing at
-  each tick. Phases alternate bare, driver, bare, driver...; each connects, subscribes, lets
-  a second pass, then counts for a fixed time. The Python server tops out near 5,000
-  notifications per second on a core, far below what either client takes, so the default
-  load stays under that (a steady offered load, the same for every phase) and the rates say
-  whether the driver keeps up (target: ratio >= 0.8). The CPU time this process spends per
+- OPC UA (`bench/_opcua.py`): data-change notifications per second through `OpcUaDriver`
+  (its sink only counts) against a bare asyncua client (a subscription in iterator mode, the
+  cheapest asyncua path) asking for the same session, subscription and items, on the same
+  variables of the same server: the machine simulator in its own process, many machines on a
+  slow clock, four of each machine's eight variables changing at each tick. Phases run in
+  ABBA order (bare, driver, driver, bare per round), each client in a fresh process of its own
+  (its RSS and CPU are its own). The oracle is the server's own count of what it wrote per
+  tick: each phase says how much of what was written inside its window it received (`lost`),
+  and how late. The Python server is the limit here (a few thousand changes per second), so
+  the rates say whether the driver keeps up (target: ratio >= 0.8) and the CPU time per
   notification says what the driver adds on top of asyncua, and so where its ceiling is.
 - MQTT: MES messages per second ingested by `MqttDriver` into a sink that commits them to a
   real `Outbox` (temp file, `synchronous=FULL`), acknowledged after the commit, against a bare
@@ -50,9 +51,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import _opcua
 import msgspec
 import paho.mqtt.client as mqtt
-from asyncua import Client
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -62,19 +63,12 @@ from buffer.outbox import Outbox, OutboxEvent
 from drivers.base import MesMessage, Reading, Sample
 from drivers.modbus import ModbusConfig, ModbusDriver, ReadBlock
 from drivers.mqtt import MqttConfig, MqttDriver
-from drivers.opcua import SUBSCRIPTION_QUEUE, OpcUaConfig, OpcUaDriver
 from edge.ops.logs import setup_logging
 from simulators.mes_publisher import MesPublisher
-from simulators.opcua_machine import NAMESPACE_URI, VARIABLE_TYPES, node_id_string
+from simulators.opcua_machine import VARIABLE_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 20.0
-OPCUA_PUBLISHING_MS = 100
-OPCUA_QUEUE_SIZE = 100
-OPCUA_WARMUP = 3.0
-"""Seconds between subscribing and counting: at 10,000 items the first publish carries every
-item's initial value, which is not the steady rate."""
-OPCUA_SUBSCRIBE_TIMEOUT = 180.0
 MQTT_BATCH_MAX = 500
 MQTT_RECEIVE_MAXIMUM = 2 * MQTT_BATCH_MAX  # what the driver announces by default
 MQTT_DRAIN_TIMEOUT = 60.0
@@ -156,69 +150,16 @@ def child(argv: list[str], ready: str, log_path: Path, timeout: float = START_TI
             process.wait()
 
 
-# --- OPC UA ----------------------------------------------------------------------------------
-
-SERVE_OPCUA = "--serve-opcua"
-
-
-def serve_opcua(port: int, machines: int, tick: float) -> None:
-    """The server side, in its own process: machines counting fast on a fast clock."""
-    import logging
-
-    from simulators.opcua_machine import OpcUaMachineServer
-
-    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
-
-    async def serve() -> None:
-        # Both counters move at every tick (rates far above 1 per tick), and the noise moves
-        # temperature and pressure: four changes per machine per tick.
-        server = OpcUaMachineServer(
-            "127.0.0.1",
-            port,
-            machines=machine_names(machines),
-            rate=1000.0,
-            scrap_rate=500.0,
-            tick=tick,
-        )
-        async with server:
-            print("opcua bench server listening", flush=True)
-            await asyncio.Event().wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
-
-
-def machine_names(count: int) -> list[str]:
-    return [f"m{number:03d}" for number in range(count)]
-
-
-def opcua_nodes(machines: int) -> list[str]:
-    return [
-        node_id_string(name, variable)
-        for name in machine_names(machines)
-        for variable in VARIABLE_TYPES
-    ]
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, in MB (VmRSS)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+# --- shared ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Measured:
-    """`count` units in `seconds` wall time, with `cpu` seconds of this process's CPU, and the
-    resident memory before the client connected and at the end of the window (MB)."""
+    """`count` units in `seconds` wall time, with `cpu` seconds of this process's CPU."""
 
     count: int
     seconds: float
     cpu: float
-    rss_before: float = 0.0
-    rss_after: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -229,151 +170,12 @@ class Measured:
         return self.cpu / self.count * 1e6 if self.count else 0.0
 
 
-async def measure_window(
-    counter: list[int], warmup: float, seconds: float, rss_before: float = 0.0
-) -> Measured:
+async def measure_window(counter: list[int], warmup: float, seconds: float) -> Measured:
     """Let `warmup` pass, then count what `counter[0]` gains over `seconds`."""
     await asyncio.sleep(warmup)
     count, wall, cpu = counter[0], time.perf_counter(), time.process_time()
     await asyncio.sleep(seconds)
-    return Measured(
-        counter[0] - count,
-        time.perf_counter() - wall,
-        time.process_time() - cpu,
-        rss_before,
-        rss_mb(),
-    )
-
-
-async def opcua_bare(
-    endpoint: str, machines: int, seconds: float, warmup: float = OPCUA_WARMUP
-) -> Measured:
-    rss_before = rss_mb()
-    client = Client(endpoint, timeout=60)
-    await client.connect()
-    try:
-        namespace = await client.get_namespace_index(NAMESPACE_URI)
-        nodes = [
-            client.get_node(node.replace(f"nsu={NAMESPACE_URI}", f"ns={namespace}"))
-            for node in opcua_nodes(machines)
-        ]
-        subscription = await client.create_subscription(
-            OPCUA_PUBLISHING_MS, None, queue_maxsize=SUBSCRIPTION_QUEUE
-        )
-        await subscription.subscribe_data_change(
-            nodes, queuesize=OPCUA_QUEUE_SIZE, sampling_interval=0
-        )
-        counter = [0]
-
-        async def consume() -> None:
-            async for _ in subscription:
-                counter[0] += 1
-
-        async with asyncio.TaskGroup() as tasks:
-            consumer = tasks.create_task(consume(), name="bench-opcua-bare")
-            measured = await measure_window(counter, warmup, seconds, rss_before)
-            consumer.cancel()
-        return measured
-    finally:
-        await client.disconnect()
-
-
-async def opcua_driver(
-    endpoint: str, machines: int, seconds: float, warmup: float = OPCUA_WARMUP
-) -> Measured:
-    config = OpcUaConfig.model_validate(
-        {
-            "name": "bench",
-            "type": "opcua",
-            "endpoint": endpoint,
-            "publishing_interval": f"{OPCUA_PUBLISHING_MS}ms",
-            "tags": [
-                {
-                    "name": f"t{index}",
-                    "node": node,
-                    "queue_size": OPCUA_QUEUE_SIZE,
-                    "sampling_interval": 0,
-                }
-                for index, node in enumerate(opcua_nodes(machines))
-            ],
-        }
-    )
-    rss_before = rss_mb()
-    driver = OpcUaDriver(config)
-    counter = [0]
-
-    async def count(readings: Sequence[Reading]) -> None:
-        counter[0] += len(readings)
-
-    async with asyncio.TaskGroup() as tasks:
-        running = tasks.create_task(driver.run(count), name="bench-opcua-driver")
-        deadline = time.monotonic() + OPCUA_SUBSCRIBE_TIMEOUT
-        while not driver.health.connected:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the OPC UA driver did not connect: {driver.health}")
-            await asyncio.sleep(0.05)
-        measured = await measure_window(counter, warmup, seconds, rss_before)
-        running.cancel()
-    if driver.dropped_samples:
-        raise RuntimeError(f"the driver dropped {driver.dropped_samples} samples")
-    return measured
-
-
-def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
-    port = free_port()
-    endpoint = f"opc.tcp://127.0.0.1:{port}"
-    argv = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        SERVE_OPCUA,
-        str(port),
-        str(sizes.opcua_machines),
-        str(sizes.opcua_tick),
-    ]
-    bare: list[Measured] = []
-    driven: list[Measured] = []
-    # Two ticks before counting: the first publish (every item's value) is not the steady rate.
-    warmup = max(OPCUA_WARMUP, 2 * sizes.opcua_tick)
-    # Building the address space takes a while at thousands of machines.
-    with child(
-        argv, "listening", scratch / "opcua-server.log", START_TIMEOUT + sizes.opcua_machines * 0.1
-    ):
-        for _ in range(sizes.rounds):
-            bare.append(
-                asyncio.run(opcua_bare(endpoint, sizes.opcua_machines, sizes.opcua_seconds, warmup))
-            )
-            driven.append(
-                asyncio.run(
-                    opcua_driver(endpoint, sizes.opcua_machines, sizes.opcua_seconds, warmup)
-                )
-            )
-        bare.append(
-            asyncio.run(opcua_bare(endpoint, sizes.opcua_machines, sizes.opcua_seconds, warmup))
-        )
-    bare_rate = median([m.rate for m in bare])
-    driver_rate = median([m.rate for m in driven])
-    bare_cpu = median([m.cpu_us_per_unit for m in bare])
-    driver_cpu = median([m.cpu_us_per_unit for m in driven])
-    return {
-        "machines": sizes.opcua_machines,
-        "monitored_items": sizes.opcua_machines * len(VARIABLE_TYPES),
-        "tick_ms": round(sizes.opcua_tick * 1000),
-        "publishing_interval_ms": OPCUA_PUBLISHING_MS,
-        "driver_notifications_per_s": round(driver_rate),
-        "bare_notifications_per_s": round(bare_rate),
-        "ratio": round(driver_rate / bare_rate, 3) if bare_rate else None,
-        "driver_cpu_us_per_notification": round(driver_cpu, 1),
-        "bare_cpu_us_per_notification": round(bare_cpu, 1),
-        # What one core could take at that cost: the ceiling once the server is faster.
-        "driver_rss_mb": round(median([m.rss_after for m in driven]), 1),
-        "bare_rss_mb": round(median([m.rss_after for m in bare]), 1),
-        "driver_rss_growth_mb": round(median([m.rss_after - m.rss_before for m in driven]), 1),
-        "bare_rss_growth_mb": round(median([m.rss_after - m.rss_before for m in bare]), 1),
-        "driver_capacity_per_core": round(1e6 / driver_cpu) if driver_cpu else None,
-        "bare_capacity_per_core": round(1e6 / bare_cpu) if bare_cpu else None,
-        "capacity_ratio": round(bare_cpu / driver_cpu, 3) if driver_cpu else None,
-        "samples": {"driver": [_figures(m) for m in driven], "bare": [_figures(m) for m in bare]},
-    }
+    return Measured(counter[0] - count, time.perf_counter() - wall, time.process_time() - cpu)
 
 
 def _figures(measured: Measured) -> dict[str, float]:
@@ -383,9 +185,21 @@ def _figures(measured: Measured) -> dict[str, float]:
         "rate": round(measured.rate),
         "cpu_us": round(measured.cpu_us_per_unit, 1),
     }
-    if measured.rss_after:
-        figures["rss_mb"] = round(measured.rss_after, 1)
     return figures
+
+
+def bench_opcua(sizes: Sizes, scratch: Path) -> dict[str, Any]:
+    """See `bench/_opcua.py`: driver against bare asyncua, ABBA, the server's count as oracle."""
+    script = Path(__file__).resolve()
+    return _opcua.bench(
+        script,
+        child,
+        sizes.opcua_machines,
+        sizes.opcua_tick,
+        sizes.opcua_seconds,
+        sizes.rounds,
+        scratch,
+    )
 
 
 # --- MQTT ------------------------------------------------------------------------------------
@@ -863,7 +677,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == SERVE_OPCUA:
-        serve_opcua(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == _opcua.SERVE:
+        _opcua.serve(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), Path(sys.argv[5]))
+    elif len(sys.argv) == 7 and sys.argv[1] == _opcua.PHASE:
+        _opcua.phase_main(sys.argv[2:])
     else:
         main()

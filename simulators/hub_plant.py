@@ -67,16 +67,20 @@ def hub_destination(
     servers: Sequence[str],
     *,
     token: str | None = None,
+    auth: dict[str, object] | None = None,
+    tls: dict[str, object] | None = None,
     batch_size: int = 64,
     max_in_flight: int = 4,
     timeout: float = 5.0,
     stream: str = DEFAULT_STREAM,
     subject: str = DEFAULT_SUBJECT,
 ) -> DestinationConfig:
-    auth = {"type": "token", "token": token} if token else {"type": "none"}
+    """`auth` (a jetstream.auth section) wins over `token`; `tls` is the destination's."""
+    auth = auth or ({"type": "token", "token": token} if token else {"type": "none"})
     return DestinationConfig.model_validate(
         {
             "base_url": servers[0],
+            **({"tls": tls} if tls else {}),
             "profile": "jetstream",
             "batch_size": batch_size,
             "max_in_flight": max_in_flight,

@@ -48,9 +48,11 @@ class Node:
     log_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
+    scheme: str = "nats"
+
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, binary: str, timeout: float = 20.0) -> None:
         with self.log_path.open("ab") as log:
@@ -89,9 +91,19 @@ class Node:
 
 
 class Cluster:
-    """`size` nodes in one cluster; `token`, when given, is required of clients."""
+    """`size` nodes in one cluster; `token`, when given, is required of clients; `settings`
+    (nats-server config text: an authorization block, operator mode, tls) go in each node's
+    config, and `scheme` is its clients' URL scheme (tls when the settings require TLS)."""
 
-    def __init__(self, directory: Path, size: int = 3, token: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size: int = 3,
+        token: str | None = None,
+        *,
+        settings: str = "",
+        scheme: str = "nats",
+    ) -> None:
         binary = server_binary()
         if binary is None:
             raise FileNotFoundError(
@@ -110,6 +122,7 @@ class Cluster:
                 directory / f"n{i + 1}",
                 directory / f"n{i + 1}.conf",
                 directory / f"n{i + 1}.log",
+                scheme=scheme,
             )
             for i in range(size)
         ]
@@ -118,7 +131,7 @@ class Cluster:
             auth = f'authorization {{ token: "{token}" }}\n' if token else ""
             node.config_path.write_text(
                 f'server_name: "{node.name}"\nlisten: "127.0.0.1:{node.port}"\n'
-                f"{auth}"
+                f"{auth}{settings}"
                 f'jetstream {{ store_dir: "{node.store}", max_memory_store: 64MB, '
                 "max_file_store: 2GB }\n"
                 + (
@@ -144,8 +157,15 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def running_cluster(directory: Path, size: int = 3, token: str | None = None) -> Iterator[Cluster]:
-    cluster = Cluster(directory, size, token)
+def running_cluster(
+    directory: Path,
+    size: int = 3,
+    token: str | None = None,
+    *,
+    settings: str = "",
+    scheme: str = "nats",
+) -> Iterator[Cluster]:
+    cluster = Cluster(directory, size, token, settings=settings, scheme=scheme)
     try:
         yield cluster.start()
     finally:

@@ -44,7 +44,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +68,10 @@ log = logging.getLogger(__name__)
 NAMESPACE_URI = "urn:plantsync:sim:machine"
 APPLICATION_URI = "urn:plantsync:sim:opcua-machine"
 TICK_SECONDS = 0.1
+WRITES_PER_YIELD = 1_000
+"""At a tick, the server answers requests after this many writes: a tick of 6,250 machines
+(25,000 writes) otherwise keeps it silent for seconds, longer than clients wait for a reply to
+their keep-alive read, as a PLC's server that answers while its values change does not."""
 DEFAULT_MACHINE = "filler-02"
 
 TEMPERATURE_NOMINAL, TEMPERATURE_NOISE = 72.0, 0.1
@@ -285,7 +289,11 @@ class OpcUaMachineServer:
         tick: float = TICK_SECONDS,
         model: Model = "plantsync",
         sampling: Sampling = "together",
+        on_publish: Callable[[datetime, int], None] | None = None,
     ) -> None:
+        """`on_publish`, if given, hears of every round of writes: its source timestamp and
+        how many values it changed (one data change per subscribed item each), so a benchmark
+        or test counts what a client should get from the server's own count."""
         if not machines:
             raise ValueError("at least one machine is needed")
         if len(set(machines)) != len(machines):
@@ -302,6 +310,7 @@ class OpcUaMachineServer:
         self.tick = tick
         self.model = model
         self.sampling = sampling
+        self.on_publish = on_publish
         self._last_advance = time.monotonic()
         self.machines: dict[str, Machine] = {
             name: Machine(
@@ -560,7 +569,7 @@ class OpcUaMachineServer:
         while True:
             await asyncio.sleep(self.tick)
             self._advance()
-            await self._publish_all()
+            await self._publish_all(yield_every=WRITES_PER_YIELD)
 
     def _advance(self) -> None:
         now = time.monotonic()
@@ -568,12 +577,16 @@ class OpcUaMachineServer:
             machine.advance(now - self._last_advance)
         self._last_advance = now
 
-    async def _publish_all(self, only: Sequence[str] | None = None) -> None:
+    async def _publish_all(
+        self, only: Sequence[str] | None = None, yield_every: int | None = None
+    ) -> None:
         """Write every value that changed since the last write (of the `only` variables, if
-        given), with a source timestamp."""
+        given), with a source timestamp; with `yield_every`, let the server answer requests
+        after that many writes (the clock, on a server of thousands of machines)."""
         if self._server is None:
             return
         stamp = ua.DateTime.now(UTC)
+        written = 0
         for machine in self.machines.values():
             opc30050 = self.model == "opc30050"
             values = self._packml_values(machine) if opc30050 else machine.values()
@@ -591,6 +604,11 @@ class OpcUaMachineServer:
                     ServerTimestamp=stamp,
                 )
                 await self._server.write_attribute_value(self._nodes[key].nodeid, datavalue)
+                written += 1
+                if yield_every is not None and written % yield_every == 0:
+                    await asyncio.sleep(0)
+        if written and self.on_publish is not None:
+            self.on_publish(stamp, written)
 
     # --- control API --------------------------------------------------------------------------
 

@@ -36,16 +36,24 @@ def write_hub_yaml(
     ack_wait: str = "3s",
     duplicate_window: str = "1h",
     token: str | None = None,
+    auth: str | None = None,
+    tls: str = "{}",
+    heartbeat: str = "500ms",
+    member_ttl: str = "1500ms",
 ) -> Path:
-    auth = f"{{type: token, token: {token}}}" if token else "{type: none}"
+    """`auth` (a nats.auth section in YAML flow style) wins over `token`."""
+    auth = auth or (f"{{type: token, token: {token}}}" if token else "{type: none}")
     text = (
-        f"nats:\n  servers: [{', '.join(servers)}]\n  auth: {auth}\n  timeout: 5s\n"
+        f"nats:\n  servers: [{', '.join(servers)}]\n  auth: {auth}\n  tls: {tls}\n"
+        "  timeout: 5s\n"
         f"stream:\n  name: {stream}\n  subject_pattern: {prefix}.{{site}}.{{type}}.{{key}}\n"
         f"  partitions: {partitions}\n  replicas: {replicas}\n"
         f"  duplicate_window: {duplicate_window}\n  max_age: 1d\n"
         f"  dead_letter_stream: {stream}_DLQ\n  dead_letter_subject: {prefix}-dlq\n"
         f"  journal_stream: {stream}_JOURNAL\n  journal_subject: {prefix}-journal\n"
         f"relay:\n  ack_wait: {ack_wait}\n  metrics_port: 0\n  stats_interval: 1s\n"
+        f"  members_bucket: {stream}_RELAYS\n  heartbeat: {heartbeat}\n"
+        f"  member_ttl: {member_ttl}\n"
     )
     if erp_url is not None:
         text += (

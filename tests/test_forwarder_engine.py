@@ -126,3 +126,107 @@ def test_requests_keep_each_keys_run_whole() -> None:
         [30],
     ]
     assert pack_runs([], 4) == []
+
+
+class ReadsHeldAfterTheFirst:
+    """The outbox, its leases after the first held until `release` (a slow disk, a read queued
+    behind others); everything else goes straight to it."""
+
+    def __init__(self, outbox: Any) -> None:
+        self._outbox = outbox
+        self.holding = asyncio.Event()
+        self._released = asyncio.Event()
+        self._leases = 0
+
+    def release(self) -> None:
+        self._released.set()
+
+    def listener(self) -> asyncio.Event:
+        return self._outbox.listener()  # type: ignore[no-any-return]
+
+    async def lease(
+        self, destination: str, limit: int, *, busy_keys: Any = (), per_key: int = 1
+    ) -> list[Delivery]:
+        self._leases += 1
+        leased: list[Delivery] = await self._outbox.lease(
+            destination, limit, busy_keys=busy_keys, per_key=per_key
+        )
+        if self._leases > 1 and not self._released.is_set():
+            self.holding.set()
+            await self._released.wait()
+        return leased
+
+    async def next_due(self, destination: str) -> float | None:
+        return await self._outbox.next_due(destination)  # type: ignore[no-any-return]
+
+    async def settle(self, settlements: Any) -> None:
+        await self._outbox.settle(settlements)
+
+    async def ack(
+        self, delivery: Delivery, *, status: int | None, reference: str | None = None
+    ) -> None:
+        await self._outbox.ack(delivery, status=status, reference=reference)
+
+    async def retry(self, delivery: Delivery, *, at: float, status: int | None, error: str) -> None:
+        await self._outbox.retry(delivery, at=at, status=status, error=error)
+
+    async def dead_letter(self, delivery: Delivery, *, status: int | None, reason: str) -> None:
+        await self._outbox.dead_letter(delivery, status=status, reason=reason)
+
+
+@pytest.mark.integration
+async def test_a_freed_slot_sends_the_next_leased_request_while_a_read_is_pending(
+    peers: Any, tmp_path: Path
+) -> None:
+    """Issue 17 item 1: a request that got its answer starts the next one already leased; it
+    does not wait for the lease loop, which may be awaiting an outbox read (that wait left the
+    slot empty a quarter of the time in bench/forward.py). One request in flight, reads after
+    the first held: the ERP must receive the third event while the second read still waits.
+    The oracle is the ERP simulator's own record of what it received."""
+    from buffer.outbox import Outbox, OutboxEvent
+    from edge.config.destinations import DestinationConfig
+    from edge.forward import HttpForwarder
+    from tests.conftest import start_erp
+
+    erp = start_erp(peers, tmp_path)
+    body = (
+        '{{"specversion":"1.0","id":"ev-{n}","source":"urn:test",'
+        '"type":"production.confirmation","partitionkey":"K{n}","data":{{}}}}'
+    )
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit(
+            [
+                OutboxEvent(
+                    f"ev-{n}",
+                    "production.confirmation",
+                    f"K{n}",
+                    body.format(n=n).encode(),
+                    ("erp",),
+                )
+                for n in range(6)
+            ]
+        )
+        reads = ReadsHeldAfterTheFirst(outbox)
+        forwarder = HttpForwarder(
+            "erp",
+            DestinationConfig.model_validate(
+                {"base_url": erp.url, "path": "/api/events", "max_in_flight": 1}
+            ),
+            reads,
+        )
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(forwarder.run(), name="forward")
+            await asyncio.wait_for(reads.holding.wait(), 10)
+            deadline = time.monotonic() + 10
+            received: list[dict[str, object]] = []
+            while len(received) < 3 and time.monotonic() < deadline:
+                received = await asyncio.to_thread(erp.events)
+                await asyncio.sleep(0.02)
+            held_back = len(received)
+            reads.release()
+            while forwarder.health.delivered < 6 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            forwarder.drain()
+            await asyncio.wait_for(task, 10)
+    assert held_back == 3, f"{held_back} events reached the ERP while the read was held"
+    assert [e["key"] for e in erp.events()] == [f"ev-{n}" for n in range(6)]

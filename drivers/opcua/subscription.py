@@ -29,8 +29,14 @@ from drivers.opcua.restarts import (
     STATE_HANDLE,
 )
 
-SUBSCRIPTION_QUEUE = 10_000
-"""asyncua's per-subscription notification queue; the pump empties it as notifications come."""
+SUBSCRIPTION_QUEUE = 0
+"""asyncua's per-subscription notification queue: unbounded. asyncua puts a whole publish into
+it at once and drops the oldest beyond its bound without a word (at 10,000, a tick of 25,000
+changes lost 15,000); the pump empties it as notifications come, into the driver's buffer,
+whose bound keeps the latest value per tag and counts what it drops."""
+
+PUMP_YIELD_EVERY = 1_000
+"""Notifications the pump moves before it lets other tasks (the delivery to the sink) run."""
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ import asyncio
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from asyncua import ua
 
@@ -19,6 +20,9 @@ from drivers.base import (
     Sample,
     TagValue,
 )
+
+_PLAIN_TYPES = frozenset({float, int, str, bool})
+"""Values a sample carries as they come (exact types: an IntEnum is not one of them)."""
 
 MAX_PENDING_SAMPLES = 10_000
 """Samples waiting for the sink before the buffer keeps only the latest value per tag."""
@@ -100,9 +104,12 @@ class Selector:
 
 def quality_of(status: ua.StatusCode | None) -> Quality:
     """OPC UA severity bits to sample quality: Good, Uncertain, anything else Bad."""
-    if status is None or status.is_good():
+    # The two top bits (Part 4, 7.39): 00 Good, 01 Uncertain, 10 and 11 Bad. Read here rather
+    # than through StatusCode.is_good() and is_uncertain(): this runs for every notification.
+    severity = 0 if status is None else status.value >> 30
+    if severity == 0:
         return Quality.GOOD
-    if status.is_uncertain():
+    if severity == 1:
         return Quality.UNCERTAIN
     return Quality.BAD
 
@@ -110,7 +117,9 @@ def quality_of(status: ua.StatusCode | None) -> Quality:
 def plain_value(value: object) -> TagValue:
     """An OPC UA value as a sample value: numbers, booleans and strings as they are, text
     types as their text, timestamps in ISO 8601, anything else (arrays, structures) as text."""
-    if value is None or isinstance(value, bool | float | str):
+    if value is None or type(value) in _PLAIN_TYPES:  # the common case, without isinstance
+        return cast(TagValue, value)
+    if isinstance(value, bool | float | str):
         return value
     if isinstance(value, int):
         return int(value)  # drops an IntEnum's class
@@ -144,14 +153,25 @@ def sample_from(
     the server's, else `now`. LookupError when `select` finds no such part."""
     if datavalue is None:
         return Sample(driver, tag, None, now, Quality.BAD)
-    quality = quality_of(datavalue.StatusCode)
+    status = datavalue.StatusCode
+    # Runs for every notification: the common case (Good, a plain value, a source timestamp
+    # from asyncua, which decodes them timezone-aware) without the general functions' calls.
+    quality = Quality.GOOD if status is None or not status.value >> 30 else quality_of(status)
     value = None
-    if quality is not Quality.BAD and datavalue.Value is not None:
-        raw = datavalue.Value.Value
-        value = plain_value(select.apply(raw) if select is not None else raw)
-    source_time = (
-        epoch_seconds(datavalue.SourceTimestamp) or epoch_seconds(datavalue.ServerTimestamp) or now
-    )
+    variant = datavalue.Value
+    if quality is not Quality.BAD and variant is not None:
+        raw = variant.Value
+        if select is not None:
+            value = plain_value(select.apply(raw))
+        elif raw is None or type(raw) in _PLAIN_TYPES:
+            value = raw
+        else:
+            value = plain_value(raw)
+    stamp = datavalue.SourceTimestamp
+    if stamp is not None and stamp.tzinfo is not None and stamp.year > 1601:
+        source_time = stamp.timestamp() or epoch_seconds(datavalue.ServerTimestamp) or now
+    else:
+        source_time = epoch_seconds(stamp) or epoch_seconds(datavalue.ServerTimestamp) or now
     return Sample(driver, tag, value, source_time, quality)
 
 
@@ -166,7 +186,13 @@ class PendingSamples:
     def __init__(self, limit: int = MAX_PENDING_SAMPLES) -> None:
         self.limit = limit
         self.dropped = 0
+        self.compactions = 0
         self._samples: list[Sample | DeviceRestarted] = []
+        self._compact_above = limit
+        """Where the next compaction starts: `limit`; but twice what the last one kept when it
+        kept more than it dropped (about as many tags as `limit`, or more, each with one
+        value). Each compaction is then paid for by at least as many puts as it scanned, and
+        a put costs O(1) on average however many tags a server has."""
         self._ready = asyncio.Event()
 
     def __len__(self) -> int:
@@ -177,8 +203,9 @@ class PendingSamples:
         were dropped to make room."""
         self._samples.append(sample)
         self._ready.set()
-        if len(self._samples) <= self.limit:
+        if len(self._samples) <= self._compact_above:
             return 0
+        self.compactions += 1
         latest: dict[tuple[int, str], Sample | DeviceRestarted] = {}
         restarts = 0
         for queued in self._samples:
@@ -193,6 +220,8 @@ class PendingSamples:
             latest[key] = queued
         dropped = len(self._samples) - len(latest)
         self._samples = list(latest.values())
+        kept = len(self._samples)
+        self._compact_above = self.limit if dropped >= kept else max(self.limit, 2 * kept)
         self.dropped += dropped
         return dropped
 
@@ -200,5 +229,6 @@ class PendingSamples:
         """Wait for samples and take them all, oldest first."""
         await self._ready.wait()
         batch, self._samples = self._samples, []
+        self._compact_above = self.limit
         self._ready.clear()
         return batch

@@ -22,8 +22,10 @@ import yaml
 from pydantic import BaseModel, SecretStr
 
 from edge.config.checks import cleartext_secrets
+from edge.config.destinations import DestinationConfig
 from edge.config.errors import Loc, format_loc
 from edge.config.models import PlantConfig
+from edge.hub.settings import NatsCredentials, NatsNKey
 
 _FILE_REF = re.compile(r"\$\{file:([^}]+)\}")
 
@@ -90,6 +92,8 @@ def exposed_secrets(path: Path, config: PlantConfig) -> list[str]:
             literal.append(format_loc(loc))
         for file in _FILE_REF.findall(written):
             referenced.setdefault(Path(file), []).append(format_loc(loc))
+    for loc, key_file in _nats_key_files(config):
+        referenced.setdefault(key_file, []).append(format_loc(loc))
     warnings = []
     if literal:
         warning = _check_mode(path, f"holds secrets written in it ({', '.join(literal)})")
@@ -109,6 +113,19 @@ def exposed_secrets(path: Path, config: PlantConfig) -> list[str]:
             f"{host} (allow_insecure: true); anyone on the path can read them"
         )
     return warnings
+
+
+def _nats_key_files(config: PlantConfig) -> Iterator[tuple[Loc, Path]]:
+    """The hub's NKey seed and creds files: secrets named by path, not by reference."""
+    for name, destination in config.destinations.items():
+        if not isinstance(destination, DestinationConfig) or destination.profile != "jetstream":
+            continue
+        auth = destination.jetstream.auth
+        at: Loc = ("destinations", name, "jetstream", "auth")
+        if isinstance(auth, NatsNKey):
+            yield (*at, "seed_file"), auth.seed_file
+        elif isinstance(auth, NatsCredentials):
+            yield (*at, "file"), auth.file
 
 
 def _check_mode(path: Path, what: str) -> str | None:

@@ -127,6 +127,34 @@ class RelaySettings(_Section):
     stats_interval: Duration = Field(
         5.0, description="How often consumer lag and dead letter depth are read from the hub."
     )
+    members_bucket: str = Field(
+        f"{DEFAULT_STREAM}_RELAYS",
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="JetStream key-value bucket of the live relays (a key each): they "
+        "share the partitions out by it. Made by hub init, or by the first relay.",
+    )
+    heartbeat: Duration = Field(
+        2.0,
+        gt=0,
+        description="How often a relay renews its key in the members bucket and "
+        "recomputes which partitions it owns.",
+    )
+    member_ttl: Duration = Field(
+        6.0,
+        gt=0,
+        description="A relay's key is gone this long after its last heartbeat (the "
+        "bucket's max age): a killed relay's partitions move to the others after it; at "
+        "least twice the heartbeat.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl(self) -> RelaySettings:
+        if self.member_ttl < 2 * self.heartbeat:
+            raise ValueError(
+                f"member_ttl ({self.member_ttl:g}s) must be at least twice the heartbeat "
+                f"({self.heartbeat:g}s), or a live relay's key could expire between beats"
+            )
+        return self
 
 
 class HubConfig(_Section):

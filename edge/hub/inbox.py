@@ -1,9 +1,10 @@
 """The hub stream as the forwarder engine's delivery queue for one destination of a relay:
 what the outbox is to a plant daemon (edge.forward.queue.DeliveryQueue).
 
-One fetch task per partition pulls from that partition's durable consumer, one event at a
-time (the consumer's `max_ack_pending: 1` lets no relay have a second one out), and holds it
-until the engine settles it:
+One fetch task per partition this relay owns (edge.hub.members shares the partitions out
+among the live relays; `assign()` changes the set) pulls from that partition's durable
+consumer, one event at a time (the consumer's `max_ack_pending: 1` lets no relay have a second
+one out, whoever owns what), and holds it until the engine settles it:
 - `ack` (the target answered 2xx) acks it to JetStream, and waits for the server to confirm
   the ack, before the partition's next event is fetched;
 - `retry` naks it with the engine's backoff as the delay: JetStream keeps it pending (no later
@@ -32,12 +33,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from buffer.outbox import Delivery, Settlement
+from drivers.common.timing import Backoff
 from edge.hub.config import HubConfig
 from edge.hub.stream import consumer_name
 from edge.model.envelope import event_type_of
 
 log = logging.getLogger(__name__)
 FETCH_WAIT = 2.0
+FETCH_RETRY_CAP = 10.0
+"""The longest wait before a failed fetch is tried again (backoff with jitter)."""
 
 
 @dataclass
@@ -51,6 +55,7 @@ class InboxStats:
     settle_failures: int = 0
     journalled: int = 0
     journal_failures: int = 0
+    fetch_failures: int = 0
 
 
 @dataclass
@@ -73,9 +78,12 @@ class HubInbox:
         self._config = config
         self.destination = destination
         self._held: dict[int, _Held] = {}  # by stream sequence
-        self._free = {p: asyncio.Event() for p in range(config.stream.partitions)}
         self._listeners: set[asyncio.Event] = set()
         self._stopping = False
+        self.owned: frozenset[int] = frozenset(range(config.stream.partitions))
+        """The partitions this inbox fetches from (edge.hub.members decides; all until then)."""
+        self._fetchers: dict[int, asyncio.Task[None]] = {}
+        self._changed = asyncio.Event()
         self.stats = InboxStats()
 
     # -- the DeliveryQueue side, called by the engine --
@@ -215,49 +223,114 @@ class HubInbox:
     # -- the fetching side --
 
     async def run(self) -> None:
+        """Fetch from the owned partitions until `give_back()`; `assign()` starts and ends
+        fetch tasks meanwhile."""
         async with asyncio.TaskGroup() as group:
             keep_alive = group.create_task(
                 self._keep_alive(), name=f"in-progress-{self.destination}"
             )
-            fetchers = []
-            for partition in range(self._config.stream.partitions):
-                self._free[partition].set()
-                fetchers.append(
-                    group.create_task(
-                        self._fetch(partition), name=f"fetch-{self.destination}-p{partition}"
-                    )
-                )
-            await asyncio.wait(fetchers)
+            while not self._stopping:
+                self._changed.clear()
+                for partition in sorted(self.owned):
+                    running = self._fetchers.get(partition)
+                    if running is None or running.done():  # a lost one's task may still end
+                        task = group.create_task(
+                            self._fetch(partition), name=f"fetch-{self.destination}-p{partition}"
+                        )
+                        task.add_done_callback(lambda _: self._changed.set())
+                        self._fetchers[partition] = task
+                await self._changed.wait()
+            if self._fetchers:
+                await asyncio.wait(self._fetchers.values())
             keep_alive.cancel()
+
+    async def assign(self, partitions: frozenset[int]) -> None:
+        """Fetch from these partitions from now on. A lost partition's fetch ends with its
+        pending request (within FETCH_WAIT: a flag, see `_fetch`); an event of it held but
+        not yet handed to the engine goes back to the hub now, one being delivered is
+        finished and settled."""
+        lost = self.owned - partitions
+        self.owned = partitions
+        self._changed.set()
+        for held in list(self._held.values()):
+            if held.partition in lost and not held.leased:
+                self._release(held)
+                await self._quietly(held.message.nak())
+
+    def _fetching(self, partition: int) -> bool:
+        return not self._stopping and partition in self.owned
 
     async def _fetch(self, partition: int) -> None:
         stream = self._config.stream.name
         name = consumer_name(self.destination, partition)
         subscription = await self._js.pull_subscribe_bind(name, stream)
-        free = self._free[partition]
-        # A flag, not only cancellation: nats-py's fetch (asyncio.wait_for on Python 3.11) can
-        # swallow a cancel that arrives as its answer does, and the loop would go on.
-        while not self._stopping:
-            await free.wait()
-            try:
-                messages = await subscription.fetch(1, timeout=FETCH_WAIT)
-            except nats.errors.TimeoutError:
-                continue
-            except nats.errors.Error as exc:  # the connection is away; nats-py reconnects
-                log.debug("Fetch from %s failed: %s", name, exc)
-                await asyncio.sleep(1.0)
-                continue
-            for message in messages:
-                if self._stopping:  # fetched as we stopped: back to the hub at once
-                    await self._quietly(message.nak())
+        try:
+            # A flag, not only cancellation: nats-py's fetch (asyncio.wait_for on Python 3.11)
+            # can swallow a cancel that arrives as its answer does, and the loop would go on.
+            # The next pull request waits at the hub while this partition's event is being
+            # delivered (the hub holds it back until the ack: max_ack_pending 1), so the next
+            # event comes with the ack's answer, not a round trip later. Before relays owned
+            # partitions another relay's waiting request hid that round trip; without it two
+            # relays of 32 partitions each delivered less than one relay of 64 (bench/hub.py).
+            backoff = Backoff(base=0.5, cap=FETCH_RETRY_CAP)
+            failing: str | None = None
+            while self._fetching(partition):
+                try:
+                    messages = await subscription.fetch(1, timeout=FETCH_WAIT)
+                except nats.errors.TimeoutError:
+                    messages = []
+                except nats.errors.Error as exc:
+                    # The connection is away (nats-py reconnects; the relay connects again if
+                    # nats-py gives up) or the hub refuses this consumer (deleted by hand):
+                    # said once per failure, tried again with backoff and jitter.
+                    reason = str(exc) or type(exc).__name__
+                    if failing is None:
+                        log.warning(
+                            "Relay %s cannot fetch from %s (%s); trying again with backoff",
+                            self.relay_name,
+                            name,
+                            reason,
+                            extra={"destination": self.destination, "consumer": name},
+                        )
+                    failing = reason
+                    self.stats.fetch_failures += 1
+                    await self._pause(backoff.next_delay())
                     continue
-                await self._take(message, partition)
+                if failing is not None:
+                    failing = None
+                    backoff.reset()
+                    log.info(
+                        "Relay %s fetches from %s again",
+                        self.relay_name,
+                        name,
+                        extra={"destination": self.destination, "consumer": name},
+                    )
+                for message in messages:
+                    if not self._fetching(partition):  # stopped or lost meanwhile: back now
+                        await self._quietly(message.nak())
+                        continue
+                    await self._take(message, partition)
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+
+    async def _pause(self, seconds: float) -> None:
+        """A wait that a stop or a change of partitions ends early."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._changed.wait()
 
     async def _take(self, message: Msg, partition: int) -> None:
         metadata = message.metadata
         self.stats.fetched += 1
         if metadata.num_delivered > 1:
             self.stats.redelivered += 1
+        held = self._held.get(metadata.sequence.stream)
+        if held is not None:
+            # Our own held event again (its ack_wait ran out mid-delivery, in_progress lost):
+            # settle it through the newest delivery, and deliver it only once from here.
+            held.message = message
+            return
         try:
             event = json.loads(message.data)
             event_type = str(event_type_of(event.get("type")))
@@ -298,7 +371,6 @@ class HubInbox:
 
     def _hold(self, message: Msg, delivery: Delivery, partition: int) -> None:
         self._held[delivery.seq] = _Held(message, delivery, partition)
-        self._free[partition].clear()
 
     async def _keep_alive(self) -> None:
         period = max(1.0, self._config.relay.ack_wait / 3)
@@ -311,7 +383,6 @@ class HubInbox:
 
     def _release(self, held: _Held) -> None:
         self._held.pop(held.delivery.seq, None)
-        self._free[held.partition].set()
 
     def _settle_failed(self, delivery: Delivery, what: str, exc: Exception) -> None:
         self.stats.settle_failures += 1
@@ -332,8 +403,7 @@ class HubInbox:
         """On stop: no more fetches (within FETCH_WAIT); events held but not being delivered
         go back to the hub now (nak), for another relay, instead of after ack_wait."""
         self._stopping = True
-        for event in self._free.values():
-            event.set()
+        self._changed.set()
         for held in list(self._held.values()):
             if not held.leased:
                 await self._quietly(held.message.nak())

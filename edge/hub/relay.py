@@ -4,12 +4,15 @@ retries with backoff, circuit breaker, rate limits) over the hub's durable parti
 consumers (edge.hub.inbox), and serves `/metrics`: consumer lag per partition, redeliveries,
 dead letter depth, deliveries per destination.
 
-Run N relays on any machines with the same hub.yaml: each asks every partition for its next
-event, the hub hands each partition's event to one of them at a time, so the partitions are
-shared among the live relays and a killed relay's partitions are served by the others (its
-unacked event after `ack_wait`). Stop with SIGTERM: fetching stops, deliveries in flight are
-finished (bounded by the destinations' timeouts), and what is held but unsent is given back
-to the hub at once (nak) for another relay.
+Run N relays on any machines with the same hub.yaml: they share the partitions out by the
+hub's members bucket (edge.hub.members: each fetches only its own, so N relays make N times
+fewer pull requests, not N times more), and when one dies the others take its partitions
+after the bucket's ttl (its one unacked event per partition after `ack_wait`). Order per key
+never depends on that: the hub hands a partition's next event to one relay at a time. Stop
+with SIGTERM: the relay leaves the bucket (its partitions move at once), fetching stops,
+deliveries in flight are finished (bounded by the destinations' timeouts), and what is held
+but unsent is given back to the hub at once (nak) for another relay. `/status` says which
+partitions this relay owns and which relays it sees.
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from urllib.parse import urlsplit
 import nats.errors
 import nats.js.errors
 import uvicorn
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from drivers.common.availability import Availability, Ended, reconnect_forever
@@ -40,9 +44,12 @@ from edge.forward import HttpForwarder
 from edge.hub.config import HubConfig
 from edge.hub.connection import HubUnavailable, connect
 from edge.hub.inbox import HubInbox
+from edge.hub.members import Membership
 from edge.hub.stream import InitReport, consumer_name, ensure_consumers, patiently
 
 log = logging.getLogger(__name__)
+CLOSED_CHECK = 1.0
+"""Seconds between looks at whether nats-py closed the relay's connection for good."""
 
 
 class RelayMetrics(Collector):
@@ -108,6 +115,29 @@ class RelayMetrics(Collector):
         for name, forwarder in self.relay.forwarders.items():
             up.add_metric([name], 0 if forwarder.health.reachable is False else 1)
         yield up
+        owned = GaugeMetricFamily(
+            "plantsync_relay_partitions_owned",
+            "Partitions this relay fetches from (its share; all of them while the members "
+            "bucket is away)",
+            labels=["destination"],
+        )
+        for name, inbox in self.relay.inboxes.items():
+            owned.add_metric([name], len(inbox.owned))
+        yield owned
+        membership = self.relay.membership
+        members = GaugeMetricFamily(
+            "plantsync_relay_members", "Live relays in the members bucket, as this relay saw"
+        )
+        ownership = GaugeMetricFamily(
+            "plantsync_relay_ownership",
+            "1 while partitions are shared out by the members bucket; 0 while this relay "
+            "fetches from every partition (the bucket is away)",
+        )
+        if membership is not None:
+            members.add_metric([], len(membership.members))
+            ownership.add_metric([], 1 if membership.ownership else 0)
+        yield members
+        yield ownership
 
 
 class Relay:
@@ -118,6 +148,7 @@ class Relay:
         self.forwarders: dict[str, HttpForwarder] = {}
         self.lag: dict[tuple[str, int], int] = {}
         self.dead_letter_depth: int | None = None
+        self.membership: Membership | None = None
         self.registry = CollectorRegistry()
         self.registry.register(RelayMetrics(self))
         self.stats_read = Counter(
@@ -172,10 +203,13 @@ class Relay:
                     report.lines[-1],
                 )
                 self.started.set(time.time())
-                await self._serve(js)
+                if not await self._serve(js, client):
+                    # nats-py gave the connection up (it does when the hub refuses the relay's
+                    # credentials on a reconnect): connect again, with backoff, said once.
+                    return Ended("the hub closed the relay's connection; connecting again")
             finally:
                 await client.close()
-            finished.set()  # _serve returns only once stopped
+            finished.set()
             return Ended("stopped", peer_lost=False)
 
         async with asyncio.TaskGroup() as group:
@@ -189,13 +223,32 @@ class Relay:
             await finished.wait()
             connection.cancel()
 
-    async def _serve(self, js: JetStreamContext) -> None:
+    async def _until_stopped_or_closed(self, client: Client) -> bool:
+        """True once stopped; False when nats-py closed the connection for good."""
+        while not self._stopping.is_set():
+            if client.is_closed:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSED_CHECK):
+                    await self._stopping.wait()
+        return True
+
+    async def _serve(self, js: JetStreamContext, client: Client) -> bool:
+        """Serve until stopped (True) or until the connection is closed for good (False)."""
         server = _metrics_server(self)
+        membership = self.membership = Membership(js, self.config, self.name, self._reassign)
+        partitions = range(self.config.stream.partitions)
+        membership.watch(
+            consumer_name(name, p) for name in self.config.destinations for p in partitions
+        )
+        await membership.join()
         async with asyncio.TaskGroup() as group:
             group.create_task(server.serve(), name="relay-metrics")
+            heartbeat = group.create_task(membership.run(), name="relay-members")
             workers = []
             for name, destination in self.config.destinations.items():
                 inbox = self.inboxes[name] = HubInbox(js, self.config, name, self.name)
+                await inbox.assign(self._owned(name))
                 forwarder = self.forwarders[name] = HttpForwarder(name, destination, inbox)
                 workers.append(group.create_task(inbox.run(), name=f"inbox-{name}"))
                 group.create_task(forwarder.run(), name=f"forward-{name}")
@@ -210,8 +263,13 @@ class Relay:
                 self.config.relay.metrics_host,
                 self.metrics_port,
             )
-            await self._stopping.wait()
-            log.info("Relay %s stopping: finishing deliveries in flight", self.name)
+            stopped = await self._until_stopped_or_closed(client)
+            if stopped:
+                log.info("Relay %s stopping: finishing deliveries in flight", self.name)
+            heartbeat.cancel()
+            await asyncio.wait([heartbeat])
+            if stopped:
+                await membership.leave()  # the others take its partitions at their next beat
             for inbox in self.inboxes.values():
                 await inbox.give_back()  # no new fetches; what waits goes back to the hub
             for forwarder in self.forwarders.values():
@@ -219,6 +277,39 @@ class Relay:
             await asyncio.wait(workers)
             poller.cancel()
             server.should_exit = True
+        return stopped
+
+    def _owned(self, destination: str) -> frozenset[int]:
+        assert self.membership is not None
+        return frozenset(
+            p
+            for p in range(self.config.stream.partitions)
+            if self.membership.owns(consumer_name(destination, p))
+        )
+
+    async def _reassign(self) -> None:
+        for name, inbox in self.inboxes.items():
+            owned = self._owned(name)
+            if owned != inbox.owned:
+                log.info(
+                    "Relay %s now fetches %d of %d partitions for %s: %s",
+                    self.name,
+                    len(owned),
+                    self.config.stream.partitions,
+                    name,
+                    ", ".join(map(str, sorted(owned))) or "none",
+                    extra={"relay": self.name, "destination": name},
+                )
+                await inbox.assign(owned)
+
+    def status(self) -> dict[str, object]:
+        membership = self.membership
+        return {
+            "relay": self.name,
+            **(membership.snapshot() if membership is not None else {}),
+            "partitions": self.config.stream.partitions,
+            "owned": {name: sorted(inbox.owned) for name, inbox in self.inboxes.items()},
+        }
 
     async def _poll_stats(self, js: JetStreamContext) -> None:
         stream = self.config.stream
@@ -255,7 +346,16 @@ def _metrics_server(relay: Relay) -> _QuietServer:
     async def healthz(request: Request) -> Response:
         return Response("ok\n", media_type="text/plain")
 
-    app = Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz)])
+    async def status(request: Request) -> Response:
+        return JSONResponse(relay.status())
+
+    app = Starlette(
+        routes=[
+            Route("/metrics", metrics),
+            Route("/healthz", healthz),
+            Route("/status", status),
+        ]
+    )
     settings = relay.config.relay
     return _QuietServer(
         uvicorn.Config(

@@ -38,6 +38,7 @@ from nats.js.api import (
 )
 
 from edge.hub.config import HubConfig, HubStream
+from edge.hub.members import ensure_bucket
 
 T = TypeVar("T")
 META_LEADER_WAIT = 60.0
@@ -214,6 +215,7 @@ async def init_hub(js: JetStreamContext, config: HubConfig) -> InitReport:
     await ensure_stream(js, journal_config(config.stream), report)
     if report.ok:
         await ensure_consumers(js, config, report)
+        report.lines.append(await patiently(lambda: ensure_bucket(js, config)))
     return report
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from buffer.outbox import Delivery
 from edge.config.destinations import DestinationConfig
 from edge.forward.outcome import Result
-from edge.forward.session import Session
+from edge.forward.session import CookieUse, Session
 from edge.model.envelope import event_type_of
 
 
@@ -24,10 +24,14 @@ class Profile(ABC):
     """How many consecutive events of one partition key a request may carry: more than 1
     only where the target processes a request's events in order (the canonical batch is an
     ordered array); elsewhere a key's next event waits for the outcome of the one before."""
+    cookies: CookieUse = "kept"
+    """Whether the target's API needs its cookies back (a session, SAP's CSRF token); `none`
+    lets the session skip httpx's cookie jar and per-request client machinery."""
 
     def __init__(self, config: DestinationConfig, session: Session) -> None:
         self.config = config
         self.session = session
+        session.cookies = self.cookies
 
     @abstractmethod
     async def send(self, deliveries: Sequence[Delivery]) -> list[Result]:

@@ -18,10 +18,12 @@ from buffer.outbox import Delivery
 from edge.config.destinations import DestinationConfig
 from edge.forward.outcome import BODY_LIMIT, RETRYABLE_4XX, Outcome, Result, classify, delivered
 from edge.forward.profiles.base import Profile, batch_idempotency_key, idempotency_key
-from edge.forward.session import Session
+from edge.forward.session import CookieUse, Session
 
 
 class CanonicalProfile(Profile):
+    cookies: CookieUse = "none"  # everything a request needs is in its headers
+
     def __init__(self, config: DestinationConfig, session: Session) -> None:
         super().__init__(config, session)
         self.batch_size = config.batch_size
@@ -52,21 +54,21 @@ class CanonicalProfile(Profile):
                 "Idempotency-Key": batch_idempotency_key([d.event_id for d in deliveries]),
             },
         )
-        whole = classify(response)
-        if whole.outcome is not Outcome.DELIVERED:
-            return [whole] * len(deliveries)
-        return _per_event(response, deliveries, whole)
+        if not 200 <= response.status_code < 300:
+            return [classify(response)] * len(deliveries)
+        return _per_event(response, deliveries)
 
 
-def _per_event(
-    response: httpx.Response, deliveries: Sequence[Delivery], whole: Result
-) -> list[Result]:
+def _per_event(response: httpx.Response, deliveries: Sequence[Delivery]) -> list[Result]:
+    """A 2xx batch answer: each event's own outcome from a per-event list; any other body
+    counts for the whole batch. The body is parsed once (classify would parse it again for a
+    reference a list does not have)."""
     try:
         answers = response.json()
     except ValueError:
-        return [whole] * len(deliveries)
+        answers = None
     if not isinstance(answers, list):
-        return [whole] * len(deliveries)
+        return [classify(response)] * len(deliveries)
     by_id: dict[str, dict[str, Any]] = {str(a.get("id")): a for a in answers if isinstance(a, dict)}
     results = []
     for delivery in deliveries:
@@ -75,13 +77,13 @@ def _per_event(
             results.append(
                 Result(
                     Outcome.RETRY,
-                    whole.status,
+                    response.status_code,
                     "the batch answer did not mention this event",
                     ambiguous=True,
                 )
             )
             continue
-        status = int(answer.get("status", whole.status or 200))
+        status = int(answer.get("status", response.status_code))
         reason = f"HTTP {status}: {str(answer.get('error') or '')[:BODY_LIMIT]}"
         if 200 <= status < 300:
             results.append(delivered(status, answer.get("reference")))

@@ -56,6 +56,11 @@ class JetStreamProfile(Profile):
 
     async def _jetstream(self) -> JetStreamContext:
         async with self._connecting:  # one connection for all the requests that found none
+            if self._client is not None and self._client.is_closed:
+                # nats-py closes a connection for good on most -ERR from the server (an
+                # authorization violation after the hub's users changed, an expired user
+                # JWT) and never reconnects it: make a new one, as at the start.
+                self._client = None
             if self._client is None:
                 self._client = await connect(
                     f"plantsync-{self.config.jetstream.stream}",
