@@ -507,11 +507,12 @@ def test_a_relay_connects_with_its_password_from_the_environment(
 def test_a_relay_whose_connection_the_hub_closed_for_good_connects_again(
     hub_server: Any, tmp_path: Path, peers: list[Peer]
 ) -> None:
-    """The hub refuses the relay's password for a moment (its config reloaded with another
-    one, then back): nats-py closes the relay's connection for good. The relay says so once,
+    """The hub refuses the relays' password for a moment (its config reloaded with another
+    one, then back): nats-py closes both relays' connections for good. Each says so once,
     connects again with backoff and delivers what comes next (the ERP simulator's count by
-    Idempotency-Key is the oracle). Before, it fetched from the closed connection forever,
-    saying nothing, and delivered nothing more."""
+    Idempotency-Key is the oracle). Before, a relay fetched from the closed connection
+    forever, saying nothing, and delivered nothing more; with two relays, one whose heartbeat
+    noticed first took every partition and crashed binding them."""
     hub = hub_server(
         "authorization { users = [ {user: plant, password: pw-plant}, "
         '{user: relay, password: "pw-relay"} ] }\n'
@@ -525,14 +526,17 @@ def test_a_relay_whose_connection_the_hub_closed_for_good_connects_again(
         stream=STREAM,
         prefix=PREFIX,
         replicas=1,
-        partitions=2,
+        partitions=4,
         erp_url=erp.url,
         auth="{type: user_password, user: relay, password: pw-relay}",
     )
     hub_init(hub_yaml)
     plant = {"type": "user_password", "user": "plant", "password": "pw-plant"}
-    argv = [PLANTSYNC, "relay", "--config", str(hub_yaml), "--log-format", "text", "--name", "r"]
-    relay = start_peer(peers, argv, tmp_path / "relay.log", "metrics on http")
+    argv = [PLANTSYNC, "relay", "--config", str(hub_yaml), "--log-format", "text", "--name"]
+    relays = [
+        start_peer(peers, [*argv, name], tmp_path / f"relay-{name}.log", "metrics on http")
+        for name in ("r1", "r2")
+    ]
     assert publish(tmp_path / "a.db", hub.urls, plant, events=5) == 0
 
     def arrived(count: int) -> None:
@@ -551,6 +555,9 @@ def test_a_relay_whose_connection_the_hub_closed_for_good_connects_again(
     time.sleep(1)
     assert publish(tmp_path / "b.db", hub.urls, plant, events=5, first=5) == 0
     arrived(10)
-    output = relay.output()
-    assert output.count("the hub closed the relay's connection; connecting again") == 1, output
+    for relay in relays:
+        output = relay.output()
+        assert relay.process is not None and relay.process.poll() is None, output
+        assert output.count("the hub closed the relay's connection; connecting again") == 1, output
+        assert "Traceback" not in output, output
     assert receiver_report(erp.url)["duplicates_at_receiver"] == 0

@@ -263,26 +263,29 @@ class HubInbox:
     async def _fetch(self, partition: int) -> None:
         stream = self._config.stream.name
         name = consumer_name(self.destination, partition)
-        subscription = await self._js.pull_subscribe_bind(name, stream)
+        # A flag, not only cancellation: nats-py's fetch (asyncio.wait_for on Python 3.11)
+        # can swallow a cancel that arrives as its answer does, and the loop would go on.
+        # The next pull request waits at the hub while this partition's event is being
+        # delivered (the hub holds it back until the ack: max_ack_pending 1), so the next
+        # event comes with the ack's answer, not a round trip later. Before relays owned
+        # partitions another relay's waiting request hid that round trip; without it two
+        # relays of 32 partitions each delivered less than one relay of 64 (bench/hub.py).
+        backoff = Backoff(base=0.5, cap=FETCH_RETRY_CAP)
+        failing: str | None = None
+        subscription: JetStreamContext.PullSubscription | None = None
         try:
-            # A flag, not only cancellation: nats-py's fetch (asyncio.wait_for on Python 3.11)
-            # can swallow a cancel that arrives as its answer does, and the loop would go on.
-            # The next pull request waits at the hub while this partition's event is being
-            # delivered (the hub holds it back until the ack: max_ack_pending 1), so the next
-            # event comes with the ack's answer, not a round trip later. Before relays owned
-            # partitions another relay's waiting request hid that round trip; without it two
-            # relays of 32 partitions each delivered less than one relay of 64 (bench/hub.py).
-            backoff = Backoff(base=0.5, cap=FETCH_RETRY_CAP)
-            failing: str | None = None
             while self._fetching(partition):
                 try:
+                    if subscription is None:  # bound here, so a refusal is retried too
+                        subscription = await self._js.pull_subscribe_bind(name, stream)
                     messages = await subscription.fetch(1, timeout=FETCH_WAIT)
                 except nats.errors.TimeoutError:
                     messages = []
                 except nats.errors.Error as exc:
                     # The connection is away (nats-py reconnects; the relay connects again if
-                    # nats-py gives up) or the hub refuses this consumer (deleted by hand):
-                    # said once per failure, tried again with backoff and jitter.
+                    # nats-py gives up: a closed connection fails here until then) or the hub
+                    # refuses this consumer (deleted by hand): said once per failure, tried
+                    # again with backoff and jitter.
                     reason = str(exc) or type(exc).__name__
                     if failing is None:
                         log.warning(
@@ -311,8 +314,9 @@ class HubInbox:
                         continue
                     await self._take(message, partition)
         finally:
-            with contextlib.suppress(nats.errors.Error):
-                await subscription.unsubscribe()
+            if subscription is not None:
+                with contextlib.suppress(nats.errors.Error):
+                    await subscription.unsubscribe()
 
     async def _pause(self, seconds: float) -> None:
         """A wait that a stop or a change of partitions ends early."""

@@ -164,6 +164,11 @@ class Membership:
         try:
             await self._put()
             live = await self._live()
+        except nats.errors.ConnectionClosedError:
+            # nats-py gave the connection up: the relay connects again within a second
+            # (`Relay._serve`); widening this relay's share over a dead connection would only
+            # start fetches that cannot run.
+            return
         except (nats.errors.Error, OSError) as exc:
             self.availability.lost(str(exc) or type(exc).__name__)
         else:
