@@ -861,3 +861,57 @@ def test_a_partition_consumer_deleted_by_hand_is_said_once_and_served_again_afte
 
     asyncio.run(wait_for(delivered, 60, "the 5 events at the ERP"))
     assert "fetches from relay_erp_p0 again" in relay.output()
+
+
+def test_a_relay_stopped_gives_back_what_its_engine_read_ahead_at_once(
+    cluster: Cluster, tmp_path: Path, peers: list[Peer]
+) -> None:
+    """SIGTERM while the ERP is slow: the relay finishes what is in flight and gives back at
+    once what its engine had leased but not sent (the read-ahead: 16 partitions, 2 requests
+    in flight). Left held, each such event would stall its partition for ack_wait (60 s here)
+    before the next relay could take it. The oracle is the ERP simulator's count: every event
+    there within 25 s of the second relay's start."""
+    events = 64
+    erp = start_erp(peers, tmp_path)
+    hub = write_hub_yaml(
+        tmp_path / "hub.yaml",
+        cluster.urls,
+        stream="HANDBACK",
+        prefix="handback",
+        erp_url=erp.url,
+        partitions=16,
+        ack_wait="60s",
+    )
+    hub.write_text(hub.read_text().replace("max_in_flight: 8", "max_in_flight: 2"))
+    hub_init(hub)
+    run_plant(
+        plant_argv(
+            "5050",
+            tmp_path / "outbox.db",
+            cluster.urls,
+            events,
+            prefix="handback",
+            stream="HANDBACK",
+            orders=16,
+        ),
+        tmp_path / "plant.log",
+    )
+    erp.set_faults(latency=1.0)
+    first = start_relay(peers, hub, "first", tmp_path)
+
+    async def some() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] >= 2
+
+    asyncio.run(wait_for(some, 60, "the first relay's deliveries"))
+    assert first.stop() == 0, first.output()
+    erp.set_faults(latency=0)
+    started = time.monotonic()
+    start_relay(peers, hub, "second", tmp_path)
+
+    async def all_there() -> bool:
+        return receiver_report(erp.url)["delivered_unique"] == events
+
+    asyncio.run(wait_for(all_there, 90, f"all {events} events at the ERP"))
+    took = time.monotonic() - started
+    report("relay_stop_hands_back", published=events, seconds_after_second_start=round(took, 1))
+    assert took < 25, f"{took:.1f} s: an event the first relay held waited for ack_wait"

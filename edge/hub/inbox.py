@@ -412,3 +412,11 @@ class HubInbox:
             if not held.leased:
                 await self._quietly(held.message.nak())
                 self._release(held)
+
+    async def give_back_unsent(self) -> None:
+        """After the engine has stopped: what it leased but never sent (its read-ahead,
+        dropped by `drain`) goes back to the hub now too; left held, each would stall its
+        partition for ack_wait."""
+        for held in list(self._held.values()):
+            await self._quietly(held.message.nak())
+            self._release(held)

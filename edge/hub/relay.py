@@ -246,12 +246,13 @@ class Relay:
             group.create_task(server.serve(), name="relay-metrics")
             heartbeat = group.create_task(membership.run(), name="relay-members")
             workers = []
+            engines = []
             for name, destination in self.config.destinations.items():
                 inbox = self.inboxes[name] = HubInbox(js, self.config, name, self.name)
                 await inbox.assign(self._owned(name))
                 forwarder = self.forwarders[name] = HttpForwarder(name, destination, inbox)
                 workers.append(group.create_task(inbox.run(), name=f"inbox-{name}"))
-                group.create_task(forwarder.run(), name=f"forward-{name}")
+                engines.append(group.create_task(forwarder.run(), name=f"forward-{name}"))
             poller = group.create_task(self._poll_stats(js), name="relay-stats")
             # uvicorn says it listens only through this flag.
             while not server.started:  # noqa: ASYNC110
@@ -275,6 +276,9 @@ class Relay:
             for forwarder in self.forwarders.values():
                 forwarder.drain()
             await asyncio.wait(workers)
+            await asyncio.wait(engines)
+            for inbox in self.inboxes.values():
+                await inbox.give_back_unsent()  # the engines' read-ahead, leased but not sent
             poller.cancel()
             server.should_exit = True
         return stopped
