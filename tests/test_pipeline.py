@@ -126,3 +126,29 @@ def test_genealogy_holds_a_bounded_number_of_lots_per_order() -> None:
     # Saved and read back (a restart): the same figures, and a dump no bigger than its bound.
     assert Genealogy(genealogy.dump()).figures() == {"4711": expected}
     assert len(genealogy.dump()) < 40 * KEEP_LOTS_PER_ORDER
+
+
+def test_genealogy_drops_the_oldest_lot_also_after_a_restart() -> None:
+    """Lot ids that do not sort in production order (a plant's own numbering): after a restart
+    the lot folded into the counts is still the oldest, so a redelivered report of a recent
+    lot keeps its first verdict instead of being counted again."""
+    from edge.runtime.mes_intake import KEEP_LOTS_PER_ORDER, Genealogy
+
+    genealogy = Genealogy(None)
+    genealogy.require("4711", ["RM-1"])
+    # Produced newest-id-first: Z-... before A-..., so a sorted dump would put them backwards.
+    names = [f"Z{KEEP_LOTS_PER_ORDER - n:06d}" for n in range(KEEP_LOTS_PER_ORDER)]
+    for name in names:
+        genealogy.produced("4711", name, ["RM-1"])
+    restarted = Genealogy(genealogy.dump())
+    restarted.produced("4711", "A000000", [])  # one more: the oldest (names[0]) is folded
+    held = restarted.orders["4711"]["lots"]
+    assert names[0] not in held and names[-1] in held and "A000000" in held
+    # The most recent lots' redelivery counts nothing again (counted by hand: 1,001 lots, one
+    # incomplete).
+    restarted.produced("4711", names[-1], ["RM-1"])
+    assert restarted.figures()["4711"] == {
+        "lots": KEEP_LOTS_PER_ORDER + 1,
+        "complete": KEEP_LOTS_PER_ORDER,
+        "completeness": round(KEEP_LOTS_PER_ORDER / (KEEP_LOTS_PER_ORDER + 1), 4),
+    }

@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 KEEP_ORDERS = 500
 """Orders remembered for validation and genealogy figures (the most recent ones)."""
 KEEP_LOTS_PER_ORDER = 1000
-"""Produced lots remembered one by one per order (the most recent ones; after a restart, the
-last in the saved, sorted order), for a redelivered report to keep the first one's verdict.
+"""Produced lots remembered one by one per order (the most recent ones, also after a restart:
+the state keeps their order), for a redelivered report to keep the first one's verdict.
 An order that runs for months (a repetitive or process order) would otherwise hold every lot
 it ever produced, in memory and in the state dumped with every commit; older lots are folded
 into the order's counts instead."""
@@ -95,7 +95,9 @@ class Genealogy:
         return result
 
     def dump(self) -> str:
-        return json.dumps(self.orders, separators=(",", ":"), sort_keys=True)
+        # In insertion order (not sorted): after a restart the oldest order and the oldest
+        # lot of an order are still the first ones, which the bounds drop.
+        return json.dumps(self.orders, separators=(",", ":"))
 
     def _trim(self) -> None:
         while len(self.orders) > KEEP_ORDERS:
