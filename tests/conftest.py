@@ -142,44 +142,43 @@ class ErpSim:
         httpx.post(f"{self.url}/_sim/faults", json=faults, timeout=10).raise_for_status()
 
 
+def start_on_free_port(
+    peers: list[Peer], make: Callable[[int], tuple[list[str], Path]], ready_text: str
+) -> tuple[Peer, int]:
+    """A simulator on a port picked free: picked ports are released before the child binds
+    them, so another test's child may take one first ("address already in use", seen in
+    full parallel runs); then another port is picked, up to three times."""
+    for attempt in range(3):
+        port = free_port()
+        argv, log_path = make(port)
+        try:
+            return start_peer(peers, argv, log_path, ready_text), port
+        except RuntimeError as exc:
+            if "address already in use" not in str(exc) or attempt == 2:
+                raise
+            peers.pop()  # exited: nothing to stop
+    raise AssertionError("unreachable")
+
+
 def start_erp(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
-    port = free_port()
-    peer = start_peer(
-        peers,
-        [
-            sys.executable,
-            "-m",
-            "simulators.erp",
-            "--port",
-            str(port),
-            "--db",
-            str(tmp_path / f"erp-{port}.db"),
-            *args,
-        ],
-        tmp_path / f"erp-{port}.log",
-        "erp-api listening",
-    )
+    def make(port: int) -> tuple[list[str], Path]:
+        argv = [sys.executable, "-m", "simulators.erp", "--port", str(port)]
+        database = tmp_path / f"erp-{port}.db"
+        return [*argv, "--db", str(database), *args], tmp_path / f"erp-{port}.log"
+
+    peer, port = start_on_free_port(peers, make, "erp-api listening")
     return ErpSim(peer, f"http://127.0.0.1:{port}")
 
 
 def start_qms(peers: list[Peer], tmp_path: Path, *args: str) -> ErpSim:
     """The QMS simulator; same control surface (/stats, /_sim/faults) as the ERP one."""
-    port = free_port()
-    peer = start_peer(
-        peers,
-        [
-            sys.executable,
-            "-m",
-            "simulators.qms_api",
-            "--port",
-            str(port),
-            "--db",
-            str(tmp_path / f"qms-{port}.db"),
-            *args,
-        ],
-        tmp_path / f"qms-{port}.log",
-        "qms-api listening",
-    )
+
+    def make(port: int) -> tuple[list[str], Path]:
+        argv = [sys.executable, "-m", "simulators.qms_api", "--port", str(port)]
+        database = tmp_path / f"qms-{port}.db"
+        return [*argv, "--db", str(database), *args], tmp_path / f"qms-{port}.log"
+
+    peer, port = start_on_free_port(peers, make, "qms-api listening")
     return ErpSim(peer, f"http://127.0.0.1:{port}")
 
 

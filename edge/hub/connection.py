@@ -180,6 +180,10 @@ async def connect(
     async def error(exc: Exception) -> None:
         text = state["error"] = str(exc) or type(exc).__name__
         log.debug("Hub connection error: %s", exc, extra={"client": name})
+        if isinstance(exc, ssl.SSLError):
+            # The handshake's own reason (a certificate the server or the plant refused):
+            # a later attempt can end as a broken pipe or a reset instead, which says less.
+            state["tls"] = text
         if isinstance(exc, nats.errors.AuthorizationError) or text.startswith("nats: '"):
             state["refusal"] = text  # the server's own words (-ERR)
             if "connected" not in state:
@@ -223,5 +227,11 @@ async def connect(
         # A server that refuses says why (-ERR) and closes at once, with the client's PING
         # still unread: the reset that follows can discard that line, so an attempt ends as
         # "Connection reset by peer". The refusal of any attempt is the reason to give.
-        text = state.get("refusal") or state.get("error") or str(exc) or type(exc).__name__
+        text = (
+            state.get("refusal")
+            or state.get("tls")
+            or state.get("error")
+            or str(exc)
+            or type(exc).__name__
+        )
         raise HubUnavailable(f"cannot connect to the hub ({hosts}): {text}") from None
