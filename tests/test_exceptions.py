@@ -167,9 +167,13 @@ async def test_an_mqtt_exception_is_handed_on_only_once_the_broker_acknowledged_
                     "topics": [{"filter": "mes/#", "event": "material.consumed"}],
                 }
             ],
+            "destinations": {"hook": {"base_url": "http://127.0.0.1:9", "path": "/hook"}},
             "exceptions": {
                 "roles": {
-                    "integration": {"mqtt": {"driver": "mes", "topic": topic}},
+                    "integration": {
+                        "mqtt": {"driver": "mes", "topic": topic},
+                        "webhook": ["hook"],
+                    },
                     "supervisor": {},
                     "quality": {},
                 }
@@ -179,12 +183,17 @@ async def test_an_mqtt_exception_is_handed_on_only_once_the_broker_acknowledged_
     config = parse_config(text)
     mosquitto.stop()
     ledger = OrderLedger.open(tmp_path)
-    board = ExceptionBoard(config, ledger.db)
-    board.start()
-    board.raise_exception("dead_letter", Condition("event e1 to erp", "refused by erp"))
-    await board.notify()
-    assert board.unpublished == 1
-    board.stop()  # the gateway stops while the broker is away
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        board = ExceptionBoard(config, ledger.db, outbox)
+        board.start()
+        board.raise_exception("dead_letter", Condition("event e1 to erp", "refused by erp"))
+        for _ in range(3):  # tried again while the broker stays away
+            await board.notify()
+            assert board.unpublished == 1
+        # The webhook's copy went into the outbox once, not once per try.
+        assert outbox.stats.duplicates_ignored == 0
+        assert (await outbox.counts())["hook"].pending == 1
+        board.stop()  # the gateway stops while the broker is away
     ledger.close()
 
     mosquitto.start()

@@ -233,6 +233,8 @@ class ExceptionBoard:
         self.mqtt: dict[str, MqttChannel] = {}
         self.unpublished = 0
         """Raises and clears an MQTT broker has not acknowledged yet, at the last notify."""
+        self._committed: set[tuple[int, str]] = set()
+        """(exception, step) whose webhook copy is in the outbox while MQTT still owes it."""
         drivers = {d.name: d for d in config.drivers if isinstance(d, MqttConfig)}
         for role, channels in config.exceptions.roles.items():
             if channels.mqtt is not None and channels.mqtt.driver in drivers:
@@ -367,7 +369,8 @@ class ExceptionBoard:
             for step in steps:
                 document = self.cloudevent(row, step)
                 webhooks = sorted({name for role in row["roles"] for name in self._webhooks(role)})
-                if webhooks and self.outbox is not None:
+                committed = (row["id"], step) in self._committed
+                if webhooks and self.outbox is not None and not committed:
                     await self.outbox.commit(
                         [
                             OutboxEvent(
@@ -385,9 +388,12 @@ class ExceptionBoard:
                     if role in self.mqtt:
                         published = await self.mqtt[role].publish(document) and published
                 if not published:
-                    # Still due: tried again, to every role (one that had it may see it twice).
+                    # Still due: tried again, to every MQTT role (one that had it may see it
+                    # twice); its webhook copy is in the outbox already, not committed again.
                     self.unpublished += 1
+                    self._committed.add((row["id"], step))
                     break
+                self._committed.discard((row["id"], step))
                 self._write("UPDATE exceptions SET notified = ? WHERE id = ?", (step, row["id"]))
         return len(rows)
 
