@@ -123,8 +123,10 @@ async def test_a_refused_connection_on_the_short_path_is_the_same_httpx_error() 
     async with make_client("erp", destination("http://127.0.0.1:9")) as client:
         session = Session(destination("http://127.0.0.1:9"), client)
         create_profile(session.config, session)
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(httpx.ConnectError) as raised:
             await session.request("POST", "/api/events", content=b"{}")
+        # As httpx's own send: the error names the request it failed.
+        assert raised.value.request.url == "http://127.0.0.1:9/api/events"
 
 
 async def test_a_batch_answer_counts_per_event_or_for_the_whole_batch(

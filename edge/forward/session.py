@@ -140,8 +140,14 @@ async def _send_plain(client: httpx.AsyncClient, request: httpx.Request) -> http
     (profiled: bench/forward.py, /work/notes/fwd-speed.md). The transport is the one the
     client picks for the URL (its mounts and proxies), the request and response httpx's own,
     and transport errors the same httpx errors."""
+    if client.is_closed:  # as httpx says it
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
     transport = client._transport_for_url(request.url)
-    response = await transport.handle_async_request(request)
+    try:
+        response = await transport.handle_async_request(request)
+    except httpx.RequestError as exc:
+        exc.request = request  # as httpx's send attaches it
+        raise
     response.request = request
     try:
         await response.aread()
