@@ -461,15 +461,14 @@ def test_a_nats_secret_off_this_box_needs_tls(auth: str) -> None:
     assert plant_problems("tls://hub.example:4222", f"{{auth: {auth}}}") == []
 
 
-def test_a_relay_connects_with_its_password_from_the_environment(
-    hub_server: Any, tmp_path: Path, peers: list[Peer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`plantsync relay` with `${HUB_PASSWORD}` in hub.yaml: with a wrong one it says the
-    server's refusal and keeps running; with the right one it delivers every event (the ERP
-    simulator's count by Idempotency-Key is the oracle)."""
+def relay_hub(
+    hub_server: Any, tmp_path: Path, peers: list[Peer], relay_password: str, partitions: int
+) -> tuple[Any, Any, Path]:
+    """A hub with a plant user and a relay user (password "pw-relay"), the ERP simulator,
+    and a hub.yaml whose relay signs in with `relay_password` (as written in the YAML)."""
     hub = hub_server(
         "authorization { users = [ {user: plant, password: pw-plant}, "
-        "{user: relay, password: pw-relay} ] }\n"
+        '{user: relay, password: "pw-relay"} ] }\n'
     )
     erp = start_erp(peers, tmp_path)
     hub_yaml = write_hub_yaml(
@@ -478,10 +477,20 @@ def test_a_relay_connects_with_its_password_from_the_environment(
         stream=STREAM,
         prefix=PREFIX,
         replicas=1,
-        partitions=2,
+        partitions=partitions,
         erp_url=erp.url,
-        auth="{type: user_password, user: relay, password: '${HUB_PASSWORD}'}",
+        auth=f"{{type: user_password, user: relay, password: {relay_password}}}",
     )
+    return hub, erp, hub_yaml
+
+
+def test_a_relay_connects_with_its_password_from_the_environment(
+    hub_server: Any, tmp_path: Path, peers: list[Peer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plantsync relay` with `${HUB_PASSWORD}` in hub.yaml: with a wrong one it says the
+    server's refusal and keeps running; with the right one it delivers every event (the ERP
+    simulator's count by Idempotency-Key is the oracle)."""
+    hub, erp, hub_yaml = relay_hub(hub_server, tmp_path, peers, "'${HUB_PASSWORD}'", 2)
     monkeypatch.setenv("HUB_PASSWORD", "pw-relay")
     hub_init(hub_yaml)
     plant = {"type": "user_password", "user": "plant", "password": "pw-plant"}
@@ -513,23 +522,9 @@ def test_a_relay_whose_connection_the_hub_closed_for_good_connects_again(
     Idempotency-Key is the oracle). Before, a relay fetched from the closed connection
     forever, saying nothing, and delivered nothing more; with two relays, one whose heartbeat
     noticed first took every partition and crashed binding them."""
-    hub = hub_server(
-        "authorization { users = [ {user: plant, password: pw-plant}, "
-        '{user: relay, password: "pw-relay"} ] }\n'
-    )
+    hub, erp, hub_yaml = relay_hub(hub_server, tmp_path, peers, "pw-relay", 4)
     node = hub.cluster.nodes[0]
     settings = node.config_path.read_text()
-    erp = start_erp(peers, tmp_path)
-    hub_yaml = write_hub_yaml(
-        tmp_path / "hub.yaml",
-        hub.urls,
-        stream=STREAM,
-        prefix=PREFIX,
-        replicas=1,
-        partitions=4,
-        erp_url=erp.url,
-        auth="{type: user_password, user: relay, password: pw-relay}",
-    )
     hub_init(hub_yaml)
     plant = {"type": "user_password", "user": "plant", "password": "pw-plant"}
     argv = [PLANTSYNC, "relay", "--config", str(hub_yaml), "--log-format", "text", "--name"]
