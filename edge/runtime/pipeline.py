@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from buffer.outbox import LotStatus, Outbox, OutboxEvent, RejectedInput
+from buffer.outbox import CommitResult, LotStatus, Outbox, OutboxEvent, RejectedInput
 from drivers.base import DeviceRestarted, MesMessage, Quality, Reading, RejectedMessage, Sample
 from drivers.mqtt import MqttConfig, to_reading
 from edge.config.models import PlantConfig
@@ -379,9 +379,26 @@ class Pipeline(MesIntake):
             )
             for event in events
         ]
-        result = await self.outbox.commit(
-            rows, state, rejected=rejected, lots=lots, resolved_inputs=resolved
+        commit = asyncio.ensure_future(
+            self.outbox.commit(rows, state, rejected=rejected, lots=lots, resolved_inputs=resolved)
         )
+        try:
+            result = await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            # A stop cancels the task that committed (a driver's, a timer's) while the writer
+            # thread commits: the commit lands on disk anyway, so what follows a commit (the
+            # observers, the counts, its log line) runs too before the cancel goes on.
+            self._committed(events, rejected, order_inputs, await commit)
+            raise
+        return self._committed(events, rejected, order_inputs, result)
+
+    def _committed(
+        self,
+        events: Sequence[CloudEvent],
+        rejected: Sequence[RejectedInput],
+        order_inputs: Sequence[OrderStarted | OrderEnded],
+        result: CommitResult,
+    ) -> list[CloudEvent]:
         events = [event for event in events if event.id in result.new_ids]
         if self._observer is not None:
             self._observer(events, rejected)
