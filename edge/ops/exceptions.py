@@ -49,6 +49,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from buffer.outbox import Outbox, OutboxEvent
 from drivers.common.availability import Availability
 from drivers.mqtt import MqttConfig, set_credentials
+from drivers.mqtt.pubacks import Pubacks
 from edge.config.models import PlantConfig
 from edge.model.ids import EVENT_ID_NAMESPACE
 from edge.ops.settings import EXCEPTION_KINDS, ExceptionKind
@@ -130,8 +131,7 @@ class MqttChannel:
     def __init__(self, driver: MqttConfig, topic: str) -> None:
         self.topic = topic
         self.connected = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, asyncio.Future[bool]] = {}
+        self.pubacks = Pubacks()
         self.client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"plantsync-exceptions-{uuid.uuid4().hex[:8]}",
@@ -149,7 +149,7 @@ class MqttChannel:
         self.client.max_queued_messages_set(QUEUE_BOUND)
         self.client.on_connect = self._connected
         self.client.on_disconnect = self._disconnected
-        self.client.on_publish = self._published
+        self.client.on_publish = self.pubacks.on_publish
 
     def _connected(
         self, client: mqtt.Client, userdata: Any, flags: Any, code: Any, properties: Any
@@ -169,20 +169,6 @@ class MqttChannel:
                 f"disconnected ({code}); exceptions wait in the database until it is back"
             )
 
-    def _published(
-        self, client: mqtt.Client, userdata: Any, mid: int, code: Any, properties: Any
-    ) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                self._loop.call_soon_threadsafe(self._acknowledged, mid, not code.is_failure)
-
-    def _acknowledged(self, mid: int, accepted: bool) -> None:
-        # A PUBACK nobody waits for any more (its wait timed out; the exception is tried
-        # again) is dropped: kept, it would answer a later publication reusing its id.
-        future = self._pending.get(mid)
-        if future is not None and not future.done():
-            future.set_result(accepted)
-
     def start(self) -> None:
         # paho's own loop thread reconnects; what it had not sent is tried again by the board.
         self.client.connect_async(self.host, self.port, keepalive=30)
@@ -193,21 +179,15 @@ class MqttChannel:
         or sent no PUBACK within PUBACK_WAIT (the caller tries again later)."""
         if not self.connected:
             return False
-        self._loop = asyncio.get_running_loop()
+        self.pubacks.bind()
         info = self.client.publish(self.topic, json.dumps(document, default=str), qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
-        # Registered before this coroutine yields: the PUBACK reaches the event loop through
-        # call_soon_threadsafe, so it cannot be handled before this line has run.
-        future: asyncio.Future[bool] = self._loop.create_future()
-        self._pending[info.mid] = future
         try:
             async with asyncio.timeout(PUBACK_WAIT):
-                return await future
+                return not (await self.pubacks.wait(info.mid)).is_failure
         except TimeoutError:
             return False
-        finally:
-            self._pending.pop(info.mid, None)
 
     def stop(self) -> None:
         self._stopping = True

@@ -34,6 +34,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from buffer.outbox import Delivery
 from drivers.common.availability import Availability
+from drivers.mqtt.pubacks import Pubacks
 from edge.config.orders import OrdersMesConfig
 from edge.forward.outcome import Outcome, Result
 
@@ -54,7 +55,7 @@ class MesOrderPublisher:
         self.site = site
         self._on_ack = on_ack
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[int, asyncio.Future[ReasonCode]] = {}
+        self.pubacks = Pubacks()
         self.connected = False
         self._stopping = False
         # Said once when the broker goes (with the reason) and once when it is back; the
@@ -72,7 +73,7 @@ class MesOrderPublisher:
         self.client.reconnect_delay_set(1, 10)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
-        self.client.on_publish = self._on_publish
+        self.client.on_publish = self.pubacks.on_publish
         self.client.on_message = self._on_message
 
     def topic_of(self, order_id: str) -> str:
@@ -93,6 +94,7 @@ class MesOrderPublisher:
     async def open(self) -> None:
         """Start connecting (in paho's thread); a broker that is down is tried again by paho."""
         self._loop = asyncio.get_running_loop()
+        self.pubacks.bind()
         config = self.config
         if config.username is not None:
             password = config.password.get_secret_value() if config.password else None
@@ -112,9 +114,7 @@ class MesOrderPublisher:
         self.client.disconnect()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.to_thread(self.client.loop_stop), 5.0)
-        for future in self._pending.values():
-            future.cancel()
-        self._pending.clear()
+        self.pubacks.cancel_all()
 
     async def send(self, deliveries: Sequence[Delivery]) -> list[Result]:
         return [await self._send_one(delivery) for delivery in deliveries]
@@ -149,13 +149,9 @@ class MesOrderPublisher:
             return Result(
                 Outcome.RETRY, None, f"publish to {topic} failed: {mqtt.error_string(info.rc)}"
             )
-        # Registered before this coroutine yields: the PUBACK is handed to the event loop
-        # (call_soon_threadsafe), so it cannot be handled before this line has run.
-        future = self._loop.create_future()
-        self._pending[info.mid] = future
         try:
             async with asyncio.timeout(self.config.timeout):
-                code = await future
+                code = await self.pubacks.wait(info.mid)
         except TimeoutError:
             return Result(
                 Outcome.RETRY,
@@ -163,8 +159,6 @@ class MesOrderPublisher:
                 f"no PUBACK for {topic} within {self.config.timeout:g}s",
                 ambiguous=True,
             )
-        finally:
-            self._pending.pop(info.mid, None)
         if code.is_failure:
             return Result(Outcome.REJECTED, None, f"the broker refused {topic}: {code}")
         return None
@@ -201,16 +195,6 @@ class MesOrderPublisher:
     ) -> None:
         self._post(self._set_connected, False, str(reason_code))
 
-    def _on_publish(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties,
-    ) -> None:
-        self._post(self._acknowledged, mid, reason_code)
-
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
             order_id = str(json.loads(message.payload)["order_id"])
@@ -240,10 +224,3 @@ class MesOrderPublisher:
                 f"{reason or 'disconnected'}; released orders wait in the outbox until it is back"
             )
         self.connected = connected
-
-    def _acknowledged(self, mid: int, reason_code: ReasonCode) -> None:
-        # A PUBACK nobody waits for any more (its publish timed out and is retried) is dropped:
-        # kept, it would answer a later publish that reuses its message id.
-        future = self._pending.get(mid)
-        if future is not None and not future.done():
-            future.set_result(reason_code)
