@@ -159,8 +159,8 @@ class ReadsHeldAfterTheFirst:
     async def next_due(self, destination: str) -> float | None:
         return await self._outbox.next_due(destination)  # type: ignore[no-any-return]
 
-    async def settle(self, settlements: Any) -> None:
-        await self._outbox.settle(settlements)
+    async def settle(self, settlements: Any, *, others_follow: bool = False) -> None:
+        await self._outbox.settle(settlements, others_follow=others_follow)
 
     async def ack(
         self, delivery: Delivery, *, status: int | None, reference: str | None = None
@@ -230,3 +230,83 @@ async def test_a_freed_slot_sends_the_next_leased_request_while_a_read_is_pendin
             await asyncio.wait_for(task, 10)
     assert held_back == 3, f"{held_back} events reached the ERP while the read was held"
     assert [e["key"] for e in erp.events()] == [f"ev-{n}" for n in range(6)]
+
+
+class SettlesRecorded(ReadsHeldAfterTheFirst):
+    """The outbox, with what each settle said of the requests behind it recorded."""
+
+    def __init__(self, outbox: Any) -> None:
+        super().__init__(outbox)
+        self._released.set()
+        self.others_follow: list[bool] = []
+
+    async def settle(self, settlements: Any, *, others_follow: bool = False) -> None:
+        self.others_follow.append(others_follow)
+        await self._outbox.settle(settlements, others_follow=others_follow)
+
+
+@pytest.mark.integration
+async def test_outcomes_wait_for_others_only_while_more_requests_are_ready(
+    peers: Any, tmp_path: Path
+) -> None:
+    """Issue 17 item 1: an outcome's transaction may wait briefly for the outcomes of other
+    requests (`others_follow`, `Outbox.settle`) only when other requests are in flight AND
+    more are ready behind them, so that no key waits on it. A burst on one order (each event
+    waits on the one before) and a last pair with nothing behind them are settled at once;
+    forty orders at four in flight share transactions. Every event reaches the ERP once, in
+    order (the ERP simulator's record)."""
+    from buffer.outbox import Outbox, OutboxEvent
+    from edge.config.destinations import DestinationConfig
+    from edge.forward import HttpForwarder
+    from tests.conftest import start_erp
+
+    erp = start_erp(peers, tmp_path)
+    body = (
+        '{{"specversion":"1.0","id":"{id}","source":"urn:test",'
+        '"type":"production.confirmation","partitionkey":"{key}","data":{{}}}}'
+    )
+
+    committed: dict[str, str] = {}  # event id -> its order, in commit order
+
+    async def deliver(outbox: Outbox, keys: list[str], in_flight: int) -> list[bool]:
+        start = outbox.stats.delivered
+        ids = [f"ev-{start + n}" for n in range(len(keys))]
+        committed.update(zip(ids, keys, strict=True))
+        await outbox.commit(
+            [
+                OutboxEvent(
+                    i, "production.confirmation", k, body.format(id=i, key=k).encode(), ("erp",)
+                )
+                for i, k in zip(ids, keys, strict=True)
+            ]
+        )
+        recorded = SettlesRecorded(outbox)
+        forwarder = HttpForwarder(
+            "erp",
+            DestinationConfig.model_validate(
+                {"base_url": erp.url, "path": "/api/events", "max_in_flight": in_flight}
+            ),
+            recorded,
+        )
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(forwarder.run(), name="forward")
+            deadline = time.monotonic() + 20
+            while forwarder.health.delivered < len(keys) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            forwarder.drain()
+            await asyncio.wait_for(task, 10)
+        assert forwarder.health.delivered == len(keys)
+        return recorded.others_follow
+
+    async with Outbox.open(tmp_path / "outbox.db", settle_wait=0.002) as outbox:
+        one_order = await deliver(outbox, ["order-1"] * 12, in_flight=4)
+        last_pair = await deliver(outbox, ["order-2", "order-3"], in_flight=2)
+        forty = await deliver(outbox, [f"order-{10 + n % 40}" for n in range(120)], in_flight=4)
+    assert one_order == [False] * 12
+    assert last_pair == [False, False]
+    assert forty.count(True) >= 40, forty
+    arrived = [str(e["key"]) for e in erp.events()]
+    assert sorted(arrived) == sorted(committed)  # each once
+    for order in set(committed.values()):  # each order's events in commit order
+        mine = [i for i in committed if committed[i] == order]
+        assert [i for i in arrived if committed[i] == order] == mine, order

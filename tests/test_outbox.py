@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 import time
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from buffer.outbox import Outbox, OutboxEvent
+from buffer.outbox import Outbox, OutboxEvent, Settlement
 from buffer.outbox.schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -493,3 +494,55 @@ async def test_prune_forgets_old_ids_but_never_one_still_held(outbox: Outbox) ->
     assert (await outbox.commit([event(1)])).inserted == 1
     assert (await outbox.commit([event(2, "B")])).duplicates == 1
     assert await outbox.load_state() == {}
+
+
+def wal_commits(path: Path) -> int:
+    """Transactions committed to the WAL file since it was last reset, read from the file
+    itself (the SQLite WAL format: a 32-byte header, then frames of a 24-byte header and a
+    page; a commit frame has a non-zero database size, and frames of the current generation
+    carry the header's salts)."""
+    data = (path.parent / (path.name + "-wal")).read_bytes()
+    page_size = int.from_bytes(data[8:12], "big")
+    salts = data[16:24]
+    commits = 0
+    for offset in range(32, len(data) - 24 - page_size + 1, 24 + page_size):
+        header = data[offset : offset + 24]
+        if header[8:16] != salts:
+            break
+        commits += int.from_bytes(header[4:8], "big") != 0
+    return commits
+
+
+async def test_a_settle_with_others_to_follow_waits_for_them_and_a_commit_ends_the_wait(
+    tmp_path: Path,
+) -> None:
+    """`others_follow` (a forwarder with requests in flight and more ready) lets a settle's
+    transaction wait up to `settle_wait` for the next ones; work that expects nothing more
+    (a commit, a settle without it) ends the wait at once. The oracle is the WAL file."""
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path, settle_wait=0.6) as box:
+        await box.commit([event(n, key=f"k{n}") for n in range(1, 6)])
+        leased = await box.lease("erp", 5)
+        assert len(leased) == 5
+        done = [Settlement(d, "delivered", 201) for d in leased]
+
+        before, started = wal_commits(path), time.monotonic()
+        first = asyncio.create_task(box.settle([done[0]], others_follow=True))
+        await asyncio.sleep(0.2)
+        await box.settle([done[1]], others_follow=True)  # joins the waiting transaction
+        await first
+        assert wal_commits(path) == before + 1
+        assert time.monotonic() - started >= 0.55  # the second one waited on too
+
+        before, started = wal_commits(path), time.monotonic()
+        waiting = asyncio.create_task(box.settle([done[2]], others_follow=True))
+        await asyncio.sleep(0.1)
+        await box.commit([event(9, key="k9")])  # a commit waits for nobody: it ends the wait
+        await waiting
+        assert wal_commits(path) == before + 1
+        assert time.monotonic() - started < 0.45
+
+        before, started = wal_commits(path), time.monotonic()
+        await box.settle([done[3]])  # nothing to follow: at once
+        assert (wal_commits(path), time.monotonic() - started < 0.45) == (before + 1, True)
+        assert {d.event_id for d in await box.lease("erp", 5)} == {"ev-5", "ev-9"}

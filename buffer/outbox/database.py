@@ -36,6 +36,8 @@ class Work:
     run: Callable[[sqlite3.Connection], Any]
     rows: int
     future: asyncio.Future[Any] = field(repr=False)
+    linger: float = 0.0
+    """How long the transaction may wait for more work after this (see `take_batch`)."""
 
 
 def write_hand_action(db: sqlite3.Connection, action: HandAction, affected: int) -> None:
@@ -102,14 +104,21 @@ def transaction(db: sqlite3.Connection, batch: Sequence[Work]) -> tuple[list[Any
 async def take_batch(
     queue: asyncio.Queue[Work], commit_interval: float, commit_max_rows: int
 ) -> list[Work]:
-    """The writer's next group of work: the first to come, then whatever has queued up."""
+    """The writer's next group of work: the first to come, then whatever has queued up.
+
+    Whatever arrives while a transaction runs makes the next one, so a group forms without
+    added latency. Beyond that the group waits for more until `commit_interval` (a linger
+    for slow storage, 0 by default) or, when the last work taken has a `linger` (a settle
+    whose forwarder has other requests in flight and more ready behind them, so no key waits
+    on it), until that linger after the group began. The last work taken decides: a commit
+    or a settle that expects nothing more ends the wait at once, as PostgreSQL's
+    `commit_delay` only waits when other transactions are active."""
     loop = asyncio.get_running_loop()
-    # Take what has queued up, at once: whatever arrives while this transaction runs
-    # makes the next one. A linger (`commit_interval`) only helps on slow storage.
     first = await queue.get()
     batch = [first]
     rows = first.rows
-    deadline = loop.time() + commit_interval
+    started = loop.time()
+    deadline = started + max(commit_interval, first.linger)
     while rows < commit_max_rows:
         if queue.empty():
             timeout = deadline - loop.time()
@@ -127,6 +136,7 @@ async def take_batch(
             work = queue.get_nowait()
         batch.append(work)
         rows += work.rows
+        deadline = started + max(commit_interval, work.linger)
     return batch
 
 

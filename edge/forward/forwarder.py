@@ -272,12 +272,16 @@ class HttpForwarder:
             self._track(results)
             self._start_ready(profile)  # the freed slot's next request, before the settle
             # All of a request's outcomes in one piece of work: one transaction (shared with
-            # other requests' by group commit), one statement per kind of outcome.
+            # other requests' by group commit), one statement per kind of outcome. With other
+            # requests in flight and more ready behind them, no key waits on this one, and its
+            # transaction may wait briefly for their outcomes (`Outbox.settle`); a key that is
+            # all that is left (a burst on one order) is settled at once.
             await self._outbox.settle(
                 [
                     self._settlement(delivery, result)
                     for delivery, result in zip(batch, results, strict=True)
-                ]
+                ],
+                others_follow=bool(self._ready) and self.health.in_flight > 0,
             )
             self.health.delivered += sum(r.outcome is Outcome.DELIVERED for r in results)
         finally:

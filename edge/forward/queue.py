@@ -5,7 +5,9 @@ Call-order contract: `lease` hands out the due head of each partition key not in
 (with `per_key` above 1, a queue may follow each head with up to `per_key - 1` of its key's next
 deliveries, in order and listed together; handing out heads only is always correct); each
 leased delivery gets exactly one outcome: `ack` (the target took it), `retry` (again at `at`)
-or `dead_letter` (a permanent rejection), or all of a request's at once by `settle`; the event
+or `dead_letter` (a permanent rejection), or all of a request's at once by `settle` (whose
+`others_follow` says that other requests' outcomes will follow soon and nothing waits on these
+keys: a queue may wait briefly to record them together); the event
 from `listener()` is set whenever new deliveries may be due.
 """
 
@@ -37,4 +39,6 @@ class DeliveryQueue(Protocol):
 
     async def dead_letter(self, delivery: Delivery, *, status: int | None, reason: str) -> None: ...
 
-    async def settle(self, settlements: Sequence[Settlement]) -> None: ...
+    async def settle(
+        self, settlements: Sequence[Settlement], *, others_follow: bool = False
+    ) -> None: ...

@@ -110,9 +110,12 @@ class HubInbox:
     async def next_due(self, destination: str) -> float | None:
         return None  # retries wait in JetStream (nak with delay), not here
 
-    async def settle(self, settlements: Sequence[Settlement]) -> None:
+    async def settle(
+        self, settlements: Sequence[Settlement], *, others_follow: bool = False
+    ) -> None:
         """A request's outcomes, each its own ack, nak or term (JetStream has no bulk ack),
-        all at once as the engine sent them before it settled in bulk."""
+        all at once as the engine sent them before it settled in bulk. Nothing is gained by
+        waiting for others (`others_follow`): each ack is its own message."""
         await asyncio.gather(*(self._settle_one(settlement) for settlement in settlements))
 
     async def _settle_one(self, settlement: Settlement) -> None:

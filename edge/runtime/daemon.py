@@ -435,6 +435,7 @@ def open_outbox(config: PlantConfig) -> contextlib.AbstractAsyncContextManager[O
     return Outbox.open(
         config.database_path,
         commit_interval=config.outbox.commit_interval,
+        settle_wait=config.outbox.settle_wait,
         commit_max_rows=config.outbox.commit_max_rows,
         max_bytes=int(config.outbox.max_size),
     )

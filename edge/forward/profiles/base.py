@@ -47,7 +47,7 @@ def idempotency_key(value: str) -> str:
     draft-ietf-httpapi-idempotency-key-header defines it: quoted, `\\` and `"` escaped. A
     String holds printable ASCII only: any other id (never one the gateway derives) is sent as
     the SHA-256 of its UTF-8, the same on every retry."""
-    if not all(" " <= char <= "~" for char in value):
+    if not (value.isascii() and value.isprintable()):  # = every char in " ".."~"
         value = "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
