@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from buffer.outbox import Outbox, OutboxEvent, Settlement
+from buffer.outbox import Delivery, Outbox, OutboxEvent, Settlement
 from buffer.outbox.schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -546,3 +546,75 @@ async def test_a_settle_with_others_to_follow_waits_for_them_and_a_commit_ends_t
         await box.settle([done[3]])  # nothing to follow: at once
         assert (wal_commits(path), time.monotonic() - started < 0.45) == (before + 1, True)
         assert {d.event_id for d in await box.lease("erp", 5)} == {"ev-5", "ev-9"}
+
+
+def owed_as_read(path: Path, destination: str) -> dict[int, tuple[object, ...]]:
+    """What the file says each pending delivery of `destination` is (seq -> id, type, key,
+    payload, attempts), read with SQL of the test's own."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
+            " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+            " WHERE d.destination = ? AND d.state = 0",
+            (destination,),
+        ).fetchall()
+    finally:
+        db.close()
+    return {row[0]: row[1:] for row in rows}
+
+
+async def test_a_lease_from_memory_is_what_the_file_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17 item 1: heads this process committed are leased from memory, without a read;
+    each must be exactly the row on disk, also after a retry changed its attempts, and past
+    the memory budget (read instead)."""
+    import buffer.outbox.store as store
+
+    path = tmp_path / "outbox.db"
+
+    def as_leased(delivery: Delivery) -> tuple[object, ...]:
+        return (
+            delivery.event_id,
+            delivery.event_type,
+            delivery.partition_key,
+            delivery.payload,
+            delivery.attempts,
+        )
+
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key=f"k{n % 3}", destinations=("erp", "qms")) for n in range(6)])
+        first = await box.lease("erp", 10)
+        assert [d.event_id for d in first] == ["ev-0", "ev-1", "ev-2"]
+        assert box.stats.leased_from_memory == 3
+        assert {d.seq: as_leased(d) for d in first}.items() <= owed_as_read(path, "erp").items()
+
+        retried, delivered = first[0], first[1]
+        await box.settle(
+            [
+                Settlement(retried, "retry", 503, retry_at=0.0, reason="busy"),
+                Settlement(delivered, "delivered", 201),
+                Settlement(first[2], "dead", 422, reason="rejected"),
+            ]
+        )
+        again = await box.lease("erp", 10)
+        on_disk = owed_as_read(path, "erp")
+        assert [d.event_id for d in again] == ["ev-0", "ev-4", "ev-5"]
+        assert {d.seq: as_leased(d) for d in again}.items() <= on_disk.items()
+        assert again[0].attempts == 1  # read: its row changed
+        assert box.stats.leased_from_memory == 5
+        qms = await box.lease("qms", 10)  # the other destination's own, untouched
+        assert [(d.event_id, d.destination) for d in qms] == [
+            ("ev-0", "qms"),
+            ("ev-1", "qms"),
+            ("ev-2", "qms"),
+        ]
+
+    monkeypatch.setattr(store, "RECENT_BYTES", 1)  # room for one payload, then reads
+    async with Outbox.open(tmp_path / "small.db") as box:
+        await box.commit([event(n, key=f"k{n}") for n in range(4)])
+        leased = await box.lease("erp", 10)
+        assert box.stats.leased_from_memory == 1
+        assert [d.event_id for d in leased] == ["ev-0", "ev-1", "ev-2", "ev-3"]
+        assert {d.seq: as_leased(d) for d in leased} == owed_as_read(tmp_path / "small.db", "erp")

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from buffer.outbox.records import DeliveryState, OutboxEvent
 
-NewDelivery = tuple[str, str, int, int]
-"""(destination, partition key, event seq, priority) of a delivery a commit added."""
+NewDelivery = tuple[str, str, int, int, OutboxEvent]
+"""(destination, partition key, event seq, priority, the event) of a delivery a commit
+added."""
 
 
 @dataclass(slots=True)
@@ -126,5 +127,7 @@ def insert_events(
             f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
             [(seq, d, event.partition_key, event.priority) for d in event.destinations],
         )
-        new_rows += [(d, event.partition_key, seq, event.priority) for d in event.destinations]
+        new_rows += [
+            (d, event.partition_key, seq, event.priority, event) for d in event.destinations
+        ]
     return inserted, new_rows

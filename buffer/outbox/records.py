@@ -173,6 +173,9 @@ class OutboxStats:
     dead_retried: int = 0
     transactions: int = 0
     disk_full_waits: int = 0
+    leased_from_memory: int = 0
+    """Deliveries leased without a read: committed by this process and still held in
+    memory (`Outbox.lease`)."""
 
 
 class OutboxFull(Exception):

@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+RECENT_BYTES = 32_000_000
+"""Payload bytes of committed, unsettled deliveries kept in memory for leases (`_recent`):
+about 45,000 confirmation-sized events, the steady state of a plant many times over; beyond
+it (a long outage's backlog) leases read them, as after a restart."""
+
 SETTLE_WAIT = 0.002
 """How long, by default, a settle whose forwarder has others in flight and more ready waits
 for their outcomes to share its transaction (`Outbox.settle`). Measured with bench/forward.py
@@ -83,6 +88,11 @@ class Outbox:
         self._max_bytes = max_bytes
         self._heads = heads
         self._pending, self._dead = counts
+        self._recent: dict[tuple[str, int], Delivery] = {}
+        """Deliveries this process committed and has not settled, as a lease would read them
+        (attempts 0), within `RECENT_BYTES` of payloads: a lease of heads takes them from here
+        without a read. A retry or a dead letter drops its delivery (its row changed)."""
+        self._recent_bytes = 0
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -295,7 +305,13 @@ class Outbox:
             max(1, len(events) + len(rejected)),
         )
         self.stats.rejected_inputs += len(rejected)
-        for destination, key, seq, priority in new_rows:
+        recent = self._recent
+        for destination, key, seq, priority, event in new_rows:
+            if self._recent_bytes < RECENT_BYTES:
+                recent[(destination, seq)] = Delivery(
+                    seq, destination, event.id, event.type, key, event.payload, 0
+                )
+                self._recent_bytes += len(event.payload)
             self._pending[destination] += 1
             heads = self._heads.setdefault(destination, {})
             if key not in heads:
@@ -342,6 +358,9 @@ class Outbox:
             linger=self._settle_wait if others_follow else 0.0,
         )
         ours = {(s.delivery.destination, s.delivery.seq) for s in settlements}
+        for slot in ours:  # delivered or dead: gone; a retry: its attempts changed
+            if (dropped := self._recent.pop(slot, None)) is not None:
+                self._recent_bytes -= len(dropped.payload)
         for (destination, key), head in settled.heads.items():
             heads = self._heads.get(destination, {})
             current = heads.get(key)
@@ -435,7 +454,24 @@ class Outbox:
         )[:limit]
         if not due:
             return []
-        return await self._read(lambda db: queries.lease(db, destination, due, limit, per_key))
+        if per_key > 1:
+            return await self._read(lambda db: queries.lease(db, destination, due, limit, per_key))
+        held = [self._recent.get((destination, seq)) for _, seq, _ in due]
+        missing = [head for head, delivery in zip(due, held, strict=True) if delivery is None]
+        self.stats.leased_from_memory += len(due) - len(missing)
+        if not missing:
+            return held  # type: ignore[return-value]  # none is None
+        read = {
+            delivery.seq: delivery
+            for delivery in await self._read(
+                lambda db: queries.lease(db, destination, missing, len(missing), 1)
+            )
+        }
+        return [
+            delivery if delivery is not None else read[seq]
+            for (_, seq, _), delivery in zip(due, held, strict=True)
+            if delivery is not None or seq in read
+        ]
 
     async def next_due(self, destination: str) -> float | None:
         """Unix time at which the earliest head of a key of `destination` is due."""

@@ -192,6 +192,11 @@ class GatewayCollector(Collector):
                 "Dead letters put back in line by hand (manual interventions)",
             ),
             ("disk_full_waits", stats.disk_full_waits, "Times the disk was full"),
+            (
+                "leased_from_memory",
+                stats.leased_from_memory,
+                "Deliveries leased without a read: committed by this process, held in memory",
+            ),
         ):
             yield CounterMetricFamily(f"plantsync_outbox_{name}", text, value=value)
 
