@@ -73,3 +73,79 @@ def test_a_proxy_in_the_environment_is_named_when_the_transport_ignores_it(
     caplog.clear()
     make_client("erp", config("https://erp.example", "httpcore"))
     assert "proxy" not in caplog.text
+
+
+async def test_an_answer_reads_the_same_on_both_transports() -> None:
+    """The aiohttp transport reads an answer whole inside itself (edge/forward/transport.py);
+    what the forwarder gets must be what httpx's own transport gives: status, reason, headers,
+    a gzip body decoded, a chunked one joined, an empty one empty, and the request that was
+    sent (method, URL with its query, body and headers as the server saw them)."""
+    import gzip
+    import json
+
+    from aiohttp import web
+
+    seen: list[tuple[str, str, bytes, str]] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        seen.append((request.method, request.path_qs, body, request.headers["X-Trace"]))
+        kind = request.query["kind"]
+        if kind == "gzip":
+            return web.Response(
+                body=gzip.compress(json.dumps({"reference": "G-1"}).encode()),
+                status=201,
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            )
+        if kind == "chunked":
+            response = web.StreamResponse(status=202, reason="Taken Later")
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for part in (b'{"refer', b'ence": "C-', b'1"}'):
+                await response.write(part)
+            await response.write_eof()
+            return response
+        return web.Response(status=204, headers={"X-Reference": "E-1"})
+
+    app = web.Application()
+    app.router.add_route("*", "/api/{name}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    got: dict[str, list[tuple[object, ...]]] = {}
+    try:
+        for transport in ("aiohttp", "httpcore"):
+            async with make_client("erp", config(url, transport)) as client:
+                for kind in ("gzip", "chunked", "empty"):
+                    response = await client.post(
+                        f"{url}/api/events?kind={kind}&n=1",
+                        content=b'{"id": "ev-1"}',
+                        headers={"X-Trace": f"{transport}-{kind}"},
+                    )
+                    got.setdefault(transport, []).append(
+                        (
+                            response.status_code,
+                            response.reason_phrase,
+                            response.content,
+                            response.headers.get("content-type"),
+                            response.headers.get("x-reference"),
+                            str(response.request.url),
+                        )
+                    )
+    finally:
+        await runner.cleanup()
+    assert got["aiohttp"] == got["httpcore"]
+    assert [row[:3] for row in got["aiohttp"]] == [
+        (201, "Created", b'{"reference": "G-1"}'),
+        (202, "Taken Later", b'{"reference": "C-1"}'),
+        (204, "No Content", b""),
+    ]
+    assert [s[:3] for s in seen] == [
+        ("POST", f"/api/events?kind={kind}&n=1", b'{"id": "ev-1"}')
+        for kind in ("gzip", "chunked", "empty")
+    ] * 2
+    assert [s[3] for s in seen] == [
+        f"{t}-{k}" for t in ("aiohttp", "httpcore") for k in ("gzip", "chunked", "empty")
+    ]
