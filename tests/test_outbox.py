@@ -602,8 +602,8 @@ async def test_a_lease_from_memory_is_what_the_file_says(
         on_disk = owed_as_read(path, "erp")
         assert [d.event_id for d in again] == ["ev-0", "ev-4", "ev-5"]
         assert {d.seq: as_leased(d) for d in again}.items() <= on_disk.items()
-        assert again[0].attempts == 1  # read: its row changed
-        assert box.stats.leased_from_memory == 5
+        assert again[0].attempts == 1  # read (its row changed), and so the others with it
+        assert box.stats.leased_from_memory == 3
         qms = await box.lease("qms", 10)  # the other destination's own, untouched
         assert [(d.event_id, d.destination) for d in qms] == [
             ("ev-0", "qms"),
@@ -615,6 +615,67 @@ async def test_a_lease_from_memory_is_what_the_file_says(
     async with Outbox.open(tmp_path / "small.db") as box:
         await box.commit([event(n, key=f"k{n}") for n in range(4)])
         leased = await box.lease("erp", 10)
-        assert box.stats.leased_from_memory == 1
+        assert box.stats.leased_from_memory == 0  # k0 was kept, k1 to k3 not: read
         assert [d.event_id for d in leased] == ["ev-0", "ev-1", "ev-2", "ev-3"]
         assert {d.seq: as_leased(d) for d in leased} == owed_as_read(tmp_path / "small.db", "erp")
+
+
+async def test_a_run_of_one_key_from_memory_is_what_the_file_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs (`per_key` above 1, a canonical batch) are leased from memory only when memory
+    holds the key's owed deliveries from its head on, without a gap: after a retry of a run,
+    after a restart, and when the budget left one out in the middle, they are read. The
+    oracle: the rows read from the file with the test's own SQL, in commit order."""
+    import buffer.outbox.store as store
+
+    path = tmp_path / "outbox.db"
+
+    def owed_run(key: str, room: int) -> list[str]:
+        db = sqlite3.connect(path)
+        try:
+            return [
+                row[0]
+                for row in db.execute(
+                    "SELECT e.id FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+                    " WHERE d.destination = 'erp' AND d.state = 0 AND d.partition_key = ?"
+                    " ORDER BY d.event_seq LIMIT ?",
+                    (key, room),
+                )
+            ]
+        finally:
+            db.close()
+
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key="run" if n % 3 else "other") for n in range(12)])
+        run = await box.lease("erp", 5, per_key=5)  # "other" is head (ev-0) first, then "run"
+        assert [d.event_id for d in run] == owed_run("other", 4) + owed_run("run", 1)
+        assert box.stats.leased_from_memory == 5
+        await box.settle([Settlement(d, "retry", 503, retry_at=0.0, reason="busy") for d in run])
+        again = await box.lease("erp", 5, per_key=5)
+        assert box.stats.leased_from_memory == 5  # their heads' rows changed: read
+        assert [d.event_id for d in again] == owed_run("other", 4) + owed_run("run", 1)
+        assert again[0].attempts == 1
+        await box.settle([Settlement(d, "delivered", 201) for d in again])
+        rest = await box.lease("erp", 20, per_key=20)  # what was behind them: memory again
+        assert box.stats.leased_from_memory == 5 + len(rest)
+        assert [d.event_id for d in rest] == owed_run("run", 20)
+        assert len(rest) == 7
+
+    async with Outbox.open(path) as box:  # a restart: what was owed is read
+        assert [d.event_id for d in await box.lease("erp", 20, per_key=20)] == owed_run("run", 20)
+        assert box.stats.leased_from_memory == 0
+
+    monkeypatch.setattr(store, "RECENT_BYTES", 20)  # room for three payloads of 9 bytes
+    path = tmp_path / "budget.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key="k") for n in range(10, 16)])
+        first = await box.lease("erp", 20, per_key=20)
+        assert box.stats.leased_from_memory == 0  # three were kept: the rest would be a gap
+        assert [d.event_id for d in first] == owed_run("k", 20)
+        await box.settle([Settlement(d, "delivered", 201) for d in first[:3]])
+        await box.commit([event(n, key="k") for n in range(16, 18)])  # room again, but
+        later = await box.lease("erp", 20, per_key=20)  # ev-13..15 were never kept
+        assert [d.event_id for d in later] == owed_run("k", 20)
+        assert [d.event_id for d in later] == ["ev-13", "ev-14", "ev-15", "ev-16", "ev-17"]
+        assert box.stats.leased_from_memory == 0

@@ -32,6 +32,7 @@ from buffer.outbox.database import (
     write_hand_action,
 )
 from buffer.outbox.heads import Head
+from buffer.outbox.recent import Recent
 from buffer.outbox.records import (
     CommitResult,
     Delivery,
@@ -88,11 +89,9 @@ class Outbox:
         self._max_bytes = max_bytes
         self._heads = heads
         self._pending, self._dead = counts
-        self._recent: dict[tuple[str, int], Delivery] = {}
-        """Deliveries this process committed and has not settled, as a lease would read them
-        (attempts 0), within `RECENT_BYTES` of payloads: a lease of heads takes them from here
-        without a read. A retry or a dead letter drops its delivery (its row changed)."""
-        self._recent_bytes = 0
+        self._recent = Recent(RECENT_BYTES)
+        """What this process committed and has not settled, for leases without a read
+        (buffer/outbox/recent.py)."""
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
@@ -307,11 +306,7 @@ class Outbox:
         self.stats.rejected_inputs += len(rejected)
         recent = self._recent
         for destination, key, seq, priority, event in new_rows:
-            if self._recent_bytes < RECENT_BYTES:
-                recent[(destination, seq)] = Delivery(
-                    seq, destination, event.id, event.type, key, event.payload, 0
-                )
-                self._recent_bytes += len(event.payload)
+            recent.add(Delivery(seq, destination, event.id, event.type, key, event.payload, 0))
             self._pending[destination] += 1
             heads = self._heads.setdefault(destination, {})
             if key not in heads:
@@ -358,9 +353,8 @@ class Outbox:
             linger=self._settle_wait if others_follow else 0.0,
         )
         ours = {(s.delivery.destination, s.delivery.seq) for s in settlements}
-        for slot in ours:  # delivered or dead: gone; a retry: its attempts changed
-            if (dropped := self._recent.pop(slot, None)) is not None:
-                self._recent_bytes -= len(dropped.payload)
+        for settlement in settlements:
+            self._recent.drop(settlement.delivery)
         for (destination, key), head in settled.heads.items():
             heads = self._heads.get(destination, {})
             current = heads.get(key)
@@ -368,6 +362,7 @@ class Outbox:
                 continue  # a head that is not one of these: someone else already moved it
             if head is None:
                 heads.pop(key, None)
+                self._recent.owes_nothing(destination, key)
             else:
                 heads[key] = head
         for done in (*settled.delivered, *settled.dead):
@@ -454,24 +449,20 @@ class Outbox:
         )[:limit]
         if not due:
             return []
-        if per_key > 1:
-            return await self._read(lambda db: queries.lease(db, destination, due, limit, per_key))
-        held = [self._recent.get((destination, seq)) for _, seq, _ in due]
-        missing = [head for head, delivery in zip(due, held, strict=True) if delivery is None]
-        self.stats.leased_from_memory += len(due) - len(missing)
-        if not missing:
-            return held  # type: ignore[return-value]  # none is None
-        read = {
-            delivery.seq: delivery
-            for delivery in await self._read(
-                lambda db: queries.lease(db, destination, missing, len(missing), 1)
-            )
-        }
-        return [
-            delivery if delivery is not None else read[seq]
-            for (_, seq, _), delivery in zip(due, held, strict=True)
-            if delivery is not None or seq in read
-        ]
+        leased: list[Delivery] = []
+        room = limit
+        for _, seq, key in due:
+            if room <= 0:
+                break
+            run = self._recent.run(destination, key, seq, min(per_key, room))
+            if run is None:  # not all in memory: one read for all, as it always was
+                return await self._read(
+                    lambda db: queries.lease(db, destination, due, limit, per_key)
+                )
+            leased += run
+            room -= len(run)
+        self.stats.leased_from_memory += len(leased)
+        return leased
 
     async def next_due(self, destination: str) -> float | None:
         """Unix time at which the earliest head of a key of `destination` is due."""
