@@ -666,7 +666,7 @@ async def test_a_run_of_one_key_from_memory_is_what_the_file_says(
         assert [d.event_id for d in await box.lease("erp", 20, per_key=20)] == owed_run("run", 20)
         assert box.stats.leased_from_memory == 0
 
-    monkeypatch.setattr(store, "RECENT_BYTES", 20)  # room for three payloads of 9 bytes
+    monkeypatch.setattr(store, "RECENT_BYTES", 700)  # room for three entries (300 + 9 bytes)
     path = tmp_path / "budget.db"
     async with Outbox.open(path) as box:
         await box.commit([event(n, key="k") for n in range(10, 16)])
