@@ -7,6 +7,7 @@ import re
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -547,6 +548,12 @@ async def test_a_settle_with_others_to_follow_waits_for_them_and_a_commit_ends_t
         assert (wal_commits(path), time.monotonic() - started < 0.45) == (before + 1, True)
         assert {d.event_id for d in await box.lease("erp", 5)} == {"ev-5", "ev-9"}
 
+        started = time.monotonic()  # a commit taken first does not wait for a settle after it
+        await asyncio.gather(
+            box.commit([event(10, key="k10")]), box.settle([done[4]], others_follow=True)
+        )
+        assert time.monotonic() - started < 0.45
+
 
 def owed_as_read(path: Path, destination: str) -> dict[int, tuple[object, ...]]:
     """What the file says each pending delivery of `destination` is (seq -> id, type, key,
@@ -679,3 +686,54 @@ async def test_a_run_of_one_key_from_memory_is_what_the_file_says(
         assert [d.event_id for d in later] == owed_run("k", 20)
         assert [d.event_id for d in later] == ["ev-13", "ev-14", "ev-15", "ev-16", "ev-17"]
         assert box.stats.leased_from_memory == 0
+
+
+async def test_a_cancelled_commit_or_settle_still_moves_what_leases_see(tmp_path: Path) -> None:
+    """A caller cancelled after its work was queued (a reload cancels late deliveries and the
+    exception channels; the outbox stays open) does not stop the transaction: what leases
+    see must follow the file anyway. Before, a cancelled settle left memory pointing at a
+    deleted row (sent and journalled twice), a cancelled retry kept attempts 0, and a
+    cancelled commit left a hole in a key's run (its next event sent first). Oracle: the
+    rows read from the file with the test's own SQL. Found by the review of this stop."""
+
+    async def cancelled(work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        await asyncio.sleep(0)  # queued for the writer
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    def as_read(path: Path) -> list[tuple[object, ...]]:
+        owed = owed_as_read(path, "erp")
+        return [(owed[seq][0], owed[seq][4]) for seq in sorted(owed)]
+
+    path = tmp_path / "delivered.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(1, key="K")])
+        [leased] = await box.lease("erp", 10)
+        await cancelled(box.settle([Settlement(leased, "delivered", 201)]))
+        await box.commit([event(99, key="other")])  # the writer has run the settle
+        assert await box.lease("erp", 10, busy_keys={"other"}) == []
+        assert as_read(path) == [("ev-99", 0)]
+        assert (await box.counts())["erp"].pending == 1
+
+    path = tmp_path / "retried.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(1, key="K")])
+        [leased] = await box.lease("erp", 10)
+        retry = Settlement(leased, "retry", 503, retry_at=time.time() + 3600, reason="busy")
+        await cancelled(box.settle([retry]))
+        await box.commit([event(99, key="other")])
+        assert await box.lease("erp", 10, busy_keys={"other"}) == []  # not due for an hour
+        later = await box.lease("erp", 10, busy_keys={"other"}, now=time.time() + 7200)
+        assert [(d.event_id, d.attempts) for d in later] == [("ev-1", 1)]
+        assert as_read(path) == [("ev-1", 1), ("ev-99", 0)]
+
+    path = tmp_path / "committed.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(1, key="K")])
+        await cancelled(box.commit([event(2, key="K")]))
+        await box.commit([event(3, key="K")])
+        run = await box.lease("erp", 10, per_key=3)
+        assert [(d.event_id, d.attempts) for d in run] == as_read(path)
+        assert [d.event_id for d in run] == ["ev-1", "ev-2", "ev-3"]

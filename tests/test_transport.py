@@ -131,6 +131,8 @@ async def test_an_answer_reads_the_same_on_both_transports() -> None:
                             response.content,
                             response.headers.get("content-type"),
                             response.headers.get("x-reference"),
+                            response.headers.get("content-length"),
+                            response.elapsed is not None,
                             str(response.request.url),
                         )
                     )

@@ -38,6 +38,8 @@ class Work:
     future: asyncio.Future[Any] = field(repr=False)
     linger: float = 0.0
     """How long the transaction may wait for more work after this (see `take_batch`)."""
+    then: Callable[[Any], Any] | None = None
+    """Run on the event loop with the outcome once it is durable, cancelled caller or not."""
 
 
 def write_hand_action(db: sqlite3.Connection, action: HandAction, affected: int) -> None:
@@ -108,35 +110,44 @@ async def take_batch(
 
     Whatever arrives while a transaction runs makes the next one, so a group forms without
     added latency. Beyond that the group waits for more until `commit_interval` (a linger
-    for slow storage, 0 by default) or, when the last work taken has a `linger` (a settle
+    for slow storage, 0 by default) or, while every work taken has a `linger` (a settle
     whose forwarder has other requests in flight and more ready behind them, so no key waits
-    on it), until that linger after the group began. The last work taken decides: a commit
-    or a settle that expects nothing more ends the wait at once, as PostgreSQL's
-    `commit_delay` only waits when other transactions are active."""
+    on it), until the shortest of them after the group began. Any work without one (a
+    commit, a settle that expects nothing more) ends the wait at once, whether it came first
+    or last, as PostgreSQL's `commit_delay` only waits when other transactions are active."""
     loop = asyncio.get_running_loop()
     first = await queue.get()
     batch = [first]
     rows = first.rows
     started = loop.time()
-    deadline = started + max(commit_interval, first.linger)
-    while rows < commit_max_rows:
-        if queue.empty():
-            timeout = deadline - loop.time()
-            if timeout <= 0:
-                break
-            # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
-            # cancellation that arrives as the queue hands over work, and the writer
-            # then waits on, unstoppable (found by the crash model test).
-            try:
-                async with asyncio.timeout(timeout):
-                    work = await queue.get()
-            except TimeoutError:
-                break
-        else:
-            work = queue.get_nowait()
-        batch.append(work)
-        rows += work.rows
-        deadline = started + max(commit_interval, work.linger)
+    linger = first.linger
+    try:
+        while rows < commit_max_rows:
+            if queue.empty():
+                timeout = started + max(commit_interval, linger) - loop.time()
+                if timeout <= 0:
+                    break
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a
+                # cancellation that arrives as the queue hands over work, and the writer
+                # then waits on, unstoppable (found by the crash model test).
+                try:
+                    async with asyncio.timeout(timeout):
+                        work = await queue.get()
+                except TimeoutError:
+                    break
+            else:
+                work = queue.get_nowait()
+            batch.append(work)
+            rows += work.rows
+            linger = min(linger, work.linger)
+    except BaseException:
+        # The writer was cancelled while it waited with work in hand (the outbox is being
+        # torn down): that work will not run, so its callers must not wait for it.
+        for work in batch:
+            if not work.future.done():
+                work.future.cancel()
+            queue.task_done()
+        raise
     return batch
 
 

@@ -31,7 +31,7 @@ from buffer.outbox.database import (
     transaction,
     write_hand_action,
 )
-from buffer.outbox.heads import Head
+from buffer.outbox.heads import Head, NewDelivery
 from buffer.outbox.recent import Recent
 from buffer.outbox.records import (
     CommitResult,
@@ -46,7 +46,7 @@ from buffer.outbox.records import (
     RejectedInput,
     Settlement,
 )
-from buffer.outbox.settle import sort_settlements, write_settlements
+from buffer.outbox.settle import Settled, sort_settlements, write_settlements
 
 log = logging.getLogger(__name__)
 
@@ -298,26 +298,31 @@ class Outbox:
         now = time.time()
         state_rows = list((state or {}).items())
 
-        inserted, new_rows = await self._submit(
+        def committed(written: tuple[set[str], list[NewDelivery]]) -> CommitResult:
+            inserted, new_rows = written
+            self.stats.rejected_inputs += len(rejected)
+            recent = self._recent
+            for destination, key, seq, priority, event in new_rows:
+                recent.add(Delivery(seq, destination, event.id, event.type, key, event.payload, 0))
+                self._pending[destination] += 1
+                heads = self._heads.setdefault(destination, {})
+                if key not in heads:
+                    heads[key] = Head(seq, priority, 0.0)
+            duplicates = len(events) - len(inserted)
+            self.stats.committed += len(inserted)
+            self.stats.duplicates_ignored += duplicates
+            if new_rows:
+                self._notify()
+            return CommitResult(len(inserted), duplicates, refused, frozenset(inserted))
+
+        result: CommitResult = await self._submit(
             lambda db: queries.write_commit(
                 db, events, now, state_rows, rejected, resolved_inputs, lots
             ),
             max(1, len(events) + len(rejected)),
+            then=committed,
         )
-        self.stats.rejected_inputs += len(rejected)
-        recent = self._recent
-        for destination, key, seq, priority, event in new_rows:
-            recent.add(Delivery(seq, destination, event.id, event.type, key, event.payload, 0))
-            self._pending[destination] += 1
-            heads = self._heads.setdefault(destination, {})
-            if key not in heads:
-                heads[key] = Head(seq, priority, 0.0)
-        duplicates = len(events) - len(inserted)
-        self.stats.committed += len(inserted)
-        self.stats.duplicates_ignored += duplicates
-        if new_rows:
-            self._notify()
-        return CommitResult(len(inserted), duplicates, refused, frozenset(inserted))
+        return result
 
     async def ack(
         self, delivery: Delivery, *, status: int | None, reference: str | None = None
@@ -347,34 +352,38 @@ class Outbox:
         transactions, each fsync shared by more events."""
         if not settlements:
             return
-        settled = sort_settlements(settlements)
-        settled = await self._submit(
-            lambda db: write_settlements(db, settled),
+        sorted_out = sort_settlements(settlements)
+
+        def recorded(settled: Settled) -> None:
+            ours = {(s.delivery.destination, s.delivery.seq) for s in settlements}
+            for settlement in settlements:
+                self._recent.drop(settlement.delivery)
+            for (destination, key), head in settled.heads.items():
+                heads = self._heads.get(destination, {})
+                current = heads.get(key)
+                if current is not None and (destination, current.seq) not in ours:
+                    continue  # a head that is not one of these: someone else already moved it
+                if head is None:
+                    heads.pop(key, None)
+                    self._recent.owes_nothing(destination, key)
+                else:
+                    heads[key] = head
+            for done in (*settled.delivered, *settled.dead):
+                self._pending[done.delivery.destination] -= 1
+            for dead in settled.dead:
+                self._dead[dead.delivery.destination] += 1
+            self.stats.delivered += len(settled.delivered)
+            self.stats.retries += len(settled.retried)
+            self.stats.dead_lettered += len(settled.dead)
+            if settled.dead:
+                self._notify()
+
+        await self._submit(
+            lambda db: write_settlements(db, sorted_out),
             len(settlements),
             linger=self._settle_wait if others_follow else 0.0,
+            then=recorded,
         )
-        ours = {(s.delivery.destination, s.delivery.seq) for s in settlements}
-        for settlement in settlements:
-            self._recent.drop(settlement.delivery)
-        for (destination, key), head in settled.heads.items():
-            heads = self._heads.get(destination, {})
-            current = heads.get(key)
-            if current is not None and (destination, current.seq) not in ours:
-                continue  # a head that is not one of these: someone else already moved it
-            if head is None:
-                heads.pop(key, None)
-                self._recent.owes_nothing(destination, key)
-            else:
-                heads[key] = head
-        for done in (*settled.delivered, *settled.dead):
-            self._pending[done.delivery.destination] -= 1
-        for dead in settled.dead:
-            self._dead[dead.delivery.destination] += 1
-        self.stats.delivered += len(settled.delivered)
-        self.stats.retries += len(settled.retried)
-        self.stats.dead_lettered += len(settled.dead)
-        if settled.dead:
-            self._notify()
 
     async def retry_dead(
         self,
@@ -386,13 +395,20 @@ class Outbox:
         """Put dead letters back in line (one event, or all); returns how many. They go in
         commit order with their key's other deliveries, and their attempts start over. `hand`
         is journalled in the same transaction."""
-        count, self._heads, (self._pending, self._dead) = await self._submit(
-            lambda db: queries.retry_dead(db, event_id, destination, hand), 1
+
+        def reloaded(
+            result: tuple[int, dict[str, dict[str, Head]], tuple[Counter[str], Counter[str]]],
+        ) -> int:
+            count, self._heads, (self._pending, self._dead) = result
+            self.stats.dead_retried += count
+            if count:
+                self._notify()
+            return int(count)
+
+        count: int = await self._submit(
+            lambda db: queries.retry_dead(db, event_id, destination, hand), 1, then=reloaded
         )
-        self.stats.dead_retried += count
-        if count:
-            self._notify()
-        return int(count)
+        return count
 
     async def purge_dead(
         self,
@@ -403,12 +419,16 @@ class Outbox:
     ) -> int:
         """Delete dead letters for good (one event, or all); returns how many. `hand` is
         journalled in the same transaction."""
-        purged = await self._submit(
-            lambda db: queries.purge_dead(db, event_id, destination, hand), 1
+
+        def forgotten(purged: list[tuple[int, str]]) -> int:
+            for _, name in purged:
+                self._dead[name] -= 1
+            return len(purged)
+
+        count: int = await self._submit(
+            lambda db: queries.purge_dead(db, event_id, destination, hand), 1, then=forgotten
         )
-        for _, name in purged:
-            self._dead[name] -= 1
-        return len(purged)
+        return count
 
     async def record_hand_action(self, action: HandAction, affected: int = 1) -> None:
         """Journal a hand action that changed nothing in the outbox itself (a trusted
@@ -556,12 +576,22 @@ class Outbox:
         return await loop.run_in_executor(self._reader, run, self._reader_db)
 
     async def _submit(
-        self, run: Callable[[sqlite3.Connection], T], rows: int, *, linger: float = 0.0
-    ) -> T:
+        self,
+        run: Callable[[sqlite3.Connection], Any],
+        rows: int,
+        *,
+        linger: float = 0.0,
+        then: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """Queue `run` for the writer; return its outcome once durable. `then` turns the
+        outcome into the caller's result on the event loop, right after the transaction and
+        whether or not the caller is still waiting: the memory of heads, counts and leases
+        follows what reached the file even when the caller was cancelled meanwhile (a
+        reload cancels late deliveries; the work commits anyway)."""
         if self._closed:
             raise RuntimeError("the outbox is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(Work(run, rows, future, linger))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(Work(run, rows, future, linger, then))
         return await future
 
     async def _write_loop(self) -> None:
@@ -569,6 +599,12 @@ class Outbox:
             batch = await take_batch(self._queue, self._commit_interval, self._commit_max_rows)
             outcomes = await self._run_until_stored(batch)
             for work, outcome in zip(batch, outcomes, strict=True):
+                if work.then is not None and not isinstance(outcome, BaseException):
+                    try:
+                        outcome = work.then(outcome)
+                    except Exception as exc:  # a bug in the bookkeeping: its caller hears
+                        log.exception("Outbox bookkeeping after a commit failed")
+                        outcome = exc
                 if not work.future.done():
                     if isinstance(outcome, BaseException):
                         work.future.set_exception(outcome)

@@ -19,8 +19,8 @@ Two things differ from `httpx-aiohttp`'s own `handle_async_request`:
   the body is read.
 - A request whose body is in memory (every request the gateway makes) takes a shorter way:
   its URL is parsed by yarl once per URL, not once per request, its aiohttp timeout is built
-  once per set of timeouts, and the answer is read whole here, so the httpx response is made
-  already read, without `httpx-aiohttp`'s stream wrapper and the async generators it drives.
+  once per set of timeouts, and the answer is read whole here, so the httpx response streams
+  from memory, without `httpx-aiohttp`'s stream wrapper and the async generators it drives.
   About 6 us less of the event loop's CPU per unbatched event (bench/forward.py's profile,
   medians of 5 alternating runs). A streamed body, a proxy or an SNI override take
   `httpx-aiohttp`'s way. tests/test_transport.py checks that an answer (gzip, chunked,
@@ -74,10 +74,12 @@ class SafeAiohttpTransport(AiohttpTransport):
             extensions: dict[str, object] = {"http_version": HTTP_1_1}
             if answer.reason:
                 extensions["reason_phrase"] = answer.reason.encode()
+            # A stream, not `content=`: httpx would add a Content-Length the server did not
+            # send, and a response never closed has no `elapsed`.
             return httpx.Response(
                 status_code=answer.status,
                 headers=answer.raw_headers,
-                content=body,
+                stream=httpx.ByteStream(body),
                 request=request,
                 extensions=extensions,
             )
