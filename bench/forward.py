@@ -349,34 +349,21 @@ async def measure(directory: Path, sizes: Sizes, profile: bool, with_http2: bool
                 # Half the bare events before the forwarder phases, half after, in mirrored
                 # client order (ABBA), so drift in the box's load falls on both sides alike.
                 await bare_clients(CLIENTS[::-1] if number % 2 else CLIENTS, half, limit)
-                await timed(
-                    "forwarder_unbatched",
-                    forwarder_phase(
-                        directory / f"unbatched-{number}.sqlite",
-                        fresh(sizes.unbatched_events, "fwd"),
-                        unbatched,
-                        time_limit=limit,
-                    ),
-                )
-                await timed(
-                    "forwarder_unbatched_cold",
-                    forwarder_phase(
-                        directory / f"unbatched-cold-{number}.sqlite",
-                        fresh(sizes.unbatched_events, "fwdr"),
-                        unbatched,
-                        time_limit=limit,
-                        cold=True,
-                    ),
-                )
-                await timed(
-                    "forwarder_unbatched_httpcore",
-                    forwarder_phase(
-                        directory / f"unbatched-httpcore-{number}.sqlite",
-                        fresh(sizes.unbatched_events, "fwdc"),
-                        unbatched_httpcore,
-                        time_limit=limit,
-                    ),
-                )
+                for name, config, label, cold in (
+                    ("forwarder_unbatched", unbatched, "fwd", False),
+                    ("forwarder_unbatched_cold", unbatched, "fwdr", True),
+                    ("forwarder_unbatched_httpcore", unbatched_httpcore, "fwdc", False),
+                ):
+                    await timed(
+                        name,
+                        forwarder_phase(
+                            directory / f"{name}-{number}.sqlite",
+                            fresh(sizes.unbatched_events, label),
+                            config,
+                            time_limit=limit,
+                            cold=cold,
+                        ),
+                    )
                 await bare_clients(CLIENTS if number % 2 else CLIENTS[::-1], half, limit)
                 await timed(
                     "forwarder_batched",
