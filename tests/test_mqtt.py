@@ -271,7 +271,14 @@ async def test_broker_restart_mid_stream_loses_nothing(
         await asyncio.sleep(0.5)
         await asyncio.to_thread(mosquitto.start)
         published = await publishing
-        await wait_until(lambda: set(published) <= set(sink.ids()), within=30)
+        try:
+            await wait_until(lambda: set(published) <= set(sink.ids()), within=30)
+        except AssertionError as exc:  # say what the reconnects met (once seen under load)
+            raise AssertionError(
+                f"{exc}: connected {driver.health.connected}, {driver.health.errors} "
+                f"error(s), the last: {driver.health.last_error}; "
+                f"{len(set(published) - set(sink.ids()))} of {total} not received"
+            ) from None
         assert driver.health.connected
 
     assert len(set(published)) == total
