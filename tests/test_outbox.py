@@ -737,3 +737,25 @@ async def test_a_cancelled_commit_or_settle_still_moves_what_leases_see(tmp_path
         run = await box.lease("erp", 10, per_key=3)
         assert [(d.event_id, d.attempts) for d in run] == as_read(path)
         assert [d.event_id for d in run] == ["ev-1", "ev-2", "ev-3"]
+
+
+async def test_a_destination_a_reload_removed_frees_its_lease_memory(tmp_path: Path) -> None:
+    """After a reload the daemon says which destinations it delivers to
+    (`keep_lease_memory_for`); the memory of the others goes (none of it would be settled
+    again). Should one come back, its leases are read, and equal the file's rows."""
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key=f"k{n}", destinations=("erp", "qms")) for n in range(4)])
+        both = box._recent.bytes
+        box.keep_lease_memory_for(["erp"])
+        assert 0 < box._recent.bytes < both
+        assert len(await box.lease("erp", 10)) == 4
+        assert box.stats.leased_from_memory == 4
+        qms = await box.lease("qms", 10)  # came back: read
+        assert box.stats.leased_from_memory == 4
+        owed = owed_as_read(path, "qms")
+        assert [(d.event_id, d.attempts) for d in qms] == [
+            (owed[seq][0], owed[seq][4]) for seq in sorted(owed)
+        ]
+        box.keep_lease_memory_for([])
+        assert box._recent.bytes == 0

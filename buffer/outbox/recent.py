@@ -56,6 +56,16 @@ class Recent:
         if (keys := self._held.get(destination)) is not None and not keys.get(key, True):
             del keys[key]
 
+    def keep_only(self, destinations: set[str]) -> None:
+        """Forget the entries of every other destination (one a reload removed: none of its
+        entries would be settled again). If it comes back, what it owes is read (the front
+        of each key is missing, as at open)."""
+        for destination in [d for d in self._held if d not in destinations]:
+            for held in self._held.pop(destination).values():
+                self.bytes -= sum(ENTRY + len(d.payload) for d in held.values())
+        for destination in [d for d in self._partial if d not in destinations]:
+            del self._partial[destination]
+
     def run(self, destination: str, key: str, head: int, room: int) -> list[Delivery] | None:
         """The key's head and up to `room - 1` deliveries behind it, or None: read them."""
         held = self._held.get(destination, {}).get(key)

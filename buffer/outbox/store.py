@@ -485,6 +485,11 @@ class Outbox:
         self.stats.leased_from_memory += len(leased)
         return leased
 
+    def keep_lease_memory_for(self, destinations: Iterable[str]) -> None:
+        """The destinations this gateway delivers to now (after a reload): the lease memory of
+        any other is freed (buffer/outbox/recent.py)."""
+        self._recent.keep_only(set(destinations))
+
     async def next_due(self, destination: str) -> float | None:
         """Unix time at which the earliest head of a key of `destination` is due."""
         heads = self._heads.get(destination)

@@ -465,6 +465,8 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
                         control=control,
                     )
                     redact(gateway.secrets)
+                    # A destination a reload removed keeps no lease memory it would never free.
+                    outbox.keep_lease_memory_for(f.name for f in gateway.forwarders)
                     supervisor.watch(gateway)
                     new_config = await gateway.run(control, load)
                     if new_config is None or control.stop_requested:
