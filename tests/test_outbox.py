@@ -759,3 +759,107 @@ async def test_a_destination_a_reload_removed_frees_its_lease_memory(tmp_path: P
         ]
         box.keep_lease_memory_for([])
         assert box._recent.bytes == 0
+
+
+# -- the payloads of delivered events go in bulk, after their settle (schema 8) -----------------
+
+
+def file_rows(path: Path, sql: str) -> list[Any]:
+    """What the file itself holds, read on a connection of the test's own."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_delivered_payload_is_gone_from_the_file_once_the_outbox_closes(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key=f"k{n % 3}") for n in range(10)])
+        for delivery in await box.lease("erp", 10):
+            await box.ack(delivery, status=201)
+        for delivery in await box.lease("erp", 10):
+            await box.ack(delivery, status=201)
+        # ev-6 to ev-9 are left owed (k0 holds four of the ten).
+    ids = {row[0] for row in file_rows(path, "SELECT id FROM events")}
+    journal = {row[0] for row in file_rows(path, "SELECT event_id FROM journal")}
+    assert len(journal) == 6 and ids.isdisjoint(journal)
+    assert ids == {"ev-6", "ev-7", "ev-8", "ev-9"}
+    assert file_rows(path, "SELECT count(*) FROM purge_queue") == [(0,)]
+
+
+async def test_an_idle_outbox_purges_a_trickle_within_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(1), event(2)])
+        (first,) = await box.lease("erp", 10)
+        await box.ack(first, status=201)
+        deadline = time.monotonic() + 5
+        while file_rows(path, "SELECT id FROM events") != [("ev-2",)]:
+            assert time.monotonic() < deadline, "the delivered payload was never purged"
+            await asyncio.sleep(0.05)
+        assert box.stats.payloads_purged == 1
+
+
+async def test_a_payload_another_destination_owes_survives_the_purge(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    both = ("erp", "qms")
+    async with Outbox.open(path) as box:
+        await box.commit([event(1, "A", destinations=both), event(2, "B", destinations=both)])
+        for delivery in await box.lease("erp", 10):
+            await box.ack(delivery, status=201)
+        await box.prune(retention=3600)  # purges everything queued, in its transaction
+    assert file_rows(path, "SELECT count(*) FROM purge_queue") == [(0,)]
+    async with Outbox.open(path) as box:  # leases read the file: nothing in memory
+        owed = await box.lease("qms", 10)
+        assert [(d.event_id, d.payload) for d in owed] == [
+            ("ev-1", b'{"n": 1}'),
+            ("ev-2", b'{"n": 2}'),
+        ]
+        for delivery in owed:
+            await box.ack(delivery, status=201)
+    assert file_rows(path, "SELECT count(*) FROM events") == [(0,)]
+
+
+async def test_a_crash_before_the_purge_leaves_it_queued_for_the_next_run(
+    tmp_path: Path,
+) -> None:
+    path, image = tmp_path / "outbox.db", tmp_path / "image"
+    image.mkdir()
+    async with Outbox.open(path) as box:
+        await box.commit([event(n) for n in range(1, 4)])
+        (head,) = await box.lease("erp", 10)
+        await box.ack(head, status=201)
+        # What a power cut leaves: the files as they are the moment the ack returned.
+        for suffix in ("", "-wal"):
+            Path(f"{image / 'outbox.db'}{suffix}").write_bytes(Path(f"{path}{suffix}").read_bytes())
+    crashed = image / "outbox.db"
+    assert file_rows(crashed, "SELECT seq FROM purge_queue") == [(1,)]
+    assert file_rows(crashed, "SELECT count(*) FROM events") == [(3,)]
+    async with Outbox.open(crashed) as box:
+        assert [d.event_id for d in await box.lease("erp", 10)] == ["ev-2"]
+        assert (await box.commit([event(1)])).inserted == 0  # delivered: still a duplicate
+    assert sorted(file_rows(crashed, "SELECT id FROM events")) == [("ev-2",), ("ev-3",)]
+    assert file_rows(crashed, "SELECT count(*) FROM purge_queue") == [(0,)]
+
+
+async def test_at_its_disk_budget_the_outbox_purges_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from buffer.outbox import store
+
+    monkeypatch.setattr(store, "PURGE_AGE", 60.0)  # a trickle alone would wait a minute
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([big(n, key=f"k{n}") for n in range(20)])
+    async with Outbox.open(path, max_bytes=1) as box:
+        assert box.back_pressure is not None
+        (first, *_) = await box.lease("erp", 1)
+        await box.ack(first, status=201)
+        deadline = time.monotonic() + 10
+        while (first.event_id,) in file_rows(path, "SELECT id FROM events"):
+            assert time.monotonic() < deadline, "the payload waited at the disk budget"
+            await asyncio.sleep(0.05)

@@ -104,9 +104,13 @@ def transaction(db: sqlite3.Connection, batch: Sequence[Work]) -> tuple[list[Any
 
 
 async def take_batch(
-    queue: asyncio.Queue[Work], commit_interval: float, commit_max_rows: int
+    queue: asyncio.Queue[Work],
+    commit_interval: float,
+    commit_max_rows: int,
+    idle: float | None = None,
 ) -> list[Work]:
-    """The writer's next group of work: the first to come, then whatever has queued up.
+    """The writer's next group of work: the first to come, then whatever has queued up; none
+    if nothing came within `idle` seconds (None: wait for the first however long).
 
     Whatever arrives while a transaction runs makes the next one, so a group forms without
     added latency. Beyond that the group waits for more until `commit_interval` (a linger
@@ -116,7 +120,14 @@ async def take_batch(
     commit, a settle that expects nothing more) ends the wait at once, whether it came first
     or last, as PostgreSQL's `commit_delay` only waits when other transactions are active."""
     loop = asyncio.get_running_loop()
-    first = await queue.get()
+    if idle is None:
+        first = await queue.get()
+    else:
+        try:
+            async with asyncio.timeout(idle):
+                first = await queue.get()
+        except TimeoutError:
+            return []
     batch = [first]
     rows = first.rows
     started = loop.time()
@@ -231,13 +242,17 @@ class Opened:
     used_bytes: int
     recovered_from: str | None
     epoch: str
+    purge_queued: int = 0
 
 
 def _load(path: Path) -> Opened:
     db = connect(path)
     try:
         ((epoch,),) = db.execute("SELECT value FROM outbox_meta WHERE key = 'epoch'")
-        return Opened(db, load_heads(db), load_counts(db), bytes_in_use(db), None, str(epoch))
+        ((queued,),) = db.execute("SELECT count(*) FROM purge_queue")
+        return Opened(
+            db, load_heads(db), load_counts(db), bytes_in_use(db), None, str(epoch), int(queued)
+        )
     except BaseException:
         db.close()
         raise

@@ -33,6 +33,7 @@ from buffer.outbox.records import (
     OutboxEvent,
     RejectedInput,
 )
+from buffer.outbox.settle import purge_delivered
 
 
 def write_commit(
@@ -98,8 +99,10 @@ def purge_dead(
     return found
 
 
-def prune(db: sqlite3.Connection, cutoff: float) -> int:
-    """`Outbox.prune`'s transaction: how many journal rows went."""
+def prune(db: sqlite3.Connection, cutoff: float) -> tuple[int, int]:
+    """`Outbox.prune`'s transaction: how many journal rows went, and how many delivered
+    payloads (all that were queued: an id is remembered while its payload is held)."""
+    purged = purge_delivered(db, -1)
     pruned = db.execute("DELETE FROM journal WHERE delivered_at < ?", (cutoff,)).rowcount
     db.execute(
         "DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN (SELECT id FROM events)",
@@ -107,7 +110,7 @@ def prune(db: sqlite3.Connection, cutoff: float) -> int:
     )
     db.execute("DELETE FROM rejected_inputs WHERE received_at < ?", (cutoff,))
     db.execute("DELETE FROM hand_actions WHERE at < ?", (cutoff,))
-    return int(pruned)
+    return int(pruned), purged
 
 
 def load_state(db: sqlite3.Connection) -> list[Any]:

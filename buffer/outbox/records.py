@@ -173,6 +173,8 @@ class OutboxStats:
     dead_retried: int = 0
     transactions: int = 0
     disk_full_waits: int = 0
+    payloads_purged: int = 0
+    """Payloads of delivered events deleted by the bulk purge (`Outbox._purge`)."""
     leased_from_memory: int = 0
     """Deliveries leased without a read: committed by this process and still held in
     memory (`Outbox.lease`)."""

@@ -115,6 +115,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE rejected_inputs ADD COLUMN message_id TEXT",
         "CREATE INDEX rejected_inputs_by_message ON rejected_inputs(message_id)",
     ),
+    (
+        # 8: events delivered everywhere whose payload is still to go. A settle queues them
+        # here instead of deleting each payload row in its own transaction: a request's
+        # events (one key's run) lie scattered over the events table, a page each, which cost
+        # three quarters of a settle's writes. `purge_delivered` then deletes them in seq
+        # order, thousands at a time, a page for several events.
+        "CREATE TABLE purge_queue (seq INTEGER PRIMARY KEY)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

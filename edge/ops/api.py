@@ -193,6 +193,11 @@ class GatewayCollector(Collector):
             ),
             ("disk_full_waits", stats.disk_full_waits, "Times the disk was full"),
             (
+                "payloads_purged",
+                stats.payloads_purged,
+                "Payloads of delivered events deleted in bulk, after their settle",
+            ),
+            (
                 "leased_from_memory",
                 stats.leased_from_memory,
                 "Deliveries leased without a read: committed by this process, held in memory",
