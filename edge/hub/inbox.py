@@ -282,7 +282,7 @@ class HubInbox:
                     if subscription is None:  # bound here, so a refusal is retried too
                         subscription = await self._js.pull_subscribe_bind(name, stream)
                     messages = await subscription.fetch(1, timeout=FETCH_WAIT)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py's, or asyncio's: fetch raises either
                     messages = []
                 except nats.errors.Error as exc:
                     # The connection is away (nats-py reconnects; the relay connects again if
