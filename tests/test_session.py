@@ -161,3 +161,44 @@ async def test_a_batch_answer_counts_per_event_or_for_the_whole_batch(
     assert [(r.outcome, r.reference, r.status) for r in outcomes["object"]] == [
         (Outcome.DELIVERED, "BATCH-1", 201)
     ] * 3
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "kwargs"),
+    [
+        ("POST", "/api/events", {"Idempotency-Key": '"ev-1"'}, {"content": b'{"a": 1}'}),
+        ("POST", "/api/events", {"user-agent": "plant/1", "ACCEPT": "x/y"}, {"content": b"{}"}),
+        ("POST", "/api/events", {}, {"content": b""}),
+        ("POST", "/api/events", {}, {}),
+        ("PUT", "/api/x", {"Content-Length": "3"}, {"content": b"abc"}),
+        ("PATCH", "/api/x", {"Transfer-Encoding": "chunked"}, {}),
+        ("get", "/api/events?since=1", {"Authorization": "Bearer t"}, {}),
+        ("DELETE", "https://other.example:8443/z", {"Host": "erp.example"}, {}),
+    ],
+)
+async def test_the_short_request_is_the_one_httpx_builds(
+    method: str, path: str, headers: dict[str, str], kwargs: dict[str, bytes]
+) -> None:
+    """The short path makes its request itself (edge/forward/session.py, `_plain_request`):
+    httpx's own `build_request` is the oracle, header for header in order, body, timeout."""
+    config = destination("http://erp.example:8080/base")
+    async with httpx.AsyncClient(timeout=config.timeout) as client:
+        session = Session(config, client)
+        ours = session._plain_request(method, path, dict(headers), dict(kwargs))
+        theirs = client.build_request(
+            method, session._url(path), headers=headers, timeout=session._timeout, **kwargs
+        )
+    assert (ours.method, ours.url) == (theirs.method, theirs.url)
+    assert ours.headers.raw == theirs.headers.raw
+    assert ours.content == theirs.content
+    assert ours.extensions == theirs.extensions
+
+
+async def test_a_header_httpx_cannot_encode_fails_the_same_on_the_short_path() -> None:
+    config = destination("http://erp.example")
+    async with httpx.AsyncClient() as client:
+        session = Session(config, client)
+        with pytest.raises(UnicodeEncodeError):
+            client.build_request("POST", session._url("/e"), headers={"X-Lot": "Lös"})
+        with pytest.raises(UnicodeEncodeError):
+            session._plain_request("POST", "/e", {"X-Lot": "Lös"}, {"content": b"{}"})
