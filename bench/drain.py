@@ -84,6 +84,7 @@ async def drain(
                 now = time.perf_counter() - started
                 rss.append((now, proc_status_mb("VmRSS")))
                 progress.append((now, health.delivered))
+            await outbox.purge()  # the payloads still queued are deleted on the clock
             seconds = time.perf_counter() - started
             forwarder.drain()
         if health.failures:

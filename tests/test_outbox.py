@@ -804,6 +804,23 @@ async def test_an_idle_outbox_purges_a_trickle_within_seconds(tmp_path: Path) ->
         assert box.stats.payloads_purged == 1
 
 
+async def test_purge_deletes_every_queued_payload_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from buffer.outbox import store
+
+    monkeypatch.setattr(store, "PURGE_AGE", 60.0)  # the writer would not purge three by itself
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key=f"k{n}") for n in range(5)])
+        for delivery in (await box.lease("erp", 10))[:3]:
+            await box.ack(delivery, status=201)
+        assert len(file_rows(path, "SELECT id FROM events")) == 5  # queued, not yet deleted
+        assert await box.purge() == 3
+        assert sorted(file_rows(path, "SELECT id FROM events")) == [("ev-3",), ("ev-4",)]
+        assert await box.purge() == 0
+
+
 async def test_a_payload_another_destination_owes_survives_the_purge(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     both = ("erp", "qms")

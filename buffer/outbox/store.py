@@ -466,6 +466,19 @@ class Outbox:
         )
         return count
 
+    async def purge(self) -> int:
+        """Delete every delivered payload still queued, now, in one transaction; returns how
+        many. The writer does this by itself (`_purge`); a benchmark calls it so that its
+        clock includes the deletes a steady flow pays for."""
+
+        def purged(count: int) -> int:
+            self._purge_queued = 0
+            self.stats.payloads_purged += count
+            return count
+
+        count: int = await self._submit(lambda db: purge_delivered(db, -1), 1, then=purged)
+        return count
+
     async def record_hand_action(self, action: HandAction, affected: int = 1) -> None:
         """Journal a hand action that changed nothing in the outbox itself (a trusted
         certificate); one that does should journal in its own transaction (`hand=`)."""
