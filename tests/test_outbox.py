@@ -810,6 +810,7 @@ async def test_purge_deletes_every_queued_payload_at_once(
     from buffer.outbox import store
 
     monkeypatch.setattr(store, "PURGE_AGE", 60.0)  # the writer would not purge three by itself
+    monkeypatch.setattr(store, "PURGE_CHUNK", 2)  # three take two transactions
     path = tmp_path / "outbox.db"
     async with Outbox.open(path) as box:
         await box.commit([event(n, key=f"k{n}") for n in range(5)])

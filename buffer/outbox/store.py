@@ -467,17 +467,23 @@ class Outbox:
         return count
 
     async def purge(self) -> int:
-        """Delete every delivered payload still queued, now, in one transaction; returns how
-        many. The writer does this by itself (`_purge`); a benchmark calls it so that its
-        clock includes the deletes a steady flow pays for."""
+        """Delete every delivered payload still queued, now, PURGE_CHUNK per transaction as
+        the writer does by itself (`_purge`); returns how many. A benchmark calls it so that
+        its clock includes the deletes a steady flow pays for."""
 
         def purged(count: int) -> int:
-            self._purge_queued = 0
+            self._purge_queued = 0 if count < PURGE_CHUNK else max(0, self._purge_queued - count)
             self.stats.payloads_purged += count
             return count
 
-        count: int = await self._submit(lambda db: purge_delivered(db, -1), 1, then=purged)
-        return count
+        total = 0
+        while True:
+            count: int = await self._submit(
+                lambda db: purge_delivered(db, PURGE_CHUNK), 1, then=purged
+            )
+            total += count
+            if count < PURGE_CHUNK:
+                return total
 
     async def record_hand_action(self, action: HandAction, affected: int = 1) -> None:
         """Journal a hand action that changed nothing in the outbox itself (a trusted
