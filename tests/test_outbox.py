@@ -881,3 +881,29 @@ async def test_at_its_disk_budget_the_outbox_purges_at_once(
         while (first.event_id,) in file_rows(path, "SELECT id FROM events"):
             assert time.monotonic() < deadline, "the payload waited at the disk budget"
             await asyncio.sleep(0.05)
+
+
+async def test_a_busy_writer_purges_inside_the_transactions_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past PURGE_BUSY queued, each transaction carries PURGE_RIDE deletes; the writer is
+    never idle here (no idle purge: PURGE_IDLE and PURGE_AGE out of reach)."""
+    from buffer.outbox import store
+
+    for name, value in (("PURGE_BUSY", 4), ("PURGE_RIDE", 2), ("PURGE_IDLE", 10**9)):
+        monkeypatch.setattr(store, name, value)
+    monkeypatch.setattr(store, "PURGE_AGE", 60.0)
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key=f"k{n}") for n in range(1, 7)])
+        transactions = box.stats.transactions
+        for delivery in await box.lease("erp", 10):
+            await box.ack(delivery, status=201)
+        # By hand: acks 1-4 queue four; ack 5's transaction deletes ev-1 and ev-2 (two left,
+        # three once ack 5 is counted); ack 6 makes four; the commit's transaction deletes
+        # ev-3 and ev-4.
+        await box.commit([event(7, key="k7")])
+        assert box.stats.transactions == transactions + 7  # no transaction of a purge's own
+        assert box.stats.payloads_purged == 4
+        left = sorted(row[0] for row in file_rows(path, "SELECT id FROM events"))
+        assert left == ["ev-5", "ev-6", "ev-7"]
