@@ -430,7 +430,9 @@ def _pending_units(database: Path, order_id: str, state: dict[str, Any]) -> tupl
     good = state["good"]["total"] - state["good"]["confirmed"]
     scrap = state["scrap"]["total"] - state["scrap"]["confirmed"]
     for (payload,) in _query(
-        database, "SELECT payload FROM events WHERE type = 'production.confirmation'"
+        database,
+        "SELECT payload FROM events e WHERE type = 'production.confirmation'"
+        " AND EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)",
     ):
         data = json.loads(payload)["data"]
         if data["order_id"] == order_id:

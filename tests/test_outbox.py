@@ -829,6 +829,8 @@ async def test_a_payload_another_destination_owes_survives_the_purge(tmp_path: P
         await box.commit([event(1, "A", destinations=both), event(2, "B", destinations=both)])
         for delivery in await box.lease("erp", 10):
             await box.ack(delivery, status=201)
+        assert await box.purge() == 0  # both leave the queue; neither payload may go
+        assert box.stats.payloads_purged == 0
         await box.prune(retention=3600)  # purges everything queued, in its transaction
     assert file_rows(path, "SELECT count(*) FROM purge_queue") == [(0,)]
     async with Outbox.open(path) as box:  # leases read the file: nothing in memory
@@ -907,3 +909,44 @@ async def test_a_busy_writer_purges_inside_the_transactions_it_runs(
         assert box.stats.payloads_purged == 4
         left = sorted(row[0] for row in file_rows(path, "SELECT id FROM events"))
         assert left == ["ev-5", "ev-6", "ev-7"]
+
+
+async def test_a_purge_that_fails_never_fails_the_work_it_rides_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trigger the payload DELETE cannot run (a stand-in for a damaged index of `events`)
+    makes every purge fail: the acks and commits in the same transactions still commit, and
+    once it is gone the payloads go."""
+    from buffer.outbox import store
+
+    for name, value in (("PURGE_BUSY", 2), ("PURGE_RIDE", 2), ("PURGE_AGE", 0.05)):
+        monkeypatch.setattr(store, name, value)
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(0)])
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TRIGGER broken BEFORE DELETE ON events BEGIN INSERT INTO nope VALUES (1); END"
+    )
+    db.commit()
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key=f"k{n}") for n in range(1, 6)])
+        for delivery in await box.lease("erp", 10):
+            await box.ack(delivery, status=201)  # purges ride from the third on, and fail
+        for n in range(10, 20):
+            await box.commit([event(n, key="z")])
+        assert (await box.counts())["erp"].pending == 10  # ev-10 to ev-19: all committed
+        assert box.stats.payloads_purged == 0
+        db.execute("DROP TRIGGER broken")
+        db.commit()
+        deadline = time.monotonic() + 10
+        more = 100
+        while box.stats.payloads_purged < 6:  # the six delivered: ev-0 to ev-5
+            assert time.monotonic() < deadline, "the purge never resumed"
+            await box.commit([event(more, key="y")])
+            more += 1
+            await asyncio.sleep(0.1)
+    db.close()
+    assert file_rows(path, "SELECT count(*) FROM journal") == [(6,)]
+    delivered = {f"ev-{n}" for n in range(6)}
+    assert delivered.isdisjoint(row[0] for row in file_rows(path, "SELECT id FROM events"))

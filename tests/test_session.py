@@ -7,6 +7,7 @@ HTTP server on loopback (aiohttp's) received, not the session's own bookkeeping.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -202,3 +203,28 @@ async def test_a_header_httpx_cannot_encode_fails_the_same_on_the_short_path() -
             client.build_request("POST", session._url("/e"), headers={"X-Lot": "Lös"})
         with pytest.raises(UnicodeEncodeError):
             session._plain_request("POST", "/e", {"X-Lot": "Lös"}, {"content": b"{}"})
+
+
+async def test_what_the_short_request_does_not_make_itself_httpx_builds() -> None:
+    """A client with query params of its own, a header value in bytes: the short path hands
+    them to httpx's `build_request`, so the request is still the one httpx builds."""
+    config = destination("http://erp.example")
+    async with httpx.AsyncClient(params={"sap-client": "100"}) as client:
+        session = Session(config, client)
+        ours = session._plain_request("POST", "/e", {"X-A": "1"}, {"content": b"{}"})
+        theirs = client.build_request(
+            "POST",
+            session._url("/e"),
+            headers={"X-A": "1"},
+            timeout=session._timeout,
+            content=b"{}",
+        )
+        assert ours.url == theirs.url == "http://erp.example/e?sap-client=100"
+    async with httpx.AsyncClient() as client:
+        session = Session(config, client)
+        given: dict[str, Any] = {"X-B": b"raw"}
+        ours = session._plain_request("POST", "/e", given, {"content": b"{}"})
+        theirs = client.build_request(
+            "POST", session._url("/e"), headers=given, timeout=session._timeout, content=b"{}"
+        )
+    assert ours.headers.raw == theirs.headers.raw

@@ -102,7 +102,7 @@ def purge_dead(
 def prune(db: sqlite3.Connection, cutoff: float) -> tuple[int, int]:
     """`Outbox.prune`'s transaction: how many journal rows went, and how many delivered
     payloads (all that were queued: an id is remembered while its payload is held)."""
-    purged = purge_delivered(db, -1)
+    purged = purge_delivered(db, -1).deleted
     pruned = db.execute("DELETE FROM journal WHERE delivered_at < ?", (cutoff,)).rowcount
     db.execute(
         "DELETE FROM event_ids WHERE committed_at < ? AND id NOT IN (SELECT id FROM events)",

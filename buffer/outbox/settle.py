@@ -107,18 +107,47 @@ def write_settlements(db: sqlite3.Connection, settled: Settled) -> Settled:
     return Settled(settled.delivered, settled.retried, settled.dead, heads)
 
 
-def purge_delivered(db: sqlite3.Connection, limit: int) -> int:
+@dataclass(frozen=True)
+class Purged:
+    """What a purge did: entries that left the queue, and payloads deleted (fewer when
+    another destination still owes an event: its payload stays, queued again at its own
+    delivery)."""
+
+    dequeued: int
+    deleted: int
+
+
+def purge_delivered(db: sqlite3.Connection, limit: int) -> Purged:
     """Delete the payloads of up to `limit` queued events (oldest first) that no destination
-    owes any more, in the caller's transaction; returns how many entries left the queue. In
-    seq order, the deletes of many events share each page of the events table."""
+    owes any more, in the caller's transaction. In seq order, the deletes of many events
+    share each page of the events table."""
     seqs = [
         seq for (seq,) in db.execute("SELECT seq FROM purge_queue ORDER BY seq LIMIT ?", (limit,))
     ]
-    if seqs:
-        db.executemany(
-            "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
-            " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
-            [(seq, seq) for seq in seqs],
-        )
-        db.execute("DELETE FROM purge_queue WHERE seq <= ?", (seqs[-1],))
-    return len(seqs)
+    if not seqs:
+        return Purged(0, 0)
+    deleted = db.executemany(
+        "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
+        " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
+        [(seq, seq) for seq in seqs],
+    ).rowcount
+    db.execute("DELETE FROM purge_queue WHERE seq <= ?", (seqs[-1],))
+    return Purged(len(seqs), max(0, deleted))
+
+
+def riding_purge(db: sqlite3.Connection, limit: int) -> Purged | sqlite3.Error:
+    """`purge_delivered` inside another caller's transaction: a failure of its own (a
+    trigger, a damaged index of `events`) is rolled back to its savepoint and returned, so
+    the commits and settles it rides with still commit. An error that ended the whole
+    transaction (SQLite rolls back on a full disk or an I/O error) is raised, as theirs."""
+    db.execute("SAVEPOINT purge")
+    try:
+        purged = purge_delivered(db, limit)
+    except sqlite3.Error as exc:
+        if not db.in_transaction:
+            raise
+        db.execute("ROLLBACK TO purge")
+        db.execute("RELEASE purge")
+        return exc
+    db.execute("RELEASE purge")
+    return purged

@@ -47,8 +47,10 @@ from buffer.outbox.records import (
     Settlement,
 )
 from buffer.outbox.settle import (
+    Purged,
     Settled,
     purge_delivered,
+    riding_purge,
     sort_settlements,
     write_settlements,
 )
@@ -473,21 +475,20 @@ class Outbox:
 
     async def purge(self) -> int:
         """Delete every delivered payload still queued, now, PURGE_CHUNK per transaction as
-        the writer does by itself (`_purge`); returns how many. A benchmark calls it so that
-        its clock includes the deletes a steady flow pays for."""
+        the writer does by itself (`_purge`); returns how many payloads went. A benchmark
+        calls it so that its clock includes the deletes a steady flow pays for."""
 
-        def purged(count: int) -> int:
-            self._purge_queued = 0 if count < PURGE_CHUNK else max(0, self._purge_queued - count)
-            self.stats.payloads_purged += count
-            return count
+        def counted(done: Purged) -> Purged:
+            self._purged(done, PURGE_CHUNK)
+            return done
 
         total = 0
         while True:
-            count: int = await self._submit(
-                lambda db: purge_delivered(db, PURGE_CHUNK), 1, then=purged
+            purged: Purged = await self._submit(
+                lambda db: purge_delivered(db, PURGE_CHUNK), 1, then=counted
             )
-            total += count
-            if count < PURGE_CHUNK:
+            total += purged.deleted
+            if purged.dequeued < PURGE_CHUNK:
                 return total
 
     async def record_hand_action(self, action: HandAction, affected: int = 1) -> None:
@@ -699,15 +700,17 @@ class Outbox:
         if self._purge_queued < PURGE_BUSY and self.back_pressure is None:
             return None
         future = asyncio.get_running_loop().create_future()
-        return Work(lambda db: purge_delivered(db, PURGE_RIDE), 0, future)
+        return Work(lambda db: riding_purge(db, PURGE_RIDE), 0, future)
 
-    def _purged(self, outcome: Any, limit: int) -> None:
+    def _purged(self, outcome: Purged | BaseException, limit: int) -> None:
         self._purge_since = time.monotonic()
         if isinstance(outcome, BaseException):
-            self._purge_since += PURGE_AGE * 10  # logged; tried again after a pause
+            log.error("Purging delivered payloads failed (tried again in 10 s): %s", outcome)
+            self._purge_since += PURGE_AGE * 10
             return
-        self.stats.payloads_purged += outcome
-        self._purge_queued = 0 if outcome < limit else self._purge_queued - outcome
+        self.stats.payloads_purged += outcome.deleted
+        queued = self._purge_queued - outcome.dequeued
+        self._purge_queued = 0 if outcome.dequeued < limit else max(0, queued)
 
     def _purge_wait(self) -> float | None:
         """How long the writer may wait idle before it purges (None: nothing is queued)."""
@@ -738,8 +741,10 @@ class Outbox:
                 (purged,), _ = await loop.run_in_executor(
                     self._executor, transaction, self._db, [work]
                 )
-                self.stats.payloads_purged += purged
-                if purged < PURGE_CHUNK:
+                if isinstance(purged, BaseException):
+                    raise purged
+                self.stats.payloads_purged += purged.deleted
+                if purged.dequeued < PURGE_CHUNK:
                     break
         except Exception as exc:  # a full disk, a damaged file: the next open purges them
             log.warning("Delivered payloads were left to purge at the next start: %s", exc)

@@ -117,31 +117,26 @@ class Session:
     ) -> httpx.Response:
         credentials = await self.auth.headers(self.client)
         client = self.client
+        merged = {**headers, **credentials}
         if (
             self.cookies == "kept"
             or client.auth is not None
             or client.follow_redirects
             or any(client.event_hooks.values())
         ):
-            request = client.build_request(
-                method,
-                self._url(path),
-                headers={**headers, **credentials},
-                timeout=self._timeout,
-                **kwargs,
-            )
-            return await client.send(request)
+            return await client.send(self._built_request(method, path, merged, kwargs))
         if kwargs.keys() <= {"content"} and not client.cookies:
-            request = self._plain_request(method, path, {**headers, **credentials}, kwargs)
+            request = self._plain_request(method, path, merged, kwargs)
         else:
-            request = client.build_request(
-                method,
-                self._url(path),
-                headers={**headers, **credentials},
-                timeout=self._timeout,
-                **kwargs,
-            )
+            request = self._built_request(method, path, merged, kwargs)
         return await _send_plain(client, request)
+
+    def _built_request(
+        self, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]
+    ) -> httpx.Request:
+        return self.client.build_request(
+            method, self._url(path), headers=headers, timeout=self._timeout, **kwargs
+        )
 
     def _plain_request(
         self, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]
@@ -150,12 +145,14 @@ class Session:
         cookies, made directly: the same headers in the same order (Host; the client's own,
         less those the call overrides; the call's; Content-Length), the same body and
         timeout, in a fifth of the CPU (httpx normalises and merges headers three times
-        over). tests/test_forward_session.py compares the two."""
+        over). tests/test_session.py compares the two."""
         content = kwargs.get("content")
-        if content is not None and not isinstance(content, bytes):
-            return self.client.build_request(
-                method, self._url(path), headers=headers, timeout=self._timeout, **kwargs
-            )
+        if (
+            (content is not None and not isinstance(content, bytes))
+            or self.client.params
+            or not all(isinstance(v, str) and isinstance(k, str) for k, v in headers.items())
+        ):
+            return self._built_request(method, path, headers, kwargs)
         url = self._url(path)
         call = [(k.encode("ascii"), v.encode("ascii")) for k, v in headers.items()]
         named = {k.lower() for k, _ in call}
@@ -177,7 +174,7 @@ class Session:
             url,
             headers=raw,
             stream=httpx.ByteStream(content or b""),
-            extensions={"timeout": self._timeout_extension},
+            extensions={"timeout": dict(self._timeout_extension)},
         )
         request.read()
         return request
