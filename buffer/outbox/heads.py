@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from buffer.outbox.records import DeliveryState, OutboxEvent
@@ -89,13 +89,15 @@ def dead_filter(event_id: str | None, destination: str | None) -> tuple[str, tup
     return where, args
 
 
-def drop_if_done(db: sqlite3.Connection, seq: int) -> None:
-    """Forget an event's payload once no destination owes it (its journal rows stay)."""
-    db.execute(
+def drop_if_done(db: sqlite3.Connection, seqs: Iterable[int]) -> int:
+    """Forget the payloads of those events no destination owes any more (their journal rows
+    stay); returns how many went."""
+    cursor = db.executemany(
         "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
         " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
-        (seq, seq),
+        [(seq, seq) for seq in seqs],
     )
+    return max(0, cursor.rowcount)
 
 
 def insert_events(

@@ -92,8 +92,7 @@ def purge_dead(
         args,
     ).fetchall()
     db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?", found)
-    for seq, _ in found:
-        drop_if_done(db, seq)
+    drop_if_done(db, [seq for seq, _ in found])
     if hand is not None:
         write_hand_action(db, hand, len(found))
     return found

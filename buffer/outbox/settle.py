@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from buffer.outbox.heads import Head, next_head
+from buffer.outbox.heads import Head, drop_if_done, next_head
 from buffer.outbox.records import DeliveryState, Settlement
 
 
@@ -126,13 +126,9 @@ def purge_delivered(db: sqlite3.Connection, limit: int) -> Purged:
     ]
     if not seqs:
         return Purged(0, 0)
-    deleted = db.executemany(
-        "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
-        " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
-        [(seq, seq) for seq in seqs],
-    ).rowcount
+    deleted = drop_if_done(db, seqs)
     db.execute("DELETE FROM purge_queue WHERE seq <= ?", (seqs[-1],))
-    return Purged(len(seqs), max(0, deleted))
+    return Purged(len(seqs), deleted)
 
 
 def riding_purge(db: sqlite3.Connection, limit: int) -> Purged | sqlite3.Error:

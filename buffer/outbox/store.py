@@ -699,8 +699,7 @@ class Outbox:
             return None
         if self._purge_queued < PURGE_BUSY and self.back_pressure is None:
             return None
-        future = asyncio.get_running_loop().create_future()
-        return Work(lambda db: riding_purge(db, PURGE_RIDE), 0, future)
+        return _purge_work(lambda db: riding_purge(db, PURGE_RIDE))
 
     def _purged(self, outcome: Purged | BaseException, limit: int) -> None:
         self._purge_since = time.monotonic()
@@ -728,14 +727,13 @@ class Outbox:
     async def _purge(self) -> None:
         """Delete the payloads of up to PURGE_CHUNK delivered events, in a transaction of its
         own on the writer (buffer/outbox/settle.py, `purge_delivered`)."""
-        loop = asyncio.get_running_loop()
-        work = Work(lambda db: purge_delivered(db, PURGE_CHUNK), 0, loop.create_future())
+        work = _purge_work(lambda db: purge_delivered(db, PURGE_CHUNK))
         (outcome,) = await self._run_until_stored([work])
         self._purged(outcome, PURGE_CHUNK)
 
     async def _purge_all(self, loop: asyncio.AbstractEventLoop) -> None:
         """At close, with the writer stopped: leave no delivered payload in the file."""
-        work = Work(lambda db: purge_delivered(db, PURGE_CHUNK), 0, loop.create_future())
+        work = _purge_work(lambda db: purge_delivered(db, PURGE_CHUNK))
         try:
             while True:
                 (purged,), _ = await loop.run_in_executor(
@@ -775,3 +773,8 @@ class Outbox:
             self.used_bytes = used
             self._update_room()
             return outcomes
+
+
+def _purge_work(run: Callable[[sqlite3.Connection], Any]) -> Work:
+    """A purge's part of a transaction: no caller awaits it; the writer reads its outcome."""
+    return Work(run, 0, asyncio.get_running_loop().create_future())
