@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -950,3 +951,95 @@ async def test_a_purge_that_fails_never_fails_the_work_it_rides_with(
     assert file_rows(path, "SELECT count(*) FROM journal") == [(6,)]
     delivered = {f"ev-{n}" for n in range(6)}
     assert delivered.isdisjoint(row[0] for row in file_rows(path, "SELECT id FROM events"))
+
+
+async def test_the_writer_zeroes_deleted_payloads_without_writing_freed_pages(
+    tmp_path: Path,
+) -> None:
+    """`secure_delete = FAST` on the writer's connection, whatever the build's default (Debian
+    compiles SQLite with SECURE_DELETE on, which writes each page a purge frees once more,
+    zeroed). SQLite's documented values: 0 off, 1 on, 2 fast."""
+    async with Outbox.open(tmp_path / "outbox.db") as box:
+        loop = asyncio.get_running_loop()
+        (mode,) = await loop.run_in_executor(
+            box._executor, lambda: box._db.execute("PRAGMA secure_delete").fetchone()
+        )
+    assert mode == 2
+
+
+def wal_pages(path: Path) -> list[int]:
+    """The page number of every frame in the -wal file, read from the file (SQLite's WAL
+    format: a 32-byte header, then frames of a 24-byte header, the page number first, and
+    a page)."""
+    wal = Path(f"{path}-wal").read_bytes()
+    if len(wal) < 32:
+        return []
+    (page_size,) = struct.unpack(">I", wal[8:12])
+    return [
+        struct.unpack(">I", wal[offset : offset + 4])[0]
+        for offset in range(32, len(wal) - 24 - page_size + 1, 24 + page_size)
+    ]
+
+
+async def test_a_settle_of_one_keys_run_writes_a_page_or_two_of_deliveries(
+    tmp_path: Path,
+) -> None:
+    """Fifty keys' events interleave at commit; a settle of one key's run (a batched
+    request) must not write a page of the deliveries table per event (schema 9)."""
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(n, key=f"k{n % 50:02d}") for n in range(2000)])
+        run = await box.lease("erp", 40, per_key=40)
+        assert {d.partition_key for d in run} == {"k00"} and len(run) == 40
+        loop = asyncio.get_running_loop()
+        busy, _, _ = await loop.run_in_executor(
+            box._executor,
+            lambda: box._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone(),
+        )
+        assert busy == 0 and wal_pages(path) == []
+        await box.settle([Settlement(d, "delivered", 201) for d in run])
+        written = wal_pages(path)
+        table = {
+            row[0] for row in file_rows(path, "SELECT pageno FROM dbstat WHERE name = 'deliveries'")
+        }
+    assert len(table) >= 10  # 1,960 rows left: the run's 40 could have touched every page
+    assert len(table.intersection(written)) <= 3
+
+
+async def test_a_schema_8_database_keeps_every_delivery_as_it_was(tmp_path: Path) -> None:
+    """Migration 9 re-keys the deliveries by (destination, partition_key, event_seq): every
+    row, owed, retrying or dead, keeps each field, and the keys' order holds."""
+    path = tmp_path / "outbox.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    for statement in (s for migration in MIGRATIONS[:8] for s in migration):
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 8")
+    for n, key in enumerate(["B", "A", "B", "A", "C"], start=1):
+        db.execute(
+            "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+            f" VALUES ('old-{n}', 'production.confirmation', '{key}', 1, x'7b7d', 0)"
+        )
+    rows = [
+        (1, "erp", "B", 1, 0, 0, 0.0, None, None, None),
+        (2, "erp", "A", 1, 0, 2, 1.0, 503, "HTTP 503", None),  # retrying, due long ago
+        (3, "erp", "B", 1, 0, 0, 0.0, None, None, None),
+        (4, "erp", "A", 1, 0, 0, 0.0, None, None, None),
+        (5, "erp", "C", 1, 2, 1, 0.0, 422, "HTTP 422: no", 5.0),  # dead
+        (2, "qms", "A", 1, 0, 0, 0.0, None, None, None),
+    ]
+    db.executemany("INSERT INTO deliveries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.close()
+    async with Outbox.open(path) as box:
+        counts = await box.counts()
+        assert (counts["erp"].pending, counts["erp"].dead, counts["qms"].pending) == (4, 1, 1)
+        leased = await box.lease("erp", 10, per_key=10)
+        assert [(d.event_id, d.attempts) for d in leased] == [
+            ("old-1", 0),
+            ("old-3", 0),
+            ("old-2", 2),
+            ("old-4", 0),
+        ]
+    assert sorted(file_rows(path, "SELECT * FROM deliveries")) == sorted(rows)
+    (pk,) = [row[1] for row in file_rows(path, "PRAGMA index_list(deliveries)") if row[3] == "pk"]
+    key_columns = file_rows(path, f"PRAGMA index_info({pk})")
+    assert [row[2] for row in key_columns] == ["destination", "partition_key", "event_seq"]

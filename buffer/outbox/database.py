@@ -203,6 +203,11 @@ def connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA busy_timeout = 5000")
+        # Deleted payloads are zeroed on the pages a delete writes anyway, not on pages it
+        # frees: Debian builds SQLite with SECURE_DELETE on, which writes every freed page of
+        # a purge once more, zeroed (SQLite's own default is off; in WAL mode the old pages
+        # are in the -wal file until it is overwritten in any case).
+        db.execute("PRAGMA secure_delete = FAST")
         migrate(db)
     except BaseException:
         db.close()
