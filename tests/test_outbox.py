@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from buffer.outbox import Delivery, Outbox, OutboxEvent, Settlement
+from buffer.outbox.records import DeliveryState
 from buffer.outbox.schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -1043,3 +1044,61 @@ async def test_a_schema_8_database_keeps_every_delivery_as_it_was(tmp_path: Path
     (pk,) = [row[1] for row in file_rows(path, "PRAGMA index_list(deliveries)") if row[3] == "pk"]
     key_columns = file_rows(path, f"PRAGMA index_info({pk})")
     assert [row[2] for row in key_columns] == ["destination", "partition_key", "event_seq"]
+
+
+WHOLE_TABLE = (
+    r"SCAN (deliveries|d|held)\b"
+    r"|SEARCH (deliveries|d|held) USING .*\(destination=\?( AND state=\?)?\)$"
+)
+SCANS_ALLOWED = (
+    "SELECT destination, state, COUNT(*) FROM deliveries",  # the counts, once at open
+)
+
+
+async def test_no_statement_about_one_event_scans_the_deliveries(tmp_path: Path) -> None:
+    """The deliveries have no index by event (schema 9): every statement the outbox runs for
+    one event, key or request (lease, settle, purge, show, retry and purge of a dead letter)
+    must find its rows by the table's key or an index. The oracle is SQLite's own planner,
+    asked about each statement as it ran (parameters bound), on a copy of the file."""
+    path = tmp_path / "outbox.db"
+    ran: list[str] = []
+    both = ("erp", "qms")
+    async with Outbox.open(path) as box:
+        loop = asyncio.get_running_loop()
+        for executor, db in ((box._executor, box._db), (box._reader, box._reader_db)):
+            await loop.run_in_executor(executor, db.set_trace_callback, ran.append)
+        await box.commit([event(n, key=f"k{n % 3}", destinations=both) for n in range(9)])
+        box.keep_lease_memory_for([])  # every lease below reads the file
+        first, second, third = await box.lease("erp", 3)
+        await box.ack(first, status=201, reference="R-1")
+        await box.retry(second, at=0.0, status=503, error="busy")
+        await box.dead_letter(third, status=422, reason="no")
+        assert await box.retry_dead(third.event_id) == 1
+        (again,) = [d for d in await box.lease("erp", 9, per_key=3) if d.seq == third.seq]
+        await box.dead_letter(again, status=422, reason="no")
+        assert await box.purge_dead(third.event_id) == 1
+        for delivery in await box.lease("qms", 9, per_key=3):
+            await box.ack(delivery, status=201)
+        await box.purge()
+        shown = await box.show(second.event_id)
+        assert shown is not None
+        assert [(d["destination"], d["state"]) for d in shown["deliveries"]] == [("erp", "pending")]
+        assert await box.event_state(second.event_id) == {"erp": "pending", "qms": "delivered"}
+        for executor, db in ((box._executor, box._db), (box._reader, box._reader_db)):
+            await loop.run_in_executor(executor, db.set_trace_callback, None)
+    planner = sqlite3.connect(path)
+    scans = {}
+    for sql in ran:
+        if "deliveries" not in sql or not sql.lstrip().upper().startswith(
+            ("SELECT", "UPDATE", "DELETE", "INSERT")
+        ):
+            continue
+        plan = [row[3] for row in planner.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        # A scan, or a search by destination (and state) alone: all of one destination's
+        # owed rows. Its dead letters (state 2) are few: a search of them is no scan.
+        dead = f"state = {DeliveryState.DEAD:d}" in sql
+        if any(re.match(WHOLE_TABLE, step) and not dead for step in plan):
+            scans[sql] = plan
+    planner.close()
+    assert [sql for sql in scans if not sql.startswith(SCANS_ALLOWED)] == []
+    assert len([sql for sql in ran if "DELETE FROM events" in sql]) >= 2  # purge, purge_dead

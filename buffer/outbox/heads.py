@@ -5,6 +5,10 @@ key that `lease` may offer. The store keeps every head in memory (`Head`) and mo
 same transaction that moves the rows, with `next_head`; `load_heads` rebuilds them all at open
 by a skip scan of the `deliveries_heads` index, so a key costs a few probes however many events
 it holds.
+
+The deliveries are keyed (destination, partition_key, event_seq), in key order, with no index
+by event (schema 9): a statement that finds deliveries by event names each destination
+(`destinations`, `held_by_none`) and the event's key.
 """
 
 from __future__ import annotations
@@ -45,12 +49,7 @@ def load_heads(db: sqlite3.Connection) -> dict[str, dict[str, Head]]:
     """The head of every (destination, key), by a skip scan of the indexes: a few probes per
     key, however many events each key holds."""
     heads: dict[str, dict[str, Head]] = {}
-    destination = ""
-    while row := db.execute(
-        "SELECT destination FROM deliveries WHERE destination > ? ORDER BY destination LIMIT 1",
-        (destination,),
-    ).fetchone():
-        destination = row[0]
+    for destination in destinations(db):
         key = ""
         while row := db.execute(
             "SELECT partition_key FROM deliveries WHERE destination = ?"
@@ -65,6 +64,32 @@ def load_heads(db: sqlite3.Connection) -> dict[str, dict[str, Head]]:
     return heads
 
 
+def destinations(db: sqlite3.Connection) -> list[str]:
+    """Every destination that holds a delivery (owed or dead), a probe apiece."""
+    names: list[str] = []
+    while row := db.execute(
+        "SELECT destination FROM deliveries WHERE destination > ? ORDER BY destination LIMIT 1",
+        (names[-1] if names else "",),
+    ).fetchone():
+        names.append(row[0])
+    return names
+
+
+def held_by_none(db: sqlite3.Connection, events: str = "events") -> tuple[str, tuple[str, ...]]:
+    """The SQL condition (and its arguments) that the event row `events` has no delivery left,
+    owed or dead. The deliveries are keyed (destination, partition_key, event_seq) and have
+    no index by event (schema 9): the condition probes that key once per destination."""
+    names = destinations(db)
+    if not names:
+        return "", ()
+    return (
+        " AND NOT EXISTS (SELECT 1 FROM deliveries AS held WHERE held.destination IN"
+        f" ({','.join('?' * len(names))}) AND held.partition_key = {events}.partition_key"
+        f" AND held.event_seq = {events}.seq)",
+        tuple(names),
+    )
+
+
 def load_counts(db: sqlite3.Connection) -> tuple[Counter[str], Counter[str]]:
     """Owed and dead deliveries per destination, as the store then keeps them in memory."""
     pending: Counter[str] = Counter()
@@ -76,26 +101,35 @@ def load_counts(db: sqlite3.Connection) -> tuple[Counter[str], Counter[str]]:
     return pending, dead
 
 
-def dead_filter(event_id: str | None, destination: str | None) -> tuple[str, tuple[str, ...]]:
+def dead_filter(
+    db: sqlite3.Connection, event_id: str | None, destination: str | None
+) -> tuple[str, tuple[str, ...]]:
     """The SQL condition (and its arguments) that picks one event's or one destination's dead
-    letters, or all of them."""
+    letters, or all of them. One event's go by the deliveries' key: (each) destination, the
+    event's partition key and seq."""
     where, args = "", tuple[str, ...]()
-    if event_id is not None:
-        where += " AND event_seq = (SELECT seq FROM events WHERE id = ?)"
-        args += (event_id,)
     if destination is not None:
         where += " AND destination = ?"
         args += (destination,)
+    elif event_id is not None:
+        names = destinations(db)
+        where += f" AND destination IN ({','.join('?' * len(names))})"
+        args += tuple(names)
+    if event_id is not None:
+        where += (
+            " AND partition_key = (SELECT partition_key FROM events WHERE id = ?)"
+            " AND event_seq = (SELECT seq FROM events WHERE id = ?)"
+        )
+        args += (event_id, event_id)
     return where, args
 
 
 def drop_if_done(db: sqlite3.Connection, seqs: Iterable[int]) -> int:
     """Forget the payloads of those events no destination owes any more (their journal rows
     stay); returns how many went."""
+    held, names = held_by_none(db)
     cursor = db.executemany(
-        "DELETE FROM events WHERE seq = ? AND NOT EXISTS"
-        " (SELECT 1 FROM deliveries WHERE event_seq = ?)",
-        [(seq, seq) for seq in seqs],
+        "DELETE FROM events WHERE seq = ?" + held, [(seq, *names) for seq in seqs]
     )
     return max(0, cursor.rowcount)
 

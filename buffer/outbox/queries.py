@@ -66,7 +66,7 @@ def retry_dead(
 ) -> tuple[int, dict[str, dict[str, Head]], tuple[Counter[str], Counter[str]]]:
     """`Outbox.retry_dead`'s transaction: how many went back in line, and the heads and
     counts reloaded."""
-    where, args = dead_filter(event_id, destination)
+    where, args = dead_filter(db, event_id, destination)
     cursor = db.execute(
         f"UPDATE deliveries SET state = {DeliveryState.PENDING:d}, attempts = 0,"
         " next_attempt_at = 0, dead_at = NULL"
@@ -85,17 +85,20 @@ def purge_dead(
     hand: HandAction | None,
 ) -> list[tuple[int, str]]:
     """`Outbox.purge_dead`'s transaction: the (event seq, destination) of each purged."""
-    where, args = dead_filter(event_id, destination)
-    found: list[tuple[int, str]] = db.execute(
-        "SELECT event_seq, destination FROM deliveries"
+    where, args = dead_filter(db, event_id, destination)
+    found: list[tuple[int, str, str]] = db.execute(
+        "SELECT event_seq, destination, partition_key FROM deliveries"
         f" WHERE state = {DeliveryState.DEAD:d}{where}",
         args,
     ).fetchall()
-    db.executemany("DELETE FROM deliveries WHERE event_seq = ? AND destination = ?", found)
-    drop_if_done(db, [seq for seq, _ in found])
+    db.executemany(
+        "DELETE FROM deliveries WHERE event_seq = ? AND destination = ? AND partition_key = ?",
+        found,
+    )
+    drop_if_done(db, [seq for seq, _, _ in found])
     if hand is not None:
         write_hand_action(db, hand, len(found))
-    return found
+    return [(seq, destination) for seq, destination, _ in found]
 
 
 def prune(db: sqlite3.Connection, cutoff: float) -> tuple[int, int]:
@@ -125,19 +128,18 @@ def lease(
 ) -> list[Delivery]:
     """The rows of `Outbox.lease`: each due (priority, seq, key) head, with its key's next
     deliveries when `per_key` is above 1."""
-    seqs = [seq for _, seq, _ in due]
     select = (
         "SELECT d.event_seq, e.id, e.type, d.partition_key, e.payload, d.attempts"
         " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
         f" WHERE d.destination = ? AND d.state = {DeliveryState.PENDING:d}"
+        " AND d.partition_key = ?"
     )
-    if per_key <= 1:
-        marks = ",".join("?" * len(seqs))
-        rows = {
-            row[0]: row
-            for row in db.execute(f"{select} AND d.event_seq IN ({marks})", (destination, *seqs))
-        }
-        return [Delivery(seq, destination, *rows[seq][1:]) for seq in seqs if seq in rows]
+    if per_key <= 1:  # each head by the deliveries' key
+        heads = (
+            db.execute(f"{select} AND d.event_seq = ?", (destination, key, seq)).fetchone()
+            for _, seq, key in due
+        )
+        return [Delivery(row[0], destination, *row[1:]) for row in heads if row is not None]
     leased: list[Delivery] = []
     for _, seq, key in due:
         room = min(per_key, limit - len(leased))
@@ -146,8 +148,7 @@ def lease(
         leased += [
             Delivery(row[0], destination, *row[1:])
             for row in db.execute(
-                f"{select} AND d.partition_key = ? AND d.event_seq >= ?"
-                " ORDER BY d.event_seq LIMIT ?",
+                f"{select} AND d.event_seq >= ? ORDER BY d.event_seq LIMIT ?",
                 (destination, key, seq, room),
             )
         ]

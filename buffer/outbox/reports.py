@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Literal
 
+from buffer.outbox.heads import destinations
 from buffer.outbox.records import DeliveryState
 
 DeliveryFilter = Literal["pending", "retrying", "dead"]
@@ -73,6 +74,7 @@ def hand_actions(db: sqlite3.Connection, since: float, limit: int) -> list[dict[
 
 
 def event_state(db: sqlite3.Connection, event_id: str) -> dict[str, str]:
+    names = destinations(db)
     found = {
         name: "delivered"
         for (name,) in db.execute("SELECT destination FROM journal WHERE event_id = ?", (event_id,))
@@ -80,9 +82,10 @@ def event_state(db: sqlite3.Connection, event_id: str) -> dict[str, str]:
     found |= {
         name: ("dead" if state == DeliveryState.DEAD else "pending")
         for name, state in db.execute(
-            "SELECT d.destination, d.state FROM deliveries d JOIN events e"
-            " ON e.seq = d.event_seq WHERE e.id = ?",
-            (event_id,),
+            "SELECT d.destination, d.state FROM events e JOIN deliveries d"
+            " ON d.event_seq = e.seq AND d.partition_key = e.partition_key"
+            f" WHERE e.id = ? AND d.destination IN ({','.join('?' * len(names))})",
+            (event_id, *names),
         )
     }
     return found
@@ -125,11 +128,14 @@ def show(db: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
         event = rows[0]
         event["payload"] = event["payload"].decode(errors="replace")
         found |= event
+        names = destinations(db)
         found["deliveries"] = dicts(
             db.execute(
                 f"SELECT destination, {_STATE_NAME} AS state, attempts, next_attempt_at,"
-                " last_status, last_error, dead_at FROM deliveries WHERE event_seq = ?",
-                (event["seq"],),
+                " last_status, last_error, dead_at FROM deliveries"
+                f" WHERE destination IN ({','.join('?' * len(names))}) AND partition_key = ?"
+                " AND event_seq = ? ORDER BY destination",
+                (*names, event["partition_key"], event["seq"]),
             )
         )
     return found

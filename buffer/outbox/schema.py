@@ -124,13 +124,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE TABLE purge_queue (seq INTEGER PRIMARY KEY)",
     ),
     (
-        # 9: deliveries kept in key order. Keyed by (destination, event_seq), a key's run of
-        # deliveries (a batched request, a settle) lay one row per page across the whole
-        # table, since keys interleave at commit: a transaction of two 100-event settles
-        # wrote ~39 pages of it, 0.20 WAL frames per event (bench/forward.py's batched phase,
-        # frames counted in the -wal file). Keyed by (destination, partition_key, event_seq):
-        # 0.03. A lookup by event goes by `deliveries_by_event`, whose entries now carry the
-        # key too (0.06 -> 0.16 frames per event); in all 0.57 -> 0.48.
+        # 9: deliveries kept in key order, with no index by event. Keyed by (destination,
+        # event_seq), a key's run of deliveries (a batched request, a settle) lay one row per
+        # page across the whole table, since keys interleave at commit: a transaction of two
+        # 100-event settles wrote ~39 pages of it, 0.20 WAL frames per event (bench/forward.py's
+        # batched phase, frames counted in the -wal file). Keyed by (destination,
+        # partition_key, event_seq): 0.03. `deliveries_by_event` (event_seq) was as scattered
+        # (0.06, and 0.16 once its entries carried the new key): a lookup by event now names
+        # each destination and the event's key (buffer/outbox/heads.py). In all 0.57 -> 0.33
+        # frames per event.
         """CREATE TABLE deliveries_by_key (
             event_seq INTEGER NOT NULL REFERENCES events(seq),
             destination TEXT NOT NULL,
@@ -149,7 +151,6 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "DROP TABLE deliveries",
         "ALTER TABLE deliveries_by_key RENAME TO deliveries",
         "CREATE INDEX deliveries_heads ON deliveries(destination, state, partition_key, event_seq)",
-        "CREATE INDEX deliveries_by_event ON deliveries(event_seq)",
     ),
 )
 

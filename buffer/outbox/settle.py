@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from buffer.outbox.heads import Head, next_head
+from buffer.outbox.heads import Head, held_by_none, next_head
 from buffer.outbox.records import DeliveryState, Settlement
 
 
@@ -144,10 +144,10 @@ def purge_delivered(db: sqlite3.Connection, limit: int) -> Purged:
         return Purged(0, 0)
     # One statement, not one per seq: the writer holds the GIL less (a statement per row is a
     # release and a take of it each) and SQLite walks both tables in order.
+    held, names = held_by_none(db)
     deleted = db.execute(
-        "DELETE FROM events WHERE seq IN (SELECT seq FROM purge_queue WHERE seq <= ?)"
-        " AND NOT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = events.seq)",
-        (last,),
+        "DELETE FROM events WHERE seq IN (SELECT seq FROM purge_queue WHERE seq <= ?)" + held,
+        (last, *names),
     ).rowcount
     db.execute("DELETE FROM purge_queue WHERE seq <= ?", (last,))
     return Purged(dequeued, max(0, deleted))

@@ -104,7 +104,7 @@ def delivery_states(
             found[event_id] = ("delivered", reference)
         for event_id, state in outbox.execute(
             f"SELECT e.id, d.state FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-            f" WHERE d.destination = ? AND e.id IN ({marks})",
+            f" AND e.partition_key = d.partition_key WHERE d.destination = ? AND e.id IN ({marks})",
             [destination, *chunk],
         ):
             found[event_id] = ("dead" if state == 2 else "pending", None)
