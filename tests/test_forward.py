@@ -187,3 +187,93 @@ async def test_a_rejected_event_in_a_run_is_dead_lettered_and_the_rest_delivered
         (dead,) = await outbox.dead_letters()
         assert dead["id"] == "ev-2" and "400" in str(dead["last_status"])
         assert [j["event_id"] for j in await outbox.journal()] == ["ev-0", "ev-1", "ev-3", "ev-4"]
+
+
+async def test_a_batch_answer_with_a_status_that_is_no_status_retries_those_events(
+    tmp_path: Path,
+) -> None:
+    """A receiver whose per-event list says "ok", null or 2.5 where an HTTP status belongs:
+    those events are tried again (the answer may mean they were taken), the others are
+    settled as said, and the forwarder goes on. It used to raise from int() and end the
+    daemon, again at every restart. The receiver's own log is the oracle."""
+    import asyncio
+    import json
+
+    from aiohttp import web
+
+    from edge.config.base import RetryPolicy
+
+    got: list[list[str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        ids = [event["id"] for event in json.loads(await request.read())]
+        got.append(ids)
+        odd = {"ev-1": "ok", "ev-2": None, "ev-3": 2.5} if len(got) == 1 else {}
+        return web.json_response(
+            [{"id": i, "status": odd.get(i, "201" if i == "ev-4" else 201)} for i in ids]
+        )
+
+    app = web.Application()
+    app.router.add_post("/api/events:batch", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with Outbox.open(tmp_path / "outbox.db") as outbox:
+            await outbox.commit([payload(n) for n in range(5)])
+            config = DestinationConfig(
+                base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+                path="/api/events",
+                batch_path="/api/events:batch",
+                batch_size=10,
+                retry=RetryPolicy(base="50ms", cap="50ms"),
+            )
+            forwarder = HttpForwarder("erp", config, outbox)
+            await asyncio.wait_for(drain(outbox, forwarder), 20)
+            journal = {j["event_id"]: j["attempts"] for j in await outbox.journal()}
+            assert await outbox.dead_letters() == []
+    finally:
+        await runner.cleanup()
+    assert got == [[f"ev-{n}" for n in range(5)], ["ev-1", "ev-2", "ev-3"]]
+    # One key: of its retries in one settle only the first counts an attempt (settle.py).
+    assert journal == {"ev-0": 1, "ev-1": 2, "ev-2": 1, "ev-3": 1, "ev-4": 1}
+
+
+async def test_a_profile_that_fails_on_an_answer_retries_the_request_and_goes_on(
+    tmp_path: Path,
+    erp_sim: ErpSim,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A profile bug (here made to happen: no receiver's answer can make the canonical
+    profile fail any more) costs the request a retry, logged, never the daemon."""
+    import asyncio
+
+    from edge.config.base import RetryPolicy
+    from edge.forward.profiles import canonical
+
+    failures = iter([RuntimeError("boom")])
+    read = canonical._per_event
+
+    def flaky(response: httpx.Response, deliveries: object) -> object:
+        for failure in failures:
+            raise failure
+        return read(response, deliveries)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(canonical, "_per_event", flaky)
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit([payload(n) for n in range(3)])
+        config = DestinationConfig(
+            base_url=erp_sim.url,
+            path="/api/events",
+            batch_path="/api/events:batch",
+            batch_size=10,
+            retry=RetryPolicy(base="50ms", cap="50ms"),
+        )
+        forwarder = HttpForwarder("erp", config, outbox)
+        await asyncio.wait_for(drain(outbox, forwarder), 20)
+        assert [j["event_id"] for j in await outbox.journal()] == ["ev-0", "ev-1", "ev-2"]
+    assert forwarder.health.requests == 2
+    assert "reading the answer to a request of 3 event(s) failed" in caplog.text
+    assert [e["key"] for e in erp_sim.events()] == ["ev-0", "ev-1", "ev-2"]  # taken once each

@@ -31,7 +31,7 @@ from drivers.common.timing import Backoff
 from edge.config.destinations import DestinationConfig
 from edge.config.orders import OrdersMesConfig
 from edge.forward.auth import AuthError
-from edge.forward.outcome import Outcome, Result, transport_failure
+from edge.forward.outcome import BODY_LIMIT, Outcome, Result, transport_failure
 from edge.forward.profiles import create_profile
 from edge.forward.queue import DeliveryQueue
 from edge.forward.session import Session, make_client
@@ -312,6 +312,16 @@ class HttpForwarder:
             return [Result(Outcome.RETRY, None, f"authentication failed: {exc}")] * len(batch)
         except httpx.HTTPError as exc:
             return [transport_failure(exc, self.config.timeout)] * len(batch)
+        except Exception as exc:  # a profile that cannot read an answer must not end the daemon
+            log.exception(
+                "Destination %s: reading the answer to a request of %d event(s) failed; they"
+                " are tried again",
+                self.name,
+                len(batch),
+                extra={"destination": self.name},
+            )
+            reason = f"the answer could not be read: {type(exc).__name__}: {exc}"[:BODY_LIMIT]
+            return [Result(Outcome.RETRY, None, reason, ambiguous=True)] * len(batch)
         if len(results) != len(batch):  # a profile bug must not lose or mislabel events
             return [
                 Result(Outcome.RETRY, None, "the profile answered for the wrong number of events")

@@ -83,12 +83,33 @@ def _per_event(response: httpx.Response, deliveries: Sequence[Delivery]) -> list
                 )
             )
             continue
-        status = int(answer.get("status", response.status_code))
-        reason = f"HTTP {status}: {str(answer.get('error') or '')[:BODY_LIMIT]}"
-        if 200 <= status < 300:
+        status = _status(answer.get("status", response.status_code))
+        if status is None:
+            results.append(
+                Result(
+                    Outcome.RETRY,
+                    response.status_code,
+                    "the batch answer's status for this event is not an HTTP status:"
+                    f" {str(answer.get('status'))[:100]!r}",
+                    ambiguous=True,
+                )
+            )
+        elif 200 <= status < 300:
             results.append(delivered(status, answer.get("reference")))
-        elif status in RETRYABLE_4XX or status >= 500:
-            results.append(Result(Outcome.RETRY, status, reason, ambiguous=status >= 500))
         else:
-            results.append(Result(Outcome.REJECTED, status, reason))
+            reason = f"HTTP {status}: {str(answer.get('error') or '')[:BODY_LIMIT]}"
+            if status in RETRYABLE_4XX or status >= 500:
+                results.append(Result(Outcome.RETRY, status, reason, ambiguous=status >= 500))
+            else:
+                results.append(Result(Outcome.REJECTED, status, reason))
     return results
+
+
+def _status(value: Any) -> int | None:
+    """An event's status in a batch answer: an integer from 100 to 599 (a string of digits
+    is taken too); anything else (null, text, a float) is no status."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return value
+    return None
