@@ -1102,3 +1102,32 @@ async def test_no_statement_about_one_event_scans_the_deliveries(tmp_path: Path)
     planner.close()
     assert [sql for sql in scans if not sql.startswith(SCANS_ALLOWED)] == []
     assert len([sql for sql in ran if "DELETE FROM events" in sql]) >= 2  # purge, purge_dead
+
+
+async def test_one_commit_of_many_keeps_the_first_of_each_id_in_order(tmp_path: Path) -> None:
+    """A commit is written a statement per kind of row: its events take consecutive seqs in
+    the commit's order; an id seen before (in the file, past the 64 ids one lookup takes, or
+    earlier in the same commit) is a duplicate; one routed nowhere is remembered. The oracle
+    is the file, read on a connection of the test's own."""
+    path = tmp_path / "outbox.db"
+    async with Outbox.open(path) as box:
+        await box.commit([event(70), event(3)])  # seqs 1, 2
+        batch = [event(n, key=f"k{n % 4}") for n in range(80)]
+        batch[5] = event(2, key="k2")  # ev-2 again, earlier in the same commit
+        batch[10] = event(10, destinations=())  # routed nowhere
+        batch[11] = event(11, destinations=("erp", "qms"))
+        result = await box.commit(batch)
+        again = await box.commit([event(10, destinations=("erp",)), event(81)])
+    kept = [n for n in range(80) if n not in (3, 5, 10, 70)]  # 3, 70 before; 5 is ev-2 again
+    assert (result.inserted, result.duplicates) == (len(kept) + 1, 3)  # + ev-10, stored nowhere
+    assert (again.inserted, again.duplicates) == (1, 1)
+    rows = file_rows(path, "SELECT seq, id FROM events ORDER BY seq")
+    assert rows == [(1, "ev-70"), (2, "ev-3")] + [
+        (3 + i, f"ev-{n}") for i, n in enumerate(kept)
+    ] + [(3 + len(kept), "ev-81")]
+    deliveries = file_rows(path, "SELECT event_seq, destination FROM deliveries")
+    seq_of = {event_id: seq for seq, event_id in rows}
+    assert sorted(deliveries) == sorted(
+        [(seq, "erp") for seq in seq_of.values()] + [(seq_of["ev-11"], "qms")]
+    )
+    assert file_rows(path, "SELECT count(*) FROM event_ids WHERE id = 'ev-10'") == [(1,)]
