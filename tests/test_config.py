@@ -239,6 +239,13 @@ def test_secrets_come_from_the_environment_and_are_not_printed() -> None:
             ("data_dir: /tmp/plantsync\n", 'data_dir: /tmp/plantsync\nsite: "2020"\n'),
             "plant.yaml:3: site: duplicate key",
         ),
+        (
+            (
+                '  erp: {base_url: "http://127.0.0.1:1"',
+                '  "": {base_url: "http://127.0.0.1:2"}\n  erp: {base_url: "http://127.0.0.1:1"',
+            ),
+            "plant.yaml:13: destinations: destination name '' must be printable text",
+        ),
     ],
 )
 def test_each_mistake_names_file_line_and_field(change: tuple[str, str], expected: str) -> None:

@@ -192,10 +192,12 @@ async def test_a_rejected_event_in_a_run_is_dead_lettered_and_the_rest_delivered
 async def test_a_batch_answer_with_a_status_that_is_no_status_retries_those_events(
     tmp_path: Path,
 ) -> None:
-    """A receiver whose per-event list says "ok", null or 2.5 where an HTTP status belongs:
-    those events are tried again (the answer may mean they were taken), the others are
-    settled as said, and the forwarder goes on. It used to raise from int() and end the
-    daemon, again at every restart. The receiver's own log is the oracle."""
+    """A receiver whose per-event list says "ok", null, 2.5, a superscript two or full-width digits
+    where an HTTP status belongs: those events are tried again (the answer may mean they were
+    taken), the others are settled as said, and the forwarder goes on. A reference that is an
+    object or a list is dropped, a number kept as text: the journal stores text, and a value
+    it could not store undid the whole settle. Both used to end the daemon (int() raised, the
+    settle's binding raised), again at every restart. The receiver's own log is the oracle."""
     import asyncio
     import json
 
@@ -204,13 +206,21 @@ async def test_a_batch_answer_with_a_status_that_is_no_status_retries_those_even
     from edge.config.base import RetryPolicy
 
     got: list[list[str]] = []
+    odd = {"ev-1": "ok", "ev-2": None, "ev-3": 2.5, "ev-5": "\u00b2", "ev-6": "\uff12\uff10\uff10"}
+    references = {"ev-0": {"doc": "4711"}, "ev-4": 4711, "ev-7": ["x"]}
 
     async def answer(request: web.Request) -> web.Response:
         ids = [event["id"] for event in json.loads(await request.read())]
         got.append(ids)
-        odd = {"ev-1": "ok", "ev-2": None, "ev-3": 2.5} if len(got) == 1 else {}
         return web.json_response(
-            [{"id": i, "status": odd.get(i, "201" if i == "ev-4" else 201)} for i in ids]
+            [
+                {
+                    "id": i,
+                    "status": odd.get(i, "201" if i == "ev-4" else 201) if len(got) == 1 else 201,
+                    "reference": references.get(i, f"R-{i}"),
+                }
+                for i in ids
+            ]
         )
 
     app = web.Application()
@@ -221,7 +231,7 @@ async def test_a_batch_answer_with_a_status_that_is_no_status_retries_those_even
     await site.start()
     try:
         async with Outbox.open(tmp_path / "outbox.db") as outbox:
-            await outbox.commit([payload(n) for n in range(5)])
+            await outbox.commit([payload(n) for n in range(8)])
             config = DestinationConfig(
                 base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
                 path="/api/events",
@@ -231,13 +241,24 @@ async def test_a_batch_answer_with_a_status_that_is_no_status_retries_those_even
             )
             forwarder = HttpForwarder("erp", config, outbox)
             await asyncio.wait_for(drain(outbox, forwarder), 20)
-            journal = {j["event_id"]: j["attempts"] for j in await outbox.journal()}
+            journal = {
+                j["event_id"]: (j["attempts"], j["reference"]) for j in await outbox.journal()
+            }
             assert await outbox.dead_letters() == []
     finally:
         await runner.cleanup()
-    assert got == [[f"ev-{n}" for n in range(5)], ["ev-1", "ev-2", "ev-3"]]
+    assert got == [[f"ev-{n}" for n in range(8)], ["ev-1", "ev-2", "ev-3", "ev-5", "ev-6"]]
     # One key: of its retries in one settle only the first counts an attempt (settle.py).
-    assert journal == {"ev-0": 1, "ev-1": 2, "ev-2": 1, "ev-3": 1, "ev-4": 1}
+    assert journal == {
+        "ev-0": (1, None),
+        "ev-1": (2, "R-ev-1"),
+        "ev-2": (1, "R-ev-2"),
+        "ev-3": (1, "R-ev-3"),
+        "ev-4": (1, "4711"),
+        "ev-5": (1, "R-ev-5"),
+        "ev-6": (1, "R-ev-6"),
+        "ev-7": (1, None),
+    }
 
 
 async def test_a_profile_that_fails_on_an_answer_retries_the_request_and_goes_on(
@@ -246,8 +267,8 @@ async def test_a_profile_that_fails_on_an_answer_retries_the_request_and_goes_on
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A profile bug (here made to happen: no receiver's answer can make the canonical
-    profile fail any more) costs the request a retry, logged, never the daemon."""
+    """A profile's failure (here made to happen, as a receiver's answer no longer can in the
+    canonical profile) costs the request a retry, logged, never the daemon."""
     import asyncio
 
     from edge.config.base import RetryPolicy
@@ -275,5 +296,5 @@ async def test_a_profile_that_fails_on_an_answer_retries_the_request_and_goes_on
         await asyncio.wait_for(drain(outbox, forwarder), 20)
         assert [j["event_id"] for j in await outbox.journal()] == ["ev-0", "ev-1", "ev-2"]
     assert forwarder.health.requests == 2
-    assert "reading the answer to a request of 3 event(s) failed" in caplog.text
+    assert "its profile failed on a request of 3 event(s)" in caplog.text
     assert [e["key"] for e in erp_sim.events()] == ["ev-0", "ev-1", "ev-2"]  # taken once each

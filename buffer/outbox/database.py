@@ -203,11 +203,12 @@ def connect(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = FULL")
         db.execute("PRAGMA busy_timeout = 5000")
-        # Deleted payloads are zeroed on the pages a delete writes anyway, not on pages it
-        # frees: Debian builds SQLite with SECURE_DELETE on, which writes every freed page of
-        # a purge once more, zeroed (SQLite's own default is off; in WAL mode the old pages
-        # are in the -wal file until it is overwritten in any case).
-        db.execute("PRAGMA secure_delete = FAST")
+        # A payload deleted (purged after delivery, a dead letter purged) is zeroed in the
+        # file, on every page it was on, freed ones too: what the README promises of personal
+        # data. Set here, not left to the build (Debian's SQLite has it on, SQLite's own
+        # default is off; FAST would leave freed pages as they were, measured: 1,071 of 2,000
+        # purged payloads still readable after a checkpoint).
+        db.execute("PRAGMA secure_delete = ON")
         migrate(db)
     except BaseException:
         db.close()

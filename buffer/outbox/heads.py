@@ -50,28 +50,32 @@ def load_heads(db: sqlite3.Connection) -> dict[str, dict[str, Head]]:
     key, however many events each key holds."""
     heads: dict[str, dict[str, Head]] = {}
     for destination in destinations(db):
-        key = ""
-        while row := db.execute(
+        owed = (
             "SELECT partition_key FROM deliveries WHERE destination = ?"
-            f" AND state = {DeliveryState.PENDING:d} AND partition_key > ?"
-            " ORDER BY partition_key LIMIT 1",
-            (destination, key),
-        ).fetchone():
+            f" AND state = {DeliveryState.PENDING:d}"
+        )
+        row = db.execute(f"{owed} ORDER BY partition_key LIMIT 1", (destination,)).fetchone()
+        while row is not None:  # the first key, then the next after each (an empty key too)
             key = row[0]
             head = next_head(db, destination, key)
             assert head is not None
             heads.setdefault(destination, {})[key] = head
+            row = db.execute(
+                f"{owed} AND partition_key > ? ORDER BY partition_key LIMIT 1", (destination, key)
+            ).fetchone()
     return heads
 
 
 def destinations(db: sqlite3.Connection) -> list[str]:
     """Every destination that holds a delivery (owed or dead), a probe apiece."""
     names: list[str] = []
-    while row := db.execute(
-        "SELECT destination FROM deliveries WHERE destination > ? ORDER BY destination LIMIT 1",
-        (names[-1] if names else "",),
-    ).fetchone():
+    row = db.execute("SELECT destination FROM deliveries ORDER BY destination LIMIT 1").fetchone()
+    while row is not None:  # the first name, then the next after each (an empty name too)
         names.append(row[0])
+        row = db.execute(
+            "SELECT destination FROM deliveries WHERE destination > ? ORDER BY destination LIMIT 1",
+            (row[0],),
+        ).fetchone()
     return names
 
 

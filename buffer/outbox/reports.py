@@ -41,11 +41,15 @@ def journal(db: sqlite3.Connection, since: float, limit: int | None) -> list[dic
 
 
 def dead_letters(db: sqlite3.Connection) -> list[dict[str, Any]]:
+    names = destinations(db)  # each destination's dead letters by the deliveries_heads index
     return dicts(
         db.execute(
             "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts, d.last_status,"
-            " d.last_error, d.dead_at FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-            f" WHERE d.state = {DeliveryState.DEAD:d} ORDER BY d.dead_at, d.event_seq"
+            " d.last_error, d.dead_at FROM deliveries d INDEXED BY deliveries_heads"
+            " JOIN events e ON e.seq = d.event_seq"
+            f" WHERE d.destination IN ({','.join('?' * len(names))})"
+            f" AND d.state = {DeliveryState.DEAD:d} ORDER BY d.dead_at, d.event_seq",
+            names,
         )
     )
 
@@ -94,14 +98,18 @@ def event_state(db: sqlite3.Connection, event_id: str) -> dict[str, str]:
 def deliveries(
     db: sqlite3.Connection, destination: str | None, state: DeliveryFilter, limit: int
 ) -> list[dict[str, Any]]:
+    # In commit order: the events table's own, each event's deliveries found by their key,
+    # so the first `limit` come without reading (or sorting) every owed delivery.
+    names = destinations(db) if destination is None else [destination]
     return dicts(
         db.execute(
             "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts,"
             " d.next_attempt_at, d.last_status, d.last_error, e.created_at"
-            " FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-            f" WHERE {_CONDITIONS[state]} AND (? IS NULL OR d.destination = ?)"
-            " ORDER BY d.event_seq LIMIT ?",
-            (destination, destination, limit),
+            " FROM events e CROSS JOIN deliveries d"
+            f" WHERE d.destination IN ({','.join('?' * len(names))})"
+            " AND d.partition_key = e.partition_key AND d.event_seq = e.seq"
+            f" AND {_CONDITIONS[state]} ORDER BY e.seq, d.destination LIMIT ?",
+            (*names, limit),
         )
     )
 

@@ -451,6 +451,19 @@ class PlantConfig(Strict):
     reconcile: ReconcileConfig = Field(default_factory=ReconcileConfig)  # type: ignore[arg-type]
     exceptions: ExceptionsConfig = Field(default_factory=ExceptionsConfig)  # type: ignore[arg-type]
 
+    @field_validator("destinations")
+    @classmethod
+    def _destination_names(
+        cls, destinations: dict[str, DestinationConfig]
+    ) -> dict[str, DestinationConfig]:
+        for name in destinations:
+            if not name.strip() or name != name.strip() or not name.isprintable():
+                raise ValueError(
+                    f"destination name {name!r} must be printable text without leading or"
+                    " trailing spaces (it names the destination in the outbox, logs and metrics)"
+                )
+        return destinations
+
     @field_validator("uom_codes")
     @classmethod
     def _uom_format(cls, codes: list[str]) -> list[str]:

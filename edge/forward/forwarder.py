@@ -312,15 +312,15 @@ class HttpForwarder:
             return [Result(Outcome.RETRY, None, f"authentication failed: {exc}")] * len(batch)
         except httpx.HTTPError as exc:
             return [transport_failure(exc, self.config.timeout)] * len(batch)
-        except Exception as exc:  # a profile that cannot read an answer must not end the daemon
+        except Exception as exc:  # a profile's failure must not end the daemon
             log.exception(
-                "Destination %s: reading the answer to a request of %d event(s) failed; they"
-                " are tried again",
+                "Destination %s: its profile failed on a request of %d event(s) (building it"
+                " or reading the answer); they are tried again",
                 self.name,
                 len(batch),
                 extra={"destination": self.name},
             )
-            reason = f"the answer could not be read: {type(exc).__name__}: {exc}"[:BODY_LIMIT]
+            reason = f"the profile failed: {type(exc).__name__}: {exc}"[:BODY_LIMIT]
             return [Result(Outcome.RETRY, None, reason, ambiguous=True)] * len(batch)
         if len(results) != len(batch):  # a profile bug must not lose or mislabel events
             return [

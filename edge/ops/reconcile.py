@@ -103,9 +103,10 @@ def delivery_states(
         ):
             found[event_id] = ("delivered", reference)
         for event_id, state in outbox.execute(
-            f"SELECT e.id, d.state FROM deliveries d JOIN events e ON e.seq = d.event_seq"
-            f" AND e.partition_key = d.partition_key WHERE d.destination = ? AND e.id IN ({marks})",
-            [destination, *chunk],
+            # From each event (by id) to its delivery by the deliveries' key.
+            f"SELECT e.id, d.state FROM events e CROSS JOIN deliveries d WHERE e.id IN ({marks})"
+            " AND d.destination = ? AND d.partition_key = e.partition_key AND d.event_seq = e.seq",
+            [*chunk, destination],
         ):
             found[event_id] = ("dead" if state == 2 else "pending", None)
     return {event_id: found.get(event_id, ("not routed", None)) for event_id in event_ids}

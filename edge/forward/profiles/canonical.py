@@ -95,7 +95,7 @@ def _per_event(response: httpx.Response, deliveries: Sequence[Delivery]) -> list
                 )
             )
         elif 200 <= status < 300:
-            results.append(delivered(status, answer.get("reference")))
+            results.append(delivered(status, _reference(answer.get("reference"))))
         else:
             reason = f"HTTP {status}: {str(answer.get('error') or '')[:BODY_LIMIT]}"
             if status in RETRYABLE_4XX or status >= 500:
@@ -106,10 +106,21 @@ def _per_event(response: httpx.Response, deliveries: Sequence[Delivery]) -> list
 
 
 def _status(value: Any) -> int | None:
-    """An event's status in a batch answer: an integer from 100 to 599 (a string of digits
-    is taken too); anything else (null, text, a float) is no status."""
-    if isinstance(value, str) and value.strip().isdigit():
+    """An event's status in a batch answer: an integer from 100 to 599 (three ASCII digits in
+    a string are taken too); anything else (null, text, a float) is no status."""
+    if isinstance(value, str) and len(value) == 3 and value.isascii() and value.isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
         return value
+    return None
+
+
+def _reference(value: Any) -> str | None:
+    """The receiver's reference for an event, as the journal keeps it: text or a number, cut
+    to BODY_LIMIT; an object or a list is none (the journal stores text, and an answer that
+    cannot be stored must not undo the settle it belongs to)."""
+    if isinstance(value, str):
+        return value[:BODY_LIMIT]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
     return None
