@@ -66,6 +66,24 @@ async def drain(outbox: Outbox, forwarder: HttpForwarder, until: float = 10.0) -
         await task
 
 
+async def drain_batched(outbox: Outbox, base_url: str) -> HttpForwarder:
+    """Drain `outbox` to a canonical batch endpoint, 10 per request, retries 50 ms apart."""
+    import asyncio
+
+    from edge.config.base import RetryPolicy
+
+    config = DestinationConfig(
+        base_url=base_url,
+        path="/api/events",
+        batch_path="/api/events:batch",
+        batch_size=10,
+        retry=RetryPolicy(base="50ms", cap="50ms"),
+    )
+    forwarder = HttpForwarder("erp", config, outbox)
+    await asyncio.wait_for(drain(outbox, forwarder), 20)
+    return forwarder
+
+
 async def test_delivers_in_order_with_idempotency_keys(erp_sim: ErpSim, tmp_path: Path) -> None:
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([payload(n) for n in range(20)])
@@ -198,12 +216,9 @@ async def test_a_batch_answer_with_a_status_that_is_no_status_retries_those_even
     object or a list is dropped, a number kept as text: the journal stores text, and a value
     it could not store undid the whole settle. Both used to end the daemon (int() raised, the
     settle's binding raised), again at every restart. The receiver's own log is the oracle."""
-    import asyncio
     import json
 
     from aiohttp import web
-
-    from edge.config.base import RetryPolicy
 
     got: list[list[str]] = []
     odd = {"ev-1": "ok", "ev-2": None, "ev-3": 2.5, "ev-5": "\u00b2", "ev-6": "\uff12\uff10\uff10"}
@@ -232,15 +247,7 @@ async def test_a_batch_answer_with_a_status_that_is_no_status_retries_those_even
     try:
         async with Outbox.open(tmp_path / "outbox.db") as outbox:
             await outbox.commit([payload(n) for n in range(8)])
-            config = DestinationConfig(
-                base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
-                path="/api/events",
-                batch_path="/api/events:batch",
-                batch_size=10,
-                retry=RetryPolicy(base="50ms", cap="50ms"),
-            )
-            forwarder = HttpForwarder("erp", config, outbox)
-            await asyncio.wait_for(drain(outbox, forwarder), 20)
+            await drain_batched(outbox, f"http://127.0.0.1:{runner.addresses[0][1]}")
             journal = {
                 j["event_id"]: (j["attempts"], j["reference"]) for j in await outbox.journal()
             }
@@ -269,9 +276,7 @@ async def test_a_profile_that_fails_on_an_answer_retries_the_request_and_goes_on
 ) -> None:
     """A profile's failure (here made to happen, as a receiver's answer no longer can in the
     canonical profile) costs the request a retry, logged, never the daemon."""
-    import asyncio
 
-    from edge.config.base import RetryPolicy
     from edge.forward.profiles import canonical
 
     failures = iter([RuntimeError("boom")])
@@ -285,15 +290,7 @@ async def test_a_profile_that_fails_on_an_answer_retries_the_request_and_goes_on
     monkeypatch.setattr(canonical, "_per_event", flaky)
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
         await outbox.commit([payload(n) for n in range(3)])
-        config = DestinationConfig(
-            base_url=erp_sim.url,
-            path="/api/events",
-            batch_path="/api/events:batch",
-            batch_size=10,
-            retry=RetryPolicy(base="50ms", cap="50ms"),
-        )
-        forwarder = HttpForwarder("erp", config, outbox)
-        await asyncio.wait_for(drain(outbox, forwarder), 20)
+        forwarder = await drain_batched(outbox, erp_sim.url)
         assert [j["event_id"] for j in await outbox.journal()] == ["ev-0", "ev-1", "ev-2"]
     assert forwarder.health.requests == 2
     assert "its profile failed on a request of 3 event(s)" in caplog.text
