@@ -138,6 +138,11 @@ def drop_if_done(db: sqlite3.Connection, seqs: Iterable[int]) -> int:
     return max(0, cursor.rowcount)
 
 
+SMALL_COMMIT = 8
+"""Below this many events a commit inserts them one by one (`insert_each`): the whole-commit
+statements cost a lookup of 64 ids and two reads of `sqlite_sequence` whatever the size, and
+50 producers committing one event each ran at 16,300 commits/s that way against 22,700 one by
+one (bench/outbox.py)."""
 ID_PROBE = 64
 """Ids a commit looks up per statement to find those already committed: a fixed number of
 placeholders (the last id repeated), so the statement is prepared once."""
@@ -152,6 +157,8 @@ def insert_events(
     One statement per kind of row for the whole commit (`executemany`), not three per event:
     the events of one transaction take consecutive seqs (AUTOINCREMENT, one writer), which is
     checked against `sqlite_sequence` before any delivery names one."""
+    if len(events) < SMALL_COMMIT:
+        return insert_each(db, events, now)
     known = committed_ids(db, [event.id for event in events])
     fresh: list[OutboxEvent] = []
     for event in events:
@@ -189,6 +196,39 @@ def insert_events(
             [(seq, destination, key, priority) for destination, key, seq, priority, _ in new_rows],
         )
     return {event.id for event in fresh}, new_rows
+
+
+def insert_each(
+    db: sqlite3.Connection, events: Sequence[OutboxEvent], now: float
+) -> tuple[set[str], list[NewDelivery]]:
+    """`insert_events` a statement per row: for a commit of a few events."""
+    inserted: set[str] = set()
+    new_rows: list[NewDelivery] = []
+    for event in events:
+        cursor = db.execute(
+            "INSERT INTO event_ids(id, committed_at) VALUES (?, ?) ON CONFLICT(id) DO NOTHING",
+            (event.id, now),
+        )
+        if cursor.rowcount == 0:
+            continue  # held, delivered or routed nowhere before: the same event
+        inserted.add(event.id)
+        if not event.destinations:
+            continue
+        seq = db.execute(
+            "INSERT INTO events(id, type, partition_key, priority, payload, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (event.id, event.type, event.partition_key, event.priority, event.payload, now),
+        ).lastrowid
+        assert seq is not None
+        rows = [(d, event.partition_key, seq, event.priority, event) for d in event.destinations]
+        db.executemany(
+            "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
+            " state, attempts, next_attempt_at)"
+            f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
+            [(seq, destination, key, priority) for destination, key, seq, priority, _ in rows],
+        )
+        new_rows += rows
+    return inserted, new_rows
 
 
 def committed_ids(db: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
