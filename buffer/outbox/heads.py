@@ -79,6 +79,11 @@ def destinations(db: sqlite3.Connection) -> list[str]:
     return names
 
 
+def marks(count: int) -> str:
+    """`count` SQL placeholders, for an `IN (...)` list (as of each destination's name)."""
+    return ",".join("?" * count)
+
+
 def held_by_none(db: sqlite3.Connection, events: str = "events") -> tuple[str, tuple[str, ...]]:
     """The SQL condition (and its arguments) that the event row `events` has no delivery left,
     owed or dead. The deliveries are keyed (destination, partition_key, event_seq) and have
@@ -88,7 +93,7 @@ def held_by_none(db: sqlite3.Connection, events: str = "events") -> tuple[str, t
         return "", ()
     return (
         " AND NOT EXISTS (SELECT 1 FROM deliveries AS held WHERE held.destination IN"
-        f" ({','.join('?' * len(names))}) AND held.partition_key = {events}.partition_key"
+        f" ({marks(len(names))}) AND held.partition_key = {events}.partition_key"
         f" AND held.event_seq = {events}.seq)",
         tuple(names),
     )
@@ -117,7 +122,7 @@ def dead_filter(
         args += (destination,)
     elif event_id is not None:
         names = destinations(db)
-        where += f" AND destination IN ({','.join('?' * len(names))})"
+        where += f" AND destination IN ({marks(len(names))})"
         args += tuple(names)
     if event_id is not None:
         where += (
@@ -154,9 +159,10 @@ def insert_events(
     """Insert each event whose id is new (not committed before, nor earlier in `events`), and
     a delivery per destination; returns the new ids and the deliveries added (for the heads).
 
-    One statement per kind of row for the whole commit (`executemany`), not three per event:
-    the events of one transaction take consecutive seqs (AUTOINCREMENT, one writer), which is
-    checked against `sqlite_sequence` before any delivery names one."""
+    From SMALL_COMMIT events on, one statement per kind of row for the whole commit
+    (`executemany`), not three per event: the events of one transaction take consecutive seqs
+    (AUTOINCREMENT, one writer), which is checked against `sqlite_sequence` before any
+    delivery names one."""
     if len(events) < SMALL_COMMIT:
         return insert_each(db, events, now)
     known = committed_ids(db, [event.id for event in events])
@@ -189,12 +195,7 @@ def insert_events(
             for number, event in enumerate(stored)
             for destination in event.destinations
         ]
-        db.executemany(
-            "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
-            " state, attempts, next_attempt_at)"
-            f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
-            [(seq, destination, key, priority) for destination, key, seq, priority, _ in new_rows],
-        )
+        insert_deliveries(db, new_rows)
     return {event.id for event in fresh}, new_rows
 
 
@@ -221,14 +222,19 @@ def insert_each(
         ).lastrowid
         assert seq is not None
         rows = [(d, event.partition_key, seq, event.priority, event) for d in event.destinations]
-        db.executemany(
-            "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
-            " state, attempts, next_attempt_at)"
-            f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
-            [(seq, destination, key, priority) for destination, key, seq, priority, _ in rows],
-        )
+        insert_deliveries(db, rows)
         new_rows += rows
     return inserted, new_rows
+
+
+def insert_deliveries(db: sqlite3.Connection, rows: Sequence[NewDelivery]) -> None:
+    """The owed deliveries of events just inserted, in both of `insert_events`' ways."""
+    db.executemany(
+        "INSERT INTO deliveries(event_seq, destination, partition_key, priority,"
+        " state, attempts, next_attempt_at)"
+        f" VALUES (?, ?, ?, ?, {DeliveryState.PENDING:d}, 0, 0)",
+        [(seq, destination, key, priority) for destination, key, seq, priority, _ in rows],
+    )
 
 
 def committed_ids(db: sqlite3.Connection, ids: Sequence[str]) -> set[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Literal
 
-from buffer.outbox.heads import destinations
+from buffer.outbox.heads import destinations, marks
 from buffer.outbox.records import DeliveryState
 
 DeliveryFilter = Literal["pending", "retrying", "dead"]
@@ -47,7 +47,7 @@ def dead_letters(db: sqlite3.Connection) -> list[dict[str, Any]]:
             "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts, d.last_status,"
             " d.last_error, d.dead_at FROM deliveries d INDEXED BY deliveries_heads"
             " JOIN events e ON e.seq = d.event_seq"
-            f" WHERE d.destination IN ({','.join('?' * len(names))})"
+            f" WHERE d.destination IN ({marks(len(names))})"
             f" AND d.state = {DeliveryState.DEAD:d} ORDER BY d.dead_at, d.event_seq",
             names,
         )
@@ -88,7 +88,7 @@ def event_state(db: sqlite3.Connection, event_id: str) -> dict[str, str]:
         for name, state in db.execute(
             "SELECT d.destination, d.state FROM events e JOIN deliveries d"
             " ON d.event_seq = e.seq AND d.partition_key = e.partition_key"
-            f" WHERE e.id = ? AND d.destination IN ({','.join('?' * len(names))})",
+            f" WHERE e.id = ? AND d.destination IN ({marks(len(names))})",
             (event_id, *names),
         )
     }
@@ -106,7 +106,7 @@ def deliveries(
             "SELECT e.id, e.type, d.destination, d.partition_key, d.attempts,"
             " d.next_attempt_at, d.last_status, d.last_error, e.created_at"
             " FROM events e CROSS JOIN deliveries d"
-            f" WHERE d.destination IN ({','.join('?' * len(names))})"
+            f" WHERE d.destination IN ({marks(len(names))})"
             " AND d.partition_key = e.partition_key AND d.event_seq = e.seq"
             f" AND {_CONDITIONS[state]} ORDER BY e.seq, d.destination LIMIT ?",
             (*names, limit),
@@ -141,7 +141,7 @@ def show(db: sqlite3.Connection, event_id: str) -> dict[str, Any] | None:
             db.execute(
                 f"SELECT destination, {_STATE_NAME} AS state, attempts, next_attempt_at,"
                 " last_status, last_error, dead_at FROM deliveries"
-                f" WHERE destination IN ({','.join('?' * len(names))}) AND partition_key = ?"
+                f" WHERE destination IN ({marks(len(names))}) AND partition_key = ?"
                 " AND event_seq = ? ORDER BY destination",
                 (*names, event["partition_key"], event["seq"]),
             )
