@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import json
 import logging
 import re
 import shutil
@@ -27,7 +29,7 @@ from pydantic import ValidationError
 from drivers.base import MesMessage, Reading, RejectedMessage
 from drivers.mqtt import SAMPLE_CONFIG, MqttConfig, MqttDriver, to_reading
 from simulators.mes_publisher import InputLot, MesPublisher
-from tests.conftest import Mosquitto, missing_peer
+from tests.conftest import Mosquitto, free_port, missing_peer
 from tests.driver_harness import running, wait_until
 from tests.processes import run_process, spawn
 
@@ -431,22 +433,99 @@ async def test_a_burst_is_absorbed_in_batches(
     mosquitto: Mosquitto, protocol: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     total = 5000
-    driver = MqttDriver(config(mosquitto.port, protocol=protocol))
+    settings = config(mosquitto.port, protocol=protocol)
+    driver = MqttDriver(settings)
     sink = Recorder(latency=0.002)  # a 2 ms commit per batch
     async with running(driver, sink):
         published = await publish_burst(mosquitto, driver, total)
-        await wait_until(lambda: len(set(sink.ids())) >= total, within=30)
+        # Until the last batch is committed (and so acknowledged), not merely handed over.
+        await wait_until(lambda: sum(map(len, sink.committed)) >= total, within=30)
 
     assert set(sink.ids()) == set(published)
     sizes = [len(batch) for batch in sink.batches]
     assert driver.batch_sizes == collections.Counter(sizes)
     assert max(sizes) <= 500  # batch_max
     assert len(sizes) < total  # messages shared commits
+    # A batch's PUBACKs leave as one write: the broker took every one of them for its message.
+    assert await nothing_pending(mosquitto, settings) == []
     with capsys.disabled():
         print(
             f"\nMQTT {protocol} burst of {total}: {len(sizes)} commits, batch sizes "
             f"min {min(sizes)} / median {sorted(sizes)[len(sizes) // 2]} / max {max(sizes)}"
         )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_a_burst_of_mixed_sizes_arrives_byte_for_byte_in_order(
+    mosquitto: Mosquitto, transport: str, tmp_path: Path
+) -> None:
+    """The driver reads ahead of paho's packet boundaries (`ReadAheadClient`): messages that
+    share one read, a message split over many (larger than a read), one over max_payload, and a
+    burst's tail with nothing after it (kept bytes no `select()` would announce) all arrive as
+    published, in order, once; the oracle is the publisher's own bytes."""
+    broker, plain, options = mosquitto, mosquitto, {}
+    if transport == "tls":
+        if shutil.which("openssl") is None:
+            missing_peer("openssl is not installed (apt-get install openssl)")
+        files = make_certificates(tmp_path)
+        plain_port = free_port()
+        broker = Mosquitto(
+            mosquitto.binary,
+            tmp_path,
+            listener_options=[
+                f"cafile {files['ca.pem']}",
+                f"certfile {files['server.pem']}",
+                f"keyfile {files['server.key']}",
+                f"listener {plain_port} 127.0.0.1",  # for the publisher
+            ],
+        ).start()
+        plain = dataclasses.replace(broker, port=plain_port)
+        options = {"host": "localhost", "tls": {"ca_file": str(files["ca.pem"])}}
+    sizes = [40, 1_500, 70_000, 0, 0, 200_000, 0, 300_000, 9_000, *[0] * 300]
+    payloads = [
+        json.dumps(
+            {
+                "order_id": "4711",
+                "material": "RM",
+                "lot_id": f"L-{number}",
+                "quantity": number,
+                "uom": "KGM",
+                "occurred_at": "2026-12-05T08:00:00Z",
+                "pad": "x" * size,
+            }
+        ).encode()
+        for number, size in enumerate(sizes)
+    ]
+    try:
+        # Kept bytes stuck until something else arrives would wait for the next PINGRESP:
+        # with a keepalive of a minute, for longer than the wait below.
+        settings = config(broker.port, keepalive="60s", **options)
+        driver = MqttDriver(settings)
+        sink = Recorder()
+        async with running(driver, sink), publisher(plain, run=uuid.uuid4().hex) as mes:
+            await wait_until(lambda: driver.health.connected)
+            await asyncio.sleep(0.3)  # the SUBACK
+
+            def burst() -> None:
+                for payload in payloads:
+                    mes.publish_raw(CONSUMPTION, payload)
+                mes.flush(30)
+
+            await asyncio.to_thread(burst)
+            await wait_until(lambda: sum(map(len, sink.committed)) >= len(payloads), within=10)
+
+        limit = 256 * 1024  # max_payload's default
+        assert [reading.payload for reading in sink.readings()] == [
+            payload[:limit] for payload in payloads
+        ]
+        assert [type(reading) for reading in sink.readings()] == [
+            RejectedMessage if len(payload) > limit else MesMessage for payload in payloads
+        ]
+        assert await nothing_pending(plain, settings) == []
+    finally:
+        if broker is not mosquitto:
+            broker.kill()
 
 
 async def publish_burst(broker: Mosquitto, driver: MqttDriver, total: int) -> list[str]:

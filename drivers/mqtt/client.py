@@ -4,12 +4,13 @@ acknowledgements sent only when the driver says so.
 
 Threading: paho's network loop runs in paho's own thread (`loop_start`), which keeps pings
 going while a commit waits on a full disk; its callbacks only hand over to the asyncio loop with
-`call_soon_threadsafe`. Acknowledgements are sent from the asyncio thread with `client.ack()`,
-which only appends to paho's outgoing packet deque and wakes its thread (the same path as a
-`publish()` from another thread). paho's own reconnect is disabled (`reconnect_on_failure=False`):
-every connection gets a fresh client, so an acknowledgement can only ever reach the connection
-that delivered the message. MQTT packet ids are per connection, and a PUBACK sent late on a
-newer connection could otherwise acknowledge a different message that reused the id.
+`call_soon_threadsafe`. Acknowledgements are sent from the asyncio thread, a committed batch's
+PUBACKs as one entry of paho's outgoing packet deque (`ReadAheadClient.ack_all`), which wakes
+its thread once (the same path as a `publish()` from another thread). paho's own reconnect is
+disabled (`reconnect_on_failure=False`): every connection gets a fresh client, so an
+acknowledgement can only ever reach the connection that delivered the message. MQTT packet ids
+are per connection, and a PUBACK sent late on a newer connection could otherwise acknowledge a
+different message that reused the id.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import asyncio
 import collections
 import contextlib
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.client import PUBACK
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -40,6 +43,69 @@ from drivers.mqtt.config import (
     QOS0_BACKLOG_PER_BATCH,
     MqttConfig,
 )
+
+_PUBACK: Final = struct.Struct("!BBH")
+"""A PUBACK packet: its fixed header (type 4, no flags), Remaining Length 2, the packet id."""
+
+READ_AHEAD: Final = 65536
+"""Bytes asked of the socket at once when paho wants a few: what a burst's messages share."""
+
+
+class ReadAheadClient(mqtt.Client):
+    """paho's client with its reads buffered and a batch's PUBACKs sent as one write.
+
+    Stock paho reads a packet with a system call per part (its type byte, each byte of its
+    length, its body) and goes back to `select()` after every packet when it only subscribes
+    (`loop_read` reads as many packets as messages are in flight *out*, so one). In a burst that
+    was half of paho's thread's CPU per message, and that thread holds the interpreter lock
+    the asyncio loop and the outbox's writer need. Here a read asks for up to `READ_AHEAD` bytes
+    and keeps what the packet did not use; `loop_read` goes on while bytes are kept, so none
+    wait for the next `select()` (which sees only the socket's bytes, not these).
+
+    Relies on three of paho's internals, the same in 2.0, 2.1 and 2.2 (read in each release's
+    wheel; pyproject.toml holds paho below 2.3 until the next is read): every read of the
+    network goes through `_sock_recv(bufsize)` (and an empty result is the end of the stream),
+    `_packet_read` keeps a partly read packet between calls, and `_packet_queue(command,
+    packet, mid, qos)` queues bytes to send (used by `ack()` itself). A fresh client is made
+    per connection, so kept bytes never cross from one socket to another.
+    """
+
+    _kept = b""
+    _kept_from = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        kept, start = self._kept, self._kept_from
+        if start < len(kept):
+            self._kept_from = start + bufsize
+            return kept[start : start + bufsize]
+        data = super()._sock_recv(max(bufsize, READ_AHEAD))
+        if len(data) <= bufsize:
+            return data
+        self._kept, self._kept_from = data, bufsize
+        return data[:bufsize]
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        while (
+            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+            and self._sock is not None
+            and self._kept_from < len(self._kept)
+        ):
+            rc = super().loop_read(max_packets)
+        return rc
+
+    def ack_all(self, mids: Sequence[int]) -> None:
+        """PUBACK the QoS 1 messages `mids` in one write.
+
+        The bytes on the wire are those of `ack(mid, 1)` for each (MQTT 3.1.1 §3.4, MQTT 5
+        §3.4.2.1: a Remaining Length of 2 is success without properties), but paho's thread is
+        woken and writes once per batch, not once per message. Only PUBLISH and DISCONNECT
+        entries of paho's queue are looked at after they are written.
+        """
+        if mids:
+            self._packet_queue(
+                PUBACK, b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid in mids]), 0, 1
+            )
 
 
 def set_credentials(client: mqtt.Client, config: MqttConfig) -> None:
@@ -101,7 +167,7 @@ class Connection:
         self._incoming: list[Arrival] = []
         self._incoming_lock = threading.Lock()
         v5 = config.protocol == "5"
-        self.client = mqtt.Client(
+        self.client = ReadAheadClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -152,11 +218,8 @@ class Connection:
 
     def ack(self, arrivals: Sequence[Arrival]) -> None:
         """PUBACK the QoS 1 messages, unless the connection that delivered them has ended."""
-        if self.ended is not None:
-            return
-        for arrival in arrivals:
-            if arrival.qos == 1:
-                self.client.ack(arrival.mid, 1)
+        if self.ended is None:
+            self.client.ack_all([arrival.mid for arrival in arrivals if arrival.qos == 1])
 
     # paho's thread -----------------------------------------------------------------------
 
