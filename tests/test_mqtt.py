@@ -226,6 +226,9 @@ async def test_a_failed_commit_is_not_acknowledged_and_comes_again(
 ) -> None:
     caplog.set_level(logging.INFO, logger="drivers.mqtt")
     settings = config(mosquitto.port)
+    # The session and its subscription first: a message published between the CONNACK and
+    # the SUBACK of a new session is not the session's (seen once in a loaded full run).
+    await _subscribe_once(settings)
     driver = MqttDriver(settings)
     sink = Recorder(failures=2)
     async with running(driver, sink), publisher(mosquitto) as mes:
