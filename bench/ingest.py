@@ -19,7 +19,9 @@ drivers, each against a bare client of the same protocol measured in the same ru
   (and proven by one probe message), the client goes away, the same burst of consumption
   messages is published (MES publisher simulator, QoS 1) into the broker's queue, and the
   clock runs from the client's connect to its last message (driver: committed). Same Receive
-  Maximum for both (target: ratio >= 0.6).
+  Maximum for both (target: ratio >= 0.6). A second bare subscriber is paho with the driver's
+  own read-ahead (`ReadAheadClient`, acknowledging on receipt like stock paho): the ratio to it
+  says what the driver's commit and mapping cost, apart from how it reads the socket.
 - Modbus: registers per second read through `ModbusDriver` polling as fast as it can (one
   poll group, a realistic tag list over holding, input, coil and discrete input tables)
   against the PLC simulator in its own process, with coalescing on and off, against a bare
@@ -63,6 +65,7 @@ from buffer.outbox import Outbox, OutboxEvent
 from drivers.base import MesMessage, Reading, Sample
 from drivers.modbus import ModbusConfig, ModbusDriver, ReadBlock
 from drivers.mqtt import MqttConfig, MqttDriver
+from drivers.mqtt.client import ReadAheadClient
 from edge.ops.logs import setup_logging
 from simulators.mes_publisher import MesPublisher
 from simulators.opcua_machine import VARIABLE_TYPES
@@ -365,7 +368,9 @@ async def mqtt_driver_phase(
     )
 
 
-def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
+def mqtt_bare_phase(
+    port: int, machine: str, count: int, client_class: type[mqtt.Client] = mqtt.Client
+) -> Measured:
     """The same with a bare paho client: QoS 1, acknowledged by paho as each message arrives."""
     client_id = f"bench-bare-{machine}"
     subscribed = threading.Event()
@@ -390,7 +395,7 @@ def mqtt_bare_phase(port: int, machine: str, count: int) -> Measured:
             done.set()
 
     def connect(subscribe: bool) -> mqtt.Client:
-        client = mqtt.Client(
+        client = client_class(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -437,20 +442,29 @@ def bench_mqtt(sizes: Sizes, scratch: Path) -> dict[str, Any]:
     broker = Broker(directory)
     broker.start()
     bare: list[Measured] = []
+    read_ahead: list[Measured] = []
     driven: list[Measured] = []
     batch_means: list[float] = []
+
+    def bares(number: int) -> None:
+        bare.append(mqtt_bare_phase(broker.port, f"bare-r{number}", sizes.mqtt_messages))
+        read_ahead.append(
+            mqtt_bare_phase(broker.port, f"bare-ra-r{number}", sizes.mqtt_messages, ReadAheadClient)
+        )
+
     try:
         for number in range(sizes.rounds):
-            bare.append(mqtt_bare_phase(broker.port, f"bare-r{number}", sizes.mqtt_messages))
+            bares(number)
             measured, mean_batch = asyncio.run(
                 mqtt_driver_rounds(broker.port, sizes, scratch, number)
             )
             driven.append(measured)
             batch_means.append(mean_batch)
-        bare.append(mqtt_bare_phase(broker.port, f"bare-r{sizes.rounds}", sizes.mqtt_messages))
+        bares(sizes.rounds)
     finally:
         broker.stop()
     bare_rate = median([m.rate for m in bare])
+    read_ahead_rate = median([m.rate for m in read_ahead])
     driver_rate = median([m.rate for m in driven])
     return {
         "messages": sizes.mqtt_messages,
@@ -459,10 +473,21 @@ def bench_mqtt(sizes: Sizes, scratch: Path) -> dict[str, Any]:
         "driver_committed_per_s": round(driver_rate),
         "bare_received_per_s": round(bare_rate),
         "ratio": round(driver_rate / bare_rate, 3) if bare_rate else None,
+        "bare_read_ahead_received_per_s": round(read_ahead_rate),
+        "ratio_to_bare_read_ahead": (
+            round(driver_rate / read_ahead_rate, 3) if read_ahead_rate else None
+        ),
         "driver_mean_batch": round(median(batch_means), 1),
         "driver_cpu_us_per_message": round(median([m.cpu_us_per_unit for m in driven]), 1),
         "bare_cpu_us_per_message": round(median([m.cpu_us_per_unit for m in bare]), 1),
-        "samples": {"driver": [_figures(m) for m in driven], "bare": [_figures(m) for m in bare]},
+        "bare_read_ahead_cpu_us_per_message": round(
+            median([m.cpu_us_per_unit for m in read_ahead]), 1
+        ),
+        "samples": {
+            "driver": [_figures(m) for m in driven],
+            "bare": [_figures(m) for m in bare],
+            "bare_read_ahead": [_figures(m) for m in read_ahead],
+        },
     }
 
 
