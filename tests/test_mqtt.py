@@ -22,12 +22,17 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho_mqtt
 import pytest
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from drivers.base import MesMessage, Reading, RejectedMessage
 from drivers.mqtt import SAMPLE_CONFIG, MqttConfig, MqttDriver, to_reading
+from drivers.mqtt.client import READ_AHEAD, ReadAheadClient
 from simulators.mes_publisher import InputLot, MesPublisher
 from tests.conftest import Mosquitto, free_port, missing_peer
 from tests.driver_harness import running, wait_until
@@ -529,6 +534,58 @@ async def test_a_burst_of_mixed_sizes_arrives_byte_for_byte_in_order(
     finally:
         if broker is not mosquitto:
             broker.kill()
+
+
+@pytest.mark.integration
+def test_a_backlog_is_read_a_chunk_at_a_time_so_acks_and_pings_go_out(
+    mosquitto: Mosquitto,
+) -> None:
+    """paho's thread must come back to its loop, where it writes PUBACKs and PINGREQs and
+    checks the keepalive, while a backlog is still arriving: one pass of `ReadAheadClient`'s
+    reading takes at most one read ahead of bytes from the socket. (Reading on while the
+    socket had bytes, a backlog longer than 1.5 keepalives got the driver disconnected by the
+    broker with nothing acknowledged, on every connection: found by a review, with the
+    reviewer's 30,000- and 100,000-message backlogs.) Then every message arrives, in order."""
+    client_id = f"test-{uuid.uuid4().hex[:12]}"
+    total = 3000
+    arrived: list[bytes] = []
+
+    def client() -> ReadAheadClient:
+        made = ReadAheadClient(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho_mqtt.MQTTv5,
+        )
+        made.on_message = lambda _client, _userdata, message: arrived.append(message.payload)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = 600
+        properties.ReceiveMaximum = 65535  # the driver's default: the broker sends it all
+        made.connect(mosquitto.host, mosquitto.port, clean_start=False, properties=properties)
+        return made
+
+    session = client()  # the session and its subscription, then away
+    subacks: list[int] = []
+    session.on_subscribe = lambda _client, _userdata, mid, *_: subacks.append(mid)
+    session.subscribe(CONSUMPTION, qos=1)
+    deadline = time.monotonic() + 10
+    while not subacks and time.monotonic() < deadline:
+        session.loop(0.1)
+    assert subacks, "no SUBACK"
+    session.disconnect()
+    with MesPublisher(mosquitto.host, mosquitto.port, run=uuid.uuid4().hex) as mes:
+        published = [mes.consume("4711", "RM", f"L-{n}", n).payload for n in range(total)]
+        mes.flush(30)
+    smallest = min(map(len, published)) + len(CONSUMPTION)
+
+    backlog = client()
+    time.sleep(0.5)  # the broker sends the CONNACK and as much of the backlog as TCP takes
+    backlog.loop(0.0)  # one pass: select(), read, handle
+    assert 0 < len(arrived) <= READ_AHEAD // smallest + 1, len(arrived)
+    deadline = time.monotonic() + 30
+    while len(arrived) < total and time.monotonic() < deadline:
+        backlog.loop(0.1)
+    backlog.disconnect()
+    assert arrived == published
 
 
 async def publish_burst(broker: Mosquitto, driver: MqttDriver, total: int) -> list[str]:

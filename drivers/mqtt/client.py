@@ -60,7 +60,12 @@ class ReadAheadClient(mqtt.Client):
     was half of paho's thread's CPU per message, and that thread holds the interpreter lock
     the asyncio loop and the outbox's writer need. Here a read asks for up to `READ_AHEAD` bytes
     and keeps what the packet did not use; `loop_read` goes on while bytes are kept, so none
-    wait for the next `select()` (which sees only the socket's bytes, not these).
+    wait for the next `select()` (which sees only the socket's bytes, not these), but it does
+    not read the socket again: a packet whose end is not kept yet waits for `select()`, so
+    paho's loop writes (PUBACKs, PINGREQ) and checks the keepalive at least every
+    `READ_AHEAD` bytes. (Read on until the socket was empty, a backlog kept paho's thread
+    reading for as long as the broker kept sending: nothing acknowledged, no ping, and the
+    broker closed the connection after 1.5 keepalives, again on every connection.)
 
     Relies on three of paho's internals, the same in 2.0, 2.1 and 2.2 (read in each release's
     wheel; pyproject.toml holds paho below 2.3 until the next is read): every read of the
@@ -72,12 +77,16 @@ class ReadAheadClient(mqtt.Client):
 
     _kept = b""
     _kept_from = 0
+    _may_read = True
 
     def _sock_recv(self, bufsize: int) -> bytes:
         kept, start = self._kept, self._kept_from
         if start < len(kept):
             self._kept_from = start + bufsize
             return kept[start : start + bufsize]
+        if not self._may_read:
+            # The rest is on the socket: paho keeps the partial packet, select() sees the rest.
+            raise BlockingIOError
         data = super()._sock_recv(max(bufsize, READ_AHEAD))
         if len(data) <= bufsize:
             return data
@@ -86,12 +95,16 @@ class ReadAheadClient(mqtt.Client):
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         rc = super().loop_read(max_packets)
-        while (
-            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-            and self._sock is not None
-            and self._kept_from < len(self._kept)
-        ):
-            rc = super().loop_read(max_packets)
+        self._may_read = False  # only what is kept, from here on
+        try:
+            while (
+                rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+                and self._sock is not None
+                and self._kept_from < len(self._kept)
+            ):
+                rc = super().loop_read(max_packets)
+        finally:
+            self._may_read = True
         return rc
 
     def ack_all(self, mids: Sequence[int]) -> None:
