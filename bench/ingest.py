@@ -20,8 +20,9 @@ drivers, each against a bare client of the same protocol measured in the same ru
   messages is published (MES publisher simulator, QoS 1) into the broker's queue, and the
   clock runs from the client's connect to its last message (driver: committed). Same Receive
   Maximum for both (target: ratio >= 0.6). A second bare subscriber is paho with the driver's
-  own read-ahead (`ReadAheadClient`, acknowledging on receipt like stock paho): the ratio to it
-  says what the driver's commit and mapping cost, apart from how it reads the socket.
+  own read-ahead (`ReadAheadClient`; paho acknowledges each message on receipt, its PUBACKs
+  written once per pass of paho's loop): the ratio to it says what the driver's commit and
+  mapping cost, apart from how it reads the socket.
 - Modbus: registers per second read through `ModbusDriver` polling as fast as it can (one
   poll group, a realistic tag list over holding, input, coil and discrete input tables)
   against the PLC simulator in its own process, with coalescing on and off, against a bare
