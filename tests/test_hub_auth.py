@@ -387,7 +387,10 @@ def test_mutual_tls_the_plant_proves_itself_with_its_certificate(
         caplog, tmp_path / "anonymous.db", hub.urls, none, tls={"ca_file": mine["ca_file"]}
     )
     assert f"cannot connect to the hub (127.0.0.1:{hub.cluster.nodes[0].port})" in line
-    assert "alert certificate required" in line  # the server said so in the handshake
+    # The server says so in the handshake; under load its close can reach the client first
+    # (TLS 1.3 sends the alert after the client's Finished, and a close with the client's
+    # data unread is a reset): seen once in a full run.
+    assert "alert certificate required" in line or "Connection reset by peer" in line, line
     assert hub.stored() == 0
     assert publish(tmp_path / "outbox.db", hub.urls, none, events=20, tls=mine) == 0
     assert hub.stored() == 20
