@@ -44,6 +44,7 @@ from outbox_restart import fill, proc_status_mb
 from buffer.outbox import Outbox
 from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
+from edge.runtime.heap import freeze_startup_heap
 
 EVENT_PATH = "/api/events"
 BATCH_PATH = "/api/events:batch"
@@ -179,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.baseline_events, args.baseline_rounds = 20_000, 5_000, 1
+    freeze_startup_heap()  # as the daemon does before its first gateway
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as directory:
         figures = event_loop_runner(args.loop)(measure(Path(directory), args))

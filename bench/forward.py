@@ -66,6 +66,7 @@ from buffer.outbox import Outbox, OutboxEvent
 from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
 from edge.forward.session import make_client
+from edge.runtime.heap import freeze_startup_heap
 
 EVENT_PATH = "/api/events"
 BATCH_PATH = "/api/events:batch"
@@ -530,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_time_limit=args.time_limit,
         budget=args.budget,
     )
+    freeze_startup_heap()  # as the daemon does before its first gateway
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-forward-", dir=args.dir) as directory:
         figures = event_loop_runner(args.loop)(
