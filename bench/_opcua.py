@@ -43,6 +43,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from _heap import freeze_as_the_daemon
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.subscription import DataChangeEvent
@@ -274,6 +275,7 @@ async def driver_phase(
 def phase_main(argv: Sequence[str]) -> None:
     """`ingest.py --opcua-phase bare|driver ENDPOINT MACHINES WARMUP SECONDS`: one JSON line."""
     kind, endpoint, machines, warmup, seconds = argv
+    freeze_as_the_daemon()  # unless the parent was told not to
     phase = bare_phase if kind == "bare" else driver_phase
     figures = asyncio.run(phase(endpoint, int(machines), float(warmup), float(seconds)))
     print(json.dumps(figures))

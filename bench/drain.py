@@ -39,12 +39,12 @@ from _common import (
     reset_simulator,
     simulator_unique,
 )
+from _heap import freeze_as_the_daemon
 from outbox_restart import fill, proc_status_mb
 
 from buffer.outbox import Outbox
 from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
-from edge.runtime.heap import freeze_startup_heap
 
 EVENT_PATH = "/api/events"
 BATCH_PATH = "/api/events:batch"
@@ -176,16 +176,22 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the drain may take before it is cut short",
     )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the start-up heap to the garbage collector (the daemon freezes it)",
+    )
     parser.add_argument("--quick", action="store_true", help="20,000 events, one baseline")
     args = parser.parse_args(argv)
     if args.quick:
         args.events, args.baseline_events, args.baseline_rounds = 20_000, 5_000, 1
-    freeze_startup_heap()  # as the daemon does before its first gateway
+    frozen = freeze_as_the_daemon(args.no_freeze)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as directory:
         figures = event_loop_runner(args.loop)(measure(Path(directory), args))
     line = {
         "benchmark": "drain",
+        "heap_frozen": frozen,
         **figures,
         "params": {
             "events": args.events,

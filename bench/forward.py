@@ -61,12 +61,12 @@ from _common import (
     simulator_unique,
     until_delivered,
 )
+from _heap import freeze_as_the_daemon
 
 from buffer.outbox import Outbox, OutboxEvent
 from edge.config.destinations import DestinationConfig
 from edge.forward import HttpForwarder
 from edge.forward.session import make_client
-from edge.runtime.heap import freeze_startup_heap
 
 EVENT_PATH = "/api/events"
 BATCH_PATH = "/api/events:batch"
@@ -503,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     parser.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the start-up heap to the garbage collector (the daemon freezes it)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="also run each forwarder phase once more, instrumented, and add "
@@ -531,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         phase_time_limit=args.time_limit,
         budget=args.budget,
     )
-    freeze_startup_heap()  # as the daemon does before its first gateway
+    frozen = freeze_as_the_daemon(args.no_freeze)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-forward-", dir=args.dir) as directory:
         figures = event_loop_runner(args.loop)(
@@ -540,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     line = {
         "benchmark": "forward",
         **figures,
+        "heap_frozen": frozen,
         "params": {
             "events": sizes.unbatched_events,
             "batched_events": sizes.batched_events,

@@ -57,6 +57,7 @@ from typing import Any
 import _opcua
 import msgspec
 import paho.mqtt.client as mqtt
+from _heap import freeze_as_the_daemon
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -68,7 +69,6 @@ from drivers.modbus import ModbusConfig, ModbusDriver, ReadBlock
 from drivers.mqtt import MqttConfig, MqttDriver
 from drivers.mqtt.client import ReadAheadClient
 from edge.ops.logs import setup_logging
-from edge.runtime.heap import freeze_startup_heap
 from simulators.mes_publisher import MesPublisher
 from simulators.opcua_machine import VARIABLE_TYPES
 
@@ -622,6 +622,11 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run (smoke test)")
     parser.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the start-up heap to the garbage collector (the daemon freezes it)",
+    )
+    parser.add_argument(
         "--opcua-machines",
         type=int,
         default=40,
@@ -687,10 +692,13 @@ def main() -> None:
             args.rounds,
         )
     setup_logging("text", "WARNING")  # as the daemon: library chatter off
-    freeze_startup_heap()  # and its start-up heap frozen before its first gateway
     started = time.perf_counter()
     parts = {"opcua": bench_opcua, "mqtt": bench_mqtt, "modbus": bench_modbus}
-    figures: dict[str, Any] = {"benchmark": "ingest", "quick": args.quick}
+    figures: dict[str, Any] = {
+        "benchmark": "ingest",
+        "quick": args.quick,
+        "heap_frozen": freeze_as_the_daemon(args.no_freeze),
+    }
     with tempfile.TemporaryDirectory(prefix="plantsync-bench-ingest-") as scratch:
         for protocol in args.only or PROTOCOLS:
             part_started = time.perf_counter()
