@@ -451,7 +451,7 @@ async def serve(config: PlantConfig, control: Control, load: ConfigLoader | None
     held = contextlib.AsyncExitStack()
     outbox = await held.enter_async_context(open_outbox(config))
     ledger = OrderLedger.open(config.data_dir)
-    log.debug("%d objects of start-up kept out of garbage collection", freeze_startup_heap())
+    log.info("%d objects of start-up kept out of garbage collection", freeze_startup_heap())
     try:
         async with asyncio.TaskGroup() as tasks:
             watching = tasks.create_task(supervisor.run(), name="systemd-supervisor")

@@ -5,9 +5,11 @@ long as it does, yet every full pass of CPython's cyclic collector walks all of 
 110,000 objects after the daemon's imports, 26-108 ms a pass on the 2-core box (the event loop
 stopped meanwhile, so no request, acknowledgement or ping goes out), one pass every few seconds
 at batched rates. `gc.freeze()` moves them into the permanent generation, which no pass walks.
-Reference counting still frees any of them that are dropped; only a reference cycle among them
-would stay, so the freeze comes before the first gateway is built: a reload replaces the
-gateway, whose cycles must stay collectable.
+Reference counting still frees any of them that are dropped; a garbage cycle that passes
+through a frozen object is never collected (nor anything it reaches), so the freeze comes
+before the first gateway is built: a reload replaces the gateway, whose cycles must stay
+collectable. Hunting a leak in a running daemon: `gc.get_objects()` does not list frozen
+objects; call `gc.unfreeze()` first.
 """
 
 from __future__ import annotations
