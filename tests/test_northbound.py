@@ -287,3 +287,48 @@ async def test_qms_rest_profile_posts_inspection_requests(
         assert journal["reference"].startswith("INS-")
         lot = httpx.get(f"{qms.url}/api/v1/lots/LOT-1/disposition").json()
         assert lot["disposition"] == "reject"  # out of spec: the QMS rejects the lot
+
+
+async def test_an_event_the_qms_profile_cannot_map_is_dead_lettered_and_its_key_goes_on(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    """An event whose data lacks what the QMS request needs (here `trigger`) fails the same way
+    on every attempt: a dead letter naming the field, not a retry for ever that would hold its
+    lot's later events behind it. The oracle: the QMS simulator's reference for the event it
+    took, in the journal, and the outbox's dead letter."""
+    from edge.model.events import InspectionRequested
+
+    qms = start_qms(peers, tmp_path, "--decision-delay", "0")
+
+    def inspection(sequence: int) -> OutboxEvent:
+        data = InspectionRequested(
+            site="1010",
+            order_id="1000123",
+            lot_id="LOT-7",
+            trigger="lot_completed",
+            occurred_at="2026-11-30T10:00:00Z",
+        )  # type: ignore[arg-type]
+        event = build_event(
+            data,
+            natural_key=("t", sequence),
+            subject="LOT-7",
+            partitionkey="LOT-7",
+            sequence=sequence,
+        )
+        return OutboxEvent(event.id, event.type, "LOT-7", event.to_json(), ("erp",))
+
+    broken, good = inspection(1), inspection(2)
+    body = json.loads(broken.payload)
+    del body["data"]["trigger"]
+    async with Outbox.open(tmp_path / "outbox.db") as outbox:
+        await outbox.commit(
+            [
+                OutboxEvent(broken.id, broken.type, "LOT-7", json.dumps(body).encode(), ("erp",)),
+                good,
+            ]
+        )
+        await deliver(outbox, {"base_url": f"{qms.url}/api/v1", "profile": "qms_rest"}, until=10)
+        (dead,) = await outbox.dead_letters()
+        assert dead["id"] == broken.id and "'trigger'" in dead["last_error"]
+        (journal,) = await outbox.journal()
+        assert journal["event_id"] == good.id and journal["reference"].startswith("INS-")

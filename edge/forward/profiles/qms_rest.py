@@ -19,8 +19,15 @@ class QmsRestProfile(Profile):
     async def send(self, deliveries: Sequence[Delivery]) -> list[Result]:
         results = []
         for delivery in deliveries:
-            event = event_of(delivery)
-            mapped = qms_request(event)
+            try:
+                event = event_of(delivery)
+                mapped = qms_request(event)
+            except (KeyError, ValueError, TypeError) as exc:  # data the QMS cannot be given
+                # A dead letter with the reason, not a retry: it would fail the same way for
+                # ever, and its key's later events would wait behind it.
+                reason = f"cannot map this event for the QMS: {type(exc).__name__}: {exc}"
+                results.append(Result(Outcome.REJECTED, None, reason))
+                continue
             if mapped is None:
                 results.append(
                     Result(
