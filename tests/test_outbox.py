@@ -8,6 +8,7 @@ import re
 import sqlite3
 import struct
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -763,6 +764,19 @@ async def test_a_destination_a_reload_removed_frees_its_lease_memory(tmp_path: P
         ]
         box.keep_lease_memory_for([])
         assert box._recent.bytes == 0
+
+
+async def test_the_wake_up_of_a_forwarder_a_reload_replaced_goes_with_it(tmp_path: Path) -> None:
+    """Each forwarder waits on an event the outbox sets after every commit that adds
+    deliveries. The outbox held them all for its life: every reload added one per destination,
+    and every commit set them all. The oracle: a weak reference to a dropped forwarder's event."""
+    async with Outbox.open(tmp_path / "outbox.db") as box:
+        kept, dropped = box.listener(), box.listener()
+        gone = weakref.ref(dropped)
+        del dropped
+        assert gone() is None
+        await box.commit([event(1)])
+        assert kept.is_set()
 
 
 # -- the payloads of delivered events go in bulk, after their settle (schema 8) -----------------

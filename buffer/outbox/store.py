@@ -14,6 +14,7 @@ import contextlib
 import logging
 import sqlite3
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +130,8 @@ class Outbox:
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        self._listeners: set[asyncio.Event] = set()
+        # Held weakly: a forwarder a reload replaced takes its event with it.
+        self._listeners: weakref.WeakSet[asyncio.Event] = weakref.WeakSet()
         self._room = asyncio.Event()
         self._room.set()
         self.used_bytes = 0
