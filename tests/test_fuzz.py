@@ -916,6 +916,15 @@ def rule_samples(draw: st.DrawFn) -> list[Sample]:
 # A process value of +inf (a broken sensor's float) outside the limits could not be written
 # in the inspection request: the daemon died on it, and again at every start.
 @example(samples=[Sample("plc", "force", math.inf, 1.8e9), Sample("plc", "force", 5.0, 1.8e9 + 2)])
+# A stop reason of 1e20 (a float tag) became a 21-digit reason code the event refuses: the rule
+# raised when the machine stopped (found by this property on 2026-12-05).
+@example(
+    samples=[
+        Sample("plc", "reason", 1e20, 1.8e9),
+        Sample("plc", "state", 6, 1.8e9),
+        Sample("plc", "state", 2, 1.8e9 + 1),
+    ]
+)
 def test_machine_rule_random_values_and_qualities(samples: list[Sample]) -> None:
     _feed_rule(samples, tick_at=samples[-1].source_time + 3600)
 

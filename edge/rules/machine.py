@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 from drivers.base import Quality, Sample
 from drivers.modbus import ModbusConfig
@@ -54,6 +55,11 @@ from edge.rules.packml import PackMLStates
 from edge.rules.state import EXECUTE, MAX_PROCESS_VALUE
 
 log = logging.getLogger(__name__)
+
+CODE_RANGE: Final = (-(1 << 31), (1 << 32) - 1)
+"""A state or stop reason code is a whole number a 16- or 32-bit register can hold, signed or
+not: written as the event's reason code (at most 20 characters), 1e20 from a float tag was not
+(the rule raised on it, found by tests/test_fuzz.py)."""
 
 
 class MachineRule(PackMLStates, LimitWatch):
@@ -163,6 +169,12 @@ class MachineRule(PackMLStates, LimitWatch):
             return None
         if sample.signal in self._limits and abs(value) >= MAX_PROCESS_VALUE:
             self._not_a_number(sample.signal, f"{value!r}, beyond any process value")
+            return None
+        signals = self.machine.signals
+        if sample.signal in (signals.state, signals.stop_reason) and not (
+            value == int(value) and CODE_RANGE[0] <= value <= CODE_RANGE[1]
+        ):
+            self._not_a_number(sample.signal, f"{value!r}, not a code of a 32-bit register")
             return None
         if sample.signal in self._no_number:
             self._no_number.discard(sample.signal)
