@@ -260,28 +260,39 @@ async def test_batches_go_in_one_request_each(peers: list[Peer], tmp_path: Path)
         assert forwarder.health.requests <= 8
 
 
-async def test_qms_rest_profile_posts_inspection_requests(
-    peers: list[Peer], tmp_path: Path
-) -> None:
+def inspection(lot: str, sequence: int, **fields: Any) -> OutboxEvent:
+    """An `inspection.requested` event of order 1000123 for `lot`, for the qms_rest profile."""
     from edge.model.events import InspectionRequested
-    from edge.model.quantities import SignedQuantity
 
-    qms = start_qms(peers, tmp_path, "--decision-delay", "0")
     data = InspectionRequested(
         site="1010",
         order_id="1000123",
-        lot_id="LOT-1",
+        lot_id=lot,
+        occurred_at="2026-11-30T10:00:00Z",
+        **fields,
+    )
+    event = build_event(
+        data, natural_key=("t", lot, sequence), subject=lot, partitionkey=lot, sequence=sequence
+    )
+    return OutboxEvent(event.id, event.type, lot, event.to_json(), ("erp",))
+
+
+async def test_qms_rest_profile_posts_inspection_requests(
+    peers: list[Peer], tmp_path: Path
+) -> None:
+    from edge.model.quantities import SignedQuantity
+
+    qms = start_qms(peers, tmp_path, "--decision-delay", "0")
+    out_of_spec = inspection(
+        "LOT-1",
+        1,
         trigger="limit_violation",
         characteristic="PRESS-FORCE",
         measured_value=SignedQuantity.of("16", "NEW"),
         upper_limit=SignedQuantity.of("15", "NEW"),
-        occurred_at="2026-11-30T10:00:00Z",
-    )  # type: ignore[arg-type]
-    event = build_event(
-        data, natural_key=("t", 1), subject="LOT-1", partitionkey="LOT-1", sequence=1
     )
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
-        await outbox.commit([OutboxEvent(event.id, event.type, "LOT-1", event.to_json(), ("erp",))])
+        await outbox.commit([out_of_spec])
         await deliver(outbox, {"base_url": f"{qms.url}/api/v1", "profile": "qms_rest"})
         (journal,) = await outbox.journal()
         assert journal["reference"].startswith("INS-")
@@ -296,28 +307,9 @@ async def test_an_event_the_qms_profile_cannot_map_is_dead_lettered_and_its_key_
     on every attempt: a dead letter naming the field, not a retry for ever that would hold its
     lot's later events behind it. The oracle: the QMS simulator's reference for the event it
     took, in the journal, and the outbox's dead letter."""
-    from edge.model.events import InspectionRequested
-
     qms = start_qms(peers, tmp_path, "--decision-delay", "0")
-
-    def inspection(sequence: int) -> OutboxEvent:
-        data = InspectionRequested(
-            site="1010",
-            order_id="1000123",
-            lot_id="LOT-7",
-            trigger="lot_completed",
-            occurred_at="2026-11-30T10:00:00Z",
-        )  # type: ignore[arg-type]
-        event = build_event(
-            data,
-            natural_key=("t", sequence),
-            subject="LOT-7",
-            partitionkey="LOT-7",
-            sequence=sequence,
-        )
-        return OutboxEvent(event.id, event.type, "LOT-7", event.to_json(), ("erp",))
-
-    broken, good = inspection(1), inspection(2)
+    broken = inspection("LOT-7", 1, trigger="lot_completed")
+    good = inspection("LOT-7", 2, trigger="lot_completed")
     body = json.loads(broken.payload)
     del body["data"]["trigger"]
     async with Outbox.open(tmp_path / "outbox.db") as outbox:
